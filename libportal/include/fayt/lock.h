@@ -1,0 +1,39 @@
+/* fayt/lock.h: the share-point lock and the calls libportal and faytd make in C.
+ * Implemented in libportal/src/lock.c; built into both the cffi module and the
+ * _fastpath extension.
+ */
+#ifndef FAYT_LOCK_H
+#define FAYT_LOCK_H
+
+#include <stdint.h>
+#include <stddef.h>
+
+struct fayt_context_page;
+
+/* Take the lock of the share-point mapped at base.  ctx may be NULL (no robust
+ * record: faytd's own use).  timeout_ns < 0 waits for ever.  *slot receives the
+ * robust slot used, for fayt_sp_unlock.
+ * Returns 0, EOWNERDEAD (taken; the previous holder died), ETIMEDOUT, EINTR
+ * (a signal arrived: run the handlers, then call again), ENOLCK (no robust
+ * slot free: this process holds FAYT_HELD_LOCKS_MAX locks). */
+int fayt_sp_lock(void *base, struct fayt_context_page *ctx, uint32_t sp_id,
+                 int64_t timeout_ns, int *slot);
+/* Returns 0 or EBUSY. */
+int fayt_sp_trylock(void *base, struct fayt_context_page *ctx, uint32_t sp_id, int *slot);
+/* Returns 0, or EPERM if the lock is not held. */
+int fayt_sp_unlock(void *base, struct fayt_context_page *ctx, uint32_t sp_id, int slot);
+/* Clear the owner-died bit of a held lock. */
+void fayt_sp_mark_consistent(void *base);
+/* faytd: release a lock whose holder died: state free, owner-died set, one waiter woken. */
+void fayt_sp_recover(void *base);
+/* The lock byte, read atomically. */
+int fayt_sp_lock_state(void *base);
+/* Offset of the data for a share-point of nframes frames. */
+size_t fayt_sp_data_offset(size_t nframes);
+
+/* mmap(2) of a whole backing object.  addr 0: anywhere; else exactly there
+ * (MAP_FIXED_NOREPLACE).  Returns the address, or 0 with *err set. */
+uintptr_t fayt_map(int fd, size_t length, uintptr_t addr, int prot, int *err);
+int fayt_unmap(uintptr_t addr, size_t length);
+
+#endif

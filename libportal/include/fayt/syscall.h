@@ -1,0 +1,80 @@
+/* fayt/syscall.h: the wire form of a system call to faytd.
+ *
+ * One SOCK_SEQPACKET message per request and per reply.  A request is a
+ * fayt_req_hdr and a body; a reply is a fayt_rep_hdr and a body.  When err is
+ * not 0 the reply body is a UTF-8 message naming the argument at fault.
+ * File descriptors that a call grants travel with the reply as SCM_RIGHTS.
+ *
+ * FAYT_SYS_PORTAL body: struct portal_req byte for byte, then the paddr[]
+ * entries its morphology names (morphology.length / FAYT_PAGE_SIZE of them for
+ * DIRECT and COW, none otherwise), then a trailer of NUL-terminated strings.
+ * Each pointer field holds 0 for NULL or 1 + the offset of its string in the
+ * trailer, as a kernel would copy_from_user it.
+ * Reply: struct fayt_portal_reply, then struct portal_req with its morphology
+ * filled, then paddr[nframes]; one fd, the backing object.
+ */
+#ifndef FAYT_SYSCALL_H
+#define FAYT_SYSCALL_H
+
+#include <stdint.h>
+
+#define FAYT_REQ_MAGIC 0x46415952  /* "FAYR" */
+#define FAYT_REP_MAGIC 0x46415950  /* "FAYP" */
+#define FAYT_MSG_MAX   65536        /* longest message either way */
+
+/* Operations.  Never reuse a retired number. */
+#define FAYT_SYS_HELLO          1   /* register the context: reply fayt_hello_reply + context page fd */
+#define FAYT_SYS_PORTAL         2   /* portal(): see above */
+#define FAYT_SYS_UNMAP          3   /* body fayt_handle_req: drop a mapping */
+#define FAYT_SYS_SHARE_DESTROY  4   /* body fayt_handle_req: destroy the share-point mapped by handle */
+#define FAYT_SYS_LIST_SHARE     5   /* reply: JSON list of share-points */
+#define FAYT_SYS_LIST_CONTEXTS  6   /* reply: JSON list of contexts */
+#define FAYT_SYS_UNMAP_DESTROY  7   /* body fayt_handle_req: destroy, then drop the mapping */
+
+/* fayt_req_hdr.flags */
+#define FAYT_REQ_NOREPLY 0x1        /* UNMAP only: do not answer unless it fails */
+
+struct fayt_req_hdr {
+    uint32_t magic;
+    uint16_t op;
+    uint16_t flags;
+    uint32_t seq;
+    int32_t tid;           /* calling thread; checked against SO_PEERCRED's pid */
+} __attribute__((packed));
+
+struct fayt_rep_hdr {
+    uint32_t magic;
+    uint16_t op;
+    uint16_t nfds;
+    uint32_t seq;
+    int32_t err;           /* 0 or a positive errno */
+} __attribute__((packed));
+
+struct fayt_hello_reply {
+    uint32_t context_id;
+    uint32_t category;     /* FAYT_CATEGORY_* */
+    uint32_t rights;       /* portal classes this context may use */
+    uint32_t reserved;
+} __attribute__((packed));
+
+#define FAYT_CATEGORY_CORE   1
+#define FAYT_CATEGORY_DRIVER 2
+#define FAYT_CATEGORY_SERVER 3
+
+struct fayt_handle_req {
+    uint64_t handle;
+} __attribute__((packed));
+
+struct fayt_portal_reply {
+    uint64_t handle;       /* names this mapping in UNMAP and SHARE_DESTROY */
+    uint64_t map_length;   /* bytes to map from offset 0 of the fd */
+    uint64_t data_offset;  /* share-points: where the data starts; else 0 */
+    uint32_t sp_id;        /* share-points: the table id; else 0 */
+    uint32_t nframes;
+    int32_t prot;          /* protection granted */
+    uint32_t flags;        /* FAYT_PORTAL_REPLY_* */
+} __attribute__((packed));
+
+#define FAYT_PORTAL_REPLY_CREATED 0x1   /* share-point: this call created it */
+
+#endif

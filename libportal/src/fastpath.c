@@ -1,0 +1,478 @@
+/* _fastpath: the share-point wrappers' hot path as a CPython type.
+ *
+ * A cffi call costs about 100 ns here; a METH_NOARGS/METH_FASTCALL method of
+ * a C type costs a fraction of that, so lock, unlock and the fused
+ * lock-check-copy-unlock calls live here.  libportal.sharepoint.SharePoint
+ * subclasses SharePointCore, so calling sp.lock() runs this C directly.
+ *
+ * The mapping itself belongs to the Python object; _invalidate() is called
+ * before it is unmapped, after which every method fails with EBADF rather
+ * than touching freed memory.  Sleeping on the futex releases the GIL; a
+ * signal (EINTR) runs Python's handlers and then the wait resumes.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <errno.h>
+#include <string.h>
+#include <time.h>
+
+#include "fayt/context.h"
+#include "fayt/lock.h"
+#include "fayt/portal.h"
+#include "fayt/sharepoint.h"
+
+#define FASTPATH_ABI 1
+
+static PyObject *error_factory = NULL;
+
+static PyObject *raise_errno(int err, const char *msg)
+{
+    if (error_factory) {
+        PyObject *exc = PyObject_CallFunction(error_factory, "is", err, msg);
+        if (exc) {
+            PyErr_SetObject((PyObject *)Py_TYPE(exc), exc);
+            Py_DECREF(exc);
+        }
+        return NULL;
+    }
+    PyObject *args = Py_BuildValue("(is)", err, msg);
+    if (args) {
+        PyErr_SetObject(PyExc_OSError, args);
+        Py_DECREF(args);
+    }
+    return NULL;
+}
+
+typedef struct {
+    PyObject_HEAD
+    uint8_t *base;
+    size_t data_offset;
+    size_t length;
+    int prot;
+    uint32_t sp_id;
+    struct fayt_context_page *ctx;
+    int slot;
+    int held;                 /* this object holds the lock */
+    PyObject *weakreflist;
+    PyObject *dict;
+} SharePointCore;
+
+static int core_init(SharePointCore *self, PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {"base", "data_offset", "length", "prot", "sp_id", "context", NULL};
+    unsigned long long base, ctx;
+    Py_ssize_t data_offset, length;
+    int prot;
+    unsigned int sp_id;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "KnniIK", kwlist, &base, &data_offset, &length,
+                                     &prot, &sp_id, &ctx))
+        return -1;
+    if (!base || data_offset < (Py_ssize_t)sizeof(struct fayt_sharepoint_meta) || length < 0) {
+        PyErr_SetString(PyExc_ValueError, "bad share-point geometry");
+        return -1;
+    }
+    self->base = (uint8_t *)(uintptr_t)base;
+    self->data_offset = (size_t)data_offset;
+    self->length = (size_t)length;
+    self->prot = prot;
+    self->sp_id = sp_id;
+    self->ctx = (struct fayt_context_page *)(uintptr_t)ctx;
+    self->slot = -1;
+    self->held = 0;
+    return 0;
+}
+
+static void core_dealloc(SharePointCore *self)
+{
+    PyObject_GC_UnTrack(self);
+    if (self->weakreflist)
+        PyObject_ClearWeakRefs((PyObject *)self);
+    Py_CLEAR(self->dict);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static int core_traverse(SharePointCore *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->dict);
+    return 0;
+}
+
+static int core_clear(SharePointCore *self)
+{
+    Py_CLEAR(self->dict);
+    return 0;
+}
+
+#define CHECK_MAPPED(self)                                                          \
+    do {                                                                            \
+        if (!(self)->base)                                                          \
+            return raise_errno(EBADF, "share-point is unmapped");                  \
+    } while (0)
+
+static int64_t now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+/* Take the lock; returns 0 or EOWNERDEAD, or -1 with an exception set. */
+static int acquire(SharePointCore *self, int64_t timeout_ns)
+{
+    int slot = -1;
+    int r = fayt_sp_trylock(self->base, self->ctx, self->sp_id, &slot);
+    if (r == EBUSY && timeout_ns != 0) {
+        int64_t deadline = timeout_ns > 0 ? now_ns() + timeout_ns : 0;
+        for (;;) {
+            int64_t left = -1;
+            if (timeout_ns > 0) {
+                left = deadline - now_ns();
+                if (left < 0)
+                    left = 0;
+            }
+            Py_BEGIN_ALLOW_THREADS
+            r = fayt_sp_lock(self->base, self->ctx, self->sp_id, left, &slot);
+            Py_END_ALLOW_THREADS
+            if (r != EINTR)
+                break;
+            if (PyErr_CheckSignals() < 0)
+                return -1;
+        }
+    }
+    switch (r) {
+    case 0:
+    case EOWNERDEAD:
+        self->slot = slot;
+        self->held = 1;
+        return r;
+    case EBUSY:
+        if (timeout_ns == 0)
+            return EBUSY;
+        /* fallthrough */
+    case ETIMEDOUT:
+        raise_errno(ETIMEDOUT, "share-point lock: timed out");
+        return -1;
+    case ENOLCK:
+        raise_errno(ENOLCK, "share-point lock: this process holds too many locks "
+                            "(FAYT_HELD_LOCKS_MAX)");
+        return -1;
+    default:
+        raise_errno(r, "share-point lock failed");
+        return -1;
+    }
+}
+
+static void release(SharePointCore *self)
+{
+    fayt_sp_unlock(self->base, self->ctx, self->sp_id, self->slot);
+    self->held = 0;
+    self->slot = -1;
+}
+
+static int parse_timeout(PyObject *obj, int64_t *out)
+{
+    if (obj == NULL || obj == Py_None) {
+        *out = -1;
+        return 0;
+    }
+    double t = PyFloat_AsDouble(obj);
+    if (t == -1.0 && PyErr_Occurred())
+        return -1;
+    if (t < 0) {
+        raise_errno(EINVAL, "timeout: must be None or >= 0");
+        return -1;
+    }
+    *out = (int64_t)(t * 1e9);
+    return 0;
+}
+
+static PyObject *core_lock(SharePointCore *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    int64_t timeout = -1;
+    CHECK_MAPPED(self);
+    if (nargs > 1)
+        return raise_errno(EINVAL, "lock(timeout=None): too many arguments");
+    if (nargs == 1 && parse_timeout(args[0], &timeout) < 0)
+        return NULL;
+    if (self->held)
+        return raise_errno(EDEADLK, "share-point lock: already held by this object");
+    int r = acquire(self, timeout < 0 ? -1 : (timeout == 0 ? 1 : timeout));
+    if (r < 0)
+        return NULL;
+    return PyLong_FromLong(r);
+}
+
+static PyObject *core_try_lock(SharePointCore *self, PyObject *unused)
+{
+    CHECK_MAPPED(self);
+    if (self->held)
+        return raise_errno(EDEADLK, "share-point lock: already held by this object");
+    int r = acquire(self, 0);
+    if (r < 0)
+        return NULL;
+    return PyLong_FromLong(r);
+}
+
+static PyObject *core_unlock(SharePointCore *self, PyObject *unused)
+{
+    CHECK_MAPPED(self);
+    if (!self->held)
+        return raise_errno(EPERM, "share-point unlock: not held by this object");
+    release(self);
+    Py_RETURN_NONE;
+}
+
+static PyObject *core_mark_consistent(SharePointCore *self, PyObject *unused)
+{
+    CHECK_MAPPED(self);
+    if (!self->held)
+        return raise_errno(EPERM, "mark_consistent: the lock is not held by this object");
+    fayt_sp_mark_consistent(self->base);
+    Py_RETURN_NONE;
+}
+
+static int check_access(SharePointCore *self, Py_ssize_t offset, Py_ssize_t n, int need)
+{
+    if (!(self->prot & need)) {
+        raise_errno(EACCES, need == FAYT_PROT_WRITE ? "share-point is not writable (prot)"
+                                                    : "share-point is not readable (prot)");
+        return -1;
+    }
+    if (offset < 0 || n < 0 || (size_t)offset > self->length || (size_t)n > self->length - (size_t)offset) {
+        PyObject *m = PyUnicode_FromFormat("offset %zd + size %zd is outside the share-point's "
+                                           "%zu bytes", offset, n, self->length);
+        if (m) {
+            raise_errno(EINVAL, PyUnicode_AsUTF8(m));
+            Py_DECREF(m);
+        }
+        return -1;
+    }
+    return 0;
+}
+
+/* Lock for a fused call; an owner-died lock is released again and refused. */
+static int fused_acquire(SharePointCore *self)
+{
+    if (self->held) {
+        raise_errno(EDEADLK, "fused access while this object holds the lock: use view()");
+        return -1;
+    }
+    int r = acquire(self, -1);
+    if (r < 0)
+        return -1;
+    if (r == EOWNERDEAD) {
+        release(self);
+        raise_errno(EOWNERDEAD, "share-point lock: the previous holder died; lock() it, "
+                                "repair the data and mark_consistent()");
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *core_read(SharePointCore *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    CHECK_MAPPED(self);
+    if (nargs != 2)
+        return raise_errno(EINVAL, "read(offset, size): two arguments");
+    Py_ssize_t off = PyLong_AsSsize_t(args[0]);
+    Py_ssize_t n = PyLong_AsSsize_t(args[1]);
+    if ((off == -1 || n == -1) && PyErr_Occurred())
+        return NULL;
+    if (check_access(self, off, n, FAYT_PROT_READ) < 0)
+        return NULL;
+    PyObject *out = PyBytes_FromStringAndSize(NULL, n);
+    if (!out)
+        return NULL;
+    if (fused_acquire(self) < 0) {
+        Py_DECREF(out);
+        return NULL;
+    }
+    memcpy(PyBytes_AS_STRING(out), self->base + self->data_offset + off, (size_t)n);
+    release(self);
+    return out;
+}
+
+static PyObject *core_write(SharePointCore *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    CHECK_MAPPED(self);
+    if (nargs != 2)
+        return raise_errno(EINVAL, "write(offset, data): two arguments");
+    Py_ssize_t off = PyLong_AsSsize_t(args[0]);
+    if (off == -1 && PyErr_Occurred())
+        return NULL;
+    Py_buffer view;
+    if (PyObject_GetBuffer(args[1], &view, PyBUF_SIMPLE) < 0)
+        return NULL;
+    if (check_access(self, off, view.len, FAYT_PROT_WRITE) < 0 || fused_acquire(self) < 0) {
+        PyBuffer_Release(&view);
+        return NULL;
+    }
+    memcpy(self->base + self->data_offset + off, view.buf, (size_t)view.len);
+    release(self);
+    PyBuffer_Release(&view);
+    Py_RETURN_NONE;
+}
+
+static PyObject *core_add(SharePointCore *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    CHECK_MAPPED(self);
+    if (nargs != 2)
+        return raise_errno(EINVAL, "add(offset, delta): two arguments");
+    Py_ssize_t off = PyLong_AsSsize_t(args[0]);
+    long long delta = PyLong_AsLongLong(args[1]);
+    if ((off == -1 || delta == -1) && PyErr_Occurred())
+        return NULL;
+    if (check_access(self, off, 8, FAYT_PROT_READ | FAYT_PROT_WRITE) < 0)
+        return NULL;
+    if ((self->prot & (FAYT_PROT_READ | FAYT_PROT_WRITE)) != (FAYT_PROT_READ | FAYT_PROT_WRITE))
+        return raise_errno(EACCES, "add needs a readable and writable share-point (prot)");
+    if (fused_acquire(self) < 0)
+        return NULL;
+    int64_t v;
+    memcpy(&v, self->base + self->data_offset + off, 8);
+    v = (int64_t)((uint64_t)v + (uint64_t)delta);
+    memcpy(self->base + self->data_offset + off, &v, 8);
+    release(self);
+    return PyLong_FromLongLong(v);
+}
+
+static PyObject *core_view(SharePointCore *self, PyObject *unused)
+{
+    CHECK_MAPPED(self);
+    if (!(self->prot & FAYT_PROT_READ))
+        return raise_errno(EACCES, "share-point is not readable (prot)");
+    int flags = (self->prot & FAYT_PROT_WRITE) ? PyBUF_WRITE : PyBUF_READ;
+    return PyMemoryView_FromMemory((char *)self->base + self->data_offset,
+                                   (Py_ssize_t)self->length, flags);
+}
+
+static PyObject *core_enter(SharePointCore *self, PyObject *unused)
+{
+    CHECK_MAPPED(self);
+    if (self->held)
+        return raise_errno(EDEADLK, "share-point lock: already held by this object");
+    if (fused_acquire(self) < 0)
+        return NULL;
+    Py_INCREF(self);
+    return (PyObject *)self;
+}
+
+static PyObject *core_exit(SharePointCore *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (self->base && self->held)
+        release(self);
+    Py_RETURN_FALSE;
+}
+
+static PyObject *core_invalidate(SharePointCore *self, PyObject *unused)
+{
+    if (self->base && self->held)
+        release(self);
+    self->base = NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *get_length(SharePointCore *self, void *c) { return PyLong_FromSize_t(self->length); }
+static PyObject *get_prot(SharePointCore *self, void *c) { return PyLong_FromLong(self->prot); }
+static PyObject *get_sp_id(SharePointCore *self, void *c) { return PyLong_FromUnsignedLong(self->sp_id); }
+static PyObject *get_data_offset(SharePointCore *self, void *c) { return PyLong_FromSize_t(self->data_offset); }
+static PyObject *get_held(SharePointCore *self, void *c) { return PyBool_FromLong(self->held); }
+static PyObject *get_mapped(SharePointCore *self, void *c) { return PyBool_FromLong(self->base != NULL); }
+static PyObject *get_base(SharePointCore *self, void *c)
+{
+    return PyLong_FromUnsignedLongLong((uintptr_t)self->base);
+}
+static PyObject *get_lock_state(SharePointCore *self, void *c)
+{
+    CHECK_MAPPED(self);
+    return PyLong_FromLong(fayt_sp_lock_state(self->base));
+}
+static PyObject *get_owner_died(SharePointCore *self, void *c)
+{
+    CHECK_MAPPED(self);
+    return PyBool_FromLong((fayt_sp_lock_state(self->base) & FAYT_LOCK_OWNER_DIED) != 0);
+}
+
+static PyMethodDef core_methods[] = {
+    {"lock", (PyCFunction)(void (*)(void))core_lock, METH_FASTCALL,
+     "lock(timeout=None) -> 0 or errno.EOWNERDEAD. Take the share-point lock; "
+     "EOWNERDEAD means the previous holder died: repair the data, then mark_consistent()."},
+    {"try_lock", (PyCFunction)core_try_lock, METH_NOARGS,
+     "try_lock() -> 0, errno.EOWNERDEAD or errno.EBUSY (not taken)."},
+    {"unlock", (PyCFunction)core_unlock, METH_NOARGS, "Release the lock this object holds."},
+    {"mark_consistent", (PyCFunction)core_mark_consistent, METH_NOARGS,
+     "Clear the owner-died mark of the held lock."},
+    {"read", (PyCFunction)(void (*)(void))core_read, METH_FASTCALL,
+     "read(offset, size) -> bytes: lock, check, copy, unlock in one call."},
+    {"write", (PyCFunction)(void (*)(void))core_write, METH_FASTCALL,
+     "write(offset, data): lock, check, copy, unlock in one call."},
+    {"add", (PyCFunction)(void (*)(void))core_add, METH_FASTCALL,
+     "add(offset, delta) -> int: add to the native int64 at offset under the lock; the new value."},
+    {"view", (PyCFunction)core_view, METH_NOARGS,
+     "A memoryview of the data (read-only without PROT_WRITE). Take the lock around its use."},
+    {"__enter__", (PyCFunction)core_enter, METH_NOARGS, NULL},
+    {"__exit__", (PyCFunction)(void (*)(void))core_exit, METH_FASTCALL, NULL},
+    {"_invalidate", (PyCFunction)core_invalidate, METH_NOARGS, NULL},
+    {NULL}
+};
+
+static PyGetSetDef core_getset[] = {
+    {"length", (getter)get_length, NULL, "bytes of data", NULL},
+    {"prot", (getter)get_prot, NULL, "protection this mapping was granted", NULL},
+    {"sp_id", (getter)get_sp_id, NULL, "faytd's id of the share-point", NULL},
+    {"data_offset", (getter)get_data_offset, NULL, "offset of the data from the mapping", NULL},
+    {"held", (getter)get_held, NULL, "whether this object holds the lock", NULL},
+    {"mapped", (getter)get_mapped, NULL, "whether the share-point is still mapped", NULL},
+    {"base", (getter)get_base, NULL, "address of the mapping (the meta-structure)", NULL},
+    {"lock_state", (getter)get_lock_state, NULL, "the raw lock byte", NULL},
+    {"owner_died", (getter)get_owner_died, NULL, "whether the owner-died mark is set", NULL},
+    {NULL}
+};
+
+static PyTypeObject SharePointCoreType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "libportal._fastpath.SharePointCore",
+    .tp_basicsize = sizeof(SharePointCore),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "The C core of a mapped share-point: lock, fused access, views.",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)core_init,
+    .tp_dealloc = (destructor)core_dealloc,
+    .tp_traverse = (traverseproc)core_traverse,
+    .tp_clear = (inquiry)core_clear,
+    .tp_methods = core_methods,
+    .tp_getset = core_getset,
+    .tp_weaklistoffset = offsetof(SharePointCore, weakreflist),
+    .tp_dictoffset = offsetof(SharePointCore, dict),
+};
+
+static PyObject *set_error_factory(PyObject *mod, PyObject *f)
+{
+    Py_XDECREF(error_factory);
+    Py_INCREF(f);
+    error_factory = f;
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef module_methods[] = {
+    {"set_error_factory", set_error_factory, METH_O,
+     "set_error_factory(f): f(errno, message) builds the exception raised."},
+    {NULL}
+};
+
+static struct PyModuleDef fastpath_module = {
+    PyModuleDef_HEAD_INIT, "libportal._fastpath", "Share-point hot path.", -1, module_methods,
+};
+
+PyMODINIT_FUNC PyInit__fastpath(void)
+{
+    if (PyType_Ready(&SharePointCoreType) < 0)
+        return NULL;
+    PyObject *m = PyModule_Create(&fastpath_module);
+    if (!m)
+        return NULL;
+    Py_INCREF(&SharePointCoreType);
+    PyModule_AddObject(m, "SharePointCore", (PyObject *)&SharePointCoreType);
+    PyModule_AddIntConstant(m, "ABI_VERSION", FASTPATH_ABI);
+    return m;
+}

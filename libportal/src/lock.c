@@ -1,0 +1,265 @@
+/* lock.c: the share-point lock byte, futex sleeping and the robust record.
+ *
+ * Linux facts this relies on:
+ * - FUTEX_WAIT compares a 32-bit aligned word; our lock is a byte, so we wait
+ *   on the word that holds it (offset 0 of a page-aligned mapping).  The other
+ *   three bytes belong to prot, which does not change while anyone sleeps, so
+ *   a word that differs only means "look again".
+ * - Shared (not FUTEX_PRIVATE) futexes key on the backing page, so waiters in
+ *   different processes mapping the same object meet.
+ * The protocol is Drepper's three-state mutex ("Futexes are tricky") on a byte,
+ * with bit 0x80 for "owner died" kept across acquire and release until the
+ * new holder marks the data consistent.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <linux/futex.h>
+#include <sys/mman.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "fayt/context.h"
+#include "fayt/lock.h"
+#include "fayt/portal.h"
+#include "fayt/sharepoint.h"
+
+#ifndef MAP_FIXED_NOREPLACE
+#define MAP_FIXED_NOREPLACE 0x100000
+#endif
+
+#define SPIN_LIMIT 100
+
+static inline uint8_t *lock_byte(void *base) { return (uint8_t *)base; }
+static inline uint32_t *lock_word(void *base) { return (uint32_t *)base; }
+
+static inline void cpu_relax(void)
+{
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    __asm__ __volatile__("yield");
+#endif
+}
+
+static int futex_wait(uint32_t *word, uint32_t expect, const struct timespec *ts)
+{
+    long r = syscall(SYS_futex, word, FUTEX_WAIT, expect, ts, NULL, 0);
+    return r == 0 ? 0 : errno;
+}
+
+static void futex_wake(uint32_t *word, int n)
+{
+    syscall(SYS_futex, word, FUTEX_WAKE, n, NULL, NULL, 0);
+}
+
+/* Robust record: claim a slot for sp_id as PENDING. */
+static int record_claim(struct fayt_context_page *ctx, uint32_t sp_id)
+{
+    if (!ctx)
+        return -1;
+    unsigned start = sp_id % FAYT_HELD_LOCKS_MAX;
+    for (unsigned i = 0; i < FAYT_HELD_LOCKS_MAX; i++) {
+        unsigned k = (start + i) % FAYT_HELD_LOCKS_MAX;
+        uint32_t zero = 0;
+        if (__atomic_load_n(&ctx->held[k].sp_id, __ATOMIC_RELAXED) == 0 &&
+            __atomic_compare_exchange_n(&ctx->held[k].sp_id, &zero, sp_id, 0,
+                                        __ATOMIC_ACQ_REL, __ATOMIC_RELAXED)) {
+            __atomic_store_n(&ctx->held[k].state, FAYT_HELD_PENDING, __ATOMIC_RELEASE);
+            return (int)k;
+        }
+    }
+    return -2;
+}
+
+static void record_set(struct fayt_context_page *ctx, int slot, uint32_t state)
+{
+    if (ctx && slot >= 0)
+        __atomic_store_n(&ctx->held[slot].state, state, __ATOMIC_RELEASE);
+}
+
+static void record_clear(struct fayt_context_page *ctx, int slot)
+{
+    if (ctx && slot >= 0) {
+        __atomic_store_n(&ctx->held[slot].state, FAYT_HELD_FREE, __ATOMIC_RELEASE);
+        __atomic_store_n(&ctx->held[slot].sp_id, 0, __ATOMIC_RELEASE);
+    }
+}
+
+/* One attempt to take a free lock; the state we install is `want`. */
+static inline int try_take(uint8_t *l, uint8_t want, int *died)
+{
+    uint8_t c = __atomic_load_n(l, __ATOMIC_RELAXED);
+    while ((c & FAYT_LOCK_STATE_MASK) == FAYT_LOCK_FREE) {
+        if (__atomic_compare_exchange_n(l, &c, (uint8_t)((c & FAYT_LOCK_OWNER_DIED) | want),
+                                        0, __ATOMIC_ACQUIRE, __ATOMIC_RELAXED)) {
+            *died = (c & FAYT_LOCK_OWNER_DIED) != 0;
+            return 1;
+        }
+    }
+    return 0;
+}
+
+int fayt_sp_trylock(void *base, struct fayt_context_page *ctx, uint32_t sp_id, int *slot)
+{
+    int died = 0;
+    int s = record_claim(ctx, sp_id);
+    if (s == -2)
+        return ENOLCK;
+    if (!try_take(lock_byte(base), FAYT_LOCK_HELD, &died)) {
+        record_clear(ctx, s);
+        return EBUSY;
+    }
+    record_set(ctx, s, FAYT_HELD_HELD);
+    *slot = s;
+    return died ? EOWNERDEAD : 0;
+}
+
+int fayt_sp_lock(void *base, struct fayt_context_page *ctx, uint32_t sp_id,
+                 int64_t timeout_ns, int *slot)
+{
+    uint8_t *l = lock_byte(base);
+    int died = 0;
+    struct timespec deadline, now, rel;
+    int s = record_claim(ctx, sp_id);
+    if (s == -2)
+        return ENOLCK;
+
+    if (try_take(l, FAYT_LOCK_HELD, &died))
+        goto taken;
+    for (int i = 0; i < SPIN_LIMIT; i++) {
+        cpu_relax();
+        if ((__atomic_load_n(l, __ATOMIC_RELAXED) & FAYT_LOCK_STATE_MASK) == FAYT_LOCK_FREE &&
+            try_take(l, FAYT_LOCK_HELD, &died))
+            goto taken;
+    }
+    if (timeout_ns >= 0) {
+        clock_gettime(CLOCK_MONOTONIC, &deadline);
+        deadline.tv_sec += timeout_ns / 1000000000;
+        deadline.tv_nsec += timeout_ns % 1000000000;
+        if (deadline.tv_nsec >= 1000000000) {
+            deadline.tv_sec++;
+            deadline.tv_nsec -= 1000000000;
+        }
+    }
+    for (;;) {
+        /* Announce a waiter: held -> contended; a free lock is taken as
+         * contended, since others may still sleep. */
+        uint8_t c = __atomic_load_n(l, __ATOMIC_RELAXED);
+        if ((c & FAYT_LOCK_STATE_MASK) == FAYT_LOCK_FREE) {
+            if (try_take(l, FAYT_LOCK_CONTENDED, &died))
+                goto taken;
+            continue;
+        }
+        if ((c & FAYT_LOCK_STATE_MASK) == FAYT_LOCK_HELD) {
+            uint8_t want = (uint8_t)((c & FAYT_LOCK_OWNER_DIED) | FAYT_LOCK_CONTENDED);
+            if (!__atomic_compare_exchange_n(l, &c, want, 0, __ATOMIC_RELAXED, __ATOMIC_RELAXED))
+                continue;
+            c = want;
+        }
+        uint32_t w = __atomic_load_n(lock_word(base), __ATOMIC_RELAXED);
+        if ((uint8_t)(w & 0xff) != c)   /* little-endian: the lock is the low byte */
+            continue;
+        const struct timespec *tsp = NULL;
+        if (timeout_ns >= 0) {
+            clock_gettime(CLOCK_MONOTONIC, &now);
+            rel.tv_sec = deadline.tv_sec - now.tv_sec;
+            rel.tv_nsec = deadline.tv_nsec - now.tv_nsec;
+            if (rel.tv_nsec < 0) {
+                rel.tv_sec--;
+                rel.tv_nsec += 1000000000;
+            }
+            if (rel.tv_sec < 0) {
+                record_clear(ctx, s);
+                return ETIMEDOUT;
+            }
+            tsp = &rel;
+        }
+        int r = futex_wait(lock_word(base), w, tsp);
+        if (r == ETIMEDOUT || r == EINTR) {
+            record_clear(ctx, s);
+            return r;
+        }
+    }
+taken:
+    record_set(ctx, s, FAYT_HELD_HELD);
+    *slot = s;
+    return died ? EOWNERDEAD : 0;
+}
+
+int fayt_sp_unlock(void *base, struct fayt_context_page *ctx, uint32_t sp_id, int slot)
+{
+    uint8_t *l = lock_byte(base);
+    if ((__atomic_load_n(l, __ATOMIC_RELAXED) & FAYT_LOCK_STATE_MASK) == FAYT_LOCK_FREE)
+        return EPERM;
+    if (ctx) {
+        if (slot < 0 || slot >= FAYT_HELD_LOCKS_MAX || ctx->held[slot].sp_id != sp_id ||
+            ctx->held[slot].state != FAYT_HELD_HELD) {
+            slot = -1;
+            for (int k = 0; k < FAYT_HELD_LOCKS_MAX; k++)
+                if (ctx->held[k].sp_id == sp_id && ctx->held[k].state == FAYT_HELD_HELD) {
+                    slot = k;
+                    break;
+                }
+        }
+    }
+    uint8_t old = __atomic_fetch_and(l, (uint8_t)FAYT_LOCK_OWNER_DIED, __ATOMIC_RELEASE);
+    record_clear(ctx, slot);
+    if ((old & FAYT_LOCK_STATE_MASK) == FAYT_LOCK_CONTENDED)
+        futex_wake(lock_word(base), 1);
+    return 0;
+}
+
+void fayt_sp_mark_consistent(void *base)
+{
+    __atomic_fetch_and(lock_byte(base), (uint8_t)FAYT_LOCK_STATE_MASK, __ATOMIC_RELEASE);
+}
+
+void fayt_sp_recover(void *base)
+{
+    /* The holder is gone: free the lock, mark it, and wake one waiter, which
+     * re-marks contention if others still sleep.  Waking one is enough. */
+    __atomic_store_n(lock_byte(base), (uint8_t)FAYT_LOCK_OWNER_DIED, __ATOMIC_RELEASE);
+    futex_wake(lock_word(base), 1);
+}
+
+int fayt_sp_lock_state(void *base)
+{
+    return __atomic_load_n(lock_byte(base), __ATOMIC_ACQUIRE);
+}
+
+size_t fayt_sp_data_offset(size_t nframes)
+{
+    size_t end = sizeof(struct fayt_sharepoint_meta) + nframes * sizeof(uint64_t);
+    return (end + 15) & ~(size_t)15;
+}
+
+uintptr_t fayt_map(int fd, size_t length, uintptr_t addr, int prot, int *err)
+{
+    int flags = MAP_SHARED;
+    if (addr) {
+        if (addr % FAYT_PAGE_SIZE) {
+            *err = EINVAL;
+            return 0;
+        }
+        flags |= MAP_FIXED_NOREPLACE;
+    }
+    void *p = mmap((void *)addr, length, prot, flags, fd, 0);
+    if (p == MAP_FAILED) {
+        *err = errno;
+        return 0;
+    }
+    if (addr && (uintptr_t)p != addr) {
+        /* Kernels before 4.17 ignore MAP_FIXED_NOREPLACE and treat addr as a hint. */
+        munmap(p, length);
+        *err = EEXIST;
+        return 0;
+    }
+    *err = 0;
+    return (uintptr_t)p;
+}
+
+int fayt_unmap(uintptr_t addr, size_t length)
+{
+    return munmap((void *)addr, length) == 0 ? 0 : errno;
+}
