@@ -1,0 +1,18 @@
+"""libportal: what a FAYT server imports to make system calls to faytd.
+
+    import libportal as lp
+    sp = lp.share_create("jobs", 4096)        # SHARE|ANON, created
+    sp.write(0, b"hello")                     # fused lock/copy/unlock
+    with sp:                                  # the share-point lock
+        sp.view()[0:5]
+    anon = lp.portal(lp.ANON, lp.PROT_RW, 8192)
+"""
+from .errors import (PortalError, PermissionDenied, AlreadyExists, NotFound,  # noqa: F401
+                     InvalidArgument, OutOfMemory, OwnerDied, TimedOut, Deadlock,
+                     Unmapped, NotImplementedClass, DaemonUnavailable, ProtocolError)
+from .syscall import Connection, connection, default_socket_path, set_default  # noqa: F401
+from .portal import (portal, share_create, share_attach, Portal, SharePoint,  # noqa: F401
+                     SHARE, DIRECT, ANON, COW, SPECIAL,
+                     PROT_NONE, PROT_READ, PROT_WRITE, PROT_EXEC, PROT_RW, PAGE_SIZE)
+
+__version__ = "0.1.0"

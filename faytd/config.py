@@ -1,0 +1,69 @@
+"""faytd's configuration: an embedded default, overridden by a JSON file.
+
+The file has the same keys as DEFAULT; "policy" replaces the default policy
+whole (tightening it means writing the rules you want), other keys replace
+their value.  Sizes may be numbers of bytes or strings like "256MiB".
+"""
+import copy
+import json
+import re
+
+DEFAULT = {
+    "socket": None,              # None: libportal's default_socket_path()
+    "socket_mode": "0600",       # the socket file; its directory is made 0700 if new
+    "state_dir": None,           # None: the socket's directory
+    "ram": "1GiB",               # emulated RAM
+    "max_portal_length": "1GiB", # one portal at most (portal_req.length is an int)
+    "max_sharepoints": 100000,
+    "max_mappings_per_context": 65536,
+    "policy": {
+        "categories": {
+            "core": {"classes": ["SHARE", "DIRECT", "ANON", "COW", "SPECIAL"],
+                     "notify_handlers": True, "mmio": ["*"], "chains": ["*"]},
+            "driver": {"classes": ["SHARE", "DIRECT", "ANON"], "mmio": ["*"]},
+            "server": {"classes": ["SHARE", "ANON"]},
+        },
+        "rules": [
+            {"uid": 0, "category": "core"},
+            {"uid": "$owner", "category": "core"},
+        ],
+        "default": "server",
+    },
+}
+
+_UNITS = {"": 1, "b": 1, "k": 1024, "kib": 1024, "m": 1 << 20, "mib": 1 << 20,
+          "g": 1 << 30, "gib": 1 << 30}
+
+
+def parse_size(v, what):
+    if isinstance(v, int) and v > 0:
+        return v
+    m = re.fullmatch(r"\s*(\d+)\s*([a-zA-Z]*)\s*", str(v))
+    if not m or m.group(2).lower() not in _UNITS:
+        raise ValueError("config: %s: %r is not a size (e.g. 1048576 or \"256MiB\")" % (what, v))
+    n = int(m.group(1)) * _UNITS[m.group(2).lower()]
+    if n <= 0:
+        raise ValueError("config: %s must be positive" % what)
+    return n
+
+
+def load(path=None, overrides=None):
+    cfg = copy.deepcopy(DEFAULT)
+    if path:
+        with open(path) as f:
+            try:
+                data = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ValueError("config: %s: %s" % (path, e)) from None
+        unknown = set(data) - set(DEFAULT)
+        if unknown:
+            raise ValueError("config: %s: unknown keys %s" % (path, sorted(unknown)))
+        cfg.update(data)
+    for k, v in (overrides or {}).items():
+        if v is not None:
+            cfg[k] = v
+    cfg["ram"] = parse_size(cfg["ram"], "ram")
+    cfg["max_portal_length"] = parse_size(cfg["max_portal_length"], "max_portal_length")
+    mode = cfg["socket_mode"]
+    cfg["socket_mode"] = int(mode, 8) if isinstance(mode, str) else int(mode)
+    return cfg

@@ -1,0 +1,106 @@
+"""Contexts: one per connected server process, and what it has mapped.
+
+A context is born at the HELLO call with a context page (a 4 KiB POSIX shm
+object mapped by faytd and the client).  The page holds the robust lock
+records today and the notification state later (include/fayt/context.h).
+
+Two events end a context, and they can come in either order:
+- its connection closes (EOF): its mappings are dropped, but a process that
+  is still alive may still hold share-point locks, so the page is kept;
+- its process dies (the pidfd, from pidfd_open(2), becomes readable): its
+  locks are recovered, then everything goes.
+The pidfd matters because a fork child can keep the socket open after the
+context's own process died.
+"""
+import os
+
+from libportal._abi import ffi, lib
+
+from .frames import BackingObject, PAGE
+
+PAGE_SIZE = ffi.sizeof("struct fayt_context_page")
+
+
+class Mapping:
+    """One mapped portal of a context: its handle, and what it references."""
+    __slots__ = ("handle", "backing", "sp", "pid", "tid", "length", "prot", "type")
+
+    def __init__(self, handle, type, backing, sp, pid, tid, prot):
+        self.handle = handle
+        self.type = type
+        self.backing = backing
+        self.sp = sp
+        self.pid = pid
+        self.tid = tid
+        self.length = backing.length
+        self.prot = prot
+
+
+class Context:
+    __slots__ = ("id", "sock", "pid", "uid", "gid", "exe", "category", "pidfd", "page",
+                 "page_map", "page_struct", "mappings", "next_handle", "connected", "alive",
+                 "registered", "owned")
+
+    def __init__(self, cid, sock, pid, uid, gid, exe, category):
+        self.id = cid
+        self.sock = sock
+        self.pid = pid
+        self.uid = uid
+        self.gid = gid
+        self.exe = exe
+        self.category = category
+        self.pidfd = -1
+        self.page = None
+        self.page_map = None
+        self.page_struct = None
+        self.mappings = {}
+        self.next_handle = 1
+        self.connected = True
+        self.alive = True
+        self.registered = False
+
+    def make_page(self, tag):
+        import mmap
+        self.page = BackingObject(0, tag + ".ctx", PAGE, [])
+        self.page_map = mmap.mmap(self.page.fd, PAGE)
+        self.page_struct = ffi.cast("struct fayt_context_page *", ffi.from_buffer(self.page_map))
+        p = self.page_struct
+        p.magic = lib.FAYT_CONTEXT_MAGIC
+        p.version = lib.FAYT_CONTEXT_VERSION
+        p.pid = self.pid
+        p.context_id = self.id
+        self.registered = True
+
+    def new_handle(self):
+        h = self.next_handle
+        self.next_handle += 1
+        return h
+
+    def lock_records(self):
+        """[(sp_id, state)] of the robust records in use."""
+        p = self.page_struct
+        if p is None:
+            return []
+        out = []
+        for i in range(lib.FAYT_HELD_LOCKS_MAX):
+            sp_id = p.held[i].sp_id
+            if sp_id:
+                out.append((sp_id, p.held[i].state))
+        return out
+
+    def mapped_bytes(self):
+        return sum(m.length for m in self.mappings.values())
+
+    def close_page(self):
+        if self.page_map is not None:
+            self.page_struct = None
+            self.page_map.close()
+            self.page_map = None
+        if self.page is not None:
+            self.page.release()
+            self.page = None
+
+    def close_pidfd(self):
+        if self.pidfd >= 0:
+            os.close(self.pidfd)
+            self.pidfd = -1

@@ -1,0 +1,180 @@
+"""Physical memory: 4 KiB frames with physical addresses, and their backing.
+
+faytd emulates a physical address space so that morphology.paddr[] means
+something.  RAM is `ram_bytes` starting at RAM_BASE; a frame is its number,
+paddr = RAM_BASE + number * 4096.  Each frame records the backing object that
+holds it, its page offset there and a reference count, in flat arrays (a few
+bytes per frame, so 10,000 one-page share-points cost nothing per frame).
+
+A backing object is one POSIX shared memory object per portal (posix_ipc),
+created 0600 with an unguessable name and handed to clients only as a file
+descriptor.  One object per portal, not one big RAM file, because an fd
+grants all of its object: a client must never get a descriptor that reaches
+another portal's memory.  Frames are taken from a free stack, so a portal's
+frames need not be contiguous, as on real hardware.
+"""
+import array
+import errno
+import os
+import secrets
+
+import posix_ipc
+
+PAGE = 4096
+RAM_BASE = 0x100000          # 1 MiB, as on a PC; MMIO windows sit far above RAM
+NAME_PREFIX = "/fayt."
+
+
+class KernelError(Exception):
+    """A system call fails with errno `err` and `message` (the argument at fault)."""
+
+    def __init__(self, err, message):
+        super().__init__(err, message)
+        self.errno = err
+        self.message = message
+
+
+def pages(length):
+    return (length + PAGE - 1) // PAGE
+
+
+class BackingObject:
+    """A POSIX shared memory object holding the frames of one portal."""
+
+    __slots__ = ("id", "name", "fd", "length", "frames", "_shm", "__weakref__")
+
+    def __init__(self, oid, tag, length, frames):
+        self.id = oid
+        self.length = length
+        self.frames = frames
+        for _ in range(4):
+            self.name = "%s%s.%s" % (NAME_PREFIX, tag, secrets.token_hex(12))
+            try:
+                self._shm = posix_ipc.SharedMemory(self.name, posix_ipc.O_CREX, mode=0o600,
+                                                   size=length)
+                break
+            except posix_ipc.ExistentialError:
+                continue
+        else:
+            raise KernelError(errno.EEXIST, "could not name a backing object")
+        self.fd = self._shm.fd
+
+    def release(self):
+        """Unlink the name and close faytd's descriptor (mappings stay valid)."""
+        if self.fd >= 0:
+            try:
+                self._shm.unlink()
+            except posix_ipc.ExistentialError:
+                pass
+            self._shm.close_fd()
+            self.fd = -1
+
+
+class FrameAllocator:
+    """Hands out frames of the emulated RAM and tracks their references."""
+
+    def __init__(self, ram_bytes, tag=None):
+        if ram_bytes < PAGE:
+            raise ValueError("ram must be at least one frame")
+        self.nframes = ram_bytes // PAGE
+        self.tag = tag or "%d" % os.getpid()
+        self._next = 0                   # frames below this were handed out once
+        self._free = array.array("I")    # frames handed back
+        self.refcount = array.array("I", bytes(4 * self.nframes))
+        self.owner = array.array("I", bytes(4 * self.nframes))    # backing object id
+        self.offset = array.array("I", bytes(4 * self.nframes))   # page index within it
+        self.objects = {}                # id -> BackingObject
+        self._next_oid = 1
+
+    @property
+    def free_frames(self):
+        return self.nframes - self._next + len(self._free)
+
+    def paddr(self, frame):
+        return RAM_BASE + frame * PAGE
+
+    def allocate(self, length):
+        """A new backing object of `length` bytes (page multiple) with fresh frames,
+        each referenced once."""
+        n = pages(length)
+        if n > self.free_frames:
+            raise KernelError(errno.ENOMEM, "length: %d frames asked, %d free in faytd's RAM"
+                              % (n, self.free_frames))
+        take = min(n, len(self._free))
+        frames = self._free[len(self._free) - take:]
+        del self._free[len(self._free) - take:]
+        if take < n:
+            frames.extend(range(self._next, self._next + n - take))
+            self._next += n - take
+        oid = self._next_oid
+        try:
+            obj = BackingObject(oid, self.tag, n * PAGE, frames)
+        except BaseException:
+            self._free.extend(frames)
+            raise
+        self._next_oid += 1
+        self.objects[oid] = obj
+        for i, f in enumerate(frames):
+            self.refcount[f] = 1
+            self.owner[f] = oid
+            self.offset[f] = i
+        return obj
+
+    def get(self, obj):
+        """One more reference to every frame of obj."""
+        for f in obj.frames:
+            self.refcount[f] += 1
+
+    def put(self, obj):
+        """Drop one reference to every frame of obj; at zero the frames are free
+        again and the backing object is released."""
+        freed = 0
+        for f in obj.frames:
+            self.refcount[f] -= 1
+            if self.refcount[f] == 0:
+                self.owner[f] = 0
+                self._free.append(f)
+                freed += 1
+        if freed == len(obj.frames):
+            obj.release()
+            self.objects.pop(obj.id, None)
+
+    def release_all(self):
+        for obj in list(self.objects.values()):
+            obj.release()
+        self.objects.clear()
+
+
+def sweep_stale(alive=None):
+    """Unlink backing objects left by a faytd that died (its pid no longer runs).
+    Names are /fayt.<pid>.<random>; returns how many were removed."""
+    removed = 0
+    try:
+        names = os.listdir("/dev/shm")
+    except OSError:
+        return 0
+    for n in names:
+        if not n.startswith(NAME_PREFIX[1:]):
+            continue
+        parts = n.split(".")
+        if len(parts) < 3 or not parts[1].isdigit():
+            continue
+        pid = int(parts[1])
+        if pid == os.getpid() or _pid_alive(pid):
+            continue
+        try:
+            posix_ipc.unlink_shared_memory("/" + n)
+            removed += 1
+        except posix_ipc.ExistentialError:
+            pass
+    return removed
+
+
+def _pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True

@@ -1,0 +1,105 @@
+"""The kernel state: frames, the share-point table, contexts and the policy.
+
+No socket code here: the server (server.py) hands events in, the syscall
+layer (syscall.py) calls the methods that perform a request.
+"""
+import logging
+
+from libportal._abi import lib
+
+from .context import Context
+from .frames import FrameAllocator, sweep_stale
+from .policy import Policy
+from .sharepoint import SharePointTable
+
+log = logging.getLogger("faytd")
+
+
+class Kernel:
+    def __init__(self, cfg, owner_uid, tag=None):
+        self.cfg = cfg
+        self.policy = Policy(cfg["policy"], owner_uid)
+        swept = sweep_stale()
+        if swept:
+            log.info("removed %d shared-memory objects left by a dead faytd", swept)
+        self.frames = FrameAllocator(cfg["ram"], tag)
+        self.sharepoints = SharePointTable(self.frames, cfg["max_sharepoints"])
+        self.contexts = {}
+        self._next_cid = 1
+
+    # -- contexts -------------------------------------------------------
+    def new_context(self, sock, pid, uid, gid, exe):
+        cat = self.policy.classify(uid, gid, exe)
+        cid = self._next_cid
+        self._next_cid += 1
+        ctx = Context(cid, sock, pid, uid, gid, exe, cat)
+        self.contexts[cid] = ctx
+        return ctx
+
+    def drop_mappings(self, ctx):
+        for m in list(ctx.mappings.values()):
+            self.unmap(ctx, m)
+
+    def disconnected(self, ctx):
+        """The connection closed; the process may live on (locks stay held)."""
+        ctx.connected = False
+        self.drop_mappings(ctx)
+        if not ctx.alive or ctx.pidfd < 0:
+            self.forget(ctx)
+
+    def died(self, ctx):
+        """The process is gone: recover its locks, then forget it."""
+        ctx.alive = False
+        self.recover_locks(ctx)
+        self.drop_mappings(ctx)
+        self.sharepoints.owner_died(ctx.pid)
+        self.forget(ctx)
+
+    def forget(self, ctx):
+        if self.contexts.pop(ctx.id, None) is None:
+            return
+        ctx.close_page()
+        ctx.close_pidfd()
+
+    def recover_locks(self, ctx):
+        others = None
+        for sp_id, state in ctx.lock_records():
+            sp = self.sharepoints.by_id.get(sp_id)
+            if sp is None:
+                continue
+            if state == lib.FAYT_HELD_PENDING:
+                # Died between claiming the record and taking (or recording)
+                # the lock: it is ours only if held and nobody alive holds it.
+                if sp.lock_state() & lib.FAYT_LOCK_STATE_MASK == lib.FAYT_LOCK_FREE:
+                    continue
+                if others is None:
+                    others = set()
+                    for c in self.contexts.values():
+                        if c is not ctx and c.alive:
+                            others.update(i for i, s in c.lock_records()
+                                          if s in (lib.FAYT_HELD_HELD, lib.FAYT_HELD_PENDING))
+                if sp_id in others:
+                    continue
+            elif state != lib.FAYT_HELD_HELD:
+                continue
+            log.info("pid %d died holding the lock of share-point %r: released, owner-died set",
+                     ctx.pid, sp.identifier.decode("utf-8", "replace"))
+            sp.recover_lock()
+
+    # -- mappings -------------------------------------------------------
+    def add_mapping(self, ctx, m):
+        ctx.mappings[m.handle] = m
+
+    def unmap(self, ctx, m):
+        ctx.mappings.pop(m.handle, None)
+        if m.sp is not None:
+            self.sharepoints.release(m.sp, (ctx.id, m.handle))
+        else:
+            self.frames.put(m.backing)
+
+    def shutdown(self):
+        for ctx in list(self.contexts.values()):
+            self.drop_mappings(ctx)
+            self.forget(ctx)
+        self.sharepoints.destroy_all()
+        self.frames.release_all()

@@ -1,0 +1,50 @@
+"""faytd: the FAYT kernel daemon, in the foreground.
+
+    faytd [--socket PATH] [--config FILE] [--state-dir DIR] [--ram SIZE] [-v]
+"""
+import argparse
+import logging
+import os
+import sys
+
+from libportal.syscall import default_socket_path
+
+from . import config
+from .kernel import Kernel
+from .server import Server
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="faytd", description="The FAYT kernel daemon.")
+    ap.add_argument("--socket", help="syscall socket (default: %s)" % default_socket_path())
+    ap.add_argument("--config", help="JSON configuration file (default: embedded)")
+    ap.add_argument("--state-dir", help="directory for faytd's state (default: the socket's)")
+    ap.add_argument("--ram", help="emulated RAM, e.g. 256MiB (default: 1GiB)")
+    ap.add_argument("-v", "--verbose", action="store_true", help="log every context")
+    ap.add_argument("--print-config", action="store_true",
+                    help="print the configuration in force and exit")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="faytd: %(message)s", stream=sys.stderr)
+    try:
+        cfg = config.load(args.config, {"socket": args.socket, "state_dir": args.state_dir,
+                                        "ram": args.ram})
+    except (OSError, ValueError) as e:
+        ap.error(str(e))
+    cfg["socket"] = cfg["socket"] or default_socket_path()
+    cfg["state_dir"] = cfg["state_dir"] or os.path.dirname(cfg["socket"])
+    if args.print_config:
+        import json
+        print(json.dumps(cfg, indent=2))
+        return 0
+    try:
+        kernel = Kernel(cfg, os.getuid())
+    except ValueError as e:
+        ap.error(str(e))
+    server = Server(kernel, cfg["socket"], cfg["socket_mode"])
+    server.serve_forever()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

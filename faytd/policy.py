@@ -1,0 +1,102 @@
+"""Who may do what: identity -> category -> rights.
+
+Identity is what the Linux kernel vouches for: uid and gid from SO_PEERCRED,
+and the executable from /proc/<pid>/exe.  Rules are tried in order; the first
+that matches names the category.  A category is a set of rights: the portal
+classes it may use, whether it may install notification handlers, which
+MMIO windows and chains it may use (the last three are read by later parts).
+
+The embedded default gives the user who runs faytd (and root) the `core`
+category, which may do everything, and everyone else `server` (ANON and SHARE).
+A policy file replaces rules and categories to tighten it.
+"""
+import errno
+import fnmatch
+
+from libportal._abi import lib
+
+from .frames import KernelError
+
+CLASS_BITS = {
+    "SHARE": lib.FAYT_PORTAL_SHARE,
+    "DIRECT": lib.FAYT_PORTAL_DIRECT,
+    "ANON": lib.FAYT_PORTAL_ANON,
+    "COW": lib.FAYT_PORTAL_COW,
+    "SPECIAL": lib.FAYT_PORTAL_SPECIAL,
+}
+CATEGORY_IDS = {"core": lib.FAYT_CATEGORY_CORE, "driver": lib.FAYT_CATEGORY_DRIVER,
+                "server": lib.FAYT_CATEGORY_SERVER}
+
+
+def class_names(bits):
+    return "|".join(n for n, b in CLASS_BITS.items() if bits & b) or "none"
+
+
+class Category:
+    __slots__ = ("name", "id", "classes", "notify_handlers", "mmio", "chains")
+
+    def __init__(self, name, spec):
+        self.name = name
+        self.id = CATEGORY_IDS.get(name, 0)
+        bits = 0
+        for c in spec.get("classes", []):
+            if c not in CLASS_BITS:
+                raise ValueError("policy: category %s: unknown portal class %r" % (name, c))
+            bits |= CLASS_BITS[c]
+        self.classes = bits
+        self.notify_handlers = bool(spec.get("notify_handlers", False))
+        self.mmio = list(spec.get("mmio", []))
+        self.chains = list(spec.get("chains", []))
+
+
+class Rule:
+    __slots__ = ("uid", "gid", "exe", "category")
+
+    def __init__(self, spec, categories):
+        unknown = set(spec) - {"uid", "gid", "exe", "category"}
+        if unknown:
+            raise ValueError("policy: rule %r: unknown keys %s" % (spec, sorted(unknown)))
+        self.uid = spec.get("uid")
+        self.gid = spec.get("gid")
+        self.exe = spec.get("exe")
+        self.category = spec.get("category")
+        if self.category not in categories:
+            raise ValueError("policy: rule %r names no known category" % (spec,))
+
+    def matches(self, uid, gid, exe, owner_uid):
+        if self.uid is not None:
+            want = owner_uid if self.uid == "$owner" else self.uid
+            if uid != want:
+                return False
+        if self.gid is not None and gid != self.gid:
+            return False
+        if self.exe is not None and not fnmatch.fnmatchcase(exe or "", self.exe):
+            return False
+        return True
+
+
+class Policy:
+    def __init__(self, spec, owner_uid):
+        self.owner_uid = owner_uid
+        cats = spec.get("categories") or {}
+        if not cats:
+            raise ValueError("policy: no categories")
+        self.categories = {name: Category(name, c) for name, c in cats.items()}
+        self.rules = [Rule(r, self.categories) for r in spec.get("rules", [])]
+        self.default = spec.get("default")
+        if self.default is not None and self.default not in self.categories:
+            raise ValueError("policy: default category %r is not defined" % self.default)
+
+    def classify(self, uid, gid, exe):
+        """The category for this identity, or None (refused: no rule matches)."""
+        for r in self.rules:
+            if r.matches(uid, gid, exe, self.owner_uid):
+                return self.categories[r.category]
+        return self.categories.get(self.default) if self.default else None
+
+    @staticmethod
+    def check_classes(category, type_bits):
+        missing = type_bits & ~category.classes
+        if missing:
+            raise KernelError(errno.EPERM, "type: category %s may not use %s"
+                              % (category.name, class_names(missing)))

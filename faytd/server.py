@@ -1,0 +1,264 @@
+"""The event loop: the syscall socket, the contexts' connections and pidfds.
+
+One thread, one epoll (selectors).  Facts it relies on:
+- SOCK_SEQPACKET keeps message boundaries, so one recvmsg is one request;
+  MSG_TRUNC tells us a request was longer than FAYT_MSG_MAX.
+- SO_PEERCRED gives the peer's pid, uid and gid as the kernel saw them at
+  connect(2); nothing the client writes is trusted for identity.
+- Replies are sent non-blocking: a client that pipelines requests without
+  reading its replies breaks the protocol (one call at a time) and is
+  disconnected rather than allowed to block the daemon.
+- pidfd_open(2) tells us when a context's process has died, even if a fork
+  child still holds its socket open.
+A client that breaks the protocol (short or foreign header, oversized
+message) is disconnected; the others go on.  An unexpected exception in a
+handler is logged and answered with EIO: faytd itself does not go down.
+"""
+import array
+import errno
+import logging
+import os
+import selectors
+import signal
+import socket
+import stat
+import struct
+import traceback
+
+from libportal._abi import lib, REQ_HDR, REP_HDR
+
+from . import syscall
+from .frames import KernelError
+
+log = logging.getLogger("faytd")
+_CRED = struct.Struct("3i")
+_MAX_IN_FDS = 4
+
+
+class Server:
+    def __init__(self, kernel, path, mode):
+        self.k = kernel
+        self.path = path
+        self.sel = selectors.EpollSelector()
+        self.stopping = False
+        self.listener = self._listen(path, mode)
+        self.sel.register(self.listener, selectors.EVENT_READ, ("accept", None))
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self.sel.register(self._wake_r, selectors.EVENT_READ, ("signal", None))
+
+    def _listen(self, path, mode):
+        d = os.path.dirname(path) or "."
+        if not os.path.isdir(d):
+            os.makedirs(d, mode=0o700, exist_ok=True)
+        if os.path.exists(path):
+            if not stat.S_ISSOCK(os.lstat(path).st_mode):
+                raise SystemExit("faytd: %s exists and is not a socket" % path)
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            try:
+                probe.connect(path)
+                raise SystemExit("faytd: another faytd is serving %s" % path)
+            except (ConnectionRefusedError, FileNotFoundError):
+                os.unlink(path)
+            finally:
+                probe.close()
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        old = os.umask(0o177)
+        try:
+            s.bind(path)
+        finally:
+            os.umask(old)
+        os.chmod(path, mode)
+        s.listen(128)
+        s.setblocking(False)
+        return s
+
+    # -- loop -----------------------------------------------------------
+    def serve_forever(self):
+        prev = {}
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            prev[sig] = signal.signal(sig, self._on_signal)
+        old_fd = signal.set_wakeup_fd(self._wake_w.fileno())
+        log.info("faytd listening on %s (ram %d MiB)", self.path, self.k.frames.nframes * 4 // 1024)
+        try:
+            while not self.stopping:
+                for key, _ in self.sel.select():
+                    kind, obj = key.data
+                    if kind == "client":
+                        self._on_client(obj)
+                    elif kind == "pidfd":
+                        self._on_death(obj)
+                    elif kind == "accept":
+                        self._accept()
+                    else:
+                        try:
+                            self._wake_r.recv(4096)
+                        except BlockingIOError:
+                            pass
+        finally:
+            signal.set_wakeup_fd(old_fd)
+            for sig, h in prev.items():
+                signal.signal(sig, h)
+            self.close()
+
+    def _on_signal(self, signum, frame):
+        log.info("%s, shutting down", signal.Signals(signum).name)
+        self.stopping = True
+
+    def close(self):
+        for ctx in list(self.k.contexts.values()):
+            self._drop_conn(ctx)
+        self.k.shutdown()
+        try:
+            self.sel.unregister(self.listener)
+        except (KeyError, ValueError):
+            pass
+        self.listener.close()
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+        self._wake_r.close()
+        self._wake_w.close()
+        self.sel.close()
+
+    # -- connections ----------------------------------------------------
+    def _accept(self):
+        while True:
+            try:
+                sock, _ = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:
+                log.warning("accept: %s", e)
+                return
+            sock.setblocking(False)
+            pid, uid, gid = _CRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                         _CRED.size))
+            try:
+                exe = os.readlink("/proc/%d/exe" % pid)
+            except OSError:
+                exe = None
+            ctx = self.k.new_context(sock, pid, uid, gid, exe)
+            try:
+                ctx.pidfd = os.pidfd_open(pid)
+                self.sel.register(ctx.pidfd, selectors.EVENT_READ, ("pidfd", ctx))
+            except OSError:
+                ctx.pidfd = -1          # already gone: EOF will follow
+            self.sel.register(sock, selectors.EVENT_READ, ("client", ctx))
+            log.debug("context %d: pid %d uid %d exe %s category %s", ctx.id, pid, uid, exe,
+                      ctx.category.name if ctx.category else None)
+
+    def _drop_conn(self, ctx):
+        if ctx.sock is not None:
+            try:
+                self.sel.unregister(ctx.sock)
+            except (KeyError, ValueError):
+                pass
+            ctx.sock.close()
+            ctx.sock = None
+
+    def _disconnect(self, ctx, why=None):
+        if why:
+            log.warning("context %d (pid %d): %s; disconnected", ctx.id, ctx.pid, why)
+        self._drop_conn(ctx)
+        if ctx.pidfd >= 0 and ctx.alive:
+            try:
+                dead = bool(select_readable(ctx.pidfd))
+            except OSError:
+                dead = True
+            if dead:
+                self._on_death(ctx)
+                return
+        self.k.disconnected(ctx)
+        if ctx.id not in self.k.contexts and ctx.pidfd >= 0:
+            self._unwatch(ctx)
+
+    def _unwatch(self, ctx):
+        try:
+            self.sel.unregister(ctx.pidfd)
+        except (KeyError, ValueError):
+            pass
+        ctx.close_pidfd()
+
+    def _on_death(self, ctx):
+        self._drop_conn(ctx)
+        if ctx.pidfd >= 0:
+            try:
+                self.sel.unregister(ctx.pidfd)
+            except (KeyError, ValueError):
+                pass
+        log.debug("context %d: pid %d died", ctx.id, ctx.pid)
+        self.k.died(ctx)
+
+    def _on_client(self, ctx):
+        sock = ctx.sock
+        try:
+            data, anc, mflags, _ = sock.recvmsg(lib.FAYT_MSG_MAX,
+                                                socket.CMSG_SPACE(_MAX_IN_FDS * 4))
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as e:
+            return self._disconnect(ctx, "recv: %s" % e)
+        fds = []
+        for level, kind, cdata in anc:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                a = array.array("i")
+                a.frombytes(cdata[:len(cdata) - len(cdata) % 4])
+                fds.extend(a)
+        try:
+            if not data:
+                return self._disconnect(ctx)
+            if mflags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
+                return self._disconnect(ctx, "message longer than %d bytes" % lib.FAYT_MSG_MAX)
+            if len(data) < REQ_HDR.size:
+                return self._disconnect(ctx, "short message (%d bytes)" % len(data))
+            magic, op, flags, seq, tid = REQ_HDR.unpack_from(data)
+            if magic != lib.FAYT_REQ_MAGIC:
+                return self._disconnect(ctx, "bad magic %#x" % magic)
+            body, out_fds = self._perform(ctx, op, tid, data[REQ_HDR.size:], fds)
+            self._reply(ctx, op, seq, body, out_fds)
+        finally:
+            for fd in fds:
+                os.close(fd)
+
+    def _perform(self, ctx, op, tid, body, fds):
+        """(reply body, fds) or (KernelError, []) for the request."""
+        handler = syscall.HANDLERS.get(op)
+        try:
+            if handler is None:
+                raise KernelError(errno.ENOSYS, "op: %d is not a faytd system call" % op)
+            if not ctx.registered and op not in syscall.NEED_NO_HELLO:
+                raise KernelError(errno.EPROTO, "op %d before hello" % op)
+            if fds:
+                raise KernelError(errno.EINVAL, "this call takes no file descriptors")
+            return handler(self.k, ctx, tid, body, fds)
+        except KernelError as e:
+            return e, []
+        except Exception:
+            log.error("context %d: op %d raised:\n%s", ctx.id, op, traceback.format_exc())
+            return KernelError(errno.EIO, "faytd: internal error (logged)"), []
+
+    def _reply(self, ctx, op, seq, body, fds):
+        if isinstance(body, KernelError):
+            msg = REP_HDR.pack(lib.FAYT_REP_MAGIC, op, 0, seq, body.errno) + body.message.encode()
+            fds = []
+        else:
+            msg = REP_HDR.pack(lib.FAYT_REP_MAGIC, op, len(fds), seq, 0) + body
+        try:
+            if fds:
+                ctx.sock.sendmsg([msg], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                          array.array("i", fds))])
+            else:
+                ctx.sock.send(msg)
+        except BlockingIOError:
+            self._disconnect(ctx, "does not read its replies")
+        except OSError as e:
+            self._disconnect(ctx, "send: %s" % e)
+
+
+def select_readable(fd):
+    import select
+    r, _, _ = select.select([fd], [], [], 0)
+    return r

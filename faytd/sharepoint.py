@@ -1,0 +1,151 @@
+"""The share-point table: identifier -> frames, prot, owner, captured threads.
+
+A share-point is created by portal(SHARE|ANON, create) and written at once:
+faytd pwrite(2)s the meta-structure (lock free, prot, data length, the
+morphology with every frame's physical address) into the new backing object,
+so the creator and every attacher see it before their first access.
+
+Lifetime: in the table from creation until destroy(), or until its owner
+has died and no captured thread maps it any more.  Destroy takes the
+identifier out of the table at once; the frames stay referenced by the
+mappings that still exist and are freed with the last one.
+
+Locks: when a context dies, its robust records (context page) name the
+share-points whose lock it held or was taking.  faytd maps the first page of
+such a share-point (lazily; most are never recovered) and releases the lock
+with the owner-died bit set, waking one waiter.
+"""
+import errno
+import mmap
+import os
+
+from libportal._abi import ffi, lib
+
+from .frames import KernelError, PAGE, pages
+
+META_SIZE = ffi.sizeof("struct fayt_sharepoint_meta")
+
+
+class SharePoint:
+    __slots__ = ("id", "identifier", "backing", "prot", "length", "data_offset", "owner_pid",
+                 "owner_uid", "owner_alive", "captured", "destroyed", "_meta_map", "created_at")
+
+    def __init__(self, sp_id, identifier, backing, prot, owner_pid, owner_uid):
+        self.id = sp_id
+        self.identifier = identifier
+        self.backing = backing
+        self.prot = prot
+        nframes = len(backing.frames)
+        self.data_offset = lib.fayt_sp_data_offset(nframes)
+        self.length = backing.length - self.data_offset
+        self.owner_pid = owner_pid
+        self.owner_uid = owner_uid
+        self.owner_alive = True
+        self.captured = {}          # (context id, handle) -> (pid, tid)
+        self.destroyed = False
+        self._meta_map = None
+
+    def write_meta(self, paddrs):
+        n = len(paddrs)
+        meta = ffi.new("char[]", META_SIZE + 8 * n)
+        m = ffi.cast("struct fayt_sharepoint_meta *", meta)
+        m.lock = b"\0"
+        m.prot = self.prot
+        m.length = self.length
+        m.morphology.length = self.backing.length
+        p = ffi.cast("uint64_t *", meta + META_SIZE)
+        for i, a in enumerate(paddrs):
+            p[i] = a
+        os.pwrite(self.backing.fd, ffi.buffer(meta), 0)
+
+    def meta_page(self):
+        """faytd's own mapping of the first page (for lock recovery)."""
+        if self._meta_map is None:
+            self._meta_map = mmap.mmap(self.backing.fd, PAGE)
+        return ffi.from_buffer(self._meta_map)
+
+    def recover_lock(self):
+        lib.fayt_sp_recover(self.meta_page())
+
+    def lock_state(self):
+        return lib.fayt_sp_lock_state(self.meta_page())
+
+    def close_meta(self):
+        if self._meta_map is not None:
+            self._meta_map.close()
+            self._meta_map = None
+
+
+class SharePointTable:
+    """Identifiers and ids of live share-points; faytd's only owner of them."""
+
+    def __init__(self, frames, max_sharepoints):
+        self.frames = frames
+        self.by_name = {}
+        self.by_id = {}
+        self._next_id = 1
+        self.max = max_sharepoints
+
+    def create(self, identifier, length, prot, owner_pid, owner_uid):
+        if identifier in self.by_name:
+            raise KernelError(errno.EEXIST, "share.identifier: %r exists"
+                              % identifier.decode("utf-8", "replace"))
+        if len(self.by_id) >= self.max:
+            raise KernelError(errno.ENOMEM, "share-point table is full (%d)" % self.max)
+        n = pages(length)
+        if lib.fayt_sp_data_offset(n) >= n * PAGE:
+            raise KernelError(errno.EINVAL, "length: %d bytes leave no room for data after "
+                              "the meta-structure" % length)
+        backing = self.frames.allocate(n * PAGE)
+        sp_id = self._next_id
+        self._next_id = (self._next_id % 0xfffffffe) + 1
+        sp = SharePoint(sp_id, identifier, backing, prot, owner_pid, owner_uid)
+        try:
+            sp.write_meta([self.frames.paddr(f) for f in backing.frames])
+        except BaseException:
+            self.frames.put(backing)
+            raise
+        self.by_name[identifier] = sp
+        self.by_id[sp_id] = sp
+        return sp
+
+    def lookup(self, identifier):
+        sp = self.by_name.get(identifier)
+        if sp is None:
+            raise KernelError(errno.ENOENT, "share.identifier: no share-point %r"
+                              % identifier.decode("utf-8", "replace"))
+        return sp
+
+    def capture(self, sp, key, pid, tid):
+        """A mapping of sp by (context, handle): one reference to its frames."""
+        self.frames.get(sp.backing)
+        sp.captured[key] = (pid, tid)
+
+    def release(self, sp, key):
+        """Drop a mapping; reclaim an ownerless, unmapped share-point."""
+        if sp.captured.pop(key, None) is None:
+            return
+        self.frames.put(sp.backing)
+        if not sp.captured and not sp.owner_alive and not sp.destroyed:
+            self.destroy(sp)
+
+    def destroy(self, sp):
+        """Take sp out of the table; its frames go with the last mapping."""
+        if sp.destroyed:
+            return
+        sp.destroyed = True
+        self.by_name.pop(sp.identifier, None)
+        self.by_id.pop(sp.id, None)
+        sp.close_meta()
+        self.frames.put(sp.backing)     # the table's own reference
+
+    def owner_died(self, pid):
+        for sp in list(self.by_id.values()):
+            if sp.owner_pid == pid:
+                sp.owner_alive = False
+                if not sp.captured:
+                    self.destroy(sp)
+
+    def destroy_all(self):
+        for sp in list(self.by_id.values()):
+            self.destroy(sp)

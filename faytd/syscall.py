@@ -1,0 +1,225 @@
+"""The syscall layer: decode a request, check rights, perform, reply.
+
+Each handler takes (kernel, context, tid, body, fds) and returns
+(reply body, fds to grant); it raises KernelError(errno, message) to fail.
+Decoding copies nothing it has not bounds-checked, the way a kernel's
+copy_from_user would: a pointer field of portal_req is 0 or 1 + an offset into
+the message's trailer, and the string there must end inside it.
+Objects (frames, sharepoint, context) never see the wire format.
+"""
+import errno
+import json
+import os
+
+from libportal._abi import ffi, lib, HELLO_REPLY, HANDLE_REQ, PORTAL_REPLY, PORTAL_REQ_SIZE
+
+from .context import Mapping
+from .frames import KernelError, PAGE, pages
+from .policy import Policy, class_names
+
+SHARE, DIRECT, ANON = lib.FAYT_PORTAL_SHARE, lib.FAYT_PORTAL_DIRECT, lib.FAYT_PORTAL_ANON
+COW, SPECIAL = lib.FAYT_PORTAL_COW, lib.FAYT_PORTAL_SPECIAL
+VALID_TYPES = {ANON, SHARE | ANON, SHARE | DIRECT, DIRECT, COW, SPECIAL, SPECIAL | SHARE}
+
+
+def _string(body, trailer_at, ptr, field, limit):
+    """The NUL-terminated string a pointer field names, or None for NULL."""
+    if ptr == 0:
+        return None
+    start = trailer_at + ptr - 1
+    if ptr < 0 or start >= len(body):
+        raise KernelError(errno.EFAULT, "%s: points outside the request" % field)
+    end = body.find(b"\0", start, start + limit + 1)
+    if end < 0:
+        if len(body) - start > limit:
+            raise KernelError(errno.ENAMETOOLONG, "%s: longer than %d bytes" % (field, limit))
+        raise KernelError(errno.EFAULT, "%s: not terminated inside the request" % field)
+    s = body[start:end]
+    try:
+        s.decode("utf-8")
+    except UnicodeDecodeError:
+        raise KernelError(errno.EINVAL, "%s: not valid UTF-8" % field) from None
+    return s
+
+
+def sys_hello(k, ctx, tid, body, fds):
+    if ctx.registered:
+        raise KernelError(errno.EALREADY, "hello: context already registered")
+    if ctx.category is None:
+        raise KernelError(errno.EPERM, "hello: no policy rule admits uid %d gid %d exe %s"
+                          % (ctx.uid, ctx.gid, ctx.exe))
+    ctx.make_page(k.frames.tag)
+    c = ctx.category
+    return HELLO_REPLY.pack(ctx.id, c.id, c.classes, 0), [ctx.page.fd]
+
+
+def decode_portal(k, body):
+    if len(body) < PORTAL_REQ_SIZE:
+        raise KernelError(errno.EFAULT, "portal_req: %d bytes sent, the struct has %d"
+                          % (len(body), PORTAL_REQ_SIZE))
+    req = ffi.cast("struct portal_req *", ffi.from_buffer(body))
+    t, prot, length = req.type, req.prot, req.length
+    if t & ~lib.FAYT_PORTAL_CLASSES:
+        raise KernelError(errno.EINVAL, "type: unknown class bits %#x" % (t & ~lib.FAYT_PORTAL_CLASSES))
+    if t not in VALID_TYPES:
+        raise KernelError(errno.EINVAL, "type: %s is not a valid combination of classes"
+                          % class_names(t))
+    if prot & ~lib.FAYT_PROT_ALL:
+        raise KernelError(errno.EINVAL, "prot: unknown bits %#x" % (prot & ~lib.FAYT_PROT_ALL))
+    addr = req.morphology.addr
+    if addr % PAGE:
+        raise KernelError(errno.EINVAL, "morphology.addr: %#x is not 4 KiB aligned" % addr)
+    mlen = req.morphology.length
+    npaddr = pages(mlen) if t & (DIRECT | COW) else 0
+    trailer_at = PORTAL_REQ_SIZE + 8 * npaddr
+    if len(body) < trailer_at:
+        raise KernelError(errno.EFAULT, "morphology.paddr: %d entries named, fewer sent" % npaddr)
+    ident = _string(body, trailer_at, int(ffi.cast("intptr_t", req.share.identifier)),
+                    "share.identifier", lib.FAYT_NAME_MAX)
+    chain = _string(body, trailer_at, int(ffi.cast("intptr_t", req.sp_req_chain.name)),
+                    "sp_req_chain.name", lib.FAYT_NAME_MAX)
+    message = _string(body, trailer_at, int(ffi.cast("intptr_t", req.sp_req_chain.message)),
+                      "sp_req_chain.message", lib.FAYT_MESSAGE_MAX)
+    create = req.share.create
+    share_type = req.share.type
+    attach = bool(t & SHARE) and create == lib.FAYT_SHARE_ATTACH
+    if length < 0 or (length == 0 and not attach):
+        raise KernelError(errno.EINVAL, "length: %d; a portal needs at least 1 byte" % length)
+    if length > k.cfg["max_portal_length"]:
+        raise KernelError(errno.EINVAL, "length: %d is more than one portal may map (%d)"
+                          % (length, k.cfg["max_portal_length"]))
+    if mlen not in (0, length):
+        raise KernelError(errno.EINVAL, "morphology.length: %d differs from length %d"
+                          % (mlen, length))
+    if t & SHARE:
+        if ident is None or ident == b"":
+            raise KernelError(errno.EINVAL, "share.identifier: a share-point needs a name")
+        if create not in (lib.FAYT_SHARE_ATTACH, lib.FAYT_SHARE_CREATE):
+            raise KernelError(errno.EINVAL, "share.create: %d is neither 0 nor 1" % create)
+        if share_type == lib.FAYT_SHARE_ADVANCED:
+            raise KernelError(errno.ENOSYS, "share.type: the advanced share-point is not built yet")
+        if share_type != lib.FAYT_SHARE_TRIVIAL:
+            raise KernelError(errno.EINVAL, "share.type: unknown type %d" % share_type)
+    elif ident is not None:
+        raise KernelError(errno.EINVAL, "share.identifier: given without the SHARE class")
+    if (chain is not None or message is not None) and not t & SPECIAL:
+        raise KernelError(errno.EINVAL, "sp_req_chain: given without the SPECIAL class")
+    return t, prot, length, addr, ident, create, attach, body[:PORTAL_REQ_SIZE]
+
+
+def sys_portal(k, ctx, tid, body, fds):
+    t, prot, length, addr, ident, create, attach, req_bytes = decode_portal(k, body)
+    Policy.check_classes(ctx.category, t)                      # EPERM: nothing created
+    if t & (DIRECT | COW | SPECIAL):
+        raise KernelError(errno.ENOSYS, "type: %s portals are not built yet"
+                          % class_names(t & (DIRECT | COW | SPECIAL)))
+    if len(ctx.mappings) >= k.cfg["max_mappings_per_context"]:
+        raise KernelError(errno.ENOMEM, "this context has %d mappings, the quota"
+                          % len(ctx.mappings))
+    if not os.path.exists("/proc/%d/task/%d" % (ctx.pid, tid)):
+        raise KernelError(errno.ESRCH, "tid %d is not a thread of pid %d" % (tid, ctx.pid))
+    handle = ctx.new_handle()
+    flags = 0
+    if t & SHARE:
+        table = k.sharepoints
+        if attach:
+            sp = table.lookup(ident)
+            if prot & ~sp.prot:
+                raise KernelError(errno.EACCES, "prot: %#x asked, share-point %r grants %#x"
+                                  % (prot, ident.decode(), sp.prot))
+            if length not in (0, sp.backing.length):
+                raise KernelError(errno.EINVAL, "length: %d; share-point %r maps %d bytes"
+                                  % (length, ident.decode(), sp.backing.length))
+        else:
+            sp = table.create(ident, length, prot, ctx.pid, ctx.uid)
+            flags |= lib.FAYT_PORTAL_REPLY_CREATED
+        table.capture(sp, (ctx.id, handle), ctx.pid, tid)
+        backing, data_offset, sp_id, granted = sp.backing, sp.data_offset, sp.id, prot
+    else:
+        if length > k.frames.nframes * PAGE:
+            raise KernelError(errno.ENOMEM, "length: %d bytes is more than faytd's RAM" % length)
+        backing = k.frames.allocate(pages(length) * PAGE)
+        sp, data_offset, sp_id, granted = None, 0, 0, prot
+    k.add_mapping(ctx, Mapping(handle, t, backing, sp, ctx.pid, tid, granted))
+    paddrs = [k.frames.paddr(f) for f in backing.frames]
+    echo = bytearray(req_bytes)
+    r = ffi.cast("struct portal_req *", ffi.from_buffer(echo))
+    r.morphology.length = backing.length
+    reply = (PORTAL_REPLY.pack(handle, backing.length, data_offset, sp_id, len(paddrs),
+                               granted, flags)
+             + bytes(echo) + ffi.buffer(ffi.new("uint64_t[]", paddrs))[:])
+    return reply, [backing.fd]
+
+
+def _mapping(ctx, body):
+    if len(body) != HANDLE_REQ.size:
+        raise KernelError(errno.EINVAL, "handle: expected %d bytes, got %d"
+                          % (HANDLE_REQ.size, len(body)))
+    (handle,) = HANDLE_REQ.unpack(body)
+    m = ctx.mappings.get(handle)
+    if m is None:
+        raise KernelError(errno.EBADF, "handle: %d names no mapping of this context" % handle)
+    return m
+
+
+def sys_unmap(k, ctx, tid, body, fds):
+    k.unmap(ctx, _mapping(ctx, body))
+    return b"", []
+
+
+def _destroy(k, ctx, m):
+    sp = m.sp
+    if sp is None:
+        raise KernelError(errno.EINVAL, "handle: %d is not a share-point" % m.handle)
+    if ctx.pid != sp.owner_pid and ctx.category.id != lib.FAYT_CATEGORY_CORE:
+        raise KernelError(errno.EPERM, "share-point %r: only its owner (pid %d) or a core "
+                          "server may destroy it" % (sp.identifier.decode(), sp.owner_pid))
+    k.sharepoints.destroy(sp)
+
+
+def sys_share_destroy(k, ctx, tid, body, fds):
+    _destroy(k, ctx, _mapping(ctx, body))
+    return b"", []
+
+
+def sys_unmap_destroy(k, ctx, tid, body, fds):
+    """Destroy the share-point, then drop this mapping.  On EPERM nothing changes."""
+    m = _mapping(ctx, body)
+    if m.sp is not None and not m.sp.destroyed:
+        _destroy(k, ctx, m)
+    k.unmap(ctx, m)
+    return b"", []
+
+
+def sys_list_share(k, ctx, tid, body, fds):
+    out = []
+    for sp in k.sharepoints.by_id.values():
+        out.append({
+            "id": sp.id, "identifier": sp.identifier.decode("utf-8", "replace"),
+            "size": sp.length, "mapped_bytes": sp.backing.length, "prot": sp.prot,
+            "owner": sp.owner_pid, "owner_alive": sp.owner_alive,
+            "captured": sorted(set(sp.captured.values())),
+            "frames": [k.frames.paddr(f) for f in sp.backing.frames],
+        })
+    return json.dumps(out).encode(), []
+
+
+def sys_list_contexts(k, ctx, tid, body, fds):
+    out = [{"id": c.id, "pid": c.pid, "uid": c.uid, "exe": c.exe,
+            "category": c.category.name if c.category else None,
+            "mappings": len(c.mappings), "mapped_bytes": c.mapped_bytes(),
+            "connected": c.connected} for c in k.contexts.values()]
+    return json.dumps({"contexts": out, "ram_frames": k.frames.nframes,
+                       "free_frames": k.frames.free_frames}).encode(), []
+
+
+HANDLERS = {
+    lib.FAYT_SYS_HELLO: sys_hello,
+    lib.FAYT_SYS_PORTAL: sys_portal,
+    lib.FAYT_SYS_UNMAP: sys_unmap,
+    lib.FAYT_SYS_SHARE_DESTROY: sys_share_destroy,
+    lib.FAYT_SYS_LIST_SHARE: sys_list_share,
+    lib.FAYT_SYS_LIST_CONTEXTS: sys_list_contexts,
+    lib.FAYT_SYS_UNMAP_DESTROY: sys_unmap_destroy,
+}
+NEED_NO_HELLO = {lib.FAYT_SYS_HELLO, lib.FAYT_SYS_LIST_SHARE, lib.FAYT_SYS_LIST_CONTEXTS}

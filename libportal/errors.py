@@ -1,0 +1,96 @@
+"""The exceptions libportal raises: one table from errno to class.
+
+Every error is a PortalError, an OSError whose errno is the one a kernel would
+return and whose message names the argument at fault.  Where Python has a
+builtin OSError subclass for the errno, the class derives from it too, so
+``except FileExistsError`` works as a Python user expects.
+"""
+import errno as _errno
+
+
+class PortalError(OSError):
+    """Base of every error from faytd or the share-point wrappers."""
+
+
+class PermissionDenied(PortalError, PermissionError):
+    """EPERM: the policy does not give this context the right (nothing was
+    created).  EACCES: the right exists but the object grants less, e.g. a
+    share-point attached with more prot than it was created with, or a write
+    through a read-only share-point."""
+
+
+class AlreadyExists(PortalError, FileExistsError):
+    """EEXIST: a share-point with this identifier exists (create), or the
+    fixed address asked for in morphology.addr is occupied."""
+
+
+class NotFound(PortalError, FileNotFoundError):
+    """ENOENT: no share-point has this identifier (attach), or no such handle."""
+
+
+class InvalidArgument(PortalError):
+    """EINVAL (bad value: class bits, length, alignment, offset out of bounds),
+    ENAMETOOLONG (identifier too long), EILSEQ (identifier not UTF-8)."""
+
+
+class OutOfMemory(PortalError):
+    """ENOMEM: faytd's emulated RAM, or a per-context quota, is exhausted."""
+
+
+class OwnerDied(PortalError):
+    """EOWNERDEAD: the previous holder of a share-point lock died while holding
+    it.  Raised by fused calls and ``with sp:``; the explicit ``lock()`` returns
+    errno.EOWNERDEAD instead and keeps the lock so that the data can be repaired."""
+
+
+class TimedOut(PortalError, TimeoutError):
+    """ETIMEDOUT: a lock or a call was not done within its timeout."""
+
+
+class Deadlock(PortalError):
+    """EDEADLK: this object already holds the lock it asks for."""
+
+
+class Unmapped(PortalError):
+    """EBADF: the portal or share-point was unmapped (or crossed a fork())."""
+
+
+class NotImplementedClass(PortalError):
+    """ENOSYS: the call or portal class is not implemented by this faytd."""
+
+
+class DaemonUnavailable(PortalError, ConnectionError):
+    """faytd cannot be reached, or it closed the connection (ECONNREFUSED,
+    ECONNRESET, EPIPE, ENOTCONN)."""
+
+
+class ProtocolError(PortalError):
+    """EPROTO: faytd's reply did not follow the protocol."""
+
+
+_TABLE = {
+    _errno.EPERM: PermissionDenied,
+    _errno.EACCES: PermissionDenied,
+    _errno.EEXIST: AlreadyExists,
+    _errno.ENOENT: NotFound,
+    _errno.EINVAL: InvalidArgument,
+    _errno.ENAMETOOLONG: InvalidArgument,
+    _errno.EILSEQ: InvalidArgument,
+    _errno.E2BIG: InvalidArgument,
+    _errno.ENOMEM: OutOfMemory,
+    _errno.EOWNERDEAD: OwnerDied,
+    _errno.ETIMEDOUT: TimedOut,
+    _errno.EDEADLK: Deadlock,
+    _errno.EBADF: Unmapped,
+    _errno.ENOSYS: NotImplementedClass,
+    _errno.ECONNREFUSED: DaemonUnavailable,
+    _errno.ECONNRESET: DaemonUnavailable,
+    _errno.EPIPE: DaemonUnavailable,
+    _errno.ENOTCONN: DaemonUnavailable,
+    _errno.EPROTO: ProtocolError,
+}
+
+
+def error(err, message):
+    """The exception for errno `err` with `message` (not raised)."""
+    return _TABLE.get(err, PortalError)(err, message)

@@ -1,0 +1,235 @@
+"""portal(): the memory portal system call, and the mapped regions it returns.
+
+The request is the packed struct portal_req from include/fayt/portal.h, built
+with cffi, followed by its paddr[] entries and a trailer holding the strings
+its pointers name; each pointer is sent as 0 (NULL) or 1 + the string's
+offset in the trailer.  faytd answers with a backing object's fd; the library
+maps it here with mmap(2), anywhere (morphology.addr 0) or exactly at
+morphology.addr with MAP_FIXED_NOREPLACE.  If mapping fails the call is
+rolled back in faytd, so nothing is left behind.
+
+Lifetimes:
+- An ANON portal lives as long as its mapping: unmap() frees its frames.
+- A share-point lives in faytd's table from its creation until destroy(),
+  or until its owner has died and no process maps it any more.  unmap()
+  drops only this process's mapping (its captured-thread entry).  destroy()
+  removes the identifier at once (new attaches fail with ENOENT); processes
+  that still map it keep their memory until they unmap it.
+- Everything a process mapped is released by faytd when it dies.
+- Portals and share-points do not cross fork(): in the child they raise EBADF.
+"""
+import array
+import errno
+import os
+import weakref
+
+from . import errors
+from ._abi import ffi, lib, HANDLE_REQ, PORTAL_REPLY, PORTAL_REQ_SIZE, _fastpath
+from .syscall import connection as _default_connection
+
+SHARE = lib.FAYT_PORTAL_SHARE
+DIRECT = lib.FAYT_PORTAL_DIRECT
+ANON = lib.FAYT_PORTAL_ANON
+COW = lib.FAYT_PORTAL_COW
+SPECIAL = lib.FAYT_PORTAL_SPECIAL
+PROT_NONE = lib.FAYT_PROT_NONE
+PROT_READ = lib.FAYT_PROT_READ
+PROT_WRITE = lib.FAYT_PROT_WRITE
+PROT_EXEC = lib.FAYT_PROT_EXEC
+PROT_RW = PROT_READ | PROT_WRITE
+PAGE_SIZE = lib.FAYT_PAGE_SIZE
+
+_live = weakref.WeakSet()   # mapped regions, invalidated in a fork child
+
+
+def encode_portal_req(type, prot, length, identifier=None, share_type=0, create=0,
+                      chain=None, message=None, addr=0, paddr=()):
+    """The wire body of a portal() request (see include/fayt/syscall.h)."""
+    req = ffi.new("struct portal_req *")
+    req.type, req.prot, req.length = type, prot, length
+    req.share.type, req.share.create = share_type, create
+    req.morphology.addr = addr
+    req.morphology.length = length if length > 0 else 0
+    trailer = bytearray()
+
+    def put(s):
+        if s is None:
+            return ffi.NULL
+        if isinstance(s, str):
+            s = s.encode("utf-8")
+        off = len(trailer) + 1
+        trailer.extend(bytes(s) + b"\0")
+        return ffi.cast("const char *", off)
+
+    req.share.identifier = put(identifier)
+    req.sp_req_chain.name = put(chain)
+    req.sp_req_chain.message = put(message)
+    return bytes(ffi.buffer(req, PORTAL_REQ_SIZE)) + array.array("Q", paddr).tobytes() + bytes(trailer)
+
+
+class Mapping:
+    """What every mapped portal has: faytd's handle, the mapping, its frames."""
+
+    def _setup(self, conn, reply, req, paddr, addr, type):
+        self.handle, self.map_length, flags = reply[0], reply[1], reply[6]
+        self.connection = conn
+        self.type = type
+        self.addr = addr
+        self.paddr = tuple(paddr)
+        self.created = bool(flags & lib.FAYT_PORTAL_REPLY_CREATED)
+        self._pid = os.getpid()
+        _live.add(self)
+
+    def _check(self):
+        if not self.mapped:
+            raise errors.error(errno.EBADF, "portal is unmapped")
+
+    def _release(self, op):
+        """Tell faytd (op: UNMAP or UNMAP_DESTROY), then unmap here.  A refused
+        call (EPERM for a destroy by another process) leaves the mapping as is."""
+        self.connection.call(op, HANDLE_REQ.pack(self.handle))
+        self._invalidate()
+        lib.fayt_unmap(self.addr, self.map_length)
+        _live.discard(self)
+
+    def unmap(self):
+        """Unmap this portal and drop its captured-thread entry in faytd."""
+        self._check()
+        self._release(lib.FAYT_SYS_UNMAP)
+
+    def __repr__(self):
+        return "<%s handle=%d addr=%#x length=%d%s>" % (
+            type(self).__name__, self.handle, self.addr, self.map_length,
+            "" if self.mapped else " unmapped")
+
+
+class Portal(Mapping):
+    """A mapped ANON portal: .addr, .length, .paddr (one physical address per
+    frame), .buf (a memoryview of the region), unmap()."""
+
+    def __init__(self, conn, reply, req, paddr, addr, type, prot):
+        self._setup(conn, reply, req, paddr, addr, type)
+        self.prot = prot
+        self.length = self.map_length
+        self.mapped = True
+        self._buf = None
+
+    @property
+    def buf(self):
+        self._check()
+        if self._buf is None:
+            if not self.prot & PROT_READ:
+                raise errors.error(errno.EACCES, "portal is not readable (prot)")
+            self._buf = memoryview(ffi.buffer(ffi.cast("char *", self.addr), self.length))
+            if not self.prot & PROT_WRITE:
+                self._buf = self._buf.toreadonly()
+        return self._buf
+
+    def _invalidate(self):
+        if self._buf is not None:
+            self._buf.release()
+            self._buf = None
+        self.mapped = False
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.mapped:
+            self.unmap()
+
+
+class SharePoint(_fastpath.SharePointCore, Mapping):
+    """A mapped share-point.
+
+    The wrappers check bounds and prot on every access:
+      sp.read(off, n) / sp.write(off, data) / sp.add(off, delta)
+                    fused: lock, check, copy, unlock in one C call
+      with sp: ...  take and release the lock; sp.view() inside it
+      sp.lock(timeout=None) -> 0 or errno.EOWNERDEAD; sp.unlock()
+      sp.mark_consistent() after repairing data whose holder died
+    Fused calls and ``with sp`` refuse an owner-died lock with OwnerDied;
+    only an explicit lock() takes it, so nobody uses inconsistent data unaware.
+    """
+
+    def __init__(self, conn, reply, req, paddr, addr, type, identifier):
+        _fastpath.SharePointCore.__init__(
+            self, addr, reply[2], reply[1] - reply[2], reply[5], reply[3], conn.context_page)
+        self._setup(conn, reply, req, paddr, addr, type)
+        self.identifier = identifier
+
+    def destroy(self):
+        """Destroy the share-point (owner or core only) and unmap it here."""
+        self._check()
+        self._release(lib.FAYT_SYS_UNMAP_DESTROY)
+
+    def __getstate__(self):
+        raise TypeError("a SharePoint cannot be pickled: attach it by identifier")
+
+
+def portal(type, prot=PROT_RW, length=0, *, identifier=None, create=False,
+           share_type=0, chain=None, message=None, addr=0, paddr=(), connection=None):
+    """The portal system call.  Returns a Portal, or a SharePoint for SHARE.
+
+    type      class bits: ANON, SHARE|ANON, ... (DIRECT, COW, SPECIAL: ENOSYS for now)
+    prot      PROT_READ|PROT_WRITE|PROT_EXEC asked for
+    length    bytes of the mapping (a multiple of 4096 after rounding up);
+              for a share-point it holds the meta-structure and the data.
+              0 on attach: the share-point's own length.
+    identifier, create, share_type
+              share.identifier, share.create, share.type
+    addr      morphology.addr: 0 lets the library choose, else exactly there
+    """
+    conn = connection or _default_connection()
+    if isinstance(identifier, str):
+        identifier = identifier.encode("utf-8")
+    body, fds = conn.call(lib.FAYT_SYS_PORTAL, encode_portal_req(
+        type, prot, length, identifier, share_type, 1 if create else 0,
+        chain, message, addr, paddr))
+    try:
+        reply = PORTAL_REPLY.unpack_from(body)
+        nframes = reply[4]
+        pos = PORTAL_REPLY.size + PORTAL_REQ_SIZE
+        paddr_out = array.array("Q")
+        paddr_out.frombytes(body[pos:pos + 8 * nframes])
+        if len(fds) != 1 or len(paddr_out) != nframes:
+            raise errors.error(errno.EPROTO, "portal: malformed reply from faytd")
+        is_share = bool(type & SHARE)
+        map_prot = PROT_RW if is_share else prot
+        err = ffi.new("int *")
+        mapped = lib.fayt_map(fds[0], reply[1], addr, map_prot, err)
+    finally:
+        for fd in fds:
+            os.close(fd)
+    if not mapped:
+        created = reply[6] & lib.FAYT_PORTAL_REPLY_CREATED
+        conn.call(lib.FAYT_SYS_UNMAP_DESTROY if created else lib.FAYT_SYS_UNMAP,
+                  HANDLE_REQ.pack(reply[0]))
+        what = {errno.EEXIST: "morphology.addr %#x is already mapped" % addr,
+                errno.EINVAL: "morphology.addr %#x is not page-aligned" % addr}
+        raise errors.error(err[0], "portal: " + what.get(err[0], "mmap failed: " + os.strerror(err[0])))
+    if is_share:
+        return SharePoint(conn, reply, None, paddr_out, mapped, type, identifier)
+    return Portal(conn, reply, None, paddr_out, mapped, type, prot)
+
+
+def share_create(identifier, length, prot=PROT_RW, *, addr=0, connection=None):
+    """Create the share-point `identifier` (SHARE|ANON); EEXIST if it exists."""
+    return portal(SHARE | ANON, prot, length, identifier=identifier, create=True,
+                  addr=addr, connection=connection)
+
+
+def share_attach(identifier, prot=PROT_RW, *, addr=0, connection=None):
+    """Attach the existing share-point `identifier`; ENOENT if there is none,
+    EACCES if it grants less than `prot`."""
+    return portal(SHARE | ANON, prot, 0, identifier=identifier, create=False,
+                  addr=addr, connection=connection)
+
+
+def _after_fork_child():
+    for m in list(_live):
+        m._invalidate()
+    _live.clear()
+
+
+os.register_at_fork(after_in_child=_after_fork_child)

@@ -1,0 +1,157 @@
+"""The client side of a system call: one SOCK_SEQPACKET message each way.
+
+faytd knows who we are from SO_PEERCRED, so a request carries no identity but
+the calling thread's id (faytd checks that it belongs to the peer's pid).
+Granted memory arrives as file descriptors (SCM_RIGHTS) and is mapped here.
+recvmsg(2) interrupted by a signal is retried by Python (PEP 475) after the
+signal's handlers ran, which is the dispatch point the notification runtime
+needs.  One call is in flight per connection; a lock serialises threads.
+
+After fork() the child must not speak on its parent's connection: the default
+connection is dropped in the child and a new one is made on first use.
+"""
+import array
+import errno
+import os
+import socket
+import threading
+import weakref
+
+from . import errors
+from ._abi import ffi, lib, REQ_HDR, REP_HDR, HELLO_REPLY
+
+_MAX_FDS = 8
+
+
+def default_socket_path():
+    """$FAYT_SOCKET, else $XDG_RUNTIME_DIR/fayt/faytd.sock, else /tmp/fayt-<uid>/faytd.sock."""
+    p = os.environ.get("FAYT_SOCKET")
+    if p:
+        return p
+    run = os.environ.get("XDG_RUNTIME_DIR")
+    if run and os.path.isdir(run):
+        return os.path.join(run, "fayt", "faytd.sock")
+    return "/tmp/fayt-%d/faytd.sock" % os.getuid()
+
+
+class Connection:
+    """A registered context: the socket to faytd and the mapped context page."""
+
+    def __init__(self, path=None):
+        self.path = path or default_socket_path()
+        self._lock = threading.Lock()
+        self._seq = 0
+        self._pid = os.getpid()
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        try:
+            self.sock.connect(self.path)
+        except OSError as e:
+            self.sock.close()
+            raise errors.DaemonUnavailable(
+                e.errno or errno.ECONNREFUSED,
+                "cannot reach faytd at %s: %s (is faytd running? set FAYT_SOCKET)"
+                % (self.path, e.strerror)) from None
+        self.context_page = 0
+        try:
+            body, fds = self.call(lib.FAYT_SYS_HELLO)
+            (self.context_id, self.category, self.rights, _) = HELLO_REPLY.unpack_from(body)
+            if len(fds) != 1:
+                raise errors.error(errno.EPROTO, "hello: faytd sent no context page")
+            err = ffi.new("int *")
+            addr = lib.fayt_map(fds[0], ffi.sizeof("struct fayt_context_page"), 0,
+                                1 | 2, err)
+            os.close(fds[0])
+            if not addr:
+                raise errors.error(err[0], "hello: cannot map the context page")
+            self.context_page = addr
+        except BaseException:
+            self.sock.close()
+            raise
+        self._finalizer = weakref.finalize(self, _close, self.sock, self.context_page)
+
+    def call(self, op, body=b"", flags=0):
+        """Send one request; return (reply body, [fds]) or raise its errno."""
+        if os.getpid() != self._pid:
+            raise errors.error(errno.EBADF, "this connection belongs to the parent process "
+                                            "(fork): use a new Connection")
+        with self._lock:
+            self._seq = seq = (self._seq + 1) & 0xffffffff
+            msg = REQ_HDR.pack(lib.FAYT_REQ_MAGIC, op, flags, seq, threading.get_native_id())
+            try:
+                self.sock.send(msg + body if body else msg)
+                data, anc, mflags, _ = self.sock.recvmsg(
+                    lib.FAYT_MSG_MAX, socket.CMSG_SPACE(_MAX_FDS * 4))
+            except OSError as e:
+                raise errors.error(errno.ECONNRESET,
+                                   "faytd connection lost: %s" % (e.strerror or e)) from None
+            fds = []
+            for level, kind, cdata in anc:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    a = array.array("i")
+                    a.frombytes(cdata[:len(cdata) - len(cdata) % a.itemsize])
+                    fds.extend(a)
+        if not data:
+            raise errors.error(errno.ECONNRESET, "faytd closed the connection")
+        if len(data) < REP_HDR.size:
+            _close_fds(fds)
+            raise errors.error(errno.EPROTO, "short reply from faytd")
+        magic, rop, nfds, rseq, err = REP_HDR.unpack_from(data)
+        if magic != lib.FAYT_REP_MAGIC or rseq != seq or rop != op:
+            _close_fds(fds)
+            raise errors.error(errno.EPROTO, "reply out of step with the request")
+        if err:
+            _close_fds(fds)
+            raise errors.error(err, data[REP_HDR.size:].decode("utf-8", "replace"))
+        return data[REP_HDR.size:], fds
+
+    def close(self):
+        self._finalizer()
+
+    @property
+    def closed(self):
+        return not self._finalizer.alive
+
+
+def _close_fds(fds):
+    for fd in fds:
+        os.close(fd)
+
+
+def _close(sock, page):
+    sock.close()
+    if page:
+        lib.fayt_unmap(page, ffi.sizeof("struct fayt_context_page"))
+
+
+_default = None
+_default_lock = threading.Lock()
+
+
+def connection():
+    """The process's default connection, made on first use."""
+    global _default
+    c = _default
+    if c is not None and not c.closed:
+        return c
+    with _default_lock:
+        if _default is None or _default.closed:
+            _default = Connection()
+        return _default
+
+
+def set_default(conn):
+    """Make `conn` the default connection (None: make a new one on next use)."""
+    global _default
+    _default = conn
+
+
+def _after_fork_child():
+    global _default, _default_lock
+    _default_lock = threading.Lock()
+    old, _default = _default, None
+    if old is not None:
+        old._finalizer.detach()   # the parent still uses the socket and page
+        old.sock.close()
+
+
+os.register_at_fork(after_in_child=_after_fork_child)
