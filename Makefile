@@ -1,0 +1,64 @@
+# fayt-portals: make demo | make test | make clean
+# (make test TESTS=tests/test_cli.py runs a part of the suite.)
+#
+# Everything runs from a virtual environment in .venv, made with $(PYTHON)
+# and set up once (again when setup.py or the C sources change).  On Debian,
+# `python3 -m venv` needs python3-venv and the C extensions need python3-dev
+# (Python.h) and gcc: `make deps` installs the first two with apt-get when run
+# as root, or says what to install.
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip --disable-pip-version-check
+STAMP  := $(VENV)/.fayt-installed
+TESTS  ?= tests
+SOURCES := setup.py pyproject.toml libportal/_build.py $(wildcard libportal/src/*.c) \
+           $(wildcard libportal/include/fayt/*.h)
+
+.PHONY: all demo test deps venv clean
+
+all: test
+
+demo: $(STAMP)
+	$(PY) -m servers.demo
+
+test: $(STAMP)
+	$(PY) -m pytest -v $(TESTS)
+	@if [ -f bench/__main__.py ]; then \
+		echo "$(PY) -m bench --quick"; $(PY) -m bench --quick; \
+	else \
+		echo "make: bench/__main__.py does not exist yet: benchmark smoke run skipped"; \
+	fi
+
+venv: $(STAMP)
+
+$(STAMP): $(SOURCES)
+	@$(MAKE) --no-print-directory deps
+	@if ! $(PY) -m pip --version >/dev/null 2>&1; then \
+		echo "$(PYTHON) -m venv $(VENV)"; rm -rf $(VENV); $(PYTHON) -m venv $(VENV); fi
+	$(PIP) install setuptools wheel cffi posix_ipc psutil pytest
+	$(PIP) install --no-build-isolation -e .
+	@touch $@
+
+# What a fresh Debian (python3 and gcc only) lacks: python3-venv, python3-dev.
+deps:
+	@if $(PYTHON) -c 'import ensurepip, os, sysconfig, sys; \
+	    sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' \
+	    2>/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "make: $(PYTHON) lacks venv/ensurepip or Python.h: installing python3-venv python3-dev"; \
+		apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y python3-venv python3-dev; \
+	else \
+		echo "make: $(PYTHON) needs the venv module and its C headers (Python.h)." >&2; \
+		echo "make: on Debian: apt-get install python3-venv python3-dev" >&2; exit 1; \
+	fi
+	@$(PYTHON) -c 'import ensurepip, os, sysconfig, sys; \
+	    sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' \
+	    || { echo "make: $(PYTHON) still lacks venv/ensurepip or Python.h" >&2; exit 1; }
+	@command -v gcc >/dev/null 2>&1 || command -v cc >/dev/null 2>&1 || \
+		{ echo "make: a C compiler (gcc) is needed to build libportal's C code" >&2; exit 1; }
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache libportal/_fayt_cffi.c libportal/*.so
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -1,0 +1,158 @@
+"""fayt: look into a running faytd from the shell.
+
+    fayt [--socket PATH] ls [--json]    the share-point table
+    fayt [--socket PATH] ps [--json]    the contexts, and faytd's RAM frames
+
+It is an ordinary client: it connects like a server does (so it shows up in
+`fayt ps` itself, as "this fayt") and asks with the FAYT_SYS_LIST_SHARE and
+FAYT_SYS_LIST_CONTEXTS system calls, whose replies are JSON.  `--json` prints
+that reply as faytd sent it.  RSS comes from /proc (psutil), not from faytd:
+faytd knows what it granted, the Linux kernel knows what is resident.
+Exit status: 0, 1 if faytd cannot be reached or refuses, 2 for bad usage.
+"""
+import argparse
+import json
+import os
+import sys
+
+import libportal
+from libportal._abi import lib
+
+FRAMES_SHOWN = 3        # first physical addresses printed per share-point
+
+
+def prot_string(prot):
+    """FAYT_PROT_* bits as ls(1) would write them: rw-, r--, rwx."""
+    return "".join(c if prot & bit else "-"
+                   for c, bit in (("r", lib.FAYT_PROT_READ), ("w", lib.FAYT_PROT_WRITE),
+                                  ("x", lib.FAYT_PROT_EXEC)))
+
+
+def human(n):
+    """Bytes as 8.0K, 1.5M; exact below 1 KiB."""
+    if n is None:
+        return "-"
+    for unit in ("", "K", "M", "G", "T"):
+        if n < 1024 or unit == "T":
+            return "%d" % n if unit == "" else "%.1f%s" % (n, unit)
+        n /= 1024.0
+    return str(n)
+
+
+def table(headers, rows):
+    """Left-aligned columns, two spaces apart; the last column is not padded."""
+    rows = [[str(c) for c in r] for r in rows]
+    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(headers)]
+    lines = []
+    for r in [list(headers)] + rows:
+        cells = [c.ljust(w) for c, w in zip(r[:-1], widths[:-1])] + [r[-1]]
+        lines.append("  ".join(cells).rstrip())
+    return "\n".join(lines)
+
+
+def ask(path, op):
+    """One list call to faytd; the decoded JSON reply."""
+    conn = libportal.Connection(path)
+    try:
+        body, fds = conn.call(op)
+    finally:
+        conn.close()
+    for fd in fds:
+        os.close(fd)
+    return json.loads(body)
+
+
+def format_frames(frames):
+    shown = " ".join("%#x" % p for p in frames[:FRAMES_SHOWN])
+    more = " ..." if len(frames) > FRAMES_SHOWN else ""
+    return "%d: %s%s" % (len(frames), shown, more) if frames else "0"
+
+
+def cmd_ls(args):
+    shares = ask(args.socket, lib.FAYT_SYS_LIST_SHARE)
+    if args.json:
+        print(json.dumps(shares, indent=2))
+        return 0
+    rows = []
+    for s in sorted(shares, key=lambda s: s["id"]):
+        owner = str(s["owner"]) + ("" if s["owner_alive"] else " (dead)")
+        captured = " ".join("%d,%d" % (pid, tid) for pid, tid in s["captured"]) or "-"
+        rows.append([s["id"], s["identifier"], s["size"], human(s["mapped_bytes"]),
+                     prot_string(s["prot"]), owner, captured, format_frames(s["frames"])])
+    print(table(["ID", "IDENTIFIER", "SIZE", "MAPPED", "PROT", "OWNER", "CAPTURED (pid,tid)",
+                 "FRAMES"], rows))
+    if not rows:
+        print("(no share-points)")
+    return 0
+
+
+def rss_of(pid):
+    import psutil
+    try:
+        return psutil.Process(pid).memory_info().rss
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        return None
+
+
+def cmd_ps(args):
+    info = ask(args.socket, lib.FAYT_SYS_LIST_CONTEXTS)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    me = os.getpid()
+    rows = []
+    for c in sorted(info["contexts"], key=lambda c: c["id"]):
+        exe = c["exe"] or "?"
+        if c["pid"] == me:
+            exe += " (this fayt)"
+        elif not c["connected"]:
+            exe += " (disconnected)"
+        rows.append([c["id"], c["pid"], c["category"] or "-", c["mappings"],
+                     human(c["mapped_bytes"]), human(rss_of(c["pid"])), exe])
+    print(table(["ID", "PID", "CATEGORY", "MAPPINGS", "MAPPED", "RSS", "EXE"], rows))
+    total, free = info["ram_frames"], info["free_frames"]
+    print("RAM frames: %d free of %d (%s free of %s, 4 KiB frames)"
+          % (free, total, human(free * lib.FAYT_PAGE_SIZE), human(total * lib.FAYT_PAGE_SIZE)))
+    return 0
+
+
+def parser():
+    common = argparse.ArgumentParser(add_help=False)
+    # SUPPRESS: --socket given before the command is not reset by the subparser.
+    common.add_argument("--socket", metavar="PATH", default=argparse.SUPPRESS,
+                        help="faytd's socket (default: $FAYT_SOCKET, else %s)"
+                        % libportal.default_socket_path())
+    ap = argparse.ArgumentParser(prog="fayt", parents=[common],
+                                 description="Look into a running faytd.")
+    sub = ap.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    ls = sub.add_parser("ls", parents=[common], help="list the share-points")
+    ls.add_argument("--json", action="store_true", help="print faytd's JSON reply")
+    ls.set_defaults(func=cmd_ls)
+    ps = sub.add_parser("ps", parents=[common], help="list the contexts and RAM frames")
+    ps.add_argument("--json", action="store_true", help="print faytd's JSON reply")
+    ps.set_defaults(func=cmd_ps)
+    return ap
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
+    args.socket = getattr(args, "socket", None) or libportal.default_socket_path()
+    try:
+        return args.func(args)
+    except libportal.DaemonUnavailable as e:
+        sys.stderr.write("fayt: %s\nfayt: faytd is not running there: start it with "
+                         "`faytd --socket %s`, or point --socket or FAYT_SOCKET at the one "
+                         "that runs\n" % (e.strerror or e, args.socket))
+        return 1
+    except libportal.PortalError as e:
+        sys.stderr.write("fayt: %s: %s\n" % (args.command, e.strerror or e))
+        return 1
+    except BrokenPipeError:                     # fayt ls | head
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,221 @@
+"""The demo: faytd, three instances of the metadata server, a crash in the lock.
+
+    python -m servers.demo        (or: make demo)
+
+It starts a private faytd (socket in a fresh temporary directory; FAYT_SOCKET
+set for every child), runs three instances of servers/metadata.py that share
+one share-point, shows `fayt ls` and `fayt ps`, then SIGKILLs one instance
+while it holds the share-point lock in the middle of an update.  faytd sees
+the process die (pidfd), releases the lock with the owner-died bit, and
+another instance gets errno.EOWNERDEAD from sp.lock(), repairs the table and
+calls mark_consistent().  A fourth instance joins, everyone stops on SIGTERM,
+faytd stops on SIGTERM, and the demo checks that no child process and no
+shared-memory object of its faytd (/dev/shm/fayt.<faytd pid>.*) is left.
+Exit status 0 only if every step happened; it finishes in about 10 s.
+"""
+import os
+import queue
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import psutil
+
+SHARE = "demo.jobs"
+STEP_TIMEOUT = 8.0      # seconds any one expected event may take
+
+
+class Demo:
+    def __init__(self):
+        self.dir = tempfile.mkdtemp(prefix="fayt-demo-")
+        self.socket = os.path.join(self.dir, "faytd.sock")
+        self.env = dict(os.environ, FAYT_SOCKET=self.socket, PYTHONUNBUFFERED="1")
+        self.print_lock = threading.Lock()
+        self.events = queue.Queue()     # every line any child printed
+        self.faytd = None
+        self.instances = {}             # name -> Popen
+        self.readers = []
+        self.t0 = time.monotonic()
+
+    # -- output ---------------------------------------------------------------
+    def out(self, line):
+        with self.print_lock:
+            sys.stdout.write("%5.1fs  %s\n" % (time.monotonic() - self.t0, line))
+            sys.stdout.flush()
+
+    def say(self, fmt, *args):
+        self.out("[demo] " + (fmt % args if args else fmt))
+
+    def _pump(self, stream, source):
+        for line in stream:
+            line = line.rstrip("\n")
+            self.out(line)
+            self.events.put((source, line))
+        stream.close()
+
+    def follow(self, proc, stream, source):
+        t = threading.Thread(target=self._pump, args=(stream, source), daemon=True)
+        t.start()
+        self.readers.append(t)
+
+    def wait_for(self, text, source=None, timeout=STEP_TIMEOUT):
+        """Wait until a child prints a line containing `text`; the line."""
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise RuntimeError("no line with %r from %s within %.0fs"
+                                   % (text, source or "any process", timeout))
+            try:
+                src, line = self.events.get(timeout=left)
+            except queue.Empty:
+                continue
+            if text in line and (source is None or src == source):
+                return line
+
+    # -- processes ----------------------------------------------------------
+    def start_faytd(self):
+        self.say("starting faytd: %s -m faytd --socket %s --ram 64MiB", "python", self.socket)
+        self.faytd = subprocess.Popen(
+            [sys.executable, "-m", "faytd", "--socket", self.socket, "--ram", "64MiB"],
+            env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        self.follow(self.faytd, self.faytd.stderr, "faytd")
+        # faytd logs "listening on" once it listens.  (Probing the socket with a
+        # connect would leave a context of this process in faytd's table.)
+        try:
+            self.wait_for("listening on", "faytd", timeout=15)
+        except RuntimeError:
+            self.faytd.poll()
+            raise RuntimeError("faytd did not start listening on %s (status %s)"
+                               % (self.socket, self.faytd.returncode)) from None
+        self.say("faytd is up (pid %d); FAYT_SOCKET=%s for every child",
+                 self.faytd.pid, self.socket)
+
+    def start_instance(self, name):
+        p = subprocess.Popen(
+            [sys.executable, "-m", "servers.metadata", "--name", name, "--share", SHARE,
+             "--interval", "0.05", "--report", "1.0"],
+            env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.instances[name] = p
+        self.follow(p, p.stdout, name)
+        self.wait_for("registered in slot", name)
+        return p
+
+    def fayt(self, *args):
+        self.say("$ fayt %s", " ".join(args))
+        r = subprocess.run([sys.executable, "-m", "faytd.cli"] + list(args), env=self.env,
+                           capture_output=True, text=True, timeout=30)
+        for line in (r.stdout + r.stderr).splitlines():
+            self.out("    " + line)
+        if r.returncode != 0:
+            raise RuntimeError("fayt %s exited with %d" % (" ".join(args), r.returncode))
+        return r.stdout
+
+    def shm_objects(self):
+        prefix = "fayt.%d." % self.faytd.pid
+        return sorted(n for n in os.listdir("/dev/shm") if n.startswith(prefix))
+
+    # -- the story ----------------------------------------------------------
+    def run(self):
+        self.start_faytd()
+
+        self.say("starting three instances of the job-counter server (servers/metadata.py)")
+        self.start_instance("A")
+        self.start_instance("B")
+        self.start_instance("C")
+        time.sleep(2.0)
+
+        self.fayt("ls")
+        self.fayt("ps")
+        self.say("faytd's memory lives in POSIX shared-memory objects: %d of them now in "
+                 "/dev/shm/fayt.%d.*", len(self.shm_objects()), self.faytd.pid)
+
+        b = self.instances["B"]
+        self.say("SIGUSR1 to B (pid %d): stop inside the next commit, holding the lock", b.pid)
+        b.send_signal(signal.SIGUSR1)
+        self.wait_for("holding the lock", "B")
+        time.sleep(0.5)             # A and C now sleep on the lock's futex
+        self.say("SIGKILL B (pid %d) while it holds the share-point lock", b.pid)
+        b.send_signal(signal.SIGKILL)
+        b.wait()
+        self.say("B is dead (status %d); A and C were blocked on the lock", b.returncode)
+        self.wait_for("EOWNERDEAD")
+        self.wait_for("mark_consistent()")
+        time.sleep(1.2)
+        self.wait_for("| consistent")
+
+        self.say("a new instance D joins and takes a free slot")
+        self.start_instance("D")
+        time.sleep(1.2)
+        self.fayt("ls")
+
+        for name in ("A", "C", "D"):
+            p = self.instances[name]
+            self.say("SIGTERM %s (pid %d)", name, p.pid)
+            p.send_signal(signal.SIGTERM)
+            p.wait(timeout=STEP_TIMEOUT)
+            if p.returncode != 0:
+                raise RuntimeError("%s exited with status %d" % (name, p.returncode))
+        self.wait_for("no job lost or counted twice")
+        self.wait_for("destroyed share-point")
+        self.fayt("ls")
+
+        self.say("SIGTERM faytd (pid %d)", self.faytd.pid)
+        self.faytd.send_signal(signal.SIGTERM)
+        self.faytd.wait(timeout=15)
+        self.say("faytd exited with status %d", self.faytd.returncode)
+        return self.check_clean()
+
+    def check_clean(self):
+        for t in self.readers:
+            t.join(timeout=5)
+        ok = True
+        left = self.shm_objects()
+        if left:
+            self.say("LEFT in /dev/shm: %s", " ".join(left))
+            ok = False
+        else:
+            self.say("nothing left in /dev/shm (no fayt.%d.* objects)", self.faytd.pid)
+        kids = psutil.Process().children(recursive=True)
+        if kids:
+            self.say("LEFT child processes: %s",
+                     ", ".join("%d (%s)" % (k.pid, k.status()) for k in kids))
+            ok = False
+        else:
+            self.say("no child processes left (no zombies)")
+        return ok
+
+    def cleanup(self):
+        """Whatever happened: no process of ours keeps running."""
+        procs = list(self.instances.values()) + ([self.faytd] if self.faytd else [])
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def main():
+    demo = Demo()
+    ok = False
+    try:
+        ok = demo.run()
+    except Exception as e:      # noqa: BLE001 -- reported, then everything is stopped
+        demo.say("FAILED: %s", e)
+    finally:
+        demo.cleanup()
+    demo.say("demo finished in %.1f s: %s", time.monotonic() - demo.t0, "OK" if ok else "FAILED")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

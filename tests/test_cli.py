@@ -1,0 +1,137 @@
+"""`fayt ls` and `fayt ps` (faytd/cli.py), run as real commands against the
+session's faytd, looking at a share-point a live child process created."""
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+
+HOLDER = """
+import sys
+import libportal as lp
+sp = lp.share_create(sys.argv[1], 8192)
+print("ok", flush=True)
+sys.stdin.read()          # stay alive, and mapped, until the test closes stdin
+"""
+
+
+def fayt(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "faytd.cli"] + list(args), env=env,
+                          capture_output=True, text=True, timeout=60)
+
+
+def list_share(faytd):
+    r = fayt("ls", "--json", env=faytd.env())
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+@pytest.fixture
+def holder(faytd):
+    """A child process holding share-point `name`; gone (and so is the
+    share-point, its owner being dead and unmapped) after the test."""
+    name = "cli-%s" % uuid.uuid4().hex[:8]
+    p = subprocess.Popen([sys.executable, "-c", HOLDER, name], env=faytd.env(),
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline().strip() == "ok"
+        yield p, name
+    finally:
+        p.stdin.close()
+        p.wait(timeout=30)
+        p.stdout.close()
+        deadline = time.monotonic() + 10
+        while any(s["identifier"] == name for s in list_share(faytd)):
+            assert time.monotonic() < deadline, "share-point %s outlived its owner" % name
+            time.sleep(0.05)
+
+
+def test_cli_ls_shows_sharepoint_with_owner_and_captured_thread(faytd, holder):
+    p, name = holder
+    r = fayt("ls", env=faytd.env())
+    assert r.returncode == 0, r.stderr
+    header, *rows = r.stdout.splitlines()
+    assert header.split()[:6] == ["ID", "IDENTIFIER", "SIZE", "MAPPED", "PROT", "OWNER"]
+    row = [line for line in rows if name in line.split()]
+    assert len(row) == 1, r.stdout
+    cols = row[0].split()
+    assert cols[1] == name
+    assert cols[4] == "rw-"
+    assert cols[5] == str(p.pid)
+    assert "%d,%d" % (p.pid, p.pid) in cols        # captured thread (pid, tid): main thread
+    assert "2:" in cols and "0x" in row[0]         # two frames, physical addresses in hex
+    # the columns are aligned under their headers
+    assert row[0][header.index("IDENTIFIER"):].startswith(name + " ")
+    assert row[0][header.index("PROT"):].startswith("rw- ")
+    assert row[0][header.index("OWNER"):].startswith("%d " % p.pid)
+
+def test_cli_ls_json_is_faytd_reply(faytd, holder):
+    p, name = holder
+    (sp,) = [s for s in list_share(faytd) if s["identifier"] == name]
+    assert sp["owner"] == p.pid and sp["owner_alive"] is True
+    assert sp["captured"] == [[p.pid, p.pid]]
+    assert sp["mapped_bytes"] == 8192 and len(sp["frames"]) == 2
+    assert sp["prot"] == 3
+
+
+def test_cli_ps_shows_context_of_child_and_ram_frames(faytd, holder):
+    p, name = holder
+    r = fayt("ps", env=faytd.env())
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0].split() == ["ID", "PID", "CATEGORY", "MAPPINGS", "MAPPED", "RSS", "EXE"]
+    rows = {int(line.split()[1]): line.split() for line in lines[1:-1]}
+    assert p.pid in rows, r.stdout
+    cid, pid, category, mappings, mapped, rss = rows[p.pid][:6]
+    assert category == "core"                      # the default policy: faytd's own user
+    assert int(mappings) == 1 and mapped == "8.0K"
+    assert rss.endswith("M")                       # a live Python process: megabytes
+    assert any("(this fayt)" in line for line in lines)
+    assert lines[-1].startswith("RAM frames: ") and " free of " in lines[-1]
+
+
+def test_cli_ps_json_counts_frames(faytd, holder):
+    r = fayt("ps", "--json", env=faytd.env())
+    assert r.returncode == 0, r.stderr
+    info = json.loads(r.stdout)
+    assert 0 <= info["free_frames"] <= info["ram_frames"] - 2
+    assert holder[0].pid in [c["pid"] for c in info["contexts"]]
+
+
+def test_cli_socket_option_before_or_after_command(faytd):
+    env = dict(os.environ)
+    env.pop("FAYT_SOCKET", None)
+    for args in (["--socket", faytd.socket, "ls"], ["ls", "--socket", faytd.socket]):
+        r = fayt(*args, env=env)
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.split()[:2] == ["ID", "IDENTIFIER"]
+
+
+@pytest.mark.parametrize("command", ["ls", "ps"])
+def test_cli_without_faytd_fails_clearly_with_status_1(tmp_path, command):
+    sock = str(tmp_path / "nobody.sock")
+    r = fayt("--socket", sock, command)
+    assert r.returncode == 1
+    assert r.stdout == ""
+    assert r.stderr.startswith("fayt: cannot reach faytd at %s" % sock)
+    assert "faytd is not running there" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_cli_without_command_is_a_usage_error():
+    r = fayt()
+    assert r.returncode == 2
+    assert "usage: fayt" in r.stderr
+
+
+def test_cli_console_script_fayt_is_installed(faytd):
+    exe = os.path.join(os.path.dirname(sys.executable), "fayt")
+    if not os.path.exists(exe):
+        pytest.skip("no `fayt` console script beside %s (not pip-installed)" % sys.executable)
+    r = subprocess.run([exe, "ps"], env=faytd.env(), capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split()[:2] == ["ID", "PID"]
