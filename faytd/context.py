@@ -39,7 +39,7 @@ class Mapping:
 class Context:
     __slots__ = ("id", "sock", "pid", "uid", "gid", "exe", "category", "pidfd", "page",
                  "page_map", "page_struct", "mappings", "next_handle", "connected", "alive",
-                 "registered", "owned")
+                 "registered", "tids")
 
     def __init__(self, cid, sock, pid, uid, gid, exe, category):
         self.id = cid
@@ -58,6 +58,16 @@ class Context:
         self.connected = True
         self.alive = True
         self.registered = False
+        self.tids = set()           # threads already checked to belong to pid
+
+    def check_tid(self, tid):
+        """Whether tid is a thread of this context's process (cached once seen)."""
+        if tid in self.tids:
+            return True
+        if tid > 0 and os.path.exists("/proc/%d/task/%d" % (self.pid, tid)):
+            self.tids.add(tid)
+            return True
+        return False
 
     def make_page(self, tag):
         import mmap

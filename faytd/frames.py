@@ -47,6 +47,7 @@ class BackingObject:
         self.id = oid
         self.length = length
         self.frames = frames
+        self.name = None
         for _ in range(4):
             self.name = "%s%s.%s" % (NAME_PREFIX, tag, secrets.token_hex(12))
             try:
@@ -85,6 +86,12 @@ class FrameAllocator:
         self.offset = array.array("I", bytes(4 * self.nframes))   # page index within it
         self.objects = {}                # id -> BackingObject
         self._next_oid = 1
+        # Work kept off the reply path: objects to unlink, and a few fresh
+        # one-frame objects made ahead (a new POSIX shm object is all zeros,
+        # like a scrubbed frame), both handled by idle_work() after a reply.
+        self._to_release = []
+        self._pool = []
+        self.pool_target = 16
 
     @property
     def free_frames(self):
@@ -108,7 +115,11 @@ class FrameAllocator:
             self._next += n - take
         oid = self._next_oid
         try:
-            obj = BackingObject(oid, self.tag, n * PAGE, frames)
+            if n == 1 and self._pool:
+                obj = self._pool.pop()
+                obj.id, obj.frames = oid, frames
+            else:
+                obj = BackingObject(oid, self.tag, n * PAGE, frames)
         except BaseException:
             self._free.extend(frames)
             raise
@@ -136,13 +147,24 @@ class FrameAllocator:
                 self._free.append(f)
                 freed += 1
         if freed == len(obj.frames):
-            obj.release()
+            self._to_release.append(obj)
             self.objects.pop(obj.id, None)
 
+    def idle_work(self):
+        """Unlink released objects; top the pool up by one.  Called after a reply."""
+        if self._to_release:
+            for obj in self._to_release:
+                obj.release()
+            self._to_release.clear()
+        if len(self._pool) < self.pool_target:
+            self._pool.append(BackingObject(0, self.tag, PAGE, []))
+
     def release_all(self):
-        for obj in list(self.objects.values()):
+        for obj in list(self.objects.values()) + self._to_release + self._pool:
             obj.release()
         self.objects.clear()
+        self._to_release.clear()
+        self._pool.clear()
 
 
 def sweep_stale(alive=None):

@@ -41,10 +41,14 @@ class Kernel:
             self.unmap(ctx, m)
 
     def disconnected(self, ctx):
-        """The connection closed; the process may live on (locks stay held)."""
+        """The connection closed.  The process may live on: while its robust
+        records say it holds or is taking a lock, or it owns share-points,
+        keep the context (and its pidfd) until it dies, so that the locks are
+        recovered and the share-points reclaimed; else forget it."""
         ctx.connected = False
         self.drop_mappings(ctx)
-        if not ctx.alive or ctx.pidfd < 0:
+        if (not ctx.alive or ctx.pidfd < 0
+                or not (ctx.lock_records() or self.sharepoints.owns(ctx.pid))):
             self.forget(ctx)
 
     def died(self, ctx):
@@ -59,7 +63,6 @@ class Kernel:
         if self.contexts.pop(ctx.id, None) is None:
             return
         ctx.close_page()
-        ctx.close_pidfd()
 
     def recover_locks(self, ctx):
         others = None

@@ -18,7 +18,7 @@ import array
 import errno
 import logging
 import os
-import selectors
+import select
 import signal
 import socket
 import stat
@@ -33,20 +33,36 @@ from .frames import KernelError
 log = logging.getLogger("faytd")
 _CRED = struct.Struct("3i")
 _MAX_IN_FDS = 4
+_MSG_MAX = lib.FAYT_MSG_MAX
+_CMSG_SPACE = socket.CMSG_SPACE(_MAX_IN_FDS * 4)
+_TRUNC = int(socket.MSG_TRUNC | socket.MSG_CTRUNC)
+_SOL_SOCKET, _SCM_RIGHTS = int(socket.SOL_SOCKET), int(socket.SCM_RIGHTS)
 
 
 class Server:
     def __init__(self, kernel, path, mode):
         self.k = kernel
         self.path = path
-        self.sel = selectors.EpollSelector()
+        self.ep = select.epoll()
+        self.watch = {}                 # fd -> (kind, object)
         self.stopping = False
         self.listener = self._listen(path, mode)
-        self.sel.register(self.listener, selectors.EVENT_READ, ("accept", None))
+        self._watch(self.listener.fileno(), "accept", None)
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
-        self.sel.register(self._wake_r, selectors.EVENT_READ, ("signal", None))
+        self._watch(self._wake_r.fileno(), "signal", None)
+
+    def _watch(self, fd, kind, obj):
+        self.watch[fd] = (kind, obj)
+        self.ep.register(fd, select.EPOLLIN)
+
+    def _unwatch_fd(self, fd):
+        if self.watch.pop(fd, None) is not None:
+            try:
+                self.ep.unregister(fd)
+            except (OSError, ValueError):
+                pass
 
     def _listen(self, path, mode):
         d = os.path.dirname(path) or "."
@@ -82,20 +98,22 @@ class Server:
         old_fd = signal.set_wakeup_fd(self._wake_w.fileno())
         log.info("faytd listening on %s (ram %d MiB)", self.path, self.k.frames.nframes * 4 // 1024)
         try:
+            watch = self.watch
             while not self.stopping:
-                for key, _ in self.sel.select():
-                    kind, obj = key.data
+                for fd, _ in self.ep.poll():
+                    kind, obj = watch.get(fd, (None, None))
                     if kind == "client":
                         self._on_client(obj)
                     elif kind == "pidfd":
                         self._on_death(obj)
                     elif kind == "accept":
                         self._accept()
-                    else:
+                    elif kind == "signal":
                         try:
                             self._wake_r.recv(4096)
                         except BlockingIOError:
                             pass
+                self.k.frames.idle_work()
         finally:
             signal.set_wakeup_fd(old_fd)
             for sig, h in prev.items():
@@ -109,11 +127,9 @@ class Server:
     def close(self):
         for ctx in list(self.k.contexts.values()):
             self._drop_conn(ctx)
+            self._unwatch_pidfd(ctx)
         self.k.shutdown()
-        try:
-            self.sel.unregister(self.listener)
-        except (KeyError, ValueError):
-            pass
+        self._unwatch_fd(self.listener.fileno())
         self.listener.close()
         try:
             os.unlink(self.path)
@@ -121,7 +137,7 @@ class Server:
             pass
         self._wake_r.close()
         self._wake_w.close()
-        self.sel.close()
+        self.ep.close()
 
     # -- connections ----------------------------------------------------
     def _accept(self):
@@ -143,19 +159,16 @@ class Server:
             ctx = self.k.new_context(sock, pid, uid, gid, exe)
             try:
                 ctx.pidfd = os.pidfd_open(pid)
-                self.sel.register(ctx.pidfd, selectors.EVENT_READ, ("pidfd", ctx))
+                self._watch(ctx.pidfd, "pidfd", ctx)
             except OSError:
                 ctx.pidfd = -1          # already gone: EOF will follow
-            self.sel.register(sock, selectors.EVENT_READ, ("client", ctx))
+            self._watch(sock.fileno(), "client", ctx)
             log.debug("context %d: pid %d uid %d exe %s category %s", ctx.id, pid, uid, exe,
                       ctx.category.name if ctx.category else None)
 
     def _drop_conn(self, ctx):
         if ctx.sock is not None:
-            try:
-                self.sel.unregister(ctx.sock)
-            except (KeyError, ValueError):
-                pass
+            self._unwatch_fd(ctx.sock.fileno())
             ctx.sock.close()
             ctx.sock = None
 
@@ -163,54 +176,46 @@ class Server:
         if why:
             log.warning("context %d (pid %d): %s; disconnected", ctx.id, ctx.pid, why)
         self._drop_conn(ctx)
-        if ctx.pidfd >= 0 and ctx.alive:
+        if ctx.alive and ctx.pidfd >= 0:
             try:
                 dead = bool(select_readable(ctx.pidfd))
             except OSError:
                 dead = True
             if dead:
-                self._on_death(ctx)
-                return
+                return self._on_death(ctx)
         self.k.disconnected(ctx)
-        if ctx.id not in self.k.contexts and ctx.pidfd >= 0:
-            self._unwatch(ctx)
+        if ctx.id not in self.k.contexts:
+            self._unwatch_pidfd(ctx)
 
-    def _unwatch(self, ctx):
-        try:
-            self.sel.unregister(ctx.pidfd)
-        except (KeyError, ValueError):
-            pass
-        ctx.close_pidfd()
+    def _unwatch_pidfd(self, ctx):
+        if ctx.pidfd >= 0:
+            self._unwatch_fd(ctx.pidfd)
+            ctx.close_pidfd()
 
     def _on_death(self, ctx):
         self._drop_conn(ctx)
-        if ctx.pidfd >= 0:
-            try:
-                self.sel.unregister(ctx.pidfd)
-            except (KeyError, ValueError):
-                pass
+        self._unwatch_pidfd(ctx)
         log.debug("context %d: pid %d died", ctx.id, ctx.pid)
         self.k.died(ctx)
 
     def _on_client(self, ctx):
         sock = ctx.sock
         try:
-            data, anc, mflags, _ = sock.recvmsg(lib.FAYT_MSG_MAX,
-                                                socket.CMSG_SPACE(_MAX_IN_FDS * 4))
+            data, anc, mflags, _ = sock.recvmsg(_MSG_MAX, _CMSG_SPACE)
         except (BlockingIOError, InterruptedError):
             return
         except OSError as e:
             return self._disconnect(ctx, "recv: %s" % e)
         fds = []
         for level, kind, cdata in anc:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            if level == _SOL_SOCKET and kind == _SCM_RIGHTS:
                 a = array.array("i")
                 a.frombytes(cdata[:len(cdata) - len(cdata) % 4])
                 fds.extend(a)
         try:
             if not data:
                 return self._disconnect(ctx)
-            if mflags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
+            if mflags & _TRUNC:
                 return self._disconnect(ctx, "message longer than %d bytes" % lib.FAYT_MSG_MAX)
             if len(data) < REQ_HDR.size:
                 return self._disconnect(ctx, "short message (%d bytes)" % len(data))
@@ -248,8 +253,7 @@ class Server:
             msg = REP_HDR.pack(lib.FAYT_REP_MAGIC, op, len(fds), seq, 0) + body
         try:
             if fds:
-                ctx.sock.sendmsg([msg], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
-                                          array.array("i", fds))])
+                ctx.sock.sendmsg([msg], [(_SOL_SOCKET, _SCM_RIGHTS, array.array("i", fds))])
             else:
                 ctx.sock.send(msg)
         except BlockingIOError:
@@ -259,6 +263,5 @@ class Server:
 
 
 def select_readable(fd):
-    import select
     r, _, _ = select.select([fd], [], [], 0)
     return r

@@ -85,6 +85,7 @@ class SharePointTable:
         self.by_id = {}
         self._next_id = 1
         self.max = max_sharepoints
+        self.by_owner = {}          # owner pid -> {sp id}
 
     def create(self, identifier, length, prot, owner_pid, owner_uid):
         if identifier in self.by_name:
@@ -107,6 +108,7 @@ class SharePointTable:
             raise
         self.by_name[identifier] = sp
         self.by_id[sp_id] = sp
+        self.by_owner.setdefault(owner_pid, set()).add(sp_id)
         return sp
 
     def lookup(self, identifier):
@@ -136,15 +138,23 @@ class SharePointTable:
         sp.destroyed = True
         self.by_name.pop(sp.identifier, None)
         self.by_id.pop(sp.id, None)
+        owned = self.by_owner.get(sp.owner_pid)
+        if owned is not None:
+            owned.discard(sp.id)
+            if not owned:
+                del self.by_owner[sp.owner_pid]
         sp.close_meta()
         self.frames.put(sp.backing)     # the table's own reference
 
+    def owns(self, pid):
+        return pid in self.by_owner
+
     def owner_died(self, pid):
-        for sp in list(self.by_id.values()):
-            if sp.owner_pid == pid:
-                sp.owner_alive = False
-                if not sp.captured:
-                    self.destroy(sp)
+        for sp_id in list(self.by_owner.pop(pid, ())):
+            sp = self.by_id[sp_id]
+            sp.owner_alive = False
+            if not sp.captured:
+                self.destroy(sp)
 
     def destroy_all(self):
         for sp in list(self.by_id.values()):

@@ -9,9 +9,8 @@ Objects (frames, sharepoint, context) never see the wire format.
 """
 import errno
 import json
-import os
 
-from libportal._abi import ffi, lib, HELLO_REPLY, HANDLE_REQ, PORTAL_REPLY, PORTAL_REQ_SIZE
+from libportal._abi import ffi, lib, HELLO_REPLY, HANDLE_REQ, LIST_REQ, PORTAL_REPLY, PORTAL_REQ_SIZE
 
 from .context import Mapping
 from .frames import KernelError, PAGE, pages
@@ -116,7 +115,7 @@ def sys_portal(k, ctx, tid, body, fds):
     if len(ctx.mappings) >= k.cfg["max_mappings_per_context"]:
         raise KernelError(errno.ENOMEM, "this context has %d mappings, the quota"
                           % len(ctx.mappings))
-    if not os.path.exists("/proc/%d/task/%d" % (ctx.pid, tid)):
+    if not ctx.check_tid(tid):
         raise KernelError(errno.ESRCH, "tid %d is not a thread of pid %d" % (tid, ctx.pid))
     handle = ctx.new_handle()
     flags = 0
@@ -191,26 +190,51 @@ def sys_unmap_destroy(k, ctx, tid, body, fds):
     return b"", []
 
 
+def _list_after(body):
+    if not body:
+        return 0
+    if len(body) != LIST_REQ.size:
+        raise KernelError(errno.EINVAL, "list: expected %d bytes, got %d" % (LIST_REQ.size, len(body)))
+    return LIST_REQ.unpack(body)[0]
+
+
+def _page(items, budget):
+    """JSON of as many items as fit in budget bytes (at least none)."""
+    out, size = [], 2
+    for it in items:
+        j = json.dumps(it)
+        if size + len(j) + 2 > budget:
+            break
+        out.append(j)
+        size += len(j) + 2
+    return "[" + ", ".join(out) + "]"
+
+
+_REPLY_BUDGET = lib.FAYT_MSG_MAX - 1024
+
+
 def sys_list_share(k, ctx, tid, body, fds):
-    out = []
-    for sp in k.sharepoints.by_id.values():
-        out.append({
-            "id": sp.id, "identifier": sp.identifier.decode("utf-8", "replace"),
-            "size": sp.length, "mapped_bytes": sp.backing.length, "prot": sp.prot,
-            "owner": sp.owner_pid, "owner_alive": sp.owner_alive,
-            "captured": sorted(set(sp.captured.values())),
-            "frames": [k.frames.paddr(f) for f in sp.backing.frames],
-        })
-    return json.dumps(out).encode(), []
+    after = _list_after(body)
+    items = ({"id": sp.id, "identifier": sp.identifier.decode("utf-8", "replace"),
+              "size": sp.length, "mapped_bytes": sp.backing.length, "prot": sp.prot,
+              "owner": sp.owner_pid, "owner_alive": sp.owner_alive,
+              "captured": sorted(set(sp.captured.values())),
+              "frames": [k.frames.paddr(f) for f in sp.backing.frames[:64]],
+              "nframes": len(sp.backing.frames)}
+             for i, sp in sorted(k.sharepoints.by_id.items()) if i > after)
+    return _page(items, _REPLY_BUDGET).encode(), []
 
 
 def sys_list_contexts(k, ctx, tid, body, fds):
-    out = [{"id": c.id, "pid": c.pid, "uid": c.uid, "exe": c.exe,
-            "category": c.category.name if c.category else None,
-            "mappings": len(c.mappings), "mapped_bytes": c.mapped_bytes(),
-            "connected": c.connected} for c in k.contexts.values()]
-    return json.dumps({"contexts": out, "ram_frames": k.frames.nframes,
-                       "free_frames": k.frames.free_frames}).encode(), []
+    after = _list_after(body)
+    items = ({"id": c.id, "pid": c.pid, "uid": c.uid, "exe": c.exe,
+              "category": c.category.name if c.category else None,
+              "mappings": len(c.mappings), "mapped_bytes": c.mapped_bytes(),
+              "connected": c.connected}
+             for i, c in sorted(k.contexts.items()) if i > after)
+    head = '{"ram_frames": %d, "free_frames": %d, "contexts": ' % (
+        k.frames.nframes, k.frames.free_frames)
+    return (head + _page(items, _REPLY_BUDGET - len(head)) + "}").encode(), []
 
 
 HANDLERS = {

@@ -12,13 +12,14 @@ connection is dropped in the child and a new one is made on first use.
 """
 import array
 import errno
+import json
 import os
 import socket
 import threading
 import weakref
 
 from . import errors
-from ._abi import ffi, lib, REQ_HDR, REP_HDR, HELLO_REPLY
+from ._abi import ffi, lib, REQ_HDR, REP_HDR, HELLO_REPLY, LIST_REQ
 
 _MAX_FDS = 8
 
@@ -103,6 +104,29 @@ class Connection:
             _close_fds(fds)
             raise errors.error(err, data[REP_HDR.size:].decode("utf-8", "replace"))
         return data[REP_HDR.size:], fds
+
+    def list_sharepoints(self):
+        """Every share-point in faytd's table, as dicts (paged LIST_SHARE)."""
+        return self._list(lib.FAYT_SYS_LIST_SHARE, None)
+
+    def list_contexts(self):
+        """{"contexts": [...], "ram_frames": n, "free_frames": n} (paged LIST_CONTEXTS)."""
+        return self._list(lib.FAYT_SYS_LIST_CONTEXTS, "contexts")
+
+    def _list(self, op, key):
+        out, after, head = [], 0, {}
+        while True:
+            page = json.loads(self.call(op, LIST_REQ.pack(after))[0])
+            if key:
+                head, page = page, page.pop(key)
+            if not page:
+                break
+            out.extend(page)
+            after = page[-1]["id"]
+        if key:
+            head[key] = out
+            return head
+        return out
 
     def close(self):
         self._finalizer()

@@ -27,8 +27,8 @@
 #define FAYT_SYS_PORTAL         2   /* portal(): see above */
 #define FAYT_SYS_UNMAP          3   /* body fayt_handle_req: drop a mapping */
 #define FAYT_SYS_SHARE_DESTROY  4   /* body fayt_handle_req: destroy the share-point mapped by handle */
-#define FAYT_SYS_LIST_SHARE     5   /* reply: JSON list of share-points */
-#define FAYT_SYS_LIST_CONTEXTS  6   /* reply: JSON list of contexts */
+#define FAYT_SYS_LIST_SHARE     5   /* body fayt_list_req (or none); reply: JSON list of share-points */
+#define FAYT_SYS_LIST_CONTEXTS  6   /* body fayt_list_req (or none); reply: JSON {"contexts": [...], ...} */
 #define FAYT_SYS_UNMAP_DESTROY  7   /* body fayt_handle_req: destroy, then drop the mapping */
 
 /* fayt_req_hdr.flags */
@@ -60,6 +60,12 @@ struct fayt_hello_reply {
 #define FAYT_CATEGORY_CORE   1
 #define FAYT_CATEGORY_DRIVER 2
 #define FAYT_CATEGORY_SERVER 3
+
+/* LIST_*: the entries whose id is above `after`, as many as fit in one
+ * reply, in id order; page on with the last id seen until a page is empty. */
+struct fayt_list_req {
+    uint64_t after;
+} __attribute__((packed));
 
 struct fayt_handle_req {
     uint64_t handle;
