@@ -1,0 +1,226 @@
+"""The ABI: the headers in libportal/include/fayt are the specification's
+structs byte for byte, and cffi (which the Python side reads every layout
+from) agrees with gcc about every field of every struct they declare.
+
+The C side is a small program compiled with gcc against the real headers;
+it prints sizeof and offsetof of each field named below.  The list of fields
+is written here by hand, from the headers, and is also checked against the
+fields cffi knows, so that a field added on one side only fails the test.
+"""
+import os
+import subprocess
+
+import pytest
+
+from libportal._abi import ffi, lib
+
+INCLUDE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                       "libportal", "include")
+HEADERS = ["portal.h", "sharepoint.h", "notification.h", "context.h", "syscall.h"]
+
+# struct -> every field, nested ones as dotted paths; "[]" marks a flexible
+# array member (it has an offset but no sizeof).
+STRUCTS = {
+    "struct portal_req": [
+        "type", "prot", "length",
+        "share", "share.identifier", "share.type", "share.create",
+        "sp_req_chain", "sp_req_chain.name", "sp_req_chain.message",
+        "morphology", "morphology.addr", "morphology.length", "morphology.paddr[]",
+    ],
+    "struct fayt_sharepoint_meta": [
+        "lock", "prot", "length",
+        "morphology", "morphology.length", "morphology.paddr[]",
+    ],
+    "struct NotificationAction": ["handler"],
+    "struct fayt_held_lock": ["sp_id", "state"],
+    "struct fayt_context_page": ["magic", "version", "pid", "context_id", "held", "reserved"],
+    "struct fayt_req_hdr": ["magic", "op", "flags", "seq", "tid"],
+    "struct fayt_rep_hdr": ["magic", "op", "nfds", "seq", "err"],
+    "struct fayt_hello_reply": ["context_id", "category", "rights", "reserved"],
+    "struct fayt_handle_req": ["handle"],
+    "struct fayt_portal_reply": ["handle", "map_length", "data_offset", "sp_id", "nframes",
+                                 "prot", "flags"],
+}
+
+# Constants whose values are ABI as well.
+CONSTANTS = [
+    "FAYT_PAGE_SIZE", "FAYT_PORTAL_SHARE", "FAYT_PORTAL_DIRECT", "FAYT_PORTAL_ANON",
+    "FAYT_PORTAL_COW", "FAYT_PORTAL_SPECIAL", "FAYT_PORTAL_CLASSES",
+    "FAYT_PROT_NONE", "FAYT_PROT_READ", "FAYT_PROT_WRITE", "FAYT_PROT_EXEC", "FAYT_PROT_ALL",
+    "FAYT_SHARE_TRIVIAL", "FAYT_SHARE_ADVANCED", "FAYT_SHARE_ATTACH", "FAYT_SHARE_CREATE",
+    "FAYT_NAME_MAX", "FAYT_MESSAGE_MAX",
+    "FAYT_LOCK_FREE", "FAYT_LOCK_HELD", "FAYT_LOCK_CONTENDED", "FAYT_LOCK_STATE_MASK",
+    "FAYT_LOCK_OWNER_DIED", "FAYT_NOTIFICATION_SLOTS",
+    "FAYT_CONTEXT_MAGIC", "FAYT_CONTEXT_VERSION", "FAYT_HELD_LOCKS_MAX",
+    "FAYT_HELD_FREE", "FAYT_HELD_PENDING", "FAYT_HELD_HELD",
+    "FAYT_REQ_MAGIC", "FAYT_REP_MAGIC", "FAYT_MSG_MAX", "FAYT_REQ_NOREPLY",
+    "FAYT_SYS_HELLO", "FAYT_SYS_PORTAL", "FAYT_SYS_UNMAP", "FAYT_SYS_SHARE_DESTROY",
+    "FAYT_SYS_LIST_SHARE", "FAYT_SYS_LIST_CONTEXTS", "FAYT_SYS_UNMAP_DESTROY",
+    "FAYT_CATEGORY_CORE", "FAYT_CATEGORY_DRIVER", "FAYT_CATEGORY_SERVER",
+    "FAYT_PORTAL_REPLY_CREATED",
+]
+
+
+def _c_program():
+    lines = ["#include <stdio.h>", "#include <stddef.h>", "#include <stdint.h>"]
+    lines += ['#include "fayt/%s"' % h for h in HEADERS]
+    lines += ["int main(void) {"]
+    for st, fields in STRUCTS.items():
+        lines.append('    printf("sizeof %s %%zu\\n", sizeof(%s));' % (st, st))
+        for f in fields:
+            flex = f.endswith("[]")
+            path = f[:-2] if flex else f
+            lines.append('    printf("offsetof %s %s %%zu\\n", offsetof(%s, %s));'
+                         % (st, path, st, path))
+            if not flex:
+                lines.append('    printf("fieldsize %s %s %%zu\\n", sizeof(((%s *)0)->%s));'
+                             % (st, path, st, path))
+            else:
+                lines.append('    printf("itemsize %s %s %%zu\\n", sizeof(((%s *)0)->%s[0]));'
+                             % (st, path, st, path))
+    for c in CONSTANTS:
+        lines.append('    printf("const %s %%lld\\n", (long long)(%s));' % (c, c))
+    lines += ["    return 0;", "}"]
+    return "\n".join(lines) + "\n"
+
+
+@pytest.fixture(scope="module")
+def gcc_layout(tmp_path_factory):
+    """{(kind, struct, field): number} as gcc lays the headers out."""
+    d = tmp_path_factory.mktemp("abi")
+    src, exe = d / "abi.c", d / "abi"
+    src.write_text(_c_program())
+    cc = subprocess.run(["gcc", "-std=gnu11", "-Wall", "-Werror", "-I", INCLUDE,
+                         "-o", str(exe), str(src)], capture_output=True, text=True, timeout=120)
+    assert cc.returncode == 0, "gcc failed:\n" + cc.stderr
+    run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=30)
+    assert run.returncode == 0, run.stderr
+    out = {}
+    for line in run.stdout.splitlines():
+        parts = line.split(" ")
+        kind, value = parts[0], int(parts[-1])
+        if kind == "const":
+            out[("const", parts[1])] = value
+        elif kind == "sizeof":
+            out[("sizeof", " ".join(parts[1:3]))] = value
+        else:
+            out[(kind, " ".join(parts[1:3]), parts[3])] = value
+    return out
+
+
+def _cffi_offset(struct, path):
+    return ffi.offsetof(struct, *path.split("."))
+
+
+def _cffi_field_type(struct, path):
+    t = ffi.typeof(struct)
+    for name in path.split("."):
+        t = dict(t.fields)[name].type
+    return t
+
+
+def _cffi_fields(ctype, prefix=""):
+    """Every field cffi knows, nested structs walked, as dotted paths."""
+    out = []
+    for name, field in ctype.fields:
+        path = prefix + name
+        if field.type.kind == "array" and field.type.length is None:
+            out.append(path + "[]")
+        else:
+            out.append(path)
+        if field.type.kind == "struct":
+            out.extend(_cffi_fields(field.type, path + "."))
+    return out
+
+
+@pytest.mark.parametrize("struct", sorted(STRUCTS))
+def test_abi_field_lists_match_cffi(struct):
+    assert _cffi_fields(ffi.typeof(struct)) == STRUCTS[struct]
+
+
+@pytest.mark.parametrize("struct", sorted(STRUCTS))
+def test_abi_gcc_and_cffi_agree(struct, gcc_layout):
+    assert gcc_layout[("sizeof", struct)] == ffi.sizeof(struct), "sizeof " + struct
+    for f in STRUCTS[struct]:
+        flex = f.endswith("[]")
+        path = f[:-2] if flex else f
+        assert gcc_layout[("offsetof", struct, path)] == _cffi_offset(struct, path), \
+            "offsetof(%s, %s)" % (struct, path)
+        t = _cffi_field_type(struct, path)
+        if flex:
+            assert gcc_layout[("itemsize", struct, path)] == ffi.sizeof(t.item), \
+                "sizeof %s.%s[0]" % (struct, path)
+        else:
+            assert gcc_layout[("fieldsize", struct, path)] == ffi.sizeof(t), \
+                "sizeof %s.%s" % (struct, path)
+
+
+def test_abi_constants_match_cffi(gcc_layout):
+    for c in CONSTANTS:
+        assert gcc_layout[("const", c)] == getattr(lib, c), c
+
+
+def test_abi_sharepoint_meta_is_the_specifications_packed_layout(gcc_layout):
+    T = "struct fayt_sharepoint_meta"
+    want = {"lock": 0, "prot": 1, "length": 5, "morphology": 13,
+            "morphology.length": 13, "morphology.paddr": 21}
+    for path, off in want.items():
+        assert _cffi_offset(T, path) == off, path
+        assert gcc_layout[("offsetof", T, path)] == off, path
+    assert ffi.sizeof(T) == 21 == gcc_layout[("sizeof", T)]
+    # The data starts at the next 16-byte boundary after the whole structure,
+    # paddr[] included.
+    for n in (1, 2, 3, 4, 100):
+        assert lib.fayt_sp_data_offset(n) == (21 + 8 * n + 15) // 16 * 16
+
+
+def test_abi_portal_req_is_the_specifications_packed_layout(gcc_layout):
+    T = "struct portal_req"
+    want = {"type": 0, "prot": 4, "length": 8,
+            "share": 12, "share.identifier": 12, "share.type": 20, "share.create": 24,
+            "sp_req_chain": 28, "sp_req_chain.name": 28, "sp_req_chain.message": 36,
+            "morphology": 44, "morphology.addr": 44, "morphology.length": 52,
+            "morphology.paddr": 60}
+    for path, off in want.items():
+        assert _cffi_offset(T, path) == off, path
+        assert gcc_layout[("offsetof", T, path)] == off, path
+    assert ffi.sizeof(T) == 60 == gcc_layout[("sizeof", T)]
+
+
+def test_abi_context_page_is_one_page(gcc_layout):
+    assert ffi.sizeof("struct fayt_context_page") == lib.FAYT_PAGE_SIZE
+    assert gcc_layout[("sizeof", "struct fayt_context_page")] == 4096
+    assert ffi.sizeof(ffi.typeof("struct fayt_context_page").fields[4][1].type) == \
+        lib.FAYT_HELD_LOCKS_MAX * ffi.sizeof("struct fayt_held_lock")
+
+
+def test_abi_notification_action_is_one_function_pointer(gcc_layout):
+    assert ffi.sizeof("struct NotificationAction") == ffi.sizeof("void *")
+    t = dict(ffi.typeof("struct NotificationAction").fields)["handler"].type
+    assert t.kind == "function"   # cffi: a pointer to function
+    assert ffi.getctype(t) == "void(*)(void *, int, int)"
+
+
+def test_abi_portal_classes_are_distinct_combinable_bits():
+    import libportal as lp
+    classes = {"SHARE": lp.SHARE, "DIRECT": lp.DIRECT, "ANON": lp.ANON, "COW": lp.COW,
+               "SPECIAL": lp.SPECIAL}
+    for name, bit in classes.items():
+        assert bit > 0 and bit & (bit - 1) == 0, "%s is not a single bit" % name
+    assert len(set(classes.values())) == 5
+    combined = 0
+    for bit in classes.values():
+        assert combined & bit == 0
+        combined |= bit
+    assert combined == lib.FAYT_PORTAL_CLASSES
+    # Combinations are unambiguous: each class can be read back from any union.
+    for a in classes.values():
+        for b in classes.values():
+            u = a | b
+            assert u & a == a and u & b == b
+            assert {n for n, x in classes.items() if u & x} == \
+                {n for n, x in classes.items() if x in (a, b)}
+    # The protection bits are Linux's, so they pass to mmap(2) unchanged.
+    import mmap
+    assert (lp.PROT_READ, lp.PROT_WRITE, lp.PROT_EXEC) == \
+        (mmap.PROT_READ, mmap.PROT_WRITE, mmap.PROT_EXEC)
