@@ -72,7 +72,11 @@ class Context:
     def make_page(self, tag):
         import mmap
         self.page = BackingObject(0, tag + ".ctx", PAGE, [])
-        self.page_map = mmap.mmap(self.page.fd, PAGE)
+        fd = self.page.open_fd()
+        try:
+            self.page_map = mmap.mmap(fd, PAGE)
+        finally:
+            os.close(fd)
         self.page_struct = ffi.cast("struct fayt_context_page *", ffi.from_buffer(self.page_map))
         p = self.page_struct
         p.magic = lib.FAYT_CONTEXT_MAGIC

@@ -39,36 +39,63 @@ def pages(length):
 
 
 class BackingObject:
-    """A POSIX shared memory object holding the frames of one portal."""
+    """A POSIX shared memory object holding the frames of one portal.
 
-    __slots__ = ("id", "name", "fd", "length", "frames", "_shm", "__weakref__")
+    faytd keeps the name, not a descriptor: 10,000 share-points must not cost
+    10,000 open files.  open_fd() gives a fresh descriptor for one reply (the
+    server closes it once sent); a new object keeps its creation descriptor
+    until the first open_fd() hands it out."""
+
+    __slots__ = ("id", "name", "length", "frames", "_fd", "__weakref__")
 
     def __init__(self, oid, tag, length, frames):
         self.id = oid
         self.length = length
         self.frames = frames
-        self.name = None
         for _ in range(4):
             self.name = "%s%s.%s" % (NAME_PREFIX, tag, secrets.token_hex(12))
             try:
-                self._shm = posix_ipc.SharedMemory(self.name, posix_ipc.O_CREX, mode=0o600,
-                                                   size=length)
+                shm = posix_ipc.SharedMemory(self.name, posix_ipc.O_CREX, mode=0o600, size=length)
                 break
             except posix_ipc.ExistentialError:
                 continue
+            except OSError as e:
+                raise KernelError(errno.ENFILE if e.errno in (errno.EMFILE, errno.ENFILE)
+                                  else errno.ENOMEM,
+                                  "faytd cannot create a backing object: %s" % e) from None
         else:
             raise KernelError(errno.EEXIST, "could not name a backing object")
-        self.fd = self._shm.fd
+        self._fd = shm.fd
+
+    def write(self, offset, data):
+        """pwrite(2) into the object (keeps the creation descriptor if any)."""
+        fd = self._fd if self._fd >= 0 else self.open_fd()
+        try:
+            os.pwrite(fd, data, offset)
+        finally:
+            if fd != self._fd:
+                os.close(fd)
+
+    def open_fd(self):
+        """A descriptor of the object, owned by the caller."""
+        fd, self._fd = self._fd, -1
+        if fd >= 0:
+            return fd
+        if self.name is None:
+            raise KernelError(errno.EBADF, "backing object already released")
+        return posix_ipc.SharedMemory(self.name).fd
 
     def release(self):
-        """Unlink the name and close faytd's descriptor (mappings stay valid)."""
-        if self.fd >= 0:
+        """Unlink the name (mappings stay valid until unmapped)."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        if self.name is not None:
             try:
-                self._shm.unlink()
+                posix_ipc.unlink_shared_memory(self.name)
             except posix_ipc.ExistentialError:
                 pass
-            self._shm.close_fd()
-            self.fd = -1
+            self.name = None
 
 
 class FrameAllocator:

@@ -41,14 +41,17 @@ class Kernel:
             self.unmap(ctx, m)
 
     def disconnected(self, ctx):
-        """The connection closed.  The process may live on: while its robust
-        records say it holds or is taking a lock, or it owns share-points,
-        keep the context (and its pidfd) until it dies, so that the locks are
-        recovered and the share-points reclaimed; else forget it."""
+        """The connection closed, but the process may live on.  If its robust
+        records say it holds or is taking a lock, keep the whole context (its
+        mappings too: they keep a destroyed share-point's memory reachable
+        for recovery) until it dies.  If it owns share-points, keep watching
+        it so that they are reclaimed at its death.  Else forget it."""
         ctx.connected = False
+        watch = ctx.alive and ctx.pidfd >= 0
+        if watch and ctx.lock_records():
+            return
         self.drop_mappings(ctx)
-        if (not ctx.alive or ctx.pidfd < 0
-                or not (ctx.lock_records() or self.sharepoints.owns(ctx.pid))):
+        if not (watch and self.sharepoints.owns(ctx.pid)):
             self.forget(ctx)
 
     def died(self, ctx):
@@ -66,8 +69,9 @@ class Kernel:
 
     def recover_locks(self, ctx):
         others = None
+        mapped = {m.sp.id: m.sp for m in ctx.mappings.values() if m.sp is not None}
         for sp_id, state in ctx.lock_records():
-            sp = self.sharepoints.by_id.get(sp_id)
+            sp = mapped.get(sp_id) or self.sharepoints.by_id.get(sp_id)
             if sp is None:
                 continue
             if state == lib.FAYT_HELD_PENDING:
@@ -88,6 +92,8 @@ class Kernel:
             log.info("pid %d died holding the lock of share-point %r: released, owner-died set",
                      ctx.pid, sp.identifier.decode("utf-8", "replace"))
             sp.recover_lock()
+            if sp.destroyed:
+                sp.close_meta()
 
     # -- mappings -------------------------------------------------------
     def add_mapping(self, ctx, m):

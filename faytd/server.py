@@ -223,7 +223,11 @@ class Server:
             if magic != lib.FAYT_REQ_MAGIC:
                 return self._disconnect(ctx, "bad magic %#x" % magic)
             body, out_fds = self._perform(ctx, op, tid, data[REQ_HDR.size:], fds)
-            self._reply(ctx, op, seq, body, out_fds)
+            try:
+                self._reply(ctx, op, seq, body, out_fds)
+            finally:
+                for fd in out_fds:
+                    os.close(fd)
         finally:
             for fd in fds:
                 os.close(fd)

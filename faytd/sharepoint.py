@@ -56,12 +56,16 @@ class SharePoint:
         p = ffi.cast("uint64_t *", meta + META_SIZE)
         for i, a in enumerate(paddrs):
             p[i] = a
-        os.pwrite(self.backing.fd, ffi.buffer(meta), 0)
+        self.backing.write(0, ffi.buffer(meta))
 
     def meta_page(self):
         """faytd's own mapping of the first page (for lock recovery)."""
         if self._meta_map is None:
-            self._meta_map = mmap.mmap(self.backing.fd, PAGE)
+            fd = self.backing.open_fd()
+            try:
+                self._meta_map = mmap.mmap(fd, PAGE)
+            finally:
+                os.close(fd)
         return ffi.from_buffer(self._meta_map)
 
     def recover_lock(self):

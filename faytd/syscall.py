@@ -1,7 +1,8 @@
 """The syscall layer: decode a request, check rights, perform, reply.
 
 Each handler takes (kernel, context, tid, body, fds) and returns
-(reply body, fds to grant); it raises KernelError(errno, message) to fail.
+(reply body, fds to grant); the server closes those fds once sent.  It
+raises KernelError(errno, message) to fail.
 Decoding copies nothing it has not bounds-checked, the way a kernel's
 copy_from_user would: a pointer field of portal_req is 0 or 1 + an offset into
 the message's trailer, and the string there must end inside it.
@@ -49,7 +50,7 @@ def sys_hello(k, ctx, tid, body, fds):
                           % (ctx.uid, ctx.gid, ctx.exe))
     ctx.make_page(k.frames.tag)
     c = ctx.category
-    return HELLO_REPLY.pack(ctx.id, c.id, c.classes, 0), [ctx.page.fd]
+    return HELLO_REPLY.pack(ctx.id, c.id, c.classes, 0), [ctx.page.open_fd()]
 
 
 def decode_portal(k, body):
@@ -147,7 +148,7 @@ def sys_portal(k, ctx, tid, body, fds):
     reply = (PORTAL_REPLY.pack(handle, backing.length, data_offset, sp_id, len(paddrs),
                                granted, flags)
              + bytes(echo) + ffi.buffer(ffi.new("uint64_t[]", paddrs))[:])
-    return reply, [backing.fd]
+    return reply, [backing.open_fd()]
 
 
 def _mapping(ctx, body):

@@ -228,7 +228,7 @@ def share_attach(identifier, prot=PROT_RW, *, addr=0, connection=None):
 
 def _after_fork_child():
     for m in list(_live):
-        m._invalidate()
+        getattr(m, "_forget", m._invalidate)()
     _live.clear()
 
 

@@ -129,6 +129,14 @@ class Connection:
         return out
 
     def close(self):
+        """Close the connection; every portal mapped through it is unmapped
+        here first (faytd drops them when the connection closes)."""
+        from .portal import _live
+        for m in list(_live):
+            if m.connection is self and m.mapped:
+                m._invalidate()
+                lib.fayt_unmap(m.addr, m.map_length)
+                _live.discard(m)
         self._finalizer()
 
     @property

@@ -380,10 +380,6 @@ def test_sharepoint_killed_holder_wakes_a_sleeping_waiter_with_owner_died(lp, sp
         sp.destroy()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG faytd/kernel.py recover_locks: looks the share-point up in the table only "
-    "(sharepoints.by_id), so a holder that dies after destroy() is never recovered and "
-    "the processes still mapping the share-point wait for ever"))
 def test_sharepoint_killed_holder_of_a_destroyed_share_point_is_recovered(lp, spawn, names):
     name = names("destroyed-dead")
     sp = lp.share_create(name, 4096)
@@ -457,9 +453,6 @@ def test_sharepoint_lock_timeout_and_try_lock_on_a_held_lock(lp, spawn, names):
         sp.destroy()
 
 
-@pytest.mark.xfail(strict=True, raises=TypeError, reason=(
-    "BUG libportal/src/fastpath.c: lock is METH_FASTCALL without METH_KEYWORDS, so the "
-    "documented sp.lock(timeout=...) raises TypeError; only sp.lock(0.2) works"))
 def test_sharepoint_lock_takes_timeout_as_a_keyword(lp, names):
     sp = lp.share_create(names("kw"), 4096)
     try:
@@ -868,10 +861,6 @@ def test_sharepoint_does_not_survive_fork(lp, names):
         sp.destroy()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG libportal/portal.py _after_fork_child -> SharePointCore._invalidate (fastpath.c "
-    "core_invalidate) releases a lock the object holds: in a fork child that unlocks the "
-    "PARENT's lock (MAP_SHARED) and clears the parent's robust record"))
 def test_sharepoint_fork_child_leaves_the_parents_lock_held(lp, names):
     sp = lp.share_create(names("fork-held"), 4096)
     try:
@@ -890,10 +879,6 @@ def test_sharepoint_fork_child_leaves_the_parents_lock_held(lp, names):
         sp.destroy()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG libportal/syscall.py Connection.close() unmaps the context page while share-points "
-    "made through the connection are still mapped: their next access writes the robust "
-    "record into the unmapped page and the process dies of SIGSEGV"))
 def test_sharepoint_connection_close_invalidates_its_share_points(faytd, names):
     name = names("conn-close")
     out = subprocess.run([sys.executable, "-c", PRELUDE + textwrap.dedent("""

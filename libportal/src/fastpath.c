@@ -162,11 +162,12 @@ static int acquire(SharePointCore *self, int64_t timeout_ns)
     }
 }
 
-static void release(SharePointCore *self)
+static int release(SharePointCore *self)
 {
-    fayt_sp_unlock(self->base, self->ctx, self->sp_id, self->slot);
+    int r = fayt_sp_unlock(self->base, self->ctx, self->sp_id, self->slot);
     self->held = 0;
     self->slot = -1;
+    return r;
 }
 
 static int parse_timeout(PyObject *obj, int64_t *out)
@@ -186,13 +187,24 @@ static int parse_timeout(PyObject *obj, int64_t *out)
     return 0;
 }
 
-static PyObject *core_lock(SharePointCore *self, PyObject *const *args, Py_ssize_t nargs)
+static PyObject *core_lock(SharePointCore *self, PyObject *const *args, Py_ssize_t nargs,
+                           PyObject *kwnames)
 {
     int64_t timeout = -1;
+    PyObject *t = nargs == 1 ? args[0] : NULL;
     CHECK_MAPPED(self);
-    if (nargs > 1)
+    Py_ssize_t nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0;
+    if (nargs + nkw > 1)
         return raise_errno(EINVAL, "lock(timeout=None): too many arguments");
-    if (nargs == 1 && parse_timeout(args[0], &timeout) < 0)
+    if (nkw == 1) {
+        if (!PyUnicode_Check(PyTuple_GET_ITEM(kwnames, 0)) ||
+            PyUnicode_CompareWithASCIIString(PyTuple_GET_ITEM(kwnames, 0), "timeout") != 0) {
+            PyErr_SetString(PyExc_TypeError, "lock() got an unexpected keyword argument");
+            return NULL;
+        }
+        t = args[0];
+    }
+    if (t && parse_timeout(t, &timeout) < 0)
         return NULL;
     if (self->held)
         return raise_errno(EDEADLK, "share-point lock: already held by this object");
@@ -218,7 +230,9 @@ static PyObject *core_unlock(SharePointCore *self, PyObject *unused)
     CHECK_MAPPED(self);
     if (!self->held)
         return raise_errno(EPERM, "share-point unlock: not held by this object");
-    release(self);
+    if (release(self) == EPERM)
+        return raise_errno(EPERM, "share-point unlock: the lock was already free "
+                                  "(released behind this object's back)");
     Py_RETURN_NONE;
 }
 
@@ -372,6 +386,16 @@ static PyObject *core_invalidate(SharePointCore *self, PyObject *unused)
     Py_RETURN_NONE;
 }
 
+/* After fork(): forget the mapping without touching it; the lock and the
+ * robust record it names belong to the parent. */
+static PyObject *core_forget(SharePointCore *self, PyObject *unused)
+{
+    self->base = NULL;
+    self->held = 0;
+    self->slot = -1;
+    Py_RETURN_NONE;
+}
+
 static PyObject *get_length(SharePointCore *self, void *c) { return PyLong_FromSize_t(self->length); }
 static PyObject *get_prot(SharePointCore *self, void *c) { return PyLong_FromLong(self->prot); }
 static PyObject *get_sp_id(SharePointCore *self, void *c) { return PyLong_FromUnsignedLong(self->sp_id); }
@@ -394,7 +418,7 @@ static PyObject *get_owner_died(SharePointCore *self, void *c)
 }
 
 static PyMethodDef core_methods[] = {
-    {"lock", (PyCFunction)(void (*)(void))core_lock, METH_FASTCALL,
+    {"lock", (PyCFunction)(void (*)(void))core_lock, METH_FASTCALL | METH_KEYWORDS,
      "lock(timeout=None) -> 0 or errno.EOWNERDEAD. Take the share-point lock; "
      "EOWNERDEAD means the previous holder died: repair the data, then mark_consistent()."},
     {"try_lock", (PyCFunction)core_try_lock, METH_NOARGS,
@@ -413,6 +437,7 @@ static PyMethodDef core_methods[] = {
     {"__enter__", (PyCFunction)core_enter, METH_NOARGS, NULL},
     {"__exit__", (PyCFunction)(void (*)(void))core_exit, METH_FASTCALL, NULL},
     {"_invalidate", (PyCFunction)core_invalidate, METH_NOARGS, NULL},
+    {"_forget", (PyCFunction)core_forget, METH_NOARGS, NULL},
     {NULL}
 };
 
