@@ -51,21 +51,20 @@ def table(headers, rows):
 
 
 def ask(path, op):
-    """One list call to faytd; the decoded JSON reply."""
+    """The whole list from faytd (paged calls), decoded."""
     conn = libportal.Connection(path)
     try:
-        body, fds = conn.call(op)
+        if op == lib.FAYT_SYS_LIST_SHARE:
+            return conn.list_sharepoints()
+        return conn.list_contexts()
     finally:
         conn.close()
-    for fd in fds:
-        os.close(fd)
-    return json.loads(body)
 
 
-def format_frames(frames):
+def format_frames(frames, total):
     shown = " ".join("%#x" % p for p in frames[:FRAMES_SHOWN])
-    more = " ..." if len(frames) > FRAMES_SHOWN else ""
-    return "%d: %s%s" % (len(frames), shown, more) if frames else "0"
+    more = " ..." if total > FRAMES_SHOWN else ""
+    return "%d: %s%s" % (total, shown, more) if total else "0"
 
 
 def cmd_ls(args):
@@ -78,7 +77,7 @@ def cmd_ls(args):
         owner = str(s["owner"]) + ("" if s["owner_alive"] else " (dead)")
         captured = " ".join("%d,%d" % (pid, tid) for pid, tid in s["captured"]) or "-"
         rows.append([s["id"], s["identifier"], s["size"], human(s["mapped_bytes"]),
-                     prot_string(s["prot"]), owner, captured, format_frames(s["frames"])])
+                     prot_string(s["prot"]), owner, captured, format_frames(s["frames"], s["nframes"])])
     print(table(["ID", "IDENTIFIER", "SIZE", "MAPPED", "PROT", "OWNER", "CAPTURED (pid,tid)",
                  "FRAMES"], rows))
     if not rows:
