@@ -27,6 +27,9 @@ def wait_for_socket(path, proc, timeout=15.0):
     raise RuntimeError("faytd did not listen on %s within %.0fs" % (path, timeout))
 
 
+STARTED = []        # pids of every faytd this process started
+
+
 class Faytd:
     """A faytd process: .socket, .proc, .stop() -> its stderr."""
 
@@ -43,6 +46,7 @@ class Faytd:
             args += ["--ram", str(ram)]
         args += list(extra)
         self.proc = subprocess.Popen(args, stderr=subprocess.PIPE, text=True)
+        STARTED.append(self.proc.pid)
         wait_for_socket(self.socket, self.proc)
 
     def env(self):
@@ -72,6 +76,10 @@ def running_faytd(directory, **kw):
         d.stop()
 
 
-def fayt_shm_objects():
-    """Names in /dev/shm that a faytd made."""
-    return sorted(n for n in os.listdir("/dev/shm") if n.startswith("fayt."))
+def fayt_shm_objects(pids=None):
+    """Names in /dev/shm that a faytd made (only those of faytd `pids` if given)."""
+    names = sorted(n for n in os.listdir("/dev/shm") if n.startswith("fayt."))
+    if pids is None:
+        return names
+    want = {"fayt.%d." % p for p in pids}
+    return [n for n in names if n[:n.index(".", 5) + 1] in want]

@@ -69,8 +69,10 @@ __all__ = ["running_faytd", "fayt_shm_objects"]
 
 
 def pytest_sessionfinish(session, exitstatus):
-    """After every faytd of the session stopped, /dev/shm must hold nothing of ours."""
-    left = fayt_shm_objects()
+    """After every faytd of the session stopped, /dev/shm must hold nothing of
+    theirs (objects of faytds that other runs started are not ours to judge)."""
+    from faytd.launch import STARTED
+    left = fayt_shm_objects(STARTED)
     if left:
         sys.stderr.write("\nLEAK: shared-memory objects left in /dev/shm: %s\n" % left)
         session.exitstatus = 1

@@ -7,29 +7,38 @@ import subprocess
 import sys
 import time
 
+import libportal
+
 from faytd_proc import Faytd, fayt_shm_objects
 
 
 def test_cleanup_faytd_stop_leaves_nothing_in_dev_shm(tmp_path):
-    before = set(fayt_shm_objects())
+    """faytd stopped while a client still holds share-points and portals:
+    every object it made is unlinked."""
     d = Faytd(str(tmp_path / "d"))
-    code = ("import libportal as lp\n"
+    code = ("import libportal as lp, sys\n"
             "a = lp.share_create('leak-a', 8192)\n"
             "b = lp.portal(lp.ANON, lp.PROT_RW, 4096)\n"
             "c = lp.share_create('leak-c', 4096)\n"
             "c.destroy()\n"
-            "print('ok')\n")
-    out = subprocess.run([sys.executable, "-c", code], env=d.env(), capture_output=True,
-                         text=True, timeout=60)
-    assert out.stdout.strip() == "ok", out.stderr
-    mine = set(fayt_shm_objects()) - before
-    assert mine, "the owner-alive share-point 'leak-a' should still exist in faytd"
-    d.stop()
-    assert set(fayt_shm_objects()) - before == set()
+            "print('ok', flush=True)\n"
+            "sys.stdin.readline()\n")
+    child = subprocess.Popen([sys.executable, "-c", code], env=d.env(), stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "ok"
+        conn = libportal.Connection(d.socket)
+        assert [s["identifier"] for s in conn.list_sharepoints()] == ["leak-a"]
+        conn.close()
+        assert len(fayt_shm_objects([d.proc.pid])) >= 3   # leak-a, the ANON portal, a context page
+        d.stop()
+        assert fayt_shm_objects([d.proc.pid]) == []
+    finally:
+        child.kill()
+        child.wait()
 
 
 def test_cleanup_killed_faytd_objects_are_swept_by_the_next(tmp_path):
-    before = set(fayt_shm_objects())
     d = Faytd(str(tmp_path / "d1"))
     code = "import libportal as lp\nsp = lp.share_create('swept', 4096)\nprint('ok')\n"
     env = d.env()
@@ -38,13 +47,12 @@ def test_cleanup_killed_faytd_objects_are_swept_by_the_next(tmp_path):
     assert keeper.stdout.readline().strip() == "ok"
     d.proc.send_signal(signal.SIGKILL)
     d.proc.wait()
-    left = set(fayt_shm_objects()) - before
-    assert left, "a SIGKILLed faytd leaves its objects behind until swept"
+    assert fayt_shm_objects([d.proc.pid]), "a SIGKILLed faytd leaves its objects until swept"
     keeper.kill()
     keeper.wait()
     d2 = Faytd(str(tmp_path / "d2"))
     try:
-        assert set(fayt_shm_objects()) - before == set()
+        assert fayt_shm_objects([d.proc.pid]) == []
     finally:
         d2.stop()
 
