@@ -1,11 +1,9 @@
 """Runs last (file order): after everything, and after the session's faytd
 stops, no shared-memory object of the project may be left in /dev/shm."""
 import gc
-import os
 import signal
 import subprocess
 import sys
-import time
 
 import libportal
 

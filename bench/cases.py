@@ -1,0 +1,294 @@
+"""The benchmark cases.  Each takes (faytd, scale) and returns rows:
+{"name", "ours", "unit", "peer", "peer_value", "ratio", "target"}.
+
+Timing: the best of several repeats of a tight loop (the least disturbed by
+the other core's noise); multi-process cases time from a common start
+barrier to the last worker's end.
+"""
+import multiprocessing
+import os
+import subprocess
+import sys
+import time
+import uuid
+
+import posix_ipc
+import psutil
+from multiprocessing import shared_memory
+
+import libportal as lp
+
+
+def best(fn, n, repeats=5):
+    """Seconds per iteration: the best of `repeats` runs of fn(n)."""
+    out = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn(n)
+        out.append((time.perf_counter() - t) / n)
+    return min(out)
+
+
+def _n(base, scale, least=200):
+    return max(least, int(base * scale))
+
+
+def _name(tag):
+    return "bench-%s-%s" % (tag, uuid.uuid4().hex[:8])
+
+
+# -- uncontended lock + unlock ----------------------------------------------
+
+def case_lock(d, scale):
+    n = _n(200000, scale, 2000)
+    sp = lp.share_create(_name("lock"), 4096)
+    ml = multiprocessing.Lock()
+    sem = posix_ipc.Semaphore(None, posix_ipc.O_CREX, initial_value=1)
+    try:
+        def ours(k):
+            lock, unlock = sp.lock, sp.unlock
+            for _ in range(k):
+                lock()
+                unlock()
+
+        def mp(k):
+            a, r = ml.acquire, ml.release
+            for _ in range(k):
+                a()
+                r()
+
+        def psem(k):
+            a, r = sem.acquire, sem.release
+            for _ in range(k):
+                a()
+                r()
+
+        t_ours, t_mp, t_sem = best(ours, n), best(mp, n), best(psem, n)
+    finally:
+        sp.destroy()
+        sem.unlink()
+        sem.close()
+    return [
+        {"name": "lock+unlock, uncontended", "ours": t_ours * 1e9, "unit": "ns",
+         "peer": "multiprocessing.Lock", "peer_value": t_mp * 1e9, "ratio": t_ours / t_mp,
+         "target": ("<=", 1.0)},
+        {"name": "lock+unlock, uncontended", "ours": t_ours * 1e9, "unit": "ns",
+         "peer": "posix_ipc.Semaphore", "peer_value": t_sem * 1e9, "ratio": t_ours / t_sem,
+         "target": None},
+    ]
+
+
+# -- fused locked 64-byte write ----------------------------------------------
+
+def case_write(d, scale):
+    n = _n(200000, scale, 2000)
+    data = b"x" * 64
+    sp = lp.share_create(_name("write"), 4096)
+    shm = shared_memory.SharedMemory(create=True, size=4096)
+    ml = multiprocessing.Lock()
+    try:
+        def ours(k):
+            w = sp.write
+            for _ in range(k):
+                w(0, data)
+
+        buf = shm.buf
+
+        def mp(k):
+            a, r = ml.acquire, ml.release
+            for _ in range(k):
+                a()
+                buf[0:64] = data
+                r()
+
+        t_ours, t_mp = best(ours, n), best(mp, n)
+        del buf
+    finally:
+        sp.destroy()
+        shm.close()
+        shm.unlink()
+    return [{"name": "fused locked 64 B write", "ours": t_ours * 1e9, "unit": "ns",
+             "peer": "mp.Lock + shm slice + release", "peer_value": t_mp * 1e9,
+             "ratio": t_ours / t_mp, "target": ("<=", 0.7)}]
+
+
+# -- two processes incrementing a shared counter under the lock --------------
+
+_OURS_WORKER = r"""
+import sys, time, libportal as lp
+name, n = sys.argv[1], int(sys.argv[2])
+sp = lp.share_attach(name)
+mv = sp.view().cast("q")
+lock, unlock = sp.lock, sp.unlock
+print("ready", flush=True)
+sys.stdin.readline()
+for _ in range(n):
+    lock()
+    mv[0] += 1
+    unlock()
+print(time.perf_counter(), flush=True)
+mv.release()
+"""
+
+_OURS_FUSED_WORKER = r"""
+import sys, time, libportal as lp
+name, n = sys.argv[1], int(sys.argv[2])
+sp = lp.share_attach(name)
+add = sp.add
+print("ready", flush=True)
+sys.stdin.readline()
+for _ in range(n):
+    add(8, 1)
+print(time.perf_counter(), flush=True)
+"""
+
+
+def _mp_worker(lock, name, n, ready, go, out):
+    shm = shared_memory.SharedMemory(name=name)
+    mv = shm.buf.cast("q")
+    a, r = lock.acquire, lock.release
+    ready.release()
+    go.wait()
+    for _ in range(n):
+        a()
+        mv[0] += 1
+        r()
+    out.put(time.perf_counter())
+    mv.release()
+    shm.close()
+
+
+def _run_ours(code, name, n):
+    procs = [subprocess.Popen([sys.executable, "-c", code, name, str(n)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    for p in procs:
+        assert p.stdout.readline().strip() == "ready"
+    t0 = time.perf_counter()
+    for p in procs:
+        p.stdin.write("go\n")
+        p.stdin.flush()
+    ends = [float(p.stdout.readline()) for p in procs]
+    for p in procs:
+        p.wait(timeout=60)
+    return 2 * n / (max(ends) - t0)
+
+
+def case_counter(d, scale):
+    n = _n(500000, scale, 5000)
+    name = _name("counter")
+    sp = lp.share_create(name, 4096)
+    try:
+        ours = _run_ours(_OURS_WORKER, name, n)
+        got = sp.read(0, 8)
+        fused = _run_ours(_OURS_FUSED_WORKER, name, n)
+        got_fused = sp.read(8, 8)
+    finally:
+        sp.destroy()
+    assert int.from_bytes(got, "little") == 2 * n, "lost updates under the share-point lock"
+    assert int.from_bytes(got_fused, "little") == 2 * n, "lost updates under sp.add"
+
+    ctx = multiprocessing.get_context("spawn")
+    shm = shared_memory.SharedMemory(create=True, size=4096)
+    try:
+        lock, ready, go, out = ctx.Lock(), ctx.Semaphore(0), ctx.Event(), ctx.Queue()
+        procs = [ctx.Process(target=_mp_worker, args=(lock, shm.name, n, ready, go, out))
+                 for _ in range(2)]
+        for p in procs:
+            p.start()
+        for _ in procs:
+            ready.acquire()
+        t0 = time.perf_counter()
+        go.set()
+        ends = [out.get(timeout=120) for _ in procs]
+        for p in procs:
+            p.join(60)
+        peer = 2 * n / (max(ends) - t0)
+        total = shm.buf.cast("q")[0]
+    finally:
+        shm.close()
+        shm.unlink()
+    assert total == 2 * n
+    return [
+        {"name": "2 processes, locked counter", "ours": ours, "unit": "ops/s",
+         "peer": "multiprocessing.Lock", "peer_value": peer, "ratio": ours / peer,
+         "target": (">=", 1.0)},
+        {"name": "2 processes, fused sp.add", "ours": fused, "unit": "ops/s",
+         "peer": "multiprocessing.Lock", "peer_value": peer, "ratio": fused / peer,
+         "target": None},
+    ]
+
+
+# -- create, map, unmap, destroy a 4 KiB SHARE portal -------------------------
+
+def case_create(d, scale):
+    n = _n(3000, scale, 100)
+    prefix = _name("create")
+
+    def ours(k):
+        for i in range(k):
+            sp = lp.share_create("%s-%d" % (prefix, i), 4096)
+            sp.destroy()
+
+    def peer(k):
+        for _ in range(k):
+            s = shared_memory.SharedMemory(create=True, size=4096)
+            s.close()
+            s.unlink()
+
+    def anon(k):
+        for _ in range(k):
+            lp.portal(lp.ANON, lp.PROT_RW, 4096).unmap()
+
+    t_ours, t_peer, t_anon = best(ours, n, 3), best(peer, n, 3), best(anon, n, 3)
+    return [
+        {"name": "4 KiB SHARE: create+map+unmap+destroy", "ours": t_ours * 1e6, "unit": "us",
+         "peer": "shared_memory create+close+unlink", "peer_value": t_peer * 1e6,
+         "ratio": t_ours / t_peer, "target": ("<=", 1.0)},
+        {"name": "4 KiB ANON: portal+unmap", "ours": t_anon * 1e6, "unit": "us",
+         "peer": "shared_memory create+close+unlink", "peer_value": t_peer * 1e6,
+         "ratio": t_anon / t_peer, "target": None},
+    ]
+
+
+# -- 10,000 share-points --------------------------------------------------------
+
+def case_scale(d, scale):
+    total = 10000 if scale >= 1 else 1000
+    prefix = _name("scale")
+    fd_proc = psutil.Process(d.proc.pid)
+    rss0 = fd_proc.memory_info().rss
+    sps, lat = [], []
+    try:
+        for i in range(total):
+            t = time.perf_counter()
+            sps.append(lp.share_create("%s-%d" % (prefix, i), 4096))
+            lat.append(time.perf_counter() - t)
+        rss1 = fd_proc.memory_info().rss
+        first = sum(lat[:100]) / 100
+        last = sum(lat[-100:]) / 100
+        t = time.perf_counter()
+        lp.share_attach("%s-%d" % (prefix, total // 2)).unmap()
+        attach = time.perf_counter() - t
+    finally:
+        for sp in sps:
+            sp.destroy()
+    return [
+        {"name": "share-point create, first 100", "ours": first * 1e6, "unit": "us",
+         "target": None},
+        {"name": "share-point create, last 100 of %d" % total, "ours": last * 1e6, "unit": "us",
+         "peer": "(first 100)", "peer_value": first * 1e6, "ratio": last / first,
+         "target": ("<=", 1.5)},
+        {"name": "attach with %d in the table" % total, "ours": attach * 1e6, "unit": "us",
+         "target": None},
+        {"name": "faytd memory per share-point", "ours": (rss1 - rss0) / total, "unit": "B",
+         "target": None},
+    ]
+
+
+CASES = {
+    "lock": case_lock,
+    "write": case_write,
+    "counter": case_counter,
+    "create": case_create,
+    "scale": case_scale,
+}
