@@ -214,8 +214,8 @@ def sweep_stale(alive=None):
         try:
             posix_ipc.unlink_shared_memory("/" + n)
             removed += 1
-        except posix_ipc.ExistentialError:
-            pass
+        except (posix_ipc.ExistentialError, posix_ipc.PermissionsError, OSError):
+            pass        # gone already, or another user's: not ours to remove
     return removed
 
 

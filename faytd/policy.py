@@ -35,9 +35,19 @@ def class_names(bits):
 class Category:
     __slots__ = ("name", "id", "classes", "notify_handlers", "mmio", "chains")
 
+    KEYS = {"classes": list, "notify_handlers": bool, "mmio": list, "chains": list}
+
     def __init__(self, name, spec):
         self.name = name
         self.id = CATEGORY_IDS.get(name, 0)
+        if not isinstance(spec, dict):
+            raise ValueError("policy: category %s must be an object" % name)
+        unknown = set(spec) - set(self.KEYS)
+        if unknown:
+            raise ValueError("policy: category %s: unknown keys %s" % (name, sorted(unknown)))
+        for k, t in self.KEYS.items():
+            if k in spec and not isinstance(spec[k], t):
+                raise ValueError("policy: category %s: %s must be a %s" % (name, k, t.__name__))
         bits = 0
         for c in spec.get("classes", []):
             if c not in CLASS_BITS:
@@ -47,6 +57,10 @@ class Category:
         self.notify_handlers = bool(spec.get("notify_handlers", False))
         self.mmio = list(spec.get("mmio", []))
         self.chains = list(spec.get("chains", []))
+
+
+def _is_int(v):
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
 class Rule:
@@ -60,6 +74,12 @@ class Rule:
         self.gid = spec.get("gid")
         self.exe = spec.get("exe")
         self.category = spec.get("category")
+        if self.uid is not None and self.uid != "$owner" and not _is_int(self.uid):
+            raise ValueError("policy: rule %r: uid must be a number or \"$owner\"" % (spec,))
+        if self.gid is not None and not _is_int(self.gid):
+            raise ValueError("policy: rule %r: gid must be a number" % (spec,))
+        if self.exe is not None and not isinstance(self.exe, str):
+            raise ValueError("policy: rule %r: exe must be a glob string" % (spec,))
         if self.category not in categories:
             raise ValueError("policy: rule %r names no known category" % (spec,))
 
@@ -78,10 +98,20 @@ class Rule:
 class Policy:
     def __init__(self, spec, owner_uid):
         self.owner_uid = owner_uid
+        if not isinstance(spec, dict):
+            raise ValueError("policy: must be an object")
+        unknown = set(spec) - {"categories", "rules", "default"}
+        if unknown:
+            raise ValueError("policy: unknown keys %s" % sorted(unknown))
+        if not isinstance(spec.get("rules", []), list):
+            raise ValueError("policy: rules must be a list")
         cats = spec.get("categories") or {}
         if not cats:
             raise ValueError("policy: no categories")
         self.categories = {name: Category(name, c) for name, c in cats.items()}
+        for r in spec.get("rules", []):
+            if not isinstance(r, dict):
+                raise ValueError("policy: rule %r must be an object" % (r,))
         self.rules = [Rule(r, self.categories) for r in spec.get("rules", [])]
         self.default = spec.get("default")
         if self.default is not None and self.default not in self.categories:

@@ -35,6 +35,7 @@ _CRED = struct.Struct("3i")
 _MAX_IN_FDS = 4
 _MSG_MAX = lib.FAYT_MSG_MAX
 _CMSG_SPACE = socket.CMSG_SPACE(_MAX_IN_FDS * 4)
+_NOREPLY = lib.FAYT_REQ_NOREPLY
 _TRUNC = int(socket.MSG_TRUNC | socket.MSG_CTRUNC)
 _SOL_SOCKET, _SCM_RIGHTS = int(socket.SOL_SOCKET), int(socket.SCM_RIGHTS)
 
@@ -102,18 +103,32 @@ class Server:
             while not self.stopping:
                 for fd, _ in self.ep.poll():
                     kind, obj = watch.get(fd, (None, None))
-                    if kind == "client":
-                        self._on_client(obj)
-                    elif kind == "pidfd":
-                        self._on_death(obj)
-                    elif kind == "accept":
-                        self._accept()
-                    elif kind == "signal":
+                    try:
+                        if kind == "client":
+                            self._on_client(obj)
+                        elif kind == "pidfd":
+                            self._on_death(obj)
+                        elif kind == "accept":
+                            self._accept()
+                    except Exception:
+                        # A bug must cost one client, never faytd.
+                        log.error("event %s on fd %d raised:\n%s", kind, fd, traceback.format_exc())
+                        if obj is not None:
+                            self._drop_conn(obj)
+                            self._unwatch_pidfd(obj)
+                            try:
+                                self.k.drop_mappings(obj)
+                            finally:
+                                self.k.forget(obj)
+                    if kind == "signal":
                         try:
                             self._wake_r.recv(4096)
                         except BlockingIOError:
                             pass
-                self.k.frames.idle_work()
+                try:
+                    self.k.frames.idle_work()
+                except Exception as e:      # e.g. out of files: the pool waits
+                    log.warning("idle work: %s", e)
         finally:
             signal.set_wakeup_fd(old_fd)
             for sig, h in prev.items():
@@ -222,7 +237,12 @@ class Server:
             magic, op, flags, seq, tid = REQ_HDR.unpack_from(data)
             if magic != lib.FAYT_REQ_MAGIC:
                 return self._disconnect(ctx, "bad magic %#x" % magic)
-            body, out_fds = self._perform(ctx, op, tid, data[REQ_HDR.size:], fds)
+            if flags:
+                body, out_fds = self._check_flags(op, flags), []
+            if not flags or body is None:
+                body, out_fds = self._perform(ctx, op, tid, data[REQ_HDR.size:], fds)
+            if flags & _NOREPLY and not isinstance(body, KernelError):
+                return
             try:
                 self._reply(ctx, op, seq, body, out_fds)
             finally:
@@ -231,6 +251,15 @@ class Server:
         finally:
             for fd in fds:
                 os.close(fd)
+
+    @staticmethod
+    def _check_flags(op, flags):
+        """None if the header flags are valid for op, else the KernelError."""
+        if flags & ~_NOREPLY:
+            return KernelError(errno.EINVAL, "flags: unknown bits %#x" % (flags & ~_NOREPLY))
+        if op != lib.FAYT_SYS_UNMAP:
+            return KernelError(errno.EINVAL, "flags: FAYT_REQ_NOREPLY is for UNMAP only")
+        return None
 
     def _perform(self, ctx, op, tid, body, fds):
         """(reply body, fds) or (KernelError, []) for the request."""
@@ -267,5 +296,7 @@ class Server:
 
 
 def select_readable(fd):
-    r, _, _ = select.select([fd], [], [], 0)
-    return r
+    """Whether fd is readable now (poll(2): no FD_SETSIZE limit)."""
+    p = select.poll()
+    p.register(fd, select.POLLIN)
+    return p.poll(0)

@@ -84,18 +84,23 @@ class Mapping:
         if not self.mapped:
             raise errors.error(errno.EBADF, "portal is unmapped")
 
-    def _release(self, op):
+    def _release(self, op, flags=0):
         """Tell faytd (op: UNMAP or UNMAP_DESTROY), then unmap here.  A refused
         call (EPERM for a destroy by another process) leaves the mapping as is."""
-        self.connection.call(op, HANDLE_REQ.pack(self.handle))
+        self.connection.call(op, HANDLE_REQ.pack(self.handle), flags)
         self._invalidate()
         lib.fayt_unmap(self.addr, self.map_length)
         _live.discard(self)
 
     def unmap(self):
-        """Unmap this portal and drop its captured-thread entry in faytd."""
+        """Unmap this portal and drop its captured-thread entry in faytd.
+
+        Like munmap(2) it does not wait: the request is sent with
+        FAYT_REQ_NOREPLY and faytd performs it before any later call of this
+        connection.  It cannot fail for a mapping this object holds; if faytd
+        ever refuses it, the next call of the connection warns (RuntimeWarning)."""
         self._check()
-        self._release(lib.FAYT_SYS_UNMAP)
+        self._release(lib.FAYT_SYS_UNMAP, lib.FAYT_REQ_NOREPLY)
 
     def __repr__(self):
         return "<%s handle=%d addr=%#x length=%d%s>" % (

@@ -16,6 +16,7 @@ import json
 import os
 import socket
 import threading
+import warnings
 import weakref
 
 from . import errors
@@ -42,6 +43,7 @@ class Connection:
         self.path = path or default_socket_path()
         self._lock = threading.Lock()
         self._seq = 0
+        self._unanswered = set()    # seqs of FAYT_REQ_NOREPLY calls not yet known done
         self._pid = os.getpid()
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         try:
@@ -80,30 +82,52 @@ class Connection:
             msg = REQ_HDR.pack(lib.FAYT_REQ_MAGIC, op, flags, seq, threading.get_native_id())
             try:
                 self.sock.send(msg + body if body else msg)
-                data, anc, mflags, _ = self.sock.recvmsg(
-                    lib.FAYT_MSG_MAX, socket.CMSG_SPACE(_MAX_FDS * 4))
+                if flags & lib.FAYT_REQ_NOREPLY:
+                    self._unanswered.add(seq)
+                    return b"", []
+                while True:
+                    data, fds, rop, rseq, err = self._receive()
+                    if rseq != seq and rseq in self._unanswered:
+                        self._late_failure(rop, rseq, err, data)
+                        continue
+                    break
             except OSError as e:
                 raise errors.error(errno.ECONNRESET,
                                    "faytd connection lost: %s" % (e.strerror or e)) from None
-            fds = []
-            for level, kind, cdata in anc:
-                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                    a = array.array("i")
-                    a.frombytes(cdata[:len(cdata) - len(cdata) % a.itemsize])
-                    fds.extend(a)
-        if not data:
-            raise errors.error(errno.ECONNRESET, "faytd closed the connection")
-        if len(data) < REP_HDR.size:
-            _close_fds(fds)
-            raise errors.error(errno.EPROTO, "short reply from faytd")
-        magic, rop, nfds, rseq, err = REP_HDR.unpack_from(data)
-        if magic != lib.FAYT_REP_MAGIC or rseq != seq or rop != op:
+            self._unanswered.clear()    # faytd answers in order: the rest succeeded
+        if rseq != seq or rop != op:
             _close_fds(fds)
             raise errors.error(errno.EPROTO, "reply out of step with the request")
         if err:
             _close_fds(fds)
-            raise errors.error(err, data[REP_HDR.size:].decode("utf-8", "replace"))
-        return data[REP_HDR.size:], fds
+            raise errors.error(err, data.decode("utf-8", "replace"))
+        return data, fds
+
+    def _receive(self):
+        data, anc, mflags, _ = self.sock.recvmsg(lib.FAYT_MSG_MAX, socket.CMSG_SPACE(_MAX_FDS * 4))
+        fds = []
+        for level, kind, cdata in anc:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                a = array.array("i")
+                a.frombytes(cdata[:len(cdata) - len(cdata) % a.itemsize])
+                fds.extend(a)
+        if not data:
+            raise ConnectionResetError(errno.ECONNRESET, "faytd closed the connection")
+        if len(data) < REP_HDR.size:
+            _close_fds(fds)
+            raise errors.error(errno.EPROTO, "short reply from faytd")
+        magic, rop, nfds, rseq, err = REP_HDR.unpack_from(data)
+        if magic != lib.FAYT_REP_MAGIC:
+            _close_fds(fds)
+            raise errors.error(errno.EPROTO, "reply with a bad magic from faytd")
+        return data[REP_HDR.size:], fds, rop, rseq, err
+
+    def _late_failure(self, op, seq, err, data):
+        """A FAYT_REQ_NOREPLY call failed: faytd answered it after all."""
+        self._unanswered.discard(seq)
+        warnings.warn(errors.error(err, "op %d (unanswered call %d) failed in faytd: %s"
+                                   % (op, seq, data.decode("utf-8", "replace"))),
+                      RuntimeWarning, stacklevel=3)
 
     def list_sharepoints(self):
         """Every share-point in faytd's table, as dicts (paged LIST_SHARE)."""
