@@ -127,6 +127,10 @@ class FrameAllocator:
     def paddr(self, frame):
         return RAM_BASE + frame * PAGE
 
+    def paddrs(self, obj):
+        """array('Q') of the physical addresses of obj's frames, in order."""
+        return array.array("Q", [RAM_BASE + f * PAGE for f in obj.frames])
+
     def allocate(self, length):
         """A new backing object of `length` bytes (page multiple) with fresh frames,
         each referenced once."""

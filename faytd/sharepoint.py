@@ -19,7 +19,7 @@ import errno
 import mmap
 import os
 
-from libportal._abi import ffi, lib
+from libportal._abi import ffi, lib, SHAREPOINT_META
 
 from .frames import KernelError, PAGE, pages
 
@@ -46,17 +46,9 @@ class SharePoint:
         self._meta_map = None
 
     def write_meta(self, paddrs):
-        n = len(paddrs)
-        meta = ffi.new("char[]", META_SIZE + 8 * n)
-        m = ffi.cast("struct fayt_sharepoint_meta *", meta)
-        m.lock = b"\0"
-        m.prot = self.prot
-        m.length = self.length
-        m.morphology.length = self.backing.length
-        p = ffi.cast("uint64_t *", meta + META_SIZE)
-        for i, a in enumerate(paddrs):
-            p[i] = a
-        self.backing.write(0, ffi.buffer(meta))
+        """The meta-structure: lock free, prot, data length, the morphology."""
+        self.backing.write(0, SHAREPOINT_META.pack(0, self.prot, self.length, self.backing.length)
+                           + paddrs.tobytes())
 
     def meta_page(self):
         """faytd's own mapping of the first page (for lock recovery)."""
@@ -106,7 +98,7 @@ class SharePointTable:
         self._next_id = (self._next_id % 0xfffffffe) + 1
         sp = SharePoint(sp_id, identifier, backing, prot, owner_pid, owner_uid)
         try:
-            sp.write_meta([self.frames.paddr(f) for f in backing.frames])
+            sp.write_meta(self.frames.paddrs(backing))
         except BaseException:
             self.frames.put(backing)
             raise

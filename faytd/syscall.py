@@ -11,7 +11,8 @@ Objects (frames, sharepoint, context) never see the wire format.
 import errno
 import json
 
-from libportal._abi import ffi, lib, HELLO_REPLY, HANDLE_REQ, LIST_REQ, PORTAL_REPLY, PORTAL_REQ_SIZE
+from libportal._abi import (lib, HELLO_REPLY, HANDLE_REQ, LIST_REQ, PORTAL_REPLY, PORTAL_REQ,
+                            PORTAL_REQ_SIZE)
 
 from .context import Mapping
 from .frames import KernelError, PAGE, pages
@@ -57,8 +58,8 @@ def decode_portal(k, body):
     if len(body) < PORTAL_REQ_SIZE:
         raise KernelError(errno.EFAULT, "portal_req: %d bytes sent, the struct has %d"
                           % (len(body), PORTAL_REQ_SIZE))
-    req = ffi.cast("struct portal_req *", ffi.from_buffer(body))
-    t, prot, length = req.type, req.prot, req.length
+    (t, prot, length, ident_p, share_type, create, chain_p, message_p, addr,
+     mlen) = PORTAL_REQ.unpack_from(body)
     if t & ~lib.FAYT_PORTAL_CLASSES:
         raise KernelError(errno.EINVAL, "type: unknown class bits %#x" % (t & ~lib.FAYT_PORTAL_CLASSES))
     if t not in VALID_TYPES:
@@ -66,22 +67,15 @@ def decode_portal(k, body):
                           % class_names(t))
     if prot & ~lib.FAYT_PROT_ALL:
         raise KernelError(errno.EINVAL, "prot: unknown bits %#x" % (prot & ~lib.FAYT_PROT_ALL))
-    addr = req.morphology.addr
     if addr % PAGE:
         raise KernelError(errno.EINVAL, "morphology.addr: %#x is not 4 KiB aligned" % addr)
-    mlen = req.morphology.length
     npaddr = pages(mlen) if t & (DIRECT | COW) else 0
     trailer_at = PORTAL_REQ_SIZE + 8 * npaddr
     if len(body) < trailer_at:
         raise KernelError(errno.EFAULT, "morphology.paddr: %d entries named, fewer sent" % npaddr)
-    ident = _string(body, trailer_at, int(ffi.cast("intptr_t", req.share.identifier)),
-                    "share.identifier", lib.FAYT_NAME_MAX)
-    chain = _string(body, trailer_at, int(ffi.cast("intptr_t", req.sp_req_chain.name)),
-                    "sp_req_chain.name", lib.FAYT_NAME_MAX)
-    message = _string(body, trailer_at, int(ffi.cast("intptr_t", req.sp_req_chain.message)),
-                      "sp_req_chain.message", lib.FAYT_MESSAGE_MAX)
-    create = req.share.create
-    share_type = req.share.type
+    ident = _string(body, trailer_at, ident_p, "share.identifier", lib.FAYT_NAME_MAX)
+    chain = _string(body, trailer_at, chain_p, "sp_req_chain.name", lib.FAYT_NAME_MAX)
+    message = _string(body, trailer_at, message_p, "sp_req_chain.message", lib.FAYT_MESSAGE_MAX)
     attach = bool(t & SHARE) and create == lib.FAYT_SHARE_ATTACH
     if length < 0 or (length == 0 and not attach):
         raise KernelError(errno.EINVAL, "length: %d; a portal needs at least 1 byte" % length)
@@ -104,11 +98,12 @@ def decode_portal(k, body):
         raise KernelError(errno.EINVAL, "share.identifier: given without the SHARE class")
     if (chain is not None or message is not None) and not t & SPECIAL:
         raise KernelError(errno.EINVAL, "sp_req_chain: given without the SPECIAL class")
-    return t, prot, length, addr, ident, create, attach, body[:PORTAL_REQ_SIZE]
+    return t, prot, length, addr, ident, create, attach, (t, prot, length, ident_p, share_type,
+                                                         create, chain_p, message_p, addr)
 
 
 def sys_portal(k, ctx, tid, body, fds):
-    t, prot, length, addr, ident, create, attach, req_bytes = decode_portal(k, body)
+    t, prot, length, addr, ident, create, attach, req_fields = decode_portal(k, body)
     Policy.check_classes(ctx.category, t)                      # EPERM: nothing created
     if t & (DIRECT | COW | SPECIAL):
         raise KernelError(errno.ENOSYS, "type: %s portals are not built yet"
@@ -141,13 +136,10 @@ def sys_portal(k, ctx, tid, body, fds):
         backing = k.frames.allocate(pages(length) * PAGE)
         sp, data_offset, sp_id, granted = None, 0, 0, prot
     k.add_mapping(ctx, Mapping(handle, t, backing, sp, ctx.pid, tid, granted))
-    paddrs = [k.frames.paddr(f) for f in backing.frames]
-    echo = bytearray(req_bytes)
-    r = ffi.cast("struct portal_req *", ffi.from_buffer(echo))
-    r.morphology.length = backing.length
-    reply = (PORTAL_REPLY.pack(handle, backing.length, data_offset, sp_id, len(paddrs),
+    reply = (PORTAL_REPLY.pack(handle, backing.length, data_offset, sp_id, len(backing.frames),
                                granted, flags)
-             + bytes(echo) + ffi.buffer(ffi.new("uint64_t[]", paddrs))[:])
+             + PORTAL_REQ.pack(*req_fields, backing.length)      # morphology filled
+             + k.frames.paddrs(backing).tobytes())
     return reply, [backing.open_fd()]
 
 

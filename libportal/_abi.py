@@ -28,20 +28,40 @@ _CODES = {
 }
 
 
-def struct_of(ctype):
-    """A little-endian struct.Struct with one field per member of `ctype`
-    (a struct of fixed-width integers), at cffi's offsets."""
-    t = ffi.typeof(ctype)
-    fmt, pos = "<", 0
+def _flatten(t, base, out):
+    """(offset, code) of every scalar in struct type t, nested structs flattened,
+    pointers as unsigned integers; a trailing flexible array is left out."""
     for name, field in t.fields:
-        ft = field.type
-        if ft.kind != "primitive":
-            raise TypeError("struct_of: %s.%s is not an integer" % (ctype, name))
-        if field.offset > pos:
-            fmt += "%dx" % (field.offset - pos)
-        signed = ffi.cast(ft, -1) < 0
-        fmt += _CODES[("primitive", ffi.sizeof(ft), signed)]
-        pos = field.offset + ffi.sizeof(ft)
+        ft, off = field.type, base + field.offset
+        if ft.kind == "struct":
+            _flatten(ft, off, out)
+        elif ft.kind == "pointer":
+            out.append((off, _CODES[("primitive", ffi.sizeof(ft), False)], ffi.sizeof(ft)))
+        elif ft.kind == "array" and ft.length is None:
+            continue
+        elif ft.kind == "primitive":
+            if ft.cname == "char":
+                code = "B"
+            else:
+                code = _CODES[("primitive", ffi.sizeof(ft), bool(ffi.cast(ft, -1) < 0))]
+            out.append((off, code, ffi.sizeof(ft)))
+        else:
+            raise TypeError("struct_of: %s of kind %s" % (name, ft.kind))
+
+
+def struct_of(ctype):
+    """A little-endian struct.Struct with one item per scalar member of
+    `ctype` (nested structs flattened in order, pointers as unsigned
+    integers, a flexible array left out), at cffi's offsets."""
+    t = ffi.typeof(ctype)
+    items = []
+    _flatten(t, 0, items)
+    fmt, pos = "<", 0
+    for off, code, size in items:
+        if off > pos:
+            fmt += "%dx" % (off - pos)
+        fmt += code
+        pos = off + size
     if ffi.sizeof(t) > pos:
         fmt += "%dx" % (ffi.sizeof(t) - pos)
     s = _struct.Struct(fmt)
@@ -56,3 +76,8 @@ HANDLE_REQ = struct_of("struct fayt_handle_req")
 LIST_REQ = struct_of("struct fayt_list_req")
 PORTAL_REPLY = struct_of("struct fayt_portal_reply")
 PORTAL_REQ_SIZE = ffi.sizeof("struct portal_req")
+# type, prot, length, share.identifier, share.type, share.create,
+# sp_req_chain.name, sp_req_chain.message, morphology.addr, morphology.length
+PORTAL_REQ = struct_of("struct portal_req")
+# lock, prot, length, morphology.length (paddr[] follows)
+SHAREPOINT_META = struct_of("struct fayt_sharepoint_meta")

@@ -24,7 +24,7 @@ import os
 import weakref
 
 from . import errors
-from ._abi import ffi, lib, HANDLE_REQ, PORTAL_REPLY, PORTAL_REQ_SIZE, _fastpath
+from ._abi import ffi, lib, HANDLE_REQ, PORTAL_REPLY, PORTAL_REQ, PORTAL_REQ_SIZE, _fastpath
 from .syscall import connection as _default_connection
 
 SHARE = lib.FAYT_PORTAL_SHARE
@@ -45,26 +45,23 @@ _live = weakref.WeakSet()   # mapped regions, invalidated in a fork child
 def encode_portal_req(type, prot, length, identifier=None, share_type=0, create=0,
                       chain=None, message=None, addr=0, paddr=()):
     """The wire body of a portal() request (see include/fayt/syscall.h)."""
-    req = ffi.new("struct portal_req *")
-    req.type, req.prot, req.length = type, prot, length
-    req.share.type, req.share.create = share_type, create
-    req.morphology.addr = addr
-    req.morphology.length = length if length > 0 else 0
     trailer = bytearray()
 
     def put(s):
         if s is None:
-            return ffi.NULL
+            return 0
         if isinstance(s, str):
             s = s.encode("utf-8")
         off = len(trailer) + 1
-        trailer.extend(bytes(s) + b"\0")
-        return ffi.cast("const char *", off)
+        trailer.extend(s)
+        trailer.append(0)
+        return off
 
-    req.share.identifier = put(identifier)
-    req.sp_req_chain.name = put(chain)
-    req.sp_req_chain.message = put(message)
-    return bytes(ffi.buffer(req, PORTAL_REQ_SIZE)) + array.array("Q", paddr).tobytes() + bytes(trailer)
+    body = PORTAL_REQ.pack(type, prot, length, put(identifier), share_type, create,
+                           put(chain), put(message), addr, length if length > 0 else 0)
+    if paddr:
+        body += array.array("Q", paddr).tobytes()
+    return body + trailer
 
 
 class Mapping:
