@@ -15,8 +15,9 @@ from cffi import FFI
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 INCLUDE = os.path.join(HERE, "include")
-HEADERS = ["portal.h", "sharepoint.h", "notification.h", "context.h", "syscall.h", "lock.h"]
-SOURCES = [os.path.join("libportal", "src", "lock.c")]
+HEADERS = ["portal.h", "sharepoint.h", "notification.h", "context.h", "syscall.h", "lock.h",
+           "ring.h"]
+SOURCES = [os.path.join("libportal", "src", "lock.c"), os.path.join("libportal", "src", "ring.c")]
 
 
 def cdef_text(path):
@@ -39,13 +40,13 @@ ffibuilder = FFI()
 ffibuilder.cdef("\n".join(cdef_text(os.path.join(INCLUDE, "fayt", h)) for h in HEADERS),
                 packed=True)
 ffibuilder.cdef("""
-    #define FAYT_CFFI_ABI 1
+    #define FAYT_CFFI_ABI 2
     int fayt_cffi_abi(void);
 """)
 ffibuilder.set_source(
     "libportal._fayt_cffi",
     "\n".join('#include "fayt/%s"' % h for h in HEADERS) + """
-    #define FAYT_CFFI_ABI 1
+    #define FAYT_CFFI_ABI 2
     int fayt_cffi_abi(void) { return FAYT_CFFI_ABI; }
     """,
     sources=SOURCES,

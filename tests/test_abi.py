@@ -16,7 +16,7 @@ from libportal._abi import ffi, lib
 
 INCLUDE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                        "libportal", "include")
-HEADERS = ["portal.h", "sharepoint.h", "notification.h", "context.h", "syscall.h"]
+HEADERS = ["portal.h", "sharepoint.h", "notification.h", "context.h", "syscall.h", "ring.h"]
 
 # struct -> every field, nested ones as dotted paths; "[]" marks a flexible
 # array member (it has an offset but no sizeof).
@@ -33,7 +33,30 @@ STRUCTS = {
     ],
     "struct NotificationAction": ["handler"],
     "struct fayt_held_lock": ["sp_id", "state"],
-    "struct fayt_context_page": ["magic", "version", "pid", "context_id", "held", "reserved"],
+    "struct fayt_context_page": ["magic", "version", "pid", "context_id", "held", "actions",
+                                 "notify", "notify.rings_generation", "notify.depth",
+                                 "notify.provider", "notify.nstacks", "notify.delivered",
+                                 "notify.starved", "rings", "stacks", "saved", "reserved"],
+    "struct fayt_notify_state": ["rings_generation", "depth", "provider", "nstacks",
+                                 "delivered", "starved"],
+    "struct fayt_ring_record": ["ring_id", "sender"],
+    "struct fayt_notification_stack": ["base", "size", "state", "handle"],
+    "struct fayt_saved_state": ["index", "sender", "stack", "ring_id", "pos",
+                                "interrupted_index"],
+    "struct fayt_ring_header": ["magic", "size", "sender", "target", "target_pid", "state",
+                                "head", "tail", "space", "space_waiters", "target_waiting",
+                                "rung", "armed", "reserved", "posted"],
+    "struct fayt_ring_entry": ["seq", "index", "flags", "sender", "length", "done", "status",
+                               "result", "payload"],
+    "struct fayt_notification_frame": ["index", "sender", "flags", "length", "ring_id", "pos",
+                                       "depth", "reserved", "payload"],
+    "struct fayt_event_payload": ["event", "context_id", "pid", "sp_id", "identifier"],
+    "struct fayt_notify_install": ["index", "reserved", "cookie"],
+    "struct fayt_notify_open": ["target", "reserved"],
+    "struct fayt_ring_reply": ["ring_id", "sender", "target", "target_pid", "map_length"],
+    "struct fayt_stack_req": ["size", "reserved"],
+    "struct fayt_stack_reply": ["handle", "size", "record"],
+    "struct fayt_notify_subscribe": ["event", "index", "arg", "reserved"],
     "struct fayt_req_hdr": ["magic", "op", "flags", "seq", "tid"],
     "struct fayt_rep_hdr": ["magic", "op", "nfds", "seq", "err"],
     "struct fayt_hello_reply": ["context_id", "category", "rights", "reserved"],
@@ -58,6 +81,16 @@ CONSTANTS = [
     "FAYT_SYS_LIST_SHARE", "FAYT_SYS_LIST_CONTEXTS", "FAYT_SYS_UNMAP_DESTROY",
     "FAYT_CATEGORY_CORE", "FAYT_CATEGORY_DRIVER", "FAYT_CATEGORY_SERVER",
     "FAYT_PORTAL_REPLY_CREATED",
+    "FAYT_SYS_NOTIFY_INSTALL", "FAYT_SYS_NOTIFY_REMOVE", "FAYT_SYS_NOTIFY_OPEN",
+    "FAYT_SYS_NOTIFY_FETCH", "FAYT_SYS_NOTIFY_STACK_ALLOC", "FAYT_SYS_NOTIFY_STACK_FREE",
+    "FAYT_SYS_NOTIFY_PROVIDER", "FAYT_SYS_NOTIFY_SUBSCRIBE", "FAYT_SYS_NOTIFY_CLOSE",
+    "FAYT_NOTIFY_IMMEDIATE", "FAYT_NOTIFY_RETURN", "FAYT_NOTIFY_NOWAIT", "FAYT_NOTIFY_FLAGS",
+    "FAYT_NOTIFY_PAYLOAD_MAX", "FAYT_RING_ENTRIES", "FAYT_RING_MAGIC",
+    "FAYT_DOORBELL_SIGRTMIN_OFFSET", "FAYT_SENDER_KERNEL", "FAYT_RING_LIVE",
+    "FAYT_RING_TARGET_DEAD", "FAYT_RING_SENDER_DEAD", "FAYT_DONE_PENDING", "FAYT_DONE_RETURNED",
+    "FAYT_DONE_DEAD", "FAYT_DONE_ABANDONED", "FAYT_RING_HEADER_SIZE", "FAYT_EVENT_PEER_DIED",
+    "FAYT_EVENT_SP_DESTROYED", "FAYT_RINGS_MAX", "FAYT_STACKS_MAX", "FAYT_NEST_MAX",
+    "FAYT_NO_PROVIDER", "FAYT_STACK_UNUSED", "FAYT_STACK_FREE", "FAYT_STACK_IN_USE",
 ]
 
 
@@ -192,6 +225,31 @@ def test_abi_context_page_is_one_page(gcc_layout):
     assert gcc_layout[("sizeof", "struct fayt_context_page")] == 4096
     assert ffi.sizeof(ffi.typeof("struct fayt_context_page").fields[4][1].type) == \
         lib.FAYT_HELD_LOCKS_MAX * ffi.sizeof("struct fayt_held_lock")
+
+
+def test_abi_context_page_holds_the_notification_state(gcc_layout):
+    T = "struct fayt_context_page"
+    for field, n in (("actions", lib.FAYT_NOTIFICATION_SLOTS), ("rings", lib.FAYT_RINGS_MAX),
+                     ("stacks", lib.FAYT_STACKS_MAX), ("saved", lib.FAYT_NEST_MAX)):
+        t = _cffi_field_type(T, field)
+        assert t.kind == "array" and t.length == n, field
+    assert ffi.sizeof(_cffi_field_type(T, "actions")) == 64 * ffi.sizeof("void *")
+
+
+def test_abi_ring_layout(gcc_layout):
+    assert ffi.sizeof("struct fayt_ring_header") == lib.FAYT_RING_HEADER_SIZE
+    assert lib.FAYT_RING_ENTRIES & (lib.FAYT_RING_ENTRIES - 1) == 0
+    for T in ("struct fayt_ring_entry", "struct fayt_notification_frame"):
+        assert ffi.sizeof(_cffi_field_type(T, "payload")) == lib.FAYT_NOTIFY_PAYLOAD_MAX
+    assert ffi.sizeof("struct fayt_event_payload") <= lib.FAYT_NOTIFY_PAYLOAD_MAX
+    # Every futex word is a 4-byte aligned uint32 (the header and the entries
+    # start page-aligned and 64-byte aligned).
+    for T, f in (("struct fayt_ring_header", "space"), ("struct fayt_ring_entry", "done"),
+                 ("struct fayt_ring_entry", "seq")):
+        assert _cffi_offset(T, f) % 4 == 0 and gcc_layout[("offsetof", T, f)] % 4 == 0
+    assert ffi.sizeof("struct fayt_ring_entry") % 8 == 0
+    assert lib.fayt_ring_bytes() >= (lib.FAYT_RING_HEADER_SIZE
+                                     + lib.FAYT_RING_ENTRIES * ffi.sizeof("struct fayt_ring_entry"))
 
 
 def test_abi_notification_action_is_one_function_pointer(gcc_layout):

@@ -6,6 +6,11 @@
  * When the process dies faytd walks the slots: HELD locks are released with
  * the owner-died bit set; a PENDING lock is released the same way only if the
  * lock is held and no live context records it (see faytd/sharepoint.py).
+ * The notification part (see notification.h) holds the 64 notification
+ * actions (faytd writes them at the install call), the rings faytd made into
+ * this context (a new one bumps rings_generation: the runtime then fetches
+ * its fd with FAYT_SYS_NOTIFY_FETCH), the notification stacks it owns, and
+ * one saved-state record (the `ucontext`) per nesting level of dispatch.
  * All fields are naturally aligned; the struct is packed only so that cffi
  * and gcc agree byte for byte.
  */
@@ -13,6 +18,8 @@
 #define FAYT_CONTEXT_H
 
 #include <stdint.h>
+
+#include "notification.h"
 
 #define FAYT_CONTEXT_MAGIC   0x46435458   /* "FCTX" */
 #define FAYT_CONTEXT_VERSION 1
@@ -27,13 +34,59 @@ struct fayt_held_lock {
     uint32_t state;      /* FAYT_HELD_* */
 } __attribute__((packed));
 
+#define FAYT_RINGS_MAX        128   /* rings into one context (senders) */
+#define FAYT_STACKS_MAX       16    /* notification stacks of one context */
+#define FAYT_NEST_MAX         16    /* nesting depth of dispatch */
+#define FAYT_NO_PROVIDER      -1    /* notify.provider: no stack-provider action */
+
+/* fayt_notification_stack.state */
+#define FAYT_STACK_UNUSED 0         /* the record is free */
+#define FAYT_STACK_FREE   1         /* allocated, no handler runs on it */
+#define FAYT_STACK_IN_USE 2
+
+struct fayt_ring_record {
+    uint32_t ring_id;               /* 0: record free */
+    uint32_t sender;                /* the sender's context id (0: faytd) */
+} __attribute__((packed));
+
+struct fayt_notification_stack {
+    uint64_t base;                  /* where the process mapped it */
+    uint32_t size;                  /* bytes */
+    uint32_t state;                 /* FAYT_STACK_* */
+    uint64_t handle;                /* faytd's handle (FAYT_SYS_NOTIFY_STACK_FREE) */
+} __attribute__((packed));
+
+/* The state dispatch saved when a notification interrupted the context. */
+struct fayt_saved_state {
+    uint32_t index;                 /* the notification now running at this depth */
+    uint32_t sender;
+    uint32_t stack;                 /* its stack record */
+    uint32_t ring_id;
+    uint32_t pos;
+    uint32_t interrupted_index;     /* the one it interrupted (or FAYT_NOTIFICATION_SLOTS) */
+} __attribute__((packed));
+
+struct fayt_notify_state {
+    uint32_t rings_generation;      /* bumped by faytd when a ring is added or dies */
+    uint32_t depth;                 /* handlers running (nesting level) */
+    int32_t provider;               /* stack-provider slot, or FAYT_NO_PROVIDER */
+    uint32_t nstacks;               /* stack records in use */
+    uint64_t delivered;             /* statistics: handlers run */
+    uint64_t starved;               /* times a notification waited for a stack */
+} __attribute__((packed));
+
 struct fayt_context_page {
     uint32_t magic;
     uint32_t version;
     int32_t pid;
     uint32_t context_id;
     struct fayt_held_lock held[64];  /* FAYT_HELD_LOCKS_MAX */
-    uint8_t reserved[3568];          /* to 4096: notifications land here */
+    struct NotificationAction actions[64];            /* FAYT_NOTIFICATION_SLOTS */
+    struct fayt_notify_state notify;
+    struct fayt_ring_record rings[128];               /* FAYT_RINGS_MAX */
+    struct fayt_notification_stack stacks[16];        /* FAYT_STACKS_MAX */
+    struct fayt_saved_state saved[16];                /* FAYT_NEST_MAX */
+    uint8_t reserved[1232];                           /* to 4096 */
 } __attribute__((packed));
 
 #endif

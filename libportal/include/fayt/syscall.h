@@ -30,6 +30,16 @@
 #define FAYT_SYS_LIST_SHARE     5   /* body fayt_list_req (or none); reply: JSON list of share-points */
 #define FAYT_SYS_LIST_CONTEXTS  6   /* body fayt_list_req (or none); reply: JSON {"contexts": [...], ...} */
 #define FAYT_SYS_UNMAP_DESTROY  7   /* body fayt_handle_req: destroy, then drop the mapping */
+/* Notifications (see notification.h).  Delivery itself makes no call. */
+#define FAYT_SYS_NOTIFY_INSTALL 8   /* body fayt_notify_install: core only; writes actions[index] */
+#define FAYT_SYS_NOTIFY_REMOVE  9   /* body fayt_notify_install (cookie ignored) */
+#define FAYT_SYS_NOTIFY_OPEN    10  /* body fayt_notify_open; reply fayt_ring_reply + ring fd */
+#define FAYT_SYS_NOTIFY_FETCH   11  /* body fayt_list_req (ring ids above); reply fayt_ring_reply[n] + n fds */
+#define FAYT_SYS_NOTIFY_STACK_ALLOC 12  /* body fayt_stack_req; reply fayt_stack_reply + fd */
+#define FAYT_SYS_NOTIFY_STACK_FREE  13  /* body fayt_handle_req (the stack's handle) */
+#define FAYT_SYS_NOTIFY_PROVIDER    14  /* body fayt_notify_install: index or FAYT_NO_PROVIDER */
+#define FAYT_SYS_NOTIFY_SUBSCRIBE   15  /* body fayt_notify_subscribe: faytd's own notifications */
+#define FAYT_SYS_NOTIFY_CLOSE   16  /* body fayt_notify_open: drop this sender's ring into target */
 
 /* fayt_req_hdr.flags */
 #define FAYT_REQ_NOREPLY 0x1        /* UNMAP only: do not answer unless it fails */
@@ -82,5 +92,42 @@ struct fayt_portal_reply {
 } __attribute__((packed));
 
 #define FAYT_PORTAL_REPLY_CREATED 0x1   /* share-point: this call created it */
+
+struct fayt_notify_install {
+    int32_t index;         /* 0..63 (PROVIDER: or FAYT_NO_PROVIDER) */
+    uint32_t reserved;
+    uint64_t cookie;       /* INSTALL: what actions[index].handler holds; not 0 */
+} __attribute__((packed));
+
+struct fayt_notify_open {
+    uint32_t target;       /* the target's context id */
+    uint32_t reserved;
+} __attribute__((packed));
+
+struct fayt_ring_reply {
+    uint32_t ring_id;
+    uint32_t sender;
+    uint32_t target;
+    int32_t target_pid;
+    uint64_t map_length;   /* bytes to map from offset 0 of the fd */
+} __attribute__((packed));
+
+struct fayt_stack_req {
+    uint32_t size;         /* bytes, a multiple of FAYT_PAGE_SIZE (0: one page) */
+    uint32_t reserved;
+} __attribute__((packed));
+
+struct fayt_stack_reply {
+    uint64_t handle;
+    uint32_t size;
+    uint32_t record;       /* its index in the context page's stacks[] */
+} __attribute__((packed));
+
+struct fayt_notify_subscribe {
+    uint32_t event;        /* FAYT_EVENT_* */
+    int32_t index;         /* the slot faytd's notification names; -1: unsubscribe */
+    uint32_t arg;          /* PEER_DIED: the context id watched, 0 any */
+    uint32_t reserved;
+} __attribute__((packed));
 
 #endif

@@ -1,0 +1,62 @@
+/* fayt/ring.h: the notification ring and the waits, in C.
+ * Implemented in libportal/src/ring.c; libportal and faytd call them through
+ * cffi, which releases the GIL for the call, so a sleeping wait never holds
+ * up another thread.  Every wait returns EINTR when a signal arrives, so that
+ * Python can run its handlers (the doorbell's among them) and call again.
+ */
+#ifndef FAYT_RING_H
+#define FAYT_RING_H
+
+#include <stdint.h>
+
+struct fayt_ring_header;
+struct fayt_notification_frame;
+
+/* faytd: lay out a fresh (zeroed) ring. */
+void fayt_ring_init(void *ring, uint32_t sender, uint32_t target, int32_t target_pid);
+/* Bytes a ring object needs. */
+uint64_t fayt_ring_bytes(void);
+
+/* Sender: put one entry.  timeout_ns < 0 waits for ever for space (unless
+ * FAYT_NOTIFY_NOWAIT).  doorbell_fd: a pidfd of the target (or -1: kill the
+ * pid in the header).  *pos receives the entry's position.
+ * Returns 0, EAGAIN (full, NOWAIT), ETIMEDOUT, EINTR (call again), ESRCH (the
+ * target is dead), EINVAL (bad index, flags or length). */
+int fayt_ring_post(void *ring, uint32_t index, uint32_t flags, uint32_t sender,
+                   const void *payload, uint32_t length, int64_t timeout_ns,
+                   int doorbell_fd, int signo, uint32_t *pos);
+/* Sender, after a post with FAYT_NOTIFY_RETURN: wait for notification_ret.
+ * Returns 0 (*result and *status hold the handler's), ETIMEDOUT (the entry is
+ * abandoned: the target frees it), EINTR (call again), ESRCH (target died). */
+int fayt_ring_wait_return(void *ring, uint32_t pos, int64_t timeout_ns,
+                          int64_t *result, int32_t *status);
+
+/* Target: whether an entry is ready. */
+int fayt_ring_ready(void *ring);
+/* Target: take the next entry into frame (a fresh notification stack).
+ * Returns 1 if taken, 0 if the ring is empty.  An entry without
+ * FAYT_NOTIFY_RETURN is freed at once. */
+int fayt_ring_take(void *ring, struct fayt_notification_frame *frame);
+/* Target: notification_ret for an entry taken with FAYT_NOTIFY_RETURN. */
+void fayt_ring_return(void *ring, uint32_t pos, int64_t result, int32_t status);
+/* Target: clear the outstanding-doorbell mark of a ring. */
+void fayt_ring_clear_doorbell(void *ring);
+
+/* faytd: a side died.  FAYT_RING_TARGET_DEAD fails every waiting sender at
+ * once with ESRCH (their entries' done becomes FAYT_DONE_DEAD). */
+void fayt_ring_kill(void *ring, uint32_t state);
+
+/* Target: sleep until one of the n rings has an entry, *generation differs
+ * from seen, the doorbell signal arrives, or the timeout passes (< 0: never).
+ * The doorbell is consumed here (sigtimedwait) when it comes during the wait.
+ * Returns 0 (something to do), EINTR (another signal), ETIMEDOUT. */
+int fayt_notify_wait(void **rings, int n, const uint32_t *generation, uint32_t seen,
+                     int signo, int64_t timeout_ns);
+
+/* Futex on a shared 32-bit word: wait while *word == expect. */
+int fayt_futex_wait(uint32_t *word, uint32_t expect, int64_t timeout_ns);
+int fayt_futex_wake(uint32_t *word, int n);
+/* pidfd_send_signal(2); returns 0 or errno. */
+int fayt_pidfd_signal(int pidfd, int signo);
+
+#endif

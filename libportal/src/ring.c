@@ -1,0 +1,352 @@
+/* ring.c: notification rings, futex waits and the doorbell wait.
+ *
+ * Linux facts this relies on:
+ * - Shared futexes key on the backing page, so a sender and a target that
+ *   map the same ring object meet on its words (done, space).
+ * - A real-time signal that is blocked stays pending; sigtimedwait(2) takes
+ *   it synchronously, so a target asleep in fayt_notify_wait consumes its
+ *   doorbell without running a signal handler at all (the fast path), while
+ *   a target running Python code gets it through Python's handler.
+ * - Dekker-style handshakes (entry published / target_waiting, rung) need
+ *   sequentially consistent fences on both sides; each is marked below.
+ * The layout and the state machine of an entry are in fayt/notification.h.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <limits.h>
+#include <linux/futex.h>
+#include <sched.h>
+#include <signal.h>
+#include <string.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
+#include <pthread.h>
+
+#include "fayt/notification.h"
+#include "fayt/ring.h"
+
+#ifndef SYS_pidfd_send_signal
+#define SYS_pidfd_send_signal 424
+#endif
+
+#define LOAD(p) __atomic_load_n((p), __ATOMIC_ACQUIRE)
+#define STORE(p, v) __atomic_store_n((p), (v), __ATOMIC_RELEASE)
+#define FENCE() __atomic_thread_fence(__ATOMIC_SEQ_CST)
+
+static inline struct fayt_ring_header *hdr(void *ring) { return (struct fayt_ring_header *)ring; }
+static inline struct fayt_ring_entry *entries(void *ring)
+{
+    return (struct fayt_ring_entry *)((char *)ring + FAYT_RING_HEADER_SIZE);
+}
+
+uint64_t fayt_ring_bytes(void)
+{
+    uint64_t n = FAYT_RING_HEADER_SIZE + (uint64_t)FAYT_RING_ENTRIES * sizeof(struct fayt_ring_entry);
+    return (n + 4095) & ~(uint64_t)4095;
+}
+
+void fayt_ring_init(void *ring, uint32_t sender, uint32_t target, int32_t target_pid)
+{
+    struct fayt_ring_header *h = hdr(ring);
+    struct fayt_ring_entry *e = entries(ring);
+    h->size = FAYT_RING_ENTRIES;
+    h->sender = sender;
+    h->target = target;
+    h->target_pid = target_pid;
+    for (uint32_t i = 0; i < FAYT_RING_ENTRIES; i++)
+        e[i].seq = i;
+    STORE(&h->magic, FAYT_RING_MAGIC);
+}
+
+static int deadline_of(int64_t timeout_ns, struct timespec *d)
+{
+    if (timeout_ns < 0)
+        return 0;
+    clock_gettime(CLOCK_MONOTONIC, d);
+    d->tv_sec += timeout_ns / 1000000000;
+    d->tv_nsec += timeout_ns % 1000000000;
+    if (d->tv_nsec >= 1000000000) {
+        d->tv_sec++;
+        d->tv_nsec -= 1000000000;
+    }
+    return 1;
+}
+
+/* Time left to the deadline in rel; 0 if it passed. */
+static int remaining(const struct timespec *d, struct timespec *rel)
+{
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    rel->tv_sec = d->tv_sec - now.tv_sec;
+    rel->tv_nsec = d->tv_nsec - now.tv_nsec;
+    if (rel->tv_nsec < 0) {
+        rel->tv_sec--;
+        rel->tv_nsec += 1000000000;
+    }
+    return rel->tv_sec >= 0;
+}
+
+static int futex_wait_ts(uint32_t *w, uint32_t expect, const struct timespec *rel)
+{
+    long r = syscall(SYS_futex, w, FUTEX_WAIT, expect, rel, NULL, 0);
+    if (r == 0)
+        return 0;
+    return errno == EAGAIN ? 0 : errno;
+}
+
+int fayt_futex_wait(uint32_t *word, uint32_t expect, int64_t timeout_ns)
+{
+    struct timespec rel, *tsp = NULL;
+    if (timeout_ns >= 0) {
+        rel.tv_sec = timeout_ns / 1000000000;
+        rel.tv_nsec = timeout_ns % 1000000000;
+        tsp = &rel;
+    }
+    return futex_wait_ts(word, expect, tsp);
+}
+
+int fayt_futex_wake(uint32_t *word, int n)
+{
+    long r = syscall(SYS_futex, word, FUTEX_WAKE, n, NULL, NULL, 0);
+    return r < 0 ? -errno : (int)r;
+}
+
+int fayt_pidfd_signal(int pidfd, int signo)
+{
+    return syscall(SYS_pidfd_send_signal, pidfd, signo, NULL, 0) == 0 ? 0 : errno;
+}
+
+/* An entry was freed: wake senders asleep on space. */
+static void space_freed(struct fayt_ring_header *h)
+{
+    FENCE();   /* pairs with the sender's fence between space_waiters++ and its re-check */
+    if (LOAD(&h->space_waiters)) {
+        __atomic_fetch_add(&h->space, 1, __ATOMIC_SEQ_CST);
+        fayt_futex_wake(&h->space, INT_MAX);
+    }
+}
+
+static void ring_doorbell(struct fayt_ring_header *h, int doorbell_fd, int signo)
+{
+    if (__atomic_exchange_n(&h->rung, 1, __ATOMIC_SEQ_CST))
+        return;     /* one is outstanding: the target clears rung before it scans */
+    int r = doorbell_fd >= 0 ? fayt_pidfd_signal(doorbell_fd, signo)
+                             : (kill(h->target_pid, signo) == 0 ? 0 : errno);
+    if (r)          /* gone, or queue full: let the next post try again */
+        STORE(&h->rung, 0);
+}
+
+int fayt_ring_post(void *ring, uint32_t index, uint32_t flags, uint32_t sender,
+                   const void *payload, uint32_t length, int64_t timeout_ns,
+                   int doorbell_fd, int signo, uint32_t *pos_out)
+{
+    struct fayt_ring_header *h = hdr(ring);
+    struct fayt_ring_entry *e = entries(ring);
+    const uint32_t mask = FAYT_RING_ENTRIES - 1;
+    struct timespec deadline, rel;
+    int timed = 0, have_deadline = 0;
+    uint32_t pos;
+
+    if (index >= FAYT_NOTIFICATION_SLOTS || (flags & ~FAYT_NOTIFY_FLAGS) ||
+        length > FAYT_NOTIFY_PAYLOAD_MAX)
+        return EINVAL;
+    for (;;) {
+        if (LOAD(&h->state) == FAYT_RING_TARGET_DEAD)
+            return ESRCH;
+        pos = __atomic_load_n(&h->head, __ATOMIC_RELAXED);
+        uint32_t seq = LOAD(&e[pos & mask].seq);
+        int32_t diff = (int32_t)(seq - pos);
+        if (diff == 0) {
+            if (__atomic_compare_exchange_n(&h->head, &pos, pos + 1, 0,
+                                            __ATOMIC_RELAXED, __ATOMIC_RELAXED))
+                break;
+            continue;
+        }
+        if (diff > 0)
+            continue;           /* another thread took pos */
+        /* Full at pos. */
+        if (flags & FAYT_NOTIFY_NOWAIT)
+            return EAGAIN;
+        if (!have_deadline) {
+            timed = deadline_of(timeout_ns, &deadline);
+            have_deadline = 1;
+        }
+        uint32_t sp = LOAD(&h->space);
+        __atomic_fetch_add(&h->space_waiters, 1, __ATOMIC_SEQ_CST);
+        FENCE();
+        int r = 0;
+        if (LOAD(&e[pos & mask].seq) == pos || LOAD(&h->state) == FAYT_RING_TARGET_DEAD) {
+            r = 0;
+        } else if (timed && !remaining(&deadline, &rel)) {
+            r = ETIMEDOUT;
+        } else {
+            r = futex_wait_ts(&h->space, sp, timed ? &rel : NULL);
+        }
+        __atomic_fetch_sub(&h->space_waiters, 1, __ATOMIC_SEQ_CST);
+        if (r == ETIMEDOUT || r == EINTR)
+            return r;
+    }
+    struct fayt_ring_entry *x = &e[pos & mask];
+    x->index = (uint16_t)index;
+    x->flags = (uint16_t)flags;
+    x->sender = sender;
+    x->length = length;
+    x->status = 0;
+    x->result = 0;
+    if (length)
+        memcpy(x->payload, payload, length);
+    __atomic_store_n(&x->done, FAYT_DONE_PENDING, __ATOMIC_RELAXED);
+    STORE(&x->seq, pos + 1);
+    __atomic_fetch_add(&h->posted, 1, __ATOMIC_RELAXED);
+    *pos_out = pos;
+    FENCE();    /* the entry is visible before we read target_waiting (pairs with the wait) */
+    if (LOAD(&h->armed) &&
+        ((flags & FAYT_NOTIFY_IMMEDIATE) || LOAD(&h->target_waiting))) {
+        ring_doorbell(h, doorbell_fd, signo);
+        if (flags & FAYT_NOTIFY_IMMEDIATE)
+            sched_yield();
+    }
+    return 0;
+}
+
+int fayt_ring_wait_return(void *ring, uint32_t pos, int64_t timeout_ns,
+                          int64_t *result, int32_t *status)
+{
+    struct fayt_ring_header *h = hdr(ring);
+    struct fayt_ring_entry *x = &entries(ring)[pos & (FAYT_RING_ENTRIES - 1)];
+    struct timespec deadline, rel;
+    int timed = deadline_of(timeout_ns, &deadline);
+
+    for (;;) {
+        uint32_t d = LOAD(&x->done);
+        if (d == FAYT_DONE_RETURNED) {
+            *result = x->result;
+            *status = x->status;
+            STORE(&x->seq, pos + FAYT_RING_ENTRIES);   /* free for the next lap */
+            space_freed(h);
+            return 0;
+        }
+        if (d == FAYT_DONE_DEAD)
+            return ESRCH;
+        FENCE();    /* pairs with fayt_ring_kill: state before done */
+        if (LOAD(&h->state) == FAYT_RING_TARGET_DEAD)
+            return ESRCH;
+        int r;
+        if (timed && !remaining(&deadline, &rel))
+            r = ETIMEDOUT;
+        else
+            r = futex_wait_ts(&x->done, d, timed ? &rel : NULL);
+        if (r == ETIMEDOUT) {
+            uint32_t pending = FAYT_DONE_PENDING;
+            if (__atomic_compare_exchange_n(&x->done, &pending, FAYT_DONE_ABANDONED, 0,
+                                            __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
+                return ETIMEDOUT;
+            continue;   /* it returned (or died) meanwhile */
+        }
+        if (r == EINTR)
+            return EINTR;
+    }
+}
+
+int fayt_ring_ready(void *ring)
+{
+    struct fayt_ring_header *h = hdr(ring);
+    uint32_t pos = __atomic_load_n(&h->tail, __ATOMIC_RELAXED);
+    return LOAD(&entries(ring)[pos & (FAYT_RING_ENTRIES - 1)].seq) == pos + 1;
+}
+
+int fayt_ring_take(void *ring, struct fayt_notification_frame *f)
+{
+    struct fayt_ring_header *h = hdr(ring);
+    uint32_t pos = __atomic_load_n(&h->tail, __ATOMIC_RELAXED);
+    struct fayt_ring_entry *x = &entries(ring)[pos & (FAYT_RING_ENTRIES - 1)];
+    if (LOAD(&x->seq) != pos + 1)
+        return 0;
+    uint32_t len = x->length <= FAYT_NOTIFY_PAYLOAD_MAX ? x->length : FAYT_NOTIFY_PAYLOAD_MAX;
+    f->index = x->index;
+    f->sender = x->sender;
+    f->flags = x->flags;
+    f->length = len;
+    f->pos = pos;
+    memcpy(f->payload, x->payload, len);
+    STORE(&h->tail, pos + 1);
+    if (!(x->flags & FAYT_NOTIFY_RETURN)) {
+        STORE(&x->seq, pos + FAYT_RING_ENTRIES);
+        space_freed(h);
+    }
+    return 1;
+}
+
+void fayt_ring_return(void *ring, uint32_t pos, int64_t result, int32_t status)
+{
+    struct fayt_ring_header *h = hdr(ring);
+    struct fayt_ring_entry *x = &entries(ring)[pos & (FAYT_RING_ENTRIES - 1)];
+    x->result = result;
+    x->status = status;
+    uint32_t pending = FAYT_DONE_PENDING;
+    if (__atomic_compare_exchange_n(&x->done, &pending, FAYT_DONE_RETURNED, 0,
+                                    __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) {
+        fayt_futex_wake(&x->done, 1);
+        return;
+    }
+    if (pending == FAYT_DONE_ABANDONED) {     /* the sender gave up: we free it */
+        STORE(&x->seq, pos + FAYT_RING_ENTRIES);
+        space_freed(h);
+    }
+}
+
+void fayt_ring_clear_doorbell(void *ring)
+{
+    __atomic_store_n(&hdr(ring)->rung, 0, __ATOMIC_SEQ_CST);
+}
+
+void fayt_ring_kill(void *ring, uint32_t state)
+{
+    struct fayt_ring_header *h = hdr(ring);
+    struct fayt_ring_entry *e = entries(ring);
+    __atomic_store_n(&h->state, state, __ATOMIC_SEQ_CST);
+    if (state == FAYT_RING_TARGET_DEAD) {
+        for (uint32_t i = 0; i < FAYT_RING_ENTRIES; i++) {
+            uint32_t pending = FAYT_DONE_PENDING;
+            if (__atomic_compare_exchange_n(&e[i].done, &pending, FAYT_DONE_DEAD, 0,
+                                            __ATOMIC_SEQ_CST, __ATOMIC_RELAXED))
+                fayt_futex_wake(&e[i].done, INT_MAX);
+        }
+    }
+    __atomic_fetch_add(&h->space, 1, __ATOMIC_SEQ_CST);
+    fayt_futex_wake(&h->space, INT_MAX);
+}
+
+int fayt_notify_wait(void **rings, int n, const uint32_t *generation, uint32_t seen,
+                     int signo, int64_t timeout_ns)
+{
+    sigset_t set, old;
+    sigemptyset(&set);
+    sigaddset(&set, signo);
+    pthread_sigmask(SIG_BLOCK, &set, &old);
+    for (int i = 0; i < n; i++) {
+        __atomic_store_n(&hdr(rings[i])->target_waiting, 1, __ATOMIC_SEQ_CST);
+        __atomic_store_n(&hdr(rings[i])->rung, 0, __ATOMIC_SEQ_CST);
+    }
+    FENCE();    /* target_waiting before the readiness check (pairs with post) */
+    int ready = generation && LOAD(generation) != seen;
+    for (int i = 0; i < n && !ready; i++)
+        ready = fayt_ring_ready(rings[i]) || LOAD(&hdr(rings[i])->state) != FAYT_RING_LIVE;
+    int r = 0;
+    if (!ready) {
+        struct timespec rel, *tsp = NULL;
+        if (timeout_ns >= 0) {
+            rel.tv_sec = timeout_ns / 1000000000;
+            rel.tv_nsec = timeout_ns % 1000000000;
+            tsp = &rel;
+        }
+        int s = sigtimedwait(&set, NULL, tsp);
+        if (s < 0)
+            r = errno == EAGAIN ? ETIMEDOUT : errno;
+    }
+    for (int i = 0; i < n; i++)
+        __atomic_store_n(&hdr(rings[i])->target_waiting, 0, __ATOMIC_RELAXED);
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    return r;
+}
