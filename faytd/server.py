@@ -267,10 +267,10 @@ class Server:
         try:
             if handler is None:
                 raise KernelError(errno.ENOSYS, "op: %d is not a faytd system call" % op)
-            if not ctx.registered and op not in syscall.NEED_NO_HELLO:
-                raise KernelError(errno.EPROTO, "op %d before hello" % op)
             if fds:
                 raise KernelError(errno.EINVAL, "this call takes no file descriptors")
+            if not ctx.registered and op not in syscall.NEED_NO_HELLO:
+                raise KernelError(errno.EPROTO, "op %d before hello" % op)
             return handler(self.k, ctx, tid, body, fds)
         except KernelError as e:
             return e, []

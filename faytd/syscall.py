@@ -239,4 +239,4 @@ HANDLERS = {
     lib.FAYT_SYS_LIST_CONTEXTS: sys_list_contexts,
     lib.FAYT_SYS_UNMAP_DESTROY: sys_unmap_destroy,
 }
-NEED_NO_HELLO = {lib.FAYT_SYS_HELLO, lib.FAYT_SYS_LIST_SHARE, lib.FAYT_SYS_LIST_CONTEXTS}
+NEED_NO_HELLO = {lib.FAYT_SYS_HELLO}     # listing needs a context the policy admitted

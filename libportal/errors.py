@@ -29,8 +29,9 @@ class NotFound(PortalError, FileNotFoundError):
 
 
 class InvalidArgument(PortalError):
-    """EINVAL (bad value: class bits, length, alignment, offset out of bounds),
-    ENAMETOOLONG (identifier too long), EILSEQ (identifier not UTF-8)."""
+    """EINVAL (bad value: class bits, length, alignment, offset out of bounds,
+    an identifier that is empty or not UTF-8), ENAMETOOLONG (identifier
+    longer than FAYT_NAME_MAX)."""
 
 
 class OutOfMemory(PortalError):

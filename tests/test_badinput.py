@@ -175,10 +175,11 @@ _observers = {}
 
 
 def _observer(path):
-    """One raw connection per daemon for looking (no HELLO: LIST needs none)."""
+    """One raw registered connection per daemon for looking (LIST needs a
+    context; the observer maps nothing, so it changes no figure it reads)."""
     r = _observers.get(path)
     if r is None:
-        r = _observers[path] = Raw(path, hello=False)
+        r = _observers[path] = Raw(path)
     return r
 
 
@@ -1160,7 +1161,7 @@ def test_badinput_connect_close_loop_leaks_nothing(private):
     for _ in range(200):
         c = libportal.Connection(d.socket)
         c.close()
-    with Raw(d.socket, hello=False) as r:
+    with Raw(d.socket) as r:
         ctxs = json.loads(r.call(lib.FAYT_SYS_LIST_CONTEXTS).body)["contexts"]
         grown = _fd_count(d.proc.pid) - fds0
     stale = [x for x in ctxs if not x["connected"]]
@@ -1247,3 +1248,12 @@ def test_badinput_many_clients_then_disconnect(many_fds, private):
     assert d.proc.poll() is None, "faytd died: %s" % d.read_log()[-1500:]
     assert_serving(d)
     d.crash_reported = False
+
+
+def test_badinput_list_before_hello_is_refused(daemon):
+    """Listing needs a context the policy admitted: a client that has not
+    (or could not) register sees no identifiers, pids or frames."""
+    with Raw(daemon.socket, hello=False) as r:
+        for op in (lib.FAYT_SYS_LIST_SHARE, lib.FAYT_SYS_LIST_CONTEXTS):
+            rep = r.call(op)
+            assert rep.err == errno.EPROTO and "before hello" in rep.message

@@ -894,3 +894,53 @@ def test_sharepoint_connection_close_invalidates_its_share_points(faytd, names):
         """ % name)], env=faytd.env(), capture_output=True, text=True, timeout=WAIT)
     assert out.returncode == 0, "exit %s: %s" % (out.returncode, out.stderr[-2000:])
     assert out.stdout.strip() == "unmapped %d" % errno.EBADF
+
+
+# -- threads -------------------------------------------------------------------
+
+def test_sharepoint_threads_share_one_object_and_the_lock_excludes_them(lp, names):
+    """The lock belongs to the thread that took it through the object: other
+    threads using the same object wait for it, and cannot unlock it."""
+    import threading
+    sp = lp.share_create(names("threads"), 4096)
+    try:
+        mv = sp.view().cast("q")
+        errors = []
+
+        def work():
+            try:
+                for _ in range(20000):
+                    sp.lock()
+                    mv[0] += 1
+                    sp.unlock()
+            except BaseException as e:          # pragma: no cover - reported below
+                errors.append(e)
+
+        ts = [threading.Thread(target=work) for _ in range(4)]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join(60)
+        assert errors == [] and not any(t.is_alive() for t in ts)
+        assert mv[0] == 80000
+
+        assert sp.lock() == 0
+        seen = {}
+
+        def intruder():
+            seen["held"] = sp.held
+            try:
+                sp.unlock()
+            except lp.PermissionDenied as e:
+                seen["unlock"] = e.errno
+            seen["try"] = sp.try_lock()
+
+        t = threading.Thread(target=intruder)
+        t.start()
+        t.join(10)
+        assert seen == {"held": False, "unlock": errno.EPERM, "try": errno.EBUSY}
+        assert sp.held
+        sp.unlock()
+        mv.release()
+    finally:
+        sp.destroy()

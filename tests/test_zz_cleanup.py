@@ -32,6 +32,7 @@ def test_cleanup_faytd_stop_leaves_nothing_in_dev_shm(tmp_path):
         d.stop()
         assert fayt_shm_objects([d.proc.pid]) == []
     finally:
+        d.stop()
         child.kill()
         child.wait()
 

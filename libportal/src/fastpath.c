@@ -23,6 +23,9 @@
 
 #define FASTPATH_ABI 1
 
+#include <pythread.h>
+#define MINE(self) ((self)->holder != 0 && (self)->holder == PyThread_get_thread_ident())
+
 static PyObject *error_factory = NULL;
 
 static PyObject *raise_errno(int err, const char *msg)
@@ -52,7 +55,7 @@ typedef struct {
     uint32_t sp_id;
     struct fayt_context_page *ctx;
     int slot;
-    int held;                 /* this object holds the lock */
+    unsigned long holder;     /* thread that holds the lock through this object, or 0 */
     PyObject *weakreflist;
     PyObject *dict;
 } SharePointCore;
@@ -78,7 +81,7 @@ static int core_init(SharePointCore *self, PyObject *args, PyObject *kw)
     self->sp_id = sp_id;
     self->ctx = (struct fayt_context_page *)(uintptr_t)ctx;
     self->slot = -1;
-    self->held = 0;
+    self->holder = 0;
     return 0;
 }
 
@@ -143,7 +146,7 @@ static int acquire(SharePointCore *self, int64_t timeout_ns)
     case 0:
     case EOWNERDEAD:
         self->slot = slot;
-        self->held = 1;
+        self->holder = PyThread_get_thread_ident();
         return r;
     case EBUSY:
         if (timeout_ns == 0)
@@ -165,7 +168,7 @@ static int acquire(SharePointCore *self, int64_t timeout_ns)
 static int release(SharePointCore *self)
 {
     int r = fayt_sp_unlock(self->base, self->ctx, self->sp_id, self->slot);
-    self->held = 0;
+    self->holder = 0;
     self->slot = -1;
     return r;
 }
@@ -206,8 +209,8 @@ static PyObject *core_lock(SharePointCore *self, PyObject *const *args, Py_ssize
     }
     if (t && parse_timeout(t, &timeout) < 0)
         return NULL;
-    if (self->held)
-        return raise_errno(EDEADLK, "share-point lock: already held by this object");
+    if (MINE(self))
+        return raise_errno(EDEADLK, "share-point lock: this thread already holds it");
     int r = acquire(self, timeout < 0 ? -1 : (timeout == 0 ? 1 : timeout));
     if (r < 0)
         return NULL;
@@ -217,8 +220,8 @@ static PyObject *core_lock(SharePointCore *self, PyObject *const *args, Py_ssize
 static PyObject *core_try_lock(SharePointCore *self, PyObject *unused)
 {
     CHECK_MAPPED(self);
-    if (self->held)
-        return raise_errno(EDEADLK, "share-point lock: already held by this object");
+    if (MINE(self))
+        return raise_errno(EDEADLK, "share-point lock: this thread already holds it");
     int r = acquire(self, 0);
     if (r < 0)
         return NULL;
@@ -228,8 +231,8 @@ static PyObject *core_try_lock(SharePointCore *self, PyObject *unused)
 static PyObject *core_unlock(SharePointCore *self, PyObject *unused)
 {
     CHECK_MAPPED(self);
-    if (!self->held)
-        return raise_errno(EPERM, "share-point unlock: not held by this object");
+    if (!MINE(self))
+        return raise_errno(EPERM, "share-point unlock: this thread does not hold it");
     if (release(self) == EPERM)
         return raise_errno(EPERM, "share-point unlock: the lock was already free "
                                   "(released behind this object's back)");
@@ -239,8 +242,8 @@ static PyObject *core_unlock(SharePointCore *self, PyObject *unused)
 static PyObject *core_mark_consistent(SharePointCore *self, PyObject *unused)
 {
     CHECK_MAPPED(self);
-    if (!self->held)
-        return raise_errno(EPERM, "mark_consistent: the lock is not held by this object");
+    if (!MINE(self))
+        return raise_errno(EPERM, "mark_consistent: this thread does not hold the lock");
     fayt_sp_mark_consistent(self->base);
     Py_RETURN_NONE;
 }
@@ -267,8 +270,8 @@ static int check_access(SharePointCore *self, Py_ssize_t offset, Py_ssize_t n, i
 /* Lock for a fused call; an owner-died lock is released again and refused. */
 static int fused_acquire(SharePointCore *self)
 {
-    if (self->held) {
-        raise_errno(EDEADLK, "fused access while this object holds the lock: use view()");
+    if (MINE(self)) {
+        raise_errno(EDEADLK, "fused access while this thread holds the lock: use view()");
         return -1;
     }
     int r = acquire(self, -1);
@@ -363,8 +366,8 @@ static PyObject *core_view(SharePointCore *self, PyObject *unused)
 static PyObject *core_enter(SharePointCore *self, PyObject *unused)
 {
     CHECK_MAPPED(self);
-    if (self->held)
-        return raise_errno(EDEADLK, "share-point lock: already held by this object");
+    if (MINE(self))
+        return raise_errno(EDEADLK, "share-point lock: this thread already holds it");
     if (fused_acquire(self) < 0)
         return NULL;
     Py_INCREF(self);
@@ -373,14 +376,14 @@ static PyObject *core_enter(SharePointCore *self, PyObject *unused)
 
 static PyObject *core_exit(SharePointCore *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (self->base && self->held)
+    if (self->base && MINE(self))
         release(self);
     Py_RETURN_FALSE;
 }
 
 static PyObject *core_invalidate(SharePointCore *self, PyObject *unused)
 {
-    if (self->base && self->held)
+    if (self->base && self->holder)
         release(self);
     self->base = NULL;
     Py_RETURN_NONE;
@@ -391,7 +394,7 @@ static PyObject *core_invalidate(SharePointCore *self, PyObject *unused)
 static PyObject *core_forget(SharePointCore *self, PyObject *unused)
 {
     self->base = NULL;
-    self->held = 0;
+    self->holder = 0;
     self->slot = -1;
     Py_RETURN_NONE;
 }
@@ -400,7 +403,7 @@ static PyObject *get_length(SharePointCore *self, void *c) { return PyLong_FromS
 static PyObject *get_prot(SharePointCore *self, void *c) { return PyLong_FromLong(self->prot); }
 static PyObject *get_sp_id(SharePointCore *self, void *c) { return PyLong_FromUnsignedLong(self->sp_id); }
 static PyObject *get_data_offset(SharePointCore *self, void *c) { return PyLong_FromSize_t(self->data_offset); }
-static PyObject *get_held(SharePointCore *self, void *c) { return PyBool_FromLong(self->held); }
+static PyObject *get_held(SharePointCore *self, void *c) { return PyBool_FromLong(MINE(self)); }
 static PyObject *get_mapped(SharePointCore *self, void *c) { return PyBool_FromLong(self->base != NULL); }
 static PyObject *get_base(SharePointCore *self, void *c)
 {
@@ -446,7 +449,7 @@ static PyGetSetDef core_getset[] = {
     {"prot", (getter)get_prot, NULL, "protection this mapping was granted", NULL},
     {"sp_id", (getter)get_sp_id, NULL, "faytd's id of the share-point", NULL},
     {"data_offset", (getter)get_data_offset, NULL, "offset of the data from the mapping", NULL},
-    {"held", (getter)get_held, NULL, "whether this object holds the lock", NULL},
+    {"held", (getter)get_held, NULL, "whether the calling thread holds the lock through this object", NULL},
     {"mapped", (getter)get_mapped, NULL, "whether the share-point is still mapped", NULL},
     {"base", (getter)get_base, NULL, "address of the mapping (the meta-structure)", NULL},
     {"lock_state", (getter)get_lock_state, NULL, "the raw lock byte", NULL},
