@@ -43,6 +43,7 @@ _SOL_SOCKET, _SCM_RIGHTS = int(socket.SOL_SOCKET), int(socket.SCM_RIGHTS)
 class Server:
     def __init__(self, kernel, path, mode):
         self.k = kernel
+        kernel.server = self            # kernel objects may watch fds (watch_fd)
         self.path = path
         self.ep = select.epoll()
         self.watch = {}                 # fd -> (kind, object)
@@ -57,6 +58,15 @@ class Server:
     def _watch(self, fd, kind, obj):
         self.watch[fd] = (kind, obj)
         self.ep.register(fd, select.EPOLLIN)
+
+    def watch_fd(self, fd, callback, events=select.EPOLLIN):
+        """For kernel objects (the pager's userfaultfds, rings): call
+        callback(fd, events) when fd is ready, in the loop, until unwatch_fd."""
+        self.watch[fd] = ("callback", callback)
+        self.ep.register(fd, events)
+
+    def unwatch_fd(self, fd):
+        self._unwatch_fd(fd)
 
     def _unwatch_fd(self, fd):
         if self.watch.pop(fd, None) is not None:
@@ -101,7 +111,7 @@ class Server:
         try:
             watch = self.watch
             while not self.stopping:
-                for fd, _ in self.ep.poll():
+                for fd, ev in self.ep.poll():
                     kind, obj = watch.get(fd, (None, None))
                     try:
                         if kind == "client":
@@ -110,10 +120,14 @@ class Server:
                             self._on_death(obj)
                         elif kind == "accept":
                             self._accept()
+                        elif kind == "callback":
+                            obj(fd, ev)
                     except Exception:
                         # A bug must cost one client, never faytd.
                         log.error("event %s on fd %d raised:\n%s", kind, fd, traceback.format_exc())
-                        if obj is not None:
+                        if kind == "callback":
+                            self._unwatch_fd(fd)
+                        elif obj is not None:
                             self._drop_conn(obj)
                             self._unwatch_pidfd(obj)
                             try:
@@ -267,7 +281,7 @@ class Server:
         try:
             if handler is None:
                 raise KernelError(errno.ENOSYS, "op: %d is not a faytd system call" % op)
-            if fds:
+            if fds and op not in syscall.TAKES_FDS:
                 raise KernelError(errno.EINVAL, "this call takes no file descriptors")
             if not ctx.registered and op not in syscall.NEED_NO_HELLO:
                 raise KernelError(errno.EPROTO, "op %d before hello" % op)

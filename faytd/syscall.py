@@ -240,3 +240,6 @@ HANDLERS = {
     lib.FAYT_SYS_UNMAP_DESTROY: sys_unmap_destroy,
 }
 NEED_NO_HELLO = {lib.FAYT_SYS_HELLO}     # listing needs a context the policy admitted
+# Ops whose request may carry file descriptors (SCM_RIGHTS); the handler gets
+# them in `fds` and must dup what it keeps: the server closes them after.
+TAKES_FDS = set()
