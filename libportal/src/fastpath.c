@@ -18,6 +18,7 @@
 
 #include "fayt/context.h"
 #include "fayt/lock.h"
+#include "fayt/lock_fast.h"
 #include "fayt/portal.h"
 #include "fayt/sharepoint.h"
 
@@ -119,11 +120,54 @@ static int64_t now_ns(void)
     return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
 }
 
-/* Take the lock; returns 0 or EOWNERDEAD, or -1 with an exception set. */
+/* The robust record (include/fayt/context.h), kept here rather than in
+ * lock.c: every claim and clear happens with the GIL held, so the threads of
+ * this process never race on a slot and plain stores in program order do:
+ * faytd reads the page only after the process died, when every store it
+ * made is visible. */
+static int rec_claim(struct fayt_context_page *ctx, uint32_t sp_id)
+{
+    if (!ctx)
+        return -1;
+    unsigned start = sp_id % FAYT_HELD_LOCKS_MAX;
+    for (unsigned i = 0; i < FAYT_HELD_LOCKS_MAX; i++) {
+        unsigned k = (start + i) % FAYT_HELD_LOCKS_MAX;
+        if (ctx->held[k].sp_id == 0) {
+            __atomic_store_n(&ctx->held[k].sp_id, sp_id, __ATOMIC_RELAXED);
+            __atomic_store_n(&ctx->held[k].state, FAYT_HELD_PENDING, __ATOMIC_RELEASE);
+            return (int)k;
+        }
+    }
+    return -2;
+}
+
+static inline void rec_set(struct fayt_context_page *ctx, int slot, uint32_t state)
+{
+    if (ctx && slot >= 0)
+        __atomic_store_n(&ctx->held[slot].state, state, __ATOMIC_RELEASE);
+}
+
+static inline void rec_clear(struct fayt_context_page *ctx, int slot)
+{
+    if (ctx && slot >= 0) {
+        __atomic_store_n(&ctx->held[slot].state, FAYT_HELD_FREE, __ATOMIC_RELEASE);
+        __atomic_store_n(&ctx->held[slot].sp_id, 0, __ATOMIC_RELEASE);
+    }
+}
+
+/* Take the lock; returns 0 or EOWNERDEAD, or -1 with an exception set.
+ * The record is PENDING while the lock is being taken, HELD once it is. */
 static int acquire(SharePointCore *self, int64_t timeout_ns)
 {
-    int slot = -1;
-    int r = fayt_sp_trylock(self->base, self->ctx, self->sp_id, &slot);
+    int unused;
+    int slot = rec_claim(self->ctx, self->sp_id);
+    if (slot == -2) {
+        raise_errno(ENOLCK, "share-point lock: this process holds too many locks "
+                            "(FAYT_HELD_LOCKS_MAX)");
+        return -1;
+    }
+    int died = 0;
+    int r = fayt_sp_take(self->base, FAYT_LOCK_HELD, &died) ? (died ? EOWNERDEAD : 0) : EBUSY;
     if (r == EBUSY && timeout_ns != 0) {
         int64_t deadline = timeout_ns > 0 ? now_ns() + timeout_ns : 0;
         for (;;) {
@@ -134,40 +178,44 @@ static int acquire(SharePointCore *self, int64_t timeout_ns)
                     left = 0;
             }
             Py_BEGIN_ALLOW_THREADS
-            r = fayt_sp_lock(self->base, self->ctx, self->sp_id, left, &slot);
+            r = fayt_sp_lock(self->base, NULL, 0, left, &unused);
             Py_END_ALLOW_THREADS
             if (r != EINTR)
                 break;
-            if (PyErr_CheckSignals() < 0)
+            if (PyErr_CheckSignals() < 0) {
+                rec_clear(self->ctx, slot);
                 return -1;
+            }
         }
     }
-    switch (r) {
-    case 0:
-    case EOWNERDEAD:
+    if (r == 0 || r == EOWNERDEAD) {
+        rec_set(self->ctx, slot, FAYT_HELD_HELD);
         self->slot = slot;
         self->holder = PyThread_get_thread_ident();
         return r;
-    case EBUSY:
-        if (timeout_ns == 0)
-            return EBUSY;
-        /* fallthrough */
-    case ETIMEDOUT:
-        raise_errno(ETIMEDOUT, "share-point lock: timed out");
-        return -1;
-    case ENOLCK:
-        raise_errno(ENOLCK, "share-point lock: this process holds too many locks "
-                            "(FAYT_HELD_LOCKS_MAX)");
-        return -1;
-    default:
-        raise_errno(r, "share-point lock failed");
-        return -1;
     }
+    rec_clear(self->ctx, slot);
+    if (r == EBUSY && timeout_ns == 0)
+        return EBUSY;
+    if (r == EBUSY || r == ETIMEDOUT)
+        raise_errno(ETIMEDOUT, "share-point lock: timed out");
+    else
+        raise_errno(r, "share-point lock failed");
+    return -1;
 }
 
+/* Unlock: the record goes back to PENDING first, so that a death between
+ * the release and the clear is never taken for a death holding the lock. */
 static int release(SharePointCore *self)
 {
-    int r = fayt_sp_unlock(self->base, self->ctx, self->sp_id, self->slot);
+    int r = 0;
+    rec_set(self->ctx, self->slot, FAYT_HELD_PENDING);
+    uint8_t old = fayt_sp_drop(self->base);
+    rec_clear(self->ctx, self->slot);
+    if ((old & FAYT_LOCK_STATE_MASK) == FAYT_LOCK_CONTENDED)
+        fayt_sp_wake(self->base);
+    else if ((old & FAYT_LOCK_STATE_MASK) == FAYT_LOCK_FREE)
+        r = EPERM;
     self->holder = 0;
     self->slot = -1;
     return r;
@@ -196,6 +244,28 @@ static PyObject *core_lock(SharePointCore *self, PyObject *const *args, Py_ssize
     int64_t timeout = -1;
     PyObject *t = nargs == 1 ? args[0] : NULL;
     CHECK_MAPPED(self);
+    if (nargs == 0 && kwnames == NULL) {
+        /* The uncontended case inline: its home record slot free, the lock free. */
+        unsigned long me = PyThread_get_thread_ident();
+        if (self->holder == me)
+            return raise_errno(EDEADLK, "share-point lock: this thread already holds it");
+        struct fayt_context_page *ctx = self->ctx;
+        unsigned k = self->sp_id % FAYT_HELD_LOCKS_MAX;
+        int died;
+        if (ctx && ctx->held[k].sp_id == 0) {
+            __atomic_store_n(&ctx->held[k].sp_id, self->sp_id, __ATOMIC_RELAXED);
+            __atomic_store_n(&ctx->held[k].state, FAYT_HELD_PENDING, __ATOMIC_RELEASE);
+            if (fayt_sp_take(self->base, FAYT_LOCK_HELD, &died)) {
+                __atomic_store_n(&ctx->held[k].state, FAYT_HELD_HELD, __ATOMIC_RELEASE);
+                self->slot = (int)k;
+                self->holder = me;
+                return PyLong_FromLong(died ? EOWNERDEAD : 0);
+            }
+            rec_clear(ctx, (int)k);
+        }
+        int r = acquire(self, -1);
+        return r < 0 ? NULL : PyLong_FromLong(r);
+    }
     Py_ssize_t nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0;
     if (nargs + nkw > 1)
         return raise_errno(EINVAL, "lock(timeout=None): too many arguments");
@@ -231,7 +301,7 @@ static PyObject *core_try_lock(SharePointCore *self, PyObject *unused)
 static PyObject *core_unlock(SharePointCore *self, PyObject *unused)
 {
     CHECK_MAPPED(self);
-    if (!MINE(self))
+    if (self->holder != PyThread_get_thread_ident() || !self->holder)
         return raise_errno(EPERM, "share-point unlock: this thread does not hold it");
     if (release(self) == EPERM)
         return raise_errno(EPERM, "share-point unlock: the lock was already free "

@@ -21,6 +21,7 @@
 
 #include "fayt/context.h"
 #include "fayt/lock.h"
+#include "fayt/lock_fast.h"
 #include "fayt/portal.h"
 #include "fayt/sharepoint.h"
 
@@ -86,18 +87,9 @@ static void record_clear(struct fayt_context_page *ctx, int slot)
     }
 }
 
-/* One attempt to take a free lock; the state we install is `want`. */
 static inline int try_take(uint8_t *l, uint8_t want, int *died)
 {
-    uint8_t c = __atomic_load_n(l, __ATOMIC_RELAXED);
-    while ((c & FAYT_LOCK_STATE_MASK) == FAYT_LOCK_FREE) {
-        if (__atomic_compare_exchange_n(l, &c, (uint8_t)((c & FAYT_LOCK_OWNER_DIED) | want),
-                                        0, __ATOMIC_ACQUIRE, __ATOMIC_RELAXED)) {
-            *died = (c & FAYT_LOCK_OWNER_DIED) != 0;
-            return 1;
-        }
-    }
-    return 0;
+    return fayt_sp_take(l, want, died);
 }
 
 int fayt_sp_trylock(void *base, struct fayt_context_page *ctx, uint32_t sp_id, int *slot)
@@ -203,11 +195,16 @@ int fayt_sp_unlock(void *base, struct fayt_context_page *ctx, uint32_t sp_id, in
                 }
         }
     }
-    uint8_t old = __atomic_fetch_and(l, (uint8_t)FAYT_LOCK_OWNER_DIED, __ATOMIC_RELEASE);
+    uint8_t old = fayt_sp_drop(l);
     record_clear(ctx, slot);
     if ((old & FAYT_LOCK_STATE_MASK) == FAYT_LOCK_CONTENDED)
         futex_wake(lock_word(base), 1);
     return 0;
+}
+
+void fayt_sp_wake(void *base)
+{
+    futex_wake(lock_word(base), 1);
 }
 
 void fayt_sp_mark_consistent(void *base)

@@ -22,6 +22,8 @@ int fayt_sp_lock(void *base, struct fayt_context_page *ctx, uint32_t sp_id,
 int fayt_sp_trylock(void *base, struct fayt_context_page *ctx, uint32_t sp_id, int *slot);
 /* Returns 0, or EPERM if the lock is not held. */
 int fayt_sp_unlock(void *base, struct fayt_context_page *ctx, uint32_t sp_id, int slot);
+/* Wake one waiter of the lock (after fayt_sp_drop found it contended). */
+void fayt_sp_wake(void *base);
 /* Clear the owner-died bit of a held lock. */
 void fayt_sp_mark_consistent(void *base);
 /* faytd: release a lock whose holder died: state free, owner-died set, one waiter woken. */
