@@ -173,20 +173,7 @@ def _run_ours(code, name, n):
     return 2 * n / (max(ends) - t0)
 
 
-def case_counter(d, scale):
-    n = _n(500000, scale, 5000)
-    name = _name("counter")
-    sp = lp.share_create(name, 4096)
-    try:
-        ours = _run_ours(_OURS_WORKER, name, n)
-        got = sp.read(0, 8)
-        fused = _run_ours(_OURS_FUSED_WORKER, name, n)
-        got_fused = sp.read(8, 8)
-    finally:
-        sp.destroy()
-    assert int.from_bytes(got, "little") == 2 * n, "lost updates under the share-point lock"
-    assert int.from_bytes(got_fused, "little") == 2 * n, "lost updates under sp.add"
-
+def _run_mp(n):
     ctx = multiprocessing.get_context("spawn")
     shm = shared_memory.SharedMemory(create=True, size=4096)
     try:
@@ -202,12 +189,34 @@ def case_counter(d, scale):
         ends = [out.get(timeout=120) for _ in procs]
         for p in procs:
             p.join(60)
-        peer = 2 * n / (max(ends) - t0)
         total = shm.buf.cast("q")[0]
     finally:
         shm.close()
         shm.unlink()
-    assert total == 2 * n
+    assert total == 2 * n, "lost updates under multiprocessing.Lock"
+    return 2 * n / (max(ends) - t0)
+
+
+def case_counter(d, scale):
+    """Rounds alternate between the peers; each keeps its best round (the
+    least disturbed by whatever else the two cores run)."""
+    n = _n(300000, scale, 5000)
+    rounds = 3 if scale >= 1 else 1
+    ours, fused, peer = [], [], []
+    for _ in range(rounds):
+        name = _name("counter")
+        sp = lp.share_create(name, 4096)
+        try:
+            ours.append(_run_ours(_OURS_WORKER, name, n))
+            got = sp.read(0, 8)
+            fused.append(_run_ours(_OURS_FUSED_WORKER, name, n))
+            got_fused = sp.read(8, 8)
+        finally:
+            sp.destroy()
+        assert int.from_bytes(got, "little") == 2 * n, "lost updates under the share-point lock"
+        assert int.from_bytes(got_fused, "little") == 2 * n, "lost updates under sp.add"
+        peer.append(_run_mp(n))
+    ours, fused, peer = max(ours), max(fused), max(peer)
     return [
         {"name": "2 processes, locked counter", "ours": ours, "unit": "ops/s",
          "peer": "multiprocessing.Lock", "peer_value": peer, "ratio": ours / peer,
