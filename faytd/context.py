@@ -2,7 +2,8 @@
 
 A context is born at the HELLO call with a context page (a 4 KiB POSIX shm
 object mapped by faytd and the client).  The page holds the robust lock
-records today and the notification state later (include/fayt/context.h).
+records and the notification state (include/fayt/context.h; faytd's side of
+notifications is notification.py).
 
 Two events end a context, and they can come in either order:
 - its connection closes (EOF): its mappings are dropped, but a process that
@@ -39,7 +40,7 @@ class Mapping:
 class Context:
     __slots__ = ("id", "sock", "pid", "uid", "gid", "exe", "category", "pidfd", "page",
                  "page_map", "page_struct", "mappings", "next_handle", "connected", "alive",
-                 "registered", "tids")
+                 "registered", "tids", "notify_armed")
 
     def __init__(self, cid, sock, pid, uid, gid, exe, category):
         self.id = cid
@@ -59,6 +60,7 @@ class Context:
         self.alive = True
         self.registered = False
         self.tids = set()           # threads already checked to belong to pid
+        self.notify_armed = False   # its runtime handles the doorbell signal
 
     def check_tid(self, tid):
         """Whether tid is a thread of this context's process (cached once seen)."""
@@ -83,6 +85,7 @@ class Context:
         p.version = lib.FAYT_CONTEXT_VERSION
         p.pid = self.pid
         p.context_id = self.id
+        p.notify.provider = lib.FAYT_NO_PROVIDER
         self.registered = True
 
     def new_handle(self):

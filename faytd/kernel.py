@@ -1,4 +1,5 @@
-"""The kernel state: frames, the share-point table, contexts and the policy.
+"""The kernel state: frames, the share-point table, contexts, notifications
+and the policy.
 
 No socket code here: the server (server.py) hands events in, the syscall
 layer (syscall.py) calls the methods that perform a request.
@@ -9,10 +10,21 @@ from libportal._abi import lib
 
 from .context import Context
 from .frames import FrameAllocator, sweep_stale
+from .notification import Notifications
 from .policy import Policy
 from .sharepoint import SharePointTable
 
 log = logging.getLogger("faytd")
+
+
+class _SharePointTable(SharePointTable):
+    """The table, telling the notifications who mapped a destroyed share-point."""
+    on_destroy = None
+
+    def destroy(self, sp):
+        if not sp.destroyed and self.on_destroy is not None:
+            self.on_destroy(sp)
+        super().destroy(sp)
 
 
 class Kernel:
@@ -23,7 +35,9 @@ class Kernel:
         if swept:
             log.info("removed %d shared-memory objects left by a dead faytd", swept)
         self.frames = FrameAllocator(cfg["ram"], tag)
-        self.sharepoints = SharePointTable(self.frames, cfg["max_sharepoints"])
+        self.sharepoints = _SharePointTable(self.frames, cfg["max_sharepoints"])
+        self.notifications = Notifications(self)
+        self.sharepoints.on_destroy = self.notifications.sharepoint_destroyed
         self.contexts = {}
         self._next_cid = 1
 
@@ -65,6 +79,7 @@ class Kernel:
     def forget(self, ctx):
         if self.contexts.pop(ctx.id, None) is None:
             return
+        self.notifications.context_gone(ctx)
         ctx.close_page()
 
     def recover_locks(self, ctx):
@@ -107,6 +122,7 @@ class Kernel:
             self.frames.put(m.backing)
 
     def shutdown(self):
+        self.notifications.shutdown()
         for ctx in list(self.contexts.values()):
             self.drop_mappings(ctx)
             self.forget(ctx)

@@ -243,3 +243,7 @@ NEED_NO_HELLO = {lib.FAYT_SYS_HELLO}     # listing needs a context the policy ad
 # Ops whose request may carry file descriptors (SCM_RIGHTS); the handler gets
 # them in `fds` and must dup what it keeps: the server closes them after.
 TAKES_FDS = set()
+
+# Notifications: the handlers live with their objects in notification.py.
+from . import notification as _notification  # noqa: E402
+HANDLERS.update(_notification.HANDLERS)

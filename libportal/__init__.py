@@ -6,13 +6,22 @@
     with sp:                                  # the share-point lock
         sp.view()[0:5]
     anon = lp.portal(lp.ANON, lp.PROT_RW, 8192)
+    lp.install_handler(3, lambda payload, index, sender: len(payload))   # core only
+    lp.notify(target_context_id, 3, b"ping", wait_return=True)           # -> 4
 """
 from .errors import (PortalError, PermissionDenied, AlreadyExists, NotFound,  # noqa: F401
                      InvalidArgument, OutOfMemory, OwnerDied, TimedOut, Deadlock,
-                     Unmapped, NotImplementedClass, DaemonUnavailable, ProtocolError)
+                     Unmapped, NotImplementedClass, DaemonUnavailable, ProtocolError,
+                     NoSuchContext, WouldBlock, HandlerFailed)
 from .syscall import Connection, connection, default_socket_path, set_default  # noqa: F401
 from .portal import (portal, share_create, share_attach, Portal, SharePoint,  # noqa: F401
                      SHARE, DIRECT, ANON, COW, SPECIAL,
                      PROT_NONE, PROT_READ, PROT_WRITE, PROT_EXEC, PROT_RW, PAGE_SIZE)
+from .notification import (install_handler, remove_handler, notify,  # noqa: F401
+                           notification_channel, notification_ret, notification_dispatch,
+                           notification_poll, notification_wait, notification_stack_alloc,
+                           notification_stack_free, set_stack_provider, subscribe, decode_event,
+                           context_of, notification_depth, current_notification,
+                           PEER_DIED, SP_DESTROYED, DOORBELL)
 
 __version__ = "0.1.0"

@@ -65,6 +65,24 @@ class DaemonUnavailable(PortalError, ConnectionError):
     ECONNRESET, EPIPE, ENOTCONN)."""
 
 
+class NoSuchContext(PortalError):
+    """ESRCH: the target context of a notification is gone (it died or closed
+    its connection; a sender waiting for its return is released with this at
+    once), or a tid is not a thread of the calling process."""
+
+
+class WouldBlock(PortalError, BlockingIOError):
+    """EAGAIN: the ring into the target is full and the sender asked not to
+    wait (nowait=True / FAYT_NOTIFY_NOWAIT)."""
+
+
+class HandlerFailed(PortalError):
+    """EREMOTEIO: the target's handler raised (or no handler was installed at
+    that index: .status is ENOENT).  .status holds the handler's errno (the
+    OSError's, else EREMOTEIO).  The target keeps running."""
+    status = 0
+
+
 class ProtocolError(PortalError):
     """EPROTO: faytd's reply did not follow the protocol."""
 
@@ -89,6 +107,9 @@ _TABLE = {
     _errno.EPIPE: DaemonUnavailable,
     _errno.ENOTCONN: DaemonUnavailable,
     _errno.EPROTO: ProtocolError,
+    _errno.ESRCH: NoSuchContext,
+    _errno.EAGAIN: WouldBlock,
+    _errno.EREMOTEIO: HandlerFailed,
 }
 
 

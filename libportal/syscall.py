@@ -4,8 +4,11 @@ faytd knows who we are from SO_PEERCRED, so a request carries no identity but
 the calling thread's id (faytd checks that it belongs to the peer's pid).
 Granted memory arrives as file descriptors (SCM_RIGHTS) and is mapped here.
 recvmsg(2) interrupted by a signal is retried by Python (PEP 475) after the
-signal's handlers ran, which is the dispatch point the notification runtime
-needs.  One call is in flight per connection; a lock serialises threads.
+signal's handlers ran.  Every call is a notification dispatch point: what
+waits in this context's rings is dispatched before the call, and a doorbell
+that rang during the call (dispatch cannot fetch a new ring while a call is
+in flight) is dispatched after it (see notification.py).  One call is in
+flight per connection; a lock serialises threads.
 
 After fork() the child must not speak on its parent's connection: the default
 connection is dropped in the child and a new one is made on first use.
@@ -45,6 +48,8 @@ class Connection:
         self._seq = 0
         self._unanswered = set()    # seqs of FAYT_REQ_NOREPLY calls not yet known done
         self._pid = os.getpid()
+        self._notify = None         # notification.Runtime, made on first use
+        self._caller = None         # thread id inside call()
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         try:
             self.sock.connect(self.path)
@@ -77,7 +82,18 @@ class Connection:
         if os.getpid() != self._pid:
             raise errors.error(errno.EBADF, "this connection belongs to the parent process "
                                             "(fork): use a new Connection")
+        rt = self._notify
+        if rt is not None and rt.rings_in and not rt.busy:
+            rt.dispatch()
+        try:
+            return self._call(op, body, flags)
+        finally:
+            if rt is not None and rt.pending and not rt.busy:
+                rt.dispatch()
+
+    def _call(self, op, body, flags):
         with self._lock:
+            self._caller = threading.get_ident()
             self._seq = seq = (self._seq + 1) & 0xffffffff
             msg = REQ_HDR.pack(lib.FAYT_REQ_MAGIC, op, flags, seq, threading.get_native_id())
             try:
@@ -94,6 +110,8 @@ class Connection:
             except OSError as e:
                 raise errors.error(errno.ECONNRESET,
                                    "faytd connection lost: %s" % (e.strerror or e)) from None
+            finally:
+                self._caller = None
             self._unanswered.clear()    # faytd answers in order: the rest succeeded
         if rseq != seq or rop != op:
             _close_fds(fds)
@@ -156,6 +174,8 @@ class Connection:
         """Close the connection; every portal mapped through it is unmapped
         here first (faytd drops them when the connection closes)."""
         from .portal import _live
+        if self._notify is not None:
+            self._notify.close()
         for m in list(_live):
             if m.connection is self and m.mapped:
                 m._invalidate()

@@ -256,6 +256,21 @@ int fayt_ring_ready(void *ring)
     return LOAD(&entries(ring)[pos & (FAYT_RING_ENTRIES - 1)].seq) == pos + 1;
 }
 
+int fayt_ring_immediate_ready(void *ring)
+{
+    struct fayt_ring_header *h = hdr(ring);
+    struct fayt_ring_entry *e = entries(ring);
+    uint32_t pos = __atomic_load_n(&h->tail, __ATOMIC_RELAXED);
+    for (uint32_t k = 0; k < FAYT_RING_ENTRIES; k++, pos++) {
+        struct fayt_ring_entry *x = &e[pos & (FAYT_RING_ENTRIES - 1)];
+        if (LOAD(&x->seq) != pos + 1)
+            return 0;
+        if (x->flags & FAYT_NOTIFY_IMMEDIATE)
+            return 1;
+    }
+    return 0;
+}
+
 int fayt_ring_take(void *ring, struct fayt_notification_frame *f)
 {
     struct fayt_ring_header *h = hdr(ring);

@@ -33,6 +33,9 @@ int fayt_ring_wait_return(void *ring, uint32_t pos, int64_t timeout_ns,
 
 /* Target: whether an entry is ready. */
 int fayt_ring_ready(void *ring);
+/* Target: whether an entry with FAYT_NOTIFY_IMMEDIATE is ready (only those
+ * interrupt a running handler; deferred ones wait for the outer dispatch). */
+int fayt_ring_immediate_ready(void *ring);
 /* Target: take the next entry into frame (a fresh notification stack).
  * Returns 1 if taken, 0 if the ring is empty.  An entry without
  * FAYT_NOTIFY_RETURN is freed at once. */

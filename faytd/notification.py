@@ -1,0 +1,399 @@
+"""Notifications in faytd: rings, notification stacks, and faytd's own notices.
+
+faytd is only the control plane of notifications (DESIGN section 6):
+- OPEN checks the policy once and makes the ring of a (sender, target) pair:
+  one POSIX shm object (fayt/notification.h), its fd to the sender in the
+  reply; the target is told through its context page (a ring record and
+  rings_generation bumped, plus one doorbell signal if its runtime is armed)
+  and fetches the fd with FETCH.  After that the two processes deliver,
+  wait and return through the ring alone (futexes and one real-time signal).
+- faytd maps every ring it made, so that when a side dies it can mark the
+  ring (fayt_ring_kill): a dead target fails every sender waiting for a
+  return at once (ESRCH); a dead sender's ring is unlinked and its record
+  removed, and the target drains what is left, then unmaps it.
+- Notification stacks are ANON memory from the frame allocator, recorded as
+  mappings of the context (so a death frees them like any portal) and in
+  the context page's stacks[] records.
+- faytd is itself a sender: a context that subscribes gets a ring from faytd
+  (sender FAYT_SENDER_KERNEL) carrying struct fayt_event_payload: a watched
+  peer died, a share-point it maps was destroyed.  faytd never blocks on a
+  full ring: the event waits in a backlog, posted again at the target's next
+  notification call or faytd's next event for it.
+
+Objects only: decode/check/perform handlers at the bottom are registered in
+syscall.HANDLERS.  Who may do what: installing handlers needs the category's
+notify_handlers right (core); opening a ring needs a target of the same uid
+(core may notify anyone).
+"""
+import errno
+import logging
+import mmap
+import os
+import signal
+
+from libportal._abi import ffi, lib, struct_of, HANDLE_REQ, LIST_REQ
+
+from .context import Mapping
+from .frames import BackingObject, KernelError, PAGE, pages
+
+log = logging.getLogger("faytd")
+
+INSTALL = struct_of("struct fayt_notify_install")
+OPEN = struct_of("struct fayt_notify_open")
+RING_REPLY = struct_of("struct fayt_ring_reply")
+STACK_REQ = struct_of("struct fayt_stack_req")
+STACK_REPLY = struct_of("struct fayt_stack_reply")
+SUBSCRIBE = struct_of("struct fayt_notify_subscribe")
+RING_BYTES = lib.fayt_ring_bytes()
+STACK_MAX_BYTES = 1 << 20
+DOORBELL = signal.SIGRTMIN + lib.FAYT_DOORBELL_SIGRTMIN_OFFSET
+
+
+def doorbell(ctx):
+    """Ring ctx's doorbell (pidfd_send_signal: no pid reuse race)."""
+    if ctx.pidfd < 0 or not ctx.alive:
+        return
+    try:
+        signal.pidfd_send_signal(ctx.pidfd, DOORBELL)
+    except OSError:
+        pass
+
+
+class Ring:
+    """One (sender, target) ring.  sender is None for faytd's own ring."""
+    __slots__ = ("id", "sender", "target", "backing", "map", "ptr", "backlog")
+
+    def __init__(self, rid, sender, target, tag):
+        self.id = rid
+        self.sender = sender
+        self.target = target
+        self.backlog = []
+        self.backing = BackingObject(0, tag + ".ring", RING_BYTES, [])
+        fd = self.backing.open_fd()
+        try:
+            self.map = mmap.mmap(fd, RING_BYTES)
+        finally:
+            os.close(fd)
+        self.ptr = ffi.from_buffer(self.map)
+        lib.fayt_ring_init(self.ptr, sender.id if sender else lib.FAYT_SENDER_KERNEL,
+                           target.id, target.pid)
+
+    def open_fd(self):
+        if self.backing.name is None:
+            raise KernelError(errno.ESRCH, "ring %d: its target is gone" % self.id)
+        return self.backing.open_fd()
+
+    def reply(self):
+        return RING_REPLY.pack(self.id, self.sender.id if self.sender else 0, self.target.id,
+                               self.target.pid, RING_BYTES)
+
+    def kill(self, state):
+        lib.fayt_ring_kill(self.ptr, state)
+        self.backing.release()
+        self.ptr = None
+        self.map.close()
+
+    def post(self, index, payload):
+        """faytd's own post: never waits; a full ring keeps it in the backlog."""
+        self.backlog.append((index, payload))
+        pos = ffi.new("uint32_t *")
+        while self.backlog:
+            i, p = self.backlog[0]
+            r = lib.fayt_ring_post(self.ptr, i, lib.FAYT_NOTIFY_NOWAIT | lib.FAYT_NOTIFY_IMMEDIATE,
+                                   lib.FAYT_SENDER_KERNEL, p, len(p), 0,
+                                   self.target.pidfd, DOORBELL, pos)
+            if r:
+                break
+            self.backlog.pop(0)
+
+
+class Notifications:
+    """faytd's notification state: rings by id and by pair, subscriptions."""
+
+    def __init__(self, kernel):
+        self.k = kernel
+        self.rings = {}             # id -> Ring
+        self.pairs = {}             # (sender id or 0, target id) -> Ring
+        self.subs = {}              # context id -> {event: (index, arg)}
+        self._next = 1
+        self.stopping = False
+
+    # -- the context page ---------------------------------------------------
+    @staticmethod
+    def _bump(ctx):
+        p = ctx.page_struct
+        if p is not None:
+            p.notify.rings_generation = (p.notify.rings_generation + 1) & 0xffffffff
+
+    def _record(self, ring):
+        p = ring.target.page_struct
+        for i in range(lib.FAYT_RINGS_MAX):
+            if p.rings[i].ring_id == 0:
+                p.rings[i].sender = ring.sender.id if ring.sender else 0
+                p.rings[i].ring_id = ring.id
+                return
+        raise KernelError(errno.ENOSPC, "target: context %d has %d rings, the most it may have"
+                          % (ring.target.id, lib.FAYT_RINGS_MAX))
+
+    @staticmethod
+    def _unrecord(ring):
+        p = ring.target.page_struct
+        if p is None:
+            return
+        for i in range(lib.FAYT_RINGS_MAX):
+            if p.rings[i].ring_id == ring.id:
+                p.rings[i].ring_id = 0
+                p.rings[i].sender = 0
+
+    # -- rings --------------------------------------------------------------
+    def ring(self, sender, target):
+        """The ring of this pair, made on first use."""
+        key = (sender.id if sender else 0, target.id)
+        r = self.pairs.get(key)
+        if r is not None:
+            return r
+        r = Ring(self._next, sender, target, self.k.frames.tag)
+        try:
+            self._record(r)
+        except KernelError:
+            r.kill(lib.FAYT_RING_TARGET_DEAD)
+            raise
+        self._next += 1
+        self.rings[r.id] = r
+        self.pairs[key] = r
+        self._bump(target)
+        if target.notify_armed:
+            doorbell(target)
+        return r
+
+    def drop(self, r, state):
+        self.rings.pop(r.id, None)
+        self.pairs.pop((r.sender.id if r.sender else 0, r.target.id), None)
+        if state == lib.FAYT_RING_SENDER_DEAD:
+            self._unrecord(r)
+            self._bump(r.target)
+            if r.target.notify_armed:
+                doorbell(r.target)
+        r.kill(state)
+
+    def rings_into(self, ctx, after):
+        return [r for rid, r in sorted(self.rings.items()) if r.target is ctx and rid > after]
+
+    def flush(self, ctx):
+        r = self.pairs.get((0, ctx.id))
+        if r is not None and r.backlog:
+            r.post(*r.backlog.pop(0))
+
+    # -- faytd's own notifications ---------------------------------------------
+    def event(self, target, kind, context_id=0, pid=0, sp_id=0, identifier=b""):
+        sub = self.subs.get(target.id, {}).get(kind)
+        if sub is None or not target.alive or target.page_struct is None:
+            return
+        e = ffi.new("struct fayt_event_payload *")
+        e.event, e.context_id, e.pid, e.sp_id = kind, context_id, pid, sp_id
+        ffi.memmove(e.identifier, identifier[:31], len(identifier[:31]))
+        payload = bytes(ffi.buffer(e))
+        try:
+            self.ring(None, target).post(sub[0], payload)
+        except KernelError as e:
+            log.warning("context %d: cannot notify it: %s", target.id, e.message)
+
+    def context_gone(self, ctx):
+        """ctx is forgotten (died, or closed and not kept): fail its senders,
+        reclaim the rings it sent on, tell who watches it."""
+        for r in list(self.rings.values()):
+            if r.target is ctx:
+                self.drop(r, lib.FAYT_RING_TARGET_DEAD)
+            elif r.sender is ctx:
+                self.drop(r, lib.FAYT_RING_SENDER_DEAD)
+        self.subs.pop(ctx.id, None)
+        if self.stopping:
+            return
+        for cid, sub in list(self.subs.items()):
+            w = sub.get(lib.FAYT_EVENT_PEER_DIED)
+            target = self.k.contexts.get(cid)
+            if w is not None and target is not None and w[1] in (0, ctx.id):
+                self.event(target, lib.FAYT_EVENT_PEER_DIED, ctx.id, ctx.pid)
+
+    def sharepoint_destroyed(self, sp):
+        if self.stopping:
+            return
+        for cid in {key[0] for key in sp.captured}:
+            target = self.k.contexts.get(cid)
+            if target is not None:
+                self.event(target, lib.FAYT_EVENT_SP_DESTROYED, sp_id=sp.id,
+                           identifier=sp.identifier)
+
+    def shutdown(self):
+        self.stopping = True
+        for r in list(self.rings.values()):
+            self.drop(r, lib.FAYT_RING_TARGET_DEAD)
+
+
+# -- the syscall layer: decode, check, perform -------------------------------
+
+def _unpack(S, body, what):
+    if len(body) != S.size:
+        raise KernelError(errno.EINVAL, "%s: expected %d bytes, got %d" % (what, S.size, len(body)))
+    return S.unpack(body)
+
+
+def _slot(index, what="index"):
+    if not 0 <= index < lib.FAYT_NOTIFICATION_SLOTS:
+        raise KernelError(errno.EINVAL, "%s: %d is not a notification slot (0..%d)"
+                          % (what, index, lib.FAYT_NOTIFICATION_SLOTS - 1))
+
+
+def _check_handlers_right(ctx, what):
+    if not ctx.category.notify_handlers:
+        raise KernelError(errno.EPERM, "%s: category %s may not install notification handlers"
+                          % (what, ctx.category.name))
+
+
+def sys_notify_install(k, ctx, tid, body, fds):
+    index, _, cookie = _unpack(INSTALL, body, "notify_install")
+    _check_handlers_right(ctx, "notify_install")
+    _slot(index)
+    if cookie == 0:
+        raise KernelError(errno.EINVAL, "cookie: 0 means no handler (use notify_remove)")
+    ctx.page_struct.actions[index].handler = ffi.cast("void (*)(void *, int, int)", cookie)
+    ctx.notify_armed = True
+    return b"", []
+
+
+def sys_notify_remove(k, ctx, tid, body, fds):
+    index, _, _ = _unpack(INSTALL, body, "notify_remove")
+    _check_handlers_right(ctx, "notify_remove")
+    _slot(index)
+    ctx.page_struct.actions[index].handler = ffi.NULL
+    if ctx.page_struct.notify.provider == index:
+        ctx.page_struct.notify.provider = lib.FAYT_NO_PROVIDER
+    return b"", []
+
+
+def _target(k, ctx, target_id):
+    t = k.contexts.get(target_id)
+    if t is None or not t.alive or not t.connected or not t.registered:
+        raise KernelError(errno.ESRCH, "target: no live context %d" % target_id)
+    if t.uid != ctx.uid and ctx.category.id != lib.FAYT_CATEGORY_CORE:
+        raise KernelError(errno.EPERM, "target: context %d runs as uid %d; only core may "
+                          "notify another user's servers" % (target_id, t.uid))
+    return t
+
+
+def sys_notify_open(k, ctx, tid, body, fds):
+    target_id, _ = _unpack(OPEN, body, "notify_open")
+    t = _target(k, ctx, target_id)
+    r = k.notifications.ring(ctx, t)
+    return r.reply(), [r.open_fd()]
+
+
+def sys_notify_close(k, ctx, tid, body, fds):
+    target_id, _ = _unpack(OPEN, body, "notify_close")
+    r = k.notifications.pairs.get((ctx.id, target_id))
+    if r is None:
+        raise KernelError(errno.ENOENT, "target: this context has no ring into %d" % target_id)
+    k.notifications.drop(r, lib.FAYT_RING_SENDER_DEAD)
+    return b"", []
+
+
+_FETCH_MAX = 8      # fds per reply (libportal receives at most 8)
+
+
+def sys_notify_fetch(k, ctx, tid, body, fds):
+    (after,) = _unpack(LIST_REQ, body, "notify_fetch") if body else (0,)
+    ctx.notify_armed = True
+    n = k.notifications
+    n.flush(ctx)
+    out, out_fds = [], []
+    try:
+        for r in n.rings_into(ctx, after)[:_FETCH_MAX]:
+            out_fds.append(r.open_fd())
+            out.append(r.reply())
+    except BaseException:
+        for fd in out_fds:
+            os.close(fd)
+        raise
+    return b"".join(out), out_fds
+
+
+def sys_notify_stack_alloc(k, ctx, tid, body, fds):
+    size, _ = _unpack(STACK_REQ, body, "stack_alloc")
+    size = size or PAGE
+    if size % PAGE or size > STACK_MAX_BYTES:
+        raise KernelError(errno.EINVAL, "size: %d; a notification stack is a multiple of %d "
+                          "bytes up to %d" % (size, PAGE, STACK_MAX_BYTES))
+    p = ctx.page_struct
+    rec = next((i for i in range(lib.FAYT_STACKS_MAX)
+                if p.stacks[i].state == lib.FAYT_STACK_UNUSED), None)
+    if rec is None:
+        raise KernelError(errno.ENOMEM, "this context has %d notification stacks, the most "
+                          "it may have" % lib.FAYT_STACKS_MAX)
+    if len(ctx.mappings) >= k.cfg["max_mappings_per_context"]:
+        raise KernelError(errno.ENOMEM, "this context has %d mappings, the quota"
+                          % len(ctx.mappings))
+    backing = k.frames.allocate(pages(size) * PAGE)
+    handle = ctx.new_handle()
+    k.add_mapping(ctx, Mapping(handle, lib.FAYT_PORTAL_ANON, backing, None, ctx.pid, tid,
+                               lib.FAYT_PROT_READ | lib.FAYT_PROT_WRITE))
+    s = p.stacks[rec]
+    s.base, s.size, s.handle, s.state = 0, size, handle, lib.FAYT_STACK_FREE
+    p.notify.nstacks += 1
+    return STACK_REPLY.pack(handle, size, rec), [backing.open_fd()]
+
+
+def sys_notify_stack_free(k, ctx, tid, body, fds):
+    (handle,) = _unpack(HANDLE_REQ, body, "stack_free")
+    p = ctx.page_struct
+    rec = next((i for i in range(lib.FAYT_STACKS_MAX)
+                if p.stacks[i].state != lib.FAYT_STACK_UNUSED and p.stacks[i].handle == handle),
+               None)
+    m = ctx.mappings.get(handle)
+    if rec is None or m is None:
+        raise KernelError(errno.EBADF, "handle: %d names no notification stack" % handle)
+    if p.stacks[rec].state == lib.FAYT_STACK_IN_USE:
+        raise KernelError(errno.EBUSY, "handle: stack %d is in use by a handler" % handle)
+    p.stacks[rec].state = lib.FAYT_STACK_UNUSED
+    p.stacks[rec].handle = 0
+    p.stacks[rec].base = 0
+    p.notify.nstacks -= 1
+    k.unmap(ctx, m)
+    return b"", []
+
+
+def sys_notify_provider(k, ctx, tid, body, fds):
+    index, _, _ = _unpack(INSTALL, body, "notify_provider")
+    _check_handlers_right(ctx, "notify_provider")
+    if index != lib.FAYT_NO_PROVIDER:
+        _slot(index)
+    ctx.page_struct.notify.provider = index
+    return b"", []
+
+
+def sys_notify_subscribe(k, ctx, tid, body, fds):
+    event, index, arg, _ = _unpack(SUBSCRIBE, body, "notify_subscribe")
+    if event not in (lib.FAYT_EVENT_PEER_DIED, lib.FAYT_EVENT_SP_DESTROYED):
+        raise KernelError(errno.EINVAL, "event: unknown event %d" % event)
+    subs = k.notifications.subs.setdefault(ctx.id, {})
+    if index < 0:
+        subs.pop(event, None)
+        return b"", []
+    _check_handlers_right(ctx, "notify_subscribe")
+    _slot(index)
+    subs[event] = (index, arg)
+    ctx.notify_armed = True
+    k.notifications.ring(None, ctx)
+    return b"", []
+
+
+HANDLERS = {
+    lib.FAYT_SYS_NOTIFY_INSTALL: sys_notify_install,
+    lib.FAYT_SYS_NOTIFY_REMOVE: sys_notify_remove,
+    lib.FAYT_SYS_NOTIFY_OPEN: sys_notify_open,
+    lib.FAYT_SYS_NOTIFY_FETCH: sys_notify_fetch,
+    lib.FAYT_SYS_NOTIFY_STACK_ALLOC: sys_notify_stack_alloc,
+    lib.FAYT_SYS_NOTIFY_STACK_FREE: sys_notify_stack_free,
+    lib.FAYT_SYS_NOTIFY_PROVIDER: sys_notify_provider,
+    lib.FAYT_SYS_NOTIFY_SUBSCRIBE: sys_notify_subscribe,
+    lib.FAYT_SYS_NOTIFY_CLOSE: sys_notify_close,
+}

@@ -1,0 +1,619 @@
+"""Notifications: the runtime that sends, dispatches and returns them.
+
+The facts this relies on, and what follows:
+- A ring (fayt/notification.h) is shared memory between one sender and one
+  target, made by faytd once per pair (notify_open / FETCH).  Posting,
+  waiting for a return and returning are C calls on it (src/ring.c): faytd
+  is not involved once the ring exists.
+- The doorbell is one real-time signal, SIGRTMIN + 2.  Python runs signal
+  handlers only on the main thread, between bytecodes; a C call that sleeps
+  (futex, sigtimedwait) returns EINTR so that they run, then it is called
+  again.  So:
+  * the doorbell's handler runs notification_dispatch() on the main thread;
+    a doorbell that comes while a handler runs starts a nested dispatch,
+    on another notification stack (nesting is Python's own signal nesting);
+  * a target asleep in notification_wait() takes its doorbell with
+    sigtimedwait(2) and dispatches at once, without a signal handler;
+  * a sender waiting for a return, or for space in a full ring, dispatches
+    the notifications that come to it meanwhile, then waits again.
+- Dispatch points: the doorbell, notification_poll(), notification_wait(),
+  a sender's waits, and every system call through a Connection (before the
+  call; a doorbell that comes during one is dispatched after it, since
+  fetching a new ring is itself a call).  Without FAYT_NOTIFY_IMMEDIATE a
+  notification waits for the target's next dispatch point (a target asleep
+  in notification_wait() is rung anyway: its wait is a dispatch point).
+- notification_dispatch(): for each ring with an entry, take a free
+  notification stack (a real region from the stack-alloc system call), write
+  the frame (struct fayt_notification_frame) and the payload at its base,
+  record the saved state (context page saved[depth]: what was interrupted),
+  run the handler, then notification_ret: write the result into the ring
+  entry and wake the sender (FAYT_NOTIFY_RETURN), free the stack, restore.
+  No free stack: the stack-provider action runs (it allocates one with
+  notification_stack_alloc()); without one the notification stays in its
+  ring until a stack frees (the outer dispatch takes it).  Nothing dropped.
+- A handler is called as handler(payload, index, sender): the specification's
+  (void *, int, int).  payload is a memoryview of the payload bytes on the
+  notification stack (valid only during the call), index the slot, sender
+  the sender's context id (0: faytd).  Its return value (an int, None is 0)
+  is the result the sender gets; notification_ret(value) returns at once.
+  A handler that raises gives a waiting sender HandlerFailed; the target
+  prints the traceback and keeps running.
+"""
+import atexit
+import errno
+import os
+import signal
+import sys
+import threading
+import time
+import traceback
+import weakref
+
+from . import errors
+from ._abi import ffi, lib, struct_of, HANDLE_REQ, LIST_REQ
+from .syscall import connection as _default_connection
+
+IMMEDIATE = lib.FAYT_NOTIFY_IMMEDIATE
+RETURN = lib.FAYT_NOTIFY_RETURN
+NOWAIT = lib.FAYT_NOTIFY_NOWAIT
+SLOTS = lib.FAYT_NOTIFICATION_SLOTS
+PAYLOAD_MAX = lib.FAYT_NOTIFY_PAYLOAD_MAX
+KERNEL = lib.FAYT_SENDER_KERNEL
+PEER_DIED = lib.FAYT_EVENT_PEER_DIED
+SP_DESTROYED = lib.FAYT_EVENT_SP_DESTROYED
+DOORBELL = signal.SIGRTMIN + lib.FAYT_DOORBELL_SIGRTMIN_OFFSET
+DEFAULT_STACKS = 4
+
+INSTALL = struct_of("struct fayt_notify_install")
+OPEN = struct_of("struct fayt_notify_open")
+RING_REPLY = struct_of("struct fayt_ring_reply")
+STACK_REQ = struct_of("struct fayt_stack_req")
+STACK_REPLY = struct_of("struct fayt_stack_reply")
+SUBSCRIBE = struct_of("struct fayt_notify_subscribe")
+_PAYLOAD_AT = ffi.offsetof("struct fayt_notification_frame", "payload")
+_RW = lib.FAYT_PROT_READ | lib.FAYT_PROT_WRITE
+_NOT_RUNNING = lib.FAYT_NOTIFICATION_SLOTS   # saved.interrupted_index: no handler was
+
+_runtimes = weakref.WeakSet()     # runtimes whose context handles the doorbell
+_installed = False
+
+
+class _Return(BaseException):
+    """notification_ret(): leaves the handler (not an Exception: a handler's
+    `except Exception` must not catch it)."""
+
+    def __init__(self, value):
+        self.value = value
+
+
+def _map(fd, length):
+    err = ffi.new("int *")
+    try:
+        addr = lib.fayt_map(fd, length, 0, _RW, err)
+    finally:
+        os.close(fd)
+    if not addr:
+        raise errors.error(err[0], "cannot map a notification object")
+    return addr
+
+
+def _ns(deadline):
+    if deadline is None:
+        return -1
+    return max(0, int((deadline - time.monotonic()) * 1e9))
+
+
+class _Ring:
+    __slots__ = ("id", "sender", "target", "target_pid", "addr", "length", "ptr", "pidfd",
+                 "gone")
+
+    def __init__(self, reply, fd):
+        self.id, self.sender, self.target, self.target_pid, self.length = reply
+        self.addr = _map(fd, self.length)
+        self.ptr = ffi.cast("void *", self.addr)
+        self.pidfd = -1
+        self.gone = False
+
+    @property
+    def header(self):
+        return ffi.cast("struct fayt_ring_header *", self.addr)
+
+    def close(self):
+        if self.pidfd >= 0:
+            os.close(self.pidfd)
+            self.pidfd = -1
+        if self.addr:
+            lib.fayt_unmap(self.addr, self.length)
+            self.addr, self.ptr = 0, ffi.NULL
+
+
+class _Stack:
+    __slots__ = ("record", "handle", "size", "addr", "frame", "view")
+
+    def __init__(self, record, handle, size, addr):
+        self.record, self.handle, self.size, self.addr = record, handle, size, addr
+        self.frame = ffi.cast("struct fayt_notification_frame *", addr)
+        self.view = memoryview(ffi.buffer(ffi.cast("char *", addr), size))
+
+
+class Runtime:
+    """The notification state of one context (one Connection)."""
+
+    def __init__(self, conn):
+        self.conn = conn
+        self.page = ffi.cast("struct fayt_context_page *", conn.context_page)
+        self.handlers = {}          # index -> callable
+        self.rings_in = {}          # ring id -> _Ring (we are the target)
+        self.rings_out = {}         # target context id -> _Ring (we are the sender)
+        self.stacks = {}            # record -> _Stack
+        self.generation = None      # rings_generation last fetched
+        self.pending = False        # a dispatch was put off (a call was in progress)
+        self.in_provider = False
+        self.running = 0            # handlers running (taken: depth is set a little later)
+        self.busy = False           # fetching rings: no dispatch point inside
+        self._ring_array = None
+        self._gen_ptr = ffi.addressof(self.page.notify, "rings_generation")
+        self._pid = os.getpid()
+
+    # -- arming: the doorbell's handler -----------------------------------------
+    def arm(self):
+        """Handle the doorbell in this process (main thread only), before any
+        sender may ring it."""
+        global _installed
+        if not _installed:
+            if threading.current_thread() is not threading.main_thread():
+                raise errors.error(errno.EINVAL, "notifications: the first handler must be "
+                                   "installed from the main thread (Python runs signal "
+                                   "handlers there)")
+            signal.signal(DOORBELL, _on_doorbell)
+            atexit.register(_quiet_doorbell)
+            _installed = True
+        _runtimes.add(self)
+
+    # -- receiving rings ---------------------------------------------------------
+    def fetch(self):
+        """Map the rings faytd made into this context; drop the ones it reclaimed."""
+        self.arm()
+        self.busy = True
+        try:
+            gen = self.page.notify.rings_generation
+            after = max(self.rings_in, default=0)
+            while True:
+                body, fds = self.conn.call(lib.FAYT_SYS_NOTIFY_FETCH, LIST_REQ.pack(after))
+                n = len(body) // RING_REPLY.size
+                for i in range(n):
+                    r = _Ring(RING_REPLY.unpack_from(body, i * RING_REPLY.size), fds[i])
+                    r.header.armed = 1
+                    self.rings_in[r.id] = r
+                    after = max(after, r.id)
+                if n == 0:
+                    break
+            live = {self.page.rings[i].ring_id for i in range(lib.FAYT_RINGS_MAX)}
+            for r in self.rings_in.values():
+                if r.id not in live:
+                    r.gone = True
+            self.generation = gen
+            self._ring_array = None
+        finally:
+            self.busy = False
+
+    def _rings_ptrs(self):
+        if self._ring_array is None:
+            rs = [r.ptr for r in self.rings_in.values()]
+            self._ring_array = (ffi.new("void *[]", rs or [ffi.NULL]), len(rs))
+        return self._ring_array
+
+    # -- dispatch ----------------------------------------------------------------
+    def dispatch(self, doorbell=False):
+        """notification_dispatch: run every notification waiting in a ring.
+        Returns how many handlers ran.  From the doorbell while a handler runs,
+        only if an IMMEDIATE one waits: a deferred notification never
+        interrupts a handler (the dispatch that runs it takes it next)."""
+        if os.getpid() != self._pid or self.busy:
+            return 0
+        if doorbell and self.running and not any(
+                r.addr and lib.fayt_ring_immediate_ready(r.ptr) for r in self.rings_in.values()):
+            return 0
+        if threading.current_thread() is not threading.main_thread():
+            return 0
+        if self.conn._caller == threading.get_ident():
+            self.pending = True     # inside a call: the call dispatches when done
+            return 0
+        self.pending = False
+        ran = 0
+        while True:
+            if self.page.notify.rings_generation != self.generation:
+                self.fetch()
+            progressed = False
+            for r in list(self.rings_in.values()):
+                if not r.addr:
+                    continue
+                lib.fayt_ring_clear_doorbell(r.ptr)
+                if lib.fayt_ring_ready(r.ptr):
+                    stack = self._free_stack()
+                    if stack is None:
+                        self.page.notify.starved += 1
+                        return ran          # it waits in its ring for a stack
+                    if self._deliver(r, stack):
+                        ran += 1
+                        progressed = True
+                elif r.gone:
+                    self.rings_in.pop(r.id, None)
+                    self._ring_array = None
+                    r.close()
+            if not progressed:
+                return ran
+
+    def _free_stack(self):
+        p = self.page.stacks
+        for rec, s in self.stacks.items():
+            if p[rec].state == lib.FAYT_STACK_FREE:
+                return s
+        prov = self.page.notify.provider
+        if prov != lib.FAYT_NO_PROVIDER and not self.in_provider and prov in self.handlers:
+            self.in_provider = True
+            try:
+                self.handlers[prov](None, prov, KERNEL)
+            except _Return:
+                pass
+            except Exception:
+                traceback.print_exc()
+            finally:
+                self.in_provider = False
+            for rec, s in self.stacks.items():
+                if p[rec].state == lib.FAYT_STACK_FREE:
+                    return s
+        return None
+
+    def _deliver(self, ring, stack):
+        page = self.page
+        rec = page.stacks[stack.record]
+        rec.state = lib.FAYT_STACK_IN_USE
+        self.running += 1
+        f = stack.frame
+        if not lib.fayt_ring_take(ring.ptr, f):     # a nested dispatch took it
+            rec.state = lib.FAYT_STACK_FREE
+            self.running -= 1
+            return False
+        depth = page.notify.depth + 1
+        index, sender, flags, pos, length = f.index, f.sender, f.flags, f.pos, f.length
+        f.ring_id = ring.id
+        f.depth = depth
+        if depth <= lib.FAYT_NEST_MAX:
+            sv = page.saved[depth - 1]
+            sv.index, sv.sender, sv.stack, sv.ring_id, sv.pos = (index, sender, stack.record,
+                                                                 ring.id, pos)
+            sv.interrupted_index = page.saved[depth - 2].index if depth > 1 else _NOT_RUNNING
+        page.notify.depth = depth
+        fn = self.handlers.get(index)
+        status, result = errno.ECANCELED, 0
+        view = stack.view[_PAYLOAD_AT:_PAYLOAD_AT + length]
+        try:
+            if fn is None:
+                status = errno.ENOENT
+            else:
+                r = fn(view, index, sender)
+                result, status = int(r or 0), 0
+        except _Return as e:
+            result, status = int(e.value or 0), 0
+        except Exception as e:
+            status = e.errno if isinstance(e, OSError) and e.errno else errno.EREMOTEIO
+            sys.stderr.write("notification handler for index %d (from context %d) raised:\n"
+                             % (index, sender))
+            traceback.print_exc()
+        finally:
+            view.release()
+            # notification_ret: the result to the sender, then restore.
+            if flags & RETURN and ring.addr:
+                lib.fayt_ring_return(ring.ptr, pos, result, status)
+            page.notify.depth = depth - 1
+            page.notify.delivered += 1
+            rec.state = lib.FAYT_STACK_FREE
+            self.running -= 1
+        return True
+
+    def wait(self, timeout=None):
+        """Sleep until a notification comes (or timeout seconds), dispatch it.
+        Returns how many handlers ran (0: timed out)."""
+        ran = self.dispatch()
+        if ran:
+            return ran
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            if self.generation is None:
+                self.fetch()
+            arr, n = self._rings_ptrs()
+            r = lib.fayt_notify_wait(arr, n, self._gen_ptr, self.generation, DOORBELL,
+                                     _ns(deadline))
+            ran = self.dispatch()
+            if ran:
+                return ran
+            if r == errno.ETIMEDOUT or (deadline is not None and time.monotonic() >= deadline):
+                return 0
+
+    # -- stacks ------------------------------------------------------------------
+    def stack_alloc(self, size=0):
+        body, fds = self.conn.call(lib.FAYT_SYS_NOTIFY_STACK_ALLOC, STACK_REQ.pack(size, 0))
+        handle, size, rec = STACK_REPLY.unpack(body)
+        try:
+            addr = _map(fds[0], size)
+        except BaseException:
+            self.conn.call(lib.FAYT_SYS_NOTIFY_STACK_FREE, HANDLE_REQ.pack(handle))
+            raise
+        self.page.stacks[rec].base = addr
+        self.stacks[rec] = _Stack(rec, handle, size, addr)
+        return handle
+
+    def stack_free(self, handle):
+        s = next((s for s in self.stacks.values() if s.handle == handle), None)
+        if s is None:
+            raise errors.error(errno.EBADF, "handle: %d names no notification stack" % handle)
+        self.conn.call(lib.FAYT_SYS_NOTIFY_STACK_FREE, HANDLE_REQ.pack(handle))
+        del self.stacks[s.record]
+        s.view.release()
+        lib.fayt_unmap(s.addr, s.size)
+
+    # -- handlers ----------------------------------------------------------------
+    def install(self, index, fn, stacks=DEFAULT_STACKS):
+        if not callable(fn):
+            raise errors.error(errno.EINVAL, "handler: %r is not callable" % (fn,))
+        self.arm()
+        if not self.stacks:
+            for _ in range(stacks):
+                self.stack_alloc()
+        self.handlers[index] = fn
+        try:
+            self.conn.call(lib.FAYT_SYS_NOTIFY_INSTALL, INSTALL.pack(index, 0, id(fn) | 1))
+        except BaseException:
+            self.handlers.pop(index, None)
+            raise
+        if self.generation is None:
+            self.fetch()
+
+    def remove(self, index):
+        self.conn.call(lib.FAYT_SYS_NOTIFY_REMOVE, INSTALL.pack(index, 0, 0))
+        self.handlers.pop(index, None)
+
+    def set_provider(self, index):
+        self.conn.call(lib.FAYT_SYS_NOTIFY_PROVIDER,
+                       INSTALL.pack(lib.FAYT_NO_PROVIDER if index is None else index, 0, 0))
+
+    def subscribe(self, event, index, arg=0):
+        self.arm()
+        self.conn.call(lib.FAYT_SYS_NOTIFY_SUBSCRIBE, SUBSCRIBE.pack(event, index, arg, 0))
+        self.fetch()
+
+    # -- sending -----------------------------------------------------------------
+    def channel(self, target):
+        r = self.rings_out.get(target)
+        if r is None or not r.addr:
+            body, fds = self.conn.call(lib.FAYT_SYS_NOTIFY_OPEN, OPEN.pack(target, 0))
+            r = _Ring(RING_REPLY.unpack(body), fds[0])
+            try:
+                r.pidfd = os.pidfd_open(r.target_pid)
+            except OSError:
+                r.pidfd = -1
+            self.rings_out[target] = r
+        return r
+
+    def notify(self, target, index, payload, flags, timeout):
+        r = self.rings_out.get(target)
+        if r is None or not r.addr:
+            r = self.channel(target)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        pos = ffi.new("uint32_t *")
+        me = self.conn.context_id
+        while True:
+            e = lib.fayt_ring_post(r.ptr, index, flags | (NOWAIT if target == me else 0), me,
+                                   payload, len(payload), _ns(deadline), r.pidfd, DOORBELL, pos)
+            if e == 0:
+                break
+            if e == errno.EINTR:
+                self._interrupted()
+                continue
+            if e == errno.EAGAIN and target == me and not flags & NOWAIT:
+                # To ourselves: waiting for space would wait for ever; make it.
+                if self.dispatch():
+                    continue
+                e = errno.EDEADLK
+            self._fail(r, target, index, e)
+        if not flags & RETURN:
+            return None
+        if target == me:
+            self.dispatch()     # the handler runs here, now
+        res, st = ffi.new("int64_t *"), ffi.new("int32_t *")
+        while True:
+            e = lib.fayt_ring_wait_return(r.ptr, pos[0], _ns(deadline), res, st)
+            if e == 0:
+                if st[0]:
+                    e = errors.error(errno.EREMOTEIO, "notify: the handler for index %d of "
+                                     "context %d failed (%s)" % (
+                                         index, target, errno.errorcode.get(st[0], st[0])))
+                    e.status = st[0]
+                    raise e
+                return res[0]
+            if e == errno.EINTR:
+                self._interrupted()
+                continue
+            self._fail(r, target, index, e)
+
+    def _interrupted(self):
+        """A signal broke a wait: Python runs its handlers (the doorbell's
+        dispatch among them) when the C call returns; dispatch anything put off."""
+        if self.pending:
+            self.dispatch()
+
+    def _fail(self, r, target, index, e):
+        if e == errno.ESRCH:
+            self.rings_out.pop(target, None)
+            r.close()
+            raise errors.error(errno.ESRCH, "notify: target context %d is gone (died or "
+                                            "closed)" % target)
+        if e == errno.EAGAIN:
+            raise errors.error(errno.EAGAIN, "notify: the ring into context %d is full "
+                                             "(FAYT_NOTIFY_NOWAIT)" % target)
+        if e == errno.ETIMEDOUT:
+            raise errors.error(errno.ETIMEDOUT, "notify: index %d of context %d: timed out"
+                               % (index, target))
+        if e == errno.EDEADLK:
+            raise errors.error(errno.EDEADLK, "notify: the ring into this context itself is "
+                               "full and no handler can run now to empty it")
+        if e == errno.EINVAL:
+            raise errors.error(errno.EINVAL, "notify: index must be 0..%d, the payload at most "
+                               "%d bytes, flags FAYT_NOTIFY_*" % (SLOTS - 1, PAYLOAD_MAX))
+        raise errors.error(e, "notify: %s" % os.strerror(e))
+
+    def close(self):
+        _runtimes.discard(self)
+        for r in list(self.rings_in.values()) + list(self.rings_out.values()):
+            r.close()
+        self.rings_in.clear()
+        self.rings_out.clear()
+        for s in self.stacks.values():
+            s.view.release()
+            lib.fayt_unmap(s.addr, s.size)
+        self.stacks.clear()
+
+
+def _on_doorbell(signum, frame):
+    for rt in list(_runtimes):
+        if not rt.conn.closed:
+            rt.dispatch(doorbell=True)
+
+
+def _quiet_doorbell():
+    """At exit: a doorbell must not kill us (Python resets its handlers to
+    SIG_DFL when it finalizes, and a sender may ring at any moment)."""
+    try:
+        signal.signal(DOORBELL, signal.SIG_IGN)
+    except (ValueError, OSError):
+        pass
+
+
+def _after_fork_child():
+    global _installed
+    _runtimes.clear()
+    if _installed:
+        signal.signal(DOORBELL, signal.SIG_IGN)
+        _installed = False
+
+
+os.register_at_fork(after_in_child=_after_fork_child)
+
+
+def runtime(connection=None):
+    """The notification runtime of a connection (the default one if None)."""
+    conn = connection or _default_connection()
+    rt = conn._notify
+    if rt is None:
+        rt = conn._notify = Runtime(conn)
+    return rt
+
+
+# -- the public calls ------------------------------------------------------------
+
+def install_handler(index, handler, connection=None, stacks=DEFAULT_STACKS):
+    """Install handler(payload, index, sender) at slot index (core only: else
+    PermissionDenied).  The first install also allocates `stacks` notification
+    stacks, unless some exist."""
+    runtime(connection).install(index, handler, stacks)
+
+
+def remove_handler(index, connection=None):
+    runtime(connection).remove(index)
+
+
+def notify(target, index, payload=b"", *, immediate=False, wait_return=False, nowait=False,
+           timeout=None, connection=None):
+    """Send notification `index` with `payload` (at most 48 bytes) to the
+    context whose id is `target`.  immediate: ring its doorbell now and yield.
+    wait_return: sleep until its handler returns; the result is returned (an
+    int); HandlerFailed if it raised, NoSuchContext (ESRCH) if the target
+    died.  nowait: a full ring raises BlockingIOError (EAGAIN) instead of
+    waiting.  timeout (seconds) bounds both waits (TimedOut)."""
+    flags = (IMMEDIATE if immediate else 0) | (RETURN if wait_return else 0) | \
+        (NOWAIT if nowait else 0)
+    return runtime(connection).notify(target, index, payload, flags, timeout)
+
+
+def notification_channel(target, connection=None):
+    """Open the ring into `target` now (policy check, EPERM/ESRCH); notify() does it on
+    first use otherwise."""
+    runtime(connection).channel(target)
+
+
+def notification_ret(value=0):
+    """Return from the running handler with `value` (notification_ret)."""
+    raise _Return(value)
+
+
+def notification_dispatch(connection=None):
+    """Run every notification waiting for this context; how many ran."""
+    return runtime(connection).dispatch()
+
+
+notification_poll = notification_dispatch
+
+
+def notification_wait(timeout=None, connection=None):
+    """Sleep until notifications come, run them; how many ran (0: timed out)."""
+    return runtime(connection).wait(timeout)
+
+
+def notification_stack_alloc(size=0, connection=None):
+    """Allocate a notification stack (size: bytes, a page multiple; 0: one page);
+    its handle."""
+    return runtime(connection).stack_alloc(size)
+
+
+def notification_stack_free(handle, connection=None):
+    runtime(connection).stack_free(handle)
+
+
+def set_stack_provider(index, connection=None):
+    """Make slot `index` the stack-provider action (None: no provider).  It is
+    called as handler(None, index, 0) when a notification finds no free stack,
+    and should call notification_stack_alloc()."""
+    runtime(connection).set_provider(index)
+
+
+def subscribe(event, index, arg=0, connection=None):
+    """Ask faytd for its own notifications at slot `index`: PEER_DIED (arg: the
+    context id watched, 0 any) or SP_DESTROYED (a share-point this context
+    maps).  The payload is a struct fayt_event_payload (decode_event)."""
+    runtime(connection).subscribe(event, index, arg)
+
+
+def decode_event(payload):
+    """{event, context_id, pid, sp_id, identifier} of a faytd notification."""
+    e = ffi.new("struct fayt_event_payload *")
+    b = bytes(payload)[:ffi.sizeof(e[0])]
+    ffi.memmove(e, b, len(b))
+    return {"event": e.event, "context_id": e.context_id, "pid": e.pid, "sp_id": e.sp_id,
+            "identifier": ffi.string(e.identifier).decode("utf-8", "replace")}
+
+
+def notification_depth(connection=None):
+    """How many handlers run now, nested (0: none)."""
+    return runtime(connection).page.notify.depth
+
+
+def current_notification(connection=None):
+    """The saved-state record of the innermost running handler, as a dict
+    (index, sender, stack, ring_id, pos, interrupted_index, depth), or None."""
+    page = runtime(connection).page
+    d = page.notify.depth
+    if d == 0 or d > lib.FAYT_NEST_MAX:
+        return None
+    s = page.saved[d - 1]
+    return {"index": s.index, "sender": s.sender, "stack": s.stack, "ring_id": s.ring_id,
+            "pos": s.pos, "interrupted_index": s.interrupted_index, "depth": d}
+
+
+def context_of(pid, connection=None):
+    """The context id of the process `pid` (NotFound if it has none)."""
+    conn = connection or _default_connection()
+    for c in conn.list_contexts()["contexts"]:
+        if c["pid"] == pid and c.get("connected", True):
+            return c["id"]
+    raise errors.error(errno.ENOENT, "pid: %d has no context in faytd" % pid)

@@ -1,0 +1,360 @@
+"""Notifications between real processes, against a real faytd.
+
+Targets and senders are `python -c` children (test_sharepoint.Child): a
+target installs handlers and prints its context id; the test (or another
+child) notifies it.  Every wait is bounded (WAIT, or the timeout= of notify
+and notification_wait), so a lost notification fails a test, never hangs it.
+"""
+import errno
+import json
+import textwrap
+import time
+
+import pytest
+
+import libportal
+from libportal._abi import lib
+
+from test_sharepoint import Child, POLICY, POLICY_GID, WAIT  # noqa: F401
+
+pytestmark = pytest.mark.usefixtures("faytd")
+
+
+@pytest.fixture
+def spawn(faytd):
+    made = []
+
+    def start(code, env=None):
+        c = Child("import json, select\n" + textwrap.dedent(code), env or faytd.env())
+        made.append(c)
+        return c
+
+    yield start
+    for c in made:
+        c.kill()
+
+
+def _serve(until):
+    """Target code: dispatch until the expression `until` is true (bounded)."""
+    return """
+        _end = time.monotonic() + %f
+        while not (%s) and time.monotonic() < _end:
+            lp.notification_wait(0.5)
+        """ % (WAIT, until)
+
+
+def test_notification_64_slots_are_distinct(spawn):
+    target = spawn("""
+        got = []
+        for i in range(64):
+            lp.install_handler(i, (lambda k: lambda p, idx, s: got.append([k, idx, bytes(p).hex()]) or 1000 + k)(i))
+        print(lp.connection().context_id)
+        """ + _serve("len(got) == 64") + """
+        print(json.dumps(got))
+        """)
+    tid = int(target.expect())
+    results = [libportal.notify(tid, i, bytes([i]) * (i % 49), wait_return=True, timeout=WAIT)
+               for i in range(64)]
+    assert results == [1000 + i for i in range(64)]
+    got = json.loads(target.expect())
+    assert got == [[i, i, (bytes([i]) * (i % 49)).hex()] for i in range(64)]
+    target.finish()
+
+
+def test_notification_deferred_waits_for_a_dispatch_point_immediate_interrupts(spawn):
+    target = spawn("""
+        ran = []
+        lp.install_handler(1, lambda p, i, s: ran.append(bytes(p).decode()))
+        print(lp.connection().context_id)
+        sys.stdin.readline()
+        t = time.monotonic()
+        while time.monotonic() - t < 1.0:      # pure Python: no dispatch point
+            pass
+        print(json.dumps(ran))
+        lp.notification_poll()
+        print(json.dumps(ran))
+        sys.stdin.readline()
+        t = time.monotonic()
+        while len(ran) < 2 and time.monotonic() - t < %f:   # pure Python again
+            pass
+        print(json.dumps(ran))
+        """ % WAIT)
+    tid = int(target.expect())
+    libportal.notification_channel(tid)   # faytd rings it once to fetch the new ring
+    time.sleep(0.3)
+    libportal.notify(tid, 1, b"deferred")
+    target.send("go")
+    assert json.loads(target.expect()) == []              # not delivered while it ran
+    assert json.loads(target.expect()) == ["deferred"]    # the poll delivered it
+    target.send("go")
+    time.sleep(0.2)
+    libportal.notify(tid, 1, b"immediate", immediate=True)
+    assert json.loads(target.expect()) == ["deferred", "immediate"]   # interrupted the loop
+    target.finish()
+
+
+def test_notification_return_values_and_a_raising_handler(spawn):
+    target = spawn("""
+        def boom(p, i, s):
+            raise ValueError("no")
+        def early(p, i, s):
+            lp.notification_ret(int.from_bytes(p, "little") * 2)
+            return -1
+        lp.install_handler(1, lambda p, i, s: -int.from_bytes(p, "little"))
+        lp.install_handler(2, boom)
+        lp.install_handler(3, early)
+        lp.install_handler(4, lambda p, i, s: s)
+        print(lp.connection().context_id)
+        """ + _serve("sys.stdin in select.select([sys.stdin], [], [], 0)[0]") + """
+        print("alive")
+        """)
+    tid = int(target.expect())
+    assert libportal.notify(tid, 1, (7).to_bytes(8, "little"), wait_return=True,
+                            timeout=WAIT) == -7
+    with pytest.raises(libportal.HandlerFailed) as e:
+        libportal.notify(tid, 2, b"", wait_return=True, timeout=WAIT)
+    assert e.value.errno == errno.EREMOTEIO and e.value.status == errno.EREMOTEIO
+    assert "the handler for index 2 of context %d failed" % tid in str(e.value)
+    assert libportal.notify(tid, 3, (21).to_bytes(2, "little"), wait_return=True,
+                            timeout=WAIT) == 42
+    assert libportal.notify(tid, 4, wait_return=True, timeout=WAIT) == \
+        libportal.connection().context_id
+    with pytest.raises(libportal.HandlerFailed) as e:       # nothing installed at 9
+        libportal.notify(tid, 9, wait_return=True, timeout=WAIT)
+    assert e.value.status == errno.ENOENT
+    with pytest.raises(libportal.InvalidArgument):
+        libportal.notify(tid, 64, b"")
+    with pytest.raises(libportal.InvalidArgument):
+        libportal.notify(tid, 1, b"x" * 49)
+    target.send("stop")
+    assert target.expect() == "alive"
+    target.finish()
+    assert "ValueError: no" in target.stderr()
+
+
+def test_notification_nests_three_deep_on_distinct_stacks(spawn):
+    target = spawn("""
+        seen, done = [], []
+        def h(p, i, s):
+            seen.append(lp.current_notification())
+            if i == 3:
+                done.append(1)
+                return lp.notification_depth()
+            t = time.monotonic()
+            while not done and time.monotonic() - t < %f:
+                time.sleep(0.005)        # interruptible: the doorbell nests here
+            return lp.notification_depth()
+        for i in (1, 2, 3):
+            lp.install_handler(i, h)
+        print(lp.connection().context_id)
+        """ % WAIT + _serve("len(seen) == 3 and lp.notification_depth() == 0") + """
+        print(json.dumps(seen))
+        """)
+    tid = int(target.expect())
+    libportal.notify(tid, 1, immediate=True)
+    time.sleep(0.3)
+    libportal.notify(tid, 2, immediate=True)
+    time.sleep(0.3)
+    assert libportal.notify(tid, 3, immediate=True, wait_return=True, timeout=WAIT) == 3
+    seen = json.loads(target.expect())
+    assert [s["depth"] for s in seen] == [1, 2, 3]
+    assert [s["index"] for s in seen] == [1, 2, 3]
+    assert [s["interrupted_index"] for s in seen] == [lib.FAYT_NOTIFICATION_SLOTS, 1, 2]
+    assert len({s["stack"] for s in seen}) == 3
+    target.finish()
+
+
+_STARVE = """
+        order = []
+        lp.install_handler(10, lambda p, i, s: None, stacks=1)
+        if PROVIDER:
+            lp.install_handler(63, lambda p, i, s: lp.notification_stack_alloc())
+            lp.set_stack_provider(63)
+        release = []
+        def slow(p, i, s):
+            order.append(("start", i, lp.notification_depth()))
+            t = time.monotonic()
+            while not release and time.monotonic() - t < 3.0:
+                time.sleep(0.005)
+            order.append(("end", i))
+        def quick(p, i, s):
+            order.append(("quick", i, lp.notification_depth()))
+            release.append(1)
+        lp.install_handler(1, slow)
+        lp.install_handler(2, quick)
+        print(lp.connection().context_id)
+"""
+
+
+@pytest.mark.parametrize("provider", [False, True])
+def test_notification_stack_exhaustion_waits_or_calls_the_provider(spawn, provider):
+    target = spawn("        PROVIDER = %s\n" % provider + _STARVE
+                   + _serve("len(order) == 3") + "\n        print(json.dumps(order))\n")
+    tid = int(target.expect())
+    libportal.notify(tid, 1, immediate=True)
+    time.sleep(0.3)
+    libportal.notify(tid, 2, immediate=True)
+    order = [tuple(x) for x in json.loads(target.expect())]
+    if provider:
+        # A stack was made on demand: the second ran nested, during the first.
+        assert order == [("start", 1, 1), ("quick", 2, 2), ("end", 1)]
+    else:
+        # No stack: the second waited in its ring until the first returned.
+        assert order == [("start", 1, 1), ("end", 1), ("quick", 2, 1)]
+    target.finish()
+
+
+def test_notification_install_by_a_non_core_server_is_refused(fresh_faytd, conn_to, spawn):
+    d = fresh_faytd(config=POLICY)
+    core = conn_to(d)
+    other = spawn("""
+        os.setgroups([]); os.setgid(%d)
+        c = lp.Connection()
+        print(c.category)
+        try:
+            lp.install_handler(1, lambda p, i, s: 0, connection=c, stacks=0)
+            print("installed")
+        except lp.PermissionDenied as e:
+            print("refused", e.errno, str(e))
+        print(c.context_id)
+        sys.stdin.readline()
+        """ % POLICY_GID, env=d.env())
+    assert other.expect() == str(lib.FAYT_CATEGORY_SERVER)
+    assert other.expect() == ("refused %d [Errno %d] notify_install: category server may "
+                              "not install notification handlers" % (errno.EPERM, errno.EPERM))
+    other_id = int(other.expect())
+    # A server may still be notified by its own user's core servers (it has no handler:
+    # the notification waits in its ring).
+    libportal.notify(other_id, 1, b"x", connection=core)
+    other.send("")
+    other.finish()
+
+
+def test_notification_100000_from_one_sender_arrive_complete_and_in_order(spawn):
+    n = 100000
+    target = spawn("""
+        state = {"next": 0, "bad": 0}
+        def h(p, i, s):
+            k = int.from_bytes(p, "little")
+            if k != state["next"]:
+                state["bad"] += 1
+            state["next"] = k + 1
+        lp.install_handler(7, h)
+        print(lp.connection().context_id)
+        _end = time.monotonic() + 120
+        while state["next"] < %d and time.monotonic() < _end:
+            lp.notification_wait(1.0)
+        print(state["next"], state["bad"])
+        """ % n)
+    tid = int(target.expect())
+    sender = spawn("""
+        t = int(sys.argv[-1]) if False else int(sys.stdin.readline())
+        for k in range(%d):
+            lp.notify(t, 7, k.to_bytes(4, "little"), timeout=60)
+        print("sent")
+        """ % n)
+    sender.send(str(tid))
+    assert sender.expect(timeout=120) == "sent"
+    assert target.expect(timeout=120) == "%d 0" % n
+    sender.finish()
+    target.finish()
+
+
+def test_notification_target_killed_releases_a_waiting_sender_at_once(spawn):
+    target = spawn("""
+        lp.install_handler(1, lambda p, i, s: time.sleep(600))
+        print(lp.connection().context_id)
+        """ + _serve("False"))
+    tid = int(target.expect())
+    sender = spawn("""
+        t = int(sys.stdin.readline())
+        lp.notify(t, 1, b"x", immediate=True)    # opens the ring, starts the handler
+        print("waiting", flush=True)
+        t0 = time.monotonic()
+        try:
+            lp.notify(t, 1, b"y", wait_return=True, timeout=60)
+            print("returned")
+        except lp.NoSuchContext as e:
+            print("ESRCH", e.errno, round(time.monotonic() - t0))
+        """)
+    sender.send(str(tid))
+    assert sender.expect() == "waiting"
+    time.sleep(0.5)
+    target.kill()
+    line = sender.expect(timeout=10)
+    assert line.startswith("ESRCH %d " % errno.ESRCH)
+    assert int(line.split()[-1]) < 5
+    sender.finish()
+    with pytest.raises(libportal.NoSuchContext):
+        libportal.notify(tid, 1, b"z")
+
+
+def test_notification_faytd_reports_a_dead_peer_and_a_destroyed_share_point(spawn):
+    watcher = spawn("""
+        events = []
+        lp.install_handler(5, lambda p, i, s: events.append([s, lp.decode_event(p)]))
+        lp.subscribe(lp.PEER_DIED, 5)
+        lp.subscribe(lp.SP_DESTROYED, 5)
+        sp = lp.share_attach(sys.stdin.readline().strip())
+        print(lp.connection().context_id)
+        """ + _serve("len(events) == 2") + """
+        print(json.dumps(events))
+        """)
+    name = "t-notify-sp-%d" % time.monotonic_ns()
+    sp = libportal.share_create(name, 4096)
+    watcher.send(name)
+    watcher.expect()
+    peer = spawn("""
+        print(lp.connection().context_id, os.getpid())
+        sys.stdin.readline()
+        """)
+    peer_id, peer_pid = map(int, peer.expect().split())
+    peer.kill()
+    time.sleep(0.3)
+    sp_id = sp.sp_id if hasattr(sp, "sp_id") else None
+    sp.destroy()
+    events = json.loads(watcher.expect())
+    assert [s for s, _ in events] == [0, 0]          # sender: faytd
+    died, gone = events[0][1], events[1][1]
+    assert died["event"] == libportal.PEER_DIED
+    assert (died["context_id"], died["pid"]) == (peer_id, peer_pid)
+    assert gone["event"] == libportal.SP_DESTROYED and gone["identifier"] == name[:31]
+    if sp_id is not None:
+        assert gone["sp_id"] == sp_id
+    watcher.finish()
+
+
+def test_notification_rings_and_stacks_leave_nothing_behind(fresh_faytd, conn_to, spawn):
+    from faytd_proc import fayt_shm_objects
+    d = fresh_faytd()
+    probe = conn_to(d)
+
+    def objects(kind):
+        return [n for n in fayt_shm_objects([d.proc.pid]) if ".%s." % kind in n]
+
+    free0 = probe.list_contexts()["free_frames"]
+    target = spawn("""
+        lp.install_handler(1, lambda p, i, s: 5)
+        lp.subscribe(lp.PEER_DIED, 1)
+        print(lp.connection().context_id)
+        """ + _serve("False"), env=d.env())
+    tid = int(target.expect())
+    sender = spawn("""
+        t = int(sys.stdin.readline())
+        print(lp.notify(t, 1, wait_return=True, timeout=30))
+        sys.stdin.readline()
+        """, env=d.env())
+    sender.send(str(tid))
+    assert sender.expect() == "5"
+    assert len(objects("ring")) == 2                    # sender -> target, faytd -> target
+    assert probe.list_contexts()["free_frames"] < free0   # the target's stacks
+    sender.kill()
+    end = time.monotonic() + WAIT
+    while len(objects("ring")) > 1 and time.monotonic() < end:
+        time.sleep(0.05)
+    assert len(objects("ring")) == 1                    # the dead sender's ring is reclaimed
+    target.kill()
+    while (objects("ring") or len(objects("ctx")) > 1) and time.monotonic() < end:
+        time.sleep(0.05)
+    assert objects("ring") == [] and len(objects("ctx")) == 1     # the probe's page
+    assert probe.list_contexts()["free_frames"] == free0
