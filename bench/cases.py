@@ -294,10 +294,145 @@ def case_scale(d, scale):
     ]
 
 
+# -- notifications: return-flag round trip, deferred one-way rate ---------------
+
+_NOTIFY_TARGET = r"""
+import sys, time, libportal as lp
+n = int(sys.argv[1])
+count = [0]
+def h(p, i, s):
+    count[0] += 1
+    return 1
+lp.install_handler(1, h)
+print(lp.connection().context_id, flush=True)
+end = time.monotonic() + 300
+while count[0] < n and time.monotonic() < end:
+    lp.notification_wait(1.0)
+print(count[0], flush=True)
+"""
+
+
+def _notify_target(d, n):
+    p = subprocess.Popen([sys.executable, "-c", _NOTIFY_TARGET, str(n)], env=d.env(),
+                         stdout=subprocess.PIPE, text=True)
+    return p, int(p.stdout.readline())
+
+
+def _pingpong(n, make):
+    """Round trip of one byte between this process and a forked child."""
+    a_send, a_recv, b_send, b_recv, close = make()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            for _ in range(n + 100):
+                b_recv()
+                b_send()
+        finally:
+            os._exit(0)
+    for _ in range(100):
+        a_send()
+        a_recv()
+    t = time.perf_counter()
+    for _ in range(n):
+        a_send()
+        a_recv()
+    dt = (time.perf_counter() - t) / n
+    os.waitpid(pid, 0)
+    close()
+    return dt
+
+
+def _pipes():
+    r1, w1 = os.pipe()
+    r2, w2 = os.pipe()
+    return (lambda: os.write(w1, b"x"), lambda: os.read(r2, 1),
+            lambda: os.write(w2, b"y"), lambda: os.read(r1, 1),
+            lambda: [os.close(f) for f in (r1, w1, r2, w2)])
+
+
+def _sockets():
+    import socket
+    a, b = socket.socketpair()
+    return (lambda: a.send(b"x"), lambda: a.recv(1), lambda: b.send(b"y"), lambda: b.recv(1),
+            lambda: (a.close(), b.close()))
+
+
+def _mpq_consumer(q, n, out):
+    get = q.get
+    for _ in range(n):
+        get()
+    out.put(time.perf_counter())
+
+
+def case_notify(d, scale):
+    n = _n(20000, scale, 500)
+    p, tid = _notify_target(d, 2 * n + 100)
+    try:
+        call = lp.notification_channel(tid).call
+        for _ in range(100):
+            call(1, b"x", timeout=30)
+        t = time.perf_counter()
+        for _ in range(n):
+            call(1, b"x", timeout=30)                     # return flag
+        rtt = (time.perf_counter() - t) / n
+        t = time.perf_counter()
+        for _ in range(n):
+            call(1, b"x", immediate=True, timeout=30)     # immediate + return flag
+        rtt_imm = (time.perf_counter() - t) / n
+        assert int(p.stdout.readline()) == 2 * n + 100
+    finally:
+        p.kill()
+        p.wait()
+    pipe = _pingpong(n, _pipes)
+    unix = _pingpong(n, _sockets)
+
+    m = _n(200000, scale, 5000)
+    p, tid = _notify_target(d, m)
+    try:
+        payload = b"x" * 16
+        send = lp.notification_channel(tid).send
+        t = time.perf_counter()
+        for _ in range(m):
+            send(1, payload, timeout=60)
+        got = int(p.stdout.readline())
+        ours = m / (time.perf_counter() - t)
+        assert got == m, "notifications lost: %d of %d" % (got, m)
+    finally:
+        p.kill()
+        p.wait()
+    ctx = multiprocessing.get_context("spawn")
+    q, out = ctx.Queue(), ctx.Queue()
+    c = ctx.Process(target=_mpq_consumer, args=(q, m, out))
+    c.start()
+    q.put(payload)      # the consumer is up once this is taken... time from here
+    t = time.perf_counter()
+    put = q.put
+    for _ in range(m - 1):
+        put(payload)
+    end = out.get(timeout=300)
+    c.join(60)
+    peer = (m - 1) / (end - t)
+    return [
+        {"name": "notify, return flag, round trip", "ours": rtt * 1e6, "unit": "us",
+         "peer": "pipe ping-pong", "peer_value": pipe * 1e6, "ratio": rtt / pipe,
+         "target": ("<=", 1.5)},
+        {"name": "notify, return flag, round trip", "ours": rtt * 1e6, "unit": "us",
+         "peer": "Unix socket ping-pong", "peer_value": unix * 1e6, "ratio": rtt / unix,
+         "target": None},
+        {"name": "notify, immediate + return, round trip", "ours": rtt_imm * 1e6, "unit": "us",
+         "peer": "pipe ping-pong", "peer_value": pipe * 1e6, "ratio": rtt_imm / pipe,
+         "target": None},
+        {"name": "notify, deferred, one way (16 B)", "ours": ours, "unit": "ops/s",
+         "peer": "multiprocessing.Queue", "peer_value": peer, "ratio": ours / peer,
+         "target": (">=", 5.0)},
+    ]
+
+
 CASES = {
     "lock": case_lock,
     "write": case_write,
     "counter": case_counter,
     "create": case_create,
     "scale": case_scale,
+    "notify": case_notify,
 }

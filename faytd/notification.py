@@ -124,6 +124,8 @@ class Notifications:
         p = ctx.page_struct
         if p is not None:
             p.notify.rings_generation = (p.notify.rings_generation + 1) & 0xffffffff
+            lib.fayt_futex_wake(ffi.cast("uint32_t *",
+                                         ffi.addressof(p.notify, "rings_generation")), 1 << 30)
 
     def _record(self, ring):
         p = ring.target.page_struct

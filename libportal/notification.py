@@ -43,6 +43,7 @@ import atexit
 import errno
 import os
 import signal
+import struct
 import sys
 import threading
 import time
@@ -72,6 +73,11 @@ STACK_REPLY = struct_of("struct fayt_stack_reply")
 SUBSCRIBE = struct_of("struct fayt_notify_subscribe")
 _PAYLOAD_AT = ffi.offsetof("struct fayt_notification_frame", "payload")
 _RW = lib.FAYT_PROT_READ | lib.FAYT_PROT_WRITE
+# The frame's words before the payload, all uint32_t (checked here).
+assert all(ffi.typeof("struct fayt_notification_frame").fields[i][1].type is ffi.typeof("uint32_t")
+           for i in range(_PAYLOAD_AT // 4))
+_FRAME = struct.Struct("<%dI" % (_PAYLOAD_AT // 4))
+_MAIN = threading.main_thread().ident
 _NOT_RUNNING = lib.FAYT_NOTIFICATION_SLOTS   # saved.interrupted_index: no handler was
 
 _runtimes = weakref.WeakSet()     # runtimes whose context handles the doorbell
@@ -152,7 +158,11 @@ class Runtime:
         self.running = 0            # handlers running (taken: depth is set a little later)
         self.busy = False           # fetching rings: no dispatch point inside
         self._ring_array = None
-        self._gen_ptr = ffi.addressof(self.page.notify, "rings_generation")
+        self._ring_table = None
+        self._gone = []
+        self._cursor = ffi.new("int *")
+        self._rec = ffi.new("int *")
+        self._gen_ptr = ffi.cast("uint32_t *", ffi.addressof(self.page.notify, "rings_generation"))
         self._pid = os.getpid()
 
     # -- arming: the doorbell's handler -----------------------------------------
@@ -190,18 +200,14 @@ class Runtime:
                     break
             live = {self.page.rings[i].ring_id for i in range(lib.FAYT_RINGS_MAX)}
             for r in self.rings_in.values():
-                if r.id not in live:
+                if r.id not in live and not r.gone:
                     r.gone = True
+                    self._gone.append(r)
             self.generation = gen
             self._ring_array = None
+            self._ring_table = None
         finally:
             self.busy = False
-
-    def _rings_ptrs(self):
-        if self._ring_array is None:
-            rs = [r.ptr for r in self.rings_in.values()]
-            self._ring_array = (ffi.new("void *[]", rs or [ffi.NULL]), len(rs))
-        return self._ring_array
 
     # -- dispatch ----------------------------------------------------------------
     def dispatch(self, doorbell=False):
@@ -209,120 +215,105 @@ class Runtime:
         Returns how many handlers ran.  From the doorbell while a handler runs,
         only if an IMMEDIATE one waits: a deferred notification never
         interrupts a handler (the dispatch that runs it takes it next)."""
-        if os.getpid() != self._pid or self.busy:
+        if self.busy or os.getpid() != self._pid:
+            return 0
+        if threading.get_ident() != _MAIN:
+            return 0
+        if self.conn._caller == _MAIN:
+            self.pending = True     # inside a call: the call dispatches when done
             return 0
         if doorbell and self.running and not any(
                 r.addr and lib.fayt_ring_immediate_ready(r.ptr) for r in self.rings_in.values()):
             return 0
-        if threading.current_thread() is not threading.main_thread():
-            return 0
-        if self.conn._caller == threading.get_ident():
-            self.pending = True     # inside a call: the call dispatches when done
-            return 0
         self.pending = False
         ran = 0
+        page, take, done = self.page, lib.fayt_dispatch_take, lib.fayt_dispatch_done
+        cursor, rec = self._cursor, self._rec
+        handlers, stacks = self.handlers, self.stacks
         while True:
-            if self.page.notify.rings_generation != self.generation:
+            if self._gen_ptr[0] != self.generation:
                 self.fetch()
-            progressed = False
-            for r in list(self.rings_in.values()):
-                if not r.addr:
+            arr, ids, n, rings = self._table()
+            i = take(page, arr, ids, n, cursor, rec)
+            if i < 0:
+                if i == -2 and self._provide():
                     continue
-                lib.fayt_ring_clear_doorbell(r.ptr)
-                if lib.fayt_ring_ready(r.ptr):
-                    stack = self._free_stack()
-                    if stack is None:
-                        self.page.notify.starved += 1
-                        return ran          # it waits in its ring for a stack
-                    if self._deliver(r, stack):
-                        ran += 1
-                        progressed = True
-                elif r.gone:
-                    self.rings_in.pop(r.id, None)
-                    self._ring_array = None
-                    r.close()
-            if not progressed:
+                if self._gone and not self.running:
+                    self._reap()
                 return ran
-
-    def _free_stack(self):
-        p = self.page.stacks
-        for rec, s in self.stacks.items():
-            if p[rec].state == lib.FAYT_STACK_FREE:
-                return s
-        prov = self.page.notify.provider
-        if prov != lib.FAYT_NO_PROVIDER and not self.in_provider and prov in self.handlers:
-            self.in_provider = True
+            ran += 1
+            self.running += 1
+            ring, stack = rings[i], stacks[rec[0]]
+            index, sender, flags, length = _FRAME.unpack_from(stack.view)[:4]
+            status, result = errno.ECANCELED, 0
+            view = stack.view[_PAYLOAD_AT:_PAYLOAD_AT + length]
             try:
-                self.handlers[prov](None, prov, KERNEL)
-            except _Return:
-                pass
-            except Exception:
+                fn = handlers.get(index)
+                if fn is None:
+                    status = errno.ENOENT
+                else:
+                    r = fn(view, index, sender)
+                    result, status = (int(r) if r else 0), 0
+            except _Return as e:
+                result, status = int(e.value or 0), 0
+            except Exception as e:
+                status = e.errno if isinstance(e, OSError) and e.errno else errno.EREMOTEIO
+                sys.stderr.write("notification handler for index %d (from context %d) "
+                                 "raised:\n" % (index, sender))
                 traceback.print_exc()
             finally:
-                self.in_provider = False
-            for rec, s in self.stacks.items():
-                if p[rec].state == lib.FAYT_STACK_FREE:
-                    return s
-        return None
+                view.release()
+                # notification_ret: the result to the sender, then restore.
+                done(page, ring.ptr, rec[0], result, status)
+                self.running -= 1
 
-    def _deliver(self, ring, stack):
-        page = self.page
-        rec = page.stacks[stack.record]
-        rec.state = lib.FAYT_STACK_IN_USE
-        self.running += 1
-        f = stack.frame
-        if not lib.fayt_ring_take(ring.ptr, f):     # a nested dispatch took it
-            rec.state = lib.FAYT_STACK_FREE
-            self.running -= 1
+    def _table(self):
+        t = self._ring_table
+        if t is None:
+            rings = [r for r in self.rings_in.values() if r.addr]
+            t = self._ring_table = (ffi.new("void *[]", [r.ptr for r in rings] or [ffi.NULL]),
+                                    ffi.new("uint32_t[]", [r.id for r in rings] or [0]),
+                                    len(rings), rings)
+        return t
+
+    def _reap(self):
+        """Unmap the rings faytd reclaimed (their sender died) once drained."""
+        for r in self._gone:
+            if not r.addr or not lib.fayt_ring_ready(r.ptr):
+                self.rings_in.pop(r.id, None)
+                r.close()
+        self._gone = [r for r in self._gone if r.addr]
+        self._ring_table = None
+
+    def _provide(self):
+        """No free stack: run the stack-provider action once; whether it made one."""
+        prov = self.page.notify.provider
+        if prov == lib.FAYT_NO_PROVIDER or self.in_provider or prov not in self.handlers:
             return False
-        depth = page.notify.depth + 1
-        index, sender, flags, pos, length = f.index, f.sender, f.flags, f.pos, f.length
-        f.ring_id = ring.id
-        f.depth = depth
-        if depth <= lib.FAYT_NEST_MAX:
-            sv = page.saved[depth - 1]
-            sv.index, sv.sender, sv.stack, sv.ring_id, sv.pos = (index, sender, stack.record,
-                                                                 ring.id, pos)
-            sv.interrupted_index = page.saved[depth - 2].index if depth > 1 else _NOT_RUNNING
-        page.notify.depth = depth
-        fn = self.handlers.get(index)
-        status, result = errno.ECANCELED, 0
-        view = stack.view[_PAYLOAD_AT:_PAYLOAD_AT + length]
+        before = len(self.stacks)
+        self.in_provider = True
         try:
-            if fn is None:
-                status = errno.ENOENT
-            else:
-                r = fn(view, index, sender)
-                result, status = int(r or 0), 0
-        except _Return as e:
-            result, status = int(e.value or 0), 0
-        except Exception as e:
-            status = e.errno if isinstance(e, OSError) and e.errno else errno.EREMOTEIO
-            sys.stderr.write("notification handler for index %d (from context %d) raised:\n"
-                             % (index, sender))
+            self.handlers[prov](None, prov, KERNEL)
+        except _Return:
+            pass
+        except Exception:
             traceback.print_exc()
         finally:
-            view.release()
-            # notification_ret: the result to the sender, then restore.
-            if flags & RETURN and ring.addr:
-                lib.fayt_ring_return(ring.ptr, pos, result, status)
-            page.notify.depth = depth - 1
-            page.notify.delivered += 1
-            rec.state = lib.FAYT_STACK_FREE
-            self.running -= 1
-        return True
+            self.in_provider = False
+        return len(self.stacks) > before
 
     def wait(self, timeout=None):
         """Sleep until a notification comes (or timeout seconds), dispatch it.
         Returns how many handlers ran (0: timed out)."""
-        ran = self.dispatch()
-        if ran:
-            return ran
         deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
+        if self.pending:
+            ran = self.dispatch()
+            if ran:
+                return ran
+        while True:     # fayt_notify_wait returns at once if an entry waits
             if self.generation is None:
                 self.fetch()
-            arr, n = self._rings_ptrs()
+            arr, _, n, _ = self._table()
             r = lib.fayt_notify_wait(arr, n, self._gen_ptr, self.generation, DOORBELL,
                                      _ns(deadline))
             ran = self.dispatch()
@@ -421,16 +412,15 @@ class Runtime:
             return None
         if target == me:
             self.dispatch()     # the handler runs here, now
+        return self.wait_return(r, target, index, pos[0], deadline)
+
+    def wait_return(self, r, target, index, pos, deadline):
         res, st = ffi.new("int64_t *"), ffi.new("int32_t *")
         while True:
-            e = lib.fayt_ring_wait_return(r.ptr, pos[0], _ns(deadline), res, st)
+            e = lib.fayt_ring_wait_return(r.ptr, pos, _ns(deadline), res, st)
             if e == 0:
                 if st[0]:
-                    e = errors.error(errno.EREMOTEIO, "notify: the handler for index %d of "
-                                     "context %d failed (%s)" % (
-                                         index, target, errno.errorcode.get(st[0], st[0])))
-                    e.status = st[0]
-                    raise e
+                    raise _handler_failed(index, target, st[0])
                 return res[0]
             if e == errno.EINTR:
                 self._interrupted()
@@ -473,6 +463,58 @@ class Runtime:
             s.view.release()
             lib.fayt_unmap(s.addr, s.size)
         self.stacks.clear()
+
+
+def _handler_failed(index, target, status):
+    e = errors.error(errno.EREMOTEIO, "notify: the handler for index %d of context %d "
+                     "failed (%s)" % (index, target, errno.errorcode.get(status, status)))
+    e.status = status
+    return e
+
+
+class Channel:
+    """A sender's ring into one target context.  send() and call() are the
+    fast path of notify() (one C call to post, one to wait for the return);
+    anything unusual (a full ring, a signal, a dead target) takes notify()'s
+    path, which waits, dispatches and raises as notify() does."""
+
+    def __init__(self, rt, target):
+        self.rt, self.target = rt, target
+        self.ring = rt.channel(target)
+        self._me = rt.conn.context_id
+        self._pos = ffi.new("uint32_t *")
+        self._res = ffi.new("int64_t *")
+        self._st = ffi.new("int32_t *")
+
+    def send(self, index, payload=b"", immediate=False, timeout=None):
+        """A notification without the return flag (deferred unless immediate)."""
+        r, flags = self.ring, IMMEDIATE if immediate else 0
+        if r.addr and self.target != self._me and not lib.fayt_ring_post(
+                r.ptr, index, flags | NOWAIT, self._me, payload, len(payload), 0, r.pidfd,
+                DOORBELL, self._pos):
+            return None
+        self.ring = self.rt.channel(self.target) if not r.addr else r
+        return self.rt.notify(self.target, index, payload, flags, timeout)
+
+    def call(self, index, payload=b"", immediate=False, timeout=None):
+        """A notification with the return flag: the handler's result."""
+        r, flags = self.ring, RETURN | (IMMEDIATE if immediate else 0)
+        if r.addr and self.target != self._me and not lib.fayt_ring_post(
+                r.ptr, index, flags | NOWAIT, self._me, payload, len(payload), 0, r.pidfd,
+                DOORBELL, self._pos):
+            deadline = None if timeout is None else time.monotonic() + timeout
+            e = lib.fayt_ring_wait_return(r.ptr, self._pos[0], _ns(deadline), self._res,
+                                          self._st)
+            if e == 0:
+                if self._st[0]:
+                    raise _handler_failed(index, self.target, self._st[0])
+                return self._res[0]
+            if e != errno.EINTR:
+                self.rt._fail(r, self.target, index, e)
+            self.rt._interrupted()
+            return self.rt.wait_return(r, self.target, index, self._pos[0], deadline)
+        self.ring = self.rt.channel(self.target) if not r.addr else r
+        return self.rt.notify(self.target, index, payload, flags, timeout)
 
 
 def _on_doorbell(signum, frame):
@@ -537,9 +579,9 @@ def notify(target, index, payload=b"", *, immediate=False, wait_return=False, no
 
 
 def notification_channel(target, connection=None):
-    """Open the ring into `target` now (policy check, EPERM/ESRCH); notify() does it on
-    first use otherwise."""
-    runtime(connection).channel(target)
+    """Open the ring into `target` now (policy check, EPERM/ESRCH; notify() does
+    it on first use otherwise) and return its Channel (send(), call())."""
+    return Channel(runtime(connection), target)
 
 
 def notification_ret(value=0):

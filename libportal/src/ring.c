@@ -23,6 +23,7 @@
 #include <unistd.h>
 #include <pthread.h>
 
+#include "fayt/context.h"
 #include "fayt/notification.h"
 #include "fayt/ring.h"
 
@@ -201,10 +202,15 @@ int fayt_ring_post(void *ring, uint32_t index, uint32_t flags, uint32_t sender,
     __atomic_fetch_add(&h->posted, 1, __ATOMIC_RELAXED);
     *pos_out = pos;
     FENCE();    /* the entry is visible before we read target_waiting (pairs with the wait) */
-    if (LOAD(&h->armed) &&
-        ((flags & FAYT_NOTIFY_IMMEDIATE) || LOAD(&h->target_waiting))) {
-        ring_doorbell(h, doorbell_fd, signo);
-        if (flags & FAYT_NOTIFY_IMMEDIATE)
+    if (LOAD(&h->armed)) {
+        uint32_t w = __atomic_exchange_n(&h->target_waiting, 0, __ATOMIC_SEQ_CST);
+        if (w == 1)
+            fayt_futex_wake(&h->target_waiting, 1);     /* asleep in futex_waitv: no signal */
+        else if (w == 2 || (flags & FAYT_NOTIFY_IMMEDIATE))
+            ring_doorbell(h, doorbell_fd, signo);      /* in sigtimedwait, or running code */
+        /* Immediate reschedule: give the CPU away.  With the return flag
+         * the sender's futex sleep that follows is the yield. */
+        if ((flags & FAYT_NOTIFY_IMMEDIATE) && !(flags & FAYT_NOTIFY_RETURN))
             sched_yield();
     }
     return 0;
@@ -333,15 +339,74 @@ void fayt_ring_kill(void *ring, uint32_t state)
     fayt_futex_wake(&h->space, INT_MAX);
 }
 
+#ifndef SYS_futex_waitv
+#define SYS_futex_waitv 449
+#endif
+#define FUTEX2_SIZE_U32_ 0x02
+#define FUTEX_WAITV_MAX_ 128
+
+struct futex_waitv_ {
+    uint64_t val;
+    uint64_t uaddr;
+    uint32_t flags;
+    uint32_t reserved;
+};
+
+static int waitv_ok = 1;    /* futex_waitv(2) exists (Linux 5.16+) */
+
+/* target_waiting: 1 asleep in futex_waitv (a sender wakes the word), 2 asleep
+ * in sigtimedwait (a sender rings the doorbell).  A sender exchanges it to 0. */
+static int wait_futexes(void **rings, int n, const uint32_t *generation, uint32_t seen,
+                        int64_t timeout_ns)
+{
+    struct futex_waitv_ w[FUTEX_WAITV_MAX_];
+    w[0].val = seen;
+    w[0].uaddr = (uintptr_t)generation;
+    w[0].flags = FUTEX2_SIZE_U32_;
+    w[0].reserved = 0;
+    for (int i = 0; i < n; i++) {
+        struct fayt_ring_header *h = hdr(rings[i]);
+        __atomic_store_n(&h->target_waiting, 1, __ATOMIC_SEQ_CST);
+        w[i + 1].val = 1;
+        w[i + 1].uaddr = (uintptr_t)&h->target_waiting;
+        w[i + 1].flags = FUTEX2_SIZE_U32_;
+        w[i + 1].reserved = 0;
+    }
+    FENCE();    /* target_waiting before the readiness check (pairs with post) */
+    int ready = LOAD(generation) != seen;
+    for (int i = 0; i < n && !ready; i++)
+        ready = fayt_ring_ready(rings[i]) || LOAD(&hdr(rings[i])->state) != FAYT_RING_LIVE;
+    int r = 0;
+    if (!ready) {
+        struct timespec abs, *tsp = NULL;
+        if (timeout_ns >= 0) {
+            deadline_of(timeout_ns, &abs);
+            tsp = &abs;
+        }
+        long k = syscall(SYS_futex_waitv, w, n + 1, 0, tsp, CLOCK_MONOTONIC);
+        if (k < 0)
+            r = errno == EAGAIN ? 0 : errno;
+    }
+    for (int i = 0; i < n; i++)
+        __atomic_store_n(&hdr(rings[i])->target_waiting, 0, __ATOMIC_RELAXED);
+    return r;
+}
+
 int fayt_notify_wait(void **rings, int n, const uint32_t *generation, uint32_t seen,
                      int signo, int64_t timeout_ns)
 {
+    if (waitv_ok && n + 1 <= FUTEX_WAITV_MAX_) {
+        int r = wait_futexes(rings, n, generation, seen, timeout_ns);
+        if (r != ENOSYS)
+            return r;
+        waitv_ok = 0;
+    }
     sigset_t set, old;
     sigemptyset(&set);
     sigaddset(&set, signo);
     pthread_sigmask(SIG_BLOCK, &set, &old);
     for (int i = 0; i < n; i++) {
-        __atomic_store_n(&hdr(rings[i])->target_waiting, 1, __ATOMIC_SEQ_CST);
+        __atomic_store_n(&hdr(rings[i])->target_waiting, 2, __ATOMIC_SEQ_CST);
         __atomic_store_n(&hdr(rings[i])->rung, 0, __ATOMIC_SEQ_CST);
     }
     FENCE();    /* target_waiting before the readiness check (pairs with post) */
@@ -364,4 +429,69 @@ int fayt_notify_wait(void **rings, int n, const uint32_t *generation, uint32_t s
         __atomic_store_n(&hdr(rings[i])->target_waiting, 0, __ATOMIC_RELAXED);
     pthread_sigmask(SIG_SETMASK, &old, NULL);
     return r;
+}
+
+static int free_stack(struct fayt_context_page *page)
+{
+    for (int i = 0; i < FAYT_STACKS_MAX; i++)
+        if (page->stacks[i].state == FAYT_STACK_FREE && page->stacks[i].base)
+            return i;
+    return -1;
+}
+
+int fayt_dispatch_take(struct fayt_context_page *page, void **rings, const uint32_t *ring_ids,
+                       int n, int *cursor, int *stack_rec)
+{
+    /* Clear the doorbells first: an entry posted after this either is seen
+     * by the scan below or rings again. */
+    for (int k = 0; k < n; k++)
+        fayt_ring_clear_doorbell(rings[k]);
+    FENCE();
+    {
+        for (int k = 0; k < n; k++) {
+            int i = (*cursor + k) % n;
+            if (!fayt_ring_ready(rings[i]))
+                continue;
+            int s = free_stack(page);
+            if (s < 0) {
+                page->notify.starved++;
+                return -2;
+            }
+            struct fayt_notification_stack *st = &page->stacks[s];
+            struct fayt_notification_frame *f = (struct fayt_notification_frame *)(uintptr_t)st->base;
+            if (!fayt_ring_take(rings[i], f))
+                continue;
+            st->state = FAYT_STACK_IN_USE;
+            uint32_t depth = page->notify.depth + 1;
+            f->ring_id = ring_ids[i];
+            f->depth = depth;
+            if (depth <= FAYT_NEST_MAX) {
+                struct fayt_saved_state *sv = &page->saved[depth - 1];
+                sv->index = f->index;
+                sv->sender = f->sender;
+                sv->stack = (uint32_t)s;
+                sv->ring_id = ring_ids[i];
+                sv->pos = f->pos;
+                sv->interrupted_index = depth > 1 ? page->saved[depth - 2].index
+                                                  : FAYT_NOTIFICATION_SLOTS;
+            }
+            page->notify.depth = depth;
+            *cursor = (i + 1) % n;
+            *stack_rec = s;
+            return i;
+        }
+    }
+    return -1;
+}
+
+void fayt_dispatch_done(struct fayt_context_page *page, void *ring, int stack_rec,
+                        int64_t result, int32_t status)
+{
+    struct fayt_notification_stack *st = &page->stacks[stack_rec];
+    struct fayt_notification_frame *f = (struct fayt_notification_frame *)(uintptr_t)st->base;
+    if ((f->flags & FAYT_NOTIFY_RETURN) && ring)
+        fayt_ring_return(ring, f->pos, result, status);
+    page->notify.depth--;
+    page->notify.delivered++;
+    st->state = FAYT_STACK_FREE;
 }

@@ -20,9 +20,12 @@
  *   and wakes the futex on done; the sender then frees the entry;
  * - the doorbell is one real-time signal (SIGRTMIN + FAYT_DOORBELL_SIGRTMIN_OFFSET)
  *   sent to the target; `rung` keeps at most one outstanding per ring.
- *   It is sent for FAYT_NOTIFY_IMMEDIATE, or when the target sleeps in a
- *   libportal wait (target_waiting); otherwise the target takes the entry
- *   at its next dispatch point.  Only a target that has armed the ring (its
+ *   It is sent for FAYT_NOTIFY_IMMEDIATE to a target that runs code;
+ *   a target asleep in a libportal wait (target_waiting) is woken instead:
+ *   1 = asleep in futex_waitv on the target_waiting words (the sender
+ *   exchanges it to 0 and wakes it: no signal), 2 = asleep in sigtimedwait
+ *   (the doorbell).  Otherwise the target takes the entry at its next
+ *   dispatch point.  Only a target that has armed the ring (its
  *   runtime handles the signal) is rung: the signal's default action would
  *   kill it.  The payload is never in the signal.
  * Every field a futex waits on is an aligned uint32_t.
@@ -72,7 +75,7 @@ struct fayt_ring_header {
     uint32_t tail;             /* consumer position (target) */
     uint32_t space;            /* futex: bumped when an entry frees */
     uint32_t space_waiters;    /* senders asleep on space */
-    uint32_t target_waiting;   /* the target sleeps in a libportal wait */
+    uint32_t target_waiting;   /* futex: the target sleeps in a libportal wait (1, 2) */
     uint32_t rung;             /* a doorbell is outstanding */
     uint32_t armed;            /* the target handles the doorbell: senders may ring it */
     uint32_t reserved;

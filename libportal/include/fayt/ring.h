@@ -45,6 +45,21 @@ void fayt_ring_return(void *ring, uint32_t pos, int64_t result, int32_t status);
 /* Target: clear the outstanding-doorbell mark of a ring. */
 void fayt_ring_clear_doorbell(void *ring);
 
+struct fayt_context_page;
+
+/* Target: notification_dispatch's first half.  Round robin over the n rings
+ * from *cursor: take the next entry onto a FREE stack whose base is set
+ * (state IN_USE, the frame at its base), write saved[depth] and depth + 1.
+ * The doorbells are cleared first.  Returns the ring's place in rings[]
+ * (*stack_rec: the stack record), -1 if no ring has an entry, -2 if one
+ * has but no stack is free (notify.starved counted; the entry stays). */
+int fayt_dispatch_take(struct fayt_context_page *page, void **rings, const uint32_t *ring_ids,
+                       int n, int *cursor, int *stack_rec);
+/* Target: notification_ret: the result into the ring entry (RETURN), the
+ * stack FREE again, depth - 1, notify.delivered + 1. */
+void fayt_dispatch_done(struct fayt_context_page *page, void *ring, int stack_rec,
+                        int64_t result, int32_t status);
+
 /* faytd: a side died.  FAYT_RING_TARGET_DEAD fails every waiting sender at
  * once with ESRCH (their entries' done becomes FAYT_DONE_DEAD). */
 void fayt_ring_kill(void *ring, uint32_t state);
