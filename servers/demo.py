@@ -9,6 +9,9 @@ while it holds the share-point lock in the middle of an update.  faytd sees
 the process die (pidfd), releases the lock with the owner-died bit, and
 another instance gets errno.EOWNERDEAD from sp.lock(), repairs the table and
 calls mark_consistent().  A fourth instance joins, everyone stops on SIGTERM,
+a notification server and client pair (servers/notify_pair.py) talk through
+notifications (return flag, deferred, immediate, a failing handler, faytd's
+peer-died notice), then
 faytd stops on SIGTERM, and the demo checks that no child process and no
 shared-memory object of its faytd (/dev/shm/fayt.<faytd pid>.*) is left.
 Exit status 0 only if every step happened; it finishes in about 10 s.
@@ -115,6 +118,33 @@ class Demo:
             raise RuntimeError("fayt %s exited with %d" % (" ".join(args), r.returncode))
         return r.stdout
 
+    def notify_pair(self):
+        """servers/notify_pair.py: a server and a client talking through notifications."""
+        self.say("notifications: starting the notify_pair server (servers/notify_pair.py)")
+        srv = subprocess.Popen([sys.executable, "-m", "servers.notify_pair", "serve"],
+                               env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True)
+        self.instances["notify-server"] = srv
+        self.follow(srv, srv.stdout, "notify-server")
+        line = self.wait_for("serving notifications", "notify-server")
+        cid = line.split("context ")[1].split()[0]
+        self.say("its client notifies context %s: ADD with the return flag, LOG deferred "
+                 "and immediate, FAIL (the handler raises)", cid)
+        cli = subprocess.Popen([sys.executable, "-m", "servers.notify_pair", "client", cid,
+                                "-n", "500"], env=self.env, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+        self.follow(cli, cli.stdout, "notify-client")
+        self.wait_for("done: ok", "notify-client")
+        cli.wait(timeout=STEP_TIMEOUT)
+        if cli.returncode != 0:
+            raise RuntimeError("the notify_pair client exited with %d" % cli.returncode)
+        self.wait_for("died", "notify-server")      # faytd's PEER_DIED notice
+        srv.send_signal(signal.SIGTERM)
+        srv.wait(timeout=STEP_TIMEOUT)
+        self.wait_for("stopping:", "notify-server")
+        if srv.returncode != 0:
+            raise RuntimeError("the notify_pair server exited with %d" % srv.returncode)
+
     def shm_objects(self):
         prefix = "fayt.%d." % self.faytd.pid
         return sorted(n for n in os.listdir("/dev/shm") if n.startswith(prefix))
@@ -163,6 +193,7 @@ class Demo:
         self.wait_for("no job lost or counted twice")
         self.wait_for("destroyed share-point")
         self.fayt("ls")
+        self.notify_pair()
 
         self.say("SIGTERM faytd (pid %d)", self.faytd.pid)
         self.faytd.send_signal(signal.SIGTERM)

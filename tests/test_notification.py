@@ -7,6 +7,7 @@ and notification_wait), so a lost notification fails a test, never hangs it.
 """
 import errno
 import json
+import os
 import textwrap
 import time
 
@@ -18,6 +19,7 @@ from libportal._abi import lib
 from test_sharepoint import Child, POLICY, POLICY_GID, WAIT  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("faytd")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture
@@ -358,3 +360,30 @@ def test_notification_rings_and_stacks_leave_nothing_behind(fresh_faytd, conn_to
         time.sleep(0.05)
     assert objects("ring") == [] and len(objects("ctx")) == 1     # the probe's page
     assert probe.list_contexts()["free_frames"] == free0
+
+
+def test_notification_reference_pair_talks(spawn, faytd):
+    import subprocess
+    import sys
+    srv = subprocess.Popen([sys.executable, "-m", "servers.notify_pair", "serve", "--idle", "5"],
+                           env=faytd.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True, cwd=ROOT)
+    try:
+        line = srv.stdout.readline()
+        assert "serving notifications" in line, line + srv.stderr.read()
+        cid = line.split("context ")[1].split()[0]
+        cli = subprocess.run([sys.executable, "-m", "servers.notify_pair", "client", cid,
+                              "-n", "200"], env=faytd.env(), cwd=ROOT, capture_output=True,
+                             text=True, timeout=WAIT)
+        assert cli.returncode == 0, cli.stdout + cli.stderr
+        assert "200 ADD calls with the return flag: all right" in cli.stdout
+        assert "FAIL: HandlerFailed" in cli.stdout
+        srv.terminate()
+        out, err = srv.communicate(timeout=WAIT)
+        assert "log from context" in out and "hello through the ring" in out
+        assert "stopping: 201 ADD, 2 LOG handled" in out
+        assert "ValueError: FAIL asked for" in err
+    finally:
+        if srv.poll() is None:
+            srv.kill()
+            srv.wait()
