@@ -229,11 +229,14 @@ class Runtime:
         ran = 0
         page, take, done = self.page, lib.fayt_dispatch_take, lib.fayt_dispatch_done
         cursor, rec = self._cursor, self._rec
-        handlers, stacks = self.handlers, self.stacks
+        handlers, stacks, gen_ptr, unpack = self.handlers, self.stacks, self._gen_ptr, \
+            _FRAME.unpack_from
+        table = None
         while True:
-            if self._gen_ptr[0] != self.generation:
+            if gen_ptr[0] != self.generation:
                 self.fetch()
-            arr, ids, n, rings = self._table()
+            if table is not self._ring_table or table is None:   # a (nested) fetch changed it
+                arr, ids, n, rings = table = self._table()
             i = take(page, arr, ids, n, cursor, rec)
             if i < 0:
                 if i == -2 and self._provide():
@@ -244,9 +247,10 @@ class Runtime:
             ran += 1
             self.running += 1
             ring, stack = rings[i], stacks[rec[0]]
-            index, sender, flags, length = _FRAME.unpack_from(stack.view)[:4]
+            sv = stack.view
+            index, sender, flags, length = unpack(sv)[:4]
             status, result = errno.ECANCELED, 0
-            view = stack.view[_PAYLOAD_AT:_PAYLOAD_AT + length]
+            view = sv[_PAYLOAD_AT:_PAYLOAD_AT + length]
             try:
                 fn = handlers.get(index)
                 if fn is None:
