@@ -16,6 +16,7 @@ DEFAULT = {
     "max_portal_length": "1GiB", # one portal at most (portal_req.length is an int)
     "max_sharepoints": 100000,
     "max_mappings_per_context": 65536,
+    "pager_timeout": 10,         # seconds a chain server may take over a page (chains may set theirs)
     "policy": {
         "categories": {
             "core": {"classes": ["SHARE", "DIRECT", "ANON", "COW", "SPECIAL"],

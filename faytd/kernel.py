@@ -11,6 +11,7 @@ from libportal._abi import lib
 from .context import Context
 from .frames import FrameAllocator, sweep_stale
 from .notification import Notifications
+from .pager import Pager
 from .policy import Policy
 from .sharepoint import SharePointTable
 
@@ -38,6 +39,7 @@ class Kernel:
         self.sharepoints = _SharePointTable(self.frames, cfg["max_sharepoints"])
         self.notifications = Notifications(self)
         self.sharepoints.on_destroy = self.notifications.sharepoint_destroyed
+        self.pager = Pager(self)
         self.contexts = {}
         self._next_cid = 1
 
@@ -80,6 +82,7 @@ class Kernel:
         if self.contexts.pop(ctx.id, None) is None:
             return
         self.notifications.context_gone(ctx)
+        self.pager.context_gone(ctx)
         ctx.close_page()
 
     def recover_locks(self, ctx):
@@ -116,12 +119,15 @@ class Kernel:
 
     def unmap(self, ctx, m):
         ctx.mappings.pop(m.handle, None)
-        if m.sp is not None:
+        if m.type & lib.FAYT_PORTAL_SPECIAL:
+            self.pager.unmap(ctx, m)
+        elif m.sp is not None:
             self.sharepoints.release(m.sp, (ctx.id, m.handle))
         else:
             self.frames.put(m.backing)
 
     def shutdown(self):
+        self.pager.shutdown()
         self.notifications.shutdown()
         for ctx in list(self.contexts.values()):
             self.drop_mappings(ctx)

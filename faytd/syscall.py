@@ -105,9 +105,13 @@ def decode_portal(k, body):
 def sys_portal(k, ctx, tid, body, fds):
     t, prot, length, addr, ident, create, attach, req_fields = decode_portal(k, body)
     Policy.check_classes(ctx.category, t)                      # EPERM: nothing created
-    if t & (DIRECT | COW | SPECIAL):
+    if t & SPECIAL:
+        return _portal_special(k, ctx, tid, body, t, prot, length, addr, req_fields, fds)
+    if fds:
+        raise KernelError(errno.EINVAL, "this call takes no file descriptors")
+    if t & (DIRECT | COW):
         raise KernelError(errno.ENOSYS, "type: %s portals are not built yet"
-                          % class_names(t & (DIRECT | COW | SPECIAL)))
+                          % class_names(t & (DIRECT | COW)))
     if len(ctx.mappings) >= k.cfg["max_mappings_per_context"]:
         raise KernelError(errno.ENOMEM, "this context has %d mappings, the quota"
                           % len(ctx.mappings))
@@ -141,6 +145,22 @@ def sys_portal(k, ctx, tid, body, fds):
              + PORTAL_REQ.pack(*req_fields, backing.length)      # morphology filled
              + k.frames.paddrs(backing).tobytes())
     return reply, [backing.open_fd()]
+
+
+def _portal_special(k, ctx, tid, body, t, prot, length, addr, req_fields, fds):
+    """SPECIAL: the client's own range and its userfaultfd (pager.py)."""
+    if len(ctx.mappings) >= k.cfg["max_mappings_per_context"]:
+        raise KernelError(errno.ENOMEM, "this context has %d mappings, the quota"
+                          % len(ctx.mappings))
+    trailer_at = PORTAL_REQ_SIZE
+    chain = _string(body, trailer_at, req_fields[6], "sp_req_chain.name", lib.FAYT_NAME_MAX)
+    message = _string(body, trailer_at, req_fields[7], "sp_req_chain.message",
+                      lib.FAYT_MESSAGE_MAX)
+    handle, mapped, r = _pager.portal_special(k, ctx, tid, t, prot, length, addr, chain,
+                                              message, fds)
+    reply = (PORTAL_REPLY.pack(handle, mapped, 0, r.id, 0, prot, 0)
+             + PORTAL_REQ.pack(*req_fields, mapped))
+    return reply, []
 
 
 def _mapping(ctx, body):
@@ -247,3 +267,8 @@ TAKES_FDS = set()
 # Notifications: the handlers live with their objects in notification.py.
 from . import notification as _notification  # noqa: E402
 HANDLERS.update(_notification.HANDLERS)
+
+# Chains and SPECIAL portals: the handlers live with their objects in pager.py.
+from . import pager as _pager  # noqa: E402
+HANDLERS.update(_pager.HANDLERS)
+TAKES_FDS.add(lib.FAYT_SYS_PORTAL)     # SPECIAL: the client's userfaultfd

@@ -24,4 +24,8 @@ from .notification import (install_handler, remove_handler, notify,  # noqa: F40
                            context_of, notification_depth, current_notification,
                            PEER_DIED, SP_DESTROYED, DOORBELL)
 
+from .special import (chain_join, ChainServer, PageRequest, SpecialPortal,  # noqa: F401
+                      open_userfaultfd)
+from .special import READ as ACCESS_READ, WRITE as ACCESS_WRITE  # noqa: F401
+
 __version__ = "0.1.0"

@@ -39,6 +39,8 @@ def _flatten(t, base, out):
             out.append((off, _CODES[("primitive", ffi.sizeof(ft), False)], ffi.sizeof(ft)))
         elif ft.kind == "array" and ft.length is None:
             continue
+        elif ft.kind == "array" and ft.item.kind == "primitive" and ft.item.cname == "char":
+            out.append((off, "%ds" % ft.length, ft.length))
         elif ft.kind == "primitive":
             if ft.cname == "char":
                 code = "B"
@@ -52,7 +54,8 @@ def _flatten(t, base, out):
 def struct_of(ctype):
     """A little-endian struct.Struct with one item per scalar member of
     `ctype` (nested structs flattened in order, pointers as unsigned
-    integers, a flexible array left out), at cffi's offsets."""
+    integers, a char array as bytes, a flexible array left out), at cffi's
+    offsets."""
     t = ffi.typeof(ctype)
     items = []
     _flatten(t, 0, items)

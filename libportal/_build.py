@@ -16,8 +16,9 @@ from cffi import FFI
 HERE = os.path.dirname(os.path.abspath(__file__))
 INCLUDE = os.path.join(HERE, "include")
 HEADERS = ["portal.h", "sharepoint.h", "notification.h", "context.h", "syscall.h", "lock.h",
-           "ring.h"]
-SOURCES = [os.path.join("libportal", "src", "lock.c"), os.path.join("libportal", "src", "ring.c")]
+           "ring.h", "pager.h"]
+SOURCES = [os.path.join("libportal", "src", "lock.c"), os.path.join("libportal", "src", "ring.c"),
+           os.path.join("libportal", "src", "uffd.c")]
 
 
 def cdef_text(path):

@@ -173,16 +173,22 @@ def portal(type, prot=PROT_RW, length=0, *, identifier=None, create=False,
            share_type=0, chain=None, message=None, addr=0, paddr=(), connection=None):
     """The portal system call.  Returns a Portal, or a SharePoint for SHARE.
 
-    type      class bits: ANON, SHARE|ANON, ... (DIRECT, COW, SPECIAL: ENOSYS for now)
+    type      class bits: ANON, SHARE|ANON, SPECIAL, ... (DIRECT, COW: ENOSYS for now)
     prot      PROT_READ|PROT_WRITE|PROT_EXEC asked for
     length    bytes of the mapping (a multiple of 4096 after rounding up);
               for a share-point it holds the meta-structure and the data.
               0 on attach: the share-point's own length.
     identifier, create, share_type
               share.identifier, share.create, share.type
+    chain, message
+              sp_req_chain.name and .message (SPECIAL: the chain that supplies
+              the pages; returns a special.SpecialPortal)
     addr      morphology.addr: 0 lets the library choose, else exactly there
     """
     conn = connection or _default_connection()
+    if type & SPECIAL and not type & SHARE:
+        from .special import special_portal     # its userfaultfd goes with the call
+        return special_portal(conn, type, prot, length, chain, message, addr)
     if isinstance(identifier, str):
         identifier = identifier.encode("utf-8")
     body, fds = conn.call(lib.FAYT_SYS_PORTAL, encode_portal_req(

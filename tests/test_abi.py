@@ -16,7 +16,8 @@ from libportal._abi import ffi, lib
 
 INCLUDE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                        "libportal", "include")
-HEADERS = ["portal.h", "sharepoint.h", "notification.h", "context.h", "syscall.h", "ring.h"]
+HEADERS = ["portal.h", "sharepoint.h", "notification.h", "context.h", "syscall.h", "ring.h",
+           "pager.h"]
 
 # struct -> every field, nested ones as dotted paths; "[]" marks a flexible
 # array member (it has an offset but no sizeof).
@@ -63,6 +64,19 @@ STRUCTS = {
     "struct fayt_handle_req": ["handle"],
     "struct fayt_portal_reply": ["handle", "map_length", "data_offset", "sp_id", "nframes",
                                  "prot", "flags"],
+    "struct fayt_pager_header": ["magic", "nslots", "run_max", "slot_stride", "state",
+                                 "chain_id", "position", "server_waiting", "req_head",
+                                 "req_tail", "ans_head", "ans_tail", "rung", "reserved",
+                                 "req_ring", "ans_ring"],
+    "struct fayt_page_request": ["id", "offset", "length", "run_max", "access", "flags", "hop",
+                                 "chain_id", "region_id", "client_pid", "region_length",
+                                 "verdict", "error", "answer_length", "message_length",
+                                 "chain", "message"],
+    "struct fayt_uffd_fault": ["address", "flags", "tid"],
+    "struct fayt_chain_join": ["slots", "run_max", "flags", "timeout_ms", "name"],
+    "struct fayt_chain_join_reply": ["chain_id", "position", "slots", "run_max", "map_length",
+                                     "flags", "timeout_ms"],
+    "struct fayt_chain_leave": ["chain_id", "reserved"],
 }
 
 # Constants whose values are ABI as well.
@@ -91,6 +105,11 @@ CONSTANTS = [
     "FAYT_DONE_DEAD", "FAYT_DONE_ABANDONED", "FAYT_RING_HEADER_SIZE", "FAYT_EVENT_PEER_DIED",
     "FAYT_EVENT_SP_DESTROYED", "FAYT_RINGS_MAX", "FAYT_STACKS_MAX", "FAYT_NEST_MAX",
     "FAYT_NO_PROVIDER", "FAYT_STACK_UNUSED", "FAYT_STACK_FREE", "FAYT_STACK_IN_USE",
+    "FAYT_SYS_CHAIN_JOIN", "FAYT_SYS_CHAIN_LEAVE", "FAYT_PAGER_MAGIC", "FAYT_PAGER_SLOTS_MAX",
+    "FAYT_PAGER_RUN_MAX", "FAYT_PAGER_HEADER_SIZE", "FAYT_PAGER_DESC_SIZE", "FAYT_PAGER_LIVE",
+    "FAYT_PAGER_CLOSED", "FAYT_ACCESS_READ", "FAYT_ACCESS_WRITE", "FAYT_PAGE_PRESENT",
+    "FAYT_PAGE_CANCELLED", "FAYT_PAGE_PENDING", "FAYT_PAGE_DATA", "FAYT_PAGE_FORWARD",
+    "FAYT_PAGE_FAIL", "FAYT_CHAIN_WRITE_REPORTS", "FAYT_CHAIN_FLAGS",
 ]
 
 

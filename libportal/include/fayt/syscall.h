@@ -40,6 +40,9 @@
 #define FAYT_SYS_NOTIFY_PROVIDER    14  /* body fayt_notify_install: index or FAYT_NO_PROVIDER */
 #define FAYT_SYS_NOTIFY_SUBSCRIBE   15  /* body fayt_notify_subscribe: faytd's own notifications */
 #define FAYT_SYS_NOTIFY_CLOSE   16  /* body fayt_notify_open: drop this sender's ring into target */
+/* Chains and SPECIAL portals (see pager.h); 17..31 are left to notifications. */
+#define FAYT_SYS_CHAIN_JOIN     32  /* body fayt_chain_join; reply fayt_chain_join_reply + channel fd + eventfd */
+#define FAYT_SYS_CHAIN_LEAVE    33  /* body fayt_chain_leave */
 
 /* fayt_req_hdr.flags */
 #define FAYT_REQ_NOREPLY 0x1        /* UNMAP only: do not answer unless it fails */

@@ -1,0 +1,577 @@
+"""The pager: chains of servers that supply the pages of SPECIAL portals.
+
+Linux facts it relies on:
+- A userfaultfd resolves faults in the address space of the process that
+  created it, whoever holds the fd.  The client maps a SPECIAL region,
+  registers it with a uffd and sends us the fd; a thread that touches a page
+  not yet supplied sleeps in the Linux kernel until we resolve the fault with
+  UFFDIO_COPY (the data), UFFDIO_POISON (the access gets SIGBUS) or, in
+  write-protect mode, UFFDIO_WRITEPROTECT (the write goes on).
+- The uffd is non-blocking and pollable: the event loop watches it (and each
+  channel's eventfd, and one timerfd for the deadlines) like any other fd.
+
+Objects:
+- Chain: a name, and its servers in the order they joined.  Serving a chain
+  is a right (policy category "chains", globs of chain names).  The first
+  server to join sets the chain's flags (write reports) and timeout; the
+  chain goes away with its last server.
+- Member: one server's place in a chain, with its channel (pager.h): a shm
+  object of slots, two rings of slot numbers, a futex doorbell towards the
+  server and an eventfd towards us.  A request costs no system call to
+  faytd; a server answers a run of pages in one slot (prefetch).
+- Region: one SPECIAL portal: the client's uffd, the range, the chain, the
+  message, the page requests in flight (one per page: a second fault on a
+  page that is being fetched just waits for the same answer).
+- Request: a fault on one page, handed from server to server along the
+  chain (FORWARD) until one supplies the data or fails it.
+
+Failure: a failed request, a chain that runs out of servers, a server that
+dies or stays silent past the chain's timeout: the page is poisoned, so the
+access gets SIGBUS, never zeros.  A failed write report cannot take a page
+back; it is logged and the write goes on.  A client that dies (or unmaps)
+has its requests cancelled: the slot is marked FAYT_PAGE_CANCELLED and the
+answer, when it comes, is dropped.  A chain server may not map a SPECIAL
+portal of a chain it serves, nor join a chain it maps a portal of (EDEADLK):
+its own fault would wait for itself.
+"""
+import errno
+import heapq
+import logging
+import mmap
+import os
+import time
+
+from libportal._abi import ffi, lib, struct_of
+
+from .frames import BackingObject, KernelError, PAGE
+from .policy import Policy  # noqa: F401  (rights are checked with the category)
+
+log = logging.getLogger("faytd")
+
+JOIN_REQ = struct_of("struct fayt_chain_join")
+JOIN_REPLY = struct_of("struct fayt_chain_join_reply")
+LEAVE_REQ = struct_of("struct fayt_chain_leave")
+
+_FLAG_WRITE = 1      # UFFD_PAGEFAULT_FLAG_WRITE
+_FLAG_WP = 2         # UFFD_PAGEFAULT_FLAG_WP
+DEFAULT_TIMEOUT_MS = 10000
+
+
+def _name_matches(globs, name):
+    import fnmatch
+    return any(fnmatch.fnmatchcase(name, g) for g in globs)
+
+
+class Chain:
+    __slots__ = ("id", "name", "members", "flags", "timeout_ms")
+
+    def __init__(self, cid, name, flags, timeout_ms):
+        self.id = cid
+        self.name = name
+        self.members = []
+        self.flags = flags
+        self.timeout_ms = timeout_ms
+
+
+class Member:
+    """A server's place in a chain and its channel."""
+    __slots__ = ("ctx", "chain", "backing", "map", "ch", "efd", "nslots", "run_max", "free",
+                 "inflight", "backlog", "closed")
+
+    def __init__(self, ctx, chain, nslots, run_max, tag):
+        self.ctx = ctx
+        self.chain = chain
+        self.nslots = nslots
+        self.run_max = run_max
+        size = lib.fayt_pager_bytes(nslots, run_max)
+        self.backing = BackingObject(0, tag + ".chain", size, [])
+        fd = self.backing.open_fd()
+        try:
+            self.map = mmap.mmap(fd, size)
+        finally:
+            os.close(fd)
+        self.ch = ffi.from_buffer(self.map)
+        lib.fayt_pager_init(self.ch, nslots, run_max, chain.id, len(chain.members))
+        self.efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self.free = list(range(nslots - 1, -1, -1))
+        self.inflight = {}          # slot -> Request
+        self.backlog = []           # requests waiting for a free slot
+        self.closed = False
+
+    def close(self):
+        if self.closed:
+            return
+        self.closed = True
+        lib.fayt_pager_close(self.ch)
+        os.close(self.efd)
+        self.ch = None
+        self.map.close()
+        self.backing.release()
+
+
+class Region:
+    """One SPECIAL portal of a client."""
+    __slots__ = ("id", "ctx", "handle", "uffd", "addr", "length", "chain", "message",
+                 "pending", "wp", "closed", "faults", "fetched", "failed", "write_reports")
+
+    def __init__(self, rid, ctx, uffd, addr, length, chain, message, wp):
+        self.id = rid
+        self.ctx = ctx
+        self.handle = 0
+        self.uffd = uffd
+        self.addr = addr
+        self.length = length
+        self.chain = chain
+        self.message = message
+        self.wp = wp
+        self.pending = {}           # page offset -> Request
+        self.closed = False
+        self.faults = self.fetched = self.failed = self.write_reports = 0
+
+
+class Request:
+    __slots__ = ("id", "region", "offset", "access", "present", "hop", "member", "slot",
+                 "deadline", "done")
+
+    def __init__(self, rid, region, offset, access, present):
+        self.id = rid
+        self.region = region
+        self.offset = offset
+        self.access = access
+        self.present = present      # a write report on a page already there
+        self.hop = 0
+        self.member = None
+        self.slot = -1
+        self.deadline = 0.0
+        self.done = False
+
+
+class Pager:
+    def __init__(self, kernel):
+        self.k = kernel
+        self.chains = {}            # name -> Chain
+        self.members = {}           # (ctx id, chain id) -> Member
+        self.regions = {}           # region id -> Region
+        self.by_uffd = {}           # fd -> Region
+        self.by_efd = {}            # eventfd -> Member
+        self._next_chain = 1
+        self._next_region = 1
+        self._next_req = 1
+        self._deadlines = []        # heap of (deadline, request id, Request)
+        self._timerfd = -1
+        self._armed_for = None
+        self._faults = ffi.new("struct fayt_uffd_fault[32]")
+        self._copied = ffi.new("uint64_t *")
+        self.default_timeout_ms = int(float(kernel.cfg.get("pager_timeout", DEFAULT_TIMEOUT_MS
+                                                            / 1000.0)) * 1000)
+
+    # -- chains ---------------------------------------------------------
+    def join(self, ctx, name, nslots, run_max, flags, timeout_ms):
+        cat = ctx.category
+        if not _name_matches(cat.chains, name):
+            raise KernelError(errno.EPERM, "chain %r: category %s may not serve it"
+                              % (name, cat.name))
+        chain = self.chains.get(name)
+        if chain is not None and (ctx.id, chain.id) in self.members:
+            raise KernelError(errno.EEXIST, "chain %r: this context serves it already" % name)
+        for r in self.regions.values():
+            if r.ctx is ctx and r.chain.name == name and not r.closed:
+                raise KernelError(errno.EDEADLK, "chain %r: this context maps a SPECIAL portal "
+                                  "of it; a fault there would wait on itself" % name)
+        if chain is None:
+            chain = Chain(self._next_chain, name, flags, timeout_ms or self.default_timeout_ms)
+            self._next_chain += 1
+            self.chains[name] = chain
+        try:
+            m = Member(ctx, chain, nslots, run_max, self.k.frames.tag)
+        except BaseException:
+            if not chain.members:
+                del self.chains[name]
+            raise
+        chain.members.append(m)
+        self.members[(ctx.id, chain.id)] = m
+        self.by_efd[m.efd] = m
+        self.k.server.watch_fd(m.efd, self._on_answers)
+        log.debug("pid %d joined chain %r at %d", ctx.pid, name, len(chain.members) - 1)
+        return m
+
+    def leave(self, ctx, chain_id):
+        for (cid, chid), m in list(self.members.items()):
+            if cid == ctx.id and chid == chain_id:
+                self._drop_member(m, errno.EPIPE, "left the chain")
+                return
+        raise KernelError(errno.ENOENT, "chain id %d: this context does not serve it" % chain_id)
+
+    def _drop_member(self, m, err, why):
+        chain = m.chain
+        self.members.pop((m.ctx.id, chain.id), None)
+        self.by_efd.pop(m.efd, None)
+        self.k.server.unwatch_fd(m.efd)
+        if m in chain.members:
+            chain.members.remove(m)
+        for req in list(m.inflight.values()) + m.backlog:
+            if not req.done:
+                log.info("chain %r: server pid %d %s with a request in flight: failed",
+                         chain.name, m.ctx.pid, why)
+                self._fail(req, err)
+        m.inflight.clear()
+        m.backlog = []
+        m.close()
+        if not chain.members:
+            self.chains.pop(chain.name, None)
+
+    # -- regions --------------------------------------------------------
+    def create_region(self, ctx, uffd, addr, length, chain_name, message):
+        chain = self.chains.get(chain_name)
+        if chain is None:
+            raise KernelError(errno.ENOENT, "sp_req_chain.name: no server serves chain %r"
+                              % chain_name)
+        if (ctx.id, chain.id) in self.members:
+            raise KernelError(errno.EDEADLK, "sp_req_chain.name: this context serves chain %r; "
+                              "a fault in its own portal would wait on itself" % chain_name)
+        r = Region(self._next_region, ctx, uffd, addr, length, chain, message,
+                   bool(chain.flags & lib.FAYT_CHAIN_WRITE_REPORTS))
+        self._next_region += 1
+        self.regions[r.id] = r
+        self.by_uffd[uffd] = r
+        self.k.server.watch_fd(uffd, self._on_faults)
+        return r
+
+    def close_region(self, r):
+        if r.closed:
+            return
+        r.closed = True
+        for req in list(r.pending.values()):
+            req.done = True
+            m = req.member
+            if m is not None and req.slot >= 0 and not m.closed:
+                lib.fayt_pager_slot(m.ch, req.slot).flags |= lib.FAYT_PAGE_CANCELLED
+            elif m is not None and req in m.backlog:
+                m.backlog.remove(req)
+        r.pending.clear()
+        self.regions.pop(r.id, None)
+        self.by_uffd.pop(r.uffd, None)
+        self.k.server.unwatch_fd(r.uffd)
+        os.close(r.uffd)
+
+    def unmap(self, ctx, m):
+        r = self.regions.get(m.backing.region_id)
+        if r is not None:
+            self.close_region(r)
+
+    def context_gone(self, ctx):
+        for r in [r for r in self.regions.values() if r.ctx is ctx]:
+            self.close_region(r)
+        for m in [m for m in self.members.values() if m.ctx is ctx]:
+            self._drop_member(m, errno.EPIPE, "died")
+
+    def shutdown(self):
+        for r in list(self.regions.values()):
+            # Leave the pages as they are: the client's guard poisons what is
+            # missing when it sees faytd gone.
+            self.close_region(r)
+        for m in list(self.members.values()):
+            self._drop_member(m, errno.EPIPE, "shut down")
+        if self._timerfd >= 0:
+            self.k.server.unwatch_fd(self._timerfd)
+            os.close(self._timerfd)
+            self._timerfd = -1
+
+    # -- faults ---------------------------------------------------------
+    def _on_faults(self, fd, events):
+        r = self.by_uffd.get(fd)
+        if r is None:
+            return
+        buf = self._faults
+        while True:
+            n = lib.fayt_uffd_read(fd, buf, 32)
+            if n < 0:
+                log.warning("region %d: reading its userfaultfd: %s", r.id, os.strerror(-n))
+                return self.close_region(r)
+            for i in range(n):
+                f = buf[i]
+                off = (f.address - r.addr) & ~(PAGE - 1)
+                if off < 0 or off >= r.length:
+                    continue
+                r.faults += 1
+                if off in r.pending:
+                    continue                # the same page is on its way
+                wp_fault = bool(f.flags & _FLAG_WP)
+                write = wp_fault or (r.wp and f.flags & _FLAG_WRITE)
+                req = Request(self._next_req, r, off,
+                              lib.FAYT_ACCESS_WRITE if write else lib.FAYT_ACCESS_READ, wp_fault)
+                self._next_req += 1
+                r.pending[off] = req
+                self._dispatch(req)
+            if n < 32:
+                return
+
+    def _dispatch(self, req):
+        chain = req.region.chain
+        members = chain.members
+        if req.hop >= len(members):
+            return self._fail(req, errno.ENODATA if req.hop else errno.ENXIO)
+        m = members[req.hop]
+        req.member = m
+        req.slot = -1
+        req.deadline = time.monotonic() + chain.timeout_ms / 1000.0
+        self._add_deadline(req)
+        if not m.free:
+            m.backlog.append(req)
+            return
+        self._post(m, req)
+
+    def _post(self, m, req):
+        slot = m.free.pop()
+        r = req.region
+        d = lib.fayt_pager_slot(m.ch, slot)
+        d.id = req.id
+        d.offset = req.offset
+        d.length = PAGE
+        d.run_max = min(m.run_max, r.length - req.offset) if not req.present else 0
+        d.access = req.access
+        d.flags = lib.FAYT_PAGE_PRESENT if req.present else 0
+        d.hop = req.hop
+        d.chain_id = r.chain.id
+        d.region_id = r.id
+        d.client_pid = r.ctx.pid
+        d.region_length = r.length
+        d.verdict = lib.FAYT_PAGE_PENDING
+        d.error = 0
+        d.answer_length = 0
+        name = r.chain.name.encode()
+        ffi.memmove(d.chain, name + b"\0", len(name) + 1)
+        msg = r.message or b""
+        d.message_length = len(msg)
+        ffi.memmove(d.message, msg + b"\0", len(msg) + 1)
+        req.slot = slot
+        m.inflight[slot] = req
+        lib.fayt_pager_post(m.ch, slot)
+
+    # -- answers --------------------------------------------------------
+    def _on_answers(self, fd, events):
+        m = self.by_efd.get(fd)
+        if m is None:
+            return
+        try:
+            os.eventfd_read(fd)
+        except BlockingIOError:
+            pass
+        lib.fayt_pager_clear_rung(m.ch)
+        while not m.closed:
+            slot = lib.fayt_pager_reap(m.ch)
+            if slot == -1:
+                break
+            if slot < 0 or slot not in m.inflight:
+                log.warning("chain %r: server pid %d answered a slot it does not hold; "
+                            "it leaves the chain", m.chain.name, m.ctx.pid)
+                self._drop_member(m, errno.EPROTO, "broke the channel protocol")
+                return
+            req = m.inflight.pop(slot)
+            d = lib.fayt_pager_slot(m.ch, slot)
+            if not req.done:
+                self._answered(m, req, d, slot)
+            m.free.append(slot)
+        while m.backlog and m.free and not m.closed:
+            self._post(m, m.backlog.pop(0))
+
+    def _answered(self, m, req, d, slot):
+        verdict = d.verdict
+        if verdict == lib.FAYT_PAGE_DATA:
+            self._supply(req, m, slot, d.answer_length)
+        elif verdict == lib.FAYT_PAGE_FORWARD:
+            req.hop += 1
+            self._dispatch(req)
+        else:
+            err = d.error if verdict == lib.FAYT_PAGE_FAIL and d.error > 0 else errno.EIO
+            self._fail(req, err)
+
+    def _supply(self, req, m, slot, n):
+        r = req.region
+        if req.present:
+            # A write report acknowledged: let the write go on.
+            r.write_reports += 1
+            self._finish(req)
+            lib.fayt_uffd_writeprotect(r.uffd, r.addr + req.offset, PAGE, 0)
+            return
+        n = min(n, r.length - req.offset)
+        if n < PAGE:
+            return self._fail(req, errno.ENODATA)
+        wp = r.wp and req.access == lib.FAYT_ACCESS_READ
+        err = lib.fayt_uffd_copy(r.uffd, r.addr + req.offset, lib.fayt_pager_data(m.ch, slot), n,
+                                 1 if wp else 0, self._copied)
+        self._finish(req)
+        r.fetched += self._copied[0] // PAGE
+        if err:
+            log.warning("region %d: UFFDIO_COPY at %#x: %s", r.id, req.offset, os.strerror(err))
+        # Pages this run supplied that other requests are fetching: done too.
+        for off in range(req.offset + PAGE, req.offset + n, PAGE):
+            other = r.pending.get(off)
+            if other is not None and not other.present:
+                self._finish(other)
+                self._cancel_slot(other)
+        if r.wp and req.access == lib.FAYT_ACCESS_WRITE:
+            r.write_reports += 1
+
+    def _finish(self, req):
+        req.done = True
+        req.region.pending.pop(req.offset, None)
+
+    def _cancel_slot(self, req):
+        m = req.member
+        if m is None or m.closed:
+            return
+        if req in m.backlog:
+            m.backlog.remove(req)
+        elif req.slot >= 0 and req.slot in m.inflight:
+            lib.fayt_pager_slot(m.ch, req.slot).flags |= lib.FAYT_PAGE_CANCELLED
+
+    def _fail(self, req, err):
+        if req.done:
+            return
+        r = req.region
+        self._finish(req)
+        self._cancel_slot(req)
+        if r.closed:
+            return
+        r.failed += 1
+        if req.present:
+            log.warning("region %d: a write report at %#x failed (%s); a present page cannot "
+                        "be taken back, the write goes on", r.id, req.offset, os.strerror(err))
+            lib.fayt_uffd_writeprotect(r.uffd, r.addr + req.offset, PAGE, 0)
+            return
+        log.info("region %d (chain %r): page at %#x failed: %s; the access gets SIGBUS",
+                 r.id, r.chain.name, req.offset, os.strerror(err))
+        e = lib.fayt_uffd_poison(r.uffd, r.addr + req.offset, PAGE)
+        if e:
+            log.warning("region %d: UFFDIO_POISON: %s", r.id, os.strerror(e))
+
+    # -- deadlines ------------------------------------------------------
+    def _add_deadline(self, req):
+        heapq.heappush(self._deadlines, (req.deadline, req.id, req))
+        if self._armed_for is None or req.deadline < self._armed_for:
+            self._arm(req.deadline)
+
+    def _arm(self, when):
+        if self._timerfd < 0:
+            fd = lib.fayt_timerfd_open()
+            if fd < 0:
+                raise KernelError(-fd, "pager: timerfd_create: %s" % os.strerror(-fd))
+            self._timerfd = fd
+            self.k.server.watch_fd(fd, self._on_timer)
+        self._armed_for = when
+        lib.fayt_timerfd_arm(self._timerfd, max(1, int((when - time.monotonic()) * 1e9)))
+
+    def _on_timer(self, fd, events):
+        lib.fayt_timerfd_drain(fd)
+        self._armed_for = None
+        now = time.monotonic()
+        h = self._deadlines
+        while h and (h[0][2].done or h[0][0] <= now):
+            deadline, _, req = heapq.heappop(h)
+            if req.done:
+                continue
+            if req.deadline != deadline:
+                continue        # forwarded since: a later deadline holds
+            m = req.member
+            log.info("chain %r: server pid %s silent for %d ms: request failed",
+                     req.region.chain.name, m.ctx.pid if m else "?", req.region.chain.timeout_ms)
+            self._fail(req, errno.ETIMEDOUT)
+        if h:
+            self._arm(h[0][0])
+
+    # -- listing --------------------------------------------------------
+    def describe(self):
+        return [{"chain": c.name, "id": c.id, "servers": [m.ctx.pid for m in c.members],
+                 "flags": c.flags, "timeout_ms": c.timeout_ms} for c in self.chains.values()]
+
+
+# -- system calls (decode, check rights, perform) -----------------------------
+
+class SpecialBacking:
+    """What a SPECIAL Mapping references: its region, no frames."""
+    __slots__ = ("region_id", "length", "frames")
+
+    def __init__(self, region_id, length):
+        self.region_id = region_id
+        self.length = length
+        self.frames = []
+
+
+def _is_userfaultfd(fd):
+    try:
+        return os.readlink("/proc/self/fd/%d" % fd) == "anon_inode:[userfaultfd]"
+    except OSError:
+        return False
+
+
+def portal_special(k, ctx, tid, t, prot, length, addr, chain, message, fds):
+    """The SPECIAL branch of portal(): the region is the client's, registered
+    with the userfaultfd it sent; the reply grants no memory (no fd)."""
+    from .context import Mapping
+    if t & lib.FAYT_PORTAL_SHARE:
+        raise KernelError(errno.ENOSYS, "type: SPECIAL|SHARE portals are not built yet")
+    if chain is None or chain == b"":
+        raise KernelError(errno.EINVAL, "sp_req_chain.name: a SPECIAL portal needs a chain")
+    if len(fds) != 1 or not _is_userfaultfd(fds[0]):
+        raise KernelError(errno.EINVAL, "a SPECIAL portal comes with exactly one fd, the "
+                          "userfaultfd registered over its range")
+    if addr == 0:
+        raise KernelError(errno.EINVAL, "morphology.addr: a SPECIAL portal names the range "
+                          "its userfaultfd registered")
+    if not ctx.check_tid(tid):
+        raise KernelError(errno.ESRCH, "tid %d is not a thread of pid %d" % (tid, ctx.pid))
+    length = (length + PAGE - 1) // PAGE * PAGE
+    uffd = os.dup(fds[0])
+    try:
+        r = k.pager.create_region(ctx, uffd, addr, length, chain.decode(), message)
+    except BaseException:
+        os.close(uffd)
+        raise
+    r.handle = handle = ctx.new_handle()
+    k.add_mapping(ctx, Mapping(handle, t, SpecialBacking(r.id, length), None, ctx.pid, tid, prot))
+    return handle, length, r
+
+
+def sys_chain_join(k, ctx, tid, body, fds):
+    if len(body) != JOIN_REQ.size:
+        raise KernelError(errno.EINVAL, "chain_join: expected %d bytes, got %d"
+                          % (JOIN_REQ.size, len(body)))
+    slots, run_max, flags, timeout_ms, raw = JOIN_REQ.unpack(body)
+    end = raw.find(b"\0")
+    if end < 0:
+        raise KernelError(errno.ENAMETOOLONG, "name: not terminated in %d bytes" % len(raw))
+    if end == 0:
+        raise KernelError(errno.EINVAL, "name: a chain needs a name")
+    try:
+        name = raw[:end].decode("utf-8")
+    except UnicodeDecodeError:
+        raise KernelError(errno.EINVAL, "name: not valid UTF-8") from None
+    slots = slots or 8
+    run_max = run_max or 65536
+    if not 1 <= slots <= lib.FAYT_PAGER_SLOTS_MAX:
+        raise KernelError(errno.EINVAL, "slots: %d is not in 1..%d" % (slots, lib.FAYT_PAGER_SLOTS_MAX))
+    if run_max % PAGE or not PAGE <= run_max <= lib.FAYT_PAGER_RUN_MAX:
+        raise KernelError(errno.EINVAL, "run_max: %d is not a multiple of 4096 in 4096..%d"
+                          % (run_max, lib.FAYT_PAGER_RUN_MAX))
+    if flags & ~lib.FAYT_CHAIN_FLAGS:
+        raise KernelError(errno.EINVAL, "flags: unknown bits %#x" % (flags & ~lib.FAYT_CHAIN_FLAGS))
+    m = k.pager.join(ctx, name, slots, run_max, flags, timeout_ms)
+    c = m.chain
+    reply = JOIN_REPLY.pack(c.id, len(c.members) - 1, m.nslots, m.run_max, len(m.map),
+                            c.flags, c.timeout_ms)
+    return reply, [m.backing.open_fd(), os.dup(m.efd)]
+
+
+def sys_chain_leave(k, ctx, tid, body, fds):
+    if len(body) != LEAVE_REQ.size:
+        raise KernelError(errno.EINVAL, "chain_leave: expected %d bytes, got %d"
+                          % (LEAVE_REQ.size, len(body)))
+    k.pager.leave(ctx, LEAVE_REQ.unpack(body)[0])
+    return b"", []
+
+
+HANDLERS = {
+    lib.FAYT_SYS_CHAIN_JOIN: sys_chain_join,
+    lib.FAYT_SYS_CHAIN_LEAVE: sys_chain_leave,
+}

@@ -1,0 +1,418 @@
+"""SPECIAL portals and chain servers: pages supplied by a chain of servers.
+
+The client side of a SPECIAL portal (portal(SPECIAL, ..., chain=, message=)):
+- maps a private anonymous range, opens a userfaultfd(2) (plain if we may,
+  else UFFD_USER_MODE_ONLY), registers the range (MISSING, and WP where the
+  kernel supports write-protect on unpopulated anonymous memory) and sends
+  the fd to faytd with the portal() call (SCM_RIGHTS).  faytd reads the
+  faults; a thread that touches a page not yet supplied sleeps in the Linux
+  kernel until the chain answers.
+- Python: a thread that faults holds the GIL while it sleeps, so the whole
+  process waits for the page (other threads included).  SpecialPortal.read
+  / write / readinto copy in C with the GIL released, so only the copying
+  thread waits; touching .buf from Python holds the GIL.
+- A failed page (the chain failed it, ran out of servers, a server died or
+  stayed silent past the chain's timeout) makes the access raise SIGBUS,
+  the way a kernel fails an I/O-backed page.  Never zeros.
+- If faytd dies: the client keeps its own copy of the uffd (were it the last
+  one closed, the range would silently become zero pages), and a small C
+  thread (the guard) watching faytd's pidfd poisons every page not yet
+  supplied: accesses blocked then, and later, get SIGBUS.
+- With UFFD_USER_MODE_ONLY (an unprivileged process, vm.unprivileged_userfaultfd
+  at 0) a fault the kernel takes itself (read(2) into the region) fails with
+  EFAULT instead of waiting: fill regions from user space (readinto).
+
+The chain-server side (chain_join): a server joins a named chain (a right:
+the policy's category "chains") and gets a channel in shared memory with
+faytd.  take() sleeps on a futex (GIL released) until a page request comes;
+the server answers each with supply() (one page or a run of following pages:
+prefetch), forward() (the next server of the chain) or fail(errno).  A chain
+server may not map a SPECIAL portal of a chain it serves (EDEADLK).
+"""
+import array
+import errno
+import os
+import socket
+import struct
+import threading
+
+from . import errors
+from ._abi import ffi, lib, struct_of, PORTAL_REPLY, REQ_HDR
+from .portal import Mapping, PROT_READ, PROT_WRITE, PAGE_SIZE, encode_portal_req
+
+JOIN_REQ = struct_of("struct fayt_chain_join")
+JOIN_REPLY = struct_of("struct fayt_chain_join_reply")
+LEAVE_REQ = struct_of("struct fayt_chain_leave")
+_CRED = struct.Struct("3i")
+
+READ = lib.FAYT_ACCESS_READ
+WRITE = lib.FAYT_ACCESS_WRITE
+WRITE_REPORTS = lib.FAYT_CHAIN_WRITE_REPORTS
+
+
+def _call_fds(conn, op, body, fds):
+    """conn.call() with file descriptors sent along (SCM_RIGHTS)."""
+    if os.getpid() != conn._pid:
+        raise errors.error(errno.EBADF, "this connection belongs to the parent process "
+                                        "(fork): use a new Connection")
+    with conn._lock:
+        conn._seq = seq = (conn._seq + 1) & 0xffffffff
+        msg = REQ_HDR.pack(lib.FAYT_REQ_MAGIC, op, 0, seq, threading.get_native_id())
+        try:
+            conn.sock.sendmsg([msg + body], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                              array.array("i", fds))])
+            while True:
+                data, rfds, rop, rseq, err = conn._receive()
+                if rseq != seq and rseq in conn._unanswered:
+                    conn._late_failure(rop, rseq, err, data)
+                    continue
+                break
+        except OSError as e:
+            raise errors.error(errno.ECONNRESET,
+                               "faytd connection lost: %s" % (e.strerror or e)) from None
+        conn._unanswered.clear()
+    if rseq != seq or rop != op:
+        for fd in rfds:
+            os.close(fd)
+        raise errors.error(errno.EPROTO, "reply out of step with the request")
+    if err:
+        for fd in rfds:
+            os.close(fd)
+        raise errors.error(err, data.decode("utf-8", "replace"))
+    return data, rfds
+
+
+def open_userfaultfd():
+    """(fd, caps): a userfaultfd for a SPECIAL range, or a clear EPERM/ENOSYS."""
+    caps = ffi.new("uint32_t *")
+    fd = lib.fayt_uffd_open(caps)
+    if fd == -errno.ENOSYS:
+        raise errors.error(errno.ENOSYS, "SPECIAL: this kernel has no userfaultfd(2) "
+                           "(CONFIG_USERFAULTFD is off)")
+    if fd in (-errno.EPERM, -errno.EACCES):
+        raise errors.error(errno.EPERM, "SPECIAL: userfaultfd(2) refused, even with "
+                           "UFFD_USER_MODE_ONLY (seccomp, or a kernel older than 5.11 with "
+                           "vm.unprivileged_userfaultfd = 0 and no CAP_SYS_PTRACE)")
+    if fd == -errno.EINVAL:
+        raise errors.error(errno.ENOSYS, "SPECIAL: the kernel refused UFFDIO_API "
+                           "(userfaultfd too old)")
+    if fd < 0:
+        raise errors.error(-fd, "SPECIAL: userfaultfd(2): " + os.strerror(-fd))
+    return fd, caps[0]
+
+
+def _faytd_pidfd(conn):
+    pid = _CRED.unpack(conn.sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                            _CRED.size))[0]
+    return os.pidfd_open(pid)
+
+
+class SpecialPortal(Mapping):
+    """A mapped SPECIAL portal.  .addr, .length, .buf (a memoryview: touching
+    it faults pages in with the GIL held), read(off, n) / readinto(off, buf)
+    / write(off, data) (C copies, GIL released), unmap()."""
+
+    def __init__(self, conn, reply, addr, type, prot, uffd, caps, chain, message):
+        self._setup(conn, reply, None, (), addr, type)
+        self.prot = prot
+        self.length = self.map_length
+        self.region_id = reply[3]
+        self.chain = chain
+        self.message = message
+        self.user_mode_only = bool(caps & lib.FAYT_UFFD_USER_MODE)
+        self.write_protect = bool(caps & lib.FAYT_UFFD_WP)
+        self._uffd = uffd
+        self.mapped = True
+        self._buf = None
+
+    def _check_range(self, offset, n):
+        self._check()
+        if offset < 0 or n < 0 or offset + n > self.length:
+            raise errors.error(errno.EINVAL, "offset %d + %d bytes is outside the portal (%d)"
+                               % (offset, n, self.length))
+
+    @property
+    def buf(self):
+        self._check()
+        if self._buf is None:
+            self._buf = memoryview(ffi.buffer(ffi.cast("char *", self.addr), self.length))
+            if not self.prot & PROT_WRITE:
+                self._buf = self._buf.toreadonly()
+        return self._buf
+
+    def read(self, offset, n):
+        self._check_range(offset, n)
+        if not self.prot & PROT_READ:
+            raise errors.error(errno.EACCES, "portal is not readable (prot)")
+        out = bytearray(n)
+        if n:
+            lib.fayt_copy(ffi.cast("uintptr_t", ffi.from_buffer(out)), self.addr + offset, n)
+        return bytes(out)
+
+    def readinto(self, offset, buffer):
+        mv = memoryview(buffer).cast("B")
+        self._check_range(offset, len(mv))
+        if len(mv):
+            lib.fayt_copy(ffi.cast("uintptr_t", ffi.from_buffer(mv, require_writable=True)),
+                          self.addr + offset, len(mv))
+        return len(mv)
+
+    def write(self, offset, data):
+        mv = memoryview(data).cast("B")
+        self._check_range(offset, len(mv))
+        if not self.prot & PROT_WRITE:
+            raise errors.error(errno.EACCES, "portal is not writable (prot)")
+        if len(mv):
+            lib.fayt_copy(self.addr + offset, ffi.cast("uintptr_t", ffi.from_buffer(mv)), len(mv))
+
+    def _invalidate(self):
+        if self._buf is not None:
+            self._buf.release()
+            self._buf = None
+        self.mapped = False
+        if self._uffd >= 0:
+            lib.fayt_special_unguard(self._uffd)
+            os.close(self._uffd)
+            self._uffd = -1
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.mapped:
+            self.unmap()
+
+
+def special_portal(conn, type, prot, length, chain, message, addr):
+    """portal() for SPECIAL: see the module's docstring."""
+    if length <= 0:
+        raise errors.error(errno.EINVAL, "length: %d; a portal needs at least 1 byte" % length)
+    size = (length + PAGE_SIZE - 1) // PAGE_SIZE * PAGE_SIZE
+    uffd, caps = open_userfaultfd()
+    err = ffi.new("int *")
+    base = 0
+    try:
+        base = lib.fayt_map_special(size, addr, prot, err)
+        if not base:
+            raise errors.error(err[0], "portal: mmap of the SPECIAL range: " + os.strerror(err[0]))
+        e = lib.fayt_uffd_register(uffd, base, size, 1 if caps & lib.FAYT_UFFD_WP else 0)
+        if e:
+            raise errors.error(e, "SPECIAL: UFFDIO_REGISTER: " + os.strerror(e))
+        body, fds = _call_fds(conn, lib.FAYT_SYS_PORTAL, encode_portal_req(
+            type, prot, length, None, 0, 0, chain, message, base), [uffd])
+        for fd in fds:
+            os.close(fd)
+        reply = PORTAL_REPLY.unpack_from(body)
+        try:
+            pidfd = _faytd_pidfd(conn)
+        except OSError:
+            pidfd = -1
+        if pidfd >= 0:
+            try:
+                lib.fayt_special_guard(pidfd, uffd, base, size)
+            finally:
+                os.close(pidfd)
+    except BaseException:
+        if base:
+            lib.fayt_unmap(base, size)
+        os.close(uffd)
+        raise
+    if isinstance(chain, bytes):
+        chain = chain.decode()
+    return SpecialPortal(conn, reply, base, type, prot, uffd, caps, chain, message)
+
+
+# -- chain servers ----------------------------------------------------------
+
+class PageRequest:
+    """One page request taken from a chain server's channel.
+
+    offset, length  the page that faulted (bytes into the region)
+    run_max         bytes an answer may hold from offset (prefetch up to here)
+    access          READ, or WRITE (the first write to the page)
+    present         a write report on a page already supplied: no data wanted
+    chain, message  sp_req_chain.name and .message of the portal
+    hop             0 at the chain's first server
+    data            a writable memoryview of run_max bytes: write the pages here
+    Answer exactly once: supply(), forward() or fail()."""
+
+    __slots__ = ("server", "slot", "id", "offset", "length", "run_max", "access", "present",
+                 "hop", "chain", "message", "client_pid", "region_id", "region_length",
+                 "data", "_answered")
+
+    def __init__(self, server, slot):
+        d = lib.fayt_pager_slot(server._ch, slot)
+        self.server = server
+        self.slot = slot
+        self.id = d.id
+        self.offset = d.offset
+        self.length = d.length
+        self.run_max = d.run_max
+        self.access = d.access
+        self.present = bool(d.flags & lib.FAYT_PAGE_PRESENT)
+        self.hop = d.hop
+        self.chain = ffi.string(d.chain).decode("utf-8", "replace")
+        self.message = ffi.unpack(d.message, d.message_length) if d.message_length else b""
+        self.client_pid = d.client_pid
+        self.region_id = d.region_id
+        self.region_length = d.region_length
+        self.data = server._data[slot][:self.run_max] if self.run_max else server._data[slot][:0]
+        self._answered = False
+
+    @property
+    def cancelled(self):
+        """The client went away (faytd will drop the answer)."""
+        return bool(lib.fayt_pager_slot(self.server._ch, self.slot).flags
+                    & lib.FAYT_PAGE_CANCELLED)
+
+    def _answer(self, verdict, error, n):
+        if self._answered:
+            raise errors.error(errno.EALREADY, "page request %d: already answered" % self.id)
+        e = lib.fayt_pager_answer(self.server._ch, self.slot, verdict, error, n, self.server._efd)
+        if e:
+            raise errors.error(e, "page request %d: answer refused: %s" % (self.id, os.strerror(e)))
+        self._answered = True
+
+    def supply(self, data=None, length=None):
+        """Answer with pages.  data (bytes-like) is copied into .data first;
+        else length bytes were written there already.  A partial last page
+        is zero-filled.  0 bytes acknowledges a write report."""
+        if data is not None:
+            mv = memoryview(data).cast("B")
+            if len(mv) > self.run_max:
+                raise errors.error(errno.EINVAL, "supply: %d bytes, the request takes %d"
+                                   % (len(mv), self.run_max))
+            self.data[:len(mv)] = mv
+            length = len(mv)
+        length = length or 0
+        if self.present:
+            length = 0
+        elif length <= 0:
+            raise errors.error(errno.EINVAL, "supply: no data for a page request")
+        n = (length + PAGE_SIZE - 1) // PAGE_SIZE * PAGE_SIZE
+        if n > length:
+            self.data[length:n] = bytes(n - length)
+        self._answer(lib.FAYT_PAGE_DATA, 0, n)
+
+    def forward(self):
+        """Pass the request on to the next server of the chain."""
+        self._answer(lib.FAYT_PAGE_FORWARD, 0, 0)
+
+    def fail(self, err=errno.EIO):
+        """Fail the access: the client's thread gets SIGBUS."""
+        self._answer(lib.FAYT_PAGE_FAIL, int(err), 0)
+
+    def __repr__(self):
+        return "<PageRequest %d %s offset=%#x chain=%r hop=%d>" % (
+            self.id, "write" if self.access == WRITE else "read", self.offset, self.chain, self.hop)
+
+
+class ChainServer:
+    """A chain server's membership: take() page requests and answer them."""
+
+    def __init__(self, conn, name, reply, fds):
+        (self.chain_id, self.position, self.slots, self.run_max, map_length, self.flags,
+         self.timeout_ms) = reply
+        self.connection = conn
+        self.name = name
+        err = ffi.new("int *")
+        addr = lib.fayt_map(fds[0], map_length, 0, PROT_READ | PROT_WRITE, err)
+        os.close(fds[0])
+        if not addr:
+            os.close(fds[1])
+            raise errors.error(err[0], "chain_join: cannot map the channel")
+        self._addr, self._map_length = addr, map_length
+        self._ch = ffi.cast("void *", addr)
+        self._efd = fds[1]
+        self._data = [memoryview(ffi.buffer(lib.fayt_pager_data(self._ch, i), self.run_max))
+                      for i in range(self.slots)]
+        self.joined = True
+
+    def take(self, timeout=None):
+        """The next PageRequest, or None after timeout seconds (None: wait).
+        Raises BrokenPipeError-like EPIPE once the chain membership ended."""
+        if not self.joined:
+            raise errors.error(errno.EPIPE, "chain %r: left" % self.name)
+        ns = -1 if timeout is None else max(0, int(timeout * 1e9))
+        while True:
+            s = lib.fayt_pager_take(self._ch, ns)
+            if s >= 0:
+                return PageRequest(self, s)
+            if s == -errno.ETIMEDOUT:
+                return None
+            if s == -errno.EINTR:
+                continue
+            raise errors.error(-s, "chain %r: the channel was closed by faytd" % self.name)
+
+    def serve(self, handler, stop=None, poll=0.1):
+        """Take requests and call handler(request) until stop() is true (or
+        the channel closes).  A handler that raises OSError fails the request
+        with its errno; one that returns without answering fails it with EIO."""
+        while stop is None or not stop():
+            try:
+                req = self.take(poll)
+            except OSError as e:
+                if e.errno == errno.EPIPE:
+                    return
+                raise
+            if req is None:
+                continue
+            try:
+                handler(req)
+            except OSError as e:
+                if not req._answered:
+                    req.fail(e.errno or errno.EIO)
+            except BaseException:
+                if not req._answered:
+                    req.fail(errno.EIO)
+                raise
+            if not req._answered:
+                req.fail(errno.EIO)
+
+    def leave(self):
+        if not self.joined:
+            return
+        self.joined = False
+        try:
+            self.connection.call(lib.FAYT_SYS_CHAIN_LEAVE, LEAVE_REQ.pack(self.chain_id, 0))
+        finally:
+            self._close()
+
+    def _close(self):
+        for mv in self._data:
+            mv.release()
+        self._data = []
+        os.close(self._efd)
+        lib.fayt_unmap(self._addr, self._map_length)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.leave()
+
+
+def chain_join(name, *, slots=8, run_max=65536, write_reports=False, timeout=None,
+               connection=None):
+    """Join the chain `name` as its next server.  slots: requests in flight
+    at once; run_max: bytes one answer may hold (prefetch); write_reports and
+    timeout (seconds a server may take before faytd fails the request) are
+    the chain's, set by its first server.  EPERM if the policy does not let
+    this server serve `name`; EDEADLK if it maps a SPECIAL portal of it."""
+    from .syscall import connection as _default_connection
+    conn = connection or _default_connection()
+    raw = name.encode("utf-8") if isinstance(name, str) else bytes(name)
+    if len(raw) > lib.FAYT_NAME_MAX:
+        raise errors.error(errno.ENAMETOOLONG, "name: longer than %d bytes" % lib.FAYT_NAME_MAX)
+    body = JOIN_REQ.pack(slots, run_max, WRITE_REPORTS if write_reports else 0,
+                         0 if timeout is None else max(1, int(timeout * 1000)), raw)
+    data, fds = conn.call(lib.FAYT_SYS_CHAIN_JOIN, body)
+    if len(fds) != 2:
+        for fd in fds:
+            os.close(fd)
+        raise errors.error(errno.EPROTO, "chain_join: faytd sent %d fds, not 2" % len(fds))
+    return ChainServer(conn, raw.decode("utf-8", "replace"), JOIN_REPLY.unpack(data), fds)
+
+
+__all__ = ["SpecialPortal", "ChainServer", "PageRequest", "chain_join", "open_userfaultfd",
+           "READ", "WRITE", "WRITE_REPORTS"]

@@ -1,0 +1,339 @@
+"""SPECIAL portals: pages supplied by chains of servers through userfaultfd.
+
+Real processes throughout: chain servers and faulting clients are forked
+children talking to a real faytd.  Every wait is bounded."""
+import errno
+import faulthandler
+import multiprocessing
+import os
+import signal
+import time
+import uuid
+
+import pytest
+
+from faytd_proc import fayt_shm_objects
+
+import libportal as lp
+
+PAGE = 4096
+CTX = multiprocessing.get_context("fork")
+WAIT = 20
+
+
+def _chain():
+    return "test-%s" % uuid.uuid4().hex[:8]
+
+
+def _pattern(offset, n):
+    """Bytes whose every page starts with its own offset: easy to check."""
+    out = bytearray((n + PAGE - 1) // PAGE * PAGE)
+    for i in range(0, n, PAGE):
+        out[i:i + 8] = (offset + i).to_bytes(8, "little")
+        out[i + 8:i + 16] = b"FAYTPAGE"
+    return bytes(out[:n])
+
+
+class ChildServer:
+    """A chain server in a forked child: handler(req, log) answers each request."""
+
+    def __init__(self, chain, handler, socket=None, **join):
+        self.ready = CTX.Event()
+        self.stop = CTX.Event()
+        self.log = CTX.Queue()
+        self.proc = CTX.Process(target=self._run, args=(chain, handler, socket, join))
+        self.proc.start()
+        assert self.ready.wait(WAIT), "the chain server did not join"
+
+    def _run(self, chain, handler, socket, join):
+        conn = lp.Connection(socket) if socket else None
+        s = lp.chain_join(chain, connection=conn, **join)
+        self.ready.set()
+        s.serve(lambda req: handler(req, self.log), stop=self.stop.is_set, poll=0.05)
+        s.leave()
+
+    def entries(self, n, timeout=WAIT):
+        out = []
+        deadline = time.monotonic() + timeout
+        while len(out) < n:
+            out.append(self.log.get(timeout=max(0.01, deadline - time.monotonic())))
+        return out
+
+    def close(self):
+        self.stop.set()
+        self.proc.join(WAIT)
+        if self.proc.is_alive():
+            self.proc.kill()
+            self.proc.join(WAIT)
+
+
+def _pattern_server(req, log):
+    log.put((req.offset, req.access, req.present, req.hop, req.message))
+    if req.present:
+        return req.supply(length=0)
+    req.supply(_pattern(req.offset, min(req.run_max, PAGE)))
+
+
+def _run_client(target, *args, timeout=WAIT):
+    """Run target(*args) in a forked child; return its exit code (bounded)."""
+    p = CTX.Process(target=target, args=args)
+    p.start()
+    p.join(timeout)
+    alive = p.is_alive()
+    if alive:
+        p.kill()
+        p.join(WAIT)
+    assert not alive, "the client hung"
+    return p.exitcode
+
+
+def _touch(chain, offset, socket=None):
+    faulthandler.disable()      # the SIGBUS is expected: no traceback dump
+    conn = lp.Connection(socket) if socket else None
+    sp = lp.portal(lp.SPECIAL, lp.PROT_READ, 4 * PAGE, chain=chain, message=b"m",
+                   connection=conn)
+    sp.buf[offset]          # faults here
+    os._exit(0)
+
+
+@pytest.fixture
+def chain_server(lp):
+    made = []
+
+    def make(handler=_pattern_server, chain=None, **join):
+        s = ChildServer(chain or _chain(), handler, **join)
+        made.append(s)
+        return s
+
+    yield make
+    for s in made:
+        s.close()
+
+
+def test_special_pages_arrive_with_the_right_bytes(lp, chain_server):
+    chain = _chain()
+    srv = chain_server(chain=chain)
+    sp = lp.portal(lp.SPECIAL, lp.PROT_READ, 8 * PAGE, chain=chain, message=b"hello")
+    try:
+        assert isinstance(sp, lp.SpecialPortal) and sp.length == 8 * PAGE
+        assert sp.read(3 * PAGE, PAGE) == _pattern(3 * PAGE, PAGE)        # C copy, no GIL
+        assert bytes(sp.buf[5 * PAGE:6 * PAGE]) == _pattern(5 * PAGE, PAGE)  # Python access
+        assert sp.read(3 * PAGE, 16) == _pattern(3 * PAGE, 16)              # fetched once
+        got = srv.entries(2)
+        assert [(o, a, m) for o, a, _, _, m in got] == [(3 * PAGE, lp.ACCESS_READ, b"hello"),
+                                                      (5 * PAGE, lp.ACCESS_READ, b"hello")]
+        assert srv.log.empty()
+    finally:
+        sp.unmap()
+
+
+def test_special_prefetch_run_fills_following_pages(lp, chain_server):
+    chain = _chain()
+
+    def run(req, log):
+        log.put(req.offset)
+        req.supply(_pattern(req.offset, req.run_max))
+
+    srv = chain_server(run, chain=chain, run_max=4 * PAGE)
+    with lp.portal(lp.SPECIAL, lp.PROT_READ, 10 * PAGE, chain=chain) as sp:
+        whole = b"".join(sp.read(i * PAGE, PAGE) for i in range(10))   # in order
+        assert whole == _pattern(0, 10 * PAGE)
+        assert srv.entries(3) == [0, 4 * PAGE, 8 * PAGE]    # three faults for ten pages
+        time.sleep(0.1)
+        assert srv.log.empty()
+
+
+def test_special_forwarding_through_a_two_server_chain(lp):
+    chain = _chain()
+
+    def front(req, log):
+        log.put(("front", req.offset, req.hop))
+        if req.offset // PAGE % 2:
+            return req.forward()
+        req.supply(_pattern(req.offset, PAGE))
+
+    def back(req, log):
+        log.put(("back", req.offset, req.hop))
+        req.supply(_pattern(req.offset, PAGE))
+
+    a = ChildServer(chain, front)
+    b = ChildServer(chain, back)
+    try:
+        with lp.portal(lp.SPECIAL, lp.PROT_READ, 4 * PAGE, chain=chain) as sp:
+            assert sp.read(0, 4 * PAGE) == _pattern(0, 4 * PAGE)
+        assert sorted(a.entries(4)) == [("front", i * PAGE, 0) for i in range(4)]
+        assert sorted(b.entries(2)) == [("back", PAGE, 1), ("back", 3 * PAGE, 1)]
+    finally:
+        a.close()
+        b.close()
+
+
+def test_special_failed_request_gives_sigbus(lp, chain_server):
+    chain = _chain()
+
+    def fail(req, log):
+        log.put(req.offset)
+        req.fail(errno.EIO)
+
+    srv = chain_server(fail, chain=chain)
+    assert _run_client(_touch, chain, PAGE) == -signal.SIGBUS
+    assert srv.entries(1) == [PAGE]
+
+
+def test_special_end_of_chain_gives_sigbus(lp, chain_server):
+    chain = _chain()
+    chain_server(lambda req, log: req.forward(), chain=chain)
+    assert _run_client(_touch, chain, 0) == -signal.SIGBUS
+
+
+def test_special_server_killed_mid_request_fails_not_hangs(lp, chain_server):
+    chain = _chain()
+
+    def stall(req, log):
+        log.put(req.offset)
+        time.sleep(3600)
+
+    srv = chain_server(stall, chain=chain, timeout=60)
+    client = CTX.Process(target=_touch, args=(chain, 0))
+    client.start()
+    try:
+        assert srv.entries(1) == [0]
+        t = time.monotonic()
+        srv.proc.kill()
+        client.join(WAIT)
+        assert not client.is_alive(), "the client hung after its chain server died"
+        assert client.exitcode == -signal.SIGBUS
+        assert time.monotonic() - t < 10            # the death, not the 60 s timeout
+    finally:
+        if client.is_alive():
+            client.kill()
+            client.join(WAIT)
+
+
+def test_special_silent_server_times_out(lp, chain_server):
+    chain = _chain()
+
+    def ignore(req, log):
+        log.put(req.offset)
+        time.sleep(2)           # silent past the chain's 0.3 s
+        req.supply(_pattern(req.offset, PAGE))     # too late: dropped
+
+    chain_server(ignore, chain=chain, timeout=0.3)
+    t = time.monotonic()
+    assert _run_client(_touch, chain, 0) == -signal.SIGBUS
+    took = time.monotonic() - t
+    assert 0.3 <= took < 10
+
+
+def test_special_write_reports_the_first_write(lp, chain_server):
+    chain = _chain()
+    srv = chain_server(chain=chain, write_reports=True)
+    with lp.portal(lp.SPECIAL, lp.PROT_RW, 4 * PAGE, chain=chain) as sp:
+        if not sp.write_protect:
+            pytest.fail("this kernel lacks userfaultfd write-protect on anonymous memory")
+        assert sp.read(0, 8) == _pattern(0, 8)                  # read: supplied protected
+        sp.write(16, b"written")                                # first write: reported
+        sp.write(32, b"again")                                  # second: not reported
+        sp.write(PAGE + 16, b"fresh")                           # write to a missing page
+        assert sp.read(0, 40) == _pattern(0, 16) + b"written" + bytes(9) + b"again" + bytes(3)
+        assert sp.read(PAGE + 16, 5) == b"fresh"
+        got = [(o, a, p) for o, a, p, _, _ in srv.entries(3)]
+        assert got == [(0, lp.ACCESS_READ, False), (0, lp.ACCESS_WRITE, True),
+                       (PAGE, lp.ACCESS_WRITE, False)]
+        time.sleep(0.1)
+        assert srv.log.empty()
+
+
+def test_special_client_death_cancels_its_requests(lp, chain_server):
+    chain = _chain()
+    seen = CTX.Queue()
+
+    def hold(req, log):
+        log.put(req.offset)
+        if req.offset != 2 * PAGE:
+            return req.supply(_pattern(req.offset, PAGE))
+        deadline = time.monotonic() + WAIT
+        while not req.cancelled and time.monotonic() < deadline:
+            time.sleep(0.01)
+        seen.put(req.cancelled)
+        req.supply(_pattern(req.offset, PAGE))      # dropped by faytd
+
+    srv = chain_server(hold, chain=chain)
+    client = CTX.Process(target=_touch, args=(chain, 2 * PAGE))
+    client.start()
+    assert srv.entries(1) == [2 * PAGE]
+    client.kill()
+    client.join(WAIT)
+    assert seen.get(timeout=WAIT) is True
+    # faytd and the chain go on serving.
+    with lp.portal(lp.SPECIAL, lp.PROT_READ, PAGE, chain=chain) as sp:
+        assert sp.read(0, 8) == _pattern(0, 8)
+
+
+def test_special_chain_needs_a_server_and_the_right(lp, fresh_faytd, conn_to):
+    with pytest.raises(lp.NotFound, match="no server serves chain 'nobody-serves-this'"):
+        lp.portal(lp.SPECIAL, lp.PROT_READ, PAGE, chain="nobody-serves-this")
+    with pytest.raises(lp.InvalidArgument, match="needs a chain"):
+        lp.portal(lp.SPECIAL, lp.PROT_READ, PAGE)
+    cfg = {"policy": {"categories": {"core": {"classes": ["SPECIAL", "ANON"],
+                                              "chains": ["files.*"]}},
+                      "default": "core"}}
+    d = fresh_faytd(config=cfg)
+    c = conn_to(d)
+    with pytest.raises(lp.PermissionDenied, match="chain 'other': category core may not "
+                                                   "serve it"):
+        lp.chain_join("other", connection=c)
+    s = lp.chain_join("files.a", connection=c)
+    s.leave()
+
+
+def test_special_chain_server_may_not_map_its_own_chain(lp):
+    chain = _chain()
+    s = lp.chain_join(chain)
+    try:
+        with pytest.raises(lp.Deadlock, match="serves chain"):
+            lp.portal(lp.SPECIAL, lp.PROT_READ, PAGE, chain=chain)
+    finally:
+        s.leave()
+
+
+def test_special_faytd_death_gives_sigbus_not_hang(fresh_faytd, tmp_path):
+    d = fresh_faytd()
+    chain = _chain()
+
+    def stall(req, log):
+        log.put(req.offset)
+        time.sleep(3600)
+
+    srv = ChildServer(chain, stall, socket=d.socket)
+    client = CTX.Process(target=_touch, args=(chain, 0, d.socket))
+    client.start()
+    try:
+        assert srv.entries(1) == [0]
+        d.proc.kill()
+        d.proc.wait(WAIT)
+        client.join(WAIT)
+        assert not client.is_alive(), "the client hung after faytd died"
+        assert client.exitcode == -signal.SIGBUS
+    finally:
+        for p in (client, srv.proc):
+            if p.is_alive():
+                p.kill()
+                p.join(WAIT)
+    # A new faytd sweeps what the dead one left in /dev/shm.
+    fresh_faytd().stop()
+    assert fayt_shm_objects([d.proc.pid]) == []
+
+
+def test_special_nothing_left_in_dev_shm(fresh_faytd, conn_to):
+    d = fresh_faytd()
+    chain = _chain()
+    srv = ChildServer(chain, _pattern_server, socket=d.socket)
+    c = conn_to(d)
+    sp = lp.portal(lp.SPECIAL, lp.PROT_READ, 4 * PAGE, chain=chain, connection=c)
+    assert sp.read(0, 4 * PAGE) == _pattern(0, 4 * PAGE)
+    sp.unmap()
+    srv.close()
+    c.close()
+    d.stop()
+    assert fayt_shm_objects([d.proc.pid]) == []
