@@ -14,7 +14,7 @@ setup(
     ext_modules=[
         Extension(
             "libportal._fastpath",
-            sources=["libportal/src/fastpath.c", "libportal/src/lock.c"],
+            sources=["libportal/src/fastpath.c", "libportal/src/lock.c", "libportal/src/ring.c"],
             include_dirs=["libportal/include"],
             extra_compile_args=["-O2", "-Wall"],
         )

@@ -28,6 +28,10 @@ The facts this relies on, and what follows:
   record the saved state (context page saved[depth]: what was interrupted),
   run the handler, then notification_ret: write the result into the ring
   entry and wake the sender (FAYT_NOTIFY_RETURN), free the stack, restore.
+  For speed the entries leave a ring in batches (struct fayt_dispatcher,
+  fayt_dispatch_step: one C call ends a handler and starts the next, on the
+  same stack when nothing nested; _fastpath calls it without cffi's cost);
+  a nested dispatch starts from the same batch, so posting order holds.
   No free stack: the stack-provider action runs (it allocates one with
   notification_stack_alloc()); without one the notification stays in its
   ring until a stack frees (the outer dispatch takes it).  Nothing dropped.
@@ -43,7 +47,6 @@ import atexit
 import errno
 import os
 import signal
-import struct
 import sys
 import threading
 import time
@@ -51,7 +54,7 @@ import traceback
 import weakref
 
 from . import errors
-from ._abi import ffi, lib, struct_of, HANDLE_REQ, LIST_REQ
+from ._abi import ffi, lib, struct_of, HANDLE_REQ, LIST_REQ, _fastpath
 from .syscall import connection as _default_connection
 
 IMMEDIATE = lib.FAYT_NOTIFY_IMMEDIATE
@@ -71,15 +74,11 @@ RING_REPLY = struct_of("struct fayt_ring_reply")
 STACK_REQ = struct_of("struct fayt_stack_req")
 STACK_REPLY = struct_of("struct fayt_stack_reply")
 SUBSCRIBE = struct_of("struct fayt_notify_subscribe")
-_PAYLOAD_AT = ffi.offsetof("struct fayt_notification_frame", "payload")
 _RW = lib.FAYT_PROT_READ | lib.FAYT_PROT_WRITE
-# The frame's words before the payload, all uint32_t (checked here).
-assert all(ffi.typeof("struct fayt_notification_frame").fields[i][1].type is ffi.typeof("uint32_t")
-           for i in range(_PAYLOAD_AT // 4))
-_FRAME = struct.Struct("<%dI" % (_PAYLOAD_AT // 4))
 _MAIN = threading.main_thread().ident
 _NOT_RUNNING = lib.FAYT_NOTIFICATION_SLOTS   # saved.interrupted_index: no handler was
 
+_post = _fastpath.notify_post
 _runtimes = weakref.WeakSet()     # runtimes whose context handles the doorbell
 _installed = False
 
@@ -160,8 +159,10 @@ class Runtime:
         self._ring_array = None
         self._ring_table = None
         self._gone = []
-        self._cursor = ffi.new("int *")
-        self._rec = ffi.new("int *")
+        self._disp = ffi.new("struct fayt_dispatcher *")
+        self._disp.page = self.page
+        self._disp.batch = lib.FAYT_DISPATCH_BATCH
+        self._daddr = int(ffi.cast("uintptr_t", self._disp))
         self._gen_ptr = ffi.cast("uint32_t *", ffi.addressof(self.page.notify, "rings_generation"))
         self._pid = os.getpid()
 
@@ -206,6 +207,7 @@ class Runtime:
             self.generation = gen
             self._ring_array = None
             self._ring_table = None
+            self._table()       # now: the dispatcher must never see a stale table
         finally:
             self.busy = False
 
@@ -214,7 +216,10 @@ class Runtime:
         """notification_dispatch: run every notification waiting in a ring.
         Returns how many handlers ran.  From the doorbell while a handler runs,
         only if an IMMEDIATE one waits: a deferred notification never
-        interrupts a handler (the dispatch that runs it takes it next)."""
+        interrupts a handler (the dispatch that runs it takes it next).
+        The C step (fayt_dispatch_step) ends one handler and starts the next
+        from a batch it took out of the rings in one go; this loop only
+        decodes the frame and calls the handler."""
         if self.busy or os.getpid() != self._pid:
             return 0
         if threading.get_ident() != _MAIN:
@@ -222,53 +227,58 @@ class Runtime:
         if self.conn._caller == _MAIN:
             self.pending = True     # inside a call: the call dispatches when done
             return 0
-        if doorbell and self.running and not any(
-                r.addr and lib.fayt_ring_immediate_ready(r.ptr) for r in self.rings_in.values()):
+        d = self._disp
+        if doorbell and self.running and not lib.fayt_dispatch_immediate_ready(d):
             return 0
         self.pending = False
+        if self._ring_table is None:
+            self._table()
         ran = 0
-        page, take, done = self.page, lib.fayt_dispatch_take, lib.fayt_dispatch_done
-        cursor, rec = self._cursor, self._rec
-        handlers, stacks, gen_ptr, unpack = self.handlers, self.stacks, self._gen_ptr, \
-            _FRAME.unpack_from
-        table = None
-        while True:
-            if gen_ptr[0] != self.generation:
-                self.fetch()
-            if table is not self._ring_table or table is None:   # a (nested) fetch changed it
-                arr, ids, n, rings = table = self._table()
-            i = take(page, arr, ids, n, cursor, rec)
-            if i < 0:
-                if i == -2 and self._provide():
-                    continue
-                if self._gone and not self.running:
-                    self._reap()
-                return ran
-            ran += 1
-            self.running += 1
-            ring, stack = rings[i], stacks[rec[0]]
-            sv = stack.view
-            index, sender, flags, length = unpack(sv)[:4]
-            status, result = errno.ECANCELED, 0
-            view = sv[_PAYLOAD_AT:_PAYLOAD_AT + length]
-            try:
-                fn = handlers.get(index)
-                if fn is None:
-                    status = errno.ENOENT
-                else:
-                    r = fn(view, index, sender)
-                    result, status = (int(r) if r else 0), 0
-            except _Return as e:
-                result, status = int(e.value or 0), 0
-            except Exception as e:
-                status = e.errno if isinstance(e, OSError) and e.errno else errno.EREMOTEIO
-                sys.stderr.write("notification handler for index %d (from context %d) "
-                                 "raised:\n" % (index, sender))
-                traceback.print_exc()
-            finally:
-                view.release()
-                # notification_ret: the result to the sender, then restore.
-                done(page, ring.ptr, rec[0], result, status)
+        step, daddr, handlers = _fastpath.dispatch_step, self._daddr, self.handlers
+        rec, result, status, active = -1, 0, 0, False
+        try:
+            while True:
+                # notification_ret of the last one, then the next: its stack
+                # record, its payload on that stack, its index and sender.
+                rec, view, index, sender = step(daddr, rec, result, status)
+                if rec < 0:
+                    if active:
+                        active = False
+                        self.running -= 1
+                    code, rec = rec, -1
+                    if code == -3:                      # a ring was added or reclaimed
+                        self.fetch()
+                        continue
+                    if code == -2 and self._provide():
+                        continue
+                    if self._gone and not self.running:
+                        self._reap()
+                    return ran
+                if not active:
+                    active = True
+                    self.running += 1
+                ran += 1
+                result, status = 0, errno.ECANCELED
+                try:
+                    fn = handlers.get(index)
+                    if fn is None:
+                        status = errno.ENOENT
+                    else:
+                        r = fn(view, index, sender)
+                        result, status = (int(r) if r else 0), 0
+                except _Return as e:
+                    result, status = int(e.value or 0), 0
+                except Exception as e:
+                    status = e.errno if isinstance(e, OSError) and e.errno else errno.EREMOTEIO
+                    sys.stderr.write("notification handler for index %d (from context %d) "
+                                     "raised:\n" % (index, sender))
+                    traceback.print_exc()
+                finally:
+                    view.release()
+        finally:
+            if rec >= 0:     # left by an exception: notification_ret, then restore
+                lib.fayt_dispatch_end(d, rec, result, status)
+            if active:
                 self.running -= 1
 
     def _table(self):
@@ -278,16 +288,27 @@ class Runtime:
             t = self._ring_table = (ffi.new("void *[]", [r.ptr for r in rings] or [ffi.NULL]),
                                     ffi.new("uint32_t[]", [r.id for r in rings] or [0]),
                                     len(rings), rings)
+            d = self._disp
+            d.rings, d.ring_ids, d.n = t[0], t[1], t[2]
+            if d.cursor >= t[2]:
+                d.cursor = 0
+            gen = self.generation
+            d.generation = (self.page.notify.rings_generation + 1 if gen is None
+                            else gen) & 0xffffffff
         return t
 
     def _reap(self):
         """Unmap the rings faytd reclaimed (their sender died) once drained."""
-        for r in self._gone:
-            if not r.addr or not lib.fayt_ring_ready(r.ptr):
-                self.rings_in.pop(r.id, None)
-                r.close()
-        self._gone = [r for r in self._gone if r.addr]
+        drained = [r for r in self._gone if not r.addr or not lib.fayt_ring_ready(r.ptr)]
+        if not drained:
+            return
+        for r in drained:
+            self.rings_in.pop(r.id, None)
+        self._gone = [r for r in self._gone if r not in drained]
         self._ring_table = None
+        self._table()           # before unmapping: the dispatcher never names a gone ring
+        for r in drained:
+            r.close()
 
     def _provide(self):
         """No free stack: run the stack-provider action once; whether it made one."""
@@ -308,21 +329,26 @@ class Runtime:
 
     def wait(self, timeout=None):
         """Sleep until a notification comes (or timeout seconds), dispatch it.
-        Returns how many handlers ran (0: timed out)."""
+        Returns how many handlers ran (0: timed out), counting those the
+        doorbell's handler ran meanwhile (it may empty the rings while the
+        C wait returns EINTR: then there is nothing left to wait for)."""
         deadline = None if timeout is None else time.monotonic() + timeout
+        notify = self.page.notify
+        start = notify.delivered
         if self.pending:
-            ran = self.dispatch()
+            self.dispatch()
+        while True:     # fayt_notify_wait returns at once if an entry waits
+            ran = notify.delivered - start
             if ran:
                 return ran
-        while True:     # fayt_notify_wait returns at once if an entry waits
             if self.generation is None:
                 self.fetch()
             arr, _, n, _ = self._table()
             r = lib.fayt_notify_wait(arr, n, self._gen_ptr, self.generation, DOORBELL,
                                      _ns(deadline))
-            ran = self.dispatch()
-            if ran:
-                return ran
+            self.dispatch()
+            if notify.delivered != start:
+                continue
             if r == errno.ETIMEDOUT or (deadline is not None and time.monotonic() >= deadline):
                 return 0
 
@@ -459,6 +485,7 @@ class Runtime:
 
     def close(self):
         _runtimes.discard(self)
+        self._disp.n = 0
         for r in list(self.rings_in.values()) + list(self.rings_out.values()):
             r.close()
         self.rings_in.clear()
@@ -493,9 +520,8 @@ class Channel:
     def send(self, index, payload=b"", immediate=False, timeout=None):
         """A notification without the return flag (deferred unless immediate)."""
         r, flags = self.ring, IMMEDIATE if immediate else 0
-        if r.addr and self.target != self._me and not lib.fayt_ring_post(
-                r.ptr, index, flags | NOWAIT, self._me, payload, len(payload), 0, r.pidfd,
-                DOORBELL, self._pos):
+        if self.target != self._me and not _post(r.addr, index, flags, self._me, payload,
+                                                 r.pidfd, DOORBELL):
             return None
         self.ring = self.rt.channel(self.target) if not r.addr else r
         return self.rt.notify(self.target, index, payload, flags, timeout)

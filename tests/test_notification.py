@@ -262,6 +262,44 @@ def test_notification_100000_from_one_sender_arrive_complete_and_in_order(spawn)
     target.finish()
 
 
+def test_notification_a_batch_keeps_the_order_when_an_immediate_one_nests(spawn):
+    # Deferred notifications are taken out of the ring in batches; one that
+    # comes with the immediate flag while the first handler of a batch runs
+    # still starts after the rest of that batch (posting order), all nested.
+    target = spawn("""
+        order = []
+        def h(p, i, s):
+            k = int.from_bytes(p, "little")
+            order.append([k, lp.notification_depth(), len(lp.current_notification() or {})])
+            if k == 0:
+                t = time.monotonic()
+                while len(order) < 7 and time.monotonic() - t < %f:
+                    time.sleep(0.005)        # interruptible: the doorbell nests here
+            return k
+        lp.install_handler(1, h)
+        print(lp.connection().context_id)
+        sys.stdin.readline()
+        lp.notification_poll()
+        print(len(order))
+        """ % WAIT + _serve("len(order) == 7") + """
+        print(json.dumps(order))
+        """)
+    tid = int(target.expect())
+    ch = libportal.notification_channel(tid)   # faytd rings it once to fetch the new ring
+    time.sleep(0.3)
+    for k in range(6):
+        ch.send(1, k.to_bytes(2, "little"))
+    target.send("go")
+    time.sleep(0.3)
+    assert ch.call(1, (6).to_bytes(2, "little"), immediate=True, timeout=WAIT) == 6
+    assert target.expect() == "7"
+    order = json.loads(target.expect())
+    assert [o[0] for o in order] == list(range(7))
+    assert [o[1] for o in order] == [1] + [2] * 6
+    assert all(o[2] == 7 for o in order)     # current_notification() for every one
+    target.finish()
+
+
 def test_notification_target_killed_releases_a_waiting_sender_at_once(spawn):
     target = spawn("""
         lp.install_handler(1, lambda p, i, s: time.sleep(600))

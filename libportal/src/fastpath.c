@@ -19,7 +19,9 @@
 #include "fayt/context.h"
 #include "fayt/lock.h"
 #include "fayt/lock_fast.h"
+#include "fayt/notification.h"
 #include "fayt/portal.h"
+#include "fayt/ring.h"
 #include "fayt/sharepoint.h"
 
 #define FASTPATH_ABI 1
@@ -552,9 +554,110 @@ static PyObject *set_error_factory(PyObject *mod, PyObject *f)
     Py_RETURN_NONE;
 }
 
+/* -- notifications: the per-notification calls of a sender and a target ----
+ * Same reason as above: a cffi call with pointer arguments costs a few
+ * hundred ns (argument checks, the GIL released and taken back); these take
+ * addresses as ints and never sleep, so they keep the GIL. */
+
+static int addr_arg(PyObject *o, void **out)
+{
+    unsigned long long a = PyLong_AsUnsignedLongLong(o);
+    if (a == (unsigned long long)-1 && PyErr_Occurred())
+        return -1;
+    *out = (void *)(uintptr_t)a;
+    return 0;
+}
+
+/* notify_post(ring, index, flags, sender, payload, pidfd, signo) -> 0 or errno.
+ * fayt_ring_post with FAYT_NOTIFY_NOWAIT: never waits (EAGAIN when full). */
+static PyObject *notify_post(PyObject *mod, PyObject *const *args, Py_ssize_t n)
+{
+    void *ring;
+    if (n != 7) {
+        PyErr_SetString(PyExc_TypeError, "notify_post takes 7 arguments");
+        return NULL;
+    }
+    if (addr_arg(args[0], &ring) < 0)
+        return NULL;
+    long index = PyLong_AsLong(args[1]), flags = PyLong_AsLong(args[2]);
+    long sender = PyLong_AsLong(args[3]), pidfd = PyLong_AsLong(args[5]);
+    long signo = PyLong_AsLong(args[6]);
+    if (PyErr_Occurred())
+        return NULL;
+    if (!ring)
+        return PyLong_FromLong(EBADF);
+    if (index < 0 || flags < 0 || sender < 0)
+        return PyLong_FromLong(EINVAL);
+    Py_buffer b;
+    if (PyObject_GetBuffer(args[4], &b, PyBUF_SIMPLE) < 0)
+        return NULL;
+    uint32_t pos;
+    int r = b.len > FAYT_NOTIFY_PAYLOAD_MAX ? EINVAL
+          : fayt_ring_post(ring, (uint32_t)index, (uint32_t)flags | FAYT_NOTIFY_NOWAIT,
+                           (uint32_t)sender, b.buf, (uint32_t)b.len, 0, (int)pidfd, (int)signo,
+                           &pos);
+    PyBuffer_Release(&b);
+    return PyLong_FromLong(r);
+}
+
+/* dispatch_step(dispatcher, stack_rec, result, status) -> (rec, payload, index, sender).
+ * fayt_dispatch_step; for a started notification payload is a memoryview of
+ * its payload on its notification stack (release it when the handler
+ * returns), else rec is -1, -2 or -3 and the rest None. */
+static PyObject *dispatch_step(PyObject *mod, PyObject *const *args, Py_ssize_t n)
+{
+    void *d;
+    if (n != 4) {
+        PyErr_SetString(PyExc_TypeError, "dispatch_step takes 4 arguments");
+        return NULL;
+    }
+    if (addr_arg(args[0], &d) < 0)
+        return NULL;
+    long rec = PyLong_AsLong(args[1]);
+    long status = PyLong_AsLong(args[3]);
+    if (PyErr_Occurred())
+        return NULL;
+    long long result = PyLong_AsLongLong(args[2]);
+    if (result == -1 && PyErr_Occurred()) {      /* not an int64: the sender gets EOVERFLOW */
+        if (!PyErr_ExceptionMatches(PyExc_OverflowError))
+            return NULL;
+        PyErr_Clear();
+        result = 0;
+        status = EOVERFLOW;
+    }
+    struct fayt_dispatcher *dp = d;
+    int s = fayt_dispatch_step(dp, (int)rec, result, (int32_t)status);
+    if (s < 0)
+        return Py_BuildValue("(iOOO)", s, Py_None, Py_None, Py_None);
+    struct fayt_notification_frame *f =
+        (struct fayt_notification_frame *)(uintptr_t)dp->page->stacks[s].base;
+    PyObject *view = PyMemoryView_FromMemory((char *)f->payload, f->length, PyBUF_WRITE);
+    if (!view) {
+        fayt_dispatch_end(dp, s, 0, ECANCELED);
+        return NULL;
+    }
+    PyObject *t = PyTuple_New(4);
+    if (!t) {
+        Py_DECREF(view);
+        fayt_dispatch_end(dp, s, 0, ECANCELED);
+        return NULL;
+    }
+    PyTuple_SET_ITEM(t, 0, PyLong_FromLong(s));
+    PyTuple_SET_ITEM(t, 1, view);
+    PyTuple_SET_ITEM(t, 2, PyLong_FromUnsignedLong(f->index));
+    PyTuple_SET_ITEM(t, 3, PyLong_FromUnsignedLong(f->sender));
+    return t;
+}
+
 static PyMethodDef module_methods[] = {
     {"set_error_factory", set_error_factory, METH_O,
      "set_error_factory(f): f(errno, message) builds the exception raised."},
+    {"notify_post", (PyCFunction)(void (*)(void))notify_post, METH_FASTCALL,
+     "notify_post(ring, index, flags, sender, payload, pidfd, signo) -> 0 or errno: "
+     "fayt_ring_post, never waiting (FAYT_NOTIFY_NOWAIT)."},
+    {"dispatch_step", (PyCFunction)(void (*)(void))dispatch_step, METH_FASTCALL,
+     "dispatch_step(dispatcher, stack_rec, result, status) -> (rec, payload, index, sender): "
+     "fayt_dispatch_step."},
     {NULL}
 };
 

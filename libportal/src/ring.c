@@ -13,6 +13,7 @@
  */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <stddef.h>
 #include <limits.h>
 #include <linux/futex.h>
 #include <sched.h>
@@ -277,26 +278,37 @@ int fayt_ring_immediate_ready(void *ring)
     return 0;
 }
 
-int fayt_ring_take(void *ring, struct fayt_notification_frame *f)
+/* Take the entry at the tail into f: 0 none, 1 taken (kept until
+ * notification_ret: FAYT_NOTIFY_RETURN), 2 taken and freed (the caller
+ * calls space_freed once for any number of these). */
+static int take_entry(struct fayt_ring_header *h, struct fayt_ring_entry *e,
+                      struct fayt_notification_frame *f)
 {
-    struct fayt_ring_header *h = hdr(ring);
     uint32_t pos = __atomic_load_n(&h->tail, __ATOMIC_RELAXED);
-    struct fayt_ring_entry *x = &entries(ring)[pos & (FAYT_RING_ENTRIES - 1)];
+    struct fayt_ring_entry *x = &e[pos & (FAYT_RING_ENTRIES - 1)];
     if (LOAD(&x->seq) != pos + 1)
         return 0;
     uint32_t len = x->length <= FAYT_NOTIFY_PAYLOAD_MAX ? x->length : FAYT_NOTIFY_PAYLOAD_MAX;
+    uint32_t flags = x->flags;
     f->index = x->index;
     f->sender = x->sender;
-    f->flags = x->flags;
+    f->flags = flags;
     f->length = len;
     f->pos = pos;
     memcpy(f->payload, x->payload, len);
     STORE(&h->tail, pos + 1);
-    if (!(x->flags & FAYT_NOTIFY_RETURN)) {
-        STORE(&x->seq, pos + FAYT_RING_ENTRIES);
-        space_freed(h);
-    }
-    return 1;
+    if (flags & FAYT_NOTIFY_RETURN)
+        return 1;
+    STORE(&x->seq, pos + FAYT_RING_ENTRIES);
+    return 2;
+}
+
+int fayt_ring_take(void *ring, struct fayt_notification_frame *f)
+{
+    int t = take_entry(hdr(ring), entries(ring), f);
+    if (t == 2)
+        space_freed(hdr(ring));
+    return t != 0;
 }
 
 void fayt_ring_return(void *ring, uint32_t pos, int64_t result, int32_t status)
@@ -494,4 +506,135 @@ void fayt_dispatch_done(struct fayt_context_page *page, void *ring, int stack_re
     page->notify.depth--;
     page->notify.delivered++;
     st->state = FAYT_STACK_FREE;
+}
+
+/* -- the batched dispatcher (fayt_dispatcher) ------------------------------ */
+
+static void *ring_by_id(const struct fayt_dispatcher *d, uint32_t id)
+{
+    for (int i = 0; i < d->n; i++)
+        if (d->ring_ids[i] == id)
+            return d->rings[i];
+    return NULL;
+}
+
+static void dispatch_end(struct fayt_dispatcher *d, int stack_rec, int64_t result, int32_t status)
+{
+    struct fayt_context_page *page = d->page;
+    struct fayt_notification_stack *st = &page->stacks[stack_rec];
+    struct fayt_notification_frame *f = (struct fayt_notification_frame *)(uintptr_t)st->base;
+    if (f->flags & FAYT_NOTIFY_RETURN) {
+        void *ring = ring_by_id(d, f->ring_id);
+        if (ring)
+            fayt_ring_return(ring, f->pos, result, status);
+    }
+    page->notify.depth--;
+    page->notify.delivered++;
+    st->state = FAYT_STACK_FREE;
+}
+
+/* The queue is empty: take up to d->batch consecutive entries of the next
+ * ring (round robin) that has any.  Returns how many. */
+static uint32_t refill(struct fayt_dispatcher *d)
+{
+    uint32_t max = d->batch;
+    if (max < 1)
+        max = 1;
+    if (max > FAYT_DISPATCH_BATCH)
+        max = FAYT_DISPATCH_BATCH;
+    d->head = d->count = 0;
+    for (int k = 0; k < d->n; k++) {
+        int i = (int)(((uint32_t)d->cursor + (uint32_t)k) % (uint32_t)d->n);
+        struct fayt_ring_header *h = hdr(d->rings[i]);
+        struct fayt_ring_entry *e = entries(d->rings[i]);
+        uint32_t got = 0;
+        int freed = 0;
+        while (got < max) {
+            int t = take_entry(h, e, &d->queue[got]);
+            if (!t)
+                break;
+            d->queue[got].ring_id = d->ring_ids[i];
+            freed |= t == 2;
+            got++;
+        }
+        if (got) {
+            if (freed)
+                space_freed(h);     /* once for the whole run */
+            d->count = got;
+            d->cursor = (i + 1) % d->n;
+            return got;
+        }
+    }
+    return 0;
+}
+
+int fayt_dispatch_step(struct fayt_dispatcher *d, int stack_rec, int64_t result, int32_t status)
+{
+    struct fayt_context_page *page = d->page;
+    if (stack_rec >= 0)
+        dispatch_end(d, stack_rec, result, status);
+    if (LOAD(&page->notify.rings_generation) != d->generation)
+        return -3;
+    int s = -1;
+    if (stack_rec >= 0 && page->stacks[stack_rec].state == FAYT_STACK_FREE &&
+        page->stacks[stack_rec].base)
+        s = stack_rec;      /* the same stack for the next one: no nesting happened */
+    else
+        s = free_stack(page);
+    if (d->head >= d->count) {
+        /* Clear the doorbells first: an entry posted after this either is
+         * seen by the scan below or rings again. */
+        for (int k = 0; k < d->n; k++)
+            fayt_ring_clear_doorbell(d->rings[k]);
+        FENCE();
+        if (s < 0) {
+            for (int k = 0; k < d->n; k++)
+                if (fayt_ring_ready(d->rings[k])) {
+                    page->notify.starved++;
+                    return -2;
+                }
+            return -1;
+        }
+        if (!refill(d))
+            return -1;
+    } else if (s < 0) {
+        page->notify.starved++;
+        return -2;
+    }
+    struct fayt_notification_frame *q = &d->queue[d->head++];
+    struct fayt_notification_stack *st = &page->stacks[s];
+    struct fayt_notification_frame *f = (struct fayt_notification_frame *)(uintptr_t)st->base;
+    memcpy(f, q, offsetof(struct fayt_notification_frame, payload) + q->length);
+    st->state = FAYT_STACK_IN_USE;
+    uint32_t depth = page->notify.depth + 1;
+    f->depth = depth;
+    if (depth <= FAYT_NEST_MAX) {
+        struct fayt_saved_state *sv = &page->saved[depth - 1];
+        sv->index = f->index;
+        sv->sender = f->sender;
+        sv->stack = (uint32_t)s;
+        sv->ring_id = f->ring_id;
+        sv->pos = f->pos;
+        sv->interrupted_index = depth > 1 ? page->saved[depth - 2].index
+                                          : FAYT_NOTIFICATION_SLOTS;
+    }
+    page->notify.depth = depth;
+    return s;
+}
+
+void fayt_dispatch_end(struct fayt_dispatcher *d, int stack_rec, int64_t result, int32_t status)
+{
+    if (stack_rec >= 0)
+        dispatch_end(d, stack_rec, result, status);
+}
+
+int fayt_dispatch_immediate_ready(struct fayt_dispatcher *d)
+{
+    for (uint32_t i = d->head; i < d->count; i++)
+        if (d->queue[i].flags & FAYT_NOTIFY_IMMEDIATE)
+            return 1;
+    for (int k = 0; k < d->n; k++)
+        if (fayt_ring_immediate_ready(d->rings[k]))
+            return 1;
+    return 0;
 }

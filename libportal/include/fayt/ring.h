@@ -60,6 +60,46 @@ int fayt_dispatch_take(struct fayt_context_page *page, void **rings, const uint3
 void fayt_dispatch_done(struct fayt_context_page *page, void *ring, int stack_rec,
                         int64_t result, int32_t status);
 
+/* notification_dispatch's state in the target (process memory, never shared).
+ * A refill takes up to `batch` consecutive entries of one ring (round robin
+ * over the rings) into queue[] with one call, frees the ones without
+ * FAYT_NOTIFY_RETURN and wakes a sender waiting for space once; each
+ * notification then starts on a free notification stack (its frame copied
+ * to the base, as fayt_dispatch_take does).  Every level of a nested
+ * dispatch starts from the same queue, so notifications start in the order
+ * they were posted.  Packed like the rest: the layout is the natural one. */
+#define FAYT_DISPATCH_BATCH 32
+
+struct fayt_dispatcher {
+    struct fayt_context_page *page;
+    void **rings;                  /* the rings into this context, n of them */
+    const uint32_t *ring_ids;
+    int32_t n;
+    int32_t cursor;                /* the ring the next refill starts at */
+    uint32_t generation;           /* rings_generation the table was made at */
+    uint32_t head;                 /* queue[head] starts next */
+    uint32_t count;                /* entries in queue[], from 0 */
+    uint32_t batch;                /* most entries a refill takes (1..FAYT_DISPATCH_BATCH) */
+    struct fayt_notification_frame queue[32];   /* FAYT_DISPATCH_BATCH */
+} __attribute__((packed));
+
+/* Target: notification_ret of the handler on stack_rec (if >= 0; result and
+ * status into its ring entry for FAYT_NOTIFY_RETURN, the stack FREE, depth - 1,
+ * notify.delivered + 1), then notification_dispatch's first half for the next
+ * one: from the queue (refilled when empty) onto a free stack (stack_rec's
+ * own first: one stack serves a run of notifications), saved[depth] and
+ * depth + 1 written.  Returns its stack record, -1 if nothing waits, -2 if
+ * something waits but no stack is free (notify.starved counted; it stays
+ * queued or in its ring), -3 if rings_generation is not d->generation (fetch,
+ * set the table and generation, call again with stack_rec -1). */
+int fayt_dispatch_step(struct fayt_dispatcher *d, int stack_rec, int64_t result, int32_t status);
+/* Target: whether a notification with FAYT_NOTIFY_IMMEDIATE waits (queued or
+ * in a ring): only those interrupt a running handler. */
+int fayt_dispatch_immediate_ready(struct fayt_dispatcher *d);
+/* Target: notification_ret only (a handler left by an exception that is not
+ * its own: the loop stops). */
+void fayt_dispatch_end(struct fayt_dispatcher *d, int stack_rec, int64_t result, int32_t status);
+
 /* faytd: a side died.  FAYT_RING_TARGET_DEAD fails every waiting sender at
  * once with ESRCH (their entries' done becomes FAYT_DONE_DEAD). */
 void fayt_ring_kill(void *ring, uint32_t state);
