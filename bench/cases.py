@@ -9,6 +9,7 @@ import multiprocessing
 import os
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 
@@ -428,6 +429,160 @@ def case_notify(d, scale):
     ]
 
 
+# -- SPECIAL: one fault through a chain, sequential read of a file ---------------
+
+def _special_server(chain, run_max, ready, handler_kind, path=None):
+    """A chain server in a forked child (os._exit at the end)."""
+    try:
+        lp.set_default(None)
+        s = lp.chain_join(chain, run_max=run_max, slots=8)
+        if handler_kind == "page":
+            page = bytes(range(256)) * 16
+
+            def h(req):
+                req.supply(page)
+        else:
+            from servers.filepager import FilePager
+            h = FilePager()
+        os.write(ready, b"1")
+        s.serve(h, poll=0.5)
+    finally:
+        os._exit(0)
+
+
+def _start_special_server(chain, run_max, kind):
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(r)
+        _special_server(chain, run_max, w, kind)
+    os.close(w)
+    if os.read(r, 1) != b"1":
+        raise RuntimeError("the chain server did not start")
+    os.close(r)
+    return pid
+
+
+def _stop(pid):
+    os.kill(pid, 9)
+    os.waitpid(pid, 0)
+
+
+def _bare_pager(npages):
+    """The peer: a raw userfaultfd pager in a forked child serving this
+    process's region, one UFFDIO_COPY per fault (what one would write by hand)."""
+    from libportal._abi import ffi, lib
+    size = npages * 4096
+    err = ffi.new("int *")
+    base = lib.fayt_map_special(size, 0, 3, err)
+    uffd, _ = lp.open_userfaultfd()
+    assert lib.fayt_uffd_register(uffd, base, size, 0) == 0
+    pid = os.fork()
+    if pid == 0:
+        import select
+        try:
+            page = ffi.from_buffer(bytearray(bytes(range(256)) * 16))
+            faults = ffi.new("struct fayt_uffd_fault[32]")
+            copied = ffi.new("uint64_t *")
+            p = select.poll()
+            p.register(uffd, select.POLLIN)
+            while True:
+                p.poll()
+                n = lib.fayt_uffd_read(uffd, faults, 32)
+                for i in range(n):
+                    a = faults[i].address & ~4095
+                    lib.fayt_uffd_copy(uffd, a, page, 4096, 0, copied)
+        finally:
+            os._exit(0)
+    return base, size, uffd, pid
+
+
+def case_special(d, scale):
+    from libportal._abi import lib
+    npages = _n(4000, scale, 200)
+    chain = _name("special")
+    spid = _start_special_server(chain, 4096, "page")
+    try:
+        def ours_round():
+            sp = lp.portal(lp.SPECIAL, lp.PROT_READ, npages * 4096, chain=chain)
+            buf = sp.buf
+            t = time.perf_counter()
+            for i in range(0, npages * 4096, 4096):
+                buf[i]
+            el = time.perf_counter() - t
+            del buf
+            sp.unmap()
+            return el / npages
+
+        def peer_round():
+            base, size, uffd, pid = _bare_pager(npages)
+            try:
+                buf = memoryview(lp._abi.ffi.buffer(lp._abi.ffi.cast("char *", base), size))
+                t = time.perf_counter()
+                for i in range(0, size, 4096):
+                    buf[i]
+                el = time.perf_counter() - t
+                buf.release()
+            finally:
+                _stop(pid)
+                os.close(uffd)
+                lib.fayt_unmap(base, size)
+            return el / npages
+
+        t_ours = t_peer = float("inf")
+        for _ in range(3):
+            t_ours = min(t_ours, ours_round())
+            t_peer = min(t_peer, peer_round())
+    finally:
+        _stop(spid)
+
+    mib = 64 if scale >= 1 else 16
+    chain2 = _name("specialfile")
+    fd, path = tempfile.mkstemp(prefix="fayt-bench-special-")
+    try:
+        block = os.urandom(1 << 20)
+        for _ in range(mib):
+            os.write(fd, block)
+        size = mib << 20
+        chunk = bytearray(1 << 20)
+        fpid = _start_special_server(chain2, 2 << 20, "file")
+        try:
+            def ours_read():
+                sp = lp.portal(lp.SPECIAL, lp.PROT_READ, size, chain=chain2,
+                               message=path.encode())
+                t = time.perf_counter()
+                for off in range(0, size, len(chunk)):
+                    sp.readinto(off, chunk)
+                el = time.perf_counter() - t
+                sp.unmap()
+                return el
+
+            def peer_read():
+                t = time.perf_counter()
+                for off in range(0, size, len(chunk)):
+                    os.preadv(fd, [chunk], off)
+                return time.perf_counter() - t
+
+            r_ours = r_peer = float("inf")
+            for _ in range(3):
+                r_ours = min(r_ours, ours_read())
+                r_peer = min(r_peer, peer_read())
+        finally:
+            _stop(fpid)
+    finally:
+        os.close(fd)
+        os.unlink(path)
+    mb_ours, mb_peer = size / r_ours / 1e6, size / r_peer / 1e6
+    return [
+        {"name": "SPECIAL: one fault, one-server chain", "ours": t_ours * 1e6, "unit": "us",
+         "peer": "bare userfaultfd pager process", "peer_value": t_peer * 1e6,
+         "ratio": t_ours / t_peer, "target": ("<=", 2.5)},
+        {"name": "SPECIAL: sequential read %d MiB, 2 MiB prefetch" % mib, "ours": mb_ours,
+         "unit": "MB/s", "peer": "os.pread", "peer_value": mb_peer, "ratio": mb_ours / mb_peer,
+         "target": (">=", 0.5)},
+    ]
+
+
 CASES = {
     "lock": case_lock,
     "write": case_write,
@@ -435,4 +590,5 @@ CASES = {
     "create": case_create,
     "scale": case_scale,
     "notify": case_notify,
+    "special": case_special,
 }

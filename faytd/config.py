@@ -17,6 +17,7 @@ DEFAULT = {
     "max_sharepoints": 100000,
     "max_mappings_per_context": 65536,
     "pager_timeout": 10,         # seconds a chain server may take over a page (chains may set theirs)
+    "pager_spin_us": 0,          # faytd may spin this long for a page answer before it goes back to its loop
     "policy": {
         "categories": {
             "core": {"classes": ["SHARE", "DIRECT", "ANON", "COW", "SPECIAL"],

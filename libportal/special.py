@@ -43,6 +43,7 @@ from .portal import Mapping, PROT_READ, PROT_WRITE, PAGE_SIZE, encode_portal_req
 JOIN_REQ = struct_of("struct fayt_chain_join")
 JOIN_REPLY = struct_of("struct fayt_chain_join_reply")
 LEAVE_REQ = struct_of("struct fayt_chain_leave")
+PAGE_REQ = struct_of("struct fayt_page_request")
 _CRED = struct.Struct("3i")
 
 READ = lib.FAYT_ACCESS_READ
@@ -241,22 +242,15 @@ class PageRequest:
                  "data", "_answered")
 
     def __init__(self, server, slot):
-        d = lib.fayt_pager_slot(server._ch, slot)
         self.server = server
         self.slot = slot
-        self.id = d.id
-        self.offset = d.offset
-        self.length = d.length
-        self.run_max = d.run_max
-        self.access = d.access
-        self.present = bool(d.flags & lib.FAYT_PAGE_PRESENT)
-        self.hop = d.hop
-        self.chain = ffi.string(d.chain).decode("utf-8", "replace")
-        self.message = ffi.unpack(d.message, d.message_length) if d.message_length else b""
-        self.client_pid = d.client_pid
-        self.region_id = d.region_id
-        self.region_length = d.region_length
-        self.data = server._data[slot][:self.run_max] if self.run_max else server._data[slot][:0]
+        (self.id, self.offset, self.length, self.run_max, self.access, flags, self.hop, _,
+         self.region_id, self.client_pid, self.region_length, _, _, _, mlen, chain,
+         message) = PAGE_REQ.unpack_from(server._desc[slot])
+        self.present = bool(flags & lib.FAYT_PAGE_PRESENT)
+        self.chain = chain[:chain.find(b"\0")].decode("utf-8", "replace")
+        self.message = message[:mlen]
+        self.data = server._data[slot][:self.run_max]
         self._answered = False
 
     @property
@@ -326,7 +320,10 @@ class ChainServer:
         self._efd = fds[1]
         self._data = [memoryview(ffi.buffer(lib.fayt_pager_data(self._ch, i), self.run_max))
                       for i in range(self.slots)]
+        self._desc = [memoryview(ffi.buffer(lib.fayt_pager_slot(self._ch, i), PAGE_REQ.size))
+                      for i in range(self.slots)]
         self.joined = True
+        self.spin_ns = int(os.environ.get("FAYT_PAGER_SPIN_NS", "0"))
 
     def take(self, timeout=None):
         """The next PageRequest, or None after timeout seconds (None: wait).
@@ -335,7 +332,7 @@ class ChainServer:
             raise errors.error(errno.EPIPE, "chain %r: left" % self.name)
         ns = -1 if timeout is None else max(0, int(timeout * 1e9))
         while True:
-            s = lib.fayt_pager_take(self._ch, ns)
+            s = lib.fayt_pager_take(self._ch, ns, self.spin_ns if ns != 0 else 0)
             if s >= 0:
                 return PageRequest(self, s)
             if s == -errno.ETIMEDOUT:
@@ -379,9 +376,9 @@ class ChainServer:
             self._close()
 
     def _close(self):
-        for mv in self._data:
+        for mv in self._data + self._desc:
             mv.release()
-        self._data = []
+        self._data = self._desc = []
         os.close(self._efd)
         lib.fayt_unmap(self._addr, self._map_length)
 

@@ -337,3 +337,77 @@ def test_special_nothing_left_in_dev_shm(fresh_faytd, conn_to):
     c.close()
     d.stop()
     assert fayt_shm_objects([d.proc.pid]) == []
+
+
+def _serve_file(chain, ready, stop):
+    from servers import filepager
+    filepager.serve(chain, run_max=8 * PAGE, stop=stop.is_set, ready=ready.set)
+    os._exit(0)
+
+
+def _serve_cache(chain, path, ready, stop, out):
+    from servers import cachechain
+    cache, pager = cachechain.serve_chain(chain, [(path, 2)], stop=stop.is_set,
+                                          ready=ready.set)
+    out.put((cache.hits, cache.forwarded, pager.served))
+    out.close()
+    out.join_thread()       # the queue's feeder thread, before os._exit
+    os._exit(0)
+
+
+def test_special_file_pager_serves_a_file(lp, tmp_path):
+    data = os.urandom(20 * PAGE + 100)
+    path = tmp_path / "file.bin"
+    path.write_bytes(data)
+    chain = _chain()
+    ready, stop = CTX.Event(), CTX.Event()
+    p = CTX.Process(target=_serve_file, args=(chain, ready, stop))
+    p.start()
+    try:
+        assert ready.wait(WAIT)
+        with lp.portal(lp.SPECIAL, lp.PROT_READ, 21 * PAGE, chain=chain,
+                       message=str(path)) as sp:
+            assert sp.read(0, len(data)) == data                    # the tail page too
+            assert sp.read(len(data), 21 * PAGE - len(data)) == bytes(21 * PAGE - len(data))
+        missing = CTX.Process(target=_touch_file, args=(chain, str(tmp_path / "missing")))
+        missing.start()
+        missing.join(WAIT)
+        assert missing.exitcode == -signal.SIGBUS                  # ENOENT: SIGBUS, not zeros
+    finally:
+        stop.set()
+        p.join(WAIT)
+        if p.is_alive():
+            p.kill()
+            p.join(WAIT)
+
+
+def _touch_file(chain, path):
+    faulthandler.disable()
+    sp = lp.portal(lp.SPECIAL, lp.PROT_READ, PAGE, chain=chain, message=path)
+    sp.buf[0]
+    os._exit(0)
+
+
+def test_special_cache_chain_forwards_misses_to_the_file_pager(lp, tmp_path):
+    data = os.urandom(6 * PAGE)
+    path = tmp_path / "cached.bin"
+    path.write_bytes(data)
+    chain = _chain()
+    ready, stop, out = CTX.Event(), CTX.Event(), CTX.Queue()
+    p = CTX.Process(target=_serve_cache, args=(chain, os.fsencode(path), ready, stop, out))
+    p.start()
+    try:
+        assert ready.wait(WAIT)
+        with lp.portal(lp.SPECIAL, lp.PROT_READ, 6 * PAGE, chain=chain,
+                       message=os.fsencode(path)) as sp:
+            got = b"".join(sp.read(i * PAGE, PAGE) for i in range(6))
+        assert got == data
+        stop.set()
+        hits, forwarded, served = out.get(timeout=WAIT)
+        assert hits == 2 and forwarded >= 1 and served == forwarded
+    finally:
+        stop.set()
+        p.join(WAIT)
+        if p.is_alive():
+            p.kill()
+            p.join(WAIT)

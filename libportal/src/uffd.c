@@ -273,6 +273,33 @@ static int futex_wait(uint32_t *w, uint32_t expect, const struct timespec *rel)
     return errno == EAGAIN ? 0 : errno;
 }
 
+static int64_t now_ns(void)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (int64_t)t.tv_sec * 1000000000 + t.tv_nsec;
+}
+
+int fayt_pager_await(void *ch, int64_t spin_ns)
+{
+    struct fayt_pager_header *h = hdr(ch);
+    uint32_t tail = h->ans_tail;
+    if (LOAD(&h->ans_head) != tail)
+        return 1;
+    if (spin_ns <= 0)
+        return 0;
+    /* rung = 1: the server skips its eventfd write while we look. */
+    if (__atomic_exchange_n(&h->rung, 1, __ATOMIC_SEQ_CST))
+        return LOAD(&h->ans_head) != tail;     /* a write is on its way anyway */
+    int64_t until = now_ns() + spin_ns;
+    int got = 0;
+    while (!(got = LOAD(&h->ans_head) != tail) && now_ns() < until)
+        __builtin_ia32_pause();
+    __atomic_store_n(&h->rung, 0, __ATOMIC_SEQ_CST);
+    FENCE();    /* rung cleared before the last look (pairs with answer) */
+    return got || LOAD(&h->ans_head) != tail;
+}
+
 void fayt_pager_post(void *ch, uint32_t slot)
 {
     struct fayt_pager_header *h = hdr(ch);
@@ -284,7 +311,7 @@ void fayt_pager_post(void *ch, uint32_t slot)
         syscall(SYS_futex, &h->req_head, FUTEX_WAKE, INT_MAX, NULL, NULL, 0);
 }
 
-int fayt_pager_take(void *ch, int64_t timeout_ns)
+int fayt_pager_take(void *ch, int64_t timeout_ns, int64_t spin_ns)
 {
     struct fayt_pager_header *h = hdr(ch);
     struct timespec deadline, now, rel;
@@ -297,9 +324,14 @@ int fayt_pager_take(void *ch, int64_t timeout_ns)
             deadline.tv_nsec -= 1000000000;
         }
     }
+    int64_t spin_until = spin_ns > 0 ? now_ns() + spin_ns : 0;
     for (;;) {
         uint32_t tail = h->req_tail;
         uint32_t head = LOAD(&h->req_head);
+        if (head == tail && now_ns() < spin_until) {
+            __builtin_ia32_pause();
+            continue;
+        }
         if (head != tail) {
             uint32_t slot = LOAD(&h->req_ring[tail % FAYT_PAGER_SLOTS_MAX]);
             STORE(&h->req_tail, tail + 1);

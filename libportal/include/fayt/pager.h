@@ -157,11 +157,16 @@ void *fayt_pager_data(void *ch, uint32_t slot);
 /* faytd: give the slot (filled) to the server. */
 void fayt_pager_post(void *ch, uint32_t slot);
 /* Server: the next request's slot; -ETIMEDOUT, -EINTR (call again) or
- * -EPIPE (the channel was closed).  timeout_ns < 0 waits for ever. */
-int fayt_pager_take(void *ch, int64_t timeout_ns);
+ * -EPIPE (the channel was closed).  timeout_ns < 0 waits for ever.  It spins
+ * for spin_ns (at most the timeout) before it sleeps on the futex. */
+int fayt_pager_take(void *ch, int64_t timeout_ns, int64_t spin_ns);
 /* Server: answer the slot and ring faytd's eventfd. */
 int fayt_pager_answer(void *ch, uint32_t slot, uint32_t verdict, int32_t error,
                       uint32_t length, int eventfd);
+/* faytd: spin up to spin_ns for an answer (no eventfd write meanwhile): a
+ * server that answers at once then costs no wake-up of faytd's loop.
+ * Returns 1 if an answer waits in the ring, else 0. */
+int fayt_pager_await(void *ch, int64_t spin_ns);
 /* faytd: clear the doorbell, then reap answers one by one (-1: none). */
 void fayt_pager_clear_rung(void *ch);
 int fayt_pager_reap(void *ch);
