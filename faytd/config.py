@@ -21,9 +21,9 @@ DEFAULT = {
     "policy": {
         "categories": {
             "core": {"classes": ["SHARE", "DIRECT", "ANON", "COW", "SPECIAL"],
-                     "notify_handlers": True, "mmio": ["*"], "chains": ["*"]},
-            "driver": {"classes": ["SHARE", "DIRECT", "ANON"], "mmio": ["*"]},
-            "server": {"classes": ["SHARE", "ANON"]},
+                     "notify_handlers": True, "mmio": ["*"], "chains": ["*"], "notify": ["*"]},
+            "driver": {"classes": ["SHARE", "DIRECT", "ANON"], "mmio": ["*"], "notify": ["$uid"]},
+            "server": {"classes": ["SHARE", "ANON"], "notify": ["$uid"]},
         },
         "rules": [
             {"uid": 0, "category": "core"},

@@ -22,8 +22,9 @@ faytd is only the control plane of notifications (DESIGN section 6):
 
 Objects only: decode/check/perform handlers at the bottom are registered in
 syscall.HANDLERS.  Who may do what: installing handlers needs the category's
-notify_handlers right (core); opening a ring needs a target of the same uid
-(core may notify anyone).
+notify_handlers right (core); opening a ring needs the category's notify
+right to name the target (policy.py; by default core anyone, others their
+own uid), checked once when the pair's ring is made.
 """
 import errno
 import logging
@@ -35,6 +36,7 @@ from libportal._abi import ffi, lib, struct_of, HANDLE_REQ, LIST_REQ
 
 from .context import Mapping
 from .frames import BackingObject, KernelError, PAGE, pages
+from .policy import Policy
 
 log = logging.getLogger("faytd")
 
@@ -277,16 +279,16 @@ def _target(k, ctx, target_id):
     t = k.contexts.get(target_id)
     if t is None or not t.alive or not t.connected or not t.registered:
         raise KernelError(errno.ESRCH, "target: no live context %d" % target_id)
-    if t.uid != ctx.uid and ctx.category.id != lib.FAYT_CATEGORY_CORE:
-        raise KernelError(errno.EPERM, "target: context %d runs as uid %d; only core may "
-                          "notify another user's servers" % (target_id, t.uid))
     return t
 
 
 def sys_notify_open(k, ctx, tid, body, fds):
     target_id, _ = _unpack(OPEN, body, "notify_open")
     t = _target(k, ctx, target_id)
-    r = k.notifications.ring(ctx, t)
+    n = k.notifications
+    if (ctx.id, t.id) not in n.pairs:
+        Policy.check_notify(ctx, t)     # once: when the pair's ring is made
+    r = n.ring(ctx, t)
     return r.reply(), [r.open_fd()]
 
 

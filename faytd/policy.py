@@ -3,8 +3,10 @@
 Identity is what the Linux kernel vouches for: uid and gid from SO_PEERCRED,
 and the executable from /proc/<pid>/exe.  Rules are tried in order; the first
 that matches names the category.  A category is a set of rights: the portal
-classes it may use, whether it may install notification handlers, which
-MMIO windows and chains it may use (the last three are read by later parts).
+classes it may use, whether it may install notification handlers, whom it
+may notify (target categories, "*", or "$uid": its own uid's contexts; checked
+once, when the ring of a pair is made), which MMIO windows and chains it may
+use (MMIO windows are read by a later part).
 
 The embedded default gives the user who runs faytd (and root) the `core`
 category, which may do everything, and everyone else `server` (ANON and SHARE).
@@ -32,10 +34,15 @@ def class_names(bits):
     return "|".join(n for n, b in CLASS_BITS.items() if bits & b) or "none"
 
 
-class Category:
-    __slots__ = ("name", "id", "classes", "notify_handlers", "mmio", "chains")
+NOTIFY_ANY = "*"          # notify: any target
+NOTIFY_SAME_UID = "$uid"  # notify: targets running as the sender's own uid
 
-    KEYS = {"classes": list, "notify_handlers": bool, "mmio": list, "chains": list}
+
+class Category:
+    __slots__ = ("name", "id", "classes", "notify_handlers", "mmio", "chains", "notify")
+
+    KEYS = {"classes": list, "notify_handlers": bool, "mmio": list, "chains": list,
+            "notify": list}
 
     def __init__(self, name, spec):
         self.name = name
@@ -57,6 +64,17 @@ class Category:
         self.notify_handlers = bool(spec.get("notify_handlers", False))
         self.mmio = list(spec.get("mmio", []))
         self.chains = list(spec.get("chains", []))
+        # Whom it may notify: target categories, "*" (anyone) or "$uid" (its
+        # own uid's contexts).  Absent: what faytd did before the right
+        # existed (core anyone, the others their own uid).
+        notify = spec.get("notify")
+        if notify is None:
+            notify = [NOTIFY_ANY] if self.id == lib.FAYT_CATEGORY_CORE else [NOTIFY_SAME_UID]
+        for t in notify:
+            if not isinstance(t, str):
+                raise ValueError("policy: category %s: notify: %r is not a category name, "
+                                 "\"*\" or \"$uid\"" % (name, t))
+        self.notify = frozenset(notify)
 
 
 def _is_int(v):
@@ -116,6 +134,11 @@ class Policy:
         self.default = spec.get("default")
         if self.default is not None and self.default not in self.categories:
             raise ValueError("policy: default category %r is not defined" % self.default)
+        for c in self.categories.values():
+            unknown = c.notify - set(self.categories) - {NOTIFY_ANY, NOTIFY_SAME_UID}
+            if unknown:
+                raise ValueError("policy: category %s: notify names no known category: %s"
+                                 % (c.name, ", ".join(sorted(unknown))))
 
     def classify(self, uid, gid, exe):
         """The category for this identity, or None (refused: no rule matches)."""
@@ -123,6 +146,19 @@ class Policy:
             if r.matches(uid, gid, exe, self.owner_uid):
                 return self.categories[r.category]
         return self.categories.get(self.default) if self.default else None
+
+    @staticmethod
+    def check_notify(sender, target):
+        """sender may get a ring into target (contexts): its category's notify
+        right names the target's category, "*", or "$uid" with the same uid."""
+        allowed = sender.category.notify
+        if (NOTIFY_ANY in allowed or target.category.name in allowed
+                or (NOTIFY_SAME_UID in allowed and sender.uid == target.uid)):
+            return
+        raise KernelError(errno.EPERM, "target: category %s may not notify context %d "
+                          "(category %s, uid %d); its notify right allows %s"
+                          % (sender.category.name, target.id, target.category.name, target.uid,
+                             ", ".join(sorted(allowed)) or "no one"))
 
     @staticmethod
     def check_classes(category, type_bits):

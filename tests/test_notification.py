@@ -232,6 +232,57 @@ def test_notification_install_by_a_non_core_server_is_refused(fresh_faytd, conn_
     other.finish()
 
 
+def test_notification_the_notify_right_is_checked_when_the_ring_is_made(fresh_faytd, conn_to,
+                                                                         spawn):
+    # Whom a category may notify is a policy right: target categories, "*"
+    # or "$uid".  All the children run as the test's uid; their gid picks
+    # the category.
+    policy = {"policy": {
+        "categories": {"core": {"classes": ["SHARE", "ANON"], "notify_handlers": True},
+                       "server": {"classes": ["SHARE", "ANON"], "notify": []},
+                       "peer": {"classes": ["ANON"], "notify": ["core"]},
+                       "mate": {"classes": ["ANON"], "notify": ["$uid"]}},
+        "rules": [{"gid": POLICY_GID, "category": "server"},
+                  {"gid": POLICY_GID + 1, "category": "peer"},
+                  {"gid": POLICY_GID + 2, "category": "mate"},
+                  {"uid": "$owner", "category": "core"}],
+        "default": "server"}}
+    d = fresh_faytd(config=policy)
+    core = conn_to(d)
+    target = spawn("""
+        lp.install_handler(1, lambda p, i, s: 7)
+        print(lp.connection().context_id)
+        """ + _serve("sys.stdin in select.select([sys.stdin], [], [], 0)[0]"), env=d.env())
+    tid = int(target.expect())
+    sender = """
+        os.setgroups([]); os.setgid(%d)
+        print(lp.connection().context_id)
+        try:
+            print(lp.notify(int(sys.stdin.readline()), 1, b"x", wait_return=True, timeout=30))
+        except lp.PermissionDenied as e:
+            print("refused", e.errno, str(e))
+        sys.stdin.readline()
+        """
+    server, peer, mate = (spawn(sender % (POLICY_GID + k), env=d.env()) for k in range(3))
+    server_id = int(server.expect())
+    for c in (server, peer, mate):
+        if c is not server:
+            c.expect()
+        c.send(str(tid))
+    assert server.expect() == (
+        "refused %d [Errno %d] target: category server may not notify context %d (category "
+        "core, uid %d); its notify right allows no one" % (errno.EPERM, errno.EPERM, tid,
+                                                          os.getuid()))
+    assert peer.expect() == "7"         # "core" names the target's category
+    assert mate.expect() == "7"         # "$uid": the same uid
+    # core's right is "*" when the policy does not say (as before the right existed):
+    # it may notify the server, whose own right is empty.
+    libportal.notify(server_id, 1, b"x", connection=core)
+    for c in (server, peer, mate, target):
+        c.send("")
+        c.finish()
+
+
 def test_notification_100000_from_one_sender_arrive_complete_and_in_order(spawn):
     n = 100000
     target = spawn("""
