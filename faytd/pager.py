@@ -116,7 +116,8 @@ class Member:
 class Region:
     """One SPECIAL portal of a client."""
     __slots__ = ("id", "ctx", "handle", "uffd", "addr", "length", "chain", "message",
-                 "pending", "wp", "closed", "faults", "fetched", "failed", "write_reports")
+                 "pending", "wp", "closed", "faults", "fetched", "failed", "write_reports",
+                 "share")
 
     def __init__(self, rid, ctx, uffd, addr, length, chain, message, wp):
         self.id = rid
@@ -128,14 +129,15 @@ class Region:
         self.chain = chain
         self.message = message
         self.wp = wp
-        self.pending = {}           # page offset -> Request
+        self.pending = {}           # page offset -> Request (a SPECIAL|SHARE's: shared)
+        self.share = None           # the SpecialShare it maps, if any
         self.closed = False
         self.faults = self.fetched = self.failed = self.write_reports = 0
 
 
 class Request:
     __slots__ = ("id", "region", "offset", "access", "present", "hop", "member", "slot",
-                 "deadline", "done")
+                 "deadline", "done", "waiters")
 
     def __init__(self, rid, region, offset, access, present):
         self.id = rid
@@ -148,6 +150,30 @@ class Request:
         self.slot = -1
         self.deadline = 0.0
         self.done = False
+        self.waiters = []           # SPECIAL|SHARE: other regions faulting on the same page
+
+
+class SpecialShare:
+    """A SPECIAL|SHARE share-point: one shm object that several processes map,
+    each with its own uffd over its own mapping.  A page copied in through any
+    of them is in the object's page cache, so the others never fault on it:
+    each page is fetched once.  Faults on a page being fetched wait for the
+    same request (pending is shared by every region of the share).  It lives
+    while some process maps it."""
+    __slots__ = ("id", "identifier", "backing", "length", "prot", "chain", "message",
+                 "regions", "pending", "owner_pid")
+
+    def __init__(self, sid, identifier, backing, length, prot, chain, message, owner_pid):
+        self.id = sid
+        self.identifier = identifier
+        self.backing = backing
+        self.length = length
+        self.prot = prot
+        self.chain = chain
+        self.message = message
+        self.regions = set()
+        self.pending = {}
+        self.owner_pid = owner_pid
 
 
 class Pager:
@@ -158,6 +184,8 @@ class Pager:
         self.regions = {}           # region id -> Region
         self.by_uffd = {}           # fd -> Region
         self.by_efd = {}            # eventfd -> Member
+        self.shares = {}            # identifier -> SpecialShare
+        self._next_share = 1
         self._next_chain = 1
         self._next_region = 1
         self._next_req = 1
@@ -229,7 +257,7 @@ class Pager:
             self.chains.pop(chain.name, None)
 
     # -- regions --------------------------------------------------------
-    def create_region(self, ctx, uffd, addr, length, chain_name, message):
+    def create_region(self, ctx, uffd, addr, length, chain_name, message, share=None):
         chain = self.chains.get(chain_name)
         if chain is None:
             raise KernelError(errno.ENOENT, "sp_req_chain.name: no server serves chain %r"
@@ -238,7 +266,11 @@ class Pager:
             raise KernelError(errno.EDEADLK, "sp_req_chain.name: this context serves chain %r; "
                               "a fault in its own portal would wait on itself" % chain_name)
         r = Region(self._next_region, ctx, uffd, addr, length, chain, message,
-                   bool(chain.flags & lib.FAYT_CHAIN_WRITE_REPORTS))
+                   bool(chain.flags & lib.FAYT_CHAIN_WRITE_REPORTS) and share is None)
+        if share is not None:
+            r.share = share
+            r.pending = share.pending
+            share.regions.add(r)
         self._next_region += 1
         self.regions[r.id] = r
         self.by_uffd[uffd] = r
@@ -250,14 +282,23 @@ class Pager:
             return
         r.closed = True
         for req in list(r.pending.values()):
+            if r in req.waiters:
+                req.waiters.remove(r)
+            if req.region is not r:
+                continue
+            if req.waiters:                 # another process waits for it: keep it
+                req.region = req.waiters.pop(0)
+                continue
             req.done = True
-            m = req.member
-            if m is not None and req.slot >= 0 and not m.closed:
-                lib.fayt_pager_slot(m.ch, req.slot).flags |= lib.FAYT_PAGE_CANCELLED
-            elif m is not None and req in m.backlog:
-                m.backlog.remove(req)
-        r.pending.clear()
+            r.pending.pop(req.offset, None)
+            self._cancel_slot(req)
         self.regions.pop(r.id, None)
+        if r.share is not None:
+            sh = r.share
+            sh.regions.discard(r)
+            if not sh.regions:
+                self.shares.pop(sh.identifier, None)
+                sh.backing.release()
         self.by_uffd.pop(r.uffd, None)
         self.k.server.unwatch_fd(r.uffd)
         os.close(r.uffd)
@@ -280,6 +321,9 @@ class Pager:
             self.close_region(r)
         for m in list(self.members.values()):
             self._drop_member(m, errno.EPIPE, "shut down")
+        for sh in list(self.shares.values()):
+            sh.backing.release()
+        self.shares.clear()
         if self._timerfd >= 0:
             self.k.server.unwatch_fd(self._timerfd)
             os.close(self._timerfd)
@@ -302,8 +346,11 @@ class Pager:
                 if off < 0 or off >= r.length:
                     continue
                 r.faults += 1
-                if off in r.pending:
-                    continue                # the same page is on its way
+                same = r.pending.get(off)
+                if same is not None:        # the same page is on its way
+                    if same.region is not r and r not in same.waiters:
+                        same.waiters.append(r)
+                    continue
                 wp_fault = bool(f.flags & _FLAG_WP)
                 write = wp_fault or (r.wp and f.flags & _FLAG_WRITE)
                 req = Request(self._next_req, r, off,
@@ -413,14 +460,19 @@ class Pager:
         for off in range(req.offset + PAGE, req.offset + n, PAGE):
             other = r.pending.get(off)
             if other is not None and not other.present:
-                self._finish(other)
+                self._finish(other, wake=other.region is not r)
                 self._cancel_slot(other)
         if r.wp and req.access == lib.FAYT_ACCESS_WRITE:
             r.write_reports += 1
 
-    def _finish(self, req):
+    def _finish(self, req, wake=False):
         req.done = True
         req.region.pending.pop(req.offset, None)
+        if wake:
+            lib.fayt_uffd_wake(req.region.uffd, req.region.addr + req.offset, PAGE)
+        for w in req.waiters:               # SPECIAL|SHARE: the page is in the object now
+            if not w.closed:
+                lib.fayt_uffd_wake(w.uffd, w.addr + req.offset, PAGE)
 
     def _cancel_slot(self, req):
         m = req.member
@@ -435,7 +487,8 @@ class Pager:
         if req.done:
             return
         r = req.region
-        self._finish(req)
+        req.done = True
+        r.pending.pop(req.offset, None)
         self._cancel_slot(req)
         if r.closed:
             return
@@ -447,9 +500,12 @@ class Pager:
             return
         log.info("region %d (chain %r): page at %#x failed: %s; the access gets SIGBUS",
                  r.id, r.chain.name, req.offset, os.strerror(err))
-        e = lib.fayt_uffd_poison(r.uffd, r.addr + req.offset, PAGE)
-        if e:
-            log.warning("region %d: UFFDIO_POISON: %s", r.id, os.strerror(e))
+        for x in [r] + req.waiters:
+            if x.closed:
+                continue
+            e = lib.fayt_uffd_poison(x.uffd, x.addr + req.offset, PAGE)
+            if e:
+                log.warning("region %d: UFFDIO_POISON: %s", x.id, os.strerror(e))
 
     # -- deadlines ------------------------------------------------------
     def _add_deadline(self, req):
@@ -510,13 +566,13 @@ def _is_userfaultfd(fd):
         return False
 
 
-def portal_special(k, ctx, tid, t, prot, length, addr, chain, message, fds):
+def portal_special(k, ctx, tid, t, prot, length, addr, chain, message, fds, ident=None,
+                   create=0):
     """The SPECIAL branch of portal(): the region is the client's, registered
     with the userfaultfd it sent; the reply grants no memory (no fd)."""
     from .context import Mapping
-    if t & lib.FAYT_PORTAL_SHARE:
-        raise KernelError(errno.ENOSYS, "type: SPECIAL|SHARE portals are not built yet")
-    if chain is None or chain == b"":
+    share = t & lib.FAYT_PORTAL_SHARE
+    if (chain is None or chain == b"") and not (share and not create):
         raise KernelError(errno.EINVAL, "sp_req_chain.name: a SPECIAL portal needs a chain")
     if len(fds) != 1 or not _is_userfaultfd(fds[0]):
         raise KernelError(errno.EINVAL, "a SPECIAL portal comes with exactly one fd, the "
@@ -527,12 +583,43 @@ def portal_special(k, ctx, tid, t, prot, length, addr, chain, message, fds):
     if not ctx.check_tid(tid):
         raise KernelError(errno.ESRCH, "tid %d is not a thread of pid %d" % (tid, ctx.pid))
     length = (length + PAGE - 1) // PAGE * PAGE
+    pager = k.pager
+    sh, made = None, False
+    if share:
+        sh = pager.shares.get(ident)
+        if create and sh is not None:
+            raise KernelError(errno.EEXIST, "share.identifier: special share-point %r exists"
+                              % ident.decode())
+        if not create:
+            if sh is None:
+                raise KernelError(errno.ENOENT, "share.identifier: no special share-point %r"
+                                  % ident.decode())
+            if length != sh.length:
+                raise KernelError(errno.EINVAL, "length: %d; special share-point %r maps %d bytes"
+                                  % (length, ident.decode(), sh.length))
+            if prot & ~sh.prot:
+                raise KernelError(errno.EACCES, "prot: %#x asked, special share-point %r "
+                                  "grants %#x" % (prot, ident.decode(), sh.prot))
+            chain, message = sh.chain.encode(), sh.message
+        else:
+            if ident in k.sharepoints.by_name:
+                raise KernelError(errno.EEXIST, "share.identifier: %r names a share-point"
+                                  % ident.decode())
+            backing = BackingObject(0, k.frames.tag + ".special", length, [])
+            sh = SpecialShare(pager._next_share, ident, backing, length, prot, chain.decode(),
+                              message, ctx.pid)
+            pager._next_share += 1
+            made = True
     uffd = os.dup(fds[0])
     try:
-        r = k.pager.create_region(ctx, uffd, addr, length, chain.decode(), message)
+        r = pager.create_region(ctx, uffd, addr, length, chain.decode(), message, sh)
     except BaseException:
         os.close(uffd)
+        if made:
+            sh.backing.release()
         raise
+    if made:
+        pager.shares[ident] = sh
     r.handle = handle = ctx.new_handle()
     k.add_mapping(ctx, Mapping(handle, t, SpecialBacking(r.id, length), None, ctx.pid, tid, prot))
     return handle, length, r

@@ -186,9 +186,11 @@ def portal(type, prot=PROT_RW, length=0, *, identifier=None, create=False,
     addr      morphology.addr: 0 lets the library choose, else exactly there
     """
     conn = connection or _default_connection()
-    if type & SPECIAL and not type & SHARE:
+    if isinstance(identifier, str):
+        identifier = identifier.encode("utf-8")
+    if type & SPECIAL:
         from .special import special_portal     # its userfaultfd goes with the call
-        return special_portal(conn, type, prot, length, chain, message, addr)
+        return special_portal(conn, type, prot, length, chain, message, addr, identifier, create)
     if isinstance(identifier, str):
         identifier = identifier.encode("utf-8")
     body, fds = conn.call(lib.FAYT_SYS_PORTAL, encode_portal_req(

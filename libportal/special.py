@@ -37,7 +37,7 @@ import struct
 import threading
 
 from . import errors
-from ._abi import ffi, lib, struct_of, PORTAL_REPLY, REQ_HDR
+from ._abi import ffi, lib, struct_of, HANDLE_REQ, PORTAL_REPLY, REQ_HDR
 from .portal import Mapping, PROT_READ, PROT_WRITE, PAGE_SIZE, encode_portal_req
 
 JOIN_REQ = struct_of("struct fayt_chain_join")
@@ -184,26 +184,50 @@ class SpecialPortal(Mapping):
             self.unmap()
 
 
-def special_portal(conn, type, prot, length, chain, message, addr):
-    """portal() for SPECIAL: see the module's docstring."""
+def special_portal(conn, type, prot, length, chain, message, addr, identifier=None,
+                   create=False):
+    """portal() for SPECIAL and SPECIAL|SHARE: see the module's docstring.
+
+    SPECIAL|SHARE: the range is reserved first (PROT_NONE), faytd answers
+    with the share's shm object, mapped MAP_SHARED over the reservation,
+    then the uffd is registered over it (MISSING; faults come only from
+    user accesses made after this returns)."""
+    share = bool(type & lib.FAYT_PORTAL_SHARE)
     if length <= 0:
-        raise errors.error(errno.EINVAL, "length: %d; a portal needs at least 1 byte" % length)
+        raise errors.error(errno.EINVAL, "length: %d; a %s needs its length" % (
+            length, "special share-point (attach too)" if share else "portal"))
     size = (length + PAGE_SIZE - 1) // PAGE_SIZE * PAGE_SIZE
     uffd, caps = open_userfaultfd()
+    if share:
+        caps &= ~lib.FAYT_UFFD_WP
     err = ffi.new("int *")
     base = 0
+    handle = None
     try:
-        base = lib.fayt_map_special(size, addr, prot, err)
+        base = lib.fayt_map_special(size, addr, 0 if share else prot, err)
         if not base:
             raise errors.error(err[0], "portal: mmap of the SPECIAL range: " + os.strerror(err[0]))
-        e = lib.fayt_uffd_register(uffd, base, size, 1 if caps & lib.FAYT_UFFD_WP else 0)
-        if e:
-            raise errors.error(e, "SPECIAL: UFFDIO_REGISTER: " + os.strerror(e))
+        if not share:
+            e = lib.fayt_uffd_register(uffd, base, size, 1 if caps & lib.FAYT_UFFD_WP else 0)
+            if e:
+                raise errors.error(e, "SPECIAL: UFFDIO_REGISTER: " + os.strerror(e))
         body, fds = _call_fds(conn, lib.FAYT_SYS_PORTAL, encode_portal_req(
-            type, prot, length, None, 0, 0, chain, message, base), [uffd])
-        for fd in fds:
-            os.close(fd)
+            type, prot, length, identifier, 0, 1 if create else 0, chain, message, base), [uffd])
         reply = PORTAL_REPLY.unpack_from(body)
+        handle = reply[0]
+        try:
+            if share:
+                if len(fds) != 1:
+                    raise errors.error(errno.EPROTO, "portal: faytd sent no share object")
+                if not lib.fayt_map_over(fds[0], size, base, prot, err):
+                    raise errors.error(err[0], "portal: mmap of the special share-point: "
+                                       + os.strerror(err[0]))
+                e = lib.fayt_uffd_register(uffd, base, size, 0)
+                if e:
+                    raise errors.error(e, "SPECIAL: UFFDIO_REGISTER: " + os.strerror(e))
+        finally:
+            for fd in fds:
+                os.close(fd)
         try:
             pidfd = _faytd_pidfd(conn)
         except OSError:
@@ -214,13 +238,21 @@ def special_portal(conn, type, prot, length, chain, message, addr):
             finally:
                 os.close(pidfd)
     except BaseException:
+        if handle is not None:
+            try:
+                conn.call(lib.FAYT_SYS_UNMAP, HANDLE_REQ.pack(handle))
+            except OSError:
+                pass
         if base:
             lib.fayt_unmap(base, size)
         os.close(uffd)
         raise
     if isinstance(chain, bytes):
         chain = chain.decode()
-    return SpecialPortal(conn, reply, base, type, prot, uffd, caps, chain, message)
+    sp = SpecialPortal(conn, reply, base, type, prot, uffd, caps, chain, message)
+    sp.identifier = identifier
+    sp.created = bool(reply[6] & lib.FAYT_PORTAL_REPLY_CREATED)
+    return sp
 
 
 # -- chain servers ----------------------------------------------------------

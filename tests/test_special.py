@@ -411,3 +411,40 @@ def test_special_cache_chain_forwards_misses_to_the_file_pager(lp, tmp_path):
         if p.is_alive():
             p.kill()
             p.join(WAIT)
+
+
+def _attach_and_read(ident, n, out):
+    sp = lp.portal(lp.SPECIAL | lp.SHARE, lp.PROT_READ, n * PAGE, identifier=ident)
+    out.put((sp.created, sp.read(0, n * PAGE) == _pattern(0, n * PAGE)))
+    sp.unmap()
+    out.close()
+    out.join_thread()
+
+
+def test_special_share_point_mapped_by_two_processes_fetches_each_page_once(lp, chain_server):
+    chain = _chain()
+    srv = chain_server(chain=chain)
+    ident = "special-share-%s" % uuid.uuid4().hex[:8]
+    sp = lp.portal(lp.SPECIAL | lp.SHARE, lp.PROT_READ, 4 * PAGE, identifier=ident, create=True,
+                   chain=chain, message=b"shared")
+    try:
+        assert sp.created
+        assert sp.read(0, 2 * PAGE) == _pattern(0, 2 * PAGE)
+        with pytest.raises(lp.AlreadyExists):
+            lp.portal(lp.SPECIAL | lp.SHARE, lp.PROT_READ, 4 * PAGE, identifier=ident,
+                      create=True, chain=chain)
+        out = CTX.Queue()
+        p = CTX.Process(target=_attach_and_read, args=(ident, 4, out))
+        p.start()
+        assert out.get(timeout=WAIT) == (False, True)
+        p.join(WAIT)
+        assert p.exitcode == 0
+        assert sp.read(2 * PAGE, 2 * PAGE) == _pattern(2 * PAGE, 2 * PAGE)   # fetched by the child
+        got = sorted(o for o, _, _, _, _ in srv.entries(4))
+        assert got == [0, PAGE, 2 * PAGE, 3 * PAGE]
+        time.sleep(0.1)
+        assert srv.log.empty()          # each page once, whoever touched it first
+    finally:
+        sp.unmap()
+    with pytest.raises(lp.NotFound, match="no special share-point"):
+        lp.portal(lp.SPECIAL | lp.SHARE, lp.PROT_READ, 4 * PAGE, identifier=ident)

@@ -428,6 +428,17 @@ uintptr_t fayt_map_special(uint64_t length, uintptr_t addr, int prot, int *err)
     return (uintptr_t)p;
 }
 
+uintptr_t fayt_map_over(int fd, uint64_t length, uintptr_t addr, int prot, int *err)
+{
+    void *p = mmap((void *)addr, length, prot, MAP_SHARED | MAP_FIXED, fd, 0);
+    if (p == MAP_FAILED) {
+        *err = errno;
+        return 0;
+    }
+    *err = 0;
+    return (uintptr_t)p;
+}
+
 void fayt_copy(uintptr_t dst, uintptr_t src, uint64_t n)
 {
     memcpy((void *)dst, (const void *)src, n);

@@ -176,6 +176,9 @@ void fayt_pager_close(void *ch);
 /* The client's private anonymous range for a SPECIAL portal: anywhere
  * (addr 0) or exactly at addr.  0 and *err on failure. */
 uintptr_t fayt_map_special(uint64_t length, uintptr_t addr, int prot, int *err);
+/* SPECIAL|SHARE: map the share's object MAP_SHARED|MAP_FIXED over the range
+ * reserved with fayt_map_special. */
+uintptr_t fayt_map_over(int fd, uint64_t length, uintptr_t addr, int prot, int *err);
 
 /* memcpy with the GIL released (cffi drops it for every call): libportal's
  * copies into and out of special regions, which may fault and wait. */
