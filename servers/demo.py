@@ -145,6 +145,34 @@ class Demo:
         if srv.returncode != 0:
             raise RuntimeError("the notify_pair server exited with %d" % srv.returncode)
 
+    def special_chain(self):
+        """servers/cachechain.py: a SPECIAL portal's pages from a two-server chain."""
+        path = os.path.join(self.dir, "special-demo.bin")
+        with open(path, "wb") as f:
+            f.write(os.urandom(10 * 4096 + 123))
+        self.say("SPECIAL: a cache (2 pages primed) in front of a file pager, chain "
+                 "'demo.files' (servers/cachechain.py)")
+        chain = subprocess.Popen([sys.executable, "-m", "servers.cachechain", "--chain",
+                                  "demo.files", "--warm", path + ":2"], env=self.env,
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.instances["cache-chain"] = chain
+        self.follow(chain, chain.stdout, "cache-chain")
+        self.wait_for("serving", "cache-chain")
+        self.say("a client maps the file as a SPECIAL portal of 'demo.files' and reads it")
+        cli = subprocess.Popen([sys.executable, "-m", "servers.filepager", "--chain",
+                                "demo.files", "--read", path], env=self.env,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.follow(cli, cli.stdout, "special-client")
+        self.wait_for("identical", "special-client")
+        cli.wait(timeout=STEP_TIMEOUT)
+        if cli.returncode != 0:
+            raise RuntimeError("the SPECIAL client exited with %d" % cli.returncode)
+        chain.send_signal(signal.SIGTERM)
+        chain.wait(timeout=STEP_TIMEOUT)
+        self.wait_for("forwarded", "cache-chain")
+        if chain.returncode != 0:
+            raise RuntimeError("the cache chain exited with %d" % chain.returncode)
+
     def shm_objects(self):
         prefix = "fayt.%d." % self.faytd.pid
         return sorted(n for n in os.listdir("/dev/shm") if n.startswith(prefix))
@@ -194,6 +222,7 @@ class Demo:
         self.wait_for("destroyed share-point")
         self.fayt("ls")
         self.notify_pair()
+        self.special_chain()
 
         self.say("SIGTERM faytd (pid %d)", self.faytd.pid)
         self.faytd.send_signal(signal.SIGTERM)

@@ -81,11 +81,28 @@ def serve(chain, run_max=1 << 20, slots=8, timeout=None, stop=None, ready=None):
     return pager
 
 
+def read_through(chain, path):
+    """The client side: map `path` as a SPECIAL portal of `chain`, read it
+    through the chain and compare with the file read directly."""
+    want = open(path, "rb").read()
+    size = max(len(want), 1)
+    with lp.portal(lp.SPECIAL, lp.PROT_READ, size, chain=chain, message=os.fsencode(path)) as sp:
+        got = sp.read(0, len(want))
+    same = got == want
+    print("read %d bytes of %s through chain %r: %s" % (len(got), path, chain,
+                                                         "identical" if same else "DIFFERENT"),
+          flush=True)
+    return 0 if same else 1
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--chain", default="files")
     ap.add_argument("--run", type=int, default=1 << 20, help="bytes per answer (prefetch)")
+    ap.add_argument("--read", metavar="PATH", help="be a client: read PATH through the chain")
     args = ap.parse_args(argv)
+    if args.read:
+        return read_through(args.chain, args.read)
     stopping = []
     signal.signal(signal.SIGTERM, lambda *a: stopping.append(1))
     signal.signal(signal.SIGINT, lambda *a: stopping.append(1))
