@@ -17,8 +17,9 @@ faytd is only the control plane of notifications (DESIGN section 6):
 - faytd is itself a sender: a context that subscribes gets a ring from faytd
   (sender FAYT_SENDER_KERNEL) carrying struct fayt_event_payload: a watched
   peer died, a share-point it maps was destroyed.  faytd never blocks on a
-  full ring: the event waits in a backlog, posted again at the target's next
-  notification call or faytd's next event for it.
+  full ring: the event waits in a backlog, posted again from faytd's loop
+  every RETRY_NS (a timerfd armed only while a backlog exists), at the
+  target's next fetch, or at faytd's next event for it.
 
 Objects only: decode/check/perform handlers at the bottom are registered in
 syscall.HANDLERS.  Who may do what: installing handlers needs the category's
@@ -49,6 +50,7 @@ SUBSCRIBE = struct_of("struct fayt_notify_subscribe")
 RING_BYTES = lib.fayt_ring_bytes()
 STACK_MAX_BYTES = 1 << 20
 DOORBELL = signal.SIGRTMIN + lib.FAYT_DOORBELL_SIGRTMIN_OFFSET
+RETRY_NS = 5 * 1000 * 1000      # a backlog of faytd's notices is retried this often
 
 
 def doorbell(ctx):
@@ -96,8 +98,16 @@ class Ring:
         self.map.close()
 
     def post(self, index, payload):
-        """faytd's own post: never waits; a full ring keeps it in the backlog."""
+        """faytd's own post: never waits; a full ring keeps it in the backlog.
+        Returns whether a backlog is left."""
         self.backlog.append((index, payload))
+        return self.retry()
+
+    def retry(self):
+        """Post what waits in the backlog, in order, while the ring has room."""
+        if self.ptr is None:
+            self.backlog.clear()
+            return False
         pos = ffi.new("uint32_t *")
         while self.backlog:
             i, p = self.backlog[0]
@@ -107,6 +117,7 @@ class Ring:
             if r:
                 break
             self.backlog.pop(0)
+        return bool(self.backlog)
 
 
 class Notifications:
@@ -119,6 +130,8 @@ class Notifications:
         self.subs = {}              # context id -> {event: (index, arg)}
         self._next = 1
         self.stopping = False
+        self.backlogged = set()     # faytd's rings with notices waiting for room
+        self._timerfd = -1          # armed while any does: retried every RETRY_NS
 
     # -- the context page ---------------------------------------------------
     @staticmethod
@@ -172,6 +185,7 @@ class Notifications:
 
     def drop(self, r, state):
         self.rings.pop(r.id, None)
+        self.backlogged.discard(r)
         self.pairs.pop((r.sender.id if r.sender else 0, r.target.id), None)
         if state == lib.FAYT_RING_SENDER_DEAD:
             self._unrecord(r)
@@ -185,8 +199,33 @@ class Notifications:
 
     def flush(self, ctx):
         r = self.pairs.get((0, ctx.id))
-        if r is not None and r.backlog:
-            r.post(*r.backlog.pop(0))
+        if r is not None and r.backlog and not r.retry():
+            self.backlogged.discard(r)
+
+    def _backlogged(self, r):
+        """r keeps notices back (its ring is full): retry them from faytd's
+        loop every RETRY_NS until the target has made room."""
+        self.backlogged.add(r)
+        server = getattr(self.k, "server", None)
+        if server is None:
+            return          # no loop (a Kernel alone): the next event or fetch retries
+        if self._timerfd < 0:
+            fd = lib.fayt_timerfd_open()
+            if fd < 0:
+                log.warning("notices: no timerfd (%s): a full ring waits for the next "
+                            "event or fetch", os.strerror(-fd))
+                return
+            self._timerfd = fd
+            server.watch_fd(fd, self._on_timer)
+        lib.fayt_timerfd_arm(self._timerfd, RETRY_NS)
+
+    def _on_timer(self, fd, events):
+        lib.fayt_timerfd_drain(fd)
+        for r in list(self.backlogged):
+            if r.id not in self.rings or not r.retry():
+                self.backlogged.discard(r)
+        if self.backlogged:
+            lib.fayt_timerfd_arm(fd, RETRY_NS)
 
     # -- faytd's own notifications ---------------------------------------------
     def event(self, target, kind, context_id=0, pid=0, sp_id=0, identifier=b""):
@@ -198,7 +237,9 @@ class Notifications:
         ffi.memmove(e.identifier, identifier[:31], len(identifier[:31]))
         payload = bytes(ffi.buffer(e))
         try:
-            self.ring(None, target).post(sub[0], payload)
+            r = self.ring(None, target)
+            if r.post(sub[0], payload):
+                self._backlogged(r)
         except KernelError as e:
             log.warning("context %d: cannot notify it: %s", target.id, e.message)
 
@@ -232,6 +273,12 @@ class Notifications:
         self.stopping = True
         for r in list(self.rings.values()):
             self.drop(r, lib.FAYT_RING_TARGET_DEAD)
+        if self._timerfd >= 0:
+            server = getattr(self.k, "server", None)
+            if server is not None:
+                server.unwatch_fd(self._timerfd)
+            os.close(self._timerfd)
+            self._timerfd = -1
 
 
 # -- the syscall layer: decode, check, perform -------------------------------

@@ -415,6 +415,34 @@ def test_notification_faytd_reports_a_dead_peer_and_a_destroyed_share_point(spaw
     watcher.finish()
 
 
+def test_notification_faytd_notices_behind_a_full_ring_arrive_once_it_drains(spawn, faytd):
+    # faytd never waits on a full ring: its notices wait in a backlog that its
+    # loop retries, so they arrive once the target makes room, with no call
+    # from the target to faytd.
+    n = lib.FAYT_RING_ENTRIES + 40
+    watcher = spawn("""
+        import signal
+        seen = []
+        lp.install_handler(5, lambda p, i, s: seen.append(lp.decode_event(p)["context_id"]))
+        lp.subscribe(lp.PEER_DIED, 5)
+        signal.pthread_sigmask(signal.SIG_BLOCK, [lp.notification.DOORBELL])
+        print(lp.connection().context_id)
+        sys.stdin.readline()          # no dispatch point until told: the ring fills
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, [lp.notification.DOORBELL])
+        _end = time.monotonic() + %f
+        while len(seen) < %d and time.monotonic() < _end:
+            lp.notification_wait(0.5)  # no system call: only the ring
+        print(len(seen), len(set(seen)))
+        """ % (WAIT, n))
+    watcher.expect()
+    for _ in range(n):      # n contexts come and go: a PEER_DIED notice each
+        libportal.Connection(faytd.socket).close()
+    time.sleep(0.3)
+    watcher.send("go")
+    assert watcher.expect() == "%d %d" % (n, n)
+    watcher.finish()
+
+
 def test_notification_rings_and_stacks_leave_nothing_behind(fresh_faytd, conn_to, spawn):
     from faytd_proc import fayt_shm_objects
     d = fresh_faytd()
