@@ -4,9 +4,11 @@ Real processes throughout: chain servers and faulting clients are forked
 children talking to a real faytd.  Every wait is bounded."""
 import errno
 import faulthandler
+import json
 import multiprocessing
 import os
 import signal
+import subprocess
 import time
 import uuid
 
@@ -448,3 +450,47 @@ def test_special_share_point_mapped_by_two_processes_fetches_each_page_once(lp, 
         sp.unmap()
     with pytest.raises(lp.NotFound, match="no special share-point"):
         lp.portal(lp.SPECIAL | lp.SHARE, lp.PROT_READ, 4 * PAGE, identifier=ident)
+
+
+_UNPRIVILEGED_CLIENT = r"""
+import json, os, sys
+import libportal as lp
+c = lp.Connection(sys.argv[1])
+sp = lp.portal(lp.SPECIAL, lp.PROT_READ, 2 * 4096, chain=sys.argv[2], connection=c)
+data = sp.read(0, 2 * 4096)
+print(json.dumps({"uid": os.getuid(), "user_mode_only": sp.user_mode_only,
+                  "first": int.from_bytes(data[4096:4104], "little")}))
+sp.unmap()
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a client as another user")
+def test_special_unprivileged_client_gets_user_mode_only(as_user, start):
+    """vm.unprivileged_userfaultfd is 0 here: a plain userfaultfd is refused
+    to an unprivileged process, UFFD_USER_MODE_ONLY is not, and suffices."""
+    d = start(policy={"categories": {"core": {"classes": ["SPECIAL", "ANON"],
+                                              "chains": ["*"]}},
+                      "default": "core"})
+    chain = _chain()
+    srv = ChildServer(chain, _pattern_server, socket=d.socket)
+    try:
+        p = as_user.popen(_UNPRIVILEGED_CLIENT, [d.socket, chain], stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE)
+        try:
+            out, err = p.communicate(timeout=WAIT)
+        finally:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        assert p.returncode == 0, err
+        rep = json.loads(out.strip().splitlines()[-1])
+        assert rep["uid"] != 0
+        assert rep["first"] == PAGE
+        with open("/proc/sys/vm/unprivileged_userfaultfd") as f:
+            if f.read().strip() == "0":
+                assert rep["user_mode_only"] is True
+    finally:
+        srv.close()
+
+
+from test_policy import as_user, start, world_dir  # noqa: E402,F401  (fixtures)
