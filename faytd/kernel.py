@@ -18,16 +18,6 @@ from .sharepoint import SharePointTable
 log = logging.getLogger("faytd")
 
 
-class _SharePointTable(SharePointTable):
-    """The table, telling the notifications who mapped a destroyed share-point."""
-    on_destroy = None
-
-    def destroy(self, sp):
-        if not sp.destroyed and self.on_destroy is not None:
-            self.on_destroy(sp)
-        super().destroy(sp)
-
-
 class Kernel:
     def __init__(self, cfg, owner_uid, tag=None):
         self.cfg = cfg
@@ -36,9 +26,9 @@ class Kernel:
         if swept:
             log.info("removed %d shared-memory objects left by a dead faytd", swept)
         self.frames = FrameAllocator(cfg["ram"], tag)
-        self.sharepoints = _SharePointTable(self.frames, cfg["max_sharepoints"])
+        self.sharepoints = SharePointTable(self.frames, cfg["max_sharepoints"])
         self.notifications = Notifications(self)
-        self.sharepoints.on_destroy = self.notifications.sharepoint_destroyed
+        self.sharepoints.on_destroy.append(self.notifications.sharepoint_destroyed)
         self.pager = Pager(self)
         self.contexts = {}
         self._next_cid = 1

@@ -82,6 +82,7 @@ class SharePointTable:
         self._next_id = 1
         self.max = max_sharepoints
         self.by_owner = {}          # owner pid -> {sp id}
+        self.on_destroy = []        # callables(sp), run before a share-point leaves the table
 
     def create(self, identifier, length, prot, owner_pid, owner_uid):
         if identifier in self.by_name:
@@ -131,6 +132,8 @@ class SharePointTable:
         """Take sp out of the table; its frames go with the last mapping."""
         if sp.destroyed:
             return
+        for hook in self.on_destroy:
+            hook(sp)
         sp.destroyed = True
         self.by_name.pop(sp.identifier, None)
         self.by_id.pop(sp.id, None)
