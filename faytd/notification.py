@@ -20,6 +20,13 @@ faytd is only the control plane of notifications (DESIGN section 6):
   full ring: the event waits in a backlog, posted again from faytd's loop
   every RETRY_NS (a timerfd armed only while a backlog exists), at the
   target's next fetch, or at faytd's next event for it.
+- The pending hint (fayt/notification.h): one small shm object per target,
+  made with the first ring into it or at its HINT call, its fd given to
+  every sender with its ring (OPEN's second fd).  Every post bumps it, so
+  the target's share-point fast path notices a post with one load.  A sender
+  can only make the target look at its rings for nothing, or put off such a
+  look: the rings, which it cannot touch, say what was posted.  faytd bumps
+  it for its own posts; it unlinks the object when the target is forgotten.
 
 Objects only: decode/check/perform handlers at the bottom are registered in
 syscall.HANDLERS.  Who may do what: installing handlers needs the category's
@@ -63,12 +70,40 @@ def doorbell(ctx):
         pass
 
 
+class Hint:
+    """The pending-hint object of one target context."""
+    __slots__ = ("backing", "map", "buf", "word")
+
+    def __init__(self, tag):
+        self.backing = BackingObject(0, tag + ".hint", lib.FAYT_HINT_BYTES, [])
+        fd = self.backing.open_fd()
+        try:
+            self.map = mmap.mmap(fd, lib.FAYT_HINT_BYTES)
+        finally:
+            os.close(fd)
+        self.buf = ffi.from_buffer(self.map)
+        self.word = ffi.cast("uint32_t *", ffi.addressof(
+            ffi.cast("struct fayt_notify_hint *", self.buf), "posted"))
+
+    def open_fd(self):
+        if self.backing.name is None:
+            raise KernelError(errno.ESRCH, "hint: its context is gone")
+        return self.backing.open_fd()
+
+    def close(self):
+        self.backing.release()
+        self.word = ffi.NULL
+        self.buf = None
+        self.map.close()
+
+
 class Ring:
     """One (sender, target) ring.  sender is None for faytd's own ring."""
-    __slots__ = ("id", "sender", "target", "backing", "map", "ptr", "backlog")
+    __slots__ = ("id", "sender", "target", "backing", "map", "ptr", "backlog", "hint")
 
-    def __init__(self, rid, sender, target, tag):
+    def __init__(self, rid, sender, target, tag, hint):
         self.id = rid
+        self.hint = hint            # the target's Hint
         self.sender = sender
         self.target = target
         self.backlog = []
@@ -92,6 +127,7 @@ class Ring:
                                self.target.pid, RING_BYTES)
 
     def kill(self, state):
+        self.hint = None
         lib.fayt_ring_kill(self.ptr, state)
         self.backing.release()
         self.ptr = None
@@ -105,7 +141,7 @@ class Ring:
 
     def retry(self):
         """Post what waits in the backlog, in order, while the ring has room."""
-        if self.ptr is None:
+        if self.ptr is None or self.hint is None:
             self.backlog.clear()
             return False
         pos = ffi.new("uint32_t *")
@@ -113,7 +149,7 @@ class Ring:
             i, p = self.backlog[0]
             r = lib.fayt_ring_post(self.ptr, i, lib.FAYT_NOTIFY_NOWAIT | lib.FAYT_NOTIFY_IMMEDIATE,
                                    lib.FAYT_SENDER_KERNEL, p, len(p), 0,
-                                   self.target.pidfd, DOORBELL, pos)
+                                   self.target.pidfd, DOORBELL, pos, self.hint.word)
             if r:
                 break
             self.backlog.pop(0)
@@ -128,6 +164,7 @@ class Notifications:
         self.rings = {}             # id -> Ring
         self.pairs = {}             # (sender id or 0, target id) -> Ring
         self.subs = {}              # context id -> {event: (index, arg)}
+        self.hints = {}             # context id -> Hint (made with its first ring or HINT)
         self._next = 1
         self.stopping = False
         self.backlogged = set()     # faytd's rings with notices waiting for room
@@ -163,13 +200,20 @@ class Notifications:
                 p.rings[i].sender = 0
 
     # -- rings --------------------------------------------------------------
+    def hint(self, ctx):
+        """ctx's pending-hint object, made on first use."""
+        h = self.hints.get(ctx.id)
+        if h is None:
+            h = self.hints[ctx.id] = Hint(self.k.frames.tag)
+        return h
+
     def ring(self, sender, target):
         """The ring of this pair, made on first use."""
         key = (sender.id if sender else 0, target.id)
         r = self.pairs.get(key)
         if r is not None:
             return r
-        r = Ring(self._next, sender, target, self.k.frames.tag)
+        r = Ring(self._next, sender, target, self.k.frames.tag, self.hint(target))
         try:
             self._record(r)
         except KernelError:
@@ -252,6 +296,9 @@ class Notifications:
             elif r.sender is ctx:
                 self.drop(r, lib.FAYT_RING_SENDER_DEAD)
         self.subs.pop(ctx.id, None)
+        h = self.hints.pop(ctx.id, None)
+        if h is not None:
+            h.close()
         if self.stopping:
             return
         for cid, sub in list(self.subs.items()):
@@ -273,6 +320,9 @@ class Notifications:
         self.stopping = True
         for r in list(self.rings.values()):
             self.drop(r, lib.FAYT_RING_TARGET_DEAD)
+        for h in self.hints.values():
+            h.close()
+        self.hints.clear()
         if self._timerfd >= 0:
             server = getattr(self.k, "server", None)
             if server is not None:
@@ -336,7 +386,18 @@ def sys_notify_open(k, ctx, tid, body, fds):
     if (ctx.id, t.id) not in n.pairs:
         Policy.check_notify(ctx, t)     # once: when the pair's ring is made
     r = n.ring(ctx, t)
-    return r.reply(), [r.open_fd()]
+    fd = r.open_fd()
+    try:
+        return r.reply(), [fd, n.hint(t).open_fd()]
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def sys_notify_hint(k, ctx, tid, body, fds):
+    if body:
+        raise KernelError(errno.EINVAL, "notify_hint: takes no body (%d bytes sent)" % len(body))
+    return b"", [k.notifications.hint(ctx).open_fd()]
 
 
 def sys_notify_close(k, ctx, tid, body, fds):
@@ -447,4 +508,5 @@ HANDLERS = {
     lib.FAYT_SYS_NOTIFY_PROVIDER: sys_notify_provider,
     lib.FAYT_SYS_NOTIFY_SUBSCRIBE: sys_notify_subscribe,
     lib.FAYT_SYS_NOTIFY_CLOSE: sys_notify_close,
+    lib.FAYT_SYS_NOTIFY_HINT: sys_notify_hint,
 }

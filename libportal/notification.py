@@ -17,11 +17,29 @@ The facts this relies on, and what follows:
   * a sender waiting for a return, or for space in a full ring, dispatches
     the notifications that come to it meanwhile, then waits again.
 - Dispatch points: the doorbell, notification_poll(), notification_wait(),
-  a sender's waits, and every system call through a Connection (before the
+  a sender's waits, every system call through a Connection (before the
   call; a doorbell that comes during one is dispatched after it, since
-  fetching a new ring is itself a call).  Without FAYT_NOTIFY_IMMEDIATE a
-  notification waits for the target's next dispatch point (a target asleep
-  in notification_wait() is rung anyway: its wait is a dispatch point).
+  fetching a new ring is itself a call), and the share-point fast path
+  (lock, try_lock, read, write, add, `with`: at the entry, before the lock
+  is taken; unlock and `with`'s exit: after it is released).  Without
+  FAYT_NOTIFY_IMMEDIATE a notification waits for the target's next dispatch
+  point (a target asleep in notification_wait() is rung anyway: its wait is
+  a dispatch point).
+- The share-point calls never go to faytd, so they learn of a post from the
+  pending hint (fayt/notification.h): a word per target context that every
+  post bumps.  Once this context has a handler (or a subscription) its
+  runtime maps the word (FAYT_SYS_NOTIFY_HINT) and registers it with
+  _fastpath (hint_register): each share-point call compares it with the last
+  value seen (one load) and, changed, calls _hint_hook, which dispatches.
+  _fastpath calls it only on the main thread, when no share-point lock is
+  recorded in this context page (a handler using that share-point would
+  deadlock; another thread's lock only puts the dispatch off) and no
+  handler runs (notify.depth 0: a deferred notification never interrupts a
+  handler; the running dispatch takes it next).  A process without handlers
+  registers nothing: the check is one load of a count that is 0.  The word
+  is a hint only: a sender that scribbles on it causes a dispatch that finds
+  nothing, or delays one to the next other dispatch point; the rings alone
+  say what was posted, so nothing is lost or forged through it.
 - notification_dispatch(): for each ring with an entry, take a free
   notification stack (a real region from the stack-alloc system call), write
   the frame (struct fayt_notification_frame) and the payload at its base,
@@ -110,14 +128,27 @@ def _ns(deadline):
 
 class _Ring:
     __slots__ = ("id", "sender", "target", "target_pid", "addr", "length", "ptr", "pidfd",
-                 "gone")
+                 "gone", "hint", "hint_ptr")
 
-    def __init__(self, reply, fd):
+    def __init__(self, reply, fd, hint_fd=-1):
         self.id, self.sender, self.target, self.target_pid, self.length = reply
-        self.addr = _map(fd, self.length)
+        self.hint, self.hint_ptr = 0, ffi.NULL
+        try:
+            self.addr = _map(fd, self.length)
+        except BaseException:
+            if hint_fd >= 0:
+                os.close(hint_fd)
+            raise
         self.ptr = ffi.cast("void *", self.addr)
         self.pidfd = -1
         self.gone = False
+        if hint_fd >= 0:        # a sender's: the target's pending hint
+            try:
+                self.hint = _map(hint_fd, lib.FAYT_HINT_BYTES)
+            except BaseException:
+                self.close()
+                raise
+            self.hint_ptr = ffi.cast("uint32_t *", self.hint)
 
     @property
     def header(self):
@@ -130,6 +161,9 @@ class _Ring:
         if self.addr:
             lib.fayt_unmap(self.addr, self.length)
             self.addr, self.ptr = 0, ffi.NULL
+        if self.hint:
+            lib.fayt_unmap(self.hint, lib.FAYT_HINT_BYTES)
+            self.hint, self.hint_ptr = 0, ffi.NULL
 
 
 class _Stack:
@@ -165,6 +199,7 @@ class Runtime:
         self._daddr = int(ffi.cast("uintptr_t", self._disp))
         self._gen_ptr = ffi.cast("uint32_t *", ffi.addressof(self.page.notify, "rings_generation"))
         self._pid = os.getpid()
+        self.hint = 0               # this context's pending-hint word, once mapped
 
     # -- arming: the doorbell's handler -----------------------------------------
     def arm(self):
@@ -180,6 +215,32 @@ class Runtime:
             atexit.register(_quiet_doorbell)
             _installed = True
         _runtimes.add(self)
+
+    def arm_hint(self):
+        """Make the share-point calls dispatch points for this context: map
+        its pending-hint word and register it with _fastpath."""
+        if self.hint:
+            return
+        body, fds = self.conn.call(lib.FAYT_SYS_NOTIFY_HINT)
+        if len(fds) != 1:
+            for fd in fds:
+                os.close(fd)
+            raise errors.error(errno.EPROTO, "notify_hint: faytd sent no hint object")
+        addr = _map(fds[0], lib.FAYT_HINT_BYTES)
+        try:
+            _fastpath.hint_register(addr, self.conn.context_page, self._hint_hook)
+        except BaseException:
+            lib.fayt_unmap(addr, lib.FAYT_HINT_BYTES)
+            raise
+        self.hint = addr
+
+    def _hint_hook(self):
+        """_fastpath's dispatch point (main thread, no share-point lock held by
+        it, no handler running).  False: cannot dispatch now, look again."""
+        if self.running or self.in_provider or self.busy or self.conn.closed:
+            return False
+        self.dispatch()
+        return True
 
     # -- receiving rings ---------------------------------------------------------
     def fetch(self):
@@ -390,6 +451,7 @@ class Runtime:
             raise
         if self.generation is None:
             self.fetch()
+        self.arm_hint()
 
     def remove(self, index):
         self.conn.call(lib.FAYT_SYS_NOTIFY_REMOVE, INSTALL.pack(index, 0, 0))
@@ -403,13 +465,16 @@ class Runtime:
         self.arm()
         self.conn.call(lib.FAYT_SYS_NOTIFY_SUBSCRIBE, SUBSCRIBE.pack(event, index, arg, 0))
         self.fetch()
+        self.arm_hint()
 
     # -- sending -----------------------------------------------------------------
     def channel(self, target):
         r = self.rings_out.get(target)
         if r is None or not r.addr:
             body, fds = self.conn.call(lib.FAYT_SYS_NOTIFY_OPEN, OPEN.pack(target, 0))
-            r = _Ring(RING_REPLY.unpack(body), fds[0])
+            for fd in fds[2:]:
+                os.close(fd)
+            r = _Ring(RING_REPLY.unpack(body), fds[0], fds[1] if len(fds) > 1 else -1)
             try:
                 r.pidfd = os.pidfd_open(r.target_pid)
             except OSError:
@@ -426,7 +491,8 @@ class Runtime:
         me = self.conn.context_id
         while True:
             e = lib.fayt_ring_post(r.ptr, index, flags | (NOWAIT if target == me else 0), me,
-                                   payload, len(payload), _ns(deadline), r.pidfd, DOORBELL, pos)
+                                   payload, len(payload), _ns(deadline), r.pidfd, DOORBELL, pos,
+                                   r.hint_ptr)
             if e == 0:
                 break
             if e == errno.EINTR:
@@ -485,6 +551,10 @@ class Runtime:
 
     def close(self):
         _runtimes.discard(self)
+        if self.hint:
+            _fastpath.hint_unregister(self.hint)
+            lib.fayt_unmap(self.hint, lib.FAYT_HINT_BYTES)
+            self.hint = 0
         self._disp.n = 0
         for r in list(self.rings_in.values()) + list(self.rings_out.values()):
             r.close()
@@ -521,7 +591,7 @@ class Channel:
         """A notification without the return flag (deferred unless immediate)."""
         r, flags = self.ring, IMMEDIATE if immediate else 0
         if self.target != self._me and not _post(r.addr, index, flags, self._me, payload,
-                                                 r.pidfd, DOORBELL):
+                                                 r.pidfd, DOORBELL, r.hint):
             return None
         self.ring = self.rt.channel(self.target) if not r.addr else r
         return self.rt.notify(self.target, index, payload, flags, timeout)
@@ -531,7 +601,7 @@ class Channel:
         r, flags = self.ring, RETURN | (IMMEDIATE if immediate else 0)
         if r.addr and self.target != self._me and not lib.fayt_ring_post(
                 r.ptr, index, flags | NOWAIT, self._me, payload, len(payload), 0, r.pidfd,
-                DOORBELL, self._pos):
+                DOORBELL, self._pos, r.hint_ptr):
             deadline = None if timeout is None else time.monotonic() + timeout
             e = lib.fayt_ring_wait_return(r.ptr, self._pos[0], _ns(deadline), self._res,
                                           self._st)
@@ -555,7 +625,9 @@ def _on_doorbell(signum, frame):
 
 def _quiet_doorbell():
     """At exit: a doorbell must not kill us (Python resets its handlers to
-    SIG_DFL when it finalizes, and a sender may ring at any moment)."""
+    SIG_DFL when it finalizes, and a sender may ring at any moment); the
+    share-point calls stop dispatching (connections are closed after this)."""
+    _fastpath.hint_reset()
     try:
         signal.signal(DOORBELL, signal.SIG_IGN)
     except (ValueError, OSError):
@@ -564,6 +636,7 @@ def _quiet_doorbell():
 
 def _after_fork_child():
     global _installed
+    _fastpath.hint_reset()      # the parent's runtimes; this thread is the child's main
     _runtimes.clear()
     if _installed:
         signal.signal(DOORBELL, signal.SIG_IGN)

@@ -9,6 +9,26 @@
  * before it is unmapped, after which every method fails with EBADF rather
  * than touching freed memory.  Sleeping on the futex releases the GIL; a
  * signal (EINTR) runs Python's handlers and then the wait resumes.
+ *
+ * Share-point calls are notification dispatch points (the pending hint,
+ * fayt/notification.h).  A runtime with handlers registers its context's
+ * hint word, its notify.depth and a hook (libportal/notification.py).  Every
+ * lock, try_lock, read, write, add and `with` entry starts with one load of
+ * each registered word (none registered: one load of a static count, a
+ * target without handlers pays nothing else); a word that changed since the
+ * last look runs the hook before the call takes its lock, and unlock and
+ * `with`'s exit look after releasing.  Never dispatched there: off the main
+ * thread (Python runs handlers there only), while the process holds a
+ * share-point lock recorded in the runtime's context page (a handler using
+ * that share-point would deadlock on it; the records do not say which
+ * thread holds it, so another thread's lock only puts the dispatch off; a
+ * lock taken through another connection is not seen), while a handler runs (depth != 0: deferred
+ * notifications never interrupt one; its dispatch loop takes them next),
+ * inside the hook itself.  Then the change stays unseen and a later call
+ * looks again.  The hook returns False when it could not dispatch after all:
+ * the change is left unseen too.  An exception from the hook (a handler's
+ * KeyboardInterrupt, SystemExit) is raised by the share-point call, as a
+ * signal handler's would be; a call that raises so has not taken its lock.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -24,12 +44,77 @@
 #include "fayt/ring.h"
 #include "fayt/sharepoint.h"
 
-#define FASTPATH_ABI 1
+#define FASTPATH_ABI 2
 
 #include <pythread.h>
 #define MINE(self) ((self)->holder != 0 && (self)->holder == PyThread_get_thread_ident())
 
 static PyObject *error_factory = NULL;
+
+/* -- the pending hint: share-point calls as dispatch points (see above) ---- */
+#define HINT_MAX 4
+static int nhints;                          /* registered hint words */
+static uint32_t *hint_word[HINT_MAX];       /* fayt_notify_hint.posted of a runtime's context */
+static uint32_t hint_seen[HINT_MAX];        /* its value when last dispatched */
+static uint32_t *hint_depth[HINT_MAX];      /* that context page's notify.depth */
+static struct fayt_context_page *hint_page[HINT_MAX];   /* that context page */
+static PyObject *hint_hook[HINT_MAX];       /* the runtime's dispatch: () -> bool */
+static unsigned long main_ident;            /* Python's main thread */
+static int in_hook;
+
+/* Whether this process holds or is taking a share-point lock recorded in a
+ * registered runtime's context page (any thread: the records do not say
+ * which; a lock of another thread only puts the dispatch off). */
+static int locks_recorded(void)
+{
+    for (int i = 0; i < nhints; i++)
+        for (int k = 0; k < FAYT_HELD_LOCKS_MAX; k++)
+            if (__atomic_load_n(&hint_page[i]->held[k].sp_id, __ATOMIC_RELAXED))
+                return 1;
+    return 0;
+}
+
+static __attribute__((noinline, cold)) int hint_dispatch(void)
+{
+    if (in_hook || PyThread_get_thread_ident() != main_ident || locks_recorded())
+        return 0;
+    for (int i = 0; i < nhints; i++) {
+        uint32_t h = __atomic_load_n(hint_word[i], __ATOMIC_ACQUIRE);
+        if (h == hint_seen[i] || __atomic_load_n(hint_depth[i], __ATOMIC_RELAXED) != 0)
+            continue;
+        uint32_t old = hint_seen[i];
+        uint32_t *word = hint_word[i];
+        PyObject *hook = hint_hook[i];
+        hint_seen[i] = h;       /* before: a post during the dispatch is seen next time */
+        Py_INCREF(hook);
+        in_hook = 1;
+        PyObject *r = PyObject_CallNoArgs(hook);
+        in_hook = 0;
+        int ok = r ? PyObject_IsTrue(r) : -1;
+        Py_XDECREF(r);
+        Py_DECREF(hook);
+        if (ok == 0 && i < nhints && hint_word[i] == word && hint_seen[i] == h)
+            hint_seen[i] = old;     /* not dispatched: look again next time */
+        return ok < 0 ? -1 : 0;
+    }
+    return 0;
+}
+
+/* The dispatch point, once a word is registered: 0, or -1 with an
+ * exception set.  Out of line: the share-point calls only test nhints. */
+static __attribute__((noinline)) int hint_check(void)
+{
+    for (int i = 0; i < nhints; i++)
+        if (__builtin_expect(__atomic_load_n(hint_word[i], __ATOMIC_RELAXED) != hint_seen[i], 0))
+            return hint_dispatch();
+    return 0;
+}
+
+#define DISPATCH_POINT()                                                            \
+    do {                                                                            \
+        if (__builtin_expect(nhints != 0, 0) && hint_check() < 0)                   \
+            return NULL;                                                            \
+    } while (0)
 
 static PyObject *raise_errno(int err, const char *msg)
 {
@@ -245,6 +330,7 @@ static PyObject *core_lock(SharePointCore *self, PyObject *const *args, Py_ssize
 {
     int64_t timeout = -1;
     PyObject *t = nargs == 1 ? args[0] : NULL;
+    DISPATCH_POINT();
     CHECK_MAPPED(self);
     if (nargs == 0 && kwnames == NULL) {
         /* The uncontended case inline: its home record slot free, the lock free. */
@@ -291,6 +377,7 @@ static PyObject *core_lock(SharePointCore *self, PyObject *const *args, Py_ssize
 
 static PyObject *core_try_lock(SharePointCore *self, PyObject *unused)
 {
+    DISPATCH_POINT();
     CHECK_MAPPED(self);
     if (MINE(self))
         return raise_errno(EDEADLK, "share-point lock: this thread already holds it");
@@ -308,6 +395,7 @@ static PyObject *core_unlock(SharePointCore *self, PyObject *unused)
     if (release(self) == EPERM)
         return raise_errno(EPERM, "share-point unlock: the lock was already free "
                                   "(released behind this object's back)");
+    DISPATCH_POINT();       /* after the release: a handler may take this lock */
     Py_RETURN_NONE;
 }
 
@@ -360,6 +448,7 @@ static int fused_acquire(SharePointCore *self)
 
 static PyObject *core_read(SharePointCore *self, PyObject *const *args, Py_ssize_t nargs)
 {
+    DISPATCH_POINT();
     CHECK_MAPPED(self);
     if (nargs != 2)
         return raise_errno(EINVAL, "read(offset, size): two arguments");
@@ -383,6 +472,7 @@ static PyObject *core_read(SharePointCore *self, PyObject *const *args, Py_ssize
 
 static PyObject *core_write(SharePointCore *self, PyObject *const *args, Py_ssize_t nargs)
 {
+    DISPATCH_POINT();
     CHECK_MAPPED(self);
     if (nargs != 2)
         return raise_errno(EINVAL, "write(offset, data): two arguments");
@@ -404,6 +494,7 @@ static PyObject *core_write(SharePointCore *self, PyObject *const *args, Py_ssiz
 
 static PyObject *core_add(SharePointCore *self, PyObject *const *args, Py_ssize_t nargs)
 {
+    DISPATCH_POINT();
     CHECK_MAPPED(self);
     if (nargs != 2)
         return raise_errno(EINVAL, "add(offset, delta): two arguments");
@@ -437,6 +528,7 @@ static PyObject *core_view(SharePointCore *self, PyObject *unused)
 
 static PyObject *core_enter(SharePointCore *self, PyObject *unused)
 {
+    DISPATCH_POINT();
     CHECK_MAPPED(self);
     if (MINE(self))
         return raise_errno(EDEADLK, "share-point lock: this thread already holds it");
@@ -450,6 +542,7 @@ static PyObject *core_exit(SharePointCore *self, PyObject *const *args, Py_ssize
 {
     if (self->base && MINE(self))
         release(self);
+    DISPATCH_POINT();
     Py_RETURN_FALSE;
 }
 
@@ -568,16 +661,17 @@ static int addr_arg(PyObject *o, void **out)
     return 0;
 }
 
-/* notify_post(ring, index, flags, sender, payload, pidfd, signo) -> 0 or errno.
- * fayt_ring_post with FAYT_NOTIFY_NOWAIT: never waits (EAGAIN when full). */
+/* notify_post(ring, index, flags, sender, payload, pidfd, signo, hint) -> 0 or errno.
+ * fayt_ring_post with FAYT_NOTIFY_NOWAIT: never waits (EAGAIN when full);
+ * hint: the address of the target's hint word, or 0. */
 static PyObject *notify_post(PyObject *mod, PyObject *const *args, Py_ssize_t n)
 {
-    void *ring;
-    if (n != 7) {
-        PyErr_SetString(PyExc_TypeError, "notify_post takes 7 arguments");
+    void *ring, *hint;
+    if (n != 8) {
+        PyErr_SetString(PyExc_TypeError, "notify_post takes 8 arguments");
         return NULL;
     }
-    if (addr_arg(args[0], &ring) < 0)
+    if (addr_arg(args[0], &ring) < 0 || addr_arg(args[7], &hint) < 0)
         return NULL;
     long index = PyLong_AsLong(args[1]), flags = PyLong_AsLong(args[2]);
     long sender = PyLong_AsLong(args[3]), pidfd = PyLong_AsLong(args[5]);
@@ -595,7 +689,7 @@ static PyObject *notify_post(PyObject *mod, PyObject *const *args, Py_ssize_t n)
     int r = b.len > FAYT_NOTIFY_PAYLOAD_MAX ? EINVAL
           : fayt_ring_post(ring, (uint32_t)index, (uint32_t)flags | FAYT_NOTIFY_NOWAIT,
                            (uint32_t)sender, b.buf, (uint32_t)b.len, 0, (int)pidfd, (int)signo,
-                           &pos);
+                           &pos, (uint32_t *)hint);
     PyBuffer_Release(&b);
     return PyLong_FromLong(r);
 }
@@ -649,12 +743,97 @@ static PyObject *dispatch_step(PyObject *mod, PyObject *const *args, Py_ssize_t 
     return t;
 }
 
+/* hint_register(word, page, hook): make share-point calls dispatch points
+ * for a runtime (word: its fayt_notify_hint.posted, page: its context
+ * page, both addresses that stay mapped until
+ * hint_unregister(word); hook() -> bool, called on the main thread).  The
+ * first call after it looks at the rings once. */
+static PyObject *hint_register(PyObject *mod, PyObject *const *args, Py_ssize_t n)
+{
+    void *word, *page;
+    if (n != 3) {
+        PyErr_SetString(PyExc_TypeError, "hint_register takes 3 arguments");
+        return NULL;
+    }
+    if (addr_arg(args[0], &word) < 0 || addr_arg(args[1], &page) < 0)
+        return NULL;
+    if (!word || !page || !PyCallable_Check(args[2]))
+        return raise_errno(EINVAL, "hint_register(word, page, hook): two addresses, a callable");
+    int i = 0;
+    while (i < nhints && hint_word[i] != word)
+        i++;
+    if (i == HINT_MAX)
+        return raise_errno(ENOSPC, "notifications: at most 4 connections of one process "
+                                   "may have handlers");
+    Py_INCREF(args[2]);
+    PyObject *old = i < nhints ? hint_hook[i] : NULL;
+    hint_word[i] = word;
+    hint_page[i] = page;
+    hint_depth[i] = &((struct fayt_context_page *)page)->notify.depth;
+    hint_hook[i] = args[2];
+    hint_seen[i] = __atomic_load_n((uint32_t *)word, __ATOMIC_ACQUIRE) - 1;
+    if (i == nhints)
+        nhints++;
+    Py_XDECREF(old);
+    Py_RETURN_NONE;
+}
+
+/* hint_unregister(word): forget it (before its runtime unmaps it). */
+static PyObject *hint_unregister(PyObject *mod, PyObject *arg)
+{
+    void *word;
+    if (addr_arg(arg, &word) < 0)
+        return NULL;
+    for (int i = 0; i < nhints; i++) {
+        if (hint_word[i] != word)
+            continue;
+        PyObject *hook = hint_hook[i];
+        nhints--;
+        hint_word[i] = hint_word[nhints];
+        hint_depth[i] = hint_depth[nhints];
+        hint_page[i] = hint_page[nhints];
+        hint_hook[i] = hint_hook[nhints];
+        hint_seen[i] = hint_seen[nhints];
+        hint_hook[nhints] = NULL;
+        Py_DECREF(hook);
+        break;
+    }
+    Py_RETURN_NONE;
+}
+
+/* hint_reset(): forget every registration; the calling thread is the main
+ * thread and holds no lock (at exit, and in a fork child: its share-points
+ * are forgotten). */
+static PyObject *hint_reset(PyObject *mod, PyObject *unused)
+{
+    int n = nhints;
+    nhints = 0;
+    for (int i = 0; i < n; i++)
+        Py_CLEAR(hint_hook[i]);
+    main_ident = PyThread_get_thread_ident();
+    in_hook = 0;
+    Py_RETURN_NONE;
+}
+
+/* hint_state() -> (registered words, whether a lock is recorded in their pages). */
+static PyObject *hint_state(PyObject *mod, PyObject *unused)
+{
+    return Py_BuildValue("(ii)", nhints, locks_recorded());
+}
+
 static PyMethodDef module_methods[] = {
     {"set_error_factory", set_error_factory, METH_O,
      "set_error_factory(f): f(errno, message) builds the exception raised."},
     {"notify_post", (PyCFunction)(void (*)(void))notify_post, METH_FASTCALL,
-     "notify_post(ring, index, flags, sender, payload, pidfd, signo) -> 0 or errno: "
+     "notify_post(ring, index, flags, sender, payload, pidfd, signo, hint) -> 0 or errno: "
      "fayt_ring_post, never waiting (FAYT_NOTIFY_NOWAIT)."},
+    {"hint_register", (PyCFunction)(void (*)(void))hint_register, METH_FASTCALL,
+     "hint_register(word, depth, hook): share-point calls become dispatch points."},
+    {"hint_unregister", (PyCFunction)hint_unregister, METH_O, "hint_unregister(word)"},
+    {"hint_reset", (PyCFunction)hint_reset, METH_NOARGS,
+     "Forget every hint; the caller is the main thread (at exit, fork child)."},
+    {"hint_state", (PyCFunction)hint_state, METH_NOARGS,
+     "hint_state() -> (registered hint words, 1 if a lock is recorded in their pages)."},
     {"dispatch_step", (PyCFunction)(void (*)(void))dispatch_step, METH_FASTCALL,
      "dispatch_step(dispatcher, stack_rec, result, status) -> (rec, payload, index, sender): "
      "fayt_dispatch_step."},
@@ -669,6 +848,16 @@ PyMODINIT_FUNC PyInit__fastpath(void)
 {
     if (PyType_Ready(&SharePointCoreType) < 0)
         return NULL;
+    main_ident = PyThread_get_thread_ident();
+    PyObject *th = PyImport_ImportModule("threading");
+    PyObject *mt = th ? PyObject_CallMethod(th, "main_thread", NULL) : NULL;
+    PyObject *id = mt ? PyObject_GetAttrString(mt, "ident") : NULL;
+    if (id && PyLong_Check(id))
+        main_ident = PyLong_AsUnsignedLong(id);
+    Py_XDECREF(id);
+    Py_XDECREF(mt);
+    Py_XDECREF(th);
+    PyErr_Clear();
     PyObject *m = PyModule_Create(&fastpath_module);
     if (!m)
         return NULL;

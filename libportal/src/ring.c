@@ -141,7 +141,7 @@ static void ring_doorbell(struct fayt_ring_header *h, int doorbell_fd, int signo
 
 int fayt_ring_post(void *ring, uint32_t index, uint32_t flags, uint32_t sender,
                    const void *payload, uint32_t length, int64_t timeout_ns,
-                   int doorbell_fd, int signo, uint32_t *pos_out)
+                   int doorbell_fd, int signo, uint32_t *pos_out, uint32_t *hint)
 {
     struct fayt_ring_header *h = hdr(ring);
     struct fayt_ring_entry *e = entries(ring);
@@ -202,6 +202,8 @@ int fayt_ring_post(void *ring, uint32_t index, uint32_t flags, uint32_t sender,
     STORE(&x->seq, pos + 1);
     __atomic_fetch_add(&h->posted, 1, __ATOMIC_RELAXED);
     *pos_out = pos;
+    if (hint)   /* after the entry (release): a target that sees the bump sees the entry */
+        __atomic_fetch_add(hint, 1, __ATOMIC_SEQ_CST);
     FENCE();    /* the entry is visible before we read target_waiting (pairs with the wait) */
     if (LOAD(&h->armed)) {
         uint32_t w = __atomic_exchange_n(&h->target_waiting, 0, __ATOMIC_SEQ_CST);

@@ -29,6 +29,22 @@
  *   runtime handles the signal) is rung: the signal's default action would
  *   kill it.  The payload is never in the signal.
  * Every field a futex waits on is an aligned uint32_t.
+ *
+ * The pending hint (struct fayt_notify_hint): one 4 KiB POSIX shm object per
+ * target context, made by faytd when the first ring into it is made or when
+ * the target asks for it (FAYT_SYS_NOTIFY_HINT).  faytd gives its fd to
+ * every sender with its ring (the second fd of the OPEN reply).  After an
+ * entry is published, fayt_ring_post adds 1 to `posted`.  The target's
+ * share-point fast path (src/fastpath.c) reads `posted` with one load and
+ * compares it with the last value it saw: changed, it runs the runtime's
+ * dispatch before the share-point call (so the lock, read, write, add and
+ * `with` calls are dispatch points too).  The word is only a hint: dispatch
+ * reads the rings, and the rings alone say what was posted.  A sender that
+ * writes the word anything can only cause a dispatch that finds nothing
+ * (spurious) or, by writing back the value the target last saw, put off the
+ * hint of another sender's entry to the target's next dispatch point; it can
+ * never lose, forge, reorder or read a notification, which live in rings it
+ * has no access to.  The object holds nothing else.
  */
 #ifndef FAYT_NOTIFICATION_H
 #define FAYT_NOTIFICATION_H
@@ -92,6 +108,15 @@ struct fayt_ring_entry {
     int32_t status;            /* 0, or the errno of a handler that raised */
     int64_t result;            /* notification_ret's value */
     uint8_t payload[48];       /* FAYT_NOTIFY_PAYLOAD_MAX */
+} __attribute__((packed));
+
+/* The pending hint of one target context (see above): the object is
+ * FAYT_HINT_BYTES long, the struct at offset 0. */
+#define FAYT_HINT_BYTES 4096
+
+struct fayt_notify_hint {
+    uint32_t posted;           /* bumped by every post into the target (any ring) */
+    uint32_t reserved[15];
 } __attribute__((packed));
 
 /* Bytes of a ring's object: the header, then the entries. */

@@ -19,12 +19,14 @@ uint64_t fayt_ring_bytes(void);
 
 /* Sender: put one entry.  timeout_ns < 0 waits for ever for space (unless
  * FAYT_NOTIFY_NOWAIT).  doorbell_fd: a pidfd of the target (or -1: kill the
- * pid in the header).  *pos receives the entry's position.
+ * pid in the header).  *pos receives the entry's position.  hint: the
+ * target's fayt_notify_hint.posted (or NULL), bumped once the entry is
+ * published (notification.h: the pending hint).
  * Returns 0, EAGAIN (full, NOWAIT), ETIMEDOUT, EINTR (call again), ESRCH (the
  * target is dead), EINVAL (bad index, flags or length). */
 int fayt_ring_post(void *ring, uint32_t index, uint32_t flags, uint32_t sender,
                    const void *payload, uint32_t length, int64_t timeout_ns,
-                   int doorbell_fd, int signo, uint32_t *pos);
+                   int doorbell_fd, int signo, uint32_t *pos, uint32_t *hint);
 /* Sender, after a post with FAYT_NOTIFY_RETURN: wait for notification_ret.
  * Returns 0 (*result and *status hold the handler's), ETIMEDOUT (the entry is
  * abandoned: the target frees it), EINTR (call again), ESRCH (target died). */

@@ -33,14 +33,15 @@
 /* Notifications (see notification.h).  Delivery itself makes no call. */
 #define FAYT_SYS_NOTIFY_INSTALL 8   /* body fayt_notify_install: core only; writes actions[index] */
 #define FAYT_SYS_NOTIFY_REMOVE  9   /* body fayt_notify_install (cookie ignored) */
-#define FAYT_SYS_NOTIFY_OPEN    10  /* body fayt_notify_open; reply fayt_ring_reply + ring fd */
+#define FAYT_SYS_NOTIFY_OPEN    10  /* body fayt_notify_open; reply fayt_ring_reply + ring fd + the target's hint fd */
 #define FAYT_SYS_NOTIFY_FETCH   11  /* body fayt_list_req (ring ids above); reply fayt_ring_reply[n] + n fds */
 #define FAYT_SYS_NOTIFY_STACK_ALLOC 12  /* body fayt_stack_req; reply fayt_stack_reply + fd */
 #define FAYT_SYS_NOTIFY_STACK_FREE  13  /* body fayt_handle_req (the stack's handle) */
 #define FAYT_SYS_NOTIFY_PROVIDER    14  /* body fayt_notify_install: index or FAYT_NO_PROVIDER */
 #define FAYT_SYS_NOTIFY_SUBSCRIBE   15  /* body fayt_notify_subscribe: faytd's own notifications */
 #define FAYT_SYS_NOTIFY_CLOSE   16  /* body fayt_notify_open: drop this sender's ring into target */
-/* Chains and SPECIAL portals (see pager.h); 17..31 are left to notifications. */
+#define FAYT_SYS_NOTIFY_HINT    17  /* no body; reply: the fd of this context's pending-hint object */
+/* Chains and SPECIAL portals (see pager.h); 18..31 are left to notifications. */
 #define FAYT_SYS_CHAIN_JOIN     32  /* body fayt_chain_join; reply fayt_chain_join_reply + channel fd + eventfd */
 #define FAYT_SYS_CHAIN_LEAVE    33  /* body fayt_chain_leave */
 
