@@ -504,3 +504,128 @@ def test_notification_reference_pair_talks(spawn, faytd):
         if srv.poll() is None:
             srv.kill()
             srv.wait()
+
+
+# -- share-point calls are dispatch points (the pending hint) --------------------
+
+def _spin_target(body):
+    """Target code with a share-point of its own (`sp`, `sp2`) and a handler at
+    slot 1 that records the payload as an int; `body` runs after "go"."""
+    return textwrap.dedent("""
+        import uuid
+        from libportal import _fastpath
+        names = ["t-hint-%s" % uuid.uuid4().hex[:10] for _ in range(2)]
+        sp, sp2 = lp.share_create(names[0], 4096), lp.share_create(names[1], 4096)
+        got = []
+        def h(p, i, s):
+            got.append(int.from_bytes(p, "little"))
+            sp.add(8, 1)            # the handler's own use of the share-point
+        lp.install_handler(1, h)
+        print(lp.connection().context_id)
+        sys.stdin.readline()
+        """) + textwrap.dedent(body) + "sp.destroy(); sp2.destroy()\n"
+
+
+def test_notification_a_target_spinning_on_share_point_add_takes_deferred_ones(spawn):
+    """No faytd call, no poll, no doorbell: only sp.add(); every deferred
+    notification arrives, in order, none lost (more than a ring holds: the
+    sender waits for space that only the add loop's dispatch makes)."""
+    first, rest = 100, 3000
+    target = spawn(_spin_target("""
+        t = time.monotonic()
+        while time.monotonic() - t < 0.3:          # pure Python: no dispatch point
+            pass
+        print(len(got))
+        _end = time.monotonic() + %f
+        adds = 0
+        while len(got) < %d and time.monotonic() < _end:
+            sp2.add(0, 1)                          # the share-point fast path only
+            adds += 1
+        print(json.dumps({"got": got, "adds": adds, "sp": sp.read(8, 8).hex(),
+                          "hint": _fastpath.hint_state()}))
+        """ % (WAIT, first + rest)))
+    tid = int(target.expect())
+    ch = libportal.notification_channel(tid)   # faytd rings it once to fetch the new ring
+    time.sleep(0.3)
+    for k in range(first):
+        ch.send(1, k.to_bytes(4, "little"))
+    target.send("go")
+    assert target.expect() == "0"                  # deferred: not taken by pure Python
+    for k in range(first, first + rest):
+        ch.send(1, k.to_bytes(4, "little"), timeout=WAIT)
+    out = json.loads(target.expect())
+    assert out["got"] == list(range(first + rest))
+    assert int.from_bytes(bytes.fromhex(out["sp"]), "little") == first + rest
+    assert out["hint"] == [1, 0]                   # one word registered, no lock held
+    target.finish()
+
+
+def test_notification_share_point_dispatch_waits_for_the_main_threads_locks(spawn):
+    """Never dispatched while the main thread holds a share-point lock (the
+    handler takes that lock itself): at the unlock, or `with`'s exit, instead."""
+    target = spawn(_spin_target("""
+        out = []
+        for hold in ("lock", "with"):
+            if hold == "lock":
+                sp.lock()
+            else:
+                ctx = sp.__enter__()
+            print("held")
+            t = time.monotonic()
+            while time.monotonic() - t < 0.6:
+                sp2.add(0, 1)                      # a dispatch point, but sp is held
+            out.append(len(got))
+            if hold == "lock":
+                sp.unlock()                        # dispatches after the release
+            else:
+                sp.__exit__(None, None, None)
+            out.append(len(got))
+            print(json.dumps(out))
+            sys.stdin.readline()
+        print(json.dumps([got, sp.read(8, 8).hex(), _fastpath.hint_state()]))
+        """))
+    tid = int(target.expect())
+    ch = libportal.notification_channel(tid)
+    time.sleep(0.3)
+    target.send("go")
+    assert target.expect() == "held"
+    ch.send(1, (5).to_bytes(4, "little"))          # while the lock is held
+    assert json.loads(target.expect()) == [0, 1]
+    target.send("go")
+    assert target.expect() == "held"
+    ch.send(1, (6).to_bytes(4, "little"))          # inside `with sp`
+    assert json.loads(target.expect()) == [0, 1, 1, 2]
+    target.send("go")
+    got, count, hint = json.loads(target.expect())
+    assert got == [5, 6] and int.from_bytes(bytes.fromhex(count), "little") == 2
+    assert hint == [1, 0]
+    target.finish()
+
+
+def test_notification_a_target_without_handlers_registers_no_hint(spawn):
+    """No handler, no subscription: the share-point calls check nothing but a
+    count of 0, whatever senders post into the context."""
+    target = spawn("""
+        import uuid
+        from libportal import _fastpath
+        sp = lp.share_create("t-hint-%s" % uuid.uuid4().hex[:10], 4096)
+        print(lp.connection().context_id)
+        sys.stdin.readline()
+        states = {tuple(_fastpath.hint_state())}
+        with sp:
+            states.add(tuple(_fastpath.hint_state()))
+        for _ in range(10000):
+            sp.add(0, 1)
+        states.add(tuple(_fastpath.hint_state()))
+        print(json.dumps([sorted(states), sp.read(0, 8).hex()]))
+        sp.destroy()
+        """)
+    tid = int(target.expect())
+    ch = libportal.notification_channel(tid)
+    for k in range(10):
+        ch.send(1, b"x")
+    target.send("go")
+    states, count = json.loads(target.expect())
+    assert states == [[0, 0]]                      # no word registered, nothing looked at
+    assert int.from_bytes(bytes.fromhex(count), "little") == 10000
+    target.finish()
