@@ -40,7 +40,9 @@ import mmap
 import os
 import signal
 
-from libportal._abi import ffi, lib, struct_of, HANDLE_REQ, LIST_REQ
+from libportal._abi import (ffi, lib, HANDLE_REQ, LIST_REQ, NOTIFY_INSTALL as INSTALL,
+                            NOTIFY_OPEN as OPEN, RING_REPLY, STACK_REQ, STACK_REPLY,
+                            NOTIFY_SUBSCRIBE as SUBSCRIBE)
 
 from .context import Mapping
 from .frames import BackingObject, KernelError, PAGE, pages
@@ -48,12 +50,6 @@ from .policy import Policy
 
 log = logging.getLogger("faytd")
 
-INSTALL = struct_of("struct fayt_notify_install")
-OPEN = struct_of("struct fayt_notify_open")
-RING_REPLY = struct_of("struct fayt_ring_reply")
-STACK_REQ = struct_of("struct fayt_stack_req")
-STACK_REPLY = struct_of("struct fayt_stack_reply")
-SUBSCRIBE = struct_of("struct fayt_notify_subscribe")
 RING_BYTES = lib.fayt_ring_bytes()
 STACK_MAX_BYTES = 1 << 20
 DOORBELL = signal.SIGRTMIN + lib.FAYT_DOORBELL_SIGRTMIN_OFFSET

@@ -42,17 +42,13 @@ import os
 import select
 import time
 
-from libportal._abi import ffi, lib, struct_of
+from libportal._abi import (ffi, lib, CHAIN_JOIN as JOIN_REQ, CHAIN_JOIN_REPLY as JOIN_REPLY,
+                            CHAIN_LEAVE as LEAVE_REQ, PAGE_REQUEST as PAGE_REQ)
 
 from .frames import BackingObject, KernelError, PAGE
-from .policy import Policy  # noqa: F401  (rights are checked with the category)
 
 log = logging.getLogger("faytd")
 
-JOIN_REQ = struct_of("struct fayt_chain_join")
-JOIN_REPLY = struct_of("struct fayt_chain_join_reply")
-LEAVE_REQ = struct_of("struct fayt_chain_leave")
-PAGE_REQ = struct_of("struct fayt_page_request")
 
 _FLAG_WRITE = 1      # UFFD_PAGEFAULT_FLAG_WRITE
 _FLAG_WP = 2         # UFFD_PAGEFAULT_FLAG_WP

@@ -84,3 +84,17 @@ PORTAL_REQ_SIZE = ffi.sizeof("struct portal_req")
 PORTAL_REQ = struct_of("struct portal_req")
 # lock, prot, length, morphology.length (paddr[] follows)
 SHAREPOINT_META = struct_of("struct fayt_sharepoint_meta")
+
+# Notification calls (fayt/syscall.h, notification.h), for both sides.
+NOTIFY_INSTALL = struct_of("struct fayt_notify_install")
+NOTIFY_OPEN = struct_of("struct fayt_notify_open")
+RING_REPLY = struct_of("struct fayt_ring_reply")
+STACK_REQ = struct_of("struct fayt_stack_req")
+STACK_REPLY = struct_of("struct fayt_stack_reply")
+NOTIFY_SUBSCRIBE = struct_of("struct fayt_notify_subscribe")
+
+# Chain calls and page requests (fayt/pager.h), for both sides.
+CHAIN_JOIN = struct_of("struct fayt_chain_join")
+CHAIN_JOIN_REPLY = struct_of("struct fayt_chain_join_reply")
+CHAIN_LEAVE = struct_of("struct fayt_chain_leave")
+PAGE_REQUEST = struct_of("struct fayt_page_request")

@@ -72,7 +72,9 @@ import traceback
 import weakref
 
 from . import errors
-from ._abi import ffi, lib, struct_of, HANDLE_REQ, LIST_REQ, _fastpath
+from ._abi import (ffi, lib, HANDLE_REQ, LIST_REQ, _fastpath, NOTIFY_INSTALL as INSTALL,
+                   NOTIFY_OPEN as OPEN, RING_REPLY, STACK_REQ, STACK_REPLY,
+                   NOTIFY_SUBSCRIBE as SUBSCRIBE)
 from .syscall import connection as _default_connection
 
 IMMEDIATE = lib.FAYT_NOTIFY_IMMEDIATE
@@ -86,12 +88,6 @@ SP_DESTROYED = lib.FAYT_EVENT_SP_DESTROYED
 DOORBELL = signal.SIGRTMIN + lib.FAYT_DOORBELL_SIGRTMIN_OFFSET
 DEFAULT_STACKS = 4
 
-INSTALL = struct_of("struct fayt_notify_install")
-OPEN = struct_of("struct fayt_notify_open")
-RING_REPLY = struct_of("struct fayt_ring_reply")
-STACK_REQ = struct_of("struct fayt_stack_req")
-STACK_REPLY = struct_of("struct fayt_stack_reply")
-SUBSCRIBE = struct_of("struct fayt_notify_subscribe")
 _RW = lib.FAYT_PROT_READ | lib.FAYT_PROT_WRITE
 _MAIN = threading.main_thread().ident
 _NOT_RUNNING = lib.FAYT_NOTIFICATION_SLOTS   # saved.interrupted_index: no handler was

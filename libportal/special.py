@@ -37,13 +37,11 @@ import struct
 import threading
 
 from . import errors
-from ._abi import ffi, lib, struct_of, HANDLE_REQ, PORTAL_REPLY, REQ_HDR
+from ._abi import (ffi, lib, HANDLE_REQ, PORTAL_REPLY, REQ_HDR, CHAIN_JOIN as JOIN_REQ,
+                   CHAIN_JOIN_REPLY as JOIN_REPLY, CHAIN_LEAVE as LEAVE_REQ,
+                   PAGE_REQUEST as PAGE_REQ)
 from .portal import Mapping, PROT_READ, PROT_WRITE, PAGE_SIZE, encode_portal_req
 
-JOIN_REQ = struct_of("struct fayt_chain_join")
-JOIN_REPLY = struct_of("struct fayt_chain_join_reply")
-LEAVE_REQ = struct_of("struct fayt_chain_leave")
-PAGE_REQ = struct_of("struct fayt_page_request")
 _CRED = struct.Struct("3i")
 
 READ = lib.FAYT_ACCESS_READ
