@@ -98,6 +98,15 @@ class Member:
         self.backlog = []           # requests waiting for a free slot
         self.closed = False
 
+    # The channel is shared with the server, which may write anything into
+    # it: faytd finds slots with its own stride, never the header's.
+    def desc(self, slot):
+        return ffi.cast("struct fayt_page_request *",
+                        self.ch + lib.FAYT_PAGER_HEADER_SIZE + slot * self.stride)
+
+    def data(self, slot):
+        return self.ch + lib.FAYT_PAGER_HEADER_SIZE + slot * self.stride + lib.FAYT_PAGER_DESC_SIZE
+
     def close(self):
         if self.closed:
             return
@@ -416,7 +425,7 @@ class Pager:
                 self._drop_member(m, errno.EPROTO, "broke the channel protocol")
                 return
             req = m.inflight.pop(slot)
-            d = lib.fayt_pager_slot(m.ch, slot)
+            d = m.desc(slot)
             if not req.done:
                 self._answered(m, req, d, slot)
             m.free.append(slot)
@@ -442,12 +451,20 @@ class Pager:
             self._finish(req)
             lib.fayt_uffd_writeprotect(r.uffd, r.addr + req.offset, PAGE, 0)
             return
-        n = min(n, r.length - req.offset)
+        # answer_length comes from the server: bound it by the slot and the
+        # region, whole pages only.
+        n = min(n, m.run_max, r.length - req.offset)
+        n -= n % PAGE
         if n < PAGE:
             return self._fail(req, errno.ENODATA)
         wp = r.wp and req.access == lib.FAYT_ACCESS_READ
-        err = lib.fayt_uffd_copy(r.uffd, r.addr + req.offset, lib.fayt_pager_data(m.ch, slot), n,
+        err = lib.fayt_uffd_copy(r.uffd, r.addr + req.offset, m.data(slot), n,
                                  1 if wp else 0, self._copied)
+        if err and self._copied[0] == 0 and err != errno.ENOENT:
+            # Not even the faulting page went in: fail it (SIGBUS), never leave
+            # the faulting thread asleep.
+            log.warning("region %d: UFFDIO_COPY at %#x: %s", r.id, req.offset, os.strerror(err))
+            return self._fail(req, err)
         self._finish(req)
         r.fetched += self._copied[0] // PAGE
         if err:
@@ -477,7 +494,7 @@ class Pager:
         if req in m.backlog:
             m.backlog.remove(req)
         elif req.slot >= 0 and req.slot in m.inflight:
-            lib.fayt_pager_slot(m.ch, req.slot).flags |= lib.FAYT_PAGE_CANCELLED
+            m.desc(req.slot).flags |= lib.FAYT_PAGE_CANCELLED
 
     def _fail(self, req, err):
         if req.done:

@@ -494,3 +494,51 @@ def test_special_unprivileged_client_gets_user_mode_only(as_user, start):
 
 
 from test_policy import as_user, start, world_dir  # noqa: E402,F401  (fixtures)
+
+
+def _read_two_pages(chain):
+    faulthandler.disable()
+    sp = lp.portal(lp.SPECIAL, lp.PROT_READ, 16 * PAGE, chain=chain, message=b"m")
+    ok = bytes(sp.buf[0:PAGE]) == _pattern(0, PAGE) and \
+        bytes(sp.buf[PAGE:2 * PAGE]) == _pattern(PAGE, PAGE)
+    os._exit(0 if ok else 3)
+
+
+def test_special_a_servers_answer_is_bounded_by_faytd_not_by_the_channel(lp, chain_server):
+    """The channel is the server's to scribble on.  A hostile server that
+    publishes an answer by hand claiming 16 pages (and a bit) from a one-page
+    slot, after setting the header's slot stride to nonsense, supplies one
+    page: faytd finds slots with its own stride and bounds answer_length by
+    the slot and the region, whole pages only.  The next page is asked for
+    again, never filled from beyond the slot, and faytd lives on."""
+    chain = _chain()
+    L, ffi = lp._abi.lib, lp._abi.ffi
+    saved = {}
+
+    def hostile(req, log):
+        h = ffi.cast("struct fayt_pager_header *", req.server._ch)
+        if saved:
+            h.slot_stride = saved.pop("stride")
+        log.put(req.offset)
+        req.data[:PAGE] = _pattern(req.offset, PAGE)
+        d = L.fayt_pager_slot(req.server._ch, req.slot)
+        d.error = 0
+        d.answer_length = 16 * PAGE + 100
+        d.verdict = L.FAYT_PAGE_DATA
+        saved["stride"] = h.slot_stride
+        h.slot_stride = 0x7ffff000
+        head = h.ans_head
+        h.ans_ring[head % L.FAYT_PAGER_SLOTS_MAX] = req.slot
+        h.ans_head = head + 1
+        h.rung = 1
+        os.eventfd_write(req.server._efd, 1)
+        req._answered = True
+
+    srv = chain_server(hostile, chain=chain, run_max=PAGE)
+    assert _run_client(_read_two_pages, chain) == 0
+    assert srv.entries(2) == [0, PAGE]
+    conn = lp.Connection()
+    try:
+        assert isinstance(conn.list_contexts()["contexts"], list)     # faytd is alive
+    finally:
+        conn.close()
