@@ -29,7 +29,7 @@ import time
 import psutil
 
 SHARE = "demo.jobs"
-STEP_TIMEOUT = 8.0      # seconds any one expected event may take
+STEP_TIMEOUT = 20.0     # seconds any one expected event may take (a hang guard)
 
 
 class Demo:
