@@ -29,15 +29,13 @@ the server answers each with supply() (one page or a run of following pages:
 prefetch), forward() (the next server of the chain) or fail(errno).  A chain
 server may not map a SPECIAL portal of a chain it serves (EDEADLK).
 """
-import array
 import errno
 import os
 import socket
 import struct
-import threading
 
 from . import errors
-from ._abi import (ffi, lib, HANDLE_REQ, PORTAL_REPLY, REQ_HDR, CHAIN_JOIN as JOIN_REQ,
+from ._abi import (ffi, lib, HANDLE_REQ, PORTAL_REPLY, CHAIN_JOIN as JOIN_REQ,
                    CHAIN_JOIN_REPLY as JOIN_REPLY, CHAIN_LEAVE as LEAVE_REQ,
                    PAGE_REQUEST as PAGE_REQ)
 from .portal import Mapping, PROT_READ, PROT_WRITE, PAGE_SIZE, encode_portal_req
@@ -51,34 +49,7 @@ WRITE_REPORTS = lib.FAYT_CHAIN_WRITE_REPORTS
 
 def _call_fds(conn, op, body, fds):
     """conn.call() with file descriptors sent along (SCM_RIGHTS)."""
-    if os.getpid() != conn._pid:
-        raise errors.error(errno.EBADF, "this connection belongs to the parent process "
-                                        "(fork): use a new Connection")
-    with conn._lock:
-        conn._seq = seq = (conn._seq + 1) & 0xffffffff
-        msg = REQ_HDR.pack(lib.FAYT_REQ_MAGIC, op, 0, seq, threading.get_native_id())
-        try:
-            conn.sock.sendmsg([msg + body], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
-                                              array.array("i", fds))])
-            while True:
-                data, rfds, rop, rseq, err = conn._receive()
-                if rseq != seq and rseq in conn._unanswered:
-                    conn._late_failure(rop, rseq, err, data)
-                    continue
-                break
-        except OSError as e:
-            raise errors.error(errno.ECONNRESET,
-                               "faytd connection lost: %s" % (e.strerror or e)) from None
-        conn._unanswered.clear()
-    if rseq != seq or rop != op:
-        for fd in rfds:
-            os.close(fd)
-        raise errors.error(errno.EPROTO, "reply out of step with the request")
-    if err:
-        for fd in rfds:
-            os.close(fd)
-        raise errors.error(err, data.decode("utf-8", "replace"))
-    return data, rfds
+    return conn.call(op, body, send_fds=fds)
 
 
 def open_userfaultfd():

@@ -77,8 +77,9 @@ class Connection:
             raise
         self._finalizer = weakref.finalize(self, _close, self.sock, self.context_page)
 
-    def call(self, op, body=b"", flags=0):
-        """Send one request; return (reply body, [fds]) or raise its errno."""
+    def call(self, op, body=b"", flags=0, send_fds=()):
+        """Send one request (with send_fds as SCM_RIGHTS, for the calls in
+        faytd's TAKES_FDS); return (reply body, [fds]) or raise its errno."""
         if os.getpid() != self._pid:
             raise errors.error(errno.EBADF, "this connection belongs to the parent process "
                                             "(fork): use a new Connection")
@@ -86,18 +87,22 @@ class Connection:
         if rt is not None and rt.rings_in and not rt.busy:
             rt.dispatch()
         try:
-            return self._call(op, body, flags)
+            return self._call(op, body, flags, send_fds)
         finally:
             if rt is not None and rt.pending and not rt.busy:
                 rt.dispatch()
 
-    def _call(self, op, body, flags):
+    def _call(self, op, body, flags, send_fds=()):
         with self._lock:
             self._caller = threading.get_ident()
             self._seq = seq = (self._seq + 1) & 0xffffffff
             msg = REQ_HDR.pack(lib.FAYT_REQ_MAGIC, op, flags, seq, threading.get_native_id())
             try:
-                self.sock.send(msg + body if body else msg)
+                if send_fds:
+                    self.sock.sendmsg([msg + body], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                                      array.array("i", send_fds))])
+                else:
+                    self.sock.send(msg + body if body else msg)
                 if flags & lib.FAYT_REQ_NOREPLY:
                     self._unanswered.add(seq)
                     return b"", []
