@@ -231,9 +231,8 @@ size_t fayt_sp_data_offset(size_t nframes)
     return (end + 15) & ~(size_t)15;
 }
 
-uintptr_t fayt_map(int fd, size_t length, uintptr_t addr, int prot, int *err)
+uintptr_t fayt_mmap_at(uintptr_t addr, size_t length, int prot, int flags, int fd, int *err)
 {
-    int flags = MAP_SHARED;
     if (addr) {
         if (addr % FAYT_PAGE_SIZE) {
             *err = EINVAL;
@@ -254,6 +253,11 @@ uintptr_t fayt_map(int fd, size_t length, uintptr_t addr, int prot, int *err)
     }
     *err = 0;
     return (uintptr_t)p;
+}
+
+uintptr_t fayt_map(int fd, size_t length, uintptr_t addr, int prot, int *err)
+{
+    return fayt_mmap_at(addr, length, prot, MAP_SHARED, fd, err);
 }
 
 int fayt_unmap(uintptr_t addr, size_t length)

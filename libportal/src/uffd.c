@@ -35,6 +35,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "fayt/lock.h"
 #include "fayt/pager.h"
 
 #ifndef UFFD_USER_MODE_ONLY
@@ -413,19 +414,7 @@ void fayt_pager_close(void *ch)
 
 uintptr_t fayt_map_special(uint64_t length, uintptr_t addr, int prot, int *err)
 {
-    int flags = MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | (addr ? MAP_FIXED_NOREPLACE : 0);
-    void *p = mmap((void *)addr, length, prot, flags, -1, 0);
-    if (p == MAP_FAILED) {
-        *err = errno;
-        return 0;
-    }
-    if (addr && (uintptr_t)p != addr) {
-        munmap(p, length);
-        *err = EEXIST;
-        return 0;
-    }
-    *err = 0;
-    return (uintptr_t)p;
+    return fayt_mmap_at(addr, length, prot, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, err);
 }
 
 uintptr_t fayt_map_over(int fd, uint64_t length, uintptr_t addr, int prot, int *err)

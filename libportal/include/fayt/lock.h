@@ -36,6 +36,9 @@ size_t fayt_sp_data_offset(size_t nframes);
 /* mmap(2) of a whole backing object.  addr 0: anywhere; else exactly there
  * (MAP_FIXED_NOREPLACE).  Returns the address, or 0 with *err set. */
 uintptr_t fayt_map(int fd, size_t length, uintptr_t addr, int prot, int *err);
+/* mmap(2) with flags (MAP_SHARED with an fd, or MAP_PRIVATE|MAP_ANONYMOUS
+ * with fd -1), at addr exactly when addr is not 0, with the same errors. */
+uintptr_t fayt_mmap_at(uintptr_t addr, size_t length, int prot, int flags, int fd, int *err);
 int fayt_unmap(uintptr_t addr, size_t length);
 
 #endif
