@@ -72,13 +72,8 @@ class Context:
         return False
 
     def make_page(self, tag):
-        import mmap
         self.page = BackingObject(0, tag + ".ctx", PAGE, [])
-        fd = self.page.open_fd()
-        try:
-            self.page_map = mmap.mmap(fd, PAGE)
-        finally:
-            os.close(fd)
+        self.page_map = self.page.map(PAGE)
         self.page_struct = ffi.cast("struct fayt_context_page *", ffi.from_buffer(self.page_map))
         p = self.page_struct
         p.magic = lib.FAYT_CONTEXT_MAGIC

@@ -15,6 +15,7 @@ frames need not be contiguous, as on real hardware.
 """
 import array
 import errno
+import mmap
 import os
 import secrets
 
@@ -84,6 +85,14 @@ class BackingObject:
         if self.name is None:
             raise KernelError(errno.EBADF, "backing object already released")
         return posix_ipc.SharedMemory(self.name).fd
+
+    def map(self, length=None):
+        """faytd's own mmap.mmap of the object (the first `length` bytes)."""
+        fd = self.open_fd()
+        try:
+            return mmap.mmap(fd, self.length if length is None else length)
+        finally:
+            os.close(fd)
 
     def release(self):
         """Unlink the name (mappings stay valid until unmapped)."""

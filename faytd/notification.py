@@ -36,7 +36,6 @@ own uid), checked once when the pair's ring is made.
 """
 import errno
 import logging
-import mmap
 import os
 import signal
 
@@ -72,11 +71,7 @@ class Hint:
 
     def __init__(self, tag):
         self.backing = BackingObject(0, tag + ".hint", lib.FAYT_HINT_BYTES, [])
-        fd = self.backing.open_fd()
-        try:
-            self.map = mmap.mmap(fd, lib.FAYT_HINT_BYTES)
-        finally:
-            os.close(fd)
+        self.map = self.backing.map(lib.FAYT_HINT_BYTES)
         self.buf = ffi.from_buffer(self.map)
         self.word = ffi.cast("uint32_t *", ffi.addressof(
             ffi.cast("struct fayt_notify_hint *", self.buf), "posted"))
@@ -104,11 +99,7 @@ class Ring:
         self.target = target
         self.backlog = []
         self.backing = BackingObject(0, tag + ".ring", RING_BYTES, [])
-        fd = self.backing.open_fd()
-        try:
-            self.map = mmap.mmap(fd, RING_BYTES)
-        finally:
-            os.close(fd)
+        self.map = self.backing.map(RING_BYTES)
         self.ptr = ffi.from_buffer(self.map)
         lib.fayt_ring_init(self.ptr, sender.id if sender else lib.FAYT_SENDER_KERNEL,
                            target.id, target.pid)

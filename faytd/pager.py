@@ -37,7 +37,6 @@ its own fault would wait for itself.
 import errno
 import heapq
 import logging
-import mmap
 import os
 import select
 import time
@@ -85,11 +84,7 @@ class Member:
         self.stride = lib.FAYT_PAGER_DESC_SIZE + run_max
         size = lib.fayt_pager_bytes(nslots, run_max)
         self.backing = BackingObject(0, tag + ".chain", size, [])
-        fd = self.backing.open_fd()
-        try:
-            self.map = mmap.mmap(fd, size)
-        finally:
-            os.close(fd)
+        self.map = self.backing.map(size)
         self.ch = ffi.from_buffer(self.map)
         lib.fayt_pager_init(self.ch, nslots, run_max, chain.id, len(chain.members))
         self.efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)

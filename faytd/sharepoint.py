@@ -16,8 +16,6 @@ such a share-point (lazily; most are never recovered) and releases the lock
 with the owner-died bit set, waking one waiter.
 """
 import errno
-import mmap
-import os
 
 from libportal._abi import ffi, lib, SHAREPOINT_META
 
@@ -53,11 +51,7 @@ class SharePoint:
     def meta_page(self):
         """faytd's own mapping of the first page (for lock recovery)."""
         if self._meta_map is None:
-            fd = self.backing.open_fd()
-            try:
-                self._meta_map = mmap.mmap(fd, PAGE)
-            finally:
-                os.close(fd)
+            self._meta_map = self.backing.map(PAGE)
         return ffi.from_buffer(self._meta_map)
 
     def recover_lock(self):
