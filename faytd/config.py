@@ -16,6 +16,7 @@ DEFAULT = {
     "max_portal_length": "1GiB", # one portal at most (portal_req.length is an int)
     "max_sharepoints": 100000,
     "max_mappings_per_context": 65536,
+    "max_ram_per_context": None, # None: no quota but faytd's RAM; else e.g. "64MiB"
     "pager_timeout": 10,         # seconds a chain server may take over a page (chains may set theirs)
     "pager_spin_us": 0,          # faytd may spin this long for a page answer before it goes back to its loop
     "policy": {
@@ -66,6 +67,8 @@ def load(path=None, overrides=None):
             cfg[k] = v
     cfg["ram"] = parse_size(cfg["ram"], "ram")
     cfg["max_portal_length"] = parse_size(cfg["max_portal_length"], "max_portal_length")
+    if cfg["max_ram_per_context"] is not None:
+        cfg["max_ram_per_context"] = parse_size(cfg["max_ram_per_context"], "max_ram_per_context")
     mode = cfg["socket_mode"]
     cfg["socket_mode"] = int(mode, 8) if isinstance(mode, str) else int(mode)
     return cfg

@@ -24,7 +24,7 @@ PAGE_SIZE = ffi.sizeof("struct fayt_context_page")
 
 class Mapping:
     """One mapped portal of a context: its handle, and what it references."""
-    __slots__ = ("handle", "backing", "sp", "pid", "tid", "length", "prot", "type")
+    __slots__ = ("handle", "backing", "sp", "pid", "tid", "length", "prot", "type", "charged")
 
     def __init__(self, handle, type, backing, sp, pid, tid, prot):
         self.handle = handle
@@ -35,12 +35,13 @@ class Mapping:
         self.tid = tid
         self.length = backing.length
         self.prot = prot
+        self.charged = 0            # bytes of the context's RAM quota it carries
 
 
 class Context:
     __slots__ = ("id", "sock", "pid", "uid", "gid", "exe", "category", "pidfd", "page",
                  "page_map", "page_struct", "mappings", "next_handle", "connected", "alive",
-                 "registered", "tids", "notify_armed")
+                 "registered", "tids", "notify_armed", "ram")
 
     def __init__(self, cid, sock, pid, uid, gid, exe, category):
         self.id = cid
@@ -59,6 +60,7 @@ class Context:
         self.connected = True
         self.alive = True
         self.registered = False
+        self.ram = 0                # bytes of frames charged to this context's quota
         self.tids = set()           # threads already checked to belong to pid
         self.notify_armed = False   # its runtime handles the doorbell signal
 

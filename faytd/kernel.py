@@ -4,12 +4,13 @@ and the policy.
 No socket code here: the server (server.py) hands events in, the syscall
 layer (syscall.py) calls the methods that perform a request.
 """
+import errno
 import logging
 
 from libportal._abi import lib
 
 from .context import Context
-from .frames import FrameAllocator, sweep_stale
+from .frames import FrameAllocator, KernelError, sweep_stale
 from .notification import Notifications
 from .pager import Pager
 from .policy import Policy
@@ -29,6 +30,7 @@ class Kernel:
         self.sharepoints = SharePointTable(self.frames, cfg["max_sharepoints"])
         self.notifications = Notifications(self)
         self.sharepoints.on_destroy.append(self.notifications.sharepoint_destroyed)
+        self.sharepoints.on_destroy.append(self._uncharge_sharepoint)
         self.pager = Pager(self)
         self.contexts = {}
         self._next_cid = 1
@@ -107,8 +109,34 @@ class Kernel:
     def add_mapping(self, ctx, m):
         ctx.mappings[m.handle] = m
 
+    # -- the per-context RAM quota (config max_ram_per_context) ----------
+    def charge(self, ctx, nbytes):
+        """Count nbytes of new frames against ctx's quota: ENOMEM past it."""
+        limit = self.cfg.get("max_ram_per_context")
+        if limit is not None and ctx.ram + nbytes > limit:
+            raise KernelError(errno.ENOMEM, "length: %d bytes more would take this context past "
+                              "its RAM quota (%d of %d bytes in use)" % (nbytes, ctx.ram, limit))
+        ctx.ram += nbytes
+
+    def allocate_for(self, ctx, length):
+        """A new backing object of `length` bytes charged to ctx's quota."""
+        self.charge(ctx, length)
+        try:
+            return self.frames.allocate(length)
+        except BaseException:
+            ctx.ram -= length
+            raise
+
+    def _uncharge_sharepoint(self, sp):
+        if sp.charged is not None:
+            ctx, n = sp.charged
+            sp.charged = None
+            ctx.ram -= n
+
     def unmap(self, ctx, m):
         ctx.mappings.pop(m.handle, None)
+        ctx.ram -= m.charged
+        m.charged = 0
         if m.type & lib.FAYT_PORTAL_SPECIAL:
             self.pager.unmap(ctx, m)
         elif m.sp is not None:

@@ -431,10 +431,12 @@ def sys_notify_stack_alloc(k, ctx, tid, body, fds):
     if len(ctx.mappings) >= k.cfg["max_mappings_per_context"]:
         raise KernelError(errno.ENOMEM, "this context has %d mappings, the quota"
                           % len(ctx.mappings))
-    backing = k.frames.allocate(pages(size) * PAGE)
+    backing = k.allocate_for(ctx, pages(size) * PAGE)
     handle = ctx.new_handle()
-    k.add_mapping(ctx, Mapping(handle, lib.FAYT_PORTAL_ANON, backing, None, ctx.pid, tid,
-                               lib.FAYT_PROT_READ | lib.FAYT_PROT_WRITE))
+    m = Mapping(handle, lib.FAYT_PORTAL_ANON, backing, None, ctx.pid, tid,
+                lib.FAYT_PROT_READ | lib.FAYT_PROT_WRITE)
+    m.charged = backing.length
+    k.add_mapping(ctx, m)
     s = p.stacks[rec]
     s.base, s.size, s.handle, s.state = 0, size, handle, lib.FAYT_STACK_FREE
     p.notify.nstacks += 1

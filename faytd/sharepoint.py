@@ -26,7 +26,8 @@ META_SIZE = ffi.sizeof("struct fayt_sharepoint_meta")
 
 class SharePoint:
     __slots__ = ("id", "identifier", "backing", "prot", "length", "data_offset", "owner_pid",
-                 "owner_uid", "owner_alive", "captured", "destroyed", "_meta_map", "created_at")
+                 "owner_uid", "owner_alive", "captured", "destroyed", "_meta_map", "created_at",
+                 "charged")
 
     def __init__(self, sp_id, identifier, backing, prot, owner_pid, owner_uid):
         self.id = sp_id
@@ -41,6 +42,7 @@ class SharePoint:
         self.owner_alive = True
         self.captured = {}          # (context id, handle) -> (pid, tid)
         self.destroyed = False
+        self.charged = None         # (context, bytes) the creator's RAM quota carries
         self._meta_map = None
 
     def write_meta(self, paddrs):

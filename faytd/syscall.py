@@ -130,16 +130,25 @@ def sys_portal(k, ctx, tid, body, fds):
                 raise KernelError(errno.EINVAL, "length: %d; share-point %r maps %d bytes"
                                   % (length, ident.decode(), sp.backing.length))
         else:
-            sp = table.create(ident, length, prot, ctx.pid, ctx.uid)
+            k.charge(ctx, pages(length) * PAGE)
+            try:
+                sp = table.create(ident, length, prot, ctx.pid, ctx.uid)
+            except BaseException:
+                ctx.ram -= pages(length) * PAGE
+                raise
+            sp.charged = (ctx, pages(length) * PAGE)
             flags |= lib.FAYT_PORTAL_REPLY_CREATED
         table.capture(sp, (ctx.id, handle), ctx.pid, tid)
         backing, data_offset, sp_id, granted = sp.backing, sp.data_offset, sp.id, prot
     else:
         if length > k.frames.nframes * PAGE:
             raise KernelError(errno.ENOMEM, "length: %d bytes is more than faytd's RAM" % length)
-        backing = k.frames.allocate(pages(length) * PAGE)
+        backing = k.allocate_for(ctx, pages(length) * PAGE)
         sp, data_offset, sp_id, granted = None, 0, 0, prot
-    k.add_mapping(ctx, Mapping(handle, t, backing, sp, ctx.pid, tid, granted))
+    m = Mapping(handle, t, backing, sp, ctx.pid, tid, granted)
+    if sp is None:
+        m.charged = backing.length
+    k.add_mapping(ctx, m)
     reply = (PORTAL_REPLY.pack(handle, backing.length, data_offset, sp_id, len(backing.frames),
                                granted, flags)
              + PORTAL_REQ.pack(*req_fields, backing.length)      # morphology filled

@@ -350,3 +350,33 @@ def test_portal_share_attach_of_a_missing_identifier_is_not_found(lp):
     assert ei.value.errno == errno.ENOENT
     assert name in str(ei.value)
     assert name not in share_table(lp.connection())
+
+
+def test_portal_ram_quota_per_context(fresh_faytd, conn_to):
+    """max_ram_per_context: one context cannot take more than its share of
+    faytd's RAM (ANON portals and the share-points it creates count; an attach
+    does not); past it ENOMEM and nothing is created; unmap and destroy give
+    the quota back; another context has its own."""
+    d = fresh_faytd(config={"max_ram_per_context": "64KiB"})
+    c, other = conn_to(d), conn_to(d)
+    name = ident("quota")
+    a = libportal.portal(libportal.ANON, libportal.PROT_RW, 32 * 1024, connection=c)
+    sp = libportal.share_create(name, 16 * 1024, connection=c)
+    b = libportal.portal(libportal.ANON, libportal.PROT_RW, 16 * 1024, connection=c)
+    free = c.list_contexts()["free_frames"]
+    with pytest.raises(libportal.OutOfMemory) as ei:
+        libportal.portal(libportal.ANON, libportal.PROT_RW, 4096, connection=c)
+    assert ei.value.errno == errno.ENOMEM and "RAM quota" in str(ei.value)
+    with pytest.raises(libportal.OutOfMemory):
+        libportal.share_create(ident("quota2"), 4096, connection=c)
+    assert c.list_contexts()["free_frames"] == free
+    assert [s["identifier"] for s in c.list_sharepoints()] == [name]
+    att = libportal.share_attach(name, connection=other)           # not charged
+    o = libportal.portal(libportal.ANON, libportal.PROT_RW, 64 * 1024, connection=other)
+    o.unmap()
+    b.unmap()
+    libportal.portal(libportal.ANON, libportal.PROT_RW, 16 * 1024, connection=c).unmap()
+    att.unmap()
+    sp.destroy()
+    a.unmap()
+    libportal.portal(libportal.ANON, libportal.PROT_RW, 64 * 1024, connection=c).unmap()
