@@ -7,7 +7,7 @@ setup(
     description="FAYT memory portals, share-points and notifications as Linux processes",
     python_requires=">=3.10",
     packages=["libportal", "faytd", "servers"],
-    package_data={"libportal": ["include/fayt/*.h", "src/*.c"]},
+    package_data={"libportal": ["include/fayt/*.h", "src/*.c", "src/*.h"]},
     setup_requires=["cffi>=1.15"],
     install_requires=["cffi>=1.15", "posix_ipc>=1.1", "psutil>=5.9"],
     cffi_modules=["libportal/_build.py:ffibuilder"],

@@ -19,6 +19,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "deadline.h"
 #include "fayt/context.h"
 #include "fayt/lock.h"
 #include "fayt/lock_fast.h"
@@ -125,15 +126,7 @@ int fayt_sp_lock(void *base, struct fayt_context_page *ctx, uint32_t sp_id,
             try_take(l, FAYT_LOCK_HELD, &died))
             goto taken;
     }
-    if (timeout_ns >= 0) {
-        clock_gettime(CLOCK_MONOTONIC, &deadline);
-        deadline.tv_sec += timeout_ns / 1000000000;
-        deadline.tv_nsec += timeout_ns % 1000000000;
-        if (deadline.tv_nsec >= 1000000000) {
-            deadline.tv_sec++;
-            deadline.tv_nsec -= 1000000000;
-        }
-    }
+    fayt_deadline(timeout_ns, &deadline);
     for (;;) {
         /* Announce a waiter: held -> contended; a free lock is taken as
          * contended, since others may still sleep. */

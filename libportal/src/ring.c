@@ -24,6 +24,7 @@
 #include <unistd.h>
 #include <pthread.h>
 
+#include "deadline.h"
 #include "fayt/context.h"
 #include "fayt/notification.h"
 #include "fayt/ring.h"
@@ -61,19 +62,6 @@ void fayt_ring_init(void *ring, uint32_t sender, uint32_t target, int32_t target
     STORE(&h->magic, FAYT_RING_MAGIC);
 }
 
-static int deadline_of(int64_t timeout_ns, struct timespec *d)
-{
-    if (timeout_ns < 0)
-        return 0;
-    clock_gettime(CLOCK_MONOTONIC, d);
-    d->tv_sec += timeout_ns / 1000000000;
-    d->tv_nsec += timeout_ns % 1000000000;
-    if (d->tv_nsec >= 1000000000) {
-        d->tv_sec++;
-        d->tv_nsec -= 1000000000;
-    }
-    return 1;
-}
 
 /* Time left to the deadline in rel; 0 if it passed. */
 static int remaining(const struct timespec *d, struct timespec *rel)
@@ -171,7 +159,7 @@ int fayt_ring_post(void *ring, uint32_t index, uint32_t flags, uint32_t sender,
         if (flags & FAYT_NOTIFY_NOWAIT)
             return EAGAIN;
         if (!have_deadline) {
-            timed = deadline_of(timeout_ns, &deadline);
+            timed = fayt_deadline(timeout_ns, &deadline);
             have_deadline = 1;
         }
         uint32_t sp = LOAD(&h->space);
@@ -225,7 +213,7 @@ int fayt_ring_wait_return(void *ring, uint32_t pos, int64_t timeout_ns,
     struct fayt_ring_header *h = hdr(ring);
     struct fayt_ring_entry *x = &entries(ring)[pos & (FAYT_RING_ENTRIES - 1)];
     struct timespec deadline, rel;
-    int timed = deadline_of(timeout_ns, &deadline);
+    int timed = fayt_deadline(timeout_ns, &deadline);
 
     for (;;) {
         uint32_t d = LOAD(&x->done);
@@ -394,7 +382,7 @@ static int wait_futexes(void **rings, int n, const uint32_t *generation, uint32_
     if (!ready) {
         struct timespec abs, *tsp = NULL;
         if (timeout_ns >= 0) {
-            deadline_of(timeout_ns, &abs);
+            fayt_deadline(timeout_ns, &abs);
             tsp = &abs;
         }
         long k = syscall(SYS_futex_waitv, w, n + 1, 0, tsp, CLOCK_MONOTONIC);

@@ -35,6 +35,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "deadline.h"
 #include "fayt/lock.h"
 #include "fayt/pager.h"
 
@@ -316,15 +317,7 @@ int fayt_pager_take(void *ch, int64_t timeout_ns, int64_t spin_ns)
 {
     struct fayt_pager_header *h = hdr(ch);
     struct timespec deadline, now, rel;
-    if (timeout_ns >= 0) {
-        clock_gettime(CLOCK_MONOTONIC, &deadline);
-        deadline.tv_sec += timeout_ns / 1000000000;
-        deadline.tv_nsec += timeout_ns % 1000000000;
-        if (deadline.tv_nsec >= 1000000000) {
-            deadline.tv_sec++;
-            deadline.tv_nsec -= 1000000000;
-        }
-    }
+    fayt_deadline(timeout_ns, &deadline);
     int64_t spin_until = spin_ns > 0 ? now_ns() + spin_ns : 0;
     for (;;) {
         uint32_t tail = h->req_tail;
