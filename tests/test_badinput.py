@@ -11,9 +11,8 @@ REQ_HDR + body, exactly what a C client would write.  A client that breaks
 the protocol (bad magic, short or oversized message, replies it never reads)
 is disconnected; the others go on.
 
-The daemons here are private to this module (started like faytd_proc.Faytd,
-but logging to a file): faytd logs a line per connection with -v, and a
-stderr pipe nobody drains would stop it after ~64 KiB of log.
+The daemons here are private to this module (faytd.launch.Faytd, whose log
+goes to a file: this module makes thousands of connections, each logged).
 """
 import array
 import errno
@@ -35,7 +34,7 @@ from collections import Counter
 import pytest
 
 import libportal
-from faytd.launch import STARTED
+from faytd.launch import Faytd
 from libportal._abi import (ffi, lib, REQ_HDR, REP_HDR, HANDLE_REQ, LIST_REQ, PORTAL_REPLY,
                             PORTAL_REQ_SIZE)
 from libportal.portal import encode_portal_req
@@ -254,43 +253,9 @@ def destroy_if_exists(path, identifier):
         c.close()
 
 
-class Daemon:
-    """A real faytd (python -m faytd) whose log goes to a file: .socket, .proc,
-    .env(), .stop() -> the log."""
-
-    def __init__(self, directory, config=None, ram=None):
-        os.makedirs(directory, exist_ok=True)
-        self.socket = os.path.join(directory, "faytd.sock")
-        self.log = os.path.join(directory, "faytd.log")
-        args = [sys.executable, "-m", "faytd", "--socket", self.socket, "-v"]
-        if config is not None:
-            path = os.path.join(directory, "faytd.json")
-            with open(path, "w") as f:
-                json.dump(config, f)
-            args += ["--config", path]
-        if ram:
-            args += ["--ram", str(ram)]
-        with open(self.log, "w") as logf:
-            self.proc = subprocess.Popen(args, stderr=logf)
-        STARTED.append(self.proc.pid)       # judged by conftest's /dev/shm leak check
-        deadline = time.monotonic() + 15
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError("faytd exited with %s:\n%s" % (self.proc.returncode,
-                                                                  self.read_log()))
-            try:
-                Raw(self.socket, hello=False, timeout=1).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    self.proc.kill()
-                    raise RuntimeError("faytd did not listen on %s" % self.socket)
-                time.sleep(0.02)
-
-    def env(self):
-        e = dict(os.environ)
-        e["FAYT_SOCKET"] = self.socket
-        return e
+class Daemon(Faytd):
+    """faytd.launch's real faytd (log in a file: .socket, .proc, .env(),
+    .stop() -> the log), plus read_log(); stopping forgets its observer."""
 
     def read_log(self):
         with open(self.log) as f:
@@ -298,15 +263,7 @@ class Daemon:
 
     def stop(self):
         _observers.pop(self.socket, None)
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-            raise RuntimeError("faytd did not stop on SIGTERM:\n" + self.read_log()[-4000:])
-        return self.read_log()
+        return super().stop()
 
 
 def _stop_clean(d):
