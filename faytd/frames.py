@@ -124,7 +124,7 @@ class FrameAllocator:
         self._next_oid = 1
         # Work kept off the reply path: objects to unlink, and a few fresh
         # one-frame objects made ahead (a new POSIX shm object is all zeros,
-        # like a scrubbed frame), both handled by idle_work() after a reply.
+        # like a scrubbed frame), both done by idle_work() when no request waits.
         self._to_release = []
         self._pool = []
         self.pool_target = 16
@@ -190,14 +190,19 @@ class FrameAllocator:
             self._to_release.append(obj)
             self.objects.pop(obj.id, None)
 
+    def has_idle_work(self):
+        return bool(self._to_release) or len(self._pool) < self.pool_target
+
     def idle_work(self):
-        """Unlink released objects; top the pool up by one.  Called after a reply."""
+        """One step of the work kept off the reply path: unlink one released
+        object, or make one fresh object for the pool.  The server calls it
+        only when no request is waiting, one step at a time."""
         if self._to_release:
-            for obj in self._to_release:
-                obj.release()
-            self._to_release.clear()
-        if len(self._pool) < self.pool_target:
-            self._pool.append(BackingObject(0, self.tag, PAGE, []))
+            self._to_release.pop().release()
+        elif len(self._pool) < self.pool_target:
+            obj = BackingObject(0, self.tag, PAGE, [])
+            os.pwrite(obj._fd, b"\0", 0)   # its page now, not on a create's reply path
+            self._pool.append(obj)
 
     def release_all(self):
         for obj in list(self.objects.values()) + self._to_release + self._pool:

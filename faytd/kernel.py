@@ -34,6 +34,7 @@ class Kernel:
         self.pager = Pager(self)
         self.contexts = {}
         self._next_cid = 1
+        self.server = None          # the Server, once it runs (watch_fd, catch_up)
 
     # -- contexts -------------------------------------------------------
     def new_context(self, sock, pid, uid, gid, exe):
@@ -104,6 +105,12 @@ class Kernel:
             sp.recover_lock()
             if sp.destroyed:
                 sp.close_meta()
+
+    def catch_up(self, ctx):
+        """Perform what other connections already sent (Server.catch_up):
+        for answers that a not-yet-performed unmap or destroy would change."""
+        if self.server is not None:
+            self.server.catch_up(ctx)
 
     # -- mappings -------------------------------------------------------
     def add_mapping(self, ctx, m):

@@ -594,6 +594,8 @@ def portal_special(k, ctx, tid, t, prot, length, addr, chain, message, fds, iden
     pager = k.pager
     sh, made = None, False
     if share:
+        if ident in pager.shares or ident in k.sharepoints.by_name:
+            k.catch_up(ctx)         # a destroy already sent by another process comes first
         sh = pager.shares.get(ident)
         if create and sh is not None:
             raise KernelError(errno.EEXIST, "share.identifier: special share-point %r exists"

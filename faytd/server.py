@@ -36,6 +36,7 @@ _MAX_IN_FDS = 4
 _MSG_MAX = lib.FAYT_MSG_MAX
 _CMSG_SPACE = socket.CMSG_SPACE(_MAX_IN_FDS * 4)
 _NOREPLY = lib.FAYT_REQ_NOREPLY
+_NOREPLY_OPS = (lib.FAYT_SYS_UNMAP, lib.FAYT_SYS_UNMAP_DESTROY)
 _TRUNC = int(socket.MSG_TRUNC | socket.MSG_CTRUNC)
 _SOL_SOCKET, _SCM_RIGHTS = int(socket.SOL_SOCKET), int(socket.SCM_RIGHTS)
 
@@ -48,6 +49,8 @@ class Server:
         self.ep = select.epoll()
         self.watch = {}                 # fd -> (kind, object)
         self.stopping = False
+        self._catching_up = False
+        self._read_one = False
         self.listener = self._listen(path, mode)
         self._watch(self.listener.fileno(), "accept", None)
         self._wake_r, self._wake_w = socket.socketpair()
@@ -110,44 +113,92 @@ class Server:
         log.info("faytd listening on %s (ram %d MiB)", self.path, self.k.frames.nframes * 4 // 1024)
         try:
             watch = self.watch
+            frames, poll = self.k.frames, self.ep.poll
             while not self.stopping:
-                for fd, ev in self.ep.poll():
+                events = poll(0)
+                if not events:
+                    # Nothing waits: one step of the frame allocator's deferred
+                    # work (unlinks, fresh pool objects), then look again.
+                    if frames.has_idle_work():
+                        try:
+                            frames.idle_work()
+                        except Exception as e:      # e.g. out of files: the pool waits
+                            log.warning("idle work: %s", e)
+                            events = poll()
+                        else:
+                            continue
+                    else:
+                        events = poll()
+                for fd, ev in events:
                     kind, obj = watch.get(fd, (None, None))
-                    try:
-                        if kind == "client":
-                            self._on_client(obj)
-                        elif kind == "pidfd":
-                            self._on_death(obj)
-                        elif kind == "accept":
-                            self._accept()
-                        elif kind == "callback":
-                            obj(fd, ev)
-                    except Exception:
-                        # A bug must cost one client, never faytd.
-                        log.error("event %s on fd %d raised:\n%s", kind, fd, traceback.format_exc())
-                        if kind == "callback":
-                            self._unwatch_fd(fd)
-                        elif obj is not None:
-                            self._drop_conn(obj)
-                            self._unwatch_pidfd(obj)
-                            try:
-                                self.k.drop_mappings(obj)
-                            finally:
-                                self.k.forget(obj)
+                    self._event(fd, ev, kind, obj)
                     if kind == "signal":
                         try:
                             self._wake_r.recv(4096)
                         except BlockingIOError:
                             pass
-                try:
-                    self.k.frames.idle_work()
-                except Exception as e:      # e.g. out of files: the pool waits
-                    log.warning("idle work: %s", e)
         finally:
             signal.set_wakeup_fd(old_fd)
             for sig, h in prev.items():
                 signal.signal(sig, h)
             self.close()
+
+    def _event(self, fd, ev, kind, obj):
+        try:
+            if kind == "client":
+                self._on_client(obj)
+            elif kind == "pidfd":
+                self._on_death(obj)
+            elif kind == "accept":
+                self._accept()
+            elif kind == "callback":
+                obj(fd, ev)
+        except Exception:
+            # A bug must cost one client, never faytd.
+            log.error("event %s on fd %d raised:\n%s", kind, fd, traceback.format_exc())
+            if kind == "callback":
+                self._unwatch_fd(fd)
+            elif obj is not None:
+                self._drop_conn(obj)
+                self._unwatch_pidfd(obj)
+                try:
+                    self.k.drop_mappings(obj)
+                finally:
+                    self.k.forget(obj)
+
+    def catch_up(self, current):
+        """Perform every request other connections have already sent, before
+        the request of `current` that is being performed now is answered.
+
+        Calls sent with FAYT_REQ_NOREPLY (unmap, destroy) return before faytd
+        has performed them.  A process that destroyed a share-point and then
+        told another process so (a pipe, shared memory, a notification) must
+        not have that process see the share-point still there: its message
+        was queued on its connection before the other process could even
+        send its request, so performing what is queued before answering keeps
+        the order a kernel would give.  The share-point calls whose answer
+        depends on such calls (an identifier that exists, the list) call this.
+        Requests of one connection are still performed in order; this never
+        nests, and `current`'s own later requests wait their turn."""
+        if self._catching_up:
+            return
+        self._catching_up = True
+        try:
+            for fd, ev in self.ep.poll(0):
+                kind, obj = self.watch.get(fd, (None, None))
+                if kind != "client" or obj is current:
+                    continue
+                while obj.sock is not None and obj.sock.fileno() == fd:
+                    if not self._guarded_client(fd, ev, obj):
+                        break
+        finally:
+            self._catching_up = False
+
+    def _guarded_client(self, fd, ev, ctx):
+        """One request of ctx, with _event's protection; False when none was queued."""
+        self._read_one = False
+        self._event(fd, ev, "client", ctx)
+        return self._read_one
 
     def _on_signal(self, signum, frame):
         log.info("%s, shutting down", signal.Signals(signum).name)
@@ -235,6 +286,7 @@ class Server:
             return
         except OSError as e:
             return self._disconnect(ctx, "recv: %s" % e)
+        self._read_one = bool(data)
         fds = []
         for level, kind, cdata in anc:
             if level == _SOL_SOCKET and kind == _SCM_RIGHTS:
@@ -271,8 +323,9 @@ class Server:
         """None if the header flags are valid for op, else the KernelError."""
         if flags & ~_NOREPLY:
             return KernelError(errno.EINVAL, "flags: unknown bits %#x" % (flags & ~_NOREPLY))
-        if op != lib.FAYT_SYS_UNMAP:
-            return KernelError(errno.EINVAL, "flags: FAYT_REQ_NOREPLY is for UNMAP only")
+        if op not in _NOREPLY_OPS:
+            return KernelError(errno.EINVAL, "flags: FAYT_REQ_NOREPLY is for UNMAP and "
+                                             "UNMAP_DESTROY only")
         return None
 
     def _perform(self, ctx, op, tid, body, fds):

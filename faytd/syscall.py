@@ -121,6 +121,8 @@ def sys_portal(k, ctx, tid, body, fds):
     flags = 0
     if t & SHARE:
         table = k.sharepoints
+        if ident in table.by_name:
+            k.catch_up(ctx)         # a destroy already sent by another process comes first
         if attach:
             sp = table.lookup(ident)
             if prot & ~sp.prot:
@@ -241,6 +243,7 @@ _REPLY_BUDGET = lib.FAYT_MSG_MAX - 1024
 
 def sys_list_share(k, ctx, tid, body, fds):
     after = _list_after(body)
+    k.catch_up(ctx)
     items = ({"id": sp.id, "identifier": sp.identifier.decode("utf-8", "replace"),
               "size": sp.length, "mapped_bytes": sp.backing.length, "prot": sp.prot,
               "owner": sp.owner_pid, "owner_alive": sp.owner_alive,

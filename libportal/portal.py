@@ -161,9 +161,21 @@ class SharePoint(_fastpath.SharePointCore, Mapping):
         self.identifier = identifier
 
     def destroy(self):
-        """Destroy the share-point (owner or core only) and unmap it here."""
+        """Destroy the share-point (owner or core only) and unmap it here.
+
+        When faytd cannot refuse it (this mapping created the share-point, so
+        this process owns it, or the context is core) the call is sent with
+        FAYT_REQ_NOREPLY, like unmap(): it costs no round trip, and faytd
+        still performs it before anything that could observe it: this
+        connection's later calls, and any other process's create, attach or
+        list of a name that still exists (faytd first performs what every
+        connection has already sent).  Otherwise it waits for faytd's answer,
+        so that EPERM is raised here and the mapping is kept."""
         self._check()
-        self._release(lib.FAYT_SYS_UNMAP_DESTROY)
+        if self.created or self.connection.category == lib.FAYT_CATEGORY_CORE:
+            self._release(lib.FAYT_SYS_UNMAP_DESTROY, lib.FAYT_REQ_NOREPLY)
+        else:
+            self._release(lib.FAYT_SYS_UNMAP_DESTROY)
 
     def __getstate__(self):
         raise TypeError("a SharePoint cannot be pickled: attach it by identifier")

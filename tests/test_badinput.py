@@ -734,9 +734,9 @@ def test_badinput_header_flags_unknown_bits(daemon):
 
 
 def test_badinput_noreply_flag(daemon):
-    """FAYT_REQ_NOREPLY (syscall.h: "UNMAP only: do not answer unless it
-    fails"): a successful UNMAP is not answered, a failed one is, and the
-    flag on another call is EINVAL."""
+    """FAYT_REQ_NOREPLY (syscall.h: "UNMAP, UNMAP_DESTROY: do not answer
+    unless it fails"): a successful UNMAP is not answered, a failed one (and
+    a failed UNMAP_DESTROY) is, and the flag on another call is EINVAL."""
     before = state(daemon.socket)
     with Raw(daemon.socket) as r:
         rep = r.call(lib.FAYT_SYS_PORTAL, encode_portal_req(ANON, RW, PAGE))
@@ -752,6 +752,10 @@ def test_badinput_noreply_flag(daemon):
         seq = r.send(lib.FAYT_SYS_UNMAP, HANDLE_REQ.pack(handle), flags=lib.FAYT_REQ_NOREPLY)
         rep = r.recv()
         assert (rep.op, rep.seq, rep.err) == (lib.FAYT_SYS_UNMAP, seq, errno.EBADF)
+        seq = r.send(lib.FAYT_SYS_UNMAP_DESTROY, HANDLE_REQ.pack(handle),
+                     flags=lib.FAYT_REQ_NOREPLY)
+        rep = r.recv()
+        assert (rep.op, rep.seq, rep.err) == (lib.FAYT_SYS_UNMAP_DESTROY, seq, errno.EBADF)
         rep = r.call(lib.FAYT_SYS_LIST_SHARE, flags=lib.FAYT_REQ_NOREPLY)
         assert rep.err == errno.EINVAL
     assert state(daemon.socket) == before

@@ -643,6 +643,73 @@ def test_sharepoint_destroy_refuses_new_attaches_but_mappers_keep_their_data(lp,
     again.destroy()
 
 
+def test_sharepoint_destroy_is_not_answered_but_comes_before_what_it_caused(
+        fresh_faytd, conn_to, spawn):
+    """destroy() by the owner is sent with FAYT_REQ_NOREPLY (no round trip).
+    A process told of the destroy must still find the name gone, even when
+    faytd reads its create before the destroy: faytd performs what other
+    connections already sent before answering for a name that exists.
+
+    Made deterministic with SIGSTOP: while faytd is stopped, this process
+    queues an unmap and then two destroys (NOREPLY calls) and only then tells
+    the children, whose create/attach/list are queued after.  epoll reports
+    this connection first, but faytd reads one request per connection per
+    turn: without the catch-up it would perform the unmap, then the
+    children's calls, and only then the destroys."""
+    d = fresh_faytd()
+    me = conn_to(d)
+    for attempt in range(3):
+        recreated, vanished = "again-%d" % attempt, "gone-%d" % attempt
+        sps = [libportal.share_create(n, 4096, connection=me) for n in (recreated, vanished)]
+        for sp in sps:
+            sp.write(0, b"old")
+        other = libportal.portal(libportal.ANON, libportal.PROT_RW, 4096, connection=me)
+        creator = spawn("""
+            c = lp.Connection()
+            print("ready", flush=True)
+            sys.stdin.readline()
+            print("calling", flush=True)
+            try:
+                sp = lp.share_create(%r, 4096, connection=c)
+                print("created", sp.read(0, 3))
+                sp.destroy()
+            except OSError as e:
+                print("failed", errno.errorcode.get(e.errno), e)
+            """ % recreated, env=d.env())
+        attacher = spawn("""
+            c = lp.Connection()
+            print("ready", flush=True)
+            sys.stdin.readline()
+            print("calling", flush=True)
+            try:
+                lp.share_attach(%r, connection=c)
+                print("attached")
+            except lp.NotFound as e:
+                print("gone", errno.errorcode.get(e.errno))
+            print(sorted(s["identifier"] for s in c.list_sharepoints()))
+            """ % vanished, env=d.env())
+        assert creator.expect() == "ready" and attacher.expect() == "ready"
+        os.kill(d.proc.pid, signal.SIGSTOP)
+        try:
+            other.unmap()
+            for sp in sps:
+                sp.destroy()                # returns with faytd stopped: nothing waited
+                assert not sp.mapped
+            attacher.send("go")
+            assert attacher.expect() == "calling"
+            creator.send("go")
+            assert creator.expect() == "calling"
+            time.sleep(0.3)                 # their requests are in faytd's queues
+        finally:
+            os.kill(d.proc.pid, signal.SIGCONT)
+        assert creator.expect() == "created %r" % bytes(3)
+        assert attacher.expect() == "gone ENOENT"
+        assert vanished not in attacher.expect()
+        creator.finish()
+        attacher.finish()
+    assert me.list_sharepoints() == []
+
+
 POLICY_GID = 4242
 POLICY = {"policy": {
     "categories": {"core": {"classes": ["SHARE", "DIRECT", "ANON", "COW", "SPECIAL"],

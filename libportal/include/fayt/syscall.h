@@ -46,7 +46,7 @@
 #define FAYT_SYS_CHAIN_LEAVE    33  /* body fayt_chain_leave */
 
 /* fayt_req_hdr.flags */
-#define FAYT_REQ_NOREPLY 0x1        /* UNMAP only: do not answer unless it fails */
+#define FAYT_REQ_NOREPLY 0x1        /* UNMAP, UNMAP_DESTROY: do not answer unless it fails */
 
 struct fayt_req_hdr {
     uint32_t magic;
