@@ -57,8 +57,9 @@ def open_userfaultfd():
     caps = ffi.new("uint32_t *")
     fd = lib.fayt_uffd_open(caps)
     if fd == -errno.ENOSYS:
-        raise errors.error(errno.ENOSYS, "SPECIAL: this kernel has no userfaultfd(2) "
-                           "(CONFIG_USERFAULTFD is off)")
+        raise errors.error(errno.ENOSYS, "SPECIAL: userfaultfd(2) is not available: ENOSYS "
+                           "(a kernel built without CONFIG_USERFAULTFD, or a seccomp filter "
+                           "that hides it)")
     if fd in (-errno.EPERM, -errno.EACCES):
         raise errors.error(errno.EPERM, "SPECIAL: userfaultfd(2) refused, even with "
                            "UFFD_USER_MODE_ONLY (seccomp, or a kernel older than 5.11 with "

@@ -493,6 +493,80 @@ def test_special_unprivileged_client_gets_user_mode_only(as_user, start):
         srv.close()
 
 
+# userfaultfd(2)'s number and the seccomp audit arch, per machine.
+_UFFD_SYSCALL = {"x86_64": (323, 0xC000003E), "aarch64": (282, 0xC00000B7)}
+
+
+def _deny_userfaultfd(err):
+    """From now on userfaultfd(2) fails with `err` in this process: a seccomp
+    filter, as container runtimes install (Docker's default profile answers
+    EPERM), or as a kernel without CONFIG_USERFAULTFD answers ENOSYS."""
+    import ctypes
+    import platform
+    nr, arch = _UFFD_SYSCALL[platform.machine()]
+
+    class Insn(ctypes.Structure):
+        _fields_ = [("code", ctypes.c_ushort), ("jt", ctypes.c_ubyte),
+                    ("jf", ctypes.c_ubyte), ("k", ctypes.c_uint)]
+
+    class Prog(ctypes.Structure):
+        _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.POINTER(Insn))]
+
+    ld_abs, jeq, ret = 0x20, 0x15, 0x06                      # BPF_LD|W|ABS, JMP|JEQ|K, RET|K
+    insns = (Insn * 6)(Insn(ld_abs, 0, 0, 4),                # seccomp_data.arch
+                       Insn(jeq, 0, 3, arch),                # another arch: allow
+                       Insn(ld_abs, 0, 0, 0),                # seccomp_data.nr
+                       Insn(jeq, 0, 1, nr),
+                       Insn(ret, 0, 0, 0x00050000 | err),    # SECCOMP_RET_ERRNO | err
+                       Insn(ret, 0, 0, 0x7fff0000))          # SECCOMP_RET_ALLOW
+    prog = Prog(6, insns)
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(38, 1, 0, 0, 0) or libc.prctl(22, 2, ctypes.byref(prog), 0, 0):
+        raise OSError(ctypes.get_errno(), "prctl: cannot install the seccomp filter")
+
+
+def _special_without_uffd(chain, err, out):
+    try:
+        sp = lp.portal(lp.SPECIAL, lp.PROT_READ, 2 * PAGE, chain=chain, message=b"m")
+        before = sp.read(PAGE, 16) == _pattern(PAGE, 16)
+        sp.unmap()
+        _deny_userfaultfd(err)
+        try:
+            lp.portal(lp.SPECIAL, lp.PROT_READ, 2 * PAGE, chain=chain, message=b"m")
+            out.put(("no error", before))
+        except OSError as e:
+            me = [c for c in lp.connection().list_contexts()["contexts"]
+                  if c["pid"] == os.getpid()]
+            out.put((type(e).__name__, before, e.errno, str(e), [c["mappings"] for c in me]))
+    except BaseException as e:
+        out.put(("child failed", repr(e)))
+    out.close()
+    out.join_thread()           # the queue's feeder thread has sent it: os._exit is next
+    os._exit(0)
+
+
+@pytest.mark.parametrize("err", [errno.ENOSYS, errno.EPERM, errno.EACCES],
+                         ids=["ENOSYS", "EPERM", "EACCES"])
+def test_special_without_userfaultfd_is_a_clear_enosys_or_eperm(lp, chain_server, err):
+    """No userfaultfd (a kernel without it, a seccomp filter): the SPECIAL
+    portal fails with ENOSYS or EPERM and a message naming the cause, and
+    nothing is created.  The same call works in the same process before."""
+    import platform
+    if platform.machine() not in _UFFD_SYSCALL:
+        pytest.skip("no seccomp filter written for %s: userfaultfd's syscall number "
+                    "is known here for %s only" % (platform.machine(), sorted(_UFFD_SYSCALL)))
+    chain = _chain()
+    chain_server(chain=chain)
+    out = CTX.Queue()
+    assert _run_client(_special_without_uffd, chain, err, out) == 0
+    got = out.get(timeout=WAIT)
+    want = errno.ENOSYS if err == errno.ENOSYS else errno.EPERM
+    assert got[:3] == ("NotImplementedClass" if want == errno.ENOSYS else "PermissionDenied",
+                       True, want), got
+    assert "userfaultfd" in got[3] and ("seccomp" in got[3]), got[3]
+    assert got[4] == [0], "the refused call left a mapping in faytd: %r" % (got,)
+
+
 from test_policy import as_user, start, world_dir  # noqa: E402,F401  (fixtures)
 
 
