@@ -41,7 +41,7 @@ class Mapping:
 class Context:
     __slots__ = ("id", "sock", "pid", "uid", "gid", "exe", "category", "pidfd", "page",
                  "page_map", "page_struct", "mappings", "next_handle", "connected", "alive",
-                 "registered", "tids", "notify_armed", "ram")
+                 "registered", "tids", "notify_armed", "ram", "start")
 
     def __init__(self, cid, sock, pid, uid, gid, exe, category):
         self.id = cid
@@ -63,6 +63,7 @@ class Context:
         self.ram = 0                # bytes of frames charged to this context's quota
         self.tids = set()           # threads already checked to belong to pid
         self.notify_armed = False   # its runtime handles the doorbell signal
+        self.start = None           # the process's start time (journal.start_time)
 
     def check_tid(self, tid):
         """Whether tid is a thread of this context's process (cached once seen)."""
@@ -74,15 +75,20 @@ class Context:
         return False
 
     def make_page(self, tag):
-        self.page = BackingObject(0, tag + ".ctx", PAGE, [])
-        self.page_map = self.page.map(PAGE)
-        self.page_struct = ffi.cast("struct fayt_context_page *", ffi.from_buffer(self.page_map))
+        self.adopt_page(BackingObject(0, tag + ".ctx", PAGE, []))
         p = self.page_struct
         p.magic = lib.FAYT_CONTEXT_MAGIC
         p.version = lib.FAYT_CONTEXT_VERSION
         p.pid = self.pid
         p.context_id = self.id
         p.notify.provider = lib.FAYT_NO_PROVIDER
+        self.registered = True
+
+    def adopt_page(self, obj):
+        """Use obj as the context page (a new one, or one a journal names)."""
+        self.page = obj
+        self.page_map = obj.map(PAGE)
+        self.page_struct = ffi.cast("struct fayt_context_page *", ffi.from_buffer(self.page_map))
         self.registered = True
 
     def new_handle(self):

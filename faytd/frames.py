@@ -68,6 +68,25 @@ class BackingObject:
             raise KernelError(errno.EEXIST, "could not name a backing object")
         self._fd = shm.fd
 
+    @classmethod
+    def adopt(cls, oid, name, length, frames):
+        """The existing object `name` (a restarted faytd's journal names it);
+        KernelError ENOENT if it is gone or EINVAL if its size is not `length`."""
+        obj = cls.__new__(cls)
+        obj.id, obj.name, obj.length, obj.frames, obj._fd = oid, name, length, frames, -1
+        try:
+            fd = posix_ipc.SharedMemory(name).fd
+        except posix_ipc.ExistentialError:
+            raise KernelError(errno.ENOENT, "object %s is gone" % name) from None
+        try:
+            size = os.fstat(fd).st_size
+        finally:
+            os.close(fd)
+        if size != length:
+            raise KernelError(errno.EINVAL, "object %s has %d bytes, the journal says %d"
+                              % (name, size, length))
+        return obj
+
     def write(self, offset, data):
         """pwrite(2) into the object (keeps the creation descriptor if any)."""
         fd = self._fd if self._fd >= 0 else self.open_fd()
@@ -171,6 +190,29 @@ class FrameAllocator:
             self.offset[f] = i
         return obj
 
+    def adopt(self, name, length, frames):
+        """Take back an object and its frames from the journal (restart):
+        each frame referenced once, as allocate() leaves them."""
+        frames = array.array("I", frames)
+        if len(frames) * PAGE != length or any(f >= self.nframes or self.refcount[f]
+                                               for f in frames):
+            raise KernelError(errno.EINVAL, "frames %s do not fit this RAM (%d frames) or are "
+                              "taken twice" % (list(frames[:8]), self.nframes))
+        obj = BackingObject.adopt(self._next_oid, name, length, frames)
+        self._next_oid += 1
+        self.objects[obj.id] = obj
+        for i, f in enumerate(frames):
+            self.refcount[f] = 1
+            self.owner[f] = obj.id
+            self.offset[f] = i
+        self._next = max(self._next, max(frames) + 1)
+        return obj
+
+    def adopted(self):
+        """After the last adopt(): the frames below the highest adopted one
+        that no object took are free."""
+        self._free = array.array("I", [f for f in range(self._next) if not self.refcount[f]])
+
     def get(self, obj):
         """One more reference to every frame of obj."""
         for f in obj.frames:
@@ -212,9 +254,10 @@ class FrameAllocator:
         self._pool.clear()
 
 
-def sweep_stale(alive=None):
-    """Unlink backing objects left by a faytd that died (its pid no longer runs).
-    Names are /fayt.<pid>.<random>; returns how many were removed."""
+def sweep_stale(keep=()):
+    """Unlink backing objects left by a faytd that died (its pid no longer runs),
+    but those named in `keep` (the journal's).  Names are /fayt.<pid>.<random>;
+    returns how many were removed."""
     removed = 0
     try:
         names = os.listdir("/dev/shm")
@@ -227,7 +270,7 @@ def sweep_stale(alive=None):
         if len(parts) < 3 or not parts[1].isdigit():
             continue
         pid = int(parts[1])
-        if pid == os.getpid() or _pid_alive(pid):
+        if pid == os.getpid() or _pid_alive(pid) or "/" + n in keep:
             continue
         try:
             posix_ipc.unlink_shared_memory("/" + n)

@@ -6,11 +6,13 @@ layer (syscall.py) calls the methods that perform a request.
 """
 import errno
 import logging
+import os
 
 from libportal._abi import lib
 
 from .context import Context
-from .frames import FrameAllocator, KernelError, sweep_stale
+from .frames import PAGE, BackingObject, FrameAllocator, KernelError, sweep_stale
+from .journal import Journal, alive, start_time
 from .notification import Notifications
 from .pager import Pager
 from .policy import Policy
@@ -23,7 +25,10 @@ class Kernel:
     def __init__(self, cfg, owner_uid, tag=None):
         self.cfg = cfg
         self.policy = Policy(cfg["policy"], owner_uid)
-        swept = sweep_stale()
+        state_dir = cfg.get("state_dir")
+        self.journal = Journal(state_dir) if state_dir else None
+        sps, ctxs = self.journal.load() if self.journal else ([], [])
+        swept = sweep_stale(keep={r.object for r in sps + ctxs})
         if swept:
             log.info("removed %d shared-memory objects left by a dead faytd", swept)
         self.frames = FrameAllocator(cfg["ram"], tag)
@@ -35,6 +40,69 @@ class Kernel:
         self.contexts = {}
         self._next_cid = 1
         self.server = None          # the Server, once it runs (watch_fd, catch_up)
+        if self.journal:
+            self._adopt(sps, ctxs)
+            self.journal.open(list(self.sharepoints.by_id.values()),
+                              [c for c in self.contexts.values() if c.page is not None])
+            self.sharepoints.journal = self.journal
+
+    # -- a restart: what the journal names ------------------------------
+    def _adopt(self, sps, ctxs):
+        """Take back the share-points and context pages a killed faytd left.
+
+        Share-points come back with their data and lock as they were.  A
+        context whose process still runs becomes a context without a
+        connection, watched (pidfd) until it dies: then its locks are
+        recovered and the share-points it owns follow the usual rule, as if
+        faytd had never stopped.  A context whose process died meanwhile has
+        its locks recovered now.  Share-points whose owner is gone are
+        reclaimed: the mappings made before the restart are not known to
+        this faytd (they keep their memory all the same)."""
+        for r in sps:
+            try:
+                backing = self.frames.adopt(r.object, r.length, r.frames)
+            except KernelError as e:
+                log.error("journal: share-point %r not restored: %s", r.identifier, e.message)
+                continue
+            try:
+                self.sharepoints.adopt(r, backing)
+            except KernelError as e:
+                log.error("journal: share-point %r not restored: %s", r.identifier, e.message)
+                self.frames.put(backing)
+        self.frames.adopted()
+        dead = []
+        for r in ctxs:
+            ctx = Context(r.id, None, r.pid, r.uid, r.gid, None,
+                          self.policy.classify(r.uid, r.gid, None))
+            ctx.start, ctx.connected = r.start, False
+            self._next_cid = max(self._next_cid, r.id + 1)
+            try:
+                ctx.adopt_page(BackingObject.adopt(0, r.object, PAGE, []))
+            except KernelError as e:
+                log.error("journal: context %d (pid %d) not restored: %s", r.id, r.pid, e.message)
+                continue
+            self.contexts[ctx.id] = ctx
+            if alive(r.pid, r.start):
+                try:
+                    ctx.pidfd = os.pidfd_open(r.pid)
+                except OSError:
+                    ctx.pidfd = -1
+            if ctx.pidfd < 0 or not alive(r.pid, r.start):
+                dead.append(ctx)
+        owners = {c.pid for c in self.contexts.values() if c not in dead}
+        for pid in {sp.owner_pid for sp in self.sharepoints.by_id.values()} - owners:
+            self.sharepoints.owner_died(pid)
+        for ctx in dead:
+            log.info("journal: pid %d died while faytd was down: its locks are recovered", ctx.pid)
+            ctx.close_pidfd()
+            self.died(ctx)
+        log.info("journal: restored %d share-points, %d contexts of running processes",
+                 len(self.sharepoints.by_id), len(self.contexts))
+
+    def registered(self, ctx):
+        """ctx has its context page (HELLO)."""
+        if self.journal is not None:
+            self.journal.context_registered(ctx)
 
     # -- contexts -------------------------------------------------------
     def new_context(self, sock, pid, uid, gid, exe):
@@ -42,6 +110,7 @@ class Kernel:
         cid = self._next_cid
         self._next_cid += 1
         ctx = Context(cid, sock, pid, uid, gid, exe, cat)
+        ctx.start = start_time(pid)
         self.contexts[cid] = ctx
         return ctx
 
@@ -76,6 +145,8 @@ class Kernel:
             return
         self.notifications.context_gone(ctx)
         self.pager.context_gone(ctx)
+        if self.journal is not None:
+            self.journal.context_gone(ctx)
         ctx.close_page()
 
     def recover_locks(self, ctx):
@@ -152,6 +223,10 @@ class Kernel:
             self.frames.put(m.backing)
 
     def shutdown(self):
+        """A clean stop: everything is destroyed, and the journal removed."""
+        if self.journal is not None:
+            self.journal.close(remove=True)
+            self.sharepoints.journal = self.journal = None
         self.pager.shutdown()
         self.notifications.shutdown()
         for ctx in list(self.contexts.values()):

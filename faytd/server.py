@@ -57,6 +57,9 @@ class Server:
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
         self._watch(self._wake_r.fileno(), "signal", None)
+        for ctx in kernel.contexts.values():     # a restart: contexts the journal named
+            if ctx.pidfd >= 0:
+                self._watch(ctx.pidfd, "pidfd", ctx)
 
     def _watch(self, fd, kind, obj):
         self.watch[fd] = (kind, obj)

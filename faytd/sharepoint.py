@@ -27,7 +27,7 @@ META_SIZE = ffi.sizeof("struct fayt_sharepoint_meta")
 class SharePoint:
     __slots__ = ("id", "identifier", "backing", "prot", "length", "data_offset", "owner_pid",
                  "owner_uid", "owner_alive", "captured", "destroyed", "_meta_map", "created_at",
-                 "charged")
+                 "charged", "owner_start")
 
     def __init__(self, sp_id, identifier, backing, prot, owner_pid, owner_uid):
         self.id = sp_id
@@ -43,6 +43,7 @@ class SharePoint:
         self.captured = {}          # (context id, handle) -> (pid, tid)
         self.destroyed = False
         self.charged = None         # (context, bytes) the creator's RAM quota carries
+        self.owner_start = None     # the owner's start time (journal.start_time)
         self._meta_map = None
 
     def write_meta(self, paddrs):
@@ -79,8 +80,9 @@ class SharePointTable:
         self.max = max_sharepoints
         self.by_owner = {}          # owner pid -> {sp id}
         self.on_destroy = []        # callables(sp), run before a share-point leaves the table
+        self.journal = None         # journal.Journal once faytd serves
 
-    def create(self, identifier, length, prot, owner_pid, owner_uid):
+    def create(self, identifier, length, prot, owner_pid, owner_uid, owner_start=None):
         if identifier in self.by_name:
             raise KernelError(errno.EEXIST, "share.identifier: %r exists"
                               % identifier.decode("utf-8", "replace"))
@@ -94,14 +96,32 @@ class SharePointTable:
         sp_id = self._next_id
         self._next_id = (self._next_id % 0xfffffffe) + 1
         sp = SharePoint(sp_id, identifier, backing, prot, owner_pid, owner_uid)
+        sp.owner_start = owner_start
         try:
             sp.write_meta(self.frames.paddrs(backing))
         except BaseException:
             self.frames.put(backing)
             raise
-        self.by_name[identifier] = sp
-        self.by_id[sp_id] = sp
-        self.by_owner.setdefault(owner_pid, set()).add(sp_id)
+        self._insert(sp)
+        if self.journal is not None:
+            self.journal.sharepoint_created(sp)
+        return sp
+
+    def _insert(self, sp):
+        self.by_name[sp.identifier] = sp
+        self.by_id[sp.id] = sp
+        self.by_owner.setdefault(sp.owner_pid, set()).add(sp.id)
+
+    def adopt(self, rec, backing):
+        """A share-point of a journal record, over its adopted backing object.
+        Its meta-structure and data are in the object already (and its lock
+        as its holder left it)."""
+        if rec.identifier in self.by_name or rec.id in self.by_id:
+            raise KernelError(errno.EEXIST, "journal: share-point %d named twice" % rec.id)
+        sp = SharePoint(rec.id, rec.identifier, backing, rec.prot, rec.pid, rec.uid)
+        sp.owner_start = rec.start
+        self._insert(sp)
+        self._next_id = max(self._next_id, rec.id % 0xfffffffe + 1)
         return sp
 
     def lookup(self, identifier):
@@ -130,6 +150,8 @@ class SharePointTable:
             return
         for hook in self.on_destroy:
             hook(sp)
+        if self.journal is not None:
+            self.journal.sharepoint_destroyed(sp)
         sp.destroyed = True
         self.by_name.pop(sp.identifier, None)
         self.by_id.pop(sp.id, None)

@@ -50,6 +50,7 @@ def sys_hello(k, ctx, tid, body, fds):
         raise KernelError(errno.EPERM, "hello: no policy rule admits uid %d gid %d exe %s"
                           % (ctx.uid, ctx.gid, ctx.exe))
     ctx.make_page(k.frames.tag)
+    k.registered(ctx)
     c = ctx.category
     return HELLO_REPLY.pack(ctx.id, c.id, c.classes, 0), [ctx.page.open_fd()]
 
@@ -134,7 +135,7 @@ def sys_portal(k, ctx, tid, body, fds):
         else:
             k.charge(ctx, pages(length) * PAGE)
             try:
-                sp = table.create(ident, length, prot, ctx.pid, ctx.uid)
+                sp = table.create(ident, length, prot, ctx.pid, ctx.uid, ctx.start)
             except BaseException:
                 ctx.ram -= pages(length) * PAGE
                 raise

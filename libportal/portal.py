@@ -83,8 +83,16 @@ class Mapping:
 
     def _release(self, op, flags=0):
         """Tell faytd (op: UNMAP or UNMAP_DESTROY), then unmap here.  A refused
-        call (EPERM for a destroy by another process) leaves the mapping as is."""
-        self.connection.call(op, HANDLE_REQ.pack(self.handle), flags)
+        call (EPERM for a destroy by another process) leaves the mapping as is.
+        An unmap through a connection faytd has lost (it was restarted: the new
+        faytd does not know this mapping) only unmaps here."""
+        conn = self.connection
+        if not (op == lib.FAYT_SYS_UNMAP and conn.closed):
+            try:
+                conn.call(op, HANDLE_REQ.pack(self.handle), flags)
+            except OSError as e:
+                if not (op == lib.FAYT_SYS_UNMAP and e.errno == errno.ECONNRESET and conn.closed):
+                    raise
         self._invalidate()
         lib.fayt_unmap(self.addr, self.map_length)
         _live.discard(self)

@@ -50,6 +50,7 @@ class Connection:
         self._pid = os.getpid()
         self._notify = None         # notification.Runtime, made on first use
         self._caller = None         # thread id inside call()
+        self._broken = False        # faytd went away: see _lost()
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         try:
             self.sock.connect(self.path)
@@ -113,6 +114,7 @@ class Connection:
                         continue
                     break
             except OSError as e:
+                self._lost()
                 raise errors.error(errno.ECONNRESET,
                                    "faytd connection lost: %s" % (e.strerror or e)) from None
             finally:
@@ -144,6 +146,18 @@ class Connection:
             _close_fds(fds)
             raise errors.error(errno.EPROTO, "reply with a bad magic from faytd")
         return data[REP_HDR.size:], fds, rop, rseq, err
+
+    def _lost(self):
+        """faytd went away (it was stopped, or killed: a restarted faytd
+        re-adopts share-points from its journal).  The socket is closed and
+        connection() will make a new one; the context page stays mapped,
+        since share-points mapped through this connection keep their lock
+        records in it and still work: the data path never needs faytd."""
+        self._broken = True
+        try:
+            self.sock.close()
+        except OSError:
+            pass
 
     def _late_failure(self, op, seq, err, data):
         """A FAYT_REQ_NOREPLY call failed: faytd answered it after all."""
@@ -190,7 +204,8 @@ class Connection:
 
     @property
     def closed(self):
-        return not self._finalizer.alive
+        """Closed by close(), or lost because faytd went away."""
+        return self._broken or not self._finalizer.alive
 
 
 def _close_fds(fds):

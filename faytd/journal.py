@@ -1,0 +1,172 @@
+"""The journal: faytd's share-point table and context pages on disk, so that
+a faytd that was killed can be restarted without losing share-points.
+
+What a restarted faytd needs is small: which POSIX shm objects are
+share-points (identifier, object name, frames, prot, owner), and which are
+the context pages of processes that may still hold share-point locks (their
+robust records are in those pages).  Everything else (ANON portals, rings,
+notification stacks, SPECIAL regions, the pool) is not journaled: their
+objects are swept at the restart; processes that map them keep their memory
+(an unlinked object stays mapped) but faytd no longer knows them.
+
+Format: <state_dir>/faytd.journal, one line per change, appended with one
+write(2) on an O_APPEND descriptor, so a faytd killed at any instant leaves
+at worst a last line cut short (ignored when read):
+    S <id> <owner pid> <owner start> <owner uid> <prot> <length> <object> <frames,..> <identifier hex>
+    D <id>                                  share-point destroyed
+    C <id> <pid> <start> <uid> <gid> <object>   context page made (HELLO)
+    G <id>                                  context forgotten
+<start> is the process's start time (/proc/<pid>/stat field 22), so that a
+pid reused by another process is not taken for the one that registered.
+No fsync: the journal must survive faytd's death, not the machine's (shared
+memory objects do not survive a reboot either).  A clean stop (SIGTERM)
+destroys everything and removes the journal.  At start the journal is read,
+then rewritten with only what is live (a new file renamed over it).
+An exclusive flock(2) keeps two faytds off one state directory.
+"""
+import fcntl
+import logging
+import os
+
+log = logging.getLogger("faytd")
+
+NAME = "faytd.journal"
+
+
+def start_time(pid):
+    """The start time of pid (clock ticks since boot), or None if it is gone."""
+    try:
+        with open("/proc/%d/stat" % pid, "rb") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    return int(stat[stat.rindex(b")") + 2:].split()[19])
+
+
+def alive(pid, start):
+    """Whether pid is still the process that started at `start`."""
+    return start is not None and start_time(pid) == start
+
+
+class Record:
+    __slots__ = ("kind", "id", "pid", "start", "uid", "gid", "prot", "length", "object",
+                 "frames", "identifier")
+
+
+class Journal:
+    def __init__(self, state_dir):
+        os.makedirs(state_dir, mode=0o700, exist_ok=True)
+        self.path = os.path.join(state_dir, NAME)
+        self._lockfd = os.open(os.path.join(state_dir, NAME + ".lock"),
+                               os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(self._lockfd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._lockfd)
+            raise SystemExit("faytd: another faytd keeps its journal in %s (--state-dir)"
+                             % state_dir) from None
+        self._fd = -1
+
+    # -- reading ----------------------------------------------------------
+    def load(self):
+        """(share-point records, context records) live at the end of the journal."""
+        sps, ctxs = {}, {}
+        try:
+            with open(self.path, "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            return [], []
+        lines = data.split(b"\n")
+        if lines and lines[-1] != b"":
+            log.warning("journal: last line cut short (faytd died while writing it): ignored")
+        for n, line in enumerate(lines[:-1], 1):
+            try:
+                self._apply(line.decode("ascii").split(" "), sps, ctxs)
+            except (ValueError, IndexError, UnicodeDecodeError):
+                log.warning("journal: line %d is not a journal record: ignored", n)
+        return list(sps.values()), list(ctxs.values())
+
+    @staticmethod
+    def _apply(f, sps, ctxs):
+        kind = f[0]
+        if kind == "S":
+            r = Record()
+            r.kind, r.id, r.pid, r.start, r.uid = "S", int(f[1]), int(f[2]), int(f[3]), int(f[4])
+            r.prot, r.length, r.object = int(f[5]), int(f[6]), f[7]
+            r.frames = [int(x) for x in f[8].split(",")]
+            r.identifier = bytes.fromhex(f[9])
+            if len(f) != 10 or not r.object.startswith("/fayt.") or not r.identifier:
+                raise ValueError("bad share-point record")
+            sps[r.id] = r
+        elif kind == "D" and len(f) == 2:
+            sps.pop(int(f[1]), None)
+        elif kind == "C" and len(f) == 7:
+            r = Record()
+            r.kind, r.id, r.pid, r.start = "C", int(f[1]), int(f[2]), int(f[3])
+            r.uid, r.gid, r.object = int(f[4]), int(f[5]), f[6]
+            if not r.object.startswith("/fayt."):
+                raise ValueError("bad context record")
+            ctxs[r.id] = r
+        elif kind == "G" and len(f) == 2:
+            ctxs.pop(int(f[1]), None)
+        else:
+            raise ValueError("unknown record")
+
+    # -- writing ----------------------------------------------------------
+    def open(self, sharepoints, contexts):
+        """Rewrite the journal with what is live now, then append from here."""
+        tmp = self.path + ".new"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            os.write(fd, b"".join([self._sp_line(sp) for sp in sharepoints] +
+                                  [self._ctx_line(c) for c in contexts]))
+        finally:
+            os.close(fd)
+        os.rename(tmp, self.path)
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+
+    def _write(self, line):
+        if self._fd < 0:
+            return
+        try:
+            os.write(self._fd, line)
+        except OSError as e:            # a full disk must not take faytd down
+            log.error("journal: cannot write (%s); a restart will not see this change", e)
+
+    @staticmethod
+    def _sp_line(sp):
+        return ("S %d %d %d %d %d %d %s %s %s\n" % (
+            sp.id, sp.owner_pid, sp.owner_start or 0, sp.owner_uid, sp.prot,
+            sp.backing.length, sp.backing.name, ",".join(map(str, sp.backing.frames)),
+            sp.identifier.hex())).encode()
+
+    @staticmethod
+    def _ctx_line(ctx):
+        return ("C %d %d %d %d %d %s\n" % (ctx.id, ctx.pid, ctx.start or 0, ctx.uid, ctx.gid,
+                                           ctx.page.name)).encode()
+
+    def sharepoint_created(self, sp):
+        self._write(self._sp_line(sp))
+
+    def sharepoint_destroyed(self, sp):
+        self._write(b"D %d\n" % sp.id)
+
+    def context_registered(self, ctx):
+        self._write(self._ctx_line(ctx))
+
+    def context_gone(self, ctx):
+        if ctx.page is not None:
+            self._write(b"G %d\n" % ctx.id)
+
+    def close(self, remove):
+        """Stop writing; remove the journal after a clean shutdown."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        if remove:
+            for p in (self.path, self.path + ".new", self.path + ".lock"):
+                try:
+                    os.unlink(p)
+                except FileNotFoundError:
+                    pass
+        os.close(self._lockfd)

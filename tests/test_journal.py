@@ -1,0 +1,242 @@
+"""The journal: a faytd killed with SIGKILL and started again on the same
+state directory takes its share-points back, data, locks and owners as they
+were (DESIGN section 7).  Real faytds, real processes, real SIGKILLs."""
+import errno
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+import libportal
+from faytd.launch import Faytd, fayt_shm_objects
+from libportal._abi import lib
+
+from test_sharepoint import WAIT, Child, lock_state, wait_until
+
+
+@pytest.fixture
+def restartable(tmp_path):
+    """start() -> a faytd on one directory (socket, journal); kill() SIGKILLs
+    the running one.  Whatever runs at the end is stopped cleanly."""
+    state = {"d": None, "pids": []}
+    directory = str(tmp_path / "faytd")
+
+    class R:
+        @staticmethod
+        def start():
+            state["d"] = Faytd(directory)
+            state["pids"].append(state["d"].proc.pid)
+            return state["d"]
+
+        @staticmethod
+        def kill():
+            d = state["d"]
+            os.kill(d.proc.pid, signal.SIGKILL)
+            d.proc.wait(WAIT)
+            d.stop(check=False)
+
+        dir = directory
+        pids = state["pids"]
+
+    yield R
+    if state["d"] is not None:
+        state["d"].stop()
+
+
+@pytest.fixture
+def children():
+    made = []
+
+    def start(code, d):
+        c = Child(code, d.env())
+        made.append(c)
+        return c
+
+    yield start
+    for c in made:
+        c.kill()
+
+
+def _log(d):
+    with open(d.log) as f:
+        return f.read()
+
+
+def test_journal_restart_keeps_share_points_their_data_and_names(restartable, children):
+    d = restartable.start()
+    owner = children("""
+        keep = lp.share_create("j-keep", 3 * 4096)
+        keep.write(100, b"survives a faytd SIGKILL")
+        gone = lp.share_create("j-gone", 4096)
+        gone.destroy()
+        print("made")
+        sys.stdin.readline()
+        print(keep.read(100, 24).decode())           # its own mapping never needed faytd
+        keep.write(0, b"still writable")
+        print("written")
+        sys.stdin.readline()
+        """, d)
+    assert owner.expect() == "made"
+    journal = os.path.join(restartable.dir, "faytd.journal")
+    assert os.path.exists(journal)
+    restartable.kill()
+    d = restartable.start()
+    assert "restored 1 share-points" in _log(d)
+    conn = libportal.Connection(d.socket)
+    try:
+        names = {s["identifier"]: s for s in conn.list_sharepoints()}
+        assert set(names) == {"j-keep"}                 # the destroyed one stays destroyed
+        assert names["j-keep"]["owner"] == owner.pid and names["j-keep"]["owner_alive"]
+        sp = libportal.share_attach("j-keep", connection=conn)
+        assert sp.read(100, 24) == b"survives a faytd SIGKILL"
+        with pytest.raises(libportal.AlreadyExists):
+            libportal.share_create("j-keep", 4096, connection=conn)
+        fresh = libportal.share_create("j-gone", 4096, connection=conn)   # the name is free
+        assert fresh.read(0, 8) == bytes(8)
+        fresh.destroy()
+        owner.send("go")
+        assert owner.expect() == "survives a faytd SIGKILL"
+        assert owner.expect() == "written"
+        assert sp.read(0, 14) == b"still writable"
+        # The owner's death is still seen: an unmapped, ownerless share-point goes.
+        owner.kill()
+        sp.unmap()
+        wait_until(lambda: conn.list_sharepoints() == [], "the orphan to be reclaimed")
+    finally:
+        conn.close()
+
+
+def test_journal_lock_holder_that_died_while_faytd_was_down_is_recovered(restartable, children):
+    d = restartable.start()
+    conn = libportal.Connection(d.socket)
+    sp = libportal.share_create("j-lock", 4096, connection=conn)
+    holder = children("""
+        sp = lp.share_attach("j-lock")
+        assert sp.lock() == 0
+        print("locked")
+        time.sleep(120)
+        """, d)
+    assert holder.expect() == "locked"
+    assert lock_state(sp) == lib.FAYT_LOCK_HELD
+    restartable.kill()
+    holder.kill()                                   # dies while no faytd runs
+    d = restartable.start()
+    assert "died while faytd was down" in _log(d)
+    assert sp.lock(WAIT) == errno.EOWNERDEAD        # through the old mapping
+    sp.mark_consistent()
+    sp.unlock()
+    conn2 = libportal.Connection(d.socket)
+    try:
+        again = libportal.share_attach("j-lock", connection=conn2)
+        assert again.lock(WAIT) == 0
+        again.unlock()
+        again.destroy()
+    finally:
+        conn2.close()
+
+
+def test_journal_lock_holder_that_dies_after_the_restart_is_recovered(restartable, children):
+    d = restartable.start()
+    holder = children("""
+        sp = lp.share_create("j-later", 4096)
+        assert sp.lock() == 0
+        print("locked")
+        time.sleep(120)
+        """, d)
+    assert holder.expect() == "locked"
+    restartable.kill()
+    d = restartable.start()
+    conn = libportal.Connection(d.socket)
+    try:
+        ps = {c["pid"]: c for c in conn.list_contexts()["contexts"]}
+        assert holder.pid in ps and not ps[holder.pid]["connected"]   # watched, no connection
+        sp = libportal.share_attach("j-later", connection=conn)
+        assert sp.try_lock() == errno.EBUSY
+        holder.kill()
+        assert sp.lock(WAIT) == errno.EOWNERDEAD     # the new faytd saw it die
+        sp.mark_consistent()
+        sp.unlock()
+        # Its owner is dead and this is the last mapping: unmap reclaims it.
+        sp.unmap()
+        wait_until(lambda: conn.list_sharepoints() == [], "the orphan to be reclaimed")
+        wait_until(lambda: holder.pid not in {c["pid"] for c in
+                                              conn.list_contexts()["contexts"]},
+                   "the dead holder's context to go")
+    finally:
+        conn.close()
+
+
+def test_journal_share_points_of_an_owner_dead_at_restart_are_reclaimed(restartable, children):
+    d = restartable.start()
+    owner = children("""
+        sp = lp.share_create("j-orphan", 4096)
+        print("made")
+        time.sleep(120)
+        """, d)
+    assert owner.expect() == "made"
+    restartable.kill()
+    owner.kill()
+    d = restartable.start()
+    conn = libportal.Connection(d.socket)
+    try:
+        assert conn.list_sharepoints() == []
+        with pytest.raises(libportal.NotFound):
+            libportal.share_attach("j-orphan", connection=conn)
+    finally:
+        conn.close()
+    d.stop()
+    assert fayt_shm_objects(restartable.pids) == []
+
+
+def test_journal_a_clean_stop_leaves_no_journal_and_nothing_to_adopt(restartable):
+    d = restartable.start()
+    conn = libportal.Connection(d.socket)
+    libportal.share_create("j-clean", 4096, connection=conn)
+    conn.close()
+    d.stop()
+    assert not [n for n in os.listdir(restartable.dir) if n.startswith("faytd.journal")]
+    assert fayt_shm_objects(restartable.pids) == []
+    d = restartable.start()
+    assert "restored 0 share-points" in _log(d)
+
+
+def test_journal_one_faytd_per_state_directory(restartable, tmp_path):
+    restartable.start()
+    p = subprocess.run([sys.executable, "-m", "faytd", "--socket", str(tmp_path / "other.sock"),
+                        "--state-dir", restartable.dir], capture_output=True, text=True,
+                       timeout=WAIT)
+    assert p.returncode != 0
+    assert "another faytd keeps its journal in %s" % restartable.dir in p.stderr
+    assert not os.path.exists(tmp_path / "other.sock")
+
+
+def test_journal_a_damaged_journal_is_read_as_far_as_it_goes(restartable, children):
+    """Garbage lines, a record naming an object that is gone, and a last line
+    cut short (faytd killed inside write(2)) are each logged and skipped."""
+    d = restartable.start()
+    owner = children("""
+        sp = lp.share_create("j-whole", 4096)
+        sp.write(0, b"intact")
+        print("made")
+        time.sleep(120)
+        """, d)
+    assert owner.expect() == "made"
+    restartable.kill()
+    with open(os.path.join(restartable.dir, "faytd.journal"), "ab") as f:
+        f.write(b"this is not a record\n")
+        f.write(b"S 77 %d 1 0 3 4096 /fayt.1.nosuchobject 9 6a2d6e6f6e65\n" % owner.pid)
+        f.write(b"S 78 %d 1 0 3 40")
+    d = restartable.start()
+    log = _log(d)
+    assert "line" in log and "is not a journal record" in log
+    assert "/fayt.1.nosuchobject is gone" in log
+    assert "cut short" in log
+    conn = libportal.Connection(d.socket)
+    try:
+        assert [s["identifier"] for s in conn.list_sharepoints()] == ["j-whole"]
+        assert libportal.share_attach("j-whole", connection=conn).read(0, 6) == b"intact"
+    finally:
+        conn.close()
