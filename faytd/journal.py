@@ -66,6 +66,7 @@ class Journal:
             raise SystemExit("faytd: another faytd keeps its journal in %s (--state-dir)"
                              % state_dir) from None
         self._fd = -1
+        self.lines = self.live_lines = 0
 
     # -- reading ----------------------------------------------------------
     def load(self):
@@ -123,11 +124,22 @@ class Journal:
         finally:
             os.close(fd)
         os.rename(tmp, self.path)
+        if self._fd >= 0:
+            os.close(self._fd)
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+        self.live_lines = len(sharepoints) + len(contexts)
+        self.lines = self.live_lines
 
-    def _write(self, line):
+    def wants_compaction(self):
+        """Whether the journal has grown well past what is live (then the
+        kernel rewrites it when idle: open() again)."""
+        return self._fd >= 0 and self.lines > 4 * self.live_lines + 4096
+
+    def _write(self, line, live):
         if self._fd < 0:
             return
+        self.lines += 1
+        self.live_lines += live
         try:
             os.write(self._fd, line)
         except OSError as e:            # a full disk must not take faytd down
@@ -146,17 +158,17 @@ class Journal:
                                            ctx.page.name)).encode()
 
     def sharepoint_created(self, sp):
-        self._write(self._sp_line(sp))
+        self._write(self._sp_line(sp), 1)
 
     def sharepoint_destroyed(self, sp):
-        self._write(b"D %d\n" % sp.id)
+        self._write(b"D %d\n" % sp.id, -1)
 
     def context_registered(self, ctx):
-        self._write(self._ctx_line(ctx))
+        self._write(self._ctx_line(ctx), 1)
 
     def context_gone(self, ctx):
         if ctx.page is not None:
-            self._write(b"G %d\n" % ctx.id)
+            self._write(b"G %d\n" % ctx.id, -1)
 
     def close(self, remove):
         """Stop writing; remove the journal after a clean shutdown."""

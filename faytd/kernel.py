@@ -99,6 +99,19 @@ class Kernel:
         log.info("journal: restored %d share-points, %d contexts of running processes",
                  len(self.sharepoints.by_id), len(self.contexts))
 
+    # -- work kept off the reply path (the server calls it when idle) -----
+    def has_idle_work(self):
+        j = self.journal
+        return self.frames.has_idle_work() or (j is not None and j.wants_compaction())
+
+    def idle_work(self):
+        """One step: the frame allocator's, or a compaction of the journal."""
+        if self.frames.has_idle_work():
+            self.frames.idle_work()
+        elif self.journal is not None and self.journal.wants_compaction():
+            self.journal.open(list(self.sharepoints.by_id.values()),
+                              [c for c in self.contexts.values() if c.page is not None])
+
     def registered(self, ctx):
         """ctx has its context page (HELLO)."""
         if self.journal is not None:

@@ -116,15 +116,15 @@ class Server:
         log.info("faytd listening on %s (ram %d MiB)", self.path, self.k.frames.nframes * 4 // 1024)
         try:
             watch = self.watch
-            frames, poll = self.k.frames, self.ep.poll
+            k, poll = self.k, self.ep.poll
             while not self.stopping:
                 events = poll(0)
                 if not events:
-                    # Nothing waits: one step of the frame allocator's deferred
-                    # work (unlinks, fresh pool objects), then look again.
-                    if frames.has_idle_work():
+                    # Nothing waits: one step of the deferred work (unlinks,
+                    # fresh pool objects, the journal's compaction), then look again.
+                    if k.has_idle_work():
                         try:
-                            frames.idle_work()
+                            k.idle_work()
                         except Exception as e:      # e.g. out of files: the pool waits
                             log.warning("idle work: %s", e)
                             events = poll()

@@ -240,3 +240,38 @@ def test_journal_a_damaged_journal_is_read_as_far_as_it_goes(restartable, childr
         assert libportal.share_attach("j-whole", connection=conn).read(0, 6) == b"intact"
     finally:
         conn.close()
+
+
+def test_journal_is_compacted_when_it_grows(restartable):
+    """Each change appends a line; when the journal holds far more lines
+    than live records, faytd rewrites it while idle (and it still restores)."""
+    d = restartable.start()
+    path = os.path.join(restartable.dir, "faytd.journal")
+    conn = libportal.Connection(d.socket)
+    try:
+        kept = libportal.share_create("j-kept", 4096, connection=conn)
+        kept.write(0, b"kept")
+        for i in range(3000):
+            libportal.share_create("j-churn-%d" % i, 4096, connection=conn).destroy()
+
+        def lines():
+            with open(path, "rb") as f:
+                return f.read().count(b"\n")
+        assert conn.list_sharepoints()                  # the last destroy was performed
+        # 6,002 lines were appended (2 + 3,000 creates and destroys); the live
+        # records are 2, so the rewrite at 4 x live + 4,096 lines dropped ~4,100.
+        wait_until(lambda: lines() < 2000, "the journal to be compacted")
+        assert kept.read(0, 4) == b"kept"
+    finally:
+        conn.close()
+    restartable.kill()
+    d = restartable.start()
+    conn = libportal.Connection(d.socket)
+    try:
+        # Its owner (this process) still runs: it is back, with its data.
+        assert [s["identifier"] for s in conn.list_sharepoints()] == ["j-kept"]
+        sp = libportal.share_attach("j-kept", connection=conn)
+        assert sp.read(0, 4) == b"kept"
+        sp.destroy()
+    finally:
+        conn.close()
