@@ -22,6 +22,7 @@ import secrets
 import posix_ipc
 
 PAGE = 4096
+MARKER = "/fayt.%d.statedir"  # a faytd's state directory, for the sweeps of others (journal.py)
 RAM_BASE = 0x100000          # 1 MiB, as on a PC; MMIO windows sit far above RAM
 NAME_PREFIX = "/fayt."
 
@@ -254,15 +255,19 @@ class FrameAllocator:
         self._pool.clear()
 
 
-def sweep_stale(keep=()):
-    """Unlink backing objects left by a faytd that died (its pid no longer runs),
-    but those named in `keep` (the journal's).  Names are /fayt.<pid>.<random>;
-    returns how many were removed."""
-    removed = 0
+def sweep_stale(kept_for=None):
+    """Unlink the objects left by faytds that died (their pid no longer runs).
+
+    Names are /fayt.<pid>.<random>.  kept_for(pid, marker) -> the set of
+    names to keep among that dead faytd's objects (those a journal names, see
+    journal.py; `marker` is the name of its state-directory marker or None).
+    A marker goes when none of its faytd's objects is kept.  Returns (how
+    many were removed, the markers of the dead faytds whose objects are kept)."""
     try:
         names = os.listdir("/dev/shm")
     except OSError:
-        return 0
+        return 0, []
+    dead = {}
     for n in names:
         if not n.startswith(NAME_PREFIX[1:]):
             continue
@@ -270,14 +275,28 @@ def sweep_stale(keep=()):
         if len(parts) < 3 or not parts[1].isdigit():
             continue
         pid = int(parts[1])
-        if pid == os.getpid() or _pid_alive(pid) or "/" + n in keep:
+        if pid == os.getpid():
             continue
-        try:
-            posix_ipc.unlink_shared_memory("/" + n)
-            removed += 1
-        except (posix_ipc.ExistentialError, posix_ipc.PermissionsError, OSError):
-            pass        # gone already, or another user's: not ours to remove
-    return removed
+        dead.setdefault(pid, []).append("/" + n)
+    removed, markers = 0, []
+    for pid, objs in dead.items():
+        if _pid_alive(pid):
+            continue
+        marker = MARKER % pid
+        keep = kept_for(pid, marker if marker in objs else None) if kept_for else set()
+        if any(o in keep for o in objs):
+            keep = set(keep) | {marker}
+            if marker in objs:
+                markers.append(marker)
+        for o in objs:
+            if o in keep:
+                continue
+            try:
+                posix_ipc.unlink_shared_memory(o)
+                removed += 1
+            except (posix_ipc.ExistentialError, posix_ipc.PermissionsError, OSError):
+                pass        # gone already, or another user's: not ours to remove
+    return removed, markers
 
 
 def _pid_alive(pid):

@@ -28,6 +28,10 @@ import fcntl
 import logging
 import os
 
+import posix_ipc
+
+from .frames import MARKER
+
 log = logging.getLogger("faytd")
 
 NAME = "faytd.journal"
@@ -46,6 +50,85 @@ def start_time(pid):
 def alive(pid, start):
     """Whether pid is still the process that started at `start`."""
     return start is not None and start_time(pid) == start
+
+
+def write_marker(state_dir):
+    """/fayt.<pid>.statedir: this faytd's state directory, so that another
+    faytd that sweeps our objects after we died keeps those our journal
+    names (a restart on our directory takes them back).  Returns its name."""
+    name = MARKER % os.getpid()
+    shm = posix_ipc.SharedMemory(name, posix_ipc.O_CREAT | posix_ipc.O_TRUNC, mode=0o600)
+    try:
+        data = os.fsencode(os.path.abspath(state_dir))
+        os.ftruncate(shm.fd, len(data))
+        os.pwrite(shm.fd, data, 0)
+    finally:
+        os.close(shm.fd)
+    return name
+
+
+def read_marker(name):
+    """The state directory a marker names, or None."""
+    try:
+        shm = posix_ipc.SharedMemory(name)
+    except (posix_ipc.ExistentialError, posix_ipc.PermissionsError):
+        return None
+    try:
+        return os.fsdecode(os.pread(shm.fd, 4096, 0)) or None
+    finally:
+        os.close(shm.fd)
+
+
+def objects_named(state_dir):
+    """The object names the journal in state_dir names (empty if none)."""
+    sps, ctxs = read(os.path.join(state_dir, NAME))
+    return {r.object for r in sps + ctxs}
+
+
+def read(path):
+    """(share-point records, context records) live at the end of the journal."""
+    sps, ctxs = {}, {}
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except (FileNotFoundError, NotADirectoryError):
+        return [], []
+    lines = data.split(b"\n")
+    if lines and lines[-1] != b"":
+        log.warning("journal %s: last line cut short (faytd died while writing it): ignored",
+                    path)
+    for n, line in enumerate(lines[:-1], 1):
+        try:
+            _apply(line.decode("ascii").split(" "), sps, ctxs)
+        except (ValueError, IndexError, UnicodeDecodeError):
+            log.warning("journal %s: line %d is not a journal record: ignored", path, n)
+    return list(sps.values()), list(ctxs.values())
+
+
+def _apply(f, sps, ctxs):
+    kind = f[0]
+    if kind == "S":
+        r = Record()
+        r.kind, r.id, r.pid, r.start, r.uid = "S", int(f[1]), int(f[2]), int(f[3]), int(f[4])
+        r.prot, r.length, r.object = int(f[5]), int(f[6]), f[7]
+        r.frames = [int(x) for x in f[8].split(",")]
+        r.identifier = bytes.fromhex(f[9])
+        if len(f) != 10 or not r.object.startswith("/fayt.") or not r.identifier:
+            raise ValueError("bad share-point record")
+        sps[r.id] = r
+    elif kind == "D" and len(f) == 2:
+        sps.pop(int(f[1]), None)
+    elif kind == "C" and len(f) == 7:
+        r = Record()
+        r.kind, r.id, r.pid, r.start = "C", int(f[1]), int(f[2]), int(f[3])
+        r.uid, r.gid, r.object = int(f[4]), int(f[5]), f[6]
+        if not r.object.startswith("/fayt."):
+            raise ValueError("bad context record")
+        ctxs[r.id] = r
+    elif kind == "G" and len(f) == 2:
+        ctxs.pop(int(f[1]), None)
+    else:
+        raise ValueError("unknown record")
 
 
 class Record:
@@ -67,51 +150,14 @@ class Journal:
                              % state_dir) from None
         self._fd = -1
         self.lines = self.live_lines = 0
+        self.state_dir = os.path.abspath(state_dir)
+        self.marker = None          # written by Kernel once the sweep is done
+        self.adopted_markers = []   # dead faytds' markers whose objects we took back
 
     # -- reading ----------------------------------------------------------
     def load(self):
         """(share-point records, context records) live at the end of the journal."""
-        sps, ctxs = {}, {}
-        try:
-            with open(self.path, "rb") as f:
-                data = f.read()
-        except FileNotFoundError:
-            return [], []
-        lines = data.split(b"\n")
-        if lines and lines[-1] != b"":
-            log.warning("journal: last line cut short (faytd died while writing it): ignored")
-        for n, line in enumerate(lines[:-1], 1):
-            try:
-                self._apply(line.decode("ascii").split(" "), sps, ctxs)
-            except (ValueError, IndexError, UnicodeDecodeError):
-                log.warning("journal: line %d is not a journal record: ignored", n)
-        return list(sps.values()), list(ctxs.values())
-
-    @staticmethod
-    def _apply(f, sps, ctxs):
-        kind = f[0]
-        if kind == "S":
-            r = Record()
-            r.kind, r.id, r.pid, r.start, r.uid = "S", int(f[1]), int(f[2]), int(f[3]), int(f[4])
-            r.prot, r.length, r.object = int(f[5]), int(f[6]), f[7]
-            r.frames = [int(x) for x in f[8].split(",")]
-            r.identifier = bytes.fromhex(f[9])
-            if len(f) != 10 or not r.object.startswith("/fayt.") or not r.identifier:
-                raise ValueError("bad share-point record")
-            sps[r.id] = r
-        elif kind == "D" and len(f) == 2:
-            sps.pop(int(f[1]), None)
-        elif kind == "C" and len(f) == 7:
-            r = Record()
-            r.kind, r.id, r.pid, r.start = "C", int(f[1]), int(f[2]), int(f[3])
-            r.uid, r.gid, r.object = int(f[4]), int(f[5]), f[6]
-            if not r.object.startswith("/fayt."):
-                raise ValueError("bad context record")
-            ctxs[r.id] = r
-        elif kind == "G" and len(f) == 2:
-            ctxs.pop(int(f[1]), None)
-        else:
-            raise ValueError("unknown record")
+        return read(self.path)
 
     # -- writing ----------------------------------------------------------
     def open(self, sharepoints, contexts):
@@ -176,6 +222,12 @@ class Journal:
             os.close(self._fd)
             self._fd = -1
         if remove:
+            for m in [self.marker] + self.adopted_markers:
+                try:
+                    if m:
+                        posix_ipc.unlink_shared_memory(m)
+                except posix_ipc.ExistentialError:
+                    pass
             for p in (self.path, self.path + ".new", self.path + ".lock"):
                 try:
                     os.unlink(p)

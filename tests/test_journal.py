@@ -275,3 +275,24 @@ def test_journal_is_compacted_when_it_grows(restartable):
         sp.destroy()
     finally:
         conn.close()
+
+
+def test_journal_another_faytd_in_between_does_not_sweep_what_the_journal_names(
+        restartable, children, tmp_path):
+    d = restartable.start()
+    owner = children("""
+        sp = lp.share_create("j-between", 4096)
+        sp.write(0, b"not swept")
+        print("made")
+        time.sleep(120)
+        """, d)
+    assert owner.expect() == "made"
+    restartable.kill()
+    other = Faytd(str(tmp_path / "elsewhere"))      # sweeps dead faytds' objects at start
+    other.stop()
+    d = restartable.start()
+    conn = libportal.Connection(d.socket)
+    try:
+        assert libportal.share_attach("j-between", connection=conn).read(0, 9) == b"not swept"
+    finally:
+        conn.close()

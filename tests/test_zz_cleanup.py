@@ -37,23 +37,39 @@ def test_cleanup_faytd_stop_leaves_nothing_in_dev_shm(tmp_path):
         child.wait()
 
 
-def test_cleanup_killed_faytd_objects_are_swept_by_the_next(tmp_path):
-    d = Faytd(str(tmp_path / "d1"))
+def test_cleanup_killed_faytd_objects_are_swept_or_kept_for_its_restart(tmp_path):
+    """A SIGKILLed faytd leaves its objects.  The next faytd removes them, but
+    those its journal names (share-points, context pages: a restart on its
+    state directory takes them back), even from another state directory;
+    the restart then reclaims what nobody needs any more."""
+    d1 = str(tmp_path / "d1")
+    d = Faytd(d1)
     code = "import libportal as lp\nsp = lp.share_create('swept', 4096)\nprint('ok')\n"
-    env = d.env()
     keeper = subprocess.Popen([sys.executable, "-c", code + "import time; time.sleep(60)\n"],
-                              env=env, stdout=subprocess.PIPE, text=True)
+                              env=d.env(), stdout=subprocess.PIPE, text=True)
     assert keeper.stdout.readline().strip() == "ok"
     d.proc.send_signal(signal.SIGKILL)
     d.proc.wait()
-    assert fayt_shm_objects([d.proc.pid]), "a SIGKILLed faytd leaves its objects until swept"
+    left = fayt_shm_objects([d.proc.pid])
+    assert len(left) > 3, "a SIGKILLed faytd leaves its objects until swept"
     keeper.kill()
     keeper.wait()
     d2 = Faytd(str(tmp_path / "d2"))
     try:
-        assert fayt_shm_objects([d.proc.pid]) == []
+        kept = fayt_shm_objects([d.proc.pid])
+        # The share-point, the keeper's context page, the marker naming d1.
+        assert len(kept) == 3 and "fayt.%d.statedir" % d.proc.pid in kept, kept
+        assert sum(".ctx." in n for n in kept) == 1
     finally:
         d2.stop()
+    d3 = Faytd(d1)                 # the restart: the keeper died meanwhile
+    try:
+        c = libportal.Connection(d3.socket)
+        assert c.list_sharepoints() == []
+        c.close()
+    finally:
+        d3.stop()
+    assert fayt_shm_objects([d.proc.pid, d2.proc.pid, d3.proc.pid]) == []
 
 
 def test_zz_cleanup_session_leaves_nothing(faytd):
