@@ -18,7 +18,11 @@ DEFAULT = {
     "max_mappings_per_context": 65536,
     "max_ram_per_context": None, # None: no quota but faytd's RAM; else e.g. "64MiB"
     "pager_timeout": 10,         # seconds a chain server may take over a page (chains may set theirs)
-    "pager_spin_us": 0,          # faytd may spin this long for a page answer before it goes back to its loop
+    "pager_spin_us": None,       # faytd spins this long for a page answer before it goes back
+                                 # to its loop; None: 50 with 2 CPUs or more, else 0
+    "loop_spin_us": None,        # faytd looks this long for the next request (yielding the
+                                 # CPU at each look) before it sleeps; None: 100 with 2 CPUs
+                                 # or more, else 0
     "policy": {
         "categories": {
             "core": {"classes": ["SHARE", "DIRECT", "ANON", "COW", "SPECIAL"],

@@ -52,6 +52,7 @@ log = logging.getLogger("faytd")
 _FLAG_WRITE = 1      # UFFD_PAGEFAULT_FLAG_WRITE
 _FLAG_WP = 2         # UFFD_PAGEFAULT_FLAG_WP
 DEFAULT_TIMEOUT_MS = 10000
+DEFAULT_SPIN_US = 50
 
 
 def _name_matches(globs, name):
@@ -117,7 +118,7 @@ class Region:
     """One SPECIAL portal of a client."""
     __slots__ = ("id", "ctx", "handle", "uffd", "addr", "length", "chain", "message",
                  "pending", "wp", "closed", "faults", "fetched", "failed", "write_reports",
-                 "share")
+                 "share", "in_one_call")
 
     def __init__(self, rid, ctx, uffd, addr, length, chain, message, wp):
         self.id = rid
@@ -133,6 +134,7 @@ class Region:
         self.share = None           # the SpecialShare it maps, if any
         self.closed = False
         self.faults = self.fetched = self.failed = self.write_reports = 0
+        self.in_one_call = 0        # faults answered by the fast path (Pager._fast)
 
 
 class Request:
@@ -195,7 +197,11 @@ class Pager:
         self._faults = ffi.new("struct fayt_uffd_fault[32]")
         self._copied = ffi.new("uint64_t *")
         self._posted = set()        # members given a request since the last spin
-        self.spin_ns = int(kernel.cfg.get("pager_spin_us", 0)) * 1000
+        self._fast_res = ffi.new("struct fayt_fast_fault *")
+        spin = kernel.cfg.get("pager_spin_us")
+        if spin is None:            # spinning only pays where the server runs meanwhile
+            spin = DEFAULT_SPIN_US if (os.cpu_count() or 1) > 1 else 0
+        self.spin_ns = int(spin) * 1000
         self.default_timeout_ms = int(float(kernel.cfg.get("pager_timeout", DEFAULT_TIMEOUT_MS
                                                             / 1000.0)) * 1000)
 
@@ -281,6 +287,9 @@ class Pager:
         if r.closed:
             return
         r.closed = True
+        log.debug("region %d (chain %r) closed: %d faults, %d pages fetched (%d faults answered "
+                  "in one call), %d failed, %d write reports", r.id, r.chain.name, r.faults,
+                  r.fetched, r.in_one_call, r.failed, r.write_reports)
         for req in list(r.pending.values()):
             if r in req.waiters:
                 req.waiters.remove(r)
@@ -351,6 +360,8 @@ class Pager:
                     if same.region is not r and r not in same.waiters:
                         same.waiters.append(r)
                     continue
+                if self.spin_ns and not r.wp and r.share is None and self._fast(r, off):
+                    continue
                 wp_fault = bool(f.flags & _FLAG_WP)
                 write = wp_fault or (r.wp and f.flags & _FLAG_WRITE)
                 req = Request(self._next_req, r, off,
@@ -360,6 +371,59 @@ class Pager:
                 self._dispatch(req)
             if n < 32:
                 return self._spin()
+
+    def _fast(self, r, off):
+        """A read fault while the chain's first server has nothing in flight:
+        post, spin for the answer and copy it in one C call (no Python
+        between the fault and the copy).  False if the normal path must take
+        it; else the request is done, or handed to the normal path in the
+        state the C call left it."""
+        members = r.chain.members
+        if not members:
+            return False
+        m = members[0]
+        if m.inflight or m.backlog or not m.free or m.closed:
+            return False
+        slot = m.free[-1]
+        rid = self._next_req
+        self._next_req += 1
+        res = self._fast_res
+        msg = r.message or b""
+        lib.fayt_pager_fault(m.ch, m.stride, slot, rid, off, m.run_max, r.chain.id, r.id,
+                             r.ctx.pid, r.length, r.chain.name_bytes, msg, len(msg), r.uffd,
+                             r.addr, self.spin_ns, res)
+        state = res.state
+        if state == lib.FAYT_FAST_DONE:
+            r.fetched += res.copied // PAGE
+            r.in_one_call += 1
+            if res.err:
+                log.warning("region %d: UFFDIO_COPY at %#x: %s", r.id, off, os.strerror(res.err))
+            if r.pending:       # pages of this run that were on their way: done too
+                for o in range(off + PAGE, off + res.copied, PAGE):
+                    other = r.pending.get(o)
+                    if other is not None and not other.present:
+                        self._finish(other)
+                        self._cancel_slot(other)
+            return True
+        # The normal path from here: a Request in the slot, as _post leaves it.
+        req = Request(rid, r, off, lib.FAYT_ACCESS_READ, False)
+        req.member = m
+        req.slot = m.free.pop()
+        req.deadline = time.monotonic() + r.chain.timeout_ms / 1000.0
+        r.pending[off] = req
+        if state == lib.FAYT_FAST_POSTED:
+            self._add_deadline(req)
+            m.inflight[slot] = req
+            self._reap(m)                   # an answer of another slot may be waiting
+        elif state == lib.FAYT_FAST_FAILED:
+            m.free.append(slot)
+            log.warning("region %d: UFFDIO_COPY at %#x: %s", r.id, off, os.strerror(res.err))
+            self._fail(req, res.err)
+        else:                               # reaped, not DATA to copy
+            self._add_deadline(req)
+            self._answered(m, req, m.desc(slot), slot)
+            m.free.append(slot)
+        return True
 
     def _dispatch(self, req):
         chain = req.region.chain

@@ -23,6 +23,7 @@ import signal
 import socket
 import stat
 import struct
+import time
 import traceback
 
 from libportal._abi import lib, REQ_HDR, REP_HDR
@@ -36,6 +37,7 @@ _MAX_IN_FDS = 4
 _MSG_MAX = lib.FAYT_MSG_MAX
 _CMSG_SPACE = socket.CMSG_SPACE(_MAX_IN_FDS * 4)
 _NOREPLY = lib.FAYT_REQ_NOREPLY
+DEFAULT_LOOP_SPIN_US = 100
 _NOREPLY_OPS = (lib.FAYT_SYS_UNMAP, lib.FAYT_SYS_UNMAP_DESTROY)
 _TRUNC = int(socket.MSG_TRUNC | socket.MSG_CTRUNC)
 _SOL_SOCKET, _SCM_RIGHTS = int(socket.SOL_SOCKET), int(socket.SCM_RIGHTS)
@@ -49,6 +51,10 @@ class Server:
         self.ep = select.epoll()
         self.watch = {}                 # fd -> (kind, object)
         self.stopping = False
+        spin = kernel.cfg.get("loop_spin_us")
+        if spin is None:            # only where the client can run meanwhile
+            spin = DEFAULT_LOOP_SPIN_US if (os.cpu_count() or 1) > 1 else 0
+        self.spin_s = spin / 1e6
         self._catching_up = False
         self._read_one = False
         self.listener = self._listen(path, mode)
@@ -116,7 +122,8 @@ class Server:
         log.info("faytd listening on %s (ram %d MiB)", self.path, self.k.frames.nframes * 4 // 1024)
         try:
             watch = self.watch
-            k, poll = self.k, self.ep.poll
+            k, poll, spin = self.k, self.ep.poll, self.spin_s
+            clock, yield_cpu = time.perf_counter, os.sched_yield
             while not self.stopping:
                 events = poll(0)
                 if not events:
@@ -131,7 +138,17 @@ class Server:
                         else:
                             continue
                     else:
-                        events = poll()
+                        # Requests come in bursts (a fault, then the next page's;
+                        # a destroy, then a create): look a little longer before
+                        # sleeping, giving the CPU away at each look (see
+                        # loop_spin_us), so the next one costs no wake-up.
+                        if spin:
+                            until = clock() + spin
+                            while not events and clock() < until:
+                                yield_cpu()
+                                events = poll(0)
+                        if not events:
+                            events = poll()
                 for fd, ev in events:
                     kind, obj = watch.get(fd, (None, None))
                     self._event(fd, ev, kind, obj)

@@ -303,6 +303,9 @@ class PageRequest:
             self.id, "write" if self.access == WRITE else "read", self.offset, self.chain, self.hop)
 
 
+DEFAULT_SPIN_NS = 50000
+
+
 class ChainServer:
     """A chain server's membership: take() page requests and answer them."""
 
@@ -325,7 +328,12 @@ class ChainServer:
         self._desc = [memoryview(ffi.buffer(lib.fayt_pager_slot(self._ch, i), PAGE_REQ.size))
                       for i in range(self.slots)]
         self.joined = True
-        self.spin_ns = int(os.environ.get("FAYT_PAGER_SPIN_NS", "0"))
+        # After each request, spin this long for the next before sleeping on
+        # the futex: a fault costs one wake-up less when requests come in a
+        # row.  Only where faytd and the client can run meanwhile (2 CPUs or
+        # more); $FAYT_PAGER_SPIN_NS sets it (0: never spin).
+        default = DEFAULT_SPIN_NS if (os.cpu_count() or 1) > 1 else 0
+        self.spin_ns = int(os.environ.get("FAYT_PAGER_SPIN_NS", default))
 
     def take(self, timeout=None):
         """The next PageRequest, or None after timeout seconds (None: wait).

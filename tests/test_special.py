@@ -7,6 +7,7 @@ import faulthandler
 import json
 import multiprocessing
 import os
+import re
 import signal
 import subprocess
 import time
@@ -168,6 +169,60 @@ def test_special_forwarding_through_a_two_server_chain(lp):
     finally:
         a.close()
         b.close()
+
+
+def _front_of_two(req, log):
+    """Pages 0-1 here (a two-page run from page 0), 2 forwarded, 3 failed."""
+    log.put(("front", req.offset, req.hop))
+    page = req.offset // PAGE
+    if page == 2:
+        return req.forward()
+    if page == 3:
+        return req.fail(errno.ENOSPC)
+    req.supply(_pattern(req.offset, min(req.run_max, 2 * PAGE - req.offset)))
+
+
+def _back_of_two(req, log):
+    log.put(("back", req.offset, req.hop))
+    req.supply(_pattern(req.offset, PAGE))
+
+
+@pytest.mark.parametrize("spin_us", [0, 2000000], ids=["loop-path", "fast-path"])
+def test_special_fast_path_and_loop_path_agree(fresh_faytd, conn_to, spin_us):
+    """faytd answers a read fault either in one C call (post, spin for the
+    answer, copy: when pager_spin_us > 0 and the server has nothing else in
+    flight) or through its loop (the eventfd).  Both give the same pages, the
+    same forwarding, the same SIGBUS, whatever the CPU count of the machine.
+    (The fast variant spins up to 2 s, so that even a slow server's answer
+    is caught by the spin: page 0's is, the forward and the failure are
+    handed to the loop.)"""
+    d = fresh_faytd(config={"pager_spin_us": spin_us})
+    conn = conn_to(d)
+    chain = _chain()
+    a = ChildServer(chain, _front_of_two, socket=d.socket, run_max=2 * PAGE)
+    b = ChildServer(chain, _back_of_two, socket=d.socket)
+    try:
+        sp = lp.portal(lp.SPECIAL, lp.PROT_READ, 4 * PAGE, chain=chain, message=b"m",
+                       connection=conn)
+        try:
+            assert sp.read(0, 3 * PAGE) == _pattern(0, 3 * PAGE)
+        finally:
+            sp.unmap()
+        assert _run_client(_touch, chain, 3 * PAGE, d.socket) == -signal.SIGBUS
+        assert sorted(a.entries(3)) == [("front", 0, 0), ("front", 2 * PAGE, 0),
+                                        ("front", 3 * PAGE, 0)]
+        assert b.entries(1) == [("back", 2 * PAGE, 1)]
+        assert a.log.empty() and b.log.empty()          # page 1 came with page 0's run
+    finally:
+        a.close()
+        b.close()
+    log = d.stop()
+    assert "page at 0x3000 failed: No space left on device" in log
+    assert "UFFDIO_COPY" not in log
+    one_call = re.search(r"region \d+ \(chain %r\) closed: 2 faults, 3 pages fetched "
+                         r"\((\d+) faults answered in one call\)" % chain, log)
+    assert one_call, log
+    assert int(one_call.group(1)) == (1 if spin_us else 0)
 
 
 def test_special_failed_request_gives_sigbus(lp, chain_server):

@@ -173,6 +173,26 @@ int fayt_pager_reap(void *ch);
 /* faytd: the server is gone or leaves; wake it if it sleeps. */
 void fayt_pager_close(void *ch);
 
+/* faytd's fast path for one read fault, when the server has nothing else in
+ * flight: fill the slot (found with faytd's own stride), post it, spin up
+ * to spin_ns for its answer, and if it is DATA copy it in (the run bounded
+ * by run_max and the region, whole pages).  Python takes over for anything
+ * else, from the state it reports. */
+#define FAYT_FAST_DONE      1  /* copied: `copied` bytes; err: a later page failed */
+#define FAYT_FAST_POSTED    2  /* posted, not answered yet (or another slot was) */
+#define FAYT_FAST_ANSWERED  3  /* reaped, but not a DATA answer to copy: read the slot */
+#define FAYT_FAST_FAILED    4  /* DATA, but UFFDIO_COPY put nothing in: err */
+struct fayt_fast_fault {
+    int32_t state;
+    int32_t err;
+    uint64_t copied;
+} __attribute__((packed));
+void fayt_pager_fault(void *ch, uint32_t stride, uint32_t slot, uint64_t id, uint64_t offset,
+                      uint32_t run_max, uint32_t chain_id, uint32_t region_id,
+                      int32_t client_pid, uint64_t region_length, const char *chain,
+                      const char *message, uint32_t message_length, int uffd,
+                      uint64_t region_addr, int64_t spin_ns, struct fayt_fast_fault *out);
+
 /* The client's private anonymous range for a SPECIAL portal: anywhere
  * (addr 0) or exactly at addr.  0 and *err on failure. */
 uintptr_t fayt_map_special(uint64_t length, uintptr_t addr, int prot, int *err);
