@@ -51,24 +51,27 @@ def _flatten(t, base, out):
             raise TypeError("struct_of: %s of kind %s" % (name, ft.kind))
 
 
-def struct_of(ctype):
+def struct_of(ctype, upto=None):
     """A little-endian struct.Struct with one item per scalar member of
     `ctype` (nested structs flattened in order, pointers as unsigned
     integers, a char array as bytes, a flexible array left out), at cffi's
-    offsets."""
+    offsets.  upto: stop before that top-level field (a head of the struct)."""
     t = ffi.typeof(ctype)
     items = []
     _flatten(t, 0, items)
+    end = ffi.sizeof(t) if upto is None else ffi.offsetof(t, upto)
     fmt, pos = "<", 0
     for off, code, size in items:
+        if off >= end:
+            break
         if off > pos:
             fmt += "%dx" % (off - pos)
         fmt += code
         pos = off + size
-    if ffi.sizeof(t) > pos:
-        fmt += "%dx" % (ffi.sizeof(t) - pos)
+    if end > pos:
+        fmt += "%dx" % (end - pos)
     s = _struct.Struct(fmt)
-    assert s.size == ffi.sizeof(t), ctype
+    assert s.size == end, ctype
     return s
 
 
@@ -98,3 +101,4 @@ CHAIN_JOIN = struct_of("struct fayt_chain_join")
 CHAIN_JOIN_REPLY = struct_of("struct fayt_chain_join_reply")
 CHAIN_LEAVE = struct_of("struct fayt_chain_leave")
 PAGE_REQUEST = struct_of("struct fayt_page_request")
+PAGE_REQUEST_HEAD = struct_of("struct fayt_page_request", upto="chain")   # without the strings

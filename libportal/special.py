@@ -37,10 +37,12 @@ import struct
 from . import errors
 from ._abi import (ffi, lib, HANDLE_REQ, PORTAL_REPLY, CHAIN_JOIN as JOIN_REQ,
                    CHAIN_JOIN_REPLY as JOIN_REPLY, CHAIN_LEAVE as LEAVE_REQ,
-                   PAGE_REQUEST as PAGE_REQ)
+                   PAGE_REQUEST as PAGE_REQ, PAGE_REQUEST_HEAD as PAGE_REQ_HEAD)
 from .portal import Mapping, PROT_READ, PROT_WRITE, PAGE_SIZE, encode_portal_req
 
 _CRED = struct.Struct("3i")
+_CHAIN_AT = ffi.offsetof("struct fayt_page_request", "chain")
+_MESSAGE_AT = ffi.offsetof("struct fayt_page_request", "message")
 
 READ = lib.FAYT_ACCESS_READ
 WRITE = lib.FAYT_ACCESS_WRITE
@@ -240,20 +242,36 @@ class PageRequest:
     Answer exactly once: supply(), forward() or fail()."""
 
     __slots__ = ("server", "slot", "id", "offset", "length", "run_max", "access", "present",
-                 "hop", "chain", "message", "client_pid", "region_id", "region_length",
-                 "data", "_answered")
+                 "hop", "client_pid", "region_id", "region_length", "_mlen", "_data",
+                 "_answered")
 
     def __init__(self, server, slot):
         self.server = server
         self.slot = slot
         (self.id, self.offset, self.length, self.run_max, self.access, flags, self.hop, _,
-         self.region_id, self.client_pid, self.region_length, _, _, _, mlen, chain,
-         message) = PAGE_REQ.unpack_from(server._desc[slot])
+         self.region_id, self.client_pid, self.region_length, _, _, _,
+         self._mlen) = PAGE_REQ_HEAD.unpack_from(server._desc[slot])
         self.present = bool(flags & lib.FAYT_PAGE_PRESENT)
-        self.chain = chain[:chain.find(b"\0")].decode("utf-8", "replace")
-        self.message = message[:mlen]
-        self.data = server._data[slot][:self.run_max]
+        self._data = None
         self._answered = False
+
+    # The strings and the data view are made on first use: a server that
+    # answers from the offset alone pays for neither.
+    @property
+    def chain(self):
+        raw = bytes(self.server._desc[self.slot][_CHAIN_AT:_CHAIN_AT + lib.FAYT_NAME_MAX + 1])
+        return raw[:raw.find(b"\0")].decode("utf-8", "replace")
+
+    @property
+    def message(self):
+        n = min(self._mlen, lib.FAYT_MESSAGE_MAX)
+        return bytes(self.server._desc[self.slot][_MESSAGE_AT:_MESSAGE_AT + n])
+
+    @property
+    def data(self):
+        if self._data is None:
+            self._data = self.server._data[self.slot][:self.run_max]
+        return self._data
 
     @property
     def cancelled(self):
