@@ -39,6 +39,7 @@ class Demo:
         self.env = dict(os.environ, FAYT_SOCKET=self.socket, PYTHONUNBUFFERED="1")
         self.print_lock = threading.Lock()
         self.events = queue.Queue()     # every line any child printed
+        self.unclaimed = []             # lines taken from events that no wait_for matched yet
         self.faytd = None
         self.instances = {}             # name -> Popen
         self.readers = []
@@ -66,7 +67,20 @@ class Demo:
         self.readers.append(t)
 
     def wait_for(self, text, source=None, timeout=STEP_TIMEOUT):
-        """Wait until a child prints a line containing `text`; the line."""
+        """Wait until a child prints a line containing `text`; the line.
+        Lines of a named source that a wait_for passed over are kept for
+        the next wait for that source: children print concurrently, so an
+        awaited line may come before the one awaited first (a server's
+        "died" before its client's "done").  A wait for any source looks
+        only at lines still to come."""
+        def match(src, line):
+            return text in line and (source is None or src == source)
+
+        if source is not None:
+            for i, (src, line) in enumerate(self.unclaimed):
+                if match(src, line):
+                    del self.unclaimed[i]
+                    return line
         deadline = time.monotonic() + timeout
         while True:
             left = deadline - time.monotonic()
@@ -77,8 +91,9 @@ class Demo:
                 src, line = self.events.get(timeout=left)
             except queue.Empty:
                 continue
-            if text in line and (source is None or src == source):
+            if match(src, line):
                 return line
+            self.unclaimed.append((src, line))
 
     # -- processes ----------------------------------------------------------
     def start_faytd(self):
