@@ -16,6 +16,7 @@ at worst a last line cut short (ignored when read):
     D <id>                                  share-point destroyed
     C <id> <pid> <start> <uid> <gid> <object>   context page made (HELLO)
     G <id>                                  context forgotten
+    N <next share-point id> <next context id>   first line of a rewritten journal
 <start> is the process's start time (/proc/<pid>/stat field 22), so that a
 pid reused by another process is not taken for the one that registered.
 No fsync: the journal must survive faytd's death, not the machine's (shared
@@ -27,6 +28,7 @@ An exclusive flock(2) keeps two faytds off one state directory.
 import fcntl
 import logging
 import os
+import re
 
 import posix_ipc
 
@@ -81,52 +83,75 @@ def read_marker(name):
 
 def objects_named(state_dir):
     """The object names the journal in state_dir names (empty if none)."""
-    sps, ctxs = read(os.path.join(state_dir, NAME))
+    sps, ctxs, _ = read(os.path.join(state_dir, NAME))
     return {r.object for r in sps + ctxs}
 
 
+# What faytd names its objects (frames.py): /fayt.<pid>.<random> and the
+# like, never a "/" inside; a journal naming anything else is not trusted.
+_OBJECT = re.compile(r"/fayt\.[0-9]+\.[A-Za-z0-9.]{1,200}")
+_U32 = 1 << 32
+
+
+def _object(name):
+    if not _OBJECT.fullmatch(name):
+        raise ValueError("not a faytd object name")
+    return name
+
+
 def read(path):
-    """(share-point records, context records) live at the end of the journal."""
-    sps, ctxs = {}, {}
+    """(share-point records, context records) live at the end of the journal,
+    and (next share-point id, next context id): above every id it ever
+    named, destroyed ones too (a dead process's lock record may name one)."""
+    sps, ctxs, ids = {}, {}, [1, 1]
     try:
         with open(path, "rb") as f:
             data = f.read()
     except (FileNotFoundError, NotADirectoryError):
-        return [], []
+        return [], [], (1, 1)
     lines = data.split(b"\n")
     if lines and lines[-1] != b"":
         log.warning("journal %s: last line cut short (faytd died while writing it): ignored",
                     path)
     for n, line in enumerate(lines[:-1], 1):
         try:
-            _apply(line.decode("ascii").split(" "), sps, ctxs)
+            _apply(line.decode("ascii").split(" "), sps, ctxs, ids)
         except (ValueError, IndexError, UnicodeDecodeError):
             log.warning("journal %s: line %d is not a journal record: ignored", path, n)
-    return list(sps.values()), list(ctxs.values())
+    return list(sps.values()), list(ctxs.values()), tuple(ids)
 
 
-def _apply(f, sps, ctxs):
+def _u32(v):
+    v = int(v)
+    if not 0 <= v < _U32:
+        raise ValueError("out of range")
+    return v
+
+
+def _apply(f, sps, ctxs, ids):
     kind = f[0]
-    if kind == "S":
+    if kind == "S" and len(f) == 10:
         r = Record()
-        r.kind, r.id, r.pid, r.start, r.uid = "S", int(f[1]), int(f[2]), int(f[3]), int(f[4])
-        r.prot, r.length, r.object = int(f[5]), int(f[6]), f[7]
-        r.frames = [int(x) for x in f[8].split(",")]
+        r.kind, r.id, r.pid, r.start, r.uid = "S", _u32(f[1]), int(f[2]), int(f[3]), int(f[4])
+        r.prot, r.length, r.object = int(f[5]), int(f[6]), _object(f[7])
+        r.frames = [_u32(x) for x in f[8].split(",")]
         r.identifier = bytes.fromhex(f[9])
-        if len(f) != 10 or not r.object.startswith("/fayt.") or not r.identifier:
+        if not r.identifier:
             raise ValueError("bad share-point record")
         sps[r.id] = r
+        ids[0] = max(ids[0], r.id + 1)
     elif kind == "D" and len(f) == 2:
         sps.pop(int(f[1]), None)
     elif kind == "C" and len(f) == 7:
         r = Record()
-        r.kind, r.id, r.pid, r.start = "C", int(f[1]), int(f[2]), int(f[3])
-        r.uid, r.gid, r.object = int(f[4]), int(f[5]), f[6]
-        if not r.object.startswith("/fayt."):
-            raise ValueError("bad context record")
+        r.kind, r.id, r.pid, r.start = "C", _u32(f[1]), int(f[2]), int(f[3])
+        r.uid, r.gid, r.object = int(f[4]), int(f[5]), _object(f[6])
         ctxs[r.id] = r
+        ids[1] = max(ids[1], r.id + 1)
     elif kind == "G" and len(f) == 2:
         ctxs.pop(int(f[1]), None)
+    elif kind == "N" and len(f) == 3:
+        ids[0], ids[1] = max(ids[0], _u32(f[1])), max(ids[1], _u32(f[2]))
     else:
         raise ValueError("unknown record")
 
@@ -150,22 +175,27 @@ class Journal:
                              % state_dir) from None
         self._fd = -1
         self.lines = self.live_lines = 0
+        self.next_ids = (1, 1)
         self.state_dir = os.path.abspath(state_dir)
         self.marker = None          # written by Kernel once the sweep is done
         self.adopted_markers = []   # dead faytds' markers whose objects we took back
 
     # -- reading ----------------------------------------------------------
     def load(self):
-        """(share-point records, context records) live at the end of the journal."""
-        return read(self.path)
+        """(share-point records, context records) live at the end of the
+        journal; the next ids to hand out are left in self.next_ids."""
+        sps, ctxs, self.next_ids = read(self.path)
+        return sps, ctxs
 
     # -- writing ----------------------------------------------------------
-    def open(self, sharepoints, contexts):
-        """Rewrite the journal with what is live now, then append from here."""
+    def open(self, sharepoints, contexts, next_ids):
+        """Rewrite the journal with what is live now (and the next ids), then
+        append from here."""
         tmp = self.path + ".new"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
-            os.write(fd, b"".join([self._sp_line(sp) for sp in sharepoints] +
+            os.write(fd, b"".join([b"N %d %d\n" % next_ids] +
+                                  [self._sp_line(sp) for sp in sharepoints] +
                                   [self._ctx_line(c) for c in contexts]))
         finally:
             os.close(fd)

@@ -41,10 +41,18 @@ class Kernel:
         self._next_cid = 1
         self.server = None          # the Server, once it runs (watch_fd, catch_up)
         if self.journal:
+            next_sp, next_ctx = self.journal.next_ids
+            self.sharepoints.skip_ids(next_sp)
+            self._next_cid = max(self._next_cid, next_ctx)
             self._adopt(sps, ctxs)
-            self.journal.open(list(self.sharepoints.by_id.values()),
-                              [c for c in self.contexts.values() if c.page is not None])
+            self._open_journal()
             self.sharepoints.journal = self.journal
+
+    def _open_journal(self):
+        """(Re)write the journal with what is live, and the next ids."""
+        self.journal.open(list(self.sharepoints.by_id.values()),
+                          [c for c in self.contexts.values() if c.page is not None],
+                          (self.sharepoints.next_id, self._next_cid))
 
     # -- a restart: what the journal names ------------------------------
     def _sweep(self, mine):
@@ -79,13 +87,16 @@ class Kernel:
         for r in sps:
             try:
                 backing = self.frames.adopt(r.object, r.length, r.frames)
-            except KernelError as e:
-                log.error("journal: share-point %r not restored: %s", r.identifier, e.message)
+            except Exception as e:
+                log.error("journal: share-point %r not restored: %s", r.identifier,
+                          getattr(e, "message", e))
+                _unlink(r.object)
                 continue
             try:
                 self.sharepoints.adopt(r, backing)
-            except KernelError as e:
-                log.error("journal: share-point %r not restored: %s", r.identifier, e.message)
+            except Exception as e:
+                log.error("journal: share-point %r not restored: %s", r.identifier,
+                          getattr(e, "message", e))
                 self.frames.put(backing)
         self.frames.adopted()
         dead = []
@@ -93,11 +104,12 @@ class Kernel:
             ctx = Context(r.id, None, r.pid, r.uid, r.gid, None,
                           self.policy.classify(r.uid, r.gid, None))
             ctx.start, ctx.connected = r.start, False
-            self._next_cid = max(self._next_cid, r.id + 1)
             try:
                 ctx.adopt_page(BackingObject.adopt(0, r.object, PAGE, []))
-            except KernelError as e:
-                log.error("journal: context %d (pid %d) not restored: %s", r.id, r.pid, e.message)
+            except Exception as e:
+                log.error("journal: context %d (pid %d) not restored: %s", r.id, r.pid,
+                          getattr(e, "message", e))
+                _unlink(r.object)
                 continue
             self.contexts[ctx.id] = ctx
             if alive(r.pid, r.start):
@@ -107,13 +119,20 @@ class Kernel:
                     ctx.pidfd = -1
             if ctx.pidfd < 0 or not alive(r.pid, r.start):
                 dead.append(ctx)
-        owners = {c.pid for c in self.contexts.values() if c not in dead}
+        # The dead first give back their locks (a share-point whose owner is
+        # among them is still in the table then), as died() does in order.
+        for ctx in dead:
+            ctx.alive = False
+            ctx.close_pidfd()
+        for ctx in dead:
+            log.info("journal: pid %d died while faytd was down: its locks are recovered",
+                     ctx.pid)
+            self.recover_locks(ctx)
+        owners = {c.pid for c in self.contexts.values() if c.alive}
         for pid in {sp.owner_pid for sp in self.sharepoints.by_id.values()} - owners:
             self.sharepoints.owner_died(pid)
         for ctx in dead:
-            log.info("journal: pid %d died while faytd was down: its locks are recovered", ctx.pid)
-            ctx.close_pidfd()
-            self.died(ctx)
+            self.forget(ctx)
         log.info("journal: restored %d share-points, %d contexts of running processes",
                  len(self.sharepoints.by_id), len(self.contexts))
 
@@ -127,8 +146,7 @@ class Kernel:
         if self.frames.has_idle_work():
             self.frames.idle_work()
         elif self.journal is not None and self.journal.wants_compaction():
-            self.journal.open(list(self.sharepoints.by_id.values()),
-                              [c for c in self.contexts.values() if c.page is not None])
+            self._open_journal()
 
     def registered(self, ctx):
         """ctx has its context page (HELLO)."""
@@ -265,3 +283,12 @@ class Kernel:
             self.forget(ctx)
         self.sharepoints.destroy_all()
         self.frames.release_all()
+
+
+def _unlink(name):
+    """Remove an object the journal named but that cannot be taken back."""
+    import posix_ipc
+    try:
+        posix_ipc.unlink_shared_memory(name)
+    except (posix_ipc.ExistentialError, posix_ipc.PermissionsError, ValueError, OSError):
+        pass

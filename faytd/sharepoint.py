@@ -121,8 +121,17 @@ class SharePointTable:
         sp = SharePoint(rec.id, rec.identifier, backing, rec.prot, rec.pid, rec.uid)
         sp.owner_start = rec.start
         self._insert(sp)
-        self._next_id = max(self._next_id, rec.id % 0xfffffffe + 1)
+        self.skip_ids(rec.id % 0xfffffffe + 1)
         return sp
+
+    @property
+    def next_id(self):
+        return self._next_id
+
+    def skip_ids(self, next_id):
+        """Never hand out an id below next_id again (a restart: ids of
+        share-points destroyed before it may still be in lock records)."""
+        self._next_id = max(self._next_id, next_id)
 
     def lookup(self, identifier):
         sp = self.by_name.get(identifier)

@@ -296,3 +296,74 @@ def test_journal_another_faytd_in_between_does_not_sweep_what_the_journal_names(
         assert libportal.share_attach("j-between", connection=conn).read(0, 9) == b"not swept"
     finally:
         conn.close()
+
+
+def test_journal_owner_that_died_holding_its_lock_while_faytd_was_down(restartable, children):
+    """The owner holds its share-point's lock, faytd is killed, the owner
+    dies: the restart recovers the lock (owner-died) before it reclaims the
+    owner's share-points, so another mapper is told, not left waiting."""
+    d = restartable.start()
+    owner = children("""
+        sp = lp.share_create("j-owner-lock", 4096)
+        assert sp.lock() == 0
+        print("locked")
+        time.sleep(120)
+        """, d)
+    assert owner.expect() == "locked"
+    conn = libportal.Connection(d.socket)
+    sp = libportal.share_attach("j-owner-lock", connection=conn)
+    assert lock_state(sp) == lib.FAYT_LOCK_HELD
+    restartable.kill()
+    owner.kill()
+    restartable.start()
+    assert sp.lock(WAIT) == errno.EOWNERDEAD
+    sp.unlock()
+
+
+def test_journal_ids_are_not_reused_after_a_restart(restartable, children):
+    """A share-point destroyed before the restart may still be locked by a
+    live process whose lock record names its id: a new share-point must not
+    get that id, or the holder's death would release the new one's lock."""
+    d = restartable.start()
+    conn = libportal.Connection(d.socket)
+    libportal.share_create("j-ids-a", 4096, connection=conn)
+    b = libportal.share_create("j-ids-b", 4096, connection=conn)
+    holder = children("""
+        sp = lp.share_attach("j-ids-b")
+        assert sp.lock() == 0
+        print("locked")
+        sys.stdin.readline()
+        """, d)
+    assert holder.expect() == "locked"
+    old_id = b.sp_id
+    b.destroy()
+    assert "j-ids-b" not in {s["identifier"] for s in conn.list_sharepoints()}
+    restartable.kill()
+    d = restartable.start()
+    conn2 = libportal.Connection(d.socket)
+    try:
+        c = libportal.share_create("j-ids-c", 4096, connection=conn2)
+        assert c.sp_id > old_id
+        assert c.lock(WAIT) == 0
+        holder.kill()
+        wait_until(lambda: holder.pid not in {x["pid"] for x in
+                                              conn2.list_contexts()["contexts"]},
+                   "the holder's death to be seen")
+        assert lock_state(c) == lib.FAYT_LOCK_HELD and not c.owner_died
+        c.unlock()
+        c.destroy()
+        libportal.share_attach("j-ids-a", connection=conn2).destroy()
+    finally:
+        conn2.close()
+
+
+def test_journal_names_outside_faytd_s_objects_are_not_trusted(restartable):
+    d = restartable.start()
+    restartable.kill()
+    with open(os.path.join(restartable.dir, "faytd.journal"), "ab") as f:
+        f.write(b"C 1 1 5 0 0 /fayt.a/b\n")
+        f.write(b"S 9 1 5 0 3 4096 /fayt.1.x 4294967296 6a\n")
+        f.write(b"S 10 1 5 0 3 4096 /etc/passwd 0 6a\n")
+    d = restartable.start()
+    log = _log(d)
+    assert log.count("is not a journal record") == 3, log
