@@ -38,6 +38,8 @@ _MSG_MAX = lib.FAYT_MSG_MAX
 _CMSG_SPACE = socket.CMSG_SPACE(_MAX_IN_FDS * 4)
 _NOREPLY = lib.FAYT_REQ_NOREPLY
 DEFAULT_LOOP_SPIN_US = 100
+_CATCH_UP_DEPTH = 32            # connections at most in nested catch-ups
+_IDLE_EVERY = 16                # busy turns after which deferred work gets a step anyway
 _NOREPLY_OPS = (lib.FAYT_SYS_UNMAP, lib.FAYT_SYS_UNMAP_DESTROY)
 _TRUNC = int(socket.MSG_TRUNC | socket.MSG_CTRUNC)
 _SOL_SOCKET, _SCM_RIGHTS = int(socket.SOL_SOCKET), int(socket.SCM_RIGHTS)
@@ -55,8 +57,9 @@ class Server:
         if spin is None:            # only where the client can run meanwhile
             spin = DEFAULT_LOOP_SPIN_US if (os.cpu_count() or 1) > 1 else 0
         self.spin_s = spin / 1e6
-        self._catching_up = False
-        self._read_one = False
+        self._serving = set()          # connections inside catch_up (see there)
+        self._read_one = False          # _on_client read a request ...
+        self._read_noreply = False      # ... sent with FAYT_REQ_NOREPLY
         self.listener = self._listen(path, mode)
         self._watch(self.listener.fileno(), "accept", None)
         self._wake_r, self._wake_w = socket.socketpair()
@@ -124,19 +127,25 @@ class Server:
             watch = self.watch
             k, poll, spin = self.k, self.ep.poll, self.spin_s
             clock, yield_cpu = time.perf_counter, os.sched_yield
+            busy = 0                # turns in a row with requests waiting
             while not self.stopping:
                 events = poll(0)
+                if events:
+                    busy += 1
+                    if busy >= _IDLE_EVERY and k.has_idle_work():
+                        # Under steady load the deferred work still gets a
+                        # step now and then (released objects hold memory).
+                        busy = 0
+                        self._idle_step(k)
+                else:
+                    busy = 0
                 if not events:
                     # Nothing waits: one step of the deferred work (unlinks,
                     # fresh pool objects, the journal's compaction), then look again.
                     if k.has_idle_work():
-                        try:
-                            k.idle_work()
-                        except Exception as e:      # e.g. out of files: the pool waits
-                            log.warning("idle work: %s", e)
-                            events = poll()
-                        else:
+                        if self._idle_step(k):
                             continue
+                        events = poll()
                     else:
                         # Requests come in bursts (a fault, then the next page's;
                         # a destroy, then a create): look a little longer before
@@ -162,6 +171,16 @@ class Server:
             for sig, h in prev.items():
                 signal.signal(sig, h)
             self.close()
+
+    @staticmethod
+    def _idle_step(k):
+        """One step of the kernel's deferred work; False if it failed."""
+        try:
+            k.idle_work()
+            return True
+        except Exception as e:      # e.g. out of files: the pool waits
+            log.warning("idle work: %s", e)
+            return False
 
     def _event(self, fd, ev, kind, obj):
         try:
@@ -198,25 +217,35 @@ class Server:
         send its request, so performing what is queued before answering keeps
         the order a kernel would give.  The share-point calls whose answer
         depends on such calls (an identifier that exists, the list) call this.
-        Requests of one connection are still performed in order; this never
-        nests, and `current`'s own later requests wait their turn."""
-        if self._catching_up:
+
+        Requests of one connection are still performed in order.  A
+        connection is read up to and including its first call that waits for
+        an answer: what it sent after that cannot have caused anything
+        `current` sent.  A request performed here may catch up in turn (its
+        own answer may depend on a third connection's queue); connections
+        being served are skipped, and the nesting is bounded."""
+        serving = self._serving
+        if len(serving) >= _CATCH_UP_DEPTH:
             return
-        self._catching_up = True
+        serving.add(current)
         try:
             for fd, ev in self.ep.poll(0):
                 kind, obj = self.watch.get(fd, (None, None))
-                if kind != "client" or obj is current:
+                if kind != "client" or obj in serving:
                     continue
-                while obj.sock is not None and obj.sock.fileno() == fd:
-                    if not self._guarded_client(fd, ev, obj):
-                        break
+                serving.add(obj)
+                try:
+                    while obj.sock is not None and obj.sock.fileno() == fd:
+                        if not self._guarded_client(fd, ev, obj) or not self._read_noreply:
+                            break
+                finally:
+                    serving.discard(obj)
         finally:
-            self._catching_up = False
+            serving.discard(current)
 
     def _guarded_client(self, fd, ev, ctx):
         """One request of ctx, with _event's protection; False when none was queued."""
-        self._read_one = False
+        self._read_one = self._read_noreply = False
         self._event(fd, ev, "client", ctx)
         return self._read_one
 
@@ -321,6 +350,7 @@ class Server:
             if len(data) < REQ_HDR.size:
                 return self._disconnect(ctx, "short message (%d bytes)" % len(data))
             magic, op, flags, seq, tid = REQ_HDR.unpack_from(data)
+            self._read_noreply = bool(flags & _NOREPLY)
             if magic != lib.FAYT_REQ_MAGIC:
                 return self._disconnect(ctx, "bad magic %#x" % magic)
             if flags:

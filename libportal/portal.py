@@ -180,10 +180,36 @@ class SharePoint(_fastpath.SharePointCore, Mapping):
         connection has already sent).  Otherwise it waits for faytd's answer,
         so that EPERM is raised here and the mapping is kept."""
         self._check()
-        if self.created or self.connection.category == lib.FAYT_CATEGORY_CORE:
-            self._release(lib.FAYT_SYS_UNMAP_DESTROY, lib.FAYT_REQ_NOREPLY)
-        else:
-            self._release(lib.FAYT_SYS_UNMAP_DESTROY)
+        conn = self.connection
+        if not conn._broken:
+            try:
+                if self.created or conn.category == lib.FAYT_CATEGORY_CORE:
+                    return self._release(lib.FAYT_SYS_UNMAP_DESTROY, lib.FAYT_REQ_NOREPLY)
+                return self._release(lib.FAYT_SYS_UNMAP_DESTROY)
+            except OSError as e:
+                if not (e.errno == errno.ECONNRESET and conn._broken and self.mapped):
+                    raise
+        self._destroy_after_restart()
+
+    def _destroy_after_restart(self):
+        """faytd was restarted since this was mapped (the connection is lost;
+        the new faytd took the share-point back from its journal but does
+        not know this mapping): destroy it by identifier through a new
+        connection, if it is still this share-point (same id), then unmap here."""
+        from .syscall import Connection
+        fresh = Connection(self.connection.path)
+        try:
+            again = portal(SHARE | ANON, PROT_NONE, 0, identifier=self.identifier,
+                           connection=fresh)
+            if again.sp_id != self.sp_id:
+                again.unmap()
+                raise errors.error(errno.ENOENT, "share-point %r: gone after faytd's restart "
+                                   "(the name is another share-point's now)"
+                                   % self.identifier.decode("utf-8", "replace"))
+            again.destroy()
+        finally:
+            fresh.close()
+            self._release(lib.FAYT_SYS_UNMAP)       # a lost connection: unmaps here only
 
     def __getstate__(self):
         raise TypeError("a SharePoint cannot be pickled: attach it by identifier")

@@ -243,7 +243,7 @@ class PageRequest:
 
     __slots__ = ("server", "slot", "id", "offset", "length", "run_max", "access", "present",
                  "hop", "client_pid", "region_id", "region_length", "_mlen", "_data",
-                 "_answered")
+                 "_answered", "_chain", "_message")
 
     def __init__(self, server, slot):
         self.server = server
@@ -254,18 +254,24 @@ class PageRequest:
         self.present = bool(flags & lib.FAYT_PAGE_PRESENT)
         self._data = None
         self._answered = False
+        self._chain = self._message = None
 
     # The strings and the data view are made on first use: a server that
-    # answers from the offset alone pays for neither.
+    # answers from the offset alone pays for neither.  The strings are read
+    # before the answer at the latest (the slot then carries the next request).
     @property
     def chain(self):
-        raw = bytes(self.server._desc[self.slot][_CHAIN_AT:_CHAIN_AT + lib.FAYT_NAME_MAX + 1])
-        return raw[:raw.find(b"\0")].decode("utf-8", "replace")
+        if self._chain is None:
+            raw = bytes(self.server._desc[self.slot][_CHAIN_AT:_CHAIN_AT + lib.FAYT_NAME_MAX + 1])
+            self._chain = raw[:raw.find(b"\0")].decode("utf-8", "replace")
+        return self._chain
 
     @property
     def message(self):
-        n = min(self._mlen, lib.FAYT_MESSAGE_MAX)
-        return bytes(self.server._desc[self.slot][_MESSAGE_AT:_MESSAGE_AT + n])
+        if self._message is None:
+            n = min(self._mlen, lib.FAYT_MESSAGE_MAX)
+            self._message = bytes(self.server._desc[self.slot][_MESSAGE_AT:_MESSAGE_AT + n])
+        return self._message
 
     @property
     def data(self):
@@ -282,6 +288,7 @@ class PageRequest:
     def _answer(self, verdict, error, n):
         if self._answered:
             raise errors.error(errno.EALREADY, "page request %d: already answered" % self.id)
+        _ = (self.chain, self.message)    # read them now: after this the slot is faytd's again
         e = lib.fayt_pager_answer(self.server._ch, self.slot, verdict, error, n, self.server._efd)
         if e:
             raise errors.error(e, "page request %d: answer refused: %s" % (self.id, os.strerror(e)))

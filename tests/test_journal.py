@@ -109,6 +109,30 @@ def test_journal_restart_keeps_share_points_their_data_and_names(restartable, ch
         conn.close()
 
 
+def test_journal_destroy_of_a_share_point_mapped_before_the_restart(restartable):
+    """Through a connection the killed faytd had: destroy() finds the
+    share-point again by identifier (same id) and destroys it; unmap() only
+    unmaps here."""
+    d = restartable.start()
+    old = libportal.Connection(d.socket)
+    sp = libportal.share_create("j-destroy-after", 4096, connection=old)
+    other = libportal.share_create("j-unmap-after", 4096, connection=old)
+    restartable.kill()
+    d = restartable.start()
+    conn = libportal.Connection(d.socket)
+    try:
+        assert {s["identifier"] for s in conn.list_sharepoints()} == {"j-destroy-after",
+                                                                      "j-unmap-after"}
+        sp.destroy()
+        assert not sp.mapped
+        other.unmap()
+        assert not other.mapped
+        assert {s["identifier"] for s in conn.list_sharepoints()} == {"j-unmap-after"}
+        libportal.share_attach("j-unmap-after", connection=conn).destroy()
+    finally:
+        conn.close()
+
+
 def test_journal_lock_holder_that_died_while_faytd_was_down_is_recovered(restartable, children):
     d = restartable.start()
     conn = libportal.Connection(d.socket)

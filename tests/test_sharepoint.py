@@ -710,6 +710,45 @@ def test_sharepoint_destroy_is_not_answered_but_comes_before_what_it_caused(
     assert me.list_sharepoints() == []
 
 
+def test_sharepoint_catch_up_nests_so_order_holds_through_a_third_connection(
+        fresh_faytd, conn_to):
+    """C's attach makes faytd catch up with B's queue, where B's attach of x
+    needs A's queued destroy of x performed first: the catch-up nests.
+    Queued with faytd stopped: C attach y; B unmap (NOREPLY); A destroy x
+    (NOREPLY); then B attach x, sent after the destroy returned."""
+    d = fresh_faytd()
+    a, b, c = conn_to(d), conn_to(d), conn_to(d)
+    libportal.share_create("y", 4096, connection=a)
+    x = libportal.share_create("x", 4096, connection=a)
+    anon = libportal.portal(libportal.ANON, libportal.PROT_RW, 4096, connection=b)
+    got = {}
+
+    def attach(name, conn, ident):
+        try:
+            libportal.share_attach(ident, connection=conn)
+            got[name] = "attached"
+        except OSError as e:
+            got[name] = errno.errorcode.get(e.errno)
+
+    os.kill(d.proc.pid, signal.SIGSTOP)
+    try:
+        tc = threading.Thread(target=attach, args=("C", c, "y"))
+        tc.start()
+        time.sleep(0.2)
+        anon.unmap()
+        time.sleep(0.05)
+        x.destroy()
+        time.sleep(0.05)
+        tb = threading.Thread(target=attach, args=("B", b, "x"))
+        tb.start()
+        time.sleep(0.2)
+    finally:
+        os.kill(d.proc.pid, signal.SIGCONT)
+    tc.join(WAIT)
+    tb.join(WAIT)
+    assert got == {"C": "attached", "B": "ENOENT"}
+
+
 POLICY_GID = 4242
 POLICY = {"policy": {
     "categories": {"core": {"classes": ["SHARE", "DIRECT", "ANON", "COW", "SPECIAL"],
