@@ -57,6 +57,12 @@ class Server:
         if spin is None:            # only where the client can run meanwhile
             spin = DEFAULT_LOOP_SPIN_US if (os.cpu_count() or 1) > 1 else 0
         self.spin_s = spin / 1e6
+        # A client that truncates an object faytd maps must not kill faytd
+        # with SIGBUS (lock.h: fayt_sigbus_guard).
+        err = lib.fayt_sigbus_guard()
+        if err:
+            raise SystemExit("faytd: cannot install its SIGBUS handler: %s" % os.strerror(err))
+        self._sigbus_seen = 0
         self._serving = set()          # connections inside catch_up (see there)
         self._read_one = False          # _on_client read a request ...
         self._read_noreply = False      # ... sent with FAYT_REQ_NOREPLY
@@ -183,6 +189,17 @@ class Server:
             return False
 
     def _event(self, fd, ev, kind, obj):
+        try:
+            self._handle(fd, ev, kind, obj)
+        finally:
+            n = lib.fayt_sigbus_count()
+            if n != self._sigbus_seen:
+                log.warning("%d page(s) of shared objects were cut off under faytd (a client "
+                            "truncated an object it was given); faytd reads zeros there now "
+                            "(event %s on fd %d)", n - self._sigbus_seen, kind, fd)
+                self._sigbus_seen = n
+
+    def _handle(self, fd, ev, kind, obj):
         try:
             if kind == "client":
                 self._on_client(obj)

@@ -16,6 +16,7 @@ goes to a file: this module makes thousands of connections, each logged).
 """
 import array
 import errno
+import faulthandler
 import json
 import os
 import random
@@ -36,7 +37,7 @@ import pytest
 import libportal
 from faytd.launch import Faytd
 from libportal._abi import (ffi, lib, REQ_HDR, REP_HDR, HANDLE_REQ, LIST_REQ, PORTAL_REPLY,
-                            PORTAL_REQ_SIZE)
+                            PORTAL_REQ_SIZE, CHAIN_JOIN)
 from libportal.portal import encode_portal_req
 
 ANON, SHARE, DIRECT = lib.FAYT_PORTAL_ANON, lib.FAYT_PORTAL_SHARE, lib.FAYT_PORTAL_DIRECT
@@ -1218,3 +1219,65 @@ def test_badinput_list_before_hello_is_refused(daemon):
         for op in (lib.FAYT_SYS_LIST_SHARE, lib.FAYT_SYS_LIST_CONTEXTS):
             rep = r.call(op)
             assert rep.err == errno.EPROTO and "before hello" in rep.message
+
+
+# -- objects truncated under faytd ---------------------------------------------
+
+def _hello_with_page_fd(path):
+    """A registered connection that keeps its context page's fd."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    s.settimeout(TIMEOUT)
+    s.connect(path)
+    s.send(REQ_HDR.pack(lib.FAYT_REQ_MAGIC, lib.FAYT_SYS_HELLO, 0, 1, threading.get_native_id()))
+    _, anc, _, _ = s.recvmsg(4096, socket.CMSG_SPACE(4 * 4))
+    fds = array.array("i")
+    for level, kind, cdata in anc:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(cdata[:len(cdata) - len(cdata) % 4])
+    assert len(fds) == 1
+    return s, fds[0]
+
+
+def test_badinput_objects_truncated_by_clients_do_not_kill_faytd(private):
+    """ftruncate(2) on an fd faytd gave out (a context page, a chain's
+    channel) would make faytd's next access to it a SIGBUS; faytd reads
+    zeros there instead, logs it, and serves the others.  The client that
+    did it only hurts itself: its page request is never seen by the
+    server and times out (SIGBUS for the faulting client, not a hang)."""
+    d = private()
+    s, page_fd = _hello_with_page_fd(d.socket)
+    os.ftruncate(page_fd, 0)
+    os.close(page_fd)
+    s.close()                   # faytd reads its lock records at the disconnect
+    c = libportal.Connection(d.socket)
+    try:
+        body, fds = c.call(lib.FAYT_SYS_CHAIN_JOIN, CHAIN_JOIN.pack(8, 65536, 0, 300, b"cut"))
+        os.ftruncate(fds[0], 0)
+        for fd in fds:
+            os.close(fd)
+        pid = os.fork()
+        if pid == 0:
+            faulthandler.disable()
+            try:
+                cc = libportal.Connection(d.socket)
+                sp = libportal.portal(libportal.SPECIAL, libportal.PROT_READ, 4 * PAGE,
+                                      chain="cut", message=b"m", connection=cc)
+                sp.buf[0]
+            finally:
+                os._exit(3)
+        deadline = time.monotonic() + TIMEOUT
+        while True:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done or time.monotonic() > deadline:
+                break
+            time.sleep(0.01)
+        if not done:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        assert done and os.waitstatus_to_exitcode(status) == -signal.SIGBUS
+        assert d.proc.poll() is None
+        sp = libportal.share_create("after-the-cut", PAGE, connection=c)     # still serving
+        sp.destroy()
+    finally:
+        c.close()
+    assert "cut off under faytd" in d.read_log()

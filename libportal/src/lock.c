@@ -13,6 +13,8 @@
  */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <signal.h>
+#include <string.h>
 #include <linux/futex.h>
 #include <sys/mman.h>
 #include <sys/syscall.h>
@@ -256,4 +258,42 @@ uintptr_t fayt_map(int fd, size_t length, uintptr_t addr, int prot, int *err)
 int fayt_unmap(uintptr_t addr, size_t length)
 {
     return munmap((void *)addr, length) == 0 ? 0 : errno;
+}
+
+/* -- faytd's guard against truncated shared objects ------------------------ */
+
+static uint64_t sigbus_count;
+
+static void on_sigbus(int sig, siginfo_t *si, void *uc)
+{
+    (void)uc;
+    if (si->si_code == BUS_ADRERR) {
+        uintptr_t page = (uintptr_t)si->si_addr & ~(uintptr_t)(FAYT_PAGE_SIZE - 1);
+        void *p = mmap((void *)page, FAYT_PAGE_SIZE, PROT_READ | PROT_WRITE,
+                       MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1, 0);
+        if (p != MAP_FAILED) {
+            __atomic_add_fetch(&sigbus_count, 1, __ATOMIC_RELAXED);
+            return;                     /* the access runs again, on the zero page */
+        }
+    }
+    /* Not ours to mend: the default action, when the access runs again. */
+    struct sigaction dfl;
+    memset(&dfl, 0, sizeof dfl);
+    dfl.sa_handler = SIG_DFL;
+    sigaction(sig, &dfl, NULL);
+}
+
+int fayt_sigbus_guard(void)
+{
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_sigaction = on_sigbus;
+    sa.sa_flags = SA_SIGINFO | SA_RESTART;
+    sigemptyset(&sa.sa_mask);
+    return sigaction(SIGBUS, &sa, NULL) ? errno : 0;
+}
+
+uint64_t fayt_sigbus_count(void)
+{
+    return __atomic_load_n(&sigbus_count, __ATOMIC_RELAXED);
 }

@@ -41,4 +41,14 @@ uintptr_t fayt_map(int fd, size_t length, uintptr_t addr, int prot, int *err);
 uintptr_t fayt_mmap_at(uintptr_t addr, size_t length, int prot, int flags, int fd, int *err);
 int fayt_unmap(uintptr_t addr, size_t length);
 
+/* faytd: survive a client that truncates a shared object faytd maps (its
+ * context page, a share-point, a chain's channel: ftruncate(2) on the fd it
+ * was given).  faytd's next access to a page past the new end raises
+ * SIGBUS (BUS_ADRERR); the handler puts a private zero page there and the
+ * access goes on, reading zeros, which faytd already treats as any other
+ * untrusted content.  Any other SIGBUS keeps its default action.
+ * Returns 0 or an errno; fayt_sigbus_count() counts the pages replaced. */
+int fayt_sigbus_guard(void);
+uint64_t fayt_sigbus_count(void);
+
 #endif
