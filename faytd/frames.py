@@ -22,9 +22,28 @@ import secrets
 import posix_ipc
 
 PAGE = 4096
-MARKER = "/fayt.%d.statedir"  # a faytd's state directory, for the sweeps of others (journal.py)
+MARKER = "/fayt.%s.statedir"  # a faytd's state directory (per run tag), for others' sweeps (journal.py)
 RAM_BASE = 0x100000          # 1 MiB, as on a PC; MMIO windows sit far above RAM
 NAME_PREFIX = "/fayt."
+
+
+def start_time(pid):
+    """The start time of pid (clock ticks since boot), or None if it is gone."""
+    try:
+        with open("/proc/%d/stat" % pid, "rb") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    return int(stat[stat.rindex(b")") + 2:].split()[19])
+
+
+def run_tag(pid=None):
+    """<pid>.<start time>: what names every object of one faytd run.  The
+    start time tells a dead faytd's objects from those of a later process
+    that got the same pid (in a container, faytd may get the same pid on
+    every start)."""
+    pid = pid or os.getpid()
+    return "%d.%d" % (pid, start_time(pid) or 0)
 
 
 class KernelError(Exception):
@@ -134,7 +153,7 @@ class FrameAllocator:
         if ram_bytes < PAGE:
             raise ValueError("ram must be at least one frame")
         self.nframes = ram_bytes // PAGE
-        self.tag = tag or "%d" % os.getpid()
+        self.tag = tag or run_tag()
         self._next = 0                   # frames below this were handed out once
         self._free = array.array("I")    # frames handed back
         self.refcount = array.array("I", bytes(4 * self.nframes))
@@ -255,35 +274,39 @@ class FrameAllocator:
         self._pool.clear()
 
 
-def sweep_stale(kept_for=None):
-    """Unlink the objects left by faytds that died (their pid no longer runs).
+def sweep_stale(kept_for=None, own_tag=None):
+    """Unlink the objects left by faytd runs that ended (see run_tag).
 
-    Names are /fayt.<pid>.<random>.  kept_for(pid, marker) -> the set of
-    names to keep among that dead faytd's objects (those a journal names, see
-    journal.py; `marker` is the name of its state-directory marker or None).
-    A marker goes when none of its faytd's objects is kept.  Returns (how
-    many were removed, the markers of the dead faytds whose objects are kept)."""
+    Names are /fayt.<pid>.<start>.<random> (/fayt.<pid>.<random> before
+    run tags: those go when the pid no longer runs).  kept_for(tag, marker)
+    -> the set of names to keep among a dead run's objects (those a journal
+    names, see journal.py; `marker` is the name of its state-directory
+    marker or None).  A marker goes when none of its run's objects is kept.
+    Returns (how many were removed, the markers of the dead runs whose
+    objects are kept)."""
+    own_tag = own_tag or run_tag()
     try:
         names = os.listdir("/dev/shm")
     except OSError:
         return 0, []
-    dead = {}
+    runs = {}
     for n in names:
         if not n.startswith(NAME_PREFIX[1:]):
             continue
         parts = n.split(".")
         if len(parts) < 3 or not parts[1].isdigit():
             continue
-        pid = int(parts[1])
-        if pid == os.getpid():
-            continue
-        dead.setdefault(pid, []).append("/" + n)
+        start = int(parts[2]) if len(parts) >= 4 and parts[2].isdigit() else None
+        runs.setdefault((int(parts[1]), start), []).append("/" + n)
     removed, markers = 0, []
-    for pid, objs in dead.items():
-        if _pid_alive(pid):
+    for (pid, start), objs in runs.items():
+        tag = "%d.%d" % (pid, start) if start is not None else "%d" % pid
+        if tag == own_tag:
             continue
-        marker = MARKER % pid
-        keep = kept_for(pid, marker if marker in objs else None) if kept_for else set()
+        if (start_time(pid) == start) if start is not None else _pid_alive(pid):
+            continue                    # that run goes on
+        marker = MARKER % tag
+        keep = kept_for(tag, marker if marker in objs else None) if kept_for else set()
         if any(o in keep for o in objs):
             keep = set(keep) | {marker}
             if marker in objs:

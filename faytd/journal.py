@@ -32,21 +32,11 @@ import re
 
 import posix_ipc
 
-from .frames import MARKER
+from .frames import MARKER, start_time  # noqa: F401  (start_time: kernel.py's)
 
 log = logging.getLogger("faytd")
 
 NAME = "faytd.journal"
-
-
-def start_time(pid):
-    """The start time of pid (clock ticks since boot), or None if it is gone."""
-    try:
-        with open("/proc/%d/stat" % pid, "rb") as f:
-            stat = f.read()
-    except OSError:
-        return None
-    return int(stat[stat.rindex(b")") + 2:].split()[19])
 
 
 def alive(pid, start):
@@ -54,11 +44,11 @@ def alive(pid, start):
     return start is not None and start_time(pid) == start
 
 
-def write_marker(state_dir):
-    """/fayt.<pid>.statedir: this faytd's state directory, so that another
+def write_marker(state_dir, tag):
+    """/fayt.<tag>.statedir: this faytd's state directory, so that another
     faytd that sweeps our objects after we died keeps those our journal
     names (a restart on our directory takes them back).  Returns its name."""
-    name = MARKER % os.getpid()
+    name = MARKER % tag
     shm = posix_ipc.SharedMemory(name, posix_ipc.O_CREAT | posix_ipc.O_TRUNC, mode=0o600)
     try:
         data = os.fsencode(os.path.abspath(state_dir))
@@ -87,7 +77,7 @@ def objects_named(state_dir):
     return {r.object for r in sps + ctxs}
 
 
-# What faytd names its objects (frames.py): /fayt.<pid>.<random> and the
+# What faytd names its objects (frames.py): /fayt.<pid>.<start>.<random> and the
 # like, never a "/" inside; a journal naming anything else is not trusted.
 _OBJECT = re.compile(r"/fayt\.[0-9]+\.[A-Za-z0-9.]{1,200}")
 _U32 = 1 << 32

@@ -11,7 +11,7 @@ import os
 from libportal._abi import lib
 
 from .context import Context
-from .frames import PAGE, BackingObject, FrameAllocator, KernelError, sweep_stale
+from .frames import PAGE, BackingObject, FrameAllocator, KernelError, run_tag, sweep_stale
 from .journal import Journal, alive, objects_named, read_marker, start_time, write_marker
 from .notification import Notifications
 from .pager import Pager
@@ -28,7 +28,8 @@ class Kernel:
         state_dir = cfg.get("state_dir")
         self.journal = Journal(state_dir) if state_dir else None
         sps, ctxs = self.journal.load() if self.journal else ([], [])
-        swept = self._sweep({r.object for r in sps + ctxs})
+        tag = tag or run_tag()
+        swept = self._sweep({r.object for r in sps + ctxs}, tag)
         if swept:
             log.info("removed %d shared-memory objects left by a dead faytd", swept)
         self.frames = FrameAllocator(cfg["ram"], tag)
@@ -55,22 +56,22 @@ class Kernel:
                           (self.sharepoints.next_id, self._next_cid))
 
     # -- a restart: what the journal names ------------------------------
-    def _sweep(self, mine):
+    def _sweep(self, mine, tag):
         """Remove what dead faytds left, but what a journal names: ours (we
         take it back), or another state directory's (a faytd restarted
         there will; its marker says where it is)."""
         here = self.journal.state_dir if self.journal else None
 
-        def kept_for(pid, marker):
+        def kept_for(run, marker):
             d = read_marker(marker) if marker else None
             if d is None or d == here:
                 return mine
             return mine | objects_named(d)
 
-        swept, markers = sweep_stale(kept_for)
+        swept, markers = sweep_stale(kept_for, tag)
         if self.journal:
             self.journal.adopted_markers = [m for m in markers if read_marker(m) == here]
-            self.journal.marker = write_marker(here)
+            self.journal.marker = write_marker(here, tag)
         return swept
 
     def _adopt(self, sps, ctxs):
