@@ -15,6 +15,7 @@ frames need not be contiguous, as on real hardware.
 """
 import array
 import errno
+import fcntl
 import mmap
 import os
 import secrets
@@ -303,9 +304,17 @@ def sweep_stale(kept_for=None, own_tag=None):
         tag = "%d.%d" % (pid, start) if start is not None else "%d" % pid
         if tag == own_tag:
             continue
-        if (start_time(pid) == start) if start is not None else _pid_alive(pid):
-            continue                    # that run goes on
         marker = MARKER % tag
+        if marker in objs:
+            # A faytd holds a lock on its marker while it runs: this holds
+            # across PID namespaces, where its pid means nothing here.
+            if _marker_locked(marker):
+                continue
+        elif start is not None:
+            if start_time(pid) == start:
+                continue                # that run goes on
+        elif _pid_alive(pid) and pid != os.getpid():
+            continue
         keep = kept_for(tag, marker if marker in objs else None) if kept_for else set()
         if any(o in keep for o in objs):
             keep = set(keep) | {marker}
@@ -320,6 +329,23 @@ def sweep_stale(kept_for=None, own_tag=None):
             except (posix_ipc.ExistentialError, posix_ipc.PermissionsError, OSError):
                 pass        # gone already, or another user's: not ours to remove
     return removed, markers
+
+
+def _marker_locked(name):
+    """Whether the faytd that made marker `name` still runs (holds its lock)."""
+    try:
+        fd = posix_ipc.SharedMemory(name, read_only=True).fd
+    except (posix_ipc.ExistentialError, posix_ipc.PermissionsError, ValueError):
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
 
 
 def _pid_alive(pid):

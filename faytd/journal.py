@@ -47,16 +47,21 @@ def alive(pid, start):
 def write_marker(state_dir, tag):
     """/fayt.<tag>.statedir: this faytd's state directory, so that another
     faytd that sweeps our objects after we died keeps those our journal
-    names (a restart on our directory takes them back).  Returns its name."""
+    names (a restart on our directory takes them back).  Returns its name
+    and a descriptor holding its lock (keep it open while faytd runs)."""
     name = MARKER % tag
     shm = posix_ipc.SharedMemory(name, posix_ipc.O_CREAT | posix_ipc.O_TRUNC, mode=0o600)
     try:
         data = os.fsencode(os.path.abspath(state_dir))
         os.ftruncate(shm.fd, len(data))
         os.pwrite(shm.fd, data, 0)
-    finally:
+        # Held while this faytd runs: how others' sweeps know it does, even
+        # from another PID namespace (frames.sweep_stale).
+        fcntl.flock(shm.fd, fcntl.LOCK_EX)
+    except BaseException:
         os.close(shm.fd)
-    return name
+        raise
+    return name, shm.fd
 
 
 def read_marker(name):
@@ -168,6 +173,7 @@ class Journal:
         self.next_ids = (1, 1)
         self.state_dir = os.path.abspath(state_dir)
         self.marker = None          # written by Kernel once the sweep is done
+        self.marker_fd = -1         # holds the marker's lock
         self.adopted_markers = []   # dead faytds' markers whose objects we took back
 
     # -- reading ----------------------------------------------------------
@@ -248,6 +254,9 @@ class Journal:
                         posix_ipc.unlink_shared_memory(m)
                 except posix_ipc.ExistentialError:
                     pass
+        if self.marker_fd >= 0:
+            os.close(self.marker_fd)
+            self.marker_fd = -1
             for p in (self.path, self.path + ".new", self.path + ".lock"):
                 try:
                     os.unlink(p)

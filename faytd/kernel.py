@@ -71,7 +71,7 @@ class Kernel:
         swept, markers = sweep_stale(kept_for, tag)
         if self.journal:
             self.journal.adopted_markers = [m for m in markers if read_marker(m) == here]
-            self.journal.marker = write_marker(here, tag)
+            self.journal.marker, self.journal.marker_fd = write_marker(here, tag)
         return swept
 
     def _adopt(self, sps, ctxs):
@@ -91,7 +91,8 @@ class Kernel:
             except Exception as e:
                 log.error("journal: share-point %r not restored: %s", r.identifier,
                           getattr(e, "message", e))
-                _unlink(r.object)
+                if getattr(e, "errno", None) in (errno.EINVAL, errno.ENOENT):
+                    _unlink(r.object)       # does not fit this faytd: never restorable
                 continue
             try:
                 self.sharepoints.adopt(r, backing)
@@ -110,7 +111,8 @@ class Kernel:
             except Exception as e:
                 log.error("journal: context %d (pid %d) not restored: %s", r.id, r.pid,
                           getattr(e, "message", e))
-                _unlink(r.object)
+                if getattr(e, "errno", None) in (errno.EINVAL, errno.ENOENT):
+                    _unlink(r.object)
                 continue
             self.contexts[ctx.id] = ctx
             if alive(r.pid, r.start):
@@ -185,10 +187,14 @@ class Kernel:
     def died(self, ctx):
         """The process is gone: recover its locks, then forget it."""
         ctx.alive = False
-        self.recover_locks(ctx)
-        self.drop_mappings(ctx)
-        self.sharepoints.owner_died(ctx.pid)
-        self.forget(ctx)
+        try:
+            self.recover_locks(ctx)
+        finally:
+            try:
+                self.drop_mappings(ctx)
+                self.sharepoints.owner_died(ctx.pid)
+            finally:
+                self.forget(ctx)
 
     def forget(self, ctx):
         if self.contexts.pop(ctx.id, None) is None:
@@ -206,26 +212,38 @@ class Kernel:
             sp = mapped.get(sp_id) or self.sharepoints.by_id.get(sp_id)
             if sp is None:
                 continue
-            if state == lib.FAYT_HELD_PENDING:
-                # Died between claiming the record and taking (or recording)
-                # the lock: it is ours only if held and nobody alive holds it.
-                if sp.lock_state() & lib.FAYT_LOCK_STATE_MASK == lib.FAYT_LOCK_FREE:
-                    continue
-                if others is None:
-                    others = set()
-                    for c in self.contexts.values():
-                        if c is not ctx and c.alive:
-                            others.update(i for i, s in c.lock_records()
-                                          if s in (lib.FAYT_HELD_HELD, lib.FAYT_HELD_PENDING))
-                if sp_id in others:
-                    continue
-            elif state != lib.FAYT_HELD_HELD:
-                continue
-            log.info("pid %d died holding the lock of share-point %r: released, owner-died set",
-                     ctx.pid, sp.identifier.decode("utf-8", "replace"))
+            try:
+                others = self._recover_one(ctx, sp, sp_id, state, others)
+            except Exception as e:      # one share-point must not stop the others'
+                log.warning("pid %d: the lock of share-point %r not recovered: %s", ctx.pid,
+                            sp.identifier.decode("utf-8", "replace"), getattr(e, "message", e))
+
+    def _recover_one(self, ctx, sp, sp_id, state, others):
+        """Recover sp's lock from ctx's record if ctx held it; `others` (the
+        share-points other live contexts hold or take) is computed once."""
+        if state == lib.FAYT_HELD_PENDING:
+            # Died between claiming the record and taking (or recording)
+            # the lock: it is ours only if held and nobody alive holds it.
+            if sp.lock_state() & lib.FAYT_LOCK_STATE_MASK == lib.FAYT_LOCK_FREE:
+                return others
+            if others is None:
+                others = set()
+                for c in self.contexts.values():
+                    if c is not ctx and c.alive:
+                        others.update(i for i, s in c.lock_records()
+                                      if s in (lib.FAYT_HELD_HELD, lib.FAYT_HELD_PENDING))
+            if sp_id in others:
+                return others
+        elif state != lib.FAYT_HELD_HELD:
+            return others
+        try:
             sp.recover_lock()
+        finally:
             if sp.destroyed:
                 sp.close_meta()
+        log.info("pid %d died holding the lock of share-point %r: released, owner-died set",
+                 ctx.pid, sp.identifier.decode("utf-8", "replace"))
+        return others
 
     def catch_up(self, ctx):
         """Perform what other connections already sent (Server.catch_up):

@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 
+from libportal._abi import lib
 from libportal.syscall import default_socket_path
 
 from . import config
@@ -37,6 +38,11 @@ def main(argv=None):
         import json
         print(json.dumps(cfg, indent=2))
         return 0
+    # A client that truncates an object faytd maps must not kill faytd with
+    # SIGBUS (lock.h: fayt_sigbus_guard); the restart's adoption maps too.
+    err = lib.fayt_sigbus_guard()
+    if err:
+        raise SystemExit("faytd: cannot install its SIGBUS handler: %s" % os.strerror(err))
     try:
         kernel = Kernel(cfg, os.getuid())
     except ValueError as e:

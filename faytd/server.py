@@ -39,6 +39,7 @@ _CMSG_SPACE = socket.CMSG_SPACE(_MAX_IN_FDS * 4)
 _NOREPLY = lib.FAYT_REQ_NOREPLY
 DEFAULT_LOOP_SPIN_US = 100
 _CATCH_UP_DEPTH = 32            # connections at most in nested catch-ups
+_CATCH_UP_READS = 256           # requests at most read from one connection by a catch-up
 _IDLE_EVERY = 16                # busy turns after which deferred work gets a step anyway
 _NOREPLY_OPS = (lib.FAYT_SYS_UNMAP, lib.FAYT_SYS_UNMAP_DESTROY)
 _TRUNC = int(socket.MSG_TRUNC | socket.MSG_CTRUNC)
@@ -57,13 +58,9 @@ class Server:
         if spin is None:            # only where the client can run meanwhile
             spin = DEFAULT_LOOP_SPIN_US if (os.cpu_count() or 1) > 1 else 0
         self.spin_s = spin / 1e6
-        # A client that truncates an object faytd maps must not kill faytd
-        # with SIGBUS (lock.h: fayt_sigbus_guard).
-        err = lib.fayt_sigbus_guard()
-        if err:
-            raise SystemExit("faytd: cannot install its SIGBUS handler: %s" % os.strerror(err))
-        self._sigbus_seen = 0
+        self._sigbus_seen = lib.fayt_sigbus_count()     # guard installed by main()
         self._serving = set()          # connections inside catch_up (see there)
+        self._later = []                # events catch_up took from epoll for the loop
         self._read_one = False          # _on_client read a request ...
         self._read_noreply = False      # ... sent with FAYT_REQ_NOREPLY
         self.listener = self._listen(path, mode)
@@ -172,6 +169,11 @@ class Server:
                             self._wake_r.recv(4096)
                         except BlockingIOError:
                             pass
+                while self._later:              # taken by a catch-up (see there)
+                    fd, ev = self._later.pop(0)
+                    kind, obj = watch.get(fd, (None, None))
+                    if kind == "callback":
+                        self._event(fd, ev, kind, obj)
         finally:
             signal.set_wakeup_fd(old_fd)
             for sig, h in prev.items():
@@ -248,11 +250,19 @@ class Server:
         try:
             for fd, ev in self.ep.poll(0):
                 kind, obj = self.watch.get(fd, (None, None))
-                if kind != "client" or obj in serving:
+                if kind != "client":
+                    if kind == "callback":
+                        # Some are edge-triggered (a chain's answer eventfd):
+                        # this poll took the edge, so the loop must see it.
+                        self._later.append((fd, ev))
+                    continue
+                if obj in serving:
                     continue
                 serving.add(obj)
                 try:
-                    while obj.sock is not None and obj.sock.fileno() == fd:
+                    for _ in range(_CATCH_UP_READS):
+                        if obj.sock is None or obj.sock.fileno() != fd:
+                            break
                         if not self._guarded_client(fd, ev, obj) or not self._read_noreply:
                             break
                 finally:

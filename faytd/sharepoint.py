@@ -16,6 +16,8 @@ such a share-point (lazily; most are never recovered) and releases the lock
 with the owner-died bit set, waking one waiter.
 """
 import errno
+import mmap
+import os
 
 from libportal._abi import ffi, lib, SHAREPOINT_META
 
@@ -27,7 +29,7 @@ META_SIZE = ffi.sizeof("struct fayt_sharepoint_meta")
 class SharePoint:
     __slots__ = ("id", "identifier", "backing", "prot", "length", "data_offset", "owner_pid",
                  "owner_uid", "owner_alive", "captured", "destroyed", "_meta_map", "created_at",
-                 "charged", "owner_start")
+                 "charged", "owner_start", "_meta_count")
 
     def __init__(self, sp_id, identifier, backing, prot, owner_pid, owner_uid):
         self.id = sp_id
@@ -45,6 +47,7 @@ class SharePoint:
         self.charged = None         # (context, bytes) the creator's RAM quota carries
         self.owner_start = None     # the owner's start time (journal.start_time)
         self._meta_map = None
+        self._meta_count = 0
 
     def write_meta(self, paddrs):
         """The meta-structure: lock free, prot, data length, the morphology."""
@@ -52,9 +55,23 @@ class SharePoint:
                            + paddrs.tobytes())
 
     def meta_page(self):
-        """faytd's own mapping of the first page (for lock recovery)."""
+        """faytd's own mapping of the first page (for lock recovery), made
+        afresh if faytd's SIGBUS guard replaced any page since it was made
+        (a client truncated an object: this mapping may be a private copy
+        now).  KernelError EIO if the object is shorter than a page."""
+        count = lib.fayt_sigbus_count()
+        if self._meta_map is not None and self._meta_count != count:
+            self.close_meta()
         if self._meta_map is None:
-            self._meta_map = self.backing.map(PAGE)
+            fd = self.backing.open_fd()
+            try:
+                if os.fstat(fd).st_size < PAGE:
+                    raise KernelError(errno.EIO, "share-point %r: its object was truncated"
+                                      % self.identifier.decode("utf-8", "replace"))
+                self._meta_map = mmap.mmap(fd, PAGE)
+            finally:
+                os.close(fd)
+            self._meta_count = count
         return ffi.from_buffer(self._meta_map)
 
     def recover_lock(self):

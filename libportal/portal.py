@@ -199,17 +199,27 @@ class SharePoint(_fastpath.SharePointCore, Mapping):
         from .syscall import Connection
         fresh = Connection(self.connection.path)
         try:
-            again = portal(SHARE | ANON, PROT_NONE, 0, identifier=self.identifier,
-                           connection=fresh)
-            if again.sp_id != self.sp_id:
+            try:
+                again = portal(SHARE | ANON, PROT_NONE, 0, identifier=self.identifier,
+                               connection=fresh)
+            except errors.NotFound:
+                self._release(lib.FAYT_SYS_UNMAP)   # a lost connection: unmaps here only
+                raise
+            if again._ino != self._ino:         # the same object, not just the same name
                 again.unmap()
+                self._release(lib.FAYT_SYS_UNMAP)
                 raise errors.error(errno.ENOENT, "share-point %r: gone after faytd's restart "
                                    "(the name is another share-point's now)"
                                    % self.identifier.decode("utf-8", "replace"))
-            again.destroy()
+            try:
+                again.destroy()
+            except BaseException:
+                if again.mapped:
+                    again.unmap()
+                raise                           # refused: this mapping is kept
+            self._release(lib.FAYT_SYS_UNMAP)
         finally:
             fresh.close()
-            self._release(lib.FAYT_SYS_UNMAP)       # a lost connection: unmaps here only
 
     def __getstate__(self):
         raise TypeError("a SharePoint cannot be pickled: attach it by identifier")
@@ -254,6 +264,7 @@ def portal(type, prot=PROT_RW, length=0, *, identifier=None, create=False,
         map_prot = PROT_RW if is_share else prot
         err = ffi.new("int *")
         mapped = lib.fayt_map(fds[0], reply[1], addr, map_prot, err)
+        ino = os.fstat(fds[0]).st_ino if is_share and mapped else 0
     finally:
         for fd in fds:
             os.close(fd)
@@ -265,7 +276,9 @@ def portal(type, prot=PROT_RW, length=0, *, identifier=None, create=False,
                 errno.EINVAL: "morphology.addr %#x is not page-aligned" % addr}
         raise errors.error(err[0], "portal: " + what.get(err[0], "mmap failed: " + os.strerror(err[0])))
     if is_share:
-        return SharePoint(conn, reply, None, paddr_out, mapped, type, identifier)
+        sp = SharePoint(conn, reply, None, paddr_out, mapped, type, identifier)
+        sp._ino = ino           # which object: a restarted faytd may reuse the name
+        return sp
     return Portal(conn, reply, None, paddr_out, mapped, type, prot)
 
 

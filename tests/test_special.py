@@ -225,6 +225,50 @@ def test_special_fast_path_and_loop_path_agree(fresh_faytd, conn_to, spin_us):
     assert int(one_call.group(1)) == (1 if spin_us else 0)
 
 
+def _slow_server(req, log):
+    time.sleep(0.0005)          # answers after faytd's spin: through the eventfd
+    req.supply(_pattern(req.offset, PAGE))
+
+
+def _fault_pages(socket, n, out):
+    faulthandler.disable()
+    conn = lp.Connection(socket)
+    chain = out.get()
+    sp = lp.portal(lp.SPECIAL, lp.PROT_READ, n * PAGE, chain=chain, message=b"m",
+                   connection=conn)
+    for i in range(n):
+        sp.buf[i * PAGE]
+    os._exit(0)
+
+
+def test_special_answers_are_not_lost_while_faytd_catches_up(fresh_faytd, conn_to):
+    """A list (or an attach) makes faytd look at every fd that is ready
+    (catch-up); a chain's answer eventfd is edge-triggered, so the edge it
+    sees there must still reach the pager.  One client faults page after
+    page while another lists without pause: no fault may wait out the
+    chain's timeout (SIGBUS)."""
+    d = fresh_faytd(config={"pager_spin_us": 0, "pager_timeout": 2})
+    lister = conn_to(d)
+    listed = lp.share_create("listed", PAGE, connection=lister)
+    chain = _chain()
+    srv = ChildServer(chain, _slow_server, socket=d.socket)
+    q = CTX.Queue()
+    q.put(chain)
+    client = CTX.Process(target=_fault_pages, args=(d.socket, 600, q))
+    client.start()
+    try:
+        while client.is_alive():
+            lister.list_sharepoints()
+        client.join(WAIT)
+        assert client.exitcode == 0, "a fault waited out the timeout (exit %s)" % client.exitcode
+    finally:
+        if client.is_alive():
+            client.kill()
+            client.join(WAIT)
+        srv.close()
+        listed.destroy()
+
+
 def test_special_failed_request_gives_sigbus(lp, chain_server):
     chain = _chain()
 

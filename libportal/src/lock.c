@@ -263,9 +263,11 @@ int fayt_unmap(uintptr_t addr, size_t length)
 /* -- faytd's guard against truncated shared objects ------------------------ */
 
 static uint64_t sigbus_count;
+static struct sigaction sigbus_prev;    /* what was there before (faulthandler, default) */
 
 static void on_sigbus(int sig, siginfo_t *si, void *uc)
 {
+    int saved = errno;
     (void)uc;
     if (si->si_code == BUS_ADRERR) {
         uintptr_t page = (uintptr_t)si->si_addr & ~(uintptr_t)(FAYT_PAGE_SIZE - 1);
@@ -273,14 +275,14 @@ static void on_sigbus(int sig, siginfo_t *si, void *uc)
                        MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1, 0);
         if (p != MAP_FAILED) {
             __atomic_add_fetch(&sigbus_count, 1, __ATOMIC_RELAXED);
+            errno = saved;
             return;                     /* the access runs again, on the zero page */
         }
     }
-    /* Not ours to mend: the default action, when the access runs again. */
-    struct sigaction dfl;
-    memset(&dfl, 0, sizeof dfl);
-    dfl.sa_handler = SIG_DFL;
-    sigaction(sig, &dfl, NULL);
+    /* Not ours to mend: the previous handler (or the default action) gets
+     * it when the access runs again. */
+    sigaction(sig, &sigbus_prev, NULL);
+    errno = saved;
 }
 
 int fayt_sigbus_guard(void)
@@ -290,7 +292,7 @@ int fayt_sigbus_guard(void)
     sa.sa_sigaction = on_sigbus;
     sa.sa_flags = SA_SIGINFO | SA_RESTART;
     sigemptyset(&sa.sa_mask);
-    return sigaction(SIGBUS, &sa, NULL) ? errno : 0;
+    return sigaction(SIGBUS, &sa, &sigbus_prev) ? errno : 0;
 }
 
 uint64_t fayt_sigbus_count(void)

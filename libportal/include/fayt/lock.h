@@ -46,7 +46,10 @@ int fayt_unmap(uintptr_t addr, size_t length);
  * was given).  faytd's next access to a page past the new end raises
  * SIGBUS (BUS_ADRERR); the handler puts a private zero page there and the
  * access goes on, reading zeros, which faytd already treats as any other
- * untrusted content.  Any other SIGBUS keeps its default action.
+ * untrusted content.  Any other SIGBUS goes to the handler that was there
+ * before (or the default action).  It covers every mapping of the process:
+ * faytd maps only shared objects, and a write into one that tmpfs cannot
+ * back any more (full) is mended the same way, and logged the same way. 
  * Returns 0 or an errno; fayt_sigbus_count() counts the pages replaced. */
 int fayt_sigbus_guard(void);
 uint64_t fayt_sigbus_count(void);
