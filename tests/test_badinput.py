@@ -1281,3 +1281,65 @@ def test_badinput_objects_truncated_by_clients_do_not_kill_faytd(private):
     finally:
         c.close()
     assert "cut off under faytd" in d.read_log()
+
+
+def _holder(socket_path, names, w):
+    """A forked child: take the locks of `names`, say so, wait to be killed."""
+    try:
+        c = libportal.Connection(socket_path)
+        sps = [libportal.share_attach(n, connection=c) for n in names]
+        for sp in sps:
+            assert sp.lock(TIMEOUT) == 0
+        os.write(w, b"1")
+        time.sleep(60)
+    finally:
+        os._exit(0)
+
+
+def _spawn_holder(d, names):
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(r)
+        _holder(d.socket, names, w)
+    os.close(w)
+    assert os.read(r, 1) == b"1"
+    os.close(r)
+    return pid
+
+
+def test_badinput_a_truncated_share_point_does_not_stop_lock_recovery(private):
+    """A holder dies holding two locks; one share-point was cut to nothing
+    by a client: the other is recovered all the same.  Grown back, the cut
+    one recovers again later (faytd maps it afresh)."""
+    d = private()
+    c = libportal.Connection(d.socket)
+    try:
+        cut = libportal.share_create("cut", 2 * PAGE, connection=c)
+        fine = libportal.share_create("fine", PAGE, connection=c)
+        objs = [n for n in os.listdir("/dev/shm") if n.startswith("fayt.%d." % d.proc.pid)
+                and os.stat("/dev/shm/" + n).st_size == 2 * PAGE]
+        assert len(objs) == 1
+        fd = os.open("/dev/shm/" + objs[0], os.O_RDWR)
+        try:
+            pid = _spawn_holder(d, ["cut", "fine"])
+            os.ftruncate(fd, 0)
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            assert fine.lock(TIMEOUT) == errno.EOWNERDEAD
+            fine.mark_consistent()
+            fine.unlock()
+            os.ftruncate(fd, 2 * PAGE)              # back (all zeros: the lock free)
+            pid = _spawn_holder(d, ["cut"])
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            assert cut.lock(TIMEOUT) == errno.EOWNERDEAD
+            cut.unlock()
+        finally:
+            os.close(fd)
+        cut.destroy()
+        fine.destroy()
+    finally:
+        c.close()
+    log = d.read_log()
+    assert "its object was truncated" in log
