@@ -622,15 +622,18 @@ def case_special(d, scale):
         chunk = bytearray(1 << 20)
         fpid = _start_special_server(chain2, 2 << 20, "file")
         try:
-            def ours_read():
-                sp = lp.portal(lp.SPECIAL, lp.PROT_READ, size, chain=chain2,
-                               message=path.encode())
+            def read_through(sp):
+                """Seconds to read all of sp, chunk by chunk; sp is unmapped after."""
                 t = time.perf_counter()
                 for off in range(0, size, len(chunk)):
                     sp.readinto(off, chunk)
                 el = time.perf_counter() - t
                 sp.unmap()
                 return el
+
+            def ours_read():
+                return read_through(lp.portal(lp.SPECIAL, lp.PROT_READ, size, chain=chain2,
+                                              message=path.encode()))
 
             def peer_read():
                 t = time.perf_counter()
@@ -667,13 +670,8 @@ def case_special(d, scale):
                     holder.readinto(off, chunk)
 
                 def warm_read():
-                    sp = lp.portal(lp.SPECIAL | lp.SHARE, lp.PROT_READ, size, identifier=ident)
-                    t = time.perf_counter()
-                    for off in range(0, size, len(chunk)):
-                        sp.readinto(off, chunk)
-                    el = time.perf_counter() - t
-                    sp.unmap()
-                    return el
+                    return read_through(lp.portal(lp.SPECIAL | lp.SHARE, lp.PROT_READ, size,
+                                                  identifier=ident))
 
                 r_warm = min(warm_read() for _ in range(3))
             finally:

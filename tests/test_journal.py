@@ -60,6 +60,18 @@ def children():
         c.kill()
 
 
+def _owner(children, d, name, data):
+    """A child that creates the share-point `name`, writes data and stays."""
+    owner = children("""
+        sp = lp.share_create(%r, 4096)
+        sp.write(0, %r)
+        print("made")
+        time.sleep(120)
+        """ % (name, data), d)
+    assert owner.expect() == "made"
+    return owner
+
+
 def _log(d):
     with open(d.log) as f:
         return f.read()
@@ -241,13 +253,7 @@ def test_journal_a_damaged_journal_is_read_as_far_as_it_goes(restartable, childr
     """Garbage lines, a record naming an object that is gone, and a last line
     cut short (faytd killed inside write(2)) are each logged and skipped."""
     d = restartable.start()
-    owner = children("""
-        sp = lp.share_create("j-whole", 4096)
-        sp.write(0, b"intact")
-        print("made")
-        time.sleep(120)
-        """, d)
-    assert owner.expect() == "made"
+    owner = _owner(children, d, "j-whole", b"intact")
     restartable.kill()
     with open(os.path.join(restartable.dir, "faytd.journal"), "ab") as f:
         f.write(b"this is not a record\n")
@@ -304,13 +310,7 @@ def test_journal_is_compacted_when_it_grows(restartable):
 def test_journal_another_faytd_in_between_does_not_sweep_what_the_journal_names(
         restartable, children, tmp_path):
     d = restartable.start()
-    owner = children("""
-        sp = lp.share_create("j-between", 4096)
-        sp.write(0, b"not swept")
-        print("made")
-        time.sleep(120)
-        """, d)
-    assert owner.expect() == "made"
+    _owner(children, d, "j-between", b"not swept")
     restartable.kill()
     other = Faytd(str(tmp_path / "elsewhere"))      # sweeps dead faytds' objects at start
     other.stop()
