@@ -305,16 +305,14 @@ def sweep_stale(kept_for=None, own_tag=None):
         if tag == own_tag:
             continue
         marker = MARKER % tag
-        if marker in objs:
+        if start is not None and start_time(pid) == start:
+            continue                    # that run goes on (in this PID namespace)
+        if marker in objs and _marker_locked(marker):
             # A faytd holds a lock on its marker while it runs: this holds
             # across PID namespaces, where its pid means nothing here.
-            if _marker_locked(marker):
-                continue
-        elif start is not None:
-            if start_time(pid) == start:
-                continue                # that run goes on
-        elif _pid_alive(pid) and pid != os.getpid():
             continue
+        if start is None and _pid_alive(pid) and pid != os.getpid():
+            continue                    # an old-style name of a live pid
         keep = kept_for(tag, marker if marker in objs else None) if kept_for else set()
         if any(o in keep for o in objs):
             keep = set(keep) | {marker}

@@ -52,12 +52,13 @@ def write_marker(state_dir, tag):
     name = MARKER % tag
     shm = posix_ipc.SharedMemory(name, posix_ipc.O_CREAT | posix_ipc.O_TRUNC, mode=0o600)
     try:
+        # Held while this faytd runs: how others' sweeps know it does, even
+        # from another PID namespace (frames.sweep_stale).  Taken first, so
+        # that the marker is never seen unlocked while this faytd lives.
+        fcntl.flock(shm.fd, fcntl.LOCK_EX)
         data = os.fsencode(os.path.abspath(state_dir))
         os.ftruncate(shm.fd, len(data))
         os.pwrite(shm.fd, data, 0)
-        # Held while this faytd runs: how others' sweeps know it does, even
-        # from another PID namespace (frames.sweep_stale).
-        fcntl.flock(shm.fd, fcntl.LOCK_EX)
     except BaseException:
         os.close(shm.fd)
         raise
@@ -254,12 +255,12 @@ class Journal:
                         posix_ipc.unlink_shared_memory(m)
                 except posix_ipc.ExistentialError:
                     pass
-        if self.marker_fd >= 0:
-            os.close(self.marker_fd)
-            self.marker_fd = -1
             for p in (self.path, self.path + ".new", self.path + ".lock"):
                 try:
                     os.unlink(p)
                 except FileNotFoundError:
                     pass
+        if self.marker_fd >= 0:
+            os.close(self.marker_fd)
+            self.marker_fd = -1
         os.close(self._lockfd)

@@ -167,8 +167,14 @@ class Kernel:
         return ctx
 
     def drop_mappings(self, ctx):
+        """Unmap everything ctx maps; one mapping that fails does not keep
+        the others (it is logged and forgotten)."""
         for m in list(ctx.mappings.values()):
-            self.unmap(ctx, m)
+            try:
+                self.unmap(ctx, m)
+            except Exception as e:
+                ctx.mappings.pop(m.handle, None)
+                log.error("context %d: dropping mapping %d failed: %s", ctx.id, m.handle, e)
 
     def disconnected(self, ctx):
         """The connection closed, but the process may live on.  If its robust
@@ -192,9 +198,11 @@ class Kernel:
         finally:
             try:
                 self.drop_mappings(ctx)
-                self.sharepoints.owner_died(ctx.pid)
             finally:
-                self.forget(ctx)
+                try:
+                    self.sharepoints.owner_died(ctx.pid)
+                finally:
+                    self.forget(ctx)
 
     def forget(self, ctx):
         if self.contexts.pop(ctx.id, None) is None:

@@ -60,7 +60,7 @@ class Server:
         self.spin_s = spin / 1e6
         self._sigbus_seen = lib.fayt_sigbus_count()     # guard installed by main()
         self._serving = set()          # connections inside catch_up (see there)
-        self._later = []                # events catch_up took from epoll for the loop
+        self._later = {}                # fd -> event catch_up took from epoll for the loop
         self._read_one = False          # _on_client read a request ...
         self._read_noreply = False      # ... sent with FAYT_REQ_NOREPLY
         self.listener = self._listen(path, mode)
@@ -163,6 +163,7 @@ class Server:
                             events = poll()
                 for fd, ev in events:
                     kind, obj = watch.get(fd, (None, None))
+                    self._later.pop(fd, None)   # handled here: not again below
                     self._event(fd, ev, kind, obj)
                     if kind == "signal":
                         try:
@@ -170,7 +171,8 @@ class Server:
                         except BlockingIOError:
                             pass
                 while self._later:              # taken by a catch-up (see there)
-                    fd, ev = self._later.pop(0)
+                    fd = next(iter(self._later))
+                    ev = self._later.pop(fd)
                     kind, obj = watch.get(fd, (None, None))
                     if kind == "callback":
                         self._event(fd, ev, kind, obj)
@@ -240,7 +242,10 @@ class Server:
         Requests of one connection are still performed in order.  A
         connection is read up to and including its first call that waits for
         an answer: what it sent after that cannot have caused anything
-        `current` sent.  A request performed here may catch up in turn (its
+        `current` sent.  At most _CATCH_UP_READS requests are read from one
+        connection (a client streaming NOREPLY calls must not stall faytd):
+        a process that sends more than that many unanswered calls before
+        telling another of the last one may see that one overtaken.  A request performed here may catch up in turn (its
         own answer may depend on a third connection's queue); connections
         being served are skipped, and the nesting is bounded."""
         serving = self._serving
@@ -253,8 +258,9 @@ class Server:
                 if kind != "client":
                     if kind == "callback":
                         # Some are edge-triggered (a chain's answer eventfd):
-                        # this poll took the edge, so the loop must see it.
-                        self._later.append((fd, ev))
+                        # this poll took the edge, so the loop must see it
+                        # (once, however many catch-ups saw it).
+                        self._later[fd] = ev
                     continue
                 if obj in serving:
                     continue
