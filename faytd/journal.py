@@ -25,6 +25,7 @@ destroys everything and removes the journal.  At start the journal is read,
 then rewritten with only what is live (a new file renamed over it).
 An exclusive flock(2) keeps two faytds off one state directory.
 """
+import errno
 import fcntl
 import logging
 import os
@@ -50,12 +51,19 @@ def write_marker(state_dir, tag):
     names (a restart on our directory takes them back).  Returns its name
     and a descriptor holding its lock (keep it open while faytd runs)."""
     name = MARKER % tag
-    shm = posix_ipc.SharedMemory(name, posix_ipc.O_CREAT | posix_ipc.O_TRUNC, mode=0o600)
-    try:
-        # Held while this faytd runs: how others' sweeps know it does, even
-        # from another PID namespace (frames.sweep_stale).  Taken first, so
-        # that the marker is never seen unlocked while this faytd lives.
+    for _ in range(16):
+        shm = posix_ipc.SharedMemory(name, posix_ipc.O_CREAT | posix_ipc.O_TRUNC, mode=0o600)
+        # The lock is held while this faytd runs: how others' sweeps know it
+        # does, even from another PID namespace (frames.sweep_stale).  A
+        # sweep may see the name between its creation and this lock, and
+        # unlink it: then make it again (this run has no other object yet).
         fcntl.flock(shm.fd, fcntl.LOCK_EX)
+        if os.fstat(shm.fd).st_nlink > 0:
+            break
+        os.close(shm.fd)
+    else:
+        raise OSError(errno.EAGAIN, "the state-directory marker %s keeps being removed" % name)
+    try:
         data = os.fsencode(os.path.abspath(state_dir))
         os.ftruncate(shm.fd, len(data))
         os.pwrite(shm.fd, data, 0)

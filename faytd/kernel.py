@@ -172,9 +172,10 @@ class Kernel:
         for m in list(ctx.mappings.values()):
             try:
                 self.unmap(ctx, m)
-            except Exception as e:
+            except Exception:
                 ctx.mappings.pop(m.handle, None)
-                log.error("context %d: dropping mapping %d failed: %s", ctx.id, m.handle, e)
+                log.error("context %d: dropping mapping %d failed", ctx.id, m.handle,
+                          exc_info=True)
 
     def disconnected(self, ctx):
         """The connection closed, but the process may live on.  If its robust

@@ -685,8 +685,8 @@ def portal_special(k, ctx, tid, t, prot, length, addr, chain, message, fds, iden
             pager._next_share += 1
             made = True
     uffd = os.dup(fds[0])
-    os.set_blocking(uffd, False)    # a client may send a blocking one: faytd must never wait on it
     try:
+        os.set_blocking(uffd, False)    # a client may send a blocking one: never wait on it
         r = pager.create_region(ctx, uffd, addr, length, chain.decode(), message, sh)
     except BaseException:
         os.close(uffd)

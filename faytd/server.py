@@ -242,10 +242,10 @@ class Server:
         Requests of one connection are still performed in order.  A
         connection is read up to and including its first call that waits for
         an answer: what it sent after that cannot have caused anything
-        `current` sent.  At most _CATCH_UP_READS requests are read from one
-        connection (a client streaming NOREPLY calls must not stall faytd):
-        a process that sends more than that many unanswered calls before
-        telling another of the last one may see that one overtaken.  A request performed here may catch up in turn (its
+        `current` sent.  At most _CATCH_UP_READS requests are read from
+        one connection (a client streaming NOREPLY calls must not stall
+        faytd): a process that sends more than that many unanswered calls
+        before telling another of the last one may see that one overtaken.  A request performed here may catch up in turn (its
         own answer may depend on a third connection's queue); connections
         being served are skipped, and the nesting is bounded."""
         serving = self._serving
