@@ -245,9 +245,12 @@ class Server:
         `current` sent.  At most _CATCH_UP_READS requests are read from
         one connection (a client streaming NOREPLY calls must not stall
         faytd): a process that sends more than that many unanswered calls
-        before telling another of the last one may see that one overtaken.  A request performed here may catch up in turn (its
-        own answer may depend on a third connection's queue); connections
-        being served are skipped, and the nesting is bounded."""
+        before telling another of the last one may see that one overtaken.
+
+        A request performed here may catch up in turn (its own answer may
+        depend on a third connection's queue); connections being served are
+        skipped, and the nesting is bounded.  Events of other kinds that
+        this poll takes are left for the loop (_later)."""
         serving = self._serving
         if len(serving) >= _CATCH_UP_DEPTH:
             return
