@@ -63,7 +63,7 @@ class Context:
         self.ram = 0                # bytes of frames charged to this context's quota
         self.tids = set()           # threads already checked to belong to pid
         self.notify_armed = False   # its runtime handles the doorbell signal
-        self.start = None           # the process's start time (journal.start_time)
+        self.start = None           # the process's start time (frames.start_time)
 
     def check_tid(self, tid):
         """Whether tid is a thread of this context's process (cached once seen)."""

@@ -33,7 +33,7 @@ import re
 
 import posix_ipc
 
-from .frames import MARKER, start_time  # noqa: F401  (start_time: kernel.py's)
+from .frames import MARKER, start_time
 
 log = logging.getLogger("faytd")
 

@@ -11,8 +11,9 @@ import os
 from libportal._abi import lib
 
 from .context import Context
-from .frames import PAGE, BackingObject, FrameAllocator, KernelError, run_tag, sweep_stale
-from .journal import Journal, alive, objects_named, read_marker, start_time, write_marker
+from .frames import (PAGE, BackingObject, FrameAllocator, KernelError, run_tag, start_time,
+                     sweep_stale)
+from .journal import Journal, alive, objects_named, read_marker, write_marker
 from .notification import Notifications
 from .pager import Pager
 from .policy import Policy

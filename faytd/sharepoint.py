@@ -16,8 +16,6 @@ such a share-point (lazily; most are never recovered) and releases the lock
 with the owner-died bit set, waking one waiter.
 """
 import errno
-import mmap
-import os
 
 from libportal._abi import ffi, lib, SHAREPOINT_META
 
@@ -45,7 +43,7 @@ class SharePoint:
         self.captured = {}          # (context id, handle) -> (pid, tid)
         self.destroyed = False
         self.charged = None         # (context, bytes) the creator's RAM quota carries
-        self.owner_start = None     # the owner's start time (journal.start_time)
+        self.owner_start = None     # the owner's start time (frames.start_time)
         self._meta_map = None
         self._meta_count = 0
 
@@ -63,14 +61,11 @@ class SharePoint:
         if self._meta_map is not None and self._meta_count != count:
             self.close_meta()
         if self._meta_map is None:
-            fd = self.backing.open_fd()
             try:
-                if os.fstat(fd).st_size < PAGE:
-                    raise KernelError(errno.EIO, "share-point %r: its object was truncated"
-                                      % self.identifier.decode("utf-8", "replace"))
-                self._meta_map = mmap.mmap(fd, PAGE)
-            finally:
-                os.close(fd)
+                self._meta_map = self.backing.map(PAGE)
+            except ValueError:          # mmap(2) past the end: the object is shorter
+                raise KernelError(errno.EIO, "share-point %r: its object was truncated"
+                                  % self.identifier.decode("utf-8", "replace")) from None
             self._meta_count = count
         return ffi.from_buffer(self._meta_map)
 
