@@ -33,8 +33,11 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <errno.h>
+#include <sched.h>
 #include <string.h>
+#include <sys/socket.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "fayt/context.h"
 #include "fayt/lock.h"
@@ -43,8 +46,9 @@
 #include "fayt/portal.h"
 #include "fayt/ring.h"
 #include "fayt/sharepoint.h"
+#include "fayt/syscall.h"
 
-#define FASTPATH_ABI 2
+#define FASTPATH_ABI 3
 
 #include <pythread.h>
 #define MINE(self) ((self)->holder != 0 && (self)->holder == PyThread_get_thread_ident())
@@ -821,7 +825,177 @@ static PyObject *hint_state(PyObject *mod, PyObject *unused)
     return Py_BuildValue("(ii)", nhints, locks_recorded());
 }
 
+
+/* -- the client's system call: one request, one reply ---------------------
+ * call(fd, msg, fds, want_reply, spin_ns, max_fds) -> (reply, [fds]) or None.
+ *
+ * Sends msg (None: sends nothing, only waits for the next reply) (with fds as SCM_RIGHTS when given) on the SOCK_SEQPACKET socket
+ * and, if want_reply, waits for one message.  The wait first spins for
+ * spin_ns, trying a non-blocking recvmsg and giving the CPU away between
+ * tries, and only then sleeps in recvmsg: faytd answers most calls within
+ * a few microseconds, and on a virtual machine a sleeping receiver costs a
+ * wake-up that is worth many of those (cross-CPU wake-ups were ~50-70 us
+ * on the Firecracker VM this was measured on, a round trip ~15 us without).
+ * The GIL is released while waiting; a signal (EINTR) runs Python's
+ * handlers, then the wait resumes (PEP 475).  Received descriptors are
+ * close-on-exec.  OSError on a failed send or receive. */
+static int64_t call_now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+#define CALL_MAX_FDS 8
+
+static PyObject *sys_call(PyObject *mod, PyObject *const *args, Py_ssize_t n)
+{
+    if (n != 6) {
+        PyErr_SetString(PyExc_TypeError, "call takes 6 arguments");
+        return NULL;
+    }
+    int fd = (int)PyLong_AsLong(args[0]);
+    int want = PyObject_IsTrue(args[3]);
+    long long spin_ns = PyLong_AsLongLong(args[4]);
+    long max_fds = PyLong_AsLong(args[5]);
+    if (PyErr_Occurred())
+        return NULL;
+    if (max_fds < 0 || max_fds > CALL_MAX_FDS)
+        max_fds = CALL_MAX_FDS;
+    Py_buffer b = {0};
+    int send = args[1] != Py_None;
+    if (send && PyObject_GetBuffer(args[1], &b, PyBUF_SIMPLE) < 0)
+        return NULL;
+    int sfds[CALL_MAX_FDS];
+    Py_ssize_t nsfds = 0;
+    if (args[2] != Py_None) {
+        PyObject *seq = PySequence_Fast(args[2], "fds: a sequence of ints");
+        if (!seq) {
+            if (send)
+                PyBuffer_Release(&b);
+            return NULL;
+        }
+        nsfds = PySequence_Fast_GET_SIZE(seq);
+        if (nsfds > CALL_MAX_FDS) {
+            Py_DECREF(seq);
+            if (send)
+                PyBuffer_Release(&b);
+            PyErr_SetString(PyExc_ValueError, "fds: at most 8");
+            return NULL;
+        }
+        for (Py_ssize_t i = 0; i < nsfds; i++)
+            sfds[i] = (int)PyLong_AsLong(PySequence_Fast_GET_ITEM(seq, i));
+        Py_DECREF(seq);
+        if (PyErr_Occurred()) {
+            if (send)
+                PyBuffer_Release(&b);
+            return NULL;
+        }
+    }
+    union {
+        struct cmsghdr h;
+        char buf[CMSG_SPACE(sizeof(int) * CALL_MAX_FDS)];
+    } cbuf;
+    struct iovec iov = {b.buf, (size_t)b.len};
+    struct msghdr mh = {0};
+    mh.msg_iov = &iov;
+    mh.msg_iovlen = 1;
+    if (nsfds) {
+        memset(&cbuf, 0, sizeof cbuf);
+        mh.msg_control = cbuf.buf;
+        mh.msg_controllen = CMSG_SPACE(sizeof(int) * nsfds);
+        struct cmsghdr *c = CMSG_FIRSTHDR(&mh);
+        c->cmsg_level = SOL_SOCKET;
+        c->cmsg_type = SCM_RIGHTS;
+        c->cmsg_len = CMSG_LEN(sizeof(int) * nsfds);
+        memcpy(CMSG_DATA(c), sfds, sizeof(int) * nsfds);
+    }
+    ssize_t r = 0;
+    if (send) {
+        do {
+            r = sendmsg(fd, &mh, MSG_NOSIGNAL);
+        } while (r < 0 && errno == EINTR && !PyErr_CheckSignals());
+        PyBuffer_Release(&b);
+    }
+    if (r < 0)
+        return PyErr_Occurred() ? NULL : PyErr_SetFromErrno(PyExc_OSError);
+    if (!want)
+        Py_RETURN_NONE;
+
+    PyObject *out = PyBytes_FromStringAndSize(NULL, FAYT_MSG_MAX);
+    if (!out)
+        return NULL;
+    int err = 0;
+    for (;;) {
+        struct iovec riov = {PyBytes_AS_STRING(out), FAYT_MSG_MAX};
+        struct msghdr rh = {0};
+        rh.msg_iov = &riov;
+        rh.msg_iovlen = 1;
+        rh.msg_control = cbuf.buf;
+        rh.msg_controllen = CMSG_SPACE(sizeof(int) * max_fds);
+        Py_BEGIN_ALLOW_THREADS
+        r = recvmsg(fd, &rh, MSG_DONTWAIT | MSG_CMSG_CLOEXEC);
+        if (r < 0 && errno == EAGAIN && spin_ns > 0) {
+            int64_t until = call_now_ns() + spin_ns;
+            do {
+                sched_yield();
+                r = recvmsg(fd, &rh, MSG_DONTWAIT | MSG_CMSG_CLOEXEC);
+            } while (r < 0 && errno == EAGAIN && call_now_ns() < until);
+        }
+        if (r < 0 && errno == EAGAIN)
+            r = recvmsg(fd, &rh, MSG_CMSG_CLOEXEC);
+        err = r < 0 ? errno : 0;
+        Py_END_ALLOW_THREADS
+        if (r >= 0) {
+            PyObject *fds = PyList_New(0);
+            for (struct cmsghdr *c = CMSG_FIRSTHDR(&rh); c; c = CMSG_NXTHDR(&rh, c)) {
+                if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS)
+                    continue;
+                size_t k = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+                int got[CALL_MAX_FDS];
+                memcpy(got, CMSG_DATA(c), sizeof(int) * (k > CALL_MAX_FDS ? CALL_MAX_FDS : k));
+                for (size_t i = 0; i < k && i < CALL_MAX_FDS; i++) {
+                    PyObject *o = fds ? PyLong_FromLong(got[i]) : NULL;
+                    if (!o || PyList_Append(fds, o) < 0) {
+                        Py_XDECREF(o);
+                        close(got[i]);
+                        Py_CLEAR(fds);
+                        continue;
+                    }
+                    Py_DECREF(o);
+                }
+            }
+            if (!fds || _PyBytes_Resize(&out, r) < 0) {
+                if (fds) {
+                    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(fds); i++)
+                        close((int)PyLong_AsLong(PyList_GET_ITEM(fds, i)));
+                    Py_DECREF(fds);
+                }
+                Py_XDECREF(out);
+                return NULL;
+            }
+            PyObject *t = PyTuple_Pack(2, out, fds);
+            Py_DECREF(out);
+            Py_DECREF(fds);
+            return t;
+        }
+        if (err == EINTR) {
+            if (PyErr_CheckSignals() < 0) {
+                Py_DECREF(out);
+                return NULL;
+            }
+            continue;
+        }
+        Py_DECREF(out);
+        errno = err;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+}
+
 static PyMethodDef module_methods[] = {
+    {"call", (PyCFunction)(void (*)(void))sys_call, METH_FASTCALL,
+     "call(fd, msg, fds, want_reply, spin_ns, max_fds) -> (reply, [fds]) or None: one "
+     "system call to faytd (spins spin_ns for the reply before sleeping)."},
     {"set_error_factory", set_error_factory, METH_O,
      "set_error_factory(f): f(errno, message) builds the exception raised."},
     {"notify_post", (PyCFunction)(void (*)(void))notify_post, METH_FASTCALL,
