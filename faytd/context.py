@@ -39,11 +39,20 @@ class Mapping:
 
 
 class Context:
+    """A context.  Its counters (next handle, RAM charged) live in `fast`,
+    the struct fayt_fast_conn that faytd's fast system calls share
+    (fayt/kernel.h), so both count from the same numbers."""
     __slots__ = ("id", "sock", "pid", "uid", "gid", "exe", "category", "pidfd", "page",
-                 "page_map", "page_struct", "mappings", "next_handle", "connected", "alive",
-                 "registered", "tids", "notify_armed", "ram", "start")
+                 "page_map", "page_struct", "mappings", "connected", "alive",
+                 "registered", "tids", "notify_armed", "_start", "fast")
 
     def __init__(self, cid, sock, pid, uid, gid, exe, category):
+        self.fast = ffi.new("struct fayt_fast_conn *")
+        self.fast.fd = sock.fileno() if sock is not None else -1
+        self.fast.ctx_id = cid
+        self.fast.pid = pid
+        self.fast.uid = uid
+        self.fast.next_handle = 1
         self.id = cid
         self.sock = sock
         self.pid = pid
@@ -56,21 +65,45 @@ class Context:
         self.page_map = None
         self.page_struct = None
         self.mappings = {}
-        self.next_handle = 1
         self.connected = True
         self.alive = True
         self.registered = False
-        self.ram = 0                # bytes of frames charged to this context's quota
         self.tids = set()           # threads already checked to belong to pid
         self.notify_armed = False   # its runtime handles the doorbell signal
-        self.start = None           # the process's start time (frames.start_time)
+        self._start = None
+
+    @property
+    def start(self):
+        """The process's start time (frames.start_time)."""
+        return self._start
+
+    @start.setter
+    def start(self, value):
+        self._start = value
+        self.fast.start = value or 0
+
+    @property
+    def ram(self):
+        """Bytes of frames charged to this context's quota."""
+        return self.fast.ram
+
+    @ram.setter
+    def ram(self, value):
+        self.fast.ram = value
+
+    @property
+    def next_handle(self):
+        return self.fast.next_handle
 
     def check_tid(self, tid):
-        """Whether tid is a thread of this context's process (cached once seen)."""
+        """Whether tid is a thread of this context's process (cached once
+        seen; the last one seen is the one the fast path takes)."""
         if tid in self.tids:
+            self.fast.tid = tid
             return True
         if tid > 0 and os.path.exists("/proc/%d/task/%d" % (self.pid, tid)):
             self.tids.add(tid)
+            self.fast.tid = tid
             return True
         return False
 
@@ -92,9 +125,13 @@ class Context:
         self.registered = True
 
     def new_handle(self):
-        h = self.next_handle
-        self.next_handle += 1
+        h = self.fast.next_handle
+        self.fast.next_handle = h + 1
         return h
+
+    def count_mappings(self):
+        """Tell the fast path how many mappings Python holds (its quota check)."""
+        self.fast.py_mappings = len(self.mappings)
 
     def lock_records(self):
         """[(sp_id, state)] of the robust records in use."""

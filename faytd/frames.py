@@ -12,6 +12,12 @@ descriptor.  One object per portal, not one big RAM file, because an fd
 grants all of its object: a client must never get a descriptor that reaches
 another portal's memory.  Frames are taken from a free stack, so a portal's
 frames need not be contiguous, as on real hardware.
+
+The frame arrays and the free stack are C (libportal/src/frames.c), shared
+with faytd's fast system calls (fayt/kernel.h), so that there is one
+allocator.  New objects come from the object pool, a C thread that makes
+them ahead of need and unlinks released ones (src/objpool.c): neither costs
+a reply's time.
 """
 import array
 import errno
@@ -22,10 +28,14 @@ import secrets
 
 import posix_ipc
 
+from libportal._abi import ffi, lib
+
 PAGE = 4096
 MARKER = "/fayt.%s.statedir"  # a faytd's state directory (per run tag), for others' sweeps (journal.py)
 RAM_BASE = 0x100000          # 1 MiB, as on a PC; MMIO windows sit far above RAM
 NAME_PREFIX = "/fayt."
+POOL_TARGET = 32             # fresh objects the pool keeps ready
+_pool_tag = None             # the run tag whose plain objects come from the pool
 
 
 def start_time(pid):
@@ -74,6 +84,15 @@ class BackingObject:
         self.id = oid
         self.length = length
         self.frames = frames
+        if tag == _pool_tag:
+            name = ffi.new("char[]", lib.FAYT_OBJ_NAME_MAX)
+            fd = lib.fayt_objpool_take(length, name)
+            if fd < 0:
+                raise KernelError(errno.ENFILE if -fd in (errno.EMFILE, errno.ENFILE)
+                                  else errno.ENOMEM,
+                                  "faytd cannot create a backing object: %s" % os.strerror(-fd))
+            self.name, self._fd = ffi.string(name).decode(), fd
+            return
         for _ in range(4):
             self.name = "%s%s.%s" % (NAME_PREFIX, tag, secrets.token_hex(12))
             try:
@@ -88,6 +107,13 @@ class BackingObject:
         else:
             raise KernelError(errno.EEXIST, "could not name a backing object")
         self._fd = shm.fd
+
+    @classmethod
+    def named(cls, oid, name, length, frames):
+        """An object faytd made and knows by name (the fast path's)."""
+        obj = cls.__new__(cls)
+        obj.id, obj.name, obj.length, obj.frames, obj._fd = oid, name, length, frames, -1
+        return obj
 
     @classmethod
     def adopt(cls, oid, name, length, frames):
@@ -135,43 +161,39 @@ class BackingObject:
             os.close(fd)
 
     def release(self):
-        """Unlink the name (mappings stay valid until unmapped)."""
+        """Unlink the name soon (the pool's thread does it; mappings stay
+        valid until unmapped)."""
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
         if self.name is not None:
-            try:
-                posix_ipc.unlink_shared_memory(self.name)
-            except posix_ipc.ExistentialError:
-                pass
+            lib.fayt_objpool_release(self.name.encode())
             self.name = None
 
 
 class FrameAllocator:
-    """Hands out frames of the emulated RAM and tracks their references."""
+    """Hands out frames of the emulated RAM and tracks their references
+    (the arrays are C's: fayt/kernel.h struct fayt_frames)."""
 
     def __init__(self, ram_bytes, tag=None):
+        global _pool_tag
         if ram_bytes < PAGE:
             raise ValueError("ram must be at least one frame")
         self.nframes = ram_bytes // PAGE
         self.tag = tag or run_tag()
-        self._next = 0                   # frames below this were handed out once
-        self._free = array.array("I")    # frames handed back
-        self.refcount = array.array("I", bytes(4 * self.nframes))
-        self.owner = array.array("I", bytes(4 * self.nframes))    # backing object id
-        self.offset = array.array("I", bytes(4 * self.nframes))   # page index within it
+        self.c = ffi.new("struct fayt_frames *")
+        if lib.fayt_frames_init(self.c, self.nframes):
+            raise MemoryError("frame arrays for %d frames" % self.nframes)
+        self.refcount, self.owner, self.offset = self.c.refcount, self.c.owner, self.c.offset
         self.objects = {}                # id -> BackingObject
-        self._next_oid = 1
-        # Work kept off the reply path: objects to unlink, and a few fresh
-        # one-frame objects made ahead (a new POSIX shm object is all zeros,
-        # like a scrubbed frame), both done by idle_work() when no request waits.
-        self._to_release = []
-        self._pool = []
-        self.pool_target = 16
+        err = lib.fayt_objpool_start(("%s%s." % (NAME_PREFIX, self.tag)).encode(), POOL_TARGET)
+        if err:
+            raise OSError(err, "faytd: cannot start its object pool: %s" % os.strerror(err))
+        _pool_tag = self.tag
 
     @property
     def free_frames(self):
-        return self.nframes - self._next + len(self._free)
+        return lib.fayt_frames_free(self.c)
 
     def paddr(self, frame):
         return RAM_BASE + frame * PAGE
@@ -187,92 +209,67 @@ class FrameAllocator:
         if n > self.free_frames:
             raise KernelError(errno.ENOMEM, "length: %d frames asked, %d free in faytd's RAM"
                               % (n, self.free_frames))
-        take = min(n, len(self._free))
-        frames = self._free[len(self._free) - take:]
-        del self._free[len(self._free) - take:]
-        if take < n:
-            frames.extend(range(self._next, self._next + n - take))
-            self._next += n - take
-        oid = self._next_oid
+        frames = array.array("I", bytes(4 * n))
+        oid = self.c.next_oid
+        lib.fayt_frames_alloc(self.c, n, oid, ffi.from_buffer("uint32_t[]", frames))
         try:
-            if n == 1 and self._pool:
-                obj = self._pool.pop()
-                obj.id, obj.frames = oid, frames
-            else:
-                obj = BackingObject(oid, self.tag, n * PAGE, frames)
+            obj = BackingObject(oid, self.tag, n * PAGE, frames)
         except BaseException:
-            self._free.extend(frames)
+            self._put(frames)
             raise
-        self._next_oid += 1
+        self.c.next_oid = oid + 1
         self.objects[oid] = obj
-        for i, f in enumerate(frames):
-            self.refcount[f] = 1
-            self.owner[f] = oid
-            self.offset[f] = i
         return obj
+
+    def _put(self, frames):
+        return lib.fayt_frames_put(self.c, ffi.from_buffer("uint32_t[]", frames), len(frames)) \
+            if len(frames) else 0
 
     def adopt(self, name, length, frames):
         """Take back an object and its frames from the journal (restart):
         each frame referenced once, as allocate() leaves them."""
         frames = array.array("I", frames)
-        if len(frames) * PAGE != length or any(f >= self.nframes or self.refcount[f]
-                                               for f in frames):
+        oid = self.c.next_oid
+        if len(frames) * PAGE != length or lib.fayt_frames_adopt(
+                self.c, ffi.from_buffer("uint32_t[]", frames), len(frames), oid):
             raise KernelError(errno.EINVAL, "frames %s do not fit this RAM (%d frames) or are "
                               "taken twice" % (list(frames[:8]), self.nframes))
-        obj = BackingObject.adopt(self._next_oid, name, length, frames)
-        self._next_oid += 1
+        try:
+            obj = BackingObject.adopt(oid, name, length, frames)
+        except BaseException:
+            self._put(frames)
+            raise
+        self.c.next_oid = oid + 1
         self.objects[obj.id] = obj
-        for i, f in enumerate(frames):
-            self.refcount[f] = 1
-            self.owner[f] = obj.id
-            self.offset[f] = i
-        self._next = max(self._next, max(frames) + 1)
         return obj
 
     def adopted(self):
         """After the last adopt(): the frames below the highest adopted one
         that no object took are free."""
-        self._free = array.array("I", [f for f in range(self._next) if not self.refcount[f]])
+        lib.fayt_frames_adopted(self.c)
+
+    def take_over(self, obj):
+        """An object the fast path made (its frames counted already)."""
+        self.objects[obj.id] = obj
 
     def get(self, obj):
         """One more reference to every frame of obj."""
-        for f in obj.frames:
-            self.refcount[f] += 1
+        if len(obj.frames):
+            lib.fayt_frames_get(self.c, ffi.from_buffer("uint32_t[]", obj.frames), len(obj.frames))
 
     def put(self, obj):
         """Drop one reference to every frame of obj; at zero the frames are free
         again and the backing object is released."""
-        freed = 0
-        for f in obj.frames:
-            self.refcount[f] -= 1
-            if self.refcount[f] == 0:
-                self.owner[f] = 0
-                self._free.append(f)
-                freed += 1
-        if freed == len(obj.frames):
-            self._to_release.append(obj)
+        if self._put(obj.frames) == len(obj.frames):
             self.objects.pop(obj.id, None)
-
-    def has_idle_work(self):
-        return bool(self._to_release) or len(self._pool) < self.pool_target
-
-    def idle_work(self):
-        """One step of the work kept off the reply path: unlink one released
-        object, or make one fresh object for the pool.  The server calls it
-        only when no request is waiting, one step at a time."""
-        if self._to_release:
-            self._to_release.pop().release()
-        elif len(self._pool) < self.pool_target:
-            obj = BackingObject(0, self.tag, PAGE, [])
-            os.pwrite(obj._fd, b"\0", 0)   # its page now, not on a create's reply path
-            self._pool.append(obj)
+            obj.release()
 
     def release_all(self):
-        for obj in list(self.objects.values()) + self._to_release + self._pool:
+        """A clean stop: every object goes, now."""
+        for obj in list(self.objects.values()):
             obj.release()
         self.objects.clear()
-        self._to_release.clear()
-        self._pool.clear()
+        lib.fayt_objpool_stop()
 
 
 def sweep_stale(kept_for=None, own_tag=None):

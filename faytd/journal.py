@@ -166,7 +166,12 @@ class Record:
 
 
 class Journal:
-    def __init__(self, state_dir):
+    """The journal file.  Its descriptor and line counts are shared with the
+    fast system calls (`fast`, fayt/kernel.h), which append their records
+    to the same O_APPEND descriptor in the same order as Python's."""
+
+    def __init__(self, state_dir, fast):
+        self.fast = fast
         os.makedirs(state_dir, mode=0o700, exist_ok=True)
         self.path = os.path.join(state_dir, NAME)
         self._lockfd = os.open(os.path.join(state_dir, NAME + ".lock"),
@@ -184,6 +189,30 @@ class Journal:
         self.marker = None          # written by Kernel once the sweep is done
         self.marker_fd = -1         # holds the marker's lock
         self.adopted_markers = []   # dead faytds' markers whose objects we took back
+
+    @property
+    def _fd(self):
+        return self.fast.journal_fd
+
+    @_fd.setter
+    def _fd(self, fd):
+        self.fast.journal_fd = fd
+
+    @property
+    def lines(self):
+        return self.fast.journal_lines
+
+    @lines.setter
+    def lines(self, n):
+        self.fast.journal_lines = n
+
+    @property
+    def live_lines(self):
+        return self.fast.journal_live
+
+    @live_lines.setter
+    def live_lines(self, n):
+        self.fast.journal_live = n
 
     # -- reading ----------------------------------------------------------
     def load(self):

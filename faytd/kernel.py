@@ -8,9 +8,11 @@ import errno
 import logging
 import os
 
-from libportal._abi import lib
+import array
 
-from .context import Context
+from libportal._abi import ffi, lib
+
+from .context import Context, Mapping
 from .frames import (PAGE, BackingObject, FrameAllocator, KernelError, run_tag, start_time,
                      sweep_stale)
 from .journal import Journal, alive, objects_named, read_marker, write_marker
@@ -20,21 +22,36 @@ from .policy import Policy
 from .sharepoint import SharePointTable
 
 log = logging.getLogger("faytd")
+FAST_MAX_FRAMES = 1024          # src/sysfast.c: larger share-points go through Python
 
 
 class Kernel:
     def __init__(self, cfg, owner_uid, tag=None):
         self.cfg = cfg
         self.policy = Policy(cfg["policy"], owner_uid)
+        # The fast system calls' state (fayt/kernel.h): see settle().
+        self.fast = ffi.new("struct fayt_fast_kernel *")
+        self.fast.journal_fd = -1
+        self.fast.disabled = 0 if cfg.get("fast_syscalls", True) else 1
         state_dir = cfg.get("state_dir")
-        self.journal = Journal(state_dir) if state_dir else None
+        self.journal = Journal(state_dir, self.fast) if state_dir else None
         sps, ctxs = self.journal.load() if self.journal else ([], [])
         tag = tag or run_tag()
         swept = self._sweep({r.object for r in sps + ctxs}, tag)
         if swept:
             log.info("removed %d shared-memory objects left by a dead faytd", swept)
         self.frames = FrameAllocator(cfg["ram"], tag)
-        self.sharepoints = SharePointTable(self.frames, cfg["max_sharepoints"])
+        f = self.fast
+        f.frames = self.frames.c
+        f.max_portal_length = cfg["max_portal_length"]
+        limit = cfg.get("max_ram_per_context")
+        f.max_ram_per_context = (1 << 64) - 1 if limit is None else limit
+        f.max_sharepoints = cfg["max_sharepoints"]
+        f.max_mappings = cfg["max_mappings_per_context"]
+        self._resident = ffi.new("struct fayt_fast_resident *")
+        self._resident_frames = ffi.new("uint32_t[]", FAST_MAX_FRAMES)
+        self._journal_errors = 0
+        self.sharepoints = SharePointTable(self.frames, cfg["max_sharepoints"], self.fast)
         self.notifications = Notifications(self)
         self.sharepoints.on_destroy.append(self.notifications.sharepoint_destroyed)
         self.sharepoints.on_destroy.append(self._uncharge_sharepoint)
@@ -143,14 +160,47 @@ class Kernel:
     # -- work kept off the reply path (the server calls it when idle) -----
     def has_idle_work(self):
         j = self.journal
-        return self.frames.has_idle_work() or (j is not None and j.wants_compaction())
+        return j is not None and j.wants_compaction()
 
     def idle_work(self):
-        """One step: the frame allocator's, or a compaction of the journal."""
-        if self.frames.has_idle_work():
-            self.frames.idle_work()
-        elif self.journal is not None and self.journal.wants_compaction():
+        """One step: a compaction of the journal."""
+        self.settle()
+        if self.journal is not None and self.journal.wants_compaction():
             self._open_journal()
+
+    # -- the fast system calls (fayt/kernel.h, src/sysfast.c) -------------
+    def settle(self):
+        """Take over every share-point the fast path made and still holds
+        ("resident"), with the objects Python keeps for any other.  The
+        server calls it before Python handles any event, so Python code
+        never runs while a share-point it does not know exists."""
+        f = self.fast
+        if f.journal_errors != self._journal_errors:
+            log.error("journal: %d writes failed; a restart will not see those changes",
+                      f.journal_errors - self._journal_errors)
+            self._journal_errors = f.journal_errors
+        if not f.nresident:
+            return
+        rec, buf = self._resident, self._resident_frames
+        share_anon = lib.FAYT_PORTAL_SHARE | lib.FAYT_PORTAL_ANON
+        while lib.fayt_fast_take_resident(f, rec, buf, FAST_MAX_FRAMES) == 1:
+            frames = array.array("I")
+            frames.frombytes(ffi.buffer(buf, 4 * rec.nframes))
+            backing = BackingObject.named(rec.oid, ffi.string(rec.object).decode(), rec.length,
+                                          frames)
+            self.frames.take_over(backing)
+            ctx = self.contexts.get(rec.ctx_id)
+            sp = self.sharepoints.take_over(rec.sp_id, ffi.unpack(rec.identifier, rec.ident_len),
+                                            backing, rec.prot, rec.pid, rec.uid, rec.start or None)
+            if ctx is None:         # never: contexts go only in Python's events, after this
+                log.error("fast path: share-point %d of a context that is gone", rec.sp_id)
+                self.sharepoints.destroy(sp)
+                self.frames.put(backing)
+                continue
+            sp.charged = (ctx, rec.length)
+            sp.captured[(ctx.id, rec.handle)] = (rec.pid, rec.tid)
+            self.add_mapping(ctx, Mapping(rec.handle, share_anon, backing, sp, rec.pid,
+                                          rec.tid, rec.prot))
 
     def registered(self, ctx):
         """ctx has its context page (HELLO)."""
@@ -175,6 +225,7 @@ class Kernel:
                 self.unmap(ctx, m)
             except Exception:
                 ctx.mappings.pop(m.handle, None)
+                ctx.count_mappings()
                 log.error("context %d: dropping mapping %d failed", ctx.id, m.handle,
                           exc_info=True)
 
@@ -185,6 +236,7 @@ class Kernel:
         for recovery) until it dies.  If it owns share-points, keep watching
         it so that they are reclaimed at its death.  Else forget it."""
         ctx.connected = False
+        lib.fayt_fast_conn_gone(self.fast, ctx.fast)   # it creates nothing any more
         watch = ctx.alive and ctx.pidfd >= 0
         if watch and ctx.lock_records():
             return
@@ -209,6 +261,7 @@ class Kernel:
     def forget(self, ctx):
         if self.contexts.pop(ctx.id, None) is None:
             return
+        lib.fayt_fast_conn_gone(self.fast, ctx.fast)
         self.notifications.context_gone(ctx)
         self.pager.context_gone(ctx)
         if self.journal is not None:
@@ -264,6 +317,7 @@ class Kernel:
     # -- mappings -------------------------------------------------------
     def add_mapping(self, ctx, m):
         ctx.mappings[m.handle] = m
+        ctx.count_mappings()
 
     # -- the per-context RAM quota (config max_ram_per_context) ----------
     def charge(self, ctx, nbytes):
@@ -291,6 +345,7 @@ class Kernel:
 
     def unmap(self, ctx, m):
         ctx.mappings.pop(m.handle, None)
+        ctx.count_mappings()
         ctx.ram -= m.charged
         m.charged = 0
         if m.type & lib.FAYT_PORTAL_SPECIAL:
@@ -302,6 +357,9 @@ class Kernel:
 
     def shutdown(self):
         """A clean stop: everything is destroyed, and the journal removed."""
+        self.settle()
+        log.info("fast path: %d share-points created, %d destroyed", self.fast.creates,
+                 self.fast.destroys)
         if self.journal is not None:
             self.journal.close(remove=True)
             self.sharepoints.journal = self.journal = None
@@ -311,6 +369,7 @@ class Kernel:
             self.drop_mappings(ctx)
             self.forget(ctx)
         self.sharepoints.destroy_all()
+        lib.fayt_fast_shutdown(self.fast)
         self.frames.release_all()
 
 

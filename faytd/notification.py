@@ -478,10 +478,13 @@ def sys_notify_subscribe(k, ctx, tid, body, fds):
     subs = k.notifications.subs.setdefault(ctx.id, {})
     if index < 0:
         subs.pop(event, None)
+        if not subs:
+            ctx.fast.flags &= ~lib.FAYT_FAST_CONN_NOTICES
         return b"", []
     _check_handlers_right(ctx, "notify_subscribe")
     _slot(index)
     subs[event] = (index, arg)
+    ctx.fast.flags |= lib.FAYT_FAST_CONN_NOTICES     # its destroys need Python (SP_DESTROYED)
     ctx.notify_armed = True
     k.notifications.ring(None, ctx)
     return b"", []

@@ -23,24 +23,22 @@ import signal
 import socket
 import stat
 import struct
-import time
 import traceback
 
-from libportal._abi import lib, REQ_HDR, REP_HDR
+from libportal._abi import ffi, lib, REQ_HDR, REP_HDR
 
 from . import syscall
 from .frames import KernelError
 
 log = logging.getLogger("faytd")
 _CRED = struct.Struct("3i")
-_MAX_IN_FDS = 4
+_MAX_IN_FDS = lib.FAYT_FAST_MAX_FDS    # descriptors a request may carry
 _MSG_MAX = lib.FAYT_MSG_MAX
-_CMSG_SPACE = socket.CMSG_SPACE(_MAX_IN_FDS * 4)
 _NOREPLY = lib.FAYT_REQ_NOREPLY
 DEFAULT_LOOP_SPIN_US = 100
 _CATCH_UP_DEPTH = 32            # connections at most in nested catch-ups
 _CATCH_UP_READS = 256           # requests at most read from one connection by a catch-up
-_IDLE_EVERY = 16                # busy turns after which deferred work gets a step anyway
+_MAX_EVENTS = 64                # events one fayt_fast_poll returns at most
 _NOREPLY_OPS = (lib.FAYT_SYS_UNMAP, lib.FAYT_SYS_UNMAP_DESTROY)
 _TRUNC = int(socket.MSG_TRUNC | socket.MSG_CTRUNC)
 _SOL_SOCKET, _SCM_RIGHTS = int(socket.SOL_SOCKET), int(socket.SCM_RIGHTS)
@@ -63,6 +61,14 @@ class Server:
         self._later = {}                # fd -> event catch_up took from epoll for the loop
         self._read_one = False          # _on_client read a request ...
         self._read_noreply = False      # ... sent with FAYT_REQ_NOREPLY
+        # fayt_fast_serve's buffers (one request at a time: the loop is one thread)
+        self._buf = ffi.new("uint8_t[]", _MSG_MAX)
+        self._bufview = ffi.buffer(self._buf)
+        self._io = ffi.new("struct fayt_fast_io *")
+        self._msg = ffi.addressof(self._io, "msg")
+        self._evs = ffi.new("struct fayt_fast_event[]", _MAX_EVENTS)
+        self._noreply = ffi.new("int *")
+        self._err = ffi.new("int *")
         self.listener = self._listen(path, mode)
         self._watch(self.listener.fileno(), "accept", None)
         self._wake_r, self._wake_w = socket.socketpair()
@@ -128,42 +134,37 @@ class Server:
         log.info("faytd listening on %s (ram %d MiB)", self.path, self.k.frames.nframes * 4 // 1024)
         try:
             watch = self.watch
-            k, poll, spin = self.k, self.ep.poll, self.spin_s
-            clock, yield_cpu = time.perf_counter, os.sched_yield
-            busy = 0                # turns in a row with requests waiting
+            k, epfd, io = self.k, self.ep.fileno(), self._io
+            fast, evs, buf = k.fast, self._evs, self._buf
+            spin_ns = int(self.spin_s * 1e9)
+            poll = lib.fayt_fast_poll
             while not self.stopping:
-                events = poll(0)
-                if events:
-                    busy += 1
-                    if busy >= _IDLE_EVERY and k.has_idle_work():
-                        # Under steady load the deferred work still gets a
-                        # step now and then (released objects hold memory).
-                        busy = 0
+                # Wait in C: the fast system calls of every connection are
+                # served there; the rest comes back here.  With deferred work
+                # (the journal's compaction) it does not sleep, and it
+                # returns after a batch of served requests, so the work gets
+                # a step now and then under steady load too.  Requests come
+                # in bursts (a destroy, then a create; a fault, then the next
+                # page's): it looks a little longer before sleeping, giving
+                # the CPU away at each look (loop_spin_us), so that the next
+                # one costs no wake-up.
+                idle = k.has_idle_work()
+                n = poll(fast, epfd, 0 if idle else spin_ns, 0 if idle else -1, evs, _MAX_EVENTS,
+                         buf, io)
+                if n <= 0:
+                    if n < 0:
+                        log.error("epoll_wait: %s", os.strerror(-n))
+                    if idle:
                         self._idle_step(k)
-                else:
-                    busy = 0
-                if not events:
-                    # Nothing waits: one step of the deferred work (unlinks,
-                    # fresh pool objects, the journal's compaction), then look again.
-                    if k.has_idle_work():
-                        if self._idle_step(k):
-                            continue
-                        events = poll()
-                    else:
-                        # Requests come in bursts (a fault, then the next page's;
-                        # a destroy, then a create): look a little longer before
-                        # sleeping, giving the CPU away at each look (see
-                        # loop_spin_us), so the next one costs no wake-up.
-                        if spin:
-                            until = clock() + spin
-                            while not events and clock() < until:
-                                yield_cpu()
-                                events = poll(0)
-                        if not events:
-                            events = poll()
+                    continue
+                events = [(evs[i].fd, evs[i].events) for i in range(n)]
+                passed = io.passed_fd
                 for fd, ev in events:
                     kind, obj = watch.get(fd, (None, None))
                     self._later.pop(fd, None)   # handled here: not again below
+                    if fd == passed and kind == "client":
+                        self._passed_event(fd, obj)
+                        continue
                     self._event(fd, ev, kind, obj)
                     if kind == "signal":
                         try:
@@ -194,19 +195,24 @@ class Server:
 
     def _event(self, fd, ev, kind, obj):
         try:
+            if kind != "client":
+                self.k.settle()         # client requests settle unless the fast path takes them
             self._handle(fd, ev, kind, obj)
         finally:
-            n = lib.fayt_sigbus_count()
-            if n != self._sigbus_seen:
-                log.warning("%d page(s) of shared objects were cut off under faytd (a client "
-                            "truncated an object it was given); faytd reads zeros there now "
-                            "(event %s on fd %d)", n - self._sigbus_seen, kind, fd)
-                self._sigbus_seen = n
+            self._check_sigbus(kind, fd)
 
-    def _handle(self, fd, ev, kind, obj):
+    def _check_sigbus(self, kind, fd):
+        n = lib.fayt_sigbus_count()
+        if n != self._sigbus_seen:
+            log.warning("%d page(s) of shared objects were cut off under faytd (a client "
+                        "truncated an object it was given); faytd reads zeros there now "
+                        "(event %s on fd %d)", n - self._sigbus_seen, kind, fd)
+            self._sigbus_seen = n
+
+    def _handle(self, fd, ev, kind, obj, read=None):
         try:
             if kind == "client":
-                self._on_client(obj)
+                self._on_client(obj, read)
             elif kind == "pidfd":
                 self._on_death(obj)
             elif kind == "accept":
@@ -255,6 +261,8 @@ class Server:
         if len(serving) >= _CATCH_UP_DEPTH:
             return
         serving.add(current)
+        fast = self.k.fast
+        disabled, fast.disabled = fast.disabled, 1     # Python is in a call: it performs all
         try:
             for fd, ev in self.ep.poll(0):
                 kind, obj = self.watch.get(fd, (None, None))
@@ -277,6 +285,7 @@ class Server:
                 finally:
                     serving.discard(obj)
         finally:
+            fast.disabled = disabled
             serving.discard(current)
 
     def _guarded_client(self, fd, ev, ctx):
@@ -290,6 +299,7 @@ class Server:
         self.stopping = True
 
     def close(self):
+        self.k.settle()
         for ctx in list(self.k.contexts.values()):
             self._drop_conn(ctx)
             self._unwatch_pidfd(ctx)
@@ -328,11 +338,14 @@ class Server:
             except OSError:
                 ctx.pidfd = -1          # already gone: EOF will follow
             self._watch(sock.fileno(), "client", ctx)
+            lib.fayt_fast_watch(self.k.fast, ctx.fast)
             log.debug("context %d: pid %d uid %d exe %s category %s", ctx.id, pid, uid, exe,
                       ctx.category.name if ctx.category else None)
 
     def _drop_conn(self, ctx):
         if ctx.sock is not None:
+            lib.fayt_fast_unwatch(self.k.fast, ctx.sock.fileno())
+            ctx.fast.fd = -1
             self._unwatch_fd(ctx.sock.fileno())
             ctx.sock.close()
             ctx.sock = None
@@ -363,21 +376,41 @@ class Server:
         log.debug("context %d: pid %d died", ctx.id, ctx.pid)
         self.k.died(ctx)
 
-    def _on_client(self, ctx):
-        sock = ctx.sock
+    def _passed_event(self, fd, ctx):
+        """The request fayt_fast_poll read for ctx and did not perform."""
+        io = self._io
         try:
-            data, anc, mflags, _ = sock.recvmsg(_MSG_MAX, _CMSG_SPACE)
-        except (BlockingIOError, InterruptedError):
+            self._handle(fd, 0, "client", ctx, (io.passed, io.noreply, io.err))
+        finally:
+            self._check_sigbus("client", fd)
+
+    def _on_client(self, ctx, read=None):
+        """One request of ctx: read (and, for the calls it takes, performed
+        and answered) by the fast path in C; the rest is Python's.  read:
+        (result, noreply, err) of a fayt_fast_serve that fayt_fast_poll made."""
+        k, msg = self.k, self._msg
+        if read is None:
+            r = lib.fayt_fast_serve(k.fast, ctx.fast, self._buf, msg, self._noreply, self._err)
+            noreply, err = self._noreply[0], self._err[0]
+        else:
+            r, noreply, err = read
+        if r == lib.FAYT_FAST_AGAIN:
             return
-        except OSError as e:
-            return self._disconnect(ctx, "recv: %s" % e)
+        if r < 0:
+            k.settle()
+            return self._disconnect(ctx, "recv: %s" % os.strerror(-r))
+        self._read_one = True
+        self._read_noreply = bool(noreply)
+        if r == lib.FAYT_FAST_SERVED:
+            return
+        k.settle()
+        if r == lib.FAYT_FAST_UNSENT:
+            return self._disconnect(ctx, "does not read its replies" if err == errno.EAGAIN
+                                    else "send: %s" % os.strerror(err))
+        data = bytes(self._bufview[:msg.len])
         self._read_one = bool(data)
-        fds = []
-        for level, kind, cdata in anc:
-            if level == _SOL_SOCKET and kind == _SCM_RIGHTS:
-                a = array.array("i")
-                a.frombytes(cdata[:len(cdata) - len(cdata) % 4])
-                fds.extend(a)
+        fds = list(msg.fds[0:msg.nfds])
+        mflags = msg.mflags
         try:
             if not data:
                 return self._disconnect(ctx)
@@ -386,7 +419,6 @@ class Server:
             if len(data) < REQ_HDR.size:
                 return self._disconnect(ctx, "short message (%d bytes)" % len(data))
             magic, op, flags, seq, tid = REQ_HDR.unpack_from(data)
-            self._read_noreply = bool(flags & _NOREPLY)
             if magic != lib.FAYT_REQ_MAGIC:
                 return self._disconnect(ctx, "bad magic %#x" % magic)
             if flags:

@@ -16,6 +16,7 @@ such a share-point (lazily; most are never recovered) and releases the lock
 with the owner-died bit set, waking one waiter.
 """
 import errno
+import os
 
 from libportal._abi import ffi, lib, SHAREPOINT_META
 
@@ -82,13 +83,19 @@ class SharePoint:
 
 
 class SharePointTable:
-    """Identifiers and ids of live share-points; faytd's only owner of them."""
+    """Identifiers and ids of live share-points; faytd's only owner of them.
 
-    def __init__(self, frames, max_sharepoints):
+    The fast system calls (fayt/kernel.h) create and destroy share-points
+    in C; every identifier is also in C's name table (`fast`), so that they
+    tell a new one at once, and ids come from one counter there.  What they
+    made, faytd takes over (take_over) before Python handles anything."""
+
+    def __init__(self, frames, max_sharepoints, fast):
         self.frames = frames
+        self.fast = fast
         self.by_name = {}
         self.by_id = {}
-        self._next_id = 1
+        fast.next_sp_id = 1
         self.max = max_sharepoints
         self.by_owner = {}          # owner pid -> {sp id}
         self.on_destroy = []        # callables(sp), run before a share-point leaves the table
@@ -105,8 +112,8 @@ class SharePointTable:
             raise KernelError(errno.EINVAL, "length: %d bytes leave no room for data after "
                               "the meta-structure" % length)
         backing = self.frames.allocate(n * PAGE)
-        sp_id = self._next_id
-        self._next_id = (self._next_id % 0xfffffffe) + 1
+        sp_id = self.fast.next_sp_id
+        self.fast.next_sp_id = (sp_id % 0xfffffffe) + 1
         sp = SharePoint(sp_id, identifier, backing, prot, owner_pid, owner_uid)
         sp.owner_start = owner_start
         try:
@@ -119,10 +126,23 @@ class SharePointTable:
             self.journal.sharepoint_created(sp)
         return sp
 
-    def _insert(self, sp):
+    def _insert(self, sp, named=False):
+        if not named:
+            err = lib.fayt_fast_name_add(self.fast, sp.identifier, len(sp.identifier), sp.id)
+            if err:
+                raise KernelError(err, "share.identifier: %r: %s"
+                                  % (sp.identifier.decode("utf-8", "replace"), os.strerror(err)))
         self.by_name[sp.identifier] = sp
         self.by_id[sp.id] = sp
         self.by_owner.setdefault(sp.owner_pid, set()).add(sp.id)
+
+    def take_over(self, sp_id, identifier, backing, prot, owner_pid, owner_uid, owner_start):
+        """A share-point the fast path made (its name is in C's table, its
+        journal record written): now faytd's Python's."""
+        sp = SharePoint(sp_id, identifier, backing, prot, owner_pid, owner_uid)
+        sp.owner_start = owner_start
+        self._insert(sp, named=True)
+        return sp
 
     def adopt(self, rec, backing):
         """A share-point of a journal record, over its adopted backing object.
@@ -138,12 +158,12 @@ class SharePointTable:
 
     @property
     def next_id(self):
-        return self._next_id
+        return self.fast.next_sp_id
 
     def skip_ids(self, next_id):
         """Never hand out an id below next_id again (a restart: ids of
         share-points destroyed before it may still be in lock records)."""
-        self._next_id = max(self._next_id, next_id)
+        self.fast.next_sp_id = max(self.fast.next_sp_id, next_id)
 
     def lookup(self, identifier):
         sp = self.by_name.get(identifier)
@@ -174,7 +194,8 @@ class SharePointTable:
         if self.journal is not None:
             self.journal.sharepoint_destroyed(sp)
         sp.destroyed = True
-        self.by_name.pop(sp.identifier, None)
+        if self.by_name.pop(sp.identifier, None) is not None:
+            lib.fayt_fast_name_del(self.fast, sp.identifier, len(sp.identifier))
         self.by_id.pop(sp.id, None)
         owned = self.by_owner.get(sp.owner_pid)
         if owned is not None:

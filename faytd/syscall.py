@@ -52,6 +52,8 @@ def sys_hello(k, ctx, tid, body, fds):
     ctx.make_page(k.frames.tag)
     k.registered(ctx)
     c = ctx.category
+    if c.classes & (SHARE | ANON) == SHARE | ANON:
+        ctx.fast.flags |= lib.FAYT_FAST_CONN_SHARE     # the fast path may create for it
     return HELLO_REPLY.pack(ctx.id, c.id, c.classes, 0), [ctx.page.open_fd()]
 
 

@@ -16,9 +16,9 @@ from cffi import FFI
 HERE = os.path.dirname(os.path.abspath(__file__))
 INCLUDE = os.path.join(HERE, "include")
 HEADERS = ["portal.h", "sharepoint.h", "notification.h", "context.h", "syscall.h", "lock.h",
-           "ring.h", "pager.h"]
-SOURCES = [os.path.join("libportal", "src", "lock.c"), os.path.join("libportal", "src", "ring.c"),
-           os.path.join("libportal", "src", "uffd.c")]
+           "ring.h", "pager.h", "kernel.h"]
+SOURCES = [os.path.join("libportal", "src", f)
+           for f in ("lock.c", "ring.c", "uffd.c", "frames.c", "objpool.c", "sysfast.c")]
 
 
 def cdef_text(path):
@@ -41,18 +41,19 @@ ffibuilder = FFI()
 ffibuilder.cdef("\n".join(cdef_text(os.path.join(INCLUDE, "fayt", h)) for h in HEADERS),
                 packed=True)
 ffibuilder.cdef("""
-    #define FAYT_CFFI_ABI 3
+    #define FAYT_CFFI_ABI 4
     int fayt_cffi_abi(void);
 """)
 ffibuilder.set_source(
     "libportal._fayt_cffi",
     "\n".join('#include "fayt/%s"' % h for h in HEADERS) + """
-    #define FAYT_CFFI_ABI 3
+    #define FAYT_CFFI_ABI 4
     int fayt_cffi_abi(void) { return FAYT_CFFI_ABI; }
     """,
     sources=SOURCES,
     include_dirs=[INCLUDE],
     extra_compile_args=["-O2", "-Wall"],
+    libraries=["pthread"],
 )
 
 if __name__ == "__main__":

@@ -16,7 +16,10 @@ Lifetimes:
   removes the identifier at once (new attaches fail with ENOENT); processes
   that still map it keep their memory until they unmap it.
 - Everything a process mapped is released by faytd when it dies.
-- Portals and share-points do not cross fork(): in the child they raise EBADF.
+- Portals and share-points do not cross fork(): in the child they raise EBADF,
+  and the child has no mapping of them at all (MADV_DONTFORK): faytd may give
+  the object of a portal this process destroyed back to this same process
+  for its next one, never to another.
 """
 import array
 import errno
@@ -24,7 +27,9 @@ import os
 import weakref
 
 from . import errors
-from ._abi import ffi, lib, HANDLE_REQ, PORTAL_REPLY, PORTAL_REQ, PORTAL_REQ_SIZE, _fastpath
+from ._abi import ffi, lib, HANDLE_REQ, PORTAL_REQ, _fastpath
+
+_portal_map = _fastpath.portal_map
 from .syscall import connection as _default_connection
 
 SHARE = lib.FAYT_PORTAL_SHARE
@@ -45,6 +50,14 @@ _live = weakref.WeakSet()   # mapped regions, invalidated in a fork child
 def encode_portal_req(type, prot, length, identifier=None, share_type=0, create=0,
                       chain=None, message=None, addr=0, paddr=()):
     """The wire body of a portal() request (see include/fayt/syscall.h)."""
+    if chain is None and message is None and not paddr:     # the common case, at once
+        mlen = length if length > 0 else 0
+        if identifier is None:
+            return PORTAL_REQ.pack(type, prot, length, 0, share_type, create, 0, 0, addr, mlen)
+        if isinstance(identifier, str):
+            identifier = identifier.encode("utf-8")
+        return (PORTAL_REQ.pack(type, prot, length, 1, share_type, create, 0, 0, addr, mlen)
+                + identifier + b"\0")
     trailer = bytearray()
 
     def put(s):
@@ -247,34 +260,20 @@ def portal(type, prot=PROT_RW, length=0, *, identifier=None, create=False,
     if type & SPECIAL:
         from .special import special_portal     # its userfaultfd goes with the call
         return special_portal(conn, type, prot, length, chain, message, addr, identifier, create)
-    if isinstance(identifier, str):
-        identifier = identifier.encode("utf-8")
     body, fds = conn.call(lib.FAYT_SYS_PORTAL, encode_portal_req(
         type, prot, length, identifier, share_type, 1 if create else 0,
         chain, message, addr, paddr))
-    try:
-        reply = PORTAL_REPLY.unpack_from(body)
-        nframes = reply[4]
-        pos = PORTAL_REPLY.size + PORTAL_REQ_SIZE
-        paddr_out = array.array("Q")
-        paddr_out.frombytes(body[pos:pos + 8 * nframes])
-        if len(fds) != 1 or len(paddr_out) != nframes:
-            raise errors.error(errno.EPROTO, "portal: malformed reply from faytd")
-        is_share = bool(type & SHARE)
-        map_prot = PROT_RW if is_share else prot
-        err = ffi.new("int *")
-        mapped = lib.fayt_map(fds[0], reply[1], addr, map_prot, err)
-        ino = os.fstat(fds[0]).st_ino if is_share and mapped else 0
-    finally:
-        for fd in fds:
-            os.close(fd)
+    is_share = bool(type & SHARE)
+    # Parse, map (MADV_DONTFORK) and close the fds in one C call.
+    mapped, ino, reply, paddr_out = _portal_map(body, fds, addr, prot, is_share)
     if not mapped:
         created = reply[6] & lib.FAYT_PORTAL_REPLY_CREATED
         conn.call(lib.FAYT_SYS_UNMAP_DESTROY if created else lib.FAYT_SYS_UNMAP,
                   HANDLE_REQ.pack(reply[0]))
+        e = ino
         what = {errno.EEXIST: "morphology.addr %#x is already mapped" % addr,
                 errno.EINVAL: "morphology.addr %#x is not page-aligned" % addr}
-        raise errors.error(err[0], "portal: " + what.get(err[0], "mmap failed: " + os.strerror(err[0])))
+        raise errors.error(e, "portal: " + what.get(e, "mmap failed: " + os.strerror(e)))
     if is_share:
         sp = SharePoint(conn, reply, None, paddr_out, mapped, type, identifier)
         sp._ino = ino           # which object: a restarted faytd may reuse the name

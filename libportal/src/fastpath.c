@@ -36,6 +36,7 @@
 #include <sched.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -992,7 +993,109 @@ static PyObject *sys_call(PyObject *mod, PyObject *const *args, Py_ssize_t n)
     }
 }
 
+/* -- the client's side of a portal() reply ----------------------------------
+ * portal_map(body, fds, addr, prot, share) -> (mapped, ino, reply, paddr)
+ *
+ * body: the reply after its header (fayt_portal_reply, portal_req, paddr[]);
+ * fds: what came with it (one: the backing object).  Maps the object
+ * (fayt_map_portal: at addr or anywhere, MADV_DONTFORK) with prot, or
+ * read-write for a share-point (its lock byte must be writable); closes the
+ * fds.  mapped is the address, or 0 when mmap failed (then ino is the errno);
+ * ino is the object's inode for a share-point; reply is the fayt_portal_reply
+ * as a tuple (handle, map_length, data_offset, sp_id, nframes, prot, flags);
+ * paddr a tuple of the physical addresses.  OSError EPROTO for a reply that
+ * does not add up (the fds are closed then too). */
+static void close_fd_list(PyObject *fds)
+{
+    Py_ssize_t n = PyList_Check(fds) ? PyList_GET_SIZE(fds) : 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        long fd = PyLong_AsLong(PyList_GET_ITEM(fds, i));
+        if (fd >= 0)
+            close((int)fd);
+    }
+    PyErr_Clear();
+}
+
+static PyObject *portal_map(PyObject *mod, PyObject *const *args, Py_ssize_t n)
+{
+    if (n != 5) {
+        PyErr_SetString(PyExc_TypeError, "portal_map takes 5 arguments");
+        return NULL;
+    }
+    PyObject *fds = args[1];
+    if (!PyList_Check(fds)) {
+        PyErr_SetString(PyExc_TypeError, "portal_map: fds must be a list");
+        return NULL;
+    }
+    unsigned long long addr = PyLong_AsUnsignedLongLong(args[2]);
+    long prot = PyLong_AsLong(args[3]);
+    int share = PyObject_IsTrue(args[4]);
+    if (PyErr_Occurred()) {
+        close_fd_list(fds);
+        return NULL;
+    }
+    Py_buffer b;
+    if (PyObject_GetBuffer(args[0], &b, PyBUF_SIMPLE) < 0) {
+        close_fd_list(fds);
+        return NULL;
+    }
+    struct fayt_portal_reply r;
+    size_t head = sizeof r + sizeof(struct portal_req);
+    int ok = (size_t)b.len >= head && PyList_GET_SIZE(fds) == 1;
+    if (ok) {
+        memcpy(&r, b.buf, sizeof r);
+        ok = (size_t)b.len >= head + (size_t)r.nframes * 8;
+    }
+    if (!ok) {
+        PyBuffer_Release(&b);
+        close_fd_list(fds);
+        return raise_errno(EPROTO, "portal: malformed reply from faytd");
+    }
+    PyObject *paddr = PyTuple_New(r.nframes);
+    if (!paddr) {
+        PyBuffer_Release(&b);
+        close_fd_list(fds);
+        return NULL;
+    }
+    const uint8_t *pa = (const uint8_t *)b.buf + head;
+    for (uint32_t i = 0; i < r.nframes; i++) {
+        uint64_t v;
+        memcpy(&v, pa + (size_t)i * 8, 8);
+        PyObject *o = PyLong_FromUnsignedLongLong(v);
+        if (!o) {
+            Py_DECREF(paddr);
+            PyBuffer_Release(&b);
+            close_fd_list(fds);
+            return NULL;
+        }
+        PyTuple_SET_ITEM(paddr, i, o);
+    }
+    PyBuffer_Release(&b);
+    int fd = (int)PyLong_AsLong(PyList_GET_ITEM(fds, 0));
+    int err = 0;
+    uintptr_t mapped = fd < 0 ? 0 : fayt_map_portal(fd, r.map_length, (uintptr_t)addr,
+                                                     share ? (FAYT_PROT_READ | FAYT_PROT_WRITE)
+                                                           : (int)prot, &err);
+    if (fd < 0)
+        err = EBADF;
+    unsigned long long ino = 0;
+    if (mapped && share) {
+        struct stat st;
+        if (fstat(fd, &st) == 0)
+            ino = st.st_ino;
+    }
+    close_fd_list(fds);
+    return Py_BuildValue("(KK(KKKIIiI)N)", (unsigned long long)mapped,
+                         mapped ? ino : (unsigned long long)err,
+                         (unsigned long long)r.handle, (unsigned long long)r.map_length,
+                         (unsigned long long)r.data_offset, r.sp_id, r.nframes, r.prot, r.flags,
+                         paddr);
+}
+
 static PyMethodDef module_methods[] = {
+    {"portal_map", (PyCFunction)(void (*)(void))portal_map, METH_FASTCALL,
+     "portal_map(body, fds, addr, prot, share) -> (mapped, ino_or_errno, reply, paddr): "
+     "map the object a portal() reply grants and close its fds."},
     {"call", (PyCFunction)(void (*)(void))sys_call, METH_FASTCALL,
      "call(fd, msg, fds, want_reply, spin_ns, max_fds) -> (reply, [fds]) or None: one "
      "system call to faytd (spins spin_ns for the reply before sleeping)."},

@@ -255,6 +255,17 @@ uintptr_t fayt_map(int fd, size_t length, uintptr_t addr, int prot, int *err)
     return fayt_mmap_at(addr, length, prot, MAP_SHARED, fd, err);
 }
 
+uintptr_t fayt_map_portal(int fd, size_t length, uintptr_t addr, int prot, int *err)
+{
+    uintptr_t a = fayt_mmap_at(addr, length, prot, MAP_SHARED, fd, err);
+    if (a && madvise((void *)a, length, MADV_DONTFORK) < 0) {
+        *err = errno;
+        munmap((void *)a, length);
+        return 0;
+    }
+    return a;
+}
+
 int fayt_unmap(uintptr_t addr, size_t length)
 {
     return munmap((void *)addr, length) == 0 ? 0 : errno;

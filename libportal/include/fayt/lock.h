@@ -39,6 +39,10 @@ uintptr_t fayt_map(int fd, size_t length, uintptr_t addr, int prot, int *err);
 /* mmap(2) with flags (MAP_SHARED with an fd, or MAP_PRIVATE|MAP_ANONYMOUS
  * with fd -1), at addr exactly when addr is not 0, with the same errors. */
 uintptr_t fayt_mmap_at(uintptr_t addr, size_t length, int prot, int flags, int fd, int *err);
+/* fayt_map for a portal: also MADV_DONTFORK, so that a fork child never
+ * keeps a view of it (portals do not cross fork(); faytd may hand an object
+ * this context destroyed back to this same context for its next portal). */
+uintptr_t fayt_map_portal(int fd, size_t length, uintptr_t addr, int prot, int *err);
 int fayt_unmap(uintptr_t addr, size_t length);
 
 /* faytd: survive a client that truncates a shared object faytd maps (its

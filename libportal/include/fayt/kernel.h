@@ -1,0 +1,217 @@
+/* fayt/kernel.h: faytd's C parts, shared between faytd's Python and C.
+ *
+ * Not a client ABI: no client sees these structs.  They are here because
+ * cffi reads them (faytd's Python fills and reads the same memory the C
+ * uses), and this directory is the one place a shared layout is written.
+ * Packed, as every header here, with every field at its natural offset.
+ *
+ * Three pieces (libportal/src/frames.c, objpool.c, sysfast.c):
+ * - the frame allocator: reference counts, owners and the free stack of the
+ *   emulated RAM, used by faytd's Python (faytd/frames.py) and by the fast
+ *   system calls alike, so there is one allocator;
+ * - the object pool: a thread of faytd (C, no GIL) that makes POSIX shm
+ *   objects ahead of need and unlinks released ones, so that neither costs
+ *   a system call's worth of time on a reply's path;
+ * - the fast system calls: faytd's socket loop hands a readable connection
+ *   to fayt_fast_serve(), which reads one request and, if it is one the
+ *   fast path performs (creating a share-point; its creator destroying it
+ *   again), performs it and replies in C.  Anything else it hands back,
+ *   unperformed, for faytd's Python to handle as before.
+ *
+ * What the fast path creates is "resident" in C until faytd's Python needs
+ * to see it: before Python handles any event, it takes every resident
+ * share-point over (fayt_fast_take_resident) and makes its usual objects,
+ * so that Python code never runs while C holds a share-point Python does
+ * not know.  A share-point that is created and destroyed between two such
+ * events (the common case of a scratch share-point) never costs Python
+ * anything.  The names of every share-point, Python's and resident ones,
+ * are in one C table, so the fast path can tell a new identifier at once.
+ */
+#ifndef FAYT_KERNEL_H
+#define FAYT_KERNEL_H
+
+#include <stdint.h>
+
+/* -- frames ----------------------------------------------------------- */
+struct fayt_frames {
+    uint32_t nframes;
+    uint32_t next;             /* frames below this were handed out once */
+    uint32_t nfree;            /* entries in free_stack */
+    uint32_t next_oid;         /* backing object ids, shared by Python and C */
+    uint32_t *free_stack;      /* frames handed back (nframes entries of room) */
+    uint32_t *refcount;        /* per frame */
+    uint32_t *owner;           /* per frame: backing object id, 0 when free */
+    uint32_t *offset;          /* per frame: page index in its object */
+} __attribute__((packed));
+
+/* Arrays for nframes frames; 0 or ENOMEM.  fini frees them. */
+int fayt_frames_init(struct fayt_frames *f, uint32_t nframes);
+void fayt_frames_fini(struct fayt_frames *f);
+uint32_t fayt_frames_free(const struct fayt_frames *f);
+/* n fresh frames for object oid into out[n], each referenced once; ENOMEM
+ * (nothing taken) if fewer are free. */
+int fayt_frames_alloc(struct fayt_frames *f, uint32_t n, uint32_t oid, uint32_t *out);
+/* One reference more to each frame. */
+void fayt_frames_get(struct fayt_frames *f, const uint32_t *frames, uint32_t n);
+/* One reference less to each; a frame at zero is free again.  Returns how
+ * many were freed. */
+uint32_t fayt_frames_put(struct fayt_frames *f, const uint32_t *frames, uint32_t n);
+/* A restart: object oid holds these frames (each referenced once); EINVAL
+ * if one is out of range or taken.  After the last, fayt_frames_adopted()
+ * makes the frames below the highest adopted one that nobody took free. */
+int fayt_frames_adopt(struct fayt_frames *f, const uint32_t *frames, uint32_t n, uint32_t oid);
+void fayt_frames_adopted(struct fayt_frames *f);
+
+/* -- the object pool ---------------------------------------------------- */
+#define FAYT_OBJ_NAME_MAX 96       /* bytes of an object name, NUL included */
+
+/* Start the pool thread: objects named <prefix><24 random hex digits>,
+ * `target` of them kept ready (one page each, the page made).  0 or errno. */
+int fayt_objpool_start(const char *prefix, uint32_t target);
+/* A new object of `length` bytes (a page multiple): its fd (>= 0; the
+ * caller owns it) and its name in name_out, or -errno.  Taken from the
+ * pool, or made now if the pool is empty or stopped. */
+int fayt_objpool_take(uint64_t length, char *name_out);
+/* Unlink the object `name` soon (in the pool thread; now if it is stopped). */
+void fayt_objpool_release(const char *name);
+/* Unlink every pooled and queued object now and end the thread. */
+void fayt_objpool_stop(void);
+struct fayt_objpool_stats {
+    uint32_t ready;            /* objects made and waiting */
+    uint32_t queued;           /* names waiting to be unlinked */
+    uint64_t made;             /* objects the thread made */
+    uint64_t made_inline;      /* objects take() had to make itself */
+    uint64_t unlinked;
+} __attribute__((packed));
+void fayt_objpool_stats(struct fayt_objpool_stats *out);
+
+/* -- the fast system calls --------------------------------------------- */
+/* One per connection (faytd's Context owns it).  Python keeps next_handle,
+ * ram and py_mappings here, so both sides count from the same numbers. */
+struct fayt_fast_conn {
+    int32_t fd;                /* the connection's socket */
+    uint32_t ctx_id;
+    int32_t pid;
+    uint32_t uid;
+    uint64_t start;            /* the process's start time (frames.start_time) */
+    int32_t tid;               /* a thread already checked to be the pid's (0: none) */
+    uint32_t flags;            /* FAYT_FAST_CONN_* */
+    uint64_t next_handle;
+    uint64_t ram;              /* bytes charged to the context's RAM quota */
+    uint32_t py_mappings;      /* mappings faytd's Python holds for it */
+    uint32_t resident;         /* resident share-points it created */
+} __attribute__((packed));
+#define FAYT_FAST_CONN_SHARE   0x1  /* registered, and may use SHARE|ANON */
+#define FAYT_FAST_CONN_NOTICES 0x2  /* subscribed to faytd's notices: destroys go to Python */
+
+/* faytd's state for the fast path; Python sets the limits from its config. */
+struct fayt_fast_kernel {
+    struct fayt_frames *frames;
+    int32_t journal_fd;        /* -1: no journal */
+    uint32_t next_sp_id;       /* share-point ids, shared by Python and C */
+    uint64_t journal_lines;    /* lines written since the journal was (re)written */
+    int64_t journal_live;      /* of them, records of what is still live */
+    uint64_t max_portal_length;
+    uint64_t max_ram_per_context;   /* UINT64_MAX: none */
+    uint32_t max_sharepoints;
+    uint32_t max_mappings;     /* per context */
+    uint32_t nsharepoints;     /* in the table: Python's and resident ones */
+    uint32_t nresident;
+    uint32_t disabled;         /* 1: hand every request to Python */
+    uint32_t reserved;
+    uint64_t creates;          /* performed by the fast path */
+    uint64_t destroys;
+    uint64_t journal_errors;   /* journal writes that failed (Python logs them) */
+} __attribute__((packed));
+
+/* One request read by fayt_fast_serve and not performed: for Python. */
+#define FAYT_FAST_MAX_FDS 4
+struct fayt_fast_msg {
+    int32_t len;               /* bytes in the caller's buffer; 0: end of file */
+    int32_t mflags;            /* recvmsg's msg_flags (MSG_TRUNC, MSG_CTRUNC) */
+    int32_t nfds;
+    int32_t fds[4];            /* received descriptors, close-on-exec; Python closes them */
+} __attribute__((packed));
+
+/* fayt_fast_serve results */
+#define FAYT_FAST_SERVED  1    /* performed and answered (or NOREPLY) */
+#define FAYT_FAST_PASS    2    /* read, not performed: msg and buf are Python's to handle */
+#define FAYT_FAST_AGAIN   3    /* nothing to read */
+#define FAYT_FAST_UNSENT  4    /* performed, but the reply could not be sent: *err says
+                                  why (EAGAIN: the client does not read its replies) */
+
+/* Read one request of c's socket into buf (FAYT_MSG_MAX bytes).  noreply_out
+ * (may be NULL) gets whether it was sent with FAYT_REQ_NOREPLY.  Returns
+ * FAYT_FAST_*, or -errno if recvmsg failed. */
+int fayt_fast_serve(struct fayt_fast_kernel *k, struct fayt_fast_conn *c, uint8_t *buf,
+                    struct fayt_fast_msg *msg, int *noreply_out, int *err);
+
+/* faytd's loop (faytd/server.py) waits here: epoll, with the fast system
+ * calls of watched connections served in C, so that a request the fast
+ * path performs costs no Python at all. */
+struct fayt_fast_event {
+    int32_t fd;
+    uint32_t events;           /* EPOLL* */
+} __attribute__((packed));
+
+struct fayt_fast_io {
+    struct fayt_fast_msg msg;  /* the request poll read and passed, if any */
+    int32_t noreply;           /* it was sent with FAYT_REQ_NOREPLY */
+    int32_t err;               /* FAYT_FAST_UNSENT: why */
+    int32_t passed_fd;         /* -1, or the connection whose request poll read */
+    int32_t passed;            /* fayt_fast_serve's result for it */
+    uint64_t served;           /* requests served in fayt_fast_poll, in all */
+} __attribute__((packed));
+
+/* Watch connection c (by c->fd) in fayt_fast_poll: 0 or ENOMEM. */
+int fayt_fast_watch(struct fayt_fast_kernel *k, struct fayt_fast_conn *c);
+void fayt_fast_unwatch(struct fayt_fast_kernel *k, int fd);
+/* Wait on epfd.  A watched connection's request is read and, when the fast
+ * path performs it, served here; at most one other request is read and
+ * passed (io->passed_fd), and then the loop stops serving.  Every event
+ * not served comes back in out[max] (the passed one among them); returns
+ * how many (0 as well after FAYT_FAST_POLL_BATCH served requests, or a
+ * signal), or -errno.  It looks for spin_ns (giving the CPU away between
+ * looks) before it sleeps; timeout_ms -1 sleeps until an event, 0 never. */
+#define FAYT_FAST_POLL_BATCH 64
+int fayt_fast_poll(struct fayt_fast_kernel *k, int epfd, int64_t spin_ns, int timeout_ms,
+                   struct fayt_fast_event *out, int max, uint8_t *buf, struct fayt_fast_io *io);
+
+/* The name table: every share-point's identifier.  add: 0, EEXIST, ENOMEM. */
+int fayt_fast_name_add(struct fayt_fast_kernel *k, const char *ident, uint32_t len,
+                       uint32_t sp_id);
+int fayt_fast_name_del(struct fayt_fast_kernel *k, const char *ident, uint32_t len);
+int fayt_fast_name_exists(struct fayt_fast_kernel *k, const char *ident, uint32_t len);
+
+/* A context ended: the objects kept for its next share-points go. */
+void fayt_fast_conn_gone(struct fayt_fast_kernel *k, struct fayt_fast_conn *c);
+/* A clean stop: every kept object goes. */
+void fayt_fast_shutdown(struct fayt_fast_kernel *k);
+
+/* A resident share-point, as fayt_fast_take_resident hands it to Python:
+ * its creator's mapping (handle) is its only one; its frames are referenced
+ * twice (the table's reference and the mapping's), its journal record is
+ * written, and its bytes are charged to the creator's conn->ram. */
+struct fayt_fast_resident {
+    uint32_t sp_id;
+    uint32_t ctx_id;
+    uint64_t handle;
+    int32_t pid;
+    int32_t tid;
+    uint32_t uid;
+    int32_t prot;
+    uint64_t start;
+    uint64_t length;           /* bytes of the backing object */
+    uint32_t oid;
+    uint32_t nframes;
+    uint32_t ident_len;
+    uint32_t reserved;
+    char object[96];           /* FAYT_OBJ_NAME_MAX */
+    char identifier[256];      /* FAYT_NAME_MAX + 1 */
+} __attribute__((packed));
+/* Take one resident share-point over (its frames into frames[max]): 1, or 0
+ * when none is left.  Python then owns it; its name stays in the table. */
+int fayt_fast_take_resident(struct fayt_fast_kernel *k, struct fayt_fast_resident *out,
+                            uint32_t *frames, uint32_t max);
+
+#endif
