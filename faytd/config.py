@@ -23,6 +23,8 @@ DEFAULT = {
     "loop_spin_us": None,        # faytd looks this long for the next request (yielding the
                                  # CPU at each look) before it sleeps; None: 100 with 2 CPUs
                                  # or more, else 0
+    "fast_syscalls": True,       # share-point create and destroy in C (src/sysfast.c);
+                                 # false: every call goes through Python (same results)
     "policy": {
         "categories": {
             "core": {"classes": ["SHARE", "DIRECT", "ANON", "COW", "SPECIAL"],
@@ -73,6 +75,8 @@ def load(path=None, overrides=None):
     cfg["max_portal_length"] = parse_size(cfg["max_portal_length"], "max_portal_length")
     if cfg["max_ram_per_context"] is not None:
         cfg["max_ram_per_context"] = parse_size(cfg["max_ram_per_context"], "max_ram_per_context")
+    if not isinstance(cfg["fast_syscalls"], bool):
+        raise ValueError("config: fast_syscalls must be true or false")
     mode = cfg["socket_mode"]
     cfg["socket_mode"] = int(mode, 8) if isinstance(mode, str) else int(mode)
     return cfg

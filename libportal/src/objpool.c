@@ -19,6 +19,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <pthread.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -179,7 +180,12 @@ int fayt_objpool_start(const char *pfx, uint32_t want)
     pthread_cond_init(&cv, &a);
     pthread_condattr_destroy(&a);
     stopping = 0;
+    /* The thread takes no signal: faytd's handlers run on its main thread. */
+    sigset_t all, old;
+    sigfillset(&all);
+    pthread_sigmask(SIG_BLOCK, &all, &old);
     int e = pthread_create(&thread, NULL, janitor, NULL);
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
     if (e) {
         free(ready);
         ready = NULL;

@@ -1,0 +1,297 @@
+"""faytd's fast system calls (fayt/kernel.h, libportal/src/sysfast.c): a
+share-point's create and its creator's destroy performed in C, what they
+make taken over by faytd's Python before it handles anything else, and the
+recycling of an object for the context that alone ever held it.  Real faytds,
+real processes; which path served a call is read from faytd's own count
+(its log at a clean stop), so a test that expects the fast path fails if
+the fast path was not taken."""
+import errno
+import os
+import re
+import signal
+import struct
+
+import pytest
+
+import libportal
+from libportal._abi import ffi
+
+from test_sharepoint import WAIT, Child, list_share, wait_child_exit, wait_until
+
+
+def fast_counts(log):
+    """(created, destroyed) by the fast path, from a stopped faytd's log."""
+    m = re.search(r"fast path: (\d+) share-points created, (\d+) destroyed", log)
+    assert m, "faytd did not log its fast path's counts:\n" + log[-2000:]
+    return int(m.group(1)), int(m.group(2))
+
+
+def journal_objects(d, prefix):
+    """The object names of every share-point record whose identifier starts with prefix."""
+    with open(os.path.join(os.path.dirname(d.socket), "faytd.journal")) as f:
+        return {ln.split()[7] for ln in f.read().splitlines()
+                if ln.startswith("S ") and bytes.fromhex(ln.split()[9]).startswith(prefix.encode())}
+
+
+def meta_bytes(sp):
+    """The meta-structure as the client sees it, paddr[] included."""
+    n = sp.map_length // 4096
+    return bytes(ffi.buffer(ffi.cast("char *", sp.base), 21 + 8 * n))
+
+
+def test_fastpath_serves_create_and_the_creators_destroy(fresh_faytd, conn_to):
+    d = fresh_faytd()
+    c = conn_to(d)
+    for i in range(50):
+        sp = libportal.share_create("fast-%d" % i, 4096, connection=c)
+        sp.write(0, b"x")
+        sp.destroy()
+    c.close()
+    created, destroyed = fast_counts(d.stop())
+    # The first create of a context is Python's: it checks the calling thread
+    # once; from then on the fast path knows it.
+    assert created == 49 and destroyed == 49
+
+
+def _scenario(conn, tag):
+    """What a client sees of create, errors and destroy; comparable across faytds."""
+    seen = []
+    a = libportal.share_create(tag + "-a", 3 * 4096 + 5, libportal.PROT_READ, connection=conn)
+    seen.append(("a", a.map_length, a.data_offset, a.length, a.prot, len(a.paddr), a.created,
+                 meta_bytes(a)[0:21]))
+    m = ffi.cast("struct fayt_sharepoint_meta *", a.base)
+    seen.append(("a paddr", [m.morphology.paddr[i] for i in range(len(a.paddr))] == list(a.paddr)))
+    for bad in [dict(identifier=tag + "-a", length=4096),          # exists
+                dict(identifier="", length=4096),                  # empty
+                dict(identifier=b"\xff\xfe", length=4096),         # not UTF-8
+                dict(identifier=tag + "-z", length=0)]:            # no length
+        try:
+            libportal.share_create(bad["identifier"], bad["length"], connection=conn)
+            seen.append(("no error", bad))
+        except OSError as e:
+            seen.append((e.errno, str(e).replace(tag, "T")))
+    b = libportal.share_create(tag + "-b", 4096, connection=conn)
+    b.write(0, b"hello")
+    other = libportal.share_attach(tag + "-b", connection=conn)
+    seen.append(("attach", other.read(0, 5), other.sp_id == b.sp_id))
+    listed = {k.replace(tag, "T"): (v["size"], v["prot"], v["nframes"], len(v["captured"]))
+              for k, v in list_share(conn).items() if k.startswith(tag)}
+    seen.append(("list", sorted(listed.items())))
+    other.unmap()
+    b.destroy()
+    a.destroy()
+    try:
+        libportal.share_attach(tag + "-a", connection=conn)
+        seen.append("attached a destroyed share-point")
+    except libportal.NotFound as e:
+        seen.append(("gone", e.errno))
+    return seen
+
+
+def test_fastpath_and_python_path_agree(fresh_faytd, conn_to):
+    fast = fresh_faytd()
+    slow = fresh_faytd(config={"fast_syscalls": False})
+    c1, c2 = conn_to(fast), conn_to(slow)
+    # One call each first: the fast path takes a context's calls once its thread is known.
+    libportal.share_create("warm", 4096, connection=c1).destroy()
+    libportal.share_create("warm", 4096, connection=c2).destroy()
+    assert _scenario(c1, "agree") == _scenario(c2, "agree")
+    c1.close()
+    c2.close()
+    assert fast_counts(fast.stop())[0] >= 2
+    assert fast_counts(slow.stop()) == (0, 0)
+
+
+def test_fastpath_recycles_an_object_for_its_own_context_only(fresh_faytd, conn_to):
+    d = fresh_faytd()
+    c, other = conn_to(d), conn_to(d)
+    libportal.share_create("warm", 4096, connection=c).destroy()
+    a = libportal.share_create("r-a", 4096, connection=c)
+    a.write(0, b"secret" * 100)
+    a_ino = a._ino
+    a.destroy()
+    # The same context, the same size: the same object, all zeros again
+    # (data and a fresh meta-structure), with a new id and frames.
+    b = libportal.share_create("r-b", 4096, connection=c)
+    assert b._ino == a_ino
+    assert b.read(0, b.length) == bytes(b.length)
+    m = ffi.cast("struct fayt_sharepoint_meta *", b.base)
+    assert m.lock == b"\0" and m.prot == libportal.PROT_RW and m.length == b.length
+    assert m.morphology.paddr[0] == b.paddr[0]
+    assert b.sp_id != a.sp_id
+    b_ino = b._ino
+    b.destroy()
+    # Another context never gets it.
+    e = libportal.share_create("r-e", 4096, connection=other)
+    assert e._ino != b_ino
+    e.destroy()
+    # Another size does not take it either.
+    f = libportal.share_create("r-f", 2 * 4096, connection=c)
+    assert f._ino != b_ino
+    f.destroy()
+    # An object another context mapped is never kept: it goes.
+    g = libportal.share_create("r-g", 4096, connection=c)
+    g_ino = g._ino
+    seen = libportal.share_attach("r-g", connection=other)
+    seen.unmap()
+    g.destroy()
+    h = libportal.share_create("r-h", 4096, connection=c)
+    assert h._ino not in (g_ino,)
+    h.destroy()
+    c.close()
+    other.close()
+    d.stop()
+
+
+def test_fastpath_recycled_object_is_what_the_journal_names(fresh_faytd, conn_to, tmp_path):
+    d = fresh_faytd()
+    c = conn_to(d)
+    libportal.share_create("warm", 4096, connection=c).destroy()
+    a = libportal.share_create("j-a", 4096, connection=c)
+    a.destroy()
+    b = libportal.share_create("j-b", 4096, connection=c)
+    b.write(0, b"kept")
+    journal = os.path.join(os.path.dirname(d.socket), "faytd.journal")
+    with open(journal) as f:
+        lines = f.read().splitlines()
+    s_lines = [ln.split() for ln in lines if ln.startswith("S ")]
+    by_id = {int(f[1]): f for f in s_lines}
+    assert "D %d" % a.sp_id in lines
+    # S <id> <pid> <start> <uid> <prot> <length> <object> <frames> <identifier hex>
+    rec = by_id[b.sp_id]
+    assert rec[2] == str(os.getpid()) and rec[5] == str(libportal.PROT_RW)
+    assert rec[6] == "4096" and bytes.fromhex(rec[9]) == b"j-b"
+    assert rec[7] == by_id[a.sp_id][7]      # one object, named again for its new share-point
+    assert os.stat("/dev/shm" + rec[7]).st_ino == b._ino
+    frame = (b.paddr[0] - 0x100000) // 4096
+    assert rec[8] == str(frame)
+    b.destroy()
+    c.close()
+    d.stop()
+
+
+def test_fastpath_portals_are_not_in_a_fork_childs_address_space(lp, faytd):
+    sp = lp.share_create("fork-maps-%d" % os.getpid(), 4096)
+    anon = lp.portal(lp.ANON, lp.PROT_RW, 4096)
+
+    def mapped(addr):
+        with open("/proc/self/maps") as f:
+            for line in f:
+                lo, hi = (int(x, 16) for x in line.split()[0].split("-"))
+                if lo <= addr < hi:
+                    return True
+        return False
+
+    try:
+        assert mapped(sp.base) and mapped(anon.addr)
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            try:
+                os.write(w, b"%d%d" % (mapped(sp.base), mapped(anon.addr)))
+            finally:
+                os._exit(0)
+        os.close(w)
+        got = os.read(r, 2)
+        os.close(r)
+        assert wait_child_exit(pid) == 0
+        assert got == b"00"
+        assert mapped(sp.base) and mapped(anon.addr)
+    finally:
+        anon.unmap()
+        sp.destroy()
+
+
+def test_fastpath_share_points_it_made_are_everyones_at_once(fresh_faytd, conn_to):
+    d = fresh_faytd()
+    c = conn_to(d)
+    libportal.share_create("warm", 4096, connection=c).destroy()
+    sp = libportal.share_create("everyone", 4096, connection=c)
+    sp.write(0, b"made in C")
+    child = Child("""
+        sp = lp.share_attach("everyone")
+        print(sp.read(0, 9).decode(), sp.sp_id)
+        """, d.env())
+    try:
+        assert child.expect() == "made in C %d" % sp.sp_id
+        child.finish()
+    finally:
+        child.kill()
+    entry = list_share(c)["everyone"]
+    assert entry["owner"] == os.getpid() and entry["id"] == sp.sp_id
+    assert entry["captured"] and all(pid == os.getpid() for pid, _ in entry["captured"])
+    sp.destroy()
+    c.close()
+    assert fast_counts(d.stop())[0] == 1        # "everyone" (the first create is Python's)
+
+
+def test_fastpath_owner_killed_with_share_points_only_c_knew(fresh_faytd, conn_to):
+    d = fresh_faytd()
+    probe = conn_to(d)
+    child = Child("""
+        lp.share_create("k-warm", 4096).destroy()
+        made = [lp.share_create("k-%d" % i, 4096) for i in range(20)]
+        made[3].write(0, b"x")
+        assert made[3].lock() == 0
+        print("ready", flush=True)
+        sys.stdin.readline()
+        """, d.env())
+    try:
+        assert child.expect() == "ready"
+        os.kill(child.pid, signal.SIGKILL)
+        child.proc.wait(WAIT)
+        # Its share-points were unmapped by its death and ownerless: reclaimed.
+        wait_until(lambda: not any(k.startswith("k-") for k in list_share(probe)),
+                   "the dead owner's share-points to be reclaimed")
+        with pytest.raises(libportal.NotFound):
+            libportal.share_attach("k-3", connection=probe)
+        # Their objects go too (none is kept: their context is gone).
+        objects = journal_objects(d, "k-")
+        assert len(objects) >= 20
+        wait_until(lambda: not any(os.path.exists("/dev/shm" + o) for o in objects),
+                   "the dead owner's objects to be unlinked")
+        sp = libportal.share_create("k-3", 4096, connection=probe)   # the name is free
+        sp.destroy()
+    finally:
+        child.kill()
+    probe.close()
+    log = d.stop()
+    assert fast_counts(log)[0] >= 20
+    assert "error" not in log.lower(), log
+
+
+def test_fastpath_large_share_points_go_through_python_the_same_way(fresh_faytd, conn_to):
+    """Past the fast path's limit (1024 frames) Python serves the call."""
+    d = fresh_faytd(ram="64MiB")
+    c = conn_to(d)
+    libportal.share_create("warm", 4096, connection=c).destroy()
+    for name, frames in (("small", 1024), ("big", 1025)):
+        sp = libportal.share_create(name, frames * 4096, connection=c)
+        assert len(sp.paddr) == frames == sp.map_length // 4096
+        assert struct.unpack_from("<Q", meta_bytes(sp), 13)[0] == sp.map_length
+        assert list(struct.unpack_from("<%dQ" % frames, meta_bytes(sp), 21)) == list(sp.paddr)
+        sp.write(sp.length - 4, b"last")
+        assert sp.read(sp.length - 4, 4) == b"last"
+        sp.destroy()
+    c.close()
+    assert fast_counts(d.stop()) == (1, 1)      # small only
+
+
+def test_fastpath_quotas_refuse_as_python_does(fresh_faytd, conn_to):
+    d = fresh_faytd(config={"max_mappings_per_context": 3, "max_sharepoints": 5,
+                            "max_ram_per_context": 3 * 4096})
+    c = conn_to(d)
+    libportal.share_create("warm", 4096, connection=c).destroy()
+    a = libportal.share_create("q-a", 4096, connection=c)
+    b = libportal.share_create("q-b", 4096, connection=c)
+    with pytest.raises(libportal.OutOfMemory) as e:
+        libportal.share_create("q-c", 2 * 4096, connection=c)
+    assert "RAM quota" in str(e.value)
+    cc = libportal.share_create("q-c", 4096, connection=c)
+    with pytest.raises(libportal.OutOfMemory) as e:
+        libportal.share_create("q-d", 4096, connection=c)
+    assert e.value.errno == errno.ENOMEM
+    for sp in (a, b, cc):
+        sp.destroy()
+    c.close()
+    d.stop()
