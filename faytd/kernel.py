@@ -4,11 +4,11 @@ and the policy.
 No socket code here: the server (server.py) hands events in, the syscall
 layer (syscall.py) calls the methods that perform a request.
 """
+import array
 import errno
 import logging
 import os
-
-import array
+import time
 
 from libportal._abi import ffi, lib
 
@@ -169,12 +169,18 @@ class Kernel:
             self._open_journal()
 
     # -- the fast system calls (fayt/kernel.h, src/sysfast.c) -------------
-    def settle(self):
+    def settle(self, idle=False):
         """Take over every share-point the fast path made and still holds
         ("resident"), with the objects Python keeps for any other.  The
         server calls it before Python handles any event, so Python code
-        never runs while a share-point it does not know exists."""
+        never runs while a share-point it does not know exists.  idle: the
+        loop had nothing to do; only if the oldest resident one is
+        FAYT_FAST_RESIDENT_AGE_NS old (a scratch share-point destroyed at
+        once is never taken over)."""
         f = self.fast
+        if idle and (not f.nresident or time.monotonic_ns() - lib.fayt_fast_oldest_resident(f)
+                     < lib.FAYT_FAST_RESIDENT_AGE_NS):
+            return
         if f.journal_errors != self._journal_errors:
             log.error("journal: %d writes failed; a restart will not see those changes",
                       f.journal_errors - self._journal_errors)

@@ -156,14 +156,20 @@ class Server:
                         log.error("epoll_wait: %s", os.strerror(-n))
                     if idle:
                         self._idle_step(k)
+                    elif fast.nresident:
+                        k.settle(idle=True)     # resident a while, faytd idle: take them now
                     continue
                 events = [(evs[i].fd, evs[i].events) for i in range(n)]
                 passed = io.passed_fd
+                if passed >= 0:         # a request poll read: its bytes, before anything reads again
+                    msg = io.msg
+                    read = (io.passed, io.noreply, io.err, bytes(self._bufview[:msg.len]),
+                            list(msg.fds[0:msg.nfds]), msg.mflags)
                 for fd, ev in events:
                     kind, obj = watch.get(fd, (None, None))
                     self._later.pop(fd, None)   # handled here: not again below
-                    if fd == passed and kind == "client":
-                        self._passed_event(fd, obj)
+                    if fd == passed:
+                        self._passed_event(fd, kind, obj, read)
                         continue
                     self._event(fd, ev, kind, obj)
                     if kind == "signal":
@@ -376,24 +382,32 @@ class Server:
         log.debug("context %d: pid %d died", ctx.id, ctx.pid)
         self.k.died(ctx)
 
-    def _passed_event(self, fd, ctx):
+    def _passed_event(self, fd, kind, ctx, read):
         """The request fayt_fast_poll read for ctx and did not perform."""
-        io = self._io
+        if kind != "client":            # never: poll reads only watched connections
+            log.error("fd %d: a request was read for a %s", fd, kind)
+            for f in read[4]:
+                os.close(f)
+            return
         try:
-            self._handle(fd, 0, "client", ctx, (io.passed, io.noreply, io.err))
+            self._handle(fd, 0, kind, ctx, read)
         finally:
-            self._check_sigbus("client", fd)
+            self._check_sigbus(kind, fd)
 
     def _on_client(self, ctx, read=None):
         """One request of ctx: read (and, for the calls it takes, performed
         and answered) by the fast path in C; the rest is Python's.  read:
-        (result, noreply, err) of a fayt_fast_serve that fayt_fast_poll made."""
+        what fayt_fast_poll read for it: (fayt_fast_serve's result, noreply,
+        err, data, fds, msg_flags)."""
         k, msg = self.k, self._msg
         if read is None:
             r = lib.fayt_fast_serve(k.fast, ctx.fast, self._buf, msg, self._noreply, self._err)
             noreply, err = self._noreply[0], self._err[0]
+            if r == lib.FAYT_FAST_PASS:
+                read = (r, noreply, err, bytes(self._bufview[:msg.len]),
+                        list(msg.fds[0:msg.nfds]), msg.mflags)
         else:
-            r, noreply, err = read
+            r, noreply, err = read[:3]
         if r == lib.FAYT_FAST_AGAIN:
             return
         if r < 0:
@@ -407,10 +421,8 @@ class Server:
         if r == lib.FAYT_FAST_UNSENT:
             return self._disconnect(ctx, "does not read its replies" if err == errno.EAGAIN
                                     else "send: %s" % os.strerror(err))
-        data = bytes(self._bufview[:msg.len])
+        data, fds, mflags = read[3:]
         self._read_one = bool(data)
-        fds = list(msg.fds[0:msg.nfds])
-        mflags = msg.mflags
         try:
             if not data:
                 return self._disconnect(ctx)

@@ -50,6 +50,7 @@
 #define RAM_BASE 0x100000ULL      /* faytd/frames.py RAM_BASE */
 #define FAST_MAX_FRAMES 1024      /* larger share-points go through Python */
 #define RECYCLE_MAX 64            /* objects kept for their context's next create */
+#define RESIDENT_MAX 64           /* then creates go through Python, which takes them over */
 #define ZERO_AT_CREATE 16384      /* up to this, a recycled object is zeroed by the meta's write */
 #define JOURNAL_LINE_MAX (128 + FAYT_OBJ_NAME_MAX + FAST_MAX_FRAMES * 11 + 2 * FAYT_NAME_MAX)
 
@@ -76,6 +77,7 @@ struct resident {
     uint32_t uid;
     int32_t prot;
     uint64_t start, length;
+    int64_t born;                  /* CLOCK_MONOTONIC ns */
     uint32_t oid, nframes;
     int fd;                        /* the object's, kept while a recycle may want it; -1 */
     char object[FAYT_OBJ_NAME_MAX];
@@ -449,6 +451,7 @@ static int fast_create(struct fayt_fast_kernel *k, struct fayt_fast_conn *c,
     uint64_t bytes = (uint64_t)n * FAYT_PAGE_SIZE;
     size_t data_offset = fayt_sp_data_offset(n);
     if (n > FAST_MAX_FRAMES || data_offset >= bytes
+        || k->nresident >= RESIDENT_MAX
         || c->py_mappings + c->resident >= k->max_mappings
         || c->ram + bytes > k->max_ram_per_context
         || k->nsharepoints >= k->max_sharepoints
@@ -528,6 +531,9 @@ static int fast_create(struct fayt_fast_kernel *k, struct fayt_fast_conn *c,
     r->length = bytes;
     r->oid = oid;
     r->nframes = n;
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    r->born = (int64_t)now.tv_sec * 1000000000 + now.tv_nsec;
     if (resident_insert(r)) {
         name_remove(ne);
         close(ofd);
@@ -696,6 +702,12 @@ int fayt_fast_serve(struct fayt_fast_kernel *k, struct fayt_fast_conn *c, uint8_
     return FAYT_FAST_PASS;
 }
 
+int64_t fayt_fast_oldest_resident(struct fayt_fast_kernel *k)
+{
+    (void)k;
+    return res_head ? res_head->born : 0;
+}
+
 int fayt_fast_take_resident(struct fayt_fast_kernel *k, struct fayt_fast_resident *out,
                             uint32_t *frames, uint32_t max)
 {
@@ -830,6 +842,16 @@ int fayt_fast_poll(struct fayt_fast_kernel *k, int epfd, int64_t spin_ns, int ti
         }
         if (timeout_ms == 0)
             return 0;
+        if (res_head) {
+            /* Python takes over what has been resident a while when idle:
+             * sleep no longer than until the oldest one is that old. */
+            int64_t left = res_head->born + FAYT_FAST_RESIDENT_AGE_NS - mono_ns();
+            if (left <= 0)
+                return 0;
+            int ms = (int)(left / 1000000) + 1;
+            if (timeout_ms < 0 || ms < timeout_ms)
+                timeout_ms = ms;
+        }
         block = 1;
         until = 0;
     }

@@ -209,6 +209,13 @@ struct fayt_fast_resident {
     char object[96];           /* FAYT_OBJ_NAME_MAX */
     char identifier[256];      /* FAYT_NAME_MAX + 1 */
 } __attribute__((packed));
+/* When the oldest resident share-point was made (CLOCK_MONOTONIC ns; 0:
+ * none).  At most 64 are resident (then creates go through Python, which
+ * takes them all over); fayt_fast_poll returns when faytd is idle and the
+ * oldest is FAYT_FAST_RESIDENT_AGE_NS old, so that Python takes them over
+ * then rather than in some later call's time. */
+#define FAYT_FAST_RESIDENT_AGE_NS 5000000
+int64_t fayt_fast_oldest_resident(struct fayt_fast_kernel *k);
 /* Take one resident share-point over (its frames into frames[max]): 1, or 0
  * when none is left.  Python then owns it; its name stays in the table. */
 int fayt_fast_take_resident(struct fayt_fast_kernel *k, struct fayt_fast_resident *out,
