@@ -272,7 +272,6 @@ def case_create(d, scale):
             lp.portal(lp.ANON, lp.PROT_RW, 4096).unmap()
 
     t_ours, t_peer, t_anon = best(ours, n, 3), best(peer, n, 3), best(anon, n, 3)
-    t_floor = _daemon_floor(n)
     return [
         {"name": "4 KiB SHARE: create+map+unmap+destroy", "ours": t_ours * 1e6, "unit": "us",
          "peer": "shared_memory create+close+unlink", "peer_value": t_peer * 1e6,
@@ -280,59 +279,7 @@ def case_create(d, scale):
         {"name": "4 KiB ANON: portal+unmap", "ours": t_anon * 1e6, "unit": "us",
          "peer": "shared_memory create+close+unlink", "peer_value": t_peer * 1e6,
          "ratio": t_anon / t_peer, "target": None},
-        {"name": "floor: 1 round trip to a bare Python daemon", "ours": t_floor * 1e6,
-         "unit": "us", "peer": "shared_memory create+close+unlink", "peer_value": t_peer * 1e6,
-         "ratio": t_floor / t_peer, "target": None},
     ]
-
-
-def _daemon_floor(n):
-    """What any Python daemon costs for a create at least: one SOCK_SEQPACKET
-    round trip to a process that only writes 16 bytes into a ready shm object
-    and sends its fd (and makes the next one after replying), plus the
-    client's mmap and munmap.  No checks, no table, no journal."""
-    import array
-    import socket
-    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    pid = os.fork()
-    if pid == 0:
-        try:
-            a.close()
-            names = []
-
-            def fresh():
-                name = "/fayt-bench-floor-%d-%d" % (os.getpid(), len(names))
-                names.append(name)
-                shm = posix_ipc.SharedMemory(name, posix_ipc.O_CREX, mode=0o600, size=4096)
-                posix_ipc.unlink_shared_memory(name)
-                return shm.fd
-            ready = fresh()
-            rights = socket.SCM_RIGHTS
-            while True:
-                if not b.recv(256):
-                    break
-                os.pwrite(ready, b"0123456789abcdef", 0)
-                b.sendmsg([b"r" * 64], [(socket.SOL_SOCKET, rights, array.array("i", [ready]))])
-                os.close(ready)
-                ready = fresh()
-        finally:
-            os._exit(0)
-    b.close()
-    space = socket.CMSG_SPACE(4 * 8)
-
-    def run(k):
-        for _ in range(k):
-            a.send(b"c" * 64)
-            _, anc, _, _ = a.recvmsg(256, space)
-            fd = array.array("i", anc[0][2])[0]
-            m = mmap.mmap(fd, 4096)
-            os.close(fd)
-            m.close()
-    try:
-        return best(run, n, 3)
-    finally:
-        a.close()
-        os.waitpid(pid, 0)
 
 
 # -- 10,000 share-points --------------------------------------------------------
