@@ -170,13 +170,15 @@ def _portal_special(k, ctx, tid, body, t, prot, length, addr, req_fields, fds):
                       lib.FAYT_MESSAGE_MAX)
     ident = _string(body, trailer_at, req_fields[3], "share.identifier", lib.FAYT_NAME_MAX)
     create = req_fields[5]
-    handle, mapped, r = _pager.portal_special(k, ctx, tid, t, prot, length, addr, chain,
-                                              message, fds, ident, create)
+    handle, mapped, r, grant = _pager.portal_special(k, ctx, tid, t, prot, length, addr, chain,
+                                                     message, fds, ident, create)
     sh = r.share
     flags = lib.FAYT_PORTAL_REPLY_CREATED if sh is not None and create else 0
+    if r.backing is not None:           # answered by reference: grant is its read-only fd
+        flags |= lib.FAYT_PORTAL_REPLY_BACKED
     reply = (PORTAL_REPLY.pack(handle, mapped, 0, sh.id if sh else r.id, 0, prot, flags)
              + PORTAL_REQ.pack(*req_fields, mapped))
-    return reply, [sh.backing.open_fd()] if sh is not None else []
+    return reply, [sh.backing.open_fd()] if sh is not None else grant
 
 
 def _mapping(ctx, body):
