@@ -695,8 +695,8 @@ class Pager:
         if verdict == lib.FAYT_PAGE_MAPPED:
             r.mapped += count // PAGE
         if err:
-            log.warning("region %d: %s at %#x stopped after %d of %d bytes: %s", r.id,
-                        _IOCTL[verdict], off, count, n, os.strerror(err))
+            log.warning("region %d: %s at %#x stopped after %d bytes: %s", r.id,
+                        _IOCTL[verdict], off, count, os.strerror(err))
         if not r.pending:
             return
         for o in range(off + PAGE, off + n, PAGE):
