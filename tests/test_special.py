@@ -467,9 +467,10 @@ def test_special_nothing_left_in_dev_shm(fresh_faytd, conn_to):
     assert fayt_shm_objects([d.proc.pid]) == []
 
 
-def _serve_file(chain, ready, stop):
+def _serve_file(chain, ready, stop, by_reference=True):
     from servers import filepager
-    filepager.serve(chain, run_max=8 * PAGE, stop=stop.is_set, ready=ready.set)
+    filepager.serve(chain, run_max=8 * PAGE, stop=stop.is_set, ready=ready.set,
+                    by_reference=by_reference)
     os._exit(0)
 
 
@@ -483,20 +484,31 @@ def _serve_cache(chain, path, ready, stop, out):
     os._exit(0)
 
 
-def test_special_file_pager_serves_a_file(lp, tmp_path):
+@pytest.mark.parametrize("by_reference", [True, False], ids=["by-reference", "by-copy"])
+def test_special_file_pager_serves_a_file(lp, tmp_path, by_reference):
+    """The first portal of a file (by reference: its cache is declared at the
+    first request, so this one gets copies of it) and the second (backed
+    by the cache, or copies again with --copy)."""
     data = os.urandom(20 * PAGE + 100)
     path = tmp_path / "file.bin"
     path.write_bytes(data)
     chain = _chain()
     ready, stop = CTX.Event(), CTX.Event()
-    p = CTX.Process(target=_serve_file, args=(chain, ready, stop))
+    p = CTX.Process(target=_serve_file, args=(chain, ready, stop, by_reference))
     p.start()
     try:
         assert ready.wait(WAIT)
-        with lp.portal(lp.SPECIAL, lp.PROT_READ, 21 * PAGE, chain=chain,
+        for backed in (False, by_reference):
+            with lp.portal(lp.SPECIAL, lp.PROT_READ, 21 * PAGE, chain=chain,
+                           message=str(path)) as sp:
+                assert sp.backed is backed
+                assert sp.read(0, len(data)) == data                    # the tail page too
+                assert sp.read(len(data), 21 * PAGE - len(data)) == bytes(21 * PAGE - len(data))
+                assert _smaps(sp.addr)["Anonymous"] == (0 if backed else 21 * 4)
+        with lp.portal(lp.SPECIAL, lp.PROT_READ, 22 * PAGE, chain=chain,
                        message=str(path)) as sp:
-            assert sp.read(0, len(data)) == data                    # the tail page too
-            assert sp.read(len(data), 21 * PAGE - len(data)) == bytes(21 * PAGE - len(data))
+            assert not sp.backed                # longer than the file's cache
+            assert sp.read(0, 16) == data[:16]
         missing = CTX.Process(target=_touch_file, args=(chain, str(tmp_path / "missing")))
         missing.start()
         missing.join(WAIT)
@@ -1162,3 +1174,163 @@ def _wait_free_frames(conn, want):
     while _free_frames(conn) != want and time.monotonic() < deadline:
         time.sleep(0.01)
     return _free_frames(conn)
+
+
+def _read_one_then_touch(chain, socket, ready, go, out):
+    """Map 4 pages, read page 0 (one-page runs), tell; once told (faytd
+    killed), read page 0 again (reported), then touch page 1, which the
+    server's backing holds but this region was never given."""
+    faulthandler.disable()
+    sp = lp.portal(lp.SPECIAL, lp.PROT_READ, 4 * PAGE, chain=chain, message=b"m",
+                   connection=lp.Connection(socket))
+    first = sp.backed and sp.read(0, PAGE) == _pattern(0, PAGE)
+    ready.set()
+    if not go.wait(WAIT):
+        os._exit(4)
+    out.put((first, sp.read(0, PAGE) == _pattern(0, PAGE)))
+    out.close()
+    out.join_thread()
+    sp.buf[PAGE]
+    os._exit(0)
+
+
+def test_special_faytd_death_poisons_what_a_backed_region_was_not_given(fresh_faytd):
+    """faytd dies: the client's guard poisons every page not mapped yet.  On
+    a backed region that matters for the pages the server's object holds:
+    registered for minor faults, they would fault with nobody to answer
+    (a hang) and, unregistered, would read the backing directly."""
+    d = fresh_faytd()
+    chain = _chain()
+    srv = _backed_server(chain, 4, socket=d.socket, run_max=PAGE)
+    ready, go, out = CTX.Event(), CTX.Event(), CTX.Queue()
+    client = CTX.Process(target=_read_one_then_touch, args=(chain, d.socket, ready, go, out))
+    client.start()
+    try:
+        assert ready.wait(WAIT)
+        d.proc.kill()
+        d.proc.wait(WAIT)
+        go.set()
+        assert out.get(timeout=WAIT) == (True, True)       # what it was given, it keeps
+        client.join(WAIT)
+        assert not client.is_alive(), "the client hung after faytd died"
+        assert client.exitcode == -signal.SIGBUS
+    finally:
+        for p in (client, srv.proc):
+            if p.is_alive():
+                p.kill()
+                p.join(WAIT)
+    again = Faytd(os.path.dirname(d.socket))
+    again.stop()
+    assert fayt_shm_objects([d.proc.pid, again.proc.pid]) == []
+
+
+def test_special_backed_nothing_left_in_dev_shm(fresh_faytd, conn_to):
+    """A backed region and its backing, then faytd stopped while a second
+    backed region is still mapped and its server still serves: every object
+    is unlinked."""
+    d = fresh_faytd()
+    chain = _chain()
+    srv = _backed_server(chain, 4, socket=d.socket)
+    c = conn_to(d)
+    sp = lp.portal(lp.SPECIAL, lp.PROT_READ, 4 * PAGE, chain=chain, message=b"m", connection=c)
+    assert sp.backed and sp.read(0, 4 * PAGE) == _pattern(0, 4 * PAGE)
+    sp.unmap()
+    srv.do("unmap")
+    still = lp.portal(lp.SPECIAL, lp.PROT_READ, 4 * PAGE, chain=chain, message=b"m", connection=c)
+    assert still.backed and still.read(0, PAGE) == _pattern(0, PAGE)
+    assert len(fayt_shm_objects([d.proc.pid])) > 0
+    d.stop()
+    srv.close()
+    still.unmap()
+    assert fayt_shm_objects([d.proc.pid]) == []
+
+
+def _serve_file_counted(chain, ready, stop, out, by_reference, prepare):
+    from servers import filepager
+    pager = filepager.serve(chain, run_max=8 * PAGE, stop=stop.is_set, ready=ready.set,
+                            by_reference=by_reference, files=prepare)
+    out.put(pager.counters())
+    out.close()
+    out.join_thread()
+    os._exit(0)
+
+
+class FilePagerChild:
+    def __init__(self, by_reference=True, prepare=()):
+        self.chain = _chain()
+        self.ready, self.stop, self.out = CTX.Event(), CTX.Event(), CTX.Queue()
+        self.proc = CTX.Process(target=_serve_file_counted, args=(
+            self.chain, self.ready, self.stop, self.out, by_reference, list(prepare)))
+        self.proc.start()
+        assert self.ready.wait(WAIT), "the file pager did not start"
+
+    def counters(self):
+        """Stop it; its counters."""
+        self.stop.set()
+        got = self.out.get(timeout=WAIT)
+        self.close()
+        return got
+
+    def close(self):
+        self.stop.set()
+        self.proc.join(WAIT)
+        if self.proc.is_alive():
+            self.proc.kill()
+            self.proc.join(WAIT)
+
+
+def test_special_file_pager_second_portal_reads_nothing_and_copies_nothing(lp, tmp_path):
+    data = os.urandom(20 * PAGE + 100)
+    path = tmp_path / "file.bin"
+    path.write_bytes(data)
+    pager = FilePagerChild(prepare=[str(path)])
+    try:
+        for _ in range(2):
+            with lp.portal(lp.SPECIAL, lp.PROT_READ, 21 * PAGE, chain=pager.chain,
+                           message=str(path)) as sp:
+                assert sp.backed
+                assert sp.read(0, 21 * PAGE) == data + bytes(21 * PAGE - len(data))
+                assert _smaps(sp.addr)["Anonymous"] == 0
+        got = pager.counters()
+    finally:
+        pager.close()
+    # Runs of 8 pages: 0-7, 8-15, 16-20, one pread each, for the first portal only.
+    assert got == {"served": 6, "pages": 42, "reads": 3, "read_bytes": len(data),
+                   "mapped": 42, "copied": 0, "dropped": 0}
+
+
+def test_special_file_pager_drops_its_cache_when_the_file_changes(lp, tmp_path):
+    old = os.urandom(16 * PAGE)
+    new = os.urandom(18 * PAGE)
+    path = tmp_path / "changing.bin"
+    path.write_bytes(old)
+    pager = FilePagerChild(prepare=[str(path)])
+    try:
+        first = lp.portal(lp.SPECIAL, lp.PROT_READ, 16 * PAGE, chain=pager.chain,
+                          message=str(path))
+        try:
+            assert first.backed and first.read(0, 8 * PAGE) == old[:8 * PAGE]
+            path.write_bytes(new)                       # another size, another mtime
+            # Made before the pager's next stat: it still has the old, shorter,
+            # cache declared, so this one is answered by copy, from the new file.
+            with lp.portal(lp.SPECIAL, lp.PROT_READ, 18 * PAGE, chain=pager.chain,
+                           message=str(path)) as second:
+                assert not second.backed
+                assert second.read(0, 18 * PAGE) == new
+            with lp.portal(lp.SPECIAL, lp.PROT_READ, 18 * PAGE, chain=pager.chain,
+                           message=str(path)) as third:
+                assert third.backed                     # the new cache
+                assert third.read(0, 18 * PAGE) == new
+                assert _smaps(third.addr)["Anonymous"] == 0
+            # The first keeps the pages it had; the rest comes from the file as it is now.
+            assert first.read(0, 8 * PAGE) == old[:8 * PAGE]
+            assert first.read(8 * PAGE, 8 * PAGE) == new[8 * PAGE:16 * PAGE]
+        finally:
+            first.unmap()
+        got = pager.counters()
+    finally:
+        pager.close()
+    assert got["dropped"] == 1
+    # mapped: the first's 8 pages, the third's 18; copied: the second's 18,
+    # the first's last 8; read: 8 old pages, then the 18 new ones once.
+    assert (got["mapped"], got["copied"], got["reads"]) == (8 + 18, 18 + 8, 1 + 3)
