@@ -12,7 +12,7 @@ import errno
 import json
 
 from libportal._abi import (lib, HELLO_REPLY, HANDLE_REQ, LIST_REQ, PORTAL_REPLY, PORTAL_REQ,
-                            PORTAL_REQ_SIZE)
+                            PORTAL_REQ_SIZE, REP_HDR)
 
 from .context import Mapping
 from .frames import KernelError, PAGE, pages
@@ -152,11 +152,17 @@ def sys_portal(k, ctx, tid, body, fds):
     if sp is None:
         m.charged = backing.length
     k.add_mapping(ctx, m)
-    reply = (PORTAL_REPLY.pack(handle, backing.length, data_offset, sp_id, len(backing.frames),
+    # The reply must fit FAYT_MSG_MAX: a portal of more frames than fit
+    # lists its first ones (nframes says how many), not a reply cut short.
+    paddrs = k.frames.paddrs(backing)[:_PADDR_FIT]
+    reply = (PORTAL_REPLY.pack(handle, backing.length, data_offset, sp_id, len(paddrs),
                                granted, flags)
              + PORTAL_REQ.pack(*req_fields, backing.length)      # morphology filled
-             + k.frames.paddrs(backing).tobytes())
+             + paddrs.tobytes())
     return reply, [backing.open_fd()]
+
+
+_PADDR_FIT = (lib.FAYT_MSG_MAX - REP_HDR.size - PORTAL_REPLY.size - PORTAL_REQ_SIZE) // 8
 
 
 def _portal_special(k, ctx, tid, body, t, prot, length, addr, req_fields, fds):

@@ -1334,3 +1334,22 @@ def test_special_file_pager_drops_its_cache_when_the_file_changes(lp, tmp_path):
     # mapped: the first's 8 pages, the third's 18; copied: the second's 18,
     # the first's last 8; read: 8 old pages, then the 18 new ones once.
     assert (got["mapped"], got["copied"], got["reads"]) == (8 + 18, 18 + 8, 1 + 3)
+
+
+def test_special_file_pager_caches_a_file_of_more_frames_than_a_reply_lists(lp, tmp_path):
+    """A cache portal of 33 MiB: more frames than one portal() reply can
+    list (FAYT_MSG_MAX); the portal is made all the same and backs the file."""
+    data = os.urandom(1 << 20) * 33
+    path = tmp_path / "big.bin"
+    path.write_bytes(data)
+    pager = FilePagerChild(prepare=[str(path)])
+    try:
+        with lp.portal(lp.SPECIAL, lp.PROT_READ, len(data), chain=pager.chain,
+                       message=str(path)) as sp:
+            assert sp.backed
+            got = bytearray(len(data))
+            sp.readinto(0, got)
+            assert got == data
+        assert pager.counters()["copied"] == 0
+    finally:
+        pager.close()
