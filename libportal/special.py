@@ -35,6 +35,9 @@ The client side of a SPECIAL portal (portal(SPECIAL, ..., chain=, message=)):
   seen here until this process writes it; the whole backing is readable
   by this process (a server that needs per-page secrecy answers with DATA).
   faytd's death guard poisons what is not mapped yet in such a region too.
+  A fork child's copy of the region is not registered (Linux drops uffd
+  registrations at fork): it reads the backing directly, and a hole it
+  touches becomes a zero page of the backing, as in any private mapping.
 
 The chain-server side (chain_join): a server joins a named chain (a right:
 the policy's category "chains") and gets a channel in shared memory with

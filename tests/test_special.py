@@ -88,11 +88,16 @@ class ChildServer:
         return out
 
     def close(self):
-        self.stop.set()
-        self.proc.join(WAIT)
-        if self.proc.is_alive():
-            self.proc.kill()
-            self.proc.join(WAIT)
+        _end(self.stop, self.proc)
+
+
+def _end(stop, proc):
+    """Tell a child to stop; kill it if it has not within WAIT."""
+    stop.set()
+    proc.join(WAIT)
+    if proc.is_alive():
+        proc.kill()
+        proc.join(WAIT)
 
 
 def _pattern_server(req, log):
@@ -434,10 +439,19 @@ def test_special_faytd_death_gives_sigbus_not_hang(fresh_faytd, tmp_path):
     srv = ChildServer(chain, stall, socket=d.socket)
     client = CTX.Process(target=_touch, args=(chain, 0, d.socket))
     client.start()
+    _faytd_dies_under(d, client, srv, before=lambda: srv.entries(1) == [0])
+
+
+def _faytd_dies_under(d, client, srv, before, after=lambda: True):
+    """Once before() holds, kill faytd d; once after() holds, the client
+    must end with SIGBUS, not hang.  A faytd restarted on the dead one's
+    state directory then removes what it left (the contexts its journal
+    names died too)."""
     try:
-        assert srv.entries(1) == [0]
+        assert before()
         d.proc.kill()
         d.proc.wait(WAIT)
+        assert after()
         client.join(WAIT)
         assert not client.is_alive(), "the client hung after faytd died"
         assert client.exitcode == -signal.SIGBUS
@@ -446,8 +460,6 @@ def test_special_faytd_death_gives_sigbus_not_hang(fresh_faytd, tmp_path):
             if p.is_alive():
                 p.kill()
                 p.join(WAIT)
-    # A faytd restarted on its state directory removes what the dead one left
-    # (the contexts its journal names died too).
     again = Faytd(os.path.dirname(d.socket))
     again.stop()
     assert fayt_shm_objects([d.proc.pid, again.proc.pid]) == []
@@ -467,11 +479,36 @@ def test_special_nothing_left_in_dev_shm(fresh_faytd, conn_to):
     assert fayt_shm_objects([d.proc.pid]) == []
 
 
-def _serve_file(chain, ready, stop, by_reference=True):
+def _serve_file_counted(chain, ready, stop, out, by_reference, prepare):
     from servers import filepager
-    filepager.serve(chain, run_max=8 * PAGE, stop=stop.is_set, ready=ready.set,
-                    by_reference=by_reference)
+    pager = filepager.serve(chain, run_max=8 * PAGE, stop=stop.is_set, ready=ready.set,
+                            by_reference=by_reference, files=prepare)
+    out.put(pager.counters())
+    out.close()
+    out.join_thread()
     os._exit(0)
+
+
+class FilePagerChild:
+    """servers/filepager.py in a forked child (runs of 8 pages), on its own chain."""
+
+    def __init__(self, by_reference=True, prepare=()):
+        self.chain = _chain()
+        self.ready, self.stop, self.out = CTX.Event(), CTX.Event(), CTX.Queue()
+        self.proc = CTX.Process(target=_serve_file_counted, args=(
+            self.chain, self.ready, self.stop, self.out, by_reference, list(prepare)))
+        self.proc.start()
+        assert self.ready.wait(WAIT), "the file pager did not start"
+
+    def counters(self):
+        """Stop it; its counters."""
+        self.stop.set()
+        got = self.out.get(timeout=WAIT)
+        self.close()
+        return got
+
+    def close(self):
+        _end(self.stop, self.proc)
 
 
 def _serve_cache(chain, path, ready, stop, out):
@@ -492,12 +529,9 @@ def test_special_file_pager_serves_a_file(lp, tmp_path, by_reference):
     data = os.urandom(20 * PAGE + 100)
     path = tmp_path / "file.bin"
     path.write_bytes(data)
-    chain = _chain()
-    ready, stop = CTX.Event(), CTX.Event()
-    p = CTX.Process(target=_serve_file, args=(chain, ready, stop, by_reference))
-    p.start()
+    pager = FilePagerChild(by_reference=by_reference)
+    chain = pager.chain
     try:
-        assert ready.wait(WAIT)
         for backed in (False, by_reference):
             with lp.portal(lp.SPECIAL, lp.PROT_READ, 21 * PAGE, chain=chain,
                            message=str(path)) as sp:
@@ -514,11 +548,7 @@ def test_special_file_pager_serves_a_file(lp, tmp_path, by_reference):
         missing.join(WAIT)
         assert missing.exitcode == -signal.SIGBUS                  # ENOENT: SIGBUS, not zeros
     finally:
-        stop.set()
-        p.join(WAIT)
-        if p.is_alive():
-            p.kill()
-            p.join(WAIT)
+        pager.close()
 
 
 def _touch_file(chain, path):
@@ -1205,23 +1235,13 @@ def test_special_faytd_death_poisons_what_a_backed_region_was_not_given(fresh_fa
     ready, go, out = CTX.Event(), CTX.Event(), CTX.Queue()
     client = CTX.Process(target=_read_one_then_touch, args=(chain, d.socket, ready, go, out))
     client.start()
-    try:
-        assert ready.wait(WAIT)
-        d.proc.kill()
-        d.proc.wait(WAIT)
+
+    def kept_what_it_was_given():
         go.set()
-        assert out.get(timeout=WAIT) == (True, True)       # what it was given, it keeps
-        client.join(WAIT)
-        assert not client.is_alive(), "the client hung after faytd died"
-        assert client.exitcode == -signal.SIGBUS
-    finally:
-        for p in (client, srv.proc):
-            if p.is_alive():
-                p.kill()
-                p.join(WAIT)
-    again = Faytd(os.path.dirname(d.socket))
-    again.stop()
-    assert fayt_shm_objects([d.proc.pid, again.proc.pid]) == []
+        return out.get(timeout=WAIT) == (True, True)
+
+    _faytd_dies_under(d, client, srv, before=lambda: ready.wait(WAIT),
+                      after=kept_what_it_was_given)
 
 
 def test_special_backed_nothing_left_in_dev_shm(fresh_faytd, conn_to):
@@ -1243,40 +1263,6 @@ def test_special_backed_nothing_left_in_dev_shm(fresh_faytd, conn_to):
     srv.close()
     still.unmap()
     assert fayt_shm_objects([d.proc.pid]) == []
-
-
-def _serve_file_counted(chain, ready, stop, out, by_reference, prepare):
-    from servers import filepager
-    pager = filepager.serve(chain, run_max=8 * PAGE, stop=stop.is_set, ready=ready.set,
-                            by_reference=by_reference, files=prepare)
-    out.put(pager.counters())
-    out.close()
-    out.join_thread()
-    os._exit(0)
-
-
-class FilePagerChild:
-    def __init__(self, by_reference=True, prepare=()):
-        self.chain = _chain()
-        self.ready, self.stop, self.out = CTX.Event(), CTX.Event(), CTX.Queue()
-        self.proc = CTX.Process(target=_serve_file_counted, args=(
-            self.chain, self.ready, self.stop, self.out, by_reference, list(prepare)))
-        self.proc.start()
-        assert self.ready.wait(WAIT), "the file pager did not start"
-
-    def counters(self):
-        """Stop it; its counters."""
-        self.stop.set()
-        got = self.out.get(timeout=WAIT)
-        self.close()
-        return got
-
-    def close(self):
-        self.stop.set()
-        self.proc.join(WAIT)
-        if self.proc.is_alive():
-            self.proc.kill()
-            self.proc.join(WAIT)
 
 
 def test_special_file_pager_second_portal_reads_nothing_and_copies_nothing(lp, tmp_path):
