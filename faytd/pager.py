@@ -80,7 +80,8 @@ log = logging.getLogger("faytd")
 
 
 _FLAG_WRITE = 1      # UFFD_PAGEFAULT_FLAG_WRITE
-_FLAG_WP = 2         # UFFD_PAGEFAULT_FLAG_WP (UFFD_PAGEFAULT_FLAG_MINOR, 4: a read fault here)
+_FLAG_WP = 2         # UFFD_PAGEFAULT_FLAG_WP
+# (UFFD_PAGEFAULT_FLAG_MINOR, 4, is not looked at: a minor fault is a read fault here.)
 _FEATURE_MINOR_SHMEM = 1 << 10   # UFFD_FEATURE_MINOR_SHMEM, as fdinfo shows the features
 DEFAULT_TIMEOUT_MS = 10000
 DEFAULT_SPIN_US = 50
@@ -376,6 +377,8 @@ class Pager:
             m.ctx.ram -= b.charged
         b.charged = 0
         self.k.frames.put(b.obj)
+        log.debug("chain %r: pid %d unbacks message %r (backing %d); %d regions still map it",
+                  m.chain.name, m.ctx.pid, _shown(b.message), b.id, b.regions)
 
     def backing_for(self, chain, message, length):
         """The backing a new region of (chain, message, length) maps, or None:
@@ -669,7 +672,7 @@ class Pager:
         """A MAPPED answer: the pages are in m's backing, which the region
         maps at the same offsets: UFFDIO_CONTINUE, no copy."""
         r = req.region
-        if not r.backing_of(m) or req.present:
+        if not r.backing_of(m):          # (a backed region has no write reports)
             log.warning("chain %r: server pid %d answered MAPPED for region %d, which does not "
                         "map its backing: a protocol error, request failed", r.chain.name,
                         m.ctx.pid, r.id)
