@@ -9,6 +9,18 @@ Linux facts it relies on:
   write-protect mode, UFFDIO_WRITEPROTECT (the write goes on).
 - The uffd is non-blocking and pollable: the event loop watches it (and each
   channel's eventfd, and one timerfd for the deadlines) like any other fd.
+- Answers by reference: UFFDIO_CONTINUE maps, into a shmem mapping
+  registered for minor faults, the page its object's page cache already
+  holds at the same offset.  So a region answered by reference must map a
+  chain server's own memory object, chosen when the portal is made: a
+  server declares one of its ANON portals the backing for a message
+  (CHAIN_BACK); a SPECIAL portal of that message then gets a read-only fd
+  of it, maps it MAP_PRIVATE and registers MISSING|MINOR; the server
+  answers MAPPED and we map its pages: no copy.  We learn whether the
+  client's uffd can take minor faults from its fdinfo ("API:" line: the
+  features the kernel granted it), not from the client's word.  Minor faults
+  are read faults here (a write to a page mapped so copies it: MAP_PRIVATE).
+  Linux does not fault around in uffd-minor VMAs: every page faults.
 
 Objects:
 - Chain: a name, and its servers in the order they joined.  Serving a chain
@@ -24,6 +36,20 @@ Objects:
   page that is being fetched just waits for the same answer).
 - Request: a fault on one page, handed from server to server along the
   chain (FORWARD) until one supplies the data or fails it.
+- Backing: a server's ANON portal declared for a message.  It holds a
+  reference to the portal's frames (and the portal's RAM charge) from
+  CHAIN_BACK until CHAIN_UNBACK, the server's leaving or death, the server's
+  own unmap notwithstanding; each region that maps it holds one more
+  reference, so its frames live while some client maps them.  A portal
+  backs one message at a time.  A region maps the backing of the first
+  server, in chain order, with a backing for its message, if that backing
+  is at least as long as the region, the chain has no write reports and
+  the client's uffd can take minor faults; else it is answered by copy, as
+  before.  Requests of a region to the server whose backing it maps carry
+  FAYT_PAGE_BACKED and the backing's id (after an unback too: the region
+  still maps it); only they may be answered MAPPED, anything else is a
+  protocol error (EPROTO, SIGBUS for the access).  DATA answers work on a
+  backed region too (UFFDIO_COPY there makes a private anonymous page).
 
 Failure: a failed request, a chain that runs out of servers, a server that
 dies or stays silent past the chain's timeout: the page is poisoned, so the
@@ -41,16 +67,22 @@ import os
 import select
 import time
 
+import posix_ipc
+
 from libportal._abi import (ffi, lib, CHAIN_JOIN as JOIN_REQ, CHAIN_JOIN_REPLY as JOIN_REPLY,
-                            CHAIN_LEAVE as LEAVE_REQ, PAGE_REQUEST as PAGE_REQ)
+                            CHAIN_LEAVE as LEAVE_REQ, CHAIN_BACK as BACK_REQ,
+                            CHAIN_BACK_REPLY as BACK_REPLY, PAGE_REQUEST as PAGE_REQ)
 
 from .frames import BackingObject, KernelError, PAGE
+from .policy import class_names
 
 log = logging.getLogger("faytd")
 
 
 _FLAG_WRITE = 1      # UFFD_PAGEFAULT_FLAG_WRITE
 _FLAG_WP = 2         # UFFD_PAGEFAULT_FLAG_WP
+# (UFFD_PAGEFAULT_FLAG_MINOR, 4, is not looked at: a minor fault is a read fault here.)
+_FEATURE_MINOR_SHMEM = 1 << 10   # UFFD_FEATURE_MINOR_SHMEM, as fdinfo shows the features
 DEFAULT_TIMEOUT_MS = 10000
 DEFAULT_SPIN_US = 50
 
@@ -75,7 +107,7 @@ class Chain:
 class Member:
     """A server's place in a chain and its channel."""
     __slots__ = ("ctx", "chain", "backing", "map", "ch", "efd", "nslots", "run_max", "free",
-                 "inflight", "backlog", "closed", "stride")
+                 "inflight", "backlog", "closed", "stride", "backings")
 
     def __init__(self, ctx, chain, nslots, run_max, tag):
         self.ctx = ctx
@@ -93,6 +125,7 @@ class Member:
         self.inflight = {}          # slot -> Request
         self.backlog = []           # requests waiting for a free slot
         self.closed = False
+        self.backings = {}          # message -> Backing (answers by reference)
 
     # The channel is shared with the server, which may write anything into
     # it: faytd finds slots with its own stride, never the header's.
@@ -114,11 +147,31 @@ class Member:
         self.backing.release()
 
 
+class Backing:
+    """A chain server's ANON portal from which requests for `message` may be
+    answered by reference (MAPPED).  `obj` is the portal's BackingObject;
+    `live` until unbacked (then no new region maps it; regions that do keep
+    it, and a reference to its frames each)."""
+    __slots__ = ("id", "member", "message", "obj", "handle", "length", "charged", "live",
+                 "regions")
+
+    def __init__(self, bid, member, message, obj, handle):
+        self.id = bid
+        self.member = member
+        self.message = message
+        self.obj = obj
+        self.handle = handle
+        self.length = obj.length
+        self.charged = 0            # the portal's RAM charge, held while the backing lives
+        self.live = True
+        self.regions = 0
+
+
 class Region:
     """One SPECIAL portal of a client."""
     __slots__ = ("id", "ctx", "handle", "uffd", "addr", "length", "chain", "message",
                  "pending", "wp", "closed", "faults", "fetched", "failed", "write_reports",
-                 "share", "in_one_call")
+                 "share", "in_one_call", "backing", "mapped")
 
     def __init__(self, rid, ctx, uffd, addr, length, chain, message, wp):
         self.id = rid
@@ -135,6 +188,14 @@ class Region:
         self.closed = False
         self.faults = self.fetched = self.failed = self.write_reports = 0
         self.in_one_call = 0        # faults answered by the fast path (Pager._fast)
+        self.backing = None         # the Backing it maps (answers by reference), if any
+        self.mapped = 0             # pages of `fetched` mapped by reference
+
+    def backing_of(self, m):
+        """The id of m's backing if this region maps it (requests to m carry
+        it, and FAYT_PAGE_BACKED), else 0."""
+        b = self.backing
+        return b.id if b is not None and b.member is m else 0
 
 
 class Request:
@@ -190,6 +251,7 @@ class Pager:
         self._next_share = 1
         self._next_chain = 1
         self._next_region = 1
+        self._next_backing = 1
         self._next_req = 1
         self._deadlines = []        # heap of (deadline, request id, Request)
         self._timerfd = -1
@@ -258,12 +320,81 @@ class Pager:
                 self._fail(req, err)
         m.inflight.clear()
         m.backlog = []
+        for b in list(m.backings.values()):
+            self._drop_backing(b)
         m.close()
         if not chain.members:
             self.chains.pop(chain.name, None)
 
+    # -- backings (answers by reference) --------------------------------
+    def back(self, ctx, m, handle, message):
+        """Declare ctx's ANON portal `handle` the backing of m for `message`."""
+        mapping = ctx.mappings.get(handle)
+        if mapping is None:
+            raise KernelError(errno.EBADF, "handle: %d names no mapping of this context" % handle)
+        if mapping.type != lib.FAYT_PORTAL_ANON:
+            raise KernelError(errno.EINVAL, "handle: %d is a %s portal; a backing is an ANON "
+                              "portal" % (handle, class_names(mapping.type)))
+        if m.chain.flags & lib.FAYT_CHAIN_WRITE_REPORTS:
+            raise KernelError(errno.EINVAL, "chain %r asks for write reports: its regions are "
+                              "never answered by reference" % m.chain.name)
+        if message in m.backings:
+            raise KernelError(errno.EEXIST, "message %r: this server backs it already in chain "
+                              "%r (unback it first)" % (_shown(message), m.chain.name))
+        for other in self.members.values():
+            for b in other.backings.values():
+                if other.ctx is ctx and b.obj is mapping.backing:
+                    raise KernelError(errno.EBUSY, "handle: %d backs message %r already (a "
+                                      "portal backs one message)" % (handle, _shown(b.message)))
+        b = Backing(self._next_backing, m, message, mapping.backing, handle)
+        self._next_backing += 1
+        self.k.frames.get(b.obj)
+        b.charged, mapping.charged = mapping.charged, 0     # the backing holds the charge now
+        m.backings[message] = b
+        log.debug("chain %r: pid %d backs message %r with %d bytes (backing %d)",
+                  m.chain.name, ctx.pid, _shown(message), b.length, b.id)
+        return b
+
+    def unback(self, ctx, m, message):
+        b = m.backings.get(message)
+        if b is None:
+            raise KernelError(errno.ENOENT, "message %r: this server has no backing for it in "
+                              "chain %r" % (_shown(message), m.chain.name))
+        self._drop_backing(b)
+
+    def _drop_backing(self, b):
+        """No new region maps b; its charge goes back to the portal if the
+        server still maps it, else off the context's quota."""
+        if not b.live:
+            return
+        b.live = False
+        m = b.member
+        m.backings.pop(b.message, None)
+        mapping = m.ctx.mappings.get(b.handle)
+        if mapping is not None and mapping.backing is b.obj:
+            mapping.charged += b.charged
+        else:
+            m.ctx.ram -= b.charged
+        b.charged = 0
+        self.k.frames.put(b.obj)
+        log.debug("chain %r: pid %d unbacks message %r (backing %d); %d regions still map it",
+                  m.chain.name, m.ctx.pid, _shown(b.message), b.id, b.regions)
+
+    def backing_for(self, chain, message, length):
+        """The backing a new region of (chain, message, length) maps, or None:
+        the first server's in chain order with one for the message, if it is
+        long enough and the chain has no write reports."""
+        if chain.flags & lib.FAYT_CHAIN_WRITE_REPORTS:
+            return None
+        key = message or b""
+        for m in chain.members:
+            b = m.backings.get(key)
+            if b is not None:
+                return b if b.length >= length else None
+        return None
+
     # -- regions --------------------------------------------------------
-    def create_region(self, ctx, uffd, addr, length, chain_name, message, share=None):
+    def chain_for_region(self, ctx, chain_name):
         chain = self.chains.get(chain_name)
         if chain is None:
             raise KernelError(errno.ENOENT, "sp_req_chain.name: no server serves chain %r"
@@ -271,12 +402,21 @@ class Pager:
         if (ctx.id, chain.id) in self.members:
             raise KernelError(errno.EDEADLK, "sp_req_chain.name: this context serves chain %r; "
                               "a fault in its own portal would wait on itself" % chain_name)
+        return chain
+
+    def create_region(self, ctx, uffd, addr, length, chain_name, message, share=None,
+                      backing=None):
+        chain = self.chain_for_region(ctx, chain_name)
         r = Region(self._next_region, ctx, uffd, addr, length, chain, message,
                    bool(chain.flags & lib.FAYT_CHAIN_WRITE_REPORTS) and share is None)
         if share is not None:
             r.share = share
             r.pending = share.pending
             share.regions.add(r)
+        if backing is not None:
+            r.backing = backing
+            backing.regions += 1
+            self.k.frames.get(backing.obj)      # its frames live while this region maps them
         self._next_region += 1
         self.regions[r.id] = r
         self.by_uffd[uffd] = r
@@ -288,8 +428,9 @@ class Pager:
             return
         r.closed = True
         log.debug("region %d (chain %r) closed: %d faults, %d pages fetched (%d faults answered "
-                  "in one call), %d failed, %d write reports", r.id, r.chain.name, r.faults,
-                  r.fetched, r.in_one_call, r.failed, r.write_reports)
+                  "in one call), %d mapped by reference, %d failed, %d write reports", r.id,
+                  r.chain.name, r.faults, r.fetched, r.in_one_call, r.mapped, r.failed,
+                  r.write_reports)
         for req in list(r.pending.values()):
             if r in req.waiters:
                 req.waiters.remove(r)
@@ -308,6 +449,9 @@ class Pager:
             if not sh.regions:
                 self.shares.pop(sh.identifier, None)
                 sh.backing.release()
+        if r.backing is not None:
+            r.backing.regions -= 1
+            self.k.frames.put(r.backing.obj)
         self.by_uffd.pop(r.uffd, None)
         self.k.server.unwatch_fd(r.uffd)
         os.close(r.uffd)
@@ -390,20 +534,13 @@ class Pager:
         res = self._fast_res
         msg = r.message or b""
         lib.fayt_pager_fault(m.ch, m.stride, slot, rid, off, m.run_max, r.chain.id, r.id,
-                             r.ctx.pid, r.length, r.chain.name_bytes, msg, len(msg), r.uffd,
-                             r.addr, self.spin_ns, res)
+                             r.ctx.pid, r.length, r.chain.name_bytes, msg, len(msg),
+                             r.backing_of(m), r.uffd, r.addr, self.spin_ns, res)
         state = res.state
         if state == lib.FAYT_FAST_DONE:
-            r.fetched += res.copied // PAGE
             r.in_one_call += 1
-            if res.err:
-                log.warning("region %d: UFFDIO_COPY at %#x: %s", r.id, off, os.strerror(res.err))
-            if r.pending:       # pages of this run that were on their way: done too
-                for o in range(off + PAGE, off + res.copied, PAGE):
-                    other = r.pending.get(o)
-                    if other is not None and not other.present:
-                        self._finish(other)
-                        self._cancel_slot(other)
+            self._supplied(r, off, res.copied, res.copied, res.err, res.verdict,
+                           wake_others=False)
             return True
         # The normal path from here: a Request in the slot, as _post leaves it.
         req = Request(rid, r, off, lib.FAYT_ACCESS_READ, False)
@@ -417,7 +554,8 @@ class Pager:
             self._reap(m)                   # an answer of another slot may be waiting
         elif state == lib.FAYT_FAST_FAILED:
             m.free.append(slot)
-            log.warning("region %d: UFFDIO_COPY at %#x: %s", r.id, off, os.strerror(res.err))
+            log.warning("region %d: %s at %#x: %s", r.id, _IOCTL[res.verdict], off,
+                        os.strerror(res.err))
             self._fail(req, res.err)
         else:                               # reaped, not DATA to copy
             self._add_deadline(req)
@@ -444,12 +582,14 @@ class Pager:
         slot = m.free.pop()
         r = req.region
         # One pack_into writes the whole descriptor (struct.pack pads the strings).
+        backing = r.backing_of(m)
         PAGE_REQ.pack_into(
             m.map, lib.FAYT_PAGER_HEADER_SIZE + slot * m.stride,
             req.id, req.offset, PAGE,
             min(m.run_max, r.length - req.offset) if not req.present else 0,
-            req.access, lib.FAYT_PAGE_PRESENT if req.present else 0, req.hop, r.chain.id, r.id,
-            r.ctx.pid, r.length, lib.FAYT_PAGE_PENDING, 0, 0, len(r.message or b""),
+            req.access, (lib.FAYT_PAGE_PRESENT if req.present else 0)
+            | (lib.FAYT_PAGE_BACKED if backing else 0), req.hop, r.chain.id, r.id,
+            r.ctx.pid, r.length, lib.FAYT_PAGE_PENDING, 0, 0, len(r.message or b""), backing,
             r.chain.name_bytes, r.message or b"")
         req.slot = slot
         m.inflight[slot] = req
@@ -495,6 +635,8 @@ class Pager:
         verdict = d.verdict
         if verdict == lib.FAYT_PAGE_DATA:
             self._supply(req, m, slot, d.answer_length)
+        elif verdict == lib.FAYT_PAGE_MAPPED:
+            self._map(req, m, d.answer_length)
         elif verdict == lib.FAYT_PAGE_FORWARD:
             req.hop += 1
             self._dispatch(req)
@@ -510,10 +652,7 @@ class Pager:
             self._finish(req)
             lib.fayt_uffd_writeprotect(r.uffd, r.addr + req.offset, PAGE, 0)
             return
-        # answer_length comes from the server: bound it by the slot and the
-        # region, whole pages only.
-        n = min(n, m.run_max, r.length - req.offset)
-        n -= n % PAGE
+        n = _run(n, m, r, req.offset)
         if n < PAGE:
             return self._fail(req, errno.ENODATA)
         wp = r.wp and req.access == lib.FAYT_ACCESS_READ
@@ -525,17 +664,49 @@ class Pager:
             log.warning("region %d: UFFDIO_COPY at %#x: %s", r.id, req.offset, os.strerror(err))
             return self._fail(req, err)
         self._finish(req)
-        r.fetched += self._copied[0] // PAGE
-        if err:
-            log.warning("region %d: UFFDIO_COPY at %#x: %s", r.id, req.offset, os.strerror(err))
-        # Pages this run supplied that other requests are fetching: done too.
-        for off in range(req.offset + PAGE, req.offset + n, PAGE):
-            other = r.pending.get(off)
-            if other is not None and not other.present:
-                self._finish(other, wake=other.region is not r)
-                self._cancel_slot(other)
+        self._supplied(r, req.offset, n, self._copied[0], err, lib.FAYT_PAGE_DATA)
         if r.wp and req.access == lib.FAYT_ACCESS_WRITE:
             r.write_reports += 1
+
+    def _map(self, req, m, n):
+        """A MAPPED answer: the pages are in m's backing, which the region
+        maps at the same offsets: UFFDIO_CONTINUE, no copy."""
+        r = req.region
+        if not r.backing_of(m):          # (a backed region has no write reports)
+            log.warning("chain %r: server pid %d answered MAPPED for region %d, which does not "
+                        "map its backing: a protocol error, request failed", r.chain.name,
+                        m.ctx.pid, r.id)
+            return self._fail(req, errno.EPROTO)
+        n = _run(n, m, r, req.offset)
+        if n < PAGE:
+            return self._fail(req, errno.ENODATA)
+        err = lib.fayt_uffd_continue(r.uffd, r.addr + req.offset, n, self._copied)
+        if err and self._copied[0] == 0:
+            # The backing lacks even the faulting page: SIGBUS, never zeros.
+            log.warning("region %d: UFFDIO_CONTINUE at %#x: %s", r.id, req.offset,
+                        os.strerror(err))
+            return self._fail(req, err)
+        self._finish(req)
+        self._supplied(r, req.offset, n, self._copied[0], err, lib.FAYT_PAGE_MAPPED)
+
+    def _supplied(self, r, off, n, count, err, verdict, wake_others=True):
+        """A run of n bytes from off was answered and `count` bytes of it went
+        in (copied or mapped): count them; the requests other faults made
+        for the run's pages are done too (a page that did not go in faults
+        again)."""
+        r.fetched += count // PAGE
+        if verdict == lib.FAYT_PAGE_MAPPED:
+            r.mapped += count // PAGE
+        if err:
+            log.warning("region %d: %s at %#x stopped after %d bytes: %s", r.id,
+                        _IOCTL[verdict], off, count, os.strerror(err))
+        if not r.pending:
+            return
+        for o in range(off + PAGE, off + n, PAGE):
+            other = r.pending.get(o)
+            if other is not None and not other.present:
+                self._finish(other, wake=wake_others and other.region is not r)
+                self._cancel_slot(other)
 
     def _finish(self, req, wake=False):
         req.done = True
@@ -619,6 +790,20 @@ class Pager:
                  "flags": c.flags, "timeout_ms": c.timeout_ms} for c in self.chains.values()]
 
 
+def _run(n, m, r, off):
+    """answer_length comes from the server: bound it by the slot and the
+    region, whole pages only."""
+    n = min(n, m.run_max, r.length - off)
+    return n - n % PAGE
+
+
+_IOCTL = {lib.FAYT_PAGE_DATA: "UFFDIO_COPY", lib.FAYT_PAGE_MAPPED: "UFFDIO_CONTINUE"}
+
+
+def _shown(message):
+    return message.decode("utf-8", "replace")
+
+
 # -- system calls (decode, check rights, perform) -----------------------------
 
 class SpecialBacking:
@@ -638,10 +823,36 @@ def _is_userfaultfd(fd):
         return False
 
 
+def _uffd_features(fd):
+    """The features the kernel granted the userfaultfd fd (its fdinfo's
+    line "API:", then <api>:<features>:<ioctls> in hex), 0 if it does not say."""
+    try:
+        with open("/proc/self/fdinfo/%d" % fd) as f:
+            for line in f:
+                if line.startswith("API:"):
+                    return int(line.split(":")[2], 16)
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+def _open_read_only(obj):
+    """A read-only descriptor of a backing's shm object, for a client to map
+    MAP_PRIVATE: nothing it does through it can change the server's memory."""
+    try:
+        return posix_ipc.SharedMemory(obj.name, read_only=True).fd
+    except (posix_ipc.Error, OSError, TypeError) as e:
+        err = getattr(e, "errno", None)
+        raise KernelError(errno.ENFILE if err in (errno.EMFILE, errno.ENFILE) else errno.ENOMEM,
+                          "faytd cannot open the chain server's backing: %s" % e) from None
+
+
 def portal_special(k, ctx, tid, t, prot, length, addr, chain, message, fds, ident=None,
                    create=0):
     """The SPECIAL branch of portal(): the region is the client's, registered
-    with the userfaultfd it sent; the reply grants no memory (no fd)."""
+    with the userfaultfd it sent.  Returns (handle, length, region, fds to
+    grant): for a region that maps a chain server's backing, a read-only fd
+    of it (the reply says FAYT_PORTAL_REPLY_BACKED); else none."""
     from .context import Mapping
     share = t & lib.FAYT_PORTAL_SHARE
     if (chain is None or chain == b"") and not (share and not create):
@@ -685,11 +896,19 @@ def portal_special(k, ctx, tid, t, prot, length, addr, chain, message, fds, iden
             pager._next_share += 1
             made = True
     uffd = os.dup(fds[0])
+    grant = []
     try:
         os.set_blocking(uffd, False)    # a client may send a blocking one: never wait on it
-        r = pager.create_region(ctx, uffd, addr, length, chain.decode(), message, sh)
+        b = None
+        if not share and _uffd_features(uffd) & _FEATURE_MINOR_SHMEM:
+            b = pager.backing_for(pager.chain_for_region(ctx, chain.decode()), message, length)
+            if b is not None:
+                grant.append(_open_read_only(b.obj))
+        r = pager.create_region(ctx, uffd, addr, length, chain.decode(), message, sh, b)
     except BaseException:
         os.close(uffd)
+        for fd in grant:
+            os.close(fd)
         if made:
             sh.backing.release()
         raise
@@ -697,7 +916,7 @@ def portal_special(k, ctx, tid, t, prot, length, addr, chain, message, fds, iden
         pager.shares[ident] = sh
     r.handle = handle = ctx.new_handle()
     k.add_mapping(ctx, Mapping(handle, t, SpecialBacking(r.id, length), None, ctx.pid, tid, prot))
-    return handle, length, r
+    return handle, length, r, grant
 
 
 def sys_chain_join(k, ctx, tid, body, fds):
@@ -738,7 +957,45 @@ def sys_chain_leave(k, ctx, tid, body, fds):
     return b"", []
 
 
+def _decode_back(k, ctx, op, body):
+    """(member, handle, message) of a CHAIN_BACK or CHAIN_UNBACK body."""
+    if len(body) != BACK_REQ.size:
+        raise KernelError(errno.EINVAL, "%s: expected %d bytes, got %d"
+                          % (op, BACK_REQ.size, len(body)))
+    chain_id, mlen, handle, raw = BACK_REQ.unpack(body)
+    if mlen > lib.FAYT_MESSAGE_MAX:
+        raise KernelError(errno.ENAMETOOLONG, "message: %d bytes, longer than %d"
+                          % (mlen, lib.FAYT_MESSAGE_MAX))
+    message = raw[:mlen]
+    if b"\0" in message:
+        raise KernelError(errno.EINVAL, "message: holds a NUL byte (no portal's message can)")
+    try:
+        message.decode("utf-8")
+    except UnicodeDecodeError:
+        raise KernelError(errno.EINVAL, "message: not valid UTF-8") from None
+    m = k.pager.members.get((ctx.id, chain_id))
+    if m is None:
+        raise KernelError(errno.EPERM, "chain id %d: this context does not serve it" % chain_id)
+    return m, handle, message
+
+
+def sys_chain_back(k, ctx, tid, body, fds):
+    m, handle, message = _decode_back(k, ctx, "chain_back", body)
+    b = k.pager.back(ctx, m, handle, message)
+    return BACK_REPLY.pack(b.id, 0), []
+
+
+def sys_chain_unback(k, ctx, tid, body, fds):
+    m, handle, message = _decode_back(k, ctx, "chain_unback", body)
+    if handle:
+        raise KernelError(errno.EINVAL, "handle: %d; unback names the message only (0)" % handle)
+    k.pager.unback(ctx, m, message)
+    return b"", []
+
+
 HANDLERS = {
     lib.FAYT_SYS_CHAIN_JOIN: sys_chain_join,
     lib.FAYT_SYS_CHAIN_LEAVE: sys_chain_leave,
+    lib.FAYT_SYS_CHAIN_BACK: sys_chain_back,
+    lib.FAYT_SYS_CHAIN_UNBACK: sys_chain_unback,
 }

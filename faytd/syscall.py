@@ -12,7 +12,7 @@ import errno
 import json
 
 from libportal._abi import (lib, HELLO_REPLY, HANDLE_REQ, LIST_REQ, PORTAL_REPLY, PORTAL_REQ,
-                            PORTAL_REQ_SIZE)
+                            PORTAL_REQ_SIZE, REP_HDR)
 
 from .context import Mapping
 from .frames import KernelError, PAGE, pages
@@ -154,11 +154,17 @@ def sys_portal(k, ctx, tid, body, fds):
     if sp is None:
         m.charged = backing.length
     k.add_mapping(ctx, m)
-    reply = (PORTAL_REPLY.pack(handle, backing.length, data_offset, sp_id, len(backing.frames),
+    # The reply must fit FAYT_MSG_MAX: a portal of more frames than fit
+    # lists its first ones (nframes says how many), not a reply cut short.
+    paddrs = k.frames.paddrs(backing)[:_PADDR_FIT]
+    reply = (PORTAL_REPLY.pack(handle, backing.length, data_offset, sp_id, len(paddrs),
                                granted, flags)
              + PORTAL_REQ.pack(*req_fields, backing.length)      # morphology filled
-             + k.frames.paddrs(backing).tobytes())
+             + paddrs.tobytes())
     return reply, [backing.open_fd()]
+
+
+_PADDR_FIT = (lib.FAYT_MSG_MAX - REP_HDR.size - PORTAL_REPLY.size - PORTAL_REQ_SIZE) // 8
 
 
 def _portal_special(k, ctx, tid, body, t, prot, length, addr, req_fields, fds):
@@ -172,13 +178,15 @@ def _portal_special(k, ctx, tid, body, t, prot, length, addr, req_fields, fds):
                       lib.FAYT_MESSAGE_MAX)
     ident = _string(body, trailer_at, req_fields[3], "share.identifier", lib.FAYT_NAME_MAX)
     create = req_fields[5]
-    handle, mapped, r = _pager.portal_special(k, ctx, tid, t, prot, length, addr, chain,
-                                              message, fds, ident, create)
+    handle, mapped, r, grant = _pager.portal_special(k, ctx, tid, t, prot, length, addr, chain,
+                                                     message, fds, ident, create)
     sh = r.share
     flags = lib.FAYT_PORTAL_REPLY_CREATED if sh is not None and create else 0
+    if r.backing is not None:           # answered by reference: grant is its read-only fd
+        flags |= lib.FAYT_PORTAL_REPLY_BACKED
     reply = (PORTAL_REPLY.pack(handle, mapped, 0, sh.id if sh else r.id, 0, prot, flags)
              + PORTAL_REQ.pack(*req_fields, mapped))
-    return reply, [sh.backing.open_fd()] if sh is not None else []
+    return reply, [sh.backing.open_fd()] if sh is not None else grant
 
 
 def _mapping(ctx, body):

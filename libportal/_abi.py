@@ -11,7 +11,7 @@ from . import errors
 from ._fayt_cffi import ffi, lib
 from . import _fastpath
 
-CFFI_ABI = 4
+CFFI_ABI = 5
 FASTPATH_ABI = 3
 
 if lib.fayt_cffi_abi() != CFFI_ABI or _fastpath.ABI_VERSION != FASTPATH_ABI:
@@ -100,5 +100,7 @@ NOTIFY_SUBSCRIBE = struct_of("struct fayt_notify_subscribe")
 CHAIN_JOIN = struct_of("struct fayt_chain_join")
 CHAIN_JOIN_REPLY = struct_of("struct fayt_chain_join_reply")
 CHAIN_LEAVE = struct_of("struct fayt_chain_leave")
+CHAIN_BACK = struct_of("struct fayt_chain_back")
+CHAIN_BACK_REPLY = struct_of("struct fayt_chain_back_reply")
 PAGE_REQUEST = struct_of("struct fayt_page_request")
 PAGE_REQUEST_HEAD = struct_of("struct fayt_page_request", upto="chain")   # without the strings

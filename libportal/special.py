@@ -21,6 +21,23 @@ The client side of a SPECIAL portal (portal(SPECIAL, ..., chain=, message=)):
 - With UFFD_USER_MODE_ONLY (an unprivileged process, vm.unprivileged_userfaultfd
   at 0) a fault the kernel takes itself (read(2) into the region) fails with
   EFAULT instead of waiting: fill regions from user space (readinto).
+- Answered by reference (SpecialPortal.backed): when a server of the chain
+  has declared a backing for the message (ChainServer.back), faytd's reply
+  carries a read-only fd of it.  The client maps it MAP_PRIVATE over the
+  range it reserved (PROT_NONE until registered, so no access can slip in
+  unregistered), registers MISSING|MINOR (the uffd is opened with
+  UFFD_FEATURE_MINOR_SHMEM where the kernel has it) and sets the prot.  A
+  page the server's object holds then faults as a minor fault and faytd maps
+  that very page (UFFDIO_CONTINUE); a hole faults as before.  As with a
+  private file mapping: the page is the server's until this process writes
+  it (then a private copy: the fd is read-only and MAP_PRIVATE, so the
+  server's memory never changes); the server's later writes to a page are
+  seen here until this process writes it; the whole backing is readable
+  by this process (a server that needs per-page secrecy answers with DATA).
+  faytd's death guard poisons what is not mapped yet in such a region too.
+  A fork child's copy of the region is not registered (Linux drops uffd
+  registrations at fork): it reads the backing directly, and a hole it
+  touches becomes a zero page of the backing, as in any private mapping.
 
 The chain-server side (chain_join): a server joins a named chain (a right:
 the policy's category "chains") and gets a channel in shared memory with
@@ -28,6 +45,12 @@ faytd.  take() sleeps on a futex (GIL released) until a page request comes;
 the server answers each with supply() (one page or a run of following pages:
 prefetch), forward() (the next server of the chain) or fail(errno).  A chain
 server may not map a SPECIAL portal of a chain it serves (EDEADLK).
+back(message, portal) declares one of its ANON portals (made through the
+same connection) the backing for a message; requests of regions that map it
+come with req.backed (and req.backing, its id), and req.map(n) answers
+"these n bytes from req.offset are in my backing at the same offsets":
+faytd maps them, no copy.  unback(message): new portals of the message are
+no longer backed; regions that map it keep it.
 """
 import errno
 import os
@@ -37,6 +60,7 @@ import struct
 from . import errors
 from ._abi import (ffi, lib, HANDLE_REQ, PORTAL_REPLY, CHAIN_JOIN as JOIN_REQ,
                    CHAIN_JOIN_REPLY as JOIN_REPLY, CHAIN_LEAVE as LEAVE_REQ,
+                   CHAIN_BACK as BACK_REQ, CHAIN_BACK_REPLY as BACK_REPLY,
                    PAGE_REQUEST as PAGE_REQ, PAGE_REQUEST_HEAD as PAGE_REQ_HEAD)
 from .portal import Mapping, PROT_READ, PROT_WRITE, PAGE_SIZE, encode_portal_req
 
@@ -93,7 +117,8 @@ class SpecialPortal(Mapping):
         self.chain = chain
         self.message = message
         self.user_mode_only = bool(caps & lib.FAYT_UFFD_USER_MODE)
-        self.write_protect = bool(caps & lib.FAYT_UFFD_WP)
+        self.backed = bool(reply[6] & lib.FAYT_PORTAL_REPLY_BACKED)
+        self.write_protect = bool(caps & lib.FAYT_UFFD_WP) and not self.backed
         self._uffd = uffd
         self.mapped = True
         self._buf = None
@@ -163,7 +188,11 @@ def special_portal(conn, type, prot, length, chain, message, addr, identifier=No
     SPECIAL|SHARE: the range is reserved first (PROT_NONE), faytd answers
     with the share's shm object, mapped MAP_SHARED over the reservation,
     then the uffd is registered over it (MISSING; faults come only from
-    user accesses made after this returns)."""
+    user accesses made after this returns).
+    SPECIAL: the range is mapped and registered before the call; if faytd
+    answers with a backing (FAYT_PORTAL_REPLY_BACKED), its read-only fd is
+    mapped MAP_PRIVATE over the range, PROT_NONE, registered MISSING|MINOR,
+    then given its prot."""
     share = bool(type & lib.FAYT_PORTAL_SHARE)
     if length <= 0:
         raise errors.error(errno.EINVAL, "length: %d; a %s needs its length" % (
@@ -180,7 +209,8 @@ def special_portal(conn, type, prot, length, chain, message, addr, identifier=No
         if not base:
             raise errors.error(err[0], "portal: mmap of the SPECIAL range: " + os.strerror(err[0]))
         if not share:
-            e = lib.fayt_uffd_register(uffd, base, size, 1 if caps & lib.FAYT_UFFD_WP else 0)
+            e = lib.fayt_uffd_register(uffd, base, size, lib.FAYT_UFFD_REGISTER_WP
+                                       if caps & lib.FAYT_UFFD_WP else 0)
             if e:
                 raise errors.error(e, "SPECIAL: UFFDIO_REGISTER: " + os.strerror(e))
         body, fds = _call_fds(conn, lib.FAYT_SYS_PORTAL, encode_portal_req(
@@ -197,6 +227,11 @@ def special_portal(conn, type, prot, length, chain, message, addr, identifier=No
                 e = lib.fayt_uffd_register(uffd, base, size, 0)
                 if e:
                     raise errors.error(e, "SPECIAL: UFFDIO_REGISTER: " + os.strerror(e))
+            elif reply[6] & lib.FAYT_PORTAL_REPLY_BACKED:
+                _map_backing(fds, uffd, base, size, prot)
+            elif fds:
+                raise errors.error(errno.EPROTO, "portal: faytd sent an fd for a SPECIAL "
+                                   "portal it did not back")
         finally:
             for fd in fds:
                 os.close(fd)
@@ -227,6 +262,23 @@ def special_portal(conn, type, prot, length, chain, message, addr, identifier=No
     return sp
 
 
+def _map_backing(fds, uffd, base, size, prot):
+    """A backed region: the backing over the range, MAP_PRIVATE, registered
+    MISSING|MINOR before any access can reach it (PROT_NONE until then)."""
+    err = ffi.new("int *")
+    if len(fds) != 1:
+        raise errors.error(errno.EPROTO, "portal: faytd backed the portal but sent %d fds"
+                           % len(fds))
+    if not lib.fayt_map_private_over(fds[0], size, base, err):
+        raise errors.error(err[0], "portal: mmap of the chain's backing: " + os.strerror(err[0]))
+    e = lib.fayt_uffd_register(uffd, base, size, lib.FAYT_UFFD_REGISTER_MINOR)
+    if e:
+        raise errors.error(e, "SPECIAL: UFFDIO_REGISTER (MISSING|MINOR): " + os.strerror(e))
+    e = lib.fayt_protect(base, size, prot)
+    if e:
+        raise errors.error(e, "portal: mprotect of the SPECIAL range: " + os.strerror(e))
+
+
 # -- chain servers ----------------------------------------------------------
 
 class PageRequest:
@@ -236,22 +288,25 @@ class PageRequest:
     run_max         bytes an answer may hold from offset (prefetch up to here)
     access          READ, or WRITE (the first write to the page)
     present         a write report on a page already supplied: no data wanted
+    backed          the region maps this server's backing `backing` (its id,
+                    as back() returned it): map() may answer
     chain, message  sp_req_chain.name and .message of the portal
     hop             0 at the chain's first server
     data            a writable memoryview of run_max bytes: write the pages here
-    Answer exactly once: supply(), forward() or fail()."""
+    Answer exactly once: supply(), map(), forward() or fail()."""
 
     __slots__ = ("server", "slot", "id", "offset", "length", "run_max", "access", "present",
                  "hop", "client_pid", "region_id", "region_length", "_mlen", "_data",
-                 "_answered", "_chain", "_message")
+                 "_answered", "_chain", "_message", "backed", "backing")
 
     def __init__(self, server, slot):
         self.server = server
         self.slot = slot
         (self.id, self.offset, self.length, self.run_max, self.access, flags, self.hop, _,
          self.region_id, self.client_pid, self.region_length, _, _, _,
-         self._mlen) = PAGE_REQ_HEAD.unpack_from(server._desc[slot])
+         self._mlen, self.backing) = PAGE_REQ_HEAD.unpack_from(server._desc[slot])
         self.present = bool(flags & lib.FAYT_PAGE_PRESENT)
+        self.backed = bool(flags & lib.FAYT_PAGE_BACKED)
         self._data = None
         self._answered = False
         self._chain = self._message = None
@@ -314,6 +369,21 @@ class PageRequest:
         if n > length:
             self.data[length:n] = bytes(n - length)
         self._answer(lib.FAYT_PAGE_DATA, 0, n)
+
+    def map(self, length):
+        """Answer by reference: `length` bytes from offset on (rounded up to
+        whole pages, at most run_max) are in this server's backing at the same
+        offsets; faytd maps those very pages into the client (no copy).  A
+        page the backing does not hold ends the run there; if it is the
+        faulting page, the access gets SIGBUS.  Only for a request whose
+        region maps this server's backing (backed)."""
+        if not self.backed:
+            raise errors.error(errno.EINVAL, "map: the region of page request %d does not map "
+                               "this server's backing (answer with supply)" % self.id)
+        if not 0 < length <= self.run_max:
+            raise errors.error(errno.EINVAL, "map: %d bytes, the request takes 1..%d"
+                               % (length, self.run_max))
+        self._answer(lib.FAYT_PAGE_MAPPED, 0, (length + PAGE_SIZE - 1) // PAGE_SIZE * PAGE_SIZE)
 
     def forward(self):
         """Pass the request on to the next server of the chain."""
@@ -400,6 +470,36 @@ class ChainServer:
                 raise
             if not req._answered:
                 req.fail(errno.EIO)
+
+    def _back_call(self, op, message, handle):
+        raw = message.encode("utf-8") if isinstance(message, str) else bytes(message or b"")
+        if len(raw) > lib.FAYT_MESSAGE_MAX:
+            raise errors.error(errno.ENAMETOOLONG, "message: %d bytes, longer than %d"
+                               % (len(raw), lib.FAYT_MESSAGE_MAX))
+        if not self.joined:
+            raise errors.error(errno.EPIPE, "chain %r: left" % self.name)
+        return self.connection.call(op, BACK_REQ.pack(self.chain_id, len(raw), handle, raw))[0]
+
+    def back(self, message, portal):
+        """Declare the ANON portal `portal` (mapped through this server's
+        connection) the backing for `message`: SPECIAL portals of the chain
+        with that message, no longer than it, made from now on map it, and
+        their requests to this server may be answered with req.map().  A
+        portal backs one message; faytd keeps its pages while a region maps
+        them, even after this server unmaps the portal.  Returns the
+        backing's id (req.backing of those requests)."""
+        if getattr(portal, "connection", None) is not self.connection:
+            raise errors.error(errno.EINVAL, "portal: not mapped through this chain server's "
+                               "connection (a handle names a mapping of one context)")
+        if not portal.mapped:
+            raise errors.error(errno.EBADF, "portal: unmapped")
+        return BACK_REPLY.unpack(self._back_call(lib.FAYT_SYS_CHAIN_BACK, message,
+                                                 portal.handle))[0]
+
+    def unback(self, message):
+        """New portals of `message` are no longer backed by this server;
+        regions that map its backing keep it.  ENOENT if there is none."""
+        self._back_call(lib.FAYT_SYS_CHAIN_UNBACK, message, 0)
 
     def leave(self):
         if not self.joined:

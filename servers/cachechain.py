@@ -9,6 +9,13 @@ reads them.  A chain server does not see the answers of the servers after
 it, so the cache is filled by the file pager's owner (here: `warm`, the
 pages to hold before serving, read from the file at start-up), the way a
 boot cache is primed.  Counters show which server answered what.
+
+The file pager answers by reference: it declares its own cache of each
+file the backing for that message (the files named in `warm` before
+serving, others at their first request).  The region then maps the file
+pager's backing although the cache is the chain's first server: the
+cache's answers are copies (UFFDIO_COPY makes private pages there), the
+misses it forwards are mapped from the file pager's pages.
 Uses only libportal's public API.
 """
 import argparse
@@ -61,7 +68,9 @@ def serve_chain(chain, warm=(), stop=None, ready=None, timeout=None):
     front = lp.chain_join(chain, timeout=timeout)
     back_conn = lp.Connection()
     back = lp.chain_join(chain, run_max=1 << 16, connection=back_conn)
-    pager = filepager.FilePager()
+    pager = filepager.FilePager(server=back)
+    for message, _ in warm:
+        pager.prepare(message)
     t = threading.Thread(target=back.serve, args=(pager,), kwargs={"stop": stop}, daemon=True)
     t.start()
     if ready is not None:
@@ -96,8 +105,8 @@ def main(argv=None):
     cache, pager = serve_chain(args.chain, warm, stop=lambda: bool(stopping),
                                ready=lambda: print("cache chain %r serving (pid %d)"
                                                    % (args.chain, os.getpid()), flush=True))
-    print("cache: %d hits, %d forwarded; file pager: %d requests"
-          % (cache.hits, cache.forwarded, pager.served), flush=True)
+    print("cache: %d hits, %d forwarded; file pager: %d requests, %d pages by reference"
+          % (cache.hits, cache.forwarded, pager.served, pager.mapped), flush=True)
     return 0
 
 

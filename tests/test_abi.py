@@ -72,12 +72,15 @@ STRUCTS = {
     "struct fayt_page_request": ["id", "offset", "length", "run_max", "access", "flags", "hop",
                                  "chain_id", "region_id", "client_pid", "region_length",
                                  "verdict", "error", "answer_length", "message_length",
-                                 "chain", "message"],
+                                 "backing", "chain", "message"],
     "struct fayt_uffd_fault": ["address", "flags", "tid"],
     "struct fayt_chain_join": ["slots", "run_max", "flags", "timeout_ms", "name"],
     "struct fayt_chain_join_reply": ["chain_id", "position", "slots", "run_max", "map_length",
                                      "flags", "timeout_ms"],
     "struct fayt_chain_leave": ["chain_id", "reserved"],
+    "struct fayt_chain_back": ["chain_id", "message_length", "handle", "message"],
+    "struct fayt_chain_back_reply": ["backing", "reserved"],
+    "struct fayt_fast_fault": ["state", "err", "copied", "verdict", "reserved"],
 }
 
 # Constants whose values are ABI as well.
@@ -112,6 +115,10 @@ CONSTANTS = [
     "FAYT_PAGER_CLOSED", "FAYT_ACCESS_READ", "FAYT_ACCESS_WRITE", "FAYT_PAGE_PRESENT",
     "FAYT_PAGE_CANCELLED", "FAYT_PAGE_PENDING", "FAYT_PAGE_DATA", "FAYT_PAGE_FORWARD",
     "FAYT_PAGE_FAIL", "FAYT_CHAIN_WRITE_REPORTS", "FAYT_CHAIN_FLAGS",
+    "FAYT_SYS_CHAIN_BACK", "FAYT_SYS_CHAIN_UNBACK", "FAYT_PAGE_BACKED", "FAYT_PAGE_MAPPED",
+    "FAYT_PORTAL_REPLY_BACKED", "FAYT_UFFD_USER_MODE", "FAYT_UFFD_WP", "FAYT_UFFD_POISON",
+    "FAYT_UFFD_MINOR", "FAYT_UFFD_REGISTER_WP", "FAYT_UFFD_REGISTER_MINOR",
+    "FAYT_FAST_DONE", "FAYT_FAST_POSTED", "FAYT_FAST_ANSWERED", "FAYT_FAST_FAILED",
 ]
 
 
@@ -278,6 +285,23 @@ def test_abi_notification_action_is_one_function_pointer(gcc_layout):
     t = dict(ffi.typeof("struct NotificationAction").fields)["handler"].type
     assert t.kind == "function"   # cffi: a pointer to function
     assert ffi.getctype(t) == "void(*)(void *, int, int)"
+
+
+def test_abi_flag_sets_are_distinct_bits():
+    """Flags of one field, written in more than one header (the portal
+    reply's: syscall.h and pager.h), never share a bit."""
+    for prefix in ("FAYT_PORTAL_REPLY_", "FAYT_PAGE_", "FAYT_UFFD_REGISTER_"):
+        names = [n for n in CONSTANTS if n.startswith(prefix)]
+        if prefix == "FAYT_PAGE_":      # the request flags, not the verdicts or sizes
+            names = ["FAYT_PAGE_PRESENT", "FAYT_PAGE_CANCELLED", "FAYT_PAGE_BACKED"]
+        bits = [getattr(lib, n) for n in names]
+        assert len(names) >= 2, prefix
+        for n, b in zip(names, bits):
+            assert b > 0 and b & (b - 1) == 0, "%s is not a single bit" % n
+        assert len(set(bits)) == len(bits), dict(zip(names, bits))
+    reply_flags = [n for n in dir(lib) if n.startswith("FAYT_PORTAL_REPLY_")]
+    assert sorted(reply_flags) == sorted(n for n in CONSTANTS
+                                         if n.startswith("FAYT_PORTAL_REPLY_")), reply_flags
 
 
 def test_abi_portal_classes_are_distinct_combinable_bits():

@@ -38,22 +38,47 @@ def _pattern(offset, n):
 
 
 class ChildServer:
-    """A chain server in a forked child: handler(req, log) answers each request."""
+    """A chain server in a forked child: handler(req, log) answers each request.
+    With setup: state = setup(chain server) runs in the child after the
+    join, and the handler is called as handler(req, log, state); do(name,
+    *args) runs actions[name](state, *args) there, between requests, and
+    returns its result."""
 
-    def __init__(self, chain, handler, socket=None, **join):
+    def __init__(self, chain, handler, socket=None, setup=None, actions=None, **join):
         self.ready = CTX.Event()
         self.stop = CTX.Event()
         self.log = CTX.Queue()
-        self.proc = CTX.Process(target=self._run, args=(chain, handler, socket, join))
+        self._cmd, self._res = CTX.Queue(), CTX.Queue()
+        self.proc = CTX.Process(target=self._run, args=(chain, handler, socket, setup,
+                                                        actions or {}, join))
         self.proc.start()
         assert self.ready.wait(WAIT), "the chain server did not join"
 
-    def _run(self, chain, handler, socket, join):
+    def _run(self, chain, handler, socket, setup, actions, join):
         conn = lp.Connection(socket) if socket else None
         s = lp.chain_join(chain, connection=conn, **join)
+        state = setup(s) if setup else None
+        answer = (lambda req: handler(req, self.log, state)) if setup else \
+            (lambda req: handler(req, self.log))
+
+        def stop():
+            while not self._cmd.empty():
+                name, args = self._cmd.get(timeout=WAIT)
+                try:
+                    self._res.put(("ok", actions[name](state, *args)))
+                except Exception as e:
+                    self._res.put(("raised", repr(e)))
+            return self.stop.is_set()
+
         self.ready.set()
-        s.serve(lambda req: handler(req, self.log), stop=self.stop.is_set, poll=0.05)
+        s.serve(answer, stop=stop, poll=0.05)
         s.leave()
+
+    def do(self, name, *args):
+        self._cmd.put((name, args))
+        how, value = self._res.get(timeout=WAIT)
+        assert how == "ok", "the chain server's %s raised %s" % (name, value)
+        return value
 
     def entries(self, n, timeout=WAIT):
         out = []
@@ -63,11 +88,16 @@ class ChildServer:
         return out
 
     def close(self):
-        self.stop.set()
-        self.proc.join(WAIT)
-        if self.proc.is_alive():
-            self.proc.kill()
-            self.proc.join(WAIT)
+        _end(self.stop, self.proc)
+
+
+def _end(stop, proc):
+    """Tell a child to stop; kill it if it has not within WAIT."""
+    stop.set()
+    proc.join(WAIT)
+    if proc.is_alive():
+        proc.kill()
+        proc.join(WAIT)
 
 
 def _pattern_server(req, log):
@@ -409,10 +439,19 @@ def test_special_faytd_death_gives_sigbus_not_hang(fresh_faytd, tmp_path):
     srv = ChildServer(chain, stall, socket=d.socket)
     client = CTX.Process(target=_touch, args=(chain, 0, d.socket))
     client.start()
+    _faytd_dies_under(d, client, srv, before=lambda: srv.entries(1) == [0])
+
+
+def _faytd_dies_under(d, client, srv, before, after=lambda: True):
+    """Once before() holds, kill faytd d; once after() holds, the client
+    must end with SIGBUS, not hang.  A faytd restarted on the dead one's
+    state directory then removes what it left (the contexts its journal
+    names died too)."""
     try:
-        assert srv.entries(1) == [0]
+        assert before()
         d.proc.kill()
         d.proc.wait(WAIT)
+        assert after()
         client.join(WAIT)
         assert not client.is_alive(), "the client hung after faytd died"
         assert client.exitcode == -signal.SIGBUS
@@ -421,8 +460,6 @@ def test_special_faytd_death_gives_sigbus_not_hang(fresh_faytd, tmp_path):
             if p.is_alive():
                 p.kill()
                 p.join(WAIT)
-    # A faytd restarted on its state directory removes what the dead one left
-    # (the contexts its journal names died too).
     again = Faytd(os.path.dirname(d.socket))
     again.stop()
     assert fayt_shm_objects([d.proc.pid, again.proc.pid]) == []
@@ -442,10 +479,36 @@ def test_special_nothing_left_in_dev_shm(fresh_faytd, conn_to):
     assert fayt_shm_objects([d.proc.pid]) == []
 
 
-def _serve_file(chain, ready, stop):
+def _serve_file_counted(chain, ready, stop, out, by_reference, prepare):
     from servers import filepager
-    filepager.serve(chain, run_max=8 * PAGE, stop=stop.is_set, ready=ready.set)
+    pager = filepager.serve(chain, run_max=8 * PAGE, stop=stop.is_set, ready=ready.set,
+                            by_reference=by_reference, files=prepare)
+    out.put(pager.counters())
+    out.close()
+    out.join_thread()
     os._exit(0)
+
+
+class FilePagerChild:
+    """servers/filepager.py in a forked child (runs of 8 pages), on its own chain."""
+
+    def __init__(self, by_reference=True, prepare=()):
+        self.chain = _chain()
+        self.ready, self.stop, self.out = CTX.Event(), CTX.Event(), CTX.Queue()
+        self.proc = CTX.Process(target=_serve_file_counted, args=(
+            self.chain, self.ready, self.stop, self.out, by_reference, list(prepare)))
+        self.proc.start()
+        assert self.ready.wait(WAIT), "the file pager did not start"
+
+    def counters(self):
+        """Stop it; its counters."""
+        self.stop.set()
+        got = self.out.get(timeout=WAIT)
+        self.close()
+        return got
+
+    def close(self):
+        _end(self.stop, self.proc)
 
 
 def _serve_cache(chain, path, ready, stop, out):
@@ -458,30 +521,34 @@ def _serve_cache(chain, path, ready, stop, out):
     os._exit(0)
 
 
-def test_special_file_pager_serves_a_file(lp, tmp_path):
+@pytest.mark.parametrize("by_reference", [True, False], ids=["by-reference", "by-copy"])
+def test_special_file_pager_serves_a_file(lp, tmp_path, by_reference):
+    """The first portal of a file (by reference: its cache is declared at the
+    first request, so this one gets copies of it) and the second (backed
+    by the cache, or copies again with --copy)."""
     data = os.urandom(20 * PAGE + 100)
     path = tmp_path / "file.bin"
     path.write_bytes(data)
-    chain = _chain()
-    ready, stop = CTX.Event(), CTX.Event()
-    p = CTX.Process(target=_serve_file, args=(chain, ready, stop))
-    p.start()
+    pager = FilePagerChild(by_reference=by_reference)
+    chain = pager.chain
     try:
-        assert ready.wait(WAIT)
-        with lp.portal(lp.SPECIAL, lp.PROT_READ, 21 * PAGE, chain=chain,
+        for backed in (False, by_reference):
+            with lp.portal(lp.SPECIAL, lp.PROT_READ, 21 * PAGE, chain=chain,
+                           message=str(path)) as sp:
+                assert sp.backed is backed
+                assert sp.read(0, len(data)) == data                    # the tail page too
+                assert sp.read(len(data), 21 * PAGE - len(data)) == bytes(21 * PAGE - len(data))
+                assert _smaps(sp.addr)["Anonymous"] == (0 if backed else 21 * 4)
+        with lp.portal(lp.SPECIAL, lp.PROT_READ, 22 * PAGE, chain=chain,
                        message=str(path)) as sp:
-            assert sp.read(0, len(data)) == data                    # the tail page too
-            assert sp.read(len(data), 21 * PAGE - len(data)) == bytes(21 * PAGE - len(data))
+            assert not sp.backed                # longer than the file's cache
+            assert sp.read(0, 16) == data[:16]
         missing = CTX.Process(target=_touch_file, args=(chain, str(tmp_path / "missing")))
         missing.start()
         missing.join(WAIT)
         assert missing.exitcode == -signal.SIGBUS                  # ENOENT: SIGBUS, not zeros
     finally:
-        stop.set()
-        p.join(WAIT)
-        if p.is_alive():
-            p.kill()
-            p.join(WAIT)
+        pager.close()
 
 
 def _touch_file(chain, path):
@@ -717,3 +784,558 @@ def test_special_a_servers_answer_is_bounded_by_faytd_not_by_the_channel(lp, cha
         assert isinstance(conn.list_contexts()["contexts"], list)     # faytd is alive
     finally:
         conn.close()
+
+
+# -- answers by reference: a chain server's backing --------------------------
+
+def _backing(npages, filled=None, message=b"m"):
+    """A ChildServer setup: an ANON portal of npages whose pages in `filled`
+    (all by default; the others are never touched, so the object lacks
+    them) hold _pattern, declared the backing for `message`."""
+    def setup(s):
+        p = lp.portal(lp.ANON, lp.PROT_RW, npages * PAGE, connection=s.connection)
+        for i in (range(npages) if filled is None else filled):
+            p.buf[i * PAGE:(i + 1) * PAGE] = _pattern(i * PAGE, PAGE)
+        return {"server": s, "portal": p, "backing": s.back(message, p), "message": message}
+    return setup
+
+
+def _write_backing(st, off, data):
+    st["portal"].buf[off:off + len(data)] = data
+
+
+_BACKING_ACTIONS = {
+    "write": _write_backing,
+    "read": lambda st, off, n: bytes(st["portal"].buf[off:off + n]),
+    "unmap": lambda st: st["portal"].unmap(),
+    "unback": lambda st: st["server"].unback(st["message"]),
+    "backing": lambda st: st["backing"],
+}
+
+
+def _by_reference(req, log, state):
+    """Backed requests: map the whole run; others: the pattern, one page."""
+    log.put((req.offset, req.backed, req.backing))
+    if req.backed:
+        return req.map(req.run_max)
+    req.supply(_pattern(req.offset, PAGE))
+
+
+def _backed_server(chain, npages, filled=None, handler=_by_reference, **join):
+    return ChildServer(chain, handler, setup=_backing(npages, filled),
+                       actions=_BACKING_ACTIONS, **join)
+
+
+def _smaps(addr):
+    """{field: value} of this process's mapping that starts at addr (kB as ints)."""
+    out, inside = {}, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split(None, 1)[0]
+            if not head.endswith(":"):              # a mapping's first line
+                if inside:
+                    break
+                inside = int(head.split("-")[0], 16) == addr
+            elif inside:
+                value = line.split(":", 1)[1].split()
+                out[head[:-1]] = int(value[0]) if value and value[0].isdigit() else value
+    return out
+
+
+def _free_frames(conn):
+    return conn.list_contexts()["free_frames"]
+
+
+def test_special_backed_pages_arrive_by_reference(lp):
+    chain = _chain()
+    srv = _backed_server(chain, 8, run_max=2 * PAGE)
+    try:
+        backing = srv.do("backing")
+        with lp.portal(lp.SPECIAL, lp.PROT_READ, 8 * PAGE, chain=chain, message=b"m") as sp:
+            assert sp.backed and not sp.write_protect
+            assert "ui" in _smaps(sp.addr)["VmFlags"]           # registered for minor faults
+            assert sp.read(0, 8 * PAGE) == _pattern(0, 8 * PAGE)
+            assert srv.entries(4) == [(i * PAGE, True, backing) for i in (0, 2, 4, 6)]
+            m = _smaps(sp.addr)
+            assert (m["Rss"], m["Anonymous"]) == (32, 0)         # the server's pages, no copy
+            # The server's later write to a page the client has is seen there.
+            srv.do("write", 3 * PAGE + 100, b"written later")
+            assert sp.read(3 * PAGE + 100, 13) == b"written later"
+        assert srv.log.empty()
+    finally:
+        srv.close()
+
+
+def test_special_backed_client_writes_stay_private(lp):
+    chain = _chain()
+    srv = _backed_server(chain, 8, run_max=PAGE)
+    try:
+        with lp.portal(lp.SPECIAL, lp.PROT_RW, 8 * PAGE, chain=chain, message=b"m") as sp:
+            assert sp.backed
+            assert sp.read(PAGE, 16) == _pattern(PAGE, 16)
+            sp.write(PAGE + 8, b"CLIENT")                    # a page mapped: copied on write
+            sp.write(5 * PAGE, b"FRESH")                     # a page not mapped yet
+            assert sp.read(PAGE, 16) == _pattern(PAGE, 8) + b"CLIENTGE"
+            assert sp.read(5 * PAGE, 8) == b"FRESH" + _pattern(5 * PAGE, 8)[5:]
+            assert srv.do("read", PAGE, 16) == _pattern(PAGE, 16)            # not the server's
+            assert srv.do("read", 5 * PAGE, 16) == _pattern(5 * PAGE, 16)
+            assert _smaps(sp.addr)["Anonymous"] == 8         # the two written pages only
+            srv.do("write", PAGE + 8, b"SERVER")             # after the client's write: not seen
+            assert sp.read(PAGE + 8, 6) == b"CLIENT"
+        assert [o for o, _, _ in srv.entries(2)] == [PAGE, 5 * PAGE]
+    finally:
+        srv.close()
+
+
+def test_special_backed_region_faults_on_every_run(lp):
+    """Linux does not fault around in uffd-minor VMAs: with all of the
+    backing's pages in its page cache, each page still comes through a
+    request (one page a run here), for a second portal too."""
+    chain = _chain()
+    srv = _backed_server(chain, 8, run_max=PAGE)
+    try:
+        for _ in range(2):
+            with lp.portal(lp.SPECIAL, lp.PROT_READ, 8 * PAGE, chain=chain, message=b"m") as sp:
+                assert sp.backed
+                assert bytes(sp.buf[0:8 * PAGE]) == _pattern(0, 8 * PAGE)
+            assert [o for o, _, _ in srv.entries(8)] == [i * PAGE for i in range(8)]
+        assert srv.log.empty()
+    finally:
+        srv.close()
+
+
+def _touch_twice(chain, first, then, socket=None, out=None):
+    """Read page `first` (its pattern, else exit 3), then touch `then`."""
+    faulthandler.disable()
+    conn = lp.Connection(socket) if socket else None
+    sp = lp.portal(lp.SPECIAL, lp.PROT_READ, 4 * PAGE, chain=chain, message=b"m",
+                   connection=conn)
+    if not sp.backed or sp.read(first, 16) != _pattern(first, 16):
+        os._exit(3)
+    sp.buf[then]
+    os._exit(0)
+
+
+def test_special_mapped_answer_for_pages_the_backing_lacks_gives_sigbus(fresh_faytd):
+    d = fresh_faytd()
+    chain = _chain()
+    srv = _backed_server(chain, 4, filled=[0], socket=d.socket, run_max=4 * PAGE)
+    try:
+        assert _run_client(_touch_twice, chain, 0, 2 * PAGE, d.socket) == -signal.SIGBUS
+        assert [o for o, _, _ in srv.entries(2)] == [0, 2 * PAGE]
+    finally:
+        srv.close()
+    log = d.stop()
+    assert "UFFDIO_CONTINUE at 0x0 stopped after 4096 bytes: Bad address" in log
+    assert "UFFDIO_CONTINUE at 0x2000: Bad address" in log
+    assert "page at 0x2000 failed: Bad address; the access gets SIGBUS" in log
+
+
+def _mapped_anyway(req, log):
+    """A server that answers MAPPED whatever the region maps."""
+    log.put((req.offset, req.backed))
+    req._answer(lp._abi.lib.FAYT_PAGE_MAPPED, 0, PAGE)
+
+
+def test_special_mapped_from_a_server_whose_backing_the_region_does_not_map(fresh_faytd):
+    """MAPPED is a protocol error from the chain's first server when the
+    region maps the second's backing, and from a server of a chain without
+    backings: the request fails (EPROTO), the access gets SIGBUS, faytd and
+    the chain go on."""
+    d = fresh_faytd()
+    chain, bare = _chain(), _chain()
+    front = ChildServer(chain, _mapped_anyway, socket=d.socket)
+    back = _backed_server(chain, 4, socket=d.socket)
+    alone = ChildServer(bare, _mapped_anyway, socket=d.socket)
+    try:
+        assert _run_client(_touch, chain, PAGE, d.socket) == -signal.SIGBUS
+        assert front.entries(1) == [(PAGE, False)]
+        assert _run_client(_touch, bare, 0, d.socket) == -signal.SIGBUS
+        assert alone.entries(1) == [(0, False)]
+        assert back.log.empty()
+    finally:
+        for s in (front, back, alone):
+            s.close()
+    log = d.stop()
+    assert len(re.findall(r"server pid \d+ answered MAPPED for region \d+, which does not map "
+                          r"its backing: a protocol error, request failed", log)) == 2, log
+    assert log.count("failed: Protocol error; the access gets SIGBUS") == 2
+
+
+def _agree_handler(req, log, state):
+    """Page 0: a two-page run; page 2: a two-page run of which the backing
+    holds one page; page 3 (the backing lacks it): mapped anyway."""
+    log.put(req.offset)
+    req.map(2 * PAGE if req.offset in (0, 2 * PAGE) else PAGE)
+
+
+@pytest.mark.parametrize("spin_us", [0, 2000000], ids=["loop-path", "fast-path"])
+def test_special_backed_fast_path_and_loop_path_agree(fresh_faytd, conn_to, spin_us):
+    """A MAPPED answer is resolved in faytd's C fast path (one call: post,
+    spin, UFFDIO_CONTINUE) or in its loop: the same pages, the same stop at
+    a page the backing lacks, the same SIGBUS."""
+    d = fresh_faytd(config={"pager_spin_us": spin_us})
+    conn = conn_to(d)
+    chain = _chain()
+    srv = _backed_server(chain, 4, filled=[0, 1, 2], handler=_agree_handler, socket=d.socket,
+                         run_max=2 * PAGE)
+    try:
+        sp = lp.portal(lp.SPECIAL, lp.PROT_READ, 4 * PAGE, chain=chain, message=b"m",
+                       connection=conn)
+        try:
+            assert sp.backed
+            assert sp.read(0, 3 * PAGE) == _pattern(0, 3 * PAGE)
+        finally:
+            sp.unmap()
+        assert _run_client(_touch_twice, chain, 0, 3 * PAGE, d.socket) == -signal.SIGBUS
+        assert srv.entries(4) == [0, 2 * PAGE, 0, 3 * PAGE]
+        assert srv.log.empty()
+    finally:
+        srv.close()
+    log = d.stop()
+    assert "UFFDIO_CONTINUE at 0x2000 stopped after 4096 bytes: Bad address" in log
+    assert "UFFDIO_CONTINUE at 0x3000: Bad address" in log
+    assert "UFFDIO_COPY" not in log
+    closed = re.findall(r"region \d+ \(chain %r\) closed: (\d+) faults, (\d+) pages fetched "
+                        r"\((\d+) faults answered in one call\), (\d+) mapped by reference"
+                        % chain, log)
+    one = 1 if spin_us else 0
+    assert closed == [("2", "3", str(2 * one), "3"), ("2", "2", str(one), "2")], log
+
+
+def _chain_back_raw(conn, chain_id, handle, message, op=None, length=None):
+    from libportal._abi import CHAIN_BACK
+    L = lp._abi.lib
+    return conn.call(op or L.FAYT_SYS_CHAIN_BACK, CHAIN_BACK.pack(
+        chain_id, len(message) if length is None else length, handle, message))
+
+
+def test_special_chain_back_errors(lp, chain_server):
+    L = lp._abi.lib
+    chain = _chain()
+    s = lp.chain_join(chain)
+    conn = s.connection
+    p = lp.portal(lp.ANON, lp.PROT_RW, 4 * PAGE, connection=conn)
+    share = lp.share_create("back-%s" % uuid.uuid4().hex[:8], PAGE, connection=conn)
+    other = _chain()
+    chain_server(chain=other)
+    special = lp.portal(lp.SPECIAL, lp.PROT_READ, PAGE, chain=other, connection=conn)
+    stranger = lp.Connection()
+    before = _free_frames(conn)
+    try:
+        with pytest.raises(lp.PermissionDenied, match=r"^\[Errno 1\] chain id %d: this context "
+                           r"does not serve it$" % s.chain_id):
+            _chain_back_raw(stranger, s.chain_id, p.handle, b"m")
+        with pytest.raises(lp.PermissionDenied, match="chain id %d: this context does not serve"
+                           % (s.chain_id + 1000)):
+            _chain_back_raw(conn, s.chain_id + 1000, p.handle, b"m")
+        with pytest.raises(lp.Unmapped, match=r"^\[Errno 9\] handle: 9999 names no mapping of "
+                           r"this context$"):
+            _chain_back_raw(conn, s.chain_id, 9999, b"m")
+        with pytest.raises(lp.InvalidArgument, match=r"^\[Errno 22\] handle: %d is a SHARE\|ANON "
+                           r"portal; a backing is an ANON portal$" % share.handle):
+            s.back("m", share)
+        with pytest.raises(lp.InvalidArgument, match=r"handle: %d is a SPECIAL portal; a backing "
+                           r"is an ANON portal" % special.handle):
+            s.back("m", special)
+        too_long = L.FAYT_MESSAGE_MAX + 1
+        with pytest.raises(lp.InvalidArgument, match=r"^\[Errno 36\] message: %d bytes, longer "
+                           r"than %d$" % (too_long, L.FAYT_MESSAGE_MAX)) as e:
+            _chain_back_raw(conn, s.chain_id, p.handle, b"m", length=too_long)
+        assert e.value.errno == errno.ENAMETOOLONG
+        with pytest.raises(lp.InvalidArgument, match=r"message: holds a NUL byte"):
+            s.back(b"a\0b", p)
+        with pytest.raises(lp.InvalidArgument, match=r"message: not valid UTF-8"):
+            s.back(b"\xff", p)
+        with pytest.raises(lp.InvalidArgument, match="chain_back: expected 4112 bytes, got 16"):
+            conn.call(L.FAYT_SYS_CHAIN_BACK, bytes(16))
+        with pytest.raises(lp.NotFound, match=r"^\[Errno 2\] message 'm': this server has no "
+                           r"backing for it in chain %r$" % chain):
+            s.unback("m")
+        with pytest.raises(lp.InvalidArgument, match="portal: not mapped through this chain "
+                                                     "server's connection"):
+            s.back("m", lp.portal(lp.ANON, lp.PROT_RW, PAGE, connection=stranger))
+        # Nothing was made by the failures: the first real back works, once.
+        assert _free_frames(conn) == before - 1                  # the stranger's page only
+        backing = s.back("m", p)
+        assert backing > 0
+        with pytest.raises(lp.AlreadyExists, match="message 'm': this server backs it already"):
+            s.back("m", lp.portal(lp.ANON, lp.PROT_RW, PAGE, connection=conn))
+        with pytest.raises(lp.PortalError, match=r"handle: %d backs message 'm' already" % p.handle) as e:
+            s.back("n", p)
+        assert e.value.errno == errno.EBUSY
+        with pytest.raises(lp.InvalidArgument, match="unback names the message only"):
+            _chain_back_raw(conn, s.chain_id, p.handle, b"m", op=L.FAYT_SYS_CHAIN_UNBACK)
+        s.unback("m")
+        with pytest.raises(lp.NotFound):
+            s.unback("m")
+    finally:
+        special.unmap()
+        share.destroy()
+        p.unmap()
+        s.leave()
+        stranger.close()
+
+
+def test_special_write_report_chain_cannot_be_backed(lp):
+    s = lp.chain_join(_chain(), write_reports=True)
+    p = lp.portal(lp.ANON, lp.PROT_RW, PAGE, connection=s.connection)
+    try:
+        with pytest.raises(lp.InvalidArgument, match="asks for write reports: its regions are "
+                                                     "never answered by reference"):
+            s.back("m", p)
+    finally:
+        p.unmap()
+        s.leave()
+
+
+def test_special_region_longer_than_the_backing_is_answered_by_copy(lp):
+    chain = _chain()
+    srv = _backed_server(chain, 4)
+    try:
+        with lp.portal(lp.SPECIAL, lp.PROT_READ, 8 * PAGE, chain=chain, message=b"m") as sp:
+            assert not sp.backed
+            assert sp.read(5 * PAGE, 16) == _pattern(5 * PAGE, 16)
+            assert _smaps(sp.addr)["Anonymous"] == 4                 # a copy
+        with lp.portal(lp.SPECIAL, lp.PROT_READ, 4 * PAGE, chain=chain, message=b"other") as sp:
+            assert not sp.backed                                     # another message
+            assert sp.read(0, 16) == _pattern(0, 16)
+        with lp.portal(lp.SPECIAL, lp.PROT_READ, 3 * PAGE, chain=chain, message=b"m") as sp:
+            assert sp.backed                                         # shorter: backed
+            assert sp.read(2 * PAGE, 16) == _pattern(2 * PAGE, 16)
+        assert srv.entries(3) == [(5 * PAGE, False, 0), (0, False, 0),
+                                  (2 * PAGE, True, srv.do("backing"))]
+    finally:
+        srv.close()
+
+
+def test_special_backing_outlives_the_servers_unmap_while_a_region_maps_it(fresh_faytd, conn_to):
+    """The backing keeps the portal's frames, and its RAM charge, after the
+    server unmapped it; a region still maps it and is still answered by
+    reference.  The frames are freed once the backing (unback) and the last
+    region mapping it are both gone."""
+    d = fresh_faytd(config={"max_ram_per_context": 8 * PAGE})
+    conn = conn_to(d)
+    chain = _chain()
+    base = _free_frames(conn)
+    srv = _backed_server(chain, 8, socket=d.socket, run_max=PAGE)
+    try:
+        assert _free_frames(conn) == base - 8
+        sp = lp.portal(lp.SPECIAL, lp.PROT_READ, 8 * PAGE, chain=chain, message=b"m",
+                       connection=conn)
+        assert sp.backed and sp.read(0, 16) == _pattern(0, 16)
+        srv.do("unmap")
+        assert _free_frames(conn) == base - 8
+        assert sp.read(0, 8 * PAGE) == _pattern(0, 8 * PAGE)    # faulted after the unmap
+        assert srv.do("anon", 1) == errno.ENOMEM                 # the backing holds the charge
+        srv.do("unback")
+        assert srv.do("anon", 1) == 0                            # charge released with it
+        assert _free_frames(conn) == base - 8                    # the region still maps them
+        assert sp.read(7 * PAGE, 16) == _pattern(7 * PAGE, 16)
+        sp.unmap()
+        assert _free_frames(conn) == base
+        assert [o for o, _, _ in srv.entries(8)] == [i * PAGE for i in range(8)]
+    finally:
+        srv.close()
+
+
+def _anon(st, npages):
+    """0 if an ANON portal of npages can be made (and unmapped) now, else its errno."""
+    try:
+        lp.portal(lp.ANON, lp.PROT_RW, npages * PAGE, connection=st["server"].connection).unmap()
+        return 0
+    except OSError as e:
+        return e.errno
+
+
+_BACKING_ACTIONS["anon"] = _anon
+
+
+def _read_then_wait(chain, socket, ready, go, out):
+    """Map 4 pages, read pages 0-1, tell; once told, read page 0 again
+    (reported), then touch page 3."""
+    faulthandler.disable()
+    sp = lp.portal(lp.SPECIAL, lp.PROT_READ, 4 * PAGE, chain=chain, message=b"m",
+                   connection=lp.Connection(socket))
+    first = sp.backed and sp.read(0, 2 * PAGE) == _pattern(0, 2 * PAGE)
+    ready.set()
+    if not go.wait(WAIT):
+        os._exit(4)
+    out.put((first, sp.read(0, 2 * PAGE) == _pattern(0, 2 * PAGE)))
+    out.close()
+    out.join_thread()
+    sp.buf[3 * PAGE]
+    os._exit(0)
+
+
+def test_special_backed_server_dies_with_a_region_mapped(fresh_faytd, conn_to):
+    """The server dies: its backing goes, the client keeps the pages it has
+    (they are the object's pages, held by its mapping), a page it has not
+    got fails (SIGBUS: no server left), and the frames are freed with the
+    client's region."""
+    d = fresh_faytd()
+    conn = conn_to(d)
+    chain = _chain()
+    base = _free_frames(conn)
+    srv = _backed_server(chain, 4, socket=d.socket, run_max=2 * PAGE)
+    ready, go, out = CTX.Event(), CTX.Event(), CTX.Queue()
+    client = CTX.Process(target=_read_then_wait, args=(chain, d.socket, ready, go, out))
+    client.start()
+    try:
+        assert ready.wait(WAIT)
+        srv.proc.kill()
+        srv.proc.join(WAIT)
+        go.set()
+        assert out.get(timeout=WAIT) == (True, True)
+        client.join(WAIT)
+        assert client.exitcode == -signal.SIGBUS
+        assert _wait_free_frames(conn, base) == base
+    finally:
+        if client.is_alive():
+            client.kill()
+            client.join(WAIT)
+        srv.close()
+
+
+def _wait_free_frames(conn, want):
+    """faytd's free frames once they are `want`, or after WAIT seconds (it
+    handles the deaths of processes in its own time)."""
+    deadline = time.monotonic() + WAIT
+    while _free_frames(conn) != want and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return _free_frames(conn)
+
+
+def _read_one_then_touch(chain, socket, ready, go, out):
+    """Map 4 pages, read page 0 (one-page runs), tell; once told (faytd
+    killed), read page 0 again (reported), then touch page 1, which the
+    server's backing holds but this region was never given."""
+    faulthandler.disable()
+    sp = lp.portal(lp.SPECIAL, lp.PROT_READ, 4 * PAGE, chain=chain, message=b"m",
+                   connection=lp.Connection(socket))
+    first = sp.backed and sp.read(0, PAGE) == _pattern(0, PAGE)
+    ready.set()
+    if not go.wait(WAIT):
+        os._exit(4)
+    out.put((first, sp.read(0, PAGE) == _pattern(0, PAGE)))
+    out.close()
+    out.join_thread()
+    sp.buf[PAGE]
+    os._exit(0)
+
+
+def test_special_faytd_death_poisons_what_a_backed_region_was_not_given(fresh_faytd):
+    """faytd dies: the client's guard poisons every page not mapped yet.  On
+    a backed region that matters for the pages the server's object holds:
+    registered for minor faults, they would fault with nobody to answer
+    (a hang) and, unregistered, would read the backing directly."""
+    d = fresh_faytd()
+    chain = _chain()
+    srv = _backed_server(chain, 4, socket=d.socket, run_max=PAGE)
+    ready, go, out = CTX.Event(), CTX.Event(), CTX.Queue()
+    client = CTX.Process(target=_read_one_then_touch, args=(chain, d.socket, ready, go, out))
+    client.start()
+
+    def kept_what_it_was_given():
+        go.set()
+        return out.get(timeout=WAIT) == (True, True)
+
+    _faytd_dies_under(d, client, srv, before=lambda: ready.wait(WAIT),
+                      after=kept_what_it_was_given)
+
+
+def test_special_backed_nothing_left_in_dev_shm(fresh_faytd, conn_to):
+    """A backed region and its backing, then faytd stopped while a second
+    backed region is still mapped and its server still serves: every object
+    is unlinked."""
+    d = fresh_faytd()
+    chain = _chain()
+    srv = _backed_server(chain, 4, socket=d.socket)
+    c = conn_to(d)
+    sp = lp.portal(lp.SPECIAL, lp.PROT_READ, 4 * PAGE, chain=chain, message=b"m", connection=c)
+    assert sp.backed and sp.read(0, 4 * PAGE) == _pattern(0, 4 * PAGE)
+    sp.unmap()
+    srv.do("unmap")
+    still = lp.portal(lp.SPECIAL, lp.PROT_READ, 4 * PAGE, chain=chain, message=b"m", connection=c)
+    assert still.backed and still.read(0, PAGE) == _pattern(0, PAGE)
+    assert len(fayt_shm_objects([d.proc.pid])) > 0
+    d.stop()
+    srv.close()
+    still.unmap()
+    assert fayt_shm_objects([d.proc.pid]) == []
+
+
+def test_special_file_pager_second_portal_reads_nothing_and_copies_nothing(lp, tmp_path):
+    data = os.urandom(20 * PAGE + 100)
+    path = tmp_path / "file.bin"
+    path.write_bytes(data)
+    pager = FilePagerChild(prepare=[str(path)])
+    try:
+        for _ in range(2):
+            with lp.portal(lp.SPECIAL, lp.PROT_READ, 21 * PAGE, chain=pager.chain,
+                           message=str(path)) as sp:
+                assert sp.backed
+                assert sp.read(0, 21 * PAGE) == data + bytes(21 * PAGE - len(data))
+                assert _smaps(sp.addr)["Anonymous"] == 0
+        got = pager.counters()
+    finally:
+        pager.close()
+    # Runs of 8 pages: 0-7, 8-15, 16-20, one pread each, for the first portal only.
+    assert got == {"served": 6, "pages": 42, "reads": 3, "read_bytes": len(data),
+                   "mapped": 42, "copied": 0, "dropped": 0}
+
+
+def test_special_file_pager_drops_its_cache_when_the_file_changes(lp, tmp_path):
+    old = os.urandom(16 * PAGE)
+    new = os.urandom(18 * PAGE)
+    path = tmp_path / "changing.bin"
+    path.write_bytes(old)
+    pager = FilePagerChild(prepare=[str(path)])
+    try:
+        first = lp.portal(lp.SPECIAL, lp.PROT_READ, 16 * PAGE, chain=pager.chain,
+                          message=str(path))
+        try:
+            assert first.backed and first.read(0, 8 * PAGE) == old[:8 * PAGE]
+            path.write_bytes(new)                       # another size, another mtime
+            # Made before the pager's next stat: it still has the old, shorter,
+            # cache declared, so this one is answered by copy, from the new file.
+            with lp.portal(lp.SPECIAL, lp.PROT_READ, 18 * PAGE, chain=pager.chain,
+                           message=str(path)) as second:
+                assert not second.backed
+                assert second.read(0, 18 * PAGE) == new
+            with lp.portal(lp.SPECIAL, lp.PROT_READ, 18 * PAGE, chain=pager.chain,
+                           message=str(path)) as third:
+                assert third.backed                     # the new cache
+                assert third.read(0, 18 * PAGE) == new
+                assert _smaps(third.addr)["Anonymous"] == 0
+            # The first keeps the pages it had; the rest comes from the file as it is now.
+            assert first.read(0, 8 * PAGE) == old[:8 * PAGE]
+            assert first.read(8 * PAGE, 8 * PAGE) == new[8 * PAGE:16 * PAGE]
+        finally:
+            first.unmap()
+        got = pager.counters()
+    finally:
+        pager.close()
+    assert got["dropped"] == 1
+    # mapped: the first's 8 pages, the third's 18; copied: the second's 18,
+    # the first's last 8; read: 8 old pages, then the 18 new ones once.
+    assert (got["mapped"], got["copied"], got["reads"]) == (8 + 18, 18 + 8, 1 + 3)
+
+
+def test_special_file_pager_caches_a_file_of_more_frames_than_a_reply_lists(lp, tmp_path):
+    """A cache portal of 33 MiB: more frames than one portal() reply can
+    list (FAYT_MSG_MAX); the portal is made all the same and backs the file."""
+    data = os.urandom(1 << 20) * 33
+    path = tmp_path / "big.bin"
+    path.write_bytes(data)
+    pager = FilePagerChild(prepare=[str(path)])
+    try:
+        with lp.portal(lp.SPECIAL, lp.PROT_READ, len(data), chain=pager.chain,
+                       message=str(path)) as sp:
+            assert sp.backed
+            got = bytearray(len(data))
+            sp.readinto(0, got)
+            assert got == data
+        assert pager.counters()["copied"] == 0
+    finally:
+        pager.close()

@@ -10,6 +10,17 @@
  * - UFFDIO_COPY fails with EEXIST at a page already present; the copy stops
  *   there (`copy` says how far it got): we skip that page and go on.
  * - UFFDIO_POISON (6.6) installs a marker: the access gets SIGBUS.
+ * - Minor faults (5.14, UFFD_FEATURE_MINOR_SHMEM): a shmem mapping
+ *   registered MINOR faults on a page its object's page cache already
+ *   holds, and UFFDIO_CONTINUE maps that very page (no copy).  In a
+ *   MAP_PRIVATE mapping it is mapped read-only, so a write copies it
+ *   (copy-on-write) and never reaches the object.  It fails with EEXIST at
+ *   a page already mapped and EFAULT at one the object lacks; like
+ *   UFFDIO_COPY it stops there (`mapped` says how far it got).  A hole of
+ *   a MAP_PRIVATE shmem mapping still raises a MISSING fault, and
+ *   UFFDIO_COPY there makes a private anonymous page.  Linux does not
+ *   fault around (map neighbouring cached pages) in uffd-minor VMAs, so
+ *   every page comes through a fault.
  * - Write-protect mode on anonymous memory (5.7; unpopulated pages 6.4 with
  *   UFFD_FEATURE_WP_UNPOPULATED): UFFDIO_COPY_MODE_WP installs the page
  *   protected, the first write raises a WP fault, UFFDIO_WRITEPROTECT clears it.
@@ -59,6 +70,10 @@ struct uffdio_poison {
 #define UFFDIO_POISON _IOWR(UFFDIO, _UFFDIO_POISON, struct uffdio_poison)
 #endif
 
+#ifndef UFFD_FEATURE_MINOR_SHMEM
+#define UFFD_FEATURE_MINOR_SHMEM (1 << 10)
+#endif
+
 #define PAGE 4096ULL
 
 _Static_assert(sizeof(struct fayt_pager_header) <= FAYT_PAGER_HEADER_SIZE, "pager header");
@@ -104,7 +119,7 @@ int fayt_uffd_open(uint32_t *caps)
     }
     uint64_t want = have & (UFFD_FEATURE_PAGEFAULT_FLAG_WP | UFFD_FEATURE_THREAD_ID |
                             UFFD_FEATURE_MISSING_SHMEM | UFFD_FEATURE_WP_UNPOPULATED |
-                            UFFD_FEATURE_POISON);
+                            UFFD_FEATURE_POISON | UFFD_FEATURE_MINOR_SHMEM);
     int r = api(fd, want, NULL);
     if (r) {
         close(fd);
@@ -113,15 +128,18 @@ int fayt_uffd_open(uint32_t *caps)
     *caps = (mode ? FAYT_UFFD_USER_MODE : 0) |
             ((want & UFFD_FEATURE_PAGEFAULT_FLAG_WP) && (want & UFFD_FEATURE_WP_UNPOPULATED)
              ? FAYT_UFFD_WP : 0) |
-            ((want & UFFD_FEATURE_POISON) ? FAYT_UFFD_POISON : 0);
+            ((want & UFFD_FEATURE_POISON) ? FAYT_UFFD_POISON : 0) |
+            ((want & UFFD_FEATURE_MINOR_SHMEM) ? FAYT_UFFD_MINOR : 0);
     return fd;
 }
 
-int fayt_uffd_register(int fd, uint64_t addr, uint64_t len, int wp)
+int fayt_uffd_register(int fd, uint64_t addr, uint64_t len, int modes)
 {
     struct uffdio_register r = {
         .range = { .start = addr, .len = len },
-        .mode = UFFDIO_REGISTER_MODE_MISSING | (wp ? UFFDIO_REGISTER_MODE_WP : 0),
+        .mode = UFFDIO_REGISTER_MODE_MISSING |
+                ((modes & FAYT_UFFD_REGISTER_WP) ? UFFDIO_REGISTER_MODE_WP : 0) |
+                ((modes & FAYT_UFFD_REGISTER_MINOR) ? UFFDIO_REGISTER_MODE_MINOR : 0),
     };
     return ioctl(fd, UFFDIO_REGISTER, &r) < 0 ? errno : 0;
 }
@@ -183,6 +201,39 @@ int fayt_uffd_copy(int fd, uint64_t dst, const void *src, uint64_t len, int wp,
     }
     (void)skipped;
     *copied = total;
+    int w = fayt_uffd_wake(fd, dst, len);
+    return err ? err : w;
+}
+
+int fayt_uffd_continue(int fd, uint64_t dst, uint64_t len, uint64_t *mapped)
+{
+    uint64_t done = 0, total = 0;
+    int err = 0;
+    while (done < len) {
+        struct uffdio_continue c = {
+            .range = { .start = dst + done, .len = len - done },
+            .mode = UFFDIO_CONTINUE_MODE_DONTWAKE,
+        };
+        int r = ioctl(fd, UFFDIO_CONTINUE, &c);
+        int e = errno;
+        if (c.mapped > 0) {        /* a partial run ends in EAGAIN: go on from there */
+            total += c.mapped;
+            done += c.mapped;
+        }
+        if (r == 0)
+            break;
+        if (c.mapped > 0 && e == EAGAIN)
+            continue;
+        if (e == EEXIST) {
+            done += PAGE;          /* mapped already: skip it */
+            continue;
+        }
+        if (e == EAGAIN)
+            continue;
+        err = e;                   /* EFAULT: the object lacks this page */
+        break;
+    }
+    *mapped = total;
     int w = fayt_uffd_wake(fd, dst, len);
     return err ? err : w;
 }
@@ -373,7 +424,7 @@ int fayt_pager_answer(void *ch, uint32_t slot, uint32_t verdict, int32_t error,
                       uint32_t length, int eventfd)
 {
     struct fayt_pager_header *h = hdr(ch);
-    if (slot >= h->nslots || verdict < FAYT_PAGE_DATA || verdict > FAYT_PAGE_FAIL ||
+    if (slot >= h->nslots || verdict < FAYT_PAGE_DATA || verdict > FAYT_PAGE_MAPPED ||
         length > h->run_max || length % PAGE)
         return EINVAL;
     struct fayt_page_request *r = fayt_pager_slot(ch, slot);
@@ -410,8 +461,9 @@ int fayt_pager_reap(void *ch)
 void fayt_pager_fault(void *ch, uint32_t stride, uint32_t slot, uint64_t id, uint64_t offset,
                       uint32_t run_max, uint32_t chain_id, uint32_t region_id,
                       int32_t client_pid, uint64_t region_length, const char *chain,
-                      const char *message, uint32_t message_length, int uffd,
-                      uint64_t region_addr, int64_t spin_ns, struct fayt_fast_fault *out)
+                      const char *message, uint32_t message_length, uint32_t backing,
+                      int uffd, uint64_t region_addr, int64_t spin_ns,
+                      struct fayt_fast_fault *out)
 {
     struct fayt_pager_header *h = hdr(ch);
     char *at = (char *)ch + FAYT_PAGER_HEADER_SIZE + (uint64_t)slot * stride;
@@ -421,6 +473,8 @@ void fayt_pager_fault(void *ch, uint32_t stride, uint32_t slot, uint64_t id, uin
     out->state = FAYT_FAST_POSTED;
     out->err = 0;
     out->copied = 0;
+    out->verdict = FAYT_PAGE_PENDING;
+    out->reserved = 0;
     /* The whole descriptor, as faytd's Python writes it (strings padded). */
     memset(d, 0, sizeof *d);
     d->id = id;
@@ -428,6 +482,8 @@ void fayt_pager_fault(void *ch, uint32_t stride, uint32_t slot, uint64_t id, uin
     d->length = PAGE;
     d->run_max = run;
     d->access = FAYT_ACCESS_READ;
+    d->flags = backing ? FAYT_PAGE_BACKED : 0;
+    d->backing = backing;
     d->chain_id = chain_id;
     d->region_id = region_id;
     d->client_pid = client_pid;
@@ -449,15 +505,30 @@ void fayt_pager_fault(void *ch, uint32_t stride, uint32_t slot, uint64_t id, uin
     /* The server may write anything here: read each field once. */
     uint32_t verdict = LOAD(&d->verdict);
     uint32_t n = __atomic_load_n(&d->answer_length, __ATOMIC_RELAXED);
-    if (verdict != FAYT_PAGE_DATA)
+    /* MAPPED where the region does not map this server's backing: Python
+     * fails it as the protocol error it is. */
+    if (verdict != FAYT_PAGE_DATA && !(verdict == FAYT_PAGE_MAPPED && backing))
         return;
     if (n > run)
         n = run;
     n -= n % PAGE;
     if (n < PAGE)
         return;                             /* Python fails it (ENODATA) */
-    int err = fayt_uffd_copy(uffd, region_addr + offset, at + FAYT_PAGER_DESC_SIZE, n, 0,
-                             &out->copied);
+    out->verdict = verdict;
+    int err;
+    if (verdict == FAYT_PAGE_MAPPED) {
+        err = fayt_uffd_continue(uffd, region_addr + offset, n, &out->copied);
+        if (err && out->copied == 0) {      /* not even the faulting page: SIGBUS */
+            out->state = FAYT_FAST_FAILED;
+            out->err = err;
+            return;
+        }
+        out->state = FAYT_FAST_DONE;
+        out->err = err;
+        return;
+    }
+    err = fayt_uffd_copy(uffd, region_addr + offset, at + FAYT_PAGER_DESC_SIZE, n, 0,
+                         &out->copied);
     if (err && out->copied == 0 && err != ENOENT) {
         out->state = FAYT_FAST_FAILED;
         out->err = err;
@@ -489,6 +560,22 @@ uintptr_t fayt_map_over(int fd, uint64_t length, uintptr_t addr, int prot, int *
     }
     *err = 0;
     return (uintptr_t)p;
+}
+
+uintptr_t fayt_map_private_over(int fd, uint64_t length, uintptr_t addr, int *err)
+{
+    void *p = mmap((void *)addr, length, PROT_NONE, MAP_PRIVATE | MAP_FIXED, fd, 0);
+    if (p == MAP_FAILED) {
+        *err = errno;
+        return 0;
+    }
+    *err = 0;
+    return (uintptr_t)p;
+}
+
+int fayt_protect(uintptr_t addr, uint64_t length, int prot)
+{
+    return mprotect((void *)addr, length, prot) < 0 ? errno : 0;
 }
 
 void fayt_copy(uintptr_t dst, uintptr_t src, uint64_t n)

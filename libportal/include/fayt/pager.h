@@ -15,6 +15,26 @@
  * the server sleeps on a futex on req_head (server_waiting says so); faytd
  * sleeps in its event loop on an eventfd that the server writes after an
  * answer (`rung` keeps at most one write outstanding).
+ *
+ * Answers by reference (backings).  A chain server may declare one of its
+ * own ANON portals the backing for a message (FAYT_SYS_CHAIN_BACK): a
+ * SPECIAL portal of that message, no longer than the backing, made while it
+ * is declared, then maps the backing's shm object MAP_PRIVATE from offset 0
+ * (the client gets a read-only fd; faytd says so with
+ * FAYT_PORTAL_REPLY_BACKED) and registers it MISSING|MINOR.  Requests to
+ * that server carry FAYT_PAGE_BACKED and the backing's id; it may answer
+ * FAYT_PAGE_MAPPED ("these pages are in my backing at the same offsets"),
+ * and faytd maps the backing's own pages with UFFDIO_CONTINUE: no copy.
+ * What follows (the Linux semantics of a private file mapping):
+ * - a page supplied by reference is the server's page until the client
+ *   writes it; the write makes a private copy (copy-on-write), so nothing a
+ *   client does reaches the server's memory;
+ * - the server's later writes to such a page are seen by the client until
+ *   the client writes that page;
+ * - the whole backing is readable by every client whose region maps it (a
+ *   server that needs per-page secrecy answers with DATA instead);
+ * - a backing serves only regions no longer than itself; a chain with
+ *   write reports is never answered by reference.
  * Numbers are ABI: never reuse a retired one.
  */
 #ifndef FAYT_PAGER_H
@@ -39,12 +59,17 @@
 /* fayt_page_request.flags */
 #define FAYT_PAGE_PRESENT   0x1   /* a write report: the page is there, no data wanted */
 #define FAYT_PAGE_CANCELLED 0x2   /* faytd: the client went away; the answer is dropped */
+#define FAYT_PAGE_BACKED    0x4   /* the region maps this server's backing `backing`: MAPPED may answer */
 
 /* fayt_page_request.verdict: the server's answer */
 #define FAYT_PAGE_PENDING 0
 #define FAYT_PAGE_DATA    1   /* answer_length bytes of data from `offset` on */
 #define FAYT_PAGE_FORWARD 2   /* pass the request to the next server of the chain */
 #define FAYT_PAGE_FAIL    3   /* fail the access with `error` (the client gets SIGBUS) */
+#define FAYT_PAGE_MAPPED  4   /* BACKED only: answer_length bytes from `offset` on are in this
+                               * server's backing at the same offsets: faytd maps them
+                               * (UFFDIO_CONTINUE); a page the backing lacks ends the run, and
+                               * if it is the faulting one the access gets SIGBUS */
 
 /* chain_join flags */
 #define FAYT_CHAIN_WRITE_REPORTS 0x1   /* this chain wants the first write to each page */
@@ -83,8 +108,10 @@ struct fayt_page_request {
     uint64_t region_length;    /* bytes of the region */
     uint32_t verdict;          /* the answer: FAYT_PAGE_* */
     int32_t error;             /* FAIL: a positive errno */
-    uint32_t answer_length;    /* DATA: bytes written to the data, a multiple of 4096 */
+    uint32_t answer_length;    /* DATA: bytes written to the data; MAPPED: bytes to map;
+                                * a multiple of 4096, at most run_max */
     uint32_t message_length;
+    uint32_t backing;          /* BACKED: the id of this server's backing the region maps, else 0 */
     char chain[256];           /* FAYT_NAME_MAX + 1 */
     char message[4096];        /* FAYT_MESSAGE_MAX + 1 */
 } __attribute__((packed));
@@ -122,21 +149,54 @@ struct fayt_chain_leave {
     uint32_t reserved;
 } __attribute__((packed));
 
+/* FAYT_SYS_CHAIN_BACK and FAYT_SYS_CHAIN_UNBACK body.  BACK: requests for
+ * `message` may be answered from the ANON portal `handle` of this context
+ * (one message per portal, one backing per message and server); faytd keeps
+ * its frames while the backing or a region mapping it lives, the server's
+ * unmap notwithstanding.  UNBACK (handle 0): no new region maps it; regions
+ * that map it keep it (their requests no longer carry BACKED).  A backing
+ * also goes when its server leaves the chain or dies. */
+struct fayt_chain_back {
+    uint32_t chain_id;
+    uint32_t message_length;   /* bytes of message, at most FAYT_MESSAGE_MAX */
+    uint64_t handle;           /* BACK: the ANON portal's handle; UNBACK: 0 */
+    char message[4096];        /* FAYT_MESSAGE_MAX + 1 */
+} __attribute__((packed));
+
+/* FAYT_SYS_CHAIN_BACK reply. */
+struct fayt_chain_back_reply {
+    uint32_t backing;          /* its id, as page requests carry it */
+    uint32_t reserved;
+} __attribute__((packed));
+
+/* fayt_portal_reply.flags (syscall.h) of a SPECIAL portal: one fd follows,
+ * read-only, of the backing to map MAP_PRIVATE over the range. */
+#define FAYT_PORTAL_REPLY_BACKED 0x2
+
 /* userfaultfd(2) and its ioctls (src/uffd.c).  Each returns 0 or a positive
  * errno unless it says otherwise. */
 #define FAYT_UFFD_USER_MODE   0x1   /* opened with UFFD_USER_MODE_ONLY */
 #define FAYT_UFFD_WP          0x2   /* write-protect mode (anonymous memory) */
 #define FAYT_UFFD_POISON      0x4   /* UFFDIO_POISON (Linux 6.6) */
+#define FAYT_UFFD_MINOR       0x8   /* minor faults on shmem, UFFDIO_CONTINUE (5.14) */
 /* Open a non-blocking userfaultfd with the features faytd uses.  Returns
  * the fd, or -errno; *caps gets FAYT_UFFD_*. */
 int fayt_uffd_open(uint32_t *caps);
-int fayt_uffd_register(int fd, uint64_t addr, uint64_t len, int wp);
+/* fayt_uffd_register modes, besides MISSING (always) */
+#define FAYT_UFFD_REGISTER_WP    0x1
+#define FAYT_UFFD_REGISTER_MINOR 0x2   /* shmem only: faults on pages its page cache holds */
+int fayt_uffd_register(int fd, uint64_t addr, uint64_t len, int modes);
 /* Fault events into out[max]; returns how many (0: none ready), or -errno. */
 int fayt_uffd_read(int fd, struct fayt_uffd_fault *out, int max);
 /* UFFDIO_COPY of len bytes, skipping pages already there; wakes dst..dst+len.
  * *copied gets the bytes copied. */
 int fayt_uffd_copy(int fd, uint64_t dst, const void *src, uint64_t len, int wp,
                    uint64_t *copied);
+/* UFFDIO_CONTINUE of len bytes: map the pages the shm object already holds
+ * at the same offsets, skipping pages already mapped; a page the object
+ * lacks (EFAULT) ends the run.  Wakes dst..dst+len; *mapped gets the bytes
+ * mapped. */
+int fayt_uffd_continue(int fd, uint64_t dst, uint64_t len, uint64_t *mapped);
 /* UFFDIO_POISON page by page, skipping pages already there; wakes. */
 int fayt_uffd_poison(int fd, uint64_t addr, uint64_t len);
 int fayt_uffd_wake(int fd, uint64_t addr, uint64_t len);
@@ -175,23 +235,27 @@ void fayt_pager_close(void *ch);
 
 /* faytd's fast path for one read fault, when the server has nothing else in
  * flight: fill the slot (found with faytd's own stride), post it, spin up
- * to spin_ns for its answer, and if it is DATA copy it in (the run bounded
- * by run_max and the region, whole pages).  Python takes over for anything
- * else, from the state it reports. */
-#define FAYT_FAST_DONE      1  /* copied: `copied` bytes; err: a later page failed */
+ * to spin_ns for its answer, and if it is DATA copy it in, or if it is
+ * MAPPED and the region maps this server's backing (`backing` not 0) map
+ * it (the run bounded by run_max and the region, whole pages).  Python
+ * takes over for anything else, from the state it reports. */
+#define FAYT_FAST_DONE      1  /* supplied: `copied` bytes; err: a later page failed */
 #define FAYT_FAST_POSTED    2  /* posted, not answered yet (or another slot was) */
-#define FAYT_FAST_ANSWERED  3  /* reaped, but not a DATA answer to copy: read the slot */
-#define FAYT_FAST_FAILED    4  /* DATA, but UFFDIO_COPY put nothing in: err */
+#define FAYT_FAST_ANSWERED  3  /* reaped, but not an answer to resolve here: read the slot */
+#define FAYT_FAST_FAILED    4  /* DATA or MAPPED, but nothing went in: err */
 struct fayt_fast_fault {
     int32_t state;
     int32_t err;
-    uint64_t copied;
+    uint64_t copied;           /* bytes supplied (copied, or mapped by reference) */
+    uint32_t verdict;          /* DONE, FAILED: the answer's FAYT_PAGE_DATA or _MAPPED */
+    uint32_t reserved;
 } __attribute__((packed));
 void fayt_pager_fault(void *ch, uint32_t stride, uint32_t slot, uint64_t id, uint64_t offset,
                       uint32_t run_max, uint32_t chain_id, uint32_t region_id,
                       int32_t client_pid, uint64_t region_length, const char *chain,
-                      const char *message, uint32_t message_length, int uffd,
-                      uint64_t region_addr, int64_t spin_ns, struct fayt_fast_fault *out);
+                      const char *message, uint32_t message_length, uint32_t backing,
+                      int uffd, uint64_t region_addr, int64_t spin_ns,
+                      struct fayt_fast_fault *out);
 
 /* The client's private anonymous range for a SPECIAL portal: anywhere
  * (addr 0) or exactly at addr.  0 and *err on failure. */
@@ -199,6 +263,10 @@ uintptr_t fayt_map_special(uint64_t length, uintptr_t addr, int prot, int *err);
 /* SPECIAL|SHARE: map the share's object MAP_SHARED|MAP_FIXED over the range
  * reserved with fayt_map_special. */
 uintptr_t fayt_map_over(int fd, uint64_t length, uintptr_t addr, int prot, int *err);
+/* A backed SPECIAL portal: map the backing MAP_PRIVATE|MAP_FIXED over the
+ * range, PROT_NONE until it is registered (then fayt_protect). */
+uintptr_t fayt_map_private_over(int fd, uint64_t length, uintptr_t addr, int *err);
+int fayt_protect(uintptr_t addr, uint64_t length, int prot);
 
 /* memcpy with the GIL released (cffi drops it for every call): libportal's
  * copies into and out of special regions, which may fault and wait. */

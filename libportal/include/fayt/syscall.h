@@ -44,6 +44,8 @@
 /* Chains and SPECIAL portals (see pager.h); 18..31 are left to notifications. */
 #define FAYT_SYS_CHAIN_JOIN     32  /* body fayt_chain_join; reply fayt_chain_join_reply + channel fd + eventfd */
 #define FAYT_SYS_CHAIN_LEAVE    33  /* body fayt_chain_leave */
+#define FAYT_SYS_CHAIN_BACK     34  /* body fayt_chain_back; reply fayt_chain_back_reply */
+#define FAYT_SYS_CHAIN_UNBACK   35  /* body fayt_chain_back (handle 0) */
 
 /* fayt_req_hdr.flags */
 #define FAYT_REQ_NOREPLY 0x1        /* UNMAP, UNMAP_DESTROY: do not answer unless it fails */
