@@ -87,7 +87,6 @@ class Mapping:
         self.addr = addr
         self.paddr = tuple(paddr)
         self.created = bool(flags & lib.FAYT_PORTAL_REPLY_CREATED)
-        self._pid = os.getpid()
         _live.add(self)
 
     def _check(self):

@@ -117,7 +117,11 @@ class Connection:
                                    else "faytd connection closed")
             self._caller = threading.get_ident()
             self._seq = seq = (self._seq + 1) & 0xffffffff
-            msg = REQ_HDR.pack(lib.FAYT_REQ_MAGIC, op, flags, seq, threading.get_native_id())
+            try:
+                tid = _thread_ids.tid
+            except AttributeError:      # gettid(2) once per thread
+                tid = _thread_ids.tid = threading.get_native_id()
+            msg = REQ_HDR.pack(lib.FAYT_REQ_MAGIC, op, flags, seq, tid)
             noreply = flags & lib.FAYT_REQ_NOREPLY
             try:
                 got = _call_c(self._fd, msg + body if body else msg, send_fds or None,
@@ -234,6 +238,7 @@ def _close(sock, page):
 
 _default = None
 _default_lock = threading.Lock()
+_thread_ids = threading.local()     # .tid: the calling thread's Linux tid
 
 
 def connection():
@@ -255,8 +260,9 @@ def set_default(conn):
 
 
 def _after_fork_child():
-    global _default, _default_lock
+    global _default, _default_lock, _thread_ids
     _default_lock = threading.Lock()
+    _thread_ids = threading.local()     # the child's thread has a tid of its own
     old, _default = _default, None
     if old is not None:
         old._finalizer.detach()   # the parent still uses the socket and page
