@@ -92,7 +92,8 @@ struct fayt_portal_reply {
     uint64_t map_length;   /* bytes to map from offset 0 of the fd */
     uint64_t data_offset;  /* share-points: where the data starts; else 0 */
     uint32_t sp_id;        /* share-points: the table id; else 0 */
-    uint32_t nframes;
+    uint32_t nframes;      /* paddr[] entries that follow: every frame's, or the first
+                              ones that fit FAYT_MSG_MAX (8177: a portal over 32 MiB) */
     int32_t prot;          /* protection granted */
     uint32_t flags;        /* FAYT_PORTAL_REPLY_* */
 } __attribute__((packed));
