@@ -25,6 +25,9 @@ DEFAULT = {
                                  # or more, else 0
     "fast_syscalls": True,       # share-point create and destroy in C (src/sysfast.c);
                                  # false: every call goes through Python (same results)
+    "recycle_objects": True,     # the fast path may give a context the object of a share-point
+                                 # it alone held back for its next one (README "How faytd
+                                 # answers fast": false if clients pass portal fds on)
     "policy": {
         "categories": {
             "core": {"classes": ["SHARE", "DIRECT", "ANON", "COW", "SPECIAL"],
@@ -75,8 +78,14 @@ def load(path=None, overrides=None):
     cfg["max_portal_length"] = parse_size(cfg["max_portal_length"], "max_portal_length")
     if cfg["max_ram_per_context"] is not None:
         cfg["max_ram_per_context"] = parse_size(cfg["max_ram_per_context"], "max_ram_per_context")
-    if not isinstance(cfg["fast_syscalls"], bool):
-        raise ValueError("config: fast_syscalls must be true or false")
+    for key in ("fast_syscalls", "recycle_objects"):
+        if not isinstance(cfg[key], bool):
+            raise ValueError("config: %s must be true or false" % key)
+    for key in ("max_sharepoints", "max_mappings_per_context"):
+        v = cfg[key]
+        if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v < 1 << 32:
+            raise ValueError("config: %s: %r is not a whole number from 1 to %d"
+                             % (key, v, (1 << 32) - 1))
     mode = cfg["socket_mode"]
     cfg["socket_mode"] = int(mode, 8) if isinstance(mode, str) else int(mode)
     return cfg

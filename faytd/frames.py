@@ -176,7 +176,6 @@ class FrameAllocator:
     (the arrays are C's: fayt/kernel.h struct fayt_frames)."""
 
     def __init__(self, ram_bytes, tag=None):
-        global _pool_tag
         if ram_bytes < PAGE:
             raise ValueError("ram must be at least one frame")
         self.nframes = ram_bytes // PAGE
@@ -186,6 +185,12 @@ class FrameAllocator:
             raise MemoryError("frame arrays for %d frames" % self.nframes)
         self.refcount, self.owner, self.offset = self.c.refcount, self.c.owner, self.c.offset
         self.objects = {}                # id -> BackingObject
+
+    def start_pool(self):
+        """Start the object pool's thread (when faytd starts serving: a start
+        that fails before leaves no pooled object behind).  Until then, and
+        after release_all(), objects are made one by one."""
+        global _pool_tag
         err = lib.fayt_objpool_start(("%s%s." % (NAME_PREFIX, self.tag)).encode(), POOL_TARGET)
         if err:
             raise OSError(err, "faytd: cannot start its object pool: %s" % os.strerror(err))

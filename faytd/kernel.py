@@ -9,6 +9,7 @@ import errno
 import logging
 import os
 import time
+import traceback
 
 from libportal._abi import ffi, lib
 
@@ -33,6 +34,7 @@ class Kernel:
         self.fast = ffi.new("struct fayt_fast_kernel *")
         self.fast.journal_fd = -1
         self.fast.disabled = 0 if cfg.get("fast_syscalls", True) else 1
+        self.fast.recycle = 1 if cfg.get("recycle_objects", True) else 0
         state_dir = cfg.get("state_dir")
         self.journal = Journal(state_dir, self.fast) if state_dir else None
         sps, ctxs = self.journal.load() if self.journal else ([], [])
@@ -188,25 +190,48 @@ class Kernel:
         if not f.nresident:
             return
         rec, buf = self._resident, self._resident_frames
-        share_anon = lib.FAYT_PORTAL_SHARE | lib.FAYT_PORTAL_ANON
         while lib.fayt_fast_take_resident(f, rec, buf, FAST_MAX_FRAMES) == 1:
             frames = array.array("I")
             frames.frombytes(ffi.buffer(buf, 4 * rec.nframes))
             backing = BackingObject.named(rec.oid, ffi.string(rec.object).decode(), rec.length,
                                           frames)
-            self.frames.take_over(backing)
+            ident = ffi.unpack(rec.identifier, rec.ident_len)
+            try:
+                self._take_over(rec, backing, ident)
+            except Exception:       # a bug: that share-point goes, faytd goes on
+                log.error("fast path: share-point %d (%r) could not be taken over; it is "
+                          "destroyed:\n%s", rec.sp_id, ident, traceback.format_exc())
+                self._drop_resident(rec, backing, ident)
+
+    def _take_over(self, rec, backing, ident):
+        ctx = self.contexts.get(rec.ctx_id)
+        if ctx is None:             # never: contexts go only in Python's events, after settle
+            raise RuntimeError("its context %d is gone" % rec.ctx_id)
+        self.frames.take_over(backing)
+        sp = self.sharepoints.take_over(rec.sp_id, ident, backing, rec.prot, rec.pid, rec.uid,
+                                        rec.start or None)
+        sp.charged = (ctx, rec.length)
+        sp.captured[(ctx.id, rec.handle)] = (rec.pid, rec.tid)
+        self.add_mapping(ctx, Mapping(rec.handle, lib.FAYT_PORTAL_SHARE | lib.FAYT_PORTAL_ANON,
+                                      backing, sp, rec.pid, rec.tid, rec.prot))
+
+    def _drop_resident(self, rec, backing, ident):
+        """Undo what a resident share-point holds, as far as it goes."""
+        sp = self.sharepoints.by_id.get(rec.sp_id)
+        if sp is not None and sp.identifier == ident:
             ctx = self.contexts.get(rec.ctx_id)
-            sp = self.sharepoints.take_over(rec.sp_id, ffi.unpack(rec.identifier, rec.ident_len),
-                                            backing, rec.prot, rec.pid, rec.uid, rec.start or None)
-            if ctx is None:         # never: contexts go only in Python's events, after this
-                log.error("fast path: share-point %d of a context that is gone", rec.sp_id)
-                self.sharepoints.destroy(sp)
-                self.frames.put(backing)
-                continue
-            sp.charged = (ctx, rec.length)
-            sp.captured[(ctx.id, rec.handle)] = (rec.pid, rec.tid)
-            self.add_mapping(ctx, Mapping(rec.handle, share_anon, backing, sp, rec.pid,
-                                          rec.tid, rec.prot))
+            if ctx is not None and rec.handle in ctx.mappings:
+                self.unmap(ctx, ctx.mappings[rec.handle])
+            self.sharepoints.destroy(sp)
+            return
+        lib.fayt_fast_name_del(self.fast, ident, len(ident))
+        ctx = self.contexts.get(rec.ctx_id)
+        if ctx is not None:
+            ctx.ram -= rec.length
+        self.frames.objects.pop(backing.id, None)
+        lib.fayt_frames_put(self.frames.c, ffi.from_buffer("uint32_t[]", backing.frames),
+                            len(backing.frames))
+        self.frames.put(backing)        # the second reference; the object is released
 
     def registered(self, ctx):
         """ctx has its context page (HELLO)."""

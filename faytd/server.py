@@ -23,6 +23,7 @@ import signal
 import socket
 import stat
 import struct
+import time
 import traceback
 
 from libportal._abi import ffi, lib, REQ_HDR, REP_HDR
@@ -31,7 +32,7 @@ from . import syscall
 from .frames import KernelError
 
 log = logging.getLogger("faytd")
-_CRED = struct.Struct("3i")
+_CRED = struct.Struct("iII")     # struct ucred: pid_t pid; uid_t uid; gid_t gid
 _MAX_IN_FDS = lib.FAYT_FAST_MAX_FDS    # descriptors a request may carry
 _MSG_MAX = lib.FAYT_MSG_MAX
 _NOREPLY = lib.FAYT_REQ_NOREPLY
@@ -39,6 +40,8 @@ DEFAULT_LOOP_SPIN_US = 100
 _CATCH_UP_DEPTH = 32            # connections at most in nested catch-ups
 _CATCH_UP_READS = 256           # requests at most read from one connection by a catch-up
 _MAX_EVENTS = 64                # events one fayt_fast_poll returns at most
+_IDLE_EVERY = 16                # turns of Python's events after which deferred work gets a step
+_IDLE_RETRY_S = 1.0             # deferred work that failed is tried again after this
 _NOREPLY_OPS = (lib.FAYT_SYS_UNMAP, lib.FAYT_SYS_UNMAP_DESTROY)
 _TRUNC = int(socket.MSG_TRUNC | socket.MSG_CTRUNC)
 _SOL_SOCKET, _SCM_RIGHTS = int(socket.SOL_SOCKET), int(socket.SCM_RIGHTS)
@@ -133,43 +136,58 @@ class Server:
         old_fd = signal.set_wakeup_fd(self._wake_w.fileno())
         log.info("faytd listening on %s (ram %d MiB)", self.path, self.k.frames.nframes * 4 // 1024)
         try:
+            self.k.frames.start_pool()
             watch = self.watch
             k, epfd, io = self.k, self.ep.fileno(), self._io
             fast, evs, buf = k.fast, self._evs, self._buf
             spin_ns = int(self.spin_s * 1e9)
-            poll = lib.fayt_fast_poll
+            poll, clock = lib.fayt_fast_poll, time.monotonic
+            busy = 0                # turns in a row that had events for Python
+            retry_at = 0.0          # deferred work failed: not again before this
             while not self.stopping:
                 # Wait in C: the fast system calls of every connection are
                 # served there; the rest comes back here.  With deferred work
                 # (the journal's compaction) it does not sleep, and it
                 # returns after a batch of served requests, so the work gets
-                # a step now and then under steady load too.  Requests come
-                # in bursts (a destroy, then a create; a fault, then the next
+                # a step now and then under steady load too (and every
+                # _IDLE_EVERY turns of Python's events).  Requests come in
+                # bursts (a destroy, then a create; a fault, then the next
                 # page's): it looks a little longer before sleeping, giving
                 # the CPU away at each look (loop_spin_us), so that the next
-                # one costs no wake-up.
+                # one costs no wake-up.  Deferred work that failed (a full
+                # disk) waits _IDLE_RETRY_S before it is tried again.
                 idle = k.has_idle_work()
-                n = poll(fast, epfd, 0 if idle else spin_ns, 0 if idle else -1, evs, _MAX_EVENTS,
-                         buf, io)
-                if n <= 0:
-                    if n < 0:
-                        log.error("epoll_wait: %s", os.strerror(-n))
+                if idle and clock() < retry_at:
+                    n = poll(fast, epfd, spin_ns, int(_IDLE_RETRY_S * 1000), evs, _MAX_EVENTS,
+                             buf, io)
+                    idle = False
+                else:
+                    n = poll(fast, epfd, 0 if idle else spin_ns, 0 if idle else -1, evs,
+                             _MAX_EVENTS, buf, io)
+                if n < 0:
+                    raise OSError(-n, "faytd: epoll_wait: %s" % os.strerror(-n))
+                if n == 0 or (idle and busy >= _IDLE_EVERY):
+                    busy = 0
                     if idle:
-                        self._idle_step(k)
+                        if not self._idle_step(k):
+                            retry_at = clock() + _IDLE_RETRY_S
                     elif fast.nresident:
-                        k.settle(idle=True)     # resident a while, faytd idle: take them now
-                    continue
+                        self._settle(idle=True)     # resident a while, faytd idle: take them now
+                    if n == 0:
+                        continue
+                busy += 1
                 events = [(evs[i].fd, evs[i].events) for i in range(n)]
                 passed = io.passed_fd
                 if passed >= 0:         # a request poll read: its bytes, before anything reads again
                     msg = io.msg
                     read = (io.passed, io.noreply, io.err, bytes(self._bufview[:msg.len]),
                             list(msg.fds[0:msg.nfds]), msg.mflags)
+                    passed_ctx = io.passed_ctx
                 for fd, ev in events:
                     kind, obj = watch.get(fd, (None, None))
                     self._later.pop(fd, None)   # handled here: not again below
                     if fd == passed:
-                        self._passed_event(fd, kind, obj, read)
+                        self._passed_event(fd, kind, obj, passed_ctx, read)
                         continue
                     self._event(fd, ev, kind, obj)
                     if kind == "signal":
@@ -199,10 +217,19 @@ class Server:
             log.warning("idle work: %s", e)
             return False
 
+    def _settle(self, idle=False):
+        """Kernel.settle(), with _event's protection: a bug there must cost
+        the share-point it was taking over, never faytd."""
+        try:
+            self.k.settle(idle)
+        except Exception:
+            log.error("taking over the fast path's share-points raised:\n%s",
+                      traceback.format_exc())
+
     def _event(self, fd, ev, kind, obj):
         try:
             if kind != "client":
-                self.k.settle()         # client requests settle unless the fast path takes them
+                self._settle()          # client requests settle unless the fast path takes them
             self._handle(fd, ev, kind, obj)
         finally:
             self._check_sigbus(kind, fd)
@@ -305,7 +332,7 @@ class Server:
         self.stopping = True
 
     def close(self):
-        self.k.settle()
+        self._settle()
         for ctx in list(self.k.contexts.values()):
             self._drop_conn(ctx)
             self._unwatch_pidfd(ctx)
@@ -382,10 +409,15 @@ class Server:
         log.debug("context %d: pid %d died", ctx.id, ctx.pid)
         self.k.died(ctx)
 
-    def _passed_event(self, fd, kind, ctx, read):
-        """The request fayt_fast_poll read for ctx and did not perform."""
-        if kind != "client":            # never: poll reads only watched connections
-            log.error("fd %d: a request was read for a %s", fd, kind)
+    def _passed_event(self, fd, kind, ctx, ctx_id, read):
+        """The request fayt_fast_poll read for context ctx_id on fd, and did
+        not perform.  An event handled before it in the same batch may have
+        closed that connection (its process died) and another may have
+        accepted a new one on the same fd number: then the request was its
+        dead context's, and it goes with it."""
+        if kind != "client" or ctx.id != ctx_id or ctx.sock is None or ctx.sock.fileno() != fd:
+            log.debug("fd %d: a request of context %d whose connection is gone: dropped",
+                      fd, ctx_id)
             for f in read[4]:
                 os.close(f)
             return
@@ -411,13 +443,13 @@ class Server:
         if r == lib.FAYT_FAST_AGAIN:
             return
         if r < 0:
-            k.settle()
+            self._settle()
             return self._disconnect(ctx, "recv: %s" % os.strerror(-r))
         self._read_one = True
         self._read_noreply = bool(noreply)
         if r == lib.FAYT_FAST_SERVED:
             return
-        k.settle()
+        self._settle()
         if r == lib.FAYT_FAST_UNSENT:
             return self._disconnect(ctx, "does not read its replies" if err == errno.EAGAIN
                                     else "send: %s" % os.strerror(err))

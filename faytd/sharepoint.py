@@ -118,10 +118,10 @@ class SharePointTable:
         sp.owner_start = owner_start
         try:
             sp.write_meta(self.frames.paddrs(backing))
+            self._insert(sp)
         except BaseException:
             self.frames.put(backing)
             raise
-        self._insert(sp)
         if self.journal is not None:
             self.journal.sharepoint_created(sp)
         return sp

@@ -28,8 +28,6 @@ import weakref
 
 from . import errors
 from ._abi import ffi, lib, HANDLE_REQ, PORTAL_REQ, _fastpath
-
-_portal_map = _fastpath.portal_map
 from .syscall import connection as _default_connection
 
 SHARE = lib.FAYT_PORTAL_SHARE
@@ -259,12 +257,12 @@ def portal(type, prot=PROT_RW, length=0, *, identifier=None, create=False,
     if type & SPECIAL:
         from .special import special_portal     # its userfaultfd goes with the call
         return special_portal(conn, type, prot, length, chain, message, addr, identifier, create)
-    body, fds = conn.call(lib.FAYT_SYS_PORTAL, encode_portal_req(
-        type, prot, length, identifier, share_type, 1 if create else 0,
-        chain, message, addr, paddr))
     is_share = bool(type & SHARE)
-    # Parse, map (MADV_DONTFORK) and close the fds in one C call.
-    mapped, ino, reply, paddr_out = _portal_map(body, fds, addr, prot, is_share)
+    # The reply is read, its object mapped (MADV_DONTFORK) and its fd closed
+    # in one C call, the GIL held: no fork() of another thread inherits the fd.
+    body, (mapped, ino, reply, paddr_out) = conn.call_portal(encode_portal_req(
+        type, prot, length, identifier, share_type, 1 if create else 0,
+        chain, message, addr, paddr), addr, prot, is_share)
     if not mapped:
         created = reply[6] & lib.FAYT_PORTAL_REPLY_CREATED
         conn.call(lib.FAYT_SYS_UNMAP_DESTROY if created else lib.FAYT_SYS_UNMAP,

@@ -98,6 +98,22 @@ class Connection:
     def call(self, op, body=b"", flags=0, send_fds=()):
         """Send one request (with send_fds as SCM_RIGHTS, for the calls in
         faytd's TAKES_FDS); return (reply body, [fds]) or raise its errno."""
+        return self._dispatching_call(op, body, flags, send_fds, None)
+
+    def call_portal(self, body, addr, prot, share):
+        """A PORTAL call whose granted object is mapped (at addr, or anywhere)
+        and its fd closed in the same C call that reads the reply, the GIL
+        held throughout, so that no fork() can inherit the fd (faytd may give
+        this context the object again: see README "How faytd answers fast").
+        Returns (reply body, mapped): mapped is (address or 0, inode or
+        mmap's errno, the fayt_portal_reply tuple, the physical addresses)."""
+        body, got = self._dispatching_call(lib.FAYT_SYS_PORTAL, body, 0, (), (addr, prot, share))
+        if not isinstance(got, tuple):      # the reply did not carry one object
+            _close_fds(got)
+            raise errors.error(errno.EPROTO, "portal: malformed reply from faytd")
+        return body, got
+
+    def _dispatching_call(self, op, body, flags, send_fds, portal):
         if os.getpid() != self._pid:
             raise errors.error(errno.EBADF, "this connection belongs to the parent process "
                                             "(fork): use a new Connection")
@@ -105,12 +121,12 @@ class Connection:
         if rt is not None and rt.rings_in and not rt.busy:
             rt.dispatch()
         try:
-            return self._call(op, body, flags, send_fds)
+            return self._call(op, body, flags, send_fds, portal)
         finally:
             if rt is not None and rt.pending and not rt.busy:
                 rt.dispatch()
 
-    def _call(self, op, body, flags, send_fds=()):
+    def _call(self, op, body, flags, send_fds=(), portal=None):
         with self._lock:
             if self.sock.fileno() != self._fd:  # closed: the number may be another file's now
                 raise errors.error(errno.ECONNRESET, "faytd connection lost" if self._broken
@@ -123,9 +139,10 @@ class Connection:
                 tid = _thread_ids.tid = threading.get_native_id()
             msg = REQ_HDR.pack(lib.FAYT_REQ_MAGIC, op, flags, seq, tid)
             noreply = flags & lib.FAYT_REQ_NOREPLY
+            expect = None if portal is None else (seq,) + portal
             try:
                 got = _call_c(self._fd, msg + body if body else msg, send_fds or None,
-                              not noreply, self._spin, _MAX_FDS)
+                              not noreply, self._spin, _MAX_FDS, expect)
                 if noreply:
                     self._unanswered.add(seq)
                     return b"", []
@@ -133,7 +150,7 @@ class Connection:
                     data, fds, rop, rseq, err = self._parse(*got)
                     if rseq != seq and rseq in self._unanswered:
                         self._late_failure(rop, rseq, err, data)
-                        got = _call_c(self._fd, None, None, True, self._spin, _MAX_FDS)
+                        got = _call_c(self._fd, None, None, True, self._spin, _MAX_FDS, expect)
                         continue
                     break
             except OSError as e:
@@ -152,7 +169,10 @@ class Connection:
         return data, fds
 
     @staticmethod
-    def _parse(data, fds):
+    def _parse(data, fds, mapped):
+        """(body, fds or what call_portal mapped, op, seq, err) of a reply."""
+        if mapped is not None:
+            fds = mapped
         if not data:
             raise ConnectionResetError(errno.ECONNRESET, "faytd closed the connection")
         if len(data) < REP_HDR.size:
@@ -217,7 +237,8 @@ class Connection:
                 m._invalidate()
                 lib.fayt_unmap(m.addr, m.map_length)
                 _live.discard(m)
-        self._finalizer()
+        with self._lock:                # not while another thread's call uses the socket
+            self._finalizer()
 
     @property
     def closed(self):
@@ -226,8 +247,9 @@ class Connection:
 
 
 def _close_fds(fds):
-    for fd in fds:
-        os.close(fd)
+    if isinstance(fds, list):       # not what call_portal mapped
+        for fd in fds:
+            os.close(fd)
 
 
 def _close(sock, page):

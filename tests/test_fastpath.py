@@ -10,6 +10,7 @@ import os
 import re
 import signal
 import struct
+import time
 
 import pytest
 
@@ -295,3 +296,162 @@ def test_fastpath_quotas_refuse_as_python_does(fresh_faytd, conn_to):
         sp.destroy()
     c.close()
     d.stop()
+
+
+def test_fastpath_no_fork_child_inherits_a_share_points_fd(fresh_faytd, conn_to):
+    """The fd of a portal's object exists in the client only inside the C call
+    that reads the reply, maps it and closes it, the GIL held: a thread that
+    forks meanwhile never hands it to a child (with recycling, that fd would
+    show the parent's later share-points).  Before, a child caught one within
+    a few dozen creates; this creates and destroys until 300 forks are done."""
+    import sys
+    import threading
+    d = fresh_faytd()
+    c = conn_to(d)
+    libportal.share_create("warm", 4096, connection=c).destroy()
+    pool_object = re.compile(r"/dev/shm/fayt\.\d+\.\d+\.[0-9a-f]{24}$")
+    caught, forks, stop = [], [0], threading.Event()
+    r, w = os.pipe()
+
+    def forker():
+        while not stop.is_set():
+            pid = os.fork()
+            if pid == 0:
+                held = b"0"
+                for f in os.listdir("/proc/self/fd"):
+                    try:
+                        if pool_object.match(os.readlink("/proc/self/fd/" + f)):
+                            held = b"1"
+                    except OSError:
+                        pass
+                os.write(w, held)
+                os._exit(0)
+            got = os.read(r, 1)
+            wait_child_exit(pid)
+            forks[0] += 1
+            if got == b"1":
+                caught.append(pid)
+
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)         # switch threads as often as Python can
+    t = threading.Thread(target=forker)
+    t.start()
+    i, deadline = 0, time.monotonic() + 20
+    try:
+        while forks[0] < 300 and time.monotonic() < deadline:
+            sp = libportal.share_create("fw-%d" % i, 4096, connection=c)
+            sp.write(0, b"data")
+            sp.destroy()
+            i += 1
+    finally:
+        stop.set()
+        t.join(WAIT)
+        sys.setswitchinterval(old)
+        os.close(r)
+        os.close(w)
+    assert forks[0] >= 100, "the forking thread hardly ran: %d forks" % forks[0]
+    assert caught == [], "%d of %d fork children held a share-point's fd (%d creates)" % (
+        len(caught), forks[0], i)
+    c.close()
+    assert fast_counts(d.stop())[0] >= i - 1
+
+
+def test_fastpath_a_request_read_ahead_is_never_performed_for_another_context(fresh_faytd):
+    """faytd's C wait reads a request, and Python handles the batch's events
+    in order: the connection's process may have died (its pidfd came first,
+    the socket is closed) and a new connection accepted on the same fd number
+    before Python reaches the request.  It was the dead context's: it is
+    dropped, never performed for the newcomer.  A fork child keeps its dead
+    parent's socket and sends on it while faytd is stopped (SIGSTOP), so all
+    three events wait in one batch."""
+    import subprocess
+    import sys
+    import textwrap
+    d = fresh_faytd()
+    parent = subprocess.Popen([sys.executable, "-c", textwrap.dedent("""
+        import os, socket, sys, time
+        from libportal._abi import lib, REQ_HDR
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        s.connect(sys.argv[1])
+        r, w = os.pipe()
+        if os.fork() == 0:              # keeps its parent's connection
+            os.close(w)
+            os.read(r, 1)
+            s.send(REQ_HDR.pack(lib.FAYT_REQ_MAGIC, lib.FAYT_SYS_HELLO, 0, 999, os.getpid()))
+            time.sleep(5)
+            os._exit(0)
+        os.close(r)
+        print(os.getpid(), w, flush=True)
+        sys.stdin.readline()
+        """), d.socket], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=d.env())
+    newcomer = None
+    stopped = False
+    try:
+        pid, wfd = (int(x) for x in parent.stdout.readline().split())
+        go = os.open("/proc/%d/fd/%d" % (pid, wfd), os.O_WRONLY)
+        wait_until(lambda: "context" in open(d.log).read(), "faytd to accept the first connection")
+        os.kill(d.proc.pid, signal.SIGSTOP)
+        stopped = True
+        parent.stdin.close()
+        parent.wait(WAIT)               # 1: its pidfd is readable
+        newcomer = subprocess.Popen([sys.executable, "-c", textwrap.dedent("""
+            import sys, libportal
+            c = libportal.Connection(sys.argv[1])
+            print("ok", c.context_id, flush=True)
+            """), d.socket], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env=d.env())
+        time.sleep(0.5)                 # 2: the newcomer's connect waits in the backlog
+        os.write(go, b"g")              # 3: the child's HELLO on the dead parent's socket
+        os.close(go)
+        time.sleep(0.3)
+        os.kill(d.proc.pid, signal.SIGCONT)
+        stopped = False
+        out, err = newcomer.communicate(timeout=WAIT)
+        assert out.startswith("ok "), "the newcomer's HELLO failed:\n" + err
+    finally:
+        if stopped:
+            os.kill(d.proc.pid, signal.SIGCONT)
+        for p in (parent, newcomer):
+            if p is not None and p.poll() is None:
+                p.kill()
+                p.wait(WAIT)
+    log = d.stop()
+    assert "error" not in log.lower(), log
+
+
+def test_fastpath_deferred_work_that_fails_is_retried_now_and_then(fresh_faytd, conn_to):
+    """The journal's compaction (deferred work) fails when its new file cannot
+    be made; faytd goes on serving and tries again about once a second, it
+    does not spin on it (before: 130,000 warnings in 2 s, a whole CPU)."""
+    d = fresh_faytd()
+    state = os.path.dirname(d.socket)
+    blocker = os.path.join(state, "faytd.journal.new")
+    os.mkdir(blocker)                   # the compaction's temporary file cannot be made
+    c = conn_to(d)
+    try:
+        for i in range(2200):           # 4,400 journal records, 0 live: compaction wanted
+            libportal.share_create("idle-%d" % i, 4096, connection=c).destroy()
+        c.list_sharepoints()
+        time.sleep(2)
+        sp = libportal.share_create("still-serving", 4096, connection=c)
+        sp.destroy()
+    finally:
+        os.rmdir(blocker)
+    c.close()
+    log = d.stop()
+    failed = [ln for ln in log.splitlines() if "idle work" in ln]
+    assert 1 <= len(failed) <= 10, "%d failed tries logged:\n%s" % (len(failed), "\n".join(failed[:5]))
+
+
+def test_fastpath_recycling_can_be_turned_off(fresh_faytd, conn_to):
+    d = fresh_faytd(config={"recycle_objects": False})
+    c = conn_to(d)
+    libportal.share_create("warm", 4096, connection=c).destroy()
+    a = libportal.share_create("off-a", 4096, connection=c)
+    a_ino = a._ino
+    a.destroy()
+    b = libportal.share_create("off-b", 4096, connection=c)
+    assert b._ino != a_ino
+    b.destroy()
+    c.close()
+    assert fast_counts(d.stop()) == (2, 2)      # the fast path, without recycling

@@ -352,6 +352,18 @@ def test_policy_runner_really_changes_uid(as_user, start):
     assert me["exe"] == as_user.exe
 
 
+def test_policy_a_uid_above_2_to_the_31_is_served(as_user, start):
+    """uid_t is unsigned: a uid the kernel gives as 3000000000 is that uid
+    (SO_PEERCRED read as signed made it negative, and faytd refused it)."""
+    d = start()
+    big = 3000000000
+    rep = run_client(as_user, d, [["me"], ["anon", PAGE]], uid=big, gid=big)
+    assert rep["hello"][0] == 0, rep
+    me = rep["steps"][0][2]
+    assert (me["uid"], me["category"]) == (big, "server")
+    assert steps(rep)[1] == ("anon", 0)
+
+
 def test_policy_server_category_anon_only(as_user, start):
     d = start(_core_only_policy(
         [{"uid": NOBODY, "category": "server"}],
@@ -482,6 +494,22 @@ def _faytd_fails(world_dir, config, expect_in_stderr):
 ])
 def test_policy_invalid_policy_file_faytd_exits(world_dir, policy, message):
     _faytd_fails(world_dir, {"policy": policy}, message)
+
+
+@pytest.mark.parametrize("config, message", [
+    ({"max_sharepoints": 5000000000},
+     "config: max_sharepoints: 5000000000 is not a whole number from 1 to 4294967295"),
+    ({"max_sharepoints": 100000.0},
+     "config: max_sharepoints: 100000.0 is not a whole number from 1 to 4294967295"),
+    ({"max_mappings_per_context": -1},
+     "config: max_mappings_per_context: -1 is not a whole number from 1 to 4294967295"),
+    ({"max_mappings_per_context": True},
+     "config: max_mappings_per_context: True is not a whole number from 1 to 4294967295"),
+    ({"fast_syscalls": "yes"}, "config: fast_syscalls must be true or false"),
+])
+def test_policy_out_of_range_limits_faytd_exits(world_dir, config, message):
+    """A limit faytd's C keeps in 32 bits is refused with a message, not a traceback."""
+    _faytd_fails(world_dir, config, message)
 
 
 def test_policy_bad_json_faytd_exits(world_dir):

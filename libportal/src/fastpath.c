@@ -33,6 +33,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <errno.h>
+#include <poll.h>
 #include <sched.h>
 #include <string.h>
 #include <sys/socket.h>
@@ -828,18 +829,34 @@ static PyObject *hint_state(PyObject *mod, PyObject *unused)
 
 
 /* -- the client's system call: one request, one reply ---------------------
- * call(fd, msg, fds, want_reply, spin_ns, max_fds) -> (reply, [fds]) or None.
+ * call(fd, msg, fds, want_reply, spin_ns, max_fds, portal)
+ *     -> (reply, [fds], mapped) or None
  *
- * Sends msg (None: sends nothing, only waits for the next reply) (with fds as SCM_RIGHTS when given) on the SOCK_SEQPACKET socket
- * and, if want_reply, waits for one message.  The wait first spins for
- * spin_ns, trying a non-blocking recvmsg and giving the CPU away between
- * tries, and only then sleeps in recvmsg: faytd answers most calls within
- * a few microseconds, and on a virtual machine a sleeping receiver costs a
- * wake-up that is worth many of those (cross-CPU wake-ups were ~50-70 us
- * on the Firecracker VM this was measured on, a round trip ~15 us without).
- * The GIL is released while waiting; a signal (EINTR) runs Python's
- * handlers, then the wait resumes (PEP 475).  Received descriptors are
- * close-on-exec.  OSError on a failed send or receive. */
+ * Sends msg (None: sends nothing, only waits for the next reply), with fds
+ * as SCM_RIGHTS when given, on the SOCK_SEQPACKET socket and, if want_reply,
+ * waits for one message.  The wait first spins for spin_ns, polling and
+ * giving the CPU away between looks, then sleeps in poll(2): faytd answers
+ * most calls within a few microseconds, and on a virtual machine a sleeping
+ * receiver costs a wake-up worth many of those (cross-CPU wake-ups were
+ * ~50-70 us on the Firecracker VM this was measured on, a round trip ~15 us
+ * without).  The GIL is released while sending and waiting, not while
+ * receiving: the reply is read (recvmsg, non-blocking) with the GIL held.
+ *
+ * portal: None, or (seq, addr, prot, share) for a PORTAL call.  If the reply
+ * is that call's success with its one fd, the object is mapped (at addr or
+ * anywhere, MADV_DONTFORK, read-write for a share-point: its lock byte must
+ * be writable) and the fd closed before the GIL is given up again, so no
+ * fork() from another Python thread can inherit it (faytd may reuse the
+ * object of a share-point this context destroys for its next one: nobody
+ * else may hold a descriptor of it); mapped is then (address or 0, the
+ * object's inode or mmap's errno, the fayt_portal_reply as a tuple, the
+ * physical addresses as a tuple), and [fds] is empty.  Otherwise mapped is
+ * None and the fds are the caller's.
+ *
+ * A signal (EINTR) runs Python's handlers, then the wait resumes (PEP 475).
+ * Received descriptors are close-on-exec.  OSError on a failed send or
+ * receive; EPROTO (the fds closed) for a reply cut short (MSG_TRUNC,
+ * MSG_CTRUNC) or a portal reply that does not add up. */
 static int64_t call_now_ns(void)
 {
     struct timespec ts;
@@ -848,11 +865,66 @@ static int64_t call_now_ns(void)
 }
 
 #define CALL_MAX_FDS 8
+static uint8_t reply_buf[FAYT_MSG_MAX];     /* read with the GIL held */
+
+static void close_fds(const int *fds, int n)
+{
+    for (int i = 0; i < n; i++)
+        close(fds[i]);
+}
+
+/* The mapping of a portal reply's object (see above); closes fd. */
+static PyObject *map_portal_reply(const uint8_t *body, size_t blen, int fd,
+                                  unsigned long long addr, int prot, int share)
+{
+    struct fayt_portal_reply r;
+    size_t head = sizeof r + sizeof(struct portal_req);
+    if (blen < head) {
+        close(fd);
+        return raise_errno(EPROTO, "portal: malformed reply from faytd");
+    }
+    memcpy(&r, body, sizeof r);
+    if (blen < head + (size_t)r.nframes * 8) {
+        close(fd);
+        return raise_errno(EPROTO, "portal: malformed reply from faytd");
+    }
+    PyObject *paddr = PyTuple_New(r.nframes);
+    if (!paddr) {
+        close(fd);
+        return NULL;
+    }
+    for (uint32_t i = 0; i < r.nframes; i++) {
+        uint64_t v;
+        memcpy(&v, body + head + (size_t)i * 8, 8);
+        PyObject *o = PyLong_FromUnsignedLongLong(v);
+        if (!o) {
+            Py_DECREF(paddr);
+            close(fd);
+            return NULL;
+        }
+        PyTuple_SET_ITEM(paddr, i, o);
+    }
+    int err = 0;
+    uintptr_t mapped = fayt_map_portal(fd, r.map_length, (uintptr_t)addr,
+                                       share ? (FAYT_PROT_READ | FAYT_PROT_WRITE) : prot, &err);
+    unsigned long long ino = 0;
+    if (mapped && share) {
+        struct stat st;
+        if (fstat(fd, &st) == 0)
+            ino = st.st_ino;
+    }
+    close(fd);
+    return Py_BuildValue("(KK(KKKIIiI)N)", (unsigned long long)mapped,
+                         mapped ? ino : (unsigned long long)err,
+                         (unsigned long long)r.handle, (unsigned long long)r.map_length,
+                         (unsigned long long)r.data_offset, r.sp_id, r.nframes, r.prot, r.flags,
+                         paddr);
+}
 
 static PyObject *sys_call(PyObject *mod, PyObject *const *args, Py_ssize_t n)
 {
-    if (n != 6) {
-        PyErr_SetString(PyExc_TypeError, "call takes 6 arguments");
+    if (n != 7) {
+        PyErr_SetString(PyExc_TypeError, "call takes 7 arguments");
         return NULL;
     }
     int fd = (int)PyLong_AsLong(args[0]);
@@ -863,6 +935,12 @@ static PyObject *sys_call(PyObject *mod, PyObject *const *args, Py_ssize_t n)
         return NULL;
     if (max_fds < 0 || max_fds > CALL_MAX_FDS)
         max_fds = CALL_MAX_FDS;
+    unsigned long expect_seq = 0;
+    unsigned long long map_addr = 0;
+    int map_prot = 0, map_share = 0, want_map = args[6] != Py_None;
+    if (want_map && !PyArg_ParseTuple(args[6], "kKip", &expect_seq, &map_addr, &map_prot,
+                                      &map_share))
+        return NULL;
     Py_buffer b = {0};
     int send = args[1] != Py_None;
     if (send && PyObject_GetBuffer(args[1], &b, PyBUF_SIMPLE) < 0)
@@ -871,234 +949,178 @@ static PyObject *sys_call(PyObject *mod, PyObject *const *args, Py_ssize_t n)
     Py_ssize_t nsfds = 0;
     if (args[2] != Py_None) {
         PyObject *seq = PySequence_Fast(args[2], "fds: a sequence of ints");
-        if (!seq) {
-            if (send)
-                PyBuffer_Release(&b);
-            return NULL;
-        }
+        if (!seq)
+            goto fail_buffer;
         nsfds = PySequence_Fast_GET_SIZE(seq);
         if (nsfds > CALL_MAX_FDS) {
             Py_DECREF(seq);
-            if (send)
-                PyBuffer_Release(&b);
             PyErr_SetString(PyExc_ValueError, "fds: at most 8");
-            return NULL;
+            goto fail_buffer;
         }
         for (Py_ssize_t i = 0; i < nsfds; i++)
             sfds[i] = (int)PyLong_AsLong(PySequence_Fast_GET_ITEM(seq, i));
         Py_DECREF(seq);
-        if (PyErr_Occurred()) {
-            if (send)
-                PyBuffer_Release(&b);
-            return NULL;
-        }
+        if (PyErr_Occurred())
+            goto fail_buffer;
     }
     union {
         struct cmsghdr h;
         char buf[CMSG_SPACE(sizeof(int) * CALL_MAX_FDS)];
     } cbuf;
-    struct iovec iov = {b.buf, (size_t)b.len};
-    struct msghdr mh = {0};
-    mh.msg_iov = &iov;
-    mh.msg_iovlen = 1;
-    if (nsfds) {
-        memset(&cbuf, 0, sizeof cbuf);
-        mh.msg_control = cbuf.buf;
-        mh.msg_controllen = CMSG_SPACE(sizeof(int) * nsfds);
-        struct cmsghdr *c = CMSG_FIRSTHDR(&mh);
-        c->cmsg_level = SOL_SOCKET;
-        c->cmsg_type = SCM_RIGHTS;
-        c->cmsg_len = CMSG_LEN(sizeof(int) * nsfds);
-        memcpy(CMSG_DATA(c), sfds, sizeof(int) * nsfds);
-    }
-    ssize_t r = 0;
     if (send) {
-        do {
+        struct iovec iov = {b.buf, (size_t)b.len};
+        struct msghdr mh = {0};
+        mh.msg_iov = &iov;
+        mh.msg_iovlen = 1;
+        if (nsfds) {
+            memset(&cbuf, 0, sizeof cbuf);
+            mh.msg_control = cbuf.buf;
+            mh.msg_controllen = CMSG_SPACE(sizeof(int) * nsfds);
+            struct cmsghdr *c = CMSG_FIRSTHDR(&mh);
+            c->cmsg_level = SOL_SOCKET;
+            c->cmsg_type = SCM_RIGHTS;
+            c->cmsg_len = CMSG_LEN(sizeof(int) * nsfds);
+            memcpy(CMSG_DATA(c), sfds, sizeof(int) * nsfds);
+        }
+        ssize_t r;
+        int e;
+        for (;;) {
+            Py_BEGIN_ALLOW_THREADS
             r = sendmsg(fd, &mh, MSG_NOSIGNAL);
-        } while (r < 0 && errno == EINTR && !PyErr_CheckSignals());
+            e = errno;
+            Py_END_ALLOW_THREADS
+            if (r >= 0 || e != EINTR)
+                break;
+            if (PyErr_CheckSignals() < 0)
+                goto fail_buffer;
+        }
         PyBuffer_Release(&b);
+        if (r < 0) {
+            errno = e;
+            return PyErr_SetFromErrno(PyExc_OSError);
+        }
     }
-    if (r < 0)
-        return PyErr_Occurred() ? NULL : PyErr_SetFromErrno(PyExc_OSError);
     if (!want)
         Py_RETURN_NONE;
 
-    PyObject *out = PyBytes_FromStringAndSize(NULL, FAYT_MSG_MAX);
-    if (!out)
-        return NULL;
-    int err = 0;
     for (;;) {
-        struct iovec riov = {PyBytes_AS_STRING(out), FAYT_MSG_MAX};
+        /* Wait, without the GIL, until the socket is readable. */
+        struct pollfd pfd = {fd, POLLIN, 0};
+        int pr, e = 0;
+        Py_BEGIN_ALLOW_THREADS
+        pr = poll(&pfd, 1, 0);
+        if (pr == 0 && spin_ns > 0) {
+            int64_t until = call_now_ns() + spin_ns;
+            do {
+                sched_yield();
+                pr = poll(&pfd, 1, 0);
+            } while (pr == 0 && call_now_ns() < until);
+        }
+        if (pr == 0)
+            pr = poll(&pfd, 1, -1);
+        e = errno;
+        Py_END_ALLOW_THREADS
+        if (pr < 0) {
+            if (e == EINTR) {
+                if (PyErr_CheckSignals() < 0)
+                    return NULL;
+                continue;
+            }
+            errno = e;
+            return PyErr_SetFromErrno(PyExc_OSError);
+        }
+        /* Read it with the GIL held (see above). */
+        struct iovec riov = {reply_buf, FAYT_MSG_MAX};
         struct msghdr rh = {0};
         rh.msg_iov = &riov;
         rh.msg_iovlen = 1;
         rh.msg_control = cbuf.buf;
         rh.msg_controllen = CMSG_SPACE(sizeof(int) * max_fds);
-        Py_BEGIN_ALLOW_THREADS
-        r = recvmsg(fd, &rh, MSG_DONTWAIT | MSG_CMSG_CLOEXEC);
-        if (r < 0 && errno == EAGAIN && spin_ns > 0) {
-            int64_t until = call_now_ns() + spin_ns;
-            do {
-                sched_yield();
-                r = recvmsg(fd, &rh, MSG_DONTWAIT | MSG_CMSG_CLOEXEC);
-            } while (r < 0 && errno == EAGAIN && call_now_ns() < until);
+        ssize_t r = recvmsg(fd, &rh, MSG_DONTWAIT | MSG_CMSG_CLOEXEC);
+        if (r < 0) {
+            if (errno == EAGAIN || errno == EINTR)
+                continue;           /* readable was a wake-up without data: wait again */
+            return PyErr_SetFromErrno(PyExc_OSError);
         }
-        if (r < 0 && errno == EAGAIN)
-            r = recvmsg(fd, &rh, MSG_CMSG_CLOEXEC);
-        err = r < 0 ? errno : 0;
-        Py_END_ALLOW_THREADS
-        if (r >= 0) {
-            PyObject *fds = PyList_New(0);
-            for (struct cmsghdr *c = CMSG_FIRSTHDR(&rh); c; c = CMSG_NXTHDR(&rh, c)) {
-                if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS)
-                    continue;
-                size_t k = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
-                int got[CALL_MAX_FDS];
-                memcpy(got, CMSG_DATA(c), sizeof(int) * (k > CALL_MAX_FDS ? CALL_MAX_FDS : k));
-                for (size_t i = 0; i < k && i < CALL_MAX_FDS; i++) {
-                    PyObject *o = fds ? PyLong_FromLong(got[i]) : NULL;
-                    if (!o || PyList_Append(fds, o) < 0) {
-                        Py_XDECREF(o);
-                        close(got[i]);
-                        Py_CLEAR(fds);
-                        continue;
-                    }
-                    Py_DECREF(o);
-                }
+        int got[CALL_MAX_FDS], ngot = 0;
+        for (struct cmsghdr *c = CMSG_FIRSTHDR(&rh); c; c = CMSG_NXTHDR(&rh, c)) {
+            if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS)
+                continue;
+            size_t k = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+            for (size_t i = 0; i < k; i++) {
+                int f;
+                memcpy(&f, CMSG_DATA(c) + i * sizeof(int), sizeof f);
+                if (ngot < CALL_MAX_FDS)
+                    got[ngot++] = f;
+                else
+                    close(f);
             }
-            if (!fds || _PyBytes_Resize(&out, r) < 0) {
-                if (fds) {
-                    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(fds); i++)
-                        close((int)PyLong_AsLong(PyList_GET_ITEM(fds, i)));
-                    Py_DECREF(fds);
-                }
-                Py_XDECREF(out);
-                return NULL;
-            }
-            PyObject *t = PyTuple_Pack(2, out, fds);
-            Py_DECREF(out);
-            Py_DECREF(fds);
-            return t;
         }
-        if (err == EINTR) {
-            if (PyErr_CheckSignals() < 0) {
-                Py_DECREF(out);
-                return NULL;
-            }
-            continue;
+        if (rh.msg_flags & (MSG_TRUNC | MSG_CTRUNC)) {
+            close_fds(got, ngot);
+            return raise_errno(EPROTO, (rh.msg_flags & MSG_TRUNC)
+                               ? "faytd's reply was longer than FAYT_MSG_MAX"
+                               : "faytd's reply carried more descriptors than expected");
         }
-        Py_DECREF(out);
-        errno = err;
-        return PyErr_SetFromErrno(PyExc_OSError);
-    }
-}
-
-/* -- the client's side of a portal() reply ----------------------------------
- * portal_map(body, fds, addr, prot, share) -> (mapped, ino, reply, paddr)
- *
- * body: the reply after its header (fayt_portal_reply, portal_req, paddr[]);
- * fds: what came with it (one: the backing object).  Maps the object
- * (fayt_map_portal: at addr or anywhere, MADV_DONTFORK) with prot, or
- * read-write for a share-point (its lock byte must be writable); closes the
- * fds.  mapped is the address, or 0 when mmap failed (then ino is the errno);
- * ino is the object's inode for a share-point; reply is the fayt_portal_reply
- * as a tuple (handle, map_length, data_offset, sp_id, nframes, prot, flags);
- * paddr a tuple of the physical addresses.  OSError EPROTO for a reply that
- * does not add up (the fds are closed then too). */
-static void close_fd_list(PyObject *fds)
-{
-    Py_ssize_t n = PyList_Check(fds) ? PyList_GET_SIZE(fds) : 0;
-    for (Py_ssize_t i = 0; i < n; i++) {
-        long fd = PyLong_AsLong(PyList_GET_ITEM(fds, i));
-        if (fd >= 0)
-            close((int)fd);
-    }
-    PyErr_Clear();
-}
-
-static PyObject *portal_map(PyObject *mod, PyObject *const *args, Py_ssize_t n)
-{
-    if (n != 5) {
-        PyErr_SetString(PyExc_TypeError, "portal_map takes 5 arguments");
-        return NULL;
-    }
-    PyObject *fds = args[1];
-    if (!PyList_Check(fds)) {
-        PyErr_SetString(PyExc_TypeError, "portal_map: fds must be a list");
-        return NULL;
-    }
-    unsigned long long addr = PyLong_AsUnsignedLongLong(args[2]);
-    long prot = PyLong_AsLong(args[3]);
-    int share = PyObject_IsTrue(args[4]);
-    if (PyErr_Occurred()) {
-        close_fd_list(fds);
-        return NULL;
-    }
-    Py_buffer b;
-    if (PyObject_GetBuffer(args[0], &b, PyBUF_SIMPLE) < 0) {
-        close_fd_list(fds);
-        return NULL;
-    }
-    struct fayt_portal_reply r;
-    size_t head = sizeof r + sizeof(struct portal_req);
-    int ok = (size_t)b.len >= head && PyList_GET_SIZE(fds) == 1;
-    if (ok) {
-        memcpy(&r, b.buf, sizeof r);
-        ok = (size_t)b.len >= head + (size_t)r.nframes * 8;
-    }
-    if (!ok) {
-        PyBuffer_Release(&b);
-        close_fd_list(fds);
-        return raise_errno(EPROTO, "portal: malformed reply from faytd");
-    }
-    PyObject *paddr = PyTuple_New(r.nframes);
-    if (!paddr) {
-        PyBuffer_Release(&b);
-        close_fd_list(fds);
-        return NULL;
-    }
-    const uint8_t *pa = (const uint8_t *)b.buf + head;
-    for (uint32_t i = 0; i < r.nframes; i++) {
-        uint64_t v;
-        memcpy(&v, pa + (size_t)i * 8, 8);
-        PyObject *o = PyLong_FromUnsignedLongLong(v);
-        if (!o) {
-            Py_DECREF(paddr);
-            PyBuffer_Release(&b);
-            close_fd_list(fds);
+        PyObject *data = PyBytes_FromStringAndSize((const char *)reply_buf, r);
+        if (!data) {
+            close_fds(got, ngot);
             return NULL;
         }
-        PyTuple_SET_ITEM(paddr, i, o);
+        struct fayt_rep_hdr rep;
+        if (want_map && ngot == 1 && (size_t)r >= sizeof rep) {
+            memcpy(&rep, reply_buf, sizeof rep);
+            if (rep.magic == FAYT_REP_MAGIC && rep.op == FAYT_SYS_PORTAL && rep.err == 0
+                && rep.seq == (uint32_t)expect_seq) {
+                PyObject *mapped = map_portal_reply(reply_buf + sizeof rep, r - sizeof rep,
+                                                    got[0], map_addr, map_prot, map_share);
+                if (!mapped) {
+                    Py_DECREF(data);
+                    return NULL;
+                }
+                PyObject *empty = PyList_New(0);
+                PyObject *t = empty ? PyTuple_Pack(3, data, empty, mapped) : NULL;
+                Py_DECREF(data);
+                Py_XDECREF(empty);
+                Py_DECREF(mapped);
+                return t;
+            }
+        }
+        PyObject *fds = PyList_New(ngot);
+        if (!fds) {
+            Py_DECREF(data);
+            close_fds(got, ngot);
+            return NULL;
+        }
+        for (int i = 0; i < ngot; i++) {
+            PyObject *o = PyLong_FromLong(got[i]);
+            if (!o) {
+                Py_DECREF(fds);
+                Py_DECREF(data);
+                close_fds(got, ngot);
+                return NULL;
+            }
+            PyList_SET_ITEM(fds, i, o);
+        }
+        PyObject *t = PyTuple_Pack(3, data, fds, Py_None);
+        if (!t)
+            close_fds(got, ngot);
+        Py_DECREF(data);
+        Py_DECREF(fds);
+        return t;
     }
-    PyBuffer_Release(&b);
-    int fd = (int)PyLong_AsLong(PyList_GET_ITEM(fds, 0));
-    int err = 0;
-    uintptr_t mapped = fd < 0 ? 0 : fayt_map_portal(fd, r.map_length, (uintptr_t)addr,
-                                                     share ? (FAYT_PROT_READ | FAYT_PROT_WRITE)
-                                                           : (int)prot, &err);
-    if (fd < 0)
-        err = EBADF;
-    unsigned long long ino = 0;
-    if (mapped && share) {
-        struct stat st;
-        if (fstat(fd, &st) == 0)
-            ino = st.st_ino;
-    }
-    close_fd_list(fds);
-    return Py_BuildValue("(KK(KKKIIiI)N)", (unsigned long long)mapped,
-                         mapped ? ino : (unsigned long long)err,
-                         (unsigned long long)r.handle, (unsigned long long)r.map_length,
-                         (unsigned long long)r.data_offset, r.sp_id, r.nframes, r.prot, r.flags,
-                         paddr);
+
+fail_buffer:
+    if (send)
+        PyBuffer_Release(&b);
+    return NULL;
 }
 
 static PyMethodDef module_methods[] = {
-    {"portal_map", (PyCFunction)(void (*)(void))portal_map, METH_FASTCALL,
-     "portal_map(body, fds, addr, prot, share) -> (mapped, ino_or_errno, reply, paddr): "
-     "map the object a portal() reply grants and close its fds."},
     {"call", (PyCFunction)(void (*)(void))sys_call, METH_FASTCALL,
-     "call(fd, msg, fds, want_reply, spin_ns, max_fds) -> (reply, [fds]) or None: one "
-     "system call to faytd (spins spin_ns for the reply before sleeping)."},
+     "call(fd, msg, fds, want_reply, spin_ns, max_fds, portal) -> (reply, [fds], mapped) or "
+     "None: one system call to faytd (spins spin_ns for the reply before sleeping; "
+     "portal=(seq, addr, prot, share) maps a PORTAL reply's object and closes its fd)."},
     {"set_error_factory", set_error_factory, METH_O,
      "set_error_factory(f): f(errno, message) builds the exception raised."},
     {"notify_post", (PyCFunction)(void (*)(void))notify_post, METH_FASTCALL,

@@ -37,6 +37,7 @@
 #include <string.h>
 #include <sched.h>
 #include <sys/epoll.h>
+#include <sys/random.h>
 #include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
@@ -156,12 +157,58 @@ static struct resident **by_handle;
 static uint32_t handles_nb, handles_n;
 static struct resident *res_head, *res_tail;
 
+/* Identifiers are chosen by clients: the table is keyed with SipHash-2-4
+ * (Aumasson and Bernstein) under a key drawn at start, as Python's dict is,
+ * so that no client can pick names that all fall into one bucket. */
+static uint64_t sip_k0, sip_k1;
+static int sip_keyed;
+
+#define ROTL(x, b) (uint64_t)(((x) << (b)) | ((x) >> (64 - (b))))
+#define SIPROUND                                                         \
+    do {                                                                 \
+        v0 += v1; v1 = ROTL(v1, 13); v1 ^= v0; v0 = ROTL(v0, 32);         \
+        v2 += v3; v3 = ROTL(v3, 16); v3 ^= v2;                           \
+        v0 += v3; v3 = ROTL(v3, 21); v3 ^= v0;                           \
+        v2 += v1; v1 = ROTL(v1, 17); v1 ^= v2; v2 = ROTL(v2, 32);         \
+    } while (0)
+
 static uint64_t hash_bytes(const char *s, uint32_t n)
 {
-    uint64_t h = 1469598103934665603ULL;           /* FNV-1a */
-    for (uint32_t i = 0; i < n; i++)
-        h = (h ^ (unsigned char)s[i]) * 1099511628211ULL;
-    return h ^ (h >> 29);
+    if (!sip_keyed) {
+        uint64_t k[2] = {0x736f6d6570736575ULL, 0x646f72616e646f6dULL};
+        ssize_t got = getrandom(k, sizeof k, GRND_NONBLOCK);
+        (void)got;                      /* without entropy yet: the fixed key */
+        sip_k0 = k[0];
+        sip_k1 = k[1];
+        sip_keyed = 1;
+    }
+    uint64_t v0 = sip_k0 ^ 0x736f6d6570736575ULL, v1 = sip_k1 ^ 0x646f72616e646f6dULL;
+    uint64_t v2 = sip_k0 ^ 0x6c7967656e657261ULL, v3 = sip_k1 ^ 0x7465646279746573ULL;
+    const unsigned char *p = (const unsigned char *)s;
+    uint32_t left = n;
+    while (left >= 8) {
+        uint64_t m;
+        memcpy(&m, p, 8);               /* little-endian on the machines faytd runs on */
+        v3 ^= m;
+        SIPROUND;
+        SIPROUND;
+        v0 ^= m;
+        p += 8;
+        left -= 8;
+    }
+    uint64_t b = (uint64_t)n << 56;
+    for (uint32_t i = 0; i < left; i++)
+        b |= (uint64_t)p[i] << (8 * i);
+    v3 ^= b;
+    SIPROUND;
+    SIPROUND;
+    v0 ^= b;
+    v2 ^= 0xff;
+    SIPROUND;
+    SIPROUND;
+    SIPROUND;
+    SIPROUND;
+    return v0 ^ v1 ^ v2 ^ v3;
 }
 
 static uint64_t hash_handle(uint32_t ctx_id, uint64_t handle)
@@ -381,15 +428,19 @@ static int utf8_valid(const unsigned char *s, size_t n)
     return 1;
 }
 
-static void journal_write(struct fayt_fast_kernel *k, const char *line, size_t n, int live)
+/* 0, or -1 if the record could not be written (counted for Python's log). */
+static int journal_write(struct fayt_fast_kernel *k, const char *line, size_t n, int live)
 {
     if (k->journal_fd < 0)
-        return;
+        return 0;
     k->journal_lines++;
     k->journal_live += live;
     ssize_t w = write(k->journal_fd, line, n);
-    if (w != (ssize_t)n)
+    if (w != (ssize_t)n) {
         k->journal_errors++;
+        return -1;
+    }
+    return 0;
 }
 
 static int send_reply(int fd, const void *msg, size_t n, int pass_fd)
@@ -615,7 +666,9 @@ static int fast_destroy(struct fayt_fast_kernel *k, struct fayt_fast_conn *c,
         return FAYT_FAST_PASS;
     char line[32];
     int pos = snprintf(line, sizeof line, "D %u\n", r->sp_id);
-    journal_write(k, line, pos, -1);
+    /* A destroy the journal does not know must not lend its object to a new
+     * share-point: a restart would take both back, on one object. */
+    int keep = journal_write(k, line, pos, -1) == 0 && k->recycle;
     resident_unlink(r);
     name_remove(r->name);
     k->nsharepoints--;
@@ -629,7 +682,7 @@ static int fast_destroy(struct fayt_fast_kernel *k, struct fayt_fast_conn *c,
     fayt_frames_put(k->frames, r->frames, r->nframes);
     if (r->fd >= 0)
         resident_fds--;
-    if (kept_put(r)) {
+    if (!keep || kept_put(r)) {
         if (r->fd >= 0)
             close(r->fd);
         fayt_objpool_release(r->object);
@@ -813,6 +866,7 @@ int fayt_fast_poll(struct fayt_fast_kernel *k, int epfd, int64_t spin_ns, int ti
                     continue;
                 }
                 io->passed_fd = fd;
+                io->passed_ctx = c->ctx_id;
                 io->passed = r;
                 io->noreply = noreply;
                 io->err = err;

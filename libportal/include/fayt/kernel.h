@@ -118,7 +118,7 @@ struct fayt_fast_kernel {
     uint32_t nsharepoints;     /* in the table: Python's and resident ones */
     uint32_t nresident;
     uint32_t disabled;         /* 1: hand every request to Python */
-    uint32_t reserved;
+    uint32_t recycle;          /* 1: keep a destroyed object for its context (sysfast.c) */
     uint64_t creates;          /* performed by the fast path */
     uint64_t destroys;
     uint64_t journal_errors;   /* journal writes that failed (Python logs them) */
@@ -160,6 +160,9 @@ struct fayt_fast_io {
     int32_t err;               /* FAYT_FAST_UNSENT: why */
     int32_t passed_fd;         /* -1, or the connection whose request poll read */
     int32_t passed;            /* fayt_fast_serve's result for it */
+    uint32_t passed_ctx;       /* that connection's context: its fd may be another's by
+                                  the time Python gets to it (closed, accepted again) */
+    uint32_t reserved;
     uint64_t served;           /* requests served in fayt_fast_poll, in all */
 } __attribute__((packed));
 
