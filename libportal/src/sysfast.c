@@ -18,10 +18,14 @@
  * share-point of the same size: it is kept (open, at most RECYCLE_MAX in
  * all), zeroed, and handed out again instead of a new object, which saves
  * the shm_open, the first page and the unlink (~20 us of system calls
- * here).  Never across contexts: an fd grants its whole object, and only
- * this context ever held one.  libportal maps portals MADV_DONTFORK, so
- * that not even a fork child of it keeps a view of an object it no longer
- * owns.  A context's kept objects go when it ends (fayt_fast_conn_gone).
+ * here).  Never across contexts: an fd grants its whole object, and faytd
+ * sent this one to no other.  It trusts the client not to have kept the fd
+ * or passed it on: libportal closes it in the C call that reads the reply,
+ * the GIL held (no fork() of another thread inherits it), and maps portals
+ * MADV_DONTFORK (no fork child keeps a view); a faytd serving clients that
+ * pass portal fds on runs with recycle_objects false (k->recycle 0).  A
+ * destroy whose journal record failed is not recycled.  A context's kept
+ * objects go when it ends (fayt_fast_conn_gone).
  *
  * The share-points made here stay "resident" (C's) until faytd's Python
  * takes them over (fayt_fast_take_resident), which it does before it
