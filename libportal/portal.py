@@ -231,6 +231,17 @@ class SharePoint(_fastpath.SharePointCore, Mapping):
         finally:
             fresh.close()
 
+    @property
+    def _ino(self):
+        """The inode of the object this maps (a restarted faytd may give its
+        name to another): read from /proc/self/maps when first asked."""
+        try:
+            return self._ino_seen
+        except AttributeError:
+            self._check()
+            self._ino_seen = _mapped_inode(self.base)
+            return self._ino_seen
+
     def __getstate__(self):
         raise TypeError("a SharePoint cannot be pickled: attach it by identifier")
 
@@ -260,22 +271,29 @@ def portal(type, prot=PROT_RW, length=0, *, identifier=None, create=False,
     is_share = bool(type & SHARE)
     # The reply is read, its object mapped (MADV_DONTFORK) and its fd closed
     # in one C call, the GIL held: no fork() of another thread inherits the fd.
-    body, (mapped, ino, reply, paddr_out) = conn.call_portal(encode_portal_req(
+    body, (mapped, err, reply, paddr_out) = conn.call_portal(encode_portal_req(
         type, prot, length, identifier, share_type, 1 if create else 0,
         chain, message, addr, paddr), addr, prot, is_share)
     if not mapped:
         created = reply[6] & lib.FAYT_PORTAL_REPLY_CREATED
         conn.call(lib.FAYT_SYS_UNMAP_DESTROY if created else lib.FAYT_SYS_UNMAP,
                   HANDLE_REQ.pack(reply[0]))
-        e = ino
+        e = err
         what = {errno.EEXIST: "morphology.addr %#x is already mapped" % addr,
                 errno.EINVAL: "morphology.addr %#x is not page-aligned" % addr}
         raise errors.error(e, "portal: " + what.get(e, "mmap failed: " + os.strerror(e)))
     if is_share:
-        sp = SharePoint(conn, reply, None, paddr_out, mapped, type, identifier)
-        sp._ino = ino           # which object: a restarted faytd may reuse the name
-        return sp
+        return SharePoint(conn, reply, None, paddr_out, mapped, type, identifier)
     return Portal(conn, reply, None, paddr_out, mapped, type, prot)
+
+
+def _mapped_inode(addr):
+    """The inode of what is mapped at addr here (its /proc/self/maps line)."""
+    with open("/proc/self/maps") as f:
+        for line in f:
+            if int(line[:line.index("-")], 16) == addr:
+                return int(line.split()[4])
+    raise errors.error(errno.EFAULT, "nothing is mapped at %#x" % addr)
 
 
 def share_create(identifier, length, prot=PROT_RW, *, addr=0, connection=None):

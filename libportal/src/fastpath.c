@@ -834,13 +834,14 @@ static PyObject *hint_state(PyObject *mod, PyObject *unused)
  *
  * Sends msg (None: sends nothing, only waits for the next reply), with fds
  * as SCM_RIGHTS when given, on the SOCK_SEQPACKET socket and, if want_reply,
- * waits for one message.  The wait first spins for spin_ns, polling and
- * giving the CPU away between looks, then sleeps in poll(2): faytd answers
+ * waits for one message.  The wait first spins for spin_ns, looking with a
+ * non-blocking recvmsg and giving the CPU away between looks, then sleeps in
+ * poll(2): faytd answers
  * most calls within a few microseconds, and on a virtual machine a sleeping
  * receiver costs a wake-up worth many of those (cross-CPU wake-ups were
  * ~50-70 us on the Firecracker VM this was measured on, a round trip ~15 us
- * without).  The GIL is released while sending and waiting, not while
- * receiving: the reply is read (recvmsg, non-blocking) with the GIL held.
+ * without).  The GIL is released while sending and between looks, not while
+ * looking: the reply is read (recvmsg, non-blocking) with the GIL held.
  *
  * portal: None, or (seq, addr, prot, share) for a PORTAL call.  If the reply
  * is that call's success with its one fd, the object is mapped (at addr or
@@ -848,8 +849,8 @@ static PyObject *hint_state(PyObject *mod, PyObject *unused)
  * be writable) and the fd closed before the GIL is given up again, so no
  * fork() from another Python thread can inherit it (faytd may reuse the
  * object of a share-point this context destroys for its next one: nobody
- * else may hold a descriptor of it); mapped is then (address or 0, the
- * object's inode or mmap's errno, the fayt_portal_reply as a tuple, the
+ * else may hold a descriptor of it); mapped is then (address or 0, 0 or
+ * mmap's errno, the fayt_portal_reply as a tuple, the
  * physical addresses as a tuple), and [fds] is empty.  Otherwise mapped is
  * None and the fds are the caller's.
  *
@@ -907,15 +908,9 @@ static PyObject *map_portal_reply(const uint8_t *body, size_t blen, int fd,
     int err = 0;
     uintptr_t mapped = fayt_map_portal(fd, r.map_length, (uintptr_t)addr,
                                        share ? (FAYT_PROT_READ | FAYT_PROT_WRITE) : prot, &err);
-    unsigned long long ino = 0;
-    if (mapped && share) {
-        struct stat st;
-        if (fstat(fd, &st) == 0)
-            ino = st.st_ino;
-    }
     close(fd);
     return Py_BuildValue("(KK(KKKIIiI)N)", (unsigned long long)mapped,
-                         mapped ? ino : (unsigned long long)err,
+                         mapped ? 0ULL : (unsigned long long)err,
                          (unsigned long long)r.handle, (unsigned long long)r.map_length,
                          (unsigned long long)r.data_offset, r.sp_id, r.nframes, r.prot, r.flags,
                          paddr);
@@ -1003,33 +998,10 @@ static PyObject *sys_call(PyObject *mod, PyObject *const *args, Py_ssize_t n)
     if (!want)
         Py_RETURN_NONE;
 
+    int64_t until = 0;
     for (;;) {
-        /* Wait, without the GIL, until the socket is readable. */
-        struct pollfd pfd = {fd, POLLIN, 0};
-        int pr, e = 0;
-        Py_BEGIN_ALLOW_THREADS
-        pr = poll(&pfd, 1, 0);
-        if (pr == 0 && spin_ns > 0) {
-            int64_t until = call_now_ns() + spin_ns;
-            do {
-                sched_yield();
-                pr = poll(&pfd, 1, 0);
-            } while (pr == 0 && call_now_ns() < until);
-        }
-        if (pr == 0)
-            pr = poll(&pfd, 1, -1);
-        e = errno;
-        Py_END_ALLOW_THREADS
-        if (pr < 0) {
-            if (e == EINTR) {
-                if (PyErr_CheckSignals() < 0)
-                    return NULL;
-                continue;
-            }
-            errno = e;
-            return PyErr_SetFromErrno(PyExc_OSError);
-        }
-        /* Read it with the GIL held (see above). */
+        /* Look for the reply with the GIL held (see above); between looks,
+         * give the GIL and the CPU away; after spin_ns, sleep in poll(2). */
         struct iovec riov = {reply_buf, FAYT_MSG_MAX};
         struct msghdr rh = {0};
         rh.msg_iov = &riov;
@@ -1038,9 +1010,37 @@ static PyObject *sys_call(PyObject *mod, PyObject *const *args, Py_ssize_t n)
         rh.msg_controllen = CMSG_SPACE(sizeof(int) * max_fds);
         ssize_t r = recvmsg(fd, &rh, MSG_DONTWAIT | MSG_CMSG_CLOEXEC);
         if (r < 0) {
-            if (errno == EAGAIN || errno == EINTR)
-                continue;           /* readable was a wake-up without data: wait again */
-            return PyErr_SetFromErrno(PyExc_OSError);
+            int e = errno;
+            if (e == EINTR) {
+                if (PyErr_CheckSignals() < 0)
+                    return NULL;
+                continue;
+            }
+            if (e != EAGAIN)
+                return PyErr_SetFromErrno(PyExc_OSError);
+            int pr = 0, pe = 0;
+            Py_BEGIN_ALLOW_THREADS
+            int64_t now = call_now_ns();
+            if (until == 0)
+                until = now + spin_ns;
+            if (spin_ns > 0 && now < until) {
+                sched_yield();
+            } else {
+                struct pollfd pfd = {fd, POLLIN, 0};
+                pr = poll(&pfd, 1, -1);
+                pe = errno;
+            }
+            Py_END_ALLOW_THREADS
+            if (pr < 0) {
+                if (pe == EINTR) {
+                    if (PyErr_CheckSignals() < 0)
+                        return NULL;
+                    continue;
+                }
+                errno = pe;
+                return PyErr_SetFromErrno(PyExc_OSError);
+            }
+            continue;
         }
         int got[CALL_MAX_FDS], ngot = 0;
         for (struct cmsghdr *c = CMSG_FIRSTHDR(&rh); c; c = CMSG_NXTHDR(&rh, c)) {
