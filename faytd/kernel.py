@@ -172,8 +172,8 @@ class Kernel:
 
     # -- the fast system calls (fayt/kernel.h, src/sysfast.c) -------------
     def settle(self, idle=False):
-        """Take over every share-point the fast path made and still holds
-        ("resident"), with the objects Python keeps for any other.  The
+        """Take over every share-point and ANON portal the fast path made and
+        still holds ("resident"), with the objects Python keeps for any other.  The
         server calls it before Python handles any event, so Python code
         never runs while a share-point it does not know exists.  idle: the
         loop had nothing to do; only if the oldest resident one is
@@ -195,7 +195,7 @@ class Kernel:
             frames.frombytes(ffi.buffer(buf, 4 * rec.nframes))
             backing = BackingObject.named(rec.oid, ffi.string(rec.object).decode(), rec.length,
                                           frames)
-            ident = ffi.unpack(rec.identifier, rec.ident_len)
+            ident = ffi.unpack(rec.identifier, rec.ident_len) if rec.ident_len else None
             try:
                 self._take_over(rec, backing, ident)
             except Exception:       # a bug: that share-point goes, faytd goes on
@@ -208,6 +208,12 @@ class Kernel:
         if ctx is None:             # never: contexts go only in Python's events, after settle
             raise RuntimeError("its context %d is gone" % rec.ctx_id)
         self.frames.take_over(backing)
+        if rec.type == lib.FAYT_PORTAL_ANON:
+            m = Mapping(rec.handle, lib.FAYT_PORTAL_ANON, backing, None, rec.pid, rec.tid,
+                        rec.prot)
+            m.charged = rec.length      # conn.ram counts it already
+            self.add_mapping(ctx, m)
+            return
         sp = self.sharepoints.take_over(rec.sp_id, ident, backing, rec.prot, rec.pid, rec.uid,
                                         rec.start or None)
         sp.charged = (ctx, rec.length)
@@ -216,7 +222,16 @@ class Kernel:
                                       backing, sp, rec.pid, rec.tid, rec.prot))
 
     def _drop_resident(self, rec, backing, ident):
-        """Undo what a resident share-point holds, as far as it goes."""
+        """Undo what a resident share-point or portal holds, as far as it goes."""
+        ctx = self.contexts.get(rec.ctx_id)
+        if ident is None:               # an ANON portal
+            if ctx is not None and rec.handle in ctx.mappings:
+                return self.unmap(ctx, ctx.mappings[rec.handle])
+            if ctx is not None:
+                ctx.ram -= rec.length
+            self.frames.objects.pop(backing.id, None)
+            self.frames.put(backing)
+            return
         sp = self.sharepoints.by_id.get(rec.sp_id)
         if sp is not None and sp.identifier == ident:
             ctx = self.contexts.get(rec.ctx_id)
@@ -389,8 +404,9 @@ class Kernel:
     def shutdown(self):
         """A clean stop: everything is destroyed, and the journal removed."""
         self.settle()
-        log.info("fast path: %d share-points created, %d destroyed", self.fast.creates,
-                 self.fast.destroys)
+        log.info("fast path: %d share-points created, %d destroyed; %d ANON portals mapped, "
+                 "%d unmapped", self.fast.creates, self.fast.destroys, self.fast.anon_maps,
+                 self.fast.anon_unmaps)
         if self.journal is not None:
             self.journal.close(remove=True)
             self.sharepoints.journal = self.journal = None

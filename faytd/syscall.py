@@ -54,6 +54,8 @@ def sys_hello(k, ctx, tid, body, fds):
     c = ctx.category
     if c.classes & (SHARE | ANON) == SHARE | ANON:
         ctx.fast.flags |= lib.FAYT_FAST_CONN_SHARE     # the fast path may create for it
+    if c.classes & ANON:
+        ctx.fast.flags |= lib.FAYT_FAST_CONN_ANON
     return HELLO_REPLY.pack(ctx.id, c.id, c.classes, 0), [ctx.page.open_fd()]
 
 

@@ -22,9 +22,19 @@ from test_sharepoint import WAIT, Child, list_share, wait_child_exit, wait_until
 
 def fast_counts(log):
     """(created, destroyed) by the fast path, from a stopped faytd's log."""
-    m = re.search(r"fast path: (\d+) share-points created, (\d+) destroyed", log)
+    return _counts(log)[:2]
+
+
+def anon_counts(log):
+    """(mapped, unmapped) ANON portals by the fast path."""
+    return _counts(log)[2:]
+
+
+def _counts(log):
+    m = re.search(r"fast path: (\d+) share-points created, (\d+) destroyed; (\d+) ANON "
+                  r"portals mapped, (\d+) unmapped", log)
     assert m, "faytd did not log its fast path's counts:\n" + log[-2000:]
-    return int(m.group(1)), int(m.group(2))
+    return tuple(int(x) for x in m.groups())
 
 
 def journal_objects(d, prefix):
@@ -71,6 +81,9 @@ def _scenario(conn, tag):
             seen.append(("no error", bad))
         except OSError as e:
             seen.append((e.errno, str(e).replace(tag, "T")))
+    p = libportal.portal(libportal.ANON, libportal.PROT_READ, 3 * 4096 - 1, connection=conn)
+    seen.append(("anon", p.length, p.prot, len(p.paddr), bytes(p.buf[:16]), p.buf.readonly))
+    p.unmap()
     b = libportal.share_create(tag + "-b", 4096, connection=conn)
     b.write(0, b"hello")
     other = libportal.share_attach(tag + "-b", connection=conn)
@@ -455,3 +468,62 @@ def test_fastpath_recycling_can_be_turned_off(fresh_faytd, conn_to):
     b.destroy()
     c.close()
     assert fast_counts(d.stop()) == (2, 2)      # the fast path, without recycling
+
+
+def _inode_at(addr):
+    with open("/proc/self/maps") as f:
+        for line in f:
+            if int(line[:line.index("-")], 16) == addr:
+                return int(line.split()[4])
+    raise AssertionError("nothing mapped at %#x" % addr)
+
+
+def test_fastpath_anon_portals_and_their_recycling(fresh_faytd, conn_to):
+    d = fresh_faytd()
+    c, other = conn_to(d), conn_to(d)
+    libportal.portal(libportal.ANON, libportal.PROT_RW, 4096, connection=c).unmap()
+    libportal.portal(libportal.ANON, libportal.PROT_RW, 4096, connection=other).unmap()
+    free0 = c.list_contexts()["free_frames"]
+    a = libportal.portal(libportal.ANON, libportal.PROT_RW, 8192, connection=c)
+    a.buf[:] = b"\xab" * 8192
+    a_ino = _inode_at(a.addr)
+    a.unmap()
+    # Its own context's next ANON portal of that size: the same object, zeros again.
+    b = libportal.portal(libportal.ANON, libportal.PROT_RW, 8192, connection=c)
+    assert _inode_at(b.addr) == a_ino
+    assert bytes(b.buf) == bytes(8192)
+    b_ino = _inode_at(b.addr)
+    b.unmap()
+    e = libportal.portal(libportal.ANON, libportal.PROT_RW, 8192, connection=other)
+    assert _inode_at(e.addr) != b_ino         # never another context's
+    e.unmap()
+    # A big one is zeroed by punching its pages out when kept.
+    big = libportal.portal(libportal.ANON, libportal.PROT_RW, 64 * 4096, connection=c)
+    big.buf[-4:] = b"last"
+    big_ino = _inode_at(big.addr)
+    big.unmap()
+    again = libportal.portal(libportal.ANON, libportal.PROT_RW, 64 * 4096, connection=c)
+    assert _inode_at(again.addr) == big_ino and bytes(again.buf[-4:]) == bytes(4)
+    # Taken over by Python (a list is a Python call), then unmapped through Python.
+    assert c.list_contexts()["free_frames"] == free0 - 64
+    again.unmap()
+    assert c.list_contexts()["free_frames"] == free0
+    c.close()
+    other.close()
+    mapped, unmapped = anon_counts(d.stop())
+    assert mapped >= 5 and unmapped >= 4
+
+
+def test_fastpath_anon_quota_refuses_as_python_does(fresh_faytd, conn_to):
+    d = fresh_faytd(config={"max_ram_per_context": 4 * 4096})
+    c = conn_to(d)
+    libportal.portal(libportal.ANON, libportal.PROT_RW, 4096, connection=c).unmap()
+    p = libportal.portal(libportal.ANON, libportal.PROT_RW, 3 * 4096, connection=c)
+    with pytest.raises(libportal.OutOfMemory) as e:
+        libportal.portal(libportal.ANON, libportal.PROT_RW, 2 * 4096, connection=c)
+    assert "RAM quota" in str(e.value)
+    q = libportal.portal(libportal.ANON, libportal.PROT_RW, 4096, connection=c)
+    q.unmap()
+    p.unmap()
+    c.close()
+    assert anon_counts(d.stop())[0] >= 2

@@ -6,7 +6,8 @@
  * recvmsg(2) reads the request; if it is
  *   PORTAL(SHARE|ANON, create) of an identifier not in the table, valid,
  *     within every quota, from a thread already known, with no fds, or
- *   UNMAP_DESTROY of a share-point this path created and still holds,
+ *   UNMAP_DESTROY of a share-point this path created and still holds, or
+ *   PORTAL(ANON) and the UNMAP of an ANON portal this path made,
  * it is performed and answered here (frames, a pooled object, the
  * meta-structure, the journal record, the reply with SCM_RIGHTS), exactly
  * as faytd/syscall.py would.  Everything else, errors included, is handed
@@ -84,6 +85,7 @@ struct resident {
     uint64_t start, length;
     int64_t born;                  /* CLOCK_MONOTONIC ns */
     uint32_t oid, nframes;
+    uint32_t type;                 /* SHARE|ANON, or ANON (a portal: no name) */
     int fd;                        /* the object's, kept while a recycle may want it; -1 */
     char object[FAYT_OBJ_NAME_MAX];
     uint32_t frames[];
@@ -389,6 +391,13 @@ static void resident_unlink(struct resident *r)
         res_tail = r->prev;
 }
 
+static int64_t mono_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
 /* -- checks ----------------------------------------------------------- */
 /* Strict UTF-8, as Python's decode("utf-8") takes it: no overlong forms, no
  * surrogates, nothing above U+10FFFF. */
@@ -474,6 +483,166 @@ static int send_reply(int fd, const void *msg, size_t n, int pass_fd)
     return r < 0 ? errno : 0;
 }
 
+/* Reply to a portal call: fayt_portal_reply, the request's portal_req with
+ * its morphology filled, paddr[] (the frames'); the object's fd with it. */
+static int portal_reply(struct fayt_fast_conn *c, const struct fayt_req_hdr *h,
+                        struct portal_req *req, const struct resident *r, uint64_t data_offset,
+                        uint32_t flags, int ofd)
+{
+    uint8_t rep[sizeof(struct fayt_rep_hdr) + sizeof(struct fayt_portal_reply)
+                + sizeof(struct portal_req) + FAST_MAX_FRAMES * 8];
+    struct fayt_rep_hdr rh = {FAYT_REP_MAGIC, h->op, 1, h->seq, 0};
+    struct fayt_portal_reply pr = {0};
+    pr.handle = r->handle;
+    pr.map_length = r->length;
+    pr.data_offset = data_offset;
+    pr.sp_id = r->type & FAYT_PORTAL_SHARE ? r->sp_id : 0;
+    pr.nframes = r->nframes;
+    pr.prot = req->prot;
+    pr.flags = flags;
+    req->morphology.length = r->length;
+    size_t at = 0;
+    memcpy(rep + at, &rh, sizeof rh);
+    at += sizeof rh;
+    memcpy(rep + at, &pr, sizeof pr);
+    at += sizeof pr;
+    memcpy(rep + at, req, sizeof *req);
+    at += sizeof *req;
+    for (uint32_t i = 0; i < r->nframes; i++) {
+        uint64_t pa = RAM_BASE + (uint64_t)r->frames[i] * FAYT_PAGE_SIZE;
+        memcpy(rep + at, &pa, 8);
+        at += 8;
+    }
+    return send_reply(c->fd, rep, at, ofd);
+}
+
+/* The object's fd kept in r for a recycle (at most RECYCLE_MAX), else closed. */
+static void hold_fd(struct resident *r, int ofd)
+{
+    if (resident_fds < RECYCLE_MAX) {
+        r->fd = ofd;
+        resident_fds++;
+    } else {
+        r->fd = -1;
+        close(ofd);
+    }
+}
+
+/* An object r gave back: kept for its context's next portal of its size,
+ * or released. */
+static void give_back(struct fayt_fast_kernel *k, struct resident *r, int keep)
+{
+    if (r->fd >= 0)
+        resident_fds--;
+    if (!keep || !k->recycle || kept_put(r)) {
+        if (r->fd >= 0)
+            close(r->fd);
+        fayt_objpool_release(r->object);
+    }
+}
+
+/* -- PORTAL(ANON) and its UNMAP ------------------------------------------- */
+static int fast_anon(struct fayt_fast_kernel *k, struct fayt_fast_conn *c,
+                     const struct fayt_req_hdr *h, struct portal_req *req, int *err)
+{
+    uint32_t n = ((uint32_t)req->length + FAYT_PAGE_SIZE - 1) / FAYT_PAGE_SIZE;
+    uint64_t bytes = (uint64_t)n * FAYT_PAGE_SIZE;
+    if (!(c->flags & FAYT_FAST_CONN_ANON) || req->share.identifier || n > FAST_MAX_FRAMES
+        || k->nresident >= RESIDENT_MAX
+        || c->py_mappings + c->resident >= k->max_mappings
+        || c->ram + bytes > k->max_ram_per_context
+        || n > fayt_frames_free(k->frames))
+        return FAYT_FAST_PASS;          /* Python refuses it, with its message */
+    struct resident *r = calloc(1, sizeof *r + n * sizeof(uint32_t));
+    if (!r)
+        return FAYT_FAST_PASS;
+    r->fd = -1;
+    struct fayt_frames *f = k->frames;
+    uint32_t oid = f->next_oid;
+    if (fayt_frames_alloc(f, n, oid, r->frames)) {
+        free(r);
+        return FAYT_FAST_PASS;
+    }
+    int ofd = kept_take(c, bytes, r->object);
+    if (ofd >= 0 && bytes <= ZERO_AT_CREATE) {
+        static const uint8_t zeros[ZERO_AT_CREATE];   /* a portal's memory starts as zeros */
+        if (pwrite(ofd, zeros, bytes, 0) != (ssize_t)bytes) {
+            close(ofd);
+            fayt_objpool_release(r->object);
+            ofd = -1;
+        }
+    }
+    if (ofd < 0)
+        ofd = fayt_objpool_take(bytes, r->object);
+    if (ofd < 0) {
+        fayt_frames_put(f, r->frames, n);
+        free(r);
+        return FAYT_FAST_PASS;
+    }
+    f->next_oid++;
+    r->conn = c;
+    r->ctx_id = c->ctx_id;
+    r->handle = c->next_handle;
+    r->pid = c->pid;
+    r->tid = h->tid;
+    r->uid = c->uid;
+    r->prot = req->prot;
+    r->start = c->start;
+    r->length = bytes;
+    r->oid = oid;
+    r->nframes = n;
+    r->type = FAYT_PORTAL_ANON;
+    r->born = mono_ns();
+    if (resident_insert(r)) {
+        close(ofd);
+        fayt_objpool_release(r->object);
+        fayt_frames_put(f, r->frames, n);
+        free(r);
+        return FAYT_FAST_PASS;
+    }
+    k->nresident++;
+    k->anon_maps++;
+    c->next_handle++;
+    c->ram += bytes;
+    c->resident++;
+    int se = portal_reply(c, h, req, r, 0, 0, ofd);
+    hold_fd(r, ofd);
+    if (se) {
+        *err = se;
+        return FAYT_FAST_UNSENT;
+    }
+    return FAYT_FAST_SERVED;
+}
+
+static int fast_unmap(struct fayt_fast_kernel *k, struct fayt_fast_conn *c,
+                      const struct fayt_req_hdr *h, const uint8_t *body, size_t blen, int *err)
+{
+    struct fayt_handle_req hr;
+    if (blen != sizeof hr || (h->flags & ~FAYT_REQ_NOREPLY))
+        return FAYT_FAST_PASS;
+    memcpy(&hr, body, sizeof hr);
+    struct resident *r = resident_find(c->ctx_id, hr.handle);
+    if (!r || r->conn != c || r->type != FAYT_PORTAL_ANON)
+        return FAYT_FAST_PASS;
+    resident_unlink(r);
+    k->nresident--;
+    k->anon_unmaps++;
+    c->ram -= r->length;
+    c->resident--;
+    fayt_frames_put(k->frames, r->frames, r->nframes);
+    give_back(k, r, 1);
+    free(r);
+    if (h->flags & FAYT_REQ_NOREPLY)
+        return FAYT_FAST_SERVED;
+    struct fayt_rep_hdr rh = {FAYT_REP_MAGIC, h->op, 0, h->seq, 0};
+    int se = send_reply(c->fd, &rh, sizeof rh, -1);
+    if (se) {
+        *err = se;
+        return FAYT_FAST_UNSENT;
+    }
+    return FAYT_FAST_SERVED;
+}
+
 /* -- PORTAL(SHARE|ANON, create) ------------------------------------------ */
 static int fast_create(struct fayt_fast_kernel *k, struct fayt_fast_conn *c,
                        const struct fayt_req_hdr *h, const uint8_t *body, size_t blen, int *err)
@@ -482,14 +651,16 @@ static int fast_create(struct fayt_fast_kernel *k, struct fayt_fast_conn *c,
     if (blen < sizeof req || h->flags)
         return FAYT_FAST_PASS;
     memcpy(&req, body, sizeof req);
-    if (req.type != (FAYT_PORTAL_SHARE | FAYT_PORTAL_ANON) || req.share.create != FAYT_SHARE_CREATE
-        || req.share.type != FAYT_SHARE_TRIVIAL || (req.prot & ~FAYT_PROT_ALL)
-        || req.morphology.addr % FAYT_PAGE_SIZE || req.sp_req_chain.name
-        || req.sp_req_chain.message || req.length <= 0
+    if ((req.prot & ~FAYT_PROT_ALL) || req.morphology.addr % FAYT_PAGE_SIZE
+        || req.sp_req_chain.name || req.sp_req_chain.message || req.length <= 0
         || (uint64_t)req.length > k->max_portal_length
-        || (req.morphology.length != 0 && req.morphology.length != (size_t)req.length))
+        || (req.morphology.length != 0 && req.morphology.length != (size_t)req.length)
+        || c->tid == 0 || h->tid != c->tid)
         return FAYT_FAST_PASS;
-    if (!(c->flags & FAYT_FAST_CONN_SHARE) || c->tid == 0 || h->tid != c->tid)
+    if (req.type == FAYT_PORTAL_ANON)
+        return fast_anon(k, c, h, &req, err);
+    if (req.type != (FAYT_PORTAL_SHARE | FAYT_PORTAL_ANON) || req.share.create != FAYT_SHARE_CREATE
+        || req.share.type != FAYT_SHARE_TRIVIAL || !(c->flags & FAYT_FAST_CONN_SHARE))
         return FAYT_FAST_PASS;
     /* share.identifier: 1 + its offset in the trailer, NUL-terminated there. */
     uintptr_t ip = (uintptr_t)req.share.identifier;
@@ -586,9 +757,8 @@ static int fast_create(struct fayt_fast_kernel *k, struct fayt_fast_conn *c,
     r->length = bytes;
     r->oid = oid;
     r->nframes = n;
-    struct timespec now;
-    clock_gettime(CLOCK_MONOTONIC, &now);
-    r->born = (int64_t)now.tv_sec * 1000000000 + now.tv_nsec;
+    r->type = FAYT_PORTAL_SHARE | FAYT_PORTAL_ANON;
+    r->born = mono_ns();
     if (resident_insert(r)) {
         name_remove(ne);
         close(ofd);
@@ -620,36 +790,8 @@ static int fast_create(struct fayt_fast_kernel *k, struct fayt_fast_conn *c,
     line[pos++] = '\n';
     journal_write(k, line, pos, 1);
 
-    /* The reply: fayt_portal_reply, portal_req with its morphology filled, paddr[]. */
-    uint8_t rep[sizeof(struct fayt_rep_hdr) + sizeof(struct fayt_portal_reply)
-                + sizeof(struct portal_req) + FAST_MAX_FRAMES * 8];
-    struct fayt_rep_hdr rh = {FAYT_REP_MAGIC, h->op, 1, h->seq, 0};
-    struct fayt_portal_reply pr = {0};
-    pr.handle = r->handle;
-    pr.map_length = bytes;
-    pr.data_offset = data_offset;
-    pr.sp_id = sp_id;
-    pr.nframes = n;
-    pr.prot = req.prot;
-    pr.flags = FAYT_PORTAL_REPLY_CREATED;
-    req.morphology.length = bytes;
-    size_t at = 0;
-    memcpy(rep + at, &rh, sizeof rh);
-    at += sizeof rh;
-    memcpy(rep + at, &pr, sizeof pr);
-    at += sizeof pr;
-    memcpy(rep + at, &req, sizeof req);
-    at += sizeof req;
-    memcpy(rep + at, paddr, (size_t)n * 8);
-    at += (size_t)n * 8;
-    int se = send_reply(c->fd, rep, at, ofd);
-    if (resident_fds < RECYCLE_MAX) {
-        r->fd = ofd;                    /* for a recycle, if its creator destroys it soon */
-        resident_fds++;
-    } else {
-        r->fd = -1;
-        close(ofd);
-    }
+    int se = portal_reply(c, h, &req, r, data_offset, FAYT_PORTAL_REPLY_CREATED, ofd);
+    hold_fd(r, ofd);
     if (se) {
         *err = se;
         return FAYT_FAST_UNSENT;
@@ -666,13 +808,13 @@ static int fast_destroy(struct fayt_fast_kernel *k, struct fayt_fast_conn *c,
         return FAYT_FAST_PASS;
     memcpy(&hr, body, sizeof hr);
     struct resident *r = resident_find(c->ctx_id, hr.handle);
-    if (!r || r->conn != c)
+    if (!r || r->conn != c || r->type != (FAYT_PORTAL_SHARE | FAYT_PORTAL_ANON))
         return FAYT_FAST_PASS;
     char line[32];
     int pos = snprintf(line, sizeof line, "D %u\n", r->sp_id);
     /* A destroy the journal does not know must not lend its object to a new
      * share-point: a restart would take both back, on one object. */
-    int keep = journal_write(k, line, pos, -1) == 0 && k->recycle;
+    int keep = journal_write(k, line, pos, -1) == 0;
     resident_unlink(r);
     name_remove(r->name);
     k->nsharepoints--;
@@ -684,13 +826,7 @@ static int fast_destroy(struct fayt_fast_kernel *k, struct fayt_fast_conn *c,
      * object goes (the client's mapping keeps its pages until it unmaps). */
     fayt_frames_put(k->frames, r->frames, r->nframes);
     fayt_frames_put(k->frames, r->frames, r->nframes);
-    if (r->fd >= 0)
-        resident_fds--;
-    if (!keep || kept_put(r)) {
-        if (r->fd >= 0)
-            close(r->fd);
-        fayt_objpool_release(r->object);
-    }
+    give_back(k, r, keep);
     free(r);
     if (h->flags & FAYT_REQ_NOREPLY)
         return FAYT_FAST_SERVED;
@@ -756,6 +892,8 @@ int fayt_fast_serve(struct fayt_fast_kernel *k, struct fayt_fast_conn *c, uint8_
         return fast_create(k, c, &h, body, blen, err);
     if (h.op == FAYT_SYS_UNMAP_DESTROY)
         return fast_destroy(k, c, &h, body, blen, err);
+    if (h.op == FAYT_SYS_UNMAP)
+        return fast_unmap(k, c, &h, body, blen, err);
     return FAYT_FAST_PASS;
 }
 
@@ -774,7 +912,8 @@ int fayt_fast_take_resident(struct fayt_fast_kernel *k, struct fayt_fast_residen
     if (r->nframes > max)
         return -ENOSPC;
     resident_unlink(r);
-    r->name->res = NULL;
+    if (r->name)
+        r->name->res = NULL;
     k->nresident--;
     r->conn->resident--;
     out->sp_id = r->sp_id;
@@ -788,10 +927,12 @@ int fayt_fast_take_resident(struct fayt_fast_kernel *k, struct fayt_fast_residen
     out->length = r->length;
     out->oid = r->oid;
     out->nframes = r->nframes;
-    out->ident_len = r->name->len;
+    out->type = r->type;
+    out->ident_len = r->name ? r->name->len : 0;
     memcpy(out->object, r->object, sizeof out->object);
-    memcpy(out->identifier, r->name->key, r->name->len);
-    out->identifier[r->name->len] = 0;
+    if (r->name)
+        memcpy(out->identifier, r->name->key, r->name->len);
+    out->identifier[out->ident_len] = 0;
     memcpy(frames, r->frames, (size_t)r->nframes * sizeof(uint32_t));
     if (r->fd >= 0) {                   /* Python keeps names, not descriptors */
         close(r->fd);
@@ -830,13 +971,6 @@ void fayt_fast_unwatch(struct fayt_fast_kernel *k, int fd)
     (void)k;
     if (fd >= 0 && fd < nwatched)
         watched[fd] = NULL;
-}
-
-static int64_t mono_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
 }
 
 int fayt_fast_poll(struct fayt_fast_kernel *k, int epfd, int64_t spin_ns, int timeout_ms,

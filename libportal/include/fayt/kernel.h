@@ -14,9 +14,10 @@
  *   a system call's worth of time on a reply's path;
  * - the fast system calls: faytd's socket loop hands a readable connection
  *   to fayt_fast_serve(), which reads one request and, if it is one the
- *   fast path performs (creating a share-point; its creator destroying it
- *   again), performs it and replies in C.  Anything else it hands back,
- *   unperformed, for faytd's Python to handle as before.
+ *   fast path performs (creating a share-point, its creator destroying it
+ *   again; an ANON portal and its unmap), performs it and replies in C.
+ *   Anything else it hands back, unperformed, for faytd's Python to handle
+ *   as before.
  *
  * What the fast path creates is "resident" in C until faytd's Python needs
  * to see it: before Python handles any event, it takes every resident
@@ -103,6 +104,7 @@ struct fayt_fast_conn {
 } __attribute__((packed));
 #define FAYT_FAST_CONN_SHARE   0x1  /* registered, and may use SHARE|ANON */
 #define FAYT_FAST_CONN_NOTICES 0x2  /* subscribed to faytd's notices: destroys go to Python */
+#define FAYT_FAST_CONN_ANON    0x4  /* registered, and may use ANON */
 
 /* faytd's state for the fast path; Python sets the limits from its config. */
 struct fayt_fast_kernel {
@@ -119,8 +121,10 @@ struct fayt_fast_kernel {
     uint32_t nresident;
     uint32_t disabled;         /* 1: hand every request to Python */
     uint32_t recycle;          /* 1: keep a destroyed object for its context (sysfast.c) */
-    uint64_t creates;          /* performed by the fast path */
-    uint64_t destroys;
+    uint64_t creates;          /* share-points made by the fast path */
+    uint64_t destroys;         /* and destroyed */
+    uint64_t anon_maps;        /* ANON portals it made */
+    uint64_t anon_unmaps;      /* and unmapped */
     uint64_t journal_errors;   /* journal writes that failed (Python logs them) */
 } __attribute__((packed));
 
@@ -207,8 +211,8 @@ struct fayt_fast_resident {
     uint64_t length;           /* bytes of the backing object */
     uint32_t oid;
     uint32_t nframes;
-    uint32_t ident_len;
-    uint32_t reserved;
+    uint32_t ident_len;        /* 0 for an ANON portal */
+    uint32_t type;             /* SHARE|ANON: a share-point; ANON: a portal */
     char object[96];           /* FAYT_OBJ_NAME_MAX */
     char identifier[256];      /* FAYT_NAME_MAX + 1 */
 } __attribute__((packed));
