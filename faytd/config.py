@@ -56,6 +56,8 @@ def parse_size(v, what):
     n = int(m.group(1)) * _UNITS[m.group(2).lower()]
     if n <= 0:
         raise ValueError("config: %s must be positive" % what)
+    if n >= 1 << 64:
+        raise ValueError("config: %s: %r is more than 2^64 bytes" % (what, v))
     return n
 
 
@@ -75,6 +77,8 @@ def load(path=None, overrides=None):
         if v is not None:
             cfg[k] = v
     cfg["ram"] = parse_size(cfg["ram"], "ram")
+    if cfg["ram"] // 4096 >= 1 << 32:
+        raise ValueError("config: ram: %d bytes is 2^32 frames or more" % cfg["ram"])
     cfg["max_portal_length"] = parse_size(cfg["max_portal_length"], "max_portal_length")
     if cfg["max_ram_per_context"] is not None:
         cfg["max_ram_per_context"] = parse_size(cfg["max_ram_per_context"], "max_ram_per_context")

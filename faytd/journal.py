@@ -280,6 +280,16 @@ class Journal:
         if ctx.page is not None:
             self._write(b"G %d\n" % ctx.id, -1)
 
+    def abandon(self):
+        """faytd did not start after all: its marker goes, the journal stays
+        as it was (a later start on this directory reads it)."""
+        if self.marker:
+            try:
+                posix_ipc.unlink_shared_memory(self.marker)
+            except posix_ipc.ExistentialError:
+                pass
+        self.close(remove=False)
+
     def close(self, remove):
         """Stop writing; remove the journal after a clean shutdown."""
         if self._fd >= 0:

@@ -42,6 +42,20 @@ class Kernel:
         swept = self._sweep({r.object for r in sps + ctxs}, tag)
         if swept:
             log.info("removed %d shared-memory objects left by a dead faytd", swept)
+        try:
+            self._start(cfg, sps, ctxs, tag)
+        except BaseException:
+            self.abandon()                  # the marker _sweep made goes; the journal stays
+            raise
+
+    def abandon(self):
+        """faytd does not serve after all (its socket is taken): what its
+        start made goes (the state-directory marker), the journal stays."""
+        if self.journal is not None:
+            self.journal.abandon()
+            self.journal = None
+
+    def _start(self, cfg, sps, ctxs, tag):
         self.frames = FrameAllocator(cfg["ram"], tag)
         f = self.fast
         f.frames = self.frames.c
@@ -199,8 +213,10 @@ class Kernel:
             try:
                 self._take_over(rec, backing, ident)
             except Exception:       # a bug: that share-point goes, faytd goes on
-                log.error("fast path: share-point %d (%r) could not be taken over; it is "
-                          "destroyed:\n%s", rec.sp_id, ident, traceback.format_exc())
+                what = ("share-point %d (%r)" % (rec.sp_id, ident) if ident is not None
+                        else "ANON portal %d of context %d" % (rec.handle, rec.ctx_id))
+                log.error("fast path: %s could not be taken over; it goes:\n%s", what,
+                          traceback.format_exc())
                 self._drop_resident(rec, backing, ident)
 
     def _take_over(self, rec, backing, ident):

@@ -47,7 +47,11 @@ def main(argv=None):
         kernel = Kernel(cfg, os.getuid())
     except ValueError as e:
         ap.error(str(e))
-    server = Server(kernel, cfg["socket"], cfg["socket_mode"])
+    try:
+        server = Server(kernel, cfg["socket"], cfg["socket_mode"])
+    except BaseException:           # e.g. another faytd serves the socket: leave nothing
+        kernel.abandon()
+        raise
     server.serve_forever()
     return 0
 

@@ -166,6 +166,12 @@ class Server:
                              _MAX_EVENTS, buf, io)
                 if n < 0:
                     raise OSError(-n, "faytd: epoll_wait: %s" % os.strerror(-n))
+                passed = io.passed_fd if n else -1
+                if passed >= 0:         # a request poll read: its bytes, before anything reads again
+                    msg = io.msg
+                    read = (io.passed, io.noreply, io.err, bytes(self._bufview[:msg.len]),
+                            list(msg.fds[0:msg.nfds]), msg.mflags)
+                    passed_ctx = io.passed_ctx
                 if n == 0 or (idle and busy >= _IDLE_EVERY):
                     busy = 0
                     if idle:
@@ -177,12 +183,6 @@ class Server:
                         continue
                 busy += 1
                 events = [(evs[i].fd, evs[i].events) for i in range(n)]
-                passed = io.passed_fd
-                if passed >= 0:         # a request poll read: its bytes, before anything reads again
-                    msg = io.msg
-                    read = (io.passed, io.noreply, io.err, bytes(self._bufview[:msg.len]),
-                            list(msg.fds[0:msg.nfds]), msg.mflags)
-                    passed_ctx = io.passed_ctx
                 for fd, ev in events:
                     kind, obj = watch.get(fd, (None, None))
                     self._later.pop(fd, None)   # handled here: not again below

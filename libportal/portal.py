@@ -103,6 +103,9 @@ class Mapping:
             except OSError as e:
                 if not (op == lib.FAYT_SYS_UNMAP and e.errno == errno.ECONNRESET and conn.closed):
                     raise
+        # (faytd may hand the object out again from here: a view of it that
+        # another thread of this process still uses writes into this
+        # context's next portal; after the munmap such a use is a SIGSEGV.)
         self._invalidate()
         lib.fayt_unmap(self.addr, self.map_length)
         _live.discard(self)

@@ -28,7 +28,8 @@ import warnings
 import weakref
 
 from . import errors
-from ._abi import ffi, lib, REQ_HDR, REP_HDR, HELLO_REPLY, LIST_REQ, _fastpath
+from ._abi import (ffi, lib, REQ_HDR, REP_HDR, HANDLE_REQ, HELLO_REPLY, LIST_REQ,
+                   PORTAL_REPLY, _fastpath)
 
 _MAX_FDS = 8
 CALL_SPIN_NS = 200000
@@ -62,6 +63,8 @@ class Connection:
         self._lock = threading.Lock()
         self._seq = 0
         self._unanswered = set()    # seqs of FAYT_REQ_NOREPLY calls not yet known done
+        self._abandoned = set()     # seqs of calls whose wait a signal handler ended
+        self._close_pending = False # close() from a signal handler inside a call
         self._pid = os.getpid()
         self._notify = None         # notification.Runtime, made on first use
         self._caller = None         # thread id inside call()
@@ -123,7 +126,10 @@ class Connection:
         try:
             return self._call(op, body, flags, send_fds, portal)
         finally:
-            if rt is not None and rt.pending and not rt.busy:
+            if self._close_pending:     # close() came from a signal handler inside the call
+                self._close_pending = False
+                self.close()
+            elif rt is not None and rt.pending and not rt.busy:
                 rt.dispatch()
 
     def _call(self, op, body, flags, send_fds=(), portal=None):
@@ -139,7 +145,7 @@ class Connection:
                 tid = _thread_ids.tid = threading.get_native_id()
             msg = REQ_HDR.pack(lib.FAYT_REQ_MAGIC, op, flags, seq, tid)
             noreply = flags & lib.FAYT_REQ_NOREPLY
-            expect = None if portal is None else (seq,) + portal
+            expect = (seq, portal)
             try:
                 got = _call_c(self._fd, msg + body if body else msg, send_fds or None,
                               not noreply, self._spin, _MAX_FDS, expect)
@@ -150,16 +156,32 @@ class Connection:
                     data, fds, rop, rseq, err = self._parse(*got)
                     if rseq != seq and rseq in self._unanswered:
                         self._late_failure(rop, rseq, err, data)
-                        got = _call_c(self._fd, None, None, True, self._spin, _MAX_FDS, expect)
-                        continue
-                    break
+                    elif rseq != seq and rseq in self._abandoned:
+                        self._abandoned.discard(rseq)
+                        self._give_back(rop, err, data)
+                    else:
+                        break
+                    got = _call_c(self._fd, None, None, True, self._spin, _MAX_FDS, expect)
+            except errors.PortalError:
+                raise                   # faytd's reply did not follow the protocol (EPROTO)
             except OSError as e:
                 self._lost()
+                if self._close_pending:
+                    raise errors.error(errno.ECONNRESET, "faytd connection closed (close() "
+                                       "while this call waited)") from None
                 raise errors.error(errno.ECONNRESET,
                                    "faytd connection lost: %s" % (e.strerror or e)) from None
+            except BaseException:
+                # A signal handler raised (KeyboardInterrupt...) while the
+                # reply was awaited: the next call skips that reply, and
+                # gives back what it granted (_give_back).
+                if not noreply:
+                    self._abandoned.add(seq)
+                raise
             finally:
                 self._caller = None
             self._unanswered.clear()    # faytd answers in order: the rest succeeded
+            self._abandoned.clear()
         if rseq != seq or rop != op:
             _close_fds(fds)
             raise errors.error(errno.EPROTO, "reply out of step with the request")
@@ -183,6 +205,24 @@ class Connection:
             _close_fds(fds)
             raise errors.error(errno.EPROTO, "reply with a bad magic from faytd")
         return data[REP_HDR.size:], fds, rop, rseq, err
+
+    def _give_back(self, op, err, data):
+        """The reply of a call that was abandoned (a signal handler raised
+        while it waited): a portal it granted is unmapped (destroyed if that
+        call created it) at once; its descriptors were closed on receipt."""
+        if op != lib.FAYT_SYS_PORTAL or err:
+            return
+        try:
+            handle, flags = PORTAL_REPLY.unpack_from(data)[0], PORTAL_REPLY.unpack_from(data)[6]
+        except Exception:
+            return
+        undo = (lib.FAYT_SYS_UNMAP_DESTROY if flags & lib.FAYT_PORTAL_REPLY_CREATED
+                else lib.FAYT_SYS_UNMAP)
+        self._seq = seq = (self._seq + 1) & 0xffffffff
+        msg = REQ_HDR.pack(lib.FAYT_REQ_MAGIC, undo, lib.FAYT_REQ_NOREPLY, seq,
+                           _thread_ids.tid) + HANDLE_REQ.pack(handle)
+        _call_c(self._fd, msg, None, False, 0, _MAX_FDS, (seq, None))
+        self._unanswered.add(seq)
 
     def _lost(self):
         """faytd went away (it was stopped, or killed: a restarted faytd
@@ -228,8 +268,17 @@ class Connection:
 
     def close(self):
         """Close the connection; every portal mapped through it is unmapped
-        here first (faytd drops them when the connection closes)."""
+        here first (faytd drops them when the connection closes).  From a
+        signal handler that interrupted a call of this thread, the close
+        happens when that call ends."""
         from .portal import _live
+        if self._caller == threading.get_ident():
+            self._close_pending = True
+            try:                        # the call's wait ends now (its poll sees HUP)
+                self.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            return
         if self._notify is not None:
             self._notify.close()
         for m in list(_live):
@@ -237,7 +286,11 @@ class Connection:
                 m._invalidate()
                 lib.fayt_unmap(m.addr, m.map_length)
                 _live.discard(m)
-        with self._lock:                # not while another thread's call uses the socket
+        try:                            # wakes another thread's call (its poll sees HUP)
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        with self._lock:                # then waits for it: the fd number stays ours till then
             self._finalizer()
 
     @property

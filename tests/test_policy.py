@@ -506,9 +506,14 @@ def test_policy_invalid_policy_file_faytd_exits(world_dir, policy, message):
     ({"max_mappings_per_context": True},
      "config: max_mappings_per_context: True is not a whole number from 1 to 4294967295"),
     ({"fast_syscalls": "yes"}, "config: fast_syscalls must be true or false"),
+    ({"max_ram_per_context": "20000000000GiB"},
+     "config: max_ram_per_context: '20000000000GiB' is more than 2^64 bytes"),
+    ({"max_portal_length": "20000000000GiB"},
+     "config: max_portal_length: '20000000000GiB' is more than 2^64 bytes"),
+    ({"ram": "20000GiB"}, "config: ram: 21474836480000 bytes is 2^32 frames or more"),
 ])
 def test_policy_out_of_range_limits_faytd_exits(world_dir, config, message):
-    """A limit faytd's C keeps in 32 bits is refused with a message, not a traceback."""
+    """A limit faytd's C keeps in 32 or 64 bits is refused with a message, not a traceback."""
     _faytd_fails(world_dir, config, message)
 
 

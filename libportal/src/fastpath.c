@@ -829,35 +829,41 @@ static PyObject *hint_state(PyObject *mod, PyObject *unused)
 
 
 /* -- the client's system call: one request, one reply ---------------------
- * call(fd, msg, fds, want_reply, spin_ns, max_fds, portal)
+ * call(fd, msg, fds, want_reply, spin_ns, max_fds, expect)
  *     -> (reply, [fds], mapped) or None
  *
  * Sends msg (None: sends nothing, only waits for the next reply), with fds
  * as SCM_RIGHTS when given, on the SOCK_SEQPACKET socket and, if want_reply,
- * waits for one message.  The wait first spins for spin_ns, looking with a
- * non-blocking recvmsg and giving the CPU away between looks, then sleeps in
- * poll(2): faytd answers
- * most calls within a few microseconds, and on a virtual machine a sleeping
- * receiver costs a wake-up worth many of those (cross-CPU wake-ups were
- * ~50-70 us on the Firecracker VM this was measured on, a round trip ~15 us
- * without).  The GIL is released while sending and between looks, not while
- * looking: the reply is read (recvmsg, non-blocking) with the GIL held.
+ * reads one message.  faytd answers most calls within a few microseconds,
+ * and on a virtual machine a sleeping receiver costs a wake-up worth many of
+ * those (cross-CPU wake-ups were ~50-70 us on the Firecracker VM this was
+ * measured on, a round trip ~15 us without), so the wait spins first: for up
+ * to HELD_SPIN_NS it looks with a non-blocking recvmsg, the GIL held (a
+ * short hold costs other threads less than a GIL hand-off, which a busy
+ * thread can stretch to the switch interval, 5 ms), then, up to spin_ns, it
+ * polls with the GIL released, and then sleeps in poll(2).  Between looks it
+ * gives the CPU away (sched_yield) and runs Python's signal handlers.  The
+ * reply itself is always read with the GIL held.
  *
- * portal: None, or (seq, addr, prot, share) for a PORTAL call.  If the reply
- * is that call's success with its one fd, the object is mapped (at addr or
+ * expect: (seq, portal).  A reply whose seq is not seq is not this call's
+ * (a call abandoned when a signal handler raised): its descriptors are
+ * closed at once, before any Python code runs, and [fds] is empty.
+ * portal: None, or (addr, prot, share) for a PORTAL call.  If the reply is
+ * that call's success with its one fd, the object is mapped (at addr or
  * anywhere, MADV_DONTFORK, read-write for a share-point: its lock byte must
- * be writable) and the fd closed before the GIL is given up again, so no
- * fork() from another Python thread can inherit it (faytd may reuse the
- * object of a share-point this context destroys for its next one: nobody
- * else may hold a descriptor of it); mapped is then (address or 0, 0 or
- * mmap's errno, the fayt_portal_reply as a tuple, the
- * physical addresses as a tuple), and [fds] is empty.  Otherwise mapped is
- * None and the fds are the caller's.
+ * be writable) and the fd closed before any Python object is made (a
+ * collection could run finalizers that hand the GIL to another thread), so
+ * no fork() of another thread can inherit it: faytd may reuse the object of
+ * a share-point this context destroys for its next one, and nobody else
+ * may hold a descriptor of it.  mapped is then (address or 0, 0 or mmap's
+ * errno, the fayt_portal_reply as a tuple, the physical addresses as a
+ * tuple) and [fds] is empty; otherwise mapped is None.
  *
- * A signal (EINTR) runs Python's handlers, then the wait resumes (PEP 475).
- * Received descriptors are close-on-exec.  OSError on a failed send or
- * receive; EPROTO (the fds closed) for a reply cut short (MSG_TRUNC,
- * MSG_CTRUNC) or a portal reply that does not add up. */
+ * A signal handler that raises ends the call with its exception (the reply,
+ * if one comes, is then another call's to skip).  Received descriptors are
+ * close-on-exec.  OSError on a failed send or receive; EPROTO (the fds
+ * closed) for a reply cut short (MSG_TRUNC, MSG_CTRUNC) or a portal reply
+ * that does not add up. */
 static int64_t call_now_ns(void)
 {
     struct timespec ts;
@@ -866,7 +872,7 @@ static int64_t call_now_ns(void)
 }
 
 #define CALL_MAX_FDS 8
-static uint8_t reply_buf[FAYT_MSG_MAX];     /* read with the GIL held */
+#define HELD_SPIN_NS 50000
 
 static void close_fds(const int *fds, int n)
 {
@@ -874,46 +880,83 @@ static void close_fds(const int *fds, int n)
         close(fds[i]);
 }
 
-/* The mapping of a portal reply's object (see above); closes fd. */
-static PyObject *map_portal_reply(const uint8_t *body, size_t blen, int fd,
-                                  unsigned long long addr, int prot, int share)
-{
+struct mapped_reply {
+    int done;                       /* the object was mapped (or mmap failed) */
+    uintptr_t addr;
+    int err;
     struct fayt_portal_reply r;
-    size_t head = sizeof r + sizeof(struct portal_req);
+    const uint8_t *paddr;           /* r.nframes entries, in the call's buffer */
+};
+
+/* Map a portal reply's object and close its fd; no Python object is made.
+ * 0, or EPROTO (fd closed) if the reply does not add up. */
+static int map_portal_reply(const uint8_t *body, size_t blen, int fd, unsigned long long addr,
+                            int prot, int share, struct mapped_reply *out)
+{
+    size_t head = sizeof out->r + sizeof(struct portal_req);
     if (blen < head) {
         close(fd);
-        return raise_errno(EPROTO, "portal: malformed reply from faytd");
+        return EPROTO;
     }
-    memcpy(&r, body, sizeof r);
-    if (blen < head + (size_t)r.nframes * 8) {
+    memcpy(&out->r, body, sizeof out->r);
+    if (blen < head + (size_t)out->r.nframes * 8) {
         close(fd);
-        return raise_errno(EPROTO, "portal: malformed reply from faytd");
+        return EPROTO;
     }
-    PyObject *paddr = PyTuple_New(r.nframes);
-    if (!paddr) {
-        close(fd);
+    out->paddr = body + head;
+    out->err = 0;
+    out->addr = fayt_map_portal(fd, out->r.map_length, (uintptr_t)addr,
+                                share ? (FAYT_PROT_READ | FAYT_PROT_WRITE) : prot, &out->err);
+    close(fd);
+    out->done = 1;
+    return 0;
+}
+
+static PyObject *mapped_tuple(const struct mapped_reply *m)
+{
+    PyObject *paddr = PyTuple_New(m->r.nframes);
+    if (!paddr)
         return NULL;
-    }
-    for (uint32_t i = 0; i < r.nframes; i++) {
+    for (uint32_t i = 0; i < m->r.nframes; i++) {
         uint64_t v;
-        memcpy(&v, body + head + (size_t)i * 8, 8);
+        memcpy(&v, m->paddr + (size_t)i * 8, 8);
         PyObject *o = PyLong_FromUnsignedLongLong(v);
         if (!o) {
             Py_DECREF(paddr);
-            close(fd);
             return NULL;
         }
         PyTuple_SET_ITEM(paddr, i, o);
     }
-    int err = 0;
-    uintptr_t mapped = fayt_map_portal(fd, r.map_length, (uintptr_t)addr,
-                                       share ? (FAYT_PROT_READ | FAYT_PROT_WRITE) : prot, &err);
-    close(fd);
-    return Py_BuildValue("(KK(KKKIIiI)N)", (unsigned long long)mapped,
-                         mapped ? 0ULL : (unsigned long long)err,
-                         (unsigned long long)r.handle, (unsigned long long)r.map_length,
-                         (unsigned long long)r.data_offset, r.sp_id, r.nframes, r.prot, r.flags,
-                         paddr);
+    const struct fayt_portal_reply *r = &m->r;
+    return Py_BuildValue("(KK(KKKIIiI)N)", (unsigned long long)m->addr,
+                         (unsigned long long)(m->addr ? 0 : m->err),
+                         (unsigned long long)r->handle, (unsigned long long)r->map_length,
+                         (unsigned long long)r->data_offset, r->sp_id, r->nframes, r->prot,
+                         r->flags, paddr);
+}
+
+static int send_request(int fd, struct msghdr *mh)
+{
+    ssize_t r = sendmsg(fd, mh, MSG_DONTWAIT | MSG_NOSIGNAL);   /* no GIL hand-off if it fits */
+    while (r < 0 && (errno == EAGAIN || errno == EINTR)) {
+        if (errno == EINTR) {
+            if (PyErr_CheckSignals() < 0)
+                return -1;
+            r = sendmsg(fd, mh, MSG_DONTWAIT | MSG_NOSIGNAL);
+            continue;
+        }
+        int e;
+        Py_BEGIN_ALLOW_THREADS
+        r = sendmsg(fd, mh, MSG_NOSIGNAL);
+        e = errno;
+        Py_END_ALLOW_THREADS
+        errno = e;
+    }
+    if (r < 0) {
+        PyErr_SetFromErrno(PyExc_OSError);
+        return -1;
+    }
+    return 0;
 }
 
 static PyObject *sys_call(PyObject *mod, PyObject *const *args, Py_ssize_t n)
@@ -931,38 +974,39 @@ static PyObject *sys_call(PyObject *mod, PyObject *const *args, Py_ssize_t n)
     if (max_fds < 0 || max_fds > CALL_MAX_FDS)
         max_fds = CALL_MAX_FDS;
     unsigned long expect_seq = 0;
-    unsigned long long map_addr = 0;
-    int map_prot = 0, map_share = 0, want_map = args[6] != Py_None;
-    if (want_map && !PyArg_ParseTuple(args[6], "kKip", &expect_seq, &map_addr, &map_prot,
-                                      &map_share))
+    PyObject *portal = Py_None;
+    if (!PyArg_ParseTuple(args[6], "kO", &expect_seq, &portal))
         return NULL;
-    Py_buffer b = {0};
-    int send = args[1] != Py_None;
-    if (send && PyObject_GetBuffer(args[1], &b, PyBUF_SIMPLE) < 0)
+    unsigned long long map_addr = 0;
+    int map_prot = 0, map_share = 0, want_map = portal != Py_None;
+    if (want_map && !PyArg_ParseTuple(portal, "Kip", &map_addr, &map_prot, &map_share))
         return NULL;
     int sfds[CALL_MAX_FDS];
     Py_ssize_t nsfds = 0;
     if (args[2] != Py_None) {
         PyObject *seq = PySequence_Fast(args[2], "fds: a sequence of ints");
         if (!seq)
-            goto fail_buffer;
+            return NULL;
         nsfds = PySequence_Fast_GET_SIZE(seq);
         if (nsfds > CALL_MAX_FDS) {
             Py_DECREF(seq);
             PyErr_SetString(PyExc_ValueError, "fds: at most 8");
-            goto fail_buffer;
+            return NULL;
         }
         for (Py_ssize_t i = 0; i < nsfds; i++)
             sfds[i] = (int)PyLong_AsLong(PySequence_Fast_GET_ITEM(seq, i));
         Py_DECREF(seq);
         if (PyErr_Occurred())
-            goto fail_buffer;
+            return NULL;
     }
     union {
         struct cmsghdr h;
         char buf[CMSG_SPACE(sizeof(int) * CALL_MAX_FDS)];
     } cbuf;
-    if (send) {
+    if (args[1] != Py_None) {
+        Py_buffer b;
+        if (PyObject_GetBuffer(args[1], &b, PyBUF_SIMPLE) < 0)
+            return NULL;
         struct iovec iov = {b.buf, (size_t)b.len};
         struct msghdr mh = {0};
         mh.msg_iov = &iov;
@@ -977,150 +1021,158 @@ static PyObject *sys_call(PyObject *mod, PyObject *const *args, Py_ssize_t n)
             c->cmsg_len = CMSG_LEN(sizeof(int) * nsfds);
             memcpy(CMSG_DATA(c), sfds, sizeof(int) * nsfds);
         }
-        ssize_t r;
-        int e;
-        for (;;) {
-            Py_BEGIN_ALLOW_THREADS
-            r = sendmsg(fd, &mh, MSG_NOSIGNAL);
-            e = errno;
-            Py_END_ALLOW_THREADS
-            if (r >= 0 || e != EINTR)
-                break;
-            if (PyErr_CheckSignals() < 0)
-                goto fail_buffer;
-        }
+        int sr = send_request(fd, &mh);
         PyBuffer_Release(&b);
-        if (r < 0) {
-            errno = e;
-            return PyErr_SetFromErrno(PyExc_OSError);
-        }
+        if (sr < 0)
+            return NULL;
     }
     if (!want)
         Py_RETURN_NONE;
 
-    int64_t until = 0;
+    uint8_t *buf = malloc(FAYT_MSG_MAX);    /* this call's: no other thread writes it */
+    if (!buf)
+        return PyErr_NoMemory();
+    int64_t start = call_now_ns();
+    ssize_t r;
+    struct msghdr rh;
+    struct iovec riov;
     for (;;) {
-        /* Look for the reply with the GIL held (see above); between looks,
-         * give the GIL and the CPU away; after spin_ns, sleep in poll(2). */
-        struct iovec riov = {reply_buf, FAYT_MSG_MAX};
-        struct msghdr rh = {0};
+        riov.iov_base = buf;
+        riov.iov_len = FAYT_MSG_MAX;
+        memset(&rh, 0, sizeof rh);
         rh.msg_iov = &riov;
         rh.msg_iovlen = 1;
         rh.msg_control = cbuf.buf;
         rh.msg_controllen = CMSG_SPACE(sizeof(int) * max_fds);
-        ssize_t r = recvmsg(fd, &rh, MSG_DONTWAIT | MSG_CMSG_CLOEXEC);
-        if (r < 0) {
-            int e = errno;
-            if (e == EINTR) {
-                if (PyErr_CheckSignals() < 0)
-                    return NULL;
-                continue;
-            }
-            if (e != EAGAIN)
-                return PyErr_SetFromErrno(PyExc_OSError);
-            int pr = 0, pe = 0;
-            Py_BEGIN_ALLOW_THREADS
-            int64_t now = call_now_ns();
-            if (until == 0)
-                until = now + spin_ns;
-            if (spin_ns > 0 && now < until) {
-                sched_yield();
-            } else {
-                struct pollfd pfd = {fd, POLLIN, 0};
-                pr = poll(&pfd, 1, -1);
-                pe = errno;
-            }
-            Py_END_ALLOW_THREADS
-            if (pr < 0) {
-                if (pe == EINTR) {
-                    if (PyErr_CheckSignals() < 0)
-                        return NULL;
-                    continue;
-                }
-                errno = pe;
-                return PyErr_SetFromErrno(PyExc_OSError);
-            }
+        r = recvmsg(fd, &rh, MSG_DONTWAIT | MSG_CMSG_CLOEXEC);
+        if (r >= 0)
+            break;
+        if (errno != EAGAIN && errno != EINTR) {
+            PyErr_SetFromErrno(PyExc_OSError);
+            free(buf);
+            return NULL;
+        }
+        if (PyErr_CheckSignals() < 0) {
+            free(buf);
+            return NULL;
+        }
+        int64_t waited = call_now_ns() - start;
+        if (waited < HELD_SPIN_NS && waited < spin_ns) {
+            sched_yield();          /* the GIL held: see above */
             continue;
         }
-        int got[CALL_MAX_FDS], ngot = 0;
-        for (struct cmsghdr *c = CMSG_FIRSTHDR(&rh); c; c = CMSG_NXTHDR(&rh, c)) {
-            if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS)
-                continue;
-            size_t k = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
-            for (size_t i = 0; i < k; i++) {
-                int f;
-                memcpy(&f, CMSG_DATA(c) + i * sizeof(int), sizeof f);
-                if (ngot < CALL_MAX_FDS)
-                    got[ngot++] = f;
-                else
-                    close(f);
+        /* The GIL released: poll and yield until spin_ns, taking the GIL back
+         * now and then for Python's signal handlers; then sleep in poll.  (A
+         * signal that comes between the last look and the sleep waits for
+         * the reply, as in Python's own socket calls.) */
+        struct pollfd pfd = {fd, POLLIN, 0};
+        int pr = 0, pe = 0, spinning = call_now_ns() - start < spin_ns;
+        while (spinning) {
+            Py_BEGIN_ALLOW_THREADS
+            for (int i = 0; i < 64 && pr == 0 && (spinning = call_now_ns() - start < spin_ns); i++) {
+                sched_yield();
+                pr = poll(&pfd, 1, 0);
             }
-        }
-        if (rh.msg_flags & (MSG_TRUNC | MSG_CTRUNC)) {
-            close_fds(got, ngot);
-            return raise_errno(EPROTO, (rh.msg_flags & MSG_TRUNC)
-                               ? "faytd's reply was longer than FAYT_MSG_MAX"
-                               : "faytd's reply carried more descriptors than expected");
-        }
-        PyObject *data = PyBytes_FromStringAndSize((const char *)reply_buf, r);
-        if (!data) {
-            close_fds(got, ngot);
-            return NULL;
-        }
-        struct fayt_rep_hdr rep;
-        if (want_map && ngot == 1 && (size_t)r >= sizeof rep) {
-            memcpy(&rep, reply_buf, sizeof rep);
-            if (rep.magic == FAYT_REP_MAGIC && rep.op == FAYT_SYS_PORTAL && rep.err == 0
-                && rep.seq == (uint32_t)expect_seq) {
-                PyObject *mapped = map_portal_reply(reply_buf + sizeof rep, r - sizeof rep,
-                                                    got[0], map_addr, map_prot, map_share);
-                if (!mapped) {
-                    Py_DECREF(data);
-                    return NULL;
-                }
-                PyObject *empty = PyList_New(0);
-                PyObject *t = empty ? PyTuple_Pack(3, data, empty, mapped) : NULL;
-                Py_DECREF(data);
-                Py_XDECREF(empty);
-                Py_DECREF(mapped);
-                return t;
-            }
-        }
-        PyObject *fds = PyList_New(ngot);
-        if (!fds) {
-            Py_DECREF(data);
-            close_fds(got, ngot);
-            return NULL;
-        }
-        for (int i = 0; i < ngot; i++) {
-            PyObject *o = PyLong_FromLong(got[i]);
-            if (!o) {
-                Py_DECREF(fds);
-                Py_DECREF(data);
-                close_fds(got, ngot);
+            pe = errno;
+            Py_END_ALLOW_THREADS
+            if (pr != 0)
+                break;
+            if (PyErr_CheckSignals() < 0) {
+                free(buf);
                 return NULL;
             }
-            PyList_SET_ITEM(fds, i, o);
         }
-        PyObject *t = PyTuple_Pack(3, data, fds, Py_None);
-        if (!t)
-            close_fds(got, ngot);
-        Py_DECREF(data);
-        Py_DECREF(fds);
-        return t;
+        if (pr == 0) {
+            Py_BEGIN_ALLOW_THREADS
+            pr = poll(&pfd, 1, -1);
+            pe = errno;
+            Py_END_ALLOW_THREADS
+        }
+        if (pr < 0 && pe != EINTR) {
+            errno = pe;
+            PyErr_SetFromErrno(PyExc_OSError);
+            free(buf);
+            return NULL;
+        }
+        start = call_now_ns() - spin_ns;    /* from now on: poll again before reading */
     }
 
-fail_buffer:
-    if (send)
-        PyBuffer_Release(&b);
-    return NULL;
+    /* Descriptors first, with no Python in between (see above). */
+    int got[CALL_MAX_FDS], ngot = 0;
+    for (struct cmsghdr *c = CMSG_FIRSTHDR(&rh); c; c = CMSG_NXTHDR(&rh, c)) {
+        if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS)
+            continue;
+        size_t k = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+        for (size_t i = 0; i < k; i++) {
+            int f;
+            memcpy(&f, CMSG_DATA(c) + i * sizeof(int), sizeof f);
+            if (ngot < CALL_MAX_FDS)
+                got[ngot++] = f;
+            else
+                close(f);
+        }
+    }
+    if (rh.msg_flags & (MSG_TRUNC | MSG_CTRUNC)) {
+        close_fds(got, ngot);
+        free(buf);
+        return raise_errno(EPROTO, (rh.msg_flags & MSG_TRUNC)
+                           ? "faytd's reply was longer than FAYT_MSG_MAX"
+                           : "faytd's reply carried more descriptors than expected");
+    }
+    struct fayt_rep_hdr rep;
+    struct mapped_reply m = {0};
+    if ((size_t)r >= sizeof rep) {
+        memcpy(&rep, buf, sizeof rep);
+        if (rep.seq != (uint32_t)expect_seq) {      /* not this call's: nobody takes them */
+            close_fds(got, ngot);
+            ngot = 0;
+        } else if (want_map && ngot == 1 && rep.magic == FAYT_REP_MAGIC
+                   && rep.op == FAYT_SYS_PORTAL && rep.err == 0) {
+            int e = map_portal_reply(buf + sizeof rep, r - sizeof rep, got[0], map_addr,
+                                     map_prot, map_share, &m);
+            ngot = 0;
+            if (e) {
+                free(buf);
+                return raise_errno(EPROTO, "portal: malformed reply from faytd");
+            }
+        }
+    }
+
+    /* Python objects now. */
+    PyObject *data = PyBytes_FromStringAndSize((const char *)buf, r);
+    PyObject *fds = data ? PyList_New(ngot) : NULL;
+    PyObject *mapped = Py_None;
+    Py_INCREF(Py_None);
+    if (fds && m.done) {
+        Py_DECREF(mapped);
+        mapped = mapped_tuple(&m);
+    }
+    for (int i = 0; fds && i < ngot; i++) {
+        PyObject *o = PyLong_FromLong(got[i]);
+        if (!o) {
+            Py_CLEAR(fds);
+            break;
+        }
+        PyList_SET_ITEM(fds, i, o);
+    }
+    PyObject *t = data && fds && mapped ? PyTuple_Pack(3, data, fds, mapped) : NULL;
+    if (!t) {                       /* out of memory: nothing may stay behind */
+        close_fds(got, ngot);
+        if (m.done && m.addr)
+            fayt_unmap(m.addr, m.r.map_length);
+    }
+    free(buf);
+    Py_XDECREF(data);
+    Py_XDECREF(fds);
+    Py_XDECREF(mapped);
+    return t;
 }
 
 static PyMethodDef module_methods[] = {
     {"call", (PyCFunction)(void (*)(void))sys_call, METH_FASTCALL,
-     "call(fd, msg, fds, want_reply, spin_ns, max_fds, portal) -> (reply, [fds], mapped) or "
-     "None: one system call to faytd (spins spin_ns for the reply before sleeping; "
-     "portal=(seq, addr, prot, share) maps a PORTAL reply's object and closes its fd)."},
+     "call(fd, msg, fds, want_reply, spin_ns, max_fds, (seq, portal)) -> (reply, [fds], "
+     "mapped) or None: one system call to faytd (spins spin_ns for the reply before "
+     "sleeping; portal=(addr, prot, share) maps a PORTAL reply's object and closes its fd)."},
     {"set_error_factory", set_error_factory, METH_O,
      "set_error_factory(f): f(errno, message) builds the exception raised."},
     {"notify_post", (PyCFunction)(void (*)(void))notify_post, METH_FASTCALL,

@@ -102,21 +102,29 @@ static struct kept kept[RECYCLE_MAX];
 static uint32_t nkept;
 static uint32_t resident_fds;     /* residents holding their fd: at most RECYCLE_MAX */
 
+/* kept[] is in the order the objects were kept, oldest first. */
+static void kept_remove(uint32_t i)
+{
+    memmove(&kept[i], &kept[i + 1], (size_t)(nkept - i - 1) * sizeof kept[0]);
+    nkept--;
+}
+
 static void kept_drop(uint32_t i)
 {
     close(kept[i].fd);
     fayt_objpool_release(kept[i].name);
-    kept[i] = kept[--nkept];
+    kept_remove(i);
 }
 
-/* A kept object of conn of `length` bytes: its fd (name into name), or -1. */
+/* A kept object of conn of `length` bytes (the latest kept): its fd (name
+ * into name), or -1. */
 static int kept_take(struct fayt_fast_conn *conn, uint64_t length, char *name)
 {
     for (uint32_t i = nkept; i-- > 0;) {
         if (kept[i].conn == conn && kept[i].length == length) {
             int fd = kept[i].fd;
             memcpy(name, kept[i].name, FAYT_OBJ_NAME_MAX);
-            kept[i] = kept[--nkept];
+            kept_remove(i);
             return fd;
         }
     }
@@ -181,9 +189,14 @@ static int sip_keyed;
 static uint64_t hash_bytes(const char *s, uint32_t n)
 {
     if (!sip_keyed) {
-        uint64_t k[2] = {0x736f6d6570736575ULL, 0x646f72616e646f6dULL};
-        ssize_t got = getrandom(k, sizeof k, GRND_NONBLOCK);
-        (void)got;                      /* without entropy yet: the fixed key */
+        uint64_t k[2] = {0, 0};
+        if (getrandom(k, sizeof k, GRND_NONBLOCK) != (ssize_t)sizeof k) {
+            /* No entropy yet (early boot): what this run alone has. */
+            struct timespec t;
+            clock_gettime(CLOCK_MONOTONIC, &t);
+            k[0] ^= (uint64_t)t.tv_nsec * 0x9E3779B97F4A7C15ULL ^ (uint64_t)getpid() << 32;
+            k[1] ^= (uint64_t)(uintptr_t)&sip_k0 ^ (uint64_t)t.tv_sec * 0xC2B2AE3D27D4EB4FULL;
+        }
         sip_k0 = k[0];
         sip_k1 = k[1];
         sip_keyed = 1;

@@ -1,0 +1,111 @@
+"""The client's system call (libportal/syscall.py, _fastpath.call): signal
+handlers that run while a call waits.  faytd is stopped (SIGSTOP) so that
+the call is still waiting when the signal comes; nothing here depends on
+how long anything takes, only on what happens before faytd runs again."""
+import os
+import signal
+
+import pytest
+
+import libportal
+
+
+class Stop(Exception):
+    pass
+
+
+@pytest.fixture
+def stopped_faytd(fresh_faytd):
+    """(faytd, stop(), resume()): faytd stopped and resumed on demand,
+    resumed in any case at the end."""
+    d = fresh_faytd()
+    state = {"stopped": False}
+
+    def stop():
+        os.kill(d.proc.pid, signal.SIGSTOP)
+        state["stopped"] = True
+
+    def resume():
+        if state["stopped"]:
+            os.kill(d.proc.pid, signal.SIGCONT)
+            state["stopped"] = False
+
+    old = signal.getsignal(signal.SIGALRM)
+    yield d, stop, resume
+    signal.setitimer(signal.ITIMER_REAL, 0)
+    signal.signal(signal.SIGALRM, old)
+    resume()
+
+
+def _alarm(seconds, handler):
+    signal.signal(signal.SIGALRM, handler)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+
+
+def _my_mappings(conn):
+    me = os.getpid()
+    return sum(c["mappings"] for c in conn.list_contexts()["contexts"]
+               if c["pid"] == me and c["connected"])
+
+
+def test_connection_a_handler_that_raises_leaves_the_connection_in_step(stopped_faytd,
+                                                                          conn_to):
+    d, stop, resume = stopped_faytd
+    c = conn_to(d)
+    libportal.portal(libportal.ANON, libportal.PROT_RW, 4096, connection=c).unmap()
+
+    def raise_stop(*a):
+        raise Stop()
+
+    stop()
+    _alarm(0.2, raise_stop)
+    with pytest.raises(Stop):
+        libportal.portal(libportal.ANON, libportal.PROT_RW, 8192, connection=c)
+    resume()
+    # The next calls skip the abandoned reply; the portal it granted is given back.
+    got = [libportal.portal(libportal.ANON, libportal.PROT_RW, 4096, connection=c)
+           for _ in range(3)]
+    assert all(p.mapped for p in got)
+    assert _my_mappings(c) == 3
+    for p in got:
+        p.unmap()
+    assert _my_mappings(c) == 0           # its own next call comes after its unmaps
+
+
+def test_connection_close_from_a_handler_ends_the_call_it_interrupted(stopped_faytd, conn_to):
+    d, stop, resume = stopped_faytd
+    c = conn_to(d)
+    c.list_contexts()
+    closed = []
+
+    def close(*a):
+        c.close()
+        closed.append(True)
+
+    stop()
+    _alarm(0.2, close)
+    with pytest.raises(libportal.DaemonUnavailable) as e:
+        c.list_contexts()              # faytd is stopped: only the close can end this
+    resume()
+    assert closed and c.closed
+    assert "close() while this call waited" in str(e.value)
+    with pytest.raises(libportal.DaemonUnavailable):
+        c.list_contexts()
+
+
+def test_connection_a_signal_during_the_spin_runs_its_handler_then(stopped_faytd, conn_to,
+                                                                     monkeypatch):
+    d, stop, resume = stopped_faytd
+    monkeypatch.setenv("FAYT_CALL_SPIN_NS", str(30 * 10**9))   # a call spins for 30 s
+    c = conn_to(d)
+    c.list_contexts()
+
+    def raise_stop(*a):
+        raise Stop()
+
+    stop()
+    _alarm(0.2, raise_stop)
+    with pytest.raises(Stop):
+        c.list_contexts()              # still spinning when the alarm comes
+    resume()
+    assert c.list_contexts()["contexts"]     # and the connection goes on
