@@ -1,9 +1,10 @@
 """The benchmark cases.  Each takes (faytd, scale) and returns rows:
 {"name", "ours", "unit", "peer", "peer_value", "ratio", "target"}.
 
-Timing: the best of several repeats of a tight loop (the least disturbed by
-the other core's noise); multi-process cases time from a common start
-barrier to the last worker's end.
+Timing: the best of several rounds of a tight loop (the least disturbed by
+the other core's noise), ours and the peer's taking turns in each round
+(best_of); multi-process cases time from a common start barrier to the
+last worker's end.
 """
 import multiprocessing
 import mmap
@@ -21,14 +22,22 @@ from multiprocessing import shared_memory
 import libportal as lp
 
 
-def best(fn, n, repeats=5):
-    """Seconds per iteration: the best of `repeats` runs of fn(n)."""
-    out = []
+def best_of(n, repeats, *fns, pause=0.0):
+    """Seconds per iteration of each fn: the best of `repeats` rounds, each
+    round running every fn(n) in turn, so that all of them are measured in
+    the same stretches of time (this VM's speed drifts from one moment to
+    the next; timing one side, then the other, measures the drift too).
+    pause: seconds of rest before each fn (work a peer leaves behind, such
+    as multiprocessing's resource tracker, must not fall in another's time)."""
+    out = [float("inf")] * len(fns)
     for _ in range(repeats):
-        t = time.perf_counter()
-        fn(n)
-        out.append((time.perf_counter() - t) / n)
-    return min(out)
+        for i, fn in enumerate(fns):
+            if pause:
+                time.sleep(pause)
+            t = time.perf_counter()
+            fn(n)
+            out[i] = min(out[i], (time.perf_counter() - t) / n)
+    return out
 
 
 def _n(base, scale, least=200):
@@ -65,7 +74,7 @@ def case_lock(d, scale):
                 a()
                 r()
 
-        t_ours, t_mp, t_sem = best(ours, n), best(mp, n), best(psem, n)
+        t_ours, t_mp, t_sem = best_of(n, 7, ours, mp, psem)
     finally:
         sp.destroy()
         sem.unlink()
@@ -103,7 +112,7 @@ def case_write(d, scale):
                 buf[0:64] = data
                 r()
 
-        t_ours, t_mp = best(ours, n), best(mp, n)
+        t_ours, t_mp = best_of(n, 7, ours, mp)
         del buf
     finally:
         sp.destroy()
@@ -271,7 +280,7 @@ def case_create(d, scale):
         for _ in range(k):
             lp.portal(lp.ANON, lp.PROT_RW, 4096).unmap()
 
-    t_ours, t_peer, t_anon = best(ours, n, 3), best(peer, n, 3), best(anon, n, 3)
+    t_ours, t_peer, t_anon = best_of(n, 5, ours, peer, anon, pause=0.05)
     return [
         {"name": "4 KiB SHARE: create+map+unmap+destroy", "ours": t_ours * 1e6, "unit": "us",
          "peer": "shared_memory create+close+unlink", "peer_value": t_peer * 1e6,
