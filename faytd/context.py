@@ -17,7 +17,7 @@ import os
 
 from libportal._abi import ffi, lib
 
-from .frames import BackingObject, PAGE
+from .frames import BackingObject, PAGE, shared_field
 
 PAGE_SIZE = ffi.sizeof("struct fayt_context_page")
 
@@ -82,18 +82,8 @@ class Context:
         self._start = value
         self.fast.start = value or 0
 
-    @property
-    def ram(self):
-        """Bytes of frames charged to this context's quota."""
-        return self.fast.ram
-
-    @ram.setter
-    def ram(self, value):
-        self.fast.ram = value
-
-    @property
-    def next_handle(self):
-        return self.fast.next_handle
+    ram = shared_field("ram", "Bytes of frames charged to this context's quota.")
+    next_handle = shared_field("next_handle")
 
     def check_tid(self, tid):
         """Whether tid is a thread of this context's process (cached once

@@ -70,6 +70,13 @@ def pages(length):
     return (length + PAGE - 1) // PAGE
 
 
+def shared_field(name, doc=None):
+    """A property kept in self.fast, the C struct faytd's fast system calls
+    share (fayt/kernel.h): both sides count from the same numbers."""
+    return property(lambda self: getattr(self.fast, name),
+                    lambda self, v: setattr(self.fast, name, v), doc=doc)
+
+
 class BackingObject:
     """A POSIX shared memory object holding the frames of one portal.
 

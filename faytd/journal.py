@@ -33,7 +33,7 @@ import re
 
 import posix_ipc
 
-from .frames import MARKER, start_time
+from .frames import MARKER, shared_field, start_time
 
 log = logging.getLogger("faytd")
 
@@ -190,29 +190,9 @@ class Journal:
         self.marker_fd = -1         # holds the marker's lock
         self.adopted_markers = []   # dead faytds' markers whose objects we took back
 
-    @property
-    def _fd(self):
-        return self.fast.journal_fd
-
-    @_fd.setter
-    def _fd(self, fd):
-        self.fast.journal_fd = fd
-
-    @property
-    def lines(self):
-        return self.fast.journal_lines
-
-    @lines.setter
-    def lines(self, n):
-        self.fast.journal_lines = n
-
-    @property
-    def live_lines(self):
-        return self.fast.journal_live
-
-    @live_lines.setter
-    def live_lines(self, n):
-        self.fast.journal_live = n
+    _fd = shared_field("journal_fd")
+    lines = shared_field("journal_lines")
+    live_lines = shared_field("journal_live")
 
     # -- reading ----------------------------------------------------------
     def load(self):

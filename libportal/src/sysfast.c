@@ -554,6 +554,80 @@ static void give_back(struct fayt_fast_kernel *k, struct resident *r, int keep)
     }
 }
 
+/* A new resident record for c's portal of n frames: the frames (object
+ * oid) taken, the record not yet in the tables.  NULL: no memory or frames. */
+static struct resident *resident_new(struct fayt_fast_kernel *k, struct fayt_fast_conn *c,
+                                     const struct fayt_req_hdr *h, int prot, uint32_t n,
+                                     uint32_t type)
+{
+    struct resident *r = calloc(1, sizeof *r + n * sizeof(uint32_t));
+    if (!r)
+        return NULL;
+    uint32_t oid = k->frames->next_oid;
+    if (fayt_frames_alloc(k->frames, n, oid, r->frames)) {
+        free(r);
+        return NULL;
+    }
+    r->fd = -1;
+    r->conn = c;
+    r->ctx_id = c->ctx_id;
+    r->handle = c->next_handle;
+    r->pid = c->pid;
+    r->tid = h->tid;
+    r->uid = c->uid;
+    r->prot = prot;
+    r->start = c->start;
+    r->length = (uint64_t)n * FAYT_PAGE_SIZE;
+    r->oid = oid;
+    r->nframes = n;
+    r->type = type;
+    r->born = mono_ns();
+    return r;
+}
+
+/* Undo resident_new, and the object r took (its fd ofd, or -1). */
+static void resident_abandon(struct fayt_fast_kernel *k, struct resident *r, int ofd)
+{
+    if (ofd >= 0) {
+        close(ofd);
+        fayt_objpool_release(r->object);
+    }
+    fayt_frames_put(k->frames, r->frames, r->nframes);
+    free(r);
+}
+
+/* The resident record of c's mapping named by an UNMAP or UNMAP_DESTROY
+ * body, if it is of `type`; else NULL (Python performs the call). */
+static struct resident *resident_of(struct fayt_fast_conn *c, const struct fayt_req_hdr *h,
+                                    const uint8_t *body, size_t blen, uint32_t type)
+{
+    struct fayt_handle_req hr;
+    if (blen != sizeof hr || (h->flags & ~FAYT_REQ_NOREPLY))
+        return NULL;
+    memcpy(&hr, body, sizeof hr);
+    struct resident *r = resident_find(c->ctx_id, hr.handle);
+    return r && r->conn == c && r->type == type ? r : NULL;
+}
+
+/* The end of a performed call: its reply's fate (se: send_reply's errno). */
+static int served(int se, int *err)
+{
+    if (se) {
+        *err = se;
+        return FAYT_FAST_UNSENT;
+    }
+    return FAYT_FAST_SERVED;
+}
+
+/* The empty answer of an UNMAP or UNMAP_DESTROY, unless it was NOREPLY. */
+static int acknowledge(struct fayt_fast_conn *c, const struct fayt_req_hdr *h, int *err)
+{
+    if (h->flags & FAYT_REQ_NOREPLY)
+        return FAYT_FAST_SERVED;
+    struct fayt_rep_hdr rh = {FAYT_REP_MAGIC, h->op, 0, h->seq, 0};
+    return served(send_reply(c->fd, &rh, sizeof rh, -1), err);
+}
+
 /* -- PORTAL(ANON) and its UNMAP ------------------------------------------- */
 static int fast_anon(struct fayt_fast_kernel *k, struct fayt_fast_conn *c,
                      const struct fayt_req_hdr *h, struct portal_req *req, int *err)
@@ -566,16 +640,9 @@ static int fast_anon(struct fayt_fast_kernel *k, struct fayt_fast_conn *c,
         || c->ram + bytes > k->max_ram_per_context
         || n > fayt_frames_free(k->frames))
         return FAYT_FAST_PASS;          /* Python refuses it, with its message */
-    struct resident *r = calloc(1, sizeof *r + n * sizeof(uint32_t));
+    struct resident *r = resident_new(k, c, h, req->prot, n, FAYT_PORTAL_ANON);
     if (!r)
         return FAYT_FAST_PASS;
-    r->fd = -1;
-    struct fayt_frames *f = k->frames;
-    uint32_t oid = f->next_oid;
-    if (fayt_frames_alloc(f, n, oid, r->frames)) {
-        free(r);
-        return FAYT_FAST_PASS;
-    }
     int ofd = kept_take(c, bytes, r->object);
     if (ofd >= 0 && bytes <= ZERO_AT_CREATE) {
         static const uint8_t zeros[ZERO_AT_CREATE];   /* a portal's memory starts as zeros */
@@ -587,32 +654,11 @@ static int fast_anon(struct fayt_fast_kernel *k, struct fayt_fast_conn *c,
     }
     if (ofd < 0)
         ofd = fayt_objpool_take(bytes, r->object);
-    if (ofd < 0) {
-        fayt_frames_put(f, r->frames, n);
-        free(r);
+    if (ofd < 0 || resident_insert(r)) {
+        resident_abandon(k, r, ofd);
         return FAYT_FAST_PASS;
     }
-    f->next_oid++;
-    r->conn = c;
-    r->ctx_id = c->ctx_id;
-    r->handle = c->next_handle;
-    r->pid = c->pid;
-    r->tid = h->tid;
-    r->uid = c->uid;
-    r->prot = req->prot;
-    r->start = c->start;
-    r->length = bytes;
-    r->oid = oid;
-    r->nframes = n;
-    r->type = FAYT_PORTAL_ANON;
-    r->born = mono_ns();
-    if (resident_insert(r)) {
-        close(ofd);
-        fayt_objpool_release(r->object);
-        fayt_frames_put(f, r->frames, n);
-        free(r);
-        return FAYT_FAST_PASS;
-    }
+    k->frames->next_oid++;
     k->nresident++;
     k->anon_maps++;
     c->next_handle++;
@@ -620,22 +666,14 @@ static int fast_anon(struct fayt_fast_kernel *k, struct fayt_fast_conn *c,
     c->resident++;
     int se = portal_reply(c, h, req, r, 0, 0, ofd);
     hold_fd(r, ofd);
-    if (se) {
-        *err = se;
-        return FAYT_FAST_UNSENT;
-    }
-    return FAYT_FAST_SERVED;
+    return served(se, err);
 }
 
 static int fast_unmap(struct fayt_fast_kernel *k, struct fayt_fast_conn *c,
                       const struct fayt_req_hdr *h, const uint8_t *body, size_t blen, int *err)
 {
-    struct fayt_handle_req hr;
-    if (blen != sizeof hr || (h->flags & ~FAYT_REQ_NOREPLY))
-        return FAYT_FAST_PASS;
-    memcpy(&hr, body, sizeof hr);
-    struct resident *r = resident_find(c->ctx_id, hr.handle);
-    if (!r || r->conn != c || r->type != FAYT_PORTAL_ANON)
+    struct resident *r = resident_of(c, h, body, blen, FAYT_PORTAL_ANON);
+    if (!r)
         return FAYT_FAST_PASS;
     resident_unlink(r);
     k->nresident--;
@@ -645,15 +683,7 @@ static int fast_unmap(struct fayt_fast_kernel *k, struct fayt_fast_conn *c,
     fayt_frames_put(k->frames, r->frames, r->nframes);
     give_back(k, r, 1);
     free(r);
-    if (h->flags & FAYT_REQ_NOREPLY)
-        return FAYT_FAST_SERVED;
-    struct fayt_rep_hdr rh = {FAYT_REP_MAGIC, h->op, 0, h->seq, 0};
-    int se = send_reply(c->fd, &rh, sizeof rh, -1);
-    if (se) {
-        *err = se;
-        return FAYT_FAST_UNSENT;
-    }
-    return FAYT_FAST_SERVED;
+    return acknowledge(c, h, err);
 }
 
 /* -- PORTAL(SHARE|ANON, create) ------------------------------------------ */
@@ -698,16 +728,9 @@ static int fast_create(struct fayt_fast_kernel *k, struct fayt_fast_conn *c,
         || name_find(ident, ilen, hash_bytes(ident, ilen)))
         return FAYT_FAST_PASS;          /* Python refuses, or catches up first */
 
-    struct resident *r = calloc(1, sizeof *r + n * sizeof(uint32_t));
+    struct resident *r = resident_new(k, c, h, req.prot, n, FAYT_PORTAL_SHARE | FAYT_PORTAL_ANON);
     if (!r)
         return FAYT_FAST_PASS;
-    r->fd = -1;
-    struct fayt_frames *f = k->frames;
-    uint32_t oid = f->next_oid;
-    if (fayt_frames_alloc(f, n, oid, r->frames)) {
-        free(r);
-        return FAYT_FAST_PASS;
-    }
     int recycled = 1;
     int ofd = kept_take(c, bytes, r->object);
     if (ofd < 0) {
@@ -715,11 +738,9 @@ static int fast_create(struct fayt_fast_kernel *k, struct fayt_fast_conn *c,
         ofd = fayt_objpool_take(bytes, r->object);
     }
     if (ofd < 0) {
-        fayt_frames_put(f, r->frames, n);
-        free(r);
+        resident_abandon(k, r, -1);
         return FAYT_FAST_PASS;          /* Python tries again and reports why */
     }
-    f->next_oid++;
 
     /* The meta-structure: lock free, prot, data length, the morphology; a
      * recycled small object is zeroed by the same write. */
@@ -740,46 +761,19 @@ static int fast_create(struct fayt_fast_kernel *k, struct fayt_fast_conn *c,
         memset(meta + mlen, 0, bytes - mlen);
         mlen = bytes;
     }
-    if (pwrite(ofd, meta, mlen, 0) != (ssize_t)mlen) {
-        close(ofd);
-        fayt_objpool_release(r->object);
-        fayt_frames_put(f, r->frames, n);
-        free(r);
-        return FAYT_FAST_PASS;
-    }
     uint32_t sp_id = k->next_sp_id;
     int e = 0;
-    struct name_ent *ne = name_insert(ident, ilen, sp_id, &e);
-    if (!ne) {
-        close(ofd);
-        fayt_objpool_release(r->object);
-        fayt_frames_put(f, r->frames, n);
-        free(r);
+    struct name_ent *ne = NULL;
+    if (pwrite(ofd, meta, mlen, 0) != (ssize_t)mlen
+        || !(ne = name_insert(ident, ilen, sp_id, &e)) || resident_insert(r)) {
+        if (ne)
+            name_remove(ne);
+        resident_abandon(k, r, ofd);
         return FAYT_FAST_PASS;
     }
+    k->frames->next_oid++;
     r->name = ne;
-    r->conn = c;
     r->sp_id = sp_id;
-    r->ctx_id = c->ctx_id;
-    r->handle = c->next_handle;
-    r->pid = c->pid;
-    r->tid = h->tid;
-    r->uid = c->uid;
-    r->prot = req.prot;
-    r->start = c->start;
-    r->length = bytes;
-    r->oid = oid;
-    r->nframes = n;
-    r->type = FAYT_PORTAL_SHARE | FAYT_PORTAL_ANON;
-    r->born = mono_ns();
-    if (resident_insert(r)) {
-        name_remove(ne);
-        close(ofd);
-        fayt_objpool_release(r->object);
-        fayt_frames_put(f, r->frames, n);
-        free(r);
-        return FAYT_FAST_PASS;
-    }
     ne->res = r;
     k->next_sp_id = (sp_id % 0xfffffffeU) + 1;
     k->nsharepoints++;
@@ -788,7 +782,7 @@ static int fast_create(struct fayt_fast_kernel *k, struct fayt_fast_conn *c,
     c->next_handle++;
     c->ram += bytes;
     c->resident++;
-    fayt_frames_get(f, r->frames, n);   /* the mapping's reference; the table holds one */
+    fayt_frames_get(k->frames, r->frames, n);   /* the mapping's; the table holds one */
 
     /* The journal record, as faytd/journal.py writes it. */
     char line[JOURNAL_LINE_MAX];
@@ -805,23 +799,15 @@ static int fast_create(struct fayt_fast_kernel *k, struct fayt_fast_conn *c,
 
     int se = portal_reply(c, h, &req, r, data_offset, FAYT_PORTAL_REPLY_CREATED, ofd);
     hold_fd(r, ofd);
-    if (se) {
-        *err = se;
-        return FAYT_FAST_UNSENT;
-    }
-    return FAYT_FAST_SERVED;
+    return served(se, err);
 }
 
 /* -- UNMAP_DESTROY of a resident share-point by its creator ----------------- */
 static int fast_destroy(struct fayt_fast_kernel *k, struct fayt_fast_conn *c,
                         const struct fayt_req_hdr *h, const uint8_t *body, size_t blen, int *err)
 {
-    struct fayt_handle_req hr;
-    if (blen != sizeof hr || (h->flags & ~FAYT_REQ_NOREPLY) || (c->flags & FAYT_FAST_CONN_NOTICES))
-        return FAYT_FAST_PASS;
-    memcpy(&hr, body, sizeof hr);
-    struct resident *r = resident_find(c->ctx_id, hr.handle);
-    if (!r || r->conn != c || r->type != (FAYT_PORTAL_SHARE | FAYT_PORTAL_ANON))
+    struct resident *r = resident_of(c, h, body, blen, FAYT_PORTAL_SHARE | FAYT_PORTAL_ANON);
+    if (!r || (c->flags & FAYT_FAST_CONN_NOTICES))
         return FAYT_FAST_PASS;
     char line[32];
     int pos = snprintf(line, sizeof line, "D %u\n", r->sp_id);
@@ -841,15 +827,7 @@ static int fast_destroy(struct fayt_fast_kernel *k, struct fayt_fast_conn *c,
     fayt_frames_put(k->frames, r->frames, r->nframes);
     give_back(k, r, keep);
     free(r);
-    if (h->flags & FAYT_REQ_NOREPLY)
-        return FAYT_FAST_SERVED;
-    struct fayt_rep_hdr rh = {FAYT_REP_MAGIC, h->op, 0, h->seq, 0};
-    int se = send_reply(c->fd, &rh, sizeof rh, -1);
-    if (se) {
-        *err = se;
-        return FAYT_FAST_UNSENT;
-    }
-    return FAYT_FAST_SERVED;
+    return acknowledge(c, h, err);
 }
 
 /* -- the entry point ------------------------------------------------------ */
