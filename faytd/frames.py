@@ -32,7 +32,7 @@ from libportal._abi import ffi, lib
 
 PAGE = 4096
 MARKER = "/fayt.%s.statedir"  # a faytd's state directory (per run tag), for others' sweeps (journal.py)
-RAM_BASE = 0x100000          # 1 MiB, as on a PC; MMIO windows sit far above RAM
+RAM_BASE = lib.FAYT_RAM_BASE  # 1 MiB, as on a PC (fayt/kernel.h)
 NAME_PREFIX = "/fayt."
 POOL_TARGET = 32             # fresh objects the pool keeps ready
 _pool_tag = None             # the run tag whose plain objects come from the pool

@@ -23,7 +23,7 @@ from .policy import Policy
 from .sharepoint import SharePointTable
 
 log = logging.getLogger("faytd")
-FAST_MAX_FRAMES = 1024          # src/sysfast.c: larger share-points go through Python
+FAST_MAX_FRAMES = lib.FAYT_FAST_MAX_FRAMES    # larger portals go through Python
 
 
 class Kernel:

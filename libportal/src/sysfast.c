@@ -53,8 +53,7 @@
 #include "fayt/sharepoint.h"
 #include "fayt/syscall.h"
 
-#define RAM_BASE 0x100000ULL      /* faytd/frames.py RAM_BASE */
-#define FAST_MAX_FRAMES 1024      /* larger share-points go through Python */
+#define FAST_MAX_FRAMES FAYT_FAST_MAX_FRAMES
 #define RECYCLE_MAX 64            /* objects kept for their context's next create */
 #define RESIDENT_MAX 64           /* then creates go through Python, which takes them over */
 #define ZERO_AT_CREATE 16384      /* up to this, a recycled object is zeroed by the meta's write */
@@ -496,6 +495,15 @@ static int send_reply(int fd, const void *msg, size_t n, int pass_fd)
     return r < 0 ? errno : 0;
 }
 
+/* r's frames' physical addresses, 8 bytes each, at dst (unaligned). */
+static void write_paddrs(uint8_t *dst, const struct resident *r)
+{
+    for (uint32_t i = 0; i < r->nframes; i++) {
+        uint64_t pa = FAYT_RAM_BASE + (uint64_t)r->frames[i] * FAYT_PAGE_SIZE;
+        memcpy(dst + (size_t)i * 8, &pa, 8);
+    }
+}
+
 /* Reply to a portal call: fayt_portal_reply, the request's portal_req with
  * its morphology filled, paddr[] (the frames'); the object's fd with it. */
 static int portal_reply(struct fayt_fast_conn *c, const struct fayt_req_hdr *h,
@@ -521,11 +529,8 @@ static int portal_reply(struct fayt_fast_conn *c, const struct fayt_req_hdr *h,
     at += sizeof pr;
     memcpy(rep + at, req, sizeof *req);
     at += sizeof *req;
-    for (uint32_t i = 0; i < r->nframes; i++) {
-        uint64_t pa = RAM_BASE + (uint64_t)r->frames[i] * FAYT_PAGE_SIZE;
-        memcpy(rep + at, &pa, 8);
-        at += 8;
-    }
+    write_paddrs(rep + at, r);
+    at += (size_t)r->nframes * 8;
     return send_reply(c->fd, rep, at, ofd);
 }
 
@@ -751,11 +756,7 @@ static int fast_create(struct fayt_fast_kernel *k, struct fayt_fast_conn *c,
     m.length = bytes - data_offset;
     m.morphology.length = bytes;
     memcpy(meta, &m, sizeof m);
-    uint64_t *paddr = (uint64_t *)(meta + sizeof m);
-    for (uint32_t i = 0; i < n; i++) {
-        uint64_t pa = RAM_BASE + (uint64_t)r->frames[i] * FAYT_PAGE_SIZE;
-        memcpy(&paddr[i], &pa, 8);
-    }
+    write_paddrs(meta + sizeof m, r);
     size_t mlen = sizeof m + (size_t)n * 8;
     if (recycled && bytes <= ZERO_AT_CREATE) {
         memset(meta + mlen, 0, bytes - mlen);

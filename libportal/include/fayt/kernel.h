@@ -34,6 +34,10 @@
 #include <stdint.h>
 
 /* -- frames ----------------------------------------------------------- */
+/* The emulated RAM starts here (1 MiB, as on a PC; MMIO windows sit far
+ * above): frame f's physical address is FAYT_RAM_BASE + f * 4096. */
+#define FAYT_RAM_BASE 0x100000
+
 struct fayt_frames {
     uint32_t nframes;
     uint32_t next;             /* frames below this were handed out once */
@@ -87,6 +91,9 @@ struct fayt_objpool_stats {
 void fayt_objpool_stats(struct fayt_objpool_stats *out);
 
 /* -- the fast system calls --------------------------------------------- */
+/* Larger portals (and share-points) go through Python. */
+#define FAYT_FAST_MAX_FRAMES 1024
+
 /* One per connection (faytd's Context owns it).  Python keeps next_handle,
  * ram and py_mappings here, so both sides count from the same numbers. */
 struct fayt_fast_conn {
