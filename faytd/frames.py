@@ -190,7 +190,6 @@ class FrameAllocator:
         self.c = ffi.new("struct fayt_frames *")
         if lib.fayt_frames_init(self.c, self.nframes):
             raise MemoryError("frame arrays for %d frames" % self.nframes)
-        self.refcount, self.owner, self.offset = self.c.refcount, self.c.owner, self.c.offset
         self.objects = {}                # id -> BackingObject
 
     def start_pool(self):

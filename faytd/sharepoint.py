@@ -128,7 +128,7 @@ class SharePointTable:
 
     def _insert(self, sp, named=False):
         if not named:
-            err = lib.fayt_fast_name_add(self.fast, sp.identifier, len(sp.identifier), sp.id)
+            err = lib.fayt_fast_name_add(self.fast, sp.identifier, len(sp.identifier))
             if err:
                 raise KernelError(err, "share.identifier: %r: %s"
                                   % (sp.identifier.decode("utf-8", "replace"), os.strerror(err)))

@@ -49,7 +49,6 @@ static struct pooled *ready;
 static uint32_t nready;
 static char (*queue)[FAYT_OBJ_NAME_MAX];
 static uint32_t nqueued, cap_queue;
-static uint64_t made, made_inline, unlinked;
 
 static int64_t mono_ns(void)
 {
@@ -117,7 +116,6 @@ static void *janitor(void *unused)
             pthread_mutex_unlock(&mu);
             shm_unlink(name);
             pthread_mutex_lock(&mu);
-            unlinked++;
             last_work = 0;
             continue;
         }
@@ -126,12 +124,10 @@ static void *janitor(void *unused)
             pthread_mutex_unlock(&mu);
             p.fd = make_object(p.name);
             pthread_mutex_lock(&mu);
-            if (p.fd < 0) {
+            if (p.fd < 0)
                 failing = 1;            /* out of files or memory: try again later */
-            } else {
+            else
                 ready[nready++] = p;
-                made++;
-            }
             last_work = 0;
             continue;
         }
@@ -216,7 +212,6 @@ int fayt_objpool_take(uint64_t length, char *name_out)
         fd = make_object(name_out);
         if (fd < 0)
             return fd;
-        __atomic_add_fetch(&made_inline, 1, __ATOMIC_RELAXED);
     }
     if (length != 4096 && ftruncate(fd, (off_t)length) < 0) {
         int e = errno;
@@ -273,21 +268,9 @@ void fayt_objpool_stop(void)
     }
     for (uint32_t i = 0; i < nqueued; i++)
         shm_unlink(queue[i]);
-    unlinked += nqueued + nready;
     nready = nqueued = 0;
     free(ready);
     ready = NULL;
     pthread_cond_destroy(&cv);
-    pthread_mutex_unlock(&mu);
-}
-
-void fayt_objpool_stats(struct fayt_objpool_stats *out)
-{
-    pthread_mutex_lock(&mu);
-    out->ready = nready;
-    out->queued = nqueued;
-    out->made = made;
-    out->made_inline = __atomic_load_n(&made_inline, __ATOMIC_RELAXED);
-    out->unlinked = unlinked;
     pthread_mutex_unlock(&mu);
 }

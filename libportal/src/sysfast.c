@@ -65,7 +65,6 @@ struct resident;
 struct name_ent {
     struct name_ent *next;
     uint64_t hash;
-    uint32_t sp_id;
     uint32_t len;
     struct resident *res;          /* NULL once Python owns the share-point */
     char key[];
@@ -266,7 +265,7 @@ static struct name_ent *name_find(const char *s, uint32_t n, uint64_t h)
     return NULL;
 }
 
-static struct name_ent *name_insert(const char *s, uint32_t n, uint32_t sp_id, int *err)
+static struct name_ent *name_insert(const char *s, uint32_t n, int *err)
 {
     uint64_t h = hash_bytes(s, n);
     if (name_find(s, n, h)) {
@@ -283,7 +282,6 @@ static struct name_ent *name_insert(const char *s, uint32_t n, uint32_t sp_id, i
         return NULL;
     }
     e->hash = h;
-    e->sp_id = sp_id;
     e->len = n;
     e->res = NULL;
     memcpy(e->key, s, n);
@@ -305,11 +303,10 @@ static void name_remove(struct name_ent *e)
     free(e);
 }
 
-int fayt_fast_name_add(struct fayt_fast_kernel *k, const char *ident, uint32_t len,
-                       uint32_t sp_id)
+int fayt_fast_name_add(struct fayt_fast_kernel *k, const char *ident, uint32_t len)
 {
     int err = 0;
-    if (!name_insert(ident, len, sp_id, &err))
+    if (!name_insert(ident, len, &err))
         return err;
     k->nsharepoints++;
     return 0;
@@ -325,12 +322,6 @@ int fayt_fast_name_del(struct fayt_fast_kernel *k, const char *ident, uint32_t l
     name_remove(e);
     k->nsharepoints--;
     return 0;
-}
-
-int fayt_fast_name_exists(struct fayt_fast_kernel *k, const char *ident, uint32_t len)
-{
-    (void)k;
-    return name_find(ident, len, hash_bytes(ident, len)) != NULL;
 }
 
 static int handles_grow(void)
@@ -766,7 +757,7 @@ static int fast_create(struct fayt_fast_kernel *k, struct fayt_fast_conn *c,
     int e = 0;
     struct name_ent *ne = NULL;
     if (pwrite(ofd, meta, mlen, 0) != (ssize_t)mlen
-        || !(ne = name_insert(ident, ilen, sp_id, &e)) || resident_insert(r)) {
+        || !(ne = name_insert(ident, ilen, &e)) || resident_insert(r)) {
         if (ne)
             name_remove(ne);
         resident_abandon(k, r, ofd);
@@ -989,10 +980,7 @@ int fayt_fast_poll(struct fayt_fast_kernel *k, int epfd, int64_t spin_ns, int ti
                 int err = 0, noreply = 0;
                 int r = fayt_fast_serve(k, c, buf, &io->msg, &noreply, &err);
                 if (r == FAYT_FAST_SERVED || r == FAYT_FAST_AGAIN) {
-                    if (r == FAYT_FAST_SERVED) {
-                        served++;
-                        io->served++;
-                    }
+                    served += r == FAYT_FAST_SERVED;
                     continue;
                 }
                 io->passed_fd = fd;

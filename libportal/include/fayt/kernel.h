@@ -81,14 +81,6 @@ int fayt_objpool_take(uint64_t length, char *name_out);
 void fayt_objpool_release(const char *name);
 /* Unlink every pooled and queued object now and end the thread. */
 void fayt_objpool_stop(void);
-struct fayt_objpool_stats {
-    uint32_t ready;            /* objects made and waiting */
-    uint32_t queued;           /* names waiting to be unlinked */
-    uint64_t made;             /* objects the thread made */
-    uint64_t made_inline;      /* objects take() had to make itself */
-    uint64_t unlinked;
-} __attribute__((packed));
-void fayt_objpool_stats(struct fayt_objpool_stats *out);
 
 /* -- the fast system calls --------------------------------------------- */
 /* Larger portals (and share-points) go through Python. */
@@ -173,8 +165,6 @@ struct fayt_fast_io {
     int32_t passed;            /* fayt_fast_serve's result for it */
     uint32_t passed_ctx;       /* that connection's context: its fd may be another's by
                                   the time Python gets to it (closed, accepted again) */
-    uint32_t reserved;
-    uint64_t served;           /* requests served in fayt_fast_poll, in all */
 } __attribute__((packed));
 
 /* Watch connection c (by c->fd) in fayt_fast_poll: 0 or ENOMEM. */
@@ -192,10 +182,8 @@ int fayt_fast_poll(struct fayt_fast_kernel *k, int epfd, int64_t spin_ns, int ti
                    struct fayt_fast_event *out, int max, uint8_t *buf, struct fayt_fast_io *io);
 
 /* The name table: every share-point's identifier.  add: 0, EEXIST, ENOMEM. */
-int fayt_fast_name_add(struct fayt_fast_kernel *k, const char *ident, uint32_t len,
-                       uint32_t sp_id);
+int fayt_fast_name_add(struct fayt_fast_kernel *k, const char *ident, uint32_t len);
 int fayt_fast_name_del(struct fayt_fast_kernel *k, const char *ident, uint32_t len);
-int fayt_fast_name_exists(struct fayt_fast_kernel *k, const char *ident, uint32_t len);
 
 /* A context ended: the objects kept for its next share-points go. */
 void fayt_fast_conn_gone(struct fayt_fast_kernel *k, struct fayt_fast_conn *c);
