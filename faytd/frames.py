@@ -226,13 +226,14 @@ class FrameAllocator:
         try:
             obj = BackingObject(oid, self.tag, n * PAGE, frames)
         except BaseException:
-            self._put(frames)
+            self.put_frames(frames)
             raise
         self.c.next_oid = oid + 1
         self.objects[oid] = obj
         return obj
 
-    def _put(self, frames):
+    def put_frames(self, frames):
+        """One reference less to each of these frames; how many were freed."""
         return lib.fayt_frames_put(self.c, ffi.from_buffer("uint32_t[]", frames), len(frames)) \
             if len(frames) else 0
 
@@ -248,7 +249,7 @@ class FrameAllocator:
         try:
             obj = BackingObject.adopt(oid, name, length, frames)
         except BaseException:
-            self._put(frames)
+            self.put_frames(frames)
             raise
         self.c.next_oid = oid + 1
         self.objects[obj.id] = obj
@@ -271,7 +272,7 @@ class FrameAllocator:
     def put(self, obj):
         """Drop one reference to every frame of obj; at zero the frames are free
         again and the backing object is released."""
-        if self._put(obj.frames) == len(obj.frames):
+        if self.put_frames(obj.frames) == len(obj.frames):
             self.objects.pop(obj.id, None)
             obj.release()
 

@@ -250,19 +250,16 @@ class Kernel:
             return
         sp = self.sharepoints.by_id.get(rec.sp_id)
         if sp is not None and sp.identifier == ident:
-            ctx = self.contexts.get(rec.ctx_id)
             if ctx is not None and rec.handle in ctx.mappings:
                 self.unmap(ctx, ctx.mappings[rec.handle])
             self.sharepoints.destroy(sp)
             return
         lib.fayt_fast_name_del(self.fast, ident, len(ident))
-        ctx = self.contexts.get(rec.ctx_id)
         if ctx is not None:
             ctx.ram -= rec.length
         self.frames.objects.pop(backing.id, None)
-        lib.fayt_frames_put(self.frames.c, ffi.from_buffer("uint32_t[]", backing.frames),
-                            len(backing.frames))
-        self.frames.put(backing)        # the second reference; the object is released
+        self.frames.put_frames(backing.frames)  # the mapping's reference
+        self.frames.put(backing)            # the table's; the object is released
 
     def registered(self, ctx):
         """ctx has its context page (HELLO)."""

@@ -168,9 +168,7 @@ class Server:
                     raise OSError(-n, "faytd: epoll_wait: %s" % os.strerror(-n))
                 passed = io.passed_fd if n else -1
                 if passed >= 0:         # a request poll read: its bytes, before anything reads again
-                    msg = io.msg
-                    read = (io.passed, io.noreply, io.err, bytes(self._bufview[:msg.len]),
-                            list(msg.fds[0:msg.nfds]), msg.mflags)
+                    read = self._read(io.passed, io.noreply, io.err)
                     passed_ctx = io.passed_ctx
                 if n == 0 or (idle and busy >= _IDLE_EVERY):
                     busy = 0
@@ -409,6 +407,13 @@ class Server:
         log.debug("context %d: pid %d died", ctx.id, ctx.pid)
         self.k.died(ctx)
 
+    def _read(self, result, noreply, err):
+        """What fayt_fast_serve read and passed, out of its buffer: (result,
+        noreply, err, data, fds, msg_flags)."""
+        msg = self._msg
+        return (result, noreply, err, bytes(self._bufview[:msg.len]), list(msg.fds[0:msg.nfds]),
+                msg.mflags)
+
     def _passed_event(self, fd, kind, ctx, ctx_id, read):
         """The request fayt_fast_poll read for context ctx_id on fd, and did
         not perform.  An event handled before it in the same batch may have
@@ -436,8 +441,7 @@ class Server:
             r = lib.fayt_fast_serve(k.fast, ctx.fast, self._buf, msg, self._noreply, self._err)
             noreply, err = self._noreply[0], self._err[0]
             if r == lib.FAYT_FAST_PASS:
-                read = (r, noreply, err, bytes(self._bufview[:msg.len]),
-                        list(msg.fds[0:msg.nfds]), msg.mflags)
+                read = self._read(r, noreply, err)
         else:
             r, noreply, err = read[:3]
         if r == lib.FAYT_FAST_AGAIN:

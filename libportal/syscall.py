@@ -108,8 +108,8 @@ class Connection:
         and its fd closed in the same C call that reads the reply, the GIL
         held throughout, so that no fork() can inherit the fd (faytd may give
         this context the object again: see README "How faytd answers fast").
-        Returns (reply body, mapped): mapped is (address or 0, inode or
-        mmap's errno, the fayt_portal_reply tuple, the physical addresses)."""
+        Returns (reply body, mapped): mapped is (address or 0, 0 or mmap's
+        errno, the fayt_portal_reply tuple, the physical addresses)."""
         body, got = self._dispatching_call(lib.FAYT_SYS_PORTAL, body, 0, (), (addr, prot, share))
         if not isinstance(got, tuple):      # the reply did not carry one object
             _close_fds(got)
@@ -138,12 +138,7 @@ class Connection:
                 raise errors.error(errno.ECONNRESET, "faytd connection lost" if self._broken
                                    else "faytd connection closed")
             self._caller = threading.get_ident()
-            self._seq = seq = (self._seq + 1) & 0xffffffff
-            try:
-                tid = _thread_ids.tid
-            except AttributeError:      # gettid(2) once per thread
-                tid = _thread_ids.tid = threading.get_native_id()
-            msg = REQ_HDR.pack(lib.FAYT_REQ_MAGIC, op, flags, seq, tid)
+            seq, msg = self._header(op, flags)
             noreply = flags & lib.FAYT_REQ_NOREPLY
             expect = (seq, portal)
             try:
@@ -153,7 +148,8 @@ class Connection:
                     self._unanswered.add(seq)
                     return b"", []
                 while True:
-                    data, fds, rop, rseq, err = self._parse(*got)
+                    data, fds, mapped = got
+                    data, rop, rseq, err = self._parse(data, fds)
                     if rseq != seq and rseq in self._unanswered:
                         self._late_failure(rop, rseq, err, data)
                     elif rseq != seq and rseq in self._abandoned:
@@ -188,13 +184,20 @@ class Connection:
         if err:
             _close_fds(fds)
             raise errors.error(err, data.decode("utf-8", "replace"))
-        return data, fds
+        return data, fds if mapped is None else mapped
+
+    def _header(self, op, flags):
+        """(seq, header) of this connection's next request, from this thread."""
+        self._seq = seq = (self._seq + 1) & 0xffffffff
+        try:
+            tid = _thread_ids.tid
+        except AttributeError:          # gettid(2) once per thread
+            tid = _thread_ids.tid = threading.get_native_id()
+        return seq, REQ_HDR.pack(lib.FAYT_REQ_MAGIC, op, flags, seq, tid)
 
     @staticmethod
-    def _parse(data, fds, mapped):
-        """(body, fds or what call_portal mapped, op, seq, err) of a reply."""
-        if mapped is not None:
-            fds = mapped
+    def _parse(data, fds):
+        """(body, op, seq, err) of a reply; EPROTO (its fds closed) if it is none."""
         if not data:
             raise ConnectionResetError(errno.ECONNRESET, "faytd closed the connection")
         if len(data) < REP_HDR.size:
@@ -204,7 +207,7 @@ class Connection:
         if magic != lib.FAYT_REP_MAGIC:
             _close_fds(fds)
             raise errors.error(errno.EPROTO, "reply with a bad magic from faytd")
-        return data[REP_HDR.size:], fds, rop, rseq, err
+        return data[REP_HDR.size:], rop, rseq, err
 
     def _give_back(self, op, err, data):
         """The reply of a call that was abandoned (a signal handler raised
@@ -213,15 +216,13 @@ class Connection:
         if op != lib.FAYT_SYS_PORTAL or err:
             return
         try:
-            handle, flags = PORTAL_REPLY.unpack_from(data)[0], PORTAL_REPLY.unpack_from(data)[6]
+            reply = PORTAL_REPLY.unpack_from(data)
         except Exception:
             return
-        undo = (lib.FAYT_SYS_UNMAP_DESTROY if flags & lib.FAYT_PORTAL_REPLY_CREATED
+        undo = (lib.FAYT_SYS_UNMAP_DESTROY if reply[6] & lib.FAYT_PORTAL_REPLY_CREATED
                 else lib.FAYT_SYS_UNMAP)
-        self._seq = seq = (self._seq + 1) & 0xffffffff
-        msg = REQ_HDR.pack(lib.FAYT_REQ_MAGIC, undo, lib.FAYT_REQ_NOREPLY, seq,
-                           _thread_ids.tid) + HANDLE_REQ.pack(handle)
-        _call_c(self._fd, msg, None, False, 0, _MAX_FDS, (seq, None))
+        seq, msg = self._header(undo, lib.FAYT_REQ_NOREPLY)
+        _call_c(self._fd, msg + HANDLE_REQ.pack(reply[0]), None, False, 0, _MAX_FDS, (seq, None))
         self._unanswered.add(seq)
 
     def _lost(self):
@@ -300,9 +301,8 @@ class Connection:
 
 
 def _close_fds(fds):
-    if isinstance(fds, list):       # not what call_portal mapped
-        for fd in fds:
-            os.close(fd)
+    for fd in fds:
+        os.close(fd)
 
 
 def _close(sock, page):
