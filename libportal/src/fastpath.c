@@ -41,6 +41,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "deadline.h"
 #include "fayt/context.h"
 #include "fayt/lock.h"
 #include "fayt/lock_fast.h"
@@ -210,13 +211,6 @@ static int core_clear(SharePointCore *self)
             return raise_errno(EBADF, "share-point is unmapped");                  \
     } while (0)
 
-static int64_t now_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
-}
-
 /* The robust record (include/fayt/context.h), kept here rather than in
  * lock.c: every claim and clear happens with the GIL held, so the threads of
  * this process never race on a slot and plain stores in program order do:
@@ -266,11 +260,11 @@ static int acquire(SharePointCore *self, int64_t timeout_ns)
     int died = 0;
     int r = fayt_sp_take(self->base, FAYT_LOCK_HELD, &died) ? (died ? EOWNERDEAD : 0) : EBUSY;
     if (r == EBUSY && timeout_ns != 0) {
-        int64_t deadline = timeout_ns > 0 ? now_ns() + timeout_ns : 0;
+        int64_t deadline = timeout_ns > 0 ? fayt_now_ns() + timeout_ns : 0;
         for (;;) {
             int64_t left = -1;
             if (timeout_ns > 0) {
-                left = deadline - now_ns();
+                left = deadline - fayt_now_ns();
                 if (left < 0)
                     left = 0;
             }
@@ -873,13 +867,6 @@ static PyObject *hint_state(PyObject *mod, PyObject *unused)
  * close-on-exec.  OSError on a failed send or receive; EPROTO (the fds
  * closed) for a reply cut short (MSG_TRUNC, MSG_CTRUNC) or a portal reply
  * that does not add up. */
-static int64_t call_now_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
-}
-
 #define CALL_MAX_FDS 8
 #define HELD_SPIN_NS 50000
 
@@ -1041,7 +1028,7 @@ static PyObject *sys_call(PyObject *mod, PyObject *const *args, Py_ssize_t n)
     uint8_t *buf = malloc(FAYT_MSG_MAX);    /* this call's: no other thread writes it */
     if (!buf)
         return PyErr_NoMemory();
-    int64_t start = call_now_ns();
+    int64_t start = fayt_now_ns();
     ssize_t r;
     struct msghdr rh;
     struct iovec riov;
@@ -1065,7 +1052,7 @@ static PyObject *sys_call(PyObject *mod, PyObject *const *args, Py_ssize_t n)
             free(buf);
             return NULL;
         }
-        int64_t waited = call_now_ns() - start;
+        int64_t waited = fayt_now_ns() - start;
         if (waited < HELD_SPIN_NS && waited < spin_ns) {
             sched_yield();          /* the GIL held: see above */
             continue;
@@ -1075,10 +1062,10 @@ static PyObject *sys_call(PyObject *mod, PyObject *const *args, Py_ssize_t n)
          * signal that comes between the last look and the sleep waits for
          * the reply, as in Python's own socket calls.) */
         struct pollfd pfd = {fd, POLLIN, 0};
-        int pr = 0, pe = 0, spinning = call_now_ns() - start < spin_ns;
+        int pr = 0, pe = 0, spinning = fayt_now_ns() - start < spin_ns;
         while (spinning) {
             Py_BEGIN_ALLOW_THREADS
-            for (int i = 0; i < 64 && pr == 0 && (spinning = call_now_ns() - start < spin_ns); i++) {
+            for (int i = 0; i < 64 && pr == 0 && (spinning = fayt_now_ns() - start < spin_ns); i++) {
                 sched_yield();
                 pr = poll(&pfd, 1, 0);
             }
@@ -1103,7 +1090,7 @@ static PyObject *sys_call(PyObject *mod, PyObject *const *args, Py_ssize_t n)
             free(buf);
             return NULL;
         }
-        start = call_now_ns() - spin_ns;    /* from now on: poll again before reading */
+        start = fayt_now_ns() - spin_ns;    /* from now on: poll again before reading */
     }
 
     /* Descriptors first, with no Python in between (see above). */

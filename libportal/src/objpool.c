@@ -28,6 +28,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "deadline.h"
 #include "fayt/kernel.h"
 
 #define QUEUE_WAKE 16               /* names waiting that wake the thread */
@@ -49,13 +50,6 @@ static struct pooled *ready;
 static uint32_t nready;
 static char (*queue)[FAYT_OBJ_NAME_MAX];
 static uint32_t nqueued, cap_queue;
-
-static int64_t mono_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
-}
 
 /* A new one-page object with its page made: its fd, or -errno. */
 static int make_object(char *name)
@@ -93,20 +87,14 @@ static int make_object(char *name)
 static void nap(int64_t ns)
 {
     struct timespec d;
-    clock_gettime(CLOCK_MONOTONIC, &d);
-    d.tv_sec += ns / 1000000000;
-    d.tv_nsec += ns % 1000000000;
-    if (d.tv_nsec >= 1000000000) {
-        d.tv_sec++;
-        d.tv_nsec -= 1000000000;
-    }
+    fayt_deadline(ns, &d);          /* the condvar waits on CLOCK_MONOTONIC */
     pthread_cond_timedwait(&cv, &mu, &d);
 }
 
 static void *janitor(void *unused)
 {
     (void)unused;
-    int64_t last_work = mono_ns();
+    int64_t last_work = fayt_now_ns();
     int failing = 0;
     pthread_mutex_lock(&mu);
     while (!stopping) {
@@ -131,7 +119,7 @@ static void *janitor(void *unused)
             last_work = 0;
             continue;
         }
-        int64_t now = mono_ns();
+        int64_t now = fayt_now_ns();
         if (last_work == 0)
             last_work = now;
         sleeping = 1;

@@ -47,6 +47,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "deadline.h"
 #include "fayt/kernel.h"
 #include "fayt/lock.h"
 #include "fayt/portal.h"
@@ -394,13 +395,6 @@ static void resident_unlink(struct resident *r)
         res_tail = r->prev;
 }
 
-static int64_t mono_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
-}
-
 /* -- checks ----------------------------------------------------------- */
 /* Strict UTF-8, as Python's decode("utf-8") takes it: no overlong forms, no
  * surrogates, nothing above U+10FFFF. */
@@ -577,7 +571,7 @@ static struct resident *resident_new(struct fayt_fast_kernel *k, struct fayt_fas
     r->oid = oid;
     r->nframes = n;
     r->type = type;
-    r->born = mono_ns();
+    r->born = fayt_now_ns();
     return r;
 }
 
@@ -1004,7 +998,7 @@ int fayt_fast_poll(struct fayt_fast_kernel *k, int epfd, int64_t spin_ns, int ti
         if (timeout_ms == 0 && spin_ns <= 0)
             return 0;
         if (spin_ns > 0) {
-            int64_t now = mono_ns();
+            int64_t now = fayt_now_ns();
             if (until == 0)
                 until = now + spin_ns;
             if (now < until) {
@@ -1017,7 +1011,7 @@ int fayt_fast_poll(struct fayt_fast_kernel *k, int epfd, int64_t spin_ns, int ti
         if (res_head) {
             /* Python takes over what has been resident a while when idle:
              * sleep no longer than until the oldest one is that old. */
-            int64_t left = res_head->born + FAYT_FAST_RESIDENT_AGE_NS - mono_ns();
+            int64_t left = res_head->born + FAYT_FAST_RESIDENT_AGE_NS - fayt_now_ns();
             if (left <= 0)
                 return 0;
             int ms = (int)(left / 1000000) + 1;

@@ -327,13 +327,6 @@ static int futex_wait(uint32_t *w, uint32_t expect, const struct timespec *rel)
     return errno == EAGAIN ? 0 : errno;
 }
 
-static int64_t now_ns(void)
-{
-    struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    return (int64_t)t.tv_sec * 1000000000 + t.tv_nsec;
-}
-
 /* One turn of a spin that waits for another process: a pause, and a
  * sched_yield(2) so that, if that process waits for our CPU, it runs now
  * (spinning on the CPU the other side needs would only delay it). */
@@ -354,9 +347,9 @@ int fayt_pager_await(void *ch, int64_t spin_ns)
     /* rung = 1: the server skips its eventfd write while we look. */
     if (__atomic_exchange_n(&h->rung, 1, __ATOMIC_SEQ_CST))
         return LOAD(&h->ans_head) != tail;     /* a write is on its way anyway */
-    int64_t until = now_ns() + spin_ns;
+    int64_t until = fayt_now_ns() + spin_ns;
     int got = 0;
-    while (!(got = LOAD(&h->ans_head) != tail) && now_ns() < until)
+    while (!(got = LOAD(&h->ans_head) != tail) && fayt_now_ns() < until)
         spin_pause();
     __atomic_store_n(&h->rung, 0, __ATOMIC_SEQ_CST);
     FENCE();    /* rung cleared before the last look (pairs with answer) */
@@ -379,11 +372,11 @@ int fayt_pager_take(void *ch, int64_t timeout_ns, int64_t spin_ns)
     struct fayt_pager_header *h = hdr(ch);
     struct timespec deadline, now, rel;
     fayt_deadline(timeout_ns, &deadline);
-    int64_t spin_until = spin_ns > 0 ? now_ns() + spin_ns : 0;
+    int64_t spin_until = spin_ns > 0 ? fayt_now_ns() + spin_ns : 0;
     for (;;) {
         uint32_t tail = h->req_tail;
         uint32_t head = LOAD(&h->req_head);
-        if (head == tail && now_ns() < spin_until) {
+        if (head == tail && fayt_now_ns() < spin_until) {
             spin_pause();
             continue;
         }
