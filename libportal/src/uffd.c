@@ -544,9 +544,10 @@ uintptr_t fayt_map_special(uint64_t length, uintptr_t addr, int prot, int *err)
     return fayt_mmap_at(addr, length, prot, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, err);
 }
 
-uintptr_t fayt_map_over(int fd, uint64_t length, uintptr_t addr, int prot, int *err)
+static uintptr_t map_fixed(int fd, uint64_t length, uintptr_t addr, int prot, int flags,
+                           int *err)
 {
-    void *p = mmap((void *)addr, length, prot, MAP_SHARED | MAP_FIXED, fd, 0);
+    void *p = mmap((void *)addr, length, prot, flags | MAP_FIXED, fd, 0);
     if (p == MAP_FAILED) {
         *err = errno;
         return 0;
@@ -555,15 +556,14 @@ uintptr_t fayt_map_over(int fd, uint64_t length, uintptr_t addr, int prot, int *
     return (uintptr_t)p;
 }
 
+uintptr_t fayt_map_over(int fd, uint64_t length, uintptr_t addr, int prot, int *err)
+{
+    return map_fixed(fd, length, addr, prot, MAP_SHARED, err);
+}
+
 uintptr_t fayt_map_private_over(int fd, uint64_t length, uintptr_t addr, int *err)
 {
-    void *p = mmap((void *)addr, length, PROT_NONE, MAP_PRIVATE | MAP_FIXED, fd, 0);
-    if (p == MAP_FAILED) {
-        *err = errno;
-        return 0;
-    }
-    *err = 0;
-    return (uintptr_t)p;
+    return map_fixed(fd, length, addr, PROT_NONE, MAP_PRIVATE, err);
 }
 
 int fayt_protect(uintptr_t addr, uint64_t length, int prot)
