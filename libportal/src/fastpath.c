@@ -250,7 +250,6 @@ static inline void rec_clear(struct fayt_context_page *ctx, int slot)
  * The record is PENDING while the lock is being taken, HELD once it is. */
 static int acquire(SharePointCore *self, int64_t timeout_ns)
 {
-    int unused;
     int slot = rec_claim(self->ctx, self->sp_id);
     if (slot == -2) {
         raise_errno(ENOLCK, "share-point lock: this process holds too many locks "
@@ -260,7 +259,11 @@ static int acquire(SharePointCore *self, int64_t timeout_ns)
     int died = 0;
     int r = fayt_sp_take(self->base, FAYT_LOCK_HELD, &died) ? (died ? EOWNERDEAD : 0) : EBUSY;
     if (r == EBUSY && timeout_ns != 0) {
+        /* The contended path: the record says WAITING while this thread
+         * sleeps (fayt_sp_lock_wait), so that faytd never takes a sleeper
+         * for a possible holder. */
         int64_t deadline = timeout_ns > 0 ? fayt_now_ns() + timeout_ns : 0;
+        uint32_t *state = slot >= 0 ? &self->ctx->held[slot].state : NULL;
         for (;;) {
             int64_t left = -1;
             if (timeout_ns > 0) {
@@ -269,7 +272,7 @@ static int acquire(SharePointCore *self, int64_t timeout_ns)
                     left = 0;
             }
             Py_BEGIN_ALLOW_THREADS
-            r = fayt_sp_lock(self->base, NULL, 0, left, &unused);
+            r = fayt_sp_lock_wait(self->base, state, left);
             Py_END_ALLOW_THREADS
             if (r != EINTR)
                 break;

@@ -110,16 +110,27 @@ int fayt_sp_trylock(void *base, struct fayt_context_page *ctx, uint32_t sp_id, i
     return died ? EOWNERDEAD : 0;
 }
 
-int fayt_sp_lock(void *base, struct fayt_context_page *ctx, uint32_t sp_id,
-                 int64_t timeout_ns, int *slot)
+/* The record's state word: PENDING before the lock is tried (a store all
+ * other CPUs see before the try's CAS), WAITING before a sleep. */
+static inline void state_pending(uint32_t *state)
+{
+    if (state)
+        __atomic_store_n(state, FAYT_HELD_PENDING, __ATOMIC_SEQ_CST);
+}
+
+static inline void state_waiting(uint32_t *state)
+{
+    if (state)
+        __atomic_store_n(state, FAYT_HELD_WAITING, __ATOMIC_RELEASE);
+}
+
+int fayt_sp_lock_wait(void *base, uint32_t *state, int64_t timeout_ns)
 {
     uint8_t *l = lock_byte(base);
     int died = 0;
     struct timespec deadline, now, rel;
-    int s = record_claim(ctx, sp_id);
-    if (s == -2)
-        return ENOLCK;
 
+    state_pending(state);
     if (try_take(l, FAYT_LOCK_HELD, &died))
         goto taken;
     for (int i = 0; i < SPIN_LIMIT; i++) {
@@ -157,21 +168,35 @@ int fayt_sp_lock(void *base, struct fayt_context_page *ctx, uint32_t sp_id,
                 rel.tv_nsec += 1000000000;
             }
             if (rel.tv_sec < 0) {
-                record_clear(ctx, s);
+                state_waiting(state);
                 return ETIMEDOUT;
             }
             tsp = &rel;
         }
+        state_waiting(state);
         int r = futex_wait(lock_word(base), w, tsp);
-        if (r == ETIMEDOUT || r == EINTR) {
-            record_clear(ctx, s);
+        if (r == ETIMEDOUT || r == EINTR)
             return r;
-        }
+        state_pending(state);
     }
 taken:
+    return died ? EOWNERDEAD : 0;
+}
+
+int fayt_sp_lock(void *base, struct fayt_context_page *ctx, uint32_t sp_id,
+                 int64_t timeout_ns, int *slot)
+{
+    int s = record_claim(ctx, sp_id);
+    if (s == -2)
+        return ENOLCK;
+    int r = fayt_sp_lock_wait(base, s >= 0 ? &ctx->held[s].state : NULL, timeout_ns);
+    if (r != 0 && r != EOWNERDEAD) {
+        record_clear(ctx, s);
+        return r;
+    }
     record_set(ctx, s, FAYT_HELD_HELD);
     *slot = s;
-    return died ? EOWNERDEAD : 0;
+    return r;
 }
 
 int fayt_sp_unlock(void *base, struct fayt_context_page *ctx, uint32_t sp_id, int slot)

@@ -1,11 +1,15 @@
 /* fayt/context.h: the context page, one per connected process, shared with faytd.
  *
  * It holds the robust list: the share-point locks this process holds or is
- * about to take.  A locker claims a slot (sp_id from 0 to its id with a CAS),
- * marks it PENDING, takes the lock, marks it HELD; unlock clears the slot.
+ * about to take.  A locker claims a slot (sp_id from 0 to its id), marks it
+ * PENDING, takes the lock, marks it HELD; unlock marks it PENDING, releases
+ * the lock and clears the slot.  A locker that must sleep (the contended
+ * path) marks it WAITING just before each futex wait and PENDING again
+ * before it next tries the lock, so WAITING always means "not holding".
  * When the process dies faytd walks the slots: HELD locks are released with
  * the owner-died bit set; a PENDING lock is released the same way only if the
- * lock is held and no live context records it (see faytd/sharepoint.py).
+ * lock is held and no live context records it HELD or PENDING; WAITING is
+ * never a holder (faytd/kernel.py, recover_locks).
  * The notification part (see notification.h) holds the 64 notification
  * actions (faytd writes them at the install call), the rings faytd made into
  * this context (a new one bumps rings_generation: the runtime then fetches
@@ -28,6 +32,7 @@
 #define FAYT_HELD_FREE    0
 #define FAYT_HELD_PENDING 1
 #define FAYT_HELD_HELD    2
+#define FAYT_HELD_WAITING 3     /* asleep in the contended path: not holding */
 
 struct fayt_held_lock {
     uint32_t sp_id;      /* 0: slot free */

@@ -18,6 +18,12 @@ struct fayt_context_page;
  * slot free: this process holds FAYT_HELD_LOCKS_MAX locks). */
 int fayt_sp_lock(void *base, struct fayt_context_page *ctx, uint32_t sp_id,
                  int64_t timeout_ns, int *slot);
+/* The contended path of a lock whose robust record the caller keeps:
+ * *state (the record's state word, or NULL) is set PENDING while the lock
+ * is tried and WAITING while this thread sleeps; it is PENDING when the
+ * lock was taken (the caller marks it HELD), WAITING after any other
+ * return.  Returns 0, EOWNERDEAD, ETIMEDOUT, EINTR. */
+int fayt_sp_lock_wait(void *base, uint32_t *state, int64_t timeout_ns);
 /* Returns 0 or EBUSY. */
 int fayt_sp_trylock(void *base, struct fayt_context_page *ctx, uint32_t sp_id, int *slot);
 /* Returns 0, or EPERM if the lock is not held. */

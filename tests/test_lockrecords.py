@@ -1,0 +1,156 @@
+"""Robust-lock records: a thread asleep in lock() records WAITING, which
+faytd never takes for a holder (faytd/kernel.py, recover_locks).
+"""
+import errno
+import os
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+
+import pytest
+
+import libportal
+from libportal._abi import ffi, lib
+
+from test_policy import AsUser, NOBODY, TIMEOUT, start, world_dir  # noqa: F401
+from test_sharepoint import WAIT, Child, lock_state, sleeping_on_futex, spawn, wait_until  # noqa: F401
+
+HELD_OFF = ffi.offsetof("struct fayt_context_page", "held")
+HELD_SIZE = ffi.sizeof("struct fayt_held_lock")
+
+# Writes forged records into this process's own context page, raw: the page
+# is the one faytd made for the connection; its address is where libportal
+# mapped it.  argv: socket, HELD_OFF, then (sp_id, state) pairs.
+FORGER = r"""
+import ctypes, os, sys, time
+import libportal as lp
+c = lp.Connection(sys.argv[1])
+off = int(sys.argv[2])
+pairs = [int(x) for x in sys.argv[3:]]
+for k in range(0, len(pairs), 2):
+    slot = c.context_page + off + 8 * (k // 2 + 10)     # slots 10, 11, ...
+    ctypes.c_uint32.from_address(slot).value = pairs[k]
+    ctypes.c_uint32.from_address(slot + 4).value = pairs[k + 1]
+print("forged", c.context_id, flush=True)
+sys.stdin.readline()
+os.kill(os.getpid(), 9)         # dies with the forged records in place
+"""
+
+# The records a libportal holder leaves when it dies between taking the lock
+# and marking it HELD: its own record rewritten PENDING (raw), then it waits.
+PENDING_HOLDER = r"""
+import ctypes, sys, time
+import libportal as lp
+c = lp.Connection(sys.argv[1]) if len(sys.argv) > 2 else lp.connection()
+sp = lp.share_attach(sys.argv[-1], connection=c)
+assert sp.lock() == 0
+page, off = c.context_page, int(%d)
+for k in range(%d):
+    rec = page + off + %d * k
+    if ctypes.c_uint32.from_address(rec).value == sp.sp_id:
+        ctypes.c_uint32.from_address(rec + 4).value = %d      # PENDING
+print("locked", flush=True)
+time.sleep(120)
+""" % (HELD_OFF, lib.FAYT_HELD_LOCKS_MAX, HELD_SIZE, lib.FAYT_HELD_PENDING)
+
+
+@pytest.fixture(scope="module")
+def as_user():
+    return AsUser()
+
+
+def _forger(as_user, d, pairs, uid=NOBODY):
+    args = [d.socket, HELD_OFF] + [x for p in pairs for x in p]
+    p = as_user.popen(FORGER, args, uid=uid, gid=uid, stdin=subprocess.PIPE,
+                      stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    line = p.stdout.readline()
+    assert line.startswith("forged"), p.stderr.read() if p.poll() is not None else line
+    return p, int(line.split()[1])
+
+
+def _context_gone(d, cid):
+    c = libportal.Connection(d.socket)
+    try:
+        return all(x["id"] != cid for x in c.list_contexts()["contexts"])
+    finally:
+        c.close()
+
+
+def _end(p):
+    if p.poll() is None:
+        p.kill()
+    p.wait(timeout=TIMEOUT)
+    for f in (p.stdin, p.stdout, p.stderr):
+        if f:
+            f.close()
+
+
+def test_lockrecord_sleeping_waiter_does_not_block_recovery(lp, spawn):
+    """The legitimate race: a holder dies between taking the lock and
+    marking it HELD while another process sleeps in lock().  The sleeper's
+    record says WAITING, not PENDING, so faytd recovers the lock and the
+    sleeper gets it with EOWNERDEAD (before: the sleeper's PENDING record
+    made faytd skip the recovery, and it slept until its timeout)."""
+    name = "t-sp-wait-" + uuid.uuid4().hex[:10]
+    sp = lp.share_create(name, 4096)
+    try:
+        holder = spawn(PENDING_HOLDER.replace("sys.argv[-1]", repr(name)))
+        assert holder.expect() == "locked"
+        waiter = spawn("""
+            sp = lp.share_attach(%r)
+            print("waiting")
+            try:
+                print(sp.lock(%r))
+            except lp.TimedOut:
+                print("timed out")
+                raise SystemExit(0)
+            sp.mark_consistent()
+            sp.unlock()
+            """ % (name, WAIT))
+        assert waiter.expect() == "waiting"
+        wait_until(lambda: lock_state(sp) == lib.FAYT_LOCK_CONTENDED and
+                   sleeping_on_futex(waiter.pid), "the waiter to sleep on the futex")
+        holder.kill()
+        assert waiter.expect() == str(errno.EOWNERDEAD)
+        waiter.finish()
+        assert sp.lock(WAIT) == 0
+        sp.unlock()
+    finally:
+        sp.destroy()
+
+
+def test_lockrecord_waiting_state_while_asleep_in_lock(lp):
+    """A thread asleep in lock() records WAITING; PENDING again while it
+    tries, HELD once it has the lock."""
+    import threading
+    name = "t-sp-state-" + uuid.uuid4().hex[:10]
+    sp = lp.share_create(name, 4096)
+    other = lp.share_attach(name)
+    page = ffi.cast("struct fayt_context_page *", sp.connection.context_page)
+
+    def states():
+        return sorted(page.held[i].state for i in range(lib.FAYT_HELD_LOCKS_MAX)
+                      if page.held[i].sp_id == sp.sp_id)
+    try:
+        assert other.lock() == 0
+        got, done = [], threading.Event()
+
+        def locker():
+            got.append(sp.lock(WAIT))
+            done.wait(WAIT)
+            sp.unlock()
+        t = threading.Thread(target=locker)
+        t.start()
+        wait_until(lambda: states() == [lib.FAYT_HELD_HELD, lib.FAYT_HELD_WAITING],
+                   "the sleeper's record to say WAITING")
+        other.unlock()
+        wait_until(lambda: got, "the sleeper to take the lock")
+        assert got == [0] and states() == [lib.FAYT_HELD_HELD]
+        done.set()
+        t.join(WAIT)
+        assert states() == []
+    finally:
+        other.unmap()
+        sp.destroy()
