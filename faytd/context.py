@@ -44,7 +44,8 @@ class Context:
     (fayt/kernel.h), so both count from the same numbers."""
     __slots__ = ("id", "sock", "pid", "uid", "gid", "exe", "category", "pidfd", "page",
                  "page_map", "page_struct", "mappings", "connected", "alive",
-                 "registered", "tids", "notify_armed", "_start", "fast")
+                 "registered", "tids", "notify_armed", "_start", "fast", "sp_mapped",
+                 "sp_prune_at")
 
     def __init__(self, cid, sock, pid, uid, gid, exe, category):
         self.fast = ffi.new("struct fayt_fast_conn *")
@@ -71,6 +72,11 @@ class Context:
         self.tids = set()           # threads already checked to belong to pid
         self.notify_armed = False   # its runtime handles the doorbell signal
         self._start = None
+        # Every share-point this context was granted a mapping of, in its
+        # life (sp id -> SharePoint): the only ones its lock records may
+        # make faytd act on (Kernel.recover_locks).
+        self.sp_mapped = {}
+        self.sp_prune_at = 64
 
     @property
     def start(self):

@@ -15,6 +15,8 @@ at worst a last line cut short (ignored when read):
     S <id> <owner pid> <owner start> <owner uid> <prot> <length> <object> <frames,..> <identifier hex>
     D <id>                                  share-point destroyed
     C <id> <pid> <start> <uid> <gid> <object>   context page made (HELLO)
+    A <context id> <share-point id>         the context mapped a share-point it
+                                            did not create (its first mapping)
     G <id>                                  context forgotten
     N <next share-point id> <next context id>   first line of a rewritten journal
 <start> is the process's start time (/proc/<pid>/stat field 22), so that a
@@ -150,8 +152,13 @@ def _apply(f, sps, ctxs, ids):
         r = Record()
         r.kind, r.id, r.pid, r.start = "C", _u32(f[1]), int(f[2]), int(f[3])
         r.uid, r.gid, r.object = int(f[4]), int(f[5]), _object(f[6])
+        r.mapped = set()
         ctxs[r.id] = r
         ids[1] = max(ids[1], r.id + 1)
+    elif kind == "A" and len(f) == 3:
+        c = ctxs.get(_u32(f[1]))
+        if c is not None:
+            c.mapped.add(_u32(f[2]))
     elif kind == "G" and len(f) == 2:
         ctxs.pop(int(f[1]), None)
     elif kind == "N" and len(f) == 3:
@@ -160,9 +167,15 @@ def _apply(f, sps, ctxs, ids):
         raise ValueError("unknown record")
 
 
+def _created_by(ctx, sp):
+    """Whether sp's share-point record names ctx's process as its owner (a
+    restart gives it to that process's contexts without an A record)."""
+    return sp.owner_pid == ctx.pid and (sp.owner_start or 0) == (ctx.start or 0)
+
+
 class Record:
     __slots__ = ("kind", "id", "pid", "start", "uid", "gid", "prot", "length", "object",
-                 "frames", "identifier")
+                 "frames", "identifier", "mapped")
 
 
 class Journal:
@@ -208,16 +221,19 @@ class Journal:
         tmp = self.path + ".new"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
+            live = {sp.id for sp in sharepoints}
+            attaches = [b"A %d %d\n" % (c.id, i) for c in contexts for i in c.sp_mapped
+                        if i in live and not _created_by(c, c.sp_mapped[i])]
             os.write(fd, b"".join([b"N %d %d\n" % next_ids] +
                                   [self._sp_line(sp) for sp in sharepoints] +
-                                  [self._ctx_line(c) for c in contexts]))
+                                  [self._ctx_line(c) for c in contexts] + attaches))
         finally:
             os.close(fd)
         os.rename(tmp, self.path)
         if self._fd >= 0:
             os.close(self._fd)
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
-        self.live_lines = len(sharepoints) + len(contexts)
+        self.live_lines = len(sharepoints) + len(contexts) + len(attaches)
         self.lines = self.live_lines
 
     def wants_compaction(self):
@@ -255,6 +271,12 @@ class Journal:
 
     def context_registered(self, ctx):
         self._write(self._ctx_line(ctx), 1)
+
+    def sharepoint_mapped(self, ctx, sp):
+        """ctx mapped sp for the first time, and did not create it: a restart
+        must know it (its lock records may name sp; Kernel.recover_locks)."""
+        if ctx.page is not None and not _created_by(ctx, sp):
+            self._write(b"A %d %d\n" % (ctx.id, sp.id), 1)
 
     def context_gone(self, ctx):
         if ctx.page is not None:

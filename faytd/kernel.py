@@ -118,7 +118,12 @@ class Kernel:
         faytd had never stopped.  A context whose process died meanwhile has
         its locks recovered now.  Share-points whose owner is gone are
         reclaimed: the mappings made before the restart are not known to
-        this faytd (they keep their memory all the same)."""
+        this faytd (they keep their memory all the same).
+
+        What a context had mapped, for its lock records (recover_locks):
+        the share-points its process created (the share-point record names
+        the owner's pid and start time) and those the journal says it
+        attached (A records)."""
         for r in sps:
             try:
                 backing = self.frames.adopt(r.object, r.length, r.frames)
@@ -149,6 +154,10 @@ class Kernel:
                     _unlink(r.object)
                 continue
             self.contexts[ctx.id] = ctx
+            for sp in self.sharepoints.by_id.values():
+                if sp.id in r.mapped or (sp.owner_pid == r.pid and
+                                         (sp.owner_start or 0) == (r.start or 0)):
+                    ctx.sp_mapped[sp.id] = sp
             if alive(r.pid, r.start):
                 try:
                     ctx.pidfd = os.pidfd_open(r.pid)
@@ -328,36 +337,59 @@ class Kernel:
         ctx.close_page()
 
     def recover_locks(self, ctx):
-        others = None
-        mapped = {m.sp.id: m.sp for m in ctx.mappings.values() if m.sp is not None}
+        """ctx died: release the locks its robust records say it held.
+
+        The records are bytes the dead process could write, so faytd acts
+        only where that process could have acted itself: on share-points
+        it was granted a mapping of (ctx.sp_mapped, faytd's own record);
+        a record naming any other share-point is ignored.  HELD: the lock
+        is released with the owner-died bit.  PENDING (it died taking or
+        releasing the lock): the same, if the lock is held and no live
+        context that mapped the share-point records it HELD or PENDING (a
+        possible holder).  WAITING (asleep in the contended path) never
+        held it.  So a live context's records block a recovery only for
+        share-points it mapped, where it could hold the lock anyway."""
+        holders = None
         for sp_id, state in ctx.lock_records():
-            sp = mapped.get(sp_id) or self.sharepoints.by_id.get(sp_id)
+            sp = ctx.sp_mapped.get(sp_id)
             if sp is None:
+                log.warning("pid %d: its lock record names share-point %d, which it never "
+                            "mapped: ignored", ctx.pid, sp_id)
                 continue
+            if sp.destroyed and not sp.captured:
+                continue                # nobody maps it any more: no lock to release
             try:
-                others = self._recover_one(ctx, sp, sp_id, state, others)
+                holders = self._recover_one(ctx, sp, state, holders)
             except Exception as e:      # one share-point must not stop the others'
                 log.warning("pid %d: the lock of share-point %r not recovered: %s", ctx.pid,
                             sp.identifier.decode("utf-8", "replace"), getattr(e, "message", e))
 
-    def _recover_one(self, ctx, sp, sp_id, state, others):
-        """Recover sp's lock from ctx's record if ctx held it; `others` (the
-        share-points other live contexts hold or take) is computed once."""
+    def _possible_holders(self, dead):
+        """Share-point ids some live context other than `dead` may hold the
+        lock of: it mapped the share-point and records it HELD or PENDING."""
+        out = set()
+        for c in self.contexts.values():
+            if c is not dead and c.alive:
+                out.update(i for i, s in c.lock_records()
+                           if s in (lib.FAYT_HELD_HELD, lib.FAYT_HELD_PENDING)
+                           and i in c.sp_mapped)
+        return out
+
+    def _recover_one(self, ctx, sp, state, holders):
+        """Recover sp's lock from ctx's record if ctx held it; `holders`
+        (_possible_holders) is computed once, when first needed."""
         if state == lib.FAYT_HELD_PENDING:
             # Died between claiming the record and taking (or recording)
-            # the lock: it is ours only if held and nobody alive holds it.
+            # the lock, or inside unlock: ours only if held and no live
+            # context that maps it may hold it.
+            if holders is None:
+                holders = self._possible_holders(ctx)
             if sp.lock_state() & lib.FAYT_LOCK_STATE_MASK == lib.FAYT_LOCK_FREE:
-                return others
-            if others is None:
-                others = set()
-                for c in self.contexts.values():
-                    if c is not ctx and c.alive:
-                        others.update(i for i, s in c.lock_records()
-                                      if s in (lib.FAYT_HELD_HELD, lib.FAYT_HELD_PENDING))
-            if sp_id in others:
-                return others
+                return holders
+            if sp.id in holders:
+                return holders
         elif state != lib.FAYT_HELD_HELD:
-            return others
+            return holders              # WAITING never holds; anything else is not a record
         try:
             sp.recover_lock()
         finally:
@@ -365,7 +397,7 @@ class Kernel:
                 sp.close_meta()
         log.info("pid %d died holding the lock of share-point %r: released, owner-died set",
                  ctx.pid, sp.identifier.decode("utf-8", "replace"))
-        return others
+        return holders
 
     def catch_up(self, ctx):
         """Perform what other connections already sent (Server.catch_up):
@@ -377,6 +409,18 @@ class Kernel:
     def add_mapping(self, ctx, m):
         ctx.mappings[m.handle] = m
         ctx.count_mappings()
+        sp = m.sp
+        if sp is not None and sp.id not in ctx.sp_mapped:
+            seen = ctx.sp_mapped
+            if len(seen) >= ctx.sp_prune_at:
+                # Now and then forget the gone ones (destroyed, and nobody
+                # maps them any more): amortised, a constant per mapping.
+                for i in [i for i, s in seen.items() if s.destroyed and not s.captured]:
+                    del seen[i]
+                ctx.sp_prune_at = max(64, 2 * len(seen))
+            seen[sp.id] = sp
+            if self.journal is not None:
+                self.journal.sharepoint_mapped(ctx, sp)
 
     # -- the per-context RAM quota (config max_ram_per_context) ----------
     def charge(self, ctx, nbytes):

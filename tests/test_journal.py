@@ -391,3 +391,56 @@ def test_journal_names_outside_faytd_s_objects_are_not_trusted(restartable):
     d = restartable.start()
     log = _log(d)
     assert log.count("is not a journal record") == 3, log
+
+
+def test_journal_lock_records_of_a_context_that_never_mapped_are_ignored_at_restart(
+        restartable, children):
+    """A process that never mapped a share-point forges a HELD record naming
+    it, and dies while no faytd runs: the restart releases nothing (before:
+    the lock was released under its live holder).  What a context had
+    mapped comes from the journal (the share-point's owner, A records)."""
+    d = restartable.start()
+    conn = libportal.Connection(d.socket)
+    sp = libportal.share_create("j-forged", 4096, connection=conn)
+    assert sp.lock() == 0
+    forger = children("""
+        import ctypes
+        from libportal._abi import ffi
+        c = lp.connection()
+        rec = c.context_page + ffi.offsetof("struct fayt_context_page", "held")
+        ctypes.c_uint32.from_address(rec).value = %d
+        ctypes.c_uint32.from_address(rec + 4).value = %d
+        print("forged")
+        time.sleep(120)
+        """ % (sp.sp_id, lib.FAYT_HELD_HELD), d)
+    assert forger.expect() == "forged"
+    restartable.kill()
+    forger.kill()
+    d = restartable.start()
+    assert sp.lock_state == lib.FAYT_LOCK_HELD and not sp.owner_died
+    assert "never mapped" in _log(d)
+    sp.unlock()
+
+
+def test_journal_an_attacher_s_lock_is_recovered_after_two_restarts(restartable, children):
+    """The journal's A record (an attach) survives the rewrite a restart
+    makes: the holder dies after the second restart, and its lock is
+    recovered."""
+    d = restartable.start()
+    conn = libportal.Connection(d.socket)
+    sp = libportal.share_create("j-twice", 4096, connection=conn)
+    holder = children("""
+        sp = lp.share_attach("j-twice")
+        assert sp.lock() == 0
+        print("locked")
+        time.sleep(120)
+        """, d)
+    assert holder.expect() == "locked"
+    restartable.kill()
+    d = restartable.start()
+    restartable.kill()
+    d = restartable.start()
+    holder.kill()
+    assert sp.lock(WAIT) == errno.EOWNERDEAD
+    sp.mark_consistent()
+    sp.unlock()

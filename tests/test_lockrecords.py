@@ -1,5 +1,12 @@
-"""Robust-lock records: a thread asleep in lock() records WAITING, which
-faytd never takes for a holder (faytd/kernel.py, recover_locks).
+"""Robust-lock records are bytes their process can write: faytd acts on a
+dead context's records only for share-points it was granted a mapping of,
+and a live context's records count as a possible holder only for
+share-points it mapped (faytd/kernel.py, recover_locks).
+
+The attackers here ignore libportal's lock calls: they write forged records
+into their own context page with ctypes, as raw bytes, and the cross-uid
+ones run as uid 65534 (nobody) against a root-owned faytd whose socket is
+reachable by all (test_policy's mechanism).
 """
 import errno
 import os
@@ -85,6 +92,68 @@ def _end(p):
     for f in (p.stdin, p.stdout, p.stderr):
         if f:
             f.close()
+
+
+def test_lockrecord_of_a_context_that_never_mapped_the_share_point_is_ignored(as_user, start):
+    """nobody never maps root's share-points, forges HELD records naming
+    them and dies: faytd releases nothing and marks nothing owner-died
+    (before: the held lock was released under its holder, and the free one
+    marked owner-died)."""
+    d = start()
+    conn = libportal.Connection(d.socket)
+    held = libportal.share_create("held-" + uuid.uuid4().hex[:8], 4096, connection=conn)
+    free = libportal.share_create("free-" + uuid.uuid4().hex[:8], 4096, connection=conn)
+    try:
+        assert held.lock() == 0
+        p, cid = _forger(as_user, d, [(held.sp_id, lib.FAYT_HELD_HELD),
+                                      (free.sp_id, lib.FAYT_HELD_HELD)])
+        try:
+            p.stdin.write("die\n")
+            p.stdin.flush()
+            p.wait(timeout=TIMEOUT)
+            wait_until(lambda: _context_gone(d, cid), "faytd to see the forger die")
+        finally:
+            _end(p)
+        assert held.lock_state == lib.FAYT_LOCK_HELD        # still ours, not marked
+        assert held.held and not held.owner_died
+        assert free.lock_state == lib.FAYT_LOCK_FREE and not free.owner_died
+        held.unlock()
+        assert free.try_lock() == 0                          # not EOWNERDEAD
+        free.unlock()
+        assert "never mapped" in d.read_log()
+    finally:
+        held.destroy()
+        free.destroy()
+        conn.close()
+
+
+def test_lockrecord_forged_by_a_live_context_does_not_block_recovery(as_user, start):
+    """A holder dies between taking the lock and marking its record HELD
+    (PENDING).  A live nobody that never mapped the share-point forges a
+    PENDING record naming it: the lock is recovered all the same (before:
+    the forged record made faytd take it for a possible holder, and the
+    lock stayed held for ever)."""
+    d = start()
+    conn = libportal.Connection(d.socket)
+    name = "pend-" + uuid.uuid4().hex[:8]
+    sp = libportal.share_create(name, 4096, connection=conn)
+    env = dict(os.environ, FAYT_SOCKET=d.socket)
+    holder = Child(PENDING_HOLDER.replace("sys.argv[-1]", repr(name)), env)
+    p = None
+    try:
+        assert holder.expect() == "locked"
+        assert lock_state(sp) == lib.FAYT_LOCK_HELD
+        p, _ = _forger(as_user, d, [(sp.sp_id, lib.FAYT_HELD_PENDING)])
+        holder.kill()
+        assert sp.lock(WAIT) == errno.EOWNERDEAD
+        sp.mark_consistent()
+        sp.unlock()
+    finally:
+        holder.kill()
+        if p is not None:
+            _end(p)
+        sp.destroy()
+        conn.close()
 
 
 def test_lockrecord_sleeping_waiter_does_not_block_recovery(lp, spawn):

@@ -6,10 +6,12 @@
  * the lock and clears the slot.  A locker that must sleep (the contended
  * path) marks it WAITING just before each futex wait and PENDING again
  * before it next tries the lock, so WAITING always means "not holding".
- * When the process dies faytd walks the slots: HELD locks are released with
- * the owner-died bit set; a PENDING lock is released the same way only if the
- * lock is held and no live context records it HELD or PENDING; WAITING is
- * never a holder (faytd/kernel.py, recover_locks).
+ * When the process dies faytd walks the slots, for share-points this
+ * context mapped (faytd's own record, never the slot's word alone): HELD
+ * locks are released with the owner-died bit set; a PENDING lock the same
+ * way only if the lock is held and no live context that mapped the
+ * share-point records it HELD or PENDING; WAITING is never a holder
+ * (faytd/kernel.py, recover_locks).
  * The notification part (see notification.h) holds the 64 notification
  * actions (faytd writes them at the install call), the rings faytd made into
  * this context (a new one bumps rings_generation: the runtime then fetches
