@@ -116,9 +116,18 @@ class Mapping:
         Like munmap(2) it does not wait: the request is sent with
         FAYT_REQ_NOREPLY and faytd performs it before any later call of this
         connection.  It cannot fail for a mapping this object holds; if faytd
-        ever refuses it, the next call of the connection warns (RuntimeWarning)."""
+        ever refuses it, the next call of the connection warns (RuntimeWarning).
+        BufferError while memoryviews of its memory (.buf, view()) exist,
+        as mmap.mmap.close() does: release them first."""
         self._check()
+        self._check_unmap()
         self._release(lib.FAYT_SYS_UNMAP, lib.FAYT_REQ_NOREPLY)
+
+    def _orphan(self, addr, length):
+        """Connection.close(): True if memoryviews keep the memory mapped
+        (the last one to go unmaps it)."""
+        r = getattr(self, "_region", None)
+        return r is not None and r.orphan(addr, length)
 
     def __repr__(self):
         return "<%s handle=%d addr=%#x length=%d%s>" % (
@@ -136,22 +145,22 @@ class Portal(Mapping):
         self.length = self.map_length
         self.mapped = True
         self._buf = None
+        self._region = None
 
     @property
     def buf(self):
+        """A memoryview of the region.  While it, or any memoryview made
+        from it, exists, unmap() raises BufferError."""
         self._check()
         if self._buf is None:
-            if not self.prot & PROT_READ:
-                raise errors.error(errno.EACCES, "portal is not readable (prot)")
-            self._buf = memoryview(ffi.buffer(ffi.cast("char *", self.addr), self.length))
-            if not self.prot & PROT_WRITE:
-                self._buf = self._buf.toreadonly()
+            self._buf = _view(self, self.prot)
         return self._buf
 
+    def _check_unmap(self):
+        _check_views(self)
+
     def _invalidate(self):
-        if self._buf is not None:
-            self._buf.release()
-            self._buf = None
+        _drop_views(self)
         self.mapped = False
 
     def __enter__(self):
@@ -191,8 +200,10 @@ class SharePoint(_fastpath.SharePointCore, Mapping):
         connection's later calls, and any other process's create, attach or
         list of a name that still exists (faytd first performs what every
         connection has already sent).  Otherwise it waits for faytd's answer,
-        so that EPERM is raised here and the mapping is kept."""
+        so that EPERM is raised here and the mapping is kept.
+        BufferError while memoryviews of view() exist (nothing is done)."""
         self._check()
+        self._check_unmap()
         conn = self.connection
         if not conn._broken:
             try:
@@ -288,6 +299,37 @@ def portal(type, prot=PROT_RW, length=0, *, identifier=None, create=False,
     if is_share:
         return SharePoint(conn, reply, None, paddr_out, mapped, type, identifier)
     return Portal(conn, reply, None, paddr_out, mapped, type, prot)
+
+
+def _view(m, prot):
+    """A memoryview of m's memory (m.addr, m.length), its exports counted
+    (_fastpath.Region): read-only without PROT_WRITE."""
+    if not prot & PROT_READ:
+        raise errors.error(errno.EACCES, "portal is not readable (prot)")
+    if m._region is None:
+        m._region = _fastpath.Region(m.addr, m.length, not prot & PROT_WRITE)
+    return memoryview(m._region)
+
+
+def _check_views(m):
+    """BufferError if memoryviews of m's memory exist.  m's own .buf is
+    released first (a later .buf makes another): a slice of it shares its
+    export, so only then do the exports say whether anyone else holds one."""
+    if m._buf is not None:
+        m._buf, buf = None, m._buf
+        buf.release()                   # BufferError if something holds a buffer of it
+    if m._region is not None and m._region.exports:
+        m._region.close()               # raises BufferError
+
+
+def _drop_views(m):
+    if m._buf is not None:
+        m._buf.release()
+        m._buf = None
+    if m._region is not None:
+        if not m._region.exports:
+            m._region.close()
+            m._region = None
 
 
 def _mapped_inode(addr):

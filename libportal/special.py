@@ -61,8 +61,9 @@ from . import errors
 from ._abi import (ffi, lib, HANDLE_REQ, PORTAL_REPLY, CHAIN_JOIN as JOIN_REQ,
                    CHAIN_JOIN_REPLY as JOIN_REPLY, CHAIN_LEAVE as LEAVE_REQ,
                    CHAIN_BACK as BACK_REQ, CHAIN_BACK_REPLY as BACK_REPLY,
-                   PAGE_REQUEST as PAGE_REQ, PAGE_REQUEST_HEAD as PAGE_REQ_HEAD)
-from .portal import Mapping, PROT_READ, PROT_WRITE, PAGE_SIZE, encode_portal_req
+                   PAGE_REQUEST as PAGE_REQ, PAGE_REQUEST_HEAD as PAGE_REQ_HEAD, _fastpath)
+from .portal import (Mapping, PROT_READ, PROT_WRITE, PAGE_SIZE, encode_portal_req,
+                     _check_views, _drop_views)
 
 _CRED = struct.Struct("3i")
 _CHAIN_AT = ffi.offsetof("struct fayt_page_request", "chain")
@@ -122,6 +123,7 @@ class SpecialPortal(Mapping):
         self._uffd = uffd
         self.mapped = True
         self._buf = None
+        self._region = None
 
     def _check_range(self, offset, n):
         self._check()
@@ -131,12 +133,18 @@ class SpecialPortal(Mapping):
 
     @property
     def buf(self):
+        """While it, or any memoryview made from it, exists, unmap() raises
+        BufferError."""
         self._check()
         if self._buf is None:
-            self._buf = memoryview(ffi.buffer(ffi.cast("char *", self.addr), self.length))
-            if not self.prot & PROT_WRITE:
-                self._buf = self._buf.toreadonly()
+            if self._region is None:
+                self._region = _fastpath.Region(self.addr, self.length,
+                                                not self.prot & PROT_WRITE)
+            self._buf = memoryview(self._region)
         return self._buf
+
+    def _check_unmap(self):
+        _check_views(self)
 
     def read(self, offset, n):
         self._check_range(offset, n)
@@ -164,9 +172,7 @@ class SpecialPortal(Mapping):
             lib.fayt_copy(self.addr + offset, ffi.cast("uintptr_t", ffi.from_buffer(mv)), len(mv))
 
     def _invalidate(self):
-        if self._buf is not None:
-            self._buf.release()
-            self._buf = None
+        _drop_views(self)
         self.mapped = False
         if self._uffd >= 0:
             lib.fayt_special_unguard(self._uffd)

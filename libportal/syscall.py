@@ -285,7 +285,8 @@ class Connection:
         for m in list(_live):
             if m.connection is self and m.mapped:
                 m._invalidate()
-                lib.fayt_unmap(m.addr, m.map_length)
+                if not m._orphan(m.addr, m.map_length):   # live memoryviews: the last unmaps
+                    lib.fayt_unmap(m.addr, m.map_length)
                 _live.discard(m)
         try:                            # wakes another thread's call (its poll sees HUP)
             self.sock.shutdown(socket.SHUT_RDWR)

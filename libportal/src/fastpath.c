@@ -51,7 +51,7 @@
 #include "fayt/sharepoint.h"
 #include "fayt/syscall.h"
 
-#define FASTPATH_ABI 3
+#define FASTPATH_ABI 4
 
 #include <pthread.h>
 #include <pythread.h>
@@ -145,6 +145,135 @@ static PyObject *raise_errno(int err, const char *msg)
     return NULL;
 }
 
+/* -- Region: memory a memoryview may be made of, with its exports counted ----
+ * A memoryview cannot be invalidated once made, so, as mmap.mmap does, the
+ * owner refuses to unmap while any exists (BufferError): Portal.buf and
+ * SharePoint.view() are memoryviews of a Region, and every memoryview made
+ * from those (slices, casts) holds the same export until it is released
+ * or collected.  close() fails while exports remain; orphan() (a connection
+ * closed under live views) leaves the memory mapped until the last export
+ * goes, then unmaps it. */
+typedef struct {
+    PyObject_HEAD
+    char *addr;
+    Py_ssize_t length;
+    int readonly;
+    Py_ssize_t exports;
+    uintptr_t unmap_addr;      /* orphaned: munmap this when exports reach 0 */
+    size_t unmap_length;
+} Region;
+
+static PyObject *raise_errno(int err, const char *msg);
+
+static int region_init(Region *self, PyObject *args, PyObject *kw)
+{
+    unsigned long long addr;
+    Py_ssize_t length;
+    int readonly;
+    if (!PyArg_ParseTuple(args, "Knp", &addr, &length, &readonly))
+        return -1;
+    if (!addr || length < 0) {
+        PyErr_SetString(PyExc_ValueError, "Region(addr, length, readonly): bad region");
+        return -1;
+    }
+    self->addr = (char *)(uintptr_t)addr;
+    self->length = length;
+    self->readonly = readonly;
+    return 0;
+}
+
+static int region_getbuffer(Region *self, Py_buffer *view, int flags)
+{
+    if (!self->addr || self->unmap_addr) {
+        raise_errno(EBADF, "portal is unmapped");
+        return -1;
+    }
+    if (PyBuffer_FillInfo(view, (PyObject *)self, self->addr, self->length, self->readonly,
+                          flags) < 0)
+        return -1;
+    self->exports++;
+    return 0;
+}
+
+static void region_releasebuffer(Region *self, Py_buffer *view)
+{
+    if (--self->exports == 0 && self->unmap_addr) {
+        fayt_unmap(self->unmap_addr, self->unmap_length);
+        self->unmap_addr = 0;
+    }
+}
+
+static PyObject *region_close(Region *self, PyObject *unused)
+{
+    if (self->exports) {
+        PyErr_Format(PyExc_BufferError, "cannot unmap: %zd memoryview%s of its memory still "
+                     "exist%s (release() them, or let them go, first)", self->exports,
+                     self->exports == 1 ? "" : "s", self->exports == 1 ? "s" : "");
+        return NULL;
+    }
+    self->addr = NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *region_orphan(Region *self, PyObject *args)
+{
+    unsigned long long addr, length;
+    if (!PyArg_ParseTuple(args, "KK", &addr, &length))
+        return NULL;
+    if (!self->exports)
+        Py_RETURN_FALSE;
+    self->unmap_addr = (uintptr_t)addr;
+    self->unmap_length = (size_t)length;
+    Py_RETURN_TRUE;
+}
+
+static PyObject *region_exports(Region *self, void *c) { return PyLong_FromSsize_t(self->exports); }
+
+static PyBufferProcs region_as_buffer = {
+    (getbufferproc)region_getbuffer, (releasebufferproc)region_releasebuffer,
+};
+
+static PyMethodDef region_methods[] = {
+    {"close", (PyCFunction)region_close, METH_NOARGS,
+     "Forget the memory; BufferError while memoryviews of it exist."},
+    {"orphan", (PyCFunction)region_orphan, METH_VARARGS,
+     "orphan(addr, length) -> bool: if memoryviews of it exist, munmap(addr, length) when the "
+     "last goes (True); else False and nothing happens."},
+    {NULL}
+};
+
+static PyGetSetDef region_getset[] = {
+    {"exports", (getter)region_exports, NULL, "buffers exported (live memoryviews)", NULL},
+    {NULL}
+};
+
+static PyTypeObject RegionType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "libportal._fastpath.Region",
+    .tp_basicsize = sizeof(Region),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Region(addr, length, readonly): mapped memory whose memoryviews are counted.",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)region_init,
+    .tp_as_buffer = &region_as_buffer,
+    .tp_methods = region_methods,
+    .tp_getset = region_getset,
+};
+
+static PyObject *region_new(void *addr, Py_ssize_t length, int readonly)
+{
+    Region *r = PyObject_New(Region, &RegionType);
+    if (!r)
+        return NULL;
+    r->addr = addr;
+    r->length = length;
+    r->readonly = readonly;
+    r->exports = 0;
+    r->unmap_addr = 0;
+    r->unmap_length = 0;
+    return (PyObject *)r;
+}
+
 typedef struct {
     PyObject_HEAD
     uint8_t *base;
@@ -155,6 +284,7 @@ typedef struct {
     struct fayt_context_page *ctx;
     int slot;
     unsigned long holder;     /* thread that holds the lock through this object, or 0 */
+    PyObject *region;         /* the Region view() exports, made at the first view() */
     PyObject *weakreflist;
     PyObject *dict;
 } SharePointCore;
@@ -181,6 +311,7 @@ static int core_init(SharePointCore *self, PyObject *args, PyObject *kw)
     self->ctx = (struct fayt_context_page *)(uintptr_t)ctx;
     self->slot = -1;
     self->holder = 0;
+    Py_CLEAR(self->region);
     return 0;
 }
 
@@ -190,6 +321,7 @@ static void core_dealloc(SharePointCore *self)
     if (self->weakreflist)
         PyObject_ClearWeakRefs((PyObject *)self);
     Py_CLEAR(self->dict);
+    Py_CLEAR(self->region);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
@@ -202,6 +334,7 @@ static int core_traverse(SharePointCore *self, visitproc visit, void *arg)
 static int core_clear(SharePointCore *self)
 {
     Py_CLEAR(self->dict);
+    Py_CLEAR(self->region);
     return 0;
 }
 
@@ -532,9 +665,13 @@ static PyObject *core_view(SharePointCore *self, PyObject *unused)
     CHECK_MAPPED(self);
     if (!(self->prot & FAYT_PROT_READ))
         return raise_errno(EACCES, "share-point is not readable (prot)");
-    int flags = (self->prot & FAYT_PROT_WRITE) ? PyBUF_WRITE : PyBUF_READ;
-    return PyMemoryView_FromMemory((char *)self->base + self->data_offset,
-                                   (Py_ssize_t)self->length, flags);
+    if (!self->region) {
+        self->region = region_new(self->base + self->data_offset, (Py_ssize_t)self->length,
+                                  !(self->prot & FAYT_PROT_WRITE));
+        if (!self->region)
+            return NULL;
+    }
+    return PyMemoryView_FromObject(self->region);
 }
 
 static PyObject *core_enter(SharePointCore *self, PyObject *unused)
@@ -557,18 +694,45 @@ static PyObject *core_exit(SharePointCore *self, PyObject *const *args, Py_ssize
     Py_RETURN_FALSE;
 }
 
+/* Whether it may be unmapped: BufferError while memoryviews of view() exist. */
+static PyObject *core_check_unmap(SharePointCore *self, PyObject *unused)
+{
+    CHECK_MAPPED(self);
+    if (self->region && ((Region *)self->region)->exports)
+        return region_close((Region *)self->region, NULL);
+    Py_RETURN_NONE;
+}
+
 static PyObject *core_invalidate(SharePointCore *self, PyObject *unused)
 {
     if (self->base && self->holder)
         release(self);
+    if (self->region) {
+        Region *r = (Region *)self->region;
+        if (r->exports)         /* Connection.close() under live views: see orphan */
+            r->addr = NULL;
+        else
+            Py_CLEAR(self->region);
+    }
     self->base = NULL;
     Py_RETURN_NONE;
+}
+
+/* Connection.close(): whether views keep the memory mapped (then the last
+ * one to go unmaps it). */
+static PyObject *core_orphan(SharePointCore *self, PyObject *args)
+{
+    if (!self->region)
+        Py_RETURN_FALSE;
+    return region_orphan((Region *)self->region, args);
 }
 
 /* After fork(): forget the mapping without touching it; the lock and the
  * robust record it names belong to the parent. */
 static PyObject *core_forget(SharePointCore *self, PyObject *unused)
 {
+    if (self->region)
+        ((Region *)self->region)->addr = NULL;      /* no new views of it */
     self->base = NULL;
     self->holder = 0;
     self->slot = -1;
@@ -617,6 +781,8 @@ static PyMethodDef core_methods[] = {
     {"__enter__", (PyCFunction)core_enter, METH_NOARGS, NULL},
     {"__exit__", (PyCFunction)(void (*)(void))core_exit, METH_FASTCALL, NULL},
     {"_invalidate", (PyCFunction)core_invalidate, METH_NOARGS, NULL},
+    {"_check_unmap", (PyCFunction)core_check_unmap, METH_NOARGS, NULL},
+    {"_orphan", (PyCFunction)core_orphan, METH_VARARGS, NULL},
     {"_forget", (PyCFunction)core_forget, METH_NOARGS, NULL},
     {NULL}
 };
@@ -1196,7 +1362,7 @@ static struct PyModuleDef fastpath_module = {
 
 PyMODINIT_FUNC PyInit__fastpath(void)
 {
-    if (PyType_Ready(&SharePointCoreType) < 0)
+    if (PyType_Ready(&SharePointCoreType) < 0 || PyType_Ready(&RegionType) < 0)
         return NULL;
     main_ident = PyThread_get_thread_ident();
     PyObject *th = PyImport_ImportModule("threading");
@@ -1213,6 +1379,8 @@ PyMODINIT_FUNC PyInit__fastpath(void)
         return NULL;
     Py_INCREF(&SharePointCoreType);
     PyModule_AddObject(m, "SharePointCore", (PyObject *)&SharePointCoreType);
+    Py_INCREF(&RegionType);
+    PyModule_AddObject(m, "Region", (PyObject *)&RegionType);
     PyModule_AddIntConstant(m, "ABI_VERSION", FASTPATH_ABI);
     return m;
 }
