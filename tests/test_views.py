@@ -1,11 +1,14 @@
 """Memoryviews of mapped memory cannot be invalidated once made, so, as
 mmap.mmap and multiprocessing.shared_memory do, unmap() and destroy() raise
-BufferError while any exists, and nothing touches freed memory.
+BufferError while any exists, and nothing touches freed memory.  A thread
+waiting in lock() when another unmaps the share-point gets an error.
 
 Each case runs in a child process: before, the same steps were a SIGSEGV,
 which must fail the test rather than end the test run.
 """
-from test_sharepoint import spawn  # noqa: F401
+import errno
+
+from test_sharepoint import WAIT, spawn, wait_until, sleeping_on_futex  # noqa: F401
 
 
 def _run(spawn, code):
@@ -64,6 +67,47 @@ def test_sharepoint_unmap_and_destroy_with_a_live_view_raise_buffer_error(lp, sp
         """)
     assert out == ["BufferError", "BufferError", "True True b'abc' b'abc'", "False False",
                    "EBADF"]
+
+
+def test_sharepoint_unmap_while_another_thread_waits_in_lock_gives_it_an_error(lp, spawn):
+    c = spawn("""
+        import uuid
+        sp = lp.share_create("t-sp-unmapw-" + uuid.uuid4().hex[:10], 4096)
+        other = lp.share_attach(sp.identifier)
+        assert other.lock() == 0              # held through another mapping
+        got = []
+
+        def waiter():
+            try:
+                got.append(sp.lock(%r))
+            except OSError as e:
+                got.append((type(e).__name__, e.errno))
+        t = threading.Thread(target=waiter)
+        t.start()
+        print("waiting", flush=True)
+        sys.stdin.readline()                  # the test saw it asleep on the futex
+        sp.unmap()
+        t.join(%r)
+        print(got, t.is_alive(), flush=True)
+        other.unlock()
+        other.destroy()
+        """ % (WAIT, WAIT))
+    assert c.expect() == "waiting"
+    wait_until(lambda: any(sleeping_on_futex_task(c.pid)), "the waiter to sleep")
+    c.send("go")
+    assert c.expect() == "[('Unmapped', %d)] False" % errno.EBADF
+    c.finish()
+
+
+def sleeping_on_futex_task(pid):
+    """Whether each thread of pid sleeps in a futex wait."""
+    import os
+    for tid in os.listdir("/proc/%d/task" % pid):
+        try:
+            with open("/proc/%d/task/%s/wchan" % (pid, tid)) as f:
+                yield "futex" in f.read()
+        except OSError:
+            yield False
 
 
 def test_portal_connection_close_keeps_live_views_valid_until_released(faytd, spawn):

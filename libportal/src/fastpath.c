@@ -284,6 +284,8 @@ typedef struct {
     struct fayt_context_page *ctx;
     int slot;
     unsigned long holder;     /* thread that holds the lock through this object, or 0 */
+    int closing;              /* being unmapped: waiters in lock() give up (ECANCELED) */
+    int waiters;              /* threads in lock() with the GIL released */
     PyObject *region;         /* the Region view() exports, made at the first view() */
     PyObject *weakreflist;
     PyObject *dict;
@@ -311,6 +313,8 @@ static int core_init(SharePointCore *self, PyObject *args, PyObject *kw)
     self->ctx = (struct fayt_context_page *)(uintptr_t)ctx;
     self->slot = -1;
     self->holder = 0;
+    self->closing = 0;
+    self->waiters = 0;
     Py_CLEAR(self->region);
     return 0;
 }
@@ -394,9 +398,14 @@ static int acquire(SharePointCore *self, int64_t timeout_ns)
     if (r == EBUSY && timeout_ns != 0) {
         /* The contended path: the record says WAITING while this thread
          * sleeps (fayt_sp_lock_wait), so that faytd never takes a sleeper
-         * for a possible holder. */
+         * for a possible holder.  unmap() from another thread sets
+         * `closing`, wakes the sleepers and waits until `waiters` is 0
+         * before it unmaps: a waiter gives up (ECANCELED) without the lock,
+         * or releases one it took meanwhile, before it counts itself out. */
         int64_t deadline = timeout_ns > 0 ? fayt_now_ns() + timeout_ns : 0;
         uint32_t *state = slot >= 0 ? &self->ctx->held[slot].state : NULL;
+        uint8_t *base = self->base;
+        int *closing = &self->closing, *waiters = &self->waiters;
         for (;;) {
             int64_t left = -1;
             if (timeout_ns > 0) {
@@ -404,8 +413,19 @@ static int acquire(SharePointCore *self, int64_t timeout_ns)
                 if (left < 0)
                     left = 0;
             }
+            if (__atomic_load_n(closing, __ATOMIC_ACQUIRE)) {
+                r = ECANCELED;
+                break;
+            }
+            __atomic_add_fetch(waiters, 1, __ATOMIC_ACQ_REL);
             Py_BEGIN_ALLOW_THREADS
-            r = fayt_sp_lock_wait(self->base, state, left);
+            r = fayt_sp_lock_wait(base, state, left, closing);
+            if ((r == 0 || r == EOWNERDEAD) && __atomic_load_n(closing, __ATOMIC_ACQUIRE)) {
+                if ((fayt_sp_drop(base) & FAYT_LOCK_STATE_MASK) == FAYT_LOCK_CONTENDED)
+                    fayt_sp_wake(base);
+                r = ECANCELED;
+            }
+            __atomic_sub_fetch(waiters, 1, __ATOMIC_ACQ_REL);
             Py_END_ALLOW_THREADS
             if (r != EINTR)
                 break;
@@ -424,7 +444,10 @@ static int acquire(SharePointCore *self, int64_t timeout_ns)
     rec_clear(self->ctx, slot);
     if (r == EBUSY && timeout_ns == 0)
         return EBUSY;
-    if (r == EBUSY || r == ETIMEDOUT)
+    if (r == ECANCELED)
+        raise_errno(EBADF, "share-point lock: the share-point was unmapped by another thread "
+                           "while this one waited");
+    else if (r == EBUSY || r == ETIMEDOUT)
         raise_errno(ETIMEDOUT, "share-point lock: timed out");
     else
         raise_errno(r, "share-point lock failed");
@@ -703,10 +726,22 @@ static PyObject *core_check_unmap(SharePointCore *self, PyObject *unused)
     Py_RETURN_NONE;
 }
 
+/* Before the munmap: threads waiting in lock() give up (EBADF), and a lock
+ * this object holds is released. */
 static PyObject *core_invalidate(SharePointCore *self, PyObject *unused)
 {
-    if (self->base && self->holder)
-        release(self);
+    if (self->base) {
+        __atomic_store_n(&self->closing, 1, __ATOMIC_RELEASE);
+        while (__atomic_load_n(&self->waiters, __ATOMIC_ACQUIRE)) {
+            fayt_sp_wake_all(self->base);
+            Py_BEGIN_ALLOW_THREADS
+            struct timespec ts = {0, 1000000};
+            nanosleep(&ts, NULL);
+            Py_END_ALLOW_THREADS
+        }
+        if (self->holder)
+            release(self);
+    }
     if (self->region) {
         Region *r = (Region *)self->region;
         if (r->exports)         /* Connection.close() under live views: see orphan */

@@ -124,7 +124,7 @@ static inline void state_waiting(uint32_t *state)
         __atomic_store_n(state, FAYT_HELD_WAITING, __ATOMIC_RELEASE);
 }
 
-int fayt_sp_lock_wait(void *base, uint32_t *state, int64_t timeout_ns)
+int fayt_sp_lock_wait(void *base, uint32_t *state, int64_t timeout_ns, const int *abort)
 {
     uint8_t *l = lock_byte(base);
     int died = 0;
@@ -141,6 +141,10 @@ int fayt_sp_lock_wait(void *base, uint32_t *state, int64_t timeout_ns)
     }
     fayt_deadline(timeout_ns, &deadline);
     for (;;) {
+        if (abort && __atomic_load_n(abort, __ATOMIC_ACQUIRE)) {
+            state_waiting(state);
+            return ECANCELED;
+        }
         /* Announce a waiter: held -> contended; a free lock is taken as
          * contended, since others may still sleep. */
         uint8_t c = __atomic_load_n(l, __ATOMIC_RELAXED);
@@ -174,6 +178,8 @@ int fayt_sp_lock_wait(void *base, uint32_t *state, int64_t timeout_ns)
             tsp = &rel;
         }
         state_waiting(state);
+        if (abort && __atomic_load_n(abort, __ATOMIC_ACQUIRE))
+            return ECANCELED;
         int r = futex_wait(lock_word(base), w, tsp);
         if (r == ETIMEDOUT || r == EINTR)
             return r;
@@ -183,13 +189,18 @@ taken:
     return died ? EOWNERDEAD : 0;
 }
 
+void fayt_sp_wake_all(void *base)
+{
+    futex_wake(lock_word(base), 0x7fffffff);
+}
+
 int fayt_sp_lock(void *base, struct fayt_context_page *ctx, uint32_t sp_id,
                  int64_t timeout_ns, int *slot)
 {
     int s = record_claim(ctx, sp_id);
     if (s == -2)
         return ENOLCK;
-    int r = fayt_sp_lock_wait(base, s >= 0 ? &ctx->held[s].state : NULL, timeout_ns);
+    int r = fayt_sp_lock_wait(base, s >= 0 ? &ctx->held[s].state : NULL, timeout_ns, NULL);
     if (r != 0 && r != EOWNERDEAD) {
         record_clear(ctx, s);
         return r;

@@ -22,8 +22,12 @@ int fayt_sp_lock(void *base, struct fayt_context_page *ctx, uint32_t sp_id,
  * *state (the record's state word, or NULL) is set PENDING while the lock
  * is tried and WAITING while this thread sleeps; it is PENDING when the
  * lock was taken (the caller marks it HELD), WAITING after any other
- * return.  Returns 0, EOWNERDEAD, ETIMEDOUT, EINTR. */
-int fayt_sp_lock_wait(void *base, uint32_t *state, int64_t timeout_ns);
+ * return.  abort (or NULL): when another thread sets *abort and wakes the
+ * lock word's sleepers, the call returns ECANCELED without having taken
+ * the lock.  Returns 0, EOWNERDEAD, ETIMEDOUT, EINTR, ECANCELED. */
+int fayt_sp_lock_wait(void *base, uint32_t *state, int64_t timeout_ns, const int *abort);
+/* Wake every sleeper of the lock word (they look again and sleep on). */
+void fayt_sp_wake_all(void *base);
 /* Returns 0 or EBUSY. */
 int fayt_sp_trylock(void *base, struct fayt_context_page *ctx, uint32_t sp_id, int *slot);
 /* Returns 0, or EPERM if the lock is not held. */
