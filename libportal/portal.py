@@ -24,6 +24,7 @@ Lifetimes:
 import array
 import errno
 import os
+import struct
 import weakref
 
 from . import errors
@@ -47,7 +48,36 @@ _live = weakref.WeakSet()   # mapped regions, invalidated in a fork child
 
 def encode_portal_req(type, prot, length, identifier=None, share_type=0, create=0,
                       chain=None, message=None, addr=0, paddr=()):
-    """The wire body of a portal() request (see include/fayt/syscall.h)."""
+    """The wire body of a portal() request (see include/fayt/syscall.h).
+    InvalidArgument (EINVAL) names a field its C type cannot hold."""
+    try:
+        return _encode_portal_req(type, prot, length, identifier, share_type, create, chain,
+                                  message, addr, paddr)
+    except (struct.error, OverflowError):
+        _check_fields(type=type, prot=prot, length=length, share_type=share_type,
+                      create=create, addr=addr)
+        raise
+
+
+_INT = (-(1 << 31), (1 << 31) - 1)
+_FIELDS = {"type": _INT, "prot": _INT, "length": _INT, "share_type": _INT, "create": _INT,
+           "addr": (0, (1 << 64) - 1)}
+
+
+def _check_fields(**fields):
+    """Which field of struct portal_req cannot hold its value: EINVAL naming it."""
+    for name, v in fields.items():
+        lo, hi = _FIELDS[name]
+        if not isinstance(v, int):
+            raise errors.error(errno.EINVAL, "%s: %r is not an integer" % (name, v))
+        if not lo <= v <= hi:
+            what = "the specification's int" if hi == _INT[1] else "uintptr_t"
+            raise errors.error(errno.EINVAL, "%s: %d does not fit %s (%d to %d)"
+                               % (name, v, what, lo, hi))
+
+
+def _encode_portal_req(type, prot, length, identifier, share_type, create, chain, message,
+                       addr, paddr):
     if chain is None and message is None and not paddr:     # the common case, at once
         mlen = length if length > 0 else 0
         if identifier is None:

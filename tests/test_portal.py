@@ -271,6 +271,25 @@ def test_portal_unaligned_address_is_invalid(lp, private, addr):
     assert free_frames(private) == before and my_mappings(private) == maps
 
 
+@pytest.mark.parametrize("length", [1 << 31, (1 << 31) + PAGE, 1 << 40, -(1 << 31) - 1])
+def test_portal_length_above_what_int_holds_is_invalid(lp, private, length):
+    """struct portal_req's length is the specification's int: a length it
+    cannot hold is EINVAL naming `length`, for every class (before:
+    struct.error from packing the request)."""
+    before, maps = free_frames(private), my_mappings(private)
+    calls = [lambda: lp.portal(lp.ANON, lp.PROT_RW, length, connection=private),
+             lambda: lp.share_create("too-long", length, connection=private),
+             lambda: lp.portal(lp.SPECIAL, lp.PROT_RW, length, chain="none",
+                               connection=private)]
+    for call in calls:
+        with pytest.raises(libportal.InvalidArgument) as ei:
+            call()
+        assert ei.value.errno == errno.EINVAL
+        assert "length" in str(ei.value) and str(length) in str(ei.value)
+    assert share_table(private) == {}
+    assert free_frames(private) == before and my_mappings(private) == maps
+
+
 # -- RAM ----------------------------------------------------------------------
 
 def test_portal_ram_exhaustion_is_out_of_memory(lp, fresh_faytd, conn_to):
