@@ -490,6 +490,25 @@ def test_sharepoint_bounds_are_checked_on_every_access(lp, names):
         sp.destroy()
 
 
+def test_sharepoint_add_at_an_offset_not_naturally_aligned_is_invalid(lp, names):
+    """add() works on a native int64: at an offset that is not a multiple
+    of 8 it is EINVAL naming the offset, and nothing is written (before: an
+    unaligned int64 was read and written without a word)."""
+    sp = lp.share_create(names("align"), 4096)
+    try:
+        sp.write(0, bytes(range(24)))
+        for off in (1, 4, 7, 12, 20):
+            with pytest.raises(libportal.InvalidArgument) as ei:
+                sp.add(off, 1)
+            assert ei.value.errno == errno.EINVAL
+            assert "offset %d" % off in str(ei.value)
+            assert not sp.held and sp.lock_state == lib.FAYT_LOCK_FREE
+        assert sp.read(0, 24) == bytes(range(24))
+        assert sp.add(8, 0) == struct.unpack("<q", bytes(range(8, 16)))[0]
+        assert sp.add(16, 1) == struct.unpack("<q", bytes(range(16, 24)))[0] + 1
+    finally:
+        sp.destroy()
+
 
 def test_sharepoint_prot_read_attach_refuses_writes(lp, names):
     name = names("ro")

@@ -671,6 +671,15 @@ static PyObject *core_add(SharePointCore *self, PyObject *const *args, Py_ssize_
         return NULL;
     if (check_access(self, off, 8, FAYT_PROT_READ | FAYT_PROT_WRITE) < 0)
         return NULL;
+    if (off & 7) {      /* the data starts 16-byte aligned: off is the alignment */
+        PyObject *m = PyUnicode_FromFormat("add: offset %zd is not a multiple of 8 (the int64 "
+                                           "must be naturally aligned)", off);
+        if (m) {
+            raise_errno(EINVAL, PyUnicode_AsUTF8(m));
+            Py_DECREF(m);
+        }
+        return NULL;
+    }
     if ((self->prot & (FAYT_PROT_READ | FAYT_PROT_WRITE)) != (FAYT_PROT_READ | FAYT_PROT_WRITE))
         return raise_errno(EACCES, "add needs a readable and writable share-point (prot)");
     if (fused_acquire(self) < 0)
