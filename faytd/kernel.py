@@ -24,6 +24,8 @@ from .sharepoint import SharePointTable
 
 log = logging.getLogger("faytd")
 FAST_MAX_FRAMES = lib.FAYT_FAST_MAX_FRAMES    # larger portals go through Python
+_RECHECK_FIRST_S = 0.001    # a dead locker's PENDING record met a live one: look again after
+_RECHECK_MAX_S = 1.0        # ... doubling up to this
 
 
 class Kernel:
@@ -73,6 +75,8 @@ class Kernel:
         self.sharepoints.on_destroy.append(self._uncharge_sharepoint)
         self.pager = Pager(self)
         self.contexts = {}
+        self._rechecks = {}         # sp id -> [sp, dead pid, delay]: see _recover_one
+        self._recheck_fd = -1
         self._next_cid = 1
         self.server = None          # the Server, once it runs (watch_fd, catch_up)
         if self.journal:
@@ -346,8 +350,10 @@ class Kernel:
         is released with the owner-died bit.  PENDING (it died taking or
         releasing the lock): the same, if the lock is held and no live
         context that mapped the share-point records it HELD or PENDING (a
-        possible holder).  WAITING (asleep in the contended path) never
-        held it.  So a live context's records block a recovery only for
+        possible holder); if only PENDING ones (inside their own try,
+        a few instructions) it looks again shortly (_on_recheck) instead
+        of giving up.  WAITING (asleep in the contended path) never held
+        it.  So a live context's records block a recovery only for
         share-points it mapped, where it could hold the lock anyway."""
         holders = None
         for sp_id, state in ctx.lock_records():
@@ -364,15 +370,18 @@ class Kernel:
                 log.warning("pid %d: the lock of share-point %r not recovered: %s", ctx.pid,
                             sp.identifier.decode("utf-8", "replace"), getattr(e, "message", e))
 
-    def _possible_holders(self, dead):
-        """Share-point ids some live context other than `dead` may hold the
-        lock of: it mapped the share-point and records it HELD or PENDING."""
-        out = set()
+    def _possible_holders(self, dead=None):
+        """{share-point id: HELD or PENDING} for the locks some live context
+        other than `dead` may hold: it mapped the share-point and records
+        it so (HELD wins over PENDING)."""
+        out = {}
         for c in self.contexts.values():
             if c is not dead and c.alive:
-                out.update(i for i, s in c.lock_records()
-                           if s in (lib.FAYT_HELD_HELD, lib.FAYT_HELD_PENDING)
-                           and i in c.sp_mapped)
+                for i, s in c.lock_records():
+                    if s == lib.FAYT_HELD_HELD and i in c.sp_mapped:
+                        out[i] = s
+                    elif s == lib.FAYT_HELD_PENDING and i in c.sp_mapped:
+                        out.setdefault(i, s)
         return out
 
     def _recover_one(self, ctx, sp, state, holders):
@@ -386,18 +395,79 @@ class Kernel:
                 holders = self._possible_holders(ctx)
             if sp.lock_state() & lib.FAYT_LOCK_STATE_MASK == lib.FAYT_LOCK_FREE:
                 return holders
+            if holders.get(sp.id) == lib.FAYT_HELD_PENDING:
+                # A live context is inside its own try (or release): it may
+                # be the holder, or about to find the lock held and sleep.
+                # A PENDING record lasts a few instructions: look again soon.
+                self._recheck_later(sp, ctx.pid)
+                return holders
             if sp.id in holders:
                 return holders
         elif state != lib.FAYT_HELD_HELD:
             return holders              # WAITING never holds; anything else is not a record
+        self._release_dead_lock(ctx.pid, sp)
+        return holders
+
+    @staticmethod
+    def _release_dead_lock(pid, sp):
         try:
             sp.recover_lock()
         finally:
             if sp.destroyed:
                 sp.close_meta()
         log.info("pid %d died holding the lock of share-point %r: released, owner-died set",
-                 ctx.pid, sp.identifier.decode("utf-8", "replace"))
-        return holders
+                 pid, sp.identifier.decode("utf-8", "replace"))
+
+    # -- PENDING records seen at a death, looked at again -------------------
+    def _recheck_later(self, sp, pid):
+        if sp.id not in self._rechecks:
+            self._rechecks[sp.id] = [sp, pid, _RECHECK_FIRST_S]
+            log.info("pid %d died taking the lock of share-point %r while another context "
+                     "tried it: looking again", pid, sp.identifier.decode("utf-8", "replace"))
+        self._arm_recheck()
+
+    def _arm_recheck(self):
+        if not self._rechecks or self.server is None:
+            return                  # serving() arms it (a restart's adoption)
+        if self._recheck_fd < 0:
+            fd = lib.fayt_timerfd_open()
+            if fd < 0:
+                log.error("lock re-checks: timerfd_create: %s", os.strerror(-fd))
+                return
+            self._recheck_fd = fd
+            self.server.watch_fd(fd, self._on_recheck)
+        delay = min(r[2] for r in self._rechecks.values())
+        lib.fayt_timerfd_arm(self._recheck_fd, int(delay * 1e9))
+
+    def serving(self):
+        """The server runs (Server.__init__): timers may be armed now."""
+        self._arm_recheck()
+
+    def _on_recheck(self, fd, events):
+        """Each share-point whose dead locker's PENDING record met a live
+        PENDING one: free now, or a live HELD record, ends it; still a live
+        PENDING one, look again later (backing off to once a second); no
+        live possible holder, and the lock held: the dead one held it."""
+        lib.fayt_timerfd_drain(fd)
+        holders = self._possible_holders()
+        for sp_id, r in list(self._rechecks.items()):
+            sp, pid, delay = r
+            try:
+                if (sp.destroyed and not sp.captured) or (
+                        sp.lock_state() & lib.FAYT_LOCK_STATE_MASK == lib.FAYT_LOCK_FREE):
+                    del self._rechecks[sp_id]
+                elif holders.get(sp_id) == lib.FAYT_HELD_PENDING:
+                    r[2] = min(2 * delay, _RECHECK_MAX_S)
+                elif sp_id in holders:
+                    del self._rechecks[sp_id]
+                else:
+                    del self._rechecks[sp_id]
+                    self._release_dead_lock(pid, sp)
+            except Exception as e:
+                self._rechecks.pop(sp_id, None)
+                log.warning("the lock of share-point %r not recovered: %s",
+                            sp.identifier.decode("utf-8", "replace"), getattr(e, "message", e))
+        self._arm_recheck()
 
     def catch_up(self, ctx):
         """Perform what other connections already sent (Server.catch_up):
@@ -467,6 +537,12 @@ class Kernel:
         if self.journal is not None:
             self.journal.close(remove=True)
             self.sharepoints.journal = self.journal = None
+        self._rechecks.clear()
+        if self._recheck_fd >= 0:
+            if self.server is not None:
+                self.server.unwatch_fd(self._recheck_fd)
+            os.close(self._recheck_fd)
+            self._recheck_fd = -1
         self.pager.shutdown()
         self.notifications.shutdown()
         for ctx in list(self.contexts.values()):

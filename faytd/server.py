@@ -81,6 +81,7 @@ class Server:
         for ctx in kernel.contexts.values():     # a restart: contexts the journal named
             if ctx.pidfd >= 0:
                 self._watch(ctx.pidfd, "pidfd", ctx)
+        kernel.serving()
 
     def _watch(self, fd, kind, obj):
         self.watch[fd] = (kind, obj)

@@ -223,3 +223,47 @@ def test_lockrecord_waiting_state_while_asleep_in_lock(lp):
     finally:
         other.unmap()
         sp.destroy()
+
+
+# A live context that mapped the share-point, with a PENDING record for it
+# (raw), until told to clear it.
+PENDING_MAPPER = r"""
+import ctypes, sys
+import libportal as lp
+from libportal._abi import ffi
+sp = lp.share_attach(%r)
+rec = sp.connection.context_page + ffi.offsetof("struct fayt_context_page", "held") + 8 * 20
+ctypes.c_uint32.from_address(rec).value = sp.sp_id
+ctypes.c_uint32.from_address(rec + 4).value = %d
+print("pending", flush=True)
+sys.stdin.readline()
+ctypes.c_uint32.from_address(rec + 4).value = 0
+ctypes.c_uint32.from_address(rec).value = 0
+print("cleared", flush=True)
+sys.stdin.readline()
+"""
+
+
+def test_lockrecord_live_pending_record_defers_recovery_until_it_clears(lp, spawn):
+    """A holder dies between taking the lock and marking it HELD while a
+    live context that maps the share-point is PENDING (inside its own try:
+    it may be the holder).  faytd does not give up: once that record is
+    no longer PENDING and nobody alive records the lock, it recovers it
+    (before: skipped for good, the lock held for ever)."""
+    name = "t-sp-defer-" + uuid.uuid4().hex[:10]
+    sp = lp.share_create(name, 4096)
+    try:
+        holder = spawn(PENDING_HOLDER.replace("sys.argv[-1]", repr(name)))
+        assert holder.expect() == "locked"
+        mapper = spawn(PENDING_MAPPER % (name, lib.FAYT_HELD_PENDING))
+        assert mapper.expect() == "pending"
+        holder.kill()
+        assert sp.try_lock() == errno.EBUSY         # not yet: the live PENDING record
+        mapper.send("clear")
+        assert mapper.expect() == "cleared"
+        assert sp.lock(WAIT) == errno.EOWNERDEAD
+        sp.mark_consistent()
+        sp.unlock()
+        mapper.finish()
+    finally:
+        sp.destroy()
