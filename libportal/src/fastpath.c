@@ -401,7 +401,8 @@ static int acquire(SharePointCore *self, int64_t timeout_ns)
          * for a possible holder.  unmap() from another thread sets
          * `closing`, wakes the sleepers and waits until `waiters` is 0
          * before it unmaps: a waiter gives up (ECANCELED) without the lock,
-         * or releases one it took meanwhile, before it counts itself out. */
+         * or releases one it took meanwhile, before it counts itself out
+         * (with the GIL held again, so that no unmap starts in between). */
         int64_t deadline = timeout_ns > 0 ? fayt_now_ns() + timeout_ns : 0;
         uint32_t *state = slot >= 0 ? &self->ctx->held[slot].state : NULL;
         uint8_t *base = self->base;
@@ -420,13 +421,17 @@ static int acquire(SharePointCore *self, int64_t timeout_ns)
             __atomic_add_fetch(waiters, 1, __ATOMIC_ACQ_REL);
             Py_BEGIN_ALLOW_THREADS
             r = fayt_sp_lock_wait(base, state, left, closing);
+            Py_END_ALLOW_THREADS
+            /* The GIL held again: `closing` is set only by a GIL holder,
+             * which then waits (GIL released) for `waiters` to reach 0,
+             * the memory still mapped.  Not set now: an unmap later sees
+             * `holder` and releases the lock itself. */
             if ((r == 0 || r == EOWNERDEAD) && __atomic_load_n(closing, __ATOMIC_ACQUIRE)) {
                 if ((fayt_sp_drop(base) & FAYT_LOCK_STATE_MASK) == FAYT_LOCK_CONTENDED)
                     fayt_sp_wake(base);
                 r = ECANCELED;
             }
             __atomic_sub_fetch(waiters, 1, __ATOMIC_ACQ_REL);
-            Py_END_ALLOW_THREADS
             if (r != EINTR)
                 break;
             if (PyErr_CheckSignals() < 0) {
