@@ -280,7 +280,9 @@ class Journal:
 
     def context_gone(self, ctx):
         if ctx.page is not None:
-            self._write(b"G %d\n" % ctx.id, -1)
+            # Its A records die with it (about as many as it still knows).
+            attached = sum(1 for sp in ctx.sp_mapped.values() if not _created_by(ctx, sp))
+            self._write(b"G %d\n" % ctx.id, -1 - attached)
 
     def abandon(self):
         """faytd did not start after all: its marker goes, the journal stays
