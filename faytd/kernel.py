@@ -144,6 +144,9 @@ class Kernel:
                           getattr(e, "message", e))
                 self.frames.put(backing)
         self.frames.adopted()
+        created = {}                # (owner pid, start) -> its share-points
+        for sp in self.sharepoints.by_id.values():
+            created.setdefault((sp.owner_pid, sp.owner_start or 0), []).append(sp)
         dead = []
         for r in ctxs:
             ctx = Context(r.id, None, r.pid, r.uid, r.gid, None,
@@ -158,10 +161,12 @@ class Kernel:
                     _unlink(r.object)
                 continue
             self.contexts[ctx.id] = ctx
-            for sp in self.sharepoints.by_id.values():
-                if sp.id in r.mapped or (sp.owner_pid == r.pid and
-                                         (sp.owner_start or 0) == (r.start or 0)):
-                    ctx.sp_mapped[sp.id] = sp
+            for sp in created.get((r.pid, r.start or 0), ()):
+                ctx.sp_mapped[sp.id] = sp
+            for i in r.mapped:
+                sp = self.sharepoints.by_id.get(i)
+                if sp is not None:
+                    ctx.sp_mapped[i] = sp
             if alive(r.pid, r.start):
                 try:
                     ctx.pidfd = os.pidfd_open(r.pid)
@@ -393,7 +398,7 @@ class Kernel:
             # context that maps it may hold it.
             if holders is None:
                 holders = self._possible_holders(ctx)
-            if sp.lock_state() & lib.FAYT_LOCK_STATE_MASK == lib.FAYT_LOCK_FREE:
+            if not _held(sp):
                 return holders
             if holders.get(sp.id) == lib.FAYT_HELD_PENDING:
                 # A live context is inside its own try (or release): it may
@@ -453,8 +458,7 @@ class Kernel:
         for sp_id, r in list(self._rechecks.items()):
             sp, pid, delay = r
             try:
-                if (sp.destroyed and not sp.captured) or (
-                        sp.lock_state() & lib.FAYT_LOCK_STATE_MASK == lib.FAYT_LOCK_FREE):
+                if (sp.destroyed and not sp.captured) or not _held(sp):
                     del self._rechecks[sp_id]
                 elif holders.get(sp_id) == lib.FAYT_HELD_PENDING:
                     r[2] = min(2 * delay, _RECHECK_MAX_S)
@@ -551,6 +555,16 @@ class Kernel:
         self.sharepoints.destroy_all()
         lib.fayt_fast_shutdown(self.fast)
         self.frames.release_all()
+
+
+def _held(sp):
+    """Whether sp's lock is held (faytd's own mapping of a destroyed
+    share-point's meta page is not kept)."""
+    try:
+        return sp.lock_state() & lib.FAYT_LOCK_STATE_MASK != lib.FAYT_LOCK_FREE
+    finally:
+        if sp.destroyed:
+            sp.close_meta()
 
 
 def _unlink(name):
