@@ -28,7 +28,7 @@ import struct
 import weakref
 
 from . import errors
-from ._abi import ffi, lib, HANDLE_REQ, PORTAL_REQ, _fastpath
+from ._abi import lib, HANDLE_REQ, PORTAL_REQ, _fastpath
 from .syscall import connection as _default_connection
 
 SHARE = lib.FAYT_PORTAL_SHARE

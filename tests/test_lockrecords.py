@@ -11,9 +11,6 @@ reachable by all (test_policy's mechanism).
 import errno
 import os
 import subprocess
-import sys
-import textwrap
-import time
 import uuid
 
 import pytest

@@ -8,7 +8,7 @@ which must fail the test rather than end the test run.
 """
 import errno
 
-from test_sharepoint import WAIT, spawn, wait_until, sleeping_on_futex  # noqa: F401
+from test_sharepoint import WAIT, spawn, wait_until  # noqa: F401
 
 
 def _run(spawn, code):
