@@ -90,19 +90,24 @@ class Hint:
 
 class Ring:
     """One (sender, target) ring.  sender is None for faytd's own ring."""
-    __slots__ = ("id", "sender", "target", "backing", "map", "ptr", "backlog", "hint")
+    __slots__ = ("id", "sender", "target", "backing", "map", "ptr", "backlog", "hint",
+                 "marks", "kept")
 
     def __init__(self, rid, sender, target, tag, hint):
         self.id = rid
         self.hint = hint            # the target's Hint
         self.sender = sender
         self.target = target
-        self.backlog = []
+        self.backlog = []           # (index, payload) or Lost, in order
+        self.marks = {}             # index -> its Lost still in the backlog
+        self.kept = False           # the sender died with entries posted: the target drains it
         self.backing = BackingObject(0, tag + ".ring", RING_BYTES, [])
         self.map = self.backing.map(RING_BYTES)
         self.ptr = ffi.from_buffer(self.map)
         lib.fayt_ring_init(self.ptr, sender.id if sender else lib.FAYT_SENDER_KERNEL,
                            target.id, target.pid)
+        if target.notify_armed:     # our record: its runtime handles the doorbell
+            ffi.cast("struct fayt_ring_header *", self.ptr).armed = 1
 
     def open_fd(self):
         if self.backing.name is None:
@@ -217,13 +222,43 @@ class Notifications:
     def drop(self, r, state):
         self.rings.pop(r.id, None)
         self.backlogged.discard(r)
-        self.pairs.pop((r.sender.id if r.sender else 0, r.target.id), None)
-        if state == lib.FAYT_RING_SENDER_DEAD:
+        if self.pairs.get((r.sender.id if r.sender else 0, r.target.id)) is r:
+            del self.pairs[(r.sender.id if r.sender else 0, r.target.id)]
+        if state != lib.FAYT_RING_TARGET_DEAD:
             self._unrecord(r)
             self._bump(r.target)
             if r.target.notify_armed:
                 doorbell(r.target)
         r.kill(state)
+
+    def sender_gone(self, r):
+        """r's sender is forgotten.  Entries it posted are still the
+        target's: keep the ring (recorded, fetchable) until the target has
+        drained it and gives it back (RELEASE), or dies.  One look at the
+        sequence words (no wait, no loop beyond the ring) decides; a target
+        that makes an unread entry look taken only loses it itself."""
+        if lib.fayt_ring_posted(r.ptr):
+            self.pairs.pop((r.sender.id, r.target.id), None)
+            r.kept = True
+            ffi.cast("struct fayt_ring_header *", r.ptr).state = lib.FAYT_RING_SENDER_DEAD
+            self._bump(r.target)
+            if r.target.notify_armed:
+                doorbell(r.target)
+            return
+        self.drop(r, lib.FAYT_RING_SENDER_DEAD)
+
+    def corrupt(self, r):
+        """The target scribbled on faytd's own ring into it: drop the ring;
+        its backlog is lost, reported in the next ring (OVERFLOW)."""
+        log.warning("context %d: its notice ring %d is corrupt; dropped", r.target.id, r.id)
+        lost = self.lost.setdefault(r.target.id, {})
+        for i, c in r.lost().items():
+            lost[i] = lost.get(i, 0) + c
+        self.drop(r, lib.FAYT_RING_DROPPED)
+
+    def count_into(self, ctx):
+        """Rings into ctx faytd holds (a dead sender's kept ones included)."""
+        return sum(1 for r in self.rings.values() if r.target is ctx)
 
     def rings_into(self, ctx, after):
         return [r for rid, r in sorted(self.rings.items()) if r.target is ctx and rid > after]
@@ -396,6 +431,52 @@ def sys_notify_close(k, ctx, tid, body, fds):
     return b"", []
 
 
+def sys_notify_ring(k, ctx, tid, body, fds):
+    """Ring the doorbell of a target this context may not signal itself (it
+    runs as another uid): the sender has posted an IMMEDIATE notification
+    into its ring.  faytd rings only a target its own record says handles
+    the doorbell; the ring's `armed` word is the target's to write."""
+    (target_id,) = _unpack(HANDLE_REQ, body, "notify_ring")
+    r = k.notifications.pairs.get((ctx.id, target_id))
+    if r is None:
+        raise KernelError(errno.ENOENT, "target: this context has no ring into %d" % target_id)
+    t = r.target
+    if not t.alive or t.pidfd < 0:
+        raise KernelError(errno.ESRCH, "target: context %d is gone" % target_id)
+    if not t.notify_armed:
+        raise KernelError(errno.EPERM, "target: context %d handles no doorbell (no handler "
+                          "armed); the notification waits for its next dispatch point"
+                          % target_id)
+    try:
+        signal.pidfd_send_signal(t.pidfd, DOORBELL)
+    except ProcessLookupError:
+        raise KernelError(errno.ESRCH, "target: context %d is gone" % target_id) from None
+    except OSError as e:
+        raise KernelError(e.errno or errno.EPERM, "target: faytd cannot ring context %d's "
+                          "doorbell (%s); the notification waits for its next dispatch point"
+                          % (target_id, os.strerror(e.errno or errno.EPERM))) from None
+    return b"", []
+
+
+def sys_notify_release(k, ctx, tid, body, fds):
+    """The target gives a ring back: drained after its sender died, or
+    found corrupt (its sender, alive, gets EPROTO on its next call)."""
+    (ring_id,) = _unpack(HANDLE_REQ, body, "notify_release")
+    n = k.notifications
+    r = n.rings.get(ring_id)
+    if r is None or r.target is not ctx:
+        raise KernelError(errno.ENOENT, "ring: %d is no ring into this context" % ring_id)
+    if r.sender is None:
+        n.corrupt(r)
+    elif r.kept or not r.sender.alive:
+        n.drop(r, lib.FAYT_RING_SENDER_DEAD)
+    else:
+        log.warning("context %d dropped ring %d from context %d (corrupt)", ctx.id, r.id,
+                    r.sender.id)
+        n.drop(r, lib.FAYT_RING_DROPPED)
+    return b"", []
+
+
 _FETCH_MAX = 8      # fds per reply (libportal receives at most 8)
 
 
@@ -501,4 +582,6 @@ HANDLERS = {
     lib.FAYT_SYS_NOTIFY_SUBSCRIBE: sys_notify_subscribe,
     lib.FAYT_SYS_NOTIFY_CLOSE: sys_notify_close,
     lib.FAYT_SYS_NOTIFY_HINT: sys_notify_hint,
+    lib.FAYT_SYS_NOTIFY_RING: sys_notify_ring,
+    lib.FAYT_SYS_NOTIFY_RELEASE: sys_notify_release,
 }

@@ -670,7 +670,8 @@ static int addr_arg(PyObject *o, void **out)
     return 0;
 }
 
-/* notify_post(ring, index, flags, sender, payload, pidfd, signo, hint) -> 0 or errno.
+/* notify_post(ring, index, flags, sender, payload, pidfd, signo, hint) -> 0,
+ * FAYT_RING_POSTED_RING (posted; faytd must ring: pidfd -1) or errno.
  * fayt_ring_post with FAYT_NOTIFY_NOWAIT: never waits (EAGAIN when full);
  * hint: the address of the target's hint word, or 0. */
 static PyObject *notify_post(PyObject *mod, PyObject *const *args, Py_ssize_t n)
