@@ -19,7 +19,12 @@ faytd is only the control plane of notifications (DESIGN section 6):
   peer died, a share-point it maps was destroyed.  faytd never blocks on a
   full ring: the event waits in a backlog, posted again from faytd's loop
   every RETRY_NS (a timerfd armed only while a backlog exists), at the
-  target's next fetch, or at faytd's next event for it.
+  target's next fetch, or at faytd's next event for it.  The backlog is
+  bounded (BACKLOG_MAX): beyond it notices are counted, not kept, and an
+  OVERFLOW notice (sp_id: how many) takes their place at their slot, as
+  inotify's IN_Q_OVERFLOW does.  A subscriber that corrupts its notice ring
+  loses that ring (dropped) and what was in its backlog (counted the same
+  way, reported first in the fresh ring its next notice makes).
 - The pending hint (fayt/notification.h): one small shm object per target,
   made with the first ring into it or at its HINT call, its fd given to
   every sender with its ring (OPEN's second fd).  Every post bumps it, so
@@ -53,6 +58,20 @@ RING_BYTES = lib.fayt_ring_bytes()
 STACK_MAX_BYTES = 1 << 20
 DOORBELL = signal.SIGRTMIN + lib.FAYT_DOORBELL_SIGRTMIN_OFFSET
 RETRY_NS = 5 * 1000 * 1000      # a backlog of faytd's notices is retried this often
+BACKLOG_MAX = 4 * lib.FAYT_RING_ENTRIES   # notices one subscriber's backlog keeps
+
+
+class Lost:
+    """An overflow mark in a backlog: `count` notices for slot `index` lost."""
+    __slots__ = ("index", "count")
+
+    def __init__(self, index, count=0):
+        self.index, self.count = index, count
+
+    def payload(self):
+        e = ffi.new("struct fayt_event_payload *")
+        e.event, e.sp_id = lib.FAYT_EVENT_OVERFLOW, min(self.count, 0xffffffff)
+        return bytes(ffi.buffer(e))
 
 
 def doorbell(ctx):
@@ -126,26 +145,61 @@ class Ring:
         self.map.close()
 
     def post(self, index, payload):
-        """faytd's own post: never waits; a full ring keeps it in the backlog.
-        Returns whether a backlog is left."""
-        self.backlog.append((index, payload))
+        """faytd's own post: never waits; a full ring keeps it in the backlog
+        (at most BACKLOG_MAX; beyond, an overflow mark counts it).  Returns
+        whether a backlog is left; raises KernelError(EPROTO) if the target
+        corrupted the ring."""
+        if len(self.backlog) < BACKLOG_MAX:
+            self.backlog.append((index, payload))
+        else:
+            self.lose(index, 1)
         return self.retry()
 
+    def lose(self, index, n):
+        m = self.marks.get(index)
+        if m is None:
+            m = self.marks[index] = Lost(index)
+            self.backlog.append(m)      # at most one per slot beyond BACKLOG_MAX
+        m.count += n
+
     def retry(self):
-        """Post what waits in the backlog, in order, while the ring has room."""
+        """Post what waits in the backlog, in order, while the ring has room.
+        Never waits: fayt_ring_post with NOWAIT validates the ring's words
+        and gives up at once.  EPROTO: the target scribbled on it."""
         if self.ptr is None or self.hint is None:
             self.backlog.clear()
+            self.marks.clear()
             return False
         pos = ffi.new("uint32_t *")
         while self.backlog:
-            i, p = self.backlog[0]
+            item = self.backlog[0]
+            if isinstance(item, Lost):
+                i, p = item.index, item.payload()
+            else:
+                i, p = item
             r = lib.fayt_ring_post(self.ptr, i, lib.FAYT_NOTIFY_NOWAIT | lib.FAYT_NOTIFY_IMMEDIATE,
                                    lib.FAYT_SENDER_KERNEL, p, len(p), 0,
-                                   self.target.pidfd, DOORBELL, pos, self.hint.word)
-            if r:
+                                   -1, DOORBELL, pos, self.hint.word)
+            if r == lib.FAYT_RING_POSTED_RING:
+                if self.target.notify_armed:    # our record, not the ring's `armed`
+                    doorbell(self.target)
+            elif r == errno.EPROTO:
+                raise KernelError(errno.EPROTO, "ring %d: context %d corrupted its notice ring"
+                                  % (self.id, self.target.id))
+            elif r:
                 break
             self.backlog.pop(0)
+            if isinstance(item, Lost):
+                self.marks.pop(item.index, None)
         return bool(self.backlog)
+
+    def lost(self):
+        """What the backlog holds, as counts per slot (the ring is being dropped)."""
+        n = {}
+        for item in self.backlog:
+            i, c = (item.index, item.count) if isinstance(item, Lost) else (item[0], 1)
+            n[i] = n.get(i, 0) + c
+        return n
 
 
 class Notifications:
@@ -160,6 +214,7 @@ class Notifications:
         self._next = 1
         self.stopping = False
         self.backlogged = set()     # faytd's rings with notices waiting for room
+        self.lost = {}              # context id -> {index: notices lost with a dropped ring}
         self._timerfd = -1          # armed while any does: retried every RETRY_NS
 
     # -- the context page ---------------------------------------------------
@@ -265,8 +320,19 @@ class Notifications:
 
     def flush(self, ctx):
         r = self.pairs.get((0, ctx.id))
-        if r is not None and r.backlog and not r.retry():
+        if r is not None and r.backlog:
+            self._retry(r)
+
+    def _retry(self, r):
+        """Retry r's backlog; whether one is left."""
+        try:
+            left = r.retry()
+        except KernelError:
+            self.corrupt(r)
+            return False
+        if not left:
             self.backlogged.discard(r)
+        return left
 
     def _backlogged(self, r):
         """r keeps notices back (its ring is full): retry them from faytd's
@@ -288,7 +354,7 @@ class Notifications:
     def _on_timer(self, fd, events):
         lib.fayt_timerfd_drain(fd)
         for r in list(self.backlogged):
-            if r.id not in self.rings or not r.retry():
+            if r.id not in self.rings or not self._retry(r):
                 self.backlogged.discard(r)
         if self.backlogged:
             lib.fayt_timerfd_arm(fd, RETRY_NS)
@@ -304,10 +370,21 @@ class Notifications:
         payload = bytes(ffi.buffer(e))
         try:
             r = self.ring(None, target)
-            if r.post(sub[0], payload):
-                self._backlogged(r)
         except KernelError as e:
             log.warning("context %d: cannot notify it: %s", target.id, e.message)
+            self._count_lost(target, sub[0])
+            return
+        for i, c in sorted(self.lost.pop(target.id, {}).items()):
+            r.lose(i, c)        # a dropped ring's notices: reported first
+        try:
+            if r.post(sub[0], payload):
+                self._backlogged(r)
+        except KernelError:
+            self.corrupt(r)
+
+    def _count_lost(self, target, index):
+        lost = self.lost.setdefault(target.id, {})
+        lost[index] = lost.get(index, 0) + 1
 
     def context_gone(self, ctx):
         """ctx is forgotten (died, or closed and not kept): fail its senders,

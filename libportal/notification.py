@@ -85,6 +85,7 @@ PAYLOAD_MAX = lib.FAYT_NOTIFY_PAYLOAD_MAX
 KERNEL = lib.FAYT_SENDER_KERNEL
 PEER_DIED = lib.FAYT_EVENT_PEER_DIED
 SP_DESTROYED = lib.FAYT_EVENT_SP_DESTROYED
+OVERFLOW = lib.FAYT_EVENT_OVERFLOW
 DOORBELL = signal.SIGRTMIN + lib.FAYT_DOORBELL_SIGRTMIN_OFFSET
 DEFAULT_STACKS = 4
 
@@ -856,12 +857,28 @@ def subscribe(event, index, arg=0, connection=None):
 
 
 def decode_event(payload):
-    """{event, context_id, pid, sp_id, identifier} of a faytd notification."""
+    """{event, context_id, pid, sp_id, identifier} of a faytd notification;
+    an OVERFLOW (notices for this slot were lost) has `lost`: how many."""
     e = ffi.new("struct fayt_event_payload *")
     b = bytes(payload)[:ffi.sizeof(e[0])]
     ffi.memmove(e, b, len(b))
-    return {"event": e.event, "context_id": e.context_id, "pid": e.pid, "sp_id": e.sp_id,
-            "identifier": ffi.string(e.identifier).decode("utf-8", "replace")}
+    d = {"event": e.event, "context_id": e.context_id, "pid": e.pid, "sp_id": e.sp_id,
+         "identifier": ffi.string(e.identifier).decode("utf-8", "replace")}
+    if e.event == OVERFLOW:
+        d["lost"] = e.sp_id
+    return d
+
+
+def notification_stats(connection=None):
+    """This context's notification counters: delivered (handlers run, from
+    the context page), starved (a notification waited for a stack),
+    unhandled (notifications that named a slot with no handler: dropped; a
+    return-flag sender got NotFound), dropped (rings given back because
+    their sender wrote an entry out of range)."""
+    rt = runtime(connection)
+    n = rt.page.notify
+    return {"delivered": n.delivered, "starved": n.starved, "unhandled": rt.unhandled,
+            "dropped": rt.dropped}
 
 
 def notification_depth(connection=None):

@@ -150,8 +150,13 @@ struct fayt_notification_frame {
 /* faytd's own notifications (FAYT_SYS_NOTIFY_SUBSCRIBE events). */
 #define FAYT_EVENT_PEER_DIED     1   /* arg: the context id watched (0: any) */
 #define FAYT_EVENT_SP_DESTROYED  2   /* a share-point this context maps was destroyed */
+#define FAYT_EVENT_OVERFLOW      3   /* notices for this slot were lost (ring full or
+                                        corrupt); sp_id holds how many (see below) */
 
-/* The payload of a faytd notification. */
+/* The payload of a faytd notification.  FAYT_EVENT_OVERFLOW (like inotify's
+ * IN_Q_OVERFLOW) arrives at the slot whose notices were lost, before the
+ * next notice that does arrive there: sp_id holds the count lost, the other
+ * fields are 0. */
 struct fayt_event_payload {
     uint32_t event;            /* FAYT_EVENT_* */
     uint32_t context_id;       /* PEER_DIED: who died */
