@@ -9,8 +9,19 @@ faytd is only the control plane of notifications (DESIGN section 6):
   wait and return through the ring alone (futexes and one real-time signal).
 - faytd maps every ring it made, so that when a side dies it can mark the
   ring (fayt_ring_kill): a dead target fails every sender waiting for a
-  return at once (ESRCH); a dead sender's ring is unlinked and its record
-  removed, and the target drains what is left, then unmaps it.
+  return at once (ESRCH).  A dead sender's ring that holds no posted entry
+  is unlinked and its record removed at once; one that does is kept (state
+  SENDER_DEAD, still recorded, still fetchable), so that what the sender
+  posted before it died is delivered: the target drains it and gives it back
+  (RELEASE).  A target that finds a ring corrupt gives it back the same way
+  while its sender lives: the ring is DROPPED, its sender gets EPROTO.
+- faytd never waits or loops on memory a client can write: it reads a ring
+  only to post its own notices (fayt_ring_post with NOWAIT, which validates
+  the words and is bounded) and, once, to see whether a dead sender's ring
+  holds entries.  A doorbell faytd rings (its own notices, and IMMEDIATE
+  notifications from senders that may not signal their target: RING) goes
+  only to a target its own record says is armed (notify_armed: it installed
+  a handler, subscribed or fetched rings), never by the ring's `armed`.
 - Notification stacks are ANON memory from the frame allocator, recorded as
   mappings of the context (so a death frees them like any portal) and in
   the context page's stacks[] records.
@@ -392,9 +403,10 @@ class Notifications:
         for r in list(self.rings.values()):
             if r.target is ctx:
                 self.drop(r, lib.FAYT_RING_TARGET_DEAD)
-            elif r.sender is ctx:
-                self.drop(r, lib.FAYT_RING_SENDER_DEAD)
+            elif r.sender is ctx and not r.kept:
+                self.sender_gone(r)
         self.subs.pop(ctx.id, None)
+        self.lost.pop(ctx.id, None)
         h = self.hints.pop(ctx.id, None)
         if h is not None:
             h.close()

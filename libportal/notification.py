@@ -303,8 +303,17 @@ class Runtime:
             self.pending = True     # inside a call: the call dispatches when done
             return 0
         d = self._disp
-        if doorbell and self.running and not lib.fayt_dispatch_immediate_ready(d):
-            return 0
+        if doorbell:
+            # The doorbell is for IMMEDIATE notifications only: a deferred
+            # one waits for a dispatch point, even if the doorbell came
+            # because a ring was made or its sender died.
+            if self.generation is None or \
+                    self.page.notify.rings_generation != self.generation:
+                self.fetch()
+            elif self._ring_table is None:
+                self._table()
+            if not lib.fayt_dispatch_immediate_ready(d):
+                return 0
         self.pending = False
         if self._ring_table is None:
             self._table()
@@ -340,7 +349,8 @@ class Runtime:
                 try:
                     fn = handlers.get(index)
                     if fn is None:
-                        status = errno.ENOENT
+                        status = _NO_HANDLER
+                        self._unhandled(index, sender)
                     else:
                         r = fn(view, index, sender)
                         result, status = (int(r) if r else 0), 0
@@ -615,9 +625,10 @@ class Runtime:
             self._fail(r, target, index, e)
 
     def _interrupted(self):
-        """A signal broke a wait: Python runs its handlers (the doorbell's
-        dispatch among them) when the C call returns; dispatch anything put off."""
-        if self.pending:
+        """A signal broke a wait: Python ran its handlers when the C call
+        returned (the doorbell's runs IMMEDIATE notifications only); a
+        sender's wait is a dispatch point: run what waits."""
+        if self.pending or self.rings_in:
             self.dispatch()
 
     def _fail(self, r, target, index, e):
