@@ -604,6 +604,8 @@ class Runtime:
         try:
             self.conn.call(lib.FAYT_SYS_NOTIFY_RING, HANDLE_REQ.pack(target))
         except errors.PortalError as e:
+            if r is not None and r.addr:
+                r.header.rung = 0       # not outstanding: the next post tries again
             if flags & RETURN and r is not None and r.addr:
                 lib.fayt_ring_wait_return(r.ptr, pos, 0, ffi.new("int64_t *"),
                                           ffi.new("int32_t *"))
