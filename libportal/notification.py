@@ -16,7 +16,9 @@ The facts this relies on, and what follows:
     sigtimedwait(2) and dispatches at once, without a signal handler;
   * a sender waiting for a return, or for space in a full ring, dispatches
     the notifications that come to it meanwhile, then waits again.
-- Dispatch points: the doorbell, notification_poll(), notification_wait(),
+- Dispatch points: the doorbell (for IMMEDIATE notifications only: faytd's
+  doorbells for a new ring or a dead sender only make the runtime fetch
+  rings), notification_poll(), notification_wait(),
   a sender's waits, every system call through a Connection (before the
   call; a doorbell that comes during one is dispatched after it, since
   fetching a new ring is itself a call), and the share-point fast path
@@ -58,8 +60,16 @@ The facts this relies on, and what follows:
   notification stack (valid only during the call), index the slot, sender
   the sender's context id (0: faytd).  Its return value (an int, None is 0)
   is the result the sender gets; notification_ret(value) returns at once.
+  The sender id is faytd's record of who owns the ring (the FETCH reply),
+  never the entry's sender word.
   A handler that raises gives a waiting sender HandlerFailed; the target
-  prints the traceback and keeps running.
+  prints the traceback and keeps running.  A slot with no handler gives a
+  waiting sender NotFound; a deferred one is counted (notification_stats).
+- Trust: a ring is written by both sides.  The sender's C checks every word
+  it reads against the protocol (EPROTO: ProtocolError, the ring is
+  forgotten) and bounds its waits by the deadline; the target keeps its
+  read position here, checks each entry, and gives a ring with an entry
+  out of range back to faytd (RELEASE: its sender gets EPROTO).
 """
 import atexit
 import errno
@@ -289,9 +299,10 @@ class Runtime:
     # -- dispatch ----------------------------------------------------------------
     def dispatch(self, doorbell=False):
         """notification_dispatch: run every notification waiting in a ring.
-        Returns how many handlers ran.  From the doorbell while a handler runs,
-        only if an IMMEDIATE one waits: a deferred notification never
-        interrupts a handler (the dispatch that runs it takes it next).
+        Returns how many handlers ran.  From the doorbell, only if an
+        IMMEDIATE one waits (new rings are fetched first): a deferred
+        notification never interrupts plain code or a handler (the next
+        dispatch point, or the dispatch that runs the handler, takes it).
         The C step (fayt_dispatch_step) ends one handler and starts the next
         from a batch it took out of the rings in one go; this loop only
         decodes the frame and calls the handler."""
