@@ -623,3 +623,42 @@ def spawn_in():
     yield start
     for c in made:
         c.kill()
+
+
+def test_faytd_notice_backlog_is_bounded_and_ends_in_an_overflow_mark(spawn_in, faytd):
+    """A subscriber that does not drain: faytd keeps a ring and BACKLOG_MAX
+    notices, no more; the rest are counted in one OVERFLOW notice at the
+    slot, after the ones kept."""
+    from faytd.notification import BACKLOG_MAX
+    kept = lib.FAYT_RING_ENTRIES + BACKLOG_MAX
+    lost = 50
+    watcher = spawn_in(faytd, """
+        import signal
+        peers, marks = [], []
+        def h(p, i, s):
+            e = lp.decode_event(p)
+            (marks if e["event"] == lp.OVERFLOW else peers).append(e.get("lost", e["context_id"]))
+        lp.install_handler(5, h)
+        lp.subscribe(lp.PEER_DIED, 5)
+        signal.pthread_sigmask(signal.SIG_BLOCK, [lp.DOORBELL])
+        print(lp.connection().context_id)
+        sys.stdin.readline()          # no dispatch point until told: ring and backlog fill
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, [lp.DOORBELL])
+        _end = time.monotonic() + %f
+        while not marks and time.monotonic() < _end:
+            lp.notification_wait(0.5)
+        print(json.dumps([len(peers), len(set(peers)), marks]))
+        """ % WAIT)
+    watcher.expect()
+    gone = set()
+    for _ in range(kept + lost):      # a PEER_DIED notice each
+        c = libportal.Connection(faytd.socket)
+        gone.add(c.context_id)
+        c.close()
+    end = time.monotonic() + WAIT     # faytd has forgotten them all: every notice is made
+    while time.monotonic() < end and \
+            gone & {c["id"] for c in libportal.connection().list_contexts()["contexts"]}:
+        time.sleep(0.02)
+    watcher.send("go")
+    assert json.loads(watcher.expect()) == [kept, kept, [lost]]
+    watcher.finish()
