@@ -51,7 +51,7 @@
 #include "fayt/sharepoint.h"
 #include "fayt/syscall.h"
 
-#define FASTPATH_ABI 3
+#define FASTPATH_ABI 4
 
 #include <pthread.h>
 #include <pythread.h>
