@@ -9,8 +9,19 @@ faytd is only the control plane of notifications (DESIGN section 6):
   wait and return through the ring alone (futexes and one real-time signal).
 - faytd maps every ring it made, so that when a side dies it can mark the
   ring (fayt_ring_kill): a dead target fails every sender waiting for a
-  return at once (ESRCH); a dead sender's ring is unlinked and its record
-  removed, and the target drains what is left, then unmaps it.
+  return at once (ESRCH).  A dead sender's ring that holds no posted entry
+  is unlinked and its record removed at once; one that does is kept (state
+  SENDER_DEAD, still recorded, still fetchable), so that what the sender
+  posted before it died is delivered: the target drains it and gives it back
+  (RELEASE).  A target that finds a ring corrupt gives it back the same way
+  while its sender lives: the ring is DROPPED, its sender gets EPROTO.
+- faytd never waits or loops on memory a client can write: it reads a ring
+  only to post its own notices (fayt_ring_post with NOWAIT, which validates
+  the words and is bounded) and, once, to see whether a dead sender's ring
+  holds entries.  A doorbell faytd rings (its own notices, and IMMEDIATE
+  notifications from senders that may not signal their target: RING) goes
+  only to a target its own record says is armed (notify_armed: it installed
+  a handler, subscribed or fetched rings), never by the ring's `armed`.
 - Notification stacks are ANON memory from the frame allocator, recorded as
   mappings of the context (so a death frees them like any portal) and in
   the context page's stacks[] records.
@@ -19,7 +30,12 @@ faytd is only the control plane of notifications (DESIGN section 6):
   peer died, a share-point it maps was destroyed.  faytd never blocks on a
   full ring: the event waits in a backlog, posted again from faytd's loop
   every RETRY_NS (a timerfd armed only while a backlog exists), at the
-  target's next fetch, or at faytd's next event for it.
+  target's next fetch, or at faytd's next event for it.  The backlog is
+  bounded (BACKLOG_MAX): beyond it notices are counted, not kept, and an
+  OVERFLOW notice (sp_id: how many) takes their place at their slot, as
+  inotify's IN_Q_OVERFLOW does.  A subscriber that corrupts its notice ring
+  loses that ring (dropped) and what was in its backlog (counted the same
+  way, reported first in the fresh ring its next notice makes).
 - The pending hint (fayt/notification.h): one small shm object per target,
   made with the first ring into it or at its HINT call, its fd given to
   every sender with its ring (OPEN's second fd).  Every post bumps it, so
@@ -53,6 +69,20 @@ RING_BYTES = lib.fayt_ring_bytes()
 STACK_MAX_BYTES = 1 << 20
 DOORBELL = signal.SIGRTMIN + lib.FAYT_DOORBELL_SIGRTMIN_OFFSET
 RETRY_NS = 5 * 1000 * 1000      # a backlog of faytd's notices is retried this often
+BACKLOG_MAX = 4 * lib.FAYT_RING_ENTRIES   # notices one subscriber's backlog keeps
+
+
+class Lost:
+    """An overflow mark in a backlog: `count` notices for slot `index` lost."""
+    __slots__ = ("index", "count")
+
+    def __init__(self, index, count=0):
+        self.index, self.count = index, count
+
+    def payload(self):
+        e = ffi.new("struct fayt_event_payload *")
+        e.event, e.sp_id = lib.FAYT_EVENT_OVERFLOW, min(self.count, 0xffffffff)
+        return bytes(ffi.buffer(e))
 
 
 def doorbell(ctx):
@@ -90,19 +120,24 @@ class Hint:
 
 class Ring:
     """One (sender, target) ring.  sender is None for faytd's own ring."""
-    __slots__ = ("id", "sender", "target", "backing", "map", "ptr", "backlog", "hint")
+    __slots__ = ("id", "sender", "target", "backing", "map", "ptr", "backlog", "hint",
+                 "marks", "kept")
 
     def __init__(self, rid, sender, target, tag, hint):
         self.id = rid
         self.hint = hint            # the target's Hint
         self.sender = sender
         self.target = target
-        self.backlog = []
+        self.backlog = []           # (index, payload) or Lost, in order
+        self.marks = {}             # index -> its Lost still in the backlog
+        self.kept = False           # the sender died with entries posted: the target drains it
         self.backing = BackingObject(0, tag + ".ring", RING_BYTES, [])
         self.map = self.backing.map(RING_BYTES)
         self.ptr = ffi.from_buffer(self.map)
         lib.fayt_ring_init(self.ptr, sender.id if sender else lib.FAYT_SENDER_KERNEL,
                            target.id, target.pid)
+        if target.notify_armed:     # our record: its runtime handles the doorbell
+            ffi.cast("struct fayt_ring_header *", self.ptr).armed = 1
 
     def open_fd(self):
         if self.backing.name is None:
@@ -121,26 +156,61 @@ class Ring:
         self.map.close()
 
     def post(self, index, payload):
-        """faytd's own post: never waits; a full ring keeps it in the backlog.
-        Returns whether a backlog is left."""
-        self.backlog.append((index, payload))
+        """faytd's own post: never waits; a full ring keeps it in the backlog
+        (at most BACKLOG_MAX; beyond, an overflow mark counts it).  Returns
+        whether a backlog is left; raises KernelError(EPROTO) if the target
+        corrupted the ring."""
+        if len(self.backlog) < BACKLOG_MAX:
+            self.backlog.append((index, payload))
+        else:
+            self.lose(index, 1)
         return self.retry()
 
+    def lose(self, index, n):
+        m = self.marks.get(index)
+        if m is None:
+            m = self.marks[index] = Lost(index)
+            self.backlog.append(m)      # at most one per slot beyond BACKLOG_MAX
+        m.count += n
+
     def retry(self):
-        """Post what waits in the backlog, in order, while the ring has room."""
+        """Post what waits in the backlog, in order, while the ring has room.
+        Never waits: fayt_ring_post with NOWAIT validates the ring's words
+        and gives up at once.  EPROTO: the target scribbled on it."""
         if self.ptr is None or self.hint is None:
             self.backlog.clear()
+            self.marks.clear()
             return False
         pos = ffi.new("uint32_t *")
         while self.backlog:
-            i, p = self.backlog[0]
+            item = self.backlog[0]
+            if isinstance(item, Lost):
+                i, p = item.index, item.payload()
+            else:
+                i, p = item
             r = lib.fayt_ring_post(self.ptr, i, lib.FAYT_NOTIFY_NOWAIT | lib.FAYT_NOTIFY_IMMEDIATE,
                                    lib.FAYT_SENDER_KERNEL, p, len(p), 0,
-                                   self.target.pidfd, DOORBELL, pos, self.hint.word)
-            if r:
+                                   -1, DOORBELL, pos, self.hint.word)
+            if r == lib.FAYT_RING_POSTED_RING:
+                if self.target.notify_armed:    # our record, not the ring's `armed`
+                    doorbell(self.target)
+            elif r == errno.EPROTO:
+                raise KernelError(errno.EPROTO, "ring %d: context %d corrupted its notice ring"
+                                  % (self.id, self.target.id))
+            elif r:
                 break
             self.backlog.pop(0)
+            if isinstance(item, Lost):
+                self.marks.pop(item.index, None)
         return bool(self.backlog)
+
+    def lost(self):
+        """What the backlog holds, as counts per slot (the ring is being dropped)."""
+        n = {}
+        for item in self.backlog:
+            i, c = (item.index, item.count) if isinstance(item, Lost) else (item[0], 1)
+            n[i] = n.get(i, 0) + c
+        return n
 
 
 class Notifications:
@@ -155,6 +225,7 @@ class Notifications:
         self._next = 1
         self.stopping = False
         self.backlogged = set()     # faytd's rings with notices waiting for room
+        self.lost = {}              # context id -> {index: notices lost with a dropped ring}
         self._timerfd = -1          # armed while any does: retried every RETRY_NS
 
     # -- the context page ---------------------------------------------------
@@ -217,21 +288,62 @@ class Notifications:
     def drop(self, r, state):
         self.rings.pop(r.id, None)
         self.backlogged.discard(r)
-        self.pairs.pop((r.sender.id if r.sender else 0, r.target.id), None)
-        if state == lib.FAYT_RING_SENDER_DEAD:
+        if self.pairs.get((r.sender.id if r.sender else 0, r.target.id)) is r:
+            del self.pairs[(r.sender.id if r.sender else 0, r.target.id)]
+        if state != lib.FAYT_RING_TARGET_DEAD:
             self._unrecord(r)
             self._bump(r.target)
             if r.target.notify_armed:
                 doorbell(r.target)
         r.kill(state)
 
+    def sender_gone(self, r):
+        """r's sender is forgotten.  Entries it posted are still the
+        target's: keep the ring (recorded, fetchable) until the target has
+        drained it and gives it back (RELEASE), or dies.  One look at the
+        sequence words (no wait, no loop beyond the ring) decides; a target
+        that makes an unread entry look taken only loses it itself."""
+        if lib.fayt_ring_posted(r.ptr):
+            self.pairs.pop((r.sender.id, r.target.id), None)
+            r.kept = True
+            ffi.cast("struct fayt_ring_header *", r.ptr).state = lib.FAYT_RING_SENDER_DEAD
+            self._bump(r.target)
+            if r.target.notify_armed:
+                doorbell(r.target)
+            return
+        self.drop(r, lib.FAYT_RING_SENDER_DEAD)
+
+    def corrupt(self, r):
+        """The target scribbled on faytd's own ring into it: drop the ring;
+        its backlog is lost, reported in the next ring (OVERFLOW)."""
+        log.warning("context %d: its notice ring %d is corrupt; dropped", r.target.id, r.id)
+        lost = self.lost.setdefault(r.target.id, {})
+        for i, c in r.lost().items():
+            lost[i] = lost.get(i, 0) + c
+        self.drop(r, lib.FAYT_RING_DROPPED)
+
+    def count_into(self, ctx):
+        """Rings into ctx faytd holds (a dead sender's kept ones included)."""
+        return sum(1 for r in self.rings.values() if r.target is ctx)
+
     def rings_into(self, ctx, after):
         return [r for rid, r in sorted(self.rings.items()) if r.target is ctx and rid > after]
 
     def flush(self, ctx):
         r = self.pairs.get((0, ctx.id))
-        if r is not None and r.backlog and not r.retry():
+        if r is not None and r.backlog:
+            self._retry(r)
+
+    def _retry(self, r):
+        """Retry r's backlog; whether one is left."""
+        try:
+            left = r.retry()
+        except KernelError:
+            self.corrupt(r)
+            return False
+        if not left:
             self.backlogged.discard(r)
+        return left
 
     def _backlogged(self, r):
         """r keeps notices back (its ring is full): retry them from faytd's
@@ -253,7 +365,7 @@ class Notifications:
     def _on_timer(self, fd, events):
         lib.fayt_timerfd_drain(fd)
         for r in list(self.backlogged):
-            if r.id not in self.rings or not r.retry():
+            if r.id not in self.rings or not self._retry(r):
                 self.backlogged.discard(r)
         if self.backlogged:
             lib.fayt_timerfd_arm(fd, RETRY_NS)
@@ -269,10 +381,21 @@ class Notifications:
         payload = bytes(ffi.buffer(e))
         try:
             r = self.ring(None, target)
-            if r.post(sub[0], payload):
-                self._backlogged(r)
         except KernelError as e:
             log.warning("context %d: cannot notify it: %s", target.id, e.message)
+            self._count_lost(target, sub[0])
+            return
+        for i, c in sorted(self.lost.pop(target.id, {}).items()):
+            r.lose(i, c)        # a dropped ring's notices: reported first
+        try:
+            if r.post(sub[0], payload):
+                self._backlogged(r)
+        except KernelError:
+            self.corrupt(r)
+
+    def _count_lost(self, target, index):
+        lost = self.lost.setdefault(target.id, {})
+        lost[index] = lost.get(index, 0) + 1
 
     def context_gone(self, ctx):
         """ctx is forgotten (died, or closed and not kept): fail its senders,
@@ -280,9 +403,10 @@ class Notifications:
         for r in list(self.rings.values()):
             if r.target is ctx:
                 self.drop(r, lib.FAYT_RING_TARGET_DEAD)
-            elif r.sender is ctx:
-                self.drop(r, lib.FAYT_RING_SENDER_DEAD)
+            elif r.sender is ctx and not r.kept:
+                self.sender_gone(r)
         self.subs.pop(ctx.id, None)
+        self.lost.pop(ctx.id, None)
         h = self.hints.pop(ctx.id, None)
         if h is not None:
             h.close()
@@ -396,6 +520,52 @@ def sys_notify_close(k, ctx, tid, body, fds):
     return b"", []
 
 
+def sys_notify_ring(k, ctx, tid, body, fds):
+    """Ring the doorbell of a target this context may not signal itself (it
+    runs as another uid): the sender has posted an IMMEDIATE notification
+    into its ring.  faytd rings only a target its own record says handles
+    the doorbell; the ring's `armed` word is the target's to write."""
+    (target_id,) = _unpack(HANDLE_REQ, body, "notify_ring")
+    r = k.notifications.pairs.get((ctx.id, target_id))
+    if r is None:
+        raise KernelError(errno.ENOENT, "target: this context has no ring into %d" % target_id)
+    t = r.target
+    if not t.alive or t.pidfd < 0:
+        raise KernelError(errno.ESRCH, "target: context %d is gone" % target_id)
+    if not t.notify_armed:
+        raise KernelError(errno.EPERM, "target: context %d handles no doorbell (no handler "
+                          "armed); the notification waits for its next dispatch point"
+                          % target_id)
+    try:
+        signal.pidfd_send_signal(t.pidfd, DOORBELL)
+    except ProcessLookupError:
+        raise KernelError(errno.ESRCH, "target: context %d is gone" % target_id) from None
+    except OSError as e:
+        raise KernelError(e.errno or errno.EPERM, "target: faytd cannot ring context %d's "
+                          "doorbell (%s); the notification waits for its next dispatch point"
+                          % (target_id, os.strerror(e.errno or errno.EPERM))) from None
+    return b"", []
+
+
+def sys_notify_release(k, ctx, tid, body, fds):
+    """The target gives a ring back: drained after its sender died, or
+    found corrupt (its sender, alive, gets EPROTO on its next call)."""
+    (ring_id,) = _unpack(HANDLE_REQ, body, "notify_release")
+    n = k.notifications
+    r = n.rings.get(ring_id)
+    if r is None or r.target is not ctx:
+        raise KernelError(errno.ENOENT, "ring: %d is no ring into this context" % ring_id)
+    if r.sender is None:
+        n.corrupt(r)
+    elif r.kept or not r.sender.alive:
+        n.drop(r, lib.FAYT_RING_SENDER_DEAD)
+    else:
+        log.warning("context %d dropped ring %d from context %d (corrupt)", ctx.id, r.id,
+                    r.sender.id)
+        n.drop(r, lib.FAYT_RING_DROPPED)
+    return b"", []
+
+
 _FETCH_MAX = 8      # fds per reply (libportal receives at most 8)
 
 
@@ -501,4 +671,6 @@ HANDLERS = {
     lib.FAYT_SYS_NOTIFY_SUBSCRIBE: sys_notify_subscribe,
     lib.FAYT_SYS_NOTIFY_CLOSE: sys_notify_close,
     lib.FAYT_SYS_NOTIFY_HINT: sys_notify_hint,
+    lib.FAYT_SYS_NOTIFY_RING: sys_notify_ring,
+    lib.FAYT_SYS_NOTIFY_RELEASE: sys_notify_release,
 }

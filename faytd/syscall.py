@@ -272,7 +272,7 @@ def sys_list_contexts(k, ctx, tid, body, fds):
     items = ({"id": c.id, "pid": c.pid, "uid": c.uid, "exe": c.exe,
               "category": c.category.name if c.category else None,
               "mappings": len(c.mappings), "mapped_bytes": c.mapped_bytes(),
-              "connected": c.connected}
+              "connected": c.connected, "rings": k.notifications.count_into(c)}
              for i, c in sorted(k.contexts.items()) if i > after)
     head = '{"ram_frames": %d, "free_frames": %d, "contexts": ' % (
         k.frames.nframes, k.frames.free_frames)

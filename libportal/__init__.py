@@ -21,8 +21,8 @@ from .notification import (install_handler, remove_handler, notify,  # noqa: F40
                            notification_channel, notification_ret, notification_dispatch,
                            notification_poll, notification_wait, notification_stack_alloc,
                            notification_stack_free, set_stack_provider, subscribe, decode_event,
-                           context_of, notification_depth, current_notification,
-                           PEER_DIED, SP_DESTROYED, DOORBELL)
+                           context_of, notification_depth, notification_stats,
+                           current_notification, PEER_DIED, SP_DESTROYED, OVERFLOW, DOORBELL)
 
 from .special import (chain_join, ChainServer, PageRequest, SpecialPortal,  # noqa: F401
                       open_userfaultfd)

@@ -11,8 +11,8 @@ from . import errors
 from ._fayt_cffi import ffi, lib
 from . import _fastpath
 
-CFFI_ABI = 5
-FASTPATH_ABI = 4
+CFFI_ABI = 7
+FASTPATH_ABI = 5
 
 if lib.fayt_cffi_abi() != CFFI_ABI or _fastpath.ABI_VERSION != FASTPATH_ABI:
     raise ImportError("libportal's compiled modules do not match its Python code: "

@@ -41,13 +41,13 @@ ffibuilder = FFI()
 ffibuilder.cdef("\n".join(cdef_text(os.path.join(INCLUDE, "fayt", h)) for h in HEADERS),
                 packed=True)
 ffibuilder.cdef("""
-    #define FAYT_CFFI_ABI 5
+    #define FAYT_CFFI_ABI 7
     int fayt_cffi_abi(void);
 """)
 ffibuilder.set_source(
     "libportal._fayt_cffi",
     "\n".join('#include "fayt/%s"' % h for h in HEADERS) + """
-    #define FAYT_CFFI_ABI 5
+    #define FAYT_CFFI_ABI 7
     int fayt_cffi_abi(void) { return FAYT_CFFI_ABI; }
     """,
     sources=SOURCES,

@@ -84,7 +84,9 @@ class HandlerFailed(PortalError):
 
 
 class ProtocolError(PortalError):
-    """EPROTO: faytd's reply did not follow the protocol."""
+    """EPROTO: faytd's reply did not follow the protocol, or a notification
+    ring holds what no protocol step writes (its target scribbled on it, or
+    dropped it because its sender did)."""
 
 
 _TABLE = {

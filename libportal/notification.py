@@ -16,7 +16,9 @@ The facts this relies on, and what follows:
     sigtimedwait(2) and dispatches at once, without a signal handler;
   * a sender waiting for a return, or for space in a full ring, dispatches
     the notifications that come to it meanwhile, then waits again.
-- Dispatch points: the doorbell, notification_poll(), notification_wait(),
+- Dispatch points: the doorbell (for IMMEDIATE notifications only: faytd's
+  doorbells for a new ring or a dead sender only make the runtime fetch
+  rings), notification_poll(), notification_wait(),
   a sender's waits, every system call through a Connection (before the
   call; a doorbell that comes during one is dispatched after it, since
   fetching a new ring is itself a call), and the share-point fast path
@@ -58,8 +60,16 @@ The facts this relies on, and what follows:
   notification stack (valid only during the call), index the slot, sender
   the sender's context id (0: faytd).  Its return value (an int, None is 0)
   is the result the sender gets; notification_ret(value) returns at once.
+  The sender id is faytd's record of who owns the ring (the FETCH reply),
+  never the entry's sender word.
   A handler that raises gives a waiting sender HandlerFailed; the target
-  prints the traceback and keeps running.
+  prints the traceback and keeps running.  A slot with no handler gives a
+  waiting sender NotFound; a deferred one is counted (notification_stats).
+- Trust: a ring is written by both sides.  The sender's C checks every word
+  it reads against the protocol (EPROTO: ProtocolError, the ring is
+  forgotten) and bounds its waits by the deadline; the target keeps its
+  read position here, checks each entry, and gives a ring with an entry
+  out of range back to faytd (RELEASE: its sender gets EPROTO).
 """
 import atexit
 import errno
@@ -85,6 +95,7 @@ PAYLOAD_MAX = lib.FAYT_NOTIFY_PAYLOAD_MAX
 KERNEL = lib.FAYT_SENDER_KERNEL
 PEER_DIED = lib.FAYT_EVENT_PEER_DIED
 SP_DESTROYED = lib.FAYT_EVENT_SP_DESTROYED
+OVERFLOW = lib.FAYT_EVENT_OVERFLOW
 DOORBELL = signal.SIGRTMIN + lib.FAYT_DOORBELL_SIGRTMIN_OFFSET
 DEFAULT_STACKS = 4
 
@@ -93,6 +104,8 @@ _MAIN = threading.main_thread().ident
 _NOT_RUNNING = lib.FAYT_NOTIFICATION_SLOTS   # saved.interrupted_index: no handler was
 
 _post = _fastpath.notify_post
+_POSTED_RING = lib.FAYT_RING_POSTED_RING
+_NO_HANDLER = lib.FAYT_STATUS_NO_HANDLER
 _runtimes = weakref.WeakSet()     # runtimes whose context handles the doorbell
 _installed = False
 
@@ -124,11 +137,13 @@ def _ns(deadline):
 
 class _Ring:
     __slots__ = ("id", "sender", "target", "target_pid", "addr", "length", "ptr", "pidfd",
-                 "gone", "hint", "hint_ptr")
+                 "gone", "hint", "hint_ptr", "tail")
 
     def __init__(self, reply, fd, hint_fd=-1):
+        # faytd's reply: the ids here are its record, not the ring's words.
         self.id, self.sender, self.target, self.target_pid, self.length = reply
         self.hint, self.hint_ptr = 0, ffi.NULL
+        self.tail = None        # a target's: its consumer position (never the header's)
         try:
             self.addr = _map(fd, self.length)
         except BaseException:
@@ -196,6 +211,10 @@ class Runtime:
         self._gen_ptr = ffi.cast("uint32_t *", ffi.addressof(self.page.notify, "rings_generation"))
         self._pid = os.getpid()
         self.hint = 0               # this context's pending-hint word, once mapped
+        self._fetched = 0           # the highest ring id fetched (ids only grow)
+        self.unhandled = 0          # notifications that named a slot with no handler
+        self.dropped = 0            # rings given back because their sender corrupted them
+        self._warned = set()        # slots already reported as unhandled on stderr
 
     # -- arming: the doorbell's handler -----------------------------------------
     def arm(self):
@@ -245,20 +264,29 @@ class Runtime:
         self.busy = True
         try:
             gen = self.page.notify.rings_generation
-            after = max(self.rings_in, default=0)
             while True:
-                body, fds = self.conn.call(lib.FAYT_SYS_NOTIFY_FETCH, LIST_REQ.pack(after))
+                body, fds = self.conn.call(lib.FAYT_SYS_NOTIFY_FETCH, LIST_REQ.pack(self._fetched))
                 n = len(body) // RING_REPLY.size
                 for i in range(n):
                     r = _Ring(RING_REPLY.unpack_from(body, i * RING_REPLY.size), fds[i])
+                    self._fetched = max(self._fetched, r.id)
+                    if r.id in self.rings_in:   # never map a ring twice: its tail is ours
+                        r.close()
+                        continue
+                    r.tail = ffi.new("uint32_t *")     # a fresh ring starts at 0
                     r.header.armed = 1
                     self.rings_in[r.id] = r
-                    after = max(after, r.id)
+                for fd in fds[n:]:
+                    os.close(fd)
                 if n == 0:
                     break
             live = {self.page.rings[i].ring_id for i in range(lib.FAYT_RINGS_MAX)}
             for r in self.rings_in.values():
-                if r.id not in live and not r.gone:
+                # Gone: faytd reclaimed it, or its sender died with entries
+                # posted (faytd keeps it for us to drain and give back).  A
+                # live sender that writes SENDER_DEAD only loses its ring.
+                if not r.gone and (r.id not in live or
+                                   r.header.state == lib.FAYT_RING_SENDER_DEAD):
                     r.gone = True
                     self._gone.append(r)
             self.generation = gen
@@ -271,9 +299,10 @@ class Runtime:
     # -- dispatch ----------------------------------------------------------------
     def dispatch(self, doorbell=False):
         """notification_dispatch: run every notification waiting in a ring.
-        Returns how many handlers ran.  From the doorbell while a handler runs,
-        only if an IMMEDIATE one waits: a deferred notification never
-        interrupts a handler (the dispatch that runs it takes it next).
+        Returns how many handlers ran.  From the doorbell, only if an
+        IMMEDIATE one waits (new rings are fetched first): a deferred
+        notification never interrupts plain code or a handler (the next
+        dispatch point, or the dispatch that runs the handler, takes it).
         The C step (fayt_dispatch_step) ends one handler and starts the next
         from a batch it took out of the rings in one go; this loop only
         decodes the frame and calls the handler."""
@@ -285,8 +314,17 @@ class Runtime:
             self.pending = True     # inside a call: the call dispatches when done
             return 0
         d = self._disp
-        if doorbell and self.running and not lib.fayt_dispatch_immediate_ready(d):
-            return 0
+        if doorbell:
+            # The doorbell is for IMMEDIATE notifications only: a deferred
+            # one waits for a dispatch point, even if the doorbell came
+            # because a ring was made or its sender died.
+            if self.generation is None or \
+                    self.page.notify.rings_generation != self.generation:
+                self.fetch()
+            elif self._ring_table is None:
+                self._table()
+            if not lib.fayt_dispatch_immediate_ready(d):
+                return 0
         self.pending = False
         if self._ring_table is None:
             self._table()
@@ -306,6 +344,9 @@ class Runtime:
                     if code == -3:                      # a ring was added or reclaimed
                         self.fetch()
                         continue
+                    if code == -4:                      # a sender corrupted its ring
+                        self._drop_corrupt()
+                        continue
                     if code == -2 and self._provide():
                         continue
                     if self._gone and not self.running:
@@ -319,7 +360,8 @@ class Runtime:
                 try:
                     fn = handlers.get(index)
                     if fn is None:
-                        status = errno.ENOENT
+                        status = _NO_HANDLER
+                        self._unhandled(index, sender)
                     else:
                         r = fn(view, index, sender)
                         result, status = (int(r) if r else 0), 0
@@ -344,9 +386,12 @@ class Runtime:
             rings = [r for r in self.rings_in.values() if r.addr]
             t = self._ring_table = (ffi.new("void *[]", [r.ptr for r in rings] or [ffi.NULL]),
                                     ffi.new("uint32_t[]", [r.id for r in rings] or [0]),
-                                    len(rings), rings)
+                                    len(rings), rings,
+                                    ffi.new("uint32_t[]", [r.sender for r in rings] or [0]),
+                                    ffi.new("uint32_t *[]", [r.tail for r in rings] or [ffi.NULL]))
             d = self._disp
             d.rings, d.ring_ids, d.n = t[0], t[1], t[2]
+            d.senders, d.tails = t[4], t[5]
             if d.cursor >= t[2]:
                 d.cursor = 0
             gen = self.generation
@@ -355,8 +400,9 @@ class Runtime:
         return t
 
     def _reap(self):
-        """Unmap the rings faytd reclaimed (their sender died) once drained."""
-        drained = [r for r in self._gone if not r.addr or not lib.fayt_ring_ready(r.ptr)]
+        """Unmap the rings whose sender died (faytd reclaimed them, or kept
+        them for us) once drained; give the kept ones back to faytd."""
+        drained = [r for r in self._gone if not r.addr or not lib.fayt_ring_ready(r.ptr, r.tail[0])]
         if not drained:
             return
         for r in drained:
@@ -364,8 +410,51 @@ class Runtime:
         self._gone = [r for r in self._gone if r not in drained]
         self._ring_table = None
         self._table()           # before unmapping: the dispatcher never names a gone ring
+        live = {self.page.rings[i].ring_id for i in range(lib.FAYT_RINGS_MAX)}
         for r in drained:
             r.close()
+            if r.id in live:
+                self._release(r.id)
+
+    def _release(self, ring_id):
+        """Give ring_id back to faytd (a system call from inside dispatch:
+        no dispatch point in it)."""
+        busy, self.busy = self.busy, True
+        try:
+            self.conn.call(lib.FAYT_SYS_NOTIFY_RELEASE, HANDLE_REQ.pack(ring_id))
+        except errors.PortalError:
+            pass                # already reclaimed, or the connection is closing
+        finally:
+            self.busy = busy
+
+    def _drop_corrupt(self):
+        """The dispatcher found an entry out of range in a ring (its sender
+        wrote it): stop reading that ring and give it back; faytd marks it
+        DROPPED and its sender gets EPROTO on its next call.  Nothing else
+        is affected."""
+        d = self._disp
+        rid, d.dropped = d.dropped, 0
+        r = self.rings_in.pop(rid, None)
+        self.dropped += 1
+        sys.stderr.write("notifications: ring %d (from context %s) holds an entry out of "
+                         "range; dropped\n" % (rid, r.sender if r else "?"))
+        self._ring_table = None
+        self._table()
+        if r is not None:
+            if r in self._gone:
+                self._gone.remove(r)
+            r.close()
+        self._release(rid)
+
+    def _unhandled(self, index, sender):
+        """A notification named a slot with no handler: counted
+        (notification_stats()['unhandled']), reported once per slot; a
+        sender waiting for the return gets ENOENT."""
+        self.unhandled += 1
+        if index not in self._warned:
+            self._warned.add(index)
+            sys.stderr.write("notifications: no handler for index %d (from context %d): "
+                             "dropped, counted in notification_stats()\n" % (index, sender))
 
     def _provide(self):
         """No free stack: run the stack-provider action once; whether it made one."""
@@ -400,8 +489,8 @@ class Runtime:
                 return ran
             if self.generation is None:
                 self.fetch()
-            arr, _, n, _ = self._table()
-            r = lib.fayt_notify_wait(arr, n, self._gen_ptr, self.generation, DOORBELL,
+            self._table()
+            r = lib.fayt_notify_wait(self._disp, self._gen_ptr, self.generation, DOORBELL,
                                      _ns(deadline))
             self.dispatch()
             if notify.delivered != start:
@@ -471,14 +560,22 @@ class Runtime:
             for fd in fds[2:]:
                 os.close(fd)
             r = _Ring(RING_REPLY.unpack(body), fds[0], fds[1] if len(fds) > 1 else -1)
+            # The doorbell goes through a pidfd of the pid faytd named (never
+            # the ring's target_pid, which the target can write), and only if
+            # the kernel lets us signal it (signal 0 asks): else, another
+            # uid, faytd rings it for us (FAYT_SYS_NOTIFY_RING).
             try:
                 r.pidfd = os.pidfd_open(r.target_pid)
+                signal.pidfd_send_signal(r.pidfd, 0)
             except OSError:
+                if r.pidfd >= 0:
+                    os.close(r.pidfd)
                 r.pidfd = -1
             self.rings_out[target] = r
         return r
 
     def notify(self, target, index, payload, flags, timeout):
+        _check_args(index, payload)
         r = self.rings_out.get(target)
         if r is None or not r.addr:
             r = self.channel(target)
@@ -490,6 +587,9 @@ class Runtime:
                                    payload, len(payload), _ns(deadline), r.pidfd, DOORBELL, pos,
                                    r.hint_ptr)
             if e == 0:
+                break
+            if e == lib.FAYT_RING_POSTED_RING:
+                self.ring_via_faytd(target, r, pos[0], flags)
                 break
             if e == errno.EINTR:
                 self._interrupted()
@@ -506,6 +606,24 @@ class Runtime:
             self.dispatch()     # the handler runs here, now
         return self.wait_return(r, target, index, pos[0], deadline)
 
+    def ring_via_faytd(self, target, r=None, pos=0, flags=0):
+        """The entry is posted; this process may not signal the target
+        (another uid): faytd rings its doorbell, by its own record of
+        whether the target handles it.  Its refusal is raised: never a
+        success that does not ring (a return-flag entry is abandoned: the
+        target frees it)."""
+        try:
+            self.conn.call(lib.FAYT_SYS_NOTIFY_RING, HANDLE_REQ.pack(target))
+        except errors.PortalError as e:
+            if r is not None and r.addr:
+                r.header.rung = 0       # not outstanding: the next post tries again
+            if flags & RETURN and r is not None and r.addr:
+                lib.fayt_ring_wait_return(r.ptr, pos, 0, ffi.new("int64_t *"),
+                                          ffi.new("int32_t *"))
+            raise errors.error(e.errno, "notify: the notification to context %d is posted "
+                               "but its doorbell was not rung: %s" % (target, e.strerror)) \
+                from None
+
     def wait_return(self, r, target, index, pos, deadline):
         res, st = ffi.new("int64_t *"), ffi.new("int32_t *")
         while True:
@@ -520,9 +638,10 @@ class Runtime:
             self._fail(r, target, index, e)
 
     def _interrupted(self):
-        """A signal broke a wait: Python runs its handlers (the doorbell's
-        dispatch among them) when the C call returns; dispatch anything put off."""
-        if self.pending:
+        """A signal broke a wait: Python ran its handlers when the C call
+        returned (the doorbell's runs IMMEDIATE notifications only); a
+        sender's wait is a dispatch point: run what waits."""
+        if self.pending or self.rings_in:
             self.dispatch()
 
     def _fail(self, r, target, index, e):
@@ -531,6 +650,14 @@ class Runtime:
             r.close()
             raise errors.error(errno.ESRCH, "notify: target context %d is gone (died or "
                                             "closed)" % target)
+        if e == errno.EPROTO:
+            # The target wrote what the protocol never does, or dropped the
+            # ring: forget it; the next notify() asks faytd for a fresh one.
+            self.rings_out.pop(target, None)
+            r.close()
+            raise errors.error(errno.EPROTO, "notify: the ring into context %d is corrupt or "
+                               "was dropped by the target; index %d not delivered"
+                               % (target, index))
         if e == errno.EAGAIN:
             raise errors.error(errno.EAGAIN, "notify: the ring into context %d is full "
                                              "(FAYT_NOTIFY_NOWAIT)" % target)
@@ -541,8 +668,8 @@ class Runtime:
             raise errors.error(errno.EDEADLK, "notify: the ring into this context itself is "
                                "full and no handler can run now to empty it")
         if e == errno.EINVAL:
-            raise errors.error(errno.EINVAL, "notify: index must be 0..%d, the payload at most "
-                               "%d bytes, flags FAYT_NOTIFY_*" % (SLOTS - 1, PAYLOAD_MAX))
+            _check_args(index, b"")
+            raise errors.error(errno.EINVAL, "notify: flags: only FAYT_NOTIFY_* bits")
         raise errors.error(e, "notify: %s" % os.strerror(e))
 
     def close(self):
@@ -562,7 +689,23 @@ class Runtime:
         self.stacks.clear()
 
 
+def _check_args(index, payload):
+    """notify()'s arguments, each refused with its own message (EINVAL)."""
+    if not isinstance(index, int) or not 0 <= index < SLOTS:
+        raise errors.error(errno.EINVAL, "notify: index: %r is not a notification slot "
+                           "(0..%d)" % (index, SLOTS - 1))
+    n = len(payload)
+    if n > PAYLOAD_MAX:
+        raise errors.error(errno.EINVAL, "notify: payload: %d bytes, more than "
+                           "FAYT_NOTIFY_PAYLOAD_MAX (%d)" % (n, PAYLOAD_MAX))
+
+
 def _handler_failed(index, target, status):
+    if status == _NO_HANDLER:
+        e = errors.error(errno.ENOENT, "notify: context %d has no handler for index %d"
+                         % (target, index))
+        e.status = status
+        return e
     e = errors.error(errno.EREMOTEIO, "notify: the handler for index %d of context %d "
                      "failed (%s)" % (index, target, errno.errorcode.get(status, status)))
     e.status = status
@@ -586,18 +729,30 @@ class Channel:
     def send(self, index, payload=b"", immediate=False, timeout=None):
         """A notification without the return flag (deferred unless immediate)."""
         r, flags = self.ring, IMMEDIATE if immediate else 0
-        if self.target != self._me and not _post(r.addr, index, flags, self._me, payload,
-                                                 r.pidfd, DOORBELL, r.hint):
-            return None
+        if self.target != self._me:
+            e = _post(r.addr, index, flags, self._me, payload, r.pidfd, DOORBELL, r.hint)
+            if not e:
+                return None
+            if e == _POSTED_RING:
+                return self.rt.ring_via_faytd(self.target)
         self.ring = self.rt.channel(self.target) if not r.addr else r
         return self.rt.notify(self.target, index, payload, flags, timeout)
 
     def call(self, index, payload=b"", immediate=False, timeout=None):
         """A notification with the return flag: the handler's result."""
         r, flags = self.ring, RETURN | (IMMEDIATE if immediate else 0)
-        if r.addr and self.target != self._me and not lib.fayt_ring_post(
-                r.ptr, index, flags | NOWAIT, self._me, payload, len(payload), 0, r.pidfd,
-                DOORBELL, self._pos, r.hint_ptr):
+        e = -2
+        if r.addr and self.target != self._me:
+            try:
+                e = lib.fayt_ring_post(r.ptr, index, flags | NOWAIT, self._me, payload,
+                                       len(payload), 0, r.pidfd, DOORBELL, self._pos,
+                                       r.hint_ptr)
+            except OverflowError:       # index < 0: notify() says so
+                e = -2
+            if e == _POSTED_RING:
+                self.rt.ring_via_faytd(self.target, r, self._pos[0], flags)
+                e = 0
+        if not e:
             deadline = None if timeout is None else time.monotonic() + timeout
             e = lib.fayt_ring_wait_return(r.ptr, self._pos[0], _ns(deadline), self._res,
                                           self._st)
@@ -726,12 +881,28 @@ def subscribe(event, index, arg=0, connection=None):
 
 
 def decode_event(payload):
-    """{event, context_id, pid, sp_id, identifier} of a faytd notification."""
+    """{event, context_id, pid, sp_id, identifier} of a faytd notification;
+    an OVERFLOW (notices for this slot were lost) has `lost`: how many."""
     e = ffi.new("struct fayt_event_payload *")
     b = bytes(payload)[:ffi.sizeof(e[0])]
     ffi.memmove(e, b, len(b))
-    return {"event": e.event, "context_id": e.context_id, "pid": e.pid, "sp_id": e.sp_id,
-            "identifier": ffi.string(e.identifier).decode("utf-8", "replace")}
+    d = {"event": e.event, "context_id": e.context_id, "pid": e.pid, "sp_id": e.sp_id,
+         "identifier": ffi.string(e.identifier).decode("utf-8", "replace")}
+    if e.event == OVERFLOW:
+        d["lost"] = e.sp_id
+    return d
+
+
+def notification_stats(connection=None):
+    """This context's notification counters: delivered (handlers run, from
+    the context page), starved (a notification waited for a stack),
+    unhandled (notifications that named a slot with no handler: dropped; a
+    return-flag sender got NotFound), dropped (rings given back because
+    their sender wrote an entry out of range)."""
+    rt = runtime(connection)
+    n = rt.page.notify
+    return {"delivered": n.delivered, "starved": n.starved, "unhandled": rt.unhandled,
+            "dropped": rt.dropped}
 
 
 def notification_depth(connection=None):

@@ -51,7 +51,7 @@
 #include "fayt/sharepoint.h"
 #include "fayt/syscall.h"
 
-#define FASTPATH_ABI 4
+#define FASTPATH_ABI 5
 
 #include <pthread.h>
 #include <pythread.h>
@@ -888,7 +888,8 @@ static int addr_arg(PyObject *o, void **out)
     return 0;
 }
 
-/* notify_post(ring, index, flags, sender, payload, pidfd, signo, hint) -> 0 or errno.
+/* notify_post(ring, index, flags, sender, payload, pidfd, signo, hint) -> 0,
+ * FAYT_RING_POSTED_RING (posted; faytd must ring: pidfd -1) or errno.
  * fayt_ring_post with FAYT_NOTIFY_NOWAIT: never waits (EAGAIN when full);
  * hint: the address of the target's hint word, or 0. */
 static PyObject *notify_post(PyObject *mod, PyObject *const *args, Py_ssize_t n)

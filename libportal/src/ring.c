@@ -10,6 +10,15 @@
  * - Dekker-style handshakes (entry published / target_waiting, rung) need
  *   sequentially consistent fences on both sides; each is marked below.
  * The layout and the state machine of an entry are in fayt/notification.h.
+ *
+ * Trust (DESIGN section 8): both sides map the ring read-write, so each
+ * side validates what the other can write and bounds every loop over it.
+ * The sender checks each sequence word against the position it holds
+ * (a word no protocol step writes is EPROTO), never waits past its
+ * deadline (NOWAIT: never), and never signals a pid read from the ring.
+ * The target keeps its consumer position in process memory, reads each
+ * entry's words once, takes the sender's id from faytd's record, and a
+ * ring with an entry out of range is dropped (dispatcher.dropped).
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -117,14 +126,34 @@ static void space_freed(struct fayt_ring_header *h)
     }
 }
 
-static void ring_doorbell(struct fayt_ring_header *h, int doorbell_fd, int signo)
+/* Ring the target's doorbell (one outstanding per ring).  Returns 0, or
+ * FAYT_RING_POSTED_RING when this process may not signal the target (no
+ * pidfd, or the kernel refused: another uid) and faytd must ring it.  The
+ * pid in the header is never used: the target can write it. */
+static int ring_doorbell(struct fayt_ring_header *h, int doorbell_fd, int signo)
 {
     if (__atomic_exchange_n(&h->rung, 1, __ATOMIC_SEQ_CST))
-        return;     /* one is outstanding: the target clears rung before it scans */
-    int r = doorbell_fd >= 0 ? fayt_pidfd_signal(doorbell_fd, signo)
-                             : (kill(h->target_pid, signo) == 0 ? 0 : errno);
-    if (r)          /* gone, or queue full: let the next post try again */
+        return 0;   /* one is outstanding: the target clears rung before it scans */
+    if (doorbell_fd < 0)
+        return FAYT_RING_POSTED_RING;
+    int r = fayt_pidfd_signal(doorbell_fd, signo);
+    if (r == 0)
+        return 0;
+    if (r == ESRCH) {   /* gone: faytd marks the ring; let a next post try again */
         STORE(&h->rung, 0);
+        return 0;
+    }
+    return FAYT_RING_POSTED_RING;   /* EPERM (another uid), EAGAIN (queue full) */
+}
+
+/* A sender's view of the ring's state word (faytd writes it; the target
+ * could, and only denies itself service so). */
+static int state_error(struct fayt_ring_header *h)
+{
+    uint32_t st = LOAD(&h->state);
+    if (st == FAYT_RING_LIVE)
+        return 0;
+    return st == FAYT_RING_TARGET_DEAD ? ESRCH : EPROTO;
 }
 
 int fayt_ring_post(void *ring, uint32_t index, uint32_t flags, uint32_t sender,
@@ -136,25 +165,55 @@ int fayt_ring_post(void *ring, uint32_t index, uint32_t flags, uint32_t sender,
     const uint32_t mask = FAYT_RING_ENTRIES - 1;
     struct timespec deadline, rel;
     int timed = 0, have_deadline = 0;
-    uint32_t pos;
+    uint32_t pos, spins = 0;
 
     if (index >= FAYT_NOTIFICATION_SLOTS || (flags & ~FAYT_NOTIFY_FLAGS) ||
         length > FAYT_NOTIFY_PAYLOAD_MAX)
         return EINVAL;
-    for (;;) {
-        if (LOAD(&h->state) == FAYT_RING_TARGET_DEAD)
-            return ESRCH;
+    for (;; spins++) {
+        int bad = state_error(h);
+        if (bad)
+            return bad;
+        if (spins && (spins & 63) == 0) {
+            /* Many rounds without a free entry or a won CAS: other threads
+             * of this process, or a target rewriting head.  Either way the
+             * deadline bounds it. */
+            if (flags & FAYT_NOTIFY_NOWAIT)
+                return EAGAIN;
+            if (!have_deadline) {
+                timed = fayt_deadline(timeout_ns, &deadline);
+                have_deadline = 1;
+            }
+            if (timed && !remaining(&deadline, &rel))
+                return ETIMEDOUT;
+            sched_yield();
+        }
         pos = __atomic_load_n(&h->head, __ATOMIC_RELAXED);
         uint32_t seq = LOAD(&e[pos & mask].seq);
         int32_t diff = (int32_t)(seq - pos);
+        /* What the protocol writes into the entry at pos's slot: pos - N
+         * (free for the lap before, a slow thread of ours holds it), pos - N
+         * + 1 (posted the lap before, not yet freed: full), pos (free), pos
+         * + 1 and pos + N (another thread of ours took pos: head has moved
+         * on).  Anything else, or a head that stays behind a taken entry, is
+         * a scribbled ring. */
+        if (diff < -(int32_t)FAYT_RING_ENTRIES || diff > (int32_t)FAYT_RING_ENTRIES ||
+            ((uint32_t)diff & mask) > 1)
+            return EPROTO;
         if (diff == 0) {
             if (__atomic_compare_exchange_n(&h->head, &pos, pos + 1, 0,
                                             __ATOMIC_RELAXED, __ATOMIC_RELAXED))
                 break;
             continue;
         }
-        if (diff > 0)
-            continue;           /* another thread took pos */
+        if (diff > 0) {
+            /* The thread that took pos moved head before it published the
+             * entry (and we read the entry with acquire): a head still at
+             * pos was written back by someone else. */
+            if (__atomic_load_n(&h->head, __ATOMIC_RELAXED) == pos)
+                return EPROTO;
+            continue;
+        }
         /* Full at pos. */
         if (flags & FAYT_NOTIFY_NOWAIT)
             return EAGAIN;
@@ -166,7 +225,7 @@ int fayt_ring_post(void *ring, uint32_t index, uint32_t flags, uint32_t sender,
         __atomic_fetch_add(&h->space_waiters, 1, __ATOMIC_SEQ_CST);
         FENCE();
         int r = 0;
-        if (LOAD(&e[pos & mask].seq) == pos || LOAD(&h->state) == FAYT_RING_TARGET_DEAD) {
+        if (LOAD(&e[pos & mask].seq) == pos || LOAD(&h->state) != FAYT_RING_LIVE) {
             r = 0;
         } else if (timed && !remaining(&deadline, &rel)) {
             r = ETIMEDOUT;
@@ -176,11 +235,13 @@ int fayt_ring_post(void *ring, uint32_t index, uint32_t flags, uint32_t sender,
         __atomic_fetch_sub(&h->space_waiters, 1, __ATOMIC_SEQ_CST);
         if (r == ETIMEDOUT || r == EINTR)
             return r;
+        /* Woken (perhaps by a target that bumps space for nothing): look
+         * again; the deadline check above bounds the rounds. */
     }
     struct fayt_ring_entry *x = &e[pos & mask];
     x->index = (uint16_t)index;
     x->flags = (uint16_t)flags;
-    x->sender = sender;
+    x->sender = sender;     /* informational: the target uses faytd's record */
     x->length = length;
     x->status = 0;
     x->result = 0;
@@ -193,18 +254,19 @@ int fayt_ring_post(void *ring, uint32_t index, uint32_t flags, uint32_t sender,
     if (hint)   /* after the entry (release): a target that sees the bump sees the entry */
         __atomic_fetch_add(hint, 1, __ATOMIC_SEQ_CST);
     FENCE();    /* the entry is visible before we read target_waiting (pairs with the wait) */
+    int rc = 0;
     if (LOAD(&h->armed)) {
         uint32_t w = __atomic_exchange_n(&h->target_waiting, 0, __ATOMIC_SEQ_CST);
         if (w == 1)
             fayt_futex_wake(&h->target_waiting, 1);     /* asleep in futex_waitv: no signal */
         else if (w == 2 || (flags & FAYT_NOTIFY_IMMEDIATE))
-            ring_doorbell(h, doorbell_fd, signo);      /* in sigtimedwait, or running code */
+            rc = ring_doorbell(h, doorbell_fd, signo); /* in sigtimedwait, or running code */
         /* Immediate reschedule: give the CPU away.  With the return flag
          * the sender's futex sleep that follows is the yield. */
         if ((flags & FAYT_NOTIFY_IMMEDIATE) && !(flags & FAYT_NOTIFY_RETURN))
             sched_yield();
     }
-    return 0;
+    return rc;
 }
 
 int fayt_ring_wait_return(void *ring, uint32_t pos, int64_t timeout_ns,
@@ -225,80 +287,84 @@ int fayt_ring_wait_return(void *ring, uint32_t pos, int64_t timeout_ns,
             return 0;
         }
         if (d == FAYT_DONE_DEAD)
-            return ESRCH;
+            return LOAD(&h->state) == FAYT_RING_DROPPED ? EPROTO : ESRCH;
+        if (d != FAYT_DONE_PENDING)
+            return EPROTO;      /* only this sender abandons an entry */
         FENCE();    /* pairs with fayt_ring_kill: state before done */
-        if (LOAD(&h->state) == FAYT_RING_TARGET_DEAD)
-            return ESRCH;
+        int bad = state_error(h);
+        if (bad)
+            return bad;
         int r;
         if (timed && !remaining(&deadline, &rel))
             r = ETIMEDOUT;
         else
             r = futex_wait_ts(&x->done, d, timed ? &rel : NULL);
+        if (r == 0 && timed && !remaining(&deadline, &rel) &&
+            LOAD(&x->done) == FAYT_DONE_PENDING)
+            r = ETIMEDOUT;      /* woken for nothing at the deadline */
         if (r == ETIMEDOUT) {
             uint32_t pending = FAYT_DONE_PENDING;
             if (__atomic_compare_exchange_n(&x->done, &pending, FAYT_DONE_ABANDONED, 0,
                                             __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
                 return ETIMEDOUT;
-            continue;   /* it returned (or died) meanwhile */
+            if (pending == FAYT_DONE_RETURNED || pending == FAYT_DONE_DEAD)
+                continue;       /* it returned (or died) meanwhile: once more */
+            return EPROTO;
         }
         if (r == EINTR)
             return EINTR;
     }
 }
 
-int fayt_ring_ready(void *ring)
+int fayt_ring_ready(void *ring, uint32_t tail)
 {
-    struct fayt_ring_header *h = hdr(ring);
-    uint32_t pos = __atomic_load_n(&h->tail, __ATOMIC_RELAXED);
-    return LOAD(&entries(ring)[pos & (FAYT_RING_ENTRIES - 1)].seq) == pos + 1;
+    return LOAD(&entries(ring)[tail & (FAYT_RING_ENTRIES - 1)].seq) == tail + 1;
 }
 
-int fayt_ring_immediate_ready(void *ring)
+/* Whether an entry with FAYT_NOTIFY_IMMEDIATE is ready from tail on (at most
+ * one lap: bounded whatever the sender wrote). */
+static int immediate_ready(void *ring, uint32_t pos)
 {
-    struct fayt_ring_header *h = hdr(ring);
     struct fayt_ring_entry *e = entries(ring);
-    uint32_t pos = __atomic_load_n(&h->tail, __ATOMIC_RELAXED);
     for (uint32_t k = 0; k < FAYT_RING_ENTRIES; k++, pos++) {
         struct fayt_ring_entry *x = &e[pos & (FAYT_RING_ENTRIES - 1)];
         if (LOAD(&x->seq) != pos + 1)
             return 0;
-        if (x->flags & FAYT_NOTIFY_IMMEDIATE)
+        if (__atomic_load_n(&x->flags, __ATOMIC_RELAXED) & FAYT_NOTIFY_IMMEDIATE)
             return 1;
     }
     return 0;
 }
 
-/* Take the entry at the tail into f: 0 none, 1 taken (kept until
+/* Take the entry at *tail into f: 0 none, 1 taken (kept until
  * notification_ret: FAYT_NOTIFY_RETURN), 2 taken and freed (the caller
- * calls space_freed once for any number of these). */
-static int take_entry(struct fayt_ring_header *h, struct fayt_ring_entry *e,
+ * calls space_freed once for any number of these), -1 the entry is corrupt
+ * (nothing taken).  Every word is read once, then checked: the sender may
+ * change the entry meanwhile. */
+static int take_entry(struct fayt_ring_header *h, struct fayt_ring_entry *e, uint32_t *tail,
                       struct fayt_notification_frame *f)
 {
-    uint32_t pos = __atomic_load_n(&h->tail, __ATOMIC_RELAXED);
+    uint32_t pos = *tail;
     struct fayt_ring_entry *x = &e[pos & (FAYT_RING_ENTRIES - 1)];
     if (LOAD(&x->seq) != pos + 1)
         return 0;
-    uint32_t len = x->length <= FAYT_NOTIFY_PAYLOAD_MAX ? x->length : FAYT_NOTIFY_PAYLOAD_MAX;
-    uint32_t flags = x->flags;
-    f->index = x->index;
-    f->sender = x->sender;
+    uint32_t index = __atomic_load_n(&x->index, __ATOMIC_RELAXED);
+    uint32_t flags = __atomic_load_n(&x->flags, __ATOMIC_RELAXED);
+    uint32_t len = __atomic_load_n(&x->length, __ATOMIC_RELAXED);
+    if (index >= FAYT_NOTIFICATION_SLOTS || (flags & ~FAYT_NOTIFY_FLAGS) ||
+        len > FAYT_NOTIFY_PAYLOAD_MAX)
+        return -1;
+    f->index = index;
     f->flags = flags;
     f->length = len;
     f->pos = pos;
     memcpy(f->payload, x->payload, len);
-    STORE(&h->tail, pos + 1);
+    *tail = pos + 1;
+    STORE(&h->tail, pos + 1);       /* statistics only: never read back */
     if (flags & FAYT_NOTIFY_RETURN)
         return 1;
     STORE(&x->seq, pos + FAYT_RING_ENTRIES);
     return 2;
-}
-
-int fayt_ring_take(void *ring, struct fayt_notification_frame *f)
-{
-    int t = take_entry(hdr(ring), entries(ring), f);
-    if (t == 2)
-        space_freed(hdr(ring));
-    return t != 0;
 }
 
 void fayt_ring_return(void *ring, uint32_t pos, int64_t result, int32_t status)
@@ -329,7 +395,7 @@ void fayt_ring_kill(void *ring, uint32_t state)
     struct fayt_ring_header *h = hdr(ring);
     struct fayt_ring_entry *e = entries(ring);
     __atomic_store_n(&h->state, state, __ATOMIC_SEQ_CST);
-    if (state == FAYT_RING_TARGET_DEAD) {
+    if (state == FAYT_RING_TARGET_DEAD || state == FAYT_RING_DROPPED) {
         for (uint32_t i = 0; i < FAYT_RING_ENTRIES; i++) {
             uint32_t pending = FAYT_DONE_PENDING;
             if (__atomic_compare_exchange_n(&e[i].done, &pending, FAYT_DONE_DEAD, 0,
@@ -339,6 +405,15 @@ void fayt_ring_kill(void *ring, uint32_t state)
     }
     __atomic_fetch_add(&h->space, 1, __ATOMIC_SEQ_CST);
     fayt_futex_wake(&h->space, INT_MAX);
+}
+
+int fayt_ring_posted(void *ring)
+{
+    struct fayt_ring_entry *e = entries(ring);
+    for (uint32_t i = 0; i < FAYT_RING_ENTRIES; i++)
+        if ((LOAD(&e[i].seq) & (FAYT_RING_ENTRIES - 1)) == ((i + 1) & (FAYT_RING_ENTRIES - 1)))
+            return 1;
+    return 0;
 }
 
 #ifndef SYS_futex_waitv
@@ -356,18 +431,30 @@ struct futex_waitv_ {
 
 static int waitv_ok = 1;    /* futex_waitv(2) exists (Linux 5.16+) */
 
+/* Whether one of d's rings has an entry at its consumer position (the ring
+ * state is not looked at: a sender could write it; faytd bumps the
+ * generation when a ring is added or reclaimed). */
+static int any_ready(struct fayt_dispatcher *d)
+{
+    for (int i = 0; i < d->n; i++)
+        if (d->ring_ids[i] != d->dropped && fayt_ring_ready(d->rings[i], *d->tails[i]))
+            return 1;
+    return 0;
+}
+
 /* target_waiting: 1 asleep in futex_waitv (a sender wakes the word), 2 asleep
  * in sigtimedwait (a sender rings the doorbell).  A sender exchanges it to 0. */
-static int wait_futexes(void **rings, int n, const uint32_t *generation, uint32_t seen,
+static int wait_futexes(struct fayt_dispatcher *d, const uint32_t *generation, uint32_t seen,
                         int64_t timeout_ns)
 {
     struct futex_waitv_ w[FUTEX_WAITV_MAX_];
+    int n = d->n;
     w[0].val = seen;
     w[0].uaddr = (uintptr_t)generation;
     w[0].flags = FUTEX2_SIZE_U32_;
     w[0].reserved = 0;
     for (int i = 0; i < n; i++) {
-        struct fayt_ring_header *h = hdr(rings[i]);
+        struct fayt_ring_header *h = hdr(d->rings[i]);
         __atomic_store_n(&h->target_waiting, 1, __ATOMIC_SEQ_CST);
         w[i + 1].val = 1;
         w[i + 1].uaddr = (uintptr_t)&h->target_waiting;
@@ -375,9 +462,7 @@ static int wait_futexes(void **rings, int n, const uint32_t *generation, uint32_
         w[i + 1].reserved = 0;
     }
     FENCE();    /* target_waiting before the readiness check (pairs with post) */
-    int ready = LOAD(generation) != seen;
-    for (int i = 0; i < n && !ready; i++)
-        ready = fayt_ring_ready(rings[i]) || LOAD(&hdr(rings[i])->state) != FAYT_RING_LIVE;
+    int ready = LOAD(generation) != seen || any_ready(d);
     int r = 0;
     if (!ready) {
         struct timespec abs, *tsp = NULL;
@@ -390,15 +475,16 @@ static int wait_futexes(void **rings, int n, const uint32_t *generation, uint32_
             r = errno == EAGAIN ? 0 : errno;
     }
     for (int i = 0; i < n; i++)
-        __atomic_store_n(&hdr(rings[i])->target_waiting, 0, __ATOMIC_RELAXED);
+        __atomic_store_n(&hdr(d->rings[i])->target_waiting, 0, __ATOMIC_RELAXED);
     return r;
 }
 
-int fayt_notify_wait(void **rings, int n, const uint32_t *generation, uint32_t seen,
+int fayt_notify_wait(struct fayt_dispatcher *d, const uint32_t *generation, uint32_t seen,
                      int signo, int64_t timeout_ns)
 {
+    int n = d->n;
     if (waitv_ok && n + 1 <= FUTEX_WAITV_MAX_) {
-        int r = wait_futexes(rings, n, generation, seen, timeout_ns);
+        int r = wait_futexes(d, generation, seen, timeout_ns);
         if (r != ENOSYS)
             return r;
         waitv_ok = 0;
@@ -408,13 +494,11 @@ int fayt_notify_wait(void **rings, int n, const uint32_t *generation, uint32_t s
     sigaddset(&set, signo);
     pthread_sigmask(SIG_BLOCK, &set, &old);
     for (int i = 0; i < n; i++) {
-        __atomic_store_n(&hdr(rings[i])->target_waiting, 2, __ATOMIC_SEQ_CST);
-        __atomic_store_n(&hdr(rings[i])->rung, 0, __ATOMIC_SEQ_CST);
+        __atomic_store_n(&hdr(d->rings[i])->target_waiting, 2, __ATOMIC_SEQ_CST);
+        __atomic_store_n(&hdr(d->rings[i])->rung, 0, __ATOMIC_SEQ_CST);
     }
     FENCE();    /* target_waiting before the readiness check (pairs with post) */
-    int ready = generation && LOAD(generation) != seen;
-    for (int i = 0; i < n && !ready; i++)
-        ready = fayt_ring_ready(rings[i]) || LOAD(&hdr(rings[i])->state) != FAYT_RING_LIVE;
+    int ready = (generation && LOAD(generation) != seen) || any_ready(d);
     int r = 0;
     if (!ready) {
         struct timespec rel, *tsp = NULL;
@@ -428,7 +512,7 @@ int fayt_notify_wait(void **rings, int n, const uint32_t *generation, uint32_t s
             r = errno == EAGAIN ? ETIMEDOUT : errno;
     }
     for (int i = 0; i < n; i++)
-        __atomic_store_n(&hdr(rings[i])->target_waiting, 0, __ATOMIC_RELAXED);
+        __atomic_store_n(&hdr(d->rings[i])->target_waiting, 0, __ATOMIC_RELAXED);
     pthread_sigmask(SIG_SETMASK, &old, NULL);
     return r;
 }
@@ -439,63 +523,6 @@ static int free_stack(struct fayt_context_page *page)
         if (page->stacks[i].state == FAYT_STACK_FREE && page->stacks[i].base)
             return i;
     return -1;
-}
-
-int fayt_dispatch_take(struct fayt_context_page *page, void **rings, const uint32_t *ring_ids,
-                       int n, int *cursor, int *stack_rec)
-{
-    /* Clear the doorbells first: an entry posted after this either is seen
-     * by the scan below or rings again. */
-    for (int k = 0; k < n; k++)
-        fayt_ring_clear_doorbell(rings[k]);
-    FENCE();
-    {
-        for (int k = 0; k < n; k++) {
-            int i = (*cursor + k) % n;
-            if (!fayt_ring_ready(rings[i]))
-                continue;
-            int s = free_stack(page);
-            if (s < 0) {
-                page->notify.starved++;
-                return -2;
-            }
-            struct fayt_notification_stack *st = &page->stacks[s];
-            struct fayt_notification_frame *f = (struct fayt_notification_frame *)(uintptr_t)st->base;
-            if (!fayt_ring_take(rings[i], f))
-                continue;
-            st->state = FAYT_STACK_IN_USE;
-            uint32_t depth = page->notify.depth + 1;
-            f->ring_id = ring_ids[i];
-            f->depth = depth;
-            if (depth <= FAYT_NEST_MAX) {
-                struct fayt_saved_state *sv = &page->saved[depth - 1];
-                sv->index = f->index;
-                sv->sender = f->sender;
-                sv->stack = (uint32_t)s;
-                sv->ring_id = ring_ids[i];
-                sv->pos = f->pos;
-                sv->interrupted_index = depth > 1 ? page->saved[depth - 2].index
-                                                  : FAYT_NOTIFICATION_SLOTS;
-            }
-            page->notify.depth = depth;
-            *cursor = (i + 1) % n;
-            *stack_rec = s;
-            return i;
-        }
-    }
-    return -1;
-}
-
-void fayt_dispatch_done(struct fayt_context_page *page, void *ring, int stack_rec,
-                        int64_t result, int32_t status)
-{
-    struct fayt_notification_stack *st = &page->stacks[stack_rec];
-    struct fayt_notification_frame *f = (struct fayt_notification_frame *)(uintptr_t)st->base;
-    if ((f->flags & FAYT_NOTIFY_RETURN) && ring)
-        fayt_ring_return(ring, f->pos, result, status);
-    page->notify.depth--;
-    page->notify.delivered++;
-    st->state = FAYT_STACK_FREE;
 }
 
 /* -- the batched dispatcher (fayt_dispatcher) ------------------------------ */
@@ -524,7 +551,8 @@ static void dispatch_end(struct fayt_dispatcher *d, int stack_rec, int64_t resul
 }
 
 /* The queue is empty: take up to d->batch consecutive entries of the next
- * ring (round robin) that has any.  Returns how many. */
+ * ring (round robin) that has any.  Returns how many.  A corrupt entry ends
+ * the run before it and marks its ring dropped (skipped from then on). */
 static uint32_t refill(struct fayt_dispatcher *d)
 {
     uint32_t max = d->batch;
@@ -535,21 +563,26 @@ static uint32_t refill(struct fayt_dispatcher *d)
     d->head = d->count = 0;
     for (int k = 0; k < d->n; k++) {
         int i = (int)(((uint32_t)d->cursor + (uint32_t)k) % (uint32_t)d->n);
+        if (d->dropped && d->ring_ids[i] == d->dropped)
+            continue;
         struct fayt_ring_header *h = hdr(d->rings[i]);
         struct fayt_ring_entry *e = entries(d->rings[i]);
         uint32_t got = 0;
         int freed = 0;
         while (got < max) {
-            int t = take_entry(h, e, &d->queue[got]);
-            if (!t)
+            int t = take_entry(h, e, d->tails[i], &d->queue[got]);
+            if (t < 0 && !d->dropped)
+                d->dropped = d->ring_ids[i];
+            if (t <= 0)
                 break;
             d->queue[got].ring_id = d->ring_ids[i];
+            d->queue[got].sender = d->senders[i];
             freed |= t == 2;
             got++;
         }
+        if (freed)
+            space_freed(h);     /* once for the whole run */
         if (got) {
-            if (freed)
-                space_freed(h);     /* once for the whole run */
             d->count = got;
             d->cursor = (i + 1) % d->n;
             return got;
@@ -563,6 +596,8 @@ int fayt_dispatch_step(struct fayt_dispatcher *d, int stack_rec, int64_t result,
     struct fayt_context_page *page = d->page;
     if (stack_rec >= 0)
         dispatch_end(d, stack_rec, result, status);
+    if (d->dropped && d->head >= d->count)
+        return -4;
     if (LOAD(&page->notify.rings_generation) != d->generation)
         return -3;
     int s = -1;
@@ -578,15 +613,14 @@ int fayt_dispatch_step(struct fayt_dispatcher *d, int stack_rec, int64_t result,
             fayt_ring_clear_doorbell(d->rings[k]);
         FENCE();
         if (s < 0) {
-            for (int k = 0; k < d->n; k++)
-                if (fayt_ring_ready(d->rings[k])) {
-                    page->notify.starved++;
-                    return -2;
-                }
+            if (any_ready(d)) {
+                page->notify.starved++;
+                return -2;
+            }
             return -1;
         }
         if (!refill(d))
-            return -1;
+            return d->dropped ? -4 : -1;
     } else if (s < 0) {
         page->notify.starved++;
         return -2;
@@ -624,7 +658,7 @@ int fayt_dispatch_immediate_ready(struct fayt_dispatcher *d)
         if (d->queue[i].flags & FAYT_NOTIFY_IMMEDIATE)
             return 1;
     for (int k = 0; k < d->n; k++)
-        if (fayt_ring_immediate_ready(d->rings[k]))
+        if (d->ring_ids[k] != d->dropped && immediate_ready(d->rings[k], *d->tails[k]))
             return 1;
     return 0;
 }

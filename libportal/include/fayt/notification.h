@@ -8,7 +8,9 @@
  *   frame  the notification's payload, on its notification stack, right after
  *          the struct fayt_notification_frame that the runtime wrote there;
  *   index  the slot (0..63) the notification names;
- *   sender the sender's context id (FAYT_SENDER_KERNEL: faytd itself).
+ *   sender the sender's context id (FAYT_SENDER_KERNEL: faytd itself), from
+ *          faytd's record of the ring's owner (the FETCH reply), never from
+ *          the entry's sender word, which the sender writes.
  *
  * A ring carries notifications from one sender to one target; faytd creates
  * it (a POSIX shm object) once per (sender, target) pair, after the policy
@@ -27,7 +29,11 @@
  *   (the doorbell).  Otherwise the target takes the entry at its next
  *   dispatch point.  Only a target that has armed the ring (its
  *   runtime handles the signal) is rung: the signal's default action would
- *   kill it.  The payload is never in the signal.
+ *   kill it.  The payload is never in the signal.  A sender that may not
+ *   signal the target (another uid) has faytd ring it (FAYT_SYS_NOTIFY_RING),
+ *   and faytd goes by its own record of armed targets, not this word.
+ * Both sides map the ring read-write: each validates what the other writes
+ * and bounds its waits by its deadline (src/ring.c: "Trust").
  * Every field a futex waits on is an aligned uint32_t.
  *
  * The pending hint (struct fayt_notify_hint): one 4 KiB POSIX shm object per
@@ -72,13 +78,18 @@ struct NotificationAction {
 /* fayt_ring_header.state */
 #define FAYT_RING_LIVE        0
 #define FAYT_RING_TARGET_DEAD 1   /* senders fail with ESRCH, waiters are woken */
-#define FAYT_RING_SENDER_DEAD 2   /* the target drains what is left, then unmaps */
+#define FAYT_RING_SENDER_DEAD 2   /* the target drains what is left, then releases it */
+#define FAYT_RING_DROPPED     3   /* the target found it corrupt: senders fail with EPROTO */
 
 /* fayt_ring_entry.done */
 #define FAYT_DONE_PENDING   0
 #define FAYT_DONE_RETURNED  1     /* result and status are valid */
 #define FAYT_DONE_DEAD      2     /* the target died before notification_ret */
 #define FAYT_DONE_ABANDONED 3     /* the sender timed out; the target frees the entry */
+
+/* fayt_ring_entry.status when the slot has no handler (the sender gets
+ * ENOENT; a handler that raises an ENOENT error gives ENOENT itself). */
+#define FAYT_STATUS_NO_HANDLER -2
 
 struct fayt_ring_header {
     uint32_t magic;
@@ -105,7 +116,8 @@ struct fayt_ring_entry {
     uint32_t sender;
     uint32_t length;           /* payload bytes */
     uint32_t done;             /* futex: FAYT_DONE_* */
-    int32_t status;            /* 0, or the errno of a handler that raised */
+    int32_t status;            /* 0, the errno of a handler that raised, or
+                                  FAYT_STATUS_NO_HANDLER */
     int64_t result;            /* notification_ret's value */
     uint8_t payload[48];       /* FAYT_NOTIFY_PAYLOAD_MAX */
 } __attribute__((packed));
@@ -138,8 +150,13 @@ struct fayt_notification_frame {
 /* faytd's own notifications (FAYT_SYS_NOTIFY_SUBSCRIBE events). */
 #define FAYT_EVENT_PEER_DIED     1   /* arg: the context id watched (0: any) */
 #define FAYT_EVENT_SP_DESTROYED  2   /* a share-point this context maps was destroyed */
+#define FAYT_EVENT_OVERFLOW      3   /* notices for this slot were lost (ring full or
+                                        corrupt); sp_id holds how many (see below) */
 
-/* The payload of a faytd notification. */
+/* The payload of a faytd notification.  FAYT_EVENT_OVERFLOW (like inotify's
+ * IN_Q_OVERFLOW) arrives at the slot whose notices were lost, before the
+ * next notice that does arrive there: sp_id holds the count lost, the other
+ * fields are 0. */
 struct fayt_event_payload {
     uint32_t event;            /* FAYT_EVENT_* */
     uint32_t context_id;       /* PEER_DIED: who died */

@@ -41,6 +41,8 @@
 #define FAYT_SYS_NOTIFY_SUBSCRIBE   15  /* body fayt_notify_subscribe: faytd's own notifications */
 #define FAYT_SYS_NOTIFY_CLOSE   16  /* body fayt_notify_open: drop this sender's ring into target */
 #define FAYT_SYS_NOTIFY_HINT    17  /* no body; reply: the fd of this context's pending-hint object */
+#define FAYT_SYS_NOTIFY_RING    18  /* body fayt_handle_req (target id): faytd rings its doorbell */
+#define FAYT_SYS_NOTIFY_RELEASE 19  /* body fayt_handle_req (ring id): the target gives a ring back */
 /* Chains and SPECIAL portals (see pager.h); 18..31 are left to notifications. */
 #define FAYT_SYS_CHAIN_JOIN     32  /* body fayt_chain_join; reply fayt_chain_join_reply + channel fd + eventfd */
 #define FAYT_SYS_CHAIN_LEAVE    33  /* body fayt_chain_leave */
