@@ -83,7 +83,8 @@ def test_journal_restart_keeps_share_points_their_data_and_names(restartable, ch
         keep = lp.share_create("j-keep", 3 * 4096)
         keep.write(100, b"survives a faytd SIGKILL")
         gone = lp.share_create("j-gone", 4096)
-        gone.destroy()
+        gone.destroy()                   # sent without a reply (FAYT_REQ_NOREPLY):
+        lp.connection().list_sharepoints()   # a reply says faytd performed it
         print("made")
         sys.stdin.readline()
         print(keep.read(100, 24).decode())           # its own mapping never needed faytd
