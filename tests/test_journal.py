@@ -84,6 +84,7 @@ def test_journal_restart_keeps_share_points_their_data_and_names(restartable, ch
         keep.write(100, b"survives a faytd SIGKILL")
         gone = lp.share_create("j-gone", 4096)
         gone.destroy()
+        lp.connection().list_sharepoints()   # the destroy (no reply) is performed
         print("made")
         sys.stdin.readline()
         print(keep.read(100, 24).decode())           # its own mapping never needed faytd
