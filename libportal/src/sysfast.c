@@ -18,8 +18,8 @@
  * its fd to nobody else), so its object can serve that context's next
  * share-point of the same size: it is kept (open, at most RECYCLE_MAX in
  * all), zeroed, and handed out again instead of a new object, which saves
- * the shm_open, the first page and the unlink (~20 us of system calls
- * here).  Never across contexts: an fd grants its whole object, and faytd
+ * the memfd, its first page, the keeper's round trip and the close (tens
+ * of microseconds of system calls off the reply path here).  Never across contexts: an fd grants its whole object, and faytd
  * sent this one to no other.  It trusts the client not to have kept the fd
  * or passed it on: libportal closes it in the C call that reads the reply,
  * the GIL held (no fork() of another thread inherits it), and maps portals
@@ -643,7 +643,7 @@ static int fast_anon(struct fayt_fast_kernel *k, struct fayt_fast_conn *c,
         }
     }
     if (ofd < 0)
-        ofd = fayt_objpool_take(bytes, r->object);
+        ofd = fayt_objpool_take(bytes, NULL, r->object);
     if (ofd < 0 || resident_insert(r)) {
         resident_abandon(k, r, ofd);
         return FAYT_FAST_PASS;
@@ -725,7 +725,7 @@ static int fast_create(struct fayt_fast_kernel *k, struct fayt_fast_conn *c,
     int ofd = kept_take(c, bytes, r->object);
     if (ofd < 0) {
         recycled = 0;
-        ofd = fayt_objpool_take(bytes, r->object);
+        ofd = fayt_objpool_take(bytes, NULL, r->object);
     }
     if (ofd < 0) {
         resident_abandon(k, r, -1);
