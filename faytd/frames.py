@@ -126,8 +126,9 @@ def keeper_objects():
 
 
 def release_objects(names):
-    """Have the keeper close these objects now."""
-    nums = [int(n.rsplit("/", 1)[1]) for n in names]
+    """Have the keeper close these objects now (names as the journal has
+    them: "a+b" is two)."""
+    nums = [int(p.rsplit("/", 1)[1]) for n in names for p in n.split("+")]
     if nums:
         lib.fayt_keeper_close(ffi.new("int32_t[]", nums), len(nums))
 
@@ -144,12 +145,13 @@ class BackingObject:
     once, their memfd named fayt.<kind> (/proc/<keeper>/fd shows what each
     is); portals' objects come from the pool."""
 
-    __slots__ = ("id", "name", "length", "frames", "_fd", "__weakref__")
+    __slots__ = ("id", "name", "length", "frames", "_fd", "tail", "__weakref__")
 
     def __init__(self, oid, tag, length, frames):
         self.id = oid
         self.length = length
         self.frames = frames
+        self.tail = None
         name = ffi.new("char[]", lib.FAYT_OBJ_NAME_MAX)
         kind = tag.rsplit(".", 1)[1].encode() if tag.count(".") > 1 else None
         fd = lib.fayt_objpool_take(length, kind or ffi.NULL, name)
@@ -162,15 +164,24 @@ class BackingObject:
         """An object faytd made and knows by name (the fast path's)."""
         obj = cls.__new__(cls)
         obj.id, obj.name, obj.length, obj.frames, obj._fd = oid, name, length, frames, -1
+        obj.tail = None
         return obj
 
     @classmethod
     def adopt(cls, oid, name, length, frames):
-        """The existing object `name` (a restarted faytd's journal names it);
-        KernelError ENOENT if the keeper holds no such object, EINVAL if it
-        is not sealed or its size is not `length`."""
+        """The existing object `name` (a restarted faytd's journal names it;
+        "<page 0>+<the rest>" for a split share-point); KernelError ENOENT if
+        the keeper holds no such object, EINVAL if it is not sealed or its
+        size is not `length`."""
+        if "+" in name:
+            head, rest = name.split("+", 1)
+            obj = cls.adopt(oid, head, PAGE, frames)
+            obj.tail = cls.adopt(0, rest, length - PAGE, [])
+            obj.length = length
+            return obj
         obj = cls.__new__(cls)
         obj.id, obj.name, obj.length, obj.frames, obj._fd = oid, name, length, frames, -1
+        obj.tail = None
         if not name.startswith("/proc/%d/fd/" % lib.fayt_keeper_pid()):
             raise KernelError(errno.ENOENT, "object %s is not held by this keeper" % name)
         try:
@@ -191,8 +202,19 @@ class BackingObject:
                               % (name, size, length))
         return obj
 
+    @property
+    def names(self):
+        """What the journal records: the name, or "<page 0>+<the rest>"."""
+        return self.name if self.tail is None else "%s+%s" % (self.name, self.tail.name)
+
     def write(self, offset, data):
-        """pwrite(2) into the object (keeps the creation descriptor if any)."""
+        """pwrite(2) into the object (keeps the creation descriptor if any);
+        past page 0 of a split object, into its tail."""
+        if self.tail is not None and offset + len(data) > PAGE:
+            if offset < PAGE:
+                self.write(offset, data[:PAGE - offset])
+                data, offset = data[PAGE - offset:], PAGE
+            return self.tail.write(offset - PAGE, data)
         fd = self._fd if self._fd >= 0 else self.open_fd()
         try:
             os.pwrite(fd, data, offset)
@@ -218,7 +240,10 @@ class BackingObject:
                             % (self.name, e.strerror)) from None
 
     def map(self, length=None):
-        """faytd's own mmap.mmap of the object (the first `length` bytes)."""
+        """faytd's own mmap.mmap of the object (the first `length` bytes;
+        of a split object, at most its page 0)."""
+        if self.tail is not None and (length is None or length > PAGE):
+            raise KernelError(errno.EINVAL, "a split object maps page 0 alone")
         fd = self.open_fd()
         try:
             return mmap.mmap(fd, self.length if length is None else length)
@@ -228,6 +253,8 @@ class BackingObject:
     def release(self):
         """The keeper closes it soon (the pool's thread tells it; mappings
         stay valid until unmapped)."""
+        if self.tail is not None:
+            self.tail.release()
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
@@ -269,9 +296,12 @@ class FrameAllocator:
         """array('Q') of the physical addresses of obj's frames, in order."""
         return array.array("Q", [RAM_BASE + f * PAGE for f in obj.frames])
 
-    def allocate(self, length):
+    def allocate(self, length, split=False):
         """A new backing object of `length` bytes (page multiple) with fresh frames,
-        each referenced once."""
+        each referenced once.  split (a share-point of more than one page):
+        two objects, page 0 and `.tail` (the rest), so that a read-only
+        attacher can be given page 0 read-write (its lock) and the rest
+        read-only; the frames are all accounted to the first."""
         n = pages(length)
         if n > self.free_frames:
             raise KernelError(errno.ENOMEM, "length: %d frames asked, %d free in faytd's RAM"
@@ -280,7 +310,15 @@ class FrameAllocator:
         oid = self.c.next_oid
         lib.fayt_frames_alloc(self.c, n, oid, ffi.from_buffer("uint32_t[]", frames))
         try:
-            obj = BackingObject(oid, self.tag, n * PAGE, frames)
+            split = split and n > 1
+            obj = BackingObject(oid, self.tag, PAGE if split else n * PAGE, frames)
+            if split:
+                obj.length = n * PAGE
+                try:
+                    obj.tail = BackingObject(0, self.tag, (n - 1) * PAGE, [])
+                except BaseException:
+                    obj.release()
+                    raise
         except BaseException:
             self.put_frames(frames)
             raise

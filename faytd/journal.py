@@ -44,9 +44,10 @@ def alive(pid, start):
     return start is not None and start_time(pid) == start
 
 
-# What faytd names its objects (frames.py): /proc/<keeper pid>/fd/<n>; a
-# journal naming anything else is not trusted.
-_OBJECT = re.compile(r"/proc/[0-9]{1,10}/fd/[0-9]{1,10}")
+# What faytd names its objects (frames.py): /proc/<keeper pid>/fd/<n>, and
+# "<page 0>+<the rest>" for a split share-point; a journal naming anything
+# else is not trusted.
+_OBJECT = re.compile(r"/proc/[0-9]{1,10}/fd/[0-9]{1,10}(\+/proc/[0-9]{1,10}/fd/[0-9]{1,10})?")
 _U32 = 1 << 32
 
 
@@ -189,7 +190,7 @@ class Journal:
     def _sp_line(sp):
         return ("S %d %d %d %d %d %d %s %s %s\n" % (
             sp.id, sp.owner_pid, sp.owner_start or 0, sp.owner_uid, sp.prot,
-            sp.backing.length, sp.backing.name, ",".join(map(str, sp.backing.frames)),
+            sp.backing.length, sp.backing.names, ",".join(map(str, sp.backing.frames)),
             sp.identifier.hex())).encode()
 
     @staticmethod

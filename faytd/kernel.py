@@ -41,7 +41,8 @@ class Kernel:
         tag = tag or run_tag()
         self._keeper_kept = False
         try:
-            swept = self._keeper(state_dir, {r.object for r in sps + ctxs})
+            named = {o for r in sps + ctxs for o in r.object.split("+")}
+            swept = self._keeper(state_dir, named)
         except BaseException:
             self.abandon()
             raise
@@ -129,11 +130,13 @@ class Kernel:
         # newer share-point holds it.
         owner = {}
         for r in sps:
-            owner[r.object] = max(owner.get(r.object, 0), r.id)
+            for o in r.object.split("+"):
+                owner[o] = max(owner.get(o, 0), r.id)
         for r in sps:
-            if owner[r.object] != r.id:
+            newer = [owner[o] for o in r.object.split("+") if owner[o] != r.id]
+            if newer:
                 log.error("journal: share-point %r not restored: its object %s is share-point "
-                          "%d's", r.identifier, r.object, owner[r.object])
+                          "%d's", r.identifier, r.object, newer[0])
                 continue
             try:
                 backing = self.frames.adopt(r.object, r.length, r.frames)
@@ -451,7 +454,7 @@ class Kernel:
 def _unlink(name):
     """Close an object the journal named but that cannot be taken back (if
     this keeper holds it: another keeper's number may be a live object here)."""
-    if not name.startswith("/proc/%d/fd/" % lib.fayt_keeper_pid()):
+    if not all(n.startswith("/proc/%d/fd/" % lib.fayt_keeper_pid()) for n in name.split("+")):
         return
     try:
         release_objects([name])

@@ -34,20 +34,24 @@ sock, ident, prot = sys.argv[1], sys.argv[2], int(sys.argv[3])
 c = lp.Connection(sock)
 body, fds = c.call(lib.FAYT_SYS_PORTAL,
                    encode_portal_req(lp.SHARE | lp.ANON, prot, 0, identifier=ident))
-out = {"uid": os.getuid(), "size": os.fstat(fds[0]).st_size}
+# (A share-point of more than one page comes as two objects: page 0's and
+# the rest's.  Every descriptor is tried.)
+out = {"uid": os.getuid(), "size": sum(os.fstat(f).st_size for f in fds)}
 
 def attempt(name, fn):
-    try:
-        fn()
-        out[name] = "done"
-    except OSError as e:
-        out[name] = errno.errorcode[e.errno]
+    for fd in fds:
+        try:
+            fn(fd)
+            out[name] = "done"
+            return
+        except OSError as e:
+            out[name] = errno.errorcode[e.errno]
 
-attempt("grow", lambda: os.ftruncate(fds[0], 64 * 4096))
-attempt("seal", lambda: fcntl.fcntl(fds[0], fcntl.F_ADD_SEALS, 0x0010))  # F_SEAL_FUTURE_WRITE
-attempt("reopen_rw", lambda: os.close(os.open("/proc/self/fd/%d" % fds[0], os.O_RDWR)))
-attempt("shrink", lambda: os.ftruncate(fds[0], 0))
-out["size_after"] = os.fstat(fds[0]).st_size
+attempt("grow", lambda fd: os.ftruncate(fd, 64 * 4096))
+attempt("seal", lambda fd: fcntl.fcntl(fd, fcntl.F_ADD_SEALS, 0x0010))  # F_SEAL_FUTURE_WRITE
+attempt("reopen_rw", lambda fd: os.close(os.open("/proc/self/fd/%d" % fd, os.O_RDWR)))
+attempt("shrink", lambda fd: os.ftruncate(fd, 0))
+out["size_after"] = sum(os.fstat(f).st_size for f in fds)
 print(json.dumps(out), flush=True)
 """
 
@@ -218,3 +222,119 @@ def test_objects_keeper_outlives_a_killed_faytd_and_ends_with_a_clean_stop(fresh
         d2.stop()
     assert keepers([d.dir]) == {}
     assert not os.path.exists(os.path.join(d.dir, "faytd.keeper"))
+
+
+# -- read-only attachers (issue 9, point 7) ----------------------------------
+
+# uid 65534, granted PROT_READ, tries every way to store past page 0: through
+# the descriptors faytd sent (pwrite, a writable shared mapping, a read-write
+# reopen through /proc/self/fd), and by mprotect(2) of libportal's mapping.
+# Page 0 stays writable: it takes and releases the lock.
+READER = r"""
+import ctypes, errno, json, mmap, os, sys
+import libportal as lp
+from libportal._abi import lib
+from libportal.portal import encode_portal_req
+sock, ident = sys.argv[1], sys.argv[2]
+c = lp.Connection(sock)
+body, fds = c.call(lib.FAYT_SYS_PORTAL,
+                   encode_portal_req(lp.SHARE | lp.ANON, lp.PROT_READ, 0, identifier=ident))
+out = {"uid": os.getuid(), "nfds": len(fds), "sizes": [os.fstat(f).st_size for f in fds],
+       "stores": []}
+
+def attempt(what, fn):
+    try:
+        fn()
+        out["stores"].append([what, "done"])
+    except OSError as e:
+        out["stores"].append([what, errno.errorcode[e.errno]])
+
+def map_write(fd, off):
+    size = os.fstat(fd).st_size
+    if off >= size:
+        raise OSError(errno.ENXIO, "past the object")
+    m = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+    m[off:off + 4] = b"EVIL"
+    m.close()
+
+def reopen_write(fd, off):
+    w = os.open("/proc/self/fd/%d" % fd, os.O_RDWR)
+    try:
+        os.pwrite(w, b"EVIL", off)
+    finally:
+        os.close(w)
+
+# Object offsets that are share-point offsets 4096 and up: the first fd's
+# from 4096 on (a single object), the second fd's from 0 (the rest).
+sp = lp.share_attach(ident, prot=lp.PROT_READ, connection=c)
+libc = ctypes.CDLL(None, use_errno=True)
+libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+if libc.mprotect(sp.addr + 4096, sp.map_length - 4096, 3) == 0:
+    ctypes.memmove(sp.addr + 4096 + 8, b"EVIL", 4)
+    out["stores"].append(["mprotect", "done"])
+else:
+    out["stores"].append(["mprotect", errno.errorcode[ctypes.get_errno()]])
+out["read"] = sp.read(4096, 4).decode()   # fused: lock, copy, unlock
+with sp:                      # page 0 is writable: the lock works
+    v = sp.view()
+    out["view"] = bytes(v[4096:4100]).decode()
+    v.release()
+out["locked"] = sp.lock(5) == 0
+sp.unlock()
+for i, fd in enumerate(fds):
+    off = 4096 + 8 if i == 0 else 8
+    attempt("pwrite fd%d" % i, lambda: os.pwrite(fd, b"EVIL", off))
+    attempt("mmap fd%d" % i, lambda: map_write(fd, off))
+    attempt("reopen fd%d" % i, lambda: reopen_write(fd, off))
+for i, fd in enumerate(fds):
+    attempt("grow fd%d" % i, lambda: os.ftruncate(fd, 64 * 4096))
+print(json.dumps(out), flush=True)
+"""
+
+OWNER = r"""
+import sys
+import libportal as lp
+sp = lp.share_create(sys.argv[1], 4 * 4096)
+sp.write(0, b"o" * sp.length)
+print("ready", flush=True)
+sys.stdin.readline()
+raw = lp.share_attach(sys.argv[1])      # the bytes as they are, object offsets
+data = bytes(raw.read(0, raw.length))
+start = 4096 - raw.data_offset           # share-point offset 4096 in the data
+print(data[start:].count(b"o") == len(data) - start, flush=True)
+sys.stdin.readline()
+"""
+
+
+def test_sharepoint_read_only_attacher_cannot_store_past_page_0(as_user, start):
+    """A share-point of four pages, created by root; uid 65534 attaches it
+    granted PROT_READ.  Nothing it does stores into bytes 4096 and up, nor
+    changes the size: it gets two descriptors, page 0's (read-write: the
+    lock) and the rest's, read-only, of a 0600 object it cannot reopen
+    read-write; mprotect of its mapping of the rest fails.  Its wrappers
+    still lock."""
+    d = start()
+    env = dict(os.environ, FAYT_SOCKET=d.socket)
+    owner = subprocess.Popen([sys.executable, "-c", OWNER, "obj-ro"], env=env,
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert owner.stdout.readline().strip() == "ready"
+        p = as_user.popen(READER, [d.socket, "obj-ro"], uid=NOBODY, gid=NOBODY,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        out, err = p.communicate(timeout=TIMEOUT)
+        assert p.returncode == 0, err
+        rep = json.loads(out)
+        owner.stdin.write("\n")
+        owner.stdin.flush()
+        unchanged = owner.stdout.readline().strip()
+        assert unchanged == "True", "bytes past page 0 changed: %s" % rep
+        assert rep["uid"] == NOBODY
+        assert rep["nfds"] == 2 and rep["sizes"] == [PAGE, 3 * PAGE], rep
+        assert [s for s in rep["stores"] if s[1] == "done"] == [], rep
+        assert rep["read"] == rep["view"] == "oooo" and rep["locked"], rep
+        owner.stdin.write("\n")
+        owner.stdin.flush()
+        assert owner.wait(TIMEOUT) == 0
+    finally:
+        owner.kill()
+        owner.wait()

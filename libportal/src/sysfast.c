@@ -709,7 +709,9 @@ static int fast_create(struct fayt_fast_kernel *k, struct fayt_fast_conn *c,
     uint32_t n = ((uint32_t)req.length + FAYT_PAGE_SIZE - 1) / FAYT_PAGE_SIZE;
     uint64_t bytes = (uint64_t)n * FAYT_PAGE_SIZE;
     size_t data_offset = fayt_sp_data_offset(n);
-    if (n > FAST_MAX_FRAMES || data_offset >= bytes
+    /* A share-point of more than one page is two objects (page 0 and the
+     * rest, FAYT_PORTAL_REPLY_SPLIT): Python makes those. */
+    if (n > 1 || data_offset >= bytes
         || k->nresident >= RESIDENT_MAX
         || c->py_mappings + c->resident >= k->max_mappings
         || c->ram + bytes > k->max_ram_per_context
