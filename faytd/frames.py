@@ -161,10 +161,14 @@ class BackingObject:
 
     @classmethod
     def named(cls, oid, name, length, frames):
-        """An object faytd made and knows by name (the fast path's)."""
+        """An object faytd made and knows by name (the fast path's; a split
+        share-point's is "<page 0>+<the rest>")."""
         obj = cls.__new__(cls)
         obj.id, obj.name, obj.length, obj.frames, obj._fd = oid, name, length, frames, -1
         obj.tail = None
+        if "+" in name:
+            obj.name, rest = name.split("+", 1)
+            obj.tail = cls.named(0, rest, length - PAGE, [])
         return obj
 
     @classmethod
