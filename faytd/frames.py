@@ -30,6 +30,7 @@ costs a reply's time.
 import array
 import errno
 import fcntl
+import logging
 import mmap
 import os
 
@@ -100,12 +101,17 @@ def start_keeper(state_dir):
         pid = lib.fayt_keeper_connect(path.encode())
         if pid > 0:
             return pid, True
-        if -pid not in (errno.ENOENT, errno.ECONNREFUSED):
+        if -pid not in (errno.ENOENT, errno.ECONNREFUSED, errno.ENAMETOOLONG):
             # Something answers there that is not a keeper we may take over:
             # starting another would orphan it with what it holds.
             raise OSError(-pid, "faytd: cannot take over the object keeper at %s: %s"
                           % (path, os.strerror(-pid)))
     pid = lib.fayt_keeper_start(path.encode() if path else ffi.NULL)
+    if pid == -errno.ENAMETOOLONG:
+        logging.getLogger("faytd").warning(
+            "state directory path too long for the object keeper's socket (%s): a restart "
+            "after a SIGKILL will not take share-points back", path)
+        pid = lib.fayt_keeper_start(ffi.NULL)
     if pid < 0:
         raise OSError(-pid, "faytd: cannot start its object keeper: %s" % os.strerror(-pid))
     return pid, False
