@@ -163,10 +163,12 @@ def end_keepers(dirs):
         time.sleep(0.01)
 
 
-def fayt_objects(pids=None, dirs=None):
+def fayt_objects(pids=None, dirs=None, pooled=False):
     """The objects the keepers hold (those of faytd `pids`, or of the state
     directories `dirs`, if given), as <memfd name>.<fd number in the
-    keeper>: fayt.37, fayt.ring.41."""
+    keeper>: fayt.37, fayt.ring.41.  Those the pool made ahead of need and
+    has not handed out yet (not sealed yet) only if `pooled`."""
+    import fcntl
     if pids is not None:
         dirs = set(dirs or ()) | {RUNS[p] for p in pids if p in RUNS}
     names = []
@@ -181,6 +183,17 @@ def fayt_objects(pids=None, dirs=None):
                 link = os.readlink(base + n)
             except OSError:
                 continue
-            if link.startswith("/memfd:fayt"):
-                names.append("%s.%s" % (link[len("/memfd:"):].split(" ")[0], n))
+            if not link.startswith("/memfd:fayt"):
+                continue
+            if not pooled:
+                try:
+                    fd = os.open(base + n, os.O_RDONLY | os.O_CLOEXEC)
+                except OSError:
+                    continue
+                try:
+                    if not fcntl.fcntl(fd, fcntl.F_GET_SEALS) & fcntl.F_SEAL_SEAL:
+                        continue
+                finally:
+                    os.close(fd)
+            names.append("%s.%s" % (link[len("/memfd:"):].split(" ")[0], n))
     return sorted(names)

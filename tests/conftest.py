@@ -75,7 +75,7 @@ def pytest_sessionfinish(session, exitstatus):
     (keepers that other runs started are not ours to judge)."""
     from faytd.launch import LAST, leftover_keepers
     left = leftover_keepers()
-    objects = fayt_objects(dirs=set(LAST))
+    objects = fayt_objects(dirs=set(LAST), pooled=True)
     if left or objects:
         sys.stderr.write("\nLEAK: object keepers left running: %s, holding %s\n"
                          % (left, objects))

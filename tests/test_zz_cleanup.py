@@ -34,7 +34,7 @@ def test_cleanup_faytd_stop_leaves_no_keeper_and_no_object(tmp_path):
         assert len(fayt_objects([d.proc.pid])) >= 3   # leak-a, the ANON portal, a context page
         d.stop()
         assert d.proc.returncode == 0
-        assert keepers([d.dir]) == {} and fayt_objects([d.proc.pid]) == []
+        assert keepers([d.dir]) == {} and fayt_objects([d.proc.pid], pooled=True) == []
         assert not os.path.exists(os.path.join(d.dir, "faytd.keeper"))
     finally:
         d.stop()
@@ -56,14 +56,14 @@ def test_cleanup_killed_faytd_keeper_waits_for_its_restart(tmp_path):
     d.proc.send_signal(signal.SIGKILL)
     d.proc.wait()
     (keeper,) = keepers([d1])
-    left = fayt_objects([d.proc.pid])
+    left = fayt_objects([d.proc.pid], pooled=True)
     assert len(left) > 3, "a SIGKILLed faytd's keeper holds its objects until the restart"
     before = _inodes(keeper)
     owner.kill()
     owner.wait()
     d2 = Faytd(str(tmp_path / "d2"))
     try:
-        assert fayt_objects([d.proc.pid]) == left       # not d2's to touch
+        assert fayt_objects([d.proc.pid], pooled=True) == left     # not d2's to touch
     finally:
         d2.stop()
     d3 = Faytd(d1)                 # the restart: the owner died meanwhile

@@ -481,6 +481,11 @@ static int running, stopping, sleeping, deep;
 static uint32_t target;
 static struct pooled *ready;
 static uint32_t nready;
+/* Context pages (kind "ctx") too are made ahead of need: every HELLO takes
+ * one, and a keeper round trip there would cost a connection ~100 us. */
+#define CTX_TARGET 8
+static struct pooled ready_ctx[CTX_TARGET];
+static uint32_t nready_ctx;
 static int32_t *queue;
 static uint32_t nqueued, cap_queue;
 
@@ -580,6 +585,19 @@ static void *janitor(void *unused)
             last_work = 0;
             continue;
         }
+        if (nready_ctx < CTX_TARGET && nready >= target / 2 && !failing) {
+            struct pooled p[CTX_TARGET];
+            uint32_t want = CTX_TARGET - nready_ctx;
+            pthread_mutex_unlock(&mu);
+            int got = make_objects(p, want, "ctx");
+            pthread_mutex_lock(&mu);
+            if (got <= 0)
+                failing = 1;
+            for (int i = 0; i < got; i++)
+                ready_ctx[nready_ctx++] = p[i];    /* only this thread adds */
+            last_work = 0;
+            continue;
+        }
         if (nready < target && !failing) {
             struct pooled p[BATCH];
             uint32_t want = target - nready;
@@ -659,11 +677,14 @@ int fayt_objpool_start(uint32_t want)
 int fayt_objpool_take(uint64_t length, const char *kind, char *name_out)
 {
     struct pooled p = {-1, -1};
-    if (!kind) {
+    int ctx = kind && strcmp(kind, "ctx") == 0;
+    if (!kind || ctx) {
         pthread_mutex_lock(&mu);
-        if (running && nready)
+        if (running && !ctx && nready)
             p = ready[--nready];
-        if (running && sleeping && (deep || nready < target / 2))
+        else if (running && ctx && nready_ctx)
+            p = ready_ctx[--nready_ctx];
+        if (running && sleeping && (deep || nready < target / 2 || nready_ctx < CTX_TARGET / 2))
             pthread_cond_signal(&cv);
         pthread_mutex_unlock(&mu);
     }
@@ -728,6 +749,11 @@ void fayt_objpool_stop(void)
         close(ready[i].fd);
         fayt_keeper_close(&ready[i].kept, 1);
     }
+    for (uint32_t i = 0; i < nready_ctx; i++) {
+        close(ready_ctx[i].fd);
+        fayt_keeper_close(&ready_ctx[i].kept, 1);
+    }
+    nready_ctx = 0;
     fayt_keeper_close(queue, nqueued);
     nready = nqueued = 0;
     free(ready);
