@@ -452,11 +452,13 @@ class Kernel:
 
 
 def _unlink(name):
-    """Close an object the journal named but that cannot be taken back (if
-    this keeper holds it: another keeper's number may be a live object here)."""
-    if not all(n.startswith("/proc/%d/fd/" % lib.fayt_keeper_pid()) for n in name.split("+")):
-        return
+    """Close an object the journal named but that cannot be taken back: the
+    parts of it this keeper holds (another keeper's number may be a live
+    object here).  At adoption the keeper holds only what the journal names,
+    each part named by one record, so an open number is this record's."""
+    mine = "/proc/%d/fd/" % lib.fayt_keeper_pid()
+    parts = [n for n in name.split("+") if n.startswith(mine) and os.path.exists(n)]
     try:
-        release_objects([name])
+        release_objects(parts)
     except (ValueError, IndexError):
         pass
