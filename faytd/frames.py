@@ -82,12 +82,23 @@ def shared_field(name, doc=None):
                     lambda self, v: setattr(self.fast, name, v), doc=doc)
 
 
+def _keeper_nofile():
+    """The keeper's RLIMIT_NOFILE now (as it said at its start if unreadable)."""
+    try:
+        with open("/proc/%d/limits" % lib.fayt_keeper_pid()) as f:
+            for line in f:
+                if line.startswith("Max open files"):
+                    return int(line.split()[3])
+    except (OSError, ValueError, IndexError):
+        pass
+    return lib.fayt_keeper_nofile()
+
+
 def _object_error(err):
     if err in (errno.EMFILE, errno.ENFILE):
         return KernelError(errno.ENFILE, "faytd cannot create a backing object: its keeper "
                            "(pid %d) holds one open file per live object and is at its "
-                           "RLIMIT_NOFILE of %d" % (lib.fayt_keeper_pid(),
-                                                    lib.fayt_keeper_nofile()))
+                           "RLIMIT_NOFILE of %d" % (lib.fayt_keeper_pid(), _keeper_nofile()))
     return KernelError(errno.ENOMEM, "faytd cannot create a backing object: %s"
                        % os.strerror(err))
 

@@ -1,6 +1,7 @@
 """Backing objects (faytd/frames.py, libportal/src/objpool.c): sealed memfds,
 mode 0600, held by faytd's keeper.  No process can shrink or grow an object
 another process maps (issue 9, point 3)."""
+import errno
 import fcntl
 import json
 import os
@@ -343,3 +344,38 @@ def test_sharepoint_read_only_attacher_cannot_store_past_page_0(as_user, start, 
         owner.wait()
     log = d.stop()
     assert ("1 share-points created" if fast else "0 share-points created") in log
+
+
+def test_objects_keeper_file_limit_is_a_clear_enfile(fresh_faytd, conn_to):
+    """The keeper holds one open file per live object: at its RLIMIT_NOFILE
+    a create fails with ENFILE, naming the keeper and its limit, creates
+    nothing, and faytd serves on; freed objects make room again."""
+    import resource
+    from faytd.launch import keepers
+    d = fresh_faytd()
+    c = conn_to(d)
+    (kpid,) = keepers([d.dir])
+    lp.share_create("lim-warm", PAGE, connection=c).destroy()
+    limit = len(os.listdir("/proc/%d/fd" % kpid)) + 8
+    resource.prlimit(kpid, resource.RLIMIT_NOFILE, (limit, limit))
+    made, err = [], None
+    for i in range(limit + 64):         # the pool's ready objects go first
+        try:
+            made.append(lp.share_create("lim-%d" % i, PAGE, connection=c))
+        except OSError as e:
+            err = e
+            break
+    assert err is not None and err.errno == errno.ENFILE, err
+    assert "keeper (pid %d)" % kpid in str(err) and "RLIMIT_NOFILE of %d" % limit in str(err)
+    with pytest.raises(lp.NotFound):
+        lp.share_attach("lim-%d" % len(made), connection=c)
+    for sp in made:
+        sp.destroy()
+    deadline = time.monotonic() + TIMEOUT
+    while True:                          # the pool's thread has the keeper close them
+        try:
+            lp.share_create("lim-again", PAGE, connection=c).destroy()
+            break
+        except OSError as e:
+            assert e.errno == errno.ENFILE and time.monotonic() < deadline
+            time.sleep(0.05)
