@@ -6,36 +6,41 @@ paddr = RAM_BASE + number * 4096.  Each frame records the backing object that
 holds it, its page offset there and a reference count, in flat arrays (a few
 bytes per frame, so 10,000 one-page share-points cost nothing per frame).
 
-A backing object is one POSIX shared memory object per portal (posix_ipc),
-created 0600 with an unguessable name and handed to clients only as a file
-descriptor.  One object per portal, not one big RAM file, because an fd
-grants all of its object: a client must never get a descriptor that reaches
-another portal's memory.  Frames are taken from a free stack, so a portal's
-frames need not be contiguous, as on real hardware.
+A backing object is one memfd per portal, mode 0600, sealed against
+shrinking, growing and further seals at its size (no process that holds a
+descriptor of it can change its size under another that maps it), handed to
+clients only as a file descriptor.  One object per portal, not one big RAM
+file, because an fd grants all of its object: a client must never get a
+descriptor that reaches another portal's memory.  Frames are taken from a
+free stack, so a portal's frames need not be contiguous, as on real hardware.
+
+Objects are held by the keeper, a process faytd forks at its start that
+survives faytd's death (src/objpool.c); an object's name is
+/proc/<keeper pid>/fd/<n>, which faytd opens for a descriptor, and which
+the journal records: a restarted faytd takes the keeper over (its socket is
+<state dir>/faytd.keeper) and with it the objects.  faytd itself holds no
+descriptor per object.
 
 The frame arrays and the free stack are C (libportal/src/frames.c), shared
 with faytd's fast system calls (fayt/kernel.h), so that there is one
 allocator.  New objects come from the object pool, a C thread that makes
-them ahead of need and unlinks released ones (src/objpool.c): neither costs
-a reply's time.
+them ahead of need and has released ones closed (src/objpool.c): neither
+costs a reply's time.
 """
 import array
 import errno
 import fcntl
+import logging
 import mmap
 import os
-import secrets
-
-import posix_ipc
 
 from libportal._abi import ffi, lib
 
 PAGE = 4096
-MARKER = "/fayt.%s.statedir"  # a faytd's state directory (per run tag), for others' sweeps (journal.py)
 RAM_BASE = lib.FAYT_RAM_BASE  # 1 MiB, as on a PC (fayt/kernel.h)
-NAME_PREFIX = "/fayt."
+KEEPER = "faytd.keeper"       # the keeper's socket, in the state directory
 POOL_TARGET = 32             # fresh objects the pool keeps ready
-_pool_tag = None             # the run tag whose plain objects come from the pool
+SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
 
 
 def start_time(pid):
@@ -77,72 +82,160 @@ def shared_field(name, doc=None):
                     lambda self, v: setattr(self.fast, name, v), doc=doc)
 
 
+def _keeper_nofile():
+    """The keeper's RLIMIT_NOFILE now (as it said at its start if unreadable)."""
+    try:
+        with open("/proc/%d/limits" % lib.fayt_keeper_pid()) as f:
+            for line in f:
+                if line.startswith("Max open files"):
+                    return int(line.split()[3])
+    except (OSError, ValueError, IndexError):
+        pass
+    return lib.fayt_keeper_nofile()
+
+
+def _object_error(err):
+    if err in (errno.EMFILE, errno.ENFILE):
+        return KernelError(errno.ENFILE, "faytd cannot create a backing object: its keeper "
+                           "(pid %d) holds one open file per live object and is at its "
+                           "RLIMIT_NOFILE of %d" % (lib.fayt_keeper_pid(), _keeper_nofile()))
+    return KernelError(errno.ENOMEM, "faytd cannot create a backing object: %s"
+                       % os.strerror(err))
+
+
+def start_keeper(state_dir):
+    """Take over the keeper a killed faytd left in state_dir, or start one
+    (state_dir None: one no restart will find).  Returns (its pid, whether
+    it was taken over)."""
+    path = os.path.join(state_dir, KEEPER) if state_dir else None
+    if path is not None:
+        pid = lib.fayt_keeper_connect(path.encode())
+        if pid > 0:
+            return pid, True
+        if -pid not in (errno.ENOENT, errno.ECONNREFUSED, errno.ENAMETOOLONG):
+            # Something answers there that is not a keeper we may take over:
+            # starting another would orphan it with what it holds.
+            raise OSError(-pid, "faytd: cannot take over the object keeper at %s: %s"
+                          % (path, os.strerror(-pid)))
+    pid = lib.fayt_keeper_start(path.encode() if path else ffi.NULL)
+    if pid == -errno.ENAMETOOLONG:
+        logging.getLogger("faytd").warning(
+            "state directory path too long for the object keeper's socket (%s): a restart "
+            "after a SIGKILL will not take share-points back", path)
+        pid = lib.fayt_keeper_start(ffi.NULL)
+    if pid < 0:
+        raise OSError(-pid, "faytd: cannot start its object keeper: %s" % os.strerror(-pid))
+    return pid, False
+
+
+def keeper_objects():
+    """{name: size} of every object the keeper holds (a restart)."""
+    base = "/proc/%d/fd/" % lib.fayt_keeper_pid()
+    out = {}
+    for n in os.listdir(base):
+        try:
+            if not os.readlink(base + n).startswith("/memfd:fayt"):
+                continue
+            out[base + n] = os.stat(base + n).st_size
+        except OSError:
+            continue
+    return out
+
+
+def release_objects(names):
+    """Have the keeper close these objects now (names as the journal has
+    them: "a+b" is two)."""
+    nums = [int(p.rsplit("/", 1)[1]) for n in names for p in n.split("+")]
+    if nums:
+        lib.fayt_keeper_close(ffi.new("int32_t[]", nums), len(nums))
+
+
 class BackingObject:
-    """A POSIX shared memory object holding the frames of one portal.
+    """A sealed memfd holding the frames of one portal, held by the keeper.
 
-    faytd keeps the name, not a descriptor: 10,000 share-points must not cost
-    10,000 open files.  open_fd() gives a fresh descriptor for one reply (the
-    server closes it once sent); a new object keeps its creation descriptor
-    until the first open_fd() hands it out."""
+    faytd keeps the name (/proc/<keeper pid>/fd/<n>), not a descriptor:
+    10,000 share-points must not cost 10,000 open files.  open_fd() gives a
+    fresh descriptor for one reply (the server closes it once sent); a new
+    object keeps its creation descriptor until the first open_fd() hands it
+    out.  `tag` is the run tag, and what the object is for after a dot
+    (".ctx", ".ring", ".hint", ".chain"...): such objects are made at
+    once, their memfd named fayt.<kind> (/proc/<keeper>/fd shows what each
+    is); portals' objects come from the pool."""
 
-    __slots__ = ("id", "name", "length", "frames", "_fd", "__weakref__")
+    __slots__ = ("id", "name", "length", "frames", "_fd", "tail", "__weakref__")
 
     def __init__(self, oid, tag, length, frames):
         self.id = oid
         self.length = length
         self.frames = frames
-        if tag == _pool_tag:
-            name = ffi.new("char[]", lib.FAYT_OBJ_NAME_MAX)
-            fd = lib.fayt_objpool_take(length, name)
-            if fd < 0:
-                raise KernelError(errno.ENFILE if -fd in (errno.EMFILE, errno.ENFILE)
-                                  else errno.ENOMEM,
-                                  "faytd cannot create a backing object: %s" % os.strerror(-fd))
-            self.name, self._fd = ffi.string(name).decode(), fd
-            return
-        for _ in range(4):
-            self.name = "%s%s.%s" % (NAME_PREFIX, tag, secrets.token_hex(12))
-            try:
-                shm = posix_ipc.SharedMemory(self.name, posix_ipc.O_CREX, mode=0o600, size=length)
-                break
-            except posix_ipc.ExistentialError:
-                continue
-            except OSError as e:
-                raise KernelError(errno.ENFILE if e.errno in (errno.EMFILE, errno.ENFILE)
-                                  else errno.ENOMEM,
-                                  "faytd cannot create a backing object: %s" % e) from None
-        else:
-            raise KernelError(errno.EEXIST, "could not name a backing object")
-        self._fd = shm.fd
+        self.tail = None
+        name = ffi.new("char[]", lib.FAYT_OBJ_NAME_MAX)
+        kind = tag.rsplit(".", 1)[1].encode() if tag.count(".") > 1 else None
+        fd = lib.fayt_objpool_take(length, kind or ffi.NULL, name)
+        if fd < 0:
+            raise _object_error(-fd)
+        self.name, self._fd = ffi.string(name).decode(), fd
 
     @classmethod
     def named(cls, oid, name, length, frames):
-        """An object faytd made and knows by name (the fast path's)."""
+        """An object faytd made and knows by name (the fast path's; a split
+        share-point's is "<page 0>+<the rest>")."""
         obj = cls.__new__(cls)
         obj.id, obj.name, obj.length, obj.frames, obj._fd = oid, name, length, frames, -1
+        obj.tail = None
+        if "+" in name:
+            obj.name, rest = name.split("+", 1)
+            obj.tail = cls.named(0, rest, length - PAGE, [])
         return obj
 
     @classmethod
     def adopt(cls, oid, name, length, frames):
-        """The existing object `name` (a restarted faytd's journal names it);
-        KernelError ENOENT if it is gone or EINVAL if its size is not `length`."""
+        """The existing object `name` (a restarted faytd's journal names it;
+        "<page 0>+<the rest>" for a split share-point); KernelError ENOENT if
+        the keeper holds no such object, EINVAL if it is not sealed or its
+        size is not `length`."""
+        if "+" in name:
+            head, rest = name.split("+", 1)
+            obj = cls.adopt(oid, head, PAGE, frames)
+            obj.tail = cls.adopt(0, rest, length - PAGE, [])
+            obj.length = length
+            return obj
         obj = cls.__new__(cls)
         obj.id, obj.name, obj.length, obj.frames, obj._fd = oid, name, length, frames, -1
+        obj.tail = None
+        if not name.startswith("/proc/%d/fd/" % lib.fayt_keeper_pid()):
+            raise KernelError(errno.ENOENT, "object %s is not held by this keeper" % name)
         try:
-            fd = posix_ipc.SharedMemory(name).fd
-        except posix_ipc.ExistentialError:
+            fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
             raise KernelError(errno.ENOENT, "object %s is gone" % name) from None
         try:
             size = os.fstat(fd).st_size
+            seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+        except OSError:
+            seals = 0
         finally:
             os.close(fd)
+        if seals & SEALS != SEALS:
+            raise KernelError(errno.EINVAL, "object %s is not a sealed faytd object" % name)
         if size != length:
             raise KernelError(errno.EINVAL, "object %s has %d bytes, the journal says %d"
                               % (name, size, length))
         return obj
 
+    @property
+    def names(self):
+        """What the journal records: the name, or "<page 0>+<the rest>"."""
+        return self.name if self.tail is None else "%s+%s" % (self.name, self.tail.name)
+
     def write(self, offset, data):
-        """pwrite(2) into the object (keeps the creation descriptor if any)."""
+        """pwrite(2) into the object (keeps the creation descriptor if any);
+        past page 0 of a split object, into its tail."""
+        if self.tail is not None and offset + len(data) > PAGE:
+            if offset < PAGE:
+                self.write(offset, data[:PAGE - offset])
+                data, offset = data[PAGE - offset:], PAGE
+            return self.tail.write(offset - PAGE, data)
         fd = self._fd if self._fd >= 0 else self.open_fd()
         try:
             os.pwrite(fd, data, offset)
@@ -150,17 +243,28 @@ class BackingObject:
             if fd != self._fd:
                 os.close(fd)
 
-    def open_fd(self):
-        """A descriptor of the object, owned by the caller."""
-        fd, self._fd = self._fd, -1
-        if fd >= 0:
-            return fd
+    def open_fd(self, readonly=False):
+        """A descriptor of the object, owned by the caller (readonly: opened
+        O_RDONLY; the object is 0600 and faytd's, so another uid cannot
+        reopen it read-write through /proc/<pid>/fd)."""
+        if not readonly:
+            fd, self._fd = self._fd, -1
+            if fd >= 0:
+                return fd
         if self.name is None:
             raise KernelError(errno.EBADF, "backing object already released")
-        return posix_ipc.SharedMemory(self.name).fd
+        try:
+            return os.open(self.name, (os.O_RDONLY if readonly else os.O_RDWR) | os.O_CLOEXEC)
+        except OSError as e:
+            raise _object_error(e.errno) if e.errno in (errno.EMFILE, errno.ENFILE) else \
+                KernelError(errno.ENOMEM, "faytd cannot open backing object %s: %s"
+                            % (self.name, e.strerror)) from None
 
     def map(self, length=None):
-        """faytd's own mmap.mmap of the object (the first `length` bytes)."""
+        """faytd's own mmap.mmap of the object (the first `length` bytes;
+        of a split object, at most its page 0)."""
+        if self.tail is not None and (length is None or length > PAGE):
+            raise KernelError(errno.EINVAL, "a split object maps page 0 alone")
         fd = self.open_fd()
         try:
             return mmap.mmap(fd, self.length if length is None else length)
@@ -168,8 +272,10 @@ class BackingObject:
             os.close(fd)
 
     def release(self):
-        """Unlink the name soon (the pool's thread does it; mappings stay
-        valid until unmapped)."""
+        """The keeper closes it soon (the pool's thread tells it; mappings
+        stay valid until unmapped)."""
+        if self.tail is not None:
+            self.tail.release()
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
@@ -196,11 +302,9 @@ class FrameAllocator:
         """Start the object pool's thread (when faytd starts serving: a start
         that fails before leaves no pooled object behind).  Until then, and
         after release_all(), objects are made one by one."""
-        global _pool_tag
-        err = lib.fayt_objpool_start(("%s%s." % (NAME_PREFIX, self.tag)).encode(), POOL_TARGET)
+        err = lib.fayt_objpool_start(POOL_TARGET)
         if err:
             raise OSError(err, "faytd: cannot start its object pool: %s" % os.strerror(err))
-        _pool_tag = self.tag
 
     @property
     def free_frames(self):
@@ -213,9 +317,12 @@ class FrameAllocator:
         """array('Q') of the physical addresses of obj's frames, in order."""
         return array.array("Q", [RAM_BASE + f * PAGE for f in obj.frames])
 
-    def allocate(self, length):
+    def allocate(self, length, split=False):
         """A new backing object of `length` bytes (page multiple) with fresh frames,
-        each referenced once."""
+        each referenced once.  split (a share-point of more than one page):
+        two objects, page 0 and `.tail` (the rest), so that a read-only
+        attacher can be given page 0 read-write (its lock) and the rest
+        read-only; the frames are all accounted to the first."""
         n = pages(length)
         if n > self.free_frames:
             raise KernelError(errno.ENOMEM, "length: %d frames asked, %d free in faytd's RAM"
@@ -224,7 +331,15 @@ class FrameAllocator:
         oid = self.c.next_oid
         lib.fayt_frames_alloc(self.c, n, oid, ffi.from_buffer("uint32_t[]", frames))
         try:
-            obj = BackingObject(oid, self.tag, n * PAGE, frames)
+            split = split and n > 1
+            obj = BackingObject(oid, self.tag, PAGE if split else n * PAGE, frames)
+            if split:
+                obj.length = n * PAGE
+                try:
+                    obj.tail = BackingObject(0, self.tag, (n - 1) * PAGE, [])
+                except BaseException:
+                    obj.release()
+                    raise
         except BaseException:
             self.put_frames(frames)
             raise
@@ -277,89 +392,9 @@ class FrameAllocator:
             obj.release()
 
     def release_all(self):
-        """A clean stop: every object goes, now."""
+        """A clean stop: every object goes, now, and the keeper with them."""
         for obj in list(self.objects.values()):
             obj.release()
         self.objects.clear()
         lib.fayt_objpool_stop()
-
-
-def sweep_stale(kept_for=None, own_tag=None):
-    """Unlink the objects left by faytd runs that ended (see run_tag).
-
-    Names are /fayt.<pid>.<start>.<random> (/fayt.<pid>.<random> before
-    run tags: those go when the pid no longer runs).  kept_for(tag, marker)
-    -> the set of names to keep among a dead run's objects (those a journal
-    names, see journal.py; `marker` is the name of its state-directory
-    marker or None).  A marker goes when none of its run's objects is kept.
-    Returns (how many were removed, the markers of the dead runs whose
-    objects are kept)."""
-    own_tag = own_tag or run_tag()
-    try:
-        names = os.listdir("/dev/shm")
-    except OSError:
-        return 0, []
-    runs = {}
-    for n in names:
-        if not n.startswith(NAME_PREFIX[1:]):
-            continue
-        parts = n.split(".")
-        if len(parts) < 3 or not parts[1].isdigit():
-            continue
-        start = int(parts[2]) if len(parts) >= 4 and parts[2].isdigit() else None
-        runs.setdefault((int(parts[1]), start), []).append("/" + n)
-    removed, markers = 0, []
-    for (pid, start), objs in runs.items():
-        tag = "%d.%d" % (pid, start) if start is not None else "%d" % pid
-        if tag == own_tag:
-            continue
-        marker = MARKER % tag
-        if start is not None and start_time(pid) == start:
-            continue                    # that run goes on (in this PID namespace)
-        if marker in objs and _marker_locked(marker):
-            # A faytd holds a lock on its marker while it runs: this holds
-            # across PID namespaces, where its pid means nothing here.
-            continue
-        if start is None and _pid_alive(pid) and pid != os.getpid():
-            continue                    # an old-style name of a live pid
-        keep = kept_for(tag, marker if marker in objs else None) if kept_for else set()
-        if any(o in keep for o in objs):
-            keep = set(keep) | {marker}
-            if marker in objs:
-                markers.append(marker)
-        for o in objs:
-            if o in keep:
-                continue
-            try:
-                posix_ipc.unlink_shared_memory(o)
-                removed += 1
-            except (posix_ipc.ExistentialError, posix_ipc.PermissionsError, OSError):
-                pass        # gone already, or another user's: not ours to remove
-    return removed, markers
-
-
-def _marker_locked(name):
-    """Whether the faytd that made marker `name` still runs (holds its lock)."""
-    try:
-        fd = posix_ipc.SharedMemory(name, read_only=True).fd
-    except (posix_ipc.ExistentialError, posix_ipc.PermissionsError, ValueError):
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        return False
-    except BlockingIOError:
-        return True
-    except OSError:
-        return False
-    finally:
-        os.close(fd)
-
-
-def _pid_alive(pid):
-    try:
-        os.kill(pid, 0)
-        return True
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
+        lib.fayt_keeper_quit()

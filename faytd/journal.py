@@ -1,13 +1,14 @@
 """The journal: faytd's share-point table and context pages on disk, so that
 a faytd that was killed can be restarted without losing share-points.
 
-What a restarted faytd needs is small: which POSIX shm objects are
-share-points (identifier, object name, frames, prot, owner), and which are
-the context pages of processes that may still hold share-point locks (their
-robust records are in those pages).  Everything else (ANON portals, rings,
-notification stacks, SPECIAL regions, the pool) is not journaled: their
-objects are swept at the restart; processes that map them keep their memory
-(an unlinked object stays mapped) but faytd no longer knows them.
+What a restarted faytd needs is small: which objects of the keeper
+(frames.py: /proc/<keeper pid>/fd/<n>) are share-points (identifier, object
+name, frames, prot, owner), and which are the context pages of processes
+that may still hold share-point locks (their robust records are in those
+pages).  Everything else (ANON portals, rings, notification stacks, SPECIAL
+regions, the pool) is not journaled: the keeper closes their objects at the
+restart; processes that map them keep their memory but faytd no longer
+knows them.
 
 Format: <state_dir>/faytd.journal, one line per change, appended with one
 write(2) on an O_APPEND descriptor, so a faytd killed at any instant leaves
@@ -21,8 +22,8 @@ at worst a last line cut short (ignored when read):
     N <next share-point id> <next context id>   first line of a rewritten journal
 <start> is the process's start time (/proc/<pid>/stat field 22), so that a
 pid reused by another process is not taken for the one that registered.
-No fsync: the journal must survive faytd's death, not the machine's (shared
-memory objects do not survive a reboot either).  A clean stop (SIGTERM)
+No fsync: the journal must survive faytd's death, not the machine's (the
+keeper and its objects do not survive a reboot either).  A clean stop (SIGTERM)
 destroys everything and removes the journal.  At start the journal is read,
 then rewritten with only what is live (a new file renamed over it).
 An exclusive flock(2) keeps two faytds off one state directory.
@@ -33,9 +34,7 @@ import logging
 import os
 import re
 
-import posix_ipc
-
-from .frames import MARKER, shared_field, start_time
+from .frames import shared_field, start_time
 
 log = logging.getLogger("faytd")
 
@@ -47,55 +46,10 @@ def alive(pid, start):
     return start is not None and start_time(pid) == start
 
 
-def write_marker(state_dir, tag):
-    """/fayt.<tag>.statedir: this faytd's state directory, so that another
-    faytd that sweeps our objects after we died keeps those our journal
-    names (a restart on our directory takes them back).  Returns its name
-    and a descriptor holding its lock (keep it open while faytd runs)."""
-    name = MARKER % tag
-    for _ in range(16):
-        shm = posix_ipc.SharedMemory(name, posix_ipc.O_CREAT | posix_ipc.O_TRUNC, mode=0o600)
-        # The lock is held while this faytd runs: how others' sweeps know it
-        # does, even from another PID namespace (frames.sweep_stale).  A
-        # sweep may see the name between its creation and this lock, and
-        # unlink it: then make it again (this run has no other object yet).
-        fcntl.flock(shm.fd, fcntl.LOCK_EX)
-        if os.fstat(shm.fd).st_nlink > 0:
-            break
-        os.close(shm.fd)
-    else:
-        raise OSError(errno.EAGAIN, "the state-directory marker %s keeps being removed" % name)
-    try:
-        data = os.fsencode(os.path.abspath(state_dir))
-        os.ftruncate(shm.fd, len(data))
-        os.pwrite(shm.fd, data, 0)
-    except BaseException:
-        os.close(shm.fd)
-        raise
-    return name, shm.fd
-
-
-def read_marker(name):
-    """The state directory a marker names, or None."""
-    try:
-        shm = posix_ipc.SharedMemory(name)
-    except (posix_ipc.ExistentialError, posix_ipc.PermissionsError):
-        return None
-    try:
-        return os.fsdecode(os.pread(shm.fd, 4096, 0)) or None
-    finally:
-        os.close(shm.fd)
-
-
-def objects_named(state_dir):
-    """The object names the journal in state_dir names (empty if none)."""
-    sps, ctxs, _ = read(os.path.join(state_dir, NAME))
-    return {r.object for r in sps + ctxs}
-
-
-# What faytd names its objects (frames.py): /fayt.<pid>.<start>.<random> and the
-# like, never a "/" inside; a journal naming anything else is not trusted.
-_OBJECT = re.compile(r"/fayt\.[0-9]+\.[A-Za-z0-9.]{1,200}")
+# What faytd names its objects (frames.py): /proc/<keeper pid>/fd/<n>, and
+# "<page 0>+<the rest>" for a split share-point; a journal naming anything
+# else is not trusted.
+_OBJECT = re.compile(r"/proc/[0-9]{1,10}/fd/[0-9]{1,10}(\+/proc/[0-9]{1,10}/fd/[0-9]{1,10})?")
 _U32 = 1 << 32
 
 
@@ -199,9 +153,6 @@ class Journal:
         self.lines = self.live_lines = 0
         self.next_ids = (1, 1)
         self.state_dir = os.path.abspath(state_dir)
-        self.marker = None          # written by Kernel once the sweep is done
-        self.marker_fd = -1         # holds the marker's lock
-        self.adopted_markers = []   # dead faytds' markers whose objects we took back
 
     _fd = shared_field("journal_fd")
     lines = shared_field("journal_lines")
@@ -255,7 +206,7 @@ class Journal:
     def _sp_line(sp):
         return ("S %d %d %d %d %d %d %s %s %s\n" % (
             sp.id, sp.owner_pid, sp.owner_start or 0, sp.owner_uid, sp.prot,
-            sp.backing.length, sp.backing.name, ",".join(map(str, sp.backing.frames)),
+            sp.backing.length, sp.backing.names, ",".join(map(str, sp.backing.frames)),
             sp.identifier.hex())).encode()
 
     @staticmethod
@@ -285,13 +236,8 @@ class Journal:
             self._write(b"G %d\n" % ctx.id, -1 - attached)
 
     def abandon(self):
-        """faytd did not start after all: its marker goes, the journal stays
-        as it was (a later start on this directory reads it)."""
-        if self.marker:
-            try:
-                posix_ipc.unlink_shared_memory(self.marker)
-            except posix_ipc.ExistentialError:
-                pass
+        """faytd did not start after all: the journal stays as it was (a
+        later start on this directory reads it)."""
         self.close(remove=False)
 
     def close(self, remove):
@@ -300,18 +246,9 @@ class Journal:
             os.close(self._fd)
             self._fd = -1
         if remove:
-            for m in [self.marker] + self.adopted_markers:
-                try:
-                    if m:
-                        posix_ipc.unlink_shared_memory(m)
-                except posix_ipc.ExistentialError:
-                    pass
             for p in (self.path, self.path + ".new", self.path + ".lock"):
                 try:
                     os.unlink(p)
                 except FileNotFoundError:
                     pass
-        if self.marker_fd >= 0:
-            os.close(self.marker_fd)
-            self.marker_fd = -1
         os.close(self._lockfd)

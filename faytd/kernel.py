@@ -14,9 +14,9 @@ import traceback
 from libportal._abi import ffi, lib
 
 from .context import Context, Mapping
-from .frames import (PAGE, BackingObject, FrameAllocator, KernelError, run_tag, start_time,
-                     sweep_stale)
-from .journal import Journal, alive, objects_named, read_marker, write_marker
+from .frames import (PAGE, BackingObject, FrameAllocator, KernelError, keeper_objects,
+                     release_objects, run_tag, start_keeper, start_time)
+from .journal import Journal, alive
 from .notification import Notifications
 from .pager import Pager
 from .policy import Policy
@@ -41,18 +41,28 @@ class Kernel:
         self.journal = Journal(state_dir, self.fast) if state_dir else None
         sps, ctxs = self.journal.load() if self.journal else ([], [])
         tag = tag or run_tag()
-        swept = self._sweep({r.object for r in sps + ctxs}, tag)
+        self._keeper_kept = False
+        try:
+            named = {o for r in sps + ctxs for o in r.object.split("+")}
+            swept = self._keeper(state_dir, named)
+        except BaseException:
+            self.abandon()
+            raise
         if swept:
-            log.info("removed %d shared-memory objects left by a dead faytd", swept)
+            log.info("closed %d objects a killed faytd left (not in its journal)", swept)
         try:
             self._start(cfg, sps, ctxs, tag)
         except BaseException:
-            self.abandon()                  # the marker _sweep made goes; the journal stays
+            self.abandon()                  # the journal stays
             raise
 
     def abandon(self):
-        """faytd does not serve after all (its socket is taken): what its
-        start made goes (the state-directory marker), the journal stays."""
+        """faytd does not serve after all (its socket is taken): the journal
+        stays, and the keeper too if it holds what the journal names."""
+        if self._keeper_kept:
+            lib.fayt_keeper_detach()
+        else:
+            lib.fayt_keeper_quit()
         if self.journal is not None:
             self.journal.abandon()
             self.journal = None
@@ -94,23 +104,19 @@ class Kernel:
                           (self.sharepoints.next_id, self._next_cid))
 
     # -- a restart: what the journal names ------------------------------
-    def _sweep(self, mine, tag):
-        """Remove what dead faytds left, but what a journal names: ours (we
-        take it back), or another state directory's (a faytd restarted
-        there will; its marker says where it is)."""
-        here = self.journal.state_dir if self.journal else None
-
-        def kept_for(run, marker):
-            d = read_marker(marker) if marker else None
-            if d is None or d == here:
-                return mine
-            return mine | objects_named(d)
-
-        swept, markers = sweep_stale(kept_for, tag)
-        if self.journal:
-            self.journal.adopted_markers = [m for m in markers if read_marker(m) == here]
-            self.journal.marker, self.journal.marker_fd = write_marker(here, tag)
-        return swept
+    def _keeper(self, state_dir, named):
+        """Take over the keeper a killed faytd left in our state directory
+        (it holds the objects the journal names), or start one.  The
+        objects it holds that the journal does not name (ANON portals,
+        rings, stacks, the dead faytd's pool) are closed now: how many."""
+        pid, taken = start_keeper(state_dir)
+        if not taken:
+            return 0
+        log.info("took over the object keeper (pid %d) of a killed faytd", pid)
+        stale = [n for n in keeper_objects() if n not in named]
+        release_objects(stale)
+        self._keeper_kept = bool(named)
+        return len(stale)
 
     def _adopt(self, sps, ctxs):
         """Take back the share-points and context pages a killed faytd left.
@@ -128,7 +134,19 @@ class Kernel:
         the share-points its process created (the share-point record names
         the owner's pid and start time) and those the journal says it
         attached (A records)."""
+        # An object is named by one live record; if a destroy's record was
+        # lost (a write that failed) and its object's number reused, the
+        # newer share-point holds it.
+        owner = {}
         for r in sps:
+            for o in r.object.split("+"):
+                owner[o] = max(owner.get(o, 0), r.id)
+        for r in sps:
+            newer = [owner[o] for o in r.object.split("+") if owner[o] != r.id]
+            if newer:
+                log.error("journal: share-point %r not restored: its object %s is share-point "
+                          "%d's", r.identifier, r.object, newer[0])
+                continue
             try:
                 backing = self.frames.adopt(r.object, r.length, r.frames)
             except Exception as e:
@@ -568,9 +586,13 @@ def _held(sp):
 
 
 def _unlink(name):
-    """Remove an object the journal named but that cannot be taken back."""
-    import posix_ipc
+    """Close an object the journal named but that cannot be taken back: the
+    parts of it this keeper holds (another keeper's number may be a live
+    object here).  At adoption the keeper holds only what the journal names,
+    each part named by one record, so an open number is this record's."""
+    mine = "/proc/%d/fd/" % lib.fayt_keeper_pid()
+    parts = [n for n in name.split("+") if n.startswith(mine) and os.path.exists(n)]
     try:
-        posix_ipc.unlink_shared_memory(name)
-    except (posix_ipc.ExistentialError, posix_ipc.PermissionsError, ValueError, OSError):
+        release_objects(parts)
+    except (ValueError, IndexError):
         pass

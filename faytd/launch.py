@@ -39,6 +39,8 @@ def _read(path):
 
 
 STARTED = []        # pids of every faytd this process started
+RUNS = {}           # faytd pid -> its state directory (where its keeper listens)
+LAST = {}           # state directory -> the Popen of the last faytd started there
 _running = []
 
 
@@ -74,6 +76,8 @@ class Faytd:
         with open(self.log, "w") as logf:
             self.proc = subprocess.Popen(args, stderr=logf, stdin=subprocess.DEVNULL)
         STARTED.append(self.proc.pid)
+        RUNS[self.proc.pid] = self.dir = os.path.realpath(directory)
+        LAST[self.dir] = self.proc
         _running.append(self)
         try:
             wait_for_socket(self.socket, self.proc, log=self.log)
@@ -111,10 +115,85 @@ def running_faytd(directory, **kw):
         d.stop()
 
 
-def fayt_shm_objects(pids=None):
-    """Names in /dev/shm that a faytd made (only those of faytd `pids` if given)."""
-    names = sorted(n for n in os.listdir("/dev/shm") if n.startswith("fayt."))
-    if pids is None:
-        return names
-    want = {"fayt.%d." % p for p in pids}
-    return [n for n in names if n[:n.index(".", 5) + 1] in want]
+def keepers(dirs=None):
+    """{pid: socket path} of the live object keepers (frames.py), those of
+    the state directories `dirs` only if given."""
+    want = None if dirs is None else {os.path.join(os.path.realpath(d), "faytd.keeper")
+                                      for d in dirs}
+    out = {}
+    for p in os.listdir("/proc"):
+        if not p.isdigit():
+            continue
+        try:
+            with open("/proc/%s/stat" % p, "rb") as f:
+                stat = f.read()
+            if b"(fayt-keeper)" not in stat or stat[stat.rindex(b")") + 2:][:1] == b"Z":
+                continue
+            with open("/proc/%s/cmdline" % p, "rb") as f:
+                cmd = f.read().split(b"\0")[0].decode(errors="replace")
+        except (OSError, ValueError):
+            continue
+        path = cmd[len("fayt-keeper "):] if cmd.startswith("fayt-keeper ") else ""
+        if want is None or path in want:
+            out[int(p)] = path
+    return out
+
+
+def leftover_keepers():
+    """After a run of faytds (tests, bench): the keepers left by those
+    started here.  A killed faytd's keeper waits for a restart that will not
+    come now: it is ended.  Returns the others {pid: path}, left by a faytd
+    that stopped cleanly or still runs: a leak."""
+    left = keepers(set(LAST))
+    killed = [d for d, proc in LAST.items() if proc.poll() not in (None, 0)]
+    end_keepers(killed)
+    return {pid: path for pid, path in left.items()
+            if os.path.dirname(path) not in killed}
+
+
+def end_keepers(dirs):
+    """SIGKILL the keepers of these state directories and wait for them."""
+    for pid in keepers(dirs):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + 10
+    while keepers(dirs) and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+def fayt_objects(pids=None, dirs=None, pooled=False):
+    """The objects the keepers hold (those of faytd `pids`, or of the state
+    directories `dirs`, if given), as <memfd name>.<fd number in the
+    keeper>: fayt.37, fayt.ring.41.  Those the pool made ahead of need and
+    has not handed out yet (not sealed yet) only if `pooled`."""
+    import fcntl
+    if pids is not None:
+        dirs = set(dirs or ()) | {RUNS[p] for p in pids if p in RUNS}
+    names = []
+    for kpid in keepers(dirs):
+        base = "/proc/%d/fd/" % kpid
+        try:
+            fds = os.listdir(base)
+        except OSError:
+            continue
+        for n in fds:
+            try:
+                link = os.readlink(base + n)
+            except OSError:
+                continue
+            if not link.startswith("/memfd:fayt"):
+                continue
+            if not pooled:
+                try:
+                    fd = os.open(base + n, os.O_RDONLY | os.O_CLOEXEC)
+                except OSError:
+                    continue
+                try:
+                    if not fcntl.fcntl(fd, fcntl.F_GET_SEALS) & fcntl.F_SEAL_SEAL:
+                        continue
+                finally:
+                    os.close(fd)
+            names.append("%s.%s" % (link[len("/memfd:"):].split(" ")[0], n))
+    return sorted(names)

@@ -67,8 +67,6 @@ import os
 import select
 import time
 
-import posix_ipc
-
 from libportal._abi import (ffi, lib, CHAIN_JOIN as JOIN_REQ, CHAIN_JOIN_REPLY as JOIN_REPLY,
                             CHAIN_LEAVE as LEAVE_REQ, CHAIN_BACK as BACK_REQ,
                             CHAIN_BACK_REPLY as BACK_REPLY, PAGE_REQUEST as PAGE_REQ)
@@ -837,14 +835,13 @@ def _uffd_features(fd):
 
 
 def _open_read_only(obj):
-    """A read-only descriptor of a backing's shm object, for a client to map
+    """A read-only descriptor of a backing's object, for a client to map
     MAP_PRIVATE: nothing it does through it can change the server's memory."""
     try:
-        return posix_ipc.SharedMemory(obj.name, read_only=True).fd
-    except (posix_ipc.Error, OSError, TypeError) as e:
-        err = getattr(e, "errno", None)
-        raise KernelError(errno.ENFILE if err in (errno.EMFILE, errno.ENFILE) else errno.ENOMEM,
-                          "faytd cannot open the chain server's backing: %s" % e) from None
+        return obj.open_fd(readonly=True)
+    except KernelError as e:
+        raise KernelError(e.errno, "faytd cannot open the chain server's backing: %s"
+                          % e.message) from None
 
 
 def portal_special(k, ctx, tid, t, prot, length, addr, chain, message, fds, ident=None,

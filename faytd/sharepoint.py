@@ -111,7 +111,7 @@ class SharePointTable:
         if lib.fayt_sp_data_offset(n) >= n * PAGE:
             raise KernelError(errno.EINVAL, "length: %d bytes leave no room for data after "
                               "the meta-structure" % length)
-        backing = self.frames.allocate(n * PAGE)
+        backing = self.frames.allocate(n * PAGE, split=True)
         sp_id = self.fast.next_sp_id
         self.fast.next_sp_id = (sp_id % 0xfffffffe) + 1
         sp = SharePoint(sp_id, identifier, backing, prot, owner_pid, owner_uid)

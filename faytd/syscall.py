@@ -10,6 +10,7 @@ Objects (frames, sharepoint, context) never see the wire format.
 """
 import errno
 import json
+import os
 
 from libportal._abi import (lib, HELLO_REPLY, HANDLE_REQ, LIST_REQ, PORTAL_REPLY, PORTAL_REQ,
                             PORTAL_REQ_SIZE, REP_HDR)
@@ -159,11 +160,23 @@ def sys_portal(k, ctx, tid, body, fds):
     # The reply must fit FAYT_MSG_MAX: a portal of more frames than fit
     # lists its first ones (nframes says how many), not a reply cut short.
     paddrs = k.frames.paddrs(backing)[:_PADDR_FIT]
+    if backing.tail is not None:
+        flags |= lib.FAYT_PORTAL_REPLY_SPLIT
     reply = (PORTAL_REPLY.pack(handle, backing.length, data_offset, sp_id, len(paddrs),
                                granted, flags)
              + PORTAL_REQ.pack(*req_fields, backing.length)      # morphology filled
              + paddrs.tobytes())
-    return reply, [backing.open_fd()]
+    if backing.tail is None:
+        return reply, [backing.open_fd()]
+    # A split share-point: page 0 read-write (the lock), the rest read-only
+    # unless PROT_WRITE was granted (the object is 0600: another uid cannot
+    # reopen that descriptor read-write).
+    fd = backing.open_fd()
+    try:
+        return reply, [fd, backing.tail.open_fd(readonly=not granted & lib.FAYT_PROT_WRITE)]
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 _PADDR_FIT = (lib.FAYT_MSG_MAX - REP_HDR.size - PORTAL_REPLY.size - PORTAL_REQ_SIZE) // 8

@@ -12,8 +12,8 @@ calls mark_consistent().  A fourth instance joins, everyone stops on SIGTERM,
 a notification server and client pair (servers/notify_pair.py) talk through
 notifications (return flag, deferred, immediate, a failing handler, faytd's
 peer-died notice), then
-faytd stops on SIGTERM, and the demo checks that no child process and no
-shared-memory object of its faytd (/dev/shm/fayt.<faytd pid>.*) is left.
+faytd stops on SIGTERM, and the demo checks that no child process, no
+object keeper of its faytd and no object is left.
 Exit status 0 only if every step happened; it finishes in about 10 s.
 """
 import os
@@ -27,6 +27,8 @@ import threading
 import time
 
 import psutil
+
+from faytd.launch import fayt_objects, keepers
 
 SHARE = "demo.jobs"
 STEP_TIMEOUT = 20.0     # seconds any one expected event may take (a hang guard)
@@ -188,9 +190,11 @@ class Demo:
         if chain.returncode != 0:
             raise RuntimeError("the cache chain exited with %d" % chain.returncode)
 
-    def shm_objects(self):
-        prefix = "fayt.%d." % self.faytd.pid
-        return sorted(n for n in os.listdir("/dev/shm") if n.startswith(prefix))
+    def objects(self):
+        return fayt_objects(dirs=[os.path.dirname(self.socket)])
+
+    def keeper(self):
+        return sorted(keepers([os.path.dirname(self.socket)]))
 
     # -- the story ----------------------------------------------------------
     def run(self):
@@ -204,8 +208,9 @@ class Demo:
 
         self.fayt("ls")
         self.fayt("ps")
-        self.say("faytd's memory lives in POSIX shared-memory objects: %d of them now in "
-                 "/dev/shm/fayt.%d.*", len(self.shm_objects()), self.faytd.pid)
+        self.say("faytd's memory lives in sealed memfds, held by its object keeper "
+                 "(pid %s): %d of them now", ", ".join(map(str, self.keeper())),
+                 len(self.objects()))
 
         b = self.instances["B"]
         self.say("SIGUSR1 to B (pid %d): stop inside the next commit, holding the lock", b.pid)
@@ -249,12 +254,12 @@ class Demo:
         for t in self.readers:
             t.join(timeout=5)
         ok = True
-        left = self.shm_objects()
-        if left:
-            self.say("LEFT in /dev/shm: %s", " ".join(left))
+        left, kept = self.objects(), self.keeper()
+        if left or kept:
+            self.say("LEFT: object keeper %s holding %s", kept, " ".join(left))
             ok = False
         else:
-            self.say("nothing left in /dev/shm (no fayt.%d.* objects)", self.faytd.pid)
+            self.say("nothing left (no object keeper, no objects)")
         kids = psutil.Process().children(recursive=True)
         if kids:
             self.say("LEFT child processes: %s",

@@ -1,5 +1,5 @@
 """Fixtures: one real faytd for the session, fresh ones on demand, and the
-check that nothing of the project is left in /dev/shm."""
+check that nothing of the project is left: no object keeper, no object."""
 import os
 import sys
 
@@ -7,7 +7,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from faytd_proc import Faytd, fayt_shm_objects, running_faytd  # noqa: E402
+from faytd_proc import Faytd, fayt_objects, running_faytd  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -65,14 +65,18 @@ def conn_to():
         c.close()
 
 
-__all__ = ["running_faytd", "fayt_shm_objects"]
+__all__ = ["running_faytd", "fayt_objects"]
 
 
 def pytest_sessionfinish(session, exitstatus):
-    """After every faytd of the session stopped, /dev/shm must hold nothing of
-    theirs (objects of faytds that other runs started are not ours to judge)."""
-    from faytd.launch import STARTED
-    left = fayt_shm_objects(STARTED)
-    if left:
-        sys.stderr.write("\nLEAK: shared-memory objects left in /dev/shm: %s\n" % left)
+    """After every faytd of the session stopped, no object keeper of theirs
+    may run: a clean stop ends it (a killed faytd's keeper waits for a
+    restart: those are ended here), so no object of theirs is held
+    (keepers that other runs started are not ours to judge)."""
+    from faytd.launch import LAST, leftover_keepers
+    left = leftover_keepers()
+    objects = fayt_objects(dirs=set(LAST), pooled=True)
+    if left or objects:
+        sys.stderr.write("\nLEAK: object keepers left running: %s, holding %s\n"
+                         % (left, objects))
         session.exitstatus = 1

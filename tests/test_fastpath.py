@@ -112,7 +112,7 @@ def test_fastpath_and_python_path_agree(fresh_faytd, conn_to):
     assert _scenario(c1, "agree") == _scenario(c2, "agree")
     c1.close()
     c2.close()
-    assert fast_counts(fast.stop())[0] >= 2
+    assert fast_counts(fast.stop())[0] >= 1      # b (a: pages, not PROT_WRITE: Python's)
     assert fast_counts(slow.stop()) == (0, 0)
 
 
@@ -176,7 +176,7 @@ def test_fastpath_recycled_object_is_what_the_journal_names(fresh_faytd, conn_to
     assert rec[2] == str(os.getpid()) and rec[5] == str(libportal.PROT_RW)
     assert rec[6] == "4096" and bytes.fromhex(rec[9]) == b"j-b"
     assert rec[7] == by_id[a.sp_id][7]      # one object, named again for its new share-point
-    assert os.stat("/dev/shm" + rec[7]).st_ino == b._ino
+    assert os.stat(rec[7]).st_ino == b._ino
     frame = (b.paddr[0] - 0x100000) // 4096
     assert rec[8] == str(frame)
     b.destroy()
@@ -252,6 +252,10 @@ def test_fastpath_owner_killed_with_share_points_only_c_knew(fresh_faytd, conn_t
         """, d.env())
     try:
         assert child.expect() == "ready"
+        wait_until(lambda: len(journal_objects(d, "k-")) >= 20, "the creates' records")
+        # (k-warm's object, closed already, may be a pool object's number now.)
+        objects = journal_objects(d, "k-") - journal_objects(d, "k-warm")
+        inodes = {os.stat(o).st_ino for o in objects if os.path.exists(o)}
         os.kill(child.pid, signal.SIGKILL)
         child.proc.wait(WAIT)
         # Its share-points were unmapped by its death and ownerless: reclaimed.
@@ -260,10 +264,17 @@ def test_fastpath_owner_killed_with_share_points_only_c_knew(fresh_faytd, conn_t
         with pytest.raises(libportal.NotFound):
             libportal.share_attach("k-3", connection=probe)
         # Their objects go too (none is kept: their context is gone).
-        objects = journal_objects(d, "k-")
-        assert len(objects) >= 20
-        wait_until(lambda: not any(os.path.exists("/dev/shm" + o) for o in objects),
-                   "the dead owner's objects to be unlinked")
+        assert len(objects) >= 19 and len(inodes) == len(objects)
+
+        def gone():
+            left = set()
+            for o in objects:
+                try:
+                    left.add(os.stat(o).st_ino)
+                except OSError:
+                    pass
+            return not (left & inodes)
+        wait_until(gone, "the dead owner's objects to be closed")
         sp = libportal.share_create("k-3", 4096, connection=probe)   # the name is free
         sp.destroy()
     finally:
@@ -275,7 +286,9 @@ def test_fastpath_owner_killed_with_share_points_only_c_knew(fresh_faytd, conn_t
 
 
 def test_fastpath_large_share_points_go_through_python_the_same_way(fresh_faytd, conn_to):
-    """Past the fast path's limit (1024 frames) Python serves the call."""
+    """Past the fast path's limit (1024 frames) Python serves the call.  Both
+    write a meta-structure that spans page 0's object and the rest's (a
+    share-point of more than one page is two: see test_objects.py)."""
     d = fresh_faytd(ram="64MiB")
     c = conn_to(d)
     libportal.share_create("warm", 4096, connection=c).destroy()
@@ -322,7 +335,7 @@ def test_fastpath_no_fork_child_inherits_a_share_points_fd(fresh_faytd, conn_to)
     d = fresh_faytd()
     c = conn_to(d)
     libportal.share_create("warm", 4096, connection=c).destroy()
-    pool_object = re.compile(r"/dev/shm/fayt\.\d+\.\d+\.[0-9a-f]{24}$")
+    pool_object = re.compile(r"/memfd:fayt \(deleted\)$")
     caught, forks, stop = [], [0], threading.Event()
     r, w = os.pipe()
 

@@ -11,7 +11,7 @@ import time
 import pytest
 
 import libportal
-from faytd.launch import Faytd, fayt_shm_objects
+from faytd.launch import Faytd, fayt_objects, keepers
 from libportal._abi import lib
 
 from test_sharepoint import WAIT, Child, lock_state, wait_until
@@ -225,7 +225,7 @@ def test_journal_share_points_of_an_owner_dead_at_restart_are_reclaimed(restarta
     finally:
         conn.close()
     d.stop()
-    assert fayt_shm_objects(restartable.pids) == []
+    assert fayt_objects(restartable.pids) == []
 
 
 def test_journal_a_clean_stop_leaves_no_journal_and_nothing_to_adopt(restartable):
@@ -235,7 +235,7 @@ def test_journal_a_clean_stop_leaves_no_journal_and_nothing_to_adopt(restartable
     conn.close()
     d.stop()
     assert not [n for n in os.listdir(restartable.dir) if n.startswith("faytd.journal")]
-    assert fayt_shm_objects(restartable.pids) == []
+    assert fayt_objects(restartable.pids) == []
     d = restartable.start()
     assert "restored 0 share-points" in _log(d)
 
@@ -258,12 +258,13 @@ def test_journal_a_damaged_journal_is_read_as_far_as_it_goes(restartable, childr
     restartable.kill()
     with open(os.path.join(restartable.dir, "faytd.journal"), "ab") as f:
         f.write(b"this is not a record\n")
-        f.write(b"S 77 %d 1 0 3 4096 /fayt.1.nosuchobject 9 6a2d6e6f6e65\n" % owner.pid)
+        (kpid,) = keepers([restartable.dir])
+        f.write(b"S 77 %d 1 0 3 4096 /proc/%d/fd/99999 9 6a2d6e6f6e65\n" % (owner.pid, kpid))
         f.write(b"S 78 %d 1 0 3 40")
     d = restartable.start()
     log = _log(d)
     assert "line" in log and "is not a journal record" in log
-    assert "/fayt.1.nosuchobject is gone" in log
+    assert "/proc/%d/fd/99999 is gone" % kpid in log
     assert "cut short" in log
     conn = libportal.Connection(d.socket)
     try:

@@ -445,12 +445,12 @@ def test_notification_faytd_notices_behind_a_full_ring_arrive_once_it_drains(spa
 
 
 def test_notification_rings_and_stacks_leave_nothing_behind(fresh_faytd, conn_to, spawn):
-    from faytd_proc import fayt_shm_objects
+    from faytd_proc import fayt_objects
     d = fresh_faytd()
     probe = conn_to(d)
 
     def objects(kind):
-        return [n for n in fayt_shm_objects([d.proc.pid]) if ".%s." % kind in n]
+        return [n for n in fayt_objects([d.proc.pid]) if ".%s." % kind in n]
 
     free0 = probe.list_contexts()["free_frames"]
     target = spawn("""

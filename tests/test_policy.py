@@ -30,7 +30,7 @@ import uuid
 import pytest
 
 import libportal
-from faytd.launch import STARTED
+from faytd.launch import LAST, RUNS, STARTED
 from libportal._abi import lib
 
 NOBODY = 65534
@@ -148,7 +148,9 @@ class Daemon:
                 code = "import sys, runpy; sys.argv = ['faytd'] + sys.argv[1:]; " \
                        "runpy.run_module('faytd', run_name='__main__')"
                 self.proc = runner.popen(code, args[2:], uid=uid, gid=uid, stderr=logf)
-        STARTED.append(self.proc.pid)       # judged by conftest's /dev/shm leak check
+        STARTED.append(self.proc.pid)       # judged by conftest's leak check (its keeper)
+        RUNS[self.proc.pid] = os.path.realpath(os.path.dirname(self.socket))
+        LAST[RUNS[self.proc.pid]] = self.proc
         deadline = time.monotonic() + 20
         while not self._accepts():
             if self.proc.poll() is not None:
@@ -569,25 +571,23 @@ def test_policy_default_policy_owner_uid_is_core_when_faytd_runs_as_a_user(as_us
     c.close()
 
 
-def test_policy_unprivileged_faytd_starts_beside_foreign_stale_objects(as_user, start):
-    """A faytd run by a user sweeps the stale objects of dead faytds; one that
-    another user's dead faytd left (which it may not unlink) must not stop it."""
-    with open("/proc/sys/kernel/pid_max") as f:
-        dead = int(f.read()) + 1                  # no process can have this pid
-    path = "/dev/shm/fayt.%d.policy-%s" % (dead, uuid.uuid4().hex[:8])
-    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
-    os.close(fd)
-    try:
-        d = start(runner=as_user, uid=NOBODY)
-        rep = run_client(as_user, d, [["anon", PAGE]], uid=NOBODY)
-        assert steps(rep) == [("anon", 0)]
-        # Not its to remove.  (A root faytd of a concurrent run may sweep it.)
-        assert "removed" not in d.read_log()
-    finally:
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
+def test_policy_unprivileged_faytd_keeper_takes_its_whole_file_limit(as_user, start):
+    """A faytd run by a user: its object keeper (one open file per live
+    object) raises its RLIMIT_NOFILE to the hard limit, runs as that user,
+    and its objects are that user's, mode 0600."""
+    from faytd.launch import keepers
+    d = start(runner=as_user, uid=NOBODY)
+    rep = run_client(as_user, d, [["anon", PAGE]], uid=NOBODY)
+    assert steps(rep) == [("anon", 0)]
+    (kpid,) = keepers([os.path.dirname(d.socket)])
+    assert os.stat("/proc/%d" % kpid).st_uid == NOBODY
+    with open("/proc/%d/limits" % kpid) as f:
+        soft, hard = next(ln for ln in f if ln.startswith("Max open files")).split()[3:5]
+    assert soft == hard
+    objs = [os.path.join("/proc/%d/fd" % kpid, n) for n in os.listdir("/proc/%d/fd" % kpid)
+            if os.readlink("/proc/%d/fd/%s" % (kpid, n)).startswith("/memfd:fayt")]
+    assert objs and all(os.stat(o).st_mode & 0o777 == 0o600 and os.stat(o).st_uid == NOBODY
+                        for o in objs)
 
 
 def test_policy_socket_mode_keeps_other_users_out(as_user, start):

@@ -8,13 +8,10 @@ import sys
 import time
 import uuid
 
-from faytd_proc import fayt_shm_objects
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_servers_demo_recovers_owner_died_and_leaves_nothing():
-    before = set(fayt_shm_objects())
     env = dict(os.environ)
     env.pop("FAYT_SOCKET", None)            # the demo starts and uses its own faytd
     r = subprocess.run([sys.executable, "-m", "servers.demo"], cwd=ROOT, env=env,
@@ -22,7 +19,7 @@ def test_servers_demo_recovers_owner_died_and_leaves_nothing():
     out = r.stdout
     assert r.returncode == 0, out + r.stderr
 
-    faytd_pid = int(re.search(r"faytd is up \(pid (\d+)\)", out).group(1))
+    assert re.search(r"faytd is up \(pid (\d+)\)", out)
     for text in [
         "created share-point 'demo.jobs'",
         "share-point 'demo.jobs' exists (EEXIST): attached it",
@@ -37,7 +34,7 @@ def test_servers_demo_recovers_owner_died_and_leaves_nothing():
         "destroyed share-point 'demo.jobs'",
         "(no share-points)",
         "faytd exited with status 0",
-        "nothing left in /dev/shm",
+        "nothing left (no object keeper, no objects)",
         "no child processes left (no zombies)",
         "demo finished in",
     ]:
@@ -49,12 +46,6 @@ def test_servers_demo_recovers_owner_died_and_leaves_nothing():
     reports = [line for line in after_repair.splitlines() if "| table:" in line]
     assert reports and all("| consistent" in line and " B=" not in line for line in reports)
     assert all("(+" in line and "retired)" in line for line in reports)
-
-    # Only the demo's faytd is judged here: other faytds (the session's, or a
-    # concurrent run's) may own fayt.* objects of their own meanwhile.
-    new = set(fayt_shm_objects()) - before
-    assert [n for n in new if n.startswith("fayt.%d." % faytd_pid)] == []
-
 
 def test_servers_metadata_instances_share_one_table(faytd):
     share = "meta-%s" % uuid.uuid4().hex[:8]

@@ -15,7 +15,7 @@ import uuid
 
 import pytest
 
-from faytd_proc import Faytd, fayt_shm_objects
+from faytd_proc import Faytd, fayt_objects
 
 import libportal as lp
 
@@ -462,7 +462,7 @@ def _faytd_dies_under(d, client, srv, before, after=lambda: True):
                 p.join(WAIT)
     again = Faytd(os.path.dirname(d.socket))
     again.stop()
-    assert fayt_shm_objects([d.proc.pid, again.proc.pid]) == []
+    assert fayt_objects([d.proc.pid, again.proc.pid]) == []
 
 
 def test_special_nothing_left_in_dev_shm(fresh_faytd, conn_to):
@@ -476,7 +476,7 @@ def test_special_nothing_left_in_dev_shm(fresh_faytd, conn_to):
     srv.close()
     c.close()
     d.stop()
-    assert fayt_shm_objects([d.proc.pid]) == []
+    assert fayt_objects([d.proc.pid]) == []
 
 
 def _serve_file_counted(chain, ready, stop, out, by_reference, prepare):
@@ -1258,11 +1258,11 @@ def test_special_backed_nothing_left_in_dev_shm(fresh_faytd, conn_to):
     srv.do("unmap")
     still = lp.portal(lp.SPECIAL, lp.PROT_READ, 4 * PAGE, chain=chain, message=b"m", connection=c)
     assert still.backed and still.read(0, PAGE) == _pattern(0, PAGE)
-    assert len(fayt_shm_objects([d.proc.pid])) > 0
+    assert len(fayt_objects([d.proc.pid])) > 0
     d.stop()
     srv.close()
     still.unmap()
-    assert fayt_shm_objects([d.proc.pid]) == []
+    assert fayt_objects([d.proc.pid]) == []
 
 
 def test_special_file_pager_second_portal_reads_nothing_and_copies_nothing(lp, tmp_path):

@@ -36,6 +36,7 @@
 #include <poll.h>
 #include <sched.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <time.h>
@@ -1103,28 +1104,56 @@ struct mapped_reply {
     const uint8_t *paddr;           /* r.nframes entries, in the call's buffer */
 };
 
-/* Map a portal reply's object and close its fd; no Python object is made.
- * 0, or EPROTO (fd closed) if the reply does not add up. */
-static int map_portal_reply(const uint8_t *body, size_t blen, int fd, unsigned long long addr,
-                            int prot, int share, struct mapped_reply *out)
+/* Map a portal reply's object and close its fds; no Python object is made.
+ * A split share-point (FAYT_PORTAL_REPLY_SPLIT) comes as two: page 0's
+ * object, mapped read-write over the whole range (its lock byte), then the
+ * rest's, mapped over it from offset 4096, read-only unless PROT_WRITE was
+ * granted (its fd is read-only then).  0, or EPROTO (fds closed) if the
+ * reply does not add up. */
+static int map_portal_reply(const uint8_t *body, size_t blen, const int *fds, int nfds,
+                            unsigned long long addr, int prot, int share,
+                            struct mapped_reply *out)
 {
     size_t head = sizeof out->r + sizeof(struct portal_req);
     if (blen < head) {
-        close(fd);
+        close_fds(fds, nfds);
         return EPROTO;
     }
     memcpy(&out->r, body, sizeof out->r);
-    if (blen < head + (size_t)out->r.nframes * 8) {
-        close(fd);
+    int split = (out->r.flags & FAYT_PORTAL_REPLY_SPLIT) != 0;
+    if (blen < head + (size_t)out->r.nframes * 8 || nfds != (split ? 2 : 1)
+        || (split && (!share || out->r.map_length <= FAYT_PAGE_SIZE))) {
+        close_fds(fds, nfds);
         return EPROTO;
     }
     out->paddr = body + head;
     out->err = 0;
-    out->addr = fayt_map_portal(fd, out->r.map_length, (uintptr_t)addr,
+    out->addr = fayt_map_portal(fds[0], out->r.map_length, (uintptr_t)addr,
                                 share ? (FAYT_PROT_READ | FAYT_PROT_WRITE) : prot, &out->err);
-    close(fd);
+    if (split && out->addr) {
+        size_t rest = out->r.map_length - FAYT_PAGE_SIZE;
+        int tprot = (out->r.prot & FAYT_PROT_WRITE) ? PROT_READ | PROT_WRITE : PROT_READ;
+        void *p = mmap((void *)(out->addr + FAYT_PAGE_SIZE), rest, tprot, MAP_SHARED | MAP_FIXED,
+                       fds[1], 0);
+        if (p == MAP_FAILED || madvise(p, rest, MADV_DONTFORK) < 0) {
+            out->err = errno;
+            munmap((void *)out->addr, out->r.map_length);
+            out->addr = 0;
+        }
+    }
+    close_fds(fds, nfds);
     out->done = 1;
     return 0;
+}
+
+/* Whether a PORTAL reply carrying two fds is a split share-point's. */
+static int split_reply(const uint8_t *body, size_t blen)
+{
+    struct fayt_portal_reply r;
+    if (blen < sizeof r)
+        return 0;
+    memcpy(&r, body, sizeof r);
+    return (r.flags & FAYT_PORTAL_REPLY_SPLIT) != 0;
 }
 
 static PyObject *mapped_tuple(const struct mapped_reply *m)
@@ -1341,9 +1370,11 @@ static PyObject *sys_call(PyObject *mod, PyObject *const *args, Py_ssize_t n)
         if (rep.seq != (uint32_t)expect_seq) {      /* not this call's: nobody takes them */
             close_fds(got, ngot);
             ngot = 0;
-        } else if (want_map && ngot == 1 && rep.magic == FAYT_REP_MAGIC
-                   && rep.op == FAYT_SYS_PORTAL && rep.err == 0) {
-            int e = map_portal_reply(buf + sizeof rep, r - sizeof rep, got[0], map_addr,
+        } else if (want_map && rep.magic == FAYT_REP_MAGIC && rep.op == FAYT_SYS_PORTAL
+                   && rep.err == 0
+                   && (ngot == 1 || (ngot == 2 && split_reply(buf + sizeof rep,
+                                                              r - sizeof rep)))) {
+            int e = map_portal_reply(buf + sizeof rep, r - sizeof rep, got, ngot, map_addr,
                                      map_prot, map_share, &m);
             ngot = 0;
             if (e) {

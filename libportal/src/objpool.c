@@ -1,87 +1,563 @@
-/* objpool.c: faytd's pool of fresh POSIX shm objects, and their unlinks
- * (fayt/kernel.h).
+/* objpool.c: faytd's backing objects: sealed memfds held by a keeper
+ * process, and the pool that makes them ahead of need (fayt/kernel.h).
  *
  * Every portal gets a shared-memory object of its own (an fd grants all of
- * its object, so objects are never shared between portals nor reused).
- * Making one (shm_open O_EXCL, ftruncate, its first page) and unlinking one
- * cost tens of microseconds of system calls here; a thread of faytd does
- * both ahead of need and after the fact, so that neither lies on a reply's
- * path.  The thread is plain C (no GIL) and touches only its own lists,
- * under one mutex.  It sleeps when there is nothing to do: for 2 ms at a
- * time while work keeps coming (the loop wakes it only when the pool runs
- * below half or many names wait, so a busy faytd pays a wake-up now and
- * then, not per call), for ever once it has been idle 100 ms (then the
- * first piece of work wakes it).  A new object is all zeros, as a
- * scrubbed frame is.  Names carry faytd's run tag: a killed faytd's
- * objects are swept by the next one (frames.sweep_stale).
+ * its object, so objects are never shared between portals).  An object is
+ * a memfd, mode 0600 (a memfd is made 0777: any uid could reopen a
+ * read-only descriptor of it read-write through /proc/<pid>/fd), sealed
+ * F_SEAL_SHRINK|F_SEAL_GROW|F_SEAL_SEAL when it is taken, at its final
+ * size: no holder of any descriptor can change its size (no SIGBUS in
+ * another process that maps it) nor add a seal (F_SEAL_FUTURE_WRITE would
+ * deny others' writable mappings).
+ *
+ * A memfd has no name for a restarted faytd to find, and faytd must not
+ * hold one descriptor per share-point (RLIMIT_NOFILE).  So every object is
+ * held by the keeper: a small process forked by faytd at its start (its
+ * comm is "fayt-keeper"), in a session of its own, that survives faytd's
+ * SIGKILL.  It does nothing but hold descriptors: faytd sends it new
+ * objects (SCM_RIGHTS) and learns their descriptor numbers there; an
+ * object's name is then /proc/<keeper pid>/fd/<n>, which faytd (same uid;
+ * no other uid may open another's /proc/<pid>/fd) opens where it needs a
+ * descriptor, and which the journal records.  A release tells the keeper
+ * to close <n>.  The keeper listens on <state dir>/faytd.keeper (0600): a
+ * restarted faytd connects there and takes it over.  It raises its
+ * RLIMIT_NOFILE as far as it may; that limit bounds the live objects.  A
+ * clean stop of faytd tells it to exit ('Q').
+ *
+ * The pool: a thread of faytd (plain C, no GIL) makes objects ahead of
+ * need and hands them to the keeper in batches, and sends the keeper the
+ * releases in batches, so that none of it lies on a reply's path.  It
+ * sleeps when there is nothing to do: for 2 ms at a time while work keeps
+ * coming (the loop wakes it only when the pool runs below half or many
+ * releases wait), for ever once it has been idle 100 ms.  A new object is
+ * all zeros, as a scrubbed frame is.
  */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
+#include <poll.h>
 #include <pthread.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
-#include <sys/random.h>
+#include <sys/prctl.h>
+#include <sys/resource.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <sys/un.h>
+#include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
 
 #include "deadline.h"
 #include "fayt/kernel.h"
 
-#define QUEUE_WAKE 16               /* names waiting that wake the thread */
+#define QUEUE_WAKE 16               /* releases waiting that wake the thread */
 #define BUSY_NAP_NS 2000000         /* its nap while work keeps coming */
 #define IDLE_AFTER_NS 100000000     /* idle this long: sleep until woken */
+#define BATCH 32                    /* objects handed to the keeper in one message */
+#define CLOSE_BATCH 1024            /* releases in one message */
+#define SEALS (F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL)
 
+/* -- the keeper's protocol (SOCK_SEQPACKET) ------------------------------
+ * keeper -> faytd, on every connection: struct hello.
+ * 'A' u32 n + n descriptors: reply int32[n], each the descriptor's number
+ *     in the keeper, or -errno (EMFILE: at its RLIMIT_NOFILE).
+ * 'C' int32[]: close these (no reply).
+ * 'Q': unlink the socket and exit (no reply). */
+struct hello {
+    uint32_t magic;
+    int32_t pid;
+    uint64_t nofile;
+};
+#define HELLO_MAGIC 0x4b594146u     /* "FAYK" */
+
+static pthread_mutex_t kmu = PTHREAD_MUTEX_INITIALIZER;   /* keeper I/O */
+static int kfd = -1;
+static int kpid;
+static uint64_t knofile;
+
+/* -- the keeper process --------------------------------------------------- */
+static char kpath[sizeof(((struct sockaddr_un *)0)->sun_path)];
+
+static void keeper_hello(int c)
+{
+    struct rlimit rl;
+    getrlimit(RLIMIT_NOFILE, &rl);
+    struct hello h = {HELLO_MAGIC, getpid(), rl.rlim_cur};
+    send(c, &h, sizeof h, MSG_NOSIGNAL);
+}
+
+static void keeper_raise_nofile(void)
+{
+    struct rlimit rl;
+    if (getrlimit(RLIMIT_NOFILE, &rl))
+        return;
+    int fd = open("/proc/sys/fs/nr_open", O_RDONLY | O_CLOEXEC);
+    if (fd >= 0) {
+        char b[32] = {0};
+        if (read(fd, b, sizeof b - 1) > 0) {
+            struct rlimit up = {strtoull(b, NULL, 10), strtoull(b, NULL, 10)};
+            if (up.rlim_max > rl.rlim_max && setrlimit(RLIMIT_NOFILE, &up) == 0) {
+                close(fd);
+                return;             /* root (CAP_SYS_RESOURCE): up to nr_open */
+            }
+        }
+        close(fd);
+    }
+    rl.rlim_cur = rl.rlim_max;
+    setrlimit(RLIMIT_NOFILE, &rl);
+}
+
+/* The keeper's command line, as ps shows it: "fayt-keeper <socket path>"
+ * written over faytd's (the forked copy of its memory), so that nothing
+ * that looks for faytd by its command line takes the keeper for it. */
+static void keeper_title(void)
+{
+    static char b[1024];
+    int fd = open("/proc/self/stat", O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return;
+    ssize_t n = read(fd, b, sizeof b - 1);
+    close(fd);
+    if (n <= 0)
+        return;
+    b[n] = 0;
+    char *p = strrchr(b, ')');
+    if (!p)
+        return;
+    /* After ")": field 3 onwards; arg_start and arg_end are fields 48, 49. */
+    unsigned long long start = 0, end = 0;
+    int field = 2;
+    for (char *q = p + 1; *q; q++) {
+        if (*q == ' ') {
+            field++;
+            if (field == 48)
+                start = strtoull(q + 1, NULL, 10);
+            else if (field == 49)
+                end = strtoull(q + 1, NULL, 10);
+        }
+    }
+    if (!start || end <= start)
+        return;
+    char *arg = (char *)(uintptr_t)start;
+    size_t room = end - start;
+    memset(arg, 0, room);
+    snprintf(arg, room, "fayt-keeper %s", kpath[0] ? kpath : "");
+}
+
+static void keeper_main(int lfd, int c) __attribute__((noreturn));
+static void keeper_main(int lfd, int c)
+{
+    static uint8_t buf[65536];
+    static union {
+        struct cmsghdr h;
+        char b[CMSG_SPACE(sizeof(int) * BATCH)];
+    } cb;
+    for (;;) {
+        struct pollfd p[2] = {{c, POLLIN, 0}, {lfd, POLLIN, 0}};
+        int n = poll(c >= 0 ? p : p + 1, c >= 0 ? 2 : 1, -1);
+        if (n < 0)
+            continue;
+        if (c >= 0 && p[0].revents) {
+            struct iovec iov = {buf, sizeof buf};
+            struct msghdr mh = {0};
+            mh.msg_iov = &iov;
+            mh.msg_iovlen = 1;
+            mh.msg_control = cb.b;
+            mh.msg_controllen = sizeof cb.b;
+            ssize_t r = recvmsg(c, &mh, MSG_CMSG_CLOEXEC);
+            if (r < 0 && (errno == EINTR || errno == EAGAIN))
+                continue;
+            if (r <= 0) {                   /* faytd is gone: wait for the next */
+                close(c);
+                c = -1;
+                continue;
+            }
+            int got[BATCH], ngot = 0;
+            for (struct cmsghdr *cm = CMSG_FIRSTHDR(&mh); cm; cm = CMSG_NXTHDR(&mh, cm))
+                if (cm->cmsg_level == SOL_SOCKET && cm->cmsg_type == SCM_RIGHTS)
+                    for (size_t i = 0; i < (cm->cmsg_len - CMSG_LEN(0)) / sizeof(int); i++)
+                        if (ngot < BATCH)
+                            memcpy(&got[ngot++], CMSG_DATA(cm) + i * sizeof(int), sizeof(int));
+            if (buf[0] == 'A' && r >= 8) {
+                uint32_t want;
+                memcpy(&want, buf + 4, 4);
+                int32_t rep[BATCH];
+                if (want > BATCH)
+                    want = BATCH;
+                for (uint32_t i = 0; i < want; i++)
+                    rep[i] = i < (uint32_t)ngot ? got[i] : -EMFILE;  /* MSG_CTRUNC: no room */
+                for (int i = (int)want; i < ngot; i++)
+                    close(got[i]);
+                send(c, rep, want * sizeof rep[0], MSG_NOSIGNAL);
+            } else if (buf[0] == 'C' && r >= 4) {
+                for (ssize_t at = 4; at + 4 <= r; at += 4) {
+                    int32_t fd;
+                    memcpy(&fd, buf + at, 4);
+                    if (fd > 2 && fd != lfd && fd != c)
+                        close(fd);
+                }
+                for (int i = 0; i < ngot; i++)
+                    close(got[i]);
+            } else if (buf[0] == 'Q') {
+                if (kpath[0])
+                    unlink(kpath);
+                _exit(0);
+            } else {
+                for (int i = 0; i < ngot; i++)
+                    close(got[i]);
+            }
+            continue;
+        }
+        if (lfd >= 0 && (p[1].revents & POLLIN)) {
+            int a = accept4(lfd, NULL, NULL, SOCK_CLOEXEC);
+            if (a < 0)
+                continue;
+            struct ucred cr;
+            socklen_t cl = sizeof cr;
+            /* One faytd at a time, of this uid (the socket is 0600 besides). */
+            if (c >= 0 || getsockopt(a, SOL_SOCKET, SO_PEERCRED, &cr, &cl)
+                || (cr.uid != getuid() && cr.uid != 0)) {
+                close(a);
+                continue;
+            }
+            c = a;
+            keeper_hello(c);
+        }
+    }
+}
+
+/* Read the keeper's hello on fd: its pid, or -errno. */
+static int read_hello(int fd)
+{
+    struct hello h;
+    struct timeval tv = {5, 0};     /* the keeper is ours: this bounds a bug, not a wait */
+    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+    ssize_t r;
+    do {
+        r = recv(fd, &h, sizeof h, 0);
+    } while (r < 0 && errno == EINTR);
+    if (r != (ssize_t)sizeof h || h.magic != HELLO_MAGIC)
+        return r < 0 ? -errno : -EPROTO;
+    knofile = h.nofile;
+    return h.pid;
+}
+
+int fayt_keeper_start(const char *path)
+{
+    int sv[2], lfd = -1;
+    if (path && *path) {
+        struct sockaddr_un a = {.sun_family = AF_UNIX};
+        if (strlen(path) >= sizeof a.sun_path)
+            return -ENAMETOOLONG;
+        strcpy(a.sun_path, path);
+        lfd = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0);
+        if (lfd < 0)
+            return -errno;
+        unlink(path);
+        mode_t old = umask(0177);
+        int e = bind(lfd, (struct sockaddr *)&a, sizeof a);
+        umask(old);
+        if (e || listen(lfd, 4)) {
+            e = errno;
+            close(lfd);
+            return -e;
+        }
+        strcpy(kpath, path);
+    } else {
+        kpath[0] = 0;
+    }
+    if (socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, sv)) {
+        int e = errno;
+        if (lfd >= 0) {
+            close(lfd);
+            unlink(path);
+        }
+        return -e;
+    }
+    pid_t pid = fork();
+    if (pid < 0) {
+        int e = errno;
+        close(sv[0]);
+        close(sv[1]);
+        if (lfd >= 0) {
+            close(lfd);
+            unlink(path);
+        }
+        return -e;
+    }
+    if (pid == 0 && fork() != 0)
+        _exit(0);                   /* the keeper is no child of faytd's */
+    if (pid == 0) {
+        /* The keeper: only system calls from here (a fork of a threaded
+         * process), never back into Python. */
+        sigset_t none;
+        sigemptyset(&none);
+        for (int s = 1; s < NSIG; s++)
+            signal(s, SIG_DFL);
+        signal(SIGPIPE, SIG_IGN);
+        sigprocmask(SIG_SETMASK, &none, NULL);
+        setsid();
+        prctl(PR_SET_NAME, "fayt-keeper");
+        keeper_title();
+        prctl(PR_SET_PDEATHSIG, 0);
+        int nul = open("/dev/null", O_RDWR);
+        /* Its socket to 3, the listener to 4; nothing else stays open. */
+        int c = fcntl(sv[1], F_DUPFD_CLOEXEC, 16);
+        int l = lfd >= 0 ? fcntl(lfd, F_DUPFD_CLOEXEC, 16) : -1;
+        int nn = nul >= 0 ? fcntl(nul, F_DUPFD, 16) : -1;
+        if (c < 0 || (lfd >= 0 && l < 0))
+            _exit(1);
+        for (int i = 0; i < 3; i++)
+            dup2(nn >= 0 ? nn : c, i);
+        dup3(c, 3, O_CLOEXEC);
+        if (l >= 0)
+            dup3(l, 4, O_CLOEXEC);
+        if (syscall(SYS_close_range, l >= 0 ? 5 : 4, ~0U, 0) < 0) {
+            struct rlimit rl;
+            getrlimit(RLIMIT_NOFILE, &rl);
+            for (int fd = l >= 0 ? 5 : 4; fd < (int)rl.rlim_cur && fd < 65536; fd++)
+                close(fd);
+        }
+        keeper_raise_nofile();
+        keeper_hello(3);
+        keeper_main(l >= 0 ? 4 : -1, 3);
+    }
+    close(sv[1]);
+    if (lfd >= 0)
+        close(lfd);
+    while (waitpid(pid, NULL, 0) < 0 && errno == EINTR)
+        ;
+    int r = read_hello(sv[0]);
+    if (r < 0) {
+        close(sv[0]);
+        return r;
+    }
+    pthread_mutex_lock(&kmu);
+    kfd = sv[0];
+    kpid = r;
+    pthread_mutex_unlock(&kmu);
+    return r;
+}
+
+int fayt_keeper_connect(const char *path)
+{
+    struct sockaddr_un a = {.sun_family = AF_UNIX};
+    if (strlen(path) >= sizeof a.sun_path)
+        return -ENAMETOOLONG;
+    strcpy(a.sun_path, path);
+    int fd = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0);
+    if (fd < 0)
+        return -errno;
+    struct ucred cr;
+    socklen_t cl = sizeof cr;
+    if (connect(fd, (struct sockaddr *)&a, sizeof a)
+        || getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cr, &cl)) {
+        int e = errno;
+        close(fd);
+        return -e;
+    }
+    if (cr.uid != getuid()) {           /* not ours: someone else's socket */
+        close(fd);
+        return -EPERM;
+    }
+    int r = read_hello(fd);             /* a keeper busy with a live faytd closes us */
+    if (r < 0) {
+        close(fd);
+        return r;
+    }
+    pthread_mutex_lock(&kmu);
+    kfd = fd;
+    kpid = r;
+    pthread_mutex_unlock(&kmu);
+    return r;
+}
+
+int fayt_keeper_pid(void)
+{
+    return kpid;
+}
+
+uint64_t fayt_keeper_nofile(void)
+{
+    return knofile;
+}
+
+/* Send one 'C' message of n descriptor numbers; kmu held. */
+static void keeper_close_locked(const int32_t *fds, uint32_t n)
+{
+    static int32_t msg[CLOSE_BATCH + 1];
+    while (n && kfd >= 0) {
+        uint32_t k = n < CLOSE_BATCH ? n : CLOSE_BATCH;
+        msg[0] = 'C';
+        memcpy(msg + 1, fds, k * sizeof *fds);
+        send(kfd, msg, (k + 1) * sizeof *msg, MSG_NOSIGNAL);
+        fds += k;
+        n -= k;
+    }
+}
+
+void fayt_keeper_close(const int32_t *fds, uint32_t n)
+{
+    pthread_mutex_lock(&kmu);
+    keeper_close_locked(fds, n);
+    pthread_mutex_unlock(&kmu);
+}
+
+static void keeper_end(int quit)
+{
+    pthread_mutex_lock(&kmu);
+    if (kfd >= 0) {
+        if (quit)
+            send(kfd, "Q", 1, MSG_NOSIGNAL);
+        close(kfd);
+    }
+    kfd = -1;
+    kpid = 0;
+    pthread_mutex_unlock(&kmu);
+}
+
+void fayt_keeper_quit(void)
+{
+    keeper_end(1);
+}
+
+void fayt_keeper_detach(void)
+{
+    keeper_end(0);
+}
+
+/* Hand n fresh objects to the keeper: their numbers there (or -errno) into
+ * out.  kmu held.  0, or -errno for the whole batch. */
+static int keeper_add_locked(const int *fds, uint32_t n, int32_t *out)
+{
+    if (kfd < 0)
+        return -ENOTCONN;
+    union {
+        struct cmsghdr h;
+        char b[CMSG_SPACE(sizeof(int) * BATCH)];
+    } cb;
+    uint32_t hdr[2] = {'A', n};
+    struct iovec iov = {hdr, sizeof hdr};
+    struct msghdr mh = {0};
+    mh.msg_iov = &iov;
+    mh.msg_iovlen = 1;
+    memset(&cb, 0, sizeof cb);
+    mh.msg_control = cb.b;
+    mh.msg_controllen = CMSG_SPACE(sizeof(int) * n);
+    struct cmsghdr *c = CMSG_FIRSTHDR(&mh);
+    c->cmsg_level = SOL_SOCKET;
+    c->cmsg_type = SCM_RIGHTS;
+    c->cmsg_len = CMSG_LEN(sizeof(int) * n);
+    memcpy(CMSG_DATA(c), fds, sizeof(int) * n);
+    ssize_t r;
+    do {
+        r = sendmsg(kfd, &mh, MSG_NOSIGNAL);
+    } while (r < 0 && errno == EINTR);
+    if (r < 0)
+        return -errno;
+    do {
+        r = recv(kfd, out, n * sizeof *out, 0);
+    } while (r < 0 && errno == EINTR);
+    if (r != (ssize_t)(n * sizeof *out))
+        return r < 0 ? -errno : -EPROTO;
+    return 0;
+}
+
+/* -- objects and the pool --------------------------------------------------- */
 struct pooled {
     int fd;
-    char name[FAYT_OBJ_NAME_MAX];
+    int32_t kept;                   /* its number in the keeper */
 };
 
 static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t cv;
 static pthread_t thread;
 static int running, stopping, sleeping, deep;
-static char prefix[FAYT_OBJ_NAME_MAX - 32];
 static uint32_t target;
 static struct pooled *ready;
 static uint32_t nready;
-static char (*queue)[FAYT_OBJ_NAME_MAX];
+/* Context pages (kind "ctx") too are made ahead of need: every HELLO takes
+ * one, and a keeper round trip there would cost a connection ~100 us. */
+#define CTX_TARGET 8
+static struct pooled ready_ctx[CTX_TARGET];
+static uint32_t nready_ctx;
+static int32_t *queue;
 static uint32_t nqueued, cap_queue;
 
-/* A new one-page object with its page made: its fd, or -errno. */
-static int make_object(char *name)
+/* A new one-page memfd named fayt[.kind], 0600: its fd, or -errno.  The
+ * pool's have their page made (a portal's first touch is cheaper); a kind's
+ * have none (a SPECIAL|SHARE region's pages must fault, to be fetched). */
+static int make_memfd(const char *kind)
 {
-    for (int tries = 0; tries < 8; tries++) {
-        unsigned char rnd[12];
-        ssize_t got = 0;
-        while (got < (ssize_t)sizeof rnd) {
-            ssize_t r = getrandom(rnd + got, sizeof rnd - got, 0);
-            if (r < 0 && errno != EINTR)
-                return -errno;
-            if (r > 0)
-                got += r;
-        }
-        int n = snprintf(name, FAYT_OBJ_NAME_MAX, "%s", prefix);
-        for (int i = 0; i < 12; i++)
-            n += snprintf(name + n, FAYT_OBJ_NAME_MAX - n, "%02x", rnd[i]);
-        int fd = shm_open(name, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
-        if (fd < 0) {
-            if (errno == EEXIST)
-                continue;
-            return -errno;
-        }
-        if (ftruncate(fd, 4096) < 0 || pwrite(fd, "", 1, 0) != 1) {
-            int e = errno ? errno : EIO;
-            close(fd);
-            shm_unlink(name);
-            return -e;
-        }
-        return fd;
+    char name[64];
+    snprintf(name, sizeof name, kind ? "fayt.%.48s" : "fayt", kind);
+    int fd = memfd_create(name, MFD_CLOEXEC | MFD_ALLOW_SEALING);
+    if (fd < 0)
+        return -errno;
+    if (fchmod(fd, 0600) < 0 || ftruncate(fd, 4096) < 0 || (!kind && pwrite(fd, "", 1, 0) != 1)) {
+        int e = errno ? errno : EIO;
+        close(fd);
+        return -e;
     }
-    return -EEXIST;
+    return fd;
+}
+
+/* Up to n new objects, held by the keeper, into out: how many, or -errno
+ * if none. */
+static int make_objects(struct pooled *out, uint32_t n, const char *kind)
+{
+    int fds[BATCH];
+    int32_t nums[BATCH];
+    uint32_t made = 0;
+    int err = 0;
+    if (n > BATCH)
+        n = BATCH;
+    while (made < n) {
+        int fd = make_memfd(kind);
+        if (fd < 0) {
+            err = fd;
+            break;
+        }
+        fds[made++] = fd;
+    }
+    if (!made)
+        return err;
+    pthread_mutex_lock(&kmu);
+    int e = keeper_add_locked(fds, made, nums);
+    pthread_mutex_unlock(&kmu);
+    if (e) {
+        for (uint32_t i = 0; i < made; i++)
+            close(fds[i]);
+        return e;
+    }
+    int got = 0;
+    for (uint32_t i = 0; i < made; i++) {
+        if (nums[i] < 0) {
+            err = nums[i];
+            close(fds[i]);
+            continue;
+        }
+        out[got].fd = fds[i];
+        out[got].kept = nums[i];
+        got++;
+    }
+    return got ? got : err;
+}
+
+static void name_of(int32_t kept, char *name)
+{
+    snprintf(name, FAYT_OBJ_NAME_MAX, "/proc/%d/fd/%d", kpid, kept);
+}
+
+static int32_t kept_of(const char *name)
+{
+    const char *s = strrchr(name, '/');
+    return s ? (int32_t)strtol(s + 1, NULL, 10) : -1;
 }
 
 static void nap(int64_t ns)
@@ -96,26 +572,48 @@ static void *janitor(void *unused)
     (void)unused;
     int64_t last_work = fayt_now_ns();
     int failing = 0;
+    static int32_t batch[CLOSE_BATCH];
     pthread_mutex_lock(&mu);
     while (!stopping) {
         if (nqueued) {
-            char name[FAYT_OBJ_NAME_MAX];
-            memcpy(name, queue[--nqueued], FAYT_OBJ_NAME_MAX);
+            uint32_t k = nqueued < CLOSE_BATCH ? nqueued : CLOSE_BATCH;
+            nqueued -= k;
+            memcpy(batch, queue + nqueued, k * sizeof *batch);
             pthread_mutex_unlock(&mu);
-            shm_unlink(name);
+            fayt_keeper_close(batch, k);
             pthread_mutex_lock(&mu);
             last_work = 0;
             continue;
         }
-        if (nready < target && !failing) {
-            struct pooled p;
+        if (nready_ctx < CTX_TARGET && nready >= target / 2 && !failing) {
+            struct pooled p[CTX_TARGET];
+            uint32_t want = CTX_TARGET - nready_ctx;
             pthread_mutex_unlock(&mu);
-            p.fd = make_object(p.name);
+            int got = make_objects(p, want, "ctx");
             pthread_mutex_lock(&mu);
-            if (p.fd < 0)
+            if (got <= 0)
+                failing = 1;
+            for (int i = 0; i < got; i++)
+                ready_ctx[nready_ctx++] = p[i];    /* only this thread adds */
+            last_work = 0;
+            continue;
+        }
+        if (nready < target && !failing) {
+            struct pooled p[BATCH];
+            uint32_t want = target - nready;
+            pthread_mutex_unlock(&mu);
+            int got = make_objects(p, want, NULL);
+            pthread_mutex_lock(&mu);
+            if (got <= 0)
                 failing = 1;            /* out of files or memory: try again later */
-            else
-                ready[nready++] = p;
+            for (int i = 0; i < got; i++) {
+                if (nready < target) {
+                    ready[nready++] = p[i];
+                } else {                /* never: only this thread adds */
+                    close(p[i].fd);
+                    fayt_keeper_close(&p[i].kept, 1);
+                }
+            }
             last_work = 0;
             continue;
         }
@@ -140,18 +638,13 @@ static void *janitor(void *unused)
     return NULL;
 }
 
-int fayt_objpool_start(const char *pfx, uint32_t want)
+int fayt_objpool_start(uint32_t want)
 {
     pthread_mutex_lock(&mu);
     if (running) {
         pthread_mutex_unlock(&mu);
         return EALREADY;
     }
-    if (strlen(pfx) >= sizeof prefix) {
-        pthread_mutex_unlock(&mu);
-        return ENAMETOOLONG;
-    }
-    strcpy(prefix, pfx);
     target = want;
     ready = calloc(want ? want : 1, sizeof *ready);
     if (!ready) {
@@ -181,60 +674,62 @@ int fayt_objpool_start(const char *pfx, uint32_t want)
     return 0;
 }
 
-int fayt_objpool_take(uint64_t length, char *name_out)
+int fayt_objpool_take(uint64_t length, const char *kind, char *name_out)
 {
-    int fd = -1;
-    pthread_mutex_lock(&mu);
-    if (running && nready) {
-        struct pooled *p = &ready[--nready];
-        fd = p->fd;
-        memcpy(name_out, p->name, FAYT_OBJ_NAME_MAX);
+    struct pooled p = {-1, -1};
+    int ctx = kind && strcmp(kind, "ctx") == 0;
+    if (!kind || ctx) {
+        pthread_mutex_lock(&mu);
+        if (running && !ctx && nready)
+            p = ready[--nready];
+        else if (running && ctx && nready_ctx)
+            p = ready_ctx[--nready_ctx];
+        if (running && sleeping && (deep || nready < target / 2 || nready_ctx < CTX_TARGET / 2))
+            pthread_cond_signal(&cv);
+        pthread_mutex_unlock(&mu);
     }
-    if (running && sleeping && (deep || nready < target / 2))
-        pthread_cond_signal(&cv);
-    int have_prefix = prefix[0] != 0;
-    pthread_mutex_unlock(&mu);
-    if (fd < 0) {
-        if (!have_prefix)
-            return -EINVAL;
-        fd = make_object(name_out);
-        if (fd < 0)
-            return fd;
+    if (p.fd < 0) {
+        int got = make_objects(&p, 1, kind);
+        if (got < 0)
+            return got;
     }
-    if (length != 4096 && ftruncate(fd, (off_t)length) < 0) {
+    name_of(p.kept, name_out);
+    if ((length != 4096 && ftruncate(p.fd, (off_t)length) < 0)
+        || fcntl(p.fd, F_ADD_SEALS, SEALS) < 0) {
         int e = errno;
-        close(fd);
-        shm_unlink(name_out);
+        close(p.fd);
+        fayt_keeper_close(&p.kept, 1);
         return -e;
     }
-    return fd;
+    return p.fd;
 }
 
 void fayt_objpool_release(const char *name)
 {
+    int32_t k = kept_of(name);
+    if (k < 0)
+        return;
     pthread_mutex_lock(&mu);
     if (running) {
         if (nqueued == cap_queue) {
-            uint32_t cap = cap_queue ? cap_queue * 2 : 64;
-            void *q = realloc(queue, (size_t)cap * FAYT_OBJ_NAME_MAX);
+            uint32_t cap = cap_queue ? cap_queue * 2 : 256;
+            void *q = realloc(queue, (size_t)cap * sizeof *queue);
             if (!q) {
                 pthread_mutex_unlock(&mu);
-                shm_unlink(name);           /* no room to queue it: now */
+                fayt_keeper_close(&k, 1);   /* no room to queue it: now */
                 return;
             }
             queue = q;
             cap_queue = cap;
         }
-        strncpy(queue[nqueued], name, FAYT_OBJ_NAME_MAX - 1);
-        queue[nqueued][FAYT_OBJ_NAME_MAX - 1] = 0;
-        nqueued++;
+        queue[nqueued++] = k;
         if (sleeping && (deep || nqueued >= QUEUE_WAKE))
             pthread_cond_signal(&cv);
         pthread_mutex_unlock(&mu);
         return;
     }
     pthread_mutex_unlock(&mu);
-    shm_unlink(name);
+    fayt_keeper_close(&k, 1);
 }
 
 void fayt_objpool_stop(void)
@@ -252,10 +747,14 @@ void fayt_objpool_stop(void)
     running = 0;
     for (uint32_t i = 0; i < nready; i++) {
         close(ready[i].fd);
-        shm_unlink(ready[i].name);
+        fayt_keeper_close(&ready[i].kept, 1);
     }
-    for (uint32_t i = 0; i < nqueued; i++)
-        shm_unlink(queue[i]);
+    for (uint32_t i = 0; i < nready_ctx; i++) {
+        close(ready_ctx[i].fd);
+        fayt_keeper_close(&ready_ctx[i].kept, 1);
+    }
+    nready_ctx = 0;
+    fayt_keeper_close(queue, nqueued);
     nready = nqueued = 0;
     free(ready);
     ready = NULL;

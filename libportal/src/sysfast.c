@@ -5,7 +5,9 @@
  * microseconds each.  Here, on one connection's readable event, one
  * recvmsg(2) reads the request; if it is
  *   PORTAL(SHARE|ANON, create) of an identifier not in the table, valid,
- *     within every quota, from a thread already known, with no fds, or
+ *     within every quota, from a thread already known, with no fds (one
+ *     of more than one page is two objects, page 0 and the rest, both
+ *     sent: FAYT_PORTAL_REPLY_SPLIT), or
  *   UNMAP_DESTROY of a share-point this path created and still holds, or
  *   PORTAL(ANON) and the UNMAP of an ANON portal this path made,
  * it is performed and answered here (frames, a pooled object, the
@@ -18,8 +20,8 @@
  * its fd to nobody else), so its object can serve that context's next
  * share-point of the same size: it is kept (open, at most RECYCLE_MAX in
  * all), zeroed, and handed out again instead of a new object, which saves
- * the shm_open, the first page and the unlink (~20 us of system calls
- * here).  Never across contexts: an fd grants its whole object, and faytd
+ * the memfd, its first page, the keeper's round trip and the close (tens
+ * of microseconds of system calls off the reply path here).  Never across contexts: an fd grants its whole object, and faytd
  * sent this one to no other.  It trusts the client not to have kept the fd
  * or passed it on: libportal closes it in the C call that reads the reply,
  * the GIL held (no fork() of another thread inherits it), and maps portals
@@ -58,7 +60,7 @@
 #define RECYCLE_MAX 64            /* objects kept for their context's next create */
 #define RESIDENT_MAX 64           /* then creates go through Python, which takes them over */
 #define ZERO_AT_CREATE 16384      /* up to this, a recycled object is zeroed by the meta's write */
-#define JOURNAL_LINE_MAX (128 + FAYT_OBJ_NAME_MAX + FAST_MAX_FRAMES * 11 + 2 * FAYT_NAME_MAX)
+#define JOURNAL_LINE_MAX (128 + 2 * FAYT_OBJ_NAME_MAX + FAST_MAX_FRAMES * 11 + 2 * FAYT_NAME_MAX)
 
 /* -- tables ----------------------------------------------------------- */
 struct resident;
@@ -87,6 +89,11 @@ struct resident {
     uint32_t type;                 /* SHARE|ANON, or ANON (a portal: no name) */
     int fd;                        /* the object's, kept while a recycle may want it; -1 */
     char object[FAYT_OBJ_NAME_MAX];
+    /* A share-point of more than one page is two objects (page 0, the
+     * rest: FAYT_PORTAL_REPLY_SPLIT); the rest's, if any: */
+    int split;
+    int fd2;                       /* open while fd is (or until the reply is sent); -1 */
+    char object2[FAYT_OBJ_NAME_MAX];
     uint32_t frames[];
 };
 
@@ -96,6 +103,9 @@ struct kept {
     uint64_t length;
     int fd;
     char name[FAYT_OBJ_NAME_MAX];
+    int split;                     /* a share-point's pair: fd2, name2 the rest */
+    int fd2;
+    char name2[FAYT_OBJ_NAME_MAX];
 };
 static struct kept kept[RECYCLE_MAX];
 static uint32_t nkept;
@@ -112,17 +122,25 @@ static void kept_drop(uint32_t i)
 {
     close(kept[i].fd);
     fayt_objpool_release(kept[i].name);
+    if (kept[i].split) {
+        close(kept[i].fd2);
+        fayt_objpool_release(kept[i].name2);
+    }
     kept_remove(i);
 }
 
-/* A kept object of conn of `length` bytes (the latest kept): its fd (name
- * into name), or -1. */
-static int kept_take(struct fayt_fast_conn *conn, uint64_t length, char *name)
+/* A kept object of conn for r (its length, split or not; the latest kept):
+ * its fd (name into r->object; the rest's into r->fd2, r->object2), or -1. */
+static int kept_take(struct fayt_fast_conn *conn, struct resident *r)
 {
     for (uint32_t i = nkept; i-- > 0;) {
-        if (kept[i].conn == conn && kept[i].length == length) {
+        if (kept[i].conn == conn && kept[i].length == r->length && kept[i].split == r->split) {
             int fd = kept[i].fd;
-            memcpy(name, kept[i].name, FAYT_OBJ_NAME_MAX);
+            memcpy(r->object, kept[i].name, FAYT_OBJ_NAME_MAX);
+            if (r->split) {
+                r->fd2 = kept[i].fd2;
+                memcpy(r->object2, kept[i].name2, FAYT_OBJ_NAME_MAX);
+            }
             kept_remove(i);
             return fd;
         }
@@ -130,22 +148,31 @@ static int kept_take(struct fayt_fast_conn *conn, uint64_t length, char *name)
     return -1;
 }
 
-/* Keep r's object for its creator; 0, or an errno (then release it). */
+/* Keep r's object(s) for its creator; 0, or an errno (then release them). */
 static int kept_put(struct resident *r)
 {
-    if (r->fd < 0)
+    if (r->fd < 0 || (r->split && r->fd2 < 0))
         return EBADF;
-    if (r->length > ZERO_AT_CREATE
-        && fallocate(r->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 0, (off_t)r->length) < 0)
-        return errno;               /* its pages go now; it reads as zeros again */
+    if (r->length > ZERO_AT_CREATE) {   /* its pages go now; it reads as zeros again */
+        if (r->split ? fallocate(r->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 0,
+                                 FAYT_PAGE_SIZE) < 0
+                       || fallocate(r->fd2, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 0,
+                                    (off_t)(r->length - FAYT_PAGE_SIZE)) < 0
+                     : fallocate(r->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 0,
+                                 (off_t)r->length) < 0)
+            return errno;
+    }
     if (nkept == RECYCLE_MAX)
         kept_drop(0);               /* the oldest */
     kept[nkept].conn = r->conn;
     kept[nkept].length = r->length;
     kept[nkept].fd = r->fd;
     memcpy(kept[nkept].name, r->object, FAYT_OBJ_NAME_MAX);
+    kept[nkept].split = r->split;
+    kept[nkept].fd2 = r->fd2;
+    memcpy(kept[nkept].name2, r->object2, FAYT_OBJ_NAME_MAX);
     nkept++;
-    r->fd = -1;
+    r->fd = r->fd2 = -1;
     return 0;
 }
 
@@ -453,25 +480,26 @@ static int journal_write(struct fayt_fast_kernel *k, const char *line, size_t n,
     return 0;
 }
 
-static int send_reply(int fd, const void *msg, size_t n, int pass_fd)
+static int send_reply(int fd, const void *msg, size_t n, int pass_fd, int pass_fd2)
 {
     struct iovec iov = {(void *)msg, n};
     struct msghdr mh = {0};
     union {
         struct cmsghdr h;
-        char buf[CMSG_SPACE(sizeof(int))];
+        char buf[CMSG_SPACE(2 * sizeof(int))];
     } cbuf;
     mh.msg_iov = &iov;
     mh.msg_iovlen = 1;
     if (pass_fd >= 0) {
+        int fds[2] = {pass_fd, pass_fd2}, nf = pass_fd2 >= 0 ? 2 : 1;
         memset(&cbuf, 0, sizeof cbuf);
         mh.msg_control = cbuf.buf;
-        mh.msg_controllen = sizeof cbuf.buf;
+        mh.msg_controllen = CMSG_SPACE(nf * sizeof(int));
         struct cmsghdr *c = CMSG_FIRSTHDR(&mh);
         c->cmsg_level = SOL_SOCKET;
         c->cmsg_type = SCM_RIGHTS;
-        c->cmsg_len = CMSG_LEN(sizeof(int));
-        memcpy(CMSG_DATA(c), &pass_fd, sizeof(int));
+        c->cmsg_len = CMSG_LEN(nf * sizeof(int));
+        memcpy(CMSG_DATA(c), fds, nf * sizeof(int));
     }
     ssize_t r;
     do {
@@ -497,7 +525,7 @@ static int portal_reply(struct fayt_fast_conn *c, const struct fayt_req_hdr *h,
 {
     uint8_t rep[sizeof(struct fayt_rep_hdr) + sizeof(struct fayt_portal_reply)
                 + sizeof(struct portal_req) + FAST_MAX_FRAMES * 8];
-    struct fayt_rep_hdr rh = {FAYT_REP_MAGIC, h->op, 1, h->seq, 0};
+    struct fayt_rep_hdr rh = {FAYT_REP_MAGIC, h->op, r->split ? 2 : 1, h->seq, 0};
     struct fayt_portal_reply pr = {0};
     pr.handle = r->handle;
     pr.map_length = r->length;
@@ -505,7 +533,7 @@ static int portal_reply(struct fayt_fast_conn *c, const struct fayt_req_hdr *h,
     pr.sp_id = r->type & FAYT_PORTAL_SHARE ? r->sp_id : 0;
     pr.nframes = r->nframes;
     pr.prot = req->prot;
-    pr.flags = flags;
+    pr.flags = flags | (r->split ? FAYT_PORTAL_REPLY_SPLIT : 0);
     req->morphology.length = r->length;
     size_t at = 0;
     memcpy(rep + at, &rh, sizeof rh);
@@ -516,7 +544,7 @@ static int portal_reply(struct fayt_fast_conn *c, const struct fayt_req_hdr *h,
     at += sizeof *req;
     write_paddrs(rep + at, r);
     at += (size_t)r->nframes * 8;
-    return send_reply(c->fd, rep, at, ofd);
+    return send_reply(c->fd, rep, at, ofd, r->split ? r->fd2 : -1);
 }
 
 /* The object's fd kept in r for a recycle (at most RECYCLE_MAX), else closed. */
@@ -528,6 +556,9 @@ static void hold_fd(struct resident *r, int ofd)
     } else {
         r->fd = -1;
         close(ofd);
+        if (r->fd2 >= 0)
+            close(r->fd2);
+        r->fd2 = -1;
     }
 }
 
@@ -540,7 +571,11 @@ static void give_back(struct fayt_fast_kernel *k, struct resident *r, int keep)
     if (!keep || !k->recycle || kept_put(r)) {
         if (r->fd >= 0)
             close(r->fd);
+        if (r->fd2 >= 0)
+            close(r->fd2);
         fayt_objpool_release(r->object);
+        if (r->split)
+            fayt_objpool_release(r->object2);
     }
 }
 
@@ -558,7 +593,8 @@ static struct resident *resident_new(struct fayt_fast_kernel *k, struct fayt_fas
         free(r);
         return NULL;
     }
-    r->fd = -1;
+    r->fd = r->fd2 = -1;
+    r->split = (type & FAYT_PORTAL_SHARE) && n > 1;
     r->conn = c;
     r->ctx_id = c->ctx_id;
     r->handle = c->next_handle;
@@ -581,6 +617,10 @@ static void resident_abandon(struct fayt_fast_kernel *k, struct resident *r, int
     if (ofd >= 0) {
         close(ofd);
         fayt_objpool_release(r->object);
+    }
+    if (r->fd2 >= 0) {
+        close(r->fd2);
+        fayt_objpool_release(r->object2);
     }
     fayt_frames_put(k->frames, r->frames, r->nframes);
     free(r);
@@ -615,7 +655,19 @@ static int acknowledge(struct fayt_fast_conn *c, const struct fayt_req_hdr *h, i
     if (h->flags & FAYT_REQ_NOREPLY)
         return FAYT_FAST_SERVED;
     struct fayt_rep_hdr rh = {FAYT_REP_MAGIC, h->op, 0, h->seq, 0};
-    return served(send_reply(c->fd, &rh, sizeof rh, -1), err);
+    return served(send_reply(c->fd, &rh, sizeof rh, -1, -1), err);
+}
+
+/* pwrite the first n bytes of r's object(s) (past page 0 of a split
+ * share-point, into the rest's object): 0 or -1. */
+static int write_object(const struct resident *r, int ofd, const uint8_t *buf, size_t n)
+{
+    size_t first = r->split && n > FAYT_PAGE_SIZE ? FAYT_PAGE_SIZE : n;
+    if (pwrite(ofd, buf, first, 0) != (ssize_t)first)
+        return -1;
+    if (first < n && pwrite(r->fd2, buf + first, n - first, 0) != (ssize_t)(n - first))
+        return -1;
+    return 0;
 }
 
 /* -- PORTAL(ANON) and its UNMAP ------------------------------------------- */
@@ -633,7 +685,7 @@ static int fast_anon(struct fayt_fast_kernel *k, struct fayt_fast_conn *c,
     struct resident *r = resident_new(k, c, h, req->prot, n, FAYT_PORTAL_ANON);
     if (!r)
         return FAYT_FAST_PASS;
-    int ofd = kept_take(c, bytes, r->object);
+    int ofd = kept_take(c, r);
     if (ofd >= 0 && bytes <= ZERO_AT_CREATE) {
         static const uint8_t zeros[ZERO_AT_CREATE];   /* a portal's memory starts as zeros */
         if (pwrite(ofd, zeros, bytes, 0) != (ssize_t)bytes) {
@@ -643,7 +695,7 @@ static int fast_anon(struct fayt_fast_kernel *k, struct fayt_fast_conn *c,
         }
     }
     if (ofd < 0)
-        ofd = fayt_objpool_take(bytes, r->object);
+        ofd = fayt_objpool_take(bytes, NULL, r->object);
     if (ofd < 0 || resident_insert(r)) {
         resident_abandon(k, r, ofd);
         return FAYT_FAST_PASS;
@@ -709,7 +761,11 @@ static int fast_create(struct fayt_fast_kernel *k, struct fayt_fast_conn *c,
     uint32_t n = ((uint32_t)req.length + FAYT_PAGE_SIZE - 1) / FAYT_PAGE_SIZE;
     uint64_t bytes = (uint64_t)n * FAYT_PAGE_SIZE;
     size_t data_offset = fayt_sp_data_offset(n);
+    /* A share-point of more than one page is two objects (page 0 and the
+     * rest, FAYT_PORTAL_REPLY_SPLIT); one created without PROT_WRITE would
+     * give its creator the rest read-only: Python makes that. */
     if (n > FAST_MAX_FRAMES || data_offset >= bytes
+        || (n > 1 && !(req.prot & FAYT_PROT_WRITE))
         || k->nresident >= RESIDENT_MAX
         || c->py_mappings + c->resident >= k->max_mappings
         || c->ram + bytes > k->max_ram_per_context
@@ -722,10 +778,18 @@ static int fast_create(struct fayt_fast_kernel *k, struct fayt_fast_conn *c,
     if (!r)
         return FAYT_FAST_PASS;
     int recycled = 1;
-    int ofd = kept_take(c, bytes, r->object);
+    int ofd = kept_take(c, r);
     if (ofd < 0) {
         recycled = 0;
-        ofd = fayt_objpool_take(bytes, r->object);
+        ofd = fayt_objpool_take(r->split ? FAYT_PAGE_SIZE : bytes, NULL, r->object);
+        if (ofd >= 0 && r->split) {
+            r->fd2 = fayt_objpool_take(bytes - FAYT_PAGE_SIZE, NULL, r->object2);
+            if (r->fd2 < 0) {
+                r->fd2 = -1;
+                resident_abandon(k, r, ofd);
+                return FAYT_FAST_PASS;
+            }
+        }
     }
     if (ofd < 0) {
         resident_abandon(k, r, -1);
@@ -750,7 +814,7 @@ static int fast_create(struct fayt_fast_kernel *k, struct fayt_fast_conn *c,
     uint32_t sp_id = k->next_sp_id;
     int e = 0;
     struct name_ent *ne = NULL;
-    if (pwrite(ofd, meta, mlen, 0) != (ssize_t)mlen
+    if (write_object(r, ofd, meta, mlen)
         || !(ne = name_insert(ident, ilen, &e)) || resident_insert(r)) {
         if (ne)
             name_remove(ne);
@@ -772,9 +836,10 @@ static int fast_create(struct fayt_fast_kernel *k, struct fayt_fast_conn *c,
 
     /* The journal record, as faytd/journal.py writes it. */
     char line[JOURNAL_LINE_MAX];
-    int pos = snprintf(line, sizeof line, "S %u %d %llu %u %d %llu %s ", sp_id, c->pid,
+    int pos = snprintf(line, sizeof line, "S %u %d %llu %u %d %llu %s%s%s ", sp_id, c->pid,
                        (unsigned long long)c->start, c->uid, req.prot,
-                       (unsigned long long)bytes, r->object);
+                       (unsigned long long)bytes, r->object, r->split ? "+" : "",
+                       r->split ? r->object2 : "");
     for (uint32_t i = 0; i < n; i++)
         pos += snprintf(line + pos, sizeof line - pos, i ? ",%u" : "%u", r->frames[i]);
     line[pos++] = ' ';
@@ -906,11 +971,16 @@ int fayt_fast_take_resident(struct fayt_fast_kernel *k, struct fayt_fast_residen
     out->nframes = r->nframes;
     out->type = r->type;
     out->ident_len = r->name ? r->name->len : 0;
-    memcpy(out->object, r->object, sizeof out->object);
+    if (r->split)                       /* "<page 0>+<the rest>", as the journal has it */
+        snprintf(out->object, sizeof out->object, "%s+%s", r->object, r->object2);
+    else
+        memcpy(out->object, r->object, sizeof out->object);
     if (r->name)
         memcpy(out->identifier, r->name->key, r->name->len);
     out->identifier[out->ident_len] = 0;
     memcpy(frames, r->frames, (size_t)r->nframes * sizeof(uint32_t));
+    if (r->fd2 >= 0)
+        close(r->fd2);
     if (r->fd >= 0) {                   /* Python keeps names, not descriptors */
         close(r->fd);
         resident_fds--;

@@ -9,9 +9,10 @@
  * - the frame allocator: reference counts, owners and the free stack of the
  *   emulated RAM, used by faytd's Python (faytd/frames.py) and by the fast
  *   system calls alike, so there is one allocator;
- * - the object pool: a thread of faytd (C, no GIL) that makes POSIX shm
- *   objects ahead of need and unlinks released ones, so that neither costs
- *   a system call's worth of time on a reply's path;
+ * - the backing objects: sealed memfds held by a keeper process that
+ *   survives faytd, and a thread of faytd (C, no GIL) that makes them ahead
+ *   of need and has released ones closed, so that neither costs a system
+ *   call's worth of time on a reply's path;
  * - the fast system calls: faytd's socket loop hands a readable connection
  *   to fayt_fast_serve(), which reads one request and, if it is one the
  *   fast path performs (creating a share-point, its creator destroying it
@@ -67,19 +68,41 @@ uint32_t fayt_frames_put(struct fayt_frames *f, const uint32_t *frames, uint32_t
 int fayt_frames_adopt(struct fayt_frames *f, const uint32_t *frames, uint32_t n, uint32_t oid);
 void fayt_frames_adopted(struct fayt_frames *f);
 
-/* -- the object pool ---------------------------------------------------- */
+/* -- backing objects: the keeper and the pool (src/objpool.c) ------------- */
 #define FAYT_OBJ_NAME_MAX 96       /* bytes of an object name, NUL included */
 
-/* Start the pool thread: objects named <prefix><24 random hex digits>,
- * `target` of them kept ready (one page each, the page made).  0 or errno. */
-int fayt_objpool_start(const char *prefix, uint32_t target);
-/* A new object of `length` bytes (a page multiple): its fd (>= 0; the
- * caller owns it) and its name in name_out, or -errno.  Taken from the
- * pool, or made now if the pool is empty or stopped. */
-int fayt_objpool_take(uint64_t length, char *name_out);
-/* Unlink the object `name` soon (in the pool thread; now if it is stopped). */
+/* Every object is a memfd, 0600, sealed F_SEAL_SHRINK|F_SEAL_GROW|
+ * F_SEAL_SEAL at its size when taken, and held by the keeper process: its
+ * name is /proc/<keeper pid>/fd/<n>, which faytd opens for a descriptor.
+ * Start a keeper listening at path (NULL or "": not restartable): its pid,
+ * or -errno. */
+int fayt_keeper_start(const char *path);
+/* Take over the keeper listening at path (a restarted faytd): its pid, or
+ * -errno (ENOENT, ECONNREFUSED: none runs there; EPERM: another uid's). */
+int fayt_keeper_connect(const char *path);
+int fayt_keeper_pid(void);
+/* The keeper's RLIMIT_NOFILE: what bounds the live objects. */
+uint64_t fayt_keeper_nofile(void);
+/* Have the keeper close these objects (their numbers there) now. */
+void fayt_keeper_close(const int32_t *fds, uint32_t n);
+/* A clean stop: the keeper exits (every object it holds goes). */
+void fayt_keeper_quit(void);
+/* Let go of the keeper; it keeps its objects for a restart. */
+void fayt_keeper_detach(void);
+
+/* Start the pool thread: `target` objects kept ready (one page each, the
+ * page made, handed to the keeper).  0 or errno. */
+int fayt_objpool_start(uint32_t target);
+/* A new object of `length` bytes (a page multiple), sealed at that size:
+ * its fd (>= 0; the caller owns it) and its name in name_out, or -errno
+ * (EMFILE: the keeper is at its RLIMIT_NOFILE).  kind NULL: taken from the
+ * pool, or made now if the pool is empty or stopped; else made now, its
+ * memfd named "fayt.<kind>" (what it is for shows in /proc/<pid>/fd). */
+int fayt_objpool_take(uint64_t length, const char *kind, char *name_out);
+/* Have the keeper close the object `name` soon (in the pool thread; now if
+ * it is stopped).  Mappings of it stay valid. */
 void fayt_objpool_release(const char *name);
-/* Unlink every pooled and queued object now and end the thread. */
+/* End the thread; every pooled object and queued release goes now. */
 void fayt_objpool_stop(void);
 
 /* -- the fast system calls --------------------------------------------- */

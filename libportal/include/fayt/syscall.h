@@ -101,6 +101,12 @@ struct fayt_portal_reply {
 } __attribute__((packed));
 
 #define FAYT_PORTAL_REPLY_CREATED 0x1   /* share-point: this call created it */
+/* A share-point of more than one page is two objects: page 0 (the lock and
+ * meta-structure, always mapped read-write) and the rest, whose descriptor
+ * is read-only unless the call was granted PROT_WRITE.  The reply carries
+ * both fds, in that order; the client maps the rest over page 0's mapping
+ * from offset 4096 (MAP_FIXED). */
+#define FAYT_PORTAL_REPLY_SPLIT 0x4
 
 struct fayt_notify_install {
     int32_t index;         /* 0..63 (PROVIDER: or FAYT_NO_PROVIDER) */
