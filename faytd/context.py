@@ -1,6 +1,6 @@
 """Contexts: one per connected server process, and what it has mapped.
 
-A context is born at the HELLO call with a context page (a 4 KiB POSIX shm
+A context is born at the HELLO call with a context page (a 4 KiB sealed memfd
 object mapped by faytd and the client).  The page holds the robust lock
 records and the notification state (include/fayt/context.h; faytd's side of
 notifications is notification.py).

@@ -2,7 +2,7 @@
 
 faytd is only the control plane of notifications (DESIGN section 6):
 - OPEN checks the policy once and makes the ring of a (sender, target) pair:
-  one POSIX shm object (fayt/notification.h), its fd to the sender in the
+  one sealed memfd (fayt/notification.h), its fd to the sender in the
   reply; the target is told through its context page (a ring record and
   rings_generation bumped, plus one doorbell signal if its runtime is armed)
   and fetches the fd with FETCH.  After that the two processes deliver,

@@ -13,7 +13,7 @@
  *          the entry's sender word, which the sender writes.
  *
  * A ring carries notifications from one sender to one target; faytd creates
- * it (a POSIX shm object) once per (sender, target) pair, after the policy
+ * it (a sealed memfd) once per (sender, target) pair, after the policy
  * check, and gives its fd to both.  Delivery needs faytd no more:
  * - the ring is a bounded MPSC queue (Vyukov): entry.seq == pos means free
  *   for the producer at pos, pos + 1 means full for the consumer at pos;
@@ -36,7 +36,7 @@
  * and bounds its waits by its deadline (src/ring.c: "Trust").
  * Every field a futex waits on is an aligned uint32_t.
  *
- * The pending hint (struct fayt_notify_hint): one 4 KiB POSIX shm object per
+ * The pending hint (struct fayt_notify_hint): one 4 KiB sealed memfd per
  * target context, made by faytd when the first ring into it is made or when
  * the target asks for it (FAYT_SYS_NOTIFY_HINT).  faytd gives its fd to
  * every sender with its ring (the second fd of the OPEN reply).  After an

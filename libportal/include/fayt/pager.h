@@ -4,7 +4,7 @@
  * client maps the region, registers it with a userfaultfd(2) and hands the
  * fd to faytd with the portal() call; faytd reads the fault events.
  *
- * A chain server that joins a chain gets a channel: one POSIX shm object
+ * A chain server that joins a chain gets a channel: one sealed memfd
  * shared with faytd, holding a fayt_pager_header and `nslots` slots.  A slot
  * is one page request: a struct fayt_page_request (FAYT_PAGER_DESC_SIZE
  * bytes with its padding) followed by run_max bytes of page data.  Slots move
