@@ -225,6 +225,25 @@ def test_objects_keeper_outlives_a_killed_faytd_and_ends_with_a_clean_stop(fresh
     assert not os.path.exists(os.path.join(d.dir, "faytd.keeper"))
 
 
+def test_objects_keeper_of_a_killed_faytd_ends_when_its_state_directory_goes(fresh_faytd):
+    """A keeper waits for a restart on <state-dir>/faytd.keeper; once that
+    socket is gone no faytd can ever take it over, so it exits and its
+    objects go with it."""
+    import shutil
+    from faytd.launch import keepers
+    d = fresh_faytd()
+    (kpid,) = keepers([d.dir])
+    d.proc.kill()
+    d.proc.wait()
+    time.sleep(0.1)
+    assert list(keepers([d.dir])) == [kpid]
+    shutil.rmtree(d.dir)
+    deadline = time.monotonic() + 30          # a hang bound, not a timing
+    while kpid in keepers() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert kpid not in keepers(), "the keeper of a removed state directory still runs"
+
+
 # -- read-only attachers (issue 9, point 7) ----------------------------------
 
 # uid 65534, granted PROT_READ, tries every way to store past page 0: through

@@ -75,6 +75,10 @@ struct hello {
 };
 #define HELLO_MAGIC 0x4b594146u     /* "FAYK" */
 
+#define ORPHAN_CHECK_MS 2000   /* a keeper without faytd looks at its socket this often */
+static dev_t kdev;                  /* the keeper's socket, as bound */
+static ino_t kino;
+
 static pthread_mutex_t kmu = PTHREAD_MUTEX_INITIALIZER;   /* keeper I/O */
 static int kfd = -1;
 static int kpid;
@@ -149,6 +153,17 @@ static void keeper_title(void)
     snprintf(arg, room, "fayt-keeper %s", kpath[0] ? kpath : "");
 }
 
+/* Without a faytd, the keeper waits for a restart on its socket; if the
+ * socket is gone (its state directory removed) or another was bound there
+ * (a faytd that could not reach this keeper started its own), no faytd can
+ * ever reach it, and it exits, so no objects are held for no one. */
+static int keeper_reachable(int lfd)
+{
+    struct stat st;
+    return lfd >= 0 && kpath[0] && stat(kpath, &st) == 0
+        && st.st_dev == kdev && st.st_ino == kino;
+}
+
 static void keeper_main(int lfd, int c) __attribute__((noreturn));
 static void keeper_main(int lfd, int c)
 {
@@ -159,7 +174,9 @@ static void keeper_main(int lfd, int c)
     } cb;
     for (;;) {
         struct pollfd p[2] = {{c, POLLIN, 0}, {lfd, POLLIN, 0}};
-        int n = poll(c >= 0 ? p : p + 1, c >= 0 ? 2 : 1, -1);
+        if (c < 0 && !keeper_reachable(lfd))
+            _exit(0);               /* no faytd can ever take it over: its objects go */
+        int n = poll(c >= 0 ? p : p + 1, c >= 0 ? 2 : 1, c >= 0 ? -1 : ORPHAN_CHECK_MS);
         if (n < 0)
             continue;
         if (c >= 0 && p[0].revents) {
@@ -268,6 +285,11 @@ int fayt_keeper_start(const char *path)
             return -e;
         }
         strcpy(kpath, path);
+        struct stat st;
+        if (stat(path, &st) == 0) {
+            kdev = st.st_dev;
+            kino = st.st_ino;
+        }
     } else {
         kpath[0] = 0;
     }
