@@ -78,48 +78,23 @@ def _attack(as_user, d, ident, prot, uid):
     return json.loads(out)
 
 
-def test_sharepoint_peer_of_another_uid_cannot_resize_it(as_user, start):
-    """uid 65534 attaches a share-point of root's (granted read-write), and
+@pytest.mark.parametrize("uid", [NOBODY, 0], ids=["another-uid", "same-uid"])
+def test_sharepoint_peer_cannot_resize_it(as_user, start, uid):
+    """A peer attaches a share-point of root's (granted read-write) and
     calls ftruncate(2) on the descriptor faytd sent: shrink and grow are
-    refused (EPERM: sealed), so is a further seal; the creator, which maps
-    it, reads every byte afterwards (no SIGBUS)."""
-    d = start()
-    env = dict(os.environ, FAYT_SOCKET=d.socket)
-    victim = subprocess.Popen([sys.executable, "-c", VICTIM, "obj-victim"], env=env,
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    try:
-        assert victim.stdout.readline().strip() == "ready"
-        rep = _attack(as_user, d, "obj-victim", lp.PROT_RW, NOBODY)
-        victim.stdin.write("\n")
-        victim.stdin.flush()
-        line = victim.stdout.readline().split()
-        if not line:
-            victim.wait(TIMEOUT)
-        assert victim.poll() != -signal.SIGBUS, "the victim died of SIGBUS: %s" % rep
-        assert line[2:] == ["True"], line
-        assert rep["uid"] == NOBODY and rep["size"] == 4 * PAGE
-        assert rep["shrink"] == "EPERM" and rep["grow"] == "EPERM", rep
-        assert rep["seal"] == "EPERM", rep
-        assert rep["reopen_rw"] == "EACCES", rep     # 0600, faytd's uid: not nobody's
-        assert rep["size_after"] == 4 * PAGE
-        victim.stdin.write("\n")
-        victim.stdin.flush()
-        assert victim.wait(TIMEOUT) == 0
-    finally:
-        victim.kill()
-        victim.wait()
-
-
-def test_sharepoint_attacher_of_the_same_uid_cannot_resize_it(as_user, start):
-    """Within one uid too (robustness): a peer's ftruncate never becomes the
+    refused (EPERM: sealed); the creator, which maps it, reads every byte
+    afterwards (no SIGBUS).  As uid 65534 (the security boundary) a further
+    seal and a read-write reopen through /proc/self/fd are refused too;
+    within one uid it is robustness: a peer's ftruncate never becomes the
     creator's SIGBUS."""
     d = start()
     env = dict(os.environ, FAYT_SOCKET=d.socket)
-    victim = subprocess.Popen([sys.executable, "-c", VICTIM, "obj-same"], env=env,
+    ident = "obj-victim-%d" % uid
+    victim = subprocess.Popen([sys.executable, "-c", VICTIM, ident], env=env,
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert victim.stdout.readline().strip() == "ready"
-        rep = _attack(as_user, d, "obj-same", lp.PROT_RW, 0)
+        rep = _attack(as_user, d, ident, lp.PROT_RW, uid)
         victim.stdin.write("\n")
         victim.stdin.flush()
         line = victim.stdout.readline().split()
@@ -127,8 +102,12 @@ def test_sharepoint_attacher_of_the_same_uid_cannot_resize_it(as_user, start):
             victim.wait(TIMEOUT)
         assert victim.poll() != -signal.SIGBUS, "the victim died of SIGBUS: %s" % rep
         assert line[2:] == ["True"], line
+        assert rep["uid"] == uid and rep["size"] == 4 * PAGE
         assert rep["shrink"] == "EPERM" and rep["grow"] == "EPERM", rep
         assert rep["size_after"] == 4 * PAGE
+        if uid == NOBODY:
+            assert rep["seal"] == "EPERM", rep
+            assert rep["reopen_rw"] == "EACCES", rep     # 0600, faytd's uid: not nobody's
         victim.stdin.write("\n")
         victim.stdin.flush()
         assert victim.wait(TIMEOUT) == 0
