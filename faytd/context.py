@@ -141,6 +141,20 @@ class Context:
                 out.append((sp_id, p.held[i].state))
         return out
 
+    def mapped_lock_records(self):
+        """([(share-point, state)] of the robust records that name a
+        share-point this context was granted a mapping of, number of
+        records naming any other).  The records are bytes the process
+        writes: only the first kind can ever be acted on."""
+        mine, ignored = [], 0
+        for sp_id, state in self.lock_records():
+            sp = self.sp_mapped.get(sp_id)
+            if sp is None:
+                ignored += 1
+            else:
+                mine.append((sp, state))
+        return mine, ignored
+
     def mapped_bytes(self):
         return sum(m.length for m in self.mappings.values())
 

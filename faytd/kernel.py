@@ -326,15 +326,16 @@ class Kernel:
 
     def disconnected(self, ctx):
         """The connection closed, but the process may live on.  If its robust
-        records say it holds or is taking a lock, keep the whole context (its
+        records say it holds or is taking the lock of a share-point it mapped
+        (records naming others keep nothing), keep the whole context (its
         mappings too: they keep a destroyed share-point's memory reachable
         for recovery) until it dies.  If it owns share-points, keep watching
         it so that they are reclaimed at its death.  Else forget it."""
         ctx.connected = False
         lib.fayt_fast_conn_gone(self.fast, ctx.fast)   # it creates nothing any more
         watch = ctx.alive and ctx.pidfd >= 0
-        if watch and ctx.lock_records():
-            return
+        if watch and ctx.mapped_lock_records()[0]:
+            return                      # records naming what it never mapped keep nothing
         self.drop_mappings(ctx)
         if not (watch and self.sharepoints.owns(ctx.pid)):
             self.forget(ctx)
@@ -379,12 +380,11 @@ class Kernel:
         it.  So a live context's records block a recovery only for
         share-points it mapped, where it could hold the lock anyway."""
         holders = None
-        for sp_id, state in ctx.lock_records():
-            sp = ctx.sp_mapped.get(sp_id)
-            if sp is None:
-                log.warning("pid %d: its lock record names share-point %d, which it never "
-                            "mapped: ignored", ctx.pid, sp_id)
-                continue
+        records, ignored = ctx.mapped_lock_records()
+        if ignored:                     # one line a context, whatever it wrote
+            log.warning("pid %d: %d of its lock records name share-points it never mapped: "
+                        "ignored", ctx.pid, ignored)
+        for sp, state in records:
             if sp.destroyed and not sp.captured:
                 continue                # nobody maps it any more: no lock to release
             try:
@@ -400,11 +400,11 @@ class Kernel:
         out = {}
         for c in self.contexts.values():
             if c is not dead and c.alive:
-                for i, s in c.lock_records():
-                    if s == lib.FAYT_HELD_HELD and i in c.sp_mapped:
-                        out[i] = s
-                    elif s == lib.FAYT_HELD_PENDING and i in c.sp_mapped:
-                        out.setdefault(i, s)
+                for sp, s in c.mapped_lock_records()[0]:
+                    if s == lib.FAYT_HELD_HELD:
+                        out[sp.id] = s
+                    elif s == lib.FAYT_HELD_PENDING:
+                        out.setdefault(sp.id, s)
         return out
 
     def _recover_one(self, ctx, sp, state, holders):

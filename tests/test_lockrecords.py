@@ -264,3 +264,45 @@ def test_lockrecord_live_pending_record_defers_recovery_until_it_clears(lp, spaw
         mapper.finish()
     finally:
         sp.destroy()
+
+
+# Connects, writes a full page of HELD records naming share-points it never
+# mapped, and closes, again and again, staying alive: the churn that, when
+# such records kept a context after its connection closed, held a pidfd and
+# a context page in faytd for each until the process died (faytd ran out of
+# descriptors and refused everyone: issue 9's hostile review).
+CHURNER = r"""
+import ctypes, sys
+import libportal as lp
+off, rounds = int(sys.argv[2]), int(sys.argv[3])
+for r in range(rounds):
+    c = lp.Connection(sys.argv[1])
+    for k in range(64):
+        slot = c.context_page + off + 8 * k
+        ctypes.c_uint32.from_address(slot).value = 1000000 + k
+        ctypes.c_uint32.from_address(slot + 4).value = 2      # HELD
+    c.close()
+print("done", flush=True)
+sys.stdin.readline()
+"""
+
+
+def test_lockrecord_naming_unmapped_share_points_keeps_no_context(as_user, start):
+    """A context whose connection closes is kept (watched until its process
+    dies) only for records naming share-points it mapped; forged ones keep
+    nothing, however many connections the forger makes."""
+    d = start()
+    rounds = 200
+    p = as_user.popen(CHURNER, [d.socket, HELD_OFF, rounds], uid=NOBODY, gid=NOBODY,
+                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        line = p.stdout.readline()
+        assert line.strip() == "done", p.stderr.read() if p.poll() is not None else line
+        c = libportal.Connection(d.socket)
+        try:
+            kept = [x for x in c.list_contexts()["contexts"] if x["pid"] == p.pid]
+        finally:
+            c.close()
+        assert kept == [], "%d contexts of the forger kept" % len(kept)
+    finally:
+        _end(p)
