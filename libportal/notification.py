@@ -135,6 +135,13 @@ def _ns(deadline):
     return max(0, int((deadline - time.monotonic()) * 1e9))
 
 
+def _deadline(timeout):
+    """The monotonic deadline of `timeout` (errors.check_timeout's rule), or
+    None: wait for ever."""
+    t = errors.check_timeout(timeout)
+    return None if t is None else time.monotonic() + t
+
+
 class _Ring:
     __slots__ = ("id", "sender", "target", "target_pid", "addr", "length", "ptr", "pidfd",
                  "gone", "hint", "hint_ptr", "tail")
@@ -478,7 +485,7 @@ class Runtime:
         Returns how many handlers ran (0: timed out), counting those the
         doorbell's handler ran meanwhile (it may empty the rings while the
         C wait returns EINTR: then there is nothing left to wait for)."""
-        deadline = None if timeout is None else time.monotonic() + timeout
+        deadline = None if timeout is None else _deadline(timeout)
         notify = self.page.notify
         start = notify.delivered
         if self.pending:
@@ -576,10 +583,10 @@ class Runtime:
 
     def notify(self, target, index, payload, flags, timeout):
         _check_args(index, payload)
+        deadline = None if timeout is None else _deadline(timeout)
         r = self.rings_out.get(target)
         if r is None or not r.addr:
             r = self.channel(target)
-        deadline = None if timeout is None else time.monotonic() + timeout
         pos = ffi.new("uint32_t *")
         me = self.conn.context_id
         while True:
@@ -729,6 +736,8 @@ class Channel:
     def send(self, index, payload=b"", immediate=False, timeout=None):
         """A notification without the return flag (deferred unless immediate)."""
         r, flags = self.ring, IMMEDIATE if immediate else 0
+        if timeout is not None:
+            errors.check_timeout(timeout)
         if self.target != self._me:
             e = _post(r.addr, index, flags, self._me, payload, r.pidfd, DOORBELL, r.hint)
             if not e:
@@ -741,6 +750,7 @@ class Channel:
     def call(self, index, payload=b"", immediate=False, timeout=None):
         """A notification with the return flag: the handler's result."""
         r, flags = self.ring, RETURN | (IMMEDIATE if immediate else 0)
+        deadline = None if timeout is None else _deadline(timeout)   # checked before posting
         e = -2
         if r.addr and self.target != self._me:
             try:
@@ -753,7 +763,6 @@ class Channel:
                 self.rt.ring_via_faytd(self.target, r, self._pos[0], flags)
                 e = 0
         if not e:
-            deadline = None if timeout is None else time.monotonic() + timeout
             e = lib.fayt_ring_wait_return(r.ptr, self._pos[0], _ns(deadline), self._res,
                                           self._st)
             if e == 0:
@@ -826,7 +835,8 @@ def notify(target, index, payload=b"", *, immediate=False, wait_return=False, no
     wait_return: sleep until its handler returns; the result is returned (an
     int); HandlerFailed if it raised, NoSuchContext (ESRCH) if the target
     died.  nowait: a full ring raises BlockingIOError (EAGAIN) instead of
-    waiting.  timeout (seconds) bounds both waits (TimedOut)."""
+    waiting.  timeout (seconds) bounds both waits (TimedOut): None or >= 0
+    (inf: for ever), negative or nan InvalidArgument (errors.check_timeout)."""
     flags = (IMMEDIATE if immediate else 0) | (RETURN if wait_return else 0) | \
         (NOWAIT if nowait else 0)
     return runtime(connection).notify(target, index, payload, flags, timeout)

@@ -477,20 +477,49 @@ static int release(SharePointCore *self)
     return r;
 }
 
+/* The message of an EINVAL naming an argument: fmt as PyUnicode_FromFormat. */
+static PyObject *raise_errno_fmt(int err, const char *fmt, ...)
+{
+    va_list va;
+    va_start(va, fmt);
+    PyObject *m = PyUnicode_FromFormatV(fmt, va);
+    va_end(va);
+    if (m) {
+        raise_errno(err, PyUnicode_AsUTF8(m));
+        Py_DECREF(m);
+    }
+    return NULL;
+}
+
+/* libportal's rule for every timeout (errors.check_timeout): None waits for
+ * ever; seconds >= 0 bound the wait; so many that int64 ns cannot hold them
+ * (inf included) are for ever too; negative or nan is EINVAL, no number
+ * TypeError, each naming `timeout`.  *out: ns, or -1 for ever. */
+#define FOREVER_S 9.2e9
 static int parse_timeout(PyObject *obj, int64_t *out)
 {
     if (obj == NULL || obj == Py_None) {
         *out = -1;
         return 0;
     }
-    double t = PyFloat_AsDouble(obj);
-    if (t == -1.0 && PyErr_Occurred())
-        return -1;
-    if (t < 0) {
-        raise_errno(EINVAL, "timeout: must be None or >= 0");
+    if (!PyFloat_Check(obj) && !PyLong_Check(obj)) {
+        PyErr_Format(PyExc_TypeError, "timeout: must be None or a number of seconds, not %.100s",
+                     Py_TYPE(obj)->tp_name);
         return -1;
     }
-    *out = (int64_t)(t * 1e9);
+    double t = PyFloat_AsDouble(obj);
+    if (t == -1.0 && PyErr_Occurred()) {
+        if (!PyErr_ExceptionMatches(PyExc_OverflowError))
+            return -1;
+        PyErr_Clear();                  /* an int beyond a double: its sign says */
+        t = _PyLong_Sign(obj) < 0 ? -1.0 : FOREVER_S;
+    }
+    if (!(t >= 0)) {                    /* negative, or nan */
+        raise_errno_fmt(EINVAL, "timeout: %R is not a number of seconds >= 0 (None waits "
+                                "for ever)", obj);
+        return -1;
+    }
+    *out = t >= FOREVER_S ? -1 : (int64_t)(t * 1e9);
     return 0;
 }
 
