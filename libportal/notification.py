@@ -507,6 +507,11 @@ class Runtime:
 
     # -- stacks ------------------------------------------------------------------
     def stack_alloc(self, size=0):
+        if not isinstance(size, int):
+            raise TypeError("size: must be an int (bytes), not %s" % type(size).__name__)
+        if not 0 <= size <= 0xffffffff:
+            raise errors.error(errno.EINVAL, "size: %d; a notification stack is a multiple of "
+                               "%d bytes up to %d" % (size, lib.FAYT_PAGE_SIZE, 1 << 20))
         body, fds = self.conn.call(lib.FAYT_SYS_NOTIFY_STACK_ALLOC, STACK_REQ.pack(size, 0))
         handle, size, rec = STACK_REPLY.unpack(body)
         try:
@@ -563,6 +568,7 @@ class Runtime:
     def channel(self, target):
         r = self.rings_out.get(target)
         if r is None or not r.addr:
+            _check_target(target)
             body, fds = self.conn.call(lib.FAYT_SYS_NOTIFY_OPEN, OPEN.pack(target, 0))
             for fd in fds[2:]:
                 os.close(fd)
@@ -590,9 +596,12 @@ class Runtime:
         pos = ffi.new("uint32_t *")
         me = self.conn.context_id
         while True:
-            e = lib.fayt_ring_post(r.ptr, index, flags | (NOWAIT if target == me else 0), me,
-                                   payload, len(payload), _ns(deadline), r.pidfd, DOORBELL, pos,
-                                   r.hint_ptr)
+            try:
+                e = lib.fayt_ring_post(r.ptr, index, flags | (NOWAIT if target == me else 0),
+                                       me, payload, len(payload), _ns(deadline), r.pidfd,
+                                       DOORBELL, pos, r.hint_ptr)
+            except TypeError:
+                raise _payload_type(payload) from None
             if e == 0:
                 break
             if e == lib.FAYT_RING_POSTED_RING:
@@ -701,10 +710,26 @@ def _check_args(index, payload):
     if not isinstance(index, int) or not 0 <= index < SLOTS:
         raise errors.error(errno.EINVAL, "notify: index: %r is not a notification slot "
                            "(0..%d)" % (index, SLOTS - 1))
-    n = len(payload)
+    try:
+        n = len(payload)
+    except TypeError:
+        raise _payload_type(payload) from None
     if n > PAYLOAD_MAX:
         raise errors.error(errno.EINVAL, "notify: payload: %d bytes, more than "
                            "FAYT_NOTIFY_PAYLOAD_MAX (%d)" % (n, PAYLOAD_MAX))
+
+
+def _payload_type(payload):
+    return TypeError("notify: payload: a bytes-like object is required, not %s"
+                     % type(payload).__name__)
+
+
+def _check_target(target):
+    """A context id is a uint32 (0 is faytd): EINVAL naming `target`."""
+    if not isinstance(target, int):
+        raise TypeError("target: must be a context id (an int), not %s" % type(target).__name__)
+    if not 0 <= target <= 0xffffffff:
+        raise errors.error(errno.EINVAL, "target: %d is not a context id" % target)
 
 
 def _handler_failed(index, target, status):
@@ -757,7 +782,7 @@ class Channel:
                 e = lib.fayt_ring_post(r.ptr, index, flags | NOWAIT, self._me, payload,
                                        len(payload), 0, r.pidfd, DOORBELL, self._pos,
                                        r.hint_ptr)
-            except OverflowError:       # index < 0: notify() says so
+            except (OverflowError, TypeError):   # index < 0, payload no bytes: notify() says so
                 e = -2
             if e == _POSTED_RING:
                 self.rt.ring_via_faytd(self.target, r, self._pos[0], flags)

@@ -50,6 +50,44 @@ def sp(lp):
     s.destroy()
 
 
+# -- notify / notification_channel: the target ------------------------------------
+
+@pytest.mark.parametrize("target", [-1, 2 ** 40])
+def test_notify_target_out_of_range_is_einval_naming_target(lp, target):
+    _einval(lambda: lp.notify(target, 1, b""), "target: %d is not a context id" % target)
+    _einval(lambda: lp.notification_channel(target), "target: %d is not a context id" % target)
+
+
+def test_notify_target_of_wrong_type_is_typeerror_naming_target(lp):
+    _typeerror(lambda: lp.notify("x", 1, b""), "target: must be a context id (an int), not str")
+
+
+def test_notify_payload_of_wrong_type_is_typeerror_naming_payload(faytd):
+    out = _child(faytd, """
+        me = lp.connection().context_id
+        lp.install_handler(1, lambda p, i, s: 7)
+        ch = lp.notification_channel(me)
+        for call in (lambda p: lp.notify(me, 1, p), lambda p: lp.notify(me, 1, p, wait_return=True),
+                     lambda p: ch.send(1, p), lambda p: ch.call(1, p)):
+            for p in ("abc", None, 5):
+                try:
+                    call(p)
+                except TypeError as e:
+                    print(e)
+        """)
+    names = ["str", "NoneType", "int"] * 4
+    assert out.splitlines() == ["notify: payload: a bytes-like object is required, not %s" % n
+                                for n in names]
+
+
+# -- notification stacks ----------------------------------------------------------
+
+@pytest.mark.parametrize("size", [-4096, 2 ** 40])
+def test_notification_stack_alloc_out_of_range_is_einval_naming_size(lp, size):
+    _einval(lambda: lp.notification_stack_alloc(size),
+            "size: %d; a notification stack is a multiple of 4096 bytes up to 1048576" % size)
+
+
 # -- timeouts: one rule ------------------------------------------------------------
 
 TIMEOUT_MSG = "timeout: %s is not a number of seconds >= 0 (None waits for ever)"
@@ -111,7 +149,6 @@ def test_timeout_of_wrong_type_is_typeerror_naming_timeout(lp, sp):
     _typeerror(lambda: lp.notify(lp.connection().context_id, 1, b"", timeout="x"), msg)
     _typeerror(lambda: lp.notification_wait("x"), msg)
 
-
 def test_chain_timeout_follows_the_rule(faytd):
     out = _child(faytd, """
         import uuid
@@ -134,3 +171,31 @@ def test_chain_timeout_follows_the_rule(faytd):
     assert out.splitlines() == ["%d %s" % (errno.EINVAL, TIMEOUT_MSG % t)
                                 for t in ("-1", "nan")] + ["4294967295"] + \
         ["%d %s" % (errno.EINVAL, TIMEOUT_MSG % t) for t in ("-1", "nan")] + ["None None"]
+
+
+# -- share-point fused calls: ints too large for C, wrong types ---------------------
+
+def test_sharepoint_fused_int_out_of_range_is_einval_naming_it(sp):
+    n = sp.length
+    _einval(lambda: sp.read(2 ** 64, 1),
+            "read: offset: %d is outside the share-point's %d bytes" % (2 ** 64, n))
+    _einval(lambda: sp.read(0, 2 ** 63),
+            "read: size: %d is outside the share-point's %d bytes" % (2 ** 63, n))
+    _einval(lambda: sp.write(2 ** 64, b"x"),
+            "write: offset: %d is outside the share-point's %d bytes" % (2 ** 64, n))
+    _einval(lambda: sp.add(2 ** 64, 1),
+            "add: offset: %d is outside the share-point's %d bytes" % (2 ** 64, n))
+    _einval(lambda: sp.add(8, 2 ** 63), "add: delta: %d does not fit an int64" % 2 ** 63)
+    _einval(lambda: sp.add(8, -2 ** 63 - 1), "add: delta: %d does not fit an int64"
+            % (-2 ** 63 - 1))
+    assert sp.add(8, 2 ** 63 - 1) == 2 ** 63 - 1 and not sp.held
+
+
+def test_sharepoint_fused_wrong_type_is_typeerror_naming_it(sp):
+    _typeerror(lambda: sp.read(1.5, 1), "read: offset: must be an int, not float")
+    _typeerror(lambda: sp.read(0, "1"), "read: size: must be an int, not str")
+    _typeerror(lambda: sp.write(0, "x"), "write: data: a bytes-like object is required, not str")
+    _typeerror(lambda: sp.write(0, None),
+               "write: data: a bytes-like object is required, not NoneType")
+    _typeerror(lambda: sp.add(8, 1.5), "add: delta: must be an int, not float")
+    assert not sp.held
