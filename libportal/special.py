@@ -543,6 +543,9 @@ def chain_join(name, *, slots=8, run_max=65536, write_reports=False, timeout=Non
     raw = name.encode("utf-8") if isinstance(name, str) else bytes(name)
     if len(raw) > lib.FAYT_NAME_MAX:
         raise errors.error(errno.ENAMETOOLONG, "name: longer than %d bytes" % lib.FAYT_NAME_MAX)
+    if b"\0" in raw:
+        raise errors.error(errno.EINVAL, "name: %r holds a NUL byte (a C string ends there)"
+                           % raw.decode("utf-8", "backslashreplace"))
     # The chain's timeout is a uint32 of ms: "for ever" (errors.check_timeout)
     # and anything longer is its largest, 49.7 days.
     t = errors.check_timeout(timeout)

@@ -199,3 +199,35 @@ def test_sharepoint_fused_wrong_type_is_typeerror_naming_it(sp):
                "write: data: a bytes-like object is required, not NoneType")
     _typeerror(lambda: sp.add(8, 1.5), "add: delta: must be an int, not float")
     assert not sp.held
+
+
+# -- identifiers: no NUL byte (C would read only what comes before it) -------------
+
+NUL_MSG = "%s: %r holds a NUL byte (a C string ends there)"
+
+
+def test_share_identifier_with_nul_is_einval_naming_it(lp):
+    base = "badargs-nul-" + uuid.uuid4().hex[:8]
+    sp = lp.share_create(base, 4096)
+    try:
+        _einval(lambda: lp.share_create(base + "\0b", 4096), NUL_MSG % ("identifier", base + "\0b"))
+        _einval(lambda: lp.share_attach(base + "\0zzz"), NUL_MSG % ("identifier", base + "\0zzz"))
+        _einval(lambda: lp.portal(lp.SHARE | lp.ANON, lp.PROT_RW, 4096,
+                                  identifier=(base + "\0").encode(), create=True),
+                NUL_MSG % ("identifier", base + "\0"))
+        names = [s["identifier"] for s in lp.connection().list_sharepoints()]
+        assert names.count(base) == 1 and not [n for n in names if "\0" in n]
+    finally:
+        sp.destroy()
+
+
+def test_share_identifier_of_wrong_type_is_typeerror_naming_it(lp):
+    _typeerror(lambda: lp.share_create(5, 4096), "identifier: must be str or bytes, not int")
+
+
+def test_special_chain_with_nul_is_einval_naming_it(lp):
+    _einval(lambda: lp.portal(lp.SPECIAL, lp.PROT_READ, 4096, chain="files\0x"),
+            NUL_MSG % ("chain", "files\0x"))
+    _einval(lambda: lp.portal(lp.SPECIAL, lp.PROT_READ, 4096, chain="files", message="m\0"),
+            NUL_MSG % ("message", "m\0"))
+    _einval(lambda: lp.chain_join("files\0x"), NUL_MSG % ("name", "files\0x"))
