@@ -222,6 +222,7 @@ class Runtime:
         self.unhandled = 0          # notifications that named a slot with no handler
         self.dropped = 0            # rings given back because their sender corrupted them
         self._warned = set()        # slots already reported as unhandled on stderr
+        self._doorbell_warned = False   # a doorbell failure was reported on stderr
 
     # -- arming: the doorbell's handler -----------------------------------------
     def arm(self):
@@ -255,6 +256,16 @@ class Runtime:
             lib.fayt_unmap(addr, lib.FAYT_HINT_BYTES)
             raise
         self.hint = addr
+
+    def doorbell_failed(self, e):
+        """The doorbell's handler could not serve this context (e: what
+        fetching or dispatching raised).  Not raised there (see _on_doorbell):
+        said once on stderr; the next dispatch point tries again."""
+        self.pending = True
+        if not self._doorbell_warned:
+            self._doorbell_warned = True
+            sys.stderr.write("notifications: the doorbell could not be served (%s: %s); "
+                             "the next libportal call reports it\n" % (type(e).__name__, e))
 
     def _hint_hook(self):
         """_fastpath's dispatch point (main thread, no share-point lock held by
@@ -803,9 +814,21 @@ class Channel:
 
 
 def _on_doorbell(signum, frame):
+    """The doorbell's signal handler: it runs between any two bytecodes of
+    the main thread (inside subprocess.wait(), time.sleep(), anything), so
+    an error of the runtime's own (fetching rings on a connection faytd
+    closed: DaemonUnavailable) is not raised into that code: it is reported
+    once on stderr, and the next libportal call meets it (the lost
+    connection, or the fetch again at the next dispatch point).  What a
+    handler raises is dealt with inside dispatch(); a BaseException it lets
+    through (KeyboardInterrupt...) is the program's and propagates."""
     for rt in list(_runtimes):
-        if not rt.conn.closed:
+        if rt.conn.closed:
+            continue
+        try:
             rt.dispatch(doorbell=True)
+        except OSError as e:
+            rt.doorbell_failed(e)
 
 
 def _quiet_doorbell():
