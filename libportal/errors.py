@@ -118,3 +118,27 @@ _TABLE = {
 def error(err, message):
     """The exception for errno `err` with `message` (not raised)."""
     return _TABLE.get(err, PortalError)(err, message)
+
+
+# -- timeouts: one rule for every call that takes one -----------------------------
+# None waits for ever; a number of seconds >= 0 bounds the wait (0: do not
+# wait); one too large for the clock (>= FOREVER s, inf included) is for
+# ever too.  A negative number or nan is EINVAL naming the argument; a value
+# that is no number is TypeError naming it.
+FOREVER = 9.2e9     # seconds: int64 nanoseconds end about here (292 years)
+
+
+def check_timeout(timeout, name="timeout"):
+    """`timeout` in seconds as the rule reads it: None (for ever) or a
+    number >= 0 and < FOREVER."""
+    if timeout is None:
+        return None
+    if not isinstance(timeout, (int, float)):
+        raise TypeError("%s: must be None or a number of seconds, not %s"
+                        % (name, type(timeout).__name__))
+    if not timeout >= 0:        # negative, or nan
+        raise error(_errno.EINVAL, "%s: %r is not a number of seconds >= 0 (None waits "
+                    "for ever)" % (name, timeout))
+    if timeout >= FOREVER:
+        return None
+    return timeout

@@ -135,6 +135,13 @@ def _ns(deadline):
     return max(0, int((deadline - time.monotonic()) * 1e9))
 
 
+def _deadline(timeout):
+    """The monotonic deadline of `timeout` (errors.check_timeout's rule), or
+    None: wait for ever."""
+    t = errors.check_timeout(timeout)
+    return None if t is None else time.monotonic() + t
+
+
 class _Ring:
     __slots__ = ("id", "sender", "target", "target_pid", "addr", "length", "ptr", "pidfd",
                  "gone", "hint", "hint_ptr", "tail")
@@ -215,6 +222,7 @@ class Runtime:
         self.unhandled = 0          # notifications that named a slot with no handler
         self.dropped = 0            # rings given back because their sender corrupted them
         self._warned = set()        # slots already reported as unhandled on stderr
+        self._doorbell_warned = False   # a doorbell failure was reported on stderr
 
     # -- arming: the doorbell's handler -----------------------------------------
     def arm(self):
@@ -248,6 +256,16 @@ class Runtime:
             lib.fayt_unmap(addr, lib.FAYT_HINT_BYTES)
             raise
         self.hint = addr
+
+    def doorbell_failed(self, e):
+        """The doorbell's handler could not serve this context (e: what
+        fetching or dispatching raised).  Not raised there (see _on_doorbell):
+        said once on stderr; the next dispatch point tries again."""
+        self.pending = True
+        if not self._doorbell_warned:
+            self._doorbell_warned = True
+            sys.stderr.write("notifications: the doorbell could not be served (%s: %s); "
+                             "the next libportal call reports it\n" % (type(e).__name__, e))
 
     def _hint_hook(self):
         """_fastpath's dispatch point (main thread, no share-point lock held by
@@ -478,7 +496,7 @@ class Runtime:
         Returns how many handlers ran (0: timed out), counting those the
         doorbell's handler ran meanwhile (it may empty the rings while the
         C wait returns EINTR: then there is nothing left to wait for)."""
-        deadline = None if timeout is None else time.monotonic() + timeout
+        deadline = None if timeout is None else _deadline(timeout)
         notify = self.page.notify
         start = notify.delivered
         if self.pending:
@@ -500,6 +518,11 @@ class Runtime:
 
     # -- stacks ------------------------------------------------------------------
     def stack_alloc(self, size=0):
+        if not isinstance(size, int):
+            raise TypeError("size: must be an int (bytes), not %s" % type(size).__name__)
+        if not 0 <= size <= 0xffffffff:
+            raise errors.error(errno.EINVAL, "size: %d; a notification stack is a multiple of "
+                               "%d bytes up to %d" % (size, lib.FAYT_PAGE_SIZE, 1 << 20))
         body, fds = self.conn.call(lib.FAYT_SYS_NOTIFY_STACK_ALLOC, STACK_REQ.pack(size, 0))
         handle, size, rec = STACK_REPLY.unpack(body)
         try:
@@ -556,6 +579,7 @@ class Runtime:
     def channel(self, target):
         r = self.rings_out.get(target)
         if r is None or not r.addr:
+            _check_target(target)
             body, fds = self.conn.call(lib.FAYT_SYS_NOTIFY_OPEN, OPEN.pack(target, 0))
             for fd in fds[2:]:
                 os.close(fd)
@@ -576,16 +600,19 @@ class Runtime:
 
     def notify(self, target, index, payload, flags, timeout):
         _check_args(index, payload)
+        deadline = None if timeout is None else _deadline(timeout)
         r = self.rings_out.get(target)
         if r is None or not r.addr:
             r = self.channel(target)
-        deadline = None if timeout is None else time.monotonic() + timeout
         pos = ffi.new("uint32_t *")
         me = self.conn.context_id
         while True:
-            e = lib.fayt_ring_post(r.ptr, index, flags | (NOWAIT if target == me else 0), me,
-                                   payload, len(payload), _ns(deadline), r.pidfd, DOORBELL, pos,
-                                   r.hint_ptr)
+            try:
+                e = lib.fayt_ring_post(r.ptr, index, flags | (NOWAIT if target == me else 0),
+                                       me, payload, len(payload), _ns(deadline), r.pidfd,
+                                       DOORBELL, pos, r.hint_ptr)
+            except TypeError:
+                raise _payload_type(payload) from None
             if e == 0:
                 break
             if e == lib.FAYT_RING_POSTED_RING:
@@ -694,10 +721,26 @@ def _check_args(index, payload):
     if not isinstance(index, int) or not 0 <= index < SLOTS:
         raise errors.error(errno.EINVAL, "notify: index: %r is not a notification slot "
                            "(0..%d)" % (index, SLOTS - 1))
-    n = len(payload)
+    try:
+        n = len(payload)
+    except TypeError:
+        raise _payload_type(payload) from None
     if n > PAYLOAD_MAX:
         raise errors.error(errno.EINVAL, "notify: payload: %d bytes, more than "
                            "FAYT_NOTIFY_PAYLOAD_MAX (%d)" % (n, PAYLOAD_MAX))
+
+
+def _payload_type(payload):
+    return TypeError("notify: payload: a bytes-like object is required, not %s"
+                     % type(payload).__name__)
+
+
+def _check_target(target):
+    """A context id is a uint32 (0 is faytd): EINVAL naming `target`."""
+    if not isinstance(target, int):
+        raise TypeError("target: must be a context id (an int), not %s" % type(target).__name__)
+    if not 0 <= target <= 0xffffffff:
+        raise errors.error(errno.EINVAL, "target: %d is not a context id" % target)
 
 
 def _handler_failed(index, target, status):
@@ -729,6 +772,8 @@ class Channel:
     def send(self, index, payload=b"", immediate=False, timeout=None):
         """A notification without the return flag (deferred unless immediate)."""
         r, flags = self.ring, IMMEDIATE if immediate else 0
+        if timeout is not None:
+            errors.check_timeout(timeout)
         if self.target != self._me:
             e = _post(r.addr, index, flags, self._me, payload, r.pidfd, DOORBELL, r.hint)
             if not e:
@@ -741,19 +786,19 @@ class Channel:
     def call(self, index, payload=b"", immediate=False, timeout=None):
         """A notification with the return flag: the handler's result."""
         r, flags = self.ring, RETURN | (IMMEDIATE if immediate else 0)
+        deadline = None if timeout is None else _deadline(timeout)   # checked before posting
         e = -2
         if r.addr and self.target != self._me:
             try:
                 e = lib.fayt_ring_post(r.ptr, index, flags | NOWAIT, self._me, payload,
                                        len(payload), 0, r.pidfd, DOORBELL, self._pos,
                                        r.hint_ptr)
-            except OverflowError:       # index < 0: notify() says so
+            except (OverflowError, TypeError):   # index < 0, payload no bytes: notify() says so
                 e = -2
             if e == _POSTED_RING:
                 self.rt.ring_via_faytd(self.target, r, self._pos[0], flags)
                 e = 0
         if not e:
-            deadline = None if timeout is None else time.monotonic() + timeout
             e = lib.fayt_ring_wait_return(r.ptr, self._pos[0], _ns(deadline), self._res,
                                           self._st)
             if e == 0:
@@ -769,9 +814,21 @@ class Channel:
 
 
 def _on_doorbell(signum, frame):
+    """The doorbell's signal handler: it runs between any two bytecodes of
+    the main thread (inside subprocess.wait(), time.sleep(), anything), so
+    an error of the runtime's own (fetching rings on a connection faytd
+    closed: DaemonUnavailable) is not raised into that code: it is reported
+    once on stderr, and the next libportal call meets it (the lost
+    connection, or the fetch again at the next dispatch point).  What a
+    handler raises is dealt with inside dispatch(); a BaseException it lets
+    through (KeyboardInterrupt...) is the program's and propagates."""
     for rt in list(_runtimes):
-        if not rt.conn.closed:
+        if rt.conn.closed:
+            continue
+        try:
             rt.dispatch(doorbell=True)
+        except OSError as e:
+            rt.doorbell_failed(e)
 
 
 def _quiet_doorbell():
@@ -826,7 +883,8 @@ def notify(target, index, payload=b"", *, immediate=False, wait_return=False, no
     wait_return: sleep until its handler returns; the result is returned (an
     int); HandlerFailed if it raised, NoSuchContext (ESRCH) if the target
     died.  nowait: a full ring raises BlockingIOError (EAGAIN) instead of
-    waiting.  timeout (seconds) bounds both waits (TimedOut)."""
+    waiting.  timeout (seconds) bounds both waits (TimedOut): None or >= 0
+    (inf: for ever), negative or nan InvalidArgument (errors.check_timeout)."""
     flags = (IMMEDIATE if immediate else 0) | (RETURN if wait_return else 0) | \
         (NOWAIT if nowait else 0)
     return runtime(connection).notify(target, index, payload, flags, timeout)

@@ -76,30 +76,44 @@ def _check_fields(**fields):
                                % (name, v, what, lo, hi))
 
 
+def _cstring(s, name):
+    """A string field of the request as the bytes C will read: str (UTF-8)
+    or bytes, else TypeError; one holding a NUL byte is EINVAL naming it
+    (C would read only what comes before it: "a\\0b" would be "a")."""
+    if isinstance(s, str):
+        s = s.encode("utf-8")
+    elif not isinstance(s, bytes):
+        if not isinstance(s, (bytearray, memoryview)):
+            raise TypeError("%s: must be str or bytes, not %s" % (name, type(s).__name__))
+        s = bytes(s)
+    if b"\0" in s:
+        raise errors.error(errno.EINVAL, "%s: %r holds a NUL byte (a C string ends there)"
+                           % (name, s.decode("utf-8", "backslashreplace")))
+    return s
+
+
 def _encode_portal_req(type, prot, length, identifier, share_type, create, chain, message,
                        addr, paddr):
     if chain is None and message is None and not paddr:     # the common case, at once
         mlen = length if length > 0 else 0
         if identifier is None:
             return PORTAL_REQ.pack(type, prot, length, 0, share_type, create, 0, 0, addr, mlen)
-        if isinstance(identifier, str):
-            identifier = identifier.encode("utf-8")
         return (PORTAL_REQ.pack(type, prot, length, 1, share_type, create, 0, 0, addr, mlen)
-                + identifier + b"\0")
+                + _cstring(identifier, "identifier") + b"\0")
     trailer = bytearray()
 
-    def put(s):
+    def put(s, name):
         if s is None:
             return 0
-        if isinstance(s, str):
-            s = s.encode("utf-8")
+        s = _cstring(s, name)
         off = len(trailer) + 1
         trailer.extend(s)
         trailer.append(0)
         return off
 
-    body = PORTAL_REQ.pack(type, prot, length, put(identifier), share_type, create,
-                           put(chain), put(message), addr, length if length > 0 else 0)
+    body = PORTAL_REQ.pack(type, prot, length, put(identifier, "identifier"), share_type,
+                           create, put(chain, "chain"), put(message, "message"), addr,
+                           length if length > 0 else 0)
     if paddr:
         body += array.array("Q", paddr).tobytes()
     return body + trailer

@@ -441,7 +441,8 @@ class ChainServer:
         Raises BrokenPipeError-like EPIPE once the chain membership ended."""
         if not self.joined:
             raise errors.error(errno.EPIPE, "chain %r: left" % self.name)
-        ns = -1 if timeout is None else max(0, int(timeout * 1e9))
+        t = errors.check_timeout(timeout)
+        ns = -1 if t is None else int(t * 1e9)
         while True:
             s = lib.fayt_pager_take(self._ch, ns, self.spin_ns if ns != 0 else 0)
             if s >= 0:
@@ -542,8 +543,15 @@ def chain_join(name, *, slots=8, run_max=65536, write_reports=False, timeout=Non
     raw = name.encode("utf-8") if isinstance(name, str) else bytes(name)
     if len(raw) > lib.FAYT_NAME_MAX:
         raise errors.error(errno.ENAMETOOLONG, "name: longer than %d bytes" % lib.FAYT_NAME_MAX)
-    body = JOIN_REQ.pack(slots, run_max, WRITE_REPORTS if write_reports else 0,
-                         0 if timeout is None else max(1, int(timeout * 1000)), raw)
+    if b"\0" in raw:
+        raise errors.error(errno.EINVAL, "name: %r holds a NUL byte (a C string ends there)"
+                           % raw.decode("utf-8", "backslashreplace"))
+    # The chain's timeout is a uint32 of ms: "for ever" (errors.check_timeout)
+    # and anything longer is its largest, 49.7 days.
+    t = errors.check_timeout(timeout)
+    ms = 0 if timeout is None else 0xffffffff if t is None else min(0xffffffff,
+                                                                     max(1, int(t * 1000)))
+    body = JOIN_REQ.pack(slots, run_max, WRITE_REPORTS if write_reports else 0, ms, raw)
     data, fds = conn.call(lib.FAYT_SYS_CHAIN_JOIN, body)
     if len(fds) != 2:
         for fd in fds:

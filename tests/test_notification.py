@@ -630,3 +630,48 @@ def test_notification_a_target_without_handlers_registers_no_hint(spawn):
     assert states == [[0, 0]]                      # no word registered, nothing looked at
     assert int.from_bytes(bytes.fromhex(count), "little") == 10000
     target.finish()
+
+
+def test_notification_doorbell_after_faytd_stopped_raises_nothing_into_the_program(
+        fresh_faytd):
+    """faytd stops (SIGTERM) while a doorbell for this context is pending:
+    its handler, run in the middle of unrelated code (subprocess.wait,
+    time.sleep), must not raise DaemonUnavailable there.  The lost
+    connection is reported once on stderr and by the next libportal call."""
+    d = fresh_faytd()
+    target = Child("""
+        import signal, subprocess
+        from libportal.notification import DOORBELL
+        lp.install_handler(1, lambda p, i, s: 0)
+        signal.pthread_sigmask(signal.SIG_BLOCK, [DOORBELL])
+        print(lp.connection().context_id)
+        sys.stdin.readline()            # a ring was made (doorbell pending); faytd stopped
+        try:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, [DOORBELL])   # the handler runs now
+            subprocess.Popen(["sleep", "0.2"]).wait()
+            time.sleep(0.2)
+            print("survived")
+        except BaseException as e:
+            print("raised %s: %s" % (type(e).__name__, e))
+        try:
+            lp.notify(lp.connection().context_id, 1, b"")
+            print("next call: no error")
+        except lp.DaemonUnavailable as e:
+            print("next call: DaemonUnavailable")
+        """, d.env())
+    try:
+        tid = int(target.expect())
+        sender = libportal.Connection(d.socket)
+        libportal.notification_channel(tid, connection=sender)     # faytd rings the target
+        sender.close()
+        d.stop()
+        target.send("go")
+        assert target.expect() == "survived"
+        assert target.expect() == "next call: DaemonUnavailable"
+        target.finish()
+        err = target.stderr()
+        assert err.count("notifications: the doorbell could not be served") == 1, err
+        assert "Traceback" not in err, err
+    finally:
+        target.proc.kill()
+        target.proc.wait()

@@ -477,20 +477,77 @@ static int release(SharePointCore *self)
     return r;
 }
 
+/* The message of an EINVAL naming an argument: fmt as PyUnicode_FromFormat. */
+static PyObject *raise_errno_fmt(int err, const char *fmt, ...)
+{
+    va_list va;
+    va_start(va, fmt);
+    PyObject *m = PyUnicode_FromFormatV(fmt, va);
+    va_end(va);
+    if (m) {
+        raise_errno(err, PyUnicode_AsUTF8(m));
+        Py_DECREF(m);
+    }
+    return NULL;
+}
+
+/* libportal's rule for every timeout (errors.check_timeout): None waits for
+ * ever; seconds >= 0 bound the wait; so many that int64 ns cannot hold them
+ * (inf included) are for ever too; negative or nan is EINVAL, no number
+ * TypeError, each naming `timeout`.  *out: ns, or -1 for ever. */
+#define FOREVER_S 9.2e9
 static int parse_timeout(PyObject *obj, int64_t *out)
 {
     if (obj == NULL || obj == Py_None) {
         *out = -1;
         return 0;
     }
-    double t = PyFloat_AsDouble(obj);
-    if (t == -1.0 && PyErr_Occurred())
-        return -1;
-    if (t < 0) {
-        raise_errno(EINVAL, "timeout: must be None or >= 0");
+    if (!PyFloat_Check(obj) && !PyLong_Check(obj)) {
+        PyErr_Format(PyExc_TypeError, "timeout: must be None or a number of seconds, not %.100s",
+                     Py_TYPE(obj)->tp_name);
         return -1;
     }
-    *out = (int64_t)(t * 1e9);
+    double t = PyFloat_AsDouble(obj);
+    if (t == -1.0 && PyErr_Occurred()) {
+        if (!PyErr_ExceptionMatches(PyExc_OverflowError))
+            return -1;
+        PyErr_Clear();                  /* an int beyond a double: its sign says */
+        t = _PyLong_Sign(obj) < 0 ? -1.0 : FOREVER_S;
+    }
+    if (!(t >= 0)) {                    /* negative, or nan */
+        raise_errno_fmt(EINVAL, "timeout: %R is not a number of seconds >= 0 (None waits "
+                                "for ever)", obj);
+        return -1;
+    }
+    *out = t >= FOREVER_S ? -1 : (int64_t)(t * 1e9);
+    return 0;
+}
+
+/* A Py_ssize_t argument of a fused call: an int too large for it is EINVAL
+ * and no int TypeError, each naming the argument (out of line: the fused
+ * calls' path is one PyLong_AsSsize_t and a compare, as before). */
+static int __attribute__((cold, noinline))
+ssize_arg_failed(PyObject *o, const char *call, const char *name, size_t length)
+{
+    if (PyErr_ExceptionMatches(PyExc_OverflowError)) {
+        PyErr_Clear();
+        raise_errno_fmt(EINVAL, "%s: %s: %R is outside the share-point's %zu bytes",
+                        call, name, o, length);
+    } else if (PyErr_ExceptionMatches(PyExc_TypeError)) {
+        PyErr_Clear();
+        PyErr_Format(PyExc_TypeError, "%s: %s: must be an int, not %.100s",
+                     call, name, Py_TYPE(o)->tp_name);
+    }
+    return -1;
+}
+
+static inline int ssize_arg(PyObject *o, const char *call, const char *name, size_t length,
+                            Py_ssize_t *out)
+{
+    Py_ssize_t v = PyLong_AsSsize_t(o);
+    if (__builtin_expect(v == -1, 0) && PyErr_Occurred())
+        return ssize_arg_failed(o, call, name, length);
+    *out = v;
     return 0;
 }
 
@@ -625,9 +682,9 @@ static PyObject *core_read(SharePointCore *self, PyObject *const *args, Py_ssize
     CHECK_MAPPED(self);
     if (nargs != 2)
         return raise_errno(EINVAL, "read(offset, size): two arguments");
-    Py_ssize_t off = PyLong_AsSsize_t(args[0]);
-    Py_ssize_t n = PyLong_AsSsize_t(args[1]);
-    if ((off == -1 || n == -1) && PyErr_Occurred())
+    Py_ssize_t off, n;
+    if (ssize_arg(args[0], "read", "offset", self->length, &off) < 0
+        || ssize_arg(args[1], "read", "size", self->length, &n) < 0)
         return NULL;
     if (check_access(self, off, n, FAYT_PROT_READ) < 0)
         return NULL;
@@ -649,12 +706,18 @@ static PyObject *core_write(SharePointCore *self, PyObject *const *args, Py_ssiz
     CHECK_MAPPED(self);
     if (nargs != 2)
         return raise_errno(EINVAL, "write(offset, data): two arguments");
-    Py_ssize_t off = PyLong_AsSsize_t(args[0]);
-    if (off == -1 && PyErr_Occurred())
+    Py_ssize_t off;
+    if (ssize_arg(args[0], "write", "offset", self->length, &off) < 0)
         return NULL;
     Py_buffer view;
-    if (PyObject_GetBuffer(args[1], &view, PyBUF_SIMPLE) < 0)
+    if (PyObject_GetBuffer(args[1], &view, PyBUF_SIMPLE) < 0) {
+        if (PyErr_ExceptionMatches(PyExc_TypeError)) {
+            PyErr_Clear();
+            PyErr_Format(PyExc_TypeError, "write: data: a bytes-like object is required, "
+                         "not %.100s", Py_TYPE(args[1])->tp_name);
+        }
         return NULL;
+    }
     if (check_access(self, off, view.len, FAYT_PROT_WRITE) < 0 || fused_acquire(self) < 0) {
         PyBuffer_Release(&view);
         return NULL;
@@ -671,10 +734,22 @@ static PyObject *core_add(SharePointCore *self, PyObject *const *args, Py_ssize_
     CHECK_MAPPED(self);
     if (nargs != 2)
         return raise_errno(EINVAL, "add(offset, delta): two arguments");
-    Py_ssize_t off = PyLong_AsSsize_t(args[0]);
-    long long delta = PyLong_AsLongLong(args[1]);
-    if ((off == -1 || delta == -1) && PyErr_Occurred())
+    Py_ssize_t off;
+    if (ssize_arg(args[0], "add", "offset", self->length, &off) < 0)
         return NULL;
+    long long delta = PyLong_AsLongLong(args[1]);
+    if (delta == -1 && PyErr_Occurred()) {
+        if (PyErr_ExceptionMatches(PyExc_OverflowError)) {
+            PyErr_Clear();
+            return raise_errno_fmt(EINVAL, "add: delta: %R does not fit an int64", args[1]);
+        }
+        if (PyErr_ExceptionMatches(PyExc_TypeError)) {
+            PyErr_Clear();
+            PyErr_Format(PyExc_TypeError, "add: delta: must be an int, not %.100s",
+                         Py_TYPE(args[1])->tp_name);
+        }
+        return NULL;
+    }
     if (check_access(self, off, 8, FAYT_PROT_READ | FAYT_PROT_WRITE) < 0)
         return NULL;
     if (off & 7) {      /* the data starts 16-byte aligned: off is the alignment */
@@ -912,8 +987,14 @@ static PyObject *notify_post(PyObject *mod, PyObject *const *args, Py_ssize_t n)
     if (index < 0 || flags < 0 || sender < 0)
         return PyLong_FromLong(EINVAL);
     Py_buffer b;
-    if (PyObject_GetBuffer(args[4], &b, PyBUF_SIMPLE) < 0)
+    if (PyObject_GetBuffer(args[4], &b, PyBUF_SIMPLE) < 0) {
+        if (PyErr_ExceptionMatches(PyExc_TypeError)) {
+            PyErr_Clear();
+            PyErr_Format(PyExc_TypeError, "notify: payload: a bytes-like object is required, "
+                         "not %.100s", Py_TYPE(args[4])->tp_name);
+        }
         return NULL;
+    }
     uint32_t pos;
     int r = b.len > FAYT_NOTIFY_PAYLOAD_MAX ? EINVAL
           : fayt_ring_post(ring, (uint32_t)index, (uint32_t)flags | FAYT_NOTIFY_NOWAIT,
