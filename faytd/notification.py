@@ -72,6 +72,8 @@ RETRY_NS = 5 * 1000 * 1000      # a backlog of faytd's notices is retried this o
 BACKLOG_MAX = 4 * lib.FAYT_RING_ENTRIES   # notices one subscriber's backlog keeps
 
 
+RINGS_PER_OTHER_UID = lib.FAYT_RINGS_MAX // 4   # rings into one target from one other uid
+
 class Lost:
     """An overflow mark in a backlog: `count` notices for slot `index` lost."""
     __slots__ = ("index", "count")
@@ -271,6 +273,16 @@ class Notifications:
         r = self.pairs.get(key)
         if r is not None:
             return r
+        if sender is not None and sender.uid != target.uid:
+            # Another uid's senders share a quarter of the target's ring
+            # records, so that no one uid's connections take them all and
+            # leave honest senders (and faytd's notices) ENOSPC.
+            held = sum(1 for x in self.rings.values()
+                       if x.target is target and x.sender is not None and x.sender.uid == sender.uid)
+            if held >= RINGS_PER_OTHER_UID:
+                raise KernelError(errno.ENOSPC, "target: context %d already has %d rings from "
+                                  "uid %d, the most one other uid may hold"
+                                  % (target.id, held, sender.uid))
         r = Ring(self._next, sender, target, self.k.frames.tag, self.hint(target))
         try:
             self._record(r)

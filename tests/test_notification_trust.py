@@ -662,3 +662,49 @@ def test_faytd_notice_backlog_is_bounded_and_ends_in_an_overflow_mark(spawn_in, 
     watcher.send("go")
     assert json.loads(watcher.expect()) == [kept, kept, [lost]]
     watcher.finish()
+
+
+@needs_root
+def test_notification_one_other_uid_cannot_take_all_of_a_targets_rings(start, as_user, kids):
+    """nobody opens a ring into root's target from one connection after
+    another (each connection is a sender of its own): past a quarter of
+    the target's ring records it gets ENOSPC naming the limit, and an
+    honest sender of root's still gets its ring and is handled."""
+    d = start(policy=OPEN_POLICY)
+    target = _root(kids, """
+        got = []
+        lp.install_handler(1, lambda p, i, s: got.append(bytes(p).decode()))
+        print(lp.connection().context_id)
+        sys.stdin.readline()
+        lp.notification_wait(%f)
+        print(json.dumps(got))
+        """ % WAIT, d)
+    tid = int(target.expect())
+    flood = _nobody(kids, as_user, """
+        t = int(sys.stdin.readline())
+        cs, err = [], None
+        for i in range(lib.FAYT_RINGS_MAX):
+            c = lp.Connection(os.environ["FAYT_SOCKET"])
+            cs.append(c)
+            try:
+                c.call(lib.FAYT_SYS_NOTIFY_OPEN, NOTIFY_OPEN.pack(t, 0))
+            except OSError as e:
+                err = (len(cs) - 1, e.errno, str(e))
+                break
+        print(json.dumps(err))
+        sys.stdin.readline()
+        """, d)
+    flood.send(str(tid))
+    opened, err, msg = json.loads(flood.expect())
+    assert opened == lib.FAYT_RINGS_MAX // 4 and err == errno.ENOSPC, msg
+    assert "rings from uid %d, the most one other uid may hold" % NOBODY in msg
+    honest = _root(kids, """
+        t = int(sys.stdin.readline())
+        lp.notify(t, 1, b"honest")
+        print("sent")
+        """, d)
+    honest.send(str(tid))
+    assert honest.expect() == "sent"
+    target.send("go")
+    assert json.loads(target.expect()) == ["honest"]
+    flood.send("")
