@@ -548,6 +548,8 @@ def sys_notify_ring(k, ctx, tid, body, fds):
         raise KernelError(errno.EPERM, "target: context %d handles no doorbell (no handler "
                           "armed); the notification waits for its next dispatch point"
                           % target_id)
+    if _doorbell_pending(t.pid):
+        return b"", []              # the outstanding doorbell takes this entry too
     try:
         signal.pidfd_send_signal(t.pidfd, DOORBELL)
     except ProcessLookupError:
@@ -557,6 +559,24 @@ def sys_notify_ring(k, ctx, tid, body, fds):
                           "doorbell (%s); the notification waits for its next dispatch point"
                           % (target_id, os.strerror(e.errno or errno.EPERM))) from None
     return b"", []
+
+
+def _doorbell_pending(pid):
+    """Whether pid's doorbell is sent and not yet taken (its bit in the
+    process's shared pending set, /proc/<pid>/status ShdPnd).  faytd rings
+    for another uid's senders at most once while one is outstanding: a
+    real-time signal queues every instance, so a sender calling NOTIFY_RING
+    in a loop would otherwise queue thousands into the target; the one
+    pending runs dispatch, which takes every IMMEDIATE entry posted before
+    it is delivered."""
+    try:
+        with open("/proc/%d/status" % pid, "rb") as f:
+            for line in f:
+                if line.startswith(b"ShdPnd:"):
+                    return bool(int(line.split()[1], 16) >> (DOORBELL - 1) & 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    return False
 
 
 def sys_notify_release(k, ctx, tid, body, fds):

@@ -33,7 +33,7 @@ needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a c
 RAW = r"""
 import errno, json, mmap, os, signal, struct, sys, time
 import libportal as lp
-from libportal._abi import ffi, lib, LIST_REQ, NOTIFY_OPEN, RING_REPLY
+from libportal._abi import ffi, lib, HANDLE_REQ, LIST_REQ, NOTIFY_OPEN, RING_REPLY
 
 H = {f: ffi.offsetof("struct fayt_ring_header", f)
      for f in ("head", "tail", "state", "armed", "sender", "target_pid")}
@@ -708,3 +708,44 @@ def test_notification_one_other_uid_cannot_take_all_of_a_targets_rings(start, as
     target.send("go")
     assert json.loads(target.expect()) == ["honest"]
     flood.send("")
+
+
+@needs_root
+def test_notification_ring_requests_coalesce_while_a_doorbell_is_outstanding(start, as_user,
+                                                                            kids):
+    """nobody asks faytd to ring root's armed target a thousand times while
+    the target has the doorbell blocked: every call succeeds, and one
+    doorbell is queued in the target, not a thousand (real-time signals
+    queue each one); when the target takes it, the notification runs."""
+    d = start(policy=OPEN_POLICY)
+    target = _root(kids, """
+        got = []
+        lp.install_handler(1, lambda p, i, s: got.append(bytes(p).decode()))
+        signal.pthread_sigmask(signal.SIG_BLOCK, [lp.DOORBELL])
+        print(lp.connection().context_id)
+        sys.stdin.readline()
+        with open("/proc/self/status") as f:
+            queued = [l.split()[1] for l in f if l.startswith("SigQ:")][0]
+        print(queued.split("/")[0])
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, [lp.DOORBELL])
+        end = time.monotonic() + %f
+        while not got and time.monotonic() < end:      # no dispatch point
+            pass
+        print(json.dumps(got))
+        """ % WAIT, d)
+    tid = int(target.expect())
+    sender = _nobody(kids, as_user, """
+        t = int(sys.stdin.readline())
+        lp.notify(t, 1, b"once", immediate=True)
+        c = lp.connection()
+        for i in range(1000):
+            c.call(lib.FAYT_SYS_NOTIFY_RING, HANDLE_REQ.pack(t))
+        print("rang")
+        sys.stdin.readline()
+        """, d)
+    sender.send(str(tid))
+    assert sender.expect() == "rang"
+    target.send("count")
+    assert int(target.expect()) < 10            # about one, not a thousand
+    assert json.loads(target.expect()) == ["once"]
+    sender.send("")
