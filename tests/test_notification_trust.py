@@ -11,7 +11,6 @@ bounded (Child.expect, WAIT): a hang fails the test.
 import errno
 import json
 import os
-import queue
 import subprocess
 import sys
 import textwrap
@@ -106,17 +105,10 @@ class Nobody(Child):
 
     def __init__(self, runner, code, sock):
         env = {"FAYT_SOCKET": sock, "PYTHONUNBUFFERED": "1"}
-        self.proc = runner.popen("import sys\nsys.argv = sys.argv[:1]\n" + RAW
+        self._start(runner.popen("import sys\nsys.argv = sys.argv[:1]\n" + RAW
                                  + textwrap.dedent(code), [], env=env,
                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                 stderr=subprocess.PIPE, bufsize=1)
-        self.pid = self.proc.pid
-        self._lines = queue.Queue()
-        self._err = []
-        threading.Thread(target=self._pump, args=(self.proc.stdout, self._lines.put),
-                         daemon=True).start()
-        threading.Thread(target=self._pump, args=(self.proc.stderr, self._err.append),
-                         daemon=True).start()
+                                 stderr=subprocess.PIPE, bufsize=1))
 
 
 @pytest.fixture

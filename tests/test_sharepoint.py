@@ -33,10 +33,14 @@ class Child:
     """A helper process: send(line), expect() -> next stdout line, finish()."""
 
     def __init__(self, code, env):
-        self.proc = subprocess.Popen(
+        self._start(subprocess.Popen(
             [sys.executable, "-u", "-c", PRELUDE + textwrap.dedent(code)], env=env,
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        self.pid = self.proc.pid
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+
+    def _start(self, proc):
+        """Read proc's stdout lines and stderr from threads of their own."""
+        self.proc = proc
+        self.pid = proc.pid
         self._lines = queue.Queue()
         self._err = []
         threading.Thread(target=self._pump, args=(self.proc.stdout, self._lines.put),
