@@ -414,10 +414,10 @@ class Kernel:
             # Died between claiming the record and taking (or recording)
             # the lock, or inside unlock: ours only if held and no live
             # context that maps it may hold it.
-            if holders is None:
-                holders = self._possible_holders(ctx)
             if not _held(sp):
                 return holders
+            if holders is None:
+                holders = self._possible_holders(ctx)
             if holders.get(sp.id) == lib.FAYT_HELD_PENDING:
                 # A live context is inside its own try (or release): it may
                 # be the holder, or about to find the lock held and sleep.
