@@ -19,7 +19,8 @@ survives faytd's death (src/objpool.c); an object's name is
 /proc/<keeper pid>/fd/<n>, which faytd opens for a descriptor, and which
 the journal records: a restarted faytd takes the keeper over (its socket is
 <state dir>/faytd.keeper) and with it the objects.  faytd itself holds no
-descriptor per object.
+descriptor per share-point or portal; it does keep one for each object it
+maps with Python's mmap (context pages, rings, hints), which keeps a copy.
 
 The frame arrays and the free stack are C (libportal/src/frames.c), shared
 with faytd's fast system calls (fayt/kernel.h), so that there is one
@@ -256,9 +257,11 @@ class BackingObject:
         try:
             return os.open(self.name, (os.O_RDONLY if readonly else os.O_RDWR) | os.O_CLOEXEC)
         except OSError as e:
-            raise _object_error(e.errno) if e.errno in (errno.EMFILE, errno.ENFILE) else \
-                KernelError(errno.ENOMEM, "faytd cannot open backing object %s: %s"
-                            % (self.name, e.strerror)) from None
+            if e.errno in (errno.EMFILE, errno.ENFILE):     # faytd's own limit, not the keeper's
+                raise KernelError(errno.ENFILE, "faytd cannot open backing object %s: faytd "
+                                  "is out of open files (%s)" % (self.name, e.strerror)) from None
+            raise KernelError(errno.ENOMEM, "faytd cannot open backing object %s: %s"
+                              % (self.name, e.strerror)) from None
 
     def map(self, length=None):
         """faytd's own mmap.mmap of the object (the first `length` bytes;
