@@ -70,9 +70,8 @@ STACK_MAX_BYTES = 1 << 20
 DOORBELL = signal.SIGRTMIN + lib.FAYT_DOORBELL_SIGRTMIN_OFFSET
 RETRY_NS = 5 * 1000 * 1000      # a backlog of faytd's notices is retried this often
 BACKLOG_MAX = 4 * lib.FAYT_RING_ENTRIES   # notices one subscriber's backlog keeps
-
-
 RINGS_PER_OTHER_UID = lib.FAYT_RINGS_MAX // 4   # rings into one target from one other uid
+
 
 class Lost:
     """An overflow mark in a backlog: `count` notices for slot `index` lost."""
@@ -329,9 +328,8 @@ class Notifications:
         """The target scribbled on faytd's own ring into it: drop the ring;
         its backlog is lost, reported in the next ring (OVERFLOW)."""
         log.warning("context %d: its notice ring %d is corrupt; dropped", r.target.id, r.id)
-        lost = self.lost.setdefault(r.target.id, {})
         for i, c in r.lost().items():
-            lost[i] = lost.get(i, 0) + c
+            self._count_lost(r.target, i, c)
         self.drop(r, lib.FAYT_RING_DROPPED)
 
     def count_into(self, ctx):
@@ -405,9 +403,9 @@ class Notifications:
         except KernelError:
             self.corrupt(r)
 
-    def _count_lost(self, target, index):
+    def _count_lost(self, target, index, n=1):
         lost = self.lost.setdefault(target.id, {})
-        lost[index] = lost.get(index, 0) + 1
+        lost[index] = lost.get(index, 0) + n
 
     def context_gone(self, ctx):
         """ctx is forgotten (died, or closed and not kept): fail its senders,
