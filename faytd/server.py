@@ -246,7 +246,11 @@ class Server:
             if kind == "client":
                 self._on_client(obj, read)
             elif kind == "pidfd":
-                self._on_death(obj)
+                # An event of the same batch may have closed a dead context's
+                # pidfd and an accept reused its number for a live process:
+                # only a readable pidfd says its process exited.
+                if obj.pidfd == fd and select_readable(fd):
+                    self._on_death(obj)
             elif kind == "accept":
                 self._accept()
             elif kind == "callback":
