@@ -14,7 +14,8 @@ PIP    := $(PY) -m pip --disable-pip-version-check
 STAMP  := $(VENV)/.fayt-installed
 TESTS  ?= tests
 SOURCES := setup.py pyproject.toml libportal/_build.py $(wildcard libportal/src/*.c) \
-           $(wildcard libportal/include/fayt/*.h)
+           $(wildcard libportal/src/*.h) $(wildcard libportal/include/fayt/*.h) \
+           faytd/_build.py $(wildcard faytd/core/*.c) $(wildcard faytd/core/*.h)
 
 .PHONY: all demo test deps venv clean
 
@@ -60,5 +61,6 @@ deps:
 		{ echo "make: a C compiler (gcc) is needed to build libportal's C code" >&2; exit 1; }
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache libportal/_fayt_cffi.c libportal/*.so
+	rm -rf $(VENV) build *.egg-info .pytest_cache libportal/_fayt_cffi.c libportal/*.so \
+		faytd/_core.c faytd/*.so
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -1,4 +1,5 @@
-"""fayt-portals: builds the cffi module and the _fastpath extension at install."""
+"""fayt-portals: builds the cffi modules (libportal's, faytd's core) and the _fastpath
+extension at install."""
 from setuptools import Extension, setup
 
 setup(
@@ -7,10 +8,11 @@ setup(
     description="FAYT memory portals, share-points and notifications as Linux processes",
     python_requires=">=3.10",
     packages=["libportal", "faytd", "servers"],
-    package_data={"libportal": ["include/fayt/*.h", "src/*.c", "src/*.h"]},
+    package_data={"libportal": ["include/fayt/*.h", "src/*.c", "src/*.h"],
+                  "faytd": ["core/*.c", "core/*.h"]},
     setup_requires=["cffi>=1.15"],
     install_requires=["cffi>=1.15", "posix_ipc>=1.1", "psutil>=5.9"],
-    cffi_modules=["libportal/_build.py:ffibuilder"],
+    cffi_modules=["libportal/_build.py:ffibuilder", "faytd/_build.py:ffibuilder"],
     ext_modules=[
         Extension(
             "libportal._fastpath",

@@ -23,7 +23,7 @@ DEFAULT = {
     "loop_spin_us": None,        # faytd looks this long for the next request (yielding the
                                  # CPU at each look) before it sleeps; None: 100 with 2 CPUs
                                  # or more, else 0
-    "fast_syscalls": True,       # share-point create and destroy in C (src/sysfast.c);
+    "fast_syscalls": True,       # share-point create and destroy in C (faytd/core/serve.c);
                                  # false: every call goes through Python (same results)
     "recycle_objects": True,     # the fast path may give a context the object of a share-point
                                  # it alone held back for its next one (README "How faytd

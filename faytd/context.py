@@ -18,6 +18,7 @@ import os
 from libportal._abi import ffi, lib
 
 from .frames import BackingObject, PAGE, shared_field
+from .native import ffi as cffi
 
 PAGE_SIZE = ffi.sizeof("struct fayt_context_page")
 
@@ -40,15 +41,15 @@ class Mapping:
 
 class Context:
     """A context.  Its counters (next handle, RAM charged) live in `fast`,
-    the struct fayt_fast_conn that faytd's fast system calls share
-    (fayt/kernel.h), so both count from the same numbers."""
+    the struct fayt_fast_conn that faytd's C core shares
+    (faytd/core/core.h), so both count from the same numbers."""
     __slots__ = ("id", "sock", "pid", "uid", "gid", "exe", "category", "pidfd", "page",
                  "page_map", "page_struct", "mappings", "connected", "alive",
                  "registered", "tids", "notify_armed", "_start", "fast", "sp_mapped",
                  "sp_prune_at")
 
     def __init__(self, cid, sock, pid, uid, gid, exe, category):
-        self.fast = ffi.new("struct fayt_fast_conn *")
+        self.fast = cffi.new("struct fayt_fast_conn *")
         self.fast.fd = sock.fileno() if sock is not None else -1
         self.fast.ctx_id = cid
         self.fast.pid = pid

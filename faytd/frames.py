@@ -15,18 +15,18 @@ descriptor that reaches another portal's memory.  Frames are taken from a
 free stack, so a portal's frames need not be contiguous, as on real hardware.
 
 Objects are held by the keeper, a process faytd forks at its start that
-survives faytd's death (src/objpool.c); an object's name is
+survives faytd's death (faytd/core/keeper.c); an object's name is
 /proc/<keeper pid>/fd/<n>, which faytd opens for a descriptor, and which
 the journal records: a restarted faytd takes the keeper over (its socket is
 <state dir>/faytd.keeper) and with it the objects.  faytd itself holds no
 descriptor per share-point or portal; it does keep one for each object it
 maps with Python's mmap (context pages, rings, hints), which keeps a copy.
 
-The frame arrays and the free stack are C (libportal/src/frames.c), shared
-with faytd's fast system calls (fayt/kernel.h), so that there is one
-allocator.  New objects come from the object pool, a C thread that makes
-them ahead of need and has released ones closed (src/objpool.c): neither
-costs a reply's time.
+The frame arrays and the free stack are faytd's C core (faytd/core/frames.c,
+in the one struct fayt_core: faytd/native.py), shared with the C request
+path, so that there is one allocator.  New objects come from the object
+pool, a C thread that makes them ahead of need and has released ones closed
+(faytd/core/keeper.c): neither costs a reply's time.
 """
 import array
 import errno
@@ -35,10 +35,10 @@ import logging
 import mmap
 import os
 
-from libportal._abi import ffi, lib
+from .native import core, ffi, lib
 
 PAGE = 4096
-RAM_BASE = lib.FAYT_RAM_BASE  # 1 MiB, as on a PC (fayt/kernel.h)
+RAM_BASE = lib.FAYT_RAM_BASE  # 1 MiB, as on a PC (faytd/core/core.h)
 KEEPER = "faytd.keeper"       # the keeper's socket, in the state directory
 POOL_TARGET = 32             # fresh objects the pool keeps ready
 SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
@@ -77,8 +77,8 @@ def pages(length):
 
 
 def shared_field(name, doc=None):
-    """A property kept in self.fast, the C struct faytd's fast system calls
-    share (fayt/kernel.h): both sides count from the same numbers."""
+    """A property kept in self.fast, a C struct of faytd's core
+    (faytd/core/core.h): both sides count from the same numbers."""
     return property(lambda self: getattr(self.fast, name),
                     lambda self, v: setattr(self.fast, name, v), doc=doc)
 
@@ -86,20 +86,20 @@ def shared_field(name, doc=None):
 def _keeper_nofile():
     """The keeper's RLIMIT_NOFILE now (as it said at its start if unreadable)."""
     try:
-        with open("/proc/%d/limits" % lib.fayt_keeper_pid()) as f:
+        with open("/proc/%d/limits" % lib.fayt_keeper_pid(core)) as f:
             for line in f:
                 if line.startswith("Max open files"):
                     return int(line.split()[3])
     except (OSError, ValueError, IndexError):
         pass
-    return lib.fayt_keeper_nofile()
+    return lib.fayt_keeper_nofile(core)
 
 
 def _object_error(err):
     if err in (errno.EMFILE, errno.ENFILE):
         return KernelError(errno.ENFILE, "faytd cannot create a backing object: its keeper "
                            "(pid %d) holds one open file per live object and is at its "
-                           "RLIMIT_NOFILE of %d" % (lib.fayt_keeper_pid(), _keeper_nofile()))
+                           "RLIMIT_NOFILE of %d" % (lib.fayt_keeper_pid(core), _keeper_nofile()))
     return KernelError(errno.ENOMEM, "faytd cannot create a backing object: %s"
                        % os.strerror(err))
 
@@ -110,7 +110,7 @@ def start_keeper(state_dir):
     it was taken over)."""
     path = os.path.join(state_dir, KEEPER) if state_dir else None
     if path is not None:
-        pid = lib.fayt_keeper_connect(path.encode())
+        pid = lib.fayt_keeper_connect(core, path.encode())
         if pid > 0:
             return pid, True
         if -pid not in (errno.ENOENT, errno.ECONNREFUSED, errno.ENAMETOOLONG):
@@ -118,12 +118,12 @@ def start_keeper(state_dir):
             # starting another would orphan it with what it holds.
             raise OSError(-pid, "faytd: cannot take over the object keeper at %s: %s"
                           % (path, os.strerror(-pid)))
-    pid = lib.fayt_keeper_start(path.encode() if path else ffi.NULL)
+    pid = lib.fayt_keeper_start(core, path.encode() if path else ffi.NULL)
     if pid == -errno.ENAMETOOLONG:
         logging.getLogger("faytd").warning(
             "state directory path too long for the object keeper's socket (%s): a restart "
             "after a SIGKILL will not take share-points back", path)
-        pid = lib.fayt_keeper_start(ffi.NULL)
+        pid = lib.fayt_keeper_start(core, ffi.NULL)
     if pid < 0:
         raise OSError(-pid, "faytd: cannot start its object keeper: %s" % os.strerror(-pid))
     return pid, False
@@ -131,7 +131,7 @@ def start_keeper(state_dir):
 
 def keeper_objects():
     """{name: size} of every object the keeper holds (a restart)."""
-    base = "/proc/%d/fd/" % lib.fayt_keeper_pid()
+    base = "/proc/%d/fd/" % lib.fayt_keeper_pid(core)
     out = {}
     for n in os.listdir(base):
         try:
@@ -148,7 +148,7 @@ def release_objects(names):
     them: "a+b" is two)."""
     nums = [int(p.rsplit("/", 1)[1]) for n in names for p in n.split("+")]
     if nums:
-        lib.fayt_keeper_close(ffi.new("int32_t[]", nums), len(nums))
+        lib.fayt_keeper_close(core, ffi.new("int32_t[]", nums), len(nums))
 
 
 class BackingObject:
@@ -172,7 +172,7 @@ class BackingObject:
         self.tail = None
         name = ffi.new("char[]", lib.FAYT_OBJ_NAME_MAX)
         kind = tag.rsplit(".", 1)[1].encode() if tag.count(".") > 1 else None
-        fd = lib.fayt_objpool_take(length, kind or ffi.NULL, name)
+        fd = lib.fayt_objpool_take(core, length, kind or ffi.NULL, name)
         if fd < 0:
             raise _object_error(-fd)
         self.name, self._fd = ffi.string(name).decode(), fd
@@ -204,7 +204,7 @@ class BackingObject:
         obj = cls.__new__(cls)
         obj.id, obj.name, obj.length, obj.frames, obj._fd = oid, name, length, frames, -1
         obj.tail = None
-        if not name.startswith("/proc/%d/fd/" % lib.fayt_keeper_pid()):
+        if not name.startswith("/proc/%d/fd/" % lib.fayt_keeper_pid(core)):
             raise KernelError(errno.ENOENT, "object %s is not held by this keeper" % name)
         try:
             fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC)
@@ -283,20 +283,20 @@ class BackingObject:
             os.close(self._fd)
             self._fd = -1
         if self.name is not None:
-            lib.fayt_objpool_release(self.name.encode())
+            lib.fayt_objpool_release(core, self.name.encode())
             self.name = None
 
 
 class FrameAllocator:
     """Hands out frames of the emulated RAM and tracks their references
-    (the arrays are C's: fayt/kernel.h struct fayt_frames)."""
+    (the arrays are the core's: struct fayt_frames in faytd/core/core.h)."""
 
     def __init__(self, ram_bytes, tag=None):
         if ram_bytes < PAGE:
             raise ValueError("ram must be at least one frame")
         self.nframes = ram_bytes // PAGE
         self.tag = tag or run_tag()
-        self.c = ffi.new("struct fayt_frames *")
+        self.c = ffi.addressof(core, "frames")
         if lib.fayt_frames_init(self.c, self.nframes):
             raise MemoryError("frame arrays for %d frames" % self.nframes)
         self.objects = {}                # id -> BackingObject
@@ -305,7 +305,7 @@ class FrameAllocator:
         """Start the object pool's thread (when faytd starts serving: a start
         that fails before leaves no pooled object behind).  Until then, and
         after release_all(), objects are made one by one."""
-        err = lib.fayt_objpool_start(POOL_TARGET)
+        err = lib.fayt_objpool_start(core, POOL_TARGET)
         if err:
             raise OSError(err, "faytd: cannot start its object pool: %s" % os.strerror(err))
 
@@ -399,5 +399,5 @@ class FrameAllocator:
         for obj in list(self.objects.values()):
             obj.release()
         self.objects.clear()
-        lib.fayt_objpool_stop()
-        lib.fayt_keeper_quit()
+        lib.fayt_objpool_stop(core)
+        lib.fayt_keeper_quit(core)

@@ -134,7 +134,7 @@ class Record:
 
 class Journal:
     """The journal file.  Its descriptor and line counts are shared with the
-    fast system calls (`fast`, fayt/kernel.h), which append their records
+    C core (`fast`, faytd/core/journal.c), which appends its records
     to the same O_APPEND descriptor in the same order as Python's."""
 
     def __init__(self, state_dir, fast):

@@ -11,7 +11,9 @@ import os
 import time
 import traceback
 
-from libportal._abi import ffi, lib
+from libportal._abi import lib
+
+from .native import core, ffi as cffi, lib as clib
 
 from .context import Context, Mapping
 from .frames import (PAGE, BackingObject, FrameAllocator, KernelError, keeper_objects,
@@ -23,7 +25,7 @@ from .policy import Policy
 from .sharepoint import SharePointTable
 
 log = logging.getLogger("faytd")
-FAST_MAX_FRAMES = lib.FAYT_FAST_MAX_FRAMES    # larger portals go through Python
+FAST_MAX_FRAMES = clib.FAYT_FAST_MAX_FRAMES    # larger portals go through Python
 _RECHECK_FIRST_S = 0.001    # a dead locker's PENDING record met a live one: look again after
 _RECHECK_MAX_S = 1.0        # ... doubling up to this
 
@@ -32,8 +34,8 @@ class Kernel:
     def __init__(self, cfg, owner_uid, tag=None):
         self.cfg = cfg
         self.policy = Policy(cfg["policy"], owner_uid)
-        # The fast system calls' state (fayt/kernel.h): see settle().
-        self.fast = ffi.new("struct fayt_fast_kernel *")
+        # The C core's state (faytd/core/core.h): see settle().
+        self.fast = core
         self.fast.journal_fd = -1
         self.fast.disabled = 0 if cfg.get("fast_syscalls", True) else 1
         self.fast.recycle = 1 if cfg.get("recycle_objects", True) else 0
@@ -60,9 +62,9 @@ class Kernel:
         """faytd does not serve after all (its socket is taken): the journal
         stays, and the keeper too if it holds what the journal names."""
         if self._keeper_kept:
-            lib.fayt_keeper_detach()
+            clib.fayt_keeper_detach(core)
         else:
-            lib.fayt_keeper_quit()
+            clib.fayt_keeper_quit(core)
         if self.journal is not None:
             self.journal.abandon()
             self.journal = None
@@ -70,14 +72,13 @@ class Kernel:
     def _start(self, cfg, sps, ctxs, tag):
         self.frames = FrameAllocator(cfg["ram"], tag)
         f = self.fast
-        f.frames = self.frames.c
         f.max_portal_length = cfg["max_portal_length"]
         limit = cfg.get("max_ram_per_context")
         f.max_ram_per_context = (1 << 64) - 1 if limit is None else limit
         f.max_sharepoints = cfg["max_sharepoints"]
         f.max_mappings = cfg["max_mappings_per_context"]
-        self._resident = ffi.new("struct fayt_fast_resident *")
-        self._resident_frames = ffi.new("uint32_t[]", FAST_MAX_FRAMES)
+        self._resident = cffi.new("struct fayt_fast_resident *")
+        self._resident_frames = cffi.new("uint32_t[]", FAST_MAX_FRAMES)
         self._journal_errors = 0
         self.sharepoints = SharePointTable(self.frames, cfg["max_sharepoints"], self.fast)
         self.notifications = Notifications(self)
@@ -220,7 +221,7 @@ class Kernel:
         if self.journal is not None and self.journal.wants_compaction():
             self._open_journal()
 
-    # -- the fast system calls (fayt/kernel.h, src/sysfast.c) -------------
+    # -- the C path (faytd/core/core.h, serve.c, records.c) ----------------
     def settle(self, idle=False):
         """Take over every share-point and ANON portal the fast path made and
         still holds ("resident"), with the objects Python keeps for any other.  The
@@ -230,8 +231,8 @@ class Kernel:
         FAYT_FAST_RESIDENT_AGE_NS old (a scratch share-point destroyed at
         once is never taken over)."""
         f = self.fast
-        if idle and (not f.nresident or time.monotonic_ns() - lib.fayt_fast_oldest_resident(f)
-                     < lib.FAYT_FAST_RESIDENT_AGE_NS):
+        if idle and (not f.nresident or time.monotonic_ns() - clib.fayt_fast_oldest_resident(f)
+                     < clib.FAYT_FAST_RESIDENT_AGE_NS):
             return
         if f.journal_errors != self._journal_errors:
             log.error("journal: %d writes failed; a restart will not see those changes",
@@ -240,12 +241,12 @@ class Kernel:
         if not f.nresident:
             return
         rec, buf = self._resident, self._resident_frames
-        while lib.fayt_fast_take_resident(f, rec, buf, FAST_MAX_FRAMES) == 1:
+        while clib.fayt_fast_take_resident(f, rec, buf, FAST_MAX_FRAMES) == 1:
             frames = array.array("I")
-            frames.frombytes(ffi.buffer(buf, 4 * rec.nframes))
-            backing = BackingObject.named(rec.oid, ffi.string(rec.object).decode(), rec.length,
+            frames.frombytes(cffi.buffer(buf, 4 * rec.nframes))
+            backing = BackingObject.named(rec.oid, cffi.string(rec.object).decode(), rec.length,
                                           frames)
-            ident = ffi.unpack(rec.identifier, rec.ident_len) if rec.ident_len else None
+            ident = cffi.unpack(rec.identifier, rec.ident_len) if rec.ident_len else None
             try:
                 self._take_over(rec, backing, ident)
             except Exception:       # a bug: that share-point goes, faytd goes on
@@ -290,7 +291,7 @@ class Kernel:
                 self.unmap(ctx, ctx.mappings[rec.handle])
             self.sharepoints.destroy(sp)
             return
-        lib.fayt_fast_name_del(self.fast, ident, len(ident))
+        clib.fayt_fast_name_del(self.fast, ident, len(ident))
         if ctx is not None:
             ctx.ram -= rec.length
         self.frames.objects.pop(backing.id, None)
@@ -332,7 +333,7 @@ class Kernel:
         for recovery) until it dies.  If it owns share-points, keep watching
         it so that they are reclaimed at its death.  Else forget it."""
         ctx.connected = False
-        lib.fayt_fast_conn_gone(self.fast, ctx.fast)   # it creates nothing any more
+        clib.fayt_fast_conn_gone(self.fast, ctx.fast)   # it creates nothing any more
         watch = ctx.alive and ctx.pidfd >= 0
         if watch and ctx.mapped_lock_records()[0]:
             return                      # records naming what it never mapped keep nothing
@@ -357,7 +358,7 @@ class Kernel:
     def forget(self, ctx):
         if self.contexts.pop(ctx.id, None) is None:
             return
-        lib.fayt_fast_conn_gone(self.fast, ctx.fast)
+        clib.fayt_fast_conn_gone(self.fast, ctx.fast)
         self.notifications.context_gone(ctx)
         self.pager.context_gone(ctx)
         if self.journal is not None:
@@ -571,7 +572,7 @@ class Kernel:
             self.drop_mappings(ctx)
             self.forget(ctx)
         self.sharepoints.destroy_all()
-        lib.fayt_fast_shutdown(self.fast)
+        clib.fayt_fast_shutdown(self.fast)
         self.frames.release_all()
 
 
@@ -590,7 +591,7 @@ def _unlink(name):
     parts of it this keeper holds (another keeper's number may be a live
     object here).  At adoption the keeper holds only what the journal names,
     each part named by one record, so an open number is this record's."""
-    mine = "/proc/%d/fd/" % lib.fayt_keeper_pid()
+    mine = "/proc/%d/fd/" % clib.fayt_keeper_pid(core)
     parts = [n for n in name.split("+") if n.startswith(mine) and os.path.exists(n)]
     try:
         release_objects(parts)

@@ -61,6 +61,7 @@ from libportal._abi import (ffi, lib, HANDLE_REQ, LIST_REQ, NOTIFY_INSTALL as IN
 
 from .context import Mapping
 from .frames import BackingObject, KernelError, PAGE, pages
+from .native import lib as clib
 from .policy import Policy
 
 log = logging.getLogger("faytd")
@@ -679,12 +680,12 @@ def sys_notify_subscribe(k, ctx, tid, body, fds):
     if index < 0:
         subs.pop(event, None)
         if not subs:
-            ctx.fast.flags &= ~lib.FAYT_FAST_CONN_NOTICES
+            ctx.fast.flags &= ~clib.FAYT_FAST_CONN_NOTICES
         return b"", []
     _check_handlers_right(ctx, "notify_subscribe")
     _slot(index)
     subs[event] = (index, arg)
-    ctx.fast.flags |= lib.FAYT_FAST_CONN_NOTICES     # its destroys need Python (SP_DESTROYED)
+    ctx.fast.flags |= clib.FAYT_FAST_CONN_NOTICES     # its destroys need Python (SP_DESTROYED)
     ctx.notify_armed = True
     k.notifications.ring(None, ctx)
     return b"", []

@@ -26,14 +26,15 @@ import struct
 import time
 import traceback
 
-from libportal._abi import ffi, lib, REQ_HDR, REP_HDR
+from libportal._abi import lib, REQ_HDR, REP_HDR
 
 from . import syscall
 from .frames import KernelError
+from .native import ffi, lib as clib
 
 log = logging.getLogger("faytd")
 _CRED = struct.Struct("iII")     # struct ucred: pid_t pid; uid_t uid; gid_t gid
-_MAX_IN_FDS = lib.FAYT_FAST_MAX_FDS    # descriptors a request may carry
+_MAX_IN_FDS = clib.FAYT_FAST_MAX_FDS    # descriptors a request may carry
 _MSG_MAX = lib.FAYT_MSG_MAX
 _NOREPLY = lib.FAYT_REQ_NOREPLY
 DEFAULT_LOOP_SPIN_US = 100
@@ -142,7 +143,7 @@ class Server:
             k, epfd, io = self.k, self.ep.fileno(), self._io
             fast, evs, buf = k.fast, self._evs, self._buf
             spin_ns = int(self.spin_s * 1e9)
-            poll, clock = lib.fayt_fast_poll, time.monotonic
+            poll, clock = clib.fayt_fast_poll, time.monotonic
             busy = 0                # turns in a row that had events for Python
             retry_at = 0.0          # deferred work failed: not again before this
             while not self.stopping:
@@ -374,13 +375,13 @@ class Server:
             except OSError:
                 ctx.pidfd = -1          # already gone: EOF will follow
             self._watch(sock.fileno(), "client", ctx)
-            lib.fayt_fast_watch(self.k.fast, ctx.fast)
+            clib.fayt_fast_watch(self.k.fast, ctx.fast)
             log.debug("context %d: pid %d uid %d exe %s category %s", ctx.id, pid, uid, exe,
                       ctx.category.name if ctx.category else None)
 
     def _drop_conn(self, ctx):
         if ctx.sock is not None:
-            lib.fayt_fast_unwatch(self.k.fast, ctx.sock.fileno())
+            clib.fayt_fast_unwatch(self.k.fast, ctx.sock.fileno())
             ctx.fast.fd = -1
             self._unwatch_fd(ctx.sock.fileno())
             ctx.sock.close()
@@ -443,23 +444,23 @@ class Server:
         err, data, fds, msg_flags)."""
         k, msg = self.k, self._msg
         if read is None:
-            r = lib.fayt_fast_serve(k.fast, ctx.fast, self._buf, msg, self._noreply, self._err)
+            r = clib.fayt_fast_serve(k.fast, ctx.fast, self._buf, msg, self._noreply, self._err)
             noreply, err = self._noreply[0], self._err[0]
-            if r == lib.FAYT_FAST_PASS:
+            if r == clib.FAYT_FAST_PASS:
                 read = self._read(r, noreply, err)
         else:
             r, noreply, err = read[:3]
-        if r == lib.FAYT_FAST_AGAIN:
+        if r == clib.FAYT_FAST_AGAIN:
             return
         if r < 0:
             self._settle()
             return self._disconnect(ctx, "recv: %s" % os.strerror(-r))
         self._read_one = True
         self._read_noreply = bool(noreply)
-        if r == lib.FAYT_FAST_SERVED:
+        if r == clib.FAYT_FAST_SERVED:
             return
         self._settle()
-        if r == lib.FAYT_FAST_UNSENT:
+        if r == clib.FAYT_FAST_UNSENT:
             return self._disconnect(ctx, "does not read its replies" if err == errno.EAGAIN
                                     else "send: %s" % os.strerror(err))
         data, fds, mflags = read[3:]

@@ -21,6 +21,7 @@ import os
 from libportal._abi import ffi, lib, SHAREPOINT_META
 
 from .frames import KernelError, PAGE, pages
+from .native import lib as clib
 
 META_SIZE = ffi.sizeof("struct fayt_sharepoint_meta")
 
@@ -85,8 +86,8 @@ class SharePoint:
 class SharePointTable:
     """Identifiers and ids of live share-points; faytd's only owner of them.
 
-    The fast system calls (fayt/kernel.h) create and destroy share-points
-    in C; every identifier is also in C's name table (`fast`), so that they
+    The C path (faytd/core/serve.c) creates and destroys share-points
+    too; every identifier is also in the core's name index (`fast`), so that they
     tell a new one at once, and ids come from one counter there.  What they
     made, faytd takes over (take_over) before Python handles anything."""
 
@@ -128,7 +129,7 @@ class SharePointTable:
 
     def _insert(self, sp, named=False):
         if not named:
-            err = lib.fayt_fast_name_add(self.fast, sp.identifier, len(sp.identifier))
+            err = clib.fayt_fast_name_add(self.fast, sp.identifier, len(sp.identifier))
             if err:
                 raise KernelError(err, "share.identifier: %r: %s"
                                   % (sp.identifier.decode("utf-8", "replace"), os.strerror(err)))
@@ -195,7 +196,7 @@ class SharePointTable:
             self.journal.sharepoint_destroyed(sp)
         sp.destroyed = True
         if self.by_name.pop(sp.identifier, None) is not None:
-            lib.fayt_fast_name_del(self.fast, sp.identifier, len(sp.identifier))
+            clib.fayt_fast_name_del(self.fast, sp.identifier, len(sp.identifier))
         self.by_id.pop(sp.id, None)
         owned = self.by_owner.get(sp.owner_pid)
         if owned is not None:

@@ -17,6 +17,7 @@ from libportal._abi import (lib, HELLO_REPLY, HANDLE_REQ, LIST_REQ, PORTAL_REPLY
 
 from .context import Mapping
 from .frames import KernelError, PAGE, pages
+from .native import lib as clib
 from .policy import Policy, class_names
 
 SHARE, DIRECT, ANON = lib.FAYT_PORTAL_SHARE, lib.FAYT_PORTAL_DIRECT, lib.FAYT_PORTAL_ANON
@@ -54,9 +55,9 @@ def sys_hello(k, ctx, tid, body, fds):
     k.registered(ctx)
     c = ctx.category
     if c.classes & (SHARE | ANON) == SHARE | ANON:
-        ctx.fast.flags |= lib.FAYT_FAST_CONN_SHARE     # the fast path may create for it
+        ctx.fast.flags |= clib.FAYT_FAST_CONN_SHARE     # the fast path may create for it
     if c.classes & ANON:
-        ctx.fast.flags |= lib.FAYT_FAST_CONN_ANON
+        ctx.fast.flags |= clib.FAYT_FAST_CONN_ANON
     return HELLO_REPLY.pack(ctx.id, c.id, c.classes, 0), [ctx.page.open_fd()]
 
 

@@ -11,7 +11,7 @@ from . import errors
 from ._fayt_cffi import ffi, lib
 from . import _fastpath
 
-CFFI_ABI = 7
+CFFI_ABI = 8
 FASTPATH_ABI = 5
 
 if lib.fayt_cffi_abi() != CFFI_ABI or _fastpath.ABI_VERSION != FASTPATH_ABI:

@@ -16,15 +16,15 @@ from cffi import FFI
 HERE = os.path.dirname(os.path.abspath(__file__))
 INCLUDE = os.path.join(HERE, "include")
 HEADERS = ["portal.h", "sharepoint.h", "notification.h", "context.h", "syscall.h", "lock.h",
-           "ring.h", "pager.h", "kernel.h"]
-SOURCES = [os.path.join("libportal", "src", f)
-           for f in ("lock.c", "ring.c", "uffd.c", "frames.c", "objpool.c", "sysfast.c")]
+           "ring.h", "pager.h"]
+SOURCES = [os.path.join("libportal", "src", f) for f in ("lock.c", "ring.c", "uffd.c")]
 
 
 def cdef_text(path):
     with open(path) as f:
         text = f.read()
     text = re.sub(r"/\*.*?\*/", "", text, flags=re.S)
+    text = text.replace("\\\n", " ")         # a continued line is one line
     text = re.sub(r"__attribute__\s*\(\(\s*packed\s*\)\)", "", text)
     keep = []
     for line in text.splitlines():
@@ -41,13 +41,13 @@ ffibuilder = FFI()
 ffibuilder.cdef("\n".join(cdef_text(os.path.join(INCLUDE, "fayt", h)) for h in HEADERS),
                 packed=True)
 ffibuilder.cdef("""
-    #define FAYT_CFFI_ABI 7
+    #define FAYT_CFFI_ABI 8
     int fayt_cffi_abi(void);
 """)
 ffibuilder.set_source(
     "libportal._fayt_cffi",
     "\n".join('#include "fayt/%s"' % h for h in HEADERS) + """
-    #define FAYT_CFFI_ABI 7
+    #define FAYT_CFFI_ABI 8
     int fayt_cffi_abi(void) { return FAYT_CFFI_ABI; }
     """,
     sources=SOURCES,

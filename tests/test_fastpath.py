@@ -1,4 +1,4 @@
-"""faytd's fast system calls (fayt/kernel.h, libportal/src/sysfast.c): a
+"""faytd's fast system calls (faytd/core/core.h, serve.c): a
 share-point's create and its creator's destroy performed in C, what they
 make taken over by faytd's Python before it handles anything else, and the
 recycling of an object for the context that alone ever held it.  Real faytds,

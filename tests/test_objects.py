@@ -1,4 +1,4 @@
-"""Backing objects (faytd/frames.py, libportal/src/objpool.c): sealed memfds,
+"""Backing objects (faytd/frames.py, faytd/core/keeper.c): sealed memfds,
 mode 0600, held by faytd's keeper.  No process can shrink or grow an object
 another process maps (issue 9, point 3)."""
 import errno

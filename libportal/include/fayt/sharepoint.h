@@ -34,4 +34,10 @@ struct fayt_sharepoint_meta {
     } morphology;
 } __attribute__((packed));
 
+/* Where the data starts (fayt_sp_data_offset() for clients; faytd's core,
+ * which does not link libportal's C, uses this). */
+#define FAYT_SP_DATA_OFFSET(nframes) \
+    ((sizeof(struct fayt_sharepoint_meta) + (size_t)(nframes) * sizeof(uint64_t) + 15) \
+     & ~(size_t)15)
+
 #endif

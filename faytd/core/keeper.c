@@ -1,5 +1,5 @@
-/* objpool.c: faytd's backing objects: sealed memfds held by a keeper
- * process, and the pool that makes them ahead of need (fayt/kernel.h).
+/* keeper.c: faytd's backing objects: sealed memfds held by a keeper
+ * process, and the pool that makes them ahead of need (core.h).
  *
  * Every portal gets a shared-memory object of its own (an fd grants all of
  * its object, so objects are never shared between portals).  An object is
@@ -53,12 +53,12 @@
 #include <unistd.h>
 
 #include "deadline.h"
-#include "fayt/kernel.h"
+#include "internal.h"
 
 #define QUEUE_WAKE 16               /* releases waiting that wake the thread */
 #define BUSY_NAP_NS 2000000         /* its nap while work keeps coming */
 #define IDLE_AFTER_NS 100000000     /* idle this long: sleep until woken */
-#define BATCH 32                    /* objects handed to the keeper in one message */
+#define BATCH KEEPER_BATCH
 #define CLOSE_BATCH 1024            /* releases in one message */
 #define SEALS (F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL)
 
@@ -76,15 +76,12 @@ struct hello {
 #define HELLO_MAGIC 0x4b594146u     /* "FAYK" */
 
 #define ORPHAN_CHECK_MS 2000   /* a keeper without faytd looks at its socket this often */
-static dev_t kdev;                  /* the keeper's socket, as bound */
-static ino_t kino;
-
-static pthread_mutex_t kmu = PTHREAD_MUTEX_INITIALIZER;   /* keeper I/O */
-static int kfd = -1;
-static int kpid;
-static uint64_t knofile;
 
 /* -- the keeper process --------------------------------------------------- */
+/* The keeper's own settings: its socket as bound.  Set before the fork, read
+ * by the keeper process alone (the one file-level state of the core). */
+static dev_t kdev;
+static ino_t kino;
 static char kpath[sizeof(((struct sockaddr_un *)0)->sun_path)];
 
 static void keeper_hello(int c)
@@ -249,7 +246,7 @@ static void keeper_main(int lfd, int c)
 }
 
 /* Read the keeper's hello on fd: its pid, or -errno. */
-static int read_hello(int fd)
+static int read_hello(struct keeper_state *ks, int fd)
 {
     struct hello h;
     struct timeval tv = {5, 0};     /* the keeper is ours: this bounds a bug, not a wait */
@@ -260,12 +257,13 @@ static int read_hello(int fd)
     } while (r < 0 && errno == EINTR);
     if (r != (ssize_t)sizeof h || h.magic != HELLO_MAGIC)
         return r < 0 ? -errno : -EPROTO;
-    knofile = h.nofile;
+    ks->nofile = h.nofile;
     return h.pid;
 }
 
-int fayt_keeper_start(const char *path)
+int fayt_keeper_start(struct fayt_core *k, const char *path)
 {
+    struct keeper_state *ks = &k->priv->keeper;
     int sv[2], lfd = -1;
     if (path && *path) {
         struct sockaddr_un a = {.sun_family = AF_UNIX};
@@ -354,20 +352,21 @@ int fayt_keeper_start(const char *path)
         close(lfd);
     while (waitpid(pid, NULL, 0) < 0 && errno == EINTR)
         ;
-    int r = read_hello(sv[0]);
+    int r = read_hello(ks, sv[0]);
     if (r < 0) {
         close(sv[0]);
         return r;
     }
-    pthread_mutex_lock(&kmu);
-    kfd = sv[0];
-    kpid = r;
-    pthread_mutex_unlock(&kmu);
+    pthread_mutex_lock(&ks->mu);
+    ks->fd = sv[0];
+    ks->pid = r;
+    pthread_mutex_unlock(&ks->mu);
     return r;
 }
 
-int fayt_keeper_connect(const char *path)
+int fayt_keeper_connect(struct fayt_core *k, const char *path)
 {
+    struct keeper_state *ks = &k->priv->keeper;
     struct sockaddr_un a = {.sun_family = AF_UNIX};
     if (strlen(path) >= sizeof a.sun_path)
         return -ENAMETOOLONG;
@@ -387,77 +386,80 @@ int fayt_keeper_connect(const char *path)
         close(fd);
         return -EPERM;
     }
-    int r = read_hello(fd);             /* a keeper busy with a live faytd closes us */
+    int r = read_hello(ks, fd);             /* a keeper busy with a live faytd closes us */
     if (r < 0) {
         close(fd);
         return r;
     }
-    pthread_mutex_lock(&kmu);
-    kfd = fd;
-    kpid = r;
-    pthread_mutex_unlock(&kmu);
+    pthread_mutex_lock(&ks->mu);
+    ks->fd = fd;
+    ks->pid = r;
+    pthread_mutex_unlock(&ks->mu);
     return r;
 }
 
-int fayt_keeper_pid(void)
+int fayt_keeper_pid(struct fayt_core *k)
 {
-    return kpid;
+    struct keeper_state *ks = &k->priv->keeper;
+    return ks->pid;
 }
 
-uint64_t fayt_keeper_nofile(void)
+uint64_t fayt_keeper_nofile(struct fayt_core *k)
 {
-    return knofile;
+    struct keeper_state *ks = &k->priv->keeper;
+    return ks->nofile;
 }
 
 /* Send one 'C' message of n descriptor numbers; kmu held. */
-static void keeper_close_locked(const int32_t *fds, uint32_t n)
+static void keeper_close_locked(struct keeper_state *ks, const int32_t *fds, uint32_t n)
 {
-    static int32_t msg[CLOSE_BATCH + 1];
-    while (n && kfd >= 0) {
-        uint32_t k = n < CLOSE_BATCH ? n : CLOSE_BATCH;
+    int32_t msg[CLOSE_BATCH + 1];
+    while (n && ks->fd >= 0) {
+        uint32_t m = n < CLOSE_BATCH ? n : CLOSE_BATCH;
         msg[0] = 'C';
-        memcpy(msg + 1, fds, k * sizeof *fds);
-        send(kfd, msg, (k + 1) * sizeof *msg, MSG_NOSIGNAL);
-        fds += k;
-        n -= k;
+        memcpy(msg + 1, fds, m * sizeof *fds);
+        send(ks->fd, msg, (m + 1) * sizeof *msg, MSG_NOSIGNAL);
+        fds += m;
+        n -= m;
     }
 }
 
-void fayt_keeper_close(const int32_t *fds, uint32_t n)
+void fayt_keeper_close(struct fayt_core *k, const int32_t *fds, uint32_t n)
 {
-    pthread_mutex_lock(&kmu);
-    keeper_close_locked(fds, n);
-    pthread_mutex_unlock(&kmu);
+    struct keeper_state *ks = &k->priv->keeper;
+    pthread_mutex_lock(&ks->mu);
+    keeper_close_locked(ks, fds, n);
+    pthread_mutex_unlock(&ks->mu);
 }
 
-static void keeper_end(int quit)
+static void keeper_end(struct keeper_state *ks, int quit)
 {
-    pthread_mutex_lock(&kmu);
-    if (kfd >= 0) {
+    pthread_mutex_lock(&ks->mu);
+    if (ks->fd >= 0) {
         if (quit)
-            send(kfd, "Q", 1, MSG_NOSIGNAL);
-        close(kfd);
+            send(ks->fd, "Q", 1, MSG_NOSIGNAL);
+        close(ks->fd);
     }
-    kfd = -1;
-    kpid = 0;
-    pthread_mutex_unlock(&kmu);
+    ks->fd = -1;
+    ks->pid = 0;
+    pthread_mutex_unlock(&ks->mu);
 }
 
-void fayt_keeper_quit(void)
+void fayt_keeper_quit(struct fayt_core *k)
 {
-    keeper_end(1);
+    keeper_end(&k->priv->keeper, 1);
 }
 
-void fayt_keeper_detach(void)
+void fayt_keeper_detach(struct fayt_core *k)
 {
-    keeper_end(0);
+    keeper_end(&k->priv->keeper, 0);
 }
 
 /* Hand n fresh objects to the keeper: their numbers there (or -errno) into
  * out.  kmu held.  0, or -errno for the whole batch. */
-static int keeper_add_locked(const int *fds, uint32_t n, int32_t *out)
+static int keeper_add_locked(struct keeper_state *ks, const int *fds, uint32_t n, int32_t *out)
 {
-    if (kfd < 0)
+    if (ks->fd < 0)
         return -ENOTCONN;
     union {
         struct cmsghdr h;
@@ -478,12 +480,12 @@ static int keeper_add_locked(const int *fds, uint32_t n, int32_t *out)
     memcpy(CMSG_DATA(c), fds, sizeof(int) * n);
     ssize_t r;
     do {
-        r = sendmsg(kfd, &mh, MSG_NOSIGNAL);
+        r = sendmsg(ks->fd, &mh, MSG_NOSIGNAL);
     } while (r < 0 && errno == EINTR);
     if (r < 0)
         return -errno;
     do {
-        r = recv(kfd, out, n * sizeof *out, 0);
+        r = recv(ks->fd, out, n * sizeof *out, 0);
     } while (r < 0 && errno == EINTR);
     if (r != (ssize_t)(n * sizeof *out))
         return r < 0 ? -errno : -EPROTO;
@@ -491,25 +493,6 @@ static int keeper_add_locked(const int *fds, uint32_t n, int32_t *out)
 }
 
 /* -- objects and the pool --------------------------------------------------- */
-struct pooled {
-    int fd;
-    int32_t kept;                   /* its number in the keeper */
-};
-
-static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
-static pthread_cond_t cv;
-static pthread_t thread;
-static int running, stopping, sleeping, deep;
-static uint32_t target;
-static struct pooled *ready;
-static uint32_t nready;
-/* Context pages (kind "ctx") too are made ahead of need: every HELLO takes
- * one, and a keeper round trip there would cost a connection ~100 us. */
-#define CTX_TARGET 8
-static struct pooled ready_ctx[CTX_TARGET];
-static uint32_t nready_ctx;
-static int32_t *queue;
-static uint32_t nqueued, cap_queue;
 
 /* A new one-page memfd named fayt[.kind], 0600: its fd, or -errno.  The
  * pool's have their page made (a portal's first touch is cheaper); a kind's
@@ -531,8 +514,9 @@ static int make_memfd(const char *kind)
 
 /* Up to n new objects, held by the keeper, into out: how many, or -errno
  * if none. */
-static int make_objects(struct pooled *out, uint32_t n, const char *kind)
+static int make_objects(struct fayt_core *k, struct pooled *out, uint32_t n, const char *kind)
 {
+    struct keeper_state *ks = &k->priv->keeper;
     int fds[BATCH];
     int32_t nums[BATCH];
     uint32_t made = 0;
@@ -549,9 +533,9 @@ static int make_objects(struct pooled *out, uint32_t n, const char *kind)
     }
     if (!made)
         return err;
-    pthread_mutex_lock(&kmu);
-    int e = keeper_add_locked(fds, made, nums);
-    pthread_mutex_unlock(&kmu);
+    pthread_mutex_lock(&ks->mu);
+    int e = keeper_add_locked(ks, fds, made, nums);
+    pthread_mutex_unlock(&ks->mu);
     if (e) {
         for (uint32_t i = 0; i < made; i++)
             close(fds[i]);
@@ -571,9 +555,9 @@ static int make_objects(struct pooled *out, uint32_t n, const char *kind)
     return got ? got : err;
 }
 
-static void name_of(int32_t kept, char *name)
+static void name_of(struct fayt_core *k, int32_t kept, char *name)
 {
-    snprintf(name, FAYT_OBJ_NAME_MAX, "/proc/%d/fd/%d", kpid, kept);
+    snprintf(name, FAYT_OBJ_NAME_MAX, "/proc/%d/fd/%d", k->priv->keeper.pid, kept);
 }
 
 static int32_t kept_of(const char *name)
@@ -582,58 +566,59 @@ static int32_t kept_of(const char *name)
     return s ? (int32_t)strtol(s + 1, NULL, 10) : -1;
 }
 
-static void nap(int64_t ns)
+static void nap(struct pool_state *ps, int64_t ns)
 {
     struct timespec d;
     fayt_deadline(ns, &d);          /* the condvar waits on CLOCK_MONOTONIC */
-    pthread_cond_timedwait(&cv, &mu, &d);
+    pthread_cond_timedwait(&ps->cv, &ps->mu, &d);
 }
 
-static void *janitor(void *unused)
+static void *janitor(void *arg)
 {
-    (void)unused;
+    struct fayt_core *k = arg;
+    struct pool_state *ps = &k->priv->pool;
     int64_t last_work = fayt_now_ns();
     int failing = 0;
-    static int32_t batch[CLOSE_BATCH];
-    pthread_mutex_lock(&mu);
-    while (!stopping) {
-        if (nqueued) {
-            uint32_t k = nqueued < CLOSE_BATCH ? nqueued : CLOSE_BATCH;
-            nqueued -= k;
-            memcpy(batch, queue + nqueued, k * sizeof *batch);
-            pthread_mutex_unlock(&mu);
-            fayt_keeper_close(batch, k);
-            pthread_mutex_lock(&mu);
+    int32_t batch[CLOSE_BATCH];
+    pthread_mutex_lock(&ps->mu);
+    while (!ps->stopping) {
+        if (ps->nqueued) {
+            uint32_t m = ps->nqueued < CLOSE_BATCH ? ps->nqueued : CLOSE_BATCH;
+            ps->nqueued -= m;
+            memcpy(batch, ps->queue + ps->nqueued, m * sizeof *batch);
+            pthread_mutex_unlock(&ps->mu);
+            fayt_keeper_close(k, batch, m);
+            pthread_mutex_lock(&ps->mu);
             last_work = 0;
             continue;
         }
-        if (nready_ctx < CTX_TARGET && nready >= target / 2 && !failing) {
+        if (ps->nready_ctx < CTX_TARGET && ps->nready >= ps->target / 2 && !failing) {
             struct pooled p[CTX_TARGET];
-            uint32_t want = CTX_TARGET - nready_ctx;
-            pthread_mutex_unlock(&mu);
-            int got = make_objects(p, want, "ctx");
-            pthread_mutex_lock(&mu);
+            uint32_t want = CTX_TARGET - ps->nready_ctx;
+            pthread_mutex_unlock(&ps->mu);
+            int got = make_objects(k, p, want, "ctx");
+            pthread_mutex_lock(&ps->mu);
             if (got <= 0)
                 failing = 1;
             for (int i = 0; i < got; i++)
-                ready_ctx[nready_ctx++] = p[i];    /* only this thread adds */
+                ps->ready_ctx[ps->nready_ctx++] = p[i];    /* only this thread adds */
             last_work = 0;
             continue;
         }
-        if (nready < target && !failing) {
+        if (ps->nready < ps->target && !failing) {
             struct pooled p[BATCH];
-            uint32_t want = target - nready;
-            pthread_mutex_unlock(&mu);
-            int got = make_objects(p, want, NULL);
-            pthread_mutex_lock(&mu);
+            uint32_t want = ps->target - ps->nready;
+            pthread_mutex_unlock(&ps->mu);
+            int got = make_objects(k, p, want, NULL);
+            pthread_mutex_lock(&ps->mu);
             if (got <= 0)
                 failing = 1;            /* out of files or memory: try again later */
             for (int i = 0; i < got; i++) {
-                if (nready < target) {
-                    ready[nready++] = p[i];
+                if (ps->nready < ps->target) {
+                    ps->ready[ps->nready++] = p[i];
                 } else {                /* never: only this thread adds */
                     close(p[i].fd);
-                    fayt_keeper_close(&p[i].kept, 1);
+                    fayt_keeper_close(k, &p[i].kept, 1);
                 }
             }
             last_work = 0;
@@ -642,144 +627,148 @@ static void *janitor(void *unused)
         int64_t now = fayt_now_ns();
         if (last_work == 0)
             last_work = now;
-        sleeping = 1;
+        ps->sleeping = 1;
         if (failing) {
-            deep = 0;
-            nap(100000000);
+            ps->deep = 0;
+            nap(ps, 100000000);
             failing = 0;
         } else if (now - last_work < IDLE_AFTER_NS) {
-            deep = 0;
-            nap(BUSY_NAP_NS);
+            ps->deep = 0;
+            nap(ps, BUSY_NAP_NS);
         } else {
-            deep = 1;
-            pthread_cond_wait(&cv, &mu);
+            ps->deep = 1;
+            pthread_cond_wait(&ps->cv, &ps->mu);
         }
-        sleeping = deep = 0;
+        ps->sleeping = ps->deep = 0;
     }
-    pthread_mutex_unlock(&mu);
+    pthread_mutex_unlock(&ps->mu);
     return NULL;
 }
 
-int fayt_objpool_start(uint32_t want)
+int fayt_objpool_start(struct fayt_core *k, uint32_t want)
 {
-    pthread_mutex_lock(&mu);
-    if (running) {
-        pthread_mutex_unlock(&mu);
+    struct pool_state *ps = &k->priv->pool;
+    pthread_mutex_lock(&ps->mu);
+    if (ps->running) {
+        pthread_mutex_unlock(&ps->mu);
         return EALREADY;
     }
-    target = want;
-    ready = calloc(want ? want : 1, sizeof *ready);
-    if (!ready) {
-        pthread_mutex_unlock(&mu);
+    ps->target = want;
+    ps->ready = calloc(want ? want : 1, sizeof *ps->ready);
+    if (!ps->ready) {
+        pthread_mutex_unlock(&ps->mu);
         return ENOMEM;
     }
     pthread_condattr_t a;
     pthread_condattr_init(&a);
     pthread_condattr_setclock(&a, CLOCK_MONOTONIC);
-    pthread_cond_init(&cv, &a);
+    pthread_cond_init(&ps->cv, &a);
     pthread_condattr_destroy(&a);
-    stopping = 0;
+    ps->stopping = 0;
     /* The thread takes no signal: faytd's handlers run on its main thread. */
     sigset_t all, old;
     sigfillset(&all);
     pthread_sigmask(SIG_BLOCK, &all, &old);
-    int e = pthread_create(&thread, NULL, janitor, NULL);
+    int e = pthread_create(&ps->thread, NULL, janitor, k);
     pthread_sigmask(SIG_SETMASK, &old, NULL);
     if (e) {
-        free(ready);
-        ready = NULL;
-        pthread_mutex_unlock(&mu);
+        free(ps->ready);
+        ps->ready = NULL;
+        pthread_mutex_unlock(&ps->mu);
         return e;
     }
-    running = 1;
-    pthread_mutex_unlock(&mu);
+    ps->running = 1;
+    pthread_mutex_unlock(&ps->mu);
     return 0;
 }
 
-int fayt_objpool_take(uint64_t length, const char *kind, char *name_out)
+int fayt_objpool_take(struct fayt_core *k, uint64_t length, const char *kind, char *name_out)
 {
+    struct pool_state *ps = &k->priv->pool;
     struct pooled p = {-1, -1};
     int ctx = kind && strcmp(kind, "ctx") == 0;
     if (!kind || ctx) {
-        pthread_mutex_lock(&mu);
-        if (running && !ctx && nready)
-            p = ready[--nready];
-        else if (running && ctx && nready_ctx)
-            p = ready_ctx[--nready_ctx];
-        if (running && sleeping && (deep || nready < target / 2 || nready_ctx < CTX_TARGET / 2))
-            pthread_cond_signal(&cv);
-        pthread_mutex_unlock(&mu);
+        pthread_mutex_lock(&ps->mu);
+        if (ps->running && !ctx && ps->nready)
+            p = ps->ready[--ps->nready];
+        else if (ps->running && ctx && ps->nready_ctx)
+            p = ps->ready_ctx[--ps->nready_ctx];
+        if (ps->running && ps->sleeping && (ps->deep || ps->nready < ps->target / 2 || ps->nready_ctx < CTX_TARGET / 2))
+            pthread_cond_signal(&ps->cv);
+        pthread_mutex_unlock(&ps->mu);
     }
     if (p.fd < 0) {
-        int got = make_objects(&p, 1, kind);
+        int got = make_objects(k, &p, 1, kind);
         if (got < 0)
             return got;
     }
-    name_of(p.kept, name_out);
+    name_of(k, p.kept, name_out);
     if ((length != 4096 && ftruncate(p.fd, (off_t)length) < 0)
         || fcntl(p.fd, F_ADD_SEALS, SEALS) < 0) {
         int e = errno;
         close(p.fd);
-        fayt_keeper_close(&p.kept, 1);
+        fayt_keeper_close(k, &p.kept, 1);
         return -e;
     }
     return p.fd;
 }
 
-void fayt_objpool_release(const char *name)
+void fayt_objpool_release(struct fayt_core *k, const char *name)
 {
-    int32_t k = kept_of(name);
-    if (k < 0)
+    struct pool_state *ps = &k->priv->pool;
+    int32_t num = kept_of(name);
+    if (num < 0)
         return;
-    pthread_mutex_lock(&mu);
-    if (running) {
-        if (nqueued == cap_queue) {
-            uint32_t cap = cap_queue ? cap_queue * 2 : 256;
-            void *q = realloc(queue, (size_t)cap * sizeof *queue);
+    pthread_mutex_lock(&ps->mu);
+    if (ps->running) {
+        if (ps->nqueued == ps->cap_queue) {
+            uint32_t cap = ps->cap_queue ? ps->cap_queue * 2 : 256;
+            void *q = realloc(ps->queue, (size_t)cap * sizeof *ps->queue);
             if (!q) {
-                pthread_mutex_unlock(&mu);
-                fayt_keeper_close(&k, 1);   /* no room to queue it: now */
+                pthread_mutex_unlock(&ps->mu);
+                fayt_keeper_close(k, &num, 1);   /* no room to queue it: now */
                 return;
             }
-            queue = q;
-            cap_queue = cap;
+            ps->queue = q;
+            ps->cap_queue = cap;
         }
-        queue[nqueued++] = k;
-        if (sleeping && (deep || nqueued >= QUEUE_WAKE))
-            pthread_cond_signal(&cv);
-        pthread_mutex_unlock(&mu);
+        ps->queue[ps->nqueued++] = num;
+        if (ps->sleeping && (ps->deep || ps->nqueued >= QUEUE_WAKE))
+            pthread_cond_signal(&ps->cv);
+        pthread_mutex_unlock(&ps->mu);
         return;
     }
-    pthread_mutex_unlock(&mu);
-    fayt_keeper_close(&k, 1);
+    pthread_mutex_unlock(&ps->mu);
+    fayt_keeper_close(k, &num, 1);
 }
 
-void fayt_objpool_stop(void)
+void fayt_objpool_stop(struct fayt_core *k)
 {
-    pthread_mutex_lock(&mu);
-    if (!running) {
-        pthread_mutex_unlock(&mu);
+    struct pool_state *ps = &k->priv->pool;
+    pthread_mutex_lock(&ps->mu);
+    if (!ps->running) {
+        pthread_mutex_unlock(&ps->mu);
         return;
     }
-    stopping = 1;
-    pthread_cond_signal(&cv);
-    pthread_mutex_unlock(&mu);
-    pthread_join(thread, NULL);
-    pthread_mutex_lock(&mu);
-    running = 0;
-    for (uint32_t i = 0; i < nready; i++) {
-        close(ready[i].fd);
-        fayt_keeper_close(&ready[i].kept, 1);
+    ps->stopping = 1;
+    pthread_cond_signal(&ps->cv);
+    pthread_mutex_unlock(&ps->mu);
+    pthread_join(ps->thread, NULL);
+    pthread_mutex_lock(&ps->mu);
+    ps->running = 0;
+    for (uint32_t i = 0; i < ps->nready; i++) {
+        close(ps->ready[i].fd);
+        fayt_keeper_close(k, &ps->ready[i].kept, 1);
     }
-    for (uint32_t i = 0; i < nready_ctx; i++) {
-        close(ready_ctx[i].fd);
-        fayt_keeper_close(&ready_ctx[i].kept, 1);
+    for (uint32_t i = 0; i < ps->nready_ctx; i++) {
+        close(ps->ready_ctx[i].fd);
+        fayt_keeper_close(k, &ps->ready_ctx[i].kept, 1);
     }
-    nready_ctx = 0;
-    fayt_keeper_close(queue, nqueued);
-    nready = nqueued = 0;
-    free(ready);
-    ready = NULL;
-    pthread_cond_destroy(&cv);
-    pthread_mutex_unlock(&mu);
+    ps->nready_ctx = 0;
+    fayt_keeper_close(k, ps->queue, ps->nqueued);
+    ps->nready = ps->nqueued = 0;
+    free(ps->ready);
+    ps->ready = NULL;
+    pthread_cond_destroy(&ps->cv);
+    pthread_mutex_unlock(&ps->mu);
 }

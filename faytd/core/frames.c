@@ -1,4 +1,4 @@
-/* frames.c: faytd's frame allocator (fayt/kernel.h).
+/* frames.c: faytd's frame allocator (core.h).
  *
  * Flat arrays, a few bytes per 4 KiB frame: 10,000 one-page share-points
  * cost nothing per frame.  Frames come from a stack of handed-back ones,
@@ -10,7 +10,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "fayt/kernel.h"
+#include "core.h"
 
 int fayt_frames_init(struct fayt_frames *f, uint32_t nframes)
 {

@@ -1,0 +1,41 @@
+"""cffi builder of faytd._core, faytd's own C (faytd/core/*.c).
+
+API mode: cffi compiles faytd/core/core.h's declarations (read with
+libportal's cdef_text, the one reader of the headers) against the real
+header, so that a field that drifts fails the build.  The .c files include
+libportal/include/fayt/*.h for the layouts they share with clients; no
+client loads this module.
+"""
+import importlib.util
+import os
+
+from cffi import FFI
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+# libportal/_build.py by its path: importing the package would load its
+# compiled module, which may not be built yet.
+_spec = importlib.util.spec_from_file_location("_libportal_build",
+                                               os.path.join(ROOT, "libportal", "_build.py"))
+_lpbuild = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_lpbuild)
+cdef_text = _lpbuild.cdef_text
+
+CORE = os.path.join(HERE, "core")
+SOURCES = [os.path.join("faytd", "core", f) for f in
+           ("core.c", "frames.c", "keeper.c", "names.c", "records.c", "journal.c", "serve.c")]
+
+ffibuilder = FFI()
+ffibuilder.cdef("struct fayt_core_priv;\n" + cdef_text(os.path.join(CORE, "core.h")), packed=True)
+ffibuilder.set_source(
+    "faytd._core",
+    '#include "core.h"\n',
+    sources=SOURCES,
+    include_dirs=[CORE, os.path.join(ROOT, "libportal", "include"),
+                  os.path.join(ROOT, "libportal", "src")],
+    extra_compile_args=["-O2", "-Wall"],
+    libraries=["pthread"],
+)
+
+if __name__ == "__main__":
+    ffibuilder.compile(tmpdir=ROOT, verbose=False)
