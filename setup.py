@@ -6,7 +6,7 @@ setup(
     version="0.1.0",
     description="FAYT memory portals, share-points and notifications as Linux processes",
     python_requires=">=3.10",
-    packages=["libportal", "faytd", "servers"],
+    packages=["libportal", "faytd", "faytd.syscalls", "servers"],
     package_data={"libportal": ["include/fayt/*.h", "src/*.c", "src/*.h"]},
     setup_requires=["cffi>=1.15"],
     install_requires=["cffi>=1.15", "posix_ipc>=1.1", "psutil>=5.9"],
