@@ -84,11 +84,6 @@ DEFAULT_TIMEOUT_MS = 10000
 DEFAULT_SPIN_US = 50
 
 
-def _name_matches(globs, name):
-    import fnmatch
-    return any(fnmatch.fnmatchcase(name, g) for g in globs)
-
-
 class Chain:
     __slots__ = ("id", "name", "name_bytes", "members", "flags", "timeout_ms")
 
@@ -266,10 +261,6 @@ class Pager:
 
     # -- chains ---------------------------------------------------------
     def join(self, ctx, name, nslots, run_max, flags, timeout_ms):
-        cat = ctx.category
-        if not _name_matches(cat.chains, name):
-            raise KernelError(errno.EPERM, "chain %r: category %s may not serve it"
-                              % (name, cat.name))
         chain = self.chains.get(name)
         if chain is not None and (ctx.id, chain.id) in self.members:
             raise KernelError(errno.EEXIST, "chain %r: this context serves it already" % name)
@@ -410,42 +401,46 @@ class Pager:
                               "a fault in its own portal would wait on itself" % chain_name)
         return chain
 
-    def map_special(self, ctx, tid, t, prot, length, addr, chain, message, uffd_fd,
-                    ident=None, create=0):
-        """A SPECIAL portal of ctx over its range [addr, addr + length),
-        registered with uffd_fd (dup'ed; the caller keeps its own).  Returns
-        (region, fds to grant): for a region that maps a chain server's
-        backing, a read-only fd of it; else none."""
-        k = self.k
-        share = t & lib.FAYT_PORTAL_SHARE
-        sh, made = None, False
-        if share:
-            if ident in self.shares or ident in k.sharepoints.by_name:
-                k.catch_up(ctx)     # a destroy already sent by another process comes first
-            sh = self.shares.get(ident)
-            if create and sh is not None:
+    def special_share(self, ctx, ident, create, length):
+        """The SPECIAL|SHARE share-point `ident` a portal attaches to (None
+        when it creates one, which must not exist yet)."""
+        if ident in self.shares or ident in self.k.sharepoints.by_name:
+            self.k.catch_up(ctx)    # a destroy already sent by another process comes first
+        sh = self.shares.get(ident)
+        if create:
+            if sh is not None:
                 raise KernelError(errno.EEXIST, "share.identifier: special share-point %r exists"
                                   % ident.decode())
-            if not create:
-                if sh is None:
-                    raise KernelError(errno.ENOENT, "share.identifier: no special share-point %r"
-                                      % ident.decode())
-                if length != sh.length:
-                    raise KernelError(errno.EINVAL, "length: %d; special share-point %r maps %d "
-                                      "bytes" % (length, ident.decode(), sh.length))
-                if prot & ~sh.prot:
-                    raise KernelError(errno.EACCES, "prot: %#x asked, special share-point %r "
-                                      "grants %#x" % (prot, ident.decode(), sh.prot))
-                chain, message = sh.chain.encode(), sh.message
-            else:
-                if ident in k.sharepoints.by_name:
-                    raise KernelError(errno.EEXIST, "share.identifier: %r names a share-point"
-                                      % ident.decode())
-                backing = BackingObject(0, k.frames.tag + ".special", length, [])
-                sh = SpecialShare(self._next_share, ident, backing, length, prot,
-                                  chain.decode(), message, ctx.pid)
-                self._next_share += 1
-                made = True
+            return None
+        if sh is None:
+            raise KernelError(errno.ENOENT, "share.identifier: no special share-point %r"
+                              % ident.decode())
+        if length != sh.length:
+            raise KernelError(errno.EINVAL, "length: %d; special share-point %r maps %d bytes"
+                              % (length, ident.decode(), sh.length))
+        return sh
+
+    def map_special(self, ctx, tid, t, prot, length, addr, chain, message, uffd_fd,
+                    ident=None, sh=None):
+        """A SPECIAL portal of ctx over its range [addr, addr + length),
+        registered with uffd_fd (dup'ed; the caller keeps its own); of a
+        SPECIAL|SHARE, the share `sh` it attaches to (special_share), or a
+        new one named `ident`.  Returns (region, fds to grant): for a region
+        that maps a chain server's backing, a read-only fd of it; else none."""
+        k = self.k
+        share = t & lib.FAYT_PORTAL_SHARE
+        made = False
+        if sh is not None:
+            chain, message = sh.chain.encode(), sh.message
+        elif share:
+            if ident in k.sharepoints.by_name:
+                raise KernelError(errno.EEXIST, "share.identifier: %r names a share-point"
+                                  % ident.decode())
+            backing = BackingObject(0, k.frames.tag + ".special", length, [])
+            sh = SpecialShare(self._next_share, ident, backing, length, prot, chain.decode(),
+                              message, ctx.pid)
+            self._next_share += 1
+            made = True
         uffd = os.dup(uffd_fd)
         grant = []
         try:

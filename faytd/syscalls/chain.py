@@ -8,6 +8,7 @@ from libportal._abi import (lib, CHAIN_JOIN as JOIN_REQ, CHAIN_JOIN_REPLY as JOI
                             CHAIN_BACK_REPLY as BACK_REPLY, PORTAL_REPLY, PORTAL_REQ)
 
 from ..frames import KernelError, PAGE
+from ..policy import Policy
 from .wire import unpack, utf8
 
 
@@ -39,8 +40,13 @@ def portal_special(k, ctx, tid, t, prot, length, addr, ident, create, chain, mes
     if not ctx.check_tid(tid):
         raise KernelError(errno.ESRCH, "tid %d is not a thread of pid %d" % (tid, ctx.pid))
     length = (length + PAGE - 1) // PAGE * PAGE
+    sh = None
+    if share:
+        sh = k.pager.special_share(ctx, ident, create, length)
+        if sh is not None:
+            Policy.check_prot(prot, sh.prot, "special share-point %r" % ident.decode())
     r, grant = k.pager.map_special(ctx, tid, t, prot, length, addr, chain, message, fds[0],
-                                   ident, create)
+                                   ident, sh)
     sh = r.share
     flags = lib.FAYT_PORTAL_REPLY_CREATED if sh is not None and create else 0
     if r.backing is not None:           # answered by reference: grant is its read-only fd
@@ -67,6 +73,7 @@ def sys_chain_join(k, ctx, tid, body, fds):
                           % (run_max, lib.FAYT_PAGER_RUN_MAX))
     if flags & ~lib.FAYT_CHAIN_FLAGS:
         raise KernelError(errno.EINVAL, "flags: unknown bits %#x" % (flags & ~lib.FAYT_CHAIN_FLAGS))
+    Policy.check_serve_chain(ctx, name)
     m = k.pager.join(ctx, name, slots, run_max, flags, timeout_ms)
     c = m.chain
     reply = JOIN_REPLY.pack(c.id, len(c.members) - 1, m.nslots, m.run_max, len(m.map),

@@ -1,27 +1,21 @@
 """HELLO and LIST_CONTEXTS: a context registers, and the contexts listed."""
 import errno
 
-from libportal._abi import lib, HELLO_REPLY
+from libportal._abi import HELLO_REPLY
 
 from ..frames import KernelError
+from ..policy import Policy
 from .wire import REPLY_BUDGET, json_page, list_after
-
-SHARE, ANON = lib.FAYT_PORTAL_SHARE, lib.FAYT_PORTAL_ANON
 
 
 def sys_hello(k, ctx, tid, body, fds):
     if ctx.registered:
         raise KernelError(errno.EALREADY, "hello: context already registered")
-    if ctx.category is None:
-        raise KernelError(errno.EPERM, "hello: no policy rule admits uid %d gid %d exe %s"
-                          % (ctx.uid, ctx.gid, ctx.exe))
+    Policy.check_admitted(ctx)
     ctx.make_page(k.frames.tag)
     k.registered(ctx)
     c = ctx.category
-    if c.classes & (SHARE | ANON) == SHARE | ANON:
-        ctx.fast.flags |= lib.FAYT_FAST_CONN_SHARE     # the fast path may create for it
-    if c.classes & ANON:
-        ctx.fast.flags |= lib.FAYT_FAST_CONN_ANON
+    ctx.fast.flags |= Policy.fast_flags(c)      # what the fast path may create for it
     return HELLO_REPLY.pack(ctx.id, c.id, c.classes, 0), [ctx.page.open_fd()]
 
 

@@ -23,12 +23,6 @@ def _slot(index, what="index"):
                           % (what, index, lib.FAYT_NOTIFICATION_SLOTS - 1))
 
 
-def _check_handlers_right(ctx, what):
-    if not ctx.category.notify_handlers:
-        raise KernelError(errno.EPERM, "%s: category %s may not install notification handlers"
-                          % (what, ctx.category.name))
-
-
 def _ring_reply(r):
     return RING_REPLY.pack(r.id, r.sender.id if r.sender else 0, r.target.id, r.target.pid,
                            RING_BYTES)
@@ -43,7 +37,7 @@ def _target(k, target_id):
 
 def sys_notify_install(k, ctx, tid, body, fds):
     index, _, cookie = unpack(INSTALL, body, "notify_install")
-    _check_handlers_right(ctx, "notify_install")
+    Policy.check_handlers(ctx, "notify_install")
     _slot(index)
     if cookie == 0:
         raise KernelError(errno.EINVAL, "cookie: 0 means no handler (use notify_remove)")
@@ -53,7 +47,7 @@ def sys_notify_install(k, ctx, tid, body, fds):
 
 def sys_notify_remove(k, ctx, tid, body, fds):
     index, _, _ = unpack(INSTALL, body, "notify_remove")
-    _check_handlers_right(ctx, "notify_remove")
+    Policy.check_handlers(ctx, "notify_remove")
     _slot(index)
     k.notifications.remove(ctx, index)
     return b"", []
@@ -61,7 +55,7 @@ def sys_notify_remove(k, ctx, tid, body, fds):
 
 def sys_notify_provider(k, ctx, tid, body, fds):
     index, _, _ = unpack(INSTALL, body, "notify_provider")
-    _check_handlers_right(ctx, "notify_provider")
+    Policy.check_handlers(ctx, "notify_provider")
     if index != lib.FAYT_NO_PROVIDER:
         _slot(index)
     k.notifications.set_provider(ctx, index)
@@ -132,7 +126,7 @@ def sys_notify_subscribe(k, ctx, tid, body, fds):
     if index < 0:
         k.notifications.unsubscribe(ctx, event)
         return b"", []
-    _check_handlers_right(ctx, "notify_subscribe")
+    Policy.check_handlers(ctx, "notify_subscribe")
     _slot(index)
     k.notifications.subscribe(ctx, event, index, arg)
     return b"", []

@@ -92,9 +92,7 @@ def sys_portal(k, ctx, tid, body, fds):
             k.catch_up(ctx)         # a destroy already sent by another process comes first
         if attach:
             sp = table.lookup(ident)
-            if prot & ~sp.prot:
-                raise KernelError(errno.EACCES, "prot: %#x asked, share-point %r grants %#x"
-                                  % (prot, ident.decode(), sp.prot))
+            Policy.check_prot(prot, sp.prot, "share-point %r" % ident.decode())
             if length not in (0, sp.backing.length):
                 raise KernelError(errno.EINVAL, "length: %d; share-point %r maps %d bytes"
                                   % (length, ident.decode(), sp.backing.length))

@@ -1,9 +1,8 @@
 """SHARE_DESTROY, UNMAP_DESTROY and LIST_SHARE: share-points by handle or in a list."""
 import errno
 
-from libportal._abi import lib
-
 from ..frames import KernelError
+from ..policy import Policy
 from .wire import REPLY_BUDGET, json_page, list_after, mapping
 
 
@@ -11,9 +10,7 @@ def _destroy(k, ctx, m):
     sp = m.sp
     if sp is None:
         raise KernelError(errno.EINVAL, "handle: %d is not a share-point" % m.handle)
-    if ctx.pid != sp.owner_pid and ctx.category.id != lib.FAYT_CATEGORY_CORE:
-        raise KernelError(errno.EPERM, "share-point %r: only its owner (pid %d) or a core "
-                          "server may destroy it" % (sp.identifier.decode(), sp.owner_pid))
+    Policy.check_destroy(ctx, sp)
     k.sharepoints.destroy(sp)
 
 
