@@ -2,7 +2,7 @@
 and the policy.
 
 No socket code here: the server (server.py) hands events in, the syscall
-layer (syscall.py) calls the methods that perform a request.
+layer (syscalls/) calls the methods that perform a request.
 """
 import array
 import errno

@@ -28,7 +28,7 @@ import traceback
 
 from libportal._abi import lib, REQ_HDR, REP_HDR
 
-from . import syscall
+from . import syscalls as syscall
 from .frames import KernelError
 from .native import ffi, lib as clib
 

@@ -56,7 +56,7 @@ import libportal, libportal.portal, libportal._abi
 import argparse, copy, fnmatch, gettext, locale, logging, mmap, re, runpy, secrets, select
 import selectors, shutil, signal
 import stat, struct, traceback, posix_ipc
-import faytd.main, faytd.server, faytd.kernel, faytd.syscall
+import faytd.main, faytd.server, faytd.kernel, faytd.syscalls
 uid, gid = int(sys.argv[1]), int(sys.argv[2])
 os.setgroups([])
 os.setgid(gid)
