@@ -335,8 +335,12 @@ class Kernel:
         ctx.connected = False
         clib.fayt_fast_conn_gone(self.fast, ctx.fast)   # it creates nothing any more
         watch = ctx.alive and ctx.pidfd >= 0
-        if watch and ctx.mapped_lock_records()[0]:
+        records, ignored = ctx.mapped_lock_records()
+        if watch and records:
             return                      # records naming what it never mapped keep nothing
+        if ignored:                     # the line died() would write, had it come first
+            log.warning("pid %d: %d of its lock records name share-points it never mapped: "
+                        "ignored", ctx.pid, ignored)
         self.drop_mappings(ctx)
         if not (watch and self.sharepoints.owns(ctx.pid)):
             self.forget(ctx)
