@@ -10,14 +10,17 @@ Objects (frames, sharepoint, context) never see the wire format.
 """
 import errno
 import json
+import logging
 import os
 
-from libportal._abi import (lib, HELLO_REPLY, HANDLE_REQ, LIST_REQ, PORTAL_REPLY, PORTAL_REQ,
+from libportal._abi import (lib, HELLO_REQ, HELLO_REPLY, HANDLE_REQ, LIST_REQ, PORTAL_REPLY, PORTAL_REQ,
                             PORTAL_REQ_SIZE, REP_HDR)
 
 from .context import Mapping
 from .frames import KernelError, PAGE, pages
 from .policy import Policy, class_names
+
+log = logging.getLogger("faytd")
 
 SHARE, DIRECT, ANON = lib.FAYT_PORTAL_SHARE, lib.FAYT_PORTAL_DIRECT, lib.FAYT_PORTAL_ANON
 COW, SPECIAL = lib.FAYT_PORTAL_COW, lib.FAYT_PORTAL_SPECIAL
@@ -45,6 +48,7 @@ def _string(body, trailer_at, ptr, field, limit):
 
 
 def sys_hello(k, ctx, tid, body, fds):
+    _check_wire_abi(ctx, body)
     if ctx.registered:
         raise KernelError(errno.EALREADY, "hello: context already registered")
     if ctx.category is None:
@@ -57,7 +61,30 @@ def sys_hello(k, ctx, tid, body, fds):
         ctx.fast.flags |= lib.FAYT_FAST_CONN_SHARE     # the fast path may create for it
     if c.classes & ANON:
         ctx.fast.flags |= lib.FAYT_FAST_CONN_ANON
-    return HELLO_REPLY.pack(ctx.id, c.id, c.classes, 0), [ctx.page.open_fd()]
+    return HELLO_REPLY.pack(ctx.id, c.id, c.classes, lib.FAYT_WIRE_ABI), [ctx.page.open_fd()]
+
+
+def _check_wire_abi(ctx, body):
+    """EPROTO unless the client speaks faytd's wire ABI (fayt/syscall.h).
+    The version is read first whatever the body's length: a HELLO of
+    another layout is refused by its version.  No body: version 0."""
+    if 0 < len(body) < 4:
+        raise KernelError(errno.EINVAL, "hello: body of %d bytes; fayt_hello_req has %d"
+                          % (len(body), HELLO_REQ.size))
+    theirs = int.from_bytes(body[:4], "little")      # fayt_hello_req.wire_abi; 0 if no body
+    if theirs != lib.FAYT_WIRE_ABI:
+        why = ("hello: wire ABI mismatch: the client speaks version %d%s, this faytd speaks "
+               "version %d (install the same fayt-portals on both sides)"
+               % (theirs, " (a HELLO without a version)" if not body else "",
+                  lib.FAYT_WIRE_ABI))
+        log.warning("context %d (pid %d, uid %d, exe %s): %s", ctx.id, ctx.pid, ctx.uid,
+                    ctx.exe, why)
+        raise KernelError(errno.EPROTO, why)
+    if len(body) != HELLO_REQ.size:
+        raise KernelError(errno.EINVAL, "hello: body of %d bytes; fayt_hello_req has %d"
+                          % (len(body), HELLO_REQ.size))
+    if HELLO_REQ.unpack(body)[1]:
+        raise KernelError(errno.EINVAL, "hello: reserved: must be 0")
 
 
 def decode_portal(k, body):

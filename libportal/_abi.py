@@ -77,6 +77,7 @@ def struct_of(ctype, upto=None):
 
 REQ_HDR = struct_of("struct fayt_req_hdr")
 REP_HDR = struct_of("struct fayt_rep_hdr")
+HELLO_REQ = struct_of("struct fayt_hello_req")
 HELLO_REPLY = struct_of("struct fayt_hello_reply")
 HANDLE_REQ = struct_of("struct fayt_handle_req")
 LIST_REQ = struct_of("struct fayt_list_req")

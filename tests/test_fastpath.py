@@ -396,14 +396,15 @@ def test_fastpath_a_request_read_ahead_is_never_performed_for_another_context(fr
     d = fresh_faytd()
     parent = subprocess.Popen([sys.executable, "-c", textwrap.dedent("""
         import os, socket, sys, time
-        from libportal._abi import lib, REQ_HDR
+        from libportal._abi import lib, REQ_HDR, HELLO_REQ
         s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         s.connect(sys.argv[1])
         r, w = os.pipe()
         if os.fork() == 0:              # keeps its parent's connection
             os.close(w)
             os.read(r, 1)
-            s.send(REQ_HDR.pack(lib.FAYT_REQ_MAGIC, lib.FAYT_SYS_HELLO, 0, 999, os.getpid()))
+            s.send(REQ_HDR.pack(lib.FAYT_REQ_MAGIC, lib.FAYT_SYS_HELLO, 0, 999, os.getpid())
+                   + HELLO_REQ.pack(lib.FAYT_WIRE_ABI, 0))
             time.sleep(5)
             os._exit(0)
         os.close(r)
