@@ -1,5 +1,5 @@
 """Versions: the wire ABI that HELLO carries both ways (fayt/syscall.h
-FAYT_WIRE_ABI).
+FAYT_WIRE_ABI), and the journal's format version (faytd/journal.py).
 Real faytds; the client's own check is seen against a socket server of
 this test that answers HELLO with another version."""
 import errno
@@ -138,3 +138,84 @@ def test_versions_client_refuses_a_faytd_of_another_wire_abi(tmp_path, version):
         % (errno.EPROTO, fake.path, version, lib.FAYT_WIRE_ABI))
     assert _fds() == before, "the refused connection left descriptors open"
 
+
+# -- the journal's format ------------------------------------------------------
+from faytd import journal as journal_mod  # noqa: E402
+from faytd.launch import keepers  # noqa: E402
+
+from test_journal import _log, _owner, children, restartable  # noqa: E402,F401
+
+
+def _journal(restartable):
+    return os.path.join(restartable.dir, "faytd.journal")
+
+
+def test_versions_journal_names_its_format_first(restartable, children):
+    d = restartable.start()
+    _owner(children, d, "v-first", b"x")
+    with open(_journal(restartable), "rb") as f:
+        assert f.readline() == b"V %d\n" % journal_mod.FORMAT
+    assert journal_mod.FORMAT == 2
+
+
+def test_versions_journal_of_format_1_is_taken_and_migrated(restartable, children):
+    """Today's journal before versions (no V line) is read as format 1 and
+    rewritten in format 2 at the restart; its share-points come back."""
+    d = restartable.start()
+    _owner(children, d, "v-old", b"format 1")
+    restartable.kill()
+    path = _journal(restartable)
+    with open(path, "rb") as f:
+        data = f.read()
+    assert data.startswith(b"V 2\nN ")
+    with open(path, "wb") as f:
+        f.write(data[len(b"V 2\n"):])           # as a faytd before versions wrote it
+    d = restartable.start()
+    log = _log(d)
+    assert ("journal %s: format 1 (before versions: no V line); read as such, and migrated in "
+            "place to format 2 when faytd rewrites it at start" % path) in log
+    assert "restored 1 share-points" in log
+    with open(path, "rb") as f:
+        assert f.readline() == b"V 2\n"
+    conn = libportal.Connection(d.socket)
+    try:
+        assert libportal.share_attach("v-old", connection=conn).read(0, 8) == b"format 1"
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("line", [b"V 3", b"V two"])
+def test_versions_journal_of_an_unknown_format_is_refused_untouched(restartable, children, line):
+    """faytd does not start on a journal it cannot read (a newer faytd's):
+    the message names the file and the formats; the journal and the keeper
+    holding its objects are left as they were, for the faytd that can."""
+    d = restartable.start()
+    _owner(children, d, "v-new", b"kept for the newer faytd")
+    restartable.kill()
+    path = _journal(restartable)
+    with open(path, "rb") as f:
+        data = f.read()
+    newer = line + b"\n" + data[len(b"V 2\n"):]
+    with open(path, "wb") as f:
+        f.write(newer)
+    (keeper,) = keepers([restartable.dir])
+    with pytest.raises(RuntimeError) as e:
+        restartable.start()
+    shown = line[2:].decode()
+    assert ("faytd: journal %s: format %s; this faytd reads formats 1 and 2 and writes 2. A "
+            "newer faytd wrote it: run that one on this state directory (or move the journal "
+            "away, and its share-points are lost). Nothing was changed." % (path, shown)
+            ) in str(e.value)
+    with open(path, "rb") as f:
+        assert f.read() == newer
+    assert list(keepers([restartable.dir])) == [keeper]
+    # The faytd that reads it takes everything back (here: the same line as before).
+    with open(path, "wb") as f:
+        f.write(data)
+    d = restartable.start()
+    conn = libportal.Connection(d.socket)
+    try:
+        sp = libportal.share_attach("v-new", connection=conn)
+        assert sp.read(0, 24) == b"kept for the newer faytd"
+    finally:
+        conn.close()
