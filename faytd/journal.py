@@ -182,6 +182,7 @@ class Journal:
             raise SystemExit("faytd: another faytd keeps its journal in %s (--state-dir)"
                              % state_dir) from None
         self._fd = -1
+        self.errors = 0                 # writes of Python's that failed (the C path's: fast)
         self.lines = self.live_lines = 0
         self.next_ids = (1, 1)
         self.state_dir = os.path.abspath(state_dir)
@@ -240,6 +241,7 @@ class Journal:
         try:
             os.write(self._fd, line)
         except OSError as e:            # a full disk must not take faytd down
+            self.errors += 1
             log.error("journal: cannot write (%s); a restart will not see this change", e)
 
     @staticmethod

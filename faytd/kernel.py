@@ -21,6 +21,7 @@ from .notification import Notifications
 from .pager import Pager
 from .policy import Policy
 from .sharepoint import SharePointTable
+from .stats import Stats
 
 log = logging.getLogger("faytd")
 FAST_MAX_FRAMES = lib.FAYT_FAST_MAX_FRAMES    # larger portals go through Python
@@ -31,6 +32,7 @@ _RECHECK_MAX_S = 1.0        # ... doubling up to this
 class Kernel:
     def __init__(self, cfg, owner_uid, tag=None):
         self.cfg = cfg
+        self.stats = Stats()        # which path served calls: stats.py, FAYT_SYS_STATS
         self.policy = Policy(cfg["policy"], owner_uid)
         # The fast system calls' state (fayt/kernel.h): see settle().
         self.fast = ffi.new("struct fayt_fast_kernel *")

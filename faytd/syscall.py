@@ -16,6 +16,7 @@ import os
 from libportal._abi import (lib, HELLO_REQ, HELLO_REPLY, HANDLE_REQ, LIST_REQ, PORTAL_REPLY, PORTAL_REQ,
                             PORTAL_REQ_SIZE, REP_HDR)
 
+from . import stats as _stats
 from .context import Mapping
 from .frames import KernelError, PAGE, pages
 from .policy import Policy, class_names
@@ -327,6 +328,7 @@ HANDLERS = {
     lib.FAYT_SYS_LIST_SHARE: sys_list_share,
     lib.FAYT_SYS_LIST_CONTEXTS: sys_list_contexts,
     lib.FAYT_SYS_UNMAP_DESTROY: sys_unmap_destroy,
+    lib.FAYT_SYS_STATS: _stats.sys_stats,
 }
 NEED_NO_HELLO = {lib.FAYT_SYS_HELLO}     # listing needs a context the policy admitted
 # Ops whose request may carry file descriptors (SCM_RIGHTS); the handler gets

@@ -266,6 +266,10 @@ class Connection:
         """{"contexts": [...], "ram_frames": n, "free_frames": n} (paged LIST_CONTEXTS)."""
         return self._list(lib.FAYT_SYS_LIST_CONTEXTS, "contexts")
 
+    def stats(self):
+        """faytd's counters, decoded (FAYT_SYS_STATS; README "fayt stats")."""
+        return json.loads(self.call(lib.FAYT_SYS_STATS)[0])
+
     def _list(self, op, key):
         out, after, head = [], 0, {}
         while True:
