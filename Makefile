@@ -13,7 +13,8 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check
 STAMP  := $(VENV)/.fayt-installed
 TESTS  ?= tests
-SOURCES := setup.py pyproject.toml libportal/_build.py $(wildcard libportal/src/*.c) \
+SOURCES := setup.py pyproject.toml libportal/_build.py \
+           $(wildcard libportal/src/*.c) $(wildcard libportal/src/*.h) \
            $(wildcard libportal/include/fayt/*.h)
 
 .PHONY: all demo test deps venv clean
