@@ -13,7 +13,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check
 STAMP  := $(VENV)/.fayt-installed
 TESTS  ?= tests
-SOURCES := setup.py pyproject.toml libportal/_build.py \
+SOURCES := setup.py pyproject.toml libportal/_build.py libportal/_versions.py \
            $(wildcard libportal/src/*.c) $(wildcard libportal/src/*.h) \
            $(wildcard libportal/include/fayt/*.h)
 

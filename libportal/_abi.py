@@ -10,9 +10,9 @@ import struct as _struct
 from . import errors
 from ._fayt_cffi import ffi, lib
 from . import _fastpath
+from ._versions import CFFI_ABI
 
-CFFI_ABI = 7
-FASTPATH_ABI = 5
+FASTPATH_ABI = 5        # fastpath.c's FASTPATH_ABI
 
 if lib.fayt_cffi_abi() != CFFI_ABI or _fastpath.ABI_VERSION != FASTPATH_ABI:
     raise ImportError("libportal's compiled modules do not match its Python code: "

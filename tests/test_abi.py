@@ -8,6 +8,7 @@ is written here by hand, from the headers, and is also checked against the
 fields cffi knows, so that a field added on one side only fails the test.
 """
 import os
+import re
 import subprocess
 
 import pytest
@@ -329,3 +330,19 @@ def test_abi_portal_classes_are_distinct_combinable_bits():
     import mmap
     assert (lp.PROT_READ, lp.PROT_WRITE, lp.PROT_EXEC) == \
         (mmap.PROT_READ, mmap.PROT_WRITE, mmap.PROT_EXEC)
+
+
+def test_abi_cffi_version_is_written_once():
+    """CFFI_ABI is written in libportal/_versions.py only: _build.py compiles
+    it into the module and _abi.py checks it, both reading that file."""
+    from libportal import _versions
+    here = os.path.dirname(INCLUDE)
+    written = []
+    for name in sorted(os.listdir(here)):
+        if name.endswith(".py"):
+            with open(os.path.join(here, name)) as f:
+                for line in f:
+                    if re.match(r"\s*(CFFI_ABI\s*=\s*\d|#\s*define\s+FAYT_CFFI_ABI)", line):
+                        written.append(name)
+    assert written == ["_versions.py"]
+    assert lib.fayt_cffi_abi() == _versions.CFFI_ABI
