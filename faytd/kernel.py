@@ -23,6 +23,7 @@ from .notification import Notifications
 from .pager import Pager
 from .policy import Policy
 from .sharepoint import SharePointTable
+from .stats import Stats
 
 log = logging.getLogger("faytd")
 FAST_MAX_FRAMES = clib.FAYT_FAST_MAX_FRAMES    # larger portals go through Python
@@ -33,6 +34,7 @@ _RECHECK_MAX_S = 1.0        # ... doubling up to this
 class Kernel:
     def __init__(self, cfg, owner_uid, tag=None):
         self.cfg = cfg
+        self.stats = Stats()        # which path served calls: stats.py, FAYT_SYS_STATS
         self.policy = Policy(cfg["policy"], owner_uid)
         # The C core's state (faytd/core/core.h): see settle().
         self.fast = core

@@ -488,6 +488,7 @@ class Pager:
         if r.closed:
             return
         r.closed = True
+        self.k.stats.region_closed(r)
         log.debug("region %d (chain %r) closed: %d faults, %d pages fetched (%d faults answered "
                   "in one call), %d mapped by reference, %d failed, %d write reports", r.id,
                   r.chain.name, r.faults, r.fetched, r.in_one_call, r.mapped, r.failed,

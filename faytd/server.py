@@ -502,6 +502,7 @@ class Server:
 
     def _perform(self, ctx, op, tid, body, fds):
         """(reply body, fds) or (KernelError, []) for the request."""
+        self.k.stats.python_call(op)
         handler = syscall.HANDLERS.get(op)
         try:
             if handler is None:

@@ -14,6 +14,7 @@ objects never see the wire format, a socket or a right.
 """
 from libportal._abi import lib
 
+from .. import stats
 from . import chain, context, notify, portal, sharepoint
 
 HANDLERS = {
@@ -40,6 +41,7 @@ HANDLERS = {
     lib.FAYT_SYS_CHAIN_LEAVE: chain.sys_chain_leave,
     lib.FAYT_SYS_CHAIN_BACK: chain.sys_chain_back,
     lib.FAYT_SYS_CHAIN_UNBACK: chain.sys_chain_unback,
+    lib.FAYT_SYS_STATS: stats.sys_stats,
 }
 # Every call but HELLO needs a context the policy admitted.
 NEED_NO_HELLO = frozenset({lib.FAYT_SYS_HELLO})
