@@ -30,7 +30,9 @@ the fd's fdinfo ("API:" line: the features the kernel granted it), not from
 the client's word.  Else it is answered by copy.  Requests of a region to
 the server whose backing it maps carry FAYT_PAGE_BACKED and the backing's id
 (after an unback too: the region still maps it); only they may be answered
-MAPPED.  Minor faults are read faults here (a write to a page mapped so
+MAPPED, anything else is a protocol error (EPROTO, SIGBUS for the access).
+DATA answers work on a backed region too (UFFDIO_COPY there makes a private
+anonymous page).  Minor faults are read faults here (a write to a page mapped so
 copies it: MAP_PRIVATE).  Linux does not fault around in uffd-minor VMAs:
 every page faults.
 """
