@@ -57,8 +57,8 @@ def stats_json(k, ctx):
     for op in sorted(set(OP_NAMES) | set(s.python)):
         fast = sum(getattr(f, c) for c in _FAST.get(op, ()))
         calls[OP_NAMES.get(op, "op_%d" % op)] = {"fast": fast, "python": s.python.get(op, 0)}
-    faults = s.faults + sum(r.faults for r in k.pager.regions.values())
-    in_one_call = s.in_one_call + sum(r.in_one_call for r in k.pager.regions.values())
+    faults = s.faults + sum(r.faults for r in k.pager.regions.by_id.values())
+    in_one_call = s.in_one_call + sum(r.in_one_call for r in k.pager.regions.by_id.values())
     core = ctx.category is not None and ctx.category.id == lib.FAYT_CATEGORY_CORE
     sps = k.sharepoints.by_id.values()
     j = k.journal

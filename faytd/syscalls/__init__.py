@@ -9,8 +9,9 @@ Each handler takes (kernel, context, tid, body, fds) and returns (reply
 body, fds to grant); the server closes those fds once sent.  It raises
 KernelError(errno, message) to fail.  A handler decodes its body, asks
 Policy (policy.py) whether the context may, makes one call of an object
-(the Kernel, its Pager or its Notifications) and packs the reply: the
-objects never see the wire format, a socket or a right.
+(the Kernel, its Pager's chains or regions, its Notifications) and packs
+the reply: the objects never see the wire format, a socket or a right
+(PORTAL of ANON or SHARE still performs in its handler: portal.py says why).
 """
 from libportal._abi import lib
 

@@ -2,6 +2,10 @@
 
 A SPECIAL portal is decoded here like any other, then handed to chain.py
 (its range and userfaultfd are the client's; the pager serves it).
+The exception to "one object call" in this layer: an ANON or SHARE
+portal's perform half (charge, create or attach, capture, the mapping) is
+still written out in sys_portal against the Kernel's tables, as it was in
+syscall.py, until the share-point table's one owner (the C core) takes it.
 """
 import errno
 import os
