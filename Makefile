@@ -62,6 +62,6 @@ deps:
 		{ echo "make: a C compiler (gcc) is needed to build libportal's C code" >&2; exit 1; }
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache libportal/_fayt_cffi.c libportal/*.so \
+	rm -rf $(VENV) .venv-* build *.egg-info .pytest_cache libportal/_fayt_cffi.c libportal/*.so \
 		faytd/_core.c faytd/*.so
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
