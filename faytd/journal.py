@@ -35,6 +35,7 @@ import os
 import re
 
 from .frames import shared_field, start_time
+from .native import ffi as cffi, lib as clib
 
 log = logging.getLogger("faytd")
 
@@ -204,10 +205,16 @@ class Journal:
 
     @staticmethod
     def _sp_line(sp):
-        return ("S %d %d %d %d %d %d %s %s %s\n" % (
-            sp.id, sp.owner_pid, sp.owner_start or 0, sp.owner_uid, sp.prot,
-            sp.backing.length, sp.backing.names, ",".join(map(str, sp.backing.frames)),
-            sp.identifier.hex())).encode()
+        """The S record, written by the core's one writer of it (journal.c)."""
+        frames = sp.backing.frames
+        room = 160 + 2 * len(sp.backing.names) + 11 * len(frames) + 2 * len(sp.identifier)
+        out = cffi.new("char[]", room)
+        n = clib.fayt_journal_sp_line(sp.id, sp.owner_pid, sp.owner_start or 0, sp.owner_uid,
+                                      sp.prot, sp.backing.length, sp.backing.names.encode(),
+                                      cffi.from_buffer("uint32_t[]", frames) if len(frames)
+                                      else cffi.NULL, len(frames), sp.identifier,
+                                      len(sp.identifier), out, room)
+        return cffi.buffer(out, n)[:]
 
     @staticmethod
     def _ctx_line(ctx):
@@ -218,7 +225,7 @@ class Journal:
         self._write(self._sp_line(sp), 1)
 
     def sharepoint_destroyed(self, sp):
-        self._write(b"D %d\n" % sp.id, -1)
+        clib.fayt_journal_sp_destroyed(self.fast, sp.id)   # a failure: journal_errors
 
     def context_registered(self, ctx):
         self._write(self._ctx_line(ctx), 1)

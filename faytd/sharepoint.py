@@ -96,7 +96,6 @@ class SharePointTable:
         self.fast = fast
         self.by_name = {}
         self.by_id = {}
-        fast.next_sp_id = 1
         self.max = max_sharepoints
         self.by_owner = {}          # owner pid -> {sp id}
         self.on_destroy = []        # callables(sp), run before a share-point leaves the table
@@ -113,8 +112,7 @@ class SharePointTable:
             raise KernelError(errno.EINVAL, "length: %d bytes leave no room for data after "
                               "the meta-structure" % length)
         backing = self.frames.allocate(n * PAGE, split=True)
-        sp_id = self.fast.next_sp_id
-        self.fast.next_sp_id = (sp_id % 0xfffffffe) + 1
+        sp_id = clib.fayt_core_new_sp_id(self.fast)
         sp = SharePoint(sp_id, identifier, backing, prot, owner_pid, owner_uid)
         sp.owner_start = owner_start
         try:
@@ -164,7 +162,7 @@ class SharePointTable:
     def skip_ids(self, next_id):
         """Never hand out an id below next_id again (a restart: ids of
         share-points destroyed before it may still be in lock records)."""
-        self.fast.next_sp_id = max(self.fast.next_sp_id, next_id)
+        clib.fayt_core_skip_sp_ids(self.fast, next_id)
 
     def lookup(self, identifier):
         sp = self.by_name.get(identifier)

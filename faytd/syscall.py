@@ -3,9 +3,9 @@
 Each handler takes (kernel, context, tid, body, fds) and returns
 (reply body, fds to grant); the server closes those fds once sent.  It
 raises KernelError(errno, message) to fail.
-Decoding copies nothing it has not bounds-checked, the way a kernel's
-copy_from_user would: a pointer field of portal_req is 0 or 1 + an offset into
-the message's trailer, and the string there must end inside it.
+portal_req is decoded by the core's one decoder (faytd/core/decode.c), the
+C path's too: it copies nothing it has not bounds-checked, the way a
+kernel's copy_from_user would.
 Objects (frames, sharepoint, context) never see the wire format.
 """
 import errno
@@ -17,32 +17,11 @@ from libportal._abi import (lib, HELLO_REPLY, HANDLE_REQ, LIST_REQ, PORTAL_REPLY
 
 from .context import Mapping
 from .frames import KernelError, PAGE, pages
-from .native import lib as clib
+from .native import ffi as cffi, lib as clib
 from .policy import Policy, class_names
 
 SHARE, DIRECT, ANON = lib.FAYT_PORTAL_SHARE, lib.FAYT_PORTAL_DIRECT, lib.FAYT_PORTAL_ANON
 COW, SPECIAL = lib.FAYT_PORTAL_COW, lib.FAYT_PORTAL_SPECIAL
-VALID_TYPES = {ANON, SHARE | ANON, SHARE | DIRECT, DIRECT, COW, SPECIAL, SPECIAL | SHARE}
-
-
-def _string(body, trailer_at, ptr, field, limit):
-    """The NUL-terminated string a pointer field names, or None for NULL."""
-    if ptr == 0:
-        return None
-    start = trailer_at + ptr - 1
-    if ptr < 0 or start >= len(body):
-        raise KernelError(errno.EFAULT, "%s: points outside the request" % field)
-    end = body.find(b"\0", start, start + limit + 1)
-    if end < 0:
-        if len(body) - start > limit:
-            raise KernelError(errno.ENAMETOOLONG, "%s: longer than %d bytes" % (field, limit))
-        raise KernelError(errno.EFAULT, "%s: not terminated inside the request" % field)
-    s = body[start:end]
-    try:
-        s.decode("utf-8")
-    except UnicodeDecodeError:
-        raise KernelError(errno.EINVAL, "%s: not valid UTF-8" % field) from None
-    return s
 
 
 def sys_hello(k, ctx, tid, body, fds):
@@ -61,59 +40,34 @@ def sys_hello(k, ctx, tid, body, fds):
     return HELLO_REPLY.pack(ctx.id, c.id, c.classes, 0), [ctx.page.open_fd()]
 
 
+_ARGS = cffi.new("struct fayt_portal_args *")
+_MSG = cffi.new("char[]", 256)
+
+
 def decode_portal(k, body):
-    if len(body) < PORTAL_REQ_SIZE:
-        raise KernelError(errno.EFAULT, "portal_req: %d bytes sent, the struct has %d"
-                          % (len(body), PORTAL_REQ_SIZE))
-    (t, prot, length, ident_p, share_type, create, chain_p, message_p, addr,
-     mlen) = PORTAL_REQ.unpack_from(body)
-    if t & ~lib.FAYT_PORTAL_CLASSES:
-        raise KernelError(errno.EINVAL, "type: unknown class bits %#x" % (t & ~lib.FAYT_PORTAL_CLASSES))
-    if t not in VALID_TYPES:
-        raise KernelError(errno.EINVAL, "type: %s is not a valid combination of classes"
-                          % class_names(t))
-    if prot & ~lib.FAYT_PROT_ALL:
-        raise KernelError(errno.EINVAL, "prot: unknown bits %#x" % (prot & ~lib.FAYT_PROT_ALL))
-    if addr % PAGE:
-        raise KernelError(errno.EINVAL, "morphology.addr: %#x is not 4 KiB aligned" % addr)
-    npaddr = pages(mlen) if t & (DIRECT | COW) else 0
-    trailer_at = PORTAL_REQ_SIZE + 8 * npaddr
-    if len(body) < trailer_at:
-        raise KernelError(errno.EFAULT, "morphology.paddr: %d entries named, fewer sent" % npaddr)
-    ident = _string(body, trailer_at, ident_p, "share.identifier", lib.FAYT_NAME_MAX)
-    chain = _string(body, trailer_at, chain_p, "sp_req_chain.name", lib.FAYT_NAME_MAX)
-    message = _string(body, trailer_at, message_p, "sp_req_chain.message", lib.FAYT_MESSAGE_MAX)
-    attach = bool(t & SHARE) and create == lib.FAYT_SHARE_ATTACH
-    if length < 0 or (length == 0 and not attach):
-        raise KernelError(errno.EINVAL, "length: %d; a portal needs at least 1 byte" % length)
-    if length > k.cfg["max_portal_length"]:
-        raise KernelError(errno.EINVAL, "length: %d is more than one portal may map (%d)"
-                          % (length, k.cfg["max_portal_length"]))
-    if mlen not in (0, length):
-        raise KernelError(errno.EINVAL, "morphology.length: %d differs from length %d"
-                          % (mlen, length))
-    if t & SHARE:
-        if ident is None or ident == b"":
-            raise KernelError(errno.EINVAL, "share.identifier: a share-point needs a name")
-        if create not in (lib.FAYT_SHARE_ATTACH, lib.FAYT_SHARE_CREATE):
-            raise KernelError(errno.EINVAL, "share.create: %d is neither 0 nor 1" % create)
-        if share_type == lib.FAYT_SHARE_ADVANCED:
-            raise KernelError(errno.ENOSYS, "share.type: the advanced share-point is not built yet")
-        if share_type != lib.FAYT_SHARE_TRIVIAL:
-            raise KernelError(errno.EINVAL, "share.type: unknown type %d" % share_type)
-    elif ident is not None:
-        raise KernelError(errno.EINVAL, "share.identifier: given without the SHARE class")
-    if (chain is not None or message is not None) and not t & SPECIAL:
-        raise KernelError(errno.EINVAL, "sp_req_chain: given without the SPECIAL class")
-    return t, prot, length, addr, ident, create, attach, (t, prot, length, ident_p, share_type,
-                                                         create, chain_p, message_p, addr)
+    """The request's portal_req, decoded and checked by the core's one
+    decoder (faytd/core/decode.c, which the C path uses too): KernelError
+    with its errno and message if it refuses."""
+    a = _ARGS
+    err = clib.fayt_portal_decode(k.fast, body, len(body), a, _MSG, 256)
+    if err:
+        raise KernelError(err, cffi.string(_MSG).decode())
+    ident = body[a.ident_at:a.ident_at + a.ident_len] if a.ident_at >= 0 else None
+    chain = body[a.chain_at:a.chain_at + a.chain_len] if a.chain_at >= 0 else None
+    message = body[a.message_at:a.message_at + a.message_len] if a.message_at >= 0 else None
+    t, create = a.type, a.create
+    return (t, a.prot, a.length, a.addr, ident, create, bool(a.attach),
+            (t, a.prot, a.length, a.ident_p, a.share_type, create, a.chain_p, a.message_p,
+             a.addr), chain, message)
 
 
 def sys_portal(k, ctx, tid, body, fds):
-    t, prot, length, addr, ident, create, attach, req_fields = decode_portal(k, body)
+    (t, prot, length, addr, ident, create, attach, req_fields, chain,
+     message) = decode_portal(k, body)
     Policy.check_classes(ctx.category, t)                      # EPERM: nothing created
     if t & SPECIAL:
-        return _portal_special(k, ctx, tid, body, t, prot, length, addr, req_fields, fds)
+        return _portal_special(k, ctx, tid, t, prot, length, addr, req_fields, fds, ident,
+                               chain, message)
     if fds:
         raise KernelError(errno.EINVAL, "this call takes no file descriptors")
     if t & (DIRECT | COW):
@@ -183,16 +137,12 @@ def sys_portal(k, ctx, tid, body, fds):
 _PADDR_FIT = (lib.FAYT_MSG_MAX - REP_HDR.size - PORTAL_REPLY.size - PORTAL_REQ_SIZE) // 8
 
 
-def _portal_special(k, ctx, tid, body, t, prot, length, addr, req_fields, fds):
+def _portal_special(k, ctx, tid, t, prot, length, addr, req_fields, fds, ident, chain,
+                    message):
     """SPECIAL: the client's own range and its userfaultfd (pager.py)."""
     if len(ctx.mappings) >= k.cfg["max_mappings_per_context"]:
         raise KernelError(errno.ENOMEM, "this context has %d mappings, the quota"
                           % len(ctx.mappings))
-    trailer_at = PORTAL_REQ_SIZE
-    chain = _string(body, trailer_at, req_fields[6], "sp_req_chain.name", lib.FAYT_NAME_MAX)
-    message = _string(body, trailer_at, req_fields[7], "sp_req_chain.message",
-                      lib.FAYT_MESSAGE_MAX)
-    ident = _string(body, trailer_at, req_fields[3], "share.identifier", lib.FAYT_NAME_MAX)
     create = req_fields[5]
     handle, mapped, r, grant = _pager.portal_special(k, ctx, tid, t, prot, length, addr, chain,
                                                      message, fds, ident, create)

@@ -19,6 +19,7 @@
  * - records.c: the share-points and ANON portals the C path made and still
  *   holds, by (context, handle), and the objects kept for recycling;
  * - journal.c: the journal records the C path writes;
+ * - decode.c: the one decoder of struct portal_req, for every path;
  * - serve.c: the request path: fayt_fast_poll (faytd's epoll wait) and
  *   fayt_fast_serve, which read one request, and perform and answer it in
  *   C when it is one the C path takes; anything else goes back, unread
@@ -72,7 +73,7 @@ void fayt_frames_adopted(struct fayt_frames *f);
 struct fayt_core {
     struct fayt_frames frames;
     int32_t journal_fd;        /* -1: no journal */
-    uint32_t next_sp_id;       /* share-point ids, shared by Python and C */
+    uint32_t next_sp_id;       /* the next share-point id: only the core changes it */
     uint64_t journal_lines;    /* lines written since the journal was (re)written */
     int64_t journal_live;      /* of them, records of what is still live */
     uint64_t max_portal_length;
@@ -97,6 +98,24 @@ int fayt_core_init(struct fayt_core *k);
 void fayt_core_fini(struct fayt_core *k);
 /* Which build of this header the module is (faytd/native.py checks it). */
 int fayt_core_abi(void);
+
+/* Share-point ids (serve.c): a new one (1 .. 2^32-2, then 1 again), and,
+ * at a restart, never one below `next` again (ids of share-points destroyed
+ * before it may still be in lock records). */
+uint32_t fayt_core_new_sp_id(struct fayt_core *k);
+void fayt_core_skip_sp_ids(struct fayt_core *k, uint32_t next);
+
+/* -- journal records (journal.c): the one writer of a share-point's lines -- */
+/* The S record of a share-point into out[max] (faytd/journal.py gives the
+ * format): its length, or -1 if it does not fit.  object: "<page 0>" or
+ * "<page 0>+<the rest>". */
+int fayt_journal_sp_line(uint32_t sp_id, int32_t pid, uint64_t start, uint32_t uid,
+                         int32_t prot, uint64_t length, const char *object,
+                         const uint32_t *frames, uint32_t nframes, const char *ident,
+                         uint32_t ilen, char *out, uint32_t max);
+/* Append the D record of a share-point to the journal: 0, or -1 if the
+ * write failed (counted in journal_errors). */
+int fayt_journal_sp_destroyed(struct fayt_core *k, uint32_t sp_id);
 
 /* -- backing objects: the keeper and the pool (keeper.c) ------------------ */
 #define FAYT_OBJ_NAME_MAX 96       /* bytes of an object name, NUL included */
@@ -134,6 +153,37 @@ int fayt_objpool_take(struct fayt_core *k, uint64_t length, const char *kind, ch
 void fayt_objpool_release(struct fayt_core *k, const char *name);
 /* End the thread; every pooled object and queued release goes now. */
 void fayt_objpool_stop(struct fayt_core *k);
+
+/* -- the portal_req decoder (decode.c) ----------------------------------- */
+/* A decoded struct portal_req.  A string is at body[*_at], *_len bytes
+ * (its NUL not counted), checked to end inside the message and to be
+ * UTF-8; *_at is -1 for a NULL pointer. */
+struct fayt_portal_args {
+    int32_t type;
+    int32_t prot;
+    int32_t length;
+    int32_t share_type;
+    int32_t create;
+    int32_t attach;            /* SHARE with share.create ATTACH */
+    uint64_t ident_p;          /* the pointer fields as sent (0 or 1 + trailer offset) */
+    uint64_t chain_p;
+    uint64_t message_p;
+    uint64_t addr;             /* morphology.addr */
+    uint64_t mlen;             /* morphology.length */
+    int32_t ident_at;
+    int32_t ident_len;
+    int32_t chain_at;
+    int32_t chain_len;
+    int32_t message_at;
+    int32_t message_len;
+} __attribute__((packed));
+
+/* Decode and check the portal_req of a PORTAL request body (blen bytes):
+ * 0, or an errno with a message naming the argument at fault in msg[max].
+ * What it checks needs no state but k->max_portal_length; rights, quotas and
+ * the share-point table are the caller's. */
+int fayt_portal_decode(struct fayt_core *k, const uint8_t *body, uint32_t blen,
+                       struct fayt_portal_args *a, char *msg, uint32_t max);
 
 /* -- the request path (serve.c) ------------------------------------------ */
 /* One per connection (faytd's Context owns it).  Python keeps next_handle,

@@ -19,6 +19,9 @@
 #define ZERO_AT_CREATE 16384      /* up to this, a recycled object is zeroed by the meta's write */
 #define CORE_ABI 1                /* fayt_core_abi(); faytd/native.py checks it */
 
+/* -- decode.c: strict UTF-8, as Python's decode("utf-8") takes it ------- */
+int core_utf8_valid(const unsigned char *s, size_t n);
+
 /* -- names.c ------------------------------------------------------------ */
 struct resident;
 
@@ -92,7 +95,6 @@ int core_journal_write(struct fayt_core *k, const char *line, size_t n, int live
 /* The S record of a share-point r made (identifier ident, ilen bytes). */
 int core_journal_sharepoint(struct fayt_core *k, const struct resident *r,
                             const char *ident, uint32_t ilen);
-int core_journal_destroyed(struct fayt_core *k, uint32_t sp_id);
 
 /* -- keeper.c ----------------------------------------------------------- */
 #define KEEPER_BATCH 32            /* objects handed to the keeper in one message */

@@ -33,48 +33,6 @@
 #include "fayt/lock.h"
 #include "fayt/sharepoint.h"
 
-/* -- checks ----------------------------------------------------------- */
-/* Strict UTF-8, as Python's decode("utf-8") takes it: no overlong forms, no
- * surrogates, nothing above U+10FFFF. */
-static int utf8_valid(const unsigned char *s, size_t n)
-{
-    size_t i = 0;
-    while (i < n) {
-        unsigned c = s[i];
-        if (c < 0x80) {
-            i++;
-            continue;
-        }
-        size_t k;
-        uint32_t cp;
-        if (c >= 0xC2 && c <= 0xDF) {
-            k = 1;
-            cp = c & 0x1F;
-        } else if (c >= 0xE0 && c <= 0xEF) {
-            k = 2;
-            cp = c & 0x0F;
-        } else if (c >= 0xF0 && c <= 0xF4) {
-            k = 3;
-            cp = c & 0x07;
-        } else {
-            return 0;
-        }
-        if (i + k >= n)
-            return 0;
-        for (size_t j = 1; j <= k; j++) {
-            unsigned b = s[i + j];
-            if ((b & 0xC0) != 0x80)
-                return 0;
-            cp = (cp << 6) | (b & 0x3F);
-        }
-        if (k == 2 && (cp < 0x800 || (cp >= 0xD800 && cp <= 0xDFFF)))
-            return 0;
-        if (k == 3 && (cp < 0x10000 || cp > 0x10FFFF))
-            return 0;
-        i += k + 1;
-    }
-    return 1;
-}
 
 
 static int send_reply(int fd, const void *msg, size_t n, int pass_fd, int pass_fd2)
@@ -237,30 +195,21 @@ static int fast_create(struct fayt_core *k, struct fayt_fast_conn *c,
                        const struct fayt_req_hdr *h, const uint8_t *body, size_t blen, int *err)
 {
     struct portal_req req;
-    if (blen < sizeof req || h->flags)
-        return FAYT_FAST_PASS;
-    memcpy(&req, body, sizeof req);
-    if ((req.prot & ~FAYT_PROT_ALL) || req.morphology.addr % FAYT_PAGE_SIZE
-        || req.sp_req_chain.name || req.sp_req_chain.message || req.length <= 0
-        || (uint64_t)req.length > k->max_portal_length
-        || (req.morphology.length != 0 && req.morphology.length != (size_t)req.length)
+    struct fayt_portal_args a;
+    /* One decoder for both paths: a request it refuses goes to Python,
+     * which decodes it again with the same code and answers its message. */
+    if (h->flags || blen > UINT32_MAX
+        || fayt_portal_decode(k, body, (uint32_t)blen, &a, NULL, 0)
         || c->tid == 0 || h->tid != c->tid)
         return FAYT_FAST_PASS;
-    if (req.type == FAYT_PORTAL_ANON)
+    memcpy(&req, body, sizeof req);
+    if (a.type == FAYT_PORTAL_ANON)
         return fast_anon(k, c, h, &req, err);
-    if (req.type != (FAYT_PORTAL_SHARE | FAYT_PORTAL_ANON) || req.share.create != FAYT_SHARE_CREATE
-        || req.share.type != FAYT_SHARE_TRIVIAL || !(c->flags & FAYT_FAST_CONN_SHARE))
+    if (a.type != (FAYT_PORTAL_SHARE | FAYT_PORTAL_ANON) || a.create != FAYT_SHARE_CREATE
+        || !(c->flags & FAYT_FAST_CONN_SHARE))
         return FAYT_FAST_PASS;
-    /* share.identifier: 1 + its offset in the trailer, NUL-terminated there. */
-    uintptr_t ip = (uintptr_t)req.share.identifier;
-    if (ip == 0 || ip - 1 >= blen - sizeof req)
-        return FAYT_FAST_PASS;
-    const char *ident = (const char *)body + sizeof req + (ip - 1);
-    size_t room = blen - sizeof req - (ip - 1);
-    const char *nul = memchr(ident, 0, room < FAYT_NAME_MAX + 1 ? room : FAYT_NAME_MAX + 1);
-    if (!nul || nul == ident || !utf8_valid((const unsigned char *)ident, nul - ident))
-        return FAYT_FAST_PASS;
-    uint32_t ilen = (uint32_t)(nul - ident);
+    const char *ident = (const char *)body + a.ident_at;
+    uint32_t ilen = (uint32_t)a.ident_len;
 
     uint32_t n = ((uint32_t)req.length + FAYT_PAGE_SIZE - 1) / FAYT_PAGE_SIZE;
     uint64_t bytes = (uint64_t)n * FAYT_PAGE_SIZE;
@@ -315,7 +264,7 @@ static int fast_create(struct fayt_core *k, struct fayt_fast_conn *c,
         memset(meta + mlen, 0, bytes - mlen);
         mlen = bytes;
     }
-    uint32_t sp_id = k->next_sp_id;
+    uint32_t sp_id = k->next_sp_id;      /* taken below, once nothing can fail */
     int e = 0;
     struct name_ent *ne = NULL;
     if (write_object(r, ofd, meta, mlen)
@@ -329,7 +278,7 @@ static int fast_create(struct fayt_core *k, struct fayt_fast_conn *c,
     r->name = ne;
     r->sp_id = sp_id;
     ne->res = r;
-    k->next_sp_id = (sp_id % 0xfffffffeU) + 1;
+    fayt_core_new_sp_id(k);
     k->nsharepoints++;
     k->nresident++;
     k->creates++;
@@ -354,7 +303,7 @@ static int fast_destroy(struct fayt_core *k, struct fayt_fast_conn *c,
         return FAYT_FAST_PASS;
     /* A destroy the journal does not know must not lend its object to a new
      * share-point: a restart would take both back, on one object. */
-    int keep = core_journal_destroyed(k, r->sp_id) == 0;
+    int keep = fayt_journal_sp_destroyed(k, r->sp_id) == 0;
     core_resident_unlink(k, r);
     core_name_remove(k, r->name);
     k->nsharepoints--;
@@ -531,3 +480,17 @@ int fayt_fast_poll(struct fayt_core *k, int epfd, int64_t spin_ns, int timeout_m
     }
 }
 
+
+/* -- share-point ids ------------------------------------------------------ */
+uint32_t fayt_core_new_sp_id(struct fayt_core *k)
+{
+    uint32_t id = k->next_sp_id;
+    k->next_sp_id = (id % 0xfffffffeU) + 1;
+    return id;
+}
+
+void fayt_core_skip_sp_ids(struct fayt_core *k, uint32_t next)
+{
+    if (next > k->next_sp_id)
+        k->next_sp_id = next;
+}
