@@ -23,7 +23,7 @@ cdef_text = _lpbuild.cdef_text
 
 CORE = os.path.join(HERE, "core")
 SOURCES = [os.path.join("faytd", "core", f) for f in
-           ("core.c", "frames.c", "keeper.c", "names.c", "records.c", "journal.c", "decode.c",
+           ("core.c", "frames.c", "keeper.c", "names.c", "table.c", "journal.c", "decode.c",
             "serve.c")]
 
 ffibuilder = FFI()

@@ -10,13 +10,11 @@ Objects (frames, sharepoint, context) never see the wire format.
 """
 import errno
 import json
-import os
 
 from libportal._abi import (lib, HELLO_REPLY, HANDLE_REQ, LIST_REQ, PORTAL_REPLY, PORTAL_REQ,
                             PORTAL_REQ_SIZE, REP_HDR)
 
-from .context import Mapping
-from .frames import KernelError, PAGE, pages
+from .frames import KernelError
 from .native import ffi as cffi, lib as clib
 from .policy import Policy, class_names
 
@@ -34,21 +32,24 @@ def sys_hello(k, ctx, tid, body, fds):
     k.registered(ctx)
     c = ctx.category
     if c.classes & (SHARE | ANON) == SHARE | ANON:
-        ctx.fast.flags |= clib.FAYT_FAST_CONN_SHARE     # the fast path may create for it
+        ctx.fast.flags |= clib.FAYT_FAST_CONN_SHARE     # the C path may serve it
     if c.classes & ANON:
         ctx.fast.flags |= clib.FAYT_FAST_CONN_ANON
     return HELLO_REPLY.pack(ctx.id, c.id, c.classes, 0), [ctx.page.open_fd()]
 
 
-_ARGS = cffi.new("struct fayt_portal_args *")
+# Buffers of one call (a catch-up may perform other calls in the middle of
+# one: the decoded request is the call's own).
 _MSG = cffi.new("char[]", 256)
+_BODY = cffi.new("uint8_t[]", lib.FAYT_MSG_MAX)
+_OUT = cffi.new("struct fayt_core_reply *")
 
 
 def decode_portal(k, body):
     """The request's portal_req, decoded and checked by the core's one
     decoder (faytd/core/decode.c, which the C path uses too): KernelError
     with its errno and message if it refuses."""
-    a = _ARGS
+    a = cffi.new("struct fayt_portal_args *")
     err = clib.fayt_portal_decode(k.fast, body, len(body), a, _MSG, 256)
     if err:
         raise KernelError(err, cffi.string(_MSG).decode())
@@ -58,12 +59,12 @@ def decode_portal(k, body):
     t, create = a.type, a.create
     return (t, a.prot, a.length, a.addr, ident, create, bool(a.attach),
             (t, a.prot, a.length, a.ident_p, a.share_type, create, a.chain_p, a.message_p,
-             a.addr), chain, message)
+             a.addr), chain, message, a)
 
 
 def sys_portal(k, ctx, tid, body, fds):
     (t, prot, length, addr, ident, create, attach, req_fields, chain,
-     message) = decode_portal(k, body)
+     message, args) = decode_portal(k, body)
     Policy.check_classes(ctx.category, t)                      # EPERM: nothing created
     if t & SPECIAL:
         return _portal_special(k, ctx, tid, t, prot, length, addr, req_fields, fds, ident,
@@ -78,60 +79,13 @@ def sys_portal(k, ctx, tid, body, fds):
                           % len(ctx.mappings))
     if not ctx.check_tid(tid):
         raise KernelError(errno.ESRCH, "tid %d is not a thread of pid %d" % (tid, ctx.pid))
-    handle = ctx.new_handle()
-    flags = 0
-    if t & SHARE:
-        table = k.sharepoints
-        if ident in table.by_name:
-            k.catch_up(ctx)         # a destroy already sent by another process comes first
-        if attach:
-            sp = table.lookup(ident)
-            if prot & ~sp.prot:
-                raise KernelError(errno.EACCES, "prot: %#x asked, share-point %r grants %#x"
-                                  % (prot, ident.decode(), sp.prot))
-            if length not in (0, sp.backing.length):
-                raise KernelError(errno.EINVAL, "length: %d; share-point %r maps %d bytes"
-                                  % (length, ident.decode(), sp.backing.length))
-        else:
-            k.charge(ctx, pages(length) * PAGE)
-            try:
-                sp = table.create(ident, length, prot, ctx.pid, ctx.uid, ctx.start)
-            except BaseException:
-                ctx.ram -= pages(length) * PAGE
-                raise
-            sp.charged = (ctx, pages(length) * PAGE)
-            flags |= lib.FAYT_PORTAL_REPLY_CREATED
-        table.capture(sp, (ctx.id, handle), ctx.pid, tid)
-        backing, data_offset, sp_id, granted = sp.backing, sp.data_offset, sp.id, prot
-    else:
-        if length > k.frames.nframes * PAGE:
-            raise KernelError(errno.ENOMEM, "length: %d bytes is more than faytd's RAM" % length)
-        backing = k.allocate_for(ctx, pages(length) * PAGE)
-        sp, data_offset, sp_id, granted = None, 0, 0, prot
-    m = Mapping(handle, t, backing, sp, ctx.pid, tid, granted)
-    if sp is None:
-        m.charged = backing.length
-    k.add_mapping(ctx, m)
-    # The reply must fit FAYT_MSG_MAX: a portal of more frames than fit
-    # lists its first ones (nframes says how many), not a reply cut short.
-    paddrs = k.frames.paddrs(backing)[:_PADDR_FIT]
-    if backing.tail is not None:
-        flags |= lib.FAYT_PORTAL_REPLY_SPLIT
-    reply = (PORTAL_REPLY.pack(handle, backing.length, data_offset, sp_id, len(paddrs),
-                               granted, flags)
-             + PORTAL_REQ.pack(*req_fields, backing.length)      # morphology filled
-             + paddrs.tobytes())
-    if backing.tail is None:
-        return reply, [backing.open_fd()]
-    # A split share-point: page 0 read-write (the lock), the rest read-only
-    # unless PROT_WRITE was granted (the object is 0600: another uid cannot
-    # reopen that descriptor read-write).
-    fd = backing.open_fd()
-    try:
-        return reply, [fd, backing.tail.open_fd(readonly=not granted & lib.FAYT_PROT_WRITE)]
-    except BaseException:
-        os.close(fd)
-        raise
+    if t & SHARE and ident in k.sharepoints.by_name:
+        k.catch_up(ctx)             # a destroy already sent by another process comes first
+    # The core performs it (faytd/core/table.c), as it does for the C path.
+    err = clib.fayt_core_portal(k.fast, ctx.fast, tid, body, args, _BODY, _OUT, _MSG, 256)
+    if err:
+        raise KernelError(err, cffi.string(_MSG).decode())
+    return cffi.buffer(_BODY, _OUT.len)[:], list(_OUT.fds[0:_OUT.nfds])
 
 
 _PADDR_FIT = (lib.FAYT_MSG_MAX - REP_HDR.size - PORTAL_REPLY.size - PORTAL_REQ_SIZE) // 8
@@ -155,43 +109,57 @@ def _portal_special(k, ctx, tid, t, prot, length, addr, req_fields, fds, ident, 
     return reply, [sh.backing.open_fd()] if sh is not None else grant
 
 
-def _mapping(ctx, body):
+def _handle(body):
     if len(body) != HANDLE_REQ.size:
         raise KernelError(errno.EINVAL, "handle: expected %d bytes, got %d"
                           % (HANDLE_REQ.size, len(body)))
-    (handle,) = HANDLE_REQ.unpack(body)
-    m = ctx.mappings.get(handle)
+    return HANDLE_REQ.unpack(body)[0]
+
+
+def _core_unmap(k, ctx, handle, how):
+    """The core's mapping `handle`: True once performed (notices of a
+    destroy sent), False if the core holds no such mapping."""
+    sp_id = clib.fayt_core_map_sp(k.fast, ctx.fast, handle)
+    if sp_id < 0:
+        return False
+    sp = k.sharepoints.get(sp_id) if sp_id and how != clib.FAYT_CORE_UNMAP else None
+    captured = sp.captured if sp is not None and not sp.destroyed else None
+    destroyed = cffi.new("uint32_t *")
+    err = clib.fayt_core_unmap(k.fast, ctx.fast, handle, how, destroyed, _MSG, 256)
+    if err:
+        raise KernelError(err, cffi.string(_MSG).decode())
+    if destroyed[0] and sp is not None:
+        k.sharepoints.destroyed(sp, captured)
+    return True
+
+
+def _python_mapping(ctx, handle):
+    m = ctx.mappings.own_get(handle)       # Python's own (SPECIAL portals, stacks)
     if m is None:
         raise KernelError(errno.EBADF, "handle: %d names no mapping of this context" % handle)
     return m
 
 
 def sys_unmap(k, ctx, tid, body, fds):
-    k.unmap(ctx, _mapping(ctx, body))
+    handle = _handle(body)
+    if not _core_unmap(k, ctx, handle, clib.FAYT_CORE_UNMAP):
+        k.unmap(ctx, _python_mapping(ctx, handle))
     return b"", []
 
 
-def _destroy(k, ctx, m):
-    sp = m.sp
-    if sp is None:
-        raise KernelError(errno.EINVAL, "handle: %d is not a share-point" % m.handle)
-    if ctx.pid != sp.owner_pid and ctx.category.id != lib.FAYT_CATEGORY_CORE:
-        raise KernelError(errno.EPERM, "share-point %r: only its owner (pid %d) or a core "
-                          "server may destroy it" % (sp.identifier.decode(), sp.owner_pid))
-    k.sharepoints.destroy(sp)
-
-
 def sys_share_destroy(k, ctx, tid, body, fds):
-    _destroy(k, ctx, _mapping(ctx, body))
+    handle = _handle(body)
+    if not _core_unmap(k, ctx, handle, clib.FAYT_CORE_DESTROY):
+        _python_mapping(ctx, handle)
+        raise KernelError(errno.EINVAL, "handle: %d is not a share-point" % handle)
     return b"", []
 
 
 def sys_unmap_destroy(k, ctx, tid, body, fds):
     """Destroy the share-point, then drop this mapping.  On EPERM nothing changes."""
-    m = _mapping(ctx, body)
-    if m.sp is not None and not m.sp.destroyed:
-        _destroy(k, ctx, m)
-    k.unmap(ctx, m)
+    handle = _handle(body)
+    if not _core_unmap(k, ctx, handle, clib.FAYT_CORE_UNMAP_DESTROY):
+        k.unmap(ctx, _python_mapping(ctx, handle))
     return b"", []
 
 
@@ -221,13 +189,14 @@ _REPLY_BUDGET = lib.FAYT_MSG_MAX - 1024
 def sys_list_share(k, ctx, tid, body, fds):
     after = _list_after(body)
     k.catch_up(ctx)
+    table = k.sharepoints
     items = ({"id": sp.id, "identifier": sp.identifier.decode("utf-8", "replace"),
-              "size": sp.length, "mapped_bytes": sp.backing.length, "prot": sp.prot,
+              "size": sp.length, "mapped_bytes": sp.length + sp.data_offset, "prot": sp.prot,
               "owner": sp.owner_pid, "owner_alive": sp.owner_alive,
               "captured": sorted(set(sp.captured.values())),
-              "frames": [k.frames.paddr(f) for f in sp.backing.frames[:64]],
-              "nframes": len(sp.backing.frames)}
-             for i, sp in sorted(k.sharepoints.by_id.items()) if i > after)
+              "frames": [k.frames.paddr(f) for f in sp.frames[:64]],
+              "nframes": len(sp.frames)}
+             for sp in (table.get(i) for i in table.ids(after)) if sp is not None)
     return _page(items, _REPLY_BUDGET).encode(), []
 
 
