@@ -26,6 +26,13 @@ def fast_counts(log):
     return _counts(log)[:2]
 
 
+def attach_counts(log):
+    """(attaches, share-point unmaps) served by the fast path."""
+    m = re.search(r"; (\d+) attaches, (\d+) share-point unmaps", log)
+    assert m, "faytd did not log its fast path's attach counts:\n" + log[-2000:]
+    return int(m.group(1)), int(m.group(2))
+
+
 def anon_counts(log):
     """(mapped, unmapped) ANON portals by the fast path."""
     return _counts(log)[2:]
@@ -543,3 +550,22 @@ def test_fastpath_anon_quota_refuses_as_python_does(fresh_faytd, conn_to):
     p.unmap()
     c.close()
     assert anon_counts(d.stop())[0] >= 2
+
+
+def test_fastpath_serves_attach_and_unmap_of_any_share_point(fresh_faytd, conn_to):
+    """The core owns every share-point: an attach of one Python made (the
+    first create of a context is Python's) and its unmap are the C path's."""
+    d = fresh_faytd()
+    c = conn_to(d)
+    made = libportal.share_create("attach-me", 4096, connection=c)     # Python's (first call)
+    made.write(0, b"hello")
+    for _ in range(20):
+        sp = libportal.share_attach("attach-me", connection=c)
+        assert sp.read(0, 5) == b"hello" and sp.sp_id == made.sp_id
+        sp.unmap()
+    made.destroy()
+    c.close()
+    log = d.stop()
+    attached, unmapped = attach_counts(log)
+    assert attached == 20 and unmapped >= 20, log
+    assert fast_counts(log)[0] == 0, log
