@@ -10,6 +10,7 @@ Objects (frames, sharepoint, context) never see the wire format.
 """
 import errno
 import json
+import os
 
 from libportal._abi import (lib, HELLO_REPLY, HANDLE_REQ, LIST_REQ, PORTAL_REPLY, PORTAL_REQ,
                             PORTAL_REQ_SIZE, REP_HDR)
@@ -85,7 +86,10 @@ def sys_portal(k, ctx, tid, body, fds):
     err = clib.fayt_core_portal(k.fast, ctx.fast, tid, body, args, _BODY, _OUT, _MSG, 256)
     if err:
         raise KernelError(err, cffi.string(_MSG).decode())
-    return cffi.buffer(_BODY, _OUT.len)[:], list(_OUT.fds[0:_OUT.nfds])
+    # The server closes what it sent: a descriptor the core holds, a copy.
+    fds = [os.dup(fd) if _OUT.borrowed & (1 << i) else fd
+           for i, fd in enumerate(_OUT.fds[0:_OUT.nfds])]
+    return cffi.buffer(_BODY, _OUT.len)[:], fds
 
 
 _PADDR_FIT = (lib.FAYT_MSG_MAX - REP_HDR.size - PORTAL_REPLY.size - PORTAL_REQ_SIZE) // 8

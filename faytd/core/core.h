@@ -224,11 +224,15 @@ struct fayt_fast_conn *fayt_core_conn_new(struct fayt_core *k);
 void fayt_core_conn_put(struct fayt_core *k, struct fayt_fast_conn *c);
 
 /* What a performed call leaves for its reply: the body (after the reply
- * header) in the caller's buffer, and descriptors the caller owns. */
+ * header) in the caller's buffer, and its descriptors: the caller closes
+ * them once sent, but for those `borrowed` marks (bit i: fds[i]), which
+ * the core holds (for the next attach or a recycle) and which the caller
+ * only sends. */
 struct fayt_core_reply {
     uint32_t len;
     int32_t nfds;
     int32_t fds[2];
+    uint32_t borrowed;
 } __attribute__((packed));
 
 /* PORTAL of class SHARE|ANON (create or attach) or ANON, decoded (a), for

@@ -136,7 +136,7 @@ static int fast_portal(struct fayt_core *k, struct fayt_fast_conn *c,
     int se = send_reply(c->fd, rep, sizeof rh + out.len, out.fds[0],
                         out.nfds > 1 ? out.fds[1] : -1);
     for (int i = 0; i < out.nfds; i++)
-        if (out.fds[i] >= 0)
+        if (out.fds[i] >= 0 && !(out.borrowed & (1u << i)))
             close(out.fds[i]);
     return served(se, err);
 }

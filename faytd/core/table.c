@@ -689,10 +689,12 @@ static int sp_create(struct fayt_core *k, struct fayt_fast_conn *c, int32_t tid,
         return e;
     struct sp *sp = sp_alloc(n);
     struct map *m = map_new(k, c, tid, a->prot, FAYT_PORTAL_SHARE | FAYT_PORTAL_ANON, bytes, 0);
-    uint8_t *meta = NULL;
+    uint8_t stack[ZERO_AT_CREATE], *meta = NULL;
     size_t mlen = sizeof(struct fayt_sharepoint_meta) + (size_t)n * 8;
     size_t room = mlen > ZERO_AT_CREATE ? mlen : ZERO_AT_CREATE;
-    if (!sp || !m || !(meta = calloc(1, room))) {
+    if (sp && m)
+        meta = room <= sizeof stack ? stack : malloc(room);
+    if (!meta) {
         free(sp);
         free(m);
         return core_fail(msg, max, ENOMEM, "faytd: out of memory");
@@ -719,11 +721,13 @@ static int sp_create(struct fayt_core *k, struct fayt_fast_conn *c, int32_t tid,
         fayt_frames_put(&k->frames, sp->frames, n);
         free(sp);
         free(m);
-        free(meta);
+        if (meta != stack)
+            free(meta);
         return object_error(k, -fd, msg, max);
     }
     /* The meta-structure: lock free, prot, data length, the morphology; a
      * recycled small object is zeroed by the same write. */
+    memset(meta, 0, mlen > ZERO_AT_CREATE ? mlen : ZERO_AT_CREATE);
     struct fayt_sharepoint_meta mh = {0};
     mh.prot = a->prot;
     mh.length = bytes - data_offset;
@@ -736,7 +740,8 @@ static int sp_create(struct fayt_core *k, struct fayt_fast_conn *c, int32_t tid,
     if (recycled && bytes <= ZERO_AT_CREATE)
         mlen = bytes;
     int werr = write_objects(fd, fd2, sp->split, meta, mlen);
-    free(meta);
+    if (meta != stack)
+        free(meta);
     sp->id = k->next_sp_id;             /* taken below, once nothing can fail */
     struct name_ent *ne = NULL;
     if (werr || !(ne = core_name_insert(k, ident, ilen, &e)) || ids_insert(k, sp)) {
@@ -791,11 +796,13 @@ static int sp_create(struct fayt_core *k, struct fayt_fast_conn *c, int32_t tid,
         fd2 = -1;
     }
     int rfd = fd;
+    out->borrowed = 0;
     if (hold(k, &sp->fd, fd)) {
-        rfd = fcntl(fd, F_DUPFD_CLOEXEC, 3);
+        out->borrowed |= 1;             /* held: the caller sends it and leaves it open */
         if (fd2 >= 0) {
             sp->fd2 = fd2;
-            rfd2 = fcntl(fd2, F_DUPFD_CLOEXEC, 3);
+            rfd2 = fd2;
+            out->borrowed |= 2;
         }
     } else if (fd2 >= 0) {
         rfd2 = fd2;
@@ -828,12 +835,17 @@ static int sp_attach(struct fayt_core *k, struct fayt_fast_conn *c, int32_t tid,
         return core_fail(msg, max, EINVAL, "length: %d; share-point %s maps %llu bytes",
                          a->length, repr(ident, ilen, rb, sizeof rb),
                          (unsigned long long)sp->length);
-    int rfd = reply_fd(sp->fd, sp->object, 0), rfd2 = -1;
+    out->borrowed = sp->fd >= 0;         /* the held one, sent as it is */
+    int rfd = sp->fd >= 0 ? sp->fd : reply_fd(-1, sp->object, 0), rfd2 = -1;
     if (rfd >= 0 && sp->split) {
         rfd2 = reply_fd(sp->fd2, sp->object2, !(a->prot & FAYT_PROT_WRITE));
         if (rfd2 < 0) {
-            close(rfd);
+            int err = errno;
+            if (!(out->borrowed & 1))
+                close(rfd);
             rfd = -1;
+            out->borrowed = 0;
+            errno = err;
         }
     }
     if (rfd < 0) {
@@ -845,15 +857,15 @@ static int sp_attach(struct fayt_core *k, struct fayt_fast_conn *c, int32_t tid,
                          sp->object, strerror(err));
     }
     if (sp->fd < 0 && !sp->split && k->priv->held_fds < RECYCLE_MAX) {
-        int keep = fcntl(rfd, F_DUPFD_CLOEXEC, 3);
-        if (keep >= 0)
-            hold(k, &sp->fd, keep);
+        hold(k, &sp->fd, rfd);          /* kept for the next attaches: sent, not closed */
+        out->borrowed = 1;
     }
     struct map *m = map_new(k, c, tid, a->prot, FAYT_PORTAL_SHARE | FAYT_PORTAL_ANON,
                             sp->length, 0);
     if (!m || (m->sp = sp, map_insert(k, m))) {
         free(m);
-        close(rfd);
+        if (!(out->borrowed & 1))
+            close(rfd);
         if (rfd2 >= 0)
             close(rfd2);
         return core_fail(msg, max, ENOMEM, "faytd: out of memory");
@@ -909,9 +921,8 @@ static int anon_map(struct fayt_core *k, struct fayt_fast_conn *c, int32_t tid,
     k->frames.next_oid++;
     m->charged = bytes;
     c->ram += bytes;
+    out->borrowed = hold(k, &m->fd, fd);   /* held: sent, not closed */
     int rfd = fd;
-    if (hold(k, &m->fd, fd))
-        rfd = fcntl(fd, F_DUPFD_CLOEXEC, 3);
     out->nfds = 1;
     out->fds[0] = rfd;
     out->fds[1] = -1;
