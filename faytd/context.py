@@ -53,7 +53,7 @@ class CoreMapping:
     per handle (asking marks its object as Python's: never recycled); its
     RAM charge is the core's."""
     __slots__ = ("ctx", "handle", "type", "backing", "sp_id", "pid", "tid", "length", "prot")
-    sp = None                       # a share-point's destroy is the core's (syscall.py)
+    sp = None                       # its destroy is the core's (syscalls/portal.py)
 
     def __init__(self, ctx, info, backing):
         self.ctx, self.handle, self.type = ctx, info.handle, info.type
@@ -148,8 +148,6 @@ class Context:
         self.fast.ctx_id = cid
         self.fast.pid = pid
         self.fast.uid = uid
-        if category is not None and category.id == lib.FAYT_CATEGORY_CORE:
-            self.fast.flags |= clib.FAYT_FAST_CONN_CORE     # may destroy any share-point
         self.id = cid
         self.sock = sock
         self.pid = pid

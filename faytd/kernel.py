@@ -3,7 +3,7 @@ the share-point table and the share-point and ANON mappings are the C
 core's (faytd/core/table.c), which this module calls.
 
 No socket code here: the server (server.py) hands events in, the syscall
-layer (syscall.py) calls the methods that perform a request.
+layer (syscalls/) calls the methods that perform a request.
 """
 import errno
 import logging
@@ -21,6 +21,7 @@ from .notification import Notifications
 from .pager import Pager
 from .policy import Policy
 from .sharepoint import NamedShares, SharePoints
+from .stats import Stats
 
 log = logging.getLogger("faytd")
 _RECHECK_FIRST_S = 0.001    # a dead locker's PENDING record met a live one: look again after
@@ -30,6 +31,7 @@ _RECHECK_MAX_S = 1.0        # ... doubling up to this
 class Kernel:
     def __init__(self, cfg, owner_uid, tag=None):
         self.cfg = cfg
+        self.stats = Stats()        # which path served calls: stats.py, FAYT_SYS_STATS
         self.policy = Policy(cfg["policy"], owner_uid)
         # The C core (faytd/core/core.h): the owner of share-points, ANON
         # portals, their mappings and the contexts' accounting.
@@ -260,8 +262,12 @@ class Kernel:
         ctx.connected = False
         clib.fayt_fast_conn_gone(self.fast, ctx.fast)   # it creates nothing any more
         watch = ctx.alive and ctx.pidfd >= 0
-        if watch and ctx.mapped_lock_records(self.sharepoints)[0]:
+        records, ignored = ctx.mapped_lock_records(self.sharepoints)
+        if watch and records:
             return                      # records naming what it never mapped keep nothing
+        if ignored:                     # the line died() would write, had it come first
+            log.warning("pid %d: %d of its lock records name share-points it never mapped: "
+                        "ignored", ctx.pid, ignored)
         self.drop_mappings(ctx)
         if not (watch and self.sharepoints.owns(ctx.pid)):
             self.forget(ctx)
@@ -447,7 +453,7 @@ class Kernel:
             raise
 
     def unmap(self, ctx, m):
-        """Drop one of Python's own mappings (the core's: syscall.py)."""
+        """Drop one of Python's own mappings (the core's: syscalls/portal.py)."""
         ctx.mappings.pop(m.handle, None)
         ctx.count_mappings()
         ctx.ram -= m.charged

@@ -191,6 +191,10 @@ class SharePoints:
         self._views[sp_id] = v
         return v
 
+    def lookup(self, identifier):
+        """The id of the share-point named identifier, or 0."""
+        return clib.fayt_core_sp_lookup(core, identifier, len(identifier))
+
     def ids(self, after=0):
         """Ids of the share-points in the table above `after`, in order."""
         if after >= 0xffffffff:

@@ -93,6 +93,9 @@ struct fayt_core {
     uint64_t anon_unmaps;      /* and unmapped */
     uint64_t attaches;         /* share-point attaches it served */
     uint64_t unmaps;           /* share-point unmaps it served */
+    uint64_t calls_portal;     /* calls it served, by op (fayt stats) */
+    uint64_t calls_unmap;
+    uint64_t calls_unmap_destroy;
     uint64_t journal_errors;   /* journal writes that failed (Python logs them) */
     struct fayt_core_priv *priv;
 } __attribute__((packed));

@@ -1,5 +1,6 @@
 /* decode.c: the one decoder of struct portal_req (core.h), for the C path
- * and for faytd's Python alike (faytd/syscall.py calls fayt_portal_decode).
+ * and for faytd's Python alike (faytd/syscalls/portal.py calls
+ * fayt_portal_decode).
  *
  * It copies nothing it has not bounds-checked, the way a kernel's
  * copy_from_user would: a pointer field of portal_req is 0 or 1 + an offset

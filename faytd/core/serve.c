@@ -125,6 +125,7 @@ static int fast_portal(struct fayt_core *k, struct fayt_fast_conn *c,
     if (fayt_core_portal(k, c, h->tid, body, &a, rep + sizeof(struct fayt_rep_hdr), &out,
                          NULL, 0))
         return FAYT_FAST_PASS;
+    k->calls_portal++;
     if (a.type == FAYT_PORTAL_ANON)
         k->anon_maps++;
     else if (a.attach)
@@ -165,6 +166,10 @@ static int fast_unmap(struct fayt_core *k, struct fayt_fast_conn *c,
     uint32_t destroyed = 0;
     if (fayt_core_unmap(k, c, hr.handle, how, &destroyed, NULL, 0))
         return FAYT_FAST_PASS;
+    if (how == FAYT_CORE_UNMAP_DESTROY)
+        k->calls_unmap_destroy++;
+    else
+        k->calls_unmap++;
     if (destroyed)
         k->destroys++;
     if (sp)
