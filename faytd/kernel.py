@@ -383,14 +383,14 @@ class Kernel:
         if not self._rechecks or self.server is None:
             return                  # serving() arms it (a restart's adoption)
         if self._recheck_fd < 0:
-            fd = lib.fayt_timerfd_open()
+            fd = clib.fayt_timerfd_open()
             if fd < 0:
                 log.error("lock re-checks: timerfd_create: %s", os.strerror(-fd))
                 return
             self._recheck_fd = fd
             self.server.watch_fd(fd, self._on_recheck)
         delay = min(r[2] for r in self._rechecks.values())
-        lib.fayt_timerfd_arm(self._recheck_fd, int(delay * 1e9))
+        clib.fayt_timerfd_arm(self._recheck_fd, int(delay * 1e9))
 
     def serving(self):
         """The server runs (Server.__init__): timers may be armed now."""
@@ -401,7 +401,7 @@ class Kernel:
         PENDING one: free now, or a live HELD record, ends it; still a live
         PENDING one, look again later (backing off to once a second); no
         live possible holder, and the lock held: the dead one held it."""
-        lib.fayt_timerfd_drain(fd)
+        clib.fayt_timerfd_drain(fd)
         holders = self._possible_holders()
         for sp_id, r in list(self._rechecks.items()):
             sp, pid, delay = r

@@ -71,6 +71,7 @@ from libportal._abi import ffi, lib, PAGE_REQUEST as PAGE_REQ
 
 from .context import Mapping
 from .frames import BackingObject, KernelError, PAGE
+from .native import lib as clib
 from .policy import class_names
 
 log = logging.getLogger("faytd")
@@ -820,16 +821,16 @@ class Pager:
 
     def _arm(self, when):
         if self._timerfd < 0:
-            fd = lib.fayt_timerfd_open()
+            fd = clib.fayt_timerfd_open()
             if fd < 0:
                 raise KernelError(-fd, "pager: timerfd_create: %s" % os.strerror(-fd))
             self._timerfd = fd
             self.k.server.watch_fd(fd, self._on_timer)
         self._armed_for = when
-        lib.fayt_timerfd_arm(self._timerfd, max(1, int((when - time.monotonic()) * 1e9)))
+        clib.fayt_timerfd_arm(self._timerfd, max(1, int((when - time.monotonic()) * 1e9)))
 
     def _on_timer(self, fd, events):
-        lib.fayt_timerfd_drain(fd)
+        clib.fayt_timerfd_drain(fd)
         self._armed_for = None
         now = time.monotonic()
         h = self._deadlines

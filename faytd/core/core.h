@@ -23,6 +23,7 @@
  *   C path and for faytd's Python alike;
  * - journal.c: the journal records the C path writes;
  * - decode.c: the one decoder of struct portal_req, for every path;
+ * - timers.c: timerfds for faytd's deadlines;
  * - serve.c: the request path: fayt_fast_poll (faytd's epoll wait) and
  *   fayt_fast_serve, which read one request, and perform and answer it in
  *   C when it is one the C path takes; anything else goes back, unread
@@ -124,6 +125,13 @@ int fayt_journal_sp_line(uint32_t sp_id, int32_t pid, uint64_t start, uint32_t u
 /* Append the D record of a share-point to the journal: 0, or -1 if the
  * write failed (counted in journal_errors). */
 int fayt_journal_sp_destroyed(struct fayt_core *k, uint32_t sp_id);
+
+/* -- timers (timers.c) --------------------------------------------------- */
+/* timerfd(2) for faytd's deadlines: open (-errno on failure), arm ns from
+ * now (<= 0: disarm), read off its expirations. */
+int fayt_timerfd_open(void);
+int fayt_timerfd_arm(int fd, int64_t ns);
+void fayt_timerfd_drain(int fd);
 
 /* -- backing objects: the keeper and the pool (keeper.c) ------------------ */
 #define FAYT_OBJ_NAME_MAX 96       /* bytes of an object name, NUL included */
