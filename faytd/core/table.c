@@ -727,7 +727,10 @@ static int sp_create(struct fayt_core *k, struct fayt_fast_conn *c, int32_t tid,
     }
     /* The meta-structure: lock free, prot, data length, the morphology; a
      * recycled small object is zeroed by the same write. */
-    memset(meta, 0, mlen > ZERO_AT_CREATE ? mlen : ZERO_AT_CREATE);
+    if (recycled && bytes <= ZERO_AT_CREATE)
+        mlen = bytes;                   /* a recycled small object: zeroed by the same write */
+    memset(meta + sizeof(struct fayt_sharepoint_meta) + (size_t)n * 8, 0,
+           mlen - sizeof(struct fayt_sharepoint_meta) - (size_t)n * 8);
     struct fayt_sharepoint_meta mh = {0};
     mh.prot = a->prot;
     mh.length = bytes - data_offset;
@@ -737,8 +740,6 @@ static int sp_create(struct fayt_core *k, struct fayt_fast_conn *c, int32_t tid,
         uint64_t pa = FAYT_RAM_BASE + (uint64_t)sp->frames[i] * FAYT_PAGE_SIZE;
         memcpy(meta + sizeof mh + (size_t)i * 8, &pa, 8);
     }
-    if (recycled && bytes <= ZERO_AT_CREATE)
-        mlen = bytes;
     int werr = write_objects(fd, fd2, sp->split, meta, mlen);
     if (meta != stack)
         free(meta);
