@@ -97,7 +97,7 @@ class Kernel:
 
     def _open_journal(self):
         """(Re)write the journal with what is live, and the next ids."""
-        self.journal.open([self.sharepoints.get(i) for i in self.sharepoints.ids()],
+        self.journal.open([self.sharepoints.get(i, keep=False) for i in self.sharepoints.ids()],
                           [c for c in self.contexts.values() if c.page is not None],
                           (self.sharepoints.next_id, self._next_cid))
 
@@ -157,7 +157,7 @@ class Kernel:
         self.frames.adopted()
         created = {}                # (owner pid, start) -> ids of its share-points
         for sp_id in self.sharepoints.ids():
-            sp = self.sharepoints.get(sp_id)
+            sp = self.sharepoints.get(sp_id, keep=False)
             created.setdefault((sp.owner_pid, sp.owner_start or 0), []).append(sp_id)
         dead = []
         for r in ctxs:
@@ -177,7 +177,7 @@ class Kernel:
             for sp_id in created.get((r.pid, r.start or 0), ()):
                 clib.fayt_core_conn_mark(core, ctx.fast, sp_id, 0)
             for i in r.mapped:
-                if self.sharepoints.get(i) is not None:
+                if self.sharepoints.get(i, keep=False) is not None:
                     clib.fayt_core_conn_mark(core, ctx.fast, i, 1)
             if alive(r.pid, r.start):
                 try:
@@ -196,7 +196,8 @@ class Kernel:
                      ctx.pid)
             self.recover_locks(ctx)
         owners = {c.pid for c in self.contexts.values() if c.alive}
-        for pid in {self.sharepoints.get(i).owner_pid for i in self.sharepoints.ids()} - owners:
+        for pid in {self.sharepoints.get(i, keep=False).owner_pid
+                    for i in self.sharepoints.ids()} - owners:
             self.sharepoints.owner_died(pid)
         for ctx in dead:
             self.forget(ctx)

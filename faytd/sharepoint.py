@@ -170,9 +170,11 @@ class SharePoints:
         self._views = {}            # id -> SharePoint (views Python asked for)
         self._frames = cffi.new("uint32_t[]", 64)
 
-    def get(self, sp_id):
+    def get(self, sp_id, keep=True):
         """The view of share-point sp_id (in the table, or destroyed and
-        still mapped), or None."""
+        still mapped), or None.  keep: remember it (a view that maps the
+        meta page for lock recovery must be the same next time); a walk of
+        the whole table (the list, the journal, stats) keeps none."""
         v = self._views.get(sp_id)
         if v is not None:
             if clib.fayt_core_sp_info(core, sp_id, _INFO, cffi.NULL, 0) == 0:
@@ -184,6 +186,8 @@ class SharePoints:
         frames = cffi.new("uint32_t[]", max(1, _INFO.nframes))
         clib.fayt_core_sp_info(core, sp_id, _INFO, frames, _INFO.nframes)
         v = SharePoint(_INFO, _frames(frames, _INFO.nframes))
+        if not keep:
+            return v
         if len(self._views) > 4096:     # views of gone share-points: forget them now and then
             for i in [i for i in self._views if clib.fayt_core_sp_info(core, i, _INFO,
                                                                      cffi.NULL, 0)]:

@@ -61,7 +61,7 @@ def stats_json(k, ctx):
     faults = s.faults + sum(r.faults for r in k.pager.regions.values())
     in_one_call = s.in_one_call + sum(r.in_one_call for r in k.pager.regions.values())
     core = ctx.category is not None and ctx.category.id == lib.FAYT_CATEGORY_CORE
-    sps = [k.sharepoints.get(i) for i in k.sharepoints.ids()]
+    sps = [k.sharepoints.get(i, keep=False) for i in k.sharepoints.ids()]
     j = k.journal
     out = {
         "version": STATS_VERSION,

@@ -71,7 +71,7 @@ def sys_portal(k, ctx, tid, body, fds):
     if t & SHARE and ident in k.sharepoints.by_name:
         k.catch_up(ctx)             # a destroy already sent by another process comes first
         if attach:
-            sp = k.sharepoints.get(k.sharepoints.lookup(ident))
+            sp = k.sharepoints.get(k.sharepoints.lookup(ident), keep=False)
             if sp is not None:
                 Policy.check_prot(prot, sp.prot, "share-point %r" % ident.decode())
     err = clib.fayt_core_portal(k.fast, ctx.fast, tid, body, args, _BODY, _OUT, _MSG, 256)
@@ -90,7 +90,7 @@ def core_unmap(k, ctx, handle, how):
     sp_id = clib.fayt_core_map_sp(k.fast, ctx.fast, handle)
     if sp_id < 0:
         return False
-    sp = k.sharepoints.get(sp_id) if sp_id and how != clib.FAYT_CORE_UNMAP else None
+    sp = k.sharepoints.get(sp_id, keep=False) if sp_id and how != clib.FAYT_CORE_UNMAP else None
     captured = None
     if sp is not None and (how == clib.FAYT_CORE_DESTROY or not sp.destroyed):
         Policy.check_destroy(ctx, sp)

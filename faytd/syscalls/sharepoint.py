@@ -37,5 +37,5 @@ def sys_list_share(k, ctx, tid, body, fds):
               "captured": sorted(set(sp.captured.values())),
               "frames": [k.frames.paddr(f) for f in sp.frames[:64]],
               "nframes": len(sp.frames)}
-             for sp in (table.get(i) for i in table.ids(after)) if sp is not None)
+             for sp in (table.get(i, keep=False) for i in table.ids(after)) if sp is not None)
     return json_page(items, REPLY_BUDGET).encode(), []
