@@ -23,7 +23,8 @@ cdef_text = _lpbuild.cdef_text
 
 CORE = os.path.join(HERE, "core")
 SOURCES = [os.path.join("faytd", "core", f) for f in
-           ("core.c", "frames.c", "keeper.c", "names.c", "records.c", "journal.c", "serve.c")]
+           ("core.c", "frames.c", "keeper.c", "names.c", "table.c", "journal.c", "decode.c",
+            "serve.c", "timers.c")]
 
 ffibuilder = FFI()
 ffibuilder.cdef("struct fayt_core_priv;\n" + cdef_text(os.path.join(CORE, "core.h")), packed=True)

@@ -34,6 +34,7 @@ import time
 from libportal._abi import ffi, lib, PAGE_REQUEST as PAGE_REQ
 
 from .frames import KernelError, PAGE
+from .native import lib as clib
 from .regions import ANSWERED, FAILED, POSTED, QUEUED, Request
 
 log = logging.getLogger("faytd")
@@ -341,16 +342,16 @@ class FaultEngine:
 
     def _arm(self, when):
         if self._timerfd < 0:
-            fd = lib.fayt_timerfd_open()
+            fd = clib.fayt_timerfd_open()
             if fd < 0:
                 raise KernelError(-fd, "pager: timerfd_create: %s" % os.strerror(-fd))
             self._timerfd = fd
             self.p.k.server.watch_fd(fd, self._on_timer)
         self._armed_for = when
-        lib.fayt_timerfd_arm(self._timerfd, max(1, int((when - time.monotonic()) * 1e9)))
+        clib.fayt_timerfd_arm(self._timerfd, max(1, int((when - time.monotonic()) * 1e9)))
 
     def _on_timer(self, fd, events):
-        lib.fayt_timerfd_drain(fd)
+        clib.fayt_timerfd_drain(fd)
         self._armed_for = None
         now = time.monotonic()
         h = self._deadlines

@@ -320,12 +320,10 @@ class FrameAllocator:
         """array('Q') of the physical addresses of obj's frames, in order."""
         return array.array("Q", [RAM_BASE + f * PAGE for f in obj.frames])
 
-    def allocate(self, length, split=False):
-        """A new backing object of `length` bytes (page multiple) with fresh frames,
-        each referenced once.  split (a share-point of more than one page):
-        two objects, page 0 and `.tail` (the rest), so that a read-only
-        attacher can be given page 0 read-write (its lock) and the rest
-        read-only; the frames are all accounted to the first."""
+    def allocate(self, length):
+        """A new backing object of `length` bytes (page multiple) with fresh
+        frames, each referenced once (Python's own objects: notification
+        stacks; share-points and ANON portals are the core's)."""
         n = pages(length)
         if n > self.free_frames:
             raise KernelError(errno.ENOMEM, "length: %d frames asked, %d free in faytd's RAM"
@@ -334,15 +332,7 @@ class FrameAllocator:
         oid = self.c.next_oid
         lib.fayt_frames_alloc(self.c, n, oid, ffi.from_buffer("uint32_t[]", frames))
         try:
-            split = split and n > 1
-            obj = BackingObject(oid, self.tag, PAGE if split else n * PAGE, frames)
-            if split:
-                obj.length = n * PAGE
-                try:
-                    obj.tail = BackingObject(0, self.tag, (n - 1) * PAGE, [])
-                except BaseException:
-                    obj.release()
-                    raise
+            obj = BackingObject(oid, self.tag, n * PAGE, frames)
         except BaseException:
             self.put_frames(frames)
             raise
@@ -355,32 +345,10 @@ class FrameAllocator:
         return lib.fayt_frames_put(self.c, ffi.from_buffer("uint32_t[]", frames), len(frames)) \
             if len(frames) else 0
 
-    def adopt(self, name, length, frames):
-        """Take back an object and its frames from the journal (restart):
-        each frame referenced once, as allocate() leaves them."""
-        frames = array.array("I", frames)
-        oid = self.c.next_oid
-        if len(frames) * PAGE != length or lib.fayt_frames_adopt(
-                self.c, ffi.from_buffer("uint32_t[]", frames), len(frames), oid):
-            raise KernelError(errno.EINVAL, "frames %s do not fit this RAM (%d frames) or are "
-                              "taken twice" % (list(frames[:8]), self.nframes))
-        try:
-            obj = BackingObject.adopt(oid, name, length, frames)
-        except BaseException:
-            self.put_frames(frames)
-            raise
-        self.c.next_oid = oid + 1
-        self.objects[obj.id] = obj
-        return obj
-
     def adopted(self):
         """After the last adopt(): the frames below the highest adopted one
         that no object took are free."""
         lib.fayt_frames_adopted(self.c)
-
-    def take_over(self, obj):
-        """An object the fast path made (its frames counted already)."""
-        self.objects[obj.id] = obj
 
     def get(self, obj):
         """One more reference to every frame of obj."""

@@ -10,7 +10,9 @@ regions, the pool) is not journaled: the keeper closes their objects at the
 restart; processes that map them keep their memory but faytd no longer
 knows them.
 
-Format: <state_dir>/faytd.journal, one line per change, appended with one
+Format: <state_dir>/faytd.journal, one line per change (the share-point
+lines S, D and A written by the C core, faytd/core/journal.c, which owns
+share-points; C and G by this module), appended with one
 write(2) on an O_APPEND descriptor, so a faytd killed at any instant leaves
 at worst a last line cut short (ignored when read).  The first line names
 the format: "V <FORMAT>".  Format 1 (faytds before versions) had no V line
@@ -40,6 +42,7 @@ import os
 import re
 
 from .frames import shared_field, start_time
+from .native import core, ffi as cffi, lib as clib
 
 log = logging.getLogger("faytd")
 
@@ -153,10 +156,14 @@ def _apply(f, sps, ctxs, ids):
         raise ValueError("unknown record")
 
 
-def _created_by(ctx, sp):
-    """Whether sp's share-point record names ctx's process as its owner (a
-    restart gives it to that process's contexts without an A record)."""
-    return sp.owner_pid == ctx.pid and (sp.owner_start or 0) == (ctx.start or 0)
+def _attached(ctx):
+    """Ids of the share-points ctx mapped and did not create (the core
+    knows; a share-point's creator gets it back at a restart from its S
+    record, without an A record)."""
+    n = clib.fayt_core_conn_attached(core, ctx.fast, cffi.NULL, 0)
+    out = cffi.new("uint32_t[]", max(1, n))
+    got = clib.fayt_core_conn_attached(core, ctx.fast, out, n)
+    return list(out[0:min(n, got)])
 
 
 class Record:
@@ -214,8 +221,8 @@ class Journal:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
             live = {sp.id for sp in sharepoints}
-            attaches = [b"A %d %d\n" % (c.id, i) for c in contexts for i in c.sp_mapped
-                        if i in live and not _created_by(c, c.sp_mapped[i])]
+            attaches = [b"A %d %d\n" % (c.id, i) for c in contexts for i in _attached(c)
+                        if i in live]
             os.write(fd, b"".join([b"V %d\n" % FORMAT, b"N %d %d\n" % next_ids] +
                                   [self._sp_line(sp) for sp in sharepoints] +
                                   [self._ctx_line(c) for c in contexts] + attaches))
@@ -246,35 +253,30 @@ class Journal:
 
     @staticmethod
     def _sp_line(sp):
-        return ("S %d %d %d %d %d %d %s %s %s\n" % (
-            sp.id, sp.owner_pid, sp.owner_start or 0, sp.owner_uid, sp.prot,
-            sp.backing.length, sp.backing.names, ",".join(map(str, sp.backing.frames)),
-            sp.identifier.hex())).encode()
+        """The S record of a share-point (a view: sharepoint.py), written by
+        the core's one writer of it (journal.c)."""
+        frames = sp.frames
+        room = 160 + 2 * len(sp.object) + 11 * len(frames) + 2 * len(sp.identifier)
+        out = cffi.new("char[]", room)
+        n = clib.fayt_journal_sp_line(sp.id, sp.owner_pid, sp.owner_start or 0, sp.owner_uid,
+                                      sp.prot, sp.length + sp.data_offset, sp.object.encode(),
+                                      cffi.from_buffer("uint32_t[]", frames) if len(frames)
+                                      else cffi.NULL, len(frames), sp.identifier,
+                                      len(sp.identifier), out, room)
+        return cffi.buffer(out, n)[:]
 
     @staticmethod
     def _ctx_line(ctx):
         return ("C %d %d %d %d %d %s\n" % (ctx.id, ctx.pid, ctx.start or 0, ctx.uid, ctx.gid,
                                            ctx.page.name)).encode()
 
-    def sharepoint_created(self, sp):
-        self._write(self._sp_line(sp), 1)
-
-    def sharepoint_destroyed(self, sp):
-        self._write(b"D %d\n" % sp.id, -1)
-
     def context_registered(self, ctx):
         self._write(self._ctx_line(ctx), 1)
 
-    def sharepoint_mapped(self, ctx, sp):
-        """ctx mapped sp for the first time, and did not create it: a restart
-        must know it (its lock records may name sp; Kernel.recover_locks)."""
-        if ctx.page is not None and not _created_by(ctx, sp):
-            self._write(b"A %d %d\n" % (ctx.id, sp.id), 1)
-
     def context_gone(self, ctx):
         if ctx.page is not None:
-            # Its A records die with it (about as many as it still knows).
-            attached = sum(1 for sp in ctx.sp_mapped.values() if not _created_by(ctx, sp))
+            # Its A records die with it (about as many as the core still knows).
+            attached = clib.fayt_core_conn_attached(core, ctx.fast, cffi.NULL, 0)
             self._write(b"G %d\n" % ctx.id, -1 - attached)
 
     def abandon(self):

@@ -1,32 +1,29 @@
-"""The kernel state: frames, the share-point table, contexts, notifications
-and the policy.
+"""The kernel state: frames, contexts, notifications, chains and the policy;
+the share-point table and the share-point and ANON mappings are the C
+core's (faytd/core/table.c), which this module calls.
 
 No socket code here: the server (server.py) hands events in, the syscall
 layer (syscalls/) calls the methods that perform a request.
 """
-import array
 import errno
 import logging
 import os
-import time
-import traceback
 
 from libportal._abi import lib
 
-from .native import core, ffi as cffi, lib as clib
+from .native import core, lib as clib
 
-from .context import Context, Mapping
+from .context import Context
 from .frames import (PAGE, BackingObject, FrameAllocator, KernelError, keeper_objects,
                      release_objects, run_tag, start_keeper, start_time)
 from .journal import Journal, alive
 from .notification import Notifications
 from .pager import Pager
 from .policy import Policy
-from .sharepoint import SharePointTable
+from .sharepoint import SharePoints
 from .stats import Stats
 
 log = logging.getLogger("faytd")
-FAST_MAX_FRAMES = clib.FAYT_FAST_MAX_FRAMES    # larger portals go through Python
 _RECHECK_FIRST_S = 0.001    # a dead locker's PENDING record met a live one: look again after
 _RECHECK_MAX_S = 1.0        # ... doubling up to this
 
@@ -36,7 +33,8 @@ class Kernel:
         self.cfg = cfg
         self.stats = Stats()        # which path served calls: stats.py, FAYT_SYS_STATS
         self.policy = Policy(cfg["policy"], owner_uid)
-        # The C core's state (faytd/core/core.h): see settle().
+        # The C core (faytd/core/core.h): the owner of share-points, ANON
+        # portals, their mappings and the contexts' accounting.
         self.fast = core
         self.fast.journal_fd = -1
         self.fast.disabled = 0 if cfg.get("fast_syscalls", True) else 1
@@ -79,13 +77,10 @@ class Kernel:
         f.max_ram_per_context = (1 << 64) - 1 if limit is None else limit
         f.max_sharepoints = cfg["max_sharepoints"]
         f.max_mappings = cfg["max_mappings_per_context"]
-        self._resident = cffi.new("struct fayt_fast_resident *")
-        self._resident_frames = cffi.new("uint32_t[]", FAST_MAX_FRAMES)
         self._journal_errors = 0
-        self.sharepoints = SharePointTable(self.frames, cfg["max_sharepoints"], self.fast)
+        self.sharepoints = SharePoints(cfg["max_sharepoints"])
         self.notifications = Notifications(self)
         self.sharepoints.on_destroy.append(self.notifications.sharepoint_destroyed)
-        self.sharepoints.on_destroy.append(self._uncharge_sharepoint)
         self.pager = Pager(self)
         self.contexts = {}
         self._rechecks = {}         # sp id -> [sp, dead pid, delay]: see _recover_one
@@ -98,11 +93,10 @@ class Kernel:
             self._next_cid = max(self._next_cid, next_ctx)
             self._adopt(sps, ctxs)
             self._open_journal()
-            self.sharepoints.journal = self.journal
 
     def _open_journal(self):
         """(Re)write the journal with what is live, and the next ids."""
-        self.journal.open(list(self.sharepoints.by_id.values()),
+        self.journal.open([self.sharepoints.get(i, keep=False) for i in self.sharepoints.ids()],
                           [c for c in self.contexts.values() if c.page is not None],
                           (self.sharepoints.next_id, self._next_cid))
 
@@ -151,23 +145,19 @@ class Kernel:
                           "%d's", r.identifier, r.object, newer[0])
                 continue
             try:
-                backing = self.frames.adopt(r.object, r.length, r.frames)
+                BackingObject.adopt(0, r.object, r.length, [])     # held, sealed, its size
+                self.sharepoints.adopt(r)
             except Exception as e:
                 log.error("journal: share-point %r not restored: %s", r.identifier,
                           getattr(e, "message", e))
                 if getattr(e, "errno", None) in (errno.EINVAL, errno.ENOENT):
                     _unlink(r.object)       # does not fit this faytd: never restorable
                 continue
-            try:
-                self.sharepoints.adopt(r, backing)
-            except Exception as e:
-                log.error("journal: share-point %r not restored: %s", r.identifier,
-                          getattr(e, "message", e))
-                self.frames.put(backing)
         self.frames.adopted()
-        created = {}                # (owner pid, start) -> its share-points
-        for sp in self.sharepoints.by_id.values():
-            created.setdefault((sp.owner_pid, sp.owner_start or 0), []).append(sp)
+        created = {}                # (owner pid, start) -> ids of its share-points
+        for sp_id in self.sharepoints.ids():
+            sp = self.sharepoints.get(sp_id, keep=False)
+            created.setdefault((sp.owner_pid, sp.owner_start or 0), []).append(sp_id)
         dead = []
         for r in ctxs:
             ctx = Context(r.id, None, r.pid, r.uid, r.gid, None,
@@ -182,12 +172,12 @@ class Kernel:
                     _unlink(r.object)
                 continue
             self.contexts[ctx.id] = ctx
-            for sp in created.get((r.pid, r.start or 0), ()):
-                ctx.sp_mapped[sp.id] = sp
+            ctx.fast.flags |= clib.FAYT_FAST_CONN_JOURNAL
+            for sp_id in created.get((r.pid, r.start or 0), ()):
+                clib.fayt_core_conn_mark(core, ctx.fast, sp_id, 0)
             for i in r.mapped:
-                sp = self.sharepoints.by_id.get(i)
-                if sp is not None:
-                    ctx.sp_mapped[i] = sp
+                if self.sharepoints.get(i, keep=False) is not None:
+                    clib.fayt_core_conn_mark(core, ctx.fast, i, 1)
             if alive(r.pid, r.start):
                 try:
                     ctx.pidfd = os.pidfd_open(r.pid)
@@ -205,12 +195,13 @@ class Kernel:
                      ctx.pid)
             self.recover_locks(ctx)
         owners = {c.pid for c in self.contexts.values() if c.alive}
-        for pid in {sp.owner_pid for sp in self.sharepoints.by_id.values()} - owners:
+        for pid in {self.sharepoints.get(i, keep=False).owner_pid
+                    for i in self.sharepoints.ids()} - owners:
             self.sharepoints.owner_died(pid)
         for ctx in dead:
             self.forget(ctx)
         log.info("journal: restored %d share-points, %d contexts of running processes",
-                 len(self.sharepoints.by_id), len(self.contexts))
+                 len(self.sharepoints), len(self.contexts))
 
     # -- work kept off the reply path (the server calls it when idle) -----
     def has_idle_work(self):
@@ -219,91 +210,23 @@ class Kernel:
 
     def idle_work(self):
         """One step: a compaction of the journal."""
-        self.settle()
+        self.log_journal_errors()
         if self.journal is not None and self.journal.wants_compaction():
             self._open_journal()
 
-    # -- the C path (faytd/core/core.h, serve.c, records.c) ----------------
-    def settle(self, idle=False):
-        """Take over every share-point and ANON portal the fast path made and
-        still holds ("resident"), with the objects Python keeps for any other.  The
-        server calls it before Python handles any event, so Python code
-        never runs while a share-point it does not know exists.  idle: the
-        loop had nothing to do; only if the oldest resident one is
-        FAYT_FAST_RESIDENT_AGE_NS old (a scratch share-point destroyed at
-        once is never taken over)."""
+    def log_journal_errors(self):
+        """Journal writes of the core that failed since the last look."""
         f = self.fast
-        if idle and (not f.nresident or time.monotonic_ns() - clib.fayt_fast_oldest_resident(f)
-                     < clib.FAYT_FAST_RESIDENT_AGE_NS):
-            return
         if f.journal_errors != self._journal_errors:
             log.error("journal: %d writes failed; a restart will not see those changes",
                       f.journal_errors - self._journal_errors)
             self._journal_errors = f.journal_errors
-        if not f.nresident:
-            return
-        rec, buf = self._resident, self._resident_frames
-        while clib.fayt_fast_take_resident(f, rec, buf, FAST_MAX_FRAMES) == 1:
-            frames = array.array("I")
-            frames.frombytes(cffi.buffer(buf, 4 * rec.nframes))
-            backing = BackingObject.named(rec.oid, cffi.string(rec.object).decode(), rec.length,
-                                          frames)
-            ident = cffi.unpack(rec.identifier, rec.ident_len) if rec.ident_len else None
-            try:
-                self._take_over(rec, backing, ident)
-            except Exception:       # a bug: that share-point goes, faytd goes on
-                what = ("share-point %d (%r)" % (rec.sp_id, ident) if ident is not None
-                        else "ANON portal %d of context %d" % (rec.handle, rec.ctx_id))
-                log.error("fast path: %s could not be taken over; it goes:\n%s", what,
-                          traceback.format_exc())
-                self._drop_resident(rec, backing, ident)
-
-    def _take_over(self, rec, backing, ident):
-        ctx = self.contexts.get(rec.ctx_id)
-        if ctx is None:             # never: contexts go only in Python's events, after settle
-            raise RuntimeError("its context %d is gone" % rec.ctx_id)
-        self.frames.take_over(backing)
-        if rec.type == lib.FAYT_PORTAL_ANON:
-            m = Mapping(rec.handle, lib.FAYT_PORTAL_ANON, backing, None, rec.pid, rec.tid,
-                        rec.prot)
-            m.charged = rec.length      # conn.ram counts it already
-            self.add_mapping(ctx, m)
-            return
-        sp = self.sharepoints.take_over(rec.sp_id, ident, backing, rec.prot, rec.pid, rec.uid,
-                                        rec.start or None)
-        sp.charged = (ctx, rec.length)
-        sp.captured[(ctx.id, rec.handle)] = (rec.pid, rec.tid)
-        self.add_mapping(ctx, Mapping(rec.handle, lib.FAYT_PORTAL_SHARE | lib.FAYT_PORTAL_ANON,
-                                      backing, sp, rec.pid, rec.tid, rec.prot))
-
-    def _drop_resident(self, rec, backing, ident):
-        """Undo what a resident share-point or portal holds, as far as it goes."""
-        ctx = self.contexts.get(rec.ctx_id)
-        if ident is None:               # an ANON portal
-            if ctx is not None and rec.handle in ctx.mappings:
-                return self.unmap(ctx, ctx.mappings[rec.handle])
-            if ctx is not None:
-                ctx.ram -= rec.length
-            self.frames.objects.pop(backing.id, None)
-            self.frames.put(backing)
-            return
-        sp = self.sharepoints.by_id.get(rec.sp_id)
-        if sp is not None and sp.identifier == ident:
-            if ctx is not None and rec.handle in ctx.mappings:
-                self.unmap(ctx, ctx.mappings[rec.handle])
-            self.sharepoints.destroy(sp)
-            return
-        clib.fayt_fast_name_del(self.fast, ident, len(ident))
-        if ctx is not None:
-            ctx.ram -= rec.length
-        self.frames.objects.pop(backing.id, None)
-        self.frames.put_frames(backing.frames)  # the mapping's reference
-        self.frames.put(backing)            # the table's; the object is released
 
     def registered(self, ctx):
         """ctx has its context page (HELLO)."""
         if self.journal is not None:
             self.journal.context_registered(ctx)
+            ctx.fast.flags |= clib.FAYT_FAST_CONN_JOURNAL   # the core journals its attaches
 
     # -- contexts -------------------------------------------------------
     def new_context(self, sock, pid, uid, gid, exe):
@@ -316,9 +239,11 @@ class Kernel:
         return ctx
 
     def drop_mappings(self, ctx):
-        """Unmap everything ctx maps; one mapping that fails does not keep
-        the others (it is logged and forgotten)."""
-        for m in list(ctx.mappings.values()):
+        """Unmap everything ctx maps (the core's mappings, then Python's);
+        one mapping that fails does not keep the others (it is logged and
+        forgotten)."""
+        clib.fayt_core_conn_drop(core, ctx.fast)
+        for m in ctx.mappings.own():
             try:
                 self.unmap(ctx, m)
             except Exception:
@@ -337,7 +262,7 @@ class Kernel:
         ctx.connected = False
         clib.fayt_fast_conn_gone(self.fast, ctx.fast)   # it creates nothing any more
         watch = ctx.alive and ctx.pidfd >= 0
-        records, ignored = ctx.mapped_lock_records()
+        records, ignored = ctx.mapped_lock_records(self.sharepoints)
         if watch and records:
             return                      # records naming what it never mapped keep nothing
         if ignored:                     # the line died() would write, had it come first
@@ -376,7 +301,7 @@ class Kernel:
 
         The records are bytes the dead process could write, so faytd acts
         only where that process could have acted itself: on share-points
-        it was granted a mapping of (ctx.sp_mapped, faytd's own record);
+        it was granted a mapping of (the core's record of what it mapped);
         a record naming any other share-point is ignored.  HELD: the lock
         is released with the owner-died bit.  PENDING (it died taking or
         releasing the lock): the same, if the lock is held and no live
@@ -387,13 +312,11 @@ class Kernel:
         it.  So a live context's records block a recovery only for
         share-points it mapped, where it could hold the lock anyway."""
         holders = None
-        records, ignored = ctx.mapped_lock_records()
+        records, ignored = ctx.mapped_lock_records(self.sharepoints)
         if ignored:                     # one line a context, whatever it wrote
             log.warning("pid %d: %d of its lock records name share-points it never mapped: "
                         "ignored", ctx.pid, ignored)
         for sp, state in records:
-            if sp.destroyed and not sp.captured:
-                continue                # nobody maps it any more: no lock to release
             try:
                 holders = self._recover_one(ctx, sp, state, holders)
             except Exception as e:      # one share-point must not stop the others'
@@ -407,7 +330,7 @@ class Kernel:
         out = {}
         for c in self.contexts.values():
             if c is not dead and c.alive:
-                for sp, s in c.mapped_lock_records()[0]:
+                for sp, s in c.mapped_lock_records(self.sharepoints)[0]:
                     if s == lib.FAYT_HELD_HELD:
                         out[sp.id] = s
                     elif s == lib.FAYT_HELD_PENDING:
@@ -460,14 +383,14 @@ class Kernel:
         if not self._rechecks or self.server is None:
             return                  # serving() arms it (a restart's adoption)
         if self._recheck_fd < 0:
-            fd = lib.fayt_timerfd_open()
+            fd = clib.fayt_timerfd_open()
             if fd < 0:
                 log.error("lock re-checks: timerfd_create: %s", os.strerror(-fd))
                 return
             self._recheck_fd = fd
             self.server.watch_fd(fd, self._on_recheck)
         delay = min(r[2] for r in self._rechecks.values())
-        lib.fayt_timerfd_arm(self._recheck_fd, int(delay * 1e9))
+        clib.fayt_timerfd_arm(self._recheck_fd, int(delay * 1e9))
 
     def serving(self):
         """The server runs (Server.__init__): timers may be armed now."""
@@ -478,7 +401,7 @@ class Kernel:
         PENDING one: free now, or a live HELD record, ends it; still a live
         PENDING one, look again later (backing off to once a second); no
         live possible holder, and the lock held: the dead one held it."""
-        lib.fayt_timerfd_drain(fd)
+        clib.fayt_timerfd_drain(fd)
         holders = self._possible_holders()
         for sp_id, r in list(self._rechecks.items()):
             sp, pid, delay = r
@@ -506,20 +429,10 @@ class Kernel:
 
     # -- mappings -------------------------------------------------------
     def add_mapping(self, ctx, m):
+        """One of Python's own mappings (a SPECIAL portal, a notification
+        stack); the core records its own."""
         ctx.mappings[m.handle] = m
         ctx.count_mappings()
-        sp = m.sp
-        if sp is not None and sp.id not in ctx.sp_mapped:
-            seen = ctx.sp_mapped
-            if len(seen) >= ctx.sp_prune_at:
-                # Now and then forget the gone ones (destroyed, and nobody
-                # maps them any more): amortised, a constant per mapping.
-                for i in [i for i, s in seen.items() if s.destroyed and not s.captured]:
-                    del seen[i]
-                ctx.sp_prune_at = max(64, 2 * len(seen))
-            seen[sp.id] = sp
-            if self.journal is not None:
-                self.journal.sharepoint_mapped(ctx, sp)
 
     # -- the per-context RAM quota (config max_ram_per_context) ----------
     def charge(self, ctx, nbytes):
@@ -539,33 +452,28 @@ class Kernel:
             ctx.ram -= length
             raise
 
-    def _uncharge_sharepoint(self, sp):
-        if sp.charged is not None:
-            ctx, n = sp.charged
-            sp.charged = None
-            ctx.ram -= n
-
     def unmap(self, ctx, m):
+        """Drop one of Python's own mappings (the core's: syscalls/portal.py)."""
         ctx.mappings.pop(m.handle, None)
         ctx.count_mappings()
         ctx.ram -= m.charged
         m.charged = 0
         if m.type & lib.FAYT_PORTAL_SPECIAL:
             self.pager.unmap(ctx, m)
-        elif m.sp is not None:
-            self.sharepoints.release(m.sp, (ctx.id, m.handle))
         else:
             self.frames.put(m.backing)
 
     def shutdown(self):
         """A clean stop: everything is destroyed, and the journal removed."""
-        self.settle()
+        self.log_journal_errors()
+        f = self.fast
         log.info("fast path: %d share-points created, %d destroyed; %d ANON portals mapped, "
-                 "%d unmapped", self.fast.creates, self.fast.destroys, self.fast.anon_maps,
-                 self.fast.anon_unmaps)
+                 "%d unmapped; %d attaches, %d share-point unmaps", f.creates, f.destroys,
+                 f.anon_maps, f.anon_unmaps, f.attaches, f.unmaps)
         if self.journal is not None:
             self.journal.close(remove=True)
-            self.sharepoints.journal = self.journal = None
+            self.journal = None
+            self.fast.journal_fd = -1
         self._rechecks.clear()
         if self._recheck_fd >= 0:
             if self.server is not None:
@@ -578,7 +486,6 @@ class Kernel:
             self.drop_mappings(ctx)
             self.forget(ctx)
         self.sharepoints.destroy_all()
-        clib.fayt_fast_shutdown(self.fast)
         self.frames.release_all()
 
 

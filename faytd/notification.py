@@ -358,22 +358,22 @@ class Notifications:
         if server is None:
             return          # no loop (a Kernel alone): the next event or fetch retries
         if self._timerfd < 0:
-            fd = lib.fayt_timerfd_open()
+            fd = clib.fayt_timerfd_open()
             if fd < 0:
                 log.warning("notices: no timerfd (%s): a full ring waits for the next "
                             "event or fetch", os.strerror(-fd))
                 return
             self._timerfd = fd
             server.watch_fd(fd, self._on_timer)
-        lib.fayt_timerfd_arm(self._timerfd, RETRY_NS)
+        clib.fayt_timerfd_arm(self._timerfd, RETRY_NS)
 
     def _on_timer(self, fd, events):
-        lib.fayt_timerfd_drain(fd)
+        clib.fayt_timerfd_drain(fd)
         for r in list(self.backlogged):
             if r.id not in self.rings or not self._retry(r):
                 self.backlogged.discard(r)
         if self.backlogged:
-            lib.fayt_timerfd_arm(fd, RETRY_NS)
+            clib.fayt_timerfd_arm(fd, RETRY_NS)
 
     # -- faytd's own notifications ---------------------------------------------
     def event(self, target, kind, context_id=0, pid=0, sp_id=0, identifier=b""):

@@ -170,6 +170,8 @@ class Policy:
             flags |= clib.FAYT_FAST_CONN_SHARE
         if category.classes & ANON:
             flags |= clib.FAYT_FAST_CONN_ANON
+        if category.id == lib.FAYT_CATEGORY_CORE:
+            flags |= clib.FAYT_FAST_CONN_CORE      # check_destroy's exception, for the C path
         return flags
 
     @staticmethod

@@ -45,6 +45,7 @@ from libportal._abi import lib
 
 from .context import Mapping
 from .frames import BackingObject, KernelError
+from .sharepoint import NamedShares
 
 log = logging.getLogger("faytd")
 
@@ -183,7 +184,7 @@ class Regions:
         self.p = pager
         self.by_id = {}             # region id -> Region
         self.by_uffd = {}           # fd -> Region
-        self.shares = {}            # identifier -> SpecialShare
+        self.shares = NamedShares()  # identifier -> SpecialShare, names in the core's index
         self._next_share = 1
         self._next_region = 1
 

@@ -177,8 +177,6 @@ class Server:
                     if idle:
                         if not self._idle_step(k):
                             retry_at = clock() + _IDLE_RETRY_S
-                    elif fast.nresident:
-                        self._settle(idle=True)     # resident a while, faytd idle: take them now
                     if n == 0:
                         continue
                 busy += 1
@@ -217,19 +215,8 @@ class Server:
             log.warning("idle work: %s", e)
             return False
 
-    def _settle(self, idle=False):
-        """Kernel.settle(), with _event's protection: a bug there must cost
-        the share-point it was taking over, never faytd."""
-        try:
-            self.k.settle(idle)
-        except Exception:
-            log.error("taking over the fast path's share-points raised:\n%s",
-                      traceback.format_exc())
-
     def _event(self, fd, ev, kind, obj):
         try:
-            if kind != "client":
-                self._settle()          # client requests settle unless the fast path takes them
             self._handle(fd, ev, kind, obj)
         finally:
             self._check_sigbus(kind, fd)
@@ -336,7 +323,6 @@ class Server:
         self.stopping = True
 
     def close(self):
-        self._settle()
         for ctx in list(self.k.contexts.values()):
             self._drop_conn(ctx)
             self._unwatch_pidfd(ctx)
@@ -453,13 +439,11 @@ class Server:
         if r == clib.FAYT_FAST_AGAIN:
             return
         if r < 0:
-            self._settle()
             return self._disconnect(ctx, "recv: %s" % os.strerror(-r))
         self._read_one = True
         self._read_noreply = bool(noreply)
         if r == clib.FAYT_FAST_SERVED:
             return
-        self._settle()
         if r == clib.FAYT_FAST_UNSENT:
             return self._disconnect(ctx, "does not read its replies" if err == errno.EAGAIN
                                     else "send: %s" % os.strerror(err))

@@ -1,58 +1,95 @@
-"""The share-point table: identifier -> frames, prot, owner, captured threads.
+"""Share-points, as faytd's Python sees them: views of the core's records.
 
-A share-point is created by portal(SHARE|ANON, create) and written at once:
-faytd pwrite(2)s the meta-structure (lock free, prot, data length, the
-morphology with every frame's physical address) into the new backing object,
-so the creator and every attacher see it before their first access.
-
-Lifetime: in the table from creation until destroy(), or until its owner
-has died and no captured thread maps it any more.  Destroy takes the
-identifier out of the table at once; the frames stay referenced by the
+The core (faytd/core/table.c) owns every share-point: its record (id,
+identifier, object(s), frames, prot, owner), the name index, the mappings
+of it and the journal's S, D and A records.  A share-point is created by
+portal(SHARE|ANON, create) and written at once (the meta-structure: lock
+free, prot, data length, the morphology with every frame's physical
+address), so the creator and every attacher see it before their first
+access.  It is in the table from its creation until its destroy, or until
+its owner has died and no mapping of it is left; destroy takes the
+identifier out of the table at once, and the frames stay referenced by the
 mappings that still exist and are freed with the last one.
+
+What Python keeps is what is not hot: lock recovery (a view's meta_page),
+the notices of a destroy, the list.  A view (SharePoint) holds the facts
+that never change (id, identifier, object, frames, prot, owner) and asks
+the core for the rest (destroyed, owner alive, who maps it).
 
 Locks: when a context dies, its robust records (context page) name the
 share-points whose lock it held or was taking.  faytd maps the first page of
 such a share-point (lazily; most are never recovered) and releases the lock
 with the owner-died bit set, waking one waiter.
 """
+import array
 import errno
-import os
 
-from libportal._abi import ffi, lib, SHAREPOINT_META
+from libportal._abi import ffi, lib
 
-from .frames import KernelError, PAGE, pages
-from .native import lib as clib
+from .frames import KernelError, PAGE, BackingObject
+from .native import core, ffi as cffi, lib as clib
 
-META_SIZE = ffi.sizeof("struct fayt_sharepoint_meta")
+
+def _frames(buf, n):
+    """array('I') of the first n frames in a uint32_t[] of the core's."""
+    a = array.array("I")
+    a.frombytes(cffi.buffer(buf, 4 * n))
+    return a
+
+_INFO = cffi.new("struct fayt_sp_info *")
+_MAX_MAPPERS = 4096
 
 
 class SharePoint:
-    __slots__ = ("id", "identifier", "backing", "prot", "length", "data_offset", "owner_pid",
-                 "owner_uid", "owner_alive", "captured", "destroyed", "_meta_map", "created_at",
-                 "charged", "owner_start", "_meta_count")
+    """A view of the core's share-point `id` (made by SharePoints.get)."""
+    __slots__ = ("id", "identifier", "prot", "length", "data_offset", "owner_pid",
+                 "owner_uid", "owner_start", "object", "frames", "_backing", "_meta_map",
+                 "_meta_count")
 
-    def __init__(self, sp_id, identifier, backing, prot, owner_pid, owner_uid):
-        self.id = sp_id
-        self.identifier = identifier
-        self.backing = backing
-        self.prot = prot
-        nframes = len(backing.frames)
-        self.data_offset = lib.fayt_sp_data_offset(nframes)
-        self.length = backing.length - self.data_offset
-        self.owner_pid = owner_pid
-        self.owner_uid = owner_uid
-        self.owner_alive = True
-        self.captured = {}          # (context id, handle) -> (pid, tid)
-        self.destroyed = False
-        self.charged = None         # (context, bytes) the creator's RAM quota carries
-        self.owner_start = None     # the owner's start time (frames.start_time)
+    def __init__(self, info, frames):
+        self.id = info.id
+        self.identifier = cffi.unpack(info.identifier, info.ident_len)
+        self.prot = info.prot
+        self.length = info.length - info.data_offset        # bytes of data
+        self.data_offset = info.data_offset
+        self.owner_pid = info.owner_pid
+        self.owner_uid = info.owner_uid
+        self.owner_start = info.owner_start or None
+        self.object = cffi.string(info.object).decode()
+        self.frames = frames
+        self._backing = None
         self._meta_map = None
         self._meta_count = 0
 
-    def write_meta(self, paddrs):
-        """The meta-structure: lock free, prot, data length, the morphology."""
-        self.backing.write(0, SHAREPOINT_META.pack(0, self.prot, self.length, self.backing.length)
-                           + paddrs.tobytes())
+    def _info(self):
+        return _INFO if clib.fayt_core_sp_info(core, self.id, _INFO, cffi.NULL, 0) == 0 else None
+
+    @property
+    def destroyed(self):
+        i = self._info()
+        return i is None or bool(i.destroyed)
+
+    @property
+    def owner_alive(self):
+        i = self._info()
+        return i is not None and bool(i.owner_alive)
+
+    @property
+    def captured(self):
+        """{(context id, handle): (pid, tid)} of its mappings, now."""
+        n = _MAX_MAPPERS
+        ctx, handles = cffi.new("uint32_t[]", n), cffi.new("uint64_t[]", n)
+        pids, tids = cffi.new("int32_t[]", n), cffi.new("int32_t[]", n)
+        got = min(n, clib.fayt_core_sp_mappers(core, self.id, ctx, handles, pids, tids, n))
+        return {(ctx[i], handles[i]): (pids[i], tids[i]) for i in range(got)}
+
+    @property
+    def backing(self):
+        """Its object(s), by name (faytd's own access: lock recovery, the list)."""
+        if self._backing is None:
+            self._backing = BackingObject.named(0, self.object, self.length + self.data_offset,
+                                                self.frames)
+        return self._backing
 
     def meta_page(self):
         """faytd's own mapping of the first page (for lock recovery), made
@@ -63,6 +100,8 @@ class SharePoint:
         if self._meta_map is not None and self._meta_count != count:
             self.close_meta()
         if self._meta_map is None:
+            # Python maps its object: never lent to another share-point again.
+            clib.fayt_core_sp_expose(core, self.id)
             try:
                 self._meta_map = self.backing.map(PAGE)
             except ValueError:          # mmap(2) past the end: the object is shorter
@@ -83,139 +122,132 @@ class SharePoint:
             self._meta_map = None
 
 
-class SharePointTable:
-    """Identifiers and ids of live share-points; faytd's only owner of them.
+class Destroyed:
+    """What a destroy leaves for its notices: the share-point's id, its
+    identifier and who mapped it at that moment."""
+    __slots__ = ("id", "identifier", "captured")
 
-    The C path (faytd/core/serve.c) creates and destroys share-points
-    too; every identifier is also in the core's name index (`fast`), so that they
-    tell a new one at once, and ids come from one counter there.  What they
-    made, faytd takes over (take_over) before Python handles anything."""
+    def __init__(self, sp, captured):
+        self.id, self.identifier, self.captured = sp.id, sp.identifier, captured
 
-    def __init__(self, frames, max_sharepoints, fast):
-        self.frames = frames
-        self.fast = fast
-        self.by_name = {}
-        self.by_id = {}
-        fast.next_sp_id = 1
+
+class _Names:
+    """`identifier in sharepoints.by_name`: the core's name index."""
+
+    def __contains__(self, identifier):
+        return clib.fayt_core_sp_lookup(core, identifier, len(identifier)) != 0
+
+
+class NamedShares(dict):
+    """identifier -> SPECIAL|SHARE share (the pager's), its names in the
+    core's name index too: one namespace, so that no share-point takes one."""
+
+    def __setitem__(self, ident, sh):
+        if ident not in self:
+            clib.fayt_fast_name_add(core, ident, len(ident))
+        super().__setitem__(ident, sh)
+
+    def pop(self, ident, *default):
+        if ident in self:
+            clib.fayt_fast_name_del(core, ident, len(ident))
+        return super().pop(ident, *default)
+
+    def __delitem__(self, ident):
+        self.pop(ident)
+
+    def clear(self):
+        for ident in list(self):
+            self.pop(ident)
+
+
+class SharePoints:
+    """The core's share-point table, for faytd's Python."""
+
+    def __init__(self, max_sharepoints):
         self.max = max_sharepoints
-        self.by_owner = {}          # owner pid -> {sp id}
-        self.on_destroy = []        # callables(sp), run before a share-point leaves the table
-        self.journal = None         # journal.Journal once faytd serves
+        self.by_name = _Names()
+        self.on_destroy = []        # callables(Destroyed), after a destroy Python performed
+        self._views = {}            # id -> SharePoint (views Python asked for)
+        self._frames = cffi.new("uint32_t[]", 64)
 
-    def create(self, identifier, length, prot, owner_pid, owner_uid, owner_start=None):
-        if identifier in self.by_name:
-            raise KernelError(errno.EEXIST, "share.identifier: %r exists"
-                              % identifier.decode("utf-8", "replace"))
-        if len(self.by_id) >= self.max:
-            raise KernelError(errno.ENOMEM, "share-point table is full (%d)" % self.max)
-        n = pages(length)
-        if lib.fayt_sp_data_offset(n) >= n * PAGE:
-            raise KernelError(errno.EINVAL, "length: %d bytes leave no room for data after "
-                              "the meta-structure" % length)
-        backing = self.frames.allocate(n * PAGE, split=True)
-        sp_id = self.fast.next_sp_id
-        self.fast.next_sp_id = (sp_id % 0xfffffffe) + 1
-        sp = SharePoint(sp_id, identifier, backing, prot, owner_pid, owner_uid)
-        sp.owner_start = owner_start
-        try:
-            sp.write_meta(self.frames.paddrs(backing))
-            self._insert(sp)
-        except BaseException:
-            self.frames.put(backing)
-            raise
-        if self.journal is not None:
-            self.journal.sharepoint_created(sp)
-        return sp
+    def get(self, sp_id, keep=True):
+        """The view of share-point sp_id (in the table, or destroyed and
+        still mapped), or None.  keep: remember it (a view that maps the
+        meta page for lock recovery must be the same next time); a walk of
+        the whole table (the list, the journal, stats) keeps none."""
+        v = self._views.get(sp_id)
+        if v is not None:
+            if clib.fayt_core_sp_info(core, sp_id, _INFO, cffi.NULL, 0) == 0:
+                return v
+            del self._views[sp_id]
+            return None
+        if clib.fayt_core_sp_info(core, sp_id, _INFO, cffi.NULL, 0):
+            return None
+        frames = cffi.new("uint32_t[]", max(1, _INFO.nframes))
+        clib.fayt_core_sp_info(core, sp_id, _INFO, frames, _INFO.nframes)
+        v = SharePoint(_INFO, _frames(frames, _INFO.nframes))
+        if not keep:
+            return v
+        if len(self._views) > 4096:     # views of gone share-points: forget them now and then
+            for i in [i for i in self._views if clib.fayt_core_sp_info(core, i, _INFO,
+                                                                     cffi.NULL, 0)]:
+                del self._views[i]
+        self._views[sp_id] = v
+        return v
 
-    def _insert(self, sp, named=False):
-        if not named:
-            err = clib.fayt_fast_name_add(self.fast, sp.identifier, len(sp.identifier))
-            if err:
-                raise KernelError(err, "share.identifier: %r: %s"
-                                  % (sp.identifier.decode("utf-8", "replace"), os.strerror(err)))
-        self.by_name[sp.identifier] = sp
-        self.by_id[sp.id] = sp
-        self.by_owner.setdefault(sp.owner_pid, set()).add(sp.id)
+    def lookup(self, identifier):
+        """The id of the share-point named identifier, or 0."""
+        return clib.fayt_core_sp_lookup(core, identifier, len(identifier))
 
-    def take_over(self, sp_id, identifier, backing, prot, owner_pid, owner_uid, owner_start):
-        """A share-point the fast path made (its name is in C's table, its
-        journal record written): now faytd's Python's."""
-        sp = SharePoint(sp_id, identifier, backing, prot, owner_pid, owner_uid)
-        sp.owner_start = owner_start
-        self._insert(sp, named=True)
-        return sp
+    def ids(self, after=0):
+        """Ids of the share-points in the table above `after`, in order."""
+        if after >= 0xffffffff:
+            return []
+        n = core.nsharepoints
+        out = cffi.new("uint32_t[]", max(1, n))
+        got = clib.fayt_core_sp_ids(core, after, out, n)
+        return list(out[0:got])
 
-    def adopt(self, rec, backing):
-        """A share-point of a journal record, over its adopted backing object.
-        Its meta-structure and data are in the object already (and its lock
-        as its holder left it)."""
-        if rec.identifier in self.by_name or rec.id in self.by_id:
-            raise KernelError(errno.EEXIST, "journal: share-point %d named twice" % rec.id)
-        sp = SharePoint(rec.id, rec.identifier, backing, rec.prot, rec.pid, rec.uid)
-        sp.owner_start = rec.start
-        self._insert(sp)
-        self.skip_ids(rec.id % 0xfffffffe + 1)
-        return sp
+    def __len__(self):
+        return core.nsharepoints
 
     @property
     def next_id(self):
-        return self.fast.next_sp_id
+        return core.next_sp_id
 
     def skip_ids(self, next_id):
         """Never hand out an id below next_id again (a restart: ids of
         share-points destroyed before it may still be in lock records)."""
-        self.fast.next_sp_id = max(self.fast.next_sp_id, next_id)
+        clib.fayt_core_skip_sp_ids(core, next_id)
 
-    def lookup(self, identifier):
-        sp = self.by_name.get(identifier)
-        if sp is None:
-            raise KernelError(errno.ENOENT, "share.identifier: no share-point %r"
-                              % identifier.decode("utf-8", "replace"))
-        return sp
-
-    def capture(self, sp, key, pid, tid):
-        """A mapping of sp by (context, handle): one reference to its frames."""
-        self.frames.get(sp.backing)
-        sp.captured[key] = (pid, tid)
-
-    def release(self, sp, key):
-        """Drop a mapping; reclaim an ownerless, unmapped share-point."""
-        if sp.captured.pop(key, None) is None:
-            return
-        self.frames.put(sp.backing)
-        if not sp.captured and not sp.owner_alive and not sp.destroyed:
-            self.destroy(sp)
-
-    def destroy(self, sp):
-        """Take sp out of the table; its frames go with the last mapping."""
-        if sp.destroyed:
-            return
-        for hook in self.on_destroy:
-            hook(sp)
-        if self.journal is not None:
-            self.journal.sharepoint_destroyed(sp)
-        sp.destroyed = True
-        if self.by_name.pop(sp.identifier, None) is not None:
-            clib.fayt_fast_name_del(self.fast, sp.identifier, len(sp.identifier))
-        self.by_id.pop(sp.id, None)
-        owned = self.by_owner.get(sp.owner_pid)
-        if owned is not None:
-            owned.discard(sp.id)
-            if not owned:
-                del self.by_owner[sp.owner_pid]
-        sp.close_meta()
-        self.frames.put(sp.backing)     # the table's own reference
+    def adopt(self, rec):
+        """A share-point of a journal record (its object checked by the
+        caller): into the core's table, its frames adopted."""
+        frames = array.array("I", rec.frames)
+        msg = cffi.new("char[]", 256)
+        err = clib.fayt_core_sp_adopt(
+            core, rec.id, rec.identifier, len(rec.identifier), rec.prot, rec.pid, rec.uid,
+            rec.start or 0, rec.length, rec.object.encode(),
+            cffi.from_buffer("uint32_t[]", frames) if len(frames) else cffi.NULL, len(frames),
+            msg, 256)
+        if err:
+            raise KernelError(err, cffi.string(msg).decode())
 
     def owns(self, pid):
-        return pid in self.by_owner
+        return bool(clib.fayt_core_owns(core, pid))
 
     def owner_died(self, pid):
-        for sp_id in list(self.by_owner.pop(pid, ())):
-            sp = self.by_id[sp_id]
-            sp.owner_alive = False
-            if not sp.captured:
-                self.destroy(sp)
+        clib.fayt_core_owner_died(core, pid)
+
+    def destroyed(self, sp, captured):
+        """Python performed sp's destroy (captured: who mapped it then)."""
+        d = Destroyed(sp, captured)
+        for hook in self.on_destroy:
+            hook(d)
+        sp.close_meta()
 
     def destroy_all(self):
-        for sp in list(self.by_id.values()):
-            self.destroy(sp)
+        clib.fayt_core_destroy_all(core)
+        for v in self._views.values():
+            v.close_meta()
+        self._views.clear()

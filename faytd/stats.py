@@ -3,7 +3,8 @@
 FAYT_SYS_STATS answers with stats_json(); `fayt stats` prints it (README
 "fayt stats").  The counts come from where the work is done, so that none is
 kept twice: the C fast path counts what it performs (struct
-fayt_fast_kernel: creates, destroys, anon_maps, anon_unmaps), the server
+fayt_core: calls by op, and creates, destroys, attaches, unmaps, anon_maps,
+anon_unmaps), the server
 counts every request it hands to Python (python_call), and the pager's
 regions count their faults (Region.faults, .in_one_call); a region that
 closes leaves its counts here (region_closed).
@@ -26,11 +27,11 @@ STATS_VERSION = 1       # the JSON's "version": fields are only ever added under
 OP_NAMES = {getattr(lib, n): n[len("FAYT_SYS_"):].lower()
             for n in dir(lib) if n.startswith("FAYT_SYS_")}
 
-# Ops the C fast path performs, and the fayt_fast_kernel counters that count them.
+# Ops the C fast path performs, and the struct fayt_core counters that count them.
 _FAST = {
-    lib.FAYT_SYS_PORTAL: ("creates", "anon_maps"),
-    lib.FAYT_SYS_UNMAP_DESTROY: ("destroys",),
-    lib.FAYT_SYS_UNMAP: ("anon_unmaps",),
+    lib.FAYT_SYS_PORTAL: ("calls_portal",),
+    lib.FAYT_SYS_UNMAP_DESTROY: ("calls_unmap_destroy",),
+    lib.FAYT_SYS_UNMAP: ("calls_unmap",),
 }
 
 
@@ -60,21 +61,22 @@ def stats_json(k, ctx):
     faults = s.faults + sum(r.faults for r in k.pager.regions.by_id.values())
     in_one_call = s.in_one_call + sum(r.in_one_call for r in k.pager.regions.by_id.values())
     core = ctx.category is not None and ctx.category.id == lib.FAYT_CATEGORY_CORE
-    sps = k.sharepoints.by_id.values()
+    sps = [k.sharepoints.get(i, keep=False) for i in k.sharepoints.ids()]
     j = k.journal
     out = {
         "version": STATS_VERSION,
         "calls": calls,
         "fast_path": {"enabled": not f.disabled, "sharepoints_created": f.creates,
                       "sharepoints_destroyed": f.destroys, "anon_mapped": f.anon_maps,
-                      "anon_unmapped": f.anon_unmaps},
+                      "anon_unmapped": f.anon_unmaps, "sharepoints_attached": f.attaches,
+                      "sharepoints_unmapped": f.unmaps},
         "faults": {"total": faults, "in_one_call": in_one_call,
                    "by_loop": faults - in_one_call},
         "contexts": {"total": len(k.contexts),
                      "connected": sum(1 for c in k.contexts.values() if c.connected)},
         "sharepoints": {"scope": "all" if core else "uid",
                         "count": len(sps) if core else
-                        sum(1 for sp in sps if sp.owner_uid == ctx.uid)},
+                        sum(1 for sp in sps if sp is not None and sp.owner_uid == ctx.uid)},
         "frames": {"total": k.frames.nframes, "free": k.frames.free_frames},
         "journal": {"enabled": j is not None,
                     "errors": f.journal_errors + (j.errors if j is not None else 0)},

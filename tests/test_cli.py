@@ -116,7 +116,8 @@ def test_cli_stats_json_and_its_table(fresh_faytd):
     assert set(s["calls"]) >= {"portal", "unmap", "unmap_destroy", "list_share",
                                "notify_open", "chain_join"}
     assert s["fast_path"] == {"enabled": True, "sharepoints_created": 0,
-                              "sharepoints_destroyed": 0, "anon_mapped": 0, "anon_unmapped": 0}
+                              "sharepoints_destroyed": 0, "anon_mapped": 0, "anon_unmapped": 0,
+                              "sharepoints_attached": 0, "sharepoints_unmapped": 0}
     assert s["faults"] == {"total": 0, "in_one_call": 0, "by_loop": 0}
     assert s["contexts"] == {"total": 1, "connected": 1}
     assert s["sharepoints"] == {"scope": "all", "count": 0}

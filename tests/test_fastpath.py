@@ -1,7 +1,8 @@
-"""faytd's fast system calls (faytd/core/core.h, serve.c): a
-share-point's create and its creator's destroy performed in C, what they
-make taken over by faytd's Python before it handles anything else, and the
-recycling of an object for the context that alone ever held it.  Real faytds,
+"""faytd's C path (faytd/core/serve.c, table.c): a share-point's create,
+attach, unmap and its owner's destroy, and ANON portals, performed in C by
+the core that owns them (and that faytd's Python calls for the calls it
+handles), and the recycling of an object for the context that alone ever
+held it.  Real faytds,
 real processes; which path served a call is read from faytd's own count
 (`fayt stats --json`), so a test that expects the fast path fails if the
 fast path was not taken."""
@@ -38,6 +39,12 @@ def fast_counts(d, *conns):
     """(share-points created, destroyed) by the fast path."""
     f = stats(d, *conns)["fast_path"]
     return f["sharepoints_created"], f["sharepoints_destroyed"]
+
+
+def attach_counts(d, *conns):
+    """(share-point attaches, share-point unmaps) by the fast path."""
+    f = stats(d, *conns)["fast_path"]
+    return f["sharepoints_attached"], f["sharepoints_unmapped"]
 
 
 def anon_counts(d, *conns):
@@ -77,14 +84,16 @@ def test_fastpath_serves_create_and_the_creators_destroy(fresh_faytd, conn_to):
     counts = stats(d, c)
     c.close()
     # The first create of a context is Python's: it checks the calling thread
-    # once; from then on the fast path knows it.
+    # once; from then on the fast path knows it.  Every destroy is the C
+    # path's, that first share-point's too: the core owns it, whichever path
+    # made it.
     assert (counts["fast_path"]["sharepoints_created"],
-            counts["fast_path"]["sharepoints_destroyed"]) == (49, 49)
+            counts["fast_path"]["sharepoints_destroyed"]) == (49, 50)
     assert counts["calls"]["portal"] == {"fast": 49, "python": 1}
-    assert counts["calls"]["unmap_destroy"] == {"fast": 49, "python": 1}
+    assert counts["calls"]["unmap_destroy"] == {"fast": 50, "python": 0}
     assert counts["calls"]["hello"] == {"fast": 0, "python": 2}     # c's, and fayt's own
     # The log line at a clean stop says the same.
-    assert log_counts(d.stop())[:2] == (49, 49)
+    assert log_counts(d.stop())[:2] == (49, 50)
 
 
 def _scenario(conn, tag):
@@ -312,9 +321,9 @@ def test_fastpath_owner_killed_with_share_points_only_c_knew(fresh_faytd, conn_t
     assert "error" not in log.lower(), log
 
 
-def test_fastpath_large_share_points_go_through_python_the_same_way(fresh_faytd, conn_to):
-    """Past the fast path's limit (1024 frames) Python serves the call.  Both
-    write a meta-structure that spans page 0's object and the rest's (a
+def test_fastpath_large_share_points_the_same_way(fresh_faytd, conn_to):
+    """Small or large, the C path serves the call (the core's create), and
+    writes a meta-structure that spans page 0's object and the rest's (a
     share-point of more than one page is two: see test_objects.py)."""
     d = fresh_faytd(ram="64MiB")
     c = conn_to(d)
@@ -327,7 +336,7 @@ def test_fastpath_large_share_points_go_through_python_the_same_way(fresh_faytd,
         sp.write(sp.length - 4, b"last")
         assert sp.read(sp.length - 4, 4) == b"last"
         sp.destroy()
-    assert fast_counts(d, c) == (1, 1)      # small only
+    assert fast_counts(d, c) == (2, 3)      # both (and the warm-up's destroy)
     c.close()
 
 
@@ -507,7 +516,7 @@ def test_fastpath_recycling_can_be_turned_off(fresh_faytd, conn_to):
     b = libportal.share_create("off-b", 4096, connection=c)
     assert b._ino != a_ino
     b.destroy()
-    assert fast_counts(d, c) == (2, 2)      # the fast path, without recycling
+    assert fast_counts(d, c) == (2, 3)      # the fast path, without recycling
     c.close()
 
 
@@ -567,4 +576,22 @@ def test_fastpath_anon_quota_refuses_as_python_does(fresh_faytd, conn_to):
     q.unmap()
     p.unmap()
     assert anon_counts(d, c)[0] >= 2
+    c.close()
+
+
+def test_fastpath_serves_attach_and_unmap_of_any_share_point(fresh_faytd, conn_to):
+    """The core owns every share-point: an attach of one Python made (the
+    first create of a context is Python's) and its unmap are the C path's."""
+    d = fresh_faytd()
+    c = conn_to(d)
+    made = libportal.share_create("attach-me", 4096, connection=c)     # Python's (first call)
+    made.write(0, b"hello")
+    for _ in range(20):
+        sp = libportal.share_attach("attach-me", connection=c)
+        assert sp.read(0, 5) == b"hello" and sp.sp_id == made.sp_id
+        sp.unmap()
+    made.destroy()
+    attached, unmapped = attach_counts(d, c)
+    assert attached == 20 and unmapped == 21        # the destroy's unmap too
+    assert fast_counts(d) == (0, 1)
     c.close()

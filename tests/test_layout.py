@@ -51,7 +51,8 @@ _CLIENT = textwrap.dedent("""
 
     from libportal._abi import lib
     core = [n for n in dir(lib) if n.startswith(("fayt_fast", "fayt_objpool", "fayt_frames",
-                                                "fayt_keeper", "fayt_core"))]
+                                                "fayt_keeper", "fayt_core", "fayt_timerfd",
+                                                "fayt_portal_decode", "fayt_journal"))]
     print("core-loaded" if "faytd._core" in sys.modules else "core-not-loaded", core)
     """)
 

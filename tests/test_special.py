@@ -1345,3 +1345,21 @@ def test_special_file_pager_caches_a_file_of_more_frames_than_a_reply_lists(lp, 
         assert pager.counters()["copied"] == 0
     finally:
         pager.close()
+
+
+def test_special_share_and_share_points_have_one_namespace(lp, chain_server):
+    """A SPECIAL|SHARE share's name is in the core's one name index: no
+    share-point takes it (the C path's create included), and it is free
+    again once the share is gone."""
+    chain = _chain()
+    chain_server(chain=chain)
+    ident = "one-namespace-%s" % uuid.uuid4().hex[:8]
+    lp.share_create("warm-%s" % ident, 4096).destroy()     # the C path knows this thread
+    sp = lp.portal(lp.SPECIAL | lp.SHARE, lp.PROT_READ, 4 * PAGE, identifier=ident, create=True,
+                   chain=chain)
+    try:
+        with pytest.raises(lp.AlreadyExists):
+            lp.share_create(ident, 4096)
+    finally:
+        sp.unmap()
+    lp.share_create(ident, 4096).destroy()

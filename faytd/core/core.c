@@ -19,6 +19,12 @@ int fayt_core_init(struct fayt_core *k)
     pthread_mutex_init(&p->keeper.mu, NULL);
     pthread_mutex_init(&p->pool.mu, NULL);
     p->keeper.fd = -1;
+    p->epfd = -1;
+    p->reply = malloc(sizeof(struct fayt_rep_hdr) + FAYT_MSG_MAX);
+    if (!p->reply) {
+        free(p);
+        return ENOMEM;
+    }
     k->priv = p;
     k->journal_fd = -1;
     k->next_sp_id = 1;
@@ -30,9 +36,9 @@ void fayt_core_fini(struct fayt_core *k)
     struct fayt_core_priv *p = k->priv;
     if (!p)
         return;
-    fayt_fast_shutdown(k);
-    core_records_fini(k);
+    core_table_fini(k);
     core_names_fini(k);
+    free(p->reply);
     free(p->watched);
     free(p->pool.queue);
     fayt_frames_fini(&k->frames);

@@ -16,9 +16,14 @@
  *   survives faytd, and the pool thread (C, no GIL) that makes them ahead
  *   of need and has released ones closed;
  * - names.c: the name index, every share-point's identifier (SipHash-keyed);
- * - records.c: the share-points and ANON portals the C path made and still
- *   holds, by (context, handle), and the objects kept for recycling;
+ * - table.c: the owner of every share-point (its record, object(s) and
+ *   frames), of every share-point and ANON mapping (by context and handle),
+ *   of each context's accounting (RAM, mappings) and of the objects kept
+ *   for recycling; its calls perform PORTAL, UNMAP and the destroys for the
+ *   C path and for faytd's Python alike;
  * - journal.c: the journal records the C path writes;
+ * - decode.c: the one decoder of struct portal_req, for every path;
+ * - timers.c: timerfds for faytd's deadlines;
  * - serve.c: the request path: fayt_fast_poll (faytd's epoll wait) and
  *   fayt_fast_serve, which read one request, and perform and answer it in
  *   C when it is one the C path takes; anything else goes back, unread
@@ -72,21 +77,26 @@ void fayt_frames_adopted(struct fayt_frames *f);
 struct fayt_core {
     struct fayt_frames frames;
     int32_t journal_fd;        /* -1: no journal */
-    uint32_t next_sp_id;       /* share-point ids, shared by Python and C */
+    uint32_t next_sp_id;       /* the next share-point id: only the core changes it */
     uint64_t journal_lines;    /* lines written since the journal was (re)written */
     int64_t journal_live;      /* of them, records of what is still live */
     uint64_t max_portal_length;
     uint64_t max_ram_per_context;   /* UINT64_MAX: none */
     uint32_t max_sharepoints;
     uint32_t max_mappings;     /* per context */
-    uint32_t nsharepoints;     /* in the table: Python's and resident ones */
-    uint32_t nresident;
+    uint32_t nsharepoints;     /* in the table */
+    uint32_t nrecords;         /* share-point records: in the table, or destroyed and mapped */
     uint32_t disabled;         /* 1: hand every request to Python */
-    uint32_t recycle;          /* 1: keep a destroyed object for its context (records.c) */
+    uint32_t recycle;          /* 1: keep a destroyed object for its context (table.c) */
     uint64_t creates;          /* share-points made by the C path */
     uint64_t destroys;         /* and destroyed */
     uint64_t anon_maps;        /* ANON portals it made */
     uint64_t anon_unmaps;      /* and unmapped */
+    uint64_t attaches;         /* share-point attaches it served */
+    uint64_t unmaps;           /* share-point unmaps it served */
+    uint64_t calls_portal;     /* calls it served, by op (fayt stats) */
+    uint64_t calls_unmap;
+    uint64_t calls_unmap_destroy;
     uint64_t journal_errors;   /* journal writes that failed (Python logs them) */
     struct fayt_core_priv *priv;
 } __attribute__((packed));
@@ -97,6 +107,31 @@ int fayt_core_init(struct fayt_core *k);
 void fayt_core_fini(struct fayt_core *k);
 /* Which build of this header the module is (faytd/native.py checks it). */
 int fayt_core_abi(void);
+
+/* Share-point ids (serve.c): a new one (1 .. 2^32-2, then 1 again), and,
+ * at a restart, never one below `next` again (ids of share-points destroyed
+ * before it may still be in lock records). */
+uint32_t fayt_core_new_sp_id(struct fayt_core *k);
+void fayt_core_skip_sp_ids(struct fayt_core *k, uint32_t next);
+
+/* -- journal records (journal.c): the one writer of a share-point's lines -- */
+/* The S record of a share-point into out[max] (faytd/journal.py gives the
+ * format): its length, or -1 if it does not fit.  object: "<page 0>" or
+ * "<page 0>+<the rest>". */
+int fayt_journal_sp_line(uint32_t sp_id, int32_t pid, uint64_t start, uint32_t uid,
+                         int32_t prot, uint64_t length, const char *object,
+                         const uint32_t *frames, uint32_t nframes, const char *ident,
+                         uint32_t ilen, char *out, uint32_t max);
+/* Append the D record of a share-point to the journal: 0, or -1 if the
+ * write failed (counted in journal_errors). */
+int fayt_journal_sp_destroyed(struct fayt_core *k, uint32_t sp_id);
+
+/* -- timers (timers.c) --------------------------------------------------- */
+/* timerfd(2) for faytd's deadlines: open (-errno on failure), arm ns from
+ * now (<= 0: disarm), read off its expirations. */
+int fayt_timerfd_open(void);
+int fayt_timerfd_arm(int fd, int64_t ns);
+void fayt_timerfd_drain(int fd);
 
 /* -- backing objects: the keeper and the pool (keeper.c) ------------------ */
 #define FAYT_OBJ_NAME_MAX 96       /* bytes of an object name, NUL included */
@@ -135,11 +170,44 @@ void fayt_objpool_release(struct fayt_core *k, const char *name);
 /* End the thread; every pooled object and queued release goes now. */
 void fayt_objpool_stop(struct fayt_core *k);
 
-/* -- the request path (serve.c) ------------------------------------------ */
-/* One per connection (faytd's Context owns it).  Python keeps next_handle,
- * ram and py_mappings here, so both sides count from the same numbers. */
+/* -- the portal_req decoder (decode.c) ----------------------------------- */
+/* A decoded struct portal_req.  A string is at body[*_at], *_len bytes
+ * (its NUL not counted), checked to end inside the message and to be
+ * UTF-8; *_at is -1 for a NULL pointer. */
+struct fayt_portal_args {
+    int32_t type;
+    int32_t prot;
+    int32_t length;
+    int32_t share_type;
+    int32_t create;
+    int32_t attach;            /* SHARE with share.create ATTACH */
+    uint64_t ident_p;          /* the pointer fields as sent (0 or 1 + trailer offset) */
+    uint64_t chain_p;
+    uint64_t message_p;
+    uint64_t addr;             /* morphology.addr */
+    uint64_t mlen;             /* morphology.length */
+    int32_t ident_at;
+    int32_t ident_len;
+    int32_t chain_at;
+    int32_t chain_len;
+    int32_t message_at;
+    int32_t message_len;
+} __attribute__((packed));
+
+/* Decode and check the portal_req of a PORTAL request body (blen bytes):
+ * 0, or an errno with a message naming the argument at fault in msg[max].
+ * What it checks needs no state but k->max_portal_length; rights, quotas and
+ * the share-point table are the caller's. */
+int fayt_portal_decode(struct fayt_core *k, const uint8_t *body, uint32_t blen,
+                       struct fayt_portal_args *a, char *msg, uint32_t max);
+
+/* -- contexts, share-points and portals (table.c) ------------------------ */
+/* One per connection (faytd's Context holds one, made by fayt_core_conn_new:
+ * the core keeps it while its records name it).  Python keeps next_handle
+ * and ram here too (the mappings it owns itself: SPECIAL portals,
+ * notification stacks), so both count from the same numbers. */
 struct fayt_fast_conn {
-    int32_t fd;                /* the connection's socket */
+    int32_t fd;                /* the connection's socket; -1 */
     uint32_t ctx_id;
     int32_t pid;
     uint32_t uid;
@@ -149,12 +217,138 @@ struct fayt_fast_conn {
     uint64_t next_handle;
     uint64_t ram;              /* bytes charged to the context's RAM quota */
     uint32_t py_mappings;      /* mappings faytd's Python holds for it */
-    uint32_t resident;         /* resident share-points it created */
+    uint32_t nmaps;            /* share-point and ANON mappings the core holds for it */
+    uint64_t mapped_bytes;     /* bytes those map */
+    uint32_t refs;             /* the core's (its records) and Python's (1 until put) */
+    uint32_t reserved;
+    struct fayt_core_cstate *cs;    /* the core's: its mappings, what it ever mapped */
 } __attribute__((packed));
 #define FAYT_FAST_CONN_SHARE   0x1  /* registered, and may use SHARE|ANON */
 #define FAYT_FAST_CONN_NOTICES 0x2  /* subscribed to faytd's notices: destroys go to Python */
 #define FAYT_FAST_CONN_ANON    0x4  /* registered, and may use ANON */
+#define FAYT_FAST_CONN_CORE    0x8  /* a core server: may destroy any share-point */
+#define FAYT_FAST_CONN_JOURNAL 0x10 /* its context page is journaled: its attaches are too */
 
+struct fayt_fast_conn *fayt_core_conn_new(struct fayt_core *k);
+/* Python lets go of c (its Context is gone); the core frees it once no
+ * record names it. */
+void fayt_core_conn_put(struct fayt_core *k, struct fayt_fast_conn *c);
+
+/* What a performed call leaves for its reply: the body (after the reply
+ * header) in the caller's buffer, and its descriptors: the caller closes
+ * them once sent, but for those `borrowed` marks (bit i: fds[i]), which
+ * the core holds (for the next attach or a recycle) and which the caller
+ * only sends. */
+struct fayt_core_reply {
+    uint32_t len;
+    int32_t nfds;
+    int32_t fds[2];
+    uint32_t borrowed;
+} __attribute__((packed));
+
+/* PORTAL of class SHARE|ANON (create or attach) or ANON, decoded (a), for
+ * c's thread tid: performed, its reply body in body[FAYT_MSG_MAX] and out,
+ * 0; or an errno and msg (nothing changed).  Rights (classes, the thread)
+ * are the caller's. */
+int fayt_core_portal(struct fayt_core *k, struct fayt_fast_conn *c, int32_t tid,
+                     const uint8_t *req, const struct fayt_portal_args *a, uint8_t *body,
+                     struct fayt_core_reply *out, char *msg, uint32_t max);
+/* c's mapping `handle`: how FAYT_CORE_UNMAP (drop it), _UNMAP_DESTROY
+ * (destroy its share-point, then drop it) or _DESTROY (destroy, keep it).
+ * 0; -1 if the core holds no such mapping (Python's own, or none); or an
+ * errno and msg.  A destroy fills *destroyed with the share-point's id. */
+#define FAYT_CORE_UNMAP 0
+#define FAYT_CORE_UNMAP_DESTROY 1
+#define FAYT_CORE_DESTROY 2
+int fayt_core_unmap(struct fayt_core *k, struct fayt_fast_conn *c, uint64_t handle, int how,
+                    uint32_t *destroyed, char *msg, uint32_t max);
+/* A mapping the core holds, as it describes it to Python; asking marks
+ * its object as seen by Python (a chain's backing may hand it on): it is
+ * never recycled.  0, or ENOENT. */
+struct fayt_map_info {
+    uint64_t handle;
+    uint32_t type;
+    uint32_t sp_id;            /* 0: an ANON portal */
+    int32_t pid;
+    int32_t tid;
+    int32_t prot;
+    uint32_t oid;
+    uint64_t length;
+    uint64_t charged;          /* bytes of the context's RAM quota it carries */
+    uint32_t nframes;
+    uint32_t reserved;
+    char object[200];          /* its object's name (a share-point's "<page 0>+<the rest>") */
+} __attribute__((packed));
+int fayt_core_map_info(struct fayt_core *k, struct fayt_fast_conn *c, uint64_t handle,
+                       struct fayt_map_info *out, uint32_t *frames, uint32_t max);
+/* The share-point id of c's mapping `handle` (0: an ANON portal), or -1 if
+ * the core holds no such mapping. */
+int64_t fayt_core_map_sp(struct fayt_core *k, struct fayt_fast_conn *c, uint64_t handle);
+/* The RAM charge the mapping carries (a chain's backing takes it over). */
+int fayt_core_map_set_charged(struct fayt_core *k, struct fayt_fast_conn *c, uint64_t handle,
+                              uint64_t charged);
+/* Every mapping the core holds for c goes (its connection closed, or it died). */
+void fayt_core_conn_drop(struct fayt_core *k, struct fayt_fast_conn *c);
+/* pid died: its share-points lose their owner; those nobody maps go. */
+void fayt_core_owner_died(struct fayt_core *k, int32_t pid);
+/* Whether pid owns a share-point in the table. */
+int fayt_core_owns(struct fayt_core *k, int32_t pid);
+/* A clean stop: every share-point and mapping goes, and every kept object. */
+void fayt_core_destroy_all(struct fayt_core *k);
+
+/* A share-point, as the core describes it to Python. */
+struct fayt_sp_info {
+    uint32_t id;
+    int32_t owner_pid;
+    uint32_t owner_uid;
+    int32_t prot;
+    uint64_t owner_start;
+    uint64_t length;           /* bytes of its object(s) */
+    uint64_t data_offset;
+    uint32_t nframes;
+    uint32_t nmaps;            /* mappings of it */
+    uint32_t destroyed;        /* out of the table; still mapped */
+    uint32_t owner_alive;
+    uint32_t ident_len;
+    uint32_t reserved;
+    char object[200];          /* "<page 0>" or "<page 0>+<the rest>" */
+    char identifier[256];
+} __attribute__((packed));
+/* Share-point `id` (in the table, or destroyed and still mapped): 0 and its
+ * info and first `max` frames; ENOENT. */
+int fayt_core_sp_info(struct fayt_core *k, uint32_t id, struct fayt_sp_info *out,
+                      uint32_t *frames, uint32_t max);
+/* The id of the share-point named ident in the table, or 0. */
+uint32_t fayt_core_sp_lookup(struct fayt_core *k, const char *ident, uint32_t len);
+/* Ids above `after` of the share-points in the table, in order: how many
+ * (at most max) into out. */
+uint32_t fayt_core_sp_ids(struct fayt_core *k, uint32_t after, uint32_t *out, uint32_t max);
+/* Python maps share-point id's object itself (lock recovery): it is never
+ * recycled. */
+void fayt_core_sp_expose(struct fayt_core *k, uint32_t id);
+/* Its mappings: how many (all of them, whatever max is); the first max
+ * into the arrays. */
+uint32_t fayt_core_sp_mappers(struct fayt_core *k, uint32_t id, uint32_t *ctx_ids,
+                              uint64_t *handles, int32_t *pids, int32_t *tids, uint32_t max);
+/* Whether c was ever granted a mapping of share-point id (its lock records
+ * may name only those). */
+int fayt_core_conn_mapped(struct fayt_core *k, struct fayt_fast_conn *c, uint32_t id);
+/* Ids of share-points c attached (mapped, not created): how many; the
+ * first max into out (the journal's A records). */
+uint32_t fayt_core_conn_attached(struct fayt_core *k, struct fayt_fast_conn *c, uint32_t *out,
+                                 uint32_t max);
+/* A restart: c mapped share-point id before it (the journal says). */
+void fayt_core_conn_mark(struct fayt_core *k, struct fayt_fast_conn *c, uint32_t id,
+                         int attached);
+/* A restart: a share-point of the journal, its object(s) checked by the
+ * caller; its frames are adopted (fayt_frames_adopted after the last).  0,
+ * or an errno and msg. */
+int fayt_core_sp_adopt(struct fayt_core *k, uint32_t id, const char *ident, uint32_t ilen,
+                       int32_t prot, int32_t owner_pid, uint32_t owner_uid, uint64_t start,
+                       uint64_t length, const char *object, const uint32_t *frames,
+                       uint32_t nframes, char *msg, uint32_t max);
+
+/* -- the request path (serve.c) ------------------------------------------ */
 /* One request read by fayt_fast_serve and not performed: for Python. */
 #define FAYT_FAST_MAX_FDS 4
 struct fayt_fast_msg {
@@ -209,47 +403,14 @@ void fayt_fast_unwatch(struct fayt_core *k, int fd);
 int fayt_fast_poll(struct fayt_core *k, int epfd, int64_t spin_ns, int timeout_ms,
                    struct fayt_fast_event *out, int max, uint8_t *buf, struct fayt_fast_io *io);
 
-/* The name index (names.c): every share-point's identifier.  add: 0,
- * EEXIST, ENOMEM; del: 0, ENOENT, EBUSY (the C path holds it). */
+/* The name index (names.c): one namespace of identifiers.  Every
+ * share-point's is there; Python may add names of its own (a SPECIAL|SHARE
+ * share's), which no share-point can then take.  add: 0, EEXIST, ENOMEM;
+ * del: 0, ENOENT, EBUSY (a share-point's name: not Python's to remove). */
 int fayt_fast_name_add(struct fayt_core *k, const char *ident, uint32_t len);
 int fayt_fast_name_del(struct fayt_core *k, const char *ident, uint32_t len);
 
 /* A context ended: the objects kept for its next share-points go. */
 void fayt_fast_conn_gone(struct fayt_core *k, struct fayt_fast_conn *c);
-/* A clean stop: every kept object goes. */
-void fayt_fast_shutdown(struct fayt_core *k);
-
-/* A resident share-point, as fayt_fast_take_resident hands it to Python:
- * its creator's mapping (handle) is its only one; its frames are referenced
- * twice (the table's reference and the mapping's), its journal record is
- * written, and its bytes are charged to the creator's conn->ram. */
-struct fayt_fast_resident {
-    uint32_t sp_id;
-    uint32_t ctx_id;
-    uint64_t handle;
-    int32_t pid;
-    int32_t tid;
-    uint32_t uid;
-    int32_t prot;
-    uint64_t start;
-    uint64_t length;           /* bytes of the backing object */
-    uint32_t oid;
-    uint32_t nframes;
-    uint32_t ident_len;        /* 0 for an ANON portal */
-    uint32_t type;             /* SHARE|ANON: a share-point; ANON: a portal */
-    char object[96];           /* FAYT_OBJ_NAME_MAX */
-    char identifier[256];      /* FAYT_NAME_MAX + 1 */
-} __attribute__((packed));
-/* When the oldest resident share-point was made (CLOCK_MONOTONIC ns; 0:
- * none).  At most 64 are resident (then creates go through Python, which
- * takes them all over); fayt_fast_poll returns when faytd is idle and the
- * oldest is FAYT_FAST_RESIDENT_AGE_NS old, so that Python takes them over
- * then rather than in some later call's time. */
-#define FAYT_FAST_RESIDENT_AGE_NS 5000000
-int64_t fayt_fast_oldest_resident(struct fayt_core *k);
-/* Take one resident share-point over (its frames into frames[max]): 1, or 0
- * when none is left.  Python then owns it; its name stays in the index. */
-int fayt_fast_take_resident(struct fayt_core *k, struct fayt_fast_resident *out,
-                            uint32_t *frames, uint32_t max);
 
 #endif

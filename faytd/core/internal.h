@@ -15,18 +15,20 @@
 
 #define FAST_MAX_FRAMES FAYT_FAST_MAX_FRAMES
 #define RECYCLE_MAX 64            /* objects kept for their context's next create */
-#define RESIDENT_MAX 64           /* then creates go through Python, which takes them over */
 #define ZERO_AT_CREATE 16384      /* up to this, a recycled object is zeroed by the meta's write */
 #define CORE_ABI 1                /* fayt_core_abi(); faytd/native.py checks it */
 
+/* -- decode.c: strict UTF-8, as Python's decode("utf-8") takes it ------- */
+int core_utf8_valid(const unsigned char *s, size_t n);
+
 /* -- names.c ------------------------------------------------------------ */
-struct resident;
+struct sp;
 
 struct name_ent {
     struct name_ent *next;
     uint64_t hash;
     uint32_t len;
-    struct resident *res;          /* NULL once Python owns the share-point */
+    struct sp *sp;                 /* NULL: a name Python holds (a SPECIAL|SHARE share) */
     char key[];
 };
 
@@ -36,32 +38,68 @@ struct name_ent *core_name_insert(struct fayt_core *k, const char *s, uint32_t n
 void core_name_remove(struct fayt_core *k, struct name_ent *e);
 void core_names_fini(struct fayt_core *k);
 
-/* -- records.c ---------------------------------------------------------- */
-struct resident {
-    struct resident *hnext;        /* in the (context, handle) table */
-    struct resident *prev, *next;  /* every resident one, oldest first */
-    struct name_ent *name;
-    struct fayt_fast_conn *conn;
-    uint32_t sp_id, ctx_id;
-    uint64_t handle;
-    int32_t pid, tid;
-    uint32_t uid;
+/* -- table.c ------------------------------------------------------------ */
+struct map;
+
+/* A share-point: in the table from its create until its destroy (or its
+ * owner's death with nobody mapping it), and a record until its last
+ * mapping goes.  Its frames are referenced once by the table and once by
+ * each mapping; its object(s) go with the last reference. */
+struct sp {
+    struct sp *id_next;            /* in the by-id table */
+    struct name_ent *name;         /* NULL once destroyed */
+    struct map *maps;              /* its mappings (map.sp_next) */
+    struct fayt_fast_conn *charged_to;  /* whose RAM quota carries it (the creator) */
+    uint64_t charged;
+    uint32_t id, oid, nframes, nmaps;
+    uint32_t creator_ctx;          /* the context that created it (0: a restart's) */
+    int32_t owner_pid;
+    uint32_t owner_uid;
+    uint64_t owner_start;
     int32_t prot;
-    uint64_t start, length;
-    int64_t born;                  /* CLOCK_MONOTONIC ns */
-    uint32_t oid, nframes;
-    uint32_t type;                 /* SHARE|ANON, or ANON (a portal: no name) */
-    int fd;                        /* the object's, kept while a recycle may want it; -1 */
+    uint64_t length;               /* bytes of its object(s) */
+    int destroyed, owner_alive;
+    int shared;                    /* its object went to another context, or to Python:
+                                      never recycled */
+    int journal_ok;                /* its D record was written (else never recycled) */
+    int fd, fd2;                   /* held descriptors (the creator's, for recycling); -1 */
+    int split;                     /* two objects: page 0 and the rest */
     char object[FAYT_OBJ_NAME_MAX];
-    /* A share-point of more than one page is two objects (page 0, the
-     * rest: FAYT_PORTAL_REPLY_SPLIT); the rest's, if any: */
-    int split;
-    int fd2;                       /* open while fd is (or until the reply is sent); -1 */
     char object2[FAYT_OBJ_NAME_MAX];
     uint32_t frames[];
 };
 
-/* Objects kept for their context's next share-point (records.c). */
+/* A mapping the core holds: of a share-point, or an ANON portal (its own
+ * object and frames). */
+struct map {
+    struct map *hnext;             /* in the (context, handle) table */
+    struct map *sp_next, *sp_prev; /* in its share-point's list */
+    struct map *c_next, *c_prev;   /* in its context's list */
+    struct fayt_fast_conn *conn;
+    struct sp *sp;                 /* NULL: an ANON portal */
+    uint32_t ctx_id, type;
+    uint64_t handle;
+    int32_t pid, tid, prot;
+    uint64_t length, charged;
+    /* ANON: its object */
+    uint32_t oid, nframes;
+    int fd;                        /* held for recycling; -1 */
+    int shared;                    /* exposed to Python (a chain's backing): never recycled */
+    char object[FAYT_OBJ_NAME_MAX];
+    uint32_t frames[];
+};
+
+/* A context's part of the core (fayt_fast_conn.cs). */
+struct idset {
+    uint32_t *ids;                 /* open addressing; 0 empty; high bit: attached */
+    uint32_t cap, n;
+};
+struct fayt_core_cstate {
+    struct map *maps;
+    struct idset mapped;           /* share-points it was ever granted a mapping of */
+};
+
+/* Objects kept for their context's next portal of the same size. */
 struct kept {
     struct fayt_fast_conn *conn;
     uint64_t length;
@@ -72,27 +110,18 @@ struct kept {
     char name2[FAYT_OBJ_NAME_MAX];
 };
 
-int core_kept_take(struct fayt_core *k, struct fayt_fast_conn *conn, struct resident *r);
-struct resident *core_resident_find(struct fayt_core *k, uint32_t ctx_id, uint64_t handle);
-int core_resident_insert(struct fayt_core *k, struct resident *r);
-void core_resident_unlink(struct fayt_core *k, struct resident *r);
-struct resident *core_resident_new(struct fayt_core *k, struct fayt_fast_conn *c,
-                                   const struct fayt_req_hdr *h, int prot, uint32_t n,
-                                   uint32_t type);
-void core_resident_abandon(struct fayt_core *k, struct resident *r, int ofd);
-struct resident *core_resident_of(struct fayt_core *k, struct fayt_fast_conn *c,
-                                  const struct fayt_req_hdr *h, const uint8_t *body,
-                                  size_t blen, uint32_t type);
-void core_hold_fd(struct fayt_core *k, struct resident *r, int ofd);
-void core_give_back(struct fayt_core *k, struct resident *r, int keep);
-void core_records_fini(struct fayt_core *k);
+struct sp *core_sp_find(struct fayt_core *k, uint32_t id);
+struct map *core_map_find(struct fayt_core *k, struct fayt_fast_conn *c, uint64_t handle);
+int core_fail(char *msg, size_t max, int err, const char *fmt, ...)
+    __attribute__((format(printf, 4, 5)));
+void core_table_fini(struct fayt_core *k);
 
 /* -- journal.c ---------------------------------------------------------- */
 int core_journal_write(struct fayt_core *k, const char *line, size_t n, int live);
-/* The S record of a share-point r made (identifier ident, ilen bytes). */
-int core_journal_sharepoint(struct fayt_core *k, const struct resident *r,
-                            const char *ident, uint32_t ilen);
-int core_journal_destroyed(struct fayt_core *k, uint32_t sp_id);
+/* The S record of sp (0, or -1: not written), and the A record of c's
+ * first mapping of share-point id. */
+int core_journal_sharepoint(struct fayt_core *k, const struct sp *sp);
+int core_journal_attached(struct fayt_core *k, const struct fayt_fast_conn *c, uint32_t id);
 
 /* -- keeper.c ----------------------------------------------------------- */
 #define KEEPER_BATCH 32            /* objects handed to the keeper in one message */
@@ -134,16 +163,19 @@ struct fayt_core_priv {
     uint32_t names_nb, names_n;
     uint64_t sip_k0, sip_k1;
     int sip_keyed;
-    /* records.c: resident records by (context, handle), oldest first */
-    struct resident **by_handle;
+    /* table.c: share-points by id, mappings by (context, handle) */
+    struct sp **by_id;
+    uint32_t ids_nb;
+    struct map **by_handle;
     uint32_t handles_nb, handles_n;
-    struct resident *res_head, *res_tail;
     struct kept kept[RECYCLE_MAX]; /* in the order they were kept, oldest first */
     uint32_t nkept;
-    uint32_t resident_fds;         /* residents holding their fd: at most RECYCLE_MAX */
-    /* serve.c: watched connections by fd */
+    uint32_t held_fds;             /* descriptors held by records: at most RECYCLE_MAX */
+    /* serve.c: watched connections by fd, and faytd's epoll (for a catch-up check) */
     struct fayt_fast_conn **watched;
     int nwatched;
+    int epfd;                      /* -1 until fayt_fast_poll ran */
+    uint8_t *reply;                /* a reply's bytes: header and FAYT_MSG_MAX of body */
     /* keeper.c */
     struct keeper_state keeper;
     struct pool_state pool;

@@ -698,7 +698,8 @@ int fayt_objpool_take(struct fayt_core *k, uint64_t length, const char *kind, ch
             p = ps->ready[--ps->nready];
         else if (ps->running && ctx && ps->nready_ctx)
             p = ps->ready_ctx[--ps->nready_ctx];
-        if (ps->running && ps->sleeping && (ps->deep || ps->nready < ps->target / 2 || ps->nready_ctx < CTX_TARGET / 2))
+        if (ps->running && ps->sleeping
+            && (ps->deep || ps->nready < ps->target / 2 || ps->nready_ctx < CTX_TARGET / 2))
             pthread_cond_signal(&ps->cv);
         pthread_mutex_unlock(&ps->mu);
     }

@@ -3,7 +3,8 @@
  * Identifiers are chosen by clients: the table is keyed with SipHash-2-4
  * (Aumasson and Bernstein) under a key drawn at start, as Python's dict is,
  * so that no client can pick names that all fall into one bucket.  An entry
- * points at its resident record while the C path holds the share-point.
+ * points at its share-point (table.c), or at nothing for a name Python holds
+ * (a SPECIAL|SHARE share's): one namespace either way.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -120,7 +121,7 @@ struct name_ent *core_name_insert(struct fayt_core *k, const char *s, uint32_t n
     }
     e->hash = h;
     e->len = n;
-    e->res = NULL;
+    e->sp = NULL;
     memcpy(e->key, s, n);
     e->next = p->names[h & (p->names_nb - 1)];
     p->names[h & (p->names_nb - 1)] = e;
@@ -146,7 +147,6 @@ int fayt_fast_name_add(struct fayt_core *k, const char *ident, uint32_t len)
     int err = 0;
     if (!core_name_insert(k, ident, len, &err))
         return err;
-    k->nsharepoints++;
     return 0;
 }
 
@@ -155,10 +155,9 @@ int fayt_fast_name_del(struct fayt_core *k, const char *ident, uint32_t len)
     struct name_ent *e = core_name_find(k, ident, len, core_hash(k, ident, len));
     if (!e)
         return ENOENT;
-    if (e->res)                 /* Python never destroys what it has not taken over */
+    if (e->sp)                  /* a share-point's: only its destroy removes it */
         return EBUSY;
     core_name_remove(k, e);
-    k->nsharepoints--;
     return 0;
 }
 

@@ -1,20 +1,21 @@
 /* serve.c: faytd's request path in C (core.h).
  *
- * Creating a share-point and its creator destroying it again are the calls
- * a share-point's life costs; in Python they cost faytd tens of
- * microseconds each.  Here, on one connection's readable event, one
- * recvmsg(2) reads the request; if it is
- *   PORTAL(SHARE|ANON, create) of an identifier not in the name index,
- *     valid, within every quota, from a thread already known, with no fds
- *     (one of more than one page is two objects, page 0 and the rest, both
- *     sent: FAYT_PORTAL_REPLY_SPLIT), or
- *   UNMAP_DESTROY of a share-point this path created and still holds, or
- *   PORTAL(ANON) and the UNMAP of an ANON portal this path made,
- * it is performed and answered here (frames, a pooled or recycled object,
- * the meta-structure, the journal record, the reply with SCM_RIGHTS),
- * exactly as faytd/syscall.py would.  Everything else, errors included, is
- * handed back unperformed: Python decides every refusal, with its messages.
- * Single-threaded: faytd's loop thread is the only caller.
+ * A share-point's life (create, attach, unmap, destroy) and an ANON
+ * portal's cost faytd tens of microseconds each in Python.  Here, on one
+ * connection's readable event, one recvmsg(2) reads the request; if it is
+ *   PORTAL(SHARE|ANON), create or attach, or PORTAL(ANON), that the one
+ *     decoder (decode.c) takes, from a thread faytd already checked, of a
+ *     context whose rights (Python's policy, as conn flags) allow it, with
+ *     no fds (an attach only when no other connection has a request
+ *     waiting: Python performs those first, see Server.catch_up), or
+ *   UNMAP or UNMAP_DESTROY of a mapping the core holds (a destroy only by
+ *     the owner or a core server, and only when no context that maps the
+ *     share-point asked for destroy notices: Python sends those),
+ * the core performs it (table.c: the same calls faytd's Python makes for
+ * the requests it handles) and the reply goes from here, with SCM_RIGHTS.
+ * A call the core refuses changes nothing and goes to Python, which makes
+ * the same call and answers the refusal with its message.  Single-threaded:
+ * faytd's loop thread is the only caller.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -33,48 +34,6 @@
 #include "fayt/lock.h"
 #include "fayt/sharepoint.h"
 
-/* -- checks ----------------------------------------------------------- */
-/* Strict UTF-8, as Python's decode("utf-8") takes it: no overlong forms, no
- * surrogates, nothing above U+10FFFF. */
-static int utf8_valid(const unsigned char *s, size_t n)
-{
-    size_t i = 0;
-    while (i < n) {
-        unsigned c = s[i];
-        if (c < 0x80) {
-            i++;
-            continue;
-        }
-        size_t k;
-        uint32_t cp;
-        if (c >= 0xC2 && c <= 0xDF) {
-            k = 1;
-            cp = c & 0x1F;
-        } else if (c >= 0xE0 && c <= 0xEF) {
-            k = 2;
-            cp = c & 0x0F;
-        } else if (c >= 0xF0 && c <= 0xF4) {
-            k = 3;
-            cp = c & 0x07;
-        } else {
-            return 0;
-        }
-        if (i + k >= n)
-            return 0;
-        for (size_t j = 1; j <= k; j++) {
-            unsigned b = s[i + j];
-            if ((b & 0xC0) != 0x80)
-                return 0;
-            cp = (cp << 6) | (b & 0x3F);
-        }
-        if (k == 2 && (cp < 0x800 || (cp >= 0xD800 && cp <= 0xDFFF)))
-            return 0;
-        if (k == 3 && (cp < 0x10000 || cp > 0x10FFFF))
-            return 0;
-        i += k + 1;
-    }
-    return 1;
-}
 
 
 static int send_reply(int fd, const void *msg, size_t n, int pass_fd, int pass_fd2)
@@ -105,45 +64,7 @@ static int send_reply(int fd, const void *msg, size_t n, int pass_fd, int pass_f
     return r < 0 ? errno : 0;
 }
 
-/* r's frames' physical addresses, 8 bytes each, at dst (unaligned). */
-static void write_paddrs(uint8_t *dst, const struct resident *r)
-{
-    for (uint32_t i = 0; i < r->nframes; i++) {
-        uint64_t pa = FAYT_RAM_BASE + (uint64_t)r->frames[i] * FAYT_PAGE_SIZE;
-        memcpy(dst + (size_t)i * 8, &pa, 8);
-    }
-}
-
-/* Reply to a portal call: fayt_portal_reply, the request's portal_req with
- * its morphology filled, paddr[] (the frames'); the object's fd with it. */
-static int portal_reply(struct fayt_fast_conn *c, const struct fayt_req_hdr *h,
-                        struct portal_req *req, const struct resident *r, uint64_t data_offset,
-                        uint32_t flags, int ofd)
-{
-    uint8_t rep[sizeof(struct fayt_rep_hdr) + sizeof(struct fayt_portal_reply)
-                + sizeof(struct portal_req) + FAST_MAX_FRAMES * 8];
-    struct fayt_rep_hdr rh = {FAYT_REP_MAGIC, h->op, r->split ? 2 : 1, h->seq, 0};
-    struct fayt_portal_reply pr = {0};
-    pr.handle = r->handle;
-    pr.map_length = r->length;
-    pr.data_offset = data_offset;
-    pr.sp_id = r->type & FAYT_PORTAL_SHARE ? r->sp_id : 0;
-    pr.nframes = r->nframes;
-    pr.prot = req->prot;
-    pr.flags = flags | (r->split ? FAYT_PORTAL_REPLY_SPLIT : 0);
-    req->morphology.length = r->length;
-    size_t at = 0;
-    memcpy(rep + at, &rh, sizeof rh);
-    at += sizeof rh;
-    memcpy(rep + at, &pr, sizeof pr);
-    at += sizeof pr;
-    memcpy(rep + at, req, sizeof *req);
-    at += sizeof *req;
-    write_paddrs(rep + at, r);
-    at += (size_t)r->nframes * 8;
-    return send_reply(c->fd, rep, at, ofd, r->split ? r->fd2 : -1);
-}
-
+/* The end of a performed call: its reply's fate (se: send_reply's errno). */
 static int served(int se, int *err)
 {
     if (se) {
@@ -162,212 +83,99 @@ static int acknowledge(struct fayt_fast_conn *c, const struct fayt_req_hdr *h, i
     return served(send_reply(c->fd, &rh, sizeof rh, -1, -1), err);
 }
 
-/* pwrite the first n bytes of r's object(s) (past page 0 of a split
- * share-point, into the rest's object): 0 or -1. */
-static int write_object(const struct resident *r, int ofd, const uint8_t *buf, size_t n)
+/* -- PORTAL(SHARE|ANON) and PORTAL(ANON) --------------------------------------- */
+/* Whether faytd has events waiting besides c's: then a call whose answer an
+ * earlier call of another connection could change (an attach: a destroy
+ * sent before it) goes to Python, which performs those first (catch_up). */
+static int others_waiting(struct fayt_core *k, struct fayt_fast_conn *c)
 {
-    size_t first = r->split && n > FAYT_PAGE_SIZE ? FAYT_PAGE_SIZE : n;
-    if (pwrite(ofd, buf, first, 0) != (ssize_t)first)
-        return -1;
-    if (first < n && pwrite(r->fd2, buf + first, n - first, 0) != (ssize_t)(n - first))
-        return -1;
-    return 0;
+    struct epoll_event evs[8];
+    if (k->priv->epfd < 0)
+        return 1;
+    int n = epoll_wait(k->priv->epfd, evs, 8, 0);
+    for (int i = 0; i < n; i++)
+        if (evs[i].data.fd != c->fd)
+            return 1;
+    return n < 0;
 }
 
-/* -- PORTAL(ANON) and its UNMAP ------------------------------------------- */
-static int fast_anon(struct fayt_core *k, struct fayt_fast_conn *c,
-                     const struct fayt_req_hdr *h, struct portal_req *req, int *err)
+static int fast_portal(struct fayt_core *k, struct fayt_fast_conn *c,
+                       const struct fayt_req_hdr *h, const uint8_t *body, size_t blen, int *err)
 {
-    uint32_t n = ((uint32_t)req->length + FAYT_PAGE_SIZE - 1) / FAYT_PAGE_SIZE;
-    uint64_t bytes = (uint64_t)n * FAYT_PAGE_SIZE;
-    if (!(c->flags & FAYT_FAST_CONN_ANON) || req->share.identifier || n > FAST_MAX_FRAMES
-        || k->nresident >= RESIDENT_MAX
-        || c->py_mappings + c->resident >= k->max_mappings
-        || c->ram + bytes > k->max_ram_per_context
-        || n > fayt_frames_free(&k->frames))
-        return FAYT_FAST_PASS;          /* Python refuses it, with its message */
-    struct resident *r = core_resident_new(k, c, h, req->prot, n, FAYT_PORTAL_ANON);
-    if (!r)
+    struct fayt_portal_args a;
+    /* One decoder for both paths: a request it refuses goes to Python,
+     * which decodes it again with the same code and answers its message. */
+    if (h->flags || blen > UINT32_MAX
+        || fayt_portal_decode(k, body, (uint32_t)blen, &a, NULL, 0)
+        || c->tid == 0 || h->tid != c->tid)
         return FAYT_FAST_PASS;
-    int ofd = core_kept_take(k, c, r);
-    if (ofd >= 0 && bytes <= ZERO_AT_CREATE) {
-        static const uint8_t zeros[ZERO_AT_CREATE];   /* a portal's memory starts as zeros */
-        if (pwrite(ofd, zeros, bytes, 0) != (ssize_t)bytes) {
-            close(ofd);
-            fayt_objpool_release(k, r->object);
-            ofd = -1;
-        }
-    }
-    if (ofd < 0)
-        ofd = fayt_objpool_take(k, bytes, NULL, r->object);
-    if (ofd < 0 || core_resident_insert(k, r)) {
-        core_resident_abandon(k, r, ofd);
+    if (a.type == FAYT_PORTAL_ANON) {
+        if (!(c->flags & FAYT_FAST_CONN_ANON))
+            return FAYT_FAST_PASS;
+    } else if (a.type == (FAYT_PORTAL_SHARE | FAYT_PORTAL_ANON)) {
+        if (!(c->flags & FAYT_FAST_CONN_SHARE) || (a.attach && others_waiting(k, c)))
+            return FAYT_FAST_PASS;
+    } else {
         return FAYT_FAST_PASS;
     }
-    k->frames.next_oid++;
-    k->nresident++;
-    k->anon_maps++;
-    c->next_handle++;
-    c->ram += bytes;
-    c->resident++;
-    int se = portal_reply(c, h, req, r, 0, 0, ofd);
-    core_hold_fd(k, r, ofd);
+    uint8_t *rep = k->priv->reply;
+    struct fayt_core_reply out;
+    /* Refused (the name exists: Python catches up first; any error: Python
+     * answers it, from the same call): nothing changed. */
+    if (fayt_core_portal(k, c, h->tid, body, &a, rep + sizeof(struct fayt_rep_hdr), &out,
+                         NULL, 0))
+        return FAYT_FAST_PASS;
+    k->calls_portal++;
+    if (a.type == FAYT_PORTAL_ANON)
+        k->anon_maps++;
+    else if (a.attach)
+        k->attaches++;
+    else
+        k->creates++;
+    struct fayt_rep_hdr rh = {FAYT_REP_MAGIC, h->op, (uint16_t)out.nfds, h->seq, 0};
+    memcpy(rep, &rh, sizeof rh);
+    int se = send_reply(c->fd, rep, sizeof rh + out.len, out.fds[0],
+                        out.nfds > 1 ? out.fds[1] : -1);
+    for (int i = 0; i < out.nfds; i++)
+        if (out.fds[i] >= 0 && !(out.borrowed & (1u << i)))
+            close(out.fds[i]);
     return served(se, err);
 }
 
+/* -- UNMAP and UNMAP_DESTROY ---------------------------------------------------- */
 static int fast_unmap(struct fayt_core *k, struct fayt_fast_conn *c,
                       const struct fayt_req_hdr *h, const uint8_t *body, size_t blen, int *err)
 {
-    struct resident *r = core_resident_of(k, c, h, body, blen, FAYT_PORTAL_ANON);
-    if (!r)
+    struct fayt_handle_req hr;
+    if (blen != sizeof hr || (h->flags & ~FAYT_REQ_NOREPLY))
         return FAYT_FAST_PASS;
-    core_resident_unlink(k, r);
-    k->nresident--;
-    k->anon_unmaps++;
-    c->ram -= r->length;
-    c->resident--;
-    fayt_frames_put(&k->frames, r->frames, r->nframes);
-    core_give_back(k, r, 1);
-    free(r);
-    return acknowledge(c, h, err);
-}
-
-/* -- PORTAL(SHARE|ANON, create) ------------------------------------------ */
-static int fast_create(struct fayt_core *k, struct fayt_fast_conn *c,
-                       const struct fayt_req_hdr *h, const uint8_t *body, size_t blen, int *err)
-{
-    struct portal_req req;
-    if (blen < sizeof req || h->flags)
-        return FAYT_FAST_PASS;
-    memcpy(&req, body, sizeof req);
-    if ((req.prot & ~FAYT_PROT_ALL) || req.morphology.addr % FAYT_PAGE_SIZE
-        || req.sp_req_chain.name || req.sp_req_chain.message || req.length <= 0
-        || (uint64_t)req.length > k->max_portal_length
-        || (req.morphology.length != 0 && req.morphology.length != (size_t)req.length)
-        || c->tid == 0 || h->tid != c->tid)
-        return FAYT_FAST_PASS;
-    if (req.type == FAYT_PORTAL_ANON)
-        return fast_anon(k, c, h, &req, err);
-    if (req.type != (FAYT_PORTAL_SHARE | FAYT_PORTAL_ANON) || req.share.create != FAYT_SHARE_CREATE
-        || req.share.type != FAYT_SHARE_TRIVIAL || !(c->flags & FAYT_FAST_CONN_SHARE))
-        return FAYT_FAST_PASS;
-    /* share.identifier: 1 + its offset in the trailer, NUL-terminated there. */
-    uintptr_t ip = (uintptr_t)req.share.identifier;
-    if (ip == 0 || ip - 1 >= blen - sizeof req)
-        return FAYT_FAST_PASS;
-    const char *ident = (const char *)body + sizeof req + (ip - 1);
-    size_t room = blen - sizeof req - (ip - 1);
-    const char *nul = memchr(ident, 0, room < FAYT_NAME_MAX + 1 ? room : FAYT_NAME_MAX + 1);
-    if (!nul || nul == ident || !utf8_valid((const unsigned char *)ident, nul - ident))
-        return FAYT_FAST_PASS;
-    uint32_t ilen = (uint32_t)(nul - ident);
-
-    uint32_t n = ((uint32_t)req.length + FAYT_PAGE_SIZE - 1) / FAYT_PAGE_SIZE;
-    uint64_t bytes = (uint64_t)n * FAYT_PAGE_SIZE;
-    size_t data_offset = FAYT_SP_DATA_OFFSET(n);
-    /* A share-point of more than one page is two objects (page 0 and the
-     * rest, FAYT_PORTAL_REPLY_SPLIT); one created without PROT_WRITE would
-     * give its creator the rest read-only: Python makes that. */
-    if (n > FAST_MAX_FRAMES || data_offset >= bytes
-        || (n > 1 && !(req.prot & FAYT_PROT_WRITE))
-        || k->nresident >= RESIDENT_MAX
-        || c->py_mappings + c->resident >= k->max_mappings
-        || c->ram + bytes > k->max_ram_per_context
-        || k->nsharepoints >= k->max_sharepoints
-        || n > fayt_frames_free(&k->frames)
-        || core_name_find(k, ident, ilen, core_hash(k, ident, ilen)))
-        return FAYT_FAST_PASS;          /* Python refuses, or catches up first */
-
-    struct resident *r = core_resident_new(k, c, h, req.prot, n, FAYT_PORTAL_SHARE | FAYT_PORTAL_ANON);
-    if (!r)
-        return FAYT_FAST_PASS;
-    int recycled = 1;
-    int ofd = core_kept_take(k, c, r);
-    if (ofd < 0) {
-        recycled = 0;
-        ofd = fayt_objpool_take(k, r->split ? FAYT_PAGE_SIZE : bytes, NULL, r->object);
-        if (ofd >= 0 && r->split) {
-            r->fd2 = fayt_objpool_take(k, bytes - FAYT_PAGE_SIZE, NULL, r->object2);
-            if (r->fd2 < 0) {
-                r->fd2 = -1;
-                core_resident_abandon(k, r, ofd);
+    memcpy(&hr, body, sizeof hr);
+    struct map *m = core_map_find(k, c, hr.handle);
+    if (!m)
+        return FAYT_FAST_PASS;          /* Python's own mapping, or none */
+    struct sp *sp = m->sp;
+    int how = h->op == FAYT_SYS_UNMAP_DESTROY ? FAYT_CORE_UNMAP_DESTROY : FAYT_CORE_UNMAP;
+    if (how == FAYT_CORE_UNMAP_DESTROY && sp && !sp->destroyed) {
+        if (c->pid != sp->owner_pid && !(c->flags & FAYT_FAST_CONN_CORE))
+            return FAYT_FAST_PASS;      /* Python answers EPERM */
+        /* Someone subscribed to destroys maps it: Python sends the notices. */
+        for (struct map *x = sp->maps; x; x = x->sp_next)
+            if (x->conn->flags & FAYT_FAST_CONN_NOTICES)
                 return FAYT_FAST_PASS;
-            }
-        }
     }
-    if (ofd < 0) {
-        core_resident_abandon(k, r, -1);
-        return FAYT_FAST_PASS;          /* Python tries again and reports why */
-    }
-
-    /* The meta-structure: lock free, prot, data length, the morphology; a
-     * recycled small object is zeroed by the same write. */
-    uint8_t meta[ZERO_AT_CREATE > sizeof(struct fayt_sharepoint_meta) + FAST_MAX_FRAMES * 8
-                 ? ZERO_AT_CREATE : sizeof(struct fayt_sharepoint_meta) + FAST_MAX_FRAMES * 8];
-    struct fayt_sharepoint_meta m = {0};
-    m.prot = req.prot;
-    m.length = bytes - data_offset;
-    m.morphology.length = bytes;
-    memcpy(meta, &m, sizeof m);
-    write_paddrs(meta + sizeof m, r);
-    size_t mlen = sizeof m + (size_t)n * 8;
-    if (recycled && bytes <= ZERO_AT_CREATE) {
-        memset(meta + mlen, 0, bytes - mlen);
-        mlen = bytes;
-    }
-    uint32_t sp_id = k->next_sp_id;
-    int e = 0;
-    struct name_ent *ne = NULL;
-    if (write_object(r, ofd, meta, mlen)
-        || !(ne = core_name_insert(k, ident, ilen, &e)) || core_resident_insert(k, r)) {
-        if (ne)
-            core_name_remove(k, ne);
-        core_resident_abandon(k, r, ofd);
+    uint32_t destroyed = 0;
+    if (fayt_core_unmap(k, c, hr.handle, how, &destroyed, NULL, 0))
         return FAYT_FAST_PASS;
-    }
-    k->frames.next_oid++;
-    r->name = ne;
-    r->sp_id = sp_id;
-    ne->res = r;
-    k->next_sp_id = (sp_id % 0xfffffffeU) + 1;
-    k->nsharepoints++;
-    k->nresident++;
-    k->creates++;
-    c->next_handle++;
-    c->ram += bytes;
-    c->resident++;
-    fayt_frames_get(&k->frames, r->frames, n);   /* the mapping's; the table holds one */
-
-    core_journal_sharepoint(k, r, ident, ilen);   /* as faytd/journal.py writes it */
-
-    int se = portal_reply(c, h, &req, r, data_offset, FAYT_PORTAL_REPLY_CREATED, ofd);
-    core_hold_fd(k, r, ofd);
-    return served(se, err);
-}
-
-/* -- UNMAP_DESTROY of a resident share-point by its creator ----------------- */
-static int fast_destroy(struct fayt_core *k, struct fayt_fast_conn *c,
-                        const struct fayt_req_hdr *h, const uint8_t *body, size_t blen, int *err)
-{
-    struct resident *r = core_resident_of(k, c, h, body, blen, FAYT_PORTAL_SHARE | FAYT_PORTAL_ANON);
-    if (!r || (c->flags & FAYT_FAST_CONN_NOTICES))
-        return FAYT_FAST_PASS;
-    /* A destroy the journal does not know must not lend its object to a new
-     * share-point: a restart would take both back, on one object. */
-    int keep = core_journal_destroyed(k, r->sp_id) == 0;
-    core_resident_unlink(k, r);
-    core_name_remove(k, r->name);
-    k->nsharepoints--;
-    k->nresident--;
-    k->destroys++;
-    c->ram -= r->length;
-    c->resident--;
-    /* The table's reference and the mapping's: the frames are free, and the
-     * object goes (the client's mapping keeps its pages until it unmaps). */
-    fayt_frames_put(&k->frames, r->frames, r->nframes);
-    fayt_frames_put(&k->frames, r->frames, r->nframes);
-    core_give_back(k, r, keep);
-    free(r);
+    if (how == FAYT_CORE_UNMAP_DESTROY)
+        k->calls_unmap_destroy++;
+    else
+        k->calls_unmap++;
+    if (destroyed)
+        k->destroys++;
+    if (sp)
+        k->unmaps++;
+    else
+        k->anon_unmaps++;
     return acknowledge(c, h, err);
 }
 
@@ -421,10 +229,8 @@ int fayt_fast_serve(struct fayt_core *k, struct fayt_fast_conn *c, uint8_t *buf,
     const uint8_t *body = buf + sizeof h;
     size_t blen = (size_t)r - sizeof h;
     if (h.op == FAYT_SYS_PORTAL)
-        return fast_create(k, c, &h, body, blen, err);
-    if (h.op == FAYT_SYS_UNMAP_DESTROY)
-        return fast_destroy(k, c, &h, body, blen, err);
-    if (h.op == FAYT_SYS_UNMAP)
+        return fast_portal(k, c, &h, body, blen, err);
+    if (h.op == FAYT_SYS_UNMAP_DESTROY || h.op == FAYT_SYS_UNMAP)
         return fast_unmap(k, c, &h, body, blen, err);
     return FAYT_FAST_PASS;
 }
@@ -462,6 +268,7 @@ int fayt_fast_poll(struct fayt_core *k, int epfd, int64_t spin_ns, int timeout_m
 {
     struct fayt_core_priv *p = k->priv;
     struct epoll_event evs[64];
+    p->epfd = epfd;
     int served = 0, block = 0;
     int64_t until = 0;
     io->passed_fd = -1;
@@ -516,18 +323,22 @@ int fayt_fast_poll(struct fayt_core *k, int epfd, int64_t spin_ns, int timeout_m
         }
         if (timeout_ms == 0)
             return 0;
-        if (p->res_head) {
-            /* Python takes over what has been resident a while when idle:
-             * sleep no longer than until the oldest one is that old. */
-            int64_t left = p->res_head->born + FAYT_FAST_RESIDENT_AGE_NS - fayt_now_ns();
-            if (left <= 0)
-                return 0;
-            int ms = (int)(left / 1000000) + 1;
-            if (timeout_ms < 0 || ms < timeout_ms)
-                timeout_ms = ms;
-        }
         block = 1;
         until = 0;
     }
 }
 
+
+/* -- share-point ids ------------------------------------------------------ */
+uint32_t fayt_core_new_sp_id(struct fayt_core *k)
+{
+    uint32_t id = k->next_sp_id;
+    k->next_sp_id = (id % 0xfffffffeU) + 1;
+    return id;
+}
+
+void fayt_core_skip_sp_ids(struct fayt_core *k, uint32_t next)
+{
+    if (next > k->next_sp_id)
+        k->next_sp_id = next;
+}

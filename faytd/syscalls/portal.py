@@ -1,78 +1,58 @@
 """PORTAL and UNMAP: decode a portal_req, check the classes, map, reply.
 
-A SPECIAL portal is decoded here like any other, then handed to chain.py
-(its range and userfaultfd are the client's; the pager serves it).
-The exception to "one object call" in this layer: an ANON or SHARE
-portal's perform half (charge, create or attach, capture, the mapping) is
-still written out in sys_portal against the Kernel's tables, as it was in
-syscall.py, until the share-point table's one owner (the C core) takes it.
+portal_req is decoded by the core's one decoder (faytd/core/decode.c), the
+C path's too.  A SPECIAL portal is then handed to chain.py (its range and
+userfaultfd are the client's; the pager serves it).  An ANON or SHARE
+portal, and the UNMAP of a mapping the core holds, are one call of the core
+(faytd/core/table.c: fayt_core_portal, fayt_core_unmap), the one the C path
+makes for the calls it serves; this handler asks Policy first, and the
+core's refusals come back with their errno and message.
 """
 import errno
 import os
 
-from libportal._abi import lib, PORTAL_REPLY, PORTAL_REQ, PORTAL_REQ_SIZE, REP_HDR
+from libportal._abi import lib
 
-from ..context import Mapping
-from ..frames import KernelError, PAGE, pages
+from ..frames import KernelError
+from ..native import ffi as cffi, lib as clib
 from ..policy import Policy, class_names
 from . import chain as _chain
-from .wire import mapping, string
+from .wire import handle_of
 
 SHARE, DIRECT, ANON = lib.FAYT_PORTAL_SHARE, lib.FAYT_PORTAL_DIRECT, lib.FAYT_PORTAL_ANON
 COW, SPECIAL = lib.FAYT_PORTAL_COW, lib.FAYT_PORTAL_SPECIAL
-VALID_TYPES = {ANON, SHARE | ANON, SHARE | DIRECT, DIRECT, COW, SPECIAL, SPECIAL | SHARE}
+
+# Buffers of one call (a catch-up may perform other calls in the middle of
+# one: the decoded request is each call's own).
+_MSG = cffi.new("char[]", 256)
+_BODY = cffi.new("uint8_t[]", lib.FAYT_MSG_MAX)
+_OUT = cffi.new("struct fayt_core_reply *")
+
+
+def _refused(err):
+    return KernelError(err, cffi.string(_MSG).decode())
 
 
 def decode_portal(k, body):
-    if len(body) < PORTAL_REQ_SIZE:
-        raise KernelError(errno.EFAULT, "portal_req: %d bytes sent, the struct has %d"
-                          % (len(body), PORTAL_REQ_SIZE))
-    (t, prot, length, ident_p, share_type, create, chain_p, message_p, addr,
-     mlen) = PORTAL_REQ.unpack_from(body)
-    if t & ~lib.FAYT_PORTAL_CLASSES:
-        raise KernelError(errno.EINVAL, "type: unknown class bits %#x" % (t & ~lib.FAYT_PORTAL_CLASSES))
-    if t not in VALID_TYPES:
-        raise KernelError(errno.EINVAL, "type: %s is not a valid combination of classes"
-                          % class_names(t))
-    if prot & ~lib.FAYT_PROT_ALL:
-        raise KernelError(errno.EINVAL, "prot: unknown bits %#x" % (prot & ~lib.FAYT_PROT_ALL))
-    if addr % PAGE:
-        raise KernelError(errno.EINVAL, "morphology.addr: %#x is not 4 KiB aligned" % addr)
-    npaddr = pages(mlen) if t & (DIRECT | COW) else 0
-    trailer_at = PORTAL_REQ_SIZE + 8 * npaddr
-    if len(body) < trailer_at:
-        raise KernelError(errno.EFAULT, "morphology.paddr: %d entries named, fewer sent" % npaddr)
-    ident = string(body, trailer_at, ident_p, "share.identifier", lib.FAYT_NAME_MAX)
-    chain = string(body, trailer_at, chain_p, "sp_req_chain.name", lib.FAYT_NAME_MAX)
-    message = string(body, trailer_at, message_p, "sp_req_chain.message", lib.FAYT_MESSAGE_MAX)
-    attach = bool(t & SHARE) and create == lib.FAYT_SHARE_ATTACH
-    if length < 0 or (length == 0 and not attach):
-        raise KernelError(errno.EINVAL, "length: %d; a portal needs at least 1 byte" % length)
-    if length > k.cfg["max_portal_length"]:
-        raise KernelError(errno.EINVAL, "length: %d is more than one portal may map (%d)"
-                          % (length, k.cfg["max_portal_length"]))
-    if mlen not in (0, length):
-        raise KernelError(errno.EINVAL, "morphology.length: %d differs from length %d"
-                          % (mlen, length))
-    if t & SHARE:
-        if ident is None or ident == b"":
-            raise KernelError(errno.EINVAL, "share.identifier: a share-point needs a name")
-        if create not in (lib.FAYT_SHARE_ATTACH, lib.FAYT_SHARE_CREATE):
-            raise KernelError(errno.EINVAL, "share.create: %d is neither 0 nor 1" % create)
-        if share_type == lib.FAYT_SHARE_ADVANCED:
-            raise KernelError(errno.ENOSYS, "share.type: the advanced share-point is not built yet")
-        if share_type != lib.FAYT_SHARE_TRIVIAL:
-            raise KernelError(errno.EINVAL, "share.type: unknown type %d" % share_type)
-    elif ident is not None:
-        raise KernelError(errno.EINVAL, "share.identifier: given without the SHARE class")
-    if (chain is not None or message is not None) and not t & SPECIAL:
-        raise KernelError(errno.EINVAL, "sp_req_chain: given without the SPECIAL class")
-    return (t, prot, length, addr, ident, create, attach, chain, message,
-            (t, prot, length, ident_p, share_type, create, chain_p, message_p, addr))
+    """The request's portal_req, decoded and checked by the core's one
+    decoder: (type, prot, length, addr, identifier, create, attach, chain,
+    message, the request's fields, the decoded struct); KernelError with its
+    errno and message if it refuses."""
+    a = cffi.new("struct fayt_portal_args *")
+    err = clib.fayt_portal_decode(k.fast, body, len(body), a, _MSG, 256)
+    if err:
+        raise _refused(err)
+    ident = body[a.ident_at:a.ident_at + a.ident_len] if a.ident_at >= 0 else None
+    chain = body[a.chain_at:a.chain_at + a.chain_len] if a.chain_at >= 0 else None
+    message = body[a.message_at:a.message_at + a.message_len] if a.message_at >= 0 else None
+    t, create = a.type, a.create
+    return (t, a.prot, a.length, a.addr, ident, create, bool(a.attach), chain, message,
+            (t, a.prot, a.length, a.ident_p, a.share_type, create, a.chain_p, a.message_p,
+             a.addr), a)
 
 
 def sys_portal(k, ctx, tid, body, fds):
-    t, prot, length, addr, ident, create, attach, chain, message, req_fields = \
+    t, prot, length, addr, ident, create, attach, chain, message, req_fields, args = \
         decode_portal(k, body)
     Policy.check_classes(ctx.category, t)                      # EPERM: nothing created
     if t & SPECIAL:
@@ -88,63 +68,53 @@ def sys_portal(k, ctx, tid, body, fds):
                           % len(ctx.mappings))
     if not ctx.check_tid(tid):
         raise KernelError(errno.ESRCH, "tid %d is not a thread of pid %d" % (tid, ctx.pid))
-    handle = ctx.new_handle()
-    flags = 0
-    if t & SHARE:
-        table = k.sharepoints
-        if ident in table.by_name:
-            k.catch_up(ctx)         # a destroy already sent by another process comes first
+    if t & SHARE and ident in k.sharepoints.by_name:
+        k.catch_up(ctx)             # a destroy already sent by another process comes first
         if attach:
-            sp = table.lookup(ident)
-            Policy.check_prot(prot, sp.prot, "share-point %r" % ident.decode())
-            if length not in (0, sp.backing.length):
-                raise KernelError(errno.EINVAL, "length: %d; share-point %r maps %d bytes"
-                                  % (length, ident.decode(), sp.backing.length))
-        else:
-            k.charge(ctx, pages(length) * PAGE)
-            try:
-                sp = table.create(ident, length, prot, ctx.pid, ctx.uid, ctx.start)
-            except BaseException:
-                ctx.ram -= pages(length) * PAGE
-                raise
-            sp.charged = (ctx, pages(length) * PAGE)
-            flags |= lib.FAYT_PORTAL_REPLY_CREATED
-        table.capture(sp, (ctx.id, handle), ctx.pid, tid)
-        backing, data_offset, sp_id, granted = sp.backing, sp.data_offset, sp.id, prot
-    else:
-        if length > k.frames.nframes * PAGE:
-            raise KernelError(errno.ENOMEM, "length: %d bytes is more than faytd's RAM" % length)
-        backing = k.allocate_for(ctx, pages(length) * PAGE)
-        sp, data_offset, sp_id, granted = None, 0, 0, prot
-    m = Mapping(handle, t, backing, sp, ctx.pid, tid, granted)
-    if sp is None:
-        m.charged = backing.length
-    k.add_mapping(ctx, m)
-    # The reply must fit FAYT_MSG_MAX: a portal of more frames than fit
-    # lists its first ones (nframes says how many), not a reply cut short.
-    paddrs = k.frames.paddrs(backing)[:_PADDR_FIT]
-    if backing.tail is not None:
-        flags |= lib.FAYT_PORTAL_REPLY_SPLIT
-    reply = (PORTAL_REPLY.pack(handle, backing.length, data_offset, sp_id, len(paddrs),
-                               granted, flags)
-             + PORTAL_REQ.pack(*req_fields, backing.length)      # morphology filled
-             + paddrs.tobytes())
-    if backing.tail is None:
-        return reply, [backing.open_fd()]
-    # A split share-point: page 0 read-write (the lock), the rest read-only
-    # unless PROT_WRITE was granted (the object is 0600: another uid cannot
-    # reopen that descriptor read-write).
-    fd = backing.open_fd()
-    try:
-        return reply, [fd, backing.tail.open_fd(readonly=not granted & lib.FAYT_PROT_WRITE)]
-    except BaseException:
-        os.close(fd)
-        raise
+            sp = k.sharepoints.get(k.sharepoints.lookup(ident), keep=False)
+            if sp is not None:
+                Policy.check_prot(prot, sp.prot, "share-point %r" % ident.decode())
+    err = clib.fayt_core_portal(k.fast, ctx.fast, tid, body, args, _BODY, _OUT, _MSG, 256)
+    if err:
+        raise _refused(err)
+    # The server closes what it sent: of a descriptor the core holds, a copy.
+    sent = [os.dup(fd) if _OUT.borrowed & (1 << i) else fd
+            for i, fd in enumerate(_OUT.fds[0:_OUT.nfds])]
+    return cffi.buffer(_BODY, _OUT.len)[:], sent
 
 
-_PADDR_FIT = (lib.FAYT_MSG_MAX - REP_HDR.size - PORTAL_REPLY.size - PORTAL_REQ_SIZE) // 8
+def core_unmap(k, ctx, handle, how):
+    """The core's mapping `handle` (how: FAYT_CORE_UNMAP, _UNMAP_DESTROY,
+    _DESTROY): True once performed (a destroy's notices sent), False if the
+    core holds no such mapping."""
+    sp_id = clib.fayt_core_map_sp(k.fast, ctx.fast, handle)
+    if sp_id < 0:
+        return False
+    sp = k.sharepoints.get(sp_id, keep=False) if sp_id and how != clib.FAYT_CORE_UNMAP else None
+    captured = None
+    if sp is not None and (how == clib.FAYT_CORE_DESTROY or not sp.destroyed):
+        Policy.check_destroy(ctx, sp)
+        captured = sp.captured      # who is told of the destroy: who maps it now
+    destroyed = cffi.new("uint32_t *")
+    err = clib.fayt_core_unmap(k.fast, ctx.fast, handle, how, destroyed, _MSG, 256)
+    if err:
+        raise _refused(err)
+    if destroyed[0] and sp is not None:
+        k.sharepoints.destroyed(sp, captured)
+    return True
+
+
+def own_mapping(ctx, handle):
+    """One of Python's own mappings of ctx (SPECIAL portals, notification
+    stacks): EBADF if there is none."""
+    m = ctx.mappings.own_get(handle)
+    if m is None:
+        raise KernelError(errno.EBADF, "handle: %d names no mapping of this context" % handle)
+    return m
 
 
 def sys_unmap(k, ctx, tid, body, fds):
-    k.unmap(ctx, mapping(ctx, body))
+    handle = handle_of(body)
+    if not core_unmap(k, ctx, handle, clib.FAYT_CORE_UNMAP):
+        k.unmap(ctx, own_mapping(ctx, handle))
     return b"", []

@@ -1,41 +1,41 @@
-"""SHARE_DESTROY, UNMAP_DESTROY and LIST_SHARE: share-points by handle or in a list."""
+"""SHARE_DESTROY, UNMAP_DESTROY and LIST_SHARE: share-points by handle or in a list.
+
+The share-points are the core's (faytd/core/table.c); Policy decides, the
+core destroys (portal.core_unmap), and the list reads the core's records
+through views (faytd/sharepoint.py)."""
 import errno
 
 from ..frames import KernelError
-from ..policy import Policy
-from .wire import REPLY_BUDGET, json_page, list_after, mapping
-
-
-def _destroy(k, ctx, m):
-    sp = m.sp
-    if sp is None:
-        raise KernelError(errno.EINVAL, "handle: %d is not a share-point" % m.handle)
-    Policy.check_destroy(ctx, sp)
-    k.sharepoints.destroy(sp)
+from ..native import lib as clib
+from .portal import core_unmap, own_mapping
+from .wire import REPLY_BUDGET, handle_of, json_page, list_after
 
 
 def sys_share_destroy(k, ctx, tid, body, fds):
-    _destroy(k, ctx, mapping(ctx, body))
+    handle = handle_of(body)
+    if not core_unmap(k, ctx, handle, clib.FAYT_CORE_DESTROY):
+        own_mapping(ctx, handle)        # EBADF if it names nothing
+        raise KernelError(errno.EINVAL, "handle: %d is not a share-point" % handle)
     return b"", []
 
 
 def sys_unmap_destroy(k, ctx, tid, body, fds):
     """Destroy the share-point, then drop this mapping.  On EPERM nothing changes."""
-    m = mapping(ctx, body)
-    if m.sp is not None and not m.sp.destroyed:
-        _destroy(k, ctx, m)
-    k.unmap(ctx, m)
+    handle = handle_of(body)
+    if not core_unmap(k, ctx, handle, clib.FAYT_CORE_UNMAP_DESTROY):
+        k.unmap(ctx, own_mapping(ctx, handle))      # not a share-point's: an unmap
     return b"", []
 
 
 def sys_list_share(k, ctx, tid, body, fds):
     after = list_after(body)
     k.catch_up(ctx)
+    table = k.sharepoints
     items = ({"id": sp.id, "identifier": sp.identifier.decode("utf-8", "replace"),
-              "size": sp.length, "mapped_bytes": sp.backing.length, "prot": sp.prot,
+              "size": sp.length, "mapped_bytes": sp.length + sp.data_offset, "prot": sp.prot,
               "owner": sp.owner_pid, "owner_alive": sp.owner_alive,
               "captured": sorted(set(sp.captured.values())),
-              "frames": [k.frames.paddr(f) for f in sp.backing.frames[:64]],
-              "nframes": len(sp.backing.frames)}
-             for i, sp in sorted(k.sharepoints.by_id.items()) if i > after)
+              "frames": [k.frames.paddr(f) for f in sp.frames[:64]],
+              "nframes": len(sp.frames)}
+             for sp in (table.get(i, keep=False) for i in table.ids(after)) if sp is not None)
     return json_page(items, REPLY_BUDGET).encode(), []

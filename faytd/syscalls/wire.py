@@ -1,9 +1,10 @@
 """What every handler shares: bounds-checked decoding of request bodies.
 
 Decoding copies nothing it has not bounds-checked, the way a kernel's
-copy_from_user would: a body is exactly its struct's size, a pointer field
-of portal_req is 0 or 1 + an offset into the message's trailer, and the
-string there must end inside it.  The structs themselves are
+copy_from_user would: a body is exactly its struct's size; portal_req, whose
+pointer fields are 0 or 1 + an offset into the message's trailer with the
+string there ending inside it, is decoded by the core's one decoder
+(faytd/core/decode.c, through syscalls/portal.py).  The structs themselves are
 libportal._abi's (written down once, in libportal/include/fayt/*.h).
 """
 import errno
@@ -30,31 +31,12 @@ def utf8(s, field):
     return s
 
 
-def string(body, trailer_at, ptr, field, limit):
-    """The NUL-terminated string a pointer field names, or None for NULL."""
-    if ptr == 0:
-        return None
-    start = trailer_at + ptr - 1
-    if ptr < 0 or start >= len(body):
-        raise KernelError(errno.EFAULT, "%s: points outside the request" % field)
-    end = body.find(b"\0", start, start + limit + 1)
-    if end < 0:
-        if len(body) - start > limit:
-            raise KernelError(errno.ENAMETOOLONG, "%s: longer than %d bytes" % (field, limit))
-        raise KernelError(errno.EFAULT, "%s: not terminated inside the request" % field)
-    return utf8(body[start:end], field)
-
-
-def mapping(ctx, body):
-    """The mapping of ctx a HANDLE_REQ body names."""
+def handle_of(body):
+    """The handle a HANDLE_REQ body names."""
     if len(body) != HANDLE_REQ.size:
         raise KernelError(errno.EINVAL, "handle: expected %d bytes, got %d"
                           % (HANDLE_REQ.size, len(body)))
-    (handle,) = HANDLE_REQ.unpack(body)
-    m = ctx.mappings.get(handle)
-    if m is None:
-        raise KernelError(errno.EBADF, "handle: %d names no mapping of this context" % handle)
-    return m
+    return HANDLE_REQ.unpack(body)[0]
 
 
 def list_after(body):

@@ -149,8 +149,7 @@ int fayt_sp_lock_state(void *base)
 
 size_t fayt_sp_data_offset(size_t nframes)
 {
-    size_t end = sizeof(struct fayt_sharepoint_meta) + nframes * sizeof(uint64_t);
-    return (end + 15) & ~(size_t)15;
+    return FAYT_SP_DATA_OFFSET(nframes);       /* sharepoint.h: the one formula */
 }
 
 uintptr_t fayt_mmap_at(uintptr_t addr, size_t length, int prot, int flags, int fd, int *err)

@@ -43,7 +43,6 @@
 #include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/syscall.h>
-#include <sys/timerfd.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -263,30 +262,6 @@ int fayt_uffd_writeprotect(int fd, uint64_t addr, uint64_t len, int protect)
 }
 
 /* -- timerfd ------------------------------------------------------------ */
-
-int fayt_timerfd_open(void)
-{
-    int fd = timerfd_create(CLOCK_MONOTONIC, TFD_CLOEXEC | TFD_NONBLOCK);
-    return fd < 0 ? -errno : fd;
-}
-
-int fayt_timerfd_arm(int fd, int64_t ns)
-{
-    struct itimerspec t;
-    memset(&t, 0, sizeof t);
-    if (ns > 0) {
-        t.it_value.tv_sec = ns / 1000000000;
-        t.it_value.tv_nsec = ns % 1000000000;
-    }
-    return timerfd_settime(fd, 0, &t, NULL) < 0 ? errno : 0;
-}
-
-void fayt_timerfd_drain(int fd)
-{
-    uint64_t n;
-    while (read(fd, &n, sizeof n) == sizeof n)
-        ;
-}
 
 /* -- channels ----------------------------------------------------------- */
 

@@ -202,12 +202,6 @@ int fayt_uffd_poison(int fd, uint64_t addr, uint64_t len);
 int fayt_uffd_wake(int fd, uint64_t addr, uint64_t len);
 int fayt_uffd_writeprotect(int fd, uint64_t addr, uint64_t len, int protect);
 
-/* timerfd(2) for faytd's request deadlines: open (-errno on failure), arm
- * ns from now (<= 0: disarm), read off its expirations. */
-int fayt_timerfd_open(void);
-int fayt_timerfd_arm(int fd, int64_t ns);
-void fayt_timerfd_drain(int fd);
-
 /* Channels. */
 uint64_t fayt_pager_bytes(uint32_t nslots, uint32_t run_max);
 void fayt_pager_init(void *ch, uint32_t nslots, uint32_t run_max, uint32_t chain_id,
