@@ -5,6 +5,7 @@
 #include <string.h>
 
 #include "internal.h"
+#include "fault.h"
 
 int fayt_core_abi(void)
 {
@@ -30,6 +31,7 @@ void fayt_core_fini(struct fayt_core *k)
     struct fayt_core_priv *p = k->priv;
     if (!p)
         return;
+    fayt_faults_fini(k);
     fayt_fast_shutdown(k);
     core_records_fini(k);
     core_names_fini(k);
