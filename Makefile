@@ -13,8 +13,9 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check
 STAMP  := $(VENV)/.fayt-installed
 TESTS  ?= tests
-SOURCES := setup.py pyproject.toml libportal/_build.py $(wildcard libportal/src/*.c) \
-           $(wildcard libportal/src/*.h) $(wildcard libportal/include/fayt/*.h) \
+SOURCES := setup.py pyproject.toml libportal/_build.py libportal/_versions.py \
+           $(wildcard libportal/src/*.c) $(wildcard libportal/src/*.h) \
+           $(wildcard libportal/include/fayt/*.h) \
            faytd/_build.py $(wildcard faytd/core/*.c) $(wildcard faytd/core/*.h)
 
 .PHONY: all demo test deps venv clean

@@ -7,7 +7,7 @@ setup(
     version="0.1.0",
     description="FAYT memory portals, share-points and notifications as Linux processes",
     python_requires=">=3.10",
-    packages=["libportal", "faytd", "servers"],
+    packages=["libportal", "faytd", "faytd.syscalls", "servers"],
     package_data={"libportal": ["include/fayt/*.h", "src/*.c", "src/*.h"],
                   "faytd": ["core/*.c", "core/*.h"]},
     setup_requires=["cffi>=1.15"],

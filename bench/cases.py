@@ -291,6 +291,37 @@ def case_create(d, scale):
     ]
 
 
+# -- attach to an existing 4 KiB share-point -------------------------------------
+
+def case_attach(d, scale):
+    """What a second user of a share-point pays: attach it by name, map it,
+    unmap it; against attaching a named shared_memory segment and closing
+    it.  Both objects exist before the loop and outlive it."""
+    n = _n(3000, scale, 100)
+    sp = lp.share_create(_name("attach"), 4096)
+    shm = shared_memory.SharedMemory(create=True, size=4096)
+    try:
+        name, shm_name = sp.identifier, shm.name
+
+        def ours(k):
+            attach = lp.share_attach
+            for _ in range(k):
+                attach(name).unmap()
+
+        def peer(k):
+            for _ in range(k):
+                shared_memory.SharedMemory(name=shm_name).close()
+
+        t_ours, t_peer = best_of(n, 5, ours, peer, pause=0.05)
+    finally:
+        sp.destroy()
+        shm.close()
+        shm.unlink()
+    return [{"name": "4 KiB SHARE: attach+unmap of an existing one", "ours": t_ours * 1e6,
+             "unit": "us", "peer": "shared_memory attach+close", "peer_value": t_peer * 1e6,
+             "ratio": t_ours / t_peer, "target": ("<=", 1.25)}]
+
+
 # -- 10,000 share-points --------------------------------------------------------
 
 def case_scale(d, scale):
@@ -702,6 +733,7 @@ CASES = {
     "write": case_write,
     "counter": case_counter,
     "create": case_create,
+    "attach": case_attach,
     "scale": case_scale,
     "notify": case_notify,
     "special": case_special,

@@ -75,7 +75,13 @@ def print_table(rows, quick):
         out.append([r["name"], fmt(r["ours"], r["unit"]), r.get("peer", "-"),
                     fmt(r.get("peer_value"), r["unit"]),
                     "-" if ratio is None else "%.2fx" % ratio,
-                    "-" if tgt is None else "%s %.1fx" % tgt, met])
+                    "-" if tgt is None else "%s %sx" % (tgt[0], _figure(tgt[1])), met])
     widths = [max(len(str(x[i])) for x in out + [head]) for i in range(len(head))]
     for line in [head, ["-" * w for w in widths]] + out:
         print("  ".join(str(c).ljust(w) for c, w in zip(line, widths)).rstrip())
+
+
+def _figure(v):
+    """A target as written: 1.0, 1.25, 0.7."""
+    return "%.1f" % v if round(v, 1) == v else "%.2f" % v
+

@@ -2,10 +2,11 @@
 
     fayt [--socket PATH] ls [--json]    the share-point table
     fayt [--socket PATH] ps [--json]    the contexts, and faytd's RAM frames
+    fayt [--socket PATH] stats [--json] which path served each call, and more counts
 
 It is an ordinary client: it connects like a server does (so it shows up in
-`fayt ps` itself, as "this fayt") and asks with the FAYT_SYS_LIST_SHARE and
-FAYT_SYS_LIST_CONTEXTS system calls, whose replies are JSON.  `--json` prints
+`fayt ps` itself, as "this fayt") and asks with the FAYT_SYS_LIST_SHARE,
+FAYT_SYS_LIST_CONTEXTS and FAYT_SYS_STATS system calls, whose replies are JSON.  `--json` prints
 that reply as faytd sent it.  RSS comes from /proc (psutil), not from faytd:
 faytd knows what it granted, the Linux kernel knows what is resident.
 Exit status: 0, 1 if faytd cannot be reached or refuses, 2 for bad usage.
@@ -51,11 +52,13 @@ def table(headers, rows):
 
 
 def ask(path, op):
-    """The whole list from faytd (paged calls), decoded."""
+    """The whole list (paged calls) or the counters from faytd, decoded."""
     conn = libportal.Connection(path)
     try:
         if op == lib.FAYT_SYS_LIST_SHARE:
             return conn.list_sharepoints()
+        if op == lib.FAYT_SYS_STATS:
+            return conn.stats()
         return conn.list_contexts()
     finally:
         conn.close()
@@ -115,6 +118,26 @@ def cmd_ps(args):
     return 0
 
 
+def cmd_stats(args):
+    s = ask(args.socket, lib.FAYT_SYS_STATS)
+    if args.json:
+        print(json.dumps(s, indent=2))
+        return 0
+    rows = [[op, c["fast"], c["python"]] for op, c in s["calls"].items()
+            if c["fast"] or c["python"]]
+    print(table(["CALL", "C FAST PATH", "PYTHON"], rows))
+    fp, fl, cx, sp = s["fast_path"], s["faults"], s["contexts"], s["sharepoints"]
+    print("fast path: %s" % ("on" if fp["enabled"] else "off (fast_syscalls: false)"))
+    print("SPECIAL faults: %d (%d answered in one call, %d by the loop)"
+          % (fl["total"], fl["in_one_call"], fl["by_loop"]))
+    print("contexts: %d (%d connected)" % (cx["total"], cx["connected"]))
+    print("share-points: %d%s" % (sp["count"], "" if sp["scope"] == "all" else " (your uid's)"))
+    print("RAM frames: %d free of %d" % (s["frames"]["free"], s["frames"]["total"]))
+    j = s["journal"]
+    print("journal: %s" % ("%d write errors" % j["errors"] if j["enabled"] else "none"))
+    return 0
+
+
 def parser():
     common = argparse.ArgumentParser(add_help=False)
     # SUPPRESS: --socket given before the command is not reset by the subparser.
@@ -131,6 +154,10 @@ def parser():
     ps = sub.add_parser("ps", parents=[common], help="list the contexts and RAM frames")
     ps.add_argument("--json", action="store_true", help="print faytd's JSON reply")
     ps.set_defaults(func=cmd_ps)
+    st = sub.add_parser("stats", parents=[common],
+                        help="which path served each call; faults, contexts, frames")
+    st.add_argument("--json", action="store_true", help="print faytd's JSON reply")
+    st.set_defaults(func=cmd_stats)
     return ap
 
 

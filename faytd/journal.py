@@ -12,14 +12,19 @@ knows them.
 
 Format: <state_dir>/faytd.journal, one line per change, appended with one
 write(2) on an O_APPEND descriptor, so a faytd killed at any instant leaves
-at worst a last line cut short (ignored when read):
+at worst a last line cut short (ignored when read).  The first line names
+the format: "V <FORMAT>".  Format 1 (faytds before versions) had no V line
+and the same records: it is read as such and migrated in place, since the
+journal is rewritten at every start.  A journal of a format this faytd does
+not know (a newer faytd's) is refused: faytd does not start, and neither the
+journal nor the keeper it names is touched (UnknownFormat).  Records:
     S <id> <owner pid> <owner start> <owner uid> <prot> <length> <object> <frames,..> <identifier hex>
     D <id>                                  share-point destroyed
     C <id> <pid> <start> <uid> <gid> <object>   context page made (HELLO)
     A <context id> <share-point id>         the context mapped a share-point it
                                             did not create (its first mapping)
     G <id>                                  context forgotten
-    N <next share-point id> <next context id>   first line of a rewritten journal
+    N <next share-point id> <next context id>   after V in a rewritten journal
 <start> is the process's start time (/proc/<pid>/stat field 22), so that a
 pid reused by another process is not taken for the one that registered.
 No fsync: the journal must survive faytd's death, not the machine's (the
@@ -39,6 +44,12 @@ from .frames import shared_field, start_time
 log = logging.getLogger("faytd")
 
 NAME = "faytd.journal"
+FORMAT = 2          # what this faytd writes (the V line); it reads 1 and 2
+_READS = (1, 2)
+
+
+class UnknownFormat(ValueError):
+    """The journal names a format this faytd does not read (a newer faytd's)."""
 
 
 def alive(pid, start):
@@ -61,24 +72,45 @@ def _object(name):
 
 def read(path):
     """(share-point records, context records) live at the end of the journal,
-    and (next share-point id, next context id): above every id it ever
-    named, destroyed ones too (a dead process's lock record may name one)."""
+    (next share-point id, next context id): above every id it ever named,
+    destroyed ones too (a dead process's lock record may name one), and its
+    format (None: no journal).  UnknownFormat if this faytd cannot read it."""
     sps, ctxs, ids = {}, {}, [1, 1]
     try:
         with open(path, "rb") as f:
             data = f.read()
     except (FileNotFoundError, NotADirectoryError):
-        return [], [], (1, 1)
+        return [], [], (1, 1), None
     lines = data.split(b"\n")
+    version = format_of(path, lines)
+    first = 2 if lines[0].startswith(b"V ") else 1      # the records' first line
     if lines and lines[-1] != b"":
         log.warning("journal %s: last line cut short (faytd died while writing it): ignored",
                     path)
-    for n, line in enumerate(lines[:-1], 1):
+    for n, line in enumerate(lines[first - 1:-1], first):
         try:
             _apply(line.decode("ascii").split(" "), sps, ctxs, ids)
         except (ValueError, IndexError, UnicodeDecodeError):
             log.warning("journal %s: line %d is not a journal record: ignored", path, n)
-    return list(sps.values()), list(ctxs.values()), tuple(ids)
+    return list(sps.values()), list(ctxs.values()), tuple(ids), version
+
+
+def format_of(path, lines):
+    """The format the journal's first line names; 1 without a V line."""
+    if not lines[0].startswith(b"V "):
+        return 1
+    try:
+        version = int(lines[0][2:].decode("ascii"), 10)
+    except (UnicodeDecodeError, ValueError):
+        version = None
+    if version not in _READS:
+        raise UnknownFormat(
+            "journal %s: format %s; this faytd reads formats %s and writes %d. A newer "
+            "faytd wrote it: run that one on this state directory (or move the journal "
+            "away, and its share-points are lost). Nothing was changed."
+            % (path, lines[0][2:].decode("ascii", "replace") if version is None else version,
+               " and ".join(map(str, _READS)), FORMAT))
+    return version
 
 
 def _u32(v):
@@ -150,6 +182,7 @@ class Journal:
             raise SystemExit("faytd: another faytd keeps its journal in %s (--state-dir)"
                              % state_dir) from None
         self._fd = -1
+        self.errors = 0                 # writes of Python's that failed (the C path's: fast)
         self.lines = self.live_lines = 0
         self.next_ids = (1, 1)
         self.state_dir = os.path.abspath(state_dir)
@@ -161,8 +194,16 @@ class Journal:
     # -- reading ----------------------------------------------------------
     def load(self):
         """(share-point records, context records) live at the end of the
-        journal; the next ids to hand out are left in self.next_ids."""
-        sps, ctxs, self.next_ids = read(self.path)
+        journal; the next ids to hand out are left in self.next_ids.  A
+        journal this faytd cannot read stops it (SystemExit), untouched."""
+        try:
+            sps, ctxs, self.next_ids, version = read(self.path)
+        except UnknownFormat as e:
+            raise SystemExit("faytd: %s" % e) from None
+        if version is not None and version != FORMAT:
+            log.info("journal %s: format %d (before versions: no V line); read as such, and "
+                     "migrated in place to format %d when faytd rewrites it at start",
+                     self.path, version, FORMAT)
         return sps, ctxs
 
     # -- writing ----------------------------------------------------------
@@ -175,7 +216,7 @@ class Journal:
             live = {sp.id for sp in sharepoints}
             attaches = [b"A %d %d\n" % (c.id, i) for c in contexts for i in c.sp_mapped
                         if i in live and not _created_by(c, c.sp_mapped[i])]
-            os.write(fd, b"".join([b"N %d %d\n" % next_ids] +
+            os.write(fd, b"".join([b"V %d\n" % FORMAT, b"N %d %d\n" % next_ids] +
                                   [self._sp_line(sp) for sp in sharepoints] +
                                   [self._ctx_line(c) for c in contexts] + attaches))
         finally:
@@ -200,6 +241,7 @@ class Journal:
         try:
             os.write(self._fd, line)
         except OSError as e:            # a full disk must not take faytd down
+            self.errors += 1
             log.error("journal: cannot write (%s); a restart will not see this change", e)
 
     @staticmethod

@@ -2,7 +2,7 @@
 and the policy.
 
 No socket code here: the server (server.py) hands events in, the syscall
-layer (syscall.py) calls the methods that perform a request.
+layer (syscalls/) calls the methods that perform a request.
 """
 import array
 import errno
@@ -23,6 +23,7 @@ from .notification import Notifications
 from .pager import Pager
 from .policy import Policy
 from .sharepoint import SharePointTable
+from .stats import Stats
 
 log = logging.getLogger("faytd")
 FAST_MAX_FRAMES = clib.FAYT_FAST_MAX_FRAMES    # larger portals go through Python
@@ -33,6 +34,7 @@ _RECHECK_MAX_S = 1.0        # ... doubling up to this
 class Kernel:
     def __init__(self, cfg, owner_uid, tag=None):
         self.cfg = cfg
+        self.stats = Stats()        # which path served calls: stats.py, FAYT_SYS_STATS
         self.policy = Policy(cfg["policy"], owner_uid)
         # The C core's state (faytd/core/core.h): see settle().
         self.fast = core
@@ -335,8 +337,12 @@ class Kernel:
         ctx.connected = False
         clib.fayt_fast_conn_gone(self.fast, ctx.fast)   # it creates nothing any more
         watch = ctx.alive and ctx.pidfd >= 0
-        if watch and ctx.mapped_lock_records()[0]:
+        records, ignored = ctx.mapped_lock_records()
+        if watch and records:
             return                      # records naming what it never mapped keep nothing
+        if ignored:                     # the line died() would write, had it come first
+            log.warning("pid %d: %d of its lock records name share-points it never mapped: "
+                        "ignored", ctx.pid, ignored)
         self.drop_mappings(ctx)
         if not (watch and self.sharepoints.owns(ctx.pid)):
             self.forget(ctx)

@@ -44,25 +44,23 @@ faytd is only the control plane of notifications (DESIGN section 6):
   look: the rings, which it cannot touch, say what was posted.  faytd bumps
   it for its own posts; it unlinks the object when the target is forgotten.
 
-Objects only: decode/check/perform handlers at the bottom are registered in
-syscall.HANDLERS.  Who may do what: installing handlers needs the category's
-notify_handlers right (core); opening a ring needs the category's notify
-right to name the target (policy.py; by default core anyone, others their
-own uid), checked once when the pair's ring is made.
+Objects only: the calls are decoded, and their rights checked, in
+syscalls/notify.py, which then calls one method here.  Who may do what:
+installing handlers needs the category's notify_handlers right (core);
+opening a ring needs the category's notify right to name the target
+(policy.py; by default core anyone, others their own uid), checked once when
+the pair's ring is made.
 """
 import errno
 import logging
 import os
 import signal
 
-from libportal._abi import (ffi, lib, HANDLE_REQ, LIST_REQ, NOTIFY_INSTALL as INSTALL,
-                            NOTIFY_OPEN as OPEN, RING_REPLY, STACK_REQ, STACK_REPLY,
-                            NOTIFY_SUBSCRIBE as SUBSCRIBE)
+from libportal._abi import ffi, lib
 
 from .context import Mapping
 from .frames import BackingObject, KernelError, PAGE, pages
 from .native import lib as clib
-from .policy import Policy
 
 log = logging.getLogger("faytd")
 
@@ -145,10 +143,6 @@ class Ring:
         if self.backing.name is None:
             raise KernelError(errno.ESRCH, "ring %d: its target is gone" % self.id)
         return self.backing.open_fd()
-
-    def reply(self):
-        return RING_REPLY.pack(self.id, self.sender.id if self.sender else 0, self.target.id,
-                               self.target.pid, RING_BYTES)
 
     def kill(self, state):
         self.hint = None
@@ -452,112 +446,152 @@ class Notifications:
             os.close(self._timerfd)
             self._timerfd = -1
 
+    # -- what the notification calls perform (syscalls/notify.py) -------------
+    @staticmethod
+    def install(ctx, index, cookie):
+        """ctx's handler of slot `index` is `cookie` (its runtime's)."""
+        ctx.page_struct.actions[index].handler = ffi.cast("void (*)(void *, int, int)", cookie)
+        ctx.notify_armed = True
 
-# -- the syscall layer: decode, check, perform -------------------------------
+    @staticmethod
+    def remove(ctx, index):
+        ctx.page_struct.actions[index].handler = ffi.NULL
+        if ctx.page_struct.notify.provider == index:
+            ctx.page_struct.notify.provider = lib.FAYT_NO_PROVIDER
 
-def _unpack(S, body, what):
-    if len(body) != S.size:
-        raise KernelError(errno.EINVAL, "%s: expected %d bytes, got %d" % (what, S.size, len(body)))
-    return S.unpack(body)
+    @staticmethod
+    def set_provider(ctx, index):
+        ctx.page_struct.notify.provider = index
 
+    def has_ring(self, sender, target):
+        return (sender.id, target.id) in self.pairs
 
-def _slot(index, what="index"):
-    if not 0 <= index < lib.FAYT_NOTIFICATION_SLOTS:
-        raise KernelError(errno.EINVAL, "%s: %d is not a notification slot (0..%d)"
-                          % (what, index, lib.FAYT_NOTIFICATION_SLOTS - 1))
+    def open(self, sender, target):
+        """The ring of (sender, target), made on first use, and the fds the
+        sender gets: the ring's and the target's pending hint's."""
+        r = self.ring(sender, target)
+        fd = r.open_fd()
+        try:
+            return r, [fd, self.hint(target).open_fd()]
+        except BaseException:
+            os.close(fd)
+            raise
 
+    def hint_fd(self, ctx):
+        return self.hint(ctx).open_fd()
 
-def _check_handlers_right(ctx, what):
-    if not ctx.category.notify_handlers:
-        raise KernelError(errno.EPERM, "%s: category %s may not install notification handlers"
-                          % (what, ctx.category.name))
+    def close(self, sender, target_id):
+        r = self.pairs.get((sender.id, target_id))
+        if r is None:
+            raise KernelError(errno.ENOENT, "target: this context has no ring into %d" % target_id)
+        self.drop(r, lib.FAYT_RING_SENDER_DEAD)
 
+    def ring_doorbell(self, sender, target_id):
+        """Ring the doorbell of a target the sender may not signal itself (it
+        runs as another uid): the sender has posted an IMMEDIATE notification
+        into its ring.  faytd rings only a target its own record says handles
+        the doorbell; the ring's `armed` word is the target's to write."""
+        r = self.pairs.get((sender.id, target_id))
+        if r is None:
+            raise KernelError(errno.ENOENT, "target: this context has no ring into %d" % target_id)
+        t = r.target
+        if not t.alive or t.pidfd < 0:
+            raise KernelError(errno.ESRCH, "target: context %d is gone" % target_id)
+        if not t.notify_armed:
+            raise KernelError(errno.EPERM, "target: context %d handles no doorbell (no handler "
+                              "armed); the notification waits for its next dispatch point"
+                              % target_id)
+        if _doorbell_pending(t.pid):
+            return                  # the outstanding doorbell takes this entry too
+        try:
+            signal.pidfd_send_signal(t.pidfd, DOORBELL)
+        except ProcessLookupError:
+            raise KernelError(errno.ESRCH, "target: context %d is gone" % target_id) from None
+        except OSError as e:
+            raise KernelError(e.errno or errno.EPERM, "target: faytd cannot ring context %d's "
+                              "doorbell (%s); the notification waits for its next dispatch point"
+                              % (target_id, os.strerror(e.errno or errno.EPERM))) from None
 
-def sys_notify_install(k, ctx, tid, body, fds):
-    index, _, cookie = _unpack(INSTALL, body, "notify_install")
-    _check_handlers_right(ctx, "notify_install")
-    _slot(index)
-    if cookie == 0:
-        raise KernelError(errno.EINVAL, "cookie: 0 means no handler (use notify_remove)")
-    ctx.page_struct.actions[index].handler = ffi.cast("void (*)(void *, int, int)", cookie)
-    ctx.notify_armed = True
-    return b"", []
+    def release(self, ctx, ring_id):
+        """The target gives a ring back: drained after its sender died, or
+        found corrupt (its sender, alive, gets EPROTO on its next call)."""
+        r = self.rings.get(ring_id)
+        if r is None or r.target is not ctx:
+            raise KernelError(errno.ENOENT, "ring: %d is no ring into this context" % ring_id)
+        if r.sender is None:
+            self.corrupt(r)
+        elif r.kept or not r.sender.alive:
+            self.drop(r, lib.FAYT_RING_SENDER_DEAD)
+        else:
+            log.warning("context %d dropped ring %d from context %d (corrupt)", ctx.id, r.id,
+                        r.sender.id)
+            self.drop(r, lib.FAYT_RING_DROPPED)
 
+    def fetch(self, ctx, after, most):
+        """The first `most` rings into ctx after id `after`, each with an fd."""
+        ctx.notify_armed = True
+        self.flush(ctx)
+        out = []
+        try:
+            for r in self.rings_into(ctx, after)[:most]:
+                out.append((r, r.open_fd()))
+        except BaseException:
+            for _, fd in out:
+                os.close(fd)
+            raise
+        return out
 
-def sys_notify_remove(k, ctx, tid, body, fds):
-    index, _, _ = _unpack(INSTALL, body, "notify_remove")
-    _check_handlers_right(ctx, "notify_remove")
-    _slot(index)
-    ctx.page_struct.actions[index].handler = ffi.NULL
-    if ctx.page_struct.notify.provider == index:
-        ctx.page_struct.notify.provider = lib.FAYT_NO_PROVIDER
-    return b"", []
+    def alloc_stack(self, ctx, tid, size):
+        """A notification stack of size bytes: (its record, its handle, an fd)."""
+        k = self.k
+        p = ctx.page_struct
+        rec = next((i for i in range(lib.FAYT_STACKS_MAX)
+                    if p.stacks[i].state == lib.FAYT_STACK_UNUSED), None)
+        if rec is None:
+            raise KernelError(errno.ENOMEM, "this context has %d notification stacks, the most "
+                              "it may have" % lib.FAYT_STACKS_MAX)
+        if len(ctx.mappings) >= k.cfg["max_mappings_per_context"]:
+            raise KernelError(errno.ENOMEM, "this context has %d mappings, the quota"
+                              % len(ctx.mappings))
+        backing = k.allocate_for(ctx, pages(size) * PAGE)
+        handle = ctx.new_handle()
+        m = Mapping(handle, lib.FAYT_PORTAL_ANON, backing, None, ctx.pid, tid,
+                    lib.FAYT_PROT_READ | lib.FAYT_PROT_WRITE)
+        m.charged = backing.length
+        k.add_mapping(ctx, m)
+        s = p.stacks[rec]
+        s.base, s.size, s.handle, s.state = 0, size, handle, lib.FAYT_STACK_FREE
+        p.notify.nstacks += 1
+        return rec, handle, backing.open_fd()
 
+    def free_stack(self, ctx, handle):
+        p = ctx.page_struct
+        rec = next((i for i in range(lib.FAYT_STACKS_MAX)
+                    if p.stacks[i].state != lib.FAYT_STACK_UNUSED and p.stacks[i].handle == handle),
+                   None)
+        m = ctx.mappings.get(handle)
+        if rec is None or m is None:
+            raise KernelError(errno.EBADF, "handle: %d names no notification stack" % handle)
+        if p.stacks[rec].state == lib.FAYT_STACK_IN_USE:
+            raise KernelError(errno.EBUSY, "handle: stack %d is in use by a handler" % handle)
+        p.stacks[rec].state = lib.FAYT_STACK_UNUSED
+        p.stacks[rec].handle = 0
+        p.stacks[rec].base = 0
+        p.notify.nstacks -= 1
+        self.k.unmap(ctx, m)
 
-def _target(k, ctx, target_id):
-    t = k.contexts.get(target_id)
-    if t is None or not t.alive or not t.connected or not t.registered:
-        raise KernelError(errno.ESRCH, "target: no live context %d" % target_id)
-    return t
+    def subscribe(self, ctx, event, index, arg):
+        """faytd's notices of `event` go to ctx's slot `index`."""
+        self.subs.setdefault(ctx.id, {})[event] = (index, arg)
+        ctx.fast.flags |= clib.FAYT_FAST_CONN_NOTICES     # its destroys need Python (SP_DESTROYED)
+        ctx.notify_armed = True
+        self.ring(None, ctx)
 
-
-def sys_notify_open(k, ctx, tid, body, fds):
-    target_id, _ = _unpack(OPEN, body, "notify_open")
-    t = _target(k, ctx, target_id)
-    n = k.notifications
-    if (ctx.id, t.id) not in n.pairs:
-        Policy.check_notify(ctx, t)     # once: when the pair's ring is made
-    r = n.ring(ctx, t)
-    fd = r.open_fd()
-    try:
-        return r.reply(), [fd, n.hint(t).open_fd()]
-    except BaseException:
-        os.close(fd)
-        raise
-
-
-def sys_notify_hint(k, ctx, tid, body, fds):
-    if body:
-        raise KernelError(errno.EINVAL, "notify_hint: takes no body (%d bytes sent)" % len(body))
-    return b"", [k.notifications.hint(ctx).open_fd()]
-
-
-def sys_notify_close(k, ctx, tid, body, fds):
-    target_id, _ = _unpack(OPEN, body, "notify_close")
-    r = k.notifications.pairs.get((ctx.id, target_id))
-    if r is None:
-        raise KernelError(errno.ENOENT, "target: this context has no ring into %d" % target_id)
-    k.notifications.drop(r, lib.FAYT_RING_SENDER_DEAD)
-    return b"", []
-
-
-def sys_notify_ring(k, ctx, tid, body, fds):
-    """Ring the doorbell of a target this context may not signal itself (it
-    runs as another uid): the sender has posted an IMMEDIATE notification
-    into its ring.  faytd rings only a target its own record says handles
-    the doorbell; the ring's `armed` word is the target's to write."""
-    (target_id,) = _unpack(HANDLE_REQ, body, "notify_ring")
-    r = k.notifications.pairs.get((ctx.id, target_id))
-    if r is None:
-        raise KernelError(errno.ENOENT, "target: this context has no ring into %d" % target_id)
-    t = r.target
-    if not t.alive or t.pidfd < 0:
-        raise KernelError(errno.ESRCH, "target: context %d is gone" % target_id)
-    if not t.notify_armed:
-        raise KernelError(errno.EPERM, "target: context %d handles no doorbell (no handler "
-                          "armed); the notification waits for its next dispatch point"
-                          % target_id)
-    if _doorbell_pending(t.pid):
-        return b"", []              # the outstanding doorbell takes this entry too
-    try:
-        signal.pidfd_send_signal(t.pidfd, DOORBELL)
-    except ProcessLookupError:
-        raise KernelError(errno.ESRCH, "target: context %d is gone" % target_id) from None
-    except OSError as e:
-        raise KernelError(e.errno or errno.EPERM, "target: faytd cannot ring context %d's "
-                          "doorbell (%s); the notification waits for its next dispatch point"
-                          % (target_id, os.strerror(e.errno or errno.EPERM))) from None
-    return b"", []
+    def unsubscribe(self, ctx, event):
+        subs = self.subs.setdefault(ctx.id, {})
+        subs.pop(event, None)
+        if not subs:
+            ctx.fast.flags &= ~clib.FAYT_FAST_CONN_NOTICES
 
 
 def _doorbell_pending(pid):
@@ -576,132 +610,3 @@ def _doorbell_pending(pid):
     except (OSError, ValueError, IndexError):
         pass
     return False
-
-
-def sys_notify_release(k, ctx, tid, body, fds):
-    """The target gives a ring back: drained after its sender died, or
-    found corrupt (its sender, alive, gets EPROTO on its next call)."""
-    (ring_id,) = _unpack(HANDLE_REQ, body, "notify_release")
-    n = k.notifications
-    r = n.rings.get(ring_id)
-    if r is None or r.target is not ctx:
-        raise KernelError(errno.ENOENT, "ring: %d is no ring into this context" % ring_id)
-    if r.sender is None:
-        n.corrupt(r)
-    elif r.kept or not r.sender.alive:
-        n.drop(r, lib.FAYT_RING_SENDER_DEAD)
-    else:
-        log.warning("context %d dropped ring %d from context %d (corrupt)", ctx.id, r.id,
-                    r.sender.id)
-        n.drop(r, lib.FAYT_RING_DROPPED)
-    return b"", []
-
-
-_FETCH_MAX = 8      # fds per reply (libportal receives at most 8)
-
-
-def sys_notify_fetch(k, ctx, tid, body, fds):
-    (after,) = _unpack(LIST_REQ, body, "notify_fetch") if body else (0,)
-    ctx.notify_armed = True
-    n = k.notifications
-    n.flush(ctx)
-    out, out_fds = [], []
-    try:
-        for r in n.rings_into(ctx, after)[:_FETCH_MAX]:
-            out_fds.append(r.open_fd())
-            out.append(r.reply())
-    except BaseException:
-        for fd in out_fds:
-            os.close(fd)
-        raise
-    return b"".join(out), out_fds
-
-
-def sys_notify_stack_alloc(k, ctx, tid, body, fds):
-    size, _ = _unpack(STACK_REQ, body, "stack_alloc")
-    size = size or PAGE
-    if size % PAGE or size > STACK_MAX_BYTES:
-        raise KernelError(errno.EINVAL, "size: %d; a notification stack is a multiple of %d "
-                          "bytes up to %d" % (size, PAGE, STACK_MAX_BYTES))
-    p = ctx.page_struct
-    rec = next((i for i in range(lib.FAYT_STACKS_MAX)
-                if p.stacks[i].state == lib.FAYT_STACK_UNUSED), None)
-    if rec is None:
-        raise KernelError(errno.ENOMEM, "this context has %d notification stacks, the most "
-                          "it may have" % lib.FAYT_STACKS_MAX)
-    if len(ctx.mappings) >= k.cfg["max_mappings_per_context"]:
-        raise KernelError(errno.ENOMEM, "this context has %d mappings, the quota"
-                          % len(ctx.mappings))
-    backing = k.allocate_for(ctx, pages(size) * PAGE)
-    handle = ctx.new_handle()
-    m = Mapping(handle, lib.FAYT_PORTAL_ANON, backing, None, ctx.pid, tid,
-                lib.FAYT_PROT_READ | lib.FAYT_PROT_WRITE)
-    m.charged = backing.length
-    k.add_mapping(ctx, m)
-    s = p.stacks[rec]
-    s.base, s.size, s.handle, s.state = 0, size, handle, lib.FAYT_STACK_FREE
-    p.notify.nstacks += 1
-    return STACK_REPLY.pack(handle, size, rec), [backing.open_fd()]
-
-
-def sys_notify_stack_free(k, ctx, tid, body, fds):
-    (handle,) = _unpack(HANDLE_REQ, body, "stack_free")
-    p = ctx.page_struct
-    rec = next((i for i in range(lib.FAYT_STACKS_MAX)
-                if p.stacks[i].state != lib.FAYT_STACK_UNUSED and p.stacks[i].handle == handle),
-               None)
-    m = ctx.mappings.get(handle)
-    if rec is None or m is None:
-        raise KernelError(errno.EBADF, "handle: %d names no notification stack" % handle)
-    if p.stacks[rec].state == lib.FAYT_STACK_IN_USE:
-        raise KernelError(errno.EBUSY, "handle: stack %d is in use by a handler" % handle)
-    p.stacks[rec].state = lib.FAYT_STACK_UNUSED
-    p.stacks[rec].handle = 0
-    p.stacks[rec].base = 0
-    p.notify.nstacks -= 1
-    k.unmap(ctx, m)
-    return b"", []
-
-
-def sys_notify_provider(k, ctx, tid, body, fds):
-    index, _, _ = _unpack(INSTALL, body, "notify_provider")
-    _check_handlers_right(ctx, "notify_provider")
-    if index != lib.FAYT_NO_PROVIDER:
-        _slot(index)
-    ctx.page_struct.notify.provider = index
-    return b"", []
-
-
-def sys_notify_subscribe(k, ctx, tid, body, fds):
-    event, index, arg, _ = _unpack(SUBSCRIBE, body, "notify_subscribe")
-    if event not in (lib.FAYT_EVENT_PEER_DIED, lib.FAYT_EVENT_SP_DESTROYED):
-        raise KernelError(errno.EINVAL, "event: unknown event %d" % event)
-    subs = k.notifications.subs.setdefault(ctx.id, {})
-    if index < 0:
-        subs.pop(event, None)
-        if not subs:
-            ctx.fast.flags &= ~clib.FAYT_FAST_CONN_NOTICES
-        return b"", []
-    _check_handlers_right(ctx, "notify_subscribe")
-    _slot(index)
-    subs[event] = (index, arg)
-    ctx.fast.flags |= clib.FAYT_FAST_CONN_NOTICES     # its destroys need Python (SP_DESTROYED)
-    ctx.notify_armed = True
-    k.notifications.ring(None, ctx)
-    return b"", []
-
-
-HANDLERS = {
-    lib.FAYT_SYS_NOTIFY_INSTALL: sys_notify_install,
-    lib.FAYT_SYS_NOTIFY_REMOVE: sys_notify_remove,
-    lib.FAYT_SYS_NOTIFY_OPEN: sys_notify_open,
-    lib.FAYT_SYS_NOTIFY_FETCH: sys_notify_fetch,
-    lib.FAYT_SYS_NOTIFY_STACK_ALLOC: sys_notify_stack_alloc,
-    lib.FAYT_SYS_NOTIFY_STACK_FREE: sys_notify_stack_free,
-    lib.FAYT_SYS_NOTIFY_PROVIDER: sys_notify_provider,
-    lib.FAYT_SYS_NOTIFY_SUBSCRIBE: sys_notify_subscribe,
-    lib.FAYT_SYS_NOTIFY_CLOSE: sys_notify_close,
-    lib.FAYT_SYS_NOTIFY_HINT: sys_notify_hint,
-    lib.FAYT_SYS_NOTIFY_RING: sys_notify_ring,
-    lib.FAYT_SYS_NOTIFY_RELEASE: sys_notify_release,
-}

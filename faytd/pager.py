@@ -67,10 +67,9 @@ import os
 import select
 import time
 
-from libportal._abi import (ffi, lib, CHAIN_JOIN as JOIN_REQ, CHAIN_JOIN_REPLY as JOIN_REPLY,
-                            CHAIN_LEAVE as LEAVE_REQ, CHAIN_BACK as BACK_REQ,
-                            CHAIN_BACK_REPLY as BACK_REPLY, PAGE_REQUEST as PAGE_REQ)
+from libportal._abi import ffi, lib, PAGE_REQUEST as PAGE_REQ
 
+from .context import Mapping
 from .frames import BackingObject, KernelError, PAGE
 from .policy import class_names
 
@@ -83,11 +82,6 @@ _FLAG_WP = 2         # UFFD_PAGEFAULT_FLAG_WP
 _FEATURE_MINOR_SHMEM = 1 << 10   # UFFD_FEATURE_MINOR_SHMEM, as fdinfo shows the features
 DEFAULT_TIMEOUT_MS = 10000
 DEFAULT_SPIN_US = 50
-
-
-def _name_matches(globs, name):
-    import fnmatch
-    return any(fnmatch.fnmatchcase(name, g) for g in globs)
 
 
 class Chain:
@@ -267,10 +261,6 @@ class Pager:
 
     # -- chains ---------------------------------------------------------
     def join(self, ctx, name, nslots, run_max, flags, timeout_ms):
-        cat = ctx.category
-        if not _name_matches(cat.chains, name):
-            raise KernelError(errno.EPERM, "chain %r: category %s may not serve it"
-                              % (name, cat.name))
         chain = self.chains.get(name)
         if chain is not None and (ctx.id, chain.id) in self.members:
             raise KernelError(errno.EEXIST, "chain %r: this context serves it already" % name)
@@ -325,8 +315,16 @@ class Pager:
             self.chains.pop(chain.name, None)
 
     # -- backings (answers by reference) --------------------------------
-    def back(self, ctx, m, handle, message):
-        """Declare ctx's ANON portal `handle` the backing of m for `message`."""
+    def _member(self, ctx, chain_id):
+        m = self.members.get((ctx.id, chain_id))
+        if m is None:
+            raise KernelError(errno.EPERM, "chain id %d: this context does not serve it" % chain_id)
+        return m
+
+    def back(self, ctx, chain_id, handle, message):
+        """Declare ctx's ANON portal `handle` the backing of its place in
+        chain `chain_id` for `message`."""
+        m = self._member(ctx, chain_id)
         mapping = ctx.mappings.get(handle)
         if mapping is None:
             raise KernelError(errno.EBADF, "handle: %d names no mapping of this context" % handle)
@@ -353,7 +351,8 @@ class Pager:
                   m.chain.name, ctx.pid, _shown(message), b.length, b.id)
         return b
 
-    def unback(self, ctx, m, message):
+    def unback(self, ctx, chain_id, message):
+        m = self._member(ctx, chain_id)
         b = m.backings.get(message)
         if b is None:
             raise KernelError(errno.ENOENT, "message %r: this server has no backing for it in "
@@ -402,6 +401,70 @@ class Pager:
                               "a fault in its own portal would wait on itself" % chain_name)
         return chain
 
+    def special_share(self, ctx, ident, create, length):
+        """The SPECIAL|SHARE share-point `ident` a portal attaches to (None
+        when it creates one, which must not exist yet)."""
+        if ident in self.shares or ident in self.k.sharepoints.by_name:
+            self.k.catch_up(ctx)    # a destroy already sent by another process comes first
+        sh = self.shares.get(ident)
+        if create:
+            if sh is not None:
+                raise KernelError(errno.EEXIST, "share.identifier: special share-point %r exists"
+                                  % ident.decode())
+            return None
+        if sh is None:
+            raise KernelError(errno.ENOENT, "share.identifier: no special share-point %r"
+                              % ident.decode())
+        if length != sh.length:
+            raise KernelError(errno.EINVAL, "length: %d; special share-point %r maps %d bytes"
+                              % (length, ident.decode(), sh.length))
+        return sh
+
+    def map_special(self, ctx, tid, t, prot, length, addr, chain, message, uffd_fd,
+                    ident=None, sh=None):
+        """A SPECIAL portal of ctx over its range [addr, addr + length),
+        registered with uffd_fd (dup'ed; the caller keeps its own); of a
+        SPECIAL|SHARE, the share `sh` it attaches to (special_share), or a
+        new one named `ident`.  Returns (region, fds to grant): for a region
+        that maps a chain server's backing, a read-only fd of it; else none."""
+        k = self.k
+        share = t & lib.FAYT_PORTAL_SHARE
+        made = False
+        if sh is not None:
+            chain, message = sh.chain.encode(), sh.message
+        elif share:
+            if ident in k.sharepoints.by_name:
+                raise KernelError(errno.EEXIST, "share.identifier: %r names a share-point"
+                                  % ident.decode())
+            backing = BackingObject(0, k.frames.tag + ".special", length, [])
+            sh = SpecialShare(self._next_share, ident, backing, length, prot, chain.decode(),
+                              message, ctx.pid)
+            self._next_share += 1
+            made = True
+        uffd = os.dup(uffd_fd)
+        grant = []
+        try:
+            os.set_blocking(uffd, False)    # a client may send a blocking one: never wait on it
+            b = None
+            if not share and _uffd_features(uffd) & _FEATURE_MINOR_SHMEM:
+                b = self.backing_for(self.chain_for_region(ctx, chain.decode()), message, length)
+                if b is not None:
+                    grant.append(_open_read_only(b.obj))
+            r = self.create_region(ctx, uffd, addr, length, chain.decode(), message, sh, b)
+        except BaseException:
+            os.close(uffd)
+            for fd in grant:
+                os.close(fd)
+            if made:
+                sh.backing.release()
+            raise
+        if made:
+            self.shares[ident] = sh
+        r.handle = handle = ctx.new_handle()
+        k.add_mapping(ctx, Mapping(handle, t, SpecialBacking(r.id, length), None, ctx.pid, tid,
+                                   prot))
+        return r, grant
+
     def create_region(self, ctx, uffd, addr, length, chain_name, message, share=None,
                       backing=None):
         chain = self.chain_for_region(ctx, chain_name)
@@ -425,6 +488,7 @@ class Pager:
         if r.closed:
             return
         r.closed = True
+        self.k.stats.region_closed(r)
         log.debug("region %d (chain %r) closed: %d faults, %d pages fetched (%d faults answered "
                   "in one call), %d mapped by reference, %d failed, %d write reports", r.id,
                   r.chain.name, r.faults, r.fetched, r.in_one_call, r.mapped, r.failed,
@@ -802,8 +866,6 @@ def _shown(message):
     return message.decode("utf-8", "replace")
 
 
-# -- system calls (decode, check rights, perform) -----------------------------
-
 class SpecialBacking:
     """What a SPECIAL Mapping references: its region, no frames."""
     __slots__ = ("region_id", "length", "frames")
@@ -812,13 +874,6 @@ class SpecialBacking:
         self.region_id = region_id
         self.length = length
         self.frames = []
-
-
-def _is_userfaultfd(fd):
-    try:
-        return os.readlink("/proc/self/fd/%d" % fd) == "anon_inode:[userfaultfd]"
-    except OSError:
-        return False
 
 
 def _uffd_features(fd):
@@ -842,157 +897,3 @@ def _open_read_only(obj):
     except KernelError as e:
         raise KernelError(e.errno, "faytd cannot open the chain server's backing: %s"
                           % e.message) from None
-
-
-def portal_special(k, ctx, tid, t, prot, length, addr, chain, message, fds, ident=None,
-                   create=0):
-    """The SPECIAL branch of portal(): the region is the client's, registered
-    with the userfaultfd it sent.  Returns (handle, length, region, fds to
-    grant): for a region that maps a chain server's backing, a read-only fd
-    of it (the reply says FAYT_PORTAL_REPLY_BACKED); else none."""
-    from .context import Mapping
-    share = t & lib.FAYT_PORTAL_SHARE
-    if (chain is None or chain == b"") and not (share and not create):
-        raise KernelError(errno.EINVAL, "sp_req_chain.name: a SPECIAL portal needs a chain")
-    if len(fds) != 1 or not _is_userfaultfd(fds[0]):
-        raise KernelError(errno.EINVAL, "a SPECIAL portal comes with exactly one fd, the "
-                          "userfaultfd registered over its range")
-    if addr == 0:
-        raise KernelError(errno.EINVAL, "morphology.addr: a SPECIAL portal names the range "
-                          "its userfaultfd registered")
-    if not ctx.check_tid(tid):
-        raise KernelError(errno.ESRCH, "tid %d is not a thread of pid %d" % (tid, ctx.pid))
-    length = (length + PAGE - 1) // PAGE * PAGE
-    pager = k.pager
-    sh, made = None, False
-    if share:
-        if ident in pager.shares or ident in k.sharepoints.by_name:
-            k.catch_up(ctx)         # a destroy already sent by another process comes first
-        sh = pager.shares.get(ident)
-        if create and sh is not None:
-            raise KernelError(errno.EEXIST, "share.identifier: special share-point %r exists"
-                              % ident.decode())
-        if not create:
-            if sh is None:
-                raise KernelError(errno.ENOENT, "share.identifier: no special share-point %r"
-                                  % ident.decode())
-            if length != sh.length:
-                raise KernelError(errno.EINVAL, "length: %d; special share-point %r maps %d bytes"
-                                  % (length, ident.decode(), sh.length))
-            if prot & ~sh.prot:
-                raise KernelError(errno.EACCES, "prot: %#x asked, special share-point %r "
-                                  "grants %#x" % (prot, ident.decode(), sh.prot))
-            chain, message = sh.chain.encode(), sh.message
-        else:
-            if ident in k.sharepoints.by_name:
-                raise KernelError(errno.EEXIST, "share.identifier: %r names a share-point"
-                                  % ident.decode())
-            backing = BackingObject(0, k.frames.tag + ".special", length, [])
-            sh = SpecialShare(pager._next_share, ident, backing, length, prot, chain.decode(),
-                              message, ctx.pid)
-            pager._next_share += 1
-            made = True
-    uffd = os.dup(fds[0])
-    grant = []
-    try:
-        os.set_blocking(uffd, False)    # a client may send a blocking one: never wait on it
-        b = None
-        if not share and _uffd_features(uffd) & _FEATURE_MINOR_SHMEM:
-            b = pager.backing_for(pager.chain_for_region(ctx, chain.decode()), message, length)
-            if b is not None:
-                grant.append(_open_read_only(b.obj))
-        r = pager.create_region(ctx, uffd, addr, length, chain.decode(), message, sh, b)
-    except BaseException:
-        os.close(uffd)
-        for fd in grant:
-            os.close(fd)
-        if made:
-            sh.backing.release()
-        raise
-    if made:
-        pager.shares[ident] = sh
-    r.handle = handle = ctx.new_handle()
-    k.add_mapping(ctx, Mapping(handle, t, SpecialBacking(r.id, length), None, ctx.pid, tid, prot))
-    return handle, length, r, grant
-
-
-def sys_chain_join(k, ctx, tid, body, fds):
-    if len(body) != JOIN_REQ.size:
-        raise KernelError(errno.EINVAL, "chain_join: expected %d bytes, got %d"
-                          % (JOIN_REQ.size, len(body)))
-    slots, run_max, flags, timeout_ms, raw = JOIN_REQ.unpack(body)
-    end = raw.find(b"\0")
-    if end < 0:
-        raise KernelError(errno.ENAMETOOLONG, "name: not terminated in %d bytes" % len(raw))
-    if end == 0:
-        raise KernelError(errno.EINVAL, "name: a chain needs a name")
-    try:
-        name = raw[:end].decode("utf-8")
-    except UnicodeDecodeError:
-        raise KernelError(errno.EINVAL, "name: not valid UTF-8") from None
-    slots = slots or 8
-    run_max = run_max or 65536
-    if not 1 <= slots <= lib.FAYT_PAGER_SLOTS_MAX:
-        raise KernelError(errno.EINVAL, "slots: %d is not in 1..%d" % (slots, lib.FAYT_PAGER_SLOTS_MAX))
-    if run_max % PAGE or not PAGE <= run_max <= lib.FAYT_PAGER_RUN_MAX:
-        raise KernelError(errno.EINVAL, "run_max: %d is not a multiple of 4096 in 4096..%d"
-                          % (run_max, lib.FAYT_PAGER_RUN_MAX))
-    if flags & ~lib.FAYT_CHAIN_FLAGS:
-        raise KernelError(errno.EINVAL, "flags: unknown bits %#x" % (flags & ~lib.FAYT_CHAIN_FLAGS))
-    m = k.pager.join(ctx, name, slots, run_max, flags, timeout_ms)
-    c = m.chain
-    reply = JOIN_REPLY.pack(c.id, len(c.members) - 1, m.nslots, m.run_max, len(m.map),
-                            c.flags, c.timeout_ms)
-    return reply, [m.backing.open_fd(), os.dup(m.efd)]
-
-
-def sys_chain_leave(k, ctx, tid, body, fds):
-    if len(body) != LEAVE_REQ.size:
-        raise KernelError(errno.EINVAL, "chain_leave: expected %d bytes, got %d"
-                          % (LEAVE_REQ.size, len(body)))
-    k.pager.leave(ctx, LEAVE_REQ.unpack(body)[0])
-    return b"", []
-
-
-def _decode_back(k, ctx, op, body):
-    """(member, handle, message) of a CHAIN_BACK or CHAIN_UNBACK body."""
-    if len(body) != BACK_REQ.size:
-        raise KernelError(errno.EINVAL, "%s: expected %d bytes, got %d"
-                          % (op, BACK_REQ.size, len(body)))
-    chain_id, mlen, handle, raw = BACK_REQ.unpack(body)
-    if mlen > lib.FAYT_MESSAGE_MAX:
-        raise KernelError(errno.ENAMETOOLONG, "message: %d bytes, longer than %d"
-                          % (mlen, lib.FAYT_MESSAGE_MAX))
-    message = raw[:mlen]
-    if b"\0" in message:
-        raise KernelError(errno.EINVAL, "message: holds a NUL byte (no portal's message can)")
-    try:
-        message.decode("utf-8")
-    except UnicodeDecodeError:
-        raise KernelError(errno.EINVAL, "message: not valid UTF-8") from None
-    m = k.pager.members.get((ctx.id, chain_id))
-    if m is None:
-        raise KernelError(errno.EPERM, "chain id %d: this context does not serve it" % chain_id)
-    return m, handle, message
-
-
-def sys_chain_back(k, ctx, tid, body, fds):
-    m, handle, message = _decode_back(k, ctx, "chain_back", body)
-    b = k.pager.back(ctx, m, handle, message)
-    return BACK_REPLY.pack(b.id, 0), []
-
-
-def sys_chain_unback(k, ctx, tid, body, fds):
-    m, handle, message = _decode_back(k, ctx, "chain_unback", body)
-    if handle:
-        raise KernelError(errno.EINVAL, "handle: %d; unback names the message only (0)" % handle)
-    k.pager.unback(ctx, m, message)
-    return b"", []
-
-
-HANDLERS = {
-    lib.FAYT_SYS_CHAIN_JOIN: sys_chain_join,
-    lib.FAYT_SYS_CHAIN_LEAVE: sys_chain_leave,
-    lib.FAYT_SYS_CHAIN_BACK: sys_chain_back,
-    lib.FAYT_SYS_CHAIN_UNBACK: sys_chain_unback,
-}

@@ -8,6 +8,10 @@ may notify (target categories, "*", or "$uid": its own uid's contexts; checked
 once, when the ring of a pair is made), which MMIO windows and chains it may
 use (MMIO windows are read by a later part).
 
+Every rights check of faytd is a method of Policy, called by the syscall
+layer (syscalls/) before it performs a call: no other module compares
+categories or rights bits.
+
 The embedded default gives the user who runs faytd (and root) the `core`
 category, which may do everything, and everyone else `server` (ANON and SHARE).
 A policy file replaces rules and categories to tighten it.
@@ -18,6 +22,7 @@ import fnmatch
 from libportal._abi import lib
 
 from .frames import KernelError
+from .native import lib as clib
 
 CLASS_BITS = {
     "SHARE": lib.FAYT_PORTAL_SHARE,
@@ -26,6 +31,7 @@ CLASS_BITS = {
     "COW": lib.FAYT_PORTAL_COW,
     "SPECIAL": lib.FAYT_PORTAL_SPECIAL,
 }
+SHARE, ANON = lib.FAYT_PORTAL_SHARE, lib.FAYT_PORTAL_ANON
 CATEGORY_IDS = {"core": lib.FAYT_CATEGORY_CORE, "driver": lib.FAYT_CATEGORY_DRIVER,
                 "server": lib.FAYT_CATEGORY_SERVER}
 
@@ -147,6 +153,63 @@ class Policy:
                 return self.categories[r.category]
         return self.categories.get(self.default) if self.default else None
 
+    # -- the checks the syscall layer makes -------------------------------------
+    @staticmethod
+    def check_admitted(ctx):
+        """HELLO: some rule (or the default) gave ctx a category."""
+        if ctx.category is None:
+            raise KernelError(errno.EPERM, "hello: no policy rule admits uid %d gid %d exe %s"
+                              % (ctx.uid, ctx.gid, ctx.exe))
+
+    @staticmethod
+    def fast_flags(category):
+        """The FAYT_FAST_CONN_* bits of what faytd's C fast path may create
+        for a context of this category without asking Python."""
+        flags = 0
+        if category.classes & (SHARE | ANON) == SHARE | ANON:
+            flags |= clib.FAYT_FAST_CONN_SHARE
+        if category.classes & ANON:
+            flags |= clib.FAYT_FAST_CONN_ANON
+        return flags
+
+    @staticmethod
+    def check_classes(category, type_bits):
+        """PORTAL: the category may use every class of the type."""
+        missing = type_bits & ~category.classes
+        if missing:
+            raise KernelError(errno.EPERM, "type: category %s may not use %s"
+                              % (category.name, class_names(missing)))
+
+    @staticmethod
+    def check_prot(asked, granted, what):
+        """Attaching to a share-point (`what` names it): prot no wider than
+        it grants."""
+        if asked & ~granted:
+            raise KernelError(errno.EACCES, "prot: %#x asked, %s grants %#x"
+                              % (asked, what, granted))
+
+    @staticmethod
+    def check_destroy(ctx, sp):
+        """SHARE_DESTROY, UNMAP_DESTROY: its owner or a core server."""
+        if ctx.pid != sp.owner_pid and ctx.category.id != lib.FAYT_CATEGORY_CORE:
+            raise KernelError(errno.EPERM, "share-point %r: only its owner (pid %d) or a core "
+                              "server may destroy it" % (sp.identifier.decode(), sp.owner_pid))
+
+    @staticmethod
+    def check_handlers(ctx, what):
+        """NOTIFY_INSTALL, REMOVE, PROVIDER, SUBSCRIBE: the notify_handlers right."""
+        if not ctx.category.notify_handlers:
+            raise KernelError(errno.EPERM, "%s: category %s may not install notification "
+                              "handlers" % (what, ctx.category.name))
+
+    @staticmethod
+    def check_serve_chain(ctx, name):
+        """CHAIN_JOIN: the category's chains globs name the chain."""
+        cat = ctx.category
+        if not any(fnmatch.fnmatchcase(name, g) for g in cat.chains):
+            raise KernelError(errno.EPERM, "chain %r: category %s may not serve it"
+                              % (name, cat.name))
+
     @staticmethod
     def check_notify(sender, target):
         """sender may get a ring into target (contexts): its category's notify
@@ -159,10 +222,3 @@ class Policy:
                           "(category %s, uid %d); its notify right allows %s"
                           % (sender.category.name, target.id, target.category.name, target.uid,
                              ", ".join(sorted(allowed)) or "no one"))
-
-    @staticmethod
-    def check_classes(category, type_bits):
-        missing = type_bits & ~category.classes
-        if missing:
-            raise KernelError(errno.EPERM, "type: category %s may not use %s"
-                              % (category.name, class_names(missing)))

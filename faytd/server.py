@@ -28,7 +28,7 @@ import traceback
 
 from libportal._abi import lib, REQ_HDR, REP_HDR
 
-from . import syscall
+from . import syscalls as syscall
 from .frames import KernelError
 from .native import ffi, lib as clib
 
@@ -502,6 +502,7 @@ class Server:
 
     def _perform(self, ctx, op, tid, body, fds):
         """(reply body, fds) or (KernelError, []) for the request."""
+        self.k.stats.python_call(op)
         handler = syscall.HANDLERS.get(op)
         try:
             if handler is None:

@@ -10,9 +10,9 @@ import struct as _struct
 from . import errors
 from ._fayt_cffi import ffi, lib
 from . import _fastpath
+from ._versions import CFFI_ABI
 
-CFFI_ABI = 8
-FASTPATH_ABI = 5
+FASTPATH_ABI = 5        # fastpath.c's FASTPATH_ABI
 
 if lib.fayt_cffi_abi() != CFFI_ABI or _fastpath.ABI_VERSION != FASTPATH_ABI:
     raise ImportError("libportal's compiled modules do not match its Python code: "
@@ -77,6 +77,7 @@ def struct_of(ctype, upto=None):
 
 REQ_HDR = struct_of("struct fayt_req_hdr")
 REP_HDR = struct_of("struct fayt_rep_hdr")
+HELLO_REQ = struct_of("struct fayt_hello_req")
 HELLO_REPLY = struct_of("struct fayt_hello_reply")
 HANDLE_REQ = struct_of("struct fayt_handle_req")
 LIST_REQ = struct_of("struct fayt_list_req")

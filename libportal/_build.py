@@ -10,6 +10,7 @@ drift fails the build rather than a run.
 """
 import os
 import re
+import runpy
 
 from cffi import FFI
 
@@ -18,6 +19,7 @@ INCLUDE = os.path.join(HERE, "include")
 HEADERS = ["portal.h", "sharepoint.h", "notification.h", "context.h", "syscall.h", "lock.h",
            "ring.h", "pager.h"]
 SOURCES = [os.path.join("libportal", "src", f) for f in ("lock.c", "ring.c", "uffd.c")]
+CFFI_ABI = runpy.run_path(os.path.join(HERE, "_versions.py"))["CFFI_ABI"]
 
 
 def cdef_text(path):
@@ -40,16 +42,11 @@ def cdef_text(path):
 ffibuilder = FFI()
 ffibuilder.cdef("\n".join(cdef_text(os.path.join(INCLUDE, "fayt", h)) for h in HEADERS),
                 packed=True)
-ffibuilder.cdef("""
-    #define FAYT_CFFI_ABI 8
-    int fayt_cffi_abi(void);
-""")
+ffibuilder.cdef("int fayt_cffi_abi(void);")
 ffibuilder.set_source(
     "libportal._fayt_cffi",
-    "\n".join('#include "fayt/%s"' % h for h in HEADERS) + """
-    #define FAYT_CFFI_ABI 8
-    int fayt_cffi_abi(void) { return FAYT_CFFI_ABI; }
-    """,
+    "\n".join('#include "fayt/%s"' % h for h in HEADERS)
+    + "\nint fayt_cffi_abi(void) { return %d; }\n" % CFFI_ABI,
     sources=SOURCES,
     include_dirs=[INCLUDE],
     extra_compile_args=["-O2", "-Wall"],

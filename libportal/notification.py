@@ -208,7 +208,6 @@ class Runtime:
         self.in_provider = False
         self.running = 0            # handlers running (taken: depth is set a little later)
         self.busy = False           # fetching rings: no dispatch point inside
-        self._ring_array = None
         self._ring_table = None
         self._gone = []
         self._disp = ffi.new("struct fayt_dispatcher *")
@@ -308,7 +307,6 @@ class Runtime:
                     r.gone = True
                     self._gone.append(r)
             self.generation = gen
-            self._ring_array = None
             self._ring_table = None
             self._table()       # now: the dispatcher must never see a stale table
         finally:

@@ -2,6 +2,8 @@
 
 faytd knows who we are from SO_PEERCRED, so a request carries no identity but
 the calling thread's id (faytd checks that it belongs to the peer's pid).
+HELLO carries the wire ABI version (FAYT_WIRE_ABI) both ways: a faytd of
+another version is refused with EPROTO naming both.
 Granted memory arrives as file descriptors (SCM_RIGHTS) and is mapped here.
 recvmsg(2) interrupted by a signal is retried by Python (PEP 475) after the
 signal's handlers ran.  Every call is a notification dispatch point: what
@@ -28,7 +30,7 @@ import warnings
 import weakref
 
 from . import errors
-from ._abi import (ffi, lib, REQ_HDR, REP_HDR, HANDLE_REQ, HELLO_REPLY, LIST_REQ,
+from ._abi import (ffi, lib, REQ_HDR, REP_HDR, HANDLE_REQ, HELLO_REQ, HELLO_REPLY, LIST_REQ,
                    PORTAL_REPLY, _fastpath)
 
 _MAX_FDS = 8
@@ -82,9 +84,21 @@ class Connection:
                 % (self.path, e.strerror)) from None
         self.context_page = 0
         try:
-            body, fds = self.call(lib.FAYT_SYS_HELLO)
-            (self.context_id, self.category, self.rights, _) = HELLO_REPLY.unpack_from(body)
+            body, fds = self.call(lib.FAYT_SYS_HELLO, HELLO_REQ.pack(lib.FAYT_WIRE_ABI, 0))
+            if len(body) < HELLO_REPLY.size:
+                _close_fds(fds)
+                raise errors.error(errno.EPROTO, "hello: reply of %d bytes from faytd; "
+                                   "fayt_hello_reply has %d" % (len(body), HELLO_REPLY.size))
+            (self.context_id, self.category, self.rights, wire_abi) = \
+                HELLO_REPLY.unpack_from(body)
+            if wire_abi != lib.FAYT_WIRE_ABI:
+                _close_fds(fds)
+                raise errors.error(errno.EPROTO, "hello: wire ABI mismatch: faytd at %s speaks "
+                                   "version %d, this client speaks version %d (install the "
+                                   "same fayt-portals on both sides)"
+                                   % (self.path, wire_abi, lib.FAYT_WIRE_ABI))
             if len(fds) != 1:
+                _close_fds(fds)
                 raise errors.error(errno.EPROTO, "hello: faytd sent no context page")
             err = ffi.new("int *")
             addr = lib.fayt_map(fds[0], ffi.sizeof("struct fayt_context_page"), 0,
@@ -251,6 +265,10 @@ class Connection:
     def list_contexts(self):
         """{"contexts": [...], "ram_frames": n, "free_frames": n} (paged LIST_CONTEXTS)."""
         return self._list(lib.FAYT_SYS_LIST_CONTEXTS, "contexts")
+
+    def stats(self):
+        """faytd's counters, decoded (FAYT_SYS_STATS; README "fayt stats")."""
+        return json.loads(self.call(lib.FAYT_SYS_STATS)[0])
 
     def _list(self, op, key):
         out, after, head = [], 0, {}

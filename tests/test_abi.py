@@ -8,6 +8,7 @@ is written here by hand, from the headers, and is also checked against the
 fields cffi knows, so that a field added on one side only fails the test.
 """
 import os
+import re
 import subprocess
 
 import pytest
@@ -61,7 +62,8 @@ STRUCTS = {
     "struct fayt_notify_subscribe": ["event", "index", "arg", "reserved"],
     "struct fayt_req_hdr": ["magic", "op", "flags", "seq", "tid"],
     "struct fayt_rep_hdr": ["magic", "op", "nfds", "seq", "err"],
-    "struct fayt_hello_reply": ["context_id", "category", "rights", "reserved"],
+    "struct fayt_hello_req": ["wire_abi", "reserved"],
+    "struct fayt_hello_reply": ["context_id", "category", "rights", "wire_abi"],
     "struct fayt_handle_req": ["handle"],
     "struct fayt_portal_reply": ["handle", "map_length", "data_offset", "sp_id", "nframes",
                                  "prot", "flags"],
@@ -94,7 +96,7 @@ CONSTANTS = [
     "FAYT_LOCK_OWNER_DIED", "FAYT_NOTIFICATION_SLOTS",
     "FAYT_CONTEXT_MAGIC", "FAYT_CONTEXT_VERSION", "FAYT_HELD_LOCKS_MAX",
     "FAYT_HELD_FREE", "FAYT_HELD_PENDING", "FAYT_HELD_HELD", "FAYT_HELD_WAITING",
-    "FAYT_REQ_MAGIC", "FAYT_REP_MAGIC", "FAYT_MSG_MAX", "FAYT_REQ_NOREPLY",
+    "FAYT_REQ_MAGIC", "FAYT_REP_MAGIC", "FAYT_MSG_MAX", "FAYT_REQ_NOREPLY", "FAYT_WIRE_ABI",
     "FAYT_SYS_HELLO", "FAYT_SYS_PORTAL", "FAYT_SYS_UNMAP", "FAYT_SYS_SHARE_DESTROY",
     "FAYT_SYS_LIST_SHARE", "FAYT_SYS_LIST_CONTEXTS", "FAYT_SYS_UNMAP_DESTROY",
     "FAYT_CATEGORY_CORE", "FAYT_CATEGORY_DRIVER", "FAYT_CATEGORY_SERVER",
@@ -115,7 +117,8 @@ CONSTANTS = [
     "FAYT_PAGER_CLOSED", "FAYT_ACCESS_READ", "FAYT_ACCESS_WRITE", "FAYT_PAGE_PRESENT",
     "FAYT_PAGE_CANCELLED", "FAYT_PAGE_PENDING", "FAYT_PAGE_DATA", "FAYT_PAGE_FORWARD",
     "FAYT_PAGE_FAIL", "FAYT_CHAIN_WRITE_REPORTS", "FAYT_CHAIN_FLAGS",
-    "FAYT_SYS_CHAIN_BACK", "FAYT_SYS_CHAIN_UNBACK", "FAYT_PAGE_BACKED", "FAYT_PAGE_MAPPED",
+    "FAYT_SYS_CHAIN_BACK", "FAYT_SYS_CHAIN_UNBACK", "FAYT_SYS_STATS", "FAYT_PAGE_BACKED",
+    "FAYT_PAGE_MAPPED",
     "FAYT_PORTAL_REPLY_BACKED", "FAYT_UFFD_USER_MODE", "FAYT_UFFD_WP", "FAYT_UFFD_POISON",
     "FAYT_UFFD_MINOR", "FAYT_UFFD_REGISTER_WP", "FAYT_UFFD_REGISTER_MINOR",
     "FAYT_FAST_DONE", "FAYT_FAST_POSTED", "FAYT_FAST_ANSWERED", "FAYT_FAST_FAILED",
@@ -327,3 +330,19 @@ def test_abi_portal_classes_are_distinct_combinable_bits():
     import mmap
     assert (lp.PROT_READ, lp.PROT_WRITE, lp.PROT_EXEC) == \
         (mmap.PROT_READ, mmap.PROT_WRITE, mmap.PROT_EXEC)
+
+
+def test_abi_cffi_version_is_written_once():
+    """CFFI_ABI is written in libportal/_versions.py only: _build.py compiles
+    it into the module and _abi.py checks it, both reading that file."""
+    from libportal import _versions
+    here = os.path.dirname(INCLUDE)
+    written = []
+    for name in sorted(os.listdir(here)):
+        if name.endswith(".py"):
+            with open(os.path.join(here, name)) as f:
+                for line in f:
+                    if re.match(r"\s*(CFFI_ABI\s*=\s*\d|#\s*define\s+FAYT_CFFI_ABI)", line):
+                        written.append(name)
+    assert written == ["_versions.py"]
+    assert lib.fayt_cffi_abi() == _versions.CFFI_ABI

@@ -36,8 +36,8 @@ import pytest
 
 import libportal
 from faytd.launch import Faytd
-from libportal._abi import (ffi, lib, REQ_HDR, REP_HDR, HANDLE_REQ, LIST_REQ, PORTAL_REPLY,
-                            PORTAL_REQ_SIZE, CHAIN_JOIN)
+from libportal._abi import (ffi, lib, REQ_HDR, REP_HDR, HANDLE_REQ, HELLO_REPLY, HELLO_REQ,
+                            LIST_REQ, PORTAL_REPLY, PORTAL_REQ_SIZE, CHAIN_JOIN)
 from libportal.portal import encode_portal_req
 
 ANON, SHARE, DIRECT = lib.FAYT_PORTAL_ANON, lib.FAYT_PORTAL_SHARE, lib.FAYT_PORTAL_DIRECT
@@ -57,6 +57,7 @@ OFF_ADDR = ffi.offsetof("struct portal_req", "morphology", "addr")
 OFF_MLEN = ffi.offsetof("struct portal_req", "morphology", "length")
 
 TIMEOUT = 10.0
+HELLO_BODY = HELLO_REQ.pack(lib.FAYT_WIRE_ABI, 0)
 
 
 # -- helpers --------------------------------------------------------------
@@ -102,7 +103,7 @@ class Raw:
                 time.sleep(0.005)
         self.seq = 0
         if hello:
-            r = self.call(lib.FAYT_SYS_HELLO)
+            r = self.call(lib.FAYT_SYS_HELLO, HELLO_BODY)
             assert r.err == 0, r.message
             assert r.nfds == 1
 
@@ -707,9 +708,9 @@ def test_badinput_request_before_hello(daemon):
             assert rep.nfds == 0
         assert state(daemon.socket) == before
         # Not a disconnection: hello then works, and a second hello is EALREADY.
-        rep = r.call(lib.FAYT_SYS_HELLO)
+        rep = r.call(lib.FAYT_SYS_HELLO, HELLO_BODY)
         assert rep.err == 0 and rep.nfds == 1
-        rep = r.call(lib.FAYT_SYS_HELLO)
+        rep = r.call(lib.FAYT_SYS_HELLO, HELLO_BODY)
         assert rep.err == errno.EALREADY
         rep = r.call(lib.FAYT_SYS_PORTAL, body)
         assert rep.err == 0
@@ -868,7 +869,7 @@ def test_badinput_file_descriptors_with_a_request(daemon):
     faytd closes what it received (the pipe sees EOF)."""
     before = state(daemon.socket)
     with Raw(daemon.socket, hello=False) as r:
-        for op, body in ((lib.FAYT_SYS_HELLO, b""),
+        for op, body in ((lib.FAYT_SYS_HELLO, HELLO_BODY),
                          (lib.FAYT_SYS_LIST_SHARE, b"")):
             rd, wr = os.pipe()
             try:
@@ -879,7 +880,7 @@ def test_badinput_file_descriptors_with_a_request(daemon):
                 _assert_eof(rd)
             finally:
                 os.close(rd)
-        assert r.call(lib.FAYT_SYS_HELLO).err == 0
+        assert r.call(lib.FAYT_SYS_HELLO, HELLO_BODY).err == 0
         for op, body in ((lib.FAYT_SYS_PORTAL, encode_portal_req(ANON, RW, PAGE)),
                          (lib.FAYT_SYS_PORTAL, encode_portal_req(
                              SHARE | ANON, RW, PAGE, identifier=_unique("fd"), create=1)),
@@ -923,14 +924,15 @@ def _assert_eof(rd, timeout=TIMEOUT):
 _CLOSER = r"""
 import os, socket, sys, threading
 sys.path.insert(0, sys.argv[2])
-from libportal._abi import lib, REQ_HDR
+from libportal._abi import lib, REQ_HDR, HELLO_REQ
 from libportal.portal import encode_portal_req
 path, name = sys.argv[1], sys.argv[3]
 
 def raw():
     s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     s.connect(path)
-    s.send(REQ_HDR.pack(lib.FAYT_REQ_MAGIC, lib.FAYT_SYS_HELLO, 0, 1, threading.get_native_id()))
+    s.send(REQ_HDR.pack(lib.FAYT_REQ_MAGIC, lib.FAYT_SYS_HELLO, 0, 1, threading.get_native_id())
+           + HELLO_REQ.pack(lib.FAYT_WIRE_ABI, 0))
     data, anc, _, _ = s.recvmsg(4096, socket.CMSG_SPACE(16))
     return s
 
@@ -1228,7 +1230,8 @@ def _hello_with_page_fd(path):
     s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     s.settimeout(TIMEOUT)
     s.connect(path)
-    s.send(REQ_HDR.pack(lib.FAYT_REQ_MAGIC, lib.FAYT_SYS_HELLO, 0, 1, threading.get_native_id()))
+    s.send(REQ_HDR.pack(lib.FAYT_REQ_MAGIC, lib.FAYT_SYS_HELLO, 0, 1, threading.get_native_id())
+           + HELLO_REQ.pack(lib.FAYT_WIRE_ABI, 0))
     _, anc, _, _ = s.recvmsg(4096, socket.CMSG_SPACE(4 * 4))
     fds = array.array("i")
     for level, kind, cdata in anc:

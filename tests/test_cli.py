@@ -101,6 +101,40 @@ def test_cli_ps_json_counts_frames(faytd, holder):
     assert holder[0].pid in [c["pid"] for c in info["contexts"]]
 
 
+def test_cli_stats_json_and_its_table(fresh_faytd):
+    """`fayt stats --json` is faytd's FAYT_SYS_STATS reply; `fayt stats` the
+    same counts as a table and lines (README "fayt stats")."""
+    d = fresh_faytd()
+    r = fayt("stats", "--json", env=d.env())
+    assert r.returncode == 0, r.stderr
+    s = json.loads(r.stdout)
+    assert s["version"] == 1
+    assert set(s) == {"version", "calls", "fast_path", "faults", "contexts", "sharepoints",
+                      "frames", "journal"}
+    assert s["calls"]["hello"] == {"fast": 0, "python": 1}      # this fayt's own
+    assert s["calls"]["stats"] == {"fast": 0, "python": 1}
+    assert set(s["calls"]) >= {"portal", "unmap", "unmap_destroy", "list_share",
+                               "notify_open", "chain_join"}
+    assert s["fast_path"] == {"enabled": True, "sharepoints_created": 0,
+                              "sharepoints_destroyed": 0, "anon_mapped": 0, "anon_unmapped": 0}
+    assert s["faults"] == {"total": 0, "in_one_call": 0, "by_loop": 0}
+    assert s["contexts"] == {"total": 1, "connected": 1}
+    assert s["sharepoints"] == {"scope": "all", "count": 0}
+    assert s["frames"]["free"] == s["frames"]["total"] > 0
+    assert s["journal"] == {"enabled": True, "errors": 0}
+    r = fayt("stats", env=d.env())
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0].split() == ["CALL", "C", "FAST", "PATH", "PYTHON"]
+    assert lines[1].split() == ["hello", "0", "2"]          # both fayts' own
+    assert lines[2].split() == ["stats", "0", "2"]
+    assert "fast path: on" in lines
+    assert "SPECIAL faults: 0 (0 answered in one call, 0 by the loop)" in lines
+    assert any(ln.startswith("contexts: ") for ln in lines)     # the first fayt may linger
+    assert "share-points: 0" in lines
+    assert "journal: 0 write errors" in lines
+
+
 def test_cli_socket_option_before_or_after_command(faytd):
     env = dict(os.environ)
     env.pop("FAYT_SOCKET", None)
@@ -110,7 +144,7 @@ def test_cli_socket_option_before_or_after_command(faytd):
         assert r.stdout.split()[:2] == ["ID", "IDENTIFIER"]
 
 
-@pytest.mark.parametrize("command", ["ls", "ps"])
+@pytest.mark.parametrize("command", ["ls", "ps", "stats"])
 def test_cli_without_faytd_fails_clearly_with_status_1(tmp_path, command):
     sock = str(tmp_path / "nobody.sock")
     r = fayt("--socket", sock, command)

@@ -3,13 +3,16 @@ share-point's create and its creator's destroy performed in C, what they
 make taken over by faytd's Python before it handles anything else, and the
 recycling of an object for the context that alone ever held it.  Real faytds,
 real processes; which path served a call is read from faytd's own count
-(its log at a clean stop), so a test that expects the fast path fails if
-the fast path was not taken."""
+(`fayt stats --json`), so a test that expects the fast path fails if the
+fast path was not taken."""
 import errno
+import json
 import os
 import re
 import signal
 import struct
+import subprocess
+import sys
 import time
 
 import pytest
@@ -20,17 +23,31 @@ from libportal._abi import ffi
 from test_sharepoint import WAIT, Child, list_share, wait_child_exit, wait_until
 
 
-def fast_counts(log):
-    """(created, destroyed) by the fast path, from a stopped faytd's log."""
-    return _counts(log)[:2]
+def stats(d, *conns):
+    """faytd's counters from `fayt stats --json`, after a round trip on each
+    of conns (so that what they sent without a reply was performed)."""
+    for c in conns:
+        c.list_contexts()
+    p = subprocess.run([sys.executable, "-m", "faytd.cli", "--socket", d.socket, "stats",
+                        "--json"], capture_output=True, text=True, timeout=WAIT)
+    assert p.returncode == 0, p.stderr
+    return json.loads(p.stdout)
 
 
-def anon_counts(log):
+def fast_counts(d, *conns):
+    """(share-points created, destroyed) by the fast path."""
+    f = stats(d, *conns)["fast_path"]
+    return f["sharepoints_created"], f["sharepoints_destroyed"]
+
+
+def anon_counts(d, *conns):
     """(mapped, unmapped) ANON portals by the fast path."""
-    return _counts(log)[2:]
+    f = stats(d, *conns)["fast_path"]
+    return f["anon_mapped"], f["anon_unmapped"]
 
 
-def _counts(log):
+def log_counts(log):
+    """The same four counts from a stopped faytd's log line (it still writes it)."""
     m = re.search(r"fast path: (\d+) share-points created, (\d+) destroyed; (\d+) ANON "
                   r"portals mapped, (\d+) unmapped", log)
     assert m, "faytd did not log its fast path's counts:\n" + log[-2000:]
@@ -57,11 +74,17 @@ def test_fastpath_serves_create_and_the_creators_destroy(fresh_faytd, conn_to):
         sp = libportal.share_create("fast-%d" % i, 4096, connection=c)
         sp.write(0, b"x")
         sp.destroy()
+    counts = stats(d, c)
     c.close()
-    created, destroyed = fast_counts(d.stop())
     # The first create of a context is Python's: it checks the calling thread
     # once; from then on the fast path knows it.
-    assert created == 49 and destroyed == 49
+    assert (counts["fast_path"]["sharepoints_created"],
+            counts["fast_path"]["sharepoints_destroyed"]) == (49, 49)
+    assert counts["calls"]["portal"] == {"fast": 49, "python": 1}
+    assert counts["calls"]["unmap_destroy"] == {"fast": 49, "python": 1}
+    assert counts["calls"]["hello"] == {"fast": 0, "python": 2}     # c's, and fayt's own
+    # The log line at a clean stop says the same.
+    assert log_counts(d.stop())[:2] == (49, 49)
 
 
 def _scenario(conn, tag):
@@ -110,10 +133,14 @@ def test_fastpath_and_python_path_agree(fresh_faytd, conn_to):
     libportal.share_create("warm", 4096, connection=c1).destroy()
     libportal.share_create("warm", 4096, connection=c2).destroy()
     assert _scenario(c1, "agree") == _scenario(c2, "agree")
+    assert fast_counts(fast, c1)[0] >= 1      # b (a: pages, not PROT_WRITE: Python's)
+    off = stats(slow, c2)
+    assert off["fast_path"]["enabled"] is False
+    assert fast_counts(slow) == (0, 0)
+    assert all(c["fast"] == 0 for c in off["calls"].values())
+    assert off["calls"]["portal"]["python"] >= 8
     c1.close()
     c2.close()
-    assert fast_counts(fast.stop())[0] >= 1      # b (a: pages, not PROT_WRITE: Python's)
-    assert fast_counts(slow.stop()) == (0, 0)
 
 
 def test_fastpath_recycles_an_object_for_its_own_context_only(fresh_faytd, conn_to):
@@ -235,8 +262,8 @@ def test_fastpath_share_points_it_made_are_everyones_at_once(fresh_faytd, conn_t
     assert entry["owner"] == os.getpid() and entry["id"] == sp.sp_id
     assert entry["captured"] and all(pid == os.getpid() for pid, _ in entry["captured"])
     sp.destroy()
+    assert fast_counts(d, c)[0] == 1        # "everyone" (the first create is Python's)
     c.close()
-    assert fast_counts(d.stop())[0] == 1        # "everyone" (the first create is Python's)
 
 
 def test_fastpath_owner_killed_with_share_points_only_c_knew(fresh_faytd, conn_to):
@@ -279,9 +306,9 @@ def test_fastpath_owner_killed_with_share_points_only_c_knew(fresh_faytd, conn_t
         sp.destroy()
     finally:
         child.kill()
+    assert fast_counts(d, probe)[0] >= 20
     probe.close()
     log = d.stop()
-    assert fast_counts(log)[0] >= 20
     assert "error" not in log.lower(), log
 
 
@@ -300,8 +327,8 @@ def test_fastpath_large_share_points_go_through_python_the_same_way(fresh_faytd,
         sp.write(sp.length - 4, b"last")
         assert sp.read(sp.length - 4, 4) == b"last"
         sp.destroy()
+    assert fast_counts(d, c) == (1, 1)      # small only
     c.close()
-    assert fast_counts(d.stop()) == (1, 1)      # small only
 
 
 def test_fastpath_quotas_refuse_as_python_does(fresh_faytd, conn_to):
@@ -378,8 +405,8 @@ def test_fastpath_no_fork_child_inherits_a_share_points_fd(fresh_faytd, conn_to)
     assert forks[0] >= 100, "the forking thread hardly ran: %d forks" % forks[0]
     assert caught == [], "%d of %d fork children held a share-point's fd (%d creates)" % (
         len(caught), forks[0], i)
+    assert fast_counts(d, c)[0] >= i - 1
     c.close()
-    assert fast_counts(d.stop())[0] >= i - 1
 
 
 def test_fastpath_a_request_read_ahead_is_never_performed_for_another_context(fresh_faytd):
@@ -396,14 +423,15 @@ def test_fastpath_a_request_read_ahead_is_never_performed_for_another_context(fr
     d = fresh_faytd()
     parent = subprocess.Popen([sys.executable, "-c", textwrap.dedent("""
         import os, socket, sys, time
-        from libportal._abi import lib, REQ_HDR
+        from libportal._abi import lib, REQ_HDR, HELLO_REQ
         s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         s.connect(sys.argv[1])
         r, w = os.pipe()
         if os.fork() == 0:              # keeps its parent's connection
             os.close(w)
             os.read(r, 1)
-            s.send(REQ_HDR.pack(lib.FAYT_REQ_MAGIC, lib.FAYT_SYS_HELLO, 0, 999, os.getpid()))
+            s.send(REQ_HDR.pack(lib.FAYT_REQ_MAGIC, lib.FAYT_SYS_HELLO, 0, 999, os.getpid())
+                   + HELLO_REQ.pack(lib.FAYT_WIRE_ABI, 0))
             time.sleep(5)
             os._exit(0)
         os.close(r)
@@ -479,8 +507,8 @@ def test_fastpath_recycling_can_be_turned_off(fresh_faytd, conn_to):
     b = libportal.share_create("off-b", 4096, connection=c)
     assert b._ino != a_ino
     b.destroy()
+    assert fast_counts(d, c) == (2, 2)      # the fast path, without recycling
     c.close()
-    assert fast_counts(d.stop()) == (2, 2)      # the fast path, without recycling
 
 
 def _inode_at(addr):
@@ -521,9 +549,9 @@ def test_fastpath_anon_portals_and_their_recycling(fresh_faytd, conn_to):
     assert c.list_contexts()["free_frames"] == free0 - 64
     again.unmap()
     assert c.list_contexts()["free_frames"] == free0
+    mapped, unmapped = anon_counts(d, c, other)
     c.close()
     other.close()
-    mapped, unmapped = anon_counts(d.stop())
     assert mapped >= 5 and unmapped >= 4
 
 
@@ -538,5 +566,5 @@ def test_fastpath_anon_quota_refuses_as_python_does(fresh_faytd, conn_to):
     q = libportal.portal(libportal.ANON, libportal.PROT_RW, 4096, connection=c)
     q.unmap()
     p.unmap()
+    assert anon_counts(d, c)[0] >= 2
     c.close()
-    assert anon_counts(d.stop())[0] >= 2

@@ -56,7 +56,7 @@ import libportal, libportal.portal, libportal._abi
 import argparse, copy, fnmatch, gettext, locale, logging, mmap, re, runpy, secrets, select
 import selectors, shutil, signal
 import stat, struct, traceback, posix_ipc
-import faytd.main, faytd.server, faytd.kernel, faytd.syscall
+import faytd.main, faytd.server, faytd.kernel, faytd.syscalls
 uid, gid = int(sys.argv[1]), int(sys.argv[2])
 os.setgroups([])
 os.setgid(gid)
@@ -283,6 +283,8 @@ def do(a, c):
     if kind == "unmap":
         held.pop(a[1]).unmap()
         return True
+    if kind == "stats":
+        return c.stats()["sharepoints"]
     if kind == "me":
         me = [x for x in c.list_contexts()["contexts"] if x["id"] == c.context_id]
         return me[0] if me else None
@@ -699,3 +701,35 @@ def test_policy_destroy_of_a_users_share_point(as_user, start):
             owner.kill()
             owner.wait()
     assert d.wait_state(before) == before
+
+
+def test_policy_stats_count_only_the_callers_uid_share_points_unless_core(as_user, start):
+    """FAYT_SYS_STATS is open to every context; its share-point count is
+    the caller's uid's unless the caller is core (README "fayt stats")."""
+    d = start()
+    owner = libportal.Connection(d.socket)
+    mine = [libportal.share_create(_name("stats-root"), PAGE, connection=owner)
+            for _ in range(2)]
+    theirs = _name("stats-nobody")
+    other = as_user.popen(CLIENT, [d.socket, json.dumps([["stats"], ["create", theirs, PAGE, "x"],
+                                                         ["stats"], ["pause"]])],
+                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        rep = json.loads(other.stdout.readline())
+        assert rep["hello"][1]["category"] == lib.FAYT_CATEGORY_SERVER
+        assert steps(rep) == [("stats", 0), ("create", 0), ("stats", 0)], rep
+        assert rep["steps"][0][2] == {"scope": "uid", "count": 0}
+        assert rep["steps"][2][2] == {"scope": "uid", "count": 1}
+        assert owner.stats()["sharepoints"] == {"scope": "all", "count": 3}
+        other.stdin.write("go\n")
+        other.stdin.flush()
+        assert other.wait(timeout=TIMEOUT) == 0
+    finally:
+        if other.poll() is None:
+            other.kill()
+            other.wait()
+        for f in (other.stdin, other.stdout, other.stderr):
+            f.close()
+        for sp in mine:
+            sp.destroy()
+        owner.close()

@@ -243,6 +243,12 @@ def test_special_fast_path_and_loop_path_agree(fresh_faytd, conn_to, spin_us):
                                         ("front", 3 * PAGE, 0)]
         assert b.entries(1) == [("back", 2 * PAGE, 1)]
         assert a.log.empty() and b.log.empty()          # page 1 came with page 0's run
+        # Page 0's fault in one C call (fast path only); page 2's (forwarded) and
+        # the child's page 3 (failed) through the loop.
+        faults = conn.stats()["faults"]
+        assert faults["in_one_call"] == (1 if spin_us else 0)
+        assert faults["total"] >= 3
+        assert faults["by_loop"] == faults["total"] - faults["in_one_call"]
     finally:
         a.close()
         b.close()

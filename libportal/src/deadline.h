@@ -1,6 +1,8 @@
-/* deadline.h: CLOCK_MONOTONIC now, and a deadline timeout_ns from now
- * (internal to libportal's C; cffi does not read it).  Returns 0 (no deadline) for a
- * negative timeout, else 1 with *d set. */
+/* deadline.h: the time helpers of libportal's C (internal; cffi does not
+ * read it): CLOCK_MONOTONIC now, a deadline timeout_ns from now, the time
+ * left until one (what FUTEX_WAIT takes), and nanoseconds as a timespec.
+ * Every clock here is CLOCK_MONOTONIC: a wall-clock change must not stretch
+ * or cut a wait. */
 #ifndef FAYT_SRC_DEADLINE_H
 #define FAYT_SRC_DEADLINE_H
 
@@ -15,6 +17,15 @@ static inline int64_t fayt_now_ns(void)
     return (int64_t)t.tv_sec * 1000000000 + t.tv_nsec;
 }
 
+/* ns (>= 0) as a timespec. */
+static inline void fayt_ns_to_ts(int64_t ns, struct timespec *ts)
+{
+    ts->tv_sec = ns / 1000000000;
+    ts->tv_nsec = ns % 1000000000;
+}
+
+/* The deadline timeout_ns from now in *d: 1; a negative timeout is no
+ * deadline: 0, *d untouched. */
 static inline int fayt_deadline(int64_t timeout_ns, struct timespec *d)
 {
     if (timeout_ns < 0)
@@ -27,6 +38,20 @@ static inline int fayt_deadline(int64_t timeout_ns, struct timespec *d)
         d->tv_nsec -= 1000000000;
     }
     return 1;
+}
+
+/* The time left until deadline d in *rel: 1, or 0 if d has passed. */
+static inline int fayt_remaining(const struct timespec *d, struct timespec *rel)
+{
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    rel->tv_sec = d->tv_sec - now.tv_sec;
+    rel->tv_nsec = d->tv_nsec - now.tv_nsec;
+    if (rel->tv_nsec < 0) {
+        rel->tv_sec--;
+        rel->tv_nsec += 1000000000;
+    }
+    return rel->tv_sec >= 0;
 }
 
 #endif

@@ -1,4 +1,6 @@
-/* lock.c: the share-point lock byte, futex sleeping and the robust record.
+/* lock.c: the share-point lock byte, futex sleeping, and the robust
+ * record's state word while a lock is waited for (the record itself is
+ * claimed and cleared by its caller: fastpath.c).
  *
  * Linux facts this relies on:
  * - FUTEX_WAIT compares a 32-bit aligned word; our lock is a byte, so we wait
@@ -15,13 +17,12 @@
 #include <errno.h>
 #include <signal.h>
 #include <string.h>
-#include <linux/futex.h>
 #include <sys/mman.h>
-#include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
 
 #include "deadline.h"
+#include "futex.h"
 #include "fayt/context.h"
 #include "fayt/lock.h"
 #include "fayt/lock_fast.h"
@@ -46,70 +47,6 @@ static inline void cpu_relax(void)
 #endif
 }
 
-static int futex_wait(uint32_t *word, uint32_t expect, const struct timespec *ts)
-{
-    long r = syscall(SYS_futex, word, FUTEX_WAIT, expect, ts, NULL, 0);
-    return r == 0 ? 0 : errno;
-}
-
-static void futex_wake(uint32_t *word, int n)
-{
-    syscall(SYS_futex, word, FUTEX_WAKE, n, NULL, NULL, 0);
-}
-
-/* Robust record: claim a slot for sp_id as PENDING. */
-static int record_claim(struct fayt_context_page *ctx, uint32_t sp_id)
-{
-    if (!ctx)
-        return -1;
-    unsigned start = sp_id % FAYT_HELD_LOCKS_MAX;
-    for (unsigned i = 0; i < FAYT_HELD_LOCKS_MAX; i++) {
-        unsigned k = (start + i) % FAYT_HELD_LOCKS_MAX;
-        uint32_t zero = 0;
-        if (__atomic_load_n(&ctx->held[k].sp_id, __ATOMIC_RELAXED) == 0 &&
-            __atomic_compare_exchange_n(&ctx->held[k].sp_id, &zero, sp_id, 0,
-                                        __ATOMIC_ACQ_REL, __ATOMIC_RELAXED)) {
-            __atomic_store_n(&ctx->held[k].state, FAYT_HELD_PENDING, __ATOMIC_RELEASE);
-            return (int)k;
-        }
-    }
-    return -2;
-}
-
-static void record_set(struct fayt_context_page *ctx, int slot, uint32_t state)
-{
-    if (ctx && slot >= 0)
-        __atomic_store_n(&ctx->held[slot].state, state, __ATOMIC_RELEASE);
-}
-
-static void record_clear(struct fayt_context_page *ctx, int slot)
-{
-    if (ctx && slot >= 0) {
-        __atomic_store_n(&ctx->held[slot].state, FAYT_HELD_FREE, __ATOMIC_RELEASE);
-        __atomic_store_n(&ctx->held[slot].sp_id, 0, __ATOMIC_RELEASE);
-    }
-}
-
-static inline int try_take(uint8_t *l, uint8_t want, int *died)
-{
-    return fayt_sp_take(l, want, died);
-}
-
-int fayt_sp_trylock(void *base, struct fayt_context_page *ctx, uint32_t sp_id, int *slot)
-{
-    int died = 0;
-    int s = record_claim(ctx, sp_id);
-    if (s == -2)
-        return ENOLCK;
-    if (!try_take(lock_byte(base), FAYT_LOCK_HELD, &died)) {
-        record_clear(ctx, s);
-        return EBUSY;
-    }
-    record_set(ctx, s, FAYT_HELD_HELD);
-    *slot = s;
-    return died ? EOWNERDEAD : 0;
-}
-
 /* The record's state word: PENDING before the lock is tried (a store all
  * other CPUs see before the try's CAS), WAITING before a sleep. */
 static inline void state_pending(uint32_t *state)
@@ -128,15 +65,15 @@ int fayt_sp_lock_wait(void *base, uint32_t *state, int64_t timeout_ns, const int
 {
     uint8_t *l = lock_byte(base);
     int died = 0;
-    struct timespec deadline, now, rel;
+    struct timespec deadline, rel;
 
     state_pending(state);
-    if (try_take(l, FAYT_LOCK_HELD, &died))
+    if (fayt_sp_take(l, FAYT_LOCK_HELD, &died))
         goto taken;
     for (int i = 0; i < SPIN_LIMIT; i++) {
         cpu_relax();
         if ((__atomic_load_n(l, __ATOMIC_RELAXED) & FAYT_LOCK_STATE_MASK) == FAYT_LOCK_FREE &&
-            try_take(l, FAYT_LOCK_HELD, &died))
+            fayt_sp_take(l, FAYT_LOCK_HELD, &died))
             goto taken;
     }
     fayt_deadline(timeout_ns, &deadline);
@@ -149,7 +86,7 @@ int fayt_sp_lock_wait(void *base, uint32_t *state, int64_t timeout_ns, const int
          * contended, since others may still sleep. */
         uint8_t c = __atomic_load_n(l, __ATOMIC_RELAXED);
         if ((c & FAYT_LOCK_STATE_MASK) == FAYT_LOCK_FREE) {
-            if (try_take(l, FAYT_LOCK_CONTENDED, &died))
+            if (fayt_sp_take(l, FAYT_LOCK_CONTENDED, &died))
                 goto taken;
             continue;
         }
@@ -164,14 +101,7 @@ int fayt_sp_lock_wait(void *base, uint32_t *state, int64_t timeout_ns, const int
             continue;
         const struct timespec *tsp = NULL;
         if (timeout_ns >= 0) {
-            clock_gettime(CLOCK_MONOTONIC, &now);
-            rel.tv_sec = deadline.tv_sec - now.tv_sec;
-            rel.tv_nsec = deadline.tv_nsec - now.tv_nsec;
-            if (rel.tv_nsec < 0) {
-                rel.tv_sec--;
-                rel.tv_nsec += 1000000000;
-            }
-            if (rel.tv_sec < 0) {
+            if (!fayt_remaining(&deadline, &rel)) {
                 state_waiting(state);
                 return ETIMEDOUT;
             }
@@ -180,7 +110,7 @@ int fayt_sp_lock_wait(void *base, uint32_t *state, int64_t timeout_ns, const int
         state_waiting(state);
         if (abort && __atomic_load_n(abort, __ATOMIC_ACQUIRE))
             return ECANCELED;
-        int r = futex_wait(lock_word(base), w, tsp);
+        int r = fayt_futex_sleep(lock_word(base), w, tsp);
         if (r == ETIMEDOUT || r == EINTR)
             return r;
         state_pending(state);
@@ -191,51 +121,12 @@ taken:
 
 void fayt_sp_wake_all(void *base)
 {
-    futex_wake(lock_word(base), 0x7fffffff);
-}
-
-int fayt_sp_lock(void *base, struct fayt_context_page *ctx, uint32_t sp_id,
-                 int64_t timeout_ns, int *slot)
-{
-    int s = record_claim(ctx, sp_id);
-    if (s == -2)
-        return ENOLCK;
-    int r = fayt_sp_lock_wait(base, s >= 0 ? &ctx->held[s].state : NULL, timeout_ns, NULL);
-    if (r != 0 && r != EOWNERDEAD) {
-        record_clear(ctx, s);
-        return r;
-    }
-    record_set(ctx, s, FAYT_HELD_HELD);
-    *slot = s;
-    return r;
-}
-
-int fayt_sp_unlock(void *base, struct fayt_context_page *ctx, uint32_t sp_id, int slot)
-{
-    uint8_t *l = lock_byte(base);
-    if ((__atomic_load_n(l, __ATOMIC_RELAXED) & FAYT_LOCK_STATE_MASK) == FAYT_LOCK_FREE)
-        return EPERM;
-    if (ctx) {
-        if (slot < 0 || slot >= FAYT_HELD_LOCKS_MAX || ctx->held[slot].sp_id != sp_id ||
-            ctx->held[slot].state != FAYT_HELD_HELD) {
-            slot = -1;
-            for (int k = 0; k < FAYT_HELD_LOCKS_MAX; k++)
-                if (ctx->held[k].sp_id == sp_id && ctx->held[k].state == FAYT_HELD_HELD) {
-                    slot = k;
-                    break;
-                }
-        }
-    }
-    uint8_t old = fayt_sp_drop(l);
-    record_clear(ctx, slot);
-    if ((old & FAYT_LOCK_STATE_MASK) == FAYT_LOCK_CONTENDED)
-        futex_wake(lock_word(base), 1);
-    return 0;
+    fayt_futex_wake_n(lock_word(base), 0x7fffffff);
 }
 
 void fayt_sp_wake(void *base)
 {
-    futex_wake(lock_word(base), 1);
+    fayt_futex_wake_n(lock_word(base), 1);
 }
 
 void fayt_sp_mark_consistent(void *base)
@@ -248,7 +139,7 @@ void fayt_sp_recover(void *base)
     /* The holder is gone: free the lock, mark it, and wake one waiter, which
      * re-marks contention if others still sleep.  Waking one is enough. */
     __atomic_store_n(lock_byte(base), (uint8_t)FAYT_LOCK_OWNER_DIED, __ATOMIC_RELEASE);
-    futex_wake(lock_word(base), 1);
+    fayt_futex_wake_n(lock_word(base), 1);
 }
 
 int fayt_sp_lock_state(void *base)

@@ -34,6 +34,7 @@
 #include <pthread.h>
 
 #include "deadline.h"
+#include "futex.h"
 #include "fayt/context.h"
 #include "fayt/notification.h"
 #include "fayt/ring.h"
@@ -72,43 +73,9 @@ void fayt_ring_init(void *ring, uint32_t sender, uint32_t target, int32_t target
 }
 
 
-/* Time left to the deadline in rel; 0 if it passed. */
-static int remaining(const struct timespec *d, struct timespec *rel)
-{
-    struct timespec now;
-    clock_gettime(CLOCK_MONOTONIC, &now);
-    rel->tv_sec = d->tv_sec - now.tv_sec;
-    rel->tv_nsec = d->tv_nsec - now.tv_nsec;
-    if (rel->tv_nsec < 0) {
-        rel->tv_sec--;
-        rel->tv_nsec += 1000000000;
-    }
-    return rel->tv_sec >= 0;
-}
-
-static int futex_wait_ts(uint32_t *w, uint32_t expect, const struct timespec *rel)
-{
-    long r = syscall(SYS_futex, w, FUTEX_WAIT, expect, rel, NULL, 0);
-    if (r == 0)
-        return 0;
-    return errno == EAGAIN ? 0 : errno;
-}
-
-int fayt_futex_wait(uint32_t *word, uint32_t expect, int64_t timeout_ns)
-{
-    struct timespec rel, *tsp = NULL;
-    if (timeout_ns >= 0) {
-        rel.tv_sec = timeout_ns / 1000000000;
-        rel.tv_nsec = timeout_ns % 1000000000;
-        tsp = &rel;
-    }
-    return futex_wait_ts(word, expect, tsp);
-}
-
 int fayt_futex_wake(uint32_t *word, int n)
 {
-    long r = syscall(SYS_futex, word, FUTEX_WAKE, n, NULL, NULL, 0);
-    return r < 0 ? -errno : (int)r;
+    return fayt_futex_wake_n(word, n);
 }
 
 int fayt_pidfd_signal(int pidfd, int signo)
@@ -184,7 +151,7 @@ int fayt_ring_post(void *ring, uint32_t index, uint32_t flags, uint32_t sender,
                 timed = fayt_deadline(timeout_ns, &deadline);
                 have_deadline = 1;
             }
-            if (timed && !remaining(&deadline, &rel))
+            if (timed && !fayt_remaining(&deadline, &rel))
                 return ETIMEDOUT;
             sched_yield();
         }
@@ -227,10 +194,10 @@ int fayt_ring_post(void *ring, uint32_t index, uint32_t flags, uint32_t sender,
         int r = 0;
         if (LOAD(&e[pos & mask].seq) == pos || LOAD(&h->state) != FAYT_RING_LIVE) {
             r = 0;
-        } else if (timed && !remaining(&deadline, &rel)) {
+        } else if (timed && !fayt_remaining(&deadline, &rel)) {
             r = ETIMEDOUT;
         } else {
-            r = futex_wait_ts(&h->space, sp, timed ? &rel : NULL);
+            r = fayt_futex_sleep(&h->space, sp, timed ? &rel : NULL);
         }
         __atomic_fetch_sub(&h->space_waiters, 1, __ATOMIC_SEQ_CST);
         if (r == ETIMEDOUT || r == EINTR)
@@ -295,11 +262,11 @@ int fayt_ring_wait_return(void *ring, uint32_t pos, int64_t timeout_ns,
         if (bad)
             return bad;
         int r;
-        if (timed && !remaining(&deadline, &rel))
+        if (timed && !fayt_remaining(&deadline, &rel))
             r = ETIMEDOUT;
         else
-            r = futex_wait_ts(&x->done, d, timed ? &rel : NULL);
-        if (r == 0 && timed && !remaining(&deadline, &rel) &&
+            r = fayt_futex_sleep(&x->done, d, timed ? &rel : NULL);
+        if (r == 0 && timed && !fayt_remaining(&deadline, &rel) &&
             LOAD(&x->done) == FAYT_DONE_PENDING)
             r = ETIMEDOUT;      /* woken for nothing at the deadline */
         if (r == ETIMEDOUT) {
@@ -503,8 +470,7 @@ int fayt_notify_wait(struct fayt_dispatcher *d, const uint32_t *generation, uint
     if (!ready) {
         struct timespec rel, *tsp = NULL;
         if (timeout_ns >= 0) {
-            rel.tv_sec = timeout_ns / 1000000000;
-            rel.tv_nsec = timeout_ns % 1000000000;
+            fayt_ns_to_ts(timeout_ns, &rel);
             tsp = &rel;
         }
         int s = sigtimedwait(&set, NULL, tsp);

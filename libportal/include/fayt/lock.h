@@ -8,16 +8,6 @@
 #include <stdint.h>
 #include <stddef.h>
 
-struct fayt_context_page;
-
-/* Take the lock of the share-point mapped at base.  ctx may be NULL (no robust
- * record: faytd's own use).  timeout_ns < 0 waits for ever.  *slot receives the
- * robust slot used, for fayt_sp_unlock.
- * Returns 0, EOWNERDEAD (taken; the previous holder died), ETIMEDOUT, EINTR
- * (a signal arrived: run the handlers, then call again), ENOLCK (no robust
- * slot free: this process holds FAYT_HELD_LOCKS_MAX locks). */
-int fayt_sp_lock(void *base, struct fayt_context_page *ctx, uint32_t sp_id,
-                 int64_t timeout_ns, int *slot);
 /* The contended path of a lock whose robust record the caller keeps:
  * *state (the record's state word, or NULL) is set PENDING while the lock
  * is tried and WAITING while this thread sleeps; it is PENDING when the
@@ -28,10 +18,6 @@ int fayt_sp_lock(void *base, struct fayt_context_page *ctx, uint32_t sp_id,
 int fayt_sp_lock_wait(void *base, uint32_t *state, int64_t timeout_ns, const int *abort);
 /* Wake every sleeper of the lock word (they look again and sleep on). */
 void fayt_sp_wake_all(void *base);
-/* Returns 0 or EBUSY. */
-int fayt_sp_trylock(void *base, struct fayt_context_page *ctx, uint32_t sp_id, int *slot);
-/* Returns 0, or EPERM if the lock is not held. */
-int fayt_sp_unlock(void *base, struct fayt_context_page *ctx, uint32_t sp_id, int slot);
 /* Wake one waiter of the lock (after fayt_sp_drop found it contended). */
 void fayt_sp_wake(void *base);
 /* Clear the owner-died bit of a held lock. */

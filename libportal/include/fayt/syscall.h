@@ -22,8 +22,17 @@
 #define FAYT_REP_MAGIC 0x46415950  /* "FAYP" */
 #define FAYT_MSG_MAX   65536        /* longest message either way */
 
+/* The wire ABI: the version of what this file (and the layouts it names)
+ * means on the socket.  Any change of a layout or of a call's meaning bumps
+ * it; a number is never reused.  HELLO carries it both ways: faytd refuses
+ * a client of another version (EPROTO, both versions named) and the client
+ * refuses a faytd of another.  0 is the protocol before versions, whose
+ * HELLO had no body and whose reply held 0 where wire_abi is now. */
+#define FAYT_WIRE_ABI  1
+
 /* Operations.  Never reuse a retired number. */
-#define FAYT_SYS_HELLO          1   /* register the context: reply fayt_hello_reply + context page fd */
+#define FAYT_SYS_HELLO          1   /* body fayt_hello_req: register the context;
+                                       reply fayt_hello_reply + context page fd */
 #define FAYT_SYS_PORTAL         2   /* portal(): see above */
 #define FAYT_SYS_UNMAP          3   /* body fayt_handle_req: drop a mapping */
 #define FAYT_SYS_SHARE_DESTROY  4   /* body fayt_handle_req: destroy the share-point mapped by handle */
@@ -48,6 +57,8 @@
 #define FAYT_SYS_CHAIN_LEAVE    33  /* body fayt_chain_leave */
 #define FAYT_SYS_CHAIN_BACK     34  /* body fayt_chain_back; reply fayt_chain_back_reply */
 #define FAYT_SYS_CHAIN_UNBACK   35  /* body fayt_chain_back (handle 0) */
+/* faytd itself. */
+#define FAYT_SYS_STATS          36  /* no body; reply: JSON counters (README "fayt stats") */
 
 /* fayt_req_hdr.flags */
 #define FAYT_REQ_NOREPLY 0x1        /* UNMAP, UNMAP_DESTROY: do not answer unless it fails */
@@ -68,11 +79,18 @@ struct fayt_rep_hdr {
     int32_t err;           /* 0 or a positive errno */
 } __attribute__((packed));
 
+struct fayt_hello_req {
+    uint32_t wire_abi;     /* the client's FAYT_WIRE_ABI; faytd reads it first, whatever
+                              the length of the body, so a longer HELLO of a later
+                              version is refused by its version, not its length */
+    uint32_t reserved;     /* 0 */
+} __attribute__((packed));
+
 struct fayt_hello_reply {
     uint32_t context_id;
     uint32_t category;     /* FAYT_CATEGORY_* */
     uint32_t rights;       /* portal classes this context may use */
-    uint32_t reserved;
+    uint32_t wire_abi;     /* faytd's FAYT_WIRE_ABI (0: a faytd before versions) */
 } __attribute__((packed));
 
 #define FAYT_CATEGORY_CORE   1

@@ -1,0 +1,89 @@
+"""faytd's counters: which path served each call, and how faults were answered.
+
+FAYT_SYS_STATS answers with stats_json(); `fayt stats` prints it (README
+"fayt stats").  The counts come from where the work is done, so that none is
+kept twice: the C fast path counts what it performs (struct
+fayt_fast_kernel: creates, destroys, anon_maps, anon_unmaps), the server
+counts every request it hands to Python (python_call), and the pager's
+regions count their faults (Region.faults, .in_one_call); a region that
+closes leaves its counts here (region_closed).
+
+Any registered context may ask: the counts say how busy faytd is and how,
+not what anyone holds, with one exception.  Share-points have names and
+owners, so a context that is not core sees the count of its own uid's only
+(`sharepoints.scope` says which it got).
+"""
+import errno
+import json
+
+from libportal._abi import lib
+
+from .frames import KernelError
+
+STATS_VERSION = 1       # the JSON's "version": fields are only ever added under one
+
+# op number -> the name in "calls": FAYT_SYS_<NAME>, lower case.
+OP_NAMES = {getattr(lib, n): n[len("FAYT_SYS_"):].lower()
+            for n in dir(lib) if n.startswith("FAYT_SYS_")}
+
+# Ops the C fast path performs, and the fayt_fast_kernel counters that count them.
+_FAST = {
+    lib.FAYT_SYS_PORTAL: ("creates", "anon_maps"),
+    lib.FAYT_SYS_UNMAP_DESTROY: ("destroys",),
+    lib.FAYT_SYS_UNMAP: ("anon_unmaps",),
+}
+
+
+class Stats:
+    """The counts Python keeps (the fast path's are in its struct)."""
+
+    def __init__(self):
+        self.python = {}            # op -> requests Python performed or refused
+        self.faults = 0             # of closed regions (live ones count their own)
+        self.in_one_call = 0
+
+    def python_call(self, op):
+        self.python[op] = self.python.get(op, 0) + 1
+
+    def region_closed(self, r):
+        self.faults += r.faults
+        self.in_one_call += r.in_one_call
+
+
+def stats_json(k, ctx):
+    """FAYT_SYS_STATS's reply for context ctx (see README "fayt stats")."""
+    s, f = k.stats, k.fast
+    calls = {}
+    for op in sorted(set(OP_NAMES) | set(s.python)):
+        fast = sum(getattr(f, c) for c in _FAST.get(op, ()))
+        calls[OP_NAMES.get(op, "op_%d" % op)] = {"fast": fast, "python": s.python.get(op, 0)}
+    faults = s.faults + sum(r.faults for r in k.pager.regions.values())
+    in_one_call = s.in_one_call + sum(r.in_one_call for r in k.pager.regions.values())
+    core = ctx.category is not None and ctx.category.id == lib.FAYT_CATEGORY_CORE
+    sps = k.sharepoints.by_id.values()
+    j = k.journal
+    out = {
+        "version": STATS_VERSION,
+        "calls": calls,
+        "fast_path": {"enabled": not f.disabled, "sharepoints_created": f.creates,
+                      "sharepoints_destroyed": f.destroys, "anon_mapped": f.anon_maps,
+                      "anon_unmapped": f.anon_unmaps},
+        "faults": {"total": faults, "in_one_call": in_one_call,
+                   "by_loop": faults - in_one_call},
+        "contexts": {"total": len(k.contexts),
+                     "connected": sum(1 for c in k.contexts.values() if c.connected)},
+        "sharepoints": {"scope": "all" if core else "uid",
+                        "count": len(sps) if core else
+                        sum(1 for sp in sps if sp.owner_uid == ctx.uid)},
+        "frames": {"total": k.frames.nframes, "free": k.frames.free_frames},
+        "journal": {"enabled": j is not None,
+                    "errors": f.journal_errors + (j.errors if j is not None else 0)},
+    }
+    return json.dumps(out).encode()
+
+
+def sys_stats(k, ctx, tid, body, fds):
+    """FAYT_SYS_STATS: no body; the counters as JSON."""
+    if body:
+        raise KernelError(errno.EINVAL, "stats: takes no body (%d bytes sent)" % len(body))
+    return stats_json(k, ctx), []

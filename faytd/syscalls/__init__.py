@@ -1,0 +1,50 @@
+"""The syscall layer: decode a request, check rights, perform, reply.
+
+One module per noun: portal (PORTAL, UNMAP), sharepoint (SHARE_DESTROY,
+UNMAP_DESTROY, LIST_SHARE), notify (the NOTIFY_* calls), chain (the CHAIN_*
+calls and the SPECIAL branch of PORTAL), context (HELLO, LIST_CONTEXTS);
+wire holds the decoding they share.
+
+Each handler takes (kernel, context, tid, body, fds) and returns (reply
+body, fds to grant); the server closes those fds once sent.  It raises
+KernelError(errno, message) to fail.  A handler decodes its body, asks
+Policy (policy.py) whether the context may, makes one call of an object
+(the Kernel, its Pager or its Notifications) and packs the reply: the
+objects never see the wire format, a socket or a right.
+"""
+from libportal._abi import lib
+
+from .. import stats
+from . import chain, context, notify, portal, sharepoint
+
+HANDLERS = {
+    lib.FAYT_SYS_HELLO: context.sys_hello,
+    lib.FAYT_SYS_LIST_CONTEXTS: context.sys_list_contexts,
+    lib.FAYT_SYS_PORTAL: portal.sys_portal,
+    lib.FAYT_SYS_UNMAP: portal.sys_unmap,
+    lib.FAYT_SYS_SHARE_DESTROY: sharepoint.sys_share_destroy,
+    lib.FAYT_SYS_UNMAP_DESTROY: sharepoint.sys_unmap_destroy,
+    lib.FAYT_SYS_LIST_SHARE: sharepoint.sys_list_share,
+    lib.FAYT_SYS_NOTIFY_INSTALL: notify.sys_notify_install,
+    lib.FAYT_SYS_NOTIFY_REMOVE: notify.sys_notify_remove,
+    lib.FAYT_SYS_NOTIFY_OPEN: notify.sys_notify_open,
+    lib.FAYT_SYS_NOTIFY_FETCH: notify.sys_notify_fetch,
+    lib.FAYT_SYS_NOTIFY_STACK_ALLOC: notify.sys_notify_stack_alloc,
+    lib.FAYT_SYS_NOTIFY_STACK_FREE: notify.sys_notify_stack_free,
+    lib.FAYT_SYS_NOTIFY_PROVIDER: notify.sys_notify_provider,
+    lib.FAYT_SYS_NOTIFY_SUBSCRIBE: notify.sys_notify_subscribe,
+    lib.FAYT_SYS_NOTIFY_CLOSE: notify.sys_notify_close,
+    lib.FAYT_SYS_NOTIFY_HINT: notify.sys_notify_hint,
+    lib.FAYT_SYS_NOTIFY_RING: notify.sys_notify_ring,
+    lib.FAYT_SYS_NOTIFY_RELEASE: notify.sys_notify_release,
+    lib.FAYT_SYS_CHAIN_JOIN: chain.sys_chain_join,
+    lib.FAYT_SYS_CHAIN_LEAVE: chain.sys_chain_leave,
+    lib.FAYT_SYS_CHAIN_BACK: chain.sys_chain_back,
+    lib.FAYT_SYS_CHAIN_UNBACK: chain.sys_chain_unback,
+    lib.FAYT_SYS_STATS: stats.sys_stats,
+}
+# Every call but HELLO needs a context the policy admitted.
+NEED_NO_HELLO = frozenset({lib.FAYT_SYS_HELLO})
+# Calls whose request may carry file descriptors (SCM_RIGHTS): the handler
+# gets them in `fds` and must dup what it keeps, the server closes them after.
+TAKES_FDS = frozenset({lib.FAYT_SYS_PORTAL})     # SPECIAL: the client's userfaultfd
