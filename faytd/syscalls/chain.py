@@ -42,10 +42,10 @@ def portal_special(k, ctx, tid, t, prot, length, addr, ident, create, chain, mes
     length = (length + PAGE - 1) // PAGE * PAGE
     sh = None
     if share:
-        sh = k.pager.special_share(ctx, ident, create, length)
+        sh = k.pager.regions.special_share(ctx, ident, create, length)
         if sh is not None:
             Policy.check_prot(prot, sh.prot, "special share-point %r" % ident.decode())
-    r, grant = k.pager.map_special(ctx, tid, t, prot, length, addr, chain, message, fds[0],
+    r, grant = k.pager.regions.map_special(ctx, tid, t, prot, length, addr, chain, message, fds[0],
                                    ident, sh)
     sh = r.share
     flags = lib.FAYT_PORTAL_REPLY_CREATED if sh is not None and create else 0
@@ -74,7 +74,7 @@ def sys_chain_join(k, ctx, tid, body, fds):
     if flags & ~lib.FAYT_CHAIN_FLAGS:
         raise KernelError(errno.EINVAL, "flags: unknown bits %#x" % (flags & ~lib.FAYT_CHAIN_FLAGS))
     Policy.check_serve_chain(ctx, name)
-    m = k.pager.join(ctx, name, slots, run_max, flags, timeout_ms)
+    m = k.pager.chains.join(ctx, name, slots, run_max, flags, timeout_ms)
     c = m.chain
     reply = JOIN_REPLY.pack(c.id, len(c.members) - 1, m.nslots, m.run_max, len(m.map),
                             c.flags, c.timeout_ms)
@@ -83,7 +83,7 @@ def sys_chain_join(k, ctx, tid, body, fds):
 
 def sys_chain_leave(k, ctx, tid, body, fds):
     chain_id = unpack(LEAVE_REQ, body, "chain_leave")[0]
-    k.pager.leave(ctx, chain_id)
+    k.pager.chains.leave(ctx, chain_id)
     return b"", []
 
 
@@ -101,7 +101,7 @@ def _decode_back(op, body):
 
 def sys_chain_back(k, ctx, tid, body, fds):
     chain_id, handle, message = _decode_back("chain_back", body)
-    b = k.pager.back(ctx, chain_id, handle, message)
+    b = k.pager.chains.back(ctx, chain_id, handle, message)
     return BACK_REPLY.pack(b.id, 0), []
 
 
@@ -109,5 +109,5 @@ def sys_chain_unback(k, ctx, tid, body, fds):
     chain_id, handle, message = _decode_back("chain_unback", body)
     if handle:
         raise KernelError(errno.EINVAL, "handle: %d; unback names the message only (0)" % handle)
-    k.pager.unback(ctx, chain_id, message)
+    k.pager.chains.unback(ctx, chain_id, message)
     return b"", []

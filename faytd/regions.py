@@ -1,0 +1,328 @@
+"""Regions and requests: the SPECIAL portals of clients and their faults.
+
+- Region: one SPECIAL portal: the client's userfaultfd, the range, the
+  chain, the message, the page requests in flight (one per page: a second
+  fault on a page that is being fetched just waits for the same answer).
+  A userfaultfd resolves faults in the address space of the process that
+  created it, whoever holds the fd: the client maps the range, registers it
+  and sends faytd the fd with PORTAL; faytd keeps a non-blocking dup.
+- Request: a fault on one page, handed from server to server along the
+  chain (FORWARD) until one supplies the data or fails it.  Its state is
+  explicit (RequestState): NEW, then QUEUED for a member's free slot or
+  POSTED in one, until it is ANSWERED, FAILED or CANCELLED (its region
+  closed first: the slot is marked FAYT_PAGE_CANCELLED and the answer, when
+  it comes, is dropped).  `hop` is its place in the chain.
+- SpecialShare: a SPECIAL|SHARE share-point: one shm object that several
+  processes map, each with its own userfaultfd over its own mapping; each
+  page is fetched once (the regions share their pending requests).
+- SpecialBacking: what a SPECIAL Mapping of a context references.
+
+Answers by reference: UFFDIO_CONTINUE maps, into a shmem mapping registered
+for minor faults, the page its object's page cache already holds at the same
+offset.  So a region answered by reference must map a chain server's own
+memory object, chosen when the portal is made: a SPECIAL portal of a message
+some server backs (chains.py) gets a read-only fd of the backing, maps it
+MAP_PRIVATE and registers MISSING|MINOR.  A region maps the backing of the
+first server, in chain order, with a backing for its message, if that
+backing is at least as long as the region, the chain has no write reports
+and the client's userfaultfd can take minor faults: faytd learns that from
+the fd's fdinfo ("API:" line: the features the kernel granted it), not from
+the client's word.  Else it is answered by copy.  Requests of a region to
+the server whose backing it maps carry FAYT_PAGE_BACKED and the backing's id
+(after an unback too: the region still maps it); only they may be answered
+MAPPED.  Minor faults are read faults here (a write to a page mapped so
+copies it: MAP_PRIVATE).  Linux does not fault around in uffd-minor VMAs:
+every page faults.
+"""
+import enum
+import errno
+import logging
+import os
+
+from libportal._abi import lib
+
+from .context import Mapping
+from .frames import BackingObject, KernelError
+
+log = logging.getLogger("faytd")
+
+_FEATURE_MINOR_SHMEM = 1 << 10   # UFFD_FEATURE_MINOR_SHMEM, as fdinfo shows the features
+
+
+class RequestState(enum.Enum):
+    NEW = "new"                 # made for a fault, not yet given to a server
+    QUEUED = "queued"           # in `member`'s backlog, waiting for a free slot
+    POSTED = "posted"           # in `member`'s slot `slot`, the server's to answer
+    ANSWERED = "answered"       # supplied (copied, mapped) or, a write report, let go on
+    FAILED = "failed"           # poisoned: the access gets SIGBUS (a write report goes on)
+    CANCELLED = "cancelled"     # its region closed first: a late answer is dropped
+
+
+NEW, QUEUED, POSTED = RequestState.NEW, RequestState.QUEUED, RequestState.POSTED
+ANSWERED, FAILED, CANCELLED = RequestState.ANSWERED, RequestState.FAILED, RequestState.CANCELLED
+_OVER = frozenset({ANSWERED, FAILED, CANCELLED})
+
+
+class Request:
+    __slots__ = ("id", "region", "offset", "access", "present", "hop", "member", "slot",
+                 "deadline", "state", "waiters")
+
+    def __init__(self, rid, region, offset, access, present):
+        self.id = rid
+        self.region = region
+        self.offset = offset
+        self.access = access
+        self.present = present      # a write report on a page already there
+        self.hop = 0                # its server's place in the chain
+        self.member = None          # the server it was last given to
+        self.slot = -1              # POSTED: the member's slot it is in
+        self.deadline = 0.0
+        self.state = NEW
+        self.waiters = []           # SPECIAL|SHARE: other regions faulting on the same page
+
+    @property
+    def over(self):
+        """Answered, failed or cancelled: nothing more happens to it."""
+        return self.state in _OVER
+
+
+class Region:
+    """One SPECIAL portal of a client."""
+    __slots__ = ("id", "ctx", "handle", "uffd", "addr", "length", "chain", "message",
+                 "pending", "wp", "closed", "faults", "fetched", "failed", "write_reports",
+                 "share", "in_one_call", "backing", "mapped")
+
+    def __init__(self, rid, ctx, uffd, addr, length, chain, message, wp):
+        self.id = rid
+        self.ctx = ctx
+        self.handle = 0
+        self.uffd = uffd
+        self.addr = addr
+        self.length = length
+        self.chain = chain
+        self.message = message
+        self.wp = wp
+        self.pending = {}           # page offset -> Request (a SPECIAL|SHARE's: shared)
+        self.share = None           # the SpecialShare it maps, if any
+        self.closed = False
+        self.faults = self.fetched = self.failed = self.write_reports = 0
+        self.in_one_call = 0        # faults answered by the fast path (FaultEngine._fast)
+        self.backing = None         # the Backing it maps (answers by reference), if any
+        self.mapped = 0             # pages of `fetched` mapped by reference
+
+    def backing_of(self, m):
+        """The id of m's backing if this region maps it (requests to m carry
+        it, and FAYT_PAGE_BACKED), else 0."""
+        b = self.backing
+        return b.id if b is not None and b.member is m else 0
+
+
+class SpecialShare:
+    """A SPECIAL|SHARE share-point: one shm object that several processes map,
+    each with its own uffd over its own mapping.  A page copied in through any
+    of them is in the object's page cache, so the others never fault on it:
+    each page is fetched once.  Faults on a page being fetched wait for the
+    same request (pending is shared by every region of the share).  It lives
+    while some process maps it."""
+    __slots__ = ("id", "identifier", "backing", "length", "prot", "chain", "message",
+                 "regions", "pending", "owner_pid")
+
+    def __init__(self, sid, identifier, backing, length, prot, chain, message, owner_pid):
+        self.id = sid
+        self.identifier = identifier
+        self.backing = backing
+        self.length = length
+        self.prot = prot
+        self.chain = chain
+        self.message = message
+        self.regions = set()
+        self.pending = {}
+        self.owner_pid = owner_pid
+
+
+class SpecialBacking:
+    """What a SPECIAL Mapping references: its region, no frames."""
+    __slots__ = ("region_id", "length", "frames")
+
+    def __init__(self, region_id, length):
+        self.region_id = region_id
+        self.length = length
+        self.frames = []
+
+
+def _uffd_features(fd):
+    """The features the kernel granted the userfaultfd fd (its fdinfo's
+    line "API:", then <api>:<features>:<ioctls> in hex), 0 if it does not say."""
+    try:
+        with open("/proc/self/fdinfo/%d" % fd) as f:
+            for line in f:
+                if line.startswith("API:"):
+                    return int(line.split(":")[2], 16)
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+def _open_read_only(obj):
+    """A read-only descriptor of a backing's object, for a client to map
+    MAP_PRIVATE: nothing it does through it can change the server's memory."""
+    try:
+        return obj.open_fd(readonly=True)
+    except KernelError as e:
+        raise KernelError(e.errno, "faytd cannot open the chain server's backing: %s"
+                          % e.message) from None
+
+
+class Regions:
+    """The SPECIAL portals by id and by userfaultfd, and the SPECIAL|SHARE
+    share-points by identifier."""
+
+    def __init__(self, pager):
+        self.p = pager
+        self.by_id = {}             # region id -> Region
+        self.by_uffd = {}           # fd -> Region
+        self.shares = {}            # identifier -> SpecialShare
+        self._next_share = 1
+        self._next_region = 1
+
+    def maps_chain(self, ctx, name):
+        """Whether ctx maps a SPECIAL portal of chain `name`."""
+        return any(r.ctx is ctx and r.chain.name == name and not r.closed
+                   for r in self.by_id.values())
+
+    def special_share(self, ctx, ident, create, length):
+        """The SPECIAL|SHARE share-point `ident` a portal attaches to (None
+        when it creates one, which must not exist yet)."""
+        k = self.p.k
+        if ident in self.shares or ident in k.sharepoints.by_name:
+            k.catch_up(ctx)         # a destroy already sent by another process comes first
+        sh = self.shares.get(ident)
+        if create:
+            if sh is not None:
+                raise KernelError(errno.EEXIST, "share.identifier: special share-point %r exists"
+                                  % ident.decode())
+            return None
+        if sh is None:
+            raise KernelError(errno.ENOENT, "share.identifier: no special share-point %r"
+                              % ident.decode())
+        if length != sh.length:
+            raise KernelError(errno.EINVAL, "length: %d; special share-point %r maps %d bytes"
+                              % (length, ident.decode(), sh.length))
+        return sh
+
+    def map_special(self, ctx, tid, t, prot, length, addr, chain, message, uffd_fd,
+                    ident=None, sh=None):
+        """A SPECIAL portal of ctx over its range [addr, addr + length),
+        registered with uffd_fd (dup'ed; the caller keeps its own); of a
+        SPECIAL|SHARE, the share `sh` it attaches to (special_share), or a
+        new one named `ident`.  Returns (region, fds to grant): for a region
+        that maps a chain server's backing, a read-only fd of it; else none."""
+        k = self.p.k
+        share = t & lib.FAYT_PORTAL_SHARE
+        made = False
+        if sh is not None:
+            chain, message = sh.chain.encode(), sh.message
+        elif share:
+            if ident in k.sharepoints.by_name:
+                raise KernelError(errno.EEXIST, "share.identifier: %r names a share-point"
+                                  % ident.decode())
+            backing = BackingObject(0, k.frames.tag + ".special", length, [])
+            sh = SpecialShare(self._next_share, ident, backing, length, prot, chain.decode(),
+                              message, ctx.pid)
+            self._next_share += 1
+            made = True
+        uffd = os.dup(uffd_fd)
+        grant = []
+        try:
+            os.set_blocking(uffd, False)    # a client may send a blocking one: never wait on it
+            b = None
+            if not share and _uffd_features(uffd) & _FEATURE_MINOR_SHMEM:
+                chains = self.p.chains
+                b = chains.backing_for(chains.for_region(ctx, chain.decode()), message, length)
+                if b is not None:
+                    grant.append(_open_read_only(b.obj))
+            r = self._create(ctx, uffd, addr, length, chain.decode(), message, sh, b)
+        except BaseException:
+            os.close(uffd)
+            for fd in grant:
+                os.close(fd)
+            if made:
+                sh.backing.release()
+            raise
+        if made:
+            self.shares[ident] = sh
+        r.handle = handle = ctx.new_handle()
+        k.add_mapping(ctx, Mapping(handle, t, SpecialBacking(r.id, length), None, ctx.pid, tid,
+                                   prot))
+        return r, grant
+
+    def _create(self, ctx, uffd, addr, length, chain_name, message, share=None, backing=None):
+        k = self.p.k
+        chain = self.p.chains.for_region(ctx, chain_name)
+        r = Region(self._next_region, ctx, uffd, addr, length, chain, message,
+                   bool(chain.flags & lib.FAYT_CHAIN_WRITE_REPORTS) and share is None)
+        if share is not None:
+            r.share = share
+            r.pending = share.pending
+            share.regions.add(r)
+        if backing is not None:
+            r.backing = backing
+            backing.regions += 1
+            k.frames.get(backing.obj)           # its frames live while this region maps them
+        self._next_region += 1
+        self.by_id[r.id] = r
+        self.by_uffd[uffd] = r
+        k.server.watch_fd(uffd, self.p.faults.on_faults)
+        return r
+
+    def close(self, r):
+        if r.closed:
+            return
+        k = self.p.k
+        r.closed = True
+        log.debug("region %d (chain %r) closed: %d faults, %d pages fetched (%d faults answered "
+                  "in one call), %d mapped by reference, %d failed, %d write reports", r.id,
+                  r.chain.name, r.faults, r.fetched, r.in_one_call, r.mapped, r.failed,
+                  r.write_reports)
+        for req in list(r.pending.values()):
+            if r in req.waiters:
+                req.waiters.remove(r)
+            if req.region is not r:
+                continue
+            if req.waiters:                 # another process waits for it: keep it
+                req.region = req.waiters.pop(0)
+                continue
+            self.p.faults.cancel_slot(req)
+            req.state = CANCELLED
+            r.pending.pop(req.offset, None)
+        self.by_id.pop(r.id, None)
+        if r.share is not None:
+            sh = r.share
+            sh.regions.discard(r)
+            if not sh.regions:
+                self.shares.pop(sh.identifier, None)
+                sh.backing.release()
+        if r.backing is not None:
+            r.backing.regions -= 1
+            k.frames.put(r.backing.obj)
+        self.by_uffd.pop(r.uffd, None)
+        k.server.unwatch_fd(r.uffd)
+        os.close(r.uffd)
+
+    def unmap(self, ctx, m):
+        r = self.by_id.get(m.backing.region_id)
+        if r is not None:
+            self.close(r)
+
+    def context_gone(self, ctx):
+        for r in [r for r in self.by_id.values() if r.ctx is ctx]:
+            self.close(r)
+
+    def shutdown(self):
+        for r in list(self.by_id.values()):
+            # Leave the pages as they are: the client's guard poisons what is
+            # missing when it sees faytd gone.
+            self.close(r)
+        for sh in list(self.shares.values()):
+            sh.backing.release()
+        self.shares.clear()
