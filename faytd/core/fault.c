@@ -33,8 +33,6 @@
 #define _GNU_SOURCE
 #include <errno.h>
 #include <limits.h>
-#include <linux/futex.h>
-#include <sched.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -47,6 +45,7 @@
 #include "core.h"
 #include "fault.h"
 #include "deadline.h"
+#include "futex.h"
 #include "uffd_io.h"
 #include "fayt/pager.h"
 #include "fayt/portal.h"
@@ -188,7 +187,8 @@ static void push_event(struct fayt_faults *e, uint32_t kind, int level, int fd, 
                        const char *text)
 {
     struct fayt_faults_priv *p = e->priv;
-    if (p->ev_n == EVENTS_MAX) {
+    /* Log lines leave room for what Python must act on (drops, closes). */
+    if (p->ev_n == EVENTS_MAX || (kind == FAYT_FAULT_EV_LOG && p->ev_n >= EVENTS_MAX - 64)) {
         e->lost_events++;
         return;
     }
@@ -307,7 +307,7 @@ static void channel_post(struct member *m, uint32_t slot)
     __atomic_store_n(&h->req_head, head + 1, __ATOMIC_SEQ_CST);
     FENCE();    /* head before server_waiting (pairs with fayt_pager_take) */
     if (LOAD(&h->server_waiting))
-        syscall(SYS_futex, &h->req_head, FUTEX_WAKE, INT_MAX, NULL, NULL, 0);
+        fayt_futex_wake_n(&h->req_head, INT_MAX);
 }
 
 static void channel_close(struct member *m)
@@ -315,17 +315,7 @@ static void channel_close(struct member *m)
     struct fayt_pager_header *h = hdr(m);
     __atomic_store_n(&h->state, FAYT_PAGER_CLOSED, __ATOMIC_SEQ_CST);
     __atomic_fetch_add(&h->req_head, 0, __ATOMIC_SEQ_CST);
-    syscall(SYS_futex, &h->req_head, FUTEX_WAKE, INT_MAX, NULL, NULL, 0);
-}
-
-/* One turn of a spin that waits for the server: a pause, and the CPU given
- * away, so that a server waiting for it runs now. */
-static inline void spin_pause(void)
-{
-#if defined(__x86_64__) || defined(__i386__)
-    __builtin_ia32_pause();
-#endif
-    sched_yield();
+    fayt_futex_wake_n(&h->req_head, INT_MAX);
 }
 
 /* An answer waiting in m's ring?  Spin up to spin_ns for one (no eventfd
@@ -343,7 +333,7 @@ static int channel_await(struct member *m, int64_t spin_ns)
     int64_t until = fayt_now_ns() + spin_ns;
     int got = 0;
     while (!(got = LOAD(&h->ans_head) != tail) && fayt_now_ns() < until)
-        spin_pause();
+        fayt_spin_pause();
     __atomic_store_n(&h->rung, 0, __ATOMIC_SEQ_CST);
     FENCE();    /* rung cleared before the last look (pairs with fayt_pager_answer) */
     return got || LOAD(&h->ans_head) != tail;
@@ -558,14 +548,14 @@ static void fail(struct fayt_faults *e, struct req *q, int err)
     r->n.failed++;
     e->total.failed++;
     if (q->present) {
-        logf_(e, L_WARNING, "region %u: a write report at %#llx failed (%s); a present page "
+        logf_(e, L_WARNING, "region %u: a write report at 0x%llx failed (%s); a present page "
               "cannot be taken back, the write goes on", r->id,
               (unsigned long long)q->offset, strerror(err));
         uffd_io_writeprotect(r->uffd, r->addr + q->offset, PAGE, 0);
         req_done(e, q, 1);
         return;
     }
-    logf_(e, L_INFO, "region %u (chain '%s'): page at %#llx failed: %s; the access gets SIGBUS",
+    logf_(e, L_INFO, "region %u (chain '%s'): page at 0x%llx failed: %s; the access gets SIGBUS",
           r->id, r->chain->name, (unsigned long long)q->offset, strerror(err));
     int pe = uffd_io_poison(r->uffd, r->addr + q->offset, PAGE);
     if (pe)
@@ -693,7 +683,7 @@ static void supplied(struct fayt_faults *e, struct req *q, uint64_t n, uint64_t 
         e->total.mapped += count / PAGE;
     }
     if (err)
-        logf_(e, L_WARNING, "region %u: %s at %#llx stopped after %llu bytes: %s", r->id,
+        logf_(e, L_WARNING, "region %u: %s at 0x%llx stopped after %llu bytes: %s", r->id,
               ioctl_name(verdict), (unsigned long long)off, (unsigned long long)count,
               strerror(err));
     if (e->priv->in_fault && q->batch == e->priv->batch && q->hop == 0 && e->spin_ns > 0
@@ -739,7 +729,7 @@ static void supply(struct fayt_faults *e, struct req *q, struct member *m, uint3
     if (err && copied == 0 && err != ENOENT) {
         /* Not even the faulting page went in: fail it (SIGBUS), never
          * leave the faulting thread asleep. */
-        logf_(e, L_WARNING, "region %u: UFFDIO_COPY at %#llx: %s", r->id,
+        logf_(e, L_WARNING, "region %u: UFFDIO_COPY at 0x%llx: %s", r->id,
               (unsigned long long)q->offset, strerror(err));
         fail(e, q, err);
         return;
@@ -771,7 +761,7 @@ static void map_(struct fayt_faults *e, struct req *q, struct member *m, uint32_
     int err = uffd_io_continue(r->uffd, r->addr + q->offset, n, &mapped);
     if (err && mapped == 0) {
         /* The backing lacks even the faulting page: SIGBUS, never zeros. */
-        logf_(e, L_WARNING, "region %u: UFFDIO_CONTINUE at %#llx: %s", r->id,
+        logf_(e, L_WARNING, "region %u: UFFDIO_CONTINUE at 0x%llx: %s", r->id,
               (unsigned long long)q->offset, strerror(err));
         fail(e, q, err);
         return;
@@ -817,6 +807,8 @@ static void reap(struct fayt_faults *e, struct member *m)
             logf_(e, L_WARNING, "chain '%s': server pid %d answered a slot it does not hold; "
                   "it leaves the chain", m->chain->name, m->pid);
             drop_member(e, m, EPROTO, "broke the channel protocol");
+            push_event(e, FAYT_FAULT_EV_DROP, L_WARNING, m->efd, EPROTO,
+                       "broke the channel protocol");
             return;
         }
         m->slot[slot] = NULL;
@@ -996,7 +988,7 @@ static void on_faults(struct fayt_faults *e, struct region *r)
             struct req *same = pending_find(r->pending, off);
             if (same) {             /* the same page is on its way */
                 if (same->region != r && add_waiter(same, r))
-                    logf_(e, L_WARNING, "region %u: no memory to wait for page %#llx",
+                    logf_(e, L_WARNING, "region %u: no memory to wait for page 0x%llx",
                           r->id, (unsigned long long)off);
                 continue;
             }
@@ -1004,7 +996,7 @@ static void on_faults(struct fayt_faults *e, struct region *r)
             int write = wp_fault || (r->wp && (buf[i].flags & UFFD_FLAG_WRITE));
             struct req *q = calloc(1, sizeof *q);
             if (!q) {
-                logf_(e, L_WARNING, "region %u: no memory for a request at %#llx: the access "
+                logf_(e, L_WARNING, "region %u: no memory for a request at 0x%llx: the access "
                       "gets SIGBUS", r->id, (unsigned long long)off);
                 uffd_io_poison(r->uffd, r->addr + off, PAGE);
                 continue;
