@@ -378,12 +378,12 @@ class PageRequest:
         else length bytes were written there already.  A partial last page
         is zero-filled.  0 bytes acknowledges a write report."""
         if data is not None:
-            mv = memoryview(data).cast("B")
-            if len(mv) > self.run_max:
-                raise errors.error(errno.EINVAL, "supply: %d bytes, the request takes %d"
-                                   % (len(mv), self.run_max))
-            self.data[:len(mv)] = mv
+            mv = data if type(data) is bytes else memoryview(data).cast("B")
             length = len(mv)
+            if length > self.run_max:
+                raise errors.error(errno.EINVAL, "supply: %d bytes, the request takes %d"
+                                   % (length, self.run_max))
+            self.server._data[self.slot][:length] = mv
         length = length or 0
         if self.present:
             length = 0
