@@ -325,6 +325,11 @@ int fayt_keeper_start(struct fayt_core *k, const char *path)
         prctl(PR_SET_NAME, "fayt-keeper");
         keeper_title();
         prctl(PR_SET_PDEATHSIG, 0);
+        /* faytd opens objects as /proc/<keeper>/fd/<n>, which its uid may
+         * do only while the keeper is dumpable; a faytd that changed its
+         * uid without an exec (setuid() after starting as root) is not,
+         * nor would its keeper be. */
+        prctl(PR_SET_DUMPABLE, 1);
         int nul = open("/dev/null", O_RDWR);
         /* Its socket to 3, the listener to 4; nothing else stays open. */
         int c = fcntl(sv[1], F_DUPFD_CLOEXEC, 16);
