@@ -17,7 +17,7 @@
 #define RECYCLE_MAX 64            /* objects kept for their context's next create */
 #define RESIDENT_MAX 64           /* then creates go through Python, which takes them over */
 #define ZERO_AT_CREATE 16384      /* up to this, a recycled object is zeroed by the meta's write */
-#define CORE_ABI 1                /* fayt_core_abi(); faytd/native.py checks it */
+#define CORE_ABI 2                /* fayt_core_abi(); faytd/native.py checks it */
 
 /* -- names.c ------------------------------------------------------------ */
 struct resident;
