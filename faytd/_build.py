@@ -24,13 +24,15 @@ cdef_text = _lpbuild.cdef_text
 CORE = os.path.join(HERE, "core")
 SOURCES = [os.path.join("faytd", "core", f) for f in
            ("core.c", "frames.c", "keeper.c", "names.c", "table.c", "journal.c", "decode.c",
-            "serve.c", "timers.c")]
+            "serve.c", "timers.c", "fault.c")]
 
 ffibuilder = FFI()
-ffibuilder.cdef("struct fayt_core_priv;\n" + cdef_text(os.path.join(CORE, "core.h")), packed=True)
+ffibuilder.cdef("struct fayt_core_priv;\nstruct fayt_faults;\nstruct fayt_faults_priv;\n"
+                + cdef_text(os.path.join(CORE, "core.h"))
+                + cdef_text(os.path.join(CORE, "fault.h")), packed=True)
 ffibuilder.set_source(
     "faytd._core",
-    '#include "core.h"\n',
+    '#include "core.h"\n#include "fault.h"\n',
     sources=SOURCES,
     include_dirs=[CORE, os.path.join(ROOT, "libportal", "include"),
                   os.path.join(ROOT, "libportal", "src")],

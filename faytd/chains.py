@@ -7,9 +7,9 @@
 - Member: one server's place in a chain, with its channel (pager.h): a shm
   object of slots, two rings of slot numbers, a futex doorbell towards the
   server and an eventfd towards faytd.  A request costs no system call to
-  faytd; a server answers a run of pages in one slot (prefetch).  The
-  channel is shared with the server, which may write anything into it:
-  faytd finds slots with its own stride, never the header's.
+  faytd; a server answers a run of pages in one slot (prefetch).  Python
+  makes the channel and maps it; the fault engine (faults.py, in C) posts
+  into it and reaps it, and trusts nothing the server writes there.
 - Backing: a server's ANON portal declared for a message (CHAIN_BACK), from
   which requests for that message may be answered by reference (MAPPED).
   It holds a reference to the portal's frames (and the portal's RAM charge)
@@ -19,19 +19,19 @@
   them.  A portal backs one message at a time.  A chain with write reports
   has no backings: its regions are never answered by reference.
 
-A server that leaves or dies fails the requests it holds (faults.py: the
-accesses get SIGBUS, or go to no one else).  A chain server may not map a
+A server that leaves or dies fails the requests it holds (the fault
+engine: the accesses get SIGBUS, or go to no one else).  A chain server may not map a
 SPECIAL portal of a chain it serves, nor join a chain it maps a portal of
 (EDEADLK): its own fault would wait for itself.
 """
 import errno
 import logging
 import os
-import select
 
-from libportal._abi import ffi, lib
+from libportal._abi import lib
 
 from .frames import BackingObject, KernelError
+from .native import ffi, lib as clib
 from .policy import class_names
 
 log = logging.getLogger("faytd")
@@ -52,41 +52,29 @@ class Chain:
 
 
 class Member:
-    """A server's place in a chain and its channel."""
-    __slots__ = ("ctx", "chain", "backing", "map", "ch", "efd", "nslots", "run_max", "free",
-                 "inflight", "backlog", "closed", "stride", "backings")
+    """A server's place in a chain and its channel: the fault engine posts
+    into it and reaps it (it knows the member by its eventfd) until
+    FaultEngine.del_member; then Python unmaps it."""
+    __slots__ = ("ctx", "chain", "backing", "map", "ch", "efd", "nslots", "run_max", "closed",
+                 "backings")
 
     def __init__(self, ctx, chain, nslots, run_max, tag):
         self.ctx = ctx
         self.chain = chain
         self.nslots = nslots
         self.run_max = run_max
-        self.stride = lib.FAYT_PAGER_DESC_SIZE + run_max
-        size = lib.fayt_pager_bytes(nslots, run_max)
+        size = clib.fayt_pager_bytes(nslots, run_max)
         self.backing = BackingObject(0, tag + ".chain", size, [])
         self.map = self.backing.map(size)
         self.ch = ffi.from_buffer(self.map)
-        lib.fayt_pager_init(self.ch, nslots, run_max, chain.id, len(chain.members))
         self.efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-        self.free = list(range(nslots - 1, -1, -1))
-        self.inflight = {}          # slot -> Request
-        self.backlog = []           # requests waiting for a free slot
         self.closed = False
         self.backings = {}          # message -> Backing (answers by reference)
-
-    # faytd's own stride, never the header's (the server may write it).
-    def desc(self, slot):
-        return ffi.cast("struct fayt_page_request *",
-                        self.ch + lib.FAYT_PAGER_HEADER_SIZE + slot * self.stride)
-
-    def data(self, slot):
-        return self.ch + lib.FAYT_PAGER_HEADER_SIZE + slot * self.stride + lib.FAYT_PAGER_DESC_SIZE
 
     def close(self):
         if self.closed:
             return
         self.closed = True
-        lib.fayt_pager_close(self.ch)
         os.close(self.efd)
         self.ch = None
         self.map.close()
@@ -139,22 +127,26 @@ class Chains:
         if self.p.regions.maps_chain(ctx, name):
             raise KernelError(errno.EDEADLK, "chain %r: this context maps a SPECIAL portal "
                               "of it; a fault there would wait on itself" % name)
+        faults = self.p.faults
         if chain is None:
             chain = Chain(self._next_chain, name, flags, timeout_ms or self.default_timeout_ms)
+            faults.add_chain(chain)
             self._next_chain += 1
             self.by_name[name] = chain
+        m = None
         try:
             m = Member(ctx, chain, nslots, run_max, k.frames.tag)
+            faults.add_member(m)
         except BaseException:
+            if m is not None:
+                m.close()
             if not chain.members:
                 del self.by_name[name]
+                faults.del_chain(chain)
             raise
         chain.members.append(m)
         self.members[(ctx.id, chain.id)] = m
         self.by_efd[m.efd] = m
-        # Edge-triggered: every eventfd write is an edge, so the counter need
-        # not be read back (one system call less per answer).
-        k.server.watch_fd(m.efd, self.p.faults.on_answers, select.EPOLLIN | select.EPOLLET)
         log.debug("pid %d joined chain %r at %d", ctx.pid, name, len(chain.members) - 1)
         return m
 
@@ -166,24 +158,22 @@ class Chains:
         raise KernelError(errno.ENOENT, "chain id %d: this context does not serve it" % chain_id)
 
     def drop_member(self, m, err, why):
+        """m leaves its chain: the fault engine fails the requests it holds
+        with err (logging each with `why`) and closes its channel."""
         chain = m.chain
-        self.members.pop((m.ctx.id, chain.id), None)
-        self.by_efd.pop(m.efd, None)
-        self.p.k.server.unwatch_fd(m.efd)
+        if self.members.get((m.ctx.id, chain.id)) is m:
+            del self.members[(m.ctx.id, chain.id)]
+        if self.by_efd.pop(m.efd, None) is None:
+            return                  # dropped already
         if m in chain.members:
             chain.members.remove(m)
-        for req in list(m.inflight.values()) + m.backlog:
-            if not req.over:
-                log.info("chain %r: server pid %d %s with a request in flight: failed",
-                         chain.name, m.ctx.pid, why)
-                self.p.faults.fail(req, err)
-        m.inflight.clear()
-        m.backlog = []
+        self.p.faults.del_member(m, err, why)
         for b in list(m.backings.values()):
             self.drop_backing(b)
         m.close()
-        if not chain.members:
-            self.by_name.pop(chain.name, None)
+        if not chain.members and self.by_name.get(chain.name) is chain:
+            del self.by_name[chain.name]
+            self.p.faults.del_chain(chain)
 
     def context_gone(self, ctx):
         for m in [m for m in self.members.values() if m.ctx is ctx]:

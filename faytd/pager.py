@@ -11,11 +11,11 @@ Three parts, each the owner of its objects:
 - chains.py: Chain, Member (a server's place and channel), Backing (a
   server's portal declared for answers by reference); join, leave, back,
   unback.
-- regions.py: Region (one SPECIAL portal), Request (a fault on one page and
-  its state), SpecialShare (a SPECIAL|SHARE share-point); making and
-  closing regions.
-- faults.py: the fault engine: faults read, requests posted, answers put
-  in, deadlines.
+- regions.py: Region (one SPECIAL portal), SpecialShare (a SPECIAL|SHARE
+  share-point); making and closing regions.
+- faults.py: the fault engine, in C (faytd/core/fault.c): faults read,
+  requests posted, answers checked and put in, deadlines, all inside
+  faytd's wait with no Python; Python configures it and drains its events.
 
 The Pager holds the three for the Kernel, which calls it when a mapping
 goes, a context goes, or faytd stops; the syscall layer calls its parts.

@@ -1,20 +1,20 @@
 """Regions and requests: the SPECIAL portals of clients and their faults.
 
 - Region: one SPECIAL portal: the client's userfaultfd, the range, the
-  chain, the message, the page requests in flight (one per page: a second
-  fault on a page that is being fetched just waits for the same answer).
-  A userfaultfd resolves faults in the address space of the process that
-  created it, whoever holds the fd: the client maps the range, registers it
-  and sends faytd the fd with PORTAL; faytd keeps a non-blocking dup.
-- Request: a fault on one page, handed from server to server along the
-  chain (FORWARD) until one supplies the data or fails it.  Its state is
-  explicit (RequestState): NEW, then QUEUED for a member's free slot or
-  POSTED in one, until it is ANSWERED, FAILED or CANCELLED (its region
-  closed first: the slot is marked FAYT_PAGE_CANCELLED and the answer, when
-  it comes, is dropped).  `hop` is its place in the chain.
+  chain, the message.  A userfaultfd resolves faults in the address space
+  of the process that created it, whoever holds the fd: the client maps the
+  range, registers it and sends faytd the fd with PORTAL; faytd keeps a
+  non-blocking dup, which names the region in the fault engine
+  (faults.py).  Its page requests and counters are the engine's, in C: a
+  request is a fault on one page (a second fault on a page being fetched
+  waits for the same answer), handed from server to server along the chain
+  (FORWARD) until one supplies the data or fails it; its state is explicit
+  there (NEW, BACKLOG, POSTED, DONE).  A region that closes has its
+  requests cancelled: their slots are marked FAYT_PAGE_CANCELLED and the
+  answers, when they come, are dropped.
 - SpecialShare: a SPECIAL|SHARE share-point: one shm object that several
   processes map, each with its own userfaultfd over its own mapping; each
-  page is fetched once (the regions share their pending requests).
+  page is fetched once (the engine shares the requests of its regions).
 - SpecialBacking: what a SPECIAL Mapping of a context references.
 
 Answers by reference: UFFDIO_CONTINUE maps, into a shmem mapping registered
@@ -36,7 +36,6 @@ anonymous page).  Minor faults are read faults here (a write to a page mapped so
 copies it: MAP_PRIVATE).  Linux does not fault around in uffd-minor VMAs:
 every page faults.
 """
-import enum
 import errno
 import logging
 import os
@@ -52,48 +51,10 @@ log = logging.getLogger("faytd")
 _FEATURE_MINOR_SHMEM = 1 << 10   # UFFD_FEATURE_MINOR_SHMEM, as fdinfo shows the features
 
 
-class RequestState(enum.Enum):
-    NEW = "new"                 # made for a fault, not yet given to a server
-    QUEUED = "queued"           # in `member`'s backlog, waiting for a free slot
-    POSTED = "posted"           # in `member`'s slot `slot`, the server's to answer
-    ANSWERED = "answered"       # supplied (copied, mapped) or, a write report, let go on
-    FAILED = "failed"           # poisoned: the access gets SIGBUS (a write report goes on)
-    CANCELLED = "cancelled"     # its region closed first: a late answer is dropped
-
-
-NEW, QUEUED, POSTED = RequestState.NEW, RequestState.QUEUED, RequestState.POSTED
-ANSWERED, FAILED, CANCELLED = RequestState.ANSWERED, RequestState.FAILED, RequestState.CANCELLED
-_OVER = frozenset({ANSWERED, FAILED, CANCELLED})
-
-
-class Request:
-    __slots__ = ("id", "region", "offset", "access", "present", "hop", "member", "slot",
-                 "deadline", "state", "waiters")
-
-    def __init__(self, rid, region, offset, access, present):
-        self.id = rid
-        self.region = region
-        self.offset = offset
-        self.access = access
-        self.present = present      # a write report on a page already there
-        self.hop = 0                # its server's place in the chain
-        self.member = None          # the server it was last given to
-        self.slot = -1              # POSTED: the member's slot it is in
-        self.deadline = 0.0
-        self.state = NEW
-        self.waiters = []           # SPECIAL|SHARE: other regions faulting on the same page
-
-    @property
-    def over(self):
-        """Answered, failed or cancelled: nothing more happens to it."""
-        return self.state in _OVER
-
-
 class Region:
     """One SPECIAL portal of a client."""
-    __slots__ = ("id", "ctx", "handle", "uffd", "addr", "length", "chain", "message",
-                 "pending", "wp", "closed", "faults", "fetched", "failed", "write_reports",
-                 "share", "in_one_call", "backing", "mapped")
+    __slots__ = ("id", "ctx", "handle", "uffd", "addr", "length", "chain", "message", "wp",
+                 "closed", "share", "backing")
 
     def __init__(self, rid, ctx, uffd, addr, length, chain, message, wp):
         self.id = rid
@@ -105,19 +66,9 @@ class Region:
         self.chain = chain
         self.message = message
         self.wp = wp
-        self.pending = {}           # page offset -> Request (a SPECIAL|SHARE's: shared)
         self.share = None           # the SpecialShare it maps, if any
         self.closed = False
-        self.faults = self.fetched = self.failed = self.write_reports = 0
-        self.in_one_call = 0        # faults answered by the fast path (FaultEngine._fast)
         self.backing = None         # the Backing it maps (answers by reference), if any
-        self.mapped = 0             # pages of `fetched` mapped by reference
-
-    def backing_of(self, m):
-        """The id of m's backing if this region maps it (requests to m carry
-        it, and FAYT_PAGE_BACKED), else 0."""
-        b = self.backing
-        return b.id if b is not None and b.member is m else 0
 
 
 class SpecialShare:
@@ -125,10 +76,10 @@ class SpecialShare:
     each with its own uffd over its own mapping.  A page copied in through any
     of them is in the object's page cache, so the others never fault on it:
     each page is fetched once.  Faults on a page being fetched wait for the
-    same request (pending is shared by every region of the share).  It lives
-    while some process maps it."""
+    same request (the fault engine shares the requests of the regions of one
+    share, by its id).  It lives while some process maps it."""
     __slots__ = ("id", "identifier", "backing", "length", "prot", "chain", "message",
-                 "regions", "pending", "owner_pid")
+                 "regions", "owner_pid")
 
     def __init__(self, sid, identifier, backing, length, prot, chain, message, owner_pid):
         self.id = sid
@@ -139,7 +90,6 @@ class SpecialShare:
         self.chain = chain
         self.message = message
         self.regions = set()
-        self.pending = {}
         self.owner_pid = owner_pid
 
 
@@ -264,9 +214,9 @@ class Regions:
         chain = self.p.chains.for_region(ctx, chain_name)
         r = Region(self._next_region, ctx, uffd, addr, length, chain, message,
                    bool(chain.flags & lib.FAYT_CHAIN_WRITE_REPORTS) and share is None)
+        self.p.faults.add_region(r, share.id if share is not None else 0, backing)
         if share is not None:
             r.share = share
-            r.pending = share.pending
             share.regions.add(r)
         if backing is not None:
             r.backing = backing
@@ -275,30 +225,19 @@ class Regions:
         self._next_region += 1
         self.by_id[r.id] = r
         self.by_uffd[uffd] = r
-        k.server.watch_fd(uffd, self.p.faults.on_faults)
         return r
 
     def close(self, r):
         if r.closed:
             return
         k = self.p.k
-        r.closed = True
-        k.stats.region_closed(r)
+        n = self.p.faults.region_counts(r)
         log.debug("region %d (chain %r) closed: %d faults, %d pages fetched (%d faults answered "
                   "in one call), %d mapped by reference, %d failed, %d write reports", r.id,
-                  r.chain.name, r.faults, r.fetched, r.in_one_call, r.mapped, r.failed,
-                  r.write_reports)
-        for req in list(r.pending.values()):
-            if r in req.waiters:
-                req.waiters.remove(r)
-            if req.region is not r:
-                continue
-            if req.waiters:                 # another process waits for it: keep it
-                req.region = req.waiters.pop(0)
-                continue
-            self.p.faults.cancel_slot(req)
-            req.state = CANCELLED
-            r.pending.pop(req.offset, None)
+                  r.chain.name, n.faults, n.fetched, n.in_one_call, n.mapped, n.failed,
+                  n.write_reports)
+        r.closed = True
+        self.p.faults.del_region(r)         # its requests cancelled
         self.by_id.pop(r.id, None)
         if r.share is not None:
             sh = r.share
@@ -310,7 +249,6 @@ class Regions:
             r.backing.regions -= 1
             k.frames.put(r.backing.obj)
         self.by_uffd.pop(r.uffd, None)
-        k.server.unwatch_fd(r.uffd)
         os.close(r.uffd)
 
     def unmap(self, ctx, m):

@@ -5,9 +5,9 @@ FAYT_SYS_STATS answers with stats_json(); `fayt stats` prints it (README
 kept twice: the C fast path counts what it performs (struct
 fayt_core: calls by op, and creates, destroys, attaches, unmaps, anon_maps,
 anon_unmaps), the server
-counts every request it hands to Python (python_call), and the pager's
-regions count their faults (Region.faults, .in_one_call); a region that
-closes leaves its counts here (region_closed).
+counts every request it hands to Python (python_call), and the fault
+engine (faytd/core/fault.c) counts the SPECIAL faults it serves, in C
+(FaultEngine.counts).
 
 Any registered context may ask: the counts say how busy faytd is and how,
 not what anyone holds, with one exception.  Share-points have names and
@@ -40,15 +40,9 @@ class Stats:
 
     def __init__(self):
         self.python = {}            # op -> requests Python performed or refused
-        self.faults = 0             # of closed regions (live ones count their own)
-        self.in_one_call = 0
 
     def python_call(self, op):
         self.python[op] = self.python.get(op, 0) + 1
-
-    def region_closed(self, r):
-        self.faults += r.faults
-        self.in_one_call += r.in_one_call
 
 
 def stats_json(k, ctx):
@@ -58,8 +52,7 @@ def stats_json(k, ctx):
     for op in sorted(set(OP_NAMES) | set(s.python)):
         fast = sum(getattr(f, c) for c in _FAST.get(op, ()))
         calls[OP_NAMES.get(op, "op_%d" % op)] = {"fast": fast, "python": s.python.get(op, 0)}
-    faults = s.faults + sum(r.faults for r in k.pager.regions.by_id.values())
-    in_one_call = s.in_one_call + sum(r.in_one_call for r in k.pager.regions.by_id.values())
+    fc = k.pager.faults.counts()
     core = ctx.category is not None and ctx.category.id == lib.FAYT_CATEGORY_CORE
     sps = [k.sharepoints.get(i, keep=False) for i in k.sharepoints.ids()]
     j = k.journal
@@ -70,8 +63,11 @@ def stats_json(k, ctx):
                       "sharepoints_destroyed": f.destroys, "anon_mapped": f.anon_maps,
                       "anon_unmapped": f.anon_unmaps, "sharepoints_attached": f.attaches,
                       "sharepoints_unmapped": f.unmaps},
-        "faults": {"total": faults, "in_one_call": in_one_call,
-                   "by_loop": faults - in_one_call},
+        "faults": {"total": fc["faults"], "in_one_call": fc["in_one_call"],
+                   "by_loop": fc["faults"] - fc["in_one_call"], "fetched": fc["fetched"],
+                   "mapped": fc["mapped"], "failed": fc["failed"],
+                   "write_reports": fc["write_reports"], "events_in_c": fc["events_in_c"],
+                   "events_in_python": fc["events_in_python"]},
         "contexts": {"total": len(k.contexts),
                      "connected": sum(1 for c in k.contexts.values() if c.connected)},
         "sharepoints": {"scope": "all" if core else "uid",

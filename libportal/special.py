@@ -67,7 +67,12 @@ from .portal import (Mapping, PROT_READ, PROT_WRITE, PAGE_SIZE, encode_portal_re
 
 _CRED = struct.Struct("3i")
 _CHAIN_AT = ffi.offsetof("struct fayt_page_request", "chain")
+_CHAIN_END = _CHAIN_AT + lib.FAYT_NAME_MAX + 1
 _MESSAGE_AT = ffi.offsetof("struct fayt_page_request", "message")
+_MESSAGE_MAX = lib.FAYT_MESSAGE_MAX
+_PRESENT, _BACKED = lib.FAYT_PAGE_PRESENT, lib.FAYT_PAGE_BACKED
+_DATA = lib.FAYT_PAGE_DATA
+_MESSAGES_KEPT = 64         # messages a chain server keeps by region (they never change)
 
 READ = lib.FAYT_ACCESS_READ
 WRITE = lib.FAYT_ACCESS_WRITE
@@ -311,27 +316,39 @@ class PageRequest:
         (self.id, self.offset, self.length, self.run_max, self.access, flags, self.hop, _,
          self.region_id, self.client_pid, self.region_length, _, _, _,
          self._mlen, self.backing) = PAGE_REQ_HEAD.unpack_from(server._desc[slot])
-        self.present = bool(flags & lib.FAYT_PAGE_PRESENT)
-        self.backed = bool(flags & lib.FAYT_PAGE_BACKED)
+        self.present = bool(flags & _PRESENT)
+        self.backed = bool(flags & _BACKED)
         self._data = None
         self._answered = False
         self._chain = self._message = None
 
     # The strings and the data view are made on first use: a server that
-    # answers from the offset alone pays for neither.  The strings are read
-    # before the answer at the latest (the slot then carries the next request).
+    # answers from the offset alone pays for neither.  The message is read
+    # before the answer at the latest (the slot then carries the next
+    # request).  Both are read once per server (the chain: every request of
+    # a channel names its chain) or per region (its message never changes).
     @property
     def chain(self):
         if self._chain is None:
-            raw = bytes(self.server._desc[self.slot][_CHAIN_AT:_CHAIN_AT + lib.FAYT_NAME_MAX + 1])
-            self._chain = raw[:raw.find(b"\0")].decode("utf-8", "replace")
+            c = self.server._chain_name
+            if c is None:
+                raw = bytes(self.server._desc[self.slot][_CHAIN_AT:_CHAIN_END])
+                c = self.server._chain_name = raw[:raw.find(b"\0")].decode("utf-8", "replace")
+            self._chain = c
         return self._chain
 
     @property
     def message(self):
         if self._message is None:
-            n = min(self._mlen, lib.FAYT_MESSAGE_MAX)
-            self._message = bytes(self.server._desc[self.slot][_MESSAGE_AT:_MESSAGE_AT + n])
+            kept = self.server._messages
+            m = kept.get(self.region_id)
+            if m is None:
+                n = min(self._mlen, _MESSAGE_MAX)
+                m = bytes(self.server._desc[self.slot][_MESSAGE_AT:_MESSAGE_AT + n])
+                if len(kept) >= _MESSAGES_KEPT:
+                    kept.clear()
+                kept[self.region_id] = m
+            self._message = m
         return self._message
 
     @property
@@ -349,7 +366,8 @@ class PageRequest:
     def _answer(self, verdict, error, n):
         if self._answered:
             raise errors.error(errno.EALREADY, "page request %d: already answered" % self.id)
-        _ = (self.chain, self.message)    # read them now: after this the slot is faytd's again
+        if self._message is None:
+            self.message            # read it now: after this the slot is faytd's again
         e = lib.fayt_pager_answer(self.server._ch, self.slot, verdict, error, n, self.server._efd)
         if e:
             raise errors.error(e, "page request %d: answer refused: %s" % (self.id, os.strerror(e)))
@@ -360,12 +378,12 @@ class PageRequest:
         else length bytes were written there already.  A partial last page
         is zero-filled.  0 bytes acknowledges a write report."""
         if data is not None:
-            mv = memoryview(data).cast("B")
-            if len(mv) > self.run_max:
-                raise errors.error(errno.EINVAL, "supply: %d bytes, the request takes %d"
-                                   % (len(mv), self.run_max))
-            self.data[:len(mv)] = mv
+            mv = data if type(data) is bytes else memoryview(data).cast("B")
             length = len(mv)
+            if length > self.run_max:
+                raise errors.error(errno.EINVAL, "supply: %d bytes, the request takes %d"
+                                   % (length, self.run_max))
+            self.server._data[self.slot][:length] = mv
         length = length or 0
         if self.present:
             length = 0
@@ -374,7 +392,7 @@ class PageRequest:
         n = (length + PAGE_SIZE - 1) // PAGE_SIZE * PAGE_SIZE
         if n > length:
             self.data[length:n] = bytes(n - length)
-        self._answer(lib.FAYT_PAGE_DATA, 0, n)
+        self._answer(_DATA, 0, n)
 
     def map(self, length):
         """Answer by reference: `length` bytes from offset on (rounded up to
@@ -429,6 +447,8 @@ class ChainServer:
         self._desc = [memoryview(ffi.buffer(lib.fayt_pager_slot(self._ch, i), PAGE_REQ.size))
                       for i in range(self.slots)]
         self.joined = True
+        self._chain_name = None     # as the requests name it (PageRequest.chain)
+        self._messages = {}         # region id -> its message (PageRequest.message)
         # After each request, spin this long for the next before sleeping on
         # the futex: a fault costs one wake-up less when requests come in a
         # row.  Only where faytd and the client can run meanwhile (2 CPUs or
@@ -457,15 +477,19 @@ class ChainServer:
         """Take requests and call handler(request) until stop() is true (or
         the channel closes).  A handler that raises OSError fails the request
         with its errno; one that returns without answering fails it with EIO."""
+        t = errors.check_timeout(poll)
+        ns = -1 if t is None else int(t * 1e9)
+        spin = self.spin_ns if ns != 0 else 0
+        take, ch = lib.fayt_pager_take, self._ch
         while stop is None or not stop():
-            try:
-                req = self.take(poll)
-            except OSError as e:
-                if e.errno == errno.EPIPE:
-                    return
-                raise
-            if req is None:
-                continue
+            if not self.joined:
+                return
+            s = take(ch, ns, spin)
+            if s < 0:
+                if s in (-errno.ETIMEDOUT, -errno.EINTR):
+                    continue
+                return              # EPIPE: the channel was closed by faytd
+            req = PageRequest(self, s)
             try:
                 handler(req)
             except OSError as e:

@@ -82,7 +82,6 @@ STRUCTS = {
     "struct fayt_chain_leave": ["chain_id", "reserved"],
     "struct fayt_chain_back": ["chain_id", "message_length", "handle", "message"],
     "struct fayt_chain_back_reply": ["backing", "reserved"],
-    "struct fayt_fast_fault": ["state", "err", "copied", "verdict", "reserved"],
 }
 
 # Constants whose values are ABI as well.
@@ -121,7 +120,6 @@ CONSTANTS = [
     "FAYT_PAGE_MAPPED",
     "FAYT_PORTAL_REPLY_BACKED", "FAYT_UFFD_USER_MODE", "FAYT_UFFD_WP", "FAYT_UFFD_POISON",
     "FAYT_UFFD_MINOR", "FAYT_UFFD_REGISTER_WP", "FAYT_UFFD_REGISTER_MINOR",
-    "FAYT_FAST_DONE", "FAYT_FAST_POSTED", "FAYT_FAST_ANSWERED", "FAYT_FAST_FAILED",
 ]
 
 

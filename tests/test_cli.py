@@ -118,7 +118,9 @@ def test_cli_stats_json_and_its_table(fresh_faytd):
     assert s["fast_path"] == {"enabled": True, "sharepoints_created": 0,
                               "sharepoints_destroyed": 0, "anon_mapped": 0, "anon_unmapped": 0,
                               "sharepoints_attached": 0, "sharepoints_unmapped": 0}
-    assert s["faults"] == {"total": 0, "in_one_call": 0, "by_loop": 0}
+    assert s["faults"] == {"total": 0, "in_one_call": 0, "by_loop": 0, "fetched": 0,
+                           "mapped": 0, "failed": 0, "write_reports": 0, "events_in_c": 0,
+                           "events_in_python": 0}
     assert s["contexts"] == {"total": 1, "connected": 1}
     assert s["sharepoints"] == {"scope": "all", "count": 0}
     assert s["frames"]["free"] == s["frames"]["total"] > 0

@@ -744,9 +744,11 @@ def test_special_without_userfaultfd_is_a_clear_enosys_or_eperm(lp, chain_server
 from test_policy import as_user, start, world_dir  # noqa: E402,F401  (fixtures)
 
 
-def _read_two_pages(chain):
+def _read_two_pages(chain, socket=None):
     faulthandler.disable()
-    sp = lp.portal(lp.SPECIAL, lp.PROT_READ, 16 * PAGE, chain=chain, message=b"m")
+    conn = lp.Connection(socket) if socket else None
+    sp = lp.portal(lp.SPECIAL, lp.PROT_READ, 16 * PAGE, chain=chain, message=b"m",
+                   connection=conn)
     ok = bytes(sp.buf[0:PAGE]) == _pattern(0, PAGE) and \
         bytes(sp.buf[PAGE:2 * PAGE]) == _pattern(PAGE, PAGE)
     os._exit(0 if ok else 3)
@@ -1363,3 +1365,111 @@ def test_special_share_and_share_points_have_one_namespace(lp, chain_server):
     finally:
         sp.unmap()
     lp.share_create(ident, 4096).destroy()
+
+
+# -- the fault engine in faytd's C ---------------------------------------------
+
+@pytest.mark.parametrize("spin_us", [0, 2000000], ids=["loop-path", "spin"])
+def test_special_served_fault_runs_no_python_in_faytd(fresh_faytd, conn_to, spin_us):
+    """A fault a chain server answers is read, posted, reaped and resolved
+    by faytd's C fault engine inside faytd's wait (fayt_fast_poll): none of
+    its fds (the uffd, the answer eventfd) reaches faytd's Python.  `fayt
+    stats` counts the engine's faults and its events, those served in C and
+    those Python handed to it.  Without spinning every answer comes back
+    through the eventfd; with it, through the spin that follows the post."""
+    d = fresh_faytd(config={"pager_spin_us": spin_us})
+    conn = conn_to(d)
+    chain = _chain()
+    srv = ChildServer(chain, _pattern_server, socket=d.socket, run_max=PAGE)
+    try:
+        sp = lp.portal(lp.SPECIAL, lp.PROT_READ, 8 * PAGE, chain=chain, message=b"m",
+                       connection=conn)
+        try:
+            for i in range(8):
+                assert sp.read(i * PAGE + 8, 8) == b"FAYTPAGE"
+        finally:
+            sp.unmap()
+        assert [e[0] for e in srv.entries(8)] == [i * PAGE for i in range(8)]
+        f = conn.stats()["faults"]
+    finally:
+        srv.close()
+    assert (f["total"], f["fetched"], f["failed"]) == (8, 8, 0), f
+    assert f["events_in_python"] == 0, f
+    assert f["events_in_c"] >= (8 if spin_us else 16), f    # a fault; an answer unless spun for
+    assert f["in_one_call"] == (8 if spin_us else 0), f
+    log = d.stop()
+    assert re.search(r"pager: 8 faults, 8 pages fetched .* engine events: \d+ in C, 0 through "
+                     r"Python", log), log
+
+
+def _answers_a_slot_it_does_not_hold(slot):
+    """A hostile handler: publishes `slot` (not the request's) in the answer
+    ring by hand and rings faytd."""
+    def hostile(req, log):
+        L, ffi = lp._abi.lib, lp._abi.ffi
+        log.put((req.offset, req.slot))
+        h = ffi.cast("struct fayt_pager_header *", req.server._ch)
+        head = h.ans_head
+        h.ans_ring[head % L.FAYT_PAGER_SLOTS_MAX] = slot
+        h.ans_head = head + 1
+        h.rung = 1
+        os.eventfd_write(req.server._efd, 1)
+        req._answered = True
+    return hostile
+
+
+@pytest.mark.parametrize("slot", [1, 63], ids=["free-slot", "no-such-slot"])
+def test_special_server_answering_a_slot_it_does_not_hold_leaves_the_chain(fresh_faytd, slot):
+    """A server that publishes an answer for a slot faytd did not give it
+    (a free slot of its two, or a number past them) broke the channel
+    protocol: faytd drops it from the chain (EPROTO), the request it held
+    fails (the access gets SIGBUS, never zeros), and faytd serves on: a
+    new server of the chain answers the next fault."""
+    d = fresh_faytd(config={"pager_spin_us": 0})
+    chain = _chain()
+    bad = ChildServer(chain, _answers_a_slot_it_does_not_hold(slot), socket=d.socket,
+                      slots=2, run_max=PAGE)
+    try:
+        assert _run_client(_touch, chain, 0, d.socket) == -signal.SIGBUS
+        assert bad.entries(1) == [(0, 0)]
+        bad.proc.join(WAIT)             # its channel closed: serve() returns
+        assert not bad.proc.is_alive()
+    finally:
+        bad.close()
+    good = ChildServer(chain, _pattern_server, socket=d.socket)
+    try:
+        assert _run_client(_touch, chain, PAGE, d.socket) == 0
+    finally:
+        good.close()
+    log = d.stop()
+    assert re.search(r"chain %r: server pid \d+ answered a slot it does not hold; it leaves "
+                     r"the chain" % chain, log), log
+    assert re.search(r"chain %r: server pid \d+ broke the channel protocol with a request in "
+                     r"flight: failed" % chain, log), log
+    assert "page at 0x0 failed: Protocol error; the access gets SIGBUS" in log
+
+
+def _scribbles_faytds_ring_positions(req, log):
+    """Writes nonsense into the answer ring's tail (faytd's to write) before
+    each answer."""
+    h = lp._abi.ffi.cast("struct fayt_pager_header *", req.server._ch)
+    log.put(req.offset)
+    h.ans_tail = h.ans_tail + 7
+    req.supply(_pattern(req.offset, PAGE))
+
+
+def test_special_faytd_keeps_its_own_ring_positions(fresh_faytd):
+    """faytd never reads back what only it writes in a channel: a server
+    that scribbles over the answer ring's tail before each answer still
+    gets its answers taken in order, each page right."""
+    d = fresh_faytd(config={"pager_spin_us": 0})
+    chain = _chain()
+    srv = ChildServer(chain, _scribbles_faytds_ring_positions, socket=d.socket, run_max=PAGE)
+    try:
+        assert _run_client(_read_two_pages, chain, d.socket) == 0
+        assert srv.entries(2) == [0, PAGE]
+    finally:
+        srv.close()
+    log = d.stop()
+    assert "does not hold" not in log, log
+    assert "page at" not in log, log

@@ -5,6 +5,7 @@
 #include <string.h>
 
 #include "internal.h"
+#include "fault.h"
 
 int fayt_core_abi(void)
 {
@@ -36,6 +37,7 @@ void fayt_core_fini(struct fayt_core *k)
     struct fayt_core_priv *p = k->priv;
     if (!p)
         return;
+    fayt_faults_fini(k);
     core_table_fini(k);
     core_names_fini(k);
     free(p->reply);

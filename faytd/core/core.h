@@ -24,6 +24,7 @@
  * - journal.c: the journal records the C path writes;
  * - decode.c: the one decoder of struct portal_req, for every path;
  * - timers.c: timerfds for faytd's deadlines;
+ * - fault.c: the fault engine of SPECIAL portals (its own header, fault.h);
  * - serve.c: the request path: fayt_fast_poll (faytd's epoll wait) and
  *   fayt_fast_serve, which read one request, and perform and answer it in
  *   C when it is one the C path takes; anything else goes back, unread
@@ -99,6 +100,7 @@ struct fayt_core {
     uint64_t calls_unmap_destroy;
     uint64_t journal_errors;   /* journal writes that failed (Python logs them) */
     struct fayt_core_priv *priv;
+    struct fayt_faults *faults;     /* the fault engine (fault.h), NULL until its init */
 } __attribute__((packed));
 
 /* Set up a zeroed core (its tables, the pool's lock): 0 or ENOMEM.  fini
@@ -372,8 +374,9 @@ int fayt_fast_serve(struct fayt_core *k, struct fayt_fast_conn *c, uint8_t *buf,
                     struct fayt_fast_msg *msg, int *noreply_out, int *err);
 
 /* faytd's loop (faytd/server.py) waits here: epoll, with the requests of
- * watched connections that the C path takes served in C, so that such a
- * request costs no Python at all. */
+ * watched connections that the C path takes served in C, and every fd of
+ * the fault engine (fault.h) handed to it, so that such a request, or a
+ * fault a chain server answers, costs no Python at all. */
 struct fayt_fast_event {
     int32_t fd;
     uint32_t events;           /* EPOLL* */

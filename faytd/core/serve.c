@@ -31,6 +31,7 @@
 
 #include "deadline.h"
 #include "internal.h"
+#include "fault.h"
 #include "fayt/lock.h"
 #include "fayt/sharepoint.h"
 
@@ -284,6 +285,12 @@ int fayt_fast_poll(struct fayt_core *k, int epfd, int64_t spin_ns, int timeout_m
         int m = 0;
         for (int i = 0; i < n; i++) {
             int fd = evs[i].data.fd;
+            if (fayt_faults_owns(k, fd)) {     /* a fault, an answer, a deadline */
+                fayt_faults_event(k, fd, evs[i].events);
+                k->faults->c_events++;
+                served++;
+                continue;
+            }
             struct fayt_fast_conn *c = fd >= 0 && fd < p->nwatched ? p->watched[fd] : NULL;
             if (c && io->passed_fd < 0) {
                 int err = 0, noreply = 0;

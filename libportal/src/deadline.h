@@ -1,11 +1,13 @@
 /* deadline.h: the time helpers of libportal's C (internal; cffi does not
  * read it): CLOCK_MONOTONIC now, a deadline timeout_ns from now, the time
- * left until one (what FUTEX_WAIT takes), and nanoseconds as a timespec.
+ * left until one (what FUTEX_WAIT takes), nanoseconds as a timespec, and
+ * one turn of a spin that waits for another process until a deadline.
  * Every clock here is CLOCK_MONOTONIC: a wall-clock change must not stretch
  * or cut a wait. */
 #ifndef FAYT_SRC_DEADLINE_H
 #define FAYT_SRC_DEADLINE_H
 
+#include <sched.h>
 #include <stdint.h>
 #include <time.h>
 
@@ -52,6 +54,17 @@ static inline int fayt_remaining(const struct timespec *d, struct timespec *rel)
         rel->tv_nsec += 1000000000;
     }
     return rel->tv_sec >= 0;
+}
+
+/* One turn of a spin that waits for another process: a pause, and the
+ * CPU given away (sched_yield), so that if that process waits for our CPU
+ * it runs now (spinning on the CPU the other side needs only delays it). */
+static inline void fayt_spin_pause(void)
+{
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#endif
+    sched_yield();
 }
 
 #endif

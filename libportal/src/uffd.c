@@ -1,4 +1,5 @@
-/* uffd.c: userfaultfd(2), the pager channel rings, and the faytd-death guard.
+/* uffd.c: userfaultfd(2) for clients (the ioctls themselves: uffd_io.h), the
+ * chain server's side of the channel rings, and the faytd-death guard.
  *
  * Linux facts this relies on:
  * - A userfaultfd acts on the address space of the process that created it,
@@ -32,7 +33,6 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
-#include <linux/futex.h>
 #include <linux/userfaultfd.h>
 #include <poll.h>
 #include <pthread.h>
@@ -47,31 +47,10 @@
 #include <unistd.h>
 
 #include "deadline.h"
+#include "futex.h"
 #include "fayt/lock.h"
 #include "fayt/pager.h"
-
-#ifndef UFFD_USER_MODE_ONLY
-#define UFFD_USER_MODE_ONLY 1
-#endif
-#ifndef UFFD_FEATURE_WP_UNPOPULATED
-#define UFFD_FEATURE_WP_UNPOPULATED (1 << 13)
-#endif
-#ifndef UFFD_FEATURE_POISON
-#define UFFD_FEATURE_POISON (1 << 14)
-#endif
-#ifndef UFFDIO_POISON
-#define _UFFDIO_POISON 0x08
-struct uffdio_poison {
-    struct uffdio_range range;
-    __u64 mode;
-    __s64 updated;
-};
-#define UFFDIO_POISON _IOWR(UFFDIO, _UFFDIO_POISON, struct uffdio_poison)
-#endif
-
-#ifndef UFFD_FEATURE_MINOR_SHMEM
-#define UFFD_FEATURE_MINOR_SHMEM (1 << 10)
-#endif
+#include "uffd_io.h"
 
 #define PAGE 4096ULL
 
@@ -145,120 +124,18 @@ int fayt_uffd_register(int fd, uint64_t addr, uint64_t len, int modes)
 
 int fayt_uffd_read(int fd, struct fayt_uffd_fault *out, int max)
 {
-    struct uffd_msg msg[32];
-    if (max > 32)
-        max = 32;
-    ssize_t n = read(fd, msg, sizeof(msg[0]) * max);
-    if (n < 0)
-        return (errno == EAGAIN || errno == EINTR) ? 0 : -errno;
-    int k = 0;
-    for (int i = 0; i < n / (ssize_t)sizeof(msg[0]); i++) {
-        if (msg[i].event != UFFD_EVENT_PAGEFAULT)
-            continue;
-        out[k].address = msg[i].arg.pagefault.address;
-        out[k].flags = (uint32_t)msg[i].arg.pagefault.flags;
-        out[k].tid = msg[i].arg.pagefault.feat.ptid;
-        k++;
-    }
-    return k;
-}
-
-int fayt_uffd_wake(int fd, uint64_t addr, uint64_t len)
-{
-    struct uffdio_range r = { .start = addr, .len = len };
-    return ioctl(fd, UFFDIO_WAKE, &r) < 0 ? errno : 0;
+    return uffd_io_read(fd, out, max);
 }
 
 int fayt_uffd_copy(int fd, uint64_t dst, const void *src, uint64_t len, int wp,
                    uint64_t *copied)
 {
-    uint64_t done = 0, total = 0;
-    int skipped = 0, err = 0;
-    while (done < len) {
-        struct uffdio_copy c = {
-            .dst = dst + done, .src = (uint64_t)(uintptr_t)src + done, .len = len - done,
-            .mode = UFFDIO_COPY_MODE_DONTWAKE | (wp ? UFFDIO_COPY_MODE_WP : 0),
-        };
-        if (ioctl(fd, UFFDIO_COPY, &c) == 0) {
-            total += c.copy;
-            done += c.copy;
-            break;
-        }
-        if (c.copy > 0) {
-            total += c.copy;
-            done += c.copy;
-        }
-        if (errno == EEXIST || c.copy == -EEXIST) {
-            done += PAGE;          /* present already: skip it */
-            skipped = 1;
-            continue;
-        }
-        if (errno == EAGAIN)
-            continue;
-        err = errno;
-        break;
-    }
-    (void)skipped;
-    *copied = total;
-    int w = fayt_uffd_wake(fd, dst, len);
-    return err ? err : w;
-}
-
-int fayt_uffd_continue(int fd, uint64_t dst, uint64_t len, uint64_t *mapped)
-{
-    uint64_t done = 0, total = 0;
-    int err = 0;
-    while (done < len) {
-        struct uffdio_continue c = {
-            .range = { .start = dst + done, .len = len - done },
-            .mode = UFFDIO_CONTINUE_MODE_DONTWAKE,
-        };
-        int r = ioctl(fd, UFFDIO_CONTINUE, &c);
-        int e = errno;
-        if (c.mapped > 0) {        /* a partial run ends in EAGAIN: go on from there */
-            total += c.mapped;
-            done += c.mapped;
-        }
-        if (r == 0)
-            break;
-        if (c.mapped > 0 && e == EAGAIN)
-            continue;
-        if (e == EEXIST) {
-            done += PAGE;          /* mapped already: skip it */
-            continue;
-        }
-        if (e == EAGAIN)
-            continue;
-        err = e;                   /* EFAULT: the object lacks this page */
-        break;
-    }
-    *mapped = total;
-    int w = fayt_uffd_wake(fd, dst, len);
-    return err ? err : w;
+    return uffd_io_copy(fd, dst, src, len, wp, copied);
 }
 
 int fayt_uffd_poison(int fd, uint64_t addr, uint64_t len)
 {
-    int err = 0;
-    for (uint64_t off = 0; off < len; off += PAGE) {
-        struct uffdio_poison p = { .range = { .start = addr + off, .len = PAGE },
-                                   .mode = UFFDIO_COPY_MODE_DONTWAKE };
-        if (ioctl(fd, UFFDIO_POISON, &p) < 0 && errno != EEXIST && errno != EAGAIN) {
-            err = errno;
-            break;
-        }
-    }
-    int w = fayt_uffd_wake(fd, addr, len);
-    return err ? err : w;
-}
-
-int fayt_uffd_writeprotect(int fd, uint64_t addr, uint64_t len, int protect)
-{
-    struct uffdio_writeprotect w = {
-        .range = { .start = addr, .len = len },
-        .mode = protect ? UFFDIO_WRITEPROTECT_MODE_WP : 0,
-    };
-    return ioctl(fd, UFFDIO_WRITEPROTECT, &w) < 0 ? errno : 0;
+    return uffd_io_poison(fd, addr, len);
 }
 
 /* -- timerfd ------------------------------------------------------------ */
@@ -266,23 +143,6 @@ int fayt_uffd_writeprotect(int fd, uint64_t addr, uint64_t len, int protect)
 /* -- channels ----------------------------------------------------------- */
 
 static inline struct fayt_pager_header *hdr(void *ch) { return (struct fayt_pager_header *)ch; }
-
-uint64_t fayt_pager_bytes(uint32_t nslots, uint32_t run_max)
-{
-    return FAYT_PAGER_HEADER_SIZE + (uint64_t)nslots * (FAYT_PAGER_DESC_SIZE + run_max);
-}
-
-void fayt_pager_init(void *ch, uint32_t nslots, uint32_t run_max, uint32_t chain_id,
-                     uint32_t position)
-{
-    struct fayt_pager_header *h = hdr(ch);
-    h->nslots = nslots;
-    h->run_max = run_max;
-    h->slot_stride = FAYT_PAGER_DESC_SIZE + run_max;
-    h->chain_id = chain_id;
-    h->position = position;
-    STORE(&h->magic, FAYT_PAGER_MAGIC);
-}
 
 struct fayt_page_request *fayt_pager_slot(void *ch, uint32_t slot)
 {
@@ -295,53 +155,6 @@ void *fayt_pager_data(void *ch, uint32_t slot)
     return (char *)fayt_pager_slot(ch, slot) + FAYT_PAGER_DESC_SIZE;
 }
 
-static int futex_wait(uint32_t *w, uint32_t expect, const struct timespec *rel)
-{
-    if (syscall(SYS_futex, w, FUTEX_WAIT, expect, rel, NULL, 0) == 0)
-        return 0;
-    return errno == EAGAIN ? 0 : errno;
-}
-
-/* One turn of a spin that waits for another process: a pause, and a
- * sched_yield(2) so that, if that process waits for our CPU, it runs now
- * (spinning on the CPU the other side needs would only delay it). */
-static inline void spin_pause(void)
-{
-    __builtin_ia32_pause();
-    sched_yield();
-}
-
-int fayt_pager_await(void *ch, int64_t spin_ns)
-{
-    struct fayt_pager_header *h = hdr(ch);
-    uint32_t tail = h->ans_tail;
-    if (LOAD(&h->ans_head) != tail)
-        return 1;
-    if (spin_ns <= 0)
-        return 0;
-    /* rung = 1: the server skips its eventfd write while we look. */
-    if (__atomic_exchange_n(&h->rung, 1, __ATOMIC_SEQ_CST))
-        return LOAD(&h->ans_head) != tail;     /* a write is on its way anyway */
-    int64_t until = fayt_now_ns() + spin_ns;
-    int got = 0;
-    while (!(got = LOAD(&h->ans_head) != tail) && fayt_now_ns() < until)
-        spin_pause();
-    __atomic_store_n(&h->rung, 0, __ATOMIC_SEQ_CST);
-    FENCE();    /* rung cleared before the last look (pairs with answer) */
-    return got || LOAD(&h->ans_head) != tail;
-}
-
-void fayt_pager_post(void *ch, uint32_t slot)
-{
-    struct fayt_pager_header *h = hdr(ch);
-    uint32_t head = h->req_head;
-    STORE(&h->req_ring[head % FAYT_PAGER_SLOTS_MAX], slot);
-    __atomic_store_n(&h->req_head, head + 1, __ATOMIC_SEQ_CST);
-    FENCE();    /* head before server_waiting (pairs with take) */
-    if (LOAD(&h->server_waiting))
-        syscall(SYS_futex, &h->req_head, FUTEX_WAKE, INT_MAX, NULL, NULL, 0);
-}
-
 int fayt_pager_take(void *ch, int64_t timeout_ns, int64_t spin_ns)
 {
     struct fayt_pager_header *h = hdr(ch);
@@ -352,7 +165,7 @@ int fayt_pager_take(void *ch, int64_t timeout_ns, int64_t spin_ns)
         uint32_t tail = h->req_tail;
         uint32_t head = LOAD(&h->req_head);
         if (head == tail && fayt_now_ns() < spin_until) {
-            spin_pause();
+            fayt_spin_pause();
             continue;
         }
         if (head != tail) {
@@ -379,7 +192,7 @@ int fayt_pager_take(void *ch, int64_t timeout_ns, int64_t spin_ns)
         FENCE();
         int r = 0;
         if (LOAD(&h->req_head) == head && LOAD(&h->state) == FAYT_PAGER_LIVE)
-            r = futex_wait(&h->req_head, head, tsp);
+            r = fayt_futex_sleep(&h->req_head, head, tsp);
         __atomic_store_n(&h->server_waiting, 0, __ATOMIC_RELAXED);
         if (r == EINTR)
             return -EINTR;
@@ -408,110 +221,6 @@ int fayt_pager_answer(void *ch, uint32_t slot, uint32_t verdict, int32_t error,
             return errno;
     }
     return 0;
-}
-
-void fayt_pager_clear_rung(void *ch)
-{
-    __atomic_store_n(&hdr(ch)->rung, 0, __ATOMIC_SEQ_CST);
-}
-
-int fayt_pager_reap(void *ch)
-{
-    struct fayt_pager_header *h = hdr(ch);
-    uint32_t tail = h->ans_tail;
-    if (LOAD(&h->ans_head) == tail)
-        return -1;
-    uint32_t slot = LOAD(&h->ans_ring[tail % FAYT_PAGER_SLOTS_MAX]);
-    STORE(&h->ans_tail, tail + 1);
-    return slot < h->nslots ? (int)slot : -2;
-}
-
-void fayt_pager_fault(void *ch, uint32_t stride, uint32_t slot, uint64_t id, uint64_t offset,
-                      uint32_t run_max, uint32_t chain_id, uint32_t region_id,
-                      int32_t client_pid, uint64_t region_length, const char *chain,
-                      const char *message, uint32_t message_length, uint32_t backing,
-                      int uffd, uint64_t region_addr, int64_t spin_ns,
-                      struct fayt_fast_fault *out)
-{
-    struct fayt_pager_header *h = hdr(ch);
-    char *at = (char *)ch + FAYT_PAGER_HEADER_SIZE + (uint64_t)slot * stride;
-    struct fayt_page_request *d = (struct fayt_page_request *)at;
-    uint64_t room = region_length - offset;
-    uint32_t run = run_max < room ? run_max : (uint32_t)room;
-    out->state = FAYT_FAST_POSTED;
-    out->err = 0;
-    out->copied = 0;
-    out->verdict = FAYT_PAGE_PENDING;
-    out->reserved = 0;
-    /* The whole descriptor, as faytd's Python writes it (strings padded). */
-    memset(d, 0, sizeof *d);
-    d->id = id;
-    d->offset = offset;
-    d->length = PAGE;
-    d->run_max = run;
-    d->access = FAYT_ACCESS_READ;
-    d->flags = backing ? FAYT_PAGE_BACKED : 0;
-    d->backing = backing;
-    d->chain_id = chain_id;
-    d->region_id = region_id;
-    d->client_pid = client_pid;
-    d->region_length = region_length;
-    d->verdict = FAYT_PAGE_PENDING;
-    d->message_length = message_length;
-    strncpy(d->chain, chain, sizeof d->chain - 1);
-    if (message_length)
-        memcpy(d->message, message, message_length < sizeof d->message - 1
-                                    ? message_length : sizeof d->message - 1);
-    fayt_pager_post(ch, slot);
-    if (!fayt_pager_await(ch, spin_ns))
-        return;
-    uint32_t tail = h->ans_tail;
-    if (LOAD(&h->ans_ring[tail % FAYT_PAGER_SLOTS_MAX]) != slot)
-        return;                             /* not ours: the Python reaper sorts it out */
-    STORE(&h->ans_tail, tail + 1);
-    out->state = FAYT_FAST_ANSWERED;
-    /* The server may write anything here: read each field once. */
-    uint32_t verdict = LOAD(&d->verdict);
-    uint32_t n = __atomic_load_n(&d->answer_length, __ATOMIC_RELAXED);
-    /* MAPPED where the region does not map this server's backing: Python
-     * fails it as the protocol error it is. */
-    if (verdict != FAYT_PAGE_DATA && !(verdict == FAYT_PAGE_MAPPED && backing))
-        return;
-    if (n > run)
-        n = run;
-    n -= n % PAGE;
-    if (n < PAGE)
-        return;                             /* Python fails it (ENODATA) */
-    out->verdict = verdict;
-    int err;
-    if (verdict == FAYT_PAGE_MAPPED) {
-        err = fayt_uffd_continue(uffd, region_addr + offset, n, &out->copied);
-        if (err && out->copied == 0) {      /* not even the faulting page: SIGBUS */
-            out->state = FAYT_FAST_FAILED;
-            out->err = err;
-            return;
-        }
-        out->state = FAYT_FAST_DONE;
-        out->err = err;
-        return;
-    }
-    err = fayt_uffd_copy(uffd, region_addr + offset, at + FAYT_PAGER_DESC_SIZE, n, 0,
-                         &out->copied);
-    if (err && out->copied == 0 && err != ENOENT) {
-        out->state = FAYT_FAST_FAILED;
-        out->err = err;
-        return;
-    }
-    out->state = FAYT_FAST_DONE;
-    out->err = err;
-}
-
-void fayt_pager_close(void *ch)
-{
-    struct fayt_pager_header *h = hdr(ch);
-    __atomic_store_n(&h->state, FAYT_PAGER_CLOSED, __ATOMIC_SEQ_CST);
-    __atomic_fetch_add(&h->req_head, 0, __ATOMIC_SEQ_CST);
-    syscall(SYS_futex, &h->req_head, FUTEX_WAKE, INT_MAX, NULL, NULL, 0);
 }
 
 uintptr_t fayt_map_special(uint64_t length, uintptr_t addr, int prot, int *err)

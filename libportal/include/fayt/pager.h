@@ -9,8 +9,9 @@
  * is one page request: a struct fayt_page_request (FAYT_PAGER_DESC_SIZE
  * bytes with its padding) followed by run_max bytes of page data.  Slots move
  * between two single-producer rings of slot numbers:
- *   req_ring  faytd -> server: fayt_pager_post, fayt_pager_take;
- *   ans_ring  server -> faytd: fayt_pager_answer, fayt_pager_reap.
+ *   req_ring  faytd -> server: posted by faytd's fault engine
+ *             (faytd/core/fault.c), taken with fayt_pager_take;
+ *   ans_ring  server -> faytd: fayt_pager_answer, reaped by the engine.
  * A slot is in at most one ring, so neither ring can overflow.  The doorbells:
  * the server sleeps on a futex on req_head (server_waiting says so); faytd
  * sleeps in its event loop on an eventfd that the server writes after an
@@ -192,24 +193,15 @@ int fayt_uffd_read(int fd, struct fayt_uffd_fault *out, int max);
  * *copied gets the bytes copied. */
 int fayt_uffd_copy(int fd, uint64_t dst, const void *src, uint64_t len, int wp,
                    uint64_t *copied);
-/* UFFDIO_CONTINUE of len bytes: map the pages the shm object already holds
- * at the same offsets, skipping pages already mapped; a page the object
- * lacks (EFAULT) ends the run.  Wakes dst..dst+len; *mapped gets the bytes
- * mapped. */
-int fayt_uffd_continue(int fd, uint64_t dst, uint64_t len, uint64_t *mapped);
 /* UFFDIO_POISON page by page, skipping pages already there; wakes. */
 int fayt_uffd_poison(int fd, uint64_t addr, uint64_t len);
-int fayt_uffd_wake(int fd, uint64_t addr, uint64_t len);
-int fayt_uffd_writeprotect(int fd, uint64_t addr, uint64_t len, int protect);
 
-/* Channels. */
-uint64_t fayt_pager_bytes(uint32_t nslots, uint32_t run_max);
-void fayt_pager_init(void *ch, uint32_t nslots, uint32_t run_max, uint32_t chain_id,
-                     uint32_t position);
+/* Channels: the server's side (faytd's is faytd/core/fault.c; a channel of
+ * nslots slots of run_max data bytes is FAYT_PAGER_HEADER_SIZE + nslots *
+ * (FAYT_PAGER_DESC_SIZE + run_max) bytes).  slot and data find a slot with
+ * the header's stride. */
 struct fayt_page_request *fayt_pager_slot(void *ch, uint32_t slot);
 void *fayt_pager_data(void *ch, uint32_t slot);
-/* faytd: give the slot (filled) to the server. */
-void fayt_pager_post(void *ch, uint32_t slot);
 /* Server: the next request's slot; -ETIMEDOUT, -EINTR (call again) or
  * -EPIPE (the channel was closed).  timeout_ns < 0 waits for ever.  It spins
  * for spin_ns (at most the timeout) before it sleeps on the futex. */
@@ -217,40 +209,6 @@ int fayt_pager_take(void *ch, int64_t timeout_ns, int64_t spin_ns);
 /* Server: answer the slot and ring faytd's eventfd. */
 int fayt_pager_answer(void *ch, uint32_t slot, uint32_t verdict, int32_t error,
                       uint32_t length, int eventfd);
-/* faytd: spin up to spin_ns for an answer (no eventfd write meanwhile): a
- * server that answers at once then costs no wake-up of faytd's loop.
- * Returns 1 if an answer waits in the ring, else 0. */
-int fayt_pager_await(void *ch, int64_t spin_ns);
-/* faytd: clear the doorbell, then reap answers one by one (-1: none). */
-void fayt_pager_clear_rung(void *ch);
-int fayt_pager_reap(void *ch);
-/* faytd: the server is gone or leaves; wake it if it sleeps. */
-void fayt_pager_close(void *ch);
-
-/* faytd's fast path for one read fault, when the server has nothing else in
- * flight: fill the slot (found with faytd's own stride), post it, spin up
- * to spin_ns for its answer, and if it is DATA copy it in, or if it is
- * MAPPED and the region maps this server's backing (`backing` not 0) map
- * it (the run bounded by run_max and the region, whole pages).  Python
- * takes over for anything else, from the state it reports. */
-#define FAYT_FAST_DONE      1  /* supplied: `copied` bytes; err: a later page failed */
-#define FAYT_FAST_POSTED    2  /* posted, not answered yet (or another slot was) */
-#define FAYT_FAST_ANSWERED  3  /* reaped, but not an answer to resolve here: read the slot */
-#define FAYT_FAST_FAILED    4  /* DATA or MAPPED, but nothing went in: err */
-struct fayt_fast_fault {
-    int32_t state;
-    int32_t err;
-    uint64_t copied;           /* bytes supplied (copied, or mapped by reference) */
-    uint32_t verdict;          /* DONE, FAILED: the answer's FAYT_PAGE_DATA or _MAPPED */
-    uint32_t reserved;
-} __attribute__((packed));
-void fayt_pager_fault(void *ch, uint32_t stride, uint32_t slot, uint64_t id, uint64_t offset,
-                      uint32_t run_max, uint32_t chain_id, uint32_t region_id,
-                      int32_t client_pid, uint64_t region_length, const char *chain,
-                      const char *message, uint32_t message_length, uint32_t backing,
-                      int uffd, uint64_t region_addr, int64_t spin_ns,
-                      struct fayt_fast_fault *out);
-
 /* The client's private anonymous range for a SPECIAL portal: anywhere
  * (addr 0) or exactly at addr.  0 and *err on failure. */
 uintptr_t fayt_map_special(uint64_t length, uintptr_t addr, int prot, int *err);

@@ -1,0 +1,169 @@
+/* uffd_io.h: the userfaultfd(2) ioctls, as faytd's fault engine
+ * (faytd/core/fault.c) and libportal's uffd.c (the bare calls the bench and
+ * the faytd-death guard use) both call them: one definition, included by
+ * both (internal to the C: cffi does not read it).  Each returns 0 or a
+ * positive errno unless it says otherwise; the Linux facts they rely on are
+ * in uffd.c's opening comment.
+ *
+ * read: fault events into out[max] (at most 32); how many (0: none ready)
+ *   or -errno.
+ * copy: UFFDIO_COPY of len bytes, skipping pages already there; wakes
+ *   dst..dst+len; *copied gets the bytes copied.
+ * continue: UFFDIO_CONTINUE of len bytes (map what the shm object holds at
+ *   the same offsets), skipping pages already mapped; a page the object
+ *   lacks (EFAULT) ends the run; wakes; *mapped gets the bytes mapped.
+ * poison: UFFDIO_POISON page by page, skipping pages already there; wakes.
+ */
+#ifndef FAYT_SRC_UFFD_IO_H
+#define FAYT_SRC_UFFD_IO_H
+
+#include <errno.h>
+#include <linux/userfaultfd.h>
+#include <stdint.h>
+#include <sys/ioctl.h>
+#include <unistd.h>
+
+#include "fayt/pager.h"
+
+#ifndef UFFD_USER_MODE_ONLY
+#define UFFD_USER_MODE_ONLY 1
+#endif
+#ifndef UFFD_FEATURE_WP_UNPOPULATED
+#define UFFD_FEATURE_WP_UNPOPULATED (1 << 13)
+#endif
+#ifndef UFFD_FEATURE_POISON
+#define UFFD_FEATURE_POISON (1 << 14)
+#endif
+#ifndef UFFDIO_POISON
+#define _UFFDIO_POISON 0x08
+struct uffdio_poison {
+    struct uffdio_range range;
+    __u64 mode;
+    __s64 updated;
+};
+#define UFFDIO_POISON _IOWR(UFFDIO, _UFFDIO_POISON, struct uffdio_poison)
+#endif
+
+#ifndef UFFD_FEATURE_MINOR_SHMEM
+#define UFFD_FEATURE_MINOR_SHMEM (1 << 10)
+#endif
+
+#define UFFD_IO_PAGE 4096ULL
+
+static inline int uffd_io_read(int fd, struct fayt_uffd_fault *out, int max)
+{
+    struct uffd_msg msg[32];
+    if (max > 32)
+        max = 32;
+    ssize_t n = read(fd, msg, sizeof(msg[0]) * max);
+    if (n < 0)
+        return (errno == EAGAIN || errno == EINTR) ? 0 : -errno;
+    int k = 0;
+    for (int i = 0; i < n / (ssize_t)sizeof(msg[0]); i++) {
+        if (msg[i].event != UFFD_EVENT_PAGEFAULT)
+            continue;
+        out[k].address = msg[i].arg.pagefault.address;
+        out[k].flags = (uint32_t)msg[i].arg.pagefault.flags;
+        out[k].tid = msg[i].arg.pagefault.feat.ptid;
+        k++;
+    }
+    return k;
+}
+
+static inline int uffd_io_wake(int fd, uint64_t addr, uint64_t len)
+{
+    struct uffdio_range r = { .start = addr, .len = len };
+    return ioctl(fd, UFFDIO_WAKE, &r) < 0 ? errno : 0;
+}
+
+static inline int uffd_io_copy(int fd, uint64_t dst, const void *src, uint64_t len, int wp,
+                   uint64_t *copied)
+{
+    uint64_t done = 0, total = 0;
+    int err = 0;
+    while (done < len) {
+        struct uffdio_copy c = {
+            .dst = dst + done, .src = (uint64_t)(uintptr_t)src + done, .len = len - done,
+            .mode = UFFDIO_COPY_MODE_DONTWAKE | (wp ? UFFDIO_COPY_MODE_WP : 0),
+        };
+        if (ioctl(fd, UFFDIO_COPY, &c) == 0) {
+            total += c.copy;
+            done += c.copy;
+            break;
+        }
+        if (c.copy > 0) {
+            total += c.copy;
+            done += c.copy;
+        }
+        if (errno == EEXIST || c.copy == -EEXIST) {
+            done += UFFD_IO_PAGE;          /* present already: skip it */
+            continue;
+        }
+        if (errno == EAGAIN)
+            continue;
+        err = errno;
+        break;
+    }
+    *copied = total;
+    int w = uffd_io_wake(fd, dst, len);
+    return err ? err : w;
+}
+
+static inline int uffd_io_continue(int fd, uint64_t dst, uint64_t len, uint64_t *mapped)
+{
+    uint64_t done = 0, total = 0;
+    int err = 0;
+    while (done < len) {
+        struct uffdio_continue c = {
+            .range = { .start = dst + done, .len = len - done },
+            .mode = UFFDIO_CONTINUE_MODE_DONTWAKE,
+        };
+        int r = ioctl(fd, UFFDIO_CONTINUE, &c);
+        int e = errno;
+        if (c.mapped > 0) {        /* a partial run ends in EAGAIN: go on from there */
+            total += c.mapped;
+            done += c.mapped;
+        }
+        if (r == 0)
+            break;
+        if (c.mapped > 0 && e == EAGAIN)
+            continue;
+        if (e == EEXIST) {
+            done += UFFD_IO_PAGE;          /* mapped already: skip it */
+            continue;
+        }
+        if (e == EAGAIN)
+            continue;
+        err = e;                   /* EFAULT: the object lacks this page */
+        break;
+    }
+    *mapped = total;
+    int w = uffd_io_wake(fd, dst, len);
+    return err ? err : w;
+}
+
+static inline int uffd_io_poison(int fd, uint64_t addr, uint64_t len)
+{
+    int err = 0;
+    for (uint64_t off = 0; off < len; off += UFFD_IO_PAGE) {
+        struct uffdio_poison p = { .range = { .start = addr + off, .len = UFFD_IO_PAGE },
+                                   .mode = UFFDIO_COPY_MODE_DONTWAKE };
+        if (ioctl(fd, UFFDIO_POISON, &p) < 0 && errno != EEXIST && errno != EAGAIN) {
+            err = errno;
+            break;
+        }
+    }
+    int w = uffd_io_wake(fd, addr, len);
+    return err ? err : w;
+}
+
+static inline int uffd_io_writeprotect(int fd, uint64_t addr, uint64_t len, int protect)
+{
+    struct uffdio_writeprotect w = {
+        .range = { .start = addr, .len = len },
+        .mode = protect ? UFFDIO_WRITEPROTECT_MODE_WP : 0,
+    };
+    return ioctl(fd, UFFDIO_WRITEPROTECT, &w) < 0 ? errno : 0;
+}
+
+#endif
