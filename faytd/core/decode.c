@@ -37,17 +37,6 @@ static int valid_type(int t)
     return 0;
 }
 
-static int fail(char *msg, size_t max, int err, const char *fmt, ...)
-{
-    if (msg && max) {
-        va_list ap;
-        va_start(ap, fmt);
-        vsnprintf(msg, max, fmt, ap);
-        va_end(ap);
-    }
-    return err;
-}
-
 /* "%#x" as Python prints it: 0x1f, -0x20. */
 static const char *hex(char *b, size_t n, long long v)
 {
@@ -111,18 +100,18 @@ static int string_at(const uint8_t *body, size_t blen, size_t trailer_at, uint64
     if (ptr == 0)
         return 0;
     if (ptr - 1 >= blen || trailer_at + (ptr - 1) >= blen)
-        return fail(msg, max, EFAULT, "%s: points outside the request", field);
+        return core_fail(msg, max, EFAULT, "%s: points outside the request", field);
     size_t start = trailer_at + (ptr - 1);
     size_t room = blen - start;
     const uint8_t *nul = memchr(body + start, 0, room < limit + 1 ? room : limit + 1);
     if (!nul) {
         if (room > limit)
-            return fail(msg, max, ENAMETOOLONG, "%s: longer than %zu bytes", field, limit);
-        return fail(msg, max, EFAULT, "%s: not terminated inside the request", field);
+            return core_fail(msg, max, ENAMETOOLONG, "%s: longer than %zu bytes", field, limit);
+        return core_fail(msg, max, EFAULT, "%s: not terminated inside the request", field);
     }
     size_t n = (size_t)(nul - (body + start));
     if (!core_utf8_valid(body + start, n))
-        return fail(msg, max, EINVAL, "%s: not valid UTF-8", field);
+        return core_fail(msg, max, EINVAL, "%s: not valid UTF-8", field);
     *at = (int32_t)start;
     *len = (int32_t)n;
     return 0;
@@ -136,7 +125,7 @@ int fayt_portal_decode(struct fayt_core *k, const uint8_t *body, uint32_t blen,
     memset(a, 0, sizeof *a);
     a->ident_at = a->chain_at = a->message_at = -1;
     if (blen < sizeof req)
-        return fail(msg, max, EFAULT, "portal_req: %u bytes sent, the struct has %zu", blen,
+        return core_fail(msg, max, EFAULT, "portal_req: %u bytes sent, the struct has %zu", blen,
                     sizeof req);
     memcpy(&req, body, sizeof req);
     int t = req.type;
@@ -151,7 +140,7 @@ int fayt_portal_decode(struct fayt_core *k, const uint8_t *body, uint32_t blen,
     a->addr = req.morphology.addr;
     a->mlen = req.morphology.length;
     if (t & ~FAYT_PORTAL_CLASSES)
-        return fail(msg, max, EINVAL, "type: unknown class bits %s",
+        return core_fail(msg, max, EINVAL, "type: unknown class bits %s",
                     hex(hb, sizeof hb, (long long)(t & ~FAYT_PORTAL_CLASSES)));
     if (!valid_type(t)) {
         char names[64] = "";
@@ -159,19 +148,19 @@ int fayt_portal_decode(struct fayt_core *k, const uint8_t *body, uint32_t blen,
             if (t & class_bits[i].bit)
                 snprintf(names + strlen(names), sizeof names - strlen(names), "%s%s",
                          names[0] ? "|" : "", class_bits[i].name);
-        return fail(msg, max, EINVAL, "type: %s is not a valid combination of classes",
+        return core_fail(msg, max, EINVAL, "type: %s is not a valid combination of classes",
                     names[0] ? names : "none");
     }
     if (req.prot & ~FAYT_PROT_ALL)
-        return fail(msg, max, EINVAL, "prot: unknown bits %s",
+        return core_fail(msg, max, EINVAL, "prot: unknown bits %s",
                     hex(hb, sizeof hb, (long long)(req.prot & ~FAYT_PROT_ALL)));
     if (a->addr % FAYT_PAGE_SIZE)
-        return fail(msg, max, EINVAL, "morphology.addr: %#llx is not 4 KiB aligned",
+        return core_fail(msg, max, EINVAL, "morphology.addr: %#llx is not 4 KiB aligned",
                     (unsigned long long)a->addr);
     uint64_t npaddr = t & (FAYT_PORTAL_DIRECT | FAYT_PORTAL_COW)
         ? a->mlen / FAYT_PAGE_SIZE + (a->mlen % FAYT_PAGE_SIZE != 0) : 0;
     if (npaddr > (blen - sizeof req) / 8)
-        return fail(msg, max, EFAULT, "morphology.paddr: %llu entries named, fewer sent",
+        return core_fail(msg, max, EFAULT, "morphology.paddr: %llu entries named, fewer sent",
                     (unsigned long long)npaddr);
     size_t trailer_at = sizeof req + (size_t)npaddr * 8;
     int32_t at[3], len[3];
@@ -191,28 +180,28 @@ int fayt_portal_decode(struct fayt_core *k, const uint8_t *body, uint32_t blen,
     a->message_len = len[2];
     a->attach = (t & FAYT_PORTAL_SHARE) && req.share.create == FAYT_SHARE_ATTACH;
     if (req.length < 0 || (req.length == 0 && !a->attach))
-        return fail(msg, max, EINVAL, "length: %d; a portal needs at least 1 byte", req.length);
+        return core_fail(msg, max, EINVAL, "length: %d; a portal needs at least 1 byte", req.length);
     if ((uint64_t)req.length > k->max_portal_length)
-        return fail(msg, max, EINVAL, "length: %d is more than one portal may map (%llu)",
+        return core_fail(msg, max, EINVAL, "length: %d is more than one portal may map (%llu)",
                     req.length, (unsigned long long)k->max_portal_length);
     if (a->mlen != 0 && a->mlen != (uint64_t)req.length)
-        return fail(msg, max, EINVAL, "morphology.length: %llu differs from length %d",
+        return core_fail(msg, max, EINVAL, "morphology.length: %llu differs from length %d",
                     (unsigned long long)a->mlen, req.length);
     if (t & FAYT_PORTAL_SHARE) {
         if (a->ident_at < 0 || a->ident_len == 0)
-            return fail(msg, max, EINVAL, "share.identifier: a share-point needs a name");
+            return core_fail(msg, max, EINVAL, "share.identifier: a share-point needs a name");
         if (req.share.create != FAYT_SHARE_ATTACH && req.share.create != FAYT_SHARE_CREATE)
-            return fail(msg, max, EINVAL, "share.create: %d is neither 0 nor 1",
+            return core_fail(msg, max, EINVAL, "share.create: %d is neither 0 nor 1",
                         req.share.create);
         if (req.share.type == FAYT_SHARE_ADVANCED)
-            return fail(msg, max, ENOSYS,
+            return core_fail(msg, max, ENOSYS,
                         "share.type: the advanced share-point is not built yet");
         if (req.share.type != FAYT_SHARE_TRIVIAL)
-            return fail(msg, max, EINVAL, "share.type: unknown type %d", req.share.type);
+            return core_fail(msg, max, EINVAL, "share.type: unknown type %d", req.share.type);
     } else if (a->ident_at >= 0) {
-        return fail(msg, max, EINVAL, "share.identifier: given without the SHARE class");
+        return core_fail(msg, max, EINVAL, "share.identifier: given without the SHARE class");
     }
     if ((a->chain_at >= 0 || a->message_at >= 0) && !(t & FAYT_PORTAL_SPECIAL))
-        return fail(msg, max, EINVAL, "sp_req_chain: given without the SPECIAL class");
+        return core_fail(msg, max, EINVAL, "sp_req_chain: given without the SPECIAL class");
     return 0;
 }
