@@ -44,6 +44,8 @@ PROT_RW = PROT_READ | PROT_WRITE
 PAGE_SIZE = lib.FAYT_PAGE_SIZE
 
 _live = weakref.WeakSet()   # mapped regions, invalidated in a fork child
+_core_init = _fastpath.SharePointCore.__init__
+_REPLY_CREATED = lib.FAYT_PORTAL_REPLY_CREATED
 
 
 def encode_portal_req(type, prot, length, identifier=None, share_type=0, create=0,
@@ -229,10 +231,19 @@ class SharePoint(_fastpath.SharePointCore, Mapping):
     """
 
     def __init__(self, conn, reply, req, paddr, addr, type, identifier):
-        _fastpath.SharePointCore.__init__(
-            self, addr, reply[2], reply[1] - reply[2], reply[5], reply[3], conn.context_page)
-        self._setup(conn, reply, req, paddr, addr, type)
+        # Mapping._setup, inline: this runs on every create and attach.
+        handle, map_length, data_offset, sp_id, _, prot, flags = reply
+        _core_init(self, addr, data_offset, map_length - data_offset, prot, sp_id,
+                   conn.context_page)
+        self.handle = handle
+        self.map_length = map_length
+        self.connection = conn
+        self.type = type
+        self.addr = addr
+        self.paddr = paddr if paddr.__class__ is tuple else tuple(paddr)
+        self.created = bool(flags & _REPLY_CREATED)
         self.identifier = identifier
+        _live.add(self)
 
     def destroy(self):
         """Destroy the share-point (owner or core only) and unmap it here.
