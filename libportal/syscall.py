@@ -30,7 +30,7 @@ import warnings
 import weakref
 
 from . import errors
-from ._abi import (ffi, lib, REQ_HDR, REP_HDR, HANDLE_REQ, HELLO_REQ, HELLO_REPLY, LIST_REQ,
+from ._abi import (ffi, lib, REQ_HDR, HANDLE_REQ, HELLO_REQ, HELLO_REPLY, LIST_REQ,
                    PORTAL_REPLY, _fastpath)
 
 _MAX_FDS = 8
@@ -171,8 +171,7 @@ class Connection:
                     self._unanswered.add(seq)
                     return b"", []
                 while True:
-                    data, fds, mapped = got
-                    data, rop, rseq, err = self._parse(data, fds)
+                    data, fds, mapped, rop, rseq, err = got     # header checked in C
                     if rseq != seq and rseq in self._unanswered:
                         self._late_failure(rop, rseq, err, data)
                     elif rseq != seq and rseq in self._abandoned:
@@ -217,20 +216,6 @@ class Connection:
         except AttributeError:          # gettid(2) once per thread
             tid = _thread_ids.tid = threading.get_native_id()
         return seq, REQ_HDR.pack(lib.FAYT_REQ_MAGIC, op, flags, seq, tid)
-
-    @staticmethod
-    def _parse(data, fds):
-        """(body, op, seq, err) of a reply; EPROTO (its fds closed) if it is none."""
-        if not data:
-            raise ConnectionResetError(errno.ECONNRESET, "faytd closed the connection")
-        if len(data) < REP_HDR.size:
-            _close_fds(fds)
-            raise errors.error(errno.EPROTO, "short reply from faytd")
-        magic, rop, nfds, rseq, err = REP_HDR.unpack_from(data)
-        if magic != lib.FAYT_REP_MAGIC:
-            _close_fds(fds)
-            raise errors.error(errno.EPROTO, "reply with a bad magic from faytd")
-        return data[REP_HDR.size:], rop, rseq, err
 
     def _give_back(self, op, err, data):
         """The reply of a call that was abandoned (a signal handler raised
