@@ -44,6 +44,11 @@ PROT_RW = PROT_READ | PROT_WRITE
 PAGE_SIZE = lib.FAYT_PAGE_SIZE
 
 _live = weakref.WeakSet()   # mapped regions, invalidated in a fork child
+_core_init = _fastpath.SharePointCore.__init__
+_REPLY_CREATED = lib.FAYT_PORTAL_REPLY_CREATED
+_pack_req = PORTAL_REQ.pack
+_pack_handle = HANDLE_REQ.pack
+_struct_error = struct.error
 
 
 def encode_portal_req(type, prot, length, identifier=None, share_type=0, create=0,
@@ -143,7 +148,7 @@ class Mapping:
         conn = self.connection
         if not (op == lib.FAYT_SYS_UNMAP and conn.closed):
             try:
-                conn.call(op, HANDLE_REQ.pack(self.handle), flags)
+                conn._dispatching_call(op, _pack_handle(self.handle), flags, (), None)
             except OSError as e:
                 if not (op == lib.FAYT_SYS_UNMAP and e.errno == errno.ECONNRESET and conn.closed):
                     raise
@@ -229,10 +234,19 @@ class SharePoint(_fastpath.SharePointCore, Mapping):
     """
 
     def __init__(self, conn, reply, req, paddr, addr, type, identifier):
-        _fastpath.SharePointCore.__init__(
-            self, addr, reply[2], reply[1] - reply[2], reply[5], reply[3], conn.context_page)
-        self._setup(conn, reply, req, paddr, addr, type)
+        # Mapping._setup, inline: this runs on every create and attach.
+        handle, map_length, data_offset, sp_id, _, prot, flags = reply
+        _core_init(self, addr, data_offset, map_length - data_offset, prot, sp_id,
+                   conn.context_page)
+        self.handle = handle
+        self.map_length = map_length
+        self.connection = conn
+        self.type = type
+        self.addr = addr
+        self.paddr = paddr if paddr.__class__ is tuple else tuple(paddr)
+        self.created = bool(flags & _REPLY_CREATED)
         self.identifier = identifier
+        _live.add(self)
 
     def destroy(self):
         """Destroy the share-point (owner or core only) and unmap it here.
@@ -327,11 +341,22 @@ def portal(type, prot=PROT_RW, length=0, *, identifier=None, create=False,
         from .special import special_portal     # its userfaultfd goes with the call
         return special_portal(conn, type, prot, length, chain, message, addr, identifier, create)
     is_share = bool(type & SHARE)
+    create = 1 if create else 0
+    if (identifier.__class__ is bytes and chain is None and message is None and not paddr
+            and b"\0" not in identifier):
+        # share_create/share_attach: encode_portal_req's common case, inline
+        try:
+            req = _pack_req(type, prot, length, 1, share_type, create, 0, 0, addr,
+                            length if length > 0 else 0) + identifier + b"\0"
+        except (_struct_error, OverflowError):
+            req = encode_portal_req(type, prot, length, identifier, share_type, create,
+                                    chain, message, addr, paddr)    # raises, naming the field
+    else:
+        req = encode_portal_req(type, prot, length, identifier, share_type, create,
+                                chain, message, addr, paddr)
     # The reply is read, its object mapped (MADV_DONTFORK) and its fd closed
     # in one C call, the GIL held: no fork() of another thread inherits the fd.
-    body, (mapped, err, reply, paddr_out) = conn.call_portal(encode_portal_req(
-        type, prot, length, identifier, share_type, 1 if create else 0,
-        chain, message, addr, paddr), addr, prot, is_share)
+    body, (mapped, err, reply, paddr_out) = conn.call_portal(req, addr, prot, is_share)
     if not mapped:
         created = reply[6] & lib.FAYT_PORTAL_REPLY_CREATED
         conn.call(lib.FAYT_SYS_UNMAP_DESTROY if created else lib.FAYT_SYS_UNMAP,

@@ -30,12 +30,16 @@ import warnings
 import weakref
 
 from . import errors
-from ._abi import (ffi, lib, REQ_HDR, REP_HDR, HANDLE_REQ, HELLO_REQ, HELLO_REPLY, LIST_REQ,
+from ._abi import (ffi, lib, REQ_HDR, HANDLE_REQ, HELLO_REQ, HELLO_REPLY, LIST_REQ,
                    PORTAL_REPLY, _fastpath)
 
 _MAX_FDS = 8
 CALL_SPIN_NS = 200000
 _call_c = _fastpath.call
+_get_ident = threading.get_ident
+_pack_req = REQ_HDR.pack
+_REQ_MAGIC = lib.FAYT_REQ_MAGIC
+_pid = os.getpid()      # this process's: set again in a fork() child (_after_fork_child)
 
 
 def _spin_ns():
@@ -67,7 +71,7 @@ class Connection:
         self._unanswered = set()    # seqs of FAYT_REQ_NOREPLY calls not yet known done
         self._abandoned = set()     # seqs of calls whose wait a signal handler ended
         self._close_pending = False # close() from a signal handler inside a call
-        self._pid = os.getpid()
+        self._pid = _pid
         self._notify = None         # notification.Runtime, made on first use
         self._caller = None         # thread id inside call()
         self._broken = False        # faytd went away: see _lost()
@@ -131,7 +135,7 @@ class Connection:
         return body, got
 
     def _dispatching_call(self, op, body, flags, send_fds, portal):
-        if os.getpid() != self._pid:
+        if self._pid != _pid:           # made before a fork(): see _after_fork_child
             raise errors.error(errno.EBADF, "this connection belongs to the parent process "
                                             "(fork): use a new Connection")
         rt = self._notify
@@ -151,8 +155,13 @@ class Connection:
             if self.sock.fileno() != self._fd:  # closed: the number may be another file's now
                 raise errors.error(errno.ECONNRESET, "faytd connection lost" if self._broken
                                    else "faytd connection closed")
-            self._caller = threading.get_ident()
-            seq, msg = self._header(op, flags)
+            self._caller = _get_ident()
+            self._seq = seq = (self._seq + 1) & 0xffffffff     # as _header(), inline
+            try:
+                tid = _thread_ids.tid
+            except AttributeError:
+                tid = _thread_ids.tid = threading.get_native_id()
+            msg = _pack_req(_REQ_MAGIC, op, flags, seq, tid)
             noreply = flags & lib.FAYT_REQ_NOREPLY
             expect = (seq, portal)
             try:
@@ -162,8 +171,7 @@ class Connection:
                     self._unanswered.add(seq)
                     return b"", []
                 while True:
-                    data, fds, mapped = got
-                    data, rop, rseq, err = self._parse(data, fds)
+                    data, fds, mapped, rop, rseq, err = got     # header checked in C
                     if rseq != seq and rseq in self._unanswered:
                         self._late_failure(rop, rseq, err, data)
                     elif rseq != seq and rseq in self._abandoned:
@@ -208,20 +216,6 @@ class Connection:
         except AttributeError:          # gettid(2) once per thread
             tid = _thread_ids.tid = threading.get_native_id()
         return seq, REQ_HDR.pack(lib.FAYT_REQ_MAGIC, op, flags, seq, tid)
-
-    @staticmethod
-    def _parse(data, fds):
-        """(body, op, seq, err) of a reply; EPROTO (its fds closed) if it is none."""
-        if not data:
-            raise ConnectionResetError(errno.ECONNRESET, "faytd closed the connection")
-        if len(data) < REP_HDR.size:
-            _close_fds(fds)
-            raise errors.error(errno.EPROTO, "short reply from faytd")
-        magic, rop, nfds, rseq, err = REP_HDR.unpack_from(data)
-        if magic != lib.FAYT_REP_MAGIC:
-            _close_fds(fds)
-            raise errors.error(errno.EPROTO, "reply with a bad magic from faytd")
-        return data[REP_HDR.size:], rop, rseq, err
 
     def _give_back(self, op, err, data):
         """The reply of a call that was abandoned (a signal handler raised
@@ -354,7 +348,8 @@ def set_default(conn):
 
 
 def _after_fork_child():
-    global _default, _default_lock, _thread_ids
+    global _default, _default_lock, _thread_ids, _pid
+    _pid = os.getpid()      # connections made before the fork now raise EBADF
     _default_lock = threading.Lock()
     _thread_ids = threading.local()     # the child's thread has a tid of its own
     old, _default = _default, None

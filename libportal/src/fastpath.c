@@ -1166,8 +1166,11 @@ static PyObject *hint_state(PyObject *mod, PyObject *unused)
  * A signal handler that raises ends the call with its exception (the reply,
  * if one comes, is then another call's to skip).  Received descriptors are
  * close-on-exec.  OSError on a failed send or receive; EPROTO (the fds
- * closed) for a reply cut short (MSG_TRUNC, MSG_CTRUNC) or a portal reply
- * that does not add up. */
+ * closed) for a reply cut short (MSG_TRUNC, MSG_CTRUNC), shorter than
+ * struct fayt_rep_hdr or with a bad magic, or a portal reply that does not
+ * add up; ConnectionResetError when faytd closed the connection.  The
+ * reply comes back parsed: its body (after the header), and the header's
+ * op, seq and err. */
 #define CALL_MAX_FDS 8
 #define HELD_SPIN_NS 50000
 
@@ -1465,8 +1468,25 @@ static PyObject *sys_call(PyObject *mod, PyObject *const *args, Py_ssize_t n)
         }
     }
 
+    /* The reply header, checked here (after the fds are taken care of). */
+    if (r == 0 || (size_t)r < sizeof rep || rep.magic != FAYT_REP_MAGIC) {
+        close_fds(got, ngot);       /* nothing was mapped: that needs a good header */
+        free(buf);
+        if (r == 0) {
+            PyObject *a = Py_BuildValue("(is)", ECONNRESET, "faytd closed the connection");
+            if (a) {
+                PyErr_SetObject(PyExc_ConnectionResetError, a);
+                Py_DECREF(a);
+            }
+            return NULL;
+        }
+        return raise_errno(EPROTO, (size_t)r < sizeof rep ? "short reply from faytd"
+                                   : "reply with a bad magic from faytd");
+    }
+
     /* Python objects now. */
-    PyObject *data = PyBytes_FromStringAndSize((const char *)buf, r);
+    PyObject *data = PyBytes_FromStringAndSize((const char *)buf + sizeof rep,
+                                               r - (ssize_t)sizeof rep);
     PyObject *fds = data ? PyList_New(ngot) : NULL;
     PyObject *mapped = Py_None;
     Py_INCREF(Py_None);
@@ -1482,7 +1502,10 @@ static PyObject *sys_call(PyObject *mod, PyObject *const *args, Py_ssize_t n)
         }
         PyList_SET_ITEM(fds, i, o);
     }
-    PyObject *t = data && fds && mapped ? PyTuple_Pack(3, data, fds, mapped) : NULL;
+    PyObject *t = data && fds && mapped
+        ? Py_BuildValue("(OOOIIi)", data, fds, mapped, (unsigned)rep.op, (unsigned)rep.seq,
+                        (int)rep.err)
+        : NULL;
     if (!t) {                       /* out of memory: nothing may stay behind */
         close_fds(got, ngot);
         if (m.done && m.addr)
@@ -1497,8 +1520,8 @@ static PyObject *sys_call(PyObject *mod, PyObject *const *args, Py_ssize_t n)
 
 static PyMethodDef module_methods[] = {
     {"call", (PyCFunction)(void (*)(void))sys_call, METH_FASTCALL,
-     "call(fd, msg, fds, want_reply, spin_ns, max_fds, (seq, portal)) -> (reply, [fds], "
-     "mapped) or None: one system call to faytd (spins spin_ns for the reply before "
+     "call(fd, msg, fds, want_reply, spin_ns, max_fds, (seq, portal)) -> (reply body, [fds], "
+     "mapped, op, seq, err) or None: one system call to faytd (spins spin_ns for the reply before "
      "sleeping; portal=(addr, prot, share) maps a PORTAL reply's object and closes its fd)."},
     {"set_error_factory", set_error_factory, METH_O,
      "set_error_factory(f): f(errno, message) builds the exception raised."},
