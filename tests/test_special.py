@@ -277,12 +277,22 @@ def _fault_pages(socket, n, out):
     os._exit(0)
 
 
-def test_special_answers_are_not_lost_while_faytd_catches_up(fresh_faytd, conn_to):
-    """A list (or an attach) makes faytd look at every fd that is ready
-    (catch-up); a chain's answer eventfd is edge-triggered, so the edge it
-    sees there must still reach the pager.  One client faults page after
-    page while another lists without pause: no fault may wait out the
-    chain's timeout (SIGBUS)."""
+def _list(conn, sp_name):
+    conn.list_sharepoints()
+
+
+def _attach(conn, sp_name):
+    lp.share_attach(sp_name, connection=conn).unmap()
+
+
+@pytest.mark.parametrize("look", [_list, _attach], ids=["list", "attach"])
+def test_special_answers_are_not_lost_while_faytd_catches_up(fresh_faytd, conn_to, look):
+    """A list makes faytd look at every fd that is ready (catch-up), and
+    the C path looks at what else is ready before it serves an attach; a
+    chain's answer eventfd is edge-triggered, so the edge either look sees
+    must still reach the fault engine.  One client faults page after page
+    while another lists (or attaches) without pause: no fault may wait out
+    the chain's timeout (SIGBUS)."""
     d = fresh_faytd(config={"pager_spin_us": 0, "pager_timeout": 2})
     lister = conn_to(d)
     listed = lp.share_create("listed", PAGE, connection=lister)
@@ -294,7 +304,7 @@ def test_special_answers_are_not_lost_while_faytd_catches_up(fresh_faytd, conn_t
     client.start()
     try:
         while client.is_alive():
-            lister.list_sharepoints()
+            look(lister, "listed")
         client.join(WAIT)
         assert client.exitcode == 0, "a fault waited out the timeout (exit %s)" % client.exitcode
     finally:
