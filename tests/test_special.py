@@ -1483,3 +1483,44 @@ def test_special_faytd_keeps_its_own_ring_positions(fresh_faytd):
     log = d.stop()
     assert "does not hold" not in log, log
     assert "page at" not in log, log
+
+
+def _special_with_noncooperative_uffd(chain, out):
+    """A client whose userfaultfd asks for UFFD_FEATURE_EVENT_REMOVE (its
+    own fd, made with raw system calls: libportal never asks for it)."""
+    import ctypes
+    import fcntl
+    import struct
+    libc = ctypes.CDLL(None, use_errno=True)
+    nr_userfaultfd = {"x86_64": 323, "aarch64": 282}[os.uname().machine]
+    uffdio_api = 0xc018aa3f                     # _IOWR(0xAA, 0x3F, struct uffdio_api)
+    event_remove = 1 << 3
+
+    def hostile_open():
+        fd = libc.syscall(nr_userfaultfd, os.O_CLOEXEC | os.O_NONBLOCK)
+        assert fd >= 0, os.strerror(ctypes.get_errno())
+        api = bytearray(struct.pack("QQQ", 0xAA, event_remove, 0))
+        fcntl.ioctl(fd, uffdio_api, api)
+        return fd, 0
+
+    import libportal.special as special
+    special.open_userfaultfd = hostile_open
+    try:
+        lp.portal(lp.SPECIAL, lp.PROT_READ, 4 * PAGE, chain=chain, message=b"m")
+        out.put("mapped")
+    except OSError as e:
+        out.put((e.errno, str(e)))
+
+
+def test_special_a_userfaultfd_with_noncooperative_events_is_refused(lp, chain_server):
+    """While a fork/remap/remove/unmap event of such a userfaultfd is
+    unread, UFFDIO_COPY answers EAGAIN (and the client's thread waits for
+    faytd to read it): faytd refuses such an fd with EINVAL, naming it."""
+    chain = _chain()
+    chain_server(chain=chain)
+    out = CTX.Queue()
+    assert _run_client(_special_with_noncooperative_uffd, chain, out) == 0
+    got = out.get(timeout=WAIT)
+    assert got != "mapped"
+    err, msg = got
+    assert err == errno.EINVAL and "uffd" in msg and "non-cooperative" in msg, got
