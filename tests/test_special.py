@@ -916,7 +916,9 @@ def test_special_backed_region_faults_on_every_run(lp):
             with lp.portal(lp.SPECIAL, lp.PROT_READ, 8 * PAGE, chain=chain, message=b"m") as sp:
                 assert sp.backed
                 assert bytes(sp.buf[0:8 * PAGE]) == _pattern(0, 8 * PAGE)
-            assert [o for o, _, _ in srv.entries(8)] == [i * PAGE for i in range(8)]
+            # (sorted: bytes() of a view is one memcpy, which may touch the
+            # last page before the second, depending on alignment)
+            assert sorted(o for o, _, _ in srv.entries(8)) == [i * PAGE for i in range(8)]
         assert srv.log.empty()
     finally:
         srv.close()
