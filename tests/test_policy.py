@@ -227,7 +227,9 @@ def start(world_dir):
             cfg["policy"] = policy
         sub = os.path.join(world_dir, "d%d" % len(started))
         os.makedirs(sub)
-        os.chmod(sub, 0o777 if uid is not None else 0o755)   # faytd as a user makes its socket there
+        os.chmod(sub, 0o755)
+        if uid is not None:             # faytd as a user: its directory is its own (dirs.py)
+            os.chown(sub, uid, uid)
         d = Daemon(sub, cfg, runner, uid)
         started.append(d)
         return d
