@@ -311,7 +311,7 @@ class Instance:
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m servers.metadata",
+    ap = argparse.ArgumentParser(prog="python -m %s.metadata" % (__package__ or "servers"),
                                  description="A job counter whose instances share metadata.")
     ap.add_argument("--name", default=None, help="instance name, up to 8 bytes (default: pid)")
     ap.add_argument("--share", default="metadata.jobs", help="share-point identifier")
