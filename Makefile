@@ -39,8 +39,8 @@ $(STAMP): $(SOURCES)
 	@$(MAKE) --no-print-directory deps
 	@if ! $(PY) -m pip --version >/dev/null 2>&1; then \
 		echo "$(PYTHON) -m venv $(VENV)"; rm -rf $(VENV); $(PYTHON) -m venv $(VENV); fi
-	$(PIP) install setuptools wheel cffi posix_ipc psutil pytest
-	$(PIP) install --no-build-isolation -e .
+	$(PIP) install "setuptools>=77" "cffi>=1.15"
+	$(PIP) install --no-build-isolation -e ".[test]"
 	@touch $@
 
 # What a fresh Debian (python3 and gcc only) lacks: python3-venv, python3-dev.
