@@ -278,6 +278,14 @@ class Policy:
                               "server may destroy it" % (sp.identifier.decode(), sp.owner_pid))
 
     @staticmethod
+    def may_list(ctx, sp):
+        """LIST_SHARE: a core server sees every share-point; another
+        context those named in its uid's namespace and the shared one
+        (another uid's names are not its business)."""
+        return (ctx.category.id == lib.FAYT_CATEGORY_CORE
+                or sp.namespace in (ctx.uid, clib.FAYT_NS_SHARED))
+
+    @staticmethod
     def check_handlers(ctx, what):
         """NOTIFY_INSTALL, REMOVE, PROVIDER, SUBSCRIBE: the notify_handlers right."""
         if not ctx.category.notify_handlers:

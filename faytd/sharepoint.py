@@ -70,6 +70,12 @@ class Name(bytes):
         return "Name(%r, %s)" % (bytes(self), "SHARED" if self.ns == SHARED else self.ns)
 
 
+def namespace_label(ns):
+    """A namespace as the list and `fayt ls` show it: "uid:<uid>" or "shared"
+    ("uid:<uid>/" + a name addresses a uid's name from outside it)."""
+    return "shared" if ns == SHARED else "uid:%d" % ns
+
+
 class SharePoint:
     """A view of the core's share-point `id` (made by SharePoints.get)."""
     __slots__ = ("id", "identifier", "namespace", "prot", "length", "data_offset",
