@@ -9,7 +9,7 @@ recvmsg(2) interrupted by a signal is retried by Python (PEP 475) after the
 signal's handlers ran.  Every call is a notification dispatch point: what
 waits in this context's rings is dispatched before the call, and a doorbell
 that rang during the call (dispatch cannot fetch a new ring while a call is
-in flight) is dispatched after it (see notification.py).  One call is in
+in flight) is dispatched after it (see dispatch.py).  One call is in
 flight per connection; a lock serialises threads.
 
 After fork() the child must not speak on its parent's connection: the default
