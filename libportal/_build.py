@@ -18,7 +18,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 INCLUDE = os.path.join(HERE, "include")
 HEADERS = ["portal.h", "sharepoint.h", "notification.h", "context.h", "syscall.h", "lock.h",
            "ring.h", "pager.h"]
-SOURCES = [os.path.join("libportal", "src", f) for f in ("lock.c", "ring.c", "uffd.c")]
+SOURCES = [os.path.join("libportal", "src", f)
+           for f in ("lock.c", "ring.c", "uffd.c", "pager.c", "special.c")]
 CFFI_ABI = runpy.run_path(os.path.join(HERE, "_versions.py"))["CFFI_ABI"]
 
 
