@@ -4,6 +4,7 @@ faytd's clients connect or plant a link that faytd's journal follows.  faytd
 refuses such a directory, and never follows a link for its own files.
 
 The other uid is real: uid 65534 makes the directories and links."""
+import errno
 import os
 import shutil
 import signal
@@ -167,3 +168,99 @@ def test_dirs_a_missing_directory_is_made_0700_and_served(top):
             p.wait(WAIT)
         log.close()
         os.unlink(log.name)
+
+
+# -- the client's side: whom it takes for faytd ---------------------------------
+
+def _impostor(path, make_dir):
+    """A uid-65534 process that listens on path (make_dir: it makes the
+    directory first, 0755) and reports on a pipe what one client sent it:
+    "none" if nobody connected within a few seconds, else the byte count."""
+    import socket as _socket
+    r, w = os.pipe()
+    ready_r, ready_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.close(r)
+            os.close(ready_r)
+            os.setgroups([])
+            os.setgid(NOBODY)
+            os.setuid(NOBODY)
+            if make_dir:
+                os.mkdir(os.path.dirname(path), 0o755)
+            s = _socket.socket(_socket.AF_UNIX, _socket.SOCK_SEQPACKET)
+            s.bind(path)
+            os.chmod(path, 0o666)
+            s.listen(1)
+            os.write(ready_w, b"r")
+            s.settimeout(3)
+            try:
+                c, _ = s.accept()
+                c.settimeout(3)
+                try:
+                    got = len(c.recv(4096))
+                except OSError:
+                    got = 0
+                os.write(w, str(got).encode())
+            except _socket.timeout:
+                os.write(w, b"none")
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(w)
+    os.close(ready_w)
+    assert os.read(ready_r, 1) == b"r", "the impostor did not listen"
+    os.close(ready_r)
+
+    def result():
+        out = os.read(r, 64).decode()
+        os.close(r)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        return out
+    return result
+
+
+def test_dirs_client_refuses_a_socket_in_another_uids_directory(top, lp):
+    path = os.path.join(top(), "faytd.sock")
+    result = _impostor(path, make_dir=True)
+    with pytest.raises(PermissionError) as e:
+        lp.Connection(path)
+    assert "owned by uid %d" % NOBODY in str(e.value) and "FAYT_FAYTD_UID" in str(e.value)
+    assert result() == "none"               # it did not even connect
+
+
+def test_dirs_client_checks_faytd_s_uid_before_it_sends_anything(top, lp):
+    """A root-owned sticky directory others may write (like /tmp): another
+    uid's socket there is refused on its SO_PEERCRED, before HELLO."""
+    d = top()
+    os.mkdir(d)
+    os.chmod(d, 0o1777)
+    path = os.path.join(d, "faytd.sock")
+    result = _impostor(path, make_dir=False)
+    with pytest.raises(PermissionError) as e:
+        lp.Connection(path)
+    assert "runs as uid %d" % NOBODY in str(e.value) and "nothing was sent" in str(e.value)
+    assert result() == "0"                  # connected, then closed: no byte
+
+
+def test_dirs_client_talks_to_the_uid_it_names(top, lp):
+    path = os.path.join(top(), "faytd.sock")
+    result = _impostor(path, make_dir=True)
+    with pytest.raises(OSError) as e:       # it sends HELLO; the impostor never answers
+        lp.Connection(path, faytd_uid=NOBODY)
+    assert not isinstance(e.value, PermissionError) or "uid" not in str(e.value)
+    assert int(result()) > 0
+
+
+@pytest.mark.parametrize("env, arg, name", [("abc", None, "FAYT_FAYTD_UID"),
+                                            (None, -1, "faytd_uid"),
+                                            (None, "0", "faytd_uid")])
+def test_dirs_client_refuses_a_bad_faytd_uid(lp, monkeypatch, env, arg, name):
+    if env is not None:
+        monkeypatch.setenv("FAYT_FAYTD_UID", env)
+    with pytest.raises(OSError) as e:
+        lp.Connection("/nonexistent/faytd.sock", faytd_uid=arg)
+    assert e.value.errno == errno.EINVAL and name in str(e.value)

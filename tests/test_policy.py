@@ -135,6 +135,7 @@ class Daemon:
 
     def __init__(self, directory, config, runner=None, uid=None, ram="64MiB"):
         self.dir = directory
+        self.uid = uid                  # faytd's, when it runs as a user
         self.socket = os.path.join(directory, "faytd.sock")
         self.log = os.path.join(directory, "faytd.log")
         cfg = os.path.join(directory, "faytd.json")
@@ -177,7 +178,7 @@ class Daemon:
             return f.read()
 
     def state(self):
-        c = libportal.Connection(self.socket)
+        c = libportal.Connection(self.socket, faytd_uid=self.uid)
         try:
             shares = c.list_sharepoints()
             ctxs = c.list_contexts()
@@ -315,8 +316,9 @@ print(json.dumps(out), flush=True)
 
 def run_client(as_user, d, actions=(), uid=NOBODY, gid=None):
     """Run CLIENT as uid; return its report (JSON)."""
+    env = {"FAYT_FAYTD_UID": str(d.uid)} if d.uid is not None else None
     p = as_user.popen(CLIENT, [d.socket, json.dumps(list(actions))], uid=uid,
-                      gid=uid if gid is None else gid,
+                      gid=uid if gid is None else gid, env=env,
                       stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         out, err = p.communicate(timeout=TIMEOUT)
@@ -413,7 +415,7 @@ def test_policy_no_rule_matches_hello_refused(as_user, start):
     assert rep["steps"] == []
     assert d.wait_state(before) == before
     # root still matches its rule and is core
-    c = libportal.Connection(d.socket)
+    c = libportal.Connection(d.socket, faytd_uid=NOBODY)     # root names the user's faytd
     assert c.category == lib.FAYT_CATEGORY_CORE
     c.close()
 
@@ -571,7 +573,7 @@ def test_policy_default_policy_owner_uid_is_core_when_faytd_runs_as_a_user(as_us
     rep = run_client(as_user, d, [["anon", PAGE], ["me"]], uid=OTHER_UID)
     assert rep["hello"][1]["category"] == lib.FAYT_CATEGORY_SERVER
     assert steps(rep) == [("anon", 0), ("me", 0)]
-    c = libportal.Connection(d.socket)
+    c = libportal.Connection(d.socket, faytd_uid=NOBODY)     # root names the user's faytd
     assert c.category == lib.FAYT_CATEGORY_CORE
     c.close()
 
