@@ -20,7 +20,7 @@ import errno
 import fcntl
 import multiprocessing
 import os
-import socket
+import select
 import struct
 import threading
 import uuid
@@ -92,46 +92,81 @@ def _assert_faytd_answers(d):
     assert _run(_share_create_and_destroy, d.socket) == 0
 
 
-def _read_page(addr, out, key):
-    """Fault addr from C (the GIL released: only this thread waits)."""
-    buf = bytearray(8)
-    lib.fayt_copy(ffi.cast("uintptr_t", ffi.from_buffer(buf)), addr, 8)
-    out[key] = int.from_bytes(buf, "little")
-
-
 def _page_bytes(offset):
     return (offset + 1).to_bytes(8, "little") + bytes(PAGE - 8)
 
 
-# -- a userfaultfd initialised after faytd looked at it ----------------------
+# -- a userfaultfd that has not had UFFDIO_API -------------------------------
 
-def _quiet_server(socket_path, chain, efd_to, go, ready, stop):
-    """A chain server that helps the client: the first request for an even
-    page is answered without ringing faytd (the client rings it), and the
-    client is told; every other request is answered as usual."""
+def _portal_with(conn, fd, chain, npages=4):
+    """A SPECIAL portal call sending fd (raw: libportal would register first)."""
+    err = ffi.new("int *")
+    base = lib.fayt_map_special(npages * PAGE, 0, lp.PROT_READ, err)
+    assert base, os.strerror(err[0])
+    return special._call_fds(conn, lib.FAYT_SYS_PORTAL, encode_portal_req(
+        lp.SPECIAL, lp.PROT_READ, npages * PAGE, None, 0, 0, chain.encode(), b"m", base), [fd])
+
+
+def _uninitialised_uffd(socket_path, chain, out):
+    conn = lp.Connection(socket_path)
+    fd = _raw_userfaultfd(os.O_CLOEXEC | os.O_NONBLOCK)
+    try:
+        _portal_with(conn, fd, chain)
+        out.put(("mapped",))
+    except OSError as e:
+        out.put(("refused", e.errno, str(e)))
+    try:
+        _api(fd, _EVENT_REMOVE)             # too late: faytd chose for it
+        out.put(("api", 0))
+    except OSError as e:
+        out.put(("api", e.errno))
+    out.close()
+    out.join_thread()
+
+
+def test_special_hostile_userfaultfd_without_uffdio_api_is_refused(fresh_faytd):
+    """Its fdinfo shows no features, as an fd that will never ask for any:
+    a client could pass the non-cooperative check and ask for EVENT_REMOVE
+    afterwards.  faytd calls UFFDIO_API itself (no features), refuses the
+    fd with EINVAL naming uffd, and the client's UFFDIO_API then fails."""
+    d = fresh_faytd()
+    chain = _chain()
+    ready, stop = CTX.Event(), CTX.Event()
+    srv = CTX.Process(target=_server, args=(d.socket, chain, ready, stop))
+    srv.start()
+    try:
+        assert ready.wait(WAIT)
+        out = CTX.Queue()
+        assert _run(_uninitialised_uffd, d.socket, chain, out) == 0
+        refused, api = out.get(timeout=WAIT), out.get(timeout=WAIT)
+        assert refused[:2] == ("refused", errno.EINVAL), refused
+        assert refused[2].startswith("[Errno 22] uffd: the userfaultfd has not had UFFDIO_API")
+        assert api == ("api", errno.EINVAL)
+        _assert_faytd_answers(d)
+    finally:
+        _stop(stop, srv)
+    assert "region 1" not in d.stop()
+
+
+def _server(socket_path, chain, ready, stop):
     conn = lp.Connection(socket_path)
     s = lp.chain_join(chain, connection=conn)
-    socket.send_fds(efd_to, [b"e"], [s._efd])
-    header = ffi.cast("struct fayt_pager_header *", s._ch)
-    trapped = set()
     ready.set()
-
-    def answer(req):
-        if req.offset % (2 * PAGE) == 0 and req.offset not in trapped:
-            trapped.add(req.offset)
-            header.rung = 1         # "a ring is outstanding": answer() writes no eventfd
-            req.supply(_page_bytes(req.offset))
-            os.write(go, b"g")
-        else:
-            req.supply(_page_bytes(req.offset))
-
-    s.serve(answer, stop=stop.is_set, poll=0.05)
+    s.serve(lambda req: req.supply(_page_bytes(req.offset)), stop=stop.is_set, poll=0.05)
     s.leave()
+
+
+def _stop(stop, proc):
+    stop.set()
+    proc.join(WAIT)
+    if proc.is_alive():
+        proc.kill()
+        proc.join(WAIT)
 
 
 def _arm_after_faytd_looked(fd):
     """In a child: wait until faytd set O_NONBLOCK on the fd (it has its dup
-    and reads the fdinfo next), then UFFDIO_API with EVENT_REMOVE at once.
+    and looks at it next), then UFFDIO_API with EVENT_REMOVE at once.
     Exit code: 0 armed, else the errno (ETIMEDOUT: faytd never looked)."""
     for _ in range(50_000_000):
         if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_NONBLOCK:
@@ -145,119 +180,88 @@ def _arm_after_faytd_looked(fd):
     os._exit(0)
 
 
-def _ring_and_remove(efd, addr):
-    os.write(efd, (1).to_bytes(8, "little"))
-    _libc.madvise(addr, PAGE, _MADV_DONTNEED)
-
-
-def _late_api_client(socket_path, chain, efd_from, go, out, release, attempts, npages):
+def _late_api_client(socket_path, chain, out, attempts):
     conn = lp.Connection(socket_path)
-    _, (efd,), _, _ = socket.recv_fds(efd_from, 1, 1)
-    size = npages * PAGE
-    err = ffi.new("int *")
-    try:
-        for attempt in range(attempts):
-            fd = _raw_userfaultfd()         # blocking, no API yet
-            base = lib.fayt_map_special(size, 0, lp.PROT_READ, err)
-            assert base, os.strerror(err[0])
-            pid = os.fork()
-            if pid == 0:
-                _arm_after_faytd_looked(fd)
-            try:
-                special._call_fds(conn, lib.FAYT_SYS_PORTAL, encode_portal_req(
-                    lp.SPECIAL, lp.PROT_READ, size, None, 0, 0, chain.encode(), b"m", base),
-                    [fd])
-            except OSError as e:
-                os.waitpid(pid, 0)
-                out.put(("refused", e.errno, str(e)))
-                continue
-            armed = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
-            if armed != 0:
-                out.put(("not armed", armed, ""))
-                continue
-            _register(fd, base, size)
-            # Did faytd keep the region?  (Too late: its first read of the fd,
-            # before UFFDIO_API, failed with EINVAL and it closed the region.)
-            got = {}
-            t = threading.Thread(target=_read_page, args=(base + PAGE, got, "probe"),
-                                 daemon=True)
-            t.start()
-            t.join(1)
-            if "probe" not in got:
-                out.put(("too late", attempt, ""))
-                continue
-            out.put(("armed", attempt, ""))
-            # The fd now has EVENT_REMOVE.  Thread A faults an even page; the
-            # server answers it without telling faytd; then, back to back,
-            # ring faytd and make a REMOVE event: faytd's UFFDIO_COPY meets
-            # mmap_changing before it reads the event.
-            # (The REMOVE's thread sleeps until faytd reads the event.)
-            for page in range(0, npages - 2, 2):
-                t = threading.Thread(target=_read_page, args=(base + page * PAGE, got, page),
-                                     daemon=True)
-                t.start()
-                os.read(go, 1)
-                remove = threading.Thread(target=_ring_and_remove,
-                                          args=(efd, base + (page + 3) * PAGE), daemon=True)
-                remove.start()
-                t.join(WAIT)
-                remove.join(WAIT if page in got else 0)
-                out.put(("page", page, got.get(page)))
-                if page not in got or remove.is_alive():
-                    return
-            return
-    finally:
-        out.put(("end", 0, ""))
-        out.close()
-        out.join_thread()
-        release.wait(3 * WAIT)      # alive while the test looks at faytd: its exit
-        os._exit(0)                 # would end a stalled copy (ESRCH)
+    for _ in range(attempts):
+        fd = _raw_userfaultfd()             # blocking: faytd's set_blocking shows
+        pid = os.fork()
+        if pid == 0:
+            _arm_after_faytd_looked(fd)
+        try:
+            _portal_with(conn, fd, chain)
+            outcome = ("mapped",)
+        except OSError as e:
+            outcome = ("refused", e.errno)
+        armed = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+        out.put(outcome + (armed,))
+        os.close(fd)
+    out.close()
+    out.join_thread()
 
 
-def test_special_hostile_late_api_with_remove_events_does_not_wedge_faytd(fresh_faytd):
-    """The client sends a userfaultfd without UFFDIO_API (its fdinfo shows
-    no features: faytd's check passes), calls UFFDIO_API with EVENT_REMOVE
-    just after faytd looked, registers the range and makes a REMOVE event
-    while faytd copies a page in.  faytd's copy gives up after a few EAGAINs
-    (the thread faults again and gets its page), and faytd answers others."""
+def test_special_hostile_userfaultfd_armed_while_faytd_looks_is_refused(fresh_faytd):
+    """The race the check above closes: a helper of the client calls
+    UFFDIO_API with EVENT_REMOVE the moment faytd has the fd (its
+    O_NONBLOCK shows).  Before faytd's own UFFDIO_API: faytd sees the
+    feature and refuses; after it: the helper's fails.  Never mapped.
+    (Before the check, one try in 5-40 got a region whose REMOVE events
+    stalled faytd's UFFDIO_COPY; see uffd_io_copy's bound below.)"""
     d = fresh_faytd()
     chain = _chain()
-    ready, stop, release = CTX.Event(), CTX.Event(), CTX.Event()
-    out = CTX.Queue()
-    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
-    go_r, go_w = os.pipe()
-    srv = CTX.Process(target=_quiet_server, args=(d.socket, chain, a, go_w, ready, stop))
+    ready, stop = CTX.Event(), CTX.Event()
+    srv = CTX.Process(target=_server, args=(d.socket, chain, ready, stop))
     srv.start()
-    client = None
     try:
         assert ready.wait(WAIT)
-        npages = 16
-        client = CTX.Process(target=_late_api_client,
-                             args=(d.socket, chain, b, go_r, out, release, 40, npages))
-        client.start()
-        results = []
-        while not results or results[-1][0] != "end":
-            results.append(out.get(timeout=2 * WAIT))
+        out, attempts = CTX.Queue(), 30
+        assert _run(_late_api_client, d.socket, chain, out, attempts) == 0
+        got = [out.get(timeout=WAIT) for _ in range(attempts)]
+        assert all(g[:2] == ("refused", errno.EINVAL) for g in got), got
+        assert all(g[2] in (0, errno.EINVAL) for g in got), got    # armed, or too late
         _assert_faytd_answers(d)
-        release.set()
-        client.join(WAIT)
-        assert not client.is_alive()
-        pages = [r[1:] for r in results if r[0] == "page"]
-        if any(r[0] == "armed" for r in results):
-            assert pages == [(p, p * PAGE + 1) for p in range(0, npages - 2, 2)]
     finally:
-        release.set()
-        stop.set()
-        for p in (client, srv):
-            if p is not None:
-                p.join(WAIT)
-                if p.is_alive():
-                    p.kill()
-                    p.join(WAIT)
-        for fd in (go_r, go_w):
-            os.close(fd)
-        a.close()
-        b.close()
-    log = d.stop()
-    if pages:
-        assert "UFFDIO_COPY at" in log and "Resource temporarily unavailable" in log, log
+        _stop(stop, srv)
+    d.stop()
+
+
+# -- UFFDIO_COPY while a REMOVE event is unread ------------------------------
+
+def _copy_while_remove_unread(out):
+    fd = _raw_userfaultfd(os.O_CLOEXEC | os.O_NONBLOCK)
+    _api(fd, _EVENT_REMOVE)
+    err = ffi.new("int *")
+    base = lib.fayt_map_special(2 * PAGE, 0, lp.PROT_READ | lp.PROT_WRITE, err)
+    assert base, os.strerror(err[0])
+    _register(fd, base, 2 * PAGE)
+    # madvise sleeps until the REMOVE event is read; the event makes the fd
+    # readable only after mmap_changing went up.
+    remove = threading.Thread(target=_libc.madvise, args=(base + PAGE, PAGE, _MADV_DONTNEED),
+                              daemon=True)
+    remove.start()
+    p = select.poll()
+    p.register(fd, select.POLLIN)
+    assert p.poll(WAIT * 1000), "no REMOVE event"
+    src = bytes(_page_bytes(0))
+    copied = ffi.new("uint64_t *")
+    first = lib.fayt_uffd_copy(fd, base, src, PAGE, 0, copied), copied[0]
+    faults = ffi.new("struct fayt_uffd_fault[32]")
+    n = lib.fayt_uffd_read(fd, faults, 32)  # takes the event: no fault among it
+    remove.join(WAIT)
+    then = lib.fayt_uffd_copy(fd, base, src, PAGE, 0, copied), copied[0]
+    out.put((first, n, remove.is_alive(), then))
+    out.close()
+    out.join_thread()
+
+
+def test_special_hostile_uffdio_copy_gives_up_while_an_event_is_unread():
+    """What faytd's fault engine does if such an fd ever reaches it: its
+    UFFDIO_COPY (uffd_io_copy, the code libportal's fayt_uffd_copy runs)
+    answers EAGAIN, copying nothing, instead of retrying for as long as the
+    event stays unread (forever: the caller is the one that would read
+    it).  Once the event is read, the copy goes in."""
+    out = CTX.Queue()
+    assert _run(_copy_while_remove_unread, out) == 0
+    first, n, remove_waits, then = out.get(timeout=WAIT)
+    assert first == (errno.EAGAIN, 0)
+    assert n == 0 and not remove_waits
+    assert then == (0, PAGE)
