@@ -265,3 +265,72 @@ def test_special_hostile_uffdio_copy_gives_up_while_an_event_is_unread():
     assert first == (errno.EAGAIN, 0)
     assert n == 0 and not remove_waits
     assert then == (0, PAGE)
+
+
+# -- a userfaultfd the client makes blocking again ---------------------------
+
+def _faults_read(fd):
+    """(pending, total) of the fd's fdinfo: faults not yet read, and all
+    the faults whose thread still waits."""
+    with open("/proc/self/fdinfo/%d" % fd) as f:
+        info = dict(line.split(":", 1) for line in f if ":" in line)
+    return int(info["pending"]), int(info["total"])
+
+
+def _one_uffd_two_portals(socket_path, chain, out, release):
+    """Two SPECIAL portals over one userfaultfd (libportal opens one per
+    portal): faytd watches two dups of one file description; then the
+    client clears O_NONBLOCK on it, which faytd's dups share, and faults."""
+    conn = lp.Connection(socket_path)
+    fd, caps = special.open_userfaultfd()
+    special.open_userfaultfd = lambda: (os.dup(fd), caps)
+    a = lp.portal(lp.SPECIAL, lp.PROT_READ, 4 * PAGE, chain=chain, message=b"a",
+                  connection=conn)
+    lp.portal(lp.SPECIAL, lp.PROT_READ, 4 * PAGE, chain=chain, message=b"b", connection=conn)
+    os.set_blocking(fd, True)
+    threading.Thread(target=lambda: lib.fayt_copy(
+        ffi.cast("uintptr_t", ffi.from_buffer(bytearray(8))), a.addr, 8), daemon=True).start()
+    # faytd read the fault through one of its fds (the fault is no longer
+    # pending); both were ready, so it reads the other next, finding nothing.
+    for _ in range(WAIT * 100):
+        pending, total = _faults_read(fd)
+        if total and not pending:
+            break
+        threading.Event().wait(0.01)
+    out.put((pending, total))
+    out.close()
+    out.join_thread()
+    release.wait(3 * WAIT)          # alive while the test looks at faytd
+    os._exit(0)
+
+
+def test_special_hostile_blocking_userfaultfd_does_not_block_faytd(fresh_faytd):
+    """The O_NONBLOCK faytd sets on its dup of a client's userfaultfd is
+    the client's too, which can clear it.  Then a read of faytd's with no
+    fault ready would sleep until the client's next fault: here it finds
+    none (the one fault was read through the other portal's fd), and faytd
+    answers others.  (With a plain read(2) it slept there: no other client
+    was answered, and faytd did not even stop on SIGTERM.)"""
+    d = fresh_faytd()
+    chain = _chain()
+    ready, stop, release = CTX.Event(), CTX.Event(), CTX.Event()
+    srv = CTX.Process(target=_server, args=(d.socket, chain, ready, stop))
+    srv.start()
+    client = None
+    try:
+        assert ready.wait(WAIT)
+        out = CTX.Queue()
+        client = CTX.Process(target=_one_uffd_two_portals, args=(d.socket, chain, out, release))
+        client.start()
+        pending, total = out.get(timeout=2 * WAIT)
+        assert (pending, total) == (0, 1)
+        _assert_faytd_answers(d)
+    finally:
+        release.set()
+        if client is not None:
+            client.join(WAIT)
+            if client.is_alive():
+                client.kill()
+                client.join(WAIT)
+        _stop(stop, srv)
+    d.stop()
