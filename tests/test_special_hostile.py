@@ -15,6 +15,7 @@ The Linux facts the attacks use:
 Each test runs its own faytd: an attack that worked would wedge it, and
 the session's faytd must stay out of it.  Every wait is bounded; a client
 that hangs is killed."""
+import contextlib
 import ctypes
 import errno
 import fcntl
@@ -96,6 +97,36 @@ def _page_bytes(offset):
     return (offset + 1).to_bytes(8, "little") + bytes(PAGE - 8)
 
 
+def _server(socket_path, chain, ready, stop):
+    conn = lp.Connection(socket_path)
+    s = lp.chain_join(chain, connection=conn)
+    ready.set()
+    s.serve(lambda req: req.supply(_page_bytes(req.offset)), stop=stop.is_set, poll=0.05)
+    s.leave()
+
+
+def _stop(stop, proc):
+    stop.set()
+    proc.join(WAIT)
+    if proc.is_alive():
+        proc.kill()
+        proc.join(WAIT)
+
+
+@contextlib.contextmanager
+def _served_chain(d):
+    """A chain of faytd d, served by a plain server in a child while in use."""
+    chain = _chain()
+    ready, stop = CTX.Event(), CTX.Event()
+    srv = CTX.Process(target=_server, args=(d.socket, chain, ready, stop))
+    srv.start()
+    try:
+        assert ready.wait(WAIT)
+        yield chain
+    finally:
+        _stop(stop, srv)
+
+
 # -- a userfaultfd that has not had UFFDIO_API -------------------------------
 
 def _portal_with(conn, fd, chain, npages=4):
@@ -130,12 +161,7 @@ def test_special_hostile_userfaultfd_without_uffdio_api_is_refused(fresh_faytd):
     afterwards.  faytd calls UFFDIO_API itself (no features), refuses the
     fd with EINVAL naming uffd, and the client's UFFDIO_API then fails."""
     d = fresh_faytd()
-    chain = _chain()
-    ready, stop = CTX.Event(), CTX.Event()
-    srv = CTX.Process(target=_server, args=(d.socket, chain, ready, stop))
-    srv.start()
-    try:
-        assert ready.wait(WAIT)
+    with _served_chain(d) as chain:
         out = CTX.Queue()
         assert _run(_uninitialised_uffd, d.socket, chain, out) == 0
         refused, api = out.get(timeout=WAIT), out.get(timeout=WAIT)
@@ -143,25 +169,7 @@ def test_special_hostile_userfaultfd_without_uffdio_api_is_refused(fresh_faytd):
         assert refused[2].startswith("[Errno 22] uffd: the userfaultfd has not had UFFDIO_API")
         assert api == ("api", errno.EINVAL)
         _assert_faytd_answers(d)
-    finally:
-        _stop(stop, srv)
     assert "region 1" not in d.stop()
-
-
-def _server(socket_path, chain, ready, stop):
-    conn = lp.Connection(socket_path)
-    s = lp.chain_join(chain, connection=conn)
-    ready.set()
-    s.serve(lambda req: req.supply(_page_bytes(req.offset)), stop=stop.is_set, poll=0.05)
-    s.leave()
-
-
-def _stop(stop, proc):
-    stop.set()
-    proc.join(WAIT)
-    if proc.is_alive():
-        proc.kill()
-        proc.join(WAIT)
 
 
 def _arm_after_faytd_looked(fd):
@@ -207,20 +215,13 @@ def test_special_hostile_userfaultfd_armed_while_faytd_looks_is_refused(fresh_fa
     (Before the check, one try in 5-40 got a region whose REMOVE events
     stalled faytd's UFFDIO_COPY; see uffd_io_copy's bound below.)"""
     d = fresh_faytd()
-    chain = _chain()
-    ready, stop = CTX.Event(), CTX.Event()
-    srv = CTX.Process(target=_server, args=(d.socket, chain, ready, stop))
-    srv.start()
-    try:
-        assert ready.wait(WAIT)
+    with _served_chain(d) as chain:
         out, attempts = CTX.Queue(), 30
         assert _run(_late_api_client, d.socket, chain, out, attempts) == 0
         got = [out.get(timeout=WAIT) for _ in range(attempts)]
         assert all(g[:2] == ("refused", errno.EINVAL) for g in got), got
         assert all(g[2] in (0, errno.EINVAL) for g in got), got    # armed, or too late
         _assert_faytd_answers(d)
-    finally:
-        _stop(stop, srv)
     d.stop()
 
 
@@ -312,25 +313,13 @@ def test_special_hostile_blocking_userfaultfd_does_not_block_faytd(fresh_faytd):
     answers others.  (With a plain read(2) it slept there: no other client
     was answered, and faytd did not even stop on SIGTERM.)"""
     d = fresh_faytd()
-    chain = _chain()
-    ready, stop, release = CTX.Event(), CTX.Event(), CTX.Event()
-    srv = CTX.Process(target=_server, args=(d.socket, chain, ready, stop))
-    srv.start()
-    client = None
-    try:
-        assert ready.wait(WAIT)
-        out = CTX.Queue()
+    with _served_chain(d) as chain:
+        out, release = CTX.Queue(), CTX.Event()
         client = CTX.Process(target=_one_uffd_two_portals, args=(d.socket, chain, out, release))
         client.start()
-        pending, total = out.get(timeout=2 * WAIT)
-        assert (pending, total) == (0, 1)
-        _assert_faytd_answers(d)
-    finally:
-        release.set()
-        if client is not None:
-            client.join(WAIT)
-            if client.is_alive():
-                client.kill()
-                client.join(WAIT)
-        _stop(stop, srv)
+        try:
+            assert out.get(timeout=2 * WAIT) == (0, 1)     # (pending, total)
+            _assert_faytd_answers(d)
+        finally:
+            _stop(release, client)
     d.stop()
