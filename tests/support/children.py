@@ -134,6 +134,19 @@ class Child:
                 pass
 
 
+def share_owner(spawn, d, name, data):
+    """A child of faytd `d` that creates the share-point `name`, writes
+    data there, and stays until it is killed."""
+    owner = spawn("""
+        sp = lp.share_create(%r, 4096)
+        sp.write(0, %r)
+        print("made")
+        time.sleep(120)
+        """ % (name, data), d.env())
+    assert owner.expect() == "made"
+    return owner
+
+
 def wait_until(pred, what, timeout=WAIT):
     """Poll pred() until it is true (its value), or fail naming `what`."""
     deadline = time.monotonic() + timeout

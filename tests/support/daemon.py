@@ -30,6 +30,18 @@ from faytd.launch import fayt_objects, keepers, wait_for_socket  # noqa: F401 (r
 NOBODY = 65534
 TIMEOUT = 60            # seconds: a bound against a hang, never a measure
 
+# A configuration under which the test's own uid ($owner) is core and a
+# process with gid SERVER_GID (a child of the test that setgid()s: tests
+# run as root) is a plain server.
+SERVER_GID = 4242
+SERVER_GID_CONFIG = {"policy": {
+    "categories": {"core": {"classes": ["SHARE", "DIRECT", "ANON", "COW", "SPECIAL"],
+                            "notify_handlers": True},
+                   "server": {"classes": ["SHARE", "ANON"]}},
+    "rules": [{"gid": SERVER_GID, "category": "server"},
+              {"uid": "$owner", "category": "core"}],
+    "default": "server"}}
+
 class Faytd(launch.Faytd):
     """A running faytd: .socket, .dir, .proc, .log; env(); stop() -> the log.
 
