@@ -87,8 +87,9 @@ def findings(start):
     out = []
     gc.collect()
     for d in list(launch._running):
-        out.append("faytd %d (%s) was never stopped" % (d.proc.pid, d.dir))
-        d.stop(check=False)
+        if d.proc.poll() is None:
+            out.append("faytd %d (%s) still runs" % (d.proc.pid, d.dir))
+        d.stop(check=False)             # a killed one: reaped, forgotten
     left = launch.leftover_keepers()
     objects = launch.fayt_objects(dirs=set(launch.LAST), pooled=True)
     if left or objects:
