@@ -80,10 +80,15 @@ def read(path):
     format (None: no journal).  UnknownFormat if this faytd cannot read it."""
     sps, ctxs, ids = {}, {}, [1, 1]
     try:
-        with open(path, "rb") as f:
-            data = f.read()
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except (FileNotFoundError, NotADirectoryError):
         return [], [], (1, 1), None
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise UnknownFormat("journal %s is a symbolic link: not followed" % path) from None
+        raise
+    with open(fd, "rb") as f:
+        data = f.read()
     lines = data.split(b"\n")
     version = format_of(path, lines)
     first = 2 if lines[0].startswith(b"V ") else 1      # the records' first line
@@ -178,10 +183,15 @@ class Journal:
 
     def __init__(self, state_dir, fast):
         self.fast = fast
-        os.makedirs(state_dir, mode=0o700, exist_ok=True)
+        os.makedirs(state_dir, mode=0o700, exist_ok=True)   # (main.py checked it: dirs.py)
         self.path = os.path.join(state_dir, NAME)
-        self._lockfd = os.open(os.path.join(state_dir, NAME + ".lock"),
-                               os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            self._lockfd = os.open(os.path.join(state_dir, NAME + ".lock"),
+                                   os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        except OSError as e:
+            raise SystemExit("faytd: %s: %s%s" % (
+                os.path.join(state_dir, NAME + ".lock"), e.strerror,
+                " (a symbolic link: not followed)" if e.errno == errno.ELOOP else "")) from None
         try:
             fcntl.flock(self._lockfd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -218,7 +228,12 @@ class Journal:
         """Rewrite the journal with what is live now (and the next ids), then
         append from here."""
         tmp = self.path + ".new"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            os.unlink(tmp)              # a rewrite that faytd's death cut short
+        except FileNotFoundError:
+            pass
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o600)
         try:
             live = {sp.id for sp in sharepoints}
             attaches = [b"A %d %d\n" % (c.id, i) for c in contexts for i in _attached(c)
@@ -231,7 +246,7 @@ class Journal:
         os.rename(tmp, self.path)
         if self._fd >= 0:
             os.close(self._fd)
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC)
         self.live_lines = len(sharepoints) + len(contexts) + len(attaches)
         self.lines = self.live_lines
 

@@ -11,6 +11,7 @@ from libportal._abi import lib
 from libportal.syscall import default_socket_path
 
 from . import config
+from .dirs import secure_dir
 from .kernel import Kernel
 from .server import Server
 
@@ -34,6 +35,10 @@ def main(argv=None):
         ap.error(str(e))
     cfg["socket"] = cfg["socket"] or default_socket_path()
     cfg["state_dir"] = cfg["state_dir"] or os.path.dirname(cfg["socket"])
+    if not args.print_config:
+        # Made 0700 if missing; refused if another uid owns or may write it.
+        secure_dir(os.path.dirname(os.path.abspath(cfg["socket"])), "socket directory")
+        cfg["state_dir"] = secure_dir(cfg["state_dir"], "state directory")
     if args.print_config:
         import json
         print(json.dumps(cfg, indent=2))

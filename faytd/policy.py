@@ -192,8 +192,11 @@ class Policy:
 
     @staticmethod
     def check_destroy(ctx, sp):
-        """SHARE_DESTROY, UNMAP_DESTROY: its owner or a core server."""
-        if ctx.pid != sp.owner_pid and ctx.category.id != lib.FAYT_CATEGORY_CORE:
+        """SHARE_DESTROY, UNMAP_DESTROY: its owner (the process that made
+        it: its pid and start time, so a process given a dead owner's pid
+        is not taken for it) or a core server."""
+        owner = ctx.pid == sp.owner_pid and (ctx.start or 0) == (sp.owner_start or 0)
+        if not owner and ctx.category.id != lib.FAYT_CATEGORY_CORE:
             raise KernelError(errno.EPERM, "share-point %r: only its owner (pid %d) or a core "
                               "server may destroy it" % (sp.identifier.decode(), sp.owner_pid))
 

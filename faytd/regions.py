@@ -49,6 +49,11 @@ from .sharepoint import NamedShares
 log = logging.getLogger("faytd")
 
 _FEATURE_MINOR_SHMEM = 1 << 10   # UFFD_FEATURE_MINOR_SHMEM, as fdinfo shows the features
+# UFFD_FEATURE_EVENT_FORK, _REMAP, _REMOVE, _UNMAP: non-cooperative events.
+# While one is unread, UFFDIO_COPY/CONTINUE answer EAGAIN and the client's
+# thread that caused it waits for faytd to read it: a client's fd that asks
+# for them could stall the fault engine, and libportal never asks.
+_FEATURES_NONCOOPERATIVE = (1 << 1) | (1 << 2) | (1 << 3) | (1 << 6)
 
 
 class Region:
@@ -188,8 +193,13 @@ class Regions:
         grant = []
         try:
             os.set_blocking(uffd, False)    # a client may send a blocking one: never wait on it
+            features = _uffd_features(uffd)
+            if features & _FEATURES_NONCOOPERATIVE:
+                raise KernelError(errno.EINVAL, "uffd: the userfaultfd asks for non-cooperative "
+                                  "events (features %#x: fork, remap, remove or unmap), which "
+                                  "faytd does not serve" % features)
             b = None
-            if not share and _uffd_features(uffd) & _FEATURE_MINOR_SHMEM:
+            if not share and features & _FEATURE_MINOR_SHMEM:
                 chains = self.p.chains
                 b = chains.backing_for(chains.for_region(ctx, chain.decode()), message, length)
                 if b is not None:

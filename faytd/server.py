@@ -107,8 +107,8 @@ class Server:
     def _listen(self, path, mode):
         d = os.path.dirname(path) or "."
         if not os.path.isdir(d):
-            os.makedirs(d, mode=0o700, exist_ok=True)
-        if os.path.exists(path):
+            os.makedirs(d, mode=0o700, exist_ok=True)       # (main.py checks it: dirs.py)
+        if os.path.lexists(path):
             if not stat.S_ISSOCK(os.lstat(path).st_mode):
                 raise SystemExit("faytd: %s exists and is not a socket" % path)
             probe = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)

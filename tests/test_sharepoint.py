@@ -674,6 +674,54 @@ def test_sharepoint_destroy_by_a_non_owner_server_is_refused(fresh_faytd, conn_t
     assert list_share(core) == {}
 
 
+def _spawn_with_pid(spawn, pid, code, env):
+    """A child given pid (a dead process's): /proc/sys/kernel/ns_last_pid
+    names the pid the kernel hands out next; other processes of the machine
+    may take it first, so try again."""
+    for _ in range(200):
+        with open("/proc/sys/kernel/ns_last_pid", "w") as f:
+            f.write(str(pid - 1))
+        c = spawn(code, env=env)
+        if c.pid == pid:
+            return c
+        c.kill()
+    raise AssertionError("no child was given pid %d in 200 tries" % pid)
+
+
+def test_sharepoint_a_dead_owners_pid_does_not_make_its_owner(fresh_faytd, conn_to, spawn):
+    """The owner dies while core keeps its share-point mapped; a process
+    that the kernel gives the dead owner's pid is not its owner: its
+    destroy is refused (faytd compares the start time as well)."""
+    d = fresh_faytd(config=SERVER_GID_CONFIG)
+    core = conn_to(d)
+    owner = spawn("""
+        os.setgroups([]); os.setgid(%d)
+        sp = lp.share_create("reused", 4096, connection=lp.Connection())
+        print(os.getpid())
+        sys.stdin.readline()
+        """ % SERVER_GID, env=d.env())
+    pid = int(owner.expect())
+    kept = libportal.share_attach("reused", connection=core)
+    owner.send("go")
+    owner.finish()
+    wait_until(lambda: not list_share(core)["reused"]["owner_alive"], "the owner's death seen")
+    code = """
+        os.setgroups([]); os.setgid(%d)
+        sp = lp.share_attach("reused", connection=lp.Connection())
+        try:
+            sp.destroy()
+            print("destroyed")
+        except lp.PermissionDenied as e:
+            print("refused", e.errno, sp.mapped)
+        """ % SERVER_GID
+    impostor = _spawn_with_pid(spawn, pid, code, d.env())
+    assert impostor.expect() == "refused %d True" % errno.EPERM
+    impostor.finish()
+    assert "reused" in list_share(core)
+    kept.destroy()                  # core still may
+    assert list_share(core) == {}
+
+
 def test_sharepoint_owner_death_reclaims_an_unmapped_share_point(lp, spawn, names):
     name = names("orphan")
     owner = spawn("""

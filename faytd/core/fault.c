@@ -726,9 +726,11 @@ static void supply(struct fayt_faults *e, struct req *q, struct member *m, uint3
     int wp = r->wp && q->access == FAYT_ACCESS_READ;
     uint64_t copied = 0;
     int err = uffd_io_copy(r->uffd, r->addr + q->offset, slot_data(m, slot), n, wp, &copied);
-    if (err && copied == 0 && err != ENOENT) {
+    if (err && copied == 0 && err != ENOENT && err != EAGAIN) {
         /* Not even the faulting page went in: fail it (SIGBUS), never
-         * leave the faulting thread asleep. */
+         * leave the faulting thread asleep.  (ENOENT, EAGAIN: the client's
+         * address space changed under the copy; the range was woken and
+         * the thread faults again if it still needs the page.) */
         logf_(e, L_WARNING, "region %u: UFFDIO_COPY at 0x%llx: %s", r->id,
               (unsigned long long)q->offset, strerror(err));
         fail(e, q, err);
@@ -759,8 +761,9 @@ static void map_(struct fayt_faults *e, struct req *q, struct member *m, uint32_
     }
     uint64_t mapped = 0;
     int err = uffd_io_continue(r->uffd, r->addr + q->offset, n, &mapped);
-    if (err && mapped == 0) {
-        /* The backing lacks even the faulting page: SIGBUS, never zeros. */
+    if (err && mapped == 0 && err != EAGAIN) {
+        /* The backing lacks even the faulting page: SIGBUS, never zeros.
+         * (EAGAIN: woken, the thread faults again, as for a copy.) */
         logf_(e, L_WARNING, "region %u: UFFDIO_CONTINUE at 0x%llx: %s", r->id,
               (unsigned long long)q->offset, strerror(err));
         fail(e, q, err);

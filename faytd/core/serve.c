@@ -87,17 +87,27 @@ static int acknowledge(struct fayt_fast_conn *c, const struct fayt_req_hdr *h, i
 /* -- PORTAL(SHARE|ANON) and PORTAL(ANON) --------------------------------------- */
 /* Whether faytd has events waiting besides c's: then a call whose answer an
  * earlier call of another connection could change (an attach: a destroy
- * sent before it) goes to Python, which performs those first (catch_up). */
+ * sent before it) goes to Python, which performs those first (catch_up).
+ * A chain member's eventfd is edge-triggered: this look takes its edge, so
+ * the fault engine's events it reports are served here, or a chain
+ * server's answer would wait for its deadline. */
 static int others_waiting(struct fayt_core *k, struct fayt_fast_conn *c)
 {
     struct epoll_event evs[8];
     if (k->priv->epfd < 0)
         return 1;
     int n = epoll_wait(k->priv->epfd, evs, 8, 0);
-    for (int i = 0; i < n; i++)
-        if (evs[i].data.fd != c->fd)
-            return 1;
-    return n < 0;
+    int others = n < 0;
+    for (int i = 0; i < n; i++) {
+        int fd = evs[i].data.fd;
+        if (fayt_faults_owns(k, fd)) {
+            fayt_faults_event(k, fd, evs[i].events);
+            k->faults->c_events++;
+        } else if (fd != c->fd) {
+            others = 1;
+        }
+    }
+    return others;
 }
 
 static int fast_portal(struct fayt_core *k, struct fayt_fast_conn *c,

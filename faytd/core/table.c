@@ -90,6 +90,13 @@ static const char *sp_repr(const struct sp *sp, char *out, size_t max)
 }
 
 /* -- tables ---------------------------------------------------------------- */
+/* Whether c's process made sp: its pid and its start time, so that a
+ * process that was given a dead owner's pid is not taken for it. */
+static int sp_owned_by(const struct sp *sp, const struct fayt_fast_conn *c)
+{
+    return sp->owner_pid == c->pid && sp->owner_start == c->start;
+}
+
 static uint64_t hash_handle(uint32_t ctx_id, uint64_t handle)
 {
     uint64_t h = (handle * 0x9E3779B97F4A7C15ULL) ^ ((uint64_t)ctx_id * 0xC2B2AE3D27D4EB4FULL);
@@ -536,7 +543,7 @@ static int map_insert(struct fayt_core *k, struct map *m)
         sp->nmaps++;
         /* Its creator's process gets it back at a restart from its S
          * record: no A record for it. */
-        int created = sp->owner_pid == c->pid && sp->owner_start == c->start;
+        int created = sp_owned_by(sp, c);
         if (c->ctx_id != sp->creator_ctx)
             sp->shared = 1;         /* its object went to another context */
         if (idset_add(k, &c->cs->mapped, sp->id, !created) == 1 && !created
@@ -960,7 +967,7 @@ int fayt_core_unmap(struct fayt_core *k, struct fayt_fast_conn *c, uint64_t hand
             return core_fail(msg, max, EINVAL, "handle: %llu is not a share-point",
                              (unsigned long long)handle);
         if (how == FAYT_CORE_DESTROY || !sp->destroyed) {
-            if (c->pid != sp->owner_pid && !(c->flags & FAYT_FAST_CONN_CORE))
+            if (!sp_owned_by(sp, c) && !(c->flags & FAYT_FAST_CONN_CORE))
                 return core_fail(msg, max, EPERM, "share-point %s: only its owner (pid %d) or "
                                  "a core server may destroy it", sp_repr(sp, rb, sizeof rb),
                                  sp->owner_pid);

@@ -255,9 +255,23 @@ int fayt_protect(uintptr_t addr, uint64_t length, int prot)
     return mprotect((void *)addr, length, prot) < 0 ? errno : 0;
 }
 
+/* A copy that touches the pages of a SPECIAL portal in address order, one
+ * page at a time: glibc's memcpy may load the tail of a large copy first
+ * (depending on how source and destination are aligned), which would fault
+ * the last page before the second and defeat the chain's prefetch run. */
 void fayt_copy(uintptr_t dst, uintptr_t src, uint64_t n)
 {
-    memcpy((void *)dst, (const void *)src, n);
+    while (n) {
+        uint64_t chunk = 4096 - (src & 4095), to_dst = 4096 - (dst & 4095);
+        if (chunk > to_dst)
+            chunk = to_dst;
+        if (chunk > n)
+            chunk = n;
+        memcpy((void *)dst, (const void *)src, chunk);
+        dst += chunk;
+        src += chunk;
+        n -= chunk;
+    }
 }
 
 /* -- the guard against faytd's death ------------------------------------- */

@@ -50,6 +50,14 @@ struct uffdio_poison {
 
 #define UFFD_IO_PAGE 4096ULL
 
+/* UFFDIO_COPY and UFFDIO_CONTINUE answer EAGAIN while the faulting process's
+ * address space changes (mmap_changing: a fork, mremap or madvise that a
+ * non-cooperative userfaultfd reports).  That lasts until someone reads the
+ * event from the fd, which the caller cannot do inside these loops: after
+ * this many EAGAINs in a row without progress they give up with EAGAIN (the
+ * range is woken, so the faulting thread faults again), never spin. */
+#define UFFD_IO_STALLS 8
+
 static inline int uffd_io_read(int fd, struct fayt_uffd_fault *out, int max)
 {
     struct uffd_msg msg[32];
@@ -80,7 +88,7 @@ static inline int uffd_io_copy(int fd, uint64_t dst, const void *src, uint64_t l
                    uint64_t *copied)
 {
     uint64_t done = 0, total = 0;
-    int err = 0;
+    int err = 0, stalls = 0;
     while (done < len) {
         struct uffdio_copy c = {
             .dst = dst + done, .src = (uint64_t)(uintptr_t)src + done, .len = len - done,
@@ -99,7 +107,9 @@ static inline int uffd_io_copy(int fd, uint64_t dst, const void *src, uint64_t l
             done += UFFD_IO_PAGE;          /* present already: skip it */
             continue;
         }
-        if (errno == EAGAIN)
+        if (errno == EAGAIN && c.copy > 0)
+            continue;
+        if (errno == EAGAIN && ++stalls < UFFD_IO_STALLS)
             continue;
         err = errno;
         break;
@@ -112,7 +122,7 @@ static inline int uffd_io_copy(int fd, uint64_t dst, const void *src, uint64_t l
 static inline int uffd_io_continue(int fd, uint64_t dst, uint64_t len, uint64_t *mapped)
 {
     uint64_t done = 0, total = 0;
-    int err = 0;
+    int err = 0, stalls = 0;
     while (done < len) {
         struct uffdio_continue c = {
             .range = { .start = dst + done, .len = len - done },
@@ -132,7 +142,7 @@ static inline int uffd_io_continue(int fd, uint64_t dst, uint64_t len, uint64_t 
             done += UFFD_IO_PAGE;          /* mapped already: skip it */
             continue;
         }
-        if (e == EAGAIN)
+        if (e == EAGAIN && ++stalls < UFFD_IO_STALLS)
             continue;
         err = e;                   /* EFAULT: the object lacks this page */
         break;

@@ -42,20 +42,25 @@ SERVER_GID_CONFIG = {"policy": {
               {"uid": "$owner", "category": "core"}],
     "default": "server"}}
 
+
 class Faytd(launch.Faytd):
     """A running faytd: .socket, .dir, .proc, .log; env(); stop() -> the log.
 
+    directory holds its log and config (and is its state directory);
     config: a dict written as its JSON configuration; ram: e.g. "64MiB";
-    extra: more command-line arguments; as_user, uid: run it as that user."""
+    extra: more command-line arguments; as_user, uid: run it as that user;
+    socket: its socket (and state directory) elsewhere than in directory,
+    made by faytd itself if missing."""
 
-    def __init__(self, directory, config=None, ram=None, extra=(), as_user=None, uid=None):
+    def __init__(self, directory, config=None, ram=None, extra=(), as_user=None, uid=None,
+                 socket=None):
         self.crash_reported = False     # the test reported a crash itself: stop_clean passes
-        if as_user is None:
+        if as_user is None and socket is None:
             super().__init__(directory, config, ram, extra)
             return
-        # faytd as another user: the same command line, run by as_user.
+        # The same command line, run by as_user, or with the socket elsewhere.
         os.makedirs(directory, exist_ok=True)
-        self.socket = os.path.join(directory, "faytd.sock")
+        self.socket = socket or os.path.join(directory, "faytd.sock")
         args = ["--socket", self.socket, "-v"]
         if config is not None:
             cfg = os.path.join(directory, "faytd.json")
@@ -70,11 +75,15 @@ class Faytd(launch.Faytd):
         code = ("import sys, runpy; sys.argv = ['faytd'] + sys.argv[1:]; "
                 "runpy.run_module('faytd', run_name='__main__')")
         with open(self.log, "w") as logf:
-            self.proc = as_user.popen(code, args, uid=uid, gid=uid, stderr=logf,
-                                      stdin=subprocess.DEVNULL)
+            if as_user is None:
+                self.proc = subprocess.Popen([sys.executable, "-m", "faytd"] + args,
+                                             stderr=logf, stdin=subprocess.DEVNULL)
+            else:
+                self.proc = as_user.popen(code, args, uid=uid, gid=uid, stderr=logf,
+                                          stdin=subprocess.DEVNULL)
         # Known to faytd.launch like its own: stopped at exit, its keeper judged.
         launch.STARTED.append(self.proc.pid)
-        launch.RUNS[self.proc.pid] = self.dir = os.path.realpath(directory)
+        launch.RUNS[self.proc.pid] = self.dir = os.path.realpath(os.path.dirname(self.socket))
         launch.LAST[self.dir] = self.proc
         launch._running.append(self)
         try:

@@ -157,16 +157,21 @@ def lp(faytd):
 
 
 class _Daemons:
-    """Start faytds in numbered directories under `base`; stop them all."""
+    """Start faytds in numbered directories under `base`; stop them all.
+    world: the directories are 0755 (others reach the socket), and a faytd
+    run as another user owns its own (faytd/dirs.py refuses a directory
+    that is not its uid's or that others may write)."""
 
-    def __init__(self, base, mode=None):
-        self.base, self.mode, self.started = base, mode, []
+    def __init__(self, base, world=False):
+        self.base, self.world, self.started = base, world, []
 
     def start(self, check=None, **kw):
         sub = os.path.join(self.base, "faytd%d" % len(self.started))
         os.makedirs(sub)
-        if self.mode is not None:
-            os.chmod(sub, self.mode(kw))
+        if self.world:
+            os.chmod(sub, 0o755)
+            if kw.get("uid") is not None:
+                os.chown(sub, kw["uid"], kw["uid"])
         d = Faytd(sub, **kw)
         self.started.append((d, check))
         return d
@@ -207,8 +212,7 @@ def world_dir():
 def world_faytd(world_dir):
     """world_faytd(policy=None, as_user=None, uid=None, **config) -> a faytd
     whose socket is 0666 in world_dir."""
-    # faytd run as a user makes its socket in its directory
-    daemons = _Daemons(world_dir, mode=lambda kw: 0o777 if kw.get("uid") is not None else 0o755)
+    daemons = _Daemons(world_dir, world=True)
 
     def start(policy=None, as_user=None, uid=None, ram="64MiB", **config):
         cfg = {"socket_mode": "0666"}
