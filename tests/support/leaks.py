@@ -10,7 +10,8 @@ every faytd of the session stopped (findings):
 - no process the session started still runs, or waits to be reaped
   (children of the test process, and of the fork server: support.procs);
 - nothing new in /dev/shm named by the project ("fayt...") or by this
-  session's multiprocessing (its semaphores carry the session's prefix).
+  session's multiprocessing (its semaphores carry the session's prefix)
+  that no live object holds.
 
 Other runs on the same machine (their own faytds, keepers, /dev/shm
 entries) are not this session's to judge: each check looks only at what
@@ -25,8 +26,6 @@ import time
 import psutil
 
 from faytd import launch
-
-from . import procs
 
 SEM_PREFIX = "/mp-fayt-test-%d" % os.getpid()
 SHM = "/dev/shm"
@@ -82,8 +81,8 @@ def _describe(p, harness):
 
 
 def findings(start):
-    """What the session left behind, as lines (empty: nothing); what can be
-    ended is ended, so that one run's leak does not become the next one's."""
+    """What the session left behind, as lines (empty: nothing).  Processes
+    are ended, so that one run's leak does not become the next one's."""
     out = []
     gc.collect()
     for d in list(launch._running):
@@ -110,18 +109,27 @@ def findings(start):
                 os.waitpid(p.pid, 0)
         except (psutil.Error, ChildProcessError):
             pass
-    procs.stop_fork_server()
-
+    # (The fork server and multiprocessing's resource tracker end with this
+    # process.)  A semaphore an object still holds (a failed test's traceback
+    # keeps it) goes with the object: not a leak.
+    live = _live_semaphores()
     deadline = time.monotonic() + 5         # another process may still be unlinking
     while True:
-        new = sorted(n for n in _shm() - start["shm"] if _ours(n))
+        new = sorted(n for n in _shm() - start["shm"] if _ours(n) and n not in live)
         if not new or time.monotonic() > deadline:
             break
         time.sleep(0.05)
-    for n in new:
-        out.append("left in %s: %s" % (SHM, n))
-        try:
-            os.unlink(os.path.join(SHM, n))
-        except OSError:
-            pass
+    out.extend("left in %s: %s" % (SHM, n) for n in new)
     return out
+
+
+def _live_semaphores():
+    """The /dev/shm names of the semaphores live objects of this process hold."""
+    from multiprocessing.synchronize import SemLock
+    names = set()
+    for o in gc.get_objects():
+        if isinstance(o, SemLock):
+            name = getattr(getattr(o, "_semlock", None), "name", None)
+            if name:
+                names.add("sem." + name.lstrip("/"))
+    return names

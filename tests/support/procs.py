@@ -89,17 +89,6 @@ def call_in_child(fn, *args, timeout=WAIT):
     return value
 
 
-def stop_fork_server():
-    """End the fork server and multiprocessing's resource tracker, if they
-    run (the end of the session: what is left after that is a leak)."""
-    from multiprocessing import forkserver, resource_tracker
-    for obj in (getattr(forkserver, "_forkserver", None),
-                getattr(resource_tracker, "_resource_tracker", None)):
-        stop = getattr(obj, "_stop", None)
-        if stop is not None:
-            stop()
-
-
 def threads():
     """How many threads this process has (the kernel's count: C threads too)."""
     with open("/proc/self/status") as f:
