@@ -58,17 +58,20 @@ def pytest_configure(config):
 # -- the fork guard -----------------------------------------------------------
 
 def _fork_guard(item):
-    with warnings.catch_warnings(record=True) as seen:
-        warnings.filterwarnings("always", message=FORK_WARNING.pattern,
-                                category=DeprecationWarning)
-        result = yield
-    forks = []
-    for w in seen:
-        if issubclass(w.category, DeprecationWarning) and FORK_WARNING.search(str(w.message)):
-            forks.append(w)
-        else:                               # pytest's own recorder reports the rest
-            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno,
-                                   source=w.source)
+    seen, forks = [], []
+    try:
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.filterwarnings("always", message=FORK_WARNING.pattern,
+                                    category=DeprecationWarning)
+            result = yield
+    finally:
+        for w in seen:
+            if issubclass(w.category, DeprecationWarning) and \
+                    FORK_WARNING.search(str(w.message)):
+                forks.append(w)
+            else:                           # pytest's own recorder reports the rest
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno,
+                                       source=w.source)
     if forks and item.get_closest_marker("forks_with_threads") is None:
         pytest.fail("fork() in a multi-threaded process (%d times, first at %s:%d); start "
                     "children with support.procs (forkserver) or subprocess: see "
@@ -231,38 +234,35 @@ def as_user():
     return AsUser()
 
 
+def _factory(make, end):
+    """A fixture's factory: what make(...) returns, end() takes after the test."""
+    made = []
+
+    def factory(*args, **kw):
+        x = make(*args, **kw)
+        made.append(x)
+        return x
+
+    yield factory
+    for x in made:
+        end(x)
+
+
 @pytest.fixture
 def conn_to():
     """conn_to(faytd) -> a libportal.Connection to that daemon, closed after the test."""
     import libportal
-    made = []
-
-    def make(d):
-        c = libportal.Connection(d.socket)
-        made.append(c)
-        return c
-
-    yield make
-    for c in made:
-        c.close()
+    yield from _factory(lambda d: libportal.Connection(d.socket), lambda c: c.close())
 
 
 @pytest.fixture
 def spawn(request):
     """spawn(code, env=None, **kw) -> a Child (support.children); every child
     is killed after the test.  env None: the session faytd's."""
-    made = []
-
     def start(code, env=None, **kw):
-        if env is None:
-            env = request.getfixturevalue("faytd").env()
-        c = Child(code, env, **kw)
-        made.append(c)
-        return c
+        return Child(code, request.getfixturevalue("faytd").env() if env is None else env, **kw)
 
-    yield start
-    for c in made:
-        c.kill()
+    yield from _factory(start, Child.kill)
 
 
 @pytest.fixture
