@@ -26,8 +26,8 @@ DEFAULT = {
     "fast_syscalls": True,       # share-point create and destroy in C (faytd/core/serve.c);
                                  # false: every call goes through Python (same results)
     "recycle_objects": True,     # the fast path may give a context the object of a share-point
-                                 # it alone held back for its next one (README "How faytd
-                                 # answers fast": false if clients pass portal fds on)
+                                 # it alone held back for its next one (docs/design.md, "How
+                                 # faytd answers fast": false if clients pass portal fds on)
     "policy": {
         "categories": {
             "core": {"classes": ["SHARE", "DIRECT", "ANON", "COW", "SPECIAL"],

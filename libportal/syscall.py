@@ -125,7 +125,7 @@ class Connection:
         """A PORTAL call whose granted object is mapped (at addr, or anywhere)
         and its fd closed in the same C call that reads the reply, the GIL
         held throughout, so that no fork() can inherit the fd (faytd may give
-        this context the object again: see README "How faytd answers fast").
+        this context the object again: see docs/design.md, "How faytd answers fast").
         Returns (reply body, mapped): mapped is (address or 0, 0 or mmap's
         errno, the fayt_portal_reply tuple, the physical addresses)."""
         body, got = self._dispatching_call(lib.FAYT_SYS_PORTAL, body, 0, (), (addr, prot, share))
@@ -261,7 +261,7 @@ class Connection:
         return self._list(lib.FAYT_SYS_LIST_CONTEXTS, "contexts")
 
     def stats(self):
-        """faytd's counters, decoded (FAYT_SYS_STATS; README "fayt stats")."""
+        """faytd's counters, decoded (FAYT_SYS_STATS; docs/cli.md, "fayt stats")."""
         return json.loads(self.call(lib.FAYT_SYS_STATS)[0])
 
     def _list(self, op, key):

@@ -410,7 +410,7 @@ def test_policy_destroy_of_a_users_share_point(as_user, world_faytd):
 
 def test_policy_stats_count_only_the_callers_uid_share_points_unless_core(as_user, world_faytd):
     """FAYT_SYS_STATS is open to every context; its share-point count is
-    the caller's uid's unless the caller is core (README "fayt stats")."""
+    the caller's uid's unless the caller is core (docs/cli.md, "fayt stats")."""
     d = world_faytd()
     owner = libportal.Connection(d.socket)
     mine = [libportal.share_create(_name("stats-root"), PAGE, connection=owner)
