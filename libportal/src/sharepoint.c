@@ -319,33 +319,43 @@ static inline int ssize_arg(SharePointCore *self, PyObject *o, const char *call,
     return 0;
 }
 
-static PyObject *core_lock(SharePointCore *self, PyObject *const *args, Py_ssize_t nargs,
-                           PyObject *kwnames)
+/* The uncontended case: the home slot of the robust record free, the lock
+ * free.  1 and *r (0 or EOWNERDEAD) if it took the lock, the record HELD;
+ * else 0 and nothing changed (acquire() does the rest). */
+static inline int take_at_home(SharePointCore *self, unsigned long me, int *r)
+{
+    struct fayt_context_page *ctx = self->ctx;
+    unsigned k = self->sp_id % FAYT_HELD_LOCKS_MAX;
+    int died;
+    if (!ctx || ctx->held[k].sp_id != 0)
+        return 0;
+    __atomic_store_n(&ctx->held[k].sp_id, self->sp_id, __ATOMIC_RELAXED);
+    __atomic_store_n(&ctx->held[k].state, FAYT_HELD_PENDING, __ATOMIC_RELEASE);
+    if (!fayt_sp_take(self->base, FAYT_LOCK_HELD, &died)) {
+        rec_clear(ctx, (int)k);
+        return 0;
+    }
+    __atomic_store_n(&ctx->held[k].state, FAYT_HELD_HELD, __ATOMIC_RELEASE);
+    self->slot = (int)k;
+    self->holder = me;
+    *r = died ? EOWNERDEAD : 0;
+    return 1;
+}
+
+static __attribute__((noinline)) PyObject *
+lock_slow(SharePointCore *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
 {
     int64_t timeout = -1;
     PyObject *t = nargs == 1 ? args[0] : NULL;
     DISPATCH_POINT(self->st);
     CHECK_MAPPED(self);
     if (nargs == 0 && kwnames == NULL) {
-        /* The uncontended case inline: its home record slot free, the lock free. */
         unsigned long me = THREAD_IDENT();
         if (self->holder == me)
             return fp_raise(self->st, EDEADLK, "share-point lock: this thread already holds it");
-        struct fayt_context_page *ctx = self->ctx;
-        unsigned k = self->sp_id % FAYT_HELD_LOCKS_MAX;
-        int died;
-        if (ctx && ctx->held[k].sp_id == 0) {
-            __atomic_store_n(&ctx->held[k].sp_id, self->sp_id, __ATOMIC_RELAXED);
-            __atomic_store_n(&ctx->held[k].state, FAYT_HELD_PENDING, __ATOMIC_RELEASE);
-            if (fayt_sp_take(self->base, FAYT_LOCK_HELD, &died)) {
-                __atomic_store_n(&ctx->held[k].state, FAYT_HELD_HELD, __ATOMIC_RELEASE);
-                self->slot = (int)k;
-                self->holder = me;
-                return PyLong_FromLong(died ? EOWNERDEAD : 0);
-            }
-            rec_clear(ctx, (int)k);
-        }
-        int r = acquire(self, -1);
+        int r;
+        if (!take_at_home(self, me, &r))
+            r = acquire(self, -1);
         return r < 0 ? NULL : PyLong_FromLong(r);
     }
     Py_ssize_t nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0;
@@ -367,6 +377,22 @@ static PyObject *core_lock(SharePointCore *self, PyObject *const *args, Py_ssize
     if (r < 0)
         return NULL;
     return PyLong_FromLong(r);
+}
+
+/* lock(): the common case (no argument, no hint registered, mapped, not
+ * held by this thread, uncontended) without leaving this function;
+ * anything else is lock_slow's, which looks at all of it again. */
+static PyObject *core_lock(SharePointCore *self, PyObject *const *args, Py_ssize_t nargs,
+                           PyObject *kwnames)
+{
+    if (__builtin_expect(nargs == 0 && kwnames == NULL && self->st->hints.n == 0
+                         && self->base != NULL, 1)) {
+        unsigned long me = THREAD_IDENT();
+        int r;
+        if (self->holder != me && take_at_home(self, me, &r))
+            return PyLong_FromLong(r);
+    }
+    return lock_slow(self, args, nargs, kwnames);
 }
 
 static PyObject *core_try_lock(SharePointCore *self, PyObject *unused)
