@@ -284,19 +284,25 @@ static PyObject *hint_state(PyObject *mod, PyObject *unused)
 
 PyMethodDef fp_dispatch_functions[] = {
     {"notify_post", (PyCFunction)(void (*)(void))notify_post, METH_FASTCALL,
+     "notify_post($module, ring, index, flags, sender, payload, pidfd, signo, hint, /)\n--\n\n"
      "fayt_ring_post, never waiting (FAYT_NOTIFY_NOWAIT): 0, FAYT_RING_POSTED_RING (posted; "
      "faytd must ring) or an errno.  hint: the address of the target's hint word, or 0."},
     {"dispatch_step", (PyCFunction)(void (*)(void))dispatch_step, METH_FASTCALL,
+     "dispatch_step($module, dispatcher, stack_rec, result, status, /)\n--\n\n"
      "fayt_dispatch_step: (rec, payload, index, sender) of the next notification started, "
      "payload a memoryview of it on its notification stack; or (rec < 0, None, None, None)."},
     {"hint_register", (PyCFunction)(void (*)(void))hint_register, METH_FASTCALL,
+     "hint_register($module, word, page, hook, /)\n--\n\n"
      "Make share-point calls dispatch points for a runtime: hook() -> bool runs on the main "
      "thread when the hint word changed."},
     {"hint_unregister", (PyCFunction)hint_unregister, METH_O,
+     "hint_unregister($module, word, /)\n--\n\n"
      "Forget the hint word (before its runtime unmaps it)."},
     {"hint_reset", (PyCFunction)hint_reset, METH_NOARGS,
+     "hint_reset($module, /)\n--\n\n"
      "Forget every hint; the caller is the main thread (at exit, fork child)."},
     {"hint_state", (PyCFunction)hint_state, METH_NOARGS,
+     "hint_state($module, /)\n--\n\n"
      "(registered hint words, 1 if a lock is recorded in their pages)."},
     {NULL}
 };

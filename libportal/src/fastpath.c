@@ -159,6 +159,7 @@ static void fastpath_free(void *m)
 
 static PyMethodDef module_methods[] = {
     {"set_error_factory", set_error_factory, METH_O,
+     "set_error_factory($module, factory, /)\n--\n\n"
      "factory(errno, message) builds the exception the module raises."},
     {NULL}
 };

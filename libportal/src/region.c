@@ -13,6 +13,7 @@
 #include "fastpath.h"
 
 #include <errno.h>
+#include <stdio.h>
 
 #include "fayt/lock.h"
 
@@ -89,6 +90,16 @@ PyObject *fp_region_orphan(Region *self, PyObject *args)
 
 static PyObject *region_exports(Region *self, void *c) { return PyLong_FromSsize_t(self->exports); }
 
+static PyObject *region_repr(Region *self)
+{
+    char addr[24];          /* PyUnicode_FromFormat has no %#zx */
+    snprintf(addr, sizeof addr, "%#zx", (size_t)(uintptr_t)self->addr);
+    return PyUnicode_FromFormat("<%s addr=%s length=%zd%s exports=%zd%s>",
+                                _PyType_Name(Py_TYPE(self)), addr, self->length,
+                                self->readonly ? " readonly" : "", self->exports,
+                                self->addr && !self->unmap_addr ? "" : " closed");
+}
+
 PyObject *fp_region_new(fastpath_state *st, void *addr, Py_ssize_t length, int readonly)
 {
     Region *r = PyObject_New(Region, st->region_type);
@@ -105,8 +116,10 @@ PyObject *fp_region_new(fastpath_state *st, void *addr, Py_ssize_t length, int r
 
 static PyMethodDef region_methods[] = {
     {"close", (PyCFunction)fp_region_close, METH_NOARGS,
+     "close($self, /)\n--\n\n"
      "Forget the memory; BufferError while memoryviews of it exist."},
     {"orphan", (PyCFunction)fp_region_orphan, METH_VARARGS,
+     "orphan($self, addr, length, /)\n--\n\n"
      "If memoryviews of it exist, munmap(addr, length) when the last goes and return True; "
      "else return False and do nothing."},
     {NULL}
@@ -118,10 +131,12 @@ static PyGetSetDef region_getset[] = {
 };
 
 static PyType_Slot region_slots[] = {
-    {Py_tp_doc, "Mapped memory whose memoryviews are counted."},
+    {Py_tp_doc, "Region(addr, length, readonly)\n--\n\n"
+                "Mapped memory whose memoryviews are counted."},
     {Py_tp_new, PyType_GenericNew},
     {Py_tp_init, region_init},
     {Py_tp_dealloc, region_dealloc},
+    {Py_tp_repr, region_repr},
     {Py_bf_getbuffer, region_getbuffer},
     {Py_bf_releasebuffer, region_releasebuffer},
     {Py_tp_methods, region_methods},

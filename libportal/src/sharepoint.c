@@ -25,6 +25,7 @@
 
 #include <errno.h>
 #include <stddef.h>
+#include <stdio.h>
 #include <string.h>
 #include <time.h>
 
@@ -51,6 +52,7 @@ typedef struct {
     int closing;              /* being unmapped: waiters in lock() give up (ECANCELED) */
     int waiters;              /* threads in lock() with the GIL released */
     PyObject *region;         /* the Region view() exports, made at the first view() */
+    uintptr_t addr;           /* the mapping's address, kept after unmapping (repr) */
     PyObject *weakreflist;
     PyObject *dict;
 } SharePointCore;
@@ -85,6 +87,7 @@ static int core_init(SharePointCore *self, PyObject *args, PyObject *kw)
         return -1;
     }
     self->base = (uint8_t *)(uintptr_t)base;
+    self->addr = (uintptr_t)base;
     self->data_offset = (size_t)data_offset;
     self->length = (size_t)length;
     self->prot = prot;
@@ -679,38 +682,72 @@ static PyObject *get_owner_died(SharePointCore *self, void *c)
     return PyBool_FromLong((fayt_sp_lock_state(self->base) & FAYT_LOCK_OWNER_DIED) != 0);
 }
 
+/* <SharePoint handle=1 sp_id=7 addr=0x7f.. length=4096 data=4064>: length is
+ * the mapping's (what share_create was given, rounded to pages), data the
+ * bytes after the meta-structure (sp.length).  handle is the Python side's
+ * attribute, shown when it is set. */
+static PyObject *core_repr(SharePointCore *self)
+{
+    PyObject *handle = self->dict ? PyDict_GetItemString(self->dict, "handle") : NULL;
+    PyObject *h = handle ? PyUnicode_FromFormat(" handle=%R", handle) : PyUnicode_FromString("");
+    if (!h)
+        return NULL;
+    char addr[24];          /* PyUnicode_FromFormat has no %#zx */
+    snprintf(addr, sizeof addr, "%#zx", (size_t)self->addr);
+    PyObject *r = PyUnicode_FromFormat("<%s%U sp_id=%u addr=%s length=%zu data=%zu%s>",
+                                       _PyType_Name(Py_TYPE(self)), h, (unsigned)self->sp_id,
+                                       addr, self->data_offset + self->length, self->length,
+                                       self->base ? "" : " unmapped");
+    Py_DECREF(h);
+    return r;
+}
+
 static PyMethodDef core_methods[] = {
     {"lock", (PyCFunction)(void (*)(void))core_lock, METH_FASTCALL | METH_KEYWORDS,
+     "lock($self, /, timeout=None)\n--\n\n"
      "Take the share-point lock; 0, or errno.EOWNERDEAD: the previous holder died, so "
      "repair the data, then mark_consistent().  timeout: None waits for ever, else seconds "
      "(TimedOut when they pass)."},
     {"try_lock", (PyCFunction)core_try_lock, METH_NOARGS,
+     "try_lock($self, /)\n--\n\n"
      "Take the lock if it is free: 0, errno.EOWNERDEAD, or errno.EBUSY (not taken)."},
     {"unlock", (PyCFunction)(void (*)(void))core_unlock, METH_FASTCALL,
+     "unlock($self, /)\n--\n\n"
      "Release the lock this object holds."},
     {"mark_consistent", (PyCFunction)core_mark_consistent, METH_NOARGS,
+     "mark_consistent($self, /)\n--\n\n"
      "Clear the owner-died mark of the held lock."},
     {"read", (PyCFunction)(void (*)(void))core_read, METH_FASTCALL,
+     "read($self, offset, size, /)\n--\n\n"
      "Lock, check, copy size bytes of data at offset, unlock, in one call; the bytes."},
     {"write", (PyCFunction)(void (*)(void))core_write, METH_FASTCALL,
+     "write($self, offset, data, /)\n--\n\n"
      "Lock, check, copy data to offset, unlock, in one call."},
     {"add", (PyCFunction)(void (*)(void))core_add, METH_FASTCALL,
+     "add($self, offset, delta, /)\n--\n\n"
      "Add delta to the native int64 at offset (a multiple of 8) under the lock; "
      "the new value."},
     {"view", (PyCFunction)core_view, METH_NOARGS,
+     "view($self, /)\n--\n\n"
      "A memoryview of the data (read-only without PROT_WRITE).  Take the lock around its "
      "use; unmap() raises BufferError while one exists."},
     {"__enter__", (PyCFunction)core_enter, METH_NOARGS,
+     "__enter__($self, /)\n--\n\n"
      "Take the lock (OwnerDied if its previous holder died)."},
     {"__exit__", (PyCFunction)(void (*)(void))core_exit, METH_FASTCALL,
+     "__exit__($self, /, *exc_info)\n--\n\n"
      "Release the lock."},
     {"_invalidate", (PyCFunction)core_invalidate, METH_NOARGS,
+     "_invalidate($self, /)\n--\n\n"
      "Before the munmap: waiters in lock() give up, a lock held here is released."},
     {"_check_unmap", (PyCFunction)core_check_unmap, METH_NOARGS,
+     "_check_unmap($self, /)\n--\n\n"
      "BufferError while memoryviews of view() exist."},
     {"_orphan", (PyCFunction)core_orphan, METH_VARARGS,
+     "_orphan($self, addr, length, /)\n--\n\n"
      "Connection.close(): True if views keep the memory mapped (the last one unmaps it)."},
     {"_forget", (PyCFunction)core_forget, METH_NOARGS,
+     "_forget($self, /)\n--\n\n"
      "After fork(): forget the mapping without touching it."},
     {NULL}
 };
@@ -725,6 +762,11 @@ static PyGetSetDef core_getset[] = {
     {"base", (getter)get_base, NULL, "address of the mapping (the meta-structure)", NULL},
     {"lock_state", (getter)get_lock_state, NULL, "the raw lock byte", NULL},
     {"owner_died", (getter)get_owner_died, NULL, "whether the owner-died mark is set", NULL},
+    /* A C type with tp_dictoffset has no __dict__ descriptor of its own;
+     * without it a subclass that mixes in a Python class (SharePoint:
+     * SharePointCore, Mapping) finds the mixin's, which refuses the
+     * object, and dir() fails. */
+    {"__dict__", PyObject_GenericGetDict, PyObject_GenericSetDict, NULL, NULL},
     {NULL}
 };
 
@@ -735,12 +777,14 @@ static PyMemberDef core_members[] = {
 };
 
 static PyType_Slot core_slots[] = {
-    {Py_tp_doc, "The C core of a mapped share-point: lock, fused access, views."},
+    {Py_tp_doc, "SharePointCore(base, data_offset, length, prot, sp_id, context)\n--\n\n"
+                "The C core of a mapped share-point: lock, fused access, views."},
     {Py_tp_new, core_new},
     {Py_tp_init, core_init},
     {Py_tp_dealloc, core_dealloc},
     {Py_tp_traverse, core_traverse},
     {Py_tp_clear, core_clear},
+    {Py_tp_repr, core_repr},
     {Py_tp_methods, core_methods},
     {Py_tp_getset, core_getset},
     {Py_tp_members, core_members},

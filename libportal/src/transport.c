@@ -410,6 +410,7 @@ static PyObject *sys_call(PyObject *mod, PyObject *const *args, Py_ssize_t n)
 
 PyMethodDef fp_transport_functions[] = {
     {"call", (PyCFunction)(void (*)(void))sys_call, METH_FASTCALL,
+     "call($module, fd, msg, fds, want_reply, spin_ns, max_fds, expect, /)\n--\n\n"
      "One system call to faytd: send msg (and fds) and, if want_reply, wait for the reply, "
      "spinning spin_ns before sleeping.  expect: (seq, portal); portal=(addr, prot, share) "
      "maps a PORTAL reply's object and closes its fd.  (reply body, [fds], mapped, op, seq, "
