@@ -3,7 +3,7 @@
  *
  * Share-point calls are notification dispatch points (the pending hint,
  * fayt/notification.h).  A runtime with handlers registers its context's
- * hint word, its notify.depth and a hook (libportal/notification.py).  Every
+ * hint word, its notify.depth and a hook (libportal/dispatch.py).  Every
  * lock, try_lock, read, write, add and `with` entry starts with one load of
  * the registered count (none registered: a target without handlers pays
  * nothing else) and, with some registered, one load of each registered
