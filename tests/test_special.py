@@ -20,7 +20,7 @@ import pytest
 
 import libportal as lp
 from support.daemon import Faytd, fayt_objects
-from support.procs import CTX
+from support.procs import CTX, stop_child
 
 PAGE = 4096
 WAIT = 20
@@ -71,7 +71,7 @@ class ChildServer:
         return out
 
     def close(self):
-        _end(self.stop, self.proc)
+        stop_child(self.stop, self.proc)
 
 
 def _serve_chain(chain, handler, socket, setup, actions, join, ready, stop_event, log,
@@ -96,14 +96,6 @@ def _serve_chain(chain, handler, socket, setup, actions, join, ready, stop_event
     s.serve(answer, stop=stop, poll=0.05)
     s.leave()
 
-
-def _end(stop, proc):
-    """Tell a child to stop; kill it if it has not within WAIT."""
-    stop.set()
-    proc.join(WAIT)
-    if proc.is_alive():
-        proc.kill()
-        proc.join(WAIT)
 
 
 def _pattern_server(req, log):
@@ -530,7 +522,7 @@ class FilePagerChild:
         return got
 
     def close(self):
-        _end(self.stop, self.proc)
+        stop_child(self.stop, self.proc)
 
 
 def _serve_cache(chain, path, ready, stop, out):

@@ -30,6 +30,7 @@ import libportal as lp
 from libportal import special
 from libportal._abi import ffi, lib
 from libportal.portal import encode_portal_req
+from support.procs import stop_child
 
 PAGE = 4096
 CTX = multiprocessing.get_context("fork")
@@ -105,13 +106,6 @@ def _server(socket_path, chain, ready, stop):
     s.leave()
 
 
-def _stop(stop, proc):
-    stop.set()
-    proc.join(WAIT)
-    if proc.is_alive():
-        proc.kill()
-        proc.join(WAIT)
-
 
 @contextlib.contextmanager
 def _served_chain(d):
@@ -124,7 +118,7 @@ def _served_chain(d):
         assert ready.wait(WAIT)
         yield chain
     finally:
-        _stop(stop, srv)
+        stop_child(stop, srv)
 
 
 # -- a userfaultfd that has not had UFFDIO_API -------------------------------
@@ -321,5 +315,5 @@ def test_special_hostile_blocking_userfaultfd_does_not_block_faytd(fresh_faytd):
             assert out.get(timeout=2 * WAIT) == (0, 1)     # (pending, total)
             _assert_faytd_answers(d)
         finally:
-            _stop(release, client)
+            stop_child(release, client)
     d.stop()

@@ -89,6 +89,16 @@ def call_in_child(fn, *args, timeout=WAIT):
     return value
 
 
+def stop_child(stop, proc, timeout=WAIT):
+    """Tell a child to stop (stop: a CTX.Event it watches); kill it if it
+    has not ended within `timeout` seconds."""
+    stop.set()
+    proc.join(timeout)
+    if proc.is_alive():
+        proc.kill()
+        proc.join(timeout)
+
+
 def threads():
     """How many threads this process has (the kernel's count: C threads too)."""
     with open("/proc/self/status") as f:
