@@ -19,7 +19,6 @@ import contextlib
 import ctypes
 import errno
 import fcntl
-import multiprocessing
 import os
 import select
 import struct
@@ -30,10 +29,9 @@ import libportal as lp
 from libportal import special
 from libportal._abi import ffi, lib
 from libportal.portal import encode_portal_req
-from support.procs import stop_child
+from support.procs import CTX, stop_child
 
 PAGE = 4096
-CTX = multiprocessing.get_context("fork")
 WAIT = 20
 
 _libc = ctypes.CDLL(None, use_errno=True)
