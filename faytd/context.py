@@ -383,6 +383,7 @@ class Quotas:
         self._ctxs = collections.Counter()      # the same keys -> registered contexts
         self._conn_of = {}              # context id -> (its keys, core) while counted
         self._ctx_of = {}
+        self._procs = {}                # (pid, start) -> ids of its contexts faytd knows
 
     def limit_connections(self, most):
         """What faytd's descriptors allow: the limit when the config names
@@ -418,7 +419,16 @@ class Quotas:
                               "(config max_connections_per_process)"
                               % (pid, self._conns[by_pid]))
 
+    def watched_elsewhere(self, ctx):
+        """Whether another context of ctx's process is known (connected,
+        or kept): it watches the process for what it owns."""
+        return bool(self._procs.get((ctx.pid, ctx.start or 0), set()) - {ctx.id})
+
+    def _known(self, ctx):
+        self._procs.setdefault((ctx.pid, ctx.start or 0), set()).add(ctx.id)
+
     def connected(self, ctx):
+        self._known(ctx)
         keys = self._keys(ctx.uid, ctx.pid, ctx.start)
         self._conn_of[ctx.id] = (keys, ctx.is_core)
         for key in keys:
@@ -440,6 +450,7 @@ class Quotas:
         (check False: a restart's, counted whatever it is)."""
         if ctx.id in self._ctx_of:
             return
+        self._known(ctx)
         keys = self._keys(ctx.uid, ctx.pid, ctx.start)
         if check and not ctx.is_core:
             for key, limit, who in ((keys[0], "max_contexts_per_uid", "uid %d" % ctx.uid),
@@ -455,6 +466,11 @@ class Quotas:
         self.contexts += 1
 
     def forget(self, ctx):
+        proc = self._procs.get((ctx.pid, ctx.start or 0))
+        if proc is not None:
+            proc.discard(ctx.id)
+            if not proc:
+                del self._procs[(ctx.pid, ctx.start or 0)]
         self.disconnected(ctx)
         keys = self._ctx_of.pop(ctx.id, None)
         if keys is not None:

@@ -263,7 +263,8 @@ class Kernel:
         (records naming others keep nothing), keep the whole context (its
         mappings too: they keep a destroyed share-point's memory reachable
         for recovery) until it dies.  If it owns share-points, keep watching
-        it so that they are reclaimed at its death.  Else forget it."""
+        it so that they are reclaimed at its death, unless another context
+        of its process does.  Else forget it."""
         ctx.connected = False
         clib.fayt_fast_conn_gone(self.fast, ctx.fast)   # it creates nothing any more
         watch = ctx.alive and ctx.pidfd >= 0
@@ -274,7 +275,7 @@ class Kernel:
             log.warning("pid %d: %d of its lock records name share-points it never mapped: "
                         "ignored", ctx.pid, ignored)
         self.drop_mappings(ctx)
-        if not (watch and self.sharepoints.owns(ctx.pid)):
+        if not (watch and self.sharepoints.owns(ctx.pid)) or self.quotas.watched_elsewhere(ctx):
             self.forget(ctx)
 
     def died(self, ctx):
