@@ -574,7 +574,7 @@ sys.stdin.readline()
 
 
 def test_limits_lists_come_in_pages(start, attackers):
-    """LIST_SHARE and LIST_CONTEXTS answer at most 64 entries a call, in
+    """LIST_SHARE and LIST_CONTEXTS answer at most 32 entries a call, in
     id order, from after the id the request names; libportal's
     list_sharepoints and list_contexts fetch every page."""
     d = start()
@@ -585,17 +585,17 @@ def test_limits_lists_come_in_pages(start, attackers):
     finally:
         for c in mine:
             c.close()
-    assert len(rep["page"]) == 64 and rep["page"] == sorted(rep["page"])
-    assert len(rep["next"]) == 64 and rep["next"][0] > rep["page"][-1]
+    assert len(rep["page"]) == 32 and rep["page"] == sorted(rep["page"])
+    assert len(rep["next"]) == 32 and rep["next"][0] > rep["page"][-1]
     assert rep["all"] == sorted("%s-%d" % (tag, i) for i in range(150))
-    assert len(rep["ctx_page"]) == 64 and rep["ctx_page"] == sorted(rep["ctx_page"])
+    assert len(rep["ctx_page"]) == 32 and rep["ctx_page"] == sorted(rep["ctx_page"])
     assert set(rep["mine"]) <= set(rep["contexts"]) and len(rep["contexts"]) >= 72
 
 
 # -- fairness -------------------------------------------------------------------
 
-# Floods faytd with a mix: create, attach, destroy, and a bad request,
-# each waiting for its reply, until told to stop; reports its calls.
+# Floods faytd with a mix: create, attach, unmap, destroy, a bad request,
+# each but unmap and destroy waiting for its reply, until told to stop.
 FLOOD = r"""
 import json, os, select, sys
 import libportal as lp
@@ -628,11 +628,13 @@ print(json.dumps(c.stats()["fairness"]))
 
 
 def test_limits_owner_waits_behind_one_request_per_round_of_a_flooding_uid(start, as_user):
-    """Three processes of uid 65534 flood faytd (create, attach, destroy, a
-    bad request); root's 300 share-point create+destroy are each served
-    after at most a round's request of that uid and the NOREPLY calls a
-    catch-up performs ahead of one (one a flooding connection): faytd's
-    own counter (fayt stats: fairness) says so."""
+    """Three processes of uid 65534 flood faytd (create, attach, unmap,
+    destroy, a bad request); root's 300 share-point create+destroy each wait
+    behind at most the round's one request of that uid and the calls sent
+    without waiting for their reply (unmap, destroy: at most two queued on
+    each other flooding connection) that a catch-up performs ahead of it
+    (Server.catch_up): faytd's own counter (fayt stats: fairness) says so.
+    Per connection instead of per uid, a round would hold three."""
     d = start()
     floods = [Attacker(as_user, FLOOD, [d.socket, "flood%d-%s" % (i, uuid.uuid4().hex[:6])])
               for i in range(3)]
@@ -649,4 +651,5 @@ def test_limits_owner_waits_behind_one_request_per_round_of_a_flooding_uid(start
             f.end()
     assert fair["owner_requests"] >= 301
     assert fair["others_requests"] > 0
-    assert fair["owner_waited_behind_max"] <= 1 + 3, fair
+    assert fair["deferred"] > 0, fair             # the budget put requests of uid 65534 off
+    assert fair["owner_waited_behind_max"] <= 1 + 2 * 2, fair

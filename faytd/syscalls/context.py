@@ -8,7 +8,7 @@ from ..frames import KernelError
 from ..policy import Policy
 from .wire import REPLY_BUDGET, json_page, list_after
 
-LIST_PAGE = 64          # contexts one LIST_CONTEXTS answers at most
+LIST_PAGE = 32          # contexts one LIST_CONTEXTS answers at most
 
 log = logging.getLogger("faytd")
 

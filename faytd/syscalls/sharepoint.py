@@ -12,11 +12,11 @@ only at the end of the table."""
 import errno
 
 from ..frames import KernelError
-from ..native import lib as clib
+from ..native import core, ffi as cffi, lib as clib
 from .portal import core_unmap, own_mapping
 from .wire import REPLY_BUDGET, handle_of, json_page, list_after
 
-LIST_PAGE = 64          # share-points one LIST_SHARE answers at most
+LIST_PAGE = 32          # share-points one LIST_SHARE answers at most
 CAPTURED_MAX = 256      # (pid, tid) pairs an entry shows at most
 
 
@@ -39,16 +39,34 @@ def sys_unmap_destroy(k, ctx, tid, body, fds):
 def sys_list_share(k, ctx, tid, body, fds):
     after = list_after(body)
     k.catch_up(ctx)
-    table = k.sharepoints
-    items = (_entry(k, sp) for sp in (table.get(i, keep=False)
-                                      for i in table.ids(after, LIST_PAGE)) if sp is not None)
+    items = (e for e in (_entry(k, i) for i in k.sharepoints.ids(after, LIST_PAGE)) if e)
     return json_page(items, REPLY_BUDGET).encode(), []
 
 
-def _entry(k, sp):
-    captured = sorted(set(sp.captured.values()))
-    return {"id": sp.id, "identifier": sp.identifier.decode("utf-8", "replace"),
-            "size": sp.length, "mapped_bytes": sp.length + sp.data_offset, "prot": sp.prot,
-            "owner": sp.owner_pid, "owner_alive": sp.owner_alive,
-            "captured": captured[:CAPTURED_MAX], "ncaptured": len(captured),
-            "frames": [k.frames.paddr(f) for f in sp.frames[:64]], "nframes": len(sp.frames)}
+# One entry's reads of the core's record (no view: a page must cost what
+# its entries say, not what building views of them would).
+_INFO = cffi.new("struct fayt_sp_info *")
+_FRAMES = cffi.new("uint32_t[]", 64)
+_CTX_IDS = cffi.new("uint32_t[]", CAPTURED_MAX)
+_HANDLES = cffi.new("uint64_t[]", CAPTURED_MAX)
+_PIDS = cffi.new("int32_t[]", CAPTURED_MAX)
+_TIDS = cffi.new("int32_t[]", CAPTURED_MAX)
+
+
+def _entry(k, sp_id):
+    """The list's entry of share-point sp_id, or None if it is gone.
+    "captured": the (pid, tid) pairs of its first CAPTURED_MAX mappings;
+    "ncaptured": how many mappings it has."""
+    info = _INFO
+    if clib.fayt_core_sp_info(core, sp_id, info, _FRAMES, 64):
+        return None
+    n = clib.fayt_core_sp_mappers(core, sp_id, _CTX_IDS, _HANDLES, _PIDS, _TIDS, CAPTURED_MAX)
+    shown = min(n, CAPTURED_MAX)
+    paddr = k.frames.paddr
+    return {"id": sp_id, "identifier": cffi.unpack(info.identifier, info.ident_len).decode(
+                "utf-8", "replace"),
+            "size": info.length - info.data_offset, "mapped_bytes": info.length,
+            "prot": info.prot, "owner": info.owner_pid, "owner_alive": bool(info.owner_alive),
+            "captured": sorted({(_PIDS[i], _TIDS[i]) for i in range(shown)}), "ncaptured": n,
+            "frames": [paddr(f) for f in _FRAMES[0:min(info.nframes, 64)]],
+            "nframes": info.nframes}
