@@ -1,5 +1,7 @@
 # fayt-portals: make demo | make test | make clean
 # (make test TESTS=tests/test_cli.py runs a part of the suite.)
+# make sdist: dist/fayt_portals-VERSION.tar.gz; make sdist-check: that sdist
+# unpacked, installed and tested in a venv of its own (.ci/sdist says how).
 #
 # Everything runs from a virtual environment in .venv, made with $(PYTHON)
 # and set up once (again when setup.py or the C sources change).  On Debian,
@@ -18,7 +20,7 @@ SOURCES := setup.py pyproject.toml libportal/_build.py libportal/_versions.py \
            $(wildcard libportal/include/fayt/*.h) \
            faytd/_build.py $(wildcard faytd/core/*.c) $(wildcard faytd/core/*.h)
 
-.PHONY: all demo test deps venv clean
+.PHONY: all demo test deps venv sdist sdist-check clean
 
 all: test
 
@@ -39,9 +41,24 @@ $(STAMP): $(SOURCES)
 	@$(MAKE) --no-print-directory deps
 	@if ! $(PY) -m pip --version >/dev/null 2>&1; then \
 		echo "$(PYTHON) -m venv $(VENV)"; rm -rf $(VENV); $(PYTHON) -m venv $(VENV); fi
-	$(PIP) install setuptools wheel cffi posix_ipc psutil pytest
-	$(PIP) install --no-build-isolation -e .
+	$(PIP) install "setuptools>=77" "cffi>=1.15"
+	$(PIP) install --no-build-isolation -e ".[test]"
 	@touch $@
+
+# The sdist through setuptools' PEP 517 hook (what `python -m build --sdist`
+# calls), with the venv's setuptools: no package beyond the venv's is needed.
+# Its log is dist/sdist.log, whose last line is the tarball's name.
+sdist: $(STAMP)
+	@mkdir -p dist
+	@echo "make: building the sdist (log: dist/sdist.log)"
+	@$(PY) -c 'import sys; from setuptools import build_meta; \
+	    print(build_meta.build_sdist(sys.argv[1]))' dist >dist/sdist.log 2>&1 \
+	    || { cat dist/sdist.log; exit 1; }
+	@echo "make: dist/$$(tail -1 dist/sdist.log)"
+
+# That sdist unpacked, installed and tested in a venv of its own: .ci/sdist.
+sdist-check: sdist
+	PYTHON=$(PYTHON) TESTS="$(TESTS)" bash .ci/sdist "dist/$$(tail -1 dist/sdist.log)"
 
 # What a fresh Debian (python3 and gcc only) lacks: python3-venv, python3-dev.
 deps:
@@ -62,6 +79,6 @@ deps:
 		{ echo "make: a C compiler (gcc) is needed to build libportal's C code" >&2; exit 1; }
 
 clean:
-	rm -rf $(VENV) .venv-* build *.egg-info .pytest_cache libportal/_fayt_cffi.c libportal/*.so \
-		faytd/_core.c faytd/*.so
+	rm -rf $(VENV) .venv-* build dist *.egg-info .pytest_cache libportal/_fayt_cffi.c \
+		libportal/*.so faytd/_core.c faytd/*.so
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

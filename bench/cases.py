@@ -725,8 +725,8 @@ def case_special(d, scale):
     return [
         {"name": "SPECIAL: one fault, one-server chain", "ours": t_ours * 1e6, "unit": "us",
          "peer": "bare userfaultfd pager process", "peer_value": t_peer * 1e6,
-         "ratio": t_ours / t_peer, "target": ("<=", 2.5)},
-        row("SPECIAL: sequential read %d MiB by reference, warm" % mib, "warm", (">=", 0.5)),
+         "ratio": t_ours / t_peer, "target": ("<=", 1.5)},
+        row("SPECIAL: sequential read %d MiB by reference, warm" % mib, "warm", (">=", 0.6)),
         row("SPECIAL: the same, cold (pager fills its cache)", "cold"),
         row("SPECIAL: the same by copy (filepager --copy)", "copy"),
         row("SPECIAL|SHARE: by copy, pages fetched before", "share"),

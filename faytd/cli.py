@@ -1,6 +1,8 @@
 """fayt: look into a running faytd from the shell.
 
-    fayt [--socket PATH] ls [--json]    the share-point table
+    fayt [--socket PATH] ls [--json]    the share-point table (a core server's: all of
+                                        it; anyone else's: its uid's names and the
+                                        shared ones, docs/names.md)
     fayt [--socket PATH] ps [--json]    the contexts, and faytd's RAM frames
     fayt [--socket PATH] stats [--json] which path served each call, and more counts
 
@@ -80,9 +82,10 @@ def cmd_ls(args):
         owner = str(s["owner"]) + ("" if s["owner_alive"] else " (dead)")
         captured = " ".join("%d,%d" % (pid, tid) for pid, tid in s["captured"]) or "-"
         rows.append([s["id"], s["identifier"], s["size"], human(s["mapped_bytes"]),
-                     prot_string(s["prot"]), owner, captured, format_frames(s["frames"], s["nframes"])])
-    print(table(["ID", "IDENTIFIER", "SIZE", "MAPPED", "PROT", "OWNER", "CAPTURED (pid,tid)",
-                 "FRAMES"], rows))
+                     prot_string(s["prot"]), owner, s["namespace"], captured,
+                     format_frames(s["frames"], s["nframes"])])
+    print(table(["ID", "IDENTIFIER", "SIZE", "MAPPED", "PROT", "OWNER", "NAMESPACE",
+                 "CAPTURED (pid,tid)", "FRAMES"], rows))
     if not rows:
         print("(no share-points)")
     return 0

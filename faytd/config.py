@@ -28,8 +28,8 @@ DEFAULT = {
     "fast_syscalls": True,       # share-point create and destroy in C (faytd/core/serve.c);
                                  # false: every call goes through Python (same results)
     "recycle_objects": True,     # the fast path may give a context the object of a share-point
-                                 # it alone held back for its next one (README "How faytd
-                                 # answers fast": false if clients pass portal fds on)
+                                 # it alone held back for its next one (docs/design.md, "How
+                                 # faytd answers fast": false if clients pass portal fds on)
     # Limits per uid and per process (docs/limits.md).  They bind contexts
     # whose category is not core; core contexts are bound by the totals
     # alone, and the reserved part of each total is theirs only.

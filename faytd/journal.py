@@ -15,12 +15,17 @@ lines S, D and A written by the C core, faytd/core/journal.c, which owns
 share-points; C and G by this module), appended with one
 write(2) on an O_APPEND descriptor, so a faytd killed at any instant leaves
 at worst a last line cut short (ignored when read).  The first line names
-the format: "V <FORMAT>".  Format 1 (faytds before versions) had no V line
-and the same records: it is read as such and migrated in place, since the
-journal is rewritten at every start.  A journal of a format this faytd does
-not know (a newer faytd's) is refused: faytd does not start, and neither the
-journal nor the keeper it names is touched (UnknownFormat).  Records:
-    S <id> <owner pid> <owner start> <owner uid> <prot> <length> <object> <frames,..> <identifier hex>
+the format: "V <FORMAT>".  Format 1 (faytds before versions) had no V line;
+format 2 had one; both had S records without the namespace, when names were
+global.  They are read as such and migrated in place, since the journal is
+rewritten at every start: such a share-point takes the namespace its
+creator would name it in now (sharepoint.py: SharePoints.adopt).  A journal
+of a format this faytd does not know (a newer faytd's) is refused: faytd
+does not start, and neither the journal nor the keeper it names is touched
+(UnknownFormat).  Records (format 3):
+    S <id> <owner pid> <owner start> <owner uid> <prot> <length> <object> <frames,..> <identifier hex> <namespace>
+                                            <namespace>: the uid whose namespace holds the
+                                            identifier, or 4294967295 (shared: docs/names.md)
     D <id>                                  share-point destroyed
     C <id> <pid> <start> <uid> <gid> <object>   context page made (HELLO)
     A <context id> <share-point id>         the context mapped a share-point it
@@ -47,8 +52,8 @@ from .native import core, ffi as cffi, lib as clib
 log = logging.getLogger("faytd")
 
 NAME = "faytd.journal"
-FORMAT = 2          # what this faytd writes (the V line); it reads 1 and 2
-_READS = (1, 2)
+FORMAT = 3          # what this faytd writes (the V line); it reads 1, 2 and 3
+_READS = (1, 2, 3)
 
 
 class UnknownFormat(ValueError):
@@ -117,7 +122,7 @@ def format_of(path, lines):
             "faytd wrote it: run that one on this state directory (or move the journal "
             "away, and its share-points are lost). Nothing was changed."
             % (path, lines[0][2:].decode("ascii", "replace") if version is None else version,
-               " and ".join(map(str, _READS)), FORMAT))
+               ", ".join(map(str, _READS[:-1])) + " and %d" % _READS[-1], FORMAT))
     return version
 
 
@@ -130,12 +135,13 @@ def _u32(v):
 
 def _apply(f, sps, ctxs, ids):
     kind = f[0]
-    if kind == "S" and len(f) == 10:
+    if kind == "S" and len(f) in (10, 11):
         r = Record()
         r.kind, r.id, r.pid, r.start, r.uid = "S", _u32(f[1]), int(f[2]), int(f[3]), int(f[4])
         r.prot, r.length, r.object = int(f[5]), int(f[6]), _object(f[7])
         r.frames = [_u32(x) for x in f[8].split(",")]
         r.identifier = bytes.fromhex(f[9])
+        r.namespace = _u32(f[10]) if len(f) == 11 else None     # None: before namespaces
         if not r.identifier:
             raise ValueError("bad share-point record")
         sps[r.id] = r
@@ -173,7 +179,7 @@ def _attached(ctx):
 
 class Record:
     __slots__ = ("kind", "id", "pid", "start", "uid", "gid", "prot", "length", "object",
-                 "frames", "identifier", "mapped")
+                 "frames", "identifier", "namespace", "mapped")
 
 
 class Journal:
@@ -218,9 +224,10 @@ class Journal:
         except UnknownFormat as e:
             raise SystemExit("faytd: %s" % e) from None
         if version is not None and version != FORMAT:
-            log.info("journal %s: format %d (before versions: no V line); read as such, and "
-                     "migrated in place to format %d when faytd rewrites it at start",
-                     self.path, version, FORMAT)
+            log.info("journal %s: format %d (%s); read as such, and migrated in place to "
+                     "format %d when faytd rewrites it at start", self.path, version,
+                     "before versions: no V line" if version == 1 else
+                     "before namespaces: names were global", FORMAT)
         return sps, ctxs
 
     # -- writing ----------------------------------------------------------
@@ -276,8 +283,8 @@ class Journal:
         n = clib.fayt_journal_sp_line(sp.id, sp.owner_pid, sp.owner_start or 0, sp.owner_uid,
                                       sp.prot, sp.length + sp.data_offset, sp.object.encode(),
                                       cffi.from_buffer("uint32_t[]", frames) if len(frames)
-                                      else cffi.NULL, len(frames), sp.identifier,
-                                      len(sp.identifier), out, room)
+                                      else cffi.NULL, len(frames), sp.namespace,
+                                      sp.identifier, len(sp.identifier), out, room)
         return cffi.buffer(out, n)[:]
 
     @staticmethod

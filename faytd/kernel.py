@@ -36,6 +36,7 @@ class Kernel:
         # The C core (faytd/core/core.h): the owner of share-points, ANON
         # portals, their mappings and the contexts' accounting.
         self.fast = core
+        self.policy.install_names(core)     # before the journal's names are taken back
         self.fast.journal_fd = -1
         self.fast.disabled = 0 if cfg.get("fast_syscalls", True) else 1
         self.fast.recycle = 1 if cfg.get("recycle_objects", True) else 0

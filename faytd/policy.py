@@ -6,7 +6,19 @@ that matches names the category.  A category is a set of rights: the portal
 classes it may use, whether it may install notification handlers, whom it
 may notify (target categories, "*", or "$uid": its own uid's contexts; checked
 once, when the ring of a pair is made), which MMIO windows and chains it may
-use (MMIO windows are read by a later part).
+use (MMIO windows are read by a later part), and which shared names it may
+create and attach.
+
+Names (docs/names.md): a share-point's identifier lives in the namespace of
+the uid that names it, so no uid can take a name another uid's server will
+use.  A category's "shared_names" are patterns (a name, or a prefix and
+'*') of names that live in one shared namespace instead, which it may create
+and attach ({"create": [...], "attach": [...]}; a list: both).  A name is
+shared when any category's pattern matches it, whoever asks: a category
+that no pattern of its own allows gets EPERM for it, never a private name
+of the same spelling.  The core (faytd/core/names.c) holds the patterns
+and resolves every name; a connection carries its category's rights as one
+bit per pattern (Policy.grant).
 
 Every rights check of faytd is a method of Policy, called by the syscall
 layer (syscalls/) before it performs a call: no other module compares
@@ -22,7 +34,7 @@ import fnmatch
 from libportal._abi import lib
 
 from .frames import KernelError
-from .native import lib as clib
+from .native import ffi as cffi, lib as clib
 
 CLASS_BITS = {
     "SHARE": lib.FAYT_PORTAL_SHARE,
@@ -44,11 +56,29 @@ NOTIFY_ANY = "*"          # notify: any target
 NOTIFY_SAME_UID = "$uid"  # notify: targets running as the sender's own uid
 
 
+def _shared_pattern(cat, p):
+    """p, checked to be a shared-name pattern: a name, or a prefix and '*'."""
+    if not isinstance(p, str) or not p:
+        raise ValueError("policy: category %s: shared_names: %r is not a name or a prefix "
+                         "followed by '*'" % (cat, p))
+    if "*" in p[:-1] or "?" in p or "[" in p:
+        raise ValueError("policy: category %s: shared_names: %r: a pattern is a name, or a "
+                         "prefix followed by one '*' at its end" % (cat, p))
+    if p.startswith("uid:"):
+        raise ValueError("policy: category %s: shared_names: %r: \"uid:\" starts a uid's "
+                         "namespace, never a shared name" % (cat, p))
+    if len(p.encode()) > lib.FAYT_NAME_MAX:
+        raise ValueError("policy: category %s: shared_names: %r is longer than a name (%d "
+                         "bytes)" % (cat, p, lib.FAYT_NAME_MAX))
+    return p
+
+
 class Category:
-    __slots__ = ("name", "id", "classes", "notify_handlers", "mmio", "chains", "notify")
+    __slots__ = ("name", "id", "classes", "notify_handlers", "mmio", "chains", "notify",
+                 "shared_create", "shared_attach", "names_create", "names_attach")
 
     KEYS = {"classes": list, "notify_handlers": bool, "mmio": list, "chains": list,
-            "notify": list}
+            "notify": list, "shared_names": (list, dict)}
 
     def __init__(self, name, spec):
         self.name = name
@@ -60,7 +90,8 @@ class Category:
             raise ValueError("policy: category %s: unknown keys %s" % (name, sorted(unknown)))
         for k, t in self.KEYS.items():
             if k in spec and not isinstance(spec[k], t):
-                raise ValueError("policy: category %s: %s must be a %s" % (name, k, t.__name__))
+                raise ValueError("policy: category %s: %s must be a %s" % (
+                    name, k, " or ".join(x.__name__ for x in (t if isinstance(t, tuple) else (t,)))))
         bits = 0
         for c in spec.get("classes", []):
             if c not in CLASS_BITS:
@@ -81,6 +112,24 @@ class Category:
                 raise ValueError("policy: category %s: notify: %r is not a category name, "
                                  "\"*\" or \"$uid\"" % (name, t))
         self.notify = frozenset(notify)
+        # The shared names it may create, and attach (creating implies attaching).
+        shared = spec.get("shared_names", [])
+        if isinstance(shared, dict):
+            unknown = set(shared) - {"create", "attach"}
+            if unknown:
+                raise ValueError("policy: category %s: shared_names: unknown keys %s (create, "
+                                 "attach)" % (name, sorted(unknown)))
+            create, attach = shared.get("create", []), shared.get("attach", [])
+        else:
+            create = attach = shared
+        for what, v in (("create", create), ("attach", attach)):
+            if not isinstance(v, list):
+                raise ValueError("policy: category %s: shared_names: %s must be a list"
+                                 % (name, what))
+        self.shared_create = [_shared_pattern(name, p) for p in create]
+        self.shared_attach = list(dict.fromkeys(
+            self.shared_create + [_shared_pattern(name, p) for p in attach]))
+        self.names_create = self.names_attach = 0      # bits: Policy compiles them
 
 
 def _is_int(v):
@@ -145,6 +194,25 @@ class Policy:
             if unknown:
                 raise ValueError("policy: category %s: notify names no known category: %s"
                                  % (c.name, ", ".join(sorted(unknown))))
+        # Every category's shared-name patterns, numbered: bit i of a
+        # connection's names_create / names_attach is pattern i.
+        self.shared_names = list(dict.fromkeys(
+            p for c in self.categories.values() for p in c.shared_attach))
+        if len(self.shared_names) > clib.FAYT_NAMES_SHARED_MAX:
+            raise ValueError("policy: %d shared_names patterns; at most %d"
+                             % (len(self.shared_names), clib.FAYT_NAMES_SHARED_MAX))
+        bit = {p: 1 << i for i, p in enumerate(self.shared_names)}
+        for c in self.categories.values():
+            c.names_create = sum(bit[p] for p in c.shared_create)
+            c.names_attach = sum(bit[p] for p in c.shared_attach)
+
+    def install_names(self, fast):
+        """Give the core (`fast`) the shared-name patterns it resolves names
+        with (before anything is named: the journal's share-points too)."""
+        pats = [cffi.new("char[]", p.encode()) for p in self.shared_names]
+        err = clib.fayt_names_set_shared(fast, pats if pats else cffi.NULL, len(pats))
+        if err:
+            raise MemoryError("faytd: the shared-name patterns")
 
     def classify(self, uid, gid, exe):
         """The category for this identity, or None (refused: no rule matches)."""
@@ -162,6 +230,15 @@ class Policy:
                               % (ctx.uid, ctx.gid, ctx.exe))
 
     @staticmethod
+    def grant(fast, category):
+        """HELLO: give the core's connection `fast` its category's rights:
+        what the C path may create without asking Python, and the shared
+        names it may create and attach (names.c checks them for every path)."""
+        fast.flags |= Policy.fast_flags(category)
+        fast.names_create = category.names_create
+        fast.names_attach = category.names_attach
+
+    @staticmethod
     def fast_flags(category):
         """The FAYT_FAST_CONN_* bits of what faytd's C fast path may create
         for a context of this category without asking Python."""
@@ -171,7 +248,7 @@ class Policy:
         if category.classes & ANON:
             flags |= clib.FAYT_FAST_CONN_ANON
         if category.id == lib.FAYT_CATEGORY_CORE:
-            flags |= clib.FAYT_FAST_CONN_CORE      # check_destroy's exception, for the C path
+            flags |= clib.FAYT_FAST_CONN_CORE      # check_destroy's exception, any namespace
         return flags
 
     @staticmethod
@@ -199,6 +276,14 @@ class Policy:
         if not owner and ctx.category.id != lib.FAYT_CATEGORY_CORE:
             raise KernelError(errno.EPERM, "share-point %r: only its owner (pid %d) or a core "
                               "server may destroy it" % (sp.identifier.decode(), sp.owner_pid))
+
+    @staticmethod
+    def may_list(ctx, sp):
+        """LIST_SHARE: a core server sees every share-point; another
+        context those named in its uid's namespace and the shared one
+        (another uid's names are not its business)."""
+        return (ctx.category.id == lib.FAYT_CATEGORY_CORE
+                or sp.namespace in (ctx.uid, clib.FAYT_NS_SHARED))
 
     @staticmethod
     def check_handlers(ctx, what):

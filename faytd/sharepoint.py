@@ -16,6 +16,12 @@ the notices of a destroy, the list.  A view (SharePoint) holds the facts
 that never change (id, identifier, object, frames, prot, owner) and asks
 the core for the rest (destroyed, owner alive, who maps it).
 
+Names: an identifier lives in a namespace (a uid's, or the shared one:
+faytd/core/names.c, docs/names.md); the core resolves what a client sent
+(SharePoints.resolve) and the index is keyed by (namespace, name).  Python
+holds a resolved identifier as a Name: its bytes are the name in its
+namespace, its `ns` the namespace.
+
 Locks: when a context dies, its robust records (context page) name the
 share-points whose lock it held or was taking.  faytd maps the first page of
 such a share-point (lazily; most are never recovered) and releases the lock
@@ -38,17 +44,48 @@ def _frames(buf, n):
 
 _INFO = cffi.new("struct fayt_sp_info *")
 _MAX_MAPPERS = 4096
+SHARED = clib.FAYT_NS_SHARED
+
+
+class Name(bytes):
+    """An identifier resolved to its namespace: the bytes of the name in
+    it (no "uid:<uid>/"), and `ns`, a uid or SHARED.  Equal to, and hashed
+    as, the same name in the same namespace only."""
+
+    def __new__(cls, name, ns):
+        self = super().__new__(cls, name)
+        self.ns = ns
+        return self
+
+    def __eq__(self, other):
+        return isinstance(other, Name) and self.ns == other.ns and bytes.__eq__(self, other)
+
+    def __ne__(self, other):
+        return not self == other
+
+    def __hash__(self):
+        return hash((self.ns, bytes(self)))
+
+    def __repr__(self):
+        return "Name(%r, %s)" % (bytes(self), "SHARED" if self.ns == SHARED else self.ns)
+
+
+def namespace_label(ns):
+    """A namespace as the list and `fayt ls` show it: "uid:<uid>" or "shared"
+    ("uid:<uid>/" + a name addresses a uid's name from outside it)."""
+    return "shared" if ns == SHARED else "uid:%d" % ns
 
 
 class SharePoint:
     """A view of the core's share-point `id` (made by SharePoints.get)."""
-    __slots__ = ("id", "identifier", "prot", "length", "data_offset", "owner_pid",
-                 "owner_uid", "owner_start", "object", "frames", "_backing", "_meta_map",
-                 "_meta_count")
+    __slots__ = ("id", "identifier", "namespace", "prot", "length", "data_offset",
+                 "owner_pid", "owner_uid", "owner_start", "object", "frames", "_backing",
+                 "_meta_map", "_meta_count")
 
     def __init__(self, info, frames):
         self.id = info.id
         self.identifier = cffi.unpack(info.identifier, info.ident_len)
+        self.namespace = info.ns
         self.prot = info.prot
         self.length = info.length - info.data_offset        # bytes of data
         self.data_offset = info.data_offset
@@ -132,25 +169,25 @@ class Destroyed:
 
 
 class _Names:
-    """`identifier in sharepoints.by_name`: the core's name index."""
+    """`name in sharepoints.by_name` (a Name): the core's name index."""
 
-    def __contains__(self, identifier):
-        return clib.fayt_core_sp_lookup(core, identifier, len(identifier)) != 0
+    def __contains__(self, name):
+        return clib.fayt_core_sp_lookup(core, name.ns, name, len(name)) != 0
 
 
 class NamedShares(dict):
-    """identifier -> SPECIAL|SHARE share (the pager's), its names in the
-    core's name index too: one namespace, so that no share-point takes one."""
+    """Name -> SPECIAL|SHARE share (the pager's), its names in the core's
+    name index too, in their namespaces: so that no share-point takes one."""
 
-    def __setitem__(self, ident, sh):
-        if ident not in self:
-            clib.fayt_fast_name_add(core, ident, len(ident))
-        super().__setitem__(ident, sh)
+    def __setitem__(self, name, sh):
+        if name not in self:
+            clib.fayt_fast_name_add(core, name.ns, name, len(name))
+        super().__setitem__(name, sh)
 
-    def pop(self, ident, *default):
-        if ident in self:
-            clib.fayt_fast_name_del(core, ident, len(ident))
-        return super().pop(ident, *default)
+    def pop(self, name, *default):
+        if name in self:
+            clib.fayt_fast_name_del(core, name.ns, name, len(name))
+        return super().pop(name, *default)
 
     def __delitem__(self, ident):
         self.pop(ident)
@@ -195,9 +232,23 @@ class SharePoints:
         self._views[sp_id] = v
         return v
 
-    def lookup(self, identifier):
-        """The id of the share-point named identifier, or 0."""
-        return clib.fayt_core_sp_lookup(core, identifier, len(identifier))
+    @staticmethod
+    def resolve(ctx, identifier, create):
+        """The Name an identifier ctx sent resolves to, to create or attach
+        (names.c); KernelError EINVAL (a malformed "uid:" form) or EPERM
+        (another uid's namespace, a shared name its category may not use)."""
+        ref = cffi.new("struct fayt_name_ref *")
+        msg = cffi.new("char[]", 512)
+        err = clib.fayt_name_resolve(core, ctx.fast, b"share.identifier", identifier,
+                                     len(identifier), clib.FAYT_NAME_CREATE if create
+                                     else clib.FAYT_NAME_ATTACH, ref, msg, 512)
+        if err:
+            raise KernelError(err, cffi.string(msg).decode())
+        return Name(identifier[ref.at:ref.at + ref.len], ref.ns)
+
+    def lookup(self, name):
+        """The id of the share-point named `name` (a Name), or 0."""
+        return clib.fayt_core_sp_lookup(core, name.ns, name, len(name))
 
     def ids(self, after=0, most=None):
         """Ids of the share-points in the table above `after`, in order (the
@@ -223,11 +274,18 @@ class SharePoints:
 
     def adopt(self, rec):
         """A share-point of a journal record (its object checked by the
-        caller): into the core's table, its frames adopted."""
+        caller): into the core's table, its frames adopted.  A record of a
+        journal before namespaces (format 1 or 2: rec.namespace None) takes
+        the namespace its creator would name it in now: shared if the
+        policy shares the name, else its owner's uid."""
+        ns = rec.namespace
+        if ns is None:
+            ns = (SHARED if clib.fayt_names_shared(core, rec.identifier, len(rec.identifier))
+                  else rec.uid)
         frames = array.array("I", rec.frames)
         msg = cffi.new("char[]", 256)
         err = clib.fayt_core_sp_adopt(
-            core, rec.id, rec.identifier, len(rec.identifier), rec.prot, rec.pid, rec.uid,
+            core, rec.id, ns, rec.identifier, len(rec.identifier), rec.prot, rec.pid, rec.uid,
             rec.start or 0, rec.length, rec.object.encode(),
             cffi.from_buffer("uint32_t[]", frames) if len(frames) else cffi.NULL, len(frames),
             msg, 256)

@@ -1,6 +1,6 @@
 """faytd's counters: which path served each call, and how faults were answered.
 
-FAYT_SYS_STATS answers with stats_json(); `fayt stats` prints it (README
+FAYT_SYS_STATS answers with stats_json(); `fayt stats` prints it (docs/cli.md,
 "fayt stats").  The counts come from where the work is done, so that none is
 kept twice: the C fast path counts what it performs (struct
 fayt_core: calls by op, and creates, destroys, attaches, unmaps, anon_maps,
@@ -56,7 +56,7 @@ class Stats:
 
 
 def stats_json(k, ctx):
-    """FAYT_SYS_STATS's reply for context ctx (see README "fayt stats")."""
+    """FAYT_SYS_STATS's reply for context ctx (see docs/cli.md, "fayt stats")."""
     s, f = k.stats, k.fast
     calls = {}
     for op in sorted(set(OP_NAMES) | set(s.python)):

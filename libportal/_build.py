@@ -18,7 +18,11 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 INCLUDE = os.path.join(HERE, "include")
 HEADERS = ["portal.h", "sharepoint.h", "notification.h", "context.h", "syscall.h", "lock.h",
            "ring.h", "pager.h"]
-SOURCES = [os.path.join("libportal", "src", f) for f in ("lock.c", "ring.c", "uffd.c")]
+SOURCES = [os.path.join("libportal", "src", f)
+           for f in ("lock.c", "ring.c", "uffd.c", "pager.c", "special.c")]
+# The CPython extension libportal._fastpath (setup.py builds it from this list).
+FASTPATH_SOURCES = [os.path.join("libportal", "src", f)
+                    for f in ("fastpath.c", "lock.c", "ring.c")]
 CFFI_ABI = runpy.run_path(os.path.join(HERE, "_versions.py"))["CFFI_ABI"]
 
 

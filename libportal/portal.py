@@ -1,12 +1,11 @@
 """portal(): the memory portal system call, and the mapped regions it returns.
 
-The request is the packed struct portal_req from include/fayt/portal.h, built
-with cffi, followed by its paddr[] entries and a trailer holding the strings
-its pointers name; each pointer is sent as 0 (NULL) or 1 + the string's
-offset in the trailer.  faytd answers with a backing object's fd; the library
-maps it here with mmap(2), anywhere (morphology.addr 0) or exactly at
-morphology.addr with MAP_FIXED_NOREPLACE.  If mapping fails the call is
-rolled back in faytd, so nothing is left behind.
+The request is the packed struct portal_req (portal_req.py).  faytd answers
+with a backing object's fd; the library maps it here with mmap(2), anywhere
+(morphology.addr 0) or exactly at morphology.addr with MAP_FIXED_NOREPLACE.
+If mapping fails the call is rolled back in faytd, so nothing is left
+behind.  What every mapped region has is in mapping.py; SPECIAL portals are
+special.py's.
 
 Lifetimes:
 - An ANON portal lives as long as its mapping: unmap() frees its frames.
@@ -21,167 +20,23 @@ Lifetimes:
   the object of a portal this process destroyed back to this same process
   for its next one, never to another.
 """
-import array
 import errno
 import os
 import struct
-import weakref
 
 from . import errors
 from ._abi import lib, HANDLE_REQ, PORTAL_REQ, _fastpath
-from .syscall import connection as _default_connection
+from .mapping import Mapping, view, check_views, drop_views
+from .portal_req import (encode_portal_req, SHARE, DIRECT, ANON, COW,  # noqa: F401
+                         SPECIAL, PROT_NONE, PROT_READ, PROT_WRITE, PROT_EXEC, PROT_RW,
+                         PAGE_SIZE)
+from .special import special_portal
+from .syscall import Connection, connection as _default_connection
 
-SHARE = lib.FAYT_PORTAL_SHARE
-DIRECT = lib.FAYT_PORTAL_DIRECT
-ANON = lib.FAYT_PORTAL_ANON
-COW = lib.FAYT_PORTAL_COW
-SPECIAL = lib.FAYT_PORTAL_SPECIAL
-PROT_NONE = lib.FAYT_PROT_NONE
-PROT_READ = lib.FAYT_PROT_READ
-PROT_WRITE = lib.FAYT_PROT_WRITE
-PROT_EXEC = lib.FAYT_PROT_EXEC
-PROT_RW = PROT_READ | PROT_WRITE
-PAGE_SIZE = lib.FAYT_PAGE_SIZE
-
-_live = weakref.WeakSet()   # mapped regions, invalidated in a fork child
 _core_init = _fastpath.SharePointCore.__init__
 _REPLY_CREATED = lib.FAYT_PORTAL_REPLY_CREATED
 _pack_req = PORTAL_REQ.pack
-_pack_handle = HANDLE_REQ.pack
 _struct_error = struct.error
-
-
-def encode_portal_req(type, prot, length, identifier=None, share_type=0, create=0,
-                      chain=None, message=None, addr=0, paddr=()):
-    """The wire body of a portal() request (see include/fayt/syscall.h).
-    InvalidArgument (EINVAL) names a field its C type cannot hold."""
-    try:
-        return _encode_portal_req(type, prot, length, identifier, share_type, create, chain,
-                                  message, addr, paddr)
-    except (struct.error, OverflowError):
-        _check_fields(type=type, prot=prot, length=length, share_type=share_type,
-                      create=create, addr=addr)
-        raise
-
-
-_INT = (-(1 << 31), (1 << 31) - 1)
-_FIELDS = {"type": _INT, "prot": _INT, "length": _INT, "share_type": _INT, "create": _INT,
-           "addr": (0, (1 << 64) - 1)}
-
-
-def _check_fields(**fields):
-    """Which field of struct portal_req cannot hold its value: EINVAL naming it."""
-    for name, v in fields.items():
-        lo, hi = _FIELDS[name]
-        if not isinstance(v, int):
-            raise errors.error(errno.EINVAL, "%s: %r is not an integer" % (name, v))
-        if not lo <= v <= hi:
-            what = "the specification's int" if hi == _INT[1] else "uintptr_t"
-            raise errors.error(errno.EINVAL, "%s: %d does not fit %s (%d to %d)"
-                               % (name, v, what, lo, hi))
-
-
-def _cstring(s, name):
-    """A string field of the request as the bytes C will read: str (UTF-8)
-    or bytes, else TypeError; one holding a NUL byte is EINVAL naming it
-    (C would read only what comes before it: "a\\0b" would be "a")."""
-    if isinstance(s, str):
-        s = s.encode("utf-8")
-    elif not isinstance(s, bytes):
-        if not isinstance(s, (bytearray, memoryview)):
-            raise TypeError("%s: must be str or bytes, not %s" % (name, type(s).__name__))
-        s = bytes(s)
-    if b"\0" in s:
-        raise errors.error(errno.EINVAL, "%s: %r holds a NUL byte (a C string ends there)"
-                           % (name, s.decode("utf-8", "backslashreplace")))
-    return s
-
-
-def _encode_portal_req(type, prot, length, identifier, share_type, create, chain, message,
-                       addr, paddr):
-    if chain is None and message is None and not paddr:     # the common case, at once
-        mlen = length if length > 0 else 0
-        if identifier is None:
-            return PORTAL_REQ.pack(type, prot, length, 0, share_type, create, 0, 0, addr, mlen)
-        return (PORTAL_REQ.pack(type, prot, length, 1, share_type, create, 0, 0, addr, mlen)
-                + _cstring(identifier, "identifier") + b"\0")
-    trailer = bytearray()
-
-    def put(s, name):
-        if s is None:
-            return 0
-        s = _cstring(s, name)
-        off = len(trailer) + 1
-        trailer.extend(s)
-        trailer.append(0)
-        return off
-
-    body = PORTAL_REQ.pack(type, prot, length, put(identifier, "identifier"), share_type,
-                           create, put(chain, "chain"), put(message, "message"), addr,
-                           length if length > 0 else 0)
-    if paddr:
-        body += array.array("Q", paddr).tobytes()
-    return body + trailer
-
-
-class Mapping:
-    """What every mapped portal has: faytd's handle, the mapping, its frames."""
-
-    def _setup(self, conn, reply, req, paddr, addr, type):
-        self.handle, self.map_length, flags = reply[0], reply[1], reply[6]
-        self.connection = conn
-        self.type = type
-        self.addr = addr
-        self.paddr = tuple(paddr)
-        self.created = bool(flags & lib.FAYT_PORTAL_REPLY_CREATED)
-        _live.add(self)
-
-    def _check(self):
-        if not self.mapped:
-            raise errors.error(errno.EBADF, "portal is unmapped")
-
-    def _release(self, op, flags=0):
-        """Tell faytd (op: UNMAP or UNMAP_DESTROY), then unmap here.  A refused
-        call (EPERM for a destroy by another process) leaves the mapping as is.
-        An unmap through a connection faytd has lost (it was restarted: the new
-        faytd does not know this mapping) only unmaps here."""
-        conn = self.connection
-        if not (op == lib.FAYT_SYS_UNMAP and conn.closed):
-            try:
-                conn._dispatching_call(op, _pack_handle(self.handle), flags, (), None)
-            except OSError as e:
-                if not (op == lib.FAYT_SYS_UNMAP and e.errno == errno.ECONNRESET and conn.closed):
-                    raise
-        # (faytd may hand the object out again from here: a view of it that
-        # another thread of this process still uses writes into this
-        # context's next portal; after the munmap such a use is a SIGSEGV.)
-        self._invalidate()
-        lib.fayt_unmap(self.addr, self.map_length)
-        _live.discard(self)
-
-    def unmap(self):
-        """Unmap this portal and drop its captured-thread entry in faytd.
-
-        Like munmap(2) it does not wait: the request is sent with
-        FAYT_REQ_NOREPLY and faytd performs it before any later call of this
-        connection.  It cannot fail for a mapping this object holds; if faytd
-        ever refuses it, the next call of the connection warns (RuntimeWarning).
-        BufferError while memoryviews of its memory (.buf, view()) exist,
-        as mmap.mmap.close() does: release them first."""
-        self._check()
-        self._check_unmap()
-        self._release(lib.FAYT_SYS_UNMAP, lib.FAYT_REQ_NOREPLY)
-
-    def _orphan(self, addr, length):
-        """Connection.close(): True if memoryviews keep the memory mapped
-        (the last one to go unmaps it)."""
-        r = getattr(self, "_region", None)
-        return r is not None and r.orphan(addr, length)
-
-    def __repr__(self):
-        return "<%s handle=%d addr=%#x length=%d%s>" % (
-            type(self).__name__, self.handle, self.addr, self.map_length,
-            "" if self.mapped else " unmapped")
 
 
 class Portal(Mapping):
@@ -202,14 +57,14 @@ class Portal(Mapping):
         from it, exists, unmap() raises BufferError."""
         self._check()
         if self._buf is None:
-            self._buf = _view(self, self.prot)
+            self._buf = view(self, self.prot)
         return self._buf
 
     def _check_unmap(self):
-        _check_views(self)
+        check_views(self)
 
     def _invalidate(self):
-        _drop_views(self)
+        drop_views(self)
         self.mapped = False
 
     def __enter__(self):
@@ -246,7 +101,7 @@ class SharePoint(_fastpath.SharePointCore, Mapping):
         self.paddr = paddr if paddr.__class__ is tuple else tuple(paddr)
         self.created = bool(flags & _REPLY_CREATED)
         self.identifier = identifier
-        _live.add(self)
+        conn._mappings.add(self)
 
     def destroy(self):
         """Destroy the share-point (owner or core only) and unmap it here.
@@ -278,7 +133,6 @@ class SharePoint(_fastpath.SharePointCore, Mapping):
         the new faytd took the share-point back from its journal but does
         not know this mapping): destroy it by identifier through a new
         connection, if it is still this share-point (same id), then unmap here."""
-        from .syscall import Connection
         fresh = Connection(self.connection.path)
         try:
             try:
@@ -337,8 +191,7 @@ def portal(type, prot=PROT_RW, length=0, *, identifier=None, create=False,
     conn = connection or _default_connection()
     if isinstance(identifier, str):
         identifier = identifier.encode("utf-8")
-    if type & SPECIAL:
-        from .special import special_portal     # its userfaultfd goes with the call
+    if type & SPECIAL:      # its userfaultfd goes with the call
         return special_portal(conn, type, prot, length, chain, message, addr, identifier, create)
     is_share = bool(type & SHARE)
     create = 1 if create else 0
@@ -370,37 +223,6 @@ def portal(type, prot=PROT_RW, length=0, *, identifier=None, create=False,
     return Portal(conn, reply, None, paddr_out, mapped, type, prot)
 
 
-def _view(m, prot):
-    """A memoryview of m's memory (m.addr, m.length), its exports counted
-    (_fastpath.Region): read-only without PROT_WRITE."""
-    if not prot & PROT_READ:
-        raise errors.error(errno.EACCES, "portal is not readable (prot)")
-    if m._region is None:
-        m._region = _fastpath.Region(m.addr, m.length, not prot & PROT_WRITE)
-    return memoryview(m._region)
-
-
-def _check_views(m):
-    """BufferError if memoryviews of m's memory exist.  m's own .buf is
-    released first (a later .buf makes another): a slice of it shares its
-    export, so only then do the exports say whether anyone else holds one."""
-    if m._buf is not None:
-        m._buf, buf = None, m._buf
-        buf.release()                   # BufferError if something holds a buffer of it
-    if m._region is not None and m._region.exports:
-        m._region.close()               # raises BufferError
-
-
-def _drop_views(m):
-    if m._buf is not None:
-        m._buf.release()
-        m._buf = None
-    if m._region is not None:
-        if not m._region.exports:
-            m._region.close()
-            m._region = None
-
-
 def _mapped_inode(addr):
     """The inode of what is mapped at addr here (its /proc/self/maps line)."""
     with open("/proc/self/maps") as f:
@@ -421,12 +243,3 @@ def share_attach(identifier, prot=PROT_RW, *, addr=0, connection=None):
     EACCES if it grants less than `prot`."""
     return portal(SHARE | ANON, prot, 0, identifier=identifier, create=False,
                   addr=addr, connection=connection)
-
-
-def _after_fork_child():
-    for m in list(_live):
-        getattr(m, "_forget", m._invalidate)()
-    _live.clear()
-
-
-os.register_at_fork(after_in_child=_after_fork_child)

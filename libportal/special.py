@@ -62,8 +62,9 @@ from ._abi import (ffi, lib, HANDLE_REQ, PORTAL_REPLY, CHAIN_JOIN as JOIN_REQ,
                    CHAIN_JOIN_REPLY as JOIN_REPLY, CHAIN_LEAVE as LEAVE_REQ,
                    CHAIN_BACK as BACK_REQ, CHAIN_BACK_REPLY as BACK_REPLY,
                    PAGE_REQUEST as PAGE_REQ, PAGE_REQUEST_HEAD as PAGE_REQ_HEAD, _fastpath)
-from .portal import (Mapping, PROT_READ, PROT_WRITE, PAGE_SIZE, encode_portal_req,
-                     _check_views, _drop_views)
+from .mapping import Mapping, check_views, drop_views
+from .portal_req import PROT_READ, PROT_WRITE, PAGE_SIZE, encode_portal_req
+from .syscall import connection as _default_connection
 
 _CRED = struct.Struct("3i")
 _CHAIN_AT = ffi.offsetof("struct fayt_page_request", "chain")
@@ -149,7 +150,7 @@ class SpecialPortal(Mapping):
         return self._buf
 
     def _check_unmap(self):
-        _check_views(self)
+        check_views(self)
 
     def read(self, offset, n):
         self._check_range(offset, n)
@@ -177,7 +178,7 @@ class SpecialPortal(Mapping):
             lib.fayt_copy(self.addr + offset, ffi.cast("uintptr_t", ffi.from_buffer(mv)), len(mv))
 
     def _invalidate(self):
-        _drop_views(self)
+        drop_views(self)
         self.mapped = False
         if self._uffd >= 0:
             lib.fayt_special_unguard(self._uffd)
@@ -562,7 +563,6 @@ def chain_join(name, *, slots=8, run_max=65536, write_reports=False, timeout=Non
     timeout (seconds a server may take before faytd fails the request) are
     the chain's, set by its first server.  EPERM if the policy does not let
     this server serve `name`; EDEADLK if it maps a SPECIAL portal of it."""
-    from .syscall import connection as _default_connection
     conn = connection or _default_connection()
     raw = name.encode("utf-8") if isinstance(name, str) else bytes(name)
     if len(raw) > lib.FAYT_NAME_MAX:

@@ -9,7 +9,7 @@ recvmsg(2) interrupted by a signal is retried by Python (PEP 475) after the
 signal's handlers ran.  Every call is a notification dispatch point: what
 waits in this context's rings is dispatched before the call, and a doorbell
 that rang during the call (dispatch cannot fetch a new ring while a call is
-in flight) is dispatched after it (see notification.py).  One call is in
+in flight) is dispatched after it (see dispatch.py).  One call is in
 flight per connection; a lock serialises threads.
 
 After fork() the child must not speak on its parent's connection: the default
@@ -73,6 +73,7 @@ class Connection:
         self._close_pending = False # close() from a signal handler inside a call
         self._pid = _pid
         self._notify = None         # notification.Runtime, made on first use
+        self._mappings = weakref.WeakSet()  # mapping.Mapping: what close() unmaps
         self._caller = None         # thread id inside call()
         self._broken = False        # faytd went away: see _lost()
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
@@ -115,6 +116,7 @@ class Connection:
             self.sock.close()
             raise
         self._finalizer = weakref.finalize(self, _close, self.sock, self.context_page)
+        _connections.add(self)
 
     def call(self, op, body=b"", flags=0, send_fds=()):
         """Send one request (with send_fds as SCM_RIGHTS, for the calls in
@@ -125,7 +127,7 @@ class Connection:
         """A PORTAL call whose granted object is mapped (at addr, or anywhere)
         and its fd closed in the same C call that reads the reply, the GIL
         held throughout, so that no fork() can inherit the fd (faytd may give
-        this context the object again: see README "How faytd answers fast").
+        this context the object again: see docs/design.md, "How faytd answers fast").
         Returns (reply body, mapped): mapped is (address or 0, 0 or mmap's
         errno, the fayt_portal_reply tuple, the physical addresses)."""
         body, got = self._dispatching_call(lib.FAYT_SYS_PORTAL, body, 0, (), (addr, prot, share))
@@ -261,7 +263,7 @@ class Connection:
         return self._list(lib.FAYT_SYS_LIST_CONTEXTS, "contexts")
 
     def stats(self):
-        """faytd's counters, decoded (FAYT_SYS_STATS; README "fayt stats")."""
+        """faytd's counters, decoded (FAYT_SYS_STATS; docs/cli.md, "fayt stats")."""
         return json.loads(self.call(lib.FAYT_SYS_STATS)[0])
 
     def _list(self, op, key):
@@ -284,7 +286,6 @@ class Connection:
         here first (faytd drops them when the connection closes).  From a
         signal handler that interrupted a call of this thread, the close
         happens when that call ends."""
-        from .portal import _live
         if self._caller == threading.get_ident():
             self._close_pending = True
             try:                        # the call's wait ends now (its poll sees HUP)
@@ -294,12 +295,12 @@ class Connection:
             return
         if self._notify is not None:
             self._notify.close()
-        for m in list(_live):
-            if m.connection is self and m.mapped:
+        for m in list(self._mappings):
+            if m.mapped:
                 m._invalidate()
                 if not m._orphan(m.addr, m.map_length):   # live memoryviews: the last unmaps
                     lib.fayt_unmap(m.addr, m.map_length)
-                _live.discard(m)
+        self._mappings.clear()
         try:                            # wakes another thread's call (its poll sees HUP)
             self.sock.shutdown(socket.SHUT_RDWR)
         except OSError:
@@ -326,6 +327,7 @@ def _close(sock, page):
 
 _default = None
 _default_lock = threading.Lock()
+_connections = weakref.WeakSet()    # every Connection: a fork() child forgets their mappings
 _thread_ids = threading.local()     # .tid: the calling thread's Linux tid
 
 
@@ -350,6 +352,10 @@ def set_default(conn):
 def _after_fork_child():
     global _default, _default_lock, _thread_ids, _pid
     _pid = os.getpid()      # connections made before the fork now raise EBADF
+    for conn in list(_connections):     # not mapped here (MADV_DONTFORK): forget, not unmap
+        for m in list(conn._mappings):
+            getattr(m, "_forget", m._invalidate)()
+        conn._mappings.clear()
     _default_lock = threading.Lock()
     _thread_ids = threading.local()     # the child's thread has a tid of its own
     old, _default = _default, None

@@ -1,6 +1,7 @@
 """The demo: faytd, three instances of the metadata server, a crash in the lock.
 
-    python -m servers.demo        (or: make demo)
+    python -m servers.demo        (in a checkout; or: make demo)
+    python -m fayt_servers.demo   (installed)
 
 It starts a private faytd (socket in a fresh temporary directory; FAYT_SOCKET
 set for every child), runs three instances of servers/metadata.py that share
@@ -30,6 +31,9 @@ import psutil
 
 from faytd.launch import fayt_objects, keepers
 
+# The servers' package as this run names it (servers in a checkout,
+# fayt_servers installed): the children run as its modules.
+SERVERS = __package__ or "servers"
 SHARE = "demo.jobs"
 STEP_TIMEOUT = 20.0     # seconds any one expected event may take (a hang guard)
 
@@ -117,7 +121,7 @@ class Demo:
 
     def start_instance(self, name):
         p = subprocess.Popen(
-            [sys.executable, "-m", "servers.metadata", "--name", name, "--share", SHARE,
+            [sys.executable, "-m", SERVERS + ".metadata", "--name", name, "--share", SHARE,
              "--interval", "0.05", "--report", "1.0"],
             env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         self.instances[name] = p
@@ -138,7 +142,7 @@ class Demo:
     def notify_pair(self):
         """servers/notify_pair.py: a server and a client talking through notifications."""
         self.say("notifications: starting the notify_pair server (servers/notify_pair.py)")
-        srv = subprocess.Popen([sys.executable, "-m", "servers.notify_pair", "serve"],
+        srv = subprocess.Popen([sys.executable, "-m", SERVERS + ".notify_pair", "serve"],
                                env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                text=True)
         self.instances["notify-server"] = srv
@@ -147,7 +151,7 @@ class Demo:
         cid = line.split("context ")[1].split()[0]
         self.say("its client notifies context %s: ADD with the return flag, LOG deferred "
                  "and immediate, FAIL (the handler raises)", cid)
-        cli = subprocess.Popen([sys.executable, "-m", "servers.notify_pair", "client", cid,
+        cli = subprocess.Popen([sys.executable, "-m", SERVERS + ".notify_pair", "client", cid,
                                 "-n", "500"], env=self.env, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True)
         self.follow(cli, cli.stdout, "notify-client")
@@ -169,14 +173,14 @@ class Demo:
             f.write(os.urandom(10 * 4096 + 123))
         self.say("SPECIAL: a cache (2 pages primed) in front of a file pager, chain "
                  "'demo.files' (servers/cachechain.py)")
-        chain = subprocess.Popen([sys.executable, "-m", "servers.cachechain", "--chain",
+        chain = subprocess.Popen([sys.executable, "-m", SERVERS + ".cachechain", "--chain",
                                   "demo.files", "--warm", path + ":2"], env=self.env,
                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         self.instances["cache-chain"] = chain
         self.follow(chain, chain.stdout, "cache-chain")
         self.wait_for("serving", "cache-chain")
         self.say("a client maps the file as a SPECIAL portal of 'demo.files' and reads it")
-        cli = subprocess.Popen([sys.executable, "-m", "servers.filepager", "--chain",
+        cli = subprocess.Popen([sys.executable, "-m", SERVERS + ".filepager", "--chain",
                                 "demo.files", "--read", path], env=self.env,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         self.follow(cli, cli.stdout, "special-client")

@@ -8,8 +8,12 @@ Run several instances of it; together they hand out job numbers:
     python -m servers.metadata --name B &
 
 The first instance creates the share-point (share_create); the others get
-EEXIST (AlreadyExists) and attach.  Its data holds a header and a table of
-instance slots (layout below).  Each instance
+EEXIST (AlreadyExists) and attach.  Only instances of this server may have
+made it: the name lives in this uid's namespace (docs/names.md), where no
+other uid can create it, unless the policy shares it or a core server put it
+there; so an instance adopts the share-point it attached only if faytd says
+this uid made it and it is large enough, and stops otherwise.  Its data
+holds a header and a table of instance slots (layout below).  Each instance
 - registers: claims a free slot (pid, name, status) under the lock;
 - works: takes a job ticket with the fused sp.add(), then commits the job
   under an explicit sp.lock(): its slot's count, then the total;
@@ -152,11 +156,34 @@ class Instance:
                 pass
             try:
                 self.sp = lp.share_attach(self.identifier)
-                self.say("share-point %r exists (EEXIST): attached it", self.identifier)
-                return
             except lp.NotFound:      # destroyed between the two calls: try again
                 time.sleep(0.01)
+                continue
+            self.adopt(need)
+            self.say("share-point %r exists (EEXIST): attached it", self.identifier)
+            return
         raise SystemExit("%s: cannot create or attach %r" % (self.name, self.identifier))
+
+    def adopt(self, need):
+        """The share-point attached is another instance's only if this uid
+        made it (faytd's record of its owner, by its id) and it holds the
+        table; else it is left as it is and this instance stops."""
+        mine = os.getuid()
+        owner = next((s["owner_uid"] for s in lp.connection().list_sharepoints()
+                      if s["id"] == self.sp.sp_id), None)
+        why = None
+        if owner != mine:
+            why = "%s, not an instance of this server (uid %d)" % (
+                "uid %d made it" % owner if owner is not None else "faytd does not list it",
+                mine)
+        elif self.sp.length < need:
+            why = "holds %d bytes of data, fewer than %d slots take" % (self.sp.length,
+                                                                        self.nslots)
+        if why:
+            self.sp.unmap()
+            self.sp = None
+            raise SystemExit("%s: share-point %r exists but %s: not adopted"
+                             % (self.name, self.identifier, why))
 
     @contextlib.contextmanager
     def locked(self):
@@ -311,7 +338,7 @@ class Instance:
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m servers.metadata",
+    ap = argparse.ArgumentParser(prog="python -m %s.metadata" % (__package__ or "servers"),
                                  description="A job counter whose instances share metadata.")
     ap.add_argument("--name", default=None, help="instance name, up to 8 bytes (default: pid)")
     ap.add_argument("--share", default="metadata.jobs", help="share-point identifier")

@@ -96,7 +96,8 @@ def client(target, n):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m servers.notify_pair", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m %s.notify_pair" % (__package__ or "servers"),
+                                 description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="role", required=True)
     s = sub.add_parser("serve")

@@ -1,8 +1,9 @@
 """Bad arguments to the public wrappers (issue 9, point 10): a value out of
 range is an InvalidArgument (EINVAL) whose message names the argument; a
 value of the wrong type is a TypeError that names it.  Timeouts follow one
-rule across the API (README "Errors"): None or a number of seconds >= 0
-(past what the clock holds, inf included: for ever); negative or nan EINVAL.
+rule across the API (docs/errors.md, "Timeouts: one rule"): None or a
+number of seconds >= 0 (past what the clock holds, inf included: for
+ever); negative or nan EINVAL.
 
 The messages are pinned: they are what a user reads."""
 import errno

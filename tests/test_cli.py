@@ -103,7 +103,7 @@ def test_cli_ps_json_counts_frames(faytd, holder):
 
 def test_cli_stats_json_and_its_table(fresh_faytd):
     """`fayt stats --json` is faytd's FAYT_SYS_STATS reply; `fayt stats` the
-    same counts as a table and lines (README "fayt stats")."""
+    same counts as a table and lines (docs/cli.md, "fayt stats")."""
     d = fresh_faytd()
     r = fayt("stats", "--json", env=d.env())
     assert r.returncode == 0, r.stderr

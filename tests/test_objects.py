@@ -1,6 +1,7 @@
 """Backing objects (faytd/frames.py, faytd/core/keeper.c): sealed memfds,
 mode 0600, held by faytd's keeper.  No process can shrink or grow an object
 another process maps (issue 9, point 3)."""
+import copy
 import errno
 import fcntl
 import json
@@ -13,10 +14,15 @@ import time
 import pytest
 
 import libportal as lp
+from faytd.config import DEFAULT
 from libportal._abi import lib
 from test_policy import NOBODY, as_user, start, world_dir  # noqa: F401 (fixtures)
 
 PAGE = lib.FAYT_PAGE_SIZE
+# Root's "obj-*" share-points are in the shared namespace, which uid 65534's
+# server category may attach (docs/names.md): names are per uid otherwise.
+SHARED_OBJ = copy.deepcopy(DEFAULT["policy"])
+SHARED_OBJ["categories"]["server"]["shared_names"] = {"attach": ["obj-*"]}
 TIMEOUT = 30                    # hang guards only
 SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
 
@@ -87,7 +93,7 @@ def test_sharepoint_peer_cannot_resize_it(as_user, start, uid):
     seal and a read-write reopen through /proc/self/fd are refused too;
     within one uid it is robustness: a peer's ftruncate never becomes the
     creator's SIGBUS."""
-    d = start()
+    d = start(policy=SHARED_OBJ)
     env = dict(os.environ, FAYT_SOCKET=d.socket)
     ident = "obj-victim-%d" % uid
     victim = subprocess.Popen([sys.executable, "-c", VICTIM, ident], env=env,
@@ -315,7 +321,7 @@ def test_sharepoint_read_only_attacher_cannot_store_past_page_0(as_user, start, 
     read-write; mprotect of its mapping of the rest fails.  Its wrappers
     still lock.  The share-point is made by faytd's C fast path, or by its
     Python."""
-    d = start(fast_syscalls=fast)
+    d = start(policy=SHARED_OBJ, fast_syscalls=fast)
     env = dict(os.environ, FAYT_SOCKET=d.socket)
     owner = subprocess.Popen([sys.executable, "-c", OWNER, "obj-ro"], env=env,
                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)

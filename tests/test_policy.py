@@ -30,6 +30,7 @@ import uuid
 import pytest
 
 import libportal
+from faytd.config import DEFAULT
 from faytd.launch import LAST, RUNS, STARTED
 from libportal._abi import lib
 
@@ -635,7 +636,9 @@ def test_policy_unbuilt_classes_core_enosys_server_eperm(as_user, start, type_, 
 
 
 def test_policy_destroy_by_non_owner_non_core(as_user, start):
-    d = start()
+    shared = json.loads(json.dumps(DEFAULT["policy"]))     # root's name, shared (names.md)
+    shared["categories"]["server"]["shared_names"] = {"attach": ["policy-victim-*"]}
+    d = start(policy=shared)
     owner = libportal.Connection(d.socket)
     name = _name("victim")
     sp = libportal.share_create(name, 2 * PAGE, connection=owner)
@@ -692,7 +695,7 @@ def test_policy_destroy_of_a_users_share_point(as_user, start):
     try:
         assert steps(json.loads(owner.stdout.readline())) == [("create", 0)]
         core = libportal.Connection(d.socket)
-        libportal.share_attach(name, connection=core).destroy()
+        libportal.share_attach("uid:%d/%s" % (NOBODY, name), connection=core).destroy()
         assert name not in d.state()["shares"]
         core.close()
         owner.stdin.write("go\n")
@@ -707,7 +710,7 @@ def test_policy_destroy_of_a_users_share_point(as_user, start):
 
 def test_policy_stats_count_only_the_callers_uid_share_points_unless_core(as_user, start):
     """FAYT_SYS_STATS is open to every context; its share-point count is
-    the caller's uid's unless the caller is core (README "fayt stats")."""
+    the caller's uid's unless the caller is core (docs/cli.md, "fayt stats")."""
     d = start()
     owner = libportal.Connection(d.socket)
     mine = [libportal.share_create(_name("stats-root"), PAGE, connection=owner)

@@ -155,28 +155,28 @@ def test_versions_journal_names_its_format_first(restartable, children):
     _owner(children, d, "v-first", b"x")
     with open(_journal(restartable), "rb") as f:
         assert f.readline() == b"V %d\n" % journal_mod.FORMAT
-    assert journal_mod.FORMAT == 2
+    assert journal_mod.FORMAT == 3
 
 
 def test_versions_journal_of_format_1_is_taken_and_migrated(restartable, children):
     """Today's journal before versions (no V line) is read as format 1 and
-    rewritten in format 2 at the restart; its share-points come back."""
+    rewritten in format 3 at the restart; its share-points come back."""
     d = restartable.start()
     _owner(children, d, "v-old", b"format 1")
     restartable.kill()
     path = _journal(restartable)
     with open(path, "rb") as f:
         data = f.read()
-    assert data.startswith(b"V 2\nN ")
+    assert data.startswith(b"V 3\nN ")
     with open(path, "wb") as f:
-        f.write(data[len(b"V 2\n"):])           # as a faytd before versions wrote it
+        f.write(data[len(b"V 3\n"):])           # as a faytd before versions wrote it
     d = restartable.start()
     log = _log(d)
     assert ("journal %s: format 1 (before versions: no V line); read as such, and migrated in "
-            "place to format 2 when faytd rewrites it at start" % path) in log
+            "place to format 3 when faytd rewrites it at start" % path) in log
     assert "restored 1 share-points" in log
     with open(path, "rb") as f:
-        assert f.readline() == b"V 2\n"
+        assert f.readline() == b"V 3\n"
     conn = libportal.Connection(d.socket)
     try:
         assert libportal.share_attach("v-old", connection=conn).read(0, 8) == b"format 1"
@@ -184,7 +184,7 @@ def test_versions_journal_of_format_1_is_taken_and_migrated(restartable, childre
         conn.close()
 
 
-@pytest.mark.parametrize("line", [b"V 3", b"V two"])
+@pytest.mark.parametrize("line", [b"V 4", b"V two"])
 def test_versions_journal_of_an_unknown_format_is_refused_untouched(restartable, children, line):
     """faytd does not start on a journal it cannot read (a newer faytd's):
     the message names the file and the formats; the journal and the keeper
@@ -195,14 +195,14 @@ def test_versions_journal_of_an_unknown_format_is_refused_untouched(restartable,
     path = _journal(restartable)
     with open(path, "rb") as f:
         data = f.read()
-    newer = line + b"\n" + data[len(b"V 2\n"):]
+    newer = line + b"\n" + data[len(b"V 3\n"):]
     with open(path, "wb") as f:
         f.write(newer)
     (keeper,) = keepers([restartable.dir])
     with pytest.raises(RuntimeError) as e:
         restartable.start()
     shown = line[2:].decode()
-    assert ("faytd: journal %s: format %s; this faytd reads formats 1 and 2 and writes 2. A "
+    assert ("faytd: journal %s: format %s; this faytd reads formats 1, 2 and 3 and writes 3. A "
             "newer faytd wrote it: run that one on this state directory (or move the journal "
             "away, and its share-points are lost). Nothing was changed." % (path, shown)
             ) in str(e.value)

@@ -15,7 +15,8 @@
  * - keeper.c: backing objects, sealed memfds held by a keeper process that
  *   survives faytd, and the pool thread (C, no GIL) that makes them ahead
  *   of need and has released ones closed;
- * - names.c: the name index, every share-point's identifier (SipHash-keyed);
+ * - names.c: names and their namespaces (a uid's, or the policy's shared
+ *   one), and the name index, every share-point's identifier (SipHash-keyed);
  * - table.c: the owner of every share-point (its record, object(s) and
  *   frames), of every share-point and ANON mapping (by context and handle),
  *   of each context's accounting (RAM, mappings) and of the objects kept
@@ -142,8 +143,8 @@ void fayt_core_skip_sp_ids(struct fayt_core *k, uint32_t next);
  * "<page 0>+<the rest>". */
 int fayt_journal_sp_line(uint32_t sp_id, int32_t pid, uint64_t start, uint32_t uid,
                          int32_t prot, uint64_t length, const char *object,
-                         const uint32_t *frames, uint32_t nframes, const char *ident,
-                         uint32_t ilen, char *out, uint32_t max);
+                         const uint32_t *frames, uint32_t nframes, uint32_t ns,
+                         const char *ident, uint32_t ilen, char *out, uint32_t max);
 /* Append the D record of a share-point to the journal: 0, or -1 if the
  * write failed (counted in journal_errors). */
 int fayt_journal_sp_destroyed(struct fayt_core *k, uint32_t sp_id);
@@ -244,11 +245,14 @@ struct fayt_fast_conn {
     uint32_t refs;             /* the core's (its records) and Python's (1 until put) */
     uint32_t reserved;
     struct fayt_core_cstate *cs;    /* the core's: its mappings, what it ever mapped */
+    uint64_t names_create;     /* shared names it may create: bit i, the policy's pattern i */
+    uint64_t names_attach;     /* and attach (names.c) */
 } __attribute__((packed));
 #define FAYT_FAST_CONN_SHARE   0x1  /* registered, and may use SHARE|ANON */
 #define FAYT_FAST_CONN_NOTICES 0x2  /* subscribed to faytd's notices: destroys go to Python */
 #define FAYT_FAST_CONN_ANON    0x4  /* registered, and may use ANON */
-#define FAYT_FAST_CONN_CORE    0x8  /* a core server: may destroy any share-point */
+#define FAYT_FAST_CONN_CORE    0x8  /* a core server: may destroy any share-point, name
+                                        any uid's namespace and every shared name */
 #define FAYT_FAST_CONN_JOURNAL 0x10 /* its context page is journaled: its attaches are too */
 #define FAYT_FAST_CONN_PRIO    0x20 /* core category (known at accept): served first in a
                                        round, with no budget per uid (serve.c) */
@@ -290,7 +294,8 @@ struct fayt_core_reply {
 /* PORTAL of class SHARE|ANON (create or attach) or ANON, decoded (a), for
  * c's thread tid: performed, its reply body in body[FAYT_MSG_MAX] and out,
  * 0; or an errno and msg (nothing changed).  Rights (classes, the thread)
- * are the caller's. */
+ * are the caller's; the identifier's namespace and the right to name it
+ * the core checks (fayt_name_resolve, from c's uid and names bits). */
 int fayt_core_portal(struct fayt_core *k, struct fayt_fast_conn *c, int32_t tid,
                      const uint8_t *req, const struct fayt_portal_args *a, uint8_t *body,
                      struct fayt_core_reply *out, char *msg, uint32_t max);
@@ -351,19 +356,22 @@ struct fayt_sp_info {
     uint32_t destroyed;        /* out of the table; still mapped */
     uint32_t owner_alive;
     uint32_t ident_len;
-    uint32_t reserved;
+    uint32_t ns;               /* the namespace of its identifier (names.c) */
     char object[200];          /* "<page 0>" or "<page 0>+<the rest>" */
-    char identifier[256];
+    char identifier[256];      /* as it is in its namespace (no "uid:<uid>/") */
 } __attribute__((packed));
 /* Share-point `id` (in the table, or destroyed and still mapped): 0 and its
  * info and first `max` frames; ENOENT. */
 int fayt_core_sp_info(struct fayt_core *k, uint32_t id, struct fayt_sp_info *out,
                       uint32_t *frames, uint32_t max);
-/* The id of the share-point named ident in the table, or 0. */
-uint32_t fayt_core_sp_lookup(struct fayt_core *k, const char *ident, uint32_t len);
+/* The id of the share-point named ident in namespace ns, or 0. */
+uint32_t fayt_core_sp_lookup(struct fayt_core *k, uint32_t ns, const char *ident, uint32_t len);
 /* Ids above `after` of the share-points in the table, in order: how many
  * (at most max) into out.  O(max), whatever the table holds (serve.c). */
 uint32_t fayt_core_sp_ids(struct fayt_core *k, uint32_t after, uint32_t *out, uint32_t max);
+/* The same, of those named in namespace ns. */
+uint32_t fayt_core_sp_ids_ns(struct fayt_core *k, uint32_t ns, uint32_t after, uint32_t *out,
+                             uint32_t max);
 /* Python maps share-point id's object itself (lock recovery): it is never
  * recycled. */
 void fayt_core_sp_expose(struct fayt_core *k, uint32_t id);
@@ -384,7 +392,8 @@ void fayt_core_conn_mark(struct fayt_core *k, struct fayt_fast_conn *c, uint32_t
 /* A restart: a share-point of the journal, its object(s) checked by the
  * caller; its frames are adopted (fayt_frames_adopted after the last).  0,
  * or an errno and msg. */
-int fayt_core_sp_adopt(struct fayt_core *k, uint32_t id, const char *ident, uint32_t ilen,
+int fayt_core_sp_adopt(struct fayt_core *k, uint32_t id, uint32_t ns, const char *ident,
+                       uint32_t ilen,
                        int32_t prot, int32_t owner_pid, uint32_t owner_uid, uint64_t start,
                        uint64_t length, const char *object, const uint32_t *frames,
                        uint32_t nframes, char *msg, uint32_t max);
@@ -456,12 +465,42 @@ void fayt_fast_unwatch(struct fayt_core *k, int fd);
 int fayt_fast_poll(struct fayt_core *k, int epfd, int64_t spin_ns, int timeout_ms,
                    struct fayt_fast_event *out, int max, uint8_t *buf, struct fayt_fast_io *io);
 
-/* The name index (names.c): one namespace of identifiers.  Every
- * share-point's is there; Python may add names of its own (a SPECIAL|SHARE
- * share's), which no share-point can then take.  add: 0, EEXIST, ENOMEM;
- * del: 0, ENOENT, EBUSY (a share-point's name: not Python's to remove). */
-int fayt_fast_name_add(struct fayt_core *k, const char *ident, uint32_t len);
-int fayt_fast_name_del(struct fayt_core *k, const char *ident, uint32_t len);
+/* -- names and namespaces (names.c) -------------------------------------- */
+/* A name a client chooses lives in a namespace: the uid of the process
+ * that names it, or the shared one for the names the policy shares
+ * (patterns: a name, or a prefix and '*').  "uid:<uid>/<name>" names uid's
+ * namespace explicitly (a core server any uid's, others their own).  The
+ * index is keyed by (namespace, name): every share-point's identifier is
+ * there; Python may add names of its own (a SPECIAL|SHARE share's), which
+ * no share-point can then take.  add: 0, EEXIST, ENOMEM; del: 0, ENOENT,
+ * EBUSY (a share-point's name: not Python's to remove). */
+#define FAYT_NS_SHARED 0xffffffff       /* no uid is (uid_t)-1 */
+#define FAYT_NAMES_SHARED_MAX 64
+int fayt_fast_name_add(struct fayt_core *k, uint32_t ns, const char *ident, uint32_t len);
+int fayt_fast_name_del(struct fayt_core *k, uint32_t ns, const char *ident, uint32_t len);
+
+/* The policy's shared names (Python checked each pattern): 0 or ENOMEM.
+ * A name's namespace follows the patterns of the moment it is named. */
+int fayt_names_set_shared(struct fayt_core *k, const char *const *patterns, uint32_t n);
+/* Bit i set: name matches shared pattern i (0: a uid's name). */
+uint64_t fayt_names_shared(struct fayt_core *k, const char *name, uint32_t len);
+
+/* Where a name sent by c resolves to. */
+struct fayt_name_ref {
+    uint32_t ns;               /* a uid, or FAYT_NS_SHARED */
+    uint32_t at;               /* the name in it: ident[at .. at + len) */
+    uint32_t len;
+    uint32_t explicit_uid;     /* 1: it was sent as "uid:<uid>/<name>" */
+} __attribute__((packed));
+#define FAYT_NAME_ATTACH 0
+#define FAYT_NAME_CREATE 1
+/* Resolve ident (len bytes, UTF-8) for c, to create or attach (how) what
+ * it names: 0, or EINVAL (a malformed "uid:" form), EPERM (another uid's
+ * namespace, or a shared name c's category may not create or attach) with
+ * a message naming `field` in msg[max]. */
+int fayt_name_resolve(struct fayt_core *k, const struct fayt_fast_conn *c, const char *field,
+                      const char *ident, uint32_t len, int how, struct fayt_name_ref *out,
+                      char *msg, uint32_t max);
 
 /* A context ended: the objects kept for its next share-points go. */
 void fayt_fast_conn_gone(struct fayt_core *k, struct fayt_fast_conn *c);

@@ -5,7 +5,9 @@
  * It copies nothing it has not bounds-checked, the way a kernel's
  * copy_from_user would: a pointer field of portal_req is 0 or 1 + an offset
  * into the message's trailer (after paddr[] for DIRECT and COW), and the
- * string there must end inside it.  A refusal is an errno and a message that
+ * string there must end inside it; a share-point's identifier in the
+ * "uid:<uid>/<name>" form must be well formed (names.c: where it resolves is
+ * the caller's, with the context).  A refusal is an errno and a message that
  * names the argument at fault.
  */
 #define _GNU_SOURCE
@@ -190,6 +192,10 @@ int fayt_portal_decode(struct fayt_core *k, const uint8_t *body, uint32_t blen,
     if (t & FAYT_PORTAL_SHARE) {
         if (a->ident_at < 0 || a->ident_len == 0)
             return core_fail(msg, max, EINVAL, "share.identifier: a share-point needs a name");
+        uint32_t uid, at;               /* the "uid:<uid>/<name>" form, if used, well formed */
+        if ((e = core_name_parse("share.identifier", (const char *)body + a->ident_at,
+                                 (uint32_t)a->ident_len, &uid, &at, msg, max)))
+            return e;
         if (req.share.create != FAYT_SHARE_ATTACH && req.share.create != FAYT_SHARE_CREATE)
             return core_fail(msg, max, EINVAL, "share.create: %d is neither 0 nor 1",
                         req.share.create);

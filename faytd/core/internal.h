@@ -16,7 +16,7 @@
 #define FAST_MAX_FRAMES FAYT_FAST_MAX_FRAMES
 #define RECYCLE_MAX 64            /* objects kept for their context's next create */
 #define ZERO_AT_CREATE 16384      /* up to this, a recycled object is zeroed by the meta's write */
-#define CORE_ABI 4                /* fayt_core_abi(); faytd/native.py checks it */
+#define CORE_ABI 5                /* fayt_core_abi(); faytd/native.py checks it */
 
 /* -- decode.c: strict UTF-8, as Python's decode("utf-8") takes it ------- */
 int core_utf8_valid(const unsigned char *s, size_t n);
@@ -27,20 +27,40 @@ struct sp;
 struct name_ent {
     struct name_ent *next;
     uint64_t hash;
+    uint32_t ns;                   /* its namespace: a uid, or FAYT_NS_SHARED */
     uint32_t len;
     struct sp *sp;                 /* NULL: a name Python holds (a SPECIAL|SHARE share) */
     char key[];
 };
 
-uint64_t core_hash(struct fayt_core *k, const char *s, uint32_t n);
-struct name_ent *core_name_find(struct fayt_core *k, const char *s, uint32_t n, uint64_t h);
-struct name_ent *core_name_insert(struct fayt_core *k, const char *s, uint32_t n, int *err);
+struct name_pattern {              /* a shared name of the policy */
+    char *s;                       /* the name, or the prefix before its '*' */
+    uint32_t len;
+    int prefix;
+};
+
+uint64_t core_hash(struct fayt_core *k, uint32_t ns, const char *s, uint32_t n);
+struct name_ent *core_name_find(struct fayt_core *k, uint32_t ns, const char *s, uint32_t n,
+                                uint64_t h);
+struct name_ent *core_name_insert(struct fayt_core *k, uint32_t ns, const char *s, uint32_t n,
+                                  int *err);
 void core_name_remove(struct fayt_core *k, struct name_ent *e);
 void core_names_fini(struct fayt_core *k);
+/* The "uid:<uid>/<name>" form: 0 and *at 0 (not that form) or the name's
+ * offset and *uid; EINVAL (malformed) with a message naming field. */
+int core_name_parse(const char *field, const char *s, uint32_t n, uint32_t *uid,
+                    uint32_t *at, char *msg, size_t max);
+/* A name as Python's %r of its str shows it: 'name'. */
+const char *core_name_repr(const char *s, uint32_t n, char *out, size_t max);
 
 /* -- table.c ------------------------------------------------------------ */
 struct map;
 struct idnode;
+struct ns_ids {                    /* serve.c: one namespace's ids in the table */
+    struct ns_ids *next;
+    uint32_t ns;
+    struct idnode *root;
+};
 
 /* What one uid holds (its share-points, the RAM its contexts are charged),
  * whichever of its contexts made it: the limits per uid (config
@@ -61,6 +81,7 @@ struct uid_acct {
 struct sp {
     struct sp *id_next;            /* in the by-id table */
     struct name_ent *name;         /* NULL once destroyed */
+    uint32_t ns;                   /* its name's namespace (names.c) */
     struct map *maps;              /* its mappings (map.sp_next) */
     struct fayt_fast_conn *charged_to;  /* whose RAM quota carries it (the creator) */
     uint64_t charged;
@@ -135,8 +156,8 @@ int core_fail(char *msg, size_t max, int err, const char *fmt, ...)
     __attribute__((format(printf, 4, 5)));
 void core_table_fini(struct fayt_core *k);
 /* The live ids in order (serve.c): add (0 or ENOMEM), remove, free all. */
-int core_ids_add(struct fayt_core *k, uint32_t id);
-void core_ids_remove(struct fayt_core *k, uint32_t id);
+int core_ids_add(struct fayt_core *k, uint32_t id, uint32_t ns);
+void core_ids_remove(struct fayt_core *k, uint32_t id, uint32_t ns);
 void core_ids_fini(struct fayt_core *k);
 
 /* -- journal.c ---------------------------------------------------------- */
@@ -186,12 +207,16 @@ struct fayt_core_priv {
     uint32_t names_nb, names_n;
     uint64_t sip_k0, sip_k1;
     int sip_keyed;
+    struct name_pattern shared[FAYT_NAMES_SHARED_MAX];   /* the policy's shared names */
+    uint32_t nshared;
     /* table.c: share-points by id, mappings by (context, handle) */
     struct sp **by_id;
     uint32_t ids_nb;
     struct map **by_handle;
     uint32_t handles_nb, handles_n;
     struct idnode *live_ids;       /* serve.c: ids in the table, in order (the list's pages) */
+    struct ns_ids **ns_ids;        /* ... and by namespace */
+    uint32_t ns_nb, ns_n;
     struct uid_acct **accts;       /* by uid: what each uid holds */
     uint32_t accts_nb, accts_n;
     struct kept kept[RECYCLE_MAX]; /* in the order they were kept, oldest first */

@@ -33,8 +33,8 @@ int core_journal_write(struct fayt_core *k, const char *line, size_t n, int live
 
 int fayt_journal_sp_line(uint32_t sp_id, int32_t pid, uint64_t start, uint32_t uid,
                          int32_t prot, uint64_t length, const char *object,
-                         const uint32_t *frames, uint32_t nframes, const char *ident,
-                         uint32_t ilen, char *out, uint32_t max)
+                         const uint32_t *frames, uint32_t nframes, uint32_t ns,
+                         const char *ident, uint32_t ilen, char *out, uint32_t max)
 {
     size_t pos = (size_t)snprintf(out, max, "S %u %d %llu %u %d %llu %s ", sp_id, pid,
                                   (unsigned long long)start, uid, prot,
@@ -45,6 +45,8 @@ int fayt_journal_sp_line(uint32_t sp_id, int32_t pid, uint64_t start, uint32_t u
         out[pos++] = ' ';
     for (uint32_t i = 0; i < ilen && pos < max; i++)
         pos += (size_t)snprintf(out + pos, max - pos, "%02x", (unsigned char)ident[i]);
+    if (pos < max)                      /* format 3: the namespace last */
+        pos += (size_t)snprintf(out + pos, max - pos, " %u", ns);
     if (pos + 1 >= max)
         return -1;
     out[pos++] = '\n';
@@ -62,7 +64,8 @@ int core_journal_sharepoint(struct fayt_core *k, const struct sp *sp)
     char stack[JOURNAL_LINE_MAX], *line = room <= sizeof stack ? stack : malloc(room);
     int n = line ? fayt_journal_sp_line(sp->id, sp->owner_pid, sp->owner_start, sp->owner_uid,
                                         sp->prot, sp->length, object, sp->frames, sp->nframes,
-                                        sp->name->key, sp->name->len, line, (uint32_t)room)
+                                        sp->ns, sp->name->key, sp->name->len, line,
+                                        (uint32_t)room)
                  : -1;
     int r = n < 0 ? (k->journal_errors++, -1) : core_journal_write(k, line, (size_t)n, 1);
     if (line != stack)

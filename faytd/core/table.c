@@ -64,31 +64,9 @@ int core_fail(char *msg, size_t max, int err, const char *fmt, ...)
     return err;
 }
 
-/* An identifier as Python's %r of its str shows it: 'name'. */
-static const char *repr(const char *s, uint32_t n, char *out, size_t max)
-{
-    size_t o = 0;
-    int dq = memchr(s, '\'', n) && !memchr(s, '"', n);
-    char q = dq ? '"' : '\'';
-    out[o++] = q;
-    for (uint32_t i = 0; i < n && o + 6 < max; i++) {
-        unsigned char ch = (unsigned char)s[i];
-        if (ch == '\\' || (ch == (unsigned char)q))
-            o += (size_t)snprintf(out + o, max - o, "\\%c", ch);
-        else if (ch < 0x20 || ch == 0x7f)
-            o += (size_t)snprintf(out + o, max - o, ch == '\n' ? "\\n" : ch == '\t' ? "\\t"
-                                  : ch == '\r' ? "\\r" : "\\x%02x", ch);
-        else
-            out[o++] = (char)ch;
-    }
-    out[o++] = q;
-    out[o] = 0;
-    return out;
-}
-
 static const char *sp_repr(const struct sp *sp, char *out, size_t max)
 {
-    return sp->name ? repr(sp->name->key, sp->name->len, out, max) : "'(destroyed)'";
+    return sp->name ? core_name_repr(sp->name->key, sp->name->len, out, max) : "'(destroyed)'";
 }
 
 /* -- tables ---------------------------------------------------------------- */
@@ -572,7 +550,7 @@ static void sp_destroy(struct fayt_core *k, struct sp *sp, struct fayt_fast_conn
     core_name_remove(k, sp->name);
     sp->name = NULL;
     k->nsharepoints--;
-    core_ids_remove(k, sp->id);
+    core_ids_remove(k, sp->id, sp->ns);
     if (sp->acct)
         sp->acct->nsharepoints--;
     acct_put(k, sp->acct);
@@ -589,9 +567,9 @@ static void sp_destroy(struct fayt_core *k, struct sp *sp, struct fayt_fast_conn
         sp_free(k, sp);
 }
 
-uint32_t fayt_core_sp_lookup(struct fayt_core *k, const char *ident, uint32_t len)
+uint32_t fayt_core_sp_lookup(struct fayt_core *k, uint32_t ns, const char *ident, uint32_t len)
 {
-    struct name_ent *e = core_name_find(k, ident, len, core_hash(k, ident, len));
+    struct name_ent *e = core_name_find(k, ns, ident, len, core_hash(k, ns, ident, len));
     return e && e->sp ? e->sp->id : 0;
 }
 
@@ -836,12 +814,17 @@ static int sp_create(struct fayt_core *k, struct fayt_fast_conn *c, int32_t tid,
     uint32_t n = (uint32_t)(((uint64_t)a->length + FAYT_PAGE_SIZE - 1) / FAYT_PAGE_SIZE);
     uint64_t bytes = (uint64_t)n * FAYT_PAGE_SIZE;
     size_t data_offset = FAYT_SP_DATA_OFFSET(n);
+    struct fayt_name_ref nr;
     int e;
+    if ((e = fayt_name_resolve(k, c, "share.identifier", ident, ilen, FAYT_NAME_CREATE, &nr,
+                               msg, (uint32_t)max)))
+        return e;
     if ((e = charge(k, c, bytes, msg, max)))
         return e;
-    if (core_name_find(k, ident, ilen, core_hash(k, ident, ilen)))
+    if (core_name_find(k, nr.ns, ident + nr.at, nr.len, core_hash(k, nr.ns, ident + nr.at,
+                                                                 nr.len)))
         return core_fail(msg, max, EEXIST, "share.identifier: %s exists",
-                         repr(ident, ilen, rb, sizeof rb));
+                         core_name_repr(ident, ilen, rb, sizeof rb));
     if (k->nsharepoints >= k->max_sharepoints)
         return core_fail(msg, max, ENOMEM, "share-point table is full (%u)", k->max_sharepoints);
     if ((e = quota_sharepoints(k, c, msg, max)))
@@ -909,8 +892,8 @@ static int sp_create(struct fayt_core *k, struct fayt_fast_conn *c, int32_t tid,
         free(meta);
     sp->id = k->next_sp_id;             /* taken below, once nothing can fail */
     struct name_ent *ne = NULL;
-    if (werr || !(ne = core_name_insert(k, ident, ilen, &e)) || ids_insert(k, sp)
-        || core_ids_add(k, sp->id)) {
+    if (werr || !(ne = core_name_insert(k, nr.ns, ident + nr.at, nr.len, &e))
+        || ids_insert(k, sp) || core_ids_add(k, sp->id, nr.ns)) {
         if (ne && core_sp_find(k, sp->id) == sp)
             ids_remove(k, sp);
         e = werr ? errno : ne ? ENOMEM : e;
@@ -926,11 +909,12 @@ static int sp_create(struct fayt_core *k, struct fayt_fast_conn *c, int32_t tid,
         free(sp);
         free(m);
         return core_fail(msg, max, e == EEXIST ? EEXIST : ENOMEM, "share.identifier: %s: %s",
-                         repr(ident, ilen, rb, sizeof rb), strerror(e));
+                         core_name_repr(ident, ilen, rb, sizeof rb), strerror(e));
     }
     k->frames.next_oid++;
     ne->sp = sp;
     sp->name = ne;
+    sp->ns = nr.ns;
     fayt_core_new_sp_id(k);
     sp->prot = a->prot;
     sp->length = bytes;
@@ -997,17 +981,23 @@ static int sp_attach(struct fayt_core *k, struct fayt_fast_conn *c, int32_t tid,
     char rb[1100];
     const char *ident = (const char *)req + a->ident_at;
     uint32_t ilen = (uint32_t)a->ident_len;
-    struct name_ent *ne = core_name_find(k, ident, ilen, core_hash(k, ident, ilen));
+    struct fayt_name_ref nr;
+    int e = fayt_name_resolve(k, c, "share.identifier", ident, ilen, FAYT_NAME_ATTACH, &nr, msg,
+                              (uint32_t)max);
+    if (e)
+        return e;
+    struct name_ent *ne = core_name_find(k, nr.ns, ident + nr.at, nr.len,
+                                         core_hash(k, nr.ns, ident + nr.at, nr.len));
     struct sp *sp = ne ? ne->sp : NULL;
     if (!sp)
         return core_fail(msg, max, ENOENT, "share.identifier: no share-point %s",
-                         repr(ident, ilen, rb, sizeof rb));
+                         core_name_repr(ident, ilen, rb, sizeof rb));
     if (a->prot & ~sp->prot)
         return core_fail(msg, max, EACCES, "prot: %#x asked, share-point %s grants %#x",
-                         a->prot, repr(ident, ilen, rb, sizeof rb), sp->prot);
+                         a->prot, core_name_repr(ident, ilen, rb, sizeof rb), sp->prot);
     if (a->length != 0 && (uint64_t)a->length != sp->length)
         return core_fail(msg, max, EINVAL, "length: %d; share-point %s maps %llu bytes",
-                         a->length, repr(ident, ilen, rb, sizeof rb),
+                         a->length, core_name_repr(ident, ilen, rb, sizeof rb),
                          (unsigned long long)sp->length);
     out->borrowed = sp->fd >= 0;         /* the held one, sent as it is */
     int rfd = sp->fd >= 0 ? sp->fd : reply_fd(-1, sp->object, 0), rfd2 = -1;
@@ -1247,6 +1237,7 @@ int fayt_core_sp_info(struct fayt_core *k, uint32_t id, struct fayt_sp_info *out
     out->nmaps = sp->nmaps;
     out->destroyed = sp->destroyed;
     out->owner_alive = sp->owner_alive;
+    out->ns = sp->ns;
     snprintf(out->object, sizeof out->object, "%s%s%s", sp->object, sp->split ? "+" : "",
              sp->split ? sp->object2 : "");
     if (sp->name) {
@@ -1309,12 +1300,12 @@ void fayt_core_conn_mark(struct fayt_core *k, struct fayt_fast_conn *c, uint32_t
     idset_add(k, &c->cs->mapped, id, attached);
 }
 
-int fayt_core_sp_adopt(struct fayt_core *k, uint32_t id, const char *ident, uint32_t ilen,
-                       int32_t prot, int32_t owner_pid, uint32_t owner_uid, uint64_t start,
-                       uint64_t length, const char *object, const uint32_t *frames,
-                       uint32_t nframes, char *msg, uint32_t max)
+int fayt_core_sp_adopt(struct fayt_core *k, uint32_t id, uint32_t ns, const char *ident,
+                       uint32_t ilen, int32_t prot, int32_t owner_pid, uint32_t owner_uid,
+                       uint64_t start, uint64_t length, const char *object,
+                       const uint32_t *frames, uint32_t nframes, char *msg, uint32_t max)
 {
-    if (core_sp_find(k, id) || core_name_find(k, ident, ilen, core_hash(k, ident, ilen)))
+    if (core_sp_find(k, id) || core_name_find(k, ns, ident, ilen, core_hash(k, ns, ident, ilen)))
         return core_fail(msg, max, EEXIST, "journal: share-point %u named twice", id);
     if ((uint64_t)nframes * FAYT_PAGE_SIZE != length)
         return core_fail(msg, max, EINVAL, "journal: share-point %u: %u frames for %llu bytes",
@@ -1336,10 +1327,10 @@ int fayt_core_sp_adopt(struct fayt_core *k, uint32_t id, const char *ident, uint
                          "taken twice", k->frames.nframes);
     }
     int e = 0;
-    struct name_ent *ne = core_name_insert(k, ident, ilen, &e);
+    struct name_ent *ne = core_name_insert(k, ns, ident, ilen, &e);
     sp->id = id;
     sp->acct = acct_get(k, owner_uid);
-    if (!ne || !sp->acct || ids_insert(k, sp) || core_ids_add(k, id)) {
+    if (!ne || !sp->acct || ids_insert(k, sp) || core_ids_add(k, id, ns)) {
         if (ne && core_sp_find(k, id) == sp)
             ids_remove(k, sp);
         acct_put(k, sp->acct);
@@ -1352,6 +1343,7 @@ int fayt_core_sp_adopt(struct fayt_core *k, uint32_t id, const char *ident, uint
     k->frames.next_oid++;
     ne->sp = sp;
     sp->name = ne;
+    sp->ns = ns;
     sp->prot = prot;
     sp->length = length;
     sp->owner_pid = owner_pid;

@@ -22,7 +22,7 @@ def sys_hello(k, ctx, tid, body, fds):
     ctx.make_page(k.frames.tag)
     k.registered(ctx)
     c = ctx.category
-    ctx.fast.flags |= Policy.fast_flags(c)      # what the fast path may create for it
+    Policy.grant(ctx.fast, c)       # what the fast path may create for it, its shared names
     return HELLO_REPLY.pack(ctx.id, c.id, c.classes, lib.FAYT_WIRE_ABI), [ctx.page.open_fd()]
 
 

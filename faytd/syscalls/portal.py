@@ -55,6 +55,8 @@ def sys_portal(k, ctx, tid, body, fds):
     t, prot, length, addr, ident, create, attach, chain, message, req_fields, args = \
         decode_portal(k, body)
     Policy.check_classes(ctx.category, t)                      # EPERM: nothing created
+    if t & SHARE:       # the identifier in its namespace; EPERM for another's (names.c)
+        ident = k.sharepoints.resolve(ctx, ident, not attach)
     if t & SPECIAL:
         return _chain.portal_special(k, ctx, tid, t, prot, length, addr, ident, create, chain,
                                      message, req_fields, fds)

@@ -58,7 +58,7 @@
 #define FAYT_SYS_CHAIN_BACK     34  /* body fayt_chain_back; reply fayt_chain_back_reply */
 #define FAYT_SYS_CHAIN_UNBACK   35  /* body fayt_chain_back (handle 0) */
 /* faytd itself. */
-#define FAYT_SYS_STATS          36  /* no body; reply: JSON counters (README "fayt stats") */
+#define FAYT_SYS_STATS          36  /* no body; reply: JSON counters (docs/cli.md) */
 
 /* fayt_req_hdr.flags */
 #define FAYT_REQ_NOREPLY 0x1        /* UNMAP, UNMAP_DESTROY: do not answer unless it fails */
