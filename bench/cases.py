@@ -802,6 +802,9 @@ def case_fair(d, scale):
     f = Faytd(os.path.join(top, "faytd"), config={"socket_mode": "0666"}, ram="1GiB")
     os.chmod(os.path.dirname(f.socket), 0o755)
     rows = []
+    env = dict(os.environ)
+    if os.environ.get("FAYT_BENCH_FLOOD_SPIN_NS") is not None:     # what the floods spin for
+        env["FAYT_CALL_SPIN_NS"] = os.environ["FAYT_BENCH_FLOOD_SPIN_NS"]
     try:
         conn = lp.Connection(f.socket)
         table = [lp.share_create(_name("table") + "-%d" % i, 4096, connection=conn)
@@ -813,7 +816,7 @@ def case_fair(d, scale):
                 quiet.append(_owner_loop(conn, _name("quiet"), n))
                 procs = [subprocess.Popen([sys.executable, "-c", _FLOODER, f.socket, kind,
                                            _name("flood%d" % i)], stdin=subprocess.PIPE,
-                                          stdout=subprocess.PIPE, text=True)
+                                          stdout=subprocess.PIPE, text=True, env=env)
                          for i in range(3)]
                 try:
                     for p in procs:

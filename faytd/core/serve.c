@@ -6,8 +6,8 @@
  *   PORTAL(SHARE|ANON), create or attach, or PORTAL(ANON), that the one
  *     decoder (decode.c) takes, from a thread faytd already checked, of a
  *     context whose rights (Python's policy, as conn flags) allow it, with
- *     no fds (an attach only when no other connection has a request
- *     waiting: Python performs those first, see Server.catch_up), or
+ *     no fds (an attach only when no other connection has an unanswered
+ *     call queued: Python performs those first, see Server.catch_up), or
  *   UNMAP or UNMAP_DESTROY of a mapping the core holds (a destroy only by
  *     the owner or a core server, and only when no context that maps the
  *     share-point asked for destroy notices: Python sends those),
@@ -92,26 +92,40 @@ static int acknowledge(struct fayt_fast_conn *c, const struct fayt_req_hdr *h, i
 }
 
 /* -- PORTAL(SHARE|ANON) and PORTAL(ANON) --------------------------------------- */
-/* Whether faytd has events waiting besides c's: then a call whose answer an
- * earlier call of another connection could change (an attach: a destroy
- * sent before it) goes to Python, which performs those first (catch_up).
- * A chain member's eventfd is edge-triggered: this look takes its edge, so
- * the fault engine's events it reports are served here, or a chain
- * server's answer would wait for its deadline. */
+/* Whether another connection has a call queued that was sent without
+ * waiting for its reply (UNMAP, UNMAP_DESTROY): then a call whose answer
+ * such a call could change (an attach: a destroy sent before it) goes to
+ * Python, which performs those first (Server.catch_up, which performs
+ * nothing else).  A queued call that waits for its reply cannot have been
+ * sent before anything c's process was told (its sender waits), so a flood
+ * of those keeps attaches here.  The look at each ready connection is a
+ * MSG_PEEK of its next header; more ready fds than one epoll_wait returns
+ * count as waiting.  A chain member's eventfd is edge-triggered: this look
+ * takes its edge, so the fault engine's events it reports are served here,
+ * or a chain server's answer would wait for its deadline. */
 static int others_waiting(struct fayt_core *k, struct fayt_fast_conn *c)
 {
-    struct epoll_event evs[8];
-    if (k->priv->epfd < 0)
+    struct fayt_core_priv *p = k->priv;
+    struct epoll_event evs[FAYT_FAST_POLL_EVENTS];
+    if (p->epfd < 0)
         return 1;
-    int n = epoll_wait(k->priv->epfd, evs, 8, 0);
-    int others = n < 0;
+    int n = epoll_wait(p->epfd, evs, FAYT_FAST_POLL_EVENTS, 0);
+    int others = n < 0 || n == FAYT_FAST_POLL_EVENTS;
     for (int i = 0; i < n; i++) {
         int fd = evs[i].data.fd;
+        struct fayt_fast_conn *o = fd >= 0 && fd < p->nwatched ? p->watched[fd] : NULL;
         if (fayt_faults_owns(k, fd)) {
             fayt_faults_event(k, fd, evs[i].events);
             k->faults->c_events++;
-        } else if (fd != c->fd) {
-            others = 1;
+        } else if (o && o != c && !others) {
+            struct fayt_req_hdr h;
+            ssize_t r;
+            do {
+                r = recv(fd, &h, sizeof h, MSG_PEEK | MSG_DONTWAIT);
+            } while (r < 0 && errno == EINTR);
+            if (r == (ssize_t)sizeof h && h.magic == FAYT_REQ_MAGIC
+                && (h.flags & FAYT_REQ_NOREPLY))
+                others = 1;
         }
     }
     return others;
