@@ -736,16 +736,18 @@ def case_special(d, scale):
 
 # -- fairness: the owner's calls while other uids flood faytd ---------------------
 
-# A process of uid 65534 (it drops to it after importing libportal, as root:
-# the venv's interpreter may not be one nobody can run) that floods faytd
-# with one kind of call, each waiting for its reply, until its stdin ends.
-_FLOODER = r"""
+# A process of uid 65534 (run as root, it drops to it after importing
+# libportal: the venv's interpreter may not be one nobody can run) that
+# floods faytd with one kind of call, each waiting for its reply, until its
+# stdin is readable.  tests/test_limits.py runs it too.
+FLOODER = r"""
 import json, os, select, sys
 import libportal as lp
 from libportal._abi import lib, LIST_REQ, NOTIFY_OPEN
-os.setgroups([])
-os.setgid(65534)
-os.setuid(65534)
+if os.getuid() == 0:
+    os.setgroups([])
+    os.setgid(65534)
+    os.setuid(65534)
 sock, kind, tag = sys.argv[1], sys.argv[2], sys.argv[3]
 c = lp.Connection(sock)
 other = lp.Connection(sock) if kind == "ring" else None
@@ -814,7 +816,7 @@ def case_fair(d, scale):
             quiet, flooded, waited, owner = [], [], [], []
             for r in range(rounds):
                 quiet.append(_owner_loop(conn, _name("quiet"), n))
-                procs = [subprocess.Popen([sys.executable, "-c", _FLOODER, f.socket, kind,
+                procs = [subprocess.Popen([sys.executable, "-c", FLOODER, f.socket, kind,
                                            _name("flood%d" % i)], stdin=subprocess.PIPE,
                                           stdout=subprocess.PIPE, text=True, env=env)
                          for i in range(3)]

@@ -22,6 +22,9 @@ import pytest
 
 import libportal
 from faytd.launch import LAST, RUNS, STARTED
+from libportal._abi import lib, NOTIFY_OPEN, STACK_REQ
+
+from bench.cases import FLOODER     # the bench's flood, as in its "fair" rows
 
 NOBODY = 65534
 OTHER_UID = 12345
@@ -270,37 +273,47 @@ def contexts_of(d, uid):
 
 # -- connections and contexts -----------------------------------------------
 
+# Attacker code that connects: hello(socket) -> (Connection, None), or
+# (None, [errno, message]) if faytd refused it or did not answer in 5 s.
+HELLO = r"""
+import signal
+import libportal as lp
+
+
+def _stalled(*a):
+    raise TimeoutError("faytd did not answer a HELLO in 5 s")
+
+
+def hello(sock):
+    signal.signal(signal.SIGALRM, _stalled)
+    signal.alarm(5)
+    try:
+        return lp.Connection(sock), None
+    except lp.PortalError as e:
+        return None, [e.errno, e.strerror]
+    except TimeoutError as e:
+        return None, [0, str(e)]
+    finally:
+        signal.alarm(0)
+"""
+
 # Loops connect / HELLO / attach / write a HELD lock record / close: every
 # such context is kept while its process lives (its records name a
 # share-point it mapped).  A HELLO that does not come back in 5 s ends it.
-KEEP_LOOP = r"""
-import ctypes, json, signal, sys
+KEEP_LOOP = HELLO + r"""
+import ctypes, json, sys
 import libportal as lp
 from libportal._abi import ffi, lib
 sock, name, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
 held = ffi.offsetof("struct fayt_context_page", "held")
 
-
-def stalled(*a):
-    raise TimeoutError("faytd did not answer a HELLO in 5 s")
-
-
-signal.signal(signal.SIGALRM, stalled)
 mine = lp.Connection(sock)
 sp = lp.share_create(name, 4096, connection=mine)
 done, why = 0, None
 while done < n:
-    signal.alarm(5)
-    try:
-        c = lp.Connection(sock)
-    except lp.PortalError as e:
-        why = [e.errno, e.strerror]
+    c, why = hello(sock)
+    if c is None:
         break
-    except TimeoutError as e:
-        why = [0, str(e)]
-        break
-    finally:
-        signal.alarm(0)
     a = lp.share_attach(name, connection=c)
     ctypes.c_uint32.from_address(c.context_page + held).value = a.sp_id
     ctypes.c_uint32.from_address(c.context_page + held + 4).value = lib.FAYT_HELD_HELD
@@ -336,30 +349,17 @@ def test_limits_closed_contexts_hold_no_descriptor_and_cannot_lock_root_out(star
 
 
 # Opens connections (HELLO each) until faytd refuses one; reports how many.
-CONNECT = r"""
-import json, signal, sys
+CONNECT = HELLO + r"""
+import json, sys
 import libportal as lp
 sock, most = sys.argv[1], int(sys.argv[2])
 
-
-def stalled(*a):
-    raise TimeoutError("faytd did not answer a HELLO in 5 s")
-
-
-signal.signal(signal.SIGALRM, stalled)
 conns, why = [], None
 while len(conns) < most:
-    signal.alarm(5)
-    try:
-        conns.append(lp.Connection(sock))
-    except lp.PortalError as e:
-        why = [e.errno, e.strerror]
+    c, why = hello(sock)
+    if c is None:
         break
-    except TimeoutError as e:
-        why = [0, str(e)]
-        break
-    finally:
-        signal.alarm(0)
+    conns.append(c)
 print(json.dumps({"open": len(conns), "why": why}), flush=True)
 sys.stdin.readline()
 """
@@ -488,23 +488,25 @@ print(json.dumps({"ids": [c.context_id for c in conns]}), flush=True)
 sys.stdin.readline()
 """
 
-RING_SENDERS = r"""
+# n contexts each make the call `op` once with each body (hex) in turn,
+# closing the descriptors it grants, until faytd refuses one.
+CALLS = r"""
 import json, os, sys
 import libportal as lp
-from libportal._abi import lib, NOTIFY_OPEN
-sock, targets, n = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3])
+from libportal._abi import lib
+sock, n, op = sys.argv[1], int(sys.argv[2]), getattr(lib, sys.argv[3])
+bodies = [bytes.fromhex(b) for b in json.loads(sys.argv[4])]
 conns = [lp.Connection(sock) for _ in range(n)]
-opened, why = 0, None
+granted, why = 0, None
 try:
     for c in conns:
-        for t in targets:
-            body, fds = c.call(lib.FAYT_SYS_NOTIFY_OPEN, NOTIFY_OPEN.pack(t, 0))
-            for fd in fds:
+        for body in bodies:
+            for fd in c.call(op, body)[1]:
                 os.close(fd)
-            opened += 1
+            granted += 1
 except lp.PortalError as e:
     why = [e.errno, e.strerror]
-print(json.dumps({"opened": opened, "why": why}), flush=True)
+print(json.dumps({"granted": granted, "why": why}), flush=True)
 sys.stdin.readline()
 """
 
@@ -514,39 +516,21 @@ def test_limits_rings_per_uid(start, attackers):
     naming max_rings_per_uid."""
     d = start()
     targets = attackers(RING_TARGETS, d.socket, 32).report()["ids"]
-    rep = attackers(RING_SENDERS, d.socket, json.dumps(targets), 33).report()
-    assert rep["opened"] == 1024 and rep["why"][0] == 28, rep
+    opens = json.dumps([NOTIFY_OPEN.pack(t, 0).hex() for t in targets])
+    rep = attackers(CALLS, d.socket, 33, "FAYT_SYS_NOTIFY_OPEN", opens).report()
+    assert rep["granted"] == 1024 and rep["why"][0] == 28, rep
     assert "max_rings_per_uid" in rep["why"][1], rep
-
-
-STACKS = r"""
-import json, os, sys
-import libportal as lp
-from libportal._abi import lib, STACK_REQ
-conns = [lp.Connection(sys.argv[1]) for _ in range(int(sys.argv[2]))]
-got, why = 0, None
-try:
-    for c in conns:
-        for _ in range(lib.FAYT_STACKS_MAX):
-            body, fds = c.call(lib.FAYT_SYS_NOTIFY_STACK_ALLOC, STACK_REQ.pack(0, 0))
-            for fd in fds:
-                os.close(fd)
-            got += 1
-except lp.PortalError as e:
-    why = [e.errno, e.strerror]
-print(json.dumps({"stacks": got, "why": why}), flush=True)
-sys.stdin.readline()
-"""
 
 
 def test_limits_stacks_per_uid(start, attackers):
     """Two processes of uid 65534, 40 contexts each, 16 stacks a context:
     the uid's 1025th stack is ENOMEM naming max_stacks_per_uid."""
     d = start()
-    first = attackers(STACKS, d.socket, 40).report()
-    assert first == {"stacks": 640, "why": None}
-    rep = attackers(STACKS, d.socket, 40).report()
-    assert rep["stacks"] == 384 and rep["why"][0] == 12, rep
+    allocs = json.dumps([STACK_REQ.pack(0, 0).hex()] * lib.FAYT_STACKS_MAX)
+    first = attackers(CALLS, d.socket, 40, "FAYT_SYS_NOTIFY_STACK_ALLOC", allocs).report()
+    assert first == {"granted": 640, "why": None}
+    rep = attackers(CALLS, d.socket, 40, "FAYT_SYS_NOTIFY_STACK_ALLOC", allocs).report()
+    assert rep["granted"] == 384 and rep["why"][0] == 12, rep
     assert "max_stacks_per_uid" in rep["why"][1], rep
 
 
@@ -594,29 +578,6 @@ def test_limits_lists_come_in_pages(start, attackers):
 
 # -- fairness -------------------------------------------------------------------
 
-# Floods faytd with a mix: create, attach, unmap, destroy, a bad request,
-# each but unmap and destroy waiting for its reply, until told to stop.
-FLOOD = r"""
-import json, os, select, sys
-import libportal as lp
-from libportal._abi import lib, REQ_HDR
-sock, tag = sys.argv[1], sys.argv[2]
-c = lp.Connection(sock)
-n = 0
-while not select.select([sys.stdin], [], [], 0)[0]:
-    name = "%s-%d" % (tag, n)
-    sp = lp.share_create(name, 4096, connection=c)
-    lp.share_attach(name, connection=c).unmap()
-    sp.destroy()
-    try:
-        c.call(lib.FAYT_SYS_UNMAP, b"bad")
-    except lp.PortalError:
-        pass
-    n += 4
-print(json.dumps({"calls": n}), flush=True)
-sys.stdin.readline()
-"""
-
 OWNER_LOOP = r"""
 import json, sys
 import libportal as lp
@@ -636,10 +597,11 @@ def test_limits_owner_waits_behind_one_request_per_round_of_a_flooding_uid(start
     (Server.catch_up): faytd's own counter (fayt stats: fairness) says so.
     Per connection instead of per uid, a round would hold three."""
     d = start()
-    floods = [Attacker(as_user, FLOOD, [d.socket, "flood%d-%s" % (i, uuid.uuid4().hex[:6])])
+    floods = [Attacker(as_user, FLOODER, [d.socket, "mix", "flood%d-" % i + uuid.uuid4().hex])
               for i in range(3)]
     try:
-        wait_until(lambda: len(contexts_of(d, NOBODY)) == 3, "the floods to connect")
+        for f in floods:
+            assert f.p.stdout.readline().strip() == "ready", f.p.stderr.read()
         time.sleep(0.2)
         p = subprocess.run([sys.executable, "-c", OWNER_LOOP, d.socket,
                             "fair-" + uuid.uuid4().hex[:8], "300"],

@@ -56,11 +56,6 @@ const char *core_name_repr(const char *s, uint32_t n, char *out, size_t max);
 /* -- table.c ------------------------------------------------------------ */
 struct map;
 struct idnode;
-struct ns_ids {                    /* serve.c: one namespace's ids in the table */
-    struct ns_ids *next;
-    uint32_t ns;
-    struct idnode *root;
-};
 
 /* What one uid holds (its share-points, the RAM its contexts are charged),
  * whichever of its contexts made it: the limits per uid (config
@@ -72,6 +67,7 @@ struct uid_acct {
     uint32_t nsharepoints;         /* in the table, made by the uid's contexts */
     uint32_t reserved;
     uint64_t ram;                  /* bytes charged to the uid's contexts */
+    struct idnode *ids;            /* ids in the table named in its namespace (serve.c) */
 };
 
 /* A share-point: in the table from its create until its destroy (or its
@@ -159,6 +155,10 @@ void core_table_fini(struct fayt_core *k);
 int core_ids_add(struct fayt_core *k, uint32_t id, uint32_t ns);
 void core_ids_remove(struct fayt_core *k, uint32_t id, uint32_t ns);
 void core_ids_fini(struct fayt_core *k);
+/* Namespace ns's trie of ids (table.c): hold 1 takes a reference to its
+ * uid's account (made if new; NULL: no memory), -1 lets one go, 0 only
+ * looks (NULL: that uid has none). */
+struct idnode **core_ns_ids(struct fayt_core *k, uint32_t ns, int hold);
 
 /* -- journal.c ---------------------------------------------------------- */
 int core_journal_write(struct fayt_core *k, const char *line, size_t n, int live);
@@ -215,8 +215,7 @@ struct fayt_core_priv {
     struct map **by_handle;
     uint32_t handles_nb, handles_n;
     struct idnode *live_ids;       /* serve.c: ids in the table, in order (the list's pages) */
-    struct ns_ids **ns_ids;        /* ... and by namespace */
-    uint32_t ns_nb, ns_n;
+    struct idnode *shared_ids;     /* ... named in the shared namespace (a uid's: its acct) */
     struct uid_acct **accts;       /* by uid: what each uid holds */
     uint32_t accts_nb, accts_n;
     struct kept kept[RECYCLE_MAX]; /* in the order they were kept, oldest first */

@@ -450,7 +450,8 @@ void fayt_core_skip_sp_ids(struct fayt_core *k, uint32_t next)
  * destroyed id (a page's cursor may name one) needs no search.  Ids are
  * handed out in order, so the nodes are dense: about 9 bytes an id.  One
  * trie holds every id, and one per namespace its own (a context that is
- * not core lists its uid's namespace and the shared one). */
+ * not core lists its uid's namespace and the shared one): a uid's is in
+ * its account (table.c, core_ns_ids), which each of those ids holds. */
 #define IDS_LEVELS 6
 struct idnode {
     uint64_t mask;                 /* bit d: child d holds an id (a leaf: id d is live) */
@@ -488,51 +489,18 @@ static int ids_add_at(struct idnode **slot, int level, uint32_t id)
 
 static void ids_remove_at(struct idnode **slot, int level, uint32_t id);
 
-/* The trie of namespace ns (made if `make`), or NULL. */
-static struct ns_ids *ns_trie(struct fayt_core *k, uint32_t ns, int make)
-{
-    struct fayt_core_priv *p = k->priv;
-    uint32_t h = ns * 0x9E3779B1u;
-    if (p->ns_nb)
-        for (struct ns_ids *t = p->ns_ids[(h ^ (h >> 15)) & (p->ns_nb - 1)]; t; t = t->next)
-            if (t->ns == ns)
-                return t;
-    if (!make)
-        return NULL;
-    if (p->ns_n >= p->ns_nb) {
-        uint32_t nb = p->ns_nb ? p->ns_nb * 2 : 64;
-        struct ns_ids **b = calloc(nb, sizeof *b);
-        if (!b)
-            return NULL;
-        for (uint32_t i = 0; i < p->ns_nb; i++) {
-            for (struct ns_ids *t = p->ns_ids[i], *next; t; t = next) {
-                uint32_t g = t->ns * 0x9E3779B1u;
-                next = t->next;
-                t->next = b[(g ^ (g >> 15)) & (nb - 1)];
-                b[(g ^ (g >> 15)) & (nb - 1)] = t;
-            }
-        }
-        free(p->ns_ids);
-        p->ns_ids = b;
-        p->ns_nb = nb;
-    }
-    struct ns_ids *t = calloc(1, sizeof *t);
-    if (!t)
-        return NULL;
-    t->ns = ns;
-    t->next = p->ns_ids[(h ^ (h >> 15)) & (p->ns_nb - 1)];
-    p->ns_ids[(h ^ (h >> 15)) & (p->ns_nb - 1)] = t;
-    p->ns_n++;
-    return t;
-}
-
 int core_ids_add(struct fayt_core *k, uint32_t id, uint32_t ns)
 {
-    struct ns_ids *t = ns_trie(k, ns, 1);
-    if (!t || ids_add_at(&k->priv->live_ids, 0, id))
+    struct idnode **t = core_ns_ids(k, ns, 1);
+    if (!t)
         return ENOMEM;
-    if (ids_add_at(&t->root, 0, id)) {
+    if (ids_add_at(&k->priv->live_ids, 0, id)) {
+        core_ns_ids(k, ns, -1);
+        return ENOMEM;
+    }
+    if (ids_add_at(t, 0, id)) {
         ids_remove_at(&k->priv->live_ids, 0, id);
+        core_ns_ids(k, ns, -1);
         return ENOMEM;
     }
     return 0;
@@ -558,10 +526,12 @@ static void ids_remove_at(struct idnode **slot, int level, uint32_t id)
 
 void core_ids_remove(struct fayt_core *k, uint32_t id, uint32_t ns)
 {
-    struct ns_ids *t = ns_trie(k, ns, 0);
+    struct idnode **t = core_ns_ids(k, ns, 0);
     ids_remove_at(&k->priv->live_ids, 0, id);
-    if (t)
-        ids_remove_at(&t->root, 0, id);     /* an empty trie stays: a namespace is a uid */
+    if (t) {
+        ids_remove_at(t, 0, id);
+        core_ns_ids(k, ns, -1);
+    }
 }
 
 /* The least id under n (level), whose digits above are those of base. */
@@ -618,8 +588,8 @@ uint32_t fayt_core_sp_ids(struct fayt_core *k, uint32_t after, uint32_t *out, ui
 uint32_t fayt_core_sp_ids_ns(struct fayt_core *k, uint32_t ns, uint32_t after, uint32_t *out,
                              uint32_t max)
 {
-    struct ns_ids *t = ns_trie(k, ns, 0);
-    return t ? ids_after(t->root, after, out, max) : 0;
+    struct idnode **t = core_ns_ids(k, ns, 0);
+    return t ? ids_after(*t, after, out, max) : 0;
 }
 
 static void ids_free(struct idnode *n, int level)
@@ -637,15 +607,6 @@ void core_ids_fini(struct fayt_core *k)
 {
     struct fayt_core_priv *p = k->priv;
     ids_free(p->live_ids, 0);
-    p->live_ids = NULL;
-    for (uint32_t i = 0; i < p->ns_nb; i++) {
-        for (struct ns_ids *t = p->ns_ids[i], *next; t; t = next) {
-            next = t->next;
-            ids_free(t->root, 0);
-            free(t);
-        }
-    }
-    free(p->ns_ids);
-    p->ns_ids = NULL;
-    p->ns_nb = p->ns_n = 0;
+    ids_free(p->shared_ids, 0);
+    p->live_ids = p->shared_ids = NULL;
 }

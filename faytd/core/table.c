@@ -286,6 +286,21 @@ static void acct_put(struct fayt_core *k, struct uid_acct *a)
     free(a);
 }
 
+struct idnode **core_ns_ids(struct fayt_core *k, uint32_t ns, int hold)
+{
+    struct fayt_core_priv *p = k->priv;
+    if (ns == FAYT_NS_SHARED)
+        return &p->shared_ids;
+    if (hold > 0) {
+        struct uid_acct *a = acct_get(k, ns);
+        return a ? &a->ids : NULL;
+    }
+    struct uid_acct *a = p->accts_nb ? *acct_slot(p, ns) : NULL;
+    if (a && hold < 0)
+        acct_put(k, a);
+    return a ? &a->ids : NULL;
+}
+
 void fayt_core_uid_usage(struct fayt_core *k, uint32_t uid, struct fayt_uid_usage *out)
 {
     struct fayt_core_priv *p = k->priv;
