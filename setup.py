@@ -17,6 +17,7 @@ setup(
         Extension(
             "libportal._fastpath",
             sources=_libportal["FASTPATH_SOURCES"],
+            depends=_libportal["FASTPATH_DEPENDS"],
             include_dirs=["libportal/include"],
             extra_compile_args=["-O2", "-Wall"],
         )

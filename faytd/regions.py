@@ -35,10 +35,19 @@ DATA answers work on a backed region too (UFFDIO_COPY there makes a private
 anonymous page).  Minor faults are read faults here (a write to a page mapped so
 copies it: MAP_PRIVATE).  Linux does not fault around in uffd-minor VMAs:
 every page faults.
+
+The client's userfaultfd is checked before it is used (EINVAL naming uffd):
+it must have had its UFFDIO_API, which chooses its features once (faytd
+calls UFFDIO_API again, with no features: EINVAL says it had; success says
+it had not, and now it can ask for none), and must not ask for
+non-cooperative events (fork, remap, remove, unmap: while one is unread,
+UFFDIO_COPY answers EAGAIN and the thread that made it waits for faytd).
 """
 import errno
+import fcntl
 import logging
 import os
+import struct
 
 from libportal._abi import lib
 
@@ -54,6 +63,10 @@ _FEATURE_MINOR_SHMEM = 1 << 10   # UFFD_FEATURE_MINOR_SHMEM, as fdinfo shows the
 # thread that caused it waits for faytd to read it: a client's fd that asks
 # for them could stall the fault engine, and libportal never asks.
 _FEATURES_NONCOOPERATIVE = (1 << 1) | (1 << 2) | (1 << 3) | (1 << 6)
+# UFFDIO_API: _IOWR(0xAA, 0x3F, struct uffdio_api { u64 api, features, ioctls; }).
+_UFFDIO_API = 0xc018aa3f
+_UFFDIO_API_ARG = struct.Struct("QQQ")
+_UFFD_API = 0xAA
 
 
 class Region:
@@ -119,6 +132,23 @@ def _uffd_features(fd):
     except (OSError, ValueError, IndexError):
         pass
     return 0
+
+
+def _uffd_api_done(fd):
+    """Whether the userfaultfd fd has had its UFFDIO_API.  The features are
+    chosen there, once per fd: a second UFFDIO_API fails (EINVAL) and
+    changes nothing.  So faytd calls it, with no features: on an fd the
+    client has not initialised yet it succeeds, and the client can no
+    longer ask for any.  (The fdinfo's features of such an fd are 0, as
+    for one that will never ask; the bit recent kernels add there once
+    UFFDIO_API is done is theirs, not the ABI.)"""
+    try:
+        fcntl.ioctl(fd, _UFFDIO_API, bytearray(_UFFDIO_API_ARG.pack(_UFFD_API, 0, 0)))
+    except OSError as e:
+        if e.errno == errno.EINVAL:
+            return True
+        raise KernelError(e.errno, "uffd: UFFDIO_API: %s" % os.strerror(e.errno)) from None
+    return False
 
 
 def _open_read_only(obj):
@@ -193,6 +223,9 @@ class Regions:
         grant = []
         try:
             os.set_blocking(uffd, False)    # a client may send a blocking one: never wait on it
+            if not _uffd_api_done(uffd):
+                raise KernelError(errno.EINVAL, "uffd: the userfaultfd has not had UFFDIO_API, "
+                                  "so it registers no range; faytd made it take no features")
             features = _uffd_features(uffd)
             if features & _FEATURES_NONCOOPERATIVE:
                 raise KernelError(errno.EINVAL, "uffd: the userfaultfd asks for non-cooperative "

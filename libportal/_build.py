@@ -8,6 +8,7 @@ changes nothing), so cdef(packed=True) gives gcc's layout.  In API mode cffi
 also compiles a check of every field offset against the real headers, so a
 drift fails the build rather than a run.
 """
+import glob
 import os
 import re
 import runpy
@@ -20,9 +21,14 @@ HEADERS = ["portal.h", "sharepoint.h", "notification.h", "context.h", "syscall.h
            "ring.h", "pager.h"]
 SOURCES = [os.path.join("libportal", "src", f)
            for f in ("lock.c", "ring.c", "uffd.c", "pager.c", "special.c")]
-# The CPython extension libportal._fastpath (setup.py builds it from this list).
+# The CPython extension libportal._fastpath (setup.py builds it from this list):
+# the module (fastpath.c), its objects, and the lock and ring calls they make.
+# A change of a header it includes rebuilds it (FASTPATH_DEPENDS).
 FASTPATH_SOURCES = [os.path.join("libportal", "src", f)
-                    for f in ("fastpath.c", "lock.c", "ring.c")]
+                    for f in ("fastpath.c", "sharepoint.c", "region.c", "dispatch.c",
+                              "transport.c", "lock.c", "ring.c")]
+FASTPATH_DEPENDS = sorted(glob.glob(os.path.join("libportal", "src", "*.h"))
+                          + glob.glob(os.path.join("libportal", "include", "fayt", "*.h")))
 CFFI_ABI = runpy.run_path(os.path.join(HERE, "_versions.py"))["CFFI_ABI"]
 
 

@@ -55,7 +55,6 @@ no longer backed; regions that map it keep it.
 import errno
 import os
 import socket
-import struct
 
 from . import errors
 from ._abi import (ffi, lib, HANDLE_REQ, PORTAL_REPLY, CHAIN_JOIN as JOIN_REQ,
@@ -64,9 +63,8 @@ from ._abi import (ffi, lib, HANDLE_REQ, PORTAL_REPLY, CHAIN_JOIN as JOIN_REQ,
                    PAGE_REQUEST as PAGE_REQ, PAGE_REQUEST_HEAD as PAGE_REQ_HEAD, _fastpath)
 from .mapping import Mapping, check_views, drop_views
 from .portal_req import PROT_READ, PROT_WRITE, PAGE_SIZE, encode_portal_req
-from .syscall import connection as _default_connection
+from .syscall import _CRED, connection as _default_connection
 
-_CRED = struct.Struct("3i")
 _CHAIN_AT = ffi.offsetof("struct fayt_page_request", "chain")
 _CHAIN_END = _CHAIN_AT + lib.FAYT_NAME_MAX + 1
 _MESSAGE_AT = ffi.offsetof("struct fayt_page_request", "message")

@@ -25,6 +25,7 @@ import errno
 import json
 import os
 import socket
+import struct
 import threading
 import warnings
 import weakref
@@ -61,11 +62,54 @@ def default_socket_path():
     return "/tmp/fayt-%d/faytd.sock" % os.getuid()
 
 
-class Connection:
-    """A registered context: the socket to faytd and the mapped context page."""
+_CRED = struct.Struct("3i")        # struct ucred: pid, uid, gid (SO_PEERCRED)
 
-    def __init__(self, path=None):
+
+def _faytd_uids(faytd_uid):
+    """The uids this client takes faytd from: its own, root's, and the one
+    it names (faytd_uid, else $FAYT_FAYTD_UID)."""
+    uids = {os.geteuid(), 0}
+    if faytd_uid is None:
+        env = os.environ.get("FAYT_FAYTD_UID", "")
+        if env:
+            try:
+                faytd_uid = int(env)
+            except ValueError:
+                raise errors.error(errno.EINVAL, "FAYT_FAYTD_UID: %r is not a uid" % env) \
+                    from None
+    if faytd_uid is not None:
+        if not isinstance(faytd_uid, int) or isinstance(faytd_uid, bool) or faytd_uid < 0:
+            raise errors.error(errno.EINVAL, "faytd_uid: %r is not a uid" % (faytd_uid,))
+        uids.add(faytd_uid)
+    return uids
+
+
+def _check_socket_dir(path, uids):
+    """Refuse a socket in a directory of another uid: whoever owns it may
+    have put its own socket there (docs/security.md)."""
+    d = os.path.dirname(os.path.abspath(path))
+    try:
+        owner = os.stat(d).st_uid
+    except OSError:
+        return                      # connect() says what is wrong
+    if owner not in uids:
+        raise errors.error(errno.EACCES, "socket: %s is in %s, owned by uid %d, neither this "
+                           "process's uid %d nor root: that uid could serve there in faytd's "
+                           "place; name it (Connection(faytd_uid=%d) or FAYT_FAYTD_UID=%d) if "
+                           "it runs your faytd" % (path, d, owner, os.geteuid(), owner, owner))
+
+
+class Connection:
+    """A registered context: the socket to faytd and the mapped context page.
+
+    faytd must run as this process's uid, as root, or as `faytd_uid`
+    (default: $FAYT_FAYTD_UID): the socket's directory and the peer's
+    credentials (SO_PEERCRED) are checked before anything is sent."""
+
+    def __init__(self, path=None, *, faytd_uid=None):
         self.path = path or default_socket_path()
+        uids = _faytd_uids(faytd_uid)
+        _check_socket_dir(self.path, uids)
         self._lock = threading.Lock()
         self._seq = 0
         self._unanswered = set()    # seqs of FAYT_REQ_NOREPLY calls not yet known done
@@ -87,6 +131,15 @@ class Connection:
                 e.errno or errno.ECONNREFUSED,
                 "cannot reach faytd at %s: %s (is faytd running? set FAYT_SOCKET)"
                 % (self.path, e.strerror)) from None
+        peer_uid = _CRED.unpack(self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                     _CRED.size))[1]
+        if peer_uid not in uids:
+            self.sock.close()
+            raise errors.error(errno.EACCES, "socket: the process serving %s runs as uid %d, "
+                               "neither this process's uid %d nor root; nothing was sent. Name "
+                               "it (Connection(faytd_uid=%d) or FAYT_FAYTD_UID=%d) if it is "
+                               "your faytd" % (self.path, peer_uid, os.geteuid(), peer_uid,
+                                               peer_uid))
         self.context_page = 0
         try:
             body, fds = self.call(lib.FAYT_SYS_HELLO, HELLO_REQ.pack(lib.FAYT_WIRE_ABI, 0))

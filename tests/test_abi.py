@@ -232,8 +232,11 @@ def test_abi_sharepoint_meta_is_the_specifications_packed_layout(gcc_layout):
     assert ffi.sizeof(T) == 21 == gcc_layout[("sizeof", T)]
     # The data starts at the next 16-byte boundary after the whole structure,
     # paddr[] included.
+    entry = _cffi_field_type(T, "morphology.paddr").item          # one paddr[] entry
+    assert ffi.sizeof(entry) == 8 == gcc_layout[("itemsize", T, "morphology.paddr")]
     for n in (1, 2, 3, 4, 100):
-        assert lib.fayt_sp_data_offset(n) == (21 + 8 * n + 15) // 16 * 16
+        whole = ffi.sizeof(T) + n * ffi.sizeof(entry)
+        assert lib.fayt_sp_data_offset(n) == (whole + 15) // 16 * 16
 
 
 def test_abi_portal_req_is_the_specifications_packed_layout(gcc_layout):

@@ -11,12 +11,11 @@ REQ_HDR + body, exactly what a C client would write.  A client that breaks
 the protocol (bad magic, short or oversized message, replies it never reads)
 is disconnected; the others go on.
 
-The daemons here are private to this module (faytd.launch.Faytd, whose log
+The daemons here are private to this module (support.daemon.Faytd, whose log
 goes to a file: this module makes thousands of connections, each logged).
 """
 import array
 import errno
-import faulthandler
 import json
 import os
 import random
@@ -35,10 +34,11 @@ from collections import Counter
 import pytest
 
 import libportal
-from faytd.launch import Faytd
-from libportal._abi import (ffi, lib, REQ_HDR, REP_HDR, HANDLE_REQ, HELLO_REPLY, HELLO_REQ,
+from libportal._abi import (ffi, lib, REQ_HDR, REP_HDR, HANDLE_REQ, HELLO_REQ,
                             LIST_REQ, PORTAL_REPLY, PORTAL_REQ_SIZE, CHAIN_JOIN)
 from libportal.portal import encode_portal_req
+from support.daemon import Faytd
+from support.procs import CTX
 
 ANON, SHARE, DIRECT = lib.FAYT_PORTAL_ANON, lib.FAYT_PORTAL_SHARE, lib.FAYT_PORTAL_DIRECT
 COW, SPECIAL = lib.FAYT_PORTAL_COW, lib.FAYT_PORTAL_SPECIAL
@@ -255,50 +255,29 @@ def destroy_if_exists(path, identifier):
         c.close()
 
 
-class Daemon(Faytd):
-    """faytd.launch's real faytd (log in a file: .socket, .proc, .env(),
-    .stop() -> the log), plus read_log(); stopping forgets its observer."""
-
-    def read_log(self):
-        with open(self.log) as f:
-            return f.read()
-
-    def stop(self):
-        _observers.pop(self.socket, None)
-        return super().stop()
-
-
-def _stop_clean(d):
-    """Stop a daemon; it must have logged no internal error (an EIO reply)
-    and must not have died on its own before."""
-    died = d.proc.poll()
-    log = d.stop()
-    if getattr(d, "crash_reported", False):
-        return                  # the test itself failed on it
-    assert died is None, "faytd exited by itself with %s:\n%s" % (died, log[-4000:])
-    assert "Traceback" not in log, log[log.index("Traceback") - 200:][:4000]
-
-
 @pytest.fixture(scope="module")
 def module_daemon(tmp_path_factory):
-    d = Daemon(str(tmp_path_factory.mktemp("badinput")))
+    d = Faytd(str(tmp_path_factory.mktemp("badinput")))
     yield d
-    _stop_clean(d)
+    _observers.pop(d.socket, None)
+    d.stop_clean()
 
 
 @pytest.fixture
-def private(tmp_path):
-    """private(config=..., ram=...) -> a fresh Daemon, stopped (cleanly) after the test."""
+def private(fresh_faytd):
+    """private(config=..., ram=...) -> a fresh faytd, stopped after the test:
+    it must not have died by itself nor logged an internal error (an EIO
+    reply's Traceback).  Its observer is forgotten first."""
     started = []
 
     def start(**kw):
-        d = Daemon(str(tmp_path / ("faytd%d" % len(started))), **kw)
+        d = fresh_faytd(clean=True, **kw)
         started.append(d)
         return d
 
     yield start
     for d in started:
-        _stop_clean(d)
+        _observers.pop(d.socket, None)
 
 
 @pytest.fixture
@@ -923,10 +902,9 @@ def _assert_eof(rd, timeout=TIMEOUT):
 
 _CLOSER = r"""
 import os, socket, sys, threading
-sys.path.insert(0, sys.argv[2])
 from libportal._abi import lib, REQ_HDR, HELLO_REQ
 from libportal.portal import encode_portal_req
-path, name = sys.argv[1], sys.argv[3]
+path, name = sys.argv[1], sys.argv[2]
 
 def raw():
     s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -959,8 +937,7 @@ def test_badinput_close_without_reading_reply(daemon):
     # In a child: while it lives, its share-point stays (its owner lives, as
     # documented) but its mappings are gone; once it exits, it is reclaimed.
     name = _unique("closer")
-    repo_dir = os.path.dirname(os.path.dirname(os.path.abspath(libportal.__file__)))
-    child = subprocess.Popen([sys.executable, "-c", _CLOSER, daemon.socket, repo_dir, name],
+    child = subprocess.Popen([sys.executable, "-c", _CLOSER, daemon.socket, name],
                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert child.stdout.readline().strip() == "fired"
@@ -1267,29 +1244,22 @@ def test_badinput_objects_clients_hold_cannot_be_truncated(private):
         c.close()
 
 
-def _holder(socket_path, names, w):
-    """A forked child: take the locks of `names`, say so, wait to be killed."""
-    try:
-        c = libportal.Connection(socket_path)
-        sps = [libportal.share_attach(n, connection=c) for n in names]
-        for sp in sps:
-            assert sp.lock(TIMEOUT) == 0
-        os.write(w, b"1")
-        time.sleep(60)
-    finally:
-        os._exit(0)
+def _holder(socket_path, names, locked):
+    """A child process: take the locks of `names`, say so, wait to be killed."""
+    c = libportal.Connection(socket_path)
+    sps = [libportal.share_attach(n, connection=c) for n in names]
+    for sp in sps:
+        assert sp.lock(TIMEOUT) == 0
+    locked.set()
+    time.sleep(60)
 
 
 def _spawn_holder(d, names):
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        os.close(r)
-        _holder(d.socket, names, w)
-    os.close(w)
-    assert os.read(r, 1) == b"1"
-    os.close(r)
-    return pid
+    locked = CTX.Event()
+    p = CTX.Process(target=_holder, args=(d.socket, names, locked))
+    p.start()
+    assert locked.wait(TIMEOUT), "the holder did not take its locks"
+    return p
 
 
 def test_badinput_a_share_point_cannot_be_cut_under_lock_recovery(private):
@@ -1303,12 +1273,12 @@ def test_badinput_a_share_point_cannot_be_cut_under_lock_recovery(private):
         body, fds = c.call(lib.FAYT_SYS_PORTAL, encode_portal_req(
             libportal.SHARE | libportal.ANON, libportal.PROT_RW, 0, identifier="cut"))
         try:
-            pid = _spawn_holder(d, ["cut", "fine"])
+            holder = _spawn_holder(d, ["cut", "fine"])
             for fd in fds:          # page 0's object and the rest's
                 with pytest.raises(PermissionError):
                     os.ftruncate(fd, 0)
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
+            holder.kill()
+            holder.join(TIMEOUT)
             assert fine.lock(TIMEOUT) == errno.EOWNERDEAD
             fine.mark_consistent()
             fine.unlock()

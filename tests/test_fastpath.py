@@ -11,7 +11,6 @@ import json
 import os
 import re
 import signal
-import struct
 import subprocess
 import sys
 import time
@@ -20,8 +19,9 @@ import pytest
 
 import libportal
 from libportal._abi import ffi
-
-from test_sharepoint import WAIT, Child, list_share, wait_child_exit, wait_until
+from support.children import WAIT, Child, wait_child_exit, wait_until
+from support.layout import list_share, meta_bytes, meta_size, read_meta
+from support.procs import call_in_child, in_fork_child
 
 
 def stats(d, *conns):
@@ -68,12 +68,6 @@ def journal_objects(d, prefix):
                 if ln.startswith("S ") and bytes.fromhex(ln.split()[9]).startswith(prefix.encode())}
 
 
-def meta_bytes(sp):
-    """The meta-structure as the client sees it, paddr[] included."""
-    n = sp.map_length // 4096
-    return bytes(ffi.buffer(ffi.cast("char *", sp.base), 21 + 8 * n))
-
-
 def test_fastpath_serves_create_and_the_creators_destroy(fresh_faytd, conn_to):
     d = fresh_faytd()
     c = conn_to(d)
@@ -101,7 +95,7 @@ def _scenario(conn, tag):
     seen = []
     a = libportal.share_create(tag + "-a", 3 * 4096 + 5, libportal.PROT_READ, connection=conn)
     seen.append(("a", a.map_length, a.data_offset, a.length, a.prot, len(a.paddr), a.created,
-                 meta_bytes(a)[0:21]))
+                 meta_bytes(a)[:meta_size(0)]))
     m = ffi.cast("struct fayt_sharepoint_meta *", a.base)
     seen.append(("a paddr", [m.morphology.paddr[i] for i in range(len(a.paddr))] == list(a.paddr)))
     for bad in [dict(identifier=tag + "-a", length=4096),          # exists
@@ -220,36 +214,31 @@ def test_fastpath_recycled_object_is_what_the_journal_names(fresh_faytd, conn_to
     d.stop()
 
 
-def test_fastpath_portals_are_not_in_a_fork_childs_address_space(lp, faytd):
-    sp = lp.share_create("fork-maps-%d" % os.getpid(), 4096)
-    anon = lp.portal(lp.ANON, lp.PROT_RW, 4096)
+def _mapped(addr):
+    with open("/proc/self/maps") as f:
+        for line in f:
+            lo, hi = (int(x, 16) for x in line.split()[0].split("-"))
+            if lo <= addr < hi:
+                return True
+    return False
 
-    def mapped(addr):
-        with open("/proc/self/maps") as f:
-            for line in f:
-                lo, hi = (int(x, 16) for x in line.split()[0].split("-"))
-                if lo <= addr < hi:
-                    return True
-        return False
 
+def _portals_are_not_in_a_fork_childs_address_space():
+    sp = libportal.share_create("fork-maps-%d" % os.getpid(), 4096)
+    anon = libportal.portal(libportal.ANON, libportal.PROT_RW, 4096)
     try:
-        assert mapped(sp.base) and mapped(anon.addr)
-        r, w = os.pipe()
-        pid = os.fork()
-        if pid == 0:
-            try:
-                os.write(w, b"%d%d" % (mapped(sp.base), mapped(anon.addr)))
-            finally:
-                os._exit(0)
-        os.close(w)
-        got = os.read(r, 2)
-        os.close(r)
-        assert wait_child_exit(pid) == 0
-        assert got == b"00"
-        assert mapped(sp.base) and mapped(anon.addr)
+        assert _mapped(sp.base) and _mapped(anon.addr)
+        got = in_fork_child(lambda: [_mapped(sp.base), _mapped(anon.addr)])
+        assert got == [False, False]
+        assert _mapped(sp.base) and _mapped(anon.addr)
     finally:
         anon.unmap()
         sp.destroy()
+
+
+def test_fastpath_portals_are_not_in_a_fork_childs_address_space(lp, faytd):
+    """About fork() itself: the body runs in a single-threaded child."""
+    call_in_child(_portals_are_not_in_a_fork_childs_address_space)
 
 
 def test_fastpath_share_points_it_made_are_everyones_at_once(fresh_faytd, conn_to):
@@ -331,8 +320,9 @@ def test_fastpath_large_share_points_the_same_way(fresh_faytd, conn_to):
     for name, frames in (("small", 1024), ("big", 1025)):
         sp = libportal.share_create(name, frames * 4096, connection=c)
         assert len(sp.paddr) == frames == sp.map_length // 4096
-        assert struct.unpack_from("<Q", meta_bytes(sp), 13)[0] == sp.map_length
-        assert list(struct.unpack_from("<%dQ" % frames, meta_bytes(sp), 21)) == list(sp.paddr)
+        head, paddr = read_meta(meta_bytes(sp))
+        assert head[3] == sp.map_length                 # morphology.length
+        assert paddr == list(sp.paddr)
         sp.write(sp.length - 4, b"last")
         assert sp.read(sp.length - 4, 4) == b"last"
         sp.destroy()
@@ -360,6 +350,7 @@ def test_fastpath_quotas_refuse_as_python_does(fresh_faytd, conn_to):
     d.stop()
 
 
+@pytest.mark.forks_with_threads      # what it tests: another thread forks meanwhile
 def test_fastpath_no_fork_child_inherits_a_share_points_fd(fresh_faytd, conn_to):
     """The fd of a portal's object exists in the client only inside the C call
     that reads the reply, maps it and closes it, the GIL held: a thread that

@@ -3,83 +3,19 @@ state directory takes its share-points back, data, locks and owners as they
 were (DESIGN section 7).  Real faytds, real processes, real SIGKILLs."""
 import errno
 import os
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 
 import libportal
-from faytd.launch import Faytd, fayt_objects, keepers
 from libportal._abi import lib
-
-from test_sharepoint import WAIT, Child, lock_state, wait_until
-
-
-@pytest.fixture
-def restartable(tmp_path):
-    """start() -> a faytd on one directory (socket, journal); kill() SIGKILLs
-    the running one.  Whatever runs at the end is stopped cleanly."""
-    state = {"d": None, "pids": []}
-    directory = str(tmp_path / "faytd")
-
-    class R:
-        @staticmethod
-        def start():
-            state["d"] = Faytd(directory)
-            state["pids"].append(state["d"].proc.pid)
-            return state["d"]
-
-        @staticmethod
-        def kill():
-            d = state["d"]
-            os.kill(d.proc.pid, signal.SIGKILL)
-            d.proc.wait(WAIT)
-            d.stop(check=False)
-
-        dir = directory
-        pids = state["pids"]
-
-    yield R
-    if state["d"] is not None:
-        state["d"].stop()
+from support.children import WAIT, share_owner, wait_until
+from support.daemon import Faytd, fayt_objects, faytd_refuses, keepers
+from support.layout import lock_state
 
 
-@pytest.fixture
-def children():
-    made = []
-
-    def start(code, d):
-        c = Child(code, d.env())
-        made.append(c)
-        return c
-
-    yield start
-    for c in made:
-        c.kill()
-
-
-def _owner(children, d, name, data):
-    """A child that creates the share-point `name`, writes data and stays."""
-    owner = children("""
-        sp = lp.share_create(%r, 4096)
-        sp.write(0, %r)
-        print("made")
-        time.sleep(120)
-        """ % (name, data), d)
-    assert owner.expect() == "made"
-    return owner
-
-
-def _log(d):
-    with open(d.log) as f:
-        return f.read()
-
-
-def test_journal_restart_keeps_share_points_their_data_and_names(restartable, children):
+def test_journal_restart_keeps_share_points_their_data_and_names(restartable, spawn):
     d = restartable.start()
-    owner = children("""
+    owner = spawn("""
         keep = lp.share_create("j-keep", 3 * 4096)
         keep.write(100, b"survives a faytd SIGKILL")
         gone = lp.share_create("j-gone", 4096)
@@ -91,13 +27,13 @@ def test_journal_restart_keeps_share_points_their_data_and_names(restartable, ch
         keep.write(0, b"still writable")
         print("written")
         sys.stdin.readline()
-        """, d)
+        """, d.env())
     assert owner.expect() == "made"
     journal = os.path.join(restartable.dir, "faytd.journal")
     assert os.path.exists(journal)
     restartable.kill()
     d = restartable.start()
-    assert "restored 1 share-points" in _log(d)
+    assert "restored 1 share-points" in d.read_log()
     conn = libportal.Connection(d.socket)
     try:
         names = {s["identifier"]: s for s in conn.list_sharepoints()}
@@ -146,22 +82,22 @@ def test_journal_destroy_of_a_share_point_mapped_before_the_restart(restartable)
         conn.close()
 
 
-def test_journal_lock_holder_that_died_while_faytd_was_down_is_recovered(restartable, children):
+def test_journal_lock_holder_that_died_while_faytd_was_down_is_recovered(restartable, spawn):
     d = restartable.start()
     conn = libportal.Connection(d.socket)
     sp = libportal.share_create("j-lock", 4096, connection=conn)
-    holder = children("""
+    holder = spawn("""
         sp = lp.share_attach("j-lock")
         assert sp.lock() == 0
         print("locked")
         time.sleep(120)
-        """, d)
+        """, d.env())
     assert holder.expect() == "locked"
     assert lock_state(sp) == lib.FAYT_LOCK_HELD
     restartable.kill()
     holder.kill()                                   # dies while no faytd runs
     d = restartable.start()
-    assert "died while faytd was down" in _log(d)
+    assert "died while faytd was down" in d.read_log()
     assert sp.lock(WAIT) == errno.EOWNERDEAD        # through the old mapping
     sp.mark_consistent()
     sp.unlock()
@@ -175,14 +111,14 @@ def test_journal_lock_holder_that_died_while_faytd_was_down_is_recovered(restart
         conn2.close()
 
 
-def test_journal_lock_holder_that_dies_after_the_restart_is_recovered(restartable, children):
+def test_journal_lock_holder_that_dies_after_the_restart_is_recovered(restartable, spawn):
     d = restartable.start()
-    holder = children("""
+    holder = spawn("""
         sp = lp.share_create("j-later", 4096)
         assert sp.lock() == 0
         print("locked")
         time.sleep(120)
-        """, d)
+        """, d.env())
     assert holder.expect() == "locked"
     restartable.kill()
     d = restartable.start()
@@ -206,13 +142,13 @@ def test_journal_lock_holder_that_dies_after_the_restart_is_recovered(restartabl
         conn.close()
 
 
-def test_journal_share_points_of_an_owner_dead_at_restart_are_reclaimed(restartable, children):
+def test_journal_share_points_of_an_owner_dead_at_restart_are_reclaimed(restartable, spawn):
     d = restartable.start()
-    owner = children("""
+    owner = spawn("""
         sp = lp.share_create("j-orphan", 4096)
         print("made")
         time.sleep(120)
-        """, d)
+        """, d.env())
     assert owner.expect() == "made"
     restartable.kill()
     owner.kill()
@@ -237,24 +173,21 @@ def test_journal_a_clean_stop_leaves_no_journal_and_nothing_to_adopt(restartable
     assert not [n for n in os.listdir(restartable.dir) if n.startswith("faytd.journal")]
     assert fayt_objects(restartable.pids) == []
     d = restartable.start()
-    assert "restored 0 share-points" in _log(d)
+    assert "restored 0 share-points" in d.read_log()
 
 
 def test_journal_one_faytd_per_state_directory(restartable, tmp_path):
     restartable.start()
-    p = subprocess.run([sys.executable, "-m", "faytd", "--socket", str(tmp_path / "other.sock"),
-                        "--state-dir", restartable.dir], capture_output=True, text=True,
-                       timeout=WAIT)
-    assert p.returncode != 0
-    assert "another faytd keeps its journal in %s" % restartable.dir in p.stderr
-    assert not os.path.exists(tmp_path / "other.sock")
+    err = faytd_refuses(["--socket", str(tmp_path / "other.sock"),
+                         "--state-dir", restartable.dir], timeout=WAIT)
+    assert "another faytd keeps its journal in %s" % restartable.dir in err
 
 
-def test_journal_a_damaged_journal_is_read_as_far_as_it_goes(restartable, children):
+def test_journal_a_damaged_journal_is_read_as_far_as_it_goes(restartable, spawn):
     """Garbage lines, a record naming an object that is gone, and a last line
     cut short (faytd killed inside write(2)) are each logged and skipped."""
     d = restartable.start()
-    owner = _owner(children, d, "j-whole", b"intact")
+    owner = share_owner(spawn, d, "j-whole", b"intact")
     restartable.kill()
     with open(os.path.join(restartable.dir, "faytd.journal"), "ab") as f:
         f.write(b"this is not a record\n")
@@ -262,7 +195,7 @@ def test_journal_a_damaged_journal_is_read_as_far_as_it_goes(restartable, childr
         f.write(b"S 77 %d 1 0 3 4096 /proc/%d/fd/99999 9 6a2d6e6f6e65\n" % (owner.pid, kpid))
         f.write(b"S 78 %d 1 0 3 40")
     d = restartable.start()
-    log = _log(d)
+    log = d.read_log()
     assert "line" in log and "is not a journal record" in log
     assert "/proc/%d/fd/99999 is gone" % kpid in log
     assert "cut short" in log
@@ -310,9 +243,9 @@ def test_journal_is_compacted_when_it_grows(restartable):
 
 
 def test_journal_another_faytd_in_between_does_not_sweep_what_the_journal_names(
-        restartable, children, tmp_path):
+        restartable, spawn, tmp_path):
     d = restartable.start()
-    _owner(children, d, "j-between", b"not swept")
+    share_owner(spawn, d, "j-between", b"not swept")
     restartable.kill()
     other = Faytd(str(tmp_path / "elsewhere"))      # sweeps dead faytds' objects at start
     other.stop()
@@ -324,17 +257,17 @@ def test_journal_another_faytd_in_between_does_not_sweep_what_the_journal_names(
         conn.close()
 
 
-def test_journal_owner_that_died_holding_its_lock_while_faytd_was_down(restartable, children):
+def test_journal_owner_that_died_holding_its_lock_while_faytd_was_down(restartable, spawn):
     """The owner holds its share-point's lock, faytd is killed, the owner
     dies: the restart recovers the lock (owner-died) before it reclaims the
     owner's share-points, so another mapper is told, not left waiting."""
     d = restartable.start()
-    owner = children("""
+    owner = spawn("""
         sp = lp.share_create("j-owner-lock", 4096)
         assert sp.lock() == 0
         print("locked")
         time.sleep(120)
-        """, d)
+        """, d.env())
     assert owner.expect() == "locked"
     conn = libportal.Connection(d.socket)
     sp = libportal.share_attach("j-owner-lock", connection=conn)
@@ -346,7 +279,7 @@ def test_journal_owner_that_died_holding_its_lock_while_faytd_was_down(restartab
     sp.unlock()
 
 
-def test_journal_ids_are_not_reused_after_a_restart(restartable, children):
+def test_journal_ids_are_not_reused_after_a_restart(restartable, spawn):
     """A share-point destroyed before the restart may still be locked by a
     live process whose lock record names its id: a new share-point must not
     get that id, or the holder's death would release the new one's lock."""
@@ -354,12 +287,12 @@ def test_journal_ids_are_not_reused_after_a_restart(restartable, children):
     conn = libportal.Connection(d.socket)
     libportal.share_create("j-ids-a", 4096, connection=conn)
     b = libportal.share_create("j-ids-b", 4096, connection=conn)
-    holder = children("""
+    holder = spawn("""
         sp = lp.share_attach("j-ids-b")
         assert sp.lock() == 0
         print("locked")
         sys.stdin.readline()
-        """, d)
+        """, d.env())
     assert holder.expect() == "locked"
     old_id = b.sp_id
     b.destroy()
@@ -391,12 +324,12 @@ def test_journal_names_outside_faytd_s_objects_are_not_trusted(restartable):
         f.write(b"S 9 1 5 0 3 4096 /fayt.1.x 4294967296 6a\n")
         f.write(b"S 10 1 5 0 3 4096 /etc/passwd 0 6a\n")
     d = restartable.start()
-    log = _log(d)
+    log = d.read_log()
     assert log.count("is not a journal record") == 3, log
 
 
 def test_journal_lock_records_of_a_context_that_never_mapped_are_ignored_at_restart(
-        restartable, children):
+        restartable, spawn):
     """A process that never mapped a share-point forges a HELD record naming
     it, and dies while no faytd runs: the restart releases nothing (before:
     the lock was released under its live holder).  What a context had
@@ -405,38 +338,37 @@ def test_journal_lock_records_of_a_context_that_never_mapped_are_ignored_at_rest
     conn = libportal.Connection(d.socket)
     sp = libportal.share_create("j-forged", 4096, connection=conn)
     assert sp.lock() == 0
-    forger = children("""
-        import ctypes
+    forger = spawn("""
         from libportal._abi import ffi
         c = lp.connection()
-        rec = c.context_page + ffi.offsetof("struct fayt_context_page", "held")
-        ctypes.c_uint32.from_address(rec).value = %d
-        ctypes.c_uint32.from_address(rec + 4).value = %d
+        rec = ffi.cast("struct fayt_context_page *", c.context_page).held[0]
+        rec.sp_id = %d
+        rec.state = %d
         print("forged")
         time.sleep(120)
-        """ % (sp.sp_id, lib.FAYT_HELD_HELD), d)
+        """ % (sp.sp_id, lib.FAYT_HELD_HELD), d.env())
     assert forger.expect() == "forged"
     restartable.kill()
     forger.kill()
     d = restartable.start()
     assert sp.lock_state == lib.FAYT_LOCK_HELD and not sp.owner_died
-    assert "never mapped" in _log(d)
+    assert "never mapped" in d.read_log()
     sp.unlock()
 
 
-def test_journal_an_attacher_s_lock_is_recovered_after_two_restarts(restartable, children):
+def test_journal_an_attacher_s_lock_is_recovered_after_two_restarts(restartable, spawn):
     """The journal's A record (an attach) survives the rewrite a restart
     makes: the holder dies after the second restart, and its lock is
     recovered."""
     d = restartable.start()
     conn = libportal.Connection(d.socket)
     sp = libportal.share_create("j-twice", 4096, connection=conn)
-    holder = children("""
+    holder = spawn("""
         sp = lp.share_attach("j-twice")
         assert sp.lock() == 0
         print("locked")
         time.sleep(120)
-        """, d)
+        """, d.env())
     assert holder.expect() == "locked"
     restartable.kill()
     d = restartable.start()

@@ -4,39 +4,37 @@ and a live context's records count as a possible holder only for
 share-points it mapped (faytd/kernel.py, recover_locks).
 
 The attackers here ignore libportal's lock calls: they write forged records
-into their own context page with ctypes, as raw bytes, and the cross-uid
-ones run as uid 65534 (nobody) against a root-owned faytd whose socket is
-reachable by all (test_policy's mechanism).
+into their own context page, at the header's layout, and the cross-uid ones
+run as uid 65534 (nobody) against a root-owned faytd whose socket is
+reachable by all (the fixtures world_faytd and as_user).
 """
 import errno
 import os
 import subprocess
 import uuid
 
-import pytest
-
 import libportal
 from libportal._abi import ffi, lib
 
-from test_policy import AsUser, NOBODY, TIMEOUT, start, world_dir  # noqa: F401
-from test_sharepoint import WAIT, Child, lock_state, sleeping_on_futex, spawn, wait_until  # noqa: F401
-
-HELD_OFF = ffi.offsetof("struct fayt_context_page", "held")
-HELD_SIZE = ffi.sizeof("struct fayt_held_lock")
+from support.children import WAIT, Child, sleeping_on_futex, wait_until
+from support.daemon import NOBODY, TIMEOUT
+from support.layout import lock_state
 
 # Writes forged records into this process's own context page, raw: the page
 # is the one faytd made for the connection; its address is where libportal
-# mapped it.  argv: socket, HELD_OFF, then (sp_id, state) pairs.
+# mapped it (its layout from the header, through cffi).  argv: socket, then
+# (sp_id, state) pairs.
 FORGER = r"""
-import ctypes, os, sys, time
+import os, sys, time
 import libportal as lp
+from libportal._abi import ffi
 c = lp.Connection(sys.argv[1])
-off = int(sys.argv[2])
-pairs = [int(x) for x in sys.argv[3:]]
+page = ffi.cast("struct fayt_context_page *", c.context_page)
+pairs = [int(x) for x in sys.argv[2:]]
 for k in range(0, len(pairs), 2):
-    slot = c.context_page + off + 8 * (k // 2 + 10)     # slots 10, 11, ...
-    ctypes.c_uint32.from_address(slot).value = pairs[k]
-    ctypes.c_uint32.from_address(slot + 4).value = pairs[k + 1]
+    rec = page.held[k // 2 + 10]                         # slots 10, 11, ...
+    rec.sp_id = pairs[k]
+    rec.state = pairs[k + 1]
 print("forged", c.context_id, flush=True)
 sys.stdin.readline()
 os.kill(os.getpid(), 9)         # dies with the forged records in place
@@ -45,28 +43,23 @@ os.kill(os.getpid(), 9)         # dies with the forged records in place
 # The records a libportal holder leaves when it dies between taking the lock
 # and marking it HELD: its own record rewritten PENDING (raw), then it waits.
 PENDING_HOLDER = r"""
-import ctypes, sys, time
+import sys, time
 import libportal as lp
+from libportal._abi import ffi, lib
 c = lp.Connection(sys.argv[1]) if len(sys.argv) > 2 else lp.connection()
 sp = lp.share_attach(sys.argv[-1], connection=c)
 assert sp.lock() == 0
-page, off = c.context_page, int(%d)
-for k in range(%d):
-    rec = page + off + %d * k
-    if ctypes.c_uint32.from_address(rec).value == sp.sp_id:
-        ctypes.c_uint32.from_address(rec + 4).value = %d      # PENDING
+page = ffi.cast("struct fayt_context_page *", c.context_page)
+for k in range(lib.FAYT_HELD_LOCKS_MAX):
+    if page.held[k].sp_id == sp.sp_id:
+        page.held[k].state = lib.FAYT_HELD_PENDING
 print("locked", flush=True)
 time.sleep(120)
-""" % (HELD_OFF, lib.FAYT_HELD_LOCKS_MAX, HELD_SIZE, lib.FAYT_HELD_PENDING)
-
-
-@pytest.fixture(scope="module")
-def as_user():
-    return AsUser()
+"""
 
 
 def _forger(as_user, d, pairs, uid=NOBODY):
-    args = [d.socket, HELD_OFF] + [x for p in pairs for x in p]
+    args = [d.socket] + [x for p in pairs for x in p]
     p = as_user.popen(FORGER, args, uid=uid, gid=uid, stdin=subprocess.PIPE,
                       stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     line = p.stdout.readline()
@@ -91,12 +84,12 @@ def _end(p):
             f.close()
 
 
-def test_lockrecord_of_a_context_that_never_mapped_the_share_point_is_ignored(as_user, start):
+def test_lockrecord_of_a_context_that_never_mapped_the_share_point_is_ignored(as_user, world_faytd):
     """nobody never maps root's share-points, forges HELD records naming
     them and dies: faytd releases nothing and marks nothing owner-died
     (before: the held lock was released under its holder, and the free one
     marked owner-died)."""
-    d = start()
+    d = world_faytd()
     conn = libportal.Connection(d.socket)
     held = libportal.share_create("held-" + uuid.uuid4().hex[:8], 4096, connection=conn)
     free = libportal.share_create("free-" + uuid.uuid4().hex[:8], 4096, connection=conn)
@@ -124,13 +117,13 @@ def test_lockrecord_of_a_context_that_never_mapped_the_share_point_is_ignored(as
         conn.close()
 
 
-def test_lockrecord_forged_by_a_live_context_does_not_block_recovery(as_user, start):
+def test_lockrecord_forged_by_a_live_context_does_not_block_recovery(as_user, world_faytd):
     """A holder dies between taking the lock and marking its record HELD
     (PENDING).  A live nobody that never mapped the share-point forges a
     PENDING record naming it: the lock is recovered all the same (before:
     the forged record made faytd take it for a possible holder, and the
     lock stayed held for ever)."""
-    d = start()
+    d = world_faytd()
     conn = libportal.Connection(d.socket)
     name = "pend-" + uuid.uuid4().hex[:8]
     sp = libportal.share_create(name, 4096, connection=conn)
@@ -225,17 +218,17 @@ def test_lockrecord_waiting_state_while_asleep_in_lock(lp):
 # A live context that mapped the share-point, with a PENDING record for it
 # (raw), until told to clear it.
 PENDING_MAPPER = r"""
-import ctypes, sys
+import sys
 import libportal as lp
 from libportal._abi import ffi
 sp = lp.share_attach(%r)
-rec = sp.connection.context_page + ffi.offsetof("struct fayt_context_page", "held") + 8 * 20
-ctypes.c_uint32.from_address(rec).value = sp.sp_id
-ctypes.c_uint32.from_address(rec + 4).value = %d
+rec = ffi.cast("struct fayt_context_page *", sp.connection.context_page).held[20]
+rec.sp_id = sp.sp_id
+rec.state = %d
 print("pending", flush=True)
 sys.stdin.readline()
-ctypes.c_uint32.from_address(rec + 4).value = 0
-ctypes.c_uint32.from_address(rec).value = 0
+rec.state = 0
+rec.sp_id = 0
 print("cleared", flush=True)
 sys.stdin.readline()
 """
@@ -272,28 +265,29 @@ def test_lockrecord_live_pending_record_defers_recovery_until_it_clears(lp, spaw
 # a context page in faytd for each until the process died (faytd ran out of
 # descriptors and refused everyone: issue 9's hostile review).
 CHURNER = r"""
-import ctypes, sys
+import sys
 import libportal as lp
-off, rounds = int(sys.argv[2]), int(sys.argv[3])
+from libportal._abi import ffi, lib
+rounds = int(sys.argv[2])
 for r in range(rounds):
     c = lp.Connection(sys.argv[1])
+    page = ffi.cast("struct fayt_context_page *", c.context_page)
     for k in range(64):
-        slot = c.context_page + off + 8 * k
-        ctypes.c_uint32.from_address(slot).value = 1000000 + k
-        ctypes.c_uint32.from_address(slot + 4).value = 2      # HELD
+        page.held[k].sp_id = 1000000 + k
+        page.held[k].state = lib.FAYT_HELD_HELD
     c.close()
 print("done", flush=True)
 sys.stdin.readline()
 """
 
 
-def test_lockrecord_naming_unmapped_share_points_keeps_no_context(as_user, start):
+def test_lockrecord_naming_unmapped_share_points_keeps_no_context(as_user, world_faytd):
     """A context whose connection closes is kept (watched until its process
     dies) only for records naming share-points it mapped; forged ones keep
     nothing, however many connections the forger makes."""
-    d = start()
+    d = world_faytd()
     rounds = 200
-    p = as_user.popen(CHURNER, [d.socket, HELD_OFF, rounds], uid=NOBODY, gid=NOBODY,
+    p = as_user.popen(CHURNER, [d.socket, rounds], uid=NOBODY, gid=NOBODY,
                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         line = p.stdout.readline()

@@ -1,6 +1,6 @@
 """Notifications between real processes, against a real faytd.
 
-Targets and senders are `python -c` children (test_sharepoint.Child): a
+Targets and senders are `python -c` children (support.children.Child): a
 target installs handlers and prints its context id; the test (or another
 child) notifies it.  Every wait is bounded (WAIT, or the timeout= of notify
 and notification_wait), so a lost notification fails a test, never hangs it.
@@ -16,24 +16,11 @@ import pytest
 import libportal
 from libportal._abi import lib
 
-from test_sharepoint import Child, POLICY, POLICY_GID, WAIT  # noqa: F401
+from support.children import WAIT, Child
+from support.daemon import SERVER_GID, SERVER_GID_CONFIG, fayt_objects
 
 pytestmark = pytest.mark.usefixtures("faytd")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture
-def spawn(faytd):
-    made = []
-
-    def start(code, env=None):
-        c = Child("import json, select\n" + textwrap.dedent(code), env or faytd.env())
-        made.append(c)
-        return c
-
-    yield start
-    for c in made:
-        c.kill()
 
 
 def _serve(until):
@@ -208,7 +195,7 @@ def test_notification_stack_exhaustion_waits_or_calls_the_provider(spawn, provid
 
 
 def test_notification_install_by_a_non_core_server_is_refused(fresh_faytd, conn_to, spawn):
-    d = fresh_faytd(config=POLICY)
+    d = fresh_faytd(config=SERVER_GID_CONFIG)
     core = conn_to(d)
     other = spawn("""
         os.setgroups([]); os.setgid(%d)
@@ -221,7 +208,7 @@ def test_notification_install_by_a_non_core_server_is_refused(fresh_faytd, conn_
             print("refused", e.errno, str(e))
         print(c.context_id)
         sys.stdin.readline()
-        """ % POLICY_GID, env=d.env())
+        """ % SERVER_GID, env=d.env())
     assert other.expect() == str(lib.FAYT_CATEGORY_SERVER)
     assert other.expect() == ("refused %d [Errno %d] notify_install: category server may "
                               "not install notification handlers" % (errno.EPERM, errno.EPERM))
@@ -243,9 +230,9 @@ def test_notification_the_notify_right_is_checked_when_the_ring_is_made(fresh_fa
                        "server": {"classes": ["SHARE", "ANON"], "notify": []},
                        "peer": {"classes": ["ANON"], "notify": ["core"]},
                        "mate": {"classes": ["ANON"], "notify": ["$uid"]}},
-        "rules": [{"gid": POLICY_GID, "category": "server"},
-                  {"gid": POLICY_GID + 1, "category": "peer"},
-                  {"gid": POLICY_GID + 2, "category": "mate"},
+        "rules": [{"gid": SERVER_GID, "category": "server"},
+                  {"gid": SERVER_GID + 1, "category": "peer"},
+                  {"gid": SERVER_GID + 2, "category": "mate"},
                   {"uid": "$owner", "category": "core"}],
         "default": "server"}}
     d = fresh_faytd(config=policy)
@@ -264,7 +251,7 @@ def test_notification_the_notify_right_is_checked_when_the_ring_is_made(fresh_fa
             print("refused", e.errno, str(e))
         sys.stdin.readline()
         """
-    server, peer, mate = (spawn(sender % (POLICY_GID + k), env=d.env()) for k in range(3))
+    server, peer, mate = (spawn(sender % (SERVER_GID + k), env=d.env()) for k in range(3))
     server_id = int(server.expect())
     for c in (server, peer, mate):
         if c is not server:
@@ -445,7 +432,6 @@ def test_notification_faytd_notices_behind_a_full_ring_arrive_once_it_drains(spa
 
 
 def test_notification_rings_and_stacks_leave_nothing_behind(fresh_faytd, conn_to, spawn):
-    from faytd_proc import fayt_objects
     d = fresh_faytd()
     probe = conn_to(d)
 

@@ -22,8 +22,10 @@ import pytest
 import libportal
 from libportal._abi import lib
 
-from test_sharepoint import Child, WAIT
-from test_policy import NOBODY, ALL_CLASSES, as_user, start, world_dir  # noqa: F401 (fixtures)
+from support.children import PRELUDE, WAIT
+from support.daemon import NOBODY
+
+ALL_CLASSES = ["SHARE", "DIRECT", "ANON", "COW", "SPECIAL"]
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a client as "
                                                           "another uid")
@@ -100,36 +102,14 @@ def wait_for(pred, what):
 """
 
 
-class Nobody(Child):
-    """A Child that runs as uid/gid nobody (through test_policy.AsUser)."""
-
-    def __init__(self, runner, code, sock):
-        env = {"FAYT_SOCKET": sock, "PYTHONUNBUFFERED": "1"}
-        self._start(runner.popen("import sys\nsys.argv = sys.argv[:1]\n" + RAW
-                                 + textwrap.dedent(code), [], env=env,
-                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                 stderr=subprocess.PIPE, bufsize=1))
+def _root(spawn, code, d):
+    return spawn(code, d.env(), prelude=PRELUDE + RAW)
 
 
-@pytest.fixture
-def kids():
-    made = []
-
-    def keep(c):
-        made.append(c)
-        return c
-    yield keep
-    for c in made:
-        c.kill()
-
-
-def _root(kids, code, d):
-    env = dict(os.environ, FAYT_SOCKET=d.socket)
-    return kids(Child("import json, select\n" + RAW + textwrap.dedent(code), env))
-
-
-def _nobody(kids, as_user, code, d):
-    return kids(Nobody(as_user, code, d.socket))
+def _nobody(spawn, as_user, code, d):
+    """A Child that runs as uid/gid nobody (support.daemon.AsUser)."""
+    return spawn(code, {"FAYT_SOCKET": d.socket}, as_user=as_user,
+                 prelude="import sys\nsys.argv = sys.argv[:1]\n" + RAW)
 
 
 # Everyone may notify anyone; only root's contexts are core (handlers).
@@ -154,12 +134,12 @@ print(json.dumps({"got": got, "stats": lp.notification_stats()}))
 
 # -- 2: a target that scribbles the ring cannot hang its sender -----------------
 
-def _scribbled_by_target(start, as_user, kids, scribble, send, during=False):
+def _scribbled_by_target(world_faytd, as_user, spawn, scribble, send, during=False):
     """A root sender, a nobody target that maps the ring raw and runs
     `scribble` on it (m: the ring; pos: the sender's next position); then
     (during: meanwhile) the sender runs `send`.  Returns the sender's line."""
-    d = start()
-    target = _nobody(kids, as_user, """
+    d = world_faytd()
+    target = _nobody(spawn, as_user, """
         c = lp.Connection()
         print(c.context_id)
         sender = int(sys.stdin.readline())
@@ -170,7 +150,7 @@ def _scribbled_by_target(start, as_user, kids, scribble, send, during=False):
         sys.stdin.readline()
         """ % textwrap.dedent(scribble).replace("\n", "\n        "), d)
     tid = int(target.expect())
-    sender = _root(kids, """
+    sender = _root(spawn, """
         print(lp.connection().context_id)
         t = int(sys.stdin.readline())
         ch = lp.notification_channel(t)
@@ -197,20 +177,20 @@ def _scribbled_by_target(start, as_user, kids, scribble, send, during=False):
 
 
 @needs_root
-def test_ring_scribbled_sequence_word_gives_a_nowait_sender_eproto(start, as_user, kids):
+def test_ring_scribbled_sequence_word_gives_a_nowait_sender_eproto(world_faytd, as_user, spawn):
     # The entry at head claims to be taken while head stays: today's sender
     # loops on it for ever ("another thread took pos").
-    out = _scribbled_by_target(start, as_user, kids, """
+    out = _scribbled_by_target(world_faytd, as_user, spawn, """
         put(m, slot(pos) + E["seq"], pos + 1)
         """, """lp.notify(t, 1, b"x", nowait=True)""")
     assert out == "ProtocolError EPROTO"
 
 
 @needs_root
-def test_ring_scribbled_done_word_releases_a_waiting_sender(start, as_user, kids):
+def test_ring_scribbled_done_word_releases_a_waiting_sender(world_faytd, as_user, spawn):
     # The target answers the sender's return-flag entry with a done word no
     # protocol step writes: the sender's wait ends (EPROTO) by its deadline.
-    out = _scribbled_by_target(start, as_user, kids, """
+    out = _scribbled_by_target(world_faytd, as_user, spawn, """
         wait_for(lambda: get(m, H["head"]) != 0, "the sender's post")
         pos = get(m, H["head"]) - 1
         wait_for(lambda: get(m, slot(pos) + E["seq"]) == pos + 1, "the sender's entry")
@@ -220,9 +200,9 @@ def test_ring_scribbled_done_word_releases_a_waiting_sender(start, as_user, kids
 
 
 @needs_root
-def test_ring_scribbled_head_never_makes_a_sender_wait_past_its_timeout(start, as_user, kids):
+def test_ring_scribbled_head_never_makes_a_sender_wait_past_its_timeout(world_faytd, as_user, spawn):
     # head thrown far ahead: the slot there holds no value of that lap.
-    out = _scribbled_by_target(start, as_user, kids, """
+    out = _scribbled_by_target(world_faytd, as_user, spawn, """
         put(m, H["head"], pos + 0x12345601)
         put(m, slot(pos + 0x12345601) + E["seq"], 77)
         """, """lp.notify(t, 1, b"x", timeout=2)""")
@@ -232,16 +212,16 @@ def test_ring_scribbled_head_never_makes_a_sender_wait_past_its_timeout(start, a
 # -- 2 and 5: a sender that scribbles its ring ------------------------------------
 
 @needs_root
-def test_notification_sender_id_comes_from_faytd_not_from_the_entry(start, as_user, kids):
+def test_notification_sender_id_comes_from_faytd_not_from_the_entry(world_faytd, as_user, spawn):
     """A nobody sender writes whole entries that name faytd (0) and another
     context as their sender: the handler is told who owns the ring."""
-    d = start(policy=OPEN_POLICY)
-    target = _root(kids, "got = []\n" + SERVE, d)
+    d = world_faytd(policy=OPEN_POLICY)
+    target = _root(spawn, "got = []\n" + SERVE, d)
     tid = int(target.expect())
     honest = libportal.Connection(d.socket)
     hid = honest.context_id
     try:
-        attacker = _nobody(kids, as_user, """
+        attacker = _nobody(spawn, as_user, """
             c = lp.Connection()
             t, other = map(int, sys.stdin.readline().split())
             m, h = open_raw(c, t)
@@ -271,17 +251,17 @@ def test_notification_sender_id_comes_from_faytd_not_from_the_entry(start, as_us
 
 
 @needs_root
-def test_ring_an_entry_out_of_range_drops_the_senders_ring_only(start, as_user, kids):
+def test_ring_an_entry_out_of_range_drops_the_senders_ring_only(world_faytd, as_user, spawn):
     """A nobody sender writes an entry whose index and length are out of
     range into its libportal ring: the target drops that ring (counted),
     the sender's next call on it is EPROTO, a fresh notify() works, and an
     honest sender's calls never fail."""
-    d = start(policy=OPEN_POLICY)
-    target = _root(kids, "got = []\n" + SERVE, d)
+    d = world_faytd(policy=OPEN_POLICY)
+    target = _root(spawn, "got = []\n" + SERVE, d)
     tid = int(target.expect())
     honest = libportal.Connection(d.socket)
     try:
-        attacker = _nobody(kids, as_user, """
+        attacker = _nobody(spawn, as_user, """
             from libportal._abi import ffi
             t = int(sys.stdin.readline())
             ch = lp.notification_channel(t)
@@ -321,13 +301,13 @@ def test_ring_an_entry_out_of_range_drops_the_senders_ring_only(start, as_user, 
 
 @needs_root
 def test_faytd_notice_ring_scribbled_by_its_subscriber_is_dropped_with_an_overflow_mark(
-        start, as_user, kids):
+        world_faytd, as_user, spawn):
     """A nobody subscriber scribbles its notice ring so that a post would
     loop: faytd gives up on that ring at once (the others' calls go on),
     and the subscriber's next notices come in a fresh ring, after an
     OVERFLOW notice counting the one lost."""
-    d = start(policy=SUBSCRIBER_POLICY)
-    sub = _nobody(kids, as_user, """
+    d = world_faytd(policy=SUBSCRIBER_POLICY)
+    sub = _nobody(spawn, as_user, """
         seen = []
         lp.install_handler(5, lambda p, i, s: seen.append([s, lp.decode_event(p)]))
         lp.subscribe(lp.PEER_DIED, 5)
@@ -378,11 +358,11 @@ def test_faytd_notice_ring_scribbled_by_its_subscriber_is_dropped_with_an_overfl
 # -- 6: doorbells across uids ---------------------------------------------------
 
 @needs_root
-def test_notification_immediate_across_uids_interrupts_the_target(start, as_user, kids):
+def test_notification_immediate_across_uids_interrupts_the_target(world_faytd, as_user, spawn):
     """nobody may not signal root's process: faytd rings the doorbell for
     it, and the handler interrupts plain Python code."""
-    d = start(policy=OPEN_POLICY)
-    target = _root(kids, """
+    d = world_faytd(policy=OPEN_POLICY)
+    target = _root(spawn, """
         got = []
         lp.install_handler(1, lambda p, i, s: got.append(bytes(p).decode()))
         print(lp.connection().context_id)
@@ -394,7 +374,7 @@ def test_notification_immediate_across_uids_interrupts_the_target(start, as_user
         print(json.dumps(got))
         """ % WAIT, d)
     tid = int(target.expect())
-    sender = _nobody(kids, as_user, """
+    sender = _nobody(spawn, as_user, """
         t = int(sys.stdin.readline())
         ch = lp.notification_channel(t)
         print("open")
@@ -415,17 +395,17 @@ def test_notification_immediate_across_uids_interrupts_the_target(start, as_user
 
 
 @needs_root
-def test_notification_faytd_rings_only_targets_its_record_says_are_armed(start, as_user, kids):
+def test_notification_faytd_rings_only_targets_its_record_says_are_armed(world_faytd, as_user, spawn):
     """The sender writes `armed` into its ring into a target without a
     handler: faytd will not ring it (the signal would kill it), and says so."""
-    d = start(policy=OPEN_POLICY)
-    target = _root(kids, """
+    d = world_faytd(policy=OPEN_POLICY)
+    target = _root(spawn, """
         print(lp.connection().context_id)
         sys.stdin.readline()
         print("alive")
         """, d)
     tid = int(target.expect())
-    sender = _nobody(kids, as_user, """
+    sender = _nobody(spawn, as_user, """
         from libportal._abi import ffi
         t = int(sys.stdin.readline())
         ch = lp.notification_channel(t)
@@ -449,11 +429,11 @@ def test_notification_faytd_rings_only_targets_its_record_says_are_armed(start, 
 # -- 9: never lost, never early ---------------------------------------------------
 
 def test_notification_200_senders_that_exit_at_once_are_all_delivered(fresh_faytd, conn_to,
-                                                                       spawn_in):
+                                                                       spawn):
     d = fresh_faytd()
     probe = conn_to(d)
     n = 200
-    target = spawn_in(d, """
+    target = spawn("""
         got = set()
         lp.install_handler(1, lambda p, i, s: got.add(int.from_bytes(p, "little")))
         print(lp.connection().context_id)
@@ -462,7 +442,7 @@ def test_notification_200_senders_that_exit_at_once_are_all_delivered(fresh_fayt
             lp.notification_wait(0.5)
         print(len(got))
         sys.stdin.readline()
-        """ % n)
+        """ % n, d.env())
     tid = int(target.expect())
     code = ("import os, sys, libportal as lp\n"
             "lp.notify(%d, 1, int(sys.argv[1]).to_bytes(4, 'little'))\n"
@@ -496,13 +476,13 @@ def test_notification_200_senders_that_exit_at_once_are_all_delivered(fresh_fayt
 
 
 def test_notification_deferred_ones_wait_while_rings_open_and_senders_exit(fresh_faytd,
-                                                                           conn_to, spawn_in):
+                                                                           conn_to, spawn):
     """A target running plain Python code takes no deferred notification
     when a new ring into it is made or a sender of one dies (faytd rings
     its doorbell for both): only at its next dispatch point."""
     d = fresh_faytd()
     probe = conn_to(d)
-    target = spawn_in(d, """
+    target = spawn("""
         got = []
         lp.install_handler(1, lambda p, i, s: got.append(bytes(p).decode()))
         print(lp.connection().context_id)
@@ -514,14 +494,14 @@ def test_notification_deferred_ones_wait_while_rings_open_and_senders_exit(fresh
         print(json.dumps(got))
         lp.notification_poll()
         print(json.dumps(got))
-        """)
+        """, d.env())
     tid = int(target.expect())
-    a = spawn_in(d, """
+    a = spawn("""
         t = int(sys.stdin.readline())
         lp.notify(t, 1, b"from-a")
         print(lp.connection().context_id)
         sys.stdin.readline()
-        """)
+        """, d.env())
     assert target.expect() == "looping"
     a.send(str(tid))
     aid = int(a.expect())
@@ -539,9 +519,9 @@ def test_notification_deferred_ones_wait_while_rings_open_and_senders_exit(fresh
     target.finish()
 
 
-def test_notification_to_a_slot_without_handler_is_counted_or_refused(fresh_faytd, spawn_in):
+def test_notification_to_a_slot_without_handler_is_counted_or_refused(fresh_faytd, spawn):
     d = fresh_faytd()
-    target = spawn_in(d, textwrap.dedent("""
+    target = spawn(textwrap.dedent("""
         lp.install_handler(1, lambda p, i, s: 1)
         print(lp.connection().context_id)
         sys.stdin.readline()
@@ -550,7 +530,7 @@ def test_notification_to_a_slot_without_handler_is_counted_or_refused(fresh_fayt
         _end = time.monotonic() + %f
         while not select.select([sys.stdin], [], [], 0)[0] and time.monotonic() < _end:
             lp.notification_wait(0.2)
-        """) % WAIT)
+        """) % WAIT, d.env())
     tid = int(target.expect())
     c = libportal.Connection(d.socket)
     try:
@@ -589,12 +569,12 @@ def test_notification_bad_index_and_payload_are_invalid_argument_naming_them(fay
     assert not set(bad_index) & set(bad_payload)
 
 
-def test_notification_channel_bad_index_is_invalid_argument(spawn_in, faytd):
-    target = spawn_in(faytd, """
+def test_notification_channel_bad_index_is_invalid_argument(spawn, faytd):
+    target = spawn("""
         lp.install_handler(1, lambda p, i, s: 1)
         print(lp.connection().context_id)
         sys.stdin.readline()
-        """)
+        """, faytd.env())
     ch = libportal.notification_channel(int(target.expect()))
     for call in (lambda: ch.send(-1), lambda: ch.call(-1, timeout=1),
                  lambda: ch.send(1, b"y" * 49), lambda: ch.call(64, timeout=1)):
@@ -604,27 +584,14 @@ def test_notification_channel_bad_index_is_invalid_argument(spawn_in, faytd):
     target.finish()
 
 
-@pytest.fixture
-def spawn_in():
-    made = []
-
-    def start(d, code):
-        c = Child("import json, select\n" + textwrap.dedent(code), d.env())
-        made.append(c)
-        return c
-    yield start
-    for c in made:
-        c.kill()
-
-
-def test_faytd_notice_backlog_is_bounded_and_ends_in_an_overflow_mark(spawn_in, faytd):
+def test_faytd_notice_backlog_is_bounded_and_ends_in_an_overflow_mark(spawn, faytd):
     """A subscriber that does not drain: faytd keeps a ring and BACKLOG_MAX
     notices, no more; the rest are counted in one OVERFLOW notice at the
     slot, after the ones kept."""
     from faytd.notification import BACKLOG_MAX
     kept = lib.FAYT_RING_ENTRIES + BACKLOG_MAX
     lost = 50
-    watcher = spawn_in(faytd, """
+    watcher = spawn("""
         import signal
         peers, marks = [], []
         def h(p, i, s):
@@ -640,7 +607,7 @@ def test_faytd_notice_backlog_is_bounded_and_ends_in_an_overflow_mark(spawn_in, 
         while not marks and time.monotonic() < _end:
             lp.notification_wait(0.5)
         print(json.dumps([len(peers), len(set(peers)), marks]))
-        """ % WAIT)
+        """ % WAIT, faytd.env())
     watcher.expect()
     gone = set()
     for _ in range(kept + lost):      # a PEER_DIED notice each
@@ -657,13 +624,13 @@ def test_faytd_notice_backlog_is_bounded_and_ends_in_an_overflow_mark(spawn_in, 
 
 
 @needs_root
-def test_notification_one_other_uid_cannot_take_all_of_a_targets_rings(start, as_user, kids):
+def test_notification_one_other_uid_cannot_take_all_of_a_targets_rings(world_faytd, as_user, spawn):
     """nobody opens a ring into root's target from one connection after
     another (each connection is a sender of its own): past a quarter of
     the target's ring records it gets ENOSPC naming the limit, and an
     honest sender of root's still gets its ring and is handled."""
-    d = start(policy=OPEN_POLICY)
-    target = _root(kids, """
+    d = world_faytd(policy=OPEN_POLICY)
+    target = _root(spawn, """
         got = []
         lp.install_handler(1, lambda p, i, s: got.append(bytes(p).decode()))
         print(lp.connection().context_id)
@@ -672,7 +639,7 @@ def test_notification_one_other_uid_cannot_take_all_of_a_targets_rings(start, as
         print(json.dumps(got))
         """ % WAIT, d)
     tid = int(target.expect())
-    flood = _nobody(kids, as_user, """
+    flood = _nobody(spawn, as_user, """
         t = int(sys.stdin.readline())
         cs, err = [], None
         for i in range(lib.FAYT_RINGS_MAX):
@@ -690,7 +657,7 @@ def test_notification_one_other_uid_cannot_take_all_of_a_targets_rings(start, as
     opened, err, msg = json.loads(flood.expect())
     assert opened == lib.FAYT_RINGS_MAX // 4 and err == errno.ENOSPC, msg
     assert "rings from uid %d, the most one other uid may hold" % NOBODY in msg
-    honest = _root(kids, """
+    honest = _root(spawn, """
         t = int(sys.stdin.readline())
         lp.notify(t, 1, b"honest")
         print("sent")
@@ -703,14 +670,14 @@ def test_notification_one_other_uid_cannot_take_all_of_a_targets_rings(start, as
 
 
 @needs_root
-def test_notification_ring_requests_coalesce_while_a_doorbell_is_outstanding(start, as_user,
-                                                                            kids):
+def test_notification_ring_requests_coalesce_while_a_doorbell_is_outstanding(world_faytd, as_user,
+                                                                            spawn):
     """nobody asks faytd to ring root's armed target a thousand times while
     the target has the doorbell blocked: every call succeeds, and one
     doorbell is queued in the target, not a thousand (real-time signals
     queue each one); when the target takes it, the notification runs."""
-    d = start(policy=OPEN_POLICY)
-    target = _root(kids, """
+    d = world_faytd(policy=OPEN_POLICY)
+    target = _root(spawn, """
         got = []
         lp.install_handler(1, lambda p, i, s: got.append(bytes(p).decode()))
         signal.pthread_sigmask(signal.SIG_BLOCK, [lp.DOORBELL])
@@ -726,7 +693,7 @@ def test_notification_ring_requests_coalesce_while_a_doorbell_is_outstanding(sta
         print(json.dumps(got))
         """ % WAIT, d)
     tid = int(target.expect())
-    sender = _nobody(kids, as_user, """
+    sender = _nobody(spawn, as_user, """
         t = int(sys.stdin.readline())
         lp.notify(t, 1, b"once", immediate=True)
         c = lp.connection()

@@ -16,7 +16,7 @@ import pytest
 import libportal as lp
 from faytd.config import DEFAULT
 from libportal._abi import lib
-from test_policy import NOBODY, as_user, start, world_dir  # noqa: F401 (fixtures)
+from support.daemon import NOBODY
 
 PAGE = lib.FAYT_PAGE_SIZE
 # Root's "obj-*" share-points are in the shared namespace, which uid 65534's
@@ -85,7 +85,7 @@ def _attack(as_user, d, ident, prot, uid):
 
 
 @pytest.mark.parametrize("uid", [NOBODY, 0], ids=["another-uid", "same-uid"])
-def test_sharepoint_peer_cannot_resize_it(as_user, start, uid):
+def test_sharepoint_peer_cannot_resize_it(as_user, world_faytd, uid):
     """A peer attaches a share-point of root's (granted read-write) and
     calls ftruncate(2) on the descriptor faytd sent: shrink and grow are
     refused (EPERM: sealed); the creator, which maps it, reads every byte
@@ -93,7 +93,7 @@ def test_sharepoint_peer_cannot_resize_it(as_user, start, uid):
     seal and a read-write reopen through /proc/self/fd are refused too;
     within one uid it is robustness: a peer's ftruncate never becomes the
     creator's SIGBUS."""
-    d = start(policy=SHARED_OBJ)
+    d = world_faytd(policy=SHARED_OBJ)
     env = dict(os.environ, FAYT_SOCKET=d.socket)
     ident = "obj-victim-%d" % uid
     victim = subprocess.Popen([sys.executable, "-c", VICTIM, ident], env=env,
@@ -142,7 +142,7 @@ def test_objects_of_every_kind_refuse_resizing(fresh_faytd):
     further seals: ftruncate(2) through any descriptor of it fails, even a
     read-write one that root reopens from the keeper's."""
     from faytd.frames import POOL_TARGET
-    from faytd.launch import keepers
+    from support.daemon import keepers
     d = fresh_faytd()
     code = r"""
 import sys, libportal as lp
@@ -193,7 +193,7 @@ sys.stdin.readline()
 def test_objects_keeper_outlives_a_killed_faytd_and_ends_with_a_clean_stop(fresh_faytd):
     """The keeper holds every object across faytd's SIGKILL (a restart takes
     it over: tests/test_journal.py), and goes with faytd's clean stop."""
-    from faytd.launch import Faytd, keepers
+    from support.daemon import Faytd, keepers
     d = fresh_faytd()
     (kpid,) = keepers([d.dir])
     d.proc.kill()
@@ -215,7 +215,7 @@ def test_objects_keeper_of_a_killed_faytd_ends_when_its_state_directory_goes(fre
     socket is gone no faytd can ever take it over, so it exits and its
     objects go with it."""
     import shutil
-    from faytd.launch import keepers
+    from support.daemon import keepers
     d = fresh_faytd()
     (kpid,) = keepers([d.dir])
     d.proc.kill()
@@ -313,7 +313,7 @@ sys.stdin.readline()
 
 
 @pytest.mark.parametrize("fast", [True, False], ids=["c-create", "python-create"])
-def test_sharepoint_read_only_attacher_cannot_store_past_page_0(as_user, start, fast):
+def test_sharepoint_read_only_attacher_cannot_store_past_page_0(as_user, world_faytd, fast):
     """A share-point of four pages, created by root; uid 65534 attaches it
     granted PROT_READ.  Nothing it does stores into bytes 4096 and up, nor
     changes the size: it gets two descriptors, page 0's (read-write: the
@@ -321,7 +321,7 @@ def test_sharepoint_read_only_attacher_cannot_store_past_page_0(as_user, start, 
     read-write; mprotect of its mapping of the rest fails.  Its wrappers
     still lock.  The share-point is made by faytd's C fast path, or by its
     Python."""
-    d = start(policy=SHARED_OBJ, fast_syscalls=fast)
+    d = world_faytd(policy=SHARED_OBJ, fast_syscalls=fast)
     env = dict(os.environ, FAYT_SOCKET=d.socket)
     owner = subprocess.Popen([sys.executable, "-c", OWNER, "obj-ro"], env=env,
                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
@@ -355,7 +355,7 @@ def test_objects_keeper_file_limit_is_a_clear_enfile(fresh_faytd, conn_to):
     a create fails with ENFILE, naming the keeper and its limit, creates
     nothing, and faytd serves on; freed objects make room again."""
     import resource
-    from faytd.launch import keepers
+    from support.daemon import keepers
     d = fresh_faytd()
     c = conn_to(d)
     (kpid,) = keepers([d.dir])

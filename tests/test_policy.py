@@ -5,240 +5,34 @@ Identity is what the Linux kernel vouches for (SO_PEERCRED, /proc/<pid>/exe),
 so these tests run their clients as processes that really have another uid:
 the tests run as root and start the clients as uid/gid 65534 (nobody).  The
 daemon's socket is made 0666 (config "socket_mode") inside a directory made
-0755 under /tmp, so that such a client can reach it at all.
-
-Running Python as nobody needs an interpreter nobody may execute: the venv's
-python may live under a 0700 home (pyenv under /root).  The first interpreter
-of the same version that nobody can run and that imports libportal (with
-PYTHONPATH naming the repository and the venv's site-packages) is used; if
-there is none, the client starts as root, imports libportal, and drops to
-nobody with setgid/setuid before it connects (it is nobody when faytd sees
-it either way).
+0755 under /tmp, so that such a client can reach it at all (the fixture
+world_faytd; as_user runs the clients: support.daemon.AsUser).  How faytd
+parses a policy file is test_config.py's.
 """
 import errno
 import json
 import os
-import shutil
-import signal
-import socket
 import subprocess
-import sys
-import tempfile
-import time
 import uuid
 
 import pytest
 
 import libportal
 from faytd.config import DEFAULT
-from faytd.launch import LAST, RUNS, STARTED
 from libportal._abi import lib
+from support.daemon import NOBODY, keepers
 
-NOBODY = 65534
 OTHER_UID = 12345           # a uid with no passwd entry: the kernel does not care
 ALL = lib.FAYT_PORTAL_CLASSES
 ANON, SHARE, DIRECT = lib.FAYT_PORTAL_ANON, lib.FAYT_PORTAL_SHARE, lib.FAYT_PORTAL_DIRECT
 COW, SPECIAL = lib.FAYT_PORTAL_COW, lib.FAYT_PORTAL_SPECIAL
 PAGE = lib.FAYT_PAGE_SIZE
 TIMEOUT = 60
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(libportal.__file__)))
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run clients as "
                                                           "another uid")
 
 ALL_CLASSES = ["SHARE", "DIRECT", "ANON", "COW", "SPECIAL"]
-
-
-# -- running Python as another user ---------------------------------------
-
-_DROP = r"""
-import errno, json, os, sys, time, socket, threading, array, weakref
-import libportal, libportal.portal, libportal._abi
-import argparse, copy, fnmatch, gettext, locale, logging, mmap, re, runpy, secrets, select
-import selectors, shutil, signal
-import stat, struct, traceback, posix_ipc, ctypes, subprocess, uuid, tempfile, json.decoder
-import faytd.main, faytd.server, faytd.kernel, faytd.syscalls
-uid, gid = int(sys.argv[1]), int(sys.argv[2])
-os.setgroups([])
-os.setgid(gid)
-os.setuid(uid)
-code = sys.argv[3]
-sys.argv = [sys.argv[0]] + sys.argv[4:]
-exec(compile(code, "<as-user>", "exec"), {"__name__": "__main__"})
-"""
-
-
-class AsUser:
-    """Runs Python code in a process whose real and effective uid and gid are
-    the ones asked for.  .exe is the interpreter faytd will see."""
-
-    def __init__(self):
-        import _cffi_backend
-        import posix_ipc
-        paths = [REPO, os.path.dirname(_cffi_backend.__file__),
-                 os.path.dirname(posix_ipc.__file__)]
-        self.pythonpath = os.pathsep.join(dict.fromkeys(paths))
-        minor = "python%d.%d" % sys.version_info[:2]
-        candidates = [sys.executable, os.path.realpath(sys.executable),
-                      shutil.which(minor), "/usr/bin/" + minor, "/usr/local/bin/" + minor]
-        self.mode, self.interp, self.why = "drop", sys.executable, []
-        if os.environ.get("FAYT_TEST_AS_USER") == "drop":      # to test the fallback
-            candidates = []
-        for c in dict.fromkeys(x for x in candidates if x):
-            try:
-                r = subprocess.run([c, "-c", "import libportal, faytd, posix_ipc"],
-                                   env=self.env({}), cwd="/", capture_output=True, text=True,
-                                   timeout=TIMEOUT, **self._ids(NOBODY, NOBODY))
-            except OSError as e:
-                self.why.append("%s: %s" % (c, e.strerror))
-                continue
-            if r.returncode == 0:
-                self.mode, self.interp = "exec", c
-                break
-            self.why.append("%s: %s" % (c, r.stderr.strip().splitlines()[-1:]))
-        self.exe = os.path.realpath(self.interp)
-
-    @staticmethod
-    def _ids(uid, gid):
-        return {"user": uid, "group": gid, "extra_groups": []}
-
-    def env(self, extra):
-        e = {"PATH": "/usr/bin:/bin", "PYTHONPATH": self.pythonpath, "PYTHONDONTWRITEBYTECODE": "1"}
-        e.update(extra)
-        return e
-
-    def popen(self, code, args, uid=NOBODY, gid=NOBODY, env=None, **kw):
-        args = [str(a) for a in args]
-        if self.mode == "exec":
-            argv, ids = [self.interp, "-c", code] + args, self._ids(uid, gid)
-        else:
-            argv, ids = [sys.executable, "-c", _DROP, str(uid), str(gid), code] + args, {}
-        return subprocess.Popen(argv, env=self.env(env or {}), cwd="/", text=True, **ids, **kw)
-
-
-_as_user = None
-
-
-@pytest.fixture(scope="module")
-def as_user():
-    global _as_user
-    if _as_user is None:
-        _as_user = AsUser()
-    return _as_user
-
-
-# -- a faytd others can reach ---------------------------------------------
-
-class Daemon:
-    """python -m faytd with a config, its socket in a world-reachable
-    directory, its log in a file; optionally run as another user."""
-
-    def __init__(self, directory, config, runner=None, uid=None, ram="64MiB"):
-        self.dir = directory
-        self.socket = os.path.join(directory, "faytd.sock")
-        self.log = os.path.join(directory, "faytd.log")
-        cfg = os.path.join(directory, "faytd.json")
-        with open(cfg, "w") as f:
-            json.dump(config, f)
-        os.chmod(cfg, 0o644)
-        args = ["-m", "faytd", "--socket", self.socket, "--config", cfg, "--ram", ram, "-v"]
-        with open(self.log, "w") as logf:
-            if uid is None:
-                self.proc = subprocess.Popen([sys.executable] + args, stderr=logf)
-            else:
-                code = "import sys, runpy; sys.argv = ['faytd'] + sys.argv[1:]; " \
-                       "runpy.run_module('faytd', run_name='__main__')"
-                self.proc = runner.popen(code, args[2:], uid=uid, gid=uid, stderr=logf)
-        STARTED.append(self.proc.pid)       # judged by conftest's leak check (its keeper)
-        RUNS[self.proc.pid] = os.path.realpath(os.path.dirname(self.socket))
-        LAST[RUNS[self.proc.pid]] = self.proc
-        deadline = time.monotonic() + 20
-        while not self._accepts():
-            if self.proc.poll() is not None:
-                raise RuntimeError("faytd exited with %s:\n%s" % (self.proc.returncode,
-                                                                  self.read_log()))
-            if time.monotonic() > deadline:
-                self.proc.kill()
-                raise RuntimeError("faytd did not listen:\n" + self.read_log())
-            time.sleep(0.02)
-
-    def _accepts(self):
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        try:
-            s.connect(self.socket)
-            return True
-        except OSError:
-            return False
-        finally:
-            s.close()
-
-    def read_log(self):
-        with open(self.log) as f:
-            return f.read()
-
-    def state(self):
-        c = libportal.Connection(self.socket)
-        try:
-            shares = c.list_sharepoints()
-            ctxs = c.list_contexts()
-        finally:
-            c.close()
-        return {"shares": sorted(s["identifier"] for s in shares),
-                "free_frames": ctxs["free_frames"],
-                "mappings": sum(x["mappings"] for x in ctxs["contexts"])}
-
-    def wait_state(self, want, timeout=15):
-        deadline = time.monotonic() + timeout
-        while True:
-            now = self.state()
-            if now == want or time.monotonic() > deadline:
-                return now
-            time.sleep(0.02)
-
-    def stop(self):
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        return self.read_log()
-
-
-@pytest.fixture
-def world_dir():
-    """A directory under /tmp that every user may traverse (tmp_path's
-    parents may be 0700)."""
-    d = tempfile.mkdtemp(prefix="fayt-policy-")
-    os.chmod(d, 0o755)
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
-
-
-@pytest.fixture
-def start(world_dir):
-    """start(policy=..., **config) -> a running Daemon whose socket is 0666."""
-    started = []
-
-    def go(policy=None, runner=None, uid=None, **config):
-        cfg = {"socket_mode": "0666"}
-        cfg.update(config)
-        if policy is not None:
-            cfg["policy"] = policy
-        sub = os.path.join(world_dir, "d%d" % len(started))
-        os.makedirs(sub)
-        os.chmod(sub, 0o755)
-        if uid is not None:             # faytd as a user: its directory is its own (dirs.py)
-            os.chown(sub, uid, uid)
-        d = Daemon(sub, cfg, runner, uid)
-        started.append(d)
-        return d
-
-    yield go
-    for d in started:
-        log = d.stop()
-        assert "Traceback" not in log, log[-3000:]
 
 
 # -- the client ------------------------------------------------------------
@@ -315,8 +109,9 @@ print(json.dumps(out), flush=True)
 
 def run_client(as_user, d, actions=(), uid=NOBODY, gid=None):
     """Run CLIENT as uid; return its report (JSON)."""
+    env = {"FAYT_FAYTD_UID": str(d.uid)} if d.uid is not None else None
     p = as_user.popen(CLIENT, [d.socket, json.dumps(list(actions))], uid=uid,
-                      gid=uid if gid is None else gid,
+                      gid=uid if gid is None else gid, env=env,
                       stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         out, err = p.communicate(timeout=TIMEOUT)
@@ -349,9 +144,9 @@ def _core_only_policy(extra_rules=(), default=None, categories=None):
 
 # -- the tests -------------------------------------------------------------
 
-def test_policy_runner_really_changes_uid(as_user, start):
+def test_policy_runner_really_changes_uid(as_user, world_faytd):
     """The client is another user as the kernel sees it (SO_PEERCRED)."""
-    d = start()
+    d = world_faytd()
     rep = run_client(as_user, d, [["me"]])
     assert rep["hello"][0] == 0, rep
     me = rep["steps"][0][2]
@@ -359,10 +154,10 @@ def test_policy_runner_really_changes_uid(as_user, start):
     assert me["exe"] == as_user.exe
 
 
-def test_policy_a_uid_above_2_to_the_31_is_served(as_user, start):
+def test_policy_a_uid_above_2_to_the_31_is_served(as_user, world_faytd):
     """uid_t is unsigned: a uid the kernel gives as 3000000000 is that uid
     (SO_PEERCRED read as signed made it negative, and faytd refused it)."""
-    d = start()
+    d = world_faytd()
     big = 3000000000
     rep = run_client(as_user, d, [["me"], ["anon", PAGE]], uid=big, gid=big)
     assert rep["hello"][0] == 0, rep
@@ -371,8 +166,8 @@ def test_policy_a_uid_above_2_to_the_31_is_served(as_user, start):
     assert steps(rep)[1] == ("anon", 0)
 
 
-def test_policy_server_category_anon_only(as_user, start):
-    d = start(_core_only_policy(
+def test_policy_server_category_anon_only(as_user, world_faytd):
+    d = world_faytd(_core_only_policy(
         [{"uid": NOBODY, "category": "server"}],
         categories={"core": {"classes": ALL_CLASSES}, "server": {"classes": ["ANON"]}}))
     owned = libportal.Connection(d.socket)
@@ -404,8 +199,8 @@ def test_policy_server_category_anon_only(as_user, start):
         owned.close()
 
 
-def test_policy_no_rule_matches_hello_refused(as_user, start):
-    d = start(_core_only_policy([{"uid": 4242, "category": "core"}]))
+def test_policy_no_rule_matches_hello_refused(as_user, world_faytd):
+    d = world_faytd(_core_only_policy([{"uid": 4242, "category": "core"}]))
     before = d.state()
     rep = run_client(as_user, d, [["anon", PAGE]])
     assert rep["hello"][0] == errno.EPERM, rep
@@ -418,8 +213,8 @@ def test_policy_no_rule_matches_hello_refused(as_user, start):
     c.close()
 
 
-def test_policy_rule_by_gid(as_user, start):
-    d = start(_core_only_policy(
+def test_policy_rule_by_gid(as_user, world_faytd):
+    d = world_faytd(_core_only_policy(
         [{"gid": 4321, "category": "server"}],
         categories={"core": {"classes": ALL_CLASSES}, "server": {"classes": ["ANON"]}}))
     rep = run_client(as_user, d, [["anon", PAGE]], gid=4321)
@@ -428,7 +223,7 @@ def test_policy_rule_by_gid(as_user, start):
     assert rep["hello"][0] == errno.EPERM
 
 
-def test_policy_rule_by_exe_glob(as_user, start):
+def test_policy_rule_by_exe_glob(as_user, world_faytd):
     base = os.path.basename(as_user.exe)           # e.g. python3.11
     glob = "*/" + base[:len("python")] + "*"
     cats = {"core": {"classes": ALL_CLASSES},
@@ -437,7 +232,7 @@ def test_policy_rule_by_exe_glob(as_user, start):
     rules = [{"exe": "/nonexistent/*", "category": "core"},       # never matches
              {"uid": NOBODY, "exe": glob, "category": "driver"},  # first match wins
              {"uid": NOBODY, "category": "server"}]
-    d = start(_core_only_policy(rules, categories=cats))
+    d = world_faytd(_core_only_policy(rules, categories=cats))
     rep = run_client(as_user, d, [["me"]])
     assert rep["hello"][0] == 0, rep
     assert rep["hello"][1]["category"] == lib.FAYT_CATEGORY_DRIVER
@@ -445,109 +240,19 @@ def test_policy_rule_by_exe_glob(as_user, start):
     assert rep["steps"][0][2]["exe"] == as_user.exe
     # The exact path matches too; a glob that misses falls through to the uid rule.
     rules[1]["exe"] = as_user.exe
-    d2 = start(_core_only_policy(rules, categories=cats))
+    d2 = world_faytd(_core_only_policy(rules, categories=cats))
     assert run_client(as_user, d2)["hello"][1]["category"] == lib.FAYT_CATEGORY_DRIVER
     rules[1]["exe"] = as_user.exe + "-not"
-    d3 = start(_core_only_policy(rules, categories=cats))
+    d3 = world_faytd(_core_only_policy(rules, categories=cats))
     assert run_client(as_user, d3)["hello"][1]["category"] == lib.FAYT_CATEGORY_SERVER
     # exe alone, no uid rule behind it: a miss is refused.
-    d4 = start(_core_only_policy([{"exe": "/opt/fayt/servers/*", "category": "driver"}],
+    d4 = world_faytd(_core_only_policy([{"exe": "/opt/fayt/servers/*", "category": "driver"}],
                                  categories=cats))
     assert run_client(as_user, d4)["hello"][0] == errno.EPERM
 
 
-def _faytd_fails(world_dir, config, expect_in_stderr):
-    """faytd refuses to start: non-zero exit, a message on stderr, no socket."""
-    sub = tempfile.mkdtemp(dir=world_dir)
-    cfg = os.path.join(sub, "faytd.json")
-    with open(cfg, "w") as f:
-        f.write(config if isinstance(config, str) else json.dumps(config))
-    sock = os.path.join(sub, "faytd.sock")
-    p = subprocess.Popen([sys.executable, "-m", "faytd", "--socket", sock, "--config", cfg],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 20
-    while p.poll() is None and not os.path.exists(sock) and time.monotonic() < deadline:
-        time.sleep(0.02)
-    if p.poll() is None:
-        serving = os.path.exists(sock)
-        p.send_signal(signal.SIGTERM)
-        out, err = p.communicate(timeout=15)
-        raise AssertionError("faytd accepted this configuration%s:\n%s"
-                             % (" and served it" if serving else "", err[-2000:]))
-    out, err = p.communicate(timeout=15)
-    assert p.returncode != 0, err
-    assert expect_in_stderr in err, err
-    assert "Traceback" not in err, err
-    assert not os.path.exists(sock)
-    return err
-
-
-@pytest.mark.parametrize("policy, message", [
-    ({"categories": {"core": {"classes": ["ANON", "SHAER"]}},
-      "rules": [{"uid": 0, "category": "core"}]},
-     "policy: category core: unknown portal class 'SHAER'"),
-    ({"categories": {"core": {"classes": ALL_CLASSES}},
-      "rules": [{"uid": 0, "category": "kernel"}]},
-     "policy: rule {'uid': 0, 'category': 'kernel'} names no known category"),
-    ({"categories": {"core": {"classes": ALL_CLASSES}}, "default": "server"},
-     "policy: default category 'server' is not defined"),
-    ({"categories": {}, "rules": []}, "policy: no categories"),
-    ({"categories": {"core": {"classes": ALL_CLASSES, "notify": ["core", "drivers"]}},
-      "rules": [{"uid": 0, "category": "core"}]},
-     "policy: category core: notify names no known category: drivers"),
-    ({"categories": {"core": {"classes": ALL_CLASSES}},
-      "rules": [{"uid": 0, "categroy": "core"}]},
-     "unknown keys ['categroy']"),
-])
-def test_policy_invalid_policy_file_faytd_exits(world_dir, policy, message):
-    _faytd_fails(world_dir, {"policy": policy}, message)
-
-
-@pytest.mark.parametrize("config, message", [
-    ({"max_sharepoints": 5000000000},
-     "config: max_sharepoints: 5000000000 is not a whole number from 1 to 4294967295"),
-    ({"max_sharepoints": 100000.0},
-     "config: max_sharepoints: 100000.0 is not a whole number from 1 to 4294967295"),
-    ({"max_mappings_per_context": -1},
-     "config: max_mappings_per_context: -1 is not a whole number from 1 to 4294967295"),
-    ({"max_mappings_per_context": True},
-     "config: max_mappings_per_context: True is not a whole number from 1 to 4294967295"),
-    ({"fast_syscalls": "yes"}, "config: fast_syscalls must be true or false"),
-    ({"max_ram_per_context": "20000000000GiB"},
-     "config: max_ram_per_context: '20000000000GiB' is more than 2^64 bytes"),
-    ({"max_portal_length": "20000000000GiB"},
-     "config: max_portal_length: '20000000000GiB' is more than 2^64 bytes"),
-    ({"ram": "20000GiB"}, "config: ram: 21474836480000 bytes is 2^32 frames or more"),
-])
-def test_policy_out_of_range_limits_faytd_exits(world_dir, config, message):
-    """A limit faytd's C keeps in 32 or 64 bits is refused with a message, not a traceback."""
-    _faytd_fails(world_dir, config, message)
-
-
-def test_policy_bad_json_faytd_exits(world_dir):
-    err = _faytd_fails(world_dir, '{"policy": {"categories": {"core": }}', "config: ")
-    assert "faytd.json: Expecting value: line 1 column 36" in err
-    _faytd_fails(world_dir, '{"polcy": {}}', "unknown keys ['polcy']")
-
-
-@pytest.mark.parametrize("policy, what", [
-    ({"categories": {"core": {"classes": ALL_CLASSES}},
-      "rules": [{"uid": "0", "category": "core"}]}, "uid"),                 # a string
-    ({"categories": {"core": {"classes": ALL_CLASSES}},
-      "rules": [{"uid": 0, "gid": [0], "category": "core"}]}, "gid"),
-    ({"categories": {"core": {"clases": ALL_CLASSES}},                        # typo
-      "rules": [{"uid": 0, "category": "core"}]}, "clases"),
-    ({"categories": {"core": {"classes": "ANON"}},                            # not a list
-      "rules": [{"uid": 0, "category": "core"}]}, "category core"),
-])
-def test_policy_ill_typed_policy_file_faytd_exits(world_dir, policy, what):
-    """Values of the wrong type or misspelt keys would silently grant nothing
-    (a rule that never matches, a category with no class): refuse them at start."""
-    _faytd_fails(world_dir, {"policy": policy}, what)
-
-
-def test_policy_default_policy_owner_is_core(as_user, start):
-    d = start()                      # embedded default policy, socket 0666
+def test_policy_default_policy_owner_is_core(as_user, world_faytd):
+    d = world_faytd()                      # embedded default policy, socket 0666
     c = libportal.Connection(d.socket)
     try:
         assert c.category == lib.FAYT_CATEGORY_CORE
@@ -560,28 +265,27 @@ def test_policy_default_policy_owner_is_core(as_user, start):
     assert steps(rep) == [("anon", 0), ("me", 0)]
 
 
-def test_policy_default_policy_owner_uid_is_core_when_faytd_runs_as_a_user(as_user, start):
+def test_policy_default_policy_owner_uid_is_core_when_faytd_runs_as_a_user(as_user, world_faytd):
     """"$owner" is the uid faytd runs as: run faytd as nobody, then nobody is
     core, root is core (uid 0), and any other uid gets the default, server."""
-    start()     # a root faytd first: it sweeps stale objects nobody could not (see below)
-    d = start(runner=as_user, uid=NOBODY)
+    world_faytd()     # a root faytd first: it sweeps stale objects nobody could not (see below)
+    d = world_faytd(as_user=as_user, uid=NOBODY)
     assert os.stat(d.socket).st_uid == NOBODY
     rep = run_client(as_user, d, [["me"]], uid=NOBODY)
     assert rep["hello"][1]["category"] == lib.FAYT_CATEGORY_CORE
     rep = run_client(as_user, d, [["anon", PAGE], ["me"]], uid=OTHER_UID)
     assert rep["hello"][1]["category"] == lib.FAYT_CATEGORY_SERVER
     assert steps(rep) == [("anon", 0), ("me", 0)]
-    c = libportal.Connection(d.socket)
+    c = libportal.Connection(d.socket, faytd_uid=NOBODY)     # root names the user's faytd
     assert c.category == lib.FAYT_CATEGORY_CORE
     c.close()
 
 
-def test_policy_unprivileged_faytd_keeper_takes_its_whole_file_limit(as_user, start):
+def test_policy_unprivileged_faytd_keeper_takes_its_whole_file_limit(as_user, world_faytd):
     """A faytd run by a user: its object keeper (one open file per live
     object) raises its RLIMIT_NOFILE to the hard limit, runs as that user,
     and its objects are that user's, mode 0600."""
-    from faytd.launch import keepers
-    d = start(runner=as_user, uid=NOBODY)
+    d = world_faytd(as_user=as_user, uid=NOBODY)
     rep = run_client(as_user, d, [["anon", PAGE]], uid=NOBODY)
     assert steps(rep) == [("anon", 0)]
     (kpid,) = keepers([os.path.dirname(d.socket)])
@@ -595,13 +299,13 @@ def test_policy_unprivileged_faytd_keeper_takes_its_whole_file_limit(as_user, st
                         for o in objs)
 
 
-def test_policy_socket_mode_keeps_other_users_out(as_user, start):
+def test_policy_socket_mode_keeps_other_users_out(as_user, world_faytd):
     """The default socket mode (0600): another user cannot even connect."""
-    d = start(socket_mode="0600")
+    d = world_faytd(socket_mode="0600")
     assert os.stat(d.socket).st_mode & 0o777 == 0o600
     rep = run_client(as_user, d, [])
     assert rep["hello"][0] == errno.EACCES, rep
-    d2 = start()
+    d2 = world_faytd()
     assert os.stat(d2.socket).st_mode & 0o777 == 0o666
 
 
@@ -612,11 +316,11 @@ def test_policy_socket_mode_keeps_other_users_out(as_user, start):
     (SPECIAL, {"chain": "pager", "message": "page please"}),
     (SPECIAL | SHARE, {"chain": "pager", "identifier": "policy-special", "create": True}),
 ])
-def test_policy_unbuilt_classes_core_enosys_server_eperm(as_user, start, type_, kw):
+def test_policy_unbuilt_classes_core_enosys_server_eperm(as_user, world_faytd, type_, kw):
     """The policy is checked before the class is looked at: a core client is
     told the class is not built (ENOSYS), a server client that it may not use
     it (EPERM); neither creates anything."""
-    d = start()
+    d = world_faytd()
     before = d.state()
     c = libportal.Connection(d.socket)
     try:
@@ -635,10 +339,10 @@ def test_policy_unbuilt_classes_core_enosys_server_eperm(as_user, start, type_, 
     assert d.wait_state(before) == before
 
 
-def test_policy_destroy_by_non_owner_non_core(as_user, start):
+def test_policy_destroy_by_non_owner_non_core(as_user, world_faytd):
     shared = json.loads(json.dumps(DEFAULT["policy"]))     # root's name, shared (names.md)
     shared["categories"]["server"]["shared_names"] = {"attach": ["policy-victim-*"]}
-    d = start(policy=shared)
+    d = world_faytd(policy=shared)
     owner = libportal.Connection(d.socket)
     name = _name("victim")
     sp = libportal.share_create(name, 2 * PAGE, connection=owner)
@@ -662,10 +366,10 @@ def test_policy_destroy_by_non_owner_non_core(as_user, start):
     owner.close()
 
 
-def test_policy_destroy_of_a_users_share_point(as_user, start):
+def test_policy_destroy_of_a_users_share_point(as_user, world_faytd):
     """A share-point that nobody's server owns: another server process (same
     uid, another pid) may not destroy it, a core process may, and the owner may."""
-    d = start()
+    d = world_faytd()
     before = d.state()
     name = _name("owned")
     owner = as_user.popen(CLIENT, [d.socket, json.dumps([["create", name, 2 * PAGE, "mine"],
@@ -708,10 +412,10 @@ def test_policy_destroy_of_a_users_share_point(as_user, start):
     assert d.wait_state(before) == before
 
 
-def test_policy_stats_count_only_the_callers_uid_share_points_unless_core(as_user, start):
+def test_policy_stats_count_only_the_callers_uid_share_points_unless_core(as_user, world_faytd):
     """FAYT_SYS_STATS is open to every context; its share-point count is
     the caller's uid's unless the caller is core (docs/cli.md, "fayt stats")."""
-    d = start()
+    d = world_faytd()
     owner = libportal.Connection(d.socket)
     mine = [libportal.share_create(_name("stats-root"), PAGE, connection=owner)
             for _ in range(2)]

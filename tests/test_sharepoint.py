@@ -7,10 +7,7 @@ fails a test instead of hanging the suite.  Every test destroys what it
 creates (the `names` fixture destroys what a failed test left behind).
 """
 import errno
-import json
 import os
-import queue
-import select
 import signal
 import struct
 import subprocess
@@ -24,100 +21,10 @@ import pytest
 
 import libportal
 from libportal._abi import ffi, lib
-
-PRELUDE = "import errno, os, struct, sys, threading, time\nimport libportal as lp\n"
-WAIT = 30.0          # seconds any single step may take before the test fails
-
-
-class Child:
-    """A helper process: send(line), expect() -> next stdout line, finish()."""
-
-    def __init__(self, code, env):
-        self._start(subprocess.Popen(
-            [sys.executable, "-u", "-c", PRELUDE + textwrap.dedent(code)], env=env,
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-
-    def _start(self, proc):
-        """Read proc's stdout lines and stderr from threads of their own."""
-        self.proc = proc
-        self.pid = proc.pid
-        self._lines = queue.Queue()
-        self._err = []
-        threading.Thread(target=self._pump, args=(self.proc.stdout, self._lines.put),
-                         daemon=True).start()
-        threading.Thread(target=self._pump, args=(self.proc.stderr, self._err.append),
-                         daemon=True).start()
-
-    @staticmethod
-    def _pump(f, put):
-        for line in f:
-            put(line.rstrip("\n"))
-        put(None)
-
-    def stderr(self):
-        return "\n".join(x for x in self._err if x is not None)
-
-    def expect(self, timeout=WAIT):
-        try:
-            line = self._lines.get(timeout=timeout)
-        except queue.Empty:
-            raise AssertionError("child %d said nothing within %.0fs; stderr:\n%s"
-                                 % (self.pid, timeout, self.stderr())) from None
-        if line is None:
-            self.proc.wait(timeout=WAIT)
-            raise AssertionError("child %d exited (%s) early; stderr:\n%s"
-                                 % (self.pid, self.proc.returncode, self.stderr()))
-        return line
-
-    def send(self, line=""):
-        self.proc.stdin.write(line + "\n")
-        self.proc.stdin.flush()
-
-    def finish(self, timeout=WAIT):
-        """Wait for a clean exit; the rest of stdout."""
-        try:
-            self.proc.stdin.close()
-        except OSError:
-            pass
-        try:
-            self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            raise AssertionError("child %d did not exit within %.0fs" % (self.pid, timeout))
-        rest = []
-        while True:
-            line = self._lines.get(timeout=WAIT)
-            if line is None:
-                break
-            rest.append(line)
-        assert self.proc.returncode == 0, "child %d exited %s; stderr:\n%s" % (
-            self.pid, self.proc.returncode, self.stderr())
-        return rest
-
-    def kill(self):
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(timeout=WAIT)
-        for f in (self.proc.stdin,):
-            try:
-                f.close()
-            except OSError:
-                pass
-
-
-@pytest.fixture
-def spawn(faytd):
-    """spawn(code, env=None) -> Child; every child is killed after the test."""
-    made = []
-
-    def start(code, env=None):
-        c = Child(code, env or faytd.env())
-        made.append(c)
-        return c
-
-    yield start
-    for c in made:
-        c.kill()
+from support.children import PRELUDE, WAIT, sleeping_on_futex, wait_until
+from support.daemon import SERVER_GID, SERVER_GID_CONFIG
+from support.layout import list_share, lock_state, meta_bytes, read_meta, records_of
+from support.procs import call_in_child, in_fork_child
 
 
 @pytest.fixture
@@ -136,56 +43,6 @@ def names(lp):
             lp.share_attach(n, lp.PROT_NONE).destroy()
         except libportal.NotFound:
             pass
-
-
-def list_share(conn=None):
-    """faytd's share-point table: identifier -> entry."""
-    c = conn or libportal.connection()
-    body, _ = c.call(lib.FAYT_SYS_LIST_SHARE)
-    return {s["identifier"]: s for s in json.loads(body)}
-
-
-def wait_until(pred, what, timeout=WAIT):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = pred()
-        if v:
-            return v
-        time.sleep(0.01)
-    raise AssertionError("timed out after %.0fs waiting for %s" % (timeout, what))
-
-
-def records_of(conn, sp_id):
-    """The robust records this context holds for sp_id: [state]."""
-    page = ffi.cast("struct fayt_context_page *", conn.context_page)
-    return [page.held[i].state for i in range(lib.FAYT_HELD_LOCKS_MAX)
-            if page.held[i].sp_id == sp_id]
-
-
-def sleeping_on_futex(pid):
-    """Whether pid's main thread sleeps in the kernel's futex wait."""
-    try:
-        with open("/proc/%d/wchan" % pid) as f:
-            return "futex" in f.read()
-    except OSError:
-        return False
-
-
-def lock_state(sp):
-    return sp.lock_state & lib.FAYT_LOCK_STATE_MASK
-
-
-def wait_child_exit(pid, timeout=WAIT):
-    """waitpid for a fork child, bounded; its exit status."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            return os.waitstatus_to_exitcode(status)
-        time.sleep(0.01)
-    os.kill(pid, signal.SIGKILL)
-    os.waitpid(pid, 0)
-    raise AssertionError("fork child %d did not exit within %.0fs" % (pid, timeout))
 
 
 N, M = 4, 5000
@@ -597,15 +454,16 @@ def test_sharepoint_meta_structure_bytes(lp, spawn, names, length, prot):
         assert m.length == sp.length
         assert m.morphology.length == sp.map_length
         assert [m.morphology.paddr[i] for i in range(nframes)] == list(sp.paddr)
-        want = (21 + 8 * nframes + 15) // 16 * 16
+        raw = meta_bytes(sp, nframes)
+        want = (len(raw) + 15) // 16 * 16
         assert sp.data_offset == want == lib.fayt_sp_data_offset(nframes)
         assert sp.length == sp.map_length - want
         assert (sp.base + sp.data_offset) % 16 == 0
-        # The same bytes, read raw, at the specification's packed offsets.
-        raw = bytes(ffi.buffer(ffi.cast("char *", sp.base), 21 + 8 * nframes))
-        assert raw[0] == 0
-        assert struct.unpack_from("<iQQ", raw, 1) == (prot, sp.length, sp.map_length)
-        assert list(struct.unpack_from("<%dQ" % nframes, raw, 21)) == list(sp.paddr)
+        # The same bytes, read raw, at the header's packed offsets (test_abi.py
+        # pins them as the specification's).
+        head, paddr = read_meta(raw)
+        assert head == (0, prot, sp.length, sp.map_length)
+        assert paddr == list(sp.paddr)
         assert list_share()[name]["frames"] == list(sp.paddr)
         # Another process sees the same meta-structure and frames.
         other = spawn("""
@@ -774,20 +632,10 @@ def test_sharepoint_catch_up_nests_so_order_holds_through_a_third_connection(
     assert got == {"C": "attached", "B": "ENOENT"}
 
 
-POLICY_GID = 4242
-POLICY = {"policy": {
-    "categories": {"core": {"classes": ["SHARE", "DIRECT", "ANON", "COW", "SPECIAL"],
-                            "notify_handlers": True},
-                   "server": {"classes": ["SHARE", "ANON"]}},
-    "rules": [{"gid": POLICY_GID, "category": "server"},
-              {"uid": "$owner", "category": "core"}],
-    "default": "server"}}
-
-
 def test_sharepoint_destroy_by_a_non_owner_server_is_refused(fresh_faytd, conn_to, spawn):
     """Every test process runs as faytd's owner (core), so a private faytd with a
     policy that makes gid 4242 a plain `server` gives the non-core process."""
-    d = fresh_faytd(config=POLICY)
+    d = fresh_faytd(config=SERVER_GID_CONFIG)
     core = conn_to(d)
     assert core.category == lib.FAYT_CATEGORY_CORE
     sp = libportal.share_create("guarded", 4096, connection=core)
@@ -808,7 +656,7 @@ def test_sharepoint_destroy_by_a_non_owner_server_is_refused(fresh_faytd, conn_t
         theirs = lp.share_create("servers-kept", 4096, connection=c)
         print("created")
         sys.stdin.readline()
-        """ % POLICY_GID, env=d.env())
+        """ % SERVER_GID, env=d.env())
     assert other.expect() == str(lib.FAYT_CATEGORY_SERVER)
     assert other.expect() == "refused %d True keep" % errno.EPERM
     assert other.expect() == "own destroyed False"
@@ -844,14 +692,14 @@ def test_sharepoint_a_dead_owners_pid_does_not_make_its_owner(fresh_faytd, conn_
     """The owner dies while core keeps its share-point mapped; a process
     that the kernel gives the dead owner's pid is not its owner: its
     destroy is refused (faytd compares the start time as well)."""
-    d = fresh_faytd(config=POLICY)
+    d = fresh_faytd(config=SERVER_GID_CONFIG)
     core = conn_to(d)
     owner = spawn("""
         os.setgroups([]); os.setgid(%d)
         sp = lp.share_create("reused", 4096, connection=lp.Connection())
         print(os.getpid())
         sys.stdin.readline()
-        """ % POLICY_GID, env=d.env())
+        """ % SERVER_GID, env=d.env())
     pid = int(owner.expect())
     kept = libportal.share_attach("reused", connection=core)
     owner.send("go")
@@ -865,7 +713,7 @@ def test_sharepoint_a_dead_owners_pid_does_not_make_its_owner(fresh_faytd, conn_
             print("destroyed")
         except lp.PermissionDenied as e:
             print("refused", e.errno, sp.mapped)
-        """ % POLICY_GID
+        """ % SERVER_GID
     impostor = _spawn_with_pid(spawn, pid, code, d.env())
     assert impostor.expect() == "refused %d True" % errno.EPERM
     impostor.finish()
@@ -963,44 +811,12 @@ def test_sharepoint_captured_threads_follow_attach_unmap_and_death(lp, spawn, na
 
 
 # -- fork ---------------------------------------------------------------------
+# These tests are about fork() itself: their bodies run in a child of the fork
+# server (support.procs), a process with one thread, which then forks.
 
-def _in_fork_child(check):
-    """Run check() in a fork child; its JSON-able result, or the error it raised."""
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        try:
-            os.close(r)
-            try:
-                out = {"ok": check()}
-            except BaseException as e:     # noqa: BLE001 - reported to the parent
-                out = {"error": repr(e)}
-            os.write(w, json.dumps(out).encode())
-        finally:
-            os._exit(0)
-    os.close(w)
-    try:
-        data = b""
-        deadline = time.monotonic() + WAIT
-        while time.monotonic() < deadline:
-            ready, _, _ = select.select([r], [], [], 0.1)
-            if ready:
-                chunk = os.read(r, 65536)
-                if not chunk:
-                    break
-                data += chunk
-    finally:
-        os.close(r)
-    assert wait_child_exit(pid) == 0
-    out = json.loads(data)
-    assert "error" not in out, out["error"]
-    return out["ok"]
-
-
-def test_sharepoint_does_not_survive_fork(lp, names):
-    name = names("fork")
-    sp = lp.share_create(name, 4096)
-    anon = lp.portal(lp.ANON, lp.PROT_RW, 4096)
+def _does_not_survive_fork(name):
+    sp = libportal.share_create(name, 4096)
+    anon = libportal.portal(libportal.ANON, libportal.PROT_RW, 4096)
     try:
         sp.write(0, b"parent")
 
@@ -1024,7 +840,7 @@ def test_sharepoint_does_not_survive_fork(lp, names):
             own.unmap()
             return seen
 
-        seen = _in_fork_child(child)
+        seen = in_fork_child(child)
         assert seen.pop("mapped") is False and seen.pop("anon_mapped") is False
         assert seen.pop("attach") == "parent" and seen.pop("context") is True
         assert seen == {k: errno.EBADF for k in seen}
@@ -1040,11 +856,15 @@ def test_sharepoint_does_not_survive_fork(lp, names):
         sp.destroy()
 
 
-def test_sharepoint_fork_child_leaves_the_parents_lock_held(lp, names):
-    sp = lp.share_create(names("fork-held"), 4096)
+def test_sharepoint_does_not_survive_fork(lp, names):
+    call_in_child(_does_not_survive_fork, names("fork"))
+
+
+def _fork_child_leaves_the_parents_lock_held(name):
+    sp = libportal.share_create(name, 4096)
     try:
         assert sp.lock() == 0
-        assert _in_fork_child(lambda: sp.mapped) is False
+        assert in_fork_child(lambda: sp.mapped) is False
         # The parent still holds its lock, and faytd's robust record says so.
         assert sp.held
         assert lock_state(sp) == lib.FAYT_LOCK_HELD
@@ -1056,6 +876,10 @@ def test_sharepoint_fork_child_leaves_the_parents_lock_held(lp, names):
             except libportal.PortalError:
                 pass
         sp.destroy()
+
+
+def test_sharepoint_fork_child_leaves_the_parents_lock_held(lp, names):
+    call_in_child(_fork_child_leaves_the_parents_lock_held, names("fork-held"))
 
 
 def test_sharepoint_connection_close_invalidates_its_share_points(faytd, names):

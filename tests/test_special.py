@@ -1,11 +1,14 @@
 """SPECIAL portals: pages supplied by chains of servers through userfaultfd.
 
-Real processes throughout: chain servers and faulting clients are forked
-children talking to a real faytd.  Every wait is bounded."""
+Real processes throughout: chain servers and faulting clients are children
+of the fork server (support.procs: this process has libportal's guard
+thread once it maps a SPECIAL portal, so it does not fork), talking to a
+real faytd.  What a child runs is a function at module level (with its
+arguments bound by functools.partial).  Every wait is bounded."""
 import errno
 import faulthandler
+import functools
 import json
-import multiprocessing
 import os
 import re
 import signal
@@ -15,12 +18,11 @@ import uuid
 
 import pytest
 
-from faytd_proc import Faytd, fayt_objects
-
 import libportal as lp
+from support.daemon import Faytd, fayt_objects
+from support.procs import CTX, stop_child
 
 PAGE = 4096
-CTX = multiprocessing.get_context("fork")
 WAIT = 20
 
 
@@ -38,7 +40,7 @@ def _pattern(offset, n):
 
 
 class ChildServer:
-    """A chain server in a forked child: handler(req, log) answers each request.
+    """A chain server in a child process: handler(req, log) answers each request.
     With setup: state = setup(chain server) runs in the child after the
     join, and the handler is called as handler(req, log, state); do(name,
     *args) runs actions[name](state, *args) there, between requests, and
@@ -49,30 +51,11 @@ class ChildServer:
         self.stop = CTX.Event()
         self.log = CTX.Queue()
         self._cmd, self._res = CTX.Queue(), CTX.Queue()
-        self.proc = CTX.Process(target=self._run, args=(chain, handler, socket, setup,
-                                                        actions or {}, join))
+        self.proc = CTX.Process(target=_serve_chain, args=(
+            chain, handler, socket, setup, actions or {}, join,
+            self.ready, self.stop, self.log, self._cmd, self._res))
         self.proc.start()
         assert self.ready.wait(WAIT), "the chain server did not join"
-
-    def _run(self, chain, handler, socket, setup, actions, join):
-        conn = lp.Connection(socket) if socket else None
-        s = lp.chain_join(chain, connection=conn, **join)
-        state = setup(s) if setup else None
-        answer = (lambda req: handler(req, self.log, state)) if setup else \
-            (lambda req: handler(req, self.log))
-
-        def stop():
-            while not self._cmd.empty():
-                name, args = self._cmd.get(timeout=WAIT)
-                try:
-                    self._res.put(("ok", actions[name](state, *args)))
-                except Exception as e:
-                    self._res.put(("raised", repr(e)))
-            return self.stop.is_set()
-
-        self.ready.set()
-        s.serve(answer, stop=stop, poll=0.05)
-        s.leave()
 
     def do(self, name, *args):
         self._cmd.put((name, args))
@@ -88,16 +71,31 @@ class ChildServer:
         return out
 
     def close(self):
-        _end(self.stop, self.proc)
+        stop_child(self.stop, self.proc)
 
 
-def _end(stop, proc):
-    """Tell a child to stop; kill it if it has not within WAIT."""
-    stop.set()
-    proc.join(WAIT)
-    if proc.is_alive():
-        proc.kill()
-        proc.join(WAIT)
+def _serve_chain(chain, handler, socket, setup, actions, join, ready, stop_event, log,
+                 cmd, res):
+    """ChildServer's process."""
+    conn = lp.Connection(socket) if socket else None
+    s = lp.chain_join(chain, connection=conn, **join)
+    state = setup(s) if setup else None
+    answer = (lambda req: handler(req, log, state)) if setup else \
+        (lambda req: handler(req, log))
+
+    def stop():
+        while not cmd.empty():
+            name, args = cmd.get(timeout=WAIT)
+            try:
+                res.put(("ok", actions[name](state, *args)))
+            except Exception as e:
+                res.put(("raised", repr(e)))
+        return stop_event.is_set()
+
+    ready.set()
+    s.serve(answer, stop=stop, poll=0.05)
+    s.leave()
+
 
 
 def _pattern_server(req, log):
@@ -108,7 +106,7 @@ def _pattern_server(req, log):
 
 
 def _run_client(target, *args, timeout=WAIT):
-    """Run target(*args) in a forked child; return its exit code (bounded)."""
+    """Run target(*args) in a child process; return its exit code (bounded)."""
     p = CTX.Process(target=target, args=args)
     p.start()
     p.join(timeout)
@@ -160,14 +158,14 @@ def test_special_pages_arrive_with_the_right_bytes(lp, chain_server):
         sp.unmap()
 
 
+def _supply_the_run(req, log):
+    log.put(req.offset)
+    req.supply(_pattern(req.offset, req.run_max))
+
+
 def test_special_prefetch_run_fills_following_pages(lp, chain_server):
     chain = _chain()
-
-    def run(req, log):
-        log.put(req.offset)
-        req.supply(_pattern(req.offset, req.run_max))
-
-    srv = chain_server(run, chain=chain, run_max=4 * PAGE)
+    srv = chain_server(_supply_the_run, chain=chain, run_max=4 * PAGE)
     with lp.portal(lp.SPECIAL, lp.PROT_READ, 10 * PAGE, chain=chain) as sp:
         whole = b"".join(sp.read(i * PAGE, PAGE) for i in range(10))   # in order
         assert whole == _pattern(0, 10 * PAGE)
@@ -176,21 +174,22 @@ def test_special_prefetch_run_fills_following_pages(lp, chain_server):
         assert srv.log.empty()
 
 
+def _front_forwards_odd_pages(req, log):
+    log.put(("front", req.offset, req.hop))
+    if req.offset // PAGE % 2:
+        return req.forward()
+    req.supply(_pattern(req.offset, PAGE))
+
+
+def _back_supplies(req, log):
+    log.put(("back", req.offset, req.hop))
+    req.supply(_pattern(req.offset, PAGE))
+
+
 def test_special_forwarding_through_a_two_server_chain(lp):
     chain = _chain()
-
-    def front(req, log):
-        log.put(("front", req.offset, req.hop))
-        if req.offset // PAGE % 2:
-            return req.forward()
-        req.supply(_pattern(req.offset, PAGE))
-
-    def back(req, log):
-        log.put(("back", req.offset, req.hop))
-        req.supply(_pattern(req.offset, PAGE))
-
-    a = ChildServer(chain, front)
-    b = ChildServer(chain, back)
+    a = ChildServer(chain, _front_forwards_odd_pages)
+    b = ChildServer(chain, _back_supplies)
     try:
         with lp.portal(lp.SPECIAL, lp.PROT_READ, 4 * PAGE, chain=chain) as sp:
             assert sp.read(0, 4 * PAGE) == _pattern(0, 4 * PAGE)
@@ -315,32 +314,36 @@ def test_special_answers_are_not_lost_while_faytd_catches_up(fresh_faytd, conn_t
         listed.destroy()
 
 
+def _fail_eio(req, log):
+    log.put(req.offset)
+    req.fail(errno.EIO)
+
+
+def _forward(req, log):
+    req.forward()
+
+
+def _stall(req, log):
+    log.put(req.offset)
+    time.sleep(3600)
+
+
 def test_special_failed_request_gives_sigbus(lp, chain_server):
     chain = _chain()
-
-    def fail(req, log):
-        log.put(req.offset)
-        req.fail(errno.EIO)
-
-    srv = chain_server(fail, chain=chain)
+    srv = chain_server(_fail_eio, chain=chain)
     assert _run_client(_touch, chain, PAGE) == -signal.SIGBUS
     assert srv.entries(1) == [PAGE]
 
 
 def test_special_end_of_chain_gives_sigbus(lp, chain_server):
     chain = _chain()
-    chain_server(lambda req, log: req.forward(), chain=chain)
+    chain_server(_forward, chain=chain)
     assert _run_client(_touch, chain, 0) == -signal.SIGBUS
 
 
 def test_special_server_killed_mid_request_fails_not_hangs(lp, chain_server):
     chain = _chain()
-
-    def stall(req, log):
-        log.put(req.offset)
-        time.sleep(3600)
-
-    srv = chain_server(stall, chain=chain, timeout=60)
+    srv = chain_server(_stall, chain=chain, timeout=60)
     client = CTX.Process(target=_touch, args=(chain, 0))
     client.start()
     try:
@@ -357,15 +360,15 @@ def test_special_server_killed_mid_request_fails_not_hangs(lp, chain_server):
             client.join(WAIT)
 
 
+def _answer_too_late(req, log):
+    log.put(req.offset)
+    time.sleep(2)           # silent past the chain's 0.3 s
+    req.supply(_pattern(req.offset, PAGE))     # too late: dropped
+
+
 def test_special_silent_server_times_out(lp, chain_server):
     chain = _chain()
-
-    def ignore(req, log):
-        log.put(req.offset)
-        time.sleep(2)           # silent past the chain's 0.3 s
-        req.supply(_pattern(req.offset, PAGE))     # too late: dropped
-
-    chain_server(ignore, chain=chain, timeout=0.3)
+    chain_server(_answer_too_late, chain=chain, timeout=0.3)
     t = time.monotonic()
     assert _run_client(_touch, chain, 0) == -signal.SIGBUS
     took = time.monotonic() - t
@@ -391,21 +394,21 @@ def test_special_write_reports_the_first_write(lp, chain_server):
         assert srv.log.empty()
 
 
+def _hold_page_2(seen, req, log):
+    log.put(req.offset)
+    if req.offset != 2 * PAGE:
+        return req.supply(_pattern(req.offset, PAGE))
+    deadline = time.monotonic() + WAIT
+    while not req.cancelled and time.monotonic() < deadline:
+        time.sleep(0.01)
+    seen.put(req.cancelled)
+    req.supply(_pattern(req.offset, PAGE))      # dropped by faytd
+
+
 def test_special_client_death_cancels_its_requests(lp, chain_server):
     chain = _chain()
     seen = CTX.Queue()
-
-    def hold(req, log):
-        log.put(req.offset)
-        if req.offset != 2 * PAGE:
-            return req.supply(_pattern(req.offset, PAGE))
-        deadline = time.monotonic() + WAIT
-        while not req.cancelled and time.monotonic() < deadline:
-            time.sleep(0.01)
-        seen.put(req.cancelled)
-        req.supply(_pattern(req.offset, PAGE))      # dropped by faytd
-
-    srv = chain_server(hold, chain=chain)
+    srv = chain_server(functools.partial(_hold_page_2, seen), chain=chain)
     client = CTX.Process(target=_touch, args=(chain, 2 * PAGE))
     client.start()
     assert srv.entries(1) == [2 * PAGE]
@@ -447,12 +450,7 @@ def test_special_chain_server_may_not_map_its_own_chain(lp):
 def test_special_faytd_death_gives_sigbus_not_hang(fresh_faytd, tmp_path):
     d = fresh_faytd()
     chain = _chain()
-
-    def stall(req, log):
-        log.put(req.offset)
-        time.sleep(3600)
-
-    srv = ChildServer(chain, stall, socket=d.socket)
+    srv = ChildServer(chain, _stall, socket=d.socket)
     client = CTX.Process(target=_touch, args=(chain, 0, d.socket))
     client.start()
     _faytd_dies_under(d, client, srv, before=lambda: srv.entries(1) == [0])
@@ -506,7 +504,7 @@ def _serve_file_counted(chain, ready, stop, out, by_reference, prepare):
 
 
 class FilePagerChild:
-    """servers/filepager.py in a forked child (runs of 8 pages), on its own chain."""
+    """servers/filepager.py in a child process (runs of 8 pages), on its own chain."""
 
     def __init__(self, by_reference=True, prepare=()):
         self.chain = _chain()
@@ -524,7 +522,7 @@ class FilePagerChild:
         return got
 
     def close(self):
-        _end(self.stop, self.proc)
+        stop_child(self.stop, self.proc)
 
 
 def _serve_cache(chain, path, ready, stop, out):
@@ -649,10 +647,10 @@ sp.unmap()
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a client as another user")
-def test_special_unprivileged_client_gets_user_mode_only(as_user, start):
+def test_special_unprivileged_client_gets_user_mode_only(as_user, world_faytd):
     """vm.unprivileged_userfaultfd is 0 here: a plain userfaultfd is refused
     to an unprivileged process, UFFD_USER_MODE_ONLY is not, and suffices."""
-    d = start(policy={"categories": {"core": {"classes": ["SPECIAL", "ANON"],
+    d = world_faytd(policy={"categories": {"core": {"classes": ["SPECIAL", "ANON"],
                                               "chains": ["*"]}},
                       "default": "core"})
     chain = _chain()
@@ -751,9 +749,6 @@ def test_special_without_userfaultfd_is_a_clear_enosys_or_eperm(lp, chain_server
     assert got[4] == [0], "the refused call left a mapping in faytd: %r" % (got,)
 
 
-from test_policy import as_user, start, world_dir  # noqa: E402,F401  (fixtures)
-
-
 def _read_two_pages(chain, socket=None):
     faulthandler.disable()
     conn = lp.Connection(socket) if socket else None
@@ -764,6 +759,29 @@ def _read_two_pages(chain, socket=None):
     os._exit(0 if ok else 3)
 
 
+def _oversized_answer(saved, req, log):
+    """Supplies one page, claims 16 and a bit, with the slot stride
+    scribbled over (put back at the next request: saved)."""
+    L, ffi = lp._abi.lib, lp._abi.ffi
+    h = ffi.cast("struct fayt_pager_header *", req.server._ch)
+    if saved:
+        h.slot_stride = saved.pop("stride")
+    log.put(req.offset)
+    req.data[:PAGE] = _pattern(req.offset, PAGE)
+    d = L.fayt_pager_slot(req.server._ch, req.slot)
+    d.error = 0
+    d.answer_length = 16 * PAGE + 100
+    d.verdict = L.FAYT_PAGE_DATA
+    saved["stride"] = h.slot_stride
+    h.slot_stride = 0x7ffff000
+    head = h.ans_head
+    h.ans_ring[head % L.FAYT_PAGER_SLOTS_MAX] = req.slot
+    h.ans_head = head + 1
+    h.rung = 1
+    os.eventfd_write(req.server._efd, 1)
+    req._answered = True
+
+
 def test_special_a_servers_answer_is_bounded_by_faytd_not_by_the_channel(lp, chain_server):
     """The channel is the server's to scribble on.  A hostile server that
     publishes an answer by hand claiming 16 pages (and a bit) from a one-page
@@ -772,29 +790,7 @@ def test_special_a_servers_answer_is_bounded_by_faytd_not_by_the_channel(lp, cha
     the slot and the region, whole pages only.  The next page is asked for
     again, never filled from beyond the slot, and faytd lives on."""
     chain = _chain()
-    L, ffi = lp._abi.lib, lp._abi.ffi
-    saved = {}
-
-    def hostile(req, log):
-        h = ffi.cast("struct fayt_pager_header *", req.server._ch)
-        if saved:
-            h.slot_stride = saved.pop("stride")
-        log.put(req.offset)
-        req.data[:PAGE] = _pattern(req.offset, PAGE)
-        d = L.fayt_pager_slot(req.server._ch, req.slot)
-        d.error = 0
-        d.answer_length = 16 * PAGE + 100
-        d.verdict = L.FAYT_PAGE_DATA
-        saved["stride"] = h.slot_stride
-        h.slot_stride = 0x7ffff000
-        head = h.ans_head
-        h.ans_ring[head % L.FAYT_PAGER_SLOTS_MAX] = req.slot
-        h.ans_head = head + 1
-        h.rung = 1
-        os.eventfd_write(req.server._efd, 1)
-        req._answered = True
-
-    srv = chain_server(hostile, chain=chain, run_max=PAGE)
+    srv = chain_server(functools.partial(_oversized_answer, {}), chain=chain, run_max=PAGE)
     assert _run_client(_read_two_pages, chain) == 0
     assert srv.entries(2) == [0, PAGE]
     conn = lp.Connection()
@@ -806,28 +802,46 @@ def test_special_a_servers_answer_is_bounded_by_faytd_not_by_the_channel(lp, cha
 
 # -- answers by reference: a chain server's backing --------------------------
 
+def _backing_setup(npages, filled, message, s):
+    p = lp.portal(lp.ANON, lp.PROT_RW, npages * PAGE, connection=s.connection)
+    for i in (range(npages) if filled is None else filled):
+        p.buf[i * PAGE:(i + 1) * PAGE] = _pattern(i * PAGE, PAGE)
+    return {"server": s, "portal": p, "backing": s.back(message, p), "message": message}
+
+
 def _backing(npages, filled=None, message=b"m"):
     """A ChildServer setup: an ANON portal of npages whose pages in `filled`
     (all by default; the others are never touched, so the object lacks
     them) hold _pattern, declared the backing for `message`."""
-    def setup(s):
-        p = lp.portal(lp.ANON, lp.PROT_RW, npages * PAGE, connection=s.connection)
-        for i in (range(npages) if filled is None else filled):
-            p.buf[i * PAGE:(i + 1) * PAGE] = _pattern(i * PAGE, PAGE)
-        return {"server": s, "portal": p, "backing": s.back(message, p), "message": message}
-    return setup
+    return functools.partial(_backing_setup, npages, filled, message)
 
 
 def _write_backing(st, off, data):
     st["portal"].buf[off:off + len(data)] = data
 
 
+def _read_backing(st, off, n):
+    return bytes(st["portal"].buf[off:off + n])
+
+
+def _unmap_backing(st):
+    st["portal"].unmap()
+
+
+def _unback(st):
+    st["server"].unback(st["message"])
+
+
+def _the_backing(st):
+    return st["backing"]
+
+
 _BACKING_ACTIONS = {
     "write": _write_backing,
-    "read": lambda st, off, n: bytes(st["portal"].buf[off:off + n]),
-    "unmap": lambda st: st["portal"].unmap(),
-    "unback": lambda st: st["server"].unback(st["message"]),
-    "backing": lambda st: st["backing"],
+    "read": _read_backing,
+    "unmap": _unmap_backing,
+    "unback": _unback,
+    "backing": _the_backing,
 }
 
 
@@ -1420,20 +1434,22 @@ def test_special_served_fault_runs_no_python_in_faytd(fresh_faytd, conn_to, spin
                      r"Python", log), log
 
 
+def _answer_a_slot_it_does_not_hold(slot, req, log):
+    L, ffi = lp._abi.lib, lp._abi.ffi
+    log.put((req.offset, req.slot))
+    h = ffi.cast("struct fayt_pager_header *", req.server._ch)
+    head = h.ans_head
+    h.ans_ring[head % L.FAYT_PAGER_SLOTS_MAX] = slot
+    h.ans_head = head + 1
+    h.rung = 1
+    os.eventfd_write(req.server._efd, 1)
+    req._answered = True
+
+
 def _answers_a_slot_it_does_not_hold(slot):
     """A hostile handler: publishes `slot` (not the request's) in the answer
     ring by hand and rings faytd."""
-    def hostile(req, log):
-        L, ffi = lp._abi.lib, lp._abi.ffi
-        log.put((req.offset, req.slot))
-        h = ffi.cast("struct fayt_pager_header *", req.server._ch)
-        head = h.ans_head
-        h.ans_ring[head % L.FAYT_PAGER_SLOTS_MAX] = slot
-        h.ans_head = head + 1
-        h.rung = 1
-        os.eventfd_write(req.server._efd, 1)
-        req._answered = True
-    return hostile
+    return functools.partial(_answer_a_slot_it_does_not_hold, slot)
 
 
 @pytest.mark.parametrize("slot", [1, 63], ids=["free-slot", "no-such-slot"])

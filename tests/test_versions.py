@@ -11,7 +11,10 @@ import threading
 import pytest
 
 import libportal
+from faytd import journal as journal_mod
 from libportal._abi import lib, HELLO_REPLY, HELLO_REQ, REP_HDR, REQ_HDR
+from support.children import share_owner
+from support.daemon import keepers
 
 TIMEOUT = 10.0
 
@@ -140,29 +143,25 @@ def test_versions_client_refuses_a_faytd_of_another_wire_abi(tmp_path, version):
 
 
 # -- the journal's format ------------------------------------------------------
-from faytd import journal as journal_mod  # noqa: E402
-from faytd.launch import keepers  # noqa: E402
-
-from test_journal import _log, _owner, children, restartable  # noqa: E402,F401
 
 
 def _journal(restartable):
     return os.path.join(restartable.dir, "faytd.journal")
 
 
-def test_versions_journal_names_its_format_first(restartable, children):
+def test_versions_journal_names_its_format_first(restartable, spawn):
     d = restartable.start()
-    _owner(children, d, "v-first", b"x")
+    share_owner(spawn, d, "v-first", b"x")
     with open(_journal(restartable), "rb") as f:
         assert f.readline() == b"V %d\n" % journal_mod.FORMAT
     assert journal_mod.FORMAT == 3
 
 
-def test_versions_journal_of_format_1_is_taken_and_migrated(restartable, children):
+def test_versions_journal_of_format_1_is_taken_and_migrated(restartable, spawn):
     """Today's journal before versions (no V line) is read as format 1 and
     rewritten in format 3 at the restart; its share-points come back."""
     d = restartable.start()
-    _owner(children, d, "v-old", b"format 1")
+    share_owner(spawn, d, "v-old", b"format 1")
     restartable.kill()
     path = _journal(restartable)
     with open(path, "rb") as f:
@@ -171,7 +170,7 @@ def test_versions_journal_of_format_1_is_taken_and_migrated(restartable, childre
     with open(path, "wb") as f:
         f.write(data[len(b"V 3\n"):])           # as a faytd before versions wrote it
     d = restartable.start()
-    log = _log(d)
+    log = d.read_log()
     assert ("journal %s: format 1 (before versions: no V line); read as such, and migrated in "
             "place to format 3 when faytd rewrites it at start" % path) in log
     assert "restored 1 share-points" in log
@@ -185,12 +184,12 @@ def test_versions_journal_of_format_1_is_taken_and_migrated(restartable, childre
 
 
 @pytest.mark.parametrize("line", [b"V 4", b"V two"])
-def test_versions_journal_of_an_unknown_format_is_refused_untouched(restartable, children, line):
+def test_versions_journal_of_an_unknown_format_is_refused_untouched(restartable, spawn, line):
     """faytd does not start on a journal it cannot read (a newer faytd's):
     the message names the file and the formats; the journal and the keeper
     holding its objects are left as they were, for the faytd that can."""
     d = restartable.start()
-    _owner(children, d, "v-new", b"kept for the newer faytd")
+    share_owner(spawn, d, "v-new", b"kept for the newer faytd")
     restartable.kill()
     path = _journal(restartable)
     with open(path, "rb") as f:

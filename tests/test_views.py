@@ -8,7 +8,7 @@ which must fail the test rather than end the test run.
 """
 import errno
 
-from test_sharepoint import WAIT, spawn, wait_until  # noqa: F401
+from support.children import WAIT, wait_until
 
 
 def _run(spawn, code):

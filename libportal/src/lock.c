@@ -1,6 +1,6 @@
 /* lock.c: the share-point lock byte, futex sleeping, and the robust
  * record's state word while a lock is waited for (the record itself is
- * claimed and cleared by its caller: fastpath.c).
+ * claimed and cleared by its caller: sharepoint.c).
  *
  * Linux facts this relies on:
  * - FUTEX_WAIT compares a 32-bit aligned word; our lock is a byte, so we wait

@@ -6,7 +6,7 @@
  * in uffd.c's opening comment.
  *
  * read: fault events into out[max] (at most 32); how many (0: none ready)
- *   or -errno.
+ *   or -errno.  Never sleeps, whatever the fd's O_NONBLOCK says (below).
  * copy: UFFDIO_COPY of len bytes, skipping pages already there; wakes
  *   dst..dst+len; *copied gets the bytes copied.
  * continue: UFFDIO_CONTINUE of len bytes (map what the shm object holds at
@@ -19,8 +19,10 @@
 
 #include <errno.h>
 #include <linux/userfaultfd.h>
+#include <poll.h>
 #include <stdint.h>
 #include <sys/ioctl.h>
+#include <sys/uio.h>
 #include <unistd.h>
 
 #include "fayt/pager.h"
@@ -58,12 +60,43 @@ struct uffdio_poison {
  * range is woken, so the faulting thread faults again), never spin. */
 #define UFFD_IO_STALLS 8
 
+#ifndef RWF_NOWAIT
+#define RWF_NOWAIT 0x00000008
+#endif
+
+/* O_NONBLOCK belongs to the file description, which faytd shares with the
+ * client that sent the fd: the client may clear it at any time, and a read
+ * with no fault pending (another fd of the same userfaultfd read it first,
+ * or the client did) would then sleep until its next fault, never if it
+ * makes none.  RWF_NOWAIT makes this one read non-blocking (kernels whose
+ * userfaultfd reads through read_iter: recent ones, 6.18 checked); older
+ * ones answer EOPNOTSUPP, and there a poll with no timeout comes first: a
+ * read can then sleep only if the client reads that very fault in between.
+ * (Includers define _GNU_SOURCE: preadv2.) */
+static inline ssize_t uffd_io_read_now(int fd, void *buf, size_t len)
+{
+    static int no_nowait;
+    if (!no_nowait) {
+        struct iovec v = { .iov_base = buf, .iov_len = len };
+        ssize_t n = preadv2(fd, &v, 1, -1, RWF_NOWAIT);
+        if (n >= 0 || (errno != EOPNOTSUPP && errno != ENOSYS))
+            return n;
+        no_nowait = 1;
+    }
+    struct pollfd p = { .fd = fd, .events = POLLIN };
+    if (poll(&p, 1, 0) <= 0) {
+        errno = EAGAIN;
+        return -1;
+    }
+    return read(fd, buf, len);
+}
+
 static inline int uffd_io_read(int fd, struct fayt_uffd_fault *out, int max)
 {
     struct uffd_msg msg[32];
     if (max > 32)
         max = 32;
-    ssize_t n = read(fd, msg, sizeof(msg[0]) * max);
+    ssize_t n = uffd_io_read_now(fd, msg, sizeof(msg[0]) * max);
     if (n < 0)
         return (errno == EAGAIN || errno == EINTR) ? 0 : -errno;
     int k = 0;

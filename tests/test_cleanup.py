@@ -1,15 +1,15 @@
-"""Runs last (file order): after everything, and after the session's faytd
-stops, no object keeper of the project may be left, nor an object."""
-import gc
+"""A stopped faytd leaves no object keeper and no object; a killed one's
+keeper waits for the restart on its state directory.  (That the whole
+session leaves nothing behind is the harness's check at its end:
+support/leaks.py.)"""
 import os
 import signal
 import subprocess
 import sys
+import time
 
 import libportal
-
-from faytd.launch import keepers
-from faytd_proc import Faytd, fayt_objects
+from support.daemon import Faytd, fayt_objects, keepers
 
 
 def test_cleanup_faytd_stop_leaves_no_keeper_and_no_object(tmp_path):
@@ -56,7 +56,8 @@ def test_cleanup_killed_faytd_keeper_waits_for_its_restart(tmp_path):
     d.proc.send_signal(signal.SIGKILL)
     d.proc.wait()
     (keeper,) = keepers([d1])
-    left = fayt_objects([d.proc.pid], pooled=True)
+    # The keeper may still be taking in what the killed faytd sent it last.
+    left = _settled(lambda: fayt_objects([d.proc.pid], pooled=True))
     assert len(left) > 3, "a SIGKILLed faytd's keeper holds its objects until the restart"
     before = _inodes(keeper)
     owner.kill()
@@ -87,12 +88,13 @@ def _inodes(kpid):
             if os.readlink(base + n).startswith("/memfd:fayt")}
 
 
-def test_zz_cleanup_session_leaves_nothing(faytd):
-    """Last test of the suite: every test's objects are gone while faytd runs."""
-    import libportal
-    gc.collect()
-    c = libportal.Connection(faytd.socket)
-    import json
-    shares = json.loads(c.call(libportal._abi.lib.FAYT_SYS_LIST_SHARE)[0])
-    c.close()
-    assert [s["identifier"] for s in shares] == []
+def _settled(read, timeout=30):
+    """read()'s value once two reads 0.1 s apart agree."""
+    last, deadline = read(), time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        time.sleep(0.1)
+        now = read()
+        if now == last:
+            return now
+        last = now
+    raise AssertionError("still changing after %ds: %s" % (timeout, last))

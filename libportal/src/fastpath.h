@@ -1,0 +1,110 @@
+/* fastpath.h: what the files of the _fastpath extension share (internal).
+ *
+ *   fastpath.c    the module: its state, multi-phase init, errors
+ *   region.c      Region: mapped memory whose memoryviews are counted
+ *   sharepoint.c  SharePointCore: the share-point lock and fused access
+ *   dispatch.c    the dispatch point (hint_*) and the per-notification calls
+ *   transport.c   call(): one system call to faytd, its reply, its mapping
+ *
+ * State lives in the module (fastpath_state), one per interpreter that
+ * imports the module; an object that needs it on a hot path keeps a
+ * pointer to it (its type keeps the module alive, so the pointer does too).
+ *
+ * The GIL: every file relies on it.  Methods run with it held, and what the
+ * threads of this process share (a SharePointCore's fields, the robust
+ * records of a context page, the registered hints, a Region's export count)
+ * is read and written with it held, with no lock of its own; the places
+ * where that matters say so ("GIL:").  The module is therefore marked
+ * Py_MOD_GIL_USED: a free-threaded build turns the GIL on when it is
+ * imported.
+ */
+#ifndef FAYT_SRC_FASTPATH_H
+#define FAYT_SRC_FASTPATH_H
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <pthread.h>
+#include <stdint.h>
+
+#include "fayt/context.h"
+
+#define FASTPATH_ABI 5
+
+/* PyThread_get_thread_ident() is pthread_self() on Linux; called directly
+ * it costs no call into libpython on the lock's hot path. */
+#define THREAD_IDENT() ((unsigned long)pthread_self())
+
+/* -- the pending hint: share-point calls as dispatch points (dispatch.c) -- */
+#define HINT_MAX 4
+struct fp_hints {
+    int n;                                  /* registered hint words */
+    int in_hook;                            /* the hook runs: no dispatch inside it */
+    unsigned long main_ident;               /* Python's main thread */
+    uint32_t *word[HINT_MAX];               /* fayt_notify_hint.posted of a runtime's context */
+    uint32_t seen[HINT_MAX];                /* its value when last dispatched */
+    uint32_t *depth[HINT_MAX];              /* that context page's notify.depth */
+    struct fayt_context_page *page[HINT_MAX];   /* that context page */
+    PyObject *hook[HINT_MAX];               /* the runtime's dispatch: () -> bool */
+};
+
+typedef struct {
+    PyTypeObject *sharepoint_type;          /* SharePointCore */
+    PyTypeObject *region_type;              /* Region */
+    PyObject *error_factory;                /* f(errno, message) -> exception, or NULL */
+    struct fp_hints hints;
+} fastpath_state;
+
+/* -- fastpath.c: the module ------------------------------------------------ */
+extern struct PyModuleDef fp_module_def;
+
+/* The state of the module that defined type (or a base of it), or NULL
+ * with an exception set.  A walk of the MRO: not for hot paths. */
+fastpath_state *fp_state_of_type(PyTypeObject *type);
+
+/* Raise the error factory's exception for err (OSError without one);
+ * NULL.  _fmt: the message as PyUnicode_FromFormat. */
+PyObject *fp_raise(fastpath_state *st, int err, const char *msg);
+PyObject *fp_raise_fmt(fastpath_state *st, int err, const char *fmt, ...);
+
+/* An address passed as an int: 0, or -1 with an exception set. */
+int fp_addr_arg(PyObject *o, void **out);
+
+/* -- region.c -------------------------------------------------------------- */
+typedef struct {
+    PyObject_HEAD
+    char *addr;                 /* NULL once closed: no new views */
+    Py_ssize_t length;
+    int readonly;
+    Py_ssize_t exports;         /* GIL: counted by the buffer calls, which hold it */
+    uintptr_t unmap_addr;       /* orphaned: munmap this when exports reach 0 */
+    size_t unmap_length;
+} Region;
+
+extern PyType_Spec fp_region_spec;
+PyObject *fp_region_new(fastpath_state *st, void *addr, Py_ssize_t length, int readonly);
+PyObject *fp_region_close(Region *self, PyObject *unused);
+PyObject *fp_region_orphan(Region *self, PyObject *args);
+
+/* -- sharepoint.c ---------------------------------------------------------- */
+extern PyType_Spec fp_sharepoint_spec;
+
+/* -- dispatch.c ------------------------------------------------------------ */
+extern PyMethodDef fp_dispatch_functions[];
+int fp_hint_check(fastpath_state *st);
+void fp_hints_init(struct fp_hints *h);
+void fp_hints_clear(struct fp_hints *h);
+int fp_hints_traverse(struct fp_hints *h, visitproc visit, void *arg);
+
+/* The dispatch point of a share-point call: returns NULL from the calling
+ * method if a hook raised.  With no hint registered it is one load and a
+ * compare; fp_hint_check is out of line. */
+#define DISPATCH_POINT(st)                                                          \
+    do {                                                                            \
+        if (__builtin_expect((st)->hints.n != 0, 0) && fp_hint_check(st) < 0)       \
+            return NULL;                                                            \
+    } while (0)
+
+/* -- transport.c ----------------------------------------------------------- */
+extern PyMethodDef fp_transport_functions[];
+
+#endif

@@ -1,0 +1,419 @@
+/* The call transport: the client's system call, one request, one reply.
+ *
+ * call(fd, msg, fds, want_reply, spin_ns, max_fds, expect)
+ *     -> (reply, [fds], mapped) or None
+ *
+ * Sends msg (None: sends nothing, only waits for the next reply), with fds
+ * as SCM_RIGHTS when given, on the SOCK_SEQPACKET socket and, if want_reply,
+ * reads one message.  faytd answers most calls within a few microseconds,
+ * and on a virtual machine a sleeping receiver costs a wake-up worth many of
+ * those (cross-CPU wake-ups were ~50-70 us on the Firecracker VM this was
+ * measured on, a round trip ~15 us without), so the wait spins first: for up
+ * to HELD_SPIN_NS it looks with a non-blocking recvmsg, the GIL held (a
+ * short hold costs other threads less than a GIL hand-off, which a busy
+ * thread can stretch to the switch interval, 5 ms), then, up to spin_ns, it
+ * polls with the GIL released, and then sleeps in poll(2).  Between looks it
+ * gives the CPU away (fayt_spin_pause: sched_yield) and runs Python's signal
+ * handlers.  The reply itself is always read with the GIL held.
+ *
+ * expect: (seq, portal).  A reply whose seq is not seq is not this call's
+ * (a call abandoned when a signal handler raised): its descriptors are
+ * closed at once, before any Python code runs, and [fds] is empty.
+ * portal: None, or (addr, prot, share) for a PORTAL call.  If the reply is
+ * that call's success with its one fd, the object is mapped (at addr or
+ * anywhere, MADV_DONTFORK, read-write for a share-point: its lock byte must
+ * be writable) and the fd closed before any Python object is made (a
+ * collection could run finalizers that hand the GIL to another thread), so
+ * no fork() of another thread can inherit it: faytd may reuse the object of
+ * a share-point this context destroys for its next one, and nobody else
+ * may hold a descriptor of it.  mapped is then (address or 0, 0 or mmap's
+ * errno, the fayt_portal_reply as a tuple, the physical addresses as a
+ * tuple) and [fds] is empty; otherwise mapped is None.
+ *
+ * A signal handler that raises ends the call with its exception (the reply,
+ * if one comes, is then another call's to skip).  Received descriptors are
+ * close-on-exec.  OSError on a failed send or receive; EPROTO (the fds
+ * closed) for a reply cut short (MSG_TRUNC, MSG_CTRUNC), shorter than
+ * struct fayt_rep_hdr or with a bad magic, or a portal reply that does not
+ * add up; ConnectionResetError when faytd closed the connection.  The
+ * reply comes back parsed: its body (after the header), and the header's
+ * op, seq and err.
+ *
+ * GIL: the call's descriptors are closed or mapped before any Python object
+ * is made, and a fork() in another thread needs the GIL (os.fork holds it),
+ * so that no child inherits one.  Without the GIL another thread could
+ * fork between the recvmsg and the close.
+ */
+#include "fastpath.h"
+
+#include <errno.h>
+#include <poll.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include "deadline.h"
+#include "fayt/lock.h"
+#include "fayt/portal.h"
+#include "fayt/syscall.h"
+
+#define CALL_MAX_FDS 8
+#define HELD_SPIN_NS 50000
+
+static void close_fds(const int *fds, int n)
+{
+    for (int i = 0; i < n; i++)
+        close(fds[i]);
+}
+
+struct mapped_reply {
+    int done;                       /* the object was mapped (or mmap failed) */
+    uintptr_t addr;
+    int err;
+    struct fayt_portal_reply r;
+    const uint8_t *paddr;           /* r.nframes entries, in the call's buffer */
+};
+
+/* Map a portal reply's object and close its fds; no Python object is made.
+ * A split share-point (FAYT_PORTAL_REPLY_SPLIT) comes as two: page 0's
+ * object, mapped read-write over the whole range (its lock byte), then the
+ * rest's, mapped over it from offset 4096, read-only unless PROT_WRITE was
+ * granted (its fd is read-only then).  0, or EPROTO (fds closed) if the
+ * reply does not add up. */
+static int map_portal_reply(const uint8_t *body, size_t blen, const int *fds, int nfds,
+                            unsigned long long addr, int prot, int share,
+                            struct mapped_reply *out)
+{
+    size_t head = sizeof out->r + sizeof(struct portal_req);
+    if (blen < head) {
+        close_fds(fds, nfds);
+        return EPROTO;
+    }
+    memcpy(&out->r, body, sizeof out->r);
+    int split = (out->r.flags & FAYT_PORTAL_REPLY_SPLIT) != 0;
+    if (blen < head + (size_t)out->r.nframes * 8 || nfds != (split ? 2 : 1)
+        || (split && (!share || out->r.map_length <= FAYT_PAGE_SIZE))) {
+        close_fds(fds, nfds);
+        return EPROTO;
+    }
+    out->paddr = body + head;
+    out->err = 0;
+    out->addr = fayt_map_portal(fds[0], out->r.map_length, (uintptr_t)addr,
+                                share ? (FAYT_PROT_READ | FAYT_PROT_WRITE) : prot, &out->err);
+    if (split && out->addr) {
+        size_t rest = out->r.map_length - FAYT_PAGE_SIZE;
+        int tprot = (out->r.prot & FAYT_PROT_WRITE) ? PROT_READ | PROT_WRITE : PROT_READ;
+        void *p = mmap((void *)(out->addr + FAYT_PAGE_SIZE), rest, tprot, MAP_SHARED | MAP_FIXED,
+                       fds[1], 0);
+        if (p == MAP_FAILED || madvise(p, rest, MADV_DONTFORK) < 0) {
+            out->err = errno;
+            munmap((void *)out->addr, out->r.map_length);
+            out->addr = 0;
+        }
+    }
+    close_fds(fds, nfds);
+    out->done = 1;
+    return 0;
+}
+
+/* Whether a PORTAL reply carrying two fds is a split share-point's. */
+static int split_reply(const uint8_t *body, size_t blen)
+{
+    struct fayt_portal_reply r;
+    if (blen < sizeof r)
+        return 0;
+    memcpy(&r, body, sizeof r);
+    return (r.flags & FAYT_PORTAL_REPLY_SPLIT) != 0;
+}
+
+static PyObject *mapped_tuple(const struct mapped_reply *m)
+{
+    PyObject *paddr = PyTuple_New(m->r.nframes);
+    if (!paddr)
+        return NULL;
+    for (uint32_t i = 0; i < m->r.nframes; i++) {
+        uint64_t v;
+        memcpy(&v, m->paddr + (size_t)i * 8, 8);
+        PyObject *o = PyLong_FromUnsignedLongLong(v);
+        if (!o) {
+            Py_DECREF(paddr);
+            return NULL;
+        }
+        PyTuple_SET_ITEM(paddr, i, o);
+    }
+    const struct fayt_portal_reply *r = &m->r;
+    return Py_BuildValue("(KK(KKKIIiI)N)", (unsigned long long)m->addr,
+                         (unsigned long long)(m->addr ? 0 : m->err),
+                         (unsigned long long)r->handle, (unsigned long long)r->map_length,
+                         (unsigned long long)r->data_offset, r->sp_id, r->nframes, r->prot,
+                         r->flags, paddr);
+}
+
+static int send_request(int fd, struct msghdr *mh)
+{
+    ssize_t r = sendmsg(fd, mh, MSG_DONTWAIT | MSG_NOSIGNAL);   /* no GIL hand-off if it fits */
+    while (r < 0 && (errno == EAGAIN || errno == EINTR)) {
+        if (errno == EINTR) {
+            if (PyErr_CheckSignals() < 0)
+                return -1;
+            r = sendmsg(fd, mh, MSG_DONTWAIT | MSG_NOSIGNAL);
+            continue;
+        }
+        int e;
+        Py_BEGIN_ALLOW_THREADS
+        r = sendmsg(fd, mh, MSG_NOSIGNAL);
+        e = errno;
+        Py_END_ALLOW_THREADS
+        errno = e;
+    }
+    if (r < 0) {
+        PyErr_SetFromErrno(PyExc_OSError);
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *sys_call(PyObject *mod, PyObject *const *args, Py_ssize_t n)
+{
+    fastpath_state *st = PyModule_GetState(mod);
+    if (n != 7) {
+        PyErr_SetString(PyExc_TypeError, "call takes 7 arguments");
+        return NULL;
+    }
+    int fd = (int)PyLong_AsLong(args[0]);
+    int want = PyObject_IsTrue(args[3]);
+    long long spin_ns = PyLong_AsLongLong(args[4]);
+    long max_fds = PyLong_AsLong(args[5]);
+    if (PyErr_Occurred())
+        return NULL;
+    if (max_fds < 0 || max_fds > CALL_MAX_FDS)
+        max_fds = CALL_MAX_FDS;
+    unsigned long expect_seq = 0;
+    PyObject *portal = Py_None;
+    if (!PyArg_ParseTuple(args[6], "kO", &expect_seq, &portal))
+        return NULL;
+    unsigned long long map_addr = 0;
+    int map_prot = 0, map_share = 0, want_map = portal != Py_None;
+    if (want_map && !PyArg_ParseTuple(portal, "Kip", &map_addr, &map_prot, &map_share))
+        return NULL;
+    int sfds[CALL_MAX_FDS];
+    Py_ssize_t nsfds = 0;
+    if (args[2] != Py_None) {
+        PyObject *seq = PySequence_Fast(args[2], "fds: a sequence of ints");
+        if (!seq)
+            return NULL;
+        nsfds = PySequence_Fast_GET_SIZE(seq);
+        if (nsfds > CALL_MAX_FDS) {
+            Py_DECREF(seq);
+            PyErr_SetString(PyExc_ValueError, "fds: at most 8");
+            return NULL;
+        }
+        for (Py_ssize_t i = 0; i < nsfds; i++)
+            sfds[i] = (int)PyLong_AsLong(PySequence_Fast_GET_ITEM(seq, i));
+        Py_DECREF(seq);
+        if (PyErr_Occurred())
+            return NULL;
+    }
+    union {
+        struct cmsghdr h;
+        char buf[CMSG_SPACE(sizeof(int) * CALL_MAX_FDS)];
+    } cbuf;
+    if (args[1] != Py_None) {
+        Py_buffer b;
+        if (PyObject_GetBuffer(args[1], &b, PyBUF_SIMPLE) < 0)
+            return NULL;
+        struct iovec iov = {b.buf, (size_t)b.len};
+        struct msghdr mh = {0};
+        mh.msg_iov = &iov;
+        mh.msg_iovlen = 1;
+        if (nsfds) {
+            memset(&cbuf, 0, sizeof cbuf);
+            mh.msg_control = cbuf.buf;
+            mh.msg_controllen = CMSG_SPACE(sizeof(int) * nsfds);
+            struct cmsghdr *c = CMSG_FIRSTHDR(&mh);
+            c->cmsg_level = SOL_SOCKET;
+            c->cmsg_type = SCM_RIGHTS;
+            c->cmsg_len = CMSG_LEN(sizeof(int) * nsfds);
+            memcpy(CMSG_DATA(c), sfds, sizeof(int) * nsfds);
+        }
+        int sr = send_request(fd, &mh);
+        PyBuffer_Release(&b);
+        if (sr < 0)
+            return NULL;
+    }
+    if (!want)
+        Py_RETURN_NONE;
+
+    uint8_t *buf = malloc(FAYT_MSG_MAX);    /* this call's: no other thread writes it */
+    if (!buf)
+        return PyErr_NoMemory();
+    int64_t start = fayt_now_ns();
+    ssize_t r;
+    struct msghdr rh;
+    struct iovec riov;
+    for (;;) {
+        riov.iov_base = buf;
+        riov.iov_len = FAYT_MSG_MAX;
+        memset(&rh, 0, sizeof rh);
+        rh.msg_iov = &riov;
+        rh.msg_iovlen = 1;
+        rh.msg_control = cbuf.buf;
+        rh.msg_controllen = CMSG_SPACE(sizeof(int) * max_fds);
+        r = recvmsg(fd, &rh, MSG_DONTWAIT | MSG_CMSG_CLOEXEC);
+        if (r >= 0)
+            break;
+        if (errno != EAGAIN && errno != EINTR) {
+            PyErr_SetFromErrno(PyExc_OSError);
+            free(buf);
+            return NULL;
+        }
+        if (PyErr_CheckSignals() < 0) {
+            free(buf);
+            return NULL;
+        }
+        int64_t waited = fayt_now_ns() - start;
+        if (waited < HELD_SPIN_NS && waited < spin_ns) {
+            fayt_spin_pause();      /* the GIL held: see above */
+            continue;
+        }
+        /* The GIL released: poll and yield until spin_ns, taking the GIL back
+         * now and then for Python's signal handlers; then sleep in poll.  (A
+         * signal that comes between the last look and the sleep waits for
+         * the reply, as in Python's own socket calls.) */
+        struct pollfd pfd = {fd, POLLIN, 0};
+        int pr = 0, pe = 0, spinning = fayt_now_ns() - start < spin_ns;
+        while (spinning) {
+            Py_BEGIN_ALLOW_THREADS
+            for (int i = 0; i < 64 && pr == 0 && (spinning = fayt_now_ns() - start < spin_ns); i++) {
+                fayt_spin_pause();
+                pr = poll(&pfd, 1, 0);
+            }
+            pe = errno;
+            Py_END_ALLOW_THREADS
+            if (pr != 0)
+                break;
+            if (PyErr_CheckSignals() < 0) {
+                free(buf);
+                return NULL;
+            }
+        }
+        if (pr == 0) {
+            Py_BEGIN_ALLOW_THREADS
+            pr = poll(&pfd, 1, -1);
+            pe = errno;
+            Py_END_ALLOW_THREADS
+        }
+        if (pr < 0 && pe != EINTR) {
+            errno = pe;
+            PyErr_SetFromErrno(PyExc_OSError);
+            free(buf);
+            return NULL;
+        }
+        start = fayt_now_ns() - spin_ns;    /* from now on: poll again before reading */
+    }
+
+    /* Descriptors first, with no Python in between (see above). */
+    int got[CALL_MAX_FDS], ngot = 0;
+    for (struct cmsghdr *c = CMSG_FIRSTHDR(&rh); c; c = CMSG_NXTHDR(&rh, c)) {
+        if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS)
+            continue;
+        size_t k = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+        for (size_t i = 0; i < k; i++) {
+            int f;
+            memcpy(&f, CMSG_DATA(c) + i * sizeof(int), sizeof f);
+            if (ngot < CALL_MAX_FDS)
+                got[ngot++] = f;
+            else
+                close(f);
+        }
+    }
+    if (rh.msg_flags & (MSG_TRUNC | MSG_CTRUNC)) {
+        close_fds(got, ngot);
+        free(buf);
+        return fp_raise(st, EPROTO, (rh.msg_flags & MSG_TRUNC)
+                           ? "faytd's reply was longer than FAYT_MSG_MAX"
+                           : "faytd's reply carried more descriptors than expected");
+    }
+    struct fayt_rep_hdr rep;
+    struct mapped_reply m = {0};
+    if ((size_t)r >= sizeof rep) {
+        memcpy(&rep, buf, sizeof rep);
+        if (rep.seq != (uint32_t)expect_seq) {      /* not this call's: nobody takes them */
+            close_fds(got, ngot);
+            ngot = 0;
+        } else if (want_map && rep.magic == FAYT_REP_MAGIC && rep.op == FAYT_SYS_PORTAL
+                   && rep.err == 0
+                   && (ngot == 1 || (ngot == 2 && split_reply(buf + sizeof rep,
+                                                              r - sizeof rep)))) {
+            int e = map_portal_reply(buf + sizeof rep, r - sizeof rep, got, ngot, map_addr,
+                                     map_prot, map_share, &m);
+            ngot = 0;
+            if (e) {
+                free(buf);
+                return fp_raise(st, EPROTO, "portal: malformed reply from faytd");
+            }
+        }
+    }
+
+    /* The reply header, checked here (after the fds are taken care of). */
+    if (r == 0 || (size_t)r < sizeof rep || rep.magic != FAYT_REP_MAGIC) {
+        close_fds(got, ngot);       /* nothing was mapped: that needs a good header */
+        free(buf);
+        if (r == 0) {
+            PyObject *a = Py_BuildValue("(is)", ECONNRESET, "faytd closed the connection");
+            if (a) {
+                PyErr_SetObject(PyExc_ConnectionResetError, a);
+                Py_DECREF(a);
+            }
+            return NULL;
+        }
+        return fp_raise(st, EPROTO, (size_t)r < sizeof rep ? "short reply from faytd"
+                                   : "reply with a bad magic from faytd");
+    }
+
+    /* Python objects now. */
+    PyObject *data = PyBytes_FromStringAndSize((const char *)buf + sizeof rep,
+                                               r - (ssize_t)sizeof rep);
+    PyObject *fds = data ? PyList_New(ngot) : NULL;
+    PyObject *mapped = Py_None;
+    Py_INCREF(Py_None);
+    if (fds && m.done) {
+        Py_DECREF(mapped);
+        mapped = mapped_tuple(&m);
+    }
+    for (int i = 0; fds && i < ngot; i++) {
+        PyObject *o = PyLong_FromLong(got[i]);
+        if (!o) {
+            Py_CLEAR(fds);
+            break;
+        }
+        PyList_SET_ITEM(fds, i, o);
+    }
+    PyObject *t = data && fds && mapped
+        ? Py_BuildValue("(OOOIIi)", data, fds, mapped, (unsigned)rep.op, (unsigned)rep.seq,
+                        (int)rep.err)
+        : NULL;
+    if (!t) {                       /* out of memory: nothing may stay behind */
+        close_fds(got, ngot);
+        if (m.done && m.addr)
+            fayt_unmap(m.addr, m.r.map_length);
+    }
+    free(buf);
+    Py_XDECREF(data);
+    Py_XDECREF(fds);
+    Py_XDECREF(mapped);
+    return t;
+}
+
+
+PyMethodDef fp_transport_functions[] = {
+    {"call", (PyCFunction)(void (*)(void))sys_call, METH_FASTCALL,
+     "call($module, fd, msg, fds, want_reply, spin_ns, max_fds, expect, /)\n--\n\n"
+     "One system call to faytd: send msg (and fds) and, if want_reply, wait for the reply, "
+     "spinning spin_ns before sleeping.  expect: (seq, portal); portal=(addr, prot, share) "
+     "maps a PORTAL reply's object and closes its fd.  (reply body, [fds], mapped, op, seq, "
+     "err), or None without want_reply."},
+    {NULL}
+};
