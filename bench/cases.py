@@ -9,6 +9,7 @@ last worker's end.
 import multiprocessing
 import mmap
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -733,6 +734,130 @@ def case_special(d, scale):
     ]
 
 
+# -- fairness: the owner's calls while other uids flood faytd ---------------------
+
+# A process of uid 65534 (run as root, it drops to it after importing
+# libportal: the venv's interpreter may not be one nobody can run) that
+# floods faytd with one kind of call, each waiting for its reply, until its
+# stdin is readable.  tests/test_limits.py runs it too.
+FLOODER = r"""
+import json, os, select, sys
+import libportal as lp
+from libportal._abi import lib, LIST_REQ, NOTIFY_OPEN
+if os.getuid() == 0:
+    os.setgroups([])
+    os.setgid(65534)
+    os.setuid(65534)
+sock, kind, tag = sys.argv[1], sys.argv[2], sys.argv[3]
+c = lp.Connection(sock)
+other = lp.Connection(sock) if kind == "ring" else None
+print("ready", flush=True)
+n, after = 0, 0
+while not (n & 15 == 0 and select.select([sys.stdin], [], [], 0)[0]):
+    if kind == "mix":               # create, attach, destroy, a bad request
+        name = "%s-%d" % (tag, n)
+        sp = lp.share_create(name, 4096, connection=c)
+        lp.share_attach(name, connection=c).unmap()
+        sp.destroy()
+        try:
+            c.call(lib.FAYT_SYS_UNMAP, b"bad")
+        except lp.PortalError:
+            pass
+    elif kind == "hello":           # connect, HELLO, close
+        lp.Connection(sock).close()
+    elif kind == "ring":            # open a ring into another context, close it
+        fds = c.call(lib.FAYT_SYS_NOTIFY_OPEN, NOTIFY_OPEN.pack(other.context_id, 0))[1]
+        for fd in fds:
+            os.close(fd)
+        c.call(lib.FAYT_SYS_NOTIFY_CLOSE, NOTIFY_OPEN.pack(other.context_id, 0))
+    elif kind == "list":            # page through LIST_SHARE, again and again
+        page = json.loads(c.call(lib.FAYT_SYS_LIST_SHARE, LIST_REQ.pack(after))[0])
+        after = page[-1]["id"] if page else 0
+    n += 1
+"""
+
+
+def _owner_loop(conn, prefix, n):
+    """Seconds per share-point create+destroy of the owner (root)."""
+    t = time.perf_counter()
+    for i in range(n):
+        lp.share_create("%s-%d" % (prefix, i), 4096, connection=conn).destroy()
+    return (time.perf_counter() - t) / n
+
+
+def case_fair(d, scale):
+    """The owner's share-point create+destroy while three processes of uid
+    65534 flood faytd (each call waiting for its reply), against the same
+    with faytd quiet: quiet and flooded runs alternate, the medians are
+    compared.  Floods: a mix (create, attach, destroy, a bad request),
+    HELLO/close, ring open/close, LIST_SHARE pages over a table of 10,000.
+    Each row also gives faytd's own count (fayt stats: fairness) of the
+    requests of others the owner's waited behind, mean and most."""
+    if os.geteuid() != 0:
+        print("  fair: needs root (its floods run as uid 65534): skipped", file=sys.stderr)
+        return []
+    from faytd.launch import Faytd
+    n = _n(2000, scale, 100)
+    rounds = 5 if scale >= 1 else 2
+    top = tempfile.mkdtemp(prefix="fayt-bench-fair-")
+    os.chmod(top, 0o755)
+    f = Faytd(os.path.join(top, "faytd"), config={"socket_mode": "0666"}, ram="1GiB")
+    os.chmod(os.path.dirname(f.socket), 0o755)
+    rows = []
+    env = dict(os.environ)
+    if os.environ.get("FAYT_BENCH_FLOOD_SPIN_NS") is not None:     # what the floods spin for
+        env["FAYT_CALL_SPIN_NS"] = os.environ["FAYT_BENCH_FLOOD_SPIN_NS"]
+    try:
+        conn = lp.Connection(f.socket)
+        table = [lp.share_create(_name("table") + "-%d" % i, 4096, connection=conn)
+                 for i in range(10000 if scale >= 1 else 1000)]
+        for kind, target in (("mix", ("<=", 2.0)), ("hello", None), ("ring", None),
+                             ("list", None)):
+            quiet, flooded, waited, owner = [], [], [], []
+            for r in range(rounds):
+                quiet.append(_owner_loop(conn, _name("quiet"), n))
+                procs = [subprocess.Popen([sys.executable, "-c", FLOODER, f.socket, kind,
+                                           _name("flood%d" % i)], stdin=subprocess.PIPE,
+                                          stdout=subprocess.PIPE, text=True, env=env)
+                         for i in range(3)]
+                try:
+                    for p in procs:
+                        assert p.stdout.readline().strip() == "ready"
+                    time.sleep(0.05)
+                    s0 = conn.stats()["fairness"]
+                    flooded.append(_owner_loop(conn, _name("flooded"), n))
+                    s1 = conn.stats()["fairness"]
+                finally:
+                    for p in procs:
+                        p.stdin.close()
+                    for p in procs:
+                        p.wait(timeout=60)
+                        p.stdout.close()
+                waited.append(s1["owner_waited_behind"] - s0["owner_waited_behind"])
+                owner.append(s1["owner_requests"] - s0["owner_requests"])
+            q, fl = sorted(quiet), sorted(flooded)
+            mq, mf = q[len(q) // 2], fl[len(fl) // 2]
+            most = conn.stats()["fairness"]["owner_waited_behind_max"]
+            mean = sum(waited) / max(1, sum(owner))
+            rows.append({"name": "owner create+destroy, 3 uid-65534 flooding: %s" % kind,
+                         "ours": mf * 1e6, "unit": "us", "peer": "same, faytd quiet",
+                         "peer_value": mq * 1e6, "ratio": mf / mq, "target": target,
+                         "flooded_range_us": [fl[0] * 1e6, fl[-1] * 1e6],
+                         "quiet_range_us": [q[0] * 1e6, q[-1] * 1e6],
+                         "waited_behind_mean": mean, "waited_behind_max_so_far": most})
+            print("  fair %s: flooded %.1f us (%.1f-%.1f), quiet %.1f us (%.1f-%.1f), owner "
+                  "waited behind %.2f requests of others on average, %d at most so far"
+                  % (kind, mf * 1e6, fl[0] * 1e6, fl[-1] * 1e6, mq * 1e6, q[0] * 1e6,
+                     q[-1] * 1e6, mean, most), file=sys.stderr)
+        for sp in table:
+            sp.destroy()
+        conn.close()
+    finally:
+        f.stop()
+        shutil.rmtree(top, ignore_errors=True)
+    return rows
+
+
 CASES = {
     "lock": case_lock,
     "write": case_write,
@@ -742,4 +867,5 @@ CASES = {
     "scale": case_scale,
     "notify": case_notify,
     "special": case_special,
+    "fair": case_fair,
 }

@@ -2,7 +2,9 @@
 
 The file has the same keys as DEFAULT; "policy" replaces the default policy
 whole (tightening it means writing the rules you want), other keys replace
-their value.  Sizes may be numbers of bytes or strings like "256MiB".
+their value.  Sizes may be numbers of bytes or strings like "256MiB"; the RAM limits per
+uid may also be a share of "ram" ("50%"), and the reserves a share of their
+total.  docs/limits.md says what each limit bounds and why its default.
 """
 import copy
 import json
@@ -28,6 +30,23 @@ DEFAULT = {
     "recycle_objects": True,     # the fast path may give a context the object of a share-point
                                  # it alone held back for its next one (docs/design.md, "How
                                  # faytd answers fast": false if clients pass portal fds on)
+    # Limits per uid and per process (docs/limits.md).  They bind contexts
+    # whose category is not core; core contexts are bound by the totals
+    # alone, and the reserved part of each total is theirs only.
+    "max_connections": None,         # open connections in all; None: what faytd's
+                                     # RLIMIT_NOFILE allows (2 descriptors each)
+    "reserved_connections": 64,      # of max_connections, for core contexts only
+    "max_connections_per_uid": 256,
+    "max_connections_per_process": 64,
+    "max_contexts_per_uid": 1024,    # registered contexts, connected or kept after their
+                                     # connection closed (their lock records)
+    "max_contexts_per_process": 256,
+    "max_sharepoints_per_uid": 10000,
+    "reserved_sharepoints": "5%",    # of max_sharepoints, for core contexts only
+    "max_ram_per_uid": "50%",        # of ram
+    "reserved_ram": "10%",           # of ram, for core contexts only
+    "max_rings_per_uid": 1024,       # notification rings its contexts send on
+    "max_stacks_per_uid": 1024,      # notification stacks its contexts hold
     "policy": {
         "categories": {
             "core": {"classes": ["SHARE", "DIRECT", "ANON", "COW", "SPECIAL"],
@@ -61,6 +80,30 @@ def parse_size(v, what):
     return n
 
 
+def _share(v, total, what, size):
+    """v as a count (size: a size) or "N%" of total."""
+    m = re.fullmatch(r"\s*(\d+)\s*%\s*", v) if isinstance(v, str) else None
+    if m:
+        if int(m.group(1)) > 100:
+            raise ValueError("config: %s: %r is more than 100%%" % (what, v))
+        return total * int(m.group(1)) // 100
+    if size:
+        return 0 if v == 0 else parse_size(v, what)
+    if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < 1 << 32:
+        raise ValueError("config: %s: %r is not a whole number from 0 to %d or a share "
+                         "(\"5%%\")" % (what, v, (1 << 32) - 1))
+    return v
+
+
+def _count(cfg, key, least=1, none=False):
+    v = cfg[key]
+    if v is None and none:
+        return
+    if isinstance(v, bool) or not isinstance(v, int) or not least <= v < 1 << 32:
+        raise ValueError("config: %s: %r is not a whole number from %d to %d"
+                         % (key, v, least, (1 << 32) - 1))
+
+
 def load(path=None, overrides=None):
     cfg = copy.deepcopy(DEFAULT)
     if path:
@@ -85,11 +128,21 @@ def load(path=None, overrides=None):
     for key in ("fast_syscalls", "recycle_objects"):
         if not isinstance(cfg[key], bool):
             raise ValueError("config: %s must be true or false" % key)
-    for key in ("max_sharepoints", "max_mappings_per_context"):
-        v = cfg[key]
-        if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v < 1 << 32:
-            raise ValueError("config: %s: %r is not a whole number from 1 to %d"
-                             % (key, v, (1 << 32) - 1))
+    for key in ("max_sharepoints", "max_mappings_per_context", "max_connections_per_uid",
+                "max_connections_per_process", "max_contexts_per_uid",
+                "max_contexts_per_process", "max_sharepoints_per_uid", "max_rings_per_uid",
+                "max_stacks_per_uid"):
+        _count(cfg, key)
+    _count(cfg, "max_connections", none=True)
+    _count(cfg, "reserved_connections", least=0)
+    if cfg["max_connections"] is not None and \
+            cfg["reserved_connections"] >= cfg["max_connections"]:
+        raise ValueError("config: reserved_connections (%d) must be less than max_connections "
+                         "(%d)" % (cfg["reserved_connections"], cfg["max_connections"]))
+    cfg["reserved_sharepoints"] = _share(cfg["reserved_sharepoints"], cfg["max_sharepoints"],
+                                         "reserved_sharepoints", False)
+    cfg["max_ram_per_uid"] = _share(cfg["max_ram_per_uid"], cfg["ram"], "max_ram_per_uid", True)
+    cfg["reserved_ram"] = _share(cfg["reserved_ram"], cfg["ram"], "reserved_ram", True)
     mode = cfg["socket_mode"]
     cfg["socket_mode"] = int(mode, 8) if isinstance(mode, str) else int(mode)
     return cfg

@@ -12,14 +12,33 @@ Two events end a context, and they can come in either order:
   locks are recovered, then everything goes.
 The pidfd matters because a fork child can keep the socket open after the
 context's own process died.
+
+Descriptors: a connected context holds two, its socket and its pidfd; its
+context page is mapped with mmap(2) and the object's descriptor closed
+(ObjectMap: Python's mmap would keep a copy of it for its whole life).  A
+context kept after its connection closed holds none: what lock recovery
+needs is the page's mapping, in faytd's memory, and its process's liveness
+is looked up by (pid, start time) in /proc, a bounded batch at a time
+(Liveness), instead of a pidfd.  So faytd's descriptors bound its
+connections, never the contexts that processes leave behind.
+
+Limits (Quotas): how many connections and contexts one uid and one process
+may have, for contexts that are not core, and the connections only core
+contexts may take (docs/limits.md).  Errors are EAGAIN, as fork(2) past
+RLIMIT_NPROC: a process table entry of this user, not memory, is short.
 """
 import array
+import bisect
+import collections
+import errno
 import os
 
 from libportal._abi import ffi, lib
 
-from .frames import BackingObject, PAGE, shared_field
+from .frames import BackingObject, KernelError, PAGE, shared_field
 from .native import core, ffi as cffi, lib as clib
+
+_PROT_RW = 1 | 2                    # PROT_READ | PROT_WRITE
 
 
 def _frames(buf, n):
@@ -29,6 +48,32 @@ def _frames(buf, n):
     return a
 
 PAGE_SIZE = ffi.sizeof("struct fayt_context_page")
+
+
+class ObjectMap:
+    """faytd's own MAP_SHARED mapping of the first `length` bytes of a
+    backing object, holding no descriptor (the object's is closed once
+    mapped; the mapping keeps the object alive).  .ptr is its address as a
+    char *; close() unmaps it (twice is harmless)."""
+    __slots__ = ("addr", "length", "ptr")
+
+    def __init__(self, backing, length):
+        fd = backing.open_fd()
+        err = ffi.new("int *")
+        try:
+            addr = lib.fayt_map(fd, length, 0, _PROT_RW, err)
+        finally:
+            os.close(fd)
+        if not addr:
+            raise KernelError(errno.ENOMEM, "faytd cannot map its object %s: %s"
+                              % (backing.name, os.strerror(err[0])))
+        self.addr, self.length = addr, length
+        self.ptr = ffi.cast("char *", addr)
+
+    def close(self):
+        if self.addr:
+            lib.fayt_unmap(self.addr, self.length)
+            self.addr, self.ptr = 0, None
 
 
 class Mapping:
@@ -144,10 +189,13 @@ class Context:
         if c == cffi.NULL:
             raise MemoryError("faytd: a context's record")
         self.fast = cffi.gc(c, _conn_put)
+        if clib.fayt_core_conn_bind(core, c, uid):
+            raise MemoryError("faytd: uid %d's account" % uid)
         self.fast.fd = sock.fileno() if sock is not None else -1
         self.fast.ctx_id = cid
         self.fast.pid = pid
-        self.fast.uid = uid
+        if category is not None and category.id == lib.FAYT_CATEGORY_CORE:
+            self.fast.flags |= clib.FAYT_FAST_CONN_PRIO     # its requests are served first
         self.id = cid
         self.sock = sock
         self.pid = pid
@@ -177,7 +225,28 @@ class Context:
         self._start = value
         self.fast.start = value or 0
 
-    ram = shared_field("ram", "Bytes of frames charged to this context's quota.")
+    @property
+    def ram(self):
+        """Bytes of frames charged to this context's quota (and its uid's:
+        the core counts both)."""
+        return self.fast.ram
+
+    @ram.setter
+    def ram(self, value):
+        clib.fayt_core_ram_set(core, self.fast, value)
+
+    def charge(self, nbytes):
+        """Charge nbytes of new frames: ENOMEM past this context's quota, its
+        uid's limit or (not core) into the RAM reserved for core contexts."""
+        msg = cffi.new("char[]", 512)
+        err = clib.fayt_core_charge(core, self.fast, nbytes, msg, 512)
+        if err:
+            raise KernelError(err, cffi.string(msg).decode())
+
+    @property
+    def is_core(self):
+        return self.category is not None and self.category.id == lib.FAYT_CATEGORY_CORE
+
     next_handle = shared_field("next_handle")
 
     def check_tid(self, tid):
@@ -205,8 +274,8 @@ class Context:
     def adopt_page(self, obj):
         """Use obj as the context page (a new one, or one a journal names)."""
         self.page = obj
-        self.page_map = obj.map(PAGE)
-        self.page_struct = ffi.cast("struct fayt_context_page *", ffi.from_buffer(self.page_map))
+        self.page_map = ObjectMap(obj, PAGE)
+        self.page_struct = ffi.cast("struct fayt_context_page *", self.page_map.ptr)
         self.registered = True
 
     def new_handle(self):
@@ -263,3 +332,207 @@ class Context:
         if self.pidfd >= 0:
             os.close(self.pidfd)
             self.pidfd = -1
+
+
+class ContextTable(dict):
+    """Contexts by id, and their ids in order, so that a page of
+    LIST_CONTEXTS costs O(page) (a bisection, then the page)."""
+
+    def __init__(self):
+        super().__init__()
+        self._ids = []
+
+    def __setitem__(self, cid, ctx):
+        if cid not in self:
+            if not self._ids or cid > self._ids[-1]:
+                self._ids.append(cid)       # ids are handed out in order
+            else:
+                bisect.insort(self._ids, cid)
+        super().__setitem__(cid, ctx)
+
+    def pop(self, cid, *default):
+        if cid in self:
+            del self._ids[bisect.bisect_left(self._ids, cid)]
+        return super().pop(cid, *default)
+
+    def __delitem__(self, cid):
+        if cid not in self:
+            raise KeyError(cid)
+        self.pop(cid)
+
+    def after(self, after, most):
+        """The first `most` contexts whose id is above `after`, in order."""
+        i = bisect.bisect_right(self._ids, after)
+        return [self[c] for c in self._ids[i:i + most]]
+
+
+class Quotas:
+    """Connections (checked when one is accepted) and registered contexts
+    (checked at HELLO; one kept after its connection closed counts until
+    it is forgotten), per uid and per process, (pid, start time): the
+    limits bind contexts that are not core; everyone counts in the totals,
+    whose last `reserved_connections` only core contexts may take."""
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.max_connections = cfg["max_connections"]     # the server sets it if None
+        self.connections = 0            # open connections
+        self.noncore_connections = 0    # ... of contexts that are not core
+        self.contexts = 0               # registered contexts
+        self._conns = collections.Counter()     # ("uid", uid) / ("pid", pid, start) -> open
+        self._ctxs = collections.Counter()      # the same keys -> registered contexts
+        self._conn_of = {}              # context id -> (its keys, core) while counted
+        self._ctx_of = {}
+        self._procs = {}                # (pid, start) -> ids of its contexts faytd knows
+
+    def limit_connections(self, most):
+        """What faytd's descriptors allow: the limit when the config names
+        none, else the lesser of the two."""
+        if self.max_connections is None or most < self.max_connections:
+            self.max_connections = most
+
+    @staticmethod
+    def _keys(uid, pid, start):
+        return ("uid", uid), ("pid", pid, start or 0)
+
+    def check_connect(self, uid, pid, start, core):
+        """KernelError EAGAIN if a connection of this process may not be
+        accepted now."""
+        c = self.cfg
+        most = self.max_connections
+        if most is not None and self.connections >= most:
+            raise KernelError(errno.EAGAIN, "connect: faytd has %d connections, its limit "
+                              "(config max_connections)" % self.connections)
+        if core:
+            return
+        reserved = c["reserved_connections"]
+        if most is not None and self.noncore_connections >= most - reserved:
+            raise KernelError(errno.EAGAIN, "connect: the last %d of faytd's %d connections are "
+                              "reserved for core servers (config reserved_connections)"
+                              % (reserved, most))
+        by_uid, by_pid = self._keys(uid, pid, start)
+        if self._conns[by_uid] >= c["max_connections_per_uid"]:
+            raise KernelError(errno.EAGAIN, "connect: uid %d has %d connections, its limit "
+                              "(config max_connections_per_uid)" % (uid, self._conns[by_uid]))
+        if self._conns[by_pid] >= c["max_connections_per_process"]:
+            raise KernelError(errno.EAGAIN, "connect: pid %d has %d connections, its limit "
+                              "(config max_connections_per_process)"
+                              % (pid, self._conns[by_pid]))
+
+    def watched_elsewhere(self, ctx):
+        """Whether another context of ctx's process is known (connected,
+        or kept): it watches the process for what it owns."""
+        return bool(self._procs.get((ctx.pid, ctx.start or 0), set()) - {ctx.id})
+
+    def _known(self, ctx):
+        self._procs.setdefault((ctx.pid, ctx.start or 0), set()).add(ctx.id)
+
+    def connected(self, ctx):
+        self._known(ctx)
+        keys = self._keys(ctx.uid, ctx.pid, ctx.start)
+        self._conn_of[ctx.id] = (keys, ctx.is_core)
+        for key in keys:
+            self._conns[key] += 1
+        self.connections += 1
+        self.noncore_connections += not ctx.is_core
+
+    def disconnected(self, ctx):
+        keys, core = self._conn_of.pop(ctx.id, (None, None))
+        if keys is None:
+            return
+        for key in keys:
+            self._uncount(self._conns, key)
+        self.connections -= 1
+        self.noncore_connections -= not core
+
+    def register(self, ctx, check=True):
+        """HELLO: count ctx as a context, or KernelError EAGAIN past a limit
+        (check False: a restart's, counted whatever it is)."""
+        if ctx.id in self._ctx_of:
+            return
+        self._known(ctx)
+        keys = self._keys(ctx.uid, ctx.pid, ctx.start)
+        if check and not ctx.is_core:
+            for key, limit, who in ((keys[0], "max_contexts_per_uid", "uid %d" % ctx.uid),
+                                    (keys[1], "max_contexts_per_process", "pid %d" % ctx.pid)):
+                if self._ctxs[key] >= self.cfg[limit]:
+                    raise KernelError(errno.EAGAIN, "hello: %s has %d contexts, its limit (config "
+                                      "%s; a context whose connection closed counts while its "
+                                      "process holds locks it recorded or share-points it "
+                                      "made)" % (who, self._ctxs[key], limit))
+        self._ctx_of[ctx.id] = keys
+        for key in keys:
+            self._ctxs[key] += 1
+        self.contexts += 1
+
+    def forget(self, ctx):
+        proc = self._procs.get((ctx.pid, ctx.start or 0))
+        if proc is not None:
+            proc.discard(ctx.id)
+            if not proc:
+                del self._procs[(ctx.pid, ctx.start or 0)]
+        self.disconnected(ctx)
+        keys = self._ctx_of.pop(ctx.id, None)
+        if keys is not None:
+            for key in keys:
+                self._uncount(self._ctxs, key)
+            self.contexts -= 1
+
+    @staticmethod
+    def _uncount(counter, key):
+        counter[key] -= 1
+        if counter[key] <= 0:
+            del counter[key]
+
+    def usage(self, uid):
+        """{connections, contexts} of uid."""
+        return {"connections": self._conns[("uid", uid)], "contexts": self._ctxs[("uid", uid)]}
+
+
+CHECK_S = 0.05          # Liveness: a batch every CHECK_S seconds ...
+CHECK_BATCH = 64        # ... of this many contexts
+
+
+def process_alive(pid, start):
+    """Whether process pid, started at `start` (clock ticks; None: any), is
+    alive: /proc/<pid>/stat exists, names that start time and a state that
+    is not a zombie's (what a pidfd reports as exited)."""
+    try:
+        with open("/proc/%d/stat" % pid, "rb") as f:
+            stat = f.read()
+    except OSError:
+        return False
+    fields = stat[stat.rindex(b")") + 2:].split()
+    if fields[0] in (b"Z", b"X"):
+        return False
+    return start is None or int(fields[19]) == start
+
+
+class Liveness:
+    """Contexts kept after their connection closed, watched without a
+    descriptor: every CHECK_S the next CHECK_BATCH of them (round robin)
+    have their process looked up (process_alive).  Bounded work per tick,
+    whatever their number; a death is seen within ceil(n / CHECK_BATCH)
+    ticks (n <= CHECK_BATCH: one)."""
+
+    def __init__(self):
+        self._ctxs = collections.OrderedDict()      # id -> context, next to check first
+
+    def __len__(self):
+        return len(self._ctxs)
+
+    def add(self, ctx):
+        self._ctxs[ctx.id] = ctx
+
+    def discard(self, ctx):
+        self._ctxs.pop(ctx.id, None)
+
+    def dead(self):
+        """The contexts of the next batch whose process is gone."""
+        out = []
+        for _ in range(min(CHECK_BATCH, len(self._ctxs))):
+            cid, ctx = self._ctxs.popitem(last=False)
+            self._ctxs[cid] = ctx
+            if not process_alive(ctx.pid, ctx.start):
+                out.append(ctx)
+        return out

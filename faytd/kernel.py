@@ -13,7 +13,7 @@ from libportal._abi import lib
 
 from .native import core, lib as clib
 
-from .context import Context
+from .context import Context, ContextTable, Quotas
 from .frames import (PAGE, BackingObject, FrameAllocator, KernelError, keeper_objects,
                      release_objects, run_tag, start_keeper, start_time)
 from .journal import Journal, alive
@@ -78,12 +78,17 @@ class Kernel:
         f.max_ram_per_context = (1 << 64) - 1 if limit is None else limit
         f.max_sharepoints = cfg["max_sharepoints"]
         f.max_mappings = cfg["max_mappings_per_context"]
+        f.max_sharepoints_per_uid = cfg["max_sharepoints_per_uid"]
+        f.reserved_sharepoints = cfg["reserved_sharepoints"]
+        f.max_ram_per_uid = cfg["max_ram_per_uid"]
+        f.reserved_ram = cfg["reserved_ram"]
+        self.quotas = Quotas(cfg)   # connections and contexts per uid and process
         self._journal_errors = 0
         self.sharepoints = SharePoints(cfg["max_sharepoints"])
         self.notifications = Notifications(self)
         self.sharepoints.on_destroy.append(self.notifications.sharepoint_destroyed)
         self.pager = Pager(self)
-        self.contexts = {}
+        self.contexts = ContextTable()
         self._rechecks = {}         # sp id -> [sp, dead pid, delay]: see _recover_one
         self._recheck_fd = -1
         self._next_cid = 1
@@ -259,7 +264,8 @@ class Kernel:
         (records naming others keep nothing), keep the whole context (its
         mappings too: they keep a destroyed share-point's memory reachable
         for recovery) until it dies.  If it owns share-points, keep watching
-        it so that they are reclaimed at its death.  Else forget it."""
+        it so that they are reclaimed at its death, unless another context
+        of its process does.  Else forget it."""
         ctx.connected = False
         clib.fayt_fast_conn_gone(self.fast, ctx.fast)   # it creates nothing any more
         watch = ctx.alive and ctx.pidfd >= 0
@@ -270,7 +276,7 @@ class Kernel:
             log.warning("pid %d: %d of its lock records name share-points it never mapped: "
                         "ignored", ctx.pid, ignored)
         self.drop_mappings(ctx)
-        if not (watch and self.sharepoints.owns(ctx.pid)):
+        if not (watch and self.sharepoints.owns(ctx.pid)) or self.quotas.watched_elsewhere(ctx):
             self.forget(ctx)
 
     def died(self, ctx):
@@ -290,6 +296,7 @@ class Kernel:
     def forget(self, ctx):
         if self.contexts.pop(ctx.id, None) is None:
             return
+        self.quotas.forget(ctx)
         clib.fayt_fast_conn_gone(self.fast, ctx.fast)
         self.notifications.context_gone(ctx)
         self.pager.context_gone(ctx)
@@ -435,14 +442,10 @@ class Kernel:
         ctx.mappings[m.handle] = m
         ctx.count_mappings()
 
-    # -- the per-context RAM quota (config max_ram_per_context) ----------
+    # -- the RAM quotas (config max_ram_per_context, max_ram_per_uid) ------
     def charge(self, ctx, nbytes):
         """Count nbytes of new frames against ctx's quota: ENOMEM past it."""
-        limit = self.cfg.get("max_ram_per_context")
-        if limit is not None and ctx.ram + nbytes > limit:
-            raise KernelError(errno.ENOMEM, "length: %d bytes more would take this context past "
-                              "its RAM quota (%d of %d bytes in use)" % (nbytes, ctx.ram, limit))
-        ctx.ram += nbytes
+        ctx.charge(nbytes)      # the core's checks: the context's, its uid's, the reserve
 
     def allocate_for(self, ctx, length):
         """A new backing object of `length` bytes charged to ctx's quota."""

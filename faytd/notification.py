@@ -44,6 +44,12 @@ faytd is only the control plane of notifications (DESIGN section 6):
   look: the rings, which it cannot touch, say what was posted.  faytd bumps
   it for its own posts; it unlinks the object when the target is forgotten.
 
+- Limits (docs/limits.md): a uid's contexts that are not core may send on
+  at most max_rings_per_uid rings and hold max_stacks_per_uid stacks (their
+  RAM is charged as any portal's); a ring's or a hint's mapping in faytd
+  holds no descriptor (context.ObjectMap).  Every walk is of one context's
+  rings (by_ctx), never of all of them: a call costs what its context has.
+
 Objects only: the calls are decoded, and their rights checked, in
 syscalls/notify.py, which then calls one method here.  Who may do what:
 installing handlers needs the category's notify_handlers right (core);
@@ -58,7 +64,7 @@ import signal
 
 from libportal._abi import ffi, lib
 
-from .context import Mapping
+from .context import Mapping, ObjectMap
 from .frames import BackingObject, KernelError, PAGE, pages
 from .native import lib as clib
 
@@ -101,8 +107,8 @@ class Hint:
 
     def __init__(self, tag):
         self.backing = BackingObject(0, tag + ".hint", lib.FAYT_HINT_BYTES, [])
-        self.map = self.backing.map(lib.FAYT_HINT_BYTES)
-        self.buf = ffi.from_buffer(self.map)
+        self.map = ObjectMap(self.backing, lib.FAYT_HINT_BYTES)
+        self.buf = self.map.ptr
         self.word = ffi.cast("uint32_t *", ffi.addressof(
             ffi.cast("struct fayt_notify_hint *", self.buf), "posted"))
 
@@ -132,8 +138,8 @@ class Ring:
         self.marks = {}             # index -> its Lost still in the backlog
         self.kept = False           # the sender died with entries posted: the target drains it
         self.backing = BackingObject(0, tag + ".ring", RING_BYTES, [])
-        self.map = self.backing.map(RING_BYTES)
-        self.ptr = ffi.from_buffer(self.map)
+        self.map = ObjectMap(self.backing, RING_BYTES)
+        self.ptr = self.map.ptr
         lib.fayt_ring_init(self.ptr, sender.id if sender else lib.FAYT_SENDER_KERNEL,
                            target.id, target.pid)
         if target.notify_armed:     # our record: its runtime handles the doorbell
@@ -216,6 +222,10 @@ class Notifications:
         self.k = kernel
         self.rings = {}             # id -> Ring
         self.pairs = {}             # (sender id or 0, target id) -> Ring
+        self.by_ctx = {}            # context id -> {ring id: Ring} it sends on or is the target of
+        self.uid_rings = {}         # uid -> rings its contexts send on (not faytd's)
+        self.stacks = {}            # context id -> handles of its notification stacks
+        self.uid_stacks = {}        # uid -> notification stacks its contexts hold
         self.subs = {}              # context id -> {event: (index, arg)}
         self.hints = {}             # context id -> Hint (made with its first ring or HINT)
         self._next = 1
@@ -271,12 +281,17 @@ class Notifications:
             # Another uid's senders share a quarter of the target's ring
             # records, so that no one uid's connections take them all and
             # leave honest senders (and faytd's notices) ENOSPC.
-            held = sum(1 for x in self.rings.values()
+            held = sum(1 for x in self.by_ctx.get(target.id, {}).values()
                        if x.target is target and x.sender is not None and x.sender.uid == sender.uid)
             if held >= RINGS_PER_OTHER_UID:
                 raise KernelError(errno.ENOSPC, "target: context %d already has %d rings from "
                                   "uid %d, the most one other uid may hold"
                                   % (target.id, held, sender.uid))
+        if sender is not None and not sender.is_core:
+            n = self.uid_rings.get(sender.uid, 0)
+            if n >= self.k.cfg["max_rings_per_uid"]:
+                raise KernelError(errno.ENOSPC, "target: uid %d sends on %d rings, its limit "
+                                  "(config max_rings_per_uid)" % (sender.uid, n))
         r = Ring(self._next, sender, target, self.k.frames.tag, self.hint(target))
         try:
             self._record(r)
@@ -286,13 +301,26 @@ class Notifications:
         self._next += 1
         self.rings[r.id] = r
         self.pairs[key] = r
+        self.by_ctx.setdefault(target.id, {})[r.id] = r
+        if sender is not None:
+            self.by_ctx.setdefault(sender.id, {})[r.id] = r
+            self.uid_rings[sender.uid] = self.uid_rings.get(sender.uid, 0) + 1
         self._bump(target)
         if target.notify_armed:
             doorbell(target)
         return r
 
     def drop(self, r, state):
-        self.rings.pop(r.id, None)
+        if self.rings.pop(r.id, None) is not None:
+            for c in (r.target, r.sender):
+                if c is not None:
+                    mine = self.by_ctx.get(c.id)
+                    if mine is not None:
+                        mine.pop(r.id, None)
+                        if not mine:
+                            del self.by_ctx[c.id]
+            if r.sender is not None:
+                _uncount(self.uid_rings, r.sender.uid)
         self.backlogged.discard(r)
         if self.pairs.get((r.sender.id if r.sender else 0, r.target.id)) is r:
             del self.pairs[(r.sender.id if r.sender else 0, r.target.id)]
@@ -329,10 +357,11 @@ class Notifications:
 
     def count_into(self, ctx):
         """Rings into ctx faytd holds (a dead sender's kept ones included)."""
-        return sum(1 for r in self.rings.values() if r.target is ctx)
+        return sum(1 for r in self.by_ctx.get(ctx.id, {}).values() if r.target is ctx)
 
     def rings_into(self, ctx, after):
-        return [r for rid, r in sorted(self.rings.items()) if r.target is ctx and rid > after]
+        return [r for rid, r in sorted(self.by_ctx.get(ctx.id, {}).items())
+                if r.target is ctx and rid > after]
 
     def flush(self, ctx):
         r = self.pairs.get((0, ctx.id))
@@ -405,11 +434,13 @@ class Notifications:
     def context_gone(self, ctx):
         """ctx is forgotten (died, or closed and not kept): fail its senders,
         reclaim the rings it sent on, tell who watches it."""
-        for r in list(self.rings.values()):
+        for r in list(self.by_ctx.get(ctx.id, {}).values()):
             if r.target is ctx:
                 self.drop(r, lib.FAYT_RING_TARGET_DEAD)
             elif r.sender is ctx and not r.kept:
                 self.sender_gone(r)
+        for _ in self.stacks.pop(ctx.id, ()):
+            _uncount(self.uid_stacks, ctx.uid)
         self.subs.pop(ctx.id, None)
         self.lost.pop(ctx.id, None)
         h = self.hints.pop(ctx.id, None)
@@ -550,6 +581,10 @@ class Notifications:
         if rec is None:
             raise KernelError(errno.ENOMEM, "this context has %d notification stacks, the most "
                               "it may have" % lib.FAYT_STACKS_MAX)
+        held = self.uid_stacks.get(ctx.uid, 0)
+        if not ctx.is_core and held >= k.cfg["max_stacks_per_uid"]:
+            raise KernelError(errno.ENOMEM, "uid %d holds %d notification stacks, its limit "
+                              "(config max_stacks_per_uid)" % (ctx.uid, held))
         if len(ctx.mappings) >= k.cfg["max_mappings_per_context"]:
             raise KernelError(errno.ENOMEM, "this context has %d mappings, the quota"
                               % len(ctx.mappings))
@@ -562,6 +597,8 @@ class Notifications:
         s = p.stacks[rec]
         s.base, s.size, s.handle, s.state = 0, size, handle, lib.FAYT_STACK_FREE
         p.notify.nstacks += 1
+        self.stacks.setdefault(ctx.id, set()).add(handle)
+        self.uid_stacks[ctx.uid] = held + 1
         return rec, handle, backing.open_fd()
 
     def free_stack(self, ctx, handle):
@@ -578,6 +615,10 @@ class Notifications:
         p.stacks[rec].handle = 0
         p.stacks[rec].base = 0
         p.notify.nstacks -= 1
+        mine = self.stacks.get(ctx.id, set())
+        if handle in mine:
+            mine.discard(handle)
+            _uncount(self.uid_stacks, ctx.uid)
         self.k.unmap(ctx, m)
 
     def subscribe(self, ctx, event, index, arg):
@@ -592,6 +633,14 @@ class Notifications:
         subs.pop(event, None)
         if not subs:
             ctx.fast.flags &= ~clib.FAYT_FAST_CONN_NOTICES
+
+
+def _uncount(counts, key):
+    n = counts.get(key, 0) - 1
+    if n > 0:
+        counts[key] = n
+    else:
+        counts.pop(key, None)
 
 
 def _doorbell_pending(pid):

@@ -10,14 +10,28 @@ One thread, one epoll (selectors).  Facts it relies on:
   disconnected rather than allowed to block the daemon.
 - pidfd_open(2) tells us when a context's process has died, even if a fork
   child still holds its socket open.
+- A context kept after its connection closed holds no descriptor: its
+  pidfd is closed and Liveness (context.py) looks its process up by pid and
+  start time, a bounded batch every CHECK_S.
 A client that breaks the protocol (short or foreign header, oversized
 message) is disconnected; the others go on.  An unexpected exception in a
 handler is logged and answered with EIO: faytd itself does not go down.
+
+Limits and fairness (docs/limits.md): a connection past a limit of its uid
+or process (Quotas, context.py) is accepted, its first request answered
+with EAGAIN and why, and closed; at most _REFUSED_MAX such wait for their
+request.  Requests are served in rounds, core contexts first and one
+request per other uid (fayt_fast_poll, faytd/core/serve.c); the listener
+accepts at most _ACCEPT_BATCH connections a turn.  faytd cannot preempt a
+request once it performs it, and a process that only burns CPU is the
+Linux scheduler's business, not faytd's.
 """
 import array
+import collections
 import errno
 import logging
 import os
+import resource
 import select
 import signal
 import socket
@@ -29,7 +43,8 @@ import traceback
 from libportal._abi import lib, REQ_HDR, REP_HDR
 
 from . import syscalls as syscall
-from .frames import KernelError
+from .context import CHECK_S, Liveness
+from .frames import KernelError, start_time
 from .native import ffi, lib as clib
 
 log = logging.getLogger("faytd")
@@ -40,7 +55,11 @@ _NOREPLY = lib.FAYT_REQ_NOREPLY
 DEFAULT_LOOP_SPIN_US = 100
 _CATCH_UP_DEPTH = 32            # connections at most in nested catch-ups
 _CATCH_UP_READS = 256           # requests at most read from one connection by a catch-up
-_MAX_EVENTS = 64                # events one fayt_fast_poll returns at most
+_MAX_EVENTS = clib.FAYT_FAST_POLL_EVENTS   # events one fayt_fast_poll looks at and returns
+_ACCEPT_BATCH = 16              # connections accepted a turn (the listener stays readable)
+_REFUSED_MAX = 32               # refused connections waiting for their first request
+_FD_HEADROOM = 256 + _REFUSED_MAX   # descriptors kept beside 2 a connection (socket, pidfd)
+_REFUSAL_LOG_S = 10.0           # refusals are logged at most this often (with their count)
 _IDLE_EVERY = 16                # turns of Python's events after which deferred work gets a step
 _IDLE_RETRY_S = 1.0             # deferred work that failed is tried again after this
 _NOREPLY_OPS = (lib.FAYT_SYS_UNMAP, lib.FAYT_SYS_UNMAP_DESTROY)
@@ -73,15 +92,20 @@ class Server:
         self._evs = ffi.new("struct fayt_fast_event[]", _MAX_EVENTS)
         self._noreply = ffi.new("int *")
         self._err = ffi.new("int *")
+        self._refused = collections.OrderedDict()  # fd -> (socket, KernelError), oldest first
+        self._refusals, self._refusal_logged = 0, 0.0
+        self.liveness = Liveness()      # contexts kept without a connection
+        self._live_fd, self._live_armed = -1, False
+        kernel.quotas.limit_connections(max(1, (_open_files() - _FD_HEADROOM) // 2))
         self.listener = self._listen(path, mode)
         self._watch(self.listener.fileno(), "accept", None)
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
         self._watch(self._wake_r.fileno(), "signal", None)
-        for ctx in kernel.contexts.values():     # a restart: contexts the journal named
-            if ctx.pidfd >= 0:
-                self._watch(ctx.pidfd, "pidfd", ctx)
+        for ctx in list(kernel.contexts.values()):     # a restart: contexts the journal named
+            kernel.quotas.register(ctx, check=False)
+            self._keep(ctx)
         kernel.serving()
 
     def _watch(self, fd, kind, obj):
@@ -241,6 +265,8 @@ class Server:
                     self._on_death(obj)
             elif kind == "accept":
                 self._accept()
+            elif kind == "refused":
+                self._on_refused(fd)
             elif kind == "callback":
                 obj(fd, ev)
         except Exception:
@@ -270,9 +296,11 @@ class Server:
         depends on such calls (an identifier that exists, the list) call this.
 
         Requests of one connection are still performed in order.  A
-        connection is read up to and including its first call that waits for
-        an answer: what it sent after that cannot have caused anything
-        `current` sent.  At most _CATCH_UP_READS requests are read from
+        connection is read up to its first call that waits for an answer
+        (a look at its header, MSG_PEEK): that call, and what the
+        connection sent after it, cannot have caused anything `current`
+        sent (its process waits for the answer), so it stays for the
+        loop's round, where the fairness between uids holds.  At most _CATCH_UP_READS requests are read from
         one connection (a client streaming NOREPLY calls must not stall
         faytd): a process that sends more than that many unanswered calls
         before telling another of the last one may see that one overtaken.
@@ -304,6 +332,8 @@ class Server:
                     for _ in range(_CATCH_UP_READS):
                         if obj.sock is None or obj.sock.fileno() != fd:
                             break
+                        if not _noreply_queued(obj.sock):
+                            break       # a call that waits: its round serves it
                         if not self._guarded_client(fd, ev, obj) or not self._read_noreply:
                             break
                 finally:
@@ -326,6 +356,14 @@ class Server:
         for ctx in list(self.k.contexts.values()):
             self._drop_conn(ctx)
             self._unwatch_pidfd(ctx)
+        while self._refused:
+            fd, (sock, _) = self._refused.popitem()
+            self._unwatch_fd(fd)
+            sock.close()
+        if self._live_fd >= 0:
+            self._unwatch_fd(self._live_fd)
+            os.close(self._live_fd)
+            self._live_fd = -1
         self.k.shutdown()
         self._unwatch_fd(self.listener.fileno())
         self.listener.close()
@@ -339,7 +377,8 @@ class Server:
 
     # -- connections ----------------------------------------------------
     def _accept(self):
-        while True:
+        k = self.k
+        for _ in range(_ACCEPT_BATCH):  # the rest next turn: the listener stays readable
             try:
                 sock, _ = self.listener.accept()
             except (BlockingIOError, InterruptedError):
@@ -354,7 +393,15 @@ class Server:
                 exe = os.readlink("/proc/%d/exe" % pid)
             except OSError:
                 exe = None
-            ctx = self.k.new_context(sock, pid, uid, gid, exe)
+            cat = k.policy.classify(uid, gid, exe)
+            try:
+                k.quotas.check_connect(uid, pid, start_time(pid),
+                                       cat is not None and cat.id == lib.FAYT_CATEGORY_CORE)
+            except KernelError as e:
+                self._refuse(sock, e)
+                continue
+            ctx = k.new_context(sock, pid, uid, gid, exe)
+            k.quotas.connected(ctx)
             try:
                 ctx.pidfd = os.pidfd_open(pid)
                 self._watch(ctx.pidfd, "pidfd", ctx)
@@ -365,8 +412,78 @@ class Server:
             log.debug("context %d: pid %d uid %d exe %s category %s", ctx.id, pid, uid, exe,
                       ctx.category.name if ctx.category else None)
 
+    def _refuse(self, sock, err):
+        """A connection past a limit: its first request is answered with
+        err (a client learns why at its HELLO), then it is closed.  At most
+        _REFUSED_MAX wait for that request; past them the oldest is closed
+        unanswered (its client sees the connection reset)."""
+        now = time.monotonic()
+        self._refusals += 1
+        if now - self._refusal_logged >= _REFUSAL_LOG_S:
+            log.warning("refused %d connection(s) since the last such line: %s",
+                        self._refusals, err.message)
+            self._refusals, self._refusal_logged = 0, now
+        if len(self._refused) >= _REFUSED_MAX:
+            fd, (old, _) = self._refused.popitem(last=False)
+            self._unwatch_fd(fd)
+            old.close()
+        self._refused[sock.fileno()] = (sock, err)
+        self._watch(sock.fileno(), "refused", None)
+
+    def _on_refused(self, fd):
+        sock, err = self._refused.get(fd, (None, None))
+        if sock is None:
+            return
+        try:
+            data = sock.recv(_MSG_MAX)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        del self._refused[fd]
+        self._unwatch_fd(fd)
+        try:
+            if len(data) >= REQ_HDR.size:
+                magic, op, _, seq, _ = REQ_HDR.unpack_from(data)
+                if magic == lib.FAYT_REQ_MAGIC:
+                    sock.send(REP_HDR.pack(lib.FAYT_REP_MAGIC, op, 0, seq, err.errno)
+                              + err.message.encode())
+        except OSError:
+            pass
+        finally:
+            sock.close()
+
+    def _keep(self, ctx):
+        """ctx outlives its connection (its process holds locks it recorded,
+        or share-points it made): its pidfd goes, Liveness watches it."""
+        self._unwatch_pidfd(ctx)
+        self.liveness.add(ctx)
+        if self._live_fd < 0:
+            fd = clib.fayt_timerfd_open()
+            if fd < 0:
+                raise OSError(-fd, "faytd: timerfd_create: %s" % os.strerror(-fd))
+            self._live_fd = fd
+            self.watch_fd(fd, self._on_liveness)
+        if not self._live_armed:
+            clib.fayt_timerfd_arm(self._live_fd, int(CHECK_S * 1e9))
+            self._live_armed = True
+
+    def _on_liveness(self, fd, events):
+        clib.fayt_timerfd_drain(fd)
+        self._live_armed = False
+        contexts = self.k.contexts
+        for ctx in self.liveness.dead():
+            if contexts.get(ctx.id) is ctx and ctx.alive:
+                self._on_death(ctx)
+            else:
+                self.liveness.discard(ctx)
+        if len(self.liveness):
+            clib.fayt_timerfd_arm(fd, int(CHECK_S * 1e9))
+            self._live_armed = True
+
     def _drop_conn(self, ctx):
         if ctx.sock is not None:
+            self.k.quotas.disconnected(ctx)
             clib.fayt_fast_unwatch(self.k.fast, ctx.sock.fileno())
             ctx.fast.fd = -1
             self._unwatch_fd(ctx.sock.fileno())
@@ -387,6 +504,8 @@ class Server:
         self.k.disconnected(ctx)
         if ctx.id not in self.k.contexts:
             self._unwatch_pidfd(ctx)
+        else:
+            self._keep(ctx)
 
     def _unwatch_pidfd(self, ctx):
         if ctx.pidfd >= 0:
@@ -396,6 +515,7 @@ class Server:
     def _on_death(self, ctx):
         self._drop_conn(ctx)
         self._unwatch_pidfd(ctx)
+        self.liveness.discard(ctx)
         log.debug("context %d: pid %d died", ctx.id, ctx.pid)
         self.k.died(ctx)
 
@@ -517,6 +637,35 @@ class Server:
             self._disconnect(ctx, "does not read its replies")
         except OSError as e:
             self._disconnect(ctx, "send: %s" % e)
+
+
+def _open_files():
+    """faytd's RLIMIT_NOFILE, its soft limit raised to the hard one first
+    (a daemon's connections are its descriptors)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (OSError, ValueError):
+            pass
+    return soft if soft != resource.RLIM_INFINITY else 1 << 20
+
+
+def _noreply_queued(sock):
+    """Whether the next request queued on sock was sent with
+    FAYT_REQ_NOREPLY (its header, peeked: it stays queued).  True too when
+    the next read would find the end, an error or a short message: reading
+    it handles those."""
+    try:
+        head = sock.recv(REQ_HDR.size, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except (BlockingIOError, InterruptedError):
+        return False
+    except OSError:
+        return True
+    if len(head) < REQ_HDR.size:
+        return True
+    return bool(REQ_HDR.unpack(head)[2] & _NOREPLY)
 
 
 def select_readable(fd):

@@ -250,11 +250,12 @@ class SharePoints:
         """The id of the share-point named `name` (a Name), or 0."""
         return clib.fayt_core_sp_lookup(core, name.ns, name, len(name))
 
-    def ids(self, after=0):
-        """Ids of the share-points in the table above `after`, in order."""
+    def ids(self, after=0, most=None):
+        """Ids of the share-points in the table above `after`, in order (the
+        first `most`: O(most), whatever the table holds)."""
         if after >= 0xffffffff:
             return []
-        n = core.nsharepoints
+        n = core.nsharepoints if most is None else min(most, core.nsharepoints)
         out = cffi.new("uint32_t[]", max(1, n))
         got = clib.fayt_core_sp_ids(core, after, out, n)
         return list(out[0:got])

@@ -12,7 +12,16 @@ engine (faytd/core/fault.c) counts the SPECIAL faults it serves, in C
 Any registered context may ask: the counts say how busy faytd is and how,
 not what anyone holds, with one exception.  Share-points have names and
 owners, so a context that is not core sees the count of its own uid's only
-(`sharepoints.scope` says which it got).
+(`sharepoints.scope` says which it got).  `limits` is what the asking
+context's uid holds of what the limits per uid bound (docs/limits.md).
+
+`fairness`: how faytd served core contexts ("the owner") while others
+made calls.  owner_requests counts core requests read; owner_waited_behind
+the requests of contexts that are not core read while such a request
+waited (from faytd's last look at epoll before it saw it: an upper bound),
+in all and _max for one; deferred the requests the one-per-uid budget of
+a round left to the next one (faytd/core/serve.c).  Every answer costs
+O(1): nothing here walks a table.
 """
 import errno
 import json
@@ -20,6 +29,7 @@ import json
 from libportal._abi import lib
 
 from .frames import KernelError
+from .native import core as _core, ffi as _cffi, lib as _clib
 
 STATS_VERSION = 1       # the JSON's "version": fields are only ever added under one
 
@@ -54,7 +64,9 @@ def stats_json(k, ctx):
         calls[OP_NAMES.get(op, "op_%d" % op)] = {"fast": fast, "python": s.python.get(op, 0)}
     fc = k.pager.faults.counts()
     core = ctx.category is not None and ctx.category.id == lib.FAYT_CATEGORY_CORE
-    sps = [k.sharepoints.get(i, keep=False) for i in k.sharepoints.ids()]
+    usage = _cffi.new("struct fayt_uid_usage *")
+    _clib.fayt_core_uid_usage(_core, ctx.uid, usage)
+    q, n = k.quotas, k.notifications
     j = k.journal
     out = {
         "version": STATS_VERSION,
@@ -68,11 +80,16 @@ def stats_json(k, ctx):
                    "mapped": fc["mapped"], "failed": fc["failed"],
                    "write_reports": fc["write_reports"], "events_in_c": fc["events_in_c"],
                    "events_in_python": fc["events_in_python"]},
-        "contexts": {"total": len(k.contexts),
-                     "connected": sum(1 for c in k.contexts.values() if c.connected)},
+        "contexts": {"total": len(k.contexts), "connected": q.connections},
         "sharepoints": {"scope": "all" if core else "uid",
-                        "count": len(sps) if core else
-                        sum(1 for sp in sps if sp is not None and sp.owner_uid == ctx.uid)},
+                        "count": len(k.sharepoints) if core else usage.sharepoints},
+        "limits": dict(q.usage(ctx.uid), uid=ctx.uid, sharepoints=usage.sharepoints,
+                       ram=usage.ram, rings=n.uid_rings.get(ctx.uid, 0),
+                       stacks=n.uid_stacks.get(ctx.uid, 0), bound=not core),
+        "fairness": {"owner_requests": f.fair_core_requests,
+                     "owner_waited_behind": f.fair_core_waited,
+                     "owner_waited_behind_max": f.fair_core_waited_max,
+                     "others_requests": f.fair_others, "deferred": f.fair_deferred},
         "frames": {"total": k.frames.nframes, "free": k.frames.free_frames},
         "journal": {"enabled": j is not None,
                     "errors": f.journal_errors + (j.errors if j is not None else 0)},

@@ -102,6 +102,26 @@ struct fayt_core {
     uint64_t journal_errors;   /* journal writes that failed (Python logs them) */
     struct fayt_core_priv *priv;
     struct fayt_faults *faults;     /* the fault engine (fault.h), NULL until its init */
+    /* Limits per uid, for contexts that are not core (docs/limits.md), and
+     * the part of the table and of the RAM that only core contexts may
+     * take (table.c).  0 / UINT64_MAX: none. */
+    uint32_t max_sharepoints_per_uid;
+    uint32_t reserved_sharepoints;
+    uint64_t max_ram_per_uid;
+    uint64_t reserved_ram;     /* bytes */
+    uint32_t noncore_sharepoints;   /* in the table, made by contexts that are not core */
+    uint32_t reserved2;
+    uint64_t noncore_ram;      /* bytes charged to contexts that are not core */
+    /* Fairness (serve.c): requests read of contexts that are not core (a
+     * clock), of core ones, how many of the first a core request waited
+     * behind (from the last look at epoll before faytd saw it: an upper
+     * bound) in all and at most, and requests a uid's budget put off to
+     * the next round. */
+    uint64_t fair_others;
+    uint64_t fair_core_requests;
+    uint64_t fair_core_waited;
+    uint64_t fair_core_waited_max;
+    uint64_t fair_deferred;
 } __attribute__((packed));
 
 /* Set up a zeroed core (its tables, the pool's lock): 0 or ENOMEM.  fini
@@ -234,11 +254,30 @@ struct fayt_fast_conn {
 #define FAYT_FAST_CONN_CORE    0x8  /* a core server: may destroy any share-point, name
                                         any uid's namespace and every shared name */
 #define FAYT_FAST_CONN_JOURNAL 0x10 /* its context page is journaled: its attaches are too */
+#define FAYT_FAST_CONN_PRIO    0x20 /* core category (known at accept): served first in a
+                                       round, with no budget per uid (serve.c) */
 
 struct fayt_fast_conn *fayt_core_conn_new(struct fayt_core *k);
 /* Python lets go of c (its Context is gone); the core frees it once no
  * record names it. */
 void fayt_core_conn_put(struct fayt_core *k, struct fayt_fast_conn *c);
+/* c is uid's: its charges and share-points count in uid's account.  0 or
+ * ENOMEM; once, before c maps anything. */
+int fayt_core_conn_bind(struct fayt_core *k, struct fayt_fast_conn *c, uint32_t uid);
+/* Python's own RAM charges (notification stacks, SPECIAL portals): charge
+ * c `bytes` after the same checks as the core's (the context's quota, its
+ * uid's limit and the core's reserve): 0, or ENOMEM and msg.  ram_set: c's
+ * charge is `bytes` now (a release), its uid's following. */
+int fayt_core_charge(struct fayt_core *k, struct fayt_fast_conn *c, uint64_t bytes, char *msg,
+                     uint32_t max);
+void fayt_core_ram_set(struct fayt_core *k, struct fayt_fast_conn *c, uint64_t bytes);
+/* What uid holds: its share-points in the table and the RAM charged to it. */
+struct fayt_uid_usage {
+    uint32_t sharepoints;
+    uint32_t reserved;
+    uint64_t ram;
+} __attribute__((packed));
+void fayt_core_uid_usage(struct fayt_core *k, uint32_t uid, struct fayt_uid_usage *out);
 
 /* What a performed call leaves for its reply: the body (after the reply
  * header) in the caller's buffer, and its descriptors: the caller closes
@@ -328,8 +367,11 @@ int fayt_core_sp_info(struct fayt_core *k, uint32_t id, struct fayt_sp_info *out
 /* The id of the share-point named ident in namespace ns, or 0. */
 uint32_t fayt_core_sp_lookup(struct fayt_core *k, uint32_t ns, const char *ident, uint32_t len);
 /* Ids above `after` of the share-points in the table, in order: how many
- * (at most max) into out. */
+ * (at most max) into out.  O(max), whatever the table holds (serve.c). */
 uint32_t fayt_core_sp_ids(struct fayt_core *k, uint32_t after, uint32_t *out, uint32_t max);
+/* The same, of those named in namespace ns. */
+uint32_t fayt_core_sp_ids_ns(struct fayt_core *k, uint32_t ns, uint32_t after, uint32_t *out,
+                             uint32_t max);
 /* Python maps share-point id's object itself (lock recovery): it is never
  * recycled. */
 void fayt_core_sp_expose(struct fayt_core *k, uint32_t id);
@@ -404,11 +446,22 @@ void fayt_fast_unwatch(struct fayt_core *k, int fd);
 /* Wait on epfd.  A watched connection's request is read and, when the C
  * path performs it, served here; at most one other request is read and
  * passed (io->passed_fd), and then the loop stops serving.  Every event
- * not served comes back in out[max] (the passed one among them); returns
- * how many (0 as well after FAYT_FAST_POLL_BATCH served requests, or a
- * signal), or -errno.  It looks for spin_ns (giving the CPU away between
- * looks) before it sleeps; timeout_ms -1 sleeps until an event, 0 never. */
+ * not served comes back in out[max] (the passed one among them; a
+ * connection's events are not: they are level-triggered, and the next
+ * round sees them again); returns how many (0 as well after
+ * FAYT_FAST_POLL_BATCH served requests, or a signal), or -errno.  It looks
+ * for spin_ns (giving the CPU away between looks) before it sleeps;
+ * timeout_ms -1 sleeps until an event, 0 never.
+ *
+ * Fairness: each look at epoll (up to max events) is a round.  In a round,
+ * connections with FAYT_FAST_CONN_PRIO (core) are read first, one request
+ * each; then one request per uid among the others (one connection of it:
+ * epoll's order rotates through them), the rest left for a later round
+ * (fair_deferred).  So a core request waits behind at most one request
+ * per other uid that has one ready (the round it arrived in), however many
+ * connections or processes that uid floods faytd from. */
 #define FAYT_FAST_POLL_BATCH 64
+#define FAYT_FAST_POLL_EVENTS 256  /* max at most */
 int fayt_fast_poll(struct fayt_core *k, int epfd, int64_t spin_ns, int timeout_ms,
                    struct fayt_fast_event *out, int max, uint8_t *buf, struct fayt_fast_io *io);
 

@@ -16,7 +16,7 @@
 #define FAST_MAX_FRAMES FAYT_FAST_MAX_FRAMES
 #define RECYCLE_MAX 64            /* objects kept for their context's next create */
 #define ZERO_AT_CREATE 16384      /* up to this, a recycled object is zeroed by the meta's write */
-#define CORE_ABI 4                /* fayt_core_abi(); faytd/native.py checks it */
+#define CORE_ABI 5                /* fayt_core_abi(); faytd/native.py checks it */
 
 /* -- decode.c: strict UTF-8, as Python's decode("utf-8") takes it ------- */
 int core_utf8_valid(const unsigned char *s, size_t n);
@@ -55,6 +55,20 @@ const char *core_name_repr(const char *s, uint32_t n, char *out, size_t max);
 
 /* -- table.c ------------------------------------------------------------ */
 struct map;
+struct idnode;
+
+/* What one uid holds (its share-points, the RAM its contexts are charged),
+ * whichever of its contexts made it: the limits per uid (config
+ * max_sharepoints_per_uid, max_ram_per_uid) are checked against these.
+ * Referenced by each context of the uid and each of its share-points. */
+struct uid_acct {
+    struct uid_acct *next;         /* in the by-uid table */
+    uint32_t uid, refs;
+    uint32_t nsharepoints;         /* in the table, made by the uid's contexts */
+    uint32_t reserved;
+    uint64_t ram;                  /* bytes charged to the uid's contexts */
+    struct idnode *ids;            /* ids in the table named in its namespace (serve.c) */
+};
 
 /* A share-point: in the table from its create until its destroy (or its
  * owner's death with nobody mapping it), and a record until its last
@@ -80,6 +94,9 @@ struct sp {
     int journal_ok;                /* its D record was written (else never recycled) */
     int fd, fd2;                   /* held descriptors (the creator's, for recycling); -1 */
     int split;                     /* two objects: page 0 and the rest */
+    struct uid_acct *acct;         /* whose count it is in (its owner's uid) */
+    int noncore;                   /* made by a context that is not core: counted
+                                      against the core's reserve */
     char object[FAYT_OBJ_NAME_MAX];
     char object2[FAYT_OBJ_NAME_MAX];
     uint32_t frames[];
@@ -113,6 +130,9 @@ struct idset {
 struct fayt_core_cstate {
     struct map *maps;
     struct idset mapped;           /* share-points it was ever granted a mapping of */
+    struct uid_acct *acct;         /* its uid's (fayt_core_conn_bind); NULL before */
+    uint64_t waiting_since;        /* fairness: others' requests served when faytd first saw
+                                      a request of it waiting (serve.c); 0: none waits */
 };
 
 /* Objects kept for their context's next portal of the same size. */
@@ -131,6 +151,14 @@ struct map *core_map_find(struct fayt_core *k, struct fayt_fast_conn *c, uint64_
 int core_fail(char *msg, size_t max, int err, const char *fmt, ...)
     __attribute__((format(printf, 4, 5)));
 void core_table_fini(struct fayt_core *k);
+/* The live ids in order (serve.c): add (0 or ENOMEM), remove, free all. */
+int core_ids_add(struct fayt_core *k, uint32_t id, uint32_t ns);
+void core_ids_remove(struct fayt_core *k, uint32_t id, uint32_t ns);
+void core_ids_fini(struct fayt_core *k);
+/* Namespace ns's trie of ids (table.c): hold 1 takes a reference to its
+ * uid's account (made if new; NULL: no memory), -1 lets one go, 0 only
+ * looks (NULL: that uid has none). */
+struct idnode **core_ns_ids(struct fayt_core *k, uint32_t ns, int hold);
 
 /* -- journal.c ---------------------------------------------------------- */
 int core_journal_write(struct fayt_core *k, const char *line, size_t n, int live);
@@ -186,6 +214,10 @@ struct fayt_core_priv {
     uint32_t ids_nb;
     struct map **by_handle;
     uint32_t handles_nb, handles_n;
+    struct idnode *live_ids;       /* serve.c: ids in the table, in order (the list's pages) */
+    struct idnode *shared_ids;     /* ... named in the shared namespace (a uid's: its acct) */
+    struct uid_acct **accts;       /* by uid: what each uid holds */
+    uint32_t accts_nb, accts_n;
     struct kept kept[RECYCLE_MAX]; /* in the order they were kept, oldest first */
     uint32_t nkept;
     uint32_t held_fds;             /* descriptors held by records: at most RECYCLE_MAX */
@@ -193,6 +225,7 @@ struct fayt_core_priv {
     struct fayt_fast_conn **watched;
     int nwatched;
     int epfd;                      /* -1 until fayt_fast_poll ran */
+    uint64_t last_look;            /* fair_others at fayt_fast_poll's last epoll_wait */
     uint8_t *reply;                /* a reply's bytes: header and FAYT_MSG_MAX of body */
     /* keeper.c */
     struct keeper_state keeper;

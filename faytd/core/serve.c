@@ -6,8 +6,8 @@
  *   PORTAL(SHARE|ANON), create or attach, or PORTAL(ANON), that the one
  *     decoder (decode.c) takes, from a thread faytd already checked, of a
  *     context whose rights (Python's policy, as conn flags) allow it, with
- *     no fds (an attach only when no other connection has a request
- *     waiting: Python performs those first, see Server.catch_up), or
+ *     no fds (an attach only when no other connection has an unanswered
+ *     call queued: Python performs those first, see Server.catch_up), or
  *   UNMAP or UNMAP_DESTROY of a mapping the core holds (a destroy only by
  *     the owner or a core server, and only when no context that maps the
  *     share-point asked for destroy notices: Python sends those),
@@ -16,6 +16,13 @@
  * A call the core refuses changes nothing and goes to Python, which makes
  * the same call and answers the refusal with its message.  Single-threaded:
  * faytd's loop thread is the only caller.
+ *
+ * Fairness (fayt_fast_poll, core.h): faytd cannot preempt a request, so
+ * what it can bound is how many requests of others one waits behind.  Each
+ * look at epoll is a round: core connections first, then one request per
+ * uid, so that a uid's thousand connections weigh what its one would.
+ * Connections are level-triggered in epoll: one left for a later round is
+ * reported again (at the tail of epoll's ready list), nothing is lost.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -85,26 +92,40 @@ static int acknowledge(struct fayt_fast_conn *c, const struct fayt_req_hdr *h, i
 }
 
 /* -- PORTAL(SHARE|ANON) and PORTAL(ANON) --------------------------------------- */
-/* Whether faytd has events waiting besides c's: then a call whose answer an
- * earlier call of another connection could change (an attach: a destroy
- * sent before it) goes to Python, which performs those first (catch_up).
- * A chain member's eventfd is edge-triggered: this look takes its edge, so
- * the fault engine's events it reports are served here, or a chain
- * server's answer would wait for its deadline. */
+/* Whether another connection has a call queued that was sent without
+ * waiting for its reply (UNMAP, UNMAP_DESTROY): then a call whose answer
+ * such a call could change (an attach: a destroy sent before it) goes to
+ * Python, which performs those first (Server.catch_up, which performs
+ * nothing else).  A queued call that waits for its reply cannot have been
+ * sent before anything c's process was told (its sender waits), so a flood
+ * of those keeps attaches here.  The look at each ready connection is a
+ * MSG_PEEK of its next header; more ready fds than one epoll_wait returns
+ * count as waiting.  A chain member's eventfd is edge-triggered: this look
+ * takes its edge, so the fault engine's events it reports are served here,
+ * or a chain server's answer would wait for its deadline. */
 static int others_waiting(struct fayt_core *k, struct fayt_fast_conn *c)
 {
-    struct epoll_event evs[8];
-    if (k->priv->epfd < 0)
+    struct fayt_core_priv *p = k->priv;
+    struct epoll_event evs[FAYT_FAST_POLL_EVENTS];
+    if (p->epfd < 0)
         return 1;
-    int n = epoll_wait(k->priv->epfd, evs, 8, 0);
-    int others = n < 0;
+    int n = epoll_wait(p->epfd, evs, FAYT_FAST_POLL_EVENTS, 0);
+    int others = n < 0 || n == FAYT_FAST_POLL_EVENTS;
     for (int i = 0; i < n; i++) {
         int fd = evs[i].data.fd;
+        struct fayt_fast_conn *o = fd >= 0 && fd < p->nwatched ? p->watched[fd] : NULL;
         if (fayt_faults_owns(k, fd)) {
             fayt_faults_event(k, fd, evs[i].events);
             k->faults->c_events++;
-        } else if (fd != c->fd) {
-            others = 1;
+        } else if (o && o != c && !others) {
+            struct fayt_req_hdr h;
+            ssize_t r;
+            do {
+                r = recv(fd, &h, sizeof h, MSG_PEEK | MSG_DONTWAIT);
+            } while (r < 0 && errno == EINTR);
+            if (r == (ssize_t)sizeof h && h.magic == FAYT_REQ_MAGIC
+                && (h.flags & FAYT_REQ_NOREPLY))
+                others = 1;
         }
     }
     return others;
@@ -190,6 +211,26 @@ static int fast_unmap(struct fayt_core *k, struct fayt_fast_conn *c,
     return acknowledge(c, h, err);
 }
 
+/* -- fairness ------------------------------------------------------------ */
+/* A request of c was read (by the loop, a catch-up or Python): the clock of
+ * others' requests, or what a core one waited behind since faytd's last
+ * look at epoll before it saw it (fayt_fast_poll marks it). */
+static void count_request(struct fayt_core *k, struct fayt_fast_conn *c)
+{
+    if (!(c->flags & FAYT_FAST_CONN_PRIO)) {
+        k->fair_others++;
+        return;
+    }
+    k->fair_core_requests++;
+    if (c->cs->waiting_since) {
+        uint64_t w = k->fair_others - (c->cs->waiting_since - 1);
+        k->fair_core_waited += w;
+        if (w > k->fair_core_waited_max)
+            k->fair_core_waited_max = w;
+        c->cs->waiting_since = 0;
+    }
+}
+
 /* -- the entry point ------------------------------------------------------ */
 int fayt_fast_serve(struct fayt_core *k, struct fayt_fast_conn *c, uint8_t *buf,
                     struct fayt_fast_msg *msg, int *noreply_out, int *err)
@@ -210,6 +251,7 @@ int fayt_fast_serve(struct fayt_core *k, struct fayt_fast_conn *c, uint8_t *buf,
     } while (r < 0 && errno == EINTR);
     if (r < 0)
         return errno == EAGAIN ? FAYT_FAST_AGAIN : -errno;
+    count_request(k, c);
     msg->len = (int32_t)r;
     msg->mflags = mh.msg_flags;
     msg->nfds = 0;
@@ -274,35 +316,75 @@ void fayt_fast_unwatch(struct fayt_core *k, int fd)
         p->watched[fd] = NULL;
 }
 
+/* Whether uid is among the first n of uids (a round's: at most max events). */
+static int uid_seen(const uint32_t *uids, int n, uint32_t uid)
+{
+    for (int i = 0; i < n; i++)
+        if (uids[i] == uid)
+            return 1;
+    return 0;
+}
+
 int fayt_fast_poll(struct fayt_core *k, int epfd, int64_t spin_ns, int timeout_ms,
                    struct fayt_fast_event *out, int max, uint8_t *buf, struct fayt_fast_io *io)
 {
     struct fayt_core_priv *p = k->priv;
-    struct epoll_event evs[64];
+    struct epoll_event evs[FAYT_FAST_POLL_EVENTS];
+    uint32_t uids[FAYT_FAST_POLL_EVENTS];
     p->epfd = epfd;
     int served = 0, block = 0;
     int64_t until = 0;
     io->passed_fd = -1;
-    if (max > 64)
-        max = 64;
+    if (max > FAYT_FAST_POLL_EVENTS)
+        max = FAYT_FAST_POLL_EVENTS;
     for (;;) {
+        /* A core request first seen now came after the last look: it may
+         * have waited behind every request of others read since. */
+        uint64_t since = p->last_look + 1;
+        p->last_look = k->fair_others;
         int n = epoll_wait(epfd, evs, max, block ? timeout_ms : 0);
         if (n < 0)
             return errno == EINTR ? 0 : -errno;
         if (block && n == 0)
             return 0;                   /* timed out */
         block = 0;
-        int m = 0;
-        for (int i = 0; i < n; i++) {
-            int fd = evs[i].data.fd;
-            if (fayt_faults_owns(k, fd)) {     /* a fault, an answer, a deadline */
-                fayt_faults_event(k, fd, evs[i].events);
-                k->faults->c_events++;
-                served++;
-                continue;
-            }
-            struct fayt_fast_conn *c = fd >= 0 && fd < p->nwatched ? p->watched[fd] : NULL;
-            if (c && io->passed_fd < 0) {
+        int m = 0, nuids = 0;
+        /* Pass 0: the fault engine's fds, Python's, and core connections;
+         * pass 1: the others, one request per uid. */
+        for (int pass = 0; pass < 2; pass++) {
+            for (int i = 0; i < n; i++) {
+                int fd = evs[i].data.fd;
+                struct fayt_fast_conn *c = fd >= 0 && fd < p->nwatched ? p->watched[fd] : NULL;
+                int prio = c && (c->flags & FAYT_FAST_CONN_PRIO);
+                if (pass == 0) {
+                    if (!c) {
+                        if (fayt_faults_owns(k, fd)) {  /* a fault, an answer, a deadline */
+                            fayt_faults_event(k, fd, evs[i].events);
+                            k->faults->c_events++;
+                            served++;
+                        } else {
+                            out[m].fd = fd;
+                            out[m].events = evs[i].events;
+                            m++;
+                        }
+                        continue;
+                    }
+                    if (!prio)
+                        continue;
+                    if (!c->cs->waiting_since)
+                        c->cs->waiting_since = since;
+                } else if (!c || prio) {
+                    continue;
+                }
+                if (io->passed_fd >= 0)
+                    continue;           /* Python's turn: the next round sees it again */
+                if (!prio) {
+                    if (uid_seen(uids, nuids, c->uid)) {
+                        k->fair_deferred++;
+                        continue;
+                    }
+                    uids[nuids++] = c->uid;
+                }
                 int err = 0, noreply = 0;
                 int r = fayt_fast_serve(k, c, buf, &io->msg, &noreply, &err);
                 if (r == FAYT_FAST_SERVED || r == FAYT_FAST_AGAIN) {
@@ -314,10 +396,10 @@ int fayt_fast_poll(struct fayt_core *k, int epfd, int64_t spin_ns, int timeout_m
                 io->passed = r;
                 io->noreply = noreply;
                 io->err = err;
+                out[m].fd = fd;
+                out[m].events = evs[i].events;
+                m++;
             }
-            out[m].fd = fd;
-            out[m].events = evs[i].events;
-            m++;
         }
         if (m)
             return m;
@@ -358,4 +440,173 @@ void fayt_core_skip_sp_ids(struct fayt_core *k, uint32_t next)
 {
     if (next > k->next_sp_id)
         k->next_sp_id = next;
+}
+
+/* -- the ids in the table, in order --------------------------------------- */
+/* LIST_SHARE's pages ask for the ids after one, in order: a trie of 64-bit
+ * masks over the 32 bits of an id (a root of 2 bits, then 5 levels of 6; a
+ * leaf's mask is the ids themselves), so that the next id after any costs
+ * a few loads at each of 6 levels, whatever the table holds, and a
+ * destroyed id (a page's cursor may name one) needs no search.  Ids are
+ * handed out in order, so the nodes are dense: about 9 bytes an id.  One
+ * trie holds every id, and one per namespace its own (a context that is
+ * not core lists its uid's namespace and the shared one): a uid's is in
+ * its account (table.c, core_ns_ids), which each of those ids holds. */
+#define IDS_LEVELS 6
+struct idnode {
+    uint64_t mask;                 /* bit d: child d holds an id (a leaf: id d is live) */
+    struct idnode *child[];        /* 64 entries above the leaves; none in a leaf */
+};
+
+static int ids_shift(int level)
+{
+    return 30 - 6 * level;
+}
+
+static unsigned ids_digit(uint32_t id, int level)
+{
+    return (id >> ids_shift(level)) & 63;
+}
+
+static int ids_add_at(struct idnode **slot, int level, uint32_t id)
+{
+    if (!*slot) {
+        size_t kids = level < IDS_LEVELS - 1 ? 64 : 0;
+        if (!(*slot = calloc(1, sizeof **slot + kids * sizeof(struct idnode *))))
+            return ENOMEM;
+    }
+    unsigned d = ids_digit(id, level);
+    if (level < IDS_LEVELS - 1 && ids_add_at(&(*slot)->child[d], level + 1, id)) {
+        if (!(*slot)->mask) {
+            free(*slot);
+            *slot = NULL;
+        }
+        return ENOMEM;
+    }
+    (*slot)->mask |= 1ULL << d;
+    return 0;
+}
+
+static void ids_remove_at(struct idnode **slot, int level, uint32_t id);
+
+int core_ids_add(struct fayt_core *k, uint32_t id, uint32_t ns)
+{
+    struct idnode **t = core_ns_ids(k, ns, 1);
+    if (!t)
+        return ENOMEM;
+    if (ids_add_at(&k->priv->live_ids, 0, id)) {
+        core_ns_ids(k, ns, -1);
+        return ENOMEM;
+    }
+    if (ids_add_at(t, 0, id)) {
+        ids_remove_at(&k->priv->live_ids, 0, id);
+        core_ns_ids(k, ns, -1);
+        return ENOMEM;
+    }
+    return 0;
+}
+
+static void ids_remove_at(struct idnode **slot, int level, uint32_t id)
+{
+    struct idnode *n = *slot;
+    unsigned d = ids_digit(id, level);
+    if (!n || !(n->mask >> d & 1))
+        return;
+    if (level < IDS_LEVELS - 1) {
+        ids_remove_at(&n->child[d], level + 1, id);
+        if (n->child[d])
+            return;
+    }
+    n->mask &= ~(1ULL << d);
+    if (!n->mask) {
+        free(n);
+        *slot = NULL;
+    }
+}
+
+void core_ids_remove(struct fayt_core *k, uint32_t id, uint32_t ns)
+{
+    struct idnode **t = core_ns_ids(k, ns, 0);
+    ids_remove_at(&k->priv->live_ids, 0, id);
+    if (t) {
+        ids_remove_at(t, 0, id);
+        core_ns_ids(k, ns, -1);
+    }
+}
+
+/* The least id under n (level), whose digits above are those of base. */
+static uint32_t ids_least(const struct idnode *n, int level, uint32_t base)
+{
+    for (;; level++) {
+        unsigned d = (unsigned)__builtin_ctzll(n->mask);
+        base |= (uint32_t)d << ids_shift(level);
+        if (level == IDS_LEVELS - 1)
+            return base;
+        n = n->child[d];
+    }
+}
+
+/* The least id >= x under n (level), n's digits above being x's; 0: none
+ * (id 0 is never one). */
+static uint32_t ids_ceil(const struct idnode *n, int level, uint32_t x)
+{
+    unsigned d = ids_digit(x, level);
+    if (n->mask >> d & 1) {
+        if (level == IDS_LEVELS - 1)
+            return x;
+        uint32_t r = ids_ceil(n->child[d], level + 1, x);
+        if (r)
+            return r;
+    }
+    uint64_t above = d == 63 ? 0 : n->mask & (~0ULL << (d + 1));
+    if (!above)
+        return 0;
+    unsigned e = (unsigned)__builtin_ctzll(above);
+    int sh = ids_shift(level);
+    uint32_t base = (uint32_t)(x & ~((1ULL << (sh + 6)) - 1)) | ((uint32_t)e << sh);
+    return level == IDS_LEVELS - 1 ? base : ids_least(n->child[e], level + 1, base);
+}
+
+static uint32_t ids_after(const struct idnode *root, uint32_t after, uint32_t *out,
+                          uint32_t max)
+{
+    uint32_t n = 0;
+    while (root && n < max && after != UINT32_MAX) {
+        uint32_t id = ids_ceil(root, 0, after + 1);
+        if (!id)
+            break;
+        out[n++] = after = id;
+    }
+    return n;
+}
+
+uint32_t fayt_core_sp_ids(struct fayt_core *k, uint32_t after, uint32_t *out, uint32_t max)
+{
+    return ids_after(k->priv->live_ids, after, out, max);
+}
+
+uint32_t fayt_core_sp_ids_ns(struct fayt_core *k, uint32_t ns, uint32_t after, uint32_t *out,
+                             uint32_t max)
+{
+    struct idnode **t = core_ns_ids(k, ns, 0);
+    return t ? ids_after(*t, after, out, max) : 0;
+}
+
+static void ids_free(struct idnode *n, int level)
+{
+    if (!n)
+        return;
+    if (level < IDS_LEVELS - 1)
+        for (int d = 0; d < 64; d++)
+            if (n->mask >> d & 1)
+                ids_free(n->child[d], level + 1);
+    free(n);
+}
+
+void core_ids_fini(struct fayt_core *k)
+{
+    struct fayt_core_priv *p = k->priv;
+    ids_free(p->live_ids, 0);
+    ids_free(p->shared_ids, 0);
+    p->live_ids = p->shared_ids = NULL;
 }

@@ -6,7 +6,9 @@
  * the mappings of it; one record per mapping of a share-point or ANON
  * portal, by (context, handle), in its context's list and its
  * share-point's.  Each context's RAM charge and mapping count are counted
- * here as the records come and go.  faytd's Python keeps what is not hot
+ * here as the records come and go, and so is each uid's (struct
+ * uid_acct: its share-points, its RAM), for the limits per uid of contexts
+ * that are not core and the core's reserve (docs/limits.md).  faytd's Python keeps what is not hot
  * (rights, chains, notices, lock recovery's decisions, journal replay) and
  * calls these functions; the C path (serve.c) calls the same ones.
  *
@@ -233,6 +235,99 @@ static int idset_add(struct fayt_core *k, struct idset *s, uint32_t id, int atta
     return 1;
 }
 
+/* -- what each uid holds ------------------------------------------------------ */
+static struct uid_acct **acct_slot(struct fayt_core_priv *p, uint32_t uid)
+{
+    struct uid_acct **q = &p->accts[hash_id(uid) & (p->accts_nb - 1)];
+    while (*q && (*q)->uid != uid)
+        q = &(*q)->next;
+    return q;
+}
+
+/* uid's account, referenced once more (made if new); NULL: no memory. */
+static struct uid_acct *acct_get(struct fayt_core *k, uint32_t uid)
+{
+    struct fayt_core_priv *p = k->priv;
+    if (p->accts_n >= p->accts_nb) {
+        uint32_t nb = p->accts_nb ? p->accts_nb * 2 : 64;
+        struct uid_acct **b = calloc(nb, sizeof *b);
+        if (!b)
+            return NULL;
+        for (uint32_t i = 0; i < p->accts_nb; i++) {
+            for (struct uid_acct *a = p->accts[i], *next; a; a = next) {
+                next = a->next;
+                a->next = b[hash_id(a->uid) & (nb - 1)];
+                b[hash_id(a->uid) & (nb - 1)] = a;
+            }
+        }
+        free(p->accts);
+        p->accts = b;
+        p->accts_nb = nb;
+    }
+    struct uid_acct **q = acct_slot(p, uid);
+    if (!*q) {
+        if (!(*q = calloc(1, sizeof **q)))
+            return NULL;
+        (*q)->uid = uid;
+        p->accts_n++;
+    }
+    (*q)->refs++;
+    return *q;
+}
+
+static void acct_put(struct fayt_core *k, struct uid_acct *a)
+{
+    struct fayt_core_priv *p = k->priv;
+    if (!a || --a->refs)
+        return;
+    struct uid_acct **q = acct_slot(p, a->uid);
+    *q = a->next;
+    p->accts_n--;
+    free(a);
+}
+
+struct idnode **core_ns_ids(struct fayt_core *k, uint32_t ns, int hold)
+{
+    struct fayt_core_priv *p = k->priv;
+    if (ns == FAYT_NS_SHARED)
+        return &p->shared_ids;
+    if (hold > 0) {
+        struct uid_acct *a = acct_get(k, ns);
+        return a ? &a->ids : NULL;
+    }
+    struct uid_acct *a = p->accts_nb ? *acct_slot(p, ns) : NULL;
+    if (a && hold < 0)
+        acct_put(k, a);
+    return a ? &a->ids : NULL;
+}
+
+void fayt_core_uid_usage(struct fayt_core *k, uint32_t uid, struct fayt_uid_usage *out)
+{
+    struct fayt_core_priv *p = k->priv;
+    struct uid_acct *a = p->accts_nb ? *acct_slot(p, uid) : NULL;
+    memset(out, 0, sizeof *out);
+    if (a) {
+        out->sharepoints = a->nsharepoints;
+        out->ram = a->ram;
+    }
+}
+
+static int conn_core(const struct fayt_fast_conn *c)
+{
+    return (c->flags & FAYT_FAST_CONN_CORE) != 0;
+}
+
+/* c's RAM charge changes by delta bytes, and with it its uid's and, for a
+ * context that is not core, what such contexts hold of faytd's RAM. */
+static void ram_add(struct fayt_core *k, struct fayt_fast_conn *c, int64_t delta)
+{
+    c->ram += (uint64_t)delta;
+    if (c->cs->acct)
+        c->cs->acct->ram += (uint64_t)delta;
+    if (!conn_core(c))
+        k->noncore_ram += (uint64_t)delta;
+}
+
 /* -- contexts ---------------------------------------------------------------- */
 struct fayt_fast_conn *fayt_core_conn_new(struct fayt_core *k)
 {
@@ -251,9 +346,10 @@ struct fayt_fast_conn *fayt_core_conn_new(struct fayt_core *k)
     return c;
 }
 
-static void conn_unref(struct fayt_fast_conn *c)
+static void conn_unref(struct fayt_core *k, struct fayt_fast_conn *c)
 {
     if (c && --c->refs == 0) {
+        acct_put(k, c->cs->acct);
         free(c->cs->mapped.ids);
         free(c->cs);
         free(c);
@@ -264,7 +360,18 @@ void fayt_core_conn_put(struct fayt_core *k, struct fayt_fast_conn *c)
 {
     fayt_fast_conn_gone(k, c);
     fayt_core_conn_drop(k, c);
-    conn_unref(c);
+    conn_unref(k, c);
+}
+
+int fayt_core_conn_bind(struct fayt_core *k, struct fayt_fast_conn *c, uint32_t uid)
+{
+    struct uid_acct *a = acct_get(k, uid);
+    if (!a)
+        return ENOMEM;
+    acct_put(k, c->cs->acct);
+    c->cs->acct = a;
+    c->uid = uid;
+    return 0;
 }
 
 /* -- kept objects (recycling) ------------------------------------------------ */
@@ -458,9 +565,16 @@ static void sp_destroy(struct fayt_core *k, struct sp *sp, struct fayt_fast_conn
     core_name_remove(k, sp->name);
     sp->name = NULL;
     k->nsharepoints--;
+    core_ids_remove(k, sp->id, sp->ns);
+    if (sp->acct)
+        sp->acct->nsharepoints--;
+    acct_put(k, sp->acct);
+    sp->acct = NULL;
+    if (sp->noncore)
+        k->noncore_sharepoints--;
     if (sp->charged_to) {
-        sp->charged_to->ram -= sp->charged;
-        conn_unref(sp->charged_to);
+        ram_add(k, sp->charged_to, -(int64_t)sp->charged);
+        conn_unref(k, sp->charged_to);
         sp->charged_to = NULL;
     }
     sp_put(k, sp, by);
@@ -545,7 +659,7 @@ static void map_remove(struct fayt_core *k, struct map *m)
         m->c_next->c_prev = m->c_prev;
     c->nmaps--;
     c->mapped_bytes -= m->length;
-    c->ram -= m->charged;
+    ram_add(k, c, -(int64_t)m->charged);
     struct sp *sp = m->sp;
     if (sp) {
         if (m->sp_prev)
@@ -575,7 +689,7 @@ static void map_remove(struct fayt_core *k, struct map *m)
         }
         unhold(k, &m->fd, NULL);
     }
-    conn_unref(c);
+    conn_unref(k, c);
     free(m);
 }
 
@@ -617,6 +731,9 @@ static int quota_mappings(struct fayt_core *k, struct fayt_fast_conn *c, char *m
     return 0;
 }
 
+/* Whether c may be charged `bytes` more: its context's quota, then, for a
+ * context that is not core, its uid's limit and the RAM reserved for core
+ * servers (ENOMEM, as mmap(2) past RLIMIT_AS: the limit is on memory). */
 static int charge(struct fayt_core *k, struct fayt_fast_conn *c, uint64_t bytes, char *msg,
                   size_t max)
 {
@@ -625,6 +742,59 @@ static int charge(struct fayt_core *k, struct fayt_fast_conn *c, uint64_t bytes,
                          "past its RAM quota (%llu of %llu bytes in use)",
                          (unsigned long long)bytes, (unsigned long long)c->ram,
                          (unsigned long long)k->max_ram_per_context);
+    if (conn_core(c))
+        return 0;
+    struct uid_acct *a = c->cs->acct;
+    if (a && a->ram + bytes > k->max_ram_per_uid)
+        return core_fail(msg, max, ENOMEM, "length: %llu bytes more would take uid %u past its "
+                         "RAM limit (%llu of %llu bytes in use; config max_ram_per_uid)",
+                         (unsigned long long)bytes, c->uid, (unsigned long long)a->ram,
+                         (unsigned long long)k->max_ram_per_uid);
+    uint64_t ram = (uint64_t)k->frames.nframes * FAYT_PAGE_SIZE;
+    uint64_t open = ram > k->reserved_ram ? ram - k->reserved_ram : 0;
+    if (k->noncore_ram + bytes > open)
+        return core_fail(msg, max, ENOMEM, "length: %llu bytes more would take servers that "
+                         "are not core into the %llu bytes of RAM reserved for core servers "
+                         "(they hold %llu of the %llu open to them; config reserved_ram)",
+                         (unsigned long long)bytes, (unsigned long long)k->reserved_ram,
+                         (unsigned long long)k->noncore_ram, (unsigned long long)open);
+    return 0;
+}
+
+int fayt_core_charge(struct fayt_core *k, struct fayt_fast_conn *c, uint64_t bytes, char *msg,
+                     uint32_t max)
+{
+    int e = charge(k, c, bytes, msg, max);
+    if (!e)
+        ram_add(k, c, (int64_t)bytes);
+    return e;
+}
+
+void fayt_core_ram_set(struct fayt_core *k, struct fayt_fast_conn *c, uint64_t bytes)
+{
+    ram_add(k, c, (int64_t)(bytes - c->ram));
+}
+
+/* Whether a context that is not core may make one more share-point: its
+ * uid's limit and the table's entries reserved for core servers (ENOSPC, as
+ * shmget(2) past SHMMNI or inotify past max_user_watches: a table of kernel
+ * objects has no room for this user). */
+static int quota_sharepoints(struct fayt_core *k, struct fayt_fast_conn *c, char *msg,
+                             size_t max)
+{
+    if (conn_core(c))
+        return 0;
+    struct uid_acct *a = c->cs->acct;
+    if (a && a->nsharepoints >= k->max_sharepoints_per_uid)
+        return core_fail(msg, max, ENOSPC, "uid %u has %u share-points, its limit (config "
+                         "max_sharepoints_per_uid)", c->uid, a->nsharepoints);
+    uint32_t open = k->max_sharepoints > k->reserved_sharepoints
+                    ? k->max_sharepoints - k->reserved_sharepoints : 0;
+    if (k->noncore_sharepoints >= open)
+        return core_fail(msg, max, ENOSPC, "share-point table: servers that are not core hold "
+                         "%u entries; the other %u of %u are reserved for core servers (config "
+                         "reserved_sharepoints)", k->noncore_sharepoints, k->reserved_sharepoints,
+                         k->max_sharepoints);
     return 0;
 }
 
@@ -672,6 +842,8 @@ static int sp_create(struct fayt_core *k, struct fayt_fast_conn *c, int32_t tid,
                          core_name_repr(ident, ilen, rb, sizeof rb));
     if (k->nsharepoints >= k->max_sharepoints)
         return core_fail(msg, max, ENOMEM, "share-point table is full (%u)", k->max_sharepoints);
+    if ((e = quota_sharepoints(k, c, msg, max)))
+        return e;
     if (data_offset >= bytes)
         return core_fail(msg, max, EINVAL, "length: %llu bytes leave no room for data after "
                          "the meta-structure", (unsigned long long)a->length);
@@ -736,7 +908,9 @@ static int sp_create(struct fayt_core *k, struct fayt_fast_conn *c, int32_t tid,
     sp->id = k->next_sp_id;             /* taken below, once nothing can fail */
     struct name_ent *ne = NULL;
     if (werr || !(ne = core_name_insert(k, nr.ns, ident + nr.at, nr.len, &e))
-        || ids_insert(k, sp)) {
+        || ids_insert(k, sp) || core_ids_add(k, sp->id, nr.ns)) {
+        if (ne && core_sp_find(k, sp->id) == sp)
+            ids_remove(k, sp);
         e = werr ? errno : ne ? ENOMEM : e;
         if (ne)
             core_name_remove(k, ne);
@@ -766,8 +940,14 @@ static int sp_create(struct fayt_core *k, struct fayt_fast_conn *c, int32_t tid,
     sp->charged_to = c;
     sp->charged = bytes;
     c->refs++;
-    c->ram += bytes;
+    ram_add(k, c, (int64_t)bytes);
     k->nsharepoints++;
+    if ((sp->acct = c->cs->acct)) {
+        sp->acct->refs++;
+        sp->acct->nsharepoints++;
+    }
+    if ((sp->noncore = !conn_core(c)))
+        k->noncore_sharepoints++;
     fayt_frames_get(&k->frames, sp->frames, n);     /* the mapping's; the table holds one */
     m->sp = sp;
     if (map_insert(k, m)) {
@@ -919,7 +1099,7 @@ static int anon_map(struct fayt_core *k, struct fayt_fast_conn *c, int32_t tid,
     }
     k->frames.next_oid++;
     m->charged = bytes;
-    c->ram += bytes;
+    ram_add(k, c, (int64_t)bytes);
     out->borrowed = hold(k, &m->fd, fd);   /* held: sent, not closed */
     int rfd = fd;
     out->nfds = 1;
@@ -1084,31 +1264,6 @@ int fayt_core_sp_info(struct fayt_core *k, uint32_t id, struct fayt_sp_info *out
     return 0;
 }
 
-static int cmp_u32(const void *x, const void *y)
-{
-    uint32_t a = *(const uint32_t *)x, b = *(const uint32_t *)y;
-    return a < b ? -1 : a > b;
-}
-
-uint32_t fayt_core_sp_ids(struct fayt_core *k, uint32_t after, uint32_t *out, uint32_t max)
-{
-    struct fayt_core_priv *p = k->priv;
-    uint32_t n = 0, cap = k->nsharepoints;
-    uint32_t *all = malloc((size_t)(cap ? cap : 1) * sizeof *all);
-    if (!all)
-        return 0;
-    for (uint32_t i = 0; i < p->ids_nb; i++)
-        for (struct sp *s = p->by_id[i]; s; s = s->id_next)
-            if (!s->destroyed && s->id > after && n < cap)
-                all[n++] = s->id;
-    qsort(all, n, sizeof *all, cmp_u32);
-    if (n > max)
-        n = max;
-    memcpy(out, all, (size_t)n * sizeof *out);
-    free(all);
-    return n;
-}
-
 void fayt_core_sp_expose(struct fayt_core *k, uint32_t id)
 {
     struct sp *sp = core_sp_find(k, id);
@@ -1189,7 +1344,11 @@ int fayt_core_sp_adopt(struct fayt_core *k, uint32_t id, uint32_t ns, const char
     int e = 0;
     struct name_ent *ne = core_name_insert(k, ns, ident, ilen, &e);
     sp->id = id;
-    if (!ne || ids_insert(k, sp)) {
+    sp->acct = acct_get(k, owner_uid);
+    if (!ne || !sp->acct || ids_insert(k, sp) || core_ids_add(k, id, ns)) {
+        if (ne && core_sp_find(k, id) == sp)
+            ids_remove(k, sp);
+        acct_put(k, sp->acct);
         if (ne)
             core_name_remove(k, ne);
         fayt_frames_put(&k->frames, frames, nframes);
@@ -1206,6 +1365,7 @@ int fayt_core_sp_adopt(struct fayt_core *k, uint32_t id, uint32_t ns, const char
     sp->owner_uid = owner_uid;
     sp->owner_start = start;
     sp->shared = 1;                 /* a restart does not know who holds its fd */
+    sp->acct->nsharepoints++;       /* its owner's uid's (its category is not known: core) */
     k->nsharepoints++;
     fayt_core_skip_sp_ids(k, id % 0xfffffffeU + 1);
     return 0;
@@ -1239,9 +1399,13 @@ void core_table_fini(struct fayt_core *k)
 {
     struct fayt_core_priv *p = k->priv;
     fayt_core_destroy_all(k);
+    core_ids_fini(k);
     free(p->by_id);
     free(p->by_handle);
+    free(p->accts);
     p->by_id = NULL;
     p->by_handle = NULL;
+    p->accts = NULL;
+    p->accts_nb = p->accts_n = 0;
     p->ids_nb = p->handles_nb = p->handles_n = 0;
 }

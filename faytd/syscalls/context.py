@@ -8,6 +8,8 @@ from ..frames import KernelError
 from ..policy import Policy
 from .wire import REPLY_BUDGET, json_page, list_after
 
+LIST_PAGE = 32          # contexts one LIST_CONTEXTS answers at most
+
 log = logging.getLogger("faytd")
 
 
@@ -16,6 +18,7 @@ def sys_hello(k, ctx, tid, body, fds):
     if ctx.registered:
         raise KernelError(errno.EALREADY, "hello: context already registered")
     Policy.check_admitted(ctx)
+    k.quotas.register(ctx)                      # EAGAIN past its uid's or process's contexts
     ctx.make_page(k.frames.tag)
     k.registered(ctx)
     c = ctx.category
@@ -47,12 +50,14 @@ def _check_wire_abi(ctx, body):
 
 
 def sys_list_contexts(k, ctx, tid, body, fds):
+    """A page: at most LIST_PAGE contexts after the id the body names, in
+    order (O(page): k.contexts keeps its ids in order, context.ContextTable)."""
     after = list_after(body)
     items = ({"id": c.id, "pid": c.pid, "uid": c.uid, "exe": c.exe,
               "category": c.category.name if c.category else None,
               "mappings": len(c.mappings), "mapped_bytes": c.mapped_bytes(),
               "connected": c.connected, "rings": k.notifications.count_into(c)}
-             for i, c in sorted(k.contexts.items()) if i > after)
+             for c in k.contexts.after(after, LIST_PAGE))
     head = '{"ram_frames": %d, "free_frames": %d, "contexts": ' % (
         k.frames.nframes, k.frames.free_frames)
     return (head + json_page(items, REPLY_BUDGET - len(head)) + "}").encode(), []
