@@ -131,5 +131,6 @@ def test_portal_connection_close_keeps_live_views_valid_until_released(faytd, sp
         v.release()
         w.release()
         print(mapped())
+        lp.share_attach("t-sp-close-" + str(os.getpid())).destroy()
         """)
     assert out == ["False False b'abcd' b'wxyz' True", "False"]
