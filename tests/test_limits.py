@@ -29,71 +29,13 @@ from bench.cases import FLOODER     # the bench's flood, as in its "fair" rows
 NOBODY = 65534
 OTHER_UID = 12345
 TIMEOUT = 120
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(libportal.__file__)))
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run clients as "
                                                           "another uid")
 
 
-# -- running Python as another user (as test_policy.py does) ----------------
-
-_DROP = r"""
-import os, sys
-import libportal, libportal.portal, libportal._abi, libportal.notification
-import ctypes, json, errno, signal, time
-uid, gid = int(sys.argv[1]), int(sys.argv[2])
-os.setgroups([])
-os.setgid(gid)
-os.setuid(uid)
-code = sys.argv[3]
-sys.argv = [sys.argv[0]] + sys.argv[4:]
-exec(compile(code, "<as-user>", "exec"), {"__name__": "__main__"})
-"""
-
-
-class AsUser:
-    """Runs Python code as another uid: an interpreter that user may run,
-    or this one, dropping to the uid before the code runs."""
-
-    def __init__(self):
-        import _cffi_backend
-        import posix_ipc
-        paths = [REPO, os.path.dirname(_cffi_backend.__file__),
-                 os.path.dirname(posix_ipc.__file__)]
-        self.pythonpath = os.pathsep.join(dict.fromkeys(paths))
-        minor = "python%d.%d" % sys.version_info[:2]
-        candidates = [sys.executable, os.path.realpath(sys.executable),
-                      shutil.which(minor), "/usr/bin/" + minor, "/usr/local/bin/" + minor]
-        self.mode, self.interp = "drop", sys.executable
-        for c in dict.fromkeys(x for x in candidates if x):
-            try:
-                r = subprocess.run([c, "-c", "import libportal, faytd, posix_ipc"],
-                                   env=self.env({}), cwd="/", capture_output=True, text=True,
-                                   timeout=TIMEOUT, user=NOBODY, group=NOBODY, extra_groups=[])
-            except OSError:
-                continue
-            if r.returncode == 0:
-                self.mode, self.interp = "exec", c
-                break
-
-    def env(self, extra):
-        e = {"PATH": "/usr/bin:/bin", "PYTHONPATH": self.pythonpath, "PYTHONDONTWRITEBYTECODE": "1"}
-        e.update(extra)
-        return e
-
-    def popen(self, code, args, uid=NOBODY, **kw):
-        args = [str(a) for a in args]
-        if self.mode == "exec":
-            argv = [self.interp, "-c", code] + args
-            ids = {"user": uid, "group": uid, "extra_groups": []}
-        else:
-            argv, ids = [sys.executable, "-c", _DROP, str(uid), str(uid), code] + args, {}
-        return subprocess.Popen(argv, env=self.env({}), cwd="/", text=True, **ids, **kw)
-
-
-@pytest.fixture(scope="module")
-def as_user():
-    return AsUser()
+# Clients run as another uid through the harness's as_user fixture
+# (support.daemon.AsUser).
 
 
 class Daemon:
