@@ -20,7 +20,7 @@ import pytest
 
 import libportal as lp
 from support.daemon import Faytd, fayt_objects
-from support.procs import CTX, stop_child
+from support.procs import CTX, exit_code_of, stop_child
 
 PAGE = 4096
 WAIT = 20
@@ -105,17 +105,9 @@ def _pattern_server(req, log):
     req.supply(_pattern(req.offset, min(req.run_max, PAGE)))
 
 
-def _run_client(target, *args, timeout=WAIT):
-    """Run target(*args) in a child process; return its exit code (bounded)."""
-    p = CTX.Process(target=target, args=args)
-    p.start()
-    p.join(timeout)
-    alive = p.is_alive()
-    if alive:
-        p.kill()
-        p.join(WAIT)
-    assert not alive, "the client hung"
-    return p.exitcode
+def _run_client(target, *args):
+    """exit_code_of, bounded by this module's WAIT."""
+    return exit_code_of(target, *args, timeout=WAIT)
 
 
 def _touch(chain, offset, socket=None):

@@ -29,7 +29,7 @@ import libportal as lp
 from libportal import special
 from libportal._abi import ffi, lib
 from libportal.portal import encode_portal_req
-from support.procs import CTX, stop_child
+from support.procs import CTX, exit_code_of, stop_child
 
 PAGE = 4096
 WAIT = 20
@@ -66,18 +66,9 @@ def _register(fd, addr, length):
                                                             _MODE_MISSING, 0)))
 
 
-def _run(target, *args, timeout=WAIT):
-    """Run target(*args) in a forked child; its exit code (bounded: a child
-    still running after `timeout` seconds is killed, and that fails)."""
-    p = CTX.Process(target=target, args=args)
-    p.start()
-    p.join(timeout)
-    alive = p.is_alive()
-    if alive:
-        p.kill()
-        p.join(WAIT)
-    assert not alive, "%s hung" % target.__name__
-    return p.exitcode
+def _run(target, *args):
+    """exit_code_of, bounded by this module's WAIT."""
+    return exit_code_of(target, *args, timeout=WAIT)
 
 
 def _share_create_and_destroy(socket_path):

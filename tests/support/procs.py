@@ -89,6 +89,21 @@ def call_in_child(fn, *args, timeout=WAIT):
     return value
 
 
+def exit_code_of(target, *args, timeout=WAIT):
+    """Run target(*args) in a child from the fork server; its exit code (a
+    negative signal number if a signal ended it).  A child still running
+    after `timeout` seconds is killed, and that fails the test."""
+    p = CTX.Process(target=target, args=args)
+    p.start()
+    p.join(timeout)
+    alive = p.is_alive()
+    if alive:
+        p.kill()
+        p.join(WAIT)
+    assert not alive, "%s hung" % target.__name__
+    return p.exitcode
+
+
 def stop_child(stop, proc, timeout=WAIT):
     """Tell a child to stop (stop: a CTX.Event it watches); kill it if it
     has not ended within `timeout` seconds."""
