@@ -1110,6 +1110,26 @@ def test_badinput_connect_close_loop_leaks_nothing(private):
         "faytd keeps %d contexts of closed connections and %d more fds" % (len(stale), grown)
 
 
+def test_badinput_list_after_beyond_32_bits_not_core(private):
+    """A context that is not core pages the share-points of its namespaces
+    through the C core, whose ids are 32-bit: an `after` above that is an
+    empty page, not an internal error (found by bench/fuzz.py)."""
+    d = private(config={"policy": {"categories": {"server": {"classes": ["SHARE", "ANON"]}},
+                                   "rules": [], "default": "server"}})
+    c = libportal.Connection(d.socket)
+    sp = libportal.share_create(_unique("list32"), PAGE, connection=c)
+    try:
+        with Raw(d.socket) as r:
+            assert len(json.loads(r.call(lib.FAYT_SYS_LIST_SHARE, LIST_REQ.pack(0)).body)) == 1
+            for after in (2 ** 32 - 1, 2 ** 32, 2 ** 63, 2 ** 64 - 1):
+                rep = r.call(lib.FAYT_SYS_LIST_SHARE, LIST_REQ.pack(after))
+                assert rep.err == 0, rep.message
+                assert json.loads(rep.body) == []
+    finally:
+        sp.destroy()
+        c.close()
+
+
 def test_badinput_reply_within_msg_max(private):
     """FAYT_MSG_MAX bounds messages "either way" (syscall.h), and libportal
     receives at most that much: the list replies come in pages that fit, and

@@ -47,6 +47,8 @@ def sys_unmap_destroy(k, ctx, tid, body, fds):
 def sys_list_share(k, ctx, tid, body, fds):
     after = list_after(body)
     k.catch_up(ctx)
+    if after >= ID_MAX:         # ids are 32-bit: none lies above (the C takes a uint32)
+        return b"[]", []
     if ctx.category.id == lib.FAYT_CATEGORY_CORE:
         ids = k.sharepoints.ids(after, LIST_PAGE)
     else:                       # the namespaces Policy.may_list shows it
@@ -56,6 +58,7 @@ def sys_list_share(k, ctx, tid, body, fds):
     return json_page((e[0] for e in items), REPLY_BUDGET).encode(), []
 
 
+ID_MAX = 0xffffffff
 _Named = collections.namedtuple("_Named", "namespace")     # what Policy.may_list reads
 _IDS = cffi.new("uint32_t[]", LIST_PAGE)
 
