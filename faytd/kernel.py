@@ -324,12 +324,22 @@ class Kernel:
         if ignored:                     # one line a context, whatever it wrote
             log.warning("pid %d: %d of its lock records name share-points it never mapped: "
                         "ignored", ctx.pid, ignored)
-        for sp, state in records:
-            try:
-                holders = self._recover_one(ctx, sp, state, holders)
-            except Exception as e:      # one share-point must not stop the others'
-                log.warning("pid %d: the lock of share-point %r not recovered: %s", ctx.pid,
-                            sp.identifier.decode("utf-8", "replace"), getattr(e, "message", e))
+        try:
+            for sp, state in records:
+                try:
+                    holders = self._recover_one(ctx, sp, state, holders)
+                except Exception as e:      # one share-point must not stop the others'
+                    log.warning("pid %d: the lock of share-point %r not recovered: %s",
+                                ctx.pid, sp.identifier.decode("utf-8", "replace"),
+                                getattr(e, "message", e))
+        finally:
+            # faytd's mapping of a meta page holds a descriptor (Python's
+            # mmap keeps one): none outlives the recovery that needed it,
+            # whoever destroys the share-point later (the C path, the owner's
+            # death) and whether or not Python hears of it.
+            for sp, _ in records:
+                if sp.id not in self._rechecks:
+                    sp.close_meta()
 
     def _possible_holders(self, dead=None):
         """{share-point id: HELD or PENDING} for the locks some live context
@@ -427,6 +437,8 @@ class Kernel:
                 self._rechecks.pop(sp_id, None)
                 log.warning("the lock of share-point %r not recovered: %s",
                             sp.identifier.decode("utf-8", "replace"), getattr(e, "message", e))
+            if sp_id not in self._rechecks:
+                sp.close_meta()         # as recover_locks: no descriptor outlives the need
         self._arm_recheck()
 
     def catch_up(self, ctx):

@@ -217,6 +217,7 @@ class SharePoints:
             if clib.fayt_core_sp_info(core, sp_id, _INFO, cffi.NULL, 0) == 0:
                 return v
             del self._views[sp_id]
+            v.close_meta()
             return None
         if clib.fayt_core_sp_info(core, sp_id, _INFO, cffi.NULL, 0):
             return None
@@ -228,7 +229,7 @@ class SharePoints:
         if len(self._views) > 4096:     # views of gone share-points: forget them now and then
             for i in [i for i in self._views if clib.fayt_core_sp_info(core, i, _INFO,
                                                                      cffi.NULL, 0)]:
-                del self._views[i]
+                self._views.pop(i).close_meta()
         self._views[sp_id] = v
         return v
 

@@ -300,3 +300,58 @@ def test_lockrecord_naming_unmapped_share_points_keeps_no_context(as_user, world
         assert kept == [], "%d contexts of the forger kept" % len(kept)
     finally:
         _end(p)
+
+
+def _die_holding_a_lock(path):
+    """Create a share-point, take its lock and die (SIGKILL) holding it."""
+    c = libportal.Connection(path)
+    sp = libportal.share_create("lockrec-die-%s" % uuid.uuid4().hex[:12], 4096, connection=c)
+    assert sp.lock() == 0
+    os.kill(os.getpid(), 9)
+
+
+def _faytd_fds(pid):
+    """faytd's descriptors, less the object pool's fresh objects (memfds it
+    has not sealed yet: a bounded number, made ahead of need)."""
+    import fcntl
+    base = "/proc/%d/fd/" % pid
+    n = 0
+    for name in os.listdir(base):
+        try:
+            link = os.readlink(base + name)
+            if link.startswith("/memfd:fayt"):
+                fd = os.open(base + name, os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    if not fcntl.fcntl(fd, fcntl.F_GET_SEALS) & fcntl.F_SEAL_SEAL:
+                        continue
+                finally:
+                    os.close(fd)
+        except OSError:
+            continue
+        n += 1
+    return n
+
+
+def _no_sharepoints(path):
+    c = libportal.Connection(path)
+    try:
+        return not c.list_sharepoints()
+    finally:
+        c.close()
+
+
+def test_lockrecord_recovery_keeps_no_descriptor(fresh_faytd):
+    """faytd maps a dead holder's share-point meta page to recover its lock;
+    that mapping (a descriptor: Python's mmap keeps one) goes with the
+    recovery, although the share-point is destroyed by its owner's death
+    afterwards.  Found by bench/fuzz.py: each death left one descriptor."""
+    from support.procs import exit_code_of
+    d = fresh_faytd()
+    assert exit_code_of(_die_holding_a_lock, d.socket) == -9       # warm-up
+    wait_until(lambda: _no_sharepoints(d.socket), "the dead owner's share-point to go")
+    before = _faytd_fds(d.proc.pid)
+    for _ in range(20):
+        assert exit_code_of(_die_holding_a_lock, d.socket) == -9
+    wait_until(lambda: _no_sharepoints(d.socket), "the dead owners' share-points to go")
+    wait_until(lambda: _faytd_fds(d.proc.pid) <= before,
+               "faytd's descriptors back to %d (20 holders died)" % before)
