@@ -596,8 +596,10 @@ class Notifications:
         k.add_mapping(ctx, m)
         s = p.stacks[rec]
         s.base, s.size, s.handle, s.state = 0, size, handle, lib.FAYT_STACK_FREE
-        p.notify.nstacks += 1
         self.stacks.setdefault(ctx.id, set()).add(handle)
+        # nstacks is in the client's page (it may have written anything
+        # there): faytd writes its own count, never the word plus one.
+        p.notify.nstacks = len(self.stacks[ctx.id])
         self.uid_stacks[ctx.uid] = held + 1
         return rec, handle, backing.open_fd()
 
@@ -614,11 +616,11 @@ class Notifications:
         p.stacks[rec].state = lib.FAYT_STACK_UNUSED
         p.stacks[rec].handle = 0
         p.stacks[rec].base = 0
-        p.notify.nstacks -= 1
         mine = self.stacks.get(ctx.id, set())
         if handle in mine:
             mine.discard(handle)
             _uncount(self.uid_stacks, ctx.uid)
+        p.notify.nstacks = len(mine)    # as in alloc_stack: faytd's count
         self.k.unmap(ctx, m)
 
     def subscribe(self, ctx, event, index, arg):

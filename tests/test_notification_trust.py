@@ -708,3 +708,24 @@ def test_notification_ring_requests_coalesce_while_a_doorbell_is_outstanding(wor
     assert int(target.expect()) < 10            # about one, not a thousand
     assert json.loads(target.expect()) == ["once"]
     sender.send("")
+
+
+def test_stack_count_in_the_context_page_is_faytd_s_not_the_page_s(lp):
+    """notify.nstacks lives in the client's own context page: faytd writes
+    its own count there, whatever the client wrote (found by bench/fuzz.py:
+    a page scribbled to 0 made a stack free an internal error in faytd)."""
+    from libportal._abi import ffi
+    c = libportal.Connection()
+    try:
+        page = ffi.cast("struct fayt_context_page *", c.context_page)
+        first = libportal.notification_stack_alloc(connection=c)
+        page.notify.nstacks = 0
+        libportal.notification_stack_free(first, connection=c)
+        assert page.notify.nstacks == 0
+        page.notify.nstacks = 0xffffffff
+        second = libportal.notification_stack_alloc(connection=c)
+        assert page.notify.nstacks == 1
+        libportal.notification_stack_free(second, connection=c)
+        assert page.notify.nstacks == 0
+    finally:
+        c.close()
