@@ -465,11 +465,13 @@ class ChainServer:
         while True:
             s = lib.fayt_pager_take(self._ch, ns, self.spin_ns if ns != 0 else 0)
             if s >= 0:
-                return PageRequest(self, s)
+                return PageRequest(self, self._slot(s))
             if s == -errno.ETIMEDOUT:
                 return None
             if s == -errno.EINTR:
                 continue
+            if s == -errno.EPROTO:
+                self._slot(-1)
             raise errors.error(-s, "chain %r: the channel was closed by faytd" % self.name)
 
     def serve(self, handler, stop=None, poll=0.1):
@@ -487,8 +489,10 @@ class ChainServer:
             if s < 0:
                 if s in (-errno.ETIMEDOUT, -errno.EINTR):
                     continue
+                if s == -errno.EPROTO:
+                    self._slot(-1)
                 return              # EPIPE: the channel was closed by faytd
-            req = PageRequest(self, s)
+            req = PageRequest(self, self._slot(s))
             try:
                 handler(req)
             except OSError as e:
@@ -500,6 +504,14 @@ class ChainServer:
                 raise
             if not req._answered:
                 req.fail(errno.EIO)
+
+    def _slot(self, s):
+        """s if it names one of this channel's slots (faytd's reply says how
+        many), else EPROTO: the request ring in shared memory was scribbled on."""
+        if not 0 <= s < self.slots:
+            raise errors.error(errno.EPROTO, "chain %r: the channel's request ring names "
+                               "slot %d of %d: corrupt" % (self.name, s, self.slots))
+        return s
 
     def _back_call(self, op, message, handle):
         raw = message.encode("utf-8") if isinstance(message, str) else bytes(message or b"")

@@ -25,6 +25,8 @@ import struct
 import threading
 import uuid
 
+import pytest
+
 import libportal as lp
 from libportal import special
 from libportal._abi import ffi, lib
@@ -306,3 +308,23 @@ def test_special_hostile_blocking_userfaultfd_does_not_block_faytd(fresh_faytd):
         finally:
             stop_child(release, client)
     d.stop()
+
+
+# -- a chain server that scribbles on its own channel -------------------------
+
+def test_special_take_refuses_a_scribbled_slot_number(lp):
+    """The request ring is shared memory: a slot number past the channel's
+    slots (here the server wrote it itself) is EPROTO from take(), never an
+    index or an address (found by bench/fuzz.py: IndexError before)."""
+    from libportal._abi import ffi
+    s = lp.chain_join(_chain(), slots=2)
+    try:
+        h = ffi.cast("struct fayt_pager_header *", s._addr)
+        for bad in (2, 63, 64, 0xffffffff):
+            h.req_ring[h.req_tail % 64] = bad
+            h.req_head = h.req_tail + 1
+            with pytest.raises(lp.ProtocolError, match="slot"):
+                s.take(timeout=1)
+        assert s.take(timeout=0) is None        # nothing else: the ring is empty again
+    finally:
+        s.leave()

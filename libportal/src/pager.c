@@ -63,6 +63,11 @@ int fayt_pager_take(void *ch, int64_t timeout_ns, int64_t spin_ns)
         if (head != tail) {
             uint32_t slot = LOAD(&h->req_ring[tail % FAYT_PAGER_SLOTS_MAX]);
             STORE(&h->req_tail, tail + 1);
+            /* The channel is shared memory: a slot number past the slots
+             * (the server scribbled on its own channel) is refused, never
+             * turned into an address. */
+            if (slot >= FAYT_PAGER_SLOTS_MAX || slot >= LOAD(&h->nslots))
+                return -EPROTO;
             return (int)slot;
         }
         if (LOAD(&h->state) != FAYT_PAGER_LIVE)

@@ -203,7 +203,9 @@ int fayt_uffd_poison(int fd, uint64_t addr, uint64_t len);
 struct fayt_page_request *fayt_pager_slot(void *ch, uint32_t slot);
 void *fayt_pager_data(void *ch, uint32_t slot);
 /* Server: the next request's slot; -ETIMEDOUT, -EINTR (call again) or
- * -EPIPE (the channel was closed).  timeout_ns < 0 waits for ever.  It spins
+ * -EPIPE (the channel was closed), -EPROTO (the request ring names a slot
+ * past the channel's: its shared memory was scribbled on).  timeout_ns < 0
+ * waits for ever.  It spins
  * for spin_ns (at most the timeout) before it sleeps on the futex. */
 int fayt_pager_take(void *ch, int64_t timeout_ns, int64_t spin_ns);
 /* Server: answer the slot and ring faytd's eventfd. */
