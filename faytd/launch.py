@@ -163,12 +163,27 @@ def end_keepers(dirs):
         time.sleep(0.01)
 
 
+def sealed(path):
+    """Whether the object at path (a /proc/<pid>/fd/<n>) carries F_SEAL_SEAL:
+    faytd seals an object before its first descriptor leaves it, so an
+    unsealed fayt memfd is one the pool made ahead of need.  None if it
+    cannot be opened (gone meanwhile)."""
+    import fcntl
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        return bool(fcntl.fcntl(fd, fcntl.F_GET_SEALS) & fcntl.F_SEAL_SEAL)
+    finally:
+        os.close(fd)
+
+
 def fayt_objects(pids=None, dirs=None, pooled=False):
     """The objects the keepers hold (those of faytd `pids`, or of the state
     directories `dirs`, if given), as <memfd name>.<fd number in the
     keeper>: fayt.37, fayt.ring.41.  Those the pool made ahead of need and
     has not handed out yet (not sealed yet) only if `pooled`."""
-    import fcntl
     if pids is not None:
         dirs = set(dirs or ()) | {RUNS[p] for p in pids if p in RUNS}
     names = []
@@ -185,15 +200,7 @@ def fayt_objects(pids=None, dirs=None, pooled=False):
                 continue
             if not link.startswith("/memfd:fayt"):
                 continue
-            if not pooled:
-                try:
-                    fd = os.open(base + n, os.O_RDONLY | os.O_CLOEXEC)
-                except OSError:
-                    continue
-                try:
-                    if not fcntl.fcntl(fd, fcntl.F_GET_SEALS) & fcntl.F_SEAL_SEAL:
-                        continue
-                finally:
-                    os.close(fd)
+            if not pooled and not sealed(base + n):
+                continue
             names.append("%s.%s" % (link[len("/memfd:"):].split(" ")[0], n))
     return sorted(names)

@@ -313,20 +313,15 @@ def _die_holding_a_lock(path):
 def _faytd_fds(pid):
     """faytd's descriptors, less the object pool's fresh objects (memfds it
     has not sealed yet: a bounded number, made ahead of need)."""
-    import fcntl
+    from faytd.launch import sealed
     base = "/proc/%d/fd/" % pid
     n = 0
     for name in os.listdir(base):
         try:
             link = os.readlink(base + name)
-            if link.startswith("/memfd:fayt"):
-                fd = os.open(base + name, os.O_RDONLY | os.O_CLOEXEC)
-                try:
-                    if not fcntl.fcntl(fd, fcntl.F_GET_SEALS) & fcntl.F_SEAL_SEAL:
-                        continue
-                finally:
-                    os.close(fd)
         except OSError:
+            continue
+        if link.startswith("/memfd:fayt") and not sealed(base + name):
             continue
         n += 1
     return n
