@@ -82,6 +82,8 @@ STRUCTS = {
     "struct fayt_chain_leave": ["chain_id", "reserved"],
     "struct fayt_chain_back": ["chain_id", "message_length", "handle", "message"],
     "struct fayt_chain_back_reply": ["backing", "reserved"],
+    "struct fayt_direct_run": ["fd", "pages", "at", "offset"],
+    "struct fayt_grant_req": ["handle", "kind", "to", "prot", "flags"],
 }
 
 # Constants whose values are ABI as well.
@@ -120,6 +122,8 @@ CONSTANTS = [
     "FAYT_PAGE_MAPPED",
     "FAYT_PORTAL_REPLY_BACKED", "FAYT_UFFD_USER_MODE", "FAYT_UFFD_WP", "FAYT_UFFD_POISON",
     "FAYT_UFFD_MINOR", "FAYT_UFFD_REGISTER_WP", "FAYT_UFFD_REGISTER_MINOR",
+    "FAYT_SYS_GRANT", "FAYT_PORTAL_REPLY_DIRECT", "FAYT_DIRECT_OBJECTS_MAX",
+    "FAYT_GRANT_CONTEXT", "FAYT_GRANT_CATEGORY", "FAYT_GRANT_REVOKE",
 ]
 
 

@@ -327,6 +327,13 @@ struct fayt_map_info {
 } __attribute__((packed));
 int fayt_core_map_info(struct fayt_core *k, struct fayt_fast_conn *c, uint64_t handle,
                        struct fayt_map_info *out, uint32_t *frames, uint32_t max);
+/* The share-point or ANON portal whose object is oid (DIRECT over RAM: a
+ * core context may name any frame), described as fayt_core_map_info does
+ * (handle, pid, tid: its creator's mapping's, or 0 for a share-point);
+ * asking marks it as seen by Python: never recycled.  0, or ENOENT.  A scan
+ * of the table: O(share-points + mappings). */
+int fayt_core_oid_info(struct fayt_core *k, uint32_t oid, struct fayt_map_info *out,
+                       uint32_t *frames, uint32_t max);
 /* The share-point id of c's mapping `handle` (0: an ANON portal), or -1 if
  * the core holds no such mapping. */
 int64_t fayt_core_map_sp(struct fayt_core *k, struct fayt_fast_conn *c, uint64_t handle);

@@ -1186,6 +1186,37 @@ int fayt_core_map_info(struct fayt_core *k, struct fayt_fast_conn *c, uint64_t h
     return 0;
 }
 
+int fayt_core_oid_info(struct fayt_core *k, uint32_t oid, struct fayt_map_info *out,
+                       uint32_t *frames, uint32_t max)
+{
+    struct fayt_core_priv *p = k->priv;
+    for (uint32_t i = 0; i < p->ids_nb; i++) {
+        for (struct sp *s = p->by_id[i]; s; s = s->id_next) {
+            if (s->oid != oid)
+                continue;
+            memset(out, 0, sizeof *out);
+            out->type = FAYT_PORTAL_SHARE | FAYT_PORTAL_ANON;
+            out->sp_id = s->id;
+            out->pid = s->owner_pid;
+            out->prot = s->prot;
+            out->oid = s->oid;
+            out->length = s->length;
+            out->nframes = s->nframes;
+            snprintf(out->object, sizeof out->object, "%s%s%s", s->object,
+                     s->split ? "+" : "", s->split ? s->object2 : "");
+            if (frames)
+                memcpy(frames, s->frames, (size_t)(max < s->nframes ? max : s->nframes) * 4);
+            s->shared = 1;
+            return 0;
+        }
+    }
+    for (uint32_t i = 0; i < p->handles_nb; i++)
+        for (struct map *m = p->by_handle[i]; m; m = m->hnext)
+            if (!m->sp && m->oid == oid)
+                return fayt_core_map_info(k, m->conn, m->handle, out, frames, max);
+    return ENOENT;
+}
+
 int64_t fayt_core_map_sp(struct fayt_core *k, struct fayt_fast_conn *c, uint64_t handle)
 {
     struct map *m = core_map_find(k, c, handle);

@@ -16,7 +16,7 @@ from libportal._abi import lib
 from ..frames import KernelError
 from ..native import ffi as cffi, lib as clib
 from ..policy import Policy, class_names
-from . import chain as _chain
+from . import chain as _chain, direct as _direct
 from .wire import handle_of
 
 SHARE, DIRECT, ANON = lib.FAYT_PORTAL_SHARE, lib.FAYT_PORTAL_DIRECT, lib.FAYT_PORTAL_ANON
@@ -62,6 +62,8 @@ def sys_portal(k, ctx, tid, body, fds):
                                      message, req_fields, fds)
     if fds:
         raise KernelError(errno.EINVAL, "this call takes no file descriptors")
+    if t == DIRECT:
+        return _direct.portal_direct(k, ctx, tid, prot, length, body, args, req_fields)
     if t & (DIRECT | COW):
         raise KernelError(errno.ENOSYS, "type: %s portals are not built yet"
                           % class_names(t & (DIRECT | COW)))

@@ -1,0 +1,64 @@
+"""GRANT, and the DIRECT branch of PORTAL: direct maps of RAM frames
+(faytd/direct.py holds the grants and performs the mappings)."""
+import array
+import errno
+import os
+
+from libportal._abi import lib, GRANT_REQ, DIRECT_RUN, PORTAL_REPLY, PORTAL_REQ, PORTAL_REQ_SIZE
+
+from ..context import CoreMapping
+from ..frames import KernelError
+from ..policy import Policy
+from .wire import unpack
+
+KINDS = (lib.FAYT_GRANT_CONTEXT, lib.FAYT_GRANT_CATEGORY)
+
+
+def paddrs_of(body, args):
+    """The paddr[] entries a DIRECT or COW request sent (the decoder checked
+    that morphology.length's worth of them are there)."""
+    n = (args.mlen + 4095) // 4096
+    return array.array("Q", body[PORTAL_REQ_SIZE:PORTAL_REQ_SIZE + 8 * n])
+
+
+def portal_direct(k, ctx, tid, prot, length, body, args, req_fields):
+    """PORTAL of class DIRECT: the frames paddr[] names, mapped at the
+    client's range; one fd per object, read-only without PROT_WRITE."""
+    m, runs, parts = k.direct.map(ctx, tid, prot, length, paddrs_of(body, args))
+    index = {id(p): i for i, p in enumerate(parts)}
+    fds = []
+    try:
+        for p in parts:
+            fds.append(p.open_fd(readonly=not prot & lib.FAYT_PROT_WRITE))
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        k.unmap(ctx, m)
+        raise
+    reply = (PORTAL_REPLY.pack(m.handle, length, 0, 0, 0, prot, lib.FAYT_PORTAL_REPLY_DIRECT)
+             + PORTAL_REQ.pack(*req_fields, length)
+             + b"".join(DIRECT_RUN.pack(index[id(p)], n, at, page * 4096)
+                        for p, page, n, at in runs))
+    return reply, fds
+
+
+def sys_grant(k, ctx, tid, body, fds):
+    handle, kind, to, prot, flags = unpack(GRANT_REQ, body, "grant")
+    if flags & ~lib.FAYT_GRANT_REVOKE:
+        raise KernelError(errno.EINVAL, "flags: unknown bits %#x"
+                          % (flags & ~lib.FAYT_GRANT_REVOKE))
+    if kind not in KINDS:
+        raise KernelError(errno.EINVAL, "kind: %d is neither FAYT_GRANT_CONTEXT (1) nor "
+                          "FAYT_GRANT_CATEGORY (2)" % kind)
+    if prot & ~lib.FAYT_PROT_ALL:
+        raise KernelError(errno.EINVAL, "prot: unknown bits %#x" % (prot & ~lib.FAYT_PROT_ALL))
+    m = ctx.mappings.get(handle)
+    if m is None:
+        raise KernelError(errno.EBADF, "handle: %d names no mapping of this context" % handle)
+    if not isinstance(m, CoreMapping):
+        raise KernelError(errno.EINVAL, "handle: %d is not an ANON portal or a share-point "
+                          "(only those are granted)" % handle)
+    sp = k.sharepoints.get(m.sp_id, keep=False) if m.sp_id else None
+    Policy.check_grant(ctx, m, sp, prot)
+    k.direct.grant(ctx, handle, m.backing, kind, to, prot, bool(flags & lib.FAYT_GRANT_REVOKE))
+    return b"", []

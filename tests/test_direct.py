@@ -1,0 +1,239 @@
+"""DIRECT portals over RAM and DMA grants (docs/portals.md#direct-portals),
+with real processes: aliasing another context's frames, frame lifetimes,
+grants and their refusals (uid 65534), bad input, and a raw-bytes attacker
+that names frames it was not granted."""
+import errno
+import json
+import os
+
+import pytest
+
+import libportal
+from libportal._abi import lib, GRANT_REQ, HANDLE_REQ, PORTAL_REPLY
+from libportal.portal_req import encode_portal_req
+
+from support.daemon import NOBODY
+
+PAGE = lib.FAYT_PAGE_SIZE
+RW, RO = libportal.PROT_RW, libportal.PROT_READ
+DIRECT = libportal.DIRECT
+RAM_BASE = 0x100000
+
+# A portal owner: makes an ANON portal of n pages, writes its tag at the
+# start of each page, says its context id and frames, then obeys lines:
+# "read i" prints page i's first 16 bytes, "grant ..." grants, "unmap".
+OWNER = r"""
+n = int(sys.argv[1]) if len(sys.argv) > 1 else 2
+c = lp.connection()
+p = lp.portal(lp.ANON, lp.PROT_RW, n * 4096)
+for i in range(n):
+    p.buf[i * 4096:i * 4096 + 7] = b"owner-%d" % i
+print(json.dumps([c.context_id, list(p.paddr)]))
+for line in sys.stdin:
+    w = line.split()
+    try:
+        if w[0] == "read":
+            i = int(w[1])
+            print(bytes(p.buf[i * 4096:i * 4096 + 16]).rstrip(b"\0").decode())
+        elif w[0] == "grant":           # grant context|category <to> <prot> [revoke]
+            kw = {"category": int(w[2])} if w[1] == "category" else {"to": int(w[2])}
+            lp.grant(p, prot=int(w[3]), revoke=len(w) > 4, **kw)
+            print("ok")
+        elif w[0] == "unmap":
+            p.unmap()
+            print("ok")
+    except OSError as e:
+        print("%s %s" % (errno.errorcode[e.errno], e))
+"""
+
+
+def owner(spawn, d, pages=2, **kw):
+    o = spawn(OWNER, d.env(), args=[pages], **kw)
+    cid, paddr = json.loads(o.expect())
+    return o, cid, paddr
+
+
+def test_direct_aliases_another_contexts_anon_portal(spawn, faytd, conn_to):
+    """A core context's DIRECT over the frames of another context's ANON
+    portal sees and changes the same bytes."""
+    o, _, paddr = owner(spawn, faytd)
+    c = conn_to(faytd)
+    p = libportal.portal(DIRECT, RW, 2 * PAGE, paddr=paddr, connection=c)
+    assert p.paddr == tuple(paddr)
+    assert bytes(p.buf[0:7]) == b"owner-0" and bytes(p.buf[PAGE:PAGE + 7]) == b"owner-1"
+    p.buf[PAGE:PAGE + 6] = b"direct"
+    o.send("read 1")
+    assert o.expect() == "direct1"
+    # The frames in another order: page 0 of the mapping is the owner's page 1.
+    q = libportal.portal(DIRECT, RO, 2 * PAGE, paddr=paddr[::-1], connection=c)
+    assert bytes(q.buf[0:7]) == b"direct1" and bytes(q.buf[PAGE:PAGE + 7]) == b"owner-0"
+    with pytest.raises(TypeError):
+        q.buf[0:1] = b"x"               # read-only: PROT_READ
+    q.unmap()
+    p.unmap()
+
+
+def test_direct_frame_outlives_its_portal(spawn, faytd, conn_to):
+    """A frame stays allocated while a DIRECT mapping names it, after its
+    portal's owner unmapped it and died; it is freed with the last mapping."""
+    c = conn_to(faytd)
+    before = faytd.state()
+    o, _, paddr = owner(spawn, faytd, pages=3)
+    p = libportal.portal(DIRECT, RW, PAGE, paddr=[paddr[1]], connection=c)
+    o.send("unmap")
+    assert o.expect() == "ok"
+    o.kill()
+    # The two frames nobody names are free again; the named one is not.
+    assert faytd.wait_state(dict(before, mappings=before["mappings"] + 1,
+                                 free_frames=before["free_frames"] - 1)) \
+        == dict(before, mappings=before["mappings"] + 1, free_frames=before["free_frames"] - 1)
+    assert bytes(p.buf[0:7]) == b"owner-1"
+    with pytest.raises(libportal.PortalError) as ei:
+        libportal.portal(DIRECT, RW, PAGE, paddr=[paddr[0]], connection=c)
+    assert ei.value.errno == errno.EFAULT
+    assert "morphology.paddr[0]: frame %#x is free" % paddr[0] in str(ei.value)
+    p.unmap()
+    assert faytd.wait_state(before) == before
+
+
+@pytest.mark.parametrize("length, paddr, err, msg", [
+    (PAGE, [RAM_BASE + 1], errno.EINVAL, "morphology.paddr[0]: 0x100001 is not 4 KiB aligned"),
+    (2 * PAGE, ["ok", RAM_BASE + 0x800], errno.EINVAL,
+     "morphology.paddr[1]: 0x100800 is not 4 KiB aligned"),
+    (PAGE, [0x1000], errno.EFAULT, "morphology.paddr[0]: 0x1000 is not backed"),
+    (PAGE, [1 << 40], errno.EFAULT, "morphology.paddr[0]: 0x10000000000 is not backed"),
+    (PAGE + 1, ["ok", "ok"], errno.EINVAL, "length: 4097 is not a multiple of 4096"),
+])
+def test_direct_bad_input_names_the_field(faytd, conn_to, length, paddr, err, msg):
+    """Unaligned frames or length are EINVAL, frames outside RAM EFAULT, each
+    naming the field; nothing is mapped."""
+    c = conn_to(faytd)
+    p = libportal.portal(libportal.ANON, RW, PAGE, connection=c)
+    before = faytd.state()
+    paddr = [p.paddr[0] if a == "ok" else a for a in paddr]
+    with pytest.raises(libportal.PortalError) as ei:
+        libportal.portal(DIRECT, RW, length, paddr=paddr, connection=c)
+    assert ei.value.errno == err and msg in str(ei.value), str(ei.value)
+    assert faytd.state() == before
+    p.unmap()
+
+
+# -- grants, other uids, and an attacker ---------------------------------------
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run clients as "
+                                                          "uid 65534")
+
+DRIVER_POLICY = {
+    "categories": {"core": {"classes": ["SHARE", "DIRECT", "ANON", "COW", "SPECIAL"],
+                            "notify_handlers": True},
+                   "driver": {"classes": ["SHARE", "DIRECT", "ANON"]},
+                   "server": {"classes": ["SHARE", "ANON"]}},
+    "rules": [{"uid": "$owner", "category": "core"}, {"uid": 0, "category": "core"},
+              {"uid": NOBODY, "category": "driver"}],
+    "default": "server",
+}
+
+# A DIRECT client (as uid 65534): for each line "<prot> <paddr,...>" it
+# tries a DIRECT portal over those frames and prints the outcome: "ok
+# <first bytes of each page>" or the errno's name and message.  It sends
+# the request as raw bytes (struct portal_req, paddr[]) with its own
+# connection's transport, so nothing of libportal's checks stands between
+# it and faytd; a granted mapping is checked by mapping it with libportal.
+ATTACKER = r"""
+from libportal._abi import lib, PORTAL_REQ, PORTAL_REPLY, HANDLE_REQ, GRANT_REQ
+c = lp.Connection(sys.argv[1])
+print(json.dumps([c.context_id, c.category]))
+for line in sys.stdin:
+    w = line.split()
+    try:
+        if w[0] == "raw":               # raw <prot> <paddr,...>: the bytes of a PORTAL
+            paddr = [int(x, 0) for x in w[2].split(",")]
+            n = len(paddr) * 4096
+            body = (PORTAL_REQ.pack(lib.FAYT_PORTAL_DIRECT, int(w[1]), n, 0, 0, 0, 0, 0, 0, n)
+                    + struct.pack("<%dQ" % len(paddr), *paddr))
+            data, fds = c.call(lib.FAYT_SYS_PORTAL, body)
+            for fd in fds:
+                os.close(fd)
+            c.call(lib.FAYT_SYS_UNMAP, HANDLE_REQ.pack(PORTAL_REPLY.unpack_from(data)[0]))
+            print("ok %d" % len(fds))
+        elif w[0] == "map":             # map <prot> <paddr,...>
+            paddr = [int(x, 0) for x in w[2].split(",")]
+            p = lp.portal(lp.DIRECT, int(w[1]), 4096 * len(paddr), paddr=paddr, connection=c)
+            print("ok " + ",".join(bytes(p.buf[i * 4096:i * 4096 + 7]).decode()
+                                   for i in range(len(paddr))))
+            p.unmap()
+        elif w[0] == "grant":           # grant <handle> <kind> <to> <prot>: a forged GRANT
+            c.call(lib.FAYT_SYS_GRANT, GRANT_REQ.pack(*[int(x) for x in w[1:5]], 0))
+            print("ok")
+        elif w[0] == "anon":            # an ANON portal of its own, and its handle
+            p = lp.portal(lp.ANON, lp.PROT_RW, 4096, connection=c)
+            print("ok %d %d" % (p.handle, p.paddr[0]))
+    except OSError as e:
+        print("%s %s" % (errno.errorcode[e.errno], e))
+"""
+
+
+def attacker(spawn, as_user, d):
+    a = spawn(ATTACKER, d.env(), as_user=as_user, uid=NOBODY, args=[d.socket])
+    cid, cat = json.loads(a.expect())
+    assert cat == lib.FAYT_CATEGORY_DRIVER
+    return a, cid
+
+
+def ask(child, line):
+    child.send(line)
+    return child.expect()
+
+
+@needs_root
+def test_direct_grants_and_their_refusals(spawn, as_user, world_faytd):
+    """A driver context (uid 65534) may map only frames of portals granted
+    to it, within the grant's prot: ungranted frames, a wider prot, a grant
+    to another context, a revoked grant are EPERM, and nothing is mapped."""
+    d = world_faytd(DRIVER_POLICY)
+    o, _, paddr = owner(spawn, d)
+    a, acid = attacker(spawn, as_user, d)
+    frames = ",".join(hex(x) for x in paddr)
+    before = d.state()
+    got = ask(a, "map 1 " + frames)
+    assert got.startswith("EPERM") and ("morphology.paddr[0]: frame %#x is in no portal or "
+                                        "share-point granted to this context" % paddr[0]) in got
+    assert ask(o, "grant context %d 1" % (acid + 1000)) == "ok"     # another context's grant
+    assert ask(a, "map 1 " + frames).startswith("EPERM")
+    assert ask(o, "grant context %d 1" % acid) == "ok"
+    assert ask(a, "map 1 " + frames) == "ok owner-0,owner-1"
+    got = ask(a, "map 3 " + frames)
+    assert got.startswith("EPERM") and "prot 0x3 asked, its grant allows 0x1" in got
+    assert ask(o, "grant category %d 3" % lib.FAYT_CATEGORY_DRIVER) == "ok"
+    assert ask(a, "map 3 " + frames) == "ok owner-0,owner-1"
+    assert ask(o, "grant category %d 3 revoke" % lib.FAYT_CATEGORY_DRIVER) == "ok"
+    assert ask(o, "grant context %d 1 revoke" % acid) == "ok"
+    assert ask(a, "map 1 " + frames).startswith("EPERM")
+    assert d.wait_state(before) == before
+    # A grant wider than the mapping is EACCES.
+    assert ask(o, "grant context %d 7" % acid).startswith("EACCES")
+
+
+@needs_root
+def test_direct_attacker_reaches_no_frame_it_was_not_granted(spawn, as_user, world_faytd):
+    """Raw PORTAL bodies from uid 65534 naming frames of a portal not granted
+    to it, or mixing granted frames with one that is not, are EPERM with no
+    descriptor; forged GRANTs of handles that
+    are not its own are EBADF; the granted frame alone maps."""
+    d = world_faytd(DRIVER_POLICY)
+    o, ocid, paddr = owner(spawn, d)
+    a, acid = attacker(spawn, as_user, d)
+    assert ask(o, "grant context %d 1" % acid) == "ok"
+    mine = ask(a, "anon").split()
+    assert mine[0] == "ok"
+    o2, _, other = owner(spawn, d, pages=1)
+    before = d.state()
+    for frames in ([other[0]], [paddr[0], other[0]], [other[0], paddr[1]]):
+        got = ask(a, "raw 1 " + ",".join(hex(x) for x in frames))
+        assert got.startswith("EPERM"), (frames, got)
+    # The handles of other contexts' portals mean nothing in its context.
+    for h in range(1, 8):
+        if h != int(mine[1]):
+            assert ask(a, "grant %d 2 %d 1" % (h, lib.FAYT_GRANT_CATEGORY)).startswith("EBADF")
+    assert ask(a, "raw 1 %#x" % paddr[0]) == "ok 1"
+    assert d.wait_state(before) == before
