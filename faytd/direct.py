@@ -203,16 +203,20 @@ class Direct:
                 runs.append([part, page, 1, i * PAGE])
         return frames, runs, list(checked.values())
 
-    def map(self, ctx, tid, prot, length, paddrs):
-        """A DIRECT mapping of ctx: (Mapping, runs, parts): the caller
-        packs the reply and opens one descriptor per part."""
-        k = self.k
+    @staticmethod
+    def check_range(length, paddrs):
         if length % PAGE:
             raise KernelError(errno.EINVAL, "length: %d is not a multiple of 4096 (DIRECT maps "
                               "whole frames)" % length)
         if len(paddrs) != length // PAGE:
             raise KernelError(errno.EINVAL, "morphology.length: DIRECT names one paddr[] entry "
                               "per 4 KiB of length (%d), %d named" % (length // PAGE, len(paddrs)))
+
+    def map(self, ctx, tid, prot, length, paddrs):
+        """A DIRECT mapping of ctx: (Mapping, runs, parts): the caller
+        packs the reply and opens one descriptor per part."""
+        k = self.k
+        self.check_range(length, paddrs)
         if len(self.objects) > 4096:         # forget the objects that are gone
             self.objects = {o: x for o, x in self.objects.items() if self._alive(x)}
         frames, runs, objects = self.resolve(ctx, prot, paddrs)

@@ -125,8 +125,9 @@ needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run cli
 
 DRIVER_POLICY = {
     "categories": {"core": {"classes": ["SHARE", "DIRECT", "ANON", "COW", "SPECIAL"],
-                            "notify_handlers": True},
-                   "driver": {"classes": ["SHARE", "DIRECT", "ANON"]},
+                            "notify_handlers": True, "shared_names": ["dma-*"]},
+                   "driver": {"classes": ["SHARE", "DIRECT", "ANON"],
+                              "shared_names": ["dma-*"]},
                    "server": {"classes": ["SHARE", "ANON"]}},
     "rules": [{"uid": "$owner", "category": "core"}, {"uid": 0, "category": "core"},
               {"uid": NOBODY, "category": "driver"}],
@@ -164,6 +165,16 @@ for line in sys.stdin:
             p.unmap()
         elif w[0] == "grant":           # grant <handle> <kind> <to> <prot>: a forged GRANT
             c.call(lib.FAYT_SYS_GRANT, GRANT_REQ.pack(*[int(x) for x in w[1:5]], 0))
+            print("ok")
+        elif w[0] == "attach":          # attach <name> <prot>
+            sp = lp.share_attach(w[1], int(w[2]), connection=c)
+            print("ok " + sp.read(0, 8).decode())
+            sp.unmap()
+        elif w[0] == "sp":              # sp <name> <paddr,...>: SHARE|DIRECT, made and destroyed
+            paddr = [int(x, 0) for x in w[2].split(",")]
+            sp = lp.portal(lp.SHARE | lp.DIRECT, lp.PROT_RW, 4096 * len(paddr), identifier=w[1],
+                           create=True, paddr=paddr, connection=c)
+            sp.destroy()
             print("ok")
         elif w[0] == "anon":            # an ANON portal of its own, and its handle
             p = lp.portal(lp.ANON, lp.PROT_RW, 4096, connection=c)
@@ -237,3 +248,84 @@ def test_direct_attacker_reaches_no_frame_it_was_not_granted(spawn, as_user, wor
             assert ask(a, "grant %d 2 %d 1" % (h, lib.FAYT_GRANT_CATEGORY)).startswith("EBADF")
     assert ask(a, "raw 1 %#x" % paddr[0]) == "ok 1"
     assert d.wait_state(before) == before
+
+
+# -- SHARE|DIRECT ----------------------------------------------------------------
+
+def test_direct_sharepoint_over_granted_portal(spawn, faytd, conn_to):
+    """SHARE|DIRECT over the frames of another context's ANON portal: the
+    meta-structure at its head, the data at the next 16-byte boundary,
+    attachable like any share-point; its frames outlive the portal and go
+    with the share-point's last mapping."""
+    c = conn_to(faytd)
+    before = faytd.state()
+    o, _, paddr = owner(spawn, faytd, pages=2)
+    sp = libportal.portal(libportal.SHARE | DIRECT, RW, 2 * PAGE, identifier="direct-sp",
+                          create=True, paddr=paddr, connection=c)
+    assert sp.created and sp.paddr == tuple(paddr)
+    assert sp.data_offset == 48 and sp.length == 2 * PAGE - 48   # 28 + 2 * 8 bytes, rounded to 16
+    sp.write(PAGE - 48, b"through-sp")          # the start of the owner's page 1
+    o.send("read 1")
+    assert o.expect() == "through-sp"
+    other = libportal.share_attach("direct-sp", connection=conn_to(faytd))
+    assert other.read(PAGE - 48, 10) == b"through-sp"
+    o.send("unmap")
+    assert o.expect() == "ok"
+    o.kill()
+    assert other.read(PAGE - 48, 10) == b"through-sp"
+    other.unmap()
+    sp.destroy()
+    assert faytd.wait_state(before) == before
+
+
+@pytest.mark.parametrize("which, msg", [
+    ("part", "a SHARE|DIRECT share-point is one whole object"),
+    ("reversed", "a SHARE|DIRECT share-point is one whole object"),
+    ("sharepoint", "a SHARE|DIRECT share-point is one whole object"),
+])
+def test_direct_sharepoint_names_one_whole_portal(spawn, faytd, conn_to, which, msg):
+    """A SHARE|DIRECT share-point maps one whole ANON portal's object from
+    its start: part of one, its frames out of order, or a share-point's are
+    EINVAL naming morphology.paddr; nothing is created."""
+    c = conn_to(faytd)
+    p = libportal.portal(libportal.ANON, RW, 2 * PAGE, connection=c)
+    s = libportal.share_create("direct-src", 2 * PAGE, connection=c)
+    before = faytd.state()
+    paddr = {"part": list(p.paddr[:1]), "reversed": list(p.paddr[::-1]),
+             "sharepoint": list(s.paddr)}[which]
+    with pytest.raises(libportal.PortalError) as ei:
+        libportal.portal(libportal.SHARE | DIRECT, RW, PAGE * len(paddr), identifier="direct-x",
+                         create=True, paddr=paddr, connection=c)
+    assert ei.value.errno == errno.EINVAL and "morphology.paddr: " + msg in str(ei.value)
+    assert faytd.state() == before
+    s.destroy()
+    p.unmap()
+
+
+@needs_root
+def test_direct_sharepoint_other_uid(spawn, as_user, world_faytd, conn_to):
+    """A SHARE|DIRECT share-point is one object: another uid's PROT_READ
+    attach is EACCES (faytd cannot hand it a descriptor that keeps it from
+    writing), a read-write one works.  A driver makes one over a portal
+    granted to it read-write, not over one granted read-only (EPERM)."""
+    d = world_faytd(DRIVER_POLICY)
+    c = conn_to(d)
+    p = libportal.portal(libportal.ANON, RW, 2 * PAGE, connection=c)
+    sp = libportal.portal(libportal.SHARE | DIRECT, RW, 2 * PAGE, identifier="dma-ring",
+                          create=True, paddr=p.paddr, connection=c)
+    sp.write(0, b"ring-hdr")
+    a, acid = attacker(spawn, as_user, d)
+    got = ask(a, "attach dma-ring %d" % RO)
+    assert got.startswith("EACCES") and ("prot: 0x1 asked; share-point 'dma-ring' is one "
+                                         "object (SHARE|DIRECT)") in got, got
+    assert ask(a, "attach dma-ring %d" % RW) == "ok ring-hdr"
+    sp.destroy()
+    q = libportal.portal(libportal.ANON, RW, 2 * PAGE, connection=c)
+    frames = ",".join(hex(x) for x in q.paddr)
+    libportal.grant(q, to=acid, prot=RO)
+    got = ask(a, "sp dma-q " + frames)
+    assert got.startswith("EPERM") and "its grant allows 0x1" in got, got
+    libportal.grant(q, to=acid, prot=RW)
+    assert ask(a, "sp dma-q " + frames) == "ok"
+    q.unmap()
+    p.unmap()

@@ -299,6 +299,17 @@ struct fayt_core_reply {
 int fayt_core_portal(struct fayt_core *k, struct fayt_fast_conn *c, int32_t tid,
                      const uint8_t *req, const struct fayt_portal_args *a, uint8_t *body,
                      struct fayt_core_reply *out, char *msg, uint32_t max);
+/* PORTAL of class SHARE|DIRECT, create, decoded (a): a share-point over the
+ * n frames of an existing object (`object`, its frames in order: the caller
+ * checked the grant and that they are the whole object).  The
+ * meta-structure is written at its head; no RAM is charged (the frames are
+ * the portal's, charged to its owner); the table and the mapping each
+ * reference the frames, so they outlive the portal.  Otherwise as
+ * fayt_core_portal. */
+int fayt_core_sp_over(struct fayt_core *k, struct fayt_fast_conn *c, int32_t tid,
+                      const uint8_t *req, const struct fayt_portal_args *a, const char *object,
+                      const uint32_t *frames, uint32_t n, uint8_t *body,
+                      struct fayt_core_reply *out, char *msg, uint32_t max);
 /* c's mapping `handle`: how FAYT_CORE_UNMAP (drop it), _UNMAP_DESTROY
  * (destroy its share-point, then drop it) or _DESTROY (destroy, keep it).
  * 0; -1 if the core holds no such mapping (Python's own, or none); or an

@@ -989,6 +989,115 @@ static int sp_create(struct fayt_core *k, struct fayt_fast_conn *c, int32_t tid,
     return 0;
 }
 
+int fayt_core_sp_over(struct fayt_core *k, struct fayt_fast_conn *c, int32_t tid,
+                      const uint8_t *req, const struct fayt_portal_args *a, const char *object,
+                      const uint32_t *frames, uint32_t n, uint8_t *body,
+                      struct fayt_core_reply *out, char *msg, uint32_t max)
+{
+    char rb[1100];
+    const char *ident = (const char *)req + a->ident_at;
+    uint32_t ilen = (uint32_t)a->ident_len;
+    uint64_t bytes = (uint64_t)n * FAYT_PAGE_SIZE;
+    size_t data_offset = FAYT_SP_DATA_OFFSET(n);
+    struct fayt_name_ref nr;
+    int e;
+    if ((e = quota_mappings(k, c, msg, max)))
+        return e;
+    if ((e = fayt_name_resolve(k, c, "share.identifier", ident, ilen, FAYT_NAME_CREATE, &nr,
+                               msg, max)))
+        return e;
+    if (core_name_find(k, nr.ns, ident + nr.at, nr.len, core_hash(k, nr.ns, ident + nr.at,
+                                                                 nr.len)))
+        return core_fail(msg, max, EEXIST, "share.identifier: %s exists",
+                         core_name_repr(ident, ilen, rb, sizeof rb));
+    if (k->nsharepoints >= k->max_sharepoints)
+        return core_fail(msg, max, ENOMEM, "share-point table is full (%u)", k->max_sharepoints);
+    if ((e = quota_sharepoints(k, c, msg, max)))
+        return e;
+    if (data_offset >= bytes)
+        return core_fail(msg, max, EINVAL, "length: %llu bytes leave no room for data after "
+                         "the meta-structure", (unsigned long long)bytes);
+    struct sp *sp = sp_alloc(n);
+    struct map *m = map_new(k, c, tid, a->prot, FAYT_PORTAL_SHARE | FAYT_PORTAL_DIRECT, bytes, 0);
+    size_t mlen = sizeof(struct fayt_sharepoint_meta) + (size_t)n * 8;
+    uint8_t *meta = calloc(1, mlen);
+    int fd = sp && m && meta ? open(object, O_RDWR | O_CLOEXEC) : -1;
+    if (fd < 0) {
+        e = errno;
+        free(sp);
+        free(m);
+        free(meta);
+        return core_fail(msg, max, ENOMEM, "faytd cannot open backing object %s: %s", object,
+                         strerror(e));
+    }
+    memcpy(sp->frames, frames, (size_t)n * 4);
+    snprintf(sp->object, sizeof sp->object, "%s", object);
+    sp->oid = k->frames.owner[frames[0]];
+    sp->direct = 1;
+    sp->shared = 1;                     /* another portal's object: never recycled */
+    struct fayt_sharepoint_meta mh = {0};
+    mh.prot = a->prot;
+    mh.length = bytes - data_offset;
+    mh.morphology.length = bytes;
+    memcpy(meta, &mh, sizeof mh);
+    for (uint32_t i = 0; i < n; i++) {
+        uint64_t pa = FAYT_RAM_BASE + (uint64_t)frames[i] * FAYT_PAGE_SIZE;
+        memcpy(meta + sizeof mh + (size_t)i * 8, &pa, 8);
+    }
+    int werr = pwrite(fd, meta, mlen, 0) != (ssize_t)mlen;
+    free(meta);
+    sp->id = k->next_sp_id;
+    struct name_ent *ne = NULL;
+    if (werr || !(ne = core_name_insert(k, nr.ns, ident + nr.at, nr.len, &e))
+        || ids_insert(k, sp) || core_ids_add(k, sp->id, nr.ns)) {
+        if (ne && core_sp_find(k, sp->id) == sp)
+            ids_remove(k, sp);
+        e = werr ? errno : ne ? ENOMEM : e;
+        if (ne)
+            core_name_remove(k, ne);
+        close(fd);
+        free(sp);
+        free(m);
+        return core_fail(msg, max, e == EEXIST ? EEXIST : ENOMEM, "share.identifier: %s: %s",
+                         core_name_repr(ident, ilen, rb, sizeof rb), strerror(e));
+    }
+    ne->sp = sp;
+    sp->name = ne;
+    sp->ns = nr.ns;
+    fayt_core_new_sp_id(k);
+    sp->prot = a->prot;
+    sp->length = bytes;
+    sp->owner_pid = c->pid;
+    sp->owner_uid = c->uid;
+    sp->owner_start = c->start;
+    sp->creator_ctx = c->ctx_id;
+    k->nsharepoints++;
+    if ((sp->acct = c->cs->acct)) {
+        sp->acct->refs++;
+        sp->acct->nsharepoints++;
+    }
+    if ((sp->noncore = !conn_core(c)))
+        k->noncore_sharepoints++;
+    fayt_frames_get(&k->frames, sp->frames, n);     /* the table's */
+    fayt_frames_get(&k->frames, sp->frames, n);     /* the mapping's */
+    m->sp = sp;
+    if (map_insert(k, m)) {
+        free(m);
+        sp_destroy(k, sp, NULL);
+        fayt_frames_put(&k->frames, sp->frames, n);
+        close(fd);
+        return core_fail(msg, max, ENOMEM, "faytd: out of memory");
+    }
+    core_journal_sharepoint(k, sp);
+    out->borrowed = 0;
+    out->nfds = 1;
+    out->fds[0] = fd;
+    out->fds[1] = -1;
+    out->len = reply_body(body, req, m->handle, bytes, data_offset, sp->id, a->prot,
+                          FAYT_PORTAL_REPLY_CREATED, sp->frames, n);
+    return 0;
+}
+
 static int sp_attach(struct fayt_core *k, struct fayt_fast_conn *c, int32_t tid,
                      const uint8_t *req, const struct fayt_portal_args *a, uint8_t *body,
                      struct fayt_core_reply *out, char *msg, size_t max)
@@ -1010,6 +1119,12 @@ static int sp_attach(struct fayt_core *k, struct fayt_fast_conn *c, int32_t tid,
     if (a->prot & ~sp->prot)
         return core_fail(msg, max, EACCES, "prot: %#x asked, share-point %s grants %#x",
                          a->prot, core_name_repr(ident, ilen, rb, sizeof rb), sp->prot);
+    if ((sp->direct || (!sp->split && sp->nframes > 1)) && !(a->prot & FAYT_PROT_WRITE)
+        && c->uid != sp->owner_uid)
+        return core_fail(msg, max, EACCES, "prot: %#x asked; share-point %s is one object "
+                         "(SHARE|DIRECT), so a read-only attach from another uid could not be "
+                         "kept from writing it: attach PROT_READ|PROT_WRITE, if granted",
+                         a->prot, core_name_repr(ident, ilen, rb, sizeof rb));
     if (a->length != 0 && (uint64_t)a->length != sp->length)
         return core_fail(msg, max, EINVAL, "length: %d; share-point %s maps %llu bytes",
                          a->length, core_name_repr(ident, ilen, rb, sizeof rb),

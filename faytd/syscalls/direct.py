@@ -7,7 +7,8 @@ import os
 from libportal._abi import lib, GRANT_REQ, DIRECT_RUN, PORTAL_REPLY, PORTAL_REQ, PORTAL_REQ_SIZE
 
 from ..context import CoreMapping
-from ..frames import KernelError
+from ..frames import KernelError, PAGE
+from ..native import core, ffi as cffi, lib as clib
 from ..policy import Policy
 from .wire import unpack
 
@@ -40,6 +41,36 @@ def portal_direct(k, ctx, tid, prot, length, body, args, req_fields):
              + b"".join(DIRECT_RUN.pack(index[id(p)], n, at, page * 4096)
                         for p, page, n, at in runs))
     return reply, fds
+
+
+_MSG = cffi.new("char[]", 256)
+_BODY = cffi.new("uint8_t[]", lib.FAYT_MSG_MAX)
+_OUT = cffi.new("struct fayt_core_reply *")
+
+
+def sharepoint_direct(k, ctx, tid, prot, length, body, args):
+    """PORTAL of class SHARE|DIRECT, create: a share-point over the frames
+    of one granted ANON portal, all of them in order (its one object, so
+    that attaching maps it from offset 0).  Every mapper writes the lock,
+    so the grant must allow PROT_READ|PROT_WRITE."""
+    paddrs = paddrs_of(body, args)
+    k.direct.check_range(length, paddrs)
+    frames, runs, objects = k.direct.resolve(ctx, prot | lib.FAYT_PROT_READ
+                                             | lib.FAYT_PROT_WRITE, paddrs)
+    obj = objects[0]
+    info = cffi.new("struct fayt_map_info *")
+    if (len(runs) != 1 or runs[0][0] is not obj or runs[0][1] != 0 or obj.tail is not None
+            or runs[0][2] != len(obj.frames)
+            or clib.fayt_core_oid_info(core, obj.id, info, cffi.NULL, 0) or info.sp_id):
+        raise KernelError(errno.EINVAL, "morphology.paddr: a SHARE|DIRECT share-point is one "
+                          "whole object: name every frame of one granted ANON portal, in order "
+                          "(%d frames named)" % len(paddrs))
+    err = clib.fayt_core_sp_over(core, ctx.fast, tid, body, args, obj.name.encode(),
+                                 cffi.from_buffer("uint32_t[]", frames), len(frames), _BODY, _OUT,
+                                 _MSG, 256)
+    if err:
+        raise KernelError(err, cffi.string(_MSG).decode())
+    return cffi.buffer(_BODY, _OUT.len)[:], [_OUT.fds[0]]
 
 
 def sys_grant(k, ctx, tid, body, fds):

@@ -64,9 +64,9 @@ def sys_portal(k, ctx, tid, body, fds):
         raise KernelError(errno.EINVAL, "this call takes no file descriptors")
     if t == DIRECT:
         return _direct.portal_direct(k, ctx, tid, prot, length, body, args, req_fields)
-    if t & (DIRECT | COW):
+    if t & COW:
         raise KernelError(errno.ENOSYS, "type: %s portals are not built yet"
-                          % class_names(t & (DIRECT | COW)))
+                          % class_names(t & COW))
     if len(ctx.mappings) >= k.cfg["max_mappings_per_context"]:
         raise KernelError(errno.ENOMEM, "this context has %d mappings, the quota"
                           % len(ctx.mappings))
@@ -78,6 +78,10 @@ def sys_portal(k, ctx, tid, body, fds):
             sp = k.sharepoints.get(k.sharepoints.lookup(ident), keep=False)
             if sp is not None:
                 Policy.check_prot(prot, sp.prot, "share-point %r" % ident.decode())
+    if t == SHARE | DIRECT:
+        if not attach:
+            return _direct.sharepoint_direct(k, ctx, tid, prot, length, body, args)
+        args.type = SHARE | ANON        # attached as any share-point is
     err = clib.fayt_core_portal(k.fast, ctx.fast, tid, body, args, _BODY, _OUT, _MSG, 256)
     if err:
         raise _refused(err)
