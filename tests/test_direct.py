@@ -329,3 +329,38 @@ def test_direct_sharepoint_other_uid(spawn, as_user, world_faytd, conn_to):
     assert ask(a, "sp dma-q " + frames) == "ok"
     q.unmap()
     p.unmap()
+
+
+# -- restart ---------------------------------------------------------------------
+
+def test_direct_what_survives_a_killed_faytd(restartable):
+    """A SHARE|DIRECT share-point is journaled and taken back with its
+    frames and bytes; DIRECT mappings and grants are not (the process keeps
+    its memory; the restarted faytd finds the frame free)."""
+    d = restartable.start()
+    old = libportal.Connection(d.socket)
+    p = libportal.portal(libportal.ANON, RW, 2 * PAGE, connection=old)
+    sp = libportal.portal(libportal.SHARE | DIRECT, RW, 2 * PAGE, identifier="j-direct",
+                          create=True, paddr=p.paddr, connection=old)
+    sp.write(PAGE, b"over the portal")
+    q = libportal.portal(libportal.ANON, RW, PAGE, connection=old)
+    libportal.grant(q, to=old.context_id)
+    dm = libportal.portal(DIRECT, RW, PAGE, paddr=q.paddr, connection=old)
+    dm.buf[0:6] = b"direct"
+    restartable.kill()
+    d = restartable.start()
+    assert "restored 1 share-points" in d.read_log()
+    c = libportal.Connection(d.socket)
+    try:
+        again = libportal.share_attach("j-direct", connection=c)
+        assert again.paddr == tuple(p.paddr) and again.read(PAGE, 15) == b"over the portal"
+        assert bytes(dm.buf[0:6]) == b"direct" and bytes(q.buf[0:6]) == b"direct"
+        with pytest.raises(libportal.PortalError) as ei:
+            libportal.portal(DIRECT, RW, PAGE, paddr=q.paddr, connection=c)
+        assert ei.value.errno == errno.EFAULT and "is free" in str(ei.value)
+        again.destroy()
+        for m in (dm, q, sp, p):
+            m.unmap()                   # a lost connection: unmaps here only
+    finally:
+        c.close()
+        old.close()
