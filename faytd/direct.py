@@ -212,6 +212,17 @@ class Direct:
             raise KernelError(errno.EINVAL, "morphology.length: DIRECT names one paddr[] entry "
                               "per 4 KiB of length (%d), %d named" % (length // PAGE, len(paddrs)))
 
+    @staticmethod
+    def check_runs(runs, parts):
+        """What one reply can carry: EINVAL naming morphology.paddr past it."""
+        if len(parts) > OBJECTS_MAX:
+            raise KernelError(errno.EINVAL, "morphology.paddr: frames of %d objects; one portal "
+                              "maps at most %d (descriptors per reply)"
+                              % (len(parts), OBJECTS_MAX))
+        if len(runs) > RUNS_MAX:
+            raise KernelError(errno.EINVAL, "morphology.paddr: %d runs of frames; one reply "
+                              "holds at most %d" % (len(runs), RUNS_MAX))
+
     def map(self, ctx, tid, prot, length, paddrs):
         """A DIRECT mapping of ctx: (Mapping, runs, parts): the caller
         packs the reply and opens one descriptor per part."""
@@ -221,13 +232,7 @@ class Direct:
             self.objects = {o: x for o, x in self.objects.items() if self._alive(x)}
         frames, runs, objects = self.resolve(ctx, prot, paddrs)
         parts = list(dict.fromkeys(r[0] for r in runs))
-        if len(parts) > OBJECTS_MAX:
-            raise KernelError(errno.EINVAL, "morphology.paddr: frames of %d objects; one DIRECT "
-                              "portal maps at most %d (descriptors per reply)"
-                              % (len(parts), OBJECTS_MAX))
-        if len(runs) > RUNS_MAX:
-            raise KernelError(errno.EINVAL, "morphology.paddr: %d runs of frames; one reply "
-                              "holds at most %d" % (len(runs), RUNS_MAX))
+        self.check_runs(runs, parts)
         if len(ctx.mappings) >= k.cfg["max_mappings_per_context"]:
             raise KernelError(errno.ENOMEM, "this context has %d mappings, the quota"
                               % len(ctx.mappings))
@@ -242,7 +247,11 @@ class Direct:
     def unmap(self, m):
         """m's references go; an object none of whose frames is allocated
         any more is released."""
-        b = m.backing
+        self.release(m.backing)
+
+    def release(self, b):
+        """b's (a DirectBacking's) references go, and with them every
+        object none of whose frames is allocated any more."""
         if not len(b.frames):
             return
         clib.fayt_frames_put(self.fr, cffi.from_buffer("uint32_t[]", b.frames), len(b.frames))

@@ -1,4 +1,4 @@
-"""DIRECT portals and DMA grants: the client's side.
+"""DIRECT and COW portals, and DMA grants: the client's side.
 
 faytd answers a DIRECT portal with one descriptor per backing object its
 frames are in, and the runs: (object, pages, place in the range, offset in
@@ -16,6 +16,7 @@ category) it names may map its frames.  See docs/portals.md.
 import ctypes
 import errno
 import os
+import struct
 
 from . import errors
 from ._abi import ffi, lib, DIRECT_RUN, GRANT_REQ, HANDLE_REQ, PORTAL_REPLY, PORTAL_REQ_SIZE
@@ -28,25 +29,28 @@ _mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, 
                   ctypes.c_long)
 _madvise = _libc.madvise
 _madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-_MAP_SHARED, _MAP_FIXED = 0x01, 0x10
+_MAP_SHARED, _MAP_PRIVATE, _MAP_FIXED = 0x01, 0x02, 0x10
 _MADV_DONTFORK = 10
 _MAP_FAILED = ctypes.c_void_p(-1).value
 
 
-def _map_runs(base, runs, fds, prot):
+def _map_runs(base, runs, fds, prot, flags):
     for fd_index, pages, at, offset in runs:
         if fd_index >= len(fds):
             raise errors.error(errno.EPROTO, "portal: a DIRECT run names fd %d of %d"
                                % (fd_index, len(fds)))
-        p = _mmap(base + at, pages * 4096, prot, _MAP_SHARED | _MAP_FIXED, fds[fd_index], offset)
+        p = _mmap(base + at, pages * 4096, prot, flags | _MAP_FIXED, fds[fd_index], offset)
         if p in (None, _MAP_FAILED):
             e = ctypes.get_errno()
             raise errors.error(e, "portal: mmap of a DIRECT run: " + os.strerror(e))
 
 
-def direct_portal(conn, type, prot, length, addr, paddr, portal_cls):
-    """portal() for DIRECT: see the module's docstring."""
-    body = encode_portal_req(type, prot, length, addr=addr, paddr=paddr)
+def direct_portal(conn, type, prot, length, addr, paddr, portal_cls, mode=0):
+    """portal() for DIRECT and COW (mode: share.type, FAYT_COW_*): see the
+    module's docstring.  A COW view at least on write maps its runs
+    MAP_PRIVATE (FAYT_PORTAL_REPLY_PRIVATE); a strict snapshot's reply
+    lists its own frames."""
+    body = encode_portal_req(type, prot, length, share_type=mode, addr=addr, paddr=paddr)
     data, fds = conn.call(lib.FAYT_SYS_PORTAL, body)
     handle, base, reply = None, 0, None
     try:
@@ -62,7 +66,10 @@ def direct_portal(conn, type, prot, length, addr, paddr, portal_cls):
             raise errors.error(err[0], "portal: " + {
                 errno.EEXIST: "morphology.addr %#x is already mapped" % addr}.get(
                     err[0], "mmap failed: " + os.strerror(err[0])))
-        _map_runs(base, runs, fds, prot)
+        _map_runs(base, runs, fds, prot, _MAP_PRIVATE if reply[6]
+                  & lib.FAYT_PORTAL_REPLY_PRIVATE else _MAP_SHARED)
+        if nframes:
+            paddr = struct.unpack_from("<%dQ" % nframes, data, at - 8 * nframes)
         if _madvise(base, map_length, _MADV_DONTFORK):
             e = ctypes.get_errno()
             raise errors.error(e, "portal: madvise(MADV_DONTFORK): " + os.strerror(e))

@@ -179,7 +179,7 @@ def portal(type, prot=PROT_RW, length=0, *, identifier=None, create=False,
            share_type=0, chain=None, message=None, addr=0, paddr=(), connection=None):
     """The portal system call.  Returns a Portal, or a SharePoint for SHARE.
 
-    type      class bits: ANON, SHARE|ANON, SPECIAL, DIRECT, ... (COW: ENOSYS for now)
+    type      class bits: ANON, SHARE|ANON, SPECIAL, DIRECT, COW, SHARE|DIRECT
     prot      PROT_READ|PROT_WRITE|PROT_EXEC asked for
     length    bytes of the mapping (a multiple of 4096 after rounding up);
               for a share-point it holds the meta-structure and the data.
@@ -190,15 +190,16 @@ def portal(type, prot=PROT_RW, length=0, *, identifier=None, create=False,
               sp_req_chain.name and .message (SPECIAL: the chain that supplies
               the pages; returns a special.SpecialPortal)
     addr      morphology.addr: 0 lets the library choose, else exactly there
-    paddr     morphology.paddr[]: DIRECT names one physical frame per 4 KiB
+    paddr     morphology.paddr[]: DIRECT and COW name one physical frame per 4 KiB
+              (COW: the source; share_type its mode, COW_ON_WRITE or COW_SNAPSHOT)
     """
     conn = connection or _default_connection()
     if isinstance(identifier, str):
         identifier = identifier.encode("utf-8")
     if type & SPECIAL:      # its userfaultfd goes with the call
         return special_portal(conn, type, prot, length, chain, message, addr, identifier, create)
-    if type == DIRECT:      # one fd per object its frames are in
-        return direct_portal(conn, type, prot, length, addr, paddr, Portal)
+    if type == DIRECT or type == COW:      # one fd per object its frames are in
+        return direct_portal(conn, type, prot, length, addr, paddr, Portal, share_type)
     is_share = bool(type & SHARE)
     create = 1 if create else 0
     if (identifier.__class__ is bytes and chain is None and message is None and not paddr

@@ -364,3 +364,130 @@ def test_direct_what_survives_a_killed_faytd(restartable):
     finally:
         c.close()
         old.close()
+
+
+# -- COW ---------------------------------------------------------------------------
+
+COW = libportal.COW
+
+
+def test_cow_at_least_on_write(spawn, faytd, conn_to):
+    """A view at least on write: its writes never reach the source; a page
+    it has not written shows the source's later writes; a page it wrote
+    keeps its own bytes."""
+    o, _, paddr = owner(spawn, faytd)
+    c = conn_to(faytd)
+    v = libportal.portal(COW, RW, 2 * PAGE, paddr=paddr, share_type=libportal.COW_ON_WRITE,
+                         connection=c)
+    assert v.paddr == tuple(paddr)      # shared frames keep their addresses
+    assert bytes(v.buf[0:7]) == b"owner-0"
+    v.buf[0:4] = b"view"
+    o.send("read 0")
+    assert o.expect() == "owner-0"      # the source never sees the view's write
+    d = libportal.portal(DIRECT, RW, 2 * PAGE, paddr=paddr, connection=c)
+    d.buf[0:5] = b"later"
+    d.buf[PAGE:PAGE + 5] = b"later"
+    assert bytes(v.buf[0:7]) == b"viewr-0"         # its own page
+    assert bytes(v.buf[PAGE:PAGE + 7]) == b"later-1"   # not written: the source's
+    d.unmap()
+    v.unmap()
+
+
+def test_cow_strict_snapshot(spawn, faytd, conn_to):
+    """A strict snapshot is a copy made during the call: nothing written to
+    the source afterwards, nor its unmap and its owner's death, changes it;
+    its writes never reach the source; its frames are its own."""
+    before = faytd.state()
+    o, _, paddr = owner(spawn, faytd)
+    c = conn_to(faytd)
+    s = libportal.portal(COW, RW, 2 * PAGE, paddr=paddr, share_type=libportal.COW_SNAPSHOT,
+                         connection=c)
+    assert len(s.paddr) == 2 and not set(s.paddr) & set(paddr)
+    d = libportal.portal(DIRECT, RW, 2 * PAGE, paddr=paddr, connection=c)
+    d.buf[PAGE:PAGE + 5] = b"later"
+    s.buf[0:4] = b"snap"
+    assert bytes(s.buf[0:7]) == b"snapr-0" and bytes(s.buf[PAGE:PAGE + 7]) == b"owner-1"
+    assert bytes(d.buf[0:7]) == b"owner-0"
+    d.unmap()
+    o.send("unmap")
+    assert o.expect() == "ok"
+    o.kill()
+    assert bytes(s.buf[PAGE:PAGE + 7]) == b"owner-1"
+    s.unmap()
+    assert faytd.wait_state(before) == before
+
+
+def test_cow_charges_a_writable_view_at_creation(spawn, fresh_faytd, conn_to):
+    """A writable view's possible private pages are charged to the caller's
+    RAM quota when it is made (a read-only view's are not); ENOMEM past the
+    quota, naming length; the charge goes with the view."""
+    d = fresh_faytd(config={"max_ram_per_context": 4 * PAGE})
+    c = conn_to(d)
+    p = libportal.portal(libportal.ANON, RW, 2 * PAGE, connection=c)
+    v = libportal.portal(COW, RW, 2 * PAGE, paddr=p.paddr, connection=c)
+    with pytest.raises(libportal.PortalError) as ei:
+        libportal.portal(COW, RW, PAGE, paddr=p.paddr[:1], connection=c)
+    assert ei.value.errno == errno.ENOMEM and "length: 4096 bytes more would take this " \
+        "context past its RAM quota" in str(ei.value)
+    with pytest.raises(libportal.PortalError) as ei:
+        libportal.portal(COW, RW, PAGE, paddr=p.paddr[:1], share_type=libportal.COW_SNAPSHOT,
+                         connection=c)
+    assert ei.value.errno == errno.ENOMEM
+    r = libportal.portal(COW, RO, 2 * PAGE, paddr=p.paddr, connection=c)     # not charged
+    v.unmap()
+    s = libportal.portal(COW, RW, PAGE, paddr=p.paddr[:1], share_type=libportal.COW_SNAPSHOT,
+                         connection=c)
+    s.unmap()
+    r.unmap()
+    p.unmap()
+
+
+def test_cow_bad_mode_and_bad_source(faytd, conn_to):
+    """An unknown mode is EINVAL naming share.type; a free source frame is
+    EFAULT naming the entry; nothing is made."""
+    c = conn_to(faytd)
+    p = libportal.portal(libportal.ANON, RW, PAGE, connection=c)
+    before = faytd.state()
+    with pytest.raises(libportal.PortalError) as ei:
+        libportal.portal(COW, RW, PAGE, paddr=p.paddr, share_type=7, connection=c)
+    assert ei.value.errno == errno.EINVAL and "share.type: 7 is not a COW mode" in str(ei.value)
+    q = libportal.portal(libportal.ANON, RW, PAGE, connection=c)
+    gone = q.paddr
+    q.unmap()
+    with pytest.raises(libportal.PortalError) as ei:
+        libportal.portal(COW, RW, PAGE, paddr=gone, share_type=libportal.COW_SNAPSHOT,
+                         connection=c)
+    assert ei.value.errno == errno.EFAULT and "morphology.paddr[0]" in str(ei.value)
+    assert faytd.state() == before
+    p.unmap()
+
+
+@needs_root
+def test_cow_source_must_be_granted(spawn, as_user, world_faytd):
+    """COW is core's by default (a server gets EPERM naming type); a
+    category given COW reads only frames granted to it (PROT_READ)."""
+    policy = json.loads(json.dumps(DRIVER_POLICY))
+    policy["categories"]["driver"]["classes"].append("COW")
+    d = world_faytd(policy)
+    o, _, paddr = owner(spawn, d)
+    code = r"""
+c = lp.Connection(sys.argv[1])
+print(c.context_id)
+for line in sys.stdin:
+    mode, paddr = line.split()
+    try:
+        v = lp.portal(lp.COW, lp.PROT_RW, 4096, paddr=[int(paddr)], share_type=int(mode),
+                      connection=c)
+        print("ok " + bytes(v.buf[0:7]).decode())
+        v.unmap()
+    except OSError as e:
+        print("%s %s" % (errno.errorcode[e.errno], e))
+"""
+    a = spawn(code, d.env(), as_user=as_user, uid=NOBODY, args=[d.socket])
+    acid = int(a.expect())
+    for mode in (0, 1):
+        got = ask(a, "%d %d" % (mode, paddr[1]))
+        assert got.startswith("EPERM") and "granted to this context" in got, got
+    assert ask(o, "grant context %d 1" % acid) == "ok"
+    for mode in (0, 1):
+        assert ask(a, "%d %d" % (mode, paddr[1])) == "ok owner-1"

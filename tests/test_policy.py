@@ -319,8 +319,8 @@ def test_policy_socket_mode_keeps_other_users_out(as_user, world_faytd):
 def test_policy_classes_checked_first_core_told_why_server_eperm(as_user, world_faytd, type_,
                                                                  kw):
     """The policy is checked before the class is looked at: a core client is
-    told why the call fails (a free frame for DIRECT, a class not built yet,
-    no chain server), a server client that it may not use it (EPERM);
+    told why the call fails (a free frame for DIRECT and COW, no chain
+    server), a server client that it may not use it (EPERM);
     neither creates anything."""
     d = world_faytd()
     before = d.state()
@@ -330,8 +330,7 @@ def test_policy_classes_checked_first_core_told_why_server_eperm(as_user, world_
             libportal.portal(type_, libportal.PROT_RW, PAGE, connection=c, **kw)
         # SPECIAL is built: with no server on the chain, core is told ENOENT.
         want = ((errno.ENOENT, "no server serves chain 'pager'") if type_ & SPECIAL
-                else (errno.EFAULT, "morphology.paddr[0]: frame 0x100000 is free")
-                if type_ & DIRECT else (errno.ENOSYS, "portals are not built yet"))
+                else (errno.EFAULT, "morphology.paddr[0]: frame 0x100000 is free"))
         assert ei.value.errno == want[0] and want[1] in str(ei.value)
     finally:
         c.close()

@@ -1,5 +1,6 @@
-"""GRANT, and the DIRECT branch of PORTAL: direct maps of RAM frames
-(faytd/direct.py holds the grants and performs the mappings)."""
+"""GRANT, and the DIRECT, SHARE|DIRECT and COW branches of PORTAL: maps
+of RAM frames (faytd/direct.py holds the grants and performs the
+mappings; faytd/cow.py the COW views)."""
 import array
 import errno
 import os
@@ -22,25 +23,54 @@ def paddrs_of(body, args):
     return array.array("Q", body[PORTAL_REQ_SIZE:PORTAL_REQ_SIZE + 8 * n])
 
 
-def portal_direct(k, ctx, tid, prot, length, body, args, req_fields):
-    """PORTAL of class DIRECT: the frames paddr[] names, mapped at the
-    client's range; one fd per object, read-only without PROT_WRITE."""
-    m, runs, parts = k.direct.map(ctx, tid, prot, length, paddrs_of(body, args))
+def _runs_reply(k, ctx, m, runs, parts, length, prot, flags, req_fields, readonly):
+    """A reply whose runs the client maps (DIRECT, COW): one fd per part."""
     index = {id(p): i for i, p in enumerate(parts)}
     fds = []
     try:
         for p in parts:
-            fds.append(p.open_fd(readonly=not prot & lib.FAYT_PROT_WRITE))
+            fds.append(p.open_fd(readonly=readonly))
     except BaseException:
         for fd in fds:
             os.close(fd)
         k.unmap(ctx, m)
         raise
-    reply = (PORTAL_REPLY.pack(m.handle, length, 0, 0, 0, prot, lib.FAYT_PORTAL_REPLY_DIRECT)
+    reply = (PORTAL_REPLY.pack(m.handle, length, 0, 0, 0, prot, flags)
              + PORTAL_REQ.pack(*req_fields, length)
-             + b"".join(DIRECT_RUN.pack(index[id(p)], n, at, page * 4096)
+             + b"".join(DIRECT_RUN.pack(index[id(p)], n, at, page * PAGE)
                         for p, page, n, at in runs))
     return reply, fds
+
+
+def portal_direct(k, ctx, tid, prot, length, body, args, req_fields):
+    """PORTAL of class DIRECT: the frames paddr[] names, mapped at the
+    client's range; one fd per object, read-only without PROT_WRITE."""
+    m, runs, parts = k.direct.map(ctx, tid, prot, length, paddrs_of(body, args))
+    return _runs_reply(k, ctx, m, runs, parts, length, prot, lib.FAYT_PORTAL_REPLY_DIRECT,
+                       req_fields, not prot & lib.FAYT_PROT_WRITE)
+
+
+def portal_cow(k, ctx, tid, prot, length, body, args, req_fields):
+    """PORTAL of class COW: share.type is the mode.  At least on write: the
+    source's runs, read-only fds, mapped MAP_PRIVATE by the client.  Strict
+    snapshot: deferred until the copy is made; one run of the new object,
+    whose frames the reply lists."""
+    paddrs = paddrs_of(body, args)
+    k.cow.check_mode(args.share_type)
+    if args.share_type == lib.FAYT_COW_ON_WRITE:
+        m, runs, parts = k.cow.on_write(ctx, tid, prot, length, paddrs)
+        return _runs_reply(k, ctx, m, runs, parts, length, prot, lib.FAYT_PORTAL_REPLY_DIRECT
+                           | lib.FAYT_PORTAL_REPLY_PRIVATE, req_fields, True)
+
+    def reply(m, fd):
+        n = length // PAGE
+        fit = min(n, (lib.FAYT_MSG_MAX - 200 - DIRECT_RUN.size) // 8)
+        return (PORTAL_REPLY.pack(m.handle, length, 0, 0, fit, prot,
+                                  lib.FAYT_PORTAL_REPLY_DIRECT)
+                + PORTAL_REQ.pack(*req_fields, length)
+                + array.array("Q", [k.frames.paddr(f) for f in m.backing.frames[:fit]]).tobytes()
+                + DIRECT_RUN.pack(0, n, 0, 0)), [fd]
+    return k.cow.snapshot(ctx, tid, prot, length, paddrs, reply), []
 
 
 _MSG = cffi.new("char[]", 256)

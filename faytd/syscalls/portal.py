@@ -1,5 +1,7 @@
 """PORTAL and UNMAP: decode a portal_req, check the classes, map, reply.
 
+DIRECT, SHARE|DIRECT and COW go to direct.py (faytd/direct.py, faytd/cow.py).
+
 portal_req is decoded by the core's one decoder (faytd/core/decode.c), the
 C path's too.  A SPECIAL portal is then handed to chain.py (its range and
 userfaultfd are the client's; the pager serves it).  An ANON or SHARE
@@ -15,7 +17,7 @@ from libportal._abi import lib
 
 from ..frames import KernelError
 from ..native import ffi as cffi, lib as clib
-from ..policy import Policy, class_names
+from ..policy import Policy
 from . import chain as _chain, direct as _direct
 from .wire import handle_of
 
@@ -64,9 +66,8 @@ def sys_portal(k, ctx, tid, body, fds):
         raise KernelError(errno.EINVAL, "this call takes no file descriptors")
     if t == DIRECT:
         return _direct.portal_direct(k, ctx, tid, prot, length, body, args, req_fields)
-    if t & COW:
-        raise KernelError(errno.ENOSYS, "type: %s portals are not built yet"
-                          % class_names(t & COW))
+    if t == COW:
+        return _direct.portal_cow(k, ctx, tid, prot, length, body, args, req_fields)
     if len(ctx.mappings) >= k.cfg["max_mappings_per_context"]:
         raise KernelError(errno.ENOMEM, "this context has %d mappings, the quota"
                           % len(ctx.mappings))

@@ -132,6 +132,15 @@ struct fayt_portal_reply {
  * run i at map address + its `at`, from its object's `offset`. */
 #define FAYT_PORTAL_REPLY_DIRECT 0x8
 #define FAYT_DIRECT_OBJECTS_MAX 8
+/* COW at least on write: the runs are mapped MAP_PRIVATE (the view's
+ * writes make private pages; pages it has not written show the source). */
+#define FAYT_PORTAL_REPLY_PRIVATE 0x10
+
+/* COW: the mode, in portal_req.share.type (share.* means nothing else for a
+ * class without SHARE); the source is the frames morphology.paddr[] names,
+ * as for DIRECT. */
+#define FAYT_COW_ON_WRITE 0    /* at least on write: a private mapping of the source */
+#define FAYT_COW_SNAPSHOT 1    /* strict: a copy made during the call */
 
 struct fayt_direct_run {
     uint32_t fd;           /* index of its object's fd in the reply */

@@ -1,0 +1,135 @@
+"""COW portals: views of frames, copy-on-write, in two modes.
+
+The Linux facts: a MAP_PRIVATE mapping of a file gets a private anonymous
+copy of a page on its first write to it (the kernel's copy-on-write: no
+trap, no faytd), and until then reads the page cache, so it sees later
+writes of others to pages it has not written.  Zircon calls that
+SNAPSHOT_AT_LEAST_ON_WRITE.  Stores by other processes into a shared object
+cannot be trapped or paused, so a strict snapshot can only be a copy.
+
+- FAYT_COW_ON_WRITE: faytd sends read-only descriptors of the objects that
+  hold the source frames, with their runs, as for DIRECT (direct.py); the
+  client maps them MAP_PRIVATE.  The view's writes never reach the source.
+  It holds a reference to each source frame (they outlive the source), and
+  its possible private pages are charged to the caller's RAM quota at
+  creation when it is writable, as Linux charges a private writable
+  mapping (its commit charge).
+- FAYT_COW_SNAPSHOT: a new object with frames of its own (charged), filled
+  by copy_file_range(2) from the source's runs in a thread (deferred.py),
+  off faytd's loop; the source frames are referenced for the copy only.
+  Nothing changes it afterwards but the view itself.  Bytes others write
+  while the copy runs may be torn; a caller that needs consistency holds
+  the share-point's lock across the call.
+
+The source is frames the caller may map: any frame for core, else frames
+of portals granted to it with PROT_READ (direct.py's rules).  The mode is
+portal_req.share.type.
+"""
+import errno
+import os
+
+from libportal._abi import lib
+
+from .context import Mapping
+from .deferred import Deferred
+from .direct import DirectBacking
+from .frames import KernelError, PAGE
+from .native import ffi as cffi, lib as clib
+
+COW = lib.FAYT_PORTAL_COW
+MODES = (lib.FAYT_COW_ON_WRITE, lib.FAYT_COW_SNAPSHOT)
+
+
+class Cow:
+    def __init__(self, k):
+        self.k = k
+
+    @staticmethod
+    def check_mode(mode):
+        if mode not in MODES:
+            raise KernelError(errno.EINVAL, "share.type: %d is not a COW mode (0: at least on "
+                              "write, 1: strict snapshot)" % mode)
+
+    def _source(self, ctx, tid, mode, length, paddrs):
+        """The source's frames, runs and objects, checked (EINVAL, EFAULT,
+        EPERM naming the field at fault; ESRCH; the mapping quota)."""
+        k = self.k
+        self.check_mode(mode)
+        k.direct.check_range(length, paddrs)
+        src = k.direct.resolve(ctx, lib.FAYT_PROT_READ, paddrs)
+        if len(ctx.mappings) >= k.cfg["max_mappings_per_context"]:
+            raise KernelError(errno.ENOMEM, "this context has %d mappings, the quota"
+                              % len(ctx.mappings))
+        if not ctx.check_tid(tid):
+            raise KernelError(errno.ESRCH, "tid %d is not a thread of pid %d" % (tid, ctx.pid))
+        return src
+
+    def on_write(self, ctx, tid, prot, length, paddrs):
+        """An at-least-on-write view: (Mapping, runs, parts), as
+        Direct.map; charged `length` if writable."""
+        k = self.k
+        frames, runs, objects = self._source(ctx, tid, lib.FAYT_COW_ON_WRITE, length, paddrs)
+        parts = list(dict.fromkeys(r[0] for r in runs))
+        k.direct.check_runs(runs, parts)
+        charged = length if prot & lib.FAYT_PROT_WRITE else 0
+        if charged:
+            k.charge(ctx, charged)
+        clib.fayt_frames_get(k.frames.c, cffi.from_buffer("uint32_t[]", frames), len(frames))
+        m = Mapping(ctx.new_handle(), COW, DirectBacking(frames, objects), None, ctx.pid, tid,
+                    prot)
+        m.charged = charged
+        k.add_mapping(ctx, m)
+        return m, runs, parts
+
+    def snapshot(self, ctx, tid, prot, length, paddrs, reply):
+        """A strict snapshot: a Deferred whose finish() returns
+        reply(Mapping, its object's fd)."""
+        k = self.k
+        frames, runs, objects = self._source(ctx, tid, lib.FAYT_COW_SNAPSHOT, length, paddrs)
+        obj = k.allocate_for(ctx, length)       # charged, fresh frames
+        fr = k.frames.c
+        clib.fayt_frames_get(fr, cffi.from_buffer("uint32_t[]", frames), len(frames))
+        try:
+            dst = obj.open_fd()
+            srcs = {}
+            for part, *_ in runs:
+                if id(part) not in srcs:
+                    srcs[id(part)] = part.open_fd(readonly=True)
+        except BaseException:
+            self._drop_source(frames, objects)
+            k.frames.put(obj)
+            ctx.ram -= length
+            raise
+        plan = [(srcs[id(part)], page * PAGE, n * PAGE, at) for part, page, n, at in runs]
+
+        def work():
+            for src, off, n, at in plan:
+                while n:
+                    got = os.copy_file_range(src, dst, n, off, at)
+                    if got <= 0:
+                        raise OSError(errno.EIO, "copy_file_range returned %d" % got)
+                    off, at, n = off + got, at + got, n - got
+
+        def close():
+            for fd in srcs.values():
+                os.close(fd)
+            self._drop_source(frames, objects)
+
+        def finish():
+            close()
+            m = Mapping(ctx.new_handle(), COW, obj, None, ctx.pid, tid, prot)
+            m.charged = length
+            k.add_mapping(ctx, m)
+            return reply(m, dst)
+
+        def abandon():
+            close()
+            os.close(dst)
+            k.frames.put(obj)
+            if k.contexts.get(ctx.id) is ctx:
+                ctx.ram -= length
+
+        return Deferred(work, finish, abandon)
+
+    def _drop_source(self, frames, objects):
+        self.k.direct.release(DirectBacking(frames, objects))
