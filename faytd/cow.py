@@ -15,8 +15,8 @@ cannot be trapped or paused, so a strict snapshot can only be a copy.
   creation when it is writable, as Linux charges a private writable
   mapping (its commit charge).
 - FAYT_COW_SNAPSHOT: a new object with frames of its own (charged), filled
-  by copy_file_range(2) from the source's runs in a thread (deferred.py),
-  off faytd's loop; the source frames are referenced for the copy only.
+  by one memmove per run of the source, both mapped in faytd, in a thread
+  (deferred.py: ctypes drops the GIL for the copy), off faytd's loop; the source frames are referenced for the copy only.
   Nothing changes it afterwards but the view itself.  Bytes others write
   while the copy runs may be torn; a caller that needs consistency holds
   the share-point's lock across the call.
@@ -25,6 +25,7 @@ The source is frames the caller may map: any frame for core, else frames
 of portals granted to it with PROT_READ (direct.py's rules).  The mode is
 portal_req.share.type.
 """
+import ctypes
 import errno
 import os
 
@@ -35,6 +36,16 @@ from .deferred import Deferred
 from .direct import DirectBacking
 from .frames import KernelError, PAGE
 from .native import ffi as cffi, lib as clib
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_mmap = _libc.mmap
+_mmap.restype = ctypes.c_void_p
+_mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                  ctypes.c_long)
+_munmap = _libc.munmap
+_munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
+_PROT_READ, _PROT_WRITE, _MAP_SHARED, _MAP_POPULATE = 1, 2, 0x01, 0x8000
+_MAP_FAILED = ctypes.c_void_p(-1).value
 
 COW = lib.FAYT_PORTAL_COW
 MODES = (lib.FAYT_COW_ON_WRITE, lib.FAYT_COW_SNAPSHOT)
@@ -100,15 +111,31 @@ class Cow:
             k.frames.put(obj)
             ctx.ram -= length
             raise
-        plan = [(srcs[id(part)], page * PAGE, n * PAGE, at) for part, page, n, at in runs]
+        lengths = {id(part): part.length for part, *_ in runs}
+        plan = [(id(part), page * PAGE, n * PAGE, at) for part, page, n, at in runs]
 
         def work():
-            for src, off, n, at in plan:
-                while n:
-                    got = os.copy_file_range(src, dst, n, off, at)
-                    if got <= 0:
-                        raise OSError(errno.EIO, "copy_file_range returned %d" % got)
-                    off, at, n = off + got, at + got, n - got
+            # Both sides mapped here, populated in one call each (a fault per
+            # page of a fresh shmem object costs more than the copy), and one
+            # memmove per run: ctypes drops the GIL for it, so faytd's loop
+            # runs meanwhile.
+            maps = {}
+            try:
+                os.posix_fallocate(dst, 0, length)
+                for key, fd in list(srcs.items()) + [("dst", dst)]:
+                    size = length if key == "dst" else lengths[key]
+                    a = _mmap(None, size, _PROT_READ | (_PROT_WRITE if key == "dst" else 0),
+                              _MAP_SHARED | _MAP_POPULATE, fd, 0)
+                    if a in (None, _MAP_FAILED):
+                        e = ctypes.get_errno()
+                        raise OSError(e, "snapshot: mmap: %s" % os.strerror(e))
+                    maps[key] = (a, size)
+                base = maps["dst"][0]
+                for key, off, n, at in plan:
+                    ctypes.memmove(base + at, maps[key][0] + off, n)
+            finally:
+                for a, size in maps.values():
+                    _munmap(a, size)
 
         def close():
             for fd in srcs.values():

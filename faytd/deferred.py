@@ -4,7 +4,7 @@ faytd answers one request at a time in one thread; a call whose work is
 long and needs no table of faytd's (a strict COW snapshot copies up to a
 gibibyte) must not stall everyone else.  Its handler returns a Deferred
 instead of a reply: `work()` runs in a thread of its own (the copy is
-system calls that drop the GIL: copy_file_range(2)), then signals an
+a memmove through ctypes, which drops the GIL), then signals an
 eventfd the loop watches, and `finish()` runs in the loop and makes the
 reply, which is sent then.  If the caller's context ended meanwhile,
 `abandon()` runs instead and nothing is sent.  The client waits for its

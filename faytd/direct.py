@@ -85,6 +85,7 @@ class Direct:
         self.grants = {}            # oid -> [Grant]
         self.objects = {}           # oid -> BackingObject (named, with its frames)
         self.fr = k.frames.c
+        self._resolve_bufs = None
 
     # -- objects ---------------------------------------------------------
     def _alive(self, obj):
@@ -155,29 +156,39 @@ class Direct:
 
     # -- DIRECT ----------------------------------------------------------
     def resolve(self, ctx, prot, paddrs):
-        """The frames paddrs name, and the runs (part object, first page,
-        pages) they make; EINVAL, EFAULT, EPERM naming the entry at fault."""
+        """The frames paddrs (an array('Q')) name, and the runs (part object,
+        first page, pages, byte offset in the range) they make; EINVAL,
+        EFAULT, EPERM naming the entry at fault.  The frames are looked up
+        by the core in one call (fayt_frames_resolve); the grants once per
+        run."""
+        n = len(paddrs)
         fr = self.fr
-        nframes = fr.nframes
-        owner, refs, offset = fr.owner, fr.refcount, fr.offset
-        core_ctx = ctx.is_core
-        frames = array.array("I")
-        runs = []                   # [part, page in part, pages, at]
-        checked = {}
-        for i, pa in enumerate(paddrs):
+        frames = array.array("I", bytes(4 * n))
+        c = self._bufs(n)
+        bad = c["bad"]
+        why = clib.fayt_frames_resolve(fr, cffi.from_buffer("uint64_t[]", paddrs), n,
+                                       cffi.from_buffer("uint32_t[]", frames), c["oid"],
+                                       c["page"], c["pages"], c["at"], c["nruns"], bad)
+        if why:
+            i = bad[0]
+            pa = paddrs[i]
             field = "morphology.paddr[%d]" % i
-            if pa % PAGE:
+            if why == clib.FAYT_FRAMES_UNALIGNED:
                 raise KernelError(errno.EINVAL, "%s: %#x is not 4 KiB aligned" % (field, pa))
-            f = (pa - RAM_BASE) // PAGE
-            if pa < RAM_BASE or f >= nframes:
+            if why == clib.FAYT_FRAMES_UNBACKED:
                 raise KernelError(errno.EFAULT, "%s: %#x is not backed (faytd's RAM is "
                                   "%#x..%#x; no MMIO window is there)"
-                                  % (field, pa, RAM_BASE, RAM_BASE + nframes * PAGE))
-            if not refs[f]:
-                raise KernelError(errno.EFAULT, "%s: frame %#x is free" % (field, pa))
-            oid = owner[f]
+                                  % (field, pa, RAM_BASE, RAM_BASE + fr.nframes * PAGE))
+            raise KernelError(errno.EFAULT, "%s: frame %#x is free" % (field, pa))
+        core_ctx = ctx.is_core
+        runs = []                   # [part, page in part, pages, at]
+        checked = {}
+        for r in range(c["nruns"][0]):
+            oid, page, pages, at = c["oid"][r], c["page"][r], c["pages"][r], c["at"][r]
             obj = checked.get(oid)
             if obj is None:
+                field = "morphology.paddr[%d]" % at
+                pa = paddrs[at]
                 if not core_ctx:
                     allowed = self.granted_prot(ctx, oid)
                     if not allowed:
@@ -191,17 +202,26 @@ class Direct:
                     raise KernelError(errno.EFAULT, "%s: frame %#x is in no object faytd "
                                       "can map" % (field, pa))
                 checked[oid] = obj
-            page = offset[f]
-            part = obj
-            if obj.tail is not None and page >= 1:
-                part, page = obj.tail, page - 1
-            frames.append(f)
-            last = runs[-1] if runs else None
-            if last is not None and last[0] is part and last[1] + last[2] == page:
-                last[2] += 1
+            if obj.tail is not None:        # a split share-point: page 0, then the rest
+                if page == 0:
+                    runs.append([obj, 0, 1, at * PAGE])
+                    page, pages, at = 1, pages - 1, at + 1
+                if pages:
+                    runs.append([obj.tail, page - 1, pages, at * PAGE])
             else:
-                runs.append([part, page, 1, i * PAGE])
+                runs.append([obj, page, pages, at * PAGE])
         return frames, runs, list(checked.values())
+
+    def _bufs(self, n):
+        """The core's output arrays for n entries (kept for the next call)."""
+        b = self._resolve_bufs
+        if b is None or b["n"] < n:
+            m = max(n, 64)
+            b = self._resolve_bufs = {
+                "n": m, "oid": cffi.new("uint32_t[]", m), "page": cffi.new("uint32_t[]", m),
+                "pages": cffi.new("uint32_t[]", m), "at": cffi.new("uint32_t[]", m),
+                "nruns": cffi.new("uint32_t *"), "bad": cffi.new("uint32_t *")}
+        return b
 
     @staticmethod
     def check_range(length, paddrs):

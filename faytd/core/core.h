@@ -70,6 +70,19 @@ uint32_t fayt_frames_put(struct fayt_frames *f, const uint32_t *frames, uint32_t
 int fayt_frames_adopt(struct fayt_frames *f, const uint32_t *frames, uint32_t n, uint32_t oid);
 void fayt_frames_adopted(struct fayt_frames *f);
 
+/* DIRECT and COW (faytd/direct.py): the frames of n physical addresses,
+ * into frames[n], and the runs they make (consecutive pages of one object:
+ * its id, its first page, how many, the index of its first entry), into
+ * the run arrays (n entries of room), *nruns of them.  0; or why the entry
+ * *bad is refused: FAYT_FRAMES_UNALIGNED, _UNBACKED (outside the RAM),
+ * _FREE. */
+#define FAYT_FRAMES_UNALIGNED 1
+#define FAYT_FRAMES_UNBACKED 2
+#define FAYT_FRAMES_FREE 3
+int fayt_frames_resolve(const struct fayt_frames *f, const uint64_t *paddr, uint32_t n,
+                        uint32_t *frames, uint32_t *run_oid, uint32_t *run_page,
+                        uint32_t *run_pages, uint32_t *run_at, uint32_t *nruns, uint32_t *bad);
+
 /* -- the core ----------------------------------------------------------- */
 /* Larger portals (and share-points) go through Python. */
 #define FAYT_FAST_MAX_FRAMES 1024
