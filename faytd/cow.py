@@ -25,6 +25,7 @@ The source is frames the caller may map: any frame for core, else frames
 of portals granted to it with PROT_READ (direct.py's rules).  The mode is
 portal_req.share.type.
 """
+import array
 import ctypes
 import errno
 import os
@@ -51,9 +52,89 @@ COW = lib.FAYT_PORTAL_COW
 MODES = (lib.FAYT_COW_ON_WRITE, lib.FAYT_COW_SNAPSHOT)
 
 
+class _Iovec(ctypes.Structure):
+    _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
+
+
+_pvr = _libc.process_vm_readv
+_pvr.restype = ctypes.c_ssize_t
+_pvr.argtypes = (ctypes.c_int, ctypes.POINTER(_Iovec), ctypes.c_ulong, ctypes.POINTER(_Iovec),
+                 ctypes.c_ulong, ctypes.c_ulong)
+
+
+def read_process(pid, remote, local, n):
+    """process_vm_readv(2) of n bytes at remote in pid into local (this
+    process's); OSError on failure (EPERM: faytd may not ptrace pid)."""
+    while n:
+        li, ri = _Iovec(local, n), _Iovec(remote, n)
+        got = _pvr(pid, ctypes.byref(li), 1, ctypes.byref(ri), 1, 0)
+        if got <= 0:
+            e = ctypes.get_errno() if got < 0 else errno.EFAULT
+            raise OSError(e, os.strerror(e))
+        remote, local, n = remote + got, local + got, n - got
+
+
+class PrivatePages:
+    """The pages a COW view at least on write has written, given frames
+    when asked (COW_PADDR).  They are anonymous pages of the view's process,
+    in no object: DIRECT cannot map them; a strict snapshot copies them
+    from that process with process_vm_readv(2).  Its frames' owner id is
+    this record's, their offset the page's index in the view."""
+    __slots__ = ("id", "ctx", "m", "base", "frames", "tail", "name")
+
+    def __init__(self, oid, ctx, m, base):
+        self.id, self.ctx, self.m, self.base = oid, ctx, m, base
+        self.frames = {}            # page index -> frame
+        self.tail = self.name = None
+
+
 class Cow:
     def __init__(self, k):
         self.k = k
+        self.private = {}           # owner id -> PrivatePages
+
+    def assign(self, ctx, handle, base, pages):
+        """Frames for the written pages of ctx's view `handle` (mapped at
+        base): their physical addresses, in order."""
+        k = self.k
+        m = ctx.mappings.own_get(handle)
+        if m is None:
+            raise KernelError(errno.EBADF, "handle: %d names no mapping of this context" % handle)
+        b = m.backing
+        if m.type != COW or not isinstance(b, DirectBacking):
+            raise KernelError(errno.EINVAL, "handle: %d is not a COW view at least on write "
+                              "(only its written pages get frames)" % handle)
+        n = len(b.frames)
+        for i, p in enumerate(pages):
+            if p >= n:
+                raise KernelError(errno.EINVAL, "page[%d]: %d is past the view's %d pages"
+                                  % (i, p, n))
+        pp = b.private
+        fr = k.frames.c
+        if pp is None:
+            pp = b.private = PrivatePages(fr.next_oid, ctx, m, base)
+            fr.next_oid += 1
+            self.private[pp.id] = pp
+        pp.base = base
+        new = list(dict.fromkeys(p for p in pages if p not in pp.frames))
+        if new:
+            got = array.array("I", bytes(4 * len(new)))
+            if clib.fayt_frames_alloc(fr, len(new), pp.id, cffi.from_buffer("uint32_t[]", got)):
+                raise KernelError(errno.ENOMEM, "page: %d frames asked, %d free in faytd's RAM"
+                                  % (len(new), k.frames.free_frames))
+            for p, f in zip(new, got):
+                fr.offset[f] = p
+                pp.frames[p] = f
+        return [k.frames.paddr(pp.frames[p]) for p in pages]
+
+    def forget(self, pp):
+        """The view goes: its private frames are freed."""
+        self.private.pop(pp.id, None)
+        frames = array.array("I", pp.frames.values())
+        pp.frames = {}
+        if frames:
+            clib.fayt_frames_put(self.k.frames.c, cffi.from_buffer("uint32_t[]", frames),
+                                 len(frames))
 
     @staticmethod
     def check_mode(mode):
@@ -81,7 +162,7 @@ class Cow:
         k = self.k
         frames, runs, objects = self._source(ctx, tid, lib.FAYT_COW_ON_WRITE, length, paddrs)
         parts = list(dict.fromkeys(r[0] for r in runs))
-        k.direct.check_runs(runs, parts)
+        k.direct.check_runs(runs, parts, "a COW view at least on write")
         charged = length if prot & lib.FAYT_PROT_WRITE else 0
         if charged:
             k.charge(ctx, charged)
@@ -103,16 +184,22 @@ class Cow:
         try:
             dst = obj.open_fd()
             srcs = {}
-            for part, *_ in runs:
-                if id(part) not in srcs:
+            for part, page, n, at in runs:
+                if isinstance(part, PrivatePages):
+                    self._may_read(part, page)
+                elif id(part) not in srcs:
                     srcs[id(part)] = part.open_fd(readonly=True)
         except BaseException:
             self._drop_source(frames, objects)
             k.frames.put(obj)
             ctx.ram -= length
             raise
-        lengths = {id(part): part.length for part, *_ in runs}
-        plan = [(id(part), page * PAGE, n * PAGE, at) for part, page, n, at in runs]
+        lengths = {id(part): part.length for part, *_ in runs
+                   if not isinstance(part, PrivatePages)}
+        plan = [(id(part), page * PAGE, n * PAGE, at) if not isinstance(part, PrivatePages)
+                else (part.ctx.pid, part.base + page * PAGE, n * PAGE, at)
+                for part, page, n, at in runs]
+        remote = [isinstance(part, PrivatePages) for part, *_ in runs]
 
         def work():
             # Both sides mapped here, populated in one call each (a fault per
@@ -131,8 +218,11 @@ class Cow:
                         raise OSError(e, "snapshot: mmap: %s" % os.strerror(e))
                     maps[key] = (a, size)
                 base = maps["dst"][0]
-                for key, off, n, at in plan:
-                    ctypes.memmove(base + at, maps[key][0] + off, n)
+                for (key, off, n, at), far in zip(plan, remote):
+                    if far:                 # a view's private pages: in its process
+                        read_process(key, off, base + at, n)
+                    else:
+                        ctypes.memmove(base + at, maps[key][0] + off, n)
             finally:
                 for a, size in maps.values():
                     _munmap(a, size)
@@ -157,6 +247,22 @@ class Cow:
                 ctx.ram -= length
 
         return Deferred(work, finish, abandon)
+
+    @staticmethod
+    def _may_read(pp, page):
+        """EPERM unless faytd may read the view's process (ptrace access):
+        one byte of the page, read now."""
+        one = ctypes.create_string_buffer(1)
+        try:
+            read_process(pp.ctx.pid, pp.base + page * PAGE, ctypes.addressof(one), 1)
+        except OSError as e:
+            if e.errno in (errno.EPERM, errno.ESRCH, errno.EACCES):
+                raise KernelError(errno.EPERM, "morphology.paddr: private pages of a COW view "
+                                  "of pid %d: faytd may not read that process's memory (%s)"
+                                  % (pp.ctx.pid, e.strerror)) from None
+            raise KernelError(errno.EFAULT, "morphology.paddr: private pages of a COW view of "
+                              "pid %d: not readable at %#x (%s)"
+                              % (pp.ctx.pid, pp.base + page * PAGE, e.strerror)) from None
 
     def _drop_source(self, frames, objects):
         self.k.direct.release(DirectBacking(frames, objects))

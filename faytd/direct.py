@@ -69,12 +69,13 @@ class Grant:
 class DirectBacking:
     """What a DIRECT mapping references: the frames it names (one reference
     each) and the objects that hold them."""
-    __slots__ = ("frames", "objects", "length")
+    __slots__ = ("frames", "objects", "length", "private")
 
     def __init__(self, frames, objects):
         self.frames = frames
         self.objects = objects
         self.length = len(frames) * PAGE
+        self.private = None         # a COW view's written pages given frames (cow.py)
 
 
 class Direct:
@@ -189,7 +190,8 @@ class Direct:
             if obj is None:
                 field = "morphology.paddr[%d]" % at
                 pa = paddrs[at]
-                if not core_ctx:
+                own = self.k.cow.private.get(oid)
+                if not core_ctx and not (own is not None and own.ctx is ctx):
                     allowed = self.granted_prot(ctx, oid)
                     if not allowed:
                         raise KernelError(errno.EPERM, "%s: frame %#x is in no portal or "
@@ -197,7 +199,7 @@ class Direct:
                     if prot & ~allowed:
                         raise KernelError(errno.EPERM, "%s: frame %#x: prot %#x asked, its "
                                           "grant allows %#x" % (field, pa, prot, allowed))
-                obj = self.object_of(oid)
+                obj = self.object_of(oid) or own
                 if obj is None:
                     raise KernelError(errno.EFAULT, "%s: frame %#x is in no object faytd "
                                       "can map" % (field, pa))
@@ -233,8 +235,14 @@ class Direct:
                               "per 4 KiB of length (%d), %d named" % (length // PAGE, len(paddrs)))
 
     @staticmethod
-    def check_runs(runs, parts):
-        """What one reply can carry: EINVAL naming morphology.paddr past it."""
+    def check_runs(runs, parts, what="a DIRECT portal"):
+        """What one reply can carry: EINVAL naming morphology.paddr past it,
+        or for private pages of a COW view (no object holds them)."""
+        for p in parts:
+            if p.name is None and hasattr(p, "ctx"):
+                raise KernelError(errno.EINVAL, "morphology.paddr: frames of pages a COW view "
+                                  "wrote are in its process's memory, not in an object: %s "
+                                  "cannot map them (a strict snapshot copies them)" % what)
         if len(parts) > OBJECTS_MAX:
             raise KernelError(errno.EINVAL, "morphology.paddr: frames of %d objects; one portal "
                               "maps at most %d (descriptors per reply)"
@@ -272,6 +280,9 @@ class Direct:
     def release(self, b):
         """b's (a DirectBacking's) references go, and with them every
         object none of whose frames is allocated any more."""
+        if b.private is not None:
+            self.k.cow.forget(b.private)
+            b.private = None
         if not len(b.frames):
             return
         clib.fayt_frames_put(self.fr, cffi.from_buffer("uint32_t[]", b.frames), len(b.frames))

@@ -24,7 +24,7 @@ from .notification import (install_handler, remove_handler, notify,  # noqa: F40
                            context_of, notification_depth, notification_stats,
                            current_notification, PEER_DIED, SP_DESTROYED, OVERFLOW, DOORBELL)
 
-from .direct import grant  # noqa: F401
+from .direct import grant, physical  # noqa: F401
 from ._abi import lib as _lib
 CATEGORY_CORE = _lib.FAYT_CATEGORY_CORE
 CATEGORY_DRIVER = _lib.FAYT_CATEGORY_DRIVER

@@ -19,7 +19,7 @@ import os
 import struct
 
 from . import errors
-from ._abi import ffi, lib, DIRECT_RUN, GRANT_REQ, HANDLE_REQ, PORTAL_REPLY, PORTAL_REQ_SIZE
+from ._abi import ffi, lib, COW_PADDR_REQ, DIRECT_RUN, GRANT_REQ, HANDLE_REQ, PORTAL_REPLY, PORTAL_REQ_SIZE
 from .portal_req import encode_portal_req, PROT_NONE
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -101,3 +101,29 @@ def grant(mapping, to=0, prot=None, *, category=None, revoke=False):
     who = category if category is not None else to
     mapping.connection.call(lib.FAYT_SYS_GRANT, GRANT_REQ.pack(
         mapping.handle, kind, who, prot, lib.FAYT_GRANT_REVOKE if revoke else 0))
+
+
+def physical(view):
+    """The physical address of each page of `view`, a COW portal at least on
+    write.  A page it has written is a private page of this process (found
+    in /proc/self/pagemap: present or swapped, and not a file page); faytd
+    gives it a frame of its own the first time it is asked (COW_PADDR), and
+    a strict snapshot of that frame copies the page from this process.  The
+    other pages keep the source's frames.  Writes are never trapped: ask
+    again after more writes."""
+    view._check()
+    n = view.map_length // 4096
+    with open("/proc/self/pagemap", "rb") as f:
+        f.seek(view.addr // 4096 * 8)
+        entries = struct.unpack("<%dQ" % n, f.read(8 * n))
+    written = [i for i, e in enumerate(entries) if e >> 62 & 3 and not e >> 61 & 1]
+    out = list(view.paddr)
+    if written:
+        data, fds = view.connection.call(lib.FAYT_SYS_COW_PADDR, COW_PADDR_REQ.pack(
+            view.handle, view.addr, len(written), 0) + struct.pack("<%dI" % len(written),
+                                                                   *written))
+        for fd in fds:
+            os.close(fd)
+        for i, pa in zip(written, struct.unpack("<%dQ" % len(written), data)):
+            out[i] = pa
+    return out

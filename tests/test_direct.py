@@ -491,3 +491,85 @@ for line in sys.stdin:
     assert ask(o, "grant context %d 1" % acid) == "ok"
     for mode in (0, 1):
         assert ask(a, "%d %d" % (mode, paddr[1])) == "ok owner-1"
+
+
+VIEWER = r"""
+c = lp.Connection(sys.argv[1], faytd_uid=int(sys.argv[2]) if len(sys.argv) > 2 else None)
+src = lp.portal(lp.ANON, lp.PROT_RW, 2 * 4096, connection=c)
+src.buf[0:6] = b"source"
+src.buf[4096:4102] = b"source"
+v = lp.portal(lp.COW, lp.PROT_RW, 2 * 4096, paddr=src.paddr, connection=c)
+v.buf[4096:4103] = b"private"
+print(json.dumps([list(src.paddr), lp.physical(v)]))
+sys.stdin.readline()
+"""
+
+
+def test_cow_physical_addresses_of_written_pages(faytd, conn_to):
+    """A view reports its pages' physical addresses: unwritten ones keep the
+    source's, a written one gets a frame of its own when asked (the same on
+    the next ask).  A strict snapshot of those frames copies the view as it
+    is; DIRECT cannot map a private page (EINVAL); the frame goes with the
+    view."""
+    c = conn_to(faytd)
+    before = faytd.state()
+    src = libportal.portal(libportal.ANON, RW, 2 * PAGE, connection=c)
+    src.buf[0:6] = b"source"
+    v = libportal.portal(COW, RW, 2 * PAGE, paddr=src.paddr, connection=c)
+    assert libportal.physical(v) == list(src.paddr)
+    assert bytes(v.buf[0:6]) == b"source"           # read, not written: still the source's
+    assert libportal.physical(v) == list(src.paddr)
+    v.buf[PAGE:PAGE + 7] = b"private"
+    phys = libportal.physical(v)
+    assert phys[0] == src.paddr[0] and phys[1] not in src.paddr
+    assert libportal.physical(v) == phys
+    s = libportal.portal(COW, RW, 2 * PAGE, paddr=phys, share_type=libportal.COW_SNAPSHOT,
+                         connection=c)
+    assert bytes(s.buf[0:6]) == b"source" and bytes(s.buf[PAGE:PAGE + 7]) == b"private"
+    for t, kw in ((DIRECT, {}), (COW, {})):
+        with pytest.raises(libportal.PortalError) as ei:
+            libportal.portal(t, RW, PAGE, paddr=phys[1:], connection=c, **kw)
+        assert ei.value.errno == errno.EINVAL and "pages a COW view wrote" in str(ei.value)
+    s.unmap()
+    v.unmap()
+    src.unmap()
+    assert faytd.wait_state(before) == before
+
+
+def test_cow_snapshot_of_another_process_view(spawn, faytd, conn_to):
+    """A strict snapshot of another process's view copies its private pages
+    from that process (process_vm_readv: faytd may ptrace it here)."""
+    o = spawn(VIEWER, faytd.env(), args=[faytd.socket])
+    paddr, phys = json.loads(o.expect())
+    assert phys[0] == paddr[0] and phys[1] != paddr[1]
+    c = conn_to(faytd)
+    s = libportal.portal(COW, RO, 2 * PAGE, paddr=phys, share_type=libportal.COW_SNAPSHOT,
+                         connection=c)
+    assert bytes(s.buf[0:6]) == b"source" and bytes(s.buf[PAGE:PAGE + 7]) == b"private"
+    s.unmap()
+    o.send()
+    o.finish()
+
+
+@needs_root
+def test_cow_snapshot_eperm_where_faytd_may_not_ptrace(spawn, as_user, world_faytd):
+    """A faytd running as uid 65534 may not read a root process's memory: a
+    strict snapshot of that process's private pages is EPERM, naming why;
+    nothing is made."""
+    policy = json.loads(json.dumps(DRIVER_POLICY))
+    d = world_faytd(policy, as_user=as_user, uid=NOBODY)
+    o = spawn(VIEWER, d.env(), args=[d.socket, NOBODY])
+    paddr, phys = json.loads(o.expect())
+    c = libportal.Connection(d.socket, faytd_uid=NOBODY)
+    try:
+        before = d.state()
+        with pytest.raises(libportal.PortalError) as ei:
+            libportal.portal(COW, RO, 2 * PAGE, paddr=phys, share_type=libportal.COW_SNAPSHOT,
+                             connection=c)
+        assert ei.value.errno == errno.EPERM and "faytd may not read that process's memory" \
+            in str(ei.value), str(ei.value)
+        assert d.state() == before
+    finally:
+        c.close()
+    o.send()
+    o.finish()

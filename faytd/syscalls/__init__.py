@@ -44,6 +44,7 @@ HANDLERS = {
     lib.FAYT_SYS_CHAIN_UNBACK: chain.sys_chain_unback,
     lib.FAYT_SYS_STATS: stats.sys_stats,
     lib.FAYT_SYS_GRANT: direct.sys_grant,
+    lib.FAYT_SYS_COW_PADDR: direct.sys_cow_paddr,
 }
 # Every call but HELLO needs a context the policy admitted.
 NEED_NO_HELLO = frozenset({lib.FAYT_SYS_HELLO})

@@ -5,7 +5,7 @@ import array
 import errno
 import os
 
-from libportal._abi import lib, GRANT_REQ, DIRECT_RUN, PORTAL_REPLY, PORTAL_REQ, PORTAL_REQ_SIZE
+from libportal._abi import lib, COW_PADDR_REQ, GRANT_REQ, DIRECT_RUN, PORTAL_REPLY, PORTAL_REQ, PORTAL_REQ_SIZE
 
 from ..context import CoreMapping
 from ..frames import KernelError, PAGE
@@ -123,3 +123,20 @@ def sys_grant(k, ctx, tid, body, fds):
     Policy.check_grant(ctx, m, sp, prot)
     k.direct.grant(ctx, handle, m.backing, kind, to, prot, bool(flags & lib.FAYT_GRANT_REVOKE))
     return b"", []
+
+
+def sys_cow_paddr(k, ctx, tid, body, fds):
+    """COW_PADDR: frames for the pages a view has written."""
+    if len(body) < COW_PADDR_REQ.size:
+        raise KernelError(errno.EINVAL, "cow_paddr: expected at least %d bytes, got %d"
+                          % (COW_PADDR_REQ.size, len(body)))
+    handle, base, n, reserved = COW_PADDR_REQ.unpack_from(body)
+    if reserved:
+        raise KernelError(errno.EINVAL, "reserved: %d, not 0" % reserved)
+    if len(body) != COW_PADDR_REQ.size + 4 * n:
+        raise KernelError(errno.EINVAL, "npages: %d pages named, %d bytes of them sent"
+                          % (n, len(body) - COW_PADDR_REQ.size))
+    if base % PAGE:
+        raise KernelError(errno.EINVAL, "base: %#x is not 4 KiB aligned" % base)
+    pages = array.array("I", body[COW_PADDR_REQ.size:])
+    return array.array("Q", k.cow.assign(ctx, handle, base, pages)).tobytes(), []

@@ -61,6 +61,8 @@
 #define FAYT_SYS_STATS          36  /* no body; reply: JSON counters (docs/cli.md) */
 /* DMA grants (DIRECT over RAM, docs/portals.md). */
 #define FAYT_SYS_GRANT          37  /* body fayt_grant_req; reply empty */
+#define FAYT_SYS_COW_PADDR      38  /* body fayt_cow_paddr_req + uint32_t page[npages];
+                                       reply uint64_t paddr[npages] */
 
 /* fayt_req_hdr.flags */
 #define FAYT_REQ_NOREPLY 0x1        /* UNMAP, UNMAP_DESTROY: do not answer unless it fails */
@@ -141,6 +143,18 @@ struct fayt_portal_reply {
  * as for DIRECT. */
 #define FAYT_COW_ON_WRITE 0    /* at least on write: a private mapping of the source */
 #define FAYT_COW_SNAPSHOT 1    /* strict: a copy made during the call */
+
+/* COW_PADDR: physical addresses for the pages a view at least on write has
+ * written (private pages, which the client finds in /proc/self/pagemap):
+ * each gets a frame of its own the first time, which a strict snapshot
+ * copies from the view's process (process_vm_readv).  base: where the view
+ * is mapped in the caller. */
+struct fayt_cow_paddr_req {
+    uint64_t handle;       /* the view */
+    uint64_t base;
+    uint32_t npages;       /* page indexes that follow */
+    uint32_t reserved;     /* 0 */
+} __attribute__((packed));
 
 struct fayt_direct_run {
     uint32_t fd;           /* index of its object's fd in the reply */
