@@ -92,6 +92,7 @@ class Cow:
     def __init__(self, k):
         self.k = k
         self.private = {}           # owner id -> PrivatePages
+        self.copying = set()        # contexts whose snapshot is being copied (one each)
 
     def assign(self, ctx, handle, base, pages):
         """Frames for the written pages of ctx's view `handle` (mapped at
@@ -177,6 +178,9 @@ class Cow:
         """A strict snapshot: a Deferred whose finish() returns
         reply(Mapping, its object's fd)."""
         k = self.k
+        if ctx in self.copying:
+            raise KernelError(errno.EBUSY, "a strict snapshot of this context is being made "
+                              "(one call at a time per connection)")
         frames, runs, objects = self._source(ctx, tid, lib.FAYT_COW_SNAPSHOT, length, paddrs)
         obj = k.allocate_for(ctx, length)       # charged, fresh frames
         fr = k.frames.c
@@ -228,6 +232,7 @@ class Cow:
                     _munmap(a, size)
 
         def close():
+            self.copying.discard(ctx)
             for fd in srcs.values():
                 os.close(fd)
             self._drop_source(frames, objects)
@@ -240,12 +245,14 @@ class Cow:
             return reply(m, dst)
 
         def abandon():
+            # (ctx, held here, keeps its core record: its charge is taken
+            # back even if it has gone, so that its uid's account is right.)
             close()
             os.close(dst)
             k.frames.put(obj)
-            if k.contexts.get(ctx.id) is ctx:
-                ctx.ram -= length
+            ctx.ram -= length
 
+        self.copying.add(ctx)
         return Deferred(work, finish, abandon)
 
     @staticmethod

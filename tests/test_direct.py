@@ -573,3 +573,33 @@ def test_cow_snapshot_eperm_where_faytd_may_not_ptrace(spawn, as_user, world_fay
         c.close()
     o.send()
     o.finish()
+
+
+def test_direct_and_cow_over_a_split_sharepoint(faytd, conn_to):
+    """A share-point of three pages is two objects (page 0, the rest):
+    DIRECT over its frames maps both at adjacent addresses; a COW view of
+    it outlives its destroy, which keeps its own rules (the name goes at
+    once, ENOENT)."""
+    c = conn_to(faytd)
+    before = faytd.state()
+    sp = libportal.share_create("direct-split", 3 * PAGE, connection=c)
+    off = PAGE - sp.data_offset
+    sp.write(off, b"page-1")
+    sp.write(off + PAGE, b"page-2")
+    p = libportal.portal(DIRECT, RW, 3 * PAGE, paddr=sp.paddr, connection=c)
+    assert bytes(p.buf[PAGE:PAGE + 6]) == b"page-1" and bytes(p.buf[2 * PAGE:2 * PAGE + 6]) \
+        == b"page-2"
+    p.buf[2 * PAGE:2 * PAGE + 6] = b"PAGE-2"
+    assert sp.read(off + PAGE, 6) == b"PAGE-2"
+    with sp:        # a consistent copy: the lock held across the call
+        s = libportal.portal(COW, RO, 3 * PAGE, paddr=sp.paddr,
+                             share_type=libportal.COW_SNAPSHOT, connection=c)
+    v = libportal.portal(COW, RO, 3 * PAGE, paddr=sp.paddr, connection=c)
+    sp.destroy()
+    with pytest.raises(libportal.NotFound):
+        libportal.share_attach("direct-split", connection=c)
+    assert bytes(v.buf[PAGE:PAGE + 6]) == b"page-1" and bytes(s.buf[2 * PAGE:2 * PAGE + 6]) \
+        == b"PAGE-2"
+    for m in (p, s, v):
+        m.unmap()
+    assert faytd.wait_state(before) == before
