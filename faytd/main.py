@@ -19,6 +19,9 @@ from .kernel import Kernel
 from .server import Server
 
 
+SUN_PATH_MAX = 107     # sockaddr_un.sun_path: 108 bytes with the final NUL
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="faytd", description="The FAYT kernel daemon.")
     ap.add_argument("--socket", help="syscall socket (default: %s)" % default_socket_path())
@@ -44,6 +47,9 @@ def main(argv=None):
         ap.error(str(e))
     cfg["socket"] = cfg["socket"] or default_socket_path()
     cfg["state_dir"] = cfg["state_dir"] or os.path.dirname(cfg["socket"])
+    if len(os.fsencode(cfg["socket"])) > SUN_PATH_MAX:
+        ap.error("socket: %s is %d bytes long; a Unix socket's path has at most %d"
+                 % (cfg["socket"], len(os.fsencode(cfg["socket"])), SUN_PATH_MAX))
     if args.print_config:
         return print_config(cfg)
     # Made 0700 if missing; refused if another uid owns or may write it.

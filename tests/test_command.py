@@ -120,3 +120,11 @@ def test_command_a_start_that_fails_after_taking_its_lock_leaves_no_lock_file(tm
         assert os.path.exists(os.path.join(first.dir, "faytd.journal.lock"))
     finally:
         first.stop()
+
+
+def test_command_a_socket_path_too_long_for_unix_sockets_is_refused(tmp_path):
+    sock = str(tmp_path / ("s" * 120 + ".sock"))
+    err = faytd_refuses(["--socket", sock])
+    assert "socket: %s is %d bytes long; a Unix socket's path has at most 107" \
+        % (sock, len(sock)) in err, err
+    assert os.listdir(tmp_path) == []
