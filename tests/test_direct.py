@@ -5,6 +5,7 @@ that names frames it was not granted."""
 import errno
 import json
 import os
+import time
 
 import pytest
 
@@ -47,6 +48,29 @@ for line in sys.stdin:
 """
 
 
+def state(d):
+    """What faytd `d` holds: share-points, free frames, mappings."""
+    c = libportal.Connection(d.socket, faytd_uid=getattr(d, "uid", None))
+    try:
+        shares, ctxs = c.list_sharepoints(), c.list_contexts()
+    finally:
+        c.close()
+    return {"shares": sorted(s["identifier"] for s in shares),
+            "free_frames": ctxs["free_frames"],
+            "mappings": sum(x["mappings"] for x in ctxs["contexts"])}
+
+
+def wait_state(d, want, timeout=15):
+    """state(d) once it equals want (a death is handled asynchronously), or
+    the last one seen after timeout seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        now = state(d)
+        if now == want or time.monotonic() > deadline:
+            return now
+        time.sleep(0.02)
+
+
 def owner(spawn, d, pages=2, **kw):
     o = spawn(OWNER, d.env(), args=[pages], **kw)
     cid, paddr = json.loads(o.expect())
@@ -77,14 +101,14 @@ def test_direct_frame_outlives_its_portal(spawn, faytd, conn_to):
     """A frame stays allocated while a DIRECT mapping names it, after its
     portal's owner unmapped it and died; it is freed with the last mapping."""
     c = conn_to(faytd)
-    before = faytd.state()
+    before = state(faytd)
     o, _, paddr = owner(spawn, faytd, pages=3)
     p = libportal.portal(DIRECT, RW, PAGE, paddr=[paddr[1]], connection=c)
     o.send("unmap")
     assert o.expect() == "ok"
     o.kill()
     # The two frames nobody names are free again; the named one is not.
-    assert faytd.wait_state(dict(before, mappings=before["mappings"] + 1,
+    assert wait_state(faytd, dict(before, mappings=before["mappings"] + 1,
                                  free_frames=before["free_frames"] - 1)) \
         == dict(before, mappings=before["mappings"] + 1, free_frames=before["free_frames"] - 1)
     assert bytes(p.buf[0:7]) == b"owner-1"
@@ -93,7 +117,7 @@ def test_direct_frame_outlives_its_portal(spawn, faytd, conn_to):
     assert ei.value.errno == errno.EFAULT
     assert "morphology.paddr[0]: frame %#x is free" % paddr[0] in str(ei.value)
     p.unmap()
-    assert faytd.wait_state(before) == before
+    assert wait_state(faytd, before) == before
 
 
 @pytest.mark.parametrize("length, paddr, err, msg", [
@@ -109,12 +133,12 @@ def test_direct_bad_input_names_the_field(faytd, conn_to, length, paddr, err, ms
     naming the field; nothing is mapped."""
     c = conn_to(faytd)
     p = libportal.portal(libportal.ANON, RW, PAGE, connection=c)
-    before = faytd.state()
+    before = state(faytd)
     paddr = [p.paddr[0] if a == "ok" else a for a in paddr]
     with pytest.raises(libportal.PortalError) as ei:
         libportal.portal(DIRECT, RW, length, paddr=paddr, connection=c)
     assert ei.value.errno == err and msg in str(ei.value), str(ei.value)
-    assert faytd.state() == before
+    assert state(faytd) == before
     p.unmap()
 
 
@@ -258,7 +282,7 @@ def test_direct_sharepoint_over_granted_portal(spawn, faytd, conn_to):
     attachable like any share-point; its frames outlive the portal and go
     with the share-point's last mapping."""
     c = conn_to(faytd)
-    before = faytd.state()
+    before = state(faytd)
     o, _, paddr = owner(spawn, faytd, pages=2)
     sp = libportal.portal(libportal.SHARE | DIRECT, RW, 2 * PAGE, identifier="direct-sp",
                           create=True, paddr=paddr, connection=c)
@@ -275,7 +299,7 @@ def test_direct_sharepoint_over_granted_portal(spawn, faytd, conn_to):
     assert other.read(PAGE - 48, 10) == b"through-sp"
     other.unmap()
     sp.destroy()
-    assert faytd.wait_state(before) == before
+    assert wait_state(faytd, before) == before
 
 
 @pytest.mark.parametrize("which, msg", [
@@ -290,14 +314,14 @@ def test_direct_sharepoint_names_one_whole_portal(spawn, faytd, conn_to, which, 
     c = conn_to(faytd)
     p = libportal.portal(libportal.ANON, RW, 2 * PAGE, connection=c)
     s = libportal.share_create("direct-src", 2 * PAGE, connection=c)
-    before = faytd.state()
+    before = state(faytd)
     paddr = {"part": list(p.paddr[:1]), "reversed": list(p.paddr[::-1]),
              "sharepoint": list(s.paddr)}[which]
     with pytest.raises(libportal.PortalError) as ei:
         libportal.portal(libportal.SHARE | DIRECT, RW, PAGE * len(paddr), identifier="direct-x",
                          create=True, paddr=paddr, connection=c)
     assert ei.value.errno == errno.EINVAL and "morphology.paddr: " + msg in str(ei.value)
-    assert faytd.state() == before
+    assert state(faytd) == before
     s.destroy()
     p.unmap()
 
@@ -397,7 +421,7 @@ def test_cow_strict_snapshot(spawn, faytd, conn_to):
     """A strict snapshot is a copy made during the call: nothing written to
     the source afterwards, nor its unmap and its owner's death, changes it;
     its writes never reach the source; its frames are its own."""
-    before = faytd.state()
+    before = state(faytd)
     o, _, paddr = owner(spawn, faytd)
     c = conn_to(faytd)
     s = libportal.portal(COW, RW, 2 * PAGE, paddr=paddr, share_type=libportal.COW_SNAPSHOT,
@@ -414,7 +438,7 @@ def test_cow_strict_snapshot(spawn, faytd, conn_to):
     o.kill()
     assert bytes(s.buf[PAGE:PAGE + 7]) == b"owner-1"
     s.unmap()
-    assert faytd.wait_state(before) == before
+    assert wait_state(faytd, before) == before
 
 
 def test_cow_charges_a_writable_view_at_creation(spawn, fresh_faytd, conn_to):
@@ -447,7 +471,7 @@ def test_cow_bad_mode_and_bad_source(faytd, conn_to):
     EFAULT naming the entry; nothing is made."""
     c = conn_to(faytd)
     p = libportal.portal(libportal.ANON, RW, PAGE, connection=c)
-    before = faytd.state()
+    before = state(faytd)
     with pytest.raises(libportal.PortalError) as ei:
         libportal.portal(COW, RW, PAGE, paddr=p.paddr, share_type=7, connection=c)
     assert ei.value.errno == errno.EINVAL and "share.type: 7 is not a COW mode" in str(ei.value)
@@ -458,7 +482,7 @@ def test_cow_bad_mode_and_bad_source(faytd, conn_to):
         libportal.portal(COW, RW, PAGE, paddr=gone, share_type=libportal.COW_SNAPSHOT,
                          connection=c)
     assert ei.value.errno == errno.EFAULT and "morphology.paddr[0]" in str(ei.value)
-    assert faytd.state() == before
+    assert state(faytd) == before
     p.unmap()
 
 
@@ -512,7 +536,7 @@ def test_cow_physical_addresses_of_written_pages(faytd, conn_to):
     is; DIRECT cannot map a private page (EINVAL); the frame goes with the
     view."""
     c = conn_to(faytd)
-    before = faytd.state()
+    before = state(faytd)
     src = libportal.portal(libportal.ANON, RW, 2 * PAGE, connection=c)
     src.buf[0:6] = b"source"
     v = libportal.portal(COW, RW, 2 * PAGE, paddr=src.paddr, connection=c)
@@ -533,7 +557,7 @@ def test_cow_physical_addresses_of_written_pages(faytd, conn_to):
     s.unmap()
     v.unmap()
     src.unmap()
-    assert faytd.wait_state(before) == before
+    assert wait_state(faytd, before) == before
 
 
 def test_cow_snapshot_of_another_process_view(spawn, faytd, conn_to):
@@ -581,7 +605,7 @@ def test_direct_and_cow_over_a_split_sharepoint(faytd, conn_to):
     it outlives its destroy, which keeps its own rules (the name goes at
     once, ENOENT)."""
     c = conn_to(faytd)
-    before = faytd.state()
+    before = state(faytd)
     sp = libportal.share_create("direct-split", 3 * PAGE, connection=c)
     off = PAGE - sp.data_offset
     sp.write(off, b"page-1")
@@ -602,4 +626,4 @@ def test_direct_and_cow_over_a_split_sharepoint(faytd, conn_to):
         == b"PAGE-2"
     for m in (p, s, v):
         m.unmap()
-    assert faytd.wait_state(before) == before
+    assert wait_state(faytd, before) == before
