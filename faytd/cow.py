@@ -31,6 +31,7 @@ import errno
 import os
 
 from libportal._abi import lib
+from libportal.direct import map_fd
 
 from .context import Mapping
 from .deferred import Deferred
@@ -39,14 +40,7 @@ from .frames import KernelError, PAGE
 from .native import ffi as cffi, lib as clib
 
 _libc = ctypes.CDLL(None, use_errno=True)
-_mmap = _libc.mmap
-_mmap.restype = ctypes.c_void_p
-_mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
-                  ctypes.c_long)
-_munmap = _libc.munmap
-_munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
-_PROT_READ, _PROT_WRITE, _MAP_SHARED, _MAP_POPULATE = 1, 2, 0x01, 0x8000
-_MAP_FAILED = ctypes.c_void_p(-1).value
+_MAP_SHARED, _MAP_POPULATE = 0x01, 0x8000
 
 COW = lib.FAYT_PORTAL_COW
 MODES = (lib.FAYT_COW_ON_WRITE, lib.FAYT_COW_SNAPSHOT)
@@ -215,12 +209,9 @@ class Cow:
                 os.posix_fallocate(dst, 0, length)
                 for key, fd in list(srcs.items()) + [("dst", dst)]:
                     size = length if key == "dst" else lengths[key]
-                    a = _mmap(None, size, _PROT_READ | (_PROT_WRITE if key == "dst" else 0),
-                              _MAP_SHARED | _MAP_POPULATE, fd, 0)
-                    if a in (None, _MAP_FAILED):
-                        e = ctypes.get_errno()
-                        raise OSError(e, "snapshot: mmap: %s" % os.strerror(e))
-                    maps[key] = (a, size)
+                    maps[key] = (map_fd(0, size, lib.FAYT_PROT_READ | (
+                        lib.FAYT_PROT_WRITE if key == "dst" else 0),
+                        _MAP_SHARED | _MAP_POPULATE, fd, 0), size)
                 base = maps["dst"][0]
                 for (key, off, n, at), far in zip(plan, remote):
                     if far:                 # a view's private pages: in its process
@@ -229,7 +220,7 @@ class Cow:
                         ctypes.memmove(base + at, maps[key][0] + off, n)
             finally:
                 for a, size in maps.values():
-                    _munmap(a, size)
+                    lib.fayt_unmap(a, size)
 
         def close():
             self.copying.discard(ctx)

@@ -34,15 +34,24 @@ _MADV_DONTFORK = 10
 _MAP_FAILED = ctypes.c_void_p(-1).value
 
 
+def map_fd(addr, length, prot, flags, fd, offset):
+    """mmap(2) as it is (addr 0: anywhere): the address, or OSError."""
+    p = _mmap(addr or None, length, prot, flags, fd, offset)
+    if p in (None, _MAP_FAILED):
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+    return p
+
+
 def _map_runs(base, runs, fds, prot, flags):
     for fd_index, pages, at, offset in runs:
         if fd_index >= len(fds):
             raise errors.error(errno.EPROTO, "portal: a DIRECT run names fd %d of %d"
                                % (fd_index, len(fds)))
-        p = _mmap(base + at, pages * 4096, prot, flags | _MAP_FIXED, fds[fd_index], offset)
-        if p in (None, _MAP_FAILED):
-            e = ctypes.get_errno()
-            raise errors.error(e, "portal: mmap of a DIRECT run: " + os.strerror(e))
+        try:
+            map_fd(base + at, pages * 4096, prot, flags | _MAP_FIXED, fds[fd_index], offset)
+        except OSError as e:
+            raise errors.error(e.errno, "portal: mmap of a DIRECT run: " + e.strerror) from None
 
 
 def direct_portal(conn, type, prot, length, addr, paddr, portal_cls, mode=0):

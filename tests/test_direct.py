@@ -5,7 +5,6 @@ that names frames it was not granted."""
 import errno
 import json
 import os
-import time
 
 import pytest
 
@@ -13,7 +12,7 @@ import libportal
 from libportal._abi import lib, GRANT_REQ, HANDLE_REQ, PORTAL_REPLY
 from libportal.portal_req import encode_portal_req
 
-from support.daemon import NOBODY
+from support.daemon import NOBODY, state, wait_state
 
 PAGE = lib.FAYT_PAGE_SIZE
 RW, RO = libportal.PROT_RW, libportal.PROT_READ
@@ -46,29 +45,6 @@ for line in sys.stdin:
     except OSError as e:
         print("%s %s" % (errno.errorcode[e.errno], e))
 """
-
-
-def state(d):
-    """What faytd `d` holds: share-points, free frames, mappings."""
-    c = libportal.Connection(d.socket, faytd_uid=getattr(d, "uid", None))
-    try:
-        shares, ctxs = c.list_sharepoints(), c.list_contexts()
-    finally:
-        c.close()
-    return {"shares": sorted(s["identifier"] for s in shares),
-            "free_frames": ctxs["free_frames"],
-            "mappings": sum(x["mappings"] for x in ctxs["contexts"])}
-
-
-def wait_state(d, want, timeout=15):
-    """state(d) once it equals want (a death is handled asynchronously), or
-    the last one seen after timeout seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        now = state(d)
-        if now == want or time.monotonic() > deadline:
-            return now
-        time.sleep(0.02)
 
 
 def owner(spawn, d, pages=2, **kw):
