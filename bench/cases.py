@@ -858,6 +858,117 @@ def case_fair(d, scale):
     return rows
 
 
+# -- DIRECT and COW (docs/portals.md) -----------------------------------------------
+
+def median_of(n, repeats, *fns):
+    """Seconds per iteration of each fn: the median of `repeats` rounds,
+    every fn(n) once in each round, in turn (peers interleaved)."""
+    out = [[] for _ in fns]
+    for _ in range(repeats):
+        for i, fn in enumerate(fns):
+            t = time.perf_counter()
+            fn(n)
+            out[i].append((time.perf_counter() - t) / n)
+    return [sorted(x)[len(x) // 2] for x in out]
+
+
+# One request's paddr[] fits one message: 8,182 frames at most (31.9 MiB).
+_BIG_PAGES = 8000
+
+
+def case_direct(d, scale):
+    n = _n(3000, scale, 100)
+    src = lp.portal(lp.ANON, lp.PROT_RW, 4096)
+    lp.grant(src, to=lp.connection().context_id)
+    one = list(src.paddr)
+
+    def anon(k):
+        for _ in range(k):
+            lp.portal(lp.ANON, lp.PROT_RW, 4096).unmap()
+
+    def direct(k):
+        for _ in range(k):
+            lp.portal(lp.DIRECT, lp.PROT_RW, 4096, paddr=one).unmap()
+
+    def cow(k):
+        for _ in range(k):
+            lp.portal(lp.COW, lp.PROT_RW, 4096, paddr=one).unmap()
+
+    t_anon, t_direct, t_cow = median_of(n, 7, anon, direct, cow)
+    big = lp.portal(lp.ANON, lp.PROT_RW, _BIG_PAGES * 4096)
+    big.buf[:] = b"\x5a" * len(big.buf)
+    many = list(big.paddr)
+    if len(many) < _BIG_PAGES:           # a reply lists at most 8,177 frames
+        raise RuntimeError("bench: the big portal's reply listed %d frames" % len(many))
+    m = max(3, _n(30, scale, 3))
+
+    def cow_big(k):
+        for _ in range(k):
+            lp.portal(lp.COW, lp.PROT_RW, _BIG_PAGES * 4096, paddr=many).unmap()
+
+    def cow_small(k):
+        cow(k)
+
+    t_big, t_small = median_of(m, 5, cow_big, cow_small)
+    # First writes: a fresh view each round, every page written once.
+    fd = os.memfd_create("bench-cow")
+    os.ftruncate(fd, _BIG_PAGES * 4096)
+    os.pwrite(fd, b"\x5a" * (_BIG_PAGES * 4096), 0)
+    writes = {"ours": [], "peer": []}
+    snaps = {"ours": [], "peer": []}
+    for _ in range(max(3, _n(7, scale, 3))):
+        v = lp.portal(lp.COW, lp.PROT_RW, _BIG_PAGES * 4096, paddr=many)
+        buf = v.buf
+        t = time.perf_counter()
+        for i in range(0, len(buf), 4096):
+            buf[i] = 1
+        writes["ours"].append(time.perf_counter() - t)
+        buf.release()
+        v.unmap()
+        pm = mmap.mmap(fd, _BIG_PAGES * 4096, flags=mmap.MAP_PRIVATE)
+        t = time.perf_counter()
+        for i in range(0, len(pm), 4096):
+            pm[i] = 1
+        writes["peer"].append(time.perf_counter() - t)
+        pm.close()
+        t = time.perf_counter()
+        s = lp.portal(lp.COW, lp.PROT_RW, _BIG_PAGES * 4096, paddr=many,
+                      share_type=lp.COW_SNAPSHOT)
+        snaps["ours"].append(time.perf_counter() - t)
+        s.unmap()
+        mv = big.buf
+        t = time.perf_counter()
+        copy = bytes(mv)
+        snaps["peer"].append(time.perf_counter() - t)
+        del copy
+    os.close(fd)
+    big.unmap()
+    src.unmap()
+    med = {k: {w: sorted(v)[len(v) // 2] for w, v in x.items()}
+           for k, x in (("writes", writes), ("snaps", snaps))}
+    mib = _BIG_PAGES * 4096 / (1 << 20)
+    return [
+        {"name": "4 KiB DIRECT (granted RAM): portal+unmap", "ours": t_direct * 1e6,
+         "unit": "us", "peer": "4 KiB ANON portal+unmap", "peer_value": t_anon * 1e6,
+         "ratio": t_direct / t_anon, "target": ("<=", 1.2)},
+        {"name": "4 KiB COW at least on write: portal+unmap", "ours": t_cow * 1e6,
+         "unit": "us", "peer": "4 KiB ANON portal+unmap", "peer_value": t_anon * 1e6,
+         "ratio": t_cow / t_anon, "target": ("<=", 1.2)},
+        {"name": "%.2f MiB COW at least on write: portal+unmap" % mib, "ours": t_big * 1e6,
+         "unit": "us", "peer": "its own 4 KiB figure", "peer_value": t_small * 1e6,
+         "ratio": t_big / t_small, "target": ("<=", 2.0)},
+        {"name": "first write of each of %d pages of a COW view" % _BIG_PAGES,
+         "ours": med["writes"]["ours"] * 1e6, "unit": "us",
+         "peer": "same, mmap(MAP_PRIVATE) of the object", "peer_value":
+         med["writes"]["peer"] * 1e6, "ratio": med["writes"]["ours"] / med["writes"]["peer"],
+         "target": ("<=", 1.5)},
+        {"name": "%.2f MiB COW strict snapshot" % mib, "ours": med["snaps"]["ours"] * 1e6,
+         "unit": "us", "peer": "bytes(memoryview) of it", "peer_value":
+         med["snaps"]["peer"] * 1e6, "ratio": med["snaps"]["ours"] / med["snaps"]["peer"],
+         "target": ("<=", 1.5)},
+    ]
+
+
 CASES = {
     "lock": case_lock,
     "write": case_write,
@@ -868,4 +979,5 @@ CASES = {
     "notify": case_notify,
     "special": case_special,
     "fair": case_fair,
+    "direct": case_direct,
 }

@@ -14,6 +14,8 @@ from libportal._abi import lib
 from .native import core, lib as clib
 
 from .context import Context, ContextTable, Quotas
+from .cow import Cow
+from .direct import Direct, DirectBacking
 from .frames import (PAGE, BackingObject, FrameAllocator, KernelError, keeper_objects,
                      release_objects, run_tag, start_keeper, start_time)
 from .journal import Journal, alive
@@ -42,9 +44,14 @@ class Kernel:
         self.fast.recycle = 1 if cfg.get("recycle_objects", True) else 0
         state_dir = cfg.get("state_dir")
         self.journal = Journal(state_dir, self.fast) if state_dir else None
-        sps, ctxs = self.journal.load() if self.journal else ([], [])
-        tag = tag or run_tag()
         self._keeper_kept = False
+        try:
+            sps, ctxs = self.journal.load() if self.journal else ([], [])
+        except BaseException:
+            if self.journal is not None:
+                self.journal.abandon()
+            raise
+        tag = tag or run_tag()
         try:
             named = {o for r in sps + ctxs for o in r.object.split("+")}
             swept = self._keeper(state_dir, named)
@@ -88,6 +95,8 @@ class Kernel:
         self.notifications = Notifications(self)
         self.sharepoints.on_destroy.append(self.notifications.sharepoint_destroyed)
         self.pager = Pager(self)
+        self.direct = Direct(self)
+        self.cow = Cow(self)
         self.contexts = ContextTable()
         self._rechecks = {}         # sp id -> [sp, dead pid, delay]: see _recover_one
         self._recheck_fd = -1
@@ -300,6 +309,7 @@ class Kernel:
         clib.fayt_fast_conn_gone(self.fast, ctx.fast)
         self.notifications.context_gone(ctx)
         self.pager.context_gone(ctx)
+        self.direct.context_gone(ctx)
         if self.journal is not None:
             self.journal.context_gone(ctx)
         ctx.close_page()
@@ -476,6 +486,8 @@ class Kernel:
         m.charged = 0
         if m.type & lib.FAYT_PORTAL_SPECIAL:
             self.pager.unmap(ctx, m)
+        elif isinstance(m.backing, DirectBacking):    # DIRECT, COW at least on write
+            self.direct.unmap(m)
         else:
             self.frames.put(m.backing)
 

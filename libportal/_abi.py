@@ -82,6 +82,9 @@ HELLO_REPLY = struct_of("struct fayt_hello_reply")
 HANDLE_REQ = struct_of("struct fayt_handle_req")
 LIST_REQ = struct_of("struct fayt_list_req")
 PORTAL_REPLY = struct_of("struct fayt_portal_reply")
+DIRECT_RUN = struct_of("struct fayt_direct_run")      # fd, pages, at, offset
+GRANT_REQ = struct_of("struct fayt_grant_req")        # handle, kind, to, prot, flags
+COW_PADDR_REQ = struct_of("struct fayt_cow_paddr_req")  # handle, base, npages, reserved
 PORTAL_REQ_SIZE = ffi.sizeof("struct portal_req")
 # type, prot, length, share.identifier, share.type, share.create,
 # sp_req_chain.name, sp_req_chain.message, morphology.addr, morphology.length

@@ -23,6 +23,7 @@ Lifetimes:
 import errno
 import os
 import struct
+import weakref
 
 from . import errors
 from ._abi import lib, HANDLE_REQ, PORTAL_REQ, _fastpath
@@ -30,6 +31,7 @@ from .mapping import Mapping, view, check_views, drop_views
 from .portal_req import (encode_portal_req, SHARE, DIRECT, ANON, COW,  # noqa: F401
                          SPECIAL, PROT_NONE, PROT_READ, PROT_WRITE, PROT_EXEC, PROT_RW,
                          PAGE_SIZE)
+from .direct import direct_portal
 from .special import special_portal
 from .syscall import Connection, connection as _default_connection
 
@@ -37,6 +39,7 @@ _core_init = _fastpath.SharePointCore.__init__
 _REPLY_CREATED = lib.FAYT_PORTAL_REPLY_CREATED
 _pack_req = PORTAL_REQ.pack
 _struct_error = struct.error
+_ref = weakref.ref
 
 
 class Portal(Mapping):
@@ -101,7 +104,7 @@ class SharePoint(_fastpath.SharePointCore, Mapping):
         self.paddr = paddr if paddr.__class__ is tuple else tuple(paddr)
         self.created = bool(flags & _REPLY_CREATED)
         self.identifier = identifier
-        conn._mappings.add(self)
+        conn._mappings[id(self)] = _ref(self)
 
     def destroy(self):
         """Destroy the share-point (owner or core only) and unmap it here.
@@ -176,7 +179,7 @@ def portal(type, prot=PROT_RW, length=0, *, identifier=None, create=False,
            share_type=0, chain=None, message=None, addr=0, paddr=(), connection=None):
     """The portal system call.  Returns a Portal, or a SharePoint for SHARE.
 
-    type      class bits: ANON, SHARE|ANON, SPECIAL, ... (DIRECT, COW: ENOSYS for now)
+    type      class bits: ANON, SHARE|ANON, SPECIAL, DIRECT, COW, SHARE|DIRECT
     prot      PROT_READ|PROT_WRITE|PROT_EXEC asked for
     length    bytes of the mapping (a multiple of 4096 after rounding up);
               for a share-point it holds the meta-structure and the data.
@@ -187,12 +190,16 @@ def portal(type, prot=PROT_RW, length=0, *, identifier=None, create=False,
               sp_req_chain.name and .message (SPECIAL: the chain that supplies
               the pages; returns a special.SpecialPortal)
     addr      morphology.addr: 0 lets the library choose, else exactly there
+    paddr     morphology.paddr[]: DIRECT and COW name one physical frame per 4 KiB
+              (COW: the source; share_type its mode, COW_ON_WRITE or COW_SNAPSHOT)
     """
     conn = connection or _default_connection()
     if isinstance(identifier, str):
         identifier = identifier.encode("utf-8")
     if type & SPECIAL:      # its userfaultfd goes with the call
         return special_portal(conn, type, prot, length, chain, message, addr, identifier, create)
+    if type == DIRECT or type == COW:      # one fd per object its frames are in
+        return direct_portal(conn, type, prot, length, addr, paddr, Portal, share_type)
     is_share = bool(type & SHARE)
     create = 1 if create else 0
     if (identifier.__class__ is bytes and chain is None and message is None and not paddr

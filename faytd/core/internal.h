@@ -10,13 +10,15 @@
 #include <sys/types.h>
 
 #include "core.h"
+
+struct epoll_event;
 #include "fayt/portal.h"
 #include "fayt/syscall.h"
 
 #define FAST_MAX_FRAMES FAYT_FAST_MAX_FRAMES
 #define RECYCLE_MAX 64            /* objects kept for their context's next create */
 #define ZERO_AT_CREATE 16384      /* up to this, a recycled object is zeroed by the meta's write */
-#define CORE_ABI 5                /* fayt_core_abi(); faytd/native.py checks it */
+#define CORE_ABI 6                /* fayt_core_abi(); faytd/native.py checks it */
 
 /* -- decode.c: strict UTF-8, as Python's decode("utf-8") takes it ------- */
 int core_utf8_valid(const unsigned char *s, size_t n);
@@ -94,6 +96,8 @@ struct sp {
     int journal_ok;                /* its D record was written (else never recycled) */
     int fd, fd2;                   /* held descriptors (the creator's, for recycling); -1 */
     int split;                     /* two objects: page 0 and the rest */
+    int direct;                    /* SHARE|DIRECT: over another portal's object (one object
+                                      of several pages: no read-only attach of another uid) */
     struct uid_acct *acct;         /* whose count it is in (its owner's uid) */
     int noncore;                   /* made by a context that is not core: counted
                                       against the core's reserve */
@@ -226,6 +230,8 @@ struct fayt_core_priv {
     int nwatched;
     int epfd;                      /* -1 until fayt_fast_poll ran */
     uint64_t last_look;            /* fair_others at fayt_fast_poll's last epoll_wait */
+    const struct epoll_event *round; /* the round being served (serve.c); NULL outside it */
+    int round_n, round_full;
     uint8_t *reply;                /* a reply's bytes: header and FAYT_MSG_MAX of body */
     /* keeper.c */
     struct keeper_state keeper;
