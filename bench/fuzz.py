@@ -45,6 +45,7 @@ import array
 import collections
 import ctypes
 import errno
+import faulthandler
 import json
 import mmap
 import os
@@ -65,7 +66,8 @@ from libportal import special as _special  # noqa: F401
 from libportal._abi import (ffi, lib, REQ_HDR, REP_HDR, HELLO_REQ, HELLO_REPLY, HANDLE_REQ,
                             LIST_REQ, PORTAL_REPLY, NOTIFY_INSTALL, NOTIFY_OPEN, RING_REPLY,
                             STACK_REQ, STACK_REPLY, NOTIFY_SUBSCRIBE, CHAIN_JOIN,
-                            CHAIN_JOIN_REPLY, CHAIN_LEAVE, CHAIN_BACK, CHAIN_BACK_REPLY)
+                            CHAIN_JOIN_REPLY, CHAIN_LEAVE, CHAIN_BACK, CHAIN_BACK_REPLY,
+                            GRANT_REQ, COW_PADDR_REQ, PORTAL_REQ_SIZE)
 from libportal.portal_req import encode_portal_req
 
 NOBODY = 65534
@@ -80,7 +82,8 @@ FUZZ_CONFIG = {
         "categories": {
             "core": {"classes": ["SHARE", "DIRECT", "ANON", "COW", "SPECIAL"],
                      "notify_handlers": True, "mmio": ["*"], "chains": ["*"], "notify": ["*"]},
-            "hostile": {"classes": ["SHARE", "ANON", "SPECIAL"], "notify_handlers": True,
+            "hostile": {"classes": ["SHARE", "DIRECT", "ANON", "COW", "SPECIAL"],
+                        "notify_handlers": True,
                         "chains": ["fz*"], "notify": ["*"]},
         },
         "rules": [{"uid": 0, "category": "core"}, {"uid": "$owner", "category": "core"}],
@@ -96,7 +99,7 @@ OPS = [lib.FAYT_SYS_HELLO, lib.FAYT_SYS_PORTAL, lib.FAYT_SYS_UNMAP, lib.FAYT_SYS
        lib.FAYT_SYS_NOTIFY_SUBSCRIBE, lib.FAYT_SYS_NOTIFY_CLOSE, lib.FAYT_SYS_NOTIFY_HINT,
        lib.FAYT_SYS_NOTIFY_RING, lib.FAYT_SYS_NOTIFY_RELEASE, lib.FAYT_SYS_CHAIN_JOIN,
        lib.FAYT_SYS_CHAIN_LEAVE, lib.FAYT_SYS_CHAIN_BACK, lib.FAYT_SYS_CHAIN_UNBACK,
-       lib.FAYT_SYS_STATS]
+       lib.FAYT_SYS_STATS, lib.FAYT_SYS_GRANT, lib.FAYT_SYS_COW_PADDR]
 OP_NAMES = {getattr(lib, n): n[len("FAYT_SYS_"):].lower()
             for n in dir(lib) if n.startswith("FAYT_SYS_")}
 EDGE32 = [0, 1, 2, 0x7f, 0x80, 0xff, 0x1000, 0x7fff, 0xffff, 0x7fffffff, 0x80000000,
@@ -323,6 +326,7 @@ class Memory:
         self.chains = collections.deque(maxlen=8)
         self.chains_ids = collections.deque(maxlen=8)
         self.contexts = collections.deque(maxlen=16)
+        self.paddrs = collections.deque(maxlen=64)
 
 
 def _name(rng, prefix="fz"):
@@ -361,10 +365,14 @@ def valid_request(rng, op, mem, ctx_id):
                                      identifier=_name(rng), create=1, chain="fzchain",
                                      message="x"), 0
         if kind == 5:
-            return encode_portal_req(rng.choice([lp.DIRECT, lp.COW, lp.DIRECT | lp.SHARE]),
-                                     lp.PROT_READ, pages * PAGE,
-                                     paddr=[0x100000 + PAGE * rng.randrange(1 << 16)
-                                            for _ in range(pages)]), 0
+            cls = rng.choice([lp.DIRECT, lp.COW, lp.DIRECT | lp.SHARE])
+            paddr = list(mem.paddrs)[-pages:] if len(mem.paddrs) >= pages and rng.random() < 0.7 \
+                else [0x100000 + PAGE * rng.randrange(1 << 16) for _ in range(pages)]
+            return encode_portal_req(cls, rng.choice([lp.PROT_READ, lp.PROT_RW]), pages * PAGE,
+                                     identifier=_name(rng) if cls & lp.SHARE else None,
+                                     create=1 if cls & lp.SHARE else 0,
+                                     share_type=rng.choice([0, 1]) if cls == lp.COW else 0,
+                                     paddr=paddr), 0
         return encode_portal_req(rng.randrange(0x40), rng.randrange(8),
                                  rng.choice([0, PAGE, -PAGE, 1, 1 << 30]),
                                  identifier=_name(rng), create=rng.randrange(3),
@@ -414,6 +422,17 @@ def valid_request(rng, op, mem, ctx_id):
                                _pick(rng, mem.handles, rng.randrange(64)), msg), 0
     if op == lib.FAYT_SYS_STATS:
         return b"", 0
+    if op == lib.FAYT_SYS_GRANT:
+        kind = rng.choice([1, 2, 0, 3])
+        to = _pick(rng, mem.contexts, ctx_id) if kind == 1 else rng.choice([1, 2, 3, 0, 9])
+        return GRANT_REQ.pack(_pick(rng, mem.handles, rng.randrange(64)), kind, to,
+                              rng.choice([1, 3, 7, 0, -1]), rng.choice([0, 0, 1, 2])), 0
+    if op == lib.FAYT_SYS_COW_PADDR:
+        n = rng.choice([0, 1, 2, 8, 100])
+        return COW_PADDR_REQ.pack(_pick(rng, mem.handles, rng.randrange(64)),
+                                  rng.choice([0, 0x7f0000000000, rng.randrange(1 << 47) & ~4095]),
+                                  n, 0) + struct.pack("<%dI" % n, *(rng.randrange(16)
+                                                                    for _ in range(n))), 0
     return bytes(rng.randrange(256) for _ in range(rng.randrange(32))), 0
 
 
@@ -471,6 +490,11 @@ def learn(mem, op, err, body, own_id):
     try:
         if op == lib.FAYT_SYS_PORTAL and len(body) >= PORTAL_REPLY.size:
             mem.handles.append(PORTAL_REPLY.unpack_from(body)[0])
+            nframes = PORTAL_REPLY.unpack_from(body)[4]
+            at = PORTAL_REPLY.size + PORTAL_REQ_SIZE
+            for i in range(min(nframes, 8)):
+                if at + 8 * i + 8 <= len(body):
+                    mem.paddrs.append(struct.unpack_from("<Q", body, at + 8 * i)[0])
         elif op == lib.FAYT_SYS_NOTIFY_OPEN and len(body) >= RING_REPLY.size:
             rid, sender, target = RING_REPLY.unpack_from(body)[:3]
             mem.rings.append(rid)
@@ -528,7 +552,7 @@ def request_fuzzer(path, board, slot, wseed, quota_share, out):
                 stats["connect_refused_" + errno.errorcode.get(e.errno, str(e.errno))] += 1
                 time.sleep(0.01)
                 continue
-        op = rng.choice(OPS) if rng.random() < 0.97 else rng.choice([0, 20, 31, 37, 255,
+        op = rng.choice(OPS) if rng.random() < 0.97 else rng.choice([0, 20, 31, 39, 255,
                                                                       0xffff])
         body, flags = valid_request(rng, op, mem, conn.context_id)
         hdr = conn.header(op, flags)
@@ -1027,6 +1051,7 @@ def spawn(fn, uid, *args):
         try:
             os.close(r)
             signal.signal(signal.SIGINT, signal.SIG_IGN)
+            faulthandler.register(signal.SIGUSR1)   # kill -USR1: where it is
             as_uid(uid)
             out = {}
             try:
@@ -1235,6 +1260,10 @@ def main(argv=None):
         while True:
             sent = sum(board.count(s) for s in req_slots)
             if sent >= args.requests:
+                break
+            if all(os.waitid(os.P_PID, kpid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+                   for kind, s, kpid, r in kids if kind == "requests"):
+                findings.append({"what": "every request fuzzer ended before the count"})
                 break
             if d is not None and d.proc.poll() is not None:
                 findings.append({"what": "faytd exited with %s during the run"
