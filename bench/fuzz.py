@@ -6,7 +6,7 @@ and at the end faytd's state back at its baseline.
                          [--socket PATH] [--json FILE]
 
 Without --socket it starts a faytd of its own (FUZZ_CONFIG: a socket every
-uid may reach, uid 65534 in a category with SHARE, ANON and SPECIAL,
+uid may reach, uid 65534 in a category with every class but MMIO windows,
 notification handlers, any notify target and the chains "fz*").  With
 --socket it fuzzes that faytd (its pid from SO_PEERCRED), which must let
 the fuzzing uids connect.  Run as root for several uids; otherwise only
