@@ -172,7 +172,11 @@ def _pin(i):
 
 
 def _mp_worker(lock, name, n, ready, go, out, i):
+    """lock: a multiprocessing.Lock, or the name of a posix_ipc.Semaphore."""
     _pin(i)
+    sem = posix_ipc.Semaphore(lock) if isinstance(lock, str) else None
+    if sem is not None:
+        lock = sem
     shm = shared_memory.SharedMemory(name=name)
     mv = shm.buf.cast("q")
     a, r = lock.acquire, lock.release
@@ -185,12 +189,14 @@ def _mp_worker(lock, name, n, ready, go, out, i):
     out.put(time.perf_counter())
     mv.release()
     shm.close()
+    if sem is not None:
+        sem.close()
 
 
-def _run_ours(code, name, n):
+def _run_ours(code, name, n, nprocs=2):
     procs = [subprocess.Popen([sys.executable, "-c", code, name, str(n), str(i)],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-             for i in range(2)]
+             for i in range(nprocs)]
     for p in procs:
         assert p.stdout.readline().strip() == "ready"
     t0 = time.perf_counter()
@@ -200,16 +206,23 @@ def _run_ours(code, name, n):
     ends = [float(p.stdout.readline()) for p in procs]
     for p in procs:
         p.wait(timeout=60)
-    return 2 * n / (max(ends) - t0)
+    return nprocs * n / (max(ends) - t0)
 
 
-def _run_mp(n):
+def _run_mp(n, nprocs=2, semaphore=False):
+    """nprocs processes (spawned) count to n each under multiprocessing.Lock,
+    or a named posix_ipc.Semaphore; ops/s."""
     ctx = multiprocessing.get_context("spawn")
     shm = shared_memory.SharedMemory(create=True, size=4096)
+    sem = None
     try:
         lock, ready, go, out = ctx.Lock(), ctx.Semaphore(0), ctx.Event(), ctx.Queue()
-        procs = [ctx.Process(target=_mp_worker, args=(lock, shm.name, n, ready, go, out, i))
-                 for i in range(2)]
+        if semaphore:
+            sem = posix_ipc.Semaphore(None, posix_ipc.O_CREX, initial_value=1)
+            lock = sem.name
+        procs = [ctx.Process(target=_mp_worker,
+                             args=(lock, shm.name, n, ready, go, out, i))
+                 for i in range(nprocs)]
         for p in procs:
             p.start()
         for _ in procs:
@@ -223,8 +236,50 @@ def _run_mp(n):
     finally:
         shm.close()
         shm.unlink()
-    assert total == 2 * n, "lost updates under multiprocessing.Lock"
-    return 2 * n / (max(ends) - t0)
+        if sem is not None:
+            sem.unlink()
+            sem.close()
+    assert total == nprocs * n, "lost updates under %s" % (
+        "posix_ipc.Semaphore" if semaphore else "multiprocessing.Lock")
+    return nprocs * n / (max(ends) - t0)
+
+
+# -- N processes incrementing a shared counter (--procs) -----------------------
+
+PROCS = (1, 2, 4)       # bench --procs N,N...: the process counts of case_contention
+
+
+def case_contention(d, scale):
+    """N processes (bench --procs; 1, 2 and 4 by default) each add 1 to a
+    shared counter n times under a lock: the share-point's, a
+    multiprocessing.Lock's, a named posix_ipc.Semaphore's; total increments
+    per second, the best of a few rounds (kinds interleaved).  Worker i runs
+    on CPU i mod the CPUs: with more processes than CPUs, some share one,
+    and a lock holder may be preempted (what every lock here then pays).
+    No targets: the rows show how each scales."""
+    n = _n(100000, scale, 2000)
+    rounds = 3 if scale >= 1 else 1
+    rows = []
+    for k in PROCS:
+        per = max(1, n // k)
+        ours, mp, sem = [], [], []
+        for _ in range(rounds):
+            name = _name("contention")
+            sp = lp.share_create(name, 4096)
+            try:
+                ours.append(_run_ours(_OURS_WORKER, name, per, k))
+                got = int.from_bytes(sp.read(0, 8), "little")
+            finally:
+                sp.destroy()
+            assert got == k * per, "lost updates under the share-point lock"
+            mp.append(_run_mp(per, k))
+            sem.append(_run_mp(per, k, semaphore=True))
+        o = max(ours)
+        for peer, v in (("multiprocessing.Lock", max(mp)), ("posix_ipc.Semaphore", max(sem))):
+            rows.append({"name": "%d process%s, locked counter" % (k, "" if k == 1 else "es"),
+                         "ours": o, "unit": "ops/s", "peer": peer, "peer_value": v,
+                         "ratio": o / v, "target": None, "procs": k})
+    return rows
 
 
 def case_counter(d, scale):
@@ -980,4 +1035,5 @@ CASES = {
     "special": case_special,
     "fair": case_fair,
     "direct": case_direct,
+    "contention": case_contention,
 }

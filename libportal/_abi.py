@@ -84,6 +84,7 @@ LIST_REQ = struct_of("struct fayt_list_req")
 PORTAL_REPLY = struct_of("struct fayt_portal_reply")
 DIRECT_RUN = struct_of("struct fayt_direct_run")      # fd, pages, at, offset
 GRANT_REQ = struct_of("struct fayt_grant_req")        # handle, kind, to, prot, flags
+PUBLISH_REQ = struct_of("struct fayt_publish_req")    # flags, reserved; then the name
 COW_PADDR_REQ = struct_of("struct fayt_cow_paddr_req")  # handle, base, npages, reserved
 PORTAL_REQ_SIZE = ffi.sizeof("struct portal_req")
 # type, prot, length, share.identifier, share.type, share.create,
