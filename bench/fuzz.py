@@ -1117,7 +1117,7 @@ def state(path, pid, state_dir):
     finally:
         conn.close()
     kinds = collections.Counter()
-    fds = faytd_fds(pid, kinds)
+    fds = launch.lasting_fds(pid, kinds)
     shm = sorted(n for n in os.listdir("/dev/shm") if n.startswith("fayt"))
     objects = launch.fayt_objects(dirs={state_dir}) if state_dir else []
     return {"faytd_fds": fds,
@@ -1129,33 +1129,6 @@ def state(path, pid, state_dir):
             "rings": st["limits"].get("rings"),
             "stacks": st["limits"].get("stacks"),
             "details": {"faytd_fds": dict(kinds), "keeper_objects": objects}}
-
-
-def faytd_fds(pid, kinds=None):
-    """faytd's descriptors, less the object pool's fresh objects (memfds not
-    sealed yet: the pool keeps a bounded number ready, faytd/core/keeper.c)
-    and its timerfds (made once, on first need, then kept).  kinds: a
-    Counter that gets what each counted one is."""
-    from faytd import launch
-    base = "/proc/%d/fd/" % pid
-    n = 0
-    try:
-        names = os.listdir(base)
-    except OSError:
-        return None
-    for name in names:
-        try:
-            link = os.readlink(base + name)
-        except OSError:
-            continue
-        if link == "anon_inode:[timerfd]":
-            continue
-        if link.startswith("/memfd:fayt") and not launch.sealed(base + name):
-            continue
-        n += 1
-        if kinds is not None:
-            kinds[link.split("[")[0].split(" (")[0]] += 1
-    return n
 
 
 def same(a, b):

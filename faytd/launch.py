@@ -179,6 +179,33 @@ def sealed(path):
         os.close(fd)
 
 
+def lasting_fds(pid, kinds=None):
+    """How many descriptors process `pid` (a faytd) holds that last: less
+    the object pool's fresh objects (fayt memfds not sealed yet, a bounded
+    number made ahead of need) and timerfds (made once, on first need, then
+    kept).  kinds: a Counter that gets what each counted one is.  None if
+    /proc/<pid>/fd cannot be read."""
+    base = "/proc/%d/fd/" % pid
+    try:
+        names = os.listdir(base)
+    except OSError:
+        return None
+    n = 0
+    for name in names:
+        try:
+            link = os.readlink(base + name)
+        except OSError:
+            continue
+        if link == "anon_inode:[timerfd]":
+            continue
+        if link.startswith("/memfd:fayt") and not sealed(base + name):
+            continue
+        n += 1
+        if kinds is not None:
+            kinds[link.split("[")[0].split(" (")[0]] += 1
+    return n
+
+
 def fayt_objects(pids=None, dirs=None, pooled=False):
     """The objects the keepers hold (those of faytd `pids`, or of the state
     directories `dirs`, if given), as <memfd name>.<fd number in the

@@ -310,23 +310,6 @@ def _die_holding_a_lock(path):
     os.kill(os.getpid(), 9)
 
 
-def _faytd_fds(pid):
-    """faytd's descriptors, less the object pool's fresh objects (memfds it
-    has not sealed yet: a bounded number, made ahead of need)."""
-    from faytd.launch import sealed
-    base = "/proc/%d/fd/" % pid
-    n = 0
-    for name in os.listdir(base):
-        try:
-            link = os.readlink(base + name)
-        except OSError:
-            continue
-        if link.startswith("/memfd:fayt") and not sealed(base + name):
-            continue
-        n += 1
-    return n
-
-
 def _no_sharepoints(path):
     c = libportal.Connection(path)
     try:
@@ -340,13 +323,14 @@ def test_lockrecord_recovery_keeps_no_descriptor(fresh_faytd):
     that mapping (a descriptor: Python's mmap keeps one) goes with the
     recovery, although the share-point is destroyed by its owner's death
     afterwards.  Found by bench/fuzz.py: each death left one descriptor."""
+    from faytd.launch import lasting_fds
     from support.procs import exit_code_of
     d = fresh_faytd()
     assert exit_code_of(_die_holding_a_lock, d.socket) == -9       # warm-up
     wait_until(lambda: _no_sharepoints(d.socket), "the dead owner's share-point to go")
-    before = _faytd_fds(d.proc.pid)
+    before = lasting_fds(d.proc.pid)
     for _ in range(20):
         assert exit_code_of(_die_holding_a_lock, d.socket) == -9
     wait_until(lambda: _no_sharepoints(d.socket), "the dead owners' share-points to go")
-    wait_until(lambda: _faytd_fds(d.proc.pid) <= before,
+    wait_until(lambda: lasting_fds(d.proc.pid) <= before,
                "faytd's descriptors back to %d (20 holders died)" % before)
