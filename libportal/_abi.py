@@ -12,7 +12,7 @@ from ._fayt_cffi import ffi, lib
 from . import _fastpath
 from ._versions import CFFI_ABI
 
-FASTPATH_ABI = 5        # libportal/src/fastpath.h's FASTPATH_ABI
+FASTPATH_ABI = 6        # libportal/src/fastpath.h's FASTPATH_ABI
 
 if lib.fayt_cffi_abi() != CFFI_ABI or _fastpath.ABI_VERSION != FASTPATH_ABI:
     raise ImportError("libportal's compiled modules do not match its Python code: "
@@ -82,6 +82,17 @@ HELLO_REPLY = struct_of("struct fayt_hello_reply")
 HANDLE_REQ = struct_of("struct fayt_handle_req")
 LIST_REQ = struct_of("struct fayt_list_req")
 PORTAL_REPLY = struct_of("struct fayt_portal_reply")
+# A fayt_portal_reply by name (made in C by _fastpath.Transport; by
+# portal_reply() where Python reads one from a reply's body).
+PortalReply = _fastpath.PortalReply
+Reply = _fastpath.Reply
+assert PortalReply.n_fields == len(PORTAL_REPLY.unpack(bytes(PORTAL_REPLY.size)))
+
+
+def portal_reply(body):
+    """The fayt_portal_reply at the start of a PORTAL reply's body."""
+    return PortalReply(PORTAL_REPLY.unpack_from(body))
+
 PORTAL_REQ_SIZE = ffi.sizeof("struct portal_req")
 # type, prot, length, share.identifier, share.type, share.create,
 # sp_req_chain.name, sp_req_chain.message, morphology.addr, morphology.length

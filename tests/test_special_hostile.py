@@ -118,7 +118,8 @@ def _portal_with(conn, fd, chain, npages=4):
     base = lib.fayt_map_special(npages * PAGE, 0, lp.PROT_READ, err)
     assert base, os.strerror(err[0])
     return special._call_fds(conn, lib.FAYT_SYS_PORTAL, encode_portal_req(
-        lp.SPECIAL, lp.PROT_READ, npages * PAGE, None, 0, 0, chain.encode(), b"m", base), [fd])
+        lp.SPECIAL, lp.PROT_READ, npages * PAGE, chain=chain.encode(), message=b"m", addr=base),
+        [fd])
 
 
 def _uninitialised_uffd(socket_path, chain, out):

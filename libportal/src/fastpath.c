@@ -122,8 +122,19 @@ static int fastpath_exec(PyObject *m)
     st->region_type = (PyTypeObject *)PyType_FromModuleAndSpec(m, &fp_region_spec, NULL);
     if (!st->region_type || PyModule_AddType(m, st->region_type) < 0)
         return -1;
+    st->sender_type = (PyTypeObject *)PyType_FromModuleAndSpec(m, &fp_sender_spec, NULL);
+    if (!st->sender_type || PyModule_AddType(m, st->sender_type) < 0)
+        return -1;
+    st->transport_type = (PyTypeObject *)PyType_FromModuleAndSpec(m, &fp_transport_spec, NULL);
+    if (!st->transport_type || PyModule_AddType(m, st->transport_type) < 0)
+        return -1;
+    st->reply_type = PyStructSequence_NewType(&fp_reply_desc);
+    if (!st->reply_type || PyModule_AddType(m, st->reply_type) < 0)
+        return -1;
+    st->portal_reply_type = PyStructSequence_NewType(&fp_portal_reply_desc);
+    if (!st->portal_reply_type || PyModule_AddType(m, st->portal_reply_type) < 0)
+        return -1;
     if (PyModule_AddFunctions(m, fp_dispatch_functions) < 0
-        || PyModule_AddFunctions(m, fp_transport_functions) < 0
         || PyModule_AddIntConstant(m, "ABI_VERSION", FASTPATH_ABI) < 0)
         return -1;
     return 0;
@@ -136,6 +147,10 @@ static int fastpath_traverse(PyObject *m, visitproc visit, void *arg)
         return 0;
     Py_VISIT(st->sharepoint_type);
     Py_VISIT(st->region_type);
+    Py_VISIT(st->sender_type);
+    Py_VISIT(st->transport_type);
+    Py_VISIT(st->reply_type);
+    Py_VISIT(st->portal_reply_type);
     Py_VISIT(st->error_factory);
     return fp_hints_traverse(&st->hints, visit, arg);
 }
@@ -147,6 +162,10 @@ static int fastpath_clear(PyObject *m)
         return 0;
     Py_CLEAR(st->sharepoint_type);
     Py_CLEAR(st->region_type);
+    Py_CLEAR(st->sender_type);
+    Py_CLEAR(st->transport_type);
+    Py_CLEAR(st->reply_type);
+    Py_CLEAR(st->portal_reply_type);
     Py_CLEAR(st->error_factory);
     fp_hints_clear(&st->hints);         /* the count first: no dispatch to a cleared hook */
     return 0;

@@ -144,7 +144,7 @@ void fayt_sp_recover(void *base)
 
 int fayt_sp_lock_state(void *base)
 {
-    return __atomic_load_n(lock_byte(base), __ATOMIC_ACQUIRE);
+    return fayt_sp_state(lock_byte(base));
 }
 
 size_t fayt_sp_data_offset(size_t nframes)
