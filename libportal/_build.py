@@ -49,7 +49,9 @@ FASTPATH_BINDS = {
 C_ONLY = ("fayt_mmap_at", "fayt_pidfd_signal", "fayt_ring_clear_doorbell", "fayt_ring_return",
           "fayt_uffd_poison")
 FASTPATH_DEPENDS = sorted(glob.glob(os.path.join("libportal", "src", "*.h"))
-                          + glob.glob(os.path.join("libportal", "include", "fayt", "*.h")))
+                          + glob.glob(os.path.join("libportal", "include", "fayt", "*.h"))
+                          + glob.glob(os.path.join("libportal", "include", "fayt", "common",
+                                                   "*.h")))
 CFFI_ABI = runpy.run_path(os.path.join(HERE, "_versions.py"))["CFFI_ABI"]
 
 

@@ -1,5 +1,5 @@
 """SPECIAL portals against a hostile client: what a local client can do to
-faytd's fault engine (faytd/core/fault.c, libportal/src/uffd_io.h,
+faytd's fault engine (faytd/core/fault.c, libportal/include/fayt/common/uffd_io.h,
 faytd/regions.py) with a userfaultfd it prepares itself.
 
 The Linux facts the attacks use:

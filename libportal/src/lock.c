@@ -21,8 +21,8 @@
 #include <time.h>
 #include <unistd.h>
 
-#include "deadline.h"
-#include "futex.h"
+#include "fayt/common/deadline.h"
+#include "fayt/common/futex.h"
 #include "fayt/context.h"
 #include "fayt/lock.h"
 #include "fayt/lock_fast.h"

@@ -29,7 +29,7 @@
 #include <string.h>
 #include <time.h>
 
-#include "deadline.h"
+#include "fayt/common/deadline.h"
 #include "fayt/context.h"
 #include "fayt/lock.h"
 #include "fayt/lock_fast.h"

@@ -60,7 +60,8 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
-#include "deadline.h"
+#include "fayt/common/deadline.h"
+#include "fayt/common/scm.h"
 #include "fayt/lock.h"
 #include "fayt/portal.h"
 #include "fayt/syscall.h"
@@ -238,10 +239,7 @@ static PyObject *transport_call(Transport *t, PyObject *msg, PyObject *fds_obj, 
         if (PyErr_Occurred())
             return NULL;
     }
-    union {
-        struct cmsghdr h;
-        char buf[CMSG_SPACE(sizeof(int) * CALL_MAX_FDS)];
-    } cbuf;
+    FAYT_SCM_BUFFER(cbuf, CALL_MAX_FDS);
     if (msg) {
         Py_buffer b;
         if (PyObject_GetBuffer(msg, &b, PyBUF_SIMPLE) < 0)
@@ -250,16 +248,7 @@ static PyObject *transport_call(Transport *t, PyObject *msg, PyObject *fds_obj, 
         struct msghdr mh = {0};
         mh.msg_iov = &iov;
         mh.msg_iovlen = 1;
-        if (nsfds) {
-            memset(&cbuf, 0, sizeof cbuf);
-            mh.msg_control = cbuf.buf;
-            mh.msg_controllen = CMSG_SPACE(sizeof(int) * nsfds);
-            struct cmsghdr *c = CMSG_FIRSTHDR(&mh);
-            c->cmsg_level = SOL_SOCKET;
-            c->cmsg_type = SCM_RIGHTS;
-            c->cmsg_len = CMSG_LEN(sizeof(int) * nsfds);
-            memcpy(CMSG_DATA(c), sfds, sizeof(int) * nsfds);
-        }
+        fayt_scm_put(&mh, cbuf.buf, sfds, (int)nsfds);
         int sr = send_request(fd, &mh);
         PyBuffer_Release(&b);
         if (sr < 0)
@@ -337,20 +326,8 @@ static PyObject *transport_call(Transport *t, PyObject *msg, PyObject *fds_obj, 
     }
 
     /* Descriptors first, with no Python in between (see above). */
-    int got[CALL_MAX_FDS], ngot = 0;
-    for (struct cmsghdr *c = CMSG_FIRSTHDR(&rh); c; c = CMSG_NXTHDR(&rh, c)) {
-        if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS)
-            continue;
-        size_t k = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
-        for (size_t i = 0; i < k; i++) {
-            int f;
-            memcpy(&f, CMSG_DATA(c) + i * sizeof(int), sizeof f);
-            if (ngot < CALL_MAX_FDS)
-                got[ngot++] = f;
-            else
-                close(f);
-        }
-    }
+    int got[CALL_MAX_FDS];
+    int ngot = fayt_scm_take(&rh, got, CALL_MAX_FDS);
     if (rh.msg_flags & (MSG_TRUNC | MSG_CTRUNC)) {
         close_fds(got, ngot);
         free(buf);
