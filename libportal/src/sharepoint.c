@@ -156,6 +156,20 @@ static int core_clear(SharePointCore *self)
  * this process never race on a slot and plain stores in program order do:
  * faytd reads the page only after the process died, when every store it
  * made is visible. */
+/* Claim slot k for sp_id if it is free: the one place a record is
+ * claimed (rec_claim, and take_at_home's uncontended case).  1 if claimed,
+ * the record PENDING; 0 if the slot is taken. */
+static inline int rec_take(struct fayt_context_page *ctx, unsigned k, uint32_t sp_id)
+{
+    if (ctx->held[k].sp_id != 0)
+        return 0;
+    __atomic_store_n(&ctx->held[k].sp_id, sp_id, __ATOMIC_RELAXED);
+    __atomic_store_n(&ctx->held[k].state, FAYT_HELD_PENDING, __ATOMIC_RELEASE);
+    return 1;
+}
+
+/* A free slot for sp_id, from its home slot on: its index, -1 without a
+ * context page, -2 if every slot is taken. */
 static int rec_claim(struct fayt_context_page *ctx, uint32_t sp_id)
 {
     if (!ctx)
@@ -163,11 +177,8 @@ static int rec_claim(struct fayt_context_page *ctx, uint32_t sp_id)
     unsigned start = sp_id % FAYT_HELD_LOCKS_MAX;
     for (unsigned i = 0; i < FAYT_HELD_LOCKS_MAX; i++) {
         unsigned k = (start + i) % FAYT_HELD_LOCKS_MAX;
-        if (ctx->held[k].sp_id == 0) {
-            __atomic_store_n(&ctx->held[k].sp_id, sp_id, __ATOMIC_RELAXED);
-            __atomic_store_n(&ctx->held[k].state, FAYT_HELD_PENDING, __ATOMIC_RELEASE);
+        if (rec_take(ctx, k, sp_id))
             return (int)k;
-        }
     }
     return -2;
 }
@@ -347,10 +358,8 @@ static inline int take_at_home(SharePointCore *self, unsigned long me, int *r)
     struct fayt_context_page *ctx = self->ctx;
     unsigned k = self->sp_id % FAYT_HELD_LOCKS_MAX;
     int died;
-    if (!ctx || ctx->held[k].sp_id != 0)
+    if (!ctx || !rec_take(ctx, k, self->sp_id))
         return 0;
-    __atomic_store_n(&ctx->held[k].sp_id, self->sp_id, __ATOMIC_RELAXED);
-    __atomic_store_n(&ctx->held[k].state, FAYT_HELD_PENDING, __ATOMIC_RELEASE);
     if (!fayt_sp_take(self->base, FAYT_LOCK_HELD, &died)) {
         rec_clear(ctx, (int)k);
         return 0;
