@@ -111,28 +111,27 @@ static unsigned long main_thread_ident(void)
     return ident;
 }
 
+/* Keep type (new, or NULL with an exception set) in *slot and add it to
+ * the module: 0, or -1. */
+static int add_type(PyObject *m, PyTypeObject **slot, PyObject *type)
+{
+    *slot = (PyTypeObject *)type;
+    return type && PyModule_AddType(m, *slot) == 0 ? 0 : -1;
+}
+
 static int fastpath_exec(PyObject *m)
 {
     fastpath_state *st = PyModule_GetState(m);
     fp_hints_init(&st->hints);
     st->hints.main_ident = main_thread_ident();
-    st->sharepoint_type = (PyTypeObject *)PyType_FromModuleAndSpec(m, &fp_sharepoint_spec, NULL);
-    if (!st->sharepoint_type || PyModule_AddType(m, st->sharepoint_type) < 0)
-        return -1;
-    st->region_type = (PyTypeObject *)PyType_FromModuleAndSpec(m, &fp_region_spec, NULL);
-    if (!st->region_type || PyModule_AddType(m, st->region_type) < 0)
-        return -1;
-    st->sender_type = (PyTypeObject *)PyType_FromModuleAndSpec(m, &fp_sender_spec, NULL);
-    if (!st->sender_type || PyModule_AddType(m, st->sender_type) < 0)
-        return -1;
-    st->transport_type = (PyTypeObject *)PyType_FromModuleAndSpec(m, &fp_transport_spec, NULL);
-    if (!st->transport_type || PyModule_AddType(m, st->transport_type) < 0)
-        return -1;
-    st->reply_type = PyStructSequence_NewType(&fp_reply_desc);
-    if (!st->reply_type || PyModule_AddType(m, st->reply_type) < 0)
-        return -1;
-    st->portal_reply_type = PyStructSequence_NewType(&fp_portal_reply_desc);
-    if (!st->portal_reply_type || PyModule_AddType(m, st->portal_reply_type) < 0)
+    if (add_type(m, &st->sharepoint_type, PyType_FromModuleAndSpec(m, &fp_sharepoint_spec, NULL))
+        || add_type(m, &st->region_type, PyType_FromModuleAndSpec(m, &fp_region_spec, NULL))
+        || add_type(m, &st->sender_type, PyType_FromModuleAndSpec(m, &fp_sender_spec, NULL))
+        || add_type(m, &st->transport_type,
+                    PyType_FromModuleAndSpec(m, &fp_transport_spec, NULL))
+        || add_type(m, &st->reply_type, (PyObject *)PyStructSequence_NewType(&fp_reply_desc))
+        || add_type(m, &st->portal_reply_type,
+                    (PyObject *)PyStructSequence_NewType(&fp_portal_reply_desc)))
         return -1;
     if (PyModule_AddFunctions(m, fp_dispatch_functions) < 0
         || PyModule_AddIntConstant(m, "ABI_VERSION", FASTPATH_ABI) < 0)
