@@ -2,8 +2,11 @@
 them: dir(), help(), inspect.signature and repr work on each, and the module
 keeps its state per module object (multi-phase init), not in the process.
 """
+import ctypes
+import errno
 import glob
 import importlib.util
+import mmap
 import inspect
 import os
 import pydoc
@@ -14,7 +17,7 @@ import types
 import pytest
 
 from libportal import _fastpath
-from libportal._abi import lib, HANDLE_REQ
+from libportal._abi import ffi, lib, HANDLE_REQ
 from libportal.portal_req import encode_portal_req
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -220,3 +223,39 @@ def test_fastpath_state_is_the_module_objects(lp):
     assert type(e.value) is OSError and e.value.errno == 22
     with pytest.raises(lp.InvalidArgument):
         _fastpath.hint_register(0, 0, None)
+
+
+def test_sender_ring_posts_by_keyword_and_refuses_after_close():
+    """SenderRing: what every post shares is given once, by keyword; a post
+    takes index, payload and flags; close() makes every call EBADF.  (A
+    ring laid out by fayt_ring_init in private memory: no target, so the
+    post asks for faytd's doorbell, and the return is abandoned.)"""
+    size = lib.fayt_ring_bytes()
+    mem = mmap.mmap(-1, size)
+    addr = ctypes.addressof(ctypes.c_char.from_buffer(mem))
+    try:
+        lib.fayt_ring_init(ffi.cast("void *", addr), 7, 8, os.getpid())
+        ffi.cast("struct fayt_ring_header *", addr).armed = 1     # the target handles it
+        hint = ctypes.c_uint32(0)
+        with pytest.raises(TypeError):
+            _fastpath.SenderRing(addr, 7)               # sender is keyword-only
+        port = _fastpath.SenderRing(addr, sender=7, hint=ctypes.addressof(hint))
+        assert repr(port).startswith("<SenderRing ring=%#x sender=7 pidfd=-1" % addr)
+        assert port.post(3, b"hi") == 0                 # deferred: no doorbell
+        assert hint.value == 1                          # the target's pending hint, bumped
+        # IMMEDIATE rings the doorbell; without a pidfd faytd must ring it.
+        assert port.post(3, b"hi", lib.FAYT_NOTIFY_IMMEDIATE) == lib.FAYT_RING_POSTED_RING
+        e, pos = port.post_waiting(4, b"x", lib.FAYT_NOTIFY_RETURN | lib.FAYT_NOTIFY_NOWAIT, 0)
+        assert e == 0 and pos == 2 and hint.value == 3
+        assert port.wait_return(pos, 0) == (errno.ETIMEDOUT, 0, 0)   # abandoned
+        assert port.post(-1, b"") == errno.EINVAL
+        assert port.post(lib.FAYT_NOTIFICATION_SLOTS, b"") == errno.EINVAL
+        with pytest.raises(TypeError, match="payload: a bytes-like object is required, not int"):
+            port.post(1, 5)
+        port.close()
+        assert port.closed and repr(port).endswith(" closed>")
+        assert port.post(3, b"hi") == errno.EBADF
+        assert port.post_waiting(3, b"hi", 0, -1) == (errno.EBADF, 0)
+        assert port.wait_return(pos, -1)[0] == errno.EBADF
+    finally:
+        mem.close()
