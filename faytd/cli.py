@@ -149,6 +149,7 @@ def parser():
                         % libportal.default_socket_path())
     ap = argparse.ArgumentParser(prog="fayt", parents=[common],
                                  description="Look into a running faytd.")
+    ap.add_argument("--version", action="version", version="fayt %s" % libportal.__version__)
     sub = ap.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     ls = sub.add_parser("ls", parents=[common], help="list the share-points")
@@ -170,9 +171,10 @@ def main(argv=None):
     try:
         return args.func(args)
     except libportal.DaemonUnavailable as e:
-        sys.stderr.write("fayt: %s\nfayt: faytd is not running there: start it with "
-                         "`faytd --socket %s`, or point --socket or FAYT_SOCKET at the one "
-                         "that runs\n" % (e.strerror or e, args.socket))
+        why = os.strerror(e.errno) if e.errno else str(e)
+        sys.stderr.write("fayt: cannot reach faytd at %s (%s): it is not running there; start "
+                         "it with `faytd --socket %s`, or point --socket or FAYT_SOCKET at the "
+                         "one that runs\n" % (args.socket, why, args.socket))
         return 1
     except libportal.PortalError as e:
         sys.stderr.write("fayt: %s: %s\n" % (args.command, e.strerror or e))

@@ -120,6 +120,8 @@ def load(path=None, overrides=None):
         if v is not None:
             cfg[k] = v
     cfg["ram"] = parse_size(cfg["ram"], "ram")
+    if cfg["ram"] < 4096:
+        raise ValueError("config: ram: %d bytes is less than one 4096-byte frame" % cfg["ram"])
     if cfg["ram"] // 4096 >= 1 << 32:
         raise ValueError("config: ram: %d bytes is 2^32 frames or more" % cfg["ram"])
     cfg["max_portal_length"] = parse_size(cfg["max_portal_length"], "max_portal_length")

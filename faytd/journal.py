@@ -191,24 +191,40 @@ class Journal:
         self.fast = fast
         os.makedirs(state_dir, mode=0o700, exist_ok=True)   # (main.py checked it: dirs.py)
         self.path = os.path.join(state_dir, NAME)
-        try:
-            self._lockfd = os.open(os.path.join(state_dir, NAME + ".lock"),
-                                   os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        except OSError as e:
-            raise SystemExit("faytd: %s: %s%s" % (
-                os.path.join(state_dir, NAME + ".lock"), e.strerror,
-                " (a symbolic link: not followed)" if e.errno == errno.ELOOP else "")) from None
-        try:
-            fcntl.flock(self._lockfd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(self._lockfd)
-            raise SystemExit("faytd: another faytd keeps its journal in %s (--state-dir)"
-                             % state_dir) from None
+        self._lockfd = self._take_lock(state_dir)
         self._fd = -1
         self.errors = 0                 # writes of Python's that failed (the C path's: fast)
         self.lines = self.live_lines = 0
         self.next_ids = (1, 1)
         self.state_dir = os.path.abspath(state_dir)
+
+    @staticmethod
+    def _take_lock(state_dir):
+        """The state directory's lock: faytd.journal.lock, flock(2)ed.  A
+        faytd that does not start after all removes it while it holds it
+        (abandon()), so a lock taken on a file that is no longer at the path
+        is let go and taken again on the new one."""
+        path = os.path.join(state_dir, NAME + ".lock")
+        while True:
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            except OSError as e:
+                raise SystemExit("faytd: %s: %s%s" % (
+                    path, e.strerror,
+                    " (a symbolic link: not followed)" if e.errno == errno.ELOOP else "")) from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise SystemExit("faytd: another faytd keeps its journal in %s (--state-dir)"
+                                 % state_dir) from None
+            try:
+                same = os.stat(path, follow_symlinks=False).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                return fd
+            os.close(fd)                # removed by a faytd that gave up: take the new one
 
     _fd = shared_field("journal_fd")
     lines = shared_field("journal_lines")
@@ -303,7 +319,12 @@ class Journal:
 
     def abandon(self):
         """faytd did not start after all: the journal stays as it was (a
-        later start on this directory reads it)."""
+        later start on this directory reads it); the lock file goes, removed
+        while it is held (_take_lock)."""
+        try:
+            os.unlink(self.path + ".lock")
+        except FileNotFoundError:
+            pass
         self.close(remove=False)
 
     def close(self, remove):

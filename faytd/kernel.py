@@ -42,9 +42,14 @@ class Kernel:
         self.fast.recycle = 1 if cfg.get("recycle_objects", True) else 0
         state_dir = cfg.get("state_dir")
         self.journal = Journal(state_dir, self.fast) if state_dir else None
-        sps, ctxs = self.journal.load() if self.journal else ([], [])
-        tag = tag or run_tag()
         self._keeper_kept = False
+        try:
+            sps, ctxs = self.journal.load() if self.journal else ([], [])
+        except BaseException:
+            if self.journal is not None:
+                self.journal.abandon()
+            raise
+        tag = tag or run_tag()
         try:
             named = {o for r in sps + ctxs for o in r.object.split("+")}
             swept = self._keeper(state_dir, named)

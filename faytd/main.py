@@ -1,19 +1,25 @@
 """faytd: the FAYT kernel daemon, in the foreground.
 
-    faytd [--socket PATH] [--config FILE] [--state-dir DIR] [--ram SIZE] [-v]
+    faytd [--socket PATH] [--config FILE] [--state-dir DIR] [--ram SIZE]
+          [-v] [--log-level LEVEL] [--log-format text|json] [--print-config] [--version]
 """
 import argparse
-import logging
+import json
 import os
 import sys
+
+import libportal
 
 from libportal._abi import lib
 from libportal.syscall import default_socket_path
 
-from . import config
+from . import config, logs
 from .dirs import secure_dir
 from .kernel import Kernel
 from .server import Server
+
+
+SUN_PATH_MAX = 107     # sockaddr_un.sun_path: 108 bytes with the final NUL
 
 
 def main(argv=None):
@@ -22,12 +28,18 @@ def main(argv=None):
     ap.add_argument("--config", help="JSON configuration file (default: embedded)")
     ap.add_argument("--state-dir", help="directory for faytd's state (default: the socket's)")
     ap.add_argument("--ram", help="emulated RAM, e.g. 256MiB (default: 1GiB)")
-    ap.add_argument("-v", "--verbose", action="store_true", help="log every context")
+    ap.add_argument("-v", "--verbose", action="store_true",
+                    help="log every context (--log-level debug; a --log-level given wins)")
+    ap.add_argument("--log-level", choices=logs.LEVELS, default=None,
+                    help="least level logged (default: info)")
+    ap.add_argument("--log-format", choices=logs.FORMATS, default="text",
+                    help="text lines, or one JSON object per line (default: text)")
     ap.add_argument("--print-config", action="store_true",
                     help="print the configuration in force and exit")
+    ap.add_argument("--version", action="version", version="faytd %s" % libportal.__version__)
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="faytd: %(message)s", stream=sys.stderr)
+    logs.setup(args.log_level or ("debug" if args.verbose else "info"), args.log_format,
+               sys.stderr)
     try:
         cfg = config.load(args.config, {"socket": args.socket, "state_dir": args.state_dir,
                                         "ram": args.ram})
@@ -35,14 +47,14 @@ def main(argv=None):
         ap.error(str(e))
     cfg["socket"] = cfg["socket"] or default_socket_path()
     cfg["state_dir"] = cfg["state_dir"] or os.path.dirname(cfg["socket"])
-    if not args.print_config:
-        # Made 0700 if missing; refused if another uid owns or may write it.
-        secure_dir(os.path.dirname(os.path.abspath(cfg["socket"])), "socket directory")
-        cfg["state_dir"] = secure_dir(cfg["state_dir"], "state directory")
+    if len(os.fsencode(cfg["socket"])) > SUN_PATH_MAX:
+        ap.error("socket: %s is %d bytes long; a Unix socket's path has at most %d"
+                 % (cfg["socket"], len(os.fsencode(cfg["socket"])), SUN_PATH_MAX))
     if args.print_config:
-        import json
-        print(json.dumps(cfg, indent=2))
-        return 0
+        return print_config(cfg)
+    # Made 0700 if missing; refused if another uid owns or may write it.
+    secure_dir(os.path.dirname(os.path.abspath(cfg["socket"])), "socket directory")
+    cfg["state_dir"] = secure_dir(cfg["state_dir"], "state directory")
     # A client that truncates an object faytd maps must not kill faytd with
     # SIGBUS (lock.h: fayt_sigbus_guard); the restart's adoption maps too.
     err = lib.fayt_sigbus_guard()
@@ -58,6 +70,21 @@ def main(argv=None):
         kernel.abandon()
         raise
     server.serve_forever()
+    return 0
+
+
+def print_config(cfg):
+    """The configuration in force, as JSON, modes written as the docs write
+    them ("0600"); a reader that stops early (faytd --print-config | head)
+    ends it quietly."""
+    shown = dict(cfg, socket_mode="%04o" % cfg["socket_mode"])
+    try:
+        sys.stdout.write(json.dumps(shown, indent=2) + "\n")
+        sys.stdout.flush()
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())   # the flush at exit must not fail again
+        os.close(devnull)
     return 0
 
 

@@ -61,7 +61,8 @@ The facts this relies on, and what follows:
   The sender id is faytd's record of who owns the ring (the FETCH reply),
   never the entry's sender word.
   A handler that raises gives a waiting sender HandlerFailed; the target
-  prints the traceback and keeps running.  A slot with no handler gives a
+  logs the traceback (logging, logger "libportal.notify", level ERROR: on
+  stderr when the program configured no logging) and keeps running.  A slot with no handler gives a
   waiting sender NotFound; a deferred one is counted (notification_stats).
 """
 import atexit
@@ -70,8 +71,8 @@ import os
 import signal
 import sys
 import threading
+import logging
 import time
-import traceback
 import weakref
 
 from . import errors
@@ -79,6 +80,8 @@ from ._abi import ffi, lib, HANDLE_REQ, _fastpath, NOTIFY_INSTALL as INSTALL, \
     NOTIFY_SUBSCRIBE as SUBSCRIBE
 from .rings import DOORBELL, KERNEL, NO_HANDLER as _NO_HANDLER, Ring, Stack, map_object, \
     wait_ns as _ns, deadline_of as _deadline
+
+log = logging.getLogger("libportal.notify")
 
 DEFAULT_STACKS = 4
 
@@ -283,9 +286,8 @@ class Dispatcher:
                     result, status = int(e.value or 0), 0
                 except Exception as e:
                     status = e.errno if isinstance(e, OSError) and e.errno else errno.EREMOTEIO
-                    sys.stderr.write("notification handler for index %d (from context %d) "
-                                     "raised:\n" % (index, sender))
-                    traceback.print_exc()
+                    log.error("notification handler for index %d (from context %d) raised",
+                              index, sender, exc_info=True)
                 finally:
                     view.release()
         finally:
@@ -350,8 +352,8 @@ class Dispatcher:
         rid, d.dropped = d.dropped, 0
         r = self.rings_in.pop(rid, None)
         self.dropped += 1
-        sys.stderr.write("notifications: ring %d (from context %s) holds an entry out of "
-                         "range; dropped\n" % (rid, r.sender if r else "?"))
+        log.warning("ring %d (from context %s) holds an entry out of range; dropped",
+                    rid, r.sender if r else "?")
         self._ring_table = None
         self._table()
         if r is not None:
@@ -367,8 +369,8 @@ class Dispatcher:
         self.unhandled += 1
         if index not in self._warned:
             self._warned.add(index)
-            sys.stderr.write("notifications: no handler for index %d (from context %d): "
-                             "dropped, counted in notification_stats()\n" % (index, sender))
+            log.warning("no handler for index %d (from context %d): dropped, counted in "
+                        "notification_stats()", index, sender)
 
     def _provide(self):
         """No free stack: run the stack-provider action once; whether it made one."""
@@ -382,7 +384,7 @@ class Dispatcher:
         except HandlerReturn:
             pass
         except Exception:
-            traceback.print_exc()
+            log.error("the stack provider (index %d) raised", prov, exc_info=True)
         finally:
             self.in_provider = False
         return len(self.stacks) > before

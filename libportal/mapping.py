@@ -2,7 +2,7 @@
 handle, the mapping, its frames, and the memoryviews lent out of it.
 
 Each mapping is recorded in the connection it was made through
-(Connection._mappings, a weak set): closing the connection unmaps them,
+(Connection._mappings, by weak reference): closing the connection unmaps them,
 and a fork() child forgets them (they are not mapped there: MADV_DONTFORK,
 or a userfaultfd registration Linux drops at fork).  The registry is the
 connection's, so that the connection needs nothing from the modules that
@@ -14,12 +14,16 @@ one lives, and Connection.close() leaves the memory mapped until the last
 one goes.
 """
 import errno
+import weakref
 
 from . import errors
 from ._abi import lib, HANDLE_REQ, _fastpath
 from .portal_req import PROT_READ, PROT_WRITE
 
 _pack_handle = HANDLE_REQ.pack
+_ref = weakref.ref
+_UNMAP = lib.FAYT_SYS_UNMAP
+_NOREPLY = lib.FAYT_REQ_NOREPLY
 
 
 class Mapping:
@@ -34,7 +38,7 @@ class Mapping:
         self.addr = addr
         self.paddr = tuple(paddr)
         self.created = bool(reply.flags & lib.FAYT_PORTAL_REPLY_CREATED)
-        conn._mappings.add(self)
+        conn._mappings[id(self)] = _ref(self)
 
     def _check(self):
         if not self.mapped:
@@ -46,18 +50,18 @@ class Mapping:
         An unmap through a connection faytd has lost (it was restarted: the new
         faytd does not know this mapping) only unmaps here."""
         conn = self.connection
-        if not (op == lib.FAYT_SYS_UNMAP and conn.closed):
+        if op != _UNMAP or (conn.sock.fileno() >= 0 and not conn._broken):  # conn.closed
             try:
                 conn._dispatching_call(op, _pack_handle(self.handle), flags, (), None)
             except OSError as e:
-                if not (op == lib.FAYT_SYS_UNMAP and e.errno == errno.ECONNRESET and conn.closed):
+                if not (op == _UNMAP and e.errno == errno.ECONNRESET and conn.closed):
                     raise
         # (faytd may hand the object out again from here: a view of it that
         # another thread of this process still uses writes into this
         # context's next portal; after the munmap such a use is a SIGSEGV.)
         self._invalidate()
         lib.fayt_unmap(self.addr, self.map_length)
-        conn._mappings.discard(self)
+        conn._mappings.pop(id(self), None)
 
     def unmap(self):
         """Unmap this portal and drop its captured-thread entry in faytd.
@@ -68,9 +72,10 @@ class Mapping:
         ever refuses it, the next call of the connection warns (RuntimeWarning).
         BufferError while memoryviews of its memory (.buf, view()) exist,
         as mmap.mmap.close() does: release them first."""
-        self._check()
+        if not self.mapped:             # self._check(), inline: on every unmap
+            raise errors.error(errno.EBADF, "portal is unmapped")
         self._check_unmap()
-        self._release(lib.FAYT_SYS_UNMAP, lib.FAYT_REQ_NOREPLY)
+        self._release(_UNMAP, _NOREPLY)
 
     def _orphan(self, addr, length):
         """Connection.close(): True if memoryviews keep the memory mapped

@@ -23,6 +23,7 @@ Lifetimes:
 import errno
 import os
 import struct
+import weakref
 
 from . import errors
 from ._abi import lib, HANDLE_REQ, PORTAL_REQ, _fastpath
@@ -37,6 +38,7 @@ _core_init = _fastpath.SharePointCore.__init__
 _REPLY_CREATED = lib.FAYT_PORTAL_REPLY_CREATED
 _pack_req = PORTAL_REQ.pack
 _struct_error = struct.error
+_ref = weakref.ref
 
 
 class Portal(Mapping):
@@ -102,7 +104,7 @@ class SharePoint(_fastpath.SharePointCore, Mapping):
         self.paddr = reply.paddr
         self.created = bool(p.flags & _REPLY_CREATED)
         self.identifier = identifier
-        conn._mappings.add(self)
+        conn._mappings[id(self)] = _ref(self)
 
     def destroy(self):
         """Destroy the share-point (owner or core only) and unmap it here.

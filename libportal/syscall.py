@@ -120,7 +120,11 @@ class Connection:
         self._close_pending = False # close() from a signal handler inside a call
         self._pid = _pid
         self._notify = None         # notification.Runtime, made on first use
-        self._mappings = weakref.WeakSet()  # mapping.Mapping: what close() unmaps
+        # mapping.Mapping: what close() unmaps, as {id(m): weakref to m}
+        # (a plain dict: an add and a discard cost no Python frame, on every
+        # create, attach and unmap).  An entry whose mapping was collected
+        # while mapped stays until its id is reused or the connection closes.
+        self._mappings = {}
         self._caller = None         # thread id inside call()
         self._broken = False        # faytd went away: see _lost()
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
@@ -353,8 +357,8 @@ class Connection:
             return
         if self._notify is not None:
             self._notify.close()
-        for m in list(self._mappings):
-            if m.mapped:
+        for m in [r() for r in list(self._mappings.values())]:
+            if m is not None and m.mapped:
                 m._invalidate()
                 if not m._orphan(m.addr, m.map_length):   # live memoryviews: the last unmaps
                     lib.fayt_unmap(m.addr, m.map_length)
@@ -368,8 +372,9 @@ class Connection:
 
     @property
     def closed(self):
-        """Closed by close(), or lost because faytd went away."""
-        return self._broken or not self._finalizer.alive
+        """Closed by close(), or lost because faytd went away (either
+        closes the socket; so does a fork() child, for the default one)."""
+        return self._broken or self.sock.fileno() < 0
 
 
 def _close_fds(fds):
@@ -393,7 +398,7 @@ def connection():
     """The process's default connection, made on first use."""
     global _default
     c = _default
-    if c is not None and not c.closed:
+    if c is not None and c.sock.fileno() >= 0 and not c._broken:  # not c.closed, inline
         return c
     with _default_lock:
         if _default is None or _default.closed:
@@ -411,8 +416,9 @@ def _after_fork_child():
     global _default, _default_lock, _thread_ids, _pid
     _pid = os.getpid()      # connections made before the fork now raise EBADF
     for conn in list(_connections):     # not mapped here (MADV_DONTFORK): forget, not unmap
-        for m in list(conn._mappings):
-            getattr(m, "_forget", m._invalidate)()
+        for m in [r() for r in list(conn._mappings.values())]:
+            if m is not None:
+                getattr(m, "_forget", m._invalidate)()
         conn._mappings.clear()
     _default_lock = threading.Lock()
     _thread_ids = threading.local()     # the child's thread has a tid of its own

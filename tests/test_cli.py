@@ -153,8 +153,9 @@ def test_cli_without_faytd_fails_clearly_with_status_1(tmp_path, command):
     r = fayt("--socket", sock, command)
     assert r.returncode == 1
     assert r.stdout == ""
-    assert r.stderr.startswith("fayt: cannot reach faytd at %s" % sock)
-    assert "faytd is not running there" in r.stderr
+    assert r.stderr.startswith("fayt: cannot reach faytd at %s (No such file or directory)" % sock)
+    assert "it is not running there" in r.stderr
+    assert r.stderr.count("running") == 1 and r.stderr.count("\n") == 1, r.stderr  # said once
     assert "Traceback" not in r.stderr
 
 

@@ -69,6 +69,7 @@ def test_config_invalid_policy_is_refused(tmp_path, policy, message):
     ({"max_portal_length": "20000000000GiB"},
      "config: max_portal_length: '20000000000GiB' is more than 2^64 bytes"),
     ({"ram": "20000GiB"}, "config: ram: 21474836480000 bytes is 2^32 frames or more"),
+    ({"ram": 3}, "config: ram: 3 bytes is less than one 4096-byte frame"),
 ])
 def test_config_out_of_range_limits_are_refused(tmp_path, config, message):
     """A limit faytd's C keeps in 32 or 64 bits is refused with a message."""

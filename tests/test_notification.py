@@ -82,6 +82,34 @@ def test_notification_deferred_waits_for_a_dispatch_point_immediate_interrupts(s
     target.finish()
 
 
+def test_notification_a_raising_handlers_traceback_goes_through_logging(spawn):
+    """The target's program chose where its log goes (here: stdout, one
+    marked line per record): the traceback is in the record, not on stderr."""
+    target = spawn("""
+        import logging
+        logging.basicConfig(stream=sys.stdout, format="LOG %(name)s %(levelname)s %(message)s")
+        def boom(p, i, s):
+            raise ValueError("boom in the handler")
+        lp.install_handler(2, boom)
+        print(lp.connection().context_id)
+        """ + _serve("sys.stdin in select.select([sys.stdin], [], [], 0)[0]") + """
+        print("alive")
+        """)
+    tid = int(target.expect())
+    with pytest.raises(libportal.HandlerFailed):
+        libportal.notify(tid, 2, b"", wait_return=True, timeout=WAIT)
+    me = libportal.connection().context_id
+    assert target.expect() == ("LOG libportal.notify ERROR notification handler for index 2 "
+                               "(from context %d) raised" % me)
+    assert target.expect() == "Traceback (most recent call last):"
+    target.send("stop")
+    rest = []
+    while not rest or rest[-1] != "alive":
+        rest.append(target.expect())
+    assert "ValueError: boom in the handler" in rest
+    assert "Traceback" not in target.stderr(), target.stderr()
+
+
 def test_notification_return_values_and_a_raising_handler(spawn):
     target = spawn("""
         def boom(p, i, s):

@@ -10,6 +10,8 @@
 #include <sys/types.h>
 
 #include "core.h"
+
+struct epoll_event;
 #include "fayt/portal.h"
 #include "fayt/syscall.h"
 
@@ -226,6 +228,8 @@ struct fayt_core_priv {
     int nwatched;
     int epfd;                      /* -1 until fayt_fast_poll ran */
     uint64_t last_look;            /* fair_others at fayt_fast_poll's last epoll_wait */
+    const struct epoll_event *round; /* the round being served (serve.c); NULL outside it */
+    int round_n, round_full;
     uint8_t *reply;                /* a reply's bytes: header and FAYT_MSG_MAX of body */
     /* keeper.c */
     struct keeper_state keeper;

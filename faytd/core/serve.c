@@ -88,33 +88,50 @@ static int acknowledge(struct fayt_fast_conn *c, const struct fayt_req_hdr *h, i
  * nothing else).  A queued call that waits for its reply cannot have been
  * sent before anything c's process was told (its sender waits), so a flood
  * of those keeps attaches here.  The look at each ready connection is a
- * MSG_PEEK of its next header; more ready fds than one epoll_wait returns
- * count as waiting.  A chain member's eventfd is edge-triggered: this look
- * takes its edge, so the fault engine's events it reports are served here,
- * or a chain server's answer would wait for its deadline. */
+ * MSG_PEEK of its next header.
+ *
+ * Which connections to look at: inside fayt_fast_poll, those of the round
+ * being served.  c's request was queued when the round's epoll_wait
+ * looked (c gives one request per round), so a call sent before it was
+ * queued then too, and epoll (level-triggered) reported its connection in
+ * the round, whether or not it was served since (its next call, if any,
+ * is what the peek sees); a round that filled the event array counts as
+ * waiting.  With one client, that is no system call at all.  Called
+ * outside a round, it asks epoll again; that look takes the edge of a
+ * chain member's edge-triggered eventfd, so the fault engine's events it
+ * reports are served here, or a chain server's answer would wait for its
+ * deadline. */
+static int queued_noreply(int fd)
+{
+    struct fayt_req_hdr h;
+    ssize_t r;
+    do {
+        r = recv(fd, &h, sizeof h, MSG_PEEK | MSG_DONTWAIT);
+    } while (r < 0 && errno == EINTR);
+    return r == (ssize_t)sizeof h && h.magic == FAYT_REQ_MAGIC && (h.flags & FAYT_REQ_NOREPLY);
+}
+
 static int others_waiting(struct fayt_core *k, struct fayt_fast_conn *c)
 {
     struct fayt_core_priv *p = k->priv;
     struct epoll_event evs[FAYT_FAST_POLL_EVENTS];
-    if (p->epfd < 0)
-        return 1;
-    int n = epoll_wait(p->epfd, evs, FAYT_FAST_POLL_EVENTS, 0);
-    int others = n < 0 || n == FAYT_FAST_POLL_EVENTS;
+    const struct epoll_event *ev = p->round;
+    int n = p->round_n, others = p->round_full, look = ev == NULL;
+    if (look) {
+        if (p->epfd < 0)
+            return 1;
+        n = epoll_wait(p->epfd, evs, FAYT_FAST_POLL_EVENTS, 0);
+        others = n < 0 || n == FAYT_FAST_POLL_EVENTS;
+        ev = evs;
+    }
     for (int i = 0; i < n; i++) {
-        int fd = evs[i].data.fd;
+        int fd = ev[i].data.fd;
         struct fayt_fast_conn *o = fd >= 0 && fd < p->nwatched ? p->watched[fd] : NULL;
-        if (fayt_faults_owns(k, fd)) {
-            fayt_faults_event(k, fd, evs[i].events);
+        if (look && fayt_faults_owns(k, fd)) {
+            fayt_faults_event(k, fd, ev[i].events);
             k->faults->c_events++;
         } else if (o && o != c && !others) {
-            struct fayt_req_hdr h;
-            ssize_t r;
-            do {
-                r = recv(fd, &h, sizeof h, MSG_PEEK | MSG_DONTWAIT);
-            } while (r < 0 && errno == EINTR);
-            if (r == (ssize_t)sizeof h && h.magic == FAYT_REQ_MAGIC
-                && (h.flags & FAYT_REQ_NOREPLY))
-                others = 1;
+            others = queued_noreply(fd);
         }
     }
     return others;
@@ -322,6 +339,9 @@ int fayt_fast_poll(struct fayt_core *k, int epfd, int64_t spin_ns, int timeout_m
             return 0;                   /* timed out */
         block = 0;
         int m = 0, nuids = 0;
+        p->round = evs;
+        p->round_n = n;
+        p->round_full = n == max;
         /* Pass 0: the fault engine's fds, Python's, and core connections;
          * pass 1: the others, one request per uid. */
         for (int pass = 0; pass < 2; pass++) {
@@ -374,6 +394,7 @@ int fayt_fast_poll(struct fayt_core *k, int epfd, int64_t spin_ns, int timeout_m
                 m++;
             }
         }
+        p->round = NULL;
         if (m)
             return m;
         if (n) {                        /* all served: look again at once */

@@ -159,8 +159,13 @@ def parse_config(path):
 
 def faytd_refuses(args, timeout=20):
     """Run `python -m faytd ARGS` that must refuse to start: it exits non-zero
-    with a message and no Traceback, and leaves no socket.  Its stderr."""
+    with a message and no Traceback, and leaves no socket, and no lock file
+    in its state directory that was not there before.  Its stderr."""
     sock = args[args.index("--socket") + 1]
+    state = args[args.index("--state-dir") + 1] if "--state-dir" in args else \
+        os.path.dirname(sock)
+    lock = os.path.join(state, "faytd.journal.lock")
+    locked_before = os.path.exists(lock)
     p = subprocess.Popen([sys.executable, "-m", "faytd"] + list(args),
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + timeout
@@ -176,6 +181,7 @@ def faytd_refuses(args, timeout=20):
     assert p.returncode != 0, err
     assert "Traceback" not in err, err
     assert not os.path.exists(sock)
+    assert os.path.exists(lock) == locked_before, "faytd left %s behind" % lock
     return err
 
 

@@ -1,7 +1,8 @@
 """The pytest plugin of the harness: fixtures, the fork guard, the leak check.
 
 Fixtures
-  faytd         the session's faytd; FAYT_SOCKET names it for every process
+  faytd         the session's faytd (the user plugin's fayt_daemon,
+                faytd/pytest_plugin.py); FAYT_SOCKET names it for every process
                 the tests start.  At its end no share-point may be left in it.
   lp            libportal, its default connection to the session's faytd.
   fresh_faytd   fresh_faytd(config=, ram=, extra=, clean=False) -> a private
@@ -126,17 +127,14 @@ def pytest_sessionfinish(session, exitstatus):
 # -- faytd ----------------------------------------------------------------------
 
 @pytest.fixture(scope="session")
-def faytd(tmp_path_factory, request):
-    """The session's faytd; FAYT_SOCKET points at it for every process the tests start."""
-    d = Faytd(str(tmp_path_factory.mktemp("faytd")))
-    old = os.environ.get("FAYT_SOCKET")
-    os.environ["FAYT_SOCKET"] = d.socket
-    import libportal
-    libportal.set_default(None)
-    yield d
+def faytd(fayt_daemon, request):
+    """The session's faytd (the user plugin's fayt_daemon, faytd/pytest_plugin.py);
+    FAYT_SOCKET points at it for every process the tests start."""
+    yield fayt_daemon
     # Every test destroyed what it made: nothing is left in the table.
     gc.collect()
-    c = libportal.Connection(d.socket)
+    import libportal
+    c = libportal.Connection(fayt_daemon.socket)
     try:
         left = [s["identifier"] for s in c.list_sharepoints()]
     finally:
@@ -144,12 +142,6 @@ def faytd(tmp_path_factory, request):
     if left:
         request.config.stash[_LEAKS].append("share-points left in the session's faytd: %s"
                                             % left)
-    libportal.set_default(None)
-    if old is None:
-        os.environ.pop("FAYT_SOCKET", None)
-    else:
-        os.environ["FAYT_SOCKET"] = old
-    d.stop()
 
 
 @pytest.fixture

@@ -1,0 +1,94 @@
+"""fayt-portals' pytest plugin: a private faytd for a test session, and the
+server processes a test starts against it.  Registered as the pytest11 entry
+point "fayt", so it is active wherever fayt-portals is installed
+(`-p no:fayt` turns it off).  docs/testing.md has an example.
+
+Fixtures
+  fayt_daemon          the session's faytd (faytd.launch.Faytd: .socket,
+                       .log, .env()); while it runs, FAYT_SOCKET names it for
+                       this process's libportal and every process the tests
+                       start.
+  fayt_connection      a libportal.Connection to it, closed after the test.
+  fayt_server          fayt_server(module=None, *, argv=None, code=None,
+                       args=(), env=None, ready="registered") -> a
+                       faytd.testing.Server started against the session's
+                       faytd and ready; stopped (SIGTERM, then SIGKILL) after
+                       the test.
+  fayt_daemon_factory  fayt_daemon_factory(config=None, ram=None, extra=())
+                       -> a private faytd in a directory of its own under
+                       /tmp (a socket's path must fit in 107 bytes), stopped
+                       after the test (its servers: faytd.testing.start_server).
+"""
+import shutil
+import tempfile
+
+import pytest
+
+from . import testing
+
+
+def _short_dir():
+    """A new directory under /tmp: a socket's path must fit in 107 bytes,
+    which a tmp_path (nested, with the test's name) may not."""
+    return tempfile.mkdtemp(prefix="fayt-pytest-")
+
+
+@pytest.fixture(scope="session")
+def fayt_daemon():
+    """The session's faytd; FAYT_SOCKET names it while it runs."""
+    top = _short_dir()
+    try:
+        s = testing.SessionDaemon(top)
+        yield s.daemon
+        s.stop()
+    finally:
+        shutil.rmtree(top, ignore_errors=True)
+
+
+@pytest.fixture
+def fayt_connection(fayt_daemon):
+    """A libportal.Connection to the session's faytd, closed after the test."""
+    import libportal
+    conn = libportal.Connection(fayt_daemon.socket)
+    yield conn
+    conn.close()
+
+
+@pytest.fixture
+def fayt_server(fayt_daemon):
+    """fayt_server(module=None, *, argv=None, code=None, args=(), env=None,
+    ready="registered", timeout=30) -> a faytd.testing.Server, ready; every
+    one is stopped after the test."""
+    started = []
+
+    def start(module=None, **kw):
+        srv = testing.start_server(fayt_daemon, module, **kw)
+        started.append(srv)
+        return srv
+
+    yield start
+    for srv in started:
+        srv.stop()
+
+
+@pytest.fixture
+def fayt_daemon_factory():
+    """fayt_daemon_factory(config=None, ram=None, extra=()) -> a private faytd
+    (faytd.launch.Faytd) in a directory of its own; every one is stopped (and
+    its directory removed) after the test."""
+    started = []
+
+    def start(config=None, ram=None, extra=()):
+        top = _short_dir()
+        started.append((top, None))
+        d = testing.Faytd(top, config, ram, extra)
+        started[-1] = (top, d)
+        return d
+
+    yield start
+    for top, d in started:
+        try:
+            if d is not None:
+                d.stop()
+        finally:
+            shutil.rmtree(top, ignore_errors=True)

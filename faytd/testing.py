@@ -1,0 +1,258 @@
+"""Test helpers for programs built on libportal: a private faytd, and server
+processes started against it, every wait bounded.
+
+The pytest plugin (faytd/pytest_plugin.py, docs/testing.md) is built on
+these; they work without pytest too:
+
+    d = faytd.testing.Faytd(directory)           # faytd.launch.Faytd
+    srv = faytd.testing.start_server(d, module="myserver", args=["--name", "jobs"])
+    ...                                          # talk to it through libportal
+    srv.stop()                                   # SIGTERM, then SIGKILL
+    d.stop()
+
+A Process talks to the test one line at a time over its stdin and stdout
+(send(), expect()); its stderr goes to an unnamed file, read when a failure
+is reported.  No thread is started: stdout is read when the test waits.
+"""
+import os
+import select
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+from .launch import Faytd  # noqa: F401  (the daemon the helpers start)
+
+WAIT = 30.0          # seconds any single wait may take before it fails
+
+
+class Process:
+    """A process started with argv and env (its whole environment): send(line),
+    expect() -> its next stdout line, finish() -> the rest once it exited
+    cleanly, stop() (SIGTERM, then SIGKILL), kill(); .pid, .proc.
+    popen: a callable like subprocess.Popen (to run it as another user)."""
+
+    def __init__(self, argv, env, popen=subprocess.Popen, **popen_kw):
+        self._err = tempfile.TemporaryFile()
+        self.proc = popen(argv, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                          stderr=self._err, **popen_kw)
+        self.pid = self.proc.pid
+        self._out = self.proc.stdout.fileno()
+        os.set_blocking(self._out, False)
+        self._buf = b""
+        self._eof = False
+
+    def stderr(self):
+        """What it wrote to stderr so far."""
+        try:
+            self._err.seek(0)
+            return self._err.read().decode(errors="replace")
+        except ValueError:          # closed: killed
+            return ""
+
+    def _line(self, deadline):
+        """Its next line, b"" at the end of its stdout, None at the deadline."""
+        while True:
+            nl = self._buf.find(b"\n")
+            if nl >= 0:
+                line, self._buf = self._buf[:nl], self._buf[nl + 1:]
+                return line + b"\n"
+            if self._eof:
+                line, self._buf = self._buf, b""
+                return line
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([self._out], [], [], left)[0]:
+                return None
+            try:
+                chunk = os.read(self._out, 65536)
+            except BlockingIOError:
+                continue
+            if chunk:
+                self._buf += chunk
+            else:
+                self._eof = True
+
+    def expect(self, timeout=WAIT):
+        """Its next stdout line (without the newline); AssertionError, with
+        its stderr, if none comes within timeout or it exits first."""
+        line = self._line(time.monotonic() + timeout)
+        if line is None:
+            raise AssertionError("process %d said nothing within %.0fs; stderr:\n%s"
+                                 % (self.pid, timeout, self.stderr()))
+        if not line:
+            self.proc.wait(timeout=WAIT)
+            raise AssertionError("process %d exited (%s) early; stderr:\n%s"
+                                 % (self.pid, self.proc.returncode, self.stderr()))
+        return line.decode().rstrip("\n")
+
+    def expect_prefix(self, prefix, timeout=WAIT):
+        """Skip stdout lines until one starts with prefix; that line."""
+        deadline = time.monotonic() + timeout
+        while True:
+            line = self.expect(max(0.0, deadline - time.monotonic()))
+            if line.startswith(prefix):
+                return line
+
+    def send(self, line=""):
+        self.proc.stdin.write((line + "\n").encode())
+        self.proc.stdin.flush()
+
+    def finish(self, timeout=WAIT):
+        """Close its stdin and wait for a clean exit (status 0); the rest of
+        its stdout, as lines."""
+        try:
+            self.proc.stdin.close()
+        except OSError:
+            pass
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise AssertionError("process %d did not exit within %.0fs" % (self.pid, timeout))
+        rest, deadline = [], time.monotonic() + WAIT
+        while True:
+            line = self._line(deadline)
+            if line is None:
+                raise AssertionError("process %d exited but its stdout stayed open %.0fs"
+                                     % (self.pid, WAIT))
+            if not line:
+                break
+            rest.append(line.decode().rstrip("\n"))
+        assert self.proc.returncode == 0, "process %d exited %s; stderr:\n%s" % (
+            self.pid, self.proc.returncode, self.stderr())
+        return rest
+
+    def stop(self, timeout=10.0):
+        """SIGTERM; SIGKILL if it has not exited within timeout.  Its exit
+        status (negative: the signal that ended it)."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                pass
+        return self.kill()
+
+    def kill(self):
+        """SIGKILL it (if it still runs) and reap it; its exit status."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=WAIT)
+        for f in (self.proc.stdin, self.proc.stdout):
+            try:
+                f.close()
+            except OSError:
+                pass
+        return self.proc.returncode
+
+
+class Server(Process):
+    """A server process of a test: .daemon, .context (its context id in
+    faytd: the target of notify(); asked of faytd when first read, waiting
+    until it registered), wait_registered()."""
+
+    def __init__(self, daemon, argv, env):
+        super().__init__(argv, env)
+        self.daemon = daemon
+        self._context = None
+
+    @property
+    def context(self):
+        if self._context is None:
+            self.wait_registered()
+        return self._context
+
+    def wait_registered(self, timeout=WAIT):
+        """Wait until the process has a context in faytd (it connected and
+        said HELLO); its context id.  AssertionError, with its stderr, if it
+        exits first or the timeout passes."""
+        import libportal
+        deadline = time.monotonic() + timeout
+        conn = libportal.Connection(self.daemon.socket)
+        try:
+            while True:
+                for c in conn.list_contexts()["contexts"]:
+                    if c["pid"] == self.pid and c["connected"]:
+                        self._context = c["id"]
+                        return self._context
+                if self.proc.poll() is not None:
+                    raise AssertionError("server %d exited (%s) before it registered with "
+                                         "faytd; stderr:\n%s"
+                                         % (self.pid, self.proc.returncode, self.stderr()))
+                if time.monotonic() > deadline:
+                    raise AssertionError("server %d did not register with faytd within %.0fs;"
+                                         " stderr:\n%s" % (self.pid, timeout, self.stderr()))
+                time.sleep(0.01)
+        finally:
+            conn.close()
+
+
+def daemon_env(daemon, env=None):
+    """env (default: this process's environment) with FAYT_SOCKET naming daemon."""
+    e = dict(os.environ if env is None else env)
+    e["FAYT_SOCKET"] = daemon.socket
+    return e
+
+
+def start_server(daemon, module=None, *, argv=None, code=None, args=(), env=None,
+                 ready="registered", timeout=WAIT):
+    """Start a server against daemon (a Faytd) and wait until it is ready.
+
+    What runs: module (`python -m module args...`), code (`python -c code
+    args...`) or argv (any command), exactly one of them; with the daemon's
+    FAYT_SOCKET in env (default: this process's environment).
+    ready: "registered" (it has a context in faytd), a string (it printed a
+    line starting with it), None (do not wait), or a callable polled until it
+    returns true.  Returns a Server."""
+    if sum(x is not None for x in (module, argv, code)) != 1:
+        raise TypeError("start_server: give exactly one of module, argv and code")
+    if module is not None:
+        argv = [sys.executable, "-u", "-m", module]
+    elif code is not None:
+        argv = [sys.executable, "-u", "-c", code]
+    srv = Server(daemon, list(argv) + [str(a) for a in args], daemon_env(daemon, env))
+    try:
+        if ready == "registered":
+            srv.wait_registered(timeout)
+        elif isinstance(ready, str):
+            srv.expect_prefix(ready, timeout)
+        elif callable(ready):
+            deadline = time.monotonic() + timeout
+            while not ready():
+                if srv.proc.poll() is not None:
+                    raise AssertionError("server %d exited (%s) before it was ready; stderr:\n%s"
+                                         % (srv.pid, srv.proc.returncode, srv.stderr()))
+                if time.monotonic() > deadline:
+                    raise AssertionError("server %d was not ready within %.0fs; stderr:\n%s"
+                                         % (srv.pid, timeout, srv.stderr()))
+                time.sleep(0.01)
+        elif ready is not None:
+            raise TypeError("start_server: ready is %r: \"registered\", a string, a callable "
+                            "or None" % (ready,))
+    except BaseException:
+        srv.kill()
+        raise
+    return srv
+
+
+class SessionDaemon:
+    """A faytd that this process's libportal and the processes it starts use:
+    start() sets FAYT_SOCKET and drops libportal's default connection;
+    stop() puts both back and stops faytd."""
+
+    def __init__(self, directory, **kw):
+        self.daemon = Faytd(directory, **kw)
+        self._old = os.environ.get("FAYT_SOCKET")
+        os.environ["FAYT_SOCKET"] = self.daemon.socket
+        import libportal
+        libportal.set_default(None)
+
+    def stop(self):
+        import libportal
+        libportal.set_default(None)
+        if self._old is None:
+            os.environ.pop("FAYT_SOCKET", None)
+        else:
+            os.environ["FAYT_SOCKET"] = self._old
+        return self.daemon.stop()
