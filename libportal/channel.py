@@ -3,12 +3,13 @@ fast path of notify() for one target.
 
 The facts this relies on, and what follows:
 - A sender posts into its own ring (rings.py) with one C call
-  (fayt_ring_post, through the ring's _fastpath.SenderRing), bumps the target's pending hint, and rings the doorbell
-  itself through a pidfd when the kernel lets it, else asks faytd to
-  (another uid: FAYT_SYS_NOTIFY_RING).
+  (fayt_ring_post, through the ring's _fastpath.SenderRing), bumps the
+  target's pending hint, and rings the doorbell itself through a pidfd
+  when the kernel lets it, else asks faytd to (another uid:
+  FAYT_SYS_NOTIFY_RING).
 - With the return flag it sleeps in C (fayt_ring_wait_return, the GIL
-  released) until the
-  handler's notification_ret; without it, notify() returns once posted.
+  released) until the handler's notification_ret; without it, notify()
+  returns once posted.
 - A wait (for the return, or for space in a full ring) is a dispatch point
   of this context: a signal breaks it (EINTR), Python runs the doorbell's
   handler, then the notifications that came meanwhile are dispatched

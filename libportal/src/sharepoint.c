@@ -92,8 +92,10 @@ static int core_init(SharePointCore *self, PyObject *args, PyObject *kw)
     PyObject *pr = PyStructSequence_GET_ITEM(reply, FP_REPLY_PORTAL);
     unsigned long long base = PyLong_AsUnsignedLongLong(
         PyStructSequence_GET_ITEM(reply, FP_REPLY_ADDR));
-    Py_ssize_t map_length = PyLong_AsSsize_t(PyStructSequence_GET_ITEM(pr, FP_PORTAL_MAP_LENGTH));
-    Py_ssize_t data_offset = PyLong_AsSsize_t(PyStructSequence_GET_ITEM(pr, FP_PORTAL_DATA_OFFSET));
+    Py_ssize_t map_length =
+        PyLong_AsSsize_t(PyStructSequence_GET_ITEM(pr, FP_PORTAL_MAP_LENGTH));
+    Py_ssize_t data_offset =
+        PyLong_AsSsize_t(PyStructSequence_GET_ITEM(pr, FP_PORTAL_DATA_OFFSET));
     long prot = PyLong_AsLong(PyStructSequence_GET_ITEM(pr, FP_PORTAL_PROT));
     unsigned long sp_id = PyLong_AsUnsignedLong(PyStructSequence_GET_ITEM(pr, FP_PORTAL_SP_ID));
     if (PyErr_Occurred())
