@@ -69,6 +69,16 @@ static PyObject *set_error_factory(PyObject *mod, PyObject *f)
     Py_RETURN_NONE;
 }
 
+/* The dealloc of a heap type whose objects hold no references (Region,
+ * SenderRing, Transport): free it, then drop the reference each instance
+ * of a heap type holds to its type. */
+void fp_plain_dealloc(PyObject *self)
+{
+    PyTypeObject *tp = Py_TYPE(self);
+    tp->tp_free(self);
+    Py_DECREF(tp);
+}
+
 /* -- the module ------------------------------------------------------------ */
 
 fastpath_state *fp_state_of_type(PyTypeObject *type)

@@ -74,6 +74,9 @@ PyObject *fp_raise_fmt(fastpath_state *st, int err, const char *fmt, ...);
 /* An address passed as an int: 0, or -1 with an exception set. */
 int fp_addr_arg(PyObject *o, void **out);
 
+/* tp_dealloc of a heap type whose objects hold no references. */
+void fp_plain_dealloc(PyObject *self);
+
 /* -- region.c -------------------------------------------------------------- */
 typedef struct {
     PyObject_HEAD

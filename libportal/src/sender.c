@@ -55,13 +55,6 @@ static int sender_init(SenderRing *self, PyObject *args, PyObject *kw)
     return 0;
 }
 
-static void sender_dealloc(SenderRing *self)
-{
-    PyTypeObject *tp = Py_TYPE(self);
-    tp->tp_free((PyObject *)self);
-    Py_DECREF(tp);
-}
-
 /* index, payload and flags of a post: 0, or -1 with an exception set.  A
  * negative index or flags word is EINVAL in *err (as fayt_ring_post answers
  * an index past the slots); a payload that is no buffer is TypeError. */
@@ -223,7 +216,7 @@ static PyType_Slot sender_slots[] = {
                 "as, pidfd the target's pidfd to signal with signo (-1: faytd rings)."},
     {Py_tp_new, PyType_GenericNew},
     {Py_tp_init, sender_init},
-    {Py_tp_dealloc, sender_dealloc},
+    {Py_tp_dealloc, fp_plain_dealloc},
     {Py_tp_repr, sender_repr},
     {Py_tp_methods, sender_methods},
     {Py_tp_getset, sender_getset},

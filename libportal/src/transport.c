@@ -452,13 +452,6 @@ static int transport_init(Transport *self, PyObject *args, PyObject *kw)
     return 0;
 }
 
-static void transport_dealloc(Transport *self)
-{
-    PyTypeObject *tp = Py_TYPE(self);
-    tp->tp_free((PyObject *)self);
-    Py_DECREF(tp);
-}
-
 static int seq_arg(PyObject *o, unsigned long *out)
 {
     unsigned long v = PyLong_AsUnsignedLong(o);
@@ -540,7 +533,7 @@ static PyType_Slot transport_slots[] = {
                 "A connection's socket to faytd, and how its calls wait for a reply."},
     {Py_tp_new, transport_new},
     {Py_tp_init, transport_init},
-    {Py_tp_dealloc, transport_dealloc},
+    {Py_tp_dealloc, fp_plain_dealloc},
     {Py_tp_repr, transport_repr},
     {Py_tp_methods, transport_methods},
     {Py_tp_members, transport_members},
