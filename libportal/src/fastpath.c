@@ -8,9 +8,8 @@
  * Module state, not file statics: each interpreter that imports the module
  * gets its own error factory, types and hint registrations (the hooks are
  * that interpreter's objects).  Nothing of this module is process-global.
- * (lock.c and ring.c, linked in for their lock and ring calls, keep two
- * statics of their own: a cache of whether futex_waitv exists, and the
- * SIGBUS guard's previous handler; _fastpath does not use the guard.)
+ * (ring.c, linked in for its ring calls, keeps one static of its own: a
+ * cache of whether futex_waitv exists.)
  */
 #include "fastpath.h"
 
