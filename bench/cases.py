@@ -187,10 +187,10 @@ def _mp_worker(lock, name, n, ready, go, out, i):
     shm.close()
 
 
-def _run_ours(code, name, n):
+def _run_ours(code, name, n, nprocs=2):
     procs = [subprocess.Popen([sys.executable, "-c", code, name, str(n), str(i)],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-             for i in range(2)]
+             for i in range(nprocs)]
     for p in procs:
         assert p.stdout.readline().strip() == "ready"
     t0 = time.perf_counter()
@@ -200,16 +200,23 @@ def _run_ours(code, name, n):
     ends = [float(p.stdout.readline()) for p in procs]
     for p in procs:
         p.wait(timeout=60)
-    return 2 * n / (max(ends) - t0)
+    return nprocs * n / (max(ends) - t0)
 
 
-def _run_mp(n):
+def _run_mp(n, nprocs=2, worker=None):
+    """nprocs processes (spawned) count to n each under multiprocessing.Lock
+    (worker None) or a named posix_ipc.Semaphore (worker _sem_worker); ops/s."""
     ctx = multiprocessing.get_context("spawn")
     shm = shared_memory.SharedMemory(create=True, size=4096)
+    sem = None
     try:
         lock, ready, go, out = ctx.Lock(), ctx.Semaphore(0), ctx.Event(), ctx.Queue()
-        procs = [ctx.Process(target=_mp_worker, args=(lock, shm.name, n, ready, go, out, i))
-                 for i in range(2)]
+        if worker is not None:
+            sem = posix_ipc.Semaphore(None, posix_ipc.O_CREX, initial_value=1)
+            lock = sem.name
+        procs = [ctx.Process(target=worker or _mp_worker,
+                             args=(lock, shm.name, n, ready, go, out, i))
+                 for i in range(nprocs)]
         for p in procs:
             p.start()
         for _ in procs:
@@ -223,8 +230,68 @@ def _run_mp(n):
     finally:
         shm.close()
         shm.unlink()
-    assert total == 2 * n, "lost updates under multiprocessing.Lock"
-    return 2 * n / (max(ends) - t0)
+        if sem is not None:
+            sem.unlink()
+            sem.close()
+    assert total == nprocs * n, "lost updates under %s" % (
+        "posix_ipc.Semaphore" if worker else "multiprocessing.Lock")
+    return nprocs * n / (max(ends) - t0)
+
+
+def _sem_worker(sem_name, name, n, ready, go, out, i):
+    _pin(i)
+    sem = posix_ipc.Semaphore(sem_name)
+    shm = shared_memory.SharedMemory(name=name)
+    mv = shm.buf.cast("q")
+    a, r = sem.acquire, sem.release
+    ready.release()
+    go.wait()
+    for _ in range(n):
+        a()
+        mv[0] += 1
+        r()
+    out.put(time.perf_counter())
+    mv.release()
+    shm.close()
+    sem.close()
+
+
+# -- N processes incrementing a shared counter (--procs) -----------------------
+
+PROCS = (1, 2, 4)       # bench --procs N,N...: the process counts of case_contention
+
+
+def case_contention(d, scale):
+    """N processes (bench --procs; 1, 2 and 4 by default) each add 1 to a
+    shared counter n times under a lock: the share-point's, a
+    multiprocessing.Lock's, a named posix_ipc.Semaphore's; total increments
+    per second, the best of a few rounds (kinds interleaved).  Worker i runs
+    on CPU i mod the CPUs: with more processes than CPUs, some share one,
+    and a lock holder may be preempted (what every lock here then pays).
+    No targets: the rows show how each scales."""
+    n = _n(100000, scale, 2000)
+    rounds = 3 if scale >= 1 else 1
+    rows = []
+    for k in PROCS:
+        per = max(1, n // k)
+        ours, mp, sem = [], [], []
+        for _ in range(rounds):
+            name = _name("contention")
+            sp = lp.share_create(name, 4096)
+            try:
+                ours.append(_run_ours(_OURS_WORKER, name, per, k))
+                got = int.from_bytes(sp.read(0, 8), "little")
+            finally:
+                sp.destroy()
+            assert got == k * per, "lost updates under the share-point lock"
+            mp.append(_run_mp(per, k))
+            sem.append(_run_mp(per, k, _sem_worker))
+        o = max(ours)
+        for peer, v in (("multiprocessing.Lock", max(mp)), ("posix_ipc.Semaphore", max(sem))):
+            rows.append({"name": "%d process%s, locked counter" % (k, "" if k == 1 else "es"),
+                         "ours": o, "unit": "ops/s", "peer": peer, "peer_value": v,
+                         "ratio": o / v, "target": None, "procs": k})
+    return rows
 
 
 def case_counter(d, scale):
@@ -858,6 +925,117 @@ def case_fair(d, scale):
     return rows
 
 
+# -- DIRECT and COW (docs/portals.md) -----------------------------------------------
+
+def median_of(n, repeats, *fns):
+    """Seconds per iteration of each fn: the median of `repeats` rounds,
+    every fn(n) once in each round, in turn (peers interleaved)."""
+    out = [[] for _ in fns]
+    for _ in range(repeats):
+        for i, fn in enumerate(fns):
+            t = time.perf_counter()
+            fn(n)
+            out[i].append((time.perf_counter() - t) / n)
+    return [sorted(x)[len(x) // 2] for x in out]
+
+
+# One request's paddr[] fits one message: 8,182 frames at most (31.9 MiB).
+_BIG_PAGES = 8000
+
+
+def case_direct(d, scale):
+    n = _n(3000, scale, 100)
+    src = lp.portal(lp.ANON, lp.PROT_RW, 4096)
+    lp.grant(src, to=lp.connection().context_id)
+    one = list(src.paddr)
+
+    def anon(k):
+        for _ in range(k):
+            lp.portal(lp.ANON, lp.PROT_RW, 4096).unmap()
+
+    def direct(k):
+        for _ in range(k):
+            lp.portal(lp.DIRECT, lp.PROT_RW, 4096, paddr=one).unmap()
+
+    def cow(k):
+        for _ in range(k):
+            lp.portal(lp.COW, lp.PROT_RW, 4096, paddr=one).unmap()
+
+    t_anon, t_direct, t_cow = median_of(n, 7, anon, direct, cow)
+    big = lp.portal(lp.ANON, lp.PROT_RW, _BIG_PAGES * 4096)
+    big.buf[:] = b"\x5a" * len(big.buf)
+    many = list(big.paddr)
+    if len(many) < _BIG_PAGES:           # a reply lists at most 8,177 frames
+        raise RuntimeError("bench: the big portal's reply listed %d frames" % len(many))
+    m = max(3, _n(30, scale, 3))
+
+    def cow_big(k):
+        for _ in range(k):
+            lp.portal(lp.COW, lp.PROT_RW, _BIG_PAGES * 4096, paddr=many).unmap()
+
+    def cow_small(k):
+        cow(k)
+
+    t_big, t_small = median_of(m, 5, cow_big, cow_small)
+    # First writes: a fresh view each round, every page written once.
+    fd = os.memfd_create("bench-cow")
+    os.ftruncate(fd, _BIG_PAGES * 4096)
+    os.pwrite(fd, b"\x5a" * (_BIG_PAGES * 4096), 0)
+    writes = {"ours": [], "peer": []}
+    snaps = {"ours": [], "peer": []}
+    for _ in range(max(3, _n(7, scale, 3))):
+        v = lp.portal(lp.COW, lp.PROT_RW, _BIG_PAGES * 4096, paddr=many)
+        buf = v.buf
+        t = time.perf_counter()
+        for i in range(0, len(buf), 4096):
+            buf[i] = 1
+        writes["ours"].append(time.perf_counter() - t)
+        buf.release()
+        v.unmap()
+        pm = mmap.mmap(fd, _BIG_PAGES * 4096, flags=mmap.MAP_PRIVATE)
+        t = time.perf_counter()
+        for i in range(0, len(pm), 4096):
+            pm[i] = 1
+        writes["peer"].append(time.perf_counter() - t)
+        pm.close()
+        t = time.perf_counter()
+        s = lp.portal(lp.COW, lp.PROT_RW, _BIG_PAGES * 4096, paddr=many,
+                      share_type=lp.COW_SNAPSHOT)
+        snaps["ours"].append(time.perf_counter() - t)
+        s.unmap()
+        mv = big.buf
+        t = time.perf_counter()
+        copy = bytes(mv)
+        snaps["peer"].append(time.perf_counter() - t)
+        del copy
+    os.close(fd)
+    big.unmap()
+    src.unmap()
+    med = {k: {w: sorted(v)[len(v) // 2] for w, v in x.items()}
+           for k, x in (("writes", writes), ("snaps", snaps))}
+    mib = _BIG_PAGES * 4096 / (1 << 20)
+    return [
+        {"name": "4 KiB DIRECT (granted RAM): portal+unmap", "ours": t_direct * 1e6,
+         "unit": "us", "peer": "4 KiB ANON portal+unmap", "peer_value": t_anon * 1e6,
+         "ratio": t_direct / t_anon, "target": ("<=", 1.2)},
+        {"name": "4 KiB COW at least on write: portal+unmap", "ours": t_cow * 1e6,
+         "unit": "us", "peer": "4 KiB ANON portal+unmap", "peer_value": t_anon * 1e6,
+         "ratio": t_cow / t_anon, "target": ("<=", 1.2)},
+        {"name": "%.2f MiB COW at least on write: portal+unmap" % mib, "ours": t_big * 1e6,
+         "unit": "us", "peer": "its own 4 KiB figure", "peer_value": t_small * 1e6,
+         "ratio": t_big / t_small, "target": ("<=", 2.0)},
+        {"name": "first write of each of %d pages of a COW view" % _BIG_PAGES,
+         "ours": med["writes"]["ours"] * 1e6, "unit": "us",
+         "peer": "same, mmap(MAP_PRIVATE) of the object", "peer_value":
+         med["writes"]["peer"] * 1e6, "ratio": med["writes"]["ours"] / med["writes"]["peer"],
+         "target": ("<=", 1.5)},
+        {"name": "%.2f MiB COW strict snapshot" % mib, "ours": med["snaps"]["ours"] * 1e6,
+         "unit": "us", "peer": "bytes(memoryview) of it", "peer_value":
+         med["snaps"]["peer"] * 1e6, "ratio": med["snaps"]["ours"] / med["snaps"]["peer"],
+         "target": ("<=", 1.5)},
+    ]
+
+
 CASES = {
     "lock": case_lock,
     "write": case_write,
@@ -868,4 +1046,6 @@ CASES = {
     "notify": case_notify,
     "special": case_special,
     "fair": case_fair,
+    "direct": case_direct,
+    "contention": case_contention,
 }

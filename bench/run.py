@@ -17,11 +17,33 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="short smoke run (CI)")
     ap.add_argument("--only", help="comma-separated case names: " + ", ".join(cases.CASES))
     ap.add_argument("--json", help="also write the rows to this file")
+    ap.add_argument("--procs", help="process counts of the contention case, e.g. 1,2,4 "
+                    "(the default); given alone, it runs that case only")
+    ap.add_argument("--plot", metavar="FILE",
+                    help="also draw the rows into FILE (PNG, SVG or PDF, by its suffix; "
+                    "needs matplotlib: pip install 'fayt-portals[plot]')")
     args = ap.parse_args(argv)
     names = args.only.split(",") if args.only else list(cases.CASES)
+    if args.procs and not args.only:
+        names = ["contention"]
     unknown = [n for n in names if n not in cases.CASES]
     if unknown:
         ap.error("unknown cases: %s" % ", ".join(unknown))
+    if args.procs:
+        try:
+            procs = tuple(int(x) for x in args.procs.split(","))
+        except ValueError:
+            procs = ()
+        if not procs or any(not 1 <= k <= 64 for k in procs):
+            ap.error("--procs: %r is not a list of process counts from 1 to 64 "
+                     "(e.g. 1,2,4)" % args.procs)
+        cases.PROCS = procs
+    if args.plot:
+        try:
+            from . import plot
+            plot.check(args.plot)
+        except (ImportError, ValueError) as e:
+            ap.error("--plot: %s" % e)
     scale = 0.05 if args.quick else 1.0
     rows = []
     with tempfile.TemporaryDirectory(prefix="fayt-bench-") as tmp:
@@ -41,6 +63,9 @@ def main(argv=None):
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)
+    if args.plot:
+        plot.draw(rows, args.plot, quick=args.quick)
+        print("plot: %s" % args.plot)
     return 0
 
 
@@ -79,6 +104,17 @@ def print_table(rows, quick):
     widths = [max(len(str(x[i])) for x in out + [head]) for i in range(len(head))]
     for line in [head, ["-" * w for w in widths]] + out:
         print("  ".join(str(c).ljust(w) for c, w in zip(line, widths)).rstrip())
+    if quick:
+        print()
+        print(SMOKE_NOTE)
+
+
+SMOKE_NOTE = """\
+This was a smoke run (--quick): each case ran a few hundred iterations, to show
+that it works, not how fast it is.  A NO in the "met" column is not a failure,
+and this run fails nothing: on a shared machine a single short run swings by 2x.
+Targets are judged on full runs (python -m bench), as the median and range of
+several of them on a quiet machine (docs/performance.md)."""
 
 
 def _figure(v):

@@ -14,6 +14,8 @@ from libportal._abi import lib
 from .native import core, lib as clib
 
 from .context import Context, ContextTable, Quotas
+from .cow import Cow
+from .direct import Direct, DirectBacking
 from .frames import (PAGE, BackingObject, FrameAllocator, KernelError, keeper_objects,
                      release_objects, run_tag, start_keeper, start_time)
 from .journal import Journal, alive
@@ -93,6 +95,8 @@ class Kernel:
         self.notifications = Notifications(self)
         self.sharepoints.on_destroy.append(self.notifications.sharepoint_destroyed)
         self.pager = Pager(self)
+        self.direct = Direct(self)
+        self.cow = Cow(self)
         self.contexts = ContextTable()
         self._rechecks = {}         # sp id -> [sp, dead pid, delay]: see _recover_one
         self._recheck_fd = -1
@@ -305,6 +309,7 @@ class Kernel:
         clib.fayt_fast_conn_gone(self.fast, ctx.fast)
         self.notifications.context_gone(ctx)
         self.pager.context_gone(ctx)
+        self.direct.context_gone(ctx)
         if self.journal is not None:
             self.journal.context_gone(ctx)
         ctx.close_page()
@@ -469,6 +474,8 @@ class Kernel:
         m.charged = 0
         if m.type & lib.FAYT_PORTAL_SPECIAL:
             self.pager.unmap(ctx, m)
+        elif isinstance(m.backing, DirectBacking):    # DIRECT, COW at least on write
+            self.direct.unmap(m)
         else:
             self.frames.put(m.backing)
 

@@ -278,6 +278,20 @@ class Policy:
                               "server may destroy it" % (sp.identifier.decode(), sp.owner_pid))
 
     @staticmethod
+    def check_grant(ctx, m, sp, prot):
+        """GRANT: an ANON portal by the context that maps it; a share-point
+        by its owner or a core server; prot no wider than the mapping's."""
+        if sp is not None:
+            owner = ctx.pid == sp.owner_pid and (ctx.start or 0) == (sp.owner_start or 0)
+            if not owner and ctx.category.id != lib.FAYT_CATEGORY_CORE:
+                raise KernelError(errno.EPERM, "handle: share-point %r: only its owner (pid %d) "
+                                  "or a core server may grant it for DMA"
+                                  % (sp.identifier.decode(), sp.owner_pid))
+        if prot & ~m.prot:
+            raise KernelError(errno.EACCES, "prot: %#x asked, the mapping has %#x"
+                              % (prot, m.prot))
+
+    @staticmethod
     def may_list(ctx, sp):
         """LIST_SHARE: a core server sees every share-point; another
         context those named in its uid's namespace and the shared one

@@ -44,6 +44,7 @@ from libportal._abi import lib, REQ_HDR, REP_HDR
 
 from . import syscalls as syscall
 from .context import CHECK_S, Liveness
+from .deferred import Deferred
 from .frames import KernelError, start_time
 from .native import ffi, lib as clib
 
@@ -583,6 +584,8 @@ class Server:
                 body, out_fds = self._check_flags(op, flags), []
             if not flags or body is None:
                 body, out_fds = self._perform(ctx, op, tid, data[REQ_HDR.size:], fds)
+            if isinstance(body, Deferred):     # answered when its work is done
+                return body.start(self, ctx, op, seq)
             if flags & _NOREPLY and not isinstance(body, KernelError):
                 return
             try:

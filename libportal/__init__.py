@@ -24,6 +24,13 @@ from .notification import (install_handler, remove_handler, notify,  # noqa: F40
                            context_of, notification_depth, notification_stats,
                            current_notification, PEER_DIED, SP_DESTROYED, OVERFLOW, DOORBELL)
 
+from .direct import grant, physical  # noqa: F401
+from ._abi import lib as _lib
+CATEGORY_CORE = _lib.FAYT_CATEGORY_CORE
+CATEGORY_DRIVER = _lib.FAYT_CATEGORY_DRIVER
+CATEGORY_SERVER = _lib.FAYT_CATEGORY_SERVER
+COW_ON_WRITE = _lib.FAYT_COW_ON_WRITE
+COW_SNAPSHOT = _lib.FAYT_COW_SNAPSHOT
 from .special import (chain_join, ChainServer, PageRequest, SpecialPortal,  # noqa: F401
                       open_userfaultfd)
 from .special import READ as ACCESS_READ, WRITE as ACCESS_WRITE  # noqa: F401

@@ -82,6 +82,9 @@ HELLO_REPLY = struct_of("struct fayt_hello_reply")
 HANDLE_REQ = struct_of("struct fayt_handle_req")
 LIST_REQ = struct_of("struct fayt_list_req")
 PORTAL_REPLY = struct_of("struct fayt_portal_reply")
+DIRECT_RUN = struct_of("struct fayt_direct_run")      # fd, pages, at, offset
+GRANT_REQ = struct_of("struct fayt_grant_req")        # handle, kind, to, prot, flags
+COW_PADDR_REQ = struct_of("struct fayt_cow_paddr_req")  # handle, base, npages, reserved
 # A fayt_portal_reply by name (made in C by _fastpath.Transport; by
 # portal_reply() where Python reads one from a reply's body).
 PortalReply = _fastpath.PortalReply
@@ -92,6 +95,7 @@ assert PortalReply.n_fields == len(PORTAL_REPLY.unpack(bytes(PORTAL_REPLY.size))
 def portal_reply(body):
     """The fayt_portal_reply at the start of a PORTAL reply's body."""
     return PortalReply(PORTAL_REPLY.unpack_from(body))
+
 
 PORTAL_REQ_SIZE = ffi.sizeof("struct portal_req")
 # type, prot, length, share.identifier, share.type, share.create,

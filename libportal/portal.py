@@ -31,6 +31,7 @@ from .mapping import Mapping, view, check_views, drop_views
 from .portal_req import (encode_portal_req, SHARE, DIRECT, ANON, COW,  # noqa: F401
                          SPECIAL, PROT_NONE, PROT_READ, PROT_WRITE, PROT_EXEC, PROT_RW,
                          PAGE_SIZE)
+from .direct import direct_portal
 from .special import special_portal
 from .syscall import Connection, connection as _default_connection
 
@@ -45,9 +46,10 @@ class Portal(Mapping):
     """A mapped ANON portal: .addr, .length, .paddr (one physical address per
     frame), .buf (a memoryview of the region), unmap()."""
 
-    def __init__(self, conn, reply, type, prot):
-        """reply: the PORTAL call's _fastpath.Reply (its object mapped)."""
-        self._setup(conn, reply.portal, reply.addr, reply.paddr, type)
+    def __init__(self, conn, reply, *, addr, paddr, type, prot):
+        """reply: the fayt_portal_reply (a _fastpath.PortalReply); its
+        object is mapped at addr; paddr: its frames' physical addresses."""
+        self._setup(conn, reply, addr, paddr, type)
         self.prot = prot
         self.length = self.map_length
         self.mapped = True
@@ -179,7 +181,7 @@ def portal(type, prot=PROT_RW, length=0, *, identifier=None, create=False,
            share_type=0, chain=None, message=None, addr=0, paddr=(), connection=None):
     """The portal system call.  Returns a Portal, or a SharePoint for SHARE.
 
-    type      class bits: ANON, SHARE|ANON, SPECIAL, ... (DIRECT, COW: ENOSYS for now)
+    type      class bits: ANON, SHARE|ANON, SPECIAL, DIRECT, COW, SHARE|DIRECT
     prot      PROT_READ|PROT_WRITE|PROT_EXEC asked for
     length    bytes of the mapping (a multiple of 4096 after rounding up);
               for a share-point it holds the meta-structure and the data.
@@ -190,6 +192,8 @@ def portal(type, prot=PROT_RW, length=0, *, identifier=None, create=False,
               sp_req_chain.name and .message (SPECIAL: the chain that supplies
               the pages; returns a special.SpecialPortal)
     addr      morphology.addr: 0 lets the library choose, else exactly there
+    paddr     morphology.paddr[]: DIRECT and COW name one physical frame per 4 KiB
+              (COW: the source; share_type its mode, COW_ON_WRITE or COW_SNAPSHOT)
     """
     conn = connection or _default_connection()
     if isinstance(identifier, str):
@@ -197,6 +201,8 @@ def portal(type, prot=PROT_RW, length=0, *, identifier=None, create=False,
     if type & SPECIAL:      # its userfaultfd goes with the call
         return special_portal(conn, type, prot=prot, length=length, chain=chain,
                               message=message, addr=addr, identifier=identifier, create=create)
+    if type == DIRECT or type == COW:      # one fd per object its frames are in
+        return direct_portal(conn, type, prot, length, addr, paddr, Portal, share_type)
     is_share = bool(type & SHARE)
     create = 1 if create else 0
     if (identifier.__class__ is bytes and chain is None and message is None and not paddr
@@ -227,7 +233,7 @@ def portal(type, prot=PROT_RW, length=0, *, identifier=None, create=False,
         raise errors.error(e, "portal: " + what.get(e, "mmap failed: " + os.strerror(e)))
     if is_share:
         return SharePoint(conn, reply, type, identifier)
-    return Portal(conn, reply, type, prot)
+    return Portal(conn, reply.portal, addr=reply.addr, paddr=reply.paddr, type=type, prot=prot)
 
 
 def _mapped_inode(addr):

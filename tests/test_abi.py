@@ -82,6 +82,9 @@ STRUCTS = {
     "struct fayt_chain_leave": ["chain_id", "reserved"],
     "struct fayt_chain_back": ["chain_id", "message_length", "handle", "message"],
     "struct fayt_chain_back_reply": ["backing", "reserved"],
+    "struct fayt_direct_run": ["fd", "pages", "at", "offset"],
+    "struct fayt_grant_req": ["handle", "kind", "to", "prot", "flags"],
+    "struct fayt_cow_paddr_req": ["handle", "base", "npages", "reserved"],
 }
 
 # Constants whose values are ABI as well.
@@ -120,6 +123,9 @@ CONSTANTS = [
     "FAYT_PAGE_MAPPED",
     "FAYT_PORTAL_REPLY_BACKED", "FAYT_UFFD_USER_MODE", "FAYT_UFFD_WP", "FAYT_UFFD_POISON",
     "FAYT_UFFD_MINOR", "FAYT_UFFD_REGISTER_WP", "FAYT_UFFD_REGISTER_MINOR",
+    "FAYT_SYS_GRANT", "FAYT_PORTAL_REPLY_DIRECT", "FAYT_DIRECT_OBJECTS_MAX",
+    "FAYT_GRANT_CONTEXT", "FAYT_GRANT_CATEGORY", "FAYT_GRANT_REVOKE",
+    "FAYT_PORTAL_REPLY_PRIVATE", "FAYT_COW_ON_WRITE", "FAYT_COW_SNAPSHOT", "FAYT_SYS_COW_PADDR",
 ]
 
 

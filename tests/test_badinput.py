@@ -37,7 +37,7 @@ import libportal
 from libportal._abi import (ffi, lib, REQ_HDR, REP_HDR, HANDLE_REQ, HELLO_REQ,
                             LIST_REQ, PORTAL_REQ_SIZE, CHAIN_JOIN, portal_reply)
 from libportal.portal import encode_portal_req
-from support.daemon import Faytd
+from support.daemon import Faytd, poll_equal
 from support.procs import CTX
 
 ANON, SHARE, DIRECT = lib.FAYT_PORTAL_ANON, lib.FAYT_PORTAL_SHARE, lib.FAYT_PORTAL_DIRECT
@@ -222,12 +222,7 @@ def state(path):
 
 def wait_state(path, want, timeout=TIMEOUT):
     """Poll until faytd's state equals `want` (death is handled asynchronously)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        now = state(path)
-        if now == want or time.monotonic() > deadline:
-            return now
-        time.sleep(0.02)
+    return poll_equal(lambda: state(path), want, timeout)
 
 
 def assert_serving(d):

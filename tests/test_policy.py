@@ -316,10 +316,12 @@ def test_policy_socket_mode_keeps_other_users_out(as_user, world_faytd):
     (SPECIAL, {"chain": "pager", "message": "page please"}),
     (SPECIAL | SHARE, {"chain": "pager", "identifier": "policy-special", "create": True}),
 ])
-def test_policy_unbuilt_classes_core_enosys_server_eperm(as_user, world_faytd, type_, kw):
+def test_policy_classes_checked_first_core_told_why_server_eperm(as_user, world_faytd, type_,
+                                                                 kw):
     """The policy is checked before the class is looked at: a core client is
-    told the class is not built (ENOSYS), a server client that it may not use
-    it (EPERM); neither creates anything."""
+    told why the call fails (a free frame for DIRECT and COW, no chain
+    server), a server client that it may not use it (EPERM);
+    neither creates anything."""
     d = world_faytd()
     before = d.state()
     c = libportal.Connection(d.socket)
@@ -328,7 +330,7 @@ def test_policy_unbuilt_classes_core_enosys_server_eperm(as_user, world_faytd, t
             libportal.portal(type_, libportal.PROT_RW, PAGE, connection=c, **kw)
         # SPECIAL is built: with no server on the chain, core is told ENOENT.
         want = ((errno.ENOENT, "no server serves chain 'pager'") if type_ & SPECIAL
-                else (errno.ENOSYS, "portals are not built yet"))
+                else (errno.EFAULT, "morphology.paddr[0]: frame 0x100000 is free"))
         assert ei.value.errno == want[0] and want[1] in str(ei.value)
     finally:
         c.close()

@@ -71,6 +71,19 @@ uint32_t fayt_frames_put(struct fayt_frames *f, const uint32_t *frames, uint32_t
 int fayt_frames_adopt(struct fayt_frames *f, const uint32_t *frames, uint32_t n, uint32_t oid);
 void fayt_frames_adopted(struct fayt_frames *f);
 
+/* DIRECT and COW (faytd/direct.py): the frames of n physical addresses,
+ * into frames[n], and the runs they make (consecutive pages of one object:
+ * its id, its first page, how many, the index of its first entry), into
+ * the run arrays (n entries of room), *nruns of them.  0; or why the entry
+ * *bad is refused: FAYT_FRAMES_UNALIGNED, _UNBACKED (outside the RAM),
+ * _FREE. */
+#define FAYT_FRAMES_UNALIGNED 1
+#define FAYT_FRAMES_UNBACKED 2
+#define FAYT_FRAMES_FREE 3
+int fayt_frames_resolve(const struct fayt_frames *f, const uint64_t *paddr, uint32_t n,
+                        uint32_t *frames, uint32_t *run_oid, uint32_t *run_page,
+                        uint32_t *run_pages, uint32_t *run_at, uint32_t *nruns, uint32_t *bad);
+
 /* -- the core ----------------------------------------------------------- */
 /* Larger portals (and share-points) go through Python. */
 #define FAYT_FAST_MAX_FRAMES 1024
@@ -314,6 +327,17 @@ struct fayt_core_reply {
 int fayt_core_portal(struct fayt_core *k, struct fayt_fast_conn *c, int32_t tid,
                      const uint8_t *req, const struct fayt_portal_args *a, uint8_t *body,
                      struct fayt_core_reply *out, char *msg, uint32_t max);
+/* PORTAL of class SHARE|DIRECT, create, decoded (a): a share-point over the
+ * n frames of an existing object (`object`, its frames in order: the caller
+ * checked the grant and that they are the whole object).  The
+ * meta-structure is written at its head; no RAM is charged (the frames are
+ * the portal's, charged to its owner); the table and the mapping each
+ * reference the frames, so they outlive the portal.  Otherwise as
+ * fayt_core_portal. */
+int fayt_core_sp_over(struct fayt_core *k, struct fayt_fast_conn *c, int32_t tid,
+                      const uint8_t *req, const struct fayt_portal_args *a, const char *object,
+                      const uint32_t *frames, uint32_t n, uint8_t *body,
+                      struct fayt_core_reply *out, char *msg, uint32_t max);
 /* c's mapping `handle`: how FAYT_CORE_UNMAP (drop it), _UNMAP_DESTROY
  * (destroy its share-point, then drop it) or _DESTROY (destroy, keep it).
  * 0; -1 if the core holds no such mapping (Python's own, or none); or an
@@ -342,6 +366,13 @@ struct fayt_map_info {
 } __attribute__((packed));
 int fayt_core_map_info(struct fayt_core *k, struct fayt_fast_conn *c, uint64_t handle,
                        struct fayt_map_info *out, uint32_t *frames, uint32_t max);
+/* The share-point or ANON portal whose object is oid (DIRECT over RAM: a
+ * core context may name any frame), described as fayt_core_map_info does
+ * (handle, pid, tid: its creator's mapping's, or 0 for a share-point);
+ * asking marks it as seen by Python: never recycled.  0, or ENOENT.  A scan
+ * of the table: O(share-points + mappings). */
+int fayt_core_oid_info(struct fayt_core *k, uint32_t oid, struct fayt_map_info *out,
+                       uint32_t *frames, uint32_t max);
 /* The share-point id of c's mapping `handle` (0: an ANON portal), or -1 if
  * the core holds no such mapping. */
 int64_t fayt_core_map_sp(struct fayt_core *k, struct fayt_fast_conn *c, uint64_t handle);

@@ -110,3 +110,34 @@ void fayt_frames_adopted(struct fayt_frames *f)
         if (!f->refcount[fr])
             f->free_stack[f->nfree++] = fr;
 }
+
+int fayt_frames_resolve(const struct fayt_frames *f, const uint64_t *paddr, uint32_t n,
+                        uint32_t *frames, uint32_t *run_oid, uint32_t *run_page,
+                        uint32_t *run_pages, uint32_t *run_at, uint32_t *nruns, uint32_t *bad)
+{
+    uint32_t r = 0;
+    for (uint32_t i = 0; i < n; i++) {
+        uint64_t pa = paddr[i];
+        *bad = i;
+        if (pa % 4096)
+            return FAYT_FRAMES_UNALIGNED;
+        if (pa < FAYT_RAM_BASE || (pa - FAYT_RAM_BASE) / 4096 >= f->nframes)
+            return FAYT_FRAMES_UNBACKED;
+        uint32_t fr = (uint32_t)((pa - FAYT_RAM_BASE) / 4096);
+        if (!f->refcount[fr])
+            return FAYT_FRAMES_FREE;
+        frames[i] = fr;
+        uint32_t oid = f->owner[fr], page = f->offset[fr];
+        if (r && run_oid[r - 1] == oid && run_page[r - 1] + run_pages[r - 1] == page) {
+            run_pages[r - 1]++;
+        } else {
+            run_oid[r] = oid;
+            run_page[r] = page;
+            run_pages[r] = 1;
+            run_at[r] = i;
+            r++;
+        }
+    }
+    *nruns = r;
+    return 0;
+}

@@ -96,6 +96,8 @@ struct sp {
     int journal_ok;                /* its D record was written (else never recycled) */
     int fd, fd2;                   /* held descriptors (the creator's, for recycling); -1 */
     int split;                     /* two objects: page 0 and the rest */
+    int direct;                    /* SHARE|DIRECT: over another portal's object (one object
+                                      of several pages: no read-only attach of another uid) */
     struct uid_acct *acct;         /* whose count it is in (its owner's uid) */
     int noncore;                   /* made by a context that is not core: counted
                                       against the core's reserve */

@@ -819,6 +819,108 @@ static int write_objects(int fd, int fd2, int split, const uint8_t *buf, size_t 
     return 0;
 }
 
+/* The checks of a new share-point named as nr says, of n frames: not
+ * named yet, room in the table and in c's uid's part of it, room for data
+ * after the meta-structure.  0, or an errno and msg. */
+static int sp_new_checks(struct fayt_core *k, struct fayt_fast_conn *c,
+                         const struct fayt_portal_args *a, const char *ident,
+                         const struct fayt_name_ref *nr, uint32_t n, char *msg, size_t max)
+{
+    char rb[1100];
+    int e;
+    if (core_name_find(k, nr->ns, ident + nr->at, nr->len, core_hash(k, nr->ns, ident + nr->at,
+                                                                   nr->len)))
+        return core_fail(msg, max, EEXIST, "share.identifier: %s exists",
+                         core_name_repr(ident, (uint32_t)a->ident_len, rb, sizeof rb));
+    if (k->nsharepoints >= k->max_sharepoints)
+        return core_fail(msg, max, ENOMEM, "share-point table is full (%u)", k->max_sharepoints);
+    if ((e = quota_sharepoints(k, c, msg, max)))
+        return e;
+    if (FAYT_SP_DATA_OFFSET(n) >= (uint64_t)n * FAYT_PAGE_SIZE)
+        return core_fail(msg, max, EINVAL, "length: %llu bytes leave no room for data after "
+                         "the meta-structure", (unsigned long long)a->length);
+    return 0;
+}
+
+/* The meta-structure of a share-point of frames[n] granting prot: lock
+ * free, prot, data length, the morphology (sizeof meta + 8n bytes). */
+static void sp_meta_fill(uint8_t *meta, int32_t prot, const uint32_t *frames, uint32_t n)
+{
+    struct fayt_sharepoint_meta mh = {0};
+    uint64_t bytes = (uint64_t)n * FAYT_PAGE_SIZE;
+    mh.prot = prot;
+    mh.length = bytes - FAYT_SP_DATA_OFFSET(n);
+    mh.morphology.length = bytes;
+    memcpy(meta, &mh, sizeof mh);
+    for (uint32_t i = 0; i < n; i++) {
+        uint64_t pa = FAYT_RAM_BASE + (uint64_t)frames[i] * FAYT_PAGE_SIZE;
+        memcpy(meta + sizeof mh + (size_t)i * 8, &pa, 8);
+    }
+}
+
+/* sp (its frames and object(s) filled, its meta-structure written: werr
+ * if that failed, errno saying why) into the name index and the id table
+ * under nr: its entry, or NULL and *e (nothing entered). */
+static struct name_ent *sp_enter(struct fayt_core *k, struct sp *sp, const char *ident,
+                                 const struct fayt_name_ref *nr, int werr, int *e)
+{
+    if (werr) {
+        *e = errno;
+        return NULL;
+    }
+    struct name_ent *ne = core_name_insert(k, nr->ns, ident + nr->at, nr->len, e);
+    sp->id = k->next_sp_id;             /* taken by sp_own, once nothing can fail */
+    if (ne && !ids_insert(k, sp) && !core_ids_add(k, sp->id, nr->ns))
+        return ne;
+    if (ne && core_sp_find(k, sp->id) == sp)
+        ids_remove(k, sp);
+    if (ne) {
+        *e = ENOMEM;
+        core_name_remove(k, ne);
+    }
+    return NULL;
+}
+
+/* sp, entered as ne, is c's: its id, name, prot, owner, and the counts of
+ * the table and of c's uid. */
+static void sp_own(struct fayt_core *k, struct fayt_fast_conn *c, struct sp *sp,
+                   struct name_ent *ne, const struct fayt_name_ref *nr, int32_t prot)
+{
+    ne->sp = sp;
+    sp->name = ne;
+    sp->ns = nr->ns;
+    fayt_core_new_sp_id(k);
+    sp->prot = prot;
+    sp->length = (uint64_t)sp->nframes * FAYT_PAGE_SIZE;
+    sp->owner_pid = c->pid;
+    sp->owner_uid = c->uid;
+    sp->owner_start = c->start;
+    sp->creator_ctx = c->ctx_id;
+    k->nsharepoints++;
+    if ((sp->acct = c->cs->acct)) {
+        sp->acct->refs++;
+        sp->acct->nsharepoints++;
+    }
+    if ((sp->noncore = !conn_core(c)))
+        k->noncore_sharepoints++;
+}
+
+/* m, the creator's mapping of sp, references its frames and goes into the
+ * tables: 0; or ENOMEM, sp undone (its creator's descriptors are the
+ * caller's to close). */
+static int sp_first_map(struct fayt_core *k, struct sp *sp, struct map *m)
+{
+    fayt_frames_get(&k->frames, sp->frames, sp->nframes);
+    m->sp = sp;
+    if (!map_insert(k, m))
+        return 0;
+    /* never in practice (the handle table could not grow): undo it all */
+    free(m);
+    sp_destroy(k, sp, NULL);
+    fayt_frames_put(&k->frames, sp->frames, sp->nframes);
+    return ENOMEM;
+}
+
 static int sp_create(struct fayt_core *k, struct fayt_fast_conn *c, int32_t tid,
                      const uint8_t *req, const struct fayt_portal_args *a, uint8_t *body,
                      struct fayt_core_reply *out, char *msg, size_t max)
@@ -834,19 +936,8 @@ static int sp_create(struct fayt_core *k, struct fayt_fast_conn *c, int32_t tid,
     if ((e = fayt_name_resolve(k, c, "share.identifier", ident, ilen, FAYT_NAME_CREATE, &nr,
                                msg, (uint32_t)max)))
         return e;
-    if ((e = charge(k, c, bytes, msg, max)))
+    if ((e = charge(k, c, bytes, msg, max)) || (e = sp_new_checks(k, c, a, ident, &nr, n, msg, max)))
         return e;
-    if (core_name_find(k, nr.ns, ident + nr.at, nr.len, core_hash(k, nr.ns, ident + nr.at,
-                                                                 nr.len)))
-        return core_fail(msg, max, EEXIST, "share.identifier: %s exists",
-                         core_name_repr(ident, ilen, rb, sizeof rb));
-    if (k->nsharepoints >= k->max_sharepoints)
-        return core_fail(msg, max, ENOMEM, "share-point table is full (%u)", k->max_sharepoints);
-    if ((e = quota_sharepoints(k, c, msg, max)))
-        return e;
-    if (data_offset >= bytes)
-        return core_fail(msg, max, EINVAL, "length: %llu bytes leave no room for data after "
-                         "the meta-structure", (unsigned long long)a->length);
     if ((e = frames_check(k, n, msg, max)))
         return e;
     struct sp *sp = sp_alloc(n);
@@ -893,27 +984,12 @@ static int sp_create(struct fayt_core *k, struct fayt_fast_conn *c, int32_t tid,
         mlen = bytes;                   /* a recycled small object: zeroed by the same write */
     memset(meta + sizeof(struct fayt_sharepoint_meta) + (size_t)n * 8, 0,
            mlen - sizeof(struct fayt_sharepoint_meta) - (size_t)n * 8);
-    struct fayt_sharepoint_meta mh = {0};
-    mh.prot = a->prot;
-    mh.length = bytes - data_offset;
-    mh.morphology.length = bytes;
-    memcpy(meta, &mh, sizeof mh);
-    for (uint32_t i = 0; i < n; i++) {
-        uint64_t pa = FAYT_RAM_BASE + (uint64_t)sp->frames[i] * FAYT_PAGE_SIZE;
-        memcpy(meta + sizeof mh + (size_t)i * 8, &pa, 8);
-    }
+    sp_meta_fill(meta, a->prot, sp->frames, n);
     int werr = write_objects(fd, fd2, sp->split, meta, mlen);
+    struct name_ent *ne = sp_enter(k, sp, ident, &nr, werr, &e);
     if (meta != stack)
         free(meta);
-    sp->id = k->next_sp_id;             /* taken below, once nothing can fail */
-    struct name_ent *ne = NULL;
-    if (werr || !(ne = core_name_insert(k, nr.ns, ident + nr.at, nr.len, &e))
-        || ids_insert(k, sp) || core_ids_add(k, sp->id, nr.ns)) {
-        if (ne && core_sp_find(k, sp->id) == sp)
-            ids_remove(k, sp);
-        e = werr ? errno : ne ? ENOMEM : e;
-        if (ne)
-            core_name_remove(k, ne);
+    if (!ne) {
         close(fd);
         fayt_objpool_release(k, sp->object);
         if (fd2 >= 0) {
@@ -927,34 +1003,12 @@ static int sp_create(struct fayt_core *k, struct fayt_fast_conn *c, int32_t tid,
                          core_name_repr(ident, ilen, rb, sizeof rb), strerror(e));
     }
     k->frames.next_oid++;
-    ne->sp = sp;
-    sp->name = ne;
-    sp->ns = nr.ns;
-    fayt_core_new_sp_id(k);
-    sp->prot = a->prot;
-    sp->length = bytes;
-    sp->owner_pid = c->pid;
-    sp->owner_uid = c->uid;
-    sp->owner_start = c->start;
-    sp->creator_ctx = c->ctx_id;
+    sp_own(k, c, sp, ne, &nr, a->prot);
     sp->charged_to = c;
     sp->charged = bytes;
     c->refs++;
     ram_add(k, c, (int64_t)bytes);
-    k->nsharepoints++;
-    if ((sp->acct = c->cs->acct)) {
-        sp->acct->refs++;
-        sp->acct->nsharepoints++;
-    }
-    if ((sp->noncore = !conn_core(c)))
-        k->noncore_sharepoints++;
-    fayt_frames_get(&k->frames, sp->frames, n);     /* the mapping's; the table holds one */
-    m->sp = sp;
-    if (map_insert(k, m)) {
-        /* never in practice (the handle table could not grow): undo it all */
-        free(m);
-        sp_destroy(k, sp, NULL);
-        fayt_frames_put(&k->frames, sp->frames, n);
+    if (sp_first_map(k, sp, m)) {         /* the table holds a reference already */
         close(fd);
         if (fd2 >= 0)
             close(fd2);
@@ -989,6 +1043,68 @@ static int sp_create(struct fayt_core *k, struct fayt_fast_conn *c, int32_t tid,
     return 0;
 }
 
+int fayt_core_sp_over(struct fayt_core *k, struct fayt_fast_conn *c, int32_t tid,
+                      const uint8_t *req, const struct fayt_portal_args *a, const char *object,
+                      const uint32_t *frames, uint32_t n, uint8_t *body,
+                      struct fayt_core_reply *out, char *msg, uint32_t max)
+{
+    char rb[1100];
+    const char *ident = (const char *)req + a->ident_at;
+    uint32_t ilen = (uint32_t)a->ident_len;
+    uint64_t bytes = (uint64_t)n * FAYT_PAGE_SIZE;
+    size_t data_offset = FAYT_SP_DATA_OFFSET(n);
+    struct fayt_name_ref nr;
+    int e;
+    if ((e = quota_mappings(k, c, msg, max))
+        || (e = fayt_name_resolve(k, c, "share.identifier", ident, ilen, FAYT_NAME_CREATE, &nr,
+                                  msg, max))
+        || (e = sp_new_checks(k, c, a, ident, &nr, n, msg, max)))
+        return e;
+    struct sp *sp = sp_alloc(n);
+    struct map *m = map_new(k, c, tid, a->prot, FAYT_PORTAL_SHARE | FAYT_PORTAL_DIRECT, bytes, 0);
+    size_t mlen = sizeof(struct fayt_sharepoint_meta) + (size_t)n * 8;
+    uint8_t *meta = calloc(1, mlen);
+    int fd = sp && m && meta ? open(object, O_RDWR | O_CLOEXEC) : -1;
+    if (fd < 0) {
+        e = errno;
+        free(sp);
+        free(m);
+        free(meta);
+        return core_fail(msg, max, ENOMEM, "faytd cannot open backing object %s: %s", object,
+                         strerror(e));
+    }
+    memcpy(sp->frames, frames, (size_t)n * 4);
+    snprintf(sp->object, sizeof sp->object, "%s", object);
+    sp->oid = k->frames.owner[frames[0]];
+    sp->direct = 1;
+    sp->shared = 1;                     /* another portal's object: never recycled */
+    sp_meta_fill(meta, a->prot, frames, n);
+    int werr = pwrite(fd, meta, mlen, 0) != (ssize_t)mlen;
+    struct name_ent *ne = sp_enter(k, sp, ident, &nr, werr, &e);
+    free(meta);
+    if (!ne) {
+        close(fd);
+        free(sp);
+        free(m);
+        return core_fail(msg, max, e == EEXIST ? EEXIST : ENOMEM, "share.identifier: %s: %s",
+                         core_name_repr(ident, ilen, rb, sizeof rb), strerror(e));
+    }
+    sp_own(k, c, sp, ne, &nr, a->prot);
+    fayt_frames_get(&k->frames, sp->frames, n);     /* the table's */
+    if (sp_first_map(k, sp, m)) {
+        close(fd);
+        return core_fail(msg, max, ENOMEM, "faytd: out of memory");
+    }
+    core_journal_sharepoint(k, sp);
+    out->borrowed = 0;
+    out->nfds = 1;
+    out->fds[0] = fd;
+    out->fds[1] = -1;
+    out->len = reply_body(body, req, m->handle, bytes, data_offset, sp->id, a->prot,
+                          FAYT_PORTAL_REPLY_CREATED, sp->frames, n);
+    return 0;
+}
+
 static int sp_attach(struct fayt_core *k, struct fayt_fast_conn *c, int32_t tid,
                      const uint8_t *req, const struct fayt_portal_args *a, uint8_t *body,
                      struct fayt_core_reply *out, char *msg, size_t max)
@@ -1010,6 +1126,12 @@ static int sp_attach(struct fayt_core *k, struct fayt_fast_conn *c, int32_t tid,
     if (a->prot & ~sp->prot)
         return core_fail(msg, max, EACCES, "prot: %#x asked, share-point %s grants %#x",
                          a->prot, core_name_repr(ident, ilen, rb, sizeof rb), sp->prot);
+    if ((sp->direct || (!sp->split && sp->nframes > 1)) && !(a->prot & FAYT_PROT_WRITE)
+        && c->uid != sp->owner_uid)
+        return core_fail(msg, max, EACCES, "prot: %#x asked; share-point %s is one object "
+                         "(SHARE|DIRECT), so a read-only attach from another uid could not be "
+                         "kept from writing it: attach PROT_READ|PROT_WRITE, if granted",
+                         a->prot, core_name_repr(ident, ilen, rb, sizeof rb));
     if (a->length != 0 && (uint64_t)a->length != sp->length)
         return core_fail(msg, max, EINVAL, "length: %d; share-point %s maps %llu bytes",
                          a->length, core_name_repr(ident, ilen, rb, sizeof rb),
@@ -1184,6 +1306,37 @@ int fayt_core_map_info(struct fayt_core *k, struct fayt_fast_conn *c, uint64_t h
     else
         m->shared = 1;
     return 0;
+}
+
+int fayt_core_oid_info(struct fayt_core *k, uint32_t oid, struct fayt_map_info *out,
+                       uint32_t *frames, uint32_t max)
+{
+    struct fayt_core_priv *p = k->priv;
+    for (uint32_t i = 0; i < p->ids_nb; i++) {
+        for (struct sp *s = p->by_id[i]; s; s = s->id_next) {
+            if (s->oid != oid)
+                continue;
+            memset(out, 0, sizeof *out);
+            out->type = FAYT_PORTAL_SHARE | FAYT_PORTAL_ANON;
+            out->sp_id = s->id;
+            out->pid = s->owner_pid;
+            out->prot = s->prot;
+            out->oid = s->oid;
+            out->length = s->length;
+            out->nframes = s->nframes;
+            snprintf(out->object, sizeof out->object, "%s%s%s", s->object,
+                     s->split ? "+" : "", s->split ? s->object2 : "");
+            if (frames)
+                memcpy(frames, s->frames, (size_t)(max < s->nframes ? max : s->nframes) * 4);
+            s->shared = 1;
+            return 0;
+        }
+    }
+    for (uint32_t i = 0; i < p->handles_nb; i++)
+        for (struct map *m = p->by_handle[i]; m; m = m->hnext)
+            if (!m->sp && m->oid == oid)
+                return fayt_core_map_info(k, m->conn, m->handle, out, frames, max);
+    return ENOENT;
 }
 
 int64_t fayt_core_map_sp(struct fayt_core *k, struct fayt_fast_conn *c, uint64_t handle)

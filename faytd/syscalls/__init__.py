@@ -16,7 +16,7 @@ the reply: the objects never see the wire format, a socket or a right
 from libportal._abi import lib
 
 from .. import stats
-from . import chain, context, notify, portal, sharepoint
+from . import chain, context, direct, notify, portal, sharepoint
 
 HANDLERS = {
     lib.FAYT_SYS_HELLO: context.sys_hello,
@@ -43,6 +43,8 @@ HANDLERS = {
     lib.FAYT_SYS_CHAIN_BACK: chain.sys_chain_back,
     lib.FAYT_SYS_CHAIN_UNBACK: chain.sys_chain_unback,
     lib.FAYT_SYS_STATS: stats.sys_stats,
+    lib.FAYT_SYS_GRANT: direct.sys_grant,
+    lib.FAYT_SYS_COW_PADDR: direct.sys_cow_paddr,
 }
 # Every call but HELLO needs a context the policy admitted.
 NEED_NO_HELLO = frozenset({lib.FAYT_SYS_HELLO})

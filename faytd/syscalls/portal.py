@@ -1,5 +1,7 @@
 """PORTAL and UNMAP: decode a portal_req, check the classes, map, reply.
 
+DIRECT, SHARE|DIRECT and COW go to direct.py (faytd/direct.py, faytd/cow.py).
+
 portal_req is decoded by the core's one decoder (faytd/core/decode.c), the
 C path's too.  A SPECIAL portal is then handed to chain.py (its range and
 userfaultfd are the client's; the pager serves it).  An ANON or SHARE
@@ -15,8 +17,8 @@ from libportal._abi import lib
 
 from ..frames import KernelError
 from ..native import ffi as cffi, lib as clib
-from ..policy import Policy, class_names
-from . import chain as _chain
+from ..policy import Policy
+from . import chain as _chain, direct as _direct
 from .wire import handle_of
 
 SHARE, DIRECT, ANON = lib.FAYT_PORTAL_SHARE, lib.FAYT_PORTAL_DIRECT, lib.FAYT_PORTAL_ANON
@@ -62,9 +64,10 @@ def sys_portal(k, ctx, tid, body, fds):
                                      message, req_fields, fds)
     if fds:
         raise KernelError(errno.EINVAL, "this call takes no file descriptors")
-    if t & (DIRECT | COW):
-        raise KernelError(errno.ENOSYS, "type: %s portals are not built yet"
-                          % class_names(t & (DIRECT | COW)))
+    if t == DIRECT:
+        return _direct.portal_direct(k, ctx, tid, prot, length, body, args, req_fields)
+    if t == COW:
+        return _direct.portal_cow(k, ctx, tid, prot, length, body, args, req_fields)
     if len(ctx.mappings) >= k.cfg["max_mappings_per_context"]:
         raise KernelError(errno.ENOMEM, "this context has %d mappings, the quota"
                           % len(ctx.mappings))
@@ -76,6 +79,10 @@ def sys_portal(k, ctx, tid, body, fds):
             sp = k.sharepoints.get(k.sharepoints.lookup(ident), keep=False)
             if sp is not None:
                 Policy.check_prot(prot, sp.prot, "share-point %r" % ident.decode())
+    if t == SHARE | DIRECT:
+        if not attach:
+            return _direct.sharepoint_direct(k, ctx, tid, prot, length, body, args)
+        args.type = SHARE | ANON        # attached as any share-point is
     err = clib.fayt_core_portal(k.fast, ctx.fast, tid, body, args, _BODY, _OUT, _MSG, 256)
     if err:
         raise _refused(err)

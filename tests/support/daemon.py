@@ -99,26 +99,12 @@ class Faytd(launch.Faytd):
 
     def state(self):
         """What faytd holds: share-point identifiers, free frames, mappings."""
-        import libportal
-        c = libportal.Connection(self.socket, faytd_uid=self.uid)
-        try:
-            shares = c.list_sharepoints()
-            ctxs = c.list_contexts()
-        finally:
-            c.close()
-        return {"shares": sorted(s["identifier"] for s in shares),
-                "free_frames": ctxs["free_frames"],
-                "mappings": sum(x["mappings"] for x in ctxs["contexts"])}
+        return state(self)
 
     def wait_state(self, want, timeout=15):
         """Poll state() until it equals `want` (a death is handled
         asynchronously); the last state seen."""
-        deadline = time.monotonic() + timeout
-        while True:
-            now = self.state()
-            if now == want or time.monotonic() > deadline:
-                return now
-            time.sleep(0.02)
+        return wait_state(self, want, timeout)
 
     def stop_clean(self):
         """Stop it; it must not have exited by itself before, nor logged a
@@ -266,3 +252,34 @@ class AsUser:
             argv, ids = [sys.executable, "-c", _DROP, str(uid), str(gid), code] + args, {}
         kw.setdefault("text", True)
         return subprocess.Popen(argv, env=self.env(env or {}), cwd="/", **ids, **kw)
+
+
+def state(d):
+    """What faytd `d` (any daemon with .socket; .uid if it runs as another
+    user) holds: share-point identifiers, free frames, mappings."""
+    import libportal
+    c = libportal.Connection(d.socket, faytd_uid=getattr(d, "uid", None))
+    try:
+        shares = c.list_sharepoints()
+        ctxs = c.list_contexts()
+    finally:
+        c.close()
+    return {"shares": sorted(s["identifier"] for s in shares),
+            "free_frames": ctxs["free_frames"],
+            "mappings": sum(x["mappings"] for x in ctxs["contexts"])}
+
+
+def wait_state(d, want, timeout=15):
+    """Poll state(d) until it equals `want` (a death is handled
+    asynchronously); the last state seen."""
+    return poll_equal(lambda: state(d), want, timeout)
+
+
+def poll_equal(get, want, timeout):
+    """get() until it returns `want`, or timeout seconds: the last value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        now = get()
+        if now == want or time.monotonic() > deadline:
+            return now
+        time.sleep(0.02)

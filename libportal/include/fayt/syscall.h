@@ -28,7 +28,7 @@
  * a client of another version (EPROTO, both versions named) and the client
  * refuses a faytd of another.  0 is the protocol before versions, whose
  * HELLO had no body and whose reply held 0 where wire_abi is now. */
-#define FAYT_WIRE_ABI  1
+#define FAYT_WIRE_ABI  2
 
 /* Operations.  Never reuse a retired number. */
 #define FAYT_SYS_HELLO          1   /* body fayt_hello_req: register the context;
@@ -59,6 +59,10 @@
 #define FAYT_SYS_CHAIN_UNBACK   35  /* body fayt_chain_back (handle 0) */
 /* faytd itself. */
 #define FAYT_SYS_STATS          36  /* no body; reply: JSON counters (docs/cli.md) */
+/* DMA grants (DIRECT over RAM, docs/portals.md). */
+#define FAYT_SYS_GRANT          37  /* body fayt_grant_req; reply empty */
+#define FAYT_SYS_COW_PADDR      38  /* body fayt_cow_paddr_req + uint32_t page[npages];
+                                       reply uint64_t paddr[npages] */
 
 /* fayt_req_hdr.flags */
 #define FAYT_REQ_NOREPLY 0x1        /* UNMAP, UNMAP_DESTROY: do not answer unless it fails */
@@ -125,6 +129,54 @@ struct fayt_portal_reply {
  * both fds, in that order; the client maps the rest over page 0's mapping
  * from offset 4096 (MAP_FIXED). */
 #define FAYT_PORTAL_REPLY_SPLIT 0x4
+/* DIRECT: after paddr[] come nruns struct fayt_direct_run, and one fd per
+ * object the runs name (at most FAYT_DIRECT_OBJECTS_MAX): the client maps
+ * run i at map address + its `at`, from its object's `offset`. */
+#define FAYT_PORTAL_REPLY_DIRECT 0x8
+#define FAYT_DIRECT_OBJECTS_MAX 8
+/* COW at least on write: the runs are mapped MAP_PRIVATE (the view's
+ * writes make private pages; pages it has not written show the source). */
+#define FAYT_PORTAL_REPLY_PRIVATE 0x10
+
+/* COW: the mode, in portal_req.share.type (share.* means nothing else for a
+ * class without SHARE); the source is the frames morphology.paddr[] names,
+ * as for DIRECT. */
+#define FAYT_COW_ON_WRITE 0    /* at least on write: a private mapping of the source */
+#define FAYT_COW_SNAPSHOT 1    /* strict: a copy made during the call */
+
+/* COW_PADDR: physical addresses for the pages a view at least on write has
+ * written (private pages, which the client finds in /proc/self/pagemap):
+ * each gets a frame of its own the first time, which a strict snapshot
+ * copies from the view's process (process_vm_readv).  base: where the view
+ * is mapped in the caller. */
+struct fayt_cow_paddr_req {
+    uint64_t handle;       /* the view */
+    uint64_t base;
+    uint32_t npages;       /* page indexes that follow */
+    uint32_t reserved;     /* 0 */
+} __attribute__((packed));
+
+struct fayt_direct_run {
+    uint32_t fd;           /* index of its object's fd in the reply */
+    uint32_t pages;        /* 4 KiB pages in the run */
+    uint64_t at;           /* bytes from the start of the mapping */
+    uint64_t offset;       /* bytes into its object */
+} __attribute__((packed));
+
+/* GRANT: the portal or share-point this context maps as `handle` becomes
+ * DMA-able (DIRECT may name its frames) for one context or one category,
+ * up to `prot`; FAYT_GRANT_REVOKE takes such a grant back.  The grant
+ * lasts while the granting mapping does. */
+#define FAYT_GRANT_CONTEXT  1  /* to: a context id */
+#define FAYT_GRANT_CATEGORY 2  /* to: a FAYT_CATEGORY_* */
+#define FAYT_GRANT_REVOKE   0x1
+struct fayt_grant_req {
+    uint64_t handle;       /* a mapping of this context: an ANON portal, a share-point */
+    uint32_t kind;         /* FAYT_GRANT_CONTEXT or FAYT_GRANT_CATEGORY */
+    uint32_t to;
+    int32_t prot;          /* at most the mapping's prot */
+    uint32_t flags;        /* FAYT_GRANT_REVOKE */
+} __attribute__((packed));
 
 struct fayt_notify_install {
     int32_t index;         /* 0..63 (PROVIDER: or FAYT_NO_PROVIDER) */

@@ -1,0 +1,139 @@
+"""DIRECT and COW portals, and DMA grants: the client's side.
+
+faytd answers a DIRECT portal with one descriptor per backing object its
+frames are in, and the runs: (object, pages, place in the range, offset in
+the object).  The range is reserved first (PROT_NONE, anonymous, at
+morphology.addr or anywhere), then each run is mapped over it MAP_SHARED |
+MAP_FIXED from its offset, and the whole range is marked MADV_DONTFORK, as
+every portal is; the descriptors are closed before this returns.  Mapping
+with an offset is a plain mmap(2), reached through ctypes: no C of
+libportal's is needed for it.
+
+grant(mapping, to, prot, category=...) makes an ANON portal, or a
+share-point this process owns, DMA-able: DIRECT of the context (or the
+category) it names may map its frames.  See docs/portals.md.
+"""
+import ctypes
+import errno
+import os
+import struct
+
+from . import errors
+from ._abi import (ffi, lib, COW_PADDR_REQ, DIRECT_RUN, GRANT_REQ, HANDLE_REQ, PORTAL_REPLY,
+                   PORTAL_REQ_SIZE, portal_reply)
+from .portal_req import encode_portal_req, PROT_NONE
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_mmap = _libc.mmap
+_mmap.restype = ctypes.c_void_p
+_mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                  ctypes.c_long)
+_madvise = _libc.madvise
+_madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+_MAP_SHARED, _MAP_PRIVATE, _MAP_FIXED = 0x01, 0x02, 0x10
+_MADV_DONTFORK = 10
+_MAP_FAILED = ctypes.c_void_p(-1).value
+
+
+def map_fd(addr, length, prot, flags, fd, offset):
+    """mmap(2) as it is (addr 0: anywhere): the address, or OSError."""
+    p = _mmap(addr or None, length, prot, flags, fd, offset)
+    if p in (None, _MAP_FAILED):
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+    return p
+
+
+def _map_runs(base, runs, fds, prot, flags):
+    for fd_index, pages, at, offset in runs:
+        if fd_index >= len(fds):
+            raise errors.error(errno.EPROTO, "portal: a DIRECT run names fd %d of %d"
+                               % (fd_index, len(fds)))
+        try:
+            map_fd(base + at, pages * 4096, prot, flags | _MAP_FIXED, fds[fd_index], offset)
+        except OSError as e:
+            raise errors.error(e.errno, "portal: mmap of a DIRECT run: " + e.strerror) from None
+
+
+def direct_portal(conn, type, prot, length, addr, paddr, portal_cls, mode=0):
+    """portal() for DIRECT and COW (mode: share.type, FAYT_COW_*): see the
+    module's docstring.  A COW view at least on write maps its runs
+    MAP_PRIVATE (FAYT_PORTAL_REPLY_PRIVATE); a strict snapshot's reply
+    lists its own frames."""
+    body = encode_portal_req(type, prot, length, share_type=mode, addr=addr, paddr=paddr)
+    data, fds = conn.call(lib.FAYT_SYS_PORTAL, body)
+    handle, base, reply = None, 0, None
+    try:
+        reply = portal_reply(data)
+        handle, map_length, nframes = reply.handle, reply.map_length, reply.nframes
+        if not reply.flags & lib.FAYT_PORTAL_REPLY_DIRECT:
+            raise errors.error(errno.EPROTO, "portal: malformed DIRECT reply from faytd")
+        at = PORTAL_REPLY.size + PORTAL_REQ_SIZE + 8 * nframes
+        runs = [DIRECT_RUN.unpack_from(data, o) for o in range(at, len(data), DIRECT_RUN.size)]
+        err = ffi.new("int *")
+        base = lib.fayt_map_special(map_length, addr, PROT_NONE, err)
+        if not base:
+            raise errors.error(err[0], "portal: " + {
+                errno.EEXIST: "morphology.addr %#x is already mapped" % addr}.get(
+                    err[0], "mmap failed: " + os.strerror(err[0])))
+        _map_runs(base, runs, fds, prot, _MAP_PRIVATE if reply.flags
+                  & lib.FAYT_PORTAL_REPLY_PRIVATE else _MAP_SHARED)
+        if nframes:
+            paddr = struct.unpack_from("<%dQ" % nframes, data, at - 8 * nframes)
+        if _madvise(base, map_length, _MADV_DONTFORK):
+            e = ctypes.get_errno()
+            raise errors.error(e, "portal: madvise(MADV_DONTFORK): " + os.strerror(e))
+    except BaseException:
+        if base:
+            lib.fayt_unmap(base, reply.map_length)
+        if handle is not None:
+            try:
+                conn.call(lib.FAYT_SYS_UNMAP, HANDLE_REQ.pack(handle))
+            except OSError:
+                pass
+        raise
+    finally:
+        for fd in fds:
+            os.close(fd)
+    return portal_cls(conn, reply, addr=base, paddr=tuple(paddr), type=type, prot=prot)
+
+
+def grant(mapping, to=0, prot=None, *, category=None, revoke=False):
+    """Make `mapping` (an ANON Portal, or a SharePoint this process owns)
+    DMA-able: DIRECT portals of context `to` (its context id), or of every
+    context of `category` (lp.CATEGORY_DRIVER...), may map its frames, up to
+    `prot` (default: the mapping's).  revoke: take that grant back (DIRECT
+    mappings already made stay).  The grant lasts while `mapping` does."""
+    mapping._check()
+    if prot is None:
+        prot = mapping.prot
+    kind = lib.FAYT_GRANT_CATEGORY if category is not None else lib.FAYT_GRANT_CONTEXT
+    who = category if category is not None else to
+    mapping.connection.call(lib.FAYT_SYS_GRANT, GRANT_REQ.pack(
+        mapping.handle, kind, who, prot, lib.FAYT_GRANT_REVOKE if revoke else 0))
+
+
+def physical(view):
+    """The physical address of each page of `view`, a COW portal at least on
+    write.  A page it has written is a private page of this process (found
+    in /proc/self/pagemap: present or swapped, and not a file page); faytd
+    gives it a frame of its own the first time it is asked (COW_PADDR), and
+    a strict snapshot of that frame copies the page from this process.  The
+    other pages keep the source's frames.  Writes are never trapped: ask
+    again after more writes."""
+    view._check()
+    n = view.map_length // 4096
+    with open("/proc/self/pagemap", "rb") as f:
+        f.seek(view.addr // 4096 * 8)
+        entries = struct.unpack("<%dQ" % n, f.read(8 * n))
+    written = [i for i, e in enumerate(entries) if e >> 62 & 3 and not e >> 61 & 1]
+    out = list(view.paddr)
+    if written:
+        data, fds = view.connection.call(lib.FAYT_SYS_COW_PADDR, COW_PADDR_REQ.pack(
+            view.handle, view.addr, len(written), 0) + struct.pack("<%dI" % len(written),
+                                                                   *written))
+        for fd in fds:
+            os.close(fd)
+        for i, pa in zip(written, struct.unpack("<%dQ" % len(written), data)):
+            out[i] = pa
+    return out
