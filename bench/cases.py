@@ -172,7 +172,11 @@ def _pin(i):
 
 
 def _mp_worker(lock, name, n, ready, go, out, i):
+    """lock: a multiprocessing.Lock, or the name of a posix_ipc.Semaphore."""
     _pin(i)
+    sem = posix_ipc.Semaphore(lock) if isinstance(lock, str) else None
+    if sem is not None:
+        lock = sem
     shm = shared_memory.SharedMemory(name=name)
     mv = shm.buf.cast("q")
     a, r = lock.acquire, lock.release
@@ -185,6 +189,8 @@ def _mp_worker(lock, name, n, ready, go, out, i):
     out.put(time.perf_counter())
     mv.release()
     shm.close()
+    if sem is not None:
+        sem.close()
 
 
 def _run_ours(code, name, n, nprocs=2):
@@ -203,18 +209,18 @@ def _run_ours(code, name, n, nprocs=2):
     return nprocs * n / (max(ends) - t0)
 
 
-def _run_mp(n, nprocs=2, worker=None):
-    """nprocs processes (spawned) count to n each under multiprocessing.Lock
-    (worker None) or a named posix_ipc.Semaphore (worker _sem_worker); ops/s."""
+def _run_mp(n, nprocs=2, semaphore=False):
+    """nprocs processes (spawned) count to n each under multiprocessing.Lock,
+    or a named posix_ipc.Semaphore; ops/s."""
     ctx = multiprocessing.get_context("spawn")
     shm = shared_memory.SharedMemory(create=True, size=4096)
     sem = None
     try:
         lock, ready, go, out = ctx.Lock(), ctx.Semaphore(0), ctx.Event(), ctx.Queue()
-        if worker is not None:
+        if semaphore:
             sem = posix_ipc.Semaphore(None, posix_ipc.O_CREX, initial_value=1)
             lock = sem.name
-        procs = [ctx.Process(target=worker or _mp_worker,
+        procs = [ctx.Process(target=_mp_worker,
                              args=(lock, shm.name, n, ready, go, out, i))
                  for i in range(nprocs)]
         for p in procs:
@@ -234,26 +240,8 @@ def _run_mp(n, nprocs=2, worker=None):
             sem.unlink()
             sem.close()
     assert total == nprocs * n, "lost updates under %s" % (
-        "posix_ipc.Semaphore" if worker else "multiprocessing.Lock")
+        "posix_ipc.Semaphore" if semaphore else "multiprocessing.Lock")
     return nprocs * n / (max(ends) - t0)
-
-
-def _sem_worker(sem_name, name, n, ready, go, out, i):
-    _pin(i)
-    sem = posix_ipc.Semaphore(sem_name)
-    shm = shared_memory.SharedMemory(name=name)
-    mv = shm.buf.cast("q")
-    a, r = sem.acquire, sem.release
-    ready.release()
-    go.wait()
-    for _ in range(n):
-        a()
-        mv[0] += 1
-        r()
-    out.put(time.perf_counter())
-    mv.release()
-    shm.close()
-    sem.close()
 
 
 # -- N processes incrementing a shared counter (--procs) -----------------------
@@ -285,7 +273,7 @@ def case_contention(d, scale):
                 sp.destroy()
             assert got == k * per, "lost updates under the share-point lock"
             mp.append(_run_mp(per, k))
-            sem.append(_run_mp(per, k, _sem_worker))
+            sem.append(_run_mp(per, k, semaphore=True))
         o = max(ours)
         for peer, v in (("multiprocessing.Lock", max(mp)), ("posix_ipc.Semaphore", max(sem))):
             rows.append({"name": "%d process%s, locked counter" % (k, "" if k == 1 else "es"),

@@ -15,6 +15,7 @@ from .native import core, lib as clib
 
 from .context import Context, ContextTable, Quotas
 from .cow import Cow
+from .discovery import Published
 from .direct import Direct, DirectBacking
 from .frames import (PAGE, BackingObject, FrameAllocator, KernelError, keeper_objects,
                      release_objects, run_tag, start_keeper, start_time)
@@ -96,6 +97,7 @@ class Kernel:
         self.sharepoints.on_destroy.append(self.notifications.sharepoint_destroyed)
         self.pager = Pager(self)
         self.direct = Direct(self)
+        self.published = Published(self)
         self.cow = Cow(self)
         self.contexts = ContextTable()
         self._rechecks = {}         # sp id -> [sp, dead pid, delay]: see _recover_one
@@ -277,6 +279,7 @@ class Kernel:
         of its process does.  Else forget it."""
         ctx.connected = False
         clib.fayt_fast_conn_gone(self.fast, ctx.fast)   # it creates nothing any more
+        self.published.context_gone(ctx)                # nobody finds it any more
         watch = ctx.alive and ctx.pidfd >= 0
         records, ignored = ctx.mapped_lock_records(self.sharepoints)
         if watch and records:
@@ -310,6 +313,7 @@ class Kernel:
         self.notifications.context_gone(ctx)
         self.pager.context_gone(ctx)
         self.direct.context_gone(ctx)
+        self.published.context_gone(ctx)
         if self.journal is not None:
             self.journal.context_gone(ctx)
         ctx.close_page()

@@ -233,13 +233,14 @@ class SharePoints:
         return v
 
     @staticmethod
-    def resolve(ctx, identifier, create):
+    def resolve(ctx, identifier, create, field=b"share.identifier"):
         """The Name an identifier ctx sent resolves to, to create or attach
         (names.c); KernelError EINVAL (a malformed "uid:" form) or EPERM
-        (another uid's namespace, a shared name its category may not use)."""
+        (another uid's namespace, a shared name its category may not use),
+        its message naming field."""
         ref = cffi.new("struct fayt_name_ref *")
         msg = cffi.new("char[]", 512)
-        err = clib.fayt_name_resolve(core, ctx.fast, b"share.identifier", identifier,
+        err = clib.fayt_name_resolve(core, ctx.fast, field, identifier,
                                      len(identifier), clib.FAYT_NAME_CREATE if create
                                      else clib.FAYT_NAME_ATTACH, ref, msg, 512)
         if err:

@@ -28,7 +28,7 @@
  * a client of another version (EPROTO, both versions named) and the client
  * refuses a faytd of another.  0 is the protocol before versions, whose
  * HELLO had no body and whose reply held 0 where wire_abi is now. */
-#define FAYT_WIRE_ABI  2
+#define FAYT_WIRE_ABI  3
 
 /* Operations.  Never reuse a retired number. */
 #define FAYT_SYS_HELLO          1   /* body fayt_hello_req: register the context;
@@ -63,6 +63,11 @@
 #define FAYT_SYS_GRANT          37  /* body fayt_grant_req; reply empty */
 #define FAYT_SYS_COW_PADDR      38  /* body fayt_cow_paddr_req + uint32_t page[npages];
                                        reply uint64_t paddr[npages] */
+/* Discovery by name (docs/discovery.md). */
+#define FAYT_SYS_PUBLISH        39  /* body fayt_publish_req + the name (no NUL): publish this
+                                       context under the name, or withdraw it; reply empty */
+#define FAYT_SYS_LOOKUP         40  /* body: the name (no NUL); reply: JSON {"context", "pid",
+                                       "uid", "category", "name", "namespace"} */
 
 /* fayt_req_hdr.flags */
 #define FAYT_REQ_NOREPLY 0x1        /* UNMAP, UNMAP_DESTROY: do not answer unless it fails */
@@ -176,6 +181,12 @@ struct fayt_grant_req {
     uint32_t to;
     int32_t prot;          /* at most the mapping's prot */
     uint32_t flags;        /* FAYT_GRANT_REVOKE */
+} __attribute__((packed));
+
+#define FAYT_PUBLISH_WITHDRAW 0x1
+struct fayt_publish_req {
+    uint32_t flags;        /* FAYT_PUBLISH_WITHDRAW: take the name back */
+    uint32_t reserved;     /* 0 */
 } __attribute__((packed));
 
 struct fayt_notify_install {
