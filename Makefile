@@ -20,7 +20,7 @@ SOURCES := setup.py pyproject.toml libportal/_build.py libportal/_versions.py \
            $(wildcard libportal/include/fayt/*.h) $(wildcard libportal/include/fayt/common/*.h) \
            faytd/_build.py $(wildcard faytd/core/*.c) $(wildcard faytd/core/*.h)
 
-.PHONY: all demo test deps venv sdist sdist-check clean
+.PHONY: all demo test docs deps venv sdist sdist-check clean
 
 all: test
 
@@ -36,6 +36,11 @@ test: $(STAMP)
 	fi
 
 venv: $(STAMP)
+
+# docs/api.md from the public API's docstrings; fails on a public name
+# without a docstring or a readable signature (tools/apidoc.py).
+docs: $(STAMP)
+	$(PY) tools/apidoc.py
 
 $(STAMP): $(SOURCES)
 	@$(MAKE) --no-print-directory deps

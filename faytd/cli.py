@@ -5,6 +5,11 @@
                                         shared ones, docs/names.md)
     fayt [--socket PATH] ps [--json]    the contexts, and faytd's RAM frames
     fayt [--socket PATH] stats [--json] which path served each call, and more counts
+    fayt [--socket PATH] rm NAME...     destroy share-points (their owner's or a core
+                                        server's right, as faytd checks it)
+    fayt [--socket PATH] kill [-s SIG] CONTEXT...
+                                        signal the processes of contexts (fayt's own
+                                        uid's, unless it runs as root)
 
 It is an ordinary client: it connects like a server does (so it shows up in
 `fayt ps` itself, as "this fayt") and asks with the FAYT_SYS_LIST_SHARE,
@@ -141,6 +146,85 @@ def cmd_stats(args):
     return 0
 
 
+def cmd_rm(args):
+    """Each share-point by identifier: attached (PROT_NONE), then destroyed;
+    faytd decides whether this caller may (the owner, or a core server)."""
+    conn = libportal.Connection(args.socket)
+    failed = 0
+    try:
+        for name in args.names:
+            try:
+                sp = libportal.portal(libportal.SHARE | libportal.ANON, libportal.PROT_NONE,
+                                      identifier=name, connection=conn)
+                try:
+                    sp.destroy()
+                except BaseException:
+                    if sp.mapped:
+                        sp.unmap()
+                    raise
+            except libportal.PortalError as e:
+                sys.stderr.write("fayt: rm %s: %s\n" % (name, e.strerror or e))
+                failed = 1
+    finally:
+        conn.close()
+    return failed
+
+
+def cmd_kill(args):
+    """Signal each context's process, found by faytd's record of its pid.
+    The pid is pinned with a pidfd and checked again against faytd's list,
+    so a pid reused since is not signalled; the signal goes with fayt's own
+    privileges (os.kill's rules: its own uid's processes, or any as root)."""
+    import signal as _signal
+    try:
+        sig = int(args.signal) if args.signal.isdigit() else \
+            _signal.Signals["SIG" + args.signal.upper().removeprefix("SIG")]
+    except KeyError:
+        sys.stderr.write("fayt: kill: %s is not a signal\n" % args.signal)
+        return 2
+    conn = libportal.Connection(args.socket)
+    failed = 0
+    try:
+        for cid in args.contexts:
+            pid = _live_pid(conn, cid)
+            if pid is None:
+                sys.stderr.write("fayt: kill %d: no context %d with a live process\n"
+                                 % (cid, cid))
+                failed = 1
+                continue
+            if pid == os.getpid():
+                sys.stderr.write("fayt: kill %d: that is this fayt\n" % cid)
+                failed = 1
+                continue
+            try:
+                fd = os.pidfd_open(pid)
+            except OSError as e:
+                sys.stderr.write("fayt: kill %d: pid %d: %s\n" % (cid, pid, e.strerror))
+                failed = 1
+                continue
+            try:
+                if _live_pid(conn, cid) != pid:     # gone (and its pid maybe reused) meanwhile
+                    sys.stderr.write("fayt: kill %d: its process exited\n" % cid)
+                    failed = 1
+                    continue
+                _signal.pidfd_send_signal(fd, sig)
+            except OSError as e:
+                sys.stderr.write("fayt: kill %d: pid %d: %s\n" % (cid, pid, e.strerror))
+                failed = 1
+            finally:
+                os.close(fd)
+    finally:
+        conn.close()
+    return failed
+
+
+def _live_pid(conn, cid):
+    for c in conn.list_contexts()["contexts"]:
+        if c["id"] == cid:
+            return c["pid"] if c.get("alive", True) else None
+    return None
+
+
 def parser():
     common = argparse.ArgumentParser(add_help=False)
     # SUPPRESS: --socket given before the command is not reset by the subparser.
@@ -162,6 +246,17 @@ def parser():
                         help="which path served each call; faults, contexts, frames")
     st.add_argument("--json", action="store_true", help="print faytd's JSON reply")
     st.set_defaults(func=cmd_stats)
+    rm = sub.add_parser("rm", parents=[common], help="destroy share-points by identifier")
+    rm.add_argument("names", nargs="+", metavar="NAME",
+                    help="an identifier as fayt ls shows it (uid:<uid>/<name> for another "
+                    "uid's, core only)")
+    rm.set_defaults(func=cmd_rm)
+    kl = sub.add_parser("kill", parents=[common], help="signal the processes of contexts")
+    kl.add_argument("-s", "--signal", default="TERM",
+                    help="signal name or number (default TERM)")
+    kl.add_argument("contexts", nargs="+", type=int, metavar="CONTEXT",
+                    help="a context id as fayt ps shows it")
+    kl.set_defaults(func=cmd_kill)
     return ap
 
 

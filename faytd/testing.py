@@ -95,6 +95,7 @@ class Process:
                 return line
 
     def send(self, line=""):
+        """Write line and a newline to its stdin."""
         self.proc.stdin.write((line + "\n").encode())
         self.proc.stdin.flush()
 
@@ -159,6 +160,7 @@ class Server(Process):
 
     @property
     def context(self):
+        """Its context id in faytd (waits until it registered: wait_registered)."""
         if self._context is None:
             self.wait_registered()
         return self._context
@@ -249,6 +251,8 @@ class SessionDaemon:
         libportal.set_default(None)
 
     def stop(self):
+        """FAYT_SOCKET as it was, libportal's default connection dropped, faytd
+        stopped; what faytd logged."""
         import libportal
         libportal.set_default(None)
         if self._old is None:

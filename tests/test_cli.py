@@ -173,3 +173,33 @@ def test_cli_console_script_fayt_is_installed(faytd):
                        timeout=60)
     assert r.returncode == 0, r.stderr
     assert r.stdout.split()[:2] == ["ID", "PID"]
+
+
+def test_cli_rm_destroys_share_points_and_says_what_it_could_not(faytd):
+    import libportal as lp
+    c = lp.Connection(faytd.socket)
+    try:
+        names = ["cli-rm-%s-%d" % (uuid.uuid4().hex[:6], i) for i in range(2)]
+        for n in names:
+            lp.share_create(n, 4096, connection=c).unmap()      # left in the table, owner alive
+        r = fayt("rm", names[0], names[1], "cli-rm-none", env=faytd.env())
+        assert r.returncode == 1
+        assert r.stderr == "fayt: rm cli-rm-none: share.identifier: no share-point 'cli-rm-none'\n"
+        left = {s["identifier"] for s in list_share(faytd)}
+        assert not left & set(names)
+    finally:
+        c.close()
+
+
+def test_cli_kill_signals_a_contexts_process(faytd, holder):
+    p, name = holder
+    ctx = [c for c in json.loads(fayt("ps", "--json", env=faytd.env()).stdout)["contexts"]
+           if c["pid"] == p.pid][0]["id"]
+    r = fayt("kill", "-s", "KILL", str(ctx), env=faytd.env())
+    assert r.returncode == 0, r.stderr
+    assert p.wait(timeout=30) == -9
+    r = fayt("kill", "999999", env=faytd.env())
+    assert r.returncode == 1
+    assert r.stderr == "fayt: kill 999999: no context 999999 with a live process\n"
+    r = fayt("kill", "-s", "NOSUCH", "1", env=faytd.env())
+    assert r.returncode == 2 and "NOSUCH is not a signal" in r.stderr
