@@ -17,7 +17,7 @@ STAMP  := $(VENV)/.fayt-installed
 TESTS  ?= tests
 SOURCES := setup.py pyproject.toml libportal/_build.py libportal/_versions.py \
            $(wildcard libportal/src/*.c) $(wildcard libportal/src/*.h) \
-           $(wildcard libportal/include/fayt/*.h) \
+           $(wildcard libportal/include/fayt/*.h) $(wildcard libportal/include/fayt/common/*.h) \
            faytd/_build.py $(wildcard faytd/core/*.c) $(wildcard faytd/core/*.h)
 
 .PHONY: all demo test docs deps venv sdist sdist-check clean

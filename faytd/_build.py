@@ -3,8 +3,10 @@
 API mode: cffi compiles faytd/core/core.h's declarations (read with
 libportal's cdef_text, the one reader of the headers) against the real
 header, so that a field that drifts fails the build.  The .c files include
-libportal/include/fayt/*.h for the layouts they share with clients; no
-client loads this module.
+libportal/include/fayt/*.h for the layouts they share with clients, and
+fayt/common/*.h for the C helpers they share with libportal's C (futexes,
+deadlines, userfaultfd, SCM_RIGHTS); nothing of libportal/src.  No client
+loads this module.
 """
 import importlib.util
 import os
@@ -24,7 +26,7 @@ cdef_text = _lpbuild.cdef_text
 CORE = os.path.join(HERE, "core")
 SOURCES = [os.path.join("faytd", "core", f) for f in
            ("core.c", "frames.c", "keeper.c", "names.c", "table.c", "journal.c", "decode.c",
-            "serve.c", "timers.c", "fault.c")]
+            "serve.c", "timers.c", "sigbus.c", "fault.c")]
 
 ffibuilder = FFI()
 ffibuilder.cdef("struct fayt_core_priv;\nstruct fayt_faults;\nstruct fayt_faults_priv;\n"
@@ -34,8 +36,7 @@ ffibuilder.set_source(
     "faytd._core",
     '#include "core.h"\n#include "fault.h"\n',
     sources=SOURCES,
-    include_dirs=[CORE, os.path.join(ROOT, "libportal", "include"),
-                  os.path.join(ROOT, "libportal", "src")],
+    include_dirs=[CORE, os.path.join(ROOT, "libportal", "include")],
     extra_compile_args=["-O2", "-Wall"],
     libraries=["pthread"],
 )

@@ -10,12 +10,12 @@ import sys
 
 import libportal
 
-from libportal._abi import lib
 from libportal.syscall import default_socket_path
 
 from . import config, logs
 from .dirs import secure_dir
 from .kernel import Kernel
+from .native import lib as clib
 from .server import Server
 
 
@@ -56,8 +56,8 @@ def main(argv=None):
     secure_dir(os.path.dirname(os.path.abspath(cfg["socket"])), "socket directory")
     cfg["state_dir"] = secure_dir(cfg["state_dir"], "state directory")
     # A client that truncates an object faytd maps must not kill faytd with
-    # SIGBUS (lock.h: fayt_sigbus_guard); the restart's adoption maps too.
-    err = lib.fayt_sigbus_guard()
+    # SIGBUS (faytd/core/sigbus.c); the restart's adoption maps too.
+    err = clib.fayt_sigbus_guard()
     if err:
         raise SystemExit("faytd: cannot install its SIGBUS handler: %s" % os.strerror(err))
     try:

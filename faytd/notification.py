@@ -62,7 +62,7 @@ import logging
 import os
 import signal
 
-from libportal._abi import ffi, lib
+from libportal._abi import ffi, lib, _fastpath
 
 from .context import Mapping, ObjectMap
 from .frames import BackingObject, KernelError, PAGE, pages
@@ -183,16 +183,18 @@ class Ring:
             self.backlog.clear()
             self.marks.clear()
             return False
-        pos = ffi.new("uint32_t *")
+        # libportal's binding of fayt_ring_post (it never waits: NOWAIT);
+        # made here, for this retry, since the hint may go before the ring.
+        port = _fastpath.SenderRing(self.map.addr, sender=lib.FAYT_SENDER_KERNEL, pidfd=-1,
+                                    signo=DOORBELL,
+                                    hint=int(ffi.cast("uintptr_t", self.hint.word)))
         while self.backlog:
             item = self.backlog[0]
             if isinstance(item, Lost):
                 i, p = item.index, item.payload()
             else:
                 i, p = item
-            r = lib.fayt_ring_post(self.ptr, i, lib.FAYT_NOTIFY_NOWAIT | lib.FAYT_NOTIFY_IMMEDIATE,
-                                   lib.FAYT_SENDER_KERNEL, p, len(p), 0,
-                                   -1, DOORBELL, pos, self.hint.word)
+            r = port.post(i, p, lib.FAYT_NOTIFY_IMMEDIATE)
             if r == lib.FAYT_RING_POSTED_RING:
                 if self.target.notify_armed:    # our record, not the ring's `armed`
                     doorbell(self.target)

@@ -80,7 +80,7 @@ class Server:
         if spin is None:            # only where the client can run meanwhile
             spin = DEFAULT_LOOP_SPIN_US if (os.cpu_count() or 1) > 1 else 0
         self.spin_s = spin / 1e6
-        self._sigbus_seen = lib.fayt_sigbus_count()     # guard installed by main()
+        self._sigbus_seen = clib.fayt_sigbus_count()     # guard installed by main()
         self._serving = set()          # connections inside catch_up (see there)
         self._later = {}                # fd -> event catch_up took from epoll for the loop
         self._read_one = False          # _on_client read a request ...
@@ -247,7 +247,7 @@ class Server:
             self._check_sigbus(kind, fd)
 
     def _check_sigbus(self, kind, fd):
-        n = lib.fayt_sigbus_count()
+        n = clib.fayt_sigbus_count()
         if n != self._sigbus_seen:
             log.warning("%d page(s) of shared objects were cut off under faytd (a client "
                         "truncated an object it was given); faytd reads zeros there now "

@@ -133,7 +133,7 @@ class SharePoint:
         afresh if faytd's SIGBUS guard replaced any page since it was made
         (a client truncated an object: this mapping may be a private copy
         now).  KernelError EIO if the object is shorter than a page."""
-        count = lib.fayt_sigbus_count()
+        count = clib.fayt_sigbus_count()
         if self._meta_map is not None and self._meta_count != count:
             self.close_meta()
         if self._meta_map is None:

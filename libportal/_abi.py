@@ -12,7 +12,7 @@ from ._fayt_cffi import ffi, lib
 from . import _fastpath
 from ._versions import CFFI_ABI
 
-FASTPATH_ABI = 5        # libportal/src/fastpath.h's FASTPATH_ABI
+FASTPATH_ABI = 6        # libportal/src/fastpath.h's FASTPATH_ABI
 
 if lib.fayt_cffi_abi() != CFFI_ABI or _fastpath.ABI_VERSION != FASTPATH_ABI:
     raise ImportError("libportal's compiled modules do not match its Python code: "
@@ -86,6 +86,18 @@ DIRECT_RUN = struct_of("struct fayt_direct_run")      # fd, pages, at, offset
 GRANT_REQ = struct_of("struct fayt_grant_req")        # handle, kind, to, prot, flags
 PUBLISH_REQ = struct_of("struct fayt_publish_req")    # flags, reserved; then the name
 COW_PADDR_REQ = struct_of("struct fayt_cow_paddr_req")  # handle, base, npages, reserved
+# A fayt_portal_reply by name (made in C by _fastpath.Transport; by
+# portal_reply() where Python reads one from a reply's body).
+PortalReply = _fastpath.PortalReply
+Reply = _fastpath.Reply
+assert PortalReply.n_fields == len(PORTAL_REPLY.unpack(bytes(PORTAL_REPLY.size)))
+
+
+def portal_reply(body):
+    """The fayt_portal_reply at the start of a PORTAL reply's body."""
+    return PortalReply(PORTAL_REPLY.unpack_from(body))
+
+
 PORTAL_REQ_SIZE = ffi.sizeof("struct portal_req")
 # type, prot, length, share.identifier, share.type, share.create,
 # sp_req_chain.name, sp_req_chain.message, morphology.addr, morphology.length

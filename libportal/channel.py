@@ -3,11 +3,13 @@ fast path of notify() for one target.
 
 The facts this relies on, and what follows:
 - A sender posts into its own ring (rings.py) with one C call
-  (fayt_ring_post), bumps the target's pending hint, and rings the doorbell
-  itself through a pidfd when the kernel lets it, else asks faytd to
-  (another uid: FAYT_SYS_NOTIFY_RING).
-- With the return flag it sleeps in C (fayt_ring_wait_return) until the
-  handler's notification_ret; without it, notify() returns once posted.
+  (fayt_ring_post, through the ring's _fastpath.SenderRing), bumps the
+  target's pending hint, and rings the doorbell itself through a pidfd
+  when the kernel lets it, else asks faytd to (another uid:
+  FAYT_SYS_NOTIFY_RING).
+- With the return flag it sleeps in C (fayt_ring_wait_return, the GIL
+  released) until the handler's notification_ret; without it, notify()
+  returns once posted.
 - A wait (for the return, or for space in a full ring) is a dispatch point
   of this context: a signal breaks it (EINTR), Python runs the doorbell's
   handler, then the notifications that came meanwhile are dispatched
@@ -23,11 +25,9 @@ import errno
 import os
 
 from . import errors
-from ._abi import ffi, lib, HANDLE_REQ, _fastpath
-from .rings import IMMEDIATE, RETURN, NOWAIT, SLOTS, PAYLOAD_MAX, DOORBELL, POSTED_RING, \
+from ._abi import lib, HANDLE_REQ
+from .rings import IMMEDIATE, RETURN, NOWAIT, SLOTS, PAYLOAD_MAX, POSTED_RING, \
     NO_HANDLER, Ring, wait_ns as _ns, deadline_of as _deadline
-
-_post = _fastpath.notify_post
 
 
 class Sender:
@@ -55,19 +55,14 @@ class Sender:
         r = self.rings.get(target)
         if r is None or not r.addr:
             r = self.open(target)
-        pos = ffi.new("uint32_t *")
         me = self.conn.context_id
         while True:
-            try:
-                e = lib.fayt_ring_post(r.ptr, index, flags | (NOWAIT if target == me else 0),
-                                       me, payload, len(payload), _ns(deadline), r.pidfd,
-                                       DOORBELL, pos, r.hint_ptr)
-            except TypeError:
-                raise _payload_type(payload) from None
+            e, pos = r.port.post_waiting(index, payload, flags | (NOWAIT if target == me else 0),
+                                         _ns(deadline))
             if e == 0:
                 break
             if e == POSTED_RING:
-                self.ring_via_faytd(target, r, pos[0], flags)
+                self.ring_via_faytd(target, r, pos, flags)
                 break
             if e == errno.EINTR:
                 self._interrupted()
@@ -82,7 +77,7 @@ class Sender:
             return None
         if target == me:
             self.rt.dispatch()      # the handler runs here, now
-        return self.wait_return(r, target, index, pos[0], deadline)
+        return self.wait_return(r, target, index, pos, deadline)
 
     def ring_via_faytd(self, target, r=None, pos=0, flags=0):
         """The entry is posted; this process may not signal the target
@@ -96,20 +91,18 @@ class Sender:
             if r is not None and r.addr:
                 r.header.rung = 0       # not outstanding: the next post tries again
             if flags & RETURN and r is not None and r.addr:
-                lib.fayt_ring_wait_return(r.ptr, pos, 0, ffi.new("int64_t *"),
-                                          ffi.new("int32_t *"))
+                r.port.wait_return(pos, 0)      # abandoned: the target frees it
             raise errors.error(e.errno, "notify: the notification to context %d is posted "
                                "but its doorbell was not rung: %s" % (target, e.strerror)) \
                 from None
 
     def wait_return(self, r, target, index, pos, deadline):
-        res, st = ffi.new("int64_t *"), ffi.new("int32_t *")
         while True:
-            e = lib.fayt_ring_wait_return(r.ptr, pos, _ns(deadline), res, st)
+            e, result, status = r.port.wait_return(pos, _ns(deadline))
             if e == 0:
-                if st[0]:
-                    raise _handler_failed(index, target, st[0])
-                return res[0]
+                if status:
+                    raise _handler_failed(index, target, status)
+                return result
             if e == errno.EINTR:
                 self._interrupted()
                 continue
@@ -206,9 +199,6 @@ class Channel:
         self.sender, self.target = sender, target
         self.ring = sender.open(target)
         self._me = sender.conn.context_id
-        self._pos = ffi.new("uint32_t *")
-        self._res = ffi.new("int64_t *")
-        self._st = ffi.new("int32_t *")
 
     def send(self, index, payload=b"", immediate=False, timeout=None):
         """A notification without the return flag (deferred unless immediate)."""
@@ -216,7 +206,7 @@ class Channel:
         if timeout is not None:
             errors.check_timeout(timeout)
         if self.target != self._me:
-            e = _post(r.addr, index, flags, self._me, payload, r.pidfd, DOORBELL, r.hint)
+            e = r.port.post(index, payload, flags)
             if not e:
                 return None
             if e == POSTED_RING:
@@ -231,26 +221,21 @@ class Channel:
         e = -2
         if r.addr and self.target != self._me:
             try:
-                e = lib.fayt_ring_post(r.ptr, index, flags | NOWAIT, self._me, payload,
-                                       len(payload), 0, r.pidfd, DOORBELL, self._pos,
-                                       r.hint_ptr)
+                e, pos = r.port.post_waiting(index, payload, flags | NOWAIT, 0)
             except (OverflowError, TypeError):   # index < 0, payload no bytes: notify() says so
                 e = -2
             if e == POSTED_RING:
-                self.sender.ring_via_faytd(self.target, r, self._pos[0], flags)
+                self.sender.ring_via_faytd(self.target, r, pos, flags)
                 e = 0
         if not e:
-            e = lib.fayt_ring_wait_return(r.ptr, self._pos[0], _ns(deadline), self._res,
-                                          self._st)
+            e, result, status = r.port.wait_return(pos, _ns(deadline))
             if e == 0:
-                if self._st[0]:
-                    raise _handler_failed(index, self.target, self._st[0])
-                return self._res[0]
+                if status:
+                    raise _handler_failed(index, self.target, status)
+                return result
             if e != errno.EINTR:
                 self.sender._fail(r, self.target, index, e)
             self.sender._interrupted()
-            return self.sender.wait_return(r, self.target, index, self._pos[0], deadline)
+            return self.sender.wait_return(r, self.target, index, pos, deadline)
         self.ring = self.sender.open(self.target) if not r.addr else r
         return self.sender.notify(self.target, index, payload, flags, timeout)
-
-

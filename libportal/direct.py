@@ -19,7 +19,8 @@ import os
 import struct
 
 from . import errors
-from ._abi import ffi, lib, COW_PADDR_REQ, DIRECT_RUN, GRANT_REQ, HANDLE_REQ, PORTAL_REPLY, PORTAL_REQ_SIZE
+from ._abi import (ffi, lib, COW_PADDR_REQ, DIRECT_RUN, GRANT_REQ, HANDLE_REQ, PORTAL_REPLY,
+                   PORTAL_REQ_SIZE, portal_reply)
 from .portal_req import encode_portal_req, PROT_NONE
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -63,9 +64,9 @@ def direct_portal(conn, type, prot, length, addr, paddr, portal_cls, mode=0):
     data, fds = conn.call(lib.FAYT_SYS_PORTAL, body)
     handle, base, reply = None, 0, None
     try:
-        reply = PORTAL_REPLY.unpack_from(data)
-        handle, map_length, nframes = reply[0], reply[1], reply[4]
-        if not reply[6] & lib.FAYT_PORTAL_REPLY_DIRECT:
+        reply = portal_reply(data)
+        handle, map_length, nframes = reply.handle, reply.map_length, reply.nframes
+        if not reply.flags & lib.FAYT_PORTAL_REPLY_DIRECT:
             raise errors.error(errno.EPROTO, "portal: malformed DIRECT reply from faytd")
         at = PORTAL_REPLY.size + PORTAL_REQ_SIZE + 8 * nframes
         runs = [DIRECT_RUN.unpack_from(data, o) for o in range(at, len(data), DIRECT_RUN.size)]
@@ -75,7 +76,7 @@ def direct_portal(conn, type, prot, length, addr, paddr, portal_cls, mode=0):
             raise errors.error(err[0], "portal: " + {
                 errno.EEXIST: "morphology.addr %#x is already mapped" % addr}.get(
                     err[0], "mmap failed: " + os.strerror(err[0])))
-        _map_runs(base, runs, fds, prot, _MAP_PRIVATE if reply[6]
+        _map_runs(base, runs, fds, prot, _MAP_PRIVATE if reply.flags
                   & lib.FAYT_PORTAL_REPLY_PRIVATE else _MAP_SHARED)
         if nframes:
             paddr = struct.unpack_from("<%dQ" % nframes, data, at - 8 * nframes)
@@ -84,7 +85,7 @@ def direct_portal(conn, type, prot, length, addr, paddr, portal_cls, mode=0):
             raise errors.error(e, "portal: madvise(MADV_DONTFORK): " + os.strerror(e))
     except BaseException:
         if base:
-            lib.fayt_unmap(base, reply[1])
+            lib.fayt_unmap(base, reply.map_length)
         if handle is not None:
             try:
                 conn.call(lib.FAYT_SYS_UNMAP, HANDLE_REQ.pack(handle))
@@ -94,7 +95,7 @@ def direct_portal(conn, type, prot, length, addr, paddr, portal_cls, mode=0):
     finally:
         for fd in fds:
             os.close(fd)
-    return portal_cls(conn, reply, None, tuple(paddr), base, type, prot)
+    return portal_cls(conn, reply, addr=base, paddr=tuple(paddr), type=type, prot=prot)
 
 
 def grant(mapping, to=0, prot=None, *, category=None, revoke=False):

@@ -29,13 +29,15 @@ _NOREPLY = lib.FAYT_REQ_NOREPLY
 class Mapping:
     """What every mapped portal has: faytd's handle, the mapping, its frames."""
 
-    def _setup(self, conn, reply, req, paddr, addr, type):
-        self.handle, self.map_length, flags = reply[0], reply[1], reply[6]
+    def _setup(self, conn, reply, addr, paddr, type):
+        """reply: the fayt_portal_reply (a _fastpath.PortalReply); the
+        object is mapped at addr; paddr: its frames' physical addresses."""
+        self.handle, self.map_length = reply.handle, reply.map_length
         self.connection = conn
         self.type = type
         self.addr = addr
         self.paddr = tuple(paddr)
-        self.created = bool(flags & lib.FAYT_PORTAL_REPLY_CREATED)
+        self.created = bool(reply.flags & lib.FAYT_PORTAL_REPLY_CREATED)
         conn._mappings[id(self)] = _ref(self)
 
     def _check(self):

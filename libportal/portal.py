@@ -46,8 +46,10 @@ class Portal(Mapping):
     """A mapped ANON portal: .addr, .length, .paddr (one physical address per
     frame), .buf (a memoryview of the region), unmap()."""
 
-    def __init__(self, conn, reply, req, paddr, addr, type, prot):
-        self._setup(conn, reply, req, paddr, addr, type)
+    def __init__(self, conn, reply, *, addr, paddr, type, prot):
+        """reply: the fayt_portal_reply (a _fastpath.PortalReply); its
+        object is mapped at addr; paddr: its frames' physical addresses."""
+        self._setup(conn, reply, addr, paddr, type)
         self.prot = prot
         self.length = self.map_length
         self.mapped = True
@@ -91,18 +93,18 @@ class SharePoint(_fastpath.SharePointCore, Mapping):
     only an explicit lock() takes it, so nobody uses inconsistent data unaware.
     """
 
-    def __init__(self, conn, reply, req, paddr, addr, type, identifier):
+    def __init__(self, conn, reply, type, identifier):
+        """reply: the PORTAL call's _fastpath.Reply (its object mapped)."""
         # Mapping._setup, inline: this runs on every create and attach.
-        handle, map_length, data_offset, sp_id, _, prot, flags = reply
-        _core_init(self, addr, data_offset, map_length - data_offset, prot, sp_id,
-                   conn.context_page)
-        self.handle = handle
-        self.map_length = map_length
+        _core_init(self, reply, conn.context_page)
+        p = reply.portal
+        self.handle = p.handle
+        self.map_length = p.map_length
         self.connection = conn
         self.type = type
-        self.addr = addr
-        self.paddr = paddr if paddr.__class__ is tuple else tuple(paddr)
-        self.created = bool(flags & _REPLY_CREATED)
+        self.addr = reply.addr
+        self.paddr = reply.paddr
+        self.created = bool(p.flags & _REPLY_CREATED)
         self.identifier = identifier
         conn._mappings[id(self)] = _ref(self)
 
@@ -197,7 +199,8 @@ def portal(type, prot=PROT_RW, length=0, *, identifier=None, create=False,
     if isinstance(identifier, str):
         identifier = identifier.encode("utf-8")
     if type & SPECIAL:      # its userfaultfd goes with the call
-        return special_portal(conn, type, prot, length, chain, message, addr, identifier, create)
+        return special_portal(conn, type, prot=prot, length=length, chain=chain,
+                              message=message, addr=addr, identifier=identifier, create=create)
     if type == DIRECT or type == COW:      # one fd per object its frames are in
         return direct_portal(conn, type, prot, length, addr, paddr, Portal, share_type)
     is_share = bool(type & SHARE)
@@ -209,25 +212,28 @@ def portal(type, prot=PROT_RW, length=0, *, identifier=None, create=False,
             req = _pack_req(type, prot, length, 1, share_type, create, 0, 0, addr,
                             length if length > 0 else 0) + identifier + b"\0"
         except (_struct_error, OverflowError):
-            req = encode_portal_req(type, prot, length, identifier, share_type, create,
-                                    chain, message, addr, paddr)    # raises, naming the field
+            req = encode_portal_req(type, prot, length, identifier=identifier,
+                                    share_type=share_type, create=create, addr=addr)
+            # (that raises, naming the field)
     else:
-        req = encode_portal_req(type, prot, length, identifier, share_type, create,
-                                chain, message, addr, paddr)
+        req = encode_portal_req(type, prot, length, identifier=identifier, share_type=share_type,
+                                create=create, chain=chain, message=message, addr=addr,
+                                paddr=paddr)
     # The reply is read, its object mapped (MADV_DONTFORK) and its fd closed
     # in one C call, the GIL held: no fork() of another thread inherits the fd.
-    body, (mapped, err, reply, paddr_out) = conn.call_portal(req, addr, prot, is_share)
-    if not mapped:
-        created = reply[6] & lib.FAYT_PORTAL_REPLY_CREATED
+    reply = conn.call_portal(req, addr, prot, is_share)
+    if not reply.addr:
+        p = reply.portal
+        created = p.flags & lib.FAYT_PORTAL_REPLY_CREATED
         conn.call(lib.FAYT_SYS_UNMAP_DESTROY if created else lib.FAYT_SYS_UNMAP,
-                  HANDLE_REQ.pack(reply[0]))
-        e = err
+                  HANDLE_REQ.pack(p.handle))
+        e = reply.map_err
         what = {errno.EEXIST: "morphology.addr %#x is already mapped" % addr,
                 errno.EINVAL: "morphology.addr %#x is not page-aligned" % addr}
         raise errors.error(e, "portal: " + what.get(e, "mmap failed: " + os.strerror(e)))
     if is_share:
-        return SharePoint(conn, reply, None, paddr_out, mapped, type, identifier)
-    return Portal(conn, reply, None, paddr_out, mapped, type, prot)
+        return SharePoint(conn, reply, type, identifier)
+    return Portal(conn, reply.portal, addr=reply.addr, paddr=reply.paddr, type=type, prot=prot)
 
 
 def _mapped_inode(addr):

@@ -28,9 +28,11 @@ PROT_RW = PROT_READ | PROT_WRITE
 PAGE_SIZE = lib.FAYT_PAGE_SIZE
 
 
-def encode_portal_req(type, prot, length, identifier=None, share_type=0, create=0,
+def encode_portal_req(type, prot, length, *, identifier=None, share_type=0, create=0,
                       chain=None, message=None, addr=0, paddr=()):
-    """The wire body of a portal() request (see include/fayt/syscall.h).
+    """The wire body of a portal() request (see include/fayt/syscall.h):
+    type, prot, length, then the rest by name (share.identifier, .type,
+    .create; sp_req_chain.name and .message; morphology.addr; paddr[]).
     InvalidArgument (EINVAL) names a field its C type cannot hold."""
     try:
         return _encode_portal_req(type, prot, length, identifier, share_type, create, chain,

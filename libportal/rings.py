@@ -5,7 +5,8 @@ The facts this relies on, and what follows:
   target, made by faytd once per pair: the sender gets it from
   FAYT_SYS_NOTIFY_OPEN (Ring.open), the target from FAYT_SYS_NOTIFY_FETCH
   (Ring.fetch).  Posting, waiting for a return and returning are C calls
-  on it (src/ring.c): faytd is not involved once the ring exists.
+  on it (src/ring.c; a sender's through its _fastpath.SenderRing,
+  Ring.port): faytd is not involved once the ring exists.
 - A ring is written by both sides, so neither trusts the other's words.
   The ids kept here (sender, target, target_pid) are faytd's record from
   its reply, never the ring's header.  The sender's C checks every word it
@@ -26,7 +27,8 @@ import signal
 import time
 
 from . import errors
-from ._abi import ffi, lib, HANDLE_REQ, LIST_REQ, NOTIFY_OPEN, RING_REPLY, STACK_REQ, STACK_REPLY
+from ._abi import (ffi, lib, HANDLE_REQ, LIST_REQ, NOTIFY_OPEN, RING_REPLY, STACK_REQ,
+                   STACK_REPLY, _fastpath)
 
 IMMEDIATE = lib.FAYT_NOTIFY_IMMEDIATE
 RETURN = lib.FAYT_NOTIFY_RETURN
@@ -72,12 +74,13 @@ class Ring:
     target's (with its read position, tail)."""
 
     __slots__ = ("id", "sender", "target", "target_pid", "addr", "length", "ptr", "pidfd",
-                 "gone", "hint", "hint_ptr", "tail")
+                 "gone", "hint", "port", "tail")
 
     def __init__(self, reply, fd, hint_fd=-1):
         # faytd's reply: the ids here are its record, not the ring's words.
         self.id, self.sender, self.target, self.target_pid, self.length = reply
-        self.hint, self.hint_ptr = 0, ffi.NULL
+        self.hint = 0
+        self.port = None        # a sender's: _fastpath.SenderRing, once open() set it up
         self.tail = None        # a target's: its consumer position (never the header's)
         try:
             self.addr = map_object(fd, self.length)
@@ -94,7 +97,6 @@ class Ring:
             except BaseException:
                 self.close()
                 raise
-            self.hint_ptr = ffi.cast("uint32_t *", self.hint)
 
     @classmethod
     def open(cls, conn, target):
@@ -115,6 +117,10 @@ class Ring:
             if r.pidfd >= 0:
                 os.close(r.pidfd)
             r.pidfd = -1
+        # The sender's end (post, wait for the return): what every post
+        # into this ring passes, given once.
+        r.port = _fastpath.SenderRing(r.addr, sender=conn.context_id, pidfd=r.pidfd,
+                                      signo=DOORBELL, hint=r.hint)
         return r
 
     @classmethod
@@ -145,6 +151,8 @@ class Ring:
         return ffi.cast("struct fayt_ring_header *", self.addr)
 
     def close(self):
+        if self.port is not None:
+            self.port.close()       # before the unmap: its calls answer EBADF from here
         if self.pidfd >= 0:
             os.close(self.pidfd)
             self.pidfd = -1
@@ -153,7 +161,7 @@ class Ring:
             self.addr, self.ptr = 0, ffi.NULL
         if self.hint:
             lib.fayt_unmap(self.hint, lib.FAYT_HINT_BYTES)
-            self.hint, self.hint_ptr = 0, ffi.NULL
+            self.hint = 0
 
 
 class Stack:

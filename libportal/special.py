@@ -57,7 +57,7 @@ import os
 import socket
 
 from . import errors
-from ._abi import (ffi, lib, HANDLE_REQ, PORTAL_REPLY, CHAIN_JOIN as JOIN_REQ,
+from ._abi import (ffi, lib, HANDLE_REQ, portal_reply, CHAIN_JOIN as JOIN_REQ,
                    CHAIN_JOIN_REPLY as JOIN_REPLY, CHAIN_LEAVE as LEAVE_REQ,
                    CHAIN_BACK as BACK_REQ, CHAIN_BACK_REPLY as BACK_REPLY,
                    PAGE_REQUEST as PAGE_REQ, PAGE_REQUEST_HEAD as PAGE_REQ_HEAD, _fastpath)
@@ -114,15 +114,18 @@ class SpecialPortal(Mapping):
     it faults pages in with the GIL held), read(off, n) / readinto(off, buf)
     / write(off, data) (C copies, GIL released), unmap()."""
 
-    def __init__(self, conn, reply, addr, type, prot, uffd, caps, chain, message):
-        self._setup(conn, reply, None, (), addr, type)
+    def __init__(self, conn, reply, addr, type, *, prot, uffd, caps, chain, message):
+        """reply: the fayt_portal_reply (a _fastpath.PortalReply); the range
+        is mapped at addr and registered with the userfaultfd uffd (caps:
+        what it supports)."""
+        self._setup(conn, reply, addr, (), type)
         self.prot = prot
         self.length = self.map_length
-        self.region_id = reply[3]
+        self.region_id = reply.sp_id
         self.chain = chain
         self.message = message
         self.user_mode_only = bool(caps & lib.FAYT_UFFD_USER_MODE)
-        self.backed = bool(reply[6] & lib.FAYT_PORTAL_REPLY_BACKED)
+        self.backed = bool(reply.flags & lib.FAYT_PORTAL_REPLY_BACKED)
         self.write_protect = bool(caps & lib.FAYT_UFFD_WP) and not self.backed
         self._uffd = uffd
         self.mapped = True
@@ -191,7 +194,7 @@ class SpecialPortal(Mapping):
             self.unmap()
 
 
-def special_portal(conn, type, prot, length, chain, message, addr, identifier=None,
+def special_portal(conn, type, *, prot, length, chain, message, addr, identifier=None,
                    create=False):
     """portal() for SPECIAL and SPECIAL|SHARE: see the module's docstring.
 
@@ -224,9 +227,10 @@ def special_portal(conn, type, prot, length, chain, message, addr, identifier=No
             if e:
                 raise errors.error(e, "SPECIAL: UFFDIO_REGISTER: " + os.strerror(e))
         body, fds = _call_fds(conn, lib.FAYT_SYS_PORTAL, encode_portal_req(
-            type, prot, length, identifier, 0, 1 if create else 0, chain, message, base), [uffd])
-        reply = PORTAL_REPLY.unpack_from(body)
-        handle = reply[0]
+            type, prot, length, identifier=identifier, create=1 if create else 0, chain=chain,
+            message=message, addr=base), [uffd])
+        reply = portal_reply(body)
+        handle = reply.handle
         try:
             if share:
                 if len(fds) != 1:
@@ -237,7 +241,7 @@ def special_portal(conn, type, prot, length, chain, message, addr, identifier=No
                 e = lib.fayt_uffd_register(uffd, base, size, 0)
                 if e:
                     raise errors.error(e, "SPECIAL: UFFDIO_REGISTER: " + os.strerror(e))
-            elif reply[6] & lib.FAYT_PORTAL_REPLY_BACKED:
+            elif reply.flags & lib.FAYT_PORTAL_REPLY_BACKED:
                 _map_backing(fds, uffd, base, size, prot)
             elif fds:
                 raise errors.error(errno.EPROTO, "portal: faytd sent an fd for a SPECIAL "
@@ -266,9 +270,9 @@ def special_portal(conn, type, prot, length, chain, message, addr, identifier=No
         raise
     if isinstance(chain, bytes):
         chain = chain.decode()
-    sp = SpecialPortal(conn, reply, base, type, prot, uffd, caps, chain, message)
+    sp = SpecialPortal(conn, reply, base, type, prot=prot, uffd=uffd, caps=caps, chain=chain,
+                       message=message)
     sp.identifier = identifier
-    sp.created = bool(reply[6] & lib.FAYT_PORTAL_REPLY_CREATED)
     return sp
 
 

@@ -15,7 +15,9 @@ flight per connection; a lock serialises threads.
 After fork() the child must not speak on its parent's connection: the default
 connection is dropped in the child and a new one is made on first use.
 
-The send and the wait for the reply are one C call (_fastpath.call): it
+The send and the wait for the reply are one C call (_fastpath.Transport,
+made once per connection with its socket and spin; its reply a
+_fastpath.Reply, read by field name): it
 spins a little for the reply before it sleeps, because faytd answers most
 calls within microseconds while a sleeping caller costs a wake-up, which on
 a virtual machine is worth several round trips.  $FAYT_CALL_SPIN_NS sets
@@ -32,11 +34,11 @@ import weakref
 
 from . import errors
 from ._abi import (ffi, lib, REQ_HDR, HANDLE_REQ, HELLO_REQ, HELLO_REPLY, LIST_REQ,
-                   PORTAL_REPLY, _fastpath)
+                   portal_reply, _fastpath)
 
 _MAX_FDS = 8
 CALL_SPIN_NS = 200000
-_call_c = _fastpath.call
+_Transport = _fastpath.Transport
 _get_ident = threading.get_ident
 _pack_req = REQ_HDR.pack
 _REQ_MAGIC = lib.FAYT_REQ_MAGIC
@@ -62,7 +64,8 @@ def default_socket_path():
     return "/tmp/fayt-%d/faytd.sock" % os.getuid()
 
 
-_CRED = struct.Struct("3i")        # struct ucred: pid, uid, gid (SO_PEERCRED)
+_CRED = struct.Struct("3i")
+_NO_REPLY = _fastpath.Reply((b"", (), 0, 0, 0, None, 0, 0, None))  # a FAYT_REQ_NOREPLY call's        # struct ucred: pid, uid, gid (SO_PEERCRED)
 
 
 def _faytd_uids(faytd_uid):
@@ -127,6 +130,7 @@ class Connection:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         self._fd = self.sock.fileno()
         self._spin = _spin_ns()
+        self._transport = _Transport(self._fd, spin_ns=self._spin, max_fds=_MAX_FDS)
         try:
             self.sock.connect(self.path)
         except OSError as e:
@@ -178,20 +182,21 @@ class Connection:
     def call(self, op, body=b"", flags=0, send_fds=()):
         """Send one request (with send_fds as SCM_RIGHTS, for the calls in
         faytd's TAKES_FDS); return (reply body, [fds]) or raise its errno."""
-        return self._dispatching_call(op, body, flags, send_fds, None)
+        reply = self._dispatching_call(op, body, flags, send_fds, None)
+        return reply.body, reply.fds
 
     def call_portal(self, body, addr, prot, share):
         """A PORTAL call whose granted object is mapped (at addr, or anywhere)
         and its fd closed in the same C call that reads the reply, the GIL
         held throughout, so that no fork() can inherit the fd (faytd may give
         this context the object again: see docs/design.md, "How faytd answers fast").
-        Returns (reply body, mapped): mapped is (address or 0, 0 or mmap's
-        errno, the fayt_portal_reply tuple, the physical addresses)."""
-        body, got = self._dispatching_call(lib.FAYT_SYS_PORTAL, body, 0, (), (addr, prot, share))
-        if not isinstance(got, tuple):      # the reply did not carry one object
-            _close_fds(got)
+        Returns the _fastpath.Reply: .portal (the fayt_portal_reply, by
+        name), .addr (0 if mmap failed: .map_err says why), .paddr."""
+        reply = self._dispatching_call(lib.FAYT_SYS_PORTAL, body, 0, (), (addr, prot, share))
+        if reply.portal is None:            # the reply did not carry one object
+            _close_fds(reply.fds)
             raise errors.error(errno.EPROTO, "portal: malformed reply from faytd")
-        return body, got
+        return reply
 
     def _dispatching_call(self, op, body, flags, send_fds, portal):
         if self._pid != _pid:           # made before a fork(): see _after_fork_child
@@ -222,23 +227,23 @@ class Connection:
                 tid = _thread_ids.tid = threading.get_native_id()
             msg = _pack_req(_REQ_MAGIC, op, flags, seq, tid)
             noreply = flags & lib.FAYT_REQ_NOREPLY
-            expect = (seq, portal)
+            t = self._transport
             try:
-                got = _call_c(self._fd, msg + body if body else msg, send_fds or None,
-                              not noreply, self._spin, _MAX_FDS, expect)
                 if noreply:
+                    t.send(msg + body if body else msg, send_fds or None)
                     self._unanswered.add(seq)
-                    return b"", []
-                while True:
-                    data, fds, mapped, rop, rseq, err = got     # header checked in C
+                    return _NO_REPLY
+                got = t.call(msg + body if body else msg, seq, send_fds or None, portal)
+                while True:             # its header was checked in C
+                    rseq = got.seq
                     if rseq != seq and rseq in self._unanswered:
-                        self._late_failure(rop, rseq, err, data)
+                        self._late_failure(got.op, rseq, got.err, got.body)
                     elif rseq != seq and rseq in self._abandoned:
                         self._abandoned.discard(rseq)
-                        self._give_back(rop, err, data)
+                        self._give_back(got.op, got.err, got.body)
                     else:
                         break
-                    got = _call_c(self._fd, None, None, True, self._spin, _MAX_FDS, expect)
+                    got = t.next_reply(seq, portal)
             except errors.PortalError:
                 raise                   # faytd's reply did not follow the protocol (EPROTO)
             except OSError as e:
@@ -259,13 +264,13 @@ class Connection:
                 self._caller = None
             self._unanswered.clear()    # faytd answers in order: the rest succeeded
             self._abandoned.clear()
-        if rseq != seq or rop != op:
-            _close_fds(fds)
+        if rseq != seq or got.op != op:
+            _close_fds(got.fds)
             raise errors.error(errno.EPROTO, "reply out of step with the request")
-        if err:
-            _close_fds(fds)
-            raise errors.error(err, data.decode("utf-8", "replace"))
-        return data, fds if mapped is None else mapped
+        if got.err:
+            _close_fds(got.fds)
+            raise errors.error(got.err, got.body.decode("utf-8", "replace"))
+        return got
 
     def _header(self, op, flags):
         """(seq, header) of this connection's next request, from this thread."""
@@ -283,13 +288,13 @@ class Connection:
         if op != lib.FAYT_SYS_PORTAL or err:
             return
         try:
-            reply = PORTAL_REPLY.unpack_from(data)
+            reply = portal_reply(data)
         except Exception:
             return
-        undo = (lib.FAYT_SYS_UNMAP_DESTROY if reply[6] & lib.FAYT_PORTAL_REPLY_CREATED
+        undo = (lib.FAYT_SYS_UNMAP_DESTROY if reply.flags & lib.FAYT_PORTAL_REPLY_CREATED
                 else lib.FAYT_SYS_UNMAP)
         seq, msg = self._header(undo, lib.FAYT_REQ_NOREPLY)
-        _call_c(self._fd, msg + HANDLE_REQ.pack(reply[0]), None, False, 0, _MAX_FDS, (seq, None))
+        self._transport.send(msg + HANDLE_REQ.pack(reply.handle))
         self._unanswered.add(seq)
 
     def _lost(self):

@@ -35,7 +35,7 @@ import pytest
 
 import libportal
 from libportal._abi import (ffi, lib, REQ_HDR, REP_HDR, HANDLE_REQ, HELLO_REQ,
-                            LIST_REQ, PORTAL_REPLY, PORTAL_REQ_SIZE, CHAIN_JOIN)
+                            LIST_REQ, PORTAL_REQ_SIZE, CHAIN_JOIN, portal_reply)
 from libportal.portal import encode_portal_req
 from support.daemon import Faytd, poll_equal
 from support.procs import CTX
@@ -688,7 +688,7 @@ def test_badinput_request_before_hello(daemon):
         assert rep.err == errno.EALREADY
         rep = r.call(lib.FAYT_SYS_PORTAL, body)
         assert rep.err == 0
-        (handle,) = PORTAL_REPLY.unpack_from(rep.body)[:1]
+        handle = portal_reply(rep.body).handle
         assert r.call(lib.FAYT_SYS_UNMAP, HANDLE_REQ.pack(handle)).err == 0
 
 
@@ -701,7 +701,7 @@ def test_badinput_header_flags_unknown_bits(daemon):
         for flags in (0x2, 0x80, 0x8000, 0xffff):
             rep = r.call(lib.FAYT_SYS_PORTAL, encode_portal_req(ANON, RW, PAGE), flags=flags)
             if rep.err == 0:                            # clean up what was made
-                (handle,) = PORTAL_REPLY.unpack_from(rep.body)[:1]
+                handle = portal_reply(rep.body).handle
                 assert r.call(lib.FAYT_SYS_UNMAP, HANDLE_REQ.pack(handle)).err == 0
             got[hex(flags)] = (errno.errorcode.get(rep.err, rep.err),
                                "flags" in rep.message if rep.err else "portal made")
@@ -717,7 +717,7 @@ def test_badinput_noreply_flag(daemon):
     with Raw(daemon.socket) as r:
         rep = r.call(lib.FAYT_SYS_PORTAL, encode_portal_req(ANON, RW, PAGE))
         assert rep.err == 0
-        (handle,) = PORTAL_REPLY.unpack_from(rep.body)[:1]
+        handle = portal_reply(rep.body).handle
         r.send(lib.FAYT_SYS_UNMAP, HANDLE_REQ.pack(handle), flags=lib.FAYT_REQ_NOREPLY)
         seq = r.send(lib.FAYT_SYS_LIST_SHARE)
         first = r.recv()
@@ -808,7 +808,7 @@ def test_badinput_oversized_message(daemon):
         body += b"\0" * (lib.FAYT_MSG_MAX - REQ_HDR.size - len(body))
         rep = r.call(lib.FAYT_SYS_PORTAL, body)
         assert rep.err == 0
-        (handle,) = PORTAL_REPLY.unpack_from(rep.body)[:1]
+        handle = portal_reply(rep.body).handle
         assert r.call(lib.FAYT_SYS_UNMAP, HANDLE_REQ.pack(handle)).err == 0
     _check_bystander(c, sp)
 
@@ -1062,7 +1062,8 @@ def test_badinput_fuzz_portal_bodies(private):
                                                   rep.message, body.hex())
             if rep.err == 0:
                 assert rep.nfds in (1, 2)       # 2: a split share-point
-                handle, _, _, _, _, _, flags = PORTAL_REPLY.unpack_from(rep.body)
+                p = portal_reply(rep.body)
+                handle, flags = p.handle, p.flags
                 op = (lib.FAYT_SYS_UNMAP_DESTROY if flags & lib.FAYT_PORTAL_REPLY_CREATED
                       else lib.FAYT_SYS_UNMAP)
                 assert r.call(op, HANDLE_REQ.pack(handle)).err == 0

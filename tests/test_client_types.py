@@ -2,15 +2,25 @@
 them: dir(), help(), inspect.signature and repr work on each, and the module
 keeps its state per module object (multi-phase init), not in the process.
 """
+import ctypes
+import errno
+import glob
 import importlib.util
+import mmap
 import inspect
+import os
 import pydoc
 import re
+import runpy
 import types
 
 import pytest
 
 from libportal import _fastpath
+from libportal._abi import ffi, lib, HANDLE_REQ
+from libportal.portal_req import encode_portal_req
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 from test_sharepoint import names  # noqa: F401
 
 SHAREPOINT_SIGNATURES = {
@@ -25,9 +35,7 @@ SHAREPOINT_SIGNATURES = {
 }
 
 MODULE_SIGNATURES = {
-    "call": "(fd, msg, fds, want_reply, spin_ns, max_fds, expect, /)",
     "set_error_factory": "(factory, /)",
-    "notify_post": "(ring, index, flags, sender, payload, pidfd, signo, hint, /)",
     "dispatch_step": "(dispatcher, stack_rec, result, status, /)",
     "hint_register": "(word, page, hook, /)",
     "hint_unregister": "(word, /)",
@@ -53,8 +61,7 @@ def test_sharepoint_methods_have_signatures(lp, names):
     try:
         for name, sig in SHAREPOINT_SIGNATURES.items():
             assert str(inspect.signature(getattr(sp, name))) == sig, name
-        assert str(inspect.signature(_fastpath.SharePointCore)) == \
-            "(base, data_offset, length, prot, sp_id, context)"
+        assert str(inspect.signature(_fastpath.SharePointCore)) == "(reply, context)"
         assert str(inspect.signature(_fastpath.SharePointCore.read)) == "(self, offset, size, /)"
     finally:
         sp.destroy()
@@ -107,6 +114,82 @@ def test_region_dir_signature_and_repr(lp):
         p.unmap()
 
 
+TYPE_SIGNATURES = {
+    "SenderRing": ("(ring, *, sender, pidfd=-1, signo=0, hint=0)", {
+        "post": "(index, payload, flags=0, /)",
+        "post_waiting": "(index, payload, flags, timeout_ns, /)",
+        "wait_return": "(pos, timeout_ns, /)",
+        "close": "()"}),
+    "Transport": ("(fd, *, spin_ns=0, max_fds=8)", {
+        "call": "(msg, seq, fds=None, portal=None, /)",
+        "send": "(msg, fds=None, /)",
+        "next_reply": "(seq, portal=None, /)"}),
+}
+
+
+def test_fastpath_types_have_signatures():
+    for name, (sig, methods) in TYPE_SIGNATURES.items():
+        t = getattr(_fastpath, name)
+        assert str(inspect.signature(t)) == sig, name
+        for m, msig in methods.items():
+            assert str(inspect.signature(getattr(t, m))) == "(self, " + msig[1:] \
+                if msig != "()" else "(self, /)", (name, m)
+
+
+def test_portal_reply_has_named_fields(lp, names):
+    """A PORTAL call's reply is read by name: Reply, and its PortalReply."""
+    name = names("reply")
+    sp = lp.share_create(name, 4096)
+    try:
+        conn = sp.connection
+        r = conn.call_portal(encode_portal_req(lp.SHARE | lp.ANON, lp.PROT_RW, 0,
+                                               identifier=name), 0, lp.PROT_RW, True)
+        try:
+            assert type(r) is _fastpath.Reply and type(r.portal) is _fastpath.PortalReply
+            assert r.portal.sp_id == sp.sp_id and r.portal.map_length == 4096
+            assert r.portal.data_offset == sp.data_offset and r.portal.nframes == 1
+            assert r.portal.prot == lp.PROT_RW and r.addr and r.map_err == 0
+            assert r.fds == [] and r.err == 0 and r.op == lib.FAYT_SYS_PORTAL
+            assert len(r.paddr) == 1
+            assert "handle=%d" % r.portal.handle in repr(r.portal)
+        finally:
+            conn.call(lib.FAYT_SYS_UNMAP, HANDLE_REQ.pack(r.portal.handle))
+            lib.fayt_unmap(r.addr, r.portal.map_length)
+    finally:
+        sp.destroy()
+
+
+def test_each_c_function_is_bound_once():
+    """One binding per C function: what _fastpath binds (FASTPATH_BINDS) and
+    what only C calls (C_ONLY) are left out of the cffi module, every
+    function the cffi module binds is called from Python, and each of
+    FASTPATH_BINDS is called in _fastpath's sources."""
+    build = runpy.run_path(os.path.join(ROOT, "libportal", "_build.py"))
+    cffi_fns = {n for n in dir(lib) if n.startswith("fayt_") and callable(getattr(lib, n))}
+    assert not cffi_fns & set(build["FASTPATH_BINDS"]), "bound twice"
+    assert not cffi_fns & set(build["C_ONLY"]), "C_ONLY bound by cffi"
+    python = ""
+    for d in ("libportal", "faytd", "bench", "tests", "servers"):
+        for path in glob.glob(os.path.join(ROOT, d, "**", "*.py"), recursive=True):
+            with open(path) as f:
+                python += f.read()
+    unused = sorted(n for n in cffi_fns if not re.search(r"\b%s\(" % n, python))
+    assert not unused, "cffi binds functions no Python calls: %s" % unused
+    c = ""
+    for path in build["FASTPATH_SOURCES"]:
+        if os.path.basename(path) not in ("lock.c", "ring.c"):     # the functions themselves
+            with open(os.path.join(ROOT, path)) as f:
+                c += f.read()
+    for name in build["FASTPATH_BINDS"]:
+        assert re.search(r"\b%s\(" % name, c), name + " is not called by _fastpath"
+    headers = ""
+    for h in build["HEADERS"]:
+        with open(os.path.join(ROOT, "libportal", "include", "fayt", h)) as f:
+            headers += f.read()
+    for name in list(build["FASTPATH_BINDS"]) + list(build["C_ONLY"]):
+        assert re.search(r"\b%s\(" % name, headers), name + " is declared in no header"
+
+
 def test_fastpath_functions_have_signatures():
     for name, sig in MODULE_SIGNATURES.items():
         assert str(inspect.signature(getattr(_fastpath, name))) == sig, name
@@ -140,3 +223,39 @@ def test_fastpath_state_is_the_module_objects(lp):
     assert type(e.value) is OSError and e.value.errno == 22
     with pytest.raises(lp.InvalidArgument):
         _fastpath.hint_register(0, 0, None)
+
+
+def test_sender_ring_posts_by_keyword_and_refuses_after_close():
+    """SenderRing: what every post shares is given once, by keyword; a post
+    takes index, payload and flags; close() makes every call EBADF.  (A
+    ring laid out by fayt_ring_init in private memory: no target, so the
+    post asks for faytd's doorbell, and the return is abandoned.)"""
+    size = lib.fayt_ring_bytes()
+    mem = mmap.mmap(-1, size)
+    addr = ctypes.addressof(ctypes.c_char.from_buffer(mem))
+    try:
+        lib.fayt_ring_init(ffi.cast("void *", addr), 7, 8, os.getpid())
+        ffi.cast("struct fayt_ring_header *", addr).armed = 1     # the target handles it
+        hint = ctypes.c_uint32(0)
+        with pytest.raises(TypeError):
+            _fastpath.SenderRing(addr, 7)               # sender is keyword-only
+        port = _fastpath.SenderRing(addr, sender=7, hint=ctypes.addressof(hint))
+        assert repr(port).startswith("<SenderRing ring=%#x sender=7 pidfd=-1" % addr)
+        assert port.post(3, b"hi") == 0                 # deferred: no doorbell
+        assert hint.value == 1                          # the target's pending hint, bumped
+        # IMMEDIATE rings the doorbell; without a pidfd faytd must ring it.
+        assert port.post(3, b"hi", lib.FAYT_NOTIFY_IMMEDIATE) == lib.FAYT_RING_POSTED_RING
+        e, pos = port.post_waiting(4, b"x", lib.FAYT_NOTIFY_RETURN | lib.FAYT_NOTIFY_NOWAIT, 0)
+        assert e == 0 and pos == 2 and hint.value == 3
+        assert port.wait_return(pos, 0) == (errno.ETIMEDOUT, 0, 0)   # abandoned
+        assert port.post(-1, b"") == errno.EINVAL
+        assert port.post(lib.FAYT_NOTIFICATION_SLOTS, b"") == errno.EINVAL
+        with pytest.raises(TypeError, match="payload: a bytes-like object is required, not int"):
+            port.post(1, 5)
+        port.close()
+        assert port.closed and repr(port).endswith(" closed>")
+        assert port.post(3, b"hi") == errno.EBADF
+        assert port.post_waiting(3, b"hi", 0, -1) == (errno.EBADF, 0)
+        assert port.wait_return(pos, -1)[0] == errno.EBADF
+    finally:
+        mem.close()

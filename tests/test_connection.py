@@ -1,4 +1,4 @@
-"""The client's system call (libportal/syscall.py, _fastpath.call): signal
+"""The client's system call (libportal/syscall.py, _fastpath.Transport): signal
 handlers that run while a call waits.  faytd is stopped (SIGSTOP) so that
 the call is still waiting when the signal comes; nothing here depends on
 how long anything takes, only on what happens before faytd runs again."""

@@ -141,7 +141,7 @@ DRIVER_POLICY = {
 # connection's transport, so nothing of libportal's checks stands between
 # it and faytd; a granted mapping is checked by mapping it with libportal.
 ATTACKER = r"""
-from libportal._abi import lib, PORTAL_REQ, PORTAL_REPLY, HANDLE_REQ, GRANT_REQ
+from libportal._abi import lib, PORTAL_REQ, HANDLE_REQ, GRANT_REQ, portal_reply
 c = lp.Connection(sys.argv[1])
 print(json.dumps([c.context_id, c.category]))
 for line in sys.stdin:
@@ -155,7 +155,7 @@ for line in sys.stdin:
             data, fds = c.call(lib.FAYT_SYS_PORTAL, body)
             for fd in fds:
                 os.close(fd)
-            c.call(lib.FAYT_SYS_UNMAP, HANDLE_REQ.pack(PORTAL_REPLY.unpack_from(data)[0]))
+            c.call(lib.FAYT_SYS_UNMAP, HANDLE_REQ.pack(portal_reply(data).handle))
             print("ok %d" % len(fds))
         elif w[0] == "map":             # map <prot> <paddr,...>
             paddr = [int(x, 0) for x in w[2].split(",")]

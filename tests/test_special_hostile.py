@@ -1,5 +1,5 @@
 """SPECIAL portals against a hostile client: what a local client can do to
-faytd's fault engine (faytd/core/fault.c, libportal/src/uffd_io.h,
+faytd's fault engine (faytd/core/fault.c, libportal/include/fayt/common/uffd_io.h,
 faytd/regions.py) with a userfaultfd it prepares itself.
 
 The Linux facts the attacks use:
@@ -120,7 +120,8 @@ def _portal_with(conn, fd, chain, npages=4):
     base = lib.fayt_map_special(npages * PAGE, 0, lp.PROT_READ, err)
     assert base, os.strerror(err[0])
     return special._call_fds(conn, lib.FAYT_SYS_PORTAL, encode_portal_req(
-        lp.SPECIAL, lp.PROT_READ, npages * PAGE, None, 0, 0, chain.encode(), b"m", base), [fd])
+        lp.SPECIAL, lp.PROT_READ, npages * PAGE, chain=chain.encode(), message=b"m", addr=base),
+        [fd])
 
 
 def _uninitialised_uffd(socket_path, chain, out):

@@ -25,6 +25,7 @@
  * - journal.c: the journal records the C path writes;
  * - decode.c: the one decoder of struct portal_req, for every path;
  * - timers.c: timerfds for faytd's deadlines;
+ * - sigbus.c: the guard against shared objects a client truncates;
  * - fault.c: the fault engine of SPECIAL portals (its own header, fault.h);
  * - serve.c: the request path: fayt_fast_poll (faytd's epoll wait) and
  *   fayt_fast_serve, which read one request, and perform and answer it in
@@ -168,6 +169,20 @@ int fayt_journal_sp_destroyed(struct fayt_core *k, uint32_t sp_id);
 int fayt_timerfd_open(void);
 int fayt_timerfd_arm(int fd, int64_t ns);
 void fayt_timerfd_drain(int fd);
+
+/* -- the SIGBUS guard (sigbus.c) ------------------------------------------ */
+/* Survive a client that truncates a shared object faytd maps (its
+ * context page, a share-point, a chain's channel: ftruncate(2) on the fd it
+ * was given).  faytd's next access to a page past the new end raises
+ * SIGBUS (BUS_ADRERR); the handler puts a private zero page there and the
+ * access goes on, reading zeros, which faytd already treats as any other
+ * untrusted content.  Any other SIGBUS goes to the handler that was there
+ * before (or the default action).  It covers every mapping of the process:
+ * faytd maps only shared objects, and a write into one that tmpfs cannot
+ * back any more (full) is mended the same way, and logged the same way. 
+ * Returns 0 or an errno; fayt_sigbus_count() counts the pages replaced. */
+int fayt_sigbus_guard(void);
+uint64_t fayt_sigbus_count(void);
 
 /* -- backing objects: the keeper and the pool (keeper.c) ------------------ */
 #define FAYT_OBJ_NAME_MAX 96       /* bytes of an object name, NUL included */

@@ -44,9 +44,9 @@
 
 #include "core.h"
 #include "fault.h"
-#include "deadline.h"
-#include "futex.h"
-#include "uffd_io.h"
+#include "fayt/common/deadline.h"
+#include "fayt/common/futex.h"
+#include "fayt/common/uffd_io.h"
 #include "fayt/pager.h"
 #include "fayt/portal.h"
 

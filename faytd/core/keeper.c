@@ -52,7 +52,8 @@
 #include <time.h>
 #include <unistd.h>
 
-#include "deadline.h"
+#include "fayt/common/deadline.h"
+#include "fayt/common/scm.h"
 #include "internal.h"
 
 #define QUEUE_WAKE 16               /* releases waiting that wake the thread */
@@ -165,10 +166,7 @@ static void keeper_main(int lfd, int c) __attribute__((noreturn));
 static void keeper_main(int lfd, int c)
 {
     static uint8_t buf[65536];
-    static union {
-        struct cmsghdr h;
-        char b[CMSG_SPACE(sizeof(int) * BATCH)];
-    } cb;
+    static FAYT_SCM_BUFFER(cb, BATCH);
     for (;;) {
         struct pollfd p[2] = {{c, POLLIN, 0}, {lfd, POLLIN, 0}};
         if (c < 0 && !keeper_reachable(lfd))
@@ -181,8 +179,8 @@ static void keeper_main(int lfd, int c)
             struct msghdr mh = {0};
             mh.msg_iov = &iov;
             mh.msg_iovlen = 1;
-            mh.msg_control = cb.b;
-            mh.msg_controllen = sizeof cb.b;
+            mh.msg_control = cb.buf;
+            mh.msg_controllen = sizeof cb.buf;
             ssize_t r = recvmsg(c, &mh, MSG_CMSG_CLOEXEC);
             if (r < 0 && (errno == EINTR || errno == EAGAIN))
                 continue;
@@ -191,12 +189,8 @@ static void keeper_main(int lfd, int c)
                 c = -1;
                 continue;
             }
-            int got[BATCH], ngot = 0;
-            for (struct cmsghdr *cm = CMSG_FIRSTHDR(&mh); cm; cm = CMSG_NXTHDR(&mh, cm))
-                if (cm->cmsg_level == SOL_SOCKET && cm->cmsg_type == SCM_RIGHTS)
-                    for (size_t i = 0; i < (cm->cmsg_len - CMSG_LEN(0)) / sizeof(int); i++)
-                        if (ngot < BATCH)
-                            memcpy(&got[ngot++], CMSG_DATA(cm) + i * sizeof(int), sizeof(int));
+            int got[BATCH];
+            int ngot = fayt_scm_take(&mh, got, BATCH);
             if (buf[0] == 'A' && r >= 8) {
                 uint32_t want;
                 memcpy(&want, buf + 4, 4);
@@ -466,23 +460,13 @@ static int keeper_add_locked(struct keeper_state *ks, const int *fds, uint32_t n
 {
     if (ks->fd < 0)
         return -ENOTCONN;
-    union {
-        struct cmsghdr h;
-        char b[CMSG_SPACE(sizeof(int) * BATCH)];
-    } cb;
+    FAYT_SCM_BUFFER(cb, BATCH);
     uint32_t hdr[2] = {'A', n};
     struct iovec iov = {hdr, sizeof hdr};
     struct msghdr mh = {0};
     mh.msg_iov = &iov;
     mh.msg_iovlen = 1;
-    memset(&cb, 0, sizeof cb);
-    mh.msg_control = cb.b;
-    mh.msg_controllen = CMSG_SPACE(sizeof(int) * n);
-    struct cmsghdr *c = CMSG_FIRSTHDR(&mh);
-    c->cmsg_level = SOL_SOCKET;
-    c->cmsg_type = SCM_RIGHTS;
-    c->cmsg_len = CMSG_LEN(sizeof(int) * n);
-    memcpy(CMSG_DATA(c), fds, sizeof(int) * n);
+    fayt_scm_put(&mh, cb.buf, fds, (int)n);
     ssize_t r;
     do {
         r = sendmsg(ks->fd, &mh, MSG_NOSIGNAL);

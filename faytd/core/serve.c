@@ -36,7 +36,8 @@
 #include <time.h>
 #include <unistd.h>
 
-#include "deadline.h"
+#include "fayt/common/deadline.h"
+#include "fayt/common/scm.h"
 #include "internal.h"
 #include "fault.h"
 #include "fayt/lock.h"
@@ -48,23 +49,11 @@ static int send_reply(int fd, const void *msg, size_t n, int pass_fd, int pass_f
 {
     struct iovec iov = {(void *)msg, n};
     struct msghdr mh = {0};
-    union {
-        struct cmsghdr h;
-        char buf[CMSG_SPACE(2 * sizeof(int))];
-    } cbuf;
+    FAYT_SCM_BUFFER(cbuf, 2);
     mh.msg_iov = &iov;
     mh.msg_iovlen = 1;
-    if (pass_fd >= 0) {
-        int fds[2] = {pass_fd, pass_fd2}, nf = pass_fd2 >= 0 ? 2 : 1;
-        memset(&cbuf, 0, sizeof cbuf);
-        mh.msg_control = cbuf.buf;
-        mh.msg_controllen = CMSG_SPACE(nf * sizeof(int));
-        struct cmsghdr *c = CMSG_FIRSTHDR(&mh);
-        c->cmsg_level = SOL_SOCKET;
-        c->cmsg_type = SCM_RIGHTS;
-        c->cmsg_len = CMSG_LEN(nf * sizeof(int));
-        memcpy(CMSG_DATA(c), fds, nf * sizeof(int));
-    }
+    int fds[2] = {pass_fd, pass_fd2};
+    fayt_scm_put(&mh, cbuf.buf, fds, pass_fd < 0 ? 0 : pass_fd2 >= 0 ? 2 : 1);
     ssize_t r;
     do {
         r = sendmsg(fd, &mh, MSG_DONTWAIT | MSG_NOSIGNAL);
@@ -252,10 +241,7 @@ static void count_request(struct fayt_core *k, struct fayt_fast_conn *c)
 int fayt_fast_serve(struct fayt_core *k, struct fayt_fast_conn *c, uint8_t *buf,
                     struct fayt_fast_msg *msg, int *noreply_out, int *err)
 {
-    union {
-        struct cmsghdr h;
-        char buf[CMSG_SPACE(sizeof(int) * FAYT_FAST_MAX_FDS)];
-    } cbuf;
+    FAYT_SCM_BUFFER(cbuf, FAYT_FAST_MAX_FDS);
     struct iovec iov = {buf, FAYT_MSG_MAX};
     struct msghdr mh = {0};
     mh.msg_iov = &iov;
@@ -271,20 +257,7 @@ int fayt_fast_serve(struct fayt_core *k, struct fayt_fast_conn *c, uint8_t *buf,
     count_request(k, c);
     msg->len = (int32_t)r;
     msg->mflags = mh.msg_flags;
-    msg->nfds = 0;
-    for (struct cmsghdr *cm = CMSG_FIRSTHDR(&mh); cm; cm = CMSG_NXTHDR(&mh, cm)) {
-        if (cm->cmsg_level != SOL_SOCKET || cm->cmsg_type != SCM_RIGHTS)
-            continue;
-        size_t nf = (cm->cmsg_len - CMSG_LEN(0)) / sizeof(int);
-        for (size_t i = 0; i < nf; i++) {
-            int fd;
-            memcpy(&fd, CMSG_DATA(cm) + i * sizeof(int), sizeof fd);
-            if (msg->nfds < FAYT_FAST_MAX_FDS)
-                msg->fds[msg->nfds++] = fd;
-            else
-                close(fd);
-        }
-    }
+    msg->nfds = fayt_scm_take(&mh, msg->fds, FAYT_FAST_MAX_FDS);
     struct fayt_req_hdr h;
     if (noreply_out)
         *noreply_out = 0;

@@ -6,7 +6,7 @@
 #include <sys/timerfd.h>
 #include <unistd.h>
 
-#include "deadline.h"
+#include "fayt/common/deadline.h"
 #include "internal.h"
 
 int fayt_timerfd_open(void)

@@ -1,5 +1,6 @@
 /* The dispatch point: share-point calls run a runtime's notification
- * handlers; and the per-notification calls of a sender and a target.
+ * handlers; and the target's dispatch step (a sender's calls are
+ * sender.c's).
  *
  * Share-point calls are notification dispatch points (the pending hint,
  * fayt/notification.h).  A runtime with handlers registers its context's
@@ -27,9 +28,10 @@
  * GIL: they are registered, looked at and dispatched with the GIL held;
  * in_hook and seen[] need nothing more.
  *
- * notify_post and dispatch_step: a cffi call with pointer arguments costs a
- * few hundred ns (argument checks, the GIL released and taken back); these
- * take addresses as ints and never sleep, so they keep the GIL.
+ * dispatch_step, the one binding of fayt_dispatch_step: a cffi call with
+ * pointer arguments costs a few hundred ns (argument checks, the GIL
+ * released and taken back); it takes the dispatcher's address as an int and
+ * never sleeps, so it keeps the GIL.
  */
 #include "fastpath.h"
 
@@ -111,46 +113,6 @@ int fp_hints_traverse(struct fp_hints *h, visitproc visit, void *arg)
     for (int i = 0; i < h->n; i++)
         Py_VISIT(h->hook[i]);
     return 0;
-}
-
-/* notify_post(ring, index, flags, sender, payload, pidfd, signo, hint) -> 0,
- * FAYT_RING_POSTED_RING (posted; faytd must ring: pidfd -1) or errno.
- * fayt_ring_post with FAYT_NOTIFY_NOWAIT: never waits (EAGAIN when full);
- * hint: the address of the target's hint word, or 0. */
-static PyObject *notify_post(PyObject *mod, PyObject *const *args, Py_ssize_t n)
-{
-    void *ring, *hint;
-    if (n != 8) {
-        PyErr_SetString(PyExc_TypeError, "notify_post takes 8 arguments");
-        return NULL;
-    }
-    if (fp_addr_arg(args[0], &ring) < 0 || fp_addr_arg(args[7], &hint) < 0)
-        return NULL;
-    long index = PyLong_AsLong(args[1]), flags = PyLong_AsLong(args[2]);
-    long sender = PyLong_AsLong(args[3]), pidfd = PyLong_AsLong(args[5]);
-    long signo = PyLong_AsLong(args[6]);
-    if (PyErr_Occurred())
-        return NULL;
-    if (!ring)
-        return PyLong_FromLong(EBADF);
-    if (index < 0 || flags < 0 || sender < 0)
-        return PyLong_FromLong(EINVAL);
-    Py_buffer b;
-    if (PyObject_GetBuffer(args[4], &b, PyBUF_SIMPLE) < 0) {
-        if (PyErr_ExceptionMatches(PyExc_TypeError)) {
-            PyErr_Clear();
-            PyErr_Format(PyExc_TypeError, "notify: payload: a bytes-like object is required, "
-                         "not %.100s", Py_TYPE(args[4])->tp_name);
-        }
-        return NULL;
-    }
-    uint32_t pos;
-    int r = b.len > FAYT_NOTIFY_PAYLOAD_MAX ? EINVAL
-          : fayt_ring_post(ring, (uint32_t)index, (uint32_t)flags | FAYT_NOTIFY_NOWAIT,
-                           (uint32_t)sender, b.buf, (uint32_t)b.len, 0, (int)pidfd, (int)signo,
-                           &pos, (uint32_t *)hint);
-    PyBuffer_Release(&b);
-    return PyLong_FromLong(r);
 }
 
 /* dispatch_step(dispatcher, stack_rec, result, status) -> (rec, payload, index, sender).
@@ -283,10 +245,6 @@ static PyObject *hint_state(PyObject *mod, PyObject *unused)
 }
 
 PyMethodDef fp_dispatch_functions[] = {
-    {"notify_post", (PyCFunction)(void (*)(void))notify_post, METH_FASTCALL,
-     "notify_post($module, ring, index, flags, sender, payload, pidfd, signo, hint, /)\n--\n\n"
-     "fayt_ring_post, never waiting (FAYT_NOTIFY_NOWAIT): 0, FAYT_RING_POSTED_RING (posted; "
-     "faytd must ring) or an errno.  hint: the address of the target's hint word, or 0."},
     {"dispatch_step", (PyCFunction)(void (*)(void))dispatch_step, METH_FASTCALL,
      "dispatch_step($module, dispatcher, stack_rec, result, status, /)\n--\n\n"
      "fayt_dispatch_step: (rec, payload, index, sender) of the next notification started, "

@@ -8,9 +8,8 @@
  * Module state, not file statics: each interpreter that imports the module
  * gets its own error factory, types and hint registrations (the hooks are
  * that interpreter's objects).  Nothing of this module is process-global.
- * (lock.c and ring.c, linked in for their lock and ring calls, keep two
- * statics of their own: a cache of whether futex_waitv exists, and the
- * SIGBUS guard's previous handler; _fastpath does not use the guard.)
+ * (ring.c, linked in for its ring calls, keeps one static of its own: a
+ * cache of whether futex_waitv exists.)
  */
 #include "fastpath.h"
 
@@ -69,6 +68,16 @@ static PyObject *set_error_factory(PyObject *mod, PyObject *f)
     Py_RETURN_NONE;
 }
 
+/* The dealloc of a heap type whose objects hold no references (Region,
+ * SenderRing, Transport): free it, then drop the reference each instance
+ * of a heap type holds to its type. */
+void fp_plain_dealloc(PyObject *self)
+{
+    PyTypeObject *tp = Py_TYPE(self);
+    tp->tp_free(self);
+    Py_DECREF(tp);
+}
+
 /* -- the module ------------------------------------------------------------ */
 
 fastpath_state *fp_state_of_type(PyTypeObject *type)
@@ -111,19 +120,29 @@ static unsigned long main_thread_ident(void)
     return ident;
 }
 
+/* Keep type (new, or NULL with an exception set) in *slot and add it to
+ * the module: 0, or -1. */
+static int add_type(PyObject *m, PyTypeObject **slot, PyObject *type)
+{
+    *slot = (PyTypeObject *)type;
+    return type && PyModule_AddType(m, *slot) == 0 ? 0 : -1;
+}
+
 static int fastpath_exec(PyObject *m)
 {
     fastpath_state *st = PyModule_GetState(m);
     fp_hints_init(&st->hints);
     st->hints.main_ident = main_thread_ident();
-    st->sharepoint_type = (PyTypeObject *)PyType_FromModuleAndSpec(m, &fp_sharepoint_spec, NULL);
-    if (!st->sharepoint_type || PyModule_AddType(m, st->sharepoint_type) < 0)
-        return -1;
-    st->region_type = (PyTypeObject *)PyType_FromModuleAndSpec(m, &fp_region_spec, NULL);
-    if (!st->region_type || PyModule_AddType(m, st->region_type) < 0)
+    if (add_type(m, &st->sharepoint_type, PyType_FromModuleAndSpec(m, &fp_sharepoint_spec, NULL))
+        || add_type(m, &st->region_type, PyType_FromModuleAndSpec(m, &fp_region_spec, NULL))
+        || add_type(m, &st->sender_type, PyType_FromModuleAndSpec(m, &fp_sender_spec, NULL))
+        || add_type(m, &st->transport_type,
+                    PyType_FromModuleAndSpec(m, &fp_transport_spec, NULL))
+        || add_type(m, &st->reply_type, (PyObject *)PyStructSequence_NewType(&fp_reply_desc))
+        || add_type(m, &st->portal_reply_type,
+                    (PyObject *)PyStructSequence_NewType(&fp_portal_reply_desc)))
         return -1;
     if (PyModule_AddFunctions(m, fp_dispatch_functions) < 0
-        || PyModule_AddFunctions(m, fp_transport_functions) < 0
         || PyModule_AddIntConstant(m, "ABI_VERSION", FASTPATH_ABI) < 0)
         return -1;
     return 0;
@@ -136,6 +155,10 @@ static int fastpath_traverse(PyObject *m, visitproc visit, void *arg)
         return 0;
     Py_VISIT(st->sharepoint_type);
     Py_VISIT(st->region_type);
+    Py_VISIT(st->sender_type);
+    Py_VISIT(st->transport_type);
+    Py_VISIT(st->reply_type);
+    Py_VISIT(st->portal_reply_type);
     Py_VISIT(st->error_factory);
     return fp_hints_traverse(&st->hints, visit, arg);
 }
@@ -147,6 +170,10 @@ static int fastpath_clear(PyObject *m)
         return 0;
     Py_CLEAR(st->sharepoint_type);
     Py_CLEAR(st->region_type);
+    Py_CLEAR(st->sender_type);
+    Py_CLEAR(st->transport_type);
+    Py_CLEAR(st->reply_type);
+    Py_CLEAR(st->portal_reply_type);
     Py_CLEAR(st->error_factory);
     fp_hints_clear(&st->hints);         /* the count first: no dispatch to a cleared hook */
     return 0;

@@ -3,8 +3,9 @@
  *   fastpath.c    the module: its state, multi-phase init, errors
  *   region.c      Region: mapped memory whose memoryviews are counted
  *   sharepoint.c  SharePointCore: the share-point lock and fused access
- *   dispatch.c    the dispatch point (hint_*) and the per-notification calls
- *   transport.c   call(): one system call to faytd, its reply, its mapping
+ *   dispatch.c    the dispatch point (hint_*) and the target's dispatch step
+ *   sender.c      SenderRing: a sender's end of a ring (post, wait for the return)
+ *   transport.c   Transport: one system call to faytd, its Reply, its mapping
  *
  * State lives in the module (fastpath_state), one per interpreter that
  * imports the module; an object that needs it on a hot path keeps a
@@ -28,7 +29,7 @@
 
 #include "fayt/context.h"
 
-#define FASTPATH_ABI 5
+#define FASTPATH_ABI 6
 
 /* PyThread_get_thread_ident() is pthread_self() on Linux; called directly
  * it costs no call into libpython on the lock's hot path. */
@@ -50,6 +51,10 @@ struct fp_hints {
 typedef struct {
     PyTypeObject *sharepoint_type;          /* SharePointCore */
     PyTypeObject *region_type;              /* Region */
+    PyTypeObject *sender_type;              /* SenderRing */
+    PyTypeObject *transport_type;           /* Transport */
+    PyTypeObject *reply_type;               /* Reply: a reply of faytd, by name */
+    PyTypeObject *portal_reply_type;        /* PortalReply: struct fayt_portal_reply */
     PyObject *error_factory;                /* f(errno, message) -> exception, or NULL */
     struct fp_hints hints;
 } fastpath_state;
@@ -68,6 +73,9 @@ PyObject *fp_raise_fmt(fastpath_state *st, int err, const char *fmt, ...);
 
 /* An address passed as an int: 0, or -1 with an exception set. */
 int fp_addr_arg(PyObject *o, void **out);
+
+/* tp_dealloc of a heap type whose objects hold no references. */
+void fp_plain_dealloc(PyObject *self);
 
 /* -- region.c -------------------------------------------------------------- */
 typedef struct {
@@ -88,6 +96,9 @@ PyObject *fp_region_orphan(Region *self, PyObject *args);
 /* -- sharepoint.c ---------------------------------------------------------- */
 extern PyType_Spec fp_sharepoint_spec;
 
+/* -- sender.c -------------------------------------------------------------- */
+extern PyType_Spec fp_sender_spec;
+
 /* -- dispatch.c ------------------------------------------------------------ */
 extern PyMethodDef fp_dispatch_functions[];
 int fp_hint_check(fastpath_state *st);
@@ -105,6 +116,13 @@ int fp_hints_traverse(struct fp_hints *h, visitproc visit, void *arg);
     } while (0)
 
 /* -- transport.c ----------------------------------------------------------- */
-extern PyMethodDef fp_transport_functions[];
+extern PyType_Spec fp_transport_spec;
+extern PyStructSequence_Desc fp_reply_desc;
+extern PyStructSequence_Desc fp_portal_reply_desc;
+/* Field numbers of a Reply and of a PortalReply (transport.c's descs). */
+enum { FP_REPLY_BODY, FP_REPLY_FDS, FP_REPLY_OP, FP_REPLY_SEQ, FP_REPLY_ERR, FP_REPLY_PORTAL,
+       FP_REPLY_ADDR, FP_REPLY_MAP_ERR, FP_REPLY_PADDR };
+enum { FP_PORTAL_HANDLE, FP_PORTAL_MAP_LENGTH, FP_PORTAL_DATA_OFFSET, FP_PORTAL_SP_ID,
+       FP_PORTAL_NFRAMES, FP_PORTAL_PROT, FP_PORTAL_FLAGS };
 
 #endif

@@ -21,8 +21,8 @@
 #include <time.h>
 #include <unistd.h>
 
-#include "deadline.h"
-#include "futex.h"
+#include "fayt/common/deadline.h"
+#include "fayt/common/futex.h"
 #include "fayt/context.h"
 #include "fayt/lock.h"
 #include "fayt/lock_fast.h"
@@ -144,7 +144,7 @@ void fayt_sp_recover(void *base)
 
 int fayt_sp_lock_state(void *base)
 {
-    return __atomic_load_n(lock_byte(base), __ATOMIC_ACQUIRE);
+    return fayt_sp_state(lock_byte(base));
 }
 
 size_t fayt_sp_data_offset(size_t nframes)
@@ -195,44 +195,4 @@ uintptr_t fayt_map_portal(int fd, size_t length, uintptr_t addr, int prot, int *
 int fayt_unmap(uintptr_t addr, size_t length)
 {
     return munmap((void *)addr, length) == 0 ? 0 : errno;
-}
-
-/* -- faytd's guard against truncated shared objects ------------------------ */
-
-static uint64_t sigbus_count;
-static struct sigaction sigbus_prev;    /* what was there before (faulthandler, default) */
-
-static void on_sigbus(int sig, siginfo_t *si, void *uc)
-{
-    int saved = errno;
-    (void)uc;
-    if (si->si_code == BUS_ADRERR) {
-        uintptr_t page = (uintptr_t)si->si_addr & ~(uintptr_t)(FAYT_PAGE_SIZE - 1);
-        void *p = mmap((void *)page, FAYT_PAGE_SIZE, PROT_READ | PROT_WRITE,
-                       MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1, 0);
-        if (p != MAP_FAILED) {
-            __atomic_add_fetch(&sigbus_count, 1, __ATOMIC_RELAXED);
-            errno = saved;
-            return;                     /* the access runs again, on the zero page */
-        }
-    }
-    /* Not ours to mend: the previous handler (or the default action) gets
-     * it when the access runs again. */
-    sigaction(sig, &sigbus_prev, NULL);
-    errno = saved;
-}
-
-int fayt_sigbus_guard(void)
-{
-    struct sigaction sa;
-    memset(&sa, 0, sizeof sa);
-    sa.sa_sigaction = on_sigbus;
-    sa.sa_flags = SA_SIGINFO | SA_RESTART;
-    sigemptyset(&sa.sa_mask);
-    return sigaction(SIGBUS, &sa, &sigbus_prev) ? errno : 0;
-}
-
-uint64_t fayt_sigbus_count(void)
-{
-    return __atomic_load_n(&sigbus_count, __ATOMIC_RELAXED);
 }

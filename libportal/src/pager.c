@@ -22,8 +22,8 @@
 #include <time.h>
 #include <unistd.h>
 
-#include "deadline.h"
-#include "futex.h"
+#include "fayt/common/deadline.h"
+#include "fayt/common/futex.h"
 #include "fayt/pager.h"
 
 #define PAGE 4096ULL

@@ -34,13 +34,6 @@ static int region_init(Region *self, PyObject *args, PyObject *kw)
     return 0;
 }
 
-static void region_dealloc(Region *self)
-{
-    PyTypeObject *tp = Py_TYPE(self);
-    tp->tp_free((PyObject *)self);
-    Py_DECREF(tp);
-}
-
 static int region_getbuffer(Region *self, Py_buffer *view, int flags)
 {
     if (!self->addr || self->unmap_addr) {
@@ -135,7 +128,7 @@ static PyType_Slot region_slots[] = {
                 "Mapped memory whose memoryviews are counted."},
     {Py_tp_new, PyType_GenericNew},
     {Py_tp_init, region_init},
-    {Py_tp_dealloc, region_dealloc},
+    {Py_tp_dealloc, fp_plain_dealloc},
     {Py_tp_repr, region_repr},
     {Py_bf_getbuffer, region_getbuffer},
     {Py_bf_releasebuffer, region_releasebuffer},

@@ -33,8 +33,8 @@
 #include <unistd.h>
 #include <pthread.h>
 
-#include "deadline.h"
-#include "futex.h"
+#include "fayt/common/deadline.h"
+#include "fayt/common/futex.h"
 #include "fayt/context.h"
 #include "fayt/notification.h"
 #include "fayt/ring.h"
@@ -73,6 +73,8 @@ void fayt_ring_init(void *ring, uint32_t sender, uint32_t target, int32_t target
 }
 
 
+/* cffi's binding of fayt/common/futex.h's wake, for faytd's Python (C
+ * calls fayt_futex_wake_n). */
 int fayt_futex_wake(uint32_t *word, int n)
 {
     return fayt_futex_wake_n(word, n);
@@ -89,7 +91,7 @@ static void space_freed(struct fayt_ring_header *h)
     FENCE();   /* pairs with the sender's fence between space_waiters++ and its re-check */
     if (LOAD(&h->space_waiters)) {
         __atomic_fetch_add(&h->space, 1, __ATOMIC_SEQ_CST);
-        fayt_futex_wake(&h->space, INT_MAX);
+        fayt_futex_wake_n(&h->space, INT_MAX);
     }
 }
 
@@ -225,7 +227,7 @@ int fayt_ring_post(void *ring, uint32_t index, uint32_t flags, uint32_t sender,
     if (LOAD(&h->armed)) {
         uint32_t w = __atomic_exchange_n(&h->target_waiting, 0, __ATOMIC_SEQ_CST);
         if (w == 1)
-            fayt_futex_wake(&h->target_waiting, 1);     /* asleep in futex_waitv: no signal */
+            fayt_futex_wake_n(&h->target_waiting, 1);     /* asleep in futex_waitv: no signal */
         else if (w == 2 || (flags & FAYT_NOTIFY_IMMEDIATE))
             rc = ring_doorbell(h, doorbell_fd, signo); /* in sigtimedwait, or running code */
         /* Immediate reschedule: give the CPU away.  With the return flag
@@ -343,7 +345,7 @@ void fayt_ring_return(void *ring, uint32_t pos, int64_t result, int32_t status)
     uint32_t pending = FAYT_DONE_PENDING;
     if (__atomic_compare_exchange_n(&x->done, &pending, FAYT_DONE_RETURNED, 0,
                                     __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) {
-        fayt_futex_wake(&x->done, 1);
+        fayt_futex_wake_n(&x->done, 1);
         return;
     }
     if (pending == FAYT_DONE_ABANDONED) {     /* the sender gave up: we free it */
@@ -367,11 +369,11 @@ void fayt_ring_kill(void *ring, uint32_t state)
             uint32_t pending = FAYT_DONE_PENDING;
             if (__atomic_compare_exchange_n(&e[i].done, &pending, FAYT_DONE_DEAD, 0,
                                             __ATOMIC_SEQ_CST, __ATOMIC_RELAXED))
-                fayt_futex_wake(&e[i].done, INT_MAX);
+                fayt_futex_wake_n(&e[i].done, INT_MAX);
         }
     }
     __atomic_fetch_add(&h->space, 1, __ATOMIC_SEQ_CST);
-    fayt_futex_wake(&h->space, INT_MAX);
+    fayt_futex_wake_n(&h->space, INT_MAX);
 }
 
 int fayt_ring_posted(void *ring)

@@ -29,7 +29,7 @@
 #include <string.h>
 #include <time.h>
 
-#include "deadline.h"
+#include "fayt/common/deadline.h"
 #include "fayt/context.h"
 #include "fayt/lock.h"
 #include "fayt/lock_fast.h"
@@ -72,26 +72,45 @@ static PyObject *core_new(PyTypeObject *type, PyObject *args, PyObject *kw)
     return (PyObject *)self;
 }
 
+/* SharePointCore(reply, context): reply is the Reply of the PORTAL call
+ * that mapped it (transport.c), context the address of the connection's
+ * context page (its robust records), or 0. */
 static int core_init(SharePointCore *self, PyObject *args, PyObject *kw)
 {
-    static char *kwlist[] = {"base", "data_offset", "length", "prot", "sp_id", "context", NULL};
-    unsigned long long base, ctx;
-    Py_ssize_t data_offset, length;
-    int prot;
-    unsigned int sp_id;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "KnniIK", kwlist, &base, &data_offset, &length,
-                                     &prot, &sp_id, &ctx))
+    static char *kwlist[] = {"reply", "context", NULL};
+    PyObject *reply;
+    unsigned long long ctx;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OK", kwlist, &reply, &ctx))
         return -1;
-    if (!base || data_offset < (Py_ssize_t)sizeof(struct fayt_sharepoint_meta) || length < 0) {
+    if (Py_TYPE(reply) != self->st->reply_type
+        || Py_TYPE(PyStructSequence_GET_ITEM(reply, FP_REPLY_PORTAL))
+           != self->st->portal_reply_type) {
+        PyErr_Format(PyExc_TypeError, "reply: the Reply of a PORTAL call that mapped a "
+                     "share-point, not %.100s", Py_TYPE(reply)->tp_name);
+        return -1;
+    }
+    PyObject *pr = PyStructSequence_GET_ITEM(reply, FP_REPLY_PORTAL);
+    unsigned long long base = PyLong_AsUnsignedLongLong(
+        PyStructSequence_GET_ITEM(reply, FP_REPLY_ADDR));
+    Py_ssize_t map_length =
+        PyLong_AsSsize_t(PyStructSequence_GET_ITEM(pr, FP_PORTAL_MAP_LENGTH));
+    Py_ssize_t data_offset =
+        PyLong_AsSsize_t(PyStructSequence_GET_ITEM(pr, FP_PORTAL_DATA_OFFSET));
+    long prot = PyLong_AsLong(PyStructSequence_GET_ITEM(pr, FP_PORTAL_PROT));
+    unsigned long sp_id = PyLong_AsUnsignedLong(PyStructSequence_GET_ITEM(pr, FP_PORTAL_SP_ID));
+    if (PyErr_Occurred())
+        return -1;
+    if (!base || data_offset < (Py_ssize_t)sizeof(struct fayt_sharepoint_meta)
+        || map_length < data_offset) {
         PyErr_SetString(PyExc_ValueError, "bad share-point geometry");
         return -1;
     }
     self->base = (uint8_t *)(uintptr_t)base;
     self->addr = (uintptr_t)base;
     self->data_offset = (size_t)data_offset;
-    self->length = (size_t)length;
-    self->prot = prot;
-    self->sp_id = sp_id;
+    self->length = (size_t)(map_length - data_offset);
+    self->prot = (int)prot;
+    self->sp_id = (uint32_t)sp_id;
     self->ctx = (struct fayt_context_page *)(uintptr_t)ctx;
     self->slot = -1;
     self->holder = 0;
@@ -139,6 +158,20 @@ static int core_clear(SharePointCore *self)
  * this process never race on a slot and plain stores in program order do:
  * faytd reads the page only after the process died, when every store it
  * made is visible. */
+/* Claim slot k for sp_id if it is free: the one place a record is
+ * claimed (rec_claim, and take_at_home's uncontended case).  1 if claimed,
+ * the record PENDING; 0 if the slot is taken. */
+static inline int rec_take(struct fayt_context_page *ctx, unsigned k, uint32_t sp_id)
+{
+    if (ctx->held[k].sp_id != 0)
+        return 0;
+    __atomic_store_n(&ctx->held[k].sp_id, sp_id, __ATOMIC_RELAXED);
+    __atomic_store_n(&ctx->held[k].state, FAYT_HELD_PENDING, __ATOMIC_RELEASE);
+    return 1;
+}
+
+/* A free slot for sp_id, from its home slot on: its index, -1 without a
+ * context page, -2 if every slot is taken. */
 static int rec_claim(struct fayt_context_page *ctx, uint32_t sp_id)
 {
     if (!ctx)
@@ -146,11 +179,8 @@ static int rec_claim(struct fayt_context_page *ctx, uint32_t sp_id)
     unsigned start = sp_id % FAYT_HELD_LOCKS_MAX;
     for (unsigned i = 0; i < FAYT_HELD_LOCKS_MAX; i++) {
         unsigned k = (start + i) % FAYT_HELD_LOCKS_MAX;
-        if (ctx->held[k].sp_id == 0) {
-            __atomic_store_n(&ctx->held[k].sp_id, sp_id, __ATOMIC_RELAXED);
-            __atomic_store_n(&ctx->held[k].state, FAYT_HELD_PENDING, __ATOMIC_RELEASE);
+        if (rec_take(ctx, k, sp_id))
             return (int)k;
-        }
     }
     return -2;
 }
@@ -330,10 +360,8 @@ static inline int take_at_home(SharePointCore *self, unsigned long me, int *r)
     struct fayt_context_page *ctx = self->ctx;
     unsigned k = self->sp_id % FAYT_HELD_LOCKS_MAX;
     int died;
-    if (!ctx || ctx->held[k].sp_id != 0)
+    if (!ctx || !rec_take(ctx, k, self->sp_id))
         return 0;
-    __atomic_store_n(&ctx->held[k].sp_id, self->sp_id, __ATOMIC_RELAXED);
-    __atomic_store_n(&ctx->held[k].state, FAYT_HELD_PENDING, __ATOMIC_RELEASE);
     if (!fayt_sp_take(self->base, FAYT_LOCK_HELD, &died)) {
         rec_clear(ctx, (int)k);
         return 0;
@@ -674,12 +702,12 @@ static PyObject *get_base(SharePointCore *self, void *c)
 static PyObject *get_lock_state(SharePointCore *self, void *c)
 {
     CHECK_MAPPED(self);
-    return PyLong_FromLong(fayt_sp_lock_state(self->base));
+    return PyLong_FromLong(fayt_sp_state(self->base));
 }
 static PyObject *get_owner_died(SharePointCore *self, void *c)
 {
     CHECK_MAPPED(self);
-    return PyBool_FromLong((fayt_sp_lock_state(self->base) & FAYT_LOCK_OWNER_DIED) != 0);
+    return PyBool_FromLong((fayt_sp_state(self->base) & FAYT_LOCK_OWNER_DIED) != 0);
 }
 
 /* <SharePoint handle=1 sp_id=7 addr=0x7f.. length=4096 data=4064>: length is
@@ -777,8 +805,9 @@ static PyMemberDef core_members[] = {
 };
 
 static PyType_Slot core_slots[] = {
-    {Py_tp_doc, "SharePointCore(base, data_offset, length, prot, sp_id, context)\n--\n\n"
-                "The C core of a mapped share-point: lock, fused access, views."},
+    {Py_tp_doc, "SharePointCore(reply, context)\n--\n\n"
+                "The C core of a mapped share-point: lock, fused access, views.  reply: the "
+                "Reply of the PORTAL call that mapped it; context: the context page's address."},
     {Py_tp_new, core_new},
     {Py_tp_init, core_init},
     {Py_tp_dealloc, core_dealloc},

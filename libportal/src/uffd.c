@@ -42,7 +42,7 @@
 #include <unistd.h>
 
 #include "fayt/pager.h"
-#include "uffd_io.h"
+#include "fayt/common/uffd_io.h"
 
 static int uffd_new(int flags)
 {

@@ -41,17 +41,4 @@ uintptr_t fayt_mmap_at(uintptr_t addr, size_t length, int prot, int flags, int f
 uintptr_t fayt_map_portal(int fd, size_t length, uintptr_t addr, int prot, int *err);
 int fayt_unmap(uintptr_t addr, size_t length);
 
-/* faytd: survive a client that truncates a shared object faytd maps (its
- * context page, a share-point, a chain's channel: ftruncate(2) on the fd it
- * was given).  faytd's next access to a page past the new end raises
- * SIGBUS (BUS_ADRERR); the handler puts a private zero page there and the
- * access goes on, reading zeros, which faytd already treats as any other
- * untrusted content.  Any other SIGBUS goes to the handler that was there
- * before (or the default action).  It covers every mapping of the process:
- * faytd maps only shared objects, and a write into one that tmpfs cannot
- * back any more (full) is mended the same way, and logged the same way. 
- * Returns 0 or an errno; fayt_sigbus_count() counts the pages replaced. */
-int fayt_sigbus_guard(void);
-uint64_t fayt_sigbus_count(void);
-
 #endif

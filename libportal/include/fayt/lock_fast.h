@@ -26,6 +26,13 @@ static inline int fayt_sp_take(uint8_t *l, uint8_t want, int *died)
     return 0;
 }
 
+/* The lock byte, read atomically (fayt_sp_lock_state is its binding for
+ * faytd's Python). */
+static inline uint8_t fayt_sp_state(const uint8_t *l)
+{
+    return __atomic_load_n(l, __ATOMIC_ACQUIRE);
+}
+
 /* Release a held lock, keeping the owner-died bit; the byte before.  The
  * caller wakes a waiter (fayt_sp_wake) if the state was CONTENDED. */
 static inline uint8_t fayt_sp_drop(uint8_t *l)

@@ -123,8 +123,9 @@ int fayt_ring_posted(void *ring);
 int fayt_notify_wait(struct fayt_dispatcher *d, const uint32_t *generation, uint32_t seen,
                      int signo, int64_t timeout_ns);
 
-/* Wake up to n sleepers of a shared futex word (faytd, after it changed
- * a word a client may sleep on); returns how many, or -errno. */
+/* Wake up to n sleepers of a shared futex word (faytd's Python, after it
+ * changed a word a client may sleep on); returns how many, or -errno.
+ * The binding of fayt/common/futex.h's fayt_futex_wake_n, which C calls. */
 int fayt_futex_wake(uint32_t *word, int n);
 /* pidfd_send_signal(2); returns 0 or errno. */
 int fayt_pidfd_signal(int pidfd, int signo);

@@ -1,11 +1,12 @@
-/* deadline.h: the time helpers of libportal's C (internal; cffi does not
- * read it): CLOCK_MONOTONIC now, a deadline timeout_ns from now, the time
- * left until one (what FUTEX_WAIT takes), nanoseconds as a timespec, and
- * one turn of a spin that waits for another process until a deadline.
+/* deadline.h: the time helpers of libportal's C and faytd's core (common
+ * C, not a layout: cffi does not read it): CLOCK_MONOTONIC now, a deadline
+ * timeout_ns from now, the time left until one (what FUTEX_WAIT takes),
+ * nanoseconds as a timespec, and one turn of a spin that waits for another
+ * process until a deadline.
  * Every clock here is CLOCK_MONOTONIC: a wall-clock change must not stretch
  * or cut a wait. */
-#ifndef FAYT_SRC_DEADLINE_H
-#define FAYT_SRC_DEADLINE_H
+#ifndef FAYT_COMMON_DEADLINE_H
+#define FAYT_COMMON_DEADLINE_H
 
 #include <sched.h>
 #include <stdint.h>

@@ -14,8 +14,8 @@
  *   lacks (EFAULT) ends the run; wakes; *mapped gets the bytes mapped.
  * poison: UFFDIO_POISON page by page, skipping pages already there; wakes.
  */
-#ifndef FAYT_SRC_UFFD_IO_H
-#define FAYT_SRC_UFFD_IO_H
+#ifndef FAYT_COMMON_UFFD_IO_H
+#define FAYT_COMMON_UFFD_IO_H
 
 #include <errno.h>
 #include <linux/userfaultfd.h>

@@ -1,5 +1,5 @@
-/* futex.h: the futex calls of libportal's C, one wrapper each (internal;
- * cffi does not read it).
+/* futex.h: the futex calls of libportal's C and faytd's core, one wrapper
+ * each (common C, not a layout: cffi does not read it).
  *
  * - Shared futexes (not FUTEX_PRIVATE_FLAG): the words live in objects that
  *   several processes map (a share-point's lock word, a ring's done and
@@ -9,8 +9,8 @@
  *   from a CLOCK_MONOTONIC deadline).  EAGAIN (the word was not `expect`
  *   any more) means "look again", the same as a wake-up, so it returns 0.
  */
-#ifndef FAYT_SRC_FUTEX_H
-#define FAYT_SRC_FUTEX_H
+#ifndef FAYT_COMMON_FUTEX_H
+#define FAYT_COMMON_FUTEX_H
 
 #include <errno.h>
 #include <stdint.h>
