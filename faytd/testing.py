@@ -170,24 +170,32 @@ class Server(Process):
         said HELLO); its context id.  AssertionError, with its stderr, if it
         exits first or the timeout passes."""
         import libportal
-        deadline = time.monotonic() + timeout
         conn = libportal.Connection(self.daemon.socket)
+
+        def registered():
+            for c in conn.list_contexts()["contexts"]:
+                if c["pid"] == self.pid and c["connected"]:
+                    self._context = c["id"]
+                    return True
+            return False
         try:
-            while True:
-                for c in conn.list_contexts()["contexts"]:
-                    if c["pid"] == self.pid and c["connected"]:
-                        self._context = c["id"]
-                        return self._context
-                if self.proc.poll() is not None:
-                    raise AssertionError("server %d exited (%s) before it registered with "
-                                         "faytd; stderr:\n%s"
-                                         % (self.pid, self.proc.returncode, self.stderr()))
-                if time.monotonic() > deadline:
-                    raise AssertionError("server %d did not register with faytd within %.0fs;"
-                                         " stderr:\n%s" % (self.pid, timeout, self.stderr()))
-                time.sleep(0.01)
+            self.wait_until(registered, "register with faytd", timeout)
         finally:
             conn.close()
+        return self._context
+
+    def wait_until(self, ready, what, timeout=WAIT):
+        """Poll ready() until it is true; AssertionError, with its stderr, if
+        the process exits first or the timeout passes (what: what it had to do)."""
+        deadline = time.monotonic() + timeout
+        while not ready():
+            if self.proc.poll() is not None:
+                raise AssertionError("server %d exited (%s) before it would %s; stderr:\n%s"
+                                     % (self.pid, self.proc.returncode, what, self.stderr()))
+            if time.monotonic() > deadline:
+                raise AssertionError("server %d did not %s within %.0fs; stderr:\n%s"
+                                     % (self.pid, what, timeout, self.stderr()))
+            time.sleep(0.01)
 
 
 def daemon_env(daemon, env=None):
@@ -220,15 +228,7 @@ def start_server(daemon, module=None, *, argv=None, code=None, args=(), env=None
         elif isinstance(ready, str):
             srv.expect_prefix(ready, timeout)
         elif callable(ready):
-            deadline = time.monotonic() + timeout
-            while not ready():
-                if srv.proc.poll() is not None:
-                    raise AssertionError("server %d exited (%s) before it was ready; stderr:\n%s"
-                                         % (srv.pid, srv.proc.returncode, srv.stderr()))
-                if time.monotonic() > deadline:
-                    raise AssertionError("server %d was not ready within %.0fs; stderr:\n%s"
-                                         % (srv.pid, timeout, srv.stderr()))
-                time.sleep(0.01)
+            srv.wait_until(ready, "be ready", timeout)
         elif ready is not None:
             raise TypeError("start_server: ready is %r: \"registered\", a string, a callable "
                             "or None" % (ready,))
