@@ -47,9 +47,10 @@ def main(argv=None):
         ap.error(str(e))
     cfg["socket"] = cfg["socket"] or default_socket_path()
     cfg["state_dir"] = cfg["state_dir"] or os.path.dirname(cfg["socket"])
-    if len(os.fsencode(cfg["socket"])) > SUN_PATH_MAX:
+    path_len = len(os.fsencode(cfg["socket"]))
+    if path_len > SUN_PATH_MAX:
         ap.error("socket: %s is %d bytes long; a Unix socket's path has at most %d"
-                 % (cfg["socket"], len(os.fsencode(cfg["socket"])), SUN_PATH_MAX))
+                 % (cfg["socket"], path_len, SUN_PATH_MAX))
     if args.print_config:
         return print_config(cfg)
     # Made 0700 if missing; refused if another uid owns or may write it.

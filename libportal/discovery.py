@@ -62,12 +62,10 @@ def lookup(name, *, timeout=0, connection=None):
             reply = conn.call(lib.FAYT_SYS_LOOKUP, body)[0]
             break
         except errors.NotFound:
-            if deadline is not None and time.monotonic() + pause > deadline:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise
-                pause = left
-            time.sleep(pause)
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                raise
+            time.sleep(pause if left is None else min(pause, left))
             pause = min(pause * 2, 0.05)
     try:
         d = json.loads(reply)
