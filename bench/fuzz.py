@@ -755,9 +755,7 @@ def episode(path, rng, board, role, uid_index):
                 for _ in range(rng.randrange(1, 4)):
                     try:
                         fl = rng.choice([0, lib.FAYT_NOTIFY_NOWAIT, lib.FAYT_NOTIFY_IMMEDIATE])
-                        lib.fayt_ring_post(r.ptr, rng.randrange(64), fl, conn.context_id,
-                                           b"hostile", 7, 1000000, -1, 0,
-                                           ffi.new("uint32_t *"), r.hint_ptr)
+                        r.port.post_waiting(rng.randrange(64), b"hostile", fl, 1000000)
                     except OSError:
                         pass
                     scribble(rng, r.addr, r.length)
