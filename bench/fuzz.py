@@ -1040,26 +1040,41 @@ def as_uid(uid):
     os.setuid(uid)
 
 
+def _preload():
+    """Import now what a worker imports lazily later: once it runs as
+    another uid it may not read the interpreter's library (a pyenv Python
+    under /root), and Python 3.12+ imports _sha2 on the first str seed and
+    tokenize on the first traceback."""
+    random.Random("preload")
+    import linecache
+    import tokenize  # noqa: F401  (linecache's, for tracebacks)
+    linecache.getline(__file__, 1)
+
+
 def spawn(fn, uid, *args):
     """fn(*args, out) in a forked child of uid; (pid, read end of its report)."""
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:
-        code = 0
+        code = 1                # until the report is written
+        out = {}
         try:
             os.close(r)
             signal.signal(signal.SIGINT, signal.SIG_IGN)
             faulthandler.register(signal.SIGUSR1)   # kill -USR1: where it is
+            _preload()
             as_uid(uid)
-            out = {}
-            try:
-                fn(*args, out)
-            except BaseException:
-                out["crashed"] = traceback.format_exc()
-                code = 1
+            fn(*args, out)
+            code = 0
+        except BaseException:
+            out["crashed"] = traceback.format_exc()
+        try:
             data = json.dumps(out, default=str).encode()
             while data:
                 data = data[os.write(w, data):]
+        except BaseException:
+            traceback.print_exc()
+            code = 2
         finally:
             os._exit(code)
     os.close(w)
