@@ -18,7 +18,7 @@ from .cow import Cow
 from .discovery import Published
 from .direct import Direct, DirectBacking
 from .frames import (PAGE, BackingObject, FrameAllocator, KernelError, keeper_objects,
-                     release_objects, run_tag, start_keeper, start_time)
+                     release_objects, run_tag, start_keeper)
 from .journal import Journal, alive
 from .notification import Notifications
 from .pager import Pager
@@ -246,12 +246,13 @@ class Kernel:
             ctx.fast.flags |= clib.FAYT_FAST_CONN_JOURNAL   # the core journals its attaches
 
     # -- contexts -------------------------------------------------------
-    def new_context(self, sock, pid, uid, gid, exe):
-        cat = self.policy.classify(uid, gid, exe)
+    def new_context(self, sock, pid, uid, gid, exe, cat, start):
+        """A context for a new connection: cat its category (policy.classify)
+        and start its process's start time, both read once by the caller."""
         cid = self._next_cid
         self._next_cid += 1
         ctx = Context(cid, sock, pid, uid, gid, exe, cat)
-        ctx.start = start_time(pid)
+        ctx.start = start
         self.contexts[cid] = ctx
         return ctx
 

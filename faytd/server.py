@@ -395,13 +395,14 @@ class Server:
             except OSError:
                 exe = None
             cat = k.policy.classify(uid, gid, exe)
+            start = start_time(pid)
             try:
-                k.quotas.check_connect(uid, pid, start_time(pid),
+                k.quotas.check_connect(uid, pid, start,
                                        cat is not None and cat.id == lib.FAYT_CATEGORY_CORE)
             except KernelError as e:
                 self._refuse(sock, e)
                 continue
-            ctx = k.new_context(sock, pid, uid, gid, exe)
+            ctx = k.new_context(sock, pid, uid, gid, exe, cat, start)
             k.quotas.connected(ctx)
             try:
                 ctx.pidfd = os.pidfd_open(pid)
