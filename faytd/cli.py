@@ -260,7 +260,8 @@ def parser():
     return ap
 
 
-def main(argv=None):
+def main(argv: "list[str] | None" = None) -> int:
+    """The `fayt` command (argv: its arguments, default sys.argv[1:]); its exit status."""
     args = parser().parse_args(argv)
     args.socket = getattr(args, "socket", None) or libportal.default_socket_path()
     try:
