@@ -38,6 +38,8 @@ import sys
 
 from libportal.syscall import default_socket_path
 
+from .launch import keepers
+
 KEEPER = "faytd.keeper"
 SOCKET = "faytd.sock"
 LOCK = "faytd.journal.lock"
@@ -49,25 +51,14 @@ def _mine(st, uid):
 
 
 def _keepers():
-    """{pid: (uid, state dir)} of the live fayt-keeper processes."""
+    """{pid: (uid, state dir or None)} of the live fayt-keeper processes."""
     out = {}
-    for p in os.listdir("/proc"):
-        if not p.isdigit():
-            continue
+    for pid, path in keepers().items():
         try:
-            with open("/proc/%s/stat" % p, "rb") as f:
-                s = f.read()
-            if b"(fayt-keeper)" not in s or s[s.rindex(b")") + 2:][:1] == b"Z":
-                continue
-            with open("/proc/%s/cmdline" % p, "rb") as f:
-                cmd = f.read().split(b"\0")[0].decode(errors="replace")
-            uid = os.stat("/proc/%s" % p).st_uid
-        except (OSError, ValueError):
+            uid = os.stat("/proc/%d" % pid).st_uid
+        except OSError:
             continue
-        if cmd.startswith("fayt-keeper "):
-            out[int(p)] = (uid, os.path.realpath(os.path.dirname(cmd[len("fayt-keeper "):])))
-        else:
-            out[int(p)] = (uid, None)
+        out[pid] = (uid, os.path.realpath(os.path.dirname(path)) if path else None)
     return out
 
 
@@ -146,11 +137,11 @@ def _held_shm():
 def find(dirs=None, uid=None):
     """What gc would remove, as a list of dicts (kind, path or pid, why)."""
     uid = os.geteuid() if uid is None else uid
-    keepers = _keepers()
+    live_keepers = _keepers()
     shm_too = dirs is None
     if dirs is None:
         dirs = [os.path.dirname(default_socket_path())]
-        dirs += [d for (kuid, d) in keepers.values() if d and (uid == 0 or kuid == uid)]
+        dirs += [d for (kuid, d) in live_keepers.values() if d and (uid == 0 or kuid == uid)]
     locked = _locked_inodes()
     found = []
     for d in dict.fromkeys(os.path.realpath(x) for x in dirs):
@@ -160,7 +151,7 @@ def find(dirs=None, uid=None):
             continue
         if not stat.S_ISDIR(st.st_mode) or not _mine(st, uid) or _alive(d, locked):
             continue
-        for pid, (kuid, kd) in sorted(keepers.items()):
+        for pid, (kuid, kd) in sorted(live_keepers.items()):
             if kd == d and (uid == 0 or kuid == uid):
                 n, size = _objects(pid)
                 found.append({"kind": "keeper", "pid": pid, "dir": d, "objects": n,

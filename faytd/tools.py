@@ -63,52 +63,49 @@ def _scope_note(scope, what):
     return "" if scope == "all" else "(%s of your uid's contexts only: not core)" % what
 
 
-def cmd_rings(args):
+def _print(headers, rows, scope, what):
+    """The table, "(no WHAT)" if it is empty, and whose rows it holds."""
     from .cli import table
-    r = _ask(args, "rings")
-    if args.json:
-        print(json.dumps(r, indent=2))
-        return 0
-    rows = []
-    for g in r["rings"]:
-        depth = "corrupt" if g["corrupt"] else "-" if g["depth"] is None else \
-            "%d/%d" % (g["depth"], g["size"])
-        rows.append([g["id"], _name(g["sender"]), _name(g["target"]), g["state"], depth,
-                     "-" if g["posted"] is None else g["posted"], g["drops"],
-                     g.get("lost", "-")])
-    print(table(["RING", "SENDER (id/pid)", "TARGET (id/pid)", "STATE", "DEPTH", "POSTED",
-                 "DROPS", "LOST"], rows))
-    if not rows:
-        print("(no rings)")
-    note = _scope_note(r["scope"], "rings")
+    print(table(headers, rows) if rows else "(no %s)" % what)
+    note = _scope_note(scope, what)
     if note:
         print(note)
     return 0
 
 
-def cmd_chains(args):
-    from .cli import table
-    r = _ask(args, "chains")
+def _ring_row(g):
+    depth = "corrupt" if g["corrupt"] else "-" if g["depth"] is None else \
+        "%d/%d" % (g["depth"], g["size"])
+    return [g["id"], _name(g["sender"]), _name(g["target"]), g["state"], depth,
+            "-" if g["posted"] is None else g["posted"], g["drops"], g.get("lost", "-")]
+
+
+def _chain_row(c):
+    n = c["counts"]
+    servers = " ".join("%d/%d" % (s["context"], s["pid"]) for s in c["servers"])
+    if c["other_uids_servers"]:
+        servers += " +%d" % c["other_uids_servers"]
+    return [c["id"], c["name"], servers or "-", len(c["regions"]) + c["other_uids_regions"],
+            n["faults"], n["fetched"], n["mapped"], n["failed"], n["write_reports"]]
+
+
+# what: (the table's headers, a row from an entry of INFO's reply)
+_LISTS = {
+    "rings": (["RING", "SENDER (id/pid)", "TARGET (id/pid)", "STATE", "DEPTH", "POSTED",
+               "DROPS", "LOST"], _ring_row),
+    "chains": (["CHAIN", "NAME", "SERVERS (id/pid, in order)", "REGIONS", "FAULTS",
+                "FETCHED", "MAPPED", "FAILED", "WRITE REPORTS"], _chain_row),
+}
+
+
+def cmd_list(args):
+    """fayt rings, fayt chains: INFO's reply as a table, or as sent (--json)."""
+    r = _ask(args, args.what)
     if args.json:
         print(json.dumps(r, indent=2))
         return 0
-    rows = []
-    for c in r["chains"]:
-        n = c["counts"]
-        servers = " ".join("%d/%d" % (s["context"], s["pid"]) for s in c["servers"])
-        if c["other_uids_servers"]:
-            servers += " +%d" % c["other_uids_servers"]
-        rows.append([c["id"], c["name"], servers or "-",
-                     len(c["regions"]) + c["other_uids_regions"], n["faults"], n["fetched"],
-                     n["mapped"], n["failed"], n["write_reports"]])
-    print(table(["CHAIN", "NAME", "SERVERS (id/pid, in order)", "REGIONS", "FAULTS",
-                 "FETCHED", "MAPPED", "FAILED", "WRITE REPORTS"], rows))
-    if not rows:
-        print("(no chains)")
-    note = _scope_note(r["scope"], "chains")
-    if note:
-        print(note)
-    return 0
+    headers, row = _LISTS[args.what]
+    return _print(headers, [row(x) for x in r[args.what]], r["scope"], args.what)
 
 
 def _sample(conn):
@@ -225,14 +222,11 @@ def cmd_top(args):
 
 def add_commands(sub, common):
     """The subcommands of this module, on cli.parser()'s subparsers."""
-    rg = sub.add_parser("rings", parents=[common],
-                        help="notification rings: sender, target, depth, drops")
-    rg.add_argument("--json", action="store_true", help="print faytd's JSON reply")
-    rg.set_defaults(func=cmd_rings)
-    ch = sub.add_parser("chains", parents=[common],
-                        help="chain servers, the regions they serve, faults answered")
-    ch.add_argument("--json", action="store_true", help="print faytd's JSON reply")
-    ch.set_defaults(func=cmd_chains)
+    for what, why in (("rings", "notification rings: sender, target, depth, drops"),
+                      ("chains", "chain servers, the regions they serve, faults answered")):
+        p = sub.add_parser(what, parents=[common], help=why)
+        p.add_argument("--json", action="store_true", help="print faytd's JSON reply")
+        p.set_defaults(func=cmd_list, what=what)
     tp = sub.add_parser("top", parents=[common], help="refreshing: contexts, notifications/s "
                         "per pair, faults/s per chain, RAM per context")
     tp.add_argument("-d", "--delay", type=float, default=1.0, metavar="SECONDS",
