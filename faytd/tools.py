@@ -83,9 +83,9 @@ def _ring_row(g):
 def _chain_row(c):
     n = c["counts"]
     servers = " ".join("%d/%d" % (s["context"], s["pid"]) for s in c["servers"])
-    if c["other_uids_servers"]:
-        servers += " +%d" % c["other_uids_servers"]
-    return [c["id"], c["name"], servers or "-", len(c["regions"]) + c["other_uids_regions"],
+    if c["servers_total"] > len(c["servers"]):
+        servers += " +%d" % (c["servers_total"] - len(c["servers"]))
+    return [c["id"], c["name"], servers or "-", c["regions_total"],
             n["faults"], n["fetched"], n["mapped"], n["failed"], n["write_reports"]]
 
 
@@ -144,8 +144,7 @@ def view(a, b):
         old = before.get(c["id"])
         base = old["counts"]["faults"] if old is not None else 0
         chains.append({"chain": c["id"], "name": c["name"],
-                       "servers": len(c["servers"]) + c["other_uids_servers"],
-                       "regions": len(c["regions"]) + c["other_uids_regions"],
+                       "servers": c["servers_total"], "regions": c["regions_total"],
                        "faults_per_second": _rate(c["counts"]["faults"], base, dt),
                        "faults": c["counts"]["faults"], "failed": c["counts"]["failed"]})
     return {"interval": dt, "scope": b["rings"]["scope"], "contexts": contexts,

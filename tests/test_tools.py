@@ -122,6 +122,8 @@ def test_tools_chains_show_servers_regions_and_faults_answered(fresh_faytd, spaw
     assert c["name"] == "tools.pages" and c["write_reports"] is False
     assert [(s["position"], s["pid"]) for s in c["servers"]] == [(0, srv.pid)]
     assert [(g["pid"], g["length"], g["faults"]) for g in c["regions"]] == [(cl.pid, 65536, 2)]
+    assert (c["servers_total"], c["regions_total"], c["other_uids_servers"],
+            c["other_uids_regions"]) == (1, 1, 0, 0)
     assert (c["counts"]["faults"], c["counts"]["fetched"], c["counts"]["failed"]) == (2, 2, 0)
     text = fayt("chains", env=d.env())
     assert text.returncode == 0, text.stderr

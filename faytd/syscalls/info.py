@@ -20,7 +20,8 @@ What faytd can say, and what it cannot:
   handler is counted in the target process (notification_stats()'s
   `unhandled`), not here: faytd never sees it.
 - Chains: each server (context, pid, slots, run_max, backings), the regions
-  (SPECIAL portals) it serves now, and the faults the fault engine answered
+  (SPECIAL portals) it serves now (SHOWN of each at most, with their
+  totals: one entry must fit one reply), and the faults the fault engine answered
   for the chain: those of its live regions plus those of its closed ones
   (Chain.done), from the chain's first server on.
 - Lock waits never pass through faytd: nothing here says who waits for a
@@ -40,6 +41,7 @@ from ..frames import KernelError
 from .wire import REPLY_BUDGET, json_page
 
 INFO_PAGE = 64          # entries one INFO answers at most
+SHOWN = 32              # servers, and regions, listed in one chain's entry
 
 _STATES = {lib.FAYT_RING_LIVE: "live", lib.FAYT_RING_TARGET_DEAD: "target_dead",
            lib.FAYT_RING_SENDER_DEAD: "sender_dead", lib.FAYT_RING_DROPPED: "dropped"}
@@ -77,36 +79,35 @@ def ring_entry(k, r):
     return out
 
 
-def chain_entry(k, chain, ctx, everything):
-    p = k.pager
+def chain_entry(k, chain, regions, ctx, everything):
+    """One chain; `regions` its live regions.  Servers and regions are
+    listed up to SHOWN each (an entry must fit one reply); counts and
+    totals cover them all."""
+    faults = k.pager.faults
     counts = dict(chain.done)
-    regions, hidden_regions = [], 0
-    for r in p.regions.by_id.values():
-        if r.chain is not chain or r.closed:
-            continue
-        c = p.faults.region_counts(r)
+    shown, hidden = [], 0
+    for r in regions:
+        c = faults.region_counts(r)
         for f in _COUNTS:
             counts[f] += getattr(c, f)
-        if everything or r.ctx.uid == ctx.uid:
-            regions.append({"id": r.id, "context": r.ctx.id, "pid": r.ctx.pid,
-                            "length": r.length, "faults": c.faults, "fetched": c.fetched,
-                            "failed": c.failed, "backed": r.backing is not None,
-                            "message": (r.message or b"").decode("utf-8", "replace")})
-        else:
-            hidden_regions += 1
-    servers, hidden_servers = [], 0
-    for pos, m in enumerate(chain.members):
-        if everything or m.ctx.uid == ctx.uid:
-            servers.append({"position": pos, "context": m.ctx.id, "pid": m.ctx.pid,
-                            "uid": m.ctx.uid, "exe": m.ctx.exe, "slots": m.nslots,
-                            "run_max": m.run_max, "backings": len(m.backings)})
-        else:
-            hidden_servers += 1
+        if not (everything or r.ctx.uid == ctx.uid):
+            hidden += 1
+        elif len(shown) < SHOWN:
+            shown.append({"id": r.id, "context": r.ctx.id, "pid": r.ctx.pid,
+                          "length": r.length, "faults": c.faults, "fetched": c.fetched,
+                          "failed": c.failed, "backed": r.backing is not None,
+                          "message": (r.message or b"").decode("utf-8", "replace")})
+    servers = [{"position": pos, "context": m.ctx.id, "pid": m.ctx.pid, "uid": m.ctx.uid,
+                "exe": m.ctx.exe, "slots": m.nslots, "run_max": m.run_max,
+                "backings": len(m.backings)}
+               for pos, m in enumerate(chain.members)
+               if everything or m.ctx.uid == ctx.uid]
     return {"id": chain.id, "name": chain.name,
             "write_reports": bool(chain.flags & lib.FAYT_CHAIN_WRITE_REPORTS),
-            "timeout_ms": chain.timeout_ms, "servers": servers,
-            "other_uids_servers": hidden_servers, "regions": regions,
-            "other_uids_regions": hidden_regions, "counts": counts}
+            "timeout_ms": chain.timeout_ms, "servers": servers[:SHOWN],
+            "servers_total": len(chain.members),
+            "other_uids_servers": len(chain.members) - len(servers), "regions": shown,
+            "regions_total": len(regions), "other_uids_regions": hidden, "counts": counts}
 
 
 def _rings(k, ctx, after):
@@ -122,16 +123,17 @@ def _rings(k, ctx, after):
 def _chains(k, ctx, after):
     everything = _core(ctx)
     p = k.pager
-    chains = sorted(p.chains.by_name.values(), key=lambda c: c.id)
-    for chain in chains:
+    live = {}                   # chain -> its live regions: one walk of the regions per call
+    for r in p.regions.by_id.values():
+        if not r.closed:
+            live.setdefault(r.chain, []).append(r)
+    for chain in sorted(p.chains.by_name.values(), key=lambda c: c.id):
         if chain.id <= after:
             continue
-        if not everything and not (
-                any(m.ctx.uid == ctx.uid for m in chain.members)
-                or any(r.chain is chain and r.ctx.uid == ctx.uid
-                       for r in p.regions.by_id.values())):
-            continue
-        yield chain_entry(k, chain, ctx, everything)
+        regions = live.get(chain, [])
+        if everything or any(m.ctx.uid == ctx.uid for m in chain.members) or \
+                any(r.ctx.uid == ctx.uid for r in regions):
+            yield chain_entry(k, chain, regions, ctx, everything)
 
 
 def _limited(items, n):
