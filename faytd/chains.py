@@ -37,10 +37,12 @@ from .policy import class_names
 log = logging.getLogger("faytd")
 
 DEFAULT_TIMEOUT_MS = 10000
+# struct fayt_fault_counts' fields a chain sums over its regions (INFO)
+DONE_COUNTS = ("faults", "fetched", "mapped", "failed", "write_reports", "in_one_call")
 
 
 class Chain:
-    __slots__ = ("id", "name", "name_bytes", "members", "flags", "timeout_ms")
+    __slots__ = ("id", "name", "name_bytes", "members", "flags", "timeout_ms", "done")
 
     def __init__(self, cid, name, flags, timeout_ms):
         self.id = cid
@@ -49,6 +51,7 @@ class Chain:
         self.members = []
         self.flags = flags
         self.timeout_ms = timeout_ms
+        self.done = dict.fromkeys(DONE_COUNTS, 0)  # the fault counts of its closed regions
 
 
 class Member:

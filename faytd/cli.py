@@ -10,6 +10,12 @@
     fayt [--socket PATH] kill [-s SIG] CONTEXT...
                                         signal the processes of contexts (fayt's own
                                         uid's, unless it runs as root)
+    fayt [--socket PATH] rings|chains [--json]
+                                        notification rings; chains (faytd/tools.py)
+    fayt [--socket PATH] top [-d SECONDS] [-n N | --once] [--json]
+                                        refreshing view of the above (faytd/tools.py)
+    fayt gc [--dir DIR]... [--yes] [--json]
+                                        leftovers of faytds that are gone (faytd/gc.py)
 
 It is an ordinary client: it connects like a server does (so it shows up in
 `fayt ps` itself, as "this fayt") and asks with the FAYT_SYS_LIST_SHARE,
@@ -143,6 +149,9 @@ def cmd_stats(args):
     print("RAM frames: %d free of %d" % (s["frames"]["free"], s["frames"]["total"]))
     j = s["journal"]
     print("journal: %s" % ("%d write errors" % j["errors"] if j["enabled"] else "none"))
+    nt, ch = s["notifications"], s["chains"]
+    print("notification rings: %d (%d dropped as corrupt)" % (nt["rings"], nt["drops"]))
+    print("chains: %d (%d servers, %d regions)" % (ch["count"], ch["servers"], ch["regions"]))
     return 0
 
 
@@ -257,10 +266,14 @@ def parser():
     kl.add_argument("contexts", nargs="+", type=int, metavar="CONTEXT",
                     help="a context id as fayt ps shows it")
     kl.set_defaults(func=cmd_kill)
+    from . import gc, tools             # rings, chains, top; gc
+    tools.add_commands(sub, common)
+    gc.add_command(sub, common)
     return ap
 
 
-def main(argv=None):
+def main(argv: "list[str] | None" = None) -> int:
+    """The `fayt` command (argv: its arguments, default sys.argv[1:]); its exit status."""
     args = parser().parse_args(argv)
     args.socket = getattr(args, "socket", None) or libportal.default_socket_path()
     try:

@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+from typing import Sequence
 
 
 def wait_for_socket(path, proc, timeout=15.0, log=None):
@@ -60,7 +61,8 @@ class Faytd:
     The log goes to a file, not a pipe: a pipe nobody reads fills up and
     would block faytd in write(2)."""
 
-    def __init__(self, directory, config=None, ram=None, extra=()):
+    def __init__(self, directory: str, config: "dict | None" = None,
+                 ram: "str | int | None" = None, extra: "Sequence[str]" = ()) -> None:
         os.makedirs(directory, exist_ok=True)
         self.socket = os.path.join(directory, "faytd.sock")
         args = [sys.executable, "-m", "faytd", "--socket", self.socket, "-v"]
@@ -85,12 +87,13 @@ class Faytd:
             self.stop(check=False)
             raise
 
-    def env(self):
+    def env(self) -> "dict[str, str]":
+        """This process's environment with FAYT_SOCKET naming this faytd."""
         e = dict(os.environ)
         e["FAYT_SOCKET"] = self.socket
         return e
 
-    def stop(self, check=True):
+    def stop(self, check: bool = True) -> str:
         """SIGTERM, wait, return what faytd logged."""
         if self in _running:
             _running.remove(self)

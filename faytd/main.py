@@ -22,7 +22,8 @@ from .server import Server
 SUN_PATH_MAX = 107     # sockaddr_un.sun_path: 108 bytes with the final NUL
 
 
-def main(argv=None):
+def main(argv: "list[str] | None" = None) -> int:
+    """The `faytd` command (argv: its arguments, default sys.argv[1:]); its exit status."""
     ap = argparse.ArgumentParser(prog="faytd", description="The FAYT kernel daemon.")
     ap.add_argument("--socket", help="syscall socket (default: %s)" % default_socket_path())
     ap.add_argument("--config", help="JSON configuration file (default: embedded)")

@@ -234,6 +234,7 @@ class Notifications:
         self.stopping = False
         self.backlogged = set()     # faytd's rings with notices waiting for room
         self.lost = {}              # context id -> {index: notices lost with a dropped ring}
+        self.drops = {}             # (sender id or 0, target id) -> rings dropped as corrupt
         self._timerfd = -1          # armed while any does: retried every RETRY_NS
 
     # -- the context page ---------------------------------------------------
@@ -313,6 +314,9 @@ class Notifications:
         return r
 
     def drop(self, r, state):
+        if state == lib.FAYT_RING_DROPPED:      # for INFO (syscalls/info.py)
+            key = (r.sender.id if r.sender else 0, r.target.id)
+            self.drops[key] = self.drops.get(key, 0) + 1
         if self.rings.pop(r.id, None) is not None:
             for c in (r.target, r.sender):
                 if c is not None:
@@ -445,6 +449,8 @@ class Notifications:
             _uncount(self.uid_stacks, ctx.uid)
         self.subs.pop(ctx.id, None)
         self.lost.pop(ctx.id, None)
+        for key in [key for key in self.drops if ctx.id in key]:   # (rare: corrupt rings only)
+            del self.drops[key]
         h = self.hints.pop(ctx.id, None)
         if h is not None:
             h.close()

@@ -21,10 +21,14 @@ Fixtures
 """
 import shutil
 import tempfile
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import pytest
 
 from . import testing
+
+if TYPE_CHECKING:      # imported when a fixture runs: loading the plugin stays cheap
+    import libportal
 
 
 def _short_dir():
@@ -34,7 +38,7 @@ def _short_dir():
 
 
 @pytest.fixture(scope="session")
-def fayt_daemon():
+def fayt_daemon() -> "Iterator[testing.Faytd]":
     """The session's faytd; FAYT_SOCKET names it while it runs."""
     top = _short_dir()
     try:
@@ -46,7 +50,7 @@ def fayt_daemon():
 
 
 @pytest.fixture
-def fayt_connection(fayt_daemon):
+def fayt_connection(fayt_daemon: testing.Faytd) -> "Iterator[libportal.Connection]":
     """A libportal.Connection to the session's faytd, closed after the test."""
     import libportal
     conn = libportal.Connection(fayt_daemon.socket)
@@ -55,7 +59,7 @@ def fayt_connection(fayt_daemon):
 
 
 @pytest.fixture
-def fayt_server(fayt_daemon):
+def fayt_server(fayt_daemon: testing.Faytd) -> "Iterator[Callable[..., testing.Server]]":
     """fayt_server(module=None, *, argv=None, code=None, args=(), env=None,
     ready="registered", timeout=30) -> a faytd.testing.Server, ready; every
     one is stopped after the test."""
@@ -72,7 +76,7 @@ def fayt_server(fayt_daemon):
 
 
 @pytest.fixture
-def fayt_daemon_factory():
+def fayt_daemon_factory() -> "Iterator[Callable[..., testing.Faytd]]":
     """fayt_daemon_factory(config=None, ram=None, extra=()) -> a private faytd
     (faytd.launch.Faytd) in a directory of its own; every one is stopped (and
     its directory removed) after the test."""

@@ -279,6 +279,8 @@ class Regions:
                   "in one call), %d mapped by reference, %d failed, %d write reports", r.id,
                   r.chain.name, n.faults, n.fetched, n.in_one_call, n.mapped, n.failed,
                   n.write_reports)
+        for f in r.chain.done:              # the chain's totals (INFO) keep them
+            r.chain.done[f] += getattr(n, f)
         r.closed = True
         self.p.faults.del_region(r)         # its requests cancelled
         self.by_id.pop(r.id, None)

@@ -91,6 +91,10 @@ def stats_json(k, ctx):
                      "owner_waited_behind_max": f.fair_core_waited_max,
                      "others_requests": f.fair_others, "deferred": f.fair_deferred},
         "frames": {"total": k.frames.nframes, "free": k.frames.free_frames},
+        "notifications": {"rings": len(n.rings), "drops": sum(n.drops.values())},
+        "chains": {"count": len(k.pager.chains.by_name),
+                   "servers": len(k.pager.chains.members),
+                   "regions": len(k.pager.regions.by_id)},
         "journal": {"enabled": j is not None,
                     "errors": f.journal_errors + (j.errors if j is not None else 0)},
     }

@@ -21,8 +21,11 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import Any, Callable, Mapping, Sequence, Union
 
 from .launch import Faytd  # noqa: F401  (the daemon the helpers start)
+
+__all__ = ["Faytd", "Process", "Server", "SessionDaemon", "daemon_env", "start_server"]
 
 WAIT = 30.0          # seconds any single wait may take before it fails
 
@@ -33,7 +36,9 @@ class Process:
     cleanly, stop() (SIGTERM, then SIGKILL), kill(); .pid, .proc.
     popen: a callable like subprocess.Popen (to run it as another user)."""
 
-    def __init__(self, argv, env, popen=subprocess.Popen, **popen_kw):
+    def __init__(self, argv: Sequence[str], env: Mapping[str, str],
+                 popen: Callable[..., subprocess.Popen] = subprocess.Popen,
+                 **popen_kw: Any) -> None:
         self._err = tempfile.TemporaryFile()
         self.proc = popen(argv, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                           stderr=self._err, **popen_kw)
@@ -43,7 +48,7 @@ class Process:
         self._buf = b""
         self._eof = False
 
-    def stderr(self):
+    def stderr(self) -> str:
         """What it wrote to stderr so far."""
         try:
             self._err.seek(0)
@@ -73,7 +78,7 @@ class Process:
             else:
                 self._eof = True
 
-    def expect(self, timeout=WAIT):
+    def expect(self, timeout: float = WAIT) -> str:
         """Its next stdout line (without the newline); AssertionError, with
         its stderr, if none comes within timeout or it exits first."""
         line = self._line(time.monotonic() + timeout)
@@ -86,7 +91,7 @@ class Process:
                                  % (self.pid, self.proc.returncode, self.stderr()))
         return line.decode().rstrip("\n")
 
-    def expect_prefix(self, prefix, timeout=WAIT):
+    def expect_prefix(self, prefix: str, timeout: float = WAIT) -> str:
         """Skip stdout lines until one starts with prefix; that line."""
         deadline = time.monotonic() + timeout
         while True:
@@ -94,12 +99,12 @@ class Process:
             if line.startswith(prefix):
                 return line
 
-    def send(self, line=""):
+    def send(self, line: str = "") -> None:
         """Write line and a newline to its stdin."""
         self.proc.stdin.write((line + "\n").encode())
         self.proc.stdin.flush()
 
-    def finish(self, timeout=WAIT):
+    def finish(self, timeout: float = WAIT) -> "list[str]":
         """Close its stdin and wait for a clean exit (status 0); the rest of
         its stdout, as lines."""
         try:
@@ -124,7 +129,7 @@ class Process:
             self.pid, self.proc.returncode, self.stderr())
         return rest
 
-    def stop(self, timeout=10.0):
+    def stop(self, timeout: float = 10.0) -> int:
         """SIGTERM; SIGKILL if it has not exited within timeout.  Its exit
         status (negative: the signal that ended it)."""
         if self.proc.poll() is None:
@@ -135,7 +140,7 @@ class Process:
                 pass
         return self.kill()
 
-    def kill(self):
+    def kill(self) -> int:
         """SIGKILL it (if it still runs) and reap it; its exit status."""
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGKILL)
@@ -153,19 +158,19 @@ class Server(Process):
     faytd: the target of notify(); asked of faytd when first read, waiting
     until it registered), wait_registered()."""
 
-    def __init__(self, daemon, argv, env):
+    def __init__(self, daemon: Faytd, argv: Sequence[str], env: Mapping[str, str]) -> None:
         super().__init__(argv, env)
         self.daemon = daemon
         self._context = None
 
     @property
-    def context(self):
+    def context(self) -> int:
         """Its context id in faytd (waits until it registered: wait_registered)."""
         if self._context is None:
             self.wait_registered()
         return self._context
 
-    def wait_registered(self, timeout=WAIT):
+    def wait_registered(self, timeout: float = WAIT) -> int:
         """Wait until the process has a context in faytd (it connected and
         said HELLO); its context id.  AssertionError, with its stderr, if it
         exits first or the timeout passes."""
@@ -184,7 +189,8 @@ class Server(Process):
             conn.close()
         return self._context
 
-    def wait_until(self, ready, what, timeout=WAIT):
+    def wait_until(self, ready: Callable[[], object], what: str,
+                   timeout: float = WAIT) -> None:
         """Poll ready() until it is true; AssertionError, with its stderr, if
         the process exits first or the timeout passes (what: what it had to do)."""
         deadline = time.monotonic() + timeout
@@ -198,15 +204,18 @@ class Server(Process):
             time.sleep(0.01)
 
 
-def daemon_env(daemon, env=None):
+def daemon_env(daemon: Faytd, env: "Mapping[str, str] | None" = None) -> "dict[str, str]":
     """env (default: this process's environment) with FAYT_SOCKET naming daemon."""
     e = dict(os.environ if env is None else env)
     e["FAYT_SOCKET"] = daemon.socket
     return e
 
 
-def start_server(daemon, module=None, *, argv=None, code=None, args=(), env=None,
-                 ready="registered", timeout=WAIT):
+def start_server(daemon: Faytd, module: "str | None" = None, *,
+                 argv: "Sequence[str] | None" = None, code: "str | None" = None,
+                 args: Sequence[object] = (), env: "Mapping[str, str] | None" = None,
+                 ready: Union[str, Callable[[], object], None] = "registered",
+                 timeout: float = WAIT) -> Server:
     """Start a server against daemon (a Faytd) and wait until it is ready.
 
     What runs: module (`python -m module args...`), code (`python -c code
@@ -243,14 +252,14 @@ class SessionDaemon:
     start() sets FAYT_SOCKET and drops libportal's default connection;
     stop() puts both back and stops faytd."""
 
-    def __init__(self, directory, **kw):
+    def __init__(self, directory: str, **kw: Any) -> None:
         self.daemon = Faytd(directory, **kw)
         self._old = os.environ.get("FAYT_SOCKET")
         os.environ["FAYT_SOCKET"] = self.daemon.socket
         import libportal
         libportal.set_default(None)
 
-    def stop(self):
+    def stop(self) -> str:
         """FAYT_SOCKET as it was, libportal's default connection dropped, faytd
         stopped; what faytd logged."""
         import libportal

@@ -81,6 +81,7 @@ HELLO_REQ = struct_of("struct fayt_hello_req")
 HELLO_REPLY = struct_of("struct fayt_hello_reply")
 HANDLE_REQ = struct_of("struct fayt_handle_req")
 LIST_REQ = struct_of("struct fayt_list_req")
+INFO_REQ = struct_of("struct fayt_info_req")          # what, reserved, after
 PORTAL_REPLY = struct_of("struct fayt_portal_reply")
 DIRECT_RUN = struct_of("struct fayt_direct_run")      # fd, pages, at, offset
 GRANT_REQ = struct_of("struct fayt_grant_req")        # handle, kind, to, prot, flags

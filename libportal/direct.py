@@ -22,6 +22,7 @@ from . import errors
 from ._abi import (ffi, lib, COW_PADDR_REQ, DIRECT_RUN, GRANT_REQ, HANDLE_REQ, PORTAL_REPLY,
                    PORTAL_REQ_SIZE, portal_reply)
 from .portal_req import encode_portal_req, PROT_NONE
+from .mapping import Mapping
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _mmap = _libc.mmap
@@ -98,7 +99,8 @@ def direct_portal(conn, type, prot, length, addr, paddr, portal_cls, mode=0):
     return portal_cls(conn, reply, addr=base, paddr=tuple(paddr), type=type, prot=prot)
 
 
-def grant(mapping, to=0, prot=None, *, category=None, revoke=False):
+def grant(mapping: Mapping, to: int = 0, prot: "int | None" = None, *,
+          category: "int | None" = None, revoke: bool = False) -> None:
     """Make `mapping` (an ANON Portal, or a SharePoint this process owns)
     DMA-able: DIRECT portals of context `to` (its context id), or of every
     context of `category` (lp.CATEGORY_DRIVER...), may map its frames, up to
@@ -113,7 +115,7 @@ def grant(mapping, to=0, prot=None, *, category=None, revoke=False):
         mapping.handle, kind, who, prot, lib.FAYT_GRANT_REVOKE if revoke else 0))
 
 
-def physical(view):
+def physical(view: Mapping) -> "list[int]":
     """The physical address of each page of `view`, a COW portal at least on
     write.  A page it has written is a private page of this process (found
     in /proc/self/pagemap: present or swapped, and not a file page); faytd

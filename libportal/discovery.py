@@ -8,18 +8,25 @@ client finds it there, without a pid (docs/discovery.md).
 Names live in the namespaces of share-point names (docs/names.md): a bare
 name is the caller's uid's own, unless the policy shares it.
 """
-import collections
 import errno
 import json
 import time
+from typing import NamedTuple
 
 from . import errors
 from ._abi import lib, PUBLISH_REQ
-from .syscall import connection as _default_connection
+from .syscall import Connection, connection as _default_connection
+from ._types import Name
 
-Published = collections.namedtuple("Published", "context pid uid category name namespace")
-Published.__doc__ = ("A published context: its id (the target of notify()), pid, uid, policy "
-                     "category, the name and its namespace (\"uid:<uid>\" or \"shared\").")
+class Published(NamedTuple):
+    """A published context: its id (the target of notify()), pid, uid, policy
+    category, the name and its namespace ("uid:<uid>" or "shared")."""
+    context: int
+    pid: int
+    uid: int
+    category: "str | None"
+    name: str
+    namespace: str
 
 
 def _encode(name):
@@ -30,7 +37,7 @@ def _encode(name):
     return name
 
 
-def publish(name, *, connection=None):
+def publish(name: "Name", *, connection: "Connection | None" = None) -> None:
     """Publish this connection's context under `name`.  EEXIST if another
     live context holds it; it is free again when this context withdraws it,
     disconnects or dies."""
@@ -38,14 +45,15 @@ def publish(name, *, connection=None):
     conn.call(lib.FAYT_SYS_PUBLISH, PUBLISH_REQ.pack(0, 0) + _encode(name))
 
 
-def unpublish(name, *, connection=None):
+def unpublish(name: "Name", *, connection: "Connection | None" = None) -> None:
     """Withdraw `name` (ENOENT unless this context published it)."""
     conn = connection or _default_connection()
     conn.call(lib.FAYT_SYS_PUBLISH, PUBLISH_REQ.pack(lib.FAYT_PUBLISH_WITHDRAW, 0)
               + _encode(name))
 
 
-def lookup(name, *, timeout=0, connection=None):
+def lookup(name: "Name", *, timeout: "float | None" = 0,
+           connection: "Connection | None" = None) -> Published:
     """The context published under `name`, as a Published.
 
     timeout: 0 (the default) asks once; a number of seconds, or None for

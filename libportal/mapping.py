@@ -63,7 +63,7 @@ class Mapping:
         lib.fayt_unmap(self.addr, self.map_length)
         conn._mappings.pop(id(self), None)
 
-    def unmap(self):
+    def unmap(self) -> None:
         """Unmap this portal and drop its captured-thread entry in faytd.
 
         Like munmap(2) it does not wait: the request is sent with

@@ -16,13 +16,15 @@ A handler is called as handler(payload, index, sender): the
 specification's (void *, int, int); see dispatch.py.
 """
 import errno
+from typing import Any, NoReturn
 
 from . import errors
 from ._abi import ffi, lib
 from .channel import Channel, Sender
 from .dispatch import Dispatcher, DEFAULT_STACKS, HandlerReturn
 from .rings import IMMEDIATE, RETURN, NOWAIT, SLOTS, PAYLOAD_MAX, KERNEL, DOORBELL  # noqa: F401
-from .syscall import connection as _default_connection
+from .syscall import Connection, connection as _default_connection
+from ._types import Buffer, Handler
 
 PEER_DIED = lib.FAYT_EVENT_PEER_DIED
 SP_DESTROYED = lib.FAYT_EVENT_SP_DESTROYED
@@ -53,19 +55,24 @@ def runtime(connection=None):
 
 # -- the public calls ------------------------------------------------------------
 
-def install_handler(index, handler, connection=None, stacks=DEFAULT_STACKS):
+def install_handler(index: int, handler: "Handler", connection: "Connection | None" = None,
+                    stacks: int = DEFAULT_STACKS) -> None:
     """Install handler(payload, index, sender) at slot index (core only: else
     PermissionDenied).  The first install also allocates `stacks` notification
     stacks, unless some exist."""
     runtime(connection).install(index, handler, stacks)
 
 
-def remove_handler(index, connection=None):
+def remove_handler(index: int, connection: "Connection | None" = None) -> None:
+    """Remove the handler at slot `index`: later notifications to it are
+    dropped (counted as unhandled; a return-flag sender gets NotFound).
+    Core only, as install_handler(); removing an empty slot does nothing."""
     runtime(connection).remove(index)
 
 
-def notify(target, index, payload=b"", *, immediate=False, wait_return=False, nowait=False,
-           timeout=None, connection=None):
+def notify(target: int, index: int, payload: "Buffer" = b"", *, immediate: bool = False,
+           wait_return: bool = False, nowait: bool = False, timeout: "float | None" = None,
+           connection: "Connection | None" = None) -> "int | None":
     """Send notification `index` with `payload` (at most 48 bytes) to the
     context whose id is `target`.  immediate: ring its doorbell now and yield.
     wait_return: sleep until its handler returns; the result is returned (an
@@ -78,18 +85,18 @@ def notify(target, index, payload=b"", *, immediate=False, wait_return=False, no
     return runtime(connection).sender.notify(target, index, payload, flags, timeout)
 
 
-def notification_channel(target, connection=None):
+def notification_channel(target: int, connection: "Connection | None" = None) -> Channel:
     """Open the ring into `target` now (policy check, EPERM/ESRCH; notify() does
     it on first use otherwise) and return its Channel (send(), call())."""
     return Channel(runtime(connection).sender, target)
 
 
-def notification_ret(value=0):
+def notification_ret(value: int = 0) -> NoReturn:
     """Return from the running handler with `value` (notification_ret)."""
     raise HandlerReturn(value)
 
 
-def notification_dispatch(connection=None):
+def notification_dispatch(connection: "Connection | None" = None) -> int:
     """Run every notification waiting for this context; how many ran."""
     return runtime(connection).dispatch()
 
@@ -97,36 +104,41 @@ def notification_dispatch(connection=None):
 notification_poll = notification_dispatch
 
 
-def notification_wait(timeout=None, connection=None):
+def notification_wait(timeout: "float | None" = None,
+                      connection: "Connection | None" = None) -> int:
     """Sleep until notifications come, run them; how many ran (0: timed out)."""
     return runtime(connection).wait(timeout)
 
 
-def notification_stack_alloc(size=0, connection=None):
+def notification_stack_alloc(size: int = 0, connection: "Connection | None" = None) -> int:
     """Allocate a notification stack (size: bytes, a page multiple; 0: one page);
     its handle."""
     return runtime(connection).stack_alloc(size)
 
 
-def notification_stack_free(handle, connection=None):
+def notification_stack_free(handle: int, connection: "Connection | None" = None) -> None:
+    """Give back a notification stack that notification_stack_alloc() made
+    (`handle`: its return value).  EBUSY while a handler runs on it;
+    EBADF if no stack of this context has that handle."""
     runtime(connection).stack_free(handle)
 
 
-def set_stack_provider(index, connection=None):
+def set_stack_provider(index: "int | None", connection: "Connection | None" = None) -> None:
     """Make slot `index` the stack-provider action (None: no provider).  It is
     called as handler(None, index, 0) when a notification finds no free stack,
     and should call notification_stack_alloc()."""
     runtime(connection).set_provider(index)
 
 
-def subscribe(event, index, arg=0, connection=None):
+def subscribe(event: int, index: int, arg: int = 0,
+              connection: "Connection | None" = None) -> None:
     """Ask faytd for its own notifications at slot `index`: PEER_DIED (arg: the
     context id watched, 0 any) or SP_DESTROYED (a share-point this context
     maps).  The payload is a struct fayt_event_payload (decode_event)."""
     runtime(connection).subscribe(event, index, arg)
 
 
-def decode_event(payload):
+def decode_event(payload: "Buffer") -> "dict[str, Any]":
     """{event, context_id, pid, sp_id, identifier} of a faytd notification;
     an OVERFLOW (notices for this slot were lost) has `lost`: how many."""
     e = ffi.new("struct fayt_event_payload *")
@@ -139,7 +151,7 @@ def decode_event(payload):
     return d
 
 
-def notification_stats(connection=None):
+def notification_stats(connection: "Connection | None" = None) -> "dict[str, int]":
     """This context's notification counters: delivered (handlers run, from
     the context page), starved (a notification waited for a stack),
     unhandled (notifications that named a slot with no handler: dropped; a
@@ -151,12 +163,12 @@ def notification_stats(connection=None):
             "dropped": rt.dropped}
 
 
-def notification_depth(connection=None):
+def notification_depth(connection: "Connection | None" = None) -> int:
     """How many handlers run now, nested (0: none)."""
     return runtime(connection).page.notify.depth
 
 
-def current_notification(connection=None):
+def current_notification(connection: "Connection | None" = None) -> "dict[str, int] | None":
     """The saved-state record of the innermost running handler, as a dict
     (index, sender, stack, ring_id, pos, interrupted_index, depth), or None."""
     page = runtime(connection).page
@@ -168,7 +180,7 @@ def current_notification(connection=None):
             "pos": s.pos, "interrupted_index": s.interrupted_index, "depth": d}
 
 
-def context_of(pid, connection=None):
+def context_of(pid: int, connection: "Connection | None" = None) -> int:
     """The context id of the process `pid` (NotFound if it has none)."""
     conn = connection or _default_connection()
     for c in conn.list_contexts()["contexts"]:

@@ -24,6 +24,7 @@ import errno
 import os
 import struct
 import weakref
+from typing import Any, Sequence
 
 from . import errors
 from ._abi import lib, HANDLE_REQ, PORTAL_REQ, _fastpath
@@ -32,8 +33,9 @@ from .portal_req import (encode_portal_req, SHARE, DIRECT, ANON, COW,  # noqa: F
                          SPECIAL, PROT_NONE, PROT_READ, PROT_WRITE, PROT_EXEC, PROT_RW,
                          PAGE_SIZE)
 from .direct import direct_portal
-from .special import special_portal
+from .special import special_portal, SpecialPortal
 from .syscall import Connection, connection as _default_connection
+from ._types import Name
 
 _core_init = _fastpath.SharePointCore.__init__
 _REPLY_CREATED = lib.FAYT_PORTAL_REPLY_CREATED
@@ -46,7 +48,8 @@ class Portal(Mapping):
     """A mapped ANON portal: .addr, .length, .paddr (one physical address per
     frame), .buf (a memoryview of the region), unmap()."""
 
-    def __init__(self, conn, reply, *, addr, paddr, type, prot):
+    def __init__(self, conn: Connection, reply: Any, *, addr: int, paddr: Sequence[int],
+                 type: int, prot: int) -> None:
         """reply: the fayt_portal_reply (a _fastpath.PortalReply); its
         object is mapped at addr; paddr: its frames' physical addresses."""
         self._setup(conn, reply, addr, paddr, type)
@@ -57,7 +60,7 @@ class Portal(Mapping):
         self._region = None
 
     @property
-    def buf(self):
+    def buf(self) -> memoryview:
         """A memoryview of the region.  While it, or any memoryview made
         from it, exists, unmap() raises BufferError."""
         self._check()
@@ -93,7 +96,7 @@ class SharePoint(_fastpath.SharePointCore, Mapping):
     only an explicit lock() takes it, so nobody uses inconsistent data unaware.
     """
 
-    def __init__(self, conn, reply, type, identifier):
+    def __init__(self, conn: Connection, reply: Any, type: int, identifier: bytes) -> None:
         """reply: the PORTAL call's _fastpath.Reply (its object mapped)."""
         # Mapping._setup, inline: this runs on every create and attach.
         _core_init(self, reply, conn.context_page)
@@ -108,7 +111,7 @@ class SharePoint(_fastpath.SharePointCore, Mapping):
         self.identifier = identifier
         conn._mappings[id(self)] = _ref(self)
 
-    def destroy(self):
+    def destroy(self) -> None:
         """Destroy the share-point (owner or core only) and unmap it here.
 
         When faytd cannot refuse it (this mapping created the share-point, so
@@ -177,8 +180,10 @@ class SharePoint(_fastpath.SharePointCore, Mapping):
         raise TypeError("a SharePoint cannot be pickled: attach it by identifier")
 
 
-def portal(type, prot=PROT_RW, length=0, *, identifier=None, create=False,
-           share_type=0, chain=None, message=None, addr=0, paddr=(), connection=None):
+def portal(type: int, prot: int = PROT_RW, length: int = 0, *, identifier: "Name | None" = None,
+           create: bool = False, share_type: int = 0, chain: "Name | None" = None,
+           message: "Name | None" = None, addr: int = 0, paddr: Sequence[int] = (),
+           connection: "Connection | None" = None) -> "Portal | SharePoint | SpecialPortal":
     """The portal system call.  Returns a Portal, or a SharePoint for SHARE.
 
     type      class bits: ANON, SHARE|ANON, SPECIAL, DIRECT, COW, SHARE|DIRECT
@@ -245,13 +250,15 @@ def _mapped_inode(addr):
     raise errors.error(errno.EFAULT, "nothing is mapped at %#x" % addr)
 
 
-def share_create(identifier, length, prot=PROT_RW, *, addr=0, connection=None):
+def share_create(identifier: "Name", length: int, prot: int = PROT_RW, *, addr: int = 0,
+                 connection: "Connection | None" = None) -> SharePoint:
     """Create the share-point `identifier` (SHARE|ANON); EEXIST if it exists."""
     return portal(SHARE | ANON, prot, length, identifier=identifier, create=True,
                   addr=addr, connection=connection)
 
 
-def share_attach(identifier, prot=PROT_RW, *, addr=0, connection=None):
+def share_attach(identifier: "Name", prot: int = PROT_RW, *, addr: int = 0,
+                 connection: "Connection | None" = None) -> SharePoint:
     """Attach the existing share-point `identifier`; ENOENT if there is none,
     EACCES if it grants less than `prot`."""
     return portal(SHARE | ANON, prot, 0, identifier=identifier, create=False,

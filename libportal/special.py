@@ -55,6 +55,7 @@ no longer backed; regions that map it keep it.
 import errno
 import os
 import socket
+from typing import Callable
 
 from . import errors
 from ._abi import (ffi, lib, HANDLE_REQ, portal_reply, CHAIN_JOIN as JOIN_REQ,
@@ -63,7 +64,8 @@ from ._abi import (ffi, lib, HANDLE_REQ, portal_reply, CHAIN_JOIN as JOIN_REQ,
                    PAGE_REQUEST as PAGE_REQ, PAGE_REQUEST_HEAD as PAGE_REQ_HEAD, _fastpath)
 from .mapping import Mapping, check_views, drop_views
 from .portal_req import PROT_READ, PROT_WRITE, PAGE_SIZE, encode_portal_req
-from .syscall import _CRED, connection as _default_connection
+from .syscall import _CRED, Connection, connection as _default_connection
+from ._types import Buffer, Name, WritableBuffer
 
 _CHAIN_AT = ffi.offsetof("struct fayt_page_request", "chain")
 _CHAIN_END = _CHAIN_AT + lib.FAYT_NAME_MAX + 1
@@ -83,7 +85,7 @@ def _call_fds(conn, op, body, fds):
     return conn.call(op, body, send_fds=fds)
 
 
-def open_userfaultfd():
+def open_userfaultfd() -> "tuple[int, int]":
     """(fd, caps): a userfaultfd for a SPECIAL range, or a clear EPERM/ENOSYS."""
     caps = ffi.new("uint32_t *")
     fd = lib.fayt_uffd_open(caps)
@@ -114,7 +116,8 @@ class SpecialPortal(Mapping):
     it faults pages in with the GIL held), read(off, n) / readinto(off, buf)
     / write(off, data) (C copies, GIL released), unmap()."""
 
-    def __init__(self, conn, reply, addr, type, *, prot, uffd, caps, chain, message):
+    def __init__(self, conn: Connection, reply: object, addr: int, type: int, *, prot: int,
+                 uffd: int, caps: int, chain: "str | None", message: "bytes | None") -> None:
         """reply: the fayt_portal_reply (a _fastpath.PortalReply); the range
         is mapped at addr and registered with the userfaultfd uffd (caps:
         what it supports)."""
@@ -139,7 +142,7 @@ class SpecialPortal(Mapping):
                                % (offset, n, self.length))
 
     @property
-    def buf(self):
+    def buf(self) -> memoryview:
         """While it, or any memoryview made from it, exists, unmap() raises
         BufferError."""
         self._check()
@@ -153,7 +156,10 @@ class SpecialPortal(Mapping):
     def _check_unmap(self):
         check_views(self)
 
-    def read(self, offset, n):
+    def read(self, offset: int, n: int) -> bytes:
+        """`n` bytes from `offset`, copied in C with the GIL released (only
+        this thread waits for pages not supplied yet).  EINVAL outside the
+        portal, EACCES without PROT_READ, EBADF once unmapped."""
         self._check_range(offset, n)
         if not self.prot & PROT_READ:
             raise errors.error(errno.EACCES, "portal is not readable (prot)")
@@ -162,7 +168,11 @@ class SpecialPortal(Mapping):
             lib.fayt_copy(ffi.cast("uintptr_t", ffi.from_buffer(out)), self.addr + offset, n)
         return bytes(out)
 
-    def readinto(self, offset, buffer):
+    def readinto(self, offset: int, buffer: "WritableBuffer") -> int:
+        """Fill the writable bytes-like `buffer` from `offset` (a C copy, GIL
+        released); how many bytes were copied (len(buffer)).  The way to
+        read a region under UFFD_USER_MODE_ONLY.  EINVAL outside the portal,
+        EBADF once unmapped."""
         mv = memoryview(buffer).cast("B")
         self._check_range(offset, len(mv))
         if len(mv):
@@ -170,7 +180,10 @@ class SpecialPortal(Mapping):
                           self.addr + offset, len(mv))
         return len(mv)
 
-    def write(self, offset, data):
+    def write(self, offset: int, data: "Buffer") -> None:
+        """Copy the bytes-like `data` to `offset` (a C copy, GIL released).
+        EINVAL outside the portal, EACCES without PROT_WRITE, EBADF once
+        unmapped."""
         mv = memoryview(data).cast("B")
         self._check_range(offset, len(mv))
         if not self.prot & PROT_WRITE:
@@ -313,7 +326,7 @@ class PageRequest:
                  "hop", "client_pid", "region_id", "region_length", "_mlen", "_data",
                  "_answered", "_chain", "_message", "backed", "backing")
 
-    def __init__(self, server, slot):
+    def __init__(self, server: "ChainServer", slot: int) -> None:
         self.server = server
         self.slot = slot
         (self.id, self.offset, self.length, self.run_max, self.access, flags, self.hop, _,
@@ -331,7 +344,8 @@ class PageRequest:
     # request).  Both are read once per server (the chain: every request of
     # a channel names its chain) or per region (its message never changes).
     @property
-    def chain(self):
+    def chain(self) -> str:
+        """The name of the chain that supplies the region (sp_req_chain.name)."""
         if self._chain is None:
             c = self.server._chain_name
             if c is None:
@@ -341,7 +355,9 @@ class PageRequest:
         return self._chain
 
     @property
-    def message(self):
+    def message(self) -> bytes:
+        """The portal's sp_req_chain.message, as its client passed it (bytes,
+        at most FAYT_MESSAGE_MAX): what the region is of."""
         if self._message is None:
             kept = self.server._messages
             m = kept.get(self.region_id)
@@ -355,13 +371,15 @@ class PageRequest:
         return self._message
 
     @property
-    def data(self):
+    def data(self) -> memoryview:
+        """A writable memoryview of run_max bytes in the channel: write the
+        pages of the answer here, then supply(length=n)."""
         if self._data is None:
             self._data = self.server._data[self.slot][:self.run_max]
         return self._data
 
     @property
-    def cancelled(self):
+    def cancelled(self) -> bool:
         """The client went away (faytd will drop the answer)."""
         return bool(lib.fayt_pager_slot(self.server._ch, self.slot).flags
                     & lib.FAYT_PAGE_CANCELLED)
@@ -376,7 +394,7 @@ class PageRequest:
             raise errors.error(e, "page request %d: answer refused: %s" % (self.id, os.strerror(e)))
         self._answered = True
 
-    def supply(self, data=None, length=None):
+    def supply(self, data: "Buffer | None" = None, length: "int | None" = None) -> None:
         """Answer with pages.  data (bytes-like) is copied into .data first;
         else length bytes were written there already.  A partial last page
         is zero-filled.  0 bytes acknowledges a write report."""
@@ -397,7 +415,7 @@ class PageRequest:
             self.data[length:n] = bytes(n - length)
         self._answer(_DATA, 0, n)
 
-    def map(self, length):
+    def map(self, length: int) -> None:
         """Answer by reference: `length` bytes from offset on (rounded up to
         whole pages, at most run_max) are in this server's backing at the same
         offsets; faytd maps those very pages into the client (no copy).  A
@@ -412,11 +430,11 @@ class PageRequest:
                                % (length, self.run_max))
         self._answer(lib.FAYT_PAGE_MAPPED, 0, (length + PAGE_SIZE - 1) // PAGE_SIZE * PAGE_SIZE)
 
-    def forward(self):
+    def forward(self) -> None:
         """Pass the request on to the next server of the chain."""
         self._answer(lib.FAYT_PAGE_FORWARD, 0, 0)
 
-    def fail(self, err=errno.EIO):
+    def fail(self, err: int = errno.EIO) -> None:
         """Fail the access: the client's thread gets SIGBUS."""
         self._answer(lib.FAYT_PAGE_FAIL, int(err), 0)
 
@@ -431,7 +449,8 @@ DEFAULT_SPIN_NS = 50000
 class ChainServer:
     """A chain server's membership: take() page requests and answer them."""
 
-    def __init__(self, conn, name, reply, fds):
+    def __init__(self, conn: Connection, name: str, reply: "tuple[int, ...]",
+                 fds: "list[int]") -> None:
         (self.chain_id, self.position, self.slots, self.run_max, map_length, self.flags,
          self.timeout_ms) = reply
         self.connection = conn
@@ -459,7 +478,7 @@ class ChainServer:
         default = DEFAULT_SPIN_NS if (os.cpu_count() or 1) > 1 else 0
         self.spin_ns = int(os.environ.get("FAYT_PAGER_SPIN_NS", default))
 
-    def take(self, timeout=None):
+    def take(self, timeout: "float | None" = None) -> "PageRequest | None":
         """The next PageRequest, or None after timeout seconds (None: wait).
         Raises BrokenPipeError-like EPIPE once the chain membership ended."""
         if not self.joined:
@@ -478,7 +497,8 @@ class ChainServer:
                 self._slot(-1)
             raise errors.error(-s, "chain %r: the channel was closed by faytd" % self.name)
 
-    def serve(self, handler, stop=None, poll=0.1):
+    def serve(self, handler: Callable[[PageRequest], object],
+              stop: "Callable[[], bool] | None" = None, poll: "float | None" = 0.1) -> None:
         """Take requests and call handler(request) until stop() is true (or
         the channel closes).  A handler that raises OSError fails the request
         with its errno; one that returns without answering fails it with EIO."""
@@ -526,7 +546,7 @@ class ChainServer:
             raise errors.error(errno.EPIPE, "chain %r: left" % self.name)
         return self.connection.call(op, BACK_REQ.pack(self.chain_id, len(raw), handle, raw))[0]
 
-    def back(self, message, portal):
+    def back(self, message: "Name", portal: Mapping) -> int:
         """Declare the ANON portal `portal` (mapped through this server's
         connection) the backing for `message`: SPECIAL portals of the chain
         with that message, no longer than it, made from now on map it, and
@@ -542,12 +562,16 @@ class ChainServer:
         return BACK_REPLY.unpack(self._back_call(lib.FAYT_SYS_CHAIN_BACK, message,
                                                  portal.handle))[0]
 
-    def unback(self, message):
+    def unback(self, message: "Name") -> None:
         """New portals of `message` are no longer backed by this server;
         regions that map its backing keep it.  ENOENT if there is none."""
         self._back_call(lib.FAYT_SYS_CHAIN_UNBACK, message, 0)
 
-    def leave(self):
+    def leave(self) -> None:
+        """Leave the chain (faytd drops this member as it drops a server
+        that dies: what it had taken and not answered is ended by faytd) and
+        unmap the channel.  take() then raises EPIPE.  Leaving twice does
+        nothing; so does the end of a `with` block after it."""
         if not self.joined:
             return
         self.joined = False
@@ -570,8 +594,9 @@ class ChainServer:
         self.leave()
 
 
-def chain_join(name, *, slots=8, run_max=65536, write_reports=False, timeout=None,
-               connection=None):
+def chain_join(name: "Name", *, slots: int = 8, run_max: int = 65536, write_reports: bool = False,
+               timeout: "float | None" = None,
+               connection: "Connection | None" = None) -> ChainServer:
     """Join the chain `name` as its next server.  slots: requests in flight
     at once; run_max: bytes one answer may hold (prefetch); write_reports and
     timeout (seconds a server may take before faytd fails the request) are

@@ -31,6 +31,7 @@ import struct
 import threading
 import warnings
 import weakref
+from typing import Any, Sequence
 
 from . import errors
 from ._abi import (ffi, lib, REQ_HDR, HANDLE_REQ, HELLO_REQ, HELLO_REPLY, LIST_REQ,
@@ -53,7 +54,7 @@ def _spin_ns():
         return default
 
 
-def default_socket_path():
+def default_socket_path() -> str:
     """$FAYT_SOCKET, else $XDG_RUNTIME_DIR/fayt/faytd.sock, else /tmp/fayt-<uid>/faytd.sock."""
     p = os.environ.get("FAYT_SOCKET")
     if p:
@@ -109,7 +110,7 @@ class Connection:
     (default: $FAYT_FAYTD_UID): the socket's directory and the peer's
     credentials (SO_PEERCRED) are checked before anything is sent."""
 
-    def __init__(self, path=None, *, faytd_uid=None):
+    def __init__(self, path: "str | None" = None, *, faytd_uid: "int | None" = None) -> None:
         self.path = path or default_socket_path()
         uids = _faytd_uids(faytd_uid)
         _check_socket_dir(self.path, uids)
@@ -179,13 +180,14 @@ class Connection:
         self._finalizer = weakref.finalize(self, _close, self.sock, self.context_page)
         _connections.add(self)
 
-    def call(self, op, body=b"", flags=0, send_fds=()):
+    def call(self, op: int, body: bytes = b"", flags: int = 0,
+             send_fds: "Sequence[int]" = ()) -> "tuple[bytes, list[int]]":
         """Send one request (with send_fds as SCM_RIGHTS, for the calls in
         faytd's TAKES_FDS); return (reply body, [fds]) or raise its errno."""
         reply = self._dispatching_call(op, body, flags, send_fds, None)
         return reply.body, reply.fds
 
-    def call_portal(self, body, addr, prot, share):
+    def call_portal(self, body: bytes, addr: int, prot: int, share: bool) -> Any:
         """A PORTAL call whose granted object is mapped (at addr, or anywhere)
         and its fd closed in the same C call that reads the reply, the GIL
         held throughout, so that no fork() can inherit the fd (faytd may give
@@ -316,15 +318,15 @@ class Connection:
                                    % (op, seq, data.decode("utf-8", "replace"))),
                       RuntimeWarning, stacklevel=3)
 
-    def list_sharepoints(self):
+    def list_sharepoints(self) -> "list[dict[str, Any]]":
         """Every share-point in faytd's table, as dicts (paged LIST_SHARE)."""
         return self._list(lib.FAYT_SYS_LIST_SHARE, None)
 
-    def list_contexts(self):
+    def list_contexts(self) -> "dict[str, Any]":
         """{"contexts": [...], "ram_frames": n, "free_frames": n} (paged LIST_CONTEXTS)."""
         return self._list(lib.FAYT_SYS_LIST_CONTEXTS, "contexts")
 
-    def stats(self):
+    def stats(self) -> "dict[str, Any]":
         """faytd's counters, decoded (FAYT_SYS_STATS; docs/cli.md, "fayt stats")."""
         return json.loads(self.call(lib.FAYT_SYS_STATS)[0])
 
@@ -343,7 +345,7 @@ class Connection:
             return head
         return out
 
-    def close(self):
+    def close(self) -> None:
         """Close the connection; every portal mapped through it is unmapped
         here first (faytd drops them when the connection closes).  From a
         signal handler that interrupted a call of this thread, the close
@@ -371,7 +373,7 @@ class Connection:
             self._finalizer()
 
     @property
-    def closed(self):
+    def closed(self) -> bool:
         """Closed by close(), or lost because faytd went away (either
         closes the socket; so does a fork() child, for the default one)."""
         return self._broken or self.sock.fileno() < 0
@@ -394,7 +396,7 @@ _connections = weakref.WeakSet()    # every Connection: a fork() child forgets t
 _thread_ids = threading.local()     # .tid: the calling thread's Linux tid
 
 
-def connection():
+def connection() -> Connection:
     """The process's default connection, made on first use."""
     global _default
     c = _default
@@ -406,7 +408,7 @@ def connection():
         return _default
 
 
-def set_default(conn):
+def set_default(conn: "Connection | None") -> None:
     """Make `conn` the default connection (None: make a new one on next use)."""
     global _default
     _default = conn

@@ -110,7 +110,7 @@ def test_cli_stats_json_and_its_table(fresh_faytd):
     s = json.loads(r.stdout)
     assert s["version"] == 1
     assert set(s) == {"version", "calls", "fast_path", "faults", "contexts", "sharepoints",
-                      "frames", "journal", "limits", "fairness"}
+                      "frames", "journal", "limits", "fairness", "notifications", "chains"}
     assert s["calls"]["hello"] == {"fast": 0, "python": 1}      # this fayt's own
     assert s["calls"]["stats"] == {"fast": 0, "python": 1}
     assert set(s["calls"]) >= {"portal", "unmap", "unmap_destroy", "list_share",
@@ -125,6 +125,8 @@ def test_cli_stats_json_and_its_table(fresh_faytd):
     assert s["sharepoints"] == {"scope": "all", "count": 0}
     assert s["frames"]["free"] == s["frames"]["total"] > 0
     assert s["journal"] == {"enabled": True, "errors": 0}
+    assert s["notifications"] == {"rings": 0, "drops": 0}
+    assert s["chains"] == {"count": 0, "servers": 0, "regions": 0}
     r = fayt("stats", env=d.env())
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
@@ -136,6 +138,8 @@ def test_cli_stats_json_and_its_table(fresh_faytd):
     assert any(ln.startswith("contexts: ") for ln in lines)     # the first fayt may linger
     assert "share-points: 0" in lines
     assert "journal: 0 write errors" in lines
+    assert "notification rings: 0 (0 dropped as corrupt)" in lines
+    assert "chains: 0 (0 servers, 0 regions)" in lines
 
 
 def test_cli_socket_option_before_or_after_command(faytd):

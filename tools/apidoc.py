@@ -5,15 +5,23 @@ and signatures (make docs).
     python tools/apidoc.py --check    fail if docs/api.md is not what it would write
 
 The public API is every name libportal exports (dir(libportal) without a
-leading underscore, modules left out) and faytd.testing's.  A public
-function, class, method or property without a docstring, or a callable
-whose signature cannot be read, is a warning; any warning fails the run
-(exit status 1), so the reference cannot silently lose an entry.
+leading underscore, modules left out) and faytd.testing's (its __all__).
+Signatures are shown with their annotations as written (the type aliases
+of libportal/_types.py expanded).  Warnings, any of which fails the run
+(exit status 1), so the reference cannot silently lose an entry or point
+nowhere:
+- a public function, class, method or property without a docstring;
+- a callable whose signature cannot be read;
+- a broken reference: an annotation that does not resolve
+  (typing.get_type_hints), a relative Markdown link of the reference, or a
+  docs/NAME.md a docstring names, whose file does not exist.
+`make test` runs --check, so CI builds the reference too.
 """
 import argparse
 import enum
 import inspect
 import os
+import re
 import sys
 import types
 
@@ -27,12 +35,51 @@ def _doc(obj):
     return d.strip() if d else ""
 
 
+class _Written(str):
+    """An annotation written as a string, shown as written (no quotes)."""
+
+    def __repr__(self):
+        return str(self)
+
+
+# Module paths inspect puts before this project's classes and typing's names.
+_QUALIFIED = re.compile(r"\b(?:libportal|faytd)(?:\.\w+)*\.(?=[A-Z]\w*)|\btyping\.")
+
+
 def _sig(name, obj, warn, where):
     try:
-        return "%s%s" % (name, inspect.signature(obj))
+        sig = inspect.signature(obj)
     except (ValueError, TypeError):
         warn.append("%s: no signature can be read" % where)
         return "%s(...)" % name
+    try:
+        inspect.signature(obj, eval_str=True)
+    except Exception as e:      # NameError, SyntaxError...: the annotation names nothing
+        warn.append("%s: broken reference: an annotation does not resolve: %s: %s"
+                    % (where, type(e).__name__, e))
+
+    def shown(a):
+        return _Written(a) if isinstance(a, str) else a
+    sig = sig.replace(
+        parameters=[p.replace(annotation=shown(p.annotation)) for p in sig.parameters.values()],
+        return_annotation=shown(sig.return_annotation))
+    return "%s%s" % (name, _QUALIFIED.sub("", str(sig)))
+
+
+_LINK = re.compile(r"(?<!!)\[[^\]]*\]\(([^)\s#]+)(?:#[^)]*)?\)")
+_DOCS_PATH = re.compile(r"\bdocs/([\w.-]+\.md)\b")
+
+
+def _check_refs(text, warn):
+    """Relative links of the reference and docs/NAME.md mentions that name
+    no file."""
+    docs = os.path.join(ROOT, "docs")
+    for target in _LINK.findall(text):
+        if "://" not in target and not os.path.exists(os.path.join(docs, target)):
+            warn.append("broken reference: link to %s: no such file in docs/" % target)
+    for name in sorted(set(_DOCS_PATH.findall(text))):
+        if not os.path.exists(os.path.join(docs, name)):
+            warn.append("broken reference: docs/%s is named but does not exist" % name)
 
 
 def _public(module):
@@ -115,6 +162,19 @@ def _entry(qual, name, obj, warn, lines):
     lines.append("- `%s` = `%r`\n" % (qual, obj))
 
 
+def _aliases():
+    """The type aliases the signatures name (libportal/_types.py)."""
+    from libportal import _types
+    out = ["## Types\n", "The signatures' annotations are checked at run time "
+           "(tests/test_typing.py) and ship with the packages (`py.typed`). "
+           "The aliases they name, from `libportal._types`:\n"]
+    for n, v in vars(_types).items():
+        if not n.startswith("_") and not isinstance(v, types.ModuleType) and n not in (
+                "Callable", "Union"):
+            out.append("- `%s` = `%s`" % (n, _QUALIFIED.sub("", repr(v))))
+    return out + [""]
+
+
 def build():
     import importlib
     warn, lines = [], ["# API reference", "",
@@ -123,7 +183,16 @@ def build():
                        "[portals.md](portals.md), [notifications.md](notifications.md), "
                        "[special-portals.md](special-portals.md), "
                        "[discovery.md](discovery.md), [testing.md](testing.md), "
-                       "[errors.md](errors.md).", ""]
+                       "[errors.md](errors.md).", "",
+                       "`make docs` writes this file from the public API: every name "
+                       "`libportal` exports and `faytd.testing.__all__`. It fails (and writes "
+                       "nothing) on a warning: a public name without a docstring, a signature "
+                       "it cannot read, an annotation that does not resolve, or a link or "
+                       "`docs/` file named that does not exist. `make test` runs "
+                       "`tools/apidoc.py --check`, which also fails when this file is not what "
+                       "`make docs` would write: after changing a docstring or a signature, "
+                       "run `make docs` and commit the result.", ""]
+    lines += _aliases()
     for modname in MODULES:
         module = importlib.import_module(modname)
         lines.append("## `%s`\n" % modname)
@@ -139,6 +208,7 @@ def build():
     text = "\n".join(lines).rstrip() + "\n"
     while "\n\n\n" in text:
         text = text.replace("\n\n\n", "\n\n")
+    _check_refs(text, warn)
     return text, warn
 
 
@@ -152,8 +222,8 @@ def main(argv=None):
     for w in warn:
         print("apidoc: warning: %s" % w, file=sys.stderr)
     if warn:
-        print("apidoc: %d warnings: every public name needs a docstring and a signature"
-              % len(warn), file=sys.stderr)
+        print("apidoc: %d warnings: every public name needs a docstring and a signature, "
+              "every reference a target" % len(warn), file=sys.stderr)
         return 1
     if args.check:
         try:

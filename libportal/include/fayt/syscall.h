@@ -28,7 +28,7 @@
  * a client of another version (EPROTO, both versions named) and the client
  * refuses a faytd of another.  0 is the protocol before versions, whose
  * HELLO had no body and whose reply held 0 where wire_abi is now. */
-#define FAYT_WIRE_ABI  3
+#define FAYT_WIRE_ABI  4
 
 /* Operations.  Never reuse a retired number. */
 #define FAYT_SYS_HELLO          1   /* body fayt_hello_req: register the context;
@@ -68,6 +68,9 @@
                                        context under the name, or withdraw it; reply empty */
 #define FAYT_SYS_LOOKUP         40  /* body: the name (no NUL); reply: JSON {"context", "pid",
                                        "uid", "category", "name", "namespace"} */
+/* Tools (issue 18: 56-59).  One call, what it describes chosen by the body. */
+#define FAYT_SYS_INFO           56  /* body fayt_info_req; reply: a JSON page of rings or
+                                       chains (docs/cli.md, "fayt rings, fayt chains") */
 
 /* fayt_req_hdr.flags */
 #define FAYT_REQ_NOREPLY 0x1        /* UNMAP, UNMAP_DESTROY: do not answer unless it fails */
@@ -114,6 +117,18 @@ struct fayt_list_req {
 
 struct fayt_handle_req {
     uint64_t handle;
+} __attribute__((packed));
+
+/* INFO: what = FAYT_INFO_*; the entries whose id is above `after`, paged as
+ * LIST_* are.  A context that is not core sees only what involves its own
+ * uid's contexts. */
+#define FAYT_INFO_RINGS  1     /* notification rings: sender, target, depth, drops */
+#define FAYT_INFO_CHAINS 2     /* chains: servers, regions, faults answered */
+
+struct fayt_info_req {
+    uint32_t what;
+    uint32_t reserved;     /* 0 */
+    uint64_t after;
 } __attribute__((packed));
 
 struct fayt_portal_reply {
