@@ -75,10 +75,10 @@ def _shared_pattern(cat, p):
 
 class Category:
     __slots__ = ("name", "id", "classes", "notify_handlers", "mmio", "chains", "notify",
-                 "shared_create", "shared_attach", "names_create", "names_attach")
+                 "scheduler", "shared_create", "shared_attach", "names_create", "names_attach")
 
     KEYS = {"classes": list, "notify_handlers": bool, "mmio": list, "chains": list,
-            "notify": list, "shared_names": (list, dict)}
+            "notify": list, "scheduler": list, "shared_names": (list, dict)}
 
     def __init__(self, name, spec):
         self.name = name
@@ -112,6 +112,17 @@ class Category:
                 raise ValueError("policy: category %s: notify: %r is not a category name, "
                                  "\"*\" or \"$uid\"" % (name, t))
         self.notify = frozenset(notify)
+        # The scheduler right: whose contexts its decisions may act on
+        # (target categories, "*", "$uid"; docs/scheduling.md).  Absent:
+        # core anyone, the others no one (they may not schedule).
+        sched = spec.get("scheduler")
+        if sched is None:
+            sched = [NOTIFY_ANY] if self.id == lib.FAYT_CATEGORY_CORE else []
+        for t in sched:
+            if not isinstance(t, str):
+                raise ValueError("policy: category %s: scheduler: %r is not a category name, "
+                                 "\"*\" or \"$uid\"" % (name, t))
+        self.scheduler = frozenset(sched)
         # The shared names it may create, and attach (creating implies attaching).
         shared = spec.get("shared_names", [])
         if isinstance(shared, dict):
@@ -313,6 +324,26 @@ class Policy:
         if not any(fnmatch.fnmatchcase(name, g) for g in cat.chains):
             raise KernelError(errno.EPERM, "chain %r: category %s may not serve it"
                               % (name, cat.name))
+
+    @staticmethod
+    def check_schedule(sched):
+        """A decision through a queue: the category has the scheduler right."""
+        if not sched.category.scheduler:
+            raise KernelError(errno.EPERM, "decision: category %s has no scheduler right"
+                              % sched.category.name)
+
+    @staticmethod
+    def check_schedule_target(sched, target):
+        """...and its scheduler right names the target's category, "*", or
+        "$uid" with the same uid."""
+        allowed = sched.category.scheduler
+        if (NOTIFY_ANY in allowed or target.category.name in allowed
+                or (NOTIFY_SAME_UID in allowed and sched.uid == target.uid)):
+            return
+        raise KernelError(errno.EPERM, "context: category %s may not schedule context %d "
+                          "(category %s, uid %d); its scheduler right allows %s"
+                          % (sched.category.name, target.id, target.category.name, target.uid,
+                             ", ".join(sorted(allowed))))
 
     @staticmethod
     def check_notify(sender, target):
