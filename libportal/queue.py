@@ -24,6 +24,7 @@ from ._abi import ffi, lib, QUEUE_OPEN, QUEUE_REPLY, HANDLE_REQ
 from .syscall import connection as _default_connection
 
 DATA = lib.FAYT_QREC_DATA
+_put = lib.fayt_queue_put
 PAYLOAD_MAX = lib.FAYT_QUEUE_PAYLOAD_MAX
 
 
@@ -83,7 +84,7 @@ class Queue:
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._lock:
             self._check()
-            first = self._seq + 1
+            first = (self._seq + 1) & 0xFFFFFFFF
             done = 0
             while True:
                 src = ffi.from_buffer(buf)
@@ -103,6 +104,13 @@ class Queue:
     def put(self, payload, *, timeout=None):
         """Put one record (bytes-like, 0..PAYLOAD_MAX bytes)."""
         n = len(payload)
+        if type(payload) is bytes and timeout is None and n <= PAYLOAD_MAX:
+            with self._lock:            # the common case in one C call
+                q, seq = self._q, self._seq + 1
+                if q is not None and seq <= 0xFFFFFFFF and \
+                        _put(q, DATA, payload, n, 1, seq, -1, self._efd, self._put) == 0:
+                    self._seq = seq
+                    return
         if n > PAYLOAD_MAX:
             raise errors.error(errno.EINVAL, "payload: %d bytes; at most %d" % (n, PAYLOAD_MAX))
         self._put_raw(DATA, payload, n, 1, timeout, "put")
@@ -159,7 +167,8 @@ class Queue:
                 return
             h = ffi.cast("struct fayt_queue_header *", self._q)
             gone = h.state != lib.FAYT_QUEUE_OPEN       # faytd dropped or closed it already
-            self._q = h = None
+            buf, self._q, h = self._q, None, None
+            ffi.release(buf)                            # views made of it die with it
             try:
                 if not gone and not self._conn.closed:
                     self._conn.call(lib.FAYT_SYS_QUEUE_CLOSE, HANDLE_REQ.pack(self.id))
