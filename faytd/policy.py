@@ -21,8 +21,9 @@ and resolves every name; a connection carries its category's rights as one
 bit per pattern (Policy.grant).
 
 Every rights check of faytd is a method of Policy, called by the syscall
-layer (syscalls/) before it performs a call: no other module compares
-categories or rights bits.
+layer (syscalls/) before it performs a call, or by sched.py before it
+applies a scheduling decision (the `scheduler` right, docs/scheduling.md):
+no other module compares categories or rights bits.
 
 The embedded default gives the user who runs faytd (and root) the `core`
 category, which may do everything, and everyone else `server` (ANON and SHARE).

@@ -40,6 +40,7 @@ import signal
 from libportal._abi import lib
 
 from .frames import KernelError
+from .native import lib as clib
 from .policy import Policy
 
 log = logging.getLogger("faytd")
@@ -106,7 +107,8 @@ class Scheduling:
             log.debug("decision %d of pid %d: %s", seq, sched.pid, e)
             r = e.errno
         except OSError as e:
-            r = e.errno or errno.EIO
+            # setpriority(2) says EACCES for a nice value it may not lower: a privilege
+            r = errno.EPERM if e.errno == errno.EACCES else (e.errno or errno.EIO)
         if r is not None:
             if r:
                 self.refused += 1
@@ -167,10 +169,8 @@ class Scheduling:
         self._signal(t, signal.SIGSTOP)     # EPERM here: nothing recorded
         p = Park(sched.id, t.id, queue, seq, self._now())
         self.parks[t.id] = p
-        if self._try_park(t, p):
-            return 0
-        self._arm()
-        return None
+        self._arm()                         # pending, or watched for a SIGCONT behind its back
+        return 0 if self._try_park(t, p) else None
 
     def _try_park(self, t, p):
         """A step of a pending park: once t is seen stopped, it is parked if
@@ -217,10 +217,12 @@ class Scheduling:
     def _arm(self):
         if self._timer >= 0 or self.k.server is None:
             return
-        fd = os.timerfd_create(os.CLOCK_MONOTONIC, os.TFD_NONBLOCK | os.TFD_CLOEXEC)
-        os.timerfd_settime(fd, initial=PARK_CHECK_S, interval=PARK_CHECK_S)
+        fd = clib.fayt_timerfd_open()       # the core's (os.timerfd_* is Python 3.13's)
+        if fd < 0:
+            raise KernelError(-fd, "park: timerfd_create: %s" % os.strerror(-fd))
         self._timer = fd
         self.k.server.watch_fd(fd, self._on_timer, select.EPOLLIN)
+        clib.fayt_timerfd_arm(fd, int(PARK_CHECK_S * 1e9))
 
     def _disarm(self):
         if self._timer >= 0:
@@ -266,6 +268,8 @@ class Scheduling:
                 self._drop_park(p, errno.EBUSY)
         if not self.parks:
             self._disarm()
+        else:
+            clib.fayt_timerfd_arm(fd, int(PARK_CHECK_S * 1e9))
 
     def _drop_park(self, p, err):
         if self.parks.get(p.target) is p:
