@@ -337,24 +337,23 @@ class Policy:
     def check_schedule_target(sched, target):
         """...and its scheduler right names the target's category, "*", or
         "$uid" with the same uid."""
-        allowed = sched.category.scheduler
-        if (NOTIFY_ANY in allowed or target.category.name in allowed
-                or (NOTIFY_SAME_UID in allowed and sched.uid == target.uid)):
-            return
-        raise KernelError(errno.EPERM, "context: category %s may not schedule context %d "
-                          "(category %s, uid %d); its scheduler right allows %s"
-                          % (sched.category.name, target.id, target.category.name, target.uid,
-                             ", ".join(sorted(allowed))))
+        _check_target(sched, target, sched.category.scheduler, "context", "schedule",
+                      "scheduler")
 
     @staticmethod
     def check_notify(sender, target):
         """sender may get a ring into target (contexts): its category's notify
         right names the target's category, "*", or "$uid" with the same uid."""
-        allowed = sender.category.notify
-        if (NOTIFY_ANY in allowed or target.category.name in allowed
-                or (NOTIFY_SAME_UID in allowed and sender.uid == target.uid)):
-            return
-        raise KernelError(errno.EPERM, "target: category %s may not notify context %d "
-                          "(category %s, uid %d); its notify right allows %s"
-                          % (sender.category.name, target.id, target.category.name, target.uid,
-                             ", ".join(sorted(allowed)) or "no one"))
+        _check_target(sender, target, sender.category.notify, "target", "notify", "notify")
+
+
+def _check_target(src, target, allowed, field, verb, right):
+    """EPERM unless `allowed` (a right's list) names the target's category,
+    "*", or "$uid" with src's uid."""
+    if (NOTIFY_ANY in allowed or target.category.name in allowed
+            or (NOTIFY_SAME_UID in allowed and src.uid == target.uid)):
+        return
+    raise KernelError(errno.EPERM, "%s: category %s may not %s context %d (category %s, uid "
+                      "%d); its %s right allows %s"
+                      % (field, src.category.name, verb, target.id, target.category.name,
+                         target.uid, right, ", ".join(sorted(allowed)) or "no one"))
