@@ -1037,3 +1037,5 @@ CASES = {
     "direct": case_direct,
     "contention": case_contention,
 }
+from .queue_case import case_queue  # noqa: E402  (its own module: the queue's peers)
+CASES["queue"] = case_queue

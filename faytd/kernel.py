@@ -23,6 +23,8 @@ from .journal import Journal, alive
 from .notification import Notifications
 from .pager import Pager
 from .policy import Policy
+from .queue import Queues
+from .sched import Scheduling
 from .sharepoint import SharePoints
 from .stats import Stats
 
@@ -98,6 +100,8 @@ class Kernel:
         self.pager = Pager(self)
         self.direct = Direct(self)
         self.published = Published(self)
+        self.queues = Queues(self)
+        self.scheduling = Scheduling(self)
         self.cow = Cow(self)
         self.contexts = ContextTable()
         self._rechecks = {}         # sp id -> [sp, dead pid, delay]: see _recover_one
@@ -281,6 +285,8 @@ class Kernel:
         ctx.connected = False
         clib.fayt_fast_conn_gone(self.fast, ctx.fast)   # it creates nothing any more
         self.published.context_gone(ctx)                # nobody finds it any more
+        self.queues.context_gone(ctx)                   # drained, then dropped
+        self.scheduling.context_gone(ctx)               # its decisions undone
         watch = ctx.alive and ctx.pidfd >= 0
         records, ignored = ctx.mapped_lock_records(self.sharepoints)
         if watch and records:
@@ -315,6 +321,8 @@ class Kernel:
         self.pager.context_gone(ctx)
         self.direct.context_gone(ctx)
         self.published.context_gone(ctx)
+        self.queues.context_gone(ctx)
+        self.scheduling.context_gone(ctx)
         if self.journal is not None:
             self.journal.context_gone(ctx)
         ctx.close_page()
@@ -513,6 +521,8 @@ class Kernel:
                 self.server.unwatch_fd(self._recheck_fd)
             os.close(self._recheck_fd)
             self._recheck_fd = -1
+        self.scheduling.shutdown()
+        self.queues.shutdown()
         self.pager.shutdown()
         self.notifications.shutdown()
         for ctx in list(self.contexts.values()):

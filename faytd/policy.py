@@ -21,8 +21,9 @@ and resolves every name; a connection carries its category's rights as one
 bit per pattern (Policy.grant).
 
 Every rights check of faytd is a method of Policy, called by the syscall
-layer (syscalls/) before it performs a call: no other module compares
-categories or rights bits.
+layer (syscalls/) before it performs a call, or by sched.py before it
+applies a scheduling decision (the `scheduler` right, docs/scheduling.md):
+no other module compares categories or rights bits.
 
 The embedded default gives the user who runs faytd (and root) the `core`
 category, which may do everything, and everyone else `server` (ANON and SHARE).
@@ -75,10 +76,10 @@ def _shared_pattern(cat, p):
 
 class Category:
     __slots__ = ("name", "id", "classes", "notify_handlers", "mmio", "chains", "notify",
-                 "shared_create", "shared_attach", "names_create", "names_attach")
+                 "scheduler", "shared_create", "shared_attach", "names_create", "names_attach")
 
     KEYS = {"classes": list, "notify_handlers": bool, "mmio": list, "chains": list,
-            "notify": list, "shared_names": (list, dict)}
+            "notify": list, "scheduler": list, "shared_names": (list, dict)}
 
     def __init__(self, name, spec):
         self.name = name
@@ -112,6 +113,17 @@ class Category:
                 raise ValueError("policy: category %s: notify: %r is not a category name, "
                                  "\"*\" or \"$uid\"" % (name, t))
         self.notify = frozenset(notify)
+        # The scheduler right: whose contexts its decisions may act on
+        # (target categories, "*", "$uid"; docs/scheduling.md).  Absent:
+        # core anyone, the others no one (they may not schedule).
+        sched = spec.get("scheduler")
+        if sched is None:
+            sched = [NOTIFY_ANY] if self.id == lib.FAYT_CATEGORY_CORE else []
+        for t in sched:
+            if not isinstance(t, str):
+                raise ValueError("policy: category %s: scheduler: %r is not a category name, "
+                                 "\"*\" or \"$uid\"" % (name, t))
+        self.scheduler = frozenset(sched)
         # The shared names it may create, and attach (creating implies attaching).
         shared = spec.get("shared_names", [])
         if isinstance(shared, dict):
@@ -315,14 +327,33 @@ class Policy:
                               % (name, cat.name))
 
     @staticmethod
+    def check_schedule(sched):
+        """A decision through a queue: the category has the scheduler right."""
+        if not sched.category.scheduler:
+            raise KernelError(errno.EPERM, "decision: category %s has no scheduler right"
+                              % sched.category.name)
+
+    @staticmethod
+    def check_schedule_target(sched, target):
+        """...and its scheduler right names the target's category, "*", or
+        "$uid" with the same uid."""
+        _check_target(sched, target, sched.category.scheduler, "context", "schedule",
+                      "scheduler")
+
+    @staticmethod
     def check_notify(sender, target):
         """sender may get a ring into target (contexts): its category's notify
         right names the target's category, "*", or "$uid" with the same uid."""
-        allowed = sender.category.notify
-        if (NOTIFY_ANY in allowed or target.category.name in allowed
-                or (NOTIFY_SAME_UID in allowed and sender.uid == target.uid)):
-            return
-        raise KernelError(errno.EPERM, "target: category %s may not notify context %d "
-                          "(category %s, uid %d); its notify right allows %s"
-                          % (sender.category.name, target.id, target.category.name, target.uid,
-                             ", ".join(sorted(allowed)) or "no one"))
+        _check_target(sender, target, sender.category.notify, "target", "notify", "notify")
+
+
+def _check_target(src, target, allowed, field, verb, right):
+    """EPERM unless `allowed` (a right's list) names the target's category,
+    "*", or "$uid" with src's uid."""
+    if (NOTIFY_ANY in allowed or target.category.name in allowed
+            or (NOTIFY_SAME_UID in allowed and src.uid == target.uid)):
+        return
+    raise KernelError(errno.EPERM, "%s: category %s may not %s context %d (category %s, uid "
+                      "%d); its %s right allows %s"
+                      % (field, src.category.name, verb, target.id, target.category.name,
+                         target.uid, right, ", ".join(sorted(allowed)) or "no one"))

@@ -97,6 +97,9 @@ def stats_json(k, ctx):
                    "regions": len(k.pager.regions.by_id)},
         "journal": {"enabled": j is not None,
                     "errors": f.journal_errors + (j.errors if j is not None else 0)},
+        "queues": {"open": k.queues.count(), "records": k.queues.records,
+                   "dropped": k.queues.dropped},
+        "decisions": k.scheduling.counters(),
     }
     return json.dumps(out).encode()
 

@@ -26,6 +26,8 @@ from .notification import (install_handler, remove_handler, notify,  # noqa: F40
 
 from .direct import grant, physical  # noqa: F401
 from .discovery import publish, unpublish, lookup, Published  # noqa: F401
+from .queue import queue_open, Queue  # noqa: F401
+from .sched import Scheduler  # noqa: F401
 from ._abi import lib as _lib
 CATEGORY_CORE = _lib.FAYT_CATEGORY_CORE
 CATEGORY_DRIVER = _lib.FAYT_CATEGORY_DRIVER

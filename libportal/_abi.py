@@ -86,6 +86,9 @@ PORTAL_REPLY = struct_of("struct fayt_portal_reply")
 DIRECT_RUN = struct_of("struct fayt_direct_run")      # fd, pages, at, offset
 GRANT_REQ = struct_of("struct fayt_grant_req")        # handle, kind, to, prot, flags
 PUBLISH_REQ = struct_of("struct fayt_publish_req")    # flags, reserved; then the name
+QUEUE_OPEN = struct_of("struct fayt_queue_open")      # size, flags
+QUEUE_REPLY = struct_of("struct fayt_queue_reply")    # queue_id, size, map_length
+SCHED_DECISION = struct_of("struct fayt_sched_decision")  # context, value, cpus
 COW_PADDR_REQ = struct_of("struct fayt_cow_paddr_req")  # handle, base, npages, reserved
 # A fayt_portal_reply by name (made in C by _fastpath.Transport; by
 # portal_reply() where Python reads one from a reply's body).

@@ -3,7 +3,8 @@
 One module per noun: portal (PORTAL, UNMAP), sharepoint (SHARE_DESTROY,
 UNMAP_DESTROY, LIST_SHARE), notify (the NOTIFY_* calls), chain (the CHAIN_*
 calls and the SPECIAL branch of PORTAL), context (HELLO, LIST_CONTEXTS),
-discovery (PUBLISH, LOOKUP), info (INFO: rings and chains, for the tools);
+discovery (PUBLISH, LOOKUP), queue (QUEUE_OPEN, QUEUE_CLOSE), info (INFO:
+rings and chains, for the tools);
 wire holds the decoding they share.
 
 Each handler takes (kernel, context, tid, body, fds) and returns (reply
@@ -17,7 +18,7 @@ the reply: the objects never see the wire format, a socket or a right
 from libportal._abi import lib
 
 from .. import stats
-from . import chain, context, direct, discovery, info, notify, portal, sharepoint
+from . import chain, context, direct, discovery, info, notify, portal, queue, sharepoint
 
 HANDLERS = {
     lib.FAYT_SYS_HELLO: context.sys_hello,
@@ -49,6 +50,8 @@ HANDLERS = {
     lib.FAYT_SYS_PUBLISH: discovery.sys_publish,
     lib.FAYT_SYS_LOOKUP: discovery.sys_lookup,
     lib.FAYT_SYS_INFO: info.sys_info,
+    lib.FAYT_SYS_QUEUE_OPEN: queue.sys_queue_open,
+    lib.FAYT_SYS_QUEUE_CLOSE: queue.sys_queue_close,
 }
 # Every call but HELLO needs a context the policy admitted.
 NEED_NO_HELLO = frozenset({lib.FAYT_SYS_HELLO})

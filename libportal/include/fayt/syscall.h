@@ -68,6 +68,11 @@
                                        context under the name, or withdraw it; reply empty */
 #define FAYT_SYS_LOOKUP         40  /* body: the name (no NUL); reply: JSON {"context", "pid",
                                        "uid", "category", "name", "namespace"} */
+/* 41..47 are left to channels.  The user->kernel queue (queue.h, docs/queue.md). */
+#define FAYT_SYS_QUEUE_OPEN     48  /* body fayt_queue_open; reply fayt_queue_reply + the
+                                       queue's fd + its eventfd */
+#define FAYT_SYS_QUEUE_CLOSE    49  /* body fayt_handle_req (the queue id): faytd drains what
+                                       is published, then drops the queue */
 /* Tools (issue 18: 56-59).  One call, what it describes chosen by the body. */
 #define FAYT_SYS_INFO           56  /* body fayt_info_req; reply: a JSON page of rings or
                                        chains (docs/cli.md, "fayt rings, fayt chains") */
@@ -196,6 +201,19 @@ struct fayt_grant_req {
     uint32_t to;
     int32_t prot;          /* at most the mapping's prot */
     uint32_t flags;        /* FAYT_GRANT_REVOKE */
+} __attribute__((packed));
+
+/* QUEUE_OPEN: a queue from this context to faytd, of `size` ring bytes (0:
+ * FAYT_QUEUE_SIZE_DEFAULT; else a power of two in FAYT_QUEUE_SIZE_MIN..MAX). */
+struct fayt_queue_open {
+    uint32_t size;
+    uint32_t flags;        /* 0 */
+} __attribute__((packed));
+
+struct fayt_queue_reply {
+    uint32_t queue_id;
+    uint32_t size;         /* ring bytes */
+    uint64_t map_length;   /* bytes to map read-write from offset 0 of the fd */
 } __attribute__((packed));
 
 #define FAYT_PUBLISH_WITHDRAW 0x1

@@ -1,0 +1,190 @@
+"""The user->kernel queue: records from this context to faytd, with no
+system call a record (docs/queue.md).
+
+    q = lp.queue_open()                  # QUEUE_OPEN: a 64 KiB ring
+    q.put(b"sixteen bytes...")           # one record
+    q.put_many([b"a" * 16] * 100)        # a batch, published once
+    q.close()                            # faytd drains what is published
+
+A queue has one producer: this process, one thread at a time (the Queue
+holds a lock around each put).  faytd is woken (the queue's eventfd) only
+when it said it sleeps.  put and put_many wait for space as their timeout
+says: None (the default) for ever, 0 never (WouldBlock when full), else at
+most that many seconds (TimedOut).  A queue faytd dropped for a bad record
+raises ProtocolError (EPROTO); a closed one BrokenPipeError (EPIPE).
+"""
+import errno
+import mmap
+import os
+import threading
+import time
+
+from . import errors
+from ._abi import ffi, lib, QUEUE_OPEN, QUEUE_REPLY, HANDLE_REQ
+from .syscall import connection as _default_connection
+
+DATA = lib.FAYT_QREC_DATA
+_put = lib.fayt_queue_put
+PAYLOAD_MAX = lib.FAYT_QUEUE_PAYLOAD_MAX
+
+
+def _ns(deadline):
+    """A C timeout from a deadline: -1 for ever, else ns left (>= 0)."""
+    if deadline is None:
+        return -1
+    return max(0, int((deadline - time.monotonic()) * 1e9))
+
+
+class Queue:
+    """One queue from this context to faytd (queue_open makes it)."""
+
+    def __init__(self, conn, qid, size, fd, efd, length):
+        self.id = qid
+        self.size = size
+        self._conn = conn
+        self._efd = efd
+        try:
+            self._map = mmap.mmap(fd, length)
+        finally:
+            os.close(fd)
+        self._q = ffi.from_buffer(self._map)
+        self._put = ffi.new("uint32_t *")
+        self._err = ffi.new("int32_t *")
+        self._seq = 0
+        self._lock = threading.Lock()
+
+    def __repr__(self):
+        return "<Queue %d, %d bytes%s>" % (self.id, self.size, "" if self._q else ", closed")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def _check(self):
+        if self._q is None:
+            raise errors.error(errno.EBADF, "queue %d: closed" % self.id)
+
+    def _raise(self, r, what):
+        msgs = {
+            errno.EAGAIN: "%s: queue %d is full" % (what, self.id),
+            errno.ETIMEDOUT: "%s: queue %d stayed full until the timeout" % (what, self.id),
+            errno.EPROTO: "%s: faytd dropped queue %d (a bad record), or its header is "
+                          "corrupt" % (what, self.id),
+            errno.EPIPE: "%s: queue %d is closed" % (what, self.id),
+        }
+        if r == errno.EPIPE:
+            return BrokenPipeError(r, msgs[r])
+        return errors.error(r, msgs.get(r, "%s: %s" % (what, os.strerror(r))))
+
+    def _put_raw(self, type_, buf, length, n, timeout, what):
+        """Put n records of `length` bytes from buf; returns the first seq."""
+        timeout = errors.check_timeout(timeout)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._lock:
+            self._check()
+            first = (self._seq + 1) & 0xFFFFFFFF
+            done = 0
+            while True:
+                src = ffi.from_buffer(buf)
+                r = lib.fayt_queue_put(self._q, type_, src + done * length, length, n - done,
+                                       first + done, 0 if timeout == 0 else _ns(deadline),
+                                       self._efd, self._put)
+                done += self._put[0]
+                if r == errno.EINTR:
+                    continue                    # the handlers ran: the rest
+                self._seq = (first + done - 1) & 0xFFFFFFFF
+                if r:
+                    e = self._raise(r, what)
+                    e.put = done
+                    raise e
+                return first
+
+    def put(self, payload, *, timeout=None):
+        """Put one record (bytes-like, 0..PAYLOAD_MAX bytes)."""
+        n = len(payload)
+        if type(payload) is bytes and timeout is None and n <= PAYLOAD_MAX:
+            with self._lock:            # the common case in one C call
+                q, seq = self._q, self._seq + 1
+                if q is not None and seq <= 0xFFFFFFFF and \
+                        _put(q, DATA, payload, n, 1, seq, -1, self._efd, self._put) == 0:
+                    self._seq = seq
+                    return
+        if n > PAYLOAD_MAX:
+            raise errors.error(errno.EINVAL, "payload: %d bytes; at most %d" % (n, PAYLOAD_MAX))
+        self._put_raw(DATA, payload, n, 1, timeout, "put")
+
+    def put_many(self, payloads, *, timeout=None):
+        """Put records of one length, in order, in one call: each is published
+        as soon as it is written, so faytd drains a long batch as it goes.
+        payloads: a sequence of bytes-like of one length.  On an error the
+        exception's `put` says how many were put."""
+        payloads = list(payloads)
+        if not payloads:
+            return
+        n = len(payloads[0])
+        if n > PAYLOAD_MAX:
+            raise errors.error(errno.EINVAL, "payloads: %d bytes; at most %d" % (n, PAYLOAD_MAX))
+        for i, p in enumerate(payloads):
+            if len(p) != n:
+                raise errors.error(errno.EINVAL, "payloads[%d]: %d bytes, not %d like "
+                                   "payloads[0]" % (i, len(p), n))
+        self._put_raw(DATA, b"".join(payloads), n, len(payloads), timeout, "put_many")
+
+    def put_decision(self, type_, payload, *, timeout=None):
+        """A decision record (libportal.sched builds them); returns its seq."""
+        return self._put_raw(type_, payload, len(payload), 1, timeout, "decision")
+
+    def result(self, seq, *, timeout=None):
+        """The errno faytd answered decision seq with (0: applied)."""
+        timeout = errors.check_timeout(timeout)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        self._check()
+        while True:
+            r = lib.fayt_queue_wait_result(self._q, seq, _ns(deadline), self._err)
+            if r == errno.EINTR:
+                continue
+            if r == errno.ENOENT:
+                raise errors.error(r, "decision %d: its result was overwritten (more than %d "
+                                   "decisions outstanding)" % (seq, lib.FAYT_QUEUE_RESULTS))
+            if r == errno.ETIMEDOUT:
+                raise errors.error(r, "decision %d: no result before the timeout" % seq)
+            if r:
+                raise self._raise(r, "decision %d" % seq)
+            return self._err[0]
+
+    def stats(self):
+        """What the header says: {"records": drained, "head", "tail", "state"}."""
+        self._check()
+        h = ffi.cast("struct fayt_queue_header *", self._q)
+        return {"records": h.records, "head": h.head, "tail": h.tail, "state": h.state}
+
+    def close(self):
+        """QUEUE_CLOSE: faytd drains what is published, then drops the queue."""
+        with self._lock:
+            if self._q is None:
+                return
+            h = ffi.cast("struct fayt_queue_header *", self._q)
+            gone = h.state != lib.FAYT_QUEUE_OPEN       # faytd dropped or closed it already
+            buf, self._q, h = self._q, None, None
+            ffi.release(buf)                            # views made of it die with it
+            try:
+                if not gone and not self._conn.closed:
+                    self._conn.call(lib.FAYT_SYS_QUEUE_CLOSE, HANDLE_REQ.pack(self.id))
+            finally:
+                os.close(self._efd)
+                self._map.close()
+
+
+def queue_open(size=0, *, connection=None):
+    """QUEUE_OPEN: a queue from this connection's context to faytd of `size`
+    ring bytes (0: 64 KiB; else a power of two from 4 KiB to 16 MiB)."""
+    conn = connection or _default_connection()
+    body, fds = conn.call(lib.FAYT_SYS_QUEUE_OPEN, QUEUE_OPEN.pack(size, 0))
+    if len(fds) != 2 or len(body) != QUEUE_REPLY.size:
+        for fd in fds:
+            os.close(fd)
+        raise errors.error(errno.EPROTO, "queue_open: malformed reply from faytd")
+    qid, size, length = QUEUE_REPLY.unpack(body)
+    return Queue(conn, qid, size, fds[0], fds[1], length)
