@@ -25,6 +25,7 @@ from .pager import Pager
 from .policy import Policy
 from .sharepoint import SharePoints
 from .stats import Stats
+from .stream import Channels
 
 log = logging.getLogger("faytd")
 _RECHECK_FIRST_S = 0.001    # a dead locker's PENDING record met a live one: look again after
@@ -98,6 +99,7 @@ class Kernel:
         self.pager = Pager(self)
         self.direct = Direct(self)
         self.published = Published(self)
+        self.channels = Channels(self)
         self.cow = Cow(self)
         self.contexts = ContextTable()
         self._rechecks = {}         # sp id -> [sp, dead pid, delay]: see _recover_one
@@ -280,6 +282,7 @@ class Kernel:
         ctx.connected = False
         clib.fayt_fast_conn_gone(self.fast, ctx.fast)   # it creates nothing any more
         self.published.context_gone(ctx)                # nobody finds it any more
+        self.channels.context_gone(ctx)                 # its listeners go, its channels reset
         watch = ctx.alive and ctx.pidfd >= 0
         records, ignored = ctx.mapped_lock_records(self.sharepoints)
         if watch and records:
@@ -314,6 +317,7 @@ class Kernel:
         self.pager.context_gone(ctx)
         self.direct.context_gone(ctx)
         self.published.context_gone(ctx)
+        self.channels.context_gone(ctx)
         if self.journal is not None:
             self.journal.context_gone(ctx)
         ctx.close_page()

@@ -85,6 +85,10 @@ PORTAL_REPLY = struct_of("struct fayt_portal_reply")
 DIRECT_RUN = struct_of("struct fayt_direct_run")      # fd, pages, at, offset
 GRANT_REQ = struct_of("struct fayt_grant_req")        # handle, kind, to, prot, flags
 PUBLISH_REQ = struct_of("struct fayt_publish_req")    # flags, reserved; then the name
+LISTEN_REQ = struct_of("struct fayt_listen_req")      # flags, backlog; then the name
+LISTEN_REPLY = struct_of("struct fayt_listen_reply")
+CONNECT_REQ = struct_of("struct fayt_connect_req")    # ring_bytes, reserved; then the name
+CHAN_REPLY = struct_of("struct fayt_chan_reply")
 COW_PADDR_REQ = struct_of("struct fayt_cow_paddr_req")  # handle, base, npages, reserved
 # A fayt_portal_reply by name (made in C by _fastpath.Transport; by
 # portal_reply() where Python reads one from a reply's body).

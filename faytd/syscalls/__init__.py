@@ -3,7 +3,7 @@
 One module per noun: portal (PORTAL, UNMAP), sharepoint (SHARE_DESTROY,
 UNMAP_DESTROY, LIST_SHARE), notify (the NOTIFY_* calls), chain (the CHAIN_*
 calls and the SPECIAL branch of PORTAL), context (HELLO, LIST_CONTEXTS),
-discovery (PUBLISH, LOOKUP);
+discovery (PUBLISH, LOOKUP), stream (LISTEN, CONNECT, ACCEPT, CHAN_CLOSE);
 wire holds the decoding they share.
 
 Each handler takes (kernel, context, tid, body, fds) and returns (reply
@@ -17,7 +17,7 @@ the reply: the objects never see the wire format, a socket or a right
 from libportal._abi import lib
 
 from .. import stats
-from . import chain, context, direct, discovery, notify, portal, sharepoint
+from . import chain, context, direct, discovery, notify, portal, sharepoint, stream
 
 HANDLERS = {
     lib.FAYT_SYS_HELLO: context.sys_hello,
@@ -48,6 +48,10 @@ HANDLERS = {
     lib.FAYT_SYS_COW_PADDR: direct.sys_cow_paddr,
     lib.FAYT_SYS_PUBLISH: discovery.sys_publish,
     lib.FAYT_SYS_LOOKUP: discovery.sys_lookup,
+    lib.FAYT_SYS_LISTEN: stream.sys_listen,
+    lib.FAYT_SYS_CONNECT: stream.sys_connect,
+    lib.FAYT_SYS_ACCEPT: stream.sys_accept,
+    lib.FAYT_SYS_CHAN_CLOSE: stream.sys_chan_close,
 }
 # Every call but HELLO needs a context the policy admitted.
 NEED_NO_HELLO = frozenset({lib.FAYT_SYS_HELLO})
