@@ -108,7 +108,24 @@ def connect(name, *, timeout=0, ring_bytes=0, connection=None):
     return End(conn, body, fds)
 
 
-class Listener:
+class _Closing:
+    """with-statement and garbage collection close it (close() is idempotent)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        if not getattr(self, "closed", True):
+            try:
+                self.close()
+            except Exception:
+                pass
+
+
+class Listener(_Closing):
     """A name a server listens on.  accept() takes the next connection;
     fileno() is readable when one may be queued (for selectors/asyncio)."""
 
@@ -178,21 +195,8 @@ class Listener:
         finally:
             os.close(self._efd)
 
-    def __enter__(self):
-        return self
 
-    def __exit__(self, *exc):
-        self.close()
-
-    def __del__(self):
-        if not getattr(self, "closed", True):
-            try:
-                self.close()
-            except Exception:
-                pass
-
-
-class End:
+class End(_Closing):
     """One end of a channel.  send/recv move whole messages; timeout None
     waits for ever, 0 does not wait (WouldBlock), else seconds (TimedOut).
     peer: the other end's credentials (Peer)."""
@@ -472,16 +476,3 @@ class End:
             raise errors.error(errno.EBADF, "channel: closed")
         if self._broken:
             raise self._reset
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-    def __del__(self):
-        if not getattr(self, "closed", True):
-            try:
-                self.close()
-            except Exception:
-                pass
