@@ -10,6 +10,7 @@ import multiprocessing
 import mmap
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -1024,6 +1025,188 @@ def case_direct(d, scale):
     ]
 
 
+# -- connected channels: 64 B request-response and one-way messages ----------------
+
+_CHAN_PEER = r"""
+import sys, time
+import libportal as lp
+lst = lp.listen(sys.argv[1])
+print("ready", flush=True)
+end = lst.accept()
+if sys.argv[2] == "echo":
+    send, recv = end.send, end.recv
+    while True:
+        m = recv()
+        if not m:
+            break
+        send(m)
+else:                               # sink: take argv[3] messages, then say when
+    recv, n = end.recv, int(sys.argv[3])
+    for _ in range(n):
+        recv()
+    print(time.perf_counter(), flush=True)
+    recv()
+end.close()
+"""
+
+_MQ_SINK = r"""
+import sys, time
+import posix_ipc
+mq = posix_ipc.MessageQueue(sys.argv[1])
+print("ready", flush=True)
+recv = mq.receive
+for _ in range(int(sys.argv[2])):
+    recv()
+print(time.perf_counter(), flush=True)
+"""
+
+
+def _chan_peer(d, mode, m=0):
+    name = _name("chan")
+    p = subprocess.Popen([sys.executable, "-c", _CHAN_PEER, name, mode, str(m)], env=d.env(),
+                         stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "ready"
+    return p, lp.connect(name, timeout=30)
+
+
+def _echo_child(make):
+    """A forked child echoing 64 B messages on a pair made by make() until
+    EOF; (send, recv, close) for this side."""
+    a_send, a_recv, b_send, b_recv, close = make()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            while True:
+                m = b_recv()
+                if not m:
+                    break
+                b_send(m)
+        finally:
+            os._exit(0)
+
+    def stop():             # the child holds this side's ends too: no EOF comes, kill it
+        close()
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    return a_send, a_recv, stop
+
+
+def _pipes64():
+    r1, w1 = os.pipe()
+    r2, w2 = os.pipe()
+    return (lambda m: os.write(w1, m), lambda: os.read(r2, 64),
+            lambda m: os.write(w2, m), lambda: os.read(r1, 64),
+            lambda: [os.close(f) for f in (w1, r2, r1, w2)])
+
+
+def _sockets64():
+    import socket
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    return (a.send, lambda: a.recv(64), b.send, lambda: b.recv(64),
+            lambda: (a.close(), b.close()))
+
+
+def case_channel(d, scale):
+    """64 B request-response between two processes: a channel vs a Unix
+    socket (SOCK_SEQPACKET) and a pipe pair, interleaved in rounds (median);
+    then one-way 64 B messages/s vs posix_ipc.MessageQueue.  iceoryx2 and
+    faster-fifo rows are left out, with a printed reason, when they are not
+    installed (pip install fayt-portals[bench])."""
+    n = _n(20000, scale, 500)
+    msg = b"q" * 64
+    p, end = _chan_peer(d, "echo")
+    u_send, u_recv, u_stop = _echo_child(_sockets64)
+    q_send, q_recv, q_stop = _echo_child(_pipes64)
+    try:
+        def ours(k):
+            send, recv = end.send, end.recv
+            for _ in range(k):
+                send(msg)
+                recv()
+
+        def unix(k):
+            for _ in range(k):
+                u_send(msg)
+                u_recv()
+
+        def pipe(k):
+            for _ in range(k):
+                q_send(msg)
+                q_recv()
+        for f in (ours, unix, pipe):
+            f(100)
+        t_ours, t_unix, t_pipe = median_of(n, 5, ours, unix, pipe)
+    finally:
+        end.close()
+        p.wait(30)
+        u_stop()
+        q_stop()
+    best = min(t_unix, t_pipe)
+    rows = [
+        {"name": "channel 64 B request-response", "ours": t_ours * 1e6, "unit": "us",
+         "peer": "Unix socket (seqpacket)", "peer_value": t_unix * 1e6,
+         "ratio": t_ours / t_unix, "target": ("<=", 1.0) if best == t_unix else None},
+        {"name": "channel 64 B request-response", "ours": t_ours * 1e6, "unit": "us",
+         "peer": "pipe pair", "peer_value": t_pipe * 1e6, "ratio": t_ours / t_pipe,
+         "target": ("<=", 1.0) if best == t_pipe else None},
+    ]
+    _skip("iceoryx2", "iceoryx2 request-response and publish-subscribe rows")
+
+    m = _n(200000, scale, 5000)
+    ours = _one_way_ours(d, m, msg)
+    peer = _one_way_mq(m, msg)
+    rows.append({"name": "channel one way, 64 B", "ours": ours, "unit": "msgs/s",
+                 "peer": "posix_ipc.MessageQueue", "peer_value": peer, "ratio": ours / peer,
+                 "target": None})
+    _skip("faster_fifo", "the faster-fifo row")
+    return rows
+
+
+def _skip(module, what):
+    try:
+        __import__(module)
+    except ImportError:
+        print("bench channel: %s skipped: %s is not installed (pip install "
+              "fayt-portals[bench])" % (what, module), file=sys.stderr)
+        return True
+    print("bench channel: %s skipped: %s is installed but this case does not measure it yet"
+          % (what, module), file=sys.stderr)
+    return True
+
+
+def _one_way_ours(d, m, msg):
+    p, end = _chan_peer(d, "sink", m)
+    try:
+        send = end.send
+        t = time.perf_counter()
+        for _ in range(m):
+            send(msg)
+        done = float(p.stdout.readline())
+    finally:
+        end.close()
+        p.wait(30)
+    return m / (done - t)
+
+
+def _one_way_mq(m, msg):
+    name = "/" + _name("mq")
+    mq = posix_ipc.MessageQueue(name, posix_ipc.O_CREX, max_messages=10, max_message_size=64)
+    try:
+        p = subprocess.Popen([sys.executable, "-c", _MQ_SINK, name, str(m)],
+                             stdout=subprocess.PIPE, text=True)
+        assert p.stdout.readline().strip() == "ready"
+        send = mq.send
+        t = time.perf_counter()
+        for _ in range(m):
+            send(msg)
+        done = float(p.stdout.readline())
+        p.wait(30)
+    finally:
+        mq.unlink()
+        mq.close()
+    return m / (done - t)
+
+
 CASES = {
     "lock": case_lock,
     "write": case_write,
@@ -1036,6 +1219,7 @@ CASES = {
     "fair": case_fair,
     "direct": case_direct,
     "contention": case_contention,
+    "channel": case_channel,
 }
 from .queue_case import case_queue  # noqa: E402  (its own module: the queue's peers)
 CASES["queue"] = case_queue

@@ -49,6 +49,7 @@ DEFAULT = {
     "max_stacks_per_uid": 1024,      # notification stacks its contexts hold
     "max_published_per_uid": 1024,   # names its contexts published (docs/discovery.md)
     "max_queues_per_uid": 64,        # user->kernel queues its contexts hold (docs/queue.md)
+    "max_channels_per_uid": 1024,    # channels and listeners its contexts hold (docs/channels.md)
     "policy": {
         "categories": {
             "core": {"classes": ["SHARE", "DIRECT", "ANON", "COW", "SPECIAL"],
@@ -136,7 +137,7 @@ def load(path=None, overrides=None):
                 "max_connections_per_process", "max_contexts_per_uid",
                 "max_contexts_per_process", "max_sharepoints_per_uid", "max_rings_per_uid",
                 "max_stacks_per_uid", "max_published_per_uid",
-                "max_queues_per_uid"):
+                "max_queues_per_uid", "max_channels_per_uid"):
         _count(cfg, key)
     _count(cfg, "max_connections", none=True)
     _count(cfg, "reserved_connections", least=0)

@@ -27,6 +27,7 @@ from .queue import Queues
 from .sched import Scheduling
 from .sharepoint import SharePoints
 from .stats import Stats
+from .stream import Channels
 
 log = logging.getLogger("faytd")
 _RECHECK_FIRST_S = 0.001    # a dead locker's PENDING record met a live one: look again after
@@ -102,6 +103,7 @@ class Kernel:
         self.published = Published(self)
         self.queues = Queues(self)
         self.scheduling = Scheduling(self)
+        self.channels = Channels(self)
         self.cow = Cow(self)
         self.contexts = ContextTable()
         self._rechecks = {}         # sp id -> [sp, dead pid, delay]: see _recover_one
@@ -287,6 +289,7 @@ class Kernel:
         self.published.context_gone(ctx)                # nobody finds it any more
         self.queues.context_gone(ctx)                   # drained, then dropped
         self.scheduling.context_gone(ctx)               # its decisions undone
+        self.channels.context_gone(ctx)                 # its listeners go, its channels reset
         watch = ctx.alive and ctx.pidfd >= 0
         records, ignored = ctx.mapped_lock_records(self.sharepoints)
         if watch and records:
@@ -323,6 +326,7 @@ class Kernel:
         self.published.context_gone(ctx)
         self.queues.context_gone(ctx)
         self.scheduling.context_gone(ctx)
+        self.channels.context_gone(ctx)
         if self.journal is not None:
             self.journal.context_gone(ctx)
         ctx.close_page()

@@ -12,7 +12,8 @@
 from .errors import (PortalError, PermissionDenied, AlreadyExists, NotFound,  # noqa: F401
                      InvalidArgument, OutOfMemory, OwnerDied, TimedOut, Deadlock,
                      Unmapped, NotImplementedClass, DaemonUnavailable, ProtocolError,
-                     NoSuchContext, WouldBlock, HandlerFailed)
+                     NoSuchContext, WouldBlock, HandlerFailed, ChannelReset,
+                     ChannelClosed)
 from .syscall import Connection, connection, default_socket_path, set_default  # noqa: F401
 from .portal import (portal, share_create, share_attach, Portal, SharePoint,  # noqa: F401
                      SHARE, DIRECT, ANON, COW, SPECIAL,
@@ -28,6 +29,8 @@ from .direct import grant, physical  # noqa: F401
 from .discovery import publish, unpublish, lookup, Published  # noqa: F401
 from .queue import queue_open, Queue  # noqa: F401
 from .sched import Scheduler  # noqa: F401
+from .stream import (listen, connect, Listener, End, Peer,  # noqa: F401
+                     SHUT_RD, SHUT_WR, SHUT_RDWR)
 from ._abi import lib as _lib
 CATEGORY_CORE = _lib.FAYT_CATEGORY_CORE
 CATEGORY_DRIVER = _lib.FAYT_CATEGORY_DRIVER

@@ -89,6 +89,10 @@ PUBLISH_REQ = struct_of("struct fayt_publish_req")    # flags, reserved; then th
 QUEUE_OPEN = struct_of("struct fayt_queue_open")      # size, flags
 QUEUE_REPLY = struct_of("struct fayt_queue_reply")    # queue_id, size, map_length
 SCHED_DECISION = struct_of("struct fayt_sched_decision")  # context, value, cpus
+LISTEN_REQ = struct_of("struct fayt_listen_req")      # flags, backlog; then the name
+LISTEN_REPLY = struct_of("struct fayt_listen_reply")
+CONNECT_REQ = struct_of("struct fayt_connect_req")    # ring_bytes, reserved; then the name
+CHAN_REPLY = struct_of("struct fayt_chan_reply")
 COW_PADDR_REQ = struct_of("struct fayt_cow_paddr_req")  # handle, base, npages, reserved
 # A fayt_portal_reply by name (made in C by _fastpath.Transport; by
 # portal_reply() where Python reads one from a reply's body).

@@ -25,9 +25,10 @@ from cffi import FFI
 HERE = os.path.dirname(os.path.abspath(__file__))
 INCLUDE = os.path.join(HERE, "include")
 HEADERS = ["portal.h", "sharepoint.h", "notification.h", "context.h", "syscall.h", "lock.h",
-           "ring.h", "pager.h", "queue.h"]
+           "ring.h", "pager.h", "queue.h", "stream.h"]
 SOURCES = [os.path.join("libportal", "src", f)
-           for f in ("lock.c", "ring.c", "uffd.c", "pager.c", "special.c", "queue.c")]
+           for f in ("lock.c", "ring.c", "uffd.c", "pager.c", "special.c", "queue.c",
+                     "stream.c")]
 # The CPython extension libportal._fastpath (setup.py builds it from this list):
 # the module (fastpath.c), its objects, and the lock and ring calls they make.
 # A change of a header it includes rebuilds it (FASTPATH_DEPENDS).

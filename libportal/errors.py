@@ -83,6 +83,18 @@ class HandlerFailed(PortalError):
     status = 0
 
 
+class ChannelReset(PortalError, ConnectionResetError):
+    """ECONNRESET from a channel (docs/channels.md): its peer died or left
+    without closing, its listener went away before accepting it, it broke
+    the ring protocol earlier, or faytd itself went away.  Unlike
+    DaemonUnavailable, faytd may be well: connect again."""
+
+
+class ChannelClosed(PortalError, BrokenPipeError):
+    """EPIPE from a channel's send: this end shut its writing, or the peer
+    shut its reading, closed or is gone."""
+
+
 class ProtocolError(PortalError):
     """EPROTO: faytd's reply did not follow the protocol, or a notification
     ring holds what no protocol step writes (its target scribbled on it, or

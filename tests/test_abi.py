@@ -18,7 +18,7 @@ from libportal._abi import ffi, lib
 INCLUDE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                        "libportal", "include")
 HEADERS = ["portal.h", "sharepoint.h", "notification.h", "context.h", "syscall.h", "ring.h",
-           "pager.h"]
+           "pager.h", "stream.h"]
 
 # struct -> every field, nested ones as dotted paths; "[]" marks a flexible
 # array member (it has an offset but no sizeof).
@@ -85,6 +85,14 @@ STRUCTS = {
     "struct fayt_direct_run": ["fd", "pages", "at", "offset"],
     "struct fayt_grant_req": ["handle", "kind", "to", "prot", "flags"],
     "struct fayt_cow_paddr_req": ["handle", "base", "npages", "reserved"],
+    "struct fayt_listen_req": ["flags", "backlog"],
+    "struct fayt_listen_reply": ["listener"],
+    "struct fayt_connect_req": ["ring_bytes", "reserved"],
+    "struct fayt_chan_reply": ["channel", "ring_bytes", "map_length", "peer_context", "peer_pid",
+                               "peer_uid", "peer_category", "flags", "reserved"],
+    "struct fayt_stream_end": ["magic", "reserved0", "ring_bytes", "pad0", "tx_head", "pad1",
+                               "rx_tail", "pad2", "state", "rx_asleep", "tx_asleep",
+                               "reserved1", "sent", "received"],
 }
 
 # Constants whose values are ABI as well.
@@ -126,6 +134,11 @@ CONSTANTS = [
     "FAYT_SYS_GRANT", "FAYT_PORTAL_REPLY_DIRECT", "FAYT_DIRECT_OBJECTS_MAX",
     "FAYT_GRANT_CONTEXT", "FAYT_GRANT_CATEGORY", "FAYT_GRANT_REVOKE",
     "FAYT_PORTAL_REPLY_PRIVATE", "FAYT_COW_ON_WRITE", "FAYT_COW_SNAPSHOT", "FAYT_SYS_COW_PADDR",
+    "FAYT_SYS_LISTEN", "FAYT_SYS_CONNECT", "FAYT_SYS_ACCEPT", "FAYT_SYS_CHAN_CLOSE",
+    "FAYT_LISTEN_CLOSE", "FAYT_BACKLOG_DEFAULT", "FAYT_BACKLOG_MAX", "FAYT_CHAN_PIDFD",
+    "FAYT_STREAM_MAGIC", "FAYT_STREAM_HEADER_SIZE", "FAYT_STREAM_RING_MIN",
+    "FAYT_STREAM_RING_MAX", "FAYT_STREAM_RING_DEFAULT", "FAYT_STREAM_FRAME_HEADER",
+    "FAYT_STREAM_WR_SHUT", "FAYT_STREAM_RD_SHUT", "FAYT_STREAM_RESET", "FAYT_STREAM_WAKE",
 ]
 
 

@@ -3,8 +3,8 @@
 One module per noun: portal (PORTAL, UNMAP), sharepoint (SHARE_DESTROY,
 UNMAP_DESTROY, LIST_SHARE), notify (the NOTIFY_* calls), chain (the CHAIN_*
 calls and the SPECIAL branch of PORTAL), context (HELLO, LIST_CONTEXTS),
-discovery (PUBLISH, LOOKUP), queue (QUEUE_OPEN, QUEUE_CLOSE), info (INFO:
-rings and chains, for the tools);
+discovery (PUBLISH, LOOKUP), stream (LISTEN, CONNECT, ACCEPT, CHAN_CLOSE),
+queue (QUEUE_OPEN, QUEUE_CLOSE), info (INFO: rings and chains, for the tools);
 wire holds the decoding they share.
 
 Each handler takes (kernel, context, tid, body, fds) and returns (reply
@@ -18,7 +18,8 @@ the reply: the objects never see the wire format, a socket or a right
 from libportal._abi import lib
 
 from .. import stats
-from . import chain, context, direct, discovery, info, notify, portal, queue, sharepoint
+from . import (chain, context, direct, discovery, info, notify, portal, queue,
+               sharepoint, stream)
 
 HANDLERS = {
     lib.FAYT_SYS_HELLO: context.sys_hello,
@@ -49,6 +50,10 @@ HANDLERS = {
     lib.FAYT_SYS_COW_PADDR: direct.sys_cow_paddr,
     lib.FAYT_SYS_PUBLISH: discovery.sys_publish,
     lib.FAYT_SYS_LOOKUP: discovery.sys_lookup,
+    lib.FAYT_SYS_LISTEN: stream.sys_listen,
+    lib.FAYT_SYS_CONNECT: stream.sys_connect,
+    lib.FAYT_SYS_ACCEPT: stream.sys_accept,
+    lib.FAYT_SYS_CHAN_CLOSE: stream.sys_chan_close,
     lib.FAYT_SYS_INFO: info.sys_info,
     lib.FAYT_SYS_QUEUE_OPEN: queue.sys_queue_open,
     lib.FAYT_SYS_QUEUE_CLOSE: queue.sys_queue_close,

@@ -68,7 +68,15 @@
                                        context under the name, or withdraw it; reply empty */
 #define FAYT_SYS_LOOKUP         40  /* body: the name (no NUL); reply: JSON {"context", "pid",
                                        "uid", "category", "name", "namespace"} */
-/* 41..47 are left to channels.  The user->kernel queue (queue.h, docs/queue.md). */
+/* Connected channels (fayt/stream.h, docs/channels.md); 45..47 are left to them. */
+#define FAYT_SYS_LISTEN         41  /* body fayt_listen_req + the name (no NUL); reply
+                                       fayt_listen_reply + the listener's eventfd */
+#define FAYT_SYS_CONNECT        42  /* body fayt_connect_req + the name (no NUL); reply
+                                       fayt_chan_reply + its fds (see there) */
+#define FAYT_SYS_ACCEPT         43  /* body fayt_handle_req (the listener); reply
+                                       fayt_chan_reply + its fds; EAGAIN: none queued */
+#define FAYT_SYS_CHAN_CLOSE     44  /* body fayt_handle_req (the channel): this end is done */
+/* The user->kernel queue (queue.h, docs/queue.md). */
 #define FAYT_SYS_QUEUE_OPEN     48  /* body fayt_queue_open; reply fayt_queue_reply + the
                                        queue's fd + its eventfd */
 #define FAYT_SYS_QUEUE_CLOSE    49  /* body fayt_handle_req (the queue id): faytd drains what
@@ -220,6 +228,44 @@ struct fayt_queue_reply {
 struct fayt_publish_req {
     uint32_t flags;        /* FAYT_PUBLISH_WITHDRAW: take the name back */
     uint32_t reserved;     /* 0 */
+} __attribute__((packed));
+
+/* LISTEN: listen on a name (the namespaces of share-point names) with an
+ * accept queue of `backlog` connections (0: FAYT_BACKLOG_DEFAULT); with
+ * FAYT_LISTEN_CLOSE, stop listening (its queued connections are reset). */
+#define FAYT_LISTEN_CLOSE       0x1
+#define FAYT_BACKLOG_DEFAULT    16
+#define FAYT_BACKLOG_MAX        4096
+struct fayt_listen_req {
+    uint32_t flags;        /* FAYT_LISTEN_CLOSE */
+    uint32_t backlog;
+} __attribute__((packed));
+
+struct fayt_listen_reply {
+    uint64_t listener;     /* names it in ACCEPT and LISTEN's FAYT_LISTEN_CLOSE */
+} __attribute__((packed));
+
+struct fayt_connect_req {
+    uint32_t ring_bytes;   /* each direction's ring: a power of two in
+                              [FAYT_STREAM_RING_MIN, FAYT_STREAM_RING_MAX]; 0: the default */
+    uint32_t reserved;     /* 0 */
+} __attribute__((packed));
+
+/* CONNECT's and ACCEPT's reply: the channel and the peer's credentials, as
+ * faytd recorded them at its HELLO (SO_PEERCRED), then 4 or 5 fds in this
+ * order: this end's object (read-write), the peer's (read-only), this end's
+ * eventfd, the peer's eventfd, and (FAYT_CHAN_PIDFD) a pidfd of the peer. */
+#define FAYT_CHAN_PIDFD 0x1
+struct fayt_chan_reply {
+    uint64_t channel;      /* names it in CHAN_CLOSE */
+    uint64_t ring_bytes;   /* each ring's size: the one to trust, not the objects' */
+    uint64_t map_length;   /* bytes to map of each object */
+    uint32_t peer_context;
+    int32_t peer_pid;
+    uint32_t peer_uid;
+    uint32_t peer_category;  /* FAYT_CATEGORY_*, 0: none of those */
+    uint32_t flags;        /* FAYT_CHAN_PIDFD */
+    uint32_t reserved;
 } __attribute__((packed));
 
 struct fayt_notify_install {

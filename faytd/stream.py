@@ -1,0 +1,267 @@
+"""Connected channels: listeners, their accept queues, and the channels
+faytd made (docs/channels.md, libportal/include/fayt/stream.h).
+
+The facts this relies on, and what follows:
+- A channel's two objects are memfds faytd makes, sealed against growing
+  and shrinking (a peer that could shrink one would make the other side's
+  reads fault).  Each end gets its own object read-write and the peer's
+  through a descriptor opened O_RDONLY (/proc/self/fd: a new open file
+  description); the object is 0600 and faytd's, so a peer of another uid
+  cannot reopen it read-write.  So each word of the protocol has one writer.
+- faytd takes no part in the traffic.  It writes into an object only when
+  its end is gone without closing (the connection closed, the process died,
+  or its listener went away before accepting): the RESET bit, then the
+  other end's eventfd, so the survivor learns it even when its peer's
+  pidfd says nothing (a connection closed by a live process).
+- Names are those of share-point names (the same resolve as PUBLISH): to
+  listen a context needs the right to create the name, to connect the
+  right to attach it.  A listening name is not a published one (lookup does
+  not find it) but follows the same rule: one live listener per name.
+- Nothing is journaled.  When faytd dies the ends find it (their faytd
+  socket hangs up) and reset their channels; after a restart, servers
+  listen again and clients connect again.
+"""
+import collections
+import errno
+import fcntl
+import os
+
+from libportal._abi import ffi, lib
+
+from .frames import KernelError
+from .sharepoint import SharePoints
+
+SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
+HEADER = lib.FAYT_STREAM_HEADER_SIZE
+STATE_OFFSET = ffi.offsetof("struct fayt_stream_end", "state")
+
+
+class Listener:
+    __slots__ = ("id", "ctx", "name", "backlog", "queue", "efd")
+
+    def __init__(self, lid, ctx, name, backlog):
+        self.id, self.ctx, self.name, self.backlog = lid, ctx, name, backlog
+        self.queue = collections.deque()
+        self.efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+
+
+class End:
+    """One end as faytd keeps it: its object and eventfd, and its context
+    (None until accepted)."""
+    __slots__ = ("ctx", "obj", "efd", "gone")
+
+    def __init__(self, cid, side, ring_bytes):
+        self.ctx = None
+        self.gone = False
+        self.obj = os.memfd_create("fayt-chan-%d-%d" % (cid, side),
+                                   os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        try:
+            os.ftruncate(self.obj, HEADER + ring_bytes)
+            os.pwrite(self.obj, lib.FAYT_STREAM_MAGIC.to_bytes(4, "little") + bytes(4)
+                      + ring_bytes.to_bytes(8, "little"), 0)
+            os.fchmod(self.obj, 0o600)
+            fcntl.fcntl(self.obj, fcntl.F_ADD_SEALS, SEALS)
+            self.efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        except BaseException:
+            os.close(self.obj)
+            raise
+
+    def reset(self):
+        """Its owner is gone without closing: set RESET in its state word
+        (nobody else writes that word now)."""
+        state = int.from_bytes(os.pread(self.obj, 4, STATE_OFFSET), "little")
+        os.pwrite(self.obj, (state | lib.FAYT_STREAM_RESET).to_bytes(4, "little"), STATE_OFFSET)
+
+    def wake(self):
+        try:
+            os.eventfd_write(self.efd, 1)
+        except OSError:
+            pass
+
+    def close(self):
+        os.close(self.obj)
+        os.close(self.efd)
+
+
+class Channel:
+    __slots__ = ("id", "ring_bytes", "ends", "uid")
+
+    def __init__(self, cid, ring_bytes, uid):
+        self.id, self.ring_bytes, self.uid = cid, ring_bytes, uid
+        self.ends = []
+        try:
+            self.ends.append(End(cid, 0, ring_bytes))
+            self.ends.append(End(cid, 1, ring_bytes))
+        except BaseException:
+            for e in self.ends:
+                e.close()
+            raise
+
+    def side_of(self, ctx):
+        for i, e in enumerate(self.ends):
+            if e.ctx is ctx and not e.gone:
+                return i
+        return None
+
+
+class Channels:
+    def __init__(self, kernel):
+        self.k = kernel
+        self.listeners = {}         # id -> Listener
+        self.by_name = {}           # Name -> Listener
+        self.channels = {}          # id -> Channel
+        self.per_uid = {}           # uid -> channels and listeners its contexts hold
+        self._next = 1
+
+    def _id(self):
+        n, self._next = self._next, self._next + 1
+        return n
+
+    def _charge(self, ctx):
+        held = self.per_uid.get(ctx.uid, 0)
+        limit = self.k.cfg["max_channels_per_uid"]
+        if not ctx.is_core and held >= limit:
+            raise KernelError(errno.ENOSPC, "uid %d holds %d channels and listeners, its limit "
+                              "(config max_channels_per_uid)" % (ctx.uid, held))
+        self.per_uid[ctx.uid] = held + 1
+
+    def _uncharge(self, uid):
+        left = self.per_uid.get(uid, 0) - 1
+        if left > 0:
+            self.per_uid[uid] = left
+        else:
+            self.per_uid.pop(uid, None)
+
+    # -- listeners -------------------------------------------------------
+
+    def listen(self, ctx, name, backlog):
+        n = SharePoints.resolve(ctx, name, True, field=b"name")
+        other = self.by_name.get(n)
+        if other is not None:
+            raise KernelError(errno.EADDRINUSE, "name: %s already has a listener (context %d, "
+                              "pid %s)" % (_show(name), other.ctx.id, other.ctx.pid))
+        self._charge(ctx)
+        try:
+            lst = Listener(self._id(), ctx, n, backlog)
+        except BaseException:
+            self._uncharge(ctx.uid)
+            raise
+        self.listeners[lst.id] = lst
+        self.by_name[n] = lst
+        return lst
+
+    def _own_listener(self, ctx, lid):
+        lst = self.listeners.get(lid)
+        if lst is None or lst.ctx is not ctx:
+            raise KernelError(errno.ENOENT, "listener: %d is not a listener of this context"
+                              % lid)
+        return lst
+
+    def unlisten(self, ctx, lid):
+        self._drop_listener(self._own_listener(ctx, lid))
+
+    def _drop_listener(self, lst):
+        """Its queued connections are reset: the connectors see ECONNRESET."""
+        del self.listeners[lst.id]
+        if self.by_name.get(lst.name) is lst:
+            del self.by_name[lst.name]
+        while lst.queue:
+            ch = lst.queue.popleft()
+            end = ch.ends[1]
+            end.gone = True
+            end.reset()
+            ch.ends[0].wake()
+            self._maybe_free(ch)
+        os.close(lst.efd)
+        self._uncharge(lst.ctx.uid)
+
+    # -- channels --------------------------------------------------------
+
+    def connect(self, ctx, name, ring_bytes):
+        n = SharePoints.resolve(ctx, name, False, field=b"name")
+        lst = self.by_name.get(n)
+        if lst is None:
+            raise KernelError(errno.ENOENT, "name: nothing listens on %s" % _show(name))
+        if len(lst.queue) >= lst.backlog:
+            raise KernelError(errno.EAGAIN, "name: the accept queue of %s is full (backlog %d)"
+                              % (_show(name), lst.backlog))
+        self._charge(ctx)
+        try:
+            ch = Channel(self._id(), ring_bytes, ctx.uid)
+        except OSError as e:
+            self._uncharge(ctx.uid)
+            raise KernelError(errno.ENOMEM, "faytd cannot make a channel: %s" % e.strerror) \
+                from None
+        ch.ends[0].ctx = ctx
+        self.channels[ch.id] = ch
+        lst.queue.append(ch)
+        try:
+            os.eventfd_write(lst.efd, 1)
+        except OSError:
+            pass
+        return ch, lst.ctx
+
+    def accept(self, ctx, lid):
+        lst = self._own_listener(ctx, lid)
+        if not lst.queue:
+            raise KernelError(errno.EAGAIN, "listener: no connection is queued on %d" % lid)
+        ch = lst.queue.popleft()
+        ch.ends[1].ctx = ctx
+        return ch, ch.ends[0].ctx
+
+    def close(self, ctx, cid):
+        ch = self.channels.get(cid)
+        side = ch.side_of(ctx) if ch is not None else None
+        if side is None:
+            raise KernelError(errno.ENOENT, "channel: %d is not an open channel of this context"
+                              % cid)
+        ch.ends[side].gone = True
+        self._maybe_free(ch)
+
+    def _maybe_free(self, ch):
+        if all(e.gone for e in ch.ends) and self.channels.pop(ch.id, None) is not None:
+            for e in ch.ends:
+                e.close()
+            self._uncharge(ch.uid)
+
+    def fds(self, ch, side, peer_ctx):
+        """The descriptors an end gets (the caller closes them once sent):
+        its object read-write, the peer's read-only, its eventfd, the
+        peer's, and a pidfd of the peer if one can be had."""
+        mine, peer = ch.ends[side], ch.ends[1 - side]
+        out = []
+        try:
+            out.append(os.dup(mine.obj))
+            out.append(os.open("/proc/self/fd/%d" % peer.obj, os.O_RDONLY | os.O_CLOEXEC))
+            out.append(os.dup(mine.efd))
+            out.append(os.dup(peer.efd))
+            try:
+                out.append(os.pidfd_open(peer_ctx.pid))
+            except OSError:
+                pass
+        except OSError as e:
+            for fd in out:
+                os.close(fd)
+            raise KernelError(errno.ENFILE, "faytd cannot open a channel's objects: %s"
+                              % e.strerror) from None
+        return out
+
+    def context_gone(self, ctx):
+        """Its connection closed or it died: its listeners go (their queues
+        reset) and each channel end it held without closing is reset."""
+        for lst in [x for x in self.listeners.values() if x.ctx is ctx]:
+            self._drop_listener(lst)
+        for ch in list(self.channels.values()):
+            for i, e in enumerate(ch.ends):
+                if e.ctx is ctx and not e.gone:
+                    e.gone = True
+                    e.reset()
+                    ch.ends[1 - i].wake()
+            self._maybe_free(ch)
+
+    def count(self):
+        return len(self.channels), len(self.listeners)
+
+
+def _show(name):
+    return repr(name.decode("utf-8", "replace"))

@@ -1,0 +1,478 @@
+"""Connected channels: a server listens on a name, clients connect, and each
+pair talks through two single-writer rings (docs/channels.md).
+
+    lst = lp.listen("kv", backlog=16)           # the server
+    end = lst.accept(timeout=5)
+    msg = end.recv()                             # one whole message, or b"" at the end
+    end.send(b"reply")
+
+    end = lp.connect("kv", timeout=5)            # a client
+    end.send(b"get x"); end.recv(timeout=1)
+
+(Named "stream" because libportal/channel.py is the notification sender's
+fast path.)
+
+The facts this relies on, and what follows:
+- faytd makes both objects and hands each end its own read-write and the
+  peer's read-only; after that faytd takes no part: send and recv are C
+  calls on the mappings (src/stream.c), which check every word the peer
+  wrote (EPROTO: this end resets the channel; never a hang or a crash).
+- Sleeping is poll(2) on three descriptors: this end's eventfd (the peer
+  writes it when it finds this end's asleep mark set), the peer's pidfd
+  (readable when its process is gone: ECONNRESET / EPIPE even if faytd is
+  not told), and this connection's faytd socket (it hangs up when faytd
+  dies: the channel resets).  Every sleep is bounded by the caller's
+  deadline.  The eventfd is also the end's readiness descriptor for
+  selectors and asyncio: arm it with ready(), then wait on fileno().
+- Messages are 1 to ring_bytes - 8 bytes; b"" from recv is the end of the
+  stream (the peer shut its writing or closed), so an empty message cannot
+  be sent.
+"""
+import asyncio
+import collections
+import errno
+import mmap
+import os
+import select
+import time
+
+from . import errors
+from ._abi import ffi, lib, CHAN_REPLY, CONNECT_REQ, HANDLE_REQ, LISTEN_REPLY, LISTEN_REQ
+from .discovery import _encode
+from .syscall import connection as _default_connection
+
+Peer = collections.namedtuple("Peer", "context pid uid category")
+Peer.__doc__ = ("The other end's credentials, as faytd recorded them at its HELLO: context "
+                "id, pid, uid and policy category (lp.CATEGORY_*, 0: another).")
+
+WAKE = lib.FAYT_STREAM_WAKE
+SHUT_RD, SHUT_WR, SHUT_RDWR = 0, 1, 2
+_POLLIN = select.POLLIN
+_HUP = select.POLLHUP | select.POLLERR | select.POLLNVAL
+
+
+def _deadline(timeout):
+    t = errors.check_timeout(timeout)
+    return None if t is None else time.monotonic() + t
+
+
+def _ms_left(deadline):
+    if deadline is None:
+        return None
+    return max(0, int((deadline - time.monotonic()) * 1000 + 0.999))
+
+
+def _drain(efd):
+    try:
+        os.eventfd_read(efd)
+    except BlockingIOError:
+        pass
+
+
+def listen(name, *, backlog=0, connection=None):
+    """Listen on `name` (the namespaces of docs/names.md: the right to create
+    the name) with an accept queue of `backlog` connections (0: 16, at most
+    4096).  EADDRINUSE if a live context listens on it already."""
+    if not isinstance(backlog, int) or backlog < 0:
+        raise errors.error(errno.EINVAL, "backlog: %r is not a count >= 0" % (backlog,))
+    conn = connection or _default_connection()
+    body, fds = conn.call(lib.FAYT_SYS_LISTEN, LISTEN_REQ.pack(0, backlog) + _encode(name))
+    if len(body) != LISTEN_REPLY.size or len(fds) != 1:
+        for fd in fds:
+            os.close(fd)
+        raise errors.error(errno.EPROTO, "listen: malformed reply from faytd")
+    return Listener(conn, LISTEN_REPLY.unpack(body)[0], fds[0], name)
+
+
+def connect(name, *, timeout=0, ring_bytes=0, connection=None):
+    """Connect to the listener on `name` (the right to attach the name); the
+    End.  timeout: 0 (the default) tries once; a number of seconds, or None
+    for ever, waits for a listener and for room in its accept queue, asking
+    again every few ms (at most 50 ms apart).  NotFound (ENOENT) if nothing
+    listens, WouldBlock (EAGAIN) if its queue stays full.  ring_bytes: each
+    direction's ring, a power of two from 4096 to 16 MiB (0: 64 KiB)."""
+    deadline = _deadline(timeout)
+    conn = connection or _default_connection()
+    req = CONNECT_REQ.pack(ring_bytes, 0) + _encode(name)
+    pause = 0.002
+    while True:
+        try:
+            body, fds = conn.call(lib.FAYT_SYS_CONNECT, req)
+            break
+        except (errors.NotFound, errors.WouldBlock):
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                raise
+            time.sleep(pause if left is None else min(pause, left))
+            pause = min(pause * 2, 0.05)
+    return End(conn, body, fds)
+
+
+class _Closing:
+    """with-statement and garbage collection close it (close() is idempotent)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        if not getattr(self, "closed", True):
+            try:
+                self.close()
+            except Exception:
+                pass
+
+
+class Listener(_Closing):
+    """A name a server listens on.  accept() takes the next connection;
+    fileno() is readable when one may be queued (for selectors/asyncio)."""
+
+    def __init__(self, conn, lid, efd, name):
+        self._conn, self.id, self._efd, self.name = conn, lid, efd, name
+        self.closed = False
+
+    def fileno(self):
+        return self._efd
+
+    def accept(self, timeout=None):
+        """The next connection as an End; waits up to `timeout` seconds (None:
+        for ever, 0: WouldBlock if none is queued).  The eventfd is drained
+        first, then ACCEPT asked, so a connection queued in between is
+        never missed."""
+        self._check()
+        deadline = _deadline(timeout)
+        while True:
+            _drain(self._efd)
+            try:
+                body, fds = self._conn.call(lib.FAYT_SYS_ACCEPT, HANDLE_REQ.pack(self.id))
+                return End(self._conn, body, fds)
+            except errors.WouldBlock:
+                if timeout == 0:
+                    raise
+                ms = _ms_left(deadline)
+                if ms == 0:
+                    raise errors.TimedOut(errno.ETIMEDOUT, "accept: no connection within the "
+                                          "timeout") from None
+            p = select.poll()
+            p.register(self._efd, _POLLIN)
+            p.register(self._conn.sock.fileno(), 0)
+            for fd, ev in p.poll(ms):
+                if fd != self._efd and ev & _HUP:
+                    raise errors.ChannelReset(errno.ECONNRESET, "accept: faytd went away")
+
+    async def accept_async(self):
+        """accept() for asyncio: waits on fileno() in the running loop."""
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                return self.accept(timeout=0)
+            except errors.WouldBlock:
+                pass
+            fut = loop.create_future()
+            loop.add_reader(self._efd, lambda: fut.done() or fut.set_result(None))
+            try:
+                await fut
+            finally:
+                loop.remove_reader(self._efd)
+
+    def _check(self):
+        if self.closed:
+            raise errors.error(errno.EBADF, "listener: closed")
+
+    def close(self):
+        """Stop listening; connections still queued are reset (ECONNRESET)."""
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            if not self._conn.closed:
+                self._conn.call(lib.FAYT_SYS_LISTEN, LISTEN_REQ.pack(lib.FAYT_LISTEN_CLOSE, 0)
+                                + self.id.to_bytes(8, "little"))
+        except (errors.DaemonUnavailable, errors.NotFound):
+            pass                        # faytd went away, or it dropped the listener already
+        finally:
+            os.close(self._efd)
+
+
+class End(_Closing):
+    """One end of a channel.  send/recv move whole messages; timeout None
+    waits for ever, 0 does not wait (WouldBlock), else seconds (TimedOut).
+    peer: the other end's credentials (Peer)."""
+
+    def __init__(self, conn, body, fds):
+        try:
+            if len(body) != CHAN_REPLY.size:
+                raise errors.error(errno.EPROTO, "channel: malformed reply from faytd")
+            (self.id, size, map_length, pctx, ppid, puid, pcat, flags,
+             _) = CHAN_REPLY.unpack(body)
+            if len(fds) != (5 if flags & lib.FAYT_CHAN_PIDFD else 4) or size & (size - 1) or \
+                    map_length != lib.FAYT_STREAM_HEADER_SIZE + size:
+                raise errors.error(errno.EPROTO, "channel: malformed reply from faytd")
+            self._mine_map = mmap.mmap(fds[0], map_length, mmap.MAP_SHARED,
+                                       mmap.PROT_READ | mmap.PROT_WRITE)
+            self._peer_map = mmap.mmap(fds[1], map_length, mmap.MAP_SHARED, mmap.PROT_READ)
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            raise
+        os.close(fds[0])
+        os.close(fds[1])
+        self._efd, self._peer_efd = fds[2], fds[3]
+        self._pidfd = fds[4] if len(fds) == 5 else -1
+        self._conn = conn
+        self.ring_bytes = size
+        self.max_message = size - lib.FAYT_STREAM_FRAME_HEADER
+        self.peer = Peer(pctx, ppid, puid, pcat)
+        self._mine = ffi.from_buffer(self._mine_map)
+        self._peer = ffi.from_buffer(self._peer_map)
+        self._buf = bytearray(self.max_message)
+        self._cbuf = ffi.from_buffer(self._buf)
+        self._len = ffi.new("uint32_t *")
+        self.timeout = None
+        self.closed = False
+        self._reset = None          # why the channel ended (an exception to raise), or None
+        self._broken = False        # the peer broke the protocol: _reset at once, every call
+        self._rd_shut = False
+        self._poll = select.poll()
+        self._poll.register(self._efd, _POLLIN)
+        if self._pidfd >= 0:
+            self._poll.register(self._pidfd, _POLLIN)
+        self._poll.register(conn.sock.fileno(), 0)      # only its hang-up
+
+    # -- the readiness descriptor ----------------------------------------
+
+    def fileno(self):
+        """This end's eventfd: readable after ready() returned False, once
+        there may be something to do (selectors, asyncio's add_reader)."""
+        return self._efd
+
+    def ready(self, write=False):
+        """Whether recv (write: a send of a small message) would not block
+        now; if not, the asleep mark is set, so fileno() turns readable when
+        the peer sends (consumes) or goes.  Call it before each wait."""
+        self._check()
+        _drain(self._efd)
+        return bool(lib.fayt_stream_arm(self._mine, self._peer, self.ring_bytes,
+                                        1 if write else 0, 1))
+
+    def setblocking(self, flag):
+        self.timeout = None if flag else 0
+
+    def settimeout(self, timeout):
+        errors.check_timeout(timeout)
+        self.timeout = timeout
+
+    # -- send and recv ---------------------------------------------------
+
+    def send(self, data, timeout=-1):
+        """Send one message (bytes-like, 1 to max_message bytes), whole or
+        not at all.  timeout: -1 takes the end's (settimeout/setblocking)."""
+        self._check()
+        n = len(data)
+        if not 0 < n <= self.max_message:
+            raise errors.error(errno.EMSGSIZE if n else errno.EINVAL,
+                               "data: %d bytes; a message holds 1 to %d" % (n, self.max_message))
+        if self._reset is not None:
+            raise errors.ChannelClosed(errno.EPIPE, "send: the channel is reset (%s)"
+                                       % self._reset.strerror)
+        if not isinstance(data, bytes):
+            data = ffi.from_buffer(data)
+        deadline = None
+        while True:
+            r = lib.fayt_stream_send(self._mine, self._peer, self.ring_bytes, data, n)
+            if r <= 0:
+                if r == WAKE:
+                    os.eventfd_write(self._peer_efd, 1)
+                return
+            if r == errno.EAGAIN:
+                deadline = self._wait(1, n, deadline, timeout, "send")
+                continue
+            if r == errno.EPIPE:
+                raise errors.ChannelClosed(errno.EPIPE, "send: the channel is closed for "
+                                           "sending (shut down, or the peer closed)")
+            self._fail(r, "send")
+
+    def recv(self, timeout=-1):
+        """The next message (bytes); b"" once the peer shut its writing or
+        closed and every message it sent was taken.  ChannelReset when the
+        peer is gone (after its last whole message)."""
+        n = self._recv(self._cbuf, len(self._buf), timeout)
+        return bytes(memoryview(self._buf)[:n]) if n else b""
+
+    def recv_into(self, buffer, timeout=-1):
+        """recv into a writable buffer; the message's length (0: the end).
+        EMSGSIZE (nothing taken) if it does not fit."""
+        return self._recv(ffi.from_buffer(buffer, require_writable=True), len(buffer), timeout)
+
+    def _recv(self, cbuf, cap, timeout):
+        self._check()
+        if self._rd_shut:
+            return 0
+        deadline = None
+        while True:
+            r = lib.fayt_stream_recv(self._mine, self._peer, self.ring_bytes, cbuf, cap,
+                                     self._len)
+            if r <= 0:
+                if r == WAKE:
+                    os.eventfd_write(self._peer_efd, 1)
+                return self._len[0]
+            if r == errno.EAGAIN:
+                deadline = self._wait(0, 1, deadline, timeout, "recv")
+                continue
+            if r == errno.ESHUTDOWN:
+                return 0
+            if r == errno.ECONNRESET:
+                self._pending_reset()
+                raise errors.ChannelReset(errno.ECONNRESET, "recv: the peer is gone (it died, "
+                                          "left without closing, or was never accepted)")
+            if r == errno.EMSGSIZE:
+                raise errors.error(errno.EMSGSIZE, "buffer: %d bytes; the message has %d"
+                                   % (cap, self._len[0]))
+            self._fail(r, "recv")
+
+    def _wait(self, write, n, deadline, timeout, what):
+        """Sleep until the peer may have acted, the peer or faytd is gone,
+        or the deadline; returns the deadline (set on the first wait)."""
+        if self._reset is not None:
+            raise self._reset
+        if deadline is None:
+            t = self.timeout if timeout == -1 else timeout
+            if t == 0:
+                raise errors.WouldBlock(errno.EAGAIN, "%s: %s" % (what, (
+                    "the ring is full" if write else "no message yet")))
+            deadline = _deadline(t) if t is not None else False
+        if lib.fayt_stream_arm(self._mine, self._peer, self.ring_bytes, write, n):
+            return deadline
+        try:
+            ms = _ms_left(deadline) if deadline is not False else None
+            if ms == 0:
+                raise errors.TimedOut(errno.ETIMEDOUT, "%s: not done within the timeout" % what)
+            for fd, ev in self._poll.poll(ms):
+                if fd == self._efd:
+                    _drain(fd)
+                elif fd == self._pidfd:
+                    self._gone(errno.ECONNRESET if not write else errno.EPIPE,
+                               "%s: the peer's process (pid %d) is gone" % (what, self.peer.pid))
+                elif ev & _HUP:
+                    self._gone(errno.ECONNRESET, "%s: faytd went away" % what, now=True)
+        finally:
+            lib.fayt_stream_disarm(self._mine)
+        return deadline
+
+    def _gone(self, err, message, now=False):
+        """The peer (or, now, faytd) is gone.  For the peer: the caller looks
+        again, so messages it published before dying are still taken; the
+        next wait raises."""
+        cls = errors.ChannelReset if err == errno.ECONNRESET else errors.ChannelClosed
+        self._reset = cls(err, message)
+        self._reset_mine()
+        if now:
+            raise self._reset
+
+    def _pending_reset(self):
+        if self._reset is not None:
+            raise self._reset
+
+    def _fail(self, err, what):
+        if err == errno.EPROTO:
+            self._reset = errors.ChannelReset(errno.ECONNRESET, "%s: the channel was reset: "
+                                              "its peer broke the ring protocol" % what)
+            self._broken = True
+            self._reset_mine()
+            raise errors.error(errno.EPROTO, "%s: the peer broke the ring protocol (its "
+                               "object holds what no send writes): the channel is reset" % what)
+        raise errors.error(err, "%s: failed" % what)
+
+    def _reset_mine(self):
+        if lib.fayt_stream_set_state(self._mine, self._peer, lib.FAYT_STREAM_RESET):
+            os.eventfd_write(self._peer_efd, 1)
+
+    # -- asyncio ---------------------------------------------------------
+
+    async def recv_async(self):
+        """recv() for asyncio: sleeps on fileno() in the running loop."""
+        while True:
+            try:
+                return self.recv(timeout=0)
+            except errors.WouldBlock:
+                pass
+            await self._readable(False)
+
+    async def send_async(self, data):
+        while True:
+            try:
+                return self.send(data, timeout=0)
+            except errors.WouldBlock:
+                pass
+            await self._readable(True)
+
+    async def _readable(self, write):
+        if self.ready(write):
+            return
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+
+        def wake():
+            if not fut.done():
+                fut.set_result(None)
+        fds = [self._efd] + ([self._pidfd] if self._pidfd >= 0 else [])
+        for fd in fds:
+            loop.add_reader(fd, wake)
+        try:
+            await fut
+        finally:
+            for fd in fds:
+                loop.remove_reader(fd)
+            lib.fayt_stream_disarm(self._mine)
+        if self._pidfd >= 0 and select.select([self._pidfd], [], [], 0)[0]:
+            self._gone(errno.EPIPE if write else errno.ECONNRESET,
+                       "the peer's process (pid %d) is gone" % self.peer.pid)
+
+    # -- shutdown and close ----------------------------------------------
+
+    def shutdown(self, how=SHUT_RDWR):
+        """SHUT_WR: the peer's recv gives b"" after this end's messages;
+        SHUT_RD: this end's recv gives b"", the peer's send EPIPE."""
+        self._check()
+        if how not in (SHUT_RD, SHUT_WR, SHUT_RDWR):
+            raise errors.error(errno.EINVAL, "how: %r is not SHUT_RD, SHUT_WR or SHUT_RDWR"
+                               % (how,))
+        bits = ((lib.FAYT_STREAM_RD_SHUT if how != SHUT_WR else 0)
+                | (lib.FAYT_STREAM_WR_SHUT if how != SHUT_RD else 0))
+        self._rd_shut = self._rd_shut or how != SHUT_WR
+        if lib.fayt_stream_set_state(self._mine, self._peer, bits):
+            os.eventfd_write(self._peer_efd, 1)
+
+    def close(self):
+        """Shut both ways (the peer reads what was sent, then b""), tell
+        faytd, and unmap.  Idempotent."""
+        if self.closed:
+            return
+        try:
+            if lib.fayt_stream_set_state(self._mine, self._peer,
+                                         lib.FAYT_STREAM_WR_SHUT | lib.FAYT_STREAM_RD_SHUT):
+                os.eventfd_write(self._peer_efd, 1)
+        except OSError:
+            pass
+        self.closed = True
+        try:
+            if not self._conn.closed:
+                self._conn.call(lib.FAYT_SYS_CHAN_CLOSE, HANDLE_REQ.pack(self.id))
+        except (errors.DaemonUnavailable, errors.NotFound):
+            pass                        # faytd went away or reset it already
+        finally:
+            for c in (self._mine, self._peer, self._cbuf):
+                ffi.release(c)
+            self._mine_map.close()
+            self._peer_map.close()
+            for fd in (self._efd, self._peer_efd, self._pidfd):
+                if fd >= 0:
+                    os.close(fd)
+
+    def _check(self):
+        if self.closed:
+            raise errors.error(errno.EBADF, "channel: closed")
+        if self._broken:
+            raise self._reset
