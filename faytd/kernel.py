@@ -16,6 +16,7 @@ from .native import core, lib as clib
 from .context import Context, ContextTable, Quotas
 from .cow import Cow
 from .discovery import Published
+from .devices import Devices
 from .direct import Direct, DirectBacking
 from .frames import (PAGE, BackingObject, FrameAllocator, KernelError, keeper_objects,
                      release_objects, run_tag, start_keeper, start_time)
@@ -97,6 +98,7 @@ class Kernel:
         self.sharepoints.on_destroy.append(self.notifications.sharepoint_destroyed)
         self.pager = Pager(self)
         self.direct = Direct(self)
+        self.devices = Devices(self)
         self.published = Published(self)
         self.cow = Cow(self)
         self.contexts = ContextTable()
@@ -280,6 +282,7 @@ class Kernel:
         ctx.connected = False
         clib.fayt_fast_conn_gone(self.fast, ctx.fast)   # it creates nothing any more
         self.published.context_gone(ctx)                # nobody finds it any more
+        self.devices.context_gone(ctx)                  # a model or driver stops with it
         watch = ctx.alive and ctx.pidfd >= 0
         records, ignored = ctx.mapped_lock_records(self.sharepoints)
         if watch and records:
@@ -313,6 +316,7 @@ class Kernel:
         self.notifications.context_gone(ctx)
         self.pager.context_gone(ctx)
         self.direct.context_gone(ctx)
+        self.devices.context_gone(ctx)
         self.published.context_gone(ctx)
         if self.journal is not None:
             self.journal.context_gone(ctx)
@@ -519,6 +523,7 @@ class Kernel:
             self.forget(ctx)
         self.sharepoints.destroy_all()
         self.frames.release_all()
+        self.devices.shutdown()
 
 
 def _held(sp):

@@ -26,6 +26,7 @@ from .notification import (install_handler, remove_handler, notify,  # noqa: F40
 
 from .direct import grant, physical  # noqa: F401
 from .discovery import publish, unpublish, lookup, Published  # noqa: F401
+from .device import register_device, attach_device, Device, DeviceModel  # noqa: F401
 from ._abi import lib as _lib
 CATEGORY_CORE = _lib.FAYT_CATEGORY_CORE
 CATEGORY_DRIVER = _lib.FAYT_CATEGORY_DRIVER

@@ -86,6 +86,8 @@ DIRECT_RUN = struct_of("struct fayt_direct_run")      # fd, pages, at, offset
 GRANT_REQ = struct_of("struct fayt_grant_req")        # handle, kind, to, prot, flags
 PUBLISH_REQ = struct_of("struct fayt_publish_req")    # flags, reserved; then the name
 COW_PADDR_REQ = struct_of("struct fayt_cow_paddr_req")  # handle, base, npages, reserved
+DEV_REQ = struct_of("struct fayt_dev_req")            # flags, index, cookie, window, reserved
+DEV_REPLY = struct_of("struct fayt_dev_reply")        # base, size, window, generation
 # A fayt_portal_reply by name (made in C by _fastpath.Transport; by
 # portal_reply() where Python reads one from a reply's body).
 PortalReply = _fastpath.PortalReply

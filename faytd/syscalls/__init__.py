@@ -3,7 +3,7 @@
 One module per noun: portal (PORTAL, UNMAP), sharepoint (SHARE_DESTROY,
 UNMAP_DESTROY, LIST_SHARE), notify (the NOTIFY_* calls), chain (the CHAIN_*
 calls and the SPECIAL branch of PORTAL), context (HELLO, LIST_CONTEXTS),
-discovery (PUBLISH, LOOKUP);
+discovery (PUBLISH, LOOKUP), devices (the DEV_* calls);
 wire holds the decoding they share.
 
 Each handler takes (kernel, context, tid, body, fds) and returns (reply
@@ -17,7 +17,7 @@ the reply: the objects never see the wire format, a socket or a right
 from libportal._abi import lib
 
 from .. import stats
-from . import chain, context, direct, discovery, notify, portal, sharepoint
+from . import chain, context, devices, direct, discovery, notify, portal, sharepoint
 
 HANDLERS = {
     lib.FAYT_SYS_HELLO: context.sys_hello,
@@ -48,6 +48,10 @@ HANDLERS = {
     lib.FAYT_SYS_COW_PADDR: direct.sys_cow_paddr,
     lib.FAYT_SYS_PUBLISH: discovery.sys_publish,
     lib.FAYT_SYS_LOOKUP: discovery.sys_lookup,
+    lib.FAYT_SYS_DEV_REGISTER: devices.sys_dev_register,
+    lib.FAYT_SYS_DEV_ATTACH: devices.sys_dev_attach,
+    lib.FAYT_SYS_DEV_IRQ: devices.sys_dev_irq,
+    lib.FAYT_SYS_DEV_DETACH: devices.sys_dev_detach,
 }
 # Every call but HELLO needs a context the policy admitted.
 NEED_NO_HELLO = frozenset({lib.FAYT_SYS_HELLO})
