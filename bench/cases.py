@@ -10,6 +10,7 @@ import multiprocessing
 import mmap
 import os
 import shutil
+import struct
 import subprocess
 import sys
 import tempfile
@@ -1024,6 +1025,86 @@ def case_direct(d, scale):
     ]
 
 
+# -- an emulated device: descriptor, doorbell, completion, interrupt -----------
+
+_DEVICE_MODEL = r"""
+import sys, struct, time
+import libportal as lp
+m = lp.register_device("bench0")
+def on_write(off, size, value):
+    m.set32(off, value)
+    if off == 0:                            # the doorbell: complete descriptor `value`
+        at = 64 * (value % 32)
+        m.data[at + 8:at + 16] = m.data[at:at + 8]
+        m.irq()
+m.on_write = on_write
+print("ready", flush=True)
+end = time.monotonic() + 600
+while time.monotonic() < end and m.state[0] == 1:
+    m.serve(1.0)
+"""
+
+
+def case_device(d, scale):
+    """Driver -> device round trip: write a descriptor into the window's data
+    area, ring the doorbell (write32), the model completes it and raises the
+    interrupt, the driver's handler runs; vs a pipe ping-pong."""
+    from faytd.launch import Faytd
+    n = _n(3000, scale, 200)
+    tmp = tempfile.mkdtemp(prefix="fayt-bench-dev-")
+    dev_d = Faytd(os.path.join(tmp, "faytd"), ram="64MiB", config={"devices": [
+        {"name": "bench0", "base": 0x40000000, "size": "16KiB"}]})
+    model = None
+    try:
+        model = subprocess.Popen([sys.executable, "-c", _DEVICE_MODEL], env=dev_d.env(),
+                                 stdout=subprocess.PIPE, text=True)
+        assert model.stdout.readline().strip() == "ready"
+        c = lp.Connection(dev_d.socket)
+        done = [0]
+        dev = lp.attach_device("bench0", 7, lambda count: done.__setitem__(0, done[0] + count),
+                               connection=c)
+        win = dev.map(lp.PROT_RW)
+        buf = win.buf
+        wait = lp.notification.runtime(c).wait
+
+        def ours(k):
+            for i in range(k):
+                at = 4096 + 64 * (i % 32)
+                buf[at:at + 8] = struct.pack("<Q", i)
+                want = done[0] + 1
+                dev.write32(0, i)
+                while done[0] < want:
+                    wait(10)
+                if buf[at + 8:at + 16] != buf[at:at + 8]:
+                    raise RuntimeError("bench: descriptor %d not completed" % i)
+
+        ours(50)
+        rounds = {"ours": [], "peer": []}
+        for _ in range(5):
+            t = time.perf_counter()
+            ours(n)
+            rounds["ours"].append((time.perf_counter() - t) / n)
+            rounds["peer"].append(_pingpong(n, _pipes))
+        buf.release()
+        win.unmap()
+        dev.close()
+        c.close()
+    finally:
+        if model is not None:
+            model.kill()
+            model.wait()
+        dev_d.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+    med = {k: sorted(v)[len(v) // 2] for k, v in rounds.items()}
+    return [
+        {"name": "device round trip (descriptor, doorbell, completion, interrupt)",
+         "ours": med["ours"] * 1e6, "unit": "us", "peer": "pipe ping-pong",
+         "peer_value": med["peer"] * 1e6, "ratio": med["ours"] / med["peer"],
+         "target": ("<=", 2.0),
+         "range": [min(rounds["ours"]) * 1e6, max(rounds["ours"]) * 1e6]},
+    ]
+
+
 CASES = {
     "lock": case_lock,
     "write": case_write,
@@ -1036,4 +1117,5 @@ CASES = {
     "fair": case_fair,
     "direct": case_direct,
     "contention": case_contention,
+    "device": case_device,
 }
