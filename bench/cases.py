@@ -6,6 +6,7 @@ the other core's noise), ours and the peer's taking turns in each round
 (best_of); multi-process cases time from a common start barrier to the
 last worker's end.
 """
+import contextlib
 import multiprocessing
 import mmap
 import os
@@ -1045,21 +1046,38 @@ while time.monotonic() < end and m.state[0] == 1:
 """
 
 
+@contextlib.contextmanager
+def _device_faytd(tmp, name, size, model_code, model_args=()):
+    """A faytd of its own with window `name`, a model process started from
+    model_code (it prints one line when it serves), a connection to it;
+    all stopped after."""
+    from faytd.launch import Faytd
+    dev_d = Faytd(os.path.join(tmp, "faytd"), ram="64MiB", config={"devices": [
+        {"name": name, "base": 0x40000000, "size": size}]})
+    model = c = None
+    try:
+        model = subprocess.Popen([sys.executable, "-c", model_code] + list(model_args),
+                                 env=dev_d.env(), stdout=subprocess.PIPE, text=True)
+        model.stdout.readline()
+        c = lp.Connection(dev_d.socket)
+        yield c
+    finally:
+        if c is not None:
+            c.close()
+        if model is not None:
+            model.kill()
+            model.wait()
+        dev_d.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def case_device(d, scale):
     """Driver -> device round trip: write a descriptor into the window's data
     area, ring the doorbell (write32), the model completes it and raises the
     interrupt, the driver's handler runs; vs a pipe ping-pong."""
-    from faytd.launch import Faytd
     n = _n(3000, scale, 200)
-    tmp = tempfile.mkdtemp(prefix="fayt-bench-dev-")
-    dev_d = Faytd(os.path.join(tmp, "faytd"), ram="64MiB", config={"devices": [
-        {"name": "bench0", "base": 0x40000000, "size": "16KiB"}]})
-    model = None
-    try:
-        model = subprocess.Popen([sys.executable, "-c", _DEVICE_MODEL], env=dev_d.env(),
-                                 stdout=subprocess.PIPE, text=True)
-        assert model.stdout.readline().strip() == "ready"
-        c = lp.Connection(dev_d.socket)
+    with _device_faytd(tempfile.mkdtemp(prefix="fayt-bench-dev-"), "bench0", "16KiB",
+                       _DEVICE_MODEL) as c:
         done = [0]
         dev = lp.attach_device("bench0", 7, lambda count: done.__setitem__(0, done[0] + count),
                                connection=c)
@@ -1088,13 +1106,6 @@ def case_device(d, scale):
         buf.release()
         win.unmap()
         dev.close()
-        c.close()
-    finally:
-        if model is not None:
-            model.kill()
-            model.wait()
-        dev_d.stop()
-        shutil.rmtree(tmp, ignore_errors=True)
     med = {k: sorted(v)[len(v) // 2] for k, v in rounds.items()}
     return [
         {"name": "device round trip (descriptor, doorbell, completion, interrupt)",
@@ -1102,6 +1113,47 @@ def case_device(d, scale):
          "peer_value": med["peer"] * 1e6, "ratio": med["ours"] / med["peer"],
          "target": ("<=", 2.0),
          "range": [min(rounds["ours"]) * 1e6, max(rounds["ours"]) * 1e6]},
+    ]
+
+
+_BLOCK_MODEL = r"""
+import sys
+sys.path.insert(0, sys.argv[1])
+from servers import blockdev
+sys.exit(blockdev.main(["model", "--name", "blk0", "--image", sys.argv[2]]))
+"""
+
+
+def case_blockdev(d, scale):
+    """4 KiB block reads/s through the reference block device's driver
+    (servers/blockdev.py) vs os.pread of the image; reported, no target."""
+    from servers.blockdev import BlockDriver
+    n = _n(3000, scale, 200)
+    tmp = tempfile.mkdtemp(prefix="fayt-bench-blk-")
+    image = os.path.join(tmp, "disk.img")
+    with open(image, "wb") as f:
+        f.write(os.urandom(64 * 4096))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with _device_faytd(tmp, "blk0", "72KiB", _BLOCK_MODEL, (root, image)) as c:
+        drv = BlockDriver("blk0", connection=c)
+        fd = os.open(image, os.O_RDONLY)
+
+        def ours(k):
+            for i in range(k):
+                drv.read(i % 64)
+
+        def peer(k):
+            for i in range(k):
+                os.pread(fd, 4096, (i % 64) * 4096)
+
+        ours(50)
+        t_ours, t_peer = median_of(n, 5, ours, peer)
+        os.close(fd)
+        drv.close()
+    return [
+        {"name": "4 KiB block reads through the block device's driver", "ours": 1 / t_ours,
+         "unit": "ops/s", "peer": "os.pread of the image", "peer_value": 1 / t_peer,
+         "ratio": t_peer / t_ours, "target": None},
     ]
 
 
@@ -1118,4 +1170,5 @@ CASES = {
     "direct": case_direct,
     "contention": case_contention,
     "device": case_device,
+    "blockdev": case_blockdev,
 }
