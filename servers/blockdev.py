@@ -141,13 +141,104 @@ class BlockDriver:
         self.dev.close()
 
 
+# -- files on the disk, served through a chain ----------------------------------
+#
+# The disk's layout (no real filesystem): block 0 is a table of lines
+# "name first-block bytes\n"; each file's bytes are in consecutive blocks.
+
+def make_image(path, files):
+    """Write a disk image holding files ({name: bytes})."""
+    table, blocks, first = [], [], 1
+    for name, data in files.items():
+        n = (len(data) + BLOCK - 1) // BLOCK
+        table.append("%s %d %d\n" % (name, first, len(data)))
+        blocks.append(data.ljust(n * BLOCK, b"\0"))
+        first += n
+    head = "".join(table).encode()
+    if len(head) > BLOCK:
+        raise ValueError("make_image: the table is more than one block")
+    with open(path, "wb") as f:
+        f.write(head.ljust(BLOCK, b"\0") + b"".join(blocks))
+
+
+class DiskFiles:
+    """A chain server's handler: the page a SPECIAL portal of message
+    `name` faults is read from that file's blocks through the driver."""
+
+    def __init__(self, driver):
+        self.driver = driver
+        self.files = {}
+        for line in driver.read(0).rstrip(b"\0").decode().splitlines():
+            name, first, size = line.split()
+            self.files[name.encode()] = (int(first), int(size))
+
+    def __call__(self, req):
+        if req.present:             # a write report: nothing to read
+            req.supply(length=0)
+            return
+        f = self.files.get(bytes(req.message))
+        if f is None:
+            raise OSError(errno.ENOENT, "no file %r on the disk" % bytes(req.message))
+        first, size = f
+        if req.offset >= size:
+            raise OSError(errno.ENXIO, "offset %d is past the end of the file" % req.offset)
+        n = min(BLOCK, size - req.offset)
+        req.data[:BLOCK] = self.driver.read(first + req.offset // BLOCK)
+        req.supply(length=n)
+
+
+def serve_disk(chain, name, ready=None):
+    """Drive window `name` and serve the files of its disk on `chain`."""
+    drv = BlockDriver(name)
+    server = lp.chain_join(chain, run_max=BLOCK)
+    if ready is not None:
+        ready()
+    try:
+        server.serve(DiskFiles(drv))
+    finally:
+        drv.close()
+
+
+def cat(chain, name, image=None):
+    """The client: map file `name` as a SPECIAL portal of `chain` and read
+    it; with image, compare with its blocks read from the image directly."""
+    want = None
+    if image is not None:
+        with open(image, "rb") as f:
+            for line in f.read(BLOCK).rstrip(b"\0").decode().splitlines():
+                n, first, size = line.split()
+                if n == name:
+                    f.seek(int(first) * BLOCK)
+                    want = f.read(int(size))
+    size = len(want) if want is not None else BLOCK
+    with lp.portal(lp.SPECIAL, lp.PROT_READ, size, chain=chain, message=name.encode()) as sp:
+        got = sp.read(0, size)
+    same = want is None or got == want
+    print("read %d bytes of %s through chain %r: %s" % (
+        len(got), name, chain, "identical to the image" if same else "DIFFERENT"), flush=True)
+    return 0 if same else 1
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m servers.blockdev")
     sub = ap.add_subparsers(dest="cmd", required=True)
     m = sub.add_parser("model", help="serve a device window from a disk image")
     m.add_argument("--name", required=True)
     m.add_argument("--image", required=True)
+    c = sub.add_parser("disk", help="drive the window, serve its files on a chain")
+    c.add_argument("--name", required=True)
+    c.add_argument("--chain", required=True)
+    r = sub.add_parser("cat", help="read a file of the disk through a SPECIAL portal")
+    r.add_argument("--chain", required=True)
+    r.add_argument("--file", required=True)
+    r.add_argument("--image", help="compare with the file's bytes in this image")
     args = ap.parse_args(argv)
+    if args.cmd == "cat":
+        return cat(args.chain, args.file, args.image)
+    if args.cmd == "disk":
+        serve_disk(args.chain, args.name,
+                   ready=lambda: print("serving chain %s" % args.chain, flush=True))
+        return 0
     model = Model(args.name, args.image)
     print("serving %s: %d blocks" % (args.name, model.blocks), flush=True)
     try:

@@ -400,3 +400,31 @@ def test_devices_block_device_reads_and_writes_the_image(spawn, fresh_faytd, tmp
         c.send("read %d" % (i % 8))
     assert [c.expect() for _ in range(40)] == [
         "written" if i % 8 == 5 else "block-%d" % (i % 8) for i in range(40)]
+
+
+def test_devices_chain_server_serves_a_file_of_the_disk(spawn, fresh_faytd, tmp_path):
+    """The whole path: a SPECIAL portal's faults go to the disk's chain
+    server, which reads the file's blocks through the block driver, whose
+    requests the model answers from the image."""
+    import sys
+    sys.path.insert(0, ROOT)
+    from servers.blockdev import make_image
+    text = bytes(range(256)) * 40                   # 10,240 bytes: three blocks
+    image = tmp_path / "disk.img"
+    make_image(str(image), {"hello.txt": b"hello, disk", "big.bin": text})
+    d = fresh_faytd(config={"devices": BLK_DEVICES}, ram="64MiB", clean=True)
+    m = spawn("sys.path.insert(0, sys.argv[1])\nfrom servers import blockdev\n"
+              "sys.exit(blockdev.main(['model', '--name', 'blk0', '--image', sys.argv[2]]))",
+              d.env(), args=[ROOT, str(image)])
+    assert m.expect() == "serving blk0: 5 blocks"        # the table, 1 + 3 blocks
+    s = spawn("sys.path.insert(0, sys.argv[1])\nfrom servers import blockdev\n"
+              "sys.exit(blockdev.main(['disk', '--name', 'blk0', '--chain', 'disk']))",
+              d.env(), args=[ROOT])
+    assert s.expect() == "serving chain disk"
+    c = spawn(r"""
+for name, size in (("hello.txt", 11), ("big.bin", 10240)):
+    with lp.portal(lp.SPECIAL, lp.PROT_READ, size, chain="disk", message=name.encode()) as p:
+        print(p.read(0, size).hex())
+""", d.env())
+    assert bytes.fromhex(c.expect()) == b"hello, disk"
+    assert bytes.fromhex(c.expect()) == text
