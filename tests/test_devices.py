@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import struct
+import time
 
 import pytest
 
@@ -433,3 +434,25 @@ for name, size in (("hello.txt", 11), ("big.bin", 10240)):
 """, d.env())
     assert bytes.fromhex(c.expect()) == b"hello, disk"
     assert bytes.fromhex(c.expect()) == text
+
+
+def test_devices_a_dead_driver_is_detached(spawn, fresh_faytd):
+    """A second live driver is EBUSY; once the first dies the window is
+    free, and the new driver starts where the model is."""
+    d = fresh_faytd(config={"devices": DEVICES}, ram="64MiB", clean=True)
+    m, _ = model(spawn, d)
+    c, _ = driver(spawn, d)
+    assert ask(c, "w32 0 41") == "ok"
+    _, got = driver(spawn, d)
+    assert got.startswith("EBUSY") and "window blk0 is driven by context" in got
+    c.kill()
+    for _ in range(100):                    # faytd sees the death asynchronously
+        c2, got = driver(spawn, d)
+        if not got.startswith("EBUSY"):
+            break
+        c2.kill()
+        time.sleep(0.05)
+    assert json.loads(got)[0] == 1
+    assert ask(c2, "r32 0") == "41"
+    assert ask(m, "irq 1") == "ok"
+    assert json.loads(ask(c2, "irqs 10 1"))[0] == 1
