@@ -6,11 +6,13 @@ the other core's noise), ours and the peer's taking turns in each round
 (best_of); multi-process cases time from a common start barrier to the
 last worker's end.
 """
+import contextlib
 import multiprocessing
 import mmap
 import os
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import tempfile
@@ -1205,6 +1207,135 @@ def _one_way_mq(m, msg):
         mq.unlink()
         mq.close()
     return m / (done - t)
+# -- an emulated device: descriptor, doorbell, completion, interrupt -----------
+
+_DEVICE_MODEL = r"""
+import sys, struct, time
+import libportal as lp
+m = lp.register_device("bench0")
+def on_write(off, size, value):
+    m.set32(off, value)
+    if off == 0:                            # the doorbell: complete descriptor `value`
+        at = 64 * (value % 32)
+        m.data[at + 8:at + 16] = m.data[at:at + 8]
+        m.irq()
+m.on_write = on_write
+print("ready", flush=True)
+end = time.monotonic() + 600
+while time.monotonic() < end and m.state[0] == 1:
+    m.serve(1.0)
+"""
+
+
+@contextlib.contextmanager
+def _device_faytd(tmp, name, size, model_code, model_args=()):
+    """A faytd of its own with window `name`, a model process started from
+    model_code (it prints one line when it serves), a connection to it;
+    all stopped after."""
+    from faytd.launch import Faytd
+    dev_d = Faytd(os.path.join(tmp, "faytd"), ram="64MiB", config={"devices": [
+        {"name": name, "base": 0x40000000, "size": size}]})
+    model = c = None
+    try:
+        model = subprocess.Popen([sys.executable, "-c", model_code] + list(model_args),
+                                 env=dev_d.env(), stdout=subprocess.PIPE, text=True)
+        model.stdout.readline()
+        c = lp.Connection(dev_d.socket)
+        yield c
+    finally:
+        if c is not None:
+            c.close()
+        if model is not None:
+            model.kill()
+            model.wait()
+        dev_d.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def case_device(d, scale):
+    """Driver -> device round trip: write a descriptor into the window's data
+    area, ring the doorbell (write32), the model completes it and raises the
+    interrupt, the driver's handler runs; vs a pipe ping-pong."""
+    n = _n(3000, scale, 200)
+    with _device_faytd(tempfile.mkdtemp(prefix="fayt-bench-dev-"), "bench0", "16KiB",
+                       _DEVICE_MODEL) as c:
+        done = [0]
+        dev = lp.attach_device("bench0", 7, lambda count: done.__setitem__(0, done[0] + count),
+                               connection=c)
+        win = dev.map(lp.PROT_RW)
+        buf = win.buf
+        wait = lp.notification.runtime(c).wait
+
+        def ours(k):
+            for i in range(k):
+                at = 4096 + 64 * (i % 32)
+                buf[at:at + 8] = struct.pack("<Q", i)
+                want = done[0] + 1
+                dev.write32(0, i)
+                while done[0] < want:
+                    wait(10)
+                if buf[at + 8:at + 16] != buf[at:at + 8]:
+                    raise RuntimeError("bench: descriptor %d not completed" % i)
+
+        ours(50)
+        rounds = {"ours": [], "peer": []}
+        for _ in range(5):
+            t = time.perf_counter()
+            ours(n)
+            rounds["ours"].append((time.perf_counter() - t) / n)
+            rounds["peer"].append(_pingpong(n, _pipes))
+        buf.release()
+        win.unmap()
+        dev.close()
+    med = {k: sorted(v)[len(v) // 2] for k, v in rounds.items()}
+    return [
+        {"name": "device round trip (descriptor, doorbell, completion, interrupt)",
+         "ours": med["ours"] * 1e6, "unit": "us", "peer": "pipe ping-pong",
+         "peer_value": med["peer"] * 1e6, "ratio": med["ours"] / med["peer"],
+         "target": ("<=", 2.0),
+         "range": [min(rounds["ours"]) * 1e6, max(rounds["ours"]) * 1e6]},
+    ]
+
+
+_BLOCK_MODEL = r"""
+import sys
+sys.path.insert(0, sys.argv[1])
+from servers import blockdev
+sys.exit(blockdev.main(["model", "--name", "blk0", "--image", sys.argv[2]]))
+"""
+
+
+def case_blockdev(d, scale):
+    """4 KiB block reads/s through the reference block device's driver
+    (servers/blockdev.py) vs os.pread of the image; reported, no target."""
+    from servers.blockdev import BlockDriver
+    n = _n(3000, scale, 200)
+    tmp = tempfile.mkdtemp(prefix="fayt-bench-blk-")
+    image = os.path.join(tmp, "disk.img")
+    with open(image, "wb") as f:
+        f.write(os.urandom(64 * 4096))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with _device_faytd(tmp, "blk0", "72KiB", _BLOCK_MODEL, (root, image)) as c:
+        drv = BlockDriver("blk0", connection=c)
+        fd = os.open(image, os.O_RDONLY)
+
+        def ours(k):
+            for i in range(k):
+                drv.read(i % 64)
+
+        def peer(k):
+            for i in range(k):
+                os.pread(fd, 4096, (i % 64) * 4096)
+
+        ours(50)
+        t_ours, t_peer = median_of(n, 5, ours, peer)
+        os.close(fd)
+        drv.close()
+    return [
+        {"name": "4 KiB block reads through the block device's driver", "ours": 1 / t_ours,
+         "unit": "ops/s", "peer": "os.pread of the image", "peer_value": 1 / t_peer,
+         "ratio": t_peer / t_ours, "target": None},
+    ]
 
 
 CASES = {
@@ -1220,6 +1351,8 @@ CASES = {
     "direct": case_direct,
     "contention": case_contention,
     "channel": case_channel,
+    "device": case_device,
+    "blockdev": case_blockdev,
 }
 from .queue_case import case_queue  # noqa: E402  (its own module: the queue's peers)
 CASES["queue"] = case_queue

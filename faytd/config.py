@@ -50,6 +50,7 @@ DEFAULT = {
     "max_published_per_uid": 1024,   # names its contexts published (docs/discovery.md)
     "max_queues_per_uid": 64,        # user->kernel queues its contexts hold (docs/queue.md)
     "max_channels_per_uid": 1024,    # channels and listeners its contexts hold (docs/channels.md)
+    "devices": [],               # device windows: {"name", "base", "size"} (docs/devices.md)
     "policy": {
         "categories": {
             "core": {"classes": ["SHARE", "DIRECT", "ANON", "COW", "SPECIAL"],
@@ -149,6 +150,56 @@ def load(path=None, overrides=None):
                                          "reserved_sharepoints", False)
     cfg["max_ram_per_uid"] = _share(cfg["max_ram_per_uid"], cfg["ram"], "max_ram_per_uid", True)
     cfg["reserved_ram"] = _share(cfg["reserved_ram"], cfg["ram"], "reserved_ram", True)
+    cfg["devices"] = _devices(cfg["devices"], cfg["ram"])
     mode = cfg["socket_mode"]
     cfg["socket_mode"] = int(mode, 8) if isinstance(mode, str) else int(mode)
     return cfg
+
+
+RAM_BASE = 0x100000         # FAYT_RAM_BASE (faytd/core/core.h): frame 0's address
+_DEVICE_NAME = re.compile(r"[A-Za-z0-9_.-]{1,31}")
+
+
+def _devices(v, ram):
+    """The device windows, checked: [{"name", "base", "size"}] with numbers,
+    each outside RAM's frames and overlapping no other (docs/devices.md)."""
+    if not isinstance(v, list):
+        raise ValueError("config: devices must be a list of windows")
+    out, names = [], set()
+    for i, w in enumerate(v):
+        what = "devices[%d]" % i
+        if not isinstance(w, dict):
+            raise ValueError("config: %s must be an object {\"name\", \"base\", \"size\"}" % what)
+        unknown = set(w) - {"name", "base", "size"}
+        if unknown:
+            raise ValueError("config: %s: unknown keys %s" % (what, sorted(unknown)))
+        name = w.get("name")
+        if not isinstance(name, str) or not _DEVICE_NAME.fullmatch(name):
+            raise ValueError("config: %s.name: %r is not 1 to 31 characters of A-Za-z0-9_.-"
+                             % (what, name))
+        if name in names:
+            raise ValueError("config: %s.name: %r names another window too" % (what, name))
+        names.add(name)
+        base = w.get("base")
+        try:
+            base = base if isinstance(base, int) and not isinstance(base, bool) \
+                else int(str(base), 0)
+        except ValueError:
+            raise ValueError("config: %s.base: %r is not an address" % (what, base)) from None
+        if base < 0 or base % 4096:
+            raise ValueError("config: %s.base: %#x is not a 4 KiB aligned address"
+                             % (what, base))
+        size = parse_size(w.get("size"), what + ".size")
+        if size % 4096:
+            raise ValueError("config: %s.size: %d is not a multiple of 4096" % (what, size))
+        if base + size > 1 << 64:
+            raise ValueError("config: %s: %#x + %d ends past 2^64" % (what, base, size))
+        if base < RAM_BASE + ram and RAM_BASE < base + size:
+            raise ValueError("config: %s: %#x..%#x overlaps RAM's frames (%#x..%#x)"
+                             % (what, base, base + size, RAM_BASE, RAM_BASE + ram))
+        for o in out:
+            if base < o["base"] + o["size"] and o["base"] < base + size:
+                raise ValueError("config: %s: %#x..%#x overlaps window %s" % (
+                    what, base, base + size, o["name"]))
+        out.append({"name": name, "base": base, "size": size})
+    return out

@@ -16,6 +16,7 @@ from .native import core, lib as clib
 from .context import Context, ContextTable, Quotas
 from .cow import Cow
 from .discovery import Published
+from .devices import Devices
 from .direct import Direct, DirectBacking
 from .frames import (PAGE, BackingObject, FrameAllocator, KernelError, keeper_objects,
                      release_objects, run_tag, start_keeper)
@@ -100,6 +101,7 @@ class Kernel:
         self.sharepoints.on_destroy.append(self.notifications.sharepoint_destroyed)
         self.pager = Pager(self)
         self.direct = Direct(self)
+        self.devices = Devices(self)
         self.published = Published(self)
         self.queues = Queues(self)
         self.scheduling = Scheduling(self)
@@ -290,6 +292,7 @@ class Kernel:
         self.queues.context_gone(ctx)                   # drained, then dropped
         self.scheduling.context_gone(ctx)               # its decisions undone
         self.channels.context_gone(ctx)                 # its listeners go, its channels reset
+        self.devices.context_gone(ctx)                  # a model or driver stops with it
         watch = ctx.alive and ctx.pidfd >= 0
         records, ignored = ctx.mapped_lock_records(self.sharepoints)
         if watch and records:
@@ -323,6 +326,7 @@ class Kernel:
         self.notifications.context_gone(ctx)
         self.pager.context_gone(ctx)
         self.direct.context_gone(ctx)
+        self.devices.context_gone(ctx)
         self.published.context_gone(ctx)
         self.queues.context_gone(ctx)
         self.scheduling.context_gone(ctx)
@@ -534,6 +538,7 @@ class Kernel:
             self.forget(ctx)
         self.sharepoints.destroy_all()
         self.frames.release_all()
+        self.devices.shutdown()
 
 
 def _held(sp):

@@ -341,6 +341,24 @@ class Policy:
                       "scheduler")
 
     @staticmethod
+    def check_mmio(ctx, window, what):
+        """DIRECT over a device window, DEV_ATTACH, DEV_REGISTER: the
+        category's mmio globs name the window (docs/devices.md)."""
+        cat = ctx.category
+        if not any(fnmatch.fnmatchcase(window.name, g) for g in cat.mmio):
+            raise KernelError(errno.EPERM, "%s: category %s may not reach device window %s "
+                              "(its mmio globs: %s)" % (what, cat.name, window.name,
+                                                        ", ".join(cat.mmio) or "none"))
+
+    @staticmethod
+    def check_device_model(ctx, window):
+        """DEV_REGISTER: a driver or core context whose mmio globs name the window."""
+        if ctx.category.id not in (lib.FAYT_CATEGORY_CORE, lib.FAYT_CATEGORY_DRIVER):
+            raise KernelError(errno.EPERM, "name: category %s may not serve a device window "
+                              "(driver and core only)" % ctx.category.name)
+        Policy.check_mmio(ctx, window, "name")
+
+    @staticmethod
     def check_notify(sender, target):
         """sender may get a ring into target (contexts): its category's notify
         right names the target's category, "*", or "$uid" with the same uid."""

@@ -31,6 +31,7 @@ from .queue import queue_open, Queue  # noqa: F401
 from .sched import Scheduler  # noqa: F401
 from .stream import (listen, connect, Listener, End, Peer,  # noqa: F401
                      SHUT_RD, SHUT_WR, SHUT_RDWR)
+from .device import register_device, attach_device, Device, DeviceModel  # noqa: F401
 from ._abi import lib as _lib
 CATEGORY_CORE = _lib.FAYT_CATEGORY_CORE
 CATEGORY_DRIVER = _lib.FAYT_CATEGORY_DRIVER

@@ -94,6 +94,8 @@ LISTEN_REPLY = struct_of("struct fayt_listen_reply")
 CONNECT_REQ = struct_of("struct fayt_connect_req")    # ring_bytes, reserved; then the name
 CHAN_REPLY = struct_of("struct fayt_chan_reply")
 COW_PADDR_REQ = struct_of("struct fayt_cow_paddr_req")  # handle, base, npages, reserved
+DEV_REQ = struct_of("struct fayt_dev_req")            # flags, index, cookie, window, reserved
+DEV_REPLY = struct_of("struct fayt_dev_reply")        # base, size, window, generation
 # A fayt_portal_reply by name (made in C by _fastpath.Transport; by
 # portal_reply() where Python reads one from a reply's body).
 PortalReply = _fastpath.PortalReply

@@ -15,6 +15,7 @@ category) it names may map its frames.  See docs/portals.md.
 """
 import ctypes
 import errno
+import fcntl
 import os
 import struct
 
@@ -33,6 +34,7 @@ _madvise = _libc.madvise
 _madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
 _MAP_SHARED, _MAP_PRIVATE, _MAP_FIXED = 0x01, 0x02, 0x10
 _MADV_DONTFORK = 10
+_PROT_WRITE = 2
 _MAP_FAILED = ctypes.c_void_p(-1).value
 
 
@@ -50,8 +52,12 @@ def _map_runs(base, runs, fds, prot, flags):
         if fd_index >= len(fds):
             raise errors.error(errno.EPROTO, "portal: a DIRECT run names fd %d of %d"
                                % (fd_index, len(fds)))
+        p = prot
+        if flags & _MAP_SHARED and \
+                fcntl.fcntl(fds[fd_index], fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY:
+            p &= ~_PROT_WRITE       # a device's register page: a stray store faults
         try:
-            map_fd(base + at, pages * 4096, prot, flags | _MAP_FIXED, fds[fd_index], offset)
+            map_fd(base + at, pages * 4096, p, flags | _MAP_FIXED, fds[fd_index], offset)
         except OSError as e:
             raise errors.error(e.errno, "portal: mmap of a DIRECT run: " + e.strerror) from None
 

@@ -12,11 +12,15 @@ another instance gets errno.EOWNERDEAD from sp.lock(), repairs the table and
 calls mark_consistent().  A fourth instance joins, everyone stops on SIGTERM,
 a notification server and client pair (servers/notify_pair.py) talk through
 notifications (return flag, deferred, immediate, a failing handler, faytd's
-peer-died notice), then
+peer-died notice), a SPECIAL portal is read through a two-server chain, a
+file of an emulated disk is read through a SPECIAL portal, the disk's chain
+server, its block driver and device model (servers/blockdev.py), then
 faytd stops on SIGTERM, and the demo checks that no child process, no
 object keeper of its faytd and no object is left.
 Exit status 0 only if every step happened; it finishes in about 10 s.
 """
+import importlib
+import json
 import os
 import queue
 import shutil
@@ -103,9 +107,14 @@ class Demo:
 
     # -- processes ----------------------------------------------------------
     def start_faytd(self):
-        self.say("starting faytd: %s -m faytd --socket %s --ram 64MiB", "python", self.socket)
+        cfg = os.path.join(self.dir, "faytd.json")
+        with open(cfg, "w") as f:
+            json.dump({"devices": [{"name": "blk0", "base": "0x40000000", "size": "72KiB"}]}, f)
+        self.say("starting faytd: %s -m faytd --socket %s --ram 64MiB --config %s (a device "
+                 "window blk0)", "python", self.socket, cfg)
         self.faytd = subprocess.Popen(
-            [sys.executable, "-m", "faytd", "--socket", self.socket, "--ram", "64MiB"],
+            [sys.executable, "-m", "faytd", "--socket", self.socket, "--ram", "64MiB",
+             "--config", cfg],
             env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         self.follow(self.faytd, self.faytd.stderr, "faytd")
         # faytd logs "listening on" once it listens.  (Probing the socket with a
@@ -194,6 +203,44 @@ class Demo:
         if chain.returncode != 0:
             raise RuntimeError("the cache chain exited with %d" % chain.returncode)
 
+    def block_device(self):
+        """servers/blockdev.py: a file on an emulated disk, read through a
+        SPECIAL portal, a chain server, the block driver and its model."""
+        image = os.path.join(self.dir, "disk.img")
+        blockdev = importlib.import_module(SERVERS + ".blockdev")
+        blockdev.make_image(image, {"notes.txt": b"written on an emulated disk\n" * 200})
+        self.say("a device model serves window blk0 from a disk image (servers/blockdev.py)")
+        model = subprocess.Popen([sys.executable, "-m", SERVERS + ".blockdev", "model", "--name",
+                                  "blk0", "--image", image], env=self.env,
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.instances["blk-model"] = model
+        self.follow(model, model.stdout, "blk-model")
+        self.wait_for("serving blk0", "blk-model")
+        self.say("its driver maps the window with DIRECT and serves the disk's files on "
+                 "chain 'demo.disk'")
+        disk = subprocess.Popen([sys.executable, "-m", SERVERS + ".blockdev", "disk", "--name",
+                                 "blk0", "--chain", "demo.disk"], env=self.env,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.instances["blk-disk"] = disk
+        self.follow(disk, disk.stdout, "blk-disk")
+        self.wait_for("serving chain", "blk-disk")
+        cli = subprocess.Popen([sys.executable, "-m", SERVERS + ".blockdev", "cat", "--chain",
+                                "demo.disk", "--file", "notes.txt", "--image", image],
+                               env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True)
+        self.follow(cli, cli.stdout, "disk-client")
+        self.wait_for("identical to the image", "disk-client")
+        cli.wait(timeout=STEP_TIMEOUT)
+        if cli.returncode != 0:
+            raise RuntimeError("the disk client exited with %d" % cli.returncode)
+        for p in (disk, model):
+            p.send_signal(signal.SIGTERM)
+            try:
+                p.wait(timeout=STEP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
     def objects(self):
         return fayt_objects(dirs=[os.path.dirname(self.socket)])
 
@@ -247,6 +294,7 @@ class Demo:
         self.fayt("ls")
         self.notify_pair()
         self.special_chain()
+        self.block_device()
 
         self.say("SIGTERM faytd (pid %d)", self.faytd.pid)
         self.faytd.send_signal(signal.SIGTERM)

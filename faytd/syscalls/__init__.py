@@ -3,8 +3,9 @@
 One module per noun: portal (PORTAL, UNMAP), sharepoint (SHARE_DESTROY,
 UNMAP_DESTROY, LIST_SHARE), notify (the NOTIFY_* calls), chain (the CHAIN_*
 calls and the SPECIAL branch of PORTAL), context (HELLO, LIST_CONTEXTS),
-discovery (PUBLISH, LOOKUP), stream (LISTEN, CONNECT, ACCEPT, CHAN_CLOSE),
-queue (QUEUE_OPEN, QUEUE_CLOSE), info (INFO: rings and chains, for the tools);
+discovery (PUBLISH, LOOKUP), devices (the DEV_* calls), stream (LISTEN,
+CONNECT, ACCEPT, CHAN_CLOSE), queue (QUEUE_OPEN, QUEUE_CLOSE), info (INFO:
+rings and chains, for the tools);
 wire holds the decoding they share.
 
 Each handler takes (kernel, context, tid, body, fds) and returns (reply
@@ -18,7 +19,7 @@ the reply: the objects never see the wire format, a socket or a right
 from libportal._abi import lib
 
 from .. import stats
-from . import (chain, context, direct, discovery, info, notify, portal, queue,
+from . import (chain, context, devices, direct, discovery, info, notify, portal, queue,
                sharepoint, stream)
 
 HANDLERS = {
@@ -57,6 +58,10 @@ HANDLERS = {
     lib.FAYT_SYS_INFO: info.sys_info,
     lib.FAYT_SYS_QUEUE_OPEN: queue.sys_queue_open,
     lib.FAYT_SYS_QUEUE_CLOSE: queue.sys_queue_close,
+    lib.FAYT_SYS_DEV_REGISTER: devices.sys_dev_register,
+    lib.FAYT_SYS_DEV_ATTACH: devices.sys_dev_attach,
+    lib.FAYT_SYS_DEV_IRQ: devices.sys_dev_irq,
+    lib.FAYT_SYS_DEV_DETACH: devices.sys_dev_detach,
 }
 # Every call but HELLO needs a context the policy admitted.
 NEED_NO_HELLO = frozenset({lib.FAYT_SYS_HELLO})

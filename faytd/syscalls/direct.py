@@ -45,7 +45,14 @@ def _runs_reply(k, ctx, m, runs, parts, length, prot, flags, req_fields, readonl
 def portal_direct(k, ctx, tid, prot, length, body, args, req_fields):
     """PORTAL of class DIRECT: the frames paddr[] names, mapped at the
     client's range; one fd per object, read-only without PROT_WRITE."""
-    m, runs, parts = k.direct.map(ctx, tid, prot, length, paddrs_of(body, args))
+    paddrs = paddrs_of(body, args)
+    if k.devices.by_id and len(paddrs) and k.devices.window_at(paddrs[0]) is None:
+        k.devices.check_no_window(paddrs)
+    if k.devices.by_id and len(paddrs) and k.devices.window_at(paddrs[0]) is not None:
+        m, runs, parts = k.devices.map(ctx, tid, prot, length, paddrs,
+                                       lambda c, w: Policy.check_mmio(c, w, "morphology.paddr"))
+    else:
+        m, runs, parts = k.direct.map(ctx, tid, prot, length, paddrs)
     return _runs_reply(k, ctx, m, runs, parts, length, prot, lib.FAYT_PORTAL_REPLY_DIRECT,
                        req_fields, not prot & lib.FAYT_PROT_WRITE)
 
@@ -84,6 +91,12 @@ def sharepoint_direct(k, ctx, tid, prot, length, body, args):
     that attaching maps it from offset 0).  Every mapper writes the lock,
     so the grant must allow PROT_READ|PROT_WRITE."""
     paddrs = paddrs_of(body, args)
+    for i, pa in enumerate(paddrs):
+        w = k.devices.window_at(pa)
+        if w is not None:
+            raise KernelError(errno.EINVAL, "morphology.paddr[%d]: %#x is in device window %s: "
+                              "a share-point's meta-structure would overwrite its registers "
+                              "(SHARE|DIRECT is over granted RAM only)" % (i, pa, w.name))
     k.direct.check_range(length, paddrs)
     frames, runs, objects = k.direct.resolve(ctx, prot | lib.FAYT_PROT_READ
                                              | lib.FAYT_PROT_WRITE, paddrs)

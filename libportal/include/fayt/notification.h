@@ -152,6 +152,8 @@ struct fayt_notification_frame {
 #define FAYT_EVENT_SP_DESTROYED  2   /* a share-point this context maps was destroyed */
 #define FAYT_EVENT_OVERFLOW      3   /* notices for this slot were lost (ring full or
                                         corrupt); sp_id holds how many (see below) */
+#define FAYT_EVENT_IRQ           4   /* a device window's interrupt (docs/devices.md):
+                                        context_id holds the window's id */
 
 /* The payload of a faytd notification.  FAYT_EVENT_OVERFLOW (like inotify's
  * IN_Q_OVERFLOW) arrives at the slot whose notices were lost, before the

@@ -84,6 +84,13 @@
 /* Tools (issue 18: 56-59).  One call, what it describes chosen by the body. */
 #define FAYT_SYS_INFO           56  /* body fayt_info_req; reply: a JSON page of rings or
                                        chains (docs/cli.md, "fayt rings, fayt chains") */
+/* Emulated devices (docs/devices.md); 60..67 are theirs. */
+#define FAYT_SYS_DEV_REGISTER   60  /* body fayt_dev_req + the window's name (no NUL): serve it;
+                                       reply fayt_dev_reply + 7 fds (FAYT_DEV_FD_*) */
+#define FAYT_SYS_DEV_ATTACH     61  /* body fayt_dev_req + the window's name: drive it;
+                                       reply fayt_dev_reply + 5 fds (rings, state, eventfds) */
+#define FAYT_SYS_DEV_IRQ        62  /* body fayt_dev_req (window): the model raises it */
+#define FAYT_SYS_DEV_DETACH     63  /* body fayt_dev_req (window): stop serving or driving it */
 
 /* fayt_req_hdr.flags */
 #define FAYT_REQ_NOREPLY 0x1        /* UNMAP, UNMAP_DESTROY: do not answer unless it fails */
@@ -223,6 +230,40 @@ struct fayt_queue_reply {
     uint32_t size;         /* ring bytes */
     uint64_t map_length;   /* bytes to map read-write from offset 0 of the fd */
 } __attribute__((packed));
+
+/* Device windows (docs/devices.md). */
+struct fayt_dev_req {
+    uint32_t flags;        /* 0 */
+    int32_t index;         /* ATTACH: the notification slot of the interrupt; else 0 */
+    uint64_t cookie;       /* ATTACH: the handler's cookie (as NOTIFY_INSTALL); else 0 */
+    uint32_t window;       /* IRQ, DETACH: the window's id; else 0 */
+    uint32_t reserved;     /* 0 */
+} __attribute__((packed));
+
+struct fayt_dev_reply {
+    uint64_t base;         /* the window's physical base */
+    uint64_t size;         /* its bytes: the register page, then the data area */
+    uint32_t window;       /* its id (IRQ, DETACH, FAYT_EVENT_IRQ's context_id) */
+    uint32_t generation;   /* registrations of a model so far */
+} __attribute__((packed));
+
+/* The descriptors of a DEV_REGISTER reply, in this order (ATTACH: from RINGS_DRIVER). */
+#define FAYT_DEV_FD_REGS         0  /* model: read-write */
+#define FAYT_DEV_FD_DATA         1  /* model: read-write */
+#define FAYT_DEV_FD_RING_DRIVER  2  /* written by the driver only */
+#define FAYT_DEV_FD_RING_MODEL   3  /* written by the model only */
+#define FAYT_DEV_FD_STATE        4  /* written by faytd only */
+#define FAYT_DEV_FD_EV_MODEL     5  /* eventfd: the model's doorbell */
+#define FAYT_DEV_FD_EV_DRIVER    6  /* eventfd: the driver's doorbell */
+
+/* The pages of the register protocol: 64-bit little-endian words. */
+#define FAYT_DEV_RING_ENTRIES  252   /* entries of 16 bytes after a 64-byte head */
+#define FAYT_DEV_OP_WRITE32    1
+#define FAYT_DEV_OP_WRITE64    2
+#define FAYT_DEV_OP_READ32     3
+#define FAYT_DEV_OP_READ64     4
+#define FAYT_DEV_STATE_SERVED  1
+#define FAYT_DEV_STATE_DEAD    2
 
 #define FAYT_PUBLISH_WITHDRAW 0x1
 struct fayt_publish_req {
