@@ -17,10 +17,13 @@ import select
 import struct
 import threading
 import time
+from typing import Callable, Sequence
 
 from . import errors
 from ._abi import lib, DEV_REQ, DEV_REPLY
-from .syscall import connection as _default_connection
+from .portal import Portal
+from .syscall import Connection, connection as _default_connection
+from ._types import Name
 
 PAGE = 4096
 N = lib.FAYT_DEV_RING_ENTRIES
@@ -67,7 +70,7 @@ def _wait(fd, deadline):
 
 
 class _Window:
-    def __init__(self, conn, data):
+    def __init__(self, conn: Connection, data: bytes) -> None:
         self.connection = conn
         self.base, self.size, self.id, self.generation = DEV_REPLY.unpack_from(data)
 
@@ -98,7 +101,7 @@ class DeviceModel(_Window):
     .data (the data area), serve(), irq(); on_write(offset, size, value) and
     on_read(offset, size) -> value may be set (default: the register page)."""
 
-    def __init__(self, conn, data, fds):
+    def __init__(self, conn: Connection, data: bytes, fds: "Sequence[int]") -> None:
         _Window.__init__(self, conn, data)
         try:
             self.regs = self._map(fds[0], True)
@@ -122,19 +125,23 @@ class DeviceModel(_Window):
         self.bad_entries = 0        # entries refused (bad op or offset)
         self.broken = False         # the driver's head went out of range
 
-    def set32(self, offset, value):
+    def set32(self, offset: int, value: int) -> None:
+        """Store the 32-bit register at `offset` of the register page."""
         self._r32[offset // 4] = value & 0xffffffff
 
-    def set64(self, offset, value):
+    def set64(self, offset: int, value: int) -> None:
+        """Store the 64-bit register at `offset` of the register page."""
         self._r64[offset // 8] = value & (1 << 64) - 1
 
-    def get32(self, offset):
+    def get32(self, offset: int) -> int:
+        """The 32-bit register at `offset` of the register page."""
         return self._r32[offset // 4]
 
-    def get64(self, offset):
+    def get64(self, offset: int) -> int:
+        """The 64-bit register at `offset` of the register page."""
         return self._r64[offset // 8]
 
-    def serve(self, timeout=0):
+    def serve(self, timeout: float = 0) -> int:
         """Take every entry the driver posted (waiting up to timeout seconds
         for the first): the writes in order, each read answered.  Returns
         how many were taken."""
@@ -185,11 +192,11 @@ class DeviceModel(_Window):
         self._w_mine[ANSWER // 8] = value       # the value, then the count naming it
         self._w_mine[ANSWER_SEQ // 8] = pos + 1
 
-    def irq(self):
+    def irq(self) -> None:
         """Raise the window's interrupt (faytd delivers or coalesces it)."""
         self.connection.call(lib.FAYT_SYS_DEV_IRQ, _req(window=self.id))
 
-    def close(self):
+    def close(self) -> None:
         """Stop serving (DEV_DETACH) and unmap."""
         try:
             self.connection.call(lib.FAYT_SYS_DEV_DETACH, _req(window=self.id))
@@ -204,7 +211,8 @@ class Device(_Window):
     """The driver's side of a window: register accessors, map(), and the
     interrupt (handler(count) at notification slot index)."""
 
-    def __init__(self, conn, data, fds, timeout):
+    def __init__(self, conn: Connection, data: bytes, fds: "Sequence[int]",
+                 timeout: float) -> None:
         _Window.__init__(self, conn, data)
         try:
             self.ring = self._map(fds[0], True)
@@ -227,7 +235,7 @@ class Device(_Window):
         self._lock = threading.Lock()
 
     # -- DIRECT -------------------------------------------------------------
-    def map(self, prot, offset=0, length=None):
+    def map(self, prot: int, offset: int = 0, length: "int | None" = None) -> Portal:
         """A DIRECT portal over the window (or `length` bytes of it from
         `offset`): the register page read-only whatever prot."""
         from .portal import portal, DIRECT
@@ -286,16 +294,24 @@ class Device(_Window):
                     raise errors.error(errno.ETIMEDOUT, "device %d: no answer to a read of "
                                        "offset %#x within %gs" % (self.id, offset, self.timeout))
 
-    def write32(self, offset, value):
+    def write32(self, offset: int, value: int) -> None:
+        """Write the 32-bit register at `offset` through the ring (the model
+        takes the writes in order)."""
         self._write(W32, offset, value)
 
-    def write64(self, offset, value):
+    def write64(self, offset: int, value: int) -> None:
+        """Write the 64-bit register at `offset` through the ring (the model
+        takes the writes in order)."""
         self._write(W64, offset, value)
 
-    def read32(self, offset):
+    def read32(self, offset: int) -> int:
+        """Read the 32-bit register at `offset`: waits for the model's answer
+        (ETIMEDOUT after the device's timeout)."""
         return self._read(R32, offset)
 
-    def read64(self, offset):
+    def read64(self, offset: int) -> int:
+        """Read the 64-bit register at `offset`: waits for the model's answer
+        (ETIMEDOUT after the device's timeout)."""
         return self._read(R64, offset)
 
     # -- the interrupt --------------------------------------------------------
@@ -316,7 +332,8 @@ class Device(_Window):
                 self.handler(count)
         return 0
 
-    def close(self):
+    def close(self) -> None:
+        """Stop driving (DEV_DETACH) and unmap."""
         try:
             self.connection.call(lib.FAYT_SYS_DEV_DETACH, _req(window=self.id))
         except OSError:
@@ -326,14 +343,15 @@ class Device(_Window):
             os.close(fd)
 
 
-def register_device(name, *, connection=None):
+def register_device(name: "Name", *, connection: "Connection | None" = None) -> DeviceModel:
     """Serve device window `name` (driver or core; its mmio globs name it)."""
     conn = connection or _default_connection()
     data, fds = conn.call(lib.FAYT_SYS_DEV_REGISTER, _req(name=_name(name)))
     return DeviceModel(conn, data, fds)
 
 
-def attach_device(name, index, handler=None, *, timeout=10, connection=None):
+def attach_device(name: "Name", index: int, handler: "Callable[[int], object] | None" = None, *,
+                  timeout: float = 10, connection: "Connection | None" = None) -> Device:
     """Drive device window `name`: its interrupt comes to notification slot
     `index` and calls handler(count); register accesses wait at most
     timeout seconds."""

@@ -18,10 +18,12 @@ import mmap
 import os
 import threading
 import time
+from typing import Iterable
 
 from . import errors
 from ._abi import ffi, lib, QUEUE_OPEN, QUEUE_REPLY, HANDLE_REQ
-from .syscall import connection as _default_connection
+from .syscall import Connection, connection as _default_connection
+from ._types import Buffer
 
 DATA = lib.FAYT_QREC_DATA
 _put = lib.fayt_queue_put
@@ -38,7 +40,8 @@ def _ns(deadline):
 class Queue:
     """One queue from this context to faytd (queue_open makes it)."""
 
-    def __init__(self, conn, qid, size, fd, efd, length):
+    def __init__(self, conn: Connection, qid: int, size: int, fd: int, efd: int,
+                 length: int) -> None:
         self.id = qid
         self.size = size
         self._conn = conn
@@ -101,7 +104,7 @@ class Queue:
                     raise e
                 return first
 
-    def put(self, payload, *, timeout=None):
+    def put(self, payload: "Buffer", *, timeout: "float | None" = None) -> None:
         """Put one record (bytes-like, 0..PAYLOAD_MAX bytes)."""
         n = len(payload)
         if type(payload) is bytes and timeout is None and n <= PAYLOAD_MAX:
@@ -115,7 +118,8 @@ class Queue:
             raise errors.error(errno.EINVAL, "payload: %d bytes; at most %d" % (n, PAYLOAD_MAX))
         self._put_raw(DATA, payload, n, 1, timeout, "put")
 
-    def put_many(self, payloads, *, timeout=None):
+    def put_many(self, payloads: "Iterable[Buffer]", *,
+                 timeout: "float | None" = None) -> None:
         """Put records of one length, in order, in one call: each is published
         as soon as it is written, so faytd drains a long batch as it goes.
         payloads: a sequence of bytes-like of one length.  On an error the
@@ -132,11 +136,12 @@ class Queue:
                                    "payloads[0]" % (i, len(p), n))
         self._put_raw(DATA, b"".join(payloads), n, len(payloads), timeout, "put_many")
 
-    def put_decision(self, type_, payload, *, timeout=None):
+    def put_decision(self, type_: int, payload: "Buffer", *,
+                     timeout: "float | None" = None) -> int:
         """A decision record (libportal.sched builds them); returns its seq."""
         return self._put_raw(type_, payload, len(payload), 1, timeout, "decision")
 
-    def result(self, seq, *, timeout=None):
+    def result(self, seq: int, *, timeout: "float | None" = None) -> int:
         """The errno faytd answered decision seq with (0: applied)."""
         timeout = errors.check_timeout(timeout)
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -154,13 +159,13 @@ class Queue:
                 raise self._raise(r, "decision %d" % seq)
             return self._err[0]
 
-    def stats(self):
+    def stats(self) -> "dict[str, int]":
         """What the header says: {"records": drained, "head", "tail", "state"}."""
         self._check()
         h = ffi.cast("struct fayt_queue_header *", self._q)
         return {"records": h.records, "head": h.head, "tail": h.tail, "state": h.state}
 
-    def close(self):
+    def close(self) -> None:
         """QUEUE_CLOSE: faytd drains what is published, then drops the queue."""
         with self._lock:
             if self._q is None:
@@ -177,7 +182,7 @@ class Queue:
                 self._map.close()
 
 
-def queue_open(size=0, *, connection=None):
+def queue_open(size: int = 0, *, connection: "Connection | None" = None) -> Queue:
     """QUEUE_OPEN: a queue from this connection's context to faytd of `size`
     ring bytes (0: 64 KiB; else a power of two from 4 KiB to 16 MiB)."""
     conn = connection or _default_connection()

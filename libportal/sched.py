@@ -13,10 +13,12 @@ a silent no-op.  put() and result() split the two.
 """
 import errno
 import os
+from typing import Iterable
 
 from . import errors
 from ._abi import lib, SCHED_DECISION
 from .queue import queue_open
+from .syscall import Connection
 
 CPUS = lib.FAYT_QREC_SCHED_CPUS
 NICE = lib.FAYT_QREC_SCHED_NICE
@@ -28,7 +30,7 @@ _NAMES = {CPUS: "run_on", NICE: "set_nice", PARK: "park", WAKE: "wake"}
 class Scheduler:
     """A scheduler's queue to faytd, and its decisions."""
 
-    def __init__(self, size=0, *, connection=None):
+    def __init__(self, size: int = 0, *, connection: "Connection | None" = None) -> None:
         self.queue = queue_open(size, connection=connection)
         self._what = {}
 
@@ -38,12 +40,13 @@ class Scheduler:
     def __exit__(self, *exc):
         self.close()
 
-    def close(self):
+    def close(self) -> None:
         """The queue goes, and with the connection's end faytd undoes this
         scheduler's decisions (docs/scheduling.md, Failure)."""
         self.queue.close()
 
-    def put(self, kind, context, value=0, cpus=0, *, timeout=None):
+    def put(self, kind: int, context: int, value: int = 0, cpus: int = 0, *,
+            timeout: "float | None" = None) -> int:
         """Put one decision (CPUS, NICE, PARK, WAKE) without waiting for its
         result; returns its seq for result()."""
         if kind not in _NAMES:
@@ -55,7 +58,7 @@ class Scheduler:
         self._what[seq % lib.FAYT_QUEUE_RESULTS] = (seq, kind, context)
         return seq
 
-    def result(self, seq, *, timeout=None):
+    def result(self, seq: int, *, timeout: "float | None" = None) -> None:
         """Wait for decision seq's result: None if applied, else its error."""
         err = self.queue.result(seq, timeout=timeout)
         if err:
@@ -68,7 +71,8 @@ class Scheduler:
     def _decide(self, kind, context, value=0, cpus=0, timeout=None):
         self.result(self.put(kind, context, value, cpus, timeout=timeout), timeout=timeout)
 
-    def run_on(self, context, cpus, *, timeout=None):
+    def run_on(self, context: int, cpus: "Iterable[int]", *,
+               timeout: "float | None" = None) -> None:
         """Every thread of the context on the CPUs of `cpus` (ids 0..63)."""
         mask = 0
         for c in cpus:
@@ -79,17 +83,17 @@ class Scheduler:
             raise errors.error(errno.EINVAL, "cpus: an empty set")
         self._decide(CPUS, context, 0, mask, timeout)
 
-    def set_nice(self, context, nice, *, timeout=None):
+    def set_nice(self, context: int, nice: int, *, timeout: "float | None" = None) -> None:
         """The context's nice value (-20..19; lower is a higher priority)."""
         if not isinstance(nice, int) or not -20 <= nice <= 19:
             raise errors.error(errno.EINVAL, "nice: %r is not in -20..19" % (nice,))
         self._decide(NICE, context, nice, 0, timeout)
 
-    def park(self, context, *, timeout=None):
+    def park(self, context: int, *, timeout: "float | None" = None) -> None:
         """Stop the context outside its critical sections (it may wait up to
         a second for it to leave a share-point lock: EBUSY then)."""
         self._decide(PARK, context, 0, 0, timeout)
 
-    def wake(self, context, *, timeout=None):
+    def wake(self, context: int, *, timeout: "float | None" = None) -> None:
         """Continue a context this scheduler parked."""
         self._decide(WAKE, context, 0, 0, timeout)

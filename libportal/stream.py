@@ -29,21 +29,28 @@ The facts this relies on, and what follows:
   be sent.
 """
 import asyncio
-import collections
 import errno
 import mmap
 import os
 import select
 import time
+from typing import NamedTuple, Sequence
 
 from . import errors
 from ._abi import ffi, lib, CHAN_REPLY, CONNECT_REQ, HANDLE_REQ, LISTEN_REPLY, LISTEN_REQ
 from .discovery import _encode
-from .syscall import connection as _default_connection
+from .syscall import Connection, connection as _default_connection
+from ._types import Buffer, Name, WritableBuffer
 
-Peer = collections.namedtuple("Peer", "context pid uid category")
-Peer.__doc__ = ("The other end's credentials, as faytd recorded them at its HELLO: context "
-                "id, pid, uid and policy category (lp.CATEGORY_*, 0: another).")
+
+class Peer(NamedTuple):
+    """The other end's credentials, as faytd recorded them at its HELLO: context
+    id, pid, uid and policy category (lp.CATEGORY_*, 0: another)."""
+    context: int
+    pid: int
+    uid: int
+    category: int
+
 
 WAKE = lib.FAYT_STREAM_WAKE
 SHUT_RD, SHUT_WR, SHUT_RDWR = 0, 1, 2
@@ -69,7 +76,8 @@ def _drain(efd):
         pass
 
 
-def listen(name, *, backlog=0, connection=None):
+def listen(name: "Name", *, backlog: int = 0,
+           connection: "Connection | None" = None) -> "Listener":
     """Listen on `name` (the namespaces of docs/names.md: the right to create
     the name) with an accept queue of `backlog` connections (0: 16, at most
     4096).  EADDRINUSE if a live context listens on it already."""
@@ -84,7 +92,8 @@ def listen(name, *, backlog=0, connection=None):
     return Listener(conn, LISTEN_REPLY.unpack(body)[0], fds[0], name)
 
 
-def connect(name, *, timeout=0, ring_bytes=0, connection=None):
+def connect(name: "Name", *, timeout: "float | None" = 0, ring_bytes: int = 0,
+            connection: "Connection | None" = None) -> "End":
     """Connect to the listener on `name` (the right to attach the name); the
     End.  timeout: 0 (the default) tries once; a number of seconds, or None
     for ever, waits for a listener and for room in its accept queue, asking
@@ -129,14 +138,16 @@ class Listener(_Closing):
     """A name a server listens on.  accept() takes the next connection;
     fileno() is readable when one may be queued (for selectors/asyncio)."""
 
-    def __init__(self, conn, lid, efd, name):
+    def __init__(self, conn: Connection, lid: int, efd: int, name: "Name") -> None:
         self._conn, self.id, self._efd, self.name = conn, lid, efd, name
         self.closed = False
 
-    def fileno(self):
+    def fileno(self) -> int:
+        """The listener's eventfd: readable when a connection may be queued
+        (selectors, asyncio's add_reader); accept() drains it."""
         return self._efd
 
-    def accept(self, timeout=None):
+    def accept(self, timeout: "float | None" = None) -> "End":
         """The next connection as an End; waits up to `timeout` seconds (None:
         for ever, 0: WouldBlock if none is queued).  The eventfd is drained
         first, then ACCEPT asked, so a connection queued in between is
@@ -162,7 +173,7 @@ class Listener(_Closing):
                 if fd != self._efd and ev & _HUP:
                     raise errors.ChannelReset(errno.ECONNRESET, "accept: faytd went away")
 
-    async def accept_async(self):
+    async def accept_async(self) -> "End":
         """accept() for asyncio: waits on fileno() in the running loop."""
         loop = asyncio.get_running_loop()
         while True:
@@ -181,7 +192,7 @@ class Listener(_Closing):
         if self.closed:
             raise errors.error(errno.EBADF, "listener: closed")
 
-    def close(self):
+    def close(self) -> None:
         """Stop listening; connections still queued are reset (ECONNRESET)."""
         if self.closed:
             return
@@ -201,7 +212,7 @@ class End(_Closing):
     waits for ever, 0 does not wait (WouldBlock), else seconds (TimedOut).
     peer: the other end's credentials (Peer)."""
 
-    def __init__(self, conn, body, fds):
+    def __init__(self, conn: Connection, body: bytes, fds: "Sequence[int]") -> None:
         try:
             if len(body) != CHAN_REPLY.size:
                 raise errors.error(errno.EPROTO, "channel: malformed reply from faytd")
@@ -243,12 +254,12 @@ class End(_Closing):
 
     # -- the readiness descriptor ----------------------------------------
 
-    def fileno(self):
+    def fileno(self) -> int:
         """This end's eventfd: readable after ready() returned False, once
         there may be something to do (selectors, asyncio's add_reader)."""
         return self._efd
 
-    def ready(self, write=False):
+    def ready(self, write: bool = False) -> bool:
         """Whether recv (write: a send of a small message) would not block
         now; if not, the asleep mark is set, so fileno() turns readable when
         the peer sends (consumes) or goes.  Call it before each wait."""
@@ -257,16 +268,19 @@ class End(_Closing):
         return bool(lib.fayt_stream_arm(self._mine, self._peer, self.ring_bytes,
                                         1 if write else 0, 1))
 
-    def setblocking(self, flag):
+    def setblocking(self, flag: bool) -> None:
+        """True: the end's timeout is None (wait for ever); False: 0 (WouldBlock)."""
         self.timeout = None if flag else 0
 
-    def settimeout(self, timeout):
+    def settimeout(self, timeout: "float | None") -> None:
+        """The end's timeout, which send and recv take by default: seconds,
+        None for ever, 0 not at all."""
         errors.check_timeout(timeout)
         self.timeout = timeout
 
     # -- send and recv ---------------------------------------------------
 
-    def send(self, data, timeout=-1):
+    def send(self, data: "Buffer", timeout: "float | None" = -1) -> None:
         """Send one message (bytes-like, 1 to max_message bytes), whole or
         not at all.  timeout: -1 takes the end's (settimeout/setblocking)."""
         self._check()
@@ -294,14 +308,14 @@ class End(_Closing):
                                            "sending (shut down, or the peer closed)")
             self._fail(r, "send")
 
-    def recv(self, timeout=-1):
+    def recv(self, timeout: "float | None" = -1) -> bytes:
         """The next message (bytes); b"" once the peer shut its writing or
         closed and every message it sent was taken.  ChannelReset when the
         peer is gone (after its last whole message)."""
         n = self._recv(self._cbuf, len(self._buf), timeout)
         return bytes(memoryview(self._buf)[:n]) if n else b""
 
-    def recv_into(self, buffer, timeout=-1):
+    def recv_into(self, buffer: "WritableBuffer", timeout: "float | None" = -1) -> int:
         """recv into a writable buffer; the message's length (0: the end).
         EMSGSIZE (nothing taken) if it does not fit."""
         return self._recv(ffi.from_buffer(buffer, require_writable=True), len(buffer), timeout)
@@ -391,7 +405,7 @@ class End(_Closing):
 
     # -- asyncio ---------------------------------------------------------
 
-    async def recv_async(self):
+    async def recv_async(self) -> bytes:
         """recv() for asyncio: sleeps on fileno() in the running loop."""
         while True:
             try:
@@ -400,7 +414,9 @@ class End(_Closing):
                 pass
             await self._readable(False)
 
-    async def send_async(self, data):
+    async def send_async(self, data: "Buffer") -> None:
+        """send() for asyncio: sleeps on fileno() in the running loop while
+        the ring is full."""
         while True:
             try:
                 return self.send(data, timeout=0)
@@ -432,7 +448,7 @@ class End(_Closing):
 
     # -- shutdown and close ----------------------------------------------
 
-    def shutdown(self, how=SHUT_RDWR):
+    def shutdown(self, how: int = SHUT_RDWR) -> None:
         """SHUT_WR: the peer's recv gives b"" after this end's messages;
         SHUT_RD: this end's recv gives b"", the peer's send EPIPE."""
         self._check()
@@ -445,7 +461,7 @@ class End(_Closing):
         if lib.fayt_stream_set_state(self._mine, self._peer, bits):
             os.eventfd_write(self._peer_efd, 1)
 
-    def close(self):
+    def close(self) -> None:
         """Shut both ways (the peer reads what was sent, then b""), tell
         faytd, and unmap.  Idempotent."""
         if self.closed:
