@@ -227,7 +227,7 @@ class Dispatcher:
             return 0
         if threading.get_ident() != _MAIN:
             return 0
-        if self.conn._caller == _MAIN:
+        if self.conn._main_calls:
             self.pending = True     # inside a call: the call dispatches when done
             return 0
         d = self._disp

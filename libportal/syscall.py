@@ -41,6 +41,7 @@ _MAX_FDS = 8
 CALL_SPIN_NS = 200000
 _Transport = _fastpath.Transport
 _get_ident = threading.get_ident
+_MAIN_ID = threading.main_thread().ident
 _pack_req = REQ_HDR.pack
 _REQ_MAGIC = lib.FAYT_REQ_MAGIC
 _pid = os.getpid()      # this process's: set again in a fork() child (_after_fork_child)
@@ -127,6 +128,7 @@ class Connection:
         # while mapped stays until its id is reused or the connection closes.
         self._mappings = {}
         self._caller = None         # thread id inside call()
+        self._main_calls = 0        # the main thread is in _call (lock taken or about to be)
         self._broken = False        # faytd went away: see _lost()
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         self._fd = self.sock.fileno()
@@ -217,62 +219,74 @@ class Connection:
                 rt.dispatch()
 
     def _call(self, op, body, flags, send_fds=(), portal=None):
-        with self._lock:
-            if self.sock.fileno() != self._fd:  # closed: the number may be another file's now
-                raise errors.error(errno.ECONNRESET, "faytd connection lost" if self._broken
-                                   else "faytd connection closed")
-            self._caller = _get_ident()
-            self._seq = seq = (self._seq + 1) & 0xffffffff     # as _header(), inline
-            try:
-                tid = _thread_ids.tid
-            except AttributeError:
-                tid = _thread_ids.tid = threading.get_native_id()
-            msg = _pack_req(_REQ_MAGIC, op, flags, seq, tid)
-            noreply = flags & lib.FAYT_REQ_NOREPLY
-            t = self._transport
-            try:
-                if noreply:
-                    t.send(msg + body if body else msg, send_fds or None)
-                    self._unanswered.add(seq)
-                    return _NO_REPLY
-                got = t.call(msg + body if body else msg, seq, send_fds or None, portal)
-                while True:             # its header was checked in C
-                    rseq = got.seq
-                    if rseq != seq and rseq in self._unanswered:
-                        self._late_failure(got.op, rseq, got.err, got.body)
-                    elif rseq != seq and rseq in self._abandoned:
-                        self._abandoned.discard(rseq)
-                        self._give_back(got.op, got.err, got.body)
-                    else:
-                        break
-                    got = t.next_reply(seq, portal)
-            except errors.PortalError:
-                raise                   # faytd's reply did not follow the protocol (EPROTO)
-            except OSError as e:
-                self._lost()
-                if self._close_pending:
-                    raise errors.error(errno.ECONNRESET, "faytd connection closed (close() "
-                                       "while this call waited)") from None
-                raise errors.error(errno.ECONNRESET,
-                                   "faytd connection lost: %s" % (e.strerror or e)) from None
-            except BaseException:
-                # A signal handler raised (KeyboardInterrupt...) while the
-                # reply was awaited: the next call skips that reply, and
-                # gives back what it granted (_give_back).
-                if not noreply:
-                    self._abandoned.add(seq)
-                raise
-            finally:
-                self._caller = None
-            self._unanswered.clear()    # faytd answers in order: the rest succeeded
-            self._abandoned.clear()
-        if rseq != seq or got.op != op:
-            _close_fds(got.fds)
-            raise errors.error(errno.EPROTO, "reply out of step with the request")
-        if got.err:
-            _close_fds(got.fds)
-            raise errors.error(got.err, got.body.decode("utf-8", "replace"))
-        return got
+        # The main thread counts itself in before it takes the lock and out
+        # after it let go: a signal handler that runs in between (the
+        # doorbell's) sees the count and leaves the connection alone, since
+        # the lock is not reentrant (_caller alone left two windows: after
+        # the lock was taken and before it was let go).
+        main = _get_ident() == _MAIN_ID
+        if main:
+            self._main_calls += 1
+        try:
+            with self._lock:
+                if self.sock.fileno() != self._fd:  # closed: the number may be another file's now
+                    raise errors.error(errno.ECONNRESET, "faytd connection lost" if self._broken
+                                       else "faytd connection closed")
+                self._caller = _get_ident()
+                self._seq = seq = (self._seq + 1) & 0xffffffff     # as _header(), inline
+                try:
+                    tid = _thread_ids.tid
+                except AttributeError:
+                    tid = _thread_ids.tid = threading.get_native_id()
+                msg = _pack_req(_REQ_MAGIC, op, flags, seq, tid)
+                noreply = flags & lib.FAYT_REQ_NOREPLY
+                t = self._transport
+                try:
+                    if noreply:
+                        t.send(msg + body if body else msg, send_fds or None)
+                        self._unanswered.add(seq)
+                        return _NO_REPLY
+                    got = t.call(msg + body if body else msg, seq, send_fds or None, portal)
+                    while True:             # its header was checked in C
+                        rseq = got.seq
+                        if rseq != seq and rseq in self._unanswered:
+                            self._late_failure(got.op, rseq, got.err, got.body)
+                        elif rseq != seq and rseq in self._abandoned:
+                            self._abandoned.discard(rseq)
+                            self._give_back(got.op, got.err, got.body)
+                        else:
+                            break
+                        got = t.next_reply(seq, portal)
+                except errors.PortalError:
+                    raise                   # faytd's reply did not follow the protocol (EPROTO)
+                except OSError as e:
+                    self._lost()
+                    if self._close_pending:
+                        raise errors.error(errno.ECONNRESET, "faytd connection closed (close() "
+                                           "while this call waited)") from None
+                    raise errors.error(errno.ECONNRESET,
+                                       "faytd connection lost: %s" % (e.strerror or e)) from None
+                except BaseException:
+                    # A signal handler raised (KeyboardInterrupt...) while the
+                    # reply was awaited: the next call skips that reply, and
+                    # gives back what it granted (_give_back).
+                    if not noreply:
+                        self._abandoned.add(seq)
+                    raise
+                finally:
+                    self._caller = None
+                self._unanswered.clear()    # faytd answers in order: the rest succeeded
+                self._abandoned.clear()
+            if rseq != seq or got.op != op:
+                _close_fds(got.fds)
+                raise errors.error(errno.EPROTO, "reply out of step with the request")
+            if got.err:
+                _close_fds(got.fds)
+                raise errors.error(got.err, got.body.decode("utf-8", "replace"))
+            return got
+        finally:
+            if main:
+                self._main_calls -= 1
 
     def _header(self, op, flags):
         """(seq, header) of this connection's next request, from this thread."""
@@ -350,7 +364,8 @@ class Connection:
         here first (faytd drops them when the connection closes).  From a
         signal handler that interrupted a call of this thread, the close
         happens when that call ends."""
-        if self._caller == threading.get_ident():
+        if self._caller == threading.get_ident() or \
+                (self._main_calls and threading.get_ident() == _MAIN_ID):
             self._close_pending = True
             try:                        # the call's wait ends now (its poll sees HUP)
                 self.sock.shutdown(socket.SHUT_RDWR)
