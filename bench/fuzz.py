@@ -914,6 +914,8 @@ def scribbler(path, board, slot, wseed, uid_index, out):
                 break
             time.sleep(0.005)
         else:
+            os.kill(pid, signal.SIGUSR1)    # faulthandler (inherited): its stack on stderr
+            time.sleep(0.5)
             os.kill(pid, signal.SIGKILL)
             os.waitpid(pid, 0)
             find.add("episode hung", role=role, episode_seed=eseed)
@@ -1094,6 +1096,8 @@ def collect(pid, r, timeout):
                 break
             data += chunk
         elif left <= 0:
+            os.kill(pid, signal.SIGUSR1)    # faulthandler: its stacks on stderr
+            time.sleep(0.5)
             os.kill(pid, signal.SIGKILL)
             break
     os.close(r)

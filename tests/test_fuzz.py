@@ -19,6 +19,17 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WAIT = 600          # a bound against a hang, never a measure
 
 
+def _log_problems(state_dir):
+    """faytd's warnings and errors (with their tracebacks), for the report."""
+    try:
+        with open(os.path.join(state_dir, "faytd.log"), errors="replace") as f:
+            lines = f.read().splitlines()
+    except OSError as e:
+        return "\n(faytd.log: %s)" % e
+    keep = [ln for ln in lines if "WARNING" in ln or "ERROR" in ln or ln.startswith((" ", "Trace"))]
+    return "\nfaytd.log, warnings and errors (last 80):\n" + "\n".join(keep[-80:])
+
+
 def test_fuzz_short_run_ends_at_baseline(world_faytd, tmp_path):
     cfg = {k: v for k, v in FUZZ_CONFIG.items() if k not in ("socket_mode", "policy")}
     d = world_faytd(policy=FUZZ_CONFIG["policy"], ram="256MiB", **cfg)
@@ -32,7 +43,7 @@ def test_fuzz_short_run_ends_at_baseline(world_faytd, tmp_path):
                         "--state-dir", d.dir, "--requests", "20000", "--seed", "1",
                         "--uids", uids, "--settle", "30", "--json", str(out)],
                        cwd=REPO, env=env, capture_output=True, text=True, timeout=WAIT)
-    assert p.returncode == 0, p.stdout[-6000:] + p.stderr[-3000:]
+    assert p.returncode == 0, p.stdout[-6000:] + p.stderr[-3000:] + _log_problems(d.dir)
     rep = json.loads(out.read_text())
     assert rep["findings"] == []
     assert rep["requests"] >= 20000
