@@ -177,9 +177,9 @@ _DROP = r"""
 import errno, json, os, sys, time, socket, threading, array, weakref
 import libportal, libportal.portal, libportal._abi
 import argparse, copy, fnmatch, gettext, locale, logging, mmap, re, runpy, secrets, select
-import selectors, shutil, signal
+import selectors, shutil, signal, datetime, psutil
 import stat, struct, traceback, posix_ipc, ctypes, subprocess, uuid, tempfile, json.decoder
-import faytd.main, faytd.server, faytd.kernel, faytd.syscalls
+import faytd.main, faytd.server, faytd.kernel, faytd.syscalls, faytd.cli, faytd.tools
 uid, gid = int(sys.argv[1]), int(sys.argv[2])
 os.setgroups([])
 os.setgid(gid)
