@@ -113,11 +113,14 @@ def test_sched_a_context_holding_a_lock_is_parked_when_it_lets_go(lp, spawn):
         seq = s.put(PARK, ctx)
         with pytest.raises(libportal.TimedOut):
             s.result(seq, timeout=0.2)              # not while it holds the lock
-        t.send("unlock")                            # it runs: it answers
-        assert t.expect() == "unlocked"
-        s.result(seq, timeout=WAIT)                 # parked once it let go
+        t.send("unlock")
+        # Parked once it let go: possibly before it said so (the park may
+        # land between its unlock and its answer), so the answer is read
+        # after the wake.
+        s.result(seq, timeout=WAIT)
         assert _stopped(t.pid)
         s.wake(ctx)
+        assert t.expect() == "unlocked"
         t.send("ping")
         assert t.expect() == "pong"
     finally:
