@@ -30,15 +30,17 @@ SOURCES = [os.path.join("libportal", "src", f)
            for f in ("lock.c", "ring.c", "uffd.c", "pager.c", "special.c", "queue.c",
                      "stream.c")]
 # The CPython extension libportal._fastpath (setup.py builds it from this list):
-# the module (fastpath.c), its objects, and the lock and ring calls they make.
+# the module (fastpath.c), its objects, and the lock, ring and queue calls they make.
 # A change of a header it includes rebuilds it (FASTPATH_DEPENDS).
 FASTPATH_SOURCES = [os.path.join("libportal", "src", f)
                     for f in ("fastpath.c", "sharepoint.c", "region.c", "dispatch.c",
-                              "sender.c", "transport.c", "lock.c", "ring.c")]
+                              "sender.c", "producer.c", "transport.c", "lock.c", "ring.c",
+                              "queue.c")]
 # The C functions _fastpath binds (and which of its calls binds each).
 FASTPATH_BINDS = {
     "fayt_ring_post": "SenderRing.post, SenderRing.post_waiting",
     "fayt_ring_wait_return": "SenderRing.wait_return",
+    "fayt_queue_put": "QueueProducer.put, QueueProducer.put_raw",
     "fayt_dispatch_step": "dispatch_step",
     "fayt_sp_lock_wait": "SharePointCore.lock",
     "fayt_sp_wake": "SharePointCore.unlock",

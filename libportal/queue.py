@@ -6,8 +6,9 @@ system call a record (docs/queue.md).
     q.put_many([b"a" * 16] * 100)        # a batch, published once
     q.close()                            # faytd drains what is published
 
-A queue has one producer: this process, one thread at a time (the Queue
-holds a lock around each put).  faytd is woken (the queue's eventfd) only
+A queue has one producer: this process, one thread at a time (a put that
+cannot wait is one C call made with the GIL held; one that may wait holds
+the Queue's lock, and the C calls of other threads step aside meanwhile).  faytd is woken (the queue's eventfd) only
 when it said it sleeps.  put and put_many wait for space as their timeout
 says: None (the default) for ever, 0 never (WouldBlock when full), else at
 most that many seconds (TimedOut).  A queue faytd dropped for a bad record
@@ -21,12 +22,11 @@ import time
 from typing import Iterable
 
 from . import errors
-from ._abi import ffi, lib, QUEUE_OPEN, QUEUE_REPLY, HANDLE_REQ
+from ._abi import ffi, lib, QUEUE_OPEN, QUEUE_REPLY, HANDLE_REQ, _fastpath
 from .syscall import Connection, connection as _default_connection
 from ._types import Buffer
 
 DATA = lib.FAYT_QREC_DATA
-_put = lib.fayt_queue_put
 PAYLOAD_MAX = lib.FAYT_QUEUE_PAYLOAD_MAX
 
 
@@ -51,9 +51,10 @@ class Queue:
         finally:
             os.close(fd)
         self._q = ffi.from_buffer(self._map)
-        self._put = ffi.new("uint32_t *")
+        # the one binding of fayt_queue_put; it keeps the last record's seq
+        self._producer = _fastpath.QueueProducer(int(ffi.cast("uintptr_t", self._q)), efd=efd)
+        self._fast_put = self._producer.put
         self._err = ffi.new("int32_t *")
-        self._seq = 0
         self._lock = threading.Lock()
 
     def __repr__(self):
@@ -87,17 +88,18 @@ class Queue:
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._lock:
             self._check()
-            first = (self._seq + 1) & 0xFFFFFFFF
+            view = memoryview(buf).cast("B")
+            first = None
             done = 0
             while True:
-                src = ffi.from_buffer(buf)
-                r = lib.fayt_queue_put(self._q, type_, src + done * length, length, n - done,
-                                       first + done, 0 if timeout == 0 else _ns(deadline),
-                                       self._efd, self._put)
-                done += self._put[0]
+                r, put, at = self._producer.put_raw(type_, view[done * length:], length,
+                                                    n - done, 0 if timeout == 0 else
+                                                    _ns(deadline))
+                if first is None:
+                    first = at
+                done += put
                 if r == errno.EINTR:
                     continue                    # the handlers ran: the rest
-                self._seq = (first + done - 1) & 0xFFFFFFFF
                 if r:
                     e = self._raise(r, what)
                     e.put = done
@@ -106,14 +108,9 @@ class Queue:
 
     def put(self, payload: "Buffer", *, timeout: "float | None" = None) -> None:
         """Put one record (bytes-like, 0..PAYLOAD_MAX bytes)."""
+        if timeout is None and not self._fast_put(payload):
+            return                      # the common case: one C call that never waits
         n = len(payload)
-        if type(payload) is bytes and timeout is None and n <= PAYLOAD_MAX:
-            with self._lock:            # the common case in one C call
-                q, seq = self._q, self._seq + 1
-                if q is not None and seq <= 0xFFFFFFFF and \
-                        _put(q, DATA, payload, n, 1, seq, -1, self._efd, self._put) == 0:
-                    self._seq = seq
-                    return
         if n > PAYLOAD_MAX:
             raise errors.error(errno.EINVAL, "payload: %d bytes; at most %d" % (n, PAYLOAD_MAX))
         self._put_raw(DATA, payload, n, 1, timeout, "put")
@@ -172,6 +169,7 @@ class Queue:
                 return
             h = ffi.cast("struct fayt_queue_header *", self._q)
             gone = h.state != lib.FAYT_QUEUE_OPEN       # faytd dropped or closed it already
+            self._producer.close()                      # before the unmap
             buf, self._q, h = self._q, None, None
             ffi.release(buf)                            # views made of it die with it
             try:

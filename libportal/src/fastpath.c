@@ -136,6 +136,8 @@ static int fastpath_exec(PyObject *m)
     if (add_type(m, &st->sharepoint_type, PyType_FromModuleAndSpec(m, &fp_sharepoint_spec, NULL))
         || add_type(m, &st->region_type, PyType_FromModuleAndSpec(m, &fp_region_spec, NULL))
         || add_type(m, &st->sender_type, PyType_FromModuleAndSpec(m, &fp_sender_spec, NULL))
+        || add_type(m, &st->producer_type,
+                    PyType_FromModuleAndSpec(m, &fp_producer_spec, NULL))
         || add_type(m, &st->transport_type,
                     PyType_FromModuleAndSpec(m, &fp_transport_spec, NULL))
         || add_type(m, &st->reply_type, (PyObject *)PyStructSequence_NewType(&fp_reply_desc))
@@ -156,6 +158,7 @@ static int fastpath_traverse(PyObject *m, visitproc visit, void *arg)
     Py_VISIT(st->sharepoint_type);
     Py_VISIT(st->region_type);
     Py_VISIT(st->sender_type);
+    Py_VISIT(st->producer_type);
     Py_VISIT(st->transport_type);
     Py_VISIT(st->reply_type);
     Py_VISIT(st->portal_reply_type);
@@ -171,6 +174,7 @@ static int fastpath_clear(PyObject *m)
     Py_CLEAR(st->sharepoint_type);
     Py_CLEAR(st->region_type);
     Py_CLEAR(st->sender_type);
+    Py_CLEAR(st->producer_type);
     Py_CLEAR(st->transport_type);
     Py_CLEAR(st->reply_type);
     Py_CLEAR(st->portal_reply_type);

@@ -5,6 +5,7 @@
  *   sharepoint.c  SharePointCore: the share-point lock and fused access
  *   dispatch.c    the dispatch point (hint_*) and the target's dispatch step
  *   sender.c      SenderRing: a sender's end of a ring (post, wait for the return)
+ *   producer.c    QueueProducer: the producer's end of a user->kernel queue
  *   transport.c   Transport: one system call to faytd, its Reply, its mapping
  *
  * State lives in the module (fastpath_state), one per interpreter that
@@ -29,7 +30,7 @@
 
 #include "fayt/context.h"
 
-#define FASTPATH_ABI 6
+#define FASTPATH_ABI 7
 
 /* PyThread_get_thread_ident() is pthread_self() on Linux; called directly
  * it costs no call into libpython on the lock's hot path. */
@@ -52,6 +53,7 @@ typedef struct {
     PyTypeObject *sharepoint_type;          /* SharePointCore */
     PyTypeObject *region_type;              /* Region */
     PyTypeObject *sender_type;              /* SenderRing */
+    PyTypeObject *producer_type;            /* QueueProducer */
     PyTypeObject *transport_type;           /* Transport */
     PyTypeObject *reply_type;               /* Reply: a reply of faytd, by name */
     PyTypeObject *portal_reply_type;        /* PortalReply: struct fayt_portal_reply */
@@ -98,6 +100,9 @@ extern PyType_Spec fp_sharepoint_spec;
 
 /* -- sender.c -------------------------------------------------------------- */
 extern PyType_Spec fp_sender_spec;
+
+/* -- producer.c ------------------------------------------------------------ */
+extern PyType_Spec fp_producer_spec;
 
 /* -- dispatch.c ------------------------------------------------------------ */
 extern PyMethodDef fp_dispatch_functions[];
