@@ -25,10 +25,10 @@ from cffi import FFI
 HERE = os.path.dirname(os.path.abspath(__file__))
 INCLUDE = os.path.join(HERE, "include")
 HEADERS = ["portal.h", "sharepoint.h", "notification.h", "context.h", "syscall.h", "lock.h",
-           "ring.h", "pager.h", "queue.h", "stream.h"]
+           "ring.h", "pager.h", "queue.h", "stream.h", "device.h"]
 SOURCES = [os.path.join("libportal", "src", f)
            for f in ("lock.c", "ring.c", "uffd.c", "pager.c", "special.c", "queue.c",
-                     "stream.c")]
+                     "stream.c", "device.c")]
 # The CPython extension libportal._fastpath (setup.py builds it from this list):
 # the module (fastpath.c), its objects, and the lock, ring and queue calls they make.
 # A change of a header it includes rebuilds it (FASTPATH_DEPENDS).
@@ -50,7 +50,10 @@ FASTPATH_BINDS = {
 }
 # Declared in the headers for the C that calls them; Python calls none.
 C_ONLY = ("fayt_mmap_at", "fayt_pidfd_signal", "fayt_ring_clear_doorbell", "fayt_ring_return",
-          "fayt_uffd_poison")
+          "fayt_uffd_poison",
+          # a C driver's accessors (fayt/device.h); libportal's Device calls
+          # fayt_dev_post and fayt_dev_answer, which let its handlers run
+          "fayt_dev_write32", "fayt_dev_write64", "fayt_dev_read32", "fayt_dev_read64")
 FASTPATH_DEPENDS = sorted(glob.glob(os.path.join("libportal", "src", "*.h"))
                           + glob.glob(os.path.join("libportal", "include", "fayt", "*.h"))
                           + glob.glob(os.path.join("libportal", "include", "fayt", "common",

@@ -20,7 +20,7 @@ import time
 from typing import Callable, Sequence
 
 from . import errors
-from ._abi import lib, DEV_REQ, DEV_REPLY
+from ._abi import ffi, lib, DEV_REQ, DEV_REPLY
 from .portal import Portal
 from .syscall import Connection, connection as _default_connection
 from ._types import Name
@@ -32,10 +32,14 @@ W32, W64, R32, R64 = (lib.FAYT_DEV_OP_WRITE32, lib.FAYT_DEV_OP_WRITE64,
                       lib.FAYT_DEV_OP_READ32, lib.FAYT_DEV_OP_READ64)
 SIZE = {W32: 4, R32: 4, W64: 8, R64: 8}
 SERVED, DEAD = lib.FAYT_DEV_STATE_SERVED, lib.FAYT_DEV_STATE_DEAD
-# Word offsets: the driver's ring, the model's page, faytd's state page.
-HEAD, IRQ_SEEN, ENTRIES = 0, 8, 64
-TAIL, ANSWER_SEQ, ANSWER = 0, 8, 16
-STATE, GENERATION, RAISED = 0, 8, 16
+# Byte offsets of the words of the driver's ring, the model's page and
+# faytd's state page, from their structs (fayt/device.h).
+HEAD, IRQ_SEEN, ENTRIES = (ffi.offsetof("struct fayt_dev_ring", f)
+                           for f in ("head", "irq_seen", "entries"))
+TAIL, ANSWER_SEQ, ANSWER = (ffi.offsetof("struct fayt_dev_model_page", f)
+                            for f in ("tail", "answer_seq", "answer"))
+STATE, GENERATION, RAISED = (ffi.offsetof("struct fayt_dev_state_page", f)
+                             for f in ("state", "generation", "irq_raised"))
 _FENCE = threading.Lock()       # acquire+release: a locked instruction, a full barrier
 
 
@@ -53,6 +57,11 @@ def _name(name):
     if not 1 <= len(b) <= 31:
         raise errors.error(errno.EINVAL, "name: %r: 1 to 31 bytes" % (name,))
     return b
+
+
+def _left_ns(deadline):
+    """What a C wait takes: the nanoseconds left until the deadline (>= 0)."""
+    return max(0, int((deadline - time.monotonic()) * 1e9))
 
 
 def _wait(fd, deadline):
@@ -227,8 +236,17 @@ class Device(_Window):
             os.close(fd)
         self._views("ring", "theirs", "state")
         self.timeout = timeout
-        self.head = self._w_ring[HEAD // 8]
-        self.tail = self._w_theirs[TAIL // 8]
+        # The accessors are fayt/device.h's, in C: their state is a struct
+        # fayt_dev_driver over this process's mappings.
+        self._bufs = [ffi.from_buffer(m) for m in (self.ring, self.theirs, self.state)]
+        self._d = d = ffi.new("struct fayt_dev_driver *")
+        d.ring = ffi.cast("struct fayt_dev_ring *", self._bufs[0])
+        d.model = ffi.cast("struct fayt_dev_model_page *", self._bufs[1])
+        d.state = ffi.cast("struct fayt_dev_state_page *", self._bufs[2])
+        d.ev_model, d.ev_driver = self.ev_model, self.ev_driver
+        d.head = self._w_ring[HEAD // 8]
+        d.tail = self._w_theirs[TAIL // 8]
+        self._out = ffi.new("uint64_t *")
         self.seen = self._w_ring[IRQ_SEEN // 8]
         self.handler = None
         self.irqs = 0               # interrupts taken in all
@@ -244,75 +262,82 @@ class Device(_Window):
         return portal(DIRECT, prot, length, paddr=paddr, connection=self.connection)
 
     # -- registers ----------------------------------------------------------
-    def _check(self):
-        if self._state() != SERVED:
-            raise errors.error(errno.ENODEV, "device %d: its device model is gone" % self.id)
+    @property
+    def head(self) -> int:
+        """Entries this driver posted (its ring's head)."""
+        return self._d.head if self._d is not None else 0
 
-    def _tail(self):
-        t = self._w_theirs[TAIL // 8]
-        if not self.tail <= t <= self.head:
-            raise errors.error(errno.EPROTO, "device %d: the model's tail %d is out of range "
-                               "(%d..%d)" % (self.id, t, self.tail, self.head))
-        self.tail = t
-        return t
+    @head.setter
+    def head(self, value: int) -> None:
+        self._d.head = value
 
-    def _post(self, op, offset, value, deadline):
+    @property
+    def tail(self) -> int:
+        """The model's tail when this driver last read it."""
+        return self._d.tail if self._d is not None else 0
+
+    def _fail(self, r, offset, reading):
+        if r == errno.ENODEV:
+            return errors.error(r, "device %d: its device model is gone" % self.id)
+        if r == errno.EPROTO:
+            return errors.error(r, "device %d: the model's tail %d is out of range (%d..%d)"
+                                % (self.id, self._w_theirs[TAIL // 8], self._d.tail,
+                                   self._d.head))
+        if r == errno.ETIMEDOUT:
+            return errors.error(r, "device %d: no answer to a read of offset %#x within %gs"
+                                % (self.id, offset, self.timeout) if reading else
+                                "device %d: the ring stayed full" % self.id)
+        return errors.error(r, "device %d: %s" % (self.id, os.strerror(r)))
+
+    def _access(self, op, offset, value):
+        """One register access through fayt_dev_post (and fayt_dev_answer for
+        a read), the GIL released while it waits; a signal ends a wait with
+        EINTR, its handlers run here, and the wait goes on to the deadline."""
         size = SIZE[op]
         if not (isinstance(offset, int) and 0 <= offset <= PAGE - size and offset % size == 0):
             raise errors.error(errno.EINVAL, "offset: %r is not a %d-byte aligned offset in "
                                "the register page" % (offset, size))
-        self._check()
-        while self.head - self._tail() >= N:
-            if not _wait(self.ev_driver, deadline):
-                raise errors.error(errno.ETIMEDOUT, "device %d: the ring stayed full"
-                                   % self.id)
-            self._check()
-        pos = self.head
-        ENTRY.pack_into(self.ring, ENTRIES + (pos % N) * ENTRY.size, op, offset, value)
-        self.head = pos + 1
-        self._w_ring[HEAD // 8] = self.head     # the entry, then the head naming it
-        os.eventfd_write(self.ev_model, 1)
-        return pos
-
-    def _write(self, op, offset, value):
         with self._lock:
-            self._post(op, offset, int(value) & (1 << 8 * SIZE[op]) - 1,
-                       time.monotonic() + self.timeout)
-
-    def _read(self, op, offset):
-        with self._lock:
+            d, out = self._d, self._out
+            if d is None:
+                raise errors.error(errno.EBADF, "device %d: closed" % self.id)
             deadline = time.monotonic() + self.timeout
-            pos = self._post(op, offset, 0, deadline)
             while True:
-                seq = self._w_theirs[ANSWER_SEQ // 8]
-                value = self._w_theirs[ANSWER // 8]
-                if seq == pos + 1 and self._w_theirs[ANSWER_SEQ // 8] == seq:
-                    self._tail()
-                    return value & (1 << 8 * SIZE[op]) - 1
-                self._check()
-                if not _wait(self.ev_driver, deadline):
-                    raise errors.error(errno.ETIMEDOUT, "device %d: no answer to a read of "
-                                       "offset %#x within %gs" % (self.id, offset, self.timeout))
+                r = lib.fayt_dev_post(d, op, offset, value, _left_ns(deadline), out)
+                if r != errno.EINTR:
+                    break
+            if r:
+                raise self._fail(r, offset, False)
+            if op in (W32, W64):
+                return 0
+            pos = out[0]
+            while True:
+                r = lib.fayt_dev_answer(d, pos, _left_ns(deadline), out)
+                if r != errno.EINTR:
+                    break
+            if r:
+                raise self._fail(r, offset, True)
+            return out[0] & (1 << 8 * size) - 1
 
     def write32(self, offset: int, value: int) -> None:
         """Write the 32-bit register at `offset` through the ring (the model
         takes the writes in order)."""
-        self._write(W32, offset, value)
+        self._access(W32, offset, int(value) & 0xffffffff)
 
     def write64(self, offset: int, value: int) -> None:
         """Write the 64-bit register at `offset` through the ring (the model
         takes the writes in order)."""
-        self._write(W64, offset, value)
+        self._access(W64, offset, int(value) & (1 << 64) - 1)
 
     def read32(self, offset: int) -> int:
         """Read the 32-bit register at `offset`: waits for the model's answer
         (ETIMEDOUT after the device's timeout)."""
-        return self._read(R32, offset)
+        return self._access(R32, offset, 0)
 
     def read64(self, offset: int) -> int:
         """Read the 64-bit register at `offset`: waits for the model's answer
         (ETIMEDOUT after the device's timeout)."""
-        return self._read(R64, offset)
+        return self._access(R64, offset, 0)
 
     # -- the interrupt --------------------------------------------------------
     def _irq(self, payload, index, sender):
@@ -333,11 +358,18 @@ class Device(_Window):
         return 0
 
     def close(self) -> None:
-        """Stop driving (DEV_DETACH) and unmap."""
-        try:
-            self.connection.call(lib.FAYT_SYS_DEV_DETACH, _req(window=self.id))
-        except OSError:
-            pass
+        """Stop driving (DEV_DETACH) and unmap; a second close does nothing."""
+        with self._lock:
+            if self._d is None:
+                return
+            self._d = None
+            try:
+                self.connection.call(lib.FAYT_SYS_DEV_DETACH, _req(window=self.id))
+            except OSError:
+                pass
+            for b in self._bufs:
+                ffi.release(b)
+            self._bufs = []
         self._release((self.ring, self.theirs, self.state))
         for fd in (self.ev_model, self.ev_driver):
             os.close(fd)

@@ -74,8 +74,27 @@ while True:
 # [v]", "data <off> <text>" / "peek <off>" (its DIRECT mapping's data
 # area), "store" (a stray store to the register page), "irqs" (waits a
 # little for interrupts, prints the handler's counts), "raw <at> <hex>"
-# (raw bytes at offset at of its ring page; its head taken from there).
+# (raw bytes at offset at of its ring page; its head taken from there),
+# "cw32/cw64/cr32/cr64 <off> [v]" (the C accessors of fayt/device.h, as a C
+# driver calls them, on this driver's struct fayt_dev_driver).
 DRIVER = r"""
+import ctypes
+from libportal import _fayt_cffi
+from libportal._abi import ffi as _ffi
+_c = ctypes.CDLL(_fayt_cffi.__file__)
+for _n in ("write32", "write64", "read32", "read64"):
+    getattr(_c, "fayt_dev_" + _n).restype = ctypes.c_int
+def c_access(dev, op, off, value=0):
+    d = ctypes.c_void_p(int(_ffi.cast("uintptr_t", dev._d)))
+    if op.startswith("cw"):
+        v = (ctypes.c_uint32 if op == "cw32" else ctypes.c_uint64)(value)
+        r = getattr(_c, "fayt_dev_write" + op[2:])(d, ctypes.c_uint32(off), v,
+                                                    ctypes.c_int64(5 * 10**9))
+        return "ok" if r == 0 else errno.errorcode[r]
+    out = (ctypes.c_uint32 if op == "cr32" else ctypes.c_uint64)()
+    r = getattr(_c, "fayt_dev_read" + op[2:])(d, ctypes.c_uint32(off), ctypes.c_int64(5 * 10**9),
+                                              ctypes.byref(out))
+    return str(out.value) if r == 0 else errno.errorcode[r]
 counts = []
 try:
     dev = lp.attach_device(sys.argv[1], 5, counts.append, timeout=5)
@@ -95,6 +114,8 @@ for line in sys.stdin:
             print("ok")
         elif w[0] in ("r32", "r64"):
             print(getattr(dev, "read" + w[0][1:])(int(w[1], 0)))
+        elif w[0] in ("cw32", "cw64", "cr32", "cr64"):
+            print(c_access(dev, w[0], *(int(x, 0) for x in w[1:])))
         elif w[0] == "data":
             p.buf[PAGE + int(w[1]):PAGE + int(w[1]) + len(w[2])] = w[2].encode()
             print("ok")
@@ -216,6 +237,32 @@ def test_devices_interrupts_coalesce_with_a_count(spawn, fresh_faytd):
     total, calls, irqs = json.loads(ask(c, "irqs 20 501"))
     assert total == irqs == 501
     assert calls <= 501
+
+
+def test_devices_c_accessors(spawn, fresh_faytd):
+    """The accessors in C (fayt/device.h's fayt_dev_write32 and friends, as a
+    C driver calls them) share the ring with the Python ones: in order,
+    none lost, reads answered by the model; a bad offset is EINVAL; a dead
+    model ENODEV."""
+    d = fresh_faytd(config={"devices": DEVICES}, ram="64MiB", clean=True)
+    m, _ = model(spawn, d)
+    c, _ = driver(spawn, d)
+    assert ask(m, "set32 8 77") == "ok"
+    assert ask(c, "cr32 8") == "77"
+    for i in range(300):                           # more than the ring holds, both kinds
+        c.send("%s %d %d" % ("cw32" if i % 2 else "w32", 4 * (i % 16), i))
+    assert [c.expect() for _ in range(300)] == ["ok"] * 300
+    assert ask(c, "cw64 0x100 0x1122334455667788") == "ok"
+    assert ask(c, "cr64 0x100") == str(0x1122334455667788)
+    assert ask(c, "r64 0x100") == str(0x1122334455667788)
+    taken, bad = json.loads(ask(m, "log"))
+    assert taken == [[4 * (i % 16), 4, i] for i in range(300)] + [[0x100, 8, 0x1122334455667788]]
+    assert bad == 0
+    assert ask(c, "cr32 4094") == "EINVAL"
+    assert ask(c, "cw64 4 1") == "EINVAL"
+    m.kill()
+    assert ask(c, "cr32 8") == "ENODEV"
+    assert ask(c, "cw32 8 1") == "ENODEV"
 
 
 def test_devices_model_death_enodev_and_return(spawn, fresh_faytd):
