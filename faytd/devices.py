@@ -34,7 +34,7 @@ SERVED, DEAD = lib.FAYT_DEV_STATE_SERVED, lib.FAYT_DEV_STATE_DEAD
 # Word offsets of the pages (docs/devices.md, fayt/syscall.h).
 RING_HEAD, RING_IRQ_SEEN = 0, 8                  # the driver's ring
 MODEL_TAIL = 0                                   # the model's page
-STATE_STATE, STATE_GEN, STATE_RAISED, STATE_WINDOW = 0, 8, 16, 24
+STATE_STATE, STATE_GEN, STATE_RAISED, STATE_WINDOW, STATE_MODEL = 0, 8, 16, 24, 32
 _Q = struct.Struct("<Q")
 _FENCE = threading.Lock()       # acquire+release: a locked instruction, a full barrier
 
@@ -130,6 +130,7 @@ class Window:
 
     def set_state(self, state):
         self.state_w[STATE_GEN // 8] = self.generation
+        self.state_w[STATE_MODEL // 8] = self.model.id if self.model is not None else 0
         self.state_w[STATE_STATE // 8] = state
 
     def wake(self):

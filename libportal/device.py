@@ -38,8 +38,8 @@ HEAD, IRQ_SEEN, ENTRIES = (ffi.offsetof("struct fayt_dev_ring", f)
                            for f in ("head", "irq_seen", "entries"))
 TAIL, ANSWER_SEQ, ANSWER = (ffi.offsetof("struct fayt_dev_model_page", f)
                             for f in ("tail", "answer_seq", "answer"))
-STATE, GENERATION, RAISED = (ffi.offsetof("struct fayt_dev_state_page", f)
-                             for f in ("state", "generation", "irq_raised"))
+STATE, GENERATION, RAISED, MODEL = (ffi.offsetof("struct fayt_dev_state_page", f)
+                                    for f in ("state", "generation", "irq_raised", "model"))
 _FENCE = threading.Lock()       # acquire+release: a locked instruction, a full barrier
 
 
@@ -270,6 +270,12 @@ class Device(_Window):
     @head.setter
     def head(self, value: int) -> None:
         self._d.head = value
+
+    @property
+    def model(self) -> int:
+        """The context id of the model serving the window (0: none), from
+        faytd's state page: the context to grant DMA-able RAM to."""
+        return self._w_state[MODEL // 8] if self._d is not None else 0
 
     @property
     def tail(self) -> int:

@@ -3,22 +3,27 @@ driver (docs/devices.md#the-reference-block-device).
 
     python -m servers.blockdev model --name blk0 --image disk.img
 
-The window (at least 72 KiB; faytd's configuration declares it): the
-register page, then a descriptor ring of SLOTS descriptors (one page),
-then one 4 KiB buffer per slot.
+The window (faytd's configuration declares it) needs only its register
+page: the descriptors and buffers are in the driver's DMA-able RAM, an
+ANON portal it grants to the model's context, as a real driver hands a
+device its descriptor ring and buffers by physical address.
 
-Registers (32-bit): DOORBELL (0x00, the driver writes its producer
-count), COMPLETED (0x04, the model's completion count), BLOCKS (0x08, the
-image's size in blocks), BLOCK_SIZE (0x0c, 4096).
+Registers: DOORBELL (0x00, 32-bit, the driver writes its producer count),
+COMPLETED (0x04, 32-bit, the model's completion count), BLOCKS (0x08, the
+image's size in blocks), BLOCK_SIZE (0x0c, 4096), RING (0x10, 64-bit, the
+physical address of the page of descriptors), ERROR (0x18, 32-bit, why the
+model could not read the ring: 0 or an errno).
 A descriptor (32 bytes): op (1 read, 2 write), status (0 or an errno),
-block, buffer (its offset in the data area), reserved.
+block, buffer (the physical address of a 4 KiB frame), reserved.
 
-The model takes every descriptor from its count up to the doorbell's,
-checks each (op, block inside the image, buffer inside the data area: a
-bad one completes with EINVAL), reads or writes the image, sets
-COMPLETED and raises the interrupt.  BlockDriver (below) is the driver:
-read(block) and write(block, data), one request at a time, waiting for the
-completion interrupt (bounded).  Uses only libportal's public API.
+The model maps what the driver names with DIRECT portals (faytd checks the
+grant: a frame the driver did not grant it is EPERM, and the descriptor
+completes with EFAULT), takes every descriptor from its count up to the
+doorbell's, checks each (op, block inside the image: else EINVAL), reads
+or writes the image, sets COMPLETED and raises the interrupt.  BlockDriver
+(below) is the driver: read(block) and write(block, data), one request at
+a time, waiting for the completion interrupt (bounded).  Uses only
+libportal's public API.
 """
 import argparse
 import errno
@@ -26,18 +31,19 @@ import os
 import struct
 import sys
 import time
+from collections import OrderedDict
 
 import libportal as lp
 from libportal import errors
 
 BLOCK = 4096
 SLOTS = 16
-DOORBELL, COMPLETED, BLOCKS, BLOCK_SIZE = 0x00, 0x04, 0x08, 0x0c
+DOORBELL, COMPLETED, BLOCKS, BLOCK_SIZE, RING, ERROR = 0x00, 0x04, 0x08, 0x0c, 0x10, 0x18
 DESC = struct.Struct("<IIQQQ")          # op, status, block, buffer, reserved
 OP_READ, OP_WRITE = 1, 2
-RING = 0                                # data-area offset of the descriptors
-BUFFERS = BLOCK                         # data-area offset of slot 0's buffer
-WINDOW_MIN = BLOCK + BLOCK + SLOTS * BLOCK
+WINDOW_MIN = BLOCK                      # the register page
+DMA_LENGTH = BLOCK + SLOTS * BLOCK      # the driver's: the descriptors, then SLOTS buffers
+MAPPED_MAX = 64                         # the model's DIRECT mappings of buffers kept at most
 
 
 class Model:
@@ -46,6 +52,7 @@ class Model:
     def __init__(self, name, path, connection=None):
         self.fd = os.open(path, os.O_RDWR)
         self.blocks = os.fstat(self.fd).st_size // BLOCK
+        self.conn = connection
         self.dev = lp.register_device(name, connection=connection)
         if self.dev.size < WINDOW_MIN:
             raise OSError(errno.EINVAL, "window %s: %d bytes, the block device needs %d"
@@ -54,27 +61,73 @@ class Model:
         self.dev.set32(BLOCKS, self.blocks)
         self.dev.set32(BLOCK_SIZE, BLOCK)
         self.dev.on_write = self.on_write
+        self.ring = None                # (its physical address, the DIRECT portal of it)
+        self.mapped = OrderedDict()     # a buffer's physical address -> its DIRECT portal
+
+    def _direct(self, paddr):
+        return lp.portal(lp.DIRECT, lp.PROT_RW, BLOCK, paddr=[paddr], connection=self.conn)
+
+    def _ring(self):
+        """The driver's page of descriptors (RING): a memoryview, or None
+        (ERROR then says why)."""
+        at = self.dev.get64(RING)
+        if self.ring is not None and self.ring[0] != at:
+            self.ring[1].unmap()
+            self.ring = None
+        if self.ring is None:
+            try:
+                if not at or at % BLOCK:
+                    raise errors.error(errno.EINVAL, "RING: %#x is not a page address" % at)
+                self.ring = (at, self._direct(at))
+            except OSError as e:
+                self.dev.set32(ERROR, e.errno)
+                print("ring %#x: %s" % (at, e), flush=True)
+                return None
+        self.dev.set32(ERROR, 0)
+        return self.ring[1].buf
+
+    def _buffer(self, paddr):
+        """The frame at paddr, mapped by DIRECT (kept for the next request);
+        OSError if the driver did not grant it."""
+        p = self.mapped.get(paddr)
+        if p is None:
+            if paddr % BLOCK:
+                raise errors.error(errno.EINVAL, "buffer: %#x is not a page address" % paddr)
+            p = self.mapped[paddr] = self._direct(paddr)
+            if len(self.mapped) > MAPPED_MAX:
+                self.mapped.popitem(last=False)[1].unmap()
+        else:
+            self.mapped.move_to_end(paddr)
+        return p.buf
 
     def on_write(self, off, size, value):
         if off != DOORBELL or size != 4:
+            if off == RING and size == 8:
+                self.dev.set64(RING, value)
             return                  # the other registers are read-only
         self.dev.set32(DOORBELL, value)
+        ring = self._ring()
+        if ring is None:
+            self.dev.irq()          # the driver finds ERROR set
+            return
         # At most SLOTS descriptors past what is done: a driver's count
         # beyond that is its error, taken as SLOTS.
         upto = self.done + min((value - self.done) & 0xffffffff, SLOTS)
-        data = self.dev.data
         while self.done != upto:
-            at = RING + (self.done % SLOTS) * DESC.size
-            op, _, block, buf, _ = DESC.unpack_from(data, at)
+            at = (self.done % SLOTS) * DESC.size
+            op, _, block, paddr, _ = DESC.unpack_from(ring, at)
             status = 0
-            if op not in (OP_READ, OP_WRITE) or block >= self.blocks or \
-                    buf % BLOCK or not BUFFERS <= buf <= len(data) - BLOCK:
-                status = errno.EINVAL
-            elif op == OP_READ:
-                data[buf:buf + BLOCK] = os.pread(self.fd, BLOCK, block * BLOCK).ljust(BLOCK, b"\0")
-            else:
-                os.pwrite(self.fd, data[buf:buf + BLOCK], block * BLOCK)
-            struct.pack_into("<I", data, at + 4, status)
+            try:
+                if op not in (OP_READ, OP_WRITE) or block >= self.blocks:
+                    raise errors.error(errno.EINVAL, "descriptor")
+                buf = self._buffer(paddr)
+                if op == OP_READ:
+                    buf[:] = os.pread(self.fd, BLOCK, block * BLOCK).ljust(BLOCK, b"\0")
+                else:
+                    os.pwrite(self.fd, buf, block * BLOCK)
+            except OSError as e:
+                status = errno.EINVAL if e.errno == errno.EINVAL else errno.EFAULT
+            struct.pack_into("<I", ring, at + 4, status)
             self.done = (self.done + 1) & 0xffffffff
         self.dev.set32(COMPLETED, self.done)
         self.dev.irq()
@@ -86,7 +139,8 @@ class Model:
 
 class BlockDriver:
     """The driver of window `name`: read(block) -> 4096 bytes, write(block,
-    data); interrupts at notification slot `index`."""
+    data); interrupts at notification slot `index`.  Its descriptors and
+    buffers are an ANON portal granted to the model's context."""
 
     def __init__(self, name, index=9, timeout=10, connection=None):
         from libportal.notification import runtime
@@ -95,31 +149,51 @@ class BlockDriver:
         self.irqs = 0
         self.dev = lp.attach_device(name, index, self._irq, timeout=timeout,
                                     connection=self.conn)
-        self.window = self.dev.map(lp.PROT_RW)
-        self.buf = self.window.buf
+        self.dma = lp.portal(lp.ANON, lp.PROT_RW, DMA_LENGTH, connection=self.conn)
+        self.buf = self.dma.buf
+        self.granted = 0                # the model context granted the portal
         self.blocks = self.dev.read32(BLOCKS)
         self.produced = self.done = self.dev.read32(COMPLETED)
         self._wait = runtime(self.conn).wait
+        self._grant()
+        self.dev.write64(RING, self.dma.paddr[0])
+
+    def _grant(self):
+        """Grant the DMA portal to the model serving the window now (a
+        restarted model is another context: faytd's state page says which)."""
+        model = self.dev.model
+        if model and model != self.granted:
+            if self.granted:
+                lp.grant(self.dma, to=self.granted, prot=lp.PROT_RW, revoke=True)
+            lp.grant(self.dma, to=model, prot=lp.PROT_RW)
+            self.granted = model
 
     def _irq(self, count):
         self.irqs += count
 
     def _request(self, op, block, data=None):
+        self._grant()
         slot = self.produced % SLOTS
-        buf = BUFFERS + slot * BLOCK
+        buf = BLOCK + slot * BLOCK
         if data is not None:
-            self.buf[BLOCK + buf:BLOCK + buf + BLOCK] = data
-        DESC.pack_into(self.buf, BLOCK + RING + slot * DESC.size, op, 0xffffffff, block, buf, 0)
+            self.buf[buf:buf + BLOCK] = data
+        DESC.pack_into(self.buf, slot * DESC.size, op, 0xffffffff, block,
+                       self.dma.paddr[buf // BLOCK], 0)
         self.produced = (self.produced + 1) & 0xffffffff
         self.dev.write32(DOORBELL, self.produced)
         deadline = time.monotonic() + self.timeout
         while self.dev.read32(COMPLETED) != self.produced:
+            err = self.dev.read32(ERROR)
+            if err:
+                self.produced = (self.produced - 1) & 0xffffffff
+                raise errors.error(err, "block %d: the device could not read the "
+                                        "descriptors: %s" % (block, os.strerror(err)))
             left = deadline - time.monotonic()
             if left <= 0:
                 raise errors.error(errno.ETIMEDOUT, "block %d: no completion within %gs"
                                       % (block, self.timeout))
             self._wait(min(left, 0.5))
-        status = struct.unpack_from("<I", self.buf, BLOCK + RING + slot * DESC.size + 4)[0]
+        status = struct.unpack_from("<I", self.buf, slot * DESC.size + 4)[0]
         if status:
             raise errors.error(status, "block %d: the device answered %s"
                                   % (block, errno.errorcode.get(status, status)))
@@ -127,7 +201,7 @@ class BlockDriver:
 
     def read(self, block):
         buf = self._request(OP_READ, block)
-        return bytes(self.buf[BLOCK + buf:BLOCK + buf + BLOCK])
+        return bytes(self.buf[buf:buf + BLOCK])
 
     def write(self, block, data):
         if len(data) != BLOCK:
@@ -137,7 +211,7 @@ class BlockDriver:
 
     def close(self):
         self.buf.release()
-        self.window.unmap()
+        self.dma.unmap()
         self.dev.close()
 
 

@@ -421,6 +421,15 @@ for line in sys.stdin:
             print("ok")
         elif w[0] == "irqs":
             print(b.irqs)
+        elif w[0] == "badbuf":              # a descriptor naming a frame not granted
+            other = lp.portal(lp.ANON, lp.PROT_RW, 4096)
+            at = b.produced % 16 + 1        # the next request's buffer
+            b.dma.paddr = b.dma.paddr[:at] + (other.paddr[0],) + b.dma.paddr[at + 1:]
+            print(b.read(int(w[1]))[:16].rstrip(b"\0").decode())
+        elif w[0] == "badring":             # RING at a frame not granted
+            other = lp.portal(lp.ANON, lp.PROT_RW, 4096)
+            b.dev.write64(0x10, other.paddr[0])
+            print(b.read(int(w[1]))[:16].rstrip(b"\0").decode())
     except OSError as e:
         print("%s %s" % (errno.errorcode[e.errno], e))
 """
@@ -453,6 +462,46 @@ def test_devices_block_device_reads_and_writes_the_image(spawn, fresh_faytd, tmp
         c.send("read %d" % (i % 8))
     assert [c.expect() for _ in range(40)] == [
         "written" if i % 8 == 5 else "block-%d" % (i % 8) for i in range(40)]
+
+
+@needs_root
+def test_devices_block_device_dma_only_into_granted_ram(spawn, as_user, world_faytd):
+    """The model runs as uid 65534 (category driver: DIRECT reaches only
+    frames granted to it): it reads and writes the driver's descriptors and
+    buffers because the driver granted them to its context; a descriptor
+    naming a frame that was not granted completes with EFAULT, and a RING
+    at such a frame is refused (the driver's read fails EPERM), while
+    granted requests go on working."""
+    import shutil
+    import tempfile
+    top = tempfile.mkdtemp(prefix="fayt-blk-")
+    try:
+        os.chmod(top, 0o755)
+        image = os.path.join(top, "disk.img")
+        with open(image, "wb") as f:
+            f.write(b"".join(b"block-%d" % i + b"\0" * (4096 - len(b"block-%d" % i))
+                             for i in range(8)))
+        os.chmod(image, 0o666)
+        d = world_faytd(POLICY, devices=BLK_DEVICES)
+        m = spawn("sys.path.insert(0, sys.argv[1])\nfrom servers import blockdev\n"
+                  "sys.exit(blockdev.main(['model', '--name', 'blk0', '--image', sys.argv[2]]))",
+                  d.env(), args=[ROOT, image], as_user=as_user, uid=NOBODY)
+        assert m.expect() == "serving blk0: 8 blocks"
+        c = spawn(BLOCK_DRIVER, d.env(), args=[ROOT])
+        assert c.expect() == "8"
+        assert ask(c, "read 3") == "block-3"
+        assert ask(c, "write 6 by-dma") == "ok"
+        assert ask(c, "read 6") == "by-dma"
+        got = ask(c, "badbuf 2")
+        assert got.startswith("EFAULT") and "the device answered EFAULT" in got
+        got = ask(c, "badring 1")
+        assert got.startswith("EPERM") and "could not read the descriptors" in got
+        c.kill()
+        c = spawn(BLOCK_DRIVER, d.env(), args=[ROOT])   # a new driver: its own grant
+        assert c.expect() == "8"
+        assert ask(c, "read 6") == "by-dma"
+    finally:
+        shutil.rmtree(top, ignore_errors=True)
 
 
 def test_devices_chain_server_serves_a_file_of_the_disk(spawn, fresh_faytd, tmp_path):

@@ -50,6 +50,8 @@ struct fayt_dev_state_page {
     uint64_t generation;        /* registrations of the window so far */
     uint64_t irq_raised;        /* interrupts raised */
     uint64_t window;            /* the window's id */
+    uint64_t model;             /* the serving model's context id (0: none), from faytd's
+                                   records: whom a driver grants its DMA-able RAM to */
 } __attribute__((packed));
 
 /* A driver's end of a window: its mappings and eventfds, and its own
