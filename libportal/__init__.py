@@ -21,6 +21,7 @@ from .portal import (portal, share_create, share_attach, Portal, SharePoint,  # 
 from .notification import (install_handler, remove_handler, notify,  # noqa: F401
                            notification_channel, notification_ret, notification_dispatch,
                            notification_poll, notification_wait, notification_stack_alloc,
+                           notification_fd, notification_ready, notification_wait_async,
                            notification_stack_free, set_stack_provider, subscribe, decode_event,
                            context_of, notification_depth, notification_stats,
                            current_notification, PEER_DIED, SP_DESTROYED, OVERFLOW, DOORBELL)

@@ -128,6 +128,8 @@ class Dispatcher:
         self.dropped = 0            # rings given back because their sender corrupted them
         self._warned = set()        # slots already reported as unhandled on stderr
         self._doorbell_warned = False   # a doorbell failure was reported on stderr
+        self._ready_r = self._ready_w = None    # the readiness pipe (fileno()), once made
+        self._wakeup_set = False    # signal.set_wakeup_fd is this runtime's pipe
 
     # -- arming: the doorbell's handler -----------------------------------------
     def arm(self):
@@ -212,6 +214,8 @@ class Dispatcher:
             self._table()       # now: the dispatcher must never see a stale table
         finally:
             self.busy = False
+        if self._ready_r is not None:
+            self._rearm()       # the new rings ring the doorbell too
 
     # -- dispatch ----------------------------------------------------------------
     def dispatch(self, doorbell=False):
@@ -394,6 +398,13 @@ class Dispatcher:
         Returns how many handlers ran (0: timed out), counting those the
         doorbell's handler ran meanwhile (it may empty the rings while the
         C wait returns EINTR: then there is nothing left to wait for)."""
+        try:
+            return self._wait(timeout)
+        finally:
+            if self._ready_r is not None:
+                self._rearm()   # the C wait cleared target_waiting
+
+    def _wait(self, timeout):
         deadline = None if timeout is None else _deadline(timeout)
         notify = self.page.notify
         start = notify.delivered
@@ -413,6 +424,77 @@ class Dispatcher:
                 continue
             if r == errno.ETIMEDOUT or (deadline is not None and time.monotonic() >= deadline):
                 return 0
+
+    # -- readiness: a descriptor for selectors and event loops ---------------------
+    def fileno(self):
+        """A descriptor that is readable when a notification (or a new ring)
+        may wait for this context: for selectors and event loops.  When it
+        is readable, call ready().  Made once, from the main thread.
+
+        It is the read end of a pipe.  While it is in use every post into
+        this context's rings rings the doorbell (target_waiting 2: see
+        fayt/notification.h), not only IMMEDIATE ones, and the doorbell's
+        handler writes a byte into the pipe; ready() runs what waits and
+        arms the rings again.  The pipe is also signal.set_wakeup_fd's
+        unless the program set one already, so that a doorbell that lands
+        on another thread still wakes a main thread asleep in its event
+        loop (with the program's own wakeup descriptor, that one does)."""
+        if self._ready_r is None:
+            if threading.get_ident() != _MAIN:
+                raise errors.error(errno.EINVAL, "notification_fd: from the main thread only "
+                                   "(Python runs signal handlers there)")
+            self.arm()
+            r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+            old = signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+            if old != -1:
+                signal.set_wakeup_fd(old)   # the program's: it wakes the main thread already
+            self._wakeup_set = old == -1
+            self._ready_r, self._ready_w = r, w
+            if self.generation is None:
+                self.fetch()                # arms the rings (fetch ends with _rearm)
+            else:
+                self._rearm()
+        return self._ready_r
+
+    def _rearm(self):
+        """Every post rings the doorbell again; if something already waits,
+        the descriptor is made readable now (no wake-up is lost between the
+        last dispatch and the arming)."""
+        self._table()
+        if lib.fayt_notify_arm_doorbell(self._disp, self._gen_ptr, self.generation):
+            self._signal_ready()
+
+    def _signal_ready(self):
+        try:
+            os.write(self._ready_w, b"\0")
+        except BlockingIOError:
+            pass                            # full: it is readable anyway
+
+    def ready(self):
+        """The descriptor was readable: empty it, run every notification
+        that waits (fetching new rings first), and arm the rings again.
+        Returns how many handlers ran (0: a spurious wake-up)."""
+        if self._ready_r is None:
+            return self.dispatch()
+        try:
+            while os.read(self._ready_r, 4096):
+                pass
+        except BlockingIOError:
+            pass
+        ran = 0
+        while True:
+            if self.generation is None or \
+                    self.page.notify.rings_generation != self.generation:
+                self.fetch()
+            n = self.dispatch()
+            ran += n
+            self._table()
+            if not lib.fayt_notify_arm_doorbell(self._disp, self._gen_ptr, self.generation):
+                return ran
+            if not n:
+                # Something waits that this dispatch could not run (no free
+                # stack, a call in progress): its own dispatch point takes it.
+                return ran
 
     # -- stacks ------------------------------------------------------------------
     def stack_alloc(self, size=0):
@@ -462,6 +544,14 @@ class Dispatcher:
 
     def close(self):
         _runtimes.discard(self)
+        if self._ready_r is not None:
+            if self._wakeup_set and threading.get_ident() == _MAIN:
+                cur = signal.set_wakeup_fd(-1)
+                if cur not in (-1, self._ready_w):
+                    signal.set_wakeup_fd(cur)   # another's since: left as it is
+            os.close(self._ready_r)
+            os.close(self._ready_w)
+            self._ready_r = self._ready_w = None
         if self.hint:
             _fastpath.hint_unregister(self.hint)
             lib.fayt_unmap(self.hint, lib.FAYT_HINT_BYTES)
@@ -491,6 +581,8 @@ def _on_doorbell(signum, frame):
             rt.dispatch(doorbell=True)
         except OSError as e:
             rt.doorbell_failed(e)
+        if rt._ready_w is not None:
+            rt._signal_ready()      # the event loop's descriptor: ready() takes the rest
 
 
 def _quiet_doorbell():

@@ -110,6 +110,45 @@ def notification_wait(timeout: "float | None" = None,
     return runtime(connection).wait(timeout)
 
 
+def notification_fd(connection: "Connection | None" = None) -> int:
+    """A descriptor readable when notifications may wait for this context,
+    for selectors and event loops (main thread only): when it is readable,
+    call notification_ready().  See docs/notifications.md, "Event loops"."""
+    return runtime(connection).fileno()
+
+
+def notification_ready(connection: "Connection | None" = None) -> int:
+    """After notification_fd() was readable: run every notification that
+    waits and arm the descriptor again; how many handlers ran."""
+    return runtime(connection).ready()
+
+
+async def notification_wait_async(timeout: "float | None" = None,
+                                  connection: "Connection | None" = None) -> int:
+    """notification_wait for asyncio: wait (without blocking the event loop)
+    until notifications come, run them; how many ran (0: timed out)."""
+    import asyncio
+    rt = runtime(connection)
+    fd = rt.fileno()
+    loop = asyncio.get_running_loop()
+    deadline = None if timeout is None else loop.time() + errors.check_timeout(timeout)
+    while True:
+        ran = rt.ready()
+        if ran:
+            return ran
+        left = None if deadline is None else deadline - loop.time()
+        if left is not None and left <= 0:
+            return 0
+        readable = loop.create_future()
+        loop.add_reader(fd, lambda: readable.done() or readable.set_result(None))
+        try:
+            await asyncio.wait_for(readable, left)
+        except asyncio.TimeoutError:
+            return 0
+        finally:
+            loop.remove_reader(fd)
+
+
 def notification_stack_alloc(size: int = 0, connection: "Connection | None" = None) -> int:
     """Allocate a notification stack (size: bytes, a page multiple; 0: one page);
     its handle."""

@@ -689,3 +689,97 @@ def test_notification_doorbell_after_faytd_stopped_raises_nothing_into_the_progr
     finally:
         target.proc.kill()
         target.proc.wait()
+
+
+def test_notification_asyncio_takes_deferred_ones_without_blocking_its_loop(spawn):
+    """An asyncio target waits with notification_wait_async: 20,000 deferred
+    notifications (every tenth with the return flag) arrive complete and in
+    order while another task keeps running on the same loop; with nothing
+    sent, the wait times out and returns 0."""
+    n = 20000
+    target = spawn("""
+        import asyncio
+        state = {"next": 0, "bad": 0}
+        def h(p, i, s):
+            k = int.from_bytes(p, "little")
+            if k != state["next"]:
+                state["bad"] += 1
+            state["next"] = k + 1
+            return k
+        lp.install_handler(7, h)
+        print(lp.connection().context_id)
+        async def ticker(ticks):
+            while True:
+                await asyncio.sleep(0.01)
+                ticks[0] += 1
+        async def main():
+            ticks = [0]
+            t = asyncio.ensure_future(ticker(ticks))
+            idle = await lp.notification_wait_async(0.2)
+            print("idle", idle, flush=True)
+            end = time.monotonic() + 120
+            while state["next"] < %d and time.monotonic() < end:
+                await lp.notification_wait_async(1.0)
+            t.cancel()
+            print(state["next"], state["bad"], ticks[0] > 0, flush=True)
+        asyncio.run(main())
+        """ % n)
+    tid = int(target.expect())
+    assert target.expect() == "idle 0"
+    sender = spawn("""
+        t = int(sys.stdin.readline())
+        for k in range(%d):
+            r = lp.notify(t, 7, k.to_bytes(4, "little"), wait_return=k %% 10 == 0, timeout=60)
+            if k %% 10 == 0 and r != k:
+                print("bad return", k, r)
+        print("sent")
+        """ % n)
+    sender.send(str(tid))
+    assert sender.expect(timeout=120) == "sent"
+    assert target.expect(timeout=120) == "%d 0 True" % n
+    sender.finish()
+    target.finish()
+
+
+def test_notification_fd_in_a_selector_with_other_descriptors(spawn):
+    """A target that sleeps in a selector over notification_fd() and a pipe
+    of its own: deferred notifications wake it (none lost across 2,000
+    sends in bursts), and so does its pipe; a thread that exists does not
+    steal the wake-up."""
+    target = spawn("""
+        import selectors, threading
+        got = []
+        lp.install_handler(3, lambda p, i, s: got.append(int.from_bytes(p, "little")))
+        threading.Thread(target=time.sleep, args=(60,), daemon=True).start()
+        r, w = os.pipe()
+        sel = selectors.DefaultSelector()
+        sel.register(lp.notification_fd(), selectors.EVENT_READ, "notify")
+        sel.register(r, selectors.EVENT_READ, "pipe")
+        print(lp.connection().context_id, flush=True)
+        end = time.monotonic() + 60
+        pipe = 0
+        while len(got) < 2000 and time.monotonic() < end:
+            for key, _ in sel.select(1.0):
+                if key.data == "notify":
+                    lp.notification_ready()
+                else:
+                    os.read(r, 1)
+                    pipe += 1
+            if pipe == 0 and len(got) >= 1000:
+                os.write(w, b"x")
+        print(len(got), got == list(range(2000)), pipe, flush=True)
+        """)
+    tid = int(target.expect())
+    sender = spawn("""
+        t = int(sys.stdin.readline())
+        for k in range(2000):
+            lp.notify(t, 3, k.to_bytes(4, "little"), timeout=60)
+            if k % 100 == 99:
+                time.sleep(0.01)           # bursts: the target goes back to sleep between
+        print("sent")
+        """)
+    sender.send(str(tid))
+    assert sender.expect(timeout=120) == "sent"
+    assert target.expect(timeout=120) == "2000 True 1"
+    sender.finish()
+    target.finish()

@@ -485,6 +485,17 @@ int fayt_notify_wait(struct fayt_dispatcher *d, const uint32_t *generation, uint
     return r;
 }
 
+int fayt_notify_arm_doorbell(struct fayt_dispatcher *d, const uint32_t *generation,
+                             uint32_t seen)
+{
+    for (int i = 0; i < d->n; i++) {
+        __atomic_store_n(&hdr(d->rings[i])->target_waiting, 2, __ATOMIC_SEQ_CST);
+        __atomic_store_n(&hdr(d->rings[i])->rung, 0, __ATOMIC_SEQ_CST);
+    }
+    FENCE();    /* target_waiting before the readiness check (pairs with post) */
+    return (generation && LOAD(generation) != seen) || any_ready(d);
+}
+
 static int free_stack(struct fayt_context_page *page)
 {
     for (int i = 0; i < FAYT_STACKS_MAX; i++)

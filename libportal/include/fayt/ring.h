@@ -123,6 +123,14 @@ int fayt_ring_posted(void *ring);
 int fayt_notify_wait(struct fayt_dispatcher *d, const uint32_t *generation, uint32_t seen,
                      int signo, int64_t timeout_ns);
 
+/* Target: arm d's rings for a wait on a readiness descriptor (an event
+ * loop's): from now on every post rings the doorbell (target_waiting 2,
+ * rung 0), until a post or a libportal wait clears it.  Returns 1 if a
+ * notification already waits or *generation differs from seen (a new ring):
+ * the caller must not sleep; else 0. */
+int fayt_notify_arm_doorbell(struct fayt_dispatcher *d, const uint32_t *generation,
+                             uint32_t seen);
+
 /* Wake up to n sleepers of a shared futex word (faytd's Python, after it
  * changed a word a client may sleep on); returns how many, or -errno.
  * The binding of fayt/common/futex.h's fayt_futex_wake_n, which C calls. */
