@@ -50,6 +50,9 @@ DEFAULT = {
     "max_published_per_uid": 1024,   # names its contexts published (docs/discovery.md)
     "max_queues_per_uid": 64,        # user->kernel queues its contexts hold (docs/queue.md)
     "max_channels_per_uid": 1024,    # channels and listeners its contexts hold (docs/channels.md)
+    "flood_nice": 10,            # a non-core uid that floods faytd while core contexts call
+                                 # runs at this nice until it stops (null: never; docs/limits.md)
+    "flood_calls_per_s": 2000,   # what counts as a flood: a uid's requests a second
     "devices": [],               # device windows: {"name", "base", "size"} (docs/devices.md)
     "policy": {
         "categories": {
@@ -141,6 +144,11 @@ def load(path=None, overrides=None):
                 "max_queues_per_uid", "max_channels_per_uid"):
         _count(cfg, key)
     _count(cfg, "max_connections", none=True)
+    _count(cfg, "flood_calls_per_s")
+    v = cfg["flood_nice"]
+    if v is not None and (isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= 19):
+        raise ValueError("config: flood_nice: %r is not a nice value from 1 to 19 (or null)"
+                         % (v,))
     _count(cfg, "reserved_connections", least=0)
     if cfg["max_connections"] is not None and \
             cfg["reserved_connections"] >= cfg["max_connections"]:

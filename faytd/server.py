@@ -24,7 +24,8 @@ request.  Requests are served in rounds, core contexts first and one
 request per other uid (fayt_fast_poll, faytd/core/serve.c); the listener
 accepts at most _ACCEPT_BATCH connections a turn.  faytd cannot preempt a
 request once it performs it, and a process that only burns CPU is the
-Linux scheduler's business, not faytd's.
+Linux scheduler's business, not faytd's; a uid that floods faytd with
+calls while core contexts call runs nicer meanwhile (flood.py).
 """
 import array
 import collections
@@ -45,6 +46,7 @@ from libportal._abi import lib, REQ_HDR, REP_HDR
 from . import syscalls as syscall
 from .context import CHECK_S, Liveness
 from .deferred import Deferred
+from .flood import FloodGuard
 from .frames import KernelError, start_time
 from .native import ffi, lib as clib
 
@@ -96,6 +98,7 @@ class Server:
         self._refused = collections.OrderedDict()  # fd -> (socket, KernelError), oldest first
         self._refusals, self._refusal_logged = 0, 0.0
         self.liveness = Liveness()      # contexts kept without a connection
+        kernel.flood = FloodGuard(kernel, self)     # floods of other uids (flood.py)
         self._live_fd, self._live_armed = -1, False
         kernel.quotas.limit_connections(max(1, (_open_files() - _FD_HEADROOM) // 2))
         self.listener = self._listen(path, mode)
@@ -354,6 +357,7 @@ class Server:
         self.stopping = True
 
     def close(self):
+        self.k.flood.close()            # the nice values it changed go back
         for ctx in list(self.k.contexts.values()):
             self._drop_conn(ctx)
             self._unwatch_pidfd(ctx)
@@ -411,6 +415,7 @@ class Server:
                 ctx.pidfd = -1          # already gone: EOF will follow
             self._watch(sock.fileno(), "client", ctx)
             clib.fayt_fast_watch(self.k.fast, ctx.fast)
+            k.flood.connected(ctx)
             log.debug("context %d: pid %d uid %d exe %s category %s", ctx.id, pid, uid, exe,
                       ctx.category.name if ctx.category else None)
 
@@ -485,6 +490,7 @@ class Server:
 
     def _drop_conn(self, ctx):
         if ctx.sock is not None:
+            self.k.flood.disconnected(ctx)
             self.k.quotas.disconnected(ctx)
             clib.fayt_fast_unwatch(self.k.fast, ctx.sock.fileno())
             ctx.fast.fd = -1

@@ -557,3 +557,74 @@ def test_limits_owner_waits_behind_one_request_per_round_of_a_flooding_uid(start
     assert fair["others_requests"] > 0
     assert fair["deferred"] > 0, fair             # the budget put requests of uid 65534 off
     assert fair["owner_waited_behind_max"] <= 1 + 2 * 2, fair
+
+
+OWNER_UNTIL_STDIN = r"""
+import select, sys
+import libportal as lp
+c = lp.Connection(sys.argv[1])
+print("calling", flush=True)
+i = 0
+while not (i & 15 == 0 and select.select([sys.stdin], [], [], 0)[0]):
+    lp.share_create("%s-%d" % (sys.argv[2], i), 4096, connection=c).destroy()
+    i += 1
+"""
+
+
+def _nice_until(pids, want, timeout=TIMEOUT):
+    """Wait (bounded) until every pid's nice value is `want`; their values."""
+    deadline = time.monotonic() + timeout
+    while True:
+        got = [os.getpriority(os.PRIO_PROCESS, p) for p in pids]
+        if got == [want] * len(pids) or time.monotonic() > deadline:
+            return got
+        time.sleep(0.02)
+
+
+def test_limits_a_flooding_uid_runs_nicer_while_the_owner_calls(start, as_user):
+    """Three processes of uid 65534 flood faytd while root's process makes
+    calls: faytd gives the flooders nice 10 (flood_nice), fayt stats says
+    which uid; once root stops calling they get their nice value back while
+    they still flood, and a faytd with flood_nice null renices nobody."""
+    for cfg, want in (({}, 10), ({"flood_nice": None}, 0)):
+        d = start(**cfg)
+        floods = [Attacker(as_user, FLOODER, [d.socket, "mix", "nice%d-" % i + uuid.uuid4().hex])
+                  for i in range(3)]
+        owner = subprocess.Popen([sys.executable, "-c", OWNER_UNTIL_STDIN, d.socket,
+                                  "owner-" + uuid.uuid4().hex[:8]], stdin=subprocess.PIPE,
+                                 stdout=subprocess.PIPE, text=True)
+        try:
+            for f in floods:
+                assert f.p.stdout.readline().strip() == "ready", f.p.stderr.read()
+            assert owner.stdout.readline().strip() == "calling"
+            pids = [f.p.pid for f in floods]
+            if want:
+                assert _nice_until(pids, 10) == [10, 10, 10]
+                c = libportal.Connection(d.socket)
+                fair = c.stats()["fairness"]
+                c.close()
+                assert fair["demoted_uids"] == [NOBODY] and fair["demotions"] >= 1, fair
+                assert fair["flood_nice"] == 10
+            else:
+                # While the floods and the owner have made calls for a while
+                # (more than a hundred of faytd's 20 ms windows), nobody moved.
+                c = libportal.Connection(d.socket)
+                before = c.stats()["fairness"]["others_requests"]
+                time.sleep(2)
+                fair = c.stats()["fairness"]
+                c.close()
+                assert fair["others_requests"] - before > 10000, fair
+                assert fair["demoted_uids"] == [] and fair["demotions"] == 0, fair
+                assert [os.getpriority(os.PRIO_PROCESS, p) for p in pids] == [0, 0, 0]
+            owner.stdin.close()
+            assert owner.wait(timeout=TIMEOUT) == 0
+            assert _nice_until(pids, 0) == [0, 0, 0]   # still flooding, nobody to protect
+        finally:
+            if owner.poll() is None:
+                owner.kill()
+                owner.wait()
+            owner.stdout.close()
+            if owner.stdin and not owner.stdin.closed:
+                owner.stdin.close()
+            for f in floods:
+                f.end()

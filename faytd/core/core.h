@@ -271,7 +271,7 @@ struct fayt_fast_conn {
     uint32_t nmaps;            /* share-point and ANON mappings the core holds for it */
     uint64_t mapped_bytes;     /* bytes those map */
     uint32_t refs;             /* the core's (its records) and Python's (1 until put) */
-    uint32_t reserved;
+    uint32_t requests;         /* its requests read, wrapping (faytd/flood.py reads it) */
     struct fayt_core_cstate *cs;    /* the core's: its mappings, what it ever mapped */
     uint64_t names_create;     /* shared names it may create: bit i, the policy's pattern i */
     uint64_t names_attach;     /* and attach (names.c) */

@@ -223,6 +223,7 @@ static int fast_unmap(struct fayt_core *k, struct fayt_fast_conn *c,
  * look at epoll before it saw it (fayt_fast_poll marks it). */
 static void count_request(struct fayt_core *k, struct fayt_fast_conn *c)
 {
+    c->requests++;
     if (!(c->flags & FAYT_FAST_CONN_PRIO)) {
         k->fair_others++;
         return;
