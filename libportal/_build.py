@@ -34,10 +34,10 @@ SOURCES = [os.path.join("libportal", "src", f)
 # A change of a header it includes rebuilds it (FASTPATH_DEPENDS).
 FASTPATH_SOURCES = [os.path.join("libportal", "src", f)
                     for f in ("fastpath.c", "sharepoint.c", "region.c", "dispatch.c",
-                              "sender.c", "transport.c", "lock.c", "ring.c")]
+                              "sender.c", "transport.c", "lock.c", "ring.c", "inject.c")]
 # The C functions _fastpath binds (and which of its calls binds each).
 FASTPATH_BINDS = {
-    "fayt_ring_post": "SenderRing.post, SenderRing.post_waiting",
+    "fayt_ring_post_fault": "SenderRing.post, SenderRing.post_waiting",
     "fayt_ring_wait_return": "SenderRing.wait_return",
     "fayt_dispatch_step": "dispatch_step",
     "fayt_sp_lock_wait": "SharePointCore.lock",
@@ -47,7 +47,7 @@ FASTPATH_BINDS = {
     "fayt_map_portal": "call",
 }
 # Declared in the headers for the C that calls them; Python calls none.
-C_ONLY = ("fayt_mmap_at", "fayt_pidfd_signal", "fayt_ring_clear_doorbell", "fayt_ring_return",
+C_ONLY = ("fayt_mmap_at", "fayt_pidfd_signal", "fayt_ring_post", "fayt_ring_clear_doorbell", "fayt_ring_return",
           "fayt_uffd_poison")
 FASTPATH_DEPENDS = sorted(glob.glob(os.path.join("libportal", "src", "*.h"))
                           + glob.glob(os.path.join("libportal", "include", "fayt", "*.h"))

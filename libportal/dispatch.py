@@ -86,6 +86,7 @@ log = logging.getLogger("libportal.notify")
 DEFAULT_STACKS = 4
 
 _MAIN = threading.main_thread().ident
+_KILLS = lib.FAYT_INJECT_HANDLER_KILL | lib.FAYT_INJECT_NOTIFY_KILL
 _runtimes = weakref.WeakSet()     # dispatchers whose context handles the doorbell
 _installed = False
 
@@ -245,6 +246,7 @@ class Dispatcher:
         self.pending = False
         if self._ring_table is None:
             self._table()
+        kills = self.page.inject.kinds & _KILLS     # injected faults (docs/testing.md)
         ran = 0
         step, daddr, handlers = _fastpath.dispatch_step, self._daddr, self.handlers
         rec, result, status, active = -1, 0, 0, False
@@ -274,6 +276,8 @@ class Dispatcher:
                     self.running += 1
                 ran += 1
                 result, status = 0, errno.ECANCELED
+                if kills:
+                    self._inject_kill(kills, index)
                 try:
                     fn = handlers.get(index)
                     if fn is None:
@@ -295,6 +299,18 @@ class Dispatcher:
                 lib.fayt_dispatch_end(d, rec, result, status)
             if active:
                 self.running -= 1
+
+    def _inject_kill(self, kills, index):
+        """A fault plan faytd wrote into the context page arms a kill here
+        (fayt/context.h; libportal/src/inject.c counts and decides): die of
+        SIGKILL at the entry of the handler of slot `index`, or once the
+        handlers the rule lets pass have run."""
+        page = self.conn.context_page
+        if (kills & lib.FAYT_INJECT_HANDLER_KILL and
+                _fastpath.inject_fires(page, lib.FAYT_INJECT_HANDLER_KILL, index, True)) or \
+                (kills & lib.FAYT_INJECT_NOTIFY_KILL and
+                 _fastpath.inject_fires(page, lib.FAYT_INJECT_NOTIFY_KILL, 0, False)):
+            _fastpath.inject_die()
 
     def _table(self):
         t = self._ring_table
