@@ -194,7 +194,9 @@ class Injection:
         rule.ppm = ppm
         if where == "chain":
             self._arm_chain(rule)
+            self.rules[rule.id] = rule
         elif where == "call":
+            self.rules[rule.id] = rule
             self._calls.setdefault(rule.target.id, []).append(rule)
             rule.target.fast.flags |= _clib.FAYT_FAST_CONN_PYTHON
         else:
@@ -204,8 +206,8 @@ class Injection:
                     raise KernelError(errno.EBUSY, "inject: context %d has a %s rule already "
                                       "(rule %d): remove it first"
                                       % (rule.target.id, kind, other.id))
+            self.rules[rule.id] = rule
             self._arm_page(rule)
-        self.rules[rule.id] = rule
         log.info("inject: rule %d added by context %d (uid %d): %s", rule.id, caller.id,
                  caller.uid, json.dumps(rule.describe(), sort_keys=True))
         return rule

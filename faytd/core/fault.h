@@ -82,7 +82,7 @@ struct fayt_fault_inject {
     uint32_t ppm;
     uint64_t seed;
     uint64_t fired;
-};
+} __attribute__((packed));
 int fayt_fault_chain_inject(struct fayt_core *k, uint32_t chain_id,
                             const struct fayt_fault_inject *rule);
 int fayt_fault_chain_injected(struct fayt_core *k, uint32_t chain_id, uint64_t *events,
