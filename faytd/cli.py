@@ -16,6 +16,8 @@
                                         refreshing view of the above (faytd/tools.py)
     fayt gc [--dir DIR]... [--yes] [--json]
                                         leftovers of faytds that are gone (faytd/gc.py)
+    fayt [--socket PATH] inject KIND ... | ls | rm
+                                        fault injection (faytd/inject_cli.py)
 
 It is an ordinary client: it connects like a server does (so it shows up in
 `fayt ps` itself, as "this fayt") and asks with the FAYT_SYS_LIST_SHARE,
@@ -266,9 +268,10 @@ def parser():
     kl.add_argument("contexts", nargs="+", type=int, metavar="CONTEXT",
                     help="a context id as fayt ps shows it")
     kl.set_defaults(func=cmd_kill)
-    from . import gc, tools             # rings, chains, top; gc
+    from . import gc, inject_cli, tools     # rings, chains, top; gc; inject
     tools.add_commands(sub, common)
     gc.add_command(sub, common)
+    inject_cli.add_command(sub, common)
     return ap
 
 

@@ -86,9 +86,9 @@ def fires(n, after, count, fired, ppm, seed):
 def _int(spec, field, lo, hi, default=None):
     v = spec.get(field, default)
     if isinstance(v, bool) or not isinstance(v, int):
-        raise KernelError(errno.EINVAL, "inject: %s: %r is not an integer" % (field, v))
+        raise KernelError(errno.EINVAL, "%s: %r is not an integer" % (field, v))
     if not lo <= v <= hi:
-        raise KernelError(errno.EINVAL, "inject: %s: %d is outside %d..%d" % (field, v, lo, hi))
+        raise KernelError(errno.EINVAL, "%s: %d is outside %d..%d" % (field, v, lo, hi))
     return v
 
 
@@ -96,10 +96,10 @@ def _errno_of(v):
     if isinstance(v, str):
         code = getattr(errno, v.upper(), None)
         if not isinstance(code, int):
-            raise KernelError(errno.EINVAL, "inject: errno: %r is no errno name" % v)
+            raise KernelError(errno.EINVAL, "errno: %r is no errno name" % v)
         return code
     if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= 4095:
-        raise KernelError(errno.EINVAL, "inject: errno: %r is not an errno (1..4095 or a "
+        raise KernelError(errno.EINVAL, "errno: %r is not an errno (1..4095 or a "
                           "name such as \"EIO\")" % (v,))
     return v
 
@@ -154,19 +154,19 @@ class Injection:
         try:
             spec = json.loads(bytes(body).decode("utf-8"))
         except (UnicodeDecodeError, ValueError) as e:
-            raise KernelError(errno.EINVAL, "inject: the body is not a JSON object (%s)"
+            raise KernelError(errno.EINVAL, "the body is not a JSON object (%s)"
                               % e) from None
         if not isinstance(spec, dict):
-            raise KernelError(errno.EINVAL, "inject: the body is not a JSON object")
+            raise KernelError(errno.EINVAL, "the body is not a JSON object")
         unknown = sorted(set(spec) - _FIELDS)
         if unknown:
-            raise KernelError(errno.EINVAL, "inject: unknown field %r" % unknown[0])
+            raise KernelError(errno.EINVAL, "unknown field %r" % unknown[0])
         kind = spec.get("kind")
         if kind not in KINDS:
-            raise KernelError(errno.EINVAL, "inject: kind: %r is not one of %s"
+            raise KernelError(errno.EINVAL, "kind: %r is not one of %s"
                               % (kind, ", ".join(KINDS)))
         if len(self.rules) >= RULES_MAX:
-            raise KernelError(errno.ENOSPC, "inject: %d rules already (the most faytd keeps)"
+            raise KernelError(errno.ENOSPC, "%d rules already (the most faytd keeps)"
                               % RULES_MAX)
         where, bit = KINDS[kind]
         clean = {"kind": kind,
@@ -176,7 +176,7 @@ class Injection:
                  "seed": _int(spec, "seed", 0, MASK64, 0)}
         p = spec.get("probability", 1.0)
         if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p <= 1.0:
-            raise KernelError(errno.EINVAL, "inject: probability: %r is not a number from 0 "
+            raise KernelError(errno.EINVAL, "probability: %r is not a number from 0 "
                               "to 1" % (p,))
         clean["probability"] = p
         ppm = min(PPM, int(round(p * PPM)))
@@ -203,7 +203,7 @@ class Injection:
             for other in self.rules.values():
                 if other.ended is None and other.target is rule.target and \
                         other.bit == rule.bit:
-                    raise KernelError(errno.EBUSY, "inject: context %d has a %s rule already "
+                    raise KernelError(errno.EBUSY, "context %d has a %s rule already "
                                       "(rule %d): remove it first"
                                       % (rule.target.id, kind, other.id))
             self.rules[rule.id] = rule
@@ -217,9 +217,9 @@ class Injection:
         if rid:
             rule = self.rules.get(rid)
             if rule is None or not self._may_see(caller, rule):
-                raise KernelError(errno.ENOENT, "inject: rule %d: no such rule" % rid)
+                raise KernelError(errno.ENOENT, "rule %d: no such rule" % rid)
             if not self._may_change(caller, rule):
-                raise KernelError(errno.EPERM, "inject: rule %d was added by uid %d; only core "
+                raise KernelError(errno.EPERM, "rule %d was added by uid %d; only core "
                                   "removes another uid's rules" % (rid, rule.owner_uid))
             rules = [rule]
         else:
@@ -243,13 +243,13 @@ class Injection:
     def _target(self, caller, spec):
         given = [f for f in ("context", "pid", "name") if f in spec]
         if len(given) != 1:
-            raise KernelError(errno.EINVAL, "inject: give exactly one of context, pid and name "
+            raise KernelError(errno.EINVAL, "give exactly one of context, pid and name "
                               "(the target), not %s" % (", ".join(given) or "none"))
         how = given[0]
         if how == "name":
             name = spec["name"]
             if not isinstance(name, str) or not name:
-                raise KernelError(errno.EINVAL, "inject: name: %r is not a published name"
+                raise KernelError(errno.EINVAL, "name: %r is not a published name"
                                   % (name,))
             ctx, _ = self.k.published.lookup(caller, name.encode())
         else:
@@ -257,16 +257,15 @@ class Injection:
             live = [c for c in self.k.contexts.values() if c.alive and c.connected
                     and (c.id if how == "context" else c.pid) == v]
             if not live:
-                raise KernelError(errno.ESRCH, "inject: %s: no connected context %s %d"
-                                  % (how, "with pid" if how == "pid" else "", v)
-                                  if how == "pid" else "inject: context: no connected "
-                                  "context %d" % v)
+                raise KernelError(errno.ESRCH, "pid: no connected context with pid %d" % v
+                                  if how == "pid" else
+                                  "context: no connected context %d" % v)
             if len(live) > 1:
-                raise KernelError(errno.EINVAL, "inject: pid: %d has %d contexts (connections); "
+                raise KernelError(errno.EINVAL, "pid: %d has %d contexts (connections); "
                                   "name one by its context id" % (v, len(live)))
             ctx = live[0]
         if not self._core(caller) and ctx.uid != caller.uid:
-            raise KernelError(errno.EPERM, "inject: %s: context %d belongs to uid %d; only a "
+            raise KernelError(errno.EPERM, "%s: context %d belongs to uid %d; only a "
                               "core context injects faults into another uid's contexts"
                               % (how, ctx.id, ctx.uid))
         return ctx
@@ -276,12 +275,12 @@ class Injection:
         if isinstance(op, str):
             code = OPS.get(op.lower())
             if code is None:
-                raise KernelError(errno.EINVAL, "inject: op: %r is no system call's name (fayt "
+                raise KernelError(errno.EINVAL, "op: %r is no system call's name (fayt "
                                   "stats lists them)" % op)
         else:
             code = _int(spec, "op", 1, 0xffff)
         if code in (lib.FAYT_SYS_HELLO,):
-            raise KernelError(errno.EINVAL, "inject: op: hello cannot be injected (the "
+            raise KernelError(errno.EINVAL, "op: hello cannot be injected (the "
                               "context exists once it said hello)")
         rule.op = code
         rule.spec["op"] = OP_NAMES.get(code, code)
@@ -290,7 +289,7 @@ class Injection:
             rule.spec["errno"] = errno.errorcode.get(rule.err, rule.err)
         else:
             if code in (lib.FAYT_SYS_UNMAP, lib.FAYT_SYS_UNMAP_DESTROY):
-                raise KernelError(errno.EINVAL, "inject: op: %s may be sent without waiting "
+                raise KernelError(errno.EINVAL, "op: %s may be sent without waiting "
                                   "for a reply: it can be failed, not delayed"
                                   % rule.spec["op"])
             rule.delay = _int(spec, "delay_ms", 0, DELAY_MAX_MS) / 1000.0
@@ -298,19 +297,19 @@ class Injection:
 
     def _page_args(self, rule, spec):
         if not rule.target.registered or rule.target.page_struct is None:
-            raise KernelError(errno.ESRCH, "inject: context %d has no context page"
+            raise KernelError(errno.ESRCH, "context %d has no context page"
                               % rule.target.id)
         rule.arg = 0
         if rule.kind == "kill-lock":
             share = spec.get("share")
             if not isinstance(share, str) or not share:
-                raise KernelError(errno.EINVAL, "inject: share: %r is not a share-point's "
+                raise KernelError(errno.EINVAL, "share: %r is not a share-point's "
                                   "identifier" % (share,))
             sp = self.k.sharepoints
             name = sp.resolve(rule.target, share.encode(), False, field=b"share")
             rule.arg = sp.lookup(name)
             if not rule.arg:
-                raise KernelError(errno.ENOENT, "inject: share: no share-point %r (as context "
+                raise KernelError(errno.ENOENT, "share: no share-point %r (as context "
                                   "%d names it)" % (share, rule.target.id))
             rule.spec.update(share=share, sp_id=rule.arg)
         elif rule.kind == "kill-handler":
@@ -325,12 +324,12 @@ class Injection:
 
     def _chain_rule(self, caller, rule, spec):
         if not self._core(caller):
-            raise KernelError(errno.EPERM, "inject: chain faults reach every client of the "
+            raise KernelError(errno.EPERM, "chain faults reach every client of the "
                               "chain: only a core context injects them")
         name = spec.get("chain")
         chain = self.k.pager.chains.by_name.get(name) if isinstance(name, str) else None
         if chain is None:
-            raise KernelError(errno.ENOENT, "inject: chain: no server serves chain %r"
+            raise KernelError(errno.ENOENT, "chain: no server serves chain %r"
                               % (name,))
         rule.chain = chain
         if rule.kind == "fail-page":
@@ -343,7 +342,7 @@ class Injection:
             rule.spec["delay_ms"] = rule.delay_ms
         for other in self.rules.values():
             if other.ended is None and other.chain is chain:
-                raise KernelError(errno.EBUSY, "inject: chain %r has a rule already (rule %d): "
+                raise KernelError(errno.EBUSY, "chain %r has a rule already (rule %d): "
                                   "remove it first" % (name, other.id))
 
     # -- arming ----------------------------------------------------------------
@@ -356,7 +355,7 @@ class Injection:
                                            rule.spec["seed"])
         err = _clib.fayt_fault_chain_inject(_core, rule.chain.id, r)
         if err:
-            raise KernelError(err, "inject: chain %r: %s" % (rule.chain.name, _strerror(err)))
+            raise KernelError(err, "chain %r: %s" % (rule.chain.name, _strerror(err)))
 
     def _arm_page(self, rule):
         """Put rule into its target's plan (the plan is written again whole)."""

@@ -126,18 +126,18 @@ def test_inject_delay_call_performs_the_call_late(conn):
 def test_inject_bad_rules_get_einval_naming_the_field(conn):
     me = conn.context_id
     cases = [
-        ({"kind": "explode", "context": me}, "inject: kind: 'explode' is not one of"),
-        ({"kind": "fail", "context": me, "op": "nosuchcall"}, "inject: op: 'nosuchcall'"),
+        ({"kind": "explode", "context": me}, "kind: 'explode' is not one of"),
+        ({"kind": "fail", "context": me, "op": "nosuchcall"}, "op: 'nosuchcall'"),
         ({"kind": "fail", "context": me, "op": "stats", "errno": "ENOTANERRNO"},
-         "inject: errno: 'ENOTANERRNO'"),
+         "errno: 'ENOTANERRNO'"),
         ({"kind": "fail", "context": me, "op": "stats", "probability": 2},
-         "inject: probability: 2"),
+         "probability: 2"),
         ({"kind": "fail", "context": me, "pid": 1, "op": "stats"},
-         "inject: give exactly one of context, pid and name"),
-        ({"kind": "fail", "context": me, "op": "stats", "when": 1}, "inject: unknown field"),
+         "give exactly one of context, pid and name"),
+        ({"kind": "fail", "context": me, "op": "stats", "when": 1}, "unknown field"),
         ({"kind": "delay", "context": me, "op": "unmap", "delay_ms": 5},
-         "inject: op: unmap may be sent without waiting"),
-        ({"kind": "kill-handler", "context": me, "slot": 64}, "inject: slot: 64 is outside"),
+         "op: unmap may be sent without waiting"),
+        ({"kind": "kill-handler", "context": me, "slot": 64}, "slot: 64 is outside"),
     ]
     for spec, message in cases:
         with pytest.raises(OSError) as e:
@@ -146,7 +146,7 @@ def test_inject_bad_rules_get_einval_naming_the_field(conn):
     for raw in (b"", b"\xff\xfe", b"[1, 2]", b"{\"kind\": "):
         with pytest.raises(OSError) as e:
             conn.call(lib.FAYT_SYS_INJECT_ADD, raw)
-        assert e.value.errno == errno.EINVAL and "inject: the body is not a JSON object" \
+        assert e.value.errno == errno.EINVAL and "the body is not a JSON object" \
             in str(e.value)
     with pytest.raises(OSError) as e:
         T.fail_call(0x7ffffff0, "stats", connection=conn)
