@@ -46,7 +46,8 @@ log = logging.getLogger("faytd")
 
 PPM = lib.FAYT_INJECT_PPM
 LOG_MAX = 256               # the last faults injected, kept for INJECT_LIST
-RULES_MAX = 256             # rules at most in faytd
+RULES_MAX = 256             # rules at most in faytd (ended ones go first when it is full)
+RULES_PER_UID = 32          # rules in force at most of a uid that is not core
 DELAY_MAX_MS = 60000        # a delay at most (a call, a page request, a doorbell)
 MASK64 = (1 << 64) - 1
 
@@ -165,9 +166,18 @@ class Injection:
         if kind not in KINDS:
             raise KernelError(errno.EINVAL, "kind: %r is not one of %s"
                               % (kind, ", ".join(KINDS)))
+        if len(self.rules) >= RULES_MAX:        # ended rules make room, oldest first
+            for rid in [r.id for r in self.rules.values() if r.ended is not None]:
+                del self.rules[rid]
+                if len(self.rules) < RULES_MAX:
+                    break
         if len(self.rules) >= RULES_MAX:
             raise KernelError(errno.ENOSPC, "%d rules already (the most faytd keeps)"
                               % RULES_MAX)
+        if not self._core(caller) and sum(1 for r in self.rules.values() if r.ended is None
+                                          and r.owner_uid == caller.uid) >= RULES_PER_UID:
+            raise KernelError(errno.ENOSPC, "uid %d has %d rules in force (the most a uid "
+                              "that is not core may have)" % (caller.uid, RULES_PER_UID))
         where, bit = KINDS[kind]
         clean = {"kind": kind,
                  "after": _int(spec, "after", 0, 0xffffffff, 0),
