@@ -64,6 +64,11 @@ The facts this relies on, and what follows:
   logs the traceback (logging, logger "libportal.notify", level ERROR: on
   stderr when the program configured no logging) and keeps running.  A slot with no handler gives a
   waiting sender NotFound; a deferred one is counted (notification_stats).
+- Injected faults (docs/testing.md): a plan faytd wrote into the context
+  page may arm a kill at a handler's entry (kill-handler) or once N
+  handlers ran (kill-after).  dispatch() loads the armed kinds once; only
+  when one is armed does it ask libportal/src/inject.c at each handler,
+  which counts the event and decides (the rule's after, count and seed).
 """
 import atexit
 import errno
@@ -122,6 +127,7 @@ class Dispatcher:
         self._disp.batch = lib.FAYT_DISPATCH_BATCH
         self._daddr = int(ffi.cast("uintptr_t", self._disp))
         self._gen_ptr = ffi.cast("uint32_t *", ffi.addressof(self.page.notify, "rings_generation"))
+        self._inject_kinds = ffi.cast("uint32_t *", ffi.addressof(self.page.inject, "kinds"))
         self._pid = os.getpid()
         self.hint = 0               # this context's pending-hint word, once mapped
         self._fetched = 0           # the highest ring id fetched (ids only grow)
@@ -246,7 +252,7 @@ class Dispatcher:
         self.pending = False
         if self._ring_table is None:
             self._table()
-        kills = self.page.inject.kinds & _KILLS     # injected faults (docs/testing.md)
+        kills = self._inject_kinds[0] & _KILLS      # injected faults (docs/testing.md)
         ran = 0
         step, daddr, handlers = _fastpath.dispatch_step, self._daddr, self.handlers
         rec, result, status, active = -1, 0, 0, False
