@@ -424,3 +424,50 @@ def test_inject_metadata_killed_at_a_commits_lock_take_loses_no_ticket(spawn, co
     out, status = _metadata_run(spawn, conn, share, after=2)
     assert status == -signal.SIGKILL
     assert "no job lost or counted twice" in out, out
+
+
+# -- fayt inject -------------------------------------------------------------------------
+
+PUBLISHED = """
+lp.publish(sys.argv[1])
+print(lp.connection().context_id, flush=True)
+for line in sys.stdin:
+    try:
+        lp.connection().stats()
+        print("ok", flush=True)
+    except OSError as e:
+        print(errno.errorcode[e.errno], flush=True)
+"""
+
+
+def fayt(*args, env):
+    return subprocess.run([sys.executable, "-m", "faytd.cli", "inject"] + list(args), env=env,
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_inject_cli_adds_lists_and_removes_rules_by_published_name(spawn, faytd):
+    name = "inject.cli.%d" % os.getpid()
+    c = spawn(PUBLISHED, args=[name])
+    cid = int(c.expect())
+    r = fayt("fail", name, "stats", "--errno", "EPERM", "--after", "1", "--count", "1",
+             env=faytd.env())
+    assert r.returncode == 0, r.stderr
+    rid = int(re.match(r"rule (\d+)$", r.stdout.strip()).group(1))
+    got = []
+    for _ in range(3):
+        c.send("")
+        got.append(c.expect())
+    assert got == ["ok", "EPERM", "ok"]
+    r = fayt("ls", "--json", env=faytd.env())
+    (rule,) = [x for x in json.loads(r.stdout)["rules"] if x["id"] == rid]
+    assert (rule["context"], rule["fired"], rule["events"]) == (cid, 1, 3)
+    r = fayt("ls", env=faytd.env())
+    assert "stats failed with EPERM" in r.stdout and "fail" in r.stdout, r.stdout
+    assert fayt("rm", str(rid), env=faytd.env()).returncode == 0
+    r = fayt("rm", str(rid), env=faytd.env())
+    assert r.returncode == 1 and "rule %d: no such rule" % rid in r.stderr
+    r = fayt("kill-handler", "pid:1", "3", env=faytd.env())
+    assert r.returncode == 1 and "pid: no connected context with pid 1" in r.stderr
+    r = fayt("delay", name, "stats", "soon", env=faytd.env())
+    assert r.returncode == 2 and "DELAY_MS: 'soon' is not a number" in r.stderr
+    c.kill()
