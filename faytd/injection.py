@@ -455,7 +455,11 @@ class Injection:
         return delay
 
     def _record(self, rule, ctx, what, event=None, n=1):
-        for _ in range(n):
+        """n faults of rule: counted, the last LOG_MAX of them kept, one log
+        line (n may come from a context page: O(LOG_MAX) whatever it is)."""
+        self.total += n - min(n, LOG_MAX)
+        self.by_kind[rule.kind] += n - min(n, LOG_MAX)
+        for _ in range(min(n, LOG_MAX)):
             self.total += 1
             self.by_kind[rule.kind] += 1
             entry = {"seq": self.total, "rule": rule.id, "kind": rule.kind, "what": what,
@@ -513,7 +517,7 @@ class Injection:
             # the fault engine logged each one; counted here
             self.total += n
             self.by_kind[rule.kind] += n
-            for _ in range(n):
+            for _ in range(min(n, LOG_MAX)):
                 self.log.append({"seq": self.total, "rule": rule.id, "kind": rule.kind,
                                  "what": "page request %s" % ("failed" if rule.kind ==
                                                               "fail-page" else "held"),
