@@ -110,9 +110,19 @@ static PyObject *sender_post(SenderRing *self, PyObject *const *args, Py_ssize_t
     if (!r) {
         int64_t delay;
         int db = doorbell_of(self, &delay);
-        r = fayt_ring_post_fault(self->ring, index, flags | FAYT_NOTIFY_NOWAIT, self->sender,
-                                 b.buf, (uint32_t)b.len, 0, self->pidfd, self->signo, &pos,
-                                 self->hint, db, delay);
+        if (db != FAYT_DOORBELL_DELAY) {
+            r = fayt_ring_post_fault(self->ring, index, flags | FAYT_NOTIFY_NOWAIT, self->sender,
+                                     b.buf, (uint32_t)b.len, 0, self->pidfd, self->signo, &pos,
+                                     self->hint, db, delay);
+        } else {            /* an injected delay sleeps: not with the GIL */
+            void *ring = self->ring;
+            uint32_t *hint = self->hint, sender = self->sender;
+            int pidfd = self->pidfd, signo = self->signo;
+            Py_BEGIN_ALLOW_THREADS
+            r = fayt_ring_post_fault(ring, index, flags | FAYT_NOTIFY_NOWAIT, sender, b.buf,
+                                     (uint32_t)b.len, 0, pidfd, signo, &pos, hint, db, delay);
+            Py_END_ALLOW_THREADS
+        }
     }
     PyBuffer_Release(&b);
     return PyLong_FromLong(r);
