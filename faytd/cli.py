@@ -154,6 +154,10 @@ def cmd_stats(args):
     nt, ch = s["notifications"], s["chains"]
     print("notification rings: %d (%d dropped as corrupt)" % (nt["rings"], nt["drops"]))
     print("chains: %d (%d servers, %d regions)" % (ch["count"], ch["servers"], ch["regions"]))
+    inj = s.get("injected")
+    if inj is not None:
+        print("faults injected: %d (%d rules in force; fayt inject ls)" % (inj["total"],
+                                                                         inj["rules"]))
     return 0
 
 
