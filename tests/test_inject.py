@@ -157,6 +157,12 @@ def test_inject_bad_rules_get_einval_naming_the_field(conn):
     with pytest.raises(OSError) as e:
         conn.call(lib.FAYT_SYS_INJECT_REMOVE, b"\x01")
     assert e.value.errno == errno.EINVAL
+    with pytest.raises(OSError) as e:
+        conn.call(lib.FAYT_SYS_INJECT_LIST, b"x")
+    assert e.value.errno == errno.EINVAL and "takes no body" in str(e.value)
+    with pytest.raises(OSError) as e:
+        T.Fault(12345, {}, conn).remove()
+    assert e.value.errno == errno.ENOENT
     assert T.injected(connection=conn)["rules"] == []
 
 
@@ -200,6 +206,51 @@ def test_inject_libportal_draws_as_faytd_does(conn):
             want.append(x)
         assert got == want and sum(got) == 6
         assert f.info()["fired"] == 6          # faytd read the counts back
+
+
+LOOPER = """
+sp = lp.share_create(sys.argv[1], 4096)
+print(lp.connection().context_id, flush=True)
+sys.stdin.readline()
+for i in range(300):
+    sp.lock()
+    print(i, flush=True)
+    sp.unlock()
+print("done", flush=True)
+sp.destroy()
+"""
+
+
+def _killed_at(spawn, conn, seed):
+    """The lock take (0, 1, ...) at which a kill-lock rule with
+    probability 0.05 and `seed` kills a process taking the lock 300 times."""
+    name = "inject.det.%d.%d" % (os.getpid(), seed)
+    c = spawn(LOOPER, args=[name])
+    cid = int(c.expect())
+    T.kill_at_lock(cid, name, connection=conn, probability=0.05, seed=seed)
+    c.send("go")
+    last = None
+    while True:
+        try:
+            line = c.expect()
+        except AssertionError:          # it exited (killed) before the next line
+            break
+        if line == "done":
+            break
+        last = int(line)
+    assert exit_status(c) == -signal.SIGKILL
+    return 0 if last is None else last + 1     # it died at the take after its last line
+
+
+def test_inject_a_kill_lands_on_the_same_lock_take_for_the_same_seed(spawn, conn):
+    """End to end, in another process: the kill lands on the lock take the
+    rule's draw names, run after run (events, not time)."""
+    want = next(n for n in range(300) if fires(n, 0, 1, 0, 50000, 11))
+    assert _killed_at(spawn, conn, 11) == want
+    assert _killed_at(spawn, conn, 11) == want
+    other = next(n for n in range(300) if fires(n, 0, 1, 0, 50000, 12))
+    assert other != want
+    assert _killed_at(spawn, conn, 12) == other
 
 
 # -- kills at named points ---------------------------------------------------------------
