@@ -154,7 +154,7 @@ class Injection:
     def add(self, caller, body):
         try:
             spec = json.loads(bytes(body).decode("utf-8"))
-        except (UnicodeDecodeError, ValueError) as e:
+        except (UnicodeDecodeError, ValueError, RecursionError) as e:
             raise KernelError(errno.EINVAL, "the body is not a JSON object (%s)"
                               % e) from None
         if not isinstance(spec, dict):
@@ -327,7 +327,7 @@ class Injection:
             rule.spec["slot"] = rule.arg
         elif rule.kind == "kill-after":
             n = _int(spec, "notifications", 0, 0xffffffff)
-            rule.spec.update(notifications=n, after=n + rule.spec["after"])
+            rule.spec.update(notifications=n, after=min(0xffffffff, n + rule.spec["after"]))
         elif rule.kind == "delay-doorbell":
             rule.arg = _int(spec, "delay_ms", 0, DELAY_MAX_MS) * 1000
             rule.spec["delay_ms"] = spec["delay_ms"]

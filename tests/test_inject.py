@@ -143,7 +143,7 @@ def test_inject_bad_rules_get_einval_naming_the_field(conn):
         with pytest.raises(OSError) as e:
             conn.call(lib.FAYT_SYS_INJECT_ADD, json.dumps(spec).encode())
         assert e.value.errno == errno.EINVAL and message in str(e.value), (spec, e.value)
-    for raw in (b"", b"\xff\xfe", b"[1, 2]", b"{\"kind\": "):
+    for raw in (b"", b"\xff\xfe", b"[1, 2]", b"{\"kind\": ", b"[" * 30000):
         with pytest.raises(OSError) as e:
             conn.call(lib.FAYT_SYS_INJECT_ADD, raw)
         assert e.value.errno == errno.EINVAL and "the body is not a JSON object" \
