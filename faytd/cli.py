@@ -16,6 +16,8 @@
                                         refreshing view of the above (faytd/tools.py)
     fayt gc [--dir DIR]... [--yes] [--json]
                                         leftovers of faytds that are gone (faytd/gc.py)
+    fayt [--socket PATH] inject KIND ... | ls | rm
+                                        fault injection (faytd/inject_cli.py)
 
 It is an ordinary client: it connects like a server does (so it shows up in
 `fayt ps` itself, as "this fayt") and asks with the FAYT_SYS_LIST_SHARE,
@@ -152,6 +154,10 @@ def cmd_stats(args):
     nt, ch = s["notifications"], s["chains"]
     print("notification rings: %d (%d dropped as corrupt)" % (nt["rings"], nt["drops"]))
     print("chains: %d (%d servers, %d regions)" % (ch["count"], ch["servers"], ch["regions"]))
+    inj = s.get("injected")
+    if inj is not None:
+        print("faults injected: %d (%d rules in force; fayt inject ls)" % (inj["total"],
+                                                                         inj["rules"]))
     return 0
 
 
@@ -266,9 +272,10 @@ def parser():
     kl.add_argument("contexts", nargs="+", type=int, metavar="CONTEXT",
                     help="a context id as fayt ps shows it")
     kl.set_defaults(func=cmd_kill)
-    from . import gc, tools             # rings, chains, top; gc
+    from . import gc, inject_cli, tools     # rings, chains, top; gc; inject
     tools.add_commands(sub, common)
     gc.add_command(sub, common)
+    inject_cli.add_command(sub, common)
     return ap
 
 

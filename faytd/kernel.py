@@ -20,6 +20,7 @@ from .devices import Devices
 from .direct import Direct, DirectBacking
 from .frames import (PAGE, BackingObject, FrameAllocator, KernelError, keeper_objects,
                      release_objects, run_tag, start_keeper)
+from .injection import Injection
 from .journal import Journal, alive
 from .notification import Notifications
 from .pager import Pager
@@ -107,6 +108,7 @@ class Kernel:
         self.scheduling = Scheduling(self)
         self.channels = Channels(self)
         self.cow = Cow(self)
+        self.injection = Injection(self)    # faults injected on purpose (docs/testing.md)
         self.contexts = ContextTable()
         self._rechecks = {}         # sp id -> [sp, dead pid, delay]: see _recover_one
         self._recheck_fd = -1
@@ -307,6 +309,7 @@ class Kernel:
     def died(self, ctx):
         """The process is gone: recover its locks, then forget it."""
         ctx.alive = False
+        self.injection.context_gone(ctx)    # first: a fault it injected killed it
         try:
             self.recover_locks(ctx)
         finally:
@@ -322,6 +325,7 @@ class Kernel:
         if self.contexts.pop(ctx.id, None) is None:
             return
         self.quotas.forget(ctx)
+        self.injection.context_gone(ctx)
         clib.fayt_fast_conn_gone(self.fast, ctx.fast)
         self.notifications.context_gone(ctx)
         self.pager.context_gone(ctx)

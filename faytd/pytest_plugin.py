@@ -14,6 +14,11 @@ Fixtures
                        faytd.testing.Server started against the session's
                        faytd and ready; stopped (SIGTERM, then SIGKILL) after
                        the test.
+  fayt_inject          fault injection against the session's faytd: the
+                       functions of faytd.testing (fail_call, kill_at_lock,
+                       drop_doorbells, ...) as methods, through a
+                       connection of its own; every rule it added is
+                       removed after the test.
   fayt_daemon_factory  fayt_daemon_factory(config=None, ram=None, extra=())
                        -> a private faytd in a directory of its own under
                        /tmp (a socket's path must fit in 107 bytes), stopped
@@ -96,3 +101,59 @@ def fayt_daemon_factory() -> "Iterator[Callable[..., testing.Faytd]]":
                 d.stop()
         finally:
             shutil.rmtree(top, ignore_errors=True)
+
+
+class Injector:
+    """fayt_inject: faytd.testing's fault injection through one connection
+    (inject, fail_call, delay_call, kill_at_lock, kill_in_handler,
+    kill_after, drop_doorbells, delay_doorbells, fail_pages, slow_chain,
+    injected); remove_all() removes what it added."""
+
+    def __init__(self, connection: "libportal.Connection") -> None:
+        self.connection = connection
+        self.faults: "list[testing.Fault]" = []
+
+    def __getattr__(self, name: str) -> Callable[..., object]:
+        if name not in ("inject", "fail_call", "delay_call", "kill_at_lock", "kill_in_handler",
+                        "kill_after", "drop_doorbells", "delay_doorbells", "fail_pages",
+                        "slow_chain"):
+            raise AttributeError(name)
+        fn = getattr(testing, name)
+
+        def add(*args: object, **kw: object) -> testing.Fault:
+            f = fn(*args, connection=self.connection, **kw)
+            self.faults.append(f)
+            return f
+        add.__name__ = name
+        add.__doc__ = fn.__doc__
+        return add
+
+    def injected(self) -> "dict[str, object]":
+        """faytd's rules and what they injected (faytd.testing.injected)."""
+        return testing.injected(connection=self.connection)
+
+    def remove_all(self) -> None:
+        """Remove every rule this injector added (those still there)."""
+        import libportal
+        for f in self.faults:
+            try:
+                f.remove()
+            except libportal.NotFound:
+                pass
+        self.faults.clear()
+
+
+@pytest.fixture
+def fayt_inject(fayt_daemon: testing.Faytd) -> "Iterator[Injector]":
+    """Fault injection against the session's faytd (an Injector): e.g.
+    fayt_inject.kill_at_lock(server, "jobs"); its rules go after the test."""
+    import libportal
+    conn = libportal.Connection(fayt_daemon.socket)
+    inj = Injector(conn)
+    try:
+        yield inj
+    finally:
+        try:
+            inj.remove_all()
+        finally:
+            conn.close()

@@ -625,12 +625,37 @@ class Server:
                 raise KernelError(errno.EINVAL, "this call takes no file descriptors")
             if not ctx.registered and op not in syscall.NEED_NO_HELLO:
                 raise KernelError(errno.EPROTO, "op %d before hello" % op)
+            fault = self.k.injection.on_call(ctx, op) if self.k.injection.rules else None
+            if fault is not None:
+                if isinstance(fault, KernelError):
+                    return fault, []
+                return self._delayed(fault, handler, ctx, tid, body, fds), []
             return handler(self.k, ctx, tid, body, fds)
         except KernelError as e:
             return e, []
         except Exception:
             log.error("context %d: op %d raised:\n%s", ctx.id, op, traceback.format_exc())
             return KernelError(errno.EIO, "faytd: internal error (logged)"), []
+
+    def _delayed(self, seconds, handler, ctx, tid, body, fds):
+        """An injected delay (faytd/injection.py): a Deferred whose work
+        sleeps, off the loop, and whose finish performs the call then;
+        the caller's fds are dup'ed for it (the loop closes its own)."""
+        kept = [os.dup(f) for f in fds]
+
+        def close_kept():
+            while kept:
+                os.close(kept.pop())
+
+        def finish():
+            try:
+                out = handler(self.k, ctx, tid, body, list(kept))
+                if isinstance(out[0], Deferred):     # a call that defers itself: not delayed
+                    raise KernelError(errno.EIO, "faytd: a delayed call deferred again")
+                return out
+            finally:
+                close_kept()
+        return Deferred(lambda: time.sleep(seconds), finish, close_kept)
 
     def _reply(self, ctx, op, seq, body, fds):
         if isinstance(body, KernelError):

@@ -101,8 +101,16 @@ def stats_json(k, ctx):
         "queues": {"open": k.queues.count(), "records": k.queues.records,
                    "dropped": k.queues.dropped},
         "decisions": k.scheduling.counters(),
+        "injected": _injected(k),
     }
     return json.dumps(out).encode()
+
+
+def _injected(k):
+    """Faults injected on purpose (faytd/injection.py): in all, by kind,
+    and the rules in force."""
+    k.injection.sync()
+    return k.injection.counts()
 
 
 def sys_stats(k, ctx, tid, body, fds):

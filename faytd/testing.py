@@ -10,6 +10,12 @@ these; they work without pytest too:
     srv.stop()                                   # SIGTERM, then SIGKILL
     d.stop()
 
+Fault injection (docs/testing.md, "Breaking things on purpose"): inject()
+and its named forms (fail_call, kill_at_lock, drop_doorbells, ...) add a
+rule to faytd and return a Fault; injected() lists the rules and what they
+injected.  They live here, not in libportal, so that what a server imports
+to run has no way to break itself: a test, or `fayt inject`, adds rules.
+
 A Process talks to the test one line at a time over its stdin and stdout
 (send(), expect()); its stderr goes to an unnamed file, read when a failure
 is reported.  No thread is started: stdout is read when the test waits.
@@ -25,7 +31,10 @@ from typing import Any, Callable, Mapping, Sequence, Union
 
 from .launch import Faytd  # noqa: F401  (the daemon the helpers start)
 
-__all__ = ["Faytd", "Process", "Server", "SessionDaemon", "daemon_env", "start_server"]
+__all__ = ["Faytd", "Fault", "Process", "Server", "SessionDaemon", "daemon_env", "delay_call",
+           "delay_doorbells", "drop_doorbells", "fail_call", "fail_pages", "inject",
+           "injected", "kill_after", "kill_at_lock", "kill_in_handler", "remove_faults",
+           "slow_chain", "start_server"]
 
 WAIT = 30.0          # seconds any single wait may take before it fails
 
@@ -269,3 +278,175 @@ class SessionDaemon:
         else:
             os.environ["FAYT_SOCKET"] = self._old
         return self.daemon.stop()
+
+
+# -- fault injection (faytd/injection.py, docs/testing.md) --------------------------
+Target = Union[int, str, "Server", None]
+
+
+class Fault:
+    """A rule faytd holds (INJECT_ADD): .id, .spec (what was asked);
+    info() -> its record now (events seen, faults injected: "events",
+    "fired", "active"); remove().  As a context manager it is removed at
+    the end of the block."""
+
+    def __init__(self, rule_id: int, spec: Mapping[str, Any], connection: Any) -> None:
+        self.id = rule_id
+        self.spec = dict(spec)
+        self._conn = connection
+
+    def info(self) -> "dict[str, Any]":
+        """Its record in faytd (INJECT_LIST): the spec as faytd took it, and
+        "events", "fired", "active" (and "ended": why, once it ended)."""
+        for r in injected(connection=self._conn)["rules"]:
+            if r["id"] == self.id:
+                return r
+        raise LookupError("rule %d: faytd has no such rule (removed)" % self.id)
+
+    @property
+    def fired(self) -> int:
+        """Faults it injected so far."""
+        return self.info()["fired"]
+
+    def remove(self) -> None:
+        """Remove it (INJECT_REMOVE); ENOENT if it is gone already."""
+        from libportal._abi import HANDLE_REQ, lib
+        self._conn.call(lib.FAYT_SYS_INJECT_REMOVE, HANDLE_REQ.pack(self.id))
+
+    def __enter__(self) -> "Fault":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        import libportal
+        try:
+            self.remove()
+        except libportal.NotFound:
+            pass
+
+    def __repr__(self) -> str:
+        return "<Fault %d %s>" % (self.id, self.spec)
+
+
+def _connection(connection: Any, daemon: "Faytd | None") -> Any:
+    import libportal
+    if connection is not None:
+        return connection
+    if daemon is not None:
+        return libportal.Connection(daemon.socket)
+    return libportal.connection()
+
+
+def _target(target: Target, pid: "int | None") -> "dict[str, Any]":
+    if pid is not None:
+        if target is not None:
+            raise TypeError("inject: give a target or pid=, not both")
+        return {"pid": pid}
+    if isinstance(target, Server):
+        return {"context": target.context}
+    if isinstance(target, bool) or target is None:
+        raise TypeError("inject: the target: a context id, a published name, a Server or "
+                        "pid=, not %r" % (target,))
+    if isinstance(target, int):
+        return {"context": target}
+    if isinstance(target, str):
+        return {"name": target}
+    raise TypeError("inject: the target: a context id, a published name, a Server or pid=, "
+                    "not %r" % (target,))
+
+
+def inject(kind: str, target: Target = None, *, pid: "int | None" = None,
+           connection: Any = None, daemon: "Faytd | None" = None, after: int = 0,
+           count: "int | None" = None, probability: float = 1.0, seed: int = 0,
+           **params: Any) -> Fault:
+    """Add a fault-injection rule to faytd; its Fault.
+
+    kind: "fail", "delay" (a system call: params op=, errno= / delay_ms=),
+    "kill-lock" (share=), "kill-handler" (slot=), "kill-after"
+    (notifications=), "drop-doorbell", "delay-doorbell" (delay_ms=) of the
+    target context; "fail-page" (errno=), "slow-chain" (delay_ms=) of a
+    chain (chain=, no target).  target: a context id, a published name or
+    a Server; or pid=.  When: the rule counts its events from 0 and fires
+    at event n if n >= after, fewer than count fired (None: kills 1, the
+    rest no bound) and splitmix64(seed + n) % 10**6 < probability * 10**6.
+    Through connection (default: libportal's own), or a new one to daemon.
+    Errors are faytd's: EPERM (another uid's context, not core), ESRCH (no
+    such context), ENOENT, EINVAL (naming the field), EBUSY."""
+    import json
+    from libportal._abi import lib
+    spec: "dict[str, Any]" = {"kind": kind, "after": after, "probability": probability,
+                              "seed": seed}
+    if count is not None:
+        spec["count"] = count
+    if kind not in ("fail-page", "slow-chain"):
+        spec.update(_target(target, pid))
+    elif target is not None or pid is not None:
+        raise TypeError("inject: %s names a chain (chain=), not a context" % kind)
+    spec.update(params)
+    conn = _connection(connection, daemon)
+    body = conn.call(lib.FAYT_SYS_INJECT_ADD, json.dumps(spec).encode())[0]
+    return Fault(json.loads(body)["rule"], spec, conn)
+
+
+def fail_call(target: Target, op: "str | int", errno: "str | int" = "EIO",
+              **when: Any) -> Fault:
+    """The target's calls of op (a name as `fayt stats` shows it, or a
+    number) fail with errno, without being performed."""
+    return inject("fail", target, op=op, errno=errno, **when)
+
+
+def delay_call(target: Target, op: "str | int", delay_ms: int, **when: Any) -> Fault:
+    """The target's calls of op are performed delay_ms late (its caller waits)."""
+    return inject("delay", target, op=op, delay_ms=delay_ms, **when)
+
+
+def kill_at_lock(target: Target, share: str, **when: Any) -> Fault:
+    """The target dies (SIGKILL) holding share's lock, once it took it."""
+    return inject("kill-lock", target, share=share, **when)
+
+
+def kill_in_handler(target: Target, slot: int, **when: Any) -> Fault:
+    """The target dies (SIGKILL) at the entry of its handler of slot."""
+    return inject("kill-handler", target, slot=slot, **when)
+
+
+def kill_after(target: Target, notifications: int, **when: Any) -> Fault:
+    """The target dies (SIGKILL) once it handled `notifications` more
+    notifications, as it starts the next one."""
+    return inject("kill-after", target, notifications=notifications, **when)
+
+
+def drop_doorbells(target: Target, **when: Any) -> Fault:
+    """The target's posts ring no doorbell (neither signal nor wake)."""
+    return inject("drop-doorbell", target, **when)
+
+
+def delay_doorbells(target: Target, delay_ms: int, **when: Any) -> Fault:
+    """The target's posts ring their doorbell delay_ms late."""
+    return inject("delay-doorbell", target, delay_ms=delay_ms, **when)
+
+
+def fail_pages(chain: str, errno: "str | int" = "EIO", **when: Any) -> Fault:
+    """The chain's page requests fail with errno (the client gets SIGBUS)."""
+    return inject("fail-page", chain=chain, errno=errno, **when)
+
+
+def slow_chain(chain: str, delay_ms: int, **when: Any) -> Fault:
+    """The chain's page requests reach its server delay_ms late."""
+    return inject("slow-chain", chain=chain, delay_ms=delay_ms, **when)
+
+
+def injected(connection: Any = None, daemon: "Faytd | None" = None) -> "dict[str, Any]":
+    """faytd's rules the caller may see and what they injected:
+    {"rules": [...], "log": [the last faults], "counts": {...}}."""
+    import json
+    from libportal._abi import lib
+    return json.loads(_connection(connection, daemon).call(lib.FAYT_SYS_INJECT_LIST)[0])
+
+
+def remove_faults(connection: Any = None, daemon: "Faytd | None" = None) -> int:
+    """Remove every rule the caller may remove; how many."""
+    import json
+    from libportal._abi import HANDLE_REQ, lib
+    body = _connection(connection, daemon).call(lib.FAYT_SYS_INJECT_REMOVE,
+                                                HANDLE_REQ.pack(0))[0]
+    return json.loads(body)["removed"]

@@ -35,10 +35,10 @@ SOURCES = [os.path.join("libportal", "src", f)
 FASTPATH_SOURCES = [os.path.join("libportal", "src", f)
                     for f in ("fastpath.c", "sharepoint.c", "region.c", "dispatch.c",
                               "sender.c", "producer.c", "transport.c", "lock.c", "ring.c",
-                              "queue.c")]
+                              "queue.c", "inject.c")]
 # The C functions _fastpath binds (and which of its calls binds each).
 FASTPATH_BINDS = {
-    "fayt_ring_post": "SenderRing.post, SenderRing.post_waiting",
+    "fayt_ring_post_fault": "SenderRing.post, SenderRing.post_waiting",
     "fayt_ring_wait_return": "SenderRing.wait_return",
     "fayt_queue_put": "QueueProducer.put, QueueProducer.put_raw",
     "fayt_dispatch_step": "dispatch_step",
@@ -49,8 +49,8 @@ FASTPATH_BINDS = {
     "fayt_map_portal": "call",
 }
 # Declared in the headers for the C that calls them; Python calls none.
-C_ONLY = ("fayt_mmap_at", "fayt_pidfd_signal", "fayt_ring_clear_doorbell", "fayt_ring_return",
-          "fayt_uffd_poison",
+C_ONLY = ("fayt_mmap_at", "fayt_pidfd_signal", "fayt_ring_post", "fayt_ring_clear_doorbell",
+          "fayt_ring_return", "fayt_uffd_poison",
           # a C driver's accessors (fayt/device.h); libportal's Device calls
           # fayt_dev_post and fayt_dev_answer, which let its handlers run
           "fayt_dev_write32", "fayt_dev_write64", "fayt_dev_read32", "fayt_dev_read64")

@@ -64,6 +64,11 @@ The facts this relies on, and what follows:
   logs the traceback (logging, logger "libportal.notify", level ERROR: on
   stderr when the program configured no logging) and keeps running.  A slot with no handler gives a
   waiting sender NotFound; a deferred one is counted (notification_stats).
+- Injected faults (docs/testing.md): a plan faytd wrote into the context
+  page may arm a kill at a handler's entry (kill-handler) or once N
+  handlers ran (kill-after).  dispatch() loads the armed kinds once; only
+  when one is armed does it ask libportal/src/inject.c at each handler,
+  which counts the event and decides (the rule's after, count and seed).
 """
 import atexit
 import errno
@@ -86,6 +91,7 @@ log = logging.getLogger("libportal.notify")
 DEFAULT_STACKS = 4
 
 _MAIN = threading.main_thread().ident
+_KILLS = lib.FAYT_INJECT_HANDLER_KILL | lib.FAYT_INJECT_NOTIFY_KILL
 _runtimes = weakref.WeakSet()     # dispatchers whose context handles the doorbell
 _installed = False
 
@@ -121,6 +127,7 @@ class Dispatcher:
         self._disp.batch = lib.FAYT_DISPATCH_BATCH
         self._daddr = int(ffi.cast("uintptr_t", self._disp))
         self._gen_ptr = ffi.cast("uint32_t *", ffi.addressof(self.page.notify, "rings_generation"))
+        self._inject_kinds = ffi.cast("uint32_t *", ffi.addressof(self.page.inject, "kinds"))
         self._pid = os.getpid()
         self.hint = 0               # this context's pending-hint word, once mapped
         self._fetched = 0           # the highest ring id fetched (ids only grow)
@@ -249,6 +256,7 @@ class Dispatcher:
         self.pending = False
         if self._ring_table is None:
             self._table()
+        kills = self._inject_kinds[0] & _KILLS      # injected faults (docs/testing.md)
         ran = 0
         step, daddr, handlers = _fastpath.dispatch_step, self._daddr, self.handlers
         rec, result, status, active = -1, 0, 0, False
@@ -278,6 +286,8 @@ class Dispatcher:
                     self.running += 1
                 ran += 1
                 result, status = 0, errno.ECANCELED
+                if kills:
+                    self._inject_kill(kills, index)
                 try:
                     fn = handlers.get(index)
                     if fn is None:
@@ -299,6 +309,18 @@ class Dispatcher:
                 lib.fayt_dispatch_end(d, rec, result, status)
             if active:
                 self.running -= 1
+
+    def _inject_kill(self, kills, index):
+        """A fault plan faytd wrote into the context page arms a kill here
+        (fayt/context.h; libportal/src/inject.c counts and decides): die of
+        SIGKILL at the entry of the handler of slot `index`, or once the
+        handlers the rule lets pass have run."""
+        page = self.conn.context_page
+        if (kills & lib.FAYT_INJECT_HANDLER_KILL and
+                _fastpath.inject_fires(page, lib.FAYT_INJECT_HANDLER_KILL, index, True)) or \
+                (kills & lib.FAYT_INJECT_NOTIFY_KILL and
+                 _fastpath.inject_fires(page, lib.FAYT_INJECT_NOTIFY_KILL, 0, False)):
+            _fastpath.inject_die()
 
     def _table(self):
         t = self._ring_table

@@ -120,7 +120,8 @@ class Ring:
         # The sender's end (post, wait for the return): what every post
         # into this ring passes, given once.
         r.port = _fastpath.SenderRing(r.addr, sender=conn.context_id, pidfd=r.pidfd,
-                                      signo=DOORBELL, hint=r.hint)
+                                      signo=DOORBELL, hint=r.hint,
+                                      context=conn.context_page or 0)
         return r
 
     @classmethod

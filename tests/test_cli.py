@@ -111,7 +111,7 @@ def test_cli_stats_json_and_its_table(fresh_faytd):
     assert s["version"] == 1
     assert set(s) == {"version", "calls", "fast_path", "faults", "contexts", "sharepoints",
                       "frames", "journal", "limits", "fairness", "notifications", "chains",
-                      "queues", "decisions"}
+                      "queues", "decisions", "injected"}
     assert s["calls"]["hello"] == {"fast": 0, "python": 1}      # this fayt's own
     assert s["calls"]["stats"] == {"fast": 0, "python": 1}
     assert set(s["calls"]) >= {"portal", "unmap", "unmap_destroy", "list_share",
@@ -128,6 +128,7 @@ def test_cli_stats_json_and_its_table(fresh_faytd):
     assert s["journal"] == {"enabled": True, "errors": 0}
     assert s["notifications"] == {"rings": 0, "drops": 0}
     assert s["chains"] == {"count": 0, "servers": 0, "regions": 0}
+    assert s["injected"]["total"] == 0 and s["injected"]["rules"] == 0
     r = fayt("stats", env=d.env())
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
@@ -138,6 +139,7 @@ def test_cli_stats_json_and_its_table(fresh_faytd):
     assert "SPECIAL faults: 0 (0 answered in one call, 0 by the loop)" in lines
     assert any(ln.startswith("contexts: ") for ln in lines)     # the first fayt may linger
     assert "share-points: 0" in lines
+    assert "faults injected: 0 (0 rules in force; fayt inject ls)" in lines
     assert "journal: 0 write errors" in lines
     assert "notification rings: 0 (0 dropped as corrupt)" in lines
     assert "chains: 0 (0 servers, 0 regions)" in lines

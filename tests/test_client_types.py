@@ -41,6 +41,9 @@ MODULE_SIGNATURES = {
     "hint_unregister": "(word, /)",
     "hint_reset": "()",
     "hint_state": "()",
+    "inject_fires": "(page, kind, match, match_arg, /)",
+    "inject_die": "()",
+    "splitmix64": "(x, /)",
 }
 
 
@@ -115,7 +118,7 @@ def test_region_dir_signature_and_repr(lp):
 
 
 TYPE_SIGNATURES = {
-    "SenderRing": ("(ring, *, sender, pidfd=-1, signo=0, hint=0)", {
+    "SenderRing": ("(ring, *, sender, pidfd=-1, signo=0, hint=0, context=0)", {
         "post": "(index, payload, flags=0, /)",
         "post_waiting": "(index, payload, flags, timeout_ns, /)",
         "wait_return": "(pos, timeout_ns, /)",

@@ -82,3 +82,10 @@ def test_second(fayt_connection):
 ''')
     r = _run(pytester)
     r.assert_outcomes(passed=2)
+
+
+def test_pytest_plugin_runs_the_fault_injection_example(pytester):
+    pytester.makepyfile(myserver=_example("myserver.py"),
+                        test_myserver_faults=_example("test_myserver_faults.py"))
+    r = _run(pytester)
+    r.assert_outcomes(passed=2)

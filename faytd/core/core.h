@@ -284,6 +284,8 @@ struct fayt_fast_conn {
 #define FAYT_FAST_CONN_JOURNAL 0x10 /* its context page is journaled: its attaches are too */
 #define FAYT_FAST_CONN_PRIO    0x20 /* core category (known at accept): served first in a
                                        round, with no budget per uid (serve.c) */
+#define FAYT_FAST_CONN_PYTHON  0x40 /* a fault plan names its calls: every request goes to
+                                      Python (faytd/injection.py) */
 
 struct fayt_fast_conn *fayt_core_conn_new(struct fayt_core *k);
 /* Python lets go of c (its Context is gone); the core frees it once no

@@ -67,6 +67,7 @@ _Static_assert(sizeof(struct fayt_page_request) <= FAYT_PAGER_DESC_SIZE, "page r
 
 enum req_state {
     REQ_NEW,        /* made, not yet given to a member */
+    REQ_HELD,       /* held back by an injected delay until its deadline, then dispatched */
     REQ_BACKLOG,    /* waiting for a free slot of `member` */
     REQ_POSTED,     /* in slot `slot` of `member` */
     REQ_DONE,       /* resolved, failed or cancelled; kept while its slot is unreaped */
@@ -89,6 +90,7 @@ struct req {
     int64_t deadline;           /* CLOCK_MONOTONIC ns */
     int heap_at;                /* index in the deadline heap, -1 */
     uint64_t batch;             /* the fault event that made it (in_one_call) */
+    int injected;               /* an injection rule of its chain has seen it */
     struct req *pprev, *pnext;  /* in its table of pending requests (not DONE) */
     struct req *bnext;          /* in its member's backlog */
     struct region **waiters;    /* SPECIAL|SHARE: other regions faulting on the page */
@@ -111,6 +113,8 @@ struct chain {
     uint32_t nmembers, cap;
     uint32_t nregions;
     int live;
+    struct fayt_fault_inject inject;    /* faults injected into its page requests */
+    uint64_t inject_events;             /* its page requests since the rule was set */
     struct chain *next;
 };
 
@@ -621,9 +625,59 @@ static void post(struct fayt_faults *e, struct member *m, struct req *q)
     mark_posted(e->priv, m);
 }
 
+static uint64_t splitmix64(uint64_t x)
+{
+    uint64_t z = x + 0x9E3779B97F4A7C15ULL;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+    return z ^ (z >> 31);
+}
+
+/* An injected fault (fayt_fault_chain_inject): whether the chain's rule
+ * fires at this, its next page request (libportal's rule, inject.c). */
+static int inject_fires(struct chain *c)
+{
+    struct fayt_fault_inject *r = &c->inject;
+    if (!r->kind)
+        return 0;
+    uint64_t n = c->inject_events++;
+    if (n < r->after || (r->count && r->fired >= r->count))
+        return 0;
+    if (r->ppm < 1000000 && splitmix64(r->seed + n) % 1000000 >= r->ppm)
+        return 0;
+    r->fired++;
+    return 1;
+}
+
 static void dispatch(struct fayt_faults *e, struct req *q)
 {
     struct chain *c = q->region->chain;
+    if (!q->injected && q->hop == 0 && c->inject.kind) {
+        q->injected = 1;
+        if (inject_fires(c)) {
+            if (c->inject.kind == FAYT_FAULT_INJECT_FAIL) {
+                logf_(e, L_WARNING, "inject: chain '%s': page request at 0x%llx of region %u "
+                      "failed with %s (injected fault %llu)", c->name,
+                      (unsigned long long)q->offset, q->region->id, strerror(c->inject.err),
+                      (unsigned long long)c->inject.fired);
+                fail(e, q, c->inject.err);
+                return;
+            }
+            logf_(e, L_WARNING, "inject: chain '%s': page request at 0x%llx of region %u "
+                  "held %u ms before it goes to the server (injected fault %llu)", c->name,
+                  (unsigned long long)q->offset, q->region->id, c->inject.delay_ms,
+                  (unsigned long long)c->inject.fired);
+            q->state = REQ_HELD;
+            q->member = NULL;
+            q->slot = -1;
+            q->deadline = fayt_now_ns() + (int64_t)c->inject.delay_ms * 1000000;
+            if (add_deadline(e, q)) {
+                q->state = REQ_NEW;
+                fail(e, q, ENOMEM);
+            }
+            return;
+        }
+    }
     if (q->hop >= c->nmembers) {
         fail(e, q, q->hop ? ENODATA : ENXIO);
         return;
@@ -1046,6 +1100,11 @@ static void on_timer(struct fayt_faults *e)
     while (p->nheap && p->heap[0]->deadline <= now) {
         struct req *q = p->heap[0];
         heap_remove(p, q);
+        if (q->state == REQ_HELD) {     /* an injected delay is over: on to the server */
+            q->state = REQ_NEW;
+            dispatch(e, q);
+            continue;
+        }
         struct member *m = q->member;
         struct region *r = q->region;
         if (m)
@@ -1145,6 +1204,32 @@ int fayt_fault_chain_add(struct fayt_core *k, uint32_t chain_id, const char *nam
     c->live = 1;
     c->next = p->chains;
     p->chains = c;
+    return 0;
+}
+
+int fayt_fault_chain_inject(struct fayt_core *k, uint32_t chain_id,
+                            const struct fayt_fault_inject *rule)
+{
+    struct chain *c = chain_find(k->faults->priv, chain_id);
+    if (!c)
+        return ENOENT;
+    if (rule->kind > FAYT_FAULT_INJECT_SLOW || (rule->kind == FAYT_FAULT_INJECT_FAIL
+                                               && (rule->err <= 0 || rule->err > 4095)))
+        return EINVAL;
+    c->inject = *rule;
+    c->inject.fired = 0;
+    c->inject_events = 0;
+    return 0;
+}
+
+int fayt_fault_chain_injected(struct fayt_core *k, uint32_t chain_id, uint64_t *events,
+                              uint64_t *fired)
+{
+    struct chain *c = chain_find(k->faults->priv, chain_id);
+    if (!c)
+        return ENOENT;
+    *events = c->inject_events;
+    *fired = c->inject.fired;
     return 0;
 }
 

@@ -62,6 +62,32 @@ int fayt_fault_chain_add(struct fayt_core *k, uint32_t chain_id, const char *nam
                          uint32_t flags, uint32_t timeout_ms);
 void fayt_fault_chain_del(struct fayt_core *k, uint32_t chain_id);
 
+/* Faults injected into a chain's page requests (faytd/injection.py,
+ * docs/testing.md).  Each new page request of the chain is an event n
+ * (0, 1, ... since the rule was set); it fires if n >= after, fewer than
+ * count fired (0: no bound) and splitmix64(seed + n) % 1000000 < ppm.
+ * FAIL: the request fails with err (the client's access gets SIGBUS);
+ * SLOW: it waits delay_ms before it goes to the chain's first server (the
+ * chain's timeout starts then).  kind NONE clears the rule.  inject: 0,
+ * ENOENT (no such chain), EINVAL.  injected: its events and faults. */
+#define FAYT_FAULT_INJECT_NONE 0
+#define FAYT_FAULT_INJECT_FAIL 1
+#define FAYT_FAULT_INJECT_SLOW 2
+struct fayt_fault_inject {
+    uint32_t kind;
+    int32_t err;
+    uint32_t delay_ms;
+    uint32_t after;
+    uint32_t count;
+    uint32_t ppm;
+    uint64_t seed;
+    uint64_t fired;
+} __attribute__((packed));
+int fayt_fault_chain_inject(struct fayt_core *k, uint32_t chain_id,
+                            const struct fayt_fault_inject *rule);
+int fayt_fault_chain_injected(struct fayt_core *k, uint32_t chain_id, uint64_t *events,
+                              uint64_t *fired);
+
 /* Members.  add: the channel `ch` (fayt_pager_bytes(nslots, run_max)
  * bytes, mapped by the caller until member_del) is initialised and the
  * member goes last in its chain; efd is its answer eventfd.  0, ENOENT (no

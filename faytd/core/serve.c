@@ -267,7 +267,8 @@ int fayt_fast_serve(struct fayt_core *k, struct fayt_fast_conn *c, uint8_t *buf,
     memcpy(&h, buf, sizeof h);
     if (noreply_out)
         *noreply_out = (h.flags & FAYT_REQ_NOREPLY) != 0;
-    if (k->disabled || h.magic != FAYT_REQ_MAGIC || msg->nfds
+    if (k->disabled || (c->flags & FAYT_FAST_CONN_PYTHON) || h.magic != FAYT_REQ_MAGIC
+        || msg->nfds
         || (mh.msg_flags & (MSG_TRUNC | MSG_CTRUNC)))
         return FAYT_FAST_PASS;
     const uint8_t *body = buf + sizeof h;

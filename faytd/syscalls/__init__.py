@@ -5,7 +5,8 @@ UNMAP_DESTROY, LIST_SHARE), notify (the NOTIFY_* calls), chain (the CHAIN_*
 calls and the SPECIAL branch of PORTAL), context (HELLO, LIST_CONTEXTS),
 discovery (PUBLISH, LOOKUP), devices (the DEV_* calls), stream (LISTEN,
 CONNECT, ACCEPT, CHAN_CLOSE), queue (QUEUE_OPEN, QUEUE_CLOSE), info (INFO:
-rings and chains, for the tools);
+rings and chains, for the tools), inject (INJECT_ADD, INJECT_REMOVE,
+INJECT_LIST: fault injection);
 wire holds the decoding they share.
 
 Each handler takes (kernel, context, tid, body, fds) and returns (reply
@@ -19,8 +20,8 @@ the reply: the objects never see the wire format, a socket or a right
 from libportal._abi import lib
 
 from .. import stats
-from . import (chain, context, devices, direct, discovery, info, notify, portal, queue,
-               sharepoint, stream)
+from . import (chain, context, devices, direct, discovery, info, inject, notify, portal,
+               queue, sharepoint, stream)
 
 HANDLERS = {
     lib.FAYT_SYS_HELLO: context.sys_hello,
@@ -62,6 +63,9 @@ HANDLERS = {
     lib.FAYT_SYS_DEV_ATTACH: devices.sys_dev_attach,
     lib.FAYT_SYS_DEV_IRQ: devices.sys_dev_irq,
     lib.FAYT_SYS_DEV_DETACH: devices.sys_dev_detach,
+    lib.FAYT_SYS_INJECT_ADD: inject.sys_inject_add,
+    lib.FAYT_SYS_INJECT_REMOVE: inject.sys_inject_remove,
+    lib.FAYT_SYS_INJECT_LIST: inject.sys_inject_list,
 }
 # Every call but HELLO needs a context the policy admitted.
 NEED_NO_HELLO = frozenset({lib.FAYT_SYS_HELLO})

@@ -145,6 +145,7 @@ static int fastpath_exec(PyObject *m)
                     (PyObject *)PyStructSequence_NewType(&fp_portal_reply_desc)))
         return -1;
     if (PyModule_AddFunctions(m, fp_dispatch_functions) < 0
+        || PyModule_AddFunctions(m, fp_inject_functions) < 0
         || PyModule_AddIntConstant(m, "ABI_VERSION", FASTPATH_ABI) < 0)
         return -1;
     return 0;

@@ -120,6 +120,20 @@ int fp_hints_traverse(struct fp_hints *h, visitproc visit, void *arg);
             return NULL;                                                            \
     } while (0)
 
+/* -- inject.c: faults injected in this process (docs/testing.md) ---------- */
+extern PyMethodDef fp_inject_functions[];
+uint64_t fp_splitmix64(uint64_t x);
+int fp_inject_fires(struct fayt_context_page *p, uint32_t kind, uint32_t match, int match_arg,
+                    uint32_t *arg_out);
+void fp_inject_die(void);
+void fp_inject_lock_taken(struct fayt_context_page *p, uint32_t sp_id);
+int fp_inject_doorbell(struct fayt_context_page *p, int64_t *delay_ns);
+
+/* Whether a fault of one of kinds may be injected in page's process: one
+ * load (fayt/context.h, plan.kinds). */
+#define INJECT_ARMED(page, which) \
+    __builtin_expect(__atomic_load_n(&(page)->inject.kinds, __ATOMIC_RELAXED) & (which), 0)
+
 /* -- transport.c ----------------------------------------------------------- */
 extern PyType_Spec fp_transport_spec;
 extern PyStructSequence_Desc fp_reply_desc;

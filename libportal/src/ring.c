@@ -129,6 +129,15 @@ int fayt_ring_post(void *ring, uint32_t index, uint32_t flags, uint32_t sender,
                    const void *payload, uint32_t length, int64_t timeout_ns,
                    int doorbell_fd, int signo, uint32_t *pos_out, uint32_t *hint)
 {
+    return fayt_ring_post_fault(ring, index, flags, sender, payload, length, timeout_ns,
+                                doorbell_fd, signo, pos_out, hint, FAYT_DOORBELL_RING, 0);
+}
+
+int fayt_ring_post_fault(void *ring, uint32_t index, uint32_t flags, uint32_t sender,
+                         const void *payload, uint32_t length, int64_t timeout_ns,
+                         int doorbell_fd, int signo, uint32_t *pos_out, uint32_t *hint,
+                         int doorbell, int64_t delay_ns)
+{
     struct fayt_ring_header *h = hdr(ring);
     struct fayt_ring_entry *e = entries(ring);
     const uint32_t mask = FAYT_RING_ENTRIES - 1;
@@ -224,7 +233,20 @@ int fayt_ring_post(void *ring, uint32_t index, uint32_t flags, uint32_t sender,
         __atomic_fetch_add(hint, 1, __ATOMIC_SEQ_CST);
     FENCE();    /* the entry is visible before we read target_waiting (pairs with the wait) */
     int rc = 0;
-    if (LOAD(&h->armed)) {
+    if (doorbell == FAYT_DOORBELL_DELAY && delay_ns > 0) {
+        /* An injected fault (docs/testing.md): the entry is there, its
+         * doorbell comes late.  The sleep is the post's own. */
+        struct timespec ts;
+        fayt_ns_to_ts(delay_ns, &ts);
+        while (nanosleep(&ts, &ts) < 0 && errno == EINTR)
+            ;
+    }
+    if (doorbell == FAYT_DOORBELL_DROP) {
+        /* An injected fault: neither the signal nor the wake.  A target
+         * asleep in a libportal wait finds the entry when its wait ends
+         * (its deadline, another doorbell); a running one at its next
+         * dispatch point.  target_waiting is left as the target set it. */
+    } else if (LOAD(&h->armed)) {
         uint32_t w = __atomic_exchange_n(&h->target_waiting, 0, __ATOMIC_SEQ_CST);
         if (w == 1)
             fayt_futex_wake_n(&h->target_waiting, 1);     /* asleep in futex_waitv: no signal */

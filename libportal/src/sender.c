@@ -1,5 +1,5 @@
 /* SenderRing: a sender's end of one notification ring, the one binding of
- * fayt_ring_post and fayt_ring_wait_return.
+ * fayt_ring_post_fault and fayt_ring_wait_return.
  *
  * What stays the same for every post into a ring (its address, the id the
  * sender posts as, the target's doorbell pidfd and signal, the address of
@@ -32,16 +32,17 @@ typedef struct {
     uint32_t sender;            /* the context id this end posts as */
     int pidfd;                  /* the target's pidfd to signal, or -1: faytd rings */
     int signo;                  /* the doorbell */
+    struct fayt_context_page *page;  /* the sender's own context page (injected faults), or NULL */
 } SenderRing;
 
 static int sender_init(SenderRing *self, PyObject *args, PyObject *kw)
 {
-    static char *kwlist[] = {"ring", "sender", "pidfd", "signo", "hint", NULL};
-    unsigned long long ring = 0, hint = 0;
+    static char *kwlist[] = {"ring", "sender", "pidfd", "signo", "hint", "context", NULL};
+    unsigned long long ring = 0, hint = 0, page = 0;
     unsigned int sender = 0;
     int pidfd = -1, signo = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "K|$IiiK", kwlist, &ring, &sender, &pidfd,
-                                     &signo, &hint))
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "K|$IiiKK", kwlist, &ring, &sender, &pidfd,
+                                     &signo, &hint, &page))
         return -1;
     if (!ring) {
         PyErr_SetString(PyExc_ValueError, "ring: the address of a mapped ring, not 0");
@@ -52,7 +53,18 @@ static int sender_init(SenderRing *self, PyObject *args, PyObject *kw)
     self->sender = sender;
     self->pidfd = pidfd;
     self->signo = signo;
+    self->page = (struct fayt_context_page *)(uintptr_t)page;
     return 0;
+}
+
+/* The doorbell fault of this post, if a plan arms one (inject.c). */
+static inline int doorbell_of(SenderRing *self, int64_t *delay_ns)
+{
+    *delay_ns = 0;
+    if (self->page && INJECT_ARMED(self->page, FAYT_INJECT_DOORBELL_DROP
+                                               | FAYT_INJECT_DOORBELL_DELAY))
+        return fp_inject_doorbell(self->page, delay_ns);
+    return FAYT_DOORBELL_RING;
 }
 
 /* index, payload and flags of a post: 0, or -1 with an exception set.  A
@@ -93,11 +105,25 @@ static PyObject *sender_post(SenderRing *self, PyObject *const *args, Py_ssize_t
     int r;
     if (post_args(args, n, "post", 2, &index, &flags, &b, &r) < 0)
         return NULL;
-    if (!r)
-        r = self->ring ? fayt_ring_post(self->ring, index, flags | FAYT_NOTIFY_NOWAIT,
-                                        self->sender, b.buf, (uint32_t)b.len, 0, self->pidfd,
-                                        self->signo, &pos, self->hint)
-                       : EBADF;
+    if (!r && !self->ring)
+        r = EBADF;
+    if (!r) {
+        int64_t delay;
+        int db = doorbell_of(self, &delay);
+        if (db != FAYT_DOORBELL_DELAY) {
+            r = fayt_ring_post_fault(self->ring, index, flags | FAYT_NOTIFY_NOWAIT, self->sender,
+                                     b.buf, (uint32_t)b.len, 0, self->pidfd, self->signo, &pos,
+                                     self->hint, db, delay);
+        } else {            /* an injected delay sleeps: not with the GIL */
+            void *ring = self->ring;
+            uint32_t *hint = self->hint, sender = self->sender;
+            int pidfd = self->pidfd, signo = self->signo;
+            Py_BEGIN_ALLOW_THREADS
+            r = fayt_ring_post_fault(ring, index, flags | FAYT_NOTIFY_NOWAIT, sender, b.buf,
+                                     (uint32_t)b.len, 0, pidfd, signo, &pos, hint, db, delay);
+            Py_END_ALLOW_THREADS
+        }
+    }
     PyBuffer_Release(&b);
     return PyLong_FromLong(r);
 }
@@ -123,15 +149,18 @@ static PyObject *sender_post_waiting(SenderRing *self, PyObject *const *args, Py
         void *ring = self->ring;
         uint32_t *hint = self->hint, sender = self->sender;
         int pidfd = self->pidfd, signo = self->signo;
-        if ((flags & FAYT_NOTIFY_NOWAIT) || timeout_ns == 0) {
-            r = fayt_ring_post(ring, index, flags, sender, b.buf, (uint32_t)b.len, timeout_ns,
-                               pidfd, signo, &pos, hint);
+        int64_t delay;
+        int db = doorbell_of(self, &delay);
+        if (((flags & FAYT_NOTIFY_NOWAIT) || timeout_ns == 0) && db != FAYT_DOORBELL_DELAY) {
+            r = fayt_ring_post_fault(ring, index, flags, sender, b.buf, (uint32_t)b.len,
+                                     timeout_ns, pidfd, signo, &pos, hint, db, delay);
         } else {
-            /* It may sleep for space, on copies of the fields: the caller
-             * keeps the ring mapped until the call returns (rings.py). */
+            /* It may sleep for space (or an injected delay), on copies of
+             * the fields: the caller keeps the ring mapped until the call
+             * returns (rings.py). */
             Py_BEGIN_ALLOW_THREADS
-            r = fayt_ring_post(ring, index, flags, sender, b.buf, (uint32_t)b.len, timeout_ns,
-                               pidfd, signo, &pos, hint);
+            r = fayt_ring_post_fault(ring, index, flags, sender, b.buf, (uint32_t)b.len,
+                                     timeout_ns, pidfd, signo, &pos, hint, db, delay);
             Py_END_ALLOW_THREADS
         }
     }
@@ -210,10 +239,11 @@ static PyGetSetDef sender_getset[] = {
 };
 
 static PyType_Slot sender_slots[] = {
-    {Py_tp_doc, "SenderRing(ring, *, sender, pidfd=-1, signo=0, hint=0)\n--\n\n"
+    {Py_tp_doc, "SenderRing(ring, *, sender, pidfd=-1, signo=0, hint=0, context=0)\n--\n\n"
                 "A sender's end of a mapped notification ring: ring and hint are addresses "
                 "(hint: the target's pending-hint word, or 0), sender the context id posted "
-                "as, pidfd the target's pidfd to signal with signo (-1: faytd rings)."},
+                "as, pidfd the target's pidfd to signal with signo (-1: faytd rings), context "
+                "the sender's context page (its injected doorbell faults), or 0."},
     {Py_tp_new, PyType_GenericNew},
     {Py_tp_init, sender_init},
     {Py_tp_dealloc, fp_plain_dealloc},

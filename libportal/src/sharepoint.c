@@ -260,6 +260,8 @@ static int acquire(SharePointCore *self, int64_t timeout_ns)
         rec_set(self->ctx, slot, FAYT_HELD_HELD);
         self->slot = slot;
         self->holder = THREAD_IDENT();
+        if (self->ctx && INJECT_ARMED(self->ctx, FAYT_INJECT_LOCK_KILL))
+            fp_inject_lock_taken(self->ctx, self->sp_id);   /* may die here, holding it */
         return r;
     }
     rec_clear(self->ctx, slot);
@@ -353,14 +355,15 @@ static inline int ssize_arg(SharePointCore *self, PyObject *o, const char *call,
 }
 
 /* The uncontended case: the home slot of the robust record free, the lock
- * free.  1 and *r (0 or EOWNERDEAD) if it took the lock, the record HELD;
- * else 0 and nothing changed (acquire() does the rest). */
+ * free, no lock fault armed (one load: inject.c).  1 and *r (0 or
+ * EOWNERDEAD) if it took the lock, the record HELD; else 0 and nothing
+ * changed (acquire() does the rest, injected faults included). */
 static inline int take_at_home(SharePointCore *self, unsigned long me, int *r)
 {
     struct fayt_context_page *ctx = self->ctx;
     unsigned k = self->sp_id % FAYT_HELD_LOCKS_MAX;
     int died;
-    if (!ctx || !rec_take(ctx, k, self->sp_id))
+    if (!ctx || INJECT_ARMED(ctx, FAYT_INJECT_LOCK_KILL) || !rec_take(ctx, k, self->sp_id))
         return 0;
     if (!fayt_sp_take(self->base, FAYT_LOCK_HELD, &died)) {
         rec_clear(ctx, (int)k);

@@ -17,6 +17,12 @@
  * this context (a new one bumps rings_generation: the runtime then fetches
  * its fd with FAYT_SYS_NOTIFY_FETCH), the notification stacks it owns, and
  * one saved-state record (the `ucontext`) per nesting level of dispatch.
+ * The fault-injection part (docs/testing.md, faytd/injection.py): faytd
+ * writes the plan (`inject`, a seqlock: `seq` odd while it writes), the
+ * faults injected in the process itself (lock takes, handlers, doorbells:
+ * they never pass through faytd); libportal writes only `injected`, its
+ * own counts of the plan's events and faults, which faytd reads to log and
+ * count them.  The process can scribble either and so only misleads itself.
  * All fields are naturally aligned; the struct is packed only so that cffi
  * and gcc agree byte for byte.
  */
@@ -82,6 +88,39 @@ struct fayt_notify_state {
     uint64_t starved;               /* times a notification waited for a stack */
 } __attribute__((packed));
 
+/* Fault kinds injected by libportal (bit i: plan.rule[i], injected.*[i]). */
+#define FAYT_INJECT_LOCK_KILL      0x01  /* arg: a share-point id: killed holding its lock */
+#define FAYT_INJECT_HANDLER_KILL   0x02  /* arg: a slot: killed inside its handler */
+#define FAYT_INJECT_NOTIFY_KILL    0x04  /* killed after the handlers it lets pass */
+#define FAYT_INJECT_DOORBELL_DROP  0x08  /* a post's doorbell (signal or wake) not rung */
+#define FAYT_INJECT_DOORBELL_DELAY 0x10  /* arg: microseconds before a post rings it */
+#define FAYT_INJECT_KINDS          5
+#define FAYT_INJECT_PPM            1000000  /* rule.ppm of a fault at every event */
+
+/* When a rule fires: at event n (0, 1, ... of its kind, since the plan's
+ * seq changed), if n >= after, fewer than count faults so far (count 0: no
+ * bound), and splitmix64(seed + n) % 1000000 < ppm. */
+struct fayt_inject_rule {
+    uint32_t arg;
+    uint32_t after;
+    uint32_t count;
+    uint32_t ppm;
+    uint64_t seed;
+} __attribute__((packed));
+
+struct fayt_inject_plan {
+    uint32_t seq;                   /* faytd: odd while it writes, bumped by 2 a change */
+    uint32_t kinds;                 /* FAYT_INJECT_* armed: the one word hot paths load */
+    struct fayt_inject_rule rule[5];                  /* FAYT_INJECT_KINDS */
+} __attribute__((packed));
+
+struct fayt_inject_state {
+    uint32_t seq;                   /* the plan's seq these counts are of */
+    uint32_t reserved;
+    uint64_t events[5];             /* events of each kind seen */
+    uint64_t fired[5];              /* faults of each kind injected */
+} __attribute__((packed));
+
 struct fayt_context_page {
     uint32_t magic;
     uint32_t version;
@@ -93,7 +132,9 @@ struct fayt_context_page {
     struct fayt_ring_record rings[128];               /* FAYT_RINGS_MAX */
     struct fayt_notification_stack stacks[16];        /* FAYT_STACKS_MAX */
     struct fayt_saved_state saved[16];                /* FAYT_NEST_MAX */
-    uint8_t reserved[1232];                           /* to 4096 */
+    struct fayt_inject_plan inject;                   /* faytd writes it */
+    struct fayt_inject_state injected;                /* libportal writes it */
+    uint8_t reserved[1016];                           /* to 4096 */
 } __attribute__((packed));
 
 #endif

@@ -33,6 +33,17 @@ uint64_t fayt_ring_bytes(void);
 int fayt_ring_post(void *ring, uint32_t index, uint32_t flags, uint32_t sender,
                    const void *payload, uint32_t length, int64_t timeout_ns,
                    int doorbell_fd, int signo, uint32_t *pos, uint32_t *hint);
+/* fayt_ring_post with an injected doorbell fault (docs/testing.md):
+ * doorbell FAYT_DOORBELL_RING is fayt_ring_post; FAYT_DOORBELL_DROP rings
+ * neither the signal nor the futex wake; FAYT_DOORBELL_DELAY sleeps
+ * delay_ns after publishing the entry, then rings as usual. */
+#define FAYT_DOORBELL_RING  0
+#define FAYT_DOORBELL_DROP  1
+#define FAYT_DOORBELL_DELAY 2
+int fayt_ring_post_fault(void *ring, uint32_t index, uint32_t flags, uint32_t sender,
+                         const void *payload, uint32_t length, int64_t timeout_ns,
+                         int doorbell_fd, int signo, uint32_t *pos, uint32_t *hint,
+                         int doorbell, int64_t delay_ns);
 /* Sender, after a post with FAYT_NOTIFY_RETURN: wait for notification_ret.
  * Returns 0 (*result and *status hold the handler's), ETIMEDOUT (the entry is
  * abandoned: the target frees it), EINTR (call again), ESRCH (target died),

@@ -91,6 +91,13 @@
                                        reply fayt_dev_reply + 5 fds (rings, state, eventfds) */
 #define FAYT_SYS_DEV_IRQ        62  /* body fayt_dev_req (window): the model raises it */
 #define FAYT_SYS_DEV_DETACH     63  /* body fayt_dev_req (window): stop serving or driving it */
+/* Fault injection (docs/testing.md, docs/wire-protocol.md); 68..71 are its. */
+#define FAYT_SYS_INJECT_ADD     68  /* body: a JSON rule (docs/wire-protocol.md); reply: JSON
+                                       {"rule": id}: core, or the caller's own uid's contexts */
+#define FAYT_SYS_INJECT_REMOVE  69  /* body fayt_handle_req (rule id; 0: every rule the caller
+                                       may remove) */
+#define FAYT_SYS_INJECT_LIST    70  /* no body; reply: JSON {"rules", "log", "counts"} of the
+                                       rules the caller may see */
 
 /* fayt_req_hdr.flags */
 #define FAYT_REQ_NOREPLY 0x1        /* UNMAP, UNMAP_DESTROY: do not answer unless it fails */
