@@ -426,8 +426,8 @@ sys.exit(metadata.main(sys.argv[2:]))
 
 def _metadata_run(spawn, conn, share, after):
     """Instance A runs on; instance B is killed at its lock take number
-    `after` (0: registering, then per job a ticket take (the fused add),
-    then a commit); A then repairs and deregisters last.  (A's output, B's
+    `after` (0: registering, then one per job: the commit that takes its
+    ticket); A then repairs and deregisters last.  (A's output, B's
     exit status.)"""
     args = ["--share", share, "--interval", "0.01", "--report", "1000"]
     a = subprocess.Popen([sys.executable, "-m", "servers.metadata", "--name", "A"] + args,
@@ -453,27 +453,29 @@ def _metadata_run(spawn, conn, share, after):
 
 
 def test_inject_metadata_killed_inside_its_lock_loses_no_job(spawn, conn):
-    """B dies holding the lock it took for a job's ticket (its lock take 3:
-    register, ticket 1, commit 1, ticket 2): A gets EOWNERDEAD, repairs,
+    """B dies holding the lock it took for its third job (its lock take 3:
+    register, commit 1, commit 2, commit 3): A gets EOWNERDEAD, repairs,
     and at the end every ticket issued is a job done."""
     share = "inject.meta.%d" % os.getpid()
     out, status = _metadata_run(spawn, conn, share, after=3)
     assert status == -signal.SIGKILL
     assert "EOWNERDEAD" in out or "OwnerDied" in out, out
-    assert "is dead: retiring its 1 jobs" in out, out
+    assert "is dead: retiring its 2 jobs" in out, out
     m = re.search(r"last one out: tickets issued (\d+), jobs done (\d+), recoveries 1: "
                   r"no job lost or counted twice", out)
     assert m and int(m.group(1)) == int(m.group(2)), out
 
 
-@pytest.mark.xfail(strict=True, reason="a finding of this injection, not fixed here: "
-                   "servers/metadata.py takes a job's ticket (fused sp.add) before the "
-                   "commit's lock, so an instance killed at that lock take leaves a ticket "
-                   "issued that no job records (tickets issued N+1, jobs done N: MISMATCH)")
 def test_inject_metadata_killed_at_a_commits_lock_take_loses_no_ticket(spawn, conn):
+    """This injection's finding: metadata.py took a job's ticket with the
+    fused sp.add() before the commit's lock, so an instance killed at that
+    lock take left a ticket no job records (tickets issued N+1, jobs done
+    N).  The ticket is taken inside the commit now, and the repair takes a
+    half-done commit's ticket back."""
     share = "inject.meta.c.%d" % os.getpid()
     out, status = _metadata_run(spawn, conn, share, after=2)
     assert status == -signal.SIGKILL
+    assert "is dead: retiring its 1 jobs" in out, out
     assert "no job lost or counted twice" in out, out
 
 
