@@ -299,6 +299,21 @@ def test_notification_the_notify_right_is_checked_when_the_ring_is_made(fresh_fa
         c.finish()
 
 
+def _counting_sender(spawn, n, index, returns_every=0):
+    """A sender child: reads the target's context id on stdin, then sends
+    0..n-1 (4 bytes each) to slot index, every returns_every-th one with the
+    return flag (its handler must return the number), and prints "sent"."""
+    return spawn("""
+        t = int(sys.stdin.readline())
+        for k in range(%d):
+            back = %d and k %% %d == 0
+            r = lp.notify(t, %d, k.to_bytes(4, "little"), wait_return=back, timeout=60)
+            if back and r != k:
+                print("bad return", k, r)
+        print("sent")
+        """ % (n, returns_every, returns_every or 1, index))
+
+
 def test_notification_100000_from_one_sender_arrive_complete_and_in_order(spawn):
     n = 100000
     target = spawn("""
@@ -316,12 +331,7 @@ def test_notification_100000_from_one_sender_arrive_complete_and_in_order(spawn)
         print(state["next"], state["bad"])
         """ % n)
     tid = int(target.expect())
-    sender = spawn("""
-        t = int(sys.argv[-1]) if False else int(sys.stdin.readline())
-        for k in range(%d):
-            lp.notify(t, 7, k.to_bytes(4, "little"), timeout=60)
-        print("sent")
-        """ % n)
+    sender = _counting_sender(spawn, n, 7)
     sender.send(str(tid))
     assert sender.expect(timeout=120) == "sent"
     assert target.expect(timeout=120) == "%d 0" % n
@@ -726,14 +736,7 @@ def test_notification_asyncio_takes_deferred_ones_without_blocking_its_loop(spaw
         """ % n)
     tid = int(target.expect())
     assert target.expect() == "idle 0"
-    sender = spawn("""
-        t = int(sys.stdin.readline())
-        for k in range(%d):
-            r = lp.notify(t, 7, k.to_bytes(4, "little"), wait_return=k %% 10 == 0, timeout=60)
-            if k %% 10 == 0 and r != k:
-                print("bad return", k, r)
-        print("sent")
-        """ % n)
+    sender = _counting_sender(spawn, n, 7, returns_every=10)
     sender.send(str(tid))
     assert sender.expect(timeout=120) == "sent"
     assert target.expect(timeout=120) == "%d 0 True" % n
