@@ -567,12 +567,20 @@ class Dispatcher:
     def close(self):
         _runtimes.discard(self)
         if self._ready_r is not None:
-            if self._wakeup_set and threading.get_ident() == _MAIN:
-                cur = signal.set_wakeup_fd(-1)
-                if cur not in (-1, self._ready_w):
-                    signal.set_wakeup_fd(cur)   # another's since: left as it is
-            os.close(self._ready_r)
-            os.close(self._ready_w)
+            keep = False
+            if self._wakeup_set:
+                if threading.get_ident() == _MAIN:
+                    cur = signal.set_wakeup_fd(-1)
+                    if cur not in (-1, self._ready_w):
+                        signal.set_wakeup_fd(cur)   # another's since: left as it is
+                else:
+                    # Only the main thread may reset the wakeup descriptor:
+                    # the pipe stays open (a closed one's number could be
+                    # another file's by the next signal).
+                    keep = True
+            if not keep:
+                os.close(self._ready_r)
+                os.close(self._ready_w)
             self._ready_r = self._ready_w = None
         if self.hint:
             _fastpath.hint_unregister(self.hint)

@@ -786,3 +786,34 @@ def test_notification_fd_in_a_selector_with_other_descriptors(spawn):
     assert target.expect(timeout=120) == "2000 True 1"
     sender.finish()
     target.finish()
+
+
+def test_notification_fd_is_the_wakeup_descriptor_until_the_connection_closes(spawn):
+    """notification_fd() makes its pipe signal.set_wakeup_fd's when the
+    program had none, keeps a program's own, and gives it back when the
+    connection closes."""
+    target = spawn("""
+        import signal
+        def probe():
+            w = signal.set_wakeup_fd(-1)
+            signal.set_wakeup_fd(w)
+            return w
+        lp.install_handler(1, lambda p, i, s: 0)
+        fd = lp.notification_fd()
+        print(probe() >= 0, probe() != fd, flush=True)
+        lp.connection().close()
+        print(probe(), flush=True)
+        r, w = os.pipe2(os.O_NONBLOCK)
+        signal.set_wakeup_fd(w)                 # the program's own
+        c = lp.Connection()
+        lp.install_handler(1, lambda p, i, s: 0, connection=c)
+        lp.notification_fd(connection=c)
+        print(probe() == w, flush=True)
+        c.close()
+        print(probe() == w, flush=True)
+        """)
+    assert target.expect() == "True True"
+    assert target.expect() == "-1"
+    assert target.expect() == "True"
+    assert target.expect() == "True"
+    target.finish()
