@@ -26,7 +26,7 @@ import errno
 import logging
 import os
 
-from .frames import KernelError
+from .frames import KernelError, start_time
 from .native import lib as clib
 from .sched import _tids
 
@@ -46,7 +46,7 @@ class FloodGuard:
         self.departed = {}      # uid -> calls of its contexts that left during this window
         self.departed_pids = {}     # uid -> the processes of those contexts
         self.core_seen = kernel.fast.fair_core_requests
-        self.demoted = {}       # uid -> {tid: the nice it had}
+        self.demoted = {}       # uid -> {tid: (the nice it had, its start time)}
         self.quiet = {}         # uid -> windows in a row without a flood
         self.demotions = 0      # uids demoted, in all
         self._denied = False    # a renice was refused (no CAP_SYS_NICE): said once
@@ -133,6 +133,9 @@ class FloodGuard:
                     now = os.getpriority(os.PRIO_PROCESS, tid)
                     if now >= self.nice:
                         continue            # nicer already: left as it is
+                    start = start_time(tid)
+                    if start is None:
+                        continue            # gone
                     os.setpriority(os.PRIO_PROCESS, tid, self.nice)
                 except OSError as e:
                     if e.errno in (errno.EPERM, errno.EACCES) and not self._denied:
@@ -140,7 +143,7 @@ class FloodGuard:
                         log.warning("flood guard: uid %d floods faytd, but faytd may not "
                                     "renice its processes (%s): left alone", uid, e.strerror)
                     continue
-                had[tid] = now
+                had[tid] = (now, start)
         if first:
             if had:
                 self.demotions += 1
@@ -153,9 +156,12 @@ class FloodGuard:
     def _restore(self, uid):
         had = self.demoted.pop(uid, {})
         self.quiet.pop(uid, None)
-        for tid, nice in had.items():
+        for tid, (nice, start) in had.items():
+            # The same thread (its start time: a tid is reused), still at the
+            # value faytd set: never raise the priority of another process.
             try:
-                if os.getpriority(os.PRIO_PROCESS, tid) == self.nice:
+                if start_time(tid) == start and \
+                        os.getpriority(os.PRIO_PROCESS, tid) == self.nice:
                     os.setpriority(os.PRIO_PROCESS, tid, nice)
             except OSError:
                 pass                        # gone: nothing to give back
