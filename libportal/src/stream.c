@@ -16,6 +16,7 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "fayt/common/deadline.h"
 #include "fayt/stream.h"
 
 #define LOAD(p)      __atomic_load_n((p), __ATOMIC_ACQUIRE)
@@ -55,7 +56,7 @@ static void ring_out(const uint8_t *r, uint64_t size, uint64_t pos, void *dst, u
         memcpy((uint8_t *)dst + first, r, n - first);
 }
 
-int fayt_stream_send(void *mine, const void *peer, uint64_t size, const char *data, uint32_t len)
+static int send_once(void *mine, const void *peer, uint64_t size, const char *data, uint32_t len)
 {
     struct fayt_stream_end *m = hdr(mine);
     const struct fayt_stream_end *p = chdr(peer);
@@ -81,7 +82,7 @@ int fayt_stream_send(void *mine, const void *peer, uint64_t size, const char *da
     return LOAD(&p->rx_asleep) ? FAYT_STREAM_WAKE : 0;
 }
 
-int fayt_stream_recv(void *mine, const void *peer, uint64_t size, char *buf, uint32_t cap,
+static int recv_once(void *mine, const void *peer, uint64_t size, char *buf, uint32_t cap,
                      uint32_t *len)
 {
     struct fayt_stream_end *m = hdr(mine);
@@ -113,6 +114,55 @@ int fayt_stream_recv(void *mine, const void *peer, uint64_t size, char *buf, uin
     *len = n;
     FENCE();
     return LOAD(&p->tx_asleep) ? FAYT_STREAM_WAKE : 0;
+}
+
+/* Whether the peer's words say there may be something to do: a frame (or a
+ * state change) for a reader, room for need bytes (or a broken word, or a
+ * state change) for a writer.  Each word loaded once; the call that follows
+ * checks them properly. */
+static inline int may_go(const struct fayt_stream_end *m, const struct fayt_stream_end *p,
+                         uint64_t size, int for_, uint64_t need)
+{
+    if (for_ == 0)
+        return LOAD(&p->tx_head) != m->rx_tail
+               || (LOAD(&p->state) & (FAYT_STREAM_WR_SHUT | FAYT_STREAM_RESET));
+    uint64_t tail = LOAD(&p->rx_tail), head = m->tx_head;
+    return tail > head || head - tail > size || size - (head - tail) >= need
+           || (LOAD(&p->state) & (FAYT_STREAM_RD_SHUT | FAYT_STREAM_RESET));
+}
+
+/* The spin: look at the peer's words until they say go or spin_ns passed.
+ * Each turn gives the CPU away (fayt_spin_pause), so a peer waiting for this
+ * CPU runs at once; the caller bounds spin_ns by its deadline. */
+static int spin_for(const void *mine, const void *peer, uint64_t size, int for_, uint64_t need,
+                    int64_t spin_ns)
+{
+    const struct fayt_stream_end *m = chdr(mine), *p = chdr(peer);
+    int64_t until = fayt_now_ns() + spin_ns;
+    do {
+        fayt_spin_pause();
+        if (may_go(m, p, size, for_, need))
+            return 1;
+    } while (fayt_now_ns() < until);
+    return 0;
+}
+
+int fayt_stream_send(void *mine, const void *peer, uint64_t size, const char *data, uint32_t len,
+                     int64_t spin_ns)
+{
+    int r = send_once(mine, peer, size, data, len);
+    if (r == EAGAIN && spin_ns > 0 && spin_for(mine, peer, size, 1, frame_bytes(len), spin_ns))
+        r = send_once(mine, peer, size, data, len);
+    return r;
+}
+
+int fayt_stream_recv(void *mine, const void *peer, uint64_t size, char *buf, uint32_t cap,
+                     uint32_t *len, int64_t spin_ns)
+{
+    int r = recv_once(mine, peer, size, buf, cap, len);
+    if (r == EAGAIN && spin_ns > 0 && spin_for(mine, peer, size, 0, 0, spin_ns))
+        r = recv_once(mine, peer, size, buf, cap, len);
+    return r;
 }
 
 int fayt_stream_arm(void *mine, const void *peer, uint64_t size, int for_, uint32_t len)

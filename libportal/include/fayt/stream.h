@@ -69,18 +69,21 @@ struct fayt_stream_end {
  * faytd's record of both rings' size.  Returns 0 or FAYT_STREAM_WAKE (sent),
  * EAGAIN (no room now: the whole frame or nothing), EPIPE (this end shut its
  * writing, or the peer shut its reading, closed or was reset), EPROTO (the
- * peer's rx_tail is not within this end's written bytes), EMSGSIZE. */
+ * peer's rx_tail is not within this end's written bytes), EMSGSIZE.
+ * spin_ns > 0: with no room, look again for up to spin_ns (giving the CPU
+ * away between looks, never sleeping) before answering EAGAIN. */
 int fayt_stream_send(void *mine, const void *peer, uint64_t ring_bytes,
-                     const char *data, uint32_t len);
+                     const char *data, uint32_t len, int64_t spin_ns);
 
 /* Take the next message into buf (cap bytes).  Returns 0 (*len: its
  * length) or FAYT_STREAM_WAKE (the same, and the peer sleeps for room),
  * EAGAIN (nothing yet), EMSGSIZE (*len: the length it needs; nothing taken),
  * ESHUTDOWN (nothing left and the peer shut its writing: end of stream),
  * ECONNRESET (nothing left and the peer was reset), EPROTO (the peer's
- * tx_head or a frame's length breaks the rules). */
+ * tx_head or a frame's length breaks the rules).  spin_ns > 0: with nothing
+ * there, look again for up to spin_ns (as send) before answering EAGAIN. */
 int fayt_stream_recv(void *mine, const void *peer, uint64_t ring_bytes,
-                     char *buf, uint32_t cap, uint32_t *len);
+                     char *buf, uint32_t cap, uint32_t *len, int64_t spin_ns);
 
 /* Before sleeping: set this end's rx_asleep (for == 0) or tx_asleep (for ==
  * 1), full fence, and look again.  Returns 1 if there is something to do
