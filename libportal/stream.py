@@ -39,10 +39,11 @@ import mmap
 import os
 import select
 import time
-from typing import NamedTuple, Sequence
+from typing import Any, NamedTuple, Sequence
 
 from . import errors
-from ._abi import ffi, lib, CHAN_REPLY, CONNECT_REQ, HANDLE_REQ, LISTEN_REPLY, LISTEN_REQ
+from ._abi import (ffi, lib, CHAN_PASS_REQ, CHAN_PASS_REPLY, CHAN_REPLY, CHAN_TAKE_REPLY,
+                   CHAN_TAKE_REQ, CONNECT_REQ, HANDLE_REQ, LISTEN_REPLY, LISTEN_REQ, STREAM_REF)
 from .discovery import _encode
 from .syscall import Connection, connection as _default_connection
 from ._types import Buffer, Name, WritableBuffer
@@ -138,6 +139,73 @@ def connect(name: "Name", *, timeout: "float | None" = 0, ring_bytes: int = 0,
     return End(conn, body, fds)
 
 
+class Shared:
+    """A share-point's data a peer sent by reference (End.send_share), as
+    recv() returns it: mapped here until close().  buffer: a memoryview of
+    the `length` bytes (read-only unless the sender allowed writing);
+    copy: an immutable copy (sealed; nobody can change it), else the
+    sender's own memory, which it may still be writing (docs/channels.md)."""
+
+    def __init__(self, body: bytes, fds: "Sequence[int]") -> None:
+        try:
+            if len(body) != CHAN_TAKE_REPLY.size:
+                raise errors.error(errno.EPROTO, "chan_take: malformed reply from faytd")
+            length, off, map_length, flags, _ = CHAN_TAKE_REPLY.unpack(body)
+            split = bool(flags & lib.FAYT_TAKE_SPLIT)
+            if (len(fds) != (2 if split else 1) or off + length != map_length or
+                    (split and map_length <= mmap.PAGESIZE)):
+                raise errors.error(errno.EPROTO, "chan_take: malformed reply from faytd")
+            self.writable = bool(flags & lib.FAYT_PASS_WRITE)
+            self.copy = bool(flags & lib.FAYT_PASS_COPY)
+            prot = mmap.PROT_READ | (mmap.PROT_WRITE if self.writable else 0)
+            err = ffi.new("int *")
+            span = max(map_length, 1)
+            addr = lib.fayt_map(fds[0], span, 0, prot, err)
+            if not addr:
+                raise errors.error(err[0], "chan_take: cannot map the object")
+            if split:       # the rest's object over page 1 on
+                rest = span - mmap.PAGESIZE
+                lib.fayt_unmap(addr + mmap.PAGESIZE, rest)
+                if not lib.fayt_map(fds[1], rest, addr + mmap.PAGESIZE, prot, err):
+                    lib.fayt_unmap(addr, mmap.PAGESIZE)
+                    raise errors.error(err[0], "chan_take: cannot map the object")
+        finally:
+            for fd in fds:
+                os.close(fd)
+        self._addr, self._span, self.length = addr, span, length
+        self._cbuf = ffi.buffer(ffi.cast("char *", addr + off), length)
+        mv = memoryview(self._cbuf)
+        self.buffer = mv if self.writable else mv.toreadonly()
+        self.closed = False
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __bytes__(self) -> bytes:
+        return bytes(self.buffer)
+
+    def close(self) -> None:
+        """Unmap it (BufferError while other memoryviews of buffer exist)."""
+        if self.closed:
+            return
+        self.buffer.release()
+        self.closed = True
+        lib.fayt_unmap(self._addr, self._span)
+
+    def __enter__(self) -> "Shared":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if not getattr(self, "closed", True):
+            try:
+                self.close()
+            except Exception:
+                pass
+
+
 class _Closing:
     """with-statement and garbage collection close it (close() is idempotent)."""
 
@@ -179,7 +247,7 @@ class Listener(_Closing):
             _drain(self._efd)
             try:
                 body, fds = self._conn.call(lib.FAYT_SYS_ACCEPT, HANDLE_REQ.pack(self.id))
-                return End(self._conn, body, fds)
+                return End(self._conn, body, fds, acceptor=True)
             except errors.WouldBlock:
                 if timeout == 0:
                     raise
@@ -233,7 +301,9 @@ class End(_Closing):
     waits for ever, 0 does not wait (WouldBlock), else seconds (TimedOut).
     peer: the other end's credentials (Peer)."""
 
-    def __init__(self, conn: Connection, body: bytes, fds: "Sequence[int]") -> None:
+    def __init__(self, conn: Connection, body: bytes, fds: "Sequence[int]",
+                 acceptor: bool = False) -> None:
+        self._side = lib.FAYT_PASS_ACCEPTOR if acceptor else 0
         try:
             if len(body) != CHAN_REPLY.size:
                 raise errors.error(errno.EPROTO, "channel: malformed reply from faytd")
@@ -262,6 +332,7 @@ class End(_Closing):
         self._buf = bytearray(self.max_message)
         self._cbuf = ffi.from_buffer(self._buf)
         self._len = ffi.new("uint32_t *")
+        self._kind = ffi.new("uint32_t *")
         self.timeout = None
         self.spin_ns = _spin_default()
         self._spin = self.spin_ns   # what a call with the end's timeout spins
@@ -325,6 +396,9 @@ class End(_Closing):
     def send(self, data: "Buffer", timeout: "float | None" = -1) -> None:
         """Send one message (bytes-like, 1 to max_message bytes), whole or
         not at all.  timeout: -1 takes the end's (settimeout/setblocking)."""
+        self._send(data, 0, timeout)
+
+    def _send(self, data, kind, timeout):
         self._check()
         n = len(data)
         if not 0 < n <= self.max_message:
@@ -342,7 +416,8 @@ class End(_Closing):
             if t is not None:
                 deadline = time.monotonic() + t     # the spin counts against it
         while True:
-            r = lib.fayt_stream_send(self._mine, self._peer, self.ring_bytes, data, n, spin)
+            r = lib.fayt_stream_send(self._mine, self._peer, self.ring_bytes, data, n, kind,
+                                     spin)
             if r <= 0:
                 if r == WAKE:
                     os.eventfd_write(self._peer_efd, 1)
@@ -356,19 +431,70 @@ class End(_Closing):
                                            "sending (shut down, or the peer closed)")
             self._fail(r, "send")
 
-    def recv(self, timeout: "float | None" = -1) -> bytes:
+    def recv(self, timeout: "float | None" = -1) -> "bytes | Shared":
         """The next message (bytes); b"" once the peer shut its writing or
         closed and every message it sent was taken.  ChannelReset when the
-        peer is gone (after its last whole message)."""
-        n = self._recv(self._cbuf, len(self._buf), timeout)
+        peer is gone (after its last whole message).  A message the peer
+        sent by reference (send_share) comes as a Shared, mapped here."""
+        n = self._recv(self._cbuf, len(self._buf), timeout, 1)
+        if self._kind[0]:
+            return self._take(bytes(memoryview(self._buf)[:n]))
         return bytes(memoryview(self._buf)[:n]) if n else b""
+
+    def send_share(self, sp: Any, *, copy: bool = False, writable: bool = False,
+                   timeout: "float | None" = -1) -> int:
+        """Send a share-point this process maps (lp.share_create or
+        share_attach) by reference: faytd hands its object to the peer,
+        whose recv() returns a Shared; the bytes are not copied through the
+        ring.  The peer maps it read-only unless writable.  This process
+        keeps its own mapping, and with it the right to write (faytd cannot
+        take a mapping away): copy=True hands an immutable copy instead
+        (faytd copies the data into a new object sealed against writes).
+        The data's length.  EPERM if this context does not map it."""
+        self._check()
+        if self._reset is not None:
+            raise errors.ChannelClosed(errno.EPIPE, "send: the channel is reset (%s)"
+                                       % self._reset.strerror)
+        sp_id = getattr(sp, "sp_id", None)
+        if not isinstance(sp_id, int):
+            raise errors.error(errno.EINVAL, "sp: %r is not a mapped share-point" % (sp,))
+        flags = ((lib.FAYT_PASS_COPY if copy else 0) | (lib.FAYT_PASS_WRITE if writable else 0)
+                 | self._side)
+        body, _ = self._conn.call(lib.FAYT_SYS_CHAN_PASS,
+                                  CHAN_PASS_REQ.pack(self.id, sp_id, flags, 0))
+        if len(body) != CHAN_PASS_REPLY.size:
+            raise errors.error(errno.EPROTO, "chan_pass: malformed reply from faytd")
+        ticket, length = CHAN_PASS_REPLY.unpack(body)
+        try:
+            self._send(STREAM_REF.pack(ticket, length, flags, 0), lib.FAYT_STREAM_FRAME_REF,
+                       timeout)
+        except BaseException:
+            try:        # the frame did not go: withdraw the pass
+                self._conn.call(lib.FAYT_SYS_CHAN_PASS, CHAN_PASS_REQ.pack(
+                    self.id, ticket, lib.FAYT_PASS_CANCEL | self._side, 0))
+            except OSError:
+                pass
+            raise
+        return length
+
+    def _take(self, frame):
+        """The object a REF frame names, from faytd.  The frame is the peer's
+        word: a ticket faytd did not give it for this end is EPERM there,
+        a protocol break here (EPROTO, the channel is reset)."""
+        ticket = STREAM_REF.unpack(frame)[0]
+        try:
+            body, fds = self._conn.call(lib.FAYT_SYS_CHAN_TAKE,
+                                        CHAN_TAKE_REQ.pack(self.id, ticket))
+        except errors.PermissionDenied:
+            self._fail(errno.EPROTO, "recv")
+        return Shared(body, fds)
 
     def recv_into(self, buffer: "WritableBuffer", timeout: "float | None" = -1) -> int:
         """recv into a writable buffer; the message's length (0: the end).
         EMSGSIZE (nothing taken) if it does not fit."""
-        return self._recv(ffi.from_buffer(buffer, require_writable=True), len(buffer), timeout)
+        return self._recv(ffi.from_buffer(buffer, require_writable=True), len(buffer), timeout, 0)
 
-    def _recv(self, cbuf, cap, timeout):
+    def _recv(self, cbuf, cap, timeout, refs):
         self._check()
         if self._rd_shut:
             return 0
@@ -380,7 +506,7 @@ class End(_Closing):
                 deadline = time.monotonic() + t     # the spin counts against it
         while True:
             r = lib.fayt_stream_recv(self._mine, self._peer, self.ring_bytes, cbuf, cap,
-                                     self._len, spin)
+                                     self._len, self._kind, refs, spin)
             if r <= 0:
                 if r == WAKE:
                     os.eventfd_write(self._peer_efd, 1)
@@ -398,6 +524,9 @@ class End(_Closing):
             if r == errno.EMSGSIZE:
                 raise errors.error(errno.EMSGSIZE, "buffer: %d bytes; the message has %d"
                                    % (cap, self._len[0]))
+            if r == errno.ENOMSG:
+                raise errors.error(errno.ENOMSG, "recv_into: the next message is a share-point "
+                                   "sent by reference (send_share): take it with recv()")
             self._fail(r, "recv")
 
     def _wait(self, write, n, deadline, timeout, what):

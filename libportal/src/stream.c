@@ -56,7 +56,8 @@ static void ring_out(const uint8_t *r, uint64_t size, uint64_t pos, void *dst, u
         memcpy((uint8_t *)dst + first, r, n - first);
 }
 
-static int send_once(void *mine, const void *peer, uint64_t size, const char *data, uint32_t len)
+static int send_once(void *mine, const void *peer, uint64_t size, const char *data, uint32_t len,
+                     uint32_t kind)
 {
     struct fayt_stream_end *m = hdr(mine);
     const struct fayt_stream_end *p = chdr(peer);
@@ -73,7 +74,7 @@ static int send_once(void *mine, const void *peer, uint64_t size, const char *da
         return EPROTO;
     if (size - (head - tail) < need)
         return EAGAIN;
-    uint64_t word = len;
+    uint64_t word = len | ((uint64_t)kind << 32);
     ring_in(ring(mine), size, head, &word, FAYT_STREAM_FRAME_HEADER);
     ring_in(ring(mine), size, head + FAYT_STREAM_FRAME_HEADER, data, len);
     STORE(&m->tx_head, head + need);
@@ -83,7 +84,7 @@ static int send_once(void *mine, const void *peer, uint64_t size, const char *da
 }
 
 static int recv_once(void *mine, const void *peer, uint64_t size, char *buf, uint32_t cap,
-                     uint32_t *len)
+                     uint32_t *len, uint32_t *kind, int refs)
 {
     struct fayt_stream_end *m = hdr(mine);
     const struct fayt_stream_end *p = chdr(peer);
@@ -101,9 +102,13 @@ static int recv_once(void *mine, const void *peer, uint64_t size, char *buf, uin
     }
     uint64_t word;
     ring_out(cring(peer), size, tail, &word, FAYT_STREAM_FRAME_HEADER);
-    uint32_t n = (uint32_t)word;                /* copied once: only n is used */
-    if (word > UINT32_MAX || n == 0 || frame_bytes(n) > head - tail)
+    uint32_t n = (uint32_t)word, k = (uint32_t)(word >> 32);  /* copied once */
+    if (k > FAYT_STREAM_FRAME_REF || n == 0 || frame_bytes(n) > head - tail
+        || (k == FAYT_STREAM_FRAME_REF && n != sizeof(struct fayt_stream_ref)))
         return EPROTO;
+    if (k && !refs)
+        return ENOMSG;
+    *kind = k;
     if (n > cap) {
         *len = n;
         return EMSGSIZE;
@@ -148,20 +153,22 @@ static int spin_for(const void *mine, const void *peer, uint64_t size, int for_,
 }
 
 int fayt_stream_send(void *mine, const void *peer, uint64_t size, const char *data, uint32_t len,
-                     int64_t spin_ns)
+                     uint32_t kind, int64_t spin_ns)
 {
-    int r = send_once(mine, peer, size, data, len);
+    if (kind > FAYT_STREAM_FRAME_REF)
+        return EINVAL;
+    int r = send_once(mine, peer, size, data, len, kind);
     if (r == EAGAIN && spin_ns > 0 && spin_for(mine, peer, size, 1, frame_bytes(len), spin_ns))
-        r = send_once(mine, peer, size, data, len);
+        r = send_once(mine, peer, size, data, len, kind);
     return r;
 }
 
 int fayt_stream_recv(void *mine, const void *peer, uint64_t size, char *buf, uint32_t cap,
-                     uint32_t *len, int64_t spin_ns)
+                     uint32_t *len, uint32_t *kind, int refs, int64_t spin_ns)
 {
-    int r = recv_once(mine, peer, size, buf, cap, len);
+    int r = recv_once(mine, peer, size, buf, cap, len, kind, refs);
     if (r == EAGAIN && spin_ns > 0 && spin_for(mine, peer, size, 0, 0, spin_ns))
-        r = recv_once(mine, peer, size, buf, cap, len);
+        r = recv_once(mine, peer, size, buf, cap, len, kind, refs);
     return r;
 }
 
