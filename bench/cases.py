@@ -1042,6 +1042,14 @@ if sys.argv[2] == "echo":
         if not m:
             break
         send(m)
+elif sys.argv[2] == "ref":          # take each message by reference, answer one byte
+    send, recv = end.send, end.recv
+    while True:
+        m = recv()
+        if not m:
+            break
+        m.close()
+        send(b"k")
 else:                               # sink: take argv[3] messages, then say when
     recv, n = end.recv, int(sys.argv[3])
     for _ in range(n):
@@ -1154,6 +1162,8 @@ def case_channel(d, scale):
     ]
     _skip("iceoryx2", "iceoryx2 request-response and publish-subscribe rows")
 
+    rows += _by_reference(d, scale)
+
     m = _n(200000, scale, 5000)
     ours = _one_way_ours(d, m, msg)
     peer = _one_way_mq(m, msg)
@@ -1162,6 +1172,72 @@ def case_channel(d, scale):
                  "target": None})
     _skip("faster_fifo", "the faster-fifo row")
     return rows
+
+
+MIB = 1 << 20
+
+
+def _by_reference(d, scale):
+    """1 MiB from one process to another, acknowledged with one byte: a
+    share-point by reference (End.send_share; the receiver maps it, then
+    unmaps it) vs a Unix stream socket's sendall / recv_into a reused
+    buffer; the copy mode (faytd copies into a sealed object) reported."""
+    n = _n(300, scale, 20)
+    p, end = _chan_peer(d, "ref")
+    sp = lp.share_create(_name("ref"), MIB + 4096)
+    assert sp.length >= MIB
+    import socket
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    pid = os.fork()
+    if pid == 0:
+        try:
+            a.close()
+            buf = bytearray(MIB)
+            view = memoryview(buf)
+            while True:
+                got = 0
+                while got < MIB:
+                    k = b.recv_into(view[got:])
+                    if not k:
+                        os._exit(0)
+                    got += k
+                b.sendall(b"k")
+        finally:
+            os._exit(0)
+    b.close()
+    data = bytes(MIB)
+    try:
+        def ours(k):
+            for _ in range(k):
+                end.send_share(sp)
+                end.recv()
+
+        def copied(k):
+            for _ in range(k):
+                end.send_share(sp, copy=True)
+                end.recv()
+
+        def unix(k):
+            for _ in range(k):
+                a.sendall(data)
+                a.recv(1)
+        for f in (ours, copied, unix):
+            f(5)
+        t_ours, t_copy, t_unix = median_of(n, 5, ours, copied, unix)
+    finally:
+        end.close()
+        p.wait(30)
+        a.close()
+        os.waitpid(pid, 0)
+        sp.destroy()
+    return [
+        {"name": "channel 1 MiB by reference", "ours": 1 / t_ours, "unit": "msgs/s",
+         "peer": "Unix socket sendall/recv_into", "peer_value": 1 / t_unix,
+         "ratio": t_unix / t_ours, "target": (">=", 5.0)},
+        {"name": "channel 1 MiB by reference, copy mode", "ours": 1 / t_copy, "unit": "msgs/s",
+         "peer": "Unix socket sendall/recv_into", "peer_value": 1 / t_unix,
+         "ratio": t_unix / t_copy, "target": None},
+    ]
 
 
 def _skip(module, what):

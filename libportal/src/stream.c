@@ -88,6 +88,7 @@ static int recv_once(void *mine, const void *peer, uint64_t size, char *buf, uin
 {
     struct fayt_stream_end *m = hdr(mine);
     const struct fayt_stream_end *p = chdr(peer);
+    *kind = 0;
     uint64_t tail = m->rx_tail;                 /* our own word */
     uint64_t head = LOAD(&p->tx_head);          /* the peer's: checked */
     if (head < tail || head - tail > size || (head & 7))
