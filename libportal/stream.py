@@ -172,11 +172,22 @@ class Shared:
         finally:
             for fd in fds:
                 os.close(fd)
-        self._addr, self._span, self.length = addr, span, length
-        self._cbuf = ffi.buffer(ffi.cast("char *", addr + off), length)
-        mv = memoryview(self._cbuf)
+        self._map = _Map(addr, span, addr + off, length)
+        self.length = length
+        self._view()
+
+    def _view(self):
+        self._map.users += 1
+        mv = memoryview(ffi.buffer(ffi.cast("char *", self._map.data), self.length))
         self.buffer = mv if self.writable else mv.toreadonly()
         self.closed = False
+
+    def _again(self) -> "Shared":
+        """Another Shared on the same mapping (a share-point sent again)."""
+        s = Shared.__new__(Shared)
+        s._map, s.length, s.writable, s.copy = self._map, self.length, self.writable, self.copy
+        s._view()
+        return s
 
     def __len__(self) -> int:
         return self.length
@@ -190,7 +201,7 @@ class Shared:
             return
         self.buffer.release()
         self.closed = True
-        lib.fayt_unmap(self._addr, self._span)
+        self._map.drop()
 
     def __enter__(self) -> "Shared":
         return self
@@ -204,6 +215,29 @@ class Shared:
                 self.close()
             except Exception:
                 pass
+
+
+class _Map:
+    """A mapping Shared objects (and an End's cache of share-points sent
+    again) use: unmapped when the last user drops it."""
+    __slots__ = ("addr", "span", "data", "users")
+
+    def __init__(self, addr, span, data, length):
+        self.addr, self.span, self.data, self.users = addr, span, data, 0
+
+    def drop(self):
+        self.users -= 1
+        if self.users == 0:
+            lib.fayt_unmap(self.addr, self.span)
+
+
+# Share-points sent again on a channel skip faytd: both ends keep the last
+# _AGAIN_MAX share-points passed without COPY, least recently sent first
+# out, in step (the same frames, in order, update both), so the sender
+# names an earlier ticket (FAYT_REF_AGAIN) and the receiver reuses its
+# mapping.  A ticket the receiver does not hold is a protocol break.
+_AGAIN_MAX = 8
+_REF_AGAIN = 0x100
 
 
 class _Closing:
@@ -333,6 +367,8 @@ class End(_Closing):
         self._cbuf = ffi.from_buffer(self._buf)
         self._len = ffi.new("uint32_t *")
         self._kind = ffi.new("uint32_t *")
+        self._sent = {}     # (sp_id, writable) -> (ticket, length): passed, may go again
+        self._held = {}     # ticket -> Shared: mapped here, may come again
         self.timeout = None
         self.spin_ns = _spin_default()
         self._spin = self.spin_ns   # what a call with the end's timeout spins
@@ -460,6 +496,14 @@ class End(_Closing):
             raise errors.error(errno.EINVAL, "sp: %r is not a mapped share-point" % (sp,))
         flags = ((lib.FAYT_PASS_COPY if copy else 0) | (lib.FAYT_PASS_WRITE if writable else 0)
                  | self._side)
+        key = (sp_id, writable)
+        again = None if copy or not getattr(sp, "mapped", False) else self._sent.get(key)
+        if again is not None:
+            ticket, length = again
+            self._send(STREAM_REF.pack(ticket, length, flags | _REF_AGAIN, 0),
+                       lib.FAYT_STREAM_FRAME_REF, timeout)
+            self._sent[key] = self._sent.pop(key)           # the most recent now
+            return length
         body, _ = self._conn.call(lib.FAYT_SYS_CHAN_PASS,
                                   CHAN_PASS_REQ.pack(self.id, sp_id, flags, 0))
         if len(body) != CHAN_PASS_REPLY.size:
@@ -475,19 +519,35 @@ class End(_Closing):
             except OSError:
                 pass
             raise
+        if not copy:
+            self._sent.pop(key, None)
+            self._sent[key] = (ticket, length)
+            if len(self._sent) > _AGAIN_MAX:
+                del self._sent[next(iter(self._sent))]
         return length
 
     def _take(self, frame):
         """The object a REF frame names, from faytd.  The frame is the peer's
         word: a ticket faytd did not give it for this end is EPERM there,
         a protocol break here (EPROTO, the channel is reset)."""
-        ticket = STREAM_REF.unpack(frame)[0]
+        ticket, _, flags, _ = STREAM_REF.unpack(frame)
+        if flags & _REF_AGAIN:
+            s = self._held.pop(ticket, None)
+            if s is None:
+                self._fail(errno.EPROTO, "recv")
+            self._held[ticket] = s
+            return s._again()
         try:
             body, fds = self._conn.call(lib.FAYT_SYS_CHAN_TAKE,
                                         CHAN_TAKE_REQ.pack(self.id, ticket))
         except errors.PermissionDenied:
             self._fail(errno.EPROTO, "recv")
-        return Shared(body, fds)
+        s = Shared(body, fds)
+        if not s.copy:
+            self._held[ticket] = s._again()
+            if len(self._held) > _AGAIN_MAX:
+                self._held.pop(next(iter(self._held))).close()
+        return s
 
     def recv_into(self, buffer: "WritableBuffer", timeout: "float | None" = -1) -> int:
         """recv into a writable buffer; the message's length (0: the end).
@@ -662,6 +722,9 @@ class End(_Closing):
         except (errors.DaemonUnavailable, errors.NotFound):
             pass                        # faytd went away or reset it already
         finally:
+            for s in self._held.values():
+                s.close()
+            self._held.clear()
             for c in (self._mine, self._peer, self._cbuf):
                 ffi.release(c)
             self._mine_map.close()

@@ -125,9 +125,9 @@ def test_stream_ref_bad_arguments_in_process(lp):
         # More untaken passes than FAYT_PASS_PENDING_MAX: ENOSPC, and a frame
         # that could not go withdraws its pass (the ring stays consistent).
         for _ in range(lib.FAYT_PASS_PENDING_MAX):
-            a.send_share(sp)
+            a.send_share(sp, copy=True)             # copies never go again: each passes
         with pytest.raises(OSError) as e:
-            a.send_share(sp)
+            a.send_share(sp, copy=True)
         assert e.value.errno == errno.ENOSPC and "FAYT_PASS_PENDING_MAX" in str(e.value)
         for _ in range(lib.FAYT_PASS_PENDING_MAX):
             b.recv(timeout=0).close()
@@ -139,6 +139,54 @@ def test_stream_ref_bad_arguments_in_process(lp):
         a.close()
         b.close()
         sp.destroy()
+        lst.close()
+
+
+def test_stream_ref_sent_again_reuses_the_mapping_and_a_forged_again_is_eproto(lp):
+    lst = lp.listen("chan.again")
+    a = lp.connect("chan.again", ring_bytes=4096)
+    b = lst.accept(timeout=0)
+    sps = [lp.share_create("chan.again.%d" % i, 4096) for i in range(10)]
+    try:
+        for i, sp in enumerate(sps):
+            sp.write(0, b"sp %d" % i)
+        first = None
+        for i, sp in enumerate(sps):                # 10 share-points: 2 leave the cache
+            a.send_share(sp)
+            s = b.recv(timeout=0)
+            assert bytes(s.buffer[:4]) == b"sp %d" % i
+            if i == 0:
+                first = s                           # kept open past its eviction
+            else:
+                s.close()
+        assert bytes(first.buffer[:4]) == b"sp 0"
+        sps[0].write(0, b"SP")
+        assert bytes(first.buffer[:2]) == b"SP"     # still the sender's memory
+        first.close()
+        for i in (9, 0, 5, 0):                      # cached, evicted (passes again), cached
+            a.send_share(sps[i])
+            with b.recv(timeout=0) as s:
+                assert bytes(s.buffer[3:4]) == str(i).encode()
+                assert s.writable is False
+        # A frame naming a ticket this end never took, as if sent again.
+        from libportal._abi import STREAM_REF
+        m = a._mine_map
+        head = struct.unpack_from("<Q", m, 64)[0]
+        pos = head % 4096
+        frame = struct.pack("<Q", 24 | (1 << 32)) + STREAM_REF.pack(999, 4096, 0x100, 0)
+        for k in range(0, 32, 8):
+            struct.pack_into("<Q", m, 4096 + (pos + k) % 4096,
+                             struct.unpack_from("<Q", frame, k)[0])
+        struct.pack_into("<Q", m, 64, head + 32)
+        with pytest.raises(libportal.ProtocolError):
+            b.recv(timeout=0)
+        with pytest.raises(libportal.ChannelReset):
+            b.recv(timeout=0)
+    finally:
+        a.close()
+        b.close()
+        for sp in sps:
+            sp.destroy()
         lst.close()
 
 
@@ -185,7 +233,7 @@ out = {
 print(json.dumps(out), flush=True)
 # What root passed it: read-only here, and the mapping has no write right.
 s = e.recv(timeout=WAIT)
-lo = s._addr
+lo = s._map.addr
 perms = [l.split()[1] for l in open("/proc/self/maps")
          if int(l.split("-")[0], 16) == lo]
 print(json.dumps([type(s).__name__, s.buffer.readonly, perms, s.buffer[:4].tobytes().hex()]),
