@@ -1071,6 +1071,143 @@ print(time.perf_counter(), flush=True)
 """
 
 
+# The iceoryx2 peer (optional: pip install fayt-portals[bench]).  argv[1]:
+# "server" (request-response echo, 64 B, woken by an event) or "sub"
+# (take argv[3] 64 B samples, then say when); argv[2]: the service prefix.
+# Every side blocks when idle, in an event Listener's timed_wait (a spin
+# first, as our channel's, made iceoryx2's round trip 2-3x slower here:
+# Python's polling loop costs more than it saves, so SPIN is 0).
+_IOX_PEER = r"""
+import ctypes, sys, time
+import iceoryx2 as iox2
+iox2.set_log_level_from_env_or(iox2.LogLevel.Error)
+P = ctypes.c_uint8 * 64
+SPIN = 0.0
+tag, node = sys.argv[2], iox2.NodeBuilder.new().create(iox2.ServiceType.Ipc)
+def event(name):
+    return node.service_builder(iox2.ServiceName.new(tag + "/" + name)).event().open_or_create()
+def idle(lis, poll):
+    end = time.perf_counter() + SPIN
+    while time.perf_counter() < end:
+        if poll():
+            return
+        time.sleep(0)
+    lis.timed_wait(iox2.Duration.from_millis(1))
+if sys.argv[1] == "server":
+    svc = node.service_builder(iox2.ServiceName.new(tag + "/rr")).request_response(P, P) \
+        .open_or_create()
+    server = svc.server_builder().create()
+    lis = event("to_server").listener_builder().create()
+    notif = event("to_client").notifier_builder().create()
+    print("ready", flush=True)
+    while True:
+        req = server.receive()
+        if req is None:
+            idle(lis, lambda: server.has_requests)
+            continue
+        data = req.payload().contents
+        if data[0] == 255:
+            req.delete()
+            break
+        req.send_copy(data)
+        req.delete()
+        notif.notify()
+else:
+    svc = node.service_builder(iox2.ServiceName.new(tag + "/ps")).publish_subscribe(P) \
+        .enable_safe_overflow(False).subscriber_max_buffer_size(4096).open_or_create()
+    sub = svc.subscriber_builder().create()
+    lis = event("to_sub").listener_builder().create()
+    print("ready", flush=True)
+    n, got = int(sys.argv[3]), 0
+    while got < n:
+        s = sub.receive()
+        if s is None:
+            idle(lis, lambda: sub.has_samples)
+            continue
+        s.delete()
+        got += 1
+    print(time.perf_counter(), flush=True)
+"""
+
+
+def _iox():
+    try:
+        import iceoryx2
+        return iceoryx2
+    except ImportError:
+        return None
+
+
+class _IoxClient:
+    """Our side of the iceoryx2 request-response pair: round trips of 64 B
+    (the client sleeps on its Listener until the response's event)."""
+
+    def __init__(self, iox2):
+        import ctypes
+        self.iox2, self.tag = iox2, _name("iox")
+        self.p = subprocess.Popen([sys.executable, "-c", _IOX_PEER, "server", self.tag],
+                                  stdout=subprocess.PIPE, text=True)
+        assert self.p.stdout.readline().strip() == "ready"
+        P = ctypes.c_uint8 * 64
+        self.node = node = iox2.NodeBuilder.new().create(iox2.ServiceType.Ipc)
+
+        def event(name):
+            return node.service_builder(iox2.ServiceName.new(self.tag + "/" + name)).event() \
+                .open_or_create()
+        svc = node.service_builder(iox2.ServiceName.new(self.tag + "/rr")).request_response(P, P) \
+            .open_or_create()
+        self.client = svc.client_builder().create()
+        self.lis = event("to_client").listener_builder().create()
+        self.notif = event("to_server").notifier_builder().create()
+        self.msg, self.stop_msg = P(*([1] * 64)), P(*([255] * 64))
+
+    def run(self, k):
+        send, notify, lis = self.client.send_copy, self.notif.notify, self.lis
+        ms = self.iox2.Duration.from_millis(1)
+        for _ in range(k):
+            pend = send(self.msg)
+            notify()
+            while True:
+                r = pend.receive()
+                if r is not None:
+                    r.delete()
+                    break
+                lis.timed_wait(ms)
+            pend.delete()
+
+    def stop(self):
+        self.client.send_copy(self.stop_msg).delete()
+        self.notif.notify()
+        self.p.wait(30)
+
+
+def _one_way_iox(iox2, m):
+    import ctypes
+    tag = _name("iox")
+    p = subprocess.Popen([sys.executable, "-c", _IOX_PEER, "sub", tag, str(m)],
+                         stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "ready"
+    P = ctypes.c_uint8 * 64
+    node = iox2.NodeBuilder.new().create(iox2.ServiceType.Ipc)
+    svc = node.service_builder(iox2.ServiceName.new(tag + "/ps")).publish_subscribe(P) \
+        .enable_safe_overflow(False).subscriber_max_buffer_size(4096).open_or_create()
+    pub = svc.publisher_builder().backpressure_strategy(
+        iox2.BackpressureStrategy.RetryUntilDelivered).create()
+    notif = node.service_builder(iox2.ServiceName.new(tag + "/to_sub")).event() \
+        .open_or_create().notifier_builder().create()
+    msg = P(*([1] * 64))
+    send, notify = pub.send_copy, notif.notify
+    t = time.perf_counter()
+    for i in range(m):
+        send(msg)
+        if i & 255 == 255:          # a wake-up every 256 samples; the sleeper also times out
+            notify()
+    notify()
+    done = float(p.stdout.readline())
+    p.wait(30)
+    return m / (done - t)
+
+
 def _chan_peer(d, mode, m=0):
     name = _name("chan")
     p = subprocess.Popen([sys.executable, "-c", _CHAN_PEER, name, mode, str(m)], env=d.env(),
@@ -1143,15 +1280,22 @@ def case_channel(d, scale):
             for _ in range(k):
                 q_send(msg)
                 q_recv()
-        for f in (ours, unix, pipe):
+        iox2 = _iox()
+        iox = _IoxClient(iox2) if iox2 is not None else None
+        fns = (ours, unix, pipe) + ((iox.run,) if iox is not None else ())
+        for f in fns:
             f(100)
-        t_ours, t_unix, t_pipe = median_of(n, 5, ours, unix, pipe)
+        got = median_of(n, 5, *fns)
+        t_ours, t_unix, t_pipe = got[:3]
+        t_iox = got[3] if iox is not None else None
+        if iox is not None:
+            iox.stop()
     finally:
         end.close()
         p.wait(30)
         u_stop()
         q_stop()
-    best = min(t_unix, t_pipe)
+    best = min([t_unix, t_pipe] + ([t_iox] if t_iox else []))
     rows = [
         {"name": "channel 64 B request-response", "ours": t_ours * 1e6, "unit": "us",
          "peer": "Unix socket (seqpacket)", "peer_value": t_unix * 1e6,
@@ -1160,7 +1304,12 @@ def case_channel(d, scale):
          "peer": "pipe pair", "peer_value": t_pipe * 1e6, "ratio": t_ours / t_pipe,
          "target": ("<=", 1.0) if best == t_pipe else None},
     ]
-    _skip("iceoryx2", "iceoryx2 request-response and publish-subscribe rows")
+    if t_iox is not None:
+        rows.append({"name": "channel 64 B request-response", "ours": t_ours * 1e6, "unit": "us",
+                     "peer": "iceoryx2 request-response", "peer_value": t_iox * 1e6,
+                     "ratio": t_ours / t_iox, "target": ("<=", 1.0) if best == t_iox else None})
+    else:
+        _skip("iceoryx2", "iceoryx2 request-response and publish-subscribe rows")
 
     rows += _by_reference(d, scale)
 
@@ -1170,6 +1319,11 @@ def case_channel(d, scale):
     rows.append({"name": "channel one way, 64 B", "ours": ours, "unit": "msgs/s",
                  "peer": "posix_ipc.MessageQueue", "peer_value": peer, "ratio": ours / peer,
                  "target": None})
+    if iox2 is not None:
+        peer = _one_way_iox(iox2, m)
+        rows.append({"name": "channel one way, 64 B", "ours": ours, "unit": "msgs/s",
+                     "peer": "iceoryx2 publish-subscribe", "peer_value": peer,
+                     "ratio": ours / peer, "target": (">=", 2.0)})
     _skip("faster_fifo", "the faster-fifo row")
     return rows
 
