@@ -508,6 +508,11 @@ def case_notify(d, scale):
         p.wait()
     pipe = _pingpong(n, _pipes)
     unix = _pingpong(n, _sockets)
+    iox2 = _iox()
+    iox = _iox_event_pingpong(iox2, n) if iox2 is not None else None
+    if iox is None:
+        print("bench notify: the iceoryx2 event ping-pong row skipped: iceoryx2 is not "
+              "installed (pip install fayt-portals[bench])", file=sys.stderr)
 
     m = _n(200000, scale, 5000)
     p, tid = _notify_target(d, m)
@@ -535,7 +540,11 @@ def case_notify(d, scale):
     end = out.get(timeout=300)
     c.join(60)
     peer = (m - 1) / (end - t)
-    return [
+    rows = [] if iox is None else [
+        {"name": "notify, return flag, round trip", "ours": rtt * 1e6, "unit": "us",
+         "peer": "iceoryx2 event ping-pong", "peer_value": iox * 1e6, "ratio": rtt / iox,
+         "target": ("<=", 1.0)}]
+    return rows + [
         {"name": "notify, return flag, round trip", "ours": rtt * 1e6, "unit": "us",
          "peer": "pipe ping-pong", "peer_value": pipe * 1e6, "ratio": rtt / pipe,
          "target": ("<=", 1.5)},
@@ -1112,6 +1121,15 @@ if sys.argv[1] == "server":
         req.send_copy(data)
         req.delete()
         notif.notify()
+elif sys.argv[1] == "event":       # event ping-pong: a Notifier/Listener pair each way
+    lis = event("ping").listener_builder().create()
+    notif = event("pong").notifier_builder().create()
+    print("ready", flush=True)
+    n, got = int(sys.argv[3]), 0
+    while got < n:
+        if lis.timed_wait(iox2.Duration.from_millis(1)):
+            got += 1
+            notif.notify()
 else:
     svc = node.service_builder(iox2.ServiceName.new(tag + "/ps")).publish_subscribe(P) \
         .enable_safe_overflow(False).subscriber_max_buffer_size(4096).open_or_create()
@@ -1179,6 +1197,36 @@ class _IoxClient:
         self.client.send_copy(self.stop_msg).delete()
         self.notif.notify()
         self.p.wait(30)
+
+
+def _iox_event_pingpong(iox2, n):
+    """Seconds a round trip of iceoryx2 events: notify the peer's Listener,
+    sleep on ours until its answer."""
+    tag = _name("iox")
+    p = subprocess.Popen([sys.executable, "-c", _IOX_PEER, "event", tag, str(n + 100)],
+                         stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "ready"
+    node = iox2.NodeBuilder.new().create(iox2.ServiceType.Ipc)
+
+    def event(name):
+        return node.service_builder(iox2.ServiceName.new(tag + "/" + name)).event() \
+            .open_or_create()
+    ping = event("ping").notifier_builder().create()
+    pong = event("pong").listener_builder().create()
+    ms = iox2.Duration.from_millis(1)
+
+    def run(k):
+        notify, wait = ping.notify, pong.timed_wait
+        for _ in range(k):
+            notify()
+            while not wait(ms):
+                pass
+    run(100)
+    t = time.perf_counter()
+    run(n)
+    rtt = (time.perf_counter() - t) / n
+    p.wait(30)
+    return rtt
 
 
 def _one_way_iox(iox2, m):
