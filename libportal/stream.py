@@ -432,6 +432,17 @@ class End(_Closing):
     def send(self, data: "Buffer", timeout: "float | None" = -1) -> None:
         """Send one message (bytes-like, 1 to max_message bytes), whole or
         not at all.  timeout: -1 takes the end's (settimeout/setblocking)."""
+        # The common case in one C call: bytes, room in the ring, nothing
+        # wrong.  Anything else (and no room) goes the whole way round.
+        if type(data) is bytes and not (self.closed or self._broken or self._reset):
+            n = len(data)
+            if 0 < n <= self.max_message:
+                r = lib.fayt_stream_send(self._mine, self._peer, self.ring_bytes, data, n, 0, 0)
+                if r == 0:
+                    return
+                if r == WAKE:
+                    os.eventfd_write(self._peer_efd, 1)
+                    return
         self._send(data, 0, timeout)
 
     def _send(self, data, kind, timeout):
@@ -472,6 +483,21 @@ class End(_Closing):
         closed and every message it sent was taken.  ChannelReset when the
         peer is gone (after its last whole message).  A message the peer
         sent by reference (send_share) comes as a Shared, mapped here."""
+        if not (self.closed or self._broken or self._rd_shut):
+            # The common case in one C call: a message of bytes is there, or
+            # comes within the spin (only when no deadline bounds the call).
+            r = lib.fayt_stream_recv(self._mine, self._peer, self.ring_bytes, self._cbuf,
+                                     len(self._buf), self._len, self._kind, 1,
+                                     self._spin if timeout == -1 and self.timeout is None
+                                     else 0)
+            if r <= 0 and not self._kind[0]:
+                if r == WAKE:
+                    os.eventfd_write(self._peer_efd, 1)
+                return ffi.unpack(self._cbuf, self._len[0])
+            if r <= 0:
+                if r == WAKE:
+                    os.eventfd_write(self._peer_efd, 1)
+                return self._take(bytes(memoryview(self._buf)[:self._len[0]]))
         n = self._recv(self._cbuf, len(self._buf), timeout, 1)
         if self._kind[0]:
             return self._take(bytes(memoryview(self._buf)[:n]))
