@@ -508,6 +508,11 @@ def case_notify(d, scale):
         p.wait()
     pipe = _pingpong(n, _pipes)
     unix = _pingpong(n, _sockets)
+    iox2 = _iox()
+    iox = _iox_event_pingpong(iox2, n) if iox2 is not None else None
+    if iox is None:
+        print("bench notify: the iceoryx2 event ping-pong row skipped: iceoryx2 is not "
+              "installed (pip install fayt-portals[bench])", file=sys.stderr)
 
     m = _n(200000, scale, 5000)
     p, tid = _notify_target(d, m)
@@ -535,7 +540,11 @@ def case_notify(d, scale):
     end = out.get(timeout=300)
     c.join(60)
     peer = (m - 1) / (end - t)
-    return [
+    rows = [] if iox is None else [
+        {"name": "notify, return flag, round trip", "ours": rtt * 1e6, "unit": "us",
+         "peer": "iceoryx2 event ping-pong", "peer_value": iox * 1e6, "ratio": rtt / iox,
+         "target": ("<=", 1.0)}]
+    return rows + [
         {"name": "notify, return flag, round trip", "ours": rtt * 1e6, "unit": "us",
          "peer": "pipe ping-pong", "peer_value": pipe * 1e6, "ratio": rtt / pipe,
          "target": ("<=", 1.5)},
@@ -1042,6 +1051,14 @@ if sys.argv[2] == "echo":
         if not m:
             break
         send(m)
+elif sys.argv[2] == "ref":          # take each message by reference, answer one byte
+    send, recv = end.send, end.recv
+    while True:
+        m = recv()
+        if not m:
+            break
+        m.close()
+        send(b"k")
 else:                               # sink: take argv[3] messages, then say when
     recv, n = end.recv, int(sys.argv[3])
     for _ in range(n):
@@ -1061,6 +1078,182 @@ for _ in range(int(sys.argv[2])):
     recv()
 print(time.perf_counter(), flush=True)
 """
+
+
+# The iceoryx2 peer (optional: pip install fayt-portals[bench]).  argv[1]:
+# "server" (request-response echo, 64 B, woken by an event) or "sub"
+# (take argv[3] 64 B samples, then say when); argv[2]: the service prefix.
+# Every side blocks when idle, in an event Listener's timed_wait (a spin
+# first, as our channel's, made iceoryx2's round trip 2-3x slower here:
+# Python's polling loop costs more than it saves, so SPIN is 0).
+_IOX_PEER = r"""
+import ctypes, sys, time
+import iceoryx2 as iox2
+iox2.set_log_level_from_env_or(iox2.LogLevel.Error)
+P = ctypes.c_uint8 * 64
+SPIN = 0.0
+tag, node = sys.argv[2], iox2.NodeBuilder.new().create(iox2.ServiceType.Ipc)
+def event(name):
+    return node.service_builder(iox2.ServiceName.new(tag + "/" + name)).event().open_or_create()
+def idle(lis, poll):
+    end = time.perf_counter() + SPIN
+    while time.perf_counter() < end:
+        if poll():
+            return
+        time.sleep(0)
+    lis.timed_wait(iox2.Duration.from_millis(1))
+if sys.argv[1] == "server":
+    svc = node.service_builder(iox2.ServiceName.new(tag + "/rr")).request_response(P, P) \
+        .open_or_create()
+    server = svc.server_builder().create()
+    lis = event("to_server").listener_builder().create()
+    notif = event("to_client").notifier_builder().create()
+    print("ready", flush=True)
+    while True:
+        req = server.receive()
+        if req is None:
+            idle(lis, lambda: server.has_requests)
+            continue
+        data = req.payload().contents
+        if data[0] == 255:
+            req.delete()
+            break
+        req.send_copy(data)
+        req.delete()
+        notif.notify()
+elif sys.argv[1] == "event":       # event ping-pong: a Notifier/Listener pair each way
+    lis = event("ping").listener_builder().create()
+    notif = event("pong").notifier_builder().create()
+    print("ready", flush=True)
+    n, got = int(sys.argv[3]), 0
+    while got < n:
+        if lis.timed_wait(iox2.Duration.from_millis(1)):
+            got += 1
+            notif.notify()
+else:
+    svc = node.service_builder(iox2.ServiceName.new(tag + "/ps")).publish_subscribe(P) \
+        .enable_safe_overflow(False).subscriber_max_buffer_size(4096).open_or_create()
+    sub = svc.subscriber_builder().create()
+    lis = event("to_sub").listener_builder().create()
+    print("ready", flush=True)
+    n, got = int(sys.argv[3]), 0
+    while got < n:
+        s = sub.receive()
+        if s is None:
+            idle(lis, lambda: sub.has_samples)
+            continue
+        s.delete()
+        got += 1
+    print(time.perf_counter(), flush=True)
+"""
+
+
+def _iox():
+    try:
+        import iceoryx2
+        return iceoryx2
+    except ImportError:
+        return None
+
+
+class _IoxClient:
+    """Our side of the iceoryx2 request-response pair: round trips of 64 B
+    (the client sleeps on its Listener until the response's event)."""
+
+    def __init__(self, iox2):
+        import ctypes
+        self.iox2, self.tag = iox2, _name("iox")
+        self.p = subprocess.Popen([sys.executable, "-c", _IOX_PEER, "server", self.tag],
+                                  stdout=subprocess.PIPE, text=True)
+        assert self.p.stdout.readline().strip() == "ready"
+        P = ctypes.c_uint8 * 64
+        self.node = node = iox2.NodeBuilder.new().create(iox2.ServiceType.Ipc)
+
+        def event(name):
+            return node.service_builder(iox2.ServiceName.new(self.tag + "/" + name)).event() \
+                .open_or_create()
+        svc = node.service_builder(iox2.ServiceName.new(self.tag + "/rr")).request_response(P, P) \
+            .open_or_create()
+        self.client = svc.client_builder().create()
+        self.lis = event("to_client").listener_builder().create()
+        self.notif = event("to_server").notifier_builder().create()
+        self.msg, self.stop_msg = P(*([1] * 64)), P(*([255] * 64))
+
+    def run(self, k):
+        send, notify, lis = self.client.send_copy, self.notif.notify, self.lis
+        ms = self.iox2.Duration.from_millis(1)
+        for _ in range(k):
+            pend = send(self.msg)
+            notify()
+            while True:
+                r = pend.receive()
+                if r is not None:
+                    r.delete()
+                    break
+                lis.timed_wait(ms)
+            pend.delete()
+
+    def stop(self):
+        self.client.send_copy(self.stop_msg).delete()
+        self.notif.notify()
+        self.p.wait(30)
+
+
+def _iox_event_pingpong(iox2, n):
+    """Seconds a round trip of iceoryx2 events: notify the peer's Listener,
+    sleep on ours until its answer."""
+    tag = _name("iox")
+    p = subprocess.Popen([sys.executable, "-c", _IOX_PEER, "event", tag, str(n + 100)],
+                         stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "ready"
+    node = iox2.NodeBuilder.new().create(iox2.ServiceType.Ipc)
+
+    def event(name):
+        return node.service_builder(iox2.ServiceName.new(tag + "/" + name)).event() \
+            .open_or_create()
+    ping = event("ping").notifier_builder().create()
+    pong = event("pong").listener_builder().create()
+    ms = iox2.Duration.from_millis(1)
+
+    def run(k):
+        notify, wait = ping.notify, pong.timed_wait
+        for _ in range(k):
+            notify()
+            while not wait(ms):
+                pass
+    run(100)
+    t = time.perf_counter()
+    run(n)
+    rtt = (time.perf_counter() - t) / n
+    p.wait(30)
+    return rtt
+
+
+def _one_way_iox(iox2, m):
+    import ctypes
+    tag = _name("iox")
+    p = subprocess.Popen([sys.executable, "-c", _IOX_PEER, "sub", tag, str(m)],
+                         stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "ready"
+    P = ctypes.c_uint8 * 64
+    node = iox2.NodeBuilder.new().create(iox2.ServiceType.Ipc)
+    svc = node.service_builder(iox2.ServiceName.new(tag + "/ps")).publish_subscribe(P) \
+        .enable_safe_overflow(False).subscriber_max_buffer_size(4096).open_or_create()
+    pub = svc.publisher_builder().backpressure_strategy(
+        iox2.BackpressureStrategy.RetryUntilDelivered).create()
+    notif = node.service_builder(iox2.ServiceName.new(tag + "/to_sub")).event() \
+        .open_or_create().notifier_builder().create()
+    msg = P(*([1] * 64))
+    send, notify = pub.send_copy, notif.notify
+    t = time.perf_counter()
+    for i in range(m):
+        send(msg)
+        if i & 255 == 255:          # a wake-up every 256 samples; the sleeper also times out
+            notify()
+    notify()
+    done = float(p.stdout.readline())
+    p.wait(30)
+    return m / (done - t)
 
 
 def _chan_peer(d, mode, m=0):
@@ -1135,15 +1328,22 @@ def case_channel(d, scale):
             for _ in range(k):
                 q_send(msg)
                 q_recv()
-        for f in (ours, unix, pipe):
+        iox2 = _iox()
+        iox = _IoxClient(iox2) if iox2 is not None else None
+        fns = (ours, unix, pipe) + ((iox.run,) if iox is not None else ())
+        for f in fns:
             f(100)
-        t_ours, t_unix, t_pipe = median_of(n, 5, ours, unix, pipe)
+        got = median_of(n, 5, *fns)
+        t_ours, t_unix, t_pipe = got[:3]
+        t_iox = got[3] if iox is not None else None
+        if iox is not None:
+            iox.stop()
     finally:
         end.close()
         p.wait(30)
         u_stop()
         q_stop()
-    best = min(t_unix, t_pipe)
+    best = min([t_unix, t_pipe] + ([t_iox] if t_iox else []))
     rows = [
         {"name": "channel 64 B request-response", "ours": t_ours * 1e6, "unit": "us",
          "peer": "Unix socket (seqpacket)", "peer_value": t_unix * 1e6,
@@ -1152,7 +1352,14 @@ def case_channel(d, scale):
          "peer": "pipe pair", "peer_value": t_pipe * 1e6, "ratio": t_ours / t_pipe,
          "target": ("<=", 1.0) if best == t_pipe else None},
     ]
-    _skip("iceoryx2", "iceoryx2 request-response and publish-subscribe rows")
+    if t_iox is not None:
+        rows.append({"name": "channel 64 B request-response", "ours": t_ours * 1e6, "unit": "us",
+                     "peer": "iceoryx2 request-response", "peer_value": t_iox * 1e6,
+                     "ratio": t_ours / t_iox, "target": ("<=", 1.0) if best == t_iox else None})
+    else:
+        _skip("iceoryx2", "iceoryx2 request-response and publish-subscribe rows")
+
+    rows += _by_reference(d, scale)
 
     m = _n(200000, scale, 5000)
     ours = _one_way_ours(d, m, msg)
@@ -1160,8 +1367,79 @@ def case_channel(d, scale):
     rows.append({"name": "channel one way, 64 B", "ours": ours, "unit": "msgs/s",
                  "peer": "posix_ipc.MessageQueue", "peer_value": peer, "ratio": ours / peer,
                  "target": None})
+    if iox2 is not None:
+        peer = _one_way_iox(iox2, m)
+        rows.append({"name": "channel one way, 64 B", "ours": ours, "unit": "msgs/s",
+                     "peer": "iceoryx2 publish-subscribe", "peer_value": peer,
+                     "ratio": ours / peer, "target": (">=", 2.0)})
     _skip("faster_fifo", "the faster-fifo row")
     return rows
+
+
+MIB = 1 << 20
+
+
+def _by_reference(d, scale):
+    """1 MiB from one process to another, acknowledged with one byte: a
+    share-point by reference (End.send_share; the receiver maps it, then
+    unmaps it) vs a Unix stream socket's sendall / recv_into a reused
+    buffer; the copy mode (faytd copies into a sealed object) reported."""
+    n = _n(300, scale, 20)
+    p, end = _chan_peer(d, "ref")
+    sp = lp.share_create(_name("ref"), MIB + 4096)
+    assert sp.length >= MIB
+    import socket
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    pid = os.fork()
+    if pid == 0:
+        try:
+            a.close()
+            buf = bytearray(MIB)
+            view = memoryview(buf)
+            while True:
+                got = 0
+                while got < MIB:
+                    k = b.recv_into(view[got:])
+                    if not k:
+                        os._exit(0)
+                    got += k
+                b.sendall(b"k")
+        finally:
+            os._exit(0)
+    b.close()
+    data = bytes(MIB)
+    try:
+        def ours(k):
+            for _ in range(k):
+                end.send_share(sp)
+                end.recv()
+
+        def copied(k):
+            for _ in range(k):
+                end.send_share(sp, copy=True)
+                end.recv()
+
+        def unix(k):
+            for _ in range(k):
+                a.sendall(data)
+                a.recv(1)
+        for f in (ours, copied, unix):
+            f(5)
+        t_ours, t_copy, t_unix = median_of(n, 5, ours, copied, unix)
+    finally:
+        end.close()
+        p.wait(30)
+        a.close()
+        os.waitpid(pid, 0)
+        sp.destroy()
+    return [
+        {"name": "channel 1 MiB by reference", "ours": 1 / t_ours, "unit": "msgs/s",
+         "peer": "Unix socket sendall/recv_into", "peer_value": 1 / t_unix,
+         "ratio": t_unix / t_ours, "target": (">=", 5.0)},
+        {"name": "channel 1 MiB by reference, copy mode", "ours": 1 / t_copy, "unit": "msgs/s",
+         "peer": "Unix socket sendall/recv_into", "peer_value": 1 / t_unix,
+         "ratio": t_unix / t_copy, "target": None},
+    ]
 
 
 def _skip(module, what):

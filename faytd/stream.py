@@ -17,6 +17,21 @@ The facts this relies on, and what follows:
   listen a context needs the right to create the name, to connect the
   right to attach it.  A listening name is not a published one (lookup does
   not find it) but follows the same rule: one live listener per name.
+- Messages by reference (CHAN_PASS, CHAN_TAKE): the sender names a
+  share-point its context maps now (the core's record of mappings says so,
+  never the client); faytd opens the object at once and keeps the
+  descriptor under a ticket for the other end (a keeper's name could be
+  reused once the share-point goes), marks the share-point exposed (its
+  object is never recycled: someone else may map it), and the sender puts
+  the ticket in a REF frame.  The receiver's CHAN_TAKE gets the descriptor
+  only if the ticket was passed to its end of that channel (EPERM
+  otherwise: a frame is the peer's word, untrusted).  The fds are
+  read-only unless the sender allowed writing; COPY hands a fresh memfd
+  with a copy of the data, sealed against writes (F_SEAL_WRITE is
+  permanent), so the hand-over is immutable.  faytd cannot remove the
+  sender's own mapping, so without COPY the sender keeps writing access.
+  At most FAYT_PASS_PENDING_MAX untaken passes per direction; what is
+  left untaken goes with the channel.
 - Nothing is journaled.  When faytd dies the ends find it (their faytd
   socket hangs up) and reset their channels; after a restart, servers
   listen again and clients connect again.
@@ -28,7 +43,8 @@ import os
 
 from libportal._abi import ffi, lib
 
-from .frames import KernelError
+from .frames import KernelError, PAGE
+from .native import core, lib as clib
 from .sharepoint import SharePoints
 
 SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
@@ -83,11 +99,28 @@ class End:
         os.close(self.efd)
 
 
+class Passed:
+    """An untaken pass: its descriptors (faytd's, closed when taken or
+    dropped), for which side, and the take reply's fields."""
+    __slots__ = ("to", "fds", "length", "data_offset", "map_length", "flags")
+
+    def __init__(self, to, fds, length, data_offset, map_length, flags):
+        self.to, self.fds, self.length = to, fds, length
+        self.data_offset, self.map_length, self.flags = data_offset, map_length, flags
+
+    def close(self):
+        for fd in self.fds:
+            os.close(fd)
+        self.fds = []
+
+
 class Channel:
-    __slots__ = ("id", "ring_bytes", "ends", "uid")
+    __slots__ = ("id", "ring_bytes", "ends", "uid", "passed", "next_ticket")
 
     def __init__(self, cid, ring_bytes, uid):
         self.id, self.ring_bytes, self.uid = cid, ring_bytes, uid
+        self.passed = {}            # ticket -> Passed
+        self.next_ticket = 1
         self.ends = []
         try:
             self.ends.append(End(cid, 0, ring_bytes))
@@ -220,9 +253,81 @@ class Channels:
 
     def _maybe_free(self, ch):
         if all(e.gone for e in ch.ends) and self.channels.pop(ch.id, None) is not None:
+            for p in ch.passed.values():
+                p.close()
+            ch.passed.clear()
             for e in ch.ends:
                 e.close()
             self._uncharge(ch.uid)
+
+    # -- messages by reference ---------------------------------------------
+
+    def _open_side(self, ctx, cid, side):
+        """The channel and ctx's end `side` of it (one context may hold both)."""
+        ch = self.channels.get(cid)
+        if ch is None or ch.ends[side].ctx is not ctx or ch.ends[side].gone:
+            raise KernelError(errno.ENOENT, "channel: %d is not an open channel of this context"
+                              % cid)
+        return ch, side
+
+    def pass_share(self, ctx, cid, sp_id, flags):
+        """CHAN_PASS: the ticket and the data's length."""
+        ch, side = self._open_side(ctx, cid, 1 if flags & lib.FAYT_PASS_ACCEPTOR else 0)
+        if flags & lib.FAYT_PASS_CANCEL:
+            p = ch.passed.get(sp_id)
+            if p is None or p.to == side:
+                raise KernelError(errno.ENOENT, "share: %d is not an untaken pass of this end"
+                                  % sp_id)
+            del ch.passed[sp_id]
+            p.close()
+            return 0, 0
+        if sum(1 for p in ch.passed.values() if p.to != side) >= lib.FAYT_PASS_PENDING_MAX:
+            raise KernelError(errno.ENOSPC, "channel: %d passes the peer has not taken, the "
+                              "most (FAYT_PASS_PENDING_MAX)" % lib.FAYT_PASS_PENDING_MAX)
+        sp = self.k.sharepoints.get(sp_id, keep=False) if 0 < sp_id < 2 ** 32 else None
+        if sp is None or not any(c == ctx.id for c, _ in sp.captured):
+            raise KernelError(errno.EPERM, "share: %d is not a share-point this context maps"
+                              % sp_id)
+        if ch.ends[1 - side].gone:
+            raise KernelError(errno.EPIPE, "channel: the peer is gone")
+        clib.fayt_core_sp_expose(core, sp.id)          # never recycled: others may map it
+        obj = sp.backing
+        writable = bool(flags & lib.FAYT_PASS_WRITE)
+        fds = []
+        try:
+            fds.append(obj.open_fd(readonly=not writable))
+            if obj.tail is not None:
+                fds.append(obj.tail.open_fd(readonly=not writable))
+            length, offset = sp.length, sp.data_offset
+            map_length = length + offset
+            out_flags = flags & (lib.FAYT_PASS_COPY | lib.FAYT_PASS_WRITE)
+            if flags & lib.FAYT_PASS_COPY:
+                fds = [_sealed_copy(fds, offset, length, ch.id)]
+                offset, map_length = 0, length
+            elif obj.tail is not None:
+                out_flags |= lib.FAYT_TAKE_SPLIT
+        except OSError as e:
+            for fd in fds:
+                os.close(fd)
+            raise KernelError(errno.ENOMEM, "faytd cannot hand over share-point %d: %s"
+                              % (sp_id, e.strerror)) from None
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            raise
+        ticket, ch.next_ticket = ch.next_ticket, ch.next_ticket + 1
+        ch.passed[ticket] = Passed(1 - side, fds, length, offset, map_length, out_flags)
+        return ticket, length
+
+    def take(self, ctx, cid, ticket):
+        """CHAN_TAKE: the Passed (its fds now the caller's to send and close)."""
+        ch = self.channels.get(cid)
+        p = ch.passed.get(ticket) if ch is not None else None
+        if p is None or ch.ends[p.to].ctx is not ctx or ch.ends[p.to].gone:
+            raise KernelError(errno.EPERM, "ticket: %d is not a share-point passed to this end "
+                              "of channel %d" % (ticket, cid))
+        del ch.passed[ticket]
+        return p
 
     def fds(self, ch, side, peer_ctx):
         """The descriptors an end gets (the caller closes them once sent):
@@ -261,6 +366,36 @@ class Channels:
 
     def count(self):
         return len(self.channels), len(self.listeners)
+
+
+def _sealed_copy(fds, offset, length, cid):
+    """A new memfd holding `length` bytes of the object(s) from `offset`
+    (page 0's object then the rest's, when two), sealed against every
+    change; the source fds are closed."""
+    out = os.memfd_create("fayt-chan-%d-copy" % cid, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        os.ftruncate(out, length)
+        at, pos = 0, offset
+        for i, fd in enumerate(fds):
+            if i == 0 and len(fds) == 2:
+                n = min(length, PAGE - offset)       # page 0's share of the data
+            else:
+                n = length - at
+            src = pos if i == 0 else 0
+            while n > 0:
+                chunk = os.pread(fd, min(n, 1 << 20), src)
+                if not chunk:
+                    break
+                os.pwrite(out, chunk, at)
+                at, src, n = at + len(chunk), src + len(chunk), n - len(chunk)
+        os.fchmod(out, 0o600)
+        fcntl.fcntl(out, fcntl.F_ADD_SEALS, SEALS | fcntl.F_SEAL_WRITE)
+        ro = os.open("/proc/self/fd/%d" % out, os.O_RDONLY | os.O_CLOEXEC)
+    finally:
+        os.close(out)
+        for fd in fds:
+            os.close(fd)
+    return ro
 
 
 def _show(name):

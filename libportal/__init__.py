@@ -30,7 +30,7 @@ from .direct import grant, physical  # noqa: F401
 from .discovery import publish, unpublish, lookup, Published  # noqa: F401
 from .queue import queue_open, Queue  # noqa: F401
 from .sched import Scheduler  # noqa: F401
-from .stream import (listen, connect, Listener, End, Peer,  # noqa: F401
+from .stream import (listen, connect, Listener, End, Peer, Shared,  # noqa: F401
                      SHUT_RD, SHUT_WR, SHUT_RDWR)
 from .device import register_device, attach_device, Device, DeviceModel  # noqa: F401
 from ._abi import lib as _lib

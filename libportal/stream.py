@@ -24,6 +24,11 @@ The facts this relies on, and what follows:
   dies: the channel resets).  Every sleep is bounded by the caller's
   deadline.  The eventfd is also the end's readiness descriptor for
   selectors and asyncio: arm it with ready(), then wait on fileno().
+- A wait spins first: send and recv look at the peer's words again for up
+  to spin_ns (SPIN_NS, $FAYT_CHAN_SPIN_NS; 0 with one CPU), in C with the
+  GIL released, giving the CPU away between looks, before they arm and
+  sleep: a wake-up through an eventfd costs more than a round trip.  The
+  spin never outlasts the caller's timeout, and timeout 0 never spins.
 - Messages are 1 to ring_bytes - 8 bytes; b"" from recv is the end of the
   stream (the peer shut its writing or closed), so an empty message cannot
   be sent.
@@ -34,10 +39,11 @@ import mmap
 import os
 import select
 import time
-from typing import NamedTuple, Sequence
+from typing import Any, NamedTuple, Sequence
 
 from . import errors
-from ._abi import ffi, lib, CHAN_REPLY, CONNECT_REQ, HANDLE_REQ, LISTEN_REPLY, LISTEN_REQ
+from ._abi import (ffi, lib, CHAN_PASS_REQ, CHAN_PASS_REPLY, CHAN_REPLY, CHAN_TAKE_REPLY,
+                   CHAN_TAKE_REQ, CONNECT_REQ, HANDLE_REQ, LISTEN_REPLY, LISTEN_REQ, STREAM_REF)
 from .discovery import _encode
 from .syscall import Connection, connection as _default_connection
 from ._types import Buffer, Name, WritableBuffer
@@ -56,6 +62,15 @@ WAKE = lib.FAYT_STREAM_WAKE
 SHUT_RD, SHUT_WR, SHUT_RDWR = 0, 1, 2
 _POLLIN = select.POLLIN
 _HUP = select.POLLHUP | select.POLLERR | select.POLLNVAL
+SPIN_NS = 50000
+
+
+def _spin_default():
+    default = SPIN_NS if (os.cpu_count() or 1) > 1 else 0
+    try:
+        return max(0, int(os.environ.get("FAYT_CHAN_SPIN_NS", default)))
+    except ValueError:
+        return default
 
 
 def _deadline(timeout):
@@ -67,6 +82,13 @@ def _ms_left(deadline):
     if deadline is None:
         return None
     return max(0, int((deadline - time.monotonic()) * 1000 + 0.999))
+
+
+def _spin_left(spin, deadline):
+    """A spin bounded by what is left to the deadline (None, False: none)."""
+    if not spin or not deadline:
+        return spin
+    return max(0, min(spin, int((deadline - time.monotonic()) * 1e9)))
 
 
 def _drain(efd):
@@ -117,6 +139,107 @@ def connect(name: "Name", *, timeout: "float | None" = 0, ring_bytes: int = 0,
     return End(conn, body, fds)
 
 
+class Shared:
+    """A share-point's data a peer sent by reference (End.send_share), as
+    recv() returns it: mapped here until close().  buffer: a memoryview of
+    the `length` bytes (read-only unless the sender allowed writing);
+    copy: an immutable copy (sealed; nobody can change it), else the
+    sender's own memory, which it may still be writing (docs/channels.md)."""
+
+    def __init__(self, body: bytes, fds: "Sequence[int]") -> None:
+        try:
+            if len(body) != CHAN_TAKE_REPLY.size:
+                raise errors.error(errno.EPROTO, "chan_take: malformed reply from faytd")
+            length, off, map_length, flags, _ = CHAN_TAKE_REPLY.unpack(body)
+            split = bool(flags & lib.FAYT_TAKE_SPLIT)
+            if (len(fds) != (2 if split else 1) or off + length != map_length or
+                    (split and map_length <= mmap.PAGESIZE)):
+                raise errors.error(errno.EPROTO, "chan_take: malformed reply from faytd")
+            self.writable = bool(flags & lib.FAYT_PASS_WRITE)
+            self.copy = bool(flags & lib.FAYT_PASS_COPY)
+            prot = mmap.PROT_READ | (mmap.PROT_WRITE if self.writable else 0)
+            err = ffi.new("int *")
+            span = max(map_length, 1)
+            addr = lib.fayt_map(fds[0], span, 0, prot, err)
+            if not addr:
+                raise errors.error(err[0], "chan_take: cannot map the object")
+            if split:       # the rest's object over page 1 on
+                rest = span - mmap.PAGESIZE
+                lib.fayt_unmap(addr + mmap.PAGESIZE, rest)
+                if not lib.fayt_map(fds[1], rest, addr + mmap.PAGESIZE, prot, err):
+                    lib.fayt_unmap(addr, mmap.PAGESIZE)
+                    raise errors.error(err[0], "chan_take: cannot map the object")
+        finally:
+            for fd in fds:
+                os.close(fd)
+        self._map = _Map(addr, span, addr + off, length)
+        self.length = length
+        self._view()
+
+    def _view(self):
+        self._map.users += 1
+        mv = memoryview(ffi.buffer(ffi.cast("char *", self._map.data), self.length))
+        self.buffer = mv if self.writable else mv.toreadonly()
+        self.closed = False
+
+    def _again(self) -> "Shared":
+        """Another Shared on the same mapping (a share-point sent again)."""
+        s = Shared.__new__(Shared)
+        s._map, s.length, s.writable, s.copy = self._map, self.length, self.writable, self.copy
+        s._view()
+        return s
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __bytes__(self) -> bytes:
+        return bytes(self.buffer)
+
+    def close(self) -> None:
+        """Unmap it (BufferError while other memoryviews of buffer exist)."""
+        if self.closed:
+            return
+        self.buffer.release()
+        self.closed = True
+        self._map.drop()
+
+    def __enter__(self) -> "Shared":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if not getattr(self, "closed", True):
+            try:
+                self.close()
+            except Exception:
+                pass
+
+
+class _Map:
+    """A mapping Shared objects (and an End's cache of share-points sent
+    again) use: unmapped when the last user drops it."""
+    __slots__ = ("addr", "span", "data", "users")
+
+    def __init__(self, addr, span, data, length):
+        self.addr, self.span, self.data, self.users = addr, span, data, 0
+
+    def drop(self):
+        self.users -= 1
+        if self.users == 0:
+            lib.fayt_unmap(self.addr, self.span)
+
+
+# Share-points sent again on a channel skip faytd: both ends keep the last
+# _AGAIN_MAX share-points passed without COPY, least recently sent first
+# out, in step (the same frames, in order, update both), so the sender
+# names an earlier ticket (FAYT_REF_AGAIN) and the receiver reuses its
+# mapping.  A ticket the receiver does not hold is a protocol break.
+_AGAIN_MAX = 8
+_REF_AGAIN = 0x100
+
+
 class _Closing:
     """with-statement and garbage collection close it (close() is idempotent)."""
 
@@ -158,7 +281,7 @@ class Listener(_Closing):
             _drain(self._efd)
             try:
                 body, fds = self._conn.call(lib.FAYT_SYS_ACCEPT, HANDLE_REQ.pack(self.id))
-                return End(self._conn, body, fds)
+                return End(self._conn, body, fds, acceptor=True)
             except errors.WouldBlock:
                 if timeout == 0:
                     raise
@@ -212,7 +335,9 @@ class End(_Closing):
     waits for ever, 0 does not wait (WouldBlock), else seconds (TimedOut).
     peer: the other end's credentials (Peer)."""
 
-    def __init__(self, conn: Connection, body: bytes, fds: "Sequence[int]") -> None:
+    def __init__(self, conn: Connection, body: bytes, fds: "Sequence[int]",
+                 acceptor: bool = False) -> None:
+        self._side = lib.FAYT_PASS_ACCEPTOR if acceptor else 0
         try:
             if len(body) != CHAN_REPLY.size:
                 raise errors.error(errno.EPROTO, "channel: malformed reply from faytd")
@@ -241,7 +366,12 @@ class End(_Closing):
         self._buf = bytearray(self.max_message)
         self._cbuf = ffi.from_buffer(self._buf)
         self._len = ffi.new("uint32_t *")
+        self._kind = ffi.new("uint32_t *")
+        self._sent = {}     # (sp_id, writable) -> (ticket, length): passed, may go again
+        self._held = {}     # ticket -> Shared: mapped here, may come again
         self.timeout = None
+        self.spin_ns = _spin_default()
+        self._spin = self.spin_ns   # what a call with the end's timeout spins
         self.closed = False
         self._reset = None          # why the channel ended (an exception to raise), or None
         self._broken = False        # the peer broke the protocol: _reset at once, every call
@@ -270,19 +400,52 @@ class End(_Closing):
 
     def setblocking(self, flag: bool) -> None:
         """True: the end's timeout is None (wait for ever); False: 0 (WouldBlock)."""
-        self.timeout = None if flag else 0
+        self.settimeout(None if flag else 0)
 
     def settimeout(self, timeout: "float | None") -> None:
         """The end's timeout, which send and recv take by default: seconds,
         None for ever, 0 not at all."""
-        errors.check_timeout(timeout)
+        t = errors.check_timeout(timeout)
         self.timeout = timeout
+        self._spin = self._spin_for(t)
 
+    def set_spin(self, ns: int) -> None:
+        """How long a send or recv that would wait looks again before it
+        sleeps, in ns (0: never; default SPIN_NS, $FAYT_CHAN_SPIN_NS)."""
+        if not isinstance(ns, int) or ns < 0:
+            raise errors.error(errno.EINVAL, "ns: %r is not a count of ns >= 0" % (ns,))
+        self.spin_ns = ns
+        self._spin = self._spin_for(errors.check_timeout(self.timeout))
+
+    def _spin_for(self, t):
+        """The spin of a call whose timeout is t (checked: None or >= 0)."""
+        if t is None:
+            return self.spin_ns
+        return min(self.spin_ns, int(t * 1e9))
+
+    def _call_spin(self, timeout):
+        if timeout == -1:
+            return self._spin
+        return self._spin_for(errors.check_timeout(timeout))
     # -- send and recv ---------------------------------------------------
 
     def send(self, data: "Buffer", timeout: "float | None" = -1) -> None:
         """Send one message (bytes-like, 1 to max_message bytes), whole or
         not at all.  timeout: -1 takes the end's (settimeout/setblocking)."""
+        # The common case in one C call: bytes, room in the ring, nothing
+        # wrong.  Anything else (and no room) goes the whole way round.
+        if type(data) is bytes and not (self.closed or self._broken or self._reset):
+            n = len(data)
+            if 0 < n <= self.max_message:
+                r = lib.fayt_stream_send(self._mine, self._peer, self.ring_bytes, data, n, 0, 0)
+                if r == 0:
+                    return
+                if r == WAKE:
+                    os.eventfd_write(self._peer_efd, 1)
+                    return
+        self._send(data, 0, timeout)
+
+    def _send(self, data, kind, timeout):
         self._check()
         n = len(data)
         if not 0 < n <= self.max_message:
@@ -294,46 +457,149 @@ class End(_Closing):
         if not isinstance(data, bytes):
             data = ffi.from_buffer(data)
         deadline = None
+        spin = self._call_spin(timeout)
+        if spin:
+            t = self.timeout if timeout == -1 else timeout
+            if t is not None:
+                deadline = time.monotonic() + t     # the spin counts against it
         while True:
-            r = lib.fayt_stream_send(self._mine, self._peer, self.ring_bytes, data, n)
+            r = lib.fayt_stream_send(self._mine, self._peer, self.ring_bytes, data, n, kind,
+                                     spin)
             if r <= 0:
                 if r == WAKE:
                     os.eventfd_write(self._peer_efd, 1)
                 return
             if r == errno.EAGAIN:
                 deadline = self._wait(1, n, deadline, timeout, "send")
+                spin = _spin_left(spin, deadline)
                 continue
             if r == errno.EPIPE:
                 raise errors.ChannelClosed(errno.EPIPE, "send: the channel is closed for "
                                            "sending (shut down, or the peer closed)")
             self._fail(r, "send")
 
-    def recv(self, timeout: "float | None" = -1) -> bytes:
+    def recv(self, timeout: "float | None" = -1) -> "bytes | Shared":
         """The next message (bytes); b"" once the peer shut its writing or
         closed and every message it sent was taken.  ChannelReset when the
-        peer is gone (after its last whole message)."""
-        n = self._recv(self._cbuf, len(self._buf), timeout)
+        peer is gone (after its last whole message).  A message the peer
+        sent by reference (send_share) comes as a Shared, mapped here."""
+        if not (self.closed or self._broken or self._rd_shut):
+            # The common case in one C call: a message of bytes is there, or
+            # comes within the spin (only when no deadline bounds the call).
+            r = lib.fayt_stream_recv(self._mine, self._peer, self.ring_bytes, self._cbuf,
+                                     len(self._buf), self._len, self._kind, 1,
+                                     self._spin if timeout == -1 and self.timeout is None
+                                     else 0)
+            if r <= 0 and not self._kind[0]:
+                if r == WAKE:
+                    os.eventfd_write(self._peer_efd, 1)
+                return ffi.unpack(self._cbuf, self._len[0])
+            if r <= 0:
+                if r == WAKE:
+                    os.eventfd_write(self._peer_efd, 1)
+                return self._take(bytes(memoryview(self._buf)[:self._len[0]]))
+        n = self._recv(self._cbuf, len(self._buf), timeout, 1)
+        if self._kind[0]:
+            return self._take(bytes(memoryview(self._buf)[:n]))
         return bytes(memoryview(self._buf)[:n]) if n else b""
+
+    def send_share(self, sp: Any, *, copy: bool = False, writable: bool = False,
+                   timeout: "float | None" = -1) -> int:
+        """Send a share-point this process maps (lp.share_create or
+        share_attach) by reference: faytd hands its object to the peer,
+        whose recv() returns a Shared; the bytes are not copied through the
+        ring.  The peer maps it read-only unless writable.  This process
+        keeps its own mapping, and with it the right to write (faytd cannot
+        take a mapping away): copy=True hands an immutable copy instead
+        (faytd copies the data into a new object sealed against writes).
+        The data's length.  EPERM if this context does not map it."""
+        self._check()
+        if self._reset is not None:
+            raise errors.ChannelClosed(errno.EPIPE, "send: the channel is reset (%s)"
+                                       % self._reset.strerror)
+        sp_id = getattr(sp, "sp_id", None)
+        if not isinstance(sp_id, int):
+            raise errors.error(errno.EINVAL, "sp: %r is not a mapped share-point" % (sp,))
+        flags = ((lib.FAYT_PASS_COPY if copy else 0) | (lib.FAYT_PASS_WRITE if writable else 0)
+                 | self._side)
+        key = (sp_id, writable)
+        again = None if copy or not getattr(sp, "mapped", False) else self._sent.get(key)
+        if again is not None:
+            ticket, length = again
+            self._send(STREAM_REF.pack(ticket, length, flags | _REF_AGAIN, 0),
+                       lib.FAYT_STREAM_FRAME_REF, timeout)
+            self._sent[key] = self._sent.pop(key)           # the most recent now
+            return length
+        body, _ = self._conn.call(lib.FAYT_SYS_CHAN_PASS,
+                                  CHAN_PASS_REQ.pack(self.id, sp_id, flags, 0))
+        if len(body) != CHAN_PASS_REPLY.size:
+            raise errors.error(errno.EPROTO, "chan_pass: malformed reply from faytd")
+        ticket, length = CHAN_PASS_REPLY.unpack(body)
+        try:
+            self._send(STREAM_REF.pack(ticket, length, flags, 0), lib.FAYT_STREAM_FRAME_REF,
+                       timeout)
+        except BaseException:
+            try:        # the frame did not go: withdraw the pass
+                self._conn.call(lib.FAYT_SYS_CHAN_PASS, CHAN_PASS_REQ.pack(
+                    self.id, ticket, lib.FAYT_PASS_CANCEL | self._side, 0))
+            except OSError:
+                pass
+            raise
+        if not copy:
+            self._sent.pop(key, None)
+            self._sent[key] = (ticket, length)
+            if len(self._sent) > _AGAIN_MAX:
+                del self._sent[next(iter(self._sent))]
+        return length
+
+    def _take(self, frame):
+        """The object a REF frame names, from faytd.  The frame is the peer's
+        word: a ticket faytd did not give it for this end is EPERM there,
+        a protocol break here (EPROTO, the channel is reset)."""
+        ticket, _, flags, _ = STREAM_REF.unpack(frame)
+        if flags & _REF_AGAIN:
+            s = self._held.pop(ticket, None)
+            if s is None:
+                self._fail(errno.EPROTO, "recv")
+            self._held[ticket] = s
+            return s._again()
+        try:
+            body, fds = self._conn.call(lib.FAYT_SYS_CHAN_TAKE,
+                                        CHAN_TAKE_REQ.pack(self.id, ticket))
+        except errors.PermissionDenied:
+            self._fail(errno.EPROTO, "recv")
+        s = Shared(body, fds)
+        if not s.copy:
+            self._held[ticket] = s._again()
+            if len(self._held) > _AGAIN_MAX:
+                self._held.pop(next(iter(self._held))).close()
+        return s
 
     def recv_into(self, buffer: "WritableBuffer", timeout: "float | None" = -1) -> int:
         """recv into a writable buffer; the message's length (0: the end).
         EMSGSIZE (nothing taken) if it does not fit."""
-        return self._recv(ffi.from_buffer(buffer, require_writable=True), len(buffer), timeout)
+        return self._recv(ffi.from_buffer(buffer, require_writable=True), len(buffer), timeout, 0)
 
-    def _recv(self, cbuf, cap, timeout):
+    def _recv(self, cbuf, cap, timeout, refs):
         self._check()
         if self._rd_shut:
             return 0
         deadline = None
+        spin = self._call_spin(timeout)
+        if spin:
+            t = self.timeout if timeout == -1 else timeout
+            if t is not None:
+                deadline = time.monotonic() + t     # the spin counts against it
         while True:
             r = lib.fayt_stream_recv(self._mine, self._peer, self.ring_bytes, cbuf, cap,
-                                     self._len)
+                                     self._len, self._kind, refs, spin)
             if r <= 0:
                 if r == WAKE:
                     os.eventfd_write(self._peer_efd, 1)
                 return self._len[0]
             if r == errno.EAGAIN:
                 deadline = self._wait(0, 1, deadline, timeout, "recv")
+                spin = _spin_left(spin, deadline)
                 continue
             if r == errno.ESHUTDOWN:
                 return 0
@@ -344,6 +610,9 @@ class End(_Closing):
             if r == errno.EMSGSIZE:
                 raise errors.error(errno.EMSGSIZE, "buffer: %d bytes; the message has %d"
                                    % (cap, self._len[0]))
+            if r == errno.ENOMSG:
+                raise errors.error(errno.ENOMSG, "recv_into: the next message is a share-point "
+                                   "sent by reference (send_share): take it with recv()")
             self._fail(r, "recv")
 
     def _wait(self, write, n, deadline, timeout, what):
@@ -479,6 +748,9 @@ class End(_Closing):
         except (errors.DaemonUnavailable, errors.NotFound):
             pass                        # faytd went away or reset it already
         finally:
+            for s in self._held.values():
+                s.close()
+            self._held.clear()
             for c in (self._mine, self._peer, self._cbuf):
                 ffi.release(c)
             self._mine_map.close()

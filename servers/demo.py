@@ -12,7 +12,8 @@ another instance gets errno.EOWNERDEAD from sp.lock(), repairs the table and
 calls mark_consistent().  A fourth instance joins, everyone stops on SIGTERM,
 a notification server and client pair (servers/notify_pair.py) talk through
 notifications (return flag, deferred, immediate, a failing handler, faytd's
-peer-died notice), a SPECIAL portal is read through a two-server chain, a
+peer-died notice), a key-value server (servers/kv.py) serves three clients
+at once over connected channels, found by its name, a SPECIAL portal is read through a two-server chain, a
 file of an emulated disk is read through a SPECIAL portal, the disk's chain
 server, its block driver and device model (servers/blockdev.py), then
 faytd stops on SIGTERM, and the demo checks that no child process, no
@@ -175,6 +176,35 @@ class Demo:
         if srv.returncode != 0:
             raise RuntimeError("the notify_pair server exited with %d" % srv.returncode)
 
+    def kv_channels(self):
+        """servers/kv.py: a key-value server over connected channels, found by
+        its name, with three clients at once."""
+        self.say("channels: a key-value server listens on 'demo.kv' (servers/kv.py); "
+                 "three clients connect by that name at once")
+        srv = subprocess.Popen([sys.executable, "-m", SERVERS + ".kv", "serve", "--name",
+                                "demo.kv"], env=self.env, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+        self.instances["kv-server"] = srv
+        self.follow(srv, srv.stdout, "kv-server")
+        self.wait_for("listening on", "kv-server")
+        clients = []
+        for i in range(3):
+            cli = subprocess.Popen([sys.executable, "-m", SERVERS + ".kv", "client", "--name",
+                                    "demo.kv", "-n", "200"], env=self.env,
+                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            self.follow(cli, cli.stdout, "kv-client-%d" % i)
+            clients.append(cli)
+        for i, cli in enumerate(clients):
+            self.wait_for("done: ok", "kv-client-%d" % i)
+            cli.wait(timeout=STEP_TIMEOUT)
+            if cli.returncode != 0:
+                raise RuntimeError("a kv client exited with %d" % cli.returncode)
+        srv.send_signal(signal.SIGTERM)
+        srv.wait(timeout=STEP_TIMEOUT)
+        self.wait_for("clients served", "kv-server")
+        if srv.returncode != 0:
+            raise RuntimeError("the kv server exited with %d" % srv.returncode)
+
     def special_chain(self):
         """servers/cachechain.py: a SPECIAL portal's pages from a two-server chain."""
         path = os.path.join(self.dir, "special-demo.bin")
@@ -293,6 +323,7 @@ class Demo:
         self.wait_for("destroyed share-point")
         self.fayt("ls")
         self.notify_pair()
+        self.kv_channels()
         self.special_chain()
         self.block_device()
 

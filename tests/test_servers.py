@@ -1,5 +1,8 @@
 """The reference servers in servers/: the metadata server's instances, and the
-demo (its own faytd, three instances, one SIGKILLed inside the lock)."""
+demo (its own faytd, three instances, one SIGKILLed inside the lock), and the
+key-value server over channels with several client processes."""
+import errno
+import json
 import os
 import re
 import signal
@@ -7,6 +10,8 @@ import subprocess
 import sys
 import time
 import uuid
+
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -31,6 +36,7 @@ def test_servers_demo_recovers_owner_died_and_leaves_nothing():
         "mark_consistent(): the lock is clean again",
         "[D pid", "registered in slot",
         "no job lost or counted twice",
+        "listening on 'demo.kv'", "[kv] stopping: 3 clients served",
         "destroyed share-point 'demo.jobs'",
         "(no share-points)",
         "faytd exited with status 0",
@@ -81,3 +87,75 @@ def test_servers_metadata_without_faytd_fails_clearly(tmp_path):
                        env=env, capture_output=True, text=True, timeout=60)
     assert r.returncode == 1
     assert "cannot reach faytd" in r.stderr and "Traceback" not in r.stderr
+
+
+# A kv client process: its own keys, a key every client writes, a bad
+# request (the connection stays up), then it prints what it saw.
+KV_CLIENT = r"""
+import json, os, sys
+sys.path.insert(0, sys.argv[2])
+import libportal as lp
+from servers import kv
+me = "c%d" % os.getpid()
+with kv.KVClient(sys.argv[1], timeout=60) as c:
+    for i in range(50):
+        c.put("%s/%d" % (me, i), b"%s:%d" % (me.encode(), i))
+    c.put("shared", me.encode())
+    got = [c.get("%s/%d" % (me, i)) for i in range(50)]
+    assert got == [b"%s:%d" % (me.encode(), i) for i in range(50)], got
+    assert c.delete("%s/49" % me) and not c.delete("%s/49" % me)
+    assert c.get("%s/49" % me) is None
+    try:
+        c._ask(9, b"k")
+    except kv.KVError as e:
+        assert "op 9 is not GET" in str(e), e
+    else:
+        raise AssertionError("op 9 was answered")
+    c.end.send(b"\x01\x05\x00ab")            # key_len 5, 2 bytes follow
+    assert c.end.recv(timeout=60).startswith(b"\x02key_len 5, but 2 bytes follow")
+    print(json.dumps({"me": me, "keys": len(c.list(me + "/")), "peer": list(c.end.peer)}))
+"""
+
+
+def test_servers_kv_serves_several_client_processes_and_survives_bad_ones(faytd):
+    name = "kv-%s" % uuid.uuid4().hex[:8]
+    srv = subprocess.Popen([sys.executable, "-m", "servers.kv", "serve", "--name", name],
+                           cwd=ROOT, env=faytd.env(), stdout=subprocess.PIPE, text=True)
+    try:
+        first = srv.stdout.readline()
+        assert "listening on %r" % name in first, first
+        clients = [subprocess.Popen([sys.executable, "-c", KV_CLIENT, name, ROOT], cwd=ROOT,
+                                    env=faytd.env(), stdout=subprocess.PIPE, text=True)
+                   for _ in range(4)]
+        # A client killed in the middle of its conversation: only its own task ends.
+        doomed = subprocess.Popen([sys.executable, "-c", KV_CLIENT.replace(
+            "c.put(\"shared\"", "os.kill(os.getpid(), 9)\n    c.put(\"shared\""), name, ROOT],
+            cwd=ROOT, env=faytd.env(), stdout=subprocess.PIPE, text=True)
+        outs = [c.communicate(timeout=120)[0] for c in clients]
+        assert [c.returncode for c in clients] == [0] * 4, outs
+        doomed.communicate(timeout=120)
+        assert doomed.returncode == -signal.SIGKILL
+        seen = [json.loads(o) for o in outs]
+        assert all(s["keys"] == 49 for s in seen)
+        assert all(s["peer"][1] == srv.pid for s in seen)     # faytd's record of the server
+        sys.path.insert(0, ROOT)
+        from servers import kv
+        import libportal
+        conn = libportal.Connection(faytd.socket)
+        try:
+            with kv.KVClient(name, connection=conn) as c:
+                assert c.get("shared") in {s["me"].encode() for s in seen}
+                everyone = c.list()
+                for s in seen:
+                    assert sum(k.startswith(s["me"].encode() + b"/") for k in everyone) == 49
+                with pytest.raises(kv.KVError) as e:
+                    c.get(b"k" * 256)
+                assert e.value.errno == errno.EINVAL and "1 to 255" in str(e.value)
+        finally:
+            conn.close()
+    finally:
+        srv.send_signal(signal.SIGTERM)
+        out, _ = srv.communicate(timeout=60)
+    assert srv.returncode == 0, out
+    assert re.search(r"stopping: 6 clients served, \d+ requests", out), out
+    assert "went away without closing" in out       # the killed one

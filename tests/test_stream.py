@@ -129,6 +129,61 @@ def test_stream_backlog_nonblocking_and_backpressure(lp):
         client.close()
 
 
+def test_stream_the_spin_is_bounded_by_the_timeout_and_finds_a_late_message(lp, spawn):
+    import time
+    lst = lp.listen("chan.spin")
+    a = lp.connect("chan.spin", ring_bytes=4096)
+    b = lst.accept(timeout=0)
+    try:
+        assert a.spin_ns == int(os.environ.get("FAYT_CHAN_SPIN_NS", libportal.stream.SPIN_NS
+                                               if (os.cpu_count() or 1) > 1 else 0))
+        for bad in (-1, 1.5, "x"):
+            with pytest.raises(libportal.InvalidArgument) as e:
+                a.set_spin(bad)
+            assert "ns: " in str(e.value)
+        # A spin of a minute: timeout 0 never spins, a timeout ends it.
+        a.set_spin(60 * 10**9)
+        t0 = time.monotonic()
+        with pytest.raises(libportal.WouldBlock):
+            a.recv(timeout=0)
+        with pytest.raises(libportal.TimedOut):
+            a.recv(timeout=0.05)
+        a.settimeout(0.05)
+        with pytest.raises(libportal.TimedOut):
+            a.recv()
+        a.setblocking(False)
+        with pytest.raises(libportal.WouldBlock):
+            a.recv()
+        assert time.monotonic() - t0 < 30            # a hang bound, not a measure
+        a.setblocking(True)
+        # Backpressure: send's spin is bounded the same way.
+        b.set_spin(60 * 10**9)
+        for _ in range(4):
+            b.send(b"." * 1000, timeout=0)
+        with pytest.raises(libportal.TimedOut):
+            b.send(b"." * 1000, timeout=0.05)
+        for _ in range(4):
+            assert a.recv(timeout=0) == b"." * 1000
+        # Without a spin the sleep path works alike; with one, a message from
+        # another process that comes while it spins is taken.
+        for ns in (0, 60 * 10**9):
+            a.set_spin(ns)
+            child = spawn("""
+end = lp.connect(sys.argv[1], timeout=WAITS)
+end.send(b"late")
+assert end.recv(timeout=WAITS) == b""
+""".replace("WAITS", str(WAIT)), args=["chan.spin"])
+            peer = lst.accept(timeout=WAIT)
+            peer.set_spin(ns)
+            assert peer.recv(timeout=WAIT) == b"late"
+            peer.close()
+            child.finish()
+    finally:
+        a.close()
+        b.close()
+        lst.close()
+
+
 def test_stream_shutdown_close_and_epipe(lp):
     with lp.listen("chan.shut") as lst:
         c = lp.connect("chan.shut")

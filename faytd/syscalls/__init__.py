@@ -56,6 +56,8 @@ HANDLERS = {
     lib.FAYT_SYS_CONNECT: stream.sys_connect,
     lib.FAYT_SYS_ACCEPT: stream.sys_accept,
     lib.FAYT_SYS_CHAN_CLOSE: stream.sys_chan_close,
+    lib.FAYT_SYS_CHAN_PASS: stream.sys_chan_pass,
+    lib.FAYT_SYS_CHAN_TAKE: stream.sys_chan_take,
     lib.FAYT_SYS_INFO: info.sys_info,
     lib.FAYT_SYS_QUEUE_OPEN: queue.sys_queue_open,
     lib.FAYT_SYS_QUEUE_CLOSE: queue.sys_queue_close,

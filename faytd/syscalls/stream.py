@@ -3,7 +3,8 @@ docs/channels.md)."""
 import errno
 import os
 
-from libportal._abi import lib, CHAN_REPLY, CONNECT_REQ, HANDLE_REQ, LISTEN_REPLY, LISTEN_REQ
+from libportal._abi import (lib, CHAN_PASS_REQ, CHAN_PASS_REPLY, CHAN_REPLY, CHAN_TAKE_REPLY,
+                           CHAN_TAKE_REQ, CONNECT_REQ, HANDLE_REQ, LISTEN_REPLY, LISTEN_REQ)
 
 from ..frames import KernelError
 from .discovery import _name
@@ -57,6 +58,29 @@ def sys_chan_close(k, ctx, tid, body, fds):
     (cid,) = unpack(HANDLE_REQ, body, "chan_close")
     k.channels.close(ctx, cid)
     return b"", []
+
+
+_PASS_FLAGS = (lib.FAYT_PASS_COPY | lib.FAYT_PASS_WRITE | lib.FAYT_PASS_CANCEL
+               | lib.FAYT_PASS_ACCEPTOR)
+
+
+def sys_chan_pass(k, ctx, tid, body, fds):
+    cid, share, flags, reserved = unpack(CHAN_PASS_REQ, body, "chan_pass")
+    if flags & ~_PASS_FLAGS:
+        raise KernelError(errno.EINVAL, "flags: unknown bits %#x" % (flags & ~_PASS_FLAGS))
+    if flags & lib.FAYT_PASS_COPY and flags & lib.FAYT_PASS_WRITE:
+        raise KernelError(errno.EINVAL, "flags: COPY hands over an immutable copy: not WRITE")
+    if reserved:
+        raise KernelError(errno.EINVAL, "reserved: %d, not 0" % reserved)
+    ticket, length = k.channels.pass_share(ctx, cid, share, flags)
+    return CHAN_PASS_REPLY.pack(ticket, length), []
+
+
+def sys_chan_take(k, ctx, tid, body, fds):
+    cid, ticket = unpack(CHAN_TAKE_REQ, body, "chan_take")
+    p = k.channels.take(ctx, cid, ticket)
+    out, p.fds = p.fds, []
+    return CHAN_TAKE_REPLY.pack(p.length, p.data_offset, p.map_length, p.flags, 0), out
 
 
 def _reply(k, ch, side, peer):

@@ -16,6 +16,7 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "fayt/common/deadline.h"
 #include "fayt/stream.h"
 
 #define LOAD(p)      __atomic_load_n((p), __ATOMIC_ACQUIRE)
@@ -55,7 +56,8 @@ static void ring_out(const uint8_t *r, uint64_t size, uint64_t pos, void *dst, u
         memcpy((uint8_t *)dst + first, r, n - first);
 }
 
-int fayt_stream_send(void *mine, const void *peer, uint64_t size, const char *data, uint32_t len)
+static int send_once(void *mine, const void *peer, uint64_t size, const char *data, uint32_t len,
+                     uint32_t kind)
 {
     struct fayt_stream_end *m = hdr(mine);
     const struct fayt_stream_end *p = chdr(peer);
@@ -72,7 +74,7 @@ int fayt_stream_send(void *mine, const void *peer, uint64_t size, const char *da
         return EPROTO;
     if (size - (head - tail) < need)
         return EAGAIN;
-    uint64_t word = len;
+    uint64_t word = len | ((uint64_t)kind << 32);
     ring_in(ring(mine), size, head, &word, FAYT_STREAM_FRAME_HEADER);
     ring_in(ring(mine), size, head + FAYT_STREAM_FRAME_HEADER, data, len);
     STORE(&m->tx_head, head + need);
@@ -81,11 +83,12 @@ int fayt_stream_send(void *mine, const void *peer, uint64_t size, const char *da
     return LOAD(&p->rx_asleep) ? FAYT_STREAM_WAKE : 0;
 }
 
-int fayt_stream_recv(void *mine, const void *peer, uint64_t size, char *buf, uint32_t cap,
-                     uint32_t *len)
+static int recv_once(void *mine, const void *peer, uint64_t size, char *buf, uint32_t cap,
+                     uint32_t *len, uint32_t *kind, int refs)
 {
     struct fayt_stream_end *m = hdr(mine);
     const struct fayt_stream_end *p = chdr(peer);
+    *kind = 0;
     uint64_t tail = m->rx_tail;                 /* our own word */
     uint64_t head = LOAD(&p->tx_head);          /* the peer's: checked */
     if (head < tail || head - tail > size || (head & 7))
@@ -100,9 +103,13 @@ int fayt_stream_recv(void *mine, const void *peer, uint64_t size, char *buf, uin
     }
     uint64_t word;
     ring_out(cring(peer), size, tail, &word, FAYT_STREAM_FRAME_HEADER);
-    uint32_t n = (uint32_t)word;                /* copied once: only n is used */
-    if (word > UINT32_MAX || n == 0 || frame_bytes(n) > head - tail)
+    uint32_t n = (uint32_t)word, k = (uint32_t)(word >> 32);  /* copied once */
+    if (k > FAYT_STREAM_FRAME_REF || n == 0 || frame_bytes(n) > head - tail
+        || (k == FAYT_STREAM_FRAME_REF && n != sizeof(struct fayt_stream_ref)))
         return EPROTO;
+    if (k && !refs)
+        return ENOMSG;
+    *kind = k;
     if (n > cap) {
         *len = n;
         return EMSGSIZE;
@@ -113,6 +120,57 @@ int fayt_stream_recv(void *mine, const void *peer, uint64_t size, char *buf, uin
     *len = n;
     FENCE();
     return LOAD(&p->tx_asleep) ? FAYT_STREAM_WAKE : 0;
+}
+
+/* Whether the peer's words say there may be something to do: a frame (or a
+ * state change) for a reader, room for need bytes (or a broken word, or a
+ * state change) for a writer.  Each word loaded once; the call that follows
+ * checks them properly. */
+static inline int may_go(const struct fayt_stream_end *m, const struct fayt_stream_end *p,
+                         uint64_t size, int for_, uint64_t need)
+{
+    if (for_ == 0)
+        return LOAD(&p->tx_head) != m->rx_tail
+               || (LOAD(&p->state) & (FAYT_STREAM_WR_SHUT | FAYT_STREAM_RESET));
+    uint64_t tail = LOAD(&p->rx_tail), head = m->tx_head;
+    return tail > head || head - tail > size || size - (head - tail) >= need
+           || (LOAD(&p->state) & (FAYT_STREAM_RD_SHUT | FAYT_STREAM_RESET));
+}
+
+/* The spin: look at the peer's words until they say go or spin_ns passed.
+ * Each turn gives the CPU away (fayt_spin_pause), so a peer waiting for this
+ * CPU runs at once; the caller bounds spin_ns by its deadline. */
+static int spin_for(const void *mine, const void *peer, uint64_t size, int for_, uint64_t need,
+                    int64_t spin_ns)
+{
+    const struct fayt_stream_end *m = chdr(mine), *p = chdr(peer);
+    int64_t until = fayt_now_ns() + spin_ns;
+    do {
+        fayt_spin_pause();
+        if (may_go(m, p, size, for_, need))
+            return 1;
+    } while (fayt_now_ns() < until);
+    return 0;
+}
+
+int fayt_stream_send(void *mine, const void *peer, uint64_t size, const char *data, uint32_t len,
+                     uint32_t kind, int64_t spin_ns)
+{
+    if (kind > FAYT_STREAM_FRAME_REF)
+        return EINVAL;
+    int r = send_once(mine, peer, size, data, len, kind);
+    if (r == EAGAIN && spin_ns > 0 && spin_for(mine, peer, size, 1, frame_bytes(len), spin_ns))
+        r = send_once(mine, peer, size, data, len, kind);
+    return r;
+}
+
+int fayt_stream_recv(void *mine, const void *peer, uint64_t size, char *buf, uint32_t cap,
+                     uint32_t *len, uint32_t *kind, int refs, int64_t spin_ns)
+{
+    int r = recv_once(mine, peer, size, buf, cap, len, kind, refs);
+    if (r == EAGAIN && spin_ns > 0 && spin_for(mine, peer, size, 0, 0, spin_ns))
+        r = recv_once(mine, peer, size, buf, cap, len, kind, refs);
+    return r;
 }
 
 int fayt_stream_arm(void *mine, const void *peer, uint64_t size, int for_, uint32_t len)

@@ -13,7 +13,8 @@
  * the peer's object is copied once and checked before it is used, and a
  * word that breaks the rules makes the call return EPROTO.
  *
- * A frame is a uint32_t length and that many bytes, padded to 8; it may wrap
+ * A frame is a uint32_t length, a uint32_t kind (0: bytes, FAYT_STREAM_FRAME_REF)
+ * and the length's bytes, padded to 8; it may wrap
  * round the ring's end.  tx_head counts the bytes ever written (a multiple of
  * 8); the writer publishes a frame by storing tx_head after the frame's bytes
  * (release), so a reader never sees part of a message.
@@ -36,6 +37,20 @@
 #define FAYT_STREAM_RING_MAX     16777216
 #define FAYT_STREAM_RING_DEFAULT 65536
 #define FAYT_STREAM_FRAME_HEADER 8           /* the length word and 4 bytes of padding */
+/* The frame header's high 32 bits: the frame's kind.  0: bytes; REF: a
+ * message by reference, its body a struct fayt_stream_ref.  Any other
+ * value is a protocol break (EPROTO). */
+#define FAYT_STREAM_FRAME_REF    1
+
+/* The body of a REF frame: what CHAN_PASS answered.  Untrusted like every
+ * word of the peer's: faytd checks the ticket at CHAN_TAKE (EPERM unless
+ * the peer passed it to this end). */
+struct fayt_stream_ref {
+    uint64_t ticket;
+    uint64_t length;
+    uint32_t flags;        /* FAYT_PASS_COPY, FAYT_PASS_WRITE (informational) */
+    uint32_t reserved;
+} __attribute__((packed));
 
 /* fayt_stream_end.state: bits an end sets in its own object (faytd: RESET). */
 #define FAYT_STREAM_WR_SHUT 0x1   /* it sends no more: after its frames, EOF */
@@ -69,18 +84,23 @@ struct fayt_stream_end {
  * faytd's record of both rings' size.  Returns 0 or FAYT_STREAM_WAKE (sent),
  * EAGAIN (no room now: the whole frame or nothing), EPIPE (this end shut its
  * writing, or the peer shut its reading, closed or was reset), EPROTO (the
- * peer's rx_tail is not within this end's written bytes), EMSGSIZE. */
+ * peer's rx_tail is not within this end's written bytes), EMSGSIZE.
+ * spin_ns > 0: with no room, look again for up to spin_ns (giving the CPU
+ * away between looks, never sleeping) before answering EAGAIN. */
 int fayt_stream_send(void *mine, const void *peer, uint64_t ring_bytes,
-                     const char *data, uint32_t len);
+                     const char *data, uint32_t len, uint32_t kind, int64_t spin_ns);
 
 /* Take the next message into buf (cap bytes).  Returns 0 (*len: its
  * length) or FAYT_STREAM_WAKE (the same, and the peer sleeps for room),
  * EAGAIN (nothing yet), EMSGSIZE (*len: the length it needs; nothing taken),
+ * ENOMSG (the next frame is a REF frame and refs is 0; nothing taken),
  * ESHUTDOWN (nothing left and the peer shut its writing: end of stream),
  * ECONNRESET (nothing left and the peer was reset), EPROTO (the peer's
- * tx_head or a frame's length breaks the rules). */
+ * tx_head or a frame's length breaks the rules).  spin_ns > 0: with nothing
+ * there, look again for up to spin_ns (as send) before answering EAGAIN. */
 int fayt_stream_recv(void *mine, const void *peer, uint64_t ring_bytes,
-                     char *buf, uint32_t cap, uint32_t *len);
+                     char *buf, uint32_t cap, uint32_t *len, uint32_t *kind, int refs,
+                     int64_t spin_ns);
 
 /* Before sleeping: set this end's rx_asleep (for == 0) or tx_asleep (for ==
  * 1), full fence, and look again.  Returns 1 if there is something to do

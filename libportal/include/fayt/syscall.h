@@ -76,6 +76,10 @@
 #define FAYT_SYS_ACCEPT         43  /* body fayt_handle_req (the listener); reply
                                        fayt_chan_reply + its fds; EAGAIN: none queued */
 #define FAYT_SYS_CHAN_CLOSE     44  /* body fayt_handle_req (the channel): this end is done */
+#define FAYT_SYS_CHAN_PASS      45  /* body fayt_chan_pass_req: hand a share-point this context
+                                       maps to the channel's peer; reply fayt_chan_pass_reply */
+#define FAYT_SYS_CHAN_TAKE      46  /* body fayt_chan_take_req: take what the peer passed;
+                                       reply fayt_chan_take_reply + 1 or 2 fds */
 /* The user->kernel queue (queue.h, docs/queue.md). */
 #define FAYT_SYS_QUEUE_OPEN     48  /* body fayt_queue_open; reply fayt_queue_reply + the
                                        queue's fd + its eventfd */
@@ -313,6 +317,44 @@ struct fayt_chan_reply {
     uint32_t peer_uid;
     uint32_t peer_category;  /* FAYT_CATEGORY_*, 0: none of those */
     uint32_t flags;        /* FAYT_CHAN_PIDFD */
+    uint32_t reserved;
+} __attribute__((packed));
+
+/* CHAN_PASS: a message by reference (docs/channels.md).  share: the id of
+ * a share-point this context maps now (fayt_portal_reply.sp_id); with
+ * FAYT_PASS_CANCEL, the ticket of a pass of this end the peer has not
+ * taken.  At most FAYT_PASS_PENDING_MAX untaken passes per direction. */
+#define FAYT_PASS_COPY   0x1   /* hand over an immutable copy (sealed against writes) */
+#define FAYT_PASS_WRITE  0x2   /* the peer may map it read-write (not with COPY) */
+#define FAYT_PASS_CANCEL 0x4   /* withdraw the untaken pass `share` names */
+#define FAYT_PASS_ACCEPTOR 0x10 /* the caller's end is the acceptor's (else the connector's) */
+#define FAYT_PASS_PENDING_MAX 16
+struct fayt_chan_pass_req {
+    uint64_t channel;
+    uint64_t share;
+    uint32_t flags;        /* FAYT_PASS_* */
+    uint32_t reserved;     /* 0 */
+} __attribute__((packed));
+
+struct fayt_chan_pass_reply {
+    uint64_t ticket;       /* what the frame names (struct fayt_stream_ref) */
+    uint64_t length;       /* bytes of data handed over */
+} __attribute__((packed));
+
+struct fayt_chan_take_req {
+    uint64_t channel;
+    uint64_t ticket;       /* as the peer's frame named it: checked by faytd */
+} __attribute__((packed));
+
+/* CHAN_TAKE's reply, then the object's fd (FAYT_TAKE_SPLIT: page 0's, then
+ * the rest's, to map at map_length's page 1): the data is `length` bytes
+ * at data_offset of the mapping.  Read-only fds unless FAYT_PASS_WRITE. */
+#define FAYT_TAKE_SPLIT 0x8
+struct fayt_chan_take_reply {
+    uint64_t length;
+    uint64_t data_offset;
+    uint64_t map_length;
+    uint32_t flags;        /* FAYT_PASS_COPY, FAYT_PASS_WRITE, FAYT_TAKE_SPLIT */
     uint32_t reserved;
 } __attribute__((packed));
 
