@@ -249,6 +249,7 @@ class Kernel:
 
     def registered(self, ctx):
         """ctx has its context page (HELLO)."""
+        self.scheduling.events.created(ctx)
         if self.journal is not None:
             self.journal.context_registered(ctx)
             ctx.fast.flags |= clib.FAYT_FAST_CONN_JOURNAL   # the core journals its attaches

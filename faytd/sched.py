@@ -42,6 +42,7 @@ from libportal._abi import lib
 from .frames import KernelError
 from .native import lib as clib
 from .policy import Policy
+from .schedevents import SchedEvents
 
 log = logging.getLogger("faytd")
 
@@ -95,6 +96,7 @@ class Scheduling:
         self.refused = 0            # decisions answered with an error
         self.resumed_behind = 0     # parked contexts continued behind faytd's back
         self._timer = -1
+        self.events = SchedEvents(kernel)   # the subscribed schedulers' events
 
     # -- a decision ---------------------------------------------------------
     def apply(self, sched, queue, seq, type_, target_id, value, cpus):
@@ -281,6 +283,10 @@ class Scheduling:
     def context_gone(self, ctx):
         """ctx's connection closed or it died: as a scheduler, its decisions
         are undone; as a target, its records go."""
+        if ctx.id in self.k.contexts:
+            self.events.unsubscribe(ctx)    # its connection closed: no more events
+        else:
+            self.events.gone(ctx)           # forgotten: DIED to the schedulers
         p = self.parks.get(ctx.id)
         if p is not None:           # leaves faytd's care: it is not left stopped
             self._drop_park(p, errno.ESRCH)
@@ -320,6 +326,7 @@ class Scheduling:
 
     def shutdown(self):
         """A clean stop: every parked context is continued."""
+        self.events.shutdown()
         for p in list(self.parks.values()):
             t = self.k.contexts.get(p.target)
             if t is not None and t.alive:
@@ -333,4 +340,4 @@ class Scheduling:
     def counters(self):
         return {"applied": self.applied, "refused": self.refused,
                 "parked": sum(p.done for p in self.parks.values()),
-                "resumed_behind": self.resumed_behind}
+                "resumed_behind": self.resumed_behind, **self.events.counters()}

@@ -35,6 +35,7 @@
 
 #include "fayt/common/deadline.h"
 #include "fayt/common/futex.h"
+#include "fayt/common/waits.h"
 #include "fayt/context.h"
 #include "fayt/notification.h"
 #include "fayt/ring.h"
@@ -439,9 +440,11 @@ static int wait_futexes(struct fayt_dispatcher *d, const uint32_t *generation, u
             fayt_deadline(timeout_ns, &abs);
             tsp = &abs;
         }
+        fayt_wait_begin(d->page);   /* blocks: the scheduler's events (context.h) */
         long k = syscall(SYS_futex_waitv, w, n + 1, 0, tsp, CLOCK_MONOTONIC);
         if (k < 0)
             r = errno == EAGAIN ? 0 : errno;
+        fayt_wait_end(d->page);
     }
     for (int i = 0; i < n; i++)
         __atomic_store_n(&hdr(d->rings[i])->target_waiting, 0, __ATOMIC_RELAXED);
@@ -475,9 +478,11 @@ int fayt_notify_wait(struct fayt_dispatcher *d, const uint32_t *generation, uint
             fayt_ns_to_ts(timeout_ns, &rel);
             tsp = &rel;
         }
+        fayt_wait_begin(d->page);
         int s = sigtimedwait(&set, NULL, tsp);
         if (s < 0)
             r = errno == EAGAIN ? ETIMEDOUT : errno;
+        fayt_wait_end(d->page);
     }
     for (int i = 0; i < n; i++)
         __atomic_store_n(&hdr(d->rings[i])->target_waiting, 0, __ATOMIC_RELAXED);

@@ -17,6 +17,7 @@
  * this context (a new one bumps rings_generation: the runtime then fetches
  * its fd with FAYT_SYS_NOTIFY_FETCH), the notification stacks it owns, and
  * one saved-state record (the `ucontext`) per nesting level of dispatch.
+ * The wait record (below) counts the libportal waits the context sleeps in.
  * All fields are naturally aligned; the struct is packed only so that cffi
  * and gcc agree byte for byte.
  */
@@ -73,6 +74,22 @@ struct fayt_saved_state {
     uint32_t interrupted_index;     /* the one it interrupted (or FAYT_NOTIFICATION_SLOTS) */
 } __attribute__((packed));
 
+/* The wait record: how many libportal waits this context began and ended.
+ * A thread bumps `blocks` just before it sleeps in a libportal wait
+ * (notification_wait, the contended path of a share-point lock) and `wakes`
+ * when it is back: one atomic add each, no system call.  faytd reads the
+ * two words on a timer to tell a subscribed scheduler that the context
+ * blocked or woke (docs/scheduling.md, "Events"); it checks them on every
+ * read (blocks - wakes is the number of threads asleep, at most
+ * FAYT_WAITS_MAX) and believes nothing else of them: a context can only
+ * lie about itself. */
+#define FAYT_WAITS_MAX 4096
+
+struct fayt_wait_record {
+    uint32_t blocks;                /* waits begun (mod 2^32) */
+    uint32_t wakes;                 /* waits ended (mod 2^32) */
+} __attribute__((packed));
+
 struct fayt_notify_state {
     uint32_t rings_generation;      /* bumped by faytd when a ring is added or dies */
     uint32_t depth;                 /* handlers running (nesting level) */
@@ -93,7 +110,8 @@ struct fayt_context_page {
     struct fayt_ring_record rings[128];               /* FAYT_RINGS_MAX */
     struct fayt_notification_stack stacks[16];        /* FAYT_STACKS_MAX */
     struct fayt_saved_state saved[16];                /* FAYT_NEST_MAX */
-    uint8_t reserved[1232];                           /* to 4096 */
+    struct fayt_wait_record waits;
+    uint8_t reserved[1224];                           /* to 4096 */
 } __attribute__((packed));
 
 #endif
