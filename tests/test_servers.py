@@ -1,5 +1,6 @@
-"""The reference servers in servers/: the metadata server's instances, and the
-demo (its own faytd, three instances, one SIGKILLed inside the lock)."""
+"""The reference servers in servers/: the metadata server's instances, the
+reference scheduler, and the demo (its own faytd, three instances, one
+SIGKILLed inside the lock, ..., the scheduler's decisions measured)."""
 import os
 import re
 import signal
@@ -33,6 +34,10 @@ def test_servers_demo_recovers_owner_died_and_leaves_nothing():
         "no job lost or counted twice",
         "destroyed share-point 'demo.jobs'",
         "(no share-points)",
+        "it subscribes to faytd's scheduling events",
+        "to itself", ": nice 10", "parked context",
+        "its decisions took effect: the favourite alone on CPU",
+        "faytd undoes the decisions", "the idle context runs again",
         "faytd exited with status 0",
         "nothing left (no object keeper, no objects)",
         "no child processes left (no zombies)",
@@ -81,3 +86,60 @@ def test_servers_metadata_without_faytd_fails_clearly(tmp_path):
                        env=env, capture_output=True, text=True, timeout=60)
     assert r.returncode == 1
     assert "cannot reach faytd" in r.stderr and "Traceback" not in r.stderr
+
+
+def _stat(pid):
+    with open("/proc/%d/stat" % pid, "rb") as f:
+        s = f.read()
+    return chr(s[s.rindex(b")") + 2])
+
+
+def test_servers_reference_scheduler_places_parks_and_is_undone(faytd):
+    from support.children import wait_until
+
+    def start(*args):
+        p = subprocess.Popen([sys.executable, "-m", "servers.scheduler"] + list(args),
+                             cwd=ROOT, env=dict(faytd.env(), PYTHONUNBUFFERED="1"),
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        return p
+    fav, idle = start("work", "busy"), start("work", "idle")
+    procs = [fav, idle]
+    try:
+        for p in procs:
+            assert "context" in p.stdout.readline()
+        cpus = sorted(os.sched_getaffinity(0))
+        sched = start("--favourite-pid", str(fav.pid), "--idle", "0.2")
+        procs.append(sched)
+        lines = []
+
+        def said(text):
+            while not any(text in x for x in lines):
+                lines.append(sched.stdout.readline())
+                assert lines[-1], "the scheduler exited:\n" + "".join(lines)
+            return True
+        assert said("(pid %d): CPU %d to itself" % (fav.pid, cpus[-1]))
+        assert said("(pid %d): nice 10" % idle.pid)
+        assert said("parked context") and wait_until(lambda: _stat(idle.pid) == "T",
+                                                      "the idle context to be parked")
+        assert os.sched_getaffinity(fav.pid) == {cpus[-1]}
+        if len(cpus) > 1:
+            assert os.sched_getaffinity(idle.pid) == set(cpus[:-1])
+        assert os.getpriority(os.PRIO_PROCESS, idle.pid) == 10
+        sched.send_signal(signal.SIGTERM)
+        out, _ = sched.communicate(timeout=30)
+        assert sched.returncode == 0 and "faytd undoes the decisions" in out, out
+        # faytd undid them: continued, the affinity and nice value given back.
+        assert wait_until(lambda: _stat(idle.pid) != "T", "the idle context to run again")
+        assert wait_until(lambda: os.getpriority(os.PRIO_PROCESS, idle.pid) == 0,
+                          "the nice value to be given back")
+        assert os.sched_getaffinity(fav.pid) == set(cpus)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
