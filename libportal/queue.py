@@ -11,11 +11,15 @@ holds a lock around each put).  faytd is woken (the queue's eventfd) only
 when it said it sleeps.  put and put_many wait for space as their timeout
 says: None (the default) for ever, 0 never (WouldBlock when full), else at
 most that many seconds (TimedOut).  A queue faytd dropped for a bad record
-raises ProtocolError (EPROTO); a closed one BrokenPipeError (EPIPE).
+raises ProtocolError (EPROTO); a closed one BrokenPipeError (EPIPE).  A
+wait (for space, or for a decision's result) looks every LIVENESS_S whether
+faytd is still there: a killed faytd marks nothing in the queue, so its
+connection closing says it (DaemonUnavailable).
 """
 import errno
 import mmap
 import os
+import select
 import threading
 import time
 from typing import Iterable
@@ -28,6 +32,7 @@ from ._types import Buffer
 DATA = lib.FAYT_QREC_DATA
 _put = lib.fayt_queue_put
 PAYLOAD_MAX = lib.FAYT_QUEUE_PAYLOAD_MAX
+LIVENESS_S = 0.5        # a long wait looks this often whether faytd is still there
 
 
 def _ns(deadline):
@@ -76,9 +81,13 @@ class Queue:
             errno.EPROTO: "%s: faytd dropped queue %d (a bad record), or its header is "
                           "corrupt" % (what, self.id),
             errno.EPIPE: "%s: queue %d is closed" % (what, self.id),
+            errno.ECONNRESET: "%s: faytd connection lost (queue %d went with it)"
+                              % (what, self.id),
         }
         if r == errno.EPIPE:
             return BrokenPipeError(r, msgs[r])
+        if r == errno.ECONNRESET:
+            return errors.DaemonUnavailable(r, msgs[r])
         return errors.error(r, msgs.get(r, "%s: %s" % (what, os.strerror(r))))
 
     def _put_raw(self, type_, buf, length, n, timeout, what):
@@ -91,12 +100,19 @@ class Queue:
             done = 0
             while True:
                 src = ffi.from_buffer(buf)
+                now = time.monotonic()
+                step = (now + LIVENESS_S if deadline is None
+                        else min(deadline, now + LIVENESS_S))
                 r = lib.fayt_queue_put(self._q, type_, src + done * length, length, n - done,
-                                       first + done, 0 if timeout == 0 else _ns(deadline),
+                                       first + done, 0 if timeout == 0 else _ns(step),
                                        self._efd, self._put)
                 done += self._put[0]
                 if r == errno.EINTR:
                     continue                    # the handlers ran: the rest
+                if r == errno.ETIMEDOUT and (deadline is None or step < deadline):
+                    if not self._faytd_gone():
+                        continue                # still full: wait on
+                    r = errno.ECONNRESET
                 self._seq = (first + done - 1) & 0xFFFFFFFF
                 if r:
                     e = self._raise(r, what)
@@ -111,7 +127,7 @@ class Queue:
             with self._lock:            # the common case in one C call
                 q, seq = self._q, self._seq + 1
                 if q is not None and seq <= 0xFFFFFFFF and \
-                        _put(q, DATA, payload, n, 1, seq, -1, self._efd, self._put) == 0:
+                        _put(q, DATA, payload, n, 1, seq, 0, self._efd, self._put) == 0:
                     self._seq = seq
                     return
         if n > PAYLOAD_MAX:
@@ -141,13 +157,36 @@ class Queue:
         """A decision record (libportal.sched builds them); returns its seq."""
         return self._put_raw(type_, payload, len(payload), 1, timeout, "decision")
 
+    def _faytd_gone(self):
+        """Whether faytd closed this queue's connection (it was killed: a
+        killed faytd marks nothing in the queue).  One poll(2), no wait."""
+        if self._conn.closed:
+            return True
+        try:
+            p = select.poll()
+            p.register(self._conn.sock, select.POLLRDHUP)
+            return any(ev & (select.POLLRDHUP | select.POLLHUP | select.POLLERR)
+                       for _, ev in p.poll(0))
+        except (OSError, ValueError):
+            return True
+
     def result(self, seq: int, *, timeout: "float | None" = None) -> int:
-        """The errno faytd answered decision seq with (0: applied)."""
+        """The errno faytd answered decision seq with (0: applied).  A faytd
+        that dies meanwhile is DaemonUnavailable (looked at every
+        LIVENESS_S of the wait)."""
         timeout = errors.check_timeout(timeout)
         deadline = None if timeout is None else time.monotonic() + timeout
         self._check()
         while True:
-            r = lib.fayt_queue_wait_result(self._q, seq, _ns(deadline), self._err)
+            now = time.monotonic()
+            step = now + LIVENESS_S if deadline is None else min(deadline, now + LIVENESS_S)
+            r = lib.fayt_queue_wait_result(self._q, seq, _ns(step), self._err)
+            if r == errno.ETIMEDOUT and (deadline is None or step < deadline):
+                if self._faytd_gone():
+                    raise errors.DaemonUnavailable(
+                        errno.ECONNRESET, "decision %d: faytd connection lost (queue %d "
+                        "went with it)" % (seq, self.id))
+                continue
             if r == errno.EINTR:
                 continue
             if r == errno.ENOENT:
