@@ -105,7 +105,7 @@ def _stop(p):
 
 def case_sched(d, scale):
     rounds = 7 if scale >= 1 else 2
-    n = max(300, int(5000 * scale))
+    n = max(300, int(20000 * scale))
     sched = _child(d, _SCHEDULER)
     target = _child(d, _TARGET)
     rows = []
