@@ -72,8 +72,15 @@ class Scheduler:
         self.close()
 
     def close(self) -> None:
-        """The queue goes, and with the connection's end faytd undoes this
-        scheduler's decisions (docs/scheduling.md, Failure)."""
+        """The queue goes (and the events, if subscribed), and with the
+        connection's end faytd undoes this scheduler's decisions
+        (docs/scheduling.md, Failure)."""
+        if self._events is not None and not self.queue._conn.closed:
+            try:
+                self.unsubscribe()
+            except OSError:
+                pass                    # faytd gone: nothing to stop
+        self._events = None
         self.queue.close()
 
     def put(self, kind: int, context: int, value: int = 0, cpus: int = 0, *,

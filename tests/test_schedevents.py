@@ -206,3 +206,39 @@ def test_schedevents_a_uid_65534_scheduler_sees_only_what_its_right_names(
     assert not ev.about(root_ctx), "events about another uid's context"
     for p in (plain, s):
         p.kill()
+
+
+def test_schedevents_subscribe_bad_bodies_from_raw_bytes(lp):
+    # SCHED_SUBSCRIBE (op 50) as an attacker sends it: every bad body is
+    # EINVAL naming what was wrong, and nothing is subscribed.
+    import errno
+    import struct
+    from libportal._abi import lib
+    c = lp.Connection()
+    try:
+        before = c.stats()["decisions"]["subscribers"]
+        for body, what in ((b"", "expected 8 bytes, got 0"),
+                           (b"\0" * 9, "expected 8 bytes, got 9"),
+                           (struct.pack("<iI", 1, 2), "flags: unknown bits 0x2"),
+                           (struct.pack("<iI", 64, 0), "index: 64 is not a notification slot"),
+                           (struct.pack("<iI", 1 << 30, 0), "is not a notification slot")):
+            with pytest.raises(OSError) as e:
+                c.call(lib.FAYT_SYS_SCHED_SUBSCRIBE, body)
+            assert e.value.errno == errno.EINVAL and what in str(e.value), (body, e.value)
+        assert c.stats()["decisions"]["subscribers"] == before
+        c.call(lib.FAYT_SYS_SCHED_SUBSCRIBE, struct.pack("<iI", -1, 0))   # none: nothing to do
+    finally:
+        c.close()
+
+
+def test_schedevents_close_unsubscribes(lp):
+    c = lp.Connection()
+    try:
+        before = c.stats()["decisions"]["subscribers"]
+        s = lp.Scheduler(connection=c)
+        s.subscribe(lambda ev: None)
+        assert c.stats()["decisions"]["subscribers"] == before + 1
+        s.close()
+        assert c.stats()["decisions"]["subscribers"] == before
+    finally:
+        c.close()
