@@ -1,6 +1,6 @@
 """A reference scheduler: one CPU for a favourite context, idle ones parked.
 
-    python -m servers.scheduler --favourite-pid PID [--cpu N] [--idle S]
+    python -m servers.scheduler --favourite-pid PID [--cpu N] [--idle S] [--pids P,..]
     python -m servers.scheduler work busy|idle     # a context to schedule
 
 It subscribes to faytd's scheduling events (docs/scheduling.md, "Events")
@@ -56,9 +56,10 @@ class Ctx:
 
 
 class PriorityScheduler:
-    def __init__(self, favourite_pid, cpu, idle, nice=NICE):
+    def __init__(self, favourite_pid, cpu, idle, nice=NICE, pids=None):
         self.s = lp.Scheduler()
         self.fav_pid = favourite_pid
+        self.pids = pids            # None: every context its right names
         cpus = sorted(os.sched_getaffinity(0))
         self.cpu = cpus[-1] if cpu is None else cpu
         self.others = set(cpus) - {self.cpu}
@@ -87,6 +88,8 @@ class PriorityScheduler:
     def handle(self, ev):
         now = time.monotonic()
         c = self.ctxs.get(ev.context)
+        if self.pids is not None and ev.pid not in self.pids and ev.pid != self.fav_pid:
+            return
         if ev.event == CREATED:
             if c is None:
                 c = self.ctxs[ev.context] = Ctx(ev.context, ev.pid)
@@ -180,6 +183,8 @@ def main(argv=None):
     ap.add_argument("--idle", type=float, default=0.5,
                     help="seconds asleep in a wait before a context is parked (0.5)")
     ap.add_argument("--nice", type=int, default=NICE, help="the others' nice value (10)")
+    ap.add_argument("--pids", help="schedule only these pids (comma-separated) and the "
+                    "favourite; default: every context the scheduler right names")
     args = ap.parse_args(argv)
     if args.work:
         if args.work[0] != "work" or len(args.work) != 2 or args.work[1] not in ("busy", "idle"):
@@ -191,7 +196,11 @@ def main(argv=None):
     stop = []
     signal.signal(signal.SIGTERM, lambda *a: stop.append(1))
     signal.signal(signal.SIGINT, lambda *a: stop.append(1))
-    PriorityScheduler(args.favourite_pid, args.cpu, args.idle, args.nice).run(stop)
+    try:
+        pids = None if args.pids is None else {int(x) for x in args.pids.split(",")}
+    except ValueError:
+        ap.error("--pids: %r is not a comma-separated list of pids" % args.pids)
+    PriorityScheduler(args.favourite_pid, args.cpu, args.idle, args.nice, pids).run(stop)
     return 0
 
 

@@ -108,7 +108,8 @@ def test_servers_reference_scheduler_places_parks_and_is_undone(faytd):
         for p in procs:
             assert "context" in p.stdout.readline()
         cpus = sorted(os.sched_getaffinity(0))
-        sched = start("--favourite-pid", str(fav.pid), "--idle", "0.2")
+        sched = start("--favourite-pid", str(fav.pid), "--idle", "0.2",
+                      "--pids", str(idle.pid))     # not the session's other contexts
         procs.append(sched)
         lines = []
 
