@@ -5,7 +5,8 @@ created, dies, blocks in a libportal wait or wakes (docs/scheduling.md,
 - Blocks and wakes cost the waiting thread two atomic adds and nothing
   else: the context page's wait record (fayt/context.h) counts the waits a
   context began and ended, bumped by libportal's C around the sleep
-  (notification_wait, the contended path of a share-point lock).  No
+  (notification_wait, a sender's wait for a return, the contended path of
+  a share-point lock).  No
   system call, no wake-up of faytd.
 - faytd reads every record every FAYT_SCHED_EVENT_MS (a timerfd, armed only
   while a scheduler is subscribed) and posts, per context whose counts

@@ -121,6 +121,7 @@ class Ring:
         # into this ring passes, given once.
         r.port = _fastpath.SenderRing(r.addr, sender=conn.context_id, pidfd=r.pidfd,
                                       signo=DOORBELL, hint=r.hint)
+        r.port.page = conn.context_page     # its sleeps count in our wait record
         return r
 
     @classmethod

@@ -4,6 +4,7 @@ context page's wait record, batched on faytd's timer; the rights (uid
 65534); a context that scribbles on its own wait record."""
 import json
 import os
+import time
 
 import pytest
 
@@ -66,8 +67,11 @@ class Events:
         for ev in self.seen:
             if pred(ev):
                 return ev
+        deadline = time.monotonic() + WAIT
         while True:
-            line = self.child.expect(timeout=WAIT)
+            left = deadline - time.monotonic()
+            assert left > 0, "no %s event within %.0fs; got %s" % (what, WAIT, self.seen[-20:])
+            line = self.child.expect(timeout=left)
             ev = json.loads(line)
             self.seen.append(ev)
             if pred(ev):
@@ -242,3 +246,38 @@ def test_schedevents_close_unsubscribes(lp):
         assert c.stats()["decisions"]["subscribers"] == before
     finally:
         c.close()
+
+
+SLOW_HANDLER = """
+def h(p, i, s):
+    time.sleep(0.5)
+    return 7
+lp.install_handler(1, h)
+print(lp.connection().context_id)
+while True:
+    lp.notification_wait(1.0)
+"""
+
+CALLER = """
+target = int(sys.argv[1])
+print(lp.connection().context_id)
+sys.stdin.readline()
+print(lp.notify(target, 1, b"x", wait_return=True, timeout=30))
+sys.stdin.readline()
+"""
+
+
+def test_schedevents_a_sender_waiting_for_a_return_is_a_block(lp, spawn):
+    s, ev, ready = _scheduler(spawn)
+    assert ready == "ready"
+    srv = spawn(SLOW_HANDLER)
+    sid = int(srv.expect())
+    caller = spawn(CALLER, args=[sid])
+    cid = int(caller.expect())
+    caller.send("go")
+    b = ev.until(lambda e: e["event"] == BLOCKED and e["context"] == cid, "caller BLOCKED")
+    assert b["waiting"] == 1
+    assert caller.expect() == "7"
+    ev.until(lambda e: e["event"] == WOKE and e["context"] == cid, "caller WOKE")
+    for p in (caller, srv, s):
+        p.kill()

@@ -240,7 +240,7 @@ int fayt_ring_post(void *ring, uint32_t index, uint32_t flags, uint32_t sender,
 }
 
 int fayt_ring_wait_return(void *ring, uint32_t pos, int64_t timeout_ns,
-                          int64_t *result, int32_t *status)
+                          int64_t *result, int32_t *status, struct fayt_context_page *page)
 {
     struct fayt_ring_header *h = hdr(ring);
     struct fayt_ring_entry *x = &entries(ring)[pos & (FAYT_RING_ENTRIES - 1)];
@@ -267,8 +267,11 @@ int fayt_ring_wait_return(void *ring, uint32_t pos, int64_t timeout_ns,
         int r;
         if (timed && !fayt_remaining(&deadline, &rel))
             r = ETIMEDOUT;
-        else
+        else {
+            fayt_wait_begin(page);  /* the scheduler's events (context.h) */
             r = fayt_futex_sleep(&x->done, d, timed ? &rel : NULL);
+            fayt_wait_end(page);
+        }
         if (r == 0 && timed && !fayt_remaining(&deadline, &rel) &&
             LOAD(&x->done) == FAYT_DONE_PENDING)
             r = ETIMEDOUT;      /* woken for nothing at the deadline */

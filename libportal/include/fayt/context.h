@@ -76,7 +76,8 @@ struct fayt_saved_state {
 
 /* The wait record: how many libportal waits this context began and ended.
  * A thread bumps `blocks` just before it sleeps in a libportal wait
- * (notification_wait, the contended path of a share-point lock) and `wakes`
+ * (notification_wait, a sender's wait for a return, the contended path of
+ * a share-point lock) and `wakes`
  * when it is back: one atomic add each, no system call.  faytd reads the
  * two words on a timer to tell a subscribed scheduler that the context
  * blocked or woke (docs/scheduling.md, "Events"); it checks them on every
