@@ -1634,3 +1634,5 @@ CASES = {
 }
 from .queue_case import case_queue  # noqa: E402  (its own module: the queue's peers)
 CASES["queue"] = case_queue
+from .sched_case import case_sched  # noqa: E402  (scheduling events and decisions)
+CASES["sched"] = case_sched

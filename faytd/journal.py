@@ -31,6 +31,10 @@ does not start, and neither the journal nor the keeper it names is touched
     A <context id> <share-point id>         the context mapped a share-point it
                                             did not create (its first mapping)
     G <id>                                  context forgotten
+    P <pid> <start>                         faytd parked (SIGSTOPped) that process
+                                            (docs/scheduling.md); a faytd before parks
+                                            ignores the line (logged)
+    U <pid> <start>                         ...and continued it, or let it go
     N <next share-point id> <next context id>   after V in a rewritten journal
 <start> is the process's start time (/proc/<pid>/stat field 22), so that a
 pid reused by another process is not taken for the one that registered.
@@ -81,13 +85,14 @@ def _object(name):
 def read(path):
     """(share-point records, context records) live at the end of the journal,
     (next share-point id, next context id): above every id it ever named,
-    destroyed ones too (a dead process's lock record may name one), and its
-    format (None: no journal).  UnknownFormat if this faytd cannot read it."""
-    sps, ctxs, ids = {}, {}, [1, 1]
+    destroyed ones too (a dead process's lock record may name one), its
+    format (None: no journal), and the (pid, start) of the processes parked
+    at the end.  UnknownFormat if this faytd cannot read it."""
+    sps, ctxs, ids, parks = {}, {}, [1, 1], {}
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except (FileNotFoundError, NotADirectoryError):
-        return [], [], (1, 1), None
+        return [], [], (1, 1), None, []
     except OSError as e:
         if e.errno == errno.ELOOP:
             raise UnknownFormat("journal %s is a symbolic link: not followed" % path) from None
@@ -102,10 +107,18 @@ def read(path):
                     path)
     for n, line in enumerate(lines[first - 1:-1], first):
         try:
-            _apply(line.decode("ascii").split(" "), sps, ctxs, ids)
+            f = line.decode("ascii").split(" ")
+            if f[0] in ("P", "U") and len(f) == 3:
+                key = (_u32(f[1]), int(f[2]))
+                if f[0] == "P":
+                    parks[key] = True
+                else:
+                    parks.pop(key, None)
+                continue
+            _apply(f, sps, ctxs, ids)
         except (ValueError, IndexError, UnicodeDecodeError):
             log.warning("journal %s: line %d is not a journal record: ignored", path, n)
-    return list(sps.values()), list(ctxs.values()), tuple(ids), version
+    return list(sps.values()), list(ctxs.values()), tuple(ids), version, list(parks)
 
 
 def format_of(path, lines):
@@ -196,6 +209,7 @@ class Journal:
         self.errors = 0                 # writes of Python's that failed (the C path's: fast)
         self.lines = self.live_lines = 0
         self.next_ids = (1, 1)
+        self.parks = []                 # (pid, start) parked when the journal ended
         self.state_dir = os.path.abspath(state_dir)
 
     @staticmethod
@@ -236,7 +250,7 @@ class Journal:
         journal; the next ids to hand out are left in self.next_ids.  A
         journal this faytd cannot read stops it (SystemExit), untouched."""
         try:
-            sps, ctxs, self.next_ids, version = read(self.path)
+            sps, ctxs, self.next_ids, version, self.parks = read(self.path)
         except UnknownFormat as e:
             raise SystemExit("faytd: %s" % e) from None
         if version is not None and version != FORMAT:
@@ -247,9 +261,9 @@ class Journal:
         return sps, ctxs
 
     # -- writing ----------------------------------------------------------
-    def open(self, sharepoints, contexts, next_ids):
-        """Rewrite the journal with what is live now (and the next ids), then
-        append from here."""
+    def open(self, sharepoints, contexts, next_ids, parks=()):
+        """Rewrite the journal with what is live now (and the next ids, the
+        processes parked: (pid, start)), then append from here."""
         tmp = self.path + ".new"
         try:
             os.unlink(tmp)              # a rewrite that faytd's death cut short
@@ -263,14 +277,15 @@ class Journal:
                         if i in live]
             os.write(fd, b"".join([b"V %d\n" % FORMAT, b"N %d %d\n" % next_ids] +
                                   [self._sp_line(sp) for sp in sharepoints] +
-                                  [self._ctx_line(c) for c in contexts] + attaches))
+                                  [self._ctx_line(c) for c in contexts] + attaches +
+                                  [b"P %d %d\n" % k for k in parks]))
         finally:
             os.close(fd)
         os.rename(tmp, self.path)
         if self._fd >= 0:
             os.close(self._fd)
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC)
-        self.live_lines = len(sharepoints) + len(contexts) + len(attaches)
+        self.live_lines = len(sharepoints) + len(contexts) + len(attaches) + len(parks)
         self.lines = self.live_lines
 
     def wants_compaction(self):
@@ -316,6 +331,13 @@ class Journal:
             # Its A records die with it (about as many as the core still knows).
             attached = clib.fayt_core_conn_attached(core, ctx.fast, cffi.NULL, 0)
             self._write(b"G %d\n" % ctx.id, -1 - attached)
+
+    def parked(self, pid, start):
+        """faytd is about to stop pid (a park): a restart continues it."""
+        self._write(b"P %d %d\n" % (pid, start or 0), 1)
+
+    def unparked(self, pid, start):
+        self._write(b"U %d %d\n" % (pid, start or 0), -1)
 
     def abandon(self):
         """faytd did not start after all: the journal stays as it was (a

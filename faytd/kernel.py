@@ -119,13 +119,15 @@ class Kernel:
             self.sharepoints.skip_ids(next_sp)
             self._next_cid = max(self._next_cid, next_ctx)
             self._adopt(sps, ctxs)
+            self.scheduling.continue_parked(self.journal.parks)
             self._open_journal()
 
     def _open_journal(self):
         """(Re)write the journal with what is live, and the next ids."""
         self.journal.open([self.sharepoints.get(i, keep=False) for i in self.sharepoints.ids()],
                           [c for c in self.contexts.values() if c.page is not None],
-                          (self.sharepoints.next_id, self._next_cid))
+                          (self.sharepoints.next_id, self._next_cid),
+                          self.scheduling.journaled())
 
     # -- a restart: what the journal names ------------------------------
     def _keeper(self, state_dir, named):
@@ -251,6 +253,7 @@ class Kernel:
 
     def registered(self, ctx):
         """ctx has its context page (HELLO)."""
+        self.scheduling.events.created(ctx)
         if self.journal is not None:
             self.journal.context_registered(ctx)
             ctx.fast.flags |= clib.FAYT_FAST_CONN_JOURNAL   # the core journals its attaches

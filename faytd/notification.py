@@ -418,17 +418,21 @@ class Notifications:
         e = ffi.new("struct fayt_event_payload *")
         e.event, e.context_id, e.pid, e.sp_id = kind, context_id, pid, sp_id
         ffi.memmove(e.identifier, identifier[:31], len(identifier[:31]))
-        payload = bytes(ffi.buffer(e))
+        self.notice(target, sub[0], bytes(ffi.buffer(e)))
+
+    def notice(self, target, index, payload):
+        """Post one of faytd's notices (payload bytes) at target's slot
+        `index`: never waits (a full ring: the backlog)."""
         try:
             r = self.ring(None, target)
         except KernelError as e:
             log.warning("context %d: cannot notify it: %s", target.id, e.message)
-            self._count_lost(target, sub[0])
+            self._count_lost(target, index)
             return
         for i, c in sorted(self.lost.pop(target.id, {}).items()):
             r.lose(i, c)        # a dropped ring's notices: reported first
         try:
-            if r.post(sub[0], payload):
+            if r.post(index, payload):
                 self._backlogged(r)
         except KernelError:
             self.corrupt(r)

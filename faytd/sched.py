@@ -39,9 +39,10 @@ import signal
 
 from libportal._abi import lib
 
-from .frames import KernelError
+from .frames import KernelError, start_time
 from .native import lib as clib
 from .policy import Policy
+from .schedevents import SchedEvents
 
 log = logging.getLogger("faytd")
 
@@ -77,11 +78,12 @@ class Original:
 
 class Park:
     """A park decision: pending (stopping, or the context holds locks) or done."""
-    __slots__ = ("scheduler", "target", "queue", "seq", "since", "done", "stopping")
+    __slots__ = ("scheduler", "target", "queue", "seq", "since", "done", "stopping", "proc")
 
-    def __init__(self, scheduler, target, queue, seq, since):
+    def __init__(self, scheduler, target, queue, seq, since, proc):
         self.scheduler, self.target, self.queue, self.seq = scheduler, target, queue, seq
         self.since = since
+        self.proc = proc            # (pid, start): its journal record
         self.done = False
         self.stopping = True        # SIGSTOP sent, the process not seen stopped yet
 
@@ -94,7 +96,9 @@ class Scheduling:
         self.applied = 0            # decisions applied
         self.refused = 0            # decisions answered with an error
         self.resumed_behind = 0     # parked contexts continued behind faytd's back
+        self.continued_at_restart = 0   # parked by a killed faytd, continued at the restart
         self._timer = -1
+        self.events = SchedEvents(kernel)   # the subscribed schedulers' events
 
     # -- a decision ---------------------------------------------------------
     def apply(self, sched, queue, seq, type_, target_id, value, cpus):
@@ -166,8 +170,17 @@ class Scheduling:
             if p.done:
                 return 0
             raise KernelError(errno.EALREADY, "context: a park of %d waits already" % t.id)
-        self._signal(t, signal.SIGSTOP)     # EPERM here: nothing recorded
-        p = Park(sched.id, t.id, queue, seq, self._now())
+        proc = (t.pid, t.start or 0)
+        j = self.k.journal
+        if j is not None:
+            j.parked(*proc)                 # first: a faytd killed after the stop continues it
+        try:
+            self._signal(t, signal.SIGSTOP)     # EPERM here: nothing recorded
+        except OSError:
+            if j is not None:
+                j.unparked(*proc)
+            raise
+        p = Park(sched.id, t.id, queue, seq, self._now(), proc)
         self.parks[t.id] = p
         self._arm()                         # pending, or watched for a SIGCONT behind its back
         return 0 if self._try_park(t, p) else None
@@ -197,10 +210,15 @@ class Scheduling:
             raise KernelError(errno.EPERM, "context: %d was parked by scheduler context %d"
                               % (t.id, p.scheduler))
         del self.parks[t.id]
+        self._unjournal(p)
         if not p.done:
             self._result(p, errno.ECANCELED)
         self._signal(t, signal.SIGCONT)
         return 0
+
+    def _unjournal(self, p):
+        if self.k.journal is not None:
+            self.k.journal.unparked(*p.proc)
 
     def _result(self, p, err):
         if err:
@@ -274,6 +292,7 @@ class Scheduling:
     def _drop_park(self, p, err):
         if self.parks.get(p.target) is p:
             del self.parks[p.target]
+            self._unjournal(p)
         if not p.done:
             self._result(p, err)
 
@@ -281,6 +300,10 @@ class Scheduling:
     def context_gone(self, ctx):
         """ctx's connection closed or it died: as a scheduler, its decisions
         are undone; as a target, its records go."""
+        if ctx.id in self.k.contexts:
+            self.events.unsubscribe(ctx)    # its connection closed: no more events
+        else:
+            self.events.gone(ctx)           # forgotten: DIED to the schedulers
         p = self.parks.get(ctx.id)
         if p is not None:           # leaves faytd's care: it is not left stopped
             self._drop_park(p, errno.ESRCH)
@@ -293,6 +316,7 @@ class Scheduling:
             if p.scheduler != ctx.id:
                 continue
             del self.parks[tid]
+            self._unjournal(p)
             t = self.k.contexts.get(tid)
             if not p.done:
                 self._result(p, errno.ECANCELED)
@@ -320,8 +344,10 @@ class Scheduling:
 
     def shutdown(self):
         """A clean stop: every parked context is continued."""
+        self.events.shutdown()
         for p in list(self.parks.values()):
             t = self.k.contexts.get(p.target)
+            self._unjournal(p)
             if t is not None and t.alive:
                 try:
                     self._signal(t, signal.SIGCONT)
@@ -330,7 +356,31 @@ class Scheduling:
         self.parks.clear()
         self._disarm()
 
+    def journaled(self):
+        """(pid, start) of every park, for a rewrite of the journal."""
+        return [p.proc for p in self.parks.values()]
+
+    def continue_parked(self, procs):
+        """A restart: the processes the killed faytd had parked (its journal)
+        are continued, if they still run (the same start time) and are
+        stopped.  No scheduler decides about them any more: the one that
+        parked them lost its connection with that faytd."""
+        for pid, start in procs:
+            if not start or start_time(pid) != start:
+                continue                # gone, or its pid is another process's now
+            if _state(pid) not in ("T", "t"):
+                continue
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except OSError as e:
+                log.warning("restart: cannot continue pid %d, which the killed faytd had "
+                            "parked: %s", pid, e)
+                continue
+            self.continued_at_restart += 1
+            log.info("restart: continued pid %d, which the killed faytd had parked", pid)
+
     def counters(self):
         return {"applied": self.applied, "refused": self.refused,
                 "parked": sum(p.done for p in self.parks.values()),
-                "resumed_behind": self.resumed_behind}
+                "resumed_behind": self.resumed_behind,
+                "continued_at_restart": self.continued_at_restart, **self.events.counters()}

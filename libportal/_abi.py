@@ -89,6 +89,9 @@ PUBLISH_REQ = struct_of("struct fayt_publish_req")    # flags, reserved; then th
 QUEUE_OPEN = struct_of("struct fayt_queue_open")      # size, flags
 QUEUE_REPLY = struct_of("struct fayt_queue_reply")    # queue_id, size, map_length
 SCHED_DECISION = struct_of("struct fayt_sched_decision")  # context, value, cpus
+SCHED_SUBSCRIBE = struct_of("struct fayt_sched_subscribe")  # index, flags
+# event, context_id, pid, uid, blocks, wakes, waiting, reserved, seen_ns
+SCHED_EVENT = struct_of("struct fayt_sched_event")
 LISTEN_REQ = struct_of("struct fayt_listen_req")      # flags, backlog; then the name
 LISTEN_REPLY = struct_of("struct fayt_listen_reply")
 CONNECT_REQ = struct_of("struct fayt_connect_req")    # ring_bytes, reserved; then the name

@@ -12,11 +12,15 @@ the Queue's lock, and the C calls of other threads step aside meanwhile).  faytd
 when it said it sleeps.  put and put_many wait for space as their timeout
 says: None (the default) for ever, 0 never (WouldBlock when full), else at
 most that many seconds (TimedOut).  A queue faytd dropped for a bad record
-raises ProtocolError (EPROTO); a closed one BrokenPipeError (EPIPE).
+raises ProtocolError (EPROTO); a closed one BrokenPipeError (EPIPE).  A
+wait (for space, or for a decision's result) looks every LIVENESS_S whether
+faytd is still there: a killed faytd marks nothing in the queue, so its
+connection closing says it (DaemonUnavailable).
 """
 import errno
 import mmap
 import os
+import select
 import threading
 import time
 from typing import Iterable
@@ -28,6 +32,7 @@ from ._types import Buffer
 
 DATA = lib.FAYT_QREC_DATA
 PAYLOAD_MAX = lib.FAYT_QUEUE_PAYLOAD_MAX
+LIVENESS_S = 0.5        # a long wait looks this often whether faytd is still there
 
 
 def _ns(deadline):
@@ -77,9 +82,13 @@ class Queue:
             errno.EPROTO: "%s: faytd dropped queue %d (a bad record), or its header is "
                           "corrupt" % (what, self.id),
             errno.EPIPE: "%s: queue %d is closed" % (what, self.id),
+            errno.ECONNRESET: "%s: faytd connection lost (queue %d went with it)"
+                              % (what, self.id),
         }
         if r == errno.EPIPE:
             return BrokenPipeError(r, msgs[r])
+        if r == errno.ECONNRESET:
+            return errors.DaemonUnavailable(r, msgs[r])
         return errors.error(r, msgs.get(r, "%s: %s" % (what, os.strerror(r))))
 
     def _put_raw(self, type_, buf, length, n, timeout, what):
@@ -92,14 +101,21 @@ class Queue:
             first = None
             done = 0
             while True:
+                now = time.monotonic()
+                step = (now + LIVENESS_S if deadline is None
+                        else min(deadline, now + LIVENESS_S))
                 r, put, at = self._producer.put_raw(type_, view[done * length:], length,
                                                     n - done, 0 if timeout == 0 else
-                                                    _ns(deadline))
+                                                    _ns(step))
                 if first is None:
                     first = at
                 done += put
                 if r == errno.EINTR:
                     continue                    # the handlers ran: the rest
+                if r == errno.ETIMEDOUT and (deadline is None or step < deadline):
+                    if not self._faytd_gone():
+                        continue                # still full: wait on
+                    r = errno.ECONNRESET
                 if r:
                     e = self._raise(r, what)
                     e.put = done
@@ -138,13 +154,36 @@ class Queue:
         """A decision record (libportal.sched builds them); returns its seq."""
         return self._put_raw(type_, payload, len(payload), 1, timeout, "decision")
 
+    def _faytd_gone(self):
+        """Whether faytd closed this queue's connection (it was killed: a
+        killed faytd marks nothing in the queue).  One poll(2), no wait."""
+        if self._conn.closed:
+            return True
+        try:
+            p = select.poll()
+            p.register(self._conn.sock, select.POLLRDHUP)
+            return any(ev & (select.POLLRDHUP | select.POLLHUP | select.POLLERR)
+                       for _, ev in p.poll(0))
+        except (OSError, ValueError):
+            return True
+
     def result(self, seq: int, *, timeout: "float | None" = None) -> int:
-        """The errno faytd answered decision seq with (0: applied)."""
+        """The errno faytd answered decision seq with (0: applied).  A faytd
+        that dies meanwhile is DaemonUnavailable (looked at every
+        LIVENESS_S of the wait)."""
         timeout = errors.check_timeout(timeout)
         deadline = None if timeout is None else time.monotonic() + timeout
         self._check()
         while True:
-            r = lib.fayt_queue_wait_result(self._q, seq, _ns(deadline), self._err)
+            now = time.monotonic()
+            step = now + LIVENESS_S if deadline is None else min(deadline, now + LIVENESS_S)
+            r = lib.fayt_queue_wait_result(self._q, seq, _ns(step), self._err)
+            if r == errno.ETIMEDOUT and (deadline is None or step < deadline):
+                if self._faytd_gone():
+                    raise errors.DaemonUnavailable(
+                        errno.ECONNRESET, "decision %d: faytd connection lost (queue %d "
+                        "went with it)" % (seq, self.id))
+                continue
             if r == errno.EINTR:
                 continue
             if r == errno.ENOENT:

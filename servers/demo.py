@@ -15,10 +15,12 @@ notifications (return flag, deferred, immediate, a failing handler, faytd's
 peer-died notice), a key-value server (servers/kv.py) serves three clients
 at once over connected channels, found by its name, a SPECIAL portal is read through a two-server chain, a
 file of an emulated disk is read through a SPECIAL portal, the disk's chain
-server, its block driver and device model (servers/blockdev.py), then
-faytd stops on SIGTERM, and the demo checks that no child process, no
+server, its block driver and device model (servers/blockdev.py), a
+reference scheduler (servers/scheduler.py) gives a favourite context a CPU
+of its own and parks an idle one, measured from /proc, then faytd stops on
+SIGTERM, and the demo checks that no child process, no
 object keeper of its faytd and no object is left.
-Exit status 0 only if every step happened; it finishes in about 10 s.
+Exit status 0 only if every step happened; it finishes in about 12 s.
 """
 import importlib
 import json
@@ -41,6 +43,14 @@ from faytd.launch import fayt_objects, keepers
 SERVERS = __package__ or "servers"
 SHARE = "demo.jobs"
 STEP_TIMEOUT = 20.0     # seconds any one expected event may take (a hang guard)
+
+
+def _proc_stat(pid):
+    """(state letter, utime+stime in clock ticks, the CPU it last ran on)."""
+    with open("/proc/%d/stat" % pid, "rb") as f:
+        s = f.read()
+    rest = s[s.rindex(b")") + 2:].split()
+    return chr(rest[0][0]), int(rest[11]) + int(rest[12]), int(rest[36])
 
 
 class Demo:
@@ -271,6 +281,90 @@ class Demo:
                 p.kill()
                 p.wait()
 
+    def scheduling(self):
+        """servers/scheduler.py: a favourite context gets a CPU to itself, the
+        others the rest at nice 10, an idle one is parked; measured from
+        /proc (CPU time, the CPU each ran on, the process state)."""
+        cpus = sorted(os.sched_getaffinity(0))
+        self.say("scheduling: three busy contexts and an idle one (servers/scheduler.py work)")
+        workers = {}
+        for name, kind in (("fav", "busy"), ("bg1", "busy"), ("bg2", "busy"), ("idle", "idle")):
+            p = subprocess.Popen([sys.executable, "-m", SERVERS + ".scheduler", "work", kind],
+                                 env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                 text=True)
+            self.instances["work-" + name] = p
+            workers[name] = p
+            self.follow(p, p.stdout, "work-" + name)
+            self.wait_for("context", "work-" + name)
+        fav = workers["fav"]
+        self.say("the reference scheduler: favourite pid %d; it subscribes to faytd's "
+                 "scheduling events and decides through its queue", fav.pid)
+        sched = subprocess.Popen([sys.executable, "-m", SERVERS + ".scheduler",
+                                  "--favourite-pid", str(fav.pid), "--idle", "0.3"],
+                                 env=self.env, stdout=subprocess.PIPE,
+                                 stderr=subprocess.STDOUT, text=True)
+        self.instances["scheduler"] = sched
+        self.follow(sched, sched.stdout, "scheduler")
+        self.wait_for("CPU %d to itself" % cpus[-1], "scheduler")
+        for name in ("bg1", "bg2", "idle"):
+            self.wait_for("(pid %d): nice 10" % workers[name].pid, "scheduler")
+        self.wait_for("parked context", "scheduler")
+        time.sleep(0.2)
+        # Measure: CPU time and the CPUs each ran on, over 2 s, from /proc.
+        before = {n: _proc_stat(p.pid) for n, p in workers.items()}
+        ran = {n: set() for n in workers}
+        end = time.monotonic() + 2.0
+        while time.monotonic() < end:
+            for n, p in workers.items():
+                ran[n].add(_proc_stat(p.pid)[2])
+            time.sleep(0.01)
+        after = {n: _proc_stat(p.pid) for n, p in workers.items()}
+        tick = os.sysconf("SC_CLK_TCK")
+        used = {n: (after[n][1] - before[n][1]) / tick for n in workers}
+        self.say("measured over 2.0 s (/proc/<pid>/stat: utime+stime, the CPU last run on, "
+                 "sampled every 10 ms):")
+        for n, p in workers.items():
+            self.out("    %-5s pid %-7d CPU time %.2f s  ran on CPUs %s  state %s  nice %d"
+                     % (n, p.pid, used[n], sorted(ran[n]), after[n][0],
+                        os.getpriority(os.PRIO_PROCESS, p.pid)))
+        problems = []
+        if after["idle"][0] != "T":
+            problems.append("the idle context is not parked (state %s)" % after["idle"][0])
+        if used["idle"] > 0.05:
+            problems.append("the idle context used CPU time")
+        if len(cpus) > 1:
+            if ran["fav"] != {cpus[-1]}:
+                problems.append("the favourite ran on %s" % sorted(ran["fav"]))
+            for n in ("bg1", "bg2"):
+                if cpus[-1] in ran[n]:
+                    problems.append("%s ran on the favourite's CPU" % n)
+            if used["fav"] <= max(used["bg1"], used["bg2"]):
+                problems.append("the favourite got no more CPU time than the others")
+        else:
+            self.say("one CPU only: the CPU placement is not shown, the nice values are")
+        if problems:
+            raise RuntimeError("the scheduler's decisions did not take effect: "
+                               + "; ".join(problems))
+        self.say("its decisions took effect: the favourite alone on CPU %d with %.2f s of "
+                 "CPU, the others %.2f s and %.2f s on %s, the idle one parked",
+                 cpus[-1], used["fav"], used["bg1"], used["bg2"], cpus[:-1] or cpus)
+        self.say("SIGTERM the scheduler: faytd undoes its decisions")
+        sched.send_signal(signal.SIGTERM)
+        sched.wait(timeout=STEP_TIMEOUT)
+        self.wait_for("faytd undoes", "scheduler")
+        deadline = time.monotonic() + STEP_TIMEOUT
+        while _proc_stat(workers["idle"].pid)[0] == "T":
+            if time.monotonic() > deadline:
+                raise RuntimeError("the idle context stayed parked after the scheduler went")
+            time.sleep(0.01)
+        self.say("the idle context runs again (state %s), nice values back to %d",
+                 _proc_stat(workers["idle"].pid)[0],
+                 os.getpriority(os.PRIO_PROCESS, workers["bg1"].pid))
+        for p in workers.values():
+            p.send_signal(signal.SIGTERM)
+        for p in workers.values():
+            p.wait(timeout=STEP_TIMEOUT)
+
     def objects(self):
         return fayt_objects(dirs=[os.path.dirname(self.socket)])
 
@@ -326,6 +420,7 @@ class Demo:
         self.kv_channels()
         self.special_chain()
         self.block_device()
+        self.scheduling()
 
         self.say("SIGTERM faytd (pid %d)", self.faytd.pid)
         self.faytd.send_signal(signal.SIGTERM)

@@ -41,10 +41,12 @@ STRUCTS = {
                                  "notify.starved", "rings", "stacks", "saved",
                                  "inject", "inject.seq", "inject.kinds", "inject.rule",
                                  "injected", "injected.seq", "injected.reserved",
-                                 "injected.events", "injected.fired", "reserved"],
+                                 "injected.events", "injected.fired", "waits",
+                                 "waits.blocks", "waits.wakes", "reserved"],
     "struct fayt_inject_rule": ["arg", "after", "count", "ppm", "seed"],
     "struct fayt_inject_plan": ["seq", "kinds", "rule"],
     "struct fayt_inject_state": ["seq", "reserved", "events", "fired"],
+    "struct fayt_wait_record": ["blocks", "wakes"],
     "struct fayt_notify_state": ["rings_generation", "depth", "provider", "nstacks",
                                  "delivered", "starved"],
     "struct fayt_ring_record": ["ring_id", "sender"],
@@ -66,6 +68,9 @@ STRUCTS = {
     "struct fayt_stack_req": ["size", "reserved"],
     "struct fayt_stack_reply": ["handle", "size", "record"],
     "struct fayt_notify_subscribe": ["event", "index", "arg", "reserved"],
+    "struct fayt_sched_subscribe": ["index", "flags"],
+    "struct fayt_sched_event": ["event", "context_id", "pid", "uid", "blocks", "wakes",
+                                "waiting", "reserved", "seen_ns"],
     "struct fayt_req_hdr": ["magic", "op", "flags", "seq", "tid"],
     "struct fayt_rep_hdr": ["magic", "op", "nfds", "seq", "err"],
     "struct fayt_hello_req": ["wire_abi", "reserved"],
@@ -299,6 +304,7 @@ def test_abi_ring_layout(gcc_layout):
     for T in ("struct fayt_ring_entry", "struct fayt_notification_frame"):
         assert ffi.sizeof(_cffi_field_type(T, "payload")) == lib.FAYT_NOTIFY_PAYLOAD_MAX
     assert ffi.sizeof("struct fayt_event_payload") <= lib.FAYT_NOTIFY_PAYLOAD_MAX
+    assert ffi.sizeof("struct fayt_sched_event") <= lib.FAYT_NOTIFY_PAYLOAD_MAX
     # Every futex word is a 4-byte aligned uint32 (the header and the entries
     # start page-aligned and 64-byte aligned).
     for T, f in (("struct fayt_ring_header", "space"), ("struct fayt_ring_entry", "done"),

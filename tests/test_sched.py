@@ -261,3 +261,63 @@ def test_sched_a_faytd_without_privileges_answers_eperm(world_faytd, spawn, as_u
     assert not _stopped(root_t.pid)
     for p in (s, own_t, root_t):
         p.kill()
+
+
+def test_sched_faytd_killed_and_restarted_continues_what_it_parked(restartable, spawn):
+    # What survives a killed faytd (docs/scheduling.md, Failure): Linux's
+    # affinity and nice values stay; the queue and the scheduler's records
+    # go; the parks are journaled, so the restarted faytd continues the
+    # process the killed one had left stopped.
+    d = restartable.start()
+    t, ctx = _target(spawn, d.env())
+    s = spawn(SCHEDULER, d.env(), args=[d.socket])
+    assert s.expect() == "ready"
+    for line in ("nice %d 6" % ctx, "park %d" % ctx):
+        s.send(line)
+        assert json.loads(s.expect()) == "ok", line
+    assert _stopped(t.pid)
+    with open(os.path.join(restartable.dir, "faytd.journal")) as f:
+        assert "P %d " % t.pid in f.read()
+    restartable.kill()
+    assert _stopped(t.pid)                          # no one continued it meanwhile
+    s.send("nice %d 7" % ctx)                       # the queue went with the old faytd
+    assert json.loads(s.expect())[0] in ("EPIPE", "ECONNRESET", "EPROTO")
+    d = restartable.start()
+    assert wait_until(lambda: not _stopped(t.pid), "the restarted faytd to continue it")
+    assert "continued pid %d, which the killed faytd had parked" % t.pid in d.read_log()
+    c = libportal.Connection(d.socket)
+    try:
+        assert c.stats()["decisions"]["continued_at_restart"] == 1
+    finally:
+        c.close()
+    assert os.getpriority(os.PRIO_PROCESS, t.pid) == 6     # Linux kept it
+    t.send("ping")
+    assert t.expect() == "pong"
+    for p in (s, t):
+        p.kill()
+
+
+def test_sched_a_wake_is_journaled_and_not_replayed(restartable, spawn):
+    d = restartable.start()
+    t, ctx = _target(spawn, d.env())
+    s = libportal.Connection(d.socket)
+    try:
+        sched = libportal.Scheduler(connection=s)
+        sched.park(ctx)
+        sched.wake(ctx)
+        os.kill(t.pid, signal.SIGSTOP)              # stopped by someone else, not faytd
+        sched.close()
+    finally:
+        s.close()
+    restartable.kill()
+    d = restartable.start()
+    c = libportal.Connection(d.socket)
+    try:
+        assert c.stats()["decisions"]["continued_at_restart"] == 0
+    finally:
+        c.close()
+    assert _stopped(t.pid)                          # not faytd's: left as it is
+    os.kill(t.pid, signal.SIGCONT)
+    t.send("ping")
+    assert t.expect() == "pong"
+    t.kill()

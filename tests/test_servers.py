@@ -1,6 +1,7 @@
-"""The reference servers in servers/: the metadata server's instances, and the
-demo (its own faytd, three instances, one SIGKILLed inside the lock), and the
-key-value server over channels with several client processes."""
+"""The reference servers in servers/: the metadata server's instances, the
+key-value server over channels with several client processes, the
+reference scheduler, and the demo (its own faytd, three instances, one
+SIGKILLed inside the lock, ..., the scheduler's decisions measured)."""
 import errno
 import json
 import os
@@ -39,6 +40,10 @@ def test_servers_demo_recovers_owner_died_and_leaves_nothing():
         "listening on 'demo.kv'", "[kv] stopping: 3 clients served",
         "destroyed share-point 'demo.jobs'",
         "(no share-points)",
+        "it subscribes to faytd's scheduling events",
+        "to itself", ": nice 10", "parked context",
+        "its decisions took effect: the favourite alone on CPU",
+        "faytd undoes the decisions", "the idle context runs again",
         "faytd exited with status 0",
         "nothing left (no object keeper, no objects)",
         "no child processes left (no zombies)",
@@ -159,3 +164,61 @@ def test_servers_kv_serves_several_client_processes_and_survives_bad_ones(faytd)
     assert srv.returncode == 0, out
     assert re.search(r"stopping: 6 clients served, \d+ requests", out), out
     assert "went away without closing" in out       # the killed one
+
+
+def _stat(pid):
+    with open("/proc/%d/stat" % pid, "rb") as f:
+        s = f.read()
+    return chr(s[s.rindex(b")") + 2])
+
+
+def test_servers_reference_scheduler_places_parks_and_is_undone(faytd):
+    from support.children import wait_until
+
+    def start(*args):
+        p = subprocess.Popen([sys.executable, "-m", "servers.scheduler"] + list(args),
+                             cwd=ROOT, env=dict(faytd.env(), PYTHONUNBUFFERED="1"),
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        return p
+    fav, idle = start("work", "busy"), start("work", "idle")
+    procs = [fav, idle]
+    try:
+        for p in procs:
+            assert "context" in p.stdout.readline()
+        cpus = sorted(os.sched_getaffinity(0))
+        sched = start("--favourite-pid", str(fav.pid), "--idle", "0.2",
+                      "--pids", str(idle.pid))     # not the session's other contexts
+        procs.append(sched)
+        lines = []
+
+        def said(text):
+            while not any(text in x for x in lines):
+                lines.append(sched.stdout.readline())
+                assert lines[-1], "the scheduler exited:\n" + "".join(lines)
+            return True
+        assert said("(pid %d): CPU %d to itself" % (fav.pid, cpus[-1]))
+        assert said("(pid %d): nice 10" % idle.pid)
+        assert said("parked context") and wait_until(lambda: _stat(idle.pid) == "T",
+                                                      "the idle context to be parked")
+        assert os.sched_getaffinity(fav.pid) == {cpus[-1]}
+        if len(cpus) > 1:
+            assert os.sched_getaffinity(idle.pid) == set(cpus[:-1])
+        assert os.getpriority(os.PRIO_PROCESS, idle.pid) == 10
+        sched.send_signal(signal.SIGTERM)
+        out, _ = sched.communicate(timeout=30)
+        assert sched.returncode == 0 and "faytd undoes the decisions" in out, out
+        # faytd undid them: continued, the affinity and nice value given back.
+        assert wait_until(lambda: _stat(idle.pid) != "T", "the idle context to run again")
+        assert wait_until(lambda: os.getpriority(os.PRIO_PROCESS, idle.pid) == 0,
+                          "the nice value to be given back")
+        assert os.sched_getaffinity(fav.pid) == set(cpus)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()

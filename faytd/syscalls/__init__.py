@@ -4,9 +4,9 @@ One module per noun: portal (PORTAL, UNMAP), sharepoint (SHARE_DESTROY,
 UNMAP_DESTROY, LIST_SHARE), notify (the NOTIFY_* calls), chain (the CHAIN_*
 calls and the SPECIAL branch of PORTAL), context (HELLO, LIST_CONTEXTS),
 discovery (PUBLISH, LOOKUP), devices (the DEV_* calls), stream (LISTEN,
-CONNECT, ACCEPT, CHAN_CLOSE), queue (QUEUE_OPEN, QUEUE_CLOSE), info (INFO:
-rings and chains, for the tools), inject (INJECT_ADD, INJECT_REMOVE,
-INJECT_LIST: fault injection);
+CONNECT, ACCEPT, CHAN_CLOSE), queue (QUEUE_OPEN, QUEUE_CLOSE), sched
+(SCHED_SUBSCRIBE), info (INFO: rings and chains, for the tools), inject
+(INJECT_ADD, INJECT_REMOVE, INJECT_LIST: fault injection);
 wire holds the decoding they share.
 
 Each handler takes (kernel, context, tid, body, fds) and returns (reply
@@ -21,7 +21,7 @@ from libportal._abi import lib
 
 from .. import stats
 from . import (chain, context, devices, direct, discovery, info, inject, notify, portal,
-               queue, sharepoint, stream)
+               queue, sched, sharepoint, stream)
 
 HANDLERS = {
     lib.FAYT_SYS_HELLO: context.sys_hello,
@@ -61,6 +61,7 @@ HANDLERS = {
     lib.FAYT_SYS_INFO: info.sys_info,
     lib.FAYT_SYS_QUEUE_OPEN: queue.sys_queue_open,
     lib.FAYT_SYS_QUEUE_CLOSE: queue.sys_queue_close,
+    lib.FAYT_SYS_SCHED_SUBSCRIBE: sched.sys_sched_subscribe,
     lib.FAYT_SYS_DEV_REGISTER: devices.sys_dev_register,
     lib.FAYT_SYS_DEV_ATTACH: devices.sys_dev_attach,
     lib.FAYT_SYS_DEV_IRQ: devices.sys_dev_irq,

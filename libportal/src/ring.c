@@ -35,6 +35,7 @@
 
 #include "fayt/common/deadline.h"
 #include "fayt/common/futex.h"
+#include "fayt/common/waits.h"
 #include "fayt/context.h"
 #include "fayt/notification.h"
 #include "fayt/ring.h"
@@ -261,7 +262,7 @@ int fayt_ring_post_fault(void *ring, uint32_t index, uint32_t flags, uint32_t se
 }
 
 int fayt_ring_wait_return(void *ring, uint32_t pos, int64_t timeout_ns,
-                          int64_t *result, int32_t *status)
+                          int64_t *result, int32_t *status, struct fayt_context_page *page)
 {
     struct fayt_ring_header *h = hdr(ring);
     struct fayt_ring_entry *x = &entries(ring)[pos & (FAYT_RING_ENTRIES - 1)];
@@ -288,8 +289,11 @@ int fayt_ring_wait_return(void *ring, uint32_t pos, int64_t timeout_ns,
         int r;
         if (timed && !fayt_remaining(&deadline, &rel))
             r = ETIMEDOUT;
-        else
+        else {
+            fayt_wait_begin(page);  /* the scheduler's events (context.h) */
             r = fayt_futex_sleep(&x->done, d, timed ? &rel : NULL);
+            fayt_wait_end(page);
+        }
         if (r == 0 && timed && !fayt_remaining(&deadline, &rel) &&
             LOAD(&x->done) == FAYT_DONE_PENDING)
             r = ETIMEDOUT;      /* woken for nothing at the deadline */
@@ -461,9 +465,11 @@ static int wait_futexes(struct fayt_dispatcher *d, const uint32_t *generation, u
             fayt_deadline(timeout_ns, &abs);
             tsp = &abs;
         }
+        fayt_wait_begin(d->page);   /* blocks: the scheduler's events (context.h) */
         long k = syscall(SYS_futex_waitv, w, n + 1, 0, tsp, CLOCK_MONOTONIC);
         if (k < 0)
             r = errno == EAGAIN ? 0 : errno;
+        fayt_wait_end(d->page);
     }
     for (int i = 0; i < n; i++)
         __atomic_store_n(&hdr(d->rings[i])->target_waiting, 0, __ATOMIC_RELAXED);
@@ -497,9 +503,11 @@ int fayt_notify_wait(struct fayt_dispatcher *d, const uint32_t *generation, uint
             fayt_ns_to_ts(timeout_ns, &rel);
             tsp = &rel;
         }
+        fayt_wait_begin(d->page);
         int s = sigtimedwait(&set, NULL, tsp);
         if (s < 0)
             r = errno == EAGAIN ? ETIMEDOUT : errno;
+        fayt_wait_end(d->page);
     }
     for (int i = 0; i < n; i++)
         __atomic_store_n(&hdr(d->rings[i])->target_waiting, 0, __ATOMIC_RELAXED);

@@ -22,6 +22,7 @@
 
 #include <errno.h>
 
+#include "fayt/context.h"
 #include "fayt/notification.h"
 #include "fayt/ring.h"
 
@@ -29,10 +30,11 @@ typedef struct {
     PyObject_HEAD
     void *ring;                 /* NULL once closed */
     uint32_t *hint;             /* the target's fayt_notify_hint.posted, or NULL */
+    struct fayt_context_page *page; /* the sender's own context page (its wait record,
+                                       its injected doorbell faults), or NULL */
     uint32_t sender;            /* the context id this end posts as */
     int pidfd;                  /* the target's pidfd to signal, or -1: faytd rings */
     int signo;                  /* the doorbell */
-    struct fayt_context_page *page;  /* the sender's own context page (injected faults), or NULL */
 } SenderRing;
 
 static int sender_init(SenderRing *self, PyObject *args, PyObject *kw)
@@ -183,13 +185,14 @@ static PyObject *sender_wait_return(SenderRing *self, PyObject *const *args, Py_
     int32_t status = 0;
     int r;
     void *ring = self->ring;
+    struct fayt_context_page *page = self->page;
     if (!ring)
         r = EBADF;
     else if (timeout_ns == 0)
-        r = fayt_ring_wait_return(ring, (uint32_t)pos, 0, &result, &status);
+        r = fayt_ring_wait_return(ring, (uint32_t)pos, 0, &result, &status, NULL);
     else {
         Py_BEGIN_ALLOW_THREADS
-        r = fayt_ring_wait_return(ring, (uint32_t)pos, timeout_ns, &result, &status);
+        r = fayt_ring_wait_return(ring, (uint32_t)pos, timeout_ns, &result, &status, page);
         Py_END_ALLOW_THREADS
     }
     return Py_BuildValue("(iLi)", r, (long long)result, (int)status);
@@ -199,6 +202,7 @@ static PyObject *sender_close(SenderRing *self, PyObject *unused)
 {
     self->ring = NULL;
     self->hint = NULL;
+    self->page = NULL;
     Py_RETURN_NONE;
 }
 
@@ -212,6 +216,25 @@ static PyObject *sender_repr(SenderRing *self)
 }
 
 static PyObject *sender_closed(SenderRing *self, void *c) { return PyBool_FromLong(!self->ring); }
+
+static PyObject *sender_get_page(SenderRing *self, void *c)
+{
+    return PyLong_FromUnsignedLongLong((unsigned long long)(uintptr_t)self->page);
+}
+
+/* page = the context page's address (0: none); after close() it stays NULL. */
+static int sender_set_page(SenderRing *self, PyObject *v, void *c)
+{
+    if (!v) {
+        PyErr_SetString(PyExc_TypeError, "page: cannot be deleted");
+        return -1;
+    }
+    unsigned long long a = PyLong_AsUnsignedLongLong(v);
+    if (a == (unsigned long long)-1 && PyErr_Occurred())
+        return -1;
+    self->page = self->ring ? (struct fayt_context_page *)(uintptr_t)a : NULL;
+    return 0;
+}
 
 static PyMethodDef sender_methods[] = {
     {"post", (PyCFunction)(void (*)(void))sender_post, METH_FASTCALL,
@@ -235,6 +258,9 @@ static PyMethodDef sender_methods[] = {
 
 static PyGetSetDef sender_getset[] = {
     {"closed", (getter)sender_closed, NULL, "close() was called", NULL},
+    {"page", (getter)sender_get_page, (setter)sender_set_page,
+     "the sender's context page (an address; 0: none): wait_return counts its sleeps in "
+     "the page's wait record (scheduling events)", NULL},
     {NULL}
 };
 
@@ -243,7 +269,9 @@ static PyType_Slot sender_slots[] = {
                 "A sender's end of a mapped notification ring: ring and hint are addresses "
                 "(hint: the target's pending-hint word, or 0), sender the context id posted "
                 "as, pidfd the target's pidfd to signal with signo (-1: faytd rings), context "
-                "the sender's context page (its injected doorbell faults), or 0."},
+                "the sender's own context page, or 0.  Its `page` attribute is that context "
+                "page: its injected doorbell faults, and the wait record that counts "
+                "wait_return's sleeps."},
     {Py_tp_new, PyType_GenericNew},
     {Py_tp_init, sender_init},
     {Py_tp_dealloc, fp_plain_dealloc},

@@ -30,6 +30,7 @@
 #include <time.h>
 
 #include "fayt/common/deadline.h"
+#include "fayt/common/waits.h"
 #include "fayt/context.h"
 #include "fayt/lock.h"
 #include "fayt/lock_fast.h"
@@ -235,8 +236,11 @@ static int acquire(SharePointCore *self, int64_t timeout_ns)
                 break;
             }
             __atomic_add_fetch(waiters, 1, __ATOMIC_ACQ_REL);
+            struct fayt_context_page *page = self->ctx;
             Py_BEGIN_ALLOW_THREADS
+            fayt_wait_begin(page);      /* the scheduler's events (context.h) */
             r = fayt_sp_lock_wait(base, state, left, closing);
+            fayt_wait_end(page);
             Py_END_ALLOW_THREADS
             /* The GIL held again: `closing` is set only by a GIL holder,
              * which then waits (GIL released) for `waiters` to reach 0,

@@ -23,6 +23,7 @@
  * they never pass through faytd); libportal writes only `injected`, its
  * own counts of the plan's events and faults, which faytd reads to log and
  * count them.  The process can scribble either and so only misleads itself.
+ * The wait record (below) counts the libportal waits the context sleeps in.
  * All fields are naturally aligned; the struct is packed only so that cffi
  * and gcc agree byte for byte.
  */
@@ -77,6 +78,23 @@ struct fayt_saved_state {
     uint32_t ring_id;
     uint32_t pos;
     uint32_t interrupted_index;     /* the one it interrupted (or FAYT_NOTIFICATION_SLOTS) */
+} __attribute__((packed));
+
+/* The wait record: how many libportal waits this context began and ended.
+ * A thread bumps `blocks` just before it sleeps in a libportal wait
+ * (notification_wait, a sender's wait for a return, the contended path of
+ * a share-point lock) and `wakes`
+ * when it is back: one atomic add each, no system call.  faytd reads the
+ * two words on a timer to tell a subscribed scheduler that the context
+ * blocked or woke (docs/scheduling.md, "Events"); it checks them on every
+ * read (blocks - wakes is the number of threads asleep, at most
+ * FAYT_WAITS_MAX) and believes nothing else of them: a context can only
+ * lie about itself. */
+#define FAYT_WAITS_MAX 4096
+
+struct fayt_wait_record {
+    uint32_t blocks;                /* waits begun (mod 2^32) */
+    uint32_t wakes;                 /* waits ended (mod 2^32) */
 } __attribute__((packed));
 
 struct fayt_notify_state {
@@ -134,7 +152,8 @@ struct fayt_context_page {
     struct fayt_saved_state saved[16];                /* FAYT_NEST_MAX */
     struct fayt_inject_plan inject;                   /* faytd writes it */
     struct fayt_inject_state injected;                /* libportal writes it */
-    uint8_t reserved[1016];                           /* to 4096 */
+    struct fayt_wait_record waits;                    /* libportal writes it */
+    uint8_t reserved[1008];                           /* to 4096 */
 } __attribute__((packed));
 
 #endif

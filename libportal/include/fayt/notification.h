@@ -155,6 +155,12 @@ struct fayt_notification_frame {
 #define FAYT_EVENT_IRQ           4   /* a device window's interrupt (docs/devices.md):
                                         context_id holds the window's id */
 
+/* A scheduler's events (FAYT_SYS_SCHED_SUBSCRIBE), payload fayt_sched_event. */
+#define FAYT_EVENT_SCHED_CREATED 5   /* a context connected */
+#define FAYT_EVENT_SCHED_DIED    6   /* a context is gone (died, or closed and forgotten) */
+#define FAYT_EVENT_SCHED_BLOCKED 7   /* it sleeps in a libportal wait now */
+#define FAYT_EVENT_SCHED_WOKE    8   /* it waited since the last event and runs now */
+
 /* The payload of a faytd notification.  FAYT_EVENT_OVERFLOW (like inotify's
  * IN_Q_OVERFLOW) arrives at the slot whose notices were lost, before the
  * next notice that does arrive there: sp_id holds the count lost, the other
@@ -165,6 +171,24 @@ struct fayt_event_payload {
     int32_t pid;
     uint32_t sp_id;            /* SP_DESTROYED: the table id */
     char identifier[32];       /* SP_DESTROYED: the name, cut to 31 bytes, NUL-terminated */
+} __attribute__((packed));
+
+/* The payload of a FAYT_EVENT_SCHED_* notification.  CREATED and DIED come
+ * from faytd's records; blocks, wakes and waiting from the context's own
+ * wait record (context.h), which faytd reads every FAYT_SCHED_EVENT_MS and
+ * bounds, but which the context writes: it can only lie about itself. */
+#define FAYT_SCHED_EVENT_MS 5
+
+struct fayt_sched_event {
+    uint32_t event;            /* FAYT_EVENT_SCHED_* */
+    uint32_t context_id;
+    int32_t pid;
+    uint32_t uid;
+    uint32_t blocks;           /* waits begun since the previous event about it */
+    uint32_t wakes;            /* waits ended since then */
+    uint32_t waiting;          /* its threads asleep in a wait now */
+    uint32_t reserved;
+    uint64_t seen_ns;          /* CLOCK_MONOTONIC when faytd read its record */
 } __attribute__((packed));
 
 #endif

@@ -48,9 +48,10 @@ int fayt_ring_post_fault(void *ring, uint32_t index, uint32_t flags, uint32_t se
  * Returns 0 (*result and *status hold the handler's), ETIMEDOUT (the entry is
  * abandoned: the target frees it), EINTR (call again), ESRCH (target died),
  * EPROTO (the entry's done word holds what no target writes, or the target
- * dropped the ring).  Never waits past the deadline. */
+ * dropped the ring).  Never waits past the deadline.  page: the sender's
+ * context page (or NULL), whose wait record counts each sleep (context.h). */
 int fayt_ring_wait_return(void *ring, uint32_t pos, int64_t timeout_ns,
-                          int64_t *result, int32_t *status);
+                          int64_t *result, int32_t *status, struct fayt_context_page *page);
 
 /* Target: whether an entry is ready at its own consumer position tail
  * (the target keeps it in process memory: the header's `tail` is only

@@ -85,6 +85,9 @@
                                        queue's fd + its eventfd */
 #define FAYT_SYS_QUEUE_CLOSE    49  /* body fayt_handle_req (the queue id): faytd drains what
                                        is published, then drops the queue */
+/* Scheduling events (docs/scheduling.md, "Events"). */
+#define FAYT_SYS_SCHED_SUBSCRIBE 50 /* body fayt_sched_subscribe: this scheduler's events
+                                       (FAYT_EVENT_SCHED_*) at a slot, or none; reply empty */
 /* Tools (issue 18: 56-59).  One call, what it describes chosen by the body. */
 #define FAYT_SYS_INFO           56  /* body fayt_info_req; reply: a JSON page of rings or
                                        chains (docs/cli.md, "fayt rings, fayt chains") */
@@ -386,6 +389,13 @@ struct fayt_stack_reply {
     uint64_t handle;
     uint32_t size;
     uint32_t record;       /* its index in the context page's stacks[] */
+} __attribute__((packed));
+
+/* SCHED_SUBSCRIBE: faytd posts struct fayt_sched_event notices at slot
+ * `index` (-1: unsubscribe) about every context the scheduler right names. */
+struct fayt_sched_subscribe {
+    int32_t index;
+    uint32_t flags;        /* 0 */
 } __attribute__((packed));
 
 struct fayt_notify_subscribe {
