@@ -145,16 +145,16 @@ class FloodGuard:
             for tid in tids:
                 if tid in had:
                     continue
-                # A context's pid is the one SO_PEERCRED named at connect: its
-                # process may be gone and the pid reused by anyone's process
-                # (or the process exec'd a set-uid program).  Only the
-                # flooding uid's own threads are ever reniced.
-                if _uids(tid) != (uid, uid):
-                    continue
                 try:
                     now = os.getpriority(os.PRIO_PROCESS, tid)
                     if now >= self.nice:
                         continue            # nicer already: left as it is
+                    # A context's pid is the one SO_PEERCRED named at connect:
+                    # its process may be gone and the pid reused by anyone's
+                    # process (or the process exec'd a set-uid program).  Only
+                    # the flooding uid's own threads are ever reniced.
+                    if _uids(tid) != (uid, uid):
+                        continue
                     os.setpriority(os.PRIO_PROCESS, tid, self.nice)
                 except OSError as e:
                     if e.errno in (errno.EPERM, errno.EACCES) and not self._denied:
