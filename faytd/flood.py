@@ -14,7 +14,10 @@ connection's request count (struct fayt_fast_conn.requests, counted in
 C whichever path served the request).  A uid that made more than
 flood_calls_per_s calls a second in a window in which core contexts made
 calls is flooding: every thread of its connected processes gets nice
-flood_nice, unless it is nicer already (faytd never raises a priority).
+flood_nice, unless it is nicer already (faytd never raises a priority),
+and only those threads whose real and effective uid are the flooding
+uid's (the pid a context names is the one SO_PEERCRED gave at connect:
+that process may be gone and its pid reused by another uid's).
 A uid that stopped flooding for QUIET_WINDOWS windows in a row gets its
 threads' nice values back, each only if it is still the one faytd set
 (a scheduler or the process itself may have changed it since).  Lowering
@@ -34,6 +37,19 @@ log = logging.getLogger("faytd")
 
 CHECK_S = 0.02          # a window
 QUIET_WINDOWS = 50      # windows without a flood (1 s) before a uid's nice values come back
+
+
+def _uids(tid):
+    """(real, effective) uid of thread tid, or None if it is gone."""
+    try:
+        with open("/proc/%d/status" % tid, "rb") as f:
+            for line in f:
+                if line.startswith(b"Uid:"):
+                    real, eff = line.split()[1:3]
+                    return int(real), int(eff)
+    except (OSError, ValueError):
+        pass
+    return None
 
 
 class FloodGuard:
@@ -133,6 +149,12 @@ class FloodGuard:
                     now = os.getpriority(os.PRIO_PROCESS, tid)
                     if now >= self.nice:
                         continue            # nicer already: left as it is
+                    # A context's pid is the one SO_PEERCRED named at connect:
+                    # its process may be gone and the pid reused by anyone's
+                    # process (or the process exec'd a set-uid program).  Only
+                    # the flooding uid's own threads are ever reniced.
+                    if _uids(tid) != (uid, uid):
+                        continue
                     start = start_time(tid)
                     if start is None:
                         continue            # gone
@@ -157,8 +179,11 @@ class FloodGuard:
         had = self.demoted.pop(uid, {})
         self.quiet.pop(uid, None)
         for tid, (nice, start) in had.items():
-            # The same thread (its start time: a tid is reused), still at the
-            # value faytd set: never raise the priority of another process.
+            # The same thread (its start time: a tid is reused) of the same
+            # uid, still at the value faytd set: never raise the priority of
+            # another process.
+            if _uids(tid) != (uid, uid):
+                continue                    # gone, or its tid is another uid's now
             try:
                 if start_time(tid) == start and \
                         os.getpriority(os.PRIO_PROCESS, tid) == self.nice:

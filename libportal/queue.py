@@ -124,9 +124,13 @@ class Queue:
 
     def put(self, payload: "Buffer", *, timeout: "float | None" = None) -> None:
         """Put one record (bytes-like, 0..PAYLOAD_MAX bytes)."""
-        if timeout is None and not self._fast_put(payload):
-            return                      # the common case: one C call that never waits
-        n = len(payload)
+        if timeout is None:
+            try:
+                if not self._fast_put(payload):
+                    return              # the common case: one C call that never waits
+            except BufferError:
+                pass                    # not contiguous: _nbytes says so
+        n = _nbytes(payload, "payload")
         if n > PAYLOAD_MAX:
             raise errors.error(errno.EINVAL, "payload: %d bytes; at most %d" % (n, PAYLOAD_MAX))
         self._put_raw(DATA, payload, n, 1, timeout, "put")
@@ -140,19 +144,21 @@ class Queue:
         payloads = list(payloads)
         if not payloads:
             return
-        n = len(payloads[0])
+        n = _nbytes(payloads[0], "payloads[0]")
         if n > PAYLOAD_MAX:
             raise errors.error(errno.EINVAL, "payloads: %d bytes; at most %d" % (n, PAYLOAD_MAX))
         for i, p in enumerate(payloads):
-            if len(p) != n:
+            m = _nbytes(p, "payloads[%d]" % i)
+            if m != n:
                 raise errors.error(errno.EINVAL, "payloads[%d]: %d bytes, not %d like "
-                                   "payloads[0]" % (i, len(p), n))
+                                   "payloads[0]" % (i, m, n))
         self._put_raw(DATA, b"".join(payloads), n, len(payloads), timeout, "put_many")
 
     def put_decision(self, type_: int, payload: "Buffer", *,
                      timeout: "float | None" = None) -> int:
         """A decision record (libportal.sched builds them); returns its seq."""
-        return self._put_raw(type_, payload, len(payload), 1, timeout, "decision")
+        return self._put_raw(type_, payload, _nbytes(payload, "payload"), 1, timeout,
+                             "decision")
 
     def _faytd_gone(self):
         """Whether faytd closed this queue's connection (it was killed: a
@@ -217,6 +223,21 @@ class Queue:
             finally:
                 os.close(self._efd)
                 self._map.close()
+
+
+def _nbytes(payload, what):
+    """The bytes of a bytes-like payload (not its len(): an array of uint32
+    has four a item); EINVAL if they are not contiguous."""
+    try:
+        m = memoryview(payload)
+    except TypeError:
+        raise TypeError("%s: a bytes-like object is required, not %s"
+                        % (what, type(payload).__name__)) from None
+    with m:
+        if not m.contiguous:
+            raise errors.error(errno.EINVAL, "%s: a buffer that is not contiguous (copy it: "
+                               "bytes(...))" % what)
+        return m.nbytes
 
 
 def queue_open(size: int = 0, *, connection: "Connection | None" = None) -> Queue:

@@ -430,6 +430,18 @@ for line in sys.stdin:
             other = lp.portal(lp.ANON, lp.PROT_RW, 4096)
             b.dev.write64(0x10, other.paddr[0])
             print(b.read(int(w[1]))[:16].rstrip(b"\0").decode())
+        elif w[0] == "paddr":               # the frame of buffer slot w[1]
+            print(b.dma.paddr[int(w[1]) + 1])
+        elif w[0] == "peek":                # what buffer slot w[1] holds now
+            at = 4096 * (int(w[1]) + 1)
+            print(bytes(b.buf[at:at + 16]).rstrip(b"\0").decode() or "-")
+        elif w[0] == "detach":              # stop driving; keep the DMA RAM
+            b.dev.close()
+            print("ok")
+        elif w[0] == "foreign":             # a descriptor naming another's frame
+            at = b.produced % 16 + 1
+            b.dma.paddr = b.dma.paddr[:at] + (int(w[1]),) + b.dma.paddr[at + 1:]
+            print(b.read(int(w[2]))[:16].rstrip(b"\0").decode())
     except OSError as e:
         print("%s %s" % (errno.errorcode[e.errno], e))
 """
@@ -500,6 +512,48 @@ def test_devices_block_device_dma_only_into_granted_ram(spawn, as_user, world_fa
         c = spawn(BLOCK_DRIVER, d.env(), args=[ROOT])   # a new driver: its own grant
         assert c.expect() == "8"
         assert ask(c, "read 6") == "by-dma"
+    finally:
+        shutil.rmtree(top, ignore_errors=True)
+
+
+@needs_root
+@pytest.mark.xfail(strict=True, reason="review finding: grants go to the model's context, not "
+                   "per driver, and the model caches DIRECT mappings by address; a later "
+                   "driver can make the model DMA into an earlier driver's RAM")
+def test_devices_block_model_uses_no_frame_a_later_driver_did_not_grant(spawn, as_user,
+                                                                      world_faytd):
+    """Driver 1 reads a block through its granted buffer, then detaches
+    (keeping its RAM). Driver 2 attaches and names driver 1's frame in a
+    descriptor, which it never granted: the model must complete it with
+    EFAULT, not DMA into driver 1's memory through a mapping it kept from
+    driver 1's grant."""
+    import shutil
+    import tempfile
+    top = tempfile.mkdtemp(prefix="fayt-blk-")
+    try:
+        os.chmod(top, 0o755)
+        image = os.path.join(top, "disk.img")
+        with open(image, "wb") as f:
+            f.write(b"".join(b"block-%d" % i + b"\0" * (4096 - len(b"block-%d" % i))
+                             for i in range(8)))
+        os.chmod(image, 0o666)
+        d = world_faytd(POLICY, devices=BLK_DEVICES)
+        m = spawn("sys.path.insert(0, sys.argv[1])\nfrom servers import blockdev\n"
+                  "sys.exit(blockdev.main(['model', '--name', 'blk0', '--image', sys.argv[2]]))",
+                  d.env(), args=[ROOT, image], as_user=as_user, uid=NOBODY)
+        assert m.expect() == "serving blk0: 8 blocks"
+        one = spawn(BLOCK_DRIVER, d.env(), args=[ROOT])
+        assert one.expect() == "8"
+        assert ask(one, "read 3") == "block-3"          # slot 0: the model maps its frame
+        frame = int(ask(one, "paddr 0"))
+        assert ask(one, "detach") == "ok"
+        two = spawn(BLOCK_DRIVER, d.env(), args=[ROOT])
+        assert two.expect() == "8"
+        got = ask(two, "foreign %d 5" % frame)
+        assert ask(one, "peek 0") == "block-3", "the model wrote block 5 into driver 1's RAM"
+        assert got.startswith("EFAULT"), got
+        two.kill()
+        one.kill()
     finally:
         shutil.rmtree(top, ignore_errors=True)
 

@@ -628,3 +628,135 @@ def test_limits_a_flooding_uid_runs_nicer_while_the_owner_calls(start, as_user):
                 owner.stdin.close()
             for f in floods:
                 f.end()
+
+
+# A connection whose connecting process is gone before faytd accepts it,
+# kept open by the child it forked: SO_PEERCRED still names the dead pid.
+ORPHANED_CONNECTION = r"""
+import os, select, socket, sys
+import libportal as lp
+import libportal.syscall as lsys
+from libportal._abi import lib
+path, tag = sys.argv[1], sys.argv[2]
+s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+s.connect(path)                 # faytd (stopped) has not accepted it yet
+if os.fork():
+    os._exit(0)                 # the pid SO_PEERCRED names is free once reaped
+print(os.getpid(), flush=True)
+sys.stdin.readline()            # faytd runs again and has accepted it
+
+
+class Connected(socket.socket):
+    def connect(self, path):
+        pass
+
+
+real = lsys.socket.socket
+lsys.socket.socket = lambda *a: Connected(socket.AF_UNIX, socket.SOCK_SEQPACKET, 0, s.detach())
+c = lp.Connection(path)
+lsys.socket.socket = real
+print("ready", flush=True)
+n = 0
+while not (n & 15 == 0 and select.select([sys.stdin], [], [], 0)[0]):
+    try:                        # any request counts; this context's tids are
+        c.call(lib.FAYT_SYS_UNMAP, b"bad")     # not its recorded pid's
+    except lp.PortalError:
+        pass
+    n += 1
+"""
+
+
+def _spawn_at_pid(pid, argv, tries=50):
+    """A root process started with pid `pid` (through ns_last_pid), or None."""
+    for _ in range(tries):
+        try:
+            with open("/proc/sys/kernel/ns_last_pid", "w") as f:
+                f.write(str(pid - 1))
+        except OSError:
+            return None
+        p = subprocess.Popen(argv)
+        if p.pid == pid:
+            return p
+        p.kill()
+        p.wait()
+    return None
+
+
+def test_limits_flood_guard_renices_no_process_that_reused_a_flooders_pid(start, as_user):
+    """A process of uid 65534 connects while faytd is busy (here: stopped),
+    forks and exits before faytd accepts: faytd's record names its pid, and
+    a root process now has that pid.  The child floods on the connection
+    while root's owner calls: faytd must not renice the root process that
+    merely reused the pid (only threads of the flooding uid, ever)."""
+    d = start()
+    os.kill(d.proc.pid, signal.SIGSTOP)
+    a = victim = b_pid = None
+    owner = None
+    try:
+        a = as_user.popen(ORPHANED_CONNECTION, [d.socket, "orph-" + uuid.uuid4().hex[:8]],
+                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        line = a.stdout.readline()
+        assert line.strip().isdigit(), a.stderr.read()
+        b_pid = int(line)
+        assert a.wait(timeout=TIMEOUT) == 0
+        victim = _spawn_at_pid(a.pid, ["sleep", "600"])
+        if victim is None:
+            pytest.skip("could not start a process with pid %d (ns_last_pid)" % a.pid)
+        assert os.getpriority(os.PRIO_PROCESS, victim.pid) == 0
+        os.kill(d.proc.pid, signal.SIGCONT)
+        a.stdin.write("go\n")
+        a.stdin.flush()
+        assert a.stdout.readline().strip() == "ready", a.stderr.read()
+        owner = subprocess.Popen([sys.executable, "-c", OWNER_UNTIL_STDIN, d.socket,
+                                  "owner-" + uuid.uuid4().hex[:8]], stdin=subprocess.PIPE,
+                                 stdout=subprocess.PIPE, text=True)
+        assert owner.stdout.readline().strip() == "calling"
+        # While the flood and the owner call for more than a hundred of
+        # faytd's 20 ms windows, root's process keeps its nice value.
+        c = libportal.Connection(d.socket)
+        try:
+            before = c.stats()["fairness"]["others_requests"]
+            deadline = time.monotonic() + TIMEOUT
+            while os.getpriority(os.PRIO_PROCESS, victim.pid) == 0:
+                fair = c.stats()["fairness"]
+                if fair["others_requests"] - before > 10000 and time.monotonic() > \
+                        deadline - TIMEOUT + 2:
+                    break
+                assert time.monotonic() < deadline, (fair, a.stderr.read() if not process_exists(b_pid) else "")
+                time.sleep(0.02)
+        finally:
+            c.close()
+        assert os.getpriority(os.PRIO_PROCESS, victim.pid) == 0, \
+            "faytd reniced root's process %d, which reused a flooder's pid" % victim.pid
+    finally:
+        os.kill(d.proc.pid, signal.SIGCONT)
+        if owner is not None:
+            owner.stdin.close()
+            owner.wait(timeout=TIMEOUT)
+            owner.stdout.close()
+        if a is not None:
+            try:
+                a.stdin.write("\n")
+                a.stdin.flush()
+            except OSError:
+                pass
+            for f in (a.stdin, a.stdout, a.stderr):
+                f.close()
+        if b_pid is not None:
+            deadline = time.monotonic() + TIMEOUT
+            while process_exists(b_pid) and time.monotonic() < deadline:
+                time.sleep(0.02)
+            if process_exists(b_pid):
+                os.kill(b_pid, signal.SIGKILL)
+        if victim is not None:
+            victim.kill()
+            victim.wait()
+
+
+def process_exists(pid):
+    try:
+        with open("/proc/%d/stat" % pid, "rb") as f:
+            s = f.read()
+    except OSError:
+        return False
+    return s[s.rindex(b")") + 2:s.rindex(b")") + 3] not in (b"Z", b"X")

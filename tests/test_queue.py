@@ -300,3 +300,28 @@ def test_queue_closed_with_its_connection(fresh_faytd, conn_to):
     with pytest.raises(BrokenPipeError):
         q.put(b"x", timeout=0)
     q.close()
+
+
+def test_queue_a_buffer_of_wide_items_is_put_whole_on_every_path(fresh_faytd, conn_to):
+    """A record is the payload's bytes, not its item count: an array of four
+    uint32 is a 16-byte record whether put takes the fast path (no timeout),
+    the waiting one (a timeout) or is a decision; a non-contiguous view is
+    EINVAL, not a BufferError."""
+    import array
+    d = fresh_faytd()
+    c = conn_to(d)
+    q = libportal.queue_open(connection=c)
+    try:
+        wide = array.array("I", [1, 2, 3, 4])
+        assert memoryview(wide).nbytes == 16
+        q.put(wide)
+        assert q.stats()["head"] == 8 + 16
+        q.put(wide, timeout=5)
+        assert q.stats()["head"] == 2 * (8 + 16), "the timeout path put len(payload) bytes"
+        q.put(memoryview(wide), timeout=0)
+        assert q.stats()["head"] == 3 * (8 + 16)
+        with pytest.raises(OSError) as e:
+            q.put(memoryview(b"abcdefgh")[::2])
+        assert e.value.errno == errno.EINVAL and "payload" in str(e.value)
+    finally:
+        q.close()
