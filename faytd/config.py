@@ -50,7 +50,7 @@ DEFAULT = {
     "max_published_per_uid": 1024,   # names its contexts published (docs/discovery.md)
     "max_queues_per_uid": 64,        # user->kernel queues its contexts hold (docs/queue.md)
     "max_channels_per_uid": 1024,    # channels and listeners its contexts hold (docs/channels.md)
-    "flood_nice": 10,            # a non-core uid that floods faytd while core contexts call
+    "flood_nice": 19,            # a non-core uid that floods faytd while core contexts call
                                  # runs at this nice until it stops (null: never; docs/limits.md)
     "flood_calls_per_s": 2000,   # what counts as a flood: a uid's requests a second
     "devices": [],               # device windows: {"name", "base", "size"} (docs/devices.md)

@@ -583,10 +583,10 @@ def _nice_until(pids, want, timeout=TIMEOUT):
 
 def test_limits_a_flooding_uid_runs_nicer_while_the_owner_calls(start, as_user):
     """Three processes of uid 65534 flood faytd while root's process makes
-    calls: faytd gives the flooders nice 10 (flood_nice), fayt stats says
+    calls: faytd gives the flooders nice 19 (flood_nice), fayt stats says
     which uid; once root stops calling they get their nice value back while
     they still flood, and a faytd with flood_nice null renices nobody."""
-    for cfg, want in (({}, 10), ({"flood_nice": None}, 0)):
+    for cfg, want in (({}, 19), ({"flood_nice": None}, 0)):
         d = start(**cfg)
         floods = [Attacker(as_user, FLOODER, [d.socket, "mix", "nice%d-" % i + uuid.uuid4().hex])
                   for i in range(3)]
@@ -599,12 +599,12 @@ def test_limits_a_flooding_uid_runs_nicer_while_the_owner_calls(start, as_user):
             assert owner.stdout.readline().strip() == "calling"
             pids = [f.p.pid for f in floods]
             if want:
-                assert _nice_until(pids, 10) == [10, 10, 10]
+                assert _nice_until(pids, 19) == [19, 19, 19]
                 c = libportal.Connection(d.socket)
                 fair = c.stats()["fairness"]
                 c.close()
                 assert fair["demoted_uids"] == [NOBODY] and fair["demotions"] >= 1, fair
-                assert fair["flood_nice"] == 10
+                assert fair["flood_nice"] == 19
             else:
                 # While the floods and the owner have made calls for a while
                 # (more than a hundred of faytd's 20 ms windows), nobody moved.
