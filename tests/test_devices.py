@@ -2,6 +2,7 @@
 windows in the configuration, a model's registration, DIRECT over a
 window, register accesses in order, interrupts with a coalescing count,
 hostile rings, a model's death and return, and the rights (uid 65534)."""
+import contextlib
 import errno
 import json
 import os
@@ -476,14 +477,11 @@ def test_devices_block_device_reads_and_writes_the_image(spawn, fresh_faytd, tmp
         "written" if i % 8 == 5 else "block-%d" % (i % 8) for i in range(40)]
 
 
-@needs_root
-def test_devices_block_device_dma_only_into_granted_ram(spawn, as_user, world_faytd):
-    """The model runs as uid 65534 (category driver: DIRECT reaches only
-    frames granted to it): it reads and writes the driver's descriptors and
-    buffers because the driver granted them to its context; a descriptor
-    naming a frame that was not granted completes with EFAULT, and a RING
-    at such a frame is refused (the driver's read fails EPERM), while
-    granted requests go on working."""
+@contextlib.contextmanager
+def _nobody_model(spawn, as_user, world_faytd):
+    """A faytd with window blk0 and the reference block device's model serving
+    an 8-block image as uid 65534 (category driver: its DIRECT reaches only
+    frames granted to it); yields the faytd."""
     import shutil
     import tempfile
     top = tempfile.mkdtemp(prefix="fayt-blk-")
@@ -499,6 +497,20 @@ def test_devices_block_device_dma_only_into_granted_ram(spawn, as_user, world_fa
                   "sys.exit(blockdev.main(['model', '--name', 'blk0', '--image', sys.argv[2]]))",
                   d.env(), args=[ROOT, image], as_user=as_user, uid=NOBODY)
         assert m.expect() == "serving blk0: 8 blocks"
+        yield d
+    finally:
+        shutil.rmtree(top, ignore_errors=True)
+
+
+@needs_root
+def test_devices_block_device_dma_only_into_granted_ram(spawn, as_user, world_faytd):
+    """The model runs as uid 65534 (category driver: DIRECT reaches only
+    frames granted to it): it reads and writes the driver's descriptors and
+    buffers because the driver granted them to its context; a descriptor
+    naming a frame that was not granted completes with EFAULT, and a RING
+    at such a frame is refused (the driver's read fails EPERM), while
+    granted requests go on working."""
+    with _nobody_model(spawn, as_user, world_faytd) as d:
         c = spawn(BLOCK_DRIVER, d.env(), args=[ROOT])
         assert c.expect() == "8"
         assert ask(c, "read 3") == "block-3"
@@ -512,8 +524,6 @@ def test_devices_block_device_dma_only_into_granted_ram(spawn, as_user, world_fa
         c = spawn(BLOCK_DRIVER, d.env(), args=[ROOT])   # a new driver: its own grant
         assert c.expect() == "8"
         assert ask(c, "read 6") == "by-dma"
-    finally:
-        shutil.rmtree(top, ignore_errors=True)
 
 
 @needs_root
@@ -527,21 +537,7 @@ def test_devices_block_model_uses_no_frame_a_later_driver_did_not_grant(spawn, a
     descriptor, which it never granted: the model must complete it with
     EFAULT, not DMA into driver 1's memory through a mapping it kept from
     driver 1's grant."""
-    import shutil
-    import tempfile
-    top = tempfile.mkdtemp(prefix="fayt-blk-")
-    try:
-        os.chmod(top, 0o755)
-        image = os.path.join(top, "disk.img")
-        with open(image, "wb") as f:
-            f.write(b"".join(b"block-%d" % i + b"\0" * (4096 - len(b"block-%d" % i))
-                             for i in range(8)))
-        os.chmod(image, 0o666)
-        d = world_faytd(POLICY, devices=BLK_DEVICES)
-        m = spawn("sys.path.insert(0, sys.argv[1])\nfrom servers import blockdev\n"
-                  "sys.exit(blockdev.main(['model', '--name', 'blk0', '--image', sys.argv[2]]))",
-                  d.env(), args=[ROOT, image], as_user=as_user, uid=NOBODY)
-        assert m.expect() == "serving blk0: 8 blocks"
+    with _nobody_model(spawn, as_user, world_faytd) as d:
         one = spawn(BLOCK_DRIVER, d.env(), args=[ROOT])
         assert one.expect() == "8"
         assert ask(one, "read 3") == "block-3"          # slot 0: the model maps its frame
@@ -554,8 +550,6 @@ def test_devices_block_model_uses_no_frame_a_later_driver_did_not_grant(spawn, a
         assert got.startswith("EFAULT"), got
         two.kill()
         one.kill()
-    finally:
-        shutil.rmtree(top, ignore_errors=True)
 
 
 def test_devices_chain_server_serves_a_file_of_the_disk(spawn, fresh_faytd, tmp_path):
