@@ -34,7 +34,8 @@ SERVED, DEAD = lib.FAYT_DEV_STATE_SERVED, lib.FAYT_DEV_STATE_DEAD
 # Word offsets of the pages (docs/devices.md, fayt/syscall.h).
 RING_HEAD, RING_IRQ_SEEN = 0, 8                  # the driver's ring
 MODEL_TAIL = 0                                   # the model's page
-STATE_STATE, STATE_GEN, STATE_RAISED, STATE_WINDOW, STATE_MODEL = 0, 8, 16, 24, 32
+STATE_STATE, STATE_GEN, STATE_RAISED, STATE_WINDOW, STATE_MODEL, STATE_DRIVER = \
+    0, 8, 16, 24, 32, 40
 _Q = struct.Struct("<Q")
 _FENCE = threading.Lock()       # acquire+release: a locked instruction, a full barrier
 
@@ -285,6 +286,7 @@ class Devices:
         fds = w.descriptors(((w.ring_driver, False), (w.ring_model, True), (w.state, True)))
         self.k.notifications.install(ctx, index, cookie)
         w.driver, w.irq_index, w.posted = ctx, index, w.raised
+        w.state_w[STATE_DRIVER // 8] = ctx.id
         return w.reply(), fds
 
     def detach(self, ctx, w):
@@ -304,6 +306,14 @@ class Devices:
 
     def _driver_gone(self, w):
         d, w.driver = w.driver, None
+        w.state_w[STATE_DRIVER // 8] = 0
+        if w.model is not None:
+            # What it granted the model ends with it: a later driver of the
+            # window must not reach this one's RAM through the model.
+            n = self.k.direct.revoke_to(d, w.model)
+            if n:
+                log.info("window %s: %d grant(s) of its driver (context %d) to the model "
+                         "(context %d) end with the driver", w.name, n, d.id, w.model.id)
         if w.irq_index is not None and d.page_struct is not None and d.alive:
             self.k.notifications.remove(d, w.irq_index)
         w.irq_index = None

@@ -147,6 +147,21 @@ class Direct:
                     prot |= g.prot
         return prot
 
+    def revoke_to(self, ctx, to):
+        """Take back every grant ctx made to context `to` (not to a
+        category); how many.  DIRECT mappings already made stay."""
+        n = 0
+        for oid in list(self.grants):
+            gs = self.grants[oid]
+            keep = [g for g in gs if not (g.ctx is ctx and g.kind == lib.FAYT_GRANT_CONTEXT
+                                          and g.to == to.id)]
+            n += len(gs) - len(keep)
+            if keep:
+                self.grants[oid] = keep
+            else:
+                del self.grants[oid]
+        return n
+
     def context_gone(self, ctx):
         for oid in [o for o, gs in self.grants.items() if any(g.ctx is ctx for g in gs)]:
             gs = [g for g in self.grants[oid] if g.ctx is not ctx]

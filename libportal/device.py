@@ -38,8 +38,9 @@ HEAD, IRQ_SEEN, ENTRIES = (ffi.offsetof("struct fayt_dev_ring", f)
                            for f in ("head", "irq_seen", "entries"))
 TAIL, ANSWER_SEQ, ANSWER = (ffi.offsetof("struct fayt_dev_model_page", f)
                             for f in ("tail", "answer_seq", "answer"))
-STATE, GENERATION, RAISED, MODEL = (ffi.offsetof("struct fayt_dev_state_page", f)
-                                    for f in ("state", "generation", "irq_raised", "model"))
+STATE, GENERATION, RAISED, MODEL, DRIVER = (
+    ffi.offsetof("struct fayt_dev_state_page", f)
+    for f in ("state", "generation", "irq_raised", "model", "driver"))
 _FENCE = threading.Lock()       # acquire+release: a locked instruction, a full barrier
 
 
@@ -141,6 +142,12 @@ class DeviceModel(_Window):
     def set64(self, offset: int, value: int) -> None:
         """Store the 64-bit register at `offset` of the register page."""
         self._r64[offset // 8] = value & (1 << 64) - 1
+
+    @property
+    def driver(self) -> int:
+        """The context id of the window's driver (0: none), from faytd's
+        state page: what the model mapped of a driver's RAM is that one's."""
+        return self._w_state[DRIVER // 8]
 
     def get32(self, offset: int) -> int:
         """The 32-bit register at `offset` of the register page."""

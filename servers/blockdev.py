@@ -63,6 +63,16 @@ class Model:
         self.dev.on_write = self.on_write
         self.ring = None                # (its physical address, the DIRECT portal of it)
         self.mapped = OrderedDict()     # a buffer's physical address -> its DIRECT portal
+        self.driver = 0                 # the driver those are of (faytd's state page)
+
+    def _forget(self):
+        """Unmap what was mapped of a driver's RAM (its grants end with it:
+        faytd takes them back when it detaches, but a mapping made stays)."""
+        if self.ring is not None:
+            self.ring[1].unmap()
+            self.ring = None
+        while self.mapped:
+            self.mapped.popitem()[1].unmap()
 
     def _direct(self, paddr):
         return lp.portal(lp.DIRECT, lp.PROT_RW, BLOCK, paddr=[paddr], connection=self.conn)
@@ -106,6 +116,9 @@ class Model:
                 self.dev.set64(RING, value)
             return                  # the other registers are read-only
         self.dev.set32(DOORBELL, value)
+        if self.dev.driver != self.driver:
+            self._forget()              # another driver: nothing of the last one's RAM
+            self.driver = self.dev.driver
         ring = self._ring()
         if ring is None:
             self.dev.irq()          # the driver finds ERROR set

@@ -527,16 +527,14 @@ def test_devices_block_device_dma_only_into_granted_ram(spawn, as_user, world_fa
 
 
 @needs_root
-@pytest.mark.xfail(strict=True, reason="review finding: grants go to the model's context, not "
-                   "per driver, and the model caches DIRECT mappings by address; a later "
-                   "driver can make the model DMA into an earlier driver's RAM")
 def test_devices_block_model_uses_no_frame_a_later_driver_did_not_grant(spawn, as_user,
                                                                       world_faytd):
     """Driver 1 reads a block through its granted buffer, then detaches
     (keeping its RAM). Driver 2 attaches and names driver 1's frame in a
     descriptor, which it never granted: the model must complete it with
-    EFAULT, not DMA into driver 1's memory through a mapping it kept from
-    driver 1's grant."""
+    EFAULT, not DMA into driver 1's memory.  (The review's finding: faytd
+    now ends a driver's grants to the model when it detaches, and the model
+    drops its mappings when the state page names another driver.)"""
     with _nobody_model(spawn, as_user, world_faytd) as d:
         one = spawn(BLOCK_DRIVER, d.env(), args=[ROOT])
         assert one.expect() == "8"

@@ -52,6 +52,8 @@ struct fayt_dev_state_page {
     uint64_t window;            /* the window's id */
     uint64_t model;             /* the serving model's context id (0: none), from faytd's
                                    records: whom a driver grants its DMA-able RAM to */
+    uint64_t driver;            /* the attached driver's context id (0: none): a model
+                                   drops what it mapped of a driver's RAM when it changes */
 } __attribute__((packed));
 
 /* A driver's end of a window: its mappings and eventfds, and its own
