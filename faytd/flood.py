@@ -19,8 +19,9 @@ and only those threads whose real and effective uid are the flooding
 uid's (the pid a context names is the one SO_PEERCRED gave at connect:
 that process may be gone and its pid reused by another uid's).
 A uid that stopped flooding for QUIET_WINDOWS windows in a row gets its
-threads' nice values back, each only if it is still the one faytd set
-(a scheduler or the process itself may have changed it since).  Lowering
+threads' nice values back, each only if it is the same thread (its uid and
+its start time: a tid is reused) and still at the value faytd set (a
+scheduler or the process itself may have changed it since).  Lowering
 another uid's priority needs CAP_SYS_NICE: a faytd without it logs once
 and leaves floods alone.  Nothing is left behind when faytd stops: the
 values are given back at close().
@@ -56,8 +57,8 @@ class FloodGuard:
     def __init__(self, kernel, server):
         """server: the event loop (its watch_fd/unwatch_fd for the timerfd)."""
         self.k = kernel
-        self.nice = kernel.cfg.get("flood_nice")
-        self.rate = kernel.cfg.get("flood_calls_per_s", 2000)
+        self.nice = kernel.cfg["flood_nice"]
+        self.rate = kernel.cfg["flood_calls_per_s"]
         self.seen = {}          # context id -> its request count at the last window
         self.departed = {}      # uid -> calls of its contexts that left during this window
         self.departed_pids = {}     # uid -> the processes of those contexts
