@@ -478,12 +478,17 @@ class Dispatcher:
                 self._rearm()
         return self._ready_r
 
-    def _rearm(self):
-        """Every post rings the doorbell again; if something already waits,
-        the descriptor is made readable now (no wake-up is lost between the
-        last dispatch and the arming)."""
+    def _arm(self):
+        """Every post rings the doorbell again; whether something already
+        waits (then no wake-up will come for it)."""
         self._table()
-        if lib.fayt_notify_arm_doorbell(self._disp, self._gen_ptr, self.generation):
+        return lib.fayt_notify_arm_doorbell(self._disp, self._gen_ptr, self.generation)
+
+    def _rearm(self):
+        """_arm, and if something already waits the descriptor is made
+        readable now (no wake-up is lost between the last dispatch and the
+        arming)."""
+        if self._arm():
             self._signal_ready()
 
     def _signal_ready(self):
@@ -510,8 +515,7 @@ class Dispatcher:
                 self.fetch()
             n = self.dispatch()
             ran += n
-            self._table()
-            if not lib.fayt_notify_arm_doorbell(self._disp, self._gen_ptr, self.generation):
+            if not self._arm():
                 return ran
             if not n:
                 # Something waits that this dispatch could not run (no free
