@@ -8,8 +8,8 @@ system call a record (docs/queue.md).
 
 A queue has one producer: this process, one thread at a time (a put that
 cannot wait is one C call made with the GIL held; one that may wait holds
-the Queue's lock, and the C calls of other threads step aside meanwhile).  faytd is woken (the queue's eventfd) only
-when it said it sleeps.  put and put_many wait for space as their timeout
+the Queue's lock, and the C calls of other threads step aside meanwhile).
+faytd is woken (the queue's eventfd) only when it said it sleeps.  put and put_many wait for space as their timeout
 says: None (the default) for ever, 0 never (WouldBlock when full), else at
 most that many seconds (TimedOut).  A queue faytd dropped for a bad record
 raises ProtocolError (EPROTO); a closed one BrokenPipeError (EPIPE).  A
