@@ -22,6 +22,7 @@ import pytest
 
 import libportal
 from faytd.launch import LAST, RUNS, STARTED
+from faytd.sched import _state      # a process's state letter from /proc
 from libportal._abi import lib, NOTIFY_OPEN, STACK_REQ
 
 from bench.cases import FLOODER     # the bench's flood, as in its "fair" rows
@@ -754,9 +755,4 @@ def test_limits_flood_guard_renices_no_process_that_reused_a_flooders_pid(start,
 
 
 def process_exists(pid):
-    try:
-        with open("/proc/%d/stat" % pid, "rb") as f:
-            s = f.read()
-    except OSError:
-        return False
-    return s[s.rindex(b")") + 2:s.rindex(b")") + 3] not in (b"Z", b"X")
+    return _state(pid) not in (None, "Z", "X")
