@@ -153,6 +153,9 @@ static int fast_portal(struct fayt_core *k, struct fayt_fast_conn *c,
     } else if (a.type == (FAYT_PORTAL_SHARE | FAYT_PORTAL_ANON)) {
         if (!(c->flags & FAYT_FAST_CONN_SHARE) || (a.attach && others_waiting(k, c)))
             return FAYT_FAST_PASS;
+    } else if (a.type == FAYT_PORTAL_DIRECT) {      /* over granted RAM: direct.c */
+        return c->flags & FAYT_FAST_CONN_DIRECT ? core_direct_serve(k, c, h, body, &a, err)
+                                                : FAYT_FAST_PASS;
     } else {
         return FAYT_FAST_PASS;
     }
@@ -192,6 +195,7 @@ static int fast_unmap(struct fayt_core *k, struct fayt_fast_conn *c,
     if (!m)
         return FAYT_FAST_PASS;          /* Python's own mapping, or none */
     struct sp *sp = m->sp;
+    int anon = m->type == FAYT_PORTAL_ANON;
     int how = h->op == FAYT_SYS_UNMAP_DESTROY ? FAYT_CORE_UNMAP_DESTROY : FAYT_CORE_UNMAP;
     if (how == FAYT_CORE_UNMAP_DESTROY && sp && !sp->destroyed) {
         if (c->pid != sp->owner_pid && !(c->flags & FAYT_FAST_CONN_CORE))
@@ -212,7 +216,7 @@ static int fast_unmap(struct fayt_core *k, struct fayt_fast_conn *c,
         k->destroys++;
     if (sp)
         k->unmaps++;
-    else
+    else if (anon)
         k->anon_unmaps++;
     return acknowledge(c, h, err);
 }
