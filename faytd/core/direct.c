@@ -329,13 +329,15 @@ static int send_fds(int fd, const void *msg, size_t n, const int *fds, int nfds)
     return r < 0 ? errno : 0;
 }
 
-/* A descriptor of src's object for c: read-write (a dup of the one src
- * holds, else opened by name) or, without PROT_WRITE, read-only. */
-static int object_fd(const struct map *src, const struct dobj *o, int writable)
+/* A descriptor of src's object for c: read-write (the one src holds, sent
+ * as it is: *borrowed, not closed; else opened by name) or, without
+ * PROT_WRITE, read-only (opened by name). */
+static int object_fd(const struct map *src, const struct dobj *o, int writable, int *borrowed)
 {
     int held = src->sp ? src->sp->fd : src->fd;
-    if (writable && held >= 0)
-        return fcntl(held, F_DUPFD_CLOEXEC, 3);
+    *borrowed = writable && held >= 0;
+    if (*borrowed)
+        return held;
     return open(o->name, (writable ? O_RDWR : O_RDONLY) | O_CLOEXEC);
 }
 
@@ -380,17 +382,19 @@ int core_direct_serve(struct fayt_core *k, struct fayt_fast_conn *c,
         os.o[os.n++] = o;
     }
     /* The descriptors, then the mapping: nothing is changed until both exist. */
-    int fds[FAYT_DIRECT_OBJECTS_MAX], writable = (a->prot & FAYT_PROT_WRITE) != 0;
+    int fds[FAYT_DIRECT_OBJECTS_MAX], borrowed[FAYT_DIRECT_OBJECTS_MAX];
+    int writable = (a->prot & FAYT_PROT_WRITE) != 0;
     uint32_t nfds = 0;
     struct dobjs *mine = malloc(sizeof *mine);
     struct map *m = mine ? core_map_alloc(k, c, h->tid, a->prot, FAYT_PORTAL_DIRECT,
                                           (uint64_t)n * FAYT_PAGE_SIZE, n) : NULL;
     for (; m && nfds < os.n; nfds++)
-        if ((fds[nfds] = object_fd(src[nfds], os.o[nfds], writable)) < 0)
+        if ((fds[nfds] = object_fd(src[nfds], os.o[nfds], writable, &borrowed[nfds])) < 0)
             break;
     if (!m || nfds < os.n || core_map_add(k, m)) {
-        while (nfds)
-            close(fds[--nfds]);
+        while (nfds--)
+            if (!borrowed[nfds])
+                close(fds[nfds]);
         free(m);
         free(mine);
         for (uint32_t i = 0; i < os.n; i++)
@@ -452,7 +456,8 @@ int core_direct_serve(struct fayt_core *k, struct fayt_fast_conn *c,
     k->calls_portal++;
     int se = send_fds(c->fd, rep, at, fds, (int)nfds);
     for (uint32_t i = 0; i < nfds; i++)
-        close(fds[i]);
+        if (!borrowed[i])
+            close(fds[i]);
     if (se) {
         *err = se;
         return FAYT_FAST_UNSENT;
