@@ -36,8 +36,8 @@ from libportal.direct import map_fd
 from .context import Mapping
 from .deferred import Deferred
 from .direct import DirectBacking
-from .frames import KernelError, PAGE
-from .native import ffi as cffi, lib as clib
+from .frames import BackingObject, KernelError, PAGE
+from .native import core, ffi as cffi, lib as clib
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _MAP_SHARED, _MAP_POPULATE = 0x01, 0x8000
@@ -92,7 +92,7 @@ class Cow:
         """Frames for the written pages of ctx's view `handle` (mapped at
         base): their physical addresses, in order."""
         k = self.k
-        m = ctx.mappings.own_get(handle)
+        m = ctx.mappings.own_get(handle) or self.adopt(ctx, handle)
         if m is None:
             raise KernelError(errno.EBADF, "handle: %d names no mapping of this context" % handle)
         b = m.backing
@@ -121,6 +121,40 @@ class Cow:
                 fr.offset[f] = p
                 pp.frames[p] = f
         return [k.frames.paddr(pp.frames[p]) for p in pages]
+
+    def adopt(self, ctx, handle):
+        """ctx's view `handle` if the core made it (faytd/core/direct.c: a
+        view at least on write over granted RAM), made Python's own mapping
+        with the same handle, its frames' references and its charge (its
+        written pages get frames here); None if the core holds no view of
+        that handle."""
+        k = self.k
+        info = cffi.new("struct fayt_map_info *")
+        if clib.fayt_core_map_info(core, ctx.fast, handle, info, cffi.NULL, 0) \
+                or info.type != COW:
+            return None
+        frames = cffi.new("uint32_t[]", max(1, info.nframes))
+        clib.fayt_core_map_info(core, ctx.fast, handle, info, frames, info.nframes)
+        objects, i = [], 0
+        o = cffi.new("struct fayt_map_info *")
+        while not clib.fayt_direct_map_object(core, ctx.fast, handle, i, o, cffi.NULL, 0):
+            ofr = cffi.new("uint32_t[]", max(1, o.nframes))
+            clib.fayt_direct_map_object(core, ctx.fast, handle, i, o, ofr, o.nframes)
+            obj = k.direct.objects.get(o.oid)
+            if obj is None or obj.name is None:
+                obj = k.direct.objects[o.oid] = BackingObject.named(
+                    o.oid, cffi.string(o.object).decode(), o.length,
+                    array.array("I", cffi.buffer(ofr, 4 * o.nframes)[:]))
+            objects.append(obj)
+            i += 1
+        charged = info.charged
+        clib.fayt_direct_disown(core, ctx.fast, handle)
+        ctx.mappings.pop(handle)
+        m = Mapping(handle, COW, DirectBacking(array.array("I", cffi.buffer(
+            frames, 4 * info.nframes)[:]), objects), None, info.pid, info.tid, info.prot)
+        m.charged = charged
+        k.add_mapping(ctx, m)
+        return m
 
     def forget(self, pp):
         """The view goes: its private frames are freed."""

@@ -44,7 +44,8 @@ CLASS_BITS = {
     "COW": lib.FAYT_PORTAL_COW,
     "SPECIAL": lib.FAYT_PORTAL_SPECIAL,
 }
-SHARE, ANON, DIRECT = lib.FAYT_PORTAL_SHARE, lib.FAYT_PORTAL_ANON, lib.FAYT_PORTAL_DIRECT
+SHARE, ANON, DIRECT, COW = (lib.FAYT_PORTAL_SHARE, lib.FAYT_PORTAL_ANON, lib.FAYT_PORTAL_DIRECT,
+                             lib.FAYT_PORTAL_COW)
 CATEGORY_IDS = {"core": lib.FAYT_CATEGORY_CORE, "driver": lib.FAYT_CATEGORY_DRIVER,
                 "server": lib.FAYT_CATEGORY_SERVER}
 
@@ -262,6 +263,8 @@ class Policy:
             flags |= clib.FAYT_FAST_CONN_ANON
         if category.classes & DIRECT:
             flags |= clib.FAYT_FAST_CONN_DIRECT    # DIRECT over granted RAM (direct.c)
+        if category.classes & COW:
+            flags |= clib.FAYT_FAST_CONN_COW       # COW views at least on write (direct.c)
         if category.id == lib.FAYT_CATEGORY_CORE:
             flags |= clib.FAYT_FAST_CONN_CORE      # check_destroy's exception, any namespace
         return flags

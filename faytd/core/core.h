@@ -290,6 +290,7 @@ struct fayt_fast_conn {
 #define FAYT_FAST_CONN_PYTHON  0x40 /* a fault plan names its calls: every request goes to
                                       Python (faytd/injection.py) */
 #define FAYT_FAST_CONN_DIRECT  0x80 /* registered, and may use DIRECT (direct.c) */
+#define FAYT_FAST_CONN_COW     0x100 /* registered, and may use COW (direct.c) */
 
 struct fayt_fast_conn *fayt_core_conn_new(struct fayt_core *k);
 /* Python lets go of c (its Context is gone); the core frees it once no
@@ -413,6 +414,17 @@ int32_t fayt_direct_granted_prot(struct fayt_core *k, const struct fayt_fast_con
 uint32_t fayt_direct_revoke_to(struct fayt_core *k, uint32_t from_ctx, uint32_t to);
 /* Context ctx_id is gone: its grants go. */
 void fayt_direct_context_gone(struct fayt_core *k, uint32_t ctx_id);
+/* The core's DIRECT mappings and COW views (at least on write) made on the
+ * C path are core mappings (fayt_core_map_info: type, frames; no object of
+ * their own).  Object i (0..) of c's mapping `handle`: its id, name,
+ * length and frames (as fayt_core_oid_info), or ENOENT past the last. */
+int fayt_direct_map_object(struct fayt_core *k, struct fayt_fast_conn *c, uint64_t handle,
+                           uint32_t i, struct fayt_map_info *out, uint32_t *frames,
+                           uint32_t max);
+/* c's mapping `handle` (DIRECT or COW) leaves the core: its references to
+ * its frames and its RAM charge become the caller's (Python's record of it
+ * takes them, with the same handle).  0, or ENOENT. */
+int fayt_direct_disown(struct fayt_core *k, struct fayt_fast_conn *c, uint64_t handle);
 
 /* A share-point, as the core describes it to Python. */
 struct fayt_sp_info {

@@ -92,7 +92,7 @@ static uint32_t bucket(uint32_t oid, uint32_t n)
 static struct map *grant_source(struct fayt_core *k, const struct grant *g)
 {
     struct map *m = core_map_find_id(k, g->from_ctx, g->handle);
-    if (!m || m->type == FAYT_PORTAL_DIRECT || (m->sp ? m->sp->oid : m->oid) != g->oid)
+    if (!m || core_map_frames_of_others(m) || (m->sp ? m->sp->oid : m->oid) != g->oid)
         return NULL;
     return m;
 }
@@ -313,6 +313,42 @@ void core_direct_fini(struct fayt_core *k)
     k->priv->direct = NULL;
 }
 
+int fayt_direct_map_object(struct fayt_core *k, struct fayt_fast_conn *c, uint64_t handle,
+                           uint32_t i, struct fayt_map_info *out, uint32_t *frames,
+                           uint32_t max)
+{
+    struct map *m = core_map_find(k, c, handle);
+    struct dobjs *os = m ? m->direct : NULL;
+    if (!os || i >= os->n)
+        return ENOENT;
+    const struct dobj *o = os->o[i];
+    memset(out, 0, sizeof *out);
+    out->oid = o->oid;
+    out->nframes = o->nframes;
+    out->length = (uint64_t)o->nframes * FAYT_PAGE_SIZE;
+    snprintf(out->object, sizeof out->object, "%s", o->name);
+    if (frames)
+        memcpy(frames, o->frames, (size_t)(max < o->nframes ? max : o->nframes) * 4);
+    return 0;
+}
+
+int fayt_direct_disown(struct fayt_core *k, struct fayt_fast_conn *c, uint64_t handle)
+{
+    struct direct_state *d = k->priv->direct;
+    struct map *m = core_map_find(k, c, handle);
+    if (!m || !core_map_frames_of_others(m) || !d)
+        return ENOENT;
+    struct dobjs *os = m->direct;
+    for (uint32_t i = 0; os && i < os->n; i++)
+        if (--os->o[i]->refs == 0)
+            dobj_unlink(d, os->o[i]);
+    free(os);
+    m->direct = NULL;
+    m->nframes = 0;                     /* its references are the caller's now */
+    m->charged = 0;                     /* and its charge */
+    return fayt_core_unmap(k, c, handle, FAYT_CORE_UNMAP, NULL, NULL, 0);
+}
+
 /* -- the C path ------------------------------------------------------------- */
 static int send_fds(int fd, const void *msg, size_t n, const int *fds, int nfds)
 {
@@ -346,8 +382,12 @@ int core_direct_serve(struct fayt_core *k, struct fayt_fast_conn *c,
                       const struct fayt_portal_args *a, int *err)
 {
     struct direct_state *d = state(k);
-    if (!d || a->length <= 0 || a->length % FAYT_PAGE_SIZE)
+    int cow = a->type == FAYT_PORTAL_COW;
+    if (!d || a->length <= 0 || a->length % FAYT_PAGE_SIZE
+        || (cow && a->share_type != FAYT_COW_ON_WRITE))
         return FAYT_FAST_PASS;
+    /* DIRECT maps with the prot asked; a COW view reads its source. */
+    int32_t need = cow ? FAYT_PROT_READ : a->prot;
     uint32_t n = (uint32_t)a->length / FAYT_PAGE_SIZE;
     if ((a->mlen + FAYT_PAGE_SIZE - 1) / FAYT_PAGE_SIZE != n || n > PADDR_MAX
         || c->py_mappings + c->nmaps >= k->max_mappings)
@@ -373,7 +413,7 @@ int core_direct_serve(struct fayt_core *k, struct fayt_fast_conn *c,
         struct map *m;
         int32_t allowed = granted(k, d, c, oid, &m);
         if (!m || (m->sp && m->sp->split)
-            || (!core_ctx && (!allowed || (a->prot & ~allowed))))
+            || (!core_ctx && (!allowed || (need & ~allowed))))
             return FAYT_FAST_PASS;      /* EPERM, or Python's objects */
         struct dobj *o = dobj_of(d, oid, m);
         if (!o)
@@ -383,11 +423,16 @@ int core_direct_serve(struct fayt_core *k, struct fayt_fast_conn *c,
     }
     /* The descriptors, then the mapping: nothing is changed until both exist. */
     int fds[FAYT_DIRECT_OBJECTS_MAX], borrowed[FAYT_DIRECT_OBJECTS_MAX];
-    int writable = (a->prot & FAYT_PROT_WRITE) != 0;
+    int writable = !cow && (a->prot & FAYT_PROT_WRITE);    /* a view's fds are read-only */
+    uint64_t bytes = (uint64_t)n * FAYT_PAGE_SIZE;
+    /* A writable view's possible private pages are charged at creation. */
+    uint64_t charged = cow && (a->prot & FAYT_PROT_WRITE) ? bytes : 0;
+    if (charged && fayt_core_charge(k, c, charged, NULL, 0))
+        return FAYT_FAST_PASS;          /* Python answers ENOMEM */
     uint32_t nfds = 0;
     struct dobjs *mine = malloc(sizeof *mine);
-    struct map *m = mine ? core_map_alloc(k, c, h->tid, a->prot, FAYT_PORTAL_DIRECT,
-                                          (uint64_t)n * FAYT_PAGE_SIZE, n) : NULL;
+    struct map *m = mine ? core_map_alloc(k, c, h->tid, a->prot, (uint32_t)a->type, bytes, n)
+                         : NULL;
     for (; m && nfds < os.n; nfds++)
         if ((fds[nfds] = object_fd(src[nfds], os.o[nfds], writable, &borrowed[nfds])) < 0)
             break;
@@ -400,8 +445,11 @@ int core_direct_serve(struct fayt_core *k, struct fayt_fast_conn *c,
         for (uint32_t i = 0; i < os.n; i++)
             if (!os.o[i]->refs)
                 dobj_unlink(d, os.o[i]);
+        if (charged)
+            fayt_core_ram_set(k, c, c->ram - charged);
         return FAYT_FAST_PASS;
     }
+    m->charged = charged;
     memcpy(m->frames, d->frames, (size_t)n * 4);
     fayt_frames_get(&k->frames, m->frames, n);
     *mine = os;
@@ -424,7 +472,7 @@ int core_direct_serve(struct fayt_core *k, struct fayt_fast_conn *c,
     pr.handle = m->handle;
     pr.map_length = (uint64_t)n * FAYT_PAGE_SIZE;
     pr.prot = a->prot;
-    pr.flags = FAYT_PORTAL_REPLY_DIRECT;
+    pr.flags = FAYT_PORTAL_REPLY_DIRECT | (cow ? FAYT_PORTAL_REPLY_PRIVATE : 0);
     memset(&q, 0, sizeof q);
     q.type = a->type;
     q.prot = a->prot;

@@ -160,6 +160,11 @@ struct map *core_map_find_id(struct fayt_core *k, uint32_t ctx_id, uint64_t hand
 struct map *core_map_alloc(struct fayt_core *k, struct fayt_fast_conn *c, int32_t tid,
                            int32_t prot, uint32_t type, uint64_t length, uint32_t nframes);
 int core_map_add(struct fayt_core *k, struct map *m);
+/* A DIRECT mapping or a COW view: frames of others' objects, none its own. */
+static inline int core_map_frames_of_others(const struct map *m)
+{
+    return m->type == FAYT_PORTAL_DIRECT || m->type == FAYT_PORTAL_COW;
+}
 int core_fail(char *msg, size_t max, int err, const char *fmt, ...)
     __attribute__((format(printf, 4, 5)));
 void core_table_fini(struct fayt_core *k);

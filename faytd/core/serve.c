@@ -153,9 +153,10 @@ static int fast_portal(struct fayt_core *k, struct fayt_fast_conn *c,
     } else if (a.type == (FAYT_PORTAL_SHARE | FAYT_PORTAL_ANON)) {
         if (!(c->flags & FAYT_FAST_CONN_SHARE) || (a.attach && others_waiting(k, c)))
             return FAYT_FAST_PASS;
-    } else if (a.type == FAYT_PORTAL_DIRECT) {      /* over granted RAM: direct.c */
-        return c->flags & FAYT_FAST_CONN_DIRECT ? core_direct_serve(k, c, h, body, &a, err)
-                                                : FAYT_FAST_PASS;
+    } else if (a.type == FAYT_PORTAL_DIRECT || a.type == FAYT_PORTAL_COW) {
+        /* over granted RAM: direct.c */
+        uint32_t may = a.type == FAYT_PORTAL_COW ? FAYT_FAST_CONN_COW : FAYT_FAST_CONN_DIRECT;
+        return c->flags & may ? core_direct_serve(k, c, h, body, &a, err) : FAYT_FAST_PASS;
     } else {
         return FAYT_FAST_PASS;
     }

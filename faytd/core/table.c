@@ -689,7 +689,7 @@ static void map_remove(struct fayt_core *k, struct map *m)
             else if (!sp->owner_alive)
                 sp_destroy(k, sp, c);
         }
-    } else if (m->type == FAYT_PORTAL_DIRECT) {
+    } else if (core_map_frames_of_others(m)) {
         core_direct_unmapped(k, m);
     } else {
         if (fayt_frames_put(&k->frames, m->frames, m->nframes) == m->nframes) {
@@ -1317,7 +1317,7 @@ int fayt_core_map_info(struct fayt_core *k, struct fayt_fast_conn *c, uint64_t h
     out->prot = m->prot;
     out->length = m->length;
     out->charged = m->charged;
-    if (m->type == FAYT_PORTAL_DIRECT) {   /* frames of others' objects: no object of its own */
+    if (core_map_frames_of_others(m)) {    /* DIRECT, COW: no object of its own */
         out->nframes = m->nframes;
         if (frames)
             memcpy(frames, m->frames, (size_t)(max < m->nframes ? max : m->nframes) * 4);
