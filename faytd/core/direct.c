@@ -365,16 +365,35 @@ static int send_fds(int fd, const void *msg, size_t n, const int *fds, int nfds)
     return r < 0 ? errno : 0;
 }
 
-/* A descriptor of src's object for c: read-write (the one src holds, sent
- * as it is: *borrowed, not closed; else opened by name) or, without
- * PROT_WRITE, read-only (opened by name). */
-static int object_fd(const struct map *src, const struct dobj *o, int writable, int *borrowed)
+void core_direct_rofd_close(struct fayt_core *k, int *fd)
+{
+    if (*fd >= 0) {
+        close(*fd);
+        k->priv->held_ro--;
+        *fd = -1;
+    }
+}
+
+/* A descriptor of src's object for c, sent as it is when *borrowed (not
+ * closed), else opened here: read-write, the one src holds for recycling;
+ * read-only (without PROT_WRITE, and for every view), the read-only one
+ * src holds, opened by name the first time (at most RO_HELD_MAX are held,
+ * each until its source's record or objects go). */
+static int object_fd(struct fayt_core *k, struct map *src, const struct dobj *o, int writable,
+                     int *borrowed)
 {
     int held = src->sp ? src->sp->fd : src->fd;
-    *borrowed = writable && held >= 0;
+    int *ro = src->sp ? &src->sp->rofd : &src->rofd;
+    *borrowed = writable ? held >= 0 : *ro >= 0;
     if (*borrowed)
-        return held;
-    return open(o->name, (writable ? O_RDWR : O_RDONLY) | O_CLOEXEC);
+        return writable ? held : *ro;
+    int fd = open(o->name, (writable ? O_RDWR : O_RDONLY) | O_CLOEXEC);
+    if (fd >= 0 && !writable && k->priv->held_ro < RO_HELD_MAX) {
+        k->priv->held_ro++;
+        *ro = fd;
+        *borrowed = 1;
+    }
+    return fd;
 }
 
 int core_direct_serve(struct fayt_core *k, struct fayt_fast_conn *c,
@@ -434,7 +453,7 @@ int core_direct_serve(struct fayt_core *k, struct fayt_fast_conn *c,
     struct map *m = mine ? core_map_alloc(k, c, h->tid, a->prot, (uint32_t)a->type, bytes, n)
                          : NULL;
     for (; m && nfds < os.n; nfds++)
-        if ((fds[nfds] = object_fd(src[nfds], os.o[nfds], writable, &borrowed[nfds])) < 0)
+        if ((fds[nfds] = object_fd(k, src[nfds], os.o[nfds], writable, &borrowed[nfds])) < 0)
             break;
     if (!m || nfds < os.n || core_map_add(k, m)) {
         while (nfds--)

@@ -17,6 +17,7 @@ struct epoll_event;
 
 #define FAST_MAX_FRAMES FAYT_FAST_MAX_FRAMES
 #define RECYCLE_MAX 64            /* objects kept for their context's next create */
+#define RO_HELD_MAX 64            /* read-only descriptors of sources held (direct.c) */
 #define ZERO_AT_CREATE 16384      /* up to this, a recycled object is zeroed by the meta's write */
 #define CORE_ABI 7                /* fayt_core_abi(); faytd/native.py checks it */
 
@@ -95,6 +96,8 @@ struct sp {
                                       never recycled */
     int journal_ok;                /* its D record was written (else never recycled) */
     int fd, fd2;                   /* held descriptors (the creator's, for recycling); -1 */
+    int rofd;                      /* a read-only descriptor of its object, held for
+                                      DIRECT and COW (direct.c); -1 */
     int split;                     /* two objects: page 0 and the rest */
     int direct;                    /* SHARE|DIRECT: over another portal's object (one object
                                       of several pages: no read-only attach of another uid) */
@@ -121,6 +124,8 @@ struct map {
     /* ANON: its object */
     uint32_t oid, nframes;
     int fd;                        /* held for recycling; -1 */
+    int rofd;                      /* ANON: a read-only descriptor of its object, held for
+                                      DIRECT and COW (direct.c); -1 */
     int shared;                    /* exposed to Python (a chain's backing): never recycled */
     char object[FAYT_OBJ_NAME_MAX];
     struct dobjs *direct;          /* DIRECT: the objects it references (direct.c) */
@@ -189,6 +194,8 @@ int core_direct_serve(struct fayt_core *k, struct fayt_fast_conn *c,
  * its objects that has no allocated frame left is released. */
 void core_direct_unmapped(struct fayt_core *k, struct map *m);
 void core_direct_fini(struct fayt_core *k);
+/* A source's read-only descriptor (*fd) goes with its record or its objects. */
+void core_direct_rofd_close(struct fayt_core *k, int *fd);
 
 /* -- journal.c ---------------------------------------------------------- */
 int core_journal_write(struct fayt_core *k, const char *line, size_t n, int live);
@@ -260,6 +267,7 @@ struct fayt_core_priv {
     int round_n, round_full;
     uint8_t *reply;                /* a reply's bytes: header and FAYT_MSG_MAX of body */
     struct direct_state *direct;   /* direct.c: the grants, DIRECT's objects; NULL until used */
+    uint32_t held_ro;              /* read-only descriptors sources hold: RO_HELD_MAX at most */
     /* keeper.c */
     struct keeper_state keeper;
     struct pool_state pool;

@@ -526,7 +526,7 @@ static struct sp *sp_alloc(uint32_t n)
 {
     struct sp *sp = calloc(1, sizeof *sp + (size_t)n * sizeof(uint32_t));
     if (sp) {
-        sp->fd = sp->fd2 = -1;
+        sp->fd = sp->fd2 = sp->rofd = -1;
         sp->nframes = n;
         sp->owner_alive = 1;
     }
@@ -536,6 +536,7 @@ static struct sp *sp_alloc(uint32_t n)
 /* sp's object(s) are no longer referenced: kept for c, or released. */
 static void sp_objects_gone(struct fayt_core *k, struct sp *sp, struct fayt_fast_conn *c)
 {
+    core_direct_rofd_close(k, &sp->rofd);
     if (sp->fd >= 0 && !sp->shared && sp->journal_ok
         && kept_put(k, c, sp->length, sp->split, sp->fd, sp->object, sp->fd2, sp->object2) == 0) {
         k->priv->held_fds--;
@@ -560,6 +561,7 @@ static void sp_free(struct fayt_core *k, struct sp *sp)
 {
     ids_remove(k, sp);
     unhold(k, &sp->fd, &sp->fd2);
+    core_direct_rofd_close(k, &sp->rofd);
     free(sp);
 }
 
@@ -617,7 +619,7 @@ static struct map *map_new(struct fayt_core *k, struct fayt_fast_conn *c, int32_
     m->prot = prot;
     m->length = length;
     m->nframes = nframes;
-    m->fd = -1;
+    m->fd = m->rofd = -1;
     return m;
 }
 
@@ -704,6 +706,7 @@ static void map_remove(struct fayt_core *k, struct map *m)
         }
         unhold(k, &m->fd, NULL);
     }
+    core_direct_rofd_close(k, &m->rofd);
     conn_unref(k, c);
     free(m);
 }
