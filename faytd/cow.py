@@ -68,6 +68,24 @@ def read_process(pid, remote, local, n):
         remote, local, n = remote + got, local + got, n - got
 
 
+def _copy_runs(plan, srcs, dst):
+    """Each run (source key, offset, bytes, offset in dst) copied from
+    srcs[key] into dst with copy_file_range(2): True, or False if the
+    kernel cannot (nothing to undo: the caller copies again its way)."""
+    for key, off, n, at in plan:
+        while n:
+            try:
+                got = os.copy_file_range(srcs[key], dst, n, off, at)
+            except OSError as e:
+                if e.errno in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+                    return False
+                raise
+            if got <= 0:
+                raise OSError(errno.EIO, "copy_file_range: the source ended early")
+            off, at, n = off + got, at + got, n - got
+    return True
+
+
 class PrivatePages:
     """The pages a COW view at least on write has written, given frames
     when asked (COW_PADDR).  They are anonymous pages of the view's process,
@@ -234,6 +252,11 @@ class Cow:
         remote = [isinstance(part, PrivatePages) for part, *_ in runs]
 
         def work():
+            # Objects only: one copy_file_range(2) per run, page cache to page
+            # cache in the kernel (no page tables: populating a mapping of
+            # each side cost ten times the copy), the GIL dropped.
+            if not any(remote) and _copy_runs(plan, srcs, dst):
+                return
             # Both sides mapped here, populated in one call each (a fault per
             # page of a fresh shmem object costs more than the copy), and one
             # memmove per run: ctypes drops the GIL for it, so faytd's loop
