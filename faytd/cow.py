@@ -29,6 +29,7 @@ import array
 import ctypes
 import errno
 import os
+import threading
 
 from libportal._abi import lib
 from libportal.direct import map_fd
@@ -100,11 +101,56 @@ class PrivatePages:
         self.tail = self.name = None
 
 
+def _prefault(fd, length):
+    """Allocate every page of an object ahead of its use (a thread of its
+    own: shmem allocates and zeroes each page, most of a snapshot's cost),
+    at the lowest CPU priority: it is work ahead of need."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)    # this thread
+        os.posix_fallocate(fd, 0, length)
+    except OSError:
+        pass                        # the copy allocates what is missing
+    finally:
+        os.close(fd)
+
+
 class Cow:
     def __init__(self, k):
         self.k = k
         self.private = {}           # owner id -> PrivatePages
         self.copying = set()        # contexts whose snapshot is being copied (one each)
+        # The spare: one object made ahead, its pages allocated by a thread,
+        # for the next strict snapshot of the same length (config
+        # cow_snapshot_spare bounds it; docs/limits.md).  No frames, no
+        # charge until a snapshot takes it.
+        self.spare = None
+
+    def _take_spare(self, length):
+        """The spare if it has this length (it is the caller's then), else None."""
+        obj = self.spare
+        if obj is not None and obj.length == length:
+            self.spare = None
+            return obj
+        return None
+
+    def _refill(self, length):
+        """A new spare of `length` bytes (none past cow_snapshot_spare), made
+        here (the pool's object) and filled by a thread; the old one goes."""
+        if self.spare is not None or not 0 < length <= self.k.cfg["cow_snapshot_spare"]:
+            return
+        try:
+            obj = BackingObject(0, self.k.frames.tag, length, array.array("I"))
+            fd = obj.open_fd()
+        except (KernelError, OSError):
+            return                  # no object now: the next snapshot makes its own
+        self.spare = obj
+        threading.Thread(target=_prefault, args=(fd, length), name="faytd-spare",
+                         daemon=True).start()
+
+    def drop_spare(self):
+        if self.spare is not None:
+            self.spare.release()
+            self.spare = None
 
     def assign(self, ctx, handle, base, pages):
         """Frames for the written pages of ctx's view `handle` (mapped at
@@ -228,7 +274,15 @@ class Cow:
             raise KernelError(errno.EBUSY, "a strict snapshot of this context is being made "
                               "(one call at a time per connection)")
         frames, runs, objects = self._source(ctx, tid, lib.FAYT_COW_SNAPSHOT, length, paddrs)
-        obj = k.allocate_for(ctx, length)       # charged, fresh frames
+        spare = self._take_spare(length)
+        if spare is None and self.spare is not None:    # another length: it goes
+            self.drop_spare()
+        try:
+            obj = k.allocate_for(ctx, length, spare)    # charged, fresh frames
+        except BaseException:
+            if spare is not None:
+                spare.release()
+            raise
         fr = k.frames.c
         clib.fayt_frames_get(fr, cffi.from_buffer("uint32_t[]", frames), len(frames))
         try:
@@ -281,6 +335,7 @@ class Cow:
 
         def close():
             self.copying.discard(ctx)
+            self._refill(length)        # for the next one, now that this copy is done
             for fd in srcs.values():
                 os.close(fd)
             self._drop_source(frames, objects)
