@@ -134,7 +134,8 @@ def load(path=None, overrides=None):
     if cfg["ram"] // 4096 >= 1 << 32:
         raise ValueError("config: ram: %d bytes is 2^32 frames or more" % cfg["ram"])
     cfg["max_portal_length"] = parse_size(cfg["max_portal_length"], "max_portal_length")
-    cfg["cow_snapshot_spare"] = parse_size(cfg["cow_snapshot_spare"], "cow_snapshot_spare")
+    spare = cfg["cow_snapshot_spare"]
+    cfg["cow_snapshot_spare"] = 0 if spare in (0, "0") else parse_size(spare, "cow_snapshot_spare")
     if cfg["max_ram_per_context"] is not None:
         cfg["max_ram_per_context"] = parse_size(cfg["max_ram_per_context"], "max_ram_per_context")
     for key in ("fast_syscalls", "recycle_objects"):

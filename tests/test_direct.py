@@ -584,6 +584,41 @@ def test_cow_strict_snapshot(spawn, faytd, conn_to):
     assert wait_state(faytd, before) == before
 
 
+@pytest.mark.parametrize("spare", ["64KiB", 0])
+def test_cow_snapshot_spare(fresh_faytd, conn_to, spare):
+    """After a strict snapshot faytd holds one spare object of its length
+    (at most config cow_snapshot_spare; 0: none) for the next one of that
+    length, which copies into it: each snapshot has its own bytes; a
+    longer one gets no spare; stopping faytd releases it."""
+    d = fresh_faytd(config={"cow_snapshot_spare": spare}, ram="16MiB")
+    c = conn_to(d)
+    src = libportal.portal(libportal.ANON, RW, 2 * PAGE, connection=c)
+    big = libportal.portal(libportal.ANON, RW, 32 * PAGE, connection=c)
+    src.buf[0:5] = b"first"
+    base = portal_objects(d)
+    snaps = []
+    for word in (b"first", b"again", b"third"):
+        src.buf[0:5] = word
+        snaps.append(libportal.portal(COW, RW, 2 * PAGE, paddr=src.paddr,
+                                      share_type=libportal.COW_SNAPSHOT, connection=c))
+        # The snapshots' objects, and the spare made after each if allowed.
+        want = len(base) + len(snaps) + (1 if spare else 0)
+        assert len(objects_settle(d, want)) == want
+    assert [bytes(x.buf[0:5]) for x in snaps] == [b"first", b"again", b"third"]
+    snaps[0].buf[0:5] = b"mine!"
+    assert bytes(snaps[1].buf[0:5]) == b"again" and bytes(src.buf[0:5]) == b"third"
+    long = libportal.portal(COW, RW, 32 * PAGE, paddr=big.paddr,
+                            share_type=libportal.COW_SNAPSHOT, connection=c)
+    # Past the bound: the old spare goes, and no new one is made.
+    want = len(base) + len(snaps) + 1
+    assert len(objects_settle(d, want)) == want
+    for x in snaps + [long, src, big]:
+        x.unmap()
+    c.close()
+    d.stop()
+    assert fayt_objects([d.proc.pid], pooled=True) == []
+
+
 def test_cow_charges_a_writable_view_at_creation(spawn, fresh_faytd, conn_to):
     """A writable view's possible private pages are charged to the caller's
     RAM quota when it is made (a read-only view's are not); ENOMEM past the
