@@ -402,6 +402,49 @@ def test_cow_c_path_view_becomes_pythons_when_asked_for_addresses(faytd, conn_to
     assert objects_settle(faytd, objects0) == objects0
 
 
+def _raw_scenario(c):
+    """DIRECT and COW calls as raw bytes on connection c: each reply's body
+    and its descriptors' access modes, or the refusal's errno and message."""
+    import fcntl
+    src = libportal.portal(libportal.ANON, RW, 3 * PAGE, connection=c)
+    libportal.grant(src, to=c.context_id)
+    pa = list(src.paddr)
+    out = []
+    for t, prot, frames, mode in ((DIRECT, RW, pa[:1], 0), (DIRECT, RO, pa[::-1], 0),
+                                  (COW, RW, pa, 0), (COW, RO, pa[1:], 0),
+                                  (COW, RW, pa * 3, 0), (DIRECT, RW, [pa[0] + 1], 0)):
+        body = encode_portal_req(t, prot, PAGE * len(frames), share_type=mode, paddr=frames)
+        try:
+            data, fds = c.call(lib.FAYT_SYS_PORTAL, body)
+        except OSError as e:
+            out.append((e.errno, str(e)))
+            continue
+        out.append((data.hex(), [fcntl.fcntl(f, fcntl.F_GETFL) & os.O_ACCMODE for f in fds]))
+        for f in fds:
+            os.close(f)
+        c.call(lib.FAYT_SYS_UNMAP, HANDLE_REQ.pack(PORTAL_REPLY.unpack_from(data)[0]))
+    src.unmap()
+    return out
+
+
+def test_direct_and_cow_both_paths_agree(fresh_faytd, conn_to):
+    """The same DIRECT and COW calls, on a faytd whose C path serves them
+    and on one with fast_syscalls off: the same replies, byte for byte,
+    the same descriptor modes, the same refusals (a view past the RAM
+    quota, an unaligned frame)."""
+    cfg = {"max_ram_per_context": "32KiB"}
+    fast = fresh_faytd(config=cfg, ram="16MiB")
+    slow = fresh_faytd(config=dict(cfg, fast_syscalls=False), ram="16MiB")
+    c1, c2 = conn_to(fast), conn_to(slow)
+    before = fast_portals(fast)[0]
+    got = _raw_scenario(c1)
+    assert got == _raw_scenario(c2)
+    assert [x[0] for x in got[-2:]] == [errno.ENOMEM, errno.EINVAL], got[-2:]
+    # The four that mapped were served in C (and the ANON portal).
+    assert fast_portals(fast)[0] - before >= 4
+    assert fast_portals(slow)[0] == 0
+
+
 def test_direct_c_path_mapping_is_not_granted_again(faytd, conn_to):
     """A DIRECT mapping (made by the C path) is not a portal one may grant:
     EINVAL, as for one Python made."""
