@@ -27,6 +27,11 @@ pages, so every mapping sees every store).  What follows:
 - Limits: one reply carries at most FAYT_DIRECT_OBJECTS_MAX descriptors
   (objects), and as many runs as fit a message; each run is one mapping in
   the client (vm.max_map_count bounds those of a process).
+- Two paths: the grants are the core's table (faytd/core/direct.c), and
+  the core performs the common DIRECT (and COW view) itself, frames of
+  granted ANON portals and share-points only, as core mappings; this
+  module performs the rest (device windows aside: devices.py), with the
+  same checks and messages, and its mappings are Python's own.
 """
 import array
 import errno
