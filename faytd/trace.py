@@ -1,0 +1,618 @@
+"""The timeline trace (docs/tracing.md): what ran when, in which context,
+as Chrome trace-event JSON, the format the Perfetto UI (ui.perfetto.dev)
+and chrome://tracing open.
+
+Where each kind of event comes from:
+- system calls: faytd performs them, so it times them itself (Server._perform
+  calls call_begin and call_end).  While a trace runs every request is
+  performed in Python (the core's `disabled` word): the C fast path
+  (faytd/core/serve.c) would otherwise answer PORTAL and UNMAP unseen;
+- notifications (post, handler, return) and contended lock waits never
+  pass through faytd: libportal records them in its own context page's
+  trace area (fayt/context.h: a ring of fixed-size records after the page,
+  in the same object) while faytd has set `trace.on` there.  faytd drains
+  every context's area on a timer (DRAIN_S), when the context goes and at
+  stop.  The area is the process's own memory: every record is read
+  between two loads of its seq word and checked (kind, times, thread, and
+  each id against faytd's own records: the ring it names must be this
+  context's, the share-point one faytd knows); a record that fails is
+  counted as dropped, never believed, so a process can only mislead its
+  own track;
+- SPECIAL faults and each chain server's answer: faytd's fault engine (C)
+  queues one FAYT_FAULT_EV_TRACE line per answer and per end of a request
+  while `trace` is set in it (faytd/faults.py hands them here);
+- share-point create, attach and destroy, owner-died recoveries, injected
+  faults: faytd's Python, which performs them, reports them here.
+
+Tracks: one process track per context (its pid; named by its published
+names, its executable and context id), threads by their tid; faytd's own
+work (recoveries, faults injected into chains) on faytd's track.  Flows
+(Chrome's "s"/"f" events, bound to the enclosing slice) join a post to its
+handler and, with the return flag, the handler's end to the sender's
+return; a fault to each server's answer.
+
+The file is the caller's (`fayt trace start` passes a descriptor it opened
+itself; `faytd --trace FILE` opens FILE without following a symlink); it
+must be a regular file, so that a write never blocks faytd on a reader.
+The JSON is completed at stop and when faytd stops cleanly; a trace cut
+short by a crash is a JSON array Perfetto still opens.
+"""
+import errno
+import json
+import logging
+import os
+import stat
+import time
+
+from libportal._abi import ffi, lib
+
+from .frames import KernelError
+from .native import core as _core, lib as clib
+from .stats import OP_NAMES
+
+log = logging.getLogger("faytd")
+
+DRAIN_S = 0.02                  # how often the contexts' trace areas are drained
+FLUSH_BYTES = 1 << 16           # events kept before a write
+RECORDS = lib.FAYT_TRACE_RECORDS
+SLACK_NS = 1_000_000_000        # a record's time may be this far outside [start, now]
+PENDING_MAX = 4096              # faults awaiting their end, posts awaiting their return
+LATE_TICKS = 3                  # drains a record taken but not yet written is waited for
+TID_MAX = 1 << 22               # PID_MAX_LIMIT
+MASK32 = 0xffffffff
+_RECORD = "struct fayt_trace_record *"
+_IMMEDIATE, _RETURN = lib.FAYT_NOTIFY_IMMEDIATE, lib.FAYT_NOTIFY_RETURN
+_VERDICTS = {lib.FAYT_PAGE_DATA: "DATA", lib.FAYT_PAGE_FORWARD: "FORWARD",
+             lib.FAYT_PAGE_FAIL: "FAIL", lib.FAYT_PAGE_MAPPED: "MAPPED"}
+
+
+_NAMING = (lib.FAYT_SYS_PUBLISH, lib.FAYT_SYS_LISTEN, lib.FAYT_SYS_CHAN_CLOSE)
+
+
+def _program(ctx):
+    """The script or module a python context runs (from /proc, once per
+    track), else its executable's name."""
+    exe = os.path.basename(ctx.exe) if ctx.exe else "?"
+    try:
+        with open("/proc/%d/cmdline" % ctx.pid, "rb") as f:
+            argv = f.read(4096).split(b"\0")
+    except OSError:
+        return exe
+    if exe.startswith("python"):
+        args = [a.decode("utf-8", "replace") for a in argv[1:] if a]
+        for i, a in enumerate(args):
+            if a == "-m" and i + 1 < len(args):
+                return args[i + 1]
+            if a == "-c":
+                return "%s -c" % exe
+            if not a.startswith("-"):
+                return os.path.basename(a)
+    return exe
+
+
+def _errname(e):
+    return errno.errorcode.get(e, str(e))
+
+
+class _Area:
+    """faytd's side of one context's trace area: its own read position."""
+    __slots__ = ("ctx", "recs", "tail", "late", "dropped", "lost", "begun")
+
+    def __init__(self, ctx, head):
+        self.ctx = ctx
+        self.recs = ffi.cast(_RECORD, ffi.cast("char *", ctx.page_map.ptr) + lib.FAYT_PAGE_SIZE)
+        self.tail = head
+        self.late = 0
+        self.dropped = 0            # records that failed a check
+        self.lost = 0               # records overwritten before faytd read them
+        self.begun = {}             # (tid, ring, pos) -> (ts, slot, depth, flags, sender)
+
+
+class Tracing:
+    """faytd's one trace (at most one runs)."""
+
+    def __init__(self, kernel):
+        self.k = kernel
+        self.on = False
+        self._fd = -1
+        self._out = []
+        self._size = 0
+        self._first = True
+        self._base = 0
+        self._areas = {}            # context id -> _Area
+        self._named = {}            # context id -> the label its track was given
+        self._labels = {}           # context id -> its label now (dropped when it changes)
+        self._rings = {}            # ring id -> (sender id, target id), as faytd made them
+        self._sps = {}              # share-point id -> identifier, as faytd saw them
+        self._sends = {}            # (ring id, pos) -> post time (return flag)
+        self._faults = {}           # request id -> [answers]
+        self._current = None        # (ctx, tid) of the call being performed
+        self._timer = -1
+        self.events = 0
+        self.by = None
+        kernel.sharepoints.on_destroy.append(self._destroyed)
+
+    # -- start and stop ------------------------------------------------------
+    def start(self, fd, by):
+        """Trace into fd (taken over: closed at stop).  EBUSY if one runs;
+        EINVAL unless fd is a regular file open for writing."""
+        try:
+            if self.on:
+                raise KernelError(errno.EBUSY, "trace: one already runs (started by %s); "
+                                  "`fayt trace stop` ends it" % self.by)
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise KernelError(errno.EINVAL, "trace: the file must be a regular file "
+                                  "(a pipe or a device could block faytd)")
+            import fcntl
+            if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY:
+                raise KernelError(errno.EBADF, "trace: the file is not open for writing")
+            os.ftruncate(fd, 0)
+            os.lseek(fd, 0, os.SEEK_SET)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd, self.by, self.on = fd, by, True
+        self._out, self._size, self._first, self.events = [], 0, True, 0
+        self._base = time.monotonic_ns()
+        self._write_raw('{"traceEvents":[\n')
+        self._named.clear()
+        self._labels.clear()
+        self._lost_closed = 0
+        self._rings = {r.id: (r.sender.id if r.sender else 0, r.target.id)
+                       for r in self.k.notifications.rings.values()}
+        self._track(None)
+        self.k.fast.disabled = 1        # every call through Python: timed here
+        self.k.pager.faults.set_trace(True)
+        for ctx in list(self.k.contexts.values()):
+            self.context_seen(ctx)
+        self._arm()
+        log.info("trace: started by %s", by)
+
+    def stop(self):
+        """Drain everything, complete the JSON, close the file: a summary."""
+        if not self.on:
+            raise KernelError(errno.ENOENT, "trace: none runs (`fayt trace start FILE`)")
+        for ctx in list(self.k.contexts.values()):
+            self._drain(ctx, final=True)
+            self._area_off(ctx)
+        self.k.pager.faults.set_trace(False)
+        self.k.fast.disabled = 0
+        dropped = sum(a.dropped for a in self._areas.values())
+        lost = sum(a.lost for a in self._areas.values()) + self._lost_closed
+        summary = {"events": self.events, "dropped": dropped, "lost": lost, "by": self.by}
+        self.on = False
+        self._flush()
+        self._write_raw('\n],"displayTimeUnit":"ns","otherData":%s}\n'
+                        % json.dumps({"producer": "faytd", "clock": "CLOCK_MONOTONIC",
+                                      "records_dropped": dropped, "records_lost": lost}))
+        os.close(self._fd)
+        self._fd = -1
+        self._areas.clear()
+        self._sends.clear()
+        self._faults.clear()
+        self._disarm()
+        log.info("trace: stopped: %d events, %d client records dropped (failed a check), "
+                 "%d lost (overwritten before read)", self.events, dropped, lost)
+        return summary
+
+    _lost_closed = 0
+
+    def shutdown(self):
+        if self.on:
+            try:
+                self.stop()
+            except OSError as e:
+                log.warning("trace: completing the file: %s", e)
+
+    # -- the timer -------------------------------------------------------------
+    def serving(self):
+        """The server runs: a trace faytd --trace started may arm its timer."""
+        if self.on:
+            self._arm()
+
+    def _arm(self):
+        srv = self.k.server
+        if srv is None:
+            return
+        if self._timer < 0:
+            fd = clib.fayt_timerfd_open()
+            if fd < 0:
+                log.error("trace: timerfd_create: %s", os.strerror(-fd))
+                return
+            self._timer = fd
+            srv.watch_fd(fd, self._on_timer)
+        clib.fayt_timerfd_arm(self._timer, int(DRAIN_S * 1e9))
+
+    def _disarm(self):
+        if self._timer >= 0:
+            if self.k.server is not None:
+                self.k.server.unwatch_fd(self._timer)
+            os.close(self._timer)
+            self._timer = -1
+
+    def _on_timer(self, fd, events):
+        clib.fayt_timerfd_drain(fd)
+        if not self.on:
+            return
+        for ctx in list(self.k.contexts.values()):
+            self._drain(ctx)
+        self._flush()
+        clib.fayt_timerfd_arm(fd, int(DRAIN_S * 1e9))
+
+    # -- writing -----------------------------------------------------------------
+    def _write_raw(self, text):
+        data = text.encode()
+        while data:
+            n = os.write(self._fd, data)
+            data = data[n:]
+
+    def _emit(self, ev):
+        s = json.dumps(ev, separators=(",", ":"))
+        if self._first:
+            self._first = False
+        else:
+            s = ",\n" + s
+        self._out.append(s)
+        self._size += len(s)
+        self.events += 1
+        if self._size >= FLUSH_BYTES:
+            self._flush()
+
+    def _flush(self):
+        if self._out and self._fd >= 0:
+            try:
+                self._write_raw("".join(self._out))
+            except OSError as e:
+                log.warning("trace: writing: %s; events lost", e)
+            self._out, self._size = [], 0
+
+    def _us(self, ns):
+        return round((ns - self._base) / 1000, 3)
+
+    # -- tracks ---------------------------------------------------------------
+    def _label(self, ctx):
+        """What ctx's track is called: its published names and channel
+        listeners' names, its program (the script or module python runs,
+        else the executable) and its context id."""
+        if ctx is None:
+            return "faytd"
+        names = sorted(n.decode("utf-8", "replace")
+                       for n in self.k.published.by_ctx.get(ctx.id, ()))
+        names += sorted(lst.name.decode("utf-8", "replace")
+                        for lst in self.k.channels.listeners.values() if lst.ctx is ctx)
+        head = ", ".join(names) + " " if names else ""
+        return "%s(%s, context %d)" % (head, _program(ctx), ctx.id)
+
+    def _track(self, ctx):
+        """The pid of ctx's track (faytd's: None), named first if new."""
+        key = ctx.id if ctx is not None else 0
+        pid = ctx.pid if ctx is not None else os.getpid()
+        label = self._labels.get(key)
+        if label is None:
+            label = self._labels[key] = self._label(ctx)
+        if self._named.get(key) != label:
+            self._named[key] = label
+            args = {"name": label}
+            self._emit({"ph": "M", "name": "process_name", "pid": pid, "tid": pid,
+                        "args": args})
+            if ctx is not None:
+                self._emit({"ph": "M", "name": "process_labels", "pid": pid, "tid": pid,
+                            "args": {"labels": "exe %s, uid %d, context %d"
+                                     % (ctx.exe, ctx.uid, ctx.id)}})
+        return pid
+
+    def context_seen(self, ctx):
+        """ctx has a context page: its area is switched on."""
+        if not self.on or ctx.page_struct is None or ctx.id in self._areas:
+            return
+        p = ctx.page_struct
+        self._areas[ctx.id] = _Area(ctx, p.trace.head)
+        p.trace.on = 1
+        self._track(ctx)
+
+    def _area_off(self, ctx):
+        p = ctx.page_struct
+        if p is not None:
+            p.trace.on = 0
+
+    def context_gone(self, ctx):
+        """ctx died or left: what it recorded, then the end of its track."""
+        if not self.on:
+            return
+        a = self._areas.get(ctx.id)
+        if a is None:
+            return
+        self._drain(ctx, final=True)
+        pid = self._track(ctx)
+        self._emit({"ph": "i", "s": "p", "name": "context ends", "cat": "context",
+                    "pid": pid, "tid": pid, "ts": self._us(time.monotonic_ns()),
+                    "args": {"died": not ctx.alive}})
+        self._lost_closed += a.lost
+        self._areas.pop(ctx.id, None)
+        self._labels.pop(ctx.id, None)
+
+    def named(self, ctx):
+        """ctx published or withdrew a name: its track's label follows."""
+        if self.on:
+            self._labels.pop(ctx.id, None)
+            self._track(ctx)
+
+    # -- what faytd performs -----------------------------------------------------
+    def call_begin(self, ctx, tid):
+        self._current = (ctx, tid)
+        return time.monotonic_ns()
+
+    def call_end(self, ctx, tid, op, t0, body):
+        self._current = None
+        if not self.on:
+            return
+        if op in _NAMING:
+            self._labels.pop(ctx.id, None)
+        if ctx.id not in self._areas:
+            self.context_seen(ctx)
+        pid = self._track(ctx)
+        t1 = time.monotonic_ns()
+        err = getattr(body, "errno", 0) if isinstance(body, KernelError) else 0
+        args = {"op": op, "errno": err}
+        if err:
+            args["error"] = _errname(err)
+            args["message"] = body.message
+        if type(body).__name__ == "Deferred":
+            args["deferred"] = True
+        self._emit({"ph": "X", "name": OP_NAMES.get(op, "op_%d" % op), "cat": "syscall",
+                    "pid": pid, "tid": tid if 0 < tid < TID_MAX else pid, "ts": self._us(t0),
+                    "dur": self._us(t1) - self._us(t0), "args": args})
+
+    def _here(self):
+        """(pid, tid) of the call being performed, or faytd's track."""
+        if self._current is not None:
+            ctx, tid = self._current
+            return self._track(ctx), tid if 0 < tid < TID_MAX else ctx.pid
+        pid = self._track(None)
+        return pid, pid
+
+    def _instant(self, name, cat, args, pid=None, tid=None, ts=None):
+        if pid is None:
+            pid, tid = self._here()
+        self._emit({"ph": "X", "name": name, "cat": cat, "pid": pid, "tid": tid,
+                    "ts": self._us(ts or time.monotonic_ns()), "dur": 0, "args": args})
+
+    def share(self, ctx, what, sp_id, ident):
+        """A share-point created or attached by the call being performed."""
+        if not self.on:
+            return
+        name = ident.decode("utf-8", "replace") if ident is not None else None
+        if sp_id:
+            self._sps[sp_id] = name
+        self._instant("share-point %s %s" % (what, name), "sharepoint",
+                      {"share_point": name, "id": sp_id, "what": what})
+
+    def _destroyed(self, d):
+        if not self.on:
+            return
+        name = d.identifier.decode("utf-8", "replace")
+        self._sps[d.id] = name
+        self._instant("share-point destroy %s" % name, "sharepoint",
+                      {"share_point": name, "id": d.id, "what": "destroy",
+                       "mapped_by": len(d.captured or ())})
+
+    def recovered(self, pid, sp):
+        """faytd released the lock of a dead holder (owner-died set)."""
+        if not self.on:
+            return
+        name = sp.identifier.decode("utf-8", "replace")
+        me = self._track(None)
+        self._instant("owner-died recovery: %s" % name, "lock",
+                      {"share_point": name, "id": sp.id, "dead_pid": pid,
+                       "what": "released with the owner-died bit"}, me, me)
+
+    def injected(self, rule, ctx, what, n):
+        """A fault injection rule fired (faytd/injection.py)."""
+        if not self.on:
+            return
+        args = {"rule": rule.id, "kind": rule.kind, "what": what, "faults": n}
+        if ctx is not None:
+            pid = self._track(ctx)
+            self._instant("injected: %s" % rule.kind, "inject", args, pid, pid)
+        else:
+            me = self._track(None)
+            args["chain"] = rule.chain.name if rule.chain is not None else None
+            self._instant("injected: %s" % rule.kind, "inject", args, me, me)
+
+    # -- the fault engine's lines ---------------------------------------------
+    def fault_line(self, text):
+        """A FAYT_FAULT_EV_TRACE line (faytd/core/fault.h)."""
+        if not self.on:
+            return
+        f = text.split()
+        try:
+            if f[0] == "A" and len(f) == 11:
+                req = int(f[1])
+                if req in self._faults or len(self._faults) < PENDING_MAX:
+                    self._faults.setdefault(req, []).append(
+                        (int(f[4]), int(f[5]), int(f[6]), int(f[7]), int(f[9])))
+            elif f[0] == "D" and len(f) == 8:
+                self._fault_done(int(f[1]), int(f[2]), int(f[3]), int(f[4]), int(f[5]),
+                                 int(f[6]), int(f[7]))
+        except (ValueError, IndexError):
+            log.warning("trace: a fault line that does not parse: %r", text)
+
+    def _ctx_of_pid(self, pid):
+        for c in self.k.contexts.values():
+            if c.pid == pid:
+                return c
+        return None
+
+    def _fault_done(self, req, region, pid, err, t0, t1, offset):
+        answers = self._faults.pop(req, [])
+        client = self._ctx_of_pid(pid)
+        cpid = self._track(client) if client is not None else pid
+        chain = None
+        reg = getattr(self.k.pager, "regions", None)
+        r = reg.regions.get(region) if reg is not None and hasattr(reg, "regions") else None
+        if r is not None:
+            chain = getattr(getattr(r, "chain", None), "name", None)
+        args = {"region": region, "offset": offset, "errno": err,
+                "answers": [{"server_pid": a[0], "verdict": _VERDICTS.get(a[1], str(a[1])),
+                             "error": a[2], "hop": a[3]} for a in answers]}
+        if err:
+            args["error"] = _errname(err)
+        if chain:
+            args["chain"] = chain
+        self._emit({"ph": "X", "name": "page fault +%#x" % offset, "cat": "fault",
+                    "pid": cpid, "tid": cpid, "ts": self._us(t0),
+                    "dur": max(0.0, self._us(t1) - self._us(t0)), "args": args})
+        for server_pid, verdict, error, hop, when in answers:
+            srv = self._ctx_of_pid(server_pid)
+            spid = self._track(srv) if srv is not None else server_pid
+            fid = "fault.%d.%d" % (req, hop)
+            self._emit({"ph": "s", "id": fid, "name": "page request", "cat": "fault",
+                        "pid": cpid, "tid": cpid, "ts": self._us(t0)})
+            v = _VERDICTS.get(verdict, str(verdict))
+            self._emit({"ph": "X", "name": "page answer %s" % v, "cat": "fault", "pid": spid,
+                        "tid": spid, "ts": self._us(when), "dur": 0,
+                        "args": {"verdict": v, "error": error, "hop": hop, "offset": offset,
+                                 "client_pid": pid}})
+            self._emit({"ph": "f", "bp": "e", "id": fid, "name": "page request",
+                        "cat": "fault", "pid": spid, "tid": spid, "ts": self._us(when)})
+
+    # -- the contexts' own records ----------------------------------------------
+    def _drain(self, ctx, final=False):
+        a = self._areas.get(ctx.id)
+        p = ctx.page_struct
+        if a is None or p is None:
+            return
+        head = p.trace.head
+        n = (head - a.tail) & MASK32
+        if n > 1 << 31:                 # head moved back: scribbled
+            a.dropped += 1
+            a.tail = head
+            return
+        if n > RECORDS:
+            a.lost += n - RECORDS
+            a.tail = (head - RECORDS) & MASK32
+        recs, now = a.recs, time.monotonic_ns()
+        for _ in range(RECORDS):
+            if a.tail == head:
+                break
+            r = recs[a.tail % RECORDS]
+            seq = r.seq
+            if seq != (a.tail + 1) & MASK32:
+                if not final and a.late < LATE_TICKS and ((head - a.tail) & MASK32) <= 64:
+                    a.late += 1         # taken, not yet written: next drain
+                    return
+                a.lost += 1
+                a.late = 0
+                a.tail = (a.tail + 1) & MASK32
+                continue
+            rec = (r.kind, r.slot, r.tid, r.id, r.ts, r.pos, r.aux, r.value)
+            if r.seq != seq:            # rewritten while read
+                a.lost += 1
+            elif not self._record(a, ctx, rec, now):
+                a.dropped += 1
+            a.late = 0
+            a.tail = (a.tail + 1) & MASK32
+
+    def _ring(self, ring_id):
+        got = self._rings.get(ring_id)
+        if got is None:
+            r = self.k.notifications.rings.get(ring_id)
+            if r is not None:
+                got = self._rings[ring_id] = (r.sender.id if r.sender else 0, r.target.id)
+        return got
+
+    def _ring_of_pair(self, sender_id, target_id):
+        r = self.k.notifications.pairs.get((sender_id, target_id))
+        if r is None:
+            return None
+        self._rings[r.id] = (sender_id, target_id)
+        return r.id
+
+    def _peer(self, cid):
+        if cid == 0:
+            return "faytd"
+        c = self.k.contexts.get(cid)
+        return self._named.get(cid) or (self._label(c) if c is not None else "context %d" % cid)
+
+    def _record(self, a, ctx, rec, now):
+        """One record of ctx's area, checked: False if it fails a check."""
+        kind, slot, tid, rid, ts, pos, aux, value = rec
+        if not (self._base - SLACK_NS <= ts <= now + SLACK_NS) or not 0 < tid < TID_MAX:
+            return False
+        pid = self._track(ctx)
+        us = self._us(ts)
+        if kind == lib.FAYT_TRACE_NOTIFY_SEND:
+            ring = self._ring_of_pair(ctx.id, rid)
+            if ring is None or slot >= lib.FAYT_NOTIFICATION_SLOTS:
+                return False
+            flags = aux & 0xffff
+            args = {"target": rid, "slot": slot, "pos": pos, "ring": ring,
+                    "immediate": bool(flags & _IMMEDIATE), "return": bool(flags & _RETURN)}
+            self._emit({"ph": "X", "name": "notify slot %d -> %s" % (slot, self._peer(rid)),
+                        "cat": "notify", "pid": pid, "tid": tid, "ts": us, "dur": 0,
+                        "args": args})
+            self._emit({"ph": "s", "id": "n.%d.%d" % (ring, pos), "name": "notification",
+                        "cat": "notify", "pid": pid, "tid": tid, "ts": us})
+            if flags & _RETURN and len(self._sends) < PENDING_MAX:
+                self._sends[(ring, pos)] = (ts, slot)
+            return True
+        if kind in (lib.FAYT_TRACE_NOTIFY_BEGIN, lib.FAYT_TRACE_NOTIFY_END):
+            pair = self._ring(rid)
+            if pair is None or pair[1] != ctx.id or slot >= lib.FAYT_NOTIFICATION_SLOTS:
+                return False
+            key = (tid, rid, pos)
+            if kind == lib.FAYT_TRACE_NOTIFY_BEGIN:
+                depth, flags = aux & 0xffff, aux >> 16
+                if not 1 <= depth <= lib.FAYT_NEST_MAX + 1 or len(a.begun) >= PENDING_MAX:
+                    return False
+                a.begun[key] = (ts, slot, depth, flags, pair[0])
+                if pair[0]:             # faytd's own notices are posted by no context
+                    self._emit({"ph": "f", "bp": "e", "id": "n.%d.%d" % (rid, pos),
+                                "name": "notification", "cat": "notify", "pid": pid,
+                                "tid": tid, "ts": us})
+                return True
+            b = a.begun.pop(key, None)
+            if b is None or ts < b[0]:
+                return False
+            t0, slot0, depth, flags, sender = b
+            self._emit({"ph": "X", "name": "handler slot %d from %s" % (slot0, self._peer(sender)),
+                        "cat": "notify", "pid": pid, "tid": tid, "ts": self._us(t0),
+                        "dur": us - self._us(t0),
+                        "args": {"slot": slot0, "sender": sender, "depth": depth, "ring": rid,
+                                 "pos": pos, "result": value, "return": bool(flags & _RETURN),
+                                 "immediate": bool(flags & _IMMEDIATE)}})
+            if flags & _RETURN:
+                self._emit({"ph": "s", "id": "r.%d.%d" % (rid, pos), "name": "return",
+                            "cat": "notify", "pid": pid, "tid": tid, "ts": us})
+            return True
+        if kind == lib.FAYT_TRACE_NOTIFY_RETURN:
+            ring = self._ring_of_pair(ctx.id, rid)
+            if ring is None:
+                return False
+            sent = self._sends.pop((ring, pos), None)
+            t0, slot = sent if sent is not None and sent[0] <= ts else (ts, None)
+            self._emit({"ph": "X", "name": "call -> %s returned" % self._peer(rid),
+                        "cat": "notify", "pid": pid, "tid": tid, "ts": self._us(t0),
+                        "dur": us - self._us(t0),
+                        "args": {"target": rid, "slot": slot, "ring": ring, "pos": pos,
+                                 "result": value, "status": aux}})
+            self._emit({"ph": "f", "bp": "e", "id": "r.%d.%d" % (ring, pos), "name": "return",
+                        "cat": "notify", "pid": pid, "tid": tid, "ts": us})
+            return True
+        if kind == lib.FAYT_TRACE_LOCK_WAIT:
+            name = self._sps.get(rid)
+            if name is None:
+                sp = self.k.sharepoints.get(rid, keep=False)
+                if sp is None:
+                    return False
+                name = self._sps[rid] = sp.identifier.decode("utf-8", "replace")
+            if not 0 <= value <= now - ts + SLACK_NS:
+                return False
+            outcome = "taken" if aux == 0 else _errname(aux)
+            self._emit({"ph": "X", "name": "lock wait %s" % name, "cat": "lock", "pid": pid,
+                        "tid": tid, "ts": us, "dur": round(value / 1000, 3),
+                        "args": {"share_point": name, "id": rid, "waited_ns": value,
+                                 "outcome": outcome}})
+            return True
+        return False
