@@ -57,6 +57,7 @@ FLUSH_BYTES = 1 << 16           # events kept before a write
 RECORDS = lib.FAYT_TRACE_RECORDS
 SLACK_NS = 1_000_000_000        # a record's time may be this far outside [start, now]
 PENDING_MAX = 4096              # faults awaiting their end, posts awaiting their return
+JUMP_MAX = 1 << 24              # records a context may take between two drains (~800M/s)
 LATE_TICKS = 3                  # drains a record taken but not yet written is waited for
 TID_MAX = 1 << 22               # PID_MAX_LIMIT
 MASK32 = 0xffffffff
@@ -158,7 +159,7 @@ class Tracing:
         self._write_raw('{"traceEvents":[\n')
         self._named.clear()
         self._labels.clear()
-        self._lost_closed = 0
+        self._lost_closed = self._dropped_closed = 0
         self._rings = {r.id: (r.sender.id if r.sender else 0, r.target.id)
                        for r in self.k.notifications.rings.values()}
         self._track(None)
@@ -180,7 +181,10 @@ class Tracing:
         self.k.fast.disabled = 0
         dropped = sum(a.dropped for a in self._areas.values())
         lost = sum(a.lost for a in self._areas.values()) + self._lost_closed
-        summary = {"events": self.events, "dropped": dropped, "lost": lost, "by": self.by}
+        dropped += self._dropped_closed
+        summary = {"events": self.events, "dropped": dropped, "lost": lost, "by": self.by,
+                   "contexts": {str(cid): {"dropped": a.dropped, "lost": a.lost}
+                                for cid, a in self._areas.items() if a.dropped or a.lost}}
         self.on = False
         self._flush()
         self._write_raw('\n],"displayTimeUnit":"ns","otherData":%s}\n'
@@ -196,7 +200,7 @@ class Tracing:
                  "%d lost (overwritten before read)", self.events, dropped, lost)
         return summary
 
-    _lost_closed = 0
+    _lost_closed = _dropped_closed = 0
 
     def shutdown(self):
         if self.on:
@@ -329,6 +333,7 @@ class Tracing:
                     "pid": pid, "tid": pid, "ts": self._us(time.monotonic_ns()),
                     "args": {"died": not ctx.alive}})
         self._lost_closed += a.lost
+        self._dropped_closed += a.dropped
         self._areas.pop(ctx.id, None)
         self._labels.pop(ctx.id, None)
 
@@ -485,8 +490,8 @@ class Tracing:
             return
         head = p.trace.head
         n = (head - a.tail) & MASK32
-        if n > 1 << 31:                 # head moved back: scribbled
-            a.dropped += 1
+        if n > JUMP_MAX:                # head moved back, or further than any writer
+            a.dropped += 1              # could between two drains: scribbled
             a.tail = head
             return
         if n > RECORDS:

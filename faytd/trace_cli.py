@@ -1,8 +1,8 @@
 """`fayt trace start FILE` and `fayt trace stop`: the timeline trace of a
 running faytd (faytd/trace.py, docs/tracing.md).
 
-`start` opens FILE itself, as the user who runs `fayt` (created 0644 or
-truncated, never through a symlink), and passes the descriptor to faytd
+`start` opens FILE itself, as the user who runs `fayt` (created 0644,
+never through a symlink; faytd truncates it once the trace starts), and passes the descriptor to faytd
 (FAYT_SYS_TRACE_START, SCM_RIGHTS): faytd writes where this user may
 write, and nowhere else.  `stop` ends the trace and completes the JSON;
 Perfetto's UI (ui.perfetto.dev) opens the file.  Both are core only.
@@ -17,8 +17,10 @@ from libportal._abi import lib
 
 def cmd_start(args):
     try:
-        fd = os.open(args.file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW
-                     | os.O_CLOEXEC, 0o644)
+        # Not truncated here: faytd truncates it once the trace may start
+        # (a refused start, e.g. one already runs into this file, leaves it).
+        fd = os.open(args.file, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o644)
     except OSError as e:
         sys.stderr.write("fayt: trace start: %s: %s\n" % (args.file, e.strerror))
         return 1
