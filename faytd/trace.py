@@ -42,6 +42,7 @@ import json
 import logging
 import os
 import stat
+import struct
 import time
 
 from libportal._abi import ffi, lib
@@ -61,12 +62,32 @@ JUMP_MAX = 1 << 24              # records a context may take between two drains 
 LATE_TICKS = 3                  # drains a record taken but not yet written is waited for
 TID_MAX = 1 << 22               # PID_MAX_LIMIT
 MASK32 = 0xffffffff
-_RECORD = "struct fayt_trace_record *"
+_REC = struct.Struct("<IHHiIQIIq")     # struct fayt_trace_record
+_REC_SIZE = _REC.size
 _IMMEDIATE, _RETURN = lib.FAYT_NOTIFY_IMMEDIATE, lib.FAYT_NOTIFY_RETURN
 _VERDICTS = {lib.FAYT_PAGE_DATA: "DATA", lib.FAYT_PAGE_FORWARD: "FORWARD",
              lib.FAYT_PAGE_FAIL: "FAIL", lib.FAYT_PAGE_MAPPED: "MAPPED"}
 
 
+_BOOL = {0: "false"}
+for _b in (_IMMEDIATE, _RETURN):
+    _BOOL[_b] = "true"
+_NOTIFY_SEND = ('{"ph":"X","name":%s,"cat":"notify","pid":%d,"tid":%d,"ts":%r,"dur":0,'
+                '"args":{"target":%d,"slot":%d,"pos":%d,"ring":%d,"immediate":%s,'
+                '"return":%s}},\n'
+                '{"ph":"s","id":"n.%d.%d","name":"notification","cat":"notify","pid":%d,'
+                '"tid":%d,"ts":%r}')
+_NOTIFY_BEGIN = ('{"ph":"f","bp":"e","id":"n.%d.%d","name":"notification","cat":"notify",'
+                 '"pid":%d,"tid":%d,"ts":%r}')
+_NOTIFY_END = ('{"ph":"X","name":%s,"cat":"notify","pid":%d,"tid":%d,"ts":%r,"dur":%r,'
+               '"args":{"slot":%d,"sender":%d,"depth":%d,"ring":%d,"pos":%d,"result":%d,'
+               '"return":%s,"immediate":%s}}')
+_NOTIFY_RET_FROM = ('{"ph":"s","id":"r.%d.%d","name":"return","cat":"notify","pid":%d,'
+                    '"tid":%d,"ts":%r}')
+_NOTIFY_RETURN = ('{"ph":"X","name":%s,"cat":"notify","pid":%d,"tid":%d,"ts":%r,"dur":%r,'
+                  '"args":{"target":%d,"slot":%s,"ring":%d,"pos":%d,"result":%d,"status":%d}},\n'
+                  '{"ph":"f","bp":"e","id":"r.%d.%d","name":"return","cat":"notify","pid":%d,'
+                  '"tid":%d,"ts":%r}')
 _NAMING = (lib.FAYT_SYS_PUBLISH, lib.FAYT_SYS_LISTEN, lib.FAYT_SYS_CHAN_CLOSE)
 
 
@@ -97,11 +118,12 @@ def _errname(e):
 
 class _Area:
     """faytd's side of one context's trace area: its own read position."""
-    __slots__ = ("ctx", "recs", "tail", "late", "dropped", "lost", "begun")
+    __slots__ = ("ctx", "buf", "tail", "late", "dropped", "lost", "begun")
 
     def __init__(self, ctx, head):
         self.ctx = ctx
-        self.recs = ffi.cast(_RECORD, ffi.cast("char *", ctx.page_map.ptr) + lib.FAYT_PAGE_SIZE)
+        self.buf = ffi.buffer(ffi.cast("char *", ctx.page_map.ptr) + lib.FAYT_PAGE_SIZE,
+                              RECORDS * _REC_SIZE)
         self.tail = head
         self.late = 0
         self.dropped = 0            # records that failed a check
@@ -123,6 +145,7 @@ class Tracing:
         self._areas = {}            # context id -> _Area
         self._named = {}            # context id -> the label its track was given
         self._labels = {}           # context id -> its label now (dropped when it changes)
+        self._quoted = {}           # event name -> its JSON string
         self._rings = {}            # ring id -> (sender id, target id), as faytd made them
         self._sps = {}              # share-point id -> identifier, as faytd saw them
         self._sends = {}            # (ring id, pos) -> post time (return flag)
@@ -262,6 +285,27 @@ class Tracing:
         self.events += 1
         if self._size >= FLUSH_BYTES:
             self._flush()
+
+    def _text(self, text):
+        """Events already written as JSON (one or more, comma-separated)."""
+        if self._first:
+            self._first = False
+        else:
+            text = ",\n" + text
+        self._out.append(text)
+        self._size += len(text)
+        self.events += text.count('"ph"')
+        if self._size >= FLUSH_BYTES:
+            self._flush()
+
+    def _q(self, name):
+        """A name as a JSON string (cached: a few per pair of contexts)."""
+        q = self._quoted.get(name)
+        if q is None:
+            if len(self._quoted) > 4096:
+                self._quoted.clear()
+            q = self._quoted[name] = json.dumps(name)
+        return q
 
     def _flush(self):
         if self._out and self._fd >= 0:
@@ -484,6 +528,10 @@ class Tracing:
 
     # -- the contexts' own records ----------------------------------------------
     def _drain(self, ctx, final=False):
+        """Read ctx's new records: the area is copied in one go, and a
+        record counts only if its seq says it was whole when copied and no
+        writer can have reused its slot meanwhile (head read again after
+        the copy)."""
         a = self._areas.get(ctx.id)
         p = ctx.page_struct
         if a is None or p is None:
@@ -494,30 +542,29 @@ class Tracing:
             a.dropped += 1              # could between two drains: scribbled
             a.tail = head
             return
+        if n == 0:
+            return
         if n > RECORDS:
             a.lost += n - RECORDS
             a.tail = (head - RECORDS) & MASK32
-        recs, now = a.recs, time.monotonic_ns()
-        for _ in range(RECORDS):
-            if a.tail == head:
-                break
-            r = recs[a.tail % RECORDS]
-            seq = r.seq
-            if seq != (a.tail + 1) & MASK32:
-                if not final and a.late < LATE_TICKS and ((head - a.tail) & MASK32) <= 64:
-                    a.late += 1         # taken, not yet written: next drain
-                    return
+        raw = a.buf[:] if a.buf is not None else b""
+        after = p.trace.head
+        now = time.monotonic_ns()
+        unpack, record, tail = _REC.unpack_from, self._record, a.tail
+        while tail != head:
+            seq, kind, slot, tid, rid, ts, pos, aux, value = \
+                unpack(raw, (tail % RECORDS) * _REC_SIZE)
+            if seq != (tail + 1) & MASK32 or ((after - tail) & MASK32) > RECORDS:
+                if not final and a.late < LATE_TICKS and ((head - tail) & MASK32) <= 64 \
+                        and seq != (tail + 1 + RECORDS) & MASK32:
+                    a.late += 1         # taken, not yet written: the next drain
+                    break
                 a.lost += 1
-                a.late = 0
-                a.tail = (a.tail + 1) & MASK32
-                continue
-            rec = (r.kind, r.slot, r.tid, r.id, r.ts, r.pos, r.aux, r.value)
-            if r.seq != seq:            # rewritten while read
-                a.lost += 1
-            elif not self._record(a, ctx, rec, now):
+            elif not record(a, ctx, kind, slot, tid, rid, ts, pos, aux, value, now):
                 a.dropped += 1
             a.late = 0
-            a.tail = (a.tail + 1) & MASK32
+            tail = (tail + 1) & MASK32
+        a.tail = tail
 
     def _ring(self, ring_id):
         got = self._rings.get(ring_id)
@@ -540,25 +587,23 @@ class Tracing:
         c = self.k.contexts.get(cid)
         return self._named.get(cid) or (self._label(c) if c is not None else "context %d" % cid)
 
-    def _record(self, a, ctx, rec, now):
+    def _record(self, a, ctx, kind, slot, tid, rid, ts, pos, aux, value, now):
         """One record of ctx's area, checked: False if it fails a check."""
-        kind, slot, tid, rid, ts, pos, aux, value = rec
         if not (self._base - SLACK_NS <= ts <= now + SLACK_NS) or not 0 < tid < TID_MAX:
             return False
         pid = self._track(ctx)
         us = self._us(ts)
+        # The notification kinds come by the hundred thousand a second:
+        # their events are written from templates (_NOTIFY_*), not dicts.
         if kind == lib.FAYT_TRACE_NOTIFY_SEND:
             ring = self._ring_of_pair(ctx.id, rid)
             if ring is None or slot >= lib.FAYT_NOTIFICATION_SLOTS:
                 return False
             flags = aux & 0xffff
-            args = {"target": rid, "slot": slot, "pos": pos, "ring": ring,
-                    "immediate": bool(flags & _IMMEDIATE), "return": bool(flags & _RETURN)}
-            self._emit({"ph": "X", "name": "notify slot %d -> %s" % (slot, self._peer(rid)),
-                        "cat": "notify", "pid": pid, "tid": tid, "ts": us, "dur": 0,
-                        "args": args})
-            self._emit({"ph": "s", "id": "n.%d.%d" % (ring, pos), "name": "notification",
-                        "cat": "notify", "pid": pid, "tid": tid, "ts": us})
+            self._text(_NOTIFY_SEND % (
+                self._q("notify slot %d -> %s" % (slot, self._peer(rid))), pid, tid, us, rid,
+                slot, pos, ring, _BOOL[flags & _IMMEDIATE], _BOOL[flags & _RETURN],
+                ring, pos, pid, tid, us))
             if flags & _RETURN and len(self._sends) < PENDING_MAX:
                 self._sends[(ring, pos)] = (ts, slot)
             return True
@@ -573,23 +618,19 @@ class Tracing:
                     return False
                 a.begun[key] = (ts, slot, depth, flags, pair[0])
                 if pair[0]:             # faytd's own notices are posted by no context
-                    self._emit({"ph": "f", "bp": "e", "id": "n.%d.%d" % (rid, pos),
-                                "name": "notification", "cat": "notify", "pid": pid,
-                                "tid": tid, "ts": us})
+                    self._text(_NOTIFY_BEGIN % (rid, pos, pid, tid, us))
                 return True
             b = a.begun.pop(key, None)
             if b is None or ts < b[0]:
                 return False
             t0, slot0, depth, flags, sender = b
-            self._emit({"ph": "X", "name": "handler slot %d from %s" % (slot0, self._peer(sender)),
-                        "cat": "notify", "pid": pid, "tid": tid, "ts": self._us(t0),
-                        "dur": us - self._us(t0),
-                        "args": {"slot": slot0, "sender": sender, "depth": depth, "ring": rid,
-                                 "pos": pos, "result": value, "return": bool(flags & _RETURN),
-                                 "immediate": bool(flags & _IMMEDIATE)}})
+            us0 = self._us(t0)
+            self._text(_NOTIFY_END % (
+                self._q("handler slot %d from %s" % (slot0, self._peer(sender))), pid, tid, us0,
+                round(us - us0, 3), slot0, sender, depth, rid, pos, value,
+                _BOOL[flags & _RETURN], _BOOL[flags & _IMMEDIATE]))
             if flags & _RETURN:
-                self._emit({"ph": "s", "id": "r.%d.%d" % (rid, pos), "name": "return",
-                            "cat": "notify", "pid": pid, "tid": tid, "ts": us})
+                self._text(_NOTIFY_RET_FROM % (rid, pos, pid, tid, us))
             return True
         if kind == lib.FAYT_TRACE_NOTIFY_RETURN:
             ring = self._ring_of_pair(ctx.id, rid)
@@ -597,13 +638,11 @@ class Tracing:
                 return False
             sent = self._sends.pop((ring, pos), None)
             t0, slot = sent if sent is not None and sent[0] <= ts else (ts, None)
-            self._emit({"ph": "X", "name": "call -> %s returned" % self._peer(rid),
-                        "cat": "notify", "pid": pid, "tid": tid, "ts": self._us(t0),
-                        "dur": us - self._us(t0),
-                        "args": {"target": rid, "slot": slot, "ring": ring, "pos": pos,
-                                 "result": value, "status": aux}})
-            self._emit({"ph": "f", "bp": "e", "id": "r.%d.%d" % (ring, pos), "name": "return",
-                        "cat": "notify", "pid": pid, "tid": tid, "ts": us})
+            us0 = self._us(t0)
+            self._text(_NOTIFY_RETURN % (
+                self._q("call -> %s returned" % self._peer(rid)), pid, tid, us0,
+                round(us - us0, 3), rid, "null" if slot is None else slot, ring, pos, value,
+                aux, ring, pos, pid, tid, us))
             return True
         if kind == lib.FAYT_TRACE_LOCK_WAIT:
             name = self._sps.get(rid)
