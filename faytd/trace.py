@@ -252,11 +252,11 @@ class Tracing:
         clib.fayt_timerfd_arm(self._timer, int(DRAIN_S * 1e9))
 
     def _disarm(self):
-        if self._timer >= 0:
+        fd, self._timer = self._timer, -1
+        if fd >= 0:
             if self.k.server is not None:
-                self.k.server.unwatch_fd(self._timer)
-            os.close(self._timer)
-            self._timer = -1
+                self.k.server.unwatch_fd(fd)
+            os.close(fd)
 
     def _on_timer(self, fd, events):
         clib.fayt_timerfd_drain(fd)
@@ -275,26 +275,17 @@ class Tracing:
             data = data[n:]
 
     def _emit(self, ev):
-        s = json.dumps(ev, separators=(",", ":"))
-        if self._first:
-            self._first = False
-        else:
-            s = ",\n" + s
-        self._out.append(s)
-        self._size += len(s)
-        self.events += 1
-        if self._size >= FLUSH_BYTES:
-            self._flush()
+        self._text(json.dumps(ev, separators=(",", ":")))
 
-    def _text(self, text):
-        """Events already written as JSON (one or more, comma-separated)."""
+    def _text(self, text, n=1):
+        """n events already written as JSON (comma-separated)."""
         if self._first:
             self._first = False
         else:
             text = ",\n" + text
         self._out.append(text)
         self._size += len(text)
-        self.events += text.count('"ph"')
+        self.events += n
         if self._size >= FLUSH_BYTES:
             self._flush()
 
@@ -528,7 +519,7 @@ class Tracing:
 
     # -- the contexts' own records ----------------------------------------------
     def _drain(self, ctx, final=False):
-        """Read ctx's new records: the area is copied in one go, and a
+        """Read ctx's new records: they are copied in one go, and a
         record counts only if its seq says it was whole when copied and no
         writer can have reused its slot meanwhile (head read again after
         the copy)."""
@@ -547,13 +538,17 @@ class Tracing:
         if n > RECORDS:
             a.lost += n - RECORDS
             a.tail = (head - RECORDS) & MASK32
-        raw = a.buf[:] if a.buf is not None else b""
+        tail, n = a.tail, (head - a.tail) & MASK32
+        first = tail % RECORDS              # the records tail..head, in order: one or two
+        raw = a.buf[first * _REC_SIZE:min(RECORDS, first + n) * _REC_SIZE]   # slices
+        if first + n > RECORDS:
+            raw += a.buf[:(first + n - RECORDS) * _REC_SIZE]
         after = p.trace.head
         now = time.monotonic_ns()
-        unpack, record, tail = _REC.unpack_from, self._record, a.tail
+        unpack, record, at = _REC.unpack_from, self._record, 0
         while tail != head:
-            seq, kind, slot, tid, rid, ts, pos, aux, value = \
-                unpack(raw, (tail % RECORDS) * _REC_SIZE)
+            seq, kind, slot, tid, rid, ts, pos, aux, value = unpack(raw, at)
+            at += _REC_SIZE
             if seq != (tail + 1) & MASK32 or ((after - tail) & MASK32) > RECORDS:
                 if not final and a.late < LATE_TICKS and ((head - tail) & MASK32) <= 64 \
                         and seq != (tail + 1 + RECORDS) & MASK32:
@@ -603,7 +598,7 @@ class Tracing:
             self._text(_NOTIFY_SEND % (
                 self._q("notify slot %d -> %s" % (slot, self._peer(rid))), pid, tid, us, rid,
                 slot, pos, ring, _BOOL[flags & _IMMEDIATE], _BOOL[flags & _RETURN],
-                ring, pos, pid, tid, us))
+                ring, pos, pid, tid, us), 2)
             if flags & _RETURN and len(self._sends) < PENDING_MAX:
                 self._sends[(ring, pos)] = (ts, slot)
             return True
@@ -642,7 +637,7 @@ class Tracing:
             self._text(_NOTIFY_RETURN % (
                 self._q("call -> %s returned" % self._peer(rid)), pid, tid, us0,
                 round(us - us0, 3), rid, "null" if slot is None else slot, ring, pos, value,
-                aux, ring, pos, pid, tid, us))
+                aux, ring, pos, pid, tid, us), 2)
             return True
         if kind == lib.FAYT_TRACE_LOCK_WAIT:
             name = self._sps.get(rid)
