@@ -53,7 +53,7 @@ from .stats import OP_NAMES
 
 log = logging.getLogger("faytd")
 
-DRAIN_S = 0.02                  # how often the contexts' trace areas are drained
+DRAIN_S = 0.01                  # how often the contexts' trace areas are drained
 FLUSH_BYTES = 1 << 16           # events kept before a write
 RECORDS = lib.FAYT_TRACE_RECORDS
 SLACK_NS = 1_000_000_000        # a record's time may be this far outside [start, now]
@@ -64,6 +64,9 @@ TID_MAX = 1 << 22               # PID_MAX_LIMIT
 MASK32 = 0xffffffff
 _REC = struct.Struct("<IHHiIQIIq")     # struct fayt_trace_record
 _REC_SIZE = _REC.size
+if _REC_SIZE != ffi.sizeof("struct fayt_trace_record"):
+    raise ImportError("faytd.trace: struct fayt_trace_record is %d bytes, its format %d"
+                      % (ffi.sizeof("struct fayt_trace_record"), _REC_SIZE))
 _IMMEDIATE, _RETURN = lib.FAYT_NOTIFY_IMMEDIATE, lib.FAYT_NOTIFY_RETURN
 _VERDICTS = {lib.FAYT_PAGE_DATA: "DATA", lib.FAYT_PAGE_FORWARD: "FORWARD",
              lib.FAYT_PAGE_FAIL: "FAIL", lib.FAYT_PAGE_MAPPED: "MAPPED"}

@@ -110,7 +110,7 @@ struct fayt_wait_record {
  * and the hot paths are unchanged (a contended lock wait loads `on` once
  * after its sleep; a post and a dispatch load it once).  The pages of the
  * area are touched only while tracing. */
-#define FAYT_TRACE_RECORDS      2048
+#define FAYT_TRACE_RECORDS      8192
 #define FAYT_TRACE_NOTIFY_SEND   1  /* id: target context, pos, slot, aux: flags */
 #define FAYT_TRACE_NOTIFY_BEGIN  2  /* id: ring id, pos, slot, aux: nesting depth
                                        | the entry's FAYT_NOTIFY_* flags << 16 */
@@ -198,6 +198,6 @@ struct fayt_context_page {
 } __attribute__((packed));
 
 /* The context page object: this page, then the trace area (its records). */
-#define FAYT_CONTEXT_BYTES    86016  /* FAYT_PAGE_SIZE + FAYT_TRACE_RECORDS * 40 */
+#define FAYT_CONTEXT_BYTES    331776 /* FAYT_PAGE_SIZE + FAYT_TRACE_RECORDS * 40 */
 
 #endif

@@ -16,6 +16,11 @@
 #include "../portal.h"
 #include "deadline.h"
 
+_Static_assert(FAYT_CONTEXT_BYTES == FAYT_PAGE_SIZE
+               + FAYT_TRACE_RECORDS * sizeof(struct fayt_trace_record),
+               "FAYT_CONTEXT_BYTES: the page and the trace area");
+_Static_assert(sizeof(struct fayt_context_page) == FAYT_PAGE_SIZE, "the context page");
+
 static inline int fayt_tracing(const struct fayt_context_page *page)
 {
     return page && __atomic_load_n(&page->trace.on, __ATOMIC_RELAXED) == 1;
