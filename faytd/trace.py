@@ -68,6 +68,10 @@ if _REC_SIZE != ffi.sizeof("struct fayt_trace_record"):
     raise ImportError("faytd.trace: struct fayt_trace_record is %d bytes, its format %d"
                       % (ffi.sizeof("struct fayt_trace_record"), _REC_SIZE))
 _IMMEDIATE, _RETURN = lib.FAYT_NOTIFY_IMMEDIATE, lib.FAYT_NOTIFY_RETURN
+_SEND, _BEGIN, _END = (lib.FAYT_TRACE_NOTIFY_SEND, lib.FAYT_TRACE_NOTIFY_BEGIN,
+                       lib.FAYT_TRACE_NOTIFY_END)
+_RETURNED, _SLOTS, _NEST_MAX = (lib.FAYT_TRACE_NOTIFY_RETURN, lib.FAYT_NOTIFICATION_SLOTS,
+                                lib.FAYT_NEST_MAX)
 _VERDICTS = {lib.FAYT_PAGE_DATA: "DATA", lib.FAYT_PAGE_FORWARD: "FORWARD",
              lib.FAYT_PAGE_FAIL: "FAIL", lib.FAYT_PAGE_MAPPED: "MAPPED"}
 
@@ -75,22 +79,24 @@ _VERDICTS = {lib.FAYT_PAGE_DATA: "DATA", lib.FAYT_PAGE_FORWARD: "FORWARD",
 _BOOL = {0: "false"}
 for _b in (_IMMEDIATE, _RETURN):
     _BOOL[_b] = "true"
-_NOTIFY_SEND = ('{"ph":"X","name":%s,"cat":"notify","pid":%d,"tid":%d,"ts":%r,"dur":0,'
+_NOTIFY_SEND = ('{"ph":"X","name":%s,"cat":"notify","pid":%d,"tid":%d,"ts":%.3f,"dur":0,'
                 '"args":{"target":%d,"slot":%d,"pos":%d,"ring":%d,"immediate":%s,'
                 '"return":%s}},\n'
                 '{"ph":"s","id":"n.%d.%d","name":"notification","cat":"notify","pid":%d,'
-                '"tid":%d,"ts":%r}')
+                '"tid":%d,"ts":%.3f}')
 _NOTIFY_BEGIN = ('{"ph":"f","bp":"e","id":"n.%d.%d","name":"notification","cat":"notify",'
-                 '"pid":%d,"tid":%d,"ts":%r}')
-_NOTIFY_END = ('{"ph":"X","name":%s,"cat":"notify","pid":%d,"tid":%d,"ts":%r,"dur":%r,'
+                 '"pid":%d,"tid":%d,"ts":%.3f}')
+_NOTIFY_END = ('{"ph":"X","name":%s,"cat":"notify","pid":%d,"tid":%d,"ts":%.3f,"dur":%.3f,'
                '"args":{"slot":%d,"sender":%d,"depth":%d,"ring":%d,"pos":%d,"result":%d,'
                '"return":%s,"immediate":%s}}')
 _NOTIFY_RET_FROM = ('{"ph":"s","id":"r.%d.%d","name":"return","cat":"notify","pid":%d,'
-                    '"tid":%d,"ts":%r}')
-_NOTIFY_RETURN = ('{"ph":"X","name":%s,"cat":"notify","pid":%d,"tid":%d,"ts":%r,"dur":%r,'
+                    '"tid":%d,"ts":%.3f}')
+_NOTIFY_RETURN = ('{"ph":"X","name":%s,"cat":"notify","pid":%d,"tid":%d,"ts":%.3f,"dur":%.3f,'
                   '"args":{"target":%d,"slot":%s,"ring":%d,"pos":%d,"result":%d,"status":%d}},\n'
                   '{"ph":"f","bp":"e","id":"r.%d.%d","name":"return","cat":"notify","pid":%d,'
-                  '"tid":%d,"ts":%r}')
+                  '"tid":%d,"ts":%.3f}')
+_NAMES = {_SEND: "notify slot %d -> %s", _END: "handler slot %d from %s",
+          _RETURNED: "call -> %s returned"}
 _NAMING = (lib.FAYT_SYS_PUBLISH, lib.FAYT_SYS_LISTEN, lib.FAYT_SYS_CHAN_CLOSE)
 
 
@@ -148,12 +154,12 @@ class Tracing:
         self._areas = {}            # context id -> _Area
         self._named = {}            # context id -> the label its track was given
         self._labels = {}           # context id -> its label now (dropped when it changes)
-        self._quoted = {}           # event name -> its JSON string
+        self._quoted = {}           # (kind, slot, context) -> its events' name, as JSON
         self._rings = {}            # ring id -> (sender id, target id), as faytd made them
         self._sps = {}              # share-point id -> identifier, as faytd saw them
         self._sends = {}            # (ring id, pos) -> post time (return flag)
         self._faults = {}           # request id -> [answers]
-        self._current = None        # (ctx, tid) of the call being performed
+        self._calls = []            # (ctx, tid) of the calls being performed, innermost last
         self._timer = -1
         self.events = 0
         self.by = None
@@ -185,6 +191,7 @@ class Tracing:
         self._write_raw('{"traceEvents":[\n')
         self._named.clear()
         self._labels.clear()
+        self._quoted.clear()
         self._lost_closed = self._dropped_closed = 0
         self._rings = {r.id: (r.sender.id if r.sender else 0, r.target.id)
                        for r in self.k.notifications.rings.values()}
@@ -292,13 +299,17 @@ class Tracing:
         if self._size >= FLUSH_BYTES:
             self._flush()
 
-    def _q(self, name):
-        """A name as a JSON string (cached: a few per pair of contexts)."""
-        q = self._quoted.get(name)
+    def _name(self, kind, slot, peer):
+        """A notification event's name, as a JSON string: cached by (kind,
+        slot, the other context), dropped when a track's label changes."""
+        key = (kind, slot, peer)
+        q = self._quoted.get(key)
         if q is None:
             if len(self._quoted) > 4096:
                 self._quoted.clear()
-            q = self._quoted[name] = json.dumps(name)
+            name = (_NAMES[kind] % (slot, self._peer(peer)) if kind != _RETURNED
+                    else _NAMES[kind] % self._peer(peer))
+            q = self._quoted[key] = json.dumps(name)
         return q
 
     def _flush(self):
@@ -379,19 +390,24 @@ class Tracing:
         """ctx published or withdrew a name: its track's label follows."""
         if self.on:
             self._labels.pop(ctx.id, None)
+            self._quoted.clear()
             self._track(ctx)
 
     # -- what faytd performs -----------------------------------------------------
     def call_begin(self, ctx, tid):
-        self._current = (ctx, tid)
+        """A call of ctx's thread tid is performed from now (calls nest: a
+        catch-up performs other contexts' calls inside one)."""
+        self._calls.append((ctx, tid))
         return time.monotonic_ns()
 
     def call_end(self, ctx, tid, op, t0, body):
-        self._current = None
+        if self._calls:
+            self._calls.pop()
         if not self.on:
             return
         if op in _NAMING:
             self._labels.pop(ctx.id, None)
+            self._quoted.clear()
         if ctx.id not in self._areas:
             self.context_seen(ctx)
         pid = self._track(ctx)
@@ -409,8 +425,8 @@ class Tracing:
 
     def _here(self):
         """(pid, tid) of the call being performed, or faytd's track."""
-        if self._current is not None:
-            ctx, tid = self._current
+        if self._calls:
+            ctx, tid = self._calls[-1]
             return self._track(ctx), tid if 0 < tid < TID_MAX else ctx.pid
         pid = self._track(None)
         return pid, pid
@@ -491,11 +507,8 @@ class Tracing:
         answers = self._faults.pop(req, [])
         client = self._ctx_of_pid(pid)
         cpid = self._track(client) if client is not None else pid
-        chain = None
-        reg = getattr(self.k.pager, "regions", None)
-        r = reg.regions.get(region) if reg is not None and hasattr(reg, "regions") else None
-        if r is not None:
-            chain = getattr(getattr(r, "chain", None), "name", None)
+        r = self.k.pager.regions.by_id.get(region)
+        chain = getattr(r.chain, "name", r.chain) if r is not None else None
         args = {"region": region, "offset": offset, "errno": err,
                 "answers": [{"server_pid": a[0], "verdict": _VERDICTS.get(a[1], str(a[1])),
                              "error": a[2], "hop": a[3]} for a in answers]}
@@ -587,32 +600,34 @@ class Tracing:
 
     def _record(self, a, ctx, kind, slot, tid, rid, ts, pos, aux, value, now):
         """One record of ctx's area, checked: False if it fails a check."""
-        if not (self._base - SLACK_NS <= ts <= now + SLACK_NS) or not 0 < tid < TID_MAX:
+        base = self._base
+        if not (base - SLACK_NS <= ts <= now + SLACK_NS) or not 0 < tid < TID_MAX:
             return False
         pid = self._track(ctx)
-        us = self._us(ts)
+        us = (ts - base) / 1000
         # The notification kinds come by the hundred thousand a second:
-        # their events are written from templates (_NOTIFY_*), not dicts.
-        if kind == lib.FAYT_TRACE_NOTIFY_SEND:
+        # their events are written from templates (_NOTIFY_*), not dicts,
+        # with the constants they compare against held in globals.
+        if kind == _SEND:
             ring = self._ring_of_pair(ctx.id, rid)
-            if ring is None or slot >= lib.FAYT_NOTIFICATION_SLOTS:
+            if ring is None or slot >= _SLOTS:
                 return False
             flags = aux & 0xffff
             self._text(_NOTIFY_SEND % (
-                self._q("notify slot %d -> %s" % (slot, self._peer(rid))), pid, tid, us, rid,
+                self._name(_SEND, slot, rid), pid, tid, us, rid,
                 slot, pos, ring, _BOOL[flags & _IMMEDIATE], _BOOL[flags & _RETURN],
                 ring, pos, pid, tid, us), 2)
             if flags & _RETURN and len(self._sends) < PENDING_MAX:
                 self._sends[(ring, pos)] = (ts, slot)
             return True
-        if kind in (lib.FAYT_TRACE_NOTIFY_BEGIN, lib.FAYT_TRACE_NOTIFY_END):
+        if kind == _BEGIN or kind == _END:
             pair = self._ring(rid)
-            if pair is None or pair[1] != ctx.id or slot >= lib.FAYT_NOTIFICATION_SLOTS:
+            if pair is None or pair[1] != ctx.id or slot >= _SLOTS:
                 return False
             key = (tid, rid, pos)
-            if kind == lib.FAYT_TRACE_NOTIFY_BEGIN:
+            if kind == _BEGIN:
                 depth, flags = aux & 0xffff, aux >> 16
-                if not 1 <= depth <= lib.FAYT_NEST_MAX + 1 or len(a.begun) >= PENDING_MAX:
+                if not 1 <= depth <= _NEST_MAX + 1 or len(a.begun) >= PENDING_MAX:
                     return False
                 a.begun[key] = (ts, slot, depth, flags, pair[0])
                 if pair[0]:             # faytd's own notices are posted by no context
@@ -622,24 +637,22 @@ class Tracing:
             if b is None or ts < b[0]:
                 return False
             t0, slot0, depth, flags, sender = b
-            us0 = self._us(t0)
             self._text(_NOTIFY_END % (
-                self._q("handler slot %d from %s" % (slot0, self._peer(sender))), pid, tid, us0,
-                round(us - us0, 3), slot0, sender, depth, rid, pos, value,
+                self._name(_END, slot0, sender), pid, tid,
+                (t0 - base) / 1000, (ts - t0) / 1000, slot0, sender, depth, rid, pos, value,
                 _BOOL[flags & _RETURN], _BOOL[flags & _IMMEDIATE]))
             if flags & _RETURN:
                 self._text(_NOTIFY_RET_FROM % (rid, pos, pid, tid, us))
             return True
-        if kind == lib.FAYT_TRACE_NOTIFY_RETURN:
+        if kind == _RETURNED:
             ring = self._ring_of_pair(ctx.id, rid)
             if ring is None:
                 return False
             sent = self._sends.pop((ring, pos), None)
             t0, slot = sent if sent is not None and sent[0] <= ts else (ts, None)
-            us0 = self._us(t0)
             self._text(_NOTIFY_RETURN % (
-                self._q("call -> %s returned" % self._peer(rid)), pid, tid, us0,
-                round(us - us0, 3), rid, "null" if slot is None else slot, ring, pos, value,
+                self._name(_RETURNED, 0, rid), pid, tid, (t0 - base) / 1000,
+                (ts - t0) / 1000, rid, "null" if slot is None else slot, ring, pos, value,
                 aux, ring, pos, pid, tid, us), 2)
             return True
         if kind == lib.FAYT_TRACE_LOCK_WAIT:

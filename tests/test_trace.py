@@ -117,6 +117,7 @@ def test_trace_of_the_demo_holds_flows_a_chain_answer_and_a_recovery(tmp_path):
     faults = [e for e in ev if e["ph"] == "X" and e.get("cat") == "fault"
               and e["name"].startswith("page fault") and e["args"]["answers"]]
     assert faults, "no fault with a chain server's answer"
+    assert all(e["args"].get("chain") for e in faults), faults[:2]
     verdicts = {a["verdict"] for e in faults for a in e["args"]["answers"]}
     assert verdicts & {"DATA", "MAPPED"}, verdicts
     answers = [e for e in ev if e["ph"] == "X" and e["name"].startswith("page answer")]
