@@ -1,19 +1,19 @@
 """The timeline trace (faytd/trace.py, docs/tracing.md): a trace of the
 demo, start and stop through the CLI and `faytd --trace`, the rights as
-uid 65534, bad requests, and a client that scribbles raw bytes over its
-own trace area while an honest pair is traced."""
+uid 65534, bad requests, an injected fault, and a client that scribbles
+raw bytes over its own trace area while an honest pair is traced."""
 import errno
 import json
 import os
 import subprocess
 import sys
-import tempfile
 
 import pytest
 
 import libportal
-from libportal._abi import lib
+from faytd import testing as T
 from faytd.tools import info
+from libportal._abi import lib
 from support.daemon import faytd_refuses
 
 NOBODY = 65534
@@ -281,9 +281,17 @@ def test_trace_start_refuses_what_is_not_a_writable_regular_file(fresh_faytd, co
     with pytest.raises(OSError) as e:
         start(c, str(tmp_path / "u.json"))
     assert e.value.errno == errno.EBUSY
+    fault = T.fail_call(c.context_id, "stats", count=1, connection=c)    # injected: traced
+    with pytest.raises(OSError) as e:
+        c.stats()
+    assert e.value.errno == errno.EIO
+    fault.remove()
     stop(c)
-    assert json.load(open(str(tmp_path / "t.json")))["traceEvents"]
+    ev = load(str(tmp_path / "t.json"))
     assert os.path.getsize(str(tmp_path / "u.json")) == 0     # never written
+    inj = [e for e in ev if e["name"] == "injected: fail"]
+    assert inj and inj[0]["pid"] == os.getpid() and inj[0]["args"]["rule"] == fault.id
+    assert any(e["name"] == "stats" and e["args"].get("error") == "EIO" for e in ev)
 
 
 RIGHTS = """
