@@ -38,6 +38,7 @@ The JSON is completed at stop and when faytd stops cleanly; a trace cut
 short by a crash is a JSON array Perfetto still opens.
 """
 import errno
+import fcntl
 import json
 import logging
 import os
@@ -48,7 +49,7 @@ import time
 from libportal._abi import ffi, lib
 
 from .frames import KernelError
-from .native import core as _core, lib as clib
+from .native import lib as clib
 from .stats import OP_NAMES
 
 log = logging.getLogger("faytd")
@@ -177,7 +178,6 @@ class Tracing:
             if not stat.S_ISREG(st.st_mode):
                 raise KernelError(errno.EINVAL, "trace: the file must be a regular file "
                                   "(a pipe or a device could block faytd)")
-            import fcntl
             if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY:
                 raise KernelError(errno.EBADF, "trace: the file is not open for writing")
             os.ftruncate(fd, 0)

@@ -2,9 +2,9 @@
 running faytd (faytd/trace.py, docs/tracing.md).
 
 `start` opens FILE itself, as the user who runs `fayt` (created 0644,
-never through a symlink; faytd truncates it once the trace starts), and passes the descriptor to faytd
-(FAYT_SYS_TRACE_START, SCM_RIGHTS): faytd writes where this user may
-write, and nowhere else.  `stop` ends the trace and completes the JSON;
+never through a symlink; faytd truncates it once the trace starts), and
+passes the descriptor to faytd (FAYT_SYS_TRACE_START, SCM_RIGHTS): faytd
+writes where this user may write, and nowhere else.  `stop` ends the trace and completes the JSON;
 Perfetto's UI (ui.perfetto.dev) opens the file.  Both are core only.
 """
 import json

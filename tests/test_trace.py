@@ -357,7 +357,8 @@ while not select.select([sys.stdin], [], [], 0)[0]:
             (lib.FAYT_TRACE_LOCK_WAIT, 0xfffffff0, 1, time.monotonic_ns())]
     for k, (kind, ident, tid, ts) in enumerate(lies):
         r = recs[(h + k) % lib.FAYT_TRACE_RECORDS]
-        r.kind, r.id, r.tid, r.ts, r.slot, r.aux, r.value = kind, ident, tid * os.getpid(), ts, 5, 1, -1
+        r.kind, r.id, r.tid, r.ts = kind, ident, tid * os.getpid(), ts
+        r.slot, r.aux, r.value = 5, 1, -1
         r.seq = (h + k + 1) & 0xffffffff
     page.trace.head = (h + len(lies)) & 0xffffffff
     page.trace.on = rnd.getrandbits(32)
