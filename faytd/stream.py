@@ -43,8 +43,10 @@ import os
 
 from libportal._abi import ffi, lib
 
+from .context import CoreMapping
 from .frames import KernelError, PAGE
 from .native import core, lib as clib
+from .policy import Policy
 from .sharepoint import SharePoints
 
 SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
@@ -270,37 +272,36 @@ class Channels:
                               % cid)
         return ch, side
 
-    def pass_share(self, ctx, cid, sp_id, flags):
-        """CHAN_PASS: the ticket and the data's length."""
+    def pass_share(self, ctx, cid, ref, flags):
+        """CHAN_PASS: the ticket and the data's length.  ref: a share-point
+        id, an ANON portal's handle (FAYT_PASS_PORTAL) or, to cancel, a
+        ticket."""
         ch, side = self._open_side(ctx, cid, 1 if flags & lib.FAYT_PASS_ACCEPTOR else 0)
         if flags & lib.FAYT_PASS_CANCEL:
-            p = ch.passed.get(sp_id)
+            p = ch.passed.get(ref)
             if p is None or p.to == side:
                 raise KernelError(errno.ENOENT, "share: %d is not an untaken pass of this end"
-                                  % sp_id)
-            del ch.passed[sp_id]
+                                  % ref)
+            del ch.passed[ref]
             p.close()
             return 0, 0
         if sum(1 for p in ch.passed.values() if p.to != side) >= lib.FAYT_PASS_PENDING_MAX:
             raise KernelError(errno.ENOSPC, "channel: %d passes the peer has not taken, the "
                               "most (FAYT_PASS_PENDING_MAX)" % lib.FAYT_PASS_PENDING_MAX)
-        sp = self.k.sharepoints.get(sp_id, keep=False) if 0 < sp_id < 2 ** 32 else None
-        if sp is None or not any(c == ctx.id for c, _ in sp.captured):
-            raise KernelError(errno.EPERM, "share: %d is not a share-point this context maps"
-                              % sp_id)
         if ch.ends[1 - side].gone:
             raise KernelError(errno.EPIPE, "channel: the peer is gone")
-        clib.fayt_core_sp_expose(core, sp.id)          # never recycled: others may map it
-        obj = sp.backing
         writable = bool(flags & lib.FAYT_PASS_WRITE)
+        if flags & lib.FAYT_PASS_PORTAL:
+            obj, length, offset, what = self._portal_source(ctx, ref, writable)
+        else:
+            obj, length, offset, what = self._share_source(ctx, ref)
         fds = []
         try:
             fds.append(obj.open_fd(readonly=not writable))
             if obj.tail is not None:
                 fds.append(obj.tail.open_fd(readonly=not writable))
-            length, offset = sp.length, sp.data_offset
             map_length = length + offset
-            out_flags = flags & (lib.FAYT_PASS_COPY | lib.FAYT_PASS_WRITE)
+            out_flags = flags & (lib.FAYT_PASS_COPY | lib.FAYT_PASS_WRITE | lib.FAYT_PASS_PORTAL)
             if flags & lib.FAYT_PASS_COPY:
                 fds = [_sealed_copy(fds, offset, length, ch.id)]
                 offset, map_length = 0, length
@@ -309,8 +310,8 @@ class Channels:
         except OSError as e:
             for fd in fds:
                 os.close(fd)
-            raise KernelError(errno.ENOMEM, "faytd cannot hand over share-point %d: %s"
-                              % (sp_id, e.strerror)) from None
+            raise KernelError(errno.ENOMEM, "faytd cannot hand over %s: %s"
+                              % (what, e.strerror)) from None
         except BaseException:
             for fd in fds:
                 os.close(fd)
@@ -318,6 +319,32 @@ class Channels:
         ticket, ch.next_ticket = ch.next_ticket, ch.next_ticket + 1
         ch.passed[ticket] = Passed(1 - side, fds, length, offset, map_length, out_flags)
         return ticket, length
+
+    def _share_source(self, ctx, sp_id):
+        """A share-point ctx maps now (the core's record, never the
+        request): its object, length, data offset, and how to name it."""
+        sp = self.k.sharepoints.get(sp_id, keep=False) if 0 < sp_id < 2 ** 32 else None
+        if sp is None or not any(c == ctx.id for c, _ in sp.captured):
+            raise KernelError(errno.EPERM, "share: %d is not a share-point this context maps"
+                              % sp_id)
+        clib.fayt_core_sp_expose(core, sp.id)          # never recycled: others may map it
+        return sp.backing, sp.length, sp.data_offset, "share-point %d" % sp_id
+
+    def _portal_source(self, ctx, handle, writable):
+        """An ANON portal ctx maps now, by its handle in ctx's own table of
+        mappings (a handle is a context's: another's names nothing here).
+        Looking it up marks its object as Python's, so the core never
+        recycles it into another portal: the peer may map it."""
+        m = ctx.mappings.get(handle) if 0 < handle < 2 ** 63 else None
+        if m is None:
+            raise KernelError(errno.EBADF, "share: handle %d names no mapping of this context"
+                              % handle)
+        if not isinstance(m, CoreMapping) or m.sp_id or m.type != lib.FAYT_PORTAL_ANON:
+            raise KernelError(errno.EINVAL, "share: handle %d is not an ANON portal (a "
+                              "share-point goes by its id; other portals do not go)" % handle)
+        Policy.check_prot(lib.FAYT_PROT_READ | (lib.FAYT_PROT_WRITE if writable else 0),
+                          m.prot, "the ANON portal's mapping (handle %d)" % handle)
+        return m.backing, m.length, 0, "ANON portal %d" % handle
 
     def take(self, ctx, cid, ticket):
         """CHAN_TAKE: the Passed (its fds now the caller's to send and close)."""
