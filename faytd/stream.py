@@ -103,26 +103,38 @@ class End:
 
 class Passed:
     """An untaken pass: its descriptors (faytd's, closed when taken or
-    dropped), for which side, and the take reply's fields."""
-    __slots__ = ("to", "fds", "length", "data_offset", "map_length", "flags")
+    dropped), for which side, the take reply's fields, and the RAM charge
+    of a copy (`charged` bytes of the sender's context `payer`) while
+    faytd holds it."""
+    __slots__ = ("to", "fds", "length", "data_offset", "map_length", "flags", "payer",
+                 "charged")
 
     def __init__(self, to, fds, length, data_offset, map_length, flags):
         self.to, self.fds, self.length = to, fds, length
         self.data_offset, self.map_length, self.flags = data_offset, map_length, flags
+        self.payer, self.charged = None, 0
+
+    def uncharge(self):
+        if self.charged:
+            self.payer.ram -= self.charged
+            self.payer, self.charged = None, 0
 
     def close(self):
         for fd in self.fds:
             os.close(fd)
         self.fds = []
+        self.uncharge()
 
 
 class Channel:
-    __slots__ = ("id", "ring_bytes", "ends", "uid", "passed", "next_ticket")
+    __slots__ = ("id", "ring_bytes", "ends", "uid", "passed", "next_ticket", "payer",
+                 "charged")
 
     def __init__(self, cid, ring_bytes, uid):
         self.id, self.ring_bytes, self.uid = cid, ring_bytes, uid
         self.passed = {}            # ticket -> Passed
         self.next_ticket = 1
+        self.payer, self.charged = None, 0     # the connector's context, its RAM charge
         self.ends = []
         try:
             self.ends.append(End(cid, 0, ring_bytes))
@@ -221,12 +233,26 @@ class Channels:
             raise KernelError(errno.EAGAIN, "name: the accept queue of %s is full (backlog %d)"
                               % (_show(name), lst.backlog))
         self._charge(ctx)
+        nbytes = channel_bytes(ring_bytes)
+        try:
+            self.k.charge(ctx, nbytes)
+        except KernelError as e:
+            self._uncharge(ctx.uid)
+            raise KernelError(e.errno, "connect: a channel's two objects of %d bytes each "
+                              "(ring_bytes %d and a header page) are charged to the "
+                              "connecting context: %s" % (nbytes // 2, ring_bytes, e.message)) from None
         try:
             ch = Channel(self._id(), ring_bytes, ctx.uid)
         except OSError as e:
+            ctx.ram -= nbytes
             self._uncharge(ctx.uid)
             raise KernelError(errno.ENOMEM, "faytd cannot make a channel: %s" % e.strerror) \
                 from None
+        except BaseException:
+            ctx.ram -= nbytes
+            self._uncharge(ctx.uid)
+            raise
+        ch.payer, ch.charged = ctx, nbytes
         ch.ends[0].ctx = ctx
         self.channels[ch.id] = ch
         lst.queue.append(ch)
@@ -260,6 +286,9 @@ class Channels:
             ch.passed.clear()
             for e in ch.ends:
                 e.close()
+            if ch.charged:
+                ch.payer.ram -= ch.charged
+                ch.payer, ch.charged = None, 0
             self._uncharge(ch.uid)
 
     # -- messages by reference ---------------------------------------------
@@ -303,7 +332,14 @@ class Channels:
             map_length = length + offset
             out_flags = flags & (lib.FAYT_PASS_COPY | lib.FAYT_PASS_WRITE | lib.FAYT_PASS_PORTAL)
             if flags & lib.FAYT_PASS_COPY:
-                fds = [_sealed_copy(fds, offset, length, ch.id)]
+                charged = -(-length // PAGE) * PAGE      # the copy's pages, while faytd holds it
+                self.k.charge(ctx, charged)
+                src, fds = fds, []          # _sealed_copy closes them, whatever happens
+                try:
+                    fds = [_sealed_copy(src, offset, length, ch.id)]
+                except BaseException:
+                    ctx.ram -= charged
+                    raise
                 offset, map_length = 0, length
             elif obj.tail is not None:
                 out_flags |= lib.FAYT_TAKE_SPLIT
@@ -317,7 +353,9 @@ class Channels:
                 os.close(fd)
             raise
         ticket, ch.next_ticket = ch.next_ticket, ch.next_ticket + 1
-        ch.passed[ticket] = Passed(1 - side, fds, length, offset, map_length, out_flags)
+        p = ch.passed[ticket] = Passed(1 - side, fds, length, offset, map_length, out_flags)
+        if flags & lib.FAYT_PASS_COPY:
+            p.payer, p.charged = ctx, charged
         return ticket, length
 
     def _share_source(self, ctx, sp_id):
@@ -354,6 +392,7 @@ class Channels:
             raise KernelError(errno.EPERM, "ticket: %d is not a share-point passed to this end "
                               "of channel %d" % (ticket, cid))
         del ch.passed[ticket]
+        p.uncharge()            # the receiver's mapping now: faytd cannot see it unmapped
         return p
 
     def fds(self, ch, side, peer_ctx):
@@ -393,6 +432,11 @@ class Channels:
 
     def count(self):
         return len(self.channels), len(self.listeners)
+
+
+def channel_bytes(ring_bytes):
+    """What a channel's two objects hold: each a header page and its ring."""
+    return 2 * (HEADER + ring_bytes)
 
 
 def _sealed_copy(fds, offset, length, cid):
