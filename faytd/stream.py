@@ -238,9 +238,10 @@ class Channels:
             self.k.charge(ctx, nbytes)
         except KernelError as e:
             self._uncharge(ctx.uid)
-            raise KernelError(e.errno, "connect: a channel's two objects of %d bytes each "
-                              "(ring_bytes %d and a header page) are charged to the "
-                              "connecting context: %s" % (nbytes // 2, ring_bytes, e.message)) from None
+            why = e.message[8:] if e.message.startswith("length: ") else e.message
+            raise KernelError(e.errno, "ring_bytes: %d: a channel's two objects (%d bytes, "
+                              "each a header page and a ring) are charged to the connecting "
+                              "context, and %s" % (ring_bytes, nbytes, why)) from None
         try:
             ch = Channel(self._id(), ring_bytes, ctx.uid)
         except OSError as e:

@@ -334,7 +334,8 @@ def test_stream_ram_a_connect_past_the_quota_is_enomem_and_close_gives_it_back(f
         with pytest.raises(libportal.OutOfMemory) as e:
             libportal.connect("chan.ram", ring_bytes=RING, connection=c)
         assert e.value.errno == errno.ENOMEM
-        assert "connect: a channel's two objects" in str(e.value) and "RAM quota" in str(e.value)
+        assert "ring_bytes: %d: a channel's two objects (%d bytes" % (RING, CHANNEL) \
+            in str(e.value) and "past its RAM quota" in str(e.value), str(e.value)
         assert _ram(c) == base + CHANNEL                # nothing charged, nothing queued
         acc = lst.accept(timeout=0)
         with pytest.raises(libportal.WouldBlock):
@@ -434,3 +435,40 @@ def test_stream_ram_a_restarted_faytd_charges_only_the_channels_made_again(resta
         lst.close()
     finally:
         c.close()
+
+
+# uid 65534 listens and connects in one process: its uid's limit binds.
+UID_LIMIT = """
+c = lp.Connection(sys.argv[1])
+lst = lp.listen("mine", connection=c)
+out = []
+try:
+    lp.connect("mine", ring_bytes=RING, connection=c)
+    out.append("ok")
+except OSError as e:
+    out.append(errno.errorcode[e.errno] + ": " + str(e))
+with lp.connect("mine", connection=c):          # a 64 KiB channel fits
+    out.append(c.stats()["limits"]["ram"])
+lst.accept(timeout=0).close()
+out.append(c.stats()["limits"]["ram"])
+print(json.dumps(out), flush=True)
+""".replace("RING", str(RING))
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="runs a client as uid 65534: needs root")
+def test_stream_ram_a_uid_past_max_ram_per_uid_cannot_connect(world_faytd, spawn, as_user):
+    d = world_faytd(POLICY, max_ram_per_uid="1MiB")
+    kid = spawn(UID_LIMIT, d.env(), as_user=as_user, uid=NOBODY, args=[d.socket])
+    refused, held, after = json.loads(kid.expect())
+    assert refused.startswith("ENOMEM: ") and "max_ram_per_uid" in refused, refused
+    assert held == 2 * (4096 + 65536) and after == 0
+    kid.finish()
+    root = libportal.Connection(d.socket)           # core: no uid limit
+    try:
+        lst = libportal.listen("pub.big", connection=root)
+        with libportal.connect("pub.big", ring_bytes=RING, connection=root):
+            pass
+        lst.accept(timeout=0).close()
+        lst.close()
+    finally:
+        root.close()
