@@ -1,130 +1,27 @@
 """ANON portals sent by reference on a channel (End.send_share of an lp.Portal,
-CHAN_PASS with FAYT_PASS_PORTAL; docs/channels.md): between processes,
-read-only (a store is a SIGSEGV), writable, as a sealed copy; forged and
-foreign handles refused; a hostile peer of uid 65534.  And the channels'
+CHAN_PASS with FAYT_PASS_PORTAL; docs/channels.md; between processes,
+read-only, writable and as a copy: test_stream_ref.py): a store into the
+read-only mapping is a SIGSEGV; forged and foreign handles refused; a
+hostile peer of uid 65534.  And the channels'
 RAM charge (docs/limits.md): a connect past the quota is ENOMEM, and the
 charge goes when the channel ends."""
 import errno
 import json
 import os
 import signal
-import struct
 
 import pytest
 
 import libportal
 from libportal._abi import lib, CHAN_PASS_REQ
 from support.children import WAIT, wait_until
+from test_stream_ref import POLICY   # root core, others server; pub.* shared
 
 NOBODY = 65534
 PORTAL = lib.FAYT_PASS_PORTAL
 
-# The sender: an ANON portal of argv[2] bytes, filled; each stdin line a command.
-SENDER = """
-end = lp.connect(sys.argv[1], timeout=WAIT)
-p = lp.portal(lp.ANON, lp.PROT_RW, int(sys.argv[2]))
-p.buf[:] = (bytes(range(256)) * (p.length // 256 + 1))[:p.length]
-print(p.length, flush=True)
-for line in sys.stdin:
-    cmd = line.split()
-    if cmd[0] == "send":
-        kw = {"copy": "copy" in cmd, "writable": "writable" in cmd}
-        print(end.send_share(p, **kw), flush=True)
-    elif cmd[0] == "poke":
-        p.buf[int(cmd[1])] = int(cmd[2])
-        print("poked", flush=True)
-    elif cmd[0] == "peek":
-        print(p.buf[int(cmd[1])], flush=True)
-    elif cmd[0] == "unmap":
-        h = p.handle
-        p.unmap()
-        out = []
-        try:
-            end.send_share(p)
-        except OSError as e:
-            out.append(errno.errorcode[e.errno])
-        try:        # the raw request: faytd's own record says no
-            lp.connection().call(lp._lib.FAYT_SYS_CHAN_PASS,
-                                 struct.pack("<QQII", end.id, h, PORTAL, 0))
-            out.append("ok")
-        except OSError as e:
-            out.append(errno.errorcode[e.errno])
-        print(" ".join(out), flush=True)
-""".replace("WAIT", str(WAIT)).replace("PORTAL", str(PORTAL))
-
-
-def _pattern(n):
-    return (bytes(range(256)) * (n // 256 + 1))[:n]
-
-
-def _perms(addr):
-    """The permissions of the mapping at addr in /proc/self/maps."""
-    with open("/proc/self/maps") as f:
-        return [line.split()[1] for line in f if int(line.split("-")[0], 16) == addr]
-
-
 def _ram(conn):
     return conn.stats()["limits"]["ram"]
-
-
-@pytest.mark.parametrize("size", [4096, 1 << 20])
-def test_stream_portal_ref_an_anon_portal_between_processes(lp, spawn, size):
-    name = "chan.pref%d" % size
-    lst = lp.listen(name)
-    snd = spawn(SENDER, args=[name, size])
-    end = lst.accept(timeout=WAIT)
-    length = int(snd.expect())
-    assert length == size
-    try:
-        # Read-only: the sender's own memory; it keeps writing it.
-        snd.send("send")
-        assert int(snd.expect()) == length
-        got = end.recv(timeout=WAIT)
-        assert isinstance(got, libportal.Shared) and len(got) == length
-        assert got.portal and not got.copy and not got.writable and got.buffer.readonly
-        assert bytes(got.buffer) == _pattern(length)
-        perms = _perms(got._map.addr)
-        assert perms and all("w" not in p for p in perms), perms
-        snd.send("poke %d 7" % (length - 1))
-        assert snd.expect() == "poked"
-        assert got.buffer[length - 1] == 7
-        with pytest.raises(TypeError):
-            got.buffer[0] = 1
-        # A copy: sealed; the sender's later writes do not reach it.
-        snd.send("send copy")
-        snd.expect()
-        with end.recv(timeout=WAIT) as cp:
-            assert cp.copy and cp.portal and cp.buffer.readonly
-            assert cp.buffer[length - 1] == 7
-            snd.send("poke %d 9" % (length - 1))
-            assert snd.expect() == "poked"
-            assert cp.buffer[length - 1] == 7
-            assert got.buffer[length - 1] == 9             # the plain one follows
-        # Writable: the receiver's writes reach the sender.
-        snd.send("send writable")
-        snd.expect()
-        with end.recv(timeout=WAIT) as w:
-            assert w.writable and not w.buffer.readonly
-            w.buffer[5] = 201
-            snd.send("peek 5")
-            assert snd.expect() == "201"
-        # Sent again: the same mapping, no faytd call on either side.
-        snd.send("send")
-        snd.expect()
-        with end.recv(timeout=WAIT) as again:
-            assert again._map is got._map and again.buffer[length - 1] == 9
-        # The sender unmaps: sending it is EBADF, in libportal and from
-        # faytd's record; what the receiver mapped stays readable.
-        snd.send("unmap")
-        assert snd.expect() == "EBADF EBADF"
-        assert got.buffer[length - 1] == 9 and bytes(got.buffer[:5]) == _pattern(5)
-        got.close()
-        with pytest.raises(libportal.WouldBlock):
-            end.recv(timeout=0)                         # nothing else came
-    finally:
-        end.close()
-        lst.close()
-        snd.kill()
 
 
 # A receiver that stores into a read-only mapping of a portal: SIGSEGV.
@@ -226,18 +123,6 @@ def test_stream_portal_ref_bad_arguments_and_forged_handles(lp):
     # Every charge given back (faytd sees `other` closed when it reads its EOF).
     wait_until(lambda: _ram(c) == before, "the RAM charged back to %d bytes" % before)
 
-
-POLICY = {
-    "categories": {
-        "core": {"classes": ["SHARE", "DIRECT", "ANON", "COW", "SPECIAL"],
-                 "notify_handlers": True, "notify": ["*"],
-                 "shared_names": {"create": ["pub.*"]}},
-        "server": {"classes": ["SHARE", "ANON"], "notify": ["$uid"],
-                   "shared_names": {"attach": ["pub.*"]}},
-    },
-    "rules": [{"uid": 0, "category": "core"}],
-    "default": "server",
-}
 
 # uid 65534: argv[1] the socket, argv[2] the handle of root's portal.
 HOSTILE = """
