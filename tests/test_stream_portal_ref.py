@@ -1,10 +1,10 @@
 """ANON portals sent by reference on a channel (End.send_share of an lp.Portal,
 CHAN_PASS with FAYT_PASS_PORTAL; docs/channels.md; between processes,
 read-only, writable and as a copy: test_stream_ref.py): a store into the
-read-only mapping is a SIGSEGV; forged and foreign handles refused; a
-hostile peer of uid 65534.  And the channels'
-RAM charge (docs/limits.md): a connect past the quota is ENOMEM, and the
-charge goes when the channel ends."""
+read-only mapping is a SIGSEGV; forged and foreign handles refused, nothing
+left behind; a hostile peer of uid 65534.  And the channels' RAM charge
+(docs/limits.md): a connect past the quota is ENOMEM, and the charge goes
+when the channel ends."""
 import errno
 import json
 import os
@@ -100,7 +100,15 @@ def test_stream_portal_ref_bad_arguments_and_forged_handles(lp):
         assert out.startswith("EINVAL: ") and "CANCEL" in out, out
         out = raw(mine.handle, PORTAL | 0x100)
         assert out.startswith("EINVAL: ") and "unknown bits 0x100" in out, out
-        # Nothing went: the peer has no message, and the channel works on.
+        # Nothing went: no pass was left pending (all 16 places are free),
+        # the peer has no message, and the channel works on.
+        for _ in range(lib.FAYT_PASS_PENDING_MAX):
+            a.send_share(mine, copy=True)
+        with pytest.raises(OSError) as e:
+            a.send_share(mine, copy=True)
+        assert e.value.errno == errno.ENOSPC
+        for _ in range(lib.FAYT_PASS_PENDING_MAX):
+            b.recv(timeout=0).close()
         with pytest.raises(libportal.WouldBlock):
             b.recv(timeout=0)
         mine.buf[:2] = b"ok"
@@ -225,7 +233,17 @@ def test_stream_ram_a_connect_past_the_quota_is_enomem_and_close_gives_it_back(f
         acc = lst.accept(timeout=0)
         with pytest.raises(libportal.WouldBlock):
             lst.accept(timeout=0)
-        # A copy held untaken is the sender's too; taking it gives it back.
+        # A copy held untaken is the sender's too; taking it gives it back,
+        # and one past the quota is refused with nothing sent.
+        half = 512 << 10
+        p = libportal.portal(libportal.ANON, libportal.PROT_RW, half, connection=c)
+        with pytest.raises(libportal.OutOfMemory) as e:
+            one.send_share(p, copy=True)                # 2 MiB + 4 pages + 2 x 512 KiB > 3 MiB
+        assert "past its RAM quota" in str(e.value)
+        assert _ram(c) == base + CHANNEL + half
+        with pytest.raises(libportal.WouldBlock):
+            acc.recv(timeout=0)
+        p.unmap()
         p = libportal.portal(libportal.ANON, libportal.PROT_RW, 8192, connection=c)
         one.send_share(p, copy=True)
         assert _ram(c) == base + CHANNEL + 2 * 8192
