@@ -18,12 +18,13 @@ The facts this relies on, and what follows:
   right to attach it.  A listening name is not a published one (lookup does
   not find it) but follows the same rule: one live listener per name.
 - Messages by reference (CHAN_PASS, CHAN_TAKE): the sender names a
-  share-point its context maps now (the core's record of mappings says so,
-  never the client); faytd opens the object at once and keeps the
-  descriptor under a ticket for the other end (a keeper's name could be
-  reused once the share-point goes), marks the share-point exposed (its
-  object is never recycled: someone else may map it), and the sender puts
-  the ticket in a REF frame.  The receiver's CHAN_TAKE gets the descriptor
+  share-point its context maps now, or with FAYT_PASS_PORTAL the handle
+  of an ANON portal in its own table of mappings (the core's record of
+  mappings says so, never the client); faytd opens the object at once
+  and keeps the descriptor under a ticket for the other end (a keeper's
+  name could be reused once the share-point or portal goes), marks the
+  object exposed (never recycled: someone else may map it), and the
+  sender puts the ticket in a REF frame.  The receiver's CHAN_TAKE gets the descriptor
   only if the ticket was passed to its end of that channel (EPERM
   otherwise: a frame is the peer's word, untrusted).  The fds are
   read-only unless the sender allowed writing; COPY hands a fresh memfd
@@ -32,6 +33,11 @@ The facts this relies on, and what follows:
   sender's own mapping, so without COPY the sender keeps writing access.
   At most FAYT_PASS_PENDING_MAX untaken passes per direction; what is
   left untaken goes with the channel.
+- RAM: a channel's two objects are charged to the connecting context (it
+  chose ring_bytes) through the same check as an ANON portal's frames, and
+  given back when faytd frees the channel; a COPY's new object is charged
+  to the sender while faytd holds it untaken.  Once taken, what a receiver
+  maps is charged to nobody: faytd never sees its munmap.
 - Nothing is journaled.  When faytd dies the ends find it (their faytd
   socket hangs up) and reset their channels; after a restart, servers
   listen again and clients connect again.
