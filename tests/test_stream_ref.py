@@ -1,7 +1,8 @@
 """Messages by reference on a channel (CHAN_PASS 45, CHAN_TAKE 46;
-End.send_share, lp.Shared; docs/channels.md): a share-point handed to the
-peer between processes, read-only, writable and as a sealed copy, the
-sender's continuing write access, split share-points; the rights as uid
+End.send_share, lp.Shared; docs/channels.md): a share-point or an ANON
+portal handed to the peer between processes, read-only, writable and as a
+sealed copy, the sender's continuing write access, split share-points
+(more on portals: test_stream_portal_ref.py); the rights as uid
 65534; a hostile sender of uid 65534 naming objects it does not own, in
 raw requests and in raw frames."""
 import errno
