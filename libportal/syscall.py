@@ -15,10 +15,11 @@ flight per connection; a lock serialises threads.
 After fork() the child must not speak on its parent's connection: the default
 connection is dropped in the child and a new one is made on first use.
 
-The send and the wait for the reply are one C call (_fastpath.Transport,
-made once per connection with its socket and spin; its reply a
-_fastpath.Reply, read by field name): it
-spins a little for the reply before it sleeps, because faytd answers most
+The call is one C call (_fastpath.Transport.request, made once per
+connection with its socket and spin; its reply a _fastpath.Reply, read by
+field name): the seq and header, the lock, the send, the wait, the replies
+of earlier calls to skip or give back and the error check (transport.c).
+It spins a little for the reply before it sleeps, because faytd answers most
 calls within microseconds while a sleeping caller costs a wake-up, which on
 a virtual machine is worth several round trips.  $FAYT_CALL_SPIN_NS sets
 how long (default CALL_SPIN_NS with 2 CPUs or more, 0 with one).
@@ -29,21 +30,16 @@ import os
 import socket
 import struct
 import threading
-import warnings
 import weakref
 from typing import Any, Sequence
 
 from . import errors
-from ._abi import (ffi, lib, REQ_HDR, HANDLE_REQ, HELLO_REQ, HELLO_REPLY, LIST_REQ,
-                   portal_reply, _fastpath)
+from ._abi import ffi, lib, HELLO_REQ, HELLO_REPLY, LIST_REQ, _fastpath
 
 _MAX_FDS = 8
 CALL_SPIN_NS = 200000
 _Transport = _fastpath.Transport
-_get_ident = threading.get_ident
 _MAIN_ID = threading.main_thread().ident
-_pack_req = REQ_HDR.pack
-_REQ_MAGIC = lib.FAYT_REQ_MAGIC
 _pid = os.getpid()      # this process's: set again in a fork() child (_after_fork_child)
 
 
@@ -66,8 +62,8 @@ def default_socket_path() -> str:
     return "/tmp/fayt-%d/faytd.sock" % os.getuid()
 
 
-_CRED = struct.Struct("3i")
-_NO_REPLY = _fastpath.Reply((b"", (), 0, 0, 0, None, 0, 0, None))  # a FAYT_REQ_NOREPLY call's        # struct ucred: pid, uid, gid (SO_PEERCRED)
+_CRED = struct.Struct("3i")        # struct ucred: pid, uid, gid (SO_PEERCRED)
+
 
 
 def _faytd_uids(faytd_uid):
@@ -115,11 +111,6 @@ class Connection:
         self.path = path or default_socket_path()
         uids = _faytd_uids(faytd_uid)
         _check_socket_dir(self.path, uids)
-        self._lock = threading.Lock()
-        self._seq = 0
-        self._unanswered = set()    # seqs of FAYT_REQ_NOREPLY calls not yet known done
-        self._abandoned = set()     # seqs of calls whose wait a signal handler ended
-        self._close_pending = False # close() from a signal handler inside a call
         self._pid = _pid
         self._notify = None         # notification.Runtime, made on first use
         # mapping.Mapping: what close() unmaps, as {id(m): weakref to m}
@@ -127,13 +118,12 @@ class Connection:
         # create, attach and unmap).  An entry whose mapping was collected
         # while mapped stays until its id is reused or the connection closes.
         self._mappings = {}
-        self._caller = None         # thread id inside call()
-        self._main_calls = 0        # the main thread is in _call (lock taken or about to be)
-        self._broken = False        # faytd went away: see _lost()
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         self._fd = self.sock.fileno()
         self._spin = _spin_ns()
-        self._transport = _Transport(self._fd, spin_ns=self._spin, max_fds=_MAX_FDS)
+        # the call, its lock and its bookkeeping (transport.c, "request()")
+        self._transport = _Transport(self._fd, spin_ns=self._spin, max_fds=_MAX_FDS,
+                                     sock=self.sock)
         try:
             self.sock.connect(self.path)
         except OSError as e:
@@ -179,7 +169,8 @@ class Connection:
         except BaseException:
             self.sock.close()
             raise
-        self._finalizer = weakref.finalize(self, _close, self.sock, self.context_page)
+        self._finalizer = weakref.finalize(self, _close, self.sock, self._transport,
+                                           self.context_page)
         _connections.add(self)
 
     def call(self, op: int, body: bytes = b"", flags: int = 0,
@@ -210,7 +201,7 @@ class Connection:
         if rt is not None and rt.rings_in and not rt.busy:
             rt.dispatch()
         try:
-            return self._call(op, body, flags, send_fds, portal)
+            return self._transport.request(op, body, flags, send_fds or None, portal)
         finally:
             if self._close_pending:     # close() came from a signal handler inside the call
                 self._close_pending = False
@@ -218,119 +209,43 @@ class Connection:
             elif rt is not None and rt.pending and not rt.busy:
                 rt.dispatch()
 
-    def _call(self, op, body, flags, send_fds=(), portal=None):
-        # The main thread counts itself in before it takes the lock and out
-        # after it let go: a signal handler that runs in between (the
-        # doorbell's) sees the count and leaves the connection alone, since
-        # the lock is not reentrant (_caller alone left two windows: after
-        # the lock was taken and before it was let go).
-        main = _get_ident() == _MAIN_ID
-        if main:
-            self._main_calls += 1
-        try:
-            with self._lock:
-                if self.sock.fileno() != self._fd:  # closed: the number may be another file's now
-                    raise errors.error(errno.ECONNRESET, "faytd connection lost" if self._broken
-                                       else "faytd connection closed")
-                self._caller = _get_ident()
-                self._seq = seq = (self._seq + 1) & 0xffffffff     # as _header(), inline
-                try:
-                    tid = _thread_ids.tid
-                except AttributeError:
-                    tid = _thread_ids.tid = threading.get_native_id()
-                msg = _pack_req(_REQ_MAGIC, op, flags, seq, tid)
-                noreply = flags & lib.FAYT_REQ_NOREPLY
-                t = self._transport
-                try:
-                    if noreply:
-                        t.send(msg + body if body else msg, send_fds or None)
-                        self._unanswered.add(seq)
-                        return _NO_REPLY
-                    got = t.call(msg + body if body else msg, seq, send_fds or None, portal)
-                    while True:             # its header was checked in C
-                        rseq = got.seq
-                        if rseq != seq and rseq in self._unanswered:
-                            self._late_failure(got.op, rseq, got.err, got.body)
-                        elif rseq != seq and rseq in self._abandoned:
-                            self._abandoned.discard(rseq)
-                            self._give_back(got.op, got.err, got.body)
-                        else:
-                            break
-                        got = t.next_reply(seq, portal)
-                except errors.PortalError:
-                    raise                   # faytd's reply did not follow the protocol (EPROTO)
-                except OSError as e:
-                    self._lost()
-                    if self._close_pending:
-                        raise errors.error(errno.ECONNRESET, "faytd connection closed (close() "
-                                           "while this call waited)") from None
-                    raise errors.error(errno.ECONNRESET,
-                                       "faytd connection lost: %s" % (e.strerror or e)) from None
-                except BaseException:
-                    # A signal handler raised (KeyboardInterrupt...) while the
-                    # reply was awaited: the next call skips that reply, and
-                    # gives back what it granted (_give_back).
-                    if not noreply:
-                        self._abandoned.add(seq)
-                    raise
-                finally:
-                    self._caller = None
-                self._unanswered.clear()    # faytd answers in order: the rest succeeded
-                self._abandoned.clear()
-            if rseq != seq or got.op != op:
-                _close_fds(got.fds)
-                raise errors.error(errno.EPROTO, "reply out of step with the request")
-            if got.err:
-                _close_fds(got.fds)
-                raise errors.error(got.err, got.body.decode("utf-8", "replace"))
-            return got
-        finally:
-            if main:
-                self._main_calls -= 1
+    # The call itself is one C call, _fastpath.Transport.request (the seq,
+    # the header, the lock, the main thread's count, the replies of earlier
+    # calls to skip or give back, the error check: transport.c says how).
+    # What it keeps is read here under the names this class always had.
 
-    def _header(self, op, flags):
-        """(seq, header) of this connection's next request, from this thread."""
-        self._seq = seq = (self._seq + 1) & 0xffffffff
-        try:
-            tid = _thread_ids.tid
-        except AttributeError:          # gettid(2) once per thread
-            tid = _thread_ids.tid = threading.get_native_id()
-        return seq, REQ_HDR.pack(lib.FAYT_REQ_MAGIC, op, flags, seq, tid)
+    @property
+    def _lock(self):
+        """The call lock (one call in flight): `with conn._lock:`."""
+        return self._transport
 
-    def _give_back(self, op, err, data):
-        """The reply of a call that was abandoned (a signal handler raised
-        while it waited): a portal it granted is unmapped (destroyed if that
-        call created it) at once; its descriptors were closed on receipt."""
-        if op != lib.FAYT_SYS_PORTAL or err:
-            return
-        try:
-            reply = portal_reply(data)
-        except Exception:
-            return
-        undo = (lib.FAYT_SYS_UNMAP_DESTROY if reply.flags & lib.FAYT_PORTAL_REPLY_CREATED
-                else lib.FAYT_SYS_UNMAP)
-        seq, msg = self._header(undo, lib.FAYT_REQ_NOREPLY)
-        self._transport.send(msg + HANDLE_REQ.pack(reply.handle))
-        self._unanswered.add(seq)
+    @property
+    def _caller(self):
+        """The thread ident inside a call, or None."""
+        return self._transport.caller or None
 
-    def _lost(self):
-        """faytd went away (it was stopped, or killed: a restarted faytd
-        re-adopts share-points from its journal).  The socket is closed and
-        connection() will make a new one; the context page stays mapped,
-        since share-points mapped through this connection keep their lock
-        records in it and still work: the data path never needs faytd."""
-        self._broken = True
-        try:
-            self.sock.close()
-        except OSError:
-            pass
+    @property
+    def _main_calls(self):
+        """Nonzero while the main thread is inside a call (lock taken or
+        about to be): a signal handler then leaves the connection alone."""
+        return self._transport.main_calls
 
-    def _late_failure(self, op, seq, err, data):
-        """A FAYT_REQ_NOREPLY call failed: faytd answered it after all."""
-        self._unanswered.discard(seq)
-        warnings.warn(errors.error(err, "op %d (unanswered call %d) failed in faytd: %s"
-                                   % (op, seq, data.decode("utf-8", "replace"))),
-                      RuntimeWarning, stacklevel=3)
+    @property
+    def _broken(self):
+        """faytd went away: a call found the socket dead and closed it; the
+        context page stays mapped, since share-points mapped through this
+        connection keep their lock records in it and still work (a
+        restarted faytd re-adopts share-points from its journal)."""
+        return self._transport.broken
+
+    @property
+    def _close_pending(self):
+        """close() came from a signal handler inside a call."""
+        return self._transport.close_pending
+
+    @_close_pending.setter
+    def _close_pending(self, v):
+        self._transport.close_pending = v
 
     def list_sharepoints(self) -> "list[dict[str, Any]]":
         """Every share-point in faytd's table, as dicts (paged LIST_SHARE)."""
@@ -399,7 +314,8 @@ def _close_fds(fds):
         os.close(fd)
 
 
-def _close(sock, page):
+def _close(sock, transport, page):
+    transport.detach()              # under the call lock, or with no call possible
     sock.close()
     if page:
         lib.fayt_unmap(page, lib.FAYT_CONTEXT_BYTES)   # the page and its trace area
@@ -408,7 +324,6 @@ def _close(sock, page):
 _default = None
 _default_lock = threading.Lock()
 _connections = weakref.WeakSet()    # every Connection: a fork() child forgets their mappings
-_thread_ids = threading.local()     # .tid: the calling thread's Linux tid
 
 
 def connection() -> Connection:
@@ -430,7 +345,7 @@ def set_default(conn: "Connection | None") -> None:
 
 
 def _after_fork_child():
-    global _default, _default_lock, _thread_ids, _pid
+    global _default, _default_lock, _pid
     _pid = os.getpid()      # connections made before the fork now raise EBADF
     for conn in list(_connections):     # not mapped here (MADV_DONTFORK): forget, not unmap
         for m in [r() for r in list(conn._mappings.values())]:
@@ -438,10 +353,10 @@ def _after_fork_child():
                 getattr(m, "_forget", m._invalidate)()
         conn._mappings.clear()
     _default_lock = threading.Lock()
-    _thread_ids = threading.local()     # the child's thread has a tid of its own
     old, _default = _default, None
     if old is not None:
         old._finalizer.detach()   # the parent still uses the socket and page
+        old._transport.detach()
         old.sock.close()
 
 

@@ -2,6 +2,7 @@
 handlers that run while a call waits.  faytd is stopped (SIGSTOP) so that
 the call is still waiting when the signal comes; nothing here depends on
 how long anything takes, only on what happens before faytd runs again."""
+import errno
 import os
 import signal
 
@@ -109,3 +110,61 @@ def test_connection_a_signal_during_the_spin_runs_its_handler_then(stopped_faytd
         c.list_contexts()              # still spinning when the alarm comes
     resume()
     assert c.list_contexts()["contexts"]     # and the connection goes on
+
+
+def test_connection_a_refused_unanswered_call_warns_at_the_next_call(fresh_faytd, conn_to):
+    """A FAYT_REQ_NOREPLY request faytd refuses is answered after all: the
+    next call skips that reply, warns, and returns its own."""
+    from libportal._abi import lib, HANDLE_REQ
+    c = conn_to(fresh_faytd())
+    body, fds = c.call(lib.FAYT_SYS_UNMAP, HANDLE_REQ.pack(0x7fff0001), lib.FAYT_REQ_NOREPLY)
+    assert (body, fds) == (b"", ())
+    assert c._transport.unanswered
+    with pytest.warns(RuntimeWarning, match=r"unanswered call \d+\) failed in faytd"):
+        listed = c.list_contexts()
+    assert any(x["pid"] == os.getpid() for x in listed["contexts"])
+    assert not c._transport.unanswered      # faytd answers in order: nothing left to skip
+
+
+def test_connection_threads_share_one_connection(fresh_faytd, conn_to):
+    """One call in flight per connection: eight threads calling at once all
+    get their own replies, and the connection stays in step."""
+    import threading
+    c = conn_to(fresh_faytd())
+    errors, done = [], []
+
+    def work():
+        try:
+            for _ in range(50):
+                p = libportal.portal(libportal.ANON, libportal.PROT_RW, 4096, connection=c)
+                p.buf[0] = 7
+                p.unmap()
+                c.list_contexts()
+            done.append(1)
+        except BaseException as e:         # reported below
+            errors.append(e)
+
+    ts = [threading.Thread(target=work) for _ in range(8)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(60)
+    assert not errors and len(done) == 8
+    assert _my_mappings(c) == 0
+    assert c._transport.caller == 0 and c._main_calls == 0
+
+
+def test_connection_lost_when_faytd_dies(fresh_faytd, conn_to):
+    """faytd killed: the next call raises DaemonUnavailable (ECONNRESET), the
+    socket is closed here, and every later call says the connection is lost."""
+    d = fresh_faytd()
+    c = conn_to(d)
+    c.list_contexts()
+    d.proc.kill()
+    d.proc.wait()
+    with pytest.raises(libportal.DaemonUnavailable) as e:
+        c.list_contexts()
+    assert e.value.errno == errno.ECONNRESET
+    assert c.closed and c.sock.fileno() < 0
+    with pytest.raises(libportal.DaemonUnavailable, match="lost"):
+        c.list_contexts()
