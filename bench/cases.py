@@ -487,9 +487,38 @@ def _mpq_consumer(q, n, out):
     out.put(time.perf_counter())
 
 
+def _traced(d, call, n, rounds=5):
+    """Seconds a return-flag round trip, untraced and while faytd writes a
+    timeline trace (docs/tracing.md) into a scratch file: the best of
+    `rounds` rounds, each timing n / rounds calls untraced, then as many
+    traced (the trace's start and stop untimed), so that both are measured
+    in the same stretches of time; and the records the traces lost."""
+    import json
+    import tempfile
+    from libportal._abi import lib
+    conn = lp.connection()
+    k = max(1, n // rounds)
+    best, best_traced, lost = float("inf"), float("inf"), 0
+    for _ in range(rounds):
+        t = time.perf_counter()
+        for _ in range(k):
+            call(1, b"x", timeout=30)
+        best = min(best, (time.perf_counter() - t) / k)
+        with tempfile.NamedTemporaryFile(prefix="fayt-bench-trace-", suffix=".json") as f:
+            conn.call(lib.FAYT_SYS_TRACE_START, b"", send_fds=[f.fileno()])
+            try:
+                t = time.perf_counter()
+                for _ in range(k):
+                    call(1, b"x", timeout=30)
+                best_traced = min(best_traced, (time.perf_counter() - t) / k)
+            finally:
+                lost += json.loads(conn.call(lib.FAYT_SYS_TRACE_STOP)[0])["lost"]
+    return best, best_traced, lost, 4 * k * rounds
+
+
 def case_notify(d, scale):
     n = _n(20000, scale, 500)
-    p, tid = _notify_target(d, 2 * n + 100)
+    p, tid = _notify_target(d, 2 * n + 100 + 2 * max(1, n // 5) * 5)
     try:
         call = lp.notification_channel(tid).call
         for _ in range(100):
@@ -502,7 +531,8 @@ def case_notify(d, scale):
         for _ in range(n):
             call(1, b"x", immediate=True, timeout=30)     # immediate + return flag
         rtt_imm = (time.perf_counter() - t) / n
-        assert int(p.stdout.readline()) == 2 * n + 100
+        rtt_untraced, rtt_traced, lost, records = _traced(d, call, n)
+        assert int(p.stdout.readline()) == 2 * n + 100 + 2 * max(1, n // 5) * 5
     finally:
         p.kill()
         p.wait()
@@ -551,6 +581,10 @@ def case_notify(d, scale):
         {"name": "notify, return flag, round trip", "ours": rtt * 1e6, "unit": "us",
          "peer": "Unix socket ping-pong", "peer_value": unix * 1e6, "ratio": rtt / unix,
          "target": None},
+        {"name": "notify, return flag, round trip, traced (%d of %d records lost)"
+         % (lost, records), "ours": rtt_traced * 1e6, "unit": "us",
+         "peer": "the same, not traced", "peer_value": rtt_untraced * 1e6,
+         "ratio": rtt_traced / rtt_untraced, "target": ("<=", 1.5)},
         {"name": "notify, immediate + return, round trip", "ours": rtt_imm * 1e6, "unit": "us",
          "peer": "pipe ping-pong", "peer_value": pipe * 1e6, "ratio": rtt_imm / pipe,
          "target": None},

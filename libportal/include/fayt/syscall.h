@@ -91,6 +91,11 @@
 /* Tools (issue 18: 56-59).  One call, what it describes chosen by the body. */
 #define FAYT_SYS_INFO           56  /* body fayt_info_req; reply: a JSON page of rings or
                                        chains (docs/cli.md, "fayt rings, fayt chains") */
+#define FAYT_SYS_TRACE_START    57  /* no body; one fd (SCM_RIGHTS): a regular file open for
+                                       writing, where faytd writes the timeline trace
+                                       (docs/tracing.md); core only; reply empty */
+#define FAYT_SYS_TRACE_STOP     58  /* no body: end the trace, complete the file; reply:
+                                       JSON {"events", "dropped", "lost", "by"}; core only */
 /* Emulated devices (docs/devices.md); 60..67 are theirs. */
 #define FAYT_SYS_DEV_REGISTER   60  /* body fayt_dev_req + the window's name (no NUL): serve it;
                                        reply fayt_dev_reply + 7 fds (FAYT_DEV_FD_*) */
