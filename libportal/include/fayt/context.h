@@ -35,7 +35,7 @@
 #include "notification.h"
 
 #define FAYT_CONTEXT_MAGIC   0x46435458   /* "FCTX" */
-#define FAYT_CONTEXT_VERSION 1
+#define FAYT_CONTEXT_VERSION 2
 #define FAYT_HELD_LOCKS_MAX  64
 
 #define FAYT_HELD_FREE    0

@@ -28,7 +28,7 @@
  * a client of another version (EPROTO, both versions named) and the client
  * refuses a faytd of another.  0 is the protocol before versions, whose
  * HELLO had no body and whose reply held 0 where wire_abi is now. */
-#define FAYT_WIRE_ABI  6
+#define FAYT_WIRE_ABI  7
 
 /* Operations.  Never reuse a retired number. */
 #define FAYT_SYS_HELLO          1   /* body fayt_hello_req: register the context;
