@@ -487,9 +487,38 @@ def _mpq_consumer(q, n, out):
     out.put(time.perf_counter())
 
 
+def _traced(d, call, n, rounds=5):
+    """Seconds a return-flag round trip, untraced and while faytd writes a
+    timeline trace (docs/tracing.md) into a scratch file: the best of
+    `rounds` rounds, each timing n / rounds calls untraced, then as many
+    traced (the trace's start and stop untimed), so that both are measured
+    in the same stretches of time; and the records the traces lost."""
+    import json
+    import tempfile
+    from libportal._abi import lib
+    conn = lp.connection()
+    k = max(1, n // rounds)
+    best, best_traced, lost = float("inf"), float("inf"), 0
+    for _ in range(rounds):
+        t = time.perf_counter()
+        for _ in range(k):
+            call(1, b"x", timeout=30)
+        best = min(best, (time.perf_counter() - t) / k)
+        with tempfile.NamedTemporaryFile(prefix="fayt-bench-trace-", suffix=".json") as f:
+            conn.call(lib.FAYT_SYS_TRACE_START, b"", send_fds=[f.fileno()])
+            try:
+                t = time.perf_counter()
+                for _ in range(k):
+                    call(1, b"x", timeout=30)
+                best_traced = min(best_traced, (time.perf_counter() - t) / k)
+            finally:
+                lost += json.loads(conn.call(lib.FAYT_SYS_TRACE_STOP)[0])["lost"]
+    return best, best_traced, lost, 4 * k * rounds
+
+
 def case_notify(d, scale):
     n = _n(20000, scale, 500)
-    p, tid = _notify_target(d, 2 * n + 100)
+    p, tid = _notify_target(d, 2 * n + 100 + 2 * max(1, n // 5) * 5)
     try:
         call = lp.notification_channel(tid).call
         for _ in range(100):
@@ -502,7 +531,8 @@ def case_notify(d, scale):
         for _ in range(n):
             call(1, b"x", immediate=True, timeout=30)     # immediate + return flag
         rtt_imm = (time.perf_counter() - t) / n
-        assert int(p.stdout.readline()) == 2 * n + 100
+        rtt_untraced, rtt_traced, lost, records = _traced(d, call, n)
+        assert int(p.stdout.readline()) == 2 * n + 100 + 2 * max(1, n // 5) * 5
     finally:
         p.kill()
         p.wait()
@@ -551,6 +581,10 @@ def case_notify(d, scale):
         {"name": "notify, return flag, round trip", "ours": rtt * 1e6, "unit": "us",
          "peer": "Unix socket ping-pong", "peer_value": unix * 1e6, "ratio": rtt / unix,
          "target": None},
+        {"name": "notify, return flag, round trip, traced (%d of %d records lost)"
+         % (lost, records), "ours": rtt_traced * 1e6, "unit": "us",
+         "peer": "the same, not traced", "peer_value": rtt_untraced * 1e6,
+         "ratio": rtt_traced / rtt_untraced, "target": ("<=", 1.5)},
         {"name": "notify, immediate + return, round trip", "ours": rtt_imm * 1e6, "unit": "us",
          "peer": "pipe ping-pong", "peer_value": pipe * 1e6, "ratio": rtt_imm / pipe,
          "target": None},
@@ -1383,11 +1417,13 @@ def _by_reference(d, scale):
     """1 MiB from one process to another, acknowledged with one byte: a
     share-point by reference (End.send_share; the receiver maps it, then
     unmaps it) vs a Unix stream socket's sendall / recv_into a reused
-    buffer; the copy mode (faytd copies into a sealed object) reported."""
+    buffer; an ANON portal by reference and the copy mode (faytd copies
+    into a sealed object) reported."""
     n = _n(300, scale, 20)
     p, end = _chan_peer(d, "ref")
     sp = lp.share_create(_name("ref"), MIB + 4096)
     assert sp.length >= MIB
+    anon = lp.portal(lp.ANON, lp.PROT_RW, MIB)
     import socket
     a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     pid = os.fork()
@@ -1414,6 +1450,11 @@ def _by_reference(d, scale):
                 end.send_share(sp)
                 end.recv()
 
+        def portal(k):
+            for _ in range(k):
+                end.send_share(anon)
+                end.recv()
+
         def copied(k):
             for _ in range(k):
                 end.send_share(sp, copy=True)
@@ -1423,19 +1464,23 @@ def _by_reference(d, scale):
             for _ in range(k):
                 a.sendall(data)
                 a.recv(1)
-        for f in (ours, copied, unix):
+        for f in (ours, portal, copied, unix):
             f(5)
-        t_ours, t_copy, t_unix = median_of(n, 5, ours, copied, unix)
+        t_ours, t_anon, t_copy, t_unix = median_of(n, 5, ours, portal, copied, unix)
     finally:
         end.close()
         p.wait(30)
         a.close()
         os.waitpid(pid, 0)
         sp.destroy()
+        anon.unmap()
     return [
         {"name": "channel 1 MiB by reference", "ours": 1 / t_ours, "unit": "msgs/s",
          "peer": "Unix socket sendall/recv_into", "peer_value": 1 / t_unix,
          "ratio": t_unix / t_ours, "target": (">=", 5.0)},
+        {"name": "channel 1 MiB ANON portal by reference", "ours": 1 / t_anon,
+         "unit": "msgs/s", "peer": "Unix socket sendall/recv_into", "peer_value": 1 / t_unix,
+         "ratio": t_unix / t_anon, "target": None},
         {"name": "channel 1 MiB by reference, copy mode", "ours": 1 / t_copy, "unit": "msgs/s",
          "peer": "Unix socket sendall/recv_into", "peer_value": 1 / t_unix,
          "ratio": t_unix / t_copy, "target": None},

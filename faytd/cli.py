@@ -272,10 +272,11 @@ def parser():
     kl.add_argument("contexts", nargs="+", type=int, metavar="CONTEXT",
                     help="a context id as fayt ps shows it")
     kl.set_defaults(func=cmd_kill)
-    from . import gc, inject_cli, tools     # rings, chains, top; gc; inject
+    from . import gc, inject_cli, tools, trace_cli     # rings, chains, top; gc; inject; trace
     tools.add_commands(sub, common)
     gc.add_command(sub, common)
     inject_cli.add_command(sub, common)
+    trace_cli.add_command(sub, common)
     return ap
 
 

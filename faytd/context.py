@@ -35,7 +35,7 @@ import os
 
 from libportal._abi import ffi, lib
 
-from .frames import BackingObject, KernelError, PAGE, shared_field
+from .frames import BackingObject, KernelError, shared_field
 from .native import core, ffi as cffi, lib as clib
 
 _PROT_RW = 1 | 2                    # PROT_READ | PROT_WRITE
@@ -48,6 +48,8 @@ def _frames(buf, n):
     return a
 
 PAGE_SIZE = ffi.sizeof("struct fayt_context_page")
+# The context page object: the page, then its trace area (fayt/context.h).
+CONTEXT_BYTES = lib.FAYT_CONTEXT_BYTES
 
 
 class ObjectMap:
@@ -262,7 +264,7 @@ class Context:
         return False
 
     def make_page(self, tag):
-        self.adopt_page(BackingObject(0, tag + ".ctx", PAGE, []))
+        self.adopt_page(BackingObject(0, tag + ".ctx", CONTEXT_BYTES, []))
         p = self.page_struct
         p.magic = lib.FAYT_CONTEXT_MAGIC
         p.version = lib.FAYT_CONTEXT_VERSION
@@ -274,7 +276,7 @@ class Context:
     def adopt_page(self, obj):
         """Use obj as the context page (a new one, or one a journal names)."""
         self.page = obj
-        self.page_map = ObjectMap(obj, PAGE)
+        self.page_map = ObjectMap(obj, CONTEXT_BYTES)
         self.page_struct = ffi.cast("struct fayt_context_page *", self.page_map.ptr)
         self.registered = True
 

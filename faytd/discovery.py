@@ -42,6 +42,7 @@ class Published:
         self.by_name[n] = ctx.id
         self.by_ctx.setdefault(ctx.id, set()).add(n)
         self.per_uid[ctx.uid] = held + 1
+        self.k.tracing.named(ctx)       # its track's label
 
     def withdraw(self, ctx, name):
         n = SharePoints.resolve(ctx, name, True, field=b"name")

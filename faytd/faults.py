@@ -159,6 +159,8 @@ class FaultEngine:
                     m = self.p.chains.by_efd.get(ev.fd)
                     if m is not None:
                         self.p.chains.drop_member(m, ev.err, text)
+                elif ev.kind == lib.FAYT_FAULT_EV_TRACE:
+                    self.p.k.tracing.fault_line(text)
                 elif ev.kind == lib.FAYT_FAULT_EV_CLOSE:
                     r = self.p.regions.by_uffd.get(ev.fd)
                     if r is not None:
@@ -169,6 +171,11 @@ class FaultEngine:
             log.warning("pager: %d of the fault engine's log lines were lost (its queue was "
                         "full)", self.e.lost_events)
             self.e.lost_events = 0
+
+    def set_trace(self, on):
+        """Queue the timeline trace's lines (faytd/trace.py) or not."""
+        if self.e is not None:
+            self.e.trace = 1 if on else 0
 
     def shutdown(self):
         c = self.counts()

@@ -474,6 +474,7 @@ class Injection:
             "chain %r" % rule.chain.name
         log.warning("inject: rule %d: %s: %s%s", rule.id, who, what,
                     "" if n == 1 else " (%d faults)" % n)
+        self.k.tracing.injected(rule, ctx, what, n)
 
     _WHAT = {"kill-lock": "killed holding share-point %(sp_id)s's lock",
              "kill-handler": "killed at the entry of its handler of slot %(slot)s",

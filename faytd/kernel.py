@@ -13,12 +13,12 @@ from libportal._abi import lib
 
 from .native import core, lib as clib
 
-from .context import Context, ContextTable, Quotas
+from .context import CONTEXT_BYTES, Context, ContextTable, Quotas
 from .cow import Cow
 from .discovery import Published
 from .devices import Devices
 from .direct import Direct, DirectBacking
-from .frames import (PAGE, BackingObject, FrameAllocator, KernelError, keeper_objects,
+from .frames import (BackingObject, FrameAllocator, KernelError, keeper_objects,
                      release_objects, run_tag, start_keeper)
 from .injection import Injection
 from .journal import Journal, alive
@@ -30,6 +30,7 @@ from .sched import Scheduling
 from .sharepoint import SharePoints
 from .stats import Stats
 from .stream import Channels
+from .trace import Tracing
 
 log = logging.getLogger("faytd")
 _RECHECK_FIRST_S = 0.001    # a dead locker's PENDING record met a live one: look again after
@@ -109,6 +110,7 @@ class Kernel:
         self.channels = Channels(self)
         self.cow = Cow(self)
         self.injection = Injection(self)    # faults injected on purpose (docs/testing.md)
+        self.tracing = Tracing(self)        # the timeline trace (docs/tracing.md)
         self.contexts = ContextTable()
         self._rechecks = {}         # sp id -> [sp, dead pid, delay]: see _recover_one
         self._recheck_fd = -1
@@ -193,7 +195,7 @@ class Kernel:
                           self.policy.classify(r.uid, r.gid, None))
             ctx.start, ctx.connected = r.start, False
             try:
-                ctx.adopt_page(BackingObject.adopt(0, r.object, PAGE, []))
+                ctx.adopt_page(BackingObject.adopt(0, r.object, CONTEXT_BYTES, []))
             except Exception as e:
                 log.error("journal: context %d (pid %d) not restored: %s", r.id, r.pid,
                           getattr(e, "message", e))
@@ -254,6 +256,7 @@ class Kernel:
     def registered(self, ctx):
         """ctx has its context page (HELLO)."""
         self.scheduling.events.created(ctx)
+        self.tracing.context_seen(ctx)
         if self.journal is not None:
             self.journal.context_registered(ctx)
             ctx.fast.flags |= clib.FAYT_FAST_CONN_JOURNAL   # the core journals its attaches
@@ -313,6 +316,7 @@ class Kernel:
         """The process is gone: recover its locks, then forget it."""
         ctx.alive = False
         self.injection.context_gone(ctx)    # first: a fault it injected killed it
+        self.tracing.context_gone(ctx)      # what it recorded, before its recovery
         try:
             self.recover_locks(ctx)
         finally:
@@ -329,6 +333,7 @@ class Kernel:
             return
         self.quotas.forget(ctx)
         self.injection.context_gone(ctx)
+        self.tracing.context_gone(ctx)
         clib.fayt_fast_conn_gone(self.fast, ctx.fast)
         self.notifications.context_gone(ctx)
         self.pager.context_gone(ctx)
@@ -417,13 +422,13 @@ class Kernel:
         self._release_dead_lock(ctx.pid, sp)
         return holders
 
-    @staticmethod
-    def _release_dead_lock(pid, sp):
+    def _release_dead_lock(self, pid, sp):
         try:
             sp.recover_lock()
         finally:
             if sp.destroyed:
                 sp.close_meta()
+        self.tracing.recovered(pid, sp)
         log.info("pid %d died holding the lock of share-point %r: released, owner-died set",
                  pid, sp.identifier.decode("utf-8", "replace"))
 
@@ -451,6 +456,7 @@ class Kernel:
     def serving(self):
         """The server runs (Server.__init__): timers may be armed now."""
         self._arm_recheck()
+        self.tracing.serving()
 
     def _on_recheck(self, fd, events):
         """Each share-point whose dead locker's PENDING record met a live
@@ -523,6 +529,7 @@ class Kernel:
     def shutdown(self):
         """A clean stop: everything is destroyed, and the journal removed."""
         self.log_journal_errors()
+        self.tracing.shutdown()             # the trace file completed first
         f = self.fast
         log.info("fast path: %d share-points created, %d destroyed; %d ANON portals mapped, "
                  "%d unmapped; %d attaches, %d share-point unmaps", f.creates, f.destroys,

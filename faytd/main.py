@@ -14,6 +14,7 @@ from libportal.syscall import default_socket_path
 
 from . import config, logs
 from .dirs import secure_dir
+from .frames import KernelError
 from .kernel import Kernel
 from .native import lib as clib
 from .server import Server
@@ -37,6 +38,10 @@ def main(argv: "list[str] | None" = None) -> int:
                     help="text lines, or one JSON object per line (default: text)")
     ap.add_argument("--print-config", action="store_true",
                     help="print the configuration in force and exit")
+    ap.add_argument("--trace", metavar="FILE",
+                    help="write a timeline trace (Chrome trace-event JSON, for the Perfetto "
+                    "UI) to FILE from the start; completed when faytd stops or at `fayt trace "
+                    "stop` (docs/tracing.md)")
     ap.add_argument("--version", action="version", version="faytd %s" % libportal.__version__)
     args = ap.parse_args(argv)
     logs.setup(args.log_level or ("debug" if args.verbose else "info"), args.log_format,
@@ -67,12 +72,27 @@ def main(argv: "list[str] | None" = None) -> int:
     except ValueError as e:
         ap.error(str(e))
     try:
+        if args.trace:
+            kernel.tracing.start(open_trace(args.trace), "faytd --trace")
         server = Server(kernel, cfg["socket"], cfg["socket_mode"])
+    except KernelError as e:
+        kernel.abandon()
+        ap.error("--trace: %s" % e.message)
     except BaseException:           # e.g. another faytd serves the socket: leave nothing
         kernel.abandon()
         raise
     server.serve_forever()
     return 0
+
+
+def open_trace(path):
+    """--trace FILE, opened as the one who started faytd asked: created
+    0644 or truncated, never through a symlink (O_NOFOLLOW)."""
+    try:
+        return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW
+                       | os.O_CLOEXEC, 0o644)
+    except OSError as e:
+        raise KernelError(e.errno, "%s: %s" % (path, e.strerror))
 
 
 def print_config(cfg):

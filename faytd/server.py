@@ -343,7 +343,7 @@ class Server:
                 finally:
                     serving.discard(obj)
         finally:
-            fast.disabled = disabled
+            fast.disabled = 1 if self.k.tracing.on else disabled   # a trace began meanwhile
             serving.discard(current)
 
     def _guarded_client(self, fd, ev, ctx):
@@ -615,7 +615,17 @@ class Server:
         return None
 
     def _perform(self, ctx, op, tid, body, fds):
-        """(reply body, fds) or (KernelError, []) for the request."""
+        """(reply body, fds) or (KernelError, []) for the request, timed
+        for the trace while one runs (faytd/trace.py)."""
+        tr = self.k.tracing
+        if not tr.on:
+            return self._perform_call(ctx, op, tid, body, fds)
+        t0 = tr.call_begin(ctx, tid)
+        out = self._perform_call(ctx, op, tid, body, fds)
+        tr.call_end(ctx, tid, op, t0, out[0])
+        return out
+
+    def _perform_call(self, ctx, op, tid, body, fds):
         self.k.stats.python_call(op)
         handler = syscall.HANDLERS.get(op)
         try:

@@ -18,12 +18,13 @@ The facts this relies on, and what follows:
   right to attach it.  A listening name is not a published one (lookup does
   not find it) but follows the same rule: one live listener per name.
 - Messages by reference (CHAN_PASS, CHAN_TAKE): the sender names a
-  share-point its context maps now (the core's record of mappings says so,
-  never the client); faytd opens the object at once and keeps the
-  descriptor under a ticket for the other end (a keeper's name could be
-  reused once the share-point goes), marks the share-point exposed (its
-  object is never recycled: someone else may map it), and the sender puts
-  the ticket in a REF frame.  The receiver's CHAN_TAKE gets the descriptor
+  share-point its context maps now, or with FAYT_PASS_PORTAL the handle
+  of an ANON portal in its own table of mappings (the core's record of
+  mappings says so, never the client); faytd opens the object at once
+  and keeps the descriptor under a ticket for the other end (a keeper's
+  name could be reused once the share-point or portal goes), marks the
+  object exposed (never recycled: someone else may map it), and the
+  sender puts the ticket in a REF frame.  The receiver's CHAN_TAKE gets the descriptor
   only if the ticket was passed to its end of that channel (EPERM
   otherwise: a frame is the peer's word, untrusted).  The fds are
   read-only unless the sender allowed writing; COPY hands a fresh memfd
@@ -32,6 +33,11 @@ The facts this relies on, and what follows:
   sender's own mapping, so without COPY the sender keeps writing access.
   At most FAYT_PASS_PENDING_MAX untaken passes per direction; what is
   left untaken goes with the channel.
+- RAM: a channel's two objects are charged to the connecting context (it
+  chose ring_bytes) through the same check as an ANON portal's frames, and
+  given back when faytd frees the channel; a COPY's new object is charged
+  to the sender while faytd holds it untaken.  Once taken, what a receiver
+  maps is charged to nobody: faytd never sees its munmap.
 - Nothing is journaled.  When faytd dies the ends find it (their faytd
   socket hangs up) and reset their channels; after a restart, servers
   listen again and clients connect again.
@@ -43,8 +49,10 @@ import os
 
 from libportal._abi import ffi, lib
 
+from .context import CoreMapping
 from .frames import KernelError, PAGE
 from .native import core, lib as clib
+from .policy import Policy
 from .sharepoint import SharePoints
 
 SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
@@ -101,26 +109,38 @@ class End:
 
 class Passed:
     """An untaken pass: its descriptors (faytd's, closed when taken or
-    dropped), for which side, and the take reply's fields."""
-    __slots__ = ("to", "fds", "length", "data_offset", "map_length", "flags")
+    dropped), for which side, the take reply's fields, and the RAM charge
+    of a copy (`charged` bytes of the sender's context `payer`) while
+    faytd holds it."""
+    __slots__ = ("to", "fds", "length", "data_offset", "map_length", "flags", "payer",
+                 "charged")
 
     def __init__(self, to, fds, length, data_offset, map_length, flags):
         self.to, self.fds, self.length = to, fds, length
         self.data_offset, self.map_length, self.flags = data_offset, map_length, flags
+        self.payer, self.charged = None, 0
+
+    def uncharge(self):
+        if self.charged:
+            self.payer.ram -= self.charged
+            self.payer, self.charged = None, 0
 
     def close(self):
         for fd in self.fds:
             os.close(fd)
         self.fds = []
+        self.uncharge()
 
 
 class Channel:
-    __slots__ = ("id", "ring_bytes", "ends", "uid", "passed", "next_ticket")
+    __slots__ = ("id", "ring_bytes", "ends", "uid", "passed", "next_ticket", "payer",
+                 "charged")
 
     def __init__(self, cid, ring_bytes, uid):
         self.id, self.ring_bytes, self.uid = cid, ring_bytes, uid
         self.passed = {}            # ticket -> Passed
         self.next_ticket = 1
+        self.payer, self.charged = None, 0     # the connector's context, its RAM charge
         self.ends = []
         try:
             self.ends.append(End(cid, 0, ring_bytes))
@@ -219,12 +239,27 @@ class Channels:
             raise KernelError(errno.EAGAIN, "name: the accept queue of %s is full (backlog %d)"
                               % (_show(name), lst.backlog))
         self._charge(ctx)
+        nbytes = channel_bytes(ring_bytes)
+        try:
+            self.k.charge(ctx, nbytes)
+        except KernelError as e:
+            self._uncharge(ctx.uid)
+            why = e.message[8:] if e.message.startswith("length: ") else e.message
+            raise KernelError(e.errno, "ring_bytes: %d: a channel's two objects (%d bytes, "
+                              "each a header page and a ring) are charged to the connecting "
+                              "context, and %s" % (ring_bytes, nbytes, why)) from None
         try:
             ch = Channel(self._id(), ring_bytes, ctx.uid)
         except OSError as e:
+            ctx.ram -= nbytes
             self._uncharge(ctx.uid)
             raise KernelError(errno.ENOMEM, "faytd cannot make a channel: %s" % e.strerror) \
                 from None
+        except BaseException:
+            ctx.ram -= nbytes
+            self._uncharge(ctx.uid)
+            raise
+        ch.payer, ch.charged = ctx, nbytes
         ch.ends[0].ctx = ctx
         self.channels[ch.id] = ch
         lst.queue.append(ch)
@@ -258,6 +293,9 @@ class Channels:
             ch.passed.clear()
             for e in ch.ends:
                 e.close()
+            if ch.charged:
+                ch.payer.ram -= ch.charged
+                ch.payer, ch.charged = None, 0
             self._uncharge(ch.uid)
 
     # -- messages by reference ---------------------------------------------
@@ -270,54 +308,88 @@ class Channels:
                               % cid)
         return ch, side
 
-    def pass_share(self, ctx, cid, sp_id, flags):
-        """CHAN_PASS: the ticket and the data's length."""
+    def pass_share(self, ctx, cid, ref, flags):
+        """CHAN_PASS: the ticket and the data's length.  ref: a share-point
+        id, an ANON portal's handle (FAYT_PASS_PORTAL) or, to cancel, a
+        ticket."""
         ch, side = self._open_side(ctx, cid, 1 if flags & lib.FAYT_PASS_ACCEPTOR else 0)
         if flags & lib.FAYT_PASS_CANCEL:
-            p = ch.passed.get(sp_id)
+            p = ch.passed.get(ref)
             if p is None or p.to == side:
                 raise KernelError(errno.ENOENT, "share: %d is not an untaken pass of this end"
-                                  % sp_id)
-            del ch.passed[sp_id]
+                                  % ref)
+            del ch.passed[ref]
             p.close()
             return 0, 0
         if sum(1 for p in ch.passed.values() if p.to != side) >= lib.FAYT_PASS_PENDING_MAX:
             raise KernelError(errno.ENOSPC, "channel: %d passes the peer has not taken, the "
                               "most (FAYT_PASS_PENDING_MAX)" % lib.FAYT_PASS_PENDING_MAX)
-        sp = self.k.sharepoints.get(sp_id, keep=False) if 0 < sp_id < 2 ** 32 else None
-        if sp is None or not any(c == ctx.id for c, _ in sp.captured):
-            raise KernelError(errno.EPERM, "share: %d is not a share-point this context maps"
-                              % sp_id)
         if ch.ends[1 - side].gone:
             raise KernelError(errno.EPIPE, "channel: the peer is gone")
-        clib.fayt_core_sp_expose(core, sp.id)          # never recycled: others may map it
-        obj = sp.backing
         writable = bool(flags & lib.FAYT_PASS_WRITE)
+        if flags & lib.FAYT_PASS_PORTAL:
+            obj, length, offset, what = self._portal_source(ctx, ref, writable)
+        else:
+            obj, length, offset, what = self._share_source(ctx, ref)
         fds = []
         try:
             fds.append(obj.open_fd(readonly=not writable))
             if obj.tail is not None:
                 fds.append(obj.tail.open_fd(readonly=not writable))
-            length, offset = sp.length, sp.data_offset
             map_length = length + offset
-            out_flags = flags & (lib.FAYT_PASS_COPY | lib.FAYT_PASS_WRITE)
+            out_flags = flags & (lib.FAYT_PASS_COPY | lib.FAYT_PASS_WRITE | lib.FAYT_PASS_PORTAL)
             if flags & lib.FAYT_PASS_COPY:
-                fds = [_sealed_copy(fds, offset, length, ch.id)]
+                charged = -(-length // PAGE) * PAGE      # the copy's pages, while faytd holds it
+                self.k.charge(ctx, charged)
+                src, fds = fds, []          # _sealed_copy closes them, whatever happens
+                try:
+                    fds = [_sealed_copy(src, offset, length, ch.id)]
+                except BaseException:
+                    ctx.ram -= charged
+                    raise
                 offset, map_length = 0, length
             elif obj.tail is not None:
                 out_flags |= lib.FAYT_TAKE_SPLIT
         except OSError as e:
             for fd in fds:
                 os.close(fd)
-            raise KernelError(errno.ENOMEM, "faytd cannot hand over share-point %d: %s"
-                              % (sp_id, e.strerror)) from None
+            raise KernelError(errno.ENOMEM, "faytd cannot hand over %s: %s"
+                              % (what, e.strerror)) from None
         except BaseException:
             for fd in fds:
                 os.close(fd)
             raise
         ticket, ch.next_ticket = ch.next_ticket, ch.next_ticket + 1
-        ch.passed[ticket] = Passed(1 - side, fds, length, offset, map_length, out_flags)
+        p = ch.passed[ticket] = Passed(1 - side, fds, length, offset, map_length, out_flags)
+        if flags & lib.FAYT_PASS_COPY:
+            p.payer, p.charged = ctx, charged
         return ticket, length
+
+    def _share_source(self, ctx, sp_id):
+        """A share-point ctx maps now (the core's record, never the
+        request): its object, length, data offset, and how to name it."""
+        sp = self.k.sharepoints.get(sp_id, keep=False) if 0 < sp_id < 2 ** 32 else None
+        if sp is None or not any(c == ctx.id for c, _ in sp.captured):
+            raise KernelError(errno.EPERM, "share: %d is not a share-point this context maps"
+                              % sp_id)
+        clib.fayt_core_sp_expose(core, sp.id)          # never recycled: others may map it
+        return sp.backing, sp.length, sp.data_offset, "share-point %d" % sp_id
+
+    def _portal_source(self, ctx, handle, writable):
+        """An ANON portal ctx maps now, by its handle in ctx's own table of
+        mappings (a handle is a context's: another's names nothing here).
+        Looking it up marks its object as Python's, so the core never
+        recycles it into another portal: the peer may map it."""
+        m = ctx.mappings.get(handle) if 0 < handle < 2 ** 63 else None
+        if m is None:
+            raise KernelError(errno.EBADF, "share: handle %d names no mapping of this context"
+                              % handle)
+        if not isinstance(m, CoreMapping) or m.sp_id or m.type != lib.FAYT_PORTAL_ANON:
+            raise KernelError(errno.EINVAL, "share: handle %d is not an ANON portal (a "
+                              "share-point goes by its id; other portals do not go)" % handle)
+        Policy.check_prot(lib.FAYT_PROT_READ | (lib.FAYT_PROT_WRITE if writable else 0),
+                          m.prot, "the ANON portal's mapping (handle %d)" % handle)
+        return m.backing, m.length, 0, "ANON portal %d" % handle
 
     def take(self, ctx, cid, ticket):
         """CHAN_TAKE: the Passed (its fds now the caller's to send and close)."""
@@ -327,6 +399,7 @@ class Channels:
             raise KernelError(errno.EPERM, "ticket: %d is not a share-point passed to this end "
                               "of channel %d" % (ticket, cid))
         del ch.passed[ticket]
+        p.uncharge()            # the receiver's mapping now: faytd cannot see it unmapped
         return p
 
     def fds(self, ch, side, peer_ctx):
@@ -366,6 +439,11 @@ class Channels:
 
     def count(self):
         return len(self.channels), len(self.listeners)
+
+
+def channel_bytes(ring_bytes):
+    """What a channel's two objects hold: each a header page and its ring."""
+    return 2 * (HEADER + ring_bytes)
 
 
 def _sealed_copy(fds, offset, length, cid):

@@ -6,4 +6,4 @@ message rather than failing somewhere inside.  Bump it with any change of
 what the module declares (include/fayt/*.h) or how it is built.
 No imports: _build.py reads this file before libportal can be imported.
 """
-CFFI_ABI = 17
+CFFI_ABI = 19

@@ -45,6 +45,7 @@ from . import errors
 from ._abi import (ffi, lib, CHAN_PASS_REQ, CHAN_PASS_REPLY, CHAN_REPLY, CHAN_TAKE_REPLY,
                    CHAN_TAKE_REQ, CONNECT_REQ, HANDLE_REQ, LISTEN_REPLY, LISTEN_REQ, STREAM_REF)
 from .discovery import _encode
+from .portal import Portal
 from .syscall import Connection, connection as _default_connection
 from ._types import Buffer, Name, WritableBuffer
 
@@ -140,11 +141,12 @@ def connect(name: "Name", *, timeout: "float | None" = 0, ring_bytes: int = 0,
 
 
 class Shared:
-    """A share-point's data a peer sent by reference (End.send_share), as
-    recv() returns it: mapped here until close().  buffer: a memoryview of
-    the `length` bytes (read-only unless the sender allowed writing);
-    copy: an immutable copy (sealed; nobody can change it), else the
-    sender's own memory, which it may still be writing (docs/channels.md)."""
+    """A share-point's or ANON portal's data a peer sent by reference
+    (End.send_share), as recv() returns it: mapped here until close().
+    buffer: a memoryview of the `length` bytes (read-only unless the sender
+    allowed writing); copy: an immutable copy (sealed; nobody can change
+    it), else the sender's own memory, which it may still be writing
+    (docs/channels.md); portal: it was an ANON portal (faytd says so)."""
 
     def __init__(self, body: bytes, fds: "Sequence[int]") -> None:
         try:
@@ -157,6 +159,7 @@ class Shared:
                 raise errors.error(errno.EPROTO, "chan_take: malformed reply from faytd")
             self.writable = bool(flags & lib.FAYT_PASS_WRITE)
             self.copy = bool(flags & lib.FAYT_PASS_COPY)
+            self.portal = bool(flags & lib.FAYT_PASS_PORTAL)
             prot = mmap.PROT_READ | (mmap.PROT_WRITE if self.writable else 0)
             err = ffi.new("int *")
             span = max(map_length, 1)
@@ -186,6 +189,7 @@ class Shared:
         """Another Shared on the same mapping (a share-point sent again)."""
         s = Shared.__new__(Shared)
         s._map, s.length, s.writable, s.copy = self._map, self.length, self.writable, self.copy
+        s.portal = self.portal
         s._view()
         return s
 
@@ -367,7 +371,7 @@ class End(_Closing):
         self._cbuf = ffi.from_buffer(self._buf)
         self._len = ffi.new("uint32_t *")
         self._kind = ffi.new("uint32_t *")
-        self._sent = {}     # (sp_id, writable) -> (ticket, length): passed, may go again
+        self._sent = {}     # (kind, sp_id or handle, writable) -> (ticket, length): may go again
         self._held = {}     # ticket -> Shared: mapped here, may come again
         self.timeout = None
         self.spin_ns = _spin_default()
@@ -505,24 +509,36 @@ class End(_Closing):
 
     def send_share(self, sp: Any, *, copy: bool = False, writable: bool = False,
                    timeout: "float | None" = -1) -> int:
-        """Send a share-point this process maps (lp.share_create or
-        share_attach) by reference: faytd hands its object to the peer,
-        whose recv() returns a Shared; the bytes are not copied through the
-        ring.  The peer maps it read-only unless writable.  This process
-        keeps its own mapping, and with it the right to write (faytd cannot
-        take a mapping away): copy=True hands an immutable copy instead
-        (faytd copies the data into a new object sealed against writes).
-        The data's length.  EPERM if this context does not map it."""
+        """Send memory this process maps by reference: a share-point
+        (lp.share_create or share_attach) or an ANON portal (lp.portal(ANON,
+        ...), mapped through this end's connection).  faytd hands its object
+        to the peer, whose recv() returns a Shared; the bytes are not copied
+        through the ring.  The peer maps it read-only unless writable (an
+        ANON portal: only if its own mapping is writable, else EACCES).
+        This process keeps its own mapping, and with it the right to write
+        (faytd cannot take a mapping away): copy=True hands an immutable
+        copy instead (faytd copies the data into a new object sealed against
+        writes).  The data's length.  EPERM if this context does not map the
+        share-point, EBADF if it does not map the portal."""
         self._check()
         if self._reset is not None:
             raise errors.ChannelClosed(errno.EPIPE, "send: the channel is reset (%s)"
                                        % self._reset.strerror)
-        sp_id = getattr(sp, "sp_id", None)
-        if not isinstance(sp_id, int):
-            raise errors.error(errno.EINVAL, "sp: %r is not a mapped share-point" % (sp,))
+        if isinstance(sp, Portal):
+            if not sp.mapped:
+                raise errors.error(errno.EBADF, "sp: the ANON portal is unmapped")
+            if sp.connection is not self._conn:     # a handle names a mapping of one context
+                raise errors.error(errno.EINVAL, "sp: the ANON portal was mapped through "
+                                   "another connection than this channel's")
+            ref, kind = sp.handle, lib.FAYT_PASS_PORTAL
+        else:
+            ref, kind = getattr(sp, "sp_id", None), 0
+            if not isinstance(ref, int) or isinstance(ref, bool):
+                raise errors.error(errno.EINVAL, "sp: %r is not a mapped share-point or ANON "
+                                   "portal" % (sp,))
         flags = ((lib.FAYT_PASS_COPY if copy else 0) | (lib.FAYT_PASS_WRITE if writable else 0)
-                 | self._side)
-        key = (sp_id, writable)
+                 | self._side | kind)
+        key = (kind, ref, writable)
         again = None if copy or not getattr(sp, "mapped", False) else self._sent.get(key)
         if again is not None:
             ticket, length = again
@@ -531,7 +547,7 @@ class End(_Closing):
             self._sent[key] = self._sent.pop(key)           # the most recent now
             return length
         body, _ = self._conn.call(lib.FAYT_SYS_CHAN_PASS,
-                                  CHAN_PASS_REQ.pack(self.id, sp_id, flags, 0))
+                                  CHAN_PASS_REQ.pack(self.id, ref, flags, 0))
         if len(body) != CHAN_PASS_REPLY.size:
             raise errors.error(errno.EPROTO, "chan_pass: malformed reply from faytd")
         ticket, length = CHAN_PASS_REPLY.unpack(body)

@@ -160,7 +160,7 @@ class Connection:
                 _close_fds(fds)
                 raise errors.error(errno.EPROTO, "hello: faytd sent no context page")
             err = ffi.new("int *")
-            addr = lib.fayt_map(fds[0], ffi.sizeof("struct fayt_context_page"), 0,
+            addr = lib.fayt_map(fds[0], lib.FAYT_CONTEXT_BYTES, 0,
                                 1 | 2, err)
             os.close(fds[0])
             if not addr:
@@ -318,7 +318,7 @@ def _close(sock, transport, page):
     transport.detach()              # under the call lock, or with no call possible
     sock.close()
     if page:
-        lib.fayt_unmap(page, ffi.sizeof("struct fayt_context_page"))
+        lib.fayt_unmap(page, lib.FAYT_CONTEXT_BYTES)   # the page and its trace area
 
 
 _default = None

@@ -21,6 +21,11 @@ of its own and parks an idle one, measured from /proc, then faytd stops on
 SIGTERM, and the demo checks that no child process, no
 object keeper of its faytd and no object is left.
 Exit status 0 only if every step happened; it finishes in about 12 s.
+
+    python -m servers.demo --trace FILE
+
+also writes faytd's timeline trace of the whole run to FILE (faytd
+--trace; docs/tracing.md): open it in the Perfetto UI.
 """
 import importlib
 import json
@@ -54,7 +59,8 @@ def _proc_stat(pid):
 
 
 class Demo:
-    def __init__(self):
+    def __init__(self, trace=None):
+        self.trace = os.path.abspath(trace) if trace else None
         self.dir = tempfile.mkdtemp(prefix="fayt-demo-")
         self.socket = os.path.join(self.dir, "faytd.sock")
         self.env = dict(os.environ, FAYT_SOCKET=self.socket, PYTHONUNBUFFERED="1")
@@ -123,9 +129,12 @@ class Demo:
             json.dump({"devices": [{"name": "blk0", "base": "0x40000000", "size": "72KiB"}]}, f)
         self.say("starting faytd: %s -m faytd --socket %s --ram 64MiB --config %s (a device "
                  "window blk0)", "python", self.socket, cfg)
+        traced = ["--trace", self.trace] if self.trace else []
+        if traced:
+            self.say("faytd writes its timeline trace to %s (--trace)", self.trace)
         self.faytd = subprocess.Popen(
             [sys.executable, "-m", "faytd", "--socket", self.socket, "--ram", "64MiB",
-             "--config", cfg],
+             "--config", cfg] + traced,
             env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         self.follow(self.faytd, self.faytd.stderr, "faytd")
         # faytd logs "listening on" once it listens.  (Probing the socket with a
@@ -462,8 +471,12 @@ class Demo:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def main():
-    demo = Demo()
+def main(argv=None):
+    import argparse
+    ap = argparse.ArgumentParser(prog="python -m servers.demo", description="The FAYT demo.")
+    ap.add_argument("--trace", metavar="FILE", help="faytd's timeline trace of the run "
+                    "(Chrome trace-event JSON, for the Perfetto UI)")
+    demo = Demo(ap.parse_args(argv).trace)
     ok = False
     try:
         ok = demo.run()

@@ -123,7 +123,11 @@ TYPE_SIGNATURES = {
         "post_waiting": "(index, payload, flags, timeout_ns, /)",
         "wait_return": "(pos, timeout_ns, /)",
         "close": "()"}),
-    "Transport": ("(fd, *, spin_ns=0, max_fds=8)", {
+    "Transport": ("(fd, *, spin_ns=0, max_fds=8, sock=None)", {
+        "request": "(op, body=b'', flags=0, fds=None, portal=None, /)",
+        "acquire": "()",
+        "release": "()",
+        "detach": "()",
         "call": "(msg, seq, fds=None, portal=None, /)",
         "send": "(msg, fds=None, /)",
         "next_reply": "(seq, portal=None, /)"}),

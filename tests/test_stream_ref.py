@@ -1,7 +1,8 @@
 """Messages by reference on a channel (CHAN_PASS 45, CHAN_TAKE 46;
-End.send_share, lp.Shared; docs/channels.md): a share-point handed to the
-peer between processes, read-only, writable and as a sealed copy, the
-sender's continuing write access, split share-points; the rights as uid
+End.send_share, lp.Shared; docs/channels.md): a share-point or an ANON
+portal handed to the peer between processes, read-only, writable and as a
+sealed copy, the sender's continuing write access, split share-points
+(more on portals: test_stream_portal_ref.py); the rights as uid
 65534; a hostile sender of uid 65534 naming objects it does not own, in
 raw requests and in raw frames."""
 import errno
@@ -17,29 +18,49 @@ from support.children import WAIT
 
 NOBODY = 65534
 
-# The sender: creates a share-point of argv[2] bytes, fills it, and on each
-# line of stdin does what it says.
+# The sender: a share-point of argv[2] bytes (argv[3] "portal": an ANON
+# portal), filled with _pattern; on each line of stdin it does what it says.
 SENDER = """
 end = lp.connect(sys.argv[1], timeout=WAIT)
-sp = lp.share_create(sys.argv[1] + ".data", int(sys.argv[2]))
-sp.write(0, bytes(range(256)) * (sp.length // 256) + bytes(sp.length % 256))
-print(sp.length, flush=True)
+n = int(sys.argv[2])
+portal = sys.argv[3:] == ["portal"]
+if portal:
+    obj = lp.portal(lp.ANON, lp.PROT_RW, n)
+    ref, flags, n = obj.handle, lp._lib.FAYT_PASS_PORTAL, obj.length
+    def poke(i, v): obj.buf[i] = v
+    def peek(i): return obj.buf[i]
+    def fill(d): obj.buf[:] = d
+    drop = obj.unmap
+else:
+    obj = lp.share_create(sys.argv[1] + ".data", n)
+    ref, flags, n = obj.sp_id, 0, obj.length
+    def poke(i, v): obj.write(i, bytes([v]))
+    def peek(i): return obj.read(i, 1)[0]
+    def fill(d): obj.write(0, d)
+    drop = obj.destroy
+fill(bytes(range(256)) * (n // 256) + bytes(n % 256))
+print(n, flush=True)
 for line in sys.stdin:
     cmd = line.split()
     if cmd[0] == "send":
         kw = {"copy": "copy" in cmd, "writable": "writable" in cmd}
-        print(end.send_share(sp, **kw), flush=True)
+        print(end.send_share(obj, **kw), flush=True)
     elif cmd[0] == "poke":
-        sp.write(int(cmd[1]), bytes([int(cmd[2])]))
+        poke(int(cmd[1]), int(cmd[2]))
         print("poked", flush=True)
     elif cmd[0] == "peek":
-        print(sp.read(int(cmd[1]), 1)[0], flush=True)
-    elif cmd[0] == "unmapped":
-        sp.destroy()
-        try:
-            end.send_share(sp)
-        except OSError as e:
-            print(errno.errorcode[e.errno], flush=True)
+        print(peek(int(cmd[1])), flush=True)
+    elif cmd[0] == "unmapped":     # libportal's answer, then faytd's to the raw request
+        drop()
+        out = []
+        for ask in (lambda: end.send_share(obj), lambda: lp.connection().call(
+                lp._lib.FAYT_SYS_CHAN_PASS, struct.pack("<QQII", end.id, ref, flags, 0))):
+            try:
+                ask()
+                out.append("ok")
+            except OSError as e:
+                out.append(errno.errorcode[e.errno])
+        print(" ".join(out), flush=True)
     elif cmd[0] == "bytes":
         end.send(b"plain")
         print("sent", flush=True)
@@ -50,11 +71,19 @@ def _pattern(n):
     return bytes(range(256)) * (n // 256) + bytes(n % 256)
 
 
-@pytest.mark.parametrize("size", [100, 1 << 20])          # one frame; a split share-point
-def test_stream_ref_a_share_point_by_reference_between_processes(lp, spawn, size):
-    name = "chan.ref%d" % size
+def _perms(addr):
+    """The permissions of the mapping at addr in /proc/self/maps."""
+    with open("/proc/self/maps") as f:
+        return [line.split()[1] for line in f if int(line.split("-")[0], 16) == addr]
+
+
+@pytest.mark.parametrize("kind,size", [("share", 100), ("share", 1 << 20),  # a split one
+                                       ("portal", 4096), ("portal", 1 << 20)])
+def test_stream_ref_memory_by_reference_between_processes(lp, spawn, kind, size):
+    """A share-point or an ANON portal (End.send_share) from a sender process."""
+    name = "chan.ref.%s%d" % (kind, size)
     lst = lp.listen(name)
-    snd = spawn(SENDER, args=[name, size])
+    snd = spawn(SENDER, args=[name, size, kind])
     end = lst.accept(timeout=WAIT)
     length = int(snd.expect())
     try:
@@ -64,14 +93,15 @@ def test_stream_ref_a_share_point_by_reference_between_processes(lp, spawn, size
         got = end.recv(timeout=WAIT)
         assert isinstance(got, libportal.Shared) and len(got) == length
         assert not got.copy and not got.writable and got.buffer.readonly
+        assert got.portal == (kind == "portal")
         assert bytes(got.buffer) == _pattern(length)
+        perms = _perms(got._map.addr)
+        assert perms and all("w" not in p for p in perms), perms
         snd.send("poke %d 7" % (length - 1))
         assert snd.expect() == "poked"
         assert got.buffer[length - 1] == 7              # the sender kept write access
         with pytest.raises(TypeError):
             got.buffer[0] = 1
-        got.close()
-        got.close()                                     # idempotent
         # A copy: sealed, later writes of the sender do not reach it.
         snd.send("send copy")
         snd.expect()
@@ -81,6 +111,7 @@ def test_stream_ref_a_share_point_by_reference_between_processes(lp, spawn, size
             assert snd.expect() == "poked"
             assert cp.buffer[length - 1] == 7
             assert bytes(cp.buffer[:length - 1]) == _pattern(length)[:length - 1]
+            assert got.buffer[length - 1] == 9          # the plain one follows
         # Writable: the receiver's writes reach the sender.
         snd.send("send writable")
         snd.expect()
@@ -90,6 +121,11 @@ def test_stream_ref_a_share_point_by_reference_between_processes(lp, spawn, size
             snd.send("peek 3")
             assert snd.expect() == "201"
             w.buffer[3] = 3
+        # Sent again: the same mapping, no faytd call on either side.
+        snd.send("send")
+        snd.expect()
+        with end.recv(timeout=WAIT) as again:
+            assert again._map is got._map and again.buffer[length - 1] == 9
         # recv_into never takes a reference (nothing taken); recv does.
         snd.send("send")
         snd.expect()
@@ -100,9 +136,16 @@ def test_stream_ref_a_share_point_by_reference_between_processes(lp, spawn, size
         assert e.value.errno == errno.ENOMSG and "take it with recv()" in str(e.value)
         end.recv(timeout=WAIT).close()
         assert end.recv(timeout=WAIT) == b"plain"
-        # A share-point the sender no longer maps: EPERM.
+        # What the sender no longer maps: refused by libportal and by
+        # faytd's record (EPERM for a share-point id, EBADF for a handle);
+        # what the receiver mapped stays readable.
         snd.send("unmapped")
-        assert snd.expect() == "EPERM"
+        assert snd.expect() == ("EPERM EPERM" if kind == "share" else "EBADF EBADF")
+        assert got.buffer[length - 1] == 9 and bytes(got.buffer[:5]) == _pattern(length)[:5]
+        got.close()
+        got.close()                                     # idempotent
+        with pytest.raises(libportal.WouldBlock):
+            end.recv(timeout=0)                         # nothing else came
     finally:
         end.close()
         lst.close()

@@ -95,6 +95,8 @@ struct req {
     struct req *bnext;          /* in its member's backlog */
     struct region **waiters;    /* SPECIAL|SHARE: other regions faulting on the page */
     uint32_t nwaiters, capwaiters;
+    int64_t t0;                 /* traced: when its fault was read (0: not traced) */
+    int32_t err;                /* why it failed (fail()), for the trace */
 };
 
 struct ptable {                 /* pending requests: a region's, or a share's */
@@ -192,7 +194,8 @@ static void push_event(struct fayt_faults *e, uint32_t kind, int level, int fd, 
 {
     struct fayt_faults_priv *p = e->priv;
     /* Log lines leave room for what Python must act on (drops, closes). */
-    if (p->ev_n == EVENTS_MAX || (kind == FAYT_FAULT_EV_LOG && p->ev_n >= EVENTS_MAX - 64)) {
+    if (p->ev_n == EVENTS_MAX || ((kind == FAYT_FAULT_EV_LOG || kind == FAYT_FAULT_EV_TRACE)
+                                  && p->ev_n >= EVENTS_MAX - 64)) {
         e->lost_events++;
         return;
     }
@@ -221,6 +224,28 @@ static void logf_(struct fayt_faults *e, int level, const char *fmt, ...)
     vsnprintf(buf, sizeof buf, fmt, ap);
     va_end(ap);
     push_event(e, FAYT_FAULT_EV_LOG, level, -1, 0, buf);
+}
+
+/* The timeline trace: one server's answer ('A') or the request's end ('D'). */
+static void trace_answer(struct fayt_faults *e, struct req *q, struct member *m,
+                         uint32_t verdict, int32_t error)
+{
+    char buf[240];
+    snprintf(buf, sizeof buf, "A %llu %u %d %d %u %d %u %lld %lld %llu",
+             (unsigned long long)q->id, q->region->id, (int)q->region->pid, (int)m->pid,
+             verdict, (int)error, q->hop, (long long)q->t0, (long long)fayt_now_ns(),
+             (unsigned long long)q->offset);
+    push_event(e, FAYT_FAULT_EV_TRACE, 0, -1, 0, buf);
+}
+
+static void trace_done(struct fayt_faults *e, struct req *q)
+{
+    char buf[240];
+    snprintf(buf, sizeof buf, "D %llu %u %d %d %lld %lld %llu", (unsigned long long)q->id,
+             q->region->id, (int)q->region->pid, (int)q->err, (long long)q->t0,
+             (long long)fayt_now_ns(), (unsigned long long)q->offset);
+    push_event(e, FAYT_FAULT_EV_TRACE, 0, -1, 0, buf);
+    q->t0 = 0;
 }
 
 int fayt_faults_drain(struct fayt_core *k, struct fayt_fault_event *out, int max)
@@ -503,6 +528,8 @@ static void req_done(struct fayt_faults *e, struct req *q, int cancel)
 {
     if (q->state == REQ_DONE)
         return;
+    if (q->t0 && e->trace)
+        trace_done(e, q);
     enum req_state was = q->state;
     q->state = REQ_DONE;
     pending_remove(q->region->pending, q);
@@ -544,6 +571,7 @@ static void fail(struct fayt_faults *e, struct req *q, int err)
 {
     if (q->state == REQ_DONE)
         return;
+    q->err = err;
     struct region *r = q->region;
     if (r->closed) {
         req_done(e, q, 1);
@@ -834,6 +862,8 @@ static void answered(struct fayt_faults *e, struct member *m, struct req *q, uin
     uint32_t verdict = LOAD(&d->verdict);
     uint32_t n = __atomic_load_n(&d->answer_length, __ATOMIC_RELAXED);
     int32_t error = __atomic_load_n(&d->error, __ATOMIC_RELAXED);
+    if (q->t0 && e->trace)
+        trace_answer(e, q, m, verdict, error);
     switch (verdict) {
     case FAYT_PAGE_DATA:
         supply(e, q, m, slot, n);
@@ -1068,6 +1098,7 @@ static void on_faults(struct fayt_faults *e, struct region *r)
             q->heap_at = -1;
             q->batch = p->batch;
             q->state = REQ_NEW;
+            q->t0 = e->trace ? fayt_now_ns() : 0;
             pending_add(r->pending, q);
             dispatch(e, q);
         }

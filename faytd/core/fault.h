@@ -47,7 +47,8 @@ struct fayt_faults {
     int64_t spin_ns;           /* spin this long for an answer after posting */
     int32_t notify_fd;         /* eventfd: readable while events are queued */
     int32_t timer_fd;          /* the deadlines' timerfd */
-    uint32_t reserved;
+    uint32_t trace;            /* 1: queue a FAYT_FAULT_EV_TRACE per answer and per end
+                                  (faytd/trace.py sets it while a timeline trace runs) */
     struct fayt_faults_priv *priv;
 } __attribute__((packed));
 
@@ -124,6 +125,11 @@ int fayt_faults_event(struct fayt_core *k, int fd, uint32_t events);
 #define FAYT_FAULT_EV_LOG    1  /* log `text` at `level` (Python's logging levels) */
 #define FAYT_FAULT_EV_DROP   2  /* drop the member of eventfd `fd` (err, text: why) */
 #define FAYT_FAULT_EV_CLOSE  3  /* close the region of uffd `fd` (its uffd failed) */
+#define FAYT_FAULT_EV_TRACE  4  /* the timeline trace (faytd/trace.py): `text` is
+                                   "A <req> <region> <client pid> <server pid> <verdict> <error>
+                                   <hop> <t0 ns> <now ns> <offset>" for a server's answer, or
+                                   "D <req> <region> <client pid> <errno> <t0 ns> <now ns>
+                                   <offset>" when the request ends (0: the page is in) */
 struct fayt_fault_event {
     uint32_t kind;
     int32_t level;

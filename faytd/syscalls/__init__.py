@@ -6,7 +6,8 @@ calls and the SPECIAL branch of PORTAL), context (HELLO, LIST_CONTEXTS),
 discovery (PUBLISH, LOOKUP), devices (the DEV_* calls), stream (LISTEN,
 CONNECT, ACCEPT, CHAN_CLOSE), queue (QUEUE_OPEN, QUEUE_CLOSE), sched
 (SCHED_SUBSCRIBE), info (INFO: rings and chains, for the tools), inject
-(INJECT_ADD, INJECT_REMOVE, INJECT_LIST: fault injection);
+(INJECT_ADD, INJECT_REMOVE, INJECT_LIST: fault injection), trace (TRACE_START,
+TRACE_STOP: the timeline trace);
 wire holds the decoding they share.
 
 Each handler takes (kernel, context, tid, body, fds) and returns (reply
@@ -21,7 +22,7 @@ from libportal._abi import lib
 
 from .. import stats
 from . import (chain, context, devices, direct, discovery, info, inject, notify, portal,
-               queue, sched, sharepoint, stream)
+               queue, sched, sharepoint, stream, trace)
 
 HANDLERS = {
     lib.FAYT_SYS_HELLO: context.sys_hello,
@@ -59,6 +60,8 @@ HANDLERS = {
     lib.FAYT_SYS_CHAN_PASS: stream.sys_chan_pass,
     lib.FAYT_SYS_CHAN_TAKE: stream.sys_chan_take,
     lib.FAYT_SYS_INFO: info.sys_info,
+    lib.FAYT_SYS_TRACE_START: trace.sys_trace_start,
+    lib.FAYT_SYS_TRACE_STOP: trace.sys_trace_stop,
     lib.FAYT_SYS_QUEUE_OPEN: queue.sys_queue_open,
     lib.FAYT_SYS_QUEUE_CLOSE: queue.sys_queue_close,
     lib.FAYT_SYS_SCHED_SUBSCRIBE: sched.sys_sched_subscribe,
@@ -74,4 +77,5 @@ HANDLERS = {
 NEED_NO_HELLO = frozenset({lib.FAYT_SYS_HELLO})
 # Calls whose request may carry file descriptors (SCM_RIGHTS): the handler
 # gets them in `fds` and must dup what it keeps, the server closes them after.
-TAKES_FDS = frozenset({lib.FAYT_SYS_PORTAL})     # SPECIAL: the client's userfaultfd
+TAKES_FDS = frozenset({lib.FAYT_SYS_PORTAL,      # SPECIAL: the client's userfaultfd
+                       lib.FAYT_SYS_TRACE_START})  # the trace file

@@ -13,7 +13,7 @@ core's refusals come back with their errno and message.
 import errno
 import os
 
-from libportal._abi import lib
+from libportal._abi import ffi as _abi_ffi, lib
 
 from ..frames import KernelError
 from ..native import ffi as cffi, lib as clib
@@ -29,6 +29,7 @@ COW, SPECIAL = lib.FAYT_PORTAL_COW, lib.FAYT_PORTAL_SPECIAL
 _MSG = cffi.new("char[]", 256)
 _BODY = cffi.new("uint8_t[]", lib.FAYT_MSG_MAX)
 _OUT = cffi.new("struct fayt_core_reply *")
+_SP_ID = _abi_ffi.offsetof("struct fayt_portal_reply", "sp_id")    # the trace's
 
 
 def _refused(err):
@@ -86,6 +87,10 @@ def sys_portal(k, ctx, tid, body, fds):
     err = clib.fayt_core_portal(k.fast, ctx.fast, tid, body, args, _BODY, _OUT, _MSG, 256)
     if err:
         raise _refused(err)
+    if t & SHARE and k.tracing.on:
+        k.tracing.share(ctx, "attach" if attach else "create",
+                        int.from_bytes(cffi.buffer(_BODY, _OUT.len)[_SP_ID:_SP_ID + 4],
+                                       "little"), ident)
     # The server closes what it sent: of a descriptor the core holds, a copy.
     sent = [os.dup(fd) if _OUT.borrowed & (1 << i) else fd
             for i, fd in enumerate(_OUT.fds[0:_OUT.nfds])]

@@ -61,7 +61,7 @@ def sys_chan_close(k, ctx, tid, body, fds):
 
 
 _PASS_FLAGS = (lib.FAYT_PASS_COPY | lib.FAYT_PASS_WRITE | lib.FAYT_PASS_CANCEL
-               | lib.FAYT_PASS_ACCEPTOR)
+               | lib.FAYT_PASS_ACCEPTOR | lib.FAYT_PASS_PORTAL)
 
 
 def sys_chan_pass(k, ctx, tid, body, fds):
@@ -70,6 +70,8 @@ def sys_chan_pass(k, ctx, tid, body, fds):
         raise KernelError(errno.EINVAL, "flags: unknown bits %#x" % (flags & ~_PASS_FLAGS))
     if flags & lib.FAYT_PASS_COPY and flags & lib.FAYT_PASS_WRITE:
         raise KernelError(errno.EINVAL, "flags: COPY hands over an immutable copy: not WRITE")
+    if flags & lib.FAYT_PASS_CANCEL and flags & lib.FAYT_PASS_PORTAL:
+        raise KernelError(errno.EINVAL, "flags: CANCEL names a ticket: not PORTAL")
     if reserved:
         raise KernelError(errno.EINVAL, "reserved: %d, not 0" % reserved)
     ticket, length = k.channels.pass_share(ctx, cid, share, flags)

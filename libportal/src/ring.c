@@ -33,6 +33,7 @@
 #include <unistd.h>
 #include <pthread.h>
 
+#include "fayt/common/trace.h"
 #include "fayt/common/deadline.h"
 #include "fayt/common/futex.h"
 #include "fayt/common/waits.h"
@@ -554,6 +555,9 @@ static void dispatch_end(struct fayt_dispatcher *d, int stack_rec, int64_t resul
         if (ring)
             fayt_ring_return(ring, f->pos, result, status);
     }
+    if (fayt_tracing(page))
+        fayt_trace_put(page, FAYT_TRACE_NOTIFY_END, (uint16_t)f->index, f->ring_id, f->pos,
+                       page->notify.depth, result, 0);
     page->notify.depth--;
     page->notify.delivered++;
     st->state = FAYT_STACK_FREE;
@@ -652,6 +656,9 @@ int fayt_dispatch_step(struct fayt_dispatcher *d, int stack_rec, int64_t result,
                                           : FAYT_NOTIFICATION_SLOTS;
     }
     page->notify.depth = depth;
+    if (fayt_tracing(page))
+        fayt_trace_put(page, FAYT_TRACE_NOTIFY_BEGIN, (uint16_t)f->index, f->ring_id, f->pos,
+                       depth | (f->flags << 16), 0, 0);
     return s;
 }
 

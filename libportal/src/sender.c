@@ -22,6 +22,7 @@
 
 #include <errno.h>
 
+#include "fayt/common/trace.h"
 #include "fayt/context.h"
 #include "fayt/notification.h"
 #include "fayt/ring.h"
@@ -67,6 +68,19 @@ static inline int doorbell_of(SenderRing *self, int64_t *delay_ns)
                                                | FAYT_INJECT_DOORBELL_DELAY))
         return fp_inject_doorbell(self->page, delay_ns);
     return FAYT_DOORBELL_RING;
+}
+
+/* The timeline trace (fayt/common/trace.h): a post or a return, recorded
+ * in the sender's own page while faytd traces.  The target named is the
+ * ring header's word (the target can write it): faytd checks it against
+ * its own record of this sender's rings. */
+static inline void trace_post(SenderRing *self, int r, uint32_t index, uint32_t flags,
+                              uint32_t pos)
+{
+    if ((r == 0 || r == FAYT_RING_POSTED_RING) && fayt_tracing(self->page) && self->ring)
+        fayt_trace_put(self->page, FAYT_TRACE_NOTIFY_SEND, (uint16_t)index,
+                       __atomic_load_n(&((struct fayt_ring_header *)self->ring)->target,
+                                       __ATOMIC_RELAXED), pos, flags, 0, 0);
 }
 
 /* index, payload and flags of a post: 0, or -1 with an exception set.  A
@@ -125,6 +139,7 @@ static PyObject *sender_post(SenderRing *self, PyObject *const *args, Py_ssize_t
                                      (uint32_t)b.len, 0, pidfd, signo, &pos, hint, db, delay);
             Py_END_ALLOW_THREADS
         }
+        trace_post(self, r, index, flags, pos);
     }
     PyBuffer_Release(&b);
     return PyLong_FromLong(r);
@@ -165,6 +180,7 @@ static PyObject *sender_post_waiting(SenderRing *self, PyObject *const *args, Py
                                      timeout_ns, pidfd, signo, &pos, hint, db, delay);
             Py_END_ALLOW_THREADS
         }
+        trace_post(self, r, index, flags, pos);
     }
     PyBuffer_Release(&b);
     return Py_BuildValue("(iI)", r, (unsigned)pos);
@@ -195,6 +211,11 @@ static PyObject *sender_wait_return(SenderRing *self, PyObject *const *args, Py_
         r = fayt_ring_wait_return(ring, (uint32_t)pos, timeout_ns, &result, &status, page);
         Py_END_ALLOW_THREADS
     }
+    if (r == 0 && self->ring && fayt_tracing(self->page))
+        fayt_trace_put(self->page, FAYT_TRACE_NOTIFY_RETURN, 0,
+                       __atomic_load_n(&((struct fayt_ring_header *)self->ring)->target,
+                                       __ATOMIC_RELAXED), (uint32_t)pos, (uint32_t)status,
+                       result, 0);
     return Py_BuildValue("(iLi)", r, (long long)result, (int)status);
 }
 

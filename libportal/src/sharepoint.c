@@ -29,6 +29,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "fayt/common/trace.h"
 #include "fayt/common/deadline.h"
 #include "fayt/common/waits.h"
 #include "fayt/context.h"
@@ -221,6 +222,7 @@ static int acquire(SharePointCore *self, int64_t timeout_ns)
          * or releases one it took meanwhile, before it counts itself out
          * (with the GIL held again, so that no unmap starts in between). */
         int64_t deadline = timeout_ns > 0 ? fayt_now_ns() + timeout_ns : 0;
+        int64_t traced = fayt_tracing(self->ctx) ? fayt_now_ns() : 0;  /* the timeline */
         uint32_t *state = slot >= 0 ? &self->ctx->held[slot].state : NULL;
         uint8_t *base = self->base;
         int *closing = &self->closing, *waiters = &self->waiters;
@@ -259,6 +261,9 @@ static int acquire(SharePointCore *self, int64_t timeout_ns)
                 return -1;
             }
         }
+        if (traced && fayt_tracing(self->ctx))
+            fayt_trace_put(self->ctx, FAYT_TRACE_LOCK_WAIT, 0, self->sp_id, 0, (uint32_t)r,
+                           fayt_now_ns() - traced, traced);
     }
     if (r == 0 || r == EOWNERDEAD) {
         rec_set(self->ctx, slot, FAYT_HELD_HELD);

@@ -35,7 +35,7 @@
 #include "notification.h"
 
 #define FAYT_CONTEXT_MAGIC   0x46435458   /* "FCTX" */
-#define FAYT_CONTEXT_VERSION 1
+#define FAYT_CONTEXT_VERSION 2
 #define FAYT_HELD_LOCKS_MAX  64
 
 #define FAYT_HELD_FREE    0
@@ -97,6 +97,46 @@ struct fayt_wait_record {
     uint32_t wakes;                 /* waits ended (mod 2^32) */
 } __attribute__((packed));
 
+/* The trace area (docs/tracing.md, faytd/trace.py).  While a timeline
+ * trace runs faytd sets `on`; libportal then records what never passes
+ * through faytd (a notification posted, handled, returned; a contended
+ * lock wait) into the records that follow this page in the same object
+ * (at FAYT_PAGE_SIZE: FAYT_TRACE_RECORDS of them, a ring): a writer takes
+ * a position with one atomic add on `head`, zeroes the record's seq,
+ * fills it and stores seq = position + 1 last (release).  faytd keeps its
+ * own read position, reads each record between two loads of seq, checks
+ * every field against its own records and drops what does not fit: the
+ * process can only mislead its own track.  With `on` 0 nothing is written
+ * and the hot paths are unchanged (a contended lock wait loads `on` once
+ * after its sleep; a post and a dispatch load it once).  The pages of the
+ * area are touched only while tracing. */
+#define FAYT_TRACE_RECORDS      8192
+#define FAYT_TRACE_NOTIFY_SEND   1  /* id: target context, pos, slot, aux: flags */
+#define FAYT_TRACE_NOTIFY_BEGIN  2  /* id: ring id, pos, slot, aux: nesting depth
+                                       | the entry's FAYT_NOTIFY_* flags << 16 */
+#define FAYT_TRACE_NOTIFY_END    3  /* id: ring id, pos, slot, aux: depth, value: result */
+#define FAYT_TRACE_NOTIFY_RETURN 4  /* id: target context, pos, value: result, aux: status */
+#define FAYT_TRACE_LOCK_WAIT     5  /* id: share-point, ts: wait began, value: ns waited,
+                                       aux: 0, EOWNERDEAD or the errno it ended with */
+#define FAYT_TRACE_KINDS         5
+
+struct fayt_trace_state {
+    uint32_t on;                    /* faytd: 1 while a trace runs */
+    uint32_t head;                  /* libportal: records taken (mod 2^32) */
+} __attribute__((packed));
+
+struct fayt_trace_record {
+    uint32_t seq;                   /* its position + 1, stored last */
+    uint16_t kind;                  /* FAYT_TRACE_* */
+    uint16_t slot;                  /* notification slot */
+    int32_t tid;                    /* the thread (gettid) */
+    uint32_t id;                    /* see the kinds */
+    uint64_t ts;                    /* CLOCK_MONOTONIC ns */
+    uint32_t pos;                   /* the entry's ring position */
+    uint32_t aux;
+    int64_t value;
+} __attribute__((packed));
+
 struct fayt_notify_state {
     uint32_t rings_generation;      /* bumped by faytd when a ring is added or dies */
     uint32_t depth;                 /* handlers running (nesting level) */
@@ -153,7 +193,11 @@ struct fayt_context_page {
     struct fayt_inject_plan inject;                   /* faytd writes it */
     struct fayt_inject_state injected;                /* libportal writes it */
     struct fayt_wait_record waits;                    /* libportal writes it */
-    uint8_t reserved[1008];                           /* to 4096 */
+    struct fayt_trace_state trace;                    /* the trace area's words */
+    uint8_t reserved[1000];                           /* to 4096 */
 } __attribute__((packed));
+
+/* The context page object: this page, then the trace area (its records). */
+#define FAYT_CONTEXT_BYTES    331776 /* FAYT_PAGE_SIZE + FAYT_TRACE_RECORDS * 40 */
 
 #endif

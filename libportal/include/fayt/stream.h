@@ -48,7 +48,7 @@
 struct fayt_stream_ref {
     uint64_t ticket;
     uint64_t length;
-    uint32_t flags;        /* FAYT_PASS_COPY, FAYT_PASS_WRITE (informational) */
+    uint32_t flags;        /* FAYT_PASS_COPY, _WRITE, _PORTAL (informational) */
     uint32_t reserved;
 } __attribute__((packed));
 

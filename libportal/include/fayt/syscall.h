@@ -28,7 +28,7 @@
  * a client of another version (EPROTO, both versions named) and the client
  * refuses a faytd of another.  0 is the protocol before versions, whose
  * HELLO had no body and whose reply held 0 where wire_abi is now. */
-#define FAYT_WIRE_ABI  5
+#define FAYT_WIRE_ABI  7
 
 /* Operations.  Never reuse a retired number. */
 #define FAYT_SYS_HELLO          1   /* body fayt_hello_req: register the context;
@@ -91,6 +91,11 @@
 /* Tools (issue 18: 56-59).  One call, what it describes chosen by the body. */
 #define FAYT_SYS_INFO           56  /* body fayt_info_req; reply: a JSON page of rings or
                                        chains (docs/cli.md, "fayt rings, fayt chains") */
+#define FAYT_SYS_TRACE_START    57  /* no body; one fd (SCM_RIGHTS): a regular file open for
+                                       writing, where faytd writes the timeline trace
+                                       (docs/tracing.md); core only; reply empty */
+#define FAYT_SYS_TRACE_STOP     58  /* no body: end the trace, complete the file; reply:
+                                       JSON {"events", "dropped", "lost", "by"}; core only */
 /* Emulated devices (docs/devices.md); 60..67 are theirs. */
 #define FAYT_SYS_DEV_REGISTER   60  /* body fayt_dev_req + the window's name (no NUL): serve it;
                                        reply fayt_dev_reply + 7 fds (FAYT_DEV_FD_*) */
@@ -325,12 +330,15 @@ struct fayt_chan_reply {
 
 /* CHAN_PASS: a message by reference (docs/channels.md).  share: the id of
  * a share-point this context maps now (fayt_portal_reply.sp_id); with
- * FAYT_PASS_CANCEL, the ticket of a pass of this end the peer has not
- * taken.  At most FAYT_PASS_PENDING_MAX untaken passes per direction. */
+ * FAYT_PASS_PORTAL, the handle of an ANON portal this context maps
+ * (fayt_portal_reply.handle); with FAYT_PASS_CANCEL, the ticket of a pass
+ * of this end the peer has not taken.  At most FAYT_PASS_PENDING_MAX
+ * untaken passes per direction. */
 #define FAYT_PASS_COPY   0x1   /* hand over an immutable copy (sealed against writes) */
 #define FAYT_PASS_WRITE  0x2   /* the peer may map it read-write (not with COPY) */
 #define FAYT_PASS_CANCEL 0x4   /* withdraw the untaken pass `share` names */
 #define FAYT_PASS_ACCEPTOR 0x10 /* the caller's end is the acceptor's (else the connector's) */
+#define FAYT_PASS_PORTAL 0x20  /* `share` is an ANON portal's handle, not a share-point id */
 #define FAYT_PASS_PENDING_MAX 16
 struct fayt_chan_pass_req {
     uint64_t channel;
@@ -357,7 +365,8 @@ struct fayt_chan_take_reply {
     uint64_t length;
     uint64_t data_offset;
     uint64_t map_length;
-    uint32_t flags;        /* FAYT_PASS_COPY, FAYT_PASS_WRITE, FAYT_TAKE_SPLIT */
+    uint32_t flags;        /* FAYT_PASS_COPY, FAYT_PASS_WRITE, FAYT_PASS_PORTAL,
+                              FAYT_TAKE_SPLIT */
     uint32_t reserved;
 } __attribute__((packed));
 
