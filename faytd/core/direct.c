@@ -265,6 +265,15 @@ static void dobj_unlink(struct direct_state *d, struct dobj *o)
     free(o);
 }
 
+/* The records a refused request looked up that no mapping references. */
+static void dobjs_unused(struct direct_state *d, struct dobjs *os)
+{
+    for (uint32_t i = 0; i < os->n; i++)
+        if (!os->o[i]->refs)
+            dobj_unlink(d, os->o[i]);
+    os->n = 0;
+}
+
 static int dobj_alive(const struct fayt_frames *f, const struct dobj *o)
 {
     for (uint32_t i = 0; i < o->nframes; i++)
@@ -427,16 +436,15 @@ int core_direct_serve(struct fayt_core *k, struct fayt_fast_conn *c,
             i++;
         if (i < os.n)
             continue;
-        if (os.n == FAYT_DIRECT_OBJECTS_MAX)
-            return FAYT_FAST_PASS;
-        struct map *m;
-        int32_t allowed = granted(k, d, c, oid, &m);
+        struct map *m = NULL;
+        int32_t allowed = os.n < FAYT_DIRECT_OBJECTS_MAX ? granted(k, d, c, oid, &m) : 0;
+        struct dobj *o = NULL;
         if (!m || (m->sp && m->sp->split)
-            || (!core_ctx && (!allowed || (need & ~allowed))))
-            return FAYT_FAST_PASS;      /* EPERM, or Python's objects */
-        struct dobj *o = dobj_of(d, oid, m);
-        if (!o)
+            || (!core_ctx && (!allowed || (need & ~allowed)))
+            || !(o = dobj_of(d, oid, m))) {
+            dobjs_unused(d, &os);       /* EPERM, too many objects, or Python's objects */
             return FAYT_FAST_PASS;
+        }
         src[os.n] = m;
         os.o[os.n++] = o;
     }
@@ -446,8 +454,10 @@ int core_direct_serve(struct fayt_core *k, struct fayt_fast_conn *c,
     uint64_t bytes = (uint64_t)n * FAYT_PAGE_SIZE;
     /* A writable view's possible private pages are charged at creation. */
     uint64_t charged = cow && (a->prot & FAYT_PROT_WRITE) ? bytes : 0;
-    if (charged && fayt_core_charge(k, c, charged, NULL, 0))
+    if (charged && fayt_core_charge(k, c, charged, NULL, 0)) {
+        dobjs_unused(d, &os);
         return FAYT_FAST_PASS;          /* Python answers ENOMEM */
+    }
     uint32_t nfds = 0;
     struct dobjs *mine = malloc(sizeof *mine);
     struct map *m = mine ? core_map_alloc(k, c, h->tid, a->prot, (uint32_t)a->type, bytes, n)
@@ -461,9 +471,7 @@ int core_direct_serve(struct fayt_core *k, struct fayt_fast_conn *c,
                 close(fds[nfds]);
         free(m);
         free(mine);
-        for (uint32_t i = 0; i < os.n; i++)
-            if (!os.o[i]->refs)
-                dobj_unlink(d, os.o[i]);
+        dobjs_unused(d, &os);
         if (charged)
             fayt_core_ram_set(k, c, c->ram - charged);
         return FAYT_FAST_PASS;
