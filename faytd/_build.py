@@ -26,7 +26,7 @@ cdef_text = _lpbuild.cdef_text
 CORE = os.path.join(HERE, "core")
 SOURCES = [os.path.join("faytd", "core", f) for f in
            ("core.c", "frames.c", "keeper.c", "names.c", "table.c", "journal.c", "decode.c",
-            "serve.c", "timers.c", "sigbus.c", "fault.c")]
+            "serve.c", "timers.c", "sigbus.c", "fault.c", "direct.c")]
 
 ffibuilder = FFI()
 ffibuilder.cdef("struct fayt_core_priv;\nstruct fayt_faults;\nstruct fayt_faults_priv;\n"

@@ -54,6 +54,8 @@ DEFAULT = {
                                  # runs at this nice until it stops (null: never; docs/limits.md)
     "flood_calls_per_s": 2000,   # what counts as a flood: a uid's requests a second
     "devices": [],               # device windows: {"name", "base", "size"} (docs/devices.md)
+    "cow_snapshot_spare": "64MiB",  # one object made ahead for the next strict snapshot of the
+                                    # last one's size, up to this (0: none; docs/limits.md)
     "policy": {
         "categories": {
             "core": {"classes": ["SHARE", "DIRECT", "ANON", "COW", "SPECIAL"],
@@ -132,6 +134,8 @@ def load(path=None, overrides=None):
     if cfg["ram"] // 4096 >= 1 << 32:
         raise ValueError("config: ram: %d bytes is 2^32 frames or more" % cfg["ram"])
     cfg["max_portal_length"] = parse_size(cfg["max_portal_length"], "max_portal_length")
+    spare = cfg["cow_snapshot_spare"]
+    cfg["cow_snapshot_spare"] = 0 if spare in (0, "0") else parse_size(spare, "cow_snapshot_spare")
     if cfg["max_ram_per_context"] is not None:
         cfg["max_ram_per_context"] = parse_size(cfg["max_ram_per_context"], "max_ram_per_context")
     for key in ("fast_syscalls", "recycle_objects"):

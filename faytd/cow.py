@@ -29,6 +29,7 @@ import array
 import ctypes
 import errno
 import os
+import threading
 
 from libportal._abi import lib
 from libportal.direct import map_fd
@@ -36,8 +37,8 @@ from libportal.direct import map_fd
 from .context import Mapping
 from .deferred import Deferred
 from .direct import DirectBacking
-from .frames import KernelError, PAGE
-from .native import ffi as cffi, lib as clib
+from .frames import BackingObject, KernelError, PAGE
+from .native import core, ffi as cffi, lib as clib
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _MAP_SHARED, _MAP_POPULATE = 0x01, 0x8000
@@ -68,6 +69,24 @@ def read_process(pid, remote, local, n):
         remote, local, n = remote + got, local + got, n - got
 
 
+def _copy_runs(plan, srcs, dst):
+    """Each run (source key, offset, bytes, offset in dst) copied from
+    srcs[key] into dst with copy_file_range(2): True, or False if the
+    kernel cannot (nothing to undo: the caller copies again its way)."""
+    for key, off, n, at in plan:
+        while n:
+            try:
+                got = os.copy_file_range(srcs[key], dst, n, off, at)
+            except OSError as e:
+                if e.errno in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+                    return False
+                raise
+            if got <= 0:
+                raise OSError(errno.EIO, "copy_file_range: the source ended early")
+            off, at, n = off + got, at + got, n - got
+    return True
+
+
 class PrivatePages:
     """The pages a COW view at least on write has written, given frames
     when asked (COW_PADDR).  They are anonymous pages of the view's process,
@@ -82,17 +101,62 @@ class PrivatePages:
         self.tail = self.name = None
 
 
+def _prefault(fd, length):
+    """Allocate every page of an object ahead of its use (a thread of its
+    own: shmem allocates and zeroes each page, most of a snapshot's cost),
+    at the lowest CPU priority: it is work ahead of need."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)    # this thread
+        os.posix_fallocate(fd, 0, length)
+    except OSError:
+        pass                        # the copy allocates what is missing
+    finally:
+        os.close(fd)
+
+
 class Cow:
     def __init__(self, k):
         self.k = k
         self.private = {}           # owner id -> PrivatePages
         self.copying = set()        # contexts whose snapshot is being copied (one each)
+        # The spare: one object made ahead, its pages allocated by a thread,
+        # for the next strict snapshot of the same length (config
+        # cow_snapshot_spare bounds it; docs/limits.md).  No frames, no
+        # charge until a snapshot takes it.
+        self.spare = None
+
+    def _take_spare(self, length):
+        """The spare if it has this length (it is the caller's then), else None."""
+        obj = self.spare
+        if obj is not None and obj.length == length:
+            self.spare = None
+            return obj
+        return None
+
+    def _refill(self, length):
+        """A new spare of `length` bytes (none past cow_snapshot_spare), made
+        here (the pool's object) and filled by a thread; the old one goes."""
+        if self.spare is not None or not 0 < length <= self.k.cfg["cow_snapshot_spare"]:
+            return
+        try:
+            obj = BackingObject(0, self.k.frames.tag, length, array.array("I"))
+            fd = obj.open_fd()
+        except (KernelError, OSError):
+            return                  # no object now: the next snapshot makes its own
+        self.spare = obj
+        threading.Thread(target=_prefault, args=(fd, length), name="faytd-spare",
+                         daemon=True).start()
+
+    def drop_spare(self):
+        if self.spare is not None:
+            self.spare.release()
+            self.spare = None
 
     def assign(self, ctx, handle, base, pages):
         """Frames for the written pages of ctx's view `handle` (mapped at
         base): their physical addresses, in order."""
         k = self.k
-        m = ctx.mappings.own_get(handle)
+        m = ctx.mappings.own_get(handle) or self.adopt(ctx, handle)
         if m is None:
             raise KernelError(errno.EBADF, "handle: %d names no mapping of this context" % handle)
         b = m.backing
@@ -121,6 +185,40 @@ class Cow:
                 fr.offset[f] = p
                 pp.frames[p] = f
         return [k.frames.paddr(pp.frames[p]) for p in pages]
+
+    def adopt(self, ctx, handle):
+        """ctx's view `handle` if the core made it (faytd/core/direct.c: a
+        view at least on write over granted RAM), made Python's own mapping
+        with the same handle, its frames' references and its charge (its
+        written pages get frames here); None if the core holds no view of
+        that handle."""
+        k = self.k
+        info = cffi.new("struct fayt_map_info *")
+        if clib.fayt_core_map_info(core, ctx.fast, handle, info, cffi.NULL, 0) \
+                or info.type != COW:
+            return None
+        frames = cffi.new("uint32_t[]", max(1, info.nframes))
+        clib.fayt_core_map_info(core, ctx.fast, handle, info, frames, info.nframes)
+        objects, i = [], 0
+        o = cffi.new("struct fayt_map_info *")
+        while not clib.fayt_direct_map_object(core, ctx.fast, handle, i, o, cffi.NULL, 0):
+            ofr = cffi.new("uint32_t[]", max(1, o.nframes))
+            clib.fayt_direct_map_object(core, ctx.fast, handle, i, o, ofr, o.nframes)
+            obj = k.direct.objects.get(o.oid)
+            if obj is None or obj.name is None:
+                obj = k.direct.objects[o.oid] = BackingObject.named(
+                    o.oid, cffi.string(o.object).decode(), o.length,
+                    array.array("I", cffi.buffer(ofr, 4 * o.nframes)[:]))
+            objects.append(obj)
+            i += 1
+        charged = info.charged
+        clib.fayt_direct_disown(core, ctx.fast, handle)
+        ctx.mappings.pop(handle)
+        m = Mapping(handle, COW, DirectBacking(array.array("I", cffi.buffer(
+            frames, 4 * info.nframes)[:]), objects), None, info.pid, info.tid, info.prot)
+        m.charged = charged
+        k.add_mapping(ctx, m)
+        return m
 
     def forget(self, pp):
         """The view goes: its private frames are freed."""
@@ -176,7 +274,15 @@ class Cow:
             raise KernelError(errno.EBUSY, "a strict snapshot of this context is being made "
                               "(one call at a time per connection)")
         frames, runs, objects = self._source(ctx, tid, lib.FAYT_COW_SNAPSHOT, length, paddrs)
-        obj = k.allocate_for(ctx, length)       # charged, fresh frames
+        spare = self._take_spare(length)
+        if spare is None and self.spare is not None:    # another length: it goes
+            self.drop_spare()
+        try:
+            obj = k.allocate_for(ctx, length, spare)    # charged, fresh frames
+        except BaseException:
+            if spare is not None:
+                spare.release()
+            raise
         fr = k.frames.c
         clib.fayt_frames_get(fr, cffi.from_buffer("uint32_t[]", frames), len(frames))
         try:
@@ -200,6 +306,11 @@ class Cow:
         remote = [isinstance(part, PrivatePages) for part, *_ in runs]
 
         def work():
+            # Objects only: one copy_file_range(2) per run, page cache to page
+            # cache in the kernel (no page tables: populating a mapping of
+            # each side cost ten times the copy), the GIL dropped.
+            if not any(remote) and _copy_runs(plan, srcs, dst):
+                return
             # Both sides mapped here, populated in one call each (a fault per
             # page of a fresh shmem object costs more than the copy), and one
             # memmove per run: ctypes drops the GIL for it, so faytd's loop
@@ -224,6 +335,7 @@ class Cow:
 
         def close():
             self.copying.discard(ctx)
+            self._refill(length)        # for the next one, now that this copy is done
             for fd in srcs.values():
                 os.close(fd)
             self._drop_source(frames, objects)

@@ -27,6 +27,11 @@ pages, so every mapping sees every store).  What follows:
 - Limits: one reply carries at most FAYT_DIRECT_OBJECTS_MAX descriptors
   (objects), and as many runs as fit a message; each run is one mapping in
   the client (vm.max_map_count bounds those of a process).
+- Two paths: the grants are the core's table (faytd/core/direct.c), and
+  the core performs the common DIRECT (and COW view) itself, frames of
+  granted ANON portals and share-points only, as core mappings; this
+  module performs the rest (device windows aside: devices.py), with the
+  same checks and messages, and its mappings are Python's own.
 """
 import array
 import errno
@@ -45,27 +50,6 @@ RUNS_MAX = ((lib.FAYT_MSG_MAX - abi.sizeof("struct fayt_rep_hdr")
             // abi.sizeof("struct fayt_direct_run"))
 
 
-class Grant:
-    """A portal or share-point made DMA-able: by ctx's mapping `handle`, for
-    a context (kind FAYT_GRANT_CONTEXT) or a category, up to prot."""
-    __slots__ = ("oid", "ctx", "handle", "kind", "to", "prot")
-
-    def __init__(self, oid, ctx, handle, kind, to, prot):
-        self.oid, self.ctx, self.handle = oid, ctx, handle
-        self.kind, self.to, self.prot = kind, to, prot
-
-    def live(self, k):
-        """Whether the granting mapping still exists."""
-        c = self.ctx
-        return (k.contexts.get(c.id) is c
-                and clib.fayt_core_map_sp(core, c.fast, self.handle) >= 0)
-
-    def covers(self, ctx):
-        if self.kind == lib.FAYT_GRANT_CONTEXT:
-            return ctx.id == self.to
-        return ctx.category is not None and ctx.category.id == self.to
-
-
 class DirectBacking:
     """What a DIRECT mapping references: the frames it names (one reference
     each) and the objects that hold them."""
@@ -79,11 +63,11 @@ class DirectBacking:
 
 
 class Direct:
-    """The grants, and the objects DIRECT has looked up (by object id)."""
+    """The objects DIRECT has looked up (by object id); the grants are the
+    core's (faytd/core/direct.c), which the C path reads too."""
 
     def __init__(self, k):
         self.k = k
-        self.grants = {}            # oid -> [Grant]
         self.objects = {}           # oid -> BackingObject (named, with its frames)
         self.fr = k.frames.c
         self._resolve_bufs = None
@@ -112,63 +96,32 @@ class Direct:
         self.objects[oid] = obj
         return obj
 
-    # -- grants ----------------------------------------------------------
+    # -- grants (the core's table: faytd/core/direct.c) --------------------
     def grant(self, ctx, handle, backing, kind, to, prot, revoke):
         """ctx's mapping `handle` (its backing object) made DMA-able for
-        (kind, to) up to prot, or that grant taken back."""
+        (kind, to) up to prot, or that grant taken back.  The grant lasts
+        while that mapping does."""
         oid = backing.id
-        gs = [g for g in self.grants.get(oid, ()) if g.live(self.k)
-              and not (g.ctx is ctx and g.handle == handle and g.kind == kind and g.to == to)]
         if not revoke:
-            mine = sum(1 for lst in self.grants.values() for g in lst if g.ctx is ctx)
+            mine = clib.fayt_direct_grants_by(core, ctx.id)
             if mine >= self.k.cfg["max_mappings_per_context"]:
                 raise KernelError(errno.ENOMEM, "this context has %d grants, the quota "
                                   "(max_mappings_per_context)" % mine)
-            gs.append(Grant(oid, ctx, handle, kind, to, prot))
             self.objects.setdefault(oid, backing)
-        if gs:
-            self.grants[oid] = gs
-        else:
-            self.grants.pop(oid, None)
+        if clib.fayt_direct_grant(core, oid, ctx.id, handle, kind, to, prot, bool(revoke)):
+            raise KernelError(errno.ENOMEM, "faytd: out of memory for a grant")
 
     def granted_prot(self, ctx, oid):
         """The prot ctx's grants of object oid allow (0: none)."""
-        prot = 0
-        gs = self.grants.get(oid)
-        if gs:
-            live = [g for g in gs if g.live(self.k)]
-            if len(live) != len(gs):
-                if live:
-                    self.grants[oid] = live
-                else:
-                    del self.grants[oid]
-            for g in live:
-                if g.covers(ctx):
-                    prot |= g.prot
-        return prot
+        return clib.fayt_direct_granted_prot(core, ctx.fast, oid)
 
     def revoke_to(self, ctx, to):
         """Take back every grant ctx made to context `to` (not to a
         category); how many.  DIRECT mappings already made stay."""
-        n = 0
-        for oid in list(self.grants):
-            gs = self.grants[oid]
-            keep = [g for g in gs if not (g.ctx is ctx and g.kind == lib.FAYT_GRANT_CONTEXT
-                                          and g.to == to.id)]
-            n += len(gs) - len(keep)
-            if keep:
-                self.grants[oid] = keep
-            else:
-                del self.grants[oid]
-        return n
+        return clib.fayt_direct_revoke_to(core, ctx.id, to.id)
 
     def context_gone(self, ctx):
-        for oid in [o for o, gs in self.grants.items() if any(g.ctx is ctx for g in gs)]:
-            gs = [g for g in self.grants[oid] if g.ctx is not ctx]
-            if gs:
-                self.grants[oid] = gs
-            else:
-                del self.grants[oid]
+        clib.fayt_direct_context_gone(core, ctx.id)
 
     # -- DIRECT ----------------------------------------------------------
     def resolve(self, ctx, prot, paddrs):

@@ -320,10 +320,12 @@ class FrameAllocator:
         """array('Q') of the physical addresses of obj's frames, in order."""
         return array.array("Q", [RAM_BASE + f * PAGE for f in obj.frames])
 
-    def allocate(self, length):
+    def allocate(self, length, obj=None):
         """A new backing object of `length` bytes (page multiple) with fresh
         frames, each referenced once (Python's own objects: notification
-        stacks; share-points and ANON portals are the core's)."""
+        stacks; share-points and ANON portals are the core's).  obj: an
+        object of that length made ahead (BackingObject.ahead), which gets
+        the frames instead of a new one."""
         n = pages(length)
         if n > self.free_frames:
             raise KernelError(errno.ENOMEM, "length: %d frames asked, %d free in faytd's RAM"
@@ -331,11 +333,14 @@ class FrameAllocator:
         frames = array.array("I", bytes(4 * n))
         oid = self.c.next_oid
         lib.fayt_frames_alloc(self.c, n, oid, ffi.from_buffer("uint32_t[]", frames))
-        try:
-            obj = BackingObject(oid, self.tag, n * PAGE, frames)
-        except BaseException:
-            self.put_frames(frames)
-            raise
+        if obj is not None:
+            obj.id, obj.frames = oid, frames
+        else:
+            try:
+                obj = BackingObject(oid, self.tag, n * PAGE, frames)
+            except BaseException:
+                self.put_frames(frames)
+                raise
         self.c.next_oid = oid + 1
         self.objects[oid] = obj
         return obj

@@ -503,11 +503,12 @@ class Kernel:
         """Count nbytes of new frames against ctx's quota: ENOMEM past it."""
         ctx.charge(nbytes)      # the core's checks: the context's, its uid's, the reserve
 
-    def allocate_for(self, ctx, length):
-        """A new backing object of `length` bytes charged to ctx's quota."""
+    def allocate_for(self, ctx, length, obj=None):
+        """A new backing object of `length` bytes charged to ctx's quota
+        (obj: one made ahead, frames.allocate)."""
         self.charge(ctx, length)
         try:
-            return self.frames.allocate(length)
+            return self.frames.allocate(length, obj)
         except BaseException:
             ctx.ram -= length
             raise
@@ -544,6 +545,7 @@ class Kernel:
             os.close(self._recheck_fd)
             self._recheck_fd = -1
         self.scheduling.shutdown()
+        self.cow.drop_spare()
         self.queues.shutdown()
         self.pager.shutdown()
         self.notifications.shutdown()

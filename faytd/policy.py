@@ -44,7 +44,8 @@ CLASS_BITS = {
     "COW": lib.FAYT_PORTAL_COW,
     "SPECIAL": lib.FAYT_PORTAL_SPECIAL,
 }
-SHARE, ANON = lib.FAYT_PORTAL_SHARE, lib.FAYT_PORTAL_ANON
+SHARE, ANON, DIRECT, COW = (lib.FAYT_PORTAL_SHARE, lib.FAYT_PORTAL_ANON, lib.FAYT_PORTAL_DIRECT,
+                             lib.FAYT_PORTAL_COW)
 CATEGORY_IDS = {"core": lib.FAYT_CATEGORY_CORE, "driver": lib.FAYT_CATEGORY_DRIVER,
                 "server": lib.FAYT_CATEGORY_SERVER}
 
@@ -247,6 +248,7 @@ class Policy:
         what the C path may create without asking Python, and the shared
         names it may create and attach (names.c checks them for every path)."""
         fast.flags |= Policy.fast_flags(category)
+        fast.category = category.id             # grants to a category (direct.c)
         fast.names_create = category.names_create
         fast.names_attach = category.names_attach
 
@@ -259,6 +261,10 @@ class Policy:
             flags |= clib.FAYT_FAST_CONN_SHARE
         if category.classes & ANON:
             flags |= clib.FAYT_FAST_CONN_ANON
+        if category.classes & DIRECT:
+            flags |= clib.FAYT_FAST_CONN_DIRECT    # DIRECT over granted RAM (direct.c)
+        if category.classes & COW:
+            flags |= clib.FAYT_FAST_CONN_COW       # COW views at least on write (direct.c)
         if category.id == lib.FAYT_CATEGORY_CORE:
             flags |= clib.FAYT_FAST_CONN_CORE      # check_destroy's exception, any namespace
         return flags

@@ -5,46 +5,65 @@ frames are in, and the runs: (object, pages, place in the range, offset in
 the object).  The range is reserved first (PROT_NONE, anonymous, at
 morphology.addr or anywhere), then each run is mapped over it MAP_SHARED |
 MAP_FIXED from its offset, and the whole range is marked MADV_DONTFORK, as
-every portal is; the descriptors are closed before this returns.  Mapping
-with an offset is a plain mmap(2), reached through ctypes: no C of
-libportal's is needed for it.
+every portal is; the descriptors are closed before this returns.  One run
+over the whole range (the common case: frames of one object, in order) is
+mapped at once, with no reservation.  Mapping with an offset is a plain
+mmap(2), reached through cffi's ABI mode: no C of libportal's is needed
+for it.
 
 grant(mapping, to, prot, category=...) makes an ANON portal, or a
 share-point this process owns, DMA-able: DIRECT of the context (or the
 category) it names may map its frames.  See docs/portals.md.
 """
-import ctypes
 import errno
 import fcntl
 import os
 import struct
+from array import array as _array
+
+from cffi import FFI
 
 from . import errors
 from ._abi import (ffi, lib, COW_PADDR_REQ, DIRECT_RUN, GRANT_REQ, HANDLE_REQ, PORTAL_REPLY,
-                   PORTAL_REQ_SIZE, portal_reply)
+                   PORTAL_REQ, PORTAL_REQ_SIZE, portal_reply)
 from .portal_req import encode_portal_req, PROT_NONE
 from .mapping import Mapping
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_mmap = _libc.mmap
-_mmap.restype = ctypes.c_void_p
-_mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
-                  ctypes.c_long)
-_madvise = _libc.madvise
-_madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+# libc's mmap(2) and madvise(2) through cffi's ABI mode (a call costs a
+# fraction of a ctypes one; nothing is compiled).  Addresses go as intptr_t,
+# which every Linux ABI passes as it passes a pointer: no casts.
+_libc_ffi = FFI()
+_libc_ffi.cdef("intptr_t mmap(intptr_t, size_t, int, int, int, long);"
+               "int madvise(intptr_t, size_t, int);")
+_libc = _libc_ffi.dlopen(None)
+_mmap, _madvise = _libc.mmap, _libc.madvise
 _MAP_SHARED, _MAP_PRIVATE, _MAP_FIXED = 0x01, 0x02, 0x10
 _MADV_DONTFORK = 10
 _PROT_WRITE = 2
-_MAP_FAILED = ctypes.c_void_p(-1).value
+_pack_req = PORTAL_REQ.pack
+_unpack_run, _RUN_SIZE = DIRECT_RUN.unpack_from, DIRECT_RUN.size
 
 
 def map_fd(addr, length, prot, flags, fd, offset):
     """mmap(2) as it is (addr 0: anywhere): the address, or OSError."""
-    p = _mmap(addr or None, length, prot, flags, fd, offset)
-    if p in (None, _MAP_FAILED):
-        e = ctypes.get_errno()
+    p = _mmap(addr, length, prot, flags, fd, offset)
+    if p == -1:
+        e = _libc_ffi.errno
         raise OSError(e, os.strerror(e))
     return p
+
+
+def _map_run(addr, pages, prot, flags, fd, offset):
+    """One run, at addr (MAP_FIXED) or, addr 0, anywhere: its address.
+    A read-only descriptor (a device's register page) under MAP_SHARED is
+    mapped without PROT_WRITE, so that a stray store faults."""
+    try:
+        return map_fd(addr, pages * 4096, prot, flags | (_MAP_FIXED if addr else 0), fd, offset)
+    except OSError as e:
+        if not (e.errno == errno.EACCES and prot & _PROT_WRITE and flags & _MAP_SHARED
+                and fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY):
+            raise errors.error(e.errno, "portal: mmap of a DIRECT run: " + e.strerror) from None
+    return _map_run(addr, pages, prot & ~_PROT_WRITE, flags, fd, offset)
 
 
 def _map_runs(base, runs, fds, prot, flags):
@@ -52,14 +71,7 @@ def _map_runs(base, runs, fds, prot, flags):
         if fd_index >= len(fds):
             raise errors.error(errno.EPROTO, "portal: a DIRECT run names fd %d of %d"
                                % (fd_index, len(fds)))
-        p = prot
-        if flags & _MAP_SHARED and \
-                fcntl.fcntl(fds[fd_index], fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY:
-            p &= ~_PROT_WRITE       # a device's register page: a stray store faults
-        try:
-            map_fd(base + at, pages * 4096, p, flags | _MAP_FIXED, fds[fd_index], offset)
-        except OSError as e:
-            raise errors.error(e.errno, "portal: mmap of a DIRECT run: " + e.strerror) from None
+        _map_run(base + at, pages, prot, flags, fds[fd_index], offset)
 
 
 def direct_portal(conn, type, prot, length, addr, paddr, portal_cls, mode=0):
@@ -67,7 +79,12 @@ def direct_portal(conn, type, prot, length, addr, paddr, portal_cls, mode=0):
     module's docstring.  A COW view at least on write maps its runs
     MAP_PRIVATE (FAYT_PORTAL_REPLY_PRIVATE); a strict snapshot's reply
     lists its own frames."""
-    body = encode_portal_req(type, prot, length, share_type=mode, addr=addr, paddr=paddr)
+    try:        # encode_portal_req's work for DIRECT and COW, inline
+        body = _pack_req(type, prot, length, 0, mode, 0, 0, 0, addr,
+                         length if length > 0 else 0) + _array("Q", paddr).tobytes()
+    except (struct.error, OverflowError, TypeError):
+        body = encode_portal_req(type, prot, length, share_type=mode, addr=addr, paddr=paddr)
+        # (that raises, naming the field, if the inline one could not)
     data, fds = conn.call(lib.FAYT_SYS_PORTAL, body)
     handle, base, reply = None, 0, None
     try:
@@ -76,19 +93,31 @@ def direct_portal(conn, type, prot, length, addr, paddr, portal_cls, mode=0):
         if not reply.flags & lib.FAYT_PORTAL_REPLY_DIRECT:
             raise errors.error(errno.EPROTO, "portal: malformed DIRECT reply from faytd")
         at = PORTAL_REPLY.size + PORTAL_REQ_SIZE + 8 * nframes
-        runs = [DIRECT_RUN.unpack_from(data, o) for o in range(at, len(data), DIRECT_RUN.size)]
-        err = ffi.new("int *")
-        base = lib.fayt_map_special(map_length, addr, PROT_NONE, err)
-        if not base:
-            raise errors.error(err[0], "portal: " + {
-                errno.EEXIST: "morphology.addr %#x is already mapped" % addr}.get(
-                    err[0], "mmap failed: " + os.strerror(err[0])))
-        _map_runs(base, runs, fds, prot, _MAP_PRIVATE if reply.flags
-                  & lib.FAYT_PORTAL_REPLY_PRIVATE else _MAP_SHARED)
+        if len(data) - at == _RUN_SIZE:
+            runs = (_unpack_run(data, at),)
+        else:
+            runs = [_unpack_run(data, o) for o in range(at, len(data), _RUN_SIZE)]
+        flags = _MAP_PRIVATE if reply.flags & lib.FAYT_PORTAL_REPLY_PRIVATE else _MAP_SHARED
+        if (not addr and len(runs) == 1 and runs[0][2] == 0
+                and runs[0][1] * 4096 == map_length and runs[0][0] < len(fds)):
+            # One run over the whole range, anywhere: one mmap, no reservation.
+            fd_index, pages, _, offset = runs[0]
+            base = _mmap(0, map_length, prot, flags, fds[fd_index], offset)
+            if base == -1:
+                base = 0
+                base = _map_run(0, pages, prot, flags, fds[fd_index], offset)
+        else:
+            err = ffi.new("int *")
+            base = lib.fayt_map_special(map_length, addr, PROT_NONE, err)
+            if not base:
+                raise errors.error(err[0], "portal: " + {
+                    errno.EEXIST: "morphology.addr %#x is already mapped" % addr}.get(
+                        err[0], "mmap failed: " + os.strerror(err[0])))
+            _map_runs(base, runs, fds, prot, flags)
         if nframes:
             paddr = struct.unpack_from("<%dQ" % nframes, data, at - 8 * nframes)
         if _madvise(base, map_length, _MADV_DONTFORK):
-            e = ctypes.get_errno()
+            e = _libc_ffi.errno
             raise errors.error(e, "portal: madvise(MADV_DONTFORK): " + os.strerror(e))
     except BaseException:
         if base:

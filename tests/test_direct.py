@@ -5,6 +5,7 @@ that names frames it was not granted."""
 import errno
 import json
 import os
+import time
 
 import pytest
 
@@ -12,7 +13,7 @@ import libportal
 from libportal._abi import lib, GRANT_REQ, HANDLE_REQ, PORTAL_REPLY
 from libportal.portal_req import encode_portal_req
 
-from support.daemon import NOBODY, state, wait_state
+from support.daemon import NOBODY, fayt_objects, state, wait_state
 
 PAGE = lib.FAYT_PAGE_SIZE
 RW, RO = libportal.PROT_RW, libportal.PROT_READ
@@ -157,6 +158,12 @@ for line in sys.stdin:
                 os.close(fd)
             c.call(lib.FAYT_SYS_UNMAP, HANDLE_REQ.pack(portal_reply(data).handle))
             print("ok %d" % len(fds))
+        elif w[0] == "short":           # a DIRECT of 2 pages naming 1 frame
+            n = 2 * 4096
+            body = (PORTAL_REQ.pack(lib.FAYT_PORTAL_DIRECT, 1, n, 0, 0, 0, 0, 0, 0, n)
+                    + struct.pack("<Q", 0x100000))
+            c.call(lib.FAYT_SYS_PORTAL, body)
+            print("ok")
         elif w[0] == "map":             # map <prot> <paddr,...>
             paddr = [int(x, 0) for x in w[2].split(",")]
             p = lp.portal(lp.DIRECT, int(w[1]), 4096 * len(paddr), paddr=paddr, connection=c)
@@ -248,6 +255,209 @@ def test_direct_attacker_reaches_no_frame_it_was_not_granted(spawn, as_user, wor
             assert ask(a, "grant %d 2 %d 1" % (h, lib.FAYT_GRANT_CATEGORY)).startswith("EBADF")
     assert ask(a, "raw 1 %#x" % paddr[0]) == "ok 1"
     assert d.wait_state(before) == before
+
+
+# -- the C path (faytd/core/direct.c) --------------------------------------------
+
+def fast_portals(d):
+    """PORTAL calls faytd's C path has served, and those its Python has."""
+    c = libportal.Connection(d.socket, faytd_uid=getattr(d, "uid", None))
+    try:
+        calls = c.stats()["calls"]["portal"]
+    finally:
+        c.close()
+    return calls["fast"], calls["python"]
+
+
+def portal_objects(d):
+    """The objects of portals and share-points faytd's keeper holds (not
+    context pages: those of the connections a check opens go soon after)."""
+    return [o for o in fayt_objects([d.proc.pid]) if not o.startswith("fayt.ctx.")]
+
+
+def objects_settle(d, want, timeout=15):
+    """The objects faytd's keeper holds, polled until they equal `want`, or
+    (a number) until there are that many (a release reaches the keeper
+    through the pool's thread)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        got = portal_objects(d)
+        if (len(got) if isinstance(want, int) else got) == want \
+                or time.monotonic() > deadline:
+            return got
+        time.sleep(0.05)
+
+
+@needs_root
+def test_direct_c_path_refusals_from_raw_bytes(spawn, as_user, world_faytd):
+    """A granted frame is mapped by the C path; every request it cannot
+    answer goes to Python with nothing changed, which refuses it with the
+    same errno and message as ever: raw bodies from uid 65534 naming an
+    unaligned, an unbacked or a free frame, a frame of a portal not granted
+    to it, a prot wider than the grant, a revoked grant, the frames of an
+    unmapped portal, fewer paddr[] entries than the length asks.  No
+    mapping, frame or object is left behind."""
+    d = world_faytd(DRIVER_POLICY)
+    o, _, paddr = owner(spawn, d)
+    o2, _, other = owner(spawn, d, pages=1)
+    a, acid = attacker(spawn, as_user, d)
+    assert ask(o, "grant context %d 1" % acid) == "ok"
+    before, objects = d.state(), portal_objects(d)
+    # (A connection's first call goes to Python, which checks its thread.)
+    assert ask(a, "raw 1 %#x" % paddr[0]) == "ok 1"
+    fast, python = fast_portals(d)
+    assert ask(a, "raw 1 %#x,%#x" % (paddr[1], paddr[0])) == "ok 1"
+    assert fast_portals(d) == (fast + 1, python)        # served in C
+    c = libportal.Connection(d.socket)
+    last = RAM_BASE + (c.stats()["frames"]["total"] - 1) * PAGE    # RAM's last: never used
+    c.close()
+    cases = [
+        ("raw 1 %#x" % (paddr[0] + 8), "EINVAL", "morphology.paddr[0]: %#x is not 4 KiB "
+         "aligned" % (paddr[0] + 8)),
+        ("raw 1 %#x,%#x" % (paddr[0], 1 << 40), "EFAULT", "morphology.paddr[1]: 0x10000000000 "
+         "is not backed"),
+        ("raw 1 %#x" % last, "EFAULT", "morphology.paddr[0]: frame %#x is free" % last),
+        ("raw 1 %#x,%#x" % (paddr[0], other[0]), "EPERM", "morphology.paddr[1]: frame %#x is "
+         "in no portal or share-point granted to this context" % other[0]),
+        ("raw 3 %#x" % paddr[0], "EPERM", "prot 0x3 asked, its grant allows 0x1"),
+    ]
+    for line, err, msg in cases:
+        got = ask(a, line)
+        assert got.startswith(err) and msg in got, (line, got)
+    assert ask(o, "grant context %d 1 revoke" % acid) == "ok"
+    got = ask(a, "raw 1 %#x" % paddr[0])
+    assert got.startswith("EPERM") and "granted to this context" in got
+    assert ask(o, "grant context %d 1" % acid) == "ok"
+    assert ask(a, "raw 1 %#x" % paddr[0]) == "ok 1"
+    assert d.wait_state(before) == before
+    assert objects_settle(d, objects) == objects
+    # Fewer paddr[] entries than the length asks: the decoder's refusal.
+    a.send("short")
+    got = a.expect()
+    assert got.startswith("EFAULT") and "morphology.paddr: 2 entries named, fewer sent" in got
+    # The grant goes with its portal: the frames are free then.
+    assert ask(o, "unmap") == "ok"
+    got = ask(a, "raw 1 %#x" % paddr[0])
+    assert got.startswith("EFAULT") and "is free" in got, got
+    o.kill()
+
+
+def test_direct_c_path_frame_outlives_its_portal(spawn, faytd, conn_to):
+    """A DIRECT mapping the C path made (a granted frame) keeps its frame and
+    its object after the portal's owner unmapped it and died; both go with
+    its unmap."""
+    c = conn_to(faytd)
+    before, objects = state(faytd), portal_objects(faytd)
+    o, _, paddr = owner(spawn, faytd, pages=3)
+    assert ask(o, "grant context %d 3" % c.context_id) == "ok"
+    libportal.portal(DIRECT, RW, PAGE, paddr=[paddr[0]], connection=c).unmap()
+    fast, python = fast_portals(faytd)   # (the first call went to Python: its thread)
+    p = libportal.portal(DIRECT, RW, PAGE, paddr=[paddr[1]], connection=c)
+    assert fast_portals(faytd) == (fast + 1, python)
+    assert ask(o, "unmap") == "ok"
+    o.kill()
+    want = dict(before, mappings=before["mappings"] + 1, free_frames=before["free_frames"] - 1)
+    assert wait_state(faytd, want) == want
+    # Its object stays.
+    assert len(objects_settle(faytd, len(objects) + 1)) == len(objects) + 1
+    assert bytes(p.buf[0:7]) == b"owner-1"
+    p.buf[0:5] = b"still"
+    assert bytes(p.buf[0:7]) == b"still-1"
+    p.unmap()
+    assert wait_state(faytd, before) == before
+    assert objects_settle(faytd, objects) == objects
+
+
+def test_cow_c_path_view_becomes_pythons_when_asked_for_addresses(faytd, conn_to):
+    """A COW view at least on write over a granted portal is made by the C
+    path; physical() of it (COW_PADDR) hands it to faytd's Python, which
+    gives its written page a frame; its unmap frees every frame and the
+    view's charge."""
+    c = conn_to(faytd)
+    objects0 = portal_objects(faytd)
+    src = libportal.portal(libportal.ANON, RW, 2 * PAGE, connection=c)
+    src.buf[0:3] = b"src"
+    libportal.grant(src, to=c.context_id)
+    before, objects = state(faytd), portal_objects(faytd)
+    ram = c.stats()["limits"]["ram"]
+    fast, python = fast_portals(faytd)
+    v = libportal.portal(COW, RW, 2 * PAGE, paddr=src.paddr, connection=c)
+    assert fast_portals(faytd) == (fast + 1, python)
+    assert c.stats()["limits"]["ram"] == ram + 2 * PAGE     # charged at creation
+    assert bytes(v.buf[0:3]) == b"src"
+    v.buf[0:4] = b"view"
+    assert bytes(src.buf[0:4]) == b"src\0"
+    got = libportal.physical(v)
+    assert got[1] == src.paddr[1] and got[0] not in src.paddr
+    assert state(faytd)["free_frames"] == before["free_frames"] - 1
+    assert libportal.physical(v) == got                 # asked again: the same frame
+    with pytest.raises(libportal.PortalError) as ei:     # not granted as a portal
+        libportal.grant(v, to=c.context_id)
+    assert ei.value.errno == errno.EINVAL
+    v.unmap()
+    assert wait_state(faytd, before) == before
+    assert c.stats()["limits"]["ram"] == ram
+    assert objects_settle(faytd, objects) == objects
+    src.unmap()
+    assert objects_settle(faytd, objects0) == objects0
+
+
+def _raw_scenario(c):
+    """DIRECT and COW calls as raw bytes on connection c: each reply's body
+    and its descriptors' access modes, or the refusal's errno and message."""
+    import fcntl
+    src = libportal.portal(libportal.ANON, RW, 3 * PAGE, connection=c)
+    libportal.grant(src, to=c.context_id)
+    pa = list(src.paddr)
+    out = []
+    for t, prot, frames, mode in ((DIRECT, RW, pa[:1], 0), (DIRECT, RO, pa[::-1], 0),
+                                  (COW, RW, pa, 0), (COW, RO, pa[1:], 0),
+                                  (COW, RW, pa * 3, 0), (DIRECT, RW, [pa[0] + 1], 0)):
+        body = encode_portal_req(t, prot, PAGE * len(frames), share_type=mode, paddr=frames)
+        try:
+            data, fds = c.call(lib.FAYT_SYS_PORTAL, body)
+        except OSError as e:
+            out.append((e.errno, str(e)))
+            continue
+        out.append((data.hex(), [fcntl.fcntl(f, fcntl.F_GETFL) & os.O_ACCMODE for f in fds]))
+        for f in fds:
+            os.close(f)
+        c.call(lib.FAYT_SYS_UNMAP, HANDLE_REQ.pack(PORTAL_REPLY.unpack_from(data)[0]))
+    src.unmap()
+    return out
+
+
+def test_direct_and_cow_both_paths_agree(fresh_faytd, conn_to):
+    """The same DIRECT and COW calls, on a faytd whose C path serves them
+    and on one with fast_syscalls off: the same replies, byte for byte,
+    the same descriptor modes, the same refusals (a view past the RAM
+    quota, an unaligned frame)."""
+    cfg = {"max_ram_per_context": "32KiB"}
+    fast = fresh_faytd(config=cfg, ram="16MiB")
+    slow = fresh_faytd(config=dict(cfg, fast_syscalls=False), ram="16MiB")
+    c1, c2 = conn_to(fast), conn_to(slow)
+    before = fast_portals(fast)[0]
+    got = _raw_scenario(c1)
+    assert got == _raw_scenario(c2)
+    assert [x[0] for x in got[-2:]] == [errno.ENOMEM, errno.EINVAL], got[-2:]
+    # The four that mapped were served in C (and the ANON portal).
+    assert fast_portals(fast)[0] - before >= 4
+    assert fast_portals(slow)[0] == 0
+
+
+def test_direct_c_path_mapping_is_not_granted_again(faytd, conn_to):
+    """A DIRECT mapping (made by the C path) is not a portal one may grant:
+    EINVAL, as for one Python made."""
+    c = conn_to(faytd)
+    src = libportal.portal(libportal.ANON, RW, PAGE, connection=c)
+    libportal.grant(src, to=c.context_id)
+    p = libportal.portal(DIRECT, RW, PAGE, paddr=src.paddr, connection=c)
+    with pytest.raises(libportal.PortalError) as ei:
+        libportal.grant(p, to=c.context_id)
+    assert ei.value.errno == errno.EINVAL and "is not an ANON portal or a share-point" \
+        in str(ei.value)
+    p.unmap()
+    src.unmap()
 
 
 # -- SHARE|DIRECT ----------------------------------------------------------------
@@ -415,6 +625,41 @@ def test_cow_strict_snapshot(spawn, faytd, conn_to):
     assert bytes(s.buf[PAGE:PAGE + 7]) == b"owner-1"
     s.unmap()
     assert wait_state(faytd, before) == before
+
+
+@pytest.mark.parametrize("spare", ["64KiB", 0])
+def test_cow_snapshot_spare(fresh_faytd, conn_to, spare):
+    """After a strict snapshot faytd holds one spare object of its length
+    (at most config cow_snapshot_spare; 0: none) for the next one of that
+    length, which copies into it: each snapshot has its own bytes; a
+    longer one gets no spare; stopping faytd releases it."""
+    d = fresh_faytd(config={"cow_snapshot_spare": spare}, ram="16MiB")
+    c = conn_to(d)
+    src = libportal.portal(libportal.ANON, RW, 2 * PAGE, connection=c)
+    big = libportal.portal(libportal.ANON, RW, 32 * PAGE, connection=c)
+    src.buf[0:5] = b"first"
+    base = portal_objects(d)
+    snaps = []
+    for word in (b"first", b"again", b"third"):
+        src.buf[0:5] = word
+        snaps.append(libportal.portal(COW, RW, 2 * PAGE, paddr=src.paddr,
+                                      share_type=libportal.COW_SNAPSHOT, connection=c))
+        # The snapshots' objects, and the spare made after each if allowed.
+        want = len(base) + len(snaps) + (1 if spare else 0)
+        assert len(objects_settle(d, want)) == want
+    assert [bytes(x.buf[0:5]) for x in snaps] == [b"first", b"again", b"third"]
+    snaps[0].buf[0:5] = b"mine!"
+    assert bytes(snaps[1].buf[0:5]) == b"again" and bytes(src.buf[0:5]) == b"third"
+    long = libportal.portal(COW, RW, 32 * PAGE, paddr=big.paddr,
+                            share_type=libportal.COW_SNAPSHOT, connection=c)
+    # Past the bound: the old spare goes, and no new one is made.
+    want = len(base) + len(snaps) + 1
+    assert len(objects_settle(d, want)) == want
+    for x in snaps + [long, src, big]:
+        x.unmap()
+    c.close()
+    d.stop()
+    assert fayt_objects([d.proc.pid], pooled=True) == []
 
 
 def test_cow_charges_a_writable_view_at_creation(spawn, fresh_faytd, conn_to):

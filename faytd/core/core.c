@@ -39,6 +39,7 @@ void fayt_core_fini(struct fayt_core *k)
         return;
     fayt_faults_fini(k);
     core_table_fini(k);
+    core_direct_fini(k);
     core_names_fini(k);
     free(p->reply);
     free(p->watched);

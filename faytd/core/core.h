@@ -275,7 +275,10 @@ struct fayt_fast_conn {
     struct fayt_core_cstate *cs;    /* the core's: its mappings, what it ever mapped */
     uint64_t names_create;     /* shared names it may create: bit i, the policy's pattern i */
     uint64_t names_attach;     /* and attach (names.c) */
+    uint32_t category;         /* its category's id (grants to a category, direct.c);
+                                  FAYT_FAST_NO_CATEGORY before HELLO */
 } __attribute__((packed));
+#define FAYT_FAST_NO_CATEGORY 0xffffffff
 #define FAYT_FAST_CONN_SHARE   0x1  /* registered, and may use SHARE|ANON */
 #define FAYT_FAST_CONN_NOTICES 0x2  /* subscribed to faytd's notices: destroys go to Python */
 #define FAYT_FAST_CONN_ANON    0x4  /* registered, and may use ANON */
@@ -286,6 +289,8 @@ struct fayt_fast_conn {
                                        round, with no budget per uid (serve.c) */
 #define FAYT_FAST_CONN_PYTHON  0x40 /* a fault plan names its calls: every request goes to
                                       Python (faytd/injection.py) */
+#define FAYT_FAST_CONN_DIRECT  0x80 /* registered, and may use DIRECT (direct.c) */
+#define FAYT_FAST_CONN_COW     0x100 /* registered, and may use COW (direct.c) */
 
 struct fayt_fast_conn *fayt_core_conn_new(struct fayt_core *k);
 /* Python lets go of c (its Context is gone); the core frees it once no
@@ -389,6 +394,37 @@ void fayt_core_owner_died(struct fayt_core *k, int32_t pid);
 int fayt_core_owns(struct fayt_core *k, int32_t pid);
 /* A clean stop: every share-point and mapping goes, and every kept object. */
 void fayt_core_destroy_all(struct fayt_core *k);
+
+/* -- DMA grants and DIRECT over granted RAM (direct.c) ------------------- */
+/* A grant: the object oid of context from_ctx's mapping `handle` (an ANON
+ * portal or a share-point the core holds) DMA-able for kind
+ * (FAYT_GRANT_CONTEXT: context `to`; FAYT_GRANT_CATEGORY: category `to`)
+ * up to prot, replacing the same (from_ctx, handle, kind, to) grant; with
+ * revoke, that grant taken back.  Grants of oid whose mapping is gone are
+ * dropped first.  0, or ENOMEM. */
+int fayt_direct_grant(struct fayt_core *k, uint32_t oid, uint32_t from_ctx, uint64_t handle,
+                      uint32_t kind, uint32_t to, int32_t prot, int revoke);
+/* How many grants context ctx_id made (its quota). */
+uint32_t fayt_direct_grants_by(struct fayt_core *k, uint32_t ctx_id);
+/* The prot c's live grants of object oid allow (0: none). */
+int32_t fayt_direct_granted_prot(struct fayt_core *k, const struct fayt_fast_conn *c,
+                                 uint32_t oid);
+/* Every grant from_ctx made to context `to` (not to a category) taken back:
+ * how many.  DIRECT mappings already made stay. */
+uint32_t fayt_direct_revoke_to(struct fayt_core *k, uint32_t from_ctx, uint32_t to);
+/* Context ctx_id is gone: its grants go. */
+void fayt_direct_context_gone(struct fayt_core *k, uint32_t ctx_id);
+/* The core's DIRECT mappings and COW views (at least on write) made on the
+ * C path are core mappings (fayt_core_map_info: type, frames; no object of
+ * their own).  Object i (0..) of c's mapping `handle`: its id, name,
+ * length and frames (as fayt_core_oid_info), or ENOENT past the last. */
+int fayt_direct_map_object(struct fayt_core *k, struct fayt_fast_conn *c, uint64_t handle,
+                           uint32_t i, struct fayt_map_info *out, uint32_t *frames,
+                           uint32_t max);
+/* c's mapping `handle` (DIRECT or COW) leaves the core: its references to
+ * its frames and its RAM charge become the caller's (Python's record of it
+ * takes them, with the same handle).  0, or ENOENT. */
+int fayt_direct_disown(struct fayt_core *k, struct fayt_fast_conn *c, uint64_t handle);
 
 /* A share-point, as the core describes it to Python. */
 struct fayt_sp_info {

@@ -17,6 +17,7 @@ struct epoll_event;
 
 #define FAST_MAX_FRAMES FAYT_FAST_MAX_FRAMES
 #define RECYCLE_MAX 64            /* objects kept for their context's next create */
+#define RO_HELD_MAX 64            /* read-only descriptors of sources held (direct.c) */
 #define ZERO_AT_CREATE 16384      /* up to this, a recycled object is zeroed by the meta's write */
 #define CORE_ABI 8                /* fayt_core_abi(); faytd/native.py checks it */
 
@@ -95,6 +96,8 @@ struct sp {
                                       never recycled */
     int journal_ok;                /* its D record was written (else never recycled) */
     int fd, fd2;                   /* held descriptors (the creator's, for recycling); -1 */
+    int rofd;                      /* a read-only descriptor of its object, held for
+                                      DIRECT and COW (direct.c); -1 */
     int split;                     /* two objects: page 0 and the rest */
     int direct;                    /* SHARE|DIRECT: over another portal's object (one object
                                       of several pages: no read-only attach of another uid) */
@@ -121,9 +124,12 @@ struct map {
     /* ANON: its object */
     uint32_t oid, nframes;
     int fd;                        /* held for recycling; -1 */
+    int rofd;                      /* ANON: a read-only descriptor of its object, held for
+                                      DIRECT and COW (direct.c); -1 */
     int shared;                    /* exposed to Python (a chain's backing): never recycled */
     char object[FAYT_OBJ_NAME_MAX];
-    uint32_t frames[];
+    struct dobjs *direct;          /* DIRECT: the objects it references (direct.c) */
+    uint32_t frames[];             /* ANON: its object's; DIRECT: those it names */
 };
 
 /* A context's part of the core (fayt_fast_conn.cs). */
@@ -152,6 +158,18 @@ struct kept {
 
 struct sp *core_sp_find(struct fayt_core *k, uint32_t id);
 struct map *core_map_find(struct fayt_core *k, struct fayt_fast_conn *c, uint64_t handle);
+/* The mapping `handle` of the context whose id is ctx_id (direct.c's grants). */
+struct map *core_map_find_id(struct fayt_core *k, uint32_t ctx_id, uint64_t handle);
+/* A new mapping record of c (nframes frames, zeroed), and its entry into
+ * the tables with the context's next handle (0 or ENOMEM). */
+struct map *core_map_alloc(struct fayt_core *k, struct fayt_fast_conn *c, int32_t tid,
+                           int32_t prot, uint32_t type, uint64_t length, uint32_t nframes);
+int core_map_add(struct fayt_core *k, struct map *m);
+/* A DIRECT mapping or a COW view: frames of others' objects, none its own. */
+static inline int core_map_frames_of_others(const struct map *m)
+{
+    return m->type == FAYT_PORTAL_DIRECT || m->type == FAYT_PORTAL_COW;
+}
 int core_fail(char *msg, size_t max, int err, const char *fmt, ...)
     __attribute__((format(printf, 4, 5)));
 void core_table_fini(struct fayt_core *k);
@@ -163,6 +181,21 @@ void core_ids_fini(struct fayt_core *k);
  * uid's account (made if new; NULL: no memory), -1 lets one go, 0 only
  * looks (NULL: that uid has none). */
 struct idnode **core_ns_ids(struct fayt_core *k, uint32_t ns, int hold);
+
+/* -- direct.c ----------------------------------------------------------- */
+struct dobjs;
+struct direct_state;
+/* PORTAL(DIRECT) on the C path (serve.c): FAYT_FAST_SERVED, _UNSENT (*err)
+ * or _PASS (nothing changed: Python answers). */
+int core_direct_serve(struct fayt_core *k, struct fayt_fast_conn *c,
+                      const struct fayt_req_hdr *h, const uint8_t *body,
+                      const struct fayt_portal_args *a, int *err);
+/* A DIRECT mapping goes (map_remove): its frames' references, and each of
+ * its objects that has no allocated frame left is released. */
+void core_direct_unmapped(struct fayt_core *k, struct map *m);
+void core_direct_fini(struct fayt_core *k);
+/* A source's read-only descriptor (*fd) goes with its record or its objects. */
+void core_direct_rofd_close(struct fayt_core *k, int *fd);
 
 /* -- journal.c ---------------------------------------------------------- */
 int core_journal_write(struct fayt_core *k, const char *line, size_t n, int live);
@@ -233,6 +266,8 @@ struct fayt_core_priv {
     const struct epoll_event *round; /* the round being served (serve.c); NULL outside it */
     int round_n, round_full;
     uint8_t *reply;                /* a reply's bytes: header and FAYT_MSG_MAX of body */
+    struct direct_state *direct;   /* direct.c: the grants, DIRECT's objects; NULL until used */
+    uint32_t held_ro;              /* read-only descriptors sources hold: RO_HELD_MAX at most */
     /* keeper.c */
     struct keeper_state keeper;
     struct pool_state pool;

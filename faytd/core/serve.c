@@ -153,6 +153,10 @@ static int fast_portal(struct fayt_core *k, struct fayt_fast_conn *c,
     } else if (a.type == (FAYT_PORTAL_SHARE | FAYT_PORTAL_ANON)) {
         if (!(c->flags & FAYT_FAST_CONN_SHARE) || (a.attach && others_waiting(k, c)))
             return FAYT_FAST_PASS;
+    } else if (a.type == FAYT_PORTAL_DIRECT || a.type == FAYT_PORTAL_COW) {
+        /* over granted RAM: direct.c */
+        uint32_t may = a.type == FAYT_PORTAL_COW ? FAYT_FAST_CONN_COW : FAYT_FAST_CONN_DIRECT;
+        return c->flags & may ? core_direct_serve(k, c, h, body, &a, err) : FAYT_FAST_PASS;
     } else {
         return FAYT_FAST_PASS;
     }
@@ -192,6 +196,7 @@ static int fast_unmap(struct fayt_core *k, struct fayt_fast_conn *c,
     if (!m)
         return FAYT_FAST_PASS;          /* Python's own mapping, or none */
     struct sp *sp = m->sp;
+    int anon = m->type == FAYT_PORTAL_ANON;
     int how = h->op == FAYT_SYS_UNMAP_DESTROY ? FAYT_CORE_UNMAP_DESTROY : FAYT_CORE_UNMAP;
     if (how == FAYT_CORE_UNMAP_DESTROY && sp && !sp->destroyed) {
         if (c->pid != sp->owner_pid && !(c->flags & FAYT_FAST_CONN_CORE))
@@ -212,7 +217,7 @@ static int fast_unmap(struct fayt_core *k, struct fayt_fast_conn *c,
         k->destroys++;
     if (sp)
         k->unmaps++;
-    else
+    else if (anon)
         k->anon_unmaps++;
     return acknowledge(c, h, err);
 }

@@ -150,6 +150,18 @@ struct map *core_map_find(struct fayt_core *k, struct fayt_fast_conn *c, uint64_
     return NULL;
 }
 
+struct map *core_map_find_id(struct fayt_core *k, uint32_t ctx_id, uint64_t handle)
+{
+    struct fayt_core_priv *p = k->priv;
+    if (!p->handles_nb)
+        return NULL;
+    for (struct map *m = p->by_handle[hash_handle(ctx_id, handle) & (p->handles_nb - 1)]; m;
+         m = m->hnext)
+        if (m->ctx_id == ctx_id && m->handle == handle)
+            return m;
+    return NULL;
+}
+
 static int handles_insert(struct fayt_core *k, struct map *m)
 {
     struct fayt_core_priv *p = k->priv;
@@ -343,6 +355,7 @@ struct fayt_fast_conn *fayt_core_conn_new(struct fayt_core *k)
     c->next_handle = 1;
     c->refs = 1;
     c->cs = cs;
+    c->category = FAYT_FAST_NO_CATEGORY;
     return c;
 }
 
@@ -513,7 +526,7 @@ static struct sp *sp_alloc(uint32_t n)
 {
     struct sp *sp = calloc(1, sizeof *sp + (size_t)n * sizeof(uint32_t));
     if (sp) {
-        sp->fd = sp->fd2 = -1;
+        sp->fd = sp->fd2 = sp->rofd = -1;
         sp->nframes = n;
         sp->owner_alive = 1;
     }
@@ -523,6 +536,7 @@ static struct sp *sp_alloc(uint32_t n)
 /* sp's object(s) are no longer referenced: kept for c, or released. */
 static void sp_objects_gone(struct fayt_core *k, struct sp *sp, struct fayt_fast_conn *c)
 {
+    core_direct_rofd_close(k, &sp->rofd);
     if (sp->fd >= 0 && !sp->shared && sp->journal_ok
         && kept_put(k, c, sp->length, sp->split, sp->fd, sp->object, sp->fd2, sp->object2) == 0) {
         k->priv->held_fds--;
@@ -547,6 +561,7 @@ static void sp_free(struct fayt_core *k, struct sp *sp)
 {
     ids_remove(k, sp);
     unhold(k, &sp->fd, &sp->fd2);
+    core_direct_rofd_close(k, &sp->rofd);
     free(sp);
 }
 
@@ -604,7 +619,7 @@ static struct map *map_new(struct fayt_core *k, struct fayt_fast_conn *c, int32_
     m->prot = prot;
     m->length = length;
     m->nframes = nframes;
-    m->fd = -1;
+    m->fd = m->rofd = -1;
     return m;
 }
 
@@ -676,6 +691,8 @@ static void map_remove(struct fayt_core *k, struct map *m)
             else if (!sp->owner_alive)
                 sp_destroy(k, sp, c);
         }
+    } else if (core_map_frames_of_others(m)) {
+        core_direct_unmapped(k, m);
     } else {
         if (fayt_frames_put(&k->frames, m->frames, m->nframes) == m->nframes) {
             if (m->fd >= 0 && !m->shared
@@ -689,8 +706,20 @@ static void map_remove(struct fayt_core *k, struct map *m)
         }
         unhold(k, &m->fd, NULL);
     }
+    core_direct_rofd_close(k, &m->rofd);
     conn_unref(k, c);
     free(m);
+}
+
+struct map *core_map_alloc(struct fayt_core *k, struct fayt_fast_conn *c, int32_t tid,
+                           int32_t prot, uint32_t type, uint64_t length, uint32_t nframes)
+{
+    return map_new(k, c, tid, prot, type, length, nframes);
+}
+
+int core_map_add(struct fayt_core *k, struct map *m)
+{
+    return map_insert(k, m);
 }
 
 /* -- the reply ------------------------------------------------------------------ */
@@ -1291,6 +1320,12 @@ int fayt_core_map_info(struct fayt_core *k, struct fayt_fast_conn *c, uint64_t h
     out->prot = m->prot;
     out->length = m->length;
     out->charged = m->charged;
+    if (core_map_frames_of_others(m)) {    /* DIRECT, COW: no object of its own */
+        out->nframes = m->nframes;
+        if (frames)
+            memcpy(frames, m->frames, (size_t)(max < m->nframes ? max : m->nframes) * 4);
+        return 0;
+    }
     out->oid = m->sp ? m->sp->oid : m->oid;
     out->nframes = m->sp ? m->sp->nframes : m->nframes;
     if (m->sp)

@@ -129,7 +129,7 @@ def sys_grant(k, ctx, tid, body, fds):
     m = ctx.mappings.get(handle)
     if m is None:
         raise KernelError(errno.EBADF, "handle: %d names no mapping of this context" % handle)
-    if not isinstance(m, CoreMapping):
+    if not isinstance(m, CoreMapping) or m.type in (lib.FAYT_PORTAL_DIRECT, lib.FAYT_PORTAL_COW):
         raise KernelError(errno.EINVAL, "handle: %d is not an ANON portal or a share-point "
                           "(only those are granted)" % handle)
     sp = k.sharepoints.get(m.sp_id, keep=False) if m.sp_id else None
