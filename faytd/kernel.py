@@ -311,6 +311,13 @@ class Kernel:
         self.drop_mappings(ctx)
         if not (watch and self.sharepoints.owns(ctx.pid)) or self.quotas.watched_elsewhere(ctx):
             self.forget(ctx)
+        self._idle_check()
+
+    def _idle_check(self):
+        """No connection left: nobody can take the snapshot spare, so its
+        memory goes (docs/limits.md, "The snapshot spare")."""
+        if self.quotas.connections <= 0:
+            self.cow.drop_spare()
 
     def died(self, ctx):
         """The process is gone: recover its locks, then forget it."""
@@ -346,6 +353,7 @@ class Kernel:
         if self.journal is not None:
             self.journal.context_gone(ctx)
         ctx.close_page()
+        self._idle_check()
 
     def recover_locks(self, ctx):
         """ctx died: release the locks its robust records say it held.

@@ -98,6 +98,7 @@ def stats_json(k, ctx):
                    "regions": len(k.pager.regions.by_id)},
         "journal": {"enabled": j is not None,
                     "errors": f.journal_errors + (j.errors if j is not None else 0)},
+        "cow": {"snapshot_spare_bytes": k.cow.spare.length if k.cow.spare is not None else 0},
         "queues": {"open": k.queues.count(), "records": k.queues.records,
                    "dropped": k.queues.dropped},
         "decisions": k.scheduling.counters(),

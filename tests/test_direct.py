@@ -13,6 +13,7 @@ import libportal
 from libportal._abi import lib, GRANT_REQ, HANDLE_REQ, PORTAL_REPLY
 from libportal.portal_req import encode_portal_req
 
+from support.children import wait_until
 from support.daemon import NOBODY, fayt_objects, state, wait_state
 
 PAGE = lib.FAYT_PAGE_SIZE
@@ -848,3 +849,22 @@ def test_direct_and_cow_over_a_split_sharepoint(faytd, conn_to):
     for m in (p, s, v):
         m.unmap()
     assert wait_state(faytd, before) == before
+
+
+def test_cow_snapshot_spare_goes_with_the_last_connection(fresh_faytd, conn_to):
+    """The spare is held for the next snapshot only while someone could
+    take it: `fayt stats` shows its length, and when the last connection
+    closes faytd releases it (the keeper holds nothing more)."""
+    d = fresh_faytd(ram="16MiB")
+    c = conn_to(d)
+    base = portal_objects(d)
+    src = libportal.portal(libportal.ANON, RW, 2 * PAGE, connection=c)
+    snap = libportal.portal(COW, RW, 2 * PAGE, paddr=src.paddr,
+                            share_type=libportal.COW_SNAPSHOT, connection=c)
+    wait_until(lambda: c.stats()["cow"]["snapshot_spare_bytes"] == 2 * PAGE,
+               "faytd holds a spare of the snapshot's length")
+    snap.unmap()
+    src.unmap()
+    assert len(objects_settle(d, len(base) + 1)) == len(base) + 1     # the spare alone
+    c.close()
+    assert len(objects_settle(d, len(base))) == len(base)
