@@ -111,7 +111,8 @@ def test_cli_stats_json_and_its_table(fresh_faytd):
     assert s["version"] == 1
     assert set(s) == {"version", "calls", "fast_path", "faults", "contexts", "sharepoints",
                       "frames", "journal", "limits", "fairness", "notifications", "chains",
-                      "queues", "decisions", "injected"}
+                      "cow", "queues", "decisions", "injected"}
+    assert s["cow"] == {"snapshot_spare_bytes": 0}
     assert s["calls"]["hello"] == {"fast": 0, "python": 1}      # this fayt's own
     assert s["calls"]["stats"] == {"fast": 0, "python": 1}
     assert set(s["calls"]) >= {"portal", "unmap", "unmap_destroy", "list_share",
