@@ -49,6 +49,7 @@ _libc = ctypes.CDLL(None, use_errno=True)
 _MAP_SHARED, _MAP_POPULATE = 0x01, 0x8000
 
 COW = lib.FAYT_PORTAL_COW
+_SP_INFO = cffi.new("struct fayt_sp_info *")
 MODES = (lib.FAYT_COW_ON_WRITE, lib.FAYT_COW_SNAPSHOT)
 
 
@@ -253,17 +254,21 @@ class Cow:
         if name in k.sharepoints.by_name:
             k.catch_up(ctx)         # a destroy already sent by another process comes first
         sp_id = k.sharepoints.lookup(name)
-        sp = k.sharepoints.get(sp_id, keep=False) if sp_id else None
-        if sp is None:
+        info = _SP_INFO
+        if not sp_id or clib.fayt_core_sp_info(core, sp_id, info, cffi.NULL, 0):
             raise KernelError(errno.ENOENT, "share.identifier: no share-point %r" % shown)
-        Policy.check_prot(lib.FAYT_PROT_READ, sp.prot, "share-point %r" % shown)
-        mapped = sp.data_offset + sp.length
+        Policy.check_prot(lib.FAYT_PROT_READ, info.prot, "share-point %r" % shown)
+        mapped = info.length
         if length % PAGE or length > mapped:
             raise KernelError(errno.EINVAL, "length: %d; a COW view of share-point %r is a "
                               "multiple of 4096 bytes from its offset 0, at most its %d mapped "
                               "bytes" % (length, shown, mapped))
         n = length // PAGE
-        frames = sp.frames[:n]
+        # Only the frames the view covers (the core copies its own record).
+        buf = cffi.new("uint32_t[]", n)
+        clib.fayt_core_sp_info(core, sp_id, info, buf, n)
+        frames = array.array("I")
+        frames.frombytes(cffi.buffer(buf, 4 * n))
         obj = k.direct.object_of(k.frames.c.owner[frames[0]])
         if obj is None:
             raise KernelError(errno.EFAULT, "share.identifier: share-point %r is in no object "
