@@ -166,9 +166,14 @@ def physical(view: Mapping) -> "list[int]":
     gives it a frame of its own the first time it is asked (COW_PADDR), and
     a strict snapshot of that frame copies the page from this process.  The
     other pages keep the source's frames.  Writes are never trapped: ask
-    again after more writes."""
+    again after more writes.  A view whose source is a share-point named
+    by identifier lists no source frames: EINVAL."""
     view._check()
     n = view.map_length // 4096
+    if len(view.paddr) != n:
+        raise errors.error(errno.EINVAL, "physical: view %d lists no source frames (a COW view "
+                           "whose source is a share-point by identifier: its unwritten pages "
+                           "are the share-point's paddr from offset 0)" % view.handle)
     with open("/proc/self/pagemap", "rb") as f:
         f.seek(view.addr // 4096 * 8)
         entries = struct.unpack("<%dQ" % n, f.read(8 * n))

@@ -96,6 +96,10 @@ def test_cow_source_view_sees_the_sharepoint(spawn, faytd, conn_to):
     assert ask(o, "write %d later" % (last - PAGE)) == "ok"
     assert whole(v)[last:last + 5] == b"view-"                  # its own page
     assert whole(v)[last - PAGE:last - PAGE + 5] == b"later"    # unwritten: the source's
+    assert v.paddr == ()                # the reply lists no source frames
+    with pytest.raises(libportal.InvalidArgument) as ei:
+        libportal.physical(v)
+    assert "lists no source frames" in str(ei.value)
     v.unmap()
     assert ask(o, "destroy") == "ok"
     o.kill()
