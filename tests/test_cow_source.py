@@ -242,3 +242,25 @@ def test_cow_source_rights_are_an_attachs(spawn, as_user, world_faytd):
     for o, _, _ in owners:
         assert ask(o, "destroy") == "ok"
         o.kill()
+
+
+def test_cow_source_one_page_and_prot(faytd, conn_to):
+    """A one-page share-point (one object, not split) is a source too; one
+    that does not grant PROT_READ is EACCES with the message an attach
+    gets."""
+    c = conn_to(faytd)
+    one = libportal.share_create("cowsrc-one", 100, connection=c)
+    v = libportal.portal(COW, RW, PAGE, identifier="cowsrc-one", connection=c)
+    one.write(0, b"hello")                  # not written by the view: the source's
+    assert whole(v)[one.data_offset:one.data_offset + 5] == b"hello"
+    v.unmap()
+    one.destroy()
+    wo = libportal.share_create("cowsrc-wo", 100, libportal.PROT_WRITE, connection=c)
+    with pytest.raises(libportal.PortalError) as attach:
+        libportal.share_attach("cowsrc-wo", RO, connection=c)
+    for mode in (ON_WRITE, SNAPSHOT):
+        with pytest.raises(libportal.PortalError) as ei:
+            libportal.portal(COW, RO, PAGE, identifier="cowsrc-wo", share_type=mode,
+                             connection=c)
+        assert ei.value.errno == errno.EACCES and str(ei.value) == str(attach.value)
+    wo.destroy()
