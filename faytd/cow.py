@@ -22,7 +22,11 @@ cannot be trapped or paused, so a strict snapshot can only be a copy.
   the share-point's lock across the call.
 
 The source is frames the caller may map: any frame for core, else frames
-of portals granted to it with PROT_READ (direct.py's rules).  The mode is
+of portals granted to it with PROT_READ (direct.py's rules); or a
+share-point named by share.identifier (morphology.paddr[] empty), which the
+caller may read if it may attach it PROT_READ: the view is its mapping from
+offset 0 (meta-structure included), `length` bytes, its runs built from
+the share-point's objects at once (no frame named one by one).  The mode is
 portal_req.share.type.
 """
 import array
@@ -39,11 +43,13 @@ from .deferred import Deferred
 from .direct import DirectBacking
 from .frames import BackingObject, KernelError, PAGE
 from .native import core, ffi as cffi, lib as clib
+from .policy import Policy
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _MAP_SHARED, _MAP_POPULATE = 0x01, 0x8000
 
 COW = lib.FAYT_PORTAL_COW
+_SP_INFO = cffi.new("struct fayt_sp_info *")
 MODES = (lib.FAYT_COW_ON_WRITE, lib.FAYT_COW_SNAPSHOT)
 
 
@@ -235,13 +241,55 @@ class Cow:
             raise KernelError(errno.EINVAL, "share.type: %d is not a COW mode (0: at least on "
                               "write, 1: strict snapshot)" % mode)
 
-    def _source(self, ctx, tid, mode, length, paddrs):
+    def sharepoint_source(self, ctx, ident, length):
+        """The source a COW request names by share.identifier: the
+        share-point's mapping from offset 0, `length` bytes (a multiple of
+        4096, at most its mapping's), as (frames, runs, objects).  The rights
+        are a PROT_READ attach's: EPERM for a name the caller may not use
+        (names.c), ENOENT naming share.identifier, EACCES if the share-point
+        does not grant PROT_READ."""
+        k = self.k
+        shown = ident.decode("utf-8", "replace")
+        name = k.sharepoints.resolve(ctx, ident, False)
+        if name in k.sharepoints.by_name:
+            k.catch_up(ctx)         # a destroy already sent by another process comes first
+        sp_id = k.sharepoints.lookup(name)
+        info = _SP_INFO
+        if not sp_id or clib.fayt_core_sp_info(core, sp_id, info, cffi.NULL, 0):
+            raise KernelError(errno.ENOENT, "share.identifier: no share-point %r" % shown)
+        Policy.check_prot(lib.FAYT_PROT_READ, info.prot, "share-point %r" % shown)
+        mapped = info.length
+        if length % PAGE or length > mapped:
+            raise KernelError(errno.EINVAL, "length: %d; a COW view of share-point %r is a "
+                              "multiple of 4096 bytes from its offset 0, at most its %d mapped "
+                              "bytes" % (length, shown, mapped))
+        n = length // PAGE
+        # Only the frames the view covers (the core copies its own record).
+        buf = cffi.new("uint32_t[]", n)
+        clib.fayt_core_sp_info(core, sp_id, info, buf, n)
+        frames = array.array("I")
+        frames.frombytes(cffi.buffer(buf, 4 * n))
+        obj = k.direct.object_of(k.frames.c.owner[frames[0]])
+        if obj is None:
+            raise KernelError(errno.EFAULT, "share.identifier: share-point %r is in no object "
+                              "faytd can map" % shown)
+        # Frame i of a share-point is page i of its object (page 0, then its
+        # tail's pages, for a split one: the meta page and the data).
+        if obj.tail is None:
+            runs = [[obj, 0, n, 0]]
+        else:
+            runs = [[obj, 0, 1, 0]] + ([[obj.tail, 0, n - 1, PAGE]] if n > 1 else [])
+        return frames, runs, [obj]
+
+    def _source(self, ctx, tid, mode, length, paddrs, src=None):
         """The source's frames, runs and objects, checked (EINVAL, EFAULT,
-        EPERM naming the field at fault; ESRCH; the mapping quota)."""
+        EPERM naming the field at fault; ESRCH; the mapping quota); src:
+        already found (a share-point's, sharepoint_source)."""
         k = self.k
         self.check_mode(mode)
-        k.direct.check_range(length, paddrs)
-        src = k.direct.resolve(ctx, lib.FAYT_PROT_READ, paddrs)
+        if src is None:
+            k.direct.check_range(length, paddrs)
+            src = k.direct.resolve(ctx, lib.FAYT_PROT_READ, paddrs)
         if len(ctx.mappings) >= k.cfg["max_mappings_per_context"]:
             raise KernelError(errno.ENOMEM, "this context has %d mappings, the quota"
                               % len(ctx.mappings))
@@ -249,11 +297,12 @@ class Cow:
             raise KernelError(errno.ESRCH, "tid %d is not a thread of pid %d" % (tid, ctx.pid))
         return src
 
-    def on_write(self, ctx, tid, prot, length, paddrs):
+    def on_write(self, ctx, tid, prot, length, paddrs, src=None):
         """An at-least-on-write view: (Mapping, runs, parts), as
         Direct.map; charged `length` if writable."""
         k = self.k
-        frames, runs, objects = self._source(ctx, tid, lib.FAYT_COW_ON_WRITE, length, paddrs)
+        frames, runs, objects = self._source(ctx, tid, lib.FAYT_COW_ON_WRITE, length, paddrs,
+                                             src)
         parts = list(dict.fromkeys(r[0] for r in runs))
         k.direct.check_runs(runs, parts, "a COW view at least on write")
         charged = length if prot & lib.FAYT_PROT_WRITE else 0
@@ -266,14 +315,15 @@ class Cow:
         k.add_mapping(ctx, m)
         return m, runs, parts
 
-    def snapshot(self, ctx, tid, prot, length, paddrs, reply):
+    def snapshot(self, ctx, tid, prot, length, paddrs, reply, src=None):
         """A strict snapshot: a Deferred whose finish() returns
         reply(Mapping, its object's fd)."""
         k = self.k
         if ctx in self.copying:
             raise KernelError(errno.EBUSY, "a strict snapshot of this context is being made "
                               "(one call at a time per connection)")
-        frames, runs, objects = self._source(ctx, tid, lib.FAYT_COW_SNAPSHOT, length, paddrs)
+        frames, runs, objects = self._source(ctx, tid, lib.FAYT_COW_SNAPSHOT, length, paddrs,
+                                             src)
         spare = self._take_spare(length)
         if spare is None and self.spare is not None:    # another length: it goes
             self.drop_spare()

@@ -42,6 +42,7 @@ _MADV_DONTFORK = 10
 _PROT_WRITE = 2
 _pack_req = PORTAL_REQ.pack
 _unpack_run, _RUN_SIZE = DIRECT_RUN.unpack_from, DIRECT_RUN.size
+_MLEN_AT = ffi.offsetof("struct portal_req", "morphology", "length")
 
 
 def map_fd(addr, length, prot, flags, fd, offset):
@@ -74,17 +75,25 @@ def _map_runs(base, runs, fds, prot, flags):
         _map_run(base + at, pages, prot, flags, fds[fd_index], offset)
 
 
-def direct_portal(conn, type, prot, length, addr, paddr, portal_cls, mode=0):
+def direct_portal(conn, type, prot, length, addr, paddr, portal_cls, mode=0, identifier=None):
     """portal() for DIRECT and COW (mode: share.type, FAYT_COW_*): see the
     module's docstring.  A COW view at least on write maps its runs
     MAP_PRIVATE (FAYT_PORTAL_REPLY_PRIVATE); a strict snapshot's reply
-    lists its own frames."""
-    try:        # encode_portal_req's work for DIRECT and COW, inline
-        body = _pack_req(type, prot, length, 0, mode, 0, 0, 0, addr,
-                         length if length > 0 else 0) + _array("Q", paddr).tobytes()
-    except (struct.error, OverflowError, TypeError):
-        body = encode_portal_req(type, prot, length, share_type=mode, addr=addr, paddr=paddr)
-        # (that raises, naming the field, if the inline one could not)
+    lists its own frames.  identifier: a COW source named as a share-point
+    (share.identifier; morphology.length 0 and no paddr[] unless paddr is
+    given too, which faytd refuses)."""
+    if identifier is not None:
+        body = encode_portal_req(type, prot, length, identifier=identifier, share_type=mode,
+                                 addr=addr, paddr=paddr)
+        if not paddr:       # the source is the share-point: morphology.length 0
+            body = body[:_MLEN_AT] + bytes(8) + body[_MLEN_AT + 8:]
+    else:
+        try:    # encode_portal_req's work for DIRECT and COW, inline
+            body = _pack_req(type, prot, length, 0, mode, 0, 0, 0, addr,
+                             length if length > 0 else 0) + _array("Q", paddr).tobytes()
+        except (struct.error, OverflowError, TypeError):
+            body = encode_portal_req(type, prot, length, share_type=mode, addr=addr, paddr=paddr)
+            # (that raises, naming the field, if the inline one could not)
     data, fds = conn.call(lib.FAYT_SYS_PORTAL, body)
     handle, base, reply = None, 0, None
     try:
@@ -157,9 +166,14 @@ def physical(view: Mapping) -> "list[int]":
     gives it a frame of its own the first time it is asked (COW_PADDR), and
     a strict snapshot of that frame copies the page from this process.  The
     other pages keep the source's frames.  Writes are never trapped: ask
-    again after more writes."""
+    again after more writes.  A view whose source is a share-point named
+    by identifier lists no source frames: EINVAL."""
     view._check()
     n = view.map_length // 4096
+    if len(view.paddr) != n:
+        raise errors.error(errno.EINVAL, "physical: view %d lists no source frames (a COW view "
+                           "whose source is a share-point by identifier: its unwritten pages "
+                           "are the share-point's paddr from offset 0)" % view.handle)
     with open("/proc/self/pagemap", "rb") as f:
         f.seek(view.addr // 4096 * 8)
         entries = struct.unpack("<%dQ" % n, f.read(8 * n))

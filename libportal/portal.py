@@ -199,6 +199,8 @@ def portal(type: int, prot: int = PROT_RW, length: int = 0, *, identifier: "Name
     addr      morphology.addr: 0 lets the library choose, else exactly there
     paddr     morphology.paddr[]: DIRECT and COW name one physical frame per 4 KiB
               (COW: the source; share_type its mode, COW_ON_WRITE or COW_SNAPSHOT)
+              COW's source may be a share-point instead: identifier=NAME and
+              no paddr; the view is its mapping from offset 0, `length` bytes
     """
     conn = connection or _default_connection()
     if isinstance(identifier, str):
@@ -207,7 +209,8 @@ def portal(type: int, prot: int = PROT_RW, length: int = 0, *, identifier: "Name
         return special_portal(conn, type, prot=prot, length=length, chain=chain,
                               message=message, addr=addr, identifier=identifier, create=create)
     if type == DIRECT or type == COW:      # one fd per object its frames are in
-        return direct_portal(conn, type, prot, length, addr, paddr, Portal, share_type)
+        return direct_portal(conn, type, prot, length, addr, paddr, Portal, share_type,
+                             identifier if type == COW else None)
     is_share = bool(type & SHARE)
     create = 1 if create else 0
     if (identifier.__class__ is bytes and chain is None and message is None and not paddr

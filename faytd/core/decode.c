@@ -204,8 +204,26 @@ int fayt_portal_decode(struct fayt_core *k, const uint8_t *body, uint32_t blen,
                         "share.type: the advanced share-point is not built yet");
         if (req.share.type != FAYT_SHARE_TRIVIAL)
             return core_fail(msg, max, EINVAL, "share.type: unknown type %d", req.share.type);
+    } else if (t == FAYT_PORTAL_COW && a->ident_at >= 0) {
+        /* COW's source named as a share-point (faytd/cow.py): the name
+         * well formed; paddr[] empty; nothing is created. */
+        uint32_t uid, at;
+        if (a->ident_len == 0)
+            return core_fail(msg, max, EINVAL, "share.identifier: empty (a COW source "
+                             "share-point needs a name)");
+        if ((e = core_name_parse("share.identifier", (const char *)body + a->ident_at,
+                                 (uint32_t)a->ident_len, &uid, &at, msg, max)))
+            return e;
+        if (a->mlen != 0)
+            return core_fail(msg, max, EINVAL, "share.identifier and morphology.paddr: both "
+                             "name a COW source; give one (morphology.length 0 with "
+                             "share.identifier)");
+        if (req.share.create != FAYT_SHARE_ATTACH)
+            return core_fail(msg, max, EINVAL, "share.create: %d; a COW source share-point "
+                             "is read, not created (0)", req.share.create);
     } else if (a->ident_at >= 0) {
-        return core_fail(msg, max, EINVAL, "share.identifier: given without the SHARE class");
+        return core_fail(msg, max, EINVAL, "share.identifier: given without the SHARE class "
+                         "(or COW)");
     }
     if ((a->chain_at >= 0 || a->message_at >= 0) && !(t & FAYT_PORTAL_SPECIAL))
         return core_fail(msg, max, EINVAL, "sp_req_chain: given without the SPECIAL class");

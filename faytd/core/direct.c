@@ -412,8 +412,8 @@ int core_direct_serve(struct fayt_core *k, struct fayt_fast_conn *c,
     struct direct_state *d = state(k);
     int cow = a->type == FAYT_PORTAL_COW;
     if (!d || a->length <= 0 || a->length % FAYT_PAGE_SIZE
-        || (cow && a->share_type != FAYT_COW_ON_WRITE))
-        return FAYT_FAST_PASS;
+        || (cow && (a->share_type != FAYT_COW_ON_WRITE || a->ident_at >= 0)))
+        return FAYT_FAST_PASS;          /* a source by share-point name: Python's */
     /* DIRECT maps with the prot asked; a COW view reads its source. */
     int32_t need = cow ? FAYT_PROT_READ : a->prot;
     uint32_t n = (uint32_t)a->length / FAYT_PAGE_SIZE;

@@ -57,15 +57,18 @@ def portal_direct(k, ctx, tid, prot, length, body, args, req_fields):
                        req_fields, not prot & lib.FAYT_PROT_WRITE)
 
 
-def portal_cow(k, ctx, tid, prot, length, body, args, req_fields):
-    """PORTAL of class COW: share.type is the mode.  At least on write: the
-    source's runs, read-only fds, mapped MAP_PRIVATE by the client.  Strict
-    snapshot: deferred until the copy is made; one run of the new object,
-    whose frames the reply lists."""
+def portal_cow(k, ctx, tid, prot, length, body, args, req_fields, ident=None):
+    """PORTAL of class COW: share.type is the mode; the source is paddr[],
+    or the share-point `ident` names (share.identifier; the decoder checked
+    that paddr[] is then empty).  At least on write: the source's runs,
+    read-only fds, mapped MAP_PRIVATE by the client.  Strict snapshot:
+    deferred until the copy is made; one run of the new object, whose
+    frames the reply lists."""
     paddrs = paddrs_of(body, args)
     k.cow.check_mode(args.share_type)
+    src = None if ident is None else k.cow.sharepoint_source(ctx, ident, length)
     if args.share_type == lib.FAYT_COW_ON_WRITE:
-        m, runs, parts = k.cow.on_write(ctx, tid, prot, length, paddrs)
+        m, runs, parts = k.cow.on_write(ctx, tid, prot, length, paddrs, src)
         return _runs_reply(k, ctx, m, runs, parts, length, prot, lib.FAYT_PORTAL_REPLY_DIRECT
                            | lib.FAYT_PORTAL_REPLY_PRIVATE, req_fields, True)
 
@@ -77,7 +80,7 @@ def portal_cow(k, ctx, tid, prot, length, body, args, req_fields):
                 + PORTAL_REQ.pack(*req_fields, length)
                 + array.array("Q", [k.frames.paddr(f) for f in m.backing.frames[:fit]]).tobytes()
                 + DIRECT_RUN.pack(0, n, 0, 0)), [fd]
-    return k.cow.snapshot(ctx, tid, prot, length, paddrs, reply), []
+    return k.cow.snapshot(ctx, tid, prot, length, paddrs, reply, src), []
 
 
 _MSG = cffi.new("char[]", 256)

@@ -68,7 +68,7 @@ def sys_portal(k, ctx, tid, body, fds):
     if t == DIRECT:
         return _direct.portal_direct(k, ctx, tid, prot, length, body, args, req_fields)
     if t == COW:
-        return _direct.portal_cow(k, ctx, tid, prot, length, body, args, req_fields)
+        return _direct.portal_cow(k, ctx, tid, prot, length, body, args, req_fields, ident)
     if len(ctx.mappings) >= k.cfg["max_mappings_per_context"]:
         raise KernelError(errno.ENOMEM, "this context has %d mappings, the quota"
                           % len(ctx.mappings))
