@@ -8,7 +8,7 @@ counters, the journal's descriptor).  Clients never import this module.
 """
 from ._core import ffi, lib
 
-CORE_ABI = 9
+CORE_ABI = 10
 
 if lib.fayt_core_abi() != CORE_ABI:
     raise ImportError("faytd's compiled core does not match its Python code: "

@@ -19,7 +19,7 @@ struct epoll_event;
 #define RECYCLE_MAX 64            /* objects kept for their context's next create */
 #define RO_HELD_MAX 64            /* read-only descriptors of sources held (direct.c) */
 #define ZERO_AT_CREATE 16384      /* up to this, a recycled object is zeroed by the meta's write */
-#define CORE_ABI 9                /* fayt_core_abi(); faytd/native.py checks it */
+#define CORE_ABI 10               /* fayt_core_abi(); faytd/native.py checks it */
 
 /* -- decode.c: strict UTF-8, as Python's decode("utf-8") takes it ------- */
 int core_utf8_valid(const unsigned char *s, size_t n);
