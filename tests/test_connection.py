@@ -219,3 +219,42 @@ def test_connection_close_in_a_fork_child_leaves_the_parents_connection(fresh_fa
     d = fresh_faytd()
     out = _run(d, _FORK_CLOSE.replace("HOLD", str(hold)))
     assert out == ["0", "True"]
+
+
+_HANDLER_CALLS = """
+    import errno, os, signal, sys, threading
+    import libportal
+    faytd = int(sys.argv[1])
+    c = libportal.Connection()
+    got = []
+    def bound():                    # a hang: faytd resumed, and this child ends
+        os.kill(faytd, signal.SIGCONT)
+        os._exit(9)
+    threading.Timer(20, bound).start()
+    def handler(*a):
+        try:
+            c.list_contexts()
+            got.append(0)
+        except OSError as e:
+            got.append(e.errno)
+        os.kill(faytd, signal.SIGCONT)
+    signal.signal(signal.SIGALRM, handler)
+    os.kill(faytd, signal.SIGSTOP)
+    signal.setitimer(signal.ITIMER_REAL, 0.2)
+    c.list_contexts()               # waits for faytd: the handler runs inside
+    print(got[0] == errno.EDEADLK, len(c.list_contexts()["contexts"]) > 0)
+    os._exit(0)
+"""
+
+
+def test_connection_a_handler_calling_inside_its_threads_call_is_edeadlk(fresh_faytd):
+    """A signal handler that calls the connection while its own thread is
+    inside a call of it gets Deadlock (EDEADLK) at once instead of waiting
+    for ever for the lock that thread holds; the interrupted call then ends
+    normally and the connection stays in step."""
+    d = fresh_faytd()
+    p = subprocess.run([sys.executable, "-c", textwrap.dedent(_HANDLER_CALLS),
+                        str(d.proc.pid)], env=d.env(), capture_output=True, text=True,
+                       timeout=90)
+    os.kill(d.proc.pid, signal.SIGCONT)
+    assert (p.returncode, p.stdout.split()) == (0, ["True", "True"]), p.stderr

@@ -477,7 +477,8 @@ static PyObject *transport_call(Transport *t, PyObject *msg, PyObject *fds_obj, 
  * microsecond a call), kept here in one place:
  *
  * - One call is in flight per connection: `lock` (a Python lock, taken
- *   without releasing the GIL when it is free) serialises threads; close()
+ *   without releasing the GIL when it is free) serialises threads (a signal
+ *   handler's call inside a call of its own thread is EDEADLK); close()
  *   takes it too (`with transport:`) so that the descriptor is not closed
  *   under a call.  `caller` is the thread inside, `main_calls` counts the
  *   main thread in from before it takes the lock to after it let go: a
@@ -706,6 +707,11 @@ static PyObject *transport_request(Transport *t, PyObject *const *args, Py_ssize
     struct fayt_req_hdr h = {0};
     if (main)
         t->main_calls++;
+    if (t->caller == me) {              /* the lock is not reentrant: it would wait for ever */
+        fp_raise(t->st, EDEADLK, "a signal handler called this connection inside a call of "
+                                 "its own thread: call it after that call returns");
+        goto out;
+    }
     if (take_lock(t) < 0)
         goto out;
     if (t->fd < 0) {
