@@ -135,16 +135,31 @@ PROTO = ["wrong_seq", "seq_never_sent", "wrong_op", "bad_magic", "short", "too_m
          "too_long"]
 
 
-@pytest.mark.parametrize("scenario", PROTO)
-def test_hostile_a_reply_that_breaks_the_protocol_is_eproto(fake_faytd, scenario):
-    path = fake_faytd(scenario)
+def _stats(c):
+    c.call(lib.FAYT_SYS_STATS)
+
+
+def _anon(c):
+    libportal.portal(libportal.ANON, libportal.PROT_RW, 4096, connection=c)
+
+
+def _refused(path, call):
+    """Connect to path, call(c), close: (the OSError call raised, whether
+    the connection was closed by it); no descriptor left behind."""
     before = _fds()
     c = libportal.Connection(path)
     with pytest.raises(OSError) as e:
-        c.call(lib.FAYT_SYS_STATS)
-    assert e.value.errno == errno.EPROTO, e.value
+        call(c)
+    closed = c.closed
     c.close()
     assert _fds() == before, "descriptors left open"
+    return e.value, closed
+
+
+@pytest.mark.parametrize("scenario", PROTO)
+def test_hostile_a_reply_that_breaks_the_protocol_is_eproto(fake_faytd, scenario):
+    e, _ = _refused(fake_faytd(scenario), _stats)
+    assert e.errno == errno.EPROTO, e
 
 
 @pytest.mark.parametrize("scenario", PROTO)
@@ -164,48 +179,23 @@ def test_hostile_after_eproto_the_connection_is_closed(fake_faytd, scenario):
 
 @pytest.mark.parametrize("scenario", ["huge_err", "negative_err"])
 def test_hostile_an_odd_err_is_an_oserror_and_its_fds_closed(fake_faytd, scenario):
-    path = fake_faytd(scenario)
-    before = _fds()
-    c = libportal.Connection(path)
-    with pytest.raises(OSError) as e:
-        c.call(lib.FAYT_SYS_STATS)
+    e, _ = _refused(fake_faytd(scenario), _stats)
     if scenario == "negative_err":          # "0 or a positive errno": anything else breaks it
-        assert e.value.errno == errno.EPROTO, e.value
-    c.close()
-    assert _fds() == before, "descriptors left open"
+        assert e.errno == errno.EPROTO, e
 
 
 def test_hostile_hangup_is_connreset_and_closes(fake_faytd):
-    path = fake_faytd("hangup")
-    before = _fds()
-    c = libportal.Connection(path)
-    with pytest.raises(OSError) as e:
-        c.call(lib.FAYT_SYS_STATS)
-    assert e.value.errno == errno.ECONNRESET, e.value
-    assert c.closed
-    c.close()
-    assert _fds() == before, "descriptors left open"
+    e, closed = _refused(fake_faytd("hangup"), _stats)
+    assert e.errno == errno.ECONNRESET and closed, e
 
 
 @pytest.mark.parametrize("scenario", ["portal_3fds", "portal_short", "portal_nofd",
                                       "portal_split_anon", "portal_nframes"])
 def test_hostile_a_malformed_portal_reply_is_eproto(fake_faytd, scenario):
-    path = fake_faytd(scenario)
-    before = _fds()
-    c = libportal.Connection(path)
-    with pytest.raises(OSError) as e:
-        libportal.portal(libportal.ANON, libportal.PROT_RW, 4096, connection=c)
-    assert e.value.errno == errno.EPROTO, e.value
-    c.close()
-    assert _fds() == before, "descriptors left open"
+    e, _ = _refused(fake_faytd(scenario), _anon)
+    assert e.errno == errno.EPROTO, e
 
 
 def test_hostile_a_portal_too_long_to_map_is_an_oserror(fake_faytd):
-    path = fake_faytd("portal_huge_length")
-    before = _fds()
-    c = libportal.Connection(path)
-    with pytest.raises(OSError) as e:
-        libportal.portal(libportal.ANON, libportal.PROT_RW, 4096, connection=c)
-    assert e.value.errno in (errno.ENOMEM, errno.EINVAL, errno.EOVERFLOW), e.value
-    c.close()
-    assert _fds() == before, "descriptors left open"
+    e, _ = _refused(fake_faytd("portal_huge_length"), _anon)
+    assert e.errno in (errno.ENOMEM, errno.EINVAL, errno.EOVERFLOW), e
