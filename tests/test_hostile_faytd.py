@@ -9,7 +9,6 @@ trusted to match its requests."""
 import errno
 import gc
 import os
-import socket
 import subprocess
 import sys
 import textwrap
