@@ -134,6 +134,39 @@ def test_stream_portal_ref_bad_arguments_and_forged_handles(lp):
     wait_until(lambda: _ram(c) == before, "the RAM charged back to %d bytes" % before)
 
 
+
+def test_stream_portal_ref_direct_and_cow_handles_do_not_go(lp):
+    """A DIRECT or COW portal over an ANON portal's own frames is not an
+    ANON portal: its handle is EINVAL in CHAN_PASS (raw bytes), with or
+    without WRITE, and leaves no pass behind."""
+    c = lp.connection()
+    lst = lp.listen("chan.pref.direct")
+    a = lp.connect("chan.pref.direct")
+    b = lst.accept(timeout=0)
+    src = lp.portal(lp.ANON, lp.PROT_RW, 8192)
+    views = [lp.portal(lp.DIRECT, lp.PROT_RW, 8192, paddr=list(src.paddr)),
+             lp.portal(lp.COW, lp.PROT_RW, 8192, paddr=list(src.paddr),
+                       share_type=lp.COW_ON_WRITE)]
+    try:
+        for v in views:
+            for flags in (PORTAL, PORTAL | lib.FAYT_PASS_WRITE, PORTAL | lib.FAYT_PASS_COPY):
+                with pytest.raises(OSError) as e:
+                    c.call(lib.FAYT_SYS_CHAN_PASS, CHAN_PASS_REQ.pack(a.id, v.handle, flags, 0))
+                assert e.value.errno == errno.EINVAL and "not an ANON portal" in str(e.value)
+        with pytest.raises(libportal.WouldBlock):
+            b.recv(timeout=0)
+        src.buf[:2] = b"ok"
+        a.send_share(src)                               # the source itself goes
+        with b.recv(timeout=0) as s:
+            assert bytes(s.buffer[:2]) == b"ok"
+    finally:
+        for v in views:
+            v.unmap()
+        src.unmap()
+        a.close()
+        b.close()
+        lst.close()
+
 # uid 65534: argv[1] the socket, argv[2] the handle of root's portal.
 HOSTILE = """
 c = lp.Connection(sys.argv[1])
