@@ -163,6 +163,17 @@ class Mappings:
             m = self._core[handle] = CoreMapping(self._ctx, info, backing)
         return m
 
+    def peek(self, handle, default=None):
+        """As get(), but a core mapping not looked up before is not kept:
+        the core unmaps its mappings without telling Python, so an entry
+        kept for a one-off look (a CHAN_PASS of an ANON portal) would stay,
+        with its frame list, for the rest of the context's life."""
+        known = handle in self._core
+        m = self.get(handle, default)
+        if not known:
+            self._core.pop(handle, None)
+        return m
+
     def __getitem__(self, handle):
         m = self.get(handle)
         if m is None:

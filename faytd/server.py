@@ -97,6 +97,12 @@ class Server:
         self._err = ffi.new("int *")
         self._refused = collections.OrderedDict()  # fd -> (socket, KernelError), oldest first
         self._refusals, self._refusal_logged = 0, 0.0
+        # Out of descriptors (EMFILE, ENFILE), the listener stays readable:
+        # the spare is given up to accept and close the newcomer (its client
+        # sees the connection reset, not a HELLO that never comes), then
+        # taken again.  Such closes are logged at most every _REFUSAL_LOG_S.
+        self._spare = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
+        self._starved, self._starved_logged = 0, 0.0
         self.liveness = Liveness()      # contexts kept without a connection
         kernel.flood = FloodGuard(kernel, self)     # floods of other uids (flood.py)
         self._live_fd, self._live_armed = -1, False
@@ -378,6 +384,9 @@ class Server:
             pass
         self._wake_r.close()
         self._wake_w.close()
+        if self._spare >= 0:
+            os.close(self._spare)
+            self._spare = -1
         self.ep.close()
 
     # -- connections ----------------------------------------------------
@@ -389,6 +398,10 @@ class Server:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as e:
+                if e.errno in (errno.EMFILE, errno.ENFILE) and self._spare >= 0:
+                    if self._starve_one(e):
+                        continue
+                    return              # nothing was waiting (accept asks for a fd first)
                 log.warning("accept: %s", e)
                 return
             sock.setblocking(False)
@@ -418,6 +431,32 @@ class Server:
             k.flood.connected(ctx)
             log.debug("context %d: pid %d uid %d exe %s category %s", ctx.id, pid, uid, exe,
                       ctx.category.name if ctx.category else None)
+
+    def _starve_one(self, e):
+        """faytd is out of descriptors: accept the next connection on the
+        spare's and close it unanswered.  Whether one was waiting."""
+        os.close(self._spare)
+        self._spare = -1
+        try:
+            sock, _ = self.listener.accept()
+            sock.close()
+            closed = True
+        except (BlockingIOError, InterruptedError):
+            closed = False
+        except OSError as again:
+            log.warning("accept: %s", again)
+            closed = False
+        try:
+            self._spare = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            pass                        # taken meanwhile: the next EMFILE is logged as such
+        self._starved += closed
+        now = time.monotonic()
+        if closed and now - self._starved_logged >= _REFUSAL_LOG_S:
+            log.warning("accept: %s: closed %d new connection(s) unanswered since the last "
+                        "such line", e.strerror, self._starved)
+            self._starved, self._starved_logged = 0, now
+        return closed
 
     def _refuse(self, sock, err):
         """A connection past a limit: its first request is answered with

@@ -379,8 +379,9 @@ class Channels:
         """An ANON portal ctx maps now, by its handle in ctx's own table of
         mappings (a handle is a context's: another's names nothing here).
         Looking it up marks its object as Python's, so the core never
-        recycles it into another portal: the peer may map it."""
-        m = ctx.mappings.get(handle) if 0 < handle < 2 ** 63 else None
+        recycles it into another portal: the peer may map it.  A peek: one
+        pass must not leave a lookup behind for the context's life."""
+        m = ctx.mappings.peek(handle) if 0 < handle < 2 ** 63 else None
         if m is None:
             raise KernelError(errno.EBADF, "share: handle %d names no mapping of this context"
                               % handle)

@@ -278,7 +278,16 @@ class Connection:
         """Close the connection; every portal mapped through it is unmapped
         here first (faytd drops them when the connection closes).  From a
         signal handler that interrupted a call of this thread, the close
-        happens when that call ends."""
+        happens when that call ends.  In a fork() child, on a connection
+        made before the fork, only the child's descriptor and its copy of
+        the context page go: the socket is the parent's too."""
+        if self._pid != _pid:
+            # No shutdown (it would end the parent's connection), no lock (a
+            # parent thread inside a call holds it for ever here), nothing
+            # unmapped (_after_fork_child forgot the mappings; the
+            # notification runtime is the parent's): no call is possible.
+            self._finalizer()
+            return
         if self._caller == threading.get_ident() or \
                 (self._main_calls and threading.get_ident() == _MAIN_ID):
             self._close_pending = True

@@ -5,6 +5,9 @@ how long anything takes, only on what happens before faytd runs again."""
 import errno
 import os
 import signal
+import subprocess
+import sys
+import textwrap
 
 import pytest
 
@@ -168,3 +171,90 @@ def test_connection_lost_when_faytd_dies(fresh_faytd, conn_to):
     assert c.closed and c.sock.fileno() < 0
     with pytest.raises(libportal.DaemonUnavailable, match="lost"):
         c.list_contexts()
+
+
+def _run(d, code):
+    """Run code in a new python (FAYT_SOCKET: d's); its stdout, lines.  A
+    child that hangs is killed by its own alarm (the bound, not a measure)."""
+    p = subprocess.run([sys.executable, "-c", "import signal; signal.alarm(30)\n"
+                        + textwrap.dedent(code)], env=d.env(), capture_output=True,
+                       text=True, timeout=90)
+    assert p.returncode == 0, (p.returncode, p.stdout, p.stderr)
+    return p.stdout.split()
+
+
+_FORK_CLOSE = """
+    import os, signal, threading
+    import libportal
+    c = libportal.Connection()
+    held, go = threading.Event(), threading.Event()
+    def inside_a_call():            # holds the call lock as a call does
+        with c._lock:
+            held.set()
+            go.wait()
+    t = threading.Thread(target=inside_a_call)
+    if HOLD:
+        t.start()
+        held.wait()
+    pid = os.fork()
+    if pid == 0:
+        signal.alarm(20)            # ends a child that hangs here (-14)
+        c.close()
+        os._exit(0 if c.closed else 3)
+    _, status = os.waitpid(pid, 0)
+    go.set()
+    if HOLD:
+        t.join()
+    print(os.waitstatus_to_exitcode(status))
+    print(len(c.list_contexts()["contexts"]) > 0)
+"""
+
+
+@pytest.mark.parametrize("hold", [False, True], ids=["idle", "a-thread-inside-a-call"])
+def test_connection_close_in_a_fork_child_leaves_the_parents_connection(fresh_faytd, hold):
+    """A fork() child that closes a connection it inherited closes its own
+    descriptor only: the parent's connection still works (shutdown() would
+    end it for both), and a parent thread inside a call at the fork (its
+    lock held for ever in the child) does not hang the child's close()."""
+    d = fresh_faytd()
+    out = _run(d, _FORK_CLOSE.replace("HOLD", str(hold)))
+    assert out == ["0", "True"]
+
+
+_HANDLER_CALLS = """
+    import errno, os, signal, sys, threading
+    import libportal
+    faytd = int(sys.argv[1])
+    c = libportal.Connection()
+    got = []
+    def bound():                    # a hang: faytd resumed, and this child ends
+        os.kill(faytd, signal.SIGCONT)
+        os._exit(9)
+    threading.Timer(20, bound).start()
+    def handler(*a):
+        try:
+            c.list_contexts()
+            got.append(0)
+        except OSError as e:
+            got.append(e.errno)
+        os.kill(faytd, signal.SIGCONT)
+    signal.signal(signal.SIGALRM, handler)
+    os.kill(faytd, signal.SIGSTOP)
+    signal.setitimer(signal.ITIMER_REAL, 0.2)
+    c.list_contexts()               # waits for faytd: the handler runs inside
+    print(got[0] == errno.EDEADLK, len(c.list_contexts()["contexts"]) > 0)
+    os._exit(0)
+"""
+
+
+def test_connection_a_handler_calling_inside_its_threads_call_is_edeadlk(fresh_faytd):
+    """A signal handler that calls the connection while its own thread is
+    inside a call of it gets Deadlock (EDEADLK) at once instead of waiting
+    for ever for the lock that thread holds; the interrupted call then ends
+    normally and the connection stays in step."""
+    d = fresh_faytd()
+    p = subprocess.run([sys.executable, "-c", textwrap.dedent(_HANDLER_CALLS),
+                        str(d.proc.pid)], env=d.env(), capture_output=True, text=True,
+                       timeout=90)
+    os.kill(d.proc.pid, signal.SIGCONT)
+    assert (p.returncode, p.stdout.split()) == (0, ["True", "True"]), p.stderr

@@ -756,3 +756,4 @@ def test_limits_flood_guard_renices_no_process_that_reused_a_flooders_pid(start,
 
 def process_exists(pid):
     return _state(pid) not in (None, "Z", "X")
+

@@ -477,7 +477,8 @@ static PyObject *transport_call(Transport *t, PyObject *msg, PyObject *fds_obj, 
  * microsecond a call), kept here in one place:
  *
  * - One call is in flight per connection: `lock` (a Python lock, taken
- *   without releasing the GIL when it is free) serialises threads; close()
+ *   without releasing the GIL when it is free) serialises threads (a signal
+ *   handler's call inside a call of its own thread is EDEADLK); close()
  *   takes it too (`with transport:`) so that the descriptor is not closed
  *   under a call.  `caller` is the thread inside, `main_calls` counts the
  *   main thread in from before it takes the lock to after it let go: a
@@ -496,9 +497,12 @@ static PyObject *transport_call(Transport *t, PyObject *msg, PyObject *fds_obj, 
  * - A failed send or receive means faytd went away: the socket is closed
  *   here (`broken`; a restarted faytd re-adopts share-points from its
  *   journal, and the context page stays mapped) and the call raises
- *   ECONNRESET.  A reply that breaks the protocol raises EPROTO; one whose
- *   seq or op is not the call's, EPROTO ("out of step"); a refusal, the
- *   exception of its errno with faytd's message.
+ *   ECONNRESET.  A reply that breaks the protocol raises EPROTO (cut
+ *   short, a bad magic, a malformed portal, a seq that is neither the
+ *   call's nor one to skip, another op, a negative err) and closes the
+ *   socket too (`broken`): the replies after it could not be matched to
+ *   their requests, and a call would take an earlier call's answer.  A
+ *   refusal raises the exception of its errno with faytd's message.
  */
 
 /* The calling thread's Linux tid, asked once per thread (and again in a
@@ -614,8 +618,23 @@ static int take_seq(PyObject *set, PyObject *seq)
     return PySet_Discard(set, seq);
 }
 
-/* faytd went away: close the socket here (its number is never used again
- * by this transport) and raise ECONNRESET.  Under the lock. */
+/* Close the socket here (its number is never used again by this
+ * transport): `broken`.  The exception set, if any, stays.  Under the lock. */
+static void drop(Transport *t)
+{
+    PyObject *et, *ev, *tb;
+    PyErr_Fetch(&et, &ev, &tb);
+    t->broken = 1;
+    t->fd = -1;
+    if (t->sock) {
+        PyObject *r = PyObject_CallMethod(t->sock, "close", NULL);
+        Py_XDECREF(r);
+        PyErr_Clear();
+    }
+    PyErr_Restore(et, ev, tb);
+}
+
+/* faytd went away: drop the socket and raise ECONNRESET.  Under the lock. */
 static void lost(Transport *t)
 {
     PyObject *et, *ev, *tb;
@@ -624,13 +643,7 @@ static void lost(Transport *t)
     const char *s = why && PyUnicode_Check(why) ? PyUnicode_AsUTF8(why) : NULL;
     if (!s)
         PyErr_Clear();
-    t->broken = 1;
-    t->fd = -1;
-    if (t->sock) {
-        PyObject *r = PyObject_CallMethod(t->sock, "close", NULL);
-        Py_XDECREF(r);
-        PyErr_Clear();
-    }
+    drop(t);
     if (t->close_pending)
         fp_raise(t->st, ECONNRESET, "faytd connection closed (close() while this call waited)");
     else
@@ -694,6 +707,11 @@ static PyObject *transport_request(Transport *t, PyObject *const *args, Py_ssize
     struct fayt_req_hdr h = {0};
     if (main)
         t->main_calls++;
+    if (t->caller == me) {              /* the lock is not reentrant: it would wait for ever */
+        fp_raise(t->st, EDEADLK, "a signal handler called this connection inside a call of "
+                                 "its own thread: call it after that call returns");
+        goto out;
+    }
     if (take_lock(t) < 0)
         goto out;
     if (t->fd < 0) {
@@ -739,9 +757,20 @@ static PyObject *transport_request(Transport *t, PyObject *const *args, Py_ssize
         got = xfer(t, NULL, 0, NULL, 0, 1, h.seq, want_map, map_addr, map_prot, map_share,
                    &fail);
     }
+    if (got && ((uint32_t)reply_long(got, FP_REPLY_SEQ) != h.seq
+                || (unsigned long)reply_long(got, FP_REPLY_OP) != op
+                || reply_long(got, FP_REPLY_ERR) < 0)) {
+        close_reply_fds(got);
+        Py_CLEAR(got);
+        fail = FAIL_PROTO;
+        fp_raise(t->st, EPROTO, "faytd's reply is out of step with the request (the "
+                                "connection is closed)");
+    }
     if (!got) {
         if (fail == FAIL_IO)
             lost(t);
+        else if (fail == FAIL_PROTO)
+            drop(t);    /* later replies cannot be matched to their requests */
         else if (fail == FAIL_OTHER && PySet_Add(t->abandoned, seq) < 0)
             PyErr_WriteUnraisable(NULL);
     } else {
@@ -763,13 +792,8 @@ unlock:
         Py_DECREF(late);
     }
     if (got && !noreply) {
-        long err = reply_long(got, FP_REPLY_ERR);
-        if ((uint32_t)reply_long(got, FP_REPLY_SEQ) != h.seq
-            || (unsigned long)reply_long(got, FP_REPLY_OP) != op) {
-            close_reply_fds(got);
-            Py_CLEAR(got);
-            fp_raise(t->st, EPROTO, "reply out of step with the request");
-        } else if (err) {
+        long err = reply_long(got, FP_REPLY_ERR);   /* seq, op and err >= 0: checked above */
+        if (err) {
             close_reply_fds(got);
             PyObject *body = PyStructSequence_GET_ITEM(got, FP_REPLY_BODY);
             PyObject *msg = PyUnicode_DecodeUTF8(PyBytes_AS_STRING(body),
