@@ -50,6 +50,7 @@ DEFAULT = {
     "max_published_per_uid": 1024,   # names its contexts published (docs/discovery.md)
     "max_queues_per_uid": 64,        # user->kernel queues its contexts hold (docs/queue.md)
     "max_channels_per_uid": 1024,    # channels and listeners its contexts hold (docs/channels.md)
+    "max_passes_per_uid": 256,       # untaken passes by reference its contexts made (channels.md)
     "flood_nice": 19,            # a non-core uid that floods faytd while core contexts call
                                  # runs at this nice until it stops (null: never; docs/limits.md)
     "flood_calls_per_s": 2000,   # what counts as a flood: a uid's requests a second
@@ -145,7 +146,7 @@ def load(path=None, overrides=None):
                 "max_connections_per_process", "max_contexts_per_uid",
                 "max_contexts_per_process", "max_sharepoints_per_uid", "max_rings_per_uid",
                 "max_stacks_per_uid", "max_published_per_uid",
-                "max_queues_per_uid", "max_channels_per_uid"):
+                "max_queues_per_uid", "max_channels_per_uid", "max_passes_per_uid"):
         _count(cfg, key)
     _count(cfg, "max_connections", none=True)
     _count(cfg, "flood_calls_per_s")

@@ -113,12 +113,23 @@ class Passed:
     of a copy (`charged` bytes of the sender's context `payer`) while
     faytd holds it."""
     __slots__ = ("to", "fds", "length", "data_offset", "map_length", "flags", "payer",
-                 "charged")
+                 "charged", "uid", "counts")
 
     def __init__(self, to, fds, length, data_offset, map_length, flags):
         self.to, self.fds, self.length = to, fds, length
         self.data_offset, self.map_length, self.flags = data_offset, map_length, flags
         self.payer, self.charged = None, 0
+        self.uid, self.counts = None, None      # the sender's uid, Channels.passes_per_uid
+
+    def uncount(self):
+        """It no longer holds faytd's descriptors for its sender's uid."""
+        if self.counts is not None:
+            left = self.counts.get(self.uid, 0) - 1
+            if left > 0:
+                self.counts[self.uid] = left
+            else:
+                self.counts.pop(self.uid, None)
+            self.counts = None
 
     def uncharge(self):
         if self.charged:
@@ -130,6 +141,7 @@ class Passed:
             os.close(fd)
         self.fds = []
         self.uncharge()
+        self.uncount()
 
 
 class Channel:
@@ -164,6 +176,7 @@ class Channels:
         self.by_name = {}           # Name -> Listener
         self.channels = {}          # id -> Channel
         self.per_uid = {}           # uid -> channels and listeners its contexts hold
+        self.passes_per_uid = {}    # uid -> untaken passes its contexts made (faytd's fds)
         self._next = 1
 
     def _id(self):
@@ -326,6 +339,12 @@ class Channels:
                               "most (FAYT_PASS_PENDING_MAX)" % lib.FAYT_PASS_PENDING_MAX)
         if ch.ends[1 - side].gone:
             raise KernelError(errno.EPIPE, "channel: the peer is gone")
+        # Each untaken pass holds faytd's descriptors: bounded per uid too,
+        # or one uid's channels could take every descriptor faytd has.
+        held = self.passes_per_uid.get(ctx.uid, 0)
+        if not ctx.is_core and held >= self.k.cfg["max_passes_per_uid"]:
+            raise KernelError(errno.ENOSPC, "uid %d has %d passes its peers have not taken, "
+                              "its limit (config max_passes_per_uid)" % (ctx.uid, held))
         writable = bool(flags & lib.FAYT_PASS_WRITE)
         if flags & lib.FAYT_PASS_PORTAL:
             obj, length, offset, what = self._portal_source(ctx, ref, writable)
@@ -361,6 +380,8 @@ class Channels:
             raise
         ticket, ch.next_ticket = ch.next_ticket, ch.next_ticket + 1
         p = ch.passed[ticket] = Passed(1 - side, fds, length, offset, map_length, out_flags)
+        p.uid, p.counts = ctx.uid, self.passes_per_uid
+        self.passes_per_uid[ctx.uid] = held + 1
         if flags & lib.FAYT_PASS_COPY:
             p.payer, p.charged = ctx, charged
         return ticket, length
@@ -401,6 +422,7 @@ class Channels:
                               "of channel %d" % (ticket, cid))
         del ch.passed[ticket]
         p.uncharge()            # the receiver's mapping now: faytd cannot see it unmapped
+        p.uncount()             # its descriptors are the caller's to send and close
         return p
 
     def fds(self, ch, side, peer_ctx):

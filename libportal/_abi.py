@@ -12,7 +12,7 @@ from ._fayt_cffi import ffi, lib
 from . import _fastpath
 from ._versions import CFFI_ABI
 
-FASTPATH_ABI = 9        # libportal/src/fastpath.h's FASTPATH_ABI
+FASTPATH_ABI = 10        # libportal/src/fastpath.h's FASTPATH_ABI
 
 if lib.fayt_cffi_abi() != CFFI_ABI or _fastpath.ABI_VERSION != FASTPATH_ABI:
     raise ImportError("libportal's compiled modules do not match its Python code: "

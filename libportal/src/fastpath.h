@@ -30,7 +30,7 @@
 
 #include "fayt/context.h"
 
-#define FASTPATH_ABI 9
+#define FASTPATH_ABI 10
 
 /* PyThread_get_thread_ident() is pthread_self() on Linux; called directly
  * it costs no call into libpython on the lock's hot path. */
