@@ -379,6 +379,16 @@ class ContextTable(dict):
         return [self[c] for c in self._ids[i:i + most]]
 
 
+def uncount(counts, key):
+    """One less of key in counts (a dict of counts): the entry goes at 0,
+    so that a uid's or a process's record does not outlive what it held."""
+    n = counts.get(key, 0) - 1
+    if n > 0:
+        counts[key] = n
+    else:
+        counts.pop(key, None)
+
+
 class Quotas:
     """Connections (checked when one is accepted) and registered contexts
     (checked at HELLO; one kept after its connection closed counts until
@@ -454,7 +464,7 @@ class Quotas:
         if keys is None:
             return
         for key in keys:
-            self._uncount(self._conns, key)
+            uncount(self._conns, key)
         self.connections -= 1
         self.noncore_connections -= not core
 
@@ -488,14 +498,8 @@ class Quotas:
         keys = self._ctx_of.pop(ctx.id, None)
         if keys is not None:
             for key in keys:
-                self._uncount(self._ctxs, key)
+                uncount(self._ctxs, key)
             self.contexts -= 1
-
-    @staticmethod
-    def _uncount(counter, key):
-        counter[key] -= 1
-        if counter[key] <= 0:
-            del counter[key]
 
     def usage(self, uid):
         """{connections, contexts} of uid."""

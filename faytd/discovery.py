@@ -13,6 +13,7 @@ restart, servers publish again (as they install their handlers again).
 """
 import errno
 
+from .context import uncount
 from .frames import KernelError
 from .native import lib as clib
 from .sharepoint import SharePoints
@@ -67,11 +68,7 @@ class Published:
             names.discard(n)
             if not names:
                 del self.by_ctx[ctx.id]
-        left = self.per_uid.get(ctx.uid, 0) - 1
-        if left > 0:
-            self.per_uid[ctx.uid] = left
-        else:
-            self.per_uid.pop(ctx.uid, None)
+        uncount(self.per_uid, ctx.uid)
 
     def context_gone(self, ctx):
         """Its connection closed or it died: its names are free."""

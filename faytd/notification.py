@@ -64,7 +64,7 @@ import signal
 
 from libportal._abi import ffi, lib, _fastpath
 
-from .context import Mapping, ObjectMap
+from .context import Mapping, ObjectMap, uncount
 from .frames import BackingObject, KernelError, PAGE, pages
 from .native import lib as clib
 
@@ -326,7 +326,7 @@ class Notifications:
                         if not mine:
                             del self.by_ctx[c.id]
             if r.sender is not None:
-                _uncount(self.uid_rings, r.sender.uid)
+                uncount(self.uid_rings, r.sender.uid)
         self.backlogged.discard(r)
         if self.pairs.get((r.sender.id if r.sender else 0, r.target.id)) is r:
             del self.pairs[(r.sender.id if r.sender else 0, r.target.id)]
@@ -450,7 +450,7 @@ class Notifications:
             elif r.sender is ctx and not r.kept:
                 self.sender_gone(r)
         for _ in self.stacks.pop(ctx.id, ()):
-            _uncount(self.uid_stacks, ctx.uid)
+            uncount(self.uid_stacks, ctx.uid)
         self.subs.pop(ctx.id, None)
         self.lost.pop(ctx.id, None)
         for key in [key for key in self.drops if ctx.id in key]:   # (rare: corrupt rings only)
@@ -631,7 +631,7 @@ class Notifications:
         mine = self.stacks.get(ctx.id, set())
         if handle in mine:
             mine.discard(handle)
-            _uncount(self.uid_stacks, ctx.uid)
+            uncount(self.uid_stacks, ctx.uid)
         p.notify.nstacks = len(mine)    # as in alloc_stack: faytd's count
         self.k.unmap(ctx, m)
 
@@ -647,14 +647,6 @@ class Notifications:
         subs.pop(event, None)
         if not subs:
             ctx.fast.flags &= ~clib.FAYT_FAST_CONN_NOTICES
-
-
-def _uncount(counts, key):
-    n = counts.get(key, 0) - 1
-    if n > 0:
-        counts[key] = n
-    else:
-        counts.pop(key, None)
 
 
 def _doorbell_pending(pid):

@@ -25,6 +25,7 @@ import os
 
 from libportal._abi import ffi, lib
 
+from .context import uncount
 from .frames import BackingObject, KernelError, PAGE
 
 log = logging.getLogger("faytd")
@@ -112,11 +113,7 @@ class Queues:
             ids.discard(q.id)
             if not ids:
                 del self.by_ctx[q.ctx.id]
-        left = self.per_uid.get(q.ctx.uid, 0) - 1
-        if left > 0:
-            self.per_uid[q.ctx.uid] = left
-        else:
-            self.per_uid.pop(q.ctx.uid, None)
+        uncount(self.per_uid, q.ctx.uid)
         if self.k.server is not None:
             self.k.server.unwatch_fd(q.efd)
         q.close(state)

@@ -49,7 +49,7 @@ import os
 
 from libportal._abi import ffi, lib
 
-from .context import CoreMapping
+from .context import CoreMapping, uncount
 from .frames import KernelError, PAGE
 from .native import core, lib as clib
 from .policy import Policy
@@ -124,11 +124,7 @@ class Passed:
     def uncount(self):
         """It no longer holds faytd's descriptors for its sender's uid."""
         if self.counts is not None:
-            left = self.counts.get(self.uid, 0) - 1
-            if left > 0:
-                self.counts[self.uid] = left
-            else:
-                self.counts.pop(self.uid, None)
+            uncount(self.counts, self.uid)
             self.counts = None
 
     def uncharge(self):
@@ -192,11 +188,7 @@ class Channels:
         self.per_uid[ctx.uid] = held + 1
 
     def _uncharge(self, uid):
-        left = self.per_uid.get(uid, 0) - 1
-        if left > 0:
-            self.per_uid[uid] = left
-        else:
-            self.per_uid.pop(uid, None)
+        uncount(self.per_uid, uid)
 
     # -- listeners -------------------------------------------------------
 
