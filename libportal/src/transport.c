@@ -440,14 +440,23 @@ static Py_ssize_t parse_fds(PyObject *fds_obj, int *sfds)
     return PyErr_Occurred() ? -1 : n;
 }
 
+/* portal: Py_None, or a PORTAL call's (addr, prot, share): *want says
+ * which.  0, or -1 with an exception. */
+static int parse_map(PyObject *portal, int *want, unsigned long long *addr, int *prot,
+                     int *share)
+{
+    *want = portal != Py_None;
+    return *want && !PyArg_ParseTuple(portal, "Kip", addr, prot, share) ? -1 : 0;
+}
+
 /* call/send/next_reply: msg (NULL: send nothing), fds_obj (NULL or None:
  * none), portal (Py_None or (addr, prot, share)). */
 static PyObject *transport_call(Transport *t, PyObject *msg, PyObject *fds_obj, int want,
                                 unsigned long expect_seq, PyObject *portal)
 {
     unsigned long long map_addr = 0;
-    int map_prot = 0, map_share = 0, want_map = portal != Py_None, fail;
-    if (want_map && !PyArg_ParseTuple(portal, "Kip", &map_addr, &map_prot, &map_share))
+    int map_prot = 0, map_share = 0, want_map, fail;
+    if (parse_map(portal, &want_map, &map_addr, &map_prot, &map_share) < 0)
         return NULL;
     int sfds[CALL_MAX_FDS];
     Py_ssize_t nsfds = parse_fds(fds_obj, sfds);
@@ -689,8 +698,8 @@ static PyObject *transport_request(Transport *t, PyObject *const *args, Py_ssize
     }
     PyObject *portal = n > 4 ? args[4] : Py_None;
     unsigned long long map_addr = 0;
-    int map_prot = 0, map_share = 0, want_map = portal != Py_None;
-    if (want_map && !PyArg_ParseTuple(portal, "Kip", &map_addr, &map_prot, &map_share))
+    int map_prot = 0, map_share = 0, want_map;
+    if (parse_map(portal, &want_map, &map_addr, &map_prot, &map_share) < 0)
         return NULL;
     int sfds[CALL_MAX_FDS];
     Py_ssize_t nsfds = parse_fds(n > 3 ? args[3] : NULL, sfds);
@@ -703,7 +712,7 @@ static PyObject *transport_request(Transport *t, PyObject *const *args, Py_ssize
 
     unsigned long me = PyThread_get_thread_ident();
     int main = me == t->st->hints.main_ident, fail = FAIL_OTHER;
-    PyObject *got = NULL, *late = NULL, *seq = NULL;
+    PyObject *got = NULL, *late = NULL, *seq;
     struct fayt_req_hdr h = {0};
     if (main)
         t->main_calls++;
@@ -721,18 +730,17 @@ static PyObject *transport_request(Transport *t, PyObject *const *args, Py_ssize
     }
     t->caller = me;
     fill_header(t, &h, (unsigned)op, (unsigned)flags);
-    seq = PyLong_FromUnsignedLong(h.seq);
-    if (!seq)
-        goto unlock_caller;
     if (noreply) {
         if (send_msg(t, &h, b.buf, (size_t)b.len, sfds, (int)nsfds, &fail) == 0
-            && PySet_Add(t->unanswered, seq) == 0) {
-            got = t->no_reply;
-            Py_INCREF(got);
+            && (seq = PyLong_FromUnsignedLong(h.seq)) != NULL) {
+            if (PySet_Add(t->unanswered, seq) == 0) {
+                got = t->no_reply;
+                Py_INCREF(got);
+            }
+            Py_DECREF(seq);
         } else if (fail == FAIL_IO) {
             lost(t);
         }
-        Py_DECREF(seq);
         goto unlock_caller;
     }
     struct iovec iov[2] = {{&h, sizeof h}, {b.buf, (size_t)b.len}};
@@ -771,15 +779,21 @@ static PyObject *transport_request(Transport *t, PyObject *const *args, Py_ssize
             lost(t);
         else if (fail == FAIL_PROTO)
             drop(t);    /* later replies cannot be matched to their requests */
-        else if (fail == FAIL_OTHER && PySet_Add(t->abandoned, seq) < 0)
-            PyErr_WriteUnraisable(NULL);
+        else if (fail == FAIL_OTHER) {  /* its reply, when it comes, is given back */
+            PyObject *et, *ev, *tb;     /* the handler's exception stays the call's */
+            PyErr_Fetch(&et, &ev, &tb);
+            seq = PyLong_FromUnsignedLong(h.seq);
+            if (!seq || PySet_Add(t->abandoned, seq) < 0)
+                PyErr_WriteUnraisable(NULL);
+            Py_XDECREF(seq);
+            PyErr_Restore(et, ev, tb);
+        }
     } else {
         if (PySet_GET_SIZE(t->unanswered))  /* faytd answers in order: the rest succeeded */
             PySet_Clear(t->unanswered);
         if (PySet_GET_SIZE(t->abandoned))
             PySet_Clear(t->abandoned);
     }
-    Py_DECREF(seq);
 unlock_caller:
     t->caller = 0;
 unlock:
