@@ -65,7 +65,6 @@ def default_socket_path() -> str:
 _CRED = struct.Struct("3i")        # struct ucred: pid, uid, gid (SO_PEERCRED)
 
 
-
 def _faytd_uids(faytd_uid):
     """The uids this client takes faytd from: its own, root's, and the one
     it names (faytd_uid, else $FAYT_FAYTD_UID)."""
@@ -119,10 +118,9 @@ class Connection:
         # while mapped stays until its id is reused or the connection closes.
         self._mappings = {}
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
-        self._fd = self.sock.fileno()
         self._spin = _spin_ns()
         # the call, its lock and its bookkeeping (transport.c, "request()")
-        self._transport = _Transport(self._fd, spin_ns=self._spin, max_fds=_MAX_FDS,
+        self._transport = _Transport(self.sock.fileno(), spin_ns=self._spin, max_fds=_MAX_FDS,
                                      sock=self.sock)
         try:
             self.sock.connect(self.path)
